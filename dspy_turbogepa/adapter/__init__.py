@@ -1,0 +1,1 @@
+"""Everything DSPy-specific: programs, rollouts, metric protocol, reflective datasets, results."""

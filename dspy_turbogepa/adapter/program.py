@@ -1,0 +1,68 @@
+"""Program <-> candidate: which predictors are components, and how a candidate becomes a program.
+
+Only instructions change. Demos, per-predictor LMs, field prefixes and descriptions are carried over
+from the student by ``deepcopy`` exactly as dspy.GEPA's ``build_program`` does, and the student itself
+is never touched.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import dspy
+
+
+class ProgramCodec:
+    """Builds (and caches) one program object per candidate fingerprint.
+
+    A built program is shared by every concurrent evaluation of that candidate; DSPy predictors keep
+    no per-call state on the module (traces go to a context variable), as ``dspy.Evaluate`` relies on.
+    """
+
+    def __init__(self, student: dspy.Module, cache_size: int = 64) -> None:
+        self._student = student
+        self.component_names: list[str] = [name for name, _ in student.named_predictors()]
+        self._student_predictors = dict(student.named_predictors())
+        self._cache: OrderedDict[str, tuple[dspy.Module, dict[int, str]]] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @property
+    def student(self) -> dspy.Module:
+        return self._student
+
+    def seed_texts(self) -> dict[str, str]:
+        return {name: pred.signature.instructions for name, pred in self._student.named_predictors()}
+
+    def student_predictor(self, name: str) -> dspy.Predict:
+        """The original student's predictor, which dspy.GEPA passes in ``pred_trace`` to the metric."""
+        return self._student_predictors[name]
+
+    def build(self, texts: Mapping[str, str]) -> dspy.Module:
+        """A fresh program carrying ``texts`` (never cached; callers may mutate it)."""
+        program = self._student.deepcopy()
+        for name, pred in program.named_predictors():
+            if name in texts:
+                pred.signature = pred.signature.with_instructions(texts[name])
+        return program
+
+    def get(self, fingerprint: str, texts: Mapping[str, str]) -> tuple[dspy.Module, dict[int, str]]:
+        """The shared program for a candidate, and a map from predictor object id to predictor name."""
+        with self._lock:
+            hit = self._cache.get(fingerprint)
+            if hit is not None:
+                self._cache.move_to_end(fingerprint)
+                return hit
+        program = self.build(texts)
+        entry = (program, self._names(program))
+        with self._lock:
+            self._cache[fingerprint] = entry
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return entry
+
+    @staticmethod
+    def _names(program: dspy.Module) -> dict[int, str]:
+        return {id(pred): name for name, pred in program.named_predictors()}

@@ -1,0 +1,185 @@
+"""The per-predictor reflective dataset: what the proposer reads for each component it rewrites.
+
+Records have dspy.GEPA's shape ({"Inputs", "Generated Outputs", "Feedback"}) so existing custom
+proposers see the same data. Two deliberate differences from dspy.GEPA (listed in docs/deviations.md):
+trace steps are matched to predictors by *name*, never by signature equality (two predictors with the
+same signature no longer share records); and a rollout where the program raised contributes the
+error as feedback to the predictors that did not produce an output, instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import dspy
+from dspy.adapters.chat_adapter import ChatAdapter
+from dspy.adapters.types.base_type import Type as DspyType
+from dspy.adapters.types.history import History
+from dspy.teleprompt.gepa.gepa_utils import format_history_for_reflection
+
+from dspy_turbogepa.adapter.evaluator import DspyTrajectory
+from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
+from dspy_turbogepa.adapter.program import ProgramCodec
+
+logger = logging.getLogger(__name__)
+
+#: Error names that describe the LM service, not the instruction: reflecting on them teaches nothing.
+_INFRASTRUCTURE_ERRORS = ("RateLimit", "Timeout", "APIConnection", "ServiceUnavailable", "InternalServer",
+                          "LMTransport", "LMServer", "LMProvider", "LMError", "Connection")
+
+ReflectiveRecord = dict[str, Any]
+
+
+class ReflectiveDatasetBuilder:
+    def __init__(
+        self,
+        codec: ProgramCodec,
+        metric: Callable[..., Any],
+        failure_score: float,
+        add_format_failure_as_feedback: bool,
+        warn_on_score_mismatch: bool,
+        stringify: bool,
+    ) -> None:
+        self._codec = codec
+        self._metric = metric
+        self._failure_score = failure_score
+        self._add_format_failures = add_format_failure_as_feedback
+        self._warn_mismatch = warn_on_score_mismatch
+        self._stringify = stringify
+        self._lock = threading.Lock()
+        self.skipped: Counter[str] = Counter()
+
+    def build(
+        self,
+        components: Sequence[str],
+        trajectories: Sequence[DspyTrajectory | None],
+        scores: Sequence[float],
+        rng: random.Random,
+    ) -> dict[str, list[ReflectiveRecord]]:
+        dataset: dict[str, list[ReflectiveRecord]] = {}
+        for name in components:
+            items: list[ReflectiveRecord] = []
+            for traj, score in zip(trajectories, scores):
+                if traj is None:
+                    continue
+                record = self._record(name, traj, score, rng)
+                if record is not None:
+                    items.append(record)
+            if items:
+                dataset[name] = items
+            else:
+                logger.warning("No reflective examples for predictor %r in this minibatch", name)
+        return dataset
+
+    # ------------------------------------------------------------------ one record
+    def _record(self, name: str, traj: DspyTrajectory, score: float, rng: random.Random) -> ReflectiveRecord | None:
+        steps = [s for s in traj.steps if s.pred_name == name]
+        if traj.failure in ("program_error", "format_error"):
+            return self._error_record(name, traj, steps)
+        if traj.failure == "metric_error":
+            self._count("metric_error")
+            return None
+        if not steps:
+            return None
+        step = rng.choice(steps)
+        try:
+            ret = self._metric(
+                traj.example, traj.prediction, traj.raw_trace, name,
+                [(self._codec.student_predictor(name), step.inputs, step.outputs)],
+            )
+        except Exception as exc:  # a metric bug must not kill the proposal: skip this record, say why
+            logger.warning("The metric raised while giving feedback for %r: %s: %s", name, type(exc).__name__, exc)
+            self._count("feedback_error")
+            return None
+        reading = read_metric_return(ret, self._failure_score)
+        feedback = reading.feedback if reading.feedback is not None else default_feedback(
+            score if reading.invalid else reading.score
+        )
+        if reading.invalid is None and reading.score != score:
+            self._maybe_warn_mismatch()
+        return {"Inputs": self._inputs(step.inputs), "Generated Outputs": self._outputs(step.outputs), "Feedback": feedback}
+
+    def _error_record(self, name: str, traj: DspyTrajectory, steps: list[Any]) -> ReflectiveRecord | None:
+        if steps:
+            return None  # this predictor produced its output; the failure happened elsewhere
+        error_type = traj.error_type or ""
+        if any(marker in error_type for marker in _INFRASTRUCTURE_ERRORS):
+            self._count("infrastructure_error")
+            return None
+        inputs = self._inputs(dict(traj.example.inputs()))
+        if traj.failure == "format_error":
+            sig = traj.failed_signature
+            if sig is not None and not _same_fields(sig, self._codec.student_predictor(name).signature):
+                return None
+            raw = traj.raw_completion or ""
+            outputs = (
+                "Couldn't parse the output as per the expected output format. The model's raw response was:\n"
+                f"```\n{raw}\n```\n\n"
+            )
+            if self._add_format_failures:
+                structure = "".join(
+                    f"{m['role']}: {m['content']}\n"
+                    for m in ChatAdapter().format(self._codec.student_predictor(name).signature, [], {})
+                )
+                feedback = "Your output failed to parse. Follow this structure:\n" + structure
+            else:
+                feedback = f"Your output failed to parse into the expected output fields: {traj.error}"
+            return {"Inputs": inputs, "Generated Outputs": outputs, "Feedback": feedback}
+        return {
+            "Inputs": inputs,
+            "Generated Outputs": f"The program raised an error before this step produced an output: {traj.error}",
+            "Feedback": (
+                f"The program failed with {traj.error}. This example was scored {self._failure_score}. "
+                "If the instruction can prevent this error, change it so that it does not happen again."
+            ),
+        }
+
+    # ------------------------------------------------------------------ formatting (as dspy.GEPA does)
+    def _inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        history_key = next((k for k, v in inputs.items() if isinstance(v, History)), None)
+        if history_key is not None:
+            hist = inputs[history_key]
+            out["Context"] = format_history_for_reflection(hist) if self._stringify else hist
+        for key, value in inputs.items():
+            if key == history_key:
+                continue
+            out[key] = value if (not self._stringify or isinstance(value, DspyType)) else str(value)
+        return out
+
+    def _outputs(self, outputs: Any) -> dict[str, Any] | str:
+        if hasattr(outputs, "items"):
+            return {k: (v if not self._stringify else str(v)) for k, v in outputs.items()}
+        return str(outputs)
+
+    def _count(self, reason: str) -> None:
+        with self._lock:
+            self.skipped[reason] += 1
+
+    def _maybe_warn_mismatch(self) -> None:
+        with self._lock:
+            if not self._warn_mismatch:
+                return
+            self._warn_mismatch = False
+        logger.warning(
+            "The score returned by the metric with pred_name differs from the score of the same example without "
+            "pred_name. Either the metric is non-deterministic (LLM-as-judge, ...) or it returns predictor-level "
+            "scores. TurboGEPA, like dspy.GEPA, uses only the feedback text from the pred_name call and keeps the "
+            "program-level score. Set warn_on_score_mismatch=False to silence this warning."
+        )
+
+
+def _same_fields(a: Any, b: Any) -> bool:
+    try:
+        return list(a.input_fields) == list(b.input_fields) and list(a.output_fields) == list(b.output_fields)
+    except AttributeError:
+        return True
+
+
+def is_builtin_proposer(proposer: Any) -> bool:
+    return isinstance(proposer, dspy.teleprompt.gepa.InstructionProposer)

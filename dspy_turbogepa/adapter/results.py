@@ -1,0 +1,86 @@
+"""``detailed_results``: a real ``DspyGEPAResult`` (subclass), so ``isinstance`` checks keep passing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+from dspy.teleprompt.gepa.gepa import DspyGEPAResult
+
+from dspy_turbogepa.engine.records import EngineResult
+
+
+@dataclass(frozen=True)
+class TurboGEPAResult(DspyGEPAResult):
+    """dspy.GEPA's result plus what a streaming run can tell on top.
+
+    Extra fields: ``discovery_seconds`` (wall-clock seconds from compile start to each candidate's
+    full-validation score), ``candidate_kinds`` (how each was proposed), ``stop_reason`` and
+    ``run_stats`` (mutation outcomes, failures by cause, reflection calls, cache hits, ...).
+    """
+
+    discovery_seconds: list[float] = field(default_factory=list)
+    candidate_kinds: list[str] = field(default_factory=list)
+    stop_reason: str | None = None
+    run_stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(
+            discovery_seconds=self.discovery_seconds,
+            candidate_kinds=self.candidate_kinds,
+            stop_reason=self.stop_reason,
+            run_stats=self.run_stats,
+        )
+        return out
+
+
+def build_result(
+    result: EngineResult,
+    build_program: Callable[[Mapping[str, str]], dspy.Module],
+    log_dir: str | None,
+    seed: int | None,
+    track_best_outputs: bool,
+) -> TurboGEPAResult:
+    records = result.records
+    val_ids = result.val_ids
+    fronts = {vid: set(f) for vid, f in result.fronts.items()}
+    best_outputs = None
+    if track_best_outputs:
+        best_outputs = {
+            vid: [(i, records[i].val_outputs[vid]) for i in sorted(fronts.get(vid, ())) if vid in records[i].val_outputs]
+            for vid in val_ids
+        }
+    objective_names = sorted({k for r in records for scores in r.val_objective_scores.values() for k in scores})
+    agg_sub = None
+    per_obj_best = None
+    obj_front = None
+    if objective_names:
+        agg_sub = []
+        for r in records:
+            n = max(1, len(r.val_objective_scores))
+            agg_sub.append({k: sum(s.get(k, 0.0) for s in r.val_objective_scores.values()) / n for k in objective_names})
+        obj_front = {k: max(a[k] for a in agg_sub) for k in objective_names}
+        per_obj_best = {k: {i for i, a in enumerate(agg_sub) if a[k] == obj_front[k]} for k in objective_names}
+    return TurboGEPAResult(
+        candidates=[build_program(r.candidate.texts) for r in records],
+        parents=[list(r.parent_indices) for r in records],
+        val_aggregate_scores=[r.aggregate for r in records],
+        val_subscores=[dict(r.val_scores) for r in records],
+        per_val_instance_best_candidates=fronts,
+        discovery_eval_counts=[0 if r.index == 0 else r.discovery_metric_calls for r in records],
+        best_outputs_valset=best_outputs,
+        total_metric_calls=result.total_metric_calls,
+        num_full_val_evals=result.num_full_val_evals,
+        log_dir=log_dir,
+        seed=seed,
+        val_aggregate_subscores=agg_sub,
+        per_objective_best_candidates=per_obj_best,
+        objective_pareto_front=obj_front,
+        discovery_seconds=[r.discovery_seconds for r in records],
+        candidate_kinds=[r.candidate.kind for r in records],
+        stop_reason=result.stop_reason,
+        run_stats=result.stats.to_dict(),
+    )

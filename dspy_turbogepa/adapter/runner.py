@@ -1,0 +1,60 @@
+"""Running the engine's coroutine from a synchronous ``compile()``, wherever compile is called.
+
+The engine always gets a private event loop in a dedicated thread, started in a copy of the caller's
+context (so ``dspy.context(lm=...)`` set around ``compile()`` still applies). This works the same from a
+script, from Jupyter or FastAPI (where the calling thread already runs a loop), and it keeps the
+calling thread free to notice Ctrl-C: a KeyboardInterrupt stops launching new work, lets in-flight
+calls finish for a short grace period, then cancels the rest and returns what was found.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def run_coroutine_in_thread(
+    make_coro: Callable[[], Coroutine[Any, Any, T]],
+    on_interrupt: Callable[[], None] | None = None,
+    on_grace_expired: Callable[[], None] | None = None,
+    grace_seconds: float = 10.0,
+) -> T:
+    ctx = contextvars.copy_context()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = ctx.run(asyncio.run, make_coro())
+        except BaseException as exc:  # handed back to the calling thread and re-raised there
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="turbogepa-engine", daemon=True)
+    thread.start()
+    interrupted = False
+    while thread.is_alive():
+        try:
+            thread.join(timeout=0.2)
+        except KeyboardInterrupt:
+            if interrupted:
+                raise
+            interrupted = True
+            logger.warning(
+                "Interrupted: no new work will be launched; waiting up to %.0fs for in-flight calls "
+                "(press Ctrl-C again to abort at once).", grace_seconds,
+            )
+            if on_interrupt is not None:
+                on_interrupt()
+            thread.join(timeout=grace_seconds)
+            if thread.is_alive() and on_grace_expired is not None:
+                on_grace_expired()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

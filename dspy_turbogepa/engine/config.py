@@ -1,0 +1,118 @@
+"""The engine's whole configuration as one validated, immutable object.
+
+gepa's ``optimize()`` takes ~50 keyword arguments; here the teleprompter translates dspy.GEPA's
+parameters once, derives our own knobs from ``num_threads`` and the data sizes, and hands the engine
+this single object. Validation happens at construction so bad values fail before any LM call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CandidateSelection = Literal["pareto", "current_best", "epsilon_greedy", "top_k_pareto"]
+CANDIDATE_SELECTIONS: tuple[str, ...] = ("pareto", "current_best", "epsilon_greedy", "top_k_pareto")
+
+#: Smallest validation shard worth a promotion decision; smaller shards are too noisy to prune on.
+MIN_SHARD_SIZE = 8
+
+
+def default_rung_fractions(val_size: int, reduction_factor: float = 3.0, min_shard: int = MIN_SHARD_SIZE) -> tuple[float, ...]:
+    """ASHA-style geometric ladder of validation shards, ending at the full validation set.
+
+    Shard k holds ``val_size / reduction_factor**k`` examples; shards smaller than ``min_shard`` are
+    dropped because a decision on a handful of examples prunes good children by chance.
+    """
+    if reduction_factor <= 1:
+        raise ValueError(f"reduction_factor must be > 1, got {reduction_factor}")
+    fractions = [1.0]
+    k = 1
+    while val_size / reduction_factor**k >= min_shard:
+        fractions.append(1.0 / reduction_factor**k)
+        k += 1
+    return tuple(sorted(fractions))
+
+
+def default_mutations_in_flight(num_threads: int) -> int:
+    """Enough concurrent mutations to keep ``num_threads`` evaluation slots busy.
+
+    A mutation spends much of its life waiting on the reflection LM (holding no evaluation slot), so
+    we run about one mutation per two slots; more would only make parents staler.
+    """
+    return max(2, num_threads // 2)
+
+
+def default_reflections_in_flight(num_threads: int) -> int:
+    """A small separate cap: reflection models are slower, pricier and have tighter rate limits."""
+    return max(1, min(8, math.ceil(num_threads / 4)))
+
+
+def validate_rung_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    fr = tuple(float(f) for f in fractions)
+    if not fr:
+        raise ValueError("rung_fractions must not be empty; use (1.0,) to evaluate children on the full valset at once.")
+    if any(not (0.0 < f <= 1.0) for f in fr):
+        raise ValueError(f"rung_fractions must lie in (0, 1], got {list(fr)}.")
+    if any(b <= a for a, b in zip(fr, fr[1:])):
+        raise ValueError(f"rung_fractions must be strictly increasing, got {list(fr)}.")
+    if fr[-1] != 1.0:
+        raise ValueError(f"rung_fractions must end at 1.0 (the full validation set), got {list(fr)}.")
+    return fr
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the streaming engine needs to know; no DSPy objects in here."""
+
+    max_metric_calls: int
+    max_evals_in_flight: int
+    max_mutations_in_flight: int
+    max_reflections_in_flight: int
+    reflection_minibatch_size: int = 3
+    rung_fractions: tuple[float, ...] = (1.0,)
+    #: A child is pruned at a rung only if it is worse than its parent on the same examples by more
+    #: than ``promotion_z`` standard errors of the paired differences.
+    promotion_z: float = 1.0
+    candidate_selection: CandidateSelection = "pareto"
+    component_selector: str | Callable[..., Any] = "round_robin"
+    #: GEPA's acceptance test on the minibatch: strict improvement unless this is set.
+    accept_equal_on_minibatch: bool = False
+    skip_perfect_score: bool = True
+    perfect_score: float = 1.0
+    seed: int = 0
+    #: Commit mutation results in launch order so a run is reproducible (see docs/engine.md).
+    deterministic: bool = True
+    #: How many launches a mutation's view of the frontier may lag behind, in deterministic mode.
+    max_staleness: int | None = None
+    use_merge: bool = False
+    max_merge_invocations: int = 5
+    merge_subsample_size: int = 5
+    stop_file: Path | None = None
+    stop_callbacks: tuple[Callable[[Any], bool], ...] = field(default_factory=tuple)
+    #: Stop the run if this many consecutive evaluations at the start all fail (systemic failure).
+    systemic_failure_window: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_metric_calls", "max_evals_in_flight", "max_mutations_in_flight", "max_reflections_in_flight",
+                     "reflection_minibatch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        object.__setattr__(self, "rung_fractions", validate_rung_fractions(self.rung_fractions))
+        if self.candidate_selection not in CANDIDATE_SELECTIONS:
+            raise ValueError(
+                f"candidate_selection_strategy must be one of {list(CANDIDATE_SELECTIONS)}, got {self.candidate_selection!r}."
+            )
+        if not callable(self.component_selector) and self.component_selector not in ("round_robin", "all"):
+            raise ValueError(
+                f"component_selector must be 'round_robin', 'all' or a callable, got {self.component_selector!r}."
+            )
+        if self.promotion_z < 0:
+            raise ValueError(f"promotion_z must be >= 0, got {self.promotion_z}.")
+        if self.max_staleness is None:
+            object.__setattr__(self, "max_staleness", 2 * self.max_mutations_in_flight)
+        if self.max_staleness < self.max_mutations_in_flight:
+            raise ValueError("max_staleness must be >= max_mutations_in_flight.")

@@ -1,0 +1,102 @@
+"""GEPA's per-validation-instance Pareto frontier, fed only by full-validation scores.
+
+For each validation instance we keep the best score seen and every candidate reaching it. A child
+that is best on even one rare instance stays on the frontier, which is what lets GEPA combine
+specialists later. Only candidates evaluated on the *whole* validation set enter: a partial-shard
+mean can neither become "best" nor push anyone off the frontier.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+
+from dspy_turbogepa.engine.config import CandidateSelection
+
+#: Scores closer than this are ties (metric floats such as 0.1 + 0.2 should not split a front).
+SCORE_EPS = 1e-9
+
+
+class ParetoFrontier:
+    """Per-instance fronts over candidate indices (0 = seed, then in commit order)."""
+
+    def __init__(self, val_ids: Iterable[int]) -> None:
+        self._val_ids: tuple[int, ...] = tuple(sorted(val_ids))
+        self._best: dict[int, float] = {}
+        self._fronts: dict[int, set[int]] = {i: set() for i in self._val_ids}
+        self._aggregate: dict[int, float] = {}
+
+    @property
+    def val_ids(self) -> tuple[int, ...]:
+        return self._val_ids
+
+    def add(self, index: int, scores: Mapping[int, float]) -> None:
+        missing = set(self._val_ids) - set(scores)
+        if missing:
+            raise ValueError(f"candidate {index} lacks full-validation scores for {len(missing)} instances")
+        self._aggregate[index] = sum(scores[i] for i in self._val_ids) / max(1, len(self._val_ids))
+        for vid in self._val_ids:
+            s = scores[vid]
+            best = self._best.get(vid)
+            if best is None or s > best + SCORE_EPS:
+                self._best[vid] = s
+                self._fronts[vid] = {index}
+            elif abs(s - best) <= SCORE_EPS:
+                self._fronts[vid].add(index)
+
+    def best_scores(self) -> dict[int, float]:
+        return dict(self._best)
+
+    def fronts(self) -> dict[int, set[int]]:
+        return {vid: set(front) for vid, front in self._fronts.items()}
+
+    def aggregate(self, index: int) -> float:
+        return self._aggregate[index]
+
+    def best_index(self) -> int:
+        """Highest mean score; the lowest index wins ties, so the seed wins ties (as in dspy.GEPA)."""
+        return min(self._aggregate, key=lambda i: (-self._aggregate[i], i))
+
+    def members(self) -> set[int]:
+        return set().union(*self._fronts.values()) if self._fronts else set()
+
+    def non_dominated(self) -> dict[int, set[int]]:
+        """Fronts after removing candidates whose every front also holds another surviving candidate.
+
+        Weakest candidates are examined first so that, between two candidates covering the same
+        instances, the stronger one survives.
+        """
+        fronts = {vid: set(f) for vid, f in self._fronts.items() if f}
+        programs = sorted({p for f in fronts.values() for p in f}, key=lambda p: (self._aggregate[p], -p))
+        dominated: set[int] = set()
+        changed = True
+        while changed:
+            changed = False
+            for p in programs:
+                if p in dominated:
+                    continue
+                alive = set(programs) - dominated - {p}
+                own = [f for f in fronts.values() if p in f]
+                if own and all(f & alive for f in own):
+                    dominated.add(p)
+                    changed = True
+                    break
+        return {vid: f - dominated for vid, f in fronts.items()}
+
+    def select_parent(self, rng: random.Random, strategy: CandidateSelection) -> int:
+        if not self._aggregate:
+            raise RuntimeError("the frontier is empty; evaluate the seed first")
+        if strategy == "current_best":
+            return self.best_index()
+        if strategy == "epsilon_greedy":
+            if rng.random() < 0.1:
+                return rng.choice(sorted(self._aggregate))
+            return self.best_index()
+        fronts = self.non_dominated()
+        allowed: set[int] | None = None
+        if strategy == "top_k_pareto":
+            allowed = set(sorted(self._aggregate, key=lambda i: (-self._aggregate[i], i))[:5])
+        weighted = [p for vid in sorted(fronts) for p in sorted(fronts[vid]) if allowed is None or p in allowed]
+        if not weighted:
+            return self.best_index()
+        return rng.choice(weighted)

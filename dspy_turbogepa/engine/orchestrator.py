@@ -1,0 +1,479 @@
+"""The streaming loop: many mutations in flight, no barrier between them, one asyncio loop owning state.
+
+Each mutation is one coroutine walking GEPA's steps (parent minibatch -> reflection -> child
+minibatch -> validation rungs). The loop launches mutations while evaluation slots and budget allow,
+and commits their results to the candidate pool and Pareto frontier.
+
+Reproducibility: in deterministic mode (the default) results are committed in launch order and
+mutation ``k`` is planned right after commit ``k - max_staleness`` from committed state only, with
+its own RNG stream. With a deterministic LM, two runs with the same seed return the same program,
+whatever the completion order of LM calls. Fast mode commits in completion order instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dspy_turbogepa.engine.budget import MetricBudget
+from dspy_turbogepa.engine.candidate import Candidate
+from dspy_turbogepa.engine.config import EngineConfig
+from dspy_turbogepa.engine.errors import SystemicFailureError
+from dspy_turbogepa.engine.frontier import ParetoFrontier
+from dspy_turbogepa.engine.observer import EngineObserver
+from dspy_turbogepa.engine.records import (
+    CandidateRecord,
+    EngineResult,
+    MutationPlan,
+    MutationResult,
+    RunStats,
+    StopReason,
+)
+from dspy_turbogepa.engine.rungs import RungLadder, promotion_decision
+from dspy_turbogepa.engine.sampling import EpochShuffledSampler
+from dspy_turbogepa.engine.scheduling import PrioritySlots
+from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
+from dspy_turbogepa.engine.systemic import SystemicFailureDetector
+from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, Reflector, Split
+
+logger = logging.getLogger(__name__)
+
+EvalKey = tuple[str, str, int]
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        config: EngineConfig,
+        evaluator: Evaluator,
+        reflector: Reflector,
+        seed_candidate: Candidate,
+        train_ids: Sequence[int],
+        val_ids: Sequence[int],
+        observers: Sequence[EngineObserver] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._evaluator = evaluator
+        self._reflector = reflector
+        self._seed = seed_candidate
+        self._train_ids = tuple(train_ids)
+        self._val_ids = tuple(val_ids)
+        self._observers = list(observers)
+        self._clock = clock
+
+        self._budget = MetricBudget(config.max_metric_calls)
+        self._frontier = ParetoFrontier(self._val_ids)
+        self._ladder = RungLadder.build(self._val_ids, config.rung_fractions, config.seed)
+        self._sampler = EpochShuffledSampler(self._train_ids, config.reflection_minibatch_size, config.seed)
+        self._selector = ComponentSelector(list(seed_candidate.texts), config.component_selector)
+        self._eval_slots = PrioritySlots(config.max_evals_in_flight)
+        self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
+        self._systemic = SystemicFailureDetector(config.systemic_failure_window)
+
+        self._records: list[CandidateRecord] = []
+        self._index_by_fp: dict[str, int] = {}
+        self._done: dict[EvalKey, EvalOutcome] = {}
+        self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
+        self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
+        self._plans: dict[int, MutationPlan] = {}
+        self._next_seq = 0
+        self._committed = 0
+        self._stop_reason: StopReason | None = None
+        self._external_stop: StopReason | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._start = 0.0
+        self.stats = RunStats()
+
+    # ------------------------------------------------------------------ public control
+    def request_stop(self, reason: StopReason = "interrupted") -> None:
+        """Stop launching new work. Safe to call from any thread (e.g. a KeyboardInterrupt handler)."""
+        self._external_stop = reason
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def cancel_in_flight(self) -> None:
+        """Cancel every running mutation (used after the grace period of an interrupt)."""
+        if self._loop is None:
+            return
+
+        def _cancel() -> None:
+            for task in self._tasks.values():
+                task.cancel()
+
+        self._loop.call_soon_threadsafe(_cancel)
+
+    @property
+    def records(self) -> list[CandidateRecord]:
+        return self._records
+
+    @property
+    def budget(self) -> MetricBudget:
+        return self._budget
+
+    @property
+    def in_flight(self) -> int:
+        return self._eval_slots.in_use
+
+    def mutations_in_flight(self) -> int:
+        return sum(1 for t in self._tasks.values() if not t.done())
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> EngineResult:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._start = self._clock()
+        try:
+            await self._evaluate_seed()
+            if self.config.deterministic:
+                await self._loop_in_order()
+            else:
+                await self._loop_as_completed()
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        return self._result()
+
+    async def _evaluate_seed(self) -> None:
+        n = len(self._val_ids)
+        if not self._budget.try_reserve(n):
+            raise ValueError(
+                f"max_metric_calls={self._budget.limit} cannot pay for the seed's full-validation evaluation "
+                f"({n} metric calls). Raise the budget or pass a smaller valset."
+            )
+        requested: set[EvalKey] = set()
+        outcomes = await self._evaluate_many(self._seed, "val", self._val_ids, priority=-1.0, requested=requested)
+        self._budget.commit(requested)
+        self._budget.release(n)
+        record = self._add_record(self._seed, [None], outcomes, seq=None)
+        for obs in self._observers:
+            obs.on_candidate(record)
+        logger.info("Seed program: validation score %.4f over %d examples", record.aggregate, n)
+
+    # ------------------------------------------------------------------ loops
+    def _should_stop(self) -> StopReason | None:
+        if self._stop_reason is not None:
+            return self._stop_reason
+        if self._external_stop is not None:
+            self._stop_reason = self._external_stop
+        elif self.config.stop_file is not None and Path(self.config.stop_file).exists():
+            logger.info("Stop file %s found: stopping gracefully", self.config.stop_file)
+            self._stop_reason = "stop_file"
+        elif self.config.stop_callbacks:
+            view = self.selector_state()
+            for cb in self.config.stop_callbacks:
+                if cb(view):
+                    logger.info("Stop callback %r asked to stop", cb)
+                    self._stop_reason = "stop_callback"
+                    break
+        return self._stop_reason
+
+    def _running(self) -> list[asyncio.Task[MutationResult]]:
+        return [t for t in self._tasks.values() if not t.done()]
+
+    async def _wait_for_slot(self) -> None:
+        """Block until fewer than ``max_mutations_in_flight`` mutations are running."""
+        assert self._wake is not None
+        while len(self._running()) >= self.config.max_mutations_in_flight and self._should_stop() is None:
+            self._wake.clear()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait([*self._running(), waiter], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+
+    async def _loop_in_order(self) -> None:
+        staleness = self.config.max_staleness or self.config.max_mutations_in_flight
+        while True:
+            while self._should_stop() is None and self._next_seq - self._committed < staleness:
+                plan = self._plan(self._next_seq)
+                if plan is None:
+                    break
+                await self._wait_for_slot()
+                if self._should_stop() is not None:
+                    self._budget.release(plan.reservation)
+                    break
+                self._launch(plan)
+            if self._committed == self._next_seq:
+                return
+            result = await self._await_task(self._committed)
+            self._commit(result)
+
+    async def _loop_as_completed(self) -> None:
+        while True:
+            while self._should_stop() is None and len(self._running()) < self.config.max_mutations_in_flight:
+                plan = self._plan(self._next_seq)
+                if plan is None:
+                    break
+                self._launch(plan)
+            if not self._tasks:
+                return
+            assert self._wake is not None
+            self._wake.clear()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait([*self._tasks.values(), waiter], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            for seq in sorted(s for s, t in self._tasks.items() if t.done()):
+                self._commit(await self._await_task(seq))
+
+    async def _await_task(self, seq: int) -> MutationResult:
+        task = self._tasks.pop(seq)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if task.cancelled():
+                return self._cancelled_result(seq)
+            raise
+
+    def _cancelled_result(self, seq: int) -> MutationResult:
+        plan = self._plans.pop(seq)
+        return MutationResult(plan=plan, status="cancelled", requested=set(), finished_at=self._elapsed())
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, seq: int) -> MutationPlan | None:
+        """Decide a mutation from committed state only, or return None if the budget cannot pay for it."""
+        rng = random.Random(f"mutation:{self.config.seed}:{seq}")
+        parent_index = self._frontier.select_parent(rng, self.config.candidate_selection)
+        parent = self._records[parent_index]
+        minibatch = self._sampler.batch(seq)
+        parent_cost = sum(
+            1 for i in minibatch if not self._budget.is_charged((parent.candidate.fingerprint, "train", i))
+        )
+        worst_case = parent_cost + len(minibatch) + len(self._val_ids)
+        if not self._budget.try_reserve(worst_case):
+            logger.debug("Mutation %d not launched: needs up to %d metric calls, %d left", seq, worst_case,
+                         self._budget.remaining())
+            return None
+        plan = MutationPlan(
+            seq=seq,
+            kind="reflection",
+            parent=parent.candidate,
+            parent_index=parent_index,
+            parent_val=parent.val_scores,
+            minibatch=minibatch,
+            rng=rng,
+            frontier_best=self._frontier.best_scores(),
+            committed_at_launch=len(self._records),
+            reservation=worst_case,
+        )
+        if not callable(self.config.component_selector):
+            # Built-in policies decide now, in launch order, so round-robin counters are reproducible.
+            plan.components, plan.child_counter = self._selector.select(
+                parent.candidate.fingerprint, parent.candidate.texts, parent_index, (), (), None
+            )
+        return plan
+
+    def _launch(self, plan: MutationPlan) -> None:
+        self._plans[plan.seq] = plan
+        self._tasks[plan.seq] = asyncio.create_task(self._run_mutation(plan), name=f"mutation-{plan.seq}")
+        self._next_seq += 1
+        self.stats.mutations_by_kind[plan.kind] += 1
+        self.stats.peak_mutations_in_flight = max(self.stats.peak_mutations_in_flight, len(self._running()))
+
+    # ------------------------------------------------------------------ one mutation
+    async def _run_mutation(self, plan: MutationPlan) -> MutationResult:
+        result = MutationResult(plan=plan, status="no_proposal")
+        try:
+            await self._mutate(plan, result)
+        finally:
+            result.finished_at = self._elapsed()
+            if self._wake is not None:
+                self._wake.set()
+        return result
+
+    async def _mutate(self, plan: MutationPlan, result: MutationResult) -> None:
+        cfg = self.config
+        parent = plan.parent
+        parent_outs = await self._evaluate_many(parent, "train", plan.minibatch, plan.seq, result.requested)
+        parent_scores = [o.score for o in parent_outs]
+        if cfg.skip_perfect_score and all(s >= cfg.perfect_score for s in parent_scores):
+            result.status = "skipped_perfect"
+            return
+
+        if callable(cfg.component_selector):
+            # A user selector sees the parent's traced minibatch, so it can only run now.
+            plan.components, plan.child_counter = self._selector.select(
+                parent.fingerprint, parent.texts, plan.parent_index,
+                [o.trajectory for o in parent_outs], parent_scores, self.selector_state(),
+            )
+        components = plan.components
+        if not components:
+            result.detail = "component selector chose no component"
+            self.stats.proposal_skips["no_components"] += 1
+            return
+        if len(components) > 1:
+            plan.kind = "reflection_all"
+
+        async with self._reflection_slots:
+            proposal = await self._reflector.reflect(parent.texts, components, parent_outs, plan.rng.getrandbits(63))
+        self.stats.reflection_calls += proposal.reflection_calls
+        updates = {k: v for k, v in proposal.texts.items() if k in parent.texts and v != parent.texts[k]}
+        if proposal.skipped or not updates:
+            reason = proposal.skipped or "unchanged_texts"
+            self.stats.proposal_skips[reason] += 1
+            result.detail = f"{reason}: {proposal.message or ''}".strip()
+            logger.info("Mutation %d: no usable proposal (%s)", plan.seq, result.detail)
+            return
+
+        child = parent.with_updates(updates, plan.kind)
+        result.child = child
+        known = self._index_by_fp.get(child.fingerprint)
+        if known is not None and known < plan.committed_at_launch:
+            result.status = "duplicate"
+            return
+
+        child_outs = await self._evaluate_many(child, "train", plan.minibatch, plan.seq, result.requested)
+        child_sum, parent_sum = sum(o.score for o in child_outs), sum(parent_scores)
+        if child_sum < parent_sum or (child_sum == parent_sum and not cfg.accept_equal_on_minibatch):
+            result.status = "rejected_rung0"
+            result.detail = f"minibatch {sum(o.score for o in child_outs):.3f} <= parent {sum(parent_scores):.3f}"
+            return
+        self.stats.survived_rung0_by_kind[plan.kind] += 1
+
+        val: dict[int, EvalOutcome] = {}
+        for rung in range(self._ladder.num_rungs):
+            ids = self._ladder.new_ids(rung)
+            outs = await self._evaluate_many(child, "val", ids, plan.seq, result.requested)
+            val.update({o.example_id: o for o in outs})
+            result.rung_reached = rung + 1
+            if rung == self._ladder.num_rungs - 1:
+                break
+            decision = promotion_decision(
+                {i: o.score for i, o in val.items()}, plan.parent_val, plan.frontier_best, cfg.promotion_z
+            )
+            if not decision.promote:
+                result.status = "pruned"
+                result.detail = f"rung {rung + 1}: {decision.reason}"
+                return
+        result.val_outcomes = val
+        result.status = "accepted"
+
+    # ------------------------------------------------------------------ evaluation with cache + budget
+    async def _evaluate_many(
+        self, candidate: Candidate, split: Split, ids: Sequence[int], priority: float, requested: set[EvalKey]
+    ) -> list[EvalOutcome]:
+        return list(
+            await asyncio.gather(*(self._evaluate(candidate, split, i, priority, requested) for i in ids))
+        )
+
+    async def _evaluate(
+        self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
+    ) -> EvalOutcome:
+        key: EvalKey = (candidate.fingerprint, split, example_id)
+        requested.add(key)
+        done = self._done.get(key)
+        if done is not None:
+            self.stats.cache_hits += 1
+            return done
+        pending = self._pending.get(key)
+        if pending is not None:
+            self.stats.cache_hits += 1
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[EvalOutcome] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            async with self._eval_slots.slot(priority):
+                self.stats.peak_evals_in_flight = max(self.stats.peak_evals_in_flight, self._eval_slots.in_use)
+                self._budget.record_execution()
+                self.stats.executed += 1
+                outcome = await self._evaluator.evaluate(
+                    candidate.texts, candidate.fingerprint, split, example_id, capture_traces=(split == "train")
+                )
+        except BaseException as exc:
+            self._pending.pop(key, None)
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        self._pending.pop(key, None)
+        self._done[key] = outcome
+        fut.set_result(outcome)
+        if outcome.failure:
+            self.stats.failures[outcome.failure] += 1
+        for obs in self._observers:
+            obs.on_evaluation(candidate, split, outcome)
+        self._systemic.observe(outcome)
+        return outcome
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, result: MutationResult) -> None:
+        plan = result.plan
+        self._plans.pop(plan.seq, None)
+        self._budget.commit(result.requested)
+        self._budget.release(plan.reservation)
+        self._committed += 1
+        status = result.status
+        if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
+            status = "duplicate"
+        self.stats.mutations[status] += 1
+        if status == "accepted" and result.child is not None:
+            record = self._add_record(
+                result.child, [plan.parent_index], list(result.val_outcomes.values()), seq=plan.seq
+            )
+            self._selector.inherit(result.child.fingerprint, plan.child_counter)
+            self.stats.accepted_by_kind[plan.kind] += 1
+            logger.info(
+                "Mutation %d (%s of candidate %d on %s): new candidate %d, validation %.4f (best %.4f)",
+                plan.seq, plan.kind, plan.parent_index, ",".join(plan.components), record.index,
+                record.aggregate, self._records[self._frontier.best_index()].aggregate,
+            )
+            for obs in self._observers:
+                obs.on_candidate(record)
+        else:
+            logger.debug("Mutation %d: %s %s", plan.seq, status, result.detail or "")
+        for obs in self._observers:
+            obs.on_mutation(result, status)
+
+    def _add_record(
+        self, candidate: Candidate, parents: list[int | None], outcomes: Sequence[EvalOutcome], seq: int | None
+    ) -> CandidateRecord:
+        index = len(self._records)
+        record = CandidateRecord(
+            index=index,
+            candidate=candidate,
+            parent_indices=parents,
+            val_scores={o.example_id: o.score for o in outcomes},
+            val_objective_scores={o.example_id: o.objective_scores for o in outcomes if o.objective_scores},
+            val_outputs={o.example_id: o.output for o in outcomes if o.output is not None},
+            discovery_metric_calls=self._budget.committed,
+            discovery_seconds=self._elapsed(),
+            mutation_seq=seq,
+        )
+        self._records.append(record)
+        self._index_by_fp[candidate.fingerprint] = index
+        self._frontier.add(index, record.val_scores)
+        return record
+
+    # ------------------------------------------------------------------ views
+    def _elapsed(self) -> float:
+        return self._clock() - self._start
+
+    def selector_state(self) -> SelectorState:
+        return SelectorState(
+            list_of_named_predictors=list(self._seed.texts),
+            program_candidates=[dict(r.candidate.texts) for r in self._records],
+            program_full_scores_val_set=[r.aggregate for r in self._records],
+            named_predictor_id_to_update_next_for_program_candidate=[
+                self._selector.counter(r.candidate.fingerprint) for r in self._records
+            ],
+        )
+
+    def _result(self) -> EngineResult:
+        reason: StopReason = self._stop_reason or "max_metric_calls"
+        return EngineResult(
+            records=list(self._records),
+            fronts=self._frontier.fronts(),
+            best_index=self._frontier.best_index(),
+            stop_reason=reason,
+            total_metric_calls=self._budget.executed,
+            num_full_val_evals=len(self._records),
+            wall_seconds=self._elapsed(),
+            stats=self.stats,
+            val_ids=self._val_ids,
+        )
+

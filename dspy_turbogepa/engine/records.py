@@ -1,0 +1,122 @@
+"""Mutable run records kept beside the immutable candidates, and the engine's final result."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dspy_turbogepa.engine.candidate import Candidate, ProposalKind
+from dspy_turbogepa.engine.types import EvalOutcome
+
+MutationStatus = Literal[
+    "accepted",  # passed every rung; joined the candidate pool with a full-validation score
+    "rejected_rung0",  # did not beat its parent on the training minibatch
+    "pruned",  # dropped on a validation shard
+    "duplicate",  # same texts as an existing candidate
+    "no_proposal",  # the proposer returned nothing usable (recorded with its cause)
+    "skipped_perfect",  # the parent was already perfect on the minibatch
+    "cancelled",  # the run stopped before the mutation finished
+]
+
+StopReason = Literal[
+    "max_metric_calls", "stop_file", "stop_callback", "interrupted", "no_progress_possible", "completed"
+]
+
+
+@dataclass
+class CandidateRecord:
+    """A candidate that earned a full-validation score, in the order it was committed."""
+
+    index: int
+    candidate: Candidate
+    parent_indices: list[int | None]
+    val_scores: dict[int, float]
+    val_objective_scores: dict[int, Mapping[str, float]] = field(default_factory=dict)
+    val_outputs: dict[int, Any] = field(default_factory=dict)
+    discovery_metric_calls: int = 0
+    discovery_seconds: float = 0.0
+    mutation_seq: int | None = None
+
+    @property
+    def aggregate(self) -> float:
+        return sum(self.val_scores.values()) / max(1, len(self.val_scores))
+
+
+@dataclass
+class MutationPlan:
+    """Everything decided when a mutation is launched, from committed state only (reproducibility)."""
+
+    seq: int
+    kind: ProposalKind
+    parent: Candidate
+    parent_index: int
+    parent_val: Mapping[int, float]
+    minibatch: tuple[int, ...]
+    rng: random.Random
+    frontier_best: Mapping[int, float]
+    committed_at_launch: int
+    reservation: int
+    components: list[str] = field(default_factory=list)
+    child_counter: int = 0
+
+
+@dataclass
+class MutationResult:
+    plan: MutationPlan
+    status: MutationStatus
+    child: Candidate | None = None
+    val_outcomes: dict[int, EvalOutcome] = field(default_factory=dict)
+    rung_reached: int = 0
+    detail: str | None = None
+    requested: set[tuple[str, str, int]] = field(default_factory=set)
+    finished_at: float = 0.0
+
+
+@dataclass
+class RunStats:
+    mutations: Counter[str] = field(default_factory=Counter)
+    mutations_by_kind: Counter[str] = field(default_factory=Counter)
+    accepted_by_kind: Counter[str] = field(default_factory=Counter)
+    survived_rung0_by_kind: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    proposal_skips: Counter[str] = field(default_factory=Counter)
+    reflection_calls: int = 0
+    cache_hits: int = 0
+    executed: int = 0
+    peak_evals_in_flight: int = 0
+    peak_mutations_in_flight: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mutations": dict(self.mutations),
+            "mutations_by_kind": dict(self.mutations_by_kind),
+            "accepted_by_kind": dict(self.accepted_by_kind),
+            "survived_rung0_by_kind": dict(self.survived_rung0_by_kind),
+            "failures": dict(self.failures),
+            "proposal_skips": dict(self.proposal_skips),
+            "reflection_calls": self.reflection_calls,
+            "cache_hits": self.cache_hits,
+            "metric_calls_executed": self.executed,
+            "peak_evals_in_flight": self.peak_evals_in_flight,
+            "peak_mutations_in_flight": self.peak_mutations_in_flight,
+        }
+
+
+@dataclass
+class EngineResult:
+    records: list[CandidateRecord]
+    fronts: dict[int, set[int]]
+    best_index: int
+    stop_reason: StopReason
+    total_metric_calls: int
+    num_full_val_evals: int
+    wall_seconds: float
+    stats: RunStats
+    val_ids: tuple[int, ...] = ()
+
+    @property
+    def best(self) -> CandidateRecord:
+        return self.records[self.best_index]

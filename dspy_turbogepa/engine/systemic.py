@@ -1,0 +1,72 @@
+"""Detecting failures that make a whole run pointless, before the budget is burnt on them.
+
+Two signals: an error type that can never succeed on retry (authentication, unknown model, refused
+connection) stops the run at its first occurrence; and if the first ``window`` executed evaluations
+all fail, whatever the cause, the run stops too, naming the most common cause. Once any evaluation
+has succeeded, isolated failures are ordinary data (scored ``failure_score``), as in dspy.GEPA.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from dspy_turbogepa.engine.errors import SystemicFailureError
+from dspy_turbogepa.engine.types import EvalOutcome
+
+#: Exception class names that mean "this configuration cannot work", from litellm, openai and dspy.
+FATAL_ERROR_TYPES = frozenset(
+    {
+        "AuthenticationError",
+        "AuthError",
+        "PermissionDeniedError",
+        "NotFoundError",
+        "UnknownModelError",
+        "UnsupportedModelError",
+        "MissingCredentialError",
+        "BillingError",
+        "BadRequestError_model_not_found",
+        "APIConnectionError",
+        "ConnectionRefusedError",
+        "LMAuthError",
+        "LMBillingError",
+        "LMUnsupportedModelError",
+        "LMNotConfiguredError",
+        "LMConfigurationError",
+    }
+)
+
+
+class SystemicFailureDetector:
+    def __init__(self, window: int) -> None:
+        self.window = max(1, window)
+        self._seen_success = False
+        self._failures: Counter[tuple[str, str]] = Counter()
+        self._examples: dict[tuple[str, str], str] = {}
+        self._count = 0
+
+    def observe(self, outcome: EvalOutcome) -> None:
+        if outcome.failure is None:
+            self._seen_success = True
+            return
+        if outcome.error_type in FATAL_ERROR_TYPES:
+            raise SystemicFailureError(
+                f"Stopping: the program failed with {outcome.error_type}, which retrying cannot fix: "
+                f"{outcome.message}. Check the LM's model name, api_base and API key.",
+                failure=outcome.failure,
+                error_type=outcome.error_type,
+            )
+        if self._seen_success:
+            return
+        key = (outcome.failure, outcome.error_type or "")
+        self._failures[key] += 1
+        self._examples.setdefault(key, outcome.message or "")
+        self._count += 1
+        if self._count >= self.window:
+            (failure, error_type), n = self._failures.most_common(1)[0]
+            raise SystemicFailureError(
+                f"Stopping: the first {self._count} evaluations all failed ({n} of them with {failure}"
+                f"{' / ' + error_type if error_type else ''}: {self._examples[(failure, error_type)]}). "
+                "Fix the program, the metric or the LM configuration and run again.",
+                failure=failure,
+                error_type=error_type or None,
+            )

@@ -1,0 +1,71 @@
+"""Data that crosses the boundary between the engine and the layers that know about DSPy.
+
+The engine only ever sees ids, scores and opaque payloads; the adapter decides what a trajectory is.
+This is what lets a second evaluation backend (for example a distributed one) plug in unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Split = Literal["train", "val"]
+
+#: Causes of a failed evaluation, counted in the run summary. ``None`` means the evaluation succeeded.
+FailureKind = Literal[
+    "program_error",  # the user's program raised (including LM errors after retries)
+    "format_error",  # the LM answer could not be parsed into the signature's outputs
+    "metric_error",  # the metric raised
+    "metric_invalid",  # the metric returned None, NaN, inf or something that is not a number
+]
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """The result of running one candidate on one example and scoring it (one metric call)."""
+
+    example_id: int
+    score: float
+    objective_scores: Mapping[str, float] | None = None
+    failure: FailureKind | None = None
+    message: str | None = None
+    #: What reflection needs (inputs, outputs, per-predictor trace); opaque to the engine.
+    trajectory: Any = None
+    #: The program's output, kept only when the caller asked for best outputs.
+    output: Any = None
+    #: Error type name for systemic-failure detection (e.g. "AuthenticationError").
+    error_type: str | None = None
+
+
+@dataclass(frozen=True)
+class ProposalOutcome:
+    """What a proposer returned for one mutation: new texts, or the reason there are none."""
+
+    texts: Mapping[str, str] = field(default_factory=dict)
+    #: Why no usable texts came back ("proposer_error", "empty_proposal", "no_reflective_data", ...).
+    skipped: str | None = None
+    message: str | None = None
+    reflection_calls: int = 0
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Runs a candidate on one example. Implementations must be safe to call concurrently."""
+
+    async def evaluate(
+        self, texts: Mapping[str, str], fingerprint: str, split: Split, example_id: int, capture_traces: bool
+    ) -> EvalOutcome: ...
+
+
+@runtime_checkable
+class Reflector(Protocol):
+    """Turns a parent and its traced minibatch outcomes into new texts for some of its components."""
+
+    async def reflect(
+        self,
+        parent_texts: Mapping[str, str],
+        components: Sequence[str],
+        outcomes: Sequence[EvalOutcome],
+        seed: int,
+    ) -> ProposalOutcome: ...

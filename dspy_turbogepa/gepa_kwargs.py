@@ -1,0 +1,120 @@
+"""What ``gepa_kwargs`` may hold, and what each key means here.
+
+dspy.GEPA splats ``gepa_kwargs`` into ``gepa.optimize``. We accept every key that call accepts, so
+existing code keeps working: keys with a meaning in this engine are mapped, the rest are ignored with
+one warning each. Keys dspy.GEPA already passes itself raise ``TypeError`` in dspy.GEPA ("got multiple
+values"), and here too — but with a message that names the constructor argument to use instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Keys dspy.GEPA passes to gepa.optimize itself -> the dspy.GEPA argument that sets them.
+DSPY_OWNED_KEYS: dict[str, str] = {
+    "seed_candidate": "the student program",
+    "trainset": "compile(trainset=...)",
+    "valset": "compile(valset=...)",
+    "adapter": "(set by dspy.GEPA)",
+    "reflection_lm": "reflection_lm",
+    "candidate_selection_strategy": "candidate_selection_strategy",
+    "skip_perfect_score": "skip_perfect_score",
+    "reflection_minibatch_size": "reflection_minibatch_size",
+    "module_selector": "component_selector",
+    "perfect_score": "perfect_score",
+    "use_merge": "use_merge",
+    "max_merge_invocations": "max_merge_invocations",
+    "max_metric_calls": "max_metric_calls",
+    "logger": "(set by dspy.GEPA)",
+    "run_dir": "log_dir",
+    "use_wandb": "use_wandb",
+    "wandb_api_key": "wandb_api_key",
+    "wandb_init_kwargs": "wandb_init_kwargs",
+    "use_mlflow": "use_mlflow",
+    "track_best_outputs": "track_best_outputs",
+    "display_progress_bar": "(set by dspy.GEPA)",
+    "raise_on_exception": "(set by dspy.GEPA)",
+    "seed": "seed",
+}
+
+#: Other gepa.optimize keys (gepa 0.1.4) that we accept but that have no effect in this engine.
+IGNORED_KEYS: dict[str, str] = {
+    "task_lm": "the program's own LMs are used",
+    "evaluator": "evaluation is done by the DSPy adapter",
+    "reflection_lm_kwargs": "configure the reflection dspy.LM instead",
+    "frontier_type": "only the per-instance frontier ('instance') is implemented",
+    "batch_sampler": "minibatches are epoch-shuffled and derived from the mutation number",
+    "merge_val_overlap_floor": "not used by this engine's merge",
+    "callbacks": "gepa callbacks are not called; use the run store or MLflow tracking",
+    "wandb_attach_existing": "wandb is not supported",
+    "mlflow_tracking_uri": "set the tracking URI with mlflow.set_tracking_uri",
+    "mlflow_experiment_name": "set the experiment with mlflow.set_experiment",
+    "mlflow_attach_existing": "the active MLflow run is always attached",
+    "tracking_key_prefix": "not used",
+    "use_cloudpickle": "nothing is pickled by this engine",
+    "cache_evaluation": "evaluations are always cached by (candidate, example)",
+    "val_evaluation_policy": "validation is spent in successive-halving rungs instead",
+    "sampling_strategy": "the engine streams many proposals in parallel by design",
+    "selection_strategy": "parents are selected by candidate_selection_strategy",
+    "reflection_strategy": "reflection goes through instruction_proposer",
+}
+
+MAPPED_KEYS = ("stop_callbacks", "acceptance_criterion")
+
+#: Keys dspy.GEPA itself refuses (ValueError), with its reasons.
+REFUSED_KEYS: dict[str, str] = {
+    "max_reflection_cost": "max_reflection_cost is not supported by dspy.GEPA yet.",
+    "reflection_prompt_template": (
+        "reflection_prompt_template cannot be passed via gepa_kwargs when using dspy.GEPA. DspyAdapter implements "
+        "its own propose_new_texts, so reflection_prompt_template is unused. To customize the reflection prompt, pass "
+        "instruction_proposer=InstructionProposer(base_instructions=...) instead."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MappedGepaKwargs:
+    stop_callbacks: tuple[Callable[[Any], bool], ...] = field(default_factory=tuple)
+    accept_equal_on_minibatch: bool = False
+
+
+def interpret_gepa_kwargs(gepa_kwargs: Mapping[str, Any]) -> MappedGepaKwargs:
+    for key in gepa_kwargs:
+        if key in REFUSED_KEYS and (key != "max_reflection_cost" or gepa_kwargs[key] is not None):
+            raise ValueError(REFUSED_KEYS[key])
+        if key in DSPY_OWNED_KEYS:
+            raise TypeError(
+                f"gepa_kwargs[{key!r}] is set by dspy.GEPA itself (dspy.GEPA fails with 'optimize() got multiple "
+                f"values for keyword argument {key!r}'). Use {DSPY_OWNED_KEYS[key]} instead."
+            )
+        if key not in IGNORED_KEYS and key not in MAPPED_KEYS and key not in REFUSED_KEYS:
+            raise TypeError(
+                f"gepa_kwargs[{key!r}] is not a parameter of gepa.optimize (dspy.GEPA would fail with "
+                "'optimize() got an unexpected keyword argument'). Check the spelling."
+            )
+    for key in gepa_kwargs:
+        if key in IGNORED_KEYS:
+            logger.warning("gepa_kwargs[%r] is accepted but has no effect in TurboGEPA: %s.", key, IGNORED_KEYS[key])
+
+    stops = gepa_kwargs.get("stop_callbacks")
+    if stops is None:
+        callbacks: tuple[Callable[[Any], bool], ...] = ()
+    elif callable(stops):
+        callbacks = (stops,)
+    elif isinstance(stops, Sequence) and all(callable(s) for s in stops):
+        callbacks = tuple(stops)
+    else:
+        raise TypeError("gepa_kwargs['stop_callbacks'] must be a callable or a list of callables (state) -> bool.")
+
+    acceptance = gepa_kwargs.get("acceptance_criterion", "strict_improvement")
+    if acceptance not in ("strict_improvement", "improvement_or_equal"):
+        raise ValueError(
+            "gepa_kwargs['acceptance_criterion'] must be 'strict_improvement' or 'improvement_or_equal' "
+            f"(custom AcceptanceCriterion objects are not supported), got {acceptance!r}."
+        )
+    return MappedGepaKwargs(stop_callbacks=callbacks, accept_equal_on_minibatch=acceptance == "improvement_or_equal")

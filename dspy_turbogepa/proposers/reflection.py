@@ -1,0 +1,130 @@
+"""Reflective mutation: build each component's reflective dataset, then ask the proposer for new texts.
+
+The proposer is any dspy.GEPA ``ProposalFn`` — by default dspy's own
+``dspy.teleprompt.gepa.InstructionProposer``, used through import so the reflection prompt is exactly
+dspy.GEPA's. It runs in a worker thread (proposers are synchronous DSPy code) under
+``dspy.context(lm=reflection_lm)``, as dspy.GEPA runs it. A proposer that raises or answers with
+nothing usable is recorded and skipped; it never ends the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dspy
+from dspy.utils.callback import BaseCallback
+
+from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
+
+logger = logging.getLogger(__name__)
+
+
+class _LMCallCounter(BaseCallback):
+    """Counts LM calls made while one proposal runs (installed per call through dspy.context)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        with self._lock:
+            self.calls += 1
+
+
+class ReflectiveProposer:
+    """Implements the engine's ``Reflector`` protocol."""
+
+    def __init__(
+        self,
+        builder: ReflectiveDatasetBuilder,
+        proposal_fn: Callable[..., Any],
+        reflection_lm: dspy.LM | None,
+        max_workers: int,
+    ) -> None:
+        self._builder = builder
+        self._proposal_fn = proposal_fn
+        self._reflection_lm = reflection_lm
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def reflect(
+        self, parent_texts: Mapping[str, str], components: Sequence[str], outcomes: Sequence[EvalOutcome], seed: int
+    ) -> ProposalOutcome:
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, ctx.run, self._reflect_sync, dict(parent_texts), list(components), list(outcomes), seed
+        )
+
+    def _reflect_sync(
+        self, parent_texts: dict[str, str], components: list[str], outcomes: list[EvalOutcome], seed: int
+    ) -> ProposalOutcome:
+        rng = random.Random(seed)
+        counter = _LMCallCounter()
+        callbacks = [*dspy.settings.get("callbacks", []), counter]
+        lm = self._reflection_lm or dspy.settings.lm
+        with dspy.context(lm=lm, callbacks=callbacks):
+            try:
+                dataset = self._builder.build(
+                    components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
+                )
+            except Exception as exc:  # defensive: a broken trace must not end the run
+                logger.exception("Building the reflective dataset failed")
+                return ProposalOutcome(skipped="reflective_dataset_error", message=f"{type(exc).__name__}: {exc}")
+            to_update = [c for c in components if c in dataset]
+            if not to_update:
+                return ProposalOutcome(skipped="no_reflective_data", message="no usable trace records for "
+                                       + ", ".join(components))
+            try:
+                answer = self._proposal_fn(
+                    candidate=dict(parent_texts), reflective_dataset=dataset, components_to_update=to_update
+                )
+                if inspect.isawaitable(answer):
+                    answer = asyncio.run(_await(answer))
+            except Exception as exc:  # the proposer's failure is recorded and this proposal skipped
+                logger.warning("The instruction proposer raised %s: %s", type(exc).__name__, exc)
+                return ProposalOutcome(
+                    skipped="proposer_error", message=f"{type(exc).__name__}: {exc}", reflection_calls=counter.calls
+                )
+        return _validate_answer(answer, parent_texts, to_update, counter.calls)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _validate_answer(answer: Any, parent: Mapping[str, str], asked: Sequence[str], calls: int) -> ProposalOutcome:
+    if not isinstance(answer, Mapping):
+        return ProposalOutcome(
+            skipped="invalid_proposal",
+            message=f"the proposer returned {type(answer).__name__}, expected dict[str, str]",
+            reflection_calls=calls,
+        )
+    texts: dict[str, str] = {}
+    problems: list[str] = []
+    for name, text in answer.items():
+        if name not in parent:
+            problems.append(f"unknown component {name!r}")
+        elif not isinstance(text, str) or not text.strip():
+            problems.append(f"no usable instruction for {name!r}")
+        else:
+            texts[name] = text
+    if problems:
+        logger.warning("Ignoring parts of a proposal: %s", "; ".join(problems))
+    if not texts:
+        return ProposalOutcome(
+            skipped="empty_proposal", message="; ".join(problems) or "the proposer returned no text",
+            reflection_calls=calls,
+        )
+    return ProposalOutcome(texts=texts, message="; ".join(problems) or None, reflection_calls=calls)

@@ -1,0 +1,353 @@
+"""``TurboGEPA``: dspy.GEPA's constructor and ``compile()``, on the streaming engine.
+
+Everything a dspy.GEPA user passes keeps its name, default and meaning (docs/deviations.md lists
+the few differences). Arguments are validated in the constructor, and data in ``compile()`` before
+the first LM call, so a mistake costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import dspy
+from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
+from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+from dspy.teleprompt.teleprompt import Teleprompter
+
+from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+from dspy_turbogepa.adapter.metric import check_metric_signature
+from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer
+from dspy_turbogepa.adapter.results import build_result
+from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
+from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator
+from dspy_turbogepa.engine.config import (
+    CANDIDATE_SELECTIONS,
+    default_mutations_in_flight,
+    default_reflections_in_flight,
+    default_rung_fractions,
+    validate_rung_fractions,
+)
+from dspy_turbogepa.engine.records import EngineResult
+from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
+from dspy_turbogepa.errors import ConfigurationError
+from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
+from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+logger = logging.getLogger(__name__)
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+class TurboGEPA(dspy.GEPA, Teleprompter):
+    """Drop-in replacement for ``dspy.GEPA`` that keeps every allowed LM slot busy.
+
+    Subclasses ``dspy.GEPA`` so ``isinstance(opt, dspy.GEPA)`` holds, and lists ``Teleprompter`` as a
+    direct base so ``mlflow.dspy.autolog()`` (which patches only direct subclasses) records compiles.
+
+    Parameters beyond dspy.GEPA's (all keyword-only, all optional):
+        max_mutations_in_flight: mutations running at once (default ``max(2, num_threads // 2)``).
+        max_reflections_in_flight: reflection LM calls at once (default ``ceil(num_threads / 4)``, at most 8).
+        rung_fractions: validation shard fractions for successive halving, increasing, ending at 1.0
+            (default: a geometric ladder from ``reduction_factor``).
+        reduction_factor: ratio between consecutive validation shards when ``rung_fractions`` is not set.
+        deterministic: commit results in launch order so the same seed and a deterministic LM give the
+            same program (default True; False commits in completion order).
+    """
+
+    def __init__(
+        self,
+        metric: Any,
+        *,
+        auto: Literal["light", "medium", "heavy"] | None = None,
+        max_full_evals: int | None = None,
+        max_metric_calls: int | None = None,
+        reflection_minibatch_size: int = 3,
+        candidate_selection_strategy: Literal["pareto", "current_best"] = "pareto",
+        reflection_lm: dspy.LM | None = None,
+        skip_perfect_score: bool = True,
+        add_format_failure_as_feedback: bool = False,
+        instruction_proposer: Any = None,
+        code_proposer: Any = None,
+        component_selector: Any = "round_robin",
+        use_merge: bool = True,
+        max_merge_invocations: int | None = 5,
+        num_threads: int | None = None,
+        failure_score: float = 0.0,
+        perfect_score: float = 1.0,
+        log_dir: str | None = None,
+        track_stats: bool = False,
+        use_wandb: bool = False,
+        wandb_api_key: str | None = None,
+        wandb_init_kwargs: dict[str, Any] | None = None,
+        track_best_outputs: bool = False,
+        warn_on_score_mismatch: bool = True,
+        use_mlflow: bool = False,
+        seed: int | None = 0,
+        gepa_kwargs: dict | None = None,
+        # ---- TurboGEPA's own engine knobs
+        max_mutations_in_flight: int | None = None,
+        max_reflections_in_flight: int | None = None,
+        rung_fractions: Sequence[float] | None = None,
+        reduction_factor: float = 3.0,
+        deterministic: bool = True,
+    ) -> None:
+        check_metric_signature(metric)
+        n_budgets = (max_metric_calls is not None) + (max_full_evals is not None) + (auto is not None)
+        if n_budgets != 1:
+            raise ConfigurationError(
+                "Exactly one of max_metric_calls, max_full_evals, auto must be set. You set "
+                f"max_metric_calls={max_metric_calls}, max_full_evals={max_full_evals}, auto={auto}. "
+                "For example: TurboGEPA(metric, auto='light', ...) or TurboGEPA(metric, max_metric_calls=500, ...)."
+            )
+        if auto is not None and auto not in AUTO_RUN_SETTINGS:
+            raise ValueError(f"auto must be one of {sorted(AUTO_RUN_SETTINGS)}, got {auto!r}.")
+        _positive_int("max_metric_calls", max_metric_calls)
+        _positive_int("max_full_evals", max_full_evals)
+        _positive_int("reflection_minibatch_size", reflection_minibatch_size, allow_none=False)
+        _positive_int("num_threads", num_threads)
+        _positive_int("max_mutations_in_flight", max_mutations_in_flight)
+        _positive_int("max_reflections_in_flight", max_reflections_in_flight)
+        if max_merge_invocations is not None:
+            _positive_int("max_merge_invocations", max_merge_invocations)
+        if reflection_lm is None and instruction_proposer is None:
+            raise ConfigurationError(
+                "GEPA requires a reflection language model, or custom instruction proposer to be provided. "
+                "Pass reflection_lm=dspy.LM('openai/gpt-5', temperature=1.0, max_tokens=32000) (a strong model "
+                "helps), or instruction_proposer=<your ProposalFn>."
+            )
+        if reflection_lm is not None and not isinstance(reflection_lm, dspy.BaseLM):
+            raise TypeError(f"reflection_lm must be a dspy.LM (or dspy.BaseLM), got {type(reflection_lm).__name__}.")
+        if instruction_proposer is not None and not callable(instruction_proposer):
+            raise TypeError("instruction_proposer must be callable as (candidate, reflective_dataset, components_to_update).")
+        if track_best_outputs and not track_stats:
+            raise ConfigurationError("track_stats must be True if track_best_outputs is True.")
+        if candidate_selection_strategy not in CANDIDATE_SELECTIONS:
+            raise ValueError(
+                f"candidate_selection_strategy must be one of {list(CANDIDATE_SELECTIONS)}, "
+                f"got {candidate_selection_strategy!r}."
+            )
+        if not callable(component_selector) and component_selector not in ("round_robin", "all"):
+            raise ConfigurationError(
+                f"Unknown module_selector strategy: component_selector={component_selector!r}. "
+                "Use 'round_robin', 'all', or a callable (state, trajectories, subsample_scores, candidate_idx, "
+                "candidate) -> list[str]."
+            )
+        if use_wandb:
+            raise NotImplementedError("use_wandb=True is not supported by TurboGEPA yet; use use_mlflow or log_dir.")
+        if use_mlflow:
+            raise NotImplementedError("use_mlflow=True is not implemented by TurboGEPA yet.")
+        if code_proposer is not None:
+            raise NotImplementedError("code_proposer (dspy.Flex code optimization) is not supported by TurboGEPA yet.")
+        if not isinstance(failure_score, (int, float)) or not isinstance(perfect_score, (int, float)):
+            raise TypeError("failure_score and perfect_score must be numbers.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}.")
+        if not isinstance(reduction_factor, (int, float)) or reduction_factor <= 1:
+            raise ValueError(f"reduction_factor must be a number > 1, got {reduction_factor!r}.")
+        if rung_fractions is not None:
+            validate_rung_fractions(rung_fractions)
+        if gepa_kwargs is not None and not isinstance(gepa_kwargs, dict):
+            raise TypeError(f"gepa_kwargs must be a dict or None, got {type(gepa_kwargs).__name__}.")
+        self._mapped_gepa_kwargs = interpret_gepa_kwargs(gepa_kwargs or {})
+
+        # dspy.GEPA's attribute names: get_params() consumers (MLflow autolog) read them.
+        self.metric_fn = metric
+        self.auto = auto
+        self.max_full_evals = max_full_evals
+        self.max_metric_calls = max_metric_calls
+        self.reflection_minibatch_size = reflection_minibatch_size
+        self.candidate_selection_strategy = candidate_selection_strategy
+        self.reflection_lm = reflection_lm
+        self.skip_perfect_score = skip_perfect_score
+        self.add_format_failure_as_feedback = add_format_failure_as_feedback
+        self.use_merge = use_merge
+        self.max_merge_invocations = max_merge_invocations
+        self.num_threads = num_threads
+        self.failure_score = failure_score
+        self.perfect_score = perfect_score
+        self.log_dir = log_dir
+        self.track_stats = track_stats
+        self.use_wandb = use_wandb
+        self.wandb_api_key = wandb_api_key
+        self.wandb_init_kwargs = wandb_init_kwargs
+        self.warn_on_score_mismatch = warn_on_score_mismatch
+        self.use_mlflow = use_mlflow
+        self.track_best_outputs = track_best_outputs
+        self.seed = seed
+        self.custom_instruction_proposer = instruction_proposer
+        self.custom_code_proposer = code_proposer
+        self.component_selector = component_selector
+        self.gepa_kwargs = gepa_kwargs or {}
+        self.max_mutations_in_flight = max_mutations_in_flight
+        self.max_reflections_in_flight = max_reflections_in_flight
+        self.rung_fractions = tuple(rung_fractions) if rung_fractions is not None else None
+        self.reduction_factor = float(reduction_factor)
+        self.deterministic = deterministic
+
+    def get_params(self) -> dict[str, Any]:
+        """A copy: MLflow's autolog updates the returned dict, which must not leak into this object."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    # ------------------------------------------------------------------ compile
+    def compile(
+        self,
+        student: dspy.Module,
+        *,
+        trainset: list[dspy.Example],
+        teacher: dspy.Module | None = None,
+        valset: list[dspy.Example] | None = None,
+    ) -> dspy.Module:
+        """Optimize ``student``'s instructions; returns a new program (the student is not modified)."""
+        if trainset is None or len(trainset) == 0:
+            raise ConfigurationError("Trainset must be provided and non-empty: compile(student, trainset=[...]).")
+        if teacher is not None:
+            raise ConfigurationError("Teacher is not supported in DspyGEPA yet (nor in TurboGEPA): pass teacher=None.")
+        if not isinstance(student, dspy.Module):
+            raise TypeError(f"student must be a dspy.Module, got {type(student).__name__}.")
+        if valset is not None and len(valset) == 0:
+            raise ConfigurationError(
+                "valset is empty. Pass valset=None to validate on the trainset (as dspy.GEPA does), or a non-empty list."
+            )
+        _check_examples("trainset", trainset)
+        if valset is not None:
+            _check_examples("valset", valset)
+        predictors = list(student.named_predictors())
+        if not predictors:
+            raise ValueError("The student program has no predictors (dspy.Predict and friends) to optimize.")
+
+        budget = self._resolve_budget(len(predictors), trainset, valset)
+        if valset is None:
+            logger.warning(
+                "No valset provided; using the trainset as valset. The optimized prompt will fit the trainset; "
+                "pass a separate valset to select for generalization."
+            )
+        val = list(valset) if valset is not None else list(trainset)
+        train = list(trainset)
+        if budget < len(val):
+            raise ValueError(
+                f"The budget ({budget} metric calls) does not cover one evaluation of the seed on the valset "
+                f"({len(val)} examples). Raise max_metric_calls (or use auto=...)."
+            )
+        num_threads = self.num_threads or dspy.settings.num_threads or 8
+        if self.use_merge:
+            logger.warning(
+                "use_merge=True: merge proposals are not implemented in this version of TurboGEPA yet; "
+                "the run uses reflective mutation only. Pass use_merge=False to silence this warning."
+            )
+
+        codec = ProgramCodec(student)
+        proposer = self.custom_instruction_proposer or InstructionProposer()
+        evaluator = DspyEvaluator(
+            codec,
+            {"train": train, "val": val},
+            self.metric_fn,
+            float(self.failure_score),
+            max_workers=num_threads,
+            keep_outputs=self.track_best_outputs,
+            fatal_error_types=FATAL_ERROR_TYPES,
+        )
+        builder = ReflectiveDatasetBuilder(
+            codec,
+            self.metric_fn,
+            float(self.failure_score),
+            self.add_format_failure_as_feedback,
+            self.warn_on_score_mismatch,
+            stringify=not is_builtin_proposer(proposer),
+        )
+        config = self._engine_config(budget, num_threads, len(val))
+        reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight)
+        orchestrator = Orchestrator(
+            config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val))
+        )
+        logger.info(
+            "TurboGEPA: budget %d metric calls, %d evaluations / %d mutations / %d reflections in flight, "
+            "validation rungs %s", budget, config.max_evals_in_flight, config.max_mutations_in_flight,
+            config.max_reflections_in_flight, list(config.rung_fractions),
+        )
+        try:
+            result: EngineResult = run_coroutine_in_thread(
+                orchestrator.run,
+                on_interrupt=lambda: orchestrator.request_stop("interrupted"),
+                on_grace_expired=orchestrator.cancel_in_flight,
+            )
+        finally:
+            evaluator.close()
+            reflector.close()
+        if result.stop_reason == "interrupted":
+            logger.warning("Run interrupted: returning the best program found so far.")
+        best = result.best
+        logger.info(
+            "TurboGEPA finished (%s): best validation score %.4f (seed %.4f), %d candidates, %d metric calls",
+            result.stop_reason, best.aggregate, result.records[0].aggregate, len(result.records),
+            result.total_metric_calls,
+        )
+        program = codec.build(best.candidate.texts)
+        if self.track_stats:
+            program.detailed_results = build_result(
+                result, codec.build, self.log_dir, self.seed, self.track_best_outputs
+            )
+        return program
+
+    # ------------------------------------------------------------------ helpers
+    def _resolve_budget(self, num_preds: int, trainset: Sequence[Any], valset: Sequence[Any] | None) -> int:
+        """dspy.GEPA's budget arithmetic, to the call (including overwriting ``max_metric_calls`` for auto)."""
+        if self.auto is not None:
+            self.max_metric_calls = self.auto_budget(
+                num_preds=max(num_preds, 1),
+                num_candidates=AUTO_RUN_SETTINGS[self.auto]["n"],
+                valset_size=len(valset) if valset is not None else len(trainset),
+            )
+        elif self.max_full_evals is not None:
+            self.max_metric_calls = self.max_full_evals * (len(trainset) + (len(valset) if valset is not None else 0))
+        assert self.max_metric_calls is not None
+        return int(self.max_metric_calls)
+
+    def _engine_config(self, budget: int, num_threads: int, val_size: int) -> EngineConfig:
+        mapped = self._mapped_gepa_kwargs
+        mutations = self.max_mutations_in_flight or default_mutations_in_flight(num_threads)
+        reflections = self.max_reflections_in_flight or min(mutations, default_reflections_in_flight(num_threads))
+        return EngineConfig(
+            max_metric_calls=budget,
+            max_evals_in_flight=num_threads,
+            max_mutations_in_flight=mutations,
+            max_reflections_in_flight=reflections,
+            reflection_minibatch_size=self.reflection_minibatch_size,
+            rung_fractions=self.rung_fractions or default_rung_fractions(val_size, self.reduction_factor),
+            candidate_selection=self.candidate_selection_strategy,  # type: ignore[arg-type]
+            component_selector=self.component_selector,
+            accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,
+            skip_perfect_score=self.skip_perfect_score,
+            perfect_score=float(self.perfect_score),
+            seed=self.seed if self.seed is not None else 0,
+            deterministic=self.deterministic,
+            use_merge=False,
+            max_merge_invocations=self.max_merge_invocations if self.max_merge_invocations is not None else 10**9,
+            stop_file=Path(self.log_dir) / "gepa.stop" if self.log_dir else None,
+            stop_callbacks=mapped.stop_callbacks,
+        )
+
+
+def _check_examples(name: str, examples: Sequence[Any]) -> None:
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dspy.Example):
+            raise TypeError(f"{name}[{i}] is a {type(ex).__name__}, not a dspy.Example.")
+        try:
+            ex.inputs()
+        except ValueError as e:
+            raise ValueError(
+                f"{name}[{i}] has no input fields set. Mark them with .with_inputs(...), e.g. "
+                f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
+
+
+__all__ = ["TurboGEPA"]
