@@ -1,0 +1,23 @@
+"""Small helpers shared by the DSPy-level tests."""
+
+from __future__ import annotations
+
+
+def small_splits(task, n_train: int = 30, n_val: int = 16, n_test: int = 60, data_seed: int = 0):
+    return task.splits(data_seed=data_seed, n_train=n_train, n_val=n_val, n_test=n_test)
+
+
+class CountingMetric:
+    """Wraps a GEPA metric and counts scoring calls (no pred_name) and feedback calls separately."""
+
+    def __init__(self, metric):
+        self.metric = metric
+        self.scoring = 0
+        self.feedback = 0
+
+    def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is None:
+            self.scoring += 1
+        else:
+            self.feedback += 1
+        return self.metric(gold, pred, trace, pred_name, pred_trace)

@@ -1,0 +1,216 @@
+"""compile() end to end on offline fake LMs: it optimizes, keeps the drop-in contract, and is reproducible."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from pathlib import Path
+
+import dspy
+import pytest
+from dspy.teleprompt.gepa.gepa import DspyGEPAResult
+
+from dspy_turbogepa import TurboGEPA, TurboGEPAResult
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
+
+from helpers import CountingMetric, small_splits
+
+
+def instructions(program: dspy.Module) -> dict[str, str]:
+    return {name: p.signature.instructions for name, p in program.named_predictors()}
+
+
+def compile_task(task, student_lm, reflection_lm, budget=300, program=None, splits=None, **kw):
+    splits = splits or small_splits(task)
+    program = program or task.make_program()
+    kw.setdefault("num_threads", 8)
+    kw.setdefault("use_merge", False)
+    kw.setdefault("track_stats", True)
+    opt = TurboGEPA(kw.pop("metric", task.metric), max_metric_calls=budget, reflection_lm=reflection_lm, **kw)
+    with dspy.context(lm=student_lm):
+        optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
+    return opt, program, optimized, splits
+
+
+def test_one_predictor_program_gets_better(routing, student_lm, reflection_lm):
+    _, seed_prog, optimized, splits = compile_task(routing, student_lm, reflection_lm, budget=300)
+    dr = optimized.detailed_results
+    assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0] + 0.1
+    seed_test = routing.evaluate(seed_prog, splits.test, lm=student_lm)
+    final_test = routing.evaluate(optimized, splits.test, lm=student_lm)
+    assert final_test > seed_test + 0.1, (seed_test, final_test)
+    assert sim_engine(reflection_lm).calls > 0
+
+
+def test_two_predictor_pipeline_gets_better(pipeline, student_lm, reflection_lm):
+    _, seed_prog, optimized, splits = compile_task(pipeline, student_lm, reflection_lm, budget=400)
+    seed_test = pipeline.evaluate(seed_prog, splits.test, lm=student_lm)
+    final_test = pipeline.evaluate(optimized, splits.test, lm=student_lm)
+    assert final_test > seed_test + 0.1, (seed_test, final_test)
+    # both predictors were rewritten by round robin at some point
+    kinds = optimized.detailed_results.to_dict()["candidates"]
+    changed = {name for cand in kinds[1:] for name, text in cand.items() if text != kinds[0][name]}
+    assert changed == set(pipeline.predictor_names)
+
+
+def test_async_program_goes_through_acall(routing, student_lm, reflection_lm):
+    program = routing.make_program(async_forward=True)
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=200, program=program)
+    dr = optimized.detailed_results
+    assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0]
+
+
+def test_student_is_not_mutated_and_result_is_new(pipeline, student_lm, reflection_lm):
+    program = pipeline.make_program()
+    before = instructions(program)
+    state_before = copy.deepcopy(program.dump_state())
+    _, _, optimized, _ = compile_task(pipeline, student_lm, reflection_lm, budget=200, program=program)
+    assert instructions(program) == before
+    assert program.dump_state() == state_before
+    assert optimized is not program
+    assert instructions(optimized) != before
+
+
+def test_demos_and_per_predictor_lms_are_kept(routing, reflection_lm):
+    lm = make_student_lm(seed=0, noise=0.0)
+    program = routing.make_program()
+    demo = dspy.Example(ticket="demo ticket", queue="general")
+    for _, pred in program.named_predictors():
+        pred.demos = [demo]
+        pred.lm = lm  # no global or context LM at all: the per-predictor LM must be used
+    splits = small_splits(routing)
+    opt = TurboGEPA(routing.metric, max_metric_calls=150, reflection_lm=reflection_lm, num_threads=4, use_merge=False)
+    optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
+    for _, pred in optimized.named_predictors():
+        assert pred.demos == [demo]
+        assert pred.lm is not None and pred.lm.model == lm.model
+    assert sim_engine(lm).calls > 0
+
+
+def test_context_lm_set_by_caller_is_used(routing, reflection_lm):
+    lm = make_student_lm(seed=0, noise=0.0)
+    splits = small_splits(routing)
+    opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflection_lm, num_threads=4, use_merge=False)
+    with dspy.context(lm=lm):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert sim_engine(lm).calls >= len(splits.val)
+
+
+def test_detailed_results_match_dspy_gepa_result(routing, student_lm, reflection_lm):
+    _, _, optimized, splits = compile_task(routing, student_lm, reflection_lm, budget=250, track_best_outputs=True)
+    dr = optimized.detailed_results
+    assert isinstance(dr, DspyGEPAResult) and isinstance(dr, TurboGEPAResult)
+    n = len(dr.candidates)
+    assert n >= 2
+    assert all(isinstance(c, dspy.Module) for c in dr.candidates)
+    assert dr.parents[0] == [None] and all(len(p) == 1 and p[0] < i for i, p in enumerate(dr.parents) if i)
+    assert len(dr.val_aggregate_scores) == len(dr.val_subscores) == len(dr.discovery_eval_counts) == n
+    assert len(dr.discovery_seconds) == n and dr.discovery_seconds == sorted(dr.discovery_seconds)
+    assert dr.discovery_eval_counts[0] == 0 and dr.discovery_eval_counts == sorted(dr.discovery_eval_counts)
+    val_ids = set(range(len(splits.val)))
+    for subs, agg in zip(dr.val_subscores, dr.val_aggregate_scores):
+        assert set(subs) == val_ids  # only full-validation scores are listed
+        assert agg == pytest.approx(sum(subs.values()) / len(subs))
+    assert set(dr.per_val_instance_best_candidates) == val_ids
+    for vid, front in dr.per_val_instance_best_candidates.items():
+        best = max(s[vid] for s in dr.val_subscores)
+        assert front == {i for i, s in enumerate(dr.val_subscores) if s[vid] == best}
+    assert dr.best_idx == max(range(n), key=lambda i: dr.val_aggregate_scores[i])
+    assert instructions(dr.best_candidate) == instructions(optimized)
+    assert dr.total_metric_calls <= 250 and dr.num_full_val_evals == n
+    assert dr.seed == 0
+    assert set(dr.best_outputs_valset) == val_ids
+    for vid, items in dr.best_outputs_valset.items():
+        assert items and all(i in dr.per_val_instance_best_candidates[vid] for i, _ in items)
+        assert all(isinstance(p, dspy.Prediction) for _, p in items)
+    d = dr.to_dict()
+    for key in ("candidates", "parents", "val_aggregate_scores", "best_outputs_valset", "val_subscores",
+                "per_val_instance_best_candidates", "discovery_eval_counts", "total_metric_calls",
+                "num_full_val_evals", "log_dir", "seed", "best_idx", "discovery_seconds", "run_stats"):
+        assert key in d
+    assert d["candidates"][0] == routing.seed_instructions
+
+
+def test_no_detailed_results_without_track_stats(routing, student_lm, reflection_lm):
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=60, track_stats=False)
+    assert not hasattr(optimized, "detailed_results")
+
+
+@pytest.mark.parametrize("budget", [16, 40, 97, 260])
+def test_metric_call_budget_is_never_exceeded(pipeline, student_lm, reflection_lm, budget):
+    metric = CountingMetric(pipeline.metric)
+    student_calls_before = sim_engine(student_lm).calls
+    _, _, optimized, _ = compile_task(pipeline, student_lm, reflection_lm, budget=budget, metric=metric)
+    assert metric.scoring <= budget
+    assert optimized.detailed_results.total_metric_calls == metric.scoring
+    # two predictors: at most two student LM calls per program execution
+    assert sim_engine(student_lm).calls - student_calls_before <= 2 * budget
+
+
+def test_same_seed_gives_the_same_program(pipeline, reflection_lm):
+    results = []
+    for _ in range(2):
+        lm = make_student_lm(seed=0, noise=0.0)
+        refl = make_reflection_lm(seed=0)
+        _, _, optimized, _ = compile_task(pipeline, lm, refl, budget=300, seed=7)
+        dr = optimized.detailed_results
+        results.append((instructions(optimized), dr.val_aggregate_scores, dr.parents, dr.total_metric_calls))
+    assert results[0] == results[1]
+
+
+def test_auto_budget_numbers_match_dspy_gepa(routing, reflection_lm):
+    ours = TurboGEPA(routing.metric, auto="light", reflection_lm=reflection_lm)
+    theirs = dspy.GEPA(routing.metric, auto="light", reflection_lm=reflection_lm)
+    table = {("light", 1, 10): 420, ("light", 1, 50): 580, ("medium", 2, 50): 1390, ("heavy", 3, 100): 3040,
+             ("heavy", 5, 10): 3175}
+    n_for = {"light": 6, "medium": 12, "heavy": 18}
+    for (auto, preds, v), expected in table.items():
+        assert ours.auto_budget(preds, n_for[auto], v) == expected
+        assert theirs.auto_budget(preds, n_for[auto], v) == expected
+    # compile resolves the budget exactly as dspy.GEPA does (valset size counted before defaulting)
+    splits = small_splits(routing, n_train=12, n_val=10)
+    assert ours._resolve_budget(1, splits.train, splits.val) == 420
+    assert ours.max_metric_calls == 420
+    assert ours._resolve_budget(1, splits.train, None) == ours.auto_budget(1, 6, 12)
+    full = TurboGEPA(routing.metric, max_full_evals=3, reflection_lm=reflection_lm)
+    assert full._resolve_budget(1, splits.train, splits.val) == 3 * (12 + 10)
+    assert full._resolve_budget(1, splits.train, None) == 3 * 12
+
+
+def test_stop_file_stops_gracefully(routing, student_lm, reflection_lm, tmp_path: Path):
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        with lock:
+            calls["n"] += 1
+            if calls["n"] == 40:
+                (tmp_path / "gepa.stop").touch()
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    _, _, optimized, _ = compile_task(
+        routing, student_lm, reflection_lm, budget=2000, metric=metric, log_dir=str(tmp_path)
+    )
+    dr = optimized.detailed_results
+    assert dr.stop_reason == "stop_file"
+    assert dr.total_metric_calls < 400  # stopped long before the budget; in-flight work finished
+
+
+def test_compile_inside_a_running_event_loop(routing, student_lm, reflection_lm):
+    async def app():
+        # e.g. a FastAPI handler or a Jupyter cell: an event loop is already running in this thread
+        _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=100)
+        return optimized
+
+    optimized = asyncio.run(app())
+    assert isinstance(optimized, dspy.Module)
+
+
+def test_valset_none_uses_trainset(routing, student_lm, reflection_lm):
+    splits = small_splits(routing, n_train=16)
+    opt = TurboGEPA(routing.metric, max_metric_calls=80, reflection_lm=reflection_lm, num_threads=4,
+                    use_merge=False, track_stats=True)
+    with dspy.context(lm=student_lm):
+        optimized = opt.compile(routing.make_program(), trainset=splits.train)
+    assert set(optimized.detailed_results.val_subscores[0]) == set(range(16))

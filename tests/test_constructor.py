@@ -1,0 +1,197 @@
+"""The constructor accepts dspy.GEPA's exact surface and rejects bad input early and clearly."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import dspy
+import pytest
+
+from dspy_turbogepa import GEPA, ConfigurationError, TurboGEPA
+
+
+def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    return 1.0
+
+
+LM = dspy.LM("openai/unused", api_key="x")
+
+
+def make(**kw):
+    kw.setdefault("max_metric_calls", 100)
+    kw.setdefault("reflection_lm", LM)
+    return TurboGEPA(metric, **kw)
+
+
+def test_same_parameters_and_defaults_as_dspy_gepa():
+    ours = inspect.signature(TurboGEPA.__init__).parameters
+    theirs = inspect.signature(dspy.GEPA.__init__).parameters
+    for name, p in theirs.items():
+        assert name in ours, f"missing dspy.GEPA parameter {name}"
+        assert ours[name].default == p.default, f"default of {name} differs"
+        assert ours[name].kind == p.kind, f"kind of {name} differs"
+    assert list(ours)[: len(theirs)] == list(theirs)
+
+
+def test_is_a_dspy_gepa_and_a_direct_teleprompter_subclass():
+    opt = make()
+    assert isinstance(opt, dspy.GEPA)
+    assert TurboGEPA in dspy.teleprompt.Teleprompter.__subclasses__()
+    assert GEPA is TurboGEPA
+
+
+def test_attributes_use_dspy_names_and_get_params_is_a_copy():
+    proposer = lambda candidate, reflective_dataset, components_to_update: {}  # noqa: E731
+    opt = make(instruction_proposer=proposer)
+    params = opt.get_params()
+    for key in ("metric_fn", "custom_instruction_proposer", "custom_code_proposer", "gepa_kwargs", "max_metric_calls",
+                "reflection_minibatch_size", "num_threads", "seed"):
+        assert key in params
+    assert params["metric_fn"] is metric and params["custom_instruction_proposer"] is proposer
+    params["student"] = "polluted"
+    assert "student" not in opt.__dict__
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [lambda g, p: 1.0, lambda g, p, **kw: 1.0, lambda g: 1.0],
+)
+def test_metric_that_cannot_take_five_arguments_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="five arguments"):
+        TurboGEPA(bad, max_metric_calls=10, reflection_lm=LM)
+
+
+def test_varargs_metric_and_no_default_metric_are_accepted():
+    TurboGEPA(lambda *a: 1.0, max_metric_calls=10, reflection_lm=LM)
+    # dspy.GEPA accepts this and then fails every evaluation; we call the metric with 5 positionals.
+    TurboGEPA(lambda g, p, t, n, pt: 1.0, max_metric_calls=10, reflection_lm=LM)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"max_metric_calls": 10, "auto": "light"},
+        {"max_metric_calls": 10, "max_full_evals": 2},
+        {"auto": "light", "max_full_evals": 2},
+    ],
+)
+def test_exactly_one_budget_assertion(kw):
+    with pytest.raises(AssertionError, match="Exactly one of max_metric_calls, max_full_evals, auto"):
+        TurboGEPA(metric, reflection_lm=LM, **kw)
+    with pytest.raises(ValueError):
+        TurboGEPA(metric, reflection_lm=LM, **kw)
+
+
+def test_unknown_auto_fails_at_construction_not_compile():
+    with pytest.raises(ValueError, match="auto must be one of"):
+        TurboGEPA(metric, auto="bogus", reflection_lm=LM)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        ({"max_metric_calls": 0}, ValueError, "max_metric_calls must be >= 1"),
+        ({"max_metric_calls": -5}, ValueError, "max_metric_calls"),
+        ({"max_metric_calls": 2.5}, TypeError, "max_metric_calls must be a positive integer"),
+        ({"max_metric_calls": None, "max_full_evals": 0}, ValueError, "max_full_evals"),
+        ({"num_threads": 0}, ValueError, "num_threads"),
+        ({"reflection_minibatch_size": 0}, ValueError, "reflection_minibatch_size"),
+        ({"max_mutations_in_flight": 0}, ValueError, "max_mutations_in_flight"),
+        ({"max_reflections_in_flight": 0}, ValueError, "max_reflections_in_flight"),
+        ({"rung_fractions": [0.5, 0.3, 1.0]}, ValueError, "strictly increasing"),
+        ({"rung_fractions": [0.3, 0.6]}, ValueError, "end at 1.0"),
+        ({"rung_fractions": []}, ValueError, "must not be empty"),
+        ({"reduction_factor": 1.0}, ValueError, "reduction_factor"),
+        ({"candidate_selection_strategy": "best"}, ValueError, "candidate_selection_strategy"),
+        ({"seed": "x"}, TypeError, "seed"),
+        ({"reflection_lm": "openai/gpt-4o"}, TypeError, "reflection_lm must be a dspy.LM"),
+        ({"instruction_proposer": "not callable"}, TypeError, "instruction_proposer"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        make(**kw)
+
+
+def test_reflection_lm_or_proposer_required():
+    with pytest.raises(AssertionError, match="reflection language model"):
+        TurboGEPA(metric, max_metric_calls=10)
+    TurboGEPA(metric, max_metric_calls=10, instruction_proposer=lambda **kw: {})
+
+
+def test_track_best_outputs_requires_track_stats():
+    with pytest.raises(AssertionError, match="track_stats must be True"):
+        make(track_best_outputs=True)
+    make(track_best_outputs=True, track_stats=True)
+
+
+def test_unknown_component_selector_is_an_assertion_error():
+    with pytest.raises(AssertionError, match="Unknown module_selector strategy"):
+        make(component_selector="random")
+    make(component_selector="all")
+    make(component_selector=lambda state, traj, scores, idx, cand: list(cand)[:1])
+
+
+@pytest.mark.parametrize("kw,name", [({"use_wandb": True}, "use_wandb"), ({"use_mlflow": True}, "use_mlflow"),
+                                     ({"code_proposer": lambda **k: {}}, "code_proposer")])
+def test_unimplemented_features_raise_not_implemented(kw, name):
+    with pytest.raises(NotImplementedError, match=name):
+        make(**kw)
+
+
+def test_gepa_kwargs_refused_like_dspy():
+    with pytest.raises(ValueError, match="max_reflection_cost"):
+        make(gepa_kwargs={"max_reflection_cost": 3.0})
+    with pytest.raises(ValueError, match="reflection_prompt_template"):
+        make(gepa_kwargs={"reflection_prompt_template": "x"})
+
+
+def test_gepa_kwargs_duplicate_of_dspy_argument_is_type_error_naming_the_argument():
+    with pytest.raises(TypeError, match="Use seed instead"):
+        make(gepa_kwargs={"seed": 3})
+    with pytest.raises(TypeError, match="Use component_selector instead"):
+        make(gepa_kwargs={"module_selector": "all"})
+
+
+def test_gepa_kwargs_unknown_key_is_type_error():
+    with pytest.raises(TypeError, match="not a parameter of gepa.optimize"):
+        make(gepa_kwargs={"frobnicate": 1})
+
+
+def test_valid_but_unused_gepa_kwargs_warn_once_each(caplog):
+    with caplog.at_level(logging.WARNING):
+        make(gepa_kwargs={"use_cloudpickle": True, "frontier_type": "instance", "callbacks": []})
+    msgs = [r.getMessage() for r in caplog.records if "gepa_kwargs" in r.getMessage()]
+    assert len(msgs) == 3
+    assert any("use_cloudpickle" in m for m in msgs)
+
+
+def test_gepa_kwargs_mapped_keys():
+    stop = lambda state: False  # noqa: E731
+    opt = make(gepa_kwargs={"stop_callbacks": [stop], "acceptance_criterion": "improvement_or_equal"})
+    cfg = opt._engine_config(budget=100, num_threads=4, val_size=10)
+    assert cfg.stop_callbacks == (stop,)
+    assert cfg.accept_equal_on_minibatch is True
+    with pytest.raises(ValueError, match="acceptance_criterion"):
+        make(gepa_kwargs={"acceptance_criterion": "sometimes"})
+    with pytest.raises(TypeError, match="stop_callbacks"):
+        make(gepa_kwargs={"stop_callbacks": 3})
+
+
+def test_engine_knobs_derive_from_num_threads():
+    opt = make(num_threads=16)
+    cfg = opt._engine_config(budget=800, num_threads=16, val_size=40)
+    assert cfg.max_evals_in_flight == 16
+    assert cfg.max_mutations_in_flight == 8
+    assert 1 <= cfg.max_reflections_in_flight <= 8
+    assert cfg.rung_fractions[-1] == 1.0 and len(cfg.rung_fractions) == 2
+    small = make(num_threads=2)._engine_config(budget=100, num_threads=2, val_size=10)
+    assert small.max_mutations_in_flight == 2 and small.rung_fractions == (1.0,)
+    explicit = make(rung_fractions=[0.25, 1.0], max_mutations_in_flight=3)._engine_config(100, 16, 40)
+    assert explicit.rung_fractions == (0.25, 1.0) and explicit.max_mutations_in_flight == 3
+
+
+def test_is_configuration_error_both_assertion_and_value_error():
+    assert issubclass(ConfigurationError, AssertionError) and issubclass(ConfigurationError, ValueError)
