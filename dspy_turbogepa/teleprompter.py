@@ -240,11 +240,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 f"({len(val)} examples). Raise max_metric_calls (or use auto=...)."
             )
         num_threads = self.num_threads or dspy.settings.num_threads or 8
-        if self.use_merge:
-            logger.warning(
-                "use_merge=True: merge proposals are not implemented in this version of TurboGEPA yet; "
-                "the run uses reflective mutation only. Pass use_merge=False to silence this warning."
-            )
 
         codec = ProgramCodec(student)
         proposer = self.custom_instruction_proposer or InstructionProposer()
@@ -331,7 +326,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             perfect_score=float(self.perfect_score),
             seed=self.seed if self.seed is not None else 0,
             deterministic=self.deterministic,
-            use_merge=False,
+            use_merge=bool(self.use_merge),
             max_merge_invocations=self.max_merge_invocations if self.max_merge_invocations is not None else 10**9,
             stop_file=Path(self.log_dir) / "gepa.stop" if self.log_dir else None,
             stop_callbacks=mapped.stop_callbacks,

@@ -25,7 +25,6 @@ def compile_task(task, student_lm, reflection_lm, budget=300, program=None, spli
     splits = splits or small_splits(task)
     program = program or task.make_program()
     kw.setdefault("num_threads", 8)
-    kw.setdefault("use_merge", False)
     kw.setdefault("track_stats", True)
     opt = TurboGEPA(kw.pop("metric", task.metric), max_metric_calls=budget, reflection_lm=reflection_lm, **kw)
     with dspy.context(lm=student_lm):

@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dspy_turbogepa.engine.budget import MetricBudget
-from dspy_turbogepa.engine.candidate import Candidate
+from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.frontier import ParetoFrontier
+from dspy_turbogepa.engine.merge import find_merge
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import (
     CandidateRecord,
@@ -81,6 +82,11 @@ class Orchestrator:
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._plans: dict[int, MutationPlan] = {}
+        self._merges_due = 0
+        self._merges_in_flight = 0
+        self._merges_accepted = 0
+        self._merge_tried: set[tuple[int, int, int]] = set()
+        self._budget_blocked = False
         self._next_seq = 0
         self._committed = 0
         self._stop_reason: StopReason | None = None
@@ -238,6 +244,12 @@ class Orchestrator:
     def _plan(self, seq: int) -> MutationPlan | None:
         """Decide a mutation from committed state only, or return None if the budget cannot pay for it."""
         rng = random.Random(f"mutation:{self.config.seed}:{seq}")
+        if self._merge_wanted():
+            merge_plan = self._plan_merge(seq, rng)
+            if merge_plan is not None:
+                return merge_plan
+            if self._budget_blocked:
+                return None
         parent_index = self._frontier.select_parent(rng, self.config.candidate_selection)
         parent = self._records[parent_index]
         minibatch = self._sampler.batch(seq)
@@ -268,6 +280,54 @@ class Orchestrator:
             )
         return plan
 
+    def _merge_wanted(self) -> bool:
+        cfg = self.config
+        return (
+            cfg.use_merge
+            and self._merges_due > 0
+            and self._merges_accepted + self._merges_in_flight < cfg.max_merge_invocations
+        )
+
+    def _plan_merge(self, seq: int, rng: random.Random) -> MutationPlan | None:
+        self._budget_blocked = False
+        members = sorted(set().union(*self._frontier.non_dominated().values()))
+        proposal = find_merge(
+            self._records, members, self._index_by_fp, self._merge_tried, rng, self.config.merge_subsample_size,
+            fingerprint_texts,
+        )
+        if proposal is None:
+            return None
+        worst_case = len(self._val_ids)  # screening ids are validation ids; only the child is evaluated
+        if not self._budget.try_reserve(worst_case):
+            self._budget_blocked = True
+            return None
+        first, second = self._records[proposal.first], self._records[proposal.second]
+        better, other = (first, second) if first.aggregate >= second.aggregate else (second, first)
+        self._merges_due -= 1
+        self._merges_in_flight += 1
+        plan = MutationPlan(
+            seq=seq,
+            kind="merge",
+            parent=better.candidate,
+            parent_index=better.index,
+            parent_val=better.val_scores,
+            minibatch=(),
+            rng=rng,
+            frontier_best=self._frontier.best_scores(),
+            committed_at_launch=len(self._records),
+            reservation=worst_case,
+            other_parent_index=other.index,
+            other_parent_val=other.val_scores,
+            child_texts=proposal.texts,
+            screen_ids=proposal.screen_ids,
+        )
+        plan.child_counter = max(
+            self._selector.counter(first.candidate.fingerprint), self._selector.counter(second.candidate.fingerprint)
+        )
+        logger.debug("Mutation %d: merge of %d and %d via ancestor %d", seq, proposal.first, proposal.second,
+                     proposal.ancestor)
+        return plan
+
     def _launch(self, plan: MutationPlan) -> None:
         self._plans[plan.seq] = plan
         self._tasks[plan.seq] = asyncio.create_task(self._run_mutation(plan), name=f"mutation-{plan.seq}")
@@ -287,6 +347,9 @@ class Orchestrator:
         return result
 
     async def _mutate(self, plan: MutationPlan, result: MutationResult) -> None:
+        if plan.kind == "merge":
+            await self._merge(plan, result)
+            return
         cfg = self.config
         parent = plan.parent
         parent_outs = await self._evaluate_many(parent, "train", plan.minibatch, plan.seq, result.requested)
@@ -334,10 +397,35 @@ class Orchestrator:
             result.detail = f"minibatch {sum(o.score for o in child_outs):.3f} <= parent {sum(parent_scores):.3f}"
             return
         self.stats.survived_rung0_by_kind[plan.kind] += 1
+        await self._climb_rungs(plan, child, result, {})
 
-        val: dict[int, EvalOutcome] = {}
+    async def _merge(self, plan: MutationPlan, result: MutationResult) -> None:
+        assert plan.child_texts is not None and plan.other_parent_val is not None
+        other_fp = self._records[plan.other_parent_index].candidate.fingerprint if plan.other_parent_index is not None \
+            else ""
+        child = Candidate(texts=plan.child_texts, parents=(plan.parent.fingerprint, other_fp), kind="merge")
+        result.child = child
+        known = self._index_by_fp.get(child.fingerprint)
+        if known is not None and known < plan.committed_at_launch:
+            result.status = "duplicate"
+            return
+        outs = await self._evaluate_many(child, "val", plan.screen_ids, plan.seq, result.requested)
+        child_sum = sum(o.score for o in outs)
+        best_parent = max(sum(plan.parent_val[i] for i in plan.screen_ids),
+                          sum(plan.other_parent_val[i] for i in plan.screen_ids))
+        if child_sum < best_parent:
+            result.status = "rejected_rung0"
+            result.detail = f"merge screen {child_sum:.3f} < best parent {best_parent:.3f}"
+            return
+        self.stats.survived_rung0_by_kind[plan.kind] += 1
+        await self._climb_rungs(plan, child, result, {o.example_id: o for o in outs})
+
+    async def _climb_rungs(
+        self, plan: MutationPlan, child: Candidate, result: MutationResult, val: dict[int, EvalOutcome]
+    ) -> None:
+        cfg = self.config
         for rung in range(self._ladder.num_rungs):
-            ids = self._ladder.new_ids(rung)
+            ids = [i for i in self._ladder.new_ids(rung) if i not in val]
             outs = await self._evaluate_many(child, "val", ids, plan.seq, result.requested)
             val.update({o.example_id: o for o in outs})
             result.rung_reached = rung + 1
@@ -408,13 +496,19 @@ class Orchestrator:
         self._budget.release(plan.reservation)
         self._committed += 1
         status = result.status
+        if plan.kind == "merge":
+            self._merges_in_flight -= 1
         if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
             status = "duplicate"
         self.stats.mutations[status] += 1
         if status == "accepted" and result.child is not None:
-            record = self._add_record(
-                result.child, [plan.parent_index], list(result.val_outcomes.values()), seq=plan.seq
-            )
+            parents: list[int | None] = [plan.parent_index]
+            if plan.kind == "merge":
+                parents = sorted([plan.parent_index, plan.other_parent_index or 0])
+                self._merges_accepted += 1
+            elif self.config.use_merge:
+                self._merges_due += 1  # GEPA: each new reflective candidate schedules one merge attempt
+            record = self._add_record(result.child, parents, list(result.val_outcomes.values()), seq=plan.seq)
             self._selector.inherit(result.child.fingerprint, plan.child_counter)
             self.stats.accepted_by_kind[plan.kind] += 1
             logger.info(

@@ -61,6 +61,11 @@ class MutationPlan:
     reservation: int
     components: list[str] = field(default_factory=list)
     child_counter: int = 0
+    #: Merge only: the second parent, the merged texts and the validation ids it is screened on.
+    other_parent_index: int | None = None
+    other_parent_val: Mapping[int, float] | None = None
+    child_texts: Mapping[str, str] | None = None
+    screen_ids: tuple[int, ...] = ()
 
 
 @dataclass
