@@ -73,9 +73,9 @@ class EngineConfig:
     max_reflections_in_flight: int
     reflection_minibatch_size: int = 3
     rung_fractions: tuple[float, ...] = (1.0,)
-    #: A child is pruned at a rung only if it is worse than its parent on the same examples by more
-    #: than ``promotion_z`` standard errors of the paired differences.
-    promotion_z: float = 1.0
+    #: Promotion margin at validation rungs, in standard errors of the paired differences with the
+    #: incumbent: 0 promotes only children strictly ahead (or best on some instance); larger is laxer.
+    promotion_z: float = 0.0
     candidate_selection: CandidateSelection = "pareto"
     component_selector: str | Callable[..., Any] = "round_robin"
     #: GEPA's acceptance test on the minibatch: strict improvement unless this is set.

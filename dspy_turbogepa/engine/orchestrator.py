@@ -24,6 +24,7 @@ from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.frontier import ParetoFrontier
+from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
 from dspy_turbogepa.engine.merge import find_merge
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import (
@@ -82,11 +83,14 @@ class Orchestrator:
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._plans: dict[int, MutationPlan] = {}
-        self._merges_due = 0
-        self._merges_in_flight = 0
-        self._merges_accepted = 0
+        self._merges_launched = 0
+        self._merges_granted = 0
+        self._merges_failed = 0
         self._merge_tried: set[tuple[int, int, int]] = set()
-        self._budget_blocked = False
+        self._merge_budget_short = False
+        self._history = CommitHistory(self._val_ids)
+        self._turn_waiters: dict[int, asyncio.Future[None]] = {}
+        self._view_floor = 0
         self._next_seq = 0
         self._committed = 0
         self._stop_reason: StopReason | None = None
@@ -136,10 +140,7 @@ class Orchestrator:
         self._start = self._clock()
         try:
             await self._evaluate_seed()
-            if self.config.deterministic:
-                await self._loop_in_order()
-            else:
-                await self._loop_as_completed()
+            await self._main_loop()
         finally:
             for task in self._tasks.values():
                 task.cancel()
@@ -159,11 +160,12 @@ class Orchestrator:
         self._budget.commit(requested)
         self._budget.release(n)
         record = self._add_record(self._seed, [None], outcomes, seq=None)
+        self._history.record(CommitPoint(len(self._records), self._budget.committed, 0, 0))
         for obs in self._observers:
             obs.on_candidate(record)
         logger.info("Seed program: validation score %.4f over %d examples", record.aggregate, n)
 
-    # ------------------------------------------------------------------ loops
+    # ------------------------------------------------------------------ the loop
     def _should_stop(self) -> StopReason | None:
         if self._stop_reason is not None:
             return self._stop_reason
@@ -184,46 +186,52 @@ class Orchestrator:
     def _running(self) -> list[asyncio.Task[MutationResult]]:
         return [t for t in self._tasks.values() if not t.done()]
 
-    async def _wait_for_slot(self) -> None:
-        """Block until fewer than ``max_mutations_in_flight`` mutations are running."""
+    def _view_commits(self, seq: int) -> int | None:
+        """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""
+        if not self.config.deterministic:
+            return self._committed
+        staleness = self.config.max_staleness or self.config.max_mutations_in_flight
+        needed = max(0, seq - staleness + 1, self._view_floor)
+        return needed if self._committed >= needed else None
+
+    async def _main_loop(self) -> None:
+        """Launch while slots and budget allow; commit what finished; wait; repeat."""
         assert self._wake is not None
-        while len(self._running()) >= self.config.max_mutations_in_flight and self._should_stop() is None:
+        while True:
+            await self._commit_finished()
+            budget_blocked = False
+            if self._should_stop() is None and len(self._running()) < self.config.max_mutations_in_flight:
+                view = self._view_commits(self._next_seq)
+                if view is not None:
+                    plan = self._plan(self._next_seq, view)
+                    if plan is not None:
+                        self._view_floor = view
+                        self._launch(plan)
+                        continue
+                    budget_blocked = True
+                    if self.config.deterministic:
+                        # Retry from one commit later: the first view at which the budget fits is
+                        # reproducible, however many commits have happened meanwhile.
+                        self._view_floor = view + 1
+                        if self._committed >= self._view_floor:
+                            continue
+            if not self._tasks:
+                if budget_blocked or self._should_stop() is not None:
+                    return
+                # nothing in flight and nothing could be launched: only possible if planning is impossible
+                self._stop_reason = "no_progress_possible"
+                return
             self._wake.clear()
             waiter = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait([*self._running(), waiter], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
 
-    async def _loop_in_order(self) -> None:
-        staleness = self.config.max_staleness or self.config.max_mutations_in_flight
-        while True:
-            while self._should_stop() is None and self._next_seq - self._committed < staleness:
-                plan = self._plan(self._next_seq)
-                if plan is None:
-                    break
-                await self._wait_for_slot()
-                if self._should_stop() is not None:
-                    self._budget.release(plan.reservation)
-                    break
-                self._launch(plan)
-            if self._committed == self._next_seq:
-                return
-            result = await self._await_task(self._committed)
-            self._commit(result)
-
-    async def _loop_as_completed(self) -> None:
-        while True:
-            while self._should_stop() is None and len(self._running()) < self.config.max_mutations_in_flight:
-                plan = self._plan(self._next_seq)
-                if plan is None:
-                    break
-                self._launch(plan)
-            if not self._tasks:
-                return
-            assert self._wake is not None
-            self._wake.clear()
-            waiter = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait([*self._tasks.values(), waiter], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+    async def _commit_finished(self) -> None:
+        """Commit finished mutations: in launch order (deterministic mode) or as they finish."""
+        if self.config.deterministic:
+            while self._committed in self._tasks and self._tasks[self._committed].done():
+                self._commit(await self._await_task(self._committed))
+        else:
             for seq in sorted(s for s, t in self._tasks.items() if t.done()):
                 self._commit(await self._await_task(seq))
 
@@ -237,29 +245,38 @@ class Orchestrator:
             raise
 
     def _cancelled_result(self, seq: int) -> MutationResult:
-        plan = self._plans.pop(seq)
+        plan = self._plans[seq]
         return MutationResult(plan=plan, status="cancelled", requested=set(), finished_at=self._elapsed())
 
+    async def _my_turn(self, seq: int) -> None:
+        """Deterministic mode: wait until every earlier mutation is committed, so decisions that read the
+        live frontier see exactly the commits before this one."""
+        if not self.config.deterministic or self._committed >= seq:
+            return
+        fut = self._turn_waiters.get(seq)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._turn_waiters[seq] = fut
+        await fut
+
     # ------------------------------------------------------------------ planning
-    def _plan(self, seq: int) -> MutationPlan | None:
-        """Decide a mutation from committed state only, or return None if the budget cannot pay for it."""
+    def _plan(self, seq: int, n_commits: int) -> MutationPlan | None:
+        """Decide mutation ``seq`` from the state after ``n_commits`` commits, or None if the budget is short."""
         rng = random.Random(f"mutation:{self.config.seed}:{seq}")
-        if self._merge_wanted():
-            merge_plan = self._plan_merge(seq, rng)
-            if merge_plan is not None:
+        point = self._history.at(n_commits)
+        frontier = self._history.frontier_at(n_commits, self._records) if self.config.deterministic else self._frontier
+        if self._merge_wanted(n_commits):
+            merge_plan = self._plan_merge(seq, rng, n_commits, frontier)
+            if merge_plan is not None or self._merge_budget_short:
                 return merge_plan
-            if self._budget_blocked:
-                return None
-        parent_index = self._frontier.select_parent(rng, self.config.candidate_selection)
+        parent_index = frontier.select_parent(rng, self.config.candidate_selection)
         parent = self._records[parent_index]
         minibatch = self._sampler.batch(seq)
         parent_cost = sum(
             1 for i in minibatch if not self._budget.is_charged((parent.candidate.fingerprint, "train", i))
         )
         worst_case = parent_cost + len(minibatch) + len(self._val_ids)
-        if not self._budget.try_reserve(worst_case):
-            logger.debug("Mutation %d not launched: needs up to %d metric calls, %d left", seq, worst_case,
-                         self._budget.remaining())
+        if not self._reserve(seq, n_commits, worst_case):
             return None
         plan = MutationPlan(
             seq=seq,
@@ -269,8 +286,7 @@ class Orchestrator:
             parent_val=parent.val_scores,
             minibatch=minibatch,
             rng=rng,
-            frontier_best=self._frontier.best_scores(),
-            committed_at_launch=len(self._records),
+            committed_at_launch=point.records,
             reservation=worst_case,
         )
         if not callable(self.config.component_selector):
@@ -280,31 +296,54 @@ class Orchestrator:
             )
         return plan
 
-    def _merge_wanted(self) -> bool:
-        cfg = self.config
-        return (
-            cfg.use_merge
-            and self._merges_due > 0
-            and self._merges_accepted + self._merges_in_flight < cfg.max_merge_invocations
-        )
+    def _reserve(self, seq: int, n_commits: int, amount: int) -> bool:
+        """Reserve budget; in deterministic mode the decision uses only timing-independent counts.
 
-    def _plan_merge(self, seq: int, rng: random.Random) -> MutationPlan | None:
-        self._budget_blocked = False
-        members = sorted(set().union(*self._frontier.non_dominated().values()))
+        The bound (charges after ``n_commits`` commits + every reservation since) is never below the
+        real usage, so when it fits the real reservation fits too.
+        """
+        if self.config.deterministic:
+            bound = self._history.at(n_commits).charged + self._history.reserved_since(n_commits)
+            if bound + amount > self._budget.limit:
+                logger.debug("Mutation %d not launched: needs up to %d metric calls", seq, amount)
+                return False
+            if not self._budget.try_reserve(amount):  # pragma: no cover - guarded by the bound above
+                raise RuntimeError("deterministic budget bound was below the real usage")
+            return True
+        if not self._budget.try_reserve(amount):
+            logger.debug("Mutation %d not launched: needs up to %d metric calls, %d left", seq, amount,
+                         self._budget.remaining())
+            return False
+        return True
+
+    def _merge_wanted(self, n_commits: int) -> bool:
+        cfg = self.config
+        if not cfg.use_merge:
+            return False
+        point = self._history.at(n_commits)
+        possibly_accepted = self._merges_launched - point.merges_failed
+        return self._merges_launched < point.merges_granted and possibly_accepted < cfg.max_merge_invocations
+
+    def _plan_merge(
+        self, seq: int, rng: random.Random, n_commits: int, frontier: ParetoFrontier
+    ) -> MutationPlan | None:
+        self._merge_budget_short = False
+        n_records = self._history.at(n_commits).records
+        records = self._records[:n_records]
+        members = sorted(set().union(*frontier.non_dominated().values()))
+        existing = {fp: i for fp, i in self._index_by_fp.items() if i < n_records}
         proposal = find_merge(
-            self._records, members, self._index_by_fp, self._merge_tried, rng, self.config.merge_subsample_size,
-            fingerprint_texts,
+            records, members, existing, self._merge_tried, rng, self.config.merge_subsample_size, fingerprint_texts
         )
         if proposal is None:
             return None
         worst_case = len(self._val_ids)  # screening ids are validation ids; only the child is evaluated
-        if not self._budget.try_reserve(worst_case):
-            self._budget_blocked = True
+        if not self._reserve(seq, n_commits, worst_case):
+            self._merge_budget_short = True
             return None
-        first, second = self._records[proposal.first], self._records[proposal.second]
+        first, second = records[proposal.first], records[proposal.second]
         better, other = (first, second) if first.aggregate >= second.aggregate else (second, first)
-        self._merges_due -= 1
-        self._merges_in_flight += 1
+        self._merges_launched += 1
         plan = MutationPlan(
             seq=seq,
             kind="merge",
@@ -313,8 +352,7 @@ class Orchestrator:
             parent_val=better.val_scores,
             minibatch=(),
             rng=rng,
-            frontier_best=self._frontier.best_scores(),
-            committed_at_launch=len(self._records),
+            committed_at_launch=n_records,
             reservation=worst_case,
             other_parent_index=other.index,
             other_parent_val=other.val_scores,
@@ -330,6 +368,7 @@ class Orchestrator:
 
     def _launch(self, plan: MutationPlan) -> None:
         self._plans[plan.seq] = plan
+        self._history.note_reservation(plan.seq, plan.reservation)
         self._tasks[plan.seq] = asyncio.create_task(self._run_mutation(plan), name=f"mutation-{plan.seq}")
         self._next_seq += 1
         self.stats.mutations_by_kind[plan.kind] += 1
@@ -431,8 +470,11 @@ class Orchestrator:
             result.rung_reached = rung + 1
             if rung == self._ladder.num_rungs - 1:
                 break
+            await self._my_turn(plan.seq)
+            incumbent = self._records[self._frontier.best_index()]
             decision = promotion_decision(
-                {i: o.score for i, o in val.items()}, plan.parent_val, plan.frontier_best, cfg.promotion_z
+                {i: o.score for i, o in val.items()}, incumbent.val_scores, self._frontier.best_scores(),
+                cfg.promotion_z,
             )
             if not decision.promote:
                 result.status = "pruned"
@@ -496,8 +538,6 @@ class Orchestrator:
         self._budget.release(plan.reservation)
         self._committed += 1
         status = result.status
-        if plan.kind == "merge":
-            self._merges_in_flight -= 1
         if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
             status = "duplicate"
         self.stats.mutations[status] += 1
@@ -505,9 +545,8 @@ class Orchestrator:
             parents: list[int | None] = [plan.parent_index]
             if plan.kind == "merge":
                 parents = sorted([plan.parent_index, plan.other_parent_index or 0])
-                self._merges_accepted += 1
             elif self.config.use_merge:
-                self._merges_due += 1  # GEPA: each new reflective candidate schedules one merge attempt
+                self._merges_granted += 1  # GEPA: each new reflective candidate schedules one merge attempt
             record = self._add_record(result.child, parents, list(result.val_outcomes.values()), seq=plan.seq)
             self._selector.inherit(result.child.fingerprint, plan.child_counter)
             self.stats.accepted_by_kind[plan.kind] += 1
@@ -520,6 +559,14 @@ class Orchestrator:
                 obs.on_candidate(record)
         else:
             logger.debug("Mutation %d: %s %s", plan.seq, status, result.detail or "")
+            if plan.kind == "merge":
+                self._merges_failed += 1
+        self._history.record(
+            CommitPoint(len(self._records), self._budget.committed, self._merges_granted, self._merges_failed)
+        )
+        waiter = self._turn_waiters.pop(self._committed, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         for obs in self._observers:
             obs.on_mutation(result, status)
 

@@ -56,7 +56,6 @@ class MutationPlan:
     parent_val: Mapping[int, float]
     minibatch: tuple[int, ...]
     rng: random.Random
-    frontier_best: Mapping[int, float]
     committed_at_launch: int
     reservation: int
     components: list[str] = field(default_factory=list)

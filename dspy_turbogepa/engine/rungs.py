@@ -2,9 +2,9 @@
 
 Rung 0 is the parent's training minibatch (GEPA's own acceptance test). Rungs 1..k are growing
 prefixes of one fixed shuffle of the validation ids, so every rung reuses the scores of the rung
-before and a promoted child never pays twice for an example. A child is compared with its parent *on
-the same examples* (the parent, being on the frontier, has full-validation scores), and it is kept
-when it is not clearly worse — or when it beats the frontier's best on any instance, because
+before and a promoted child never pays twice for an example. A child is compared *on
+the same examples*, not with its possibly stale parent but with the frontier's current best, and
+it is kept when it is ahead — or when it beats the frontier's best on any instance, because
 per-instance specialists are exactly what GEPA's Pareto search lives on.
 """
 
@@ -57,24 +57,32 @@ class PromotionDecision:
 
 def promotion_decision(
     child: Mapping[int, float],
-    parent: Mapping[int, float],
+    incumbent: Mapping[int, float],
     frontier_best: Mapping[int, float],
-    z: float,
+    z: float = 0.0,
 ) -> PromotionDecision:
-    """Keep a child that is statistically no worse than its parent, or best somewhere.
+    """Keep a child that is best somewhere, or better than the incumbent on the same examples.
 
-    The paired test uses the differences on the shard's examples: prune only when their sum is below
-    ``-z`` times its standard error (sqrt of the sum of squared differences). With ``z = 1`` a child
-    one example behind on a 13-example shard survives, two behind (and none ahead) does not.
+    ``incumbent`` holds the full-validation scores of the frontier's best candidate *now* (not the
+    child's parent, which may be many commits old: with many mutations in flight, a parent's other
+    children have often moved the frontier on). ``frontier_best`` holds the best score seen on each
+    instance. A child is promoted when
+
+    * it beats the frontier's best on some instance of the shard (a specialist, which GEPA's
+      per-instance Pareto search lives on), or
+    * the sum of its paired differences with the incumbent exceeds ``-z`` standard errors (with the
+      default ``z = 0``: it is strictly better on the shard).
+
+    A child equal to the incumbent and best nowhere would, on the full valset, only add a dominated
+    candidate: pruning it is where the budget saving of the rungs comes from.
     """
-    ids = [i for i in child if i in parent]
     for i in child:
         best = frontier_best.get(i)
         if best is None or child[i] > best + SCORE_EPS:
             return PromotionDecision(True, f"new best on validation instance {i}")
-    diffs = [child[i] - parent[i] for i in ids]
+    diffs = [child[i] - incumbent[i] for i in child if i in incumbent]
     total = sum(diffs)
     spread = math.sqrt(sum(d * d for d in diffs))
-    if total >= -z * spread - SCORE_EPS:
-        return PromotionDecision(True, f"no worse than parent (diff {total:+.3f}, se {spread:.3f})")
-    return PromotionDecision(False, f"worse than parent (diff {total:+.3f}, se {spread:.3f})")
+    if total > -z * spread + SCORE_EPS:
+        return PromotionDecision(True, f"ahead of the incumbent (diff {total:+.3f}, se {spread:.3f})")
+    return PromotionDecision(False, f"not ahead of the incumbent (diff {total:+.3f}, se {spread:.3f})")
