@@ -45,6 +45,12 @@ def default_mutations_in_flight(num_threads: int) -> int:
     return max(2, num_threads // 2)
 
 
+def default_min_mutations_in_flight(num_threads: int) -> int:
+    """Floor of the adaptive width: with minibatches of 3, ``num_threads // 4`` mutations fill about
+    three quarters of the evaluation slots even when every mutation succeeds (the narrowest case)."""
+    return max(2, num_threads // 4)
+
+
 def default_reflections_in_flight(num_threads: int) -> int:
     """A small separate cap: reflection models are slower, pricier and have tighter rate limits."""
     return max(1, min(8, math.ceil(num_threads / 4)))
@@ -85,13 +91,20 @@ class EngineConfig:
     seed: int = 0
     #: Commit mutation results in launch order so a run is reproducible (see docs/engine.md).
     deterministic: bool = True
-    #: How many launches a mutation's view of the frontier may lag behind, in deterministic mode.
+    #: How many launches a mutation's view of the frontier may lag behind, in deterministic mode
+    #: (fixed-width mode only; with ``adaptive_width`` it follows the width).
     max_staleness: int | None = None
+    #: Adapt the number of mutations in flight to the recent success rate (see Orchestrator.width).
+    adaptive_width: bool = True
+    min_mutations_in_flight: int = 2
+    width_window: int = 16
     use_merge: bool = False
     max_merge_invocations: int = 5
     merge_subsample_size: int = 5
     stop_file: Path | None = None
     stop_callbacks: tuple[Callable[[Any], bool], ...] = field(default_factory=tuple)
+    #: Stop after this many consecutive mutations that evaluated nothing new and found nothing.
+    max_noop_mutations: int = 200
     #: Stop the run if this many consecutive evaluations at the start all fail (systemic failure).
     systemic_failure_window: int = 8
 
@@ -113,6 +126,7 @@ class EngineConfig:
         if self.promotion_z < 0:
             raise ValueError(f"promotion_z must be >= 0, got {self.promotion_z}.")
         if self.max_staleness is None:
-            object.__setattr__(self, "max_staleness", 2 * self.max_mutations_in_flight)
+            object.__setattr__(self, "max_staleness", self.max_mutations_in_flight)
         if self.max_staleness < self.max_mutations_in_flight:
             raise ValueError("max_staleness must be >= max_mutations_in_flight.")
+        object.__setattr__(self, "min_mutations_in_flight", min(self.min_mutations_in_flight, self.max_mutations_in_flight))

@@ -21,6 +21,8 @@ class CommitPoint:
     charged: int  # metric calls charged to committed work
     merges_granted: int  # merge attempts earned by new reflective candidates
     merges_failed: int  # merges committed without being accepted
+    accepted: int = 0  # mutations that produced a new candidate, cumulative
+    attempted: int = 0  # mutations that evaluated a child (accepted, rejected or pruned), cumulative
 
 
 class CommitHistory:
@@ -41,6 +43,20 @@ class CommitHistory:
 
     def at(self, n_commits: int) -> CommitPoint:
         return self._points[n_commits]
+
+    def attempt_lookback(self, n_commits: int, attempts: int) -> int:
+        """The latest commit count at or before ``n_commits`` with at least ``attempts`` fewer attempts."""
+        target = self._points[n_commits].attempted - attempts
+        lo, hi = 0, n_commits
+        if self._points[0].attempted > target:
+            return 0
+        while lo < hi:  # attempted is non-decreasing: binary search the last point with attempted <= target
+            mid = (lo + hi + 1) // 2
+            if self._points[mid].attempted <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def frontier_at(self, n_commits: int, records: Sequence[CandidateRecord]) -> ParetoFrontier:
         """The frontier as it was after ``n_commits`` commits (calls must not go backwards in time)."""

@@ -40,7 +40,7 @@ from dspy_turbogepa.engine.sampling import EpochShuffledSampler
 from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
-from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, Reflector, Split
+from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, ProposalOutcome, Reflector, Split
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class Orchestrator:
         self._history = CommitHistory(self._val_ids)
         self._turn_waiters: dict[int, asyncio.Future[None]] = {}
         self._view_floor = 0
+        self._accepted = 0
+        self._attempted = 0
+        self._noop_streak = 0
         self._next_seq = 0
         self._committed = 0
         self._stop_reason: StopReason | None = None
@@ -160,7 +163,7 @@ class Orchestrator:
         self._budget.commit(requested)
         self._budget.release(n)
         record = self._add_record(self._seed, [None], outcomes, seq=None)
-        self._history.record(CommitPoint(len(self._records), self._budget.committed, 0, 0))
+        self._history.record(CommitPoint(len(self._records), self._budget.committed, 0, 0, 0))
         for obs in self._observers:
             obs.on_candidate(record)
         logger.info("Seed program: validation score %.4f over %d examples", record.aggregate, n)
@@ -186,12 +189,34 @@ class Orchestrator:
     def _running(self) -> list[asyncio.Task[MutationResult]]:
         return [t for t in self._tasks.values() if not t.done()]
 
+    def width(self) -> int:
+        """How many mutations may run at once now (adaptive: about one success's worth of attempts).
+
+        While most mutations succeed, siblings launched from the same state mostly rediscover the same
+        improvement and each pays for a validation pass; once successes get rare, many attempts at once
+        find the next one sooner at no extra cost. So the width follows ``1 / p`` where ``p`` is the
+        (Laplace-smoothed) share of recent mutations that produced a new candidate, within
+        ``[min_mutations_in_flight, max_mutations_in_flight]``. Computed from the commit history at the
+        last planning view, so it is reproducible.
+        """
+        cfg = self.config
+        if not cfg.adaptive_width:
+            return cfg.max_mutations_in_flight
+        n = min(self._view_floor, self._committed) if cfg.deterministic else self._committed
+        now = self._history.at(n)
+        # Recent attempts: look back over the last `width_window` commits that evaluated a child.
+        past = self._history.at(self._history.attempt_lookback(n, cfg.width_window))
+        attempts = now.attempted - past.attempted
+        accepted = now.accepted - past.accepted
+        p = (accepted + 1) / (attempts + 2)
+        return max(cfg.min_mutations_in_flight, min(cfg.max_mutations_in_flight, round(1 / p)))
+
     def _view_commits(self, seq: int) -> int | None:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""
         if not self.config.deterministic:
             return self._committed
-        staleness = self.config.max_staleness or self.config.max_mutations_in_flight
-        needed = max(0, seq - staleness + 1, self._view_floor)
+        staleness = self.config.max_staleness if not self.config.adaptive_width else self.width()
+        needed = max(0, seq - (staleness or 1) + 1, self._view_floor)
         return needed if self._committed >= needed else None
 
     async def _main_loop(self) -> None:
@@ -200,7 +225,7 @@ class Orchestrator:
         while True:
             await self._commit_finished()
             budget_blocked = False
-            if self._should_stop() is None and len(self._running()) < self.config.max_mutations_in_flight:
+            if self._should_stop() is None and len(self._running()) < self.width():
                 view = self._view_commits(self._next_seq)
                 if view is not None:
                     plan = self._plan(self._next_seq, view)
@@ -229,6 +254,10 @@ class Orchestrator:
     async def _commit_finished(self) -> None:
         """Commit finished mutations: in launch order (deterministic mode) or as they finish."""
         if self.config.deterministic:
+            # A mutation that raised (a systemic failure) ends the run at once, whatever its position.
+            for task in self._tasks.values():
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
             while self._committed in self._tasks and self._tasks[self._committed].done():
                 self._commit(await self._await_task(self._committed))
         else:
@@ -294,6 +323,8 @@ class Orchestrator:
             plan.components, plan.child_counter = self._selector.select(
                 parent.candidate.fingerprint, parent.candidate.texts, parent_index, (), (), None
             )
+            if len(plan.components) > 1:
+                plan.kind = "reflection_all"
         return plan
 
     def _reserve(self, seq: int, n_commits: int, amount: int) -> bool:
@@ -371,7 +402,6 @@ class Orchestrator:
         self._history.note_reservation(plan.seq, plan.reservation)
         self._tasks[plan.seq] = asyncio.create_task(self._run_mutation(plan), name=f"mutation-{plan.seq}")
         self._next_seq += 1
-        self.stats.mutations_by_kind[plan.kind] += 1
         self.stats.peak_mutations_in_flight = max(self.stats.peak_mutations_in_flight, len(self._running()))
 
     # ------------------------------------------------------------------ one mutation
@@ -412,7 +442,13 @@ class Orchestrator:
             plan.kind = "reflection_all"
 
         async with self._reflection_slots:
-            proposal = await self._reflector.reflect(parent.texts, components, parent_outs, plan.rng.getrandbits(63))
+            try:
+                proposal = await self._reflector.reflect(
+                    parent.texts, components, parent_outs, plan.rng.getrandbits(63)
+                )
+            except Exception as exc:  # a proposer failure skips this mutation, recorded; the run goes on
+                logger.warning("Mutation %d: the reflector raised %s: %s", plan.seq, type(exc).__name__, exc)
+                proposal = ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
         self.stats.reflection_calls += proposal.reflection_calls
         updates = {k: v for k, v in proposal.texts.items() if k in parent.texts and v != parent.texts[k]}
         if proposal.skipped or not updates:
@@ -487,9 +523,23 @@ class Orchestrator:
     async def _evaluate_many(
         self, candidate: Candidate, split: Split, ids: Sequence[int], priority: float, requested: set[EvalKey]
     ) -> list[EvalOutcome]:
-        return list(
-            await asyncio.gather(*(self._evaluate(candidate, split, i, priority, requested) for i in ids))
-        )
+        tasks = [asyncio.ensure_future(self._evaluate(candidate, split, i, priority, requested)) for i in ids]
+        if not tasks:
+            return []
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            raise
+        if pending:  # one evaluation raised (a systemic failure): do not leave its siblings running
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        if errors:
+            raise errors[0]
+        return [t.result() for t in tasks]
 
     async def _evaluate(
         self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
@@ -534,14 +584,25 @@ class Orchestrator:
     def _commit(self, result: MutationResult) -> None:
         plan = result.plan
         self._plans.pop(plan.seq, None)
-        self._budget.commit(result.requested)
+        newly_charged = self._budget.commit(result.requested)
         self._budget.release(plan.reservation)
         self._committed += 1
         status = result.status
+        # Cache hits are free, so a run whose parents are all perfect on every minibatch could spin
+        # forever on free no-op mutations; stop once that has clearly happened.
+        self._noop_streak = 0 if (newly_charged or status == "accepted") else self._noop_streak + 1
+        if self._noop_streak >= self.config.max_noop_mutations and self._stop_reason is None:
+            logger.info("Stopping: the last %d mutations changed nothing and cost nothing (every parent is perfect "
+                        "on the training examples it was tried on)", self._noop_streak)
+            self._stop_reason = "no_progress_possible"
+        if status in ("accepted", "rejected_rung0", "pruned"):
+            self._attempted += 1
         if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
             status = "duplicate"
         self.stats.mutations[status] += 1
+        self.stats.mutations_by_kind[plan.kind] += 1  # counted at commit: the kind is final by then
         if status == "accepted" and result.child is not None:
+            self._accepted += 1
             parents: list[int | None] = [plan.parent_index]
             if plan.kind == "merge":
                 parents = sorted([plan.parent_index, plan.other_parent_index or 0])
@@ -562,7 +623,8 @@ class Orchestrator:
             if plan.kind == "merge":
                 self._merges_failed += 1
         self._history.record(
-            CommitPoint(len(self._records), self._budget.committed, self._merges_granted, self._merges_failed)
+            CommitPoint(len(self._records), self._budget.committed, self._merges_granted, self._merges_failed,
+                        self._accepted, self._attempted)
         )
         waiter = self._turn_waiters.pop(self._committed, None)
         if waiter is not None and not waiter.done():

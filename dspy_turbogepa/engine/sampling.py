@@ -28,14 +28,15 @@ class EpochShuffledSampler:
         return self._epochs[e]
 
     def batch(self, k: int) -> tuple[int, ...]:
-        """The ``k``-th minibatch: consecutive slices of concatenated shuffles, never repeating an id."""
-        n = len(self._ids)
-        pos = k * self._size
-        out: list[int] = []
-        while len(out) < self._size:
-            e, i = divmod(pos, n)
-            candidate = self._epoch(e)[i]
-            if candidate not in out:
-                out.append(candidate)
-            pos += 1
-        return tuple(out)
+        """The ``k``-th minibatch, never repeating an id within a batch.
+
+        Each epoch is one shuffle of the ids, padded (as gepa pads) with ids from its own start up to a
+        multiple of the minibatch size, so every id is drawn once per epoch and a few twice, and the
+        batch of mutation ``k`` depends on nothing but ``k``.
+        """
+        n, size = len(self._ids), self._size
+        per_epoch = -(-n // size)
+        epoch, j = divmod(k, per_epoch)
+        order = self._epoch(epoch)
+        padded = order + order[: per_epoch * size - n]
+        return tuple(padded[j * size : (j + 1) * size])

@@ -43,8 +43,20 @@ class SystemicFailureDetector:
         self._failures: Counter[tuple[str, str]] = Counter()
         self._examples: dict[tuple[str, str], str] = {}
         self._count = 0
+        self._raised: SystemicFailureError | None = None
 
     def observe(self, outcome: EvalOutcome) -> None:
+        """Raise SystemicFailureError when the run must stop; once raised, every later call re-raises it,
+        so concurrent evaluations report one and the same cause."""
+        if self._raised is not None:
+            raise self._raised
+        try:
+            self._observe(outcome)
+        except SystemicFailureError as exc:
+            self._raised = exc
+            raise
+
+    def _observe(self, outcome: EvalOutcome) -> None:
         if outcome.failure is None:
             self._seen_success = True
             return
