@@ -1,0 +1,174 @@
+"""DSPy adapter semantics: errors become feedback, records are routed by predictor name, bad metric values."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import dspy
+import pytest
+
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing.fake_lm import make_student_lm
+
+from helpers import small_splits
+
+
+class RecordingProposer:
+    """A dspy.GEPA ProposalFn that records what it was given and appends a marker to each text."""
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def __call__(self, candidate, reflective_dataset, components_to_update):
+        with self.lock:
+            self.calls.append((dict(candidate), {k: list(v) for k, v in reflective_dataset.items()},
+                               list(components_to_update)))
+            n = len(self.calls)
+        return {c: candidate[c] + f" v{n}" for c in components_to_update}
+
+
+class TwinPipeline(dspy.Module):
+    """Two predictors with *identical* signatures: dspy.GEPA would mix their trace records."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = dspy.Predict("text -> answer")
+        self.second = dspy.Predict("text -> answer")
+
+    def forward(self, text):
+        a = self.first(text=text)
+        return self.second(text=f"{text} | {a.answer}")
+
+
+def twin_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    if pred_name is not None:
+        assert pred_trace and pred_trace[0][1]["text"]
+        return dspy.Prediction(score=0.0, feedback=f"feedback for {pred_name}")
+    return 0.0
+
+
+def _twin_lm():
+    """A minimal fake task LM for TwinPipeline (dspy 3.4 engine API): always answers 'x'."""
+    from dspy.lm15 import Message, Response, TextPart, Usage
+
+    class Engine:
+        def complete(self, request):
+            return Response(id=None, model="fake", message=Message.assistant([TextPart("[[ ## answer ## ]]\nx\n\n[[ ## completed ## ]]")]),
+                            finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
+
+    class AEngine:
+        def __init__(self, e):
+            self.e = e
+
+        async def complete(self, request):
+            return self.e.complete(request)
+
+    e = Engine()
+    return dspy.LM("fake/twin", engine=e, async_engine=AEngine(e), cache=False)
+
+
+def test_records_are_matched_by_predictor_name_not_signature():
+    proposer = RecordingProposer()
+    data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
+    opt = TurboGEPA(twin_metric, max_metric_calls=40, instruction_proposer=proposer, num_threads=2,
+                    reflection_minibatch_size=2, use_merge=False, skip_perfect_score=False)
+    with dspy.context(lm=_twin_lm()):
+        opt.compile(TwinPipeline(), trainset=data, valset=data[:4])
+    assert proposer.calls
+    for _, dataset, components in proposer.calls:
+        assert list(dataset) == components and len(components) == 1
+        name = components[0]
+        for rec in dataset[name]:
+            assert set(rec) == {"Inputs", "Generated Outputs", "Feedback"}
+            assert rec["Feedback"] == f"feedback for {name}"
+            if name == "first":
+                assert "|" not in rec["Inputs"]["text"]  # the second predictor's input never leaks in
+            else:
+                assert "|" in rec["Inputs"]["text"]
+            assert isinstance(rec["Inputs"]["text"], str)  # custom proposers get strings, as in dspy.GEPA
+    assert {c[2][0] for c in proposer.calls} == {"first", "second"}  # round robin over both
+
+
+class FlakyRouting(dspy.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ticket):
+        if "tracking" in ticket.lower():
+            raise RuntimeError("downstream CRM rejected the tracking ticket")
+        return self.inner(ticket=ticket)
+
+
+def test_program_exception_scores_failure_and_becomes_feedback(routing):
+    proposer = RecordingProposer()
+    splits = small_splits(routing, n_train=30, n_val=12)
+    program = FlakyRouting(routing.make_program())
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, instruction_proposer=proposer, num_threads=4,
+                    failure_score=-1.0, use_merge=False, track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
+    dr = optimized.detailed_results
+    failing = [i for i, ex in enumerate(splits.val) if "tracking" in ex.ticket.lower()]
+    assert failing, "the data should contain tracking tickets"
+    for i in failing:
+        assert dr.val_subscores[0][i] == -1.0
+    assert dr.run_stats["failures"].get("program_error", 0) >= len(failing)
+    error_records = [rec for _, ds, _ in proposer.calls for recs in ds.values() for rec in recs
+                     if "CRM rejected" in rec["Feedback"]]
+    assert error_records, "the program's error must reach the reflective dataset as feedback"
+    assert "RuntimeError" in error_records[0]["Generated Outputs"]
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, "high"])
+def test_invalid_metric_values_are_recorded_not_summed(routing, reflection_lm, bad):
+    calls = {"n": 0}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            return bad
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    splits = small_splits(routing, n_train=20, n_val=12)
+    opt = TurboGEPA(metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=1, failure_score=0.0,
+                    use_merge=False, track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        optimized = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    dr = optimized.detailed_results
+    assert dr.run_stats["failures"]["metric_invalid"] >= 4
+    assert all(math.isfinite(s) for subs in dr.val_subscores for s in subs.values())
+
+
+def test_metric_that_always_raises_stops_early(routing, reflection_lm):
+    from dspy_turbogepa import SystemicFailureError
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        raise KeyError("answer_field")
+
+    splits = small_splits(routing, n_train=20, n_val=16)
+    opt = TurboGEPA(metric, max_metric_calls=500, reflection_lm=reflection_lm, num_threads=4)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), pytest.raises(SystemicFailureError, match="metric"):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+
+
+def test_proposer_that_raises_or_returns_nothing_is_skipped(routing):
+    state = {"n": 0}
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        state["n"] += 1
+        if state["n"] % 3 == 1:
+            raise RuntimeError("proposer exploded")
+        if state["n"] % 3 == 2:
+            return {c: "   " for c in components_to_update}
+        return {c: candidate[c] + " Disputes over charges go to payments." for c in components_to_update}
+
+    splits = small_splits(routing, n_train=30, n_val=12)
+    opt = TurboGEPA(routing.metric, max_metric_calls=150, instruction_proposer=proposer, num_threads=4,
+                    use_merge=False, track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        optimized = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    skips = optimized.detailed_results.run_stats["proposal_skips"]
+    assert skips.get("proposer_error", 0) >= 1 and skips.get("empty_proposal", 0) >= 1
