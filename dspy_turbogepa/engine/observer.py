@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from dspy_turbogepa.engine.candidate import Candidate
     from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
-    from dspy_turbogepa.engine.types import EvalOutcome, Split
+    from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
 
 
 class EngineObserver:
@@ -25,3 +25,6 @@ class EngineObserver:
 
     def on_mutation(self, result: MutationResult, status: str) -> None:
         """A mutation was committed, whatever its outcome."""
+
+    def on_proposal(self, key: str, proposal: ProposalOutcome) -> None:
+        """A reflection finished (stored so a resumed run never pays for it again)."""

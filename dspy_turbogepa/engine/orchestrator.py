@@ -13,10 +13,12 @@ whatever the completion order of LM calls. Fast mode commits in completion order
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from dspy_turbogepa.engine.budget import MetricBudget
@@ -47,6 +49,12 @@ logger = logging.getLogger(__name__)
 EvalKey = tuple[str, str, int]
 
 
+def proposal_key(parent_fp: str, components: Sequence[str], minibatch: Sequence[int], seed: int) -> str:
+    """Identity of a reflection request: same parent, components, minibatch and seed -> same proposal."""
+    payload = json.dumps([parent_fp, list(components), list(minibatch), seed], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -58,7 +66,11 @@ class Orchestrator:
         val_ids: Sequence[int],
         observers: Sequence[EngineObserver] = (),
         clock: Callable[[], float] = time.monotonic,
+        known_evaluations: Mapping[EvalKey, EvalOutcome] | None = None,
+        known_proposals: Mapping[str, ProposalOutcome] | None = None,
     ) -> None:
+        """``known_evaluations`` / ``known_proposals`` come from a run store when a run is resumed: they
+        are served as cache hits (charged to the budget as the first run was, never executed again)."""
         self.config = config
         self._evaluator = evaluator
         self._reflector = reflector
@@ -79,7 +91,8 @@ class Orchestrator:
 
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
-        self._done: dict[EvalKey, EvalOutcome] = {}
+        self._done: dict[EvalKey, EvalOutcome] = dict(known_evaluations or {})
+        self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._plans: dict[int, MutationPlan] = {}
@@ -441,15 +454,22 @@ class Orchestrator:
         if len(components) > 1:
             plan.kind = "reflection_all"
 
-        async with self._reflection_slots:
-            try:
-                proposal = await self._reflector.reflect(
-                    parent.texts, components, parent_outs, plan.rng.getrandbits(63)
-                )
-            except Exception as exc:  # a proposer failure skips this mutation, recorded; the run goes on
-                logger.warning("Mutation %d: the reflector raised %s: %s", plan.seq, type(exc).__name__, exc)
-                proposal = ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
-        self.stats.reflection_calls += proposal.reflection_calls
+        reflect_seed = plan.rng.getrandbits(63)
+        key = proposal_key(parent.fingerprint, components, plan.minibatch, reflect_seed)
+        proposal = self._known_proposals.get(key)
+        if proposal is not None:
+            self.stats.proposals_replayed += 1
+        else:
+            async with self._reflection_slots:
+                try:
+                    proposal = await self._reflector.reflect(parent.texts, components, parent_outs, reflect_seed)
+                except Exception as exc:  # a proposer failure skips this mutation, recorded; the run goes on
+                    logger.warning("Mutation %d: the reflector raised %s: %s", plan.seq, type(exc).__name__, exc)
+                    proposal = ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
+            self.stats.reflection_calls += proposal.reflection_calls
+            self._known_proposals[key] = proposal
+            for obs in self._observers:
+                obs.on_proposal(key, proposal)
         updates = {k: v for k, v in proposal.texts.items() if k in parent.texts and v != parent.texts[k]}
         if proposal.skipped or not updates:
             reason = proposal.skipped or "unchanged_texts"

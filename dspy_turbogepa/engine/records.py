@@ -88,6 +88,7 @@ class RunStats:
     failures: Counter[str] = field(default_factory=Counter)
     proposal_skips: Counter[str] = field(default_factory=Counter)
     reflection_calls: int = 0
+    proposals_replayed: int = 0
     cache_hits: int = 0
     executed: int = 0
     peak_evals_in_flight: int = 0
@@ -102,6 +103,7 @@ class RunStats:
             "failures": dict(self.failures),
             "proposal_skips": dict(self.proposal_skips),
             "reflection_calls": self.reflection_calls,
+            "proposals_replayed": self.proposals_replayed,
             "cache_hits": self.cache_hits,
             "metric_calls_executed": self.executed,
             "peak_evals_in_flight": self.peak_evals_in_flight,
