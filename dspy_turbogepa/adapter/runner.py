@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import threading
 import asyncio
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -30,18 +30,24 @@ def run_coroutine_in_thread(
     ctx = contextvars.copy_context()
     box: dict[str, Any] = {}
 
+    finished = threading.Event()
+
     def target() -> None:
         try:
             box["result"] = ctx.run(asyncio.run, make_coro())
         except BaseException as exc:  # handed back to the calling thread and re-raised there
             box["error"] = exc
+        finally:
+            finished.set()
 
     thread = threading.Thread(target=target, name="turbogepa-engine", daemon=True)
     thread.start()
     interrupted = False
-    while thread.is_alive():
+    # Wait on an Event, not Thread.join: a KeyboardInterrupt that lands inside join() can leave the
+    # thread looking finished while it still runs (CPython gh-90882).
+    while not finished.is_set():
         try:
-            thread.join(timeout=0.2)
+            finished.wait(timeout=0.2)
         except KeyboardInterrupt:
             if interrupted:
                 raise
@@ -52,8 +58,8 @@ def run_coroutine_in_thread(
             )
             if on_interrupt is not None:
                 on_interrupt()
-            thread.join(timeout=grace_seconds)
-            if thread.is_alive() and on_grace_expired is not None:
+            finished.wait(timeout=grace_seconds)
+            if not finished.is_set() and on_grace_expired is not None:
                 on_grace_expired()
     if "error" in box:
         raise box["error"]

@@ -1,0 +1,208 @@
+"""Writing a run to the run store and reading it back for resume — the DSPy side of persistence.
+
+The store (``dspy_turbogepa.store``) knows rows; this module knows what a DSPy trajectory is. What
+reflection needs from a rollout (each predictor's inputs and outputs, the program's prediction, the
+error) is stored as JSON, so a resumed run reflects on stored parents without re-running them. Values
+that JSON cannot hold (images, custom types) are stored as their ``str()``, which is also what
+dspy.GEPA hands to custom proposers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dspy
+
+from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
+from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.engine.candidate import Candidate
+from dspy_turbogepa.engine.observer import EngineObserver
+from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
+from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
+
+logger = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "toDict"):
+        return _jsonable(value.toDict())
+    return str(value)
+
+
+def _prediction_dict(pred: Any) -> dict[str, Any] | None:
+    if pred is None:
+        return None
+    if hasattr(pred, "toDict"):
+        return _jsonable(pred.toDict())
+    if hasattr(pred, "items"):
+        return _jsonable(dict(pred.items()))
+    return {"value": _jsonable(pred)}
+
+
+def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
+    if traj is None:
+        return None
+    sig = traj.failed_signature
+    payload = {
+        "prediction": _prediction_dict(traj.prediction),
+        "steps": [
+            {"pred_name": s.pred_name, "inputs": _jsonable(s.inputs), "outputs": _prediction_dict(s.outputs)}
+            for s in traj.steps
+        ],
+        "error": traj.error,
+        "error_type": traj.error_type,
+        "failure": traj.failure,
+        "raw_completion": traj.raw_completion,
+        "failed_fields": (
+            [list(sig.input_fields), list(sig.output_fields)] if sig is not None and hasattr(sig, "input_fields") else None
+        ),
+    }
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+class _FieldsOnly:
+    """Stands in for a failed signature after a reload: only its field names are compared."""
+
+    def __init__(self, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        self.input_fields = dict.fromkeys(inputs)
+        self.output_fields = dict.fromkeys(outputs)
+
+
+def trajectory_from_json(
+    text: str | None, example: dspy.Example, codec: ProgramCodec, fingerprint: str, texts: Mapping[str, str]
+) -> DspyTrajectory | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    program, _ = codec.get(fingerprint, texts)
+    predictors = dict(program.named_predictors())
+    steps: list[TraceStep] = []
+    raw: list[tuple[Any, dict[str, Any], Any]] = []
+    for s in data.get("steps", []):
+        pred = predictors.get(s["pred_name"])
+        outputs = dspy.Prediction(**(s.get("outputs") or {}))
+        steps.append(TraceStep(s["pred_name"], pred, dict(s.get("inputs") or {}), outputs))
+        raw.append((pred, dict(s.get("inputs") or {}), outputs))
+    pred_data = data.get("prediction")
+    fields = data.get("failed_fields")
+    return DspyTrajectory(
+        example=example,
+        prediction=dspy.Prediction(**pred_data) if pred_data is not None else None,
+        steps=steps,
+        raw_trace=raw,
+        error=data.get("error"),
+        error_type=data.get("error_type"),
+        failure=data.get("failure"),
+        raw_completion=data.get("raw_completion"),
+        failed_signature=_FieldsOnly(*fields) if fields else None,
+    )
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def run_key(
+    student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
+    config: Mapping[str, Any],
+) -> dict[str, str]:
+    """What must not change under an existing log_dir (the budget may: a larger one continues the run)."""
+    structure = [
+        (name, pred.signature.instructions, list(pred.signature.input_fields), list(pred.signature.output_fields))
+        for name, pred in student.named_predictors()
+    ]
+    return {
+        "trainset": stable_hash([ex.toDict() for ex in trainset]),
+        "valset": stable_hash([ex.toDict() for ex in valset]),
+        "student": stable_hash(structure),
+        "seed": str(seed),
+        "config": stable_hash(dict(config)),
+    }
+
+
+class StoreObserver(EngineObserver):
+    """Writes candidates, evaluations, proposals and commits to the store as they happen."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._recorded: set[str] = set()
+
+    def _candidate(self, c: Candidate, created_at: float) -> None:
+        # Every evaluated candidate is stored (not only accepted ones): a resumed run needs the texts
+        # behind each stored evaluation to rebuild its trajectory.
+        if c.fingerprint not in self._recorded:
+            self._recorded.add(c.fingerprint)
+            self._store.record_candidate(c.fingerprint, dict(c.texts), list(c.parents), c.kind, created_at)
+
+    def on_evaluation(self, candidate: Candidate, split: Split, outcome: EvalOutcome) -> None:
+        self._candidate(candidate, 0.0)
+        self._store.record_evaluation(
+            candidate.fingerprint, split, outcome.example_id, outcome.score,
+            dict(outcome.objective_scores) if outcome.objective_scores else None,
+            outcome.failure, outcome.message, outcome.error_type,
+            trajectory_to_json(outcome.trajectory) if split == "train" else None,
+            json.dumps(_prediction_dict(outcome.output)) if outcome.output is not None else None,
+            None, None,
+        )
+
+    def on_candidate(self, record: CandidateRecord) -> None:
+        c = record.candidate
+        self._candidate(c, record.discovery_seconds)
+        self._store.record_event(
+            "candidate_accepted",
+            {"index": record.index, "fingerprint": c.fingerprint, "aggregate": record.aggregate,
+             "parents": record.parent_indices, "metric_calls": record.discovery_metric_calls},
+        )
+
+    def on_proposal(self, key: str, proposal: ProposalOutcome) -> None:
+        self._store.record_proposal(key, dict(proposal.texts), proposal.skipped, proposal.message,
+                                    proposal.reflection_calls)
+
+    def on_mutation(self, result: MutationResult, status: str) -> None:
+        self._store.record_event(
+            "mutation_committed",
+            {"seq": result.plan.seq, "kind": result.plan.kind, "status": status, "detail": result.detail},
+        )
+
+
+def load_known(
+    store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
+) -> tuple[dict[tuple[str, str, int], EvalOutcome], dict[str, ProposalOutcome]]:
+    """Stored evaluations and proposals as the engine's caches."""
+    texts_by_fp: dict[str, Mapping[str, str]] = {c.fingerprint: c.texts for c in store.load_candidates()}
+    texts_by_fp.setdefault(Candidate(seed_texts).fingerprint, seed_texts)
+    proposals = {
+        key: ProposalOutcome(texts=dict(p.texts), skipped=p.skipped, message=p.message,
+                             reflection_calls=p.reflection_calls)
+        for key, p in store.load_proposals().items()
+    }
+    known: dict[tuple[str, str, int], EvalOutcome] = {}
+    for ev in store.load_evaluations():
+        split: Split = "train" if ev.split == "train" else "val"
+        if ev.example_id >= len(datasets[split]):
+            continue
+        trajectory = None
+        if ev.trajectory_json and ev.fingerprint in texts_by_fp:
+            trajectory = trajectory_from_json(
+                ev.trajectory_json, datasets[split][ev.example_id], codec, ev.fingerprint, texts_by_fp[ev.fingerprint]
+            )
+        output = None
+        if ev.output_json:
+            data = json.loads(ev.output_json)
+            output = dspy.Prediction(**data) if isinstance(data, dict) else data
+        known[(ev.fingerprint, split, ev.example_id)] = EvalOutcome(
+            example_id=ev.example_id, score=ev.score,
+            objective_scores=dict(ev.objective_scores) if ev.objective_scores else None,
+            failure=ev.failure, message=ev.message, trajectory=trajectory, output=output, error_type=ev.error_type,
+        )
+    return known, proposals

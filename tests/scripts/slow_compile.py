@@ -1,0 +1,46 @@
+"""A compile that runs long enough to be interrupted or killed by a test (fake LMs with latency).
+
+Usage: python slow_compile.py OUT_JSON [LOG_DIR] [BUDGET]
+Prints READY once the seed evaluation is done; writes the outcome to OUT_JSON when compile returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import dspy
+
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+
+out = sys.argv[1]
+log_dir = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+budget = int(sys.argv[3]) if len(sys.argv) > 3 else 5000
+task = TASKS["routing"]
+splits = task.splits(data_seed=0, n_train=40, n_val=16, n_test=0)
+calls = {"n": 0}
+lock = threading.Lock()
+
+
+def slow(request) -> None:
+    with lock:
+        calls["n"] += 1
+        if calls["n"] == len(splits.val):
+            print("READY", flush=True)
+    time.sleep(0.02)
+
+
+student = make_student_lm(seed=0, noise=0.0, before_call=slow)
+opt = TurboGEPA(task.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                track_stats=True, log_dir=log_dir)
+with dspy.context(lm=student):
+    optimized = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+dr = optimized.detailed_results
+with open(out, "w") as f:
+    json.dump({"stop_reason": dr.stop_reason, "metric_calls": dr.total_metric_calls, "student_calls": calls["n"],
+               "best": dr.val_aggregate_scores[dr.best_idx], "candidates": len(dr.candidates),
+               "instructions": {n: p.signature.instructions for n, p in optimized.named_predictors()}}, f)
+print("DONE", flush=True)

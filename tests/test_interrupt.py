@@ -1,0 +1,38 @@
+"""Ctrl-C during compile: stop launching, finish or cancel in-flight work, return the best so far."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
+
+
+def test_sigint_returns_best_program_so_far(tmp_path):
+    out = tmp_path / "out.json"
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.time() + 60
+        for line in proc.stdout:
+            if line.startswith("READY"):
+                break
+            assert time.time() < deadline
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "DONE" in stdout
+    data = json.loads(out.read_text())
+    assert data["stop_reason"] == "interrupted"
+    assert data["metric_calls"] < 5000
+    assert "Interrupted" in stderr and "best program found so far" in stderr
