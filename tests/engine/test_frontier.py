@@ -1,0 +1,207 @@
+"""ParetoFrontier: per-instance fronts, ties, best index, dominance pruning and parent selection."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from dspy_turbogepa.engine.frontier import SCORE_EPS, ParetoFrontier
+
+
+class ScriptedRng:
+    """Stands in for random.Random: records what select_parent samples from and returns a fixed pick."""
+
+    def __init__(self, random_value: float = 0.5, pick: int = 0) -> None:
+        self.random_value = random_value
+        self.pick = pick
+        self.choices: list[list[int]] = []
+
+    def random(self) -> float:
+        return self.random_value
+
+    def choice(self, seq):
+        seq = list(seq)
+        self.choices.append(seq)
+        return seq[self.pick % len(seq)]
+
+
+def frontier(*rows: list[float]) -> ParetoFrontier:
+    f = ParetoFrontier(range(len(rows[0])))
+    for i, row in enumerate(rows):
+        f.add(i, dict(enumerate(row)))
+    return f
+
+
+def test_add_rejects_partial_scores_and_leaves_state_unchanged() -> None:
+    f = ParetoFrontier([0, 1, 2])
+    with pytest.raises(ValueError, match="lacks full-validation scores"):
+        f.add(0, {0: 1.0, 1: 1.0})
+    assert f.best_scores() == {}
+    assert f.members() == set()
+    f.add(0, {0: 0.0, 1: 0.0, 2: 0.0})
+    with pytest.raises(ValueError):
+        f.add(1, {0: 1.0, 2: 1.0})  # a better partial score must not reach the fronts
+    assert f.best_scores() == {0: 0.0, 1: 0.0, 2: 0.0}
+    assert f.members() == {0}
+    with pytest.raises(KeyError):
+        f.aggregate(1)
+
+
+def test_val_ids_are_sorted_and_extra_scores_ignored() -> None:
+    f = ParetoFrontier([3, 1, 2])
+    assert f.val_ids == (1, 2, 3)
+    f.add(0, {1: 1.0, 2: 0.0, 3: 0.5, 99: 100.0})
+    assert f.aggregate(0) == pytest.approx(0.5)
+    assert set(f.fronts()) == {1, 2, 3}
+
+
+def test_per_instance_fronts_keep_ties_and_reset_on_improvement() -> None:
+    f = frontier(
+        [1.0, 0.0, 0.5],
+        [1.0, 0.5, 0.0],
+        [0.0, 0.5, 0.5],
+    )
+    assert f.best_scores() == {0: 1.0, 1: 0.5, 2: 0.5}
+    assert f.fronts() == {0: {0, 1}, 1: {1, 2}, 2: {0, 2}}
+    f.add(3, {0: 0.0, 1: 0.9, 2: 0.5})
+    assert f.fronts() == {0: {0, 1}, 1: {3}, 2: {0, 2, 3}}
+    assert f.members() == {0, 1, 2, 3}
+
+
+def test_float_noise_is_a_tie() -> None:
+    f = ParetoFrontier([0])
+    f.add(0, {0: 0.1 + 0.2})
+    f.add(1, {0: 0.3})
+    assert f.fronts() == {0: {0, 1}}
+    f.add(2, {0: 0.3 + 10 * SCORE_EPS})
+    assert f.fronts() == {0: {2}}
+
+
+def test_fronts_returns_copies() -> None:
+    f = frontier([1.0, 0.0])
+    f.fronts()[0].add(42)
+    assert f.fronts()[0] == {0}
+
+
+def test_best_index_highest_mean_lowest_index_wins_ties() -> None:
+    f = frontier([0.5, 0.5], [1.0, 0.0], [0.0, 1.0])
+    assert [f.aggregate(i) for i in range(3)] == [0.5, 0.5, 0.5]
+    assert f.best_index() == 0
+    f.add(3, {0: 1.0, 1: 0.5})
+    f.add(4, {0: 0.5, 1: 1.0})
+    assert f.best_index() == 3
+
+
+def test_members_includes_every_candidate_on_some_front() -> None:
+    f = frontier([1.0, 0.0], [0.0, 0.0], [0.0, 1.0])
+    assert f.members() == {0, 2}
+
+
+def test_non_dominated_removes_dominated_candidates() -> None:
+    f = frontier(
+        [1.0, 0.0, 0.0, 0.0],  # 0: only best where 1 is best too -> dominated
+        [1.0, 1.0, 0.0, 0.0],  # 1
+        [0.0, 0.0, 1.0, 0.0],  # 2: sole best on instance 2
+    )
+    assert f.fronts()[3] == {0, 1, 2}
+    assert f.non_dominated() == {0: {1}, 1: {1}, 2: {2}, 3: {1, 2}}
+
+
+@pytest.mark.parametrize("weak_first", [True, False])
+def test_non_dominated_examines_weakest_first(weak_first: bool) -> None:
+    # Candidates A and B sit on exactly the same front (instance 0); A is stronger on aggregate.
+    a, b = [1.0, 0.5, 0.0], [1.0, 0.2, 0.0]
+    rows = [b, a] if weak_first else [a, b]
+    rows.append([0.0, 1.0, 1.0])
+    f = frontier(*rows)
+    strong = 1 if weak_first else 0
+    assert f.non_dominated() == {0: {strong}, 1: {2}, 2: {2}}
+
+
+def test_non_dominated_equal_aggregate_keeps_lowest_index() -> None:
+    f = frontier([1.0, 0.0], [1.0, 0.0], [0.0, 1.0])
+    assert f.non_dominated() == {0: {0}, 1: {2}}
+
+
+def test_non_dominated_never_empties_a_front() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        n_val, n_cand = rng.randint(1, 6), rng.randint(1, 7)
+        rows = [[rng.choice([0.0, 0.5, 1.0]) for _ in range(n_val)] for _ in range(n_cand)]
+        f = frontier(*rows)
+        nd = f.non_dominated()
+        fronts = f.fronts()
+        for vid, front in nd.items():
+            assert front, (rows, nd)
+            assert front <= fronts[vid]
+
+
+def test_select_parent_pareto_weights_by_instances_won() -> None:
+    f = frontier(
+        [0.0, 0.0, 0.0, 0.0],  # seed: dominated everywhere it ties
+        [1.0, 1.0, 1.0, 0.0],  # wins 3 instances
+        [0.0, 0.0, 0.0, 1.0],  # wins 1 instance
+    )
+    rng = ScriptedRng()
+    f.select_parent(rng, "pareto")  # type: ignore[arg-type]
+    assert Counter(rng.choices[0]) == Counter({1: 3, 2: 1})
+    # and with a real RNG the draw frequencies follow those weights
+    real = random.Random(0)
+    counts = Counter(f.select_parent(real, "pareto") for _ in range(4000))
+    assert set(counts) == {1, 2}
+    assert 0.70 < counts[1] / 4000 < 0.80
+
+
+def test_select_parent_pareto_is_deterministic_per_rng_seed() -> None:
+    f = frontier([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    picks = [f.select_parent(random.Random(s), "pareto") for s in range(30)]
+    assert picks == [f.select_parent(random.Random(s), "pareto") for s in range(30)]
+    assert set(picks) == {0, 1, 2}
+
+
+def test_select_parent_current_best_ignores_rng() -> None:
+    f = frontier([1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0])
+    rng = ScriptedRng(random_value=0.0)
+    assert f.select_parent(rng, "current_best") == 1  # type: ignore[arg-type]
+    assert rng.choices == []
+
+
+def test_select_parent_epsilon_greedy() -> None:
+    f = frontier([1.0, 0.0], [1.0, 1.0], [0.0, 0.0])
+    explore = ScriptedRng(random_value=0.05, pick=2)
+    assert f.select_parent(explore, "epsilon_greedy") == 2  # type: ignore[arg-type]
+    assert explore.choices == [[0, 1, 2]]  # every candidate, not only frontier members
+    exploit = ScriptedRng(random_value=0.1)
+    assert f.select_parent(exploit, "epsilon_greedy") == 1  # type: ignore[arg-type]
+    assert exploit.choices == []
+    counts = Counter(f.select_parent(random.Random(s), "epsilon_greedy") for s in range(3000))
+    assert 0.05 < (counts[0] + counts[2]) / 3000 < 0.09  # ~ 0.1 * 2/3
+
+
+def test_select_parent_top_k_pareto_restricts_to_top_five() -> None:
+    n = 7
+    rows = []
+    for i in range(n):
+        row = [0.0] * n
+        row[i] = 1.0
+        row_bonus = [0.0] * n
+        # give candidate i a distinct aggregate: higher i -> higher aggregate, but each keeps its own front
+        for j in range(n):
+            if j != i:
+                row_bonus[j] = 0.01 * i
+        rows.append([max(a, b) for a, b in zip(row, row_bonus)])
+    f = frontier(*rows)
+    assert all(len(f.fronts()[v]) == 1 for v in range(n))
+    rng = ScriptedRng()
+    f.select_parent(rng, "top_k_pareto")  # type: ignore[arg-type]
+    assert sorted(rng.choices[0]) == [2, 3, 4, 5, 6]
+    pareto = ScriptedRng()
+    f.select_parent(pareto, "pareto")  # type: ignore[arg-type]
+    assert sorted(pareto.choices[0]) == list(range(n))
+
+
+def test_select_parent_on_empty_frontier_raises() -> None:
+    with pytest.raises(RuntimeError, match="empty"):
+        ParetoFrontier([0, 1]).select_parent(random.Random(0), "pareto")

@@ -1,0 +1,286 @@
+"""End-to-end runs of the Orchestrator with the pure-Python fakes: search quality, budget, determinism."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from dspy_turbogepa.engine import Candidate, Orchestrator
+
+from .fakes import (
+    HAS_ADAPTIVE_WIDTH,
+    FakeEvaluator,
+    FakeReflector,
+    Recorder,
+    Setup,
+    build,
+    check_invariants,
+    fixed_width,
+    hard_setup,
+    make_config,
+    run,
+    run_fakes,
+    snapshot,
+)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_search_improves_on_the_seed(deterministic: bool) -> None:
+    setup = hard_setup(train_n=24, val_n=12)
+    cfg = make_config(max_metric_calls=300, deterministic=deterministic, rung_fractions=(0.5, 1.0))
+    result, orch, ev, refl = run_fakes(cfg, setup, sleep_seed=3)
+    check_invariants(result, orch, ev, setup)
+    seed = result.records[0]
+    assert seed.aggregate == pytest.approx(2 / 12)
+    assert result.best.aggregate >= 0.75 > seed.aggregate
+    assert result.stop_reason == "max_metric_calls"
+    assert result.stats.mutations["accepted"] == len(result.records) - 1 >= 3
+    assert result.stats.reflection_calls == len(refl.calls)
+    assert result.val_ids == setup.val_ids
+    assert result.wall_seconds >= 0
+
+
+BUDGETS = [8, 9, 13, 14, 15, 22, 29, 40, 57, 90, 160]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])
+@pytest.mark.parametrize("rungs", [(1.0,), (0.25, 1.0), (0.25, 0.5, 1.0)])
+def test_budget_never_exceeded_and_no_pair_evaluated_twice(deterministic: bool, rungs: tuple[float, ...]) -> None:
+    setup = hard_setup(train_n=10, val_n=8)
+    for seed in range(4):
+        for budget in BUDGETS:
+            cfg = make_config(
+                max_metric_calls=budget,
+                deterministic=deterministic,
+                rung_fractions=rungs,
+                seed=seed,
+                max_mutations_in_flight=1 + seed % 4,
+                max_evals_in_flight=2 + 3 * (seed % 3),
+                reflection_minibatch_size=2 + seed % 3,
+                **(fixed_width() if seed % 2 else {}),
+            )
+            result, orch, ev, _ = run_fakes(cfg, setup, sleep_seed=100 + seed)
+            check_invariants(result, orch, ev, setup)
+            assert result.stop_reason == "max_metric_calls"
+            # the run only stops once no worst-case mutation (parent + child minibatch + valset) fits
+            assert result.total_metric_calls > budget - (2 * cfg.reflection_minibatch_size + len(setup.val_ids))
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])
+def test_budget_and_records_with_merge(deterministic: bool) -> None:
+    setup = hard_setup(train_n=16, val_n=12, components=("a", "b", "c"))
+    kinds = Counter()
+    for seed in range(4):
+        for budget in (40, 120, 400):
+            cfg = make_config(max_metric_calls=budget, deterministic=deterministic, seed=seed, use_merge=True,
+                              rung_fractions=(0.5, 1.0), max_mutations_in_flight=2 + seed % 3)
+            result, orch, ev, _ = run_fakes(cfg, setup, sleep_seed=seed)
+            check_invariants(result, orch, ev, setup)
+            kinds.update(result.stats.mutations_by_kind)
+    assert kinds["merge"] > 0, kinds  # merges were actually attempted
+
+
+def test_budget_just_enough_for_the_seed() -> None:
+    setup = hard_setup(val_n=8)
+    result, _orch, ev, refl = run_fakes(make_config(max_metric_calls=8), setup)
+    assert [r.index for r in result.records] == [0]
+    assert result.total_metric_calls == 8 == ev.unique_pairs
+    assert not refl.calls and sum(result.stats.mutations.values()) == 0
+    assert result.stop_reason == "max_metric_calls"
+
+
+def test_budget_below_the_seed_evaluation_is_an_error() -> None:
+    setup = hard_setup(val_n=8)
+    ev = FakeEvaluator(setup.task)
+    orch = Orchestrator(make_config(max_metric_calls=7), ev, FakeReflector(), setup.seed(), setup.train_ids,
+                        setup.val_ids)
+    with pytest.raises(ValueError, match="max_metric_calls=7"):
+        run(orch)
+    assert ev.unique_pairs == 0
+
+
+def test_seed_full_validation_comes_first_and_traces_only_on_train() -> None:
+    setup = hard_setup(train_n=12, val_n=8)
+    _result, _orch, ev, _ = run_fakes(make_config(max_metric_calls=120), setup, sleep_seed=9)
+    seed_fp = Candidate(setup.task.seed_texts()).fingerprint
+    assert ev.order[:8] and all(k[0] == seed_fp and k[1] == "val" for k in ev.order[:8])
+    assert any(k[1] == "train" for k in ev.order[8:])
+    for key, captured in ev.capture.items():
+        assert captured == (key[1] == "train"), key
+
+
+def test_partial_shards_never_reach_records() -> None:
+    # replace-mode reflection often trades old keywords for a new one: such children look good on the
+    # minibatch, then lose on the first validation shard and must be pruned there.
+    setup = hard_setup(train_n=16, val_n=16)
+    cfg = make_config(max_metric_calls=1000, rung_fractions=(0.25, 0.5, 1.0), max_mutations_in_flight=3)
+    rec = Recorder()
+    result, orch, ev, _ = run_fakes(cfg, setup, sleep_seed=4, reflector=FakeReflector(4, mode="replace"),
+                                    observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    pruned = [r for r in rec.results if r.status == "pruned"]
+    assert len(pruned) >= 3, dict(result.stats.mutations)
+    ladder = orch._ladder
+    seqs_in_records = {r.mutation_seq for r in result.records}
+    for r in pruned:
+        fp = r.child.fingerprint
+        asked = {i for (f, split, i) in r.requested if f == fp and split == "val"}
+        assert r.rung_reached in (1, 2) and r.detail.startswith(f"rung {r.rung_reached}")
+        # exactly the nested shard it reached, never the whole valset
+        assert asked == set(ladder.order[: ladder.cut_points[r.rung_reached - 1]])
+        assert len(asked) < len(setup.val_ids)
+        assert not r.val_outcomes
+        assert r.plan.seq not in seqs_in_records
+    accepted = [r for r in rec.results if r.status == "accepted"]
+    assert accepted
+    for r in accepted:
+        fp = r.child.fingerprint
+        assert r.rung_reached == 3
+        assert {i for (f, split, i) in r.requested if f == fp and split == "val"} == set(setup.val_ids)
+        assert set(r.val_outcomes) == set(setup.val_ids)
+
+
+def test_observers_see_every_execution_candidate_and_mutation() -> None:
+    setup = hard_setup()
+    rec = Recorder()
+    result, _orch, ev, _ = run_fakes(make_config(max_metric_calls=150), setup, sleep_seed=2, observers=[rec])
+    assert len(rec.evaluations) == result.total_metric_calls  # never called for cache hits
+    assert sorted(rec.evaluations) == sorted(ev.calls)
+    assert rec.candidates == [r.index for r in result.records]
+    assert len(rec.mutations) == sum(result.stats.mutations.values())
+    assert [seq for seq, _ in rec.mutations] == sorted(seq for seq, _ in rec.mutations)  # launch order
+    assert {s for _, s in rec.mutations} <= set(result.stats.mutations)
+
+
+def test_records_keep_outputs_and_objective_scores() -> None:
+    setup = hard_setup()
+    result, *_ = run_fakes(make_config(max_metric_calls=100), setup)
+    for r in result.records:
+        assert set(r.val_outputs) == set(setup.val_ids)
+        assert r.val_objective_scores == {i: {"acc": s} for i, s in r.val_scores.items()}
+    assert [r.discovery_metric_calls for r in result.records] == sorted(r.discovery_metric_calls for r in result.records)
+    assert result.records[0].discovery_metric_calls == len(setup.val_ids)
+
+
+def test_concurrency_limits_hold_under_load() -> None:
+    setup = hard_setup(train_n=40, val_n=16)
+    cfg = make_config(max_metric_calls=600, max_evals_in_flight=5, max_mutations_in_flight=6,
+                      max_reflections_in_flight=2, rung_fractions=(0.25, 1.0), **fixed_width())
+    result, orch, ev, refl = run_fakes(cfg, setup, sleep_seed=5)
+    check_invariants(result, orch, ev, setup)
+    assert ev.peak_in_flight == 5  # the window was actually used
+    assert refl.peak_in_flight <= 2
+    assert result.stats.peak_mutations_in_flight == 6
+
+
+# ------------------------------------------------------------------------------------- determinism
+
+DET_SETUP = hard_setup(train_n=18, val_n=16)
+
+
+def det_run(sleep_seed: int | None, real_sleep: float = 0.0, seed: int = 0, yields: int = 6, **overrides):
+    settings = {"max_metric_calls": 400, "seed": seed, "rung_fractions": (0.25, 0.5, 1.0),
+                "max_mutations_in_flight": 4, "max_evals_in_flight": 6}
+    cfg = make_config(**{**settings, **overrides})
+    ev = FakeEvaluator(DET_SETUP.task, sleep_seed, real_sleep=real_sleep, max_yields=yields)
+    refl = FakeReflector(sleep_seed, real_sleep=real_sleep, mode="replace" if seed % 2 else "add", max_yields=10 * yields)
+    return run_fakes(cfg, DET_SETUP, evaluator=ev, reflector=refl)
+
+
+@pytest.mark.parametrize(("seed", "overrides"), [
+    (0, {}), (1, {}), (2, fixed_width()), (3, {"use_merge": True}), (4, {"candidate_selection": "epsilon_greedy"}),
+    # a single rung: no promotion decision waits for its turn, so mutations finish far out of order
+    (0, {"rung_fractions": (1.0,), **fixed_width()}),
+], ids=["adaptive", "replace", "fixed-width", "merge", "epsilon", "one-rung"])
+def test_same_seed_same_result_whatever_the_completion_order(seed: int, overrides: dict) -> None:
+    runs = [det_run(s, seed=seed, yields=20, **overrides) for s in (None, 1, 2, 3)]
+    runs.append(det_run(4, real_sleep=0.001, seed=seed, **overrides))
+    base_result, _, base_ev, _ = runs[0]
+    assert len(base_result.records) >= 3
+    orders = set()
+    for result, orch, ev, _ in runs:
+        check_invariants(result, orch, ev, DET_SETUP)
+        assert snapshot(result) == snapshot(base_result)
+        assert result.best_index == base_result.best_index
+        assert result.fronts == base_result.fronts
+        assert result.stats.mutations == base_result.stats.mutations
+        assert result.total_metric_calls == base_result.total_metric_calls
+        assert set(ev.calls) == set(base_ev.calls)
+        orders.add(tuple(ev.order))
+    assert len(orders) > 2, "the sleeps did not change the completion order: the test proves nothing"
+
+
+def test_different_seeds_explore_differently() -> None:
+    a = det_run(None, seed=0)[0]
+    b = det_run(None, seed=2)[0]
+    assert snapshot(a) != snapshot(b)
+
+
+def test_staleness_bound_in_deterministic_mode() -> None:
+    rec = Recorder()
+    cfg = make_config(max_metric_calls=300, max_mutations_in_flight=3, max_staleness=5, **fixed_width())
+    setup = hard_setup()
+    run_fakes(cfg, setup, sleep_seed=1, observers=[rec])
+    plans = [r.plan for r in rec.results]
+    assert plans
+    counts: list[int] = []  # records that exist before commit j
+    records = 1
+    for seq, status in rec.mutations:  # committed in seq order; status as committed
+        counts.append(records)
+        records += status == "accepted"
+    for p in plans:
+        # mutation k is planned right after commit k - max_staleness, from committed state only
+        expected = counts[p.seq - 5 + 1] if p.seq >= 5 else 1
+        assert p.committed_at_launch == expected, (p.seq, p.committed_at_launch, expected)
+
+
+def test_fast_mode_runs_and_respects_budget_with_real_sleeps() -> None:
+    setup = hard_setup(train_n=18, val_n=16)
+    for seed in range(3):
+        cfg = make_config(max_metric_calls=250, deterministic=False, seed=seed, rung_fractions=(0.25, 1.0))
+        ev = FakeEvaluator(setup.task, seed, real_sleep=0.0005)
+        result, orch, ev, _ = run_fakes(cfg, setup, evaluator=ev, reflector=FakeReflector(seed, real_sleep=0.0005))
+        check_invariants(result, orch, ev, setup)
+        assert len(result.records) > 1
+
+
+def test_seed_candidate_texts_are_kept() -> None:
+    setup = Setup(seed_texts={"instr": "base kw0 kw1"})
+    setup.train_ids = tuple(range(12))
+    from .fakes import with_hidden
+
+    setup.task = with_hidden(setup.task, setup.train_ids)
+    result, *_ = run_fakes(make_config(max_metric_calls=60), setup)
+    assert dict(result.records[0].candidate.texts) == {"instr": "base kw0 kw1"}
+    assert result.records[0].candidate.kind == "seed"
+
+
+@pytest.mark.skipif(not HAS_ADAPTIVE_WIDTH, reason="engine without adaptive width")
+def test_adaptive_width_widens_when_mutations_keep_failing() -> None:
+    setup = hard_setup(train_n=40, val_n=8)
+    cfg = make_config(max_metric_calls=400, max_mutations_in_flight=8, max_evals_in_flight=32)
+    # noise children never win: the success rate falls and the width grows to the maximum
+    result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=1, reflector=FakeReflector(1, mode="noise"))
+    check_invariants(result, orch, ev, setup)
+    assert result.stats.peak_mutations_in_flight == 8
+    assert cfg.min_mutations_in_flight <= orch.width() <= cfg.max_mutations_in_flight
+
+
+@pytest.mark.skipif(not HAS_ADAPTIVE_WIDTH, reason="engine without adaptive width")
+def test_adaptive_width_starts_narrow() -> None:
+    setup = hard_setup(train_n=40, val_n=8)
+    cfg = make_config(max_metric_calls=400, max_mutations_in_flight=8)
+    seen: list[int] = []
+    holder: dict = {}
+
+    class Watch(Recorder):
+        def on_evaluation(self, candidate, split, outcome) -> None:
+            if holder["orch"]._committed == 0 and split == "train":
+                seen.append(holder["orch"].mutations_in_flight())
+
+    ev = FakeEvaluator(setup.task, 2)
+    orch = build(cfg, ev, FakeReflector(2), setup, [Watch()])
+    holder["orch"] = orch
+    run(orch)
+    assert seen and max(seen) <= max(2, cfg.min_mutations_in_flight)

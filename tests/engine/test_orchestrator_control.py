@@ -1,0 +1,410 @@
+"""Orchestrator control: streaming concurrency, stopping, interruption, systemic failures, termination."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dspy_turbogepa.engine import Candidate, SystemicFailureError
+from dspy_turbogepa.engine.selection import SelectorState
+
+from .fakes import (
+    FakeEvaluator,
+    FakeReflector,
+    Recorder,
+    StopAfter,
+    build,
+    check_invariants,
+    fixed_width,
+    hard_setup,
+    make_config,
+    run,
+    run_fakes,
+)
+
+# ------------------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_streaming_many_mutations_evaluate_at_once(deterministic: bool) -> None:
+    """12 training evaluations must be in flight together: only possible if >= 4 mutations overlap."""
+    setup = hard_setup(train_n=30, val_n=8)
+    state = {"waiting": 0, "released": False}
+    event: dict[str, asyncio.Event] = {}
+
+    async def gate(fp: str, split: str, example_id: int) -> None:
+        if split != "train" or state["released"]:
+            return
+        ev = event.setdefault("e", asyncio.Event())
+        state["waiting"] += 1
+        if state["waiting"] >= 12:
+            state["released"] = True
+            ev.set()
+        try:
+            await asyncio.wait_for(ev.wait(), 2.0)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"only {state['waiting']} evaluations ever waited together") from None
+
+    cfg = make_config(max_metric_calls=400, max_evals_in_flight=16, max_mutations_in_flight=8,
+                      max_reflections_in_flight=4, deterministic=deterministic, **fixed_width())
+    ev = FakeEvaluator(setup.task, 1, gate=gate)
+    result, orch, ev, _ = run_fakes(cfg, setup, evaluator=ev)
+    assert state["released"]
+    check_invariants(result, orch, ev, setup)
+    assert result.stats.peak_evals_in_flight >= 12
+    assert result.stats.peak_mutations_in_flight == 8
+
+
+def test_evaluations_are_shared_between_concurrent_mutations() -> None:
+    # Every mutation evaluates the seed on its minibatch; in-flight requests for the same pair are joined.
+    setup = hard_setup(train_n=6, val_n=8)
+    cfg = make_config(max_metric_calls=300, max_mutations_in_flight=6, reflection_minibatch_size=6)
+    result, orch, ev, _ = run_fakes(cfg, setup, sleep_seed=2)
+    check_invariants(result, orch, ev, setup)
+    assert result.stats.cache_hits > 0
+
+
+# ------------------------------------------------------------------------------------- stopping
+
+
+class CreateFileAfter(Recorder):
+    def __init__(self, path: Path, n: int) -> None:
+        super().__init__()
+        self.path, self.n = path, n
+
+    def on_mutation(self, result, status) -> None:
+        super().on_mutation(result, status)
+        if len(self.mutations) == self.n:
+            self.path.write_text("stop")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_stop_file_stops_the_run(tmp_path: Path, deterministic: bool) -> None:
+    setup = hard_setup()
+    stop = tmp_path / "STOP"
+    obs = CreateFileAfter(stop, 3)
+    cfg = make_config(max_metric_calls=2000, stop_file=stop, max_mutations_in_flight=2, deterministic=deterministic)
+    result, orch, _ev, _ = run_fakes(cfg, setup, sleep_seed=1, observers=[obs])
+    assert result.stop_reason == "stop_file"
+    assert 3 <= len(obs.mutations) <= 3 + cfg.max_staleness
+    assert result.total_metric_calls < 2000
+    assert orch.budget.reserved == 0
+
+
+def test_stop_file_present_before_the_run(tmp_path: Path) -> None:
+    stop = tmp_path / "STOP"
+    stop.touch()
+    setup = hard_setup()
+    result, _orch, _ev, refl = run_fakes(make_config(stop_file=stop), setup)
+    assert result.stop_reason == "stop_file"
+    assert len(result.records) == 1 and result.total_metric_calls == len(setup.val_ids)  # the seed only
+    assert not refl.calls
+
+
+def test_stop_callbacks_receive_selector_state_and_stop() -> None:
+    views: list[SelectorState] = []
+
+    def enough(state: SelectorState) -> bool:
+        views.append(state)
+        return len(state.program_candidates) >= 3
+
+    def never(state: SelectorState) -> bool:
+        return False
+
+    setup = hard_setup()
+    cfg = make_config(max_metric_calls=2000, stop_callbacks=(never, enough))
+    result, _orch, _ev, _ = run_fakes(cfg, setup, sleep_seed=0)
+    assert result.stop_reason == "stop_callback"
+    assert 3 <= len(result.records) <= 3 + cfg.max_staleness
+    assert result.total_metric_calls < 2000
+    assert views and all(isinstance(v, SelectorState) for v in views)
+    v = views[-1]
+    assert v.list_of_named_predictors == ["instr"]
+    assert v.program_candidates[0] == setup.task.seed_texts()
+    assert len(v.program_full_scores_val_set) == len(v.program_candidates)
+    assert len(v.named_predictor_id_to_update_next_for_program_candidate) == len(v.program_candidates)
+
+
+def test_request_stop_from_another_thread() -> None:
+    setup = hard_setup(train_n=30, val_n=8)
+    reached = threading.Event()
+
+    def on_call(ev: FakeEvaluator, key) -> None:
+        if len(ev.order) == 40:
+            reached.set()
+
+    ev = FakeEvaluator(setup.task, 3, real_sleep=0.002, on_call=on_call)
+    cfg = make_config(max_metric_calls=5000)
+    orch = build(cfg, ev, FakeReflector(3, real_sleep=0.002), setup)
+    stopper = threading.Thread(target=lambda: reached.wait(10) and orch.request_stop(), daemon=True)
+    stopper.start()
+    started = time.monotonic()
+    result = run(orch, timeout=10)
+    stopper.join(1)
+    assert result.stop_reason == "interrupted"
+    assert result.total_metric_calls < 400
+    assert time.monotonic() - started < 5
+    assert orch.budget.reserved == 0
+    assert sum(result.stats.mutations.values()) == sum(result.stats.mutations_by_kind.values())
+
+
+def test_request_stop_before_run_evaluates_only_the_seed() -> None:
+    setup = hard_setup()
+    ev = FakeEvaluator(setup.task)
+    orch = build(make_config(), ev, FakeReflector(), setup)
+    orch.request_stop("stop_callback")
+    result = run(orch)
+    assert result.stop_reason == "stop_callback"
+    assert [r.index for r in result.records] == [0]
+
+
+def test_cancel_in_flight_after_stop_keeps_the_budget() -> None:
+    setup = hard_setup(train_n=30, val_n=8)
+    holder: dict = {}
+
+    def on_call(ev: FakeEvaluator, key) -> None:
+        if len(ev.order) == 30:
+            holder["orch"].request_stop()
+            holder["orch"].cancel_in_flight()
+
+    ev = FakeEvaluator(setup.task, 1, on_call=on_call)
+    orch = build(make_config(max_metric_calls=1000, max_mutations_in_flight=4), ev, FakeReflector(1), setup)
+    holder["orch"] = orch
+    result = run(orch)
+    assert result.stop_reason == "interrupted"
+    assert result.stats.mutations["cancelled"] >= 1
+    assert result.total_metric_calls == ev.unique_pairs <= 1000
+    assert max(ev.calls.values()) == 1
+    assert orch.budget.reserved == 0
+
+
+# ------------------------------------------------------------------------------------- systemic failures
+
+
+def always(kind: str = "program_error", error_type: str | None = "ValueError"):
+    return lambda texts, split, i: (kind, error_type)
+
+
+def run_until_error(orch, ev: FakeEvaluator, settle: float = 0.0):
+    """Run; return the engine's error, the evaluator calls made when it was raised, and ``settle`` s later."""
+
+    async def main():
+        try:
+            await orch.run()
+        except SystemicFailureError as exc:
+            at_raise = len(ev.order)
+            await asyncio.sleep(settle)
+            return exc, at_raise, len(ev.order)
+        raise AssertionError("the run ended without SystemicFailureError")
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("val_n", [12, 4])
+def test_every_evaluation_failing_raises_after_the_window(val_n: int) -> None:
+    setup = hard_setup(val_n=val_n)
+    ev = FakeEvaluator(setup.task, fail=always())
+    cfg = make_config(systemic_failure_window=8, max_evals_in_flight=1, max_mutations_in_flight=1)
+    orch = build(cfg, ev, FakeReflector(), setup)
+    err, calls, _ = run_until_error(orch, ev)
+    assert (err.failure, err.error_type) == ("program_error", "ValueError")
+    assert "the first 8 evaluations all failed (8 of them" in str(err)
+    # one slot: evaluations run one at a time; only the few started while the error propagates follow it
+    assert 8 <= calls <= 8 + 3
+    assert orch.stats.failures["program_error"] >= 8
+
+
+def test_fewer_initial_failures_than_the_window_do_not_stop_the_run() -> None:
+    setup = hard_setup(val_n=8)
+    ev = FakeEvaluator(setup.task, 1)
+    ev.fail = lambda texts, split, i: ("program_error", "ValueError") if len(ev.order) <= 7 else None
+    cfg = make_config(max_metric_calls=150, systemic_failure_window=8, max_evals_in_flight=1)
+    result = run(build(cfg, ev, FakeReflector(1), setup))
+    assert result.stop_reason == "max_metric_calls"
+    assert result.stats.failures["program_error"] == 7
+
+
+def test_window_counts_failures_of_any_kind() -> None:
+    setup = hard_setup(val_n=6)
+    kinds = ["metric_error", "format_error", "metric_invalid"]
+    ev = FakeEvaluator(setup.task, fail=lambda texts, split, i: (kinds[i % 3], None))
+    cfg = make_config(systemic_failure_window=6, max_evals_in_flight=2)
+    _err, calls, _ = run_until_error(build(cfg, ev, FakeReflector(), setup), ev)
+    assert 6 <= calls <= 8
+
+
+def test_fatal_error_type_during_seed_stops_at_once() -> None:
+    setup = hard_setup(val_n=12)
+    ev = FakeEvaluator(setup.task, fail=lambda texts, split, i: ("program_error", "AuthenticationError") if i == 0
+                       else None)
+    cfg = make_config(max_evals_in_flight=1, systemic_failure_window=100)
+    err, calls, _ = run_until_error(build(cfg, ev, FakeReflector(), setup), ev)
+    assert err.error_type == "AuthenticationError"
+    assert all(split == "val" for _, split, _ in ev.order)  # no mutation was launched
+    assert calls <= 2
+
+
+# regression: _evaluate_many once used asyncio.gather, which left sibling evaluations running after one raised
+def test_no_evaluation_starts_after_run_raised() -> None:
+    setup = hard_setup(val_n=12)
+    ev = FakeEvaluator(setup.task, fail=always())
+    cfg = make_config(systemic_failure_window=8, max_evals_in_flight=1)
+    _, at_raise, later = run_until_error(build(cfg, ev, FakeReflector(), setup), ev, settle=0.05)
+    assert later == at_raise, f"{later - at_raise} evaluations ran after run() raised"
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_fatal_error_type_after_successes_stops_the_run(deterministic: bool) -> None:
+    setup = hard_setup()
+    seed_texts = setup.task.seed_texts()
+    fatal = []
+
+    def fail(texts, split, i):
+        if dict(texts) != seed_texts:
+            fatal.append(i)
+            return ("program_error", "AuthenticationError")
+        return None
+
+    ev = FakeEvaluator(setup.task, 2, fail=fail)
+    cfg = make_config(max_metric_calls=5000, max_mutations_in_flight=3, deterministic=deterministic)
+    orch = build(cfg, ev, FakeReflector(2), setup)
+    err, _, _ = run_until_error(orch, ev)
+    assert err.error_type == "AuthenticationError"
+    assert fatal
+    # only mutations already in flight may still have reached their child's evaluation
+    assert len(fatal) <= (cfg.max_staleness + 1) * cfg.reflection_minibatch_size
+    assert not orch.records[1:]
+
+
+# regression: deterministic mode once only surfaced errors from the oldest uncommitted mutation
+def test_fatal_error_stops_deterministic_run_while_an_older_mutation_is_slow() -> None:
+    setup = hard_setup()
+    seed_texts = setup.task.seed_texts()
+    never: dict[str, asyncio.Event] = {}
+
+    async def before(n: int) -> None:
+        if n == 0:  # the first reflection hangs (a slow reflection LM)
+            await never.setdefault("e", asyncio.Event()).wait()
+
+    ev = FakeEvaluator(setup.task, fail=lambda t, s, i: None if dict(t) == seed_texts
+                       else ("program_error", "AuthenticationError"))
+    orch = build(make_config(max_metric_calls=5000), ev, FakeReflector(before=before), setup)
+    with pytest.raises(SystemicFailureError):
+        run(orch, timeout=1.0)
+
+
+def test_fatal_error_stops_fast_mode_run_while_an_older_mutation_is_slow() -> None:
+    setup = hard_setup()
+    seed_texts = setup.task.seed_texts()
+    never: dict[str, asyncio.Event] = {}
+
+    async def before(n: int) -> None:
+        if n == 0:
+            await never.setdefault("e", asyncio.Event()).wait()
+
+    ev = FakeEvaluator(setup.task, fail=lambda t, s, i: None if dict(t) == seed_texts
+                       else ("program_error", "AuthenticationError"))
+    orch = build(make_config(max_metric_calls=5000, deterministic=False), ev, FakeReflector(before=before), setup)
+    with pytest.raises(SystemicFailureError):
+        run(orch, timeout=2.0)
+
+
+def test_failures_after_a_success_are_ordinary_data() -> None:
+    setup = hard_setup(train_n=12, val_n=8)
+    # every training example 5 fails for every candidate (a broken example, not a broken setup)
+    ev = FakeEvaluator(setup.task, 1, fail=lambda t, split, i: ("metric_error", "KeyError") if (split, i) == ("train", 5) else None)
+    result, orch, ev, _ = run_fakes(make_config(max_metric_calls=200, systemic_failure_window=2), setup, evaluator=ev)
+    check_invariants(result, orch, ev, setup)
+    assert result.stats.failures["metric_error"] == sum(1 for k in ev.calls if k[2] == 5 and k[1] == "train") > 0
+    assert result.stop_reason == "max_metric_calls"
+
+
+def test_evaluator_exception_propagates() -> None:
+    setup = hard_setup()
+
+    async def boom(fp: str, split: str, i: int) -> None:
+        if split == "train":
+            raise KeyError("evaluator bug")
+
+    ev = FakeEvaluator(setup.task, gate=boom)
+    with pytest.raises(KeyError, match="evaluator bug"):
+        run(build(make_config(), ev, FakeReflector(), setup))
+
+
+# ------------------------------------------------------------------------------------- termination
+
+
+# regression: free no-op mutations (cached parent + skip) once made the run spin forever
+@pytest.mark.parametrize("case", ["perfect_seed", "proposer_always_skips"])
+def test_run_terminates_when_no_progress_is_possible(case: str) -> None:
+    setup = hard_setup(train_n=6, val_n=4)
+    if case == "perfect_seed":
+        # the seed already knows every keyword: every minibatch is perfect and skipped
+        setup.seed_texts = {"instr": "base " + " ".join(f"kw{k}" for k in range(6))}
+        from .fakes import KeywordTask
+
+        setup.task = KeywordTask()
+        refl = FakeReflector()
+    else:
+        refl = FakeReflector(skip=lambda n: "empty_proposal")
+    result, _orch, ev, _ = run_fakes(make_config(max_metric_calls=1000), setup, reflector=refl, timeout=3.0)
+    assert result.stop_reason == "no_progress_possible"
+    # nothing was paid beyond the seed's valset and the seed on each training example
+    assert result.total_metric_calls == len(setup.val_ids) + len(setup.train_ids) == ev.unique_pairs
+    assert len(result.records) == 1
+
+
+def test_stop_after_observer_bounds_zero_cost_runs() -> None:
+    # The harness itself: StopAfter is how the policy tests end runs made of free no-op mutations.
+    setup = hard_setup(train_n=6, val_n=4)
+    stop = StopAfter(25)
+    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=1000), setup,
+                                       reflector=FakeReflector(skip=lambda n: "empty_proposal"), observers=[stop])
+    assert result.stop_reason == "interrupted"
+    assert 25 <= sum(result.stats.mutations.values()) <= 25 + make_config().max_staleness
+    assert result.total_metric_calls == len(setup.val_ids) + len(setup.train_ids)  # seed on val + all of train
+    assert result.stats.proposal_skips["empty_proposal"] == len(refl.calls)
+    assert Candidate(setup.task.seed_texts()).fingerprint == result.records[0].candidate.fingerprint
+
+
+def test_cancelling_run_is_not_swallowed() -> None:
+    setup = hard_setup(train_n=30, val_n=8)
+    holder: dict = {}
+
+    def on_call(ev: FakeEvaluator, key) -> None:
+        if len(ev.order) == 30:
+            holder["task"].cancel()
+            holder["calls_at_cancel"] = len(ev.order)
+
+    ev = FakeEvaluator(setup.task, 1, on_call=on_call)
+    # regression: run() once swallowed its own cancellation when it arrived while awaiting a mutation
+    cfg = make_config(max_metric_calls=3000, max_mutations_in_flight=2, max_staleness=2)
+    orch = build(cfg, ev, FakeReflector(1), setup)
+
+    async def main() -> asyncio.Task:
+        task = asyncio.ensure_future(orch.run())
+        holder["task"] = task
+        await asyncio.wait({task}, timeout=5)
+        return task
+
+    task = asyncio.run(main())
+    assert task.done()
+    assert task.cancelled(), (
+        f"run() ignored its cancellation: it returned stop_reason={task.result().stop_reason!r} after "
+        f"{len(ev.order)} evaluations (cancelled at {holder['calls_at_cancel']})"
+    )
+
+
+@pytest.mark.skipif("max_noop_mutations" not in make_config().__dataclass_fields__, reason="engine without the knob")
+def test_max_noop_mutations_bounds_the_free_streak() -> None:
+    setup = hard_setup(train_n=6, val_n=4)
+    rec = Recorder()
+    cfg = make_config(max_metric_calls=1000, max_noop_mutations=5, **fixed_width())
+    result, *_ = run_fakes(cfg, setup, reflector=FakeReflector(skip=lambda n: "empty_proposal"), observers=[rec])
+    assert result.stop_reason == "no_progress_possible"
+    # the streak only counts mutations that charged nothing: the first epoch pays for the seed's minibatches
+    assert 5 <= len(rec.mutations) <= 5 + len(setup.train_ids) + cfg.max_mutations_in_flight

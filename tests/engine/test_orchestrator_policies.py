@@ -1,0 +1,343 @@
+"""Orchestrator policies: proposer skips, dedupe, perfect scores, minibatch acceptance, component and
+candidate selection."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from dspy_turbogepa.engine import Candidate
+from dspy_turbogepa.engine.frontier import ParetoFrontier
+from dspy_turbogepa.engine.selection import SelectorState
+
+from .fakes import (
+    FakeEvaluator,
+    FakeReflector,
+    KeywordTask,
+    Recorder,
+    Setup,
+    StopAfter,
+    Trajectory,
+    build,
+    check_invariants,
+    fixed_width,
+    hard_setup,
+    make_config,
+    run,
+    run_fakes,
+)
+
+# ------------------------------------------------------------------------------------- proposer skips
+
+
+def test_proposer_skips_are_counted_and_the_run_continues() -> None:
+    setup = hard_setup()
+    refl = FakeReflector(1, skip=lambda n: ("empty_proposal", "no_reflective_data", None)[n % 3])
+    rec = Recorder()
+    result, orch, ev, refl = run_fakes(make_config(max_metric_calls=250), setup, reflector=refl, observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    n = len(refl.calls)
+    assert result.stats.proposal_skips["empty_proposal"] == len(range(0, n, 3))
+    assert result.stats.proposal_skips["no_reflective_data"] == len(range(1, n, 3))
+    assert result.stats.mutations["no_proposal"] == len(range(0, n, 3)) + len(range(1, n, 3))
+    assert len(result.records) > 1 and result.stop_reason == "max_metric_calls"
+    skipped = [r for r in rec.results if r.status == "no_proposal"]
+    assert all(r.child is None and r.detail.split(":")[0] in ("empty_proposal", "no_reflective_data")
+               for r in skipped)
+    # a skipped proposal costs only the parent's minibatch
+    assert all({split for _, split, _ in r.requested} == {"train"} for r in skipped)
+
+
+def test_unchanged_texts_are_a_skip() -> None:
+    setup = hard_setup()
+    refl = FakeReflector(fixed=setup.task.seed_texts())  # proposes the parent's own text
+    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=1000), setup, reflector=refl,
+                                       observers=[StopAfter(10)])
+    assert result.stats.proposal_skips["unchanged_texts"] == len(refl.calls) >= 10
+    assert len(result.records) == 1
+
+
+def test_reflection_calls_are_summed() -> None:
+    class TwoCalls(FakeReflector):
+        async def reflect(self, *args, **kwargs):
+            out = await super().reflect(*args, **kwargs)
+            return type(out)(texts=out.texts, skipped=out.skipped, reflection_calls=2)
+
+    setup = hard_setup()
+    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=120), setup, reflector=TwoCalls(1))
+    assert result.stats.reflection_calls == 2 * len(refl.calls) > 0
+
+
+# regression: a raising Reflector used to kill the run
+def test_proposer_exception_is_recorded_and_the_run_continues() -> None:
+    setup = hard_setup()
+    refl = FakeReflector(1, raise_on=lambda n: n % 3 == 1)
+    result, orch, ev, refl = run_fakes(make_config(max_metric_calls=250), setup, reflector=refl)
+    assert result.stats.proposal_skips["proposer_error"] == len(range(1, len(refl.calls), 3)) > 0
+    assert result.stop_reason == "max_metric_calls"
+    check_invariants(result, orch, ev, setup)
+
+
+# ------------------------------------------------------------------------------------- dedupe
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_duplicate_children_are_counted_and_not_added(deterministic: bool) -> None:
+    setup = hard_setup(train_n=12, val_n=8)
+    # every proposal is the same program: a specialist that trades kw0 for kw1 and kw2, so the seed
+    # stays on the frontier and keeps being picked as a parent, re-proposing a known child
+    fixed = {"instr": "base kw1 kw2"}
+    refl = FakeReflector(3, fixed=fixed)
+    cfg = make_config(max_metric_calls=1000, max_mutations_in_flight=4, deterministic=deterministic)
+    rec = Recorder()
+    result, orch, ev, refl = run_fakes(cfg, setup, reflector=refl, sleep_seed=3, observers=[rec, StopAfter(30)])
+    check_invariants(result, orch, ev, setup)
+    fp = Candidate(fixed).fingerprint
+    assert [r.candidate.fingerprint for r in result.records][1:] == [fp]  # added exactly once
+    assert result.stats.mutations["accepted"] == 1
+    dups = [r for r, (_, status) in zip(rec.results, rec.mutations) if status == "duplicate"]
+    assert len(dups) == result.stats.mutations["duplicate"] >= 3
+    assert all(r.child is not None and r.child.fingerprint == fp for r in dups)
+    early = [r for r in dups if r.plan.committed_at_launch >= 2]
+    assert len(early) >= 2
+    for r in early:  # the child was in the pool when the mutation was planned: dropped before evaluating it
+        assert r.status == "duplicate"
+        assert not {k for k in r.requested if k[0] == fp}
+    # the duplicate's evaluations were never paid twice
+    assert all(n == 1 for k, n in ev.calls.items() if k[0] == fp)
+
+
+def test_two_mutations_finding_the_same_child_in_flight_commit_one() -> None:
+    # max_staleness == mutations in flight, all four launched from the seed alone: several find the
+    # same child concurrently; exactly one commit adds it, the others are counted duplicate.
+    setup = Setup(task=KeywordTask(num_keywords=2), train_ids=tuple(range(4)), val_ids=tuple(range(8)))
+    setup.task = KeywordTask(num_keywords=2, hidden=frozenset({("train", 3)}))
+    cfg = make_config(max_metric_calls=1000, max_mutations_in_flight=4, max_staleness=4,
+                      reflection_minibatch_size=4, **fixed_width())
+    rec = Recorder()
+    result, _orch, ev, _refl = run_fakes(cfg, setup, reflector=FakeReflector(fixed={"instr": "base kw0 kw1"}),
+                                       observers=[rec, StopAfter(4)])
+    first_four = [s for seq, s in rec.mutations if seq < 4]
+    assert first_four.count("accepted") == 1 and first_four.count("duplicate") == 3
+    assert len(result.records) == 2
+    assert max(ev.calls.values()) == 1
+
+
+# ------------------------------------------------------------------------------------- perfect scores
+
+
+def perfect_setup() -> Setup:
+    task = KeywordTask()
+    return Setup(task=task, seed_texts={"instr": "base " + " ".join(f"kw{k}" for k in range(task.num_keywords))})
+
+
+def test_skip_perfect_score_skips_perfect_parents() -> None:
+    setup = perfect_setup()
+    rec = Recorder()
+    result, _orch, ev, refl = run_fakes(make_config(max_metric_calls=1000), setup, observers=[rec, StopAfter(12)])
+    assert not refl.calls
+    assert set(result.stats.mutations) == {"skipped_perfect"}
+    assert len(result.records) == 1
+    assert {split for _, split, _ in ev.calls} == {"val", "train"}
+    assert all(k[0] == result.records[0].candidate.fingerprint for k in ev.calls)  # only the seed ran
+
+
+def test_without_skip_perfect_score_perfect_parents_are_reflected_on() -> None:
+    setup = perfect_setup()
+    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=120, skip_perfect_score=False), setup)
+    assert refl.calls
+    assert "skipped_perfect" not in result.stats.mutations
+    assert result.stats.mutations["rejected_rung0"] == len(refl.calls)  # noise children tie: strict rule rejects
+    assert result.stop_reason == "max_metric_calls"
+
+
+def test_perfect_score_threshold_is_configurable() -> None:
+    setup = perfect_setup()
+    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=120, perfect_score=2.0), setup)
+    assert refl.calls and "skipped_perfect" not in result.stats.mutations
+    # with a lower threshold a merely partial parent counts as perfect
+    setup2 = hard_setup()
+    setup2.seed_texts = {"instr": "base " + " ".join(f"kw{k}" for k in range(6))}
+    result2, _, _, refl2 = run_fakes(make_config(max_metric_calls=1000, perfect_score=0.0), setup2,
+                                     observers=[StopAfter(8)])
+    assert not refl2.calls and set(result2.stats.mutations) == {"skipped_perfect"}
+
+
+# ------------------------------------------------------------------------------------- minibatch acceptance
+
+
+@pytest.mark.parametrize("accept_equal", [False, True])
+def test_accept_equal_on_minibatch(accept_equal: bool) -> None:
+    setup = hard_setup()
+    cfg = make_config(max_metric_calls=200, accept_equal_on_minibatch=accept_equal, rung_fractions=(1.0,))
+    rec = Recorder()
+    result, orch, ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(2, mode="noise"), observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    seed_scores = result.records[0].val_scores
+    if accept_equal:
+        assert result.stats.mutations["accepted"] >= 2
+        assert all(r.val_scores == seed_scores for r in result.records)  # equal children joined the pool
+        assert "rejected_rung0" not in result.stats.mutations
+    else:
+        assert len(result.records) == 1
+        assert set(result.stats.mutations) <= {"rejected_rung0", "skipped_perfect"}
+        assert result.stats.mutations["rejected_rung0"] == len(refl.calls) > 0
+        for r in rec.results:  # a rejected child costs its minibatch and nothing on validation
+            if r.status == "rejected_rung0":
+                assert {split for f, split, _ in r.requested if f == r.child.fingerprint} == {"train"}
+
+
+def test_worse_child_rejected_on_minibatch() -> None:
+    # the seed knows kw0..kw2; replace-mode children know one keyword: never better on the minibatch
+    setup = hard_setup()
+    setup.seed_texts = {"instr": "base kw0 kw1 kw2 kw3 kw4"}
+    rec = Recorder()
+    result, _orch, _ev, _refl = run_fakes(make_config(max_metric_calls=150), setup,
+                                       reflector=FakeReflector(1, mode="replace"), observers=[rec])
+    for r in rec.results:
+        if r.status == "rejected_rung0":
+            child_sum = sum(setup.task.score(r.child.texts, "train", i) for i in r.plan.minibatch)
+            parent_sum = sum(setup.task.score(r.plan.parent.texts, "train", i) for i in r.plan.minibatch)
+            assert child_sum <= parent_sum
+        if r.status == "accepted":
+            child_sum = sum(setup.task.score(r.child.texts, "train", i) for i in r.plan.minibatch)
+            parent_sum = sum(setup.task.score(r.plan.parent.texts, "train", i) for i in r.plan.minibatch)
+            assert child_sum > parent_sum
+    assert result.stats.mutations["rejected_rung0"] > 0
+
+
+# ------------------------------------------------------------------------------------- component selection
+
+TWO = ("a", "b")
+
+
+def two_component_setup() -> Setup:
+    task = KeywordTask(components=TWO, hidden=frozenset(("train", i) for i in range(12) if i % 4 == 3))
+    return Setup(task=task, train_ids=tuple(range(12)), val_ids=tuple(range(8)))
+
+
+def test_round_robin_alternates_components_on_the_same_parent() -> None:
+    setup = two_component_setup()
+    cfg = make_config(max_metric_calls=150, max_mutations_in_flight=1, max_staleness=1,
+                      candidate_selection="current_best")
+    result, _orch, _ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(mode="noise"))
+    assert len(result.records) == 1  # the seed is always the parent
+    comps = [c.components for c in refl.calls]
+    assert len(comps) >= 6
+    rec_plans_all_reflected = len(comps) == sum(result.stats.mutations.values())
+    assert rec_plans_all_reflected, dict(result.stats.mutations)
+    assert comps == [("a",), ("b",)] * (len(comps) // 2) + [("a",)] * (len(comps) % 2)
+
+
+def test_round_robin_counters_are_per_candidate_and_inherited() -> None:
+    setup = two_component_setup()
+    cfg = make_config(max_metric_calls=400, max_mutations_in_flight=1, max_staleness=1,
+                      candidate_selection="current_best")
+    rec = Recorder()
+    result, _orch, _ev, _refl = run_fakes(cfg, setup, reflector=FakeReflector(4), observers=[rec])
+    counters: Counter[str] = Counter()
+    reused_child = False
+    for r, (seq, status) in zip(rec.results, rec.mutations):
+        p = r.plan.parent.fingerprint
+        assert r.plan.components == [TWO[counters[p] % 2]], (seq, r.plan.components, counters[p])
+        counters[p] = (counters[p] + 1) % 2
+        reused_child |= r.plan.parent_index > 0
+        if status == "accepted":
+            counters[r.child.fingerprint] = max(counters[r.child.fingerprint], counters[p])
+            assert dict(r.child.texts)[r.plan.components[0]] != dict(r.plan.parent.texts)[r.plan.components[0]]
+    assert reused_child and len(result.records) >= 3
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_component_selector_all_updates_every_component(deterministic: bool) -> None:
+    setup = two_component_setup()
+    cfg = make_config(max_metric_calls=200, component_selector="all", deterministic=deterministic)
+    result, orch, ev, refl = run_fakes(cfg, setup, sleep_seed=1)
+    check_invariants(result, orch, ev, setup)
+    assert refl.calls and all(c.components == TWO for c in refl.calls)
+    assert all(r.candidate.kind == "reflection_all" for r in result.records[1:]) and len(result.records) > 1
+    assert result.stats.accepted_by_kind == Counter({"reflection_all": len(result.records) - 1})
+    assert set(result.stats.survived_rung0_by_kind) == {"reflection_all"}
+
+
+# regression: launches were counted as "reflection" before the kind became "reflection_all"
+def test_mutations_by_kind_matches_accepted_by_kind_for_all() -> None:
+    setup = two_component_setup()
+    result, *_ = run_fakes(make_config(max_metric_calls=200, component_selector="all"), setup, sleep_seed=1)
+    assert set(result.stats.mutations_by_kind) == {"reflection_all"}
+
+
+def test_callable_selector_receives_selector_state() -> None:
+    setup = two_component_setup()
+    seen: list[tuple] = []
+
+    def selector(state, trajectories, scores, candidate_idx, candidate):
+        seen.append((state, trajectories, scores, candidate_idx, candidate))
+        return ["b"]
+
+    cfg = make_config(max_metric_calls=200, component_selector=selector)
+    rec = Recorder()
+    result, orch, ev, refl = run_fakes(cfg, setup, sleep_seed=2, observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    assert seen and refl.calls and all(c.components == ("b",) for c in refl.calls)
+    for state, trajectories, scores, idx, candidate in seen:
+        assert isinstance(state, SelectorState)
+        assert state.list_of_named_predictors == ["a", "b"]
+        assert state.program_candidates[0] == setup.task.seed_texts()
+        assert len(state.program_full_scores_val_set) == len(state.program_candidates)
+        assert len(state.named_predictor_id_to_update_next_for_program_candidate) == len(state.program_candidates)
+        assert candidate == state.program_candidates[idx]
+        assert len(trajectories) == len(scores) == cfg.reflection_minibatch_size
+        assert all(isinstance(t, Trajectory) and t.split == "train" for t in trajectories)
+        assert scores == [t.score for t in trajectories]
+    assert all(dict(r.candidate.texts)["a"] == "base kw0" for r in result.records)  # only "b" ever changed
+
+
+def test_callable_selector_choosing_nothing_is_a_skip() -> None:
+    setup = two_component_setup()
+    cfg = make_config(max_metric_calls=1000, component_selector=lambda *args: [])
+    result, _orch, _ev, refl = run_fakes(cfg, setup, observers=[StopAfter(6)])
+    assert not refl.calls
+    assert result.stats.proposal_skips["no_components"] == sum(result.stats.mutations.values()) >= 6
+
+
+def test_callable_selector_naming_an_unknown_component_fails_the_run() -> None:
+    setup = two_component_setup()
+    cfg = make_config(component_selector=lambda *args: ["c"])
+    with pytest.raises(ValueError, match="unknown components"):
+        run(build(cfg, FakeEvaluator(setup.task), FakeReflector(), setup))
+
+
+# ------------------------------------------------------------------------------------- candidate selection
+
+
+@pytest.mark.parametrize("strategy", ["pareto", "current_best", "epsilon_greedy", "top_k_pareto"])
+def test_parent_selection_follows_the_strategy(strategy: str) -> None:
+    setup = hard_setup(train_n=24, val_n=12)
+    cfg = make_config(max_metric_calls=500, candidate_selection=strategy, max_mutations_in_flight=3)
+    rec = Recorder()
+    result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=5, reflector=FakeReflector(5, mode="replace"),
+                                       observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    assert len(result.records) >= 4
+    parents = Counter()
+    for r in rec.results:
+        n = r.plan.committed_at_launch  # the parent was chosen from the pool as it was then
+        known = result.records[:n]
+        f = ParetoFrontier(setup.val_ids)
+        for k in known:
+            f.add(k.index, k.val_scores)
+        p = r.plan.parent_index
+        assert 0 <= p < n
+        parents[p] += 1
+        members = set().union(*f.non_dominated().values())
+        if strategy == "current_best":
+            assert p == f.best_index()
+        elif strategy == "pareto":
+            assert p in members
+        elif strategy == "top_k_pareto":
+            top5 = set(sorted(range(n), key=lambda i: (-known[i].aggregate, i))[:5])
+            assert p in (members & top5) or (not members & top5 and p == f.best_index())
+    if strategy != "current_best":
+        assert len(parents) > 1

@@ -1,0 +1,193 @@
+"""PrioritySlots: a counting semaphore serving the lowest priority value first."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dspy_turbogepa.engine.scheduling import PrioritySlots
+
+
+async def settle(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_capacity_is_respected_and_peak_tracked() -> None:
+    async def main() -> tuple[int, int]:
+        slots = PrioritySlots(3)
+        active = peak = 0
+
+        async def worker(i: int) -> None:
+            nonlocal active, peak
+            async with slots.slot(priority=i % 4):
+                active += 1
+                peak = max(peak, active)
+                assert slots.in_use <= slots.capacity
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                active -= 1
+
+        await asyncio.gather(*(worker(i) for i in range(20)))
+        assert slots.in_use == 0 and slots.waiting == 0
+        return peak, slots.peak_in_use
+
+    assert asyncio.run(main()) == (3, 3)
+
+
+def test_lowest_priority_value_served_first_fifo_among_equals() -> None:
+    async def main() -> list[str]:
+        slots = PrioritySlots(1)
+        order: list[str] = []
+        await slots.acquire(0)  # hold the only slot
+
+        async def waiter(name: str, prio: float) -> None:
+            async with slots.slot(prio):
+                order.append(name)
+                await asyncio.sleep(0)
+
+        tasks = []
+        for name, prio in [("p5", 5), ("p1a", 1), ("p3", 3), ("p1b", 1), ("pneg", -1)]:
+            tasks.append(asyncio.create_task(waiter(name, prio)))
+            await settle(1)
+        assert slots.waiting == 5
+        slots.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(main()) == ["pneg", "p1a", "p1b", "p3", "p5"]
+
+
+def test_free_slot_is_taken_without_waiting() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(2)
+        await slots.acquire(100)
+        await slots.acquire(100)
+        assert slots.in_use == 2 and slots.waiting == 0
+        slots.release()
+        slots.release()
+        assert slots.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(1)
+        await slots.acquire(0)
+        waiter = asyncio.create_task(slots.acquire(1))
+        await settle()
+        assert slots.waiting == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert slots.waiting == 0
+        slots.release()
+        assert slots.in_use == 0
+        await asyncio.wait_for(slots.acquire(2), 1.0)  # the slot is free again
+        assert slots.in_use == 1
+
+    asyncio.run(main())
+
+
+def test_waiter_cancelled_after_being_granted_hands_the_slot_on() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(1)
+        await slots.acquire(0)
+        granted = asyncio.create_task(slots.acquire(1))
+        nxt = asyncio.create_task(slots.acquire(2))
+        await settle()
+        slots.release()  # grants `granted` (in_use back to 1) ...
+        assert slots.in_use == 1
+        granted.cancel()  # ... which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await granted
+        await asyncio.wait_for(nxt, 1.0)  # the slot went to the next waiter
+        assert slots.in_use == 1 and slots.waiting == 0
+        slots.release()
+        assert slots.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_cancelling_many_waiters_keeps_accounting_exact() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(2)
+        done: list[int] = []
+
+        async def worker(i: int) -> None:
+            async with slots.slot(i):
+                await asyncio.sleep(0)
+                done.append(i)
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(30)]
+        await settle(1)
+        for t in tasks[5::3]:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert slots.in_use == 0 and slots.waiting == 0
+        assert len(done) == 30 - len(tasks[5::3])
+        await asyncio.wait_for(slots.acquire(0), 1.0)
+
+    asyncio.run(main())
+
+
+def test_set_capacity_grows_and_wakes_waiters() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(1)
+        await slots.acquire(0)
+        waiters = [asyncio.create_task(slots.acquire(i)) for i in range(3)]
+        await settle()
+        assert slots.waiting == 3
+        slots.set_capacity(3)
+        await settle()
+        assert slots.capacity == 3 and slots.in_use == 3
+        assert sum(w.done() for w in waiters) == 2
+        assert waiters[0].done() and waiters[1].done()  # lowest priorities first
+        slots.set_capacity(4)
+        await asyncio.wait_for(waiters[2], 1.0)
+        assert slots.in_use == 4
+
+    asyncio.run(main())
+
+
+def test_set_capacity_shrinks_until_usage_drops() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(3)
+        for _ in range(3):
+            await slots.acquire(0)
+        slots.set_capacity(1)
+        waiter = asyncio.create_task(slots.acquire(0))
+        await settle()
+        slots.release()  # 2 in use, capacity 1: still no room
+        await settle()
+        assert not waiter.done() and slots.in_use == 2
+        slots.release()  # 1 in use: still full
+        await settle()
+        assert not waiter.done()
+        slots.release()  # 0 in use: the waiter gets the only slot
+        await asyncio.wait_for(waiter, 1.0)
+        assert slots.in_use == 1
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(slots.acquire(0), 0.01)
+        slots.set_capacity(0)  # clamped to 1
+        assert slots.capacity == 1
+
+    asyncio.run(main())
+
+
+def test_slot_released_on_exception() -> None:
+    async def main() -> None:
+        slots = PrioritySlots(1)
+        with pytest.raises(KeyError):
+            async with slots.slot(0):
+                raise KeyError("boom")
+        assert slots.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        PrioritySlots(0)

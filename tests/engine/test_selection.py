@@ -1,0 +1,83 @@
+"""ComponentSelector (round robin / all / callable) and Candidate identity."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
+from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
+
+
+def test_round_robin_is_per_candidate_and_child_inherits_max() -> None:
+    sel = ComponentSelector(["a", "b", "c"], "round_robin")
+    texts = {"a": "", "b": "", "c": ""}
+    picks = [sel.select("seed", texts, 0, (), (), None) for _ in range(4)]
+    assert [p[0] for p in picks] == [["a"], ["b"], ["c"], ["a"]]
+    assert [p[1] for p in picks] == [1, 2, 0, 1]  # the counter a child of that mutation inherits
+    assert sel.counter("seed") == 1
+    assert sel.select("other", texts, 1, (), (), None) == (["a"], 1)  # independent counter
+    sel.inherit("child", 2)
+    sel.inherit("child", 1)  # max over parents
+    assert sel.counter("child") == 2
+    assert sel.select("child", texts, 2, (), (), None)[0] == ["c"]
+
+
+def test_all_returns_every_component_and_keeps_counter() -> None:
+    sel = ComponentSelector(["a", "b"], "all")
+    assert sel.select("p", {"a": "", "b": ""}, 0, (), (), None) == (["a", "b"], 0)
+    assert sel.counter("p") == 0
+
+
+def test_callable_receives_gepa_style_arguments() -> None:
+    seen = []
+
+    def policy(state, trajectories, scores, idx, candidate):
+        seen.append((state, trajectories, scores, idx, candidate))
+        return ["b"]
+
+    sel = ComponentSelector(["a", "b"], policy)
+    state = SelectorState(["a", "b"], [{"a": "x", "b": "y"}], [0.5])
+    names, counter = sel.select("p", {"a": "x", "b": "y"}, 0, ("t1", "t2"), (0.0, 1.0), state)
+    assert (names, counter) == (["b"], 0)
+    assert seen == [(state, ["t1", "t2"], [0.0, 1.0], 0, {"a": "x", "b": "y"})]
+
+
+def test_callable_returning_unknown_component_raises() -> None:
+    sel = ComponentSelector(["a"], lambda *args: ["a", "zzz"])
+    with pytest.raises(ValueError, match="zzz"):
+        sel.select("p", {"a": ""}, 0, (), (), None)
+
+
+def test_callable_returning_none_selects_nothing() -> None:
+    sel = ComponentSelector(["a"], lambda *args: None)
+    assert sel.select("p", {"a": ""}, 0, (), (), None) == ([], 0)
+
+
+def test_no_components_rejected() -> None:
+    with pytest.raises(ValueError):
+        ComponentSelector([], "round_robin")
+
+
+def test_fingerprint_depends_on_content_only() -> None:
+    a = Candidate({"x": "1", "y": "2"})
+    b = Candidate({"y": "2", "x": "1"}, parents=("zz",), kind="merge")
+    assert a.fingerprint == b.fingerprint == fingerprint_texts({"x": "1", "y": "2"})
+    assert a == Candidate({"x": "1", "y": "2"})
+    assert Candidate({"x": "1", "y": "3"}).fingerprint != a.fingerprint
+    assert Candidate({"x": "1 ", "y": "2"}).fingerprint != a.fingerprint
+
+
+def test_candidate_texts_are_frozen_and_children_link_parents() -> None:
+    src = {"x": "1", "y": "2"}
+    c = Candidate(src)
+    src["x"] = "changed"
+    assert c.texts["x"] == "1"
+    with pytest.raises(TypeError):
+        c.texts["x"] = "2"  # type: ignore[index]
+    child = c.with_updates({"y": "3"}, "reflection")
+    assert dict(child.texts) == {"x": "1", "y": "3"}
+    assert child.parents == (c.fingerprint,)
+    assert child.kind == "reflection"
+    assert child.changed_components(c) == {"y"}
+    with pytest.raises(KeyError):
+        c.with_updates({"nope": "1"}, "reflection")

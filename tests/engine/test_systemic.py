@@ -1,0 +1,89 @@
+"""SystemicFailureDetector and EngineConfig validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspy_turbogepa.engine.config import EngineConfig
+from dspy_turbogepa.engine.errors import SystemicFailureError
+from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES, SystemicFailureDetector
+from dspy_turbogepa.engine.types import EvalOutcome
+
+from .fakes import make_config
+
+OK = EvalOutcome(0, 1.0)
+
+
+def fail(kind: str = "program_error", error_type: str | None = "ValueError", msg: str = "boom") -> EvalOutcome:
+    return EvalOutcome(0, 0.0, failure=kind, error_type=error_type, message=msg)  # type: ignore[arg-type]
+
+
+def test_window_of_initial_failures_raises_with_most_common_cause() -> None:
+    det = SystemicFailureDetector(5)
+    for o in [fail("metric_error", "KeyError"), fail(), fail(), fail()]:
+        det.observe(o)
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe(fail(msg="the program broke"))
+    err = info.value
+    assert (err.failure, err.error_type) == ("program_error", "ValueError")
+    # the message quotes the first example of the most common cause
+    assert "first 5 evaluations" in str(err) and "4 of them" in str(err) and "boom" in str(err)
+
+
+def test_a_success_makes_later_ordinary_failures_data() -> None:
+    det = SystemicFailureDetector(3)
+    det.observe(fail())
+    det.observe(OK)
+    for _ in range(50):
+        det.observe(fail())
+
+
+def test_fatal_error_type_raises_at_once_even_after_success() -> None:
+    det = SystemicFailureDetector(100)
+    det.observe(OK)
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe(fail(error_type="AuthenticationError", msg="bad key"))
+    assert info.value.error_type == "AuthenticationError"
+    assert "bad key" in str(info.value)
+    assert {"AuthenticationError", "NotFoundError", "APIConnectionError"} <= FATAL_ERROR_TYPES
+
+
+def test_window_is_at_least_one() -> None:
+    det = SystemicFailureDetector(0)
+    with pytest.raises(SystemicFailureError):
+        det.observe(fail(error_type=None))
+
+
+# --------------------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"max_metric_calls": 0},
+        {"max_evals_in_flight": 0},
+        {"max_mutations_in_flight": True},
+        {"max_reflections_in_flight": 1.5},
+        {"reflection_minibatch_size": 0},
+        {"rung_fractions": (0.5,)},
+        {"rung_fractions": ()},
+        {"candidate_selection": "random"},
+        {"component_selector": "first"},
+        {"promotion_z": -0.1},
+        {"max_mutations_in_flight": 4, "max_staleness": 3},
+    ],
+)
+def test_config_rejects_bad_values(overrides: dict) -> None:
+    with pytest.raises(ValueError):
+        make_config(**overrides)
+
+
+def test_config_defaults_and_normalisation() -> None:
+    cfg = make_config(max_mutations_in_flight=3, rung_fractions=[0.5, 1])
+    assert isinstance(cfg.max_staleness, int) and cfg.max_staleness >= 3  # defaulted from the mutations in flight
+    assert cfg.rung_fractions == (0.5, 1.0)
+    assert cfg.deterministic and cfg.skip_perfect_score and not cfg.accept_equal_on_minibatch
+    assert make_config(component_selector=lambda *a: ["x"]).component_selector is not None
+    cfg2 = EngineConfig(max_metric_calls=5, max_evals_in_flight=1, max_mutations_in_flight=1,
+                        max_reflections_in_flight=1, max_staleness=1)
+    assert cfg2.max_staleness == 1
