@@ -263,8 +263,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
         config = self._engine_config(budget, num_threads, len(val))
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight)
+        store, observers, known_evals, known_props = self._open_store(student, codec, train, val)
         orchestrator = Orchestrator(
-            config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val))
+            config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
+            observers=observers, known_evaluations=known_evals, known_proposals=known_props,
         )
         logger.info(
             "TurboGEPA: budget %d metric calls, %d evaluations / %d mutations / %d reflections in flight, "
@@ -280,6 +282,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         finally:
             evaluator.close()
             reflector.close()
+            if store is not None:
+                store.record_event("run_finished" if "result" in locals() else "run_failed", {})
+                store.close()
+        if known_evals:
+            result.total_metric_calls += len(known_evals)  # paid by the earlier process of this run
         if result.stop_reason == "interrupted":
             logger.warning("Run interrupted: returning the best program found so far.")
         best = result.best
@@ -296,6 +303,30 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         return program
 
     # ------------------------------------------------------------------ helpers
+    def _open_store(
+        self, student: dspy.Module, codec: ProgramCodec, train: list[dspy.Example], val: list[dspy.Example]
+    ) -> tuple[Any, list[Any], dict[Any, Any] | None, dict[str, Any] | None]:
+        """With ``log_dir``: open (or resume) the run store; refuse a log_dir holding a different run."""
+        if not self.log_dir:
+            return None, [], None, None
+        from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, run_key
+        from dspy_turbogepa.store import RunStore
+
+        key = run_key(student, train, val, self.seed, {})
+        meta = {k: v for k, v in self.get_params().items()
+                if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
+        store = RunStore.open(self.log_dir, key, meta=meta)
+        known_evals = known_props = None
+        if store.resumed:
+            known_evals, known_props = load_known(
+                store, codec, {"train": train, "val": val}, codec.seed_texts()
+            )
+            logger.info("Resuming the run in %s: %d finished evaluations and %d proposals will not be paid again",
+                        self.log_dir, len(known_evals), len(known_props))
+        store.record_event("run_started", {"resumed": store.resumed, "budget": self.max_metric_calls})
+        return store, [StoreObserver(store)], known_evals, known_props
+
+
     def _resolve_budget(self, num_preds: int, trainset: Sequence[Any], valset: Sequence[Any] | None) -> int:
         """dspy.GEPA's budget arithmetic, to the call (including overwriting ``max_metric_calls`` for auto)."""
         if self.auto is not None:

@@ -1,0 +1,224 @@
+"""Keeping credentials out of the run store.
+
+Everything the store writes goes through one of two filters:
+
+- :func:`redact` for structured data (run meta, event payloads): values under sensitive dict keys
+  (``api_key``, ``Authorization``, ``password``, ``*_token``, ...) are replaced by :data:`REDACTED`,
+  and every string is passed through :func:`mask_text`.
+- :func:`mask_text` for free text (error messages, trajectories, outputs, component texts): substrings
+  that look like credentials are replaced by :data:`REDACTED`. "Look like" means a well-known key
+  shape (``sk-...``, ``Bearer ...``, ``AIza...``, ``ghp_...``, ``hf_...``, ``AKIA...``, ``xox?-...``) or the
+  exact value of an environment variable whose name contains KEY, TOKEN, SECRET or PASSWORD (values of
+  at least 8 characters; the environment is read at every call, so keys set after import count).
+
+Masking is best effort for text (a key with no known shape that is not in the environment cannot be
+recognised), and exact for the environment: no stored byte equals such a value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+REDACTED = "***REDACTED***"
+
+#: Environment variable names whose values are treated as secrets (case-insensitive substring match).
+SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD")
+MIN_ENV_SECRET_LENGTH = 8
+
+# Normalised key names (lowercase, letters and digits only) whose values are always dropped.
+_SENSITIVE_EXACT = frozenset(
+    {
+        "apikey",
+        "authorization",
+        "proxyauthorization",
+        "auth",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "cookie",
+        "setcookie",
+        "credentials",
+        "credential",
+        "privatekey",
+        "clientsecret",
+        "accesskey",
+        "secretkey",
+    }
+)
+# ... and normalised suffixes: "x-api-key", "OPENAI_API_KEY", "access_token", "aws_secret_access_key", ...
+_SENSITIVE_SUFFIXES = ("apikey", "token", "secret", "password", "passwd", "secretkey", "accesskey", "privatekey")
+
+
+def _shape(prefix: str, body: str, *, min_len: int, digit: str | None) -> tuple[str, re.Pattern[str]]:
+    """A key shape: a literal prefix (not preceded by a word character), then its body.
+
+    The literal comes first so the regex engine scans for it quickly, and :func:`mask_text` only runs
+    a pattern whose prefix occurs in the text at all: masking costs about a microsecond per kilobyte.
+    Random key material nearly always holds a digit; requiring one (``digit``: the body's characters
+    minus digits) keeps prose such as "sk-learn-compatible" or "Bearer instruments" intact.
+    """
+    boundary = rf"(?<![A-Za-z0-9_]{re.escape(prefix)})"
+    lookahead = "" if digit is None else rf"(?={digit}*\d)"
+    return prefix, re.compile(rf"{re.escape(prefix)}{boundary}{lookahead}{body}{{{min_len},}}")
+
+
+# Each shape is tried only when its literal prefix occurs in the text; every prefix costs one substring
+# scan per stored text, so the list stays short. Keys of other providers (Groq, xAI, ...) are masked
+# through the environment, where LiteLLM reads them from.
+_KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # HTTP bearer credentials
+    ("Bearer", re.compile(r"Bearer(?<![A-Za-z0-9_]Bearer)\s+(?=[A-Za-z._~+/=\-]*\d)[A-Za-z0-9._~+/=\-]{16,}")),
+    # OpenAI, Anthropic, DeepSeek, OpenRouter, ... secret keys
+    _shape("sk-", r"[A-Za-z0-9_\-]", min_len=20, digit=r"[A-Za-z_\-]"),
+    # Google API keys
+    _shape("AIza", r"[A-Za-z0-9_\-]", min_len=30, digit=r"[A-Za-z_\-]"),
+    # GitHub tokens (ghp_, gho_, ghu_, ghs_, ghr_, github_pat_)
+    ("gh", re.compile(r"gh(?<![A-Za-z0-9_]gh)[opusr]_[A-Za-z0-9]{30,}")),
+    _shape("github_pat_", r"[A-Za-z0-9_]", min_len=30, digit=None),
+    # Hugging Face tokens
+    _shape("hf_", r"[A-Za-z0-9]", min_len=30, digit=r"[A-Za-z]"),
+    # AWS access key ids
+    ("AKIA", re.compile(r"AKIA(?<![A-Za-z0-9_]AKIA)[A-Z0-9]{16}(?![A-Za-z0-9_])")),
+    # Slack tokens
+    ("xox", re.compile(r"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9\-]{10,}")),
+)
+
+
+def _normalise_key(key: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", key.lower())
+
+
+def is_sensitive_key(key: object) -> bool:
+    """True for dict keys whose values are credentials (``api_key``, ``Authorization``, ``x-api-key``...).
+
+    Counting keys such as ``max_tokens``, ``tokens`` or ``prompt_tokens`` are not sensitive.
+    """
+    if not isinstance(key, str):
+        return False
+    norm = _normalise_key(key)
+    return norm in _SENSITIVE_EXACT or norm.endswith(_SENSITIVE_SUFFIXES)
+
+
+_env_cache: tuple[dict[Any, Any], tuple[str, ...]] | None = None
+
+
+def env_secret_values() -> tuple[str, ...]:
+    """Values of environment variables that look like secrets, longest first.
+
+    Re-scanned whenever ``os.environ`` changed since the last call (a cheap dict comparison), so a
+    key set at any time is covered; the scan itself costs tens of microseconds, too much per row.
+    """
+    global _env_cache
+    data = getattr(os.environ, "_data", None)  # CPython's raw mapping; compared, never modified
+    cached = _env_cache
+    if data is not None and cached is not None and cached[0] == data:
+        return cached[1]
+    values = {
+        value
+        for name, value in os.environ.items()
+        if len(value) >= MIN_ENV_SECRET_LENGTH and any(marker in name.upper() for marker in SECRET_ENV_MARKERS)
+    }
+    result = tuple(sorted(values, key=lambda v: (-len(v), v)))
+    if data is not None:
+        _env_cache = (dict(data), result)
+    return result
+
+
+@lru_cache(maxsize=8)
+def _env_pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not values:
+        return None
+    return re.compile("|".join(re.escape(v) for v in values))
+
+
+def contains_secret(text: str, env_values: tuple[str, ...] | None = None) -> bool:
+    """Whether :func:`mask_text` would change ``text``."""
+    values = env_secret_values() if env_values is None else env_values
+    if any(v in text for v in values):
+        return True
+    return any(prefix in text and pattern.search(text) is not None for prefix, pattern in _KEY_SHAPES)
+
+
+def mask_text(text: str, env_values: tuple[str, ...] | None = None) -> str:
+    """``text`` with every substring that looks like a credential replaced by :data:`REDACTED`."""
+    values = env_secret_values() if env_values is None else env_values
+    pattern = _env_pattern(values)
+    if pattern is not None and any(v in text for v in values):
+        text = pattern.sub(REDACTED, text)
+    for prefix, pattern in _KEY_SHAPES:
+        if prefix in text:
+            text = pattern.sub(REDACTED, text)
+    return text
+
+
+def redact(obj: Any, env_values: tuple[str, ...] | None = None) -> Any:
+    """A copy of ``obj`` safe to persist: sensitive dict keys masked, credential-like strings masked.
+
+    Mappings become dicts, tuples and sets become lists; other leaves (numbers, None, bools) are
+    returned unchanged. A sensitive key keeps its value only when that value is None or a bool
+    (``{"api_key": None}`` says no key was set, which is worth keeping).
+    """
+    values = env_secret_values() if env_values is None else env_values
+    return _redact(obj, values)
+
+
+def _redact(obj: Any, values: tuple[str, ...]) -> Any:
+    if isinstance(obj, str):
+        return mask_text(obj, values)
+    if isinstance(obj, Mapping):
+        out: dict[Any, Any] = {}
+        for key, value in obj.items():
+            safe_key = mask_text(key, values) if isinstance(key, str) else key
+            if is_sensitive_key(key) and value is not None and not isinstance(value, bool):
+                out[safe_key] = REDACTED
+            else:
+                out[safe_key] = _redact(value, values)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_redact(item, values) for item in obj]
+    if isinstance(obj, (set, frozenset)):
+        items = [_redact(item, values) for item in obj]
+        try:
+            return sorted(items)
+        except TypeError:
+            return items
+    return obj
+
+
+def mask_json_text(text: str, env_values: tuple[str, ...] | None = None) -> str:
+    """Mask credentials inside a JSON document, keeping it valid JSON.
+
+    Only strings are touched (keys are left as they are: trajectories legitimately hold fields named
+    ``token``). Text without anything to mask is returned as is, so the common case costs one scan.
+    Text that is not valid JSON is masked as plain text.
+    """
+    import json
+
+    values = env_secret_values() if env_values is None else env_values
+    # In JSON text a value may appear escaped (quotes, backslashes, non-ASCII as \uXXXX): look for
+    # those spellings too, then mask the decoded strings.
+    escaped = {form for v in values for form in (json.dumps(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1])}
+    if not contains_secret(text, tuple(escaped.union(values))):
+        return text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return mask_text(text, values)
+    return json.dumps(_mask_strings(parsed, values), ensure_ascii=False)
+
+
+def _mask_strings(obj: Any, values: tuple[str, ...]) -> Any:
+    if isinstance(obj, str):
+        return mask_text(obj, values)
+    if isinstance(obj, dict):
+        return {mask_text(k, values): _mask_strings(v, values) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_mask_strings(v, values) for v in obj]
+    return obj

@@ -1,0 +1,844 @@
+"""Crash-safe SQLite run store: every candidate, evaluation, proposal and event of a run, as it happens.
+
+Writes are queued by the caller (any thread, never blocking on disk) and committed by one writer
+thread in small transactions (every ``commit_interval`` seconds or ``max_batch`` rows). The database
+is in WAL mode with ``synchronous=NORMAL``: a killed process loses at most the rows queued since the
+last commit, never a committed row, and never leaves half a row. See ``docs/run_store.md``.
+
+Only the standard library is used, and only JSON is stored (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import operator
+import os
+import queue
+import sqlite3
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dspy_turbogepa.store.redaction import (
+    contains_secret,
+    env_secret_values,
+    mask_json_text,
+    mask_text,
+    redact,
+)
+
+logger = logging.getLogger(__name__)
+
+DB_FILENAME = "run.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_key (
+    component TEXT PRIMARY KEY,
+    value     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id          INTEGER PRIMARY KEY,
+    opened_at   REAL NOT NULL,
+    closed_at   REAL,
+    resumed     INTEGER NOT NULL,
+    pid         INTEGER NOT NULL,
+    meta_json   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS candidates (
+    seq          INTEGER PRIMARY KEY,
+    fingerprint  TEXT NOT NULL UNIQUE,
+    texts_json   TEXT NOT NULL,
+    parents_json TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    session      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    seq                   INTEGER PRIMARY KEY,
+    fingerprint           TEXT NOT NULL,
+    split                 TEXT NOT NULL,
+    example_id            INTEGER NOT NULL,
+    score                 REAL,
+    objective_scores_json TEXT,
+    failure               TEXT,
+    message               TEXT,
+    error_type            TEXT,
+    trajectory_json       TEXT,
+    output_json           TEXT,
+    tokens                INTEGER,
+    seconds               REAL,
+    recorded_at           REAL NOT NULL,
+    session               INTEGER NOT NULL,
+    UNIQUE (fingerprint, split, example_id)
+);
+CREATE TABLE IF NOT EXISTS proposals (
+    seq              INTEGER PRIMARY KEY,
+    key              TEXT NOT NULL UNIQUE,
+    texts_json       TEXT NOT NULL,
+    skipped          TEXT,
+    message          TEXT,
+    reflection_calls INTEGER NOT NULL,
+    recorded_at      REAL NOT NULL,
+    session          INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq          INTEGER PRIMARY KEY,
+    kind         TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    recorded_at  REAL NOT NULL,
+    session      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, seq);
+"""
+
+_DATA_TABLES = ("candidates", "evaluations", "proposals", "events")
+
+_INSERT_CANDIDATE = (
+    "INSERT OR IGNORE INTO candidates (fingerprint, texts_json, parents_json, kind, created_at, session) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EVALUATION = (
+    "INSERT OR IGNORE INTO evaluations (fingerprint, split, example_id, score, objective_scores_json, failure, "
+    "message, error_type, trajectory_json, output_json, tokens, seconds, recorded_at, session) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_PROPOSAL = (
+    "INSERT OR IGNORE INTO proposals (key, texts_json, skipped, message, reflection_calls, recorded_at, session) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EVENT = "INSERT INTO events (kind, payload_json, recorded_at, session) VALUES (?, ?, ?, ?)"
+_CLOSE_SESSION = "UPDATE sessions SET closed_at = (julianday('now') - 2440587.5) * 86400.0 WHERE id = ?"
+
+
+class RunStoreError(OSError):
+    """The run store cannot be opened or written (unwritable ``log_dir``, corrupt file, disk full...)."""
+
+
+class RunStoreMismatchError(ValueError):
+    """``log_dir`` holds a different run (another dataset, program, seed or configuration)."""
+
+    def __init__(self, message: str, *, changed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.changed = tuple(changed)
+
+
+@dataclass(frozen=True)
+class StoredCandidate:
+    fingerprint: str
+    texts: dict[str, str]
+    parents: tuple[str, ...]
+    kind: str
+    created_at: float
+    session: int = 0
+
+
+@dataclass(frozen=True)
+class StoredEvaluation:
+    fingerprint: str
+    split: str
+    example_id: int
+    #: NaN when a non-finite NaN score was recorded (SQLite stores NaN as NULL).
+    score: float
+    objective_scores: dict[str, float] | None
+    failure: str | None
+    message: str | None
+    error_type: str | None
+    trajectory_json: str | None
+    output_json: str | None
+    tokens: int | None
+    seconds: float | None
+    recorded_at: float = 0.0
+    session: int = 0
+
+
+@dataclass(frozen=True)
+class StoredProposal:
+    key: str
+    texts: dict[str, str]
+    skipped: str | None
+    message: str | None
+    reflection_calls: int
+    recorded_at: float = 0.0
+    session: int = 0
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    seq: int
+    kind: str
+    payload: dict[str, Any]
+    recorded_at: float
+    session: int = 0
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    id: int
+    opened_at: float
+    #: None when the session never closed cleanly (killed, crashed) or is still open.
+    closed_at: float | None
+    resumed: bool
+    pid: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def stable_hash(obj: Any) -> str:
+    """A short, stable content hash of a JSON-able value, for building ``run_key`` components.
+
+    Raises ``TypeError`` for values JSON cannot represent (a repr would embed memory addresses and
+    change on every run).
+    """
+    import hashlib
+
+    payload = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def _jsonable(obj: Any, depth: int = 0) -> Any:
+    """Best-effort conversion of an event payload to JSON types (never raises, never pickles)."""
+    if depth > 50:
+        return repr(obj)
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else repr(obj)
+    if isinstance(obj, Mapping):
+        return {(k if isinstance(k, str) else str(k)): _jsonable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        items = [_jsonable(v, depth + 1) for v in obj]
+        try:
+            return sorted(items)
+        except TypeError:
+            return items
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
+        return {name: _jsonable(getattr(obj, name), depth + 1) for name in obj.__dataclass_fields__}
+    for caster in (operator.index, float):  # numpy scalars and friends
+        try:
+            return _jsonable(caster(obj), depth + 1)
+        except (TypeError, ValueError):
+            pass
+    return repr(obj)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _score(value: float) -> float | None:
+    score = float(value)
+    return None if math.isnan(score) else score
+
+
+def _opt_str(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{name} must be a str or None, not {type(value).__name__}")
+
+
+def _texts(texts: Mapping[str, str], name: str) -> dict[str, str]:
+    out = {}
+    for key, value in texts.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"{name} must map str to str, got {type(key).__name__} -> {type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+# --------------------------------------------------------------------------------------------- writer
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class _Stop(_Flush):
+    __slots__ = ()
+
+
+class _Writer:
+    """Owns the writing connection; batches queued rows into transactions on its own thread.
+
+    Holds no reference to the :class:`RunStore`, so an abandoned store can be collected and its
+    finalizer can stop the writer (also at interpreter exit).
+    """
+
+    def __init__(self, path: Path, commit_interval: float, max_batch: int) -> None:
+        self.path = path
+        self.commit_interval = commit_interval
+        self.max_batch = max_batch
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.committed_rows = 0
+        self.ignored_rows = 0
+        self.failed_rows = 0
+        self.unreported_errors: list[str] = []
+        self.fatal: BaseException | None = None
+        self.conn = _connect(path)
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.thread = threading.Thread(target=self._run, name=f"turbogepa-run-store:{path}", daemon=True)
+        self.thread.start()
+
+    # -- caller side
+    def put(self, sql: str, params: tuple[Any, ...]) -> None:
+        with self.lock:
+            if self.closed:
+                raise RunStoreError(f"the run store at {self.path} is closed")
+            if self.fatal is not None:
+                raise RunStoreError(f"the run store writer for {self.path} died: {self.fatal!r}")
+            self.queue.put((sql, params))
+
+    def flush(self, timeout: float | None = None) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            marker = _Flush()
+            self.queue.put(marker)
+        self._wait(marker, timeout)
+
+    def stop(self, final: tuple[str, tuple[Any, ...]] | None = None, timeout: float | None = 30.0) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            if final is not None:
+                self.queue.put(final)
+            marker = _Stop()
+            self.queue.put(marker)
+        try:
+            self._wait(marker, timeout)
+        except RunStoreError as exc:  # also runs as a finalizer: report, never raise
+            logger.warning("Run store %s did not close cleanly: %s", self.path, exc)
+        self.thread.join(timeout)
+
+    def _wait(self, marker: _Flush, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not marker.done.wait(0.05):
+            if not self.thread.is_alive():
+                raise RunStoreError(f"the run store writer for {self.path} died: {self.fatal!r}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunStoreError(f"timed out after {timeout}s waiting for the run store at {self.path}")
+
+    def take_errors(self) -> list[str]:
+        with self.lock:
+            errors, self.unreported_errors = self.unreported_errors, []
+        return errors
+
+    # -- writer thread
+    def _run(self) -> None:
+        try:
+            stop = False
+            while not stop:
+                rows: list[tuple[str, tuple[Any, ...]]] = []
+                markers: list[_Flush] = []
+                item = self.queue.get()
+                deadline = time.monotonic() + self.commit_interval
+                while True:
+                    if isinstance(item, _Flush):
+                        markers.append(item)
+                        stop = stop or isinstance(item, _Stop)
+                        break  # somebody is waiting: commit now
+                    rows.append(item)
+                    if len(rows) >= self.max_batch:
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self.queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if rows:
+                    self._write(rows)
+                for marker in markers:
+                    marker.done.set()
+        except BaseException as exc:  # pragma: no cover - a bug; surfaced by flush()/close()
+            self.fatal = exc
+            logger.exception("The run store writer for %s stopped", self.path)
+        finally:
+            try:
+                self.conn.close()
+            except sqlite3.Error:  # pragma: no cover
+                pass
+
+    def _write(self, rows: list[tuple[str, tuple[Any, ...]]]) -> None:
+        try:
+            self._transaction(rows)
+            return
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, or OverflowError for an out-of-range integer
+            self._rollback()
+            if len(rows) == 1:
+                self._failed(rows, exc)
+                return
+        for row in rows:  # one bad row must not cost the whole batch
+            try:
+                self._transaction([row])
+            except Exception as exc:  # noqa: BLE001 - same as above
+                self._rollback()
+                self._failed([row], exc)
+
+    def _transaction(self, rows: list[tuple[str, tuple[Any, ...]]]) -> None:
+        conn = self.conn
+        conn.execute("BEGIN")
+        inserted = 0
+        for sql, params in rows:
+            inserted += conn.execute(sql, params).rowcount
+        conn.execute("COMMIT")
+        self.committed_rows += inserted
+        self.ignored_rows += len(rows) - inserted
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:  # pragma: no cover
+            pass
+
+    def _failed(self, rows: list[tuple[str, tuple[Any, ...]]], exc: Exception) -> None:
+        table = rows[0][0].split(" INTO ")[-1].split(" ")[0] if " INTO " in rows[0][0] else "sessions"
+        message = f"{type(exc).__name__}: {exc} (writing {table})"
+        with self.lock:
+            self.failed_rows += len(rows)
+            if len(self.unreported_errors) < 100:
+                self.unreported_errors.append(message)
+        logger.warning("Run store %s: a row was not saved: %s", self.path, message)
+
+
+# --------------------------------------------------------------------------------------------- store
+
+
+class RunStore:
+    """The persistent record of one run, in ``<log_dir>/run.sqlite3``.
+
+    Use :meth:`open`. ``record_*`` methods are cheap (validation, redaction, JSON encoding and a
+    queue put) and may be called from any thread; ``load_*`` first flush the queue, then read with
+    a fresh connection, so they are also safe anywhere (but they block: call them at start-up, or
+    through ``asyncio.to_thread``).
+    """
+
+    log_dir: Path
+    #: ``<log_dir>/run.sqlite3``
+    path: Path
+    #: The run key as stored (values masked like any text).
+    run_key: dict[str, str]
+    #: True when the store already held rows (candidates, evaluations, proposals or events) at open.
+    resumed: bool
+    #: This open's id in the ``sessions`` table; every row written now carries it.
+    session: int
+    #: The (redacted) ``meta`` given when the store was created, not the one given to this open.
+    meta: dict[str, Any]
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        raise TypeError("use RunStore.open(log_dir, run_key, meta)")
+
+    @classmethod
+    def open(
+        cls,
+        log_dir: str | os.PathLike[str],
+        run_key: Mapping[str, str],
+        meta: Mapping[str, Any] | None = None,
+        *,
+        commit_interval: float = 0.05,
+        max_batch: int = 500,
+    ) -> RunStore:
+        """Open (or create) the store in ``log_dir`` for the run identified by ``run_key``.
+
+        ``run_key`` maps component names (``"trainset"``, ``"student"``, ``"config"``, ...) to hash
+        strings. A new store records it; an existing one must hold exactly the same mapping, otherwise
+        :class:`RunStoreMismatchError` names the components that changed. ``meta`` (free JSON, redacted)
+        is saved with the session for humans; it is not compared.
+        """
+        if commit_interval < 0 or max_batch < 1:
+            raise ValueError("commit_interval must be >= 0 and max_batch >= 1")
+        env_values = env_secret_values()
+        key = _check_run_key(run_key, env_values)
+        log_dir = Path(os.path.expanduser(os.fspath(log_dir)))
+        _prepare_dir(log_dir)
+        path = log_dir / DB_FILENAME
+        meta_json = _dumps(redact(_jsonable(dict(meta or {})), env_values))
+
+        self = object.__new__(cls)
+        self.log_dir = log_dir
+        self.path = path
+        self.run_key = key
+        try:
+            conn = _connect(path)
+        except sqlite3.Error as exc:
+            raise RunStoreError(f"cannot open the run store {path}: {exc}. {_FIX.format(log_dir=log_dir)}") from exc
+        try:
+            self.resumed, self.session, self.meta = _initialise(conn, path, log_dir, key, meta_json)
+        except sqlite3.DatabaseError as exc:
+            raise RunStoreError(f"{path} is not a readable run store ({exc}). {_FIX.format(log_dir=log_dir)}") from exc
+        finally:
+            conn.close()
+        try:
+            self._writer = _Writer(path, commit_interval, max_batch)
+        except sqlite3.Error as exc:
+            raise RunStoreError(f"cannot open the run store {path} for writing: {exc}") from exc
+        self._finalizer = weakref.finalize(self, self._writer.stop, (_CLOSE_SESSION, (self.session,)))
+        return self
+
+    # ------------------------------------------------------------------ writing
+    def record_candidate(
+        self, fingerprint: str, texts: Mapping[str, str], parents: Sequence[str], kind: str, created_at: float
+    ) -> None:
+        """A candidate (program variant) was created. Later records of the same fingerprint are ignored."""
+        env = env_secret_values()
+        texts_d = {name: mask_text(text, env) for name, text in _texts(texts, "texts").items()}
+        parents_l = [str(p) for p in parents]
+        self._writer.put(
+            _INSERT_CANDIDATE,
+            (str(fingerprint), _dumps(texts_d), _dumps(parents_l), str(kind), float(created_at), self.session),
+        )
+
+    def record_evaluation(
+        self,
+        fingerprint: str,
+        split: str,
+        example_id: int,
+        score: float,
+        objective_scores: Mapping[str, float] | None,
+        failure: str | None,
+        message: str | None,
+        error_type: str | None,
+        trajectory_json: str | None,
+        output_json: str | None,
+        tokens: int | None,
+        seconds: float | None,
+    ) -> None:
+        """A program execution + metric call finished. The first record of (fingerprint, split, example) wins."""
+        env = env_secret_values()
+        objectives = None
+        if objective_scores is not None:
+            objectives = json.dumps({str(k): float(v) for k, v in objective_scores.items()}, separators=(",", ":"))
+        message = _opt_str(message, "message")
+        trajectory_json = _opt_str(trajectory_json, "trajectory_json")
+        output_json = _opt_str(output_json, "output_json")
+        self._writer.put(
+            _INSERT_EVALUATION,
+            (
+                str(fingerprint),
+                str(split),
+                operator.index(example_id),
+                _score(score),
+                objectives,
+                _opt_str(failure, "failure"),
+                None if message is None else mask_text(message, env),
+                _opt_str(error_type, "error_type"),
+                None if trajectory_json is None else mask_json_text(trajectory_json, env),
+                None if output_json is None else mask_json_text(output_json, env),
+                None if tokens is None else operator.index(tokens),
+                None if seconds is None else float(seconds),
+                time.time(),
+                self.session,
+            ),
+        )
+
+    def record_proposal(
+        self, key: str, texts: Mapping[str, str], skipped: str | None, message: str | None, reflection_calls: int
+    ) -> bool:
+        """A reflection (proposal) finished; ``key`` identifies its inputs. The first record of a key wins.
+
+        Returns False, and stores nothing, when a proposed text contains something that looks like a
+        credential: a masked text would replay as a different program, so that proposal is paid for
+        again on resume instead.
+        """
+        env = env_secret_values()
+        texts_d = _texts(texts, "texts")
+        if any(contains_secret(text, env) for text in texts_d.values()):
+            logger.warning("Run store: proposal %s contains what looks like a credential; not stored", key)
+            return False
+        message = _opt_str(message, "message")
+        self._writer.put(
+            _INSERT_PROPOSAL,
+            (
+                str(key),
+                _dumps(texts_d),
+                _opt_str(skipped, "skipped"),
+                None if message is None else mask_text(message, env),
+                operator.index(reflection_calls),
+                time.time(),
+                self.session,
+            ),
+        )
+        return True
+
+    def record_event(self, kind: str, payload: Mapping[str, Any] | None = None) -> None:
+        """Something notable happened (``run_started``, ``candidate_accepted``, ``stopped``...).
+
+        The payload is converted to JSON types (unknown objects become their repr) and redacted.
+        Events are an append-only log: a resumed run that replays appends them again (see ``session``).
+        """
+        body = _dumps(redact(_jsonable(dict(payload or {}))))
+        self._writer.put(_INSERT_EVENT, (str(kind), body, time.time(), self.session))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every row recorded so far is committed.
+
+        Raises :class:`RunStoreError` if rows could not be written since the last flush (each failure
+        is reported once; the store keeps working).
+        """
+        self._writer.flush(timeout)
+        errors = self._writer.take_errors()
+        if errors:
+            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+            raise RunStoreError(
+                f"{len(errors)} row(s) could not be written to {self.path}: {'; '.join(errors[:3])}{more}"
+            )
+
+    def close(self) -> None:
+        """Commit everything queued, mark the session closed and release the database. Idempotent."""
+        if self._writer.closed:
+            return
+        self._finalizer.detach()
+        self._writer.stop((_CLOSE_SESSION, (self.session,)))
+        errors = self._writer.take_errors()
+        if errors:
+            logger.warning("Run store %s: %d row(s) were not written: %s", self.path, len(errors), errors[0])
+
+    @property
+    def closed(self) -> bool:
+        return self._writer.closed
+
+    @property
+    def write_stats(self) -> dict[str, int]:
+        """Rows committed, ignored as duplicates, and lost to write errors in this session."""
+        w = self._writer
+        return {"committed": w.committed_rows, "ignored_duplicates": w.ignored_rows, "failed": w.failed_rows}
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"RunStore({str(self.log_dir)!r}, session={self.session}, resumed={self.resumed}, {state})"
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        self._writer.flush()
+        conn = _connect(self.path)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def load_evaluations(self) -> list[StoredEvaluation]:
+        """Every stored evaluation, in the order they were recorded."""
+        rows = self._read(
+            "SELECT fingerprint, split, example_id, score, objective_scores_json, failure, message, error_type, "
+            "trajectory_json, output_json, tokens, seconds, recorded_at, session FROM evaluations ORDER BY seq"
+        )
+        return [
+            StoredEvaluation(
+                fingerprint=r[0],
+                split=r[1],
+                example_id=r[2],
+                score=math.nan if r[3] is None else r[3],
+                objective_scores=None if r[4] is None else json.loads(r[4]),
+                failure=r[5],
+                message=r[6],
+                error_type=r[7],
+                trajectory_json=r[8],
+                output_json=r[9],
+                tokens=r[10],
+                seconds=r[11],
+                recorded_at=r[12],
+                session=r[13],
+            )
+            for r in rows
+        ]
+
+    def load_proposals(self) -> dict[str, StoredProposal]:
+        """Every stored proposal by key (insertion order)."""
+        rows = self._read(
+            "SELECT key, texts_json, skipped, message, reflection_calls, recorded_at, session "
+            "FROM proposals ORDER BY seq"
+        )
+        return {
+            r[0]: StoredProposal(
+                key=r[0],
+                texts=json.loads(r[1]),
+                skipped=r[2],
+                message=r[3],
+                reflection_calls=r[4],
+                recorded_at=r[5],
+                session=r[6],
+            )
+            for r in rows
+        }
+
+    def load_candidates(self) -> list[StoredCandidate]:
+        """Every stored candidate, in the order first recorded."""
+        rows = self._read(
+            "SELECT fingerprint, texts_json, parents_json, kind, created_at, session FROM candidates ORDER BY seq"
+        )
+        return [
+            StoredCandidate(
+                fingerprint=r[0],
+                texts=json.loads(r[1]),
+                parents=tuple(json.loads(r[2])),
+                kind=r[3],
+                created_at=r[4],
+                session=r[5],
+            )
+            for r in rows
+        ]
+
+    def events(self, kind: str | None = None) -> list[StoredEvent]:
+        """The event log (optionally one kind), oldest first."""
+        sql = "SELECT seq, kind, payload_json, recorded_at, session FROM events"
+        params: tuple[Any, ...] = ()
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            params = (kind,)
+        rows = self._read(sql + " ORDER BY seq", params)
+        return [
+            StoredEvent(seq=r[0], kind=r[1], payload=json.loads(r[2]), recorded_at=r[3], session=r[4]) for r in rows
+        ]
+
+    def sessions(self) -> list[StoredSession]:
+        """Every time this store was opened; ``closed_at is None`` marks a session that did not close."""
+        rows = self._read("SELECT id, opened_at, closed_at, resumed, pid, meta_json FROM sessions ORDER BY id")
+        return [
+            StoredSession(id=r[0], opened_at=r[1], closed_at=r[2], resumed=bool(r[3]), pid=r[4], meta=json.loads(r[5]))
+            for r in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per data table (after a flush)."""
+        rows = self._read(" UNION ALL ".join(f"SELECT '{t}', COUNT(*) FROM {t}" for t in _DATA_TABLES))
+        return {name: count for name, count in rows}
+
+
+# --------------------------------------------------------------------------------------------- opening
+
+_FIX = "Use a new log_dir, or delete {log_dir}/run.sqlite3* (the database and its -wal/-shm files) to start over."
+
+
+def _prepare_dir(log_dir: Path) -> None:
+    if log_dir.exists() and not log_dir.is_dir():
+        raise RunStoreError(f"log_dir {str(log_dir)!r} is not a directory")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunStoreError(f"log_dir {str(log_dir)!r} cannot be created: {exc}") from exc
+    if not log_dir.is_dir():
+        raise RunStoreError(f"log_dir {str(log_dir)!r} is not a directory")
+    try:  # os.access lies for root and on some network file systems: really write a file
+        with tempfile.TemporaryFile(dir=log_dir):
+            pass
+    except OSError as exc:
+        raise RunStoreError(f"log_dir {str(log_dir)!r} is not writable: {exc}") from exc
+
+
+def _check_run_key(run_key: Mapping[str, str], env_values: tuple[str, ...]) -> dict[str, str]:
+    if not isinstance(run_key, Mapping) or not run_key:
+        raise ValueError("run_key must be a non-empty mapping of component name -> hash string")
+    key = {}
+    for name, value in run_key.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"run_key must map str to str, got {name!r}: {type(value).__name__}")
+        key[name] = mask_text(value, env_values)
+    return key
+
+
+def _initialise(
+    conn: sqlite3.Connection, path: Path, log_dir: Path, run_key: dict[str, str], meta_json: str
+) -> tuple[bool, int, dict[str, Any]]:
+    """Create or check the schema and the run key, and open a session; one transaction."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "meta" not in tables:  # checked before switching someone else's database to WAL
+        raise RunStoreMismatchError(
+            f"{path} is an SQLite database but not a run store (tables: {sorted(tables)}). "
+            f"{_FIX.format(log_dir=log_dir)}",
+            changed=["schema_version"],
+        )
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise RunStoreError(f"{path}: SQLite refused WAL mode (got {mode!r}); put log_dir on a local disk")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        existing = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" in existing:
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if version is None or version[0] != str(SCHEMA_VERSION):
+                found = None if version is None else version[0]
+                raise RunStoreMismatchError(
+                    f"{path} was written with run store schema_version {found}, this version reads "
+                    f"{SCHEMA_VERSION}. {_FIX.format(log_dir=log_dir)}",
+                    changed=["schema_version"],
+                )
+        elif existing:
+            raise RunStoreMismatchError(
+                f"{path} is an SQLite database but not a run store (tables: {sorted(existing)}). "
+                f"{_FIX.format(log_dir=log_dir)}",
+                changed=["schema_version"],
+            )
+        # Statement by statement: executescript() would COMMIT the open transaction first.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        now = time.time()
+        stored = dict(conn.execute("SELECT component, value FROM run_key").fetchall())
+        if not stored:
+            conn.executemany("INSERT INTO run_key (component, value) VALUES (?, ?)", sorted(run_key.items()))
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [("schema_version", str(SCHEMA_VERSION)), ("created_at", repr(now)), ("run_meta", meta_json)],
+            )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif stored != run_key:
+            changed = sorted(k for k in set(stored) | set(run_key) if stored.get(k) != run_key.get(k))
+            details = ", ".join(
+                f"{k} ({'absent' if k not in stored else 'stored ' + stored[k][:12]} -> "
+                f"{'absent' if k not in run_key else 'now ' + run_key[k][:12]})"
+                for k in changed
+            )
+            raise RunStoreMismatchError(
+                f"log_dir {str(log_dir)!r} holds a different run: {', '.join(changed)} changed [{details}]. "
+                f"Reusing it would mix results of two runs. {_FIX.format(log_dir=log_dir)}",
+                changed=changed,
+            )
+        has_data = any(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0] for t in _DATA_TABLES)
+        session = conn.execute(
+            "INSERT INTO sessions (opened_at, closed_at, resumed, pid, meta_json) VALUES (?, NULL, ?, ?, ?)",
+            (now, int(has_data), os.getpid(), meta_json),
+        ).lastrowid
+        run_meta = conn.execute("SELECT value FROM meta WHERE key = 'run_meta'").fetchone()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return bool(has_data), int(session), json.loads(run_meta[0]) if run_meta else {}

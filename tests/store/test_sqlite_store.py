@@ -1,0 +1,695 @@
+"""The crash-safe SQLite run store: round trips, resume checks, batching, SIGKILL safety, secrets."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import dspy_turbogepa.store as store_pkg
+from dspy_turbogepa.store import (
+    DB_FILENAME,
+    REDACTED,
+    SCHEMA_VERSION,
+    RunStore,
+    RunStoreError,
+    RunStoreMismatchError,
+    contains_secret,
+    is_sensitive_key,
+    mask_text,
+    redact,
+    stable_hash,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+RUN_KEY = {"trainset": "t" * 32, "valset": "v" * 32, "student": "s" * 32, "seed": "0", "config": "c" * 32}
+
+
+def _raw(log_dir: Path) -> sqlite3.Connection:
+    return sqlite3.connect(str(log_dir / DB_FILENAME))
+
+
+def _eval(store: RunStore, fp: str, example_id: int, score: float = 0.5, split: str = "val", **kw) -> None:
+    fields = dict.fromkeys(
+        ("objective_scores", "failure", "message", "error_type", "trajectory_json", "output_json", "tokens", "seconds")
+    )
+    fields.update(kw)
+    store.record_evaluation(fp, split, example_id, score, **fields)
+
+
+# Subprocess scripts import the store without the package __init__ (which pulls in DSPy and takes a
+# second): the store needs none of it.
+_PRELUDE = textwrap.dedent(
+    """
+    import json, sys, time, types
+    pkg = types.ModuleType("dspy_turbogepa")
+    pkg.__path__ = [sys.argv[1]]
+    sys.modules["dspy_turbogepa"] = pkg
+    from dspy_turbogepa.store import RunStore
+    """
+)
+
+
+def _package_dir() -> str:
+    return str(Path(store_pkg.__file__).resolve().parents[1])
+
+
+# ----------------------------------------------------------------------------------- round trips
+
+
+def test_open_creates_wal_database_with_schema_version(tmp_path: Path) -> None:
+    log_dir = tmp_path / "nested" / "run"
+    with RunStore.open(log_dir, RUN_KEY, {"model": "openai/gpt-4.1-mini"}) as store:
+        assert not store.resumed
+        assert store.session == 1
+        assert store.meta == {"model": "openai/gpt-4.1-mini"}
+        assert store.counts() == {"candidates": 0, "evaluations": 0, "proposals": 0, "events": 0}
+    conn = _raw(log_dir)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        assert meta["schema_version"] == str(SCHEMA_VERSION)
+        assert dict(conn.execute("SELECT component, value FROM run_key").fetchall()) == RUN_KEY
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
+def test_round_trip_of_every_record_kind(tmp_path: Path) -> None:
+    traj = json.dumps({"inputs": {"q": "2+2?"}, "outputs": {"a": "4"}, "trace": [["predict", {"token": "x"}]]})
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        store.record_candidate("fp0", {"predict": "Answer.", "judge": "Judge."}, [], "seed", 1.5)
+        store.record_candidate("fp1", {"predict": "Answer well.", "judge": "Judge."}, ["fp0"], "reflection", 2.5)
+        store.record_evaluation(
+            "fp0", "train", 3, 0.75, {"acc": 1.0, "len": 0.5}, None, "ok", None, traj, '{"a": "4"}', 120, 0.25
+        )
+        store.record_evaluation(
+            "fp0", "val", 3, 0.0, None, "program_error", "boom", "ValueError", None, None, None, None
+        )
+        store.record_evaluation("fp1", "val", 0, float("nan"), None, "metric_invalid", None, None, None, None, 0, 0.0)
+        store.record_evaluation("fp1", "val", 1, float("-inf"), None, None, None, None, None, None, None, None)
+        assert store.record_proposal("k1", {"predict": "Answer well."}, None, None, 1)
+        assert store.record_proposal("k2", {}, "proposer_error", "RateLimitError: slow down", 2)
+        store.record_event("run_started", {"seed": 0, "ids": (1, 2), "path": Path("/x"), "tags": {"b", "a"}})
+        store.record_event("stopped", {"reason": "max_metric_calls"})
+
+        cands = store.load_candidates()
+        assert [c.fingerprint for c in cands] == ["fp0", "fp1"]
+        assert cands[1].texts == {"predict": "Answer well.", "judge": "Judge."}
+        assert list(cands[1].texts) == ["predict", "judge"]  # component order is kept
+        assert cands[1].parents == ("fp0",) and cands[1].kind == "reflection" and cands[1].created_at == 2.5
+
+        evals = store.load_evaluations()
+        assert [(e.fingerprint, e.split, e.example_id) for e in evals] == [
+            ("fp0", "train", 3),
+            ("fp0", "val", 3),
+            ("fp1", "val", 0),
+            ("fp1", "val", 1),
+        ]
+        e0 = evals[0]
+        assert (e0.score, e0.objective_scores, e0.message, e0.tokens, e0.seconds) == (
+            0.75,
+            {"acc": 1.0, "len": 0.5},
+            "ok",
+            120,
+            0.25,
+        )
+        assert json.loads(e0.trajectory_json) == json.loads(traj)  # a field named "token" is data, kept
+        assert e0.output_json == '{"a": "4"}'
+        assert (evals[1].failure, evals[1].error_type, evals[1].score) == ("program_error", "ValueError", 0.0)
+        assert math.isnan(evals[2].score) and evals[2].failure == "metric_invalid"
+        assert evals[3].score == float("-inf")
+        assert all(e.session == 1 for e in evals)
+
+        props = store.load_proposals()
+        assert list(props) == ["k1", "k2"]
+        assert props["k1"].texts == {"predict": "Answer well."} and props["k1"].skipped is None
+        assert (props["k2"].skipped, props["k2"].message, props["k2"].reflection_calls) == (
+            "proposer_error",
+            "RateLimitError: slow down",
+            2,
+        )
+
+        events = store.events()
+        assert [e.kind for e in events] == ["run_started", "stopped"]
+        assert events[0].payload == {"seed": 0, "ids": [1, 2], "path": "/x", "tags": ["a", "b"]}
+        assert [e.payload for e in store.events("stopped")] == [{"reason": "max_metric_calls"}]
+        assert store.events("nothing") == []
+        assert store.counts() == {"candidates": 2, "evaluations": 4, "proposals": 2, "events": 2}
+
+
+def test_duplicates_keep_the_first_row(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        _eval(store, "fp", 0, 0.25, message="first")
+        _eval(store, "fp", 0, 0.75, message="second")
+        _eval(store, "fp", 0, 0.5, split="train")  # another split is another row
+        store.record_candidate("fp", {"p": "a"}, [], "seed", 1.0)
+        store.record_candidate("fp", {"p": "a"}, [], "seed", 2.0)
+        store.record_proposal("k", {"p": "first"}, None, None, 1)
+        store.record_proposal("k", {"p": "second"}, None, None, 1)
+        evals = store.load_evaluations()
+        assert [(e.split, e.score, e.message) for e in evals] == [("val", 0.25, "first"), ("train", 0.5, None)]
+        assert [c.created_at for c in store.load_candidates()] == [1.0]
+        assert store.load_proposals()["k"].texts == {"p": "first"}
+        assert store.write_stats == {"committed": 4, "ignored_duplicates": 3, "failed": 0}
+
+
+def test_invalid_arguments_raise_in_the_caller(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        with pytest.raises(TypeError):
+            store.record_evaluation("fp", "val", 1.5, 0.0, None, None, None, None, None, None, None, None)
+        with pytest.raises(TypeError):
+            store.record_evaluation("fp", "val", 1, 0.0, None, None, None, None, {"not": "a string"}, None, None, None)
+        with pytest.raises(ValueError):
+            store.record_evaluation("fp", "val", 1, "high", None, None, None, None, None, None, None, None)
+        with pytest.raises(TypeError):
+            store.record_candidate("fp", {"p": 3}, [], "seed", 0.0)
+        assert store.counts()["evaluations"] == 0
+    with pytest.raises(TypeError):
+        RunStore(tmp_path)
+    with pytest.raises(ValueError):
+        RunStore.open(tmp_path / "x", {})
+    with pytest.raises(TypeError):
+        RunStore.open(tmp_path / "y", {"seed": 0})
+
+
+# ----------------------------------------------------------------------------------- resume
+
+
+def test_reopen_resumes_and_checks_the_run_key(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, RUN_KEY, {"attempt": 1}) as store:
+        _eval(store, "fp", 0, 1.0)
+        store.record_proposal("k", {"p": "x"}, None, None, 1)
+
+    with RunStore.open(tmp_path, dict(reversed(list(RUN_KEY.items()))), {"attempt": 2}) as store:  # order-free
+        assert store.resumed
+        assert store.session == 2
+        assert store.meta == {"attempt": 1}  # the run's meta is the first session's
+        assert [e.score for e in store.load_evaluations()] == [1.0]
+        assert list(store.load_proposals()) == ["k"]
+        _eval(store, "fp", 1, 0.0)
+        sessions = store.sessions()
+        assert [(s.id, s.resumed) for s in sessions] == [(1, False), (2, True)]
+        assert sessions[0].closed_at is not None and sessions[1].closed_at is None
+        assert sessions[1].meta == {"attempt": 2}
+
+    changed = {**RUN_KEY, "trainset": "T" * 32, "config": "C" * 32}
+    with pytest.raises(RunStoreMismatchError) as info:
+        RunStore.open(tmp_path, changed)
+    msg = str(info.value)
+    assert info.value.changed == ("config", "trainset")
+    assert "config" in msg and "trainset" in msg and "valset" not in msg and "student" not in msg
+    assert "new log_dir" in msg and str(tmp_path) in msg
+
+    extra = {**RUN_KEY, "reflection_lm": "r" * 32}
+    with pytest.raises(RunStoreMismatchError, match="reflection_lm"):
+        RunStore.open(tmp_path, extra)
+    missing = {k: v for k, v in RUN_KEY.items() if k != "seed"}
+    with pytest.raises(RunStoreMismatchError, match="seed"):
+        RunStore.open(tmp_path, missing)
+
+    # A refused open changes nothing: the original run still opens, with its data and no new session.
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        assert store.resumed and store.session == 3
+        assert store.counts()["evaluations"] == 2
+
+
+def test_a_store_with_no_rows_is_not_a_resume(tmp_path: Path) -> None:
+    RunStore.open(tmp_path, RUN_KEY).close()
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        assert not store.resumed
+
+
+def test_schema_version_and_foreign_databases_are_refused(tmp_path: Path) -> None:
+    RunStore.open(tmp_path / "a", RUN_KEY).close()
+    conn = _raw(tmp_path / "a")
+    with conn:
+        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(RunStoreMismatchError, match="schema_version 999"):
+        RunStore.open(tmp_path / "a", RUN_KEY)
+
+    (tmp_path / "b").mkdir()
+    conn = _raw(tmp_path / "b")
+    with conn:
+        conn.execute("CREATE TABLE something (x)")
+    conn.close()
+    with pytest.raises(RunStoreMismatchError, match="not a run store"):
+        RunStore.open(tmp_path / "b", RUN_KEY)
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / DB_FILENAME).write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(RunStoreError, match="not a readable run store"):
+        RunStore.open(tmp_path / "c", RUN_KEY)
+
+
+def test_unusable_log_dir_is_named_in_the_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RunStoreError, match="log_dir '.*file/run'"):
+        RunStore.open(blocker / "run", RUN_KEY)  # parent is a file: cannot be created
+    with pytest.raises(RunStoreError, match="log_dir '.*file'.*not a directory"):
+        RunStore.open(blocker, RUN_KEY)
+    assert isinstance(RunStoreError("x"), OSError)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_log_dir(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(RunStoreError, match="not writable"):
+            RunStore.open(ro, RUN_KEY)
+    finally:
+        ro.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------------- writer behaviour
+
+
+def test_rows_are_committed_in_batches_by_the_writer(tmp_path: Path) -> None:
+    store = RunStore.open(tmp_path, RUN_KEY, commit_interval=30.0)
+    conn = _raw(tmp_path)
+    try:
+        for i in range(10):
+            _eval(store, "fp", i)
+        time.sleep(0.1)
+        # Held in the open batch: not committed yet (the caller never waited for the disk).
+        assert conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 0
+        store.flush()
+        assert conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 10
+        for i in range(10, 15):
+            _eval(store, "fp", i)
+        store.close()  # close commits what is queued
+        assert conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 15
+        closed_at = conn.execute("SELECT closed_at FROM sessions").fetchone()[0]
+        assert closed_at is not None and abs(closed_at - time.time()) < 60
+    finally:
+        conn.close()
+
+
+def test_rows_reach_disk_within_the_commit_interval_without_flush(tmp_path: Path) -> None:
+    store = RunStore.open(tmp_path, RUN_KEY, commit_interval=0.02, max_batch=7)
+    conn = _raw(tmp_path)
+    try:
+        for i in range(100):
+            _eval(store, "fp", i)
+        deadline = time.monotonic() + 5
+        while conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] < 100:
+            assert time.monotonic() < deadline, "rows were not committed without a flush"
+            time.sleep(0.01)
+    finally:
+        conn.close()
+        store.close()
+
+
+def test_many_rows_from_many_threads(tmp_path: Path) -> None:
+    n_threads, per_thread = 8, 400
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+
+        def work(t: int) -> None:
+            for i in range(per_thread):
+                _eval(store, f"fp{t}", i, i / per_thread, trajectory_json=json.dumps({"t": t, "i": i}))
+                if i % 100 == 0:
+                    store.record_event("tick", {"t": t, "i": i})
+            store.flush()
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        elapsed = time.perf_counter() - start
+        evals = store.load_evaluations()
+        assert len(evals) == n_threads * per_thread
+        for t in range(n_threads):  # each thread's rows in its own order
+            mine = [e.example_id for e in evals if e.fingerprint == f"fp{t}"]
+            assert mine == list(range(per_thread))
+        assert all(json.loads(e.trajectory_json)["i"] == e.example_id for e in evals)
+        assert len(store.events("tick")) == n_threads * 4
+        assert elapsed < 5, f"{n_threads * per_thread} rows took {elapsed:.1f}s"
+
+
+def test_recording_does_not_wait_for_the_disk(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        traj = json.dumps({"inputs": {"q": "x" * 2000}, "outputs": {"a": "y" * 500}})
+        start = time.perf_counter()
+        for i in range(3000):
+            _eval(store, "fp", i, trajectory_json=traj, message="fine")
+        per_row = (time.perf_counter() - start) / 3000
+        store.flush()
+        assert store.counts()["evaluations"] == 3000
+    assert per_row < 200e-6, f"record_evaluation took {per_row * 1e6:.0f} us per row"
+
+
+def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
+    store = RunStore.open(tmp_path, RUN_KEY)
+    _eval(store, "fp", 0)
+    store.close()
+    store.close()
+    assert store.closed
+    with pytest.raises(RunStoreError, match="closed"):
+        _eval(store, "fp", 1)
+    store.flush()  # nothing to do
+    assert [e.example_id for e in store.load_evaluations()] == [0]  # reading after close still works
+    assert "closed" in repr(store)
+
+
+def test_an_abandoned_store_commits_on_collection(tmp_path: Path) -> None:
+    store = RunStore.open(tmp_path, RUN_KEY, commit_interval=30.0)
+    for i in range(5):
+        _eval(store, "fp", i)
+    del store
+    gc.collect()
+    conn = _raw(tmp_path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 5
+        assert conn.execute("SELECT closed_at FROM sessions").fetchone()[0] is not None
+    finally:
+        conn.close()
+
+
+def test_interpreter_exit_without_close_commits_the_queue(tmp_path: Path) -> None:
+    script = _PRELUDE + textwrap.dedent(
+        """
+        store = RunStore.open(sys.argv[2], {"run": "exit"}, commit_interval=30.0)
+        for i in range(50):
+            store.record_event("tick", {"i": i})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script, _package_dir(), str(tmp_path)], check=True, timeout=30)
+    conn = _raw(tmp_path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 50
+        assert conn.execute("SELECT closed_at FROM sessions").fetchone()[0] is not None
+    finally:
+        conn.close()
+
+
+def test_a_failing_row_is_reported_and_does_not_cost_its_batch(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, RUN_KEY, commit_interval=30.0) as store:
+        conn = _raw(tmp_path)
+        with conn:
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON evaluations WHEN NEW.example_id = 13 "
+                "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+            )
+        conn.close()
+        for i in range(20):
+            _eval(store, "fp", i)
+        with pytest.raises(RunStoreError, match="1 row.*disk on fire.*evaluations"):
+            store.flush()
+        store.flush()  # reported once
+        assert [e.example_id for e in store.load_evaluations()] == [i for i in range(20) if i != 13]
+        assert store.write_stats["failed"] == 1
+        _eval(store, "fp", 21)  # the store keeps working
+        assert store.counts()["evaluations"] == 20
+
+
+# ----------------------------------------------------------------------------------- SIGKILL
+
+_WRITER_SCRIPT = _PRELUDE + textwrap.dedent(
+    """
+    store = RunStore.open(sys.argv[2], {"run": "kill-test"}, commit_interval=0.003, max_batch=64)
+    i = len(store.events("tick"))  # resume after the last fully recorded unit
+    print("start", i, store.resumed, flush=True)
+    pad = "x" * 400
+    while True:
+        store.record_candidate(f"c{i}", {"p": f"text {i} " + pad}, [f"c{i - 1}"], "reflection", float(i))
+        store.record_evaluation(f"c{i}", "val", i, i / 1000, {"acc": float(i)}, None, f"m{i}", None,
+                                json.dumps({"i": i, "pad": pad}), None, i, 0.0)
+        store.record_event("tick", {"i": i})
+        i += 1
+        if i % 20 == 0:
+            time.sleep(0.001)  # like an event loop awaiting I/O: lets the writer thread run
+    """
+)
+
+
+def _write_until_killed(log_dir: Path, min_evals: int) -> int:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER_SCRIPT, _package_dir(), str(log_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("start"), proc.stderr.read()
+        start = int(line.split()[1])
+        conn = sqlite3.connect(str(log_dir / DB_FILENAME))
+        try:
+            deadline = time.monotonic() + 20
+            while conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] < start + min_evals:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "the writer subprocess made no progress"
+                time.sleep(0.005)
+        finally:
+            conn.close()
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:  # pragma: no cover - only if an assertion fired above
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    return start
+
+
+def _check_consistent_prefix(log_dir: Path) -> int:
+    conn = sqlite3.connect(str(log_dir / DB_FILENAME))
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    with RunStore.open(log_dir, {"run": "kill-test"}) as store:
+        assert store.resumed
+        cands = store.load_candidates()
+        evals = store.load_evaluations()
+        ticks = [e.payload["i"] for e in store.events("tick")]
+    n_c, n_e, n_t = len(cands), len(evals), len(ticks)
+    # Rows commit in recording order (candidate i, evaluation i, tick i, candidate i+1, ...): what
+    # survives is a prefix of that sequence, with no gap and no row from after a lost one.
+    assert ticks == list(range(n_t))
+    assert [e.example_id for e in evals] == list(range(n_e))
+    assert [c.fingerprint for c in cands] == [f"c{i}" for i in range(n_c)]
+    assert n_t <= n_e <= n_t + 1 and n_e <= n_c <= n_e + 1
+    for e in evals:  # every field of every row is whole
+        i = e.example_id
+        assert (e.fingerprint, e.score, e.objective_scores, e.message, e.tokens) == (
+            f"c{i}",
+            i / 1000,
+            {"acc": float(i)},
+            f"m{i}",
+            i,
+        )
+        assert json.loads(e.trajectory_json) == {"i": i, "pad": "x" * 400}
+    for i, c in enumerate(cands):
+        assert c.texts == {"p": f"text {i} " + "x" * 400} and c.parents == (f"c{i - 1}",)
+    return n_t
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_sigkill_leaves_a_consistent_prefix(tmp_path: Path) -> None:
+    log_dir = tmp_path / "killed"
+    start = _write_until_killed(log_dir, min_evals=300)
+    assert start == 0
+    first = _check_consistent_prefix(log_dir)
+    assert first >= 299  # everything the parent saw committed survived the kill
+
+    # Kill a resumed writer too: the second session continues the first one's prefix.
+    start = _write_until_killed(log_dir, min_evals=300)
+    assert start == first
+    second = _check_consistent_prefix(log_dir)
+    assert second >= first + 299
+
+    with RunStore.open(log_dir, {"run": "kill-test"}) as store:
+        sessions = store.sessions()
+    assert [s.resumed for s in sessions] == [False, True, True, True, True]
+    killed = [s.id for s in sessions if s.closed_at is None and s.id != sessions[-1].id]
+    assert killed == [1, 3]  # the killed writers never closed; the checking opens did
+
+
+# ----------------------------------------------------------------------------------- secrets
+
+FAKE_KEY = "tgq-FAKE-9f8e7d6c5b4a3210-do-not-store"
+FAKE_SK = "sk-proj-Abc123Def456Ghi789Jkl012Mno345"
+FAKE_BEARER = "Bearer eyJhbGciOiJIUzI1NiJ9.e30.ZRrHA1JJJW8opsbCGfG_HACGpVUMN_a9IV7pAx_Zmeo"
+
+
+def test_secrets_never_reach_the_database_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURBOGEPA_TEST_API_KEY", FAKE_KEY)
+    log_dir = tmp_path / "run"
+    meta = {
+        "api_key": FAKE_KEY,
+        "lm": {"model": "openai/gpt-4.1", "kwargs": {"apiKey": FAKE_SK, "headers": {"Authorization": FAKE_BEARER}}},
+        "note": f"configured with {FAKE_KEY} and visible-meta-marker",
+        "list": [FAKE_SK, "fine"],
+    }
+    run_key = {**RUN_KEY, "student": f"student-{FAKE_KEY}"}
+    store = RunStore.open(log_dir, run_key, meta)
+    store.record_event(
+        "run_started",
+        {
+            "request": {"headers": {"x-api-key": FAKE_KEY}},
+            "cmd": f"curl -H '{FAKE_BEARER}'",
+            "m": "visible-event-marker",
+        },
+    )
+    store.record_event("error", {"text": f"AuthenticationError: Incorrect API key provided: {FAKE_SK}"})
+    store.record_evaluation(
+        "fp",
+        "val",
+        0,
+        0.0,
+        None,
+        "program_error",
+        f"AuthenticationError: invalid key {FAKE_KEY} (visible-message-marker)",
+        "AuthenticationError",
+        json.dumps({"inputs": {"q": f"use {FAKE_KEY}"}, "note": "visible-trajectory-marker", "sk": FAKE_SK}),
+        json.dumps({"answer": FAKE_KEY}),
+        None,
+        None,
+    )
+    store.record_candidate("fp", {"p": f"Instruction with {FAKE_KEY} visible-candidate-marker"}, [], "seed", 0.0)
+    assert store.record_proposal("k-ok", {"p": "clean"}, "proposer_error", f"failed with {FAKE_SK}", 1)
+    assert not store.record_proposal("k-secret", {"p": f"leaks {FAKE_KEY}"}, None, None, 1)
+    store.flush()
+
+    def raw_bytes() -> bytes:
+        files = sorted(log_dir.glob(DB_FILENAME + "*"))
+        assert log_dir / DB_FILENAME in files
+        return b"".join(f.read_bytes() for f in files)
+
+    data = raw_bytes()
+    assert (log_dir / (DB_FILENAME + "-wal")).exists()  # rows are still only in the WAL: it was searched
+    for marker in ("meta", "event", "message", "trajectory", "candidate"):
+        assert f"visible-{marker}-marker".encode() in data  # the search would find a stored string
+    for secret in (FAKE_KEY, FAKE_SK, FAKE_BEARER, FAKE_BEARER.split()[1]):
+        assert secret.encode() not in data, f"{secret[:12]}... was persisted"
+    assert REDACTED.encode() in data
+
+    # What was stored is still usable.
+    ev = store.load_evaluations()[0]
+    assert json.loads(ev.trajectory_json)["note"] == "visible-trajectory-marker"
+    assert json.loads(ev.output_json) == {"answer": REDACTED}
+    assert list(store.load_proposals()) == ["k-ok"]
+    assert store.meta["api_key"] == REDACTED and store.meta["lm"]["model"] == "openai/gpt-4.1"
+    store.close()
+    for secret in (FAKE_KEY, FAKE_SK, FAKE_BEARER):
+        assert secret.encode() not in raw_bytes()
+    # The run key is compared masked, so the same run still opens.
+    with RunStore.open(log_dir, run_key) as again:
+        assert again.resumed
+
+
+def test_redact_keys_and_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-value-123456")
+    monkeypatch.setenv("SHORT_KEY", "short")  # < 8 characters: not treated as a secret
+    monkeypatch.setenv("HOME_DIR_FOR_TEST", "plain-value-not-secret")  # name has no secret marker
+    obj = {
+        "API_KEY": "anything",
+        "x-api-key": "anything",
+        "Authorization": "anything",
+        "password": 12345678,
+        "client_secret": ["a", "b"],
+        "access_token": "abc",
+        "api_key_unset": None,
+        "apikey": None,
+        "secret": True,
+        "max_tokens": 1000,
+        "tokens": 55,
+        "prompt_tokens": 3,
+        "model": "openai/gpt-4.1",
+        "nested": [{"token": "t"}, ("uses tok-value-123456 here", "short", "plain-value-not-secret")],
+        "text": f"call with {FAKE_SK}, then Bearer abcdefgh12345678ijkl",
+    }
+    out = redact(obj)
+    for key in ("API_KEY", "x-api-key", "Authorization", "password", "client_secret", "access_token"):
+        assert out[key] == REDACTED, key
+    assert out["apikey"] is None and out["secret"] is True  # None/bool say nothing secret
+    assert (out["max_tokens"], out["tokens"], out["prompt_tokens"]) == (1000, 55, 3)
+    assert out["model"] == "openai/gpt-4.1"
+    assert out["nested"] == [{"token": REDACTED}, [f"uses {REDACTED} here", "short", "plain-value-not-secret"]]
+    assert out["text"] == f"call with {REDACTED}, then {REDACTED}"
+    assert obj["API_KEY"] == "anything"  # the input is not modified
+    assert redact("tok-value-123456") == REDACTED  # a value equal to a secret env var
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "a-rotated-value-99")  # env changes are seen at once
+    assert redact("tok-value-123456") == "tok-value-123456"
+    assert redact("a-rotated-value-99") == REDACTED
+
+
+def test_json_masking_finds_escaped_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    odd = 'pä"ss\\wörd-123'
+    monkeypatch.setenv("ODD_PASSWORD", odd)
+    for ensure_ascii in (True, False):
+        doc = json.dumps({"a": [f"x {odd} y"], "b": 1}, ensure_ascii=ensure_ascii)
+        assert odd not in doc  # only its escaped spelling is in the text
+        masked = store_pkg.redaction.mask_json_text(doc)
+        assert json.loads(masked) == {"a": [f"x {REDACTED} y"], "b": 1}
+    assert store_pkg.redaction.mask_json_text("not json " + odd) == "not json " + REDACTED
+
+
+def test_text_masking_leaves_prose_alone() -> None:
+    prose = (
+        "Use sk-learn-compatible-estimator style. The task-specific instructions mention a Bearer "
+        "instrument and the token budget. ask-questions-about-the-document."
+    )
+    assert not contains_secret(prose)
+    assert mask_text(prose) == prose
+    for key in (
+        FAKE_SK,
+        "sk-ant-api03-AbCdEf0123456789xyz",
+        "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUv",
+        "ghp_" + "A1b2" * 9,
+        "github_pat_11AB" + "cD3_" * 8,
+        "hf_" + "aB3d" * 9,
+        "AKIAIOSFODNN7EXAMPLE",
+        "xoxb-1234567890-abcdef",
+    ):
+        assert mask_text(f"key={key};") == f"key={REDACTED};", key
+    assert is_sensitive_key("OPENAI_API_KEY") and is_sensitive_key("aws_secret_access_key")
+    assert not is_sensitive_key("max_tokens") and not is_sensitive_key("keywords") and not is_sensitive_key(3)
+
+
+# ----------------------------------------------------------------------------------- misc
+
+
+def test_stable_hash() -> None:
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+    assert len(stable_hash("x")) == 32
+    with pytest.raises(TypeError):
+        stable_hash(object())
+
+
+def test_store_code_uses_json_only_and_no_dspy() -> None:
+    package = Path(store_pkg.__file__).parent
+    for source in package.glob("*.py"):
+        text = source.read_text()
+        for forbidden in (
+            "import pickle",
+            "pickle.",
+            " eval(",
+            "exec(",
+            "import dspy",
+            "from dspy import",
+            "from dspy.",
+        ):
+            assert forbidden not in text, f"{forbidden!r} in {source.name}"

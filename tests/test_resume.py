@@ -1,0 +1,115 @@
+"""log_dir: every finished evaluation and proposal is stored; a rerun resumes without paying again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dspy
+import pytest
+
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.store import RunStoreMismatchError
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
+
+from helpers import CountingMetric, small_splits
+
+SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
+
+
+def _compile(task, budget, log_dir=None, splits=None, seed=0):
+    splits = splits or small_splits(task, n_train=30, n_val=16)
+    student, reflector = make_student_lm(seed=0, noise=0.0), make_reflection_lm(seed=0)
+    metric = CountingMetric(task.metric)
+    opt = TurboGEPA(metric, max_metric_calls=budget, reflection_lm=reflector, num_threads=6, track_stats=True,
+                    log_dir=str(log_dir) if log_dir else None, seed=seed)
+    with dspy.context(lm=student):
+        program = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    return program, metric.scoring, sim_engine(student).calls, sim_engine(reflector).calls
+
+
+def _instructions(program):
+    return {n: p.signature.instructions for n, p in program.named_predictors()}
+
+
+def test_rerun_and_extension_never_pay_twice(pipeline, tmp_path):
+    full, full_calls, full_lm, full_refl = _compile(pipeline, 300)
+    first, calls1, lm1, refl1 = _compile(pipeline, 150, tmp_path)
+    # same arguments again: the run had reached its budget, so the best program comes back at once
+    again, calls_again, lm_again, refl_again = _compile(pipeline, 150, tmp_path)
+    assert (calls_again, lm_again, refl_again) == (0, 0, 0)
+    assert _instructions(again) == _instructions(first)
+    # a larger budget continues the run (dspy.GEPA's way to extend it) and ends where an uninterrupted run ends
+    extended, calls2, lm2, refl2 = _compile(pipeline, 300, tmp_path)
+    assert calls1 + calls2 == full_calls
+    assert lm1 + lm2 == full_lm and refl1 + refl2 == full_refl
+    assert _instructions(extended) == _instructions(full)
+    assert extended.detailed_results.total_metric_calls == full.detailed_results.total_metric_calls
+
+
+def test_changed_data_or_seed_under_the_same_log_dir_is_refused(routing, tmp_path):
+    _compile(routing, 40, tmp_path)
+    other = small_splits(routing, n_train=30, n_val=16, data_seed=5)
+    with pytest.raises(RunStoreMismatchError, match="valset"):
+        _compile(routing, 40, tmp_path, splits=other)
+    with pytest.raises(RunStoreMismatchError, match="seed"):
+        _compile(routing, 40, tmp_path, seed=9)
+
+
+def test_nothing_secret_is_written(routing, tmp_path, monkeypatch):
+    secret = "sk-test-SUPERSECRET-123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    splits = small_splits(routing, n_train=20, n_val=8)
+    student = make_student_lm(seed=0, noise=0.0)
+    reflector = dspy.LM("openai/sim-reflector", api_key=secret, api_base="http://127.0.0.1:9/v1", cache=False)
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        return {c: candidate[c] + " Disputes over charges go to payments." for c in components_to_update}
+
+    opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflector, instruction_proposer=proposer,
+                    num_threads=2, log_dir=str(tmp_path), wandb_api_key=secret)
+    with dspy.context(lm=student):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    budget = "400"
+    ref_out = tmp_path / "ref.json"
+    subprocess.run([sys.executable, str(SCRIPT), str(ref_out), "-", budget], env=env, check=True, timeout=300,
+                   capture_output=True)
+    log_dir = tmp_path / "run"
+    killed = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "killed.json"), str(log_dir), budget],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in killed.stdout:
+            if line.startswith("READY"):
+                break
+        time.sleep(1.0)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert not (tmp_path / "killed.json").exists(), "the run finished before it was killed; slow it down"
+    with sqlite3.connect(log_dir / "run.sqlite3") as db:
+        stored = db.execute("select count(*) from evaluations").fetchone()[0]
+    assert stored > 0
+    resumed_out = tmp_path / "resumed.json"
+    subprocess.run([sys.executable, str(SCRIPT), str(resumed_out), str(log_dir), budget], env=env, check=True,
+                   timeout=300, capture_output=True)
+    ref, resumed = json.loads(ref_out.read_text()), json.loads(resumed_out.read_text())
+    assert resumed["instructions"] == ref["instructions"]
+    assert resumed["metric_calls"] == ref["metric_calls"]
+    # the resumed process executed exactly what the killed one had not finished: nothing repeated
+    assert resumed["student_calls"] == ref["student_calls"] - stored
