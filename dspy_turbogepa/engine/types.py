@@ -36,6 +36,12 @@ class EvalOutcome:
     output: Any = None
     #: Error type name for systemic-failure detection (e.g. "AuthenticationError").
     error_type: str | None = None
+    #: LM usage of this rollout (all LM calls the program made), for token and dollar budgets.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    #: Rate-limit retries this rollout needed before it finished (not failures, not extra metric calls).
+    rate_limit_retries: int = 0
 
 
 @dataclass(frozen=True)
