@@ -73,7 +73,8 @@ def test_records_are_matched_by_predictor_name_not_signature():
     proposer = RecordingProposer()
     data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
     opt = TurboGEPA(twin_metric, max_metric_calls=40, instruction_proposer=proposer, num_threads=2,
-                    reflection_minibatch_size=2, use_merge=False, skip_perfect_score=False)
+                    reflection_minibatch_size=2, use_merge=False, skip_perfect_score=False,
+                    component_selector="round_robin")
     with dspy.context(lm=_twin_lm()):
         opt.compile(TwinPipeline(), trainset=data, valset=data[:4])
     assert proposer.calls

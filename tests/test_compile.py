@@ -213,3 +213,17 @@ def test_valset_none_uses_trainset(routing, student_lm, reflection_lm):
     with dspy.context(lm=student_lm):
         optimized = opt.compile(routing.make_program(), trainset=splits.train)
     assert set(optimized.detailed_results.val_subscores[0]) == set(range(16))
+
+
+def test_operator_credit_is_reported_and_explicit_selector_respected(pipeline, student_lm, reflection_lm):
+    _, _, optimized, _ = compile_task(pipeline, student_lm, reflection_lm, budget=300, adaptive_proposal_mix=True,
+                                      component_selector="round_robin")
+    credit = optimized.detailed_results.run_stats["operator_credit"]
+    assert "reflection_all" not in credit  # the explicit selector wins over the adaptive mix
+    assert credit["reflection"]["attempts"] >= 1
+    assert 0 < credit["reflection"]["win_rate"] < 1
+    noisy = make_student_lm(seed=0, noise=None)  # the task's default noise: the search never saturates
+    _, _, adaptive, _ = compile_task(pipeline, noisy, reflection_lm, budget=800, adaptive_proposal_mix=True)
+    assert adaptive.detailed_results.run_stats["operator_credit"]["reflection_all"]["attempts"] >= 1
+    tokens = adaptive.detailed_results.run_stats["reflection_tokens"]
+    assert tokens["prompt"] > 0 and tokens["completion"] > 0

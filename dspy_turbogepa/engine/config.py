@@ -86,6 +86,8 @@ class EngineConfig:
     component_selector: str | Callable[..., Any] = "round_robin"
     #: GEPA's acceptance test on the minibatch: strict improvement unless this is set.
     accept_equal_on_minibatch: bool = False
+    #: The user left component_selector at its default: operator credit chooses one or all components.
+    adaptive_components: bool = False
     skip_perfect_score: bool = True
     perfect_score: float = 1.0
     seed: int = 0

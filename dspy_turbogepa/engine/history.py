@@ -9,8 +9,9 @@ nothing is copied.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dspy_turbogepa.engine.credit import CreditSnapshot
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.records import CandidateRecord
 
@@ -23,6 +24,7 @@ class CommitPoint:
     merges_failed: int  # merges committed without being accepted
     accepted: int = 0  # mutations that produced a new candidate, cumulative
     attempted: int = 0  # mutations that evaluated a child (accepted, rejected or pruned), cumulative
+    credit: CreditSnapshot = field(default_factory=CreditSnapshot)  # operator credit after this commit
 
 
 class CommitHistory:

@@ -26,6 +26,7 @@ from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.frontier import ParetoFrontier
+from dspy_turbogepa.engine.credit import CreditSnapshot
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
 from dspy_turbogepa.engine.merge import find_merge
 from dspy_turbogepa.engine.observer import EngineObserver
@@ -106,6 +107,7 @@ class Orchestrator:
         self._view_floor = 0
         self._accepted = 0
         self._attempted = 0
+        self._credit = CreditSnapshot()
         self._noop_streak = 0
         self._next_seq = 0
         self._committed = 0
@@ -238,7 +240,8 @@ class Orchestrator:
         while True:
             await self._commit_finished()
             budget_blocked = False
-            if self._should_stop() is None and len(self._running()) < self.width():
+            saturated = self._eval_slots.waiting >= self._eval_slots.capacity
+            if self._should_stop() is None and len(self._running()) < self.width() and not saturated:
                 view = self._view_commits(self._next_seq)
                 if view is not None:
                     plan = self._plan(self._next_seq, view)
@@ -336,6 +339,10 @@ class Orchestrator:
             plan.components, plan.child_counter = self._selector.select(
                 parent.candidate.fingerprint, parent.candidate.texts, parent_index, (), (), None
             )
+            if self.config.adaptive_components and len(self._selector.components) > 1:
+                # The user left the selector at its default: let operator credit pick one or all.
+                if self._history.at(n_commits).credit.choose_reflection_kind(rng) == "reflection_all":
+                    plan.components = list(self._selector.components)
             if len(plan.components) > 1:
                 plan.kind = "reflection_all"
         return plan
@@ -467,6 +474,8 @@ class Orchestrator:
                     logger.warning("Mutation %d: the reflector raised %s: %s", plan.seq, type(exc).__name__, exc)
                     proposal = ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
             self.stats.reflection_calls += proposal.reflection_calls
+            self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
+            self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens
             self._known_proposals[key] = proposal
             for obs in self._observers:
                 obs.on_proposal(key, proposal)
@@ -617,6 +626,12 @@ class Orchestrator:
             self._stop_reason = "no_progress_possible"
         if status in ("accepted", "rejected_rung0", "pruned"):
             self._attempted += 1
+            improved = False
+            if status == "accepted" and result.val_outcomes:
+                child_mean = sum(o.score for o in result.val_outcomes.values()) / len(result.val_outcomes)
+                improved = child_mean > self._records[self._frontier.best_index()].aggregate
+            self._credit = self._credit.updated(plan.kind, survived=status != "rejected_rung0",
+                                                accepted=status == "accepted", improved_best=improved)
         if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
             status = "duplicate"
         self.stats.mutations[status] += 1
@@ -644,7 +659,7 @@ class Orchestrator:
                 self._merges_failed += 1
         self._history.record(
             CommitPoint(len(self._records), self._budget.committed, self._merges_granted, self._merges_failed,
-                        self._accepted, self._attempted)
+                        self._accepted, self._attempted, self._credit)
         )
         waiter = self._turn_waiters.pop(self._committed, None)
         if waiter is not None and not waiter.done():
@@ -688,6 +703,7 @@ class Orchestrator:
 
     def _result(self) -> EngineResult:
         reason: StopReason = self._stop_reason or "max_metric_calls"
+        self.stats.operator_credit = self._credit.to_dict()
         return EngineResult(
             records=list(self._records),
             fronts=self._frontier.fronts(),

@@ -93,6 +93,10 @@ class RunStats:
     executed: int = 0
     peak_evals_in_flight: int = 0
     peak_mutations_in_flight: int = 0
+    reflection_prompt_tokens: int = 0
+    reflection_completion_tokens: int = 0
+    #: Per proposal kind: attempts, children surviving rung 0, accepted, Laplace-smoothed rates.
+    operator_credit: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +112,9 @@ class RunStats:
             "metric_calls_executed": self.executed,
             "peak_evals_in_flight": self.peak_evals_in_flight,
             "peak_mutations_in_flight": self.peak_mutations_in_flight,
+            "reflection_tokens": {"prompt": self.reflection_prompt_tokens,
+                                  "completion": self.reflection_completion_tokens},
+            "operator_credit": self.operator_credit,
         }
 
 

@@ -53,6 +53,8 @@ class ProposalOutcome:
     skipped: str | None = None
     message: str | None = None
     reflection_calls: int = 0
+    reflection_prompt_tokens: int = 0
+    reflection_completion_tokens: int = 0
 
 
 @runtime_checkable

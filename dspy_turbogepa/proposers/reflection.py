@@ -74,7 +74,7 @@ class ReflectiveProposer:
         counter = _LMCallCounter()
         callbacks = [*dspy.settings.get("callbacks", []), counter]
         lm = self._reflection_lm or dspy.settings.lm
-        with dspy.context(lm=lm, callbacks=callbacks):
+        with dspy.context(lm=lm, callbacks=callbacks), dspy.track_usage() as usage:
             try:
                 dataset = self._builder.build(
                     components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
@@ -97,7 +97,17 @@ class ReflectiveProposer:
                 return ProposalOutcome(
                     skipped="proposer_error", message=f"{type(exc).__name__}: {exc}", reflection_calls=counter.calls
                 )
-        return _validate_answer(answer, parent_texts, to_update, counter.calls)
+        outcome = _validate_answer(answer, parent_texts, to_update, counter.calls)
+        prompt, completion = _token_totals(usage.get_total_tokens())
+        return ProposalOutcome(texts=outcome.texts, skipped=outcome.skipped, message=outcome.message,
+                               reflection_calls=outcome.reflection_calls, reflection_prompt_tokens=prompt,
+                               reflection_completion_tokens=completion)
+
+
+def _token_totals(by_lm: Mapping[str, Mapping[str, Any]]) -> tuple[int, int]:
+    prompt = sum(int(u.get("prompt_tokens") or u.get("input_tokens") or 0) for u in by_lm.values())
+    completion = sum(int(u.get("completion_tokens") or u.get("output_tokens") or 0) for u in by_lm.values())
+    return prompt, completion
 
 
 async def _await(awaitable: Any) -> Any:
