@@ -80,7 +80,7 @@ class EngineConfig:
     reflection_minibatch_size: int = 3
     rung_fractions: tuple[float, ...] = (1.0,)
     #: Promotion margin at validation rungs, in standard errors of the paired differences with the
-    #: incumbent: 0 promotes only children strictly ahead (or best on some instance); larger is laxer.
+    #: incumbent: 0 promotes children not behind it (or best on some instance); larger is laxer.
     promotion_z: float = 0.0
     candidate_selection: CandidateSelection = "pareto"
     component_selector: str | Callable[..., Any] = "round_robin"
