@@ -72,6 +72,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         reduction_factor: ratio between consecutive validation shards when ``rung_fractions`` is not set.
         deterministic: commit results in launch order so the same seed and a deterministic LM give the
             same program (default True; False commits in completion order).
+        token_budget, cost_budget_usd, time_budget_seconds: budgets on top of dspy.GEPA's metric-call
+            budget (LM tokens of the program and reflection, dollars as dspy/litellm report them, wall
+            clock from the start of compile). When one is reached nothing new is launched, work in
+            flight finishes, and ``detailed_results.stop_reason`` names the budget.
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
             choose between rewriting one component and all of them (default False: on our benchmarks the
             mix chased acceptance and lost final quality; per-kind credit is reported either way).
@@ -114,6 +118,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         reduction_factor: float = 3.0,
         deterministic: bool = True,
         adaptive_proposal_mix: bool = False,
+        token_budget: int | None = None,
+        cost_budget_usd: float | None = None,
+        time_budget_seconds: float | None = None,
     ) -> None:
         check_metric_signature(metric)
         n_budgets = (max_metric_calls is not None) + (max_full_evals is not None) + (auto is not None)
@@ -133,6 +140,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _positive_int("max_reflections_in_flight", max_reflections_in_flight)
         if max_merge_invocations is not None:
             _positive_int("max_merge_invocations", max_merge_invocations)
+        _positive_int("token_budget", token_budget)
+        for name, value in (("cost_budget_usd", cost_budget_usd), ("time_budget_seconds", time_budget_seconds)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
         if reflection_lm is None and instruction_proposer is None:
             raise ConfigurationError(
                 "GEPA requires a reflection language model, or custom instruction proposer to be provided. "
@@ -208,6 +219,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.reduction_factor = float(reduction_factor)
         self.deterministic = deterministic
         self.adaptive_proposal_mix = bool(adaptive_proposal_mix)
+        self.token_budget = token_budget
+        self.cost_budget_usd = cost_budget_usd
+        self.time_budget_seconds = time_budget_seconds
 
     def get_params(self) -> dict[str, Any]:
         """A copy: MLflow's autolog updates the returned dict, which must not leak into this object."""
@@ -378,6 +392,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_merge_invocations=self.max_merge_invocations if self.max_merge_invocations is not None else 10**9,
             stop_file=Path(self.log_dir) / "gepa.stop" if self.log_dir else None,
             stop_callbacks=mapped.stop_callbacks,
+            max_seconds=self.time_budget_seconds,
+            max_tokens=self.token_budget,
+            max_cost=self.cost_budget_usd,
         )
 
 

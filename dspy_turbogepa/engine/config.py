@@ -105,6 +105,11 @@ class EngineConfig:
     merge_subsample_size: int = 5
     stop_file: Path | None = None
     stop_callbacks: tuple[Callable[[Any], bool], ...] = field(default_factory=tuple)
+    #: Secondary budgets (None = unlimited): when one is reached, nothing new is launched and the
+    #: work in flight finishes; the stop reason names the budget.
+    max_seconds: float | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
     #: Stop after this many consecutive mutations that evaluated nothing new and found nothing.
     max_noop_mutations: int = 200
     #: Stop the run if this many consecutive evaluations at the start all fail (systemic failure).

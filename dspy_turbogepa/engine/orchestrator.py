@@ -187,8 +187,12 @@ class Orchestrator:
     def _should_stop(self) -> StopReason | None:
         if self._stop_reason is not None:
             return self._stop_reason
+        exhausted = self._secondary_budget_exhausted()
         if self._external_stop is not None:
             self._stop_reason = self._external_stop
+        elif exhausted is not None:
+            logger.info("Stopping: the %s is used up", exhausted.replace("_", " "))
+            self._stop_reason = exhausted
         elif self.config.stop_file is not None and Path(self.config.stop_file).exists():
             logger.info("Stop file %s found: stopping gracefully", self.config.stop_file)
             self._stop_reason = "stop_file"
@@ -200,6 +204,19 @@ class Orchestrator:
                     self._stop_reason = "stop_callback"
                     break
         return self._stop_reason
+
+    def _secondary_budget_exhausted(self) -> StopReason | None:
+        """Token, dollar and wall-clock budgets: checked before every launch (work in flight finishes)."""
+        cfg, st = self.config, self.stats
+        if cfg.max_seconds is not None and self._elapsed() >= cfg.max_seconds:
+            return "time_budget"
+        tokens = (st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens
+                  + st.reflection_completion_tokens)
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+            return "token_budget"
+        if cfg.max_cost is not None and st.task_cost + st.reflection_cost >= cfg.max_cost:
+            return "cost_budget"
+        return None
 
     def _running(self) -> list[asyncio.Task[MutationResult]]:
         return [t for t in self._tasks.values() if not t.done()]
@@ -476,6 +493,7 @@ class Orchestrator:
             self.stats.reflection_calls += proposal.reflection_calls
             self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
             self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens
+            self.stats.reflection_cost += proposal.reflection_cost
             self._known_proposals[key] = proposal
             for obs in self._observers:
                 obs.on_proposal(key, proposal)
@@ -604,6 +622,10 @@ class Orchestrator:
         fut.set_result(outcome)
         if outcome.failure:
             self.stats.failures[outcome.failure] += 1
+        self.stats.task_prompt_tokens += outcome.prompt_tokens
+        self.stats.task_completion_tokens += outcome.completion_tokens
+        self.stats.task_cost += outcome.cost
+        self.stats.rate_limit_retries += outcome.rate_limit_retries
         for obs in self._observers:
             obs.on_evaluation(candidate, split, outcome)
         self._systemic.observe(outcome)

@@ -22,7 +22,8 @@ MutationStatus = Literal[
 ]
 
 StopReason = Literal[
-    "max_metric_calls", "stop_file", "stop_callback", "interrupted", "no_progress_possible", "completed"
+    "max_metric_calls", "stop_file", "stop_callback", "interrupted", "no_progress_possible", "completed",
+    "time_budget", "token_budget", "cost_budget",
 ]
 
 
@@ -95,6 +96,11 @@ class RunStats:
     peak_mutations_in_flight: int = 0
     reflection_prompt_tokens: int = 0
     reflection_completion_tokens: int = 0
+    reflection_cost: float = 0.0
+    task_prompt_tokens: int = 0
+    task_completion_tokens: int = 0
+    task_cost: float = 0.0
+    rate_limit_retries: int = 0
     #: Per proposal kind: attempts, children surviving rung 0, accepted, Laplace-smoothed rates.
     operator_credit: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -114,6 +120,9 @@ class RunStats:
             "peak_mutations_in_flight": self.peak_mutations_in_flight,
             "reflection_tokens": {"prompt": self.reflection_prompt_tokens,
                                   "completion": self.reflection_completion_tokens},
+            "task_tokens": {"prompt": self.task_prompt_tokens, "completion": self.task_completion_tokens},
+            "cost": {"task": round(self.task_cost, 6), "reflection": round(self.reflection_cost, 6)},
+            "rate_limit_retries": self.rate_limit_retries,
             "operator_credit": self.operator_credit,
         }
 

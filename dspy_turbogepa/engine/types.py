@@ -55,6 +55,7 @@ class ProposalOutcome:
     reflection_calls: int = 0
     reflection_prompt_tokens: int = 0
     reflection_completion_tokens: int = 0
+    reflection_cost: float = 0.0
 
 
 @runtime_checkable

@@ -98,10 +98,12 @@ class ReflectiveProposer:
                     skipped="proposer_error", message=f"{type(exc).__name__}: {exc}", reflection_calls=counter.calls
                 )
         outcome = _validate_answer(answer, parent_texts, to_update, counter.calls)
-        prompt, completion = _token_totals(usage.get_total_tokens())
+        totals = usage.get_total_tokens()
+        prompt, completion = _token_totals(totals)
+        cost = sum(float(u.get("cost") or 0.0) for u in totals.values())
         return ProposalOutcome(texts=outcome.texts, skipped=outcome.skipped, message=outcome.message,
                                reflection_calls=outcome.reflection_calls, reflection_prompt_tokens=prompt,
-                               reflection_completion_tokens=completion)
+                               reflection_completion_tokens=completion, reflection_cost=cost)
 
 
 def _token_totals(by_lm: Mapping[str, Mapping[str, Any]]) -> tuple[int, int]:

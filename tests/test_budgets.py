@@ -1,0 +1,49 @@
+"""Secondary budgets: wall clock and tokens stop launching and say which budget ended the run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import dspy
+import pytest
+
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+from helpers import small_splits
+
+
+def _run(routing, **kw):
+    splits = small_splits(routing, n_train=30, n_val=12)
+    lock = threading.Lock()
+
+    def slow(request):
+        time.sleep(0.005)
+
+    opt = TurboGEPA(routing.metric, max_metric_calls=5000, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    track_stats=True, **kw)
+    with dspy.context(lm=make_student_lm(seed=0, noise=None, before_call=slow)):
+        return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val).detailed_results
+
+
+def test_time_budget(routing):
+    start = time.monotonic()
+    dr = _run(routing, time_budget_seconds=1.0)
+    assert dr.stop_reason == "time_budget"
+    assert time.monotonic() - start < 20
+    assert dr.total_metric_calls < 5000
+
+
+def test_reflection_token_budget_counts(routing):
+    dr = _run(routing, token_budget=2000)
+    assert dr.stop_reason == "token_budget"
+    used = dr.run_stats["reflection_tokens"]["prompt"] + dr.run_stats["reflection_tokens"]["completion"] + \
+        dr.run_stats["task_tokens"]["prompt"] + dr.run_stats["task_tokens"]["completion"]
+    assert used >= 2000
+
+
+@pytest.mark.parametrize("kw", [{"token_budget": 0}, {"cost_budget_usd": -1.0}, {"time_budget_seconds": "1"}])
+def test_bad_secondary_budgets(routing, kw):
+    with pytest.raises((ValueError, TypeError)):
+        TurboGEPA(routing.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(), **kw)
