@@ -113,3 +113,17 @@ def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
     assert resumed["metric_calls"] == ref["metric_calls"]
     # the resumed process executed exactly what the killed one had not finished: nothing repeated
     assert resumed["student_calls"] == ref["student_calls"] - stored
+
+
+def test_unusable_log_dir_fails_before_any_lm_call(routing, tmp_path):
+    from dspy_turbogepa.store import RunStoreError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    student = make_student_lm(seed=0, noise=0.0)
+    splits = small_splits(routing, n_train=10, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(), num_threads=2,
+                    log_dir=str(blocker / "run"))
+    with dspy.context(lm=student), pytest.raises(RunStoreError, match="a_file"):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert sim_engine(student).calls == 0
