@@ -26,7 +26,14 @@ def run_coroutine_in_thread(
     on_interrupt: Callable[[], None] | None = None,
     on_grace_expired: Callable[[], None] | None = None,
     grace_seconds: float = 10.0,
+    on_tick: Callable[[], None] | None = None,
 ) -> T:
+    """Run ``make_coro()`` on a private loop in a worker thread; the calling thread waits.
+
+    ``on_tick`` runs on the *calling* thread every ~0.2 s and once at the end: work that must happen
+    on the thread that called compile (MLflow's active run is thread-local; a progress bar redraws
+    there) is handed to it.
+    """
     ctx = contextvars.copy_context()
     box: dict[str, Any] = {}
 
@@ -48,6 +55,8 @@ def run_coroutine_in_thread(
     while not finished.is_set():
         try:
             finished.wait(timeout=0.2)
+            if on_tick is not None:
+                _tick(on_tick)
         except KeyboardInterrupt:
             if interrupted:
                 raise
@@ -61,6 +70,15 @@ def run_coroutine_in_thread(
             finished.wait(timeout=grace_seconds)
             if not finished.is_set() and on_grace_expired is not None:
                 on_grace_expired()
+    if on_tick is not None:
+        _tick(on_tick)
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _tick(on_tick: Callable[[], None]) -> None:
+    try:
+        on_tick()
+    except Exception:  # a display or tracking failure must never end the run; say so loudly, once per tick
+        logger.exception("A compile-thread hook (progress / tracking) failed")
