@@ -314,6 +314,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 store.close()
         if known_evals:
             result.total_metric_calls += len(known_evals)  # paid by the earlier process of this run
+        result.stats.rate_limits = evaluator.rate_limit_stats()
         if result.stop_reason == "interrupted":
             logger.warning("Run interrupted: returning the best program found so far.")
         best = result.best

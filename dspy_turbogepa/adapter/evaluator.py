@@ -6,6 +6,19 @@ process-wide limiter of ``async_max_workers`` (8 by default), which would silent
 Each rollout gets its own ``dspy.context(trace=...)`` so concurrent traces never mix, and worker
 threads run in a copy of the caller's context so a ``dspy.context(lm=...)`` set around ``compile()``
 keeps working.
+
+Rate limits are not failed evaluations. Rollouts run on retry-less copies of the LMs (the context LM
+through ``dspy.context(lm=copy)``, per-predictor LMs on our own built programs; the user's objects are
+never modified, see ``lm_copies.py``). A rollout whose failure has a 429 anywhere in its exception chain
+is not scored: it waits (Retry-After, else exponential backoff with jitter) and runs again, behind an
+AIMD concurrency window per LM endpoint (``engine/aimd.py``) that shrinks on 429s, grows back on
+successes, and holds everyone back until the server's Retry-After has passed. Timeouts, 5xx and
+dropped connections are retried the same way a few times, then scored as a program failure with their
+cause. Systemic errors (bad key, unknown model, refused connection: the fatal set) are never retried.
+After ``RATE_LIMIT_POLICY`` (10 retries or 5 minutes) a still rate-limited rollout is scored
+``failure_score`` with the cause ``"rate_limited"`` (not raised): a provider that keeps refusing for
+that long makes the systemic-failure rule stop the run if nothing succeeds, while an isolated give-up
+costs one example.
 """
 
 from __future__ import annotations
@@ -13,15 +26,35 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dspy
 
+from dspy_turbogepa.adapter.lm_copies import (
+    LMCopies,
+    RolloutUsage,
+    endpoint_key,
+    endpoint_model,
+    rollout_usage,
+)
 from dspy_turbogepa.adapter.metric import read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.ratelimit import (
+    RATE_LIMIT_POLICY,
+    TRANSIENT_POLICY,
+    RateLimitStats,
+    RetryPolicy,
+    Verdict,
+    classify,
+)
+from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
 
 logger = logging.getLogger(__name__)
@@ -72,8 +105,27 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
 
 
+@dataclass
+class _Attempt:
+    """One run of the program (and, unless it is to be retried, its score)."""
+
+    outcome: EvalOutcome | None
+    verdict: Verdict | None = None
+    pred: Any = None
+    raw_trace: list[Any] = field(default_factory=list)
+    error: BaseException | None = None
+    usage: RolloutUsage = field(default_factory=RolloutUsage)
+    metric_retries: int = 0
+
+
 class DspyEvaluator:
-    """Implements the engine's ``Evaluator`` protocol for a DSPy program and GEPA-protocol metric."""
+    """Implements the engine's ``Evaluator`` protocol for a DSPy program and GEPA-protocol metric.
+
+    ``window_limit`` (default ``max_workers``) is where every endpoint's AIMD window starts and the most
+    it grows back to. ``rate_limit_policy`` / ``transient_policy`` say how often and how long a rollout
+    is retried on 429s / on timeouts, 5xx and dropped connections. ``clock``/``sleep`` are injectable
+    for tests. ``rate_limit_stats()`` reports the counters and the windows.
+    """
 
     def __init__(
         self,
@@ -84,7 +136,14 @@ class DspyEvaluator:
         max_workers: int,
         keep_outputs: bool = False,
         use_async: bool | None = None,
-        fatal_error_types: frozenset[str] = frozenset(),
+        fatal_error_types: frozenset[str] | None = None,
+        *,
+        window_limit: int | None = None,
+        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
+        transient_policy: RetryPolicy = TRANSIENT_POLICY,
+        seed: int | None = 0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self._codec = codec
         self._data = datasets
@@ -95,28 +154,195 @@ class DspyEvaluator:
         if use_async is None:
             use_async = callable(getattr(codec.student, "aforward", None))
         self.use_async = use_async
+        if fatal_error_types is None:
+            from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
+
+            fatal_error_types = FATAL_ERROR_TYPES
         self._fatal = fatal_error_types
+        self._rl_policy = rate_limit_policy
+        self._tr_policy = transient_policy
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = random.Random(f"backoff:{seed}")
+        self._copies = LMCopies()
+        self._windows = AimdRegistry(
+            window_limit or max_workers, default_cooldown_s=rate_limit_policy.base_s, clock=clock, sleep=sleep
+        )
+        self._stats = RateLimitStats()
+        #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
+        self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def rate_limit_stats(self) -> dict[str, Any]:
+        """Counters since construction: 429s seen, retries, give-ups, total backoff seconds (summed over
+        rollouts), and per endpoint its current and smallest AIMD window (``endpoints``)."""
+        return {**self._stats.snapshot(), "endpoints": self._windows.stats()}
+
+    # ------------------------------------------------------------------ one evaluation
     async def evaluate(
         self, texts: Mapping[str, str], fingerprint: str, split: Split, example_id: int, capture_traces: bool
     ) -> EvalOutcome:
         example = self._data[split][example_id]
         program, names = self._codec.get(fingerprint, texts)
+        pred_keys, uses_context = self._prepare(program)
+        context_lm = dspy.settings.lm
+        context_copy = None
+        keys = set(pred_keys)
+        if context_lm is not None:
+            context_copy = self._copies.get(context_lm)
+            if uses_context:
+                keys.add(endpoint_key(context_lm))
+        usage = RolloutUsage()
+        retries = {"rate_limited": 0, "transient": 0}
+        started = self._clock()
+        while True:
+            tickets = await self._windows.acquire_all(keys)
+            result, hint, only = "neutral", None, None
+            try:
+                attempt = await self._attempt(program, names, example, example_id, split, capture_traces, context_copy)
+                usage.add(attempt.usage)
+                verdict = attempt.verdict
+                if verdict is None:
+                    assert attempt.outcome is not None
+                    # The endpoints answered (even if the metric or the parse then failed): the window may grow.
+                    result = "neutral" if attempt.outcome.failure == "program_error" else "success"
+                elif verdict.kind == "rate_limited":
+                    result, hint, only = "rate_limited", verdict.retry_after, self._keys_of(verdict.model, keys)
+            finally:
+                self._windows.release_all(tickets, result, hint, only)  # type: ignore[arg-type]
+            if verdict is None:
+                assert attempt.outcome is not None
+                return self._finish(attempt.outcome, usage, retries["rate_limited"] + attempt.metric_retries)
+            kind = verdict.kind
+            assert kind is not None
+            rate_limited = kind == "rate_limited"
+            policy = self._rl_policy if rate_limited else self._tr_policy
+            done = retries[kind]
+            self._stats.add(**{"rate_limited" if rate_limited else "transient_errors": 1})
+            elapsed = self._clock() - started
+            if policy.exhausted(done, elapsed):
+                return self._give_up(attempt, verdict, done, elapsed, usage, retries["rate_limited"], example,
+                                     example_id, names, split, capture_traces)
+            delay = policy.delay(done, verdict.retry_after, self._rng)
+            self._stats.add(backoff_s=delay, **{"rate_limit_retries" if rate_limited else "transient_retries": 1})
+            retries[kind] += 1
+            if not rate_limited:
+                logger.info("Retrying a rollout in %.1fs after %s (retry %d of %d)", delay, verdict.error_type,
+                            done + 1, policy.max_retries)
+            await self._sleep(delay)
+
+    def _give_up(
+        self, attempt: _Attempt, verdict: Verdict, retries: int, elapsed: float, usage: RolloutUsage,
+        rl_retries: int, example: dspy.Example, example_id: int, names: dict[int, str], split: Split, capture: bool,
+    ) -> EvalOutcome:
+        assert attempt.error is not None
+        outcome, _ = self._score(example, example_id, None, attempt.raw_trace, attempt.error, names, split, capture)
+        what = "rate limited" if verdict.kind == "rate_limited" else "failing transiently"
+        message = f"Still {what} after {retries} retries over {elapsed:.0f}s; gave up. {outcome.message}"
+        if verdict.kind == "rate_limited":
+            self._stats.add(rate_limit_gave_up=1)
+            # The engine-level cause; the trajectory keeps "program_error" + the LM error type, which
+            # reflection already skips as an infrastructure failure.
+            outcome = replace(outcome, failure="rate_limited", message=message)  # type: ignore[arg-type]
+            logger.warning("A rollout was rate limited %d times over %.0fs; scoring it as failed (rate_limited).",
+                           retries + 1, elapsed)
+        else:
+            self._stats.add(transient_gave_up=1)
+            outcome = replace(outcome, message=message)
+        return self._finish(outcome, usage, rl_retries)
+
+    @staticmethod
+    def _finish(outcome: EvalOutcome, usage: RolloutUsage, rl_retries: int) -> EvalOutcome:
+        return replace(
+            outcome,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost=usage.cost,
+            rate_limit_retries=rl_retries,
+        )
+
+    # ------------------------------------------------------------------ LMs and endpoints
+    def _prepare(self, program: dspy.Module) -> tuple[frozenset[str], bool]:
+        """Point the built program's per-predictor LMs at our retry-less copies (once per program
+        object; the program is our own deep copy) and note which endpoints it uses."""
+        hit = self._prepared.get(id(program))
+        if hit is not None and hit[0] is program:
+            self._prepared.move_to_end(id(program))
+            return hit[1], hit[2]
+        keys: set[str] = set()
+        uses_context = False
+        for name, pred in program.named_predictors():
+            try:
+                original = self._codec.student_predictor(name).lm
+            except KeyError:
+                original = getattr(pred, "lm", None)
+            if original is None:
+                uses_context = True
+                continue
+            pred.lm = self._copies.get(original)
+            keys.add(endpoint_key(original))
+        self._prepared[id(program)] = (program, frozenset(keys), uses_context)
+        while len(self._prepared) > 256:
+            self._prepared.popitem(last=False)
+        return frozenset(keys), uses_context
+
+    @staticmethod
+    def _keys_of(model: str | None, keys: set[str]) -> set[str] | None:
+        """The endpoints a 429 is charged to: those of the model the error names, else all of them."""
+        if not model or len(keys) <= 1:
+            return None
+        bare = model.rsplit("/", 1)[-1]
+        hits = {k for k in keys if endpoint_model(k) == model or endpoint_model(k).rsplit("/", 1)[-1] == bare}
+        return hits or None
+
+    def _verdict(self, error: BaseException | None) -> Verdict | None:
+        if error is None:
+            return None
+        verdict = classify(error, self._fatal)
+        return verdict if verdict.kind is not None else None
+
+    # ------------------------------------------------------------------ one attempt
+    async def _attempt(
+        self, program: dspy.Module, names: dict[int, str], example: dspy.Example, example_id: int, split: Split,
+        capture: bool, lm: Any,
+    ) -> _Attempt:
         loop = asyncio.get_running_loop()
-        if self.use_async:
-            pred, raw_trace, error = await self._run_async(program, example, capture_traces)
+        if not self.use_async:
             ctx = contextvars.copy_context()
             return await loop.run_in_executor(
-                self._pool, ctx.run, self._score, example, example_id, pred, raw_trace, error, names, split,
-                capture_traces,
+                self._pool, ctx.run, self._attempt_sync, program, names, example, example_id, split, capture, lm
             )
+        with rollout_usage() as usage:
+            with dspy.context(lm=lm) if lm is not None else nullcontext():
+                pred, raw_trace, error = await self._run_async(program, example, capture)
+            _attach_usage(pred, usage)
+        verdict = self._verdict(error)
+        if verdict is not None:
+            return _Attempt(None, verdict, pred, raw_trace, error, usage)
         ctx = contextvars.copy_context()
-        return await loop.run_in_executor(
-            self._pool, ctx.run, self._rollout_sync, program, names, example, example_id, split, capture_traces
+        outcome, metric_retries, metric_usage = await loop.run_in_executor(
+            self._pool, ctx.run, self._score_tracked, example, example_id, pred, raw_trace, error, names, split,
+            capture,
         )
+        usage.add(metric_usage)
+        return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
+
+    def _attempt_sync(
+        self, program: dspy.Module, names: dict[int, str], example: dspy.Example, example_id: int, split: Split,
+        capture: bool, lm: Any,
+    ) -> _Attempt:
+        with rollout_usage() as usage:
+            with dspy.context(lm=lm) if lm is not None else nullcontext():
+                pred, raw_trace, error = self._run_sync(program, example, capture)
+            _attach_usage(pred, usage)
+            verdict = self._verdict(error)
+            if verdict is None:
+                outcome, metric_retries = self._score(example, example_id, pred, raw_trace, error, names, split, capture)
+        if verdict is not None:
+            return _Attempt(None, verdict, pred, raw_trace, error, usage)
+        return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
 
     async def _run_async(
         self, program: dspy.Module, example: dspy.Example, capture: bool
@@ -125,23 +351,44 @@ class DspyEvaluator:
             try:
                 pred = await program.acall(**example.inputs())
                 error = None
-            except Exception as exc:  # the user's program failed: scored failure_score below
+            except Exception as exc:  # the user's program failed: retried or scored failure_score
                 pred, error = None, exc
             trace = list(dspy.settings.trace or [])
         return pred, trace, error
 
-    def _rollout_sync(
-        self, program: dspy.Module, names: dict[int, str], example: dspy.Example, example_id: int, split: Split,
-        capture: bool,
-    ) -> EvalOutcome:
+    def _run_sync(
+        self, program: dspy.Module, example: dspy.Example, capture: bool
+    ) -> tuple[Any, list[Any], BaseException | None]:
         with dspy.context(trace=[] if capture else None):
             try:
                 pred = program(**example.inputs())
                 error: BaseException | None = None
-            except Exception as exc:  # the user's program failed: scored failure_score below
+            except Exception as exc:  # the user's program failed: retried or scored failure_score
                 pred, error = None, exc
             trace = list(dspy.settings.trace or [])
-        return self._score(example, example_id, pred, trace, error, names, split, capture)
+        return pred, trace, error
+
+    # ------------------------------------------------------------------ scoring
+    def _score_tracked(self, *args: Any) -> tuple[EvalOutcome, int, RolloutUsage]:
+        with rollout_usage() as usage:
+            outcome, retries = self._score(*args)
+        return outcome, retries, usage
+
+    def _call_metric(self, example: dspy.Example, pred: Any) -> tuple[Any, int]:
+        """The metric, re-run (in this worker thread) when it fails because its own LM was rate limited."""
+        retries = 0
+        started = time.monotonic()
+        while True:
+            try:
+                return self._metric(example, pred, None, None, None), retries
+            except Exception as exc:
+                verdict = classify(exc, self._fatal)
+                if verdict.kind != "rate_limited" or self._rl_policy.exhausted(retries, time.monotonic() - started):
+                    raise
+                delay = self._rl_policy.delay(retries, verdict.retry_after, self._rng)
+                self._stats.add(rate_limited=1, metric_rate_limit_retries=1, backoff_s=delay)
+                retries += 1
+                time.sleep(delay)
 
     def _score(
         self,
@@ -153,7 +400,7 @@ class DspyEvaluator:
         names: dict[int, str],
         split: Split,
         capture: bool,
-    ) -> EvalOutcome:
+    ) -> tuple[EvalOutcome, int]:
         steps = [
             TraceStep(names.get(id(p), "?"), p, dict(inputs), outputs) for p, inputs, outputs in raw_trace
         ]
@@ -170,9 +417,9 @@ class DspyEvaluator:
             return EvalOutcome(
                 example_id, self._failure_score, failure=failure, message=message, trajectory=trajectory,
                 error_type=fatal or types[0],
-            )
+            ), 0
         try:
-            ret = self._metric(example, pred, None, None, None)
+            ret, retries = self._call_metric(example, pred)
         except Exception as exc:  # the user's metric failed: recorded and scored failure_score
             message = f"The metric raised {_describe(exc)}"
             trajectory = DspyTrajectory(example, pred, steps, raw_trace, message, type(exc).__name__, "metric_error")
@@ -180,7 +427,7 @@ class DspyEvaluator:
                 example_id, self._failure_score, failure="metric_error", message=message,
                 trajectory=trajectory if capture else None, error_type=type(exc).__name__,
                 output=pred if self._keep_outputs and split == "val" else None,
-            )
+            ), 0
         reading = read_metric_return(ret, self._failure_score)
         trajectory = DspyTrajectory(example, pred, steps, raw_trace) if capture else None
         if reading.invalid is not None:
@@ -189,11 +436,20 @@ class DspyEvaluator:
             return EvalOutcome(
                 example_id, self._failure_score, failure="metric_invalid", message=reading.invalid,
                 trajectory=trajectory, output=pred if self._keep_outputs and split == "val" else None,
-            )
+            ), retries
         return EvalOutcome(
             example_id,
             reading.score,
             objective_scores=reading.objective_scores,
             trajectory=trajectory,
             output=pred if self._keep_outputs and split == "val" else None,
-        )
+        ), retries
+
+
+def _attach_usage(pred: Any, usage: RolloutUsage) -> None:
+    """With ``dspy.configure(track_usage=True)``, DSPy attaches usage to the prediction, but only when no
+    tracker is active; ours is, so attach it ourselves (a metric may read ``pred.get_lm_usage()``)."""
+    if usage.tracker is None or not dspy.settings.track_usage:
+        return
+    if isinstance(pred, dspy.Prediction) and pred.get_lm_usage() is None:
+        pred.set_lm_usage(usage.tracker.get_total_tokens())

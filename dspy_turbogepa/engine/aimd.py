@@ -214,9 +214,10 @@ class AimdRegistry:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.limit = limit
-        self._kwargs: dict[str, Any] = dict(
-            decrease=decrease, min_window=min_window, default_cooldown_s=default_cooldown_s, clock=clock, sleep=sleep
-        )
+        self._kwargs: dict[str, Any] = {
+            "decrease": decrease, "min_window": min_window, "default_cooldown_s": default_cooldown_s,
+            "clock": clock, "sleep": sleep,
+        }
         self._windows: dict[str, AimdWindow] = {}
 
     def window(self, key: str) -> AimdWindow:

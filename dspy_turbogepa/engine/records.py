@@ -101,6 +101,8 @@ class RunStats:
     task_completion_tokens: int = 0
     task_cost: float = 0.0
     rate_limit_retries: int = 0
+    #: Filled by the evaluation layer: 429s seen, retries, backoff seconds, AIMD windows per endpoint.
+    rate_limits: dict[str, object] = field(default_factory=dict)
     #: Per proposal kind: attempts, children surviving rung 0, accepted, Laplace-smoothed rates.
     operator_credit: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -124,6 +126,7 @@ class RunStats:
             "cost": {"task": round(self.task_cost, 6), "reflection": round(self.reflection_cost, 6)},
             "rate_limit_retries": self.rate_limit_retries,
             "operator_credit": self.operator_credit,
+            "rate_limits": self.rate_limits,
         }
 
 

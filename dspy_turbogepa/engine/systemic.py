@@ -25,7 +25,6 @@ FATAL_ERROR_TYPES = frozenset(
         "MissingCredentialError",
         "BillingError",
         "BadRequestError_model_not_found",
-        "APIConnectionError",
         "ConnectionRefusedError",
         "LMAuthError",
         "LMBillingError",

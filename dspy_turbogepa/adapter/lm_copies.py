@@ -1,0 +1,144 @@
+"""Our own copies of the user's LMs (DSPy's retries off), endpoint keys, and per-rollout LM usage.
+
+The evaluator owns rate-limit handling, so the LMs it runs rollouts with must not retry (and sleep)
+on their own. It never touches the user's objects: each LM gets one copy (``lm.copy()``, which shares
+the engines and connection pools with the original) with ``num_retries = 0``. The copy also shares the
+original's ``history`` list, so ``lm.history`` / ``dspy.inspect_history()`` and the common
+``sum(x["cost"] for x in lm.history)`` idiom keep seeing the optimization's calls, as with dspy.GEPA.
+
+Usage of one rollout: tokens come from DSPy's own contextvar-based tracker
+(``dspy.utils.usage_tracker.track_usage``, so every LM the program calls is counted, on worker threads
+and in asyncio tasks alike; an outer tracker of the user's still receives everything); cost is what
+DSPy records in the history entries of our copies (``entry["cost"]``: litellm's or DSPy's own price,
+None when the model's price is unknown; cache hits, which carry no usage, are not charged).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+from dspy.utils.usage_tracker import UsageTracker, track_usage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LMCopies", "RolloutUsage", "endpoint_key", "rollout_usage"]
+
+
+@dataclass
+class RolloutUsage:
+    """LM usage of one rollout (all its attempts), in a form that adds up."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    tracker: UsageTracker | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_cost(self, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            with self._lock:
+                self.cost += float(value)
+
+    def add(self, other: RolloutUsage) -> None:
+        with self._lock:
+            self.prompt_tokens += other.prompt_tokens
+            self.completion_tokens += other.completion_tokens
+            self.cost += other.cost
+
+
+_CURRENT: ContextVar[RolloutUsage | None] = ContextVar("turbogepa_rollout_usage", default=None)
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+@contextmanager
+def rollout_usage() -> Iterator[RolloutUsage]:
+    """Collect the tokens and cost of every LM call made inside the block (in this context)."""
+    box = RolloutUsage()
+    token = _CURRENT.set(box)
+    try:
+        with track_usage() as tracker:
+            box.tracker = tracker
+            try:
+                yield box
+            finally:
+                for totals in tracker.get_total_tokens().values():
+                    box.prompt_tokens += _count(totals.get("prompt_tokens"))
+                    box.completion_tokens += _count(totals.get("completion_tokens"))
+    finally:
+        _CURRENT.reset(token)
+
+
+def _note_history_entry(entry: Any) -> None:
+    box = _CURRENT.get()
+    if box is not None and isinstance(entry, dict) and entry.get("usage"):
+        box.add_cost(entry.get("cost"))
+
+
+def endpoint_key(lm: Any) -> str:
+    """Which provider endpoint an LM talks to: its model plus its api_base (when set)."""
+    model = getattr(lm, "model", None) or type(lm).__name__
+    kwargs = getattr(lm, "kwargs", None) or {}
+    base = (kwargs.get("api_base") or kwargs.get("base_url")) if isinstance(kwargs, dict) else None
+    base = base or getattr(lm, "api_base", None)
+    return f"{model}@{base}" if base else str(model)
+
+
+def endpoint_model(key: str) -> str:
+    return key.split("@", 1)[0]
+
+
+def _make_copy(lm: Any) -> Any:
+    if not isinstance(lm, dspy.BaseLM) or not hasattr(lm, "num_retries"):
+        return lm  # nothing we can switch off; its errors are still caught and retried by the evaluator
+    try:
+        copy = lm.copy()
+    except Exception as exc:  # an exotic LM subclass: use it as it is rather than fail the run
+        logger.warning("Could not copy %r to turn its retries off (%s: %s); using it unchanged.",
+                       lm, type(exc).__name__, exc)
+        return lm
+    copy.num_retries = 0
+    copy.history = lm.history
+    inner = copy.update_history
+
+    def update_history(entry: Any) -> None:
+        inner(entry)
+        _note_history_entry(entry)
+
+    copy.update_history = update_history
+    return copy
+
+
+class LMCopies:
+    """One retry-less copy per original LM object (kept alive with it, so ids are never reused)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._copies: dict[int, tuple[Any, Any]] = {}
+
+    def get(self, lm: Any) -> Any:
+        with self._lock:
+            hit = self._copies.get(id(lm))
+            if hit is not None and hit[0] is lm:
+                return hit[1]
+        copy = _make_copy(lm)
+        with self._lock:
+            hit = self._copies.get(id(lm))
+            if hit is not None and hit[0] is lm:
+                return hit[1]
+            self._copies[id(lm)] = (lm, copy)
+        return copy
+
+    def originals(self) -> list[Any]:
+        with self._lock:
+            return [orig for orig, _ in self._copies.values()]

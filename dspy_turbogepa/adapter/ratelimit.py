@@ -1,0 +1,262 @@
+"""Telling rate limits and transient LM failures apart from real failures, and how long to back off.
+
+A rollout that failed because the provider said "429, not now" says nothing about the candidate, so
+the evaluator re-runs it instead of scoring it. What DSPy 3.4 raises (checked against dspy 3.4.1 and
+litellm 1.106 through the loopback simulator):
+
+- native client (``engine="auto"``/``"lm15"``): ``dspy.utils.exceptions.LMRateLimitError`` from
+  ``dspy.lm15.RateLimitError``; Retry-After is parsed into ``retry_after`` (seconds) on both;
+- ``engine="litellm"``: the same ``LMRateLimitError``, caused by ``litellm.RateLimitError`` caused by
+  ``openai.RateLimitError``; there ``retry_after`` is None and the header is only in
+  ``litellm.RateLimitError.litellm_response_headers``, ``OpenAIError.headers`` and
+  ``openai.RateLimitError.response.headers``;
+- transient (retried a few times, then scored as a program failure): ``LMTimeoutError``,
+  ``LMServerError`` (5xx), ``LMTransportError`` (connection reset, ...) and their lm15/litellm/openai
+  causes;
+- systemic (never retried: the engine must stop at once): whatever is in the fatal set, checked first.
+  A refused connection is ``LMTransportError`` <- ``ConnectError`` <- ``ConnectionRefusedError`` on the
+  native client and ``LMServerError`` (!) <- ``litellm.InternalServerError`` <-
+  ``openai.APIConnectionError`` <- ``ConnectionRefusedError`` on litellm, so it must be recognised by
+  its cause, before any transient class is. An OpenAI ``insufficient_quota`` 429 arrives as
+  ``LMBillingError`` and is systemic, not a rate limit.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+RetryKind = Literal["rate_limited", "transient"]
+
+#: Exception class names that mean "rate limited, try again later".
+RATE_LIMIT_TYPES = frozenset(
+    {
+        "LMRateLimitError",  # dspy.utils.exceptions
+        "RateLimitError",  # dspy.lm15, litellm, openai, anthropic
+        "RouterRateLimitError",  # litellm router
+        "TooManyRequests",
+        "TooManyRequestsError",
+    }
+)
+
+#: Exception class names of transient failures: timeouts, 5xx, dropped connections.
+TRANSIENT_TYPES = frozenset(
+    {
+        "LMTimeoutError",
+        "LMServerError",
+        "LMTransportError",
+        "LMLockTimeoutError",
+        # dspy.lm15 / vendored lm15
+        "ServerError",
+        "TransportError",
+        "LockTimeoutError",
+        # litellm / openai / httpx
+        "Timeout",
+        "APITimeoutError",
+        "ServiceUnavailableError",
+        "InternalServerError",
+        "BadGatewayError",
+        "ReadTimeout",
+        "WriteTimeout",
+        "ConnectTimeout",
+        "PoolTimeout",
+        "RemoteProtocolError",
+        "ReadError",
+        # builtins (LM timeouts always arrive wrapped as LMTimeoutError, so a bare TimeoutError is the
+        # user's own and is not retried)
+        "ConnectionResetError",
+        "ConnectionAbortedError",
+        "BrokenPipeError",
+    }
+)
+
+_GROUP: type | None = getattr(builtins, "BaseExceptionGroup", None)  # Python >= 3.11
+
+_TRANSIENT_STATUS = frozenset({408, 500, 502, 503, 504, 529})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do about a failed rollout's exception."""
+
+    kind: RetryKind | None  # None: not retryable (an ordinary or a systemic failure)
+    retry_after: float | None = None
+    #: The model named by the LM error, to charge the 429 to the right endpoint (None: unknown).
+    model: str | None = None
+    error_type: str | None = None
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its causes/contexts, and the members of exception groups, each once."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        if _GROUP is not None and isinstance(cur, _GROUP):  # e.g. an asyncio.TaskGroup in the program
+            stack.extend(reversed(list(cur.exceptions)))
+        nxt = cur.__cause__ or cur.__context__
+        if nxt is not None:
+            stack.append(nxt)
+
+
+def _status(exc: BaseException) -> int | None:
+    for attr in ("status", "status_code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, str) and value.isdecimal():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+            return value
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        value = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _header(headers: Any, name: str) -> Any:
+    if headers is None:
+        return None
+    try:
+        items = headers.items() if hasattr(headers, "items") else headers
+        for key, value in items:
+            if str(key).lower() == name:
+                return value
+    except Exception:  # an exotic headers object: no hint rather than a crash
+        return None
+    return None
+
+
+def _retry_after_from_headers(headers: Any) -> float | None:
+    ms = _finite(_header(headers, "retry-after-ms"))
+    if ms is not None:
+        return ms / 1000.0
+    raw = _header(headers, "retry-after")
+    seconds = _finite(raw)
+    if seconds is not None:
+        return seconds
+    if isinstance(raw, str):
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    return None
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """The server's Retry-After hint (seconds), wherever it is in the chain; None when absent."""
+    for cur in exception_chain(exc):
+        value = _finite(getattr(cur, "retry_after", None))
+        if value is not None:
+            return value
+        for holder in (
+            getattr(cur, "litellm_response_headers", None),
+            getattr(cur, "headers", None),
+            getattr(getattr(cur, "response", None), "headers", None),
+        ):
+            value = _retry_after_from_headers(holder)
+            if value is not None:
+                return value
+    return None
+
+
+def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:
+    """Rate limited, transient, or neither. Anything systemic anywhere in the chain wins: it is
+    never retried, whatever else the chain says."""
+    chain = list(exception_chain(exc))
+    names = [type(c).__name__ for c in chain]
+    fatal_name = next((n for n in names if n in fatal), None)
+    if fatal_name is not None:
+        return Verdict(None, error_type=fatal_name)
+    model = next((m for c in chain if isinstance(m := getattr(c, "model", None), str) and m), None)
+    for cur, name in zip(chain, names):
+        if name in RATE_LIMIT_TYPES or _status(cur) == 429:
+            return Verdict("rate_limited", retry_after_of(exc), model, name)
+    for cur, name in zip(chain, names):
+        if name in TRANSIENT_TYPES or _status(cur) in _TRANSIENT_STATUS:
+            return Verdict("transient", retry_after_of(exc), model, name)
+    return Verdict(None, error_type=names[0])
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long one rollout may be retried for one kind of failure.
+
+    The delay before retry ``k`` (0-based) is ``max(retry_after, min(cap_s, base_s * 2**k))`` times a
+    random factor in ``[1, 1 + jitter]``: at least what the server asked for, exponential when it asked
+    nothing (or too little for a repeat offender), jittered so that rollouts rejected together do not
+    come back together. A rollout gives up after ``max_retries`` retries, or once ``max_elapsed_s``
+    have passed since its first attempt, whichever comes first.
+    """
+
+    max_retries: int
+    max_elapsed_s: float
+    base_s: float
+    cap_s: float
+    jitter: float = 0.25
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        exp = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
+        base = max(retry_after or 0.0, exp)
+        return base * (1.0 + self.jitter * rng.random())
+
+    def exhausted(self, retries: int, elapsed_s: float) -> bool:
+        return retries >= self.max_retries or elapsed_s >= self.max_elapsed_s
+
+
+#: 429s: generous, because they are not the candidate's fault (10 retries or 5 minutes).
+RATE_LIMIT_POLICY = RetryPolicy(max_retries=10, max_elapsed_s=300.0, base_s=0.5, cap_s=30.0)
+#: Timeouts, 5xx, dropped connections: a few retries (3), then the rollout is a program failure.
+TRANSIENT_POLICY = RetryPolicy(max_retries=3, max_elapsed_s=120.0, base_s=1.0, cap_s=30.0)
+
+
+class RateLimitStats:
+    """Thread-safe counters for ``DspyEvaluator.rate_limit_stats()``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.rate_limited = 0  # 429s seen (each failed attempt counts once)
+        self.rate_limit_retries = 0
+        self.rate_limit_gave_up = 0
+        self.transient_errors = 0
+        self.transient_retries = 0
+        self.transient_gave_up = 0
+        self.backoff_s = 0.0  # total time rollouts slept before a retry (summed over rollouts)
+        self.metric_rate_limit_retries = 0
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "rate_limited": self.rate_limited,
+                "rate_limit_retries": self.rate_limit_retries,
+                "rate_limit_gave_up": self.rate_limit_gave_up,
+                "transient_errors": self.transient_errors,
+                "transient_retries": self.transient_retries,
+                "transient_gave_up": self.transient_gave_up,
+                "metric_rate_limit_retries": self.metric_rate_limit_retries,
+                "backoff_seconds": round(self.backoff_s, 6),
+            }

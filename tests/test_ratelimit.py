@@ -1,0 +1,414 @@
+"""Rate limits are not failed evaluations; transient LM errors are retried a few times; systemic ones stop.
+
+Unit level: the evaluator on fake LMs that raise dspy.lm15 errors. Through HTTP: the loopback simulator
+capped at 8 concurrent student requests (excess gets a 429 at once) while the optimizer asks for 32.
+Run with ``-s`` to see the numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import Counter
+
+import dspy
+import pytest
+from dspy import lm15
+from helpers import small_splits
+
+import dspy_turbogepa.teleprompter as teleprompter_module
+from dspy_turbogepa import SystemicFailureError, TurboGEPA
+from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.ratelimit import RetryPolicy, classify, retry_after_of
+from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES, SystemicFailureDetector
+from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
+from dspy_turbogepa.testing.fake_lm import make_student_lm
+
+FAST_RL = RetryPolicy(max_retries=10, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
+FAST_TR = RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
+
+
+class Flaky:
+    """A before_call hook raising ``make()`` for the first ``times`` calls (-1: always)."""
+
+    def __init__(self, make, times: int) -> None:
+        self.make, self.left, self.raised = make, times, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, request) -> None:
+        with self._lock:
+            if self.left == 0:
+                return
+            if self.left > 0:
+                self.left -= 1
+            self.raised += 1
+        raise self.make()
+
+
+def flaky_lm(make, times, **kw):
+    hook = Flaky(make, times)
+    return make_student_lm(before_call=hook, async_before_call=hook, **kw), hook
+
+
+def make_evaluator(task, program=None, n=4, **kw):
+    program = program or task.make_program()
+    codec = ProgramCodec(program)
+    examples = small_splits(task, n_train=n, n_val=n, n_test=0).val
+    kw.setdefault("rate_limit_policy", FAST_RL)
+    kw.setdefault("transient_policy", FAST_TR)
+    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, task.metric, 0.0, max_workers=8, **kw)
+    return ev, codec
+
+
+def evaluate(ev, codec, lm, ids=(0,)):
+    async def main():
+        with dspy.context(lm=lm):
+            return await asyncio.gather(
+                *(ev.evaluate(codec.seed_texts(), "seed", "val", i, True) for i in ids)
+            )
+
+    try:
+        return asyncio.run(main())
+    finally:
+        ev.close()
+
+
+def rate_limit(retry_after=0.001):
+    return lm15.RateLimitError("Too many requests", status=429, retry_after=retry_after)
+
+
+# --------------------------------------------------------------------------- unit level
+@pytest.mark.parametrize("async_forward", [False, True], ids=["sync", "async"])
+def test_a_429_is_retried_not_scored(routing, async_forward):
+    lm, hook = flaky_lm(rate_limit, 3)
+    reference, _ = make_evaluator(routing, routing.make_program(async_forward=async_forward))
+    (clean,) = evaluate(reference, reference._codec, make_student_lm())
+    ev, codec = make_evaluator(routing, routing.make_program(async_forward=async_forward))
+    (outcome,) = evaluate(ev, codec, lm)
+    assert hook.raised == 3
+    assert outcome.failure is None and outcome.score == clean.score
+    assert outcome.rate_limit_retries == 3  # the LM's own retries were off: we saw every 429
+    stats = ev.rate_limit_stats()
+    assert stats["rate_limited"] == 3 and stats["rate_limit_retries"] == 3 and stats["rate_limit_gave_up"] == 0
+    assert stats["backoff_seconds"] > 0
+    (endpoint,) = stats["endpoints"].values()
+    assert endpoint["min_window"] < 8 and endpoint["rate_limited"] == 3
+    assert lm.num_retries == 3  # the user's LM is untouched
+
+
+def test_a_429_wrapped_by_the_users_program_is_still_found(routing):
+    class Wrapping(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, **kw):
+            try:
+                return self.inner(**kw)
+            except Exception as exc:
+                raise RuntimeError("my pipeline failed") from exc
+
+    lm, hook = flaky_lm(rate_limit, 2)
+    ev, codec = make_evaluator(routing, Wrapping())
+    (outcome,) = evaluate(ev, codec, lm)
+    assert outcome.failure is None and outcome.rate_limit_retries == 2 and hook.raised == 2
+
+
+def test_gives_up_after_the_cap_with_cause_rate_limited(routing):
+    lm, hook = flaky_lm(rate_limit, -1)
+    ev, codec = make_evaluator(routing, rate_limit_policy=RetryPolicy(2, 30.0, 0.001, 0.01))
+    (outcome,) = evaluate(ev, codec, lm)
+    assert hook.raised == 3  # first attempt + 2 retries
+    assert outcome.failure == "rate_limited" and outcome.score == 0.0
+    assert outcome.error_type == "LMRateLimitError" and "gave up" in outcome.message
+    assert outcome.rate_limit_retries == 2
+    assert outcome.trajectory.failure == "program_error"  # reflection skips it as an infrastructure error
+    assert ev.rate_limit_stats()["rate_limit_gave_up"] == 1
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: lm15.ServerError("boom", status=503), lambda: lm15.TimeoutError("slow"),
+             lambda: lm15.TransportError("connection reset")],
+    ids=["5xx", "timeout", "reset"],
+)
+def test_transient_errors_are_retried_then_scored_with_their_cause(routing, make):
+    lm, hook = flaky_lm(make, 1)
+    ev, codec = make_evaluator(routing)
+    (healed,) = evaluate(ev, codec, lm)
+    assert healed.failure is None and hook.raised == 1 and healed.rate_limit_retries == 0
+    assert ev.rate_limit_stats()["transient_retries"] == 1
+
+    lm, hook = flaky_lm(make, -1)
+    ev, codec = make_evaluator(routing)
+    (outcome,) = evaluate(ev, codec, lm)
+    assert hook.raised == 1 + FAST_TR.max_retries
+    assert outcome.failure == "program_error" and outcome.error_type.startswith("LM")
+    assert outcome.error_type not in FATAL_ERROR_TYPES
+    assert ev.rate_limit_stats()["transient_gave_up"] == 1
+
+
+@pytest.mark.parametrize(
+    "make,error_type",
+    [(lambda: lm15.AuthError("bad key", status=401), "LMAuthError"),
+     (lambda: lm15.UnsupportedModelError("no such model", status=404), "LMUnsupportedModelError"),
+     (lambda: lm15.BillingError("insufficient_quota", status=429), "LMBillingError")],
+    ids=["401", "404", "quota-429"],
+)
+def test_systemic_errors_are_never_retried(routing, make, error_type):
+    lm, hook = flaky_lm(make, -1)
+    ev, codec = make_evaluator(routing)
+    (outcome,) = evaluate(ev, codec, lm)
+    assert hook.raised == 1
+    assert outcome.failure == "program_error" and outcome.error_type == error_type
+    with pytest.raises(SystemicFailureError):
+        SystemicFailureDetector(window=5).observe(outcome)
+
+
+def test_user_lm_objects_are_never_modified(routing):
+    context_lm, _ = flaky_lm(rate_limit, 2)
+    pred_lm = make_student_lm(num_retries=5)
+    program = routing.make_program()
+    (name, pred), = program.named_predictors()
+    pred.lm = pred_lm
+    before = dict(vars(pred_lm))
+    ev, codec = make_evaluator(routing, program)
+    outcomes = evaluate(ev, codec, context_lm, ids=range(4))
+    assert all(o.failure is None for o in outcomes)
+    assert pred.lm is pred_lm and pred_lm.num_retries == 5 and context_lm.num_retries == 3
+    assert {k: v for k, v in vars(pred_lm).items() if k != "history"} == \
+        {k: v for k, v in before.items() if k != "history"}
+    # the built program runs on our copy, which shares the user's history (lm.history keeps working)
+    built, _ = codec.get("seed", codec.seed_texts())
+    copy = dict(built.named_predictors())[name].lm
+    assert copy is not pred_lm and copy.num_retries == 0 and copy.history is pred_lm.history
+    assert len(pred_lm.history) == 4
+    assert list(ev.rate_limit_stats()["endpoints"]) == ["sim/sim-student"]
+
+
+def test_retry_after_and_classification_on_both_client_paths():
+    # native: parsed onto the exception
+    native = lm15.RateLimitError("slow down", status=429, retry_after=1.5)
+    assert retry_after_of(native) == 1.5
+    # litellm: only in the response headers of causes
+    class RateLimitError(Exception):
+        def __init__(self, headers):
+            super().__init__("429")
+            self.litellm_response_headers = headers
+            self.status_code = 429
+
+    outer = dspy.utils.exceptions.LMRateLimitError("rate limited", status=429)
+    try:
+        try:
+            raise RateLimitError({"Retry-After": "2", "x": "y"})
+        except RateLimitError as inner:
+            raise outer from inner
+    except Exception as exc:
+        caught = exc
+    assert retry_after_of(caught) == 2.0
+    assert classify(caught, FATAL_ERROR_TYPES).kind == "rate_limited"
+    assert retry_after_of(RateLimitError({"retry-after-ms": "250"})) == 0.25
+    assert 0 <= retry_after_of(RateLimitError({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+    # refused connection through litellm is an LMServerError (5xx) caused by ConnectionRefusedError:
+    # systemic, not transient
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as refused:
+            raise dspy.utils.exceptions.LMServerError("Connection error", status=500) from refused
+    except Exception as exc:
+        caught = exc
+    verdict = classify(caught, FATAL_ERROR_TYPES)
+    assert verdict.kind is None and verdict.error_type == "ConnectionRefusedError"
+
+
+# --------------------------------------------------------------------------- through HTTP
+def _capped_config(median_s: float = 0.05) -> SimConfig:
+    return SimConfig(
+        models=(
+            ModelConfig("sim-student", "student", median_s=median_s, sigma=0.3, max_concurrency=8, queue_timeout_s=0),
+            ModelConfig("sim-reflector", "reflector", median_s=0.02),
+        )
+    )
+
+
+@pytest.fixture
+def recorded_evaluators(monkeypatch):
+    made: list[DspyEvaluator] = []
+
+    class Recording(DspyEvaluator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(teleprompter_module, "DspyEvaluator", Recording)
+    return made
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_compile_under_a_concurrency_cap_scores_no_rate_limit_failures(routing, engine, recorded_evaluators):
+    splits = small_splits(routing, n_train=24, n_val=40, n_test=0)
+    with SimServer(_capped_config(), seed=0) as srv:
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key="x", cache=False, **engine)
+        reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="x", cache=False,
+                            temperature=1.0, max_tokens=4000, **engine)
+        opt = TurboGEPA(routing.metric, max_metric_calls=240, reflection_lm=reflector, num_threads=32,
+                        track_stats=True)
+        started = time.perf_counter()
+        with dspy.context(lm=student):
+            optimized = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        seconds = time.perf_counter() - started
+        server = srv.stats()["models"]["sim-student"]
+    (ev,) = recorded_evaluators
+    stats = ev.rate_limit_stats()
+    (window,) = stats["endpoints"].values()
+    dr = optimized.detailed_results
+    failures = dict(dr.run_stats["failures"])
+    print(f"\n[{engine.get('engine', 'native')}] {seconds:.1f}s: server requests={server['requests']} "
+          f"ok={server['ok']} 429s={server['http_429']} peak={server['peak_concurrency']}; "
+          f"evaluator 429s={stats['rate_limited']} retries={stats['rate_limit_retries']} "
+          f"gave_up={stats['rate_limit_gave_up']} backoff={stats['backoff_seconds']:.1f}s; window "
+          f"final={window['window']} min={window['min_window']} limit={window['limit']}; failures={failures}; "
+          f"val {dr.val_aggregate_scores[0]:.3f} -> {dr.val_aggregate_scores[dr.best_idx]:.3f}")
+    assert server["http_429"] > 0  # the cap did bite
+    assert server["peak_concurrency"] <= 8
+    assert not failures.get("program_error") and not failures.get("rate_limited"), failures
+    assert stats["rate_limited"] == server["http_429"] and stats["rate_limit_gave_up"] == 0
+    assert window["limit"] == 32 and window["window"] < 32 and window["min_window"] < 32
+    assert student.num_retries == 3 and reflector.num_retries == 3  # the user's objects as they were
+    assert len(student.history) == server["ok"]  # our copies record into the user's history
+    assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0]
+    # per-rollout usage and retries reach the run summary
+    run_stats = dr.run_stats
+    print(f"  run_stats: task_tokens={run_stats.get('task_tokens')} "
+          f"rate_limit_retries={run_stats.get('rate_limit_retries')}")
+    if "task_tokens" in run_stats:
+        assert run_stats["task_tokens"]["prompt"] == server["prompt_tokens"]
+        assert run_stats["task_tokens"]["completion"] == server["completion_tokens"]
+    if "rate_limit_retries" in run_stats:
+        assert run_stats["rate_limit_retries"] == stats["rate_limit_retries"]
+
+
+@pytest.mark.http
+def test_dspy_gepa_in_the_same_setting_scores_rate_limits_as_failures(routing):
+    """For the record: dspy.GEPA relies on the LM's own retries (3, Retry-After apart), which a
+    32-wide burst against 8 slots exhausts; those rollouts are scored failure_score."""
+    errors: Counter[str] = Counter()
+
+    class Counting(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, **kw):
+            try:
+                return self.inner(**kw)
+            except Exception as exc:
+                errors[type(exc).__name__] += 1
+                raise
+
+    splits = small_splits(routing, n_train=24, n_val=40, n_test=0)
+    raised = None
+    with SimServer(_capped_config(), seed=0) as srv:
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key="x", cache=False)
+        reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="x", cache=False,
+                            temperature=1.0, max_tokens=4000)
+        opt = dspy.GEPA(metric=routing.metric, max_metric_calls=240, reflection_lm=reflector, num_threads=32)
+        with dspy.context(lm=student):
+            try:
+                opt.compile(Counting(), trainset=splits.train, valset=splits.val)
+            except Exception as exc:  # recorded, whatever it is
+                raised = exc
+        server = srv.stats()["models"]["sim-student"]
+    print(f"\n[dspy.GEPA] server requests={server['requests']} ok={server['ok']} 429s={server['http_429']}; "
+          f"rollouts failed={dict(errors)}; raised={type(raised).__name__ if raised else None}")
+    assert server["http_429"] > 0
+    if raised is None and not errors:  # timing-dependent: never fail the suite on dspy.GEPA's luck
+        pytest.xfail("dspy.GEPA's own retries happened to absorb every 429 this time")
+    assert raised is not None or errors["LMRateLimitError"] > 0
+
+
+def _dead_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+@pytest.mark.parametrize("cause", ["401", "404", "refused"])
+def test_systemic_causes_stop_the_compile_at_once(routing, cause, engine):
+    cfg = SimConfig(models=(ModelConfig("sim-student"), ModelConfig("sim-reflector", "reflector")), api_key="good")
+    splits = small_splits(routing, n_train=12, n_val=8, n_test=0)
+    with SimServer(cfg, seed=0) as srv:
+        model, key, base = "openai/sim-student", "good", srv.base_url
+        if cause == "401":
+            key = "bad"
+        elif cause == "404":
+            model = "openai/no-such-model"
+        else:
+            base = f"http://127.0.0.1:{_dead_port()}/v1"
+        student = dspy.LM(model, api_base=base, api_key=key, cache=False, **engine)  # default num_retries=3
+        reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="good", cache=False, **engine)
+        opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflector, num_threads=8)
+        started = time.perf_counter()
+        with dspy.context(lm=student), pytest.raises(SystemicFailureError) as info:
+            opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        seconds = time.perf_counter() - started
+    expected = {"401": {"LMAuthError"}, "404": {"LMUnsupportedModelError"},
+                "refused": {"ConnectionRefusedError", "APIConnectionError"}}[cause]
+    print(f"\n[{cause}/{engine.get('engine', 'native')}] {seconds:.2f}s error_type={info.value.error_type}")
+    assert info.value.error_type in expected and info.value.error_type in str(info.value)
+    assert seconds < 5.0  # no LM-level retries (1 + 2 + 4 s on the native client), no backoff of ours
+
+
+class _ResettingServer:
+    """Accepts connections and resets them (RST) as soon as a request arrives."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import struct
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.http
+@pytest.mark.parametrize(
+    "engine",
+    [{}, {"engine": "litellm"}],
+    ids=["native", "litellm"],
+)
+def test_a_connection_reset_is_transient_not_systemic(routing, engine):
+    server = _ResettingServer()
+    try:
+        lm = dspy.LM("openai/sim-student", api_base=f"http://127.0.0.1:{server.port}/v1", api_key="x",
+                     cache=False, **engine)
+        ev, codec = make_evaluator(routing)
+        (outcome,) = evaluate(ev, codec, lm)
+    finally:
+        server.close()
+    assert ev.rate_limit_stats()["transient_retries"] == FAST_TR.max_retries
+    assert outcome.failure == "program_error" and outcome.error_type not in FATAL_ERROR_TYPES

@@ -1,0 +1,126 @@
+"""LM usage per rollout (tokens and cost on EvalOutcome), on the thread-pool and the acall paths, concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dspy
+import pytest
+from dspy.utils.usage_tracker import track_usage
+from helpers import small_splits
+
+from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+from dspy_turbogepa.adapter.lm_copies import _note_history_entry, rollout_usage
+from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
+from dspy_turbogepa.testing.fake_lm import make_student_lm, sim_engine
+
+
+def make_evaluator(task, program, n, metric=None):
+    examples = small_splits(task, n_train=n, n_val=n, n_test=0).val
+    codec = ProgramCodec(program)
+    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, metric or task.metric, 0.0, max_workers=8)
+    return ev, codec
+
+
+def run_all(ev, codec, lm, ids, *, concurrent=True, **context):
+    async def main():
+        with dspy.context(lm=lm, **context):
+            calls = [ev.evaluate(codec.seed_texts(), "seed", "val", i, True) for i in ids]
+            if concurrent:
+                return list(await asyncio.gather(*calls))
+            return [await c for c in calls]
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("async_forward", [False, True], ids=["threads", "acall"])
+@pytest.mark.parametrize("task_name", ["routing", "pipeline"])
+def test_tokens_per_rollout_match_the_lm_and_survive_concurrency(task_name, async_forward):
+    from dspy_turbogepa.testing import TASKS
+
+    task = TASKS[task_name]
+    lm = make_student_lm()
+    engine = sim_engine(lm)
+    ev, codec = make_evaluator(task, task.make_program(async_forward=async_forward), n=16)
+    # one at a time: each rollout's usage is exactly what the engine counted for it
+    sequential = []
+    for i in range(16):
+        before = engine.stats()
+        (outcome,) = run_all(ev, codec, lm, [i], concurrent=False)
+        after = engine.stats()
+        assert outcome.failure is None
+        assert outcome.prompt_tokens == after["prompt_tokens"] - before["prompt_tokens"] > 0
+        assert outcome.completion_tokens == after["completion_tokens"] - before["completion_tokens"] > 0
+        assert outcome.cost == 0.0  # the fake engine has no price
+        sequential.append((outcome.prompt_tokens, outcome.completion_tokens))
+    # all at once: nothing leaks between concurrent rollouts
+    before = engine.stats()
+    outcomes = run_all(ev, codec, lm, range(16))
+    after = engine.stats()
+    ev.close()
+    assert [(o.prompt_tokens, o.completion_tokens) for o in outcomes] == sequential
+    assert sum(o.prompt_tokens for o in outcomes) == after["prompt_tokens"] - before["prompt_tokens"]
+
+
+def test_an_outer_usage_tracker_still_sees_everything(routing):
+    lm = make_student_lm()
+    ev, codec = make_evaluator(routing, routing.make_program(), n=6)
+
+    async def main():
+        with dspy.context(lm=lm), track_usage() as outer:
+            outcomes = await asyncio.gather(*(ev.evaluate(codec.seed_texts(), "s", "val", i, False) for i in range(6)))
+        return outcomes, outer.get_total_tokens()
+
+    outcomes, totals = asyncio.run(main())
+    ev.close()
+    (usage,) = totals.values()
+    assert usage["prompt_tokens"] == sum(o.prompt_tokens for o in outcomes) > 0
+    assert usage["completion_tokens"] == sum(o.completion_tokens for o in outcomes)
+
+
+def test_prediction_usage_is_attached_when_track_usage_is_on(routing):
+    seen = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        seen.append(pred.get_lm_usage())
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    lm = make_student_lm()
+    ev, codec = make_evaluator(routing, routing.make_program(), n=3, metric=metric)
+    outcomes = run_all(ev, codec, lm, range(3), track_usage=True)
+    ev.close()
+    assert len(seen) == 3 and all(u for u in seen)
+    for usage, outcome in zip(seen, outcomes):
+        (per_lm,) = usage.values()
+        assert per_lm["prompt_tokens"] == outcome.prompt_tokens
+
+
+def test_cache_hits_are_not_charged():
+    with rollout_usage() as box:
+        _note_history_entry({"usage": {}, "cost": 1.0})  # a cache hit: DSPy empties its usage
+        _note_history_entry({"usage": {"prompt_tokens": 3}, "cost": 0.25})
+        _note_history_entry({"usage": {"prompt_tokens": 3}, "cost": None})  # price unknown
+    assert box.cost == 0.25
+    _note_history_entry({"usage": {"prompt_tokens": 3}, "cost": 9.0})  # outside any rollout: ignored
+    assert box.cost == 0.25
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+@pytest.mark.parametrize("async_forward", [False, True], ids=["threads", "acall"])
+def test_tokens_and_cost_over_http(routing, engine, async_forward):
+    """A priced model name (gpt-4o-mini) served by the simulator: DSPy prices each call, we sum per rollout."""
+    cfg = SimConfig(models=(ModelConfig("gpt-4o-mini", "student"),))
+    with SimServer(cfg, seed=0) as srv:
+        lm = dspy.LM("openai/gpt-4o-mini", api_base=srv.base_url, api_key="x", cache=False, **engine)
+        ev, codec = make_evaluator(routing, routing.make_program(async_forward=async_forward), n=12)
+        outcomes = run_all(ev, codec, lm, range(12))
+        ev.close()
+        server = srv.stats()["models"]["gpt-4o-mini"]
+    assert all(o.failure is None for o in outcomes)
+    assert sum(o.prompt_tokens for o in outcomes) == server["prompt_tokens"]
+    assert sum(o.completion_tokens for o in outcomes) == server["completion_tokens"]
+    assert all(o.cost > 0 for o in outcomes)
+    assert sum(o.cost for o in outcomes) == pytest.approx(sum(h["cost"] for h in lm.history))
+    assert len(lm.history) == 12  # recorded in the user's LM history, as dspy.GEPA would
