@@ -76,6 +76,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             budget (LM tokens of the program and reflection, dollars as dspy/litellm report them, wall
             clock from the start of compile). When one is reached nothing new is launched, work in
             flight finishes, and ``detailed_results.stop_reason`` names the budget.
+        price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
+            price dspy/litellm do not know (program LMs; it overrides their reported cost).
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
             choose between rewriting one component and all of them (default False: on our benchmarks the
             mix chased acceptance and lost final quality; per-kind credit is reported either way).
@@ -121,6 +123,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
         time_budget_seconds: float | None = None,
+        price_table: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         check_metric_signature(metric)
         n_budgets = (max_metric_calls is not None) + (max_full_evals is not None) + (auto is not None)
@@ -144,6 +147,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         for name, value in (("cost_budget_usd", cost_budget_usd), ("time_budget_seconds", time_budget_seconds)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
+        if price_table is not None:
+            if not isinstance(price_table, dict) or not all(
+                isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
+                and all(isinstance(x, (int, float)) and x >= 0 for x in v) for k, v in price_table.items()
+            ):
+                raise ValueError(
+                    "price_table must map model names to (dollars per 1M prompt tokens, dollars per 1M completion "
+                    "tokens), e.g. {'openai/my-finetune': (0.15, 0.6)}."
+                )
         if reflection_lm is None and instruction_proposer is None:
             raise ConfigurationError(
                 "GEPA requires a reflection language model, or custom instruction proposer to be provided. "
@@ -222,6 +234,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
         self.time_budget_seconds = time_budget_seconds
+        self.price_table = {k: (float(v[0]), float(v[1])) for k, v in (price_table or {}).items()}
 
     def get_params(self) -> dict[str, Any]:
         """A copy: MLflow's autolog updates the returned dict, which must not leak into this object."""
@@ -279,6 +292,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_workers=num_threads,
             keep_outputs=self.track_best_outputs,
             fatal_error_types=FATAL_ERROR_TYPES,
+            seed=self.seed,
+            price_table=self.price_table,
         )
         builder = ReflectiveDatasetBuilder(
             codec,

@@ -47,3 +47,14 @@ def test_reflection_token_budget_counts(routing):
 def test_bad_secondary_budgets(routing, kw):
     with pytest.raises((ValueError, TypeError)):
         TurboGEPA(routing.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(), **kw)
+
+
+def test_price_table_prices_unknown_models_and_cost_budget_stops(routing):
+    # the fake LM reports no cost; a price table makes its tokens cost money
+    dr = _run(routing, price_table={"sim/sim-student": (1000.0, 1000.0)}, cost_budget_usd=5.0)
+    assert dr.stop_reason == "cost_budget"
+    tokens = dr.run_stats["task_tokens"]
+    assert dr.run_stats["cost"]["task"] == pytest.approx((tokens["prompt"] + tokens["completion"]) * 1000.0 / 1e6,
+                                                         rel=1e-6)
+    with pytest.raises(ValueError, match="price_table"):
+        TurboGEPA(routing.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(), price_table={"x": 1.0})

@@ -144,8 +144,10 @@ class DspyEvaluator:
         seed: int | None = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        price_table: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self._codec = codec
+        self._prices = dict(price_table or {})
         self._data = datasets
         self._metric = metric
         self._failure_score = failure_score
@@ -314,7 +316,7 @@ class DspyEvaluator:
             return await loop.run_in_executor(
                 self._pool, ctx.run, self._attempt_sync, program, names, example, example_id, split, capture, lm
             )
-        with rollout_usage() as usage:
+        with rollout_usage(self._prices) as usage:
             with dspy.context(lm=lm) if lm is not None else nullcontext():
                 pred, raw_trace, error = await self._run_async(program, example, capture)
             _attach_usage(pred, usage)
@@ -333,7 +335,7 @@ class DspyEvaluator:
         self, program: dspy.Module, names: dict[int, str], example: dspy.Example, example_id: int, split: Split,
         capture: bool, lm: Any,
     ) -> _Attempt:
-        with rollout_usage() as usage:
+        with rollout_usage(self._prices) as usage:
             with dspy.context(lm=lm) if lm is not None else nullcontext():
                 pred, raw_trace, error = self._run_sync(program, example, capture)
             _attach_usage(pred, usage)
@@ -370,7 +372,7 @@ class DspyEvaluator:
 
     # ------------------------------------------------------------------ scoring
     def _score_tracked(self, *args: Any) -> tuple[EvalOutcome, int, RolloutUsage]:
-        with rollout_usage() as usage:
+        with rollout_usage(self._prices) as usage:
             outcome, retries = self._score(*args)
         return outcome, retries, usage
 

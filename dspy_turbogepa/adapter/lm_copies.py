@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -40,9 +40,13 @@ class RolloutUsage:
     completion_tokens: int = 0
     cost: float = 0.0
     tracker: UsageTracker | None = None
+    #: model -> (dollars per 1M prompt tokens, dollars per 1M completion tokens); overrides reported cost.
+    prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add_cost(self, value: Any) -> None:
+    def add_cost(self, value: Any, model: str | None = None) -> None:
+        if model is not None and _price_for(self.prices, model) is not None:
+            return  # priced from the table at the end of the rollout instead
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
             with self._lock:
                 self.cost += float(value)
@@ -61,10 +65,20 @@ def _count(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
+def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
+    if not prices:
+        return None
+    return prices.get(model) or prices.get(model.split("/", 1)[-1])
+
+
 @contextmanager
-def rollout_usage() -> Iterator[RolloutUsage]:
-    """Collect the tokens and cost of every LM call made inside the block (in this context)."""
-    box = RolloutUsage()
+def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> Iterator[RolloutUsage]:
+    """Collect the tokens and cost of every LM call made inside the block (in this context).
+
+    ``prices`` (model -> $ per 1M prompt / completion tokens) prices models that litellm and DSPy do
+    not know; for a model in the table its reported cost is ignored, so nothing is counted twice.
+    """
+    box = RolloutUsage(prices=dict(prices or {}))
     token = _CURRENT.set(box)
     try:
         with track_usage() as tracker:
@@ -72,9 +86,13 @@ def rollout_usage() -> Iterator[RolloutUsage]:
             try:
                 yield box
             finally:
-                for totals in tracker.get_total_tokens().values():
-                    box.prompt_tokens += _count(totals.get("prompt_tokens"))
-                    box.completion_tokens += _count(totals.get("completion_tokens"))
+                for model, totals in tracker.get_total_tokens().items():
+                    prompt, completion = _count(totals.get("prompt_tokens")), _count(totals.get("completion_tokens"))
+                    box.prompt_tokens += prompt
+                    box.completion_tokens += completion
+                    price = _price_for(box.prices, model)
+                    if price is not None:
+                        box.cost += (prompt * price[0] + completion * price[1]) / 1e6
     finally:
         _CURRENT.reset(token)
 
@@ -82,7 +100,7 @@ def rollout_usage() -> Iterator[RolloutUsage]:
 def _note_history_entry(entry: Any) -> None:
     box = _CURRENT.get()
     if box is not None and isinstance(entry, dict) and entry.get("usage"):
-        box.add_cost(entry.get("cost"))
+        box.add_cost(entry.get("cost"), entry.get("model"))
 
 
 def endpoint_key(lm: Any) -> str:
