@@ -110,7 +110,7 @@ def test_twelve_calls_wait_at_once_under_a_limit_of_16(routing, async_program):
         lm = make_student_lm(seed=0, noise=0.0, before_call=gate)
         program = routing.make_program()
     splits = small_splits(routing, n_train=30, n_val=N_VAL)
-    opt = TurboGEPA(routing.metric, max_metric_calls=300, reflection_lm=make_reflection_lm(seed=0), num_threads=16,
+    opt = TurboGEPA(routing.metric, max_metric_calls=800, reflection_lm=make_reflection_lm(seed=0), num_threads=16,
                     use_merge=False, track_stats=True, rung_fractions=[1.0])
     with dspy.context(lm=lm):
         optimized = opt.compile(program, trainset=splits.train, valset=splits.val)

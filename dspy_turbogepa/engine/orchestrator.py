@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 EvalKey = tuple[str, str, int]
 
+#: The width floor leaves budget for this many generations of accepted children (see width()).
+GENERATIONS_TO_AFFORD = 4
+
 
 def proposal_key(parent_fp: str, components: Sequence[str], minibatch: Sequence[int], seed: int) -> str:
     """Identity of a reflection request: same parent, components, minibatch and seed -> same proposal."""
@@ -241,7 +244,13 @@ class Orchestrator:
         attempts = now.attempted - past.attempted
         accepted = now.accepted - past.accepted
         p = (accepted + 1) / (attempts + 2)
-        return max(cfg.min_mutations_in_flight, min(cfg.max_mutations_in_flight, round(1 / p)))
+        # On a small budget, a wide first generation would spend most of it on siblings of the seed:
+        # keep the floor low enough that the remaining budget still pays for several generations of
+        # accepted children at that width.
+        per_child = 2 * self.config.reflection_minibatch_size + len(self._val_ids)
+        affordable = max(2, (self._budget.limit - now.charged) // (GENERATIONS_TO_AFFORD * per_child))
+        floor = min(cfg.min_mutations_in_flight, affordable)
+        return max(floor, min(cfg.max_mutations_in_flight, round(1 / p)))
 
     def _view_commits(self, seq: int) -> int | None:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""
