@@ -37,6 +37,7 @@ from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             budget (LM tokens of the program and reflection, dollars as dspy/litellm report them, wall
             clock from the start of compile). When one is reached nothing new is launched, work in
             flight finishes, and ``detailed_results.stop_reason`` names the budget.
+        verbose: show live progress (a tqdm bar on a terminal, one log line per update otherwise).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
             price dspy/litellm do not know (program LMs; it overrides their reported cost).
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
@@ -124,6 +126,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         cost_budget_usd: float | None = None,
         time_budget_seconds: float | None = None,
         price_table: dict[str, tuple[float, float]] | None = None,
+        verbose: bool = True,
     ) -> None:
         check_metric_signature(metric)
         n_budgets = (max_metric_calls is not None) + (max_full_evals is not None) + (auto is not None)
@@ -234,6 +237,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
         self.time_budget_seconds = time_budget_seconds
+        self.verbose = bool(verbose)
         self.price_table = {k: (float(v[0]), float(v[1])) for k, v in (price_table or {}).items()}
 
     def get_params(self) -> dict[str, Any]:
@@ -306,10 +310,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         config = self._engine_config(budget, num_threads, len(val))
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight)
         store, observers, known_evals, known_props = self._open_store(student, codec, train, val)
+        display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
-            observers=observers, known_evaluations=known_evals, known_proposals=known_props,
+            observers=[*observers, display], known_evaluations=known_evals, known_proposals=known_props,
         )
+        display.bind(OrchestratorSource(orchestrator, calls_offset=len(known_evals or ())))
         logger.info(
             "TurboGEPA: budget %d metric calls, %d evaluations / %d mutations / %d reflections in flight, "
             "validation rungs %s", budget, config.max_evals_in_flight, config.max_mutations_in_flight,
@@ -320,8 +326,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 orchestrator.run,
                 on_interrupt=lambda: orchestrator.request_stop("interrupted"),
                 on_grace_expired=orchestrator.cancel_in_flight,
+                on_tick=display.tick,
             )
         finally:
+            display.close(stop_reason=result.stop_reason if "result" in locals() else None)
             evaluator.close()
             reflector.close()
             if store is not None:
@@ -339,11 +347,37 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             result.total_metric_calls,
         )
         program = codec.build(best.candidate.texts)
+        detailed = build_result(result, codec.build, self.log_dir, self.seed, self.track_best_outputs)
+        if self.log_dir:
+            self._write_reports(detailed, result, budget)
         if self.track_stats:
-            program.detailed_results = build_result(
-                result, codec.build, self.log_dir, self.seed, self.track_best_outputs
-            )
+            program.detailed_results = detailed
         return program
+
+    def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> None:
+        """``log_dir/summary.json`` and the PNG plots; a reporting failure never loses the program."""
+        from dspy_turbogepa.tracking.summary import write_summary
+
+        extra = {
+            "timings": {"wall_seconds": result.wall_seconds},
+            "budgets": {"max_metric_calls": budget, "token_budget": self.token_budget,
+                        "cost_budget_usd": self.cost_budget_usd, "time_budget_seconds": self.time_budget_seconds},
+        }
+        try:
+            write_summary(self.log_dir, detailed, extra)
+        except OSError as exc:
+            logger.warning("Could not write summary.json to %s: %s", self.log_dir, exc)
+        try:
+            from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
+
+            plot_best_over_time(result.records, Path(self.log_dir) / "best_over_time.png",
+                                total_seconds=result.wall_seconds, budget=budget)
+            plot_lineage(result.records, result.fronts, Path(self.log_dir) / "lineage.png")
+        except ImportError:
+            logger.warning("matplotlib is not installed: no plots in %s (pip install 'dspy-turbogepa[plots]').",
+                           self.log_dir)
+        except Exception:  # plotting must never cost the user their optimized program; say why
+            logger.exception("Plotting into %s failed", self.log_dir)
 
     # ------------------------------------------------------------------ helpers
     def _open_store(

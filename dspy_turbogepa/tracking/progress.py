@@ -1,0 +1,621 @@
+"""Live progress of a run: one tqdm bar on a terminal, a few plain INFO lines in a log file.
+
+Threads. The engine calls the observer hooks (``on_evaluation``, ``on_candidate``, ``on_mutation``)
+on its event-loop thread; they only bump counters or append to a deque (O(1)). Everything else —
+reading the engine, formatting, drawing, logging — happens in :meth:`ProgressDisplay.tick`, which the
+thread that called ``compile()`` runs every ~0.2-1 s (``run_coroutine_in_thread(on_tick=...)``), and
+in :meth:`ProgressDisplay.close` at the end.
+
+Wiring (the display must exist before the orchestrator, which needs its observers)::
+
+    display = ProgressDisplay(enabled=verbose, time_budget_seconds=...)
+    orch = Orchestrator(..., observers=[*observers, display])
+    display.bind(OrchestratorSource(orch, calls_offset=len(known_evals or ())))
+    try:
+        result = run_coroutine_in_thread(orch.run, ..., on_tick=display.tick)
+    finally:
+        display.close(stop_reason=...)
+
+Output. When ``stream`` (default ``sys.stderr``) is a terminal, or in Jupyter, one tqdm bar whose
+postfix is updated in place (at most every ``refresh_interval`` seconds), and console log handlers
+are routed through ``tqdm.write`` while it is shown so log lines do not tear it. Otherwise one INFO
+line on the ``dspy_turbogepa.tracking.progress`` logger when the best score improves (at most one a
+second) or every ``log_interval`` seconds while something changes; the interval grows with the run
+(elapsed / 20, at most ``max_log_interval``), so an hour-long run logs about a hundred lines.
+
+Silence. ``enabled=False``, or a level above INFO on the ``dspy_turbogepa`` logger (or on this
+module's logger, or any logger in between), e.g. ``logging.getLogger("dspy_turbogepa").setLevel(
+logging.WARNING)``. An unconfigured hierarchy (only the root logger has a level) still shows the bar
+on a terminal; log lines then follow the root logger's level as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from dspy_turbogepa.engine.observer import EngineObserver
+
+if TYPE_CHECKING:
+    from dspy_turbogepa.engine.candidate import Candidate
+    from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
+    from dspy_turbogepa.engine.types import EvalOutcome, Split
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OrchestratorSource", "ProgressDisplay", "ProgressSnapshot", "ProgressSource", "format_duration",
+    "pareto_front_members",
+]
+
+#: Scores closer than this are ties (the engine's frontier uses the same tolerance).
+_SCORE_EPS = 1e-9
+#: Statuses of mutations whose child was scored on a minibatch (or a merge screen): the funnel's first
+#: entry. A "duplicate" counts only when it was found out after evaluation (rung_reached > 0).
+_TRIED_STATUSES = frozenset({"accepted", "rejected_rung0", "pruned", "duplicate"})
+
+
+@runtime_checkable
+class ProgressSource(Protocol):
+    """What the display reads from a running engine. Called on the compile thread only.
+
+    Any method may return None for "unknown"; the display then omits the field (or, for ``best`` and
+    ``frontier_size``, falls back to what it saw through ``on_candidate``).
+    """
+
+    def metric_calls(self) -> int | None: ...
+
+    def budget(self) -> int | None: ...
+
+    def best(self) -> float | None: ...
+
+    def frontier_size(self) -> int | None: ...
+
+    def evals_in_flight(self) -> int | None: ...
+
+    def mutations_running(self) -> int | None: ...
+
+    def backoffs(self) -> int | None: ...
+
+
+def pareto_front_members(fronts: Mapping[Any, Iterable[int]], aggregates: Mapping[int, float]) -> set[int]:
+    """Candidates on GEPA's Pareto frontier: per-instance front members that are not dominated.
+
+    Same rule as ``engine.frontier.ParetoFrontier.non_dominated`` (the programs parents are drawn
+    from): weakest first, a candidate is dropped when every instance front holding it also holds
+    another surviving candidate. Dropping one only makes the others harder to drop, so one pass in
+    weakest-first order gives the same set as the engine's restart-after-each-drop loop.
+    """
+    own: dict[int, list[Any]] = {}
+    alive: dict[Any, int] = {}
+    for vid, front in fronts.items():
+        members = set(front)
+        if not members:
+            continue
+        alive[vid] = len(members)
+        for p in members:
+            own.setdefault(p, []).append(vid)
+    survivors = set(own)
+    for p in sorted(own, key=lambda q: (aggregates.get(q, 0.0), -q)):
+        if all(alive[v] >= 2 for v in own[p]):
+            survivors.discard(p)
+            for v in own[p]:
+                alive[v] -= 1
+    return survivors
+
+
+class _FrontierTracker:
+    """Best aggregate and the size of GEPA's Pareto frontier, fed one candidate at a time.
+
+    ``add`` costs O(validation size); the frontier size is recomputed lazily (O(sum of front sizes)),
+    at most once per read after new candidates arrived.
+    """
+
+    def __init__(self) -> None:
+        self.best: float | None = None
+        self.count = 0
+        self._inst_best: dict[Any, float] = {}
+        self._fronts: dict[Any, set[int]] = {}
+        self._aggregates: dict[int, float] = {}
+        self._size: int | None = None
+
+    def add(self, index: int, val_scores: Mapping[Any, float]) -> None:
+        self.count += 1
+        agg = sum(val_scores.values()) / len(val_scores) if val_scores else 0.0
+        self._aggregates[index] = agg
+        self.best = agg if self.best is None else max(self.best, agg)
+        for vid, score in val_scores.items():
+            best = self._inst_best.get(vid)
+            if best is None or score > best + _SCORE_EPS:
+                self._inst_best[vid] = score
+                self._fronts[vid] = {index}
+            elif abs(score - best) <= _SCORE_EPS:
+                self._fronts[vid].add(index)
+        self._size = None
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            self._size = len(pareto_front_members(self._fronts, self._aggregates))
+        return self._size
+
+
+class OrchestratorSource:
+    """:class:`ProgressSource` over an ``engine.Orchestrator``'s public attributes.
+
+    ``calls_offset``: metric calls paid before this process (a resumed run's stored evaluations).
+    ``frontier_size``: a callable returning the frontier size, if the caller has a cheaper or more
+    exact one; by default it is computed from ``orchestrator.records`` (new records only, per call):
+    the number of candidates on GEPA's Pareto frontier, i.e. per-instance front members that are not
+    dominated (the programs parents are drawn from; with ties on easy instances nearly every
+    candidate is a raw front member, which says little).
+    """
+
+    def __init__(
+        self, orchestrator: Any, *, calls_offset: int = 0, frontier_size: Callable[[], int] | None = None
+    ) -> None:
+        self._orch = orchestrator
+        self._offset = int(calls_offset)
+        self._frontier_fn = frontier_size
+        self._tracker = _FrontierTracker()
+        self._seen = 0
+        self._mutations = 0
+
+    def _catch_up(self) -> None:
+        records = self._orch.records
+        n = len(records)
+        if n > self._seen:
+            for record in records[self._seen:n]:  # slicing a list is atomic under the GIL
+                self._tracker.add(record.index, record.val_scores)
+            self._seen = n
+
+    def metric_calls(self) -> int:
+        return self._orch.budget.executed + self._offset
+
+    def budget(self) -> int:
+        return self._orch.budget.limit
+
+    def best(self) -> float | None:
+        self._catch_up()
+        return self._tracker.best
+
+    def frontier_size(self) -> int | None:
+        if self._frontier_fn is not None:
+            return int(self._frontier_fn())
+        self._catch_up()
+        return self._tracker.size if self._seen else None
+
+    def evals_in_flight(self) -> int:
+        return int(self._orch.in_flight)
+
+    def mutations_running(self) -> int:
+        # The engine thread may add a task while we iterate its task dict: keep the last good value.
+        try:
+            self._mutations = int(self._orch.mutations_in_flight())
+        except RuntimeError:
+            pass
+        return self._mutations
+
+    def backoffs(self) -> int | None:
+        value = getattr(getattr(self._orch, "stats", None), "rate_limit_retries", None)
+        return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    elapsed: float
+    metric_calls: int
+    budget: int | None
+    best: float | None
+    frontier_size: int | None
+    candidates: int
+    evals_in_flight: int | None
+    mutations_running: int | None
+    rung_funnel: tuple[int, ...]
+    backoffs: int | None
+    eta_seconds: float | None
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.budget:
+            return None
+        return min(1.0, self.metric_calls / self.budget)
+
+    def fields(self) -> list[str]:
+        """Short ``name value`` parts for the bar, most useful first (a narrow terminal cuts the tail)."""
+        parts: list[str] = []
+        if self.best is not None:
+            parts.append(f"best {self.best:.3f}")
+        if self.eta_seconds is not None:
+            parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        if self.frontier_size is not None:
+            parts.append(f"front {self.frontier_size}")
+        if self.evals_in_flight is not None or self.mutations_running is not None:
+            parts.append(f"flight {_num(self.evals_in_flight)}e/{_num(self.mutations_running)}m")
+        if self.backoffs:
+            parts.append(f"429s {self.backoffs}")
+        if self.rung_funnel:
+            parts.append("rungs " + ">".join(str(n) for n in self.rung_funnel))
+        parts.append(f"cands {self.candidates}")
+        return parts
+
+    def log_line(self) -> str:
+        calls = f"{self.metric_calls}/{self.budget}" if self.budget else str(self.metric_calls)
+        pct = f" ({100 * self.fraction:.0f}%)" if self.fraction is not None else ""
+        parts = [f"{calls} metric calls{pct}", f"{format_duration(self.elapsed)} elapsed"]
+        if self.best is not None:
+            parts.append(f"best val {self.best:.4f}")
+        if self.frontier_size is not None:
+            parts.append(f"frontier {self.frontier_size}")
+        parts.append(f"{self.candidates} candidates")
+        if self.rung_funnel:
+            parts.append("children per rung " + " > ".join(str(n) for n in self.rung_funnel))
+        if self.evals_in_flight is not None or self.mutations_running is not None:
+            parts.append(f"in flight {_num(self.evals_in_flight)} evals / {_num(self.mutations_running)} mutations")
+        if self.backoffs is not None:
+            parts.append(f"rate-limit backoffs {self.backoffs}")
+        if self.eta_seconds is not None:
+            parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        return ", ".join(parts)
+
+
+def _num(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _quiet_by_logging(log: logging.Logger) -> bool:
+    """True when ``log`` or an ancestor below the root has an explicit level above INFO."""
+    current: logging.Logger | None = log
+    while current is not None and current is not logging.root:
+        if current.level != logging.NOTSET:
+            return current.level > logging.INFO
+        current = current.parent  # type: ignore[assignment]
+    return False
+
+
+def _screen(stream: Any) -> tuple[int, int]:
+    """(columns, rows) of the terminal behind ``stream``; (100, 24) when unknown. Some ptys report
+    0 x 0, and tqdm hides a bar whose position is not above the reported row count."""
+    import os
+    import shutil
+
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        cols, rows = size.columns, size.lines
+    except (AttributeError, OSError, ValueError):
+        cols = rows = 0
+    if not cols or not rows:
+        fallback = shutil.get_terminal_size((100, 24))
+        cols, rows = cols or fallback.columns or 100, rows or fallback.lines or 24
+    return max(40, cols), max(2, rows)
+
+
+def _is_console_handler(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+def _in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+class ProgressDisplay(EngineObserver):
+    """Live progress of a TurboGEPA run (see the module docstring for threads and wiring).
+
+    Args:
+        source: what to read the engine state from (:class:`OrchestratorSource`, or any object with
+            the :class:`ProgressSource` methods); can be given later with :meth:`bind`.
+        enabled: False makes every method a no-op (map ``verbose=False`` here).
+        interactive: force the tqdm bar (True) or log lines (False); default: ``stream.isatty()``,
+            or running under Jupyter.
+        stream: where the bar is drawn (default ``sys.stderr``); log lines always go through logging.
+        log_interval / max_log_interval: bounds of the gap between periodic log lines (seconds).
+        best_log_gap: minimum gap between two "new best" log lines (seconds).
+        refresh_interval: minimum gap between two redraws of the bar (seconds).
+        time_budget_seconds: the run's wall-clock budget, if any: the ETA never exceeds what is left.
+        eta_window_seconds: the metric-call rate behind the ETA is measured over this recent window.
+        log: the logger for log lines (default: this module's).
+        clock: monotonic clock (tests inject a fake one). Elapsed time counts from construction, so
+            build the display right before the run starts.
+        desc: the label in front of the bar and of each log line.
+
+    Shown: metric calls / budget, best full-validation score, Pareto-frontier size, candidates,
+    children per rung (scored on a minibatch > on each validation shard > on the full valset, over
+    committed mutations), evaluations / mutations in flight, rate-limit backoffs, ETA.
+    """
+
+    def __init__(
+        self,
+        source: ProgressSource | None = None,
+        *,
+        enabled: bool = True,
+        interactive: bool | None = None,
+        stream: IO[str] | None = None,
+        log_interval: float = 5.0,
+        max_log_interval: float = 60.0,
+        best_log_gap: float = 1.0,
+        refresh_interval: float = 0.5,
+        time_budget_seconds: float | None = None,
+        eta_window_seconds: float = 60.0,
+        log: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        desc: str = "TurboGEPA",
+    ) -> None:
+        self._source = source
+        self._enabled = bool(enabled)
+        self._interactive = interactive
+        self._stream = stream
+        self._log_interval = float(log_interval)
+        self._max_log_interval = max(float(max_log_interval), self._log_interval)
+        self._best_log_gap = float(best_log_gap)
+        self._refresh_interval = float(refresh_interval)
+        self._time_budget = time_budget_seconds
+        self._eta_window = float(eta_window_seconds)
+        self._log = log or logger
+        self._clock = clock
+        self._desc = desc
+        self._t0 = clock()
+
+        # Written on the engine thread by the hooks (single writer), read on the compile thread.
+        self._evaluations = 0
+        self._candidate_count = 0
+        self._pending: deque[CandidateRecord] = deque()
+        self._funnel: list[int] = []
+
+        # Compile-thread state.
+        self._tracker = _FrontierTracker()
+        self._samples: deque[tuple[float, int]] = deque()
+        self._closed = False
+        self._mode: str | None = None  # "bar", "log" or "off", decided at the first tick
+        self._bar: Any = None
+        self._exit = ExitStack()
+        self._last_refresh = -math.inf
+        self._last_line = -math.inf
+        self._last_line_key: tuple[Any, ...] | None = None
+        self._logged_best: float | None = None
+        self._lock = threading.Lock()  # tick() and close() may race if a caller calls both from two threads
+        self.lines_emitted = 0
+
+    # ------------------------------------------------------------------ wiring
+    def bind(self, source: ProgressSource) -> None:
+        """Set the engine-state source (when it could not exist before the display)."""
+        self._source = source
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def mode(self) -> str | None:
+        """``"bar"``, ``"log"`` or ``"off"`` once the first tick decided; None before."""
+        return self._mode
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ engine-thread hooks (O(1))
+    def on_evaluation(self, candidate: Candidate, split: Split, outcome: EvalOutcome) -> None:
+        self._evaluations += 1
+
+    def on_candidate(self, record: CandidateRecord) -> None:
+        self._candidate_count += 1
+        self._pending.append(record)
+
+    def on_mutation(self, result: MutationResult, status: str) -> None:
+        if status not in _TRIED_STATUSES:
+            return
+        reached = int(getattr(result, "rung_reached", 0) or 0)
+        if status == "duplicate" and reached == 0:
+            return  # known before it was evaluated: no child was scored
+        funnel = self._funnel
+        while len(funnel) < reached + 1:  # at most the number of rungs: O(1) in practice
+            funnel.append(0)
+        for k in range(reached + 1):
+            funnel[k] += 1
+
+    # ------------------------------------------------------------------ compile thread
+    def snapshot(self) -> ProgressSnapshot:
+        """The current state (compile thread). Also feeds the ETA estimate."""
+        now = self._clock()
+        while self._pending:
+            record = self._pending.popleft()
+            self._tracker.add(record.index, record.val_scores)
+        src = self._source
+        calls = _safe(src, "metric_calls")
+        if calls is None:
+            calls = self._evaluations
+        budget = _safe(src, "budget")
+        best = _safe(src, "best")
+        if best is None:
+            best = self._tracker.best
+        front = _safe(src, "frontier_size")
+        if front is None and self._tracker.best is not None:
+            front = self._tracker.size
+        elapsed = now - self._t0
+        self._samples.append((now, calls))
+        while len(self._samples) > 2 and now - self._samples[0][0] > self._eta_window:
+            self._samples.popleft()
+        return ProgressSnapshot(
+            elapsed=elapsed,
+            metric_calls=int(calls),
+            budget=None if budget is None else int(budget),
+            best=None if best is None else float(best),
+            frontier_size=None if front is None else int(front),
+            candidates=self._candidate_count,
+            evals_in_flight=_safe(src, "evals_in_flight"),
+            mutations_running=_safe(src, "mutations_running"),
+            rung_funnel=tuple(self._funnel),
+            backoffs=_safe(src, "backoffs"),
+            eta_seconds=self._eta(now, calls, budget, elapsed),
+        )
+
+    def _eta(self, now: float, calls: int, budget: int | None, elapsed: float) -> float | None:
+        etas: list[float] = []
+        if budget:
+            t_old, c_old = self._samples[0]
+            dt, dc = now - t_old, calls - c_old
+            if dt >= 1.0 and dc > 0:
+                etas.append(max(0, budget - calls) / (dc / dt))
+        if self._time_budget is not None:
+            etas.append(max(0.0, self._time_budget - elapsed))
+        return min(etas) if etas else None
+
+    def tick(self) -> None:
+        """Read the engine and update the display. Call on the compile thread, every ~0.2-1 s."""
+        if not self._enabled or self._closed:
+            return
+        with self._lock:
+            if self._mode is None:
+                self._mode = self._choose_mode()
+            if self._mode == "off":
+                return
+            now = self._clock()
+            if self._mode == "bar":
+                if now - self._last_refresh >= self._refresh_interval:
+                    self._draw(self.snapshot())
+                    self._last_refresh = now
+            else:
+                self._maybe_log(now)
+
+    def close(self, stop_reason: str | None = None) -> None:
+        """Final update: the bar is completed and left on screen; in logs, one closing line. Idempotent."""
+        if not self._enabled or self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            try:
+                if self._mode is None:
+                    self._mode = self._choose_mode()
+                if self._mode == "off":
+                    return
+                snap = self.snapshot()
+                snap = ProgressSnapshot(**{**snap.__dict__, "eta_seconds": None,
+                                           "evals_in_flight": None, "mutations_running": None})
+                if self._mode == "bar":
+                    self._draw(snap, final_note=stop_reason)
+                elif self._log.isEnabledFor(logging.INFO):
+                    reason = f" ({stop_reason})" if stop_reason else ""
+                    self._emit(f"{self._desc} finished{reason}: {snap.log_line()}")
+            finally:
+                if self._bar is not None:
+                    self._bar.close()
+                    self._bar = None
+                self._exit.close()
+
+    # ------------------------------------------------------------------ internals
+    def _choose_mode(self) -> str:
+        if _quiet_by_logging(self._log):
+            return "off"
+        interactive = self._interactive
+        if interactive is None:
+            stream = self._stream if self._stream is not None else sys.stderr
+            try:
+                interactive = bool(stream.isatty()) or _in_notebook()
+            except (AttributeError, ValueError):
+                interactive = False
+        return "bar" if interactive else "log"
+
+    def _draw(self, snap: ProgressSnapshot, final_note: str | None = None) -> None:
+        if self._bar is None:
+            self._bar = self._make_bar(snap.budget)
+        bar = self._bar
+        bar.ncols, bar.nrows = _screen(self._stream if self._stream is not None else sys.stderr)
+        if snap.budget and bar.total != snap.budget:
+            bar.total = snap.budget
+        bar.n = min(snap.metric_calls, snap.budget) if snap.budget else snap.metric_calls
+        parts = snap.fields()
+        if final_note:
+            parts.append(final_note)
+        bar.set_postfix_str(", ".join(parts), refresh=False)
+        bar.refresh()
+
+    def _make_bar(self, total: int | None) -> Any:
+        from tqdm import tqdm
+
+        stream = self._stream if self._stream is not None else sys.stderr
+        if self._stream is None:
+            # Log records written to the console while the bar is shown would tear it: route them
+            # through tqdm.write (which clears and redraws the bar) until close().
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            console = [lg for lg in (logging.root, logging.getLogger("dspy_turbogepa"), logging.getLogger("dspy"))
+                       if any(_is_console_handler(h) for h in lg.handlers)]
+            if console:  # (tqdm would add its handler to a logger without one too: duplicate lines)
+                self._exit.enter_context(logging_redirect_tqdm(loggers=console))
+        cols, rows = _screen(stream)
+        return tqdm(
+            total=total,
+            file=stream,
+            desc=self._desc,
+            unit="call",
+            ncols=cols,
+            nrows=rows,
+            leave=True,
+            mininterval=0,  # we throttle ourselves (refresh_interval)
+            smoothing=0,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+            if total else "{desc} {n_fmt} calls [{elapsed}{postfix}]",
+        )
+
+    def _maybe_log(self, now: float) -> None:
+        if not self._log.isEnabledFor(logging.INFO):
+            return
+        snap = self.snapshot()
+        since = now - self._last_line
+        new_best = snap.best is not None and (self._logged_best is None or snap.best > self._logged_best + _SCORE_EPS)
+        first = self.lines_emitted == 0
+        interval = min(self._max_log_interval, max(self._log_interval, snap.elapsed / 20.0))
+        key = (snap.metric_calls, snap.best, snap.frontier_size, snap.candidates, snap.backoffs)
+        if first and snap.metric_calls == 0 and snap.best is None:
+            return  # nothing to say yet
+        if new_best and (first or since >= self._best_log_gap):
+            note = "" if self._logged_best is None else " (new best)"
+            self._emit(f"{self._desc}{note}: {snap.log_line()}")
+        elif since >= interval and key != self._last_line_key:
+            self._emit(f"{self._desc}: {snap.log_line()}")
+        else:
+            return
+        self._last_line = now
+        self._last_line_key = key
+        if snap.best is not None:
+            self._logged_best = snap.best
+
+    def _emit(self, line: str) -> None:
+        self._log.info("%s", line)
+        self.lines_emitted += 1
+
+
+def _safe(source: Any, name: str) -> Any:
+    """``source.name()``; None when there is no source, no such method, or it failed (never raise)."""
+    if source is None:
+        return None
+    fn = getattr(source, name, None)
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except Exception:  # a display must never end the run
+        logger.debug("progress source %s() failed", name, exc_info=True)
+        return None

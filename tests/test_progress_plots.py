@@ -1,0 +1,443 @@
+"""Seeing the run: live progress (terminal bar / log lines), PNG plots, summary.json, serving example."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import dspy
+import pytest
+
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.adapter.results import TurboGEPAResult
+from dspy_turbogepa.engine.candidate import Candidate
+from dspy_turbogepa.engine.frontier import ParetoFrontier
+from dspy_turbogepa.engine.records import CandidateRecord, MutationPlan, MutationResult
+from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
+from dspy_turbogepa.tracking.progress import (
+    OrchestratorSource,
+    ProgressDisplay,
+    format_duration,
+    pareto_front_members,
+)
+from dspy_turbogepa.tracking.summary import build_summary, write_summary
+
+PROGRESS_LOGGER = "dspy_turbogepa.tracking.progress"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeSource:
+    """A run of 3000 ticks (0.2 s apart): one metric call per tick, a new best every 60 ticks."""
+
+    def __init__(self, budget: int = 3000) -> None:
+        self.calls = 0
+        self._budget = budget
+        self.best_value = 0.2
+
+    def metric_calls(self) -> int:
+        return self.calls
+
+    def budget(self) -> int:
+        return self._budget
+
+    def best(self) -> float:
+        return self.best_value
+
+    def frontier_size(self) -> int:
+        return 4
+
+    def evals_in_flight(self) -> int:
+        return 16
+
+    def mutations_running(self) -> int:
+        return 5
+
+    def backoffs(self) -> int:
+        return 2
+
+
+def drive(display: ProgressDisplay, source: FakeSource, clock: FakeClock, ticks: int, best_every: int = 60) -> None:
+    for i in range(ticks):
+        clock.t += 0.2
+        source.calls += 1
+        if best_every and i % best_every == 0:
+            source.best_value += 0.01
+        display.tick()
+
+
+def progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
+
+
+def make_record(index: int, scores: dict[int, float], parents=(None,), kind="reflection",
+                seconds: float = 0.0, calls: int = 0) -> CandidateRecord:
+    cand = Candidate({"a": f"text {index}", "b": "b"}, kind="seed" if index == 0 else kind)
+    return CandidateRecord(index, cand, list(parents), dict(scores), discovery_metric_calls=calls,
+                           discovery_seconds=seconds)
+
+
+def synthetic_records(n: int, seed: int = 0, n_val: int = 12, merges: bool = True) -> list[CandidateRecord]:
+    rng = random.Random(seed)
+    recs = [make_record(0, {v: float(rng.random() < 0.3) for v in range(n_val)}, kind="seed", seconds=0.4, calls=n_val)]
+    t, calls = 0.4, n_val
+    for i in range(1, n):
+        t += rng.expovariate(1 / 2.0)
+        calls += rng.randint(5, 40)
+        if merges and i >= 4 and i % 7 == 0:
+            parents, kind = sorted(rng.sample(range(i), 2)), "merge"
+        else:
+            parents, kind = [rng.randrange(i)], rng.choice(["reflection", "reflection", "reflection_all"])
+        base = recs[parents[-1]].val_scores
+        scores = {v: float(min(1.0, max(0.0, base[v] + (rng.random() < 0.2) - (rng.random() < 0.1))))
+                  for v in range(n_val)}
+        recs.append(make_record(i, scores, parents, kind, seconds=t, calls=calls))
+    return recs
+
+
+def mutation(status: str, rung_reached: int) -> MutationResult:
+    plan = MutationPlan(seq=0, kind="reflection", parent=Candidate({"a": "x"}), parent_index=0, parent_val={},
+                        minibatch=(), rng=random.Random(0), committed_at_launch=0, reservation=0)
+    return MutationResult(plan=plan, status=status, rung_reached=rung_reached)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def info_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="dspy_turbogepa")
+    return caplog
+
+
+# ---------------------------------------------------------------------------------------- progress
+def test_log_mode_emits_a_bounded_number_of_lines(info_logs: pytest.LogCaptureFixture) -> None:
+    clock, source = FakeClock(), FakeSource()
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=3000)  # 10 simulated minutes, 50 new bests
+    display.close(stop_reason="max_metric_calls")
+    lines = progress_lines(info_logs)
+    assert display.mode == "log"
+    assert 50 <= len(lines) <= 130, len(lines)  # vs. 3000 ticks: no redraw storm in a log file
+    assert lines[0].startswith("TurboGEPA: 1/3000 metric calls")
+    assert sum("(new best)" in line for line in lines) >= 40
+    last = lines[-1]
+    assert last.startswith("TurboGEPA finished (max_metric_calls): 3000/3000 metric calls (100%)")
+    for part in ("best val 0.7", "frontier 4", "rate-limit backoffs 2", "10m00s elapsed"):
+        assert part in last, (part, last)
+    mid = lines[len(lines) // 2]
+    assert "in flight 16 evals / 5 mutations" in mid and "ETA" in mid
+
+
+def test_log_mode_without_new_bests_slows_down(info_logs: pytest.LogCaptureFixture) -> None:
+    clock, source = FakeClock(), FakeSource(budget=100_000)
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=18_000, best_every=0)  # one simulated hour
+    lines = progress_lines(info_logs)
+    assert len(lines) <= 130, len(lines)
+    assert len(lines) >= 60
+
+
+def test_log_mode_says_nothing_when_nothing_changes(info_logs: pytest.LogCaptureFixture) -> None:
+    clock, source = FakeClock(), FakeSource()
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=10)
+
+    def stall(seconds: float) -> int:
+        for _ in range(int(seconds / 0.2)):
+            clock.t += 0.2
+            display.tick()
+        return len(progress_lines(info_logs))
+
+    n = stall(10)  # the last change gets its line
+    assert stall(100) == n  # then a stalled run is quiet
+
+
+def test_disabled_is_silent(info_logs: pytest.LogCaptureFixture) -> None:
+    clock, source = FakeClock(), FakeSource()
+    stream = io.StringIO()
+    for interactive in (True, False):
+        display = ProgressDisplay(source, enabled=False, interactive=interactive, stream=stream, clock=clock)
+        drive(display, source, clock, ticks=100)
+        display.close()
+        assert display.mode is None
+    assert stream.getvalue() == ""
+    assert progress_lines(info_logs) == []
+
+
+def test_silent_when_package_logger_is_above_info(caplog: pytest.LogCaptureFixture) -> None:
+    pkg = logging.getLogger("dspy_turbogepa")
+    old = pkg.level
+    pkg.setLevel(logging.WARNING)
+    try:
+        clock, source = FakeClock(), FakeSource()
+        for interactive in (True, False):
+            stream = io.StringIO()
+            display = ProgressDisplay(source, interactive=interactive, stream=stream, clock=clock)
+            drive(display, source, clock, ticks=100)
+            display.close()
+            assert display.mode == "off"
+            assert stream.getvalue() == ""
+    finally:
+        pkg.setLevel(old)
+    assert progress_lines(caplog) == []
+
+
+def test_tty_mode_draws_one_bar_with_throttled_redraws(info_logs: pytest.LogCaptureFixture) -> None:
+    clock, source = FakeClock(), FakeSource(budget=300)
+    stream = io.StringIO()
+    display = ProgressDisplay(source, interactive=True, stream=stream, clock=clock, refresh_interval=0.5)
+    drive(display, source, clock, ticks=300)  # 60 simulated seconds, a tick every 0.2 s
+    display.close(stop_reason="max_metric_calls")
+    out = stream.getvalue()
+    assert display.mode == "bar"
+    redraws = out.count("\r")
+    assert 60 <= redraws <= 60 / 0.5 + 5, redraws
+    frames = [f for f in out.split("\r") if f.strip()]
+    assert "TurboGEPA" in frames[-1] and "300/300" in frames[-1] and "max_metric_calls" in frames[-1]
+    mid = frames[len(frames) // 2]
+    for part in ("best 0.", "ETA", "front 4", "flight 16e/5m", "429s 2"):
+        assert part in mid, (part, mid)
+    assert out.endswith("\n")  # the bar is left on screen, the cursor on a fresh line
+    assert out.count("\n") == 1
+    assert progress_lines(info_logs) == []  # no log lines on top of the bar
+
+
+def test_hooks_feed_best_frontier_and_rung_funnel_without_a_source(info_logs: pytest.LogCaptureFixture) -> None:
+    display = ProgressDisplay(interactive=False, clock=FakeClock())
+    display.on_candidate(make_record(0, {0: 0.0, 1: 1.0, 2: 0.0}))
+    display.on_candidate(make_record(1, {0: 1.0, 1: 0.0, 2: 0.0}, parents=[0]))
+    display.on_candidate(make_record(2, {0: 1.0, 1: 1.0, 2: 0.0}, parents=[1]))  # dominates both
+    for status, rung in [("rejected_rung0", 0), ("rejected_rung0", 0), ("pruned", 1), ("accepted", 2),
+                         ("accepted", 2), ("skipped_perfect", 0), ("no_proposal", 0)]:
+        display.on_mutation(mutation(status, rung), status)
+    for _ in range(7):
+        display.on_evaluation(None, "val", None)  # type: ignore[arg-type]
+    snap = display.snapshot()
+    assert snap.best == pytest.approx(2 / 3)
+    assert snap.frontier_size == 1  # 0 and 1 are each tied with 2 on every instance they lead
+    assert snap.rung_funnel == (5, 3, 2)  # children on a minibatch > on shard 1 > on the full valset
+    assert snap.candidates == 3
+    assert snap.metric_calls == 7  # counted from on_evaluation when no source is bound
+    display.tick()
+    assert "children per rung 5 > 3 > 2" in progress_lines(info_logs)[-1]
+
+
+def test_orchestrator_source_reads_public_state() -> None:
+    records: list[CandidateRecord] = []
+    orch = SimpleNamespace(
+        records=records,
+        budget=SimpleNamespace(executed=40, limit=500),
+        in_flight=7,
+        mutations_in_flight=lambda: 3,
+        stats=SimpleNamespace(rate_limit_retries=4),
+    )
+    src = OrchestratorSource(orch, calls_offset=10)
+    assert src.best() is None and src.frontier_size() is None
+    records.append(make_record(0, {0: 0.0, 1: 1.0}))
+    records.append(make_record(1, {0: 1.0, 1: 0.0}, parents=[0]))
+    assert (src.metric_calls(), src.budget(), src.evals_in_flight(), src.mutations_running(), src.backoffs()) == \
+        (50, 500, 7, 3, 4)
+    assert src.best() == 0.5 and src.frontier_size() == 2
+    records.append(make_record(2, {0: 1.0, 1: 1.0}, parents=[1]))
+    assert src.best() == 1.0 and src.frontier_size() == 1
+
+    def racing() -> int:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    orch.mutations_in_flight = racing
+    assert src.mutations_running() == 3  # the last good value
+    assert OrchestratorSource(orch, frontier_size=lambda: 9).frontier_size() == 9
+
+
+def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.LogCaptureFixture) -> None:
+    clock, source = FakeClock(), FakeSource(budget=1000)
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=100)  # 5 calls/s, 100 done
+    assert display.snapshot().eta_seconds == pytest.approx(900 / 5, rel=0.02)
+    limited = ProgressDisplay(source, interactive=False, clock=clock, time_budget_seconds=30)
+    drive(limited, source, clock, ticks=50)  # 10 s into a 30 s budget
+    assert limited.snapshot().eta_seconds == pytest.approx(20, abs=0.5)
+    assert format_duration(42) == "42s" and format_duration(185) == "3m05s" and format_duration(3720) == "1h02m"
+
+
+def test_pareto_front_members_matches_the_engine() -> None:
+    for trial in range(100):
+        rng = random.Random(trial)
+        n_val, n = rng.randint(1, 10), rng.randint(1, 20)
+        frontier = ParetoFrontier(range(n_val))
+        for i in range(n):
+            frontier.add(i, {v: rng.choice([0.0, 0.5, 1.0]) for v in range(n_val)})
+        expected = set().union(*frontier.non_dominated().values())
+        aggregates = {i: frontier.aggregate(i) for i in range(n)}
+        assert pareto_front_members(frontier.fronts(), aggregates) == expected
+
+
+# ---------------------------------------------------------------------------------------- plots
+def assert_png(path: Path) -> None:
+    data = Path(path).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+
+
+@pytest.mark.parametrize("n", [1, 8, 45])
+def test_plots_from_records(tmp_path: Path, n: int) -> None:
+    records = synthetic_records(n)
+    fronts = {v: {i for i, r in enumerate(records) if r.val_scores[v] == max(x.val_scores[v] for x in records)}
+              for v in range(12)}
+    assert_png(plot_best_over_time(records, tmp_path / "best.png", total_seconds=records[-1].discovery_seconds + 3,
+                                   total_metric_calls=records[-1].discovery_metric_calls + 20, budget=2000))
+    assert_png(plot_lineage(records, fronts, tmp_path / "lineage.png"))
+    assert_png(plot_lineage(records, None, tmp_path / "lineage_computed.png"))  # frontier from the scores
+
+
+def test_lineage_with_merges_of_two_parents(tmp_path: Path) -> None:
+    records = synthetic_records(30, seed=3)
+    merges = [r for r in records if r.candidate.kind == "merge"]
+    assert merges and all(len(r.parent_indices) == 2 for r in merges)
+    out = plot_lineage(records, {0, 5, 12}, tmp_path / "deep" / "lineage.png")  # a member set works too
+    assert_png(out)
+    # the engine's result object works as well
+    result = SimpleNamespace(records=records, fronts={0: {1}}, wall_seconds=80.0, total_metric_calls=900)
+    assert_png(plot_best_over_time(result, tmp_path / "best.png"))
+
+
+def test_plot_module_imports_matplotlib_lazily() -> None:
+    code = ("import sys, dspy_turbogepa.tracking.plots, dspy_turbogepa.tracking.progress, "
+            "dspy_turbogepa.tracking.summary; print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def compiled_routing():
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=30, n_val=16, n_test=0)
+    opt = TurboGEPA(task.metric, max_metric_calls=200, reflection_lm=make_reflection_lm(seed=0), num_threads=8,
+                    track_stats=True, track_best_outputs=True, seed=0)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        return opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+
+
+def test_plots_from_detailed_results(compiled_routing, tmp_path: Path) -> None:
+    dr = compiled_routing.detailed_results
+    assert_png(plot_best_over_time(dr, tmp_path / "best.png", budget=200))
+    assert_png(plot_lineage(dr, None, tmp_path / "lineage.png"))
+
+
+# ---------------------------------------------------------------------------------------- summary
+SECRET = "sk-proj-TESTonlyAbCdEf0123456789xyzXYZ"
+
+
+def strict_loads(text: str):
+    def refuse(name: str):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summary_of_a_real_run_is_strict_json_without_secrets(compiled_routing, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MY_PROVIDER_API_KEY", SECRET)
+    dr = compiled_routing.detailed_results
+    extra = {
+        "timings": {"wall_seconds": 3.25, "compile_seconds": float("nan")},
+        "budgets": {"max_metric_calls": 200, "time_budget_seconds": None, "cost_budget_usd": float("inf")},
+        "config": {"reflection_lm": {"model": "openai/gpt-x", "api_key": SECRET}, "num_threads": 8},
+        "note": f"called with key {SECRET}",
+        "val_ids": {3, 1, 2},
+    }
+    path = write_summary(tmp_path / "logs", dr, extra)
+    assert path == tmp_path / "logs" / "summary.json"
+    text = path.read_text(encoding="utf-8")
+    data = strict_loads(text)
+    assert SECRET not in text and "TESTonly" not in text
+    assert data["config"]["reflection_lm"]["api_key"] == "***REDACTED***"
+    assert data["config"]["reflection_lm"]["model"] == "openai/gpt-x"
+    for key in ("schema", "stop_reason", "best", "counts", "timings", "budgets", "result"):
+        assert key in data, key
+    assert data["stop_reason"] == dr.stop_reason
+    assert data["timings"]["wall_seconds"] == 3.25 and data["timings"]["compile_seconds"] is None
+    assert "best_found_seconds" in data["timings"]
+    assert data["budgets"] == {"metric_calls_used": dr.total_metric_calls, "max_metric_calls": 200,
+                               "time_budget_seconds": None, "cost_budget_usd": None}
+    assert data["val_ids"] == [1, 2, 3]
+    assert data["best"]["index"] == dr.best_idx
+    assert data["best"]["val_score"] == dr.val_aggregate_scores[dr.best_idx]
+    assert data["best"]["instructions"] == {
+        name: p.signature.instructions for name, p in compiled_routing.named_predictors()}
+    assert data["counts"]["candidates"] == len(dr.candidates)
+    assert data["counts"]["total_metric_calls"] == dr.total_metric_calls
+    assert data["result"]["candidates"] == dr.to_dict()["candidates"]  # candidates as texts
+    assert data["result"]["run_stats"]["mutations"] == dr.run_stats["mutations"]
+    assert data["result"]["best_outputs_valset"]  # predictions became plain dicts
+    assert not list(tmp_path.glob("logs/.summary.*"))  # no temp file left behind
+
+
+def test_summary_converts_non_finite_numbers_and_odd_types(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SOME_SERVICE_TOKEN", SECRET)
+    task = TASKS["routing"]
+    dr = TurboGEPAResult(
+        candidates=[task.make_program(), task.make_program({"route": f"Route it. token={SECRET}"})],
+        parents=[[None], [0]],
+        val_aggregate_scores=[0.25, 0.5],
+        val_subscores=[{0: 0.0, 1: 0.5}, {0: float("nan"), 1: 1.0}],
+        per_val_instance_best_candidates={0: {0, 1}, 1: {1}},
+        discovery_eval_counts=[0, 12],
+        best_outputs_valset={0: [(1, dspy.Prediction(queue="billing"))]},
+        total_metric_calls=40,
+        num_full_val_evals=2,
+        discovery_seconds=[0.1, math.inf],
+        candidate_kinds=["seed", "reflection"],
+        stop_reason="max_metric_calls",
+        run_stats={"mutations": {"accepted": 1}},
+    )
+    data = strict_loads(write_summary(tmp_path, dr, {"path": tmp_path, "pair": (1, 2)}).read_text())
+    assert SECRET not in json.dumps(data)
+    assert data["result"]["val_subscores"][1] == {"0": None, "1": 1.0}
+    assert data["result"]["best_outputs_valset"] == {"0": [[1, {"queue": "billing"}]]}
+    assert data["best"]["discovered_at_seconds"] is None
+    assert data["counts"]["pareto_frontier"] == 1
+    assert data["path"] == str(tmp_path) and data["pair"] == [1, 2]
+    assert build_summary(None, {"x": 1})["x"] == 1
+
+
+# ---------------------------------------------------------------------------------------- serving example
+def load_example():
+    spec = importlib.util.spec_from_file_location("serve_optimized", ROOT / "examples" / "serve_optimized.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.http
+def test_serve_optimized_example_runs_small(capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example()
+    global_lm = dspy.settings.lm
+    args = ["--requests", "16", "--concurrency", "8", "--budget", "80", "--threads", "8", "--time-scale", "0.05"]
+    assert example.main(args) == 0
+    out = capsys.readouterr().out
+    assert "optimized program: 16 requests" in out and "req/s" in out and "accuracy" in out
+    saved = Path(out.split("saved to ")[1].split()[0])
+    state = json.loads(saved.read_text())
+    assert all("signature" in state[name] for name in TASKS["routing"].predictor_names)
+
+    # serving a saved program skips the optimization step and answers the same way
+    again = example.run(["--program", str(saved), "--requests", "16", "--time-scale", "0.05"])
+    assert "optimized in" not in capsys.readouterr().out
+    assert again["optimized"]["failures"] == 0
+    assert dspy.settings.lm is global_lm  # nothing global was configured
