@@ -37,6 +37,7 @@ from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
 logger = logging.getLogger(__name__)
@@ -184,8 +185,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
         if use_wandb:
             raise NotImplementedError("use_wandb=True is not supported by TurboGEPA yet; use use_mlflow or log_dir.")
-        if use_mlflow:
-            raise NotImplementedError("use_mlflow=True is not implemented by TurboGEPA yet.")
         if code_proposer is not None:
             raise NotImplementedError("code_proposer (dspy.Flex code optimization) is not supported by TurboGEPA yet.")
         if not isinstance(failure_score, (int, float)) or not isinstance(perfect_score, (int, float)):
@@ -311,10 +310,30 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight)
         store, observers, known_evals, known_props = self._open_store(student, codec, train, val)
         display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)
+        # MLflow: full-validation evaluations reach DSPy's callbacks on this thread (docs/mlflow.md)
+        pump = CompileThreadCallbackPump(codec.build, val, instance=self) if dspy.settings.get("callbacks") else None
+        tracker = None
+        if self.use_mlflow:
+            tracker = MlflowRunTracker(
+                self.get_params(),
+                stats_provider=lambda: orchestrator.stats,
+                seed_texts=codec.seed_texts(),
+                trainset_size=len(train),
+                valset_size=len(val),
+                plot_path=None if self.log_dir else True,  # with log_dir, its plots are uploaded instead
+            )
+        extra_observers = [o for o in (pump, tracker) if o is not None]
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
-            observers=[*observers, display], known_evaluations=known_evals, known_proposals=known_props,
+            observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
+            known_proposals=known_props,
         )
+
+        def on_tick() -> None:
+            if pump is not None:
+                pump.drain()
+            display.tick()
+
         display.bind(OrchestratorSource(orchestrator, calls_offset=len(known_evals or ())))
         logger.info(
             "TurboGEPA: budget %d metric calls, %d evaluations / %d mutations / %d reflections in flight, "
@@ -326,8 +345,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 orchestrator.run,
                 on_interrupt=lambda: orchestrator.request_stop("interrupted"),
                 on_grace_expired=orchestrator.cancel_in_flight,
-                on_tick=display.tick,
+                on_tick=on_tick,
             )
+        except BaseException as exc:
+            if tracker is not None:
+                tracker.abort(exc)
+            raise
         finally:
             display.close(stop_reason=result.stop_reason if "result" in locals() else None)
             evaluator.close()
@@ -352,6 +375,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             self._write_reports(detailed, result, budget)
         if self.track_stats:
             program.detailed_results = detailed
+        if tracker is not None:
+            reports = ("summary.json", "best_over_time.png", "lineage.png")
+            tracker.finish(result, program, detailed,
+                           artifacts=[Path(self.log_dir) / name for name in reports] if self.log_dir else ())
         return program
 
     def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> None:
@@ -459,5 +486,7 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
                 f"{name}[{i}] has no input fields set. Mark them with .with_inputs(...), e.g. "
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
 
+
+register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile
 
 __all__ = ["TurboGEPA"]

@@ -134,7 +134,7 @@ def test_unknown_component_selector_is_an_assertion_error():
     make(component_selector=lambda state, traj, scores, idx, cand: list(cand)[:1])
 
 
-@pytest.mark.parametrize("kw,name", [({"use_wandb": True}, "use_wandb"), ({"use_mlflow": True}, "use_mlflow"),
+@pytest.mark.parametrize("kw,name", [({"use_wandb": True}, "use_wandb"),
                                      ({"code_proposer": lambda **k: {}}, "code_proposer")])
 def test_unimplemented_features_raise_not_implemented(kw, name):
     with pytest.raises(NotImplementedError, match=name):

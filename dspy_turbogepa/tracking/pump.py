@@ -1,0 +1,167 @@
+"""Emitting DSPy's evaluation callbacks for full-validation scores, on the thread that called compile.
+
+dspy.GEPA runs every full-validation evaluation through ``dspy.Evaluate``, which fires
+``on_evaluate_start`` / ``on_evaluate_end`` on ``dspy.settings.callbacks``. MLflow's ``MlflowCallback``
+(``mlflow.dspy.autolog(log_evals=True)``) turns each one into a nested run under the compile run and
+logs the score on the parent as a step metric — but only when the callback fires on the thread that
+owns the active run. TurboGEPA's engine evaluates in a worker thread, so it hands each full-validation
+result to :class:`CompileThreadCallbackPump`, and the compile thread emits the callbacks from
+:meth:`CompileThreadCallbackPump.drain` (the runner's ``on_tick`` hook, every ~0.2 s and once at the end).
+
+Result with autolog: nested runs ``eval_full_0`` (the seed), ``eval_full_1``, ... under the compile run,
+each with metric ``eval``, ``model.json`` and ``result_table.json``; the compile run gets an ``eval_full``
+metric history with one step per candidate (step ``k`` = candidate ``k``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from dspy_turbogepa.engine.observer import EngineObserver
+
+if TYPE_CHECKING:
+    import dspy
+
+    from dspy_turbogepa.engine.records import CandidateRecord
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METRIC_KEY = "eval_full"
+
+
+class CompileThreadCallbackPump(EngineObserver):
+    """Queues full-validation results on the engine thread; :meth:`drain` emits them on the compile thread.
+
+    Args:
+        build_program: candidate texts (predictor name -> instruction) -> a ``dspy.Module`` carrying them
+            (``ProgramCodec.build``). Called on the compile thread, once per emitted evaluation.
+        valset: the validation examples; a record's validation ids index this list.
+        instance: passed to the callbacks as ``instance`` (the optimizer).
+        metric_key: ``callback_metadata["metric_key"]``, the name MLflow gives the nested runs and the
+            parent metric (default ``"eval_full"``, as dspy.GEPA).
+        callbacks: the callbacks to call; by default ``dspy.settings.callbacks`` as seen by the compile
+            thread at each drain (so ``dspy.context(callbacks=...)`` around compile applies).
+
+    Must be constructed on the thread that will call :meth:`drain` (the compile thread); a drain from
+    any other thread does nothing, since MLflow's active run is thread-local.
+    """
+
+    def __init__(
+        self,
+        build_program: Callable[[Mapping[str, str]], dspy.Module],
+        valset: Sequence[Any],
+        *,
+        instance: Any = None,
+        metric_key: str = DEFAULT_METRIC_KEY,
+        callbacks: Sequence[Any] | None = None,
+    ) -> None:
+        self._build_program = build_program
+        self._valset = list(valset)
+        self._instance = instance
+        self._metric_key = metric_key
+        self._callbacks = list(callbacks) if callbacks is not None else None
+        self._queue: queue.SimpleQueue[CandidateRecord] = queue.SimpleQueue()
+        self._owner = threading.get_ident()
+        self._warned = False
+        #: Evaluations emitted so far (one per candidate with a full-validation score).
+        self.emitted = 0
+
+    # ------------------------------------------------------------------ engine thread
+    def on_candidate(self, record: CandidateRecord) -> None:
+        self._queue.put(record)
+
+    # ------------------------------------------------------------------ compile thread
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def drain(self) -> int:
+        """Emit the callbacks for every queued evaluation; returns how many. Never raises an ``Exception``.
+
+        A ``KeyboardInterrupt`` is not swallowed: the runner's wait loop treats it as Ctrl-C.
+        """
+        if threading.get_ident() != self._owner:
+            return 0
+        n = 0
+        while True:
+            try:
+                record = self._queue.get_nowait()
+            except queue.Empty:
+                return n
+            try:
+                if self._emit(record):
+                    n += 1
+            except Exception as exc:  # noqa: BLE001
+                self._warn(f"could not report candidate {getattr(record, 'index', '?')} to the DSPy callbacks", exc)
+
+    def _current_callbacks(self) -> list[Any]:
+        if self._callbacks is not None:
+            callbacks = self._callbacks
+        else:
+            import dspy
+
+            callbacks = list(dspy.settings.get("callbacks") or [])
+        return [cb for cb in callbacks if _wants_evaluations(cb)]
+
+    def _emit(self, record: CandidateRecord) -> bool:
+        callbacks = self._current_callbacks()
+        if not callbacks:
+            return False
+        import dspy
+        from dspy.evaluate.evaluate import EvaluationResult
+
+        program = self._build_program(record.candidate.texts)
+        results = []
+        for vid in sorted(record.val_scores):
+            if not 0 <= vid < len(self._valset):
+                continue
+            pred = record.val_outputs.get(vid)
+            # dspy.Evaluate puts an empty Prediction where there is no output (MLflow's result table needs one).
+            results.append((self._valset[vid], pred if pred is not None else dspy.Prediction(), record.val_scores[vid]))
+        score = round(100.0 * record.aggregate, 2)
+        call_id = uuid.uuid4().hex
+        inputs = {
+            "program": program,
+            "devset": [ex for ex, _, _ in results],
+            "callback_metadata": {"metric_key": self._metric_key},
+        }
+        for cb in callbacks:
+            try:
+                cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
+            except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
+                self._warn(f"{type(cb).__name__}.on_evaluate_start failed", exc)
+        outputs = EvaluationResult(score=score, results=results)
+        for cb in callbacks:  # every callback gets its end, as dspy does, so a started nested run is closed
+            try:
+                cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=None)
+            except Exception as exc:  # noqa: BLE001
+                self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
+        self.emitted += 1
+        return True
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("%s (%s: %s); the run continues (further failures are logged at debug level).",
+                           what, type(exc).__name__, exc)
+        else:
+            logger.debug("%s", what, exc_info=exc)
+
+
+def _wants_evaluations(cb: Any) -> bool:
+    """MLflow's callback only nests evaluation runs inside a compile it recorded (``optimizer_stack_level > 0``).
+
+    Outside one (autolog's compile patch missing), it would open a top-level run per evaluation, or log
+    into whatever run is active, which is the mess dspy.GEPA makes from worker threads; skip it then.
+    Read without importing MLflow.
+    """
+    if type(cb).__name__ == "MlflowCallback" and type(cb).__module__.startswith("mlflow."):
+        return getattr(cb, "optimizer_stack_level", 1) > 0
+    return hasattr(cb, "on_evaluate_start") and hasattr(cb, "on_evaluate_end")
+
+
+__all__ = ["DEFAULT_METRIC_KEY", "CompileThreadCallbackPump"]

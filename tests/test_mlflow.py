@@ -1,0 +1,726 @@
+"""MLflow: autolog records TurboGEPA.compile in either import order, full-validation evaluations become
+nested runs, and ``use_mlflow``'s tracker logs params / metrics / artifacts (sqlite and a real server),
+never breaking a run when MLflow is unreachable.
+
+MLflow is imported lazily (only by the tests that need it); ``mlflow.dspy.autolog`` is only ever turned
+on in subprocesses, since it patches classes process-wide.
+
+Until the teleprompter constructs the pump and the tracker itself, :func:`install_emulated_wiring`
+wraps its collaborators so ``compile()`` does (the subprocess scenarios use it only when the real
+wiring is absent). ``test_end_to_end_wiring`` uses no emulation at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspy_turbogepa.tracking import (
+    CompileThreadCallbackPump,
+    MlflowRunTracker,
+    loggable_params,
+    sanitize_key,
+)
+from dspy_turbogepa.tracking.mlflow_tracking import (
+    candidates_table,
+    pareto_front_table,
+    stats_metrics,
+)
+
+TESTS_DIR = Path(__file__).parent
+EXPERIMENT = "turbogepa-test"
+BUDGET = 150
+TRACKING_LOGGER = "dspy_turbogepa.tracking.mlflow_tracking"
+
+
+# ---------------------------------------------------------------------------------------- shared helpers
+def pump_is_wired(tp: Any) -> bool:
+    return hasattr(tp, "CompileThreadCallbackPump")
+
+
+def install_emulated_wiring(tp: Any, *, pump: bool = False, tracker_kwargs: dict | None = None,
+                            setattr_fn=setattr) -> dict:
+    """Make ``tp.TurboGEPA.compile`` build a pump and/or tracker the way the teleprompter wiring will.
+
+    Returns a box that receives ``codec``, ``val``, ``pump``, ``tracker``, ``orchestrator`` and ``result``
+    (the EngineResult). Set ``box["opt"]`` before compiling to pass the optimizer's params to the tracker.
+    """
+    box: dict[str, Any] = {}
+    orig_eval, orig_orch, orig_run = tp.DspyEvaluator, tp.Orchestrator, tp.run_coroutine_in_thread
+
+    class CapturingEvaluator(orig_eval):
+        def __init__(self, codec, data, *args, **kwargs):
+            super().__init__(codec, data, *args, **kwargs)
+            box["codec"], box["train"], box["val"] = codec, data["train"], data["val"]
+
+    def orchestrator(*args, observers=(), **kwargs):
+        extra = []
+        if pump:
+            box["pump"] = CompileThreadCallbackPump(box["codec"].build, box["val"], instance=box.get("opt"))
+            extra.append(box["pump"])
+        if tracker_kwargs is not None:
+            opt = box.get("opt")
+            box["tracker"] = MlflowRunTracker(
+                opt.get_params() if opt is not None else {},
+                stats_provider=lambda: box["orchestrator"].stats,
+                seed_texts=box["codec"].seed_texts(),
+                trainset_size=len(box["train"]),
+                valset_size=len(box["val"]),
+                **tracker_kwargs,
+            )
+            extra.append(box["tracker"])
+        box["orchestrator"] = orig_orch(*args, observers=[*observers, *extra], **kwargs)
+        return box["orchestrator"]
+
+    def run(make_coro, **kwargs):
+        if "pump" in box:
+            kwargs["on_tick"] = box["pump"].drain
+        box["result"] = orig_run(make_coro, **kwargs)
+        return box["result"]
+
+    setattr_fn(tp, "DspyEvaluator", CapturingEvaluator)
+    setattr_fn(tp, "Orchestrator", orchestrator)
+    setattr_fn(tp, "run_coroutine_in_thread", run)
+    return box
+
+
+def run_small_compile(tp: Any, box: dict | None = None, budget: int = BUDGET, **kwargs):
+    import dspy
+
+    from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+
+    task = TASKS["pipeline"]
+    splits = task.splits(data_seed=0, n_train=12, n_val=8, n_test=0)
+    kwargs.setdefault("num_threads", 8)
+    kwargs.setdefault("track_stats", True)
+    opt = tp.TurboGEPA(task.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0), **kwargs)
+    if box is not None:
+        box["opt"] = opt
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        program = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    return opt, program, splits
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tracking_warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == TRACKING_LOGGER and r.levelno >= logging.WARNING]
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """One migrated MLflow sqlite database, copied by every test (migrating costs seconds)."""
+    mlflow = pytest.importorskip("mlflow")
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def fresh_db(template: Path, directory: Path, name: str = "mlflow.db") -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, directory / name)
+    return f"sqlite:///{directory / name}"
+
+
+@pytest.fixture
+def local_tracking(template_db, tmp_path, monkeypatch) -> str:
+    """MLFLOW_TRACKING_URI -> a fresh sqlite store in tmp_path; no run left active afterwards."""
+    import mlflow
+
+    uri = fresh_db(template_db, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert mlflow.active_run() is None
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+# ---------------------------------------------------------------------------------------- units
+def test_sanitize_key_produces_valid_mlflow_names():
+    from mlflow.utils.validation import _validate_metric_name, _validate_param_name
+
+    cases = {
+        "subs[0].predict": "subs.0.predict",
+        "seed_instructions/subs[0].predict": "seed_instructions/subs.0.predict",
+        "a//b/../c:d": "a/_/b/_/c_d",
+        "/leading/": "leading",
+        "é-ü": "_-_",
+        "": "_",
+    }
+    for name, expected in cases.items():
+        key = sanitize_key(name)
+        assert key == expected, (name, key)
+        _validate_param_name(key)
+        _validate_metric_name(key)
+    assert len(sanitize_key("x" * 400)) == 250
+
+
+def test_loggable_params_keep_primitives_and_drop_credentials(monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-1234567890abcdef")
+
+    class FakeLM:
+        model = "openai/gpt-x"
+        api_key = "sk-abcdefghijklmnopqrstuvwxyz0123456789"
+
+    params = loggable_params({
+        "max_metric_calls": 150, "seed": 0, "use_merge": True, "perfect_score": 1.0, "auto": None,
+        "wandb_api_key": "sk-abcdefghijklmnopqrstuvwxyz0123456789", "api_key": "x" * 20,
+        "metric_fn": lambda *a: 1.0, "reflection_lm": FakeLM(), "rung_fractions": (0.25, 1.0),
+        "gepa_kwargs": {"acceptance_criterion": "strict_improvement", "mlflow_api_token": "abc"},
+        "log_dir": "/runs/tok-1234567890abcdef", "_private": 1,
+    })
+    assert params["max_metric_calls"] == "150" and params["use_merge"] == "True" and params["seed"] == "0"
+    assert params["reflection_lm"] == "openai/gpt-x"
+    assert json.loads(params["rung_fractions"]) == [0.25, 1.0]
+    assert "gepa_kwargs" not in params  # a dict naming a credential is not logged at all
+    assert params["log_dir"] == "/runs/***REDACTED***"
+    for gone in ("wandb_api_key", "api_key", "metric_fn", "auto", "_private"):
+        assert gone not in params
+    assert not any("sk-" in v or "tok-1234567890abcdef" in v for v in params.values())
+
+
+def _record(index: int, scores: dict[int, float], parents=(None,), kind="seed", texts=None):
+    from dspy_turbogepa.engine.candidate import Candidate
+    from dspy_turbogepa.engine.records import CandidateRecord
+
+    texts = texts or {"subs[0].predict": f"instruction {index}", "render": "render it"}
+    return CandidateRecord(index=index, candidate=Candidate(texts=texts, kind=kind), parent_indices=list(parents),
+                           val_scores=dict(scores), discovery_seconds=0.1 * index, discovery_metric_calls=10 * index)
+
+
+def _synthetic_result():
+    from dspy_turbogepa.engine.records import EngineResult, RunStats
+
+    records = [_record(0, {0: 0.0, 1: 1.0, 2: 0.0}), _record(1, {0: 1.0, 1: 0.0, 2: 0.0}, [0], "reflection"),
+               _record(2, {0: 1.0, 1: 1.0, 2: 0.0}, [0, 1], "merge")]
+    stats = RunStats(executed=30, reflection_calls=2, task_prompt_tokens=100, task_cost=0.5, reflection_cost=0.25,
+                     rate_limit_retries=3)
+    stats.mutations.update({"accepted": 2, "rejected_rung0": 4})
+    stats.rate_limits = {"rate_limited": 5, "backoff_seconds": 1.5, "windows": {"openai/gpt-x": 4}, "note": "x"}
+    return EngineResult(records=records, fronts={0: {1, 2}, 1: {0, 2}, 2: {0, 1, 2}}, best_index=2,
+                        stop_reason="max_metric_calls", total_metric_calls=30, num_full_val_evals=3, wall_seconds=1.5,
+                        stats=stats, val_ids=(0, 1, 2))
+
+
+def test_tables_and_stats_metrics_from_a_result():
+    result = _synthetic_result()
+    cands = candidates_table(result)
+    assert cands["id"] == [0, 1, 2] and cands["kind"] == ["seed", "reflection", "merge"]
+    assert [json.loads(p) for p in cands["parents"]] == [[None], [0], [0, 1]]
+    assert cands["front_instances"] == [2, 2, 3] and cands["is_best"] == [False, False, True]
+    assert cands["instructions:subs[0].predict"][2] == "instruction 2"
+    front = pareto_front_table(result)
+    assert front["val_id"] == [0, 1, 2] and front["best_score"] == [1.0, 1.0, 0.0]
+    assert [json.loads(c) for c in front["candidates"]] == [[1, 2], [0, 2], [0, 1, 2]]
+    m = stats_metrics(result.stats)
+    assert m["metric_calls"] == 30 and m["cost/total_usd"] == 0.75 and m["rate_limit_retries"] == 3
+    assert m["mutations/accepted"] == 2 and m["lm/reflection_calls"] == 2
+    assert m["rate_limits/rate_limited"] == 5 and m["rate_limits/backoff_seconds"] == 1.5
+    assert m["rate_limits/windows/openai/gpt-x"] == 4 and "rate_limits/note" not in m
+
+
+class _RecordingCallback:
+    def __init__(self, fail: bool = False):
+        self.events: list[tuple] = []
+        self.fail = fail
+
+    def on_evaluate_start(self, call_id, instance, inputs):
+        self.events.append(("start", call_id, instance, inputs))
+        if self.fail:
+            raise RuntimeError("callback broke")
+
+    def on_evaluate_end(self, call_id, outputs, exception=None):
+        self.events.append(("end", call_id, outputs, exception))
+
+
+def test_pump_emits_evaluations_on_the_owner_thread_only(caplog):
+    import dspy
+    from dspy.evaluate.evaluate import EvaluationResult
+
+    val = [dspy.Example(q=f"q{i}", a=f"a{i}").with_inputs("q") for i in range(3)]
+    built = []
+    good, bad = _RecordingCallback(), _RecordingCallback(fail=True)
+    pump = CompileThreadCallbackPump(lambda texts: built.append(dict(texts)) or f"program{len(built)}", val,
+                                     instance="opt", callbacks=[bad, good])
+    rec = _record(0, {0: 1.0, 1: 0.5, 2: 0.0})
+    rec.val_outputs[1] = dspy.Prediction(a="a1")
+    # hooks arrive on the engine thread; a drain from any thread but the owner does nothing
+    t = threading.Thread(target=lambda: (pump.on_candidate(rec), pump.on_candidate(_record(1, {0: 1.0, 1: 1.0,
+                                                                                                   2: 1.0}))))
+    t.start()
+    t.join()
+    other: list[int] = []
+    t = threading.Thread(target=lambda: other.append(pump.drain()))
+    t.start()
+    t.join()
+    assert other == [0] and pump.pending() == 2 and not good.events
+    with caplog.at_level(logging.WARNING):
+        assert pump.drain() == 2
+    assert pump.drain() == 0 and pump.emitted == 2
+    kinds = [e[0] for e in good.events]
+    assert kinds == ["start", "end", "start", "end"]
+    start, end = good.events[0], good.events[1]
+    assert start[1] == end[1] and start[2] == "opt"
+    assert start[3]["program"] == "program1" and start[3]["callback_metadata"] == {"metric_key": "eval_full"}
+    out = end[2]
+    assert isinstance(out, EvaluationResult) and out.score == 50.0 and end[3] is None
+    assert [r[2] for r in out.results] == [1.0, 0.5, 0.0]
+    assert out.results[1][1].a == "a1" and isinstance(out.results[0][1], dspy.Prediction)
+    assert good.events[3][2].score == 100.0
+    # the broken callback still got its end calls, and the failure was reported once
+    assert [e[0] for e in bad.events] == ["start", "end", "start", "end"]
+    assert len([r for r in caplog.records if "callback broke" in r.getMessage()]) == 1
+
+
+def test_pump_skips_mlflow_callback_outside_a_recorded_compile():
+    import dspy
+
+    class MlflowCallback(_RecordingCallback):
+        optimizer_stack_level = 0
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    cb = MlflowCallback()
+    pump = CompileThreadCallbackPump(lambda t: "p", [dspy.Example(q="q").with_inputs("q")], callbacks=[cb])
+    pump.on_candidate(_record(0, {0: 1.0}))
+    assert pump.drain() == 0 and not cb.events
+    cb.optimizer_stack_level = 1
+    pump.on_candidate(_record(0, {0: 1.0}))
+    assert pump.drain() == 1 and len(cb.events) == 2
+
+
+def test_tracker_without_mlflow_warns_once_and_does_nothing(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
+    with caplog.at_level(logging.WARNING):
+        tracker = MlflowRunTracker({"seed": 0})
+        tracker.on_candidate(_record(0, {0: 1.0}))
+        tracker.finish(_synthetic_result(), None)
+    assert not tracker.enabled and tracker.run_id is None
+    warnings = tracking_warnings(caplog)
+    assert len(warnings) == 1 and "not installed" in warnings[0].getMessage()
+
+
+def test_registration_failure_warns_once_and_never_raises(monkeypatch, caplog):
+    pytest.importorskip("mlflow")
+    from mlflow.utils import autologging_utils
+
+    from dspy_turbogepa.tracking import autolog as registration
+
+    class Dummy:
+        def compile(self):
+            return "original"
+
+    assert registration.register_with_mlflow_autolog(Dummy) is False  # autolog is off in this process
+    monkeypatch.setattr(registration, "dspy_autolog_enabled", lambda: True)
+    monkeypatch.setattr(autologging_utils, "safe_patch", lambda *a, **k: 1 / 0)
+    registration._reset_warning_for_tests()
+    with caplog.at_level(logging.WARNING):
+        assert registration.register_with_mlflow_autolog(Dummy) is False
+        assert registration.register_with_mlflow_autolog(Dummy) is False
+    assert len([r for r in caplog.records if "Could not register Dummy.compile" in r.getMessage()]) == 1
+    assert Dummy().compile() == "original"
+    registration._reset_warning_for_tests()
+
+
+# ---------------------------------------------------------------------------------------- tracker, local sqlite
+def _check_tracked_run(client, run_id: str, result, program, splits, tmp_path: Path, plot: bool) -> None:
+    import dspy
+
+    run = client.get_run(run_id)
+    params = run.data.params
+    assert params["max_metric_calls"] == str(BUDGET)
+    assert params["trainset_size"] == str(len(splits.train)) and params["valset_size"] == str(len(splits.val))
+    assert params["num_components"] == "2"
+    assert {k for k in params if k.startswith("seed_instructions/")} == {"seed_instructions/extract",
+                                                                            "seed_instructions/render"}
+    best_texts = result.best.candidate.texts
+    assert params["best_instructions/render"] == best_texts["render"][:6000]
+    assert "wandb_api_key" not in params and "metric_fn" not in params
+    assert run.data.tags["turbogepa.stop_reason"] == result.stop_reason
+
+    n = len(result.records)
+    best_hist = client.get_metric_history(run_id, "best_val_score")
+    assert best_hist and best_hist[-1].value == pytest.approx(result.best.aggregate)
+    values = [m.value for m in sorted(best_hist, key=lambda m: (m.step, m.timestamp))]
+    assert values == sorted(values)  # best so far never decreases
+    assert [m.step for m in client.get_metric_history(run_id, "candidate_val_score")] == list(range(n))
+    calls = client.get_metric_history(run_id, "metric_calls")
+    assert calls[-1].value == result.stats.executed and all(m.step == int(m.value) for m in calls)
+    metrics = run.data.metrics
+    for key in ("pareto_front_size", "pareto_front_agg", "num_candidates", "lm/task_prompt_tokens",
+                "lm/reflection_calls", "cost/total_usd", "rate_limit_retries", "mutations/accepted",
+                "final/best_val_score", "final/total_metric_calls"):
+        assert key in metrics, key
+    assert metrics["num_candidates"] == n and metrics["final/best_candidate_idx"] == result.best_index
+    assert metrics["pareto_front_size"] == len(set().union(*result.fronts.values()))
+
+    artifacts = {a.path for a in client.list_artifacts(run_id, "turbogepa")}
+    expected = {"turbogepa/optimized_program.json", "turbogepa/candidates.json", "turbogepa/pareto_front.json",
+                "turbogepa/run_summary.json"} | ({"turbogepa/best_over_time.png"} if plot else set())
+    assert expected <= artifacts, artifacts
+    local = Path(client.download_artifacts(run_id, "turbogepa", str(tmp_path / "dl")))
+    from dspy_turbogepa.testing import TASKS
+
+    restored = TASKS["pipeline"].make_program()
+    restored.load(str(local / "optimized_program.json"))
+    assert {k: p.signature.instructions for k, p in restored.named_predictors()} == dict(best_texts)
+    cands = json.loads((local / "candidates.json").read_text())
+    assert len(cands["data"]) == n and "parents" in cands["columns"] and "kind" in cands["columns"]
+    front = json.loads((local / "pareto_front.json").read_text())
+    assert len(front["data"]) == len(splits.val)
+    summary = json.loads((local / "run_summary.json").read_text())
+    assert summary["best_candidate_idx"] == result.best_index and len(summary["val_aggregate_scores"]) == n
+    if plot:
+        assert (local / "best_over_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert isinstance(program, dspy.Module)
+
+
+def test_tracker_logs_params_metrics_and_artifacts_to_sqlite(local_tracking, tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+
+    plot = True
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plot = False
+    box = install_emulated_wiring(tp, tracker_kwargs={"plot_path": plot, "flush_interval": 0.2, "sample_interval": 0.0},
+                                  setattr_fn=monkeypatch.setattr)
+    with caplog.at_level(logging.WARNING):
+        _, program, splits = run_small_compile(tp, box, wandb_api_key="sk-abcdefghijklmnopqrstuvwxyz0123456789")
+        tracker = box["tracker"]
+        assert tracker.enabled and tracker.started_run and mlflow.active_run().info.run_id == tracker.run_id
+        extra = tmp_path / "summary.json"
+        extra.write_text("{}")
+        tracker.finish(box["result"], program, program.detailed_results, artifacts=[extra, tmp_path / "missing.png"])
+    assert not tracking_warnings(caplog), [r.getMessage() for r in tracking_warnings(caplog)]
+    assert mlflow.active_run() is None  # it started the run, so it ended it
+    client = mlflow.MlflowClient()
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    _check_tracked_run(client, tracker.run_id, box["result"], program, splits, tmp_path, plot)
+    assert "turbogepa/summary.json" in {a.path for a in client.list_artifacts(tracker.run_id, "turbogepa")}
+    assert tracker._tmpdir is None  # the temporary plot directory is gone
+    assert "sk-abcdefghijklmnopqrstuvwxyz0123456789" not in json.dumps(client.get_run(tracker.run_id).data.params)
+
+
+def test_tracker_attaches_to_the_active_run_and_leaves_it_open(local_tracking, monkeypatch):
+    import mlflow
+
+    with mlflow.start_run(run_name="mine") as run:
+        mlflow.log_param("max_metric_calls", "something else")  # a clash must not lose the other params
+        tracker = MlflowRunTracker({"max_metric_calls": 10, "seed": 3},
+                                   seed_texts={"subs[0].predict": "do it", "render": "render it"},
+                                   flush_interval=0.1)
+        assert tracker.enabled and not tracker.started_run and tracker.run_id == run.info.run_id
+        result = _synthetic_result()
+        for rec in result.records:
+            tracker.on_candidate(rec)
+        tracker.finish(result, None)
+        assert mlflow.active_run().info.run_id == run.info.run_id
+    data = mlflow.MlflowClient().get_run(run.info.run_id).data
+    assert data.params["max_metric_calls"] == "something else" and data.params["seed"] == "3"
+    assert data.params["seed_instructions/subs.0.predict"] == "do it"
+    assert data.params["best_instructions/subs.0.predict"] == "instruction 2"
+    assert data.metrics["best_val_score"] == pytest.approx(2 / 3)
+
+
+def test_tracker_abort_ends_its_own_run_as_failed(local_tracking):
+    import mlflow
+
+    tracker = MlflowRunTracker({"seed": 0}, flush_interval=0.1)
+    tracker.on_candidate(_record(0, {0: 0.5}))
+    tracker.abort(KeyboardInterrupt())
+    tracker.finish(_synthetic_result(), None)  # no-op after abort
+    assert mlflow.active_run() is None
+    run = mlflow.MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["turbogepa.stop_reason"] == "error: KeyboardInterrupt"
+    assert run.data.metrics["best_val_score"] == 0.5
+
+
+def test_unreachable_server_warns_once_and_the_run_completes(monkeypatch, caplog):
+    pytest.importorskip("mlflow")
+    import dspy_turbogepa.teleprompter as tp
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    box = install_emulated_wiring(tp, tracker_kwargs={"probe_timeout": 2.0}, setattr_fn=monkeypatch.setattr)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        _, program, _ = run_small_compile(tp, box)
+        box["tracker"].finish(box["result"], program)
+    assert time.monotonic() - start < 30
+    assert not box["tracker"].enabled
+    warnings = tracking_warnings(caplog)
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage(), [w.getMessage() for w in warnings]
+    assert program.detailed_results.val_aggregate_scores
+
+
+# ---------------------------------------------------------------------------------------- real mlflow server
+@pytest.fixture
+def mlflow_server(tmp_path):
+    pytest.importorskip("mlflow")
+    port = free_port()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server_artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (it has worker children)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    try:
+        import requests
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"mlflow server did not start within 60 s: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.25)
+        yield url, stop
+    finally:
+        stop()
+
+
+@pytest.mark.mlflow_server
+def test_tracker_against_a_real_mlflow_server(mlflow_server, tmp_path, monkeypatch, caplog):
+    """Params, metric histories and artifacts read back from a real server; then the server dies mid-run."""
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+
+    url, stop_server = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    box = install_emulated_wiring(tp, tracker_kwargs={"run_name": "server-run", "flush_interval": 0.2,
+                                                      "sample_interval": 0.0}, setattr_fn=monkeypatch.setattr)
+    try:
+        with caplog.at_level(logging.WARNING):
+            _, program, splits = run_small_compile(tp, box)
+            tracker = box["tracker"]
+            tracker.finish(box["result"], program)
+        assert not tracking_warnings(caplog), [r.getMessage() for r in tracking_warnings(caplog)]
+        client = mlflow.MlflowClient(tracking_uri=url)
+        run = client.get_run(tracker.run_id)
+        assert run.info.run_name == "server-run" and run.info.status == "FINISHED"
+        _check_tracked_run(client, tracker.run_id, box["result"], program, splits, tmp_path, plot=False)
+
+        # the server dies during a run: one warning, finish returns at once, the run is no longer active
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            dying = MlflowRunTracker({"seed": 0}, flush_interval=0.2, run_name="server-dies")
+            assert dying.enabled and dying.started_run
+            time.sleep(0.5)  # the params went out
+            stop_server()
+            time.sleep(0.3)
+            start = time.monotonic()
+            for rec in box["result"].records:
+                dying.on_candidate(rec)
+            dying.finish(box["result"], program)
+        assert time.monotonic() - start < 15
+        warnings = tracking_warnings(caplog)
+        assert len(warnings) == 1 and "stopped answering" in warnings[0].getMessage(), [
+            w.getMessage() for w in warnings]
+        assert mlflow.active_run() is None
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+
+
+# ---------------------------------------------------------------------------------------- autolog, subprocesses
+SCENARIO = r'''
+import json, os, sys
+mode, uri, out, tests_dir = sys.argv[1:5]
+sys.path.insert(0, tests_dir)
+report = {"mode": mode}
+import logging
+class _Collect(logging.Handler):
+    def emit(self, record):
+        report.setdefault("turbogepa_warnings", []).append(record.getMessage())
+_handler = _Collect(level=logging.WARNING)
+logging.getLogger("dspy_turbogepa.tracking").addHandler(_handler)
+if mode == "no_mlflow_import":
+    import dspy_turbogepa.teleprompter as tp
+    from dspy_turbogepa.tracking import CompileThreadCallbackPump, register_with_mlflow_autolog
+    report["registered"] = register_with_mlflow_autolog(tp.TurboGEPA)
+    CompileThreadCallbackPump(lambda texts: None, []).drain()
+    report["mlflow_imported"] = "mlflow" in sys.modules
+else:
+    import dspy, mlflow
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("@EXPERIMENT@")
+    autolog = lambda: mlflow.dspy.autolog(log_compiles=True, log_evals=True, log_traces_from_compile=True)
+    if mode in ("before", "e2e"):
+        autolog()
+    import dspy_turbogepa.teleprompter as tp
+    import test_mlflow as T
+    if mode == "before":  # what the teleprompter does at import once wired; idempotent
+        from dspy_turbogepa.tracking import register_with_mlflow_autolog
+        report["registered"] = register_with_mlflow_autolog(tp.TurboGEPA)
+    if mode == "after":
+        autolog()
+    box = {}
+    if mode != "e2e" and not T.pump_is_wired(tp):
+        box = T.install_emulated_wiring(tp, pump=True)
+    opt, program, splits = T.run_small_compile(tp, box, **({"use_mlflow": True} if mode == "e2e" else {}))
+    dr = program.detailed_results
+    report.update(scores=dr.val_aggregate_scores, optimizer_attrs=sorted(vars(opt)))
+logging.getLogger("dspy_turbogepa.tracking").removeHandler(_handler)
+with open(out, "w") as f:
+    json.dump(report, f)
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # skip flushing MLflow's async trace export queue at exit (seconds; the traces are not checked)
+'''.replace("@EXPERIMENT@", EXPERIMENT)
+
+
+@pytest.fixture(scope="module")
+def autolog_scenarios(template_db, tmp_path_factory):
+    """Runs every scenario in its own process, all at once; returns {mode: (report | None, db uri, stderr)}."""
+    root = tmp_path_factory.mktemp("autolog")
+    script = root / "scenario.py"
+    script.write_text(SCENARIO)
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": os.pathsep.join(
+        [str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = {}
+    for mode in ("before", "after", "e2e", "no_mlflow_import"):
+        uri = fresh_db(template_db, root / mode)
+        out = root / mode / "report.json"
+        # Tracing every program call costs more than the compile itself; the traces are not checked, so
+        # the import-order scenarios keep a fifth of them (the end-to-end one keeps all).
+        mode_env = {**env, "MLFLOW_TRACE_SAMPLING_RATIO": "0.2"} if mode in ("before", "after") else env
+        procs[mode] = (subprocess.Popen([sys.executable, str(script), mode, uri, str(out), str(TESTS_DIR)],
+                                        env=mode_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+                       uri, out)
+    results = {}
+    for mode, (proc, uri, out) in procs.items():
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        report = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
+        results[mode] = (report, uri, stderr)
+    return results
+
+
+def _scenario(autolog_scenarios, mode):
+    report, uri, stderr = autolog_scenarios[mode]
+    assert report is not None, f"scenario {mode} failed:\n{stderr[-4000:]}"
+    return report, uri
+
+
+def _autolog_runs(uri: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, runs
+
+
+def _read_table(client, run_id: str, path: str) -> dict:
+    """An MLflow table artifact as {"columns": [...], "data": [[...], ...]}.
+
+    (``MlflowClient.load_table`` searches runs through the *global* tracking URI, so it cannot be used
+    with a client pointed elsewhere.)
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+
+
+def _check_autolog_structure(report: dict, uri: str) -> tuple[Any, Any]:
+
+    client, runs = _autolog_runs(uri)
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(top) == 1, [(r.info.run_name, r.data.tags.get("mlflow.parentRunId")) for r in runs]
+    parent = top[0]
+    pid = parent.info.run_id
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("mlflow.autologging") == "dspy"
+    artifacts = {a.path for a in client.list_artifacts(pid)}
+    assert {"best_model.json", "trainset.json", "valset.json"} <= artifacts, artifacts
+    assert "lm_params" in parent.data.params
+    train = _read_table(client, pid, "trainset.json")
+    assert len(train["data"]) == 12
+
+    scores = report["scores"]
+    nested = sorted((r for r in runs if r.info.run_id != pid), key=lambda r: int(r.info.run_name.rsplit("_", 1)[1]))
+    assert [r.info.run_name for r in nested] == [f"eval_full_{k}" for k in range(len(scores))]
+    assert all(r.data.tags["mlflow.parentRunId"] == pid for r in nested)
+    assert [r.data.metrics["eval"] for r in nested] == pytest.approx([round(100 * s, 2) for s in scores])
+    assert {"model.json", "result_table.json"} <= {a.path for a in client.list_artifacts(nested[-1].info.run_id)}
+    table = _read_table(client, nested[0].info.run_id, "result_table.json")
+    assert len(table["data"]) == 8 and "score" in table["columns"]
+    history = sorted(client.get_metric_history(pid, "eval_full"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(len(scores)))
+    assert [m.value for m in history] == pytest.approx([round(100 * s, 2) for s in scores])
+    # get_params() returns a copy: autolog's params.update(inputs) did not add student/trainset to the optimizer
+    assert not {"student", "trainset", "valset"} & set(report["optimizer_attrs"])
+    assert not report.get("turbogepa_warnings"), report["turbogepa_warnings"]
+    return client, parent
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_autolog_records_compile_and_nested_full_evaluations(autolog_scenarios, order):
+    report, uri = _scenario(autolog_scenarios, order)
+    if order == "before":
+        assert report["registered"] is True
+    _check_autolog_structure(report, uri)
+
+
+def test_tracking_imports_never_import_mlflow(autolog_scenarios):
+    report, _ = _scenario(autolog_scenarios, "no_mlflow_import")
+    assert report == {"mode": "no_mlflow_import", "registered": False, "mlflow_imported": False}, report
+
+
+def test_end_to_end_wiring(autolog_scenarios):
+    """autolog on before import, no explicit registration, no emulation, use_mlflow=True: one run holds it all."""
+    report, uri = _scenario(autolog_scenarios, "e2e")
+    client, parent = _check_autolog_structure(report, uri)
+    pid = parent.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(pid, "turbogepa")}
+    assert {"turbogepa/optimized_program.json", "turbogepa/candidates.json", "turbogepa/pareto_front.json",
+            "turbogepa/run_summary.json"} <= artifacts
+    try:
+        import matplotlib  # noqa: F401
+
+        assert "turbogepa/best_over_time.png" in artifacts  # no log_dir: drawn for MLflow
+    except ImportError:
+        pass
+    metrics = parent.data.metrics
+    assert metrics["best_val_score"] == pytest.approx(max(report["scores"]))
+    assert metrics["final/num_candidates"] == len(report["scores"])
+    assert parent.data.params["max_metric_calls"] == str(BUDGET)
+    assert not math.isnan(metrics["metric_calls"])
