@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,9 +16,10 @@ SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
 
 def test_sigint_returns_best_program_so_far(tmp_path):
     out = tmp_path / "out.json"
+    log_dir = tmp_path / "run"
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(log_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 60
         for line in proc.stdout:
@@ -36,3 +38,8 @@ def test_sigint_returns_best_program_so_far(tmp_path):
     assert data["stop_reason"] == "interrupted"
     assert data["metric_calls"] < 5000
     assert "Interrupted" in stderr and "best program found so far" in stderr
+    # the run store is consistent and was closed properly
+    with sqlite3.connect(log_dir / "run.sqlite3") as db:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        assert db.execute("select count(*) from evaluations").fetchone()[0] >= data["metric_calls"] - 4
+        assert db.execute("select count(*) from sessions where closed_at is null").fetchone()[0] == 0

@@ -60,6 +60,22 @@ def test_changed_data_or_seed_under_the_same_log_dir_is_refused(routing, tmp_pat
         _compile(routing, 40, tmp_path, splits=other)
     with pytest.raises(RunStoreMismatchError, match="seed"):
         _compile(routing, 40, tmp_path, seed=9)
+    # a different student (here: another seed instruction) under the same log_dir is refused too
+    student = make_student_lm(seed=0, noise=0.0)
+    splits = small_splits(routing, n_train=30, n_val=16)
+    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
+                    log_dir=str(tmp_path))
+    with dspy.context(lm=student), pytest.raises(RunStoreMismatchError, match="student"):
+        opt.compile(routing.make_program({"route": "Answer with a queue label."}), trainset=splits.train,
+                    valset=splits.val)
+
+
+def test_log_dir_gets_summary_and_plots(routing, tmp_path):
+    _compile(routing, 80, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stop_reason"] and summary["result"]["candidates"]
+    for name in ("best_over_time.png", "lineage.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nothing_secret_is_written(routing, tmp_path, monkeypatch):
