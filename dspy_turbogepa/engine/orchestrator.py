@@ -515,10 +515,7 @@ class Orchestrator:
             return
 
         child = parent.with_updates(updates, plan.kind)
-        result.child = child
-        known = self._index_by_fp.get(child.fingerprint)
-        if known is not None and known < plan.committed_at_launch:
-            result.status = "duplicate"
+        if self._claim_child(child, plan, result):
             return
 
         child_outs = await self._evaluate_many(child, "train", plan.minibatch, plan.seq, result.requested)
@@ -530,15 +527,22 @@ class Orchestrator:
         self.stats.survived_rung0_by_kind[plan.kind] += 1
         await self._climb_rungs(plan, child, result, {})
 
+    def _claim_child(self, child: Candidate, plan: MutationPlan, result: MutationResult) -> bool:
+        """Record the child; True if it duplicates a candidate the mutation's planning view already had
+        (judged against that view, not the live pool, so the outcome does not depend on timing)."""
+        result.child = child
+        known = self._index_by_fp.get(child.fingerprint)
+        if known is not None and known < plan.committed_at_launch:
+            result.status = "duplicate"
+            return True
+        return False
+
     async def _merge(self, plan: MutationPlan, result: MutationResult) -> None:
         assert plan.child_texts is not None and plan.other_parent_val is not None
         other_fp = self._records[plan.other_parent_index].candidate.fingerprint if plan.other_parent_index is not None \
             else ""
         child = Candidate(texts=plan.child_texts, parents=(plan.parent.fingerprint, other_fp), kind="merge")
-        result.child = child
-        known = self._index_by_fp.get(child.fingerprint)
-        if known is not None and known < plan.committed_at_launch:
-            result.status = "duplicate"
+        if self._claim_child(child, plan, result):
             return
         outs = await self._evaluate_many(child, "val", plan.screen_ids, plan.seq, result.requested)
         child_sum = sum(o.score for o in outs)
