@@ -1,0 +1,84 @@
+"""The proposer family at the DSPy level: feedback routing pays off, custom proposers of every shape, merge."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import dspy
+import pytest
+
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+from helpers import small_splits
+
+
+def _compile(task, metric, budget, seed=0, **kw):
+    splits = small_splits(task, n_train=40, n_val=24, n_test=150)
+    student = make_student_lm(seed=seed, noise=0.0)
+    kw.setdefault("reflection_lm", make_reflection_lm(seed=seed))
+    opt = TurboGEPA(metric, max_metric_calls=budget, num_threads=8, track_stats=True, seed=seed, **kw)
+    with dspy.context(lm=student):
+        program = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+        return program, task.evaluate(program, splits.test)
+
+
+def test_routed_feedback_beats_program_level_feedback(pipeline):
+    """Each stage learns its own rules only when the metric's pred_name feedback reaches it alone."""
+
+    def unrouted(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return pipeline.metric(gold, pred, trace, None, None)  # ignores pred_name: mixed feedback
+
+    routed = [_compile(pipeline, pipeline.metric, 400, seed)[1] for seed in (0, 1, 2)]
+    mixed = [_compile(pipeline, unrouted, 400, seed)[1] for seed in (0, 1, 2)]
+    assert statistics.mean(routed) > statistics.mean(mixed) + 0.03, (routed, mixed)
+
+
+def test_async_proposer_is_awaited(routing):
+    calls = []
+
+    async def proposer(candidate, reflective_dataset, components_to_update):
+        await asyncio.sleep(0)
+        calls.append(list(components_to_update))
+        return {c: candidate[c] + " Disputes over charges go to payments." for c in components_to_update}
+
+    program, _ = _compile(routing, routing.metric, 120, instruction_proposer=proposer)
+    assert calls
+    assert "payments" in program.route.signature.instructions
+
+
+def test_dspy_multimodal_instruction_proposer_works_unchanged(routing):
+    from dspy.teleprompt.gepa.instruction_proposal import MultiModalInstructionProposer
+
+    program, _ = _compile(routing, routing.metric, 120, instruction_proposer=MultiModalInstructionProposer())
+    dr = program.detailed_results
+    assert dr.run_stats["reflection_calls"] >= 1 and not dr.run_stats["proposal_skips"]
+    assert len(dr.candidates) > 1 and dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0]
+
+
+def test_merge_combines_two_specialists_into_a_child_better_than_both(pipeline):
+    """Scripted proposer: one lineage only ever fixes `extract`, another only `render`; merge combines them."""
+    extract_rules = pipeline.all_rules_instructions()["extract"]
+    render_rules = pipeline.all_rules_instructions()["render"]
+    state = {"n": 0}
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        state["n"] += 1
+        name = components_to_update[0]
+        # only the first two proposals are useful, each for its own component
+        if state["n"] == 1:
+            return {"extract": extract_rules}
+        if state["n"] == 2:
+            return {"render": render_rules}
+        return {name: candidate[name] + " Keep it short."}
+
+    program, _ = _compile(pipeline, pipeline.metric, 400, instruction_proposer=proposer,
+                          component_selector="round_robin", max_mutations_in_flight=2)
+    dr = program.detailed_results
+    merges = [i for i, p in enumerate(dr.parents) if len(p) == 2]
+    assert merges, dr.parents
+    m = merges[0]
+    a, b = dr.parents[m]
+    assert dr.val_aggregate_scores[m] > max(dr.val_aggregate_scores[a], dr.val_aggregate_scores[b])
+    assert dr.best_idx == m or dr.val_aggregate_scores[dr.best_idx] >= dr.val_aggregate_scores[m]
