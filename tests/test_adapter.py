@@ -173,3 +173,71 @@ def test_proposer_that_raises_or_returns_nothing_is_skipped(routing):
         optimized = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
     skips = optimized.detailed_results.run_stats["proposal_skips"]
     assert skips.get("proposer_error", 0) >= 1 and skips.get("empty_proposal", 0) >= 1
+
+
+def _scripted_lm(answer_for):
+    """A fake task LM (dspy 3.4 engine API) whose raw completion text is answer_for(last user message)."""
+    from dspy.lm15 import Message, Response, TextPart, Usage
+
+    class Engine:
+        def complete(self, request):
+            text = answer_for(request.messages[-1].text or "")
+            return Response(id=None, model="fake", message=Message.assistant([TextPart(text)]), finish_reason="stop",
+                            usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
+
+    class AEngine:
+        def __init__(self, e):
+            self.e = e
+
+        async def complete(self, request):
+            return self.e.complete(request)
+
+    e = Engine()
+    return dspy.LM("fake/scripted", engine=e, async_engine=AEngine(e), cache=False)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_format_failures_reach_reflection(flag):
+    proposer = RecordingProposer()
+    data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
+
+    def answer_for(msg):  # every odd example gets an unparseable answer
+        return "no fields here" if any(f"t{i}" in msg for i in (1, 3, 5)) else "[[ ## answer ## ]]\ny\n\n[[ ## completed ## ]]"
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return dspy.Prediction(score=float(pred.answer == gold.answer), feedback="fine")
+
+    opt = TurboGEPA(metric, max_metric_calls=30, instruction_proposer=proposer, num_threads=2, use_merge=False,
+                    add_format_failure_as_feedback=flag, skip_perfect_score=False, track_stats=True,
+                    reflection_minibatch_size=6)
+    with dspy.context(lm=_scripted_lm(answer_for)):
+        program = opt.compile(dspy.Predict("text -> answer"), trainset=data, valset=data[:4])
+    assert program.detailed_results.run_stats["failures"]["format_error"] >= 1
+    records = [r for _, ds, _ in proposer.calls for recs in ds.values() for r in recs]
+    failed = [r for r in records if isinstance(r["Generated Outputs"], str)]
+    assert failed and "no fields here" in failed[0]["Generated Outputs"]
+    if flag:
+        assert failed[0]["Feedback"].startswith("Your output failed to parse. Follow this structure:")
+    else:
+        assert "failed to parse" in failed[0]["Feedback"]
+
+
+def test_score_mismatch_warns_once(routing, caplog):
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        base = routing.metric(gold, pred, trace, pred_name, pred_trace)
+        if pred_name is not None:
+            return dspy.Prediction(score=0.123, feedback=base.feedback)  # predictor-level score differs
+        return base
+
+    splits = small_splits(routing, n_train=20, n_val=8)
+    opt = TurboGEPA(metric, max_metric_calls=80, instruction_proposer=RecordingProposer(), num_threads=2,
+                    use_merge=False)
+    with caplog.at_level("WARNING"), dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert sum("differs from the score" in r.getMessage() for r in caplog.records) == 1
+    opt2 = TurboGEPA(metric, max_metric_calls=80, instruction_proposer=RecordingProposer(), num_threads=2,
+                     use_merge=False, warn_on_score_mismatch=False)
+    caplog.clear()
+    with caplog.at_level("WARNING"), dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt2.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert not any("differs from the score" in r.getMessage() for r in caplog.records)
