@@ -16,7 +16,7 @@ This is pure candidate algebra (no DSPy), which is why it lives in the engine.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dspy_turbogepa.engine.records import CandidateRecord
@@ -90,7 +90,7 @@ def find_merge(
     tried: set[tuple[int, int, int]],
     rng: random.Random,
     subsample_size: int,
-    fingerprint: object,
+    fingerprint: Callable[[Mapping[str, str]], str],
 ) -> MergeProposal | None:
     """A merge of two of ``candidates`` (the non-dominated frontier), or None when none is worth trying.
 
@@ -120,7 +120,7 @@ def find_merge(
         a = rng.choices(common, weights=weights)[0] if sum(weights) > 0 else rng.choice(common)
         tried.add((i, j, a))
         texts = merge_texts(records[a].candidate.texts, ti, tj, si, sj, rng)
-        fp = fingerprint(texts)  # type: ignore[operator]
+        fp = fingerprint(texts)
         if fp in existing_fingerprints:
             continue  # the merge would rebuild an existing program (often one of the parents)
         screen = stratified_subsample(records[i].val_scores, records[j].val_scores, subsample_size, rng)
