@@ -24,7 +24,6 @@ from pathlib import Path
 from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
-from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.credit import CreditSnapshot
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
