@@ -416,7 +416,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, run_key
         from dspy_turbogepa.store import RunStore
 
-        key = run_key(student, train, val, self.seed, {})
+        key = run_key(student, train, val, self.seed)
         meta = {k: v for k, v in self.get_params().items()
                 if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
         store = RunStore.open(self.log_dir, key, meta=meta)

@@ -9,7 +9,6 @@ dspy.GEPA hands to custom proposers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
+from dspy_turbogepa.store import stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,8 @@ def trajectory_from_json(
     )
 
 
-def stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
-
-
 def run_key(
-    student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
-    config: Mapping[str, Any],
+    student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None
 ) -> dict[str, str]:
     """What must not change under an existing log_dir (the budget may: a larger one continues the run)."""
     structure = [
@@ -122,11 +117,10 @@ def run_key(
         for name, pred in student.named_predictors()
     ]
     return {
-        "trainset": stable_hash([ex.toDict() for ex in trainset]),
-        "valset": stable_hash([ex.toDict() for ex in valset]),
-        "student": stable_hash(structure),
+        "trainset": stable_hash(_jsonable([ex.toDict() for ex in trainset])),
+        "valset": stable_hash(_jsonable([ex.toDict() for ex in valset])),
+        "student": stable_hash(_jsonable(structure)),
         "seed": str(seed),
-        "config": stable_hash(dict(config)),
     }
 
 

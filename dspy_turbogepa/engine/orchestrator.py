@@ -5,8 +5,8 @@ minibatch -> validation rungs). The loop launches mutations while evaluation slo
 and commits their results to the candidate pool and Pareto frontier.
 
 Reproducibility: in deterministic mode (the default) results are committed in launch order and
-mutation ``k`` is planned right after commit ``k - max_staleness`` from committed state only, with
-its own RNG stream. With a deterministic LM, two runs with the same seed return the same program,
+mutation ``k`` is planned from the state after exactly the first ``k - width + 1`` commits, with its
+own RNG stream (see ``history.py`` and docs/engine.md). With a deterministic LM, two runs with the same seed return the same program,
 whatever the completion order of LM calls. Fast mode commits in completion order instead.
 """
 
@@ -316,7 +316,7 @@ class Orchestrator:
 
     def _cancelled_result(self, seq: int) -> MutationResult:
         plan = self._plans[seq]
-        return MutationResult(plan=plan, status="cancelled", requested=set(), finished_at=self._elapsed())
+        return MutationResult(plan=plan, status="cancelled", requested=set())
 
     async def _my_turn(self, seq: int) -> None:
         """Deterministic mode: wait until every earlier mutation is committed, so decisions that read the
@@ -455,7 +455,6 @@ class Orchestrator:
         try:
             await self._mutate(plan, result)
         finally:
-            result.finished_at = self._elapsed()
             if self._wake is not None:
                 self._wake.set()
         return result
@@ -658,6 +657,8 @@ class Orchestrator:
             logger.info("Stopping: the last %d mutations changed nothing and cost nothing (every parent is perfect "
                         "on the training examples it was tried on)", self._noop_streak)
             self._stop_reason = "no_progress_possible"
+        if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
+            status = "duplicate"  # an earlier commit brought the same texts in while this one ran
         if status in ("accepted", "rejected_rung0", "pruned"):
             self._attempted += 1
             improved = False
@@ -666,8 +667,6 @@ class Orchestrator:
                 improved = child_mean > self._records[self._frontier.best_index()].aggregate
             self._credit = self._credit.updated(plan.kind, survived=status != "rejected_rung0",
                                                 accepted=status == "accepted", improved_best=improved)
-        if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
-            status = "duplicate"
         self.stats.mutations[status] += 1
         self.stats.mutations_by_kind[plan.kind] += 1  # counted at commit: the kind is final by then
         if status == "accepted" and result.child is not None:

@@ -77,7 +77,6 @@ class MutationResult:
     rung_reached: int = 0
     detail: str | None = None
     requested: set[tuple[str, str, int]] = field(default_factory=set)
-    finished_at: float = 0.0
 
 
 @dataclass
