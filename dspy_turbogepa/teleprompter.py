@@ -78,6 +78,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             budget (LM tokens of the program and reflection, dollars as dspy/litellm report them, wall
             clock from the start of compile). When one is reached nothing new is launched, work in
             flight finishes, and ``detailed_results.stop_reason`` names the budget.
+        strict_budget: never pass ``max_metric_calls``: a mutation starts only if its worst case fits,
+            so the run may stop up to one mutation's cost below the limit (default False: dspy.GEPA's
+            rule, the budget is checked before each mutation starts and the last one may finish,
+            overshooting by less than ``2 * reflection_minibatch_size + len(valset)`` calls).
         verbose: show live progress (a tqdm bar on a terminal, one log line per update otherwise).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
             price dspy/litellm do not know (program LMs; it overrides their reported cost).
@@ -123,6 +127,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         reduction_factor: float = 3.0,
         deterministic: bool = True,
         adaptive_proposal_mix: bool = False,
+        strict_budget: bool = False,
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
         time_budget_seconds: float | None = None,
@@ -233,6 +238,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.reduction_factor = float(reduction_factor)
         self.deterministic = deterministic
         self.adaptive_proposal_mix = bool(adaptive_proposal_mix)
+        self.strict_budget = bool(strict_budget)
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
         self.time_budget_seconds = time_budget_seconds
@@ -465,6 +471,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             perfect_score=float(self.perfect_score),
             seed=self.seed if self.seed is not None else 0,
             deterministic=self.deterministic,
+            strict_budget=self.strict_budget,
             use_merge=bool(self.use_merge),
             max_merge_invocations=self.max_merge_invocations if self.max_merge_invocations is not None else 10**9,
             stop_file=Path(self.log_dir) / "gepa.stop" if self.log_dir else None,

@@ -33,8 +33,8 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         assert 0 < r["compile_wall_s"] < 30
         assert r["harness_cpu_s"] >= 0
         assert 0 < r["metric_calls"]
-        if r["optimizer"] == "turbo":  # TurboGEPA never exceeds the budget
-            assert r["metric_calls"] <= 60
+        if r["optimizer"] == "turbo":  # dspy.GEPA's budget rule: only the last mutation may finish past it
+            assert r["metric_calls"] < 60 + 2 * 3 + 12  # n_val 12 in --smoke
         assert r["lm_calls_student"] > 0 and r["lm_calls_reflector"] > 0
         assert r["peak_rss_mb"] > 10
         curve = r["best_val_curve"]

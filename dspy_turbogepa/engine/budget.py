@@ -1,9 +1,16 @@
-"""Metric-call budget with reservations, so the limit is never exceeded and launches are reproducible.
+"""Metric-call budget with reservations, so overspending is bounded and launches are reproducible.
 
 A metric call is one program execution plus its metric on one example, as dspy.GEPA counts. A cache
 hit executes nothing and costs nothing. Each mutation reserves its worst case when it is launched and
-releases the reservation when its result is committed; the real count of executions can therefore
-never pass the limit, however many mutations run at once.
+releases the reservation when its result is committed, so the real count of executions is bounded
+however many mutations run at once:
+
+* strict: a mutation starts only if its worst case fits, so the limit is never passed (the run may
+  stop up to one mutation's cost below it);
+* GEPA-compatible (the default): like dspy.GEPA, which checks the budget at the top of each
+  iteration and lets that iteration finish, a mutation may start while the budget is not used up
+  even if its worst case does not fit. Only one mutation can straddle the limit (its reservation
+  uses up the rest), so the overshoot is below one mutation's worst case, ``overshoot`` here.
 
 Launch decisions use a count that does not depend on timing: an (candidate, example) pair is charged
 to the first *committed* mutation that asked for it. Real executions are counted separately for
@@ -16,10 +23,14 @@ from collections.abc import Hashable, Iterable
 
 
 class MetricBudget:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, overshoot: int = 0) -> None:
         if limit < 1:
             raise ValueError(f"the metric-call budget must be >= 1, got {limit}")
+        if overshoot < 0:
+            raise ValueError(f"overshoot must be >= 0, got {overshoot}")
         self.limit = limit
+        #: How far past ``limit`` the last mutation may go (0 = strict).
+        self.overshoot = overshoot
         self._charged: set[Hashable] = set()
         self._reserved = 0
         #: Program executions that actually happened (each one a metric call).
@@ -37,8 +48,14 @@ class MetricBudget:
     def remaining(self) -> int:
         return self.limit - self.committed - self._reserved
 
+    def fits(self, used: int, amount: int) -> bool:
+        """Whether work costing up to ``amount`` may start when ``used`` calls are charged or reserved."""
+        if self.overshoot == 0:
+            return used + amount <= self.limit
+        return used < self.limit and amount <= self.overshoot
+
     def try_reserve(self, amount: int) -> bool:
-        if amount <= self.remaining():
+        if self.fits(self.committed + self._reserved, amount):
             self._reserved += amount
             return True
         return False
@@ -59,6 +76,7 @@ class MetricBudget:
 
     def record_execution(self) -> None:
         self.executed += 1
-        if self.executed > self.limit:
+        if self.executed > self.limit + max(0, self.overshoot - 1):
             # The reservation arithmetic makes this impossible; failing loudly beats overspending.
-            raise RuntimeError(f"metric-call budget exceeded: {self.executed} > {self.limit}")
+            raise RuntimeError(f"metric-call budget exceeded: {self.executed} > {self.limit} "
+                               f"(+ at most {max(0, self.overshoot - 1)})")

@@ -105,6 +105,9 @@ class EngineConfig:
     merge_subsample_size: int = 5
     stop_file: Path | None = None
     stop_callbacks: tuple[Callable[[Any], bool], ...] = field(default_factory=tuple)
+    #: Never pass ``max_metric_calls`` (stop up to one mutation's cost below it) instead of dspy.GEPA's
+    #: rule, where the budget is checked before each mutation starts and the last one may finish.
+    strict_budget: bool = False
     #: Secondary budgets (None = unlimited): when one is reached, nothing new is launched and the
     #: work in flight finishes; the stop reason names the budget.
     max_seconds: float | None = None

@@ -83,7 +83,9 @@ class Orchestrator:
         self._observers = list(observers)
         self._clock = clock
 
-        self._budget = MetricBudget(config.max_metric_calls)
+        # GEPA-compatible budgets let the last mutation finish: at most one mutation's worst case.
+        overshoot = 0 if config.strict_budget else 2 * config.reflection_minibatch_size + len(self._val_ids)
+        self._budget = MetricBudget(config.max_metric_calls, overshoot)
         self._frontier = ParetoFrontier(self._val_ids)
         self._ladder = RungLadder.build(self._val_ids, config.rung_fractions, config.seed)
         self._sampler = EpochShuffledSampler(self._train_ids, config.reflection_minibatch_size, config.seed)
@@ -170,7 +172,7 @@ class Orchestrator:
 
     async def _evaluate_seed(self) -> None:
         n = len(self._val_ids)
-        if not self._budget.try_reserve(n):
+        if n > self._budget.limit or not self._budget.try_reserve(n):
             raise ValueError(
                 f"max_metric_calls={self._budget.limit} cannot pay for the seed's full-validation evaluation "
                 f"({n} metric calls). Raise the budget or pass a smaller valset."
@@ -380,7 +382,7 @@ class Orchestrator:
         """
         if self.config.deterministic:
             bound = self._history.at(n_commits).charged + self._history.reserved_since(n_commits)
-            if bound + amount > self._budget.limit:
+            if not self._budget.fits(bound, amount):
                 logger.debug("Mutation %d not launched: needs up to %d metric calls", seq, amount)
                 return False
             if not self._budget.try_reserve(amount):  # pragma: no cover - guarded by the bound above
