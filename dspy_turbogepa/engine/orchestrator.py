@@ -245,13 +245,15 @@ class Orchestrator:
         attempts = now.attempted - past.attempted
         accepted = now.accepted - past.accepted
         p = (accepted + 1) / (attempts + 2)
-        # On a small budget, a wide first generation would spend most of it on siblings of the seed:
-        # keep the floor low enough that the remaining budget still pays for several generations of
-        # accepted children at that width.
+        # Siblings planned from the same state buy speed with depth: when one of them is accepted, the
+        # others were planned from a parent that is no longer the best, and what they cost comes out of
+        # the generations left. So the width never exceeds what the remaining budget pays for at
+        # GENERATIONS_TO_AFFORD more generations of accepted children (a small budget runs one
+        # mutation at a time, as dspy.GEPA does; its evaluations still use every slot).
         per_child = 2 * self.config.reflection_minibatch_size + len(self._val_ids)
-        affordable = max(2, (self._budget.limit - now.charged) // (GENERATIONS_TO_AFFORD * per_child))
+        affordable = max(1, (self._budget.limit - now.charged) // (GENERATIONS_TO_AFFORD * per_child))
         floor = min(cfg.min_mutations_in_flight, affordable)
-        return max(floor, min(cfg.max_mutations_in_flight, round(1 / p)))
+        return max(floor, min(cfg.max_mutations_in_flight, round(1 / p), affordable))
 
     def _view_commits(self, seq: int) -> int | None:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from dspy_turbogepa.engine import Candidate, Orchestrator
+from dspy_turbogepa.engine.orchestrator import GENERATIONS_TO_AFFORD
 
 from .fakes import (
     HAS_ADAPTIVE_WIDTH,
@@ -264,12 +265,33 @@ def test_seed_candidate_texts_are_kept() -> None:
 @pytest.mark.skipif(not HAS_ADAPTIVE_WIDTH, reason="engine without adaptive width")
 def test_adaptive_width_widens_when_mutations_keep_failing() -> None:
     setup = hard_setup(train_n=40, val_n=8)
-    cfg = make_config(max_metric_calls=400, max_mutations_in_flight=8, max_evals_in_flight=32)
+    cfg = make_config(max_metric_calls=600, max_mutations_in_flight=8, max_evals_in_flight=32)
     # noise children never win: the success rate falls and the width grows to the maximum
     result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=1, reflector=FakeReflector(1, mode="noise"))
     check_invariants(result, orch, ev, setup)
     assert result.stats.peak_mutations_in_flight == 8
-    assert cfg.min_mutations_in_flight <= orch.width() <= cfg.max_mutations_in_flight
+    # at the end the budget left pays for no more generations: back to one mutation at a time
+    assert orch.width() == 1
+
+
+@pytest.mark.skipif(not HAS_ADAPTIVE_WIDTH, reason="engine without adaptive width")
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])
+def test_small_budget_runs_one_mutation_at_a_time(deterministic: bool) -> None:
+    """A budget that pays for fewer than 2 x GENERATIONS_TO_AFFORD accepted children keeps the width at 1:
+    siblings of a stale parent would spend the depth a small budget needs (even when failures are frequent)."""
+    setup = hard_setup(train_n=40, val_n=8)
+    per_child = 2 * 3 + 8
+    budget = 8 + 2 * GENERATIONS_TO_AFFORD * per_child - 1
+    cfg = make_config(max_metric_calls=budget, max_mutations_in_flight=8, max_evals_in_flight=32,
+                      deterministic=deterministic)
+    result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=3, reflector=FakeReflector(3, mode="noise"))
+    check_invariants(result, orch, ev, setup)
+    assert result.stats.peak_mutations_in_flight == 1
+    # twice that budget allows two at the start
+    cfg = make_config(max_metric_calls=8 + 2 * GENERATIONS_TO_AFFORD * per_child, max_mutations_in_flight=8,
+                      max_evals_in_flight=32, deterministic=deterministic)
+    result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=3, reflector=FakeReflector(3, mode="noise"))
+    assert result.stats.peak_mutations_in_flight == 2
 
 
 @pytest.mark.skipif(not HAS_ADAPTIVE_WIDTH, reason="engine without adaptive width")
