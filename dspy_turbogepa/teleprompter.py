@@ -86,8 +86,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
             price dspy/litellm do not know (program LMs; it overrides their reported cost).
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
-            choose between rewriting one component and all of them (default False: on our benchmarks the
-            mix chased acceptance and lost final quality; per-kind credit is reported either way).
+            choose between rewriting one component and all of them, shifting toward whichever makes new
+            best candidates in this run (default True; an explicit ``component_selector`` always wins;
+            False keeps dspy.GEPA's round robin). Per-kind credit is reported either way.
     """
 
     def __init__(
@@ -126,7 +127,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         rung_fractions: Sequence[float] | None = None,
         reduction_factor: float = 3.0,
         deterministic: bool = True,
-        adaptive_proposal_mix: bool = False,
+        adaptive_proposal_mix: bool = True,
         strict_budget: bool = False,
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
