@@ -1,12 +1,22 @@
 """Side-by-side benchmark: dspy_turbogepa.TurboGEPA vs dspy.GEPA on the bundled simulator.
 
-Every (optimizer, task, budget, seed) cell runs in a fresh subprocess, one after another
-(never in parallel), each with its own in-process SimServer. Results: one JSON per cell in
-<out-dir>/runs/, plus <out-dir>/table.md and <out-dir>/best_val_vs_time.png.
+Every measurement runs in a fresh subprocess, one after another (never in parallel), each
+with its own in-process SimServer. Three modes:
+
+* grid (default): every (optimizer, task, budget, seed) cell; one JSON per cell in
+  <out-dir>/runs/, plus <out-dir>/table.md, summary.json and best_val_vs_time.png.
+  ``--resume`` reuses cell JSONs already there; ``--aggregate-only`` runs nothing and
+  aggregates the cell JSONs found, so a grid can be run in several invocations.
+* ``--overhead``: harness CPU per metric call of turbo (run store on), dspy.GEPA and a plain
+  dspy.Evaluate floor on a zero-latency simulator -> overhead.json / overhead.md.
+* ``--memory``: peak RSS of turbo at growing budgets on a zero-latency simulator
+  -> memory.json / memory.md.
 
     python benchmarks/run.py --optimizers turbo,gepa --tasks routing,pipeline,pricing \
         --budgets 300,800 --seeds 0,1,2,3,4 --threads 16 --time-scale 1.0 --out-dir benchmarks/results
-    python benchmarks/run.py --smoke --out-dir /tmp/bench_smoke
+    python benchmarks/run.py --overhead --out-dir benchmarks/results
+    python benchmarks/run.py --memory --out-dir benchmarks/results
+    python benchmarks/run.py --smoke --out-dir /tmp/bench_smoke   # also with --overhead / --memory
 """
 
 from __future__ import annotations
@@ -14,68 +24,186 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+Run = dict[str, Any]
+
+#: Per-mode defaults for the options left unset on the command line.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grid": {"tasks": "routing,pipeline,pricing", "budgets": "300,800", "seeds": "0,1,2,3,4"},
+    "overhead": {"tasks": "routing", "budgets": "800", "seeds": "0"},
+    # the zero-latency simulator keeps the benchmark noise: routing does not stop early at 5000 calls
+    "memory": {"tasks": "routing", "budgets": "1000,5000", "seeds": "0"},
+}
+#: --smoke: tiny, fast settings for every mode.
+SMOKE: dict[str, dict[str, Any]] = {
+    "grid": {"tasks": "routing", "budgets": "60", "seeds": "0", "time_scale": 0.02,
+             "n_train": 24, "n_val": 12, "n_test": 40},
+    "overhead": {"tasks": "routing", "budgets": "60", "seeds": "0", "repeats": 1,
+                 "n_train": 24, "n_val": 12, "n_test": 40},
+    "memory": {"tasks": "routing", "budgets": "40,80", "seeds": "0", "n_train": 24, "n_val": 12, "n_test": 0},
+}
+# keys of a cell's config that must match for a stored cell JSON to be reused
+_CFG_KEYS = ("mode", "optimizer", "kind", "task", "budget", "seed", "threads", "time_scale", "n_train", "n_val",
+             "n_test", "repeat")
 
 # ---------------------------------------------------------------------------------------
-# one cell (runs inside the child process)
+# helpers shared by the cells (inside the child process)
 # ---------------------------------------------------------------------------------------
 
 
-def _cand_key(module) -> str:
+def _cand_key(module: Any) -> str:
     blob = "\x1d".join(f"{n}\x1e{p.signature.instructions}" for n, p in module.named_predictors())
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _instrument(program) -> None:
+def _tag(pred: Any, module: Any) -> Any:
+    with suppress(AttributeError, TypeError):  # e.g. a prediction type without a __dict__
+        object.__setattr__(pred, "_bench_ck", _cand_key(module))
+    return pred
+
+
+def _instrument(program: Any) -> None:
     """Tag every prediction with the hash of the instructions of the module that made it
     (the class is swapped for a subclass, so copies made by any optimizer keep the tag)."""
     base = type(program)
 
-    def forward(self, *args, **kwargs):
-        pred = base.forward(self, *args, **kwargs)
-        try:
-            object.__setattr__(pred, "_bench_ck", _cand_key(self))
-        except Exception:
-            pass
-        return pred
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _tag(base.forward(self, *args, **kwargs), self)
 
-    ns = {"forward": forward}
+    ns: dict[str, Any] = {"forward": forward}
     if hasattr(base, "aforward"):
 
-        async def aforward(self, *args, **kwargs):
-            pred = await base.aforward(self, *args, **kwargs)
-            try:
-                object.__setattr__(pred, "_bench_ck", _cand_key(self))
-            except Exception:
-                pass
-            return pred
+        async def aforward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return _tag(await base.aforward(self, *args, **kwargs), self)
 
         ns["aforward"] = aforward
     program.__class__ = type(base.__name__, (base,), ns)
 
 
-def _ex_key(ex) -> str:
+def _ex_key(ex: Any) -> str:
     return repr(sorted((k, str(v)) for k, v in ex.inputs().items()))
 
 
-def _thread_cpu(native_id) -> float:
+def _thread_cpu(native_id: int | None) -> float:
     try:
         with open(f"/proc/self/task/{native_id}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except Exception:
+    except (OSError, IndexError, ValueError):  # no such thread (or no /proc)
         return 0.0
 
 
-def run_cell(cfg: dict) -> dict:
+def _rss_mb() -> float:
+    """Current resident set size of this process (MB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _HarnessMeter:
+    """Wall clock and harness CPU (process CPU minus the simulator thread) of a code span."""
+
+    def __init__(self, srv: Any) -> None:
+        thread = getattr(srv, "_thread", None)
+        self._srv_tid = thread.native_id if thread is not None else None
+        self.wall_s = self.cpu_s = 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator[_HarnessMeter]:
+        cpu0, srv0, t0 = sum(os.times()[:2]), _thread_cpu(self._srv_tid), time.monotonic()
+        try:
+            yield self
+        finally:
+            self.wall_s += time.monotonic() - t0
+            self.cpu_s += sum(os.times()[:2]) - cpu0 - (_thread_cpu(self._srv_tid) - srv0)
+
+
+def _sim_lms(srv: Any) -> tuple[Any, Any]:
+    import dspy
+
+    student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key="sim", cache=False, temperature=0.0)
+    reflector = dspy.LM(
+        "openai/sim-reflector", api_base=srv.base_url, api_key="sim", cache=False, temperature=1.0, max_tokens=4000
+    )
+    return student, reflector
+
+
+def _make_optimizer(name: str, metric: Callable[..., Any], common: dict[str, Any], **turbo_kwargs: Any) -> Any:
+    import dspy
+
+    if name == "turbo":
+        from dspy_turbogepa import TurboGEPA
+
+        return TurboGEPA(metric, **common, **turbo_kwargs)
+    if name == "gepa":
+        return dspy.GEPA(metric, **common)
+    if name == "gepa4":
+        from gepa.strategies.proposal_sampling import IndependentSampling
+
+        return dspy.GEPA(metric, gepa_kwargs={"sampling_strategy": IndependentSampling(4)}, **common)
+    raise SystemExit(f"unknown optimizer {name!r}")
+
+
+def _common_kwargs(cfg: Run, reflector: Any) -> dict[str, Any]:
+    """The settings every optimizer gets (dspy.GEPA's names)."""
+    return {
+        "max_metric_calls": cfg["budget"], "reflection_lm": reflector, "num_threads": cfg["threads"],
+        "track_stats": True, "seed": cfg["seed"],
+    }
+
+
+def _counting_metric(task: Any) -> tuple[Callable[..., Any], dict[str, int]]:
+    """The task's metric, counting whole-program calls and per-predictor feedback calls."""
+    lock = threading.Lock()
+    counters = {"metric_calls": 0, "feedback_calls": 0}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        out = task.metric(gold, pred, trace, pred_name, pred_trace)
+        with lock:
+            counters["metric_calls" if pred_name is None else "feedback_calls"] += 1
+        return out
+
+    return metric, counters
+
+
+def _lm_requests(srv: Any) -> tuple[int, int]:
+    m = srv.stats()["models"]
+    return m.get("sim-student", {}).get("requests", 0), m.get("sim-reflector", {}).get("requests", 0)
+
+
+def _result_info(program: Any) -> dict[str, Any]:
+    dr = getattr(program, "detailed_results", None)
+    return {
+        "stop_reason": getattr(dr, "stop_reason", None),
+        "total_metric_calls": getattr(dr, "total_metric_calls", None),
+        "candidates": len(dr.candidates) if dr is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# grid cell (runs inside the child process)
+# ---------------------------------------------------------------------------------------
+
+
+def run_cell(cfg: Run) -> Run:
     import dspy
 
     from dspy_turbogepa.testing import TASKS, SimServer
@@ -104,70 +232,49 @@ def run_cell(cfg: dict) -> dict:
         return out
 
     with SimServer("benchmark", seed=cfg["seed"], time_scale=cfg["time_scale"]) as srv:
-        student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key="sim", cache=False, temperature=0.0)
-        reflector = dspy.LM(
-            "openai/sim-reflector", api_base=srv.base_url, api_key="sim", cache=False, temperature=1.0, max_tokens=4000
-        )
+        student, reflector = _sim_lms(srv)
         dspy.configure(lm=student)
         program = task.make_program()
         _instrument(program)
         seed_test = task.evaluate(program, test, lm=student, num_threads=cfg["threads"])
 
-        common = dict(
-            max_metric_calls=cfg["budget"], reflection_lm=reflector, num_threads=cfg["threads"],
-            track_stats=True, seed=cfg["seed"],
-        )
-        opt = cfg["optimizer"]
-        if opt == "turbo":
-            from dspy_turbogepa import TurboGEPA
-
-            optimizer = TurboGEPA(metric, **common)
-        elif opt == "gepa":
-            optimizer = dspy.GEPA(metric, **common)
-        elif opt == "gepa4":
-            from gepa.strategies.proposal_sampling import IndependentSampling
-
-            optimizer = dspy.GEPA(metric, gepa_kwargs={"sampling_strategy": IndependentSampling(4)}, **common)
-        else:
-            raise SystemExit(f"unknown optimizer {opt!r}")
-
-        def lm_calls() -> tuple[int, int]:
-            m = srv.stats()["models"]
-            return m.get("sim-student", {}).get("requests", 0), m.get("sim-reflector", {}).get("requests", 0)
+        optimizer = _make_optimizer(cfg["optimizer"], metric, _common_kwargs(cfg, reflector))
 
         # LM-call timeline (polled), so "LM calls to target" can be read off later
-        base_calls = lm_calls()
+        srv.reset_stats()  # the server's in-flight averages and peaks now cover the compile only
+        base_calls = _lm_requests(srv)
         timeline: list[tuple[float, int, int]] = []
         stop = threading.Event()
 
-        def poll():
+        def poll() -> None:
             while not stop.is_set():
-                s, r = lm_calls()
+                s, r = _lm_requests(srv)
                 timeline.append((time.monotonic() - t0_box[0], s - base_calls[0], r - base_calls[1]))
                 stop.wait(0.05)
 
-        srv_tid = srv._thread.native_id if getattr(srv, "_thread", None) else None
-        cpu0, srv_cpu0 = sum(os.times()[:2]), _thread_cpu(srv_tid)
-        t0_box[0] = time.monotonic()
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        optimized = optimizer.compile(program, trainset=train, valset=val)
-        wall = time.monotonic() - t0_box[0]
-        stop.set()
-        poller.join()
-        cpu = sum(os.times()[:2]) - cpu0 - (_thread_cpu(srv_tid) - srv_cpu0)
-        s_calls, r_calls = lm_calls()
+        meter = _HarnessMeter(srv)
+        with meter.measure():
+            t0_box[0] = time.monotonic()
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            optimized = optimizer.compile(program, trainset=train, valset=val)
+            wall = time.monotonic() - t0_box[0]
+            stop.set()
+            poller.join()
+        models = srv.stats()["models"]
+        s_calls, r_calls = _lm_requests(srv)
         s_calls, r_calls = s_calls - base_calls[0], r_calls - base_calls[1]
         timeline.append((wall, s_calls, r_calls))
-        metric_calls = counters["metric_calls"]
+        stu, ref = models.get("sim-student", {}), models.get("sim-reflector", {})
+        # time-averaged in-flight requests over the compile (area under the server's in-flight count)
+        stu_mean = stu.get("mean_concurrency", 0.0) * stu.get("elapsed_s", 0.0) / wall if wall > 0 else 0.0
+        ref_mean = ref.get("mean_concurrency", 0.0) * ref.get("elapsed_s", 0.0) / wall if wall > 0 else 0.0
 
         final_val = None
         dr = getattr(optimized, "detailed_results", None)
         if dr is not None:
-            try:
+            with suppress(AttributeError, IndexError, TypeError, ValueError):
                 final_val = float(dr.val_aggregate_scores[dr.best_idx])
-            except Exception:
-                final_val = None
         final_test = task.evaluate(optimized, test, lm=student, num_threads=cfg["threads"])
 
     # when did each candidate's full-valset score become known; best-so-far curve
@@ -190,31 +297,228 @@ def run_cell(cfg: dict) -> dict:
         "final_test": final_test,
         "final_val": final_val if final_val is not None else (best if curve else None),
         "compile_wall_s": wall,
-        "harness_cpu_s": cpu,
-        "metric_calls": metric_calls,  # whole-program rollouts scored (pred_name is None)
+        "harness_cpu_s": meter.cpu_s,
+        "metric_calls": counters["metric_calls"],  # whole-program rollouts scored (pred_name is None)
         "feedback_metric_calls": counters["feedback_calls"],  # per-predictor feedback calls
         "lm_calls_student": s_calls,
         "lm_calls_reflector": r_calls,
+        "student_mean_inflight": stu_mean,
+        "student_peak_inflight": stu.get("peak_concurrency", 0),
+        "student_concurrency_utilisation": stu_mean / cfg["threads"],
+        "reflector_mean_inflight": ref_mean,
+        "reflector_peak_inflight": ref.get("peak_concurrency", 0),
         "full_val_candidates": sum(1 for d in seen.values() if len(d) == n_val),
         "best_val_curve": curve,
         "lm_timeline": timeline[:: max(1, len(timeline) // 400)] + [timeline[-1]],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": _peak_rss_mb(),
+        **_result_info(optimized),
     }
 
 
 # ---------------------------------------------------------------------------------------
-# orchestration and aggregation (parent process)
+# overhead and memory cells (inside the child process; zero-latency simulator)
 # ---------------------------------------------------------------------------------------
 
 
-def _calls_at(run: dict, t: float) -> int:
+def _dir_mb(path: str) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def run_overhead_cell(cfg: Run) -> Run:
+    """Harness CPU per whole-program metric call of one ``kind``: ``turbo`` (run store on,
+    MLflow off, quiet), ``gepa`` (dspy.GEPA defaults) or ``floor`` (plain dspy.Evaluate of
+    the seed program over the test split, repeated to about ``budget`` calls)."""
+    import dspy
+
+    from dspy_turbogepa.testing import TASKS, SimServer
+
+    task = TASKS[cfg["task"]]
+    train, val, test = task.splits(data_seed=0, n_train=cfg["n_train"], n_val=cfg["n_val"], n_test=cfg["n_test"])
+    metric, counters = _counting_metric(task)
+    kind, threads = cfg["kind"], cfg["threads"]
+    extra: Run = {}
+    with SimServer("overhead", seed=cfg["seed"], time_scale=0.0) as srv, tempfile.TemporaryDirectory() as log_dir:
+        student, reflector = _sim_lms(srv)
+        dspy.configure(lm=student)
+        program = task.make_program()
+        task.evaluate(program, (test or val)[:16], lm=student, num_threads=threads)  # warm up the client stack
+        meter = _HarnessMeter(srv)
+        base_calls = _lm_requests(srv)
+        if kind == "floor":
+            if not test:
+                raise SystemExit("the floor needs a test split (--n-test > 0)")
+            evaluator = dspy.Evaluate(devset=test, metric=metric, num_threads=threads, display_progress=False)
+            passes = max(1, math.ceil(cfg["budget"] / len(test)))
+            with meter.measure():
+                for _ in range(passes):
+                    evaluator(program)
+            extra["floor_passes"] = passes
+        else:
+            turbo_kwargs = {"log_dir": log_dir, "use_mlflow": False, "verbose": False} if kind == "turbo" else {}
+            optimizer = _make_optimizer(kind, metric, _common_kwargs(cfg, reflector), **turbo_kwargs)
+            report_cpu = [0.0]
+            if kind == "turbo" and hasattr(type(optimizer), "_write_reports"):
+                # split out the end-of-run reports (summary.json + PNG plots) written into log_dir
+                write_reports = optimizer._write_reports
+
+                def timed_write_reports(*args: Any, **kwargs: Any) -> Any:
+                    c0 = time.process_time()
+                    try:
+                        return write_reports(*args, **kwargs)
+                    finally:
+                        report_cpu[0] += time.process_time() - c0
+
+                optimizer._write_reports = timed_write_reports
+            with meter.measure():
+                optimized = optimizer.compile(program, trainset=train, valset=val)
+            extra.update(_result_info(optimized))
+            if kind == "turbo":
+                extra["report_cpu_s"] = report_cpu[0]
+                extra["run_store_mb"] = _dir_mb(log_dir)
+        s_calls, r_calls = _lm_requests(srv)
+    calls = counters["metric_calls"]
+    return {
+        **cfg,
+        **extra,
+        "wall_s": meter.wall_s,
+        "harness_cpu_s": meter.cpu_s,
+        "metric_calls": calls,
+        "feedback_metric_calls": counters["feedback_calls"],
+        "lm_calls_student": s_calls - base_calls[0],
+        "lm_calls_reflector": r_calls - base_calls[1],
+        "cpu_ms_per_metric_call": 1000.0 * meter.cpu_s / calls if calls else None,
+        # the same without turbo's one-off end-of-run reports (summary.json and plots)
+        "cpu_ms_per_metric_call_excl_reports": (
+            1000.0 * (meter.cpu_s - extra.get("report_cpu_s", 0.0)) / calls if calls else None
+        ),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def run_memory_cell(cfg: Run) -> Run:
+    """Peak RSS of one turbo compile (no run store, quiet) on a zero-latency simulator,
+    with the RSS sampled against the metric calls made so far."""
+    import dspy
+
+    from dspy_turbogepa.testing import TASKS, SimServer
+
+    task = TASKS[cfg["task"]]
+    train, val, _ = task.splits(data_seed=0, n_train=cfg["n_train"], n_val=cfg["n_val"], n_test=0)
+    metric, counters = _counting_metric(task)
+    with SimServer("overhead", seed=cfg["seed"], time_scale=0.0) as srv:
+        student, reflector = _sim_lms(srv)
+        dspy.configure(lm=student)
+        program = task.make_program()
+        optimizer = _make_optimizer("turbo", metric, _common_kwargs(cfg, reflector), verbose=False)
+        rss_before = _rss_mb()
+        samples: list[tuple[int, float]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append((counters["metric_calls"], round(_rss_mb(), 1)))
+                stop.wait(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        meter = _HarnessMeter(srv)
+        sampler.start()
+        with meter.measure():
+            optimized = optimizer.compile(program, trainset=train, valset=val)
+        stop.set()
+        sampler.join()
+        samples.append((counters["metric_calls"], round(_rss_mb(), 1)))
+    return {
+        **cfg,
+        **_result_info(optimized),
+        "metric_calls": counters["metric_calls"],
+        "wall_s": meter.wall_s,
+        "harness_cpu_s": meter.cpu_s,
+        "rss_before_compile_mb": rss_before,
+        "rss_after_compile_mb": samples[-1][1],
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_by_metric_calls": samples[:: max(1, len(samples) // 100)] + [samples[-1]],
+    }
+
+
+CELL_RUNNERS: dict[str, Callable[[Run], Run]] = {
+    "grid": run_cell,
+    "overhead": run_overhead_cell,
+    "memory": run_memory_cell,
+}
+
+# ---------------------------------------------------------------------------------------
+# running cells (parent process)
+# ---------------------------------------------------------------------------------------
+
+
+def _load_cell(cfg: Run) -> Run | None:
+    """The stored result of ``cfg`` if its JSON exists and was made with the same settings."""
+    path = Path(cfg["out"])
+    if not path.exists():
+        return None
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    r.setdefault("mode", "grid")  # cells written before the mode key existed
+    if any(r.get(k) != cfg.get(k) for k in _CFG_KEYS):
+        print(f"ignoring {path.name}: made with different settings", file=sys.stderr, flush=True)
+        return None
+    return r
+
+
+def _run_cell_subprocess(cfg: Run, timeout: float) -> Run | None:
+    out = Path(cfg["out"])
+    with open(out.with_suffix(".log"), "w") as log:
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cfg)],
+            stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+        )
+    if proc.returncode != 0 or not out.exists():
+        print(f"FAILED {out.name} (rc={proc.returncode}); see {out.with_suffix('.log')}", file=sys.stderr, flush=True)
+        return None
+    return json.loads(out.read_text())
+
+
+def _collect(cells: list[Run], a: argparse.Namespace, describe: Callable[[Run], str]) -> tuple[list[Run], int]:
+    """Run (or, with --resume / --aggregate-only, reuse) every cell; returns (results, failures)."""
+    runs: list[Run] = []
+    failed = 0
+    for cfg in cells:
+        r = _load_cell(cfg) if (a.resume or a.aggregate_only) else None
+        if r is not None:
+            print(f"{describe(r)} [stored]", flush=True)
+        elif a.aggregate_only:
+            continue
+        else:
+            t = time.monotonic()
+            r = _run_cell_subprocess(cfg, a.timeout)
+            if r is None:
+                failed += 1
+                continue
+            print(f"{describe(r)} [{time.monotonic() - t:.1f}s]", flush=True)
+        runs.append(r)
+    return runs, failed
+
+
+# ---------------------------------------------------------------------------------------
+# grid aggregation
+# ---------------------------------------------------------------------------------------
+
+
+def _calls_at(run: Run, t: float) -> int:
     for tt, s, r in run["lm_timeline"]:
         if tt >= t:
             return s + r
     return run["lm_calls_student"] + run["lm_calls_reflector"]
 
 
-def _fmt(vals: list[float], nd: int = 3) -> str:
+def _median(vals: list[float | None]) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _fmt(vals: list[float | None], nd: int = 3) -> str:
     vals = [v for v in vals if v is not None]
     if not vals:
         return "-"
@@ -224,53 +528,128 @@ def _fmt(vals: list[float], nd: int = 3) -> str:
     return f"{med:.{nd}f} [{min(vals):.{nd}f}, {max(vals):.{nd}f}]"
 
 
-def aggregate(runs: list[dict], out_dir: Path) -> None:
-    groups: dict[tuple[str, int], dict[str, list[dict]]] = {}
+def _col(rs: list[Run], key: str, nd: int = 3) -> str:
+    return _fmt([r.get(key) for r in rs], nd)
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def aggregate(runs: list[Run], out_dir: Path) -> None:
+    from dspy_turbogepa.testing import TASKS
+
+    groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
     for r in runs:
         groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["optimizer"], []).append(r)
 
     lines = [
         "# TurboGEPA vs dspy.GEPA (simulator)",
         "",
-        "Median [min, max] over seeds. Target = dspy.GEPA's median final validation score for the"
-        " task/budget (task.target_val if gepa was not run); runs that never reach it count their"
-        " whole compile time / all their LM calls. CPU = process CPU minus the simulator thread.",
+        ("Median [min, max] over seeds. Target = dspy.GEPA's median final validation score for the"
+         " task/budget (task.target_val if gepa was not run); runs that never reach it count their"
+         " whole compile time / all their LM calls. CPU = process CPU minus the simulator thread."
+         " Student util = time-averaged in-flight student LM requests during compile / threads."),
         "",
-        "| task | budget | optimizer | n | seed test | final test | final val | target | reached | time to target s"
-        " | LM calls to target | compile wall s | harness CPU s | metric calls | LM calls student | LM calls reflector"
-        " | peak RSS MB |",
-        "|" + "---|" * 17,
+        ("| task | budget | optimizer | n | seed test | final test | final val | target | reached | time to target s"
+         " | LM calls to target | compile wall s | harness CPU s | metric calls | LM calls student | LM calls reflector"
+         " | student util | peak RSS MB |"),
+        "|" + "---|" * 18,
     ]
-    from dspy_turbogepa.testing import TASKS
-
+    targets: dict[tuple[str, int], tuple[float, str]] = {}
     for (task, budget), by_opt in sorted(groups.items()):
         gepa_vals = [r["final_val"] for r in by_opt.get("gepa", []) if r["final_val"] is not None]
-        target = statistics.median(gepa_vals) if gepa_vals else TASKS[task].target_val
+        if gepa_vals:
+            target, source = statistics.median(gepa_vals), f"gepa median final val (n={len(gepa_vals)})"
+        else:
+            target, source = TASKS[task].target_val, "task.target_val"
+        targets[(task, budget)] = (target, source)
         for opt, rs in sorted(by_opt.items()):
-            ttt, ctt, reached = [], [], 0
             for r in rs:
                 hit = next((t for t, v in r["best_val_curve"] if v >= target - 1e-9), None)
-                if hit is None:
-                    ttt.append(r["compile_wall_s"])
-                    ctt.append(r["lm_calls_student"] + r["lm_calls_reflector"])
-                else:
-                    reached += 1
-                    ttt.append(hit)
-                    ctt.append(_calls_at(r, hit))
-                r["target"], r["time_to_target_s"], r["reached_target"] = target, ttt[-1], hit is not None
-            col = lambda k, nd=3: _fmt([r[k] for r in rs], nd)  # noqa: E731
+                r["target"], r["reached_target"] = target, hit is not None
+                r["time_to_target_s"] = r["compile_wall_s"] if hit is None else hit
+                r["lm_calls_to_target"] = (
+                    r["lm_calls_student"] + r["lm_calls_reflector"] if hit is None else _calls_at(r, hit)
+                )
+            col = partial(_col, rs)
+            reached = sum(r["reached_target"] for r in rs)
             lines.append(
-                f"| {task} | {budget} | {opt} | {len(rs)} | {col('seed_test')} | {col('final_test')} | {col('final_val')}"
-                f" | {target:.3f} | {reached}/{len(rs)} | {_fmt(ttt, 1)} | {_fmt(ctt, 0)} | {col('compile_wall_s', 1)}"
-                f" | {col('harness_cpu_s', 1)} | {col('metric_calls', 0)} | {col('lm_calls_student', 0)}"
-                f" | {col('lm_calls_reflector', 0)} | {col('peak_rss_mb', 0)} |"
+                f"| {task} | {budget} | {opt} | {len(rs)} | {col('seed_test')} | {col('final_test')}"
+                f" | {col('final_val')} | {target:.3f} | {reached}/{len(rs)} | {col('time_to_target_s', 1)}"
+                f" | {col('lm_calls_to_target', 0)}"
+                f" | {col('compile_wall_s', 1)} | {col('harness_cpu_s', 1)} | {col('metric_calls', 0)}"
+                f" | {col('lm_calls_student', 0)} | {col('lm_calls_reflector', 0)}"
+                f" | {col('student_concurrency_utilisation', 2)} | {col('peak_rss_mb', 0)} |"
+            )
+
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| task | budget | target | source | reached (runs reaching it / runs) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, by_opt in sorted(groups.items()):
+        target, source = targets[key]
+        reached = ", ".join(
+            f"{opt} {sum(r['reached_target'] for r in rs)}/{len(rs)}" for opt, rs in sorted(by_opt.items())
+        )
+        lines.append(f"| {key[0]} | {key[1]} | {target:.3f} | {source} | {reached} |")
+
+    lines += [
+        "",
+        "## Ratios (ratios of medians over seeds)",
+        "",
+        ("Time-to-target speedup = baseline / turbo (> 1: turbo faster); LM calls to target ="
+         " turbo / baseline (< 1: turbo needs fewer); test diff = turbo − baseline final test score."),
+        "",
+        ("| task | budget | turbo vs | time-to-target speedup | LM calls to target ratio | final test diff"
+         " | student util turbo / baseline |"),
+        "|---|---|---|---|---|---|---|",
+    ]
+    ratios: list[Run] = []
+    for (task, budget), by_opt in sorted(groups.items()):
+        turbo = by_opt.get("turbo")
+        if not turbo:
+            continue
+        med_t = {k: _median([r.get(k) for r in turbo]) for k in _RATIO_KEYS}
+        for base in ("gepa", "gepa4"):
+            if not by_opt.get(base):
+                continue
+            med_b = {k: _median([r.get(k) for r in by_opt[base]]) for k in _RATIO_KEYS}
+            row = {
+                "task": task, "budget": budget, "baseline": base,
+                "time_to_target_speedup": _ratio(med_b["time_to_target_s"], med_t["time_to_target_s"]),
+                "lm_calls_to_target_ratio": _ratio(med_t["lm_calls_to_target"], med_b["lm_calls_to_target"]),
+                "final_test_diff": _diff(med_t["final_test"], med_b["final_test"]),
+                "student_util_turbo": med_t["student_concurrency_utilisation"],
+                "student_util_baseline": med_b["student_concurrency_utilisation"],
+            }
+            ratios.append(row)
+            lines.append(
+                f"| {task} | {budget} | {base} | {_num(row['time_to_target_speedup'], '.2f')}x"
+                f" | {_num(row['lm_calls_to_target_ratio'], '.2f')} | {_num(row['final_test_diff'], '+.3f')}"
+                f" | {_num(row['student_util_turbo'], '.2f')} / {_num(row['student_util_baseline'], '.2f')} |"
             )
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(runs, indent=1, default=str))
+    (out_dir / "ratios.json").write_text(json.dumps(ratios, indent=1))
     _plot(groups, out_dir / "best_val_vs_time.png")
 
 
-def _plot(groups, path: Path) -> None:
+_RATIO_KEYS = ("time_to_target_s", "lm_calls_to_target", "final_test", "student_concurrency_utilisation")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def _plot(groups: dict[tuple[str, int], dict[str, list[Run]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,64 +681,214 @@ def _plot(groups, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+# ---------------------------------------------------------------------------------------
+# overhead and memory reports
+# ---------------------------------------------------------------------------------------
+
+OVERHEAD_KINDS = ("turbo", "gepa", "floor")
+
+
+def report_overhead(runs: list[Run], out_dir: Path) -> Run:
+    groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["kind"], []).append(r)
+    lines = [
+        "# Harness overhead per metric call (zero-latency simulator)",
+        "",
+        ("Harness CPU = process CPU minus the simulator thread, divided by the whole-program metric"
+         " calls (feedback calls not counted). turbo: run store on (log_dir, incl. the end-of-run"
+         " summary.json and plots), MLflow off, verbose off. gepa: dspy.GEPA defaults. floor: plain"
+         " dspy.Evaluate of the seed program over the test split, repeated to about the budget."
+         " 'excl. reports' leaves out turbo's one-off end-of-run summary.json and plots (report CPU)."
+         " Median [min, max] over repeats; '− floor' = difference of the medians."),
+        "",
+        ("| task | budget | kind | n | CPU ms / metric call | − floor ms | excl. reports ms | − floor ms"
+         " | metric calls | LM calls student | LM calls reflector | wall s | report CPU s | run store MB"
+         " | stop reason |"),
+        "|" + "---|" * 15,
+    ]
+    summary: list[Run] = []
+    for (task, budget), by_kind in sorted(groups.items()):
+        keys = ("cpu_ms_per_metric_call", "cpu_ms_per_metric_call_excl_reports")
+        med = {(kind, k): _median([r.get(k) for r in rs]) for kind, rs in by_kind.items() for k in keys}
+        floor_by_rep = {r["repeat"]: r["cpu_ms_per_metric_call"] for r in by_kind.get("floor", [])}
+        row: Run = {"task": task, "budget": budget}
+        for kind in OVERHEAD_KINDS:
+            rs = by_kind.get(kind)
+            if not rs:
+                continue
+            over, over_excl = (
+                (_diff(med[(kind, k)], med.get(("floor", k))) for k in keys) if kind != "floor" else (None, None)
+            )
+            row[f"{kind}_ms_per_metric_call"] = med[(kind, keys[0])]
+            if kind != "floor":
+                row[f"{kind}_minus_floor_ms"] = over
+                row[f"{kind}_excl_reports_ms_per_metric_call"] = med[(kind, keys[1])]
+                row[f"{kind}_excl_reports_minus_floor_ms"] = over_excl
+                # the repeats interleave turbo, gepa and floor: per-repeat differences damp drifting load
+                row[f"{kind}_minus_floor_ms_paired"] = _median([
+                    r["cpu_ms_per_metric_call"] - floor_by_rep[r["repeat"]] for r in rs if r["repeat"] in floor_by_rep
+                ])
+            col = partial(_col, rs)
+            reasons = sorted({str(r.get("stop_reason")) for r in rs if r.get("stop_reason")})
+            lines.append(
+                f"| {task} | {budget} | {kind} | {len(rs)} | {col(keys[0], 2)} | {_num(over, '+.2f')}"
+                f" | {col(keys[1], 2)} | {_num(over_excl, '+.2f')} | {col('metric_calls', 0)}"
+                f" | {col('lm_calls_student', 0)} | {col('lm_calls_reflector', 0)} | {col('wall_s', 1)}"
+                f" | {col('report_cpu_s', 2)}"
+                f" | {col('run_store_mb', 2)} | {', '.join(reasons) or '-'} |"
+            )
+        summary.append(row)
+    data = {"summary": summary, "runs": runs}
+    (out_dir / "overhead.json").write_text(json.dumps(data, indent=1, default=str))
+    (out_dir / "overhead.md").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def report_memory(runs: list[Run], out_dir: Path) -> Run:
+    lines = [
+        "# Peak RSS of turbo by budget (zero-latency simulator)",
+        "",
+        ("Peak RSS = ru_maxrss of the cell's subprocess (imports, simulator and compile included);"
+         " growth = peak RSS minus that of the smallest budget of the same task/seed."),
+        "",
+        ("| task | seed | n_train | n_val | budget | metric calls | stop reason | candidates | RSS before compile MB"
+         " | peak RSS MB | growth MB | KB / metric call |"),
+        "|" + "---|" * 12,
+    ]
+    by_key: dict[tuple[str, int], list[Run]] = {}
+    for r in runs:
+        by_key.setdefault((r["task"], r["seed"]), []).append(r)
+    summary: list[Run] = []
+    for (task, seed), rs in sorted(by_key.items()):
+        rs = sorted(rs, key=lambda r: r["budget"])
+        first = rs[0]
+        for r in rs:
+            growth = r["peak_rss_mb"] - first["peak_rss_mb"]
+            dcalls = r["metric_calls"] - first["metric_calls"]
+            per_call = 1024.0 * growth / dcalls if dcalls > 0 else None
+            summary.append({
+                "task": task, "seed": seed, "budget": r["budget"], "metric_calls": r["metric_calls"],
+                "stop_reason": r.get("stop_reason"), "peak_rss_mb": r["peak_rss_mb"],
+                "growth_mb": growth, "growth_from_budget": first["budget"], "kb_per_metric_call": per_call,
+            })
+            lines.append(
+                f"| {task} | {seed} | {r['n_train']} | {r['n_val']} | {r['budget']} | {r['metric_calls']}"
+                f" | {r.get('stop_reason')} | {r.get('candidates')} | {r['rss_before_compile_mb']:.0f}"
+                f" | {r['peak_rss_mb']:.0f} | {growth:+.1f} | {_num(per_call, '.1f')} |"
+            )
+    early = [r for r in runs if r["metric_calls"] < 0.95 * r["budget"]]
+    if early:
+        lines += ["", "**Stopped early** (fewer metric calls than the budget): "
+                  + ", ".join(f"{r['task']} b={r['budget']} ({r['metric_calls']} calls, {r.get('stop_reason')})"
+                              for r in early)
+                  + ". Use a harder setting (--tasks, --n-val, --n-train) to measure the budget's memory."]
+    data = {"summary": summary, "runs": runs}
+    (out_dir / "memory.json").write_text(json.dumps(data, indent=1, default=str))
+    (out_dir / "memory.md").write_text("\n".join(lines) + "\n")
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+
+
+def _cells(a: argparse.Namespace, mode: str, out_dir: Path) -> list[Run]:
+    base = {"threads": a.threads, "n_train": a.n_train, "n_val": a.n_val, "n_test": a.n_test}
+    tasks = a.tasks.split(",")
+    budgets = [int(b) for b in a.budgets.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    cells: list[Run] = []
+    for task in tasks:
+        for budget in budgets:
+            for seed in seeds:
+                if mode == "grid":
+                    for opt in a.optimizers.split(","):
+                        out = out_dir / "runs" / f"{opt}_{task}_b{budget}_s{seed}.json"
+                        cells.append({"mode": mode, "optimizer": opt, "task": task, "budget": budget, "seed": seed,
+                                      "time_scale": a.time_scale, **base, "out": str(out)})
+                elif mode == "overhead":
+                    for rep in range(a.repeats):
+                        for kind in OVERHEAD_KINDS:
+                            out = out_dir / "overhead_runs" / f"{kind}_{task}_b{budget}_s{seed}_r{rep}.json"
+                            cells.append({"mode": mode, "kind": kind, "task": task, "budget": budget, "seed": seed,
+                                          "repeat": rep, **base, "out": str(out)})
+                else:
+                    out = out_dir / "memory_runs" / f"turbo_{task}_b{budget}_s{seed}.json"
+                    cells.append({"mode": mode, "optimizer": "turbo", "task": task, "budget": budget, "seed": seed,
+                                  **base, "out": str(out)})
+    return cells
+
+
+def _describe(r: Run) -> str:
+    if r["mode"] == "grid":
+        return (f"{r['optimizer']:6s} {r['task']:9s} b={r['budget']} s={r['seed']}: test {r['seed_test']:.3f}"
+                f"->{r['final_test']:.3f} val {r['final_val']} wall {r['compile_wall_s']:.1f}s"
+                f" util {r.get('student_concurrency_utilisation', float('nan')):.2f}")
+    if r["mode"] == "overhead":
+        return (f"overhead {r['kind']:5s} {r['task']} b={r['budget']} r={r['repeat']}: {r['metric_calls']} metric"
+                f" calls, {r['cpu_ms_per_metric_call']:.2f} ms CPU each")
+    return (f"memory {r['task']} b={r['budget']}: {r['metric_calls']} metric calls ({r.get('stop_reason')}),"
+            f" peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizers", default="turbo,gepa", help="comma list of turbo, gepa, gepa4")
-    p.add_argument("--tasks", default="routing,pipeline,pricing")
-    p.add_argument("--budgets", default="300,800")
-    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--optimizers", default="turbo,gepa", help="grid: comma list of turbo, gepa, gepa4")
+    p.add_argument("--tasks", help="comma list (default: grid routing,pipeline,pricing; overhead and memory"
+                   " routing)")
+    p.add_argument("--budgets", help="max_metric_calls, comma list (default: grid 300,800; overhead 800;"
+                   " memory 1000,5000)")
+    p.add_argument("--seeds", help="comma list (default: grid 0,1,2,3,4; overhead and memory 0)")
     p.add_argument("--threads", type=int, default=16)
-    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--time-scale", type=float, default=1.0, help="grid only (overhead/memory: zero latency)")
     p.add_argument("--n-train", type=int, default=80)
     p.add_argument("--n-val", type=int, default=40)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--smoke", action="store_true", help="routing, budget 60, seed 0, time-scale 0.02, n_val 12")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overhead", action="store_true", help="harness CPU per metric call: turbo, gepa, floor")
+    mode.add_argument("--memory", action="store_true", help="peak RSS of turbo by budget")
+    p.add_argument("--repeats", type=int, default=3, help="overhead: repeats of each measurement")
+    p.add_argument("--smoke", action="store_true", help="tiny settings for a quick check of the chosen mode")
+    p.add_argument("--resume", action="store_true", help="reuse cell JSONs already in --out-dir (same settings)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="run nothing; aggregate the matching cell JSONs found in --out-dir")
     p.add_argument("--timeout", type=float, default=3600.0, help="per-cell timeout (s)")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, JSON config
     a = p.parse_args(argv)
 
     if a.cell:
         cfg = json.loads(a.cell)
-        res = run_cell(cfg)
+        res = CELL_RUNNERS[cfg.get("mode", "grid")](cfg)
         Path(cfg["out"]).write_text(json.dumps(res, indent=1))
         return 0
 
+    run_mode = "overhead" if a.overhead else "memory" if a.memory else "grid"
+    settings = {**MODE_DEFAULTS[run_mode], **{k: v for k, v in vars(a).items() if v is not None}}
     if a.smoke:
-        a.tasks, a.budgets, a.seeds, a.time_scale = "routing", "60", "0", 0.02
-        a.n_train, a.n_val, a.n_test = 24, 12, 40
+        settings.update(SMOKE[run_mode])
+    for k, v in settings.items():
+        setattr(a, k, v)
     out_dir = Path(a.out_dir)
-    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    runs, failed = [], 0
-    for task in a.tasks.split(","):
-        for budget in map(int, a.budgets.split(",")):
-            for seed in map(int, a.seeds.split(",")):
-                for opt in a.optimizers.split(","):
-                    out = out_dir / "runs" / f"{opt}_{task}_b{budget}_s{seed}.json"
-                    cfg = dict(
-                        optimizer=opt, task=task, budget=budget, seed=seed, threads=a.threads,
-                        time_scale=a.time_scale, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test, out=str(out),
-                    )
-                    t = time.monotonic()
-                    with open(out.with_suffix(".log"), "w") as log:
-                        proc = subprocess.run(
-                            [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
-                        )
-                    if proc.returncode != 0 or not out.exists():
-                        failed += 1
-                        print(f"FAILED {out.name} (rc={proc.returncode}); see {out.with_suffix('.log')}", file=sys.stderr, flush=True)
-                        continue
-                    r = json.loads(out.read_text())
-                    runs.append(r)
-                    print(
-                        f"{opt:6s} {task:9s} b={budget} s={seed}: test {r['seed_test']:.3f}->{r['final_test']:.3f}"
-                        f" val {r['final_val']} wall {r['compile_wall_s']:.1f}s [{time.monotonic() - t:.1f}s]",
-                        flush=True,
-                    )
+    cells = _cells(a, run_mode, out_dir)
+    for d in {Path(c["out"]).parent for c in cells}:
+        d.mkdir(parents=True, exist_ok=True)
+    runs, failed = _collect(cells, a, _describe)
     if runs:
-        aggregate(runs, out_dir)
-        print((out_dir / "table.md").read_text())
+        if run_mode == "grid":
+            aggregate(runs, out_dir)
+            print((out_dir / "table.md").read_text())
+        elif run_mode == "overhead":
+            report_overhead(runs, out_dir)
+            print((out_dir / "overhead.md").read_text())
+        else:
+            report_memory(runs, out_dir)
+            print((out_dir / "memory.md").read_text())
+    elif a.aggregate_only:
+        print(f"no matching cell results in {out_dir}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

@@ -1,27 +1,33 @@
-"""`benchmarks/run.py --smoke` end to end: both optimizers, tiny budget, fast simulator."""
+"""`benchmarks/run.py --smoke` end to end: the grid (both optimizers, tiny budget, fast
+simulator), --resume / --aggregate-only, and smoke-sized --overhead and --memory runs."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_smoke(tmp_path: Path) -> None:
-    t0 = time.monotonic()
+def _run(out_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out-dir", str(out_dir), *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert time.monotonic() - t0 < 40
+    return proc
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    _run(tmp_path)
 
     table = (tmp_path / "table.md").read_text()
     assert "| routing | 60 | turbo |" in table and "| routing | 60 | gepa |" in table
+    assert "| student util |" in table.splitlines()[4]
+    assert "## Targets" in table and "## Ratios" in table
+    assert "| routing | 60 | gepa |" in table.split("## Ratios", 1)[1]  # the turbo-vs-gepa ratio row
     assert (tmp_path / "best_val_vs_time.png").stat().st_size > 1000
 
     runs = sorted((tmp_path / "runs").glob("*.json"))
@@ -30,18 +36,75 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         r = json.loads(p.read_text())
         for key in ("seed_test", "final_test", "final_val"):
             assert 0.0 <= r[key] <= 1.0, (p.name, key, r[key])
-        assert 0 < r["compile_wall_s"] < 30
+        assert r["compile_wall_s"] > 0
         assert r["harness_cpu_s"] >= 0
         assert 0 < r["metric_calls"]
         if r["optimizer"] == "turbo":  # dspy.GEPA's budget rule: only the last mutation may finish past it
             assert r["metric_calls"] < 60 + 2 * 3 + 12  # n_val 12 in --smoke
         assert r["lm_calls_student"] > 0 and r["lm_calls_reflector"] > 0
+        # the server counted in-flight student requests during compile
+        assert r["student_mean_inflight"] > 0 and r["student_peak_inflight"] >= 1
+        assert r["student_concurrency_utilisation"] == r["student_mean_inflight"] / r["threads"]
+        assert r["student_peak_inflight"] <= 64  # the benchmark preset's provider cap
         assert r["peak_rss_mb"] > 10
         curve = r["best_val_curve"]
         assert curve, "no candidate's full-valset score was observed"
         times = [t for t, _ in curve]
         vals = [v for _, v in curve]
         assert times == sorted(times) and vals == sorted(vals)
-        assert r["time_to_target_s"] <= r["compile_wall_s"] + 1e-6 if "time_to_target_s" in r else True
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 2 and all("time_to_target_s" in r for r in summary)
+    assert all(r["time_to_target_s"] <= r["compile_wall_s"] + 1e-6 for r in summary)
+    ratios = json.loads((tmp_path / "ratios.json").read_text())
+    assert [(r["task"], r["budget"], r["baseline"]) for r in ratios] == [("routing", 60, "gepa")]
+    assert ratios[0]["time_to_target_speedup"] > 0 and ratios[0]["lm_calls_to_target_ratio"] > 0
+
+    # --resume reuses both cells (no new subprocess: the logs are untouched) and re-aggregates
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.log")}
+    (tmp_path / "table.md").unlink()
+    proc = _run(tmp_path, "--resume")
+    assert proc.stdout.count("[stored]") == 2
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs
+    assert (tmp_path / "table.md").read_text() == table
+
+    # --aggregate-only covers only the requested cells found (gepa4 was never run) and runs nothing
+    proc = _run(tmp_path, "--aggregate-only", "--optimizers", "turbo,gepa4")
+    assert proc.stdout.count("[stored]") == 1
+    assert not list((tmp_path / "runs").glob("gepa4_*"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["optimizer"] for r in summary] == ["turbo"]
+
+
+def test_benchmark_overhead_smoke(tmp_path: Path) -> None:
+    _run(tmp_path, "--overhead")
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert sorted(r["kind"] for r in data["runs"]) == ["floor", "gepa", "turbo"]
+    for r in data["runs"]:
+        assert r["metric_calls"] > 0 and r["cpu_ms_per_metric_call"] > 0
+        assert r["lm_calls_student"] >= r["metric_calls"]
+        assert (r["lm_calls_reflector"] > 0) == (r["kind"] != "floor")
+    turbo = next(r for r in data["runs"] if r["kind"] == "turbo")
+    assert turbo["run_store_mb"] > 0  # the run store was on
+    assert turbo["stop_reason"] == "max_metric_calls"
+    floor = next(r for r in data["runs"] if r["kind"] == "floor")
+    assert floor["metric_calls"] == 40 * floor["floor_passes"] >= 60  # test split repeated past the budget
+    (row,) = data["summary"]
+    for kind in ("turbo", "gepa"):
+        assert row[f"{kind}_minus_floor_ms"] == row[f"{kind}_ms_per_metric_call"] - row["floor_ms_per_metric_call"]
+    md = (tmp_path / "overhead.md").read_text()
+    assert all(f"| routing | 60 | {k} |" in md for k in ("turbo", "gepa", "floor"))
+
+
+def test_benchmark_memory_smoke(tmp_path: Path) -> None:
+    _run(tmp_path, "--memory")
+    data = json.loads((tmp_path / "memory.json").read_text())
+    runs = sorted(data["runs"], key=lambda r: r["budget"])
+    assert [r["budget"] for r in runs] == [40, 80]
+    for r in runs:
+        assert r["metric_calls"] >= r["budget"] and r["stop_reason"] == "max_metric_calls"
+        assert r["peak_rss_mb"] >= r["rss_before_compile_mb"] > 10
+        calls = [c for c, _ in r["rss_by_metric_calls"]]
+        assert calls == sorted(calls) and calls[-1] == r["metric_calls"]
+    growth = {s["budget"]: s["growth_mb"] for s in data["summary"]}
+    assert growth[40] == 0 and growth[80] == runs[1]["peak_rss_mb"] - runs[0]["peak_rss_mb"]
+    assert "| routing | 0 | 24 | 12 | 80 |" in (tmp_path / "memory.md").read_text()
