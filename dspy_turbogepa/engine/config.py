@@ -98,6 +98,9 @@ class EngineConfig:
     max_staleness: int | None = None
     #: Adapt the number of mutations in flight to the recent success rate (see Orchestrator.width).
     adaptive_width: bool = True
+    #: Speculative chaining: one extra mutation may start from the newest child that survived rung 0
+    #: while that child is still being validated (see Orchestrator._plan).
+    speculative_chaining: bool = True
     min_mutations_in_flight: int = 2
     width_window: int = 16
     use_merge: bool = False

@@ -24,10 +24,10 @@ from pathlib import Path
 from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
-from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.credit import CreditSnapshot
+from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
-from dspy_turbogepa.engine.merge import find_merge
+from dspy_turbogepa.engine.merge import MergeProposal, find_merge
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import (
     CandidateRecord,
@@ -42,7 +42,13 @@ from dspy_turbogepa.engine.sampling import EpochShuffledSampler
 from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
-from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, ProposalOutcome, Reflector, Split
+from dspy_turbogepa.engine.types import (
+    EvalOutcome,
+    Evaluator,
+    ProposalOutcome,
+    Reflector,
+    Split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +114,15 @@ class Orchestrator:
         self._merge_budget_short = False
         self._history = CommitHistory(self._val_ids)
         self._turn_waiters: dict[int, asyncio.Future[None]] = {}
+        # Speculative chaining: per mutation, its rung-0 survivor (or None) and its commit; what each
+        # mutation planned (kind, parent index), kept after commit; the chain decision per seq.
+        self._rung0_futs: dict[int, asyncio.Future[tuple[Candidate, int] | None]] = {}
+        self._commit_futs: dict[int, asyncio.Future[None]] = {}
+        self._planned: dict[int, tuple[str, int, int | None]] = {}
+        #: Per committed mutation: the pool index of its rung-0 survivor, -1 if the survivor did not
+        #: join the pool, None if nothing survived rung 0 (what a mutation chained on it started from).
+        self._survivor_index: dict[int, int | None] = {}
+        self._chain_decisions: dict[int, int | None] = {}
         self._view_floor = 0
         self._accepted = 0
         self._attempted = 0
@@ -263,6 +278,70 @@ class Orchestrator:
         needed = max(0, seq - (staleness or 1) + 1, self._view_floor)
         return needed if self._committed >= needed else None
 
+    def _next_view(self, seq: int, running: int) -> tuple[int | None, int | None]:
+        """The view mutation ``seq`` is planned from, and the mutation it chains on (or None).
+
+        Speculative chaining: when the width is 1 (the search is sequential, because most mutations
+        succeed or the budget is small), mutation ``seq - 1`` is still running and ``seq`` would pick
+        the same parent, ``seq`` is planned one commit earlier and chains on ``seq - 1``: it starts
+        from ``seq - 1``'s child as soon as that child survives rung 0, while the child is still being
+        validated (see _mutate), so the next reflection overlaps the validation instead of waiting
+        for it. It takes one slot beyond the width. Whether a mutation chains is decided from the
+        state at that earlier view only, so it is reproducible; otherwise the mutation is planned as
+        usual, from the usual view, within the width.
+        """
+        chain_view = self._chain_view(seq)
+        if chain_view is not None:
+            if self._committed < chain_view:
+                return None, None
+            if seq not in self._chain_decisions:
+                self._chain_decisions[seq] = self._chain_target(seq, chain_view)
+            if self._chain_decisions[seq] is not None:
+                return (chain_view, seq - 1) if running <= self.width() else (None, None)
+        if running >= self.width():
+            return None, None
+        return self._view_commits(seq), None
+
+    def _chain_view(self, seq: int) -> int | None:
+        cfg = self.config
+        if (not cfg.speculative_chaining or not cfg.adaptive_width or callable(cfg.component_selector) or seq == 0
+                or self.width() != 1):
+            return None
+        if not cfg.deterministic:
+            prev = self._tasks.get(seq - 1)
+            return self._committed if prev is not None and not prev.done() else None
+        view = max(0, seq - 1, self._view_floor)
+        return view if view <= seq - 1 else None
+
+    def _chain_target(self, seq: int, view: int) -> int | None:
+        """``seq - 1`` if it is a reflection that ``seq`` would repeat from the same parent, else None.
+
+        "The same parent" is the parent ``seq - 1`` really starts from: if it chains itself, the child
+        it chained on (known by now: that mutation is committed in the view) or its planned parent.
+        """
+        prev = self._planned.get(seq - 1)
+        if prev is None or prev[0] == "merge":
+            return None
+        _kind, parent, prev_chain = prev
+        if prev_chain is not None:
+            if prev_chain not in self._survivor_index:
+                return None  # fast mode: not settled yet
+            survivor = self._survivor_index[prev_chain]
+            if survivor is not None:
+                if survivor < 0:
+                    return None  # seq - 1 will be orphaned: do not build on it
+                parent = survivor
+        # Replay _plan's draws on a copy of the state: a merge it would plan instead, then the parent.
+        frontier = self._history.frontier_at(view, self._records) if self.config.deterministic else self._frontier
+        rng = self._plan_rng(seq)
+        if self._merge_wanted(view) and self._find_merge(view, frontier, rng, set(self._merge_tried)) is not None:
+            return None
+        parent_index = frontier.select_parent(rng, self.config.candidate_selection)
+        return seq - 1 if parent_index == parent else None
+
+    def _plan_rng(self, seq: int) -> random.Random:
+        return random.Random(f"mutation:{self.config.seed}:{seq}")
+
     async def _main_loop(self) -> None:
         """Launch while slots and budget allow; commit what finished; wait; repeat."""
         assert self._wake is not None
@@ -270,10 +349,11 @@ class Orchestrator:
             await self._commit_finished()
             budget_blocked = False
             saturated = self._eval_slots.waiting >= self._eval_slots.capacity
-            if self._should_stop() is None and len(self._running()) < self.width() and not saturated:
-                view = self._view_commits(self._next_seq)
+            running = len(self._running())
+            if self._should_stop() is None and running <= self.width() and not saturated:
+                view, chain_on = self._next_view(self._next_seq, running)
                 if view is not None:
-                    plan = self._plan(self._next_seq, view)
+                    plan = self._plan(self._next_seq, view, chain_on)
                     if plan is not None:
                         self._view_floor = view
                         self._launch(plan)
@@ -334,9 +414,9 @@ class Orchestrator:
         await fut
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, seq: int, n_commits: int) -> MutationPlan | None:
+    def _plan(self, seq: int, n_commits: int, chain_on: int | None = None) -> MutationPlan | None:
         """Decide mutation ``seq`` from the state after ``n_commits`` commits, or None if the budget is short."""
-        rng = random.Random(f"mutation:{self.config.seed}:{seq}")
+        rng = self._plan_rng(seq)
         point = self._history.at(n_commits)
         frontier = self._history.frontier_at(n_commits, self._records) if self.config.deterministic else self._frontier
         if self._merge_wanted(n_commits):
@@ -349,6 +429,8 @@ class Orchestrator:
         parent_cost = sum(
             1 for i in minibatch if not self._budget.is_charged((parent.candidate.fingerprint, "train", i))
         )
+        if chain_on is not None:  # the chained parent is a new child: nothing of it is charged yet
+            parent_cost = len(minibatch)
         worst_case = parent_cost + len(minibatch) + len(self._val_ids)
         if not self._reserve(seq, n_commits, worst_case):
             return None
@@ -362,6 +444,7 @@ class Orchestrator:
             rng=rng,
             committed_at_launch=point.records,
             reservation=worst_case,
+            chain_on=chain_on,
         )
         if not callable(self.config.component_selector):
             # Built-in policies decide now, in launch order, so round-robin counters are reproducible.
@@ -404,17 +487,22 @@ class Orchestrator:
         possibly_accepted = self._merges_launched - point.merges_failed
         return self._merges_launched < point.merges_granted and possibly_accepted < cfg.max_merge_invocations
 
+    def _find_merge(
+        self, n_commits: int, frontier: ParetoFrontier, rng: random.Random, tried: set[tuple[int, int, int]]
+    ) -> MergeProposal | None:
+        n_records = self._history.at(n_commits).records
+        members = sorted(set().union(*frontier.non_dominated().values()))
+        existing = {fp: i for fp, i in self._index_by_fp.items() if i < n_records}
+        return find_merge(self._records[:n_records], members, existing, tried, rng, self.config.merge_subsample_size,
+                          fingerprint_texts)
+
     def _plan_merge(
         self, seq: int, rng: random.Random, n_commits: int, frontier: ParetoFrontier
     ) -> MutationPlan | None:
         self._merge_budget_short = False
         n_records = self._history.at(n_commits).records
         records = self._records[:n_records]
-        members = sorted(set().union(*frontier.non_dominated().values()))
-        existing = {fp: i for fp, i in self._index_by_fp.items() if i < n_records}
-        proposal = find_merge(
-            records, members, existing, self._merge_tried, rng, self.config.merge_subsample_size, fingerprint_texts
-        )
+        proposal = self._find_merge(n_commits, frontier, rng, self._merge_tried)
         if proposal is None:
             return None
         worst_case = len(self._val_ids)  # screening ids are validation ids; only the child is evaluated
@@ -448,6 +536,14 @@ class Orchestrator:
 
     def _launch(self, plan: MutationPlan) -> None:
         self._plans[plan.seq] = plan
+        loop = asyncio.get_running_loop()
+        self._rung0_futs[plan.seq] = loop.create_future()
+        self._commit_futs[plan.seq] = loop.create_future()
+        self._planned[plan.seq] = (plan.kind, plan.parent_index, plan.chain_on)
+        self._planned.pop(plan.seq - 2, None)
+        self._chain_decisions.pop(plan.seq, None)
+        if plan.chain_on is not None:
+            self.stats.chaining["planned"] += 1
         self._history.note_reservation(plan.seq, plan.reservation)
         self._tasks[plan.seq] = asyncio.create_task(self._run_mutation(plan), name=f"mutation-{plan.seq}")
         self._next_seq += 1
@@ -459,15 +555,52 @@ class Orchestrator:
         try:
             await self._mutate(plan, result)
         finally:
+            self._resolve_rung0(plan.seq, None)
             if self._wake is not None:
                 self._wake.set()
         return result
+
+    def _resolve_rung0(self, seq: int, survivor: tuple[Candidate, int] | None) -> None:
+        """Publish mutation ``seq``'s rung-0 survivor (the child and its round-robin counter), or None."""
+        fut = self._rung0_futs.get(seq)
+        if fut is not None and not fut.done():
+            fut.set_result(survivor)
+
+    async def _adopt_chained_parent(self, plan: MutationPlan) -> None:
+        """Wait for the rung-0 outcome of the mutation this one chains on; take its child as parent."""
+        assert plan.chain_on is not None
+        fut = self._rung0_futs.get(plan.chain_on)
+        survivor = await asyncio.shield(fut) if fut is not None else None
+        if survivor is None:
+            return  # no survivor: the planned (fallback) parent stands
+        child, counter = survivor
+        plan.chained = True
+        plan.parent, plan.parent_index, plan.parent_val = child, -1, {}
+        if plan.kind != "reflection_all":
+            names = self._selector.components
+            idx = counter % len(names)
+            plan.components, plan.child_counter = [names[idx]], (idx + 1) % len(names)
+        self.stats.chaining["chained"] += 1
+
+    def _chain_settled(self, plan: MutationPlan) -> bool | None:
+        """For a chained mutation: None while its parent's mutation is uncommitted, else whether the
+        parent joined the pool (then its index is filled in)."""
+        fut = self._commit_futs.get(plan.chain_on) if plan.chain_on is not None else None
+        if fut is not None and not fut.done():
+            return None
+        index = self._index_by_fp.get(plan.parent.fingerprint)
+        if index is None:
+            return False
+        plan.parent_index, plan.parent_val = index, self._records[index].val_scores
+        return True
 
     async def _mutate(self, plan: MutationPlan, result: MutationResult) -> None:
         if plan.kind == "merge":
             await self._merge(plan, result)
             return
         cfg = self.config
+        if plan.chain_on is not None:
+            await self._adopt_chained_parent(plan)
         parent = plan.parent
         parent_outs = await self._evaluate_many(parent, "train", plan.minibatch, plan.seq, result.requested)
         parent_scores = [o.score for o in parent_outs]
@@ -527,6 +660,7 @@ class Orchestrator:
             result.detail = f"minibatch {sum(o.score for o in child_outs):.3f} <= parent {sum(parent_scores):.3f}"
             return
         self.stats.survived_rung0_by_kind[plan.kind] += 1
+        self._resolve_rung0(plan.seq, (child, plan.child_counter))
         await self._climb_rungs(plan, child, result, {})
 
     def _claim_child(self, child: Candidate, plan: MutationPlan, result: MutationResult) -> bool:
@@ -569,6 +703,9 @@ class Orchestrator:
             if rung == self._ladder.num_rungs - 1:
                 break
             await self._my_turn(plan.seq)
+            if plan.chained and self._chain_settled(plan) is False:
+                result.status, result.detail = "orphaned", "the child it chained on did not join the pool"
+                return
             incumbent = self._records[self._frontier.best_index()]
             decision = promotion_decision(
                 {i: o.score for i, o in val.items()}, incumbent.val_scores, self._frontier.best_scores(),
@@ -578,6 +715,13 @@ class Orchestrator:
                 result.status = "pruned"
                 result.detail = f"rung {rung + 1}: {decision.reason}"
                 return
+        if plan.chained and self._chain_settled(plan) is None:
+            fut = self._commit_futs.get(plan.chain_on)  # type: ignore[arg-type]
+            if fut is not None:
+                await asyncio.shield(fut)
+        if plan.chained and not self._chain_settled(plan):
+            result.status, result.detail = "orphaned", "the child it chained on did not join the pool"
+            return
         result.val_outcomes = val
         result.status = "accepted"
 
@@ -675,6 +819,8 @@ class Orchestrator:
         self.stats.mutations_by_kind[plan.kind] += 1  # counted at commit: the kind is final by then
         if status == "accepted" and result.child is not None:
             self._accepted += 1
+            if plan.parent_index < 0:  # pragma: no cover - _climb_rungs settles a chained parent first
+                raise RuntimeError(f"mutation {plan.seq} was accepted with an unsettled chained parent")
             parents: list[int | None] = [plan.parent_index]
             if plan.kind == "merge":
                 parents = sorted([plan.parent_index, plan.other_parent_index or 0])
@@ -698,6 +844,19 @@ class Orchestrator:
             CommitPoint(len(self._records), self._budget.committed, self._merges_granted, self._merges_failed,
                         self._accepted, self._attempted, self._credit)
         )
+        if plan.chained:
+            self.stats.chaining[status if status in ("accepted", "orphaned") else "other"] += 1
+        survived = result.status in ("accepted", "pruned", "orphaned") and result.child is not None
+        self._survivor_index[plan.seq] = (
+            self._index_by_fp.get(result.child.fingerprint, -1) if survived and result.child is not None else None
+        )
+        self._survivor_index.pop(plan.seq - 3, None)
+        done = self._commit_futs.get(plan.seq)
+        if done is not None and not done.done():
+            done.set_result(None)
+        # mutation seq - 1's futures served only mutation seq, which is now committed
+        self._rung0_futs.pop(plan.seq - 1, None)
+        self._commit_futs.pop(plan.seq - 1, None)
         waiter = self._turn_waiters.pop(self._committed, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

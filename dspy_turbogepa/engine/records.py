@@ -19,6 +19,7 @@ MutationStatus = Literal[
     "no_proposal",  # the proposer returned nothing usable (recorded with its cause)
     "skipped_perfect",  # the parent was already perfect on the minibatch
     "cancelled",  # the run stopped before the mutation finished
+    "orphaned",  # chained on a child that passed rung 0 but then did not join the pool
 ]
 
 StopReason = Literal[
@@ -66,6 +67,10 @@ class MutationPlan:
     other_parent_val: Mapping[int, float] | None = None
     child_texts: Mapping[str, str] | None = None
     screen_ids: tuple[int, ...] = ()
+    #: Speculative chaining: if mutation ``chain_on``'s child survives rung 0, this mutation uses that
+    #: child as its parent (``parent`` stays the fallback) and joins the pool only if the child does.
+    chain_on: int | None = None
+    chained: bool = False
 
 
 @dataclass
@@ -100,6 +105,8 @@ class RunStats:
     task_completion_tokens: int = 0
     task_cost: float = 0.0
     rate_limit_retries: int = 0
+    #: Speculative chaining: mutations planned to chain, those that did, and those orphaned.
+    chaining: Counter[str] = field(default_factory=Counter)
     #: Filled by the evaluation layer: 429s seen, retries, backoff seconds, AIMD windows per endpoint.
     rate_limits: dict[str, object] = field(default_factory=dict)
     #: Per proposal kind: attempts, children surviving rung 0, accepted, Laplace-smoothed rates.
@@ -119,6 +126,7 @@ class RunStats:
             "metric_calls_executed": self.executed,
             "peak_evals_in_flight": self.peak_evals_in_flight,
             "peak_mutations_in_flight": self.peak_mutations_in_flight,
+            "chaining": dict(self.chaining),
             "reflection_tokens": {"prompt": self.reflection_prompt_tokens,
                                   "completion": self.reflection_completion_tokens},
             "task_tokens": {"prompt": self.task_prompt_tokens, "completion": self.task_completion_tokens},

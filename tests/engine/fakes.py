@@ -450,4 +450,10 @@ def check_invariants(result: EngineResult, orch: Orchestrator, ev: FakeEvaluator
     # the in-flight limits held
     assert ev.peak_in_flight <= cfg.max_evals_in_flight
     assert result.stats.peak_evals_in_flight <= cfg.max_evals_in_flight
-    assert result.stats.peak_mutations_in_flight <= cfg.max_mutations_in_flight
+    # speculative chaining may run one mutation beyond the width
+    assert result.stats.peak_mutations_in_flight <= cfg.max_mutations_in_flight + int(cfg.speculative_chaining)
+    # a chained mutation either settled on a parent that joined the pool, or was orphaned
+    chaining = result.stats.chaining
+    assert chaining.get("chained", 0) <= chaining.get("planned", 0)
+    assert chaining.get("accepted", 0) + chaining.get("orphaned", 0) + chaining.get("other", 0) == chaining.get(
+        "chained", 0) or result.stop_reason in ("interrupted",)

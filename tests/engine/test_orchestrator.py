@@ -283,13 +283,13 @@ def test_small_budget_runs_one_mutation_at_a_time(deterministic: bool) -> None:
     per_child = 2 * 3 + 8
     budget = 8 + 2 * GENERATIONS_TO_AFFORD * per_child - 1
     cfg = make_config(max_metric_calls=budget, max_mutations_in_flight=8, max_evals_in_flight=32,
-                      deterministic=deterministic)
+                      deterministic=deterministic, speculative_chaining=False)
     result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=3, reflector=FakeReflector(3, mode="noise"))
     check_invariants(result, orch, ev, setup)
     assert result.stats.peak_mutations_in_flight == 1
     # twice that budget allows two at the start
     cfg = make_config(max_metric_calls=8 + 2 * GENERATIONS_TO_AFFORD * per_child, max_mutations_in_flight=8,
-                      max_evals_in_flight=32, deterministic=deterministic)
+                      max_evals_in_flight=32, deterministic=deterministic, speculative_chaining=False)
     result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=3, reflector=FakeReflector(3, mode="noise"))
     assert result.stats.peak_mutations_in_flight == 2
 
@@ -311,3 +311,45 @@ def test_adaptive_width_starts_narrow() -> None:
     holder["orch"] = orch
     run(orch)
     assert seen and max(seen) <= max(2, cfg.min_mutations_in_flight)
+
+
+# ------------------------------------------------------------------------------------- speculative chaining
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])
+def test_chained_mutation_starts_from_the_child_still_in_validation(deterministic: bool) -> None:
+    """At width 1 the next mutation chains on the running one: it starts from that mutation's rung-0
+    survivor while the survivor is validated, and joins the pool only if the survivor did."""
+    setup = hard_setup(train_n=24, val_n=16)
+    cfg = make_config(max_metric_calls=170, max_mutations_in_flight=8, rung_fractions=(0.25, 1.0),
+                      deterministic=deterministic)
+    rec = Recorder()
+    result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=7, observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    chaining = result.stats.chaining
+    assert chaining["planned"] >= 2 and chaining["chained"] >= 1, chaining
+    assert result.stats.peak_mutations_in_flight == 2  # width 1 plus the chained one
+    by_fp = {r.candidate.fingerprint: r for r in result.records}
+    chained = [r for r in rec.results if r.plan.chained and r.status == "accepted"]
+    assert chained, chaining
+    for r in chained:
+        record = by_fp[r.child.fingerprint]
+        (parent,) = record.parent_indices
+        # its parent is the child of the mutation it chained on, which had joined the pool first
+        prev = next(p for p in rec.results if p.plan.seq == r.plan.chain_on)
+        assert prev.child is not None and result.records[parent].candidate.fingerprint == prev.child.fingerprint
+        assert parent < record.index
+    for r in rec.results:
+        if r.status == "orphaned":
+            assert r.child is None or r.child.fingerprint not in by_fp
+
+
+def test_chaining_is_reproducible_whatever_the_completion_order() -> None:
+    runs = [det_run(s, seed=5, yields=20, max_metric_calls=170) for s in (None, 1, 2, 3)]
+    base = runs[0][0]
+    assert base.stats.chaining["chained"] >= 1, base.stats.chaining
+    for result, orch, ev, _ in runs:
+        check_invariants(result, orch, ev, DET_SETUP)
+        assert snapshot(result) == snapshot(base)
+        assert result.stats.chaining == base.stats.chaining
+        assert result.total_metric_calls == base.total_metric_calls

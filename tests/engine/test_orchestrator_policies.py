@@ -233,7 +233,7 @@ def test_round_robin_alternates_components_on_the_same_parent() -> None:
 def test_round_robin_counters_are_per_candidate_and_inherited() -> None:
     setup = two_component_setup()
     cfg = make_config(max_metric_calls=400, max_mutations_in_flight=1, max_staleness=1,
-                      candidate_selection="current_best")
+                      candidate_selection="current_best", speculative_chaining=False)
     rec = Recorder()
     result, _orch, _ev, _refl = run_fakes(cfg, setup, reflector=FakeReflector(4), observers=[rec])
     counters: Counter[str] = Counter()
@@ -315,7 +315,9 @@ def test_callable_selector_naming_an_unknown_component_fails_the_run() -> None:
 @pytest.mark.parametrize("strategy", ["pareto", "current_best", "epsilon_greedy", "top_k_pareto"])
 def test_parent_selection_follows_the_strategy(strategy: str) -> None:
     setup = hard_setup(train_n=24, val_n=12)
-    cfg = make_config(max_metric_calls=500, candidate_selection=strategy, max_mutations_in_flight=3)
+    # (chaining off: a chained mutation takes its predecessor's child instead of drawing a parent)
+    cfg = make_config(max_metric_calls=500, candidate_selection=strategy, max_mutations_in_flight=3,
+                      speculative_chaining=False)
     rec = Recorder()
     result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=5, reflector=FakeReflector(5, mode="replace"),
                                        observers=[rec])
