@@ -343,3 +343,75 @@ def test_parent_selection_follows_the_strategy(strategy: str) -> None:
             assert p in (members & top5) or (not members & top5 and p == f.best_index())
     if strategy != "current_best":
         assert len(parents) > 1
+
+
+# ------------------------------------------------------------------------------------- operator credit
+
+
+class KindReflector(FakeReflector):
+    """Learns a keyword only when rewriting the winning kind's components ("one" or "all"); the other
+    kind proposes noise that never improves anything."""
+
+    def __init__(self, winner: str, sleep_seed: int | None = None) -> None:
+        super().__init__(sleep_seed)
+        self.winner = winner
+        self._noise = FakeReflector(sleep_seed, mode="noise")
+
+    async def reflect(self, parent_texts, components, outcomes, seed):  # type: ignore[no-untyped-def]
+        if ("all" if len(components) > 1 else "one") == self.winner:
+            return await super().reflect(parent_texts, components, outcomes, seed)
+        return await self._noise.reflect(parent_texts, components, outcomes, seed)
+
+
+@pytest.mark.parametrize("winner", ["one", "all"])
+def test_adaptive_mix_shifts_toward_the_kind_that_wins(winner: str) -> None:
+    """With the default selector the mix follows operator credit: whichever of "one component" and
+    "all components" keeps producing new best candidates gets most of the later mutations."""
+    task = KeywordTask(components=("a", "b", "c"), num_keywords=9,
+                       hidden=frozenset(("train", i) for i in range(40) if i % 5 == 4))
+    setup = Setup(task=task, train_ids=tuple(range(40)), val_ids=tuple(range(12)))
+    cfg = make_config(max_metric_calls=900, adaptive_components=True, max_mutations_in_flight=4)
+    rec = Recorder()
+    result, orch, ev, _refl = run_fakes(cfg, setup, sleep_seed=2, reflector=KindReflector(winner, 2), observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    credit = result.stats.operator_credit
+    kinds = [r.plan.kind for r in rec.results if r.plan.kind != "merge" and r.status != "skipped_perfect"]
+    late = kinds[len(kinds) // 2:]
+    share_all = sum(k == "reflection_all" for k in late) / len(late)
+    if winner == "all":
+        assert credit["reflection_all"]["improved_best"] > credit.get("reflection", {}).get("improved_best", 0)
+        assert share_all > 0.5, (share_all, credit)
+    else:
+        assert credit["reflection"]["improved_best"] > credit.get("reflection_all", {}).get("improved_best", 0)
+        assert share_all < 0.2, (share_all, credit)
+
+
+def test_no_new_proposals_while_the_evaluation_queue_is_full() -> None:
+    """Back-pressure: when the evaluations already waiting fill every slot, no mutation is launched."""
+    setup = hard_setup(train_n=40, val_n=16)
+    cfg = make_config(max_metric_calls=500, max_evals_in_flight=2, max_mutations_in_flight=8, **fixed_width())
+    holder: dict = {}
+    violations: list[tuple[int, int]] = []
+    waiting_seen: list[int] = []
+
+    class Watch(Recorder):
+        def on_evaluation(self, candidate, split, outcome) -> None:  # type: ignore[no-untyped-def]
+            super().on_evaluation(candidate, split, outcome)
+            waiting_seen.append(holder["orch"]._eval_slots.waiting)
+
+    orch = build(cfg, FakeEvaluator(setup.task, 3), FakeReflector(3, mode="noise"), setup, [Watch()])
+    holder["orch"] = orch
+    original = orch._launch
+
+    def launch(plan):  # type: ignore[no-untyped-def]
+        slots = orch._eval_slots
+        if slots.waiting >= slots.capacity:
+            violations.append((slots.waiting, slots.capacity))
+        original(plan)
+
+    orch._launch = launch  # type: ignore[method-assign]
+    result = run(orch)
+    assert not violations
+    # the queue did fill up (so the rule was exercised) and the run still finished its budget
+    assert max(waiting_seen) >= cfg.max_evals_in_flight
+    assert result.stop_reason == "max_metric_calls"
