@@ -1,10 +1,11 @@
 """Streaming shown without timing: many LM calls are waiting at the same moment.
 
-After the seed's validation pass (which any optimizer runs wide), a gate holds every student LM call
-until 12 calls are waiting at once, then opens for good. Under an in-flight limit of 16 the streaming
-engine must get there; a loop that runs one reflective iteration at a time (dspy.GEPA's) cannot, since
-its minibatches hold 3 calls. If the gate is never reached within the timeout the test fails instead
-of hanging.
+The proposer here never improves anything, so mutations keep failing and the adaptive width grows
+(about 1/p mutations at once). After the seed's validation pass and 20 failed mutations, a gate holds
+every student LM call until 12 calls are waiting at once, then opens for good. Under an in-flight
+limit of 16 the streaming engine must get there; a loop that runs one reflective iteration at a time
+(dspy.GEPA's) cannot, since its minibatches hold 3 calls. If the gate is never reached within the
+timeout the test fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -101,16 +102,22 @@ def _run(task, lm, budget=300, program=None, **kw):
 
 @pytest.mark.parametrize("async_program", [False, True])
 def test_twelve_calls_wait_at_once_under_a_limit_of_16(routing, async_program):
+    arm_after = N_VAL + 20 * 2 * 3  # the seed's validation, then 20 failed mutations (two minibatches each)
     if async_program:
-        gate = AsyncGate(TARGET, arm_after=N_VAL)
+        gate = AsyncGate(TARGET, arm_after=arm_after)
         lm = make_student_lm(seed=0, noise=0.0, async_before_call=gate)
         program = routing.make_program(async_forward=True)
     else:
-        gate = ThreadGate(TARGET, arm_after=N_VAL)
+        gate = ThreadGate(TARGET, arm_after=arm_after)
         lm = make_student_lm(seed=0, noise=0.0, before_call=gate)
         program = routing.make_program()
     splits = small_splits(routing, n_train=30, n_val=N_VAL)
-    opt = TurboGEPA(routing.metric, max_metric_calls=800, reflection_lm=make_reflection_lm(seed=0), num_threads=16,
+    counter = iter(range(10**6))
+
+    def useless(candidate, reflective_dataset, components_to_update):  # never helps: mutations keep failing
+        return {c: f"{candidate[c]} (note {next(counter)})" for c in components_to_update}
+
+    opt = TurboGEPA(routing.metric, max_metric_calls=800, instruction_proposer=useless, num_threads=16,
                     use_merge=False, track_stats=True, rung_fractions=[1.0])
     with dspy.context(lm=lm):
         optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
