@@ -72,18 +72,16 @@ def test_dspy_multimodal_instruction_proposer_works_unchanged(routing):
 
 def test_merge_combines_two_specialists_into_a_child_better_than_both(pipeline):
     """Scripted proposer: one lineage only ever fixes `extract`, another only `render`; merge combines them."""
-    extract_rules = pipeline.all_rules_instructions()["extract"]
-    render_rules = pipeline.all_rules_instructions()["render"]
-    state = {"n": 0}
+    rules = pipeline.all_rules_instructions()
+    first_time: set[str] = set()
 
     def proposer(candidate, reflective_dataset, components_to_update):
-        state["n"] += 1
-        name = components_to_update[0]
-        # only the first two proposals are useful, each for its own component
-        if state["n"] == 1:
-            return {"extract": extract_rules}
-        if state["n"] == 2:
-            return {"render": render_rules}
+        # only the first proposal for each component is useful (keyed by component, not by call order,
+        # which depends on timing when two mutations reflect at once)
+        (name,) = components_to_update
+        if name not in first_time:
+            first_time.add(name)
+            return {name: rules[name]}
         return {name: candidate[name] + " Keep it short."}
 
     program, _ = _compile(pipeline, pipeline.metric, 400, instruction_proposer=proposer,
