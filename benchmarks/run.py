@@ -669,7 +669,8 @@ def _plot(groups: dict[tuple[str, int], dict[str, list[Run]]], path: Path) -> No
             for j in range(len(grid)):
                 col = [c[j] for c in curves if c[j] == c[j]]
                 med.append(statistics.median(col) if col else float("nan"))
-            (line,) = ax.step(grid, med, where="post", label=f"{opt} (median of {len(rs)})")
+            (line,) = ax.step(grid, med, where="post", label=f"{opt} (median of {len(rs)})",
+                              color={"gepa": "C0", "gepa4": "C1", "turbo": "C2"}.get(opt))
             for c in curves:
                 ax.step(grid, c, where="post", color=line.get_color(), alpha=0.2, lw=0.8)
         ax.set_title(f"{key[0]}, budget {key[1]}")
