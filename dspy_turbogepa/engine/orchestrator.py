@@ -426,11 +426,9 @@ class Orchestrator:
         parent_index = frontier.select_parent(rng, self.config.candidate_selection)
         parent = self._records[parent_index]
         minibatch = self._sampler.batch(seq)
-        parent_cost = sum(
-            1 for i in minibatch if not self._budget.is_charged((parent.candidate.fingerprint, "train", i))
-        )
-        if chain_on is not None:  # the chained parent is a new child: nothing of it is charged yet
-            parent_cost = len(minibatch)
+        # The parent's minibatch is reserved whole: whether its pairs are already charged depends on
+        # commits after the planning view (timing), and a reservation must not.
+        parent_cost = len(minibatch)
         worst_case = parent_cost + len(minibatch) + len(self._val_ids)
         if not self._reserve(seq, n_commits, worst_case):
             return None
@@ -846,6 +844,8 @@ class Orchestrator:
         )
         if plan.chained:
             self.stats.chaining[status if status in ("accepted", "orphaned") else "other"] += 1
+        # A task cancelled before its first step never ran its finally: release anyone chained on it.
+        self._resolve_rung0(plan.seq, None)
         survived = result.status in ("accepted", "pruned", "orphaned") and result.child is not None
         self._survivor_index[plan.seq] = (
             self._index_by_fp.get(result.child.fingerprint, -1) if survived and result.child is not None else None

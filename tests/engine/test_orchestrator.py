@@ -353,3 +353,44 @@ def test_chaining_is_reproducible_whatever_the_completion_order() -> None:
         assert snapshot(result) == snapshot(base)
         assert result.stats.chaining == base.stats.chaining
         assert result.total_metric_calls == base.total_metric_calls
+
+
+def test_a_cancel_that_lands_before_a_mutation_starts_never_strands_the_one_chained_on_it(monkeypatch) -> None:
+    """cancel_in_flight() without a stop request: a task cancelled before its first step never runs its
+    body, so its commit must still release the mutation chained on it (it used to wait forever)."""
+    original = Orchestrator._plan
+    for sleep_seed in (None, 1, 2, 3):
+        for nth in (1, 2, 3):
+            state = {"n": 0}
+
+            def plan(self, seq, n_commits, chain_on=None, _nth=nth, _state=state):  # type: ignore[no-untyped-def]
+                p = original(self, seq, n_commits, chain_on)
+                if p is not None and chain_on is not None:
+                    _state["n"] += 1
+                    if _state["n"] == _nth:
+                        self.cancel_in_flight()
+                return p
+
+            monkeypatch.setattr(Orchestrator, "_plan", plan)
+            setup = Setup()
+            orch = build(make_config(max_metric_calls=120), FakeEvaluator(setup.task, sleep_seed),
+                         FakeReflector(sleep_seed), setup)
+            result = run(orch, timeout=5)  # raises RunTimeout if a mutation waits forever
+            assert result.stats.mutations.get("cancelled", 0) >= 1
+
+
+def test_reservations_do_not_depend_on_completion_order() -> None:
+    """A reservation counts the parent's minibatch whole: whether its pairs were already charged depends on
+    commits after the planning view. (Live charges made fixed-width strict runs stop at timing-dependent
+    points: 120 vs 123 metric calls for the same seed.)"""
+    setup = hard_setup(train_n=9, val_n=4)
+    for budget in (118, 127):
+        outcomes = set()
+        for sleep_seed in (None, 1, 2, 3, 4, 5, 6):
+            cfg = make_config(max_metric_calls=budget, max_mutations_in_flight=4, strict_budget=True, **fixed_width())
+            ev = FakeEvaluator(setup.task, sleep_seed, max_yields=20)
+            result, orch, ev, _ = run_fakes(cfg, setup, evaluator=ev, reflector=FakeReflector(sleep_seed, max_yields=20))
+            check_invariants(result, orch, ev, setup)
+            outcomes.add((result.total_metric_calls, tuple(sorted(result.stats.mutations.items())),
+                          repr(snapshot(result))))
+        assert len(outcomes) == 1, outcomes
