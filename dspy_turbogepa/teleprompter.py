@@ -26,7 +26,6 @@ from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
 from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator
 from dspy_turbogepa.engine.config import (
     CANDIDATE_SELECTIONS,
-    default_min_mutations_in_flight,
     default_mutations_in_flight,
     default_reflections_in_flight,
     default_rung_fractions,
@@ -459,7 +458,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_metric_calls=budget,
             max_evals_in_flight=num_threads,
             max_mutations_in_flight=mutations,
-            min_mutations_in_flight=min(mutations, default_min_mutations_in_flight(num_threads)),
             max_reflections_in_flight=reflections,
             reflection_minibatch_size=self.reflection_minibatch_size,
             rung_fractions=self.rung_fractions or default_rung_fractions(val_size, self.reduction_factor),

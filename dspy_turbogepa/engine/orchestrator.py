@@ -270,15 +270,15 @@ class Orchestrator:
         floor = min(cfg.min_mutations_in_flight, affordable)
         return max(floor, min(cfg.max_mutations_in_flight, round(1 / p), affordable))
 
-    def _view_commits(self, seq: int) -> int | None:
+    def _view_commits(self, seq: int, width: int) -> int | None:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""
         if not self.config.deterministic:
             return self._committed
-        staleness = self.config.max_staleness if not self.config.adaptive_width else self.width()
+        staleness = self.config.max_staleness if not self.config.adaptive_width else width
         needed = max(0, seq - (staleness or 1) + 1, self._view_floor)
         return needed if self._committed >= needed else None
 
-    def _next_view(self, seq: int, running: int) -> tuple[int | None, int | None]:
+    def _next_view(self, seq: int, running: int, width: int) -> tuple[int | None, int | None]:
         """The view mutation ``seq`` is planned from, and the mutation it chains on (or None).
 
         Speculative chaining: when the width is 1 (the search is sequential, because most mutations
@@ -290,22 +290,22 @@ class Orchestrator:
         state at that earlier view only, so it is reproducible; otherwise the mutation is planned as
         usual, from the usual view, within the width.
         """
-        chain_view = self._chain_view(seq)
+        chain_view = self._chain_view(seq, width)
         if chain_view is not None:
             if self._committed < chain_view:
                 return None, None
             if seq not in self._chain_decisions:
                 self._chain_decisions[seq] = self._chain_target(seq, chain_view)
             if self._chain_decisions[seq] is not None:
-                return (chain_view, seq - 1) if running <= self.width() else (None, None)
-        if running >= self.width():
+                return (chain_view, seq - 1) if running <= width else (None, None)
+        if running >= width:
             return None, None
-        return self._view_commits(seq), None
+        return self._view_commits(seq, width), None
 
-    def _chain_view(self, seq: int) -> int | None:
+    def _chain_view(self, seq: int, width: int) -> int | None:
         cfg = self.config
         if (not cfg.speculative_chaining or not cfg.adaptive_width or callable(cfg.component_selector) or seq == 0
-                or self.width() != 1):
+                or width != 1):
             return None
         if not cfg.deterministic:
             prev = self._tasks.get(seq - 1)
@@ -350,8 +350,9 @@ class Orchestrator:
             budget_blocked = False
             saturated = self._eval_slots.waiting >= self._eval_slots.capacity
             running = len(self._running())
-            if self._should_stop() is None and running <= self.width() and not saturated:
-                view, chain_on = self._next_view(self._next_seq, running)
+            width = self.width()  # once per pass: it only changes when a launch moves the view
+            if self._should_stop() is None and running <= width and not saturated:
+                view, chain_on = self._next_view(self._next_seq, running, width)
                 if view is not None:
                     plan = self._plan(self._next_seq, view, chain_on)
                     if plan is not None:
