@@ -48,7 +48,7 @@ IGNORED_KEYS: dict[str, str] = {
     "evaluator": "evaluation is done by the DSPy adapter",
     "reflection_lm_kwargs": "configure the reflection dspy.LM instead",
     "frontier_type": "only the per-instance frontier ('instance') is implemented",
-    "batch_sampler": "minibatches are epoch-shuffled and derived from the mutation number",
+    "batch_sampler": "minibatches are chosen by minibatch_sampling (failure_first or epoch)",
     "merge_val_overlap_floor": "not used by this engine's merge",
     "callbacks": "gepa callbacks are not called; use the run store or MLflow tracking",
     "wandb_attach_existing": "wandb is not supported",

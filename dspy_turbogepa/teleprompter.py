@@ -26,6 +26,7 @@ from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
 from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator
 from dspy_turbogepa.engine.config import (
     CANDIDATE_SELECTIONS,
+    MINIBATCH_SAMPLINGS,
     default_mutations_in_flight,
     default_reflections_in_flight,
     default_rung_fractions,
@@ -88,6 +89,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             choose between rewriting one component and all of them, shifting toward whichever makes new
             best candidates in this run (default True; an explicit ``component_selector`` always wins;
             False keeps dspy.GEPA's round robin). Per-kind credit is reported either way.
+        minibatch_sampling: ``"failure_first"`` (default) draws the training examples the parent's
+            lineage failed (or was never tried on) before the ones it already solves, so fewer mutations
+            end as skipped all-perfect minibatches; each example is still drawn about once per epoch.
+            ``"epoch"``: dspy.GEPA's plain epoch-shuffled order.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         reduction_factor: float = 3.0,
         deterministic: bool = True,
         adaptive_proposal_mix: bool = True,
+        minibatch_sampling: Literal["failure_first", "epoch"] = "failure_first",
         strict_budget: bool = False,
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
@@ -200,6 +206,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise ValueError(f"reduction_factor must be a number > 1, got {reduction_factor!r}.")
         if rung_fractions is not None:
             validate_rung_fractions(rung_fractions)
+        if minibatch_sampling not in MINIBATCH_SAMPLINGS:
+            raise ValueError(
+                f"minibatch_sampling must be one of {list(MINIBATCH_SAMPLINGS)}, got {minibatch_sampling!r}."
+            )
         if gepa_kwargs is not None and not isinstance(gepa_kwargs, dict):
             raise TypeError(f"gepa_kwargs must be a dict or None, got {type(gepa_kwargs).__name__}.")
         self._mapped_gepa_kwargs = interpret_gepa_kwargs(gepa_kwargs or {})
@@ -238,6 +248,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.reduction_factor = float(reduction_factor)
         self.deterministic = deterministic
         self.adaptive_proposal_mix = bool(adaptive_proposal_mix)
+        self.minibatch_sampling = minibatch_sampling
         self.strict_budget = bool(strict_budget)
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
@@ -462,6 +473,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             reflection_minibatch_size=self.reflection_minibatch_size,
             rung_fractions=self.rung_fractions or default_rung_fractions(val_size, self.reduction_factor),
             candidate_selection=self.candidate_selection_strategy,  # type: ignore[arg-type]
+            minibatch_sampling=self.minibatch_sampling,  # type: ignore[arg-type]
             component_selector=str(self.component_selector) if isinstance(self.component_selector, str)
             else self.component_selector,
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,

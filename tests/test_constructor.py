@@ -105,6 +105,7 @@ def test_unknown_auto_fails_at_construction_not_compile():
         ({"rung_fractions": []}, ValueError, "must not be empty"),
         ({"reduction_factor": 1.0}, ValueError, "reduction_factor"),
         ({"candidate_selection_strategy": "best"}, ValueError, "candidate_selection_strategy"),
+        ({"minibatch_sampling": "random"}, ValueError, "minibatch_sampling must be one of"),
         ({"seed": "x"}, TypeError, "seed"),
         ({"reflection_lm": "openai/gpt-4o"}, TypeError, "reflection_lm must be a dspy.LM"),
         ({"instruction_proposer": "not callable"}, TypeError, "instruction_proposer"),
@@ -191,6 +192,8 @@ def test_engine_knobs_derive_from_num_threads():
     assert small.max_mutations_in_flight == 2 and small.rung_fractions == (1.0,)
     explicit = make(rung_fractions=[0.25, 1.0], max_mutations_in_flight=3)._engine_config(100, 16, 40)
     assert explicit.rung_fractions == (0.25, 1.0) and explicit.max_mutations_in_flight == 3
+    assert cfg.minibatch_sampling == "failure_first"
+    assert make(minibatch_sampling="epoch")._engine_config(100, 16, 40).minibatch_sampling == "epoch"
 
 
 def test_is_configuration_error_both_assertion_and_value_error():

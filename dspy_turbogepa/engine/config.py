@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 CandidateSelection = Literal["pareto", "current_best", "epsilon_greedy", "top_k_pareto"]
 CANDIDATE_SELECTIONS: tuple[str, ...] = ("pareto", "current_best", "epsilon_greedy", "top_k_pareto")
+MinibatchSampling = Literal["failure_first", "epoch"]
+MINIBATCH_SAMPLINGS: tuple[str, ...] = ("failure_first", "epoch")
 
 #: Smallest validation shard worth a promotion decision; smaller shards are too noisy to prune on.
 MIN_SHARD_SIZE = 8
@@ -77,6 +79,10 @@ class EngineConfig:
     #: incumbent: 0 promotes children not behind it (or best on some instance); larger is laxer.
     promotion_z: float = 0.0
     candidate_selection: CandidateSelection = "pareto"
+    #: "failure_first" (default): epoch-shuffled, but examples the parent's lineage failed come first
+    #: and ones it solves are dropped for the epoch (see sampling.FailureFirstSampler); "epoch": gepa's
+    #: plain epoch-shuffled order.
+    minibatch_sampling: MinibatchSampling = "failure_first"
     component_selector: str | Callable[..., Any] = "round_robin"
     #: GEPA's acceptance test on the minibatch: strict improvement unless this is set.
     accept_equal_on_minibatch: bool = False
@@ -129,6 +135,10 @@ class EngineConfig:
         if self.candidate_selection not in CANDIDATE_SELECTIONS:
             raise ValueError(
                 f"candidate_selection_strategy must be one of {list(CANDIDATE_SELECTIONS)}, got {self.candidate_selection!r}."
+            )
+        if self.minibatch_sampling not in MINIBATCH_SAMPLINGS:
+            raise ValueError(
+                f"minibatch_sampling must be one of {list(MINIBATCH_SAMPLINGS)}, got {self.minibatch_sampling!r}."
             )
         if not callable(self.component_selector) and self.component_selector not in ("round_robin", "all"):
             raise ValueError(

@@ -38,7 +38,7 @@ from dspy_turbogepa.engine.records import (
     StopReason,
 )
 from dspy_turbogepa.engine.rungs import RungLadder, promotion_decision
-from dspy_turbogepa.engine.sampling import EpochShuffledSampler
+from dspy_turbogepa.engine.sampling import LINEAGE_DEPTH, EpochShuffledSampler, FailureFirstSampler, LineageKnowledge
 from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
@@ -95,6 +95,11 @@ class Orchestrator:
         self._frontier = ParetoFrontier(self._val_ids)
         self._ladder = RungLadder.build(self._val_ids, config.rung_fractions, config.seed)
         self._sampler = EpochShuffledSampler(self._train_ids, config.reflection_minibatch_size, config.seed)
+        self._failure_first = (
+            FailureFirstSampler(self._train_ids, config.reflection_minibatch_size, config.seed)
+            if config.minibatch_sampling == "failure_first" else None
+        )
+        self._knowledge = LineageKnowledge(config.perfect_score)
         self._selector = ComponentSelector(list(seed_candidate.texts), config.component_selector)
         self._eval_slots = PrioritySlots(config.max_evals_in_flight)
         self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
@@ -339,6 +344,16 @@ class Orchestrator:
         parent_index = frontier.select_parent(rng, self.config.candidate_selection)
         return seq - 1 if parent_index == parent else None
 
+    def _lineage(self, index: int) -> list[str]:
+        """Fingerprints of candidate ``index`` and its first-parent ancestors, nearest first."""
+        out: list[str] = []
+        current: int | None = index
+        while current is not None and current >= 0 and len(out) < LINEAGE_DEPTH:
+            record = self._records[current]
+            out.append(record.candidate.fingerprint)
+            current = next((p for p in record.parent_indices if p is not None), None)
+        return out
+
     def _plan_rng(self, seq: int) -> random.Random:
         return random.Random(f"mutation:{self.config.seed}:{seq}")
 
@@ -426,13 +441,21 @@ class Orchestrator:
                 return merge_plan
         parent_index = frontier.select_parent(rng, self.config.candidate_selection)
         parent = self._records[parent_index]
-        minibatch = self._sampler.batch(seq)
+        draw = None
+        if self._failure_first is not None:
+            draw = self._failure_first.draw(self._knowledge.ranker(self._lineage(parent_index), n_commits))
+            minibatch = draw
+        else:
+            minibatch = self._sampler.batch(seq)
         # The parent's minibatch is reserved whole: whether its pairs are already charged depends on
         # commits after the planning view (timing), and a reservation must not.
         parent_cost = len(minibatch)
         worst_case = parent_cost + len(minibatch) + len(self._val_ids)
         if not self._reserve(seq, n_commits, worst_case):
             return None
+        if draw is not None:
+            assert self._failure_first is not None
+            self._failure_first.consume(draw)
         plan = MutationPlan(
             seq=seq,
             kind="reflection",
@@ -603,6 +626,7 @@ class Orchestrator:
         parent = plan.parent
         parent_outs = await self._evaluate_many(parent, "train", plan.minibatch, plan.seq, result.requested)
         parent_scores = [o.score for o in parent_outs]
+        result.train_scores.extend((parent.fingerprint, i, o.score) for i, o in zip(plan.minibatch, parent_outs))
         if cfg.skip_perfect_score and all(s >= cfg.perfect_score for s in parent_scores):
             result.status = "skipped_perfect"
             return
@@ -653,6 +677,7 @@ class Orchestrator:
             return
 
         child_outs = await self._evaluate_many(child, "train", plan.minibatch, plan.seq, result.requested)
+        result.train_scores.extend((child.fingerprint, i, o.score) for i, o in zip(plan.minibatch, child_outs))
         child_sum, parent_sum = sum(o.score for o in child_outs), sum(parent_scores)
         if child_sum < parent_sum or (child_sum == parent_sum and not cfg.accept_equal_on_minibatch):
             result.status = "rejected_rung0"
@@ -797,6 +822,8 @@ class Orchestrator:
         self._budget.release(plan.reservation)
         self._committed += 1
         status = result.status
+        for fingerprint, example_id, score in result.train_scores:
+            self._knowledge.record(fingerprint, example_id, score, self._committed)
         # Cache hits are free, so a run whose parents are all perfect on every minibatch could spin
         # forever on free no-op mutations; stop once that has clearly happened.
         self._noop_streak = 0 if (newly_charged or status == "accepted") else self._noop_streak + 1

@@ -82,6 +82,8 @@ class MutationResult:
     rung_reached: int = 0
     detail: str | None = None
     requested: set[tuple[str, str, int]] = field(default_factory=set)
+    #: (candidate fingerprint, training id, score) of the minibatch evaluations, for failure-first sampling.
+    train_scores: list[tuple[str, int, float]] = field(default_factory=list)
 
 
 @dataclass

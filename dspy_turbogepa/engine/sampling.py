@@ -1,14 +1,16 @@
-"""Training minibatches for reflection: epoch-shuffled, and a pure function of the mutation number.
+"""Training minibatches for reflection.
 
-gepa draws minibatches from one stateful sampler in iteration order. With many mutations in flight
-we instead compute mutation ``k``'s minibatch directly, so a run's minibatches do not depend on which
-mutation happened to be launched first.
+``EpochShuffledSampler`` is gepa's epoch-shuffled order as a pure function of the mutation number
+(``minibatch_sampling="epoch"``). ``FailureFirstSampler`` (the default) walks the same shuffles but
+draws the examples the parent is likely to fail first and the ones its lineage already solves last.
+Both are reproducible with many mutations in flight: the first does not depend on launch order at
+all, the second is drawn in launch order from the planning view.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class EpochShuffledSampler:
@@ -40,3 +42,101 @@ class EpochShuffledSampler:
         order = self._epoch(epoch)
         padded = order + order[: per_epoch * size - n]
         return tuple(padded[j * size : (j + 1) * size])
+
+
+#: How a training example ranks for one parent's minibatch (lower is drawn first).
+LIKELY_FAILING, UNKNOWN, SOLVED = 0, 1, 2
+
+
+class FailureFirstSampler:
+    """Minibatches that draw the examples a parent is likely to fail first, and its solved ones last.
+
+    Why: reflection learns only from failures, and a minibatch the parent already solves is skipped
+    after paying for its evaluation (GEPA's ``skip_perfect_score``). Late in a run most training
+    examples are solved, so in plain epoch order most mutations are such skips: each costs a few
+    metric calls and a round-trip on the critical path, and teaches nothing. Here each draw ranks the
+    examples with what the run knows about the parent's lineage (``rank``: LIKELY_FAILING, UNKNOWN or
+    SOLVED) and takes them in the order (rank, least recently drawn, position in the epoch's shuffle).
+    Solved examples are drawn only when nothing else is eligible.
+
+    An example is eligible again only ``gap`` draws (half an epoch's worth) after it was drawn, so an
+    example no candidate can solve (label noise, a missing input) is drawn at most twice as often as
+    in plain epoch order, not every time; the least-recently-drawn tie-break keeps the rest fair.
+
+    Determinism: ``draw`` does not change the sampler, ``consume`` applies a draw. Drawn in launch
+    order with ranks read from the planning view, a run's minibatches do not depend on timing.
+    """
+
+    def __init__(self, ids: Sequence[int], size: int, seed: int) -> None:
+        if not ids:
+            raise ValueError("cannot sample minibatches from an empty training set")
+        self._ids = tuple(ids)
+        self._size = min(size, len(self._ids))
+        self._seed = seed
+        self._period = -(-len(self._ids) // self._size)  # draws in one epoch
+        self._gap = max(1, self._period // 2)
+        self._draws = 0
+        self._last: dict[int, int] = {}
+        self._order_epoch = -1
+        self._position: dict[int, int] = {}
+
+    def _positions(self) -> dict[int, int]:
+        epoch = self._draws // self._period
+        if epoch != self._order_epoch:
+            order = list(self._ids)
+            random.Random(f"minibatch:{self._seed}:{epoch}").shuffle(order)
+            self._position = {i: k for k, i in enumerate(order)}
+            self._order_epoch = epoch
+        return self._position
+
+    def draw(self, rank: Callable[[int], int]) -> tuple[int, ...]:
+        position = self._positions()
+        never = -(self._gap + 1)
+
+        def key(i: int) -> tuple[int, int, int]:
+            last = self._last.get(i, never)
+            eligible = self._draws - last >= self._gap
+            r = rank(i) if eligible else SOLVED + 1
+            return (r, last, position[i])
+
+        return tuple(sorted(self._ids, key=key)[: self._size])
+
+    def consume(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            self._last[i] = self._draws
+        self._draws += 1
+
+
+#: A solved example is trusted for this many generations (the parent and its nearest ancestors): an
+#: edit further down the line may have broken it again, and reflection should then see that.
+LINEAGE_DEPTH = 4
+
+
+class LineageKnowledge:
+    """Committed training scores per candidate, read back as ranks for :class:`FailureFirstSampler`.
+
+    Scores come from the minibatch evaluations of committed mutations (the parent's and the child's),
+    each stamped with its commit number, so a rank computed "as of commit n" is the same whenever it
+    is computed: that is what keeps failure-first sampling reproducible with mutations in flight.
+    """
+
+    def __init__(self, perfect_score: float) -> None:
+        self._perfect = perfect_score
+        self._known: dict[str, dict[int, tuple[int, float]]] = {}
+
+    def record(self, fingerprint: str, example_id: int, score: float, commit: int) -> None:
+        self._known.setdefault(fingerprint, {}).setdefault(example_id, (commit, score))
+
+    def ranker(self, lineage: Sequence[str], n_commits: int) -> Callable[[int], int]:
+        """Rank of each example for a parent whose lineage (itself first) is ``lineage``."""
+        tables = [self._known[fp] for fp in lineage[:LINEAGE_DEPTH] if fp in self._known]
+        perfect = self._perfect
+
+        def rank(example_id: int) -> int:
+            for table in tables:
+                hit = table.get(example_id)
+                if hit is not None and hit[0] <= n_commits:
+                    return LIKELY_FAILING if hit[1] < perfect else SOLVED
+            return UNKNOWN
+
+        return rank

@@ -223,7 +223,19 @@ def test_different_seeds_explore_differently() -> None:
     assert snapshot(a) != snapshot(b)
 
 
-def test_staleness_bound_in_deterministic_mode() -> None:
+def test_staleness_bound_in_deterministic_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Near the end of the budget a plan that does not fit is retried from one commit later (by design,
+    # see _main_loop); those mutations are planned from a later view, never an earlier one.
+    blocked: set[int] = set()
+    reserve = Orchestrator._reserve
+
+    def spy(self: Orchestrator, seq: int, n_commits: int, amount: int) -> bool:
+        ok = reserve(self, seq, n_commits, amount)
+        if not ok:
+            blocked.add(seq)
+        return ok
+
+    monkeypatch.setattr(Orchestrator, "_reserve", spy)
     rec = Recorder()
     cfg = make_config(max_metric_calls=300, max_mutations_in_flight=3, max_staleness=5, **fixed_width())
     setup = hard_setup()
@@ -238,7 +250,11 @@ def test_staleness_bound_in_deterministic_mode() -> None:
     for p in plans:
         # mutation k is planned right after commit k - max_staleness, from committed state only
         expected = counts[p.seq - 5 + 1] if p.seq >= 5 else 1
-        assert p.committed_at_launch == expected, (p.seq, p.committed_at_launch, expected)
+        if blocked and p.seq >= min(blocked):
+            assert p.committed_at_launch >= expected, (p.seq, p.committed_at_launch, expected)
+        else:
+            assert p.committed_at_launch == expected, (p.seq, p.committed_at_launch, expected)
+    assert len([p for p in plans if not blocked or p.seq < min(blocked)]) >= 20  # most plans checked exactly
 
 
 def test_fast_mode_runs_and_respects_budget_with_real_sleeps() -> None:

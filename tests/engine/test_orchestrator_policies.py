@@ -26,6 +26,7 @@ from .fakes import (
     make_config,
     run,
     run_fakes,
+    with_hidden,
 )
 
 # ------------------------------------------------------------------------------------- proposer skips
@@ -415,3 +416,32 @@ def test_no_new_proposals_while_the_evaluation_queue_is_full() -> None:
     # the queue did fill up (so the rule was exercised) and the run still finished its budget
     assert max(waiting_seen) >= cfg.max_evals_in_flight
     assert result.stop_reason == "max_metric_calls"
+
+
+def _skips_when_most_examples_are_solved(mode: str, seed: int) -> tuple[int, list[tuple[int, ...]]]:
+    """24 mutations on a seed that solves 20 of 24 training examples; the other 4 never get solved."""
+    train = tuple(range(24))
+    task = with_hidden(KeywordTask(num_keywords=6), train, every=6)
+    setup = Setup(task=task, train_ids=train, val_ids=tuple(range(8)),
+                  seed_texts={"instr": "base kw0 kw1 kw2 kw3 kw4 kw5"})
+    cfg = make_config(max_metric_calls=10_000, minibatch_sampling=mode, seed=seed, max_mutations_in_flight=1,
+                      **fixed_width())
+    stop, rec = StopAfter(24), Recorder()
+    orch = build(cfg, FakeEvaluator(setup.task, seed), FakeReflector(seed, mode="noise"), setup, [stop, rec])
+    stop.orchestrator = orch
+    result = run(orch)
+    return result.stats.mutations["skipped_perfect"], [r.plan.minibatch for r in rec.results]
+
+
+def test_failure_first_sampling_skips_fewer_all_perfect_minibatches() -> None:
+    # Plain epoch order spends most mutations on minibatches the parent already solves; failure-first
+    # draws the examples the parent was seen failing first, without drawing one of them every time.
+    epoch = [_skips_when_most_examples_are_solved("epoch", s)[0] for s in range(5)]
+    first = [_skips_when_most_examples_are_solved("failure_first", s) for s in range(5)]
+    assert all(f <= e for (f, _), e in zip(first, epoch)), (first, epoch)
+    assert sum(f for f, _ in first) <= 0.6 * sum(epoch), (first, epoch)
+    hidden = {5, 11, 17, 23}
+    for _, batches in first:
+        for i in hidden:  # an unsolvable example waits at least half an epoch (4 draws) between draws
+            hits = [k for k, b in enumerate(batches) if i in b]
+            assert all(b - a >= 4 for a, b in zip(hits, hits[1:])), (i, hits)

@@ -1,10 +1,24 @@
-"""EpochShuffledSampler: minibatch k is a pure function of (seed, k) and walks epoch-shuffled ids."""
+"""Minibatch samplers.
+
+EpochShuffledSampler: minibatch k is a pure function of (seed, k) and walks epoch-shuffled ids.
+FailureFirstSampler: likely failures first, solved ids last, no example drawn every time.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from dspy_turbogepa.engine.sampling import EpochShuffledSampler
+from dspy_turbogepa.engine.sampling import (
+    LIKELY_FAILING,
+    LINEAGE_DEPTH,
+    SOLVED,
+    UNKNOWN,
+    EpochShuffledSampler,
+    FailureFirstSampler,
+    LineageKnowledge,
+)
 
 SHAPES = [(n, size) for n in (1, 2, 3, 5, 7, 10, 12, 31) for size in (1, 2, 3, 4, 5) if size <= n]
 
@@ -92,3 +106,118 @@ def test_minibatch_larger_than_dataset_is_the_whole_set() -> None:
 def test_empty_training_set_rejected() -> None:
     with pytest.raises(ValueError, match="empty"):
         EpochShuffledSampler([], 3, seed=0)
+
+
+# ------------------------------------------------------------------------------ failure-first sampling
+
+
+def _drain(s: FailureFirstSampler, rank: Callable[[int], int], draws: int) -> list[tuple[int, ...]]:
+    out = []
+    for _ in range(draws):
+        batch = s.draw(rank)
+        s.consume(batch)
+        out.append(batch)
+    return out
+
+
+def _unknown(_: int) -> int:
+    return UNKNOWN
+
+
+@pytest.mark.parametrize(("n", "size"), SHAPES)
+def test_failure_first_without_knowledge_draws_every_id_once_per_epoch(n: int, size: int) -> None:
+    per_epoch = -(-n // size)
+    for seed in range(5):
+        s = FailureFirstSampler(list(range(n)), size, seed)
+        batches = _drain(s, _unknown, 3 * per_epoch)
+        for b in batches:
+            assert len(b) == size and len(set(b)) == size
+        if n % size == 0:  # whole batches: each epoch's draws partition the ids
+            for e in range(3):
+                drawn = [i for b in batches[e * per_epoch : (e + 1) * per_epoch] for i in b]
+                assert sorted(drawn) == list(range(n)), (seed, e)
+        assert {i for b in batches[:per_epoch] for i in b} == set(range(n))
+
+
+def test_failure_first_draw_does_not_change_the_sampler() -> None:
+    s = FailureFirstSampler(list(range(20)), 3, seed=4)
+    first = s.draw(_unknown)
+    assert s.draw(_unknown) == first
+    s.consume(first)
+    assert not set(s.draw(_unknown)) & set(first)
+
+
+def test_likely_failures_come_first_and_solved_ids_last() -> None:
+    ids = list(range(30))
+    failing, solved = {5, 17, 23, 29}, set(range(10)) - {5}
+    ranks = {i: LIKELY_FAILING if i in failing else SOLVED if i in solved else UNKNOWN for i in ids}
+    s = FailureFirstSampler(ids, 3, seed=0)
+    batches = _drain(s, ranks.__getitem__, 7)
+    flat = [i for b in batches for i in b]
+    assert set(flat[:4]) == failing  # the likely failures, before anything else
+    assert not set(flat) & solved  # 21 unsolved ids are enough for 7 draws: no solved one is needed
+    gap = (30 // 3) // 2  # draws before an id is eligible again: half an epoch
+    assert len(set(flat[: 3 * gap])) == 3 * gap  # no repeats within the gap
+    assert failing <= set(flat[3 * gap :])  # after it, a failure not yet fixed is retried first
+    # with the same ranks, plain epoch order would have spent draws on solved ids
+    plain = EpochShuffledSampler(ids, 3, seed=0)
+    assert set(i for k in range(7) for i in plain.batch(k)) & solved
+
+
+def test_an_unsolvable_example_is_not_drawn_every_time() -> None:
+    # One example always fails (label noise): it is drawn again only after half an epoch of draws,
+    # and every other example keeps its turn (no starvation).
+    n, size = 24, 3
+    s = FailureFirstSampler(list(range(n)), size, seed=1)
+    batches = _drain(s, lambda i: LIKELY_FAILING if i == 7 else UNKNOWN, 40)
+    hits = [k for k, b in enumerate(batches) if 7 in b]
+    per_epoch = n // size
+    assert hits[0] == 0
+    assert all(b - a >= per_epoch // 2 for a, b in zip(hits, hits[1:]))
+    assert len(hits) <= 2 * (len(batches) // per_epoch) + 1
+    last_seen = {i: max(k for k, b in enumerate(batches) if i in b) for i in range(n)}
+    assert min(last_seen.values()) >= len(batches) - 2 * per_epoch  # every id drawn recently
+
+
+def test_when_everything_is_solved_the_batches_stay_full_and_distinct() -> None:
+    s = FailureFirstSampler(list(range(10)), 4, seed=2)
+    for b in _drain(s, lambda i: SOLVED, 12):
+        assert len(b) == 4 and len(set(b)) == 4
+
+
+def test_failure_first_minibatch_larger_than_dataset_is_the_whole_set() -> None:
+    s = FailureFirstSampler([4, 5, 6], 10, seed=1)
+    for b in _drain(s, _unknown, 5):
+        assert sorted(b) == [4, 5, 6]
+
+
+def test_failure_first_rejects_an_empty_training_set() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        FailureFirstSampler([], 3, seed=0)
+
+
+def test_lineage_knowledge_reads_the_nearest_ancestor_as_of_a_commit() -> None:
+    k = LineageKnowledge(perfect_score=1.0)
+    k.record("child", 1, 1.0, commit=5)
+    k.record("parent", 1, 0.0, commit=2)
+    k.record("parent", 2, 0.5, commit=2)
+    k.record("parent", 3, 1.0, commit=3)
+    k.record("child", 4, 0.0, commit=7)
+    rank = k.ranker(["child", "parent"], n_commits=5)
+    assert rank(1) == SOLVED  # the child itself beats what its parent did
+    assert rank(2) == LIKELY_FAILING  # below the perfect score is a failure
+    assert rank(3) == SOLVED  # inherited from the parent
+    assert rank(4) == UNKNOWN  # committed after the planning view: not visible yet
+    assert rank(9) == UNKNOWN
+    assert k.ranker(["child", "parent"], n_commits=4)(1) == LIKELY_FAILING  # the child's score not yet committed
+    assert k.ranker(["child", "parent"], n_commits=7)(4) == LIKELY_FAILING
+
+
+def test_lineage_knowledge_expires_after_a_few_generations() -> None:
+    k = LineageKnowledge(perfect_score=1.0)
+    lineage = [f"g{d}" for d in range(LINEAGE_DEPTH + 2)]
+    k.record(lineage[-1], 0, 1.0, commit=0)  # solved by a distant ancestor only
+    k.record(lineage[LINEAGE_DEPTH - 1], 1, 1.0, commit=0)  # by the oldest generation still trusted
+    rank = k.ranker(lineage, n_commits=10)
+    assert rank(0) == UNKNOWN
+    assert rank(1) == SOLVED
