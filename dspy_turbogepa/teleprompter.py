@@ -93,6 +93,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             lineage failed (or was never tried on) before the ones it already solves, so fewer mutations
             end as skipped all-perfect minibatches; each example is still drawn about once per epoch.
             ``"epoch"``: dspy.GEPA's plain epoch-shuffled order.
+        max_sibling_reflections: best-of-k. While most reflections fail to beat their parent on the
+            minibatch, draw up to this many at once on the same parent and minibatch (each reading the
+            examples in another order) and send only the child that does best there on to validation,
+            so a failed reflection no longer costs a whole round-trip. k is ``floor(1 / p)`` for the
+            recent share ``p`` of children that beat their parent, so it stays 1 while most succeed
+            (default 4, at most ``max_reflections_in_flight``; 1 = dspy.GEPA's one reflection per step).
     """
 
     def __init__(
@@ -133,6 +139,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         deterministic: bool = True,
         adaptive_proposal_mix: bool = True,
         minibatch_sampling: Literal["failure_first", "epoch"] = "failure_first",
+        max_sibling_reflections: int = 4,
         strict_budget: bool = False,
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
@@ -156,6 +163,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _positive_int("num_threads", num_threads)
         _positive_int("max_mutations_in_flight", max_mutations_in_flight)
         _positive_int("max_reflections_in_flight", max_reflections_in_flight)
+        _positive_int("max_sibling_reflections", max_sibling_reflections, allow_none=False)
         if max_merge_invocations is not None:
             _positive_int("max_merge_invocations", max_merge_invocations)
         _positive_int("token_budget", token_budget)
@@ -249,6 +257,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.deterministic = deterministic
         self.adaptive_proposal_mix = bool(adaptive_proposal_mix)
         self.minibatch_sampling = minibatch_sampling
+        self.max_sibling_reflections = max_sibling_reflections
         self.strict_budget = bool(strict_budget)
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
@@ -474,6 +483,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             rung_fractions=self.rung_fractions or default_rung_fractions(val_size, self.reduction_factor),
             candidate_selection=self.candidate_selection_strategy,  # type: ignore[arg-type]
             minibatch_sampling=self.minibatch_sampling,  # type: ignore[arg-type]
+            max_siblings=self.max_sibling_reflections,
             component_selector=str(self.component_selector) if isinstance(self.component_selector, str)
             else self.component_selector,
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,

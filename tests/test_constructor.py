@@ -106,6 +106,8 @@ def test_unknown_auto_fails_at_construction_not_compile():
         ({"reduction_factor": 1.0}, ValueError, "reduction_factor"),
         ({"candidate_selection_strategy": "best"}, ValueError, "candidate_selection_strategy"),
         ({"minibatch_sampling": "random"}, ValueError, "minibatch_sampling must be one of"),
+        ({"max_sibling_reflections": 0}, ValueError, "max_sibling_reflections"),
+        ({"max_sibling_reflections": 2.0}, TypeError, "max_sibling_reflections"),
         ({"seed": "x"}, TypeError, "seed"),
         ({"reflection_lm": "openai/gpt-4o"}, TypeError, "reflection_lm must be a dspy.LM"),
         ({"instruction_proposer": "not callable"}, TypeError, "instruction_proposer"),
@@ -194,6 +196,7 @@ def test_engine_knobs_derive_from_num_threads():
     assert explicit.rung_fractions == (0.25, 1.0) and explicit.max_mutations_in_flight == 3
     assert cfg.minibatch_sampling == "failure_first"
     assert make(minibatch_sampling="epoch")._engine_config(100, 16, 40).minibatch_sampling == "epoch"
+    assert cfg.max_siblings == 4 and make(max_sibling_reflections=1)._engine_config(100, 16, 40).max_siblings == 1
 
 
 def test_is_configuration_error_both_assertion_and_value_error():

@@ -10,7 +10,8 @@ however many mutations run at once:
 * GEPA-compatible (the default): like dspy.GEPA, which checks the budget at the top of each
   iteration and lets that iteration finish, a mutation may start while the budget is not used up
   even if its worst case does not fit. Only one mutation can straddle the limit (its reservation
-  uses up the rest), so the overshoot is below one mutation's worst case, ``overshoot`` here.
+  uses up the rest), and only one whose worst case is at most ``overshoot`` (a standard mutation's:
+  one minibatch for the parent, one for the child, the valset), so the overshoot stays below it.
 
 Launch decisions use a count that does not depend on timing: an (candidate, example) pair is charged
 to the first *committed* mutation that asked for it. Real executions are counted separately for
@@ -52,7 +53,9 @@ class MetricBudget:
         """Whether work costing up to ``amount`` may start when ``used`` calls are charged or reserved."""
         if self.overshoot == 0:
             return used + amount <= self.limit
-        return used < self.limit and amount <= self.overshoot
+        # Work that fits inside the limit may always start; only work of at most one mutation's
+        # standard worst case may straddle it (a best-of-k mutation reserves more than that).
+        return used < self.limit and (used + amount <= self.limit or amount <= self.overshoot)
 
     def try_reserve(self, amount: int) -> bool:
         if self.fits(self.committed + self._reserved, amount):

@@ -107,6 +107,10 @@ class EngineConfig:
     #: (simulator pricing, 800 calls, 5 seeds: median test 0.920 with it, 0.963 without, dspy.GEPA 0.963).
     min_mutations_in_flight: int = 1
     width_window: int = 16
+    #: Best-of-k: up to this many reflections at once on one parent and minibatch, only the child that
+    #: does best on the minibatch goes on to validation. k follows 1 / (share of children that beat
+    #: their parent on the minibatch), so it is 1 while most reflections succeed. 1 disables it.
+    max_siblings: int = 4
     use_merge: bool = False
     max_merge_invocations: int = 5
     merge_subsample_size: int = 5
@@ -127,7 +131,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_metric_calls", "max_evals_in_flight", "max_mutations_in_flight", "max_reflections_in_flight",
-                     "reflection_minibatch_size"):
+                     "reflection_minibatch_size", "max_siblings"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -25,6 +25,8 @@ class CommitPoint:
     accepted: int = 0  # mutations that produced a new candidate, cumulative
     attempted: int = 0  # mutations that evaluated a child (accepted, rejected or pruned), cumulative
     credit: CreditSnapshot = field(default_factory=CreditSnapshot)  # operator credit after this commit
+    children_tried: int = 0  # children evaluated on their minibatch, cumulative
+    children_passed: int = 0  # of those, children that beat their parent there, cumulative
 
 
 class CommitHistory:

@@ -16,10 +16,12 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
@@ -56,6 +58,19 @@ EvalKey = tuple[str, str, int]
 
 #: The width floor leaves budget for this many generations of accepted children (see width()).
 GENERATIONS_TO_AFFORD = 4
+
+
+T = TypeVar("T")
+
+
+def sibling_order(items: Sequence[T], j: int) -> list[T]:
+    """The ``j``-th sibling's order of the minibatch: rotated by ``j``, reversed from the ``n``-th on, so
+    up to ``2 * n`` siblings each see a distinct order (sibling 0 sees the minibatch as drawn)."""
+    n = len(items)
+    if n < 2 or j == 0:
+        return list(items)
+    rotated = list(items[j % n:]) + list(items[: j % n])
+    return rotated[::-1] if (j // n) % 2 else rotated
 
 
 def proposal_key(parent_fp: str, components: Sequence[str], minibatch: Sequence[int], seed: int) -> str:
@@ -131,6 +146,8 @@ class Orchestrator:
         self._view_floor = 0
         self._accepted = 0
         self._attempted = 0
+        self._children_tried = 0
+        self._children_passed = 0
         self._credit = CreditSnapshot()
         self._noop_streak = 0
         self._next_seq = 0
@@ -274,6 +291,33 @@ class Orchestrator:
         affordable = max(1, (self._budget.limit - now.charged) // (GENERATIONS_TO_AFFORD * per_child))
         floor = min(cfg.min_mutations_in_flight, affordable)
         return max(floor, min(cfg.max_mutations_in_flight, round(1 / p), affordable))
+
+    def siblings(self, n_commits: int) -> int:
+        """How many reflections to draw at once on one parent and minibatch (best-of-k).
+
+        Why: a step of the search is a reflection and then a validation pass, one after the other,
+        and a failed reflection costs a whole reflection round-trip. Independent mutations in parallel
+        hide that latency but each surviving sibling pays its own validation pass, while only one of
+        them is usually needed. Drawing k reflections on the same parent and minibatch and sending
+        only the child that does best there on to validation buys the latency back for ``k - 1``
+        extra minibatch evaluations. k is ``floor(1 / p)``, with ``p`` the (smoothed) share of recent
+        children that beat their parent on the minibatch, so it stays 1 while most reflections
+        succeed; and it shrinks when the remaining budget could no longer pay for
+        GENERATIONS_TO_AFFORD more such steps. Read from the planning view: reproducible.
+        """
+        cfg = self.config
+        if cfg.max_siblings <= 1:
+            return 1
+        now = self._history.at(n_commits)
+        past = self._history.at(max(0, n_commits - cfg.width_window))
+        tried = now.children_tried - past.children_tried
+        passed = now.children_passed - past.children_passed
+        p = (passed + 2) / (tried + 3)  # prior: 2 of 3 succeed, so a run starts with one reflection per step
+        k = max(1, min(cfg.max_siblings, cfg.max_reflections_in_flight, math.floor(1 / p)))
+        mb, remaining = cfg.reflection_minibatch_size, self._budget.limit - now.charged
+        while k > 1 and remaining < GENERATIONS_TO_AFFORD * ((k + 1) * mb + len(self._val_ids)):
+            k -= 1
+        return k
 
     def _view_commits(self, seq: int, width: int) -> int | None:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""
@@ -450,7 +494,8 @@ class Orchestrator:
         # The parent's minibatch is reserved whole: whether its pairs are already charged depends on
         # commits after the planning view (timing), and a reservation must not.
         parent_cost = len(minibatch)
-        worst_case = parent_cost + len(minibatch) + len(self._val_ids)
+        siblings = self.siblings(n_commits)
+        worst_case = parent_cost + siblings * len(minibatch) + len(self._val_ids)
         if not self._reserve(seq, n_commits, worst_case):
             return None
         if draw is not None:
@@ -467,6 +512,7 @@ class Orchestrator:
             committed_at_launch=point.records,
             reservation=worst_case,
             chain_on=chain_on,
+            siblings=siblings,
         )
         if not callable(self.config.component_selector):
             # Built-in policies decide now, in launch order, so round-robin counters are reproducible.
@@ -645,54 +691,99 @@ class Orchestrator:
         if len(components) > 1:
             plan.kind = "reflection_all"
 
-        reflect_seed = plan.rng.getrandbits(63)
-        key = proposal_key(parent.fingerprint, components, plan.minibatch, reflect_seed)
-        proposal = self._known_proposals.get(key)
-        if proposal is not None:
-            self.stats.proposals_replayed += 1
+        seeds = [plan.rng.getrandbits(63) for _ in range(plan.siblings)]
+        if len(seeds) == 1:
+            proposals = [await self._propose(plan, parent, components, parent_outs, seeds[0])]
         else:
-            async with self._reflection_slots:
-                try:
-                    proposal = await self._reflector.reflect(parent.texts, components, parent_outs, reflect_seed)
-                except Exception as exc:  # a proposer failure skips this mutation, recorded; the run goes on
-                    logger.warning("Mutation %d: the reflector raised %s: %s", plan.seq, type(exc).__name__, exc)
-                    proposal = ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
-            self.stats.reflection_calls += proposal.reflection_calls
-            self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
-            self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens
-            self.stats.reflection_cost += proposal.reflection_cost
-            self._known_proposals[key] = proposal
-            for obs in self._observers:
-                obs.on_proposal(key, proposal)
-        updates = {k: v for k, v in proposal.texts.items() if k in parent.texts and v != parent.texts[k]}
-        if proposal.skipped or not updates:
-            reason = proposal.skipped or "unchanged_texts"
-            self.stats.proposal_skips[reason] += 1
-            result.detail = f"{reason}: {proposal.message or ''}".strip()
+            # Each sibling reads the minibatch in another order: a reflection LM that answers the same
+            # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
+            proposals = list(await asyncio.gather(
+                *(self._propose(plan, parent, components, sibling_order(parent_outs, j), seed)
+                  for j, seed in enumerate(seeds))
+            ))
+        children: list[Candidate] = []
+        unusable: list[str] = []
+        for proposal in proposals:
+            updates = {k: v for k, v in proposal.texts.items() if k in parent.texts and v != parent.texts[k]}
+            if proposal.skipped or not updates:
+                reason = proposal.skipped or "unchanged_texts"
+                self.stats.proposal_skips[reason] += 1
+                unusable.append(f"{reason}: {proposal.message or ''}".strip())
+                continue
+            child = parent.with_updates(updates, plan.kind)
+            if all(child.fingerprint != c.fingerprint for c in children):
+                children.append(child)
+        if not children:
+            result.detail = unusable[0]
             logger.info("Mutation %d: no usable proposal (%s)", plan.seq, result.detail)
             return
-
-        child = parent.with_updates(updates, plan.kind)
-        if self._claim_child(child, plan, result):
+        fresh = [c for c in children if not self._known_in_view(c, plan)]
+        if not fresh:
+            self._claim_child(children[0], plan, result)  # every child rebuilt a known candidate
             return
 
-        child_outs = await self._evaluate_many(child, "train", plan.minibatch, plan.seq, result.requested)
-        result.train_scores.extend((child.fingerprint, i, o.score) for i, o in zip(plan.minibatch, child_outs))
-        child_sum, parent_sum = sum(o.score for o in child_outs), sum(parent_scores)
-        if child_sum < parent_sum or (child_sum == parent_sum and not cfg.accept_equal_on_minibatch):
+        if len(fresh) == 1:
+            outs_per_child = [await self._evaluate_many(fresh[0], "train", plan.minibatch, plan.seq, result.requested)]
+        else:
+            outs_per_child = list(await asyncio.gather(
+                *(self._evaluate_many(c, "train", plan.minibatch, plan.seq, result.requested) for c in fresh)
+            ))
+        parent_sum = sum(parent_scores)
+        sums = [sum(o.score for o in outs) for outs in outs_per_child]
+        for c, outs in zip(fresh, outs_per_child):
+            result.train_scores.extend((c.fingerprint, i, o.score) for i, o in zip(plan.minibatch, outs))
+        result.children_tried = len(fresh)
+        result.children_passed = sum(self._beats_parent(total, parent_sum) for total in sums)
+        best = max(range(len(fresh)), key=lambda j: (sums[j], -j))  # the earliest draw wins ties
+        child, child_sum = fresh[best], sums[best]
+        self._claim_child(child, plan, result)
+        if not self._beats_parent(child_sum, parent_sum):
             result.status = "rejected_rung0"
-            result.detail = f"minibatch {sum(o.score for o in child_outs):.3f} <= parent {sum(parent_scores):.3f}"
+            result.detail = f"minibatch {child_sum:.3f} <= parent {parent_sum:.3f}"
+            if len(fresh) > 1:
+                result.detail += f" (best of {len(fresh)} children)"
             return
         self.stats.survived_rung0_by_kind[plan.kind] += 1
         self._resolve_rung0(plan.seq, (child, plan.child_counter))
         await self._climb_rungs(plan, child, result, {})
 
+    async def _propose(
+        self, plan: MutationPlan, parent: Candidate, components: list[str], parent_outs: list[EvalOutcome], seed: int
+    ) -> ProposalOutcome:
+        """One reflection (or its stored replay on resume); a proposer failure becomes a skipped proposal."""
+        key = proposal_key(parent.fingerprint, components, plan.minibatch, seed)
+        proposal = self._known_proposals.get(key)
+        if proposal is not None:
+            self.stats.proposals_replayed += 1
+            return proposal
+        async with self._reflection_slots:
+            try:
+                proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
+            except Exception as exc:  # a proposer failure skips this proposal, recorded; the run goes on
+                logger.warning("Mutation %d: the reflector raised %s: %s", plan.seq, type(exc).__name__, exc)
+                proposal = ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
+        self.stats.reflection_calls += proposal.reflection_calls
+        self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
+        self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens
+        self.stats.reflection_cost += proposal.reflection_cost
+        self._known_proposals[key] = proposal
+        for obs in self._observers:
+            obs.on_proposal(key, proposal)
+        return proposal
+
+    def _beats_parent(self, child_sum: float, parent_sum: float) -> bool:
+        """GEPA's rung-0 test: strictly better on the minibatch (or tied, with accept_equal_on_minibatch)."""
+        return child_sum > parent_sum or (child_sum == parent_sum and self.config.accept_equal_on_minibatch)
+
+    def _known_in_view(self, child: Candidate, plan: MutationPlan) -> bool:
+        known = self._index_by_fp.get(child.fingerprint)
+        return known is not None and known < plan.committed_at_launch
+
     def _claim_child(self, child: Candidate, plan: MutationPlan, result: MutationResult) -> bool:
         """Record the child; True if it duplicates a candidate the mutation's planning view already had
         (judged against that view, not the live pool, so the outcome does not depend on timing)."""
         result.child = child
-        known = self._index_by_fp.get(child.fingerprint)
-        if known is not None and known < plan.committed_at_launch:
+        if self._known_in_view(child, plan):
             result.status = "duplicate"
             return True
         return False
@@ -824,6 +915,13 @@ class Orchestrator:
         status = result.status
         for fingerprint, example_id, score in result.train_scores:
             self._knowledge.record(fingerprint, example_id, score, self._committed)
+        self._children_tried += result.children_tried
+        self._children_passed += result.children_passed
+        self.stats.siblings["children_tried"] += result.children_tried
+        self.stats.siblings["children_passed"] += result.children_passed
+        if plan.siblings > 1 and result.children_tried:
+            self.stats.siblings["best_of_k_mutations"] += 1
+            self.stats.siblings["best_of_k_children"] += result.children_tried
         # Cache hits are free, so a run whose parents are all perfect on every minibatch could spin
         # forever on free no-op mutations; stop once that has clearly happened.
         self._noop_streak = 0 if (newly_charged or status == "accepted") else self._noop_streak + 1
@@ -868,7 +966,7 @@ class Orchestrator:
                 self._merges_failed += 1
         self._history.record(
             CommitPoint(len(self._records), self._budget.committed, self._merges_granted, self._merges_failed,
-                        self._accepted, self._attempted, self._credit)
+                        self._accepted, self._attempted, self._credit, self._children_tried, self._children_passed)
         )
         if plan.chained:
             self.stats.chaining[status if status in ("accepted", "orphaned") else "other"] += 1

@@ -71,6 +71,8 @@ class MutationPlan:
     #: child as its parent (``parent`` stays the fallback) and joins the pool only if the child does.
     chain_on: int | None = None
     chained: bool = False
+    #: Reflections drawn at once on this parent and minibatch; only the best child goes on (best-of-k).
+    siblings: int = 1
 
 
 @dataclass
@@ -84,6 +86,9 @@ class MutationResult:
     requested: set[tuple[str, str, int]] = field(default_factory=set)
     #: (candidate fingerprint, training id, score) of the minibatch evaluations, for failure-first sampling.
     train_scores: list[tuple[str, int, float]] = field(default_factory=list)
+    #: Children evaluated on the minibatch, and how many of them beat the parent there.
+    children_tried: int = 0
+    children_passed: int = 0
 
 
 @dataclass
@@ -109,6 +114,9 @@ class RunStats:
     rate_limit_retries: int = 0
     #: Speculative chaining: mutations planned to chain, those that did, and those orphaned.
     chaining: Counter[str] = field(default_factory=Counter)
+    #: Best-of-k: mutations that drew more than one reflection, the reflections they drew, and the
+    #: children of every mutation tried on a minibatch and passed there.
+    siblings: Counter[str] = field(default_factory=Counter)
     #: Filled by the evaluation layer: 429s seen, retries, backoff seconds, AIMD windows per endpoint.
     rate_limits: dict[str, object] = field(default_factory=dict)
     #: Per proposal kind: attempts, children surviving rung 0, accepted, Laplace-smoothed rates.
@@ -129,6 +137,7 @@ class RunStats:
             "peak_evals_in_flight": self.peak_evals_in_flight,
             "peak_mutations_in_flight": self.peak_mutations_in_flight,
             "chaining": dict(self.chaining),
+            "siblings": dict(self.siblings),
             "reflection_tokens": {"prompt": self.reflection_prompt_tokens,
                                   "completion": self.reflection_completion_tokens},
             "task_tokens": {"prompt": self.task_prompt_tokens, "completion": self.task_completion_tokens},

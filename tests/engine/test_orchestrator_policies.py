@@ -36,7 +36,8 @@ def test_proposer_skips_are_counted_and_the_run_continues() -> None:
     setup = hard_setup()
     refl = FakeReflector(1, skip=lambda n: ("empty_proposal", "no_reflective_data", None)[n % 3])
     rec = Recorder()
-    result, orch, ev, refl = run_fakes(make_config(max_metric_calls=250), setup, reflector=refl, observers=[rec])
+    result, orch, ev, refl = run_fakes(make_config(max_metric_calls=250, max_siblings=1), setup, reflector=refl,
+                                      observers=[rec])
     check_invariants(result, orch, ev, setup)
     n = len(refl.calls)
     assert result.stats.proposal_skips["empty_proposal"] == len(range(0, n, 3))
@@ -146,7 +147,7 @@ def test_skip_perfect_score_skips_perfect_parents() -> None:
 
 def test_without_skip_perfect_score_perfect_parents_are_reflected_on() -> None:
     setup = perfect_setup()
-    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=120, skip_perfect_score=False), setup)
+    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=120, skip_perfect_score=False, max_siblings=1), setup)
     assert refl.calls
     assert "skipped_perfect" not in result.stats.mutations
     assert result.stats.mutations["rejected_rung0"] == len(refl.calls)  # noise children tie: strict rule rejects
@@ -171,7 +172,8 @@ def test_perfect_score_threshold_is_configurable() -> None:
 @pytest.mark.parametrize("accept_equal", [False, True])
 def test_accept_equal_on_minibatch(accept_equal: bool) -> None:
     setup = hard_setup()
-    cfg = make_config(max_metric_calls=200, accept_equal_on_minibatch=accept_equal, rung_fractions=(1.0,))
+    cfg = make_config(max_metric_calls=200, accept_equal_on_minibatch=accept_equal, rung_fractions=(1.0,),
+                      max_siblings=1)
     rec = Recorder()
     result, orch, ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(2, mode="noise"), observers=[rec])
     check_invariants(result, orch, ev, setup)
@@ -220,7 +222,7 @@ def two_component_setup() -> Setup:
 
 def test_round_robin_alternates_components_on_the_same_parent() -> None:
     setup = two_component_setup()
-    cfg = make_config(max_metric_calls=150, max_mutations_in_flight=1, max_staleness=1,
+    cfg = make_config(max_metric_calls=150, max_mutations_in_flight=1, max_staleness=1, max_siblings=1,
                       candidate_selection="current_best")
     result, _orch, _ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(mode="noise"))
     assert len(result.records) == 1  # the seed is always the parent
@@ -445,3 +447,108 @@ def test_failure_first_sampling_skips_fewer_all_perfect_minibatches() -> None:
         for i in hidden:  # an unsolvable example waits at least half an epoch (4 draws) between draws
             hits = [k for k, b in enumerate(batches) if i in b]
             assert all(b - a >= 4 for a, b in zip(hits, hits[1:])), (i, hits)
+
+
+# ------------------------------------------------------------------------------------- best-of-k siblings
+
+
+def test_siblings_grow_while_reflections_fail_and_stay_one_while_they_succeed() -> None:
+    setup = hard_setup(train_n=24, val_n=8)
+    # every child equals its parent in score: k climbs to its cap (max_siblings, within the reflection slots)
+    rec = Recorder()
+    cfg = make_config(max_metric_calls=2000, max_siblings=3, max_reflections_in_flight=4, max_mutations_in_flight=1,
+                      **fixed_width())
+    result, _orch, _ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(0, mode="noise"),
+                                         observers=[rec, StopAfter(30)])
+    plans = [r.plan for r in rec.results]
+    assert plans[0].siblings == 1  # nothing known yet: p = 1/2
+    assert max(p.siblings for p in plans) == 3
+    reflected = [r for r in rec.results if r.status != "skipped_perfect"]
+    assert len(refl.calls) == sum(r.plan.siblings for r in reflected)
+    assert all(r.children_passed == 0 for r in rec.results)
+    multi = [r for r in rec.results if r.plan.siblings > 1 and r.children_tried]
+    assert result.stats.siblings["best_of_k_mutations"] == len(multi) > 0
+    assert result.stats.siblings["children_tried"] == sum(r.children_tried for r in rec.results)
+    assert result.stats.siblings["children_passed"] == 0
+    # the cap is also the reflection slots
+    rec2 = Recorder()
+    cfg2 = make_config(max_metric_calls=2000, max_siblings=4, max_reflections_in_flight=2, max_mutations_in_flight=1,
+                       **fixed_width())
+    run_fakes(cfg2, setup, reflector=FakeReflector(0, mode="noise"), observers=[rec2, StopAfter(30)])
+    assert max(r.plan.siblings for r in rec2.results) == 2
+    # a reflector that always finds the keyword: children keep beating their parents, k stays 1
+    rec3 = Recorder()
+    solvable = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+    run_fakes(make_config(max_metric_calls=400, max_siblings=4, max_reflections_in_flight=4), solvable,
+              observers=[rec3])
+    reflected3 = [r for r in rec3.results if r.children_tried]
+    assert len(reflected3) >= 5 and all(r.children_passed == r.children_tried for r in reflected3)
+    assert all(r.plan.siblings == 1 for r in rec3.results)
+
+
+class _OneGoodSibling:
+    """Per mutation, only the second reflection (by seed order) finds the keyword; the others add noise."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self._by_seed: dict[int, int] = {}
+
+    async def reflect(self, parent_texts, components, outcomes, seed):
+        from dspy_turbogepa.engine import ProposalOutcome
+
+        from .fakes import propose
+        self.calls.append((seed, len(outcomes)))
+        rank = self._by_seed.setdefault(seed, len(self._by_seed) % 3)
+        mode = "add" if rank == 1 else "noise"
+        return ProposalOutcome(texts=propose(parent_texts, components, outcomes, seed, mode), reflection_calls=1)
+
+
+def test_only_the_best_sibling_goes_on_to_validation() -> None:
+    setup = hard_setup(train_n=24, val_n=8)
+    rec = Recorder()
+    cfg = make_config(max_metric_calls=3000, max_siblings=3, max_reflections_in_flight=3, max_mutations_in_flight=1,
+                      **fixed_width())
+    result, orch, ev, _ = run_fakes(cfg, setup, reflector=_OneGoodSibling(), observers=[rec, StopAfter(12)])
+    multi = [r for r in rec.results if r.plan.siblings == 3 and r.children_tried == 3]
+    assert multi, "no mutation drew three siblings"
+    for r in multi:
+        train_children = {fp for fp, i, _ in r.train_scores if fp != r.plan.parent.fingerprint}
+        assert len(train_children) == 3  # all three children were tried on the minibatch
+        val_children = {fp for fp, split, _ in r.requested if split == "val"}
+        assert val_children <= {r.child.fingerprint} if r.child is not None else not val_children
+        if r.status == "accepted":
+            assert r.children_passed >= 1
+            assert r.child.texts["instr"].split()[-1].startswith("kw")  # the sibling that learnt, not noise
+    assert any(r.status == "accepted" for r in multi)
+    accepted = [r for r in rec.results if r.status == "accepted"]
+    assert accepted and all(r.child is not None for r in accepted)
+    check_invariants(result, orch, ev, setup)
+
+
+def test_best_of_k_runs_are_reproducible_whatever_the_completion_order() -> None:
+    setup = hard_setup(train_n=24, val_n=12)
+    snaps, sibling_counts = [], []
+    for sleep_seed in (None, 1, 2, 3):
+        rec = Recorder()
+        cfg = make_config(max_metric_calls=500, max_siblings=3, max_reflections_in_flight=3, rung_fractions=(0.5, 1.0))
+        result, orch, ev, _ = run_fakes(cfg, setup, sleep_seed=sleep_seed,
+                                        reflector=FakeReflector(sleep_seed, mode="replace", max_yields=40),
+                                        evaluator=FakeEvaluator(setup.task, sleep_seed, max_yields=20), observers=[rec])
+        check_invariants(result, orch, ev, setup)
+        snaps.append([(r.candidate.fingerprint, r.parent_indices) for r in result.records])
+        sibling_counts.append([r.plan.siblings for r in rec.results])
+    assert all(s == snaps[0] for s in snaps)
+    assert all(c == sibling_counts[0] for c in sibling_counts)
+    assert max(sibling_counts[0]) > 1, "no mutation drew siblings: the test proves nothing"
+
+
+def test_each_sibling_reads_the_minibatch_in_its_own_order() -> None:
+    from itertools import permutations
+
+    from dspy_turbogepa.engine.orchestrator import sibling_order
+
+    items = ["a", "b", "c"]
+    orders = [tuple(sibling_order(items, j)) for j in range(6)]
+    assert orders[0] == ("a", "b", "c")  # the first sibling sees the minibatch as drawn, as dspy.GEPA does
+    assert sorted(orders) == sorted(permutations(items))  # 2n siblings, all distinct
+    assert sibling_order(["x"], 3) == ["x"] and sibling_order([], 2) == []
