@@ -18,8 +18,9 @@ def test_sigint_returns_best_program_so_far(tmp_path):
     out = tmp_path / "out.json"
     log_dir = tmp_path / "run"
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(log_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    # noise: the run must still have work when the signal lands (a noiseless task can be solved first)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(log_dir), "5000", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 60
         for line in proc.stdout:

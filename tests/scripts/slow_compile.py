@@ -1,6 +1,8 @@
 """A compile that runs long enough to be interrupted or killed by a test (fake LMs with latency).
 
-Usage: python slow_compile.py OUT_JSON [LOG_DIR] [BUDGET]
+Usage: python slow_compile.py OUT_JSON [LOG_DIR] [BUDGET] [NOISE]
+(NOISE > 0: some student answers are wrong whatever the instruction, so the run never runs out of
+work before its budget; with 0 a fast engine may solve the task and stop early, "no_progress_possible".)
 Prints READY once the seed evaluation is done; writes the outcome to OUT_JSON when compile returns.
 """
 
@@ -19,6 +21,7 @@ from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
 out = sys.argv[1]
 log_dir = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None
 budget = int(sys.argv[3]) if len(sys.argv) > 3 else 5000
+noise = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 task = TASKS["routing"]
 splits = task.splits(data_seed=0, n_train=40, n_val=16, n_test=0)
 calls = {"n": 0}
@@ -33,7 +36,7 @@ def slow(request) -> None:
     time.sleep(0.02)
 
 
-student = make_student_lm(seed=0, noise=0.0, before_call=slow)
+student = make_student_lm(seed=0, noise=noise, before_call=slow)
 opt = TurboGEPA(task.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
                 track_stats=True, log_dir=log_dir)
 with dspy.context(lm=student):
