@@ -9,6 +9,7 @@ Prints READY once the seed evaluation is done; writes the outcome to OUT_JSON wh
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -17,6 +18,10 @@ import dspy
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+
+# Ctrl-C as in a terminal: a parent that started us in the background (nohup, `cmd &` in a script)
+# leaves SIGINT ignored, and Python then never raises KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 out = sys.argv[1]
 log_dir = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "-" else None
