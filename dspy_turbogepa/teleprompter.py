@@ -91,7 +91,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             False keeps dspy.GEPA's round robin). Per-kind credit is reported either way.
         minibatch_sampling: ``"failure_first"`` (default) draws the training examples the parent's
             lineage failed (or was never tried on) before the ones it already solves, so fewer mutations
-            end as skipped all-perfect minibatches; each example is still drawn about once per epoch.
+            end as skipped all-perfect minibatches; no example is drawn more than about twice per epoch.
             ``"epoch"``: dspy.GEPA's plain epoch-shuffled order.
         max_sibling_reflections: best-of-k. While most reflections fail to beat their parent on the
             minibatch, draw up to this many at once on the same parent and minibatch (each reading the

@@ -79,9 +79,9 @@ class EngineConfig:
     #: incumbent: 0 promotes children not behind it (or best on some instance); larger is laxer.
     promotion_z: float = 0.0
     candidate_selection: CandidateSelection = "pareto"
-    #: "failure_first" (default): epoch-shuffled, but examples the parent's lineage failed come first
-    #: and ones it solves are dropped for the epoch (see sampling.FailureFirstSampler); "epoch": gepa's
-    #: plain epoch-shuffled order.
+    #: "failure_first" (default): examples the parent's lineage failed come first, then untried ones,
+    #: solved ones only when nothing else is eligible (see sampling.FailureFirstSampler); "epoch":
+    #: gepa's plain epoch-shuffled order.
     minibatch_sampling: MinibatchSampling = "failure_first"
     component_selector: str | Callable[..., Any] = "round_robin"
     #: GEPA's acceptance test on the minibatch: strict improvement unless this is set.

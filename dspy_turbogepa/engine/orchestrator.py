@@ -146,8 +146,6 @@ class Orchestrator:
         self._view_floor = 0
         self._accepted = 0
         self._attempted = 0
-        self._children_tried = 0
-        self._children_passed = 0
         self._credit = CreditSnapshot()
         self._noop_streak = 0
         self._next_seq = 0
@@ -915,8 +913,6 @@ class Orchestrator:
         status = result.status
         for fingerprint, example_id, score in result.train_scores:
             self._knowledge.record(fingerprint, example_id, score, self._committed)
-        self._children_tried += result.children_tried
-        self._children_passed += result.children_passed
         self.stats.siblings["children_tried"] += result.children_tried
         self.stats.siblings["children_passed"] += result.children_passed
         if plan.siblings > 1 and result.children_tried:
@@ -966,7 +962,8 @@ class Orchestrator:
                 self._merges_failed += 1
         self._history.record(
             CommitPoint(len(self._records), self._budget.committed, self._merges_granted, self._merges_failed,
-                        self._accepted, self._attempted, self._credit, self._children_tried, self._children_passed)
+                        self._accepted, self._attempted, self._credit,
+                        self.stats.siblings["children_tried"], self.stats.siblings["children_passed"])
         )
         if plan.chained:
             self.stats.chaining[status if status in ("accepted", "orphaned") else "other"] += 1

@@ -9,24 +9,33 @@ all, the second is drawn in launch order from the planning view.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Callable, Sequence
 
 
+def _checked(ids: Sequence[int], size: int) -> tuple[tuple[int, ...], int]:
+    if not ids:
+        raise ValueError("cannot sample minibatches from an empty training set")
+    return tuple(ids), min(size, len(ids))
+
+
+def epoch_order(ids: Sequence[int], seed: int, epoch: int) -> tuple[int, ...]:
+    """Epoch ``epoch``'s shuffle of the training ids (the same one for both samplers)."""
+    order = list(ids)
+    random.Random(f"minibatch:{seed}:{epoch}").shuffle(order)
+    return tuple(order)
+
+
 class EpochShuffledSampler:
     def __init__(self, ids: Sequence[int], size: int, seed: int) -> None:
-        if not ids:
-            raise ValueError("cannot sample minibatches from an empty training set")
-        self._ids = tuple(ids)
-        self._size = min(size, len(self._ids))
+        self._ids, self._size = _checked(ids, size)
         self._seed = seed
         self._epochs: dict[int, tuple[int, ...]] = {}
 
     def _epoch(self, e: int) -> tuple[int, ...]:
         if e not in self._epochs:
-            order = list(self._ids)
-            random.Random(f"minibatch:{self._seed}:{e}").shuffle(order)
-            self._epochs[e] = tuple(order)
+            self._epochs[e] = epoch_order(self._ids, self._seed, e)
         return self._epochs[e]
 
     def batch(self, k: int) -> tuple[int, ...]:
@@ -68,10 +77,7 @@ class FailureFirstSampler:
     """
 
     def __init__(self, ids: Sequence[int], size: int, seed: int) -> None:
-        if not ids:
-            raise ValueError("cannot sample minibatches from an empty training set")
-        self._ids = tuple(ids)
-        self._size = min(size, len(self._ids))
+        self._ids, self._size = _checked(ids, size)
         self._seed = seed
         self._period = -(-len(self._ids) // self._size)  # draws in one epoch
         self._gap = max(1, self._period // 2)
@@ -83,9 +89,7 @@ class FailureFirstSampler:
     def _positions(self) -> dict[int, int]:
         epoch = self._draws // self._period
         if epoch != self._order_epoch:
-            order = list(self._ids)
-            random.Random(f"minibatch:{self._seed}:{epoch}").shuffle(order)
-            self._position = {i: k for k, i in enumerate(order)}
+            self._position = {i: k for k, i in enumerate(epoch_order(self._ids, self._seed, epoch))}
             self._order_epoch = epoch
         return self._position
 
@@ -99,7 +103,7 @@ class FailureFirstSampler:
             r = rank(i) if eligible else SOLVED + 1
             return (r, last, position[i])
 
-        return tuple(sorted(self._ids, key=key)[: self._size])
+        return tuple(heapq.nsmallest(self._size, self._ids, key=key))  # stable, like sorted()[:size]
 
     def consume(self, ids: Sequence[int]) -> None:
         for i in ids:
