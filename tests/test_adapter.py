@@ -143,6 +143,34 @@ def test_invalid_metric_values_are_recorded_not_summed(routing, reflection_lm, b
     assert all(math.isfinite(s) for subs in dr.val_subscores for s in subs.values())
 
 
+@pytest.mark.parametrize("bad", [None, math.nan, "fast", object()])
+def test_invalid_objective_scores_are_recorded_not_raised(routing, reflection_lm, bad):
+    """A bad objective value used to raise in the evaluation thread and end the compile."""
+    from dspy_turbogepa.adapter.metric import read_metric_return
+
+    reading = read_metric_return(dspy.Prediction(score=1.0, feedback="ok", objective_scores={"latency": bad}), 0.0)
+    assert reading.invalid is not None and "objective_scores['latency']" in reading.invalid
+    assert reading.score == 0.0
+    good = read_metric_return({"score": 0.5, "objective_scores": {"latency": 2}}, 0.0)
+    assert good.invalid is None and good.objective_scores == {"latency": 2.0}
+
+    calls = {"n": 0}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls["n"] += 1
+        base = routing.metric(gold, pred, trace, pred_name, pred_trace)
+        score = base.score if hasattr(base, "score") else float(base)
+        objective = bad if calls["n"] % 3 == 0 else 1.0
+        return dspy.Prediction(score=score, feedback="fb", objective_scores={"latency": objective})
+
+    splits = small_splits(routing, n_train=20, n_val=12)
+    opt = TurboGEPA(metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=2, failure_score=0.0,
+                    use_merge=False, track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        optimized = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert optimized.detailed_results.run_stats["failures"]["metric_invalid"] >= 4
+
+
 def test_metric_that_always_raises_stops_early(routing, reflection_lm):
     from dspy_turbogepa import SystemicFailureError
 

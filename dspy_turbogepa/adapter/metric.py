@@ -50,6 +50,23 @@ def _field(ret: Any, name: str) -> Any:
         return getattr(ret, name, None)
 
 
+def _objectives(obj: Mapping[Any, Any]) -> tuple[dict[str, float] | None, str | None]:
+    """Objective scores as floats, or why one is unusable (checked like the main score, so a bad
+    objective is recorded as ``metric_invalid`` instead of raising in the evaluation thread)."""
+    out: dict[str, float] = {}
+    for k, v in obj.items():
+        if v is None or isinstance(v, str):
+            return None, f"the metric returned objective_scores[{k!r}] = {v!r}, not a number"
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None, f"the metric returned objective_scores[{k!r}] of type {type(v).__name__}, not a number"
+        if not math.isfinite(f):
+            return None, f"the metric returned a non-finite objective_scores[{k!r}] = {f}"
+        out[str(k)] = f
+    return out, None
+
+
 def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
     """Turn a metric's return value into (score, feedback, objective scores)."""
     feedback: str | None = None
@@ -62,7 +79,9 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
         feedback = None if fb is None else str(fb)
         obj = _field(ret, "objective_scores")
         if isinstance(obj, Mapping) and obj:
-            objectives = {str(k): float(v) for k, v in obj.items()}
+            objectives, bad = _objectives(obj)
+            if bad is not None:
+                return MetricReading(failure_score, feedback, None, invalid=bad)
     if raw is None:
         return MetricReading(failure_score, feedback, objectives, invalid="the metric returned no score (None)")
     if isinstance(raw, bool):
