@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -312,6 +313,19 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         num_threads = self.num_threads or dspy.settings.num_threads or 8
 
         codec = ProgramCodec(student)
+        with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
+            return self._run(codec, cleanup, train, val, budget, num_threads)
+
+    def _run(
+        self, codec: ProgramCodec, cleanup: ExitStack, train: list[dspy.Example], val: list[dspy.Example],
+        budget: int, num_threads: int,
+    ) -> dspy.Module:
+        """Build the engine around ``codec``'s program, run it and return the best program.
+
+        Resources are registered on ``cleanup`` as soon as they exist, so a failure anywhere (opening the
+        store, building the engine, the run, the result) closes thread pools and the store and ends an
+        MLflow run as FAILED instead of leaving it RUNNING.
+        """
         proposer = self.custom_instruction_proposer or InstructionProposer()
         evaluator = DspyEvaluator(
             codec,
@@ -324,6 +338,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             seed=self.seed,
             price_table=self.price_table,
         )
+        cleanup.callback(evaluator.close)
         builder = ReflectiveDatasetBuilder(
             codec,
             self.metric_fn,
@@ -334,7 +349,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
         config = self._engine_config(budget, num_threads, len(val))
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight)
-        store, observers, known_evals, known_props = self._open_store(student, codec, train, val)
+        cleanup.callback(reflector.close)
+        store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val)
+        if store is not None:
+            cleanup.callback(store.close)
         display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)
         # MLflow: full-validation evaluations reach DSPy's callbacks on this thread (docs/mlflow.md)
         pump = CompileThreadCallbackPump(codec.build, val, instance=self) if dspy.settings.get("callbacks") else None
@@ -348,6 +366,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 valset_size=len(val),
                 plot_path=None if self.log_dir else True,  # with log_dir, its plots are uploaded instead
             )
+            cleanup.push(lambda _t, exc, _tb: tracker.abort(exc) if exc is not None else None)
         extra_observers = [o for o in (pump, tracker) if o is not None]
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
@@ -366,24 +385,23 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             "validation rungs %s", budget, config.max_evals_in_flight, config.max_mutations_in_flight,
             config.max_reflections_in_flight, list(config.rung_fractions),
         )
+        result: EngineResult | None = None
         try:
-            result: EngineResult = run_coroutine_in_thread(
+            result = run_coroutine_in_thread(
                 orchestrator.run,
                 on_interrupt=lambda: orchestrator.request_stop("interrupted"),
                 on_grace_expired=orchestrator.cancel_in_flight,
                 on_tick=on_tick,
             )
-        except BaseException as exc:
-            if tracker is not None:
-                tracker.abort(exc)
-            raise
         finally:
-            display.close(stop_reason=result.stop_reason if "result" in locals() else None)
+            display.close(stop_reason=result.stop_reason if result is not None else None)
             evaluator.close()
             reflector.close()
             if store is not None:
-                store.record_event("run_finished" if "result" in locals() else "run_failed", {})
-                store.close()
+                try:
+                    store.record_event("run_finished" if result is not None else "run_failed", {})
+                finally:
+                    store.close()
         if known_evals:
             result.total_metric_calls += len(known_evals)  # paid by the earlier process of this run
         result.stats.rate_limits = evaluator.rate_limit_stats()

@@ -724,3 +724,31 @@ def test_end_to_end_wiring(autolog_scenarios):
     assert metrics["final/num_candidates"] == len(report["scores"])
     assert parent.data.params["max_metric_calls"] == str(BUDGET)
     assert not math.isnan(metrics["metric_calls"])
+
+
+@pytest.mark.parametrize("where", ["engine", "result"])
+def test_failed_compile_ends_its_mlflow_run_and_closes_the_store(local_tracking, tmp_path, monkeypatch, where):
+    """A failure before the run (building the engine) or after it (building the result) must not leave
+    the MLflow run RUNNING, the run store open or the store's writer thread alive."""
+    import threading
+
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"injected failure in {where}")
+
+    monkeypatch.setattr(tp, "Orchestrator" if where == "engine" else "build_result", boom)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_small_compile(tp, use_mlflow=True, log_dir=str(tmp_path / "run"))
+    assert mlflow.active_run() is None
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        t.name.startswith(("turbogepa-run-store", "turbogepa-mlflow")) for t in threading.enumerate()
+    ):
+        time.sleep(0.05)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith(("turbogepa-run-store", "turbogepa-mlflow"))]
+    assert not alive, alive
