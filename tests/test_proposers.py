@@ -93,3 +93,43 @@ def test_merge_combines_two_specialists_into_a_child_better_than_both(pipeline):
     a, b = dr.parents[m]
     assert dr.val_aggregate_scores[m] > max(dr.val_aggregate_scores[a], dr.val_aggregate_scores[b])
     assert dr.best_idx == m or dr.val_aggregate_scores[dr.best_idx] >= dr.val_aggregate_scores[m]
+
+
+@pytest.mark.http
+def test_reflection_tokens_and_cost_are_counted(routing):
+    """DSPy keeps an LM call's cost only in its history entry; the reflection LM's calls must reach the
+    run's reflection cost (so cost_budget_usd counts them), with the tokens the server saw."""
+    from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
+
+    cfg = SimConfig(models=(ModelConfig("gpt-4o-mini", "reflector"),))  # a model name DSPy can price
+    with SimServer(cfg, seed=0) as srv:
+        reflector = dspy.LM("openai/gpt-4o-mini", api_base=srv.base_url, api_key="x", cache=False, max_tokens=4000)
+        splits = small_splits(routing, n_train=20, n_val=10)
+        opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflector, num_threads=4,
+                        track_stats=True, use_merge=False)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        server = srv.stats()["models"]["gpt-4o-mini"]
+    stats = program.detailed_results.run_stats
+    assert server["requests"] > 0 and len(reflector.history) == server["requests"]
+    assert stats["reflection_calls"] == server["requests"]
+    assert stats["reflection_tokens"]["prompt"] == server["prompt_tokens"]
+    assert stats["reflection_tokens"]["completion"] == server["completion_tokens"]
+    paid = sum(h["cost"] for h in reflector.history)
+    assert paid > 0 and stats["cost"]["reflection"] == pytest.approx(paid, abs=2e-6)
+
+
+def test_a_proposer_that_fails_after_calling_the_lm_still_counts_its_usage(routing, reflection_lm):
+    def proposer(candidate, reflective_dataset, components_to_update):
+        dspy.Predict("question -> answer")(question="draft an instruction")  # paid for, then fails
+        raise RuntimeError("could not parse my own draft")
+
+    splits = small_splits(routing, n_train=20, n_val=10)
+    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=reflection_lm, num_threads=2,
+                    instruction_proposer=proposer, track_stats=True, use_merge=False)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    stats = program.detailed_results.run_stats
+    assert stats["proposal_skips"].get("proposer_error", 0) >= 1
+    assert stats["reflection_calls"] >= stats["proposal_skips"]["proposer_error"]
+    assert stats["reflection_tokens"]["prompt"] > 0

@@ -116,7 +116,7 @@ def endpoint_model(key: str) -> str:
     return key.split("@", 1)[0]
 
 
-def _make_copy(lm: Any) -> Any:
+def _make_copy(lm: Any, retries_off: bool = True) -> Any:
     if not isinstance(lm, dspy.BaseLM) or not hasattr(lm, "num_retries"):
         return lm  # nothing we can switch off; its errors are still caught and retried by the evaluator
     try:
@@ -125,7 +125,8 @@ def _make_copy(lm: Any) -> Any:
         logger.warning("Could not copy %r to turn its retries off (%s: %s); using it unchanged.",
                        lm, type(exc).__name__, exc)
         return lm
-    copy.num_retries = 0
+    if retries_off:
+        copy.num_retries = 0
     copy.history = lm.history
     inner = copy.update_history
 
@@ -138,9 +139,14 @@ def _make_copy(lm: Any) -> Any:
 
 
 class LMCopies:
-    """One retry-less copy per original LM object (kept alive with it, so ids are never reused)."""
+    """One copy per original LM object (kept alive with it, so ids are never reused).
 
-    def __init__(self) -> None:
+    ``retries_off=False`` keeps DSPy's own retries: the reflection LM's copies, which exist only so
+    that the cost DSPy records in their history entries reaches :func:`rollout_usage`.
+    """
+
+    def __init__(self, retries_off: bool = True) -> None:
+        self._retries_off = retries_off
         self._lock = threading.Lock()
         self._copies: dict[int, tuple[Any, Any]] = {}
 
@@ -149,7 +155,7 @@ class LMCopies:
             hit = self._copies.get(id(lm))
             if hit is not None and hit[0] is lm:
                 return hit[1]
-        copy = _make_copy(lm)
+        copy = _make_copy(lm, self._retries_off)
         with self._lock:
             hit = self._copies.get(id(lm))
             if hit is not None and hit[0] is lm:

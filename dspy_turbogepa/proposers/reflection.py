@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import inspect
 import logging
 import random
@@ -22,8 +23,10 @@ from typing import Any
 import dspy
 from dspy.utils.callback import BaseCallback
 
+from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
+from dspy_turbogepa.store.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class ReflectiveProposer:
         self._proposal_fn = proposal_fn
         self._reflection_lm = reflection_lm
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
+        self._lm_copies = LMCopies(retries_off=False)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -70,58 +74,52 @@ class ReflectiveProposer:
     def _reflect_sync(
         self, parent_texts: dict[str, str], components: list[str], outcomes: list[EvalOutcome], seed: int
     ) -> ProposalOutcome:
-        rng = random.Random(seed)
         counter = _LMCallCounter()
         callbacks = [*dspy.settings.get("callbacks", []), counter]
-        lm = self._reflection_lm or dspy.settings.lm
-        with dspy.context(lm=lm, callbacks=callbacks), dspy.track_usage() as usage:
-            try:
-                dataset = self._builder.build(
-                    components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
-                )
-            except Exception as exc:  # defensive: a broken trace must not end the run
-                logger.exception("Building the reflective dataset failed")
-                return ProposalOutcome(skipped="reflective_dataset_error", message=f"{type(exc).__name__}: {exc}")
-            to_update = [c for c in components if c in dataset]
-            if not to_update:
-                return ProposalOutcome(skipped="no_reflective_data", message="no usable trace records for "
-                                       + ", ".join(components))
-            try:
-                answer = self._proposal_fn(
-                    candidate=dict(parent_texts), reflective_dataset=dataset, components_to_update=to_update
-                )
-                if inspect.isawaitable(answer):
-                    answer = asyncio.run(_await(answer))
-            except Exception as exc:  # the proposer's failure is recorded and this proposal skipped
-                logger.warning("The instruction proposer raised %s: %s", type(exc).__name__, exc)
-                return ProposalOutcome(
-                    skipped="proposer_error", message=f"{type(exc).__name__}: {exc}", reflection_calls=counter.calls
-                )
-        outcome = _validate_answer(answer, parent_texts, to_update, counter.calls)
-        totals = usage.get_total_tokens()
-        prompt, completion = _token_totals(totals)
-        cost = sum(float(u.get("cost") or 0.0) for u in totals.values())
-        return ProposalOutcome(texts=outcome.texts, skipped=outcome.skipped, message=outcome.message,
-                               reflection_calls=outcome.reflection_calls, reflection_prompt_tokens=prompt,
-                               reflection_completion_tokens=completion, reflection_cost=cost)
+        # Our copy of the reflection LM shares its history (and retries) but reports each call's cost,
+        # which DSPy keeps only in history entries, to the usage box: cost_budget_usd counts reflections.
+        lm = self._lm_copies.get(self._reflection_lm or dspy.settings.lm)
+        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage() as usage:
+            outcome = self._propose(parent_texts, components, outcomes, random.Random(seed))
+        # every return path, a proposer that raised after paying for calls included, carries its usage
+        return dataclasses.replace(
+            outcome, reflection_calls=counter.calls, reflection_prompt_tokens=usage.prompt_tokens,
+            reflection_completion_tokens=usage.completion_tokens, reflection_cost=usage.cost,
+        )
 
-
-def _token_totals(by_lm: Mapping[str, Mapping[str, Any]]) -> tuple[int, int]:
-    prompt = sum(int(u.get("prompt_tokens") or u.get("input_tokens") or 0) for u in by_lm.values())
-    completion = sum(int(u.get("completion_tokens") or u.get("output_tokens") or 0) for u in by_lm.values())
-    return prompt, completion
+    def _propose(
+        self, parent_texts: dict[str, str], components: list[str], outcomes: list[EvalOutcome], rng: random.Random
+    ) -> ProposalOutcome:
+        try:
+            dataset = self._builder.build(components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng)
+        except Exception as exc:  # defensive: a broken trace must not end the run
+            logger.exception("Building the reflective dataset failed")
+            return ProposalOutcome(skipped="reflective_dataset_error", message=f"{type(exc).__name__}: {exc}")
+        to_update = [c for c in components if c in dataset]
+        if not to_update:
+            return ProposalOutcome(skipped="no_reflective_data", message="no usable trace records for "
+                                   + ", ".join(components))
+        try:
+            answer = self._proposal_fn(
+                candidate=dict(parent_texts), reflective_dataset=dataset, components_to_update=to_update
+            )
+            if inspect.isawaitable(answer):
+                answer = asyncio.run(_await(answer))
+        except Exception as exc:  # the proposer's failure is recorded and this proposal skipped
+            logger.warning("The instruction proposer raised %s: %s", type(exc).__name__, mask_text(str(exc)))
+            return ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
+        return _validate_answer(answer, parent_texts, to_update)
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _validate_answer(answer: Any, parent: Mapping[str, str], asked: Sequence[str], calls: int) -> ProposalOutcome:
+def _validate_answer(answer: Any, parent: Mapping[str, str], asked: Sequence[str]) -> ProposalOutcome:
     if not isinstance(answer, Mapping):
         return ProposalOutcome(
             skipped="invalid_proposal",
             message=f"the proposer returned {type(answer).__name__}, expected dict[str, str]",
-            reflection_calls=calls,
         )
     texts: dict[str, str] = {}
     problems: list[str] = []
@@ -137,6 +135,5 @@ def _validate_answer(answer: Any, parent: Mapping[str, str], asked: Sequence[str
     if not texts:
         return ProposalOutcome(
             skipped="empty_proposal", message="; ".join(problems) or "the proposer returned no text",
-            reflection_calls=calls,
         )
-    return ProposalOutcome(texts=texts, message="; ".join(problems) or None, reflection_calls=calls)
+    return ProposalOutcome(texts=texts, message="; ".join(problems) or None)
