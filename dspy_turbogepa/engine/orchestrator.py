@@ -161,19 +161,31 @@ class Orchestrator:
     def request_stop(self, reason: StopReason = "interrupted") -> None:
         """Stop launching new work. Safe to call from any thread (e.g. a KeyboardInterrupt handler)."""
         self._external_stop = reason
-        if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        if self._wake is not None:
+            self._call_on_loop(self._wake.set)
 
     def cancel_in_flight(self) -> None:
         """Cancel every running mutation (used after the grace period of an interrupt)."""
-        if self._loop is None:
-            return
 
         def _cancel() -> None:
             for task in self._tasks.values():
                 task.cancel()
 
-        self._loop.call_soon_threadsafe(_cancel)
+        self._call_on_loop(_cancel)
+
+    def _call_on_loop(self, fn: Callable[[], None]) -> None:
+        """Schedule ``fn`` on the engine's loop from another thread; a no-op once the loop is closed.
+
+        A Ctrl-C can land after the run has returned but before the caller has noticed: the loop is
+        then closed, and raising there would lose the finished result.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # closed between the check and the call: the run is over, nothing to do
+            logger.debug("The engine loop closed before a control call could be scheduled")
 
     @property
     def records(self) -> list[CandidateRecord]:

@@ -162,6 +162,18 @@ def test_request_stop_before_run_evaluates_only_the_seed() -> None:
     assert [r.index for r in result.records] == [0]
 
 
+def test_control_calls_after_the_run_ended_are_harmless() -> None:
+    """A Ctrl-C that lands after asyncio.run returned (its loop closed) but before compile noticed must
+    not raise 'Event loop is closed' on the caller's thread and lose the finished result."""
+    setup = hard_setup()
+    orch = build(make_config(max_metric_calls=60), FakeEvaluator(setup.task), FakeReflector(), setup)
+    result = run(orch)
+    assert orch._loop is not None and orch._loop.is_closed()
+    orch.request_stop()
+    orch.cancel_in_flight()
+    assert result.records
+
+
 def test_cancel_in_flight_after_stop_keeps_the_budget() -> None:
     setup = hard_setup(train_n=30, val_n=8)
     holder: dict = {}
