@@ -126,6 +126,7 @@ class Orchestrator:
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
+        self._mutations_running = 0
         self._plans: dict[int, MutationPlan] = {}
         self._merges_launched = 0
         self._merges_granted = 0
@@ -200,7 +201,11 @@ class Orchestrator:
         return self._eval_slots.in_use
 
     def mutations_in_flight(self) -> int:
-        return sum(1 for t in self._tasks.values() if not t.done())
+        """Readable from any thread (the progress display): a counter, not a walk over the task dict."""
+        return self._mutations_running
+
+    def _mutation_done(self, _task: asyncio.Task[MutationResult]) -> None:
+        self._mutations_running -= 1
 
     # ------------------------------------------------------------------ run
     async def run(self) -> EngineResult:
@@ -623,7 +628,10 @@ class Orchestrator:
         if plan.chain_on is not None:
             self.stats.chaining["planned"] += 1
         self._history.note_reservation(plan.seq, plan.reservation)
-        self._tasks[plan.seq] = asyncio.create_task(self._run_mutation(plan), name=f"mutation-{plan.seq}")
+        task = asyncio.create_task(self._run_mutation(plan), name=f"mutation-{plan.seq}")
+        self._tasks[plan.seq] = task
+        self._mutations_running += 1
+        task.add_done_callback(self._mutation_done)
         self._next_seq += 1
         self.stats.peak_mutations_in_flight = max(self.stats.peak_mutations_in_flight, len(self._running()))
 

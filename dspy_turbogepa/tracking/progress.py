@@ -167,7 +167,6 @@ class OrchestratorSource:
         self._frontier_fn = frontier_size
         self._tracker = _FrontierTracker()
         self._seen = 0
-        self._mutations = 0
 
     def _catch_up(self) -> None:
         records = self._orch.records
@@ -197,12 +196,7 @@ class OrchestratorSource:
         return int(self._orch.in_flight)
 
     def mutations_running(self) -> int:
-        # The engine thread may add a task while we iterate its task dict: keep the last good value.
-        try:
-            self._mutations = int(self._orch.mutations_in_flight())
-        except RuntimeError:
-            pass
-        return self._mutations
+        return int(self._orch.mutations_in_flight())
 
     def backoffs(self) -> int | None:
         value = getattr(getattr(self._orch, "stats", None), "rate_limit_retries", None)

@@ -329,6 +329,28 @@ def test_adaptive_width_starts_narrow() -> None:
     assert seen and max(seen) <= max(2, cfg.min_mutations_in_flight)
 
 
+def test_mutations_in_flight_counter_tracks_running_tasks() -> None:
+    """The progress display reads this counter from another thread; it must follow the task dict."""
+    setup = hard_setup(train_n=30, val_n=8)
+    cfg = make_config(max_metric_calls=300, max_mutations_in_flight=6)
+    seen: list[tuple[int, int, int]] = []
+    holder: dict = {}
+
+    class Watch(Recorder):
+        def on_evaluation(self, candidate, split, outcome) -> None:
+            orch = holder["orch"]
+            running = sum(1 for t in orch._tasks.values() if not t.done())
+            seen.append((running, orch.mutations_in_flight(), len(orch._tasks)))
+
+    orch = build(cfg, FakeEvaluator(setup.task, 2), FakeReflector(2), setup, [Watch()])
+    holder["orch"] = orch
+    run(orch)
+    assert any(counter >= 2 for _, counter, _ in seen)
+    # done callbacks run one loop step after a task ends, so the counter may briefly still include it
+    assert all(running <= counter <= total for running, counter, total in seen), seen
+    assert orch.mutations_in_flight() == 0
+
+
 # ------------------------------------------------------------------------------------- speculative chaining
 
 
