@@ -44,3 +44,29 @@ def test_sigint_returns_best_program_so_far(tmp_path):
         assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
         assert db.execute("select count(*) from evaluations").fetchone()[0] >= data["metric_calls"] - 4
         assert db.execute("select count(*) from sessions where closed_at is null").fetchone()[0] == 0
+
+
+def test_a_failing_compile_thread_hook_is_logged_once_and_never_ends_the_run(caplog):
+    """on_tick (progress display, MLflow pump) runs every 0.2 s: a broken hook must not end the run,
+    nor flood the log with a traceback per tick."""
+    import asyncio
+    import logging
+
+    from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
+
+    calls = {"n": 0}
+
+    def broken_hook() -> None:
+        calls["n"] += 1
+        raise ValueError("display broke")
+
+    async def work() -> str:
+        await asyncio.sleep(0.9)
+        return "done"
+
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa.adapter.runner"):
+        assert run_coroutine_in_thread(work, on_tick=broken_hook) == "done"
+    assert calls["n"] >= 3
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == calls["n"] - 1

@@ -50,13 +50,14 @@ def run_coroutine_in_thread(
     thread = threading.Thread(target=target, name="turbogepa-engine", daemon=True)
     thread.start()
     interrupted = False
+    hook_failures = [0]
     # Wait on an Event, not Thread.join: a KeyboardInterrupt that lands inside join() can leave the
     # thread looking finished while it still runs (CPython gh-90882).
     while not finished.is_set():
         try:
             finished.wait(timeout=0.2)
             if on_tick is not None:
-                _tick(on_tick)
+                _tick(on_tick, hook_failures)
         except KeyboardInterrupt:
             if interrupted:
                 raise
@@ -71,14 +72,21 @@ def run_coroutine_in_thread(
             if not finished.is_set() and on_grace_expired is not None:
                 on_grace_expired()
     if on_tick is not None:
-        _tick(on_tick)
+        _tick(on_tick, hook_failures)
     if "error" in box:
         raise box["error"]
     return box["result"]
 
 
-def _tick(on_tick: Callable[[], None]) -> None:
+def _tick(on_tick: Callable[[], None], failures: list[int]) -> None:
+    """Run the hook; a display or tracking failure never ends the run. The first failure is logged
+    with its traceback, later ones (a broken hook fails every 0.2 s) only at debug level."""
     try:
         on_tick()
-    except Exception:  # a display or tracking failure must never end the run; say so loudly, once per tick
-        logger.exception("A compile-thread hook (progress / tracking) failed")
+    except Exception:
+        failures[0] += 1
+        if failures[0] == 1:
+            logger.exception("A compile-thread hook (progress / tracking) failed; later failures are logged "
+                             "at debug level")
+        else:
+            logger.debug("A compile-thread hook failed again (%d times)", failures[0], exc_info=True)
