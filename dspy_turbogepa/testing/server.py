@@ -170,6 +170,8 @@ class SimServer:
         """Bind and serve in a daemon thread; returns once the port is listening."""
         if self._thread is not None:
             raise RuntimeError("SimServer already started")
+        self._ready.clear()
+        self._startup_error = None
         if self.config.log_path:
             self._log = open(self.config.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self._thread = threading.Thread(target=self._run, name=f"SimServer:{self._requested_port}", daemon=True)
@@ -179,6 +181,7 @@ class SimServer:
             raise RuntimeError("SimServer did not start in time")
         if self._startup_error is not None:
             self._thread.join(timeout)
+            self._thread = None  # so start() can be retried (e.g. on another port)
             self._close_log()
             raise RuntimeError(f"SimServer failed to start: {self._startup_error}") from self._startup_error
         logger.info("SimServer listening on %s", self.base_url)
@@ -192,11 +195,13 @@ class SimServer:
         if loop is not None and stop_event is not None and thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop may have closed already
                 loop.call_soon_threadsafe(stop_event.set)
-        thread.join(timeout)
-        if thread.is_alive():
-            raise RuntimeError("SimServer thread did not stop in time")
-        self._thread = None
-        self._close_log()
+        try:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise RuntimeError("SimServer thread did not stop in time")
+            self._thread = None
+        finally:
+            self._close_log()
         logger.info("SimServer on port %s stopped", self._port)
 
     def __enter__(self) -> SimServer:

@@ -521,3 +521,25 @@ def test_config_round_trip() -> None:
     assert (reflector.max_concurrency, reflector.rpm, reflector.role) == (8, 300, "reflector")
     tweaked = SimConfig.from_dict({"preset": "benchmark", "time_scale": 0.1, "responder": {"noise": 0.0}})
     assert tweaked.time_scale == 0.1 and tweaked.responder.noise == 0.0 and tweaked.models == bench.models
+
+
+def test_server_start_failure_can_be_retried_and_closes_its_log(tmp_path: Path) -> None:
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    srv = SimServer(port=port, log_path=tmp_path / "requests.jsonl")
+    try:
+        with pytest.raises(RuntimeError, match="failed to start"):
+            srv.start()
+        assert srv._log is None and not srv.running
+    finally:
+        blocker.close()
+    srv.start()  # the port is free now: a retry works instead of "already started"
+    try:
+        assert srv.running
+    finally:
+        srv.stop()
+    assert srv._log is None
