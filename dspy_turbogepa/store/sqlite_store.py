@@ -386,8 +386,8 @@ class _Writer:
         finally:
             try:
                 self.conn.close()
-            except sqlite3.Error:  # pragma: no cover
-                pass
+            except sqlite3.Error:  # pragma: no cover - nothing left to lose, but say so
+                logger.warning("Closing the run store %s failed", self.path, exc_info=True)
 
     def _write(self, rows: list[tuple[str, tuple[Any, ...]]]) -> None:
         try:
@@ -419,8 +419,8 @@ class _Writer:
         try:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-        except sqlite3.Error:  # pragma: no cover
-            pass
+        except sqlite3.Error:  # pragma: no cover - later writes will fail and be counted as lost rows
+            logger.warning("Rolling back a failed write to the run store %s failed", self.path, exc_info=True)
 
     def _failed(self, rows: list[tuple[str, tuple[Any, ...]]], exc: Exception) -> None:
         table = rows[0][0].split(" INTO ")[-1].split(" ")[0] if " INTO " in rows[0][0] else "sessions"

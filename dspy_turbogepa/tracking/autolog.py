@@ -30,6 +30,7 @@ def dspy_autolog_enabled() -> bool:
 
         return not autologging_is_disabled(FLAVOR_NAME)
     except Exception:  # noqa: BLE001 - an MLflow internals change must not break an import
+        logger.debug("Could not ask MLflow whether DSPy autologging is on", exc_info=True)
         return False
 
 

@@ -323,6 +323,7 @@ class MlflowRunTracker(EngineObserver):
             try:
                 stats = self._stats_provider()
             except Exception:  # noqa: BLE001 - e.g. called before the orchestrator exists
+                logger.debug("No run stats for this MLflow sample", exc_info=True)
                 stats = None
         values: dict[str, float] = {
             "num_candidates": self._n_candidates,
