@@ -752,3 +752,17 @@ def test_failed_compile_ends_its_mlflow_run_and_closes_the_store(local_tracking,
         time.sleep(0.05)
     alive = [t.name for t in threading.enumerate() if t.name.startswith(("turbogepa-run-store", "turbogepa-mlflow"))]
     assert not alive, alive
+
+
+def test_upload_timeout_still_removes_the_temporary_plot_directory(local_tracking, caplog):
+    tracker = MlflowRunTracker({"seed": 0}, plot_path=True, flush_interval=0.05, finish_timeout=0.2)
+    tmpdir = tracker._tmpdir
+    assert tmpdir is not None and Path(tmpdir).is_dir()
+    tracker._submit("slow upload", lambda c: time.sleep(1.0))
+    with caplog.at_level(logging.WARNING):
+        tracker.finish(_synthetic_result(), None)
+    assert any("did not finish" in r.getMessage() for r in caplog.records)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(tmpdir).exists():
+        time.sleep(0.05)
+    assert not Path(tmpdir).exists()

@@ -436,11 +436,11 @@ class MlflowRunTracker(EngineObserver):
         worker = self._worker
         if worker is not None:
             worker.join(timeout=timeout)
-            if worker.is_alive():
+            if worker.is_alive():  # it removes the temporary directory itself when its upload returns
                 self._dead = True
                 self._warn(f"MLflow uploads did not finish within {timeout:.0f}s; giving up on the rest")
-            else:
-                self._cleanup()
+        else:
+            self._cleanup()
         if self.started_run:
             self._end_started_run(status)
 
@@ -499,6 +499,7 @@ class MlflowRunTracker(EngineObserver):
             self._flush_metrics()
             if op is _STOP:
                 self._flush_metrics()
+                self._cleanup()  # here, not in _close: after a timeout the worker may still be uploading a plot
                 return
             if op is not None:
                 self._call(op[0], op[1])
