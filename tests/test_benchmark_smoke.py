@@ -108,3 +108,32 @@ def test_benchmark_memory_smoke(tmp_path: Path) -> None:
     growth = {s["budget"]: s["growth_mb"] for s in data["summary"]}
     assert growth[40] == 0 and growth[80] == runs[1]["peak_rss_mb"] - runs[0]["peak_rss_mb"]
     assert "| routing | 0 | 24 | 12 | 80 |" in (tmp_path / "memory.md").read_text()
+
+
+def test_each_baseline_is_compared_at_its_own_final_score(tmp_path: Path) -> None:
+    """Issue 6: TurboGEPA must be faster than gepa4 to gepa4's own final score (not to dspy.GEPA's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(opt: str, seed: int, curve: list[tuple[float, float]], wall: float) -> dict:
+        return {
+            "task": "routing", "budget": 300, "optimizer": opt, "seed": seed, "seed_test": 0.3,
+            "final_test": curve[-1][1], "final_val": curve[-1][1], "best_val_curve": curve, "compile_wall_s": wall,
+            "lm_calls_student": 100, "lm_calls_reflector": 10, "lm_timeline": [[t, int(10 * t), 1] for t in range(11)],
+            "harness_cpu_s": 1.0, "metric_calls": 100, "student_concurrency_utilisation": 0.5, "peak_rss_mb": 90,
+        }
+
+    runs = [
+        run("gepa", 0, [(0.0, 0.3), (8.0, 0.9)], 10.0),
+        run("gepa4", 0, [(0.0, 0.3), (6.0, 0.7)], 10.0),
+        run("turbo", 0, [(0.0, 0.3), (2.0, 0.7), (4.0, 0.9)], 10.0),
+    ]
+    bench.aggregate(runs, tmp_path)
+    ratios = {r["baseline"]: r for r in json.loads((tmp_path / "ratios.json").read_text())}
+    assert ratios["gepa"]["target"] == 0.9 and ratios["gepa"]["time_to_target_speedup"] == 8.0 / 4.0
+    assert ratios["gepa4"]["target"] == 0.7 and ratios["gepa4"]["time_to_target_speedup"] == 6.0 / 2.0
+    assert ratios["gepa4"]["lm_calls_to_target_ratio"] == 21 / 61  # timeline: 10 student calls a second + 1
+    assert (ratios["gepa4"]["reached_turbo"], ratios["gepa4"]["reached_baseline"]) == (1, 1)
