@@ -38,6 +38,7 @@ from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+from dspy_turbogepa.store.redaction import run_secrets
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
@@ -314,6 +315,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
         codec = ProgramCodec(student)
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
+            # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
+            cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm)))
             return self._run(codec, cleanup, train, val, budget, num_threads)
 
     def _run(
@@ -536,3 +539,15 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
 register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile
 
 __all__ = ["TurboGEPA"]
+
+
+def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
+    """API keys held by the LM objects this compile will call (the program's, the configured, the reflection LM)."""
+    lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
+    lms += [dspy.settings.lm, reflection_lm]
+    keys = []
+    for lm in lms:
+        kwargs = getattr(lm, "kwargs", None)
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("api_key"), str):
+            keys.append(kwargs["api_key"])
+    return keys

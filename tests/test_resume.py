@@ -102,6 +102,48 @@ def test_nothing_secret_is_written(routing, tmp_path, monkeypatch):
             assert secret.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.http
+def test_a_key_passed_to_an_lm_object_is_never_written(routing, tmp_path, caplog):
+    """A key of no known shape, not in the environment, given as dspy.LM(api_key=...): an error that
+    quotes it must not carry it into the run store, summary.json or our logs."""
+    import logging
+
+    from dspy_turbogepa.testing import SimServer
+
+    key = "prov-0a9b8c7d6e5f4a3b2c1d"
+
+    class QuotingClient(dspy.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ticket):
+            if "tracking" in ticket.lower():
+                raise RuntimeError(f"401 from provider: key {dspy.settings.lm.kwargs['api_key']} is not allowed")
+            return self.inner(ticket=ticket)
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        return {c: candidate[c] + " Disputes over charges go to payments." for c in components_to_update}
+
+    splits = small_splits(routing, n_train=30, n_val=12)
+    assert any("tracking" in ex.ticket.lower() for ex in splits.val)
+    with SimServer("test", seed=0) as srv, caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key=key, cache=False)
+        opt = TurboGEPA(routing.metric, max_metric_calls=80, reflection_lm=student, instruction_proposer=proposer,
+                        num_threads=4, log_dir=str(tmp_path), track_stats=True)
+        with dspy.context(lm=student):
+            program = opt.compile(QuotingClient(routing.make_program()), trainset=splits.train, valset=splits.val)
+    assert program.detailed_results.run_stats["failures"].get("program_error", 0) > 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "summary.json" for p in written)
+    for path in written:
+        assert key.encode() not in path.read_bytes(), path
+    assert not [r for r in caplog.records if key in r.getMessage()]
+    assert "***REDACTED***" in (tmp_path / "summary.json").read_text() or any(
+        b"***REDACTED***" in p.read_bytes() for p in written
+    )
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}

@@ -56,6 +56,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 )
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
+from dspy_turbogepa.store.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def _error_types(exc: BaseException) -> list[str]:
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    """The error as feedback text: masked at the source, since it reaches the reflection prompt, logs
+    and a SystemicFailureError as well as the run store (a client error may quote a key)."""
+    text = mask_text(f"{type(exc).__name__}: {exc}")
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
 
 

@@ -25,6 +25,7 @@ from dspy.teleprompt.gepa.gepa_utils import format_history_for_reflection
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.store.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class ReflectiveDatasetBuilder:
                 [(self._codec.student_predictor(name), step.inputs, step.outputs)],
             )
         except Exception as exc:  # a metric bug must not kill the proposal: skip this record, say why
-            logger.warning("The metric raised while giving feedback for %r: %s: %s", name, type(exc).__name__, exc)
+            logger.warning("The metric raised while giving feedback for %r: %s: %s", name, type(exc).__name__,
+                           mask_text(str(exc)))
             self._count("feedback_error")
             return None
         reading = read_metric_return(ret, self._failure_score)

@@ -107,7 +107,7 @@ class ReflectiveProposer:
                 answer = asyncio.run(_await(answer))
         except Exception as exc:  # the proposer's failure is recorded and this proposal skipped
             logger.warning("The instruction proposer raised %s: %s", type(exc).__name__, mask_text(str(exc)))
-            return ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
+            return ProposalOutcome(skipped="proposer_error", message=mask_text(f"{type(exc).__name__}: {exc}"))
         return _validate_answer(answer, parent_texts, to_update)
 
 

@@ -3,7 +3,14 @@
 Standard library only, and no DSPy import, so the engine can use it. See ``docs/run_store.md``.
 """
 
-from dspy_turbogepa.store.redaction import REDACTED, contains_secret, is_sensitive_key, mask_text, redact
+from dspy_turbogepa.store.redaction import (
+    REDACTED,
+    contains_secret,
+    is_sensitive_key,
+    mask_text,
+    redact,
+    run_secrets,
+)
 from dspy_turbogepa.store.sqlite_store import (
     DB_FILENAME,
     SCHEMA_VERSION,
@@ -34,5 +41,6 @@ __all__ = [
     "is_sensitive_key",
     "mask_text",
     "redact",
+    "run_secrets",
     "stable_hash",
 ]

@@ -12,14 +12,19 @@ Everything the store writes goes through one of two filters:
   at least 8 characters; the environment is read at every call, so keys set after import count).
 
 Masking is best effort for text (a key with no known shape that is not in the environment cannot be
-recognised), and exact for the environment: no stored byte equals such a value.
+recognised), and exact for the environment: no stored byte equals such a value. The same exactness
+covers keys handed to an LM object (``dspy.LM(..., api_key=...)``): ``compile()`` declares them with
+:func:`run_secrets` for the duration of the run (a context variable, so concurrent compiles in one
+process each mask their own keys, and nothing is left behind afterwards).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
 
@@ -107,6 +112,36 @@ def is_sensitive_key(key: object) -> bool:
 
 
 _env_cache: tuple[dict[Any, Any], tuple[str, ...]] | None = None
+#: Secrets of the current run that the environment does not hold (see :func:`run_secrets`).
+_RUN_SECRETS: ContextVar[tuple[str, ...]] = ContextVar("turbogepa_run_secrets", default=())
+
+
+@contextmanager
+def run_secrets(values: Iterable[Any]) -> Iterator[tuple[str, ...]]:
+    """Mask ``values`` (API keys passed to LM objects) like environment secrets inside the block.
+
+    Non-strings and values shorter than :data:`MIN_ENV_SECRET_LENGTH` are ignored, as for the
+    environment. Threads started inside the block see the values only if they run in a copy of this
+    context (the engine thread and DSPy's worker threads do).
+    """
+    own = {v for v in values if isinstance(v, str) and len(v) >= MIN_ENV_SECRET_LENGTH}
+    token = _RUN_SECRETS.set(tuple(sorted(own.union(_RUN_SECRETS.get()), key=lambda v: (-len(v), v))))
+    try:
+        yield _RUN_SECRETS.get()
+    finally:
+        _RUN_SECRETS.reset(token)
+
+
+def secret_values() -> tuple[str, ...]:
+    """Every exact value to mask here: the environment's secrets and the current run's, longest first."""
+    return _merged(env_secret_values(), _RUN_SECRETS.get())
+
+
+@lru_cache(maxsize=16)
+def _merged(env: tuple[str, ...], run: tuple[str, ...]) -> tuple[str, ...]:
+    if not run:
+        return env
+    return tuple(sorted(set(env).union(run), key=lambda v: (-len(v), v)))
 
 
 def env_secret_values() -> tuple[str, ...]:
@@ -140,7 +175,7 @@ def _env_pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
 
 def contains_secret(text: str, env_values: tuple[str, ...] | None = None) -> bool:
     """Whether :func:`mask_text` would change ``text``."""
-    values = env_secret_values() if env_values is None else env_values
+    values = secret_values() if env_values is None else env_values
     if any(v in text for v in values):
         return True
     return any(prefix in text and pattern.search(text) is not None for prefix, pattern in _KEY_SHAPES)
@@ -148,7 +183,7 @@ def contains_secret(text: str, env_values: tuple[str, ...] | None = None) -> boo
 
 def mask_text(text: str, env_values: tuple[str, ...] | None = None) -> str:
     """``text`` with every substring that looks like a credential replaced by :data:`REDACTED`."""
-    values = env_secret_values() if env_values is None else env_values
+    values = secret_values() if env_values is None else env_values
     pattern = _env_pattern(values)
     if pattern is not None and any(v in text for v in values):
         text = pattern.sub(REDACTED, text)
@@ -165,7 +200,7 @@ def redact(obj: Any, env_values: tuple[str, ...] | None = None) -> Any:
     returned unchanged. A sensitive key keeps its value only when that value is None or a bool
     (``{"api_key": None}`` says no key was set, which is worth keeping).
     """
-    values = env_secret_values() if env_values is None else env_values
+    values = secret_values() if env_values is None else env_values
     return _redact(obj, values)
 
 
@@ -201,7 +236,7 @@ def mask_json_text(text: str, env_values: tuple[str, ...] | None = None) -> str:
     """
     import json
 
-    values = env_secret_values() if env_values is None else env_values
+    values = secret_values() if env_values is None else env_values
     # In JSON text a value may appear escaped (quotes, backslashes, non-ASCII as \uXXXX): look for
     # those spellings too, then mask the decoded strings.
     escaped = {form for v in values for form in (json.dumps(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1])}

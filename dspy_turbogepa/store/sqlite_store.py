@@ -28,10 +28,10 @@ from typing import Any
 
 from dspy_turbogepa.store.redaction import (
     contains_secret,
-    env_secret_values,
     mask_json_text,
     mask_text,
     redact,
+    secret_values,
 )
 
 logger = logging.getLogger(__name__)
@@ -478,7 +478,7 @@ class RunStore:
         """
         if commit_interval < 0 or max_batch < 1:
             raise ValueError("commit_interval must be >= 0 and max_batch >= 1")
-        env_values = env_secret_values()
+        env_values = secret_values()
         key = _check_run_key(run_key, env_values)
         log_dir = Path(os.path.expanduser(os.fspath(log_dir)))
         _prepare_dir(log_dir)
@@ -511,7 +511,7 @@ class RunStore:
         self, fingerprint: str, texts: Mapping[str, str], parents: Sequence[str], kind: str, created_at: float
     ) -> None:
         """A candidate (program variant) was created. Later records of the same fingerprint are ignored."""
-        env = env_secret_values()
+        env = secret_values()
         texts_d = {name: mask_text(text, env) for name, text in _texts(texts, "texts").items()}
         parents_l = [str(p) for p in parents]
         self._writer.put(
@@ -535,7 +535,7 @@ class RunStore:
         seconds: float | None,
     ) -> None:
         """A program execution + metric call finished. The first record of (fingerprint, split, example) wins."""
-        env = env_secret_values()
+        env = secret_values()
         objectives = None
         if objective_scores is not None:
             objectives = json.dumps({str(k): float(v) for k, v in objective_scores.items()}, separators=(",", ":"))
@@ -571,7 +571,7 @@ class RunStore:
         credential: a masked text would replay as a different program, so that proposal is paid for
         again on resume instead.
         """
-        env = env_secret_values()
+        env = secret_values()
         texts_d = _texts(texts, "texts")
         if any(contains_secret(text, env) for text in texts_d.values()):
             logger.warning("Run store: proposal %s contains what looks like a credential; not stored", key)

@@ -693,3 +693,21 @@ def test_store_code_uses_json_only_and_no_dspy() -> None:
             "from dspy.",
         ):
             assert forbidden not in text, f"{forbidden!r} in {source.name}"
+
+
+def test_run_secrets_are_masked_only_inside_their_context() -> None:
+    import contextvars
+
+    from dspy_turbogepa.store import run_secrets
+    from dspy_turbogepa.store.redaction import REDACTED, mask_text
+
+    key, other, short = "prov-0a9b8c7d6e5f4a3b", "zz-999888777666", "abc"
+    text = f"error: {key} / {other} / {short}"
+    assert mask_text(text) == text
+    with run_secrets([key, short, None]):
+        assert mask_text(text) == f"error: {REDACTED} / {other} / {short}"  # too short to be a key: kept
+        with run_secrets([other]):  # nested (a compile inside a compile): both masked
+            assert mask_text(text) == f"error: {REDACTED} / {REDACTED} / {short}"
+        copied = contextvars.copy_context()  # what the engine thread and DSPy's workers run in
+        assert copied.run(mask_text, text) == f"error: {REDACTED} / {other} / {short}"
+    assert mask_text(text) == text  # nothing left behind
