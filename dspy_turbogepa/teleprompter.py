@@ -351,11 +351,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             stringify=not is_builtin_proposer(proposer),
         )
         config = self._engine_config(budget, num_threads, len(val))
-        reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight)
+        reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight,
+                                       price_table=self.price_table)
         cleanup.callback(reflector.close)
-        store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val)
-        if store is not None:
-            cleanup.callback(store.close)
+        store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup)
         display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)
         # MLflow: full-validation evaluations reach DSPy's callbacks on this thread (docs/mlflow.md)
         pump = CompileThreadCallbackPump(codec.build, val, instance=self) if dspy.settings.get("callbacks") else None
@@ -455,9 +454,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
     # ------------------------------------------------------------------ helpers
     def _open_store(
-        self, student: dspy.Module, codec: ProgramCodec, train: list[dspy.Example], val: list[dspy.Example]
+        self, student: dspy.Module, codec: ProgramCodec, train: list[dspy.Example], val: list[dspy.Example],
+        cleanup: ExitStack,
     ) -> tuple[Any, list[Any], dict[Any, Any] | None, dict[str, Any] | None]:
-        """With ``log_dir``: open (or resume) the run store; refuse a log_dir holding a different run."""
+        """With ``log_dir``: open (or resume) the run store; refuse a log_dir holding a different run.
+
+        The store is closed by ``cleanup`` from the moment it is open, so a failure while reading what
+        an earlier process stored does not leave its writer thread and connection behind."""
         if not self.log_dir:
             return None, [], None, None
         from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, run_key
@@ -467,6 +470,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         meta = {k: v for k, v in self.get_params().items()
                 if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
         store = RunStore.open(self.log_dir, key, meta=meta)
+        cleanup.callback(store.close)
         known_evals = known_props = None
         if store.resumed:
             known_evals, known_props = load_known(
@@ -548,6 +552,14 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
     keys = []
     for lm in lms:
         kwargs = getattr(lm, "kwargs", None)
-        if isinstance(kwargs, dict) and isinstance(kwargs.get("api_key"), str):
-            keys.append(kwargs["api_key"])
+        key = kwargs.get("api_key") if isinstance(kwargs, dict) else None
+        if isinstance(key, str) and _looks_like_a_key(key):
+            keys.append(key)
     return keys
+
+
+def _looks_like_a_key(value: str) -> bool:
+    """Random key material, not a placeholder: local servers and proxies are often given words such as
+    "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions."""
+    return (len(value) >= 16 and not any(c.isspace() for c in value)
+            and any(c.isdigit() for c in value) and any(c.isalpha() for c in value))

@@ -144,6 +144,47 @@ def test_a_key_passed_to_an_lm_object_is_never_written(routing, tmp_path, caplog
     )
 
 
+def test_placeholder_lm_keys_are_not_treated_as_secrets():
+    """Local servers get words as keys; masking those would rewrite instructions ("output anything else")."""
+    from dspy_turbogepa.teleprompter import _lm_api_keys
+
+    program = dspy.Predict("question -> answer")
+    real = "prov-0a9b8c7d6e5f4a3b2c1d"
+    for placeholder in ("anything", "sk-no-key-required", "lm-studio", "not-needed", "EMPTY"):
+        lm = dspy.LM("openai/local", api_base="http://127.0.0.1:9/v1", api_key=placeholder)
+        assert _lm_api_keys(program, lm) == []
+    program.lm = dspy.LM("openai/x", api_key=real)
+    assert _lm_api_keys(program, None) == [real]
+
+
+def test_a_failure_while_resuming_closes_the_store(routing, tmp_path, monkeypatch):
+    import threading
+
+    import dspy_turbogepa.adapter.persistence as persistence
+
+    splits = small_splits(routing, n_train=20, n_val=8)
+
+    def compile_once():
+        opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
+                        log_dir=str(tmp_path))
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+
+    compile_once()
+
+    def broken_load(*args, **kwargs):
+        raise ValueError("a stored trajectory does not decode")
+
+    monkeypatch.setattr(persistence, "load_known", broken_load)
+    with pytest.raises(ValueError, match="does not decode") as failure:  # kept alive, as Jupyter keeps it
+        compile_once()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(t.name.startswith("turbogepa-run-store") for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("turbogepa-run-store")]
+    assert failure.value is not None
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
