@@ -133,3 +133,22 @@ def test_a_proposer_that_fails_after_calling_the_lm_still_counts_its_usage(routi
     assert stats["proposal_skips"].get("proposer_error", 0) >= 1
     assert stats["reflection_calls"] >= stats["proposal_skips"]["proposer_error"]
     assert stats["reflection_tokens"]["prompt"] > 0
+
+
+def test_price_table_prices_reflections_too(routing):
+    """A self-hosted reflection model litellm cannot price: price_table prices its calls, as it does
+    the program's, so cost_budget_usd sees them."""
+    from dspy_turbogepa.testing import SimServer
+
+    with SimServer("test", seed=0) as srv:
+        reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="x", cache=False, max_tokens=4000)
+        splits = small_splits(routing, n_train=20, n_val=10)
+        opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflector, num_threads=4,
+                        track_stats=True, use_merge=False, price_table={"sim-reflector": (1.0, 2.0)})
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    stats = program.detailed_results.run_stats
+    tokens = stats["reflection_tokens"]
+    assert tokens["prompt"] > 0
+    expected = (tokens["prompt"] * 1.0 + tokens["completion"] * 2.0) / 1e6
+    assert stats["cost"]["reflection"] == pytest.approx(expected, abs=2e-6)

@@ -52,8 +52,10 @@ class ReflectiveProposer:
         proposal_fn: Callable[..., Any],
         reflection_lm: dspy.LM | None,
         max_workers: int,
+        price_table: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self._builder = builder
+        self._prices = dict(price_table or {})  # the same table the program's calls are priced with
         self._proposal_fn = proposal_fn
         self._reflection_lm = reflection_lm
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
@@ -79,7 +81,7 @@ class ReflectiveProposer:
         # Our copy of the reflection LM shares its history (and retries) but reports each call's cost,
         # which DSPy keeps only in history entries, to the usage box: cost_budget_usd counts reflections.
         lm = self._lm_copies.get(self._reflection_lm or dspy.settings.lm)
-        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage() as usage:
+        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices) as usage:
             outcome = self._propose(parent_texts, components, outcomes, random.Random(seed))
         # every return path, a proposer that raised after paying for calls included, carries its usage
         return dataclasses.replace(
@@ -93,8 +95,10 @@ class ReflectiveProposer:
         try:
             dataset = self._builder.build(components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng)
         except Exception as exc:  # defensive: a broken trace must not end the run
-            logger.exception("Building the reflective dataset failed")
-            return ProposalOutcome(skipped="reflective_dataset_error", message=f"{type(exc).__name__}: {exc}")
+            message = mask_text(f"{type(exc).__name__}: {exc}")
+            logger.warning("Building the reflective dataset failed: %s", message)
+            logger.debug("Building the reflective dataset failed", exc_info=True)
+            return ProposalOutcome(skipped="reflective_dataset_error", message=message)
         to_update = [c for c in components if c in dataset]
         if not to_update:
             return ProposalOutcome(skipped="no_reflective_data", message="no usable trace records for "
