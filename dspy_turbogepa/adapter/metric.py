@@ -59,7 +59,7 @@ def _objectives(obj: Mapping[Any, Any]) -> tuple[dict[str, float] | None, str | 
             return None, f"the metric returned objective_scores[{k!r}] = {v!r}, not a number"
         try:
             f = float(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None, f"the metric returned objective_scores[{k!r}] of type {type(v).__name__}, not a number"
         if not math.isfinite(f):
             return None, f"the metric returned a non-finite objective_scores[{k!r}] = {f}"
@@ -90,7 +90,7 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
         return MetricReading(failure_score, feedback, objectives, invalid=f"the metric returned a string score {raw!r}")
     try:
         score = float(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return MetricReading(
             failure_score, feedback, objectives, invalid=f"the metric returned a non-numeric score of type {type(raw).__name__}"
         )
