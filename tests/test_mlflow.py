@@ -766,3 +766,21 @@ def test_upload_timeout_still_removes_the_temporary_plot_directory(local_trackin
     while time.monotonic() < deadline and Path(tmpdir).exists():
         time.sleep(0.05)
     assert not Path(tmpdir).exists()
+
+
+def test_upload_errors_are_masked_with_the_runs_secrets(local_tracking, caplog):
+    """The upload worker is a thread of its own: it must still see the keys compile() declared."""
+    from dspy_turbogepa.store import run_secrets
+
+    key = "prov-0a9b8c7d6e5f4a3b2c1d"
+
+    def failing_upload(client):
+        raise RuntimeError(f"proxy rejected key {key}")
+
+    with run_secrets([key]), caplog.at_level(logging.DEBUG, logger=TRACKING_LOGGER):
+        tracker = MlflowRunTracker({"seed": 0}, flush_interval=0.05)
+        tracker._submit("upload", failing_upload)
+        tracker.finish(_synthetic_result(), None)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("proxy rejected key ***REDACTED***" in m for m in messages), messages
+    assert not any(key in m for m in messages)

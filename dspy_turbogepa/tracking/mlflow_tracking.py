@@ -23,6 +23,7 @@ Names (see docs/mlflow.md):
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
@@ -267,7 +268,9 @@ class MlflowRunTracker(EngineObserver):
                 self._end_started_run("FAILED")
             return
         self.enabled = True
-        self._worker = threading.Thread(target=self._work, name="turbogepa-mlflow", daemon=True)
+        # in a copy of this context: the run's secrets (store.run_secrets) are masked in its messages too
+        self._worker = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
+                                        name="turbogepa-mlflow", daemon=True)
         self._worker.start()
 
         from dspy_turbogepa import __version__
