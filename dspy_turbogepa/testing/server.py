@@ -172,6 +172,7 @@ class SimServer:
             raise RuntimeError("SimServer already started")
         self._ready.clear()
         self._startup_error = None
+        self._loop = self._stop_event = None  # a failed earlier attempt's, if any
         if self.config.log_path:
             self._log = open(self.config.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self._thread = threading.Thread(target=self._run, name=f"SimServer:{self._requested_port}", daemon=True)
@@ -195,13 +196,11 @@ class SimServer:
         if loop is not None and stop_event is not None and thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop may have closed already
                 loop.call_soon_threadsafe(stop_event.set)
-        try:
-            thread.join(timeout)
-            if thread.is_alive():
-                raise RuntimeError("SimServer thread did not stop in time")
-            self._thread = None
-        finally:
-            self._close_log()
+        thread.join(timeout)
+        if thread.is_alive():  # the log stays open: the thread may still write to it
+            raise RuntimeError("SimServer thread did not stop in time")
+        self._thread = None
+        self._close_log()
         logger.info("SimServer on port %s stopped", self._port)
 
     def __enter__(self) -> SimServer:
