@@ -86,7 +86,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             overshooting by less than ``2 * reflection_minibatch_size + len(valset)`` calls).
         verbose: show live progress (a tqdm bar on a terminal, one log line per update otherwise).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
-            price dspy/litellm do not know (program LMs; it overrides their reported cost).
+            price dspy/litellm do not know (program and reflection LMs; it overrides their reported cost).
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
             choose between rewriting one component and all of them, shifting toward whichever makes new
             best candidates in this run (default True; an explicit ``component_selector`` always wins;
