@@ -24,7 +24,7 @@ from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer
 from dspy_turbogepa.adapter.results import build_result
 from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
-from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator
+from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator, RunInterruptedError
 from dspy_turbogepa.engine.config import (
     CANDIDATE_SELECTIONS,
     MINIBATCH_SAMPLINGS,
@@ -395,6 +395,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 on_grace_expired=orchestrator.cancel_in_flight,
                 on_tick=on_tick,
             )
+        except RunInterruptedError as exc:  # Ctrl-C before the seed was scored: nothing to return
+            raise KeyboardInterrupt(str(exc)) from exc
         finally:
             display.close(stop_reason=result.stop_reason if result is not None else None)
             evaluator.close()

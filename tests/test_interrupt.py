@@ -70,3 +70,34 @@ def test_a_failing_compile_thread_hook_is_logged_once_and_never_ends_the_run(cap
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert sum(r.levelno == logging.DEBUG for r in caplog.records) == calls["n"] - 1
+
+
+def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeypatch):
+    """A slow seed validation must not keep the user waiting past the grace period the log promises."""
+    import _thread
+    import functools
+    import threading
+
+    import dspy
+    import pytest
+
+    import dspy_turbogepa.teleprompter as tp
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
+    from dspy_turbogepa.testing import TASKS
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=10, n_val=6, n_test=0)
+
+    def slow_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        time.sleep(2.0)
+        return task.metric(gold, pred, trace, pred_name, pred_trace)
+
+    monkeypatch.setattr(tp, "run_coroutine_in_thread", functools.partial(run_coroutine_in_thread, grace_seconds=0.2))
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    opt = TurboGEPA(slow_metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=6)
+    started = time.monotonic()
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), pytest.raises(KeyboardInterrupt, match="seed program"):
+        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    assert time.monotonic() - started < 1.8  # well before the seed's evaluations (2 s each) could finish

@@ -2,7 +2,7 @@
 
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
-from dspy_turbogepa.engine.errors import SystemicFailureError
+from dspy_turbogepa.engine.errors import RunInterruptedError, SystemicFailureError
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.orchestrator import Orchestrator
 from dspy_turbogepa.engine.records import CandidateRecord, EngineResult, RunStats
@@ -20,6 +20,7 @@ __all__ = [
     "ProposalOutcome",
     "Reflector",
     "RunStats",
+    "RunInterruptedError",
     "SystemicFailureError",
     "fingerprint_texts",
 ]

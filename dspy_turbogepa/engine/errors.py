@@ -14,3 +14,9 @@ class SystemicFailureError(RuntimeError):
         super().__init__(message)
         self.failure = failure
         self.error_type = error_type
+
+
+class RunInterruptedError(RuntimeError):
+    """The run was stopped and its in-flight work cancelled before the seed program's validation
+    finished, so there is no evaluated program to return. Evaluations that did finish were reported
+    to the observers (and so kept by a run store: a resumed run does not pay for them again)."""

@@ -27,6 +27,7 @@ from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
+from dspy_turbogepa.engine.errors import RunInterruptedError
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
 from dspy_turbogepa.engine.merge import MergeProposal, find_merge
@@ -127,6 +128,8 @@ class Orchestrator:
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._mutations_running = 0
+        self._seed_task: asyncio.Future[None] | None = None
+        self._cancelled_in_flight = False
         self._plans: dict[int, MutationPlan] = {}
         self._merges_launched = 0
         self._merges_granted = 0
@@ -169,6 +172,9 @@ class Orchestrator:
         """Cancel every running mutation (used after the grace period of an interrupt)."""
 
         def _cancel() -> None:
+            self._cancelled_in_flight = True
+            if self._seed_task is not None:
+                self._seed_task.cancel()  # a slow seed validation must not outlast the grace period
             for task in self._tasks.values():
                 task.cancel()
 
@@ -213,7 +219,17 @@ class Orchestrator:
         self._wake = asyncio.Event()
         self._start = self._clock()
         try:
-            await self._evaluate_seed()
+            self._seed_task = asyncio.ensure_future(self._evaluate_seed())
+            try:
+                await self._seed_task
+            except asyncio.CancelledError:
+                if self._cancelled_in_flight and self._seed_task.cancelled():
+                    raise RunInterruptedError(
+                        "Stopped before the seed program's validation finished: there is no evaluated "
+                        "program to return. The evaluations that finished are kept in the run store "
+                        "(log_dir); rerun with the same log_dir to resume without paying for them again."
+                    ) from None
+                raise
             await self._main_loop()
         finally:
             for task in self._tasks.values():

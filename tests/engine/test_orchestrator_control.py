@@ -174,6 +174,38 @@ def test_control_calls_after_the_run_ended_are_harmless() -> None:
     assert result.records
 
 
+def test_cancel_during_the_seed_validation_ends_the_run_at_once() -> None:
+    """After Ctrl-C's grace period the seed's validation is cancelled too (it could take minutes on a
+    slow LM and a big valset); with no evaluated program the run says so instead of returning one."""
+    from dspy_turbogepa.engine import RunInterruptedError
+
+    setup = hard_setup(val_n=8)
+    started = threading.Event()
+
+    async def never_finishes(fp: str, split: str, example_id: int) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    orch = build(make_config(), FakeEvaluator(setup.task, gate=never_finishes), FakeReflector(), setup)
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = asyncio.run(orch.run())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    assert started.wait(5)
+    orch.request_stop()
+    orch.cancel_in_flight()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - t0 < 5
+    assert isinstance(box.get("error"), RunInterruptedError), box
+
+
 def test_cancel_in_flight_after_stop_keeps_the_budget() -> None:
     setup = hard_setup(train_n=30, val_n=8)
     holder: dict = {}
