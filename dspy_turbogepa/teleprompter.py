@@ -399,13 +399,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise KeyboardInterrupt(str(exc)) from exc
         finally:
             display.close(stop_reason=result.stop_reason if result is not None else None)
-            evaluator.close()
-            reflector.close()
-            if store is not None:
-                try:
-                    store.record_event("run_finished" if result is not None else "run_failed", {})
-                finally:
-                    store.close()
+            if store is not None:  # closed by `cleanup`, like the pools, whatever happens next
+                store.record_event("run_finished" if result is not None else "run_failed", {})
         if known_evals:
             result.total_metric_calls += len(known_evals)  # paid by the earlier process of this run
         result.stats.rate_limits = evaluator.rate_limit_stats()
@@ -542,11 +537,6 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
 
 
-register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile
-
-__all__ = ["TurboGEPA"]
-
-
 def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
     """API keys held by the LM objects this compile will call (the program's, the configured, the reflection LM)."""
     lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
@@ -565,3 +555,9 @@ def _looks_like_a_key(value: str) -> bool:
     "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions."""
     return (len(value) >= 16 and not any(c.isspace() for c in value)
             and any(c.isdigit() for c in value) and any(c.isalpha() for c in value))
+
+
+register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile
+
+__all__ = ["TurboGEPA"]
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dspy
+
 
 def small_splits(task, n_train: int = 30, n_val: int = 16, n_test: int = 60, data_seed: int = 0):
     return task.splits(data_seed=data_seed, n_train=n_train, n_val=n_val, n_test=n_test)
@@ -21,3 +23,17 @@ class CountingMetric:
         else:
             self.feedback += 1
         return self.metric(gold, pred, trace, pred_name, pred_trace)
+
+
+class FailsOnTracking(dspy.Module):
+    """The routing program, raising ``error()`` on tickets about tracking (a downstream failure)."""
+
+    def __init__(self, inner, error=lambda: RuntimeError("downstream CRM rejected the tracking ticket")):
+        super().__init__()
+        self.inner = inner
+        self.error = error
+
+    def forward(self, ticket):
+        if "tracking" in ticket.lower():
+            raise self.error()
+        return self.inner(ticket=ticket)

@@ -11,7 +11,7 @@ import pytest
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing.fake_lm import make_student_lm
 
-from helpers import small_splits
+from helpers import FailsOnTracking, small_splits
 
 
 class RecordingProposer:
@@ -92,21 +92,10 @@ def test_records_are_matched_by_predictor_name_not_signature():
     assert {c[2][0] for c in proposer.calls} == {"first", "second"}  # round robin over both
 
 
-class FlakyRouting(dspy.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, ticket):
-        if "tracking" in ticket.lower():
-            raise RuntimeError("downstream CRM rejected the tracking ticket")
-        return self.inner(ticket=ticket)
-
-
 def test_program_exception_scores_failure_and_becomes_feedback(routing):
     proposer = RecordingProposer()
     splits = small_splits(routing, n_train=30, n_val=12)
-    program = FlakyRouting(routing.make_program())
+    program = FailsOnTracking(routing.make_program())
     opt = TurboGEPA(routing.metric, max_metric_calls=120, instruction_proposer=proposer, num_threads=4,
                     failure_score=-1.0, use_merge=False, track_stats=True)
     with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):

@@ -18,7 +18,7 @@ from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.store import RunStoreMismatchError
 from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
 
-from helpers import CountingMetric, small_splits
+from helpers import CountingMetric, FailsOnTracking, small_splits
 
 SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
 
@@ -112,15 +112,8 @@ def test_a_key_passed_to_an_lm_object_is_never_written(routing, tmp_path, caplog
 
     key = "prov-0a9b8c7d6e5f4a3b2c1d"
 
-    class QuotingClient(dspy.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, ticket):
-            if "tracking" in ticket.lower():
-                raise RuntimeError(f"401 from provider: key {dspy.settings.lm.kwargs['api_key']} is not allowed")
-            return self.inner(ticket=ticket)
+    def quoting_error() -> Exception:  # a client error that echoes the key it was given
+        return RuntimeError(f"401 from provider: key {dspy.settings.lm.kwargs['api_key']} is not allowed")
 
     def proposer(candidate, reflective_dataset, components_to_update):
         return {c: candidate[c] + " Disputes over charges go to payments." for c in components_to_update}
@@ -132,7 +125,8 @@ def test_a_key_passed_to_an_lm_object_is_never_written(routing, tmp_path, caplog
         opt = TurboGEPA(routing.metric, max_metric_calls=80, reflection_lm=student, instruction_proposer=proposer,
                         num_threads=4, log_dir=str(tmp_path), track_stats=True)
         with dspy.context(lm=student):
-            program = opt.compile(QuotingClient(routing.make_program()), trainset=splits.train, valset=splits.val)
+            program = opt.compile(FailsOnTracking(routing.make_program(), quoting_error),
+                                  trainset=splits.train, valset=splits.val)
     assert program.detailed_results.run_stats["failures"].get("program_error", 0) > 0
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "summary.json" for p in written)

@@ -110,8 +110,9 @@ class ReflectiveProposer:
             if inspect.isawaitable(answer):
                 answer = asyncio.run(_await(answer))
         except Exception as exc:  # the proposer's failure is recorded and this proposal skipped
-            logger.warning("The instruction proposer raised %s: %s", type(exc).__name__, mask_text(str(exc)))
-            return ProposalOutcome(skipped="proposer_error", message=mask_text(f"{type(exc).__name__}: {exc}"))
+            message = mask_text(f"{type(exc).__name__}: {exc}")
+            logger.warning("The instruction proposer raised %s", message)
+            return ProposalOutcome(skipped="proposer_error", message=message)
         return _validate_answer(answer, parent_texts, to_update)
 
 

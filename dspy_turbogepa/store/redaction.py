@@ -117,7 +117,7 @@ _RUN_SECRETS: ContextVar[tuple[str, ...]] = ContextVar("turbogepa_run_secrets", 
 
 
 @contextmanager
-def run_secrets(values: Iterable[Any]) -> Iterator[tuple[str, ...]]:
+def run_secrets(values: Iterable[Any]) -> Iterator[None]:
     """Mask ``values`` (API keys passed to LM objects) like environment secrets inside the block.
 
     Non-strings and values shorter than :data:`MIN_ENV_SECRET_LENGTH` are ignored, as for the
@@ -127,7 +127,7 @@ def run_secrets(values: Iterable[Any]) -> Iterator[tuple[str, ...]]:
     own = {v for v in values if isinstance(v, str) and len(v) >= MIN_ENV_SECRET_LENGTH}
     token = _RUN_SECRETS.set(tuple(sorted(own.union(_RUN_SECRETS.get()), key=lambda v: (-len(v), v))))
     try:
-        yield _RUN_SECRETS.get()
+        yield
     finally:
         _RUN_SECRETS.reset(token)
 
