@@ -80,19 +80,20 @@ def test_an_outer_usage_tracker_still_sees_everything(routing):
 
 
 def test_prediction_usage_is_attached_when_track_usage_is_on(routing):
-    seen = []
+    seen = {}  # by ticket: the three evaluations run concurrently and finish in any order
 
     def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
-        seen.append(pred.get_lm_usage())
+        seen[gold.ticket] = pred.get_lm_usage()
         return routing.metric(gold, pred, trace, pred_name, pred_trace)
 
     lm = make_student_lm()
     ev, codec = make_evaluator(routing, routing.make_program(), n=3, metric=metric)
     outcomes = run_all(ev, codec, lm, range(3), track_usage=True)
     ev.close()
-    assert len(seen) == 3 and all(u for u in seen)
-    for usage, outcome in zip(seen, outcomes):
-        (per_lm,) = usage.values()
+    examples = small_splits(routing, n_train=3, n_val=3, n_test=0).val  # make_evaluator's examples
+    assert len(seen) == 3 and all(seen.values())
+    for outcome in outcomes:
+        (per_lm,) = seen[examples[outcome.example_id].ticket].values()
         assert per_lm["prompt_tokens"] == outcome.prompt_tokens
 
 
