@@ -101,6 +101,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             so a failed reflection no longer costs a whole round-trip. k is ``floor(1 / p)`` for the
             recent share ``p`` of children that beat their parent, so it stays 1 while most succeed
             (default 4, at most ``max_reflections_in_flight``; 1 = dspy.GEPA's one reflection per step).
+        reflection_feedback_reuse: besides its minibatch, a reflection also reads up to this many of the
+            parent's own failures on other training examples, from evaluations already paid for (the
+            minibatch that created the parent, earlier minibatches it was reflected on). More feedback
+            per reflection means more fixed in one step, at no metric call; the acceptance test stays
+            on the minibatch alone. Default 3; 0 = dspy.GEPA's reflection on the minibatch only.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         adaptive_proposal_mix: bool = True,
         minibatch_sampling: Literal["failure_first", "epoch"] = "failure_first",
         max_sibling_reflections: int = 4,
+        reflection_feedback_reuse: int = 3,
         strict_budget: bool = False,
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
@@ -166,6 +172,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _positive_int("max_mutations_in_flight", max_mutations_in_flight)
         _positive_int("max_reflections_in_flight", max_reflections_in_flight)
         _positive_int("max_sibling_reflections", max_sibling_reflections, allow_none=False)
+        if isinstance(reflection_feedback_reuse, bool) or not isinstance(reflection_feedback_reuse, int) \
+                or reflection_feedback_reuse < 0:
+            raise ValueError(f"reflection_feedback_reuse must be an integer >= 0 (0 turns feedback reuse off), "
+                             f"got {reflection_feedback_reuse!r}.")
         if max_merge_invocations is not None:
             _positive_int("max_merge_invocations", max_merge_invocations)
         _positive_int("token_budget", token_budget)
@@ -260,6 +270,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.adaptive_proposal_mix = bool(adaptive_proposal_mix)
         self.minibatch_sampling = minibatch_sampling
         self.max_sibling_reflections = max_sibling_reflections
+        self.reflection_feedback_reuse = reflection_feedback_reuse
         self.strict_budget = bool(strict_budget)
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
@@ -506,6 +517,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             candidate_selection=self.candidate_selection_strategy,  # type: ignore[arg-type]
             minibatch_sampling=self.minibatch_sampling,  # type: ignore[arg-type]
             max_siblings=self.max_sibling_reflections,
+            reflection_feedback_reuse=self.reflection_feedback_reuse,
             component_selector=str(self.component_selector) if isinstance(self.component_selector, str)
             else self.component_selector,
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,

@@ -14,12 +14,12 @@ from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
 from helpers import small_splits
 
 
-def _run(routing, **kw):
+def _run(routing, call_seconds=0.005, **kw):
     splits = small_splits(routing, n_train=30, n_val=12)
     lock = threading.Lock()
 
     def slow(request):
-        time.sleep(0.005)
+        time.sleep(call_seconds)
 
     opt = TurboGEPA(routing.metric, max_metric_calls=5000, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
                     track_stats=True, **kw)
@@ -29,7 +29,7 @@ def _run(routing, **kw):
 
 def test_time_budget(routing):
     start = time.monotonic()
-    dr = _run(routing, time_budget_seconds=1.0)
+    dr = _run(routing, call_seconds=0.02, time_budget_seconds=1.0)  # slow enough not to finish the search first
     assert dr.stop_reason == "time_budget"
     assert time.monotonic() - start < 20
     assert dr.total_metric_calls < 5000

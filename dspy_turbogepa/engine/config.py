@@ -111,6 +111,10 @@ class EngineConfig:
     #: does best on the minibatch goes on to validation. k follows 1 / (share of children that beat
     #: their parent on the minibatch), so it is 1 while most reflections succeed. 1 disables it.
     max_siblings: int = 4
+    #: Feedback reuse: a reflection also reads up to this many of the parent's own failures on
+    #: training examples outside its minibatch, from evaluations already paid for (the minibatch
+    #: that made it, earlier minibatches it was the parent on). 0 reads the minibatch only, as GEPA.
+    reflection_feedback_reuse: int = 3
     use_merge: bool = False
     max_merge_invocations: int = 5
     merge_subsample_size: int = 5
@@ -148,6 +152,9 @@ class EngineConfig:
             raise ValueError(
                 f"component_selector must be 'round_robin', 'all' or a callable, got {self.component_selector!r}."
             )
+        if isinstance(self.reflection_feedback_reuse, bool) or not isinstance(self.reflection_feedback_reuse, int) \
+                or self.reflection_feedback_reuse < 0:
+            raise ValueError(f"reflection_feedback_reuse must be an integer >= 0, got {self.reflection_feedback_reuse!r}.")
         if self.promotion_z < 0:
             raise ValueError(f"promotion_z must be >= 0, got {self.promotion_z}.")
         if self.max_staleness is None:

@@ -152,6 +152,8 @@ class Orchestrator:
         self._attempted = 0
         self._credit = CreditSnapshot()
         self._noop_streak = 0
+        #: Deterministic mode: the commit at which the no-op stop was decided (see _main_loop).
+        self._drain_view: int | None = None
         self._next_seq = 0
         self._committed = 0
         self._stop_reason: StopReason | None = None
@@ -441,8 +443,11 @@ class Orchestrator:
             saturated = self._eval_slots.waiting >= self._eval_slots.capacity
             running = len(self._running())
             width = self.width()  # once per pass: it only changes when a launch moves the view
-            if self._should_stop() is None and running <= width and not saturated:
+            stop = self._should_stop()
+            if (stop is None or self._drain_view is not None) and running <= width and not saturated:
                 view, chain_on = self._next_view(self._next_seq, running, width)
+                if view is not None and stop is not None and view > self._drain_view:  # type: ignore[operator]
+                    view = None
                 if view is not None:
                     plan = self._plan(self._next_seq, view, chain_on)
                     if plan is not None:
@@ -544,6 +549,9 @@ class Orchestrator:
             reservation=worst_case,
             chain_on=chain_on,
             siblings=siblings,
+            feedback_ids=self._knowledge.failed(
+                parent.candidate.fingerprint, n_commits, minibatch, self.config.reflection_feedback_reuse
+            ),
         )
         if not callable(self.config.component_selector):
             # Built-in policies decide now, in launch order, so round-robin counters are reproducible.
@@ -678,6 +686,7 @@ class Orchestrator:
         child, counter = survivor
         plan.chained = True
         plan.parent, plan.parent_index, plan.parent_val = child, -1, {}
+        plan.feedback_ids = ()  # the planned parent's failures; the child's own are not committed yet
         if plan.kind != "reflection_all":
             names = self._selector.components
             idx = counter % len(names)
@@ -725,14 +734,15 @@ class Orchestrator:
         if len(components) > 1:
             plan.kind = "reflection_all"
 
+        feedback = parent_outs + self._reused_feedback(parent, plan)
         seeds = [plan.rng.getrandbits(63) for _ in range(plan.siblings)]
         if len(seeds) == 1:
-            proposals = [await self._propose(plan, parent, components, parent_outs, seeds[0])]
+            proposals = [await self._propose(plan, parent, components, feedback, seeds[0])]
         else:
             # Each sibling reads the minibatch in another order: a reflection LM that answers the same
             # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
             proposals = list(await asyncio.gather(
-                *(self._propose(plan, parent, components, sibling_order(parent_outs, j), seed)
+                *(self._propose(plan, parent, components, sibling_order(feedback, j), seed)
                   for j, seed in enumerate(seeds))
             ))
         children: list[Candidate] = []
@@ -781,11 +791,21 @@ class Orchestrator:
         self._resolve_rung0(plan.seq, (child, plan.child_counter))
         await self._climb_rungs(plan, child, result, {})
 
+    def _reused_feedback(self, parent: Candidate, plan: MutationPlan) -> list[EvalOutcome]:
+        """The parent's committed, traced failures outside the minibatch (plan.feedback_ids)."""
+        reused = []
+        for example_id in plan.feedback_ids:
+            outcome = self._done.get((parent.fingerprint, "train", example_id))
+            if outcome is not None and outcome.trajectory is not None:
+                reused.append(outcome)
+        self.stats.feedback_reused += len(reused)
+        return reused
+
     async def _propose(
         self, plan: MutationPlan, parent: Candidate, components: list[str], parent_outs: list[EvalOutcome], seed: int
     ) -> ProposalOutcome:
         """One reflection (or its stored replay on resume); a proposer failure becomes a skipped proposal."""
-        key = proposal_key(parent.fingerprint, components, plan.minibatch, seed)
+        key = proposal_key(parent.fingerprint, components, plan.minibatch + plan.feedback_ids, seed)
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1
@@ -961,6 +981,10 @@ class Orchestrator:
             logger.info("Stopping: the last %d mutations changed nothing and cost nothing (every parent is perfect "
                         "on the training examples it was tried on)", self._noop_streak)
             self._stop_reason = "no_progress_possible"
+            if self.config.deterministic:
+                # Mutations planned from views up to this commit still run: whether the loop launched
+                # them before this commit depended on timing, and the run must not.
+                self._drain_view = self._committed
         if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
             status = "duplicate"  # an earlier commit brought the same texts in while this one ran
         if status in ("accepted", "rejected_rung0", "pruned"):

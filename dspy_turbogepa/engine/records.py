@@ -73,6 +73,9 @@ class MutationPlan:
     chained: bool = False
     #: Reflections drawn at once on this parent and minibatch; only the best child goes on (best-of-k).
     siblings: int = 1
+    #: Training examples outside the minibatch that the parent already failed in committed
+    #: evaluations: their traces join the reflection's feedback at no metric-call cost.
+    feedback_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -101,6 +104,8 @@ class RunStats:
     proposal_skips: Counter[str] = field(default_factory=Counter)
     reflection_calls: int = 0
     proposals_replayed: int = 0
+    #: Feedback reuse: traced failures from earlier evaluations that reflections read again.
+    feedback_reused: int = 0
     cache_hits: int = 0
     executed: int = 0
     peak_evals_in_flight: int = 0
@@ -132,6 +137,7 @@ class RunStats:
             "proposal_skips": dict(self.proposal_skips),
             "reflection_calls": self.reflection_calls,
             "proposals_replayed": self.proposals_replayed,
+            "feedback_reused": self.feedback_reused,
             "cache_hits": self.cache_hits,
             "metric_calls_executed": self.executed,
             "peak_evals_in_flight": self.peak_evals_in_flight,

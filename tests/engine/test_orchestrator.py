@@ -432,3 +432,20 @@ def test_reservations_do_not_depend_on_completion_order() -> None:
             outcomes.add((result.total_metric_calls, tuple(sorted(result.stats.mutations.items())),
                           repr(snapshot(result))))
         assert len(outcomes) == 1, outcomes
+
+
+def test_the_no_progress_stop_does_not_depend_on_completion_order() -> None:
+    """Once every parent is perfect wherever it is tried, mutations are free cache hits and the run stops
+    after max_noop_mutations of them. Mutations planned from views up to that commit still run: whether
+    the loop had launched them before it depended on timing (216 or 217 mutations for the same seed)."""
+    setup = hard_setup(train_n=9, val_n=4)
+    outcomes = set()
+    for sleep_seed in (None, 1, 2, 3, 4, 5, 6):
+        cfg = make_config(max_metric_calls=400, max_mutations_in_flight=4, max_noop_mutations=60, **fixed_width())
+        ev = FakeEvaluator(setup.task, sleep_seed, max_yields=20)
+        result, orch, ev, _ = run_fakes(cfg, setup, evaluator=ev, reflector=FakeReflector(sleep_seed, max_yields=20))
+        check_invariants(result, orch, ev, setup)
+        assert result.stop_reason == "no_progress_possible"
+        outcomes.add((result.total_metric_calls, tuple(sorted(result.stats.mutations.items())),
+                      repr(snapshot(result))))
+    assert len(outcomes) == 1, outcomes

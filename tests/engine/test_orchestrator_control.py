@@ -364,7 +364,8 @@ def test_failures_after_a_success_are_ordinary_data() -> None:
     result, orch, ev, _ = run_fakes(make_config(max_metric_calls=200, systemic_failure_window=2), setup, evaluator=ev)
     check_invariants(result, orch, ev, setup)
     assert result.stats.failures["metric_error"] == sum(1 for k in ev.calls if k[2] == 5 and k[1] == "train") > 0
-    assert result.stop_reason == "max_metric_calls"
+    assert result.stop_reason in ("max_metric_calls", "no_progress_possible")  # the search ran its course
+    assert len(result.records) > 1
 
 
 def test_evaluator_exception_propagates() -> None:

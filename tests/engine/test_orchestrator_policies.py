@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from dspy_turbogepa.engine import Candidate
+from dspy_turbogepa.engine import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.selection import SelectorState
 
@@ -476,11 +476,12 @@ def test_siblings_grow_while_reflections_fail_and_stay_one_while_they_succeed() 
                        **fixed_width())
     run_fakes(cfg2, setup, reflector=FakeReflector(0, mode="noise"), observers=[rec2, StopAfter(30)])
     assert max(r.plan.siblings for r in rec2.results) == 2
-    # a reflector that always finds the keyword: children keep beating their parents, k stays 1
+    # a reflector that always finds a keyword of the minibatch: children keep beating their parents, k
+    # stays 1 (without feedback reuse: a keyword learnt from a reused failure does not show on the minibatch)
     rec3 = Recorder()
     solvable = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
-    run_fakes(make_config(max_metric_calls=400, max_siblings=4, max_reflections_in_flight=4), solvable,
-              observers=[rec3])
+    run_fakes(make_config(max_metric_calls=400, max_siblings=4, max_reflections_in_flight=4,
+                          reflection_feedback_reuse=0), solvable, observers=[rec3])
     reflected3 = [r for r in rec3.results if r.children_tried]
     assert len(reflected3) >= 5 and all(r.children_passed == r.children_tried for r in reflected3)
     assert all(r.plan.siblings == 1 for r in rec3.results)
@@ -552,3 +553,43 @@ def test_each_sibling_reads_the_minibatch_in_its_own_order() -> None:
     assert orders[0] == ("a", "b", "c")  # the first sibling sees the minibatch as drawn, as dspy.GEPA does
     assert sorted(orders) == sorted(permutations(items))  # 2n siblings, all distinct
     assert sibling_order(["x"], 3) == ["x"] and sibling_order([], 2) == []
+
+
+# ------------------------------------------------------------------------------------- feedback reuse
+
+
+def _reflections(reuse: int) -> tuple[object, list[object], object]:
+    setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+    rec = Recorder()
+    cfg = make_config(max_metric_calls=300, reflection_feedback_reuse=reuse)
+    result, _orch, ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(0), observers=[rec])
+    return result, rec.results, (ev, refl)
+
+
+def test_reflections_reread_the_parents_paid_failures_outside_the_minibatch() -> None:
+    result, results, (ev, refl) = _reflections(reuse=2)
+    plans = {(r.plan.parent.fingerprint, frozenset(r.plan.minibatch + r.plan.feedback_ids)): r.plan
+             for r in results if r.children_tried}
+    reused = 0
+    per_mutation: dict[int, int] = {}  # siblings share one mutation's reused failures
+    for call in refl.calls:
+        fp = fingerprint_texts(call.parent_texts)
+        plan = plans[(fp, frozenset(o.example_id for o in call.outcomes))]
+        per_mutation[plan.seq] = len(plan.feedback_ids)
+        assert len(call.outcomes) == len(plan.minibatch) + len(plan.feedback_ids) and len(plan.feedback_ids) <= 2
+        for o in call.outcomes:
+            if o.example_id in plan.minibatch:
+                continue
+            assert o.example_id in plan.feedback_ids and o.score < 1.0
+            assert o.trajectory is not None and o.trajectory.example_id == o.example_id
+            assert ev.calls[(fp, "train", o.example_id)] == 1  # evaluated once, before: read, not re-run
+            reused += 1
+    assert reused > sum(per_mutation.values()) > 0  # some mutations drew siblings: the test covers them
+    assert result.stats.feedback_reused == sum(per_mutation.values())
+    assert result.stats.to_dict()["feedback_reused"] == result.stats.feedback_reused
+
+
+def test_feedback_reuse_zero_reflects_on_the_minibatch_alone() -> None:
+    result, results, (_ev, refl) = _reflections(reuse=0)
+    assert refl.calls and all(len(c.outcomes) == 3 for c in refl.calls)
+    assert all(r.plan.feedback_ids == () for r in results) and result.stats.feedback_reused == 0

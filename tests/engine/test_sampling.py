@@ -221,3 +221,19 @@ def test_lineage_knowledge_expires_after_a_few_generations() -> None:
     rank = k.ranker(lineage, n_commits=10)
     assert rank(0) == UNKNOWN
     assert rank(1) == SOLVED
+
+
+def test_lineage_knowledge_lists_a_candidates_own_failures_newest_first() -> None:
+    k = LineageKnowledge(perfect_score=1.0)
+    k.record("p", 1, 0.0, commit=1)
+    k.record("p", 2, 0.5, commit=3)
+    k.record("p", 3, 1.0, commit=3)  # solved: nothing to learn from
+    k.record("p", 4, 0.0, commit=3)
+    k.record("p", 5, 0.0, commit=6)  # after the planning view
+    k.record("parent-of-p", 6, 0.0, commit=1)  # an ancestor's failure is not the candidate's
+    assert k.failed("p", n_commits=5, exclude=(), limit=10) == (2, 4, 1)
+    assert k.failed("p", n_commits=5, exclude=(4,), limit=10) == (2, 1)  # the minibatch is read anyway
+    assert k.failed("p", n_commits=5, exclude=(), limit=2) == (2, 4)
+    assert k.failed("p", n_commits=6, exclude=(), limit=1) == (5,)
+    assert k.failed("p", n_commits=5, exclude=(), limit=0) == ()
+    assert k.failed("unknown", n_commits=5, exclude=(), limit=3) == ()
