@@ -104,8 +104,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         reflection_feedback_reuse: besides its minibatch, a reflection also reads up to this many of the
             parent's own failures on other training examples, from evaluations already paid for (the
             minibatch that created the parent, earlier minibatches it was reflected on). More feedback
-            per reflection means more fixed in one step, at no metric call; the acceptance test stays
-            on the minibatch alone. Default 3; 0 = dspy.GEPA's reflection on the minibatch only.
+            per reflection means more fixed in one step; no rollout is re-run or charged to the budget
+            (the metric is asked for ``pred_name`` feedback on them, as on the minibatch); the acceptance
+            test stays on the minibatch alone. Default 3; 0 = dspy.GEPA's reflection on the minibatch only.
     """
 
     def __init__(

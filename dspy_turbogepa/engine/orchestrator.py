@@ -279,6 +279,15 @@ class Orchestrator:
                     break
         return self._stop_reason
 
+    def _draining(self) -> bool:
+        """After a deterministic no-progress stop, mutations planned from views up to the stopping commit
+        still launch (see _commit), unless something else asked to stop since."""
+        return (
+            self._drain_view is not None and self._external_stop is None and not self._cancelled_in_flight
+            and self._secondary_budget_exhausted() is None
+            and not (self.config.stop_file is not None and Path(self.config.stop_file).exists())
+        )
+
     def _secondary_budget_exhausted(self) -> StopReason | None:
         """Token, dollar and wall-clock budgets: checked before every launch (work in flight finishes)."""
         cfg, st = self.config, self.stats
@@ -444,7 +453,7 @@ class Orchestrator:
             running = len(self._running())
             width = self.width()  # once per pass: it only changes when a launch moves the view
             stop = self._should_stop()
-            if (stop is None or self._drain_view is not None) and running <= width and not saturated:
+            if (stop is None or self._draining()) and running <= width and not saturated:
                 view, chain_on = self._next_view(self._next_seq, running, width)
                 if view is not None and stop is not None and view > self._drain_view:  # type: ignore[operator]
                     view = None
@@ -549,9 +558,7 @@ class Orchestrator:
             reservation=worst_case,
             chain_on=chain_on,
             siblings=siblings,
-            feedback_ids=self._knowledge.failed(
-                parent.candidate.fingerprint, n_commits, minibatch, self.config.reflection_feedback_reuse
-            ),
+            feedback_ids=self._reusable_failures(parent.candidate.fingerprint, n_commits, minibatch),
         )
         if not callable(self.config.component_selector):
             # Built-in policies decide now, in launch order, so round-robin counters are reproducible.
@@ -739,7 +746,7 @@ class Orchestrator:
         if len(seeds) == 1:
             proposals = [await self._propose(plan, parent, components, feedback, seeds[0])]
         else:
-            # Each sibling reads the minibatch in another order: a reflection LM that answers the same
+            # Each sibling reads its feedback in another order: a reflection LM that answers the same
             # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
             proposals = list(await asyncio.gather(
                 *(self._propose(plan, parent, components, sibling_order(feedback, j), seed)
@@ -791,13 +798,26 @@ class Orchestrator:
         self._resolve_rung0(plan.seq, (child, plan.child_counter))
         await self._climb_rungs(plan, child, result, {})
 
+    def _reusable_failures(self, fingerprint: str, n_commits: int, minibatch: Sequence[int]) -> tuple[int, ...]:
+        """Feedback reuse: the candidate's committed failures outside ``minibatch`` that a reflection can
+        learn from (traced; a metric that raised or a rate limit teaches the instruction nothing), newest
+        first. Committed outcomes never change, so this does not depend on timing either."""
+        limit = self.config.reflection_feedback_reuse
+        if limit <= 0:
+            return ()
+        usable = []
+        for example_id in self._knowledge.failed(fingerprint, n_commits, minibatch, len(self._train_ids)):
+            outcome = self._done.get((fingerprint, "train", example_id))
+            if outcome is not None and outcome.trajectory is not None \
+                    and outcome.failure not in ("metric_error", "rate_limited"):
+                usable.append(example_id)
+                if len(usable) == limit:
+                    break
+        return tuple(usable)
+
     def _reused_feedback(self, parent: Candidate, plan: MutationPlan) -> list[EvalOutcome]:
-        """The parent's committed, traced failures outside the minibatch (plan.feedback_ids)."""
-        reused = []
-        for example_id in plan.feedback_ids:
-            outcome = self._done.get((parent.fingerprint, "train", example_id))
-            if outcome is not None and outcome.trajectory is not None:
-                reused.append(outcome)
+        """The outcomes of plan.feedback_ids (chosen at planning, see _reusable_failures)."""
+        reused = [self._done[(parent.fingerprint, "train", i)] for i in plan.feedback_ids]
         self.stats.feedback_reused += len(reused)
         return reused
 

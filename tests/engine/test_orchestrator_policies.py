@@ -558,23 +558,27 @@ def test_each_sibling_reads_the_minibatch_in_its_own_order() -> None:
 # ------------------------------------------------------------------------------------- feedback reuse
 
 
-def _reflections(reuse: int) -> tuple[object, list[object], object]:
-    setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+def _reflections(reuse: int, sampling: str = "failure_first", train_n: int = 36) -> tuple[object, list[object], object]:
+    setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(train_n)), val_ids=tuple(range(12)))
     rec = Recorder()
-    cfg = make_config(max_metric_calls=300, reflection_feedback_reuse=reuse)
+    cfg = make_config(max_metric_calls=300, reflection_feedback_reuse=reuse, minibatch_sampling=sampling)
     result, _orch, ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(0), observers=[rec])
     return result, rec.results, (ev, refl)
 
 
-def test_reflections_reread_the_parents_paid_failures_outside_the_minibatch() -> None:
-    result, results, (ev, refl) = _reflections(reuse=2)
+@pytest.mark.parametrize("sampling,train_n", [("failure_first", 36), ("epoch", 8)])  # 8: minibatches overlap
+def test_reflections_reread_the_parents_paid_failures_outside_the_minibatch(sampling: str, train_n: int) -> None:
+    result, results, (ev, refl) = _reflections(reuse=2, sampling=sampling, train_n=train_n)
     plans = {(r.plan.parent.fingerprint, frozenset(r.plan.minibatch + r.plan.feedback_ids)): r.plan
-             for r in results if r.children_tried}
+             for r in results if r.plan.kind != "merge"}
     reused = 0
     per_mutation: dict[int, int] = {}  # siblings share one mutation's reused failures
     for call in refl.calls:
         fp = fingerprint_texts(call.parent_texts)
-        plan = plans[(fp, frozenset(o.example_id for o in call.outcomes))]
+        ids = [o.example_id for o in call.outcomes]
+        assert len(ids) == len(set(ids))  # the minibatch is not read twice
+        plan = plans[(fp, frozenset(ids))]
+        assert not set(plan.feedback_ids) & set(plan.minibatch)
         per_mutation[plan.seq] = len(plan.feedback_ids)
         assert len(call.outcomes) == len(plan.minibatch) + len(plan.feedback_ids) and len(plan.feedback_ids) <= 2
         for o in call.outcomes:
@@ -584,8 +588,11 @@ def test_reflections_reread_the_parents_paid_failures_outside_the_minibatch() ->
             assert o.trajectory is not None and o.trajectory.example_id == o.example_id
             assert ev.calls[(fp, "train", o.example_id)] == 1  # evaluated once, before: read, not re-run
             reused += 1
-    assert reused > sum(per_mutation.values()) > 0  # some mutations drew siblings: the test covers them
-    assert result.stats.feedback_reused == sum(per_mutation.values())
+    assert reused >= sum(per_mutation.values()) > 0
+    if sampling == "failure_first":
+        assert reused > sum(per_mutation.values())  # some mutations drew siblings: the test covers them
+    reflected = [r for r in results if r.plan.kind != "merge" and r.status != "skipped_perfect"]
+    assert result.stats.feedback_reused == sum(len(r.plan.feedback_ids) for r in reflected)  # once per mutation
     assert result.stats.to_dict()["feedback_reused"] == result.stats.feedback_reused
 
 
@@ -593,3 +600,18 @@ def test_feedback_reuse_zero_reflects_on_the_minibatch_alone() -> None:
     result, results, (_ev, refl) = _reflections(reuse=0)
     assert refl.calls and all(len(c.outcomes) == 3 for c in refl.calls)
     assert all(r.plan.feedback_ids == () for r in results) and result.stats.feedback_reused == 0
+
+
+def test_feedback_reuse_skips_failures_that_teach_nothing() -> None:
+    # A metric that raised (or a rate limit) is scored as a failure, but its trace has no feedback for the
+    # instruction: it must not take one of the reused slots.
+    setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+    broken = {1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34}
+    ev = FakeEvaluator(setup.task, fail=lambda t, split, i: ("metric_error", "KeyError")
+                       if split == "train" and i in broken else None)
+    rec = Recorder()
+    result, _orch, _ev, _refl = run_fakes(make_config(max_metric_calls=300, reflection_feedback_reuse=3), setup,
+                                         evaluator=ev, observers=[rec])
+    reused = [i for r in rec.results for i in r.plan.feedback_ids]
+    assert reused and not set(reused) & broken
+    assert result.stats.failures["metric_error"] > 0
