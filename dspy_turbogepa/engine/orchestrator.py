@@ -806,7 +806,7 @@ class Orchestrator:
         if limit <= 0:
             return ()
         usable = []
-        for example_id in self._knowledge.failed(fingerprint, n_commits, minibatch, len(self._train_ids)):
+        for example_id in self._knowledge.failed(fingerprint, n_commits, minibatch):
             outcome = self._done.get((fingerprint, "train", example_id))
             if outcome is not None and outcome.trajectory is not None \
                     and outcome.failure not in ("metric_error", "rate_limited"):

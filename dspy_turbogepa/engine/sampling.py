@@ -145,11 +145,9 @@ class LineageKnowledge:
 
         return rank
 
-    def failed(self, fingerprint: str, n_commits: int, exclude: Sequence[int], limit: int) -> tuple[int, ...]:
-        """Up to ``limit`` training examples this very candidate failed, as of commit ``n_commits``,
-        newest first: evaluations already paid for, whose feedback a reflection can read again."""
-        if limit <= 0:
-            return ()
+    def failed(self, fingerprint: str, n_commits: int, exclude: Sequence[int]) -> list[int]:
+        """The training examples this very candidate failed, as of commit ``n_commits``, newest first:
+        evaluations already paid for, whose feedback a reflection can read again."""
         skip = set(exclude)
         hits = [
             (commit, example_id)
@@ -157,4 +155,4 @@ class LineageKnowledge:
             if commit <= n_commits and score < self._perfect and example_id not in skip
         ]
         hits.sort(key=lambda h: (-h[0], h[1]))
-        return tuple(example_id for _, example_id in hits[:limit])
+        return [example_id for _, example_id in hits]

@@ -231,9 +231,7 @@ def test_lineage_knowledge_lists_a_candidates_own_failures_newest_first() -> Non
     k.record("p", 4, 0.0, commit=3)
     k.record("p", 5, 0.0, commit=6)  # after the planning view
     k.record("parent-of-p", 6, 0.0, commit=1)  # an ancestor's failure is not the candidate's
-    assert k.failed("p", n_commits=5, exclude=(), limit=10) == (2, 4, 1)
-    assert k.failed("p", n_commits=5, exclude=(4,), limit=10) == (2, 1)  # the minibatch is read anyway
-    assert k.failed("p", n_commits=5, exclude=(), limit=2) == (2, 4)
-    assert k.failed("p", n_commits=6, exclude=(), limit=1) == (5,)
-    assert k.failed("p", n_commits=5, exclude=(), limit=0) == ()
-    assert k.failed("unknown", n_commits=5, exclude=(), limit=3) == ()
+    assert k.failed("p", n_commits=5, exclude=()) == [2, 4, 1]
+    assert k.failed("p", n_commits=5, exclude=(4,)) == [2, 1]  # the minibatch is read anyway
+    assert k.failed("p", n_commits=6, exclude=()) == [5, 2, 4, 1]
+    assert k.failed("unknown", n_commits=5, exclude=()) == []
