@@ -107,6 +107,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             per reflection means more fixed in one step; no rollout is re-run or charged to the budget
             (the metric is asked for ``pred_name`` feedback on them, as on the minibatch); the acceptance
             test stays on the minibatch alone. Default 3; 0 = dspy.GEPA's reflection on the minibatch only.
+        reflection_scouts: each reflection also evaluates its parent on up to this many more training
+            examples it has no score on (failure-first order), in the same wave as its minibatch, and
+            reads their failures. With ``num_threads`` slots a minibatch of 3 leaves most of a wave
+            idle, so this costs metric calls but no round-trip; a reflection that reads more failures
+            fixes more in one step, and steps (reflect, then validate) are what a run waits for. The
+            acceptance test stays on the minibatch; scouts are only paid for where the budget has room.
+            Needs ``minibatch_sampling="failure_first"``. Default 5; 0 = dspy.GEPA's minibatch alone.
     """
 
     def __init__(
@@ -149,6 +156,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         minibatch_sampling: Literal["failure_first", "epoch"] = "failure_first",
         max_sibling_reflections: int = 4,
         reflection_feedback_reuse: int = 3,
+        reflection_scouts: int = 5,
         strict_budget: bool = False,
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
@@ -177,6 +185,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 or reflection_feedback_reuse < 0:
             raise ValueError(f"reflection_feedback_reuse must be an integer >= 0 (0 turns feedback reuse off), "
                              f"got {reflection_feedback_reuse!r}.")
+        if isinstance(reflection_scouts, bool) or not isinstance(reflection_scouts, int) or reflection_scouts < 0:
+            raise ValueError(f"reflection_scouts must be an integer >= 0 (0 turns scouting off), "
+                             f"got {reflection_scouts!r}.")
         if max_merge_invocations is not None:
             _positive_int("max_merge_invocations", max_merge_invocations)
         _positive_int("token_budget", token_budget)
@@ -272,6 +283,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.minibatch_sampling = minibatch_sampling
         self.max_sibling_reflections = max_sibling_reflections
         self.reflection_feedback_reuse = reflection_feedback_reuse
+        self.reflection_scouts = reflection_scouts
         self.strict_budget = bool(strict_budget)
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
@@ -519,6 +531,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             minibatch_sampling=self.minibatch_sampling,  # type: ignore[arg-type]
             max_siblings=self.max_sibling_reflections,
             reflection_feedback_reuse=self.reflection_feedback_reuse,
+            reflection_scouts=self.reflection_scouts,
             component_selector=str(self.component_selector) if isinstance(self.component_selector, str)
             else self.component_selector,
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,

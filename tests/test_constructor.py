@@ -110,6 +110,8 @@ def test_unknown_auto_fails_at_construction_not_compile():
         ({"max_sibling_reflections": 2.0}, TypeError, "max_sibling_reflections"),
         ({"reflection_feedback_reuse": -1}, ValueError, "reflection_feedback_reuse must be an integer >= 0"),
         ({"reflection_feedback_reuse": True}, ValueError, "reflection_feedback_reuse"),
+        ({"reflection_scouts": -1}, ValueError, "reflection_scouts must be an integer >= 0"),
+        ({"reflection_scouts": 2.5}, ValueError, "reflection_scouts"),
         ({"seed": "x"}, TypeError, "seed"),
         ({"reflection_lm": "openai/gpt-4o"}, TypeError, "reflection_lm must be a dspy.LM"),
         ({"instruction_proposer": "not callable"}, TypeError, "instruction_proposer"),
@@ -201,6 +203,7 @@ def test_engine_knobs_derive_from_num_threads():
     assert cfg.max_siblings == 4 and make(max_sibling_reflections=1)._engine_config(100, 16, 40).max_siblings == 1
     assert cfg.reflection_feedback_reuse == 3
     assert make(reflection_feedback_reuse=0)._engine_config(100, 16, 40).reflection_feedback_reuse == 0
+    assert cfg.reflection_scouts == 5 and make(reflection_scouts=0)._engine_config(100, 16, 40).reflection_scouts == 0
 
 
 def test_is_configuration_error_both_assertion_and_value_error():

@@ -53,7 +53,10 @@ def test_rerun_and_extension_never_pay_twice(pipeline, tmp_path):
     assert 0 < calls2 < full_calls and refl2 < full_refl
     assert lm2 <= 2 * calls2  # two predictors: only executed evaluations reach the student LM
     dr = extended.detailed_results
-    assert dr.total_metric_calls >= 300  # the budget counts the stored evaluations as spent, as the first run did
+    # the budget counts the stored evaluations as spent, as the first run did (the run may also end sooner,
+    # with the task solved everywhere it looks)
+    assert dr.total_metric_calls == calls1 + calls2
+    assert dr.total_metric_calls >= 300 or dr.stop_reason == "no_progress_possible"
     assert dr.val_aggregate_scores[dr.best_idx] >= first.detailed_results.val_aggregate_scores[
         first.detailed_results.best_idx]
 

@@ -115,6 +115,11 @@ class EngineConfig:
     #: training examples outside its minibatch, from evaluations already paid for (the minibatch
     #: that made it, earlier minibatches it was the parent on). 0 reads the minibatch only, as GEPA.
     reflection_feedback_reuse: int = 3
+    #: Scouting: each reflection mutation also evaluates its parent on up to this many training
+    #: examples beyond its minibatch (failure-first order, examples the parent has no score on), in
+    #: the same wave, and the reflection reads their failures. The acceptance test stays on the
+    #: minibatch. 0 turns it off; it needs ``minibatch_sampling="failure_first"``.
+    reflection_scouts: int = 5
     use_merge: bool = False
     max_merge_invocations: int = 5
     merge_subsample_size: int = 5
@@ -155,6 +160,9 @@ class EngineConfig:
         if isinstance(self.reflection_feedback_reuse, bool) or not isinstance(self.reflection_feedback_reuse, int) \
                 or self.reflection_feedback_reuse < 0:
             raise ValueError(f"reflection_feedback_reuse must be an integer >= 0, got {self.reflection_feedback_reuse!r}.")
+        if isinstance(self.reflection_scouts, bool) or not isinstance(self.reflection_scouts, int) \
+                or self.reflection_scouts < 0:
+            raise ValueError(f"reflection_scouts must be an integer >= 0, got {self.reflection_scouts!r}.")
         if self.promotion_z < 0:
             raise ValueError(f"promotion_z must be >= 0, got {self.promotion_z}.")
         if self.max_staleness is None:

@@ -171,10 +171,16 @@ class Orchestrator:
             self._call_on_loop(self._wake.set)
 
     def cancel_in_flight(self) -> None:
-        """Cancel every running mutation (used after the grace period of an interrupt)."""
+        """Cancel every running mutation (used after the grace period of an interrupt); nothing new starts.
+
+        Why stop too: a cancelled mutation is not charged (it committed nothing), and evaluations it had
+        started ran anyway; launching more work would spend that budget a second time.
+        """
 
         def _cancel() -> None:
             self._cancelled_in_flight = True
+            if self._external_stop is None:
+                self._external_stop = "interrupted"
             if self._seed_task is not None:
                 self._seed_task.cancel()  # a slow seed validation must not outlast the grace period
             for task in self._tasks.values():
@@ -530,17 +536,22 @@ class Orchestrator:
                 return merge_plan
         parent_index = frontier.select_parent(rng, self.config.candidate_selection)
         parent = self._records[parent_index]
-        draw = None
+        draw = ranker = None
         if self._failure_first is not None:
-            draw = self._failure_first.draw(self._knowledge.ranker(self._lineage(parent_index), n_commits))
+            ranker = self._knowledge.ranker(self._lineage(parent_index), n_commits)
+            draw = self._failure_first.draw(ranker)
             minibatch = draw
         else:
             minibatch = self._sampler.batch(seq)
+        feedback_ids = self._reusable_failures(parent.candidate.fingerprint, n_commits, minibatch)
+        scouts = self._scouts(parent.candidate.fingerprint, n_commits, ranker, minibatch) if ranker is not None else ()
         # The parent's minibatch is reserved whole: whether its pairs are already charged depends on
         # commits after the planning view (timing), and a reservation must not.
-        parent_cost = len(minibatch)
         siblings = self.siblings(n_commits)
-        worst_case = parent_cost + siblings * len(minibatch) + len(self._val_ids)
+        worst_case = len(minibatch) + siblings * len(minibatch) + len(self._val_ids)
+        # Scouts only where the budget has room for them: they never make a mutation straddle the limit.
+        scouts = scouts[: max(0, self._budget.limit - self._budget_used(n_commits) - worst_case)]
+        worst_case += len(scouts)
         if not self._reserve(seq, n_commits, worst_case):
             return None
         if draw is not None:
@@ -558,7 +569,8 @@ class Orchestrator:
             reservation=worst_case,
             chain_on=chain_on,
             siblings=siblings,
-            feedback_ids=self._reusable_failures(parent.candidate.fingerprint, n_commits, minibatch),
+            feedback_ids=feedback_ids,
+            scout_ids=scouts,
         )
         if not callable(self.config.component_selector):
             # Built-in policies decide now, in launch order, so round-robin counters are reproducible.
@@ -573,6 +585,12 @@ class Orchestrator:
                 plan.kind = "reflection_all"
         return plan
 
+    def _budget_used(self, n_commits: int) -> int:
+        """Metric calls charged or reserved, as the launch decision of a plan from ``n_commits`` sees them."""
+        if self.config.deterministic:
+            return self._history.at(n_commits).charged + self._history.reserved_since(n_commits)
+        return self._budget.committed + self._budget.reserved
+
     def _reserve(self, seq: int, n_commits: int, amount: int) -> bool:
         """Reserve budget; in deterministic mode the decision uses only timing-independent counts.
 
@@ -580,7 +598,7 @@ class Orchestrator:
         real usage, so when it fits the real reservation fits too.
         """
         if self.config.deterministic:
-            bound = self._history.at(n_commits).charged + self._history.reserved_since(n_commits)
+            bound = self._budget_used(n_commits)
             if not self._budget.fits(bound, amount):
                 logger.debug("Mutation %d not launched: needs up to %d metric calls", seq, amount)
                 return False
@@ -720,9 +738,12 @@ class Orchestrator:
         if plan.chain_on is not None:
             await self._adopt_chained_parent(plan)
         parent = plan.parent
-        parent_outs = await self._evaluate_many(parent, "train", plan.minibatch, plan.seq, result.requested)
+        wave = plan.minibatch + plan.scout_ids  # one wave: scouting adds no round-trip
+        wave_outs = await self._evaluate_many(parent, "train", wave, plan.seq, result.requested)
+        result.train_scores.extend((parent.fingerprint, i, o.score) for i, o in zip(wave, wave_outs))
+        parent_outs, scout_outs = wave_outs[: len(plan.minibatch)], wave_outs[len(plan.minibatch):]
         parent_scores = [o.score for o in parent_outs]
-        result.train_scores.extend((parent.fingerprint, i, o.score) for i, o in zip(plan.minibatch, parent_outs))
+        self.stats.scouted += len(scout_outs)
         if cfg.skip_perfect_score and all(s >= cfg.perfect_score for s in parent_scores):
             result.status = "skipped_perfect"
             return
@@ -741,7 +762,9 @@ class Orchestrator:
         if len(components) > 1:
             plan.kind = "reflection_all"
 
-        feedback = parent_outs + self._reused_feedback(parent, plan)
+        scouted = [o for o in scout_outs if self._teaches(o)]
+        self.stats.scout_failures_read += len(scouted)
+        feedback = parent_outs + scouted + self._reused_feedback(parent, plan)
         seeds = [plan.rng.getrandbits(63) for _ in range(plan.siblings)]
         if len(seeds) == 1:
             proposals = [await self._propose(plan, parent, components, feedback, seeds[0])]
@@ -808,12 +831,32 @@ class Orchestrator:
         usable = []
         for example_id in self._knowledge.failed(fingerprint, n_commits, minibatch):
             outcome = self._done.get((fingerprint, "train", example_id))
-            if outcome is not None and outcome.trajectory is not None \
-                    and outcome.failure not in ("metric_error", "rate_limited"):
+            if outcome is not None and self._teaches(outcome):
                 usable.append(example_id)
                 if len(usable) == limit:
                     break
         return tuple(usable)
+
+    def _teaches(self, outcome: EvalOutcome) -> bool:
+        """A failure a reflection can learn from: traced, and not a metric that raised or a rate limit."""
+        return outcome.score < self.config.perfect_score and outcome.trajectory is not None \
+            and outcome.failure not in ("metric_error", "rate_limited")
+
+    def _scouts(
+        self, fingerprint: str, n_commits: int, ranker: Callable[[int], int], minibatch: Sequence[int]
+    ) -> tuple[int, ...]:
+        """Scouting: the training examples the parent is also evaluated on with its minibatch, drawn in
+        failure-first order among those it has no committed score on (those it failed are reused for
+        free). Why: in a wave of ``num_threads`` evaluation slots a minibatch of 3 leaves most of them
+        idle, and a reflection that reads more failures fixes more per step; the steps (reflect, then
+        validate) are the critical path. Scouts are not consumed by the sampler, so a later minibatch
+        may still test a descendant on them."""
+        n = self.config.reflection_scouts
+        if n <= 0 or self._failure_first is None:
+            return ()
+        n = min(n, max(0, self.config.max_evals_in_flight - len(minibatch)))  # one wave
+        exclude = set(minibatch) | self._knowledge.known(fingerprint, n_commits)
+        return self._failure_first.draw(ranker, size=n, exclude=exclude)
 
     def _reused_feedback(self, parent: Candidate, plan: MutationPlan) -> list[EvalOutcome]:
         """The outcomes of plan.feedback_ids (chosen at planning, see _reusable_failures)."""
@@ -825,7 +868,7 @@ class Orchestrator:
         self, plan: MutationPlan, parent: Candidate, components: list[str], parent_outs: list[EvalOutcome], seed: int
     ) -> ProposalOutcome:
         """One reflection (or its stored replay on resume); a proposer failure becomes a skipped proposal."""
-        key = proposal_key(parent.fingerprint, components, plan.minibatch + plan.feedback_ids, seed)
+        key = proposal_key(parent.fingerprint, components, plan.minibatch + plan.scout_ids + plan.feedback_ids, seed)
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1

@@ -76,6 +76,9 @@ class MutationPlan:
     #: Training examples outside the minibatch that the parent already failed in committed
     #: evaluations: their traces join the reflection's feedback at no metric-call cost.
     feedback_ids: tuple[int, ...] = ()
+    #: Scouting: training examples the parent is also evaluated on, in the same wave as its minibatch,
+    #: so its reflection reads their failures; they are not part of the acceptance test.
+    scout_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -106,6 +109,8 @@ class RunStats:
     proposals_replayed: int = 0
     #: Feedback reuse: traced failures from earlier evaluations that reflections read again.
     feedback_reused: int = 0
+    scouted: int = 0
+    scout_failures_read: int = 0
     cache_hits: int = 0
     executed: int = 0
     peak_evals_in_flight: int = 0
@@ -138,6 +143,8 @@ class RunStats:
             "reflection_calls": self.reflection_calls,
             "proposals_replayed": self.proposals_replayed,
             "feedback_reused": self.feedback_reused,
+            "scouted": self.scouted,
+            "scout_failures_read": self.scout_failures_read,
             "cache_hits": self.cache_hits,
             "metric_calls_executed": self.executed,
             "peak_evals_in_flight": self.peak_evals_in_flight,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 
 def _checked(ids: Sequence[int], size: int) -> tuple[tuple[int, ...], int]:
@@ -93,7 +93,10 @@ class FailureFirstSampler:
             self._order_epoch = epoch
         return self._position
 
-    def draw(self, rank: Callable[[int], int]) -> tuple[int, ...]:
+    def draw(
+        self, rank: Callable[[int], int], size: int | None = None, exclude: Collection[int] = ()
+    ) -> tuple[int, ...]:
+        """The next minibatch (``size`` defaults to the minibatch size), skipping ``exclude``."""
         position = self._positions()
         never = -(self._gap + 1)
 
@@ -103,7 +106,9 @@ class FailureFirstSampler:
             r = rank(i) if eligible else SOLVED + 1
             return (r, last, position[i])
 
-        return tuple(heapq.nsmallest(self._size, self._ids, key=key))  # stable, like sorted()[:size]
+        ids = [i for i in self._ids if i not in exclude] if exclude else self._ids
+        n = self._size if size is None else size
+        return tuple(heapq.nsmallest(n, ids, key=key))  # stable, like sorted()[:size]
 
     def consume(self, ids: Sequence[int]) -> None:
         for i in ids:
@@ -144,6 +149,10 @@ class LineageKnowledge:
             return UNKNOWN
 
         return rank
+
+    def known(self, fingerprint: str, n_commits: int) -> set[int]:
+        """The training examples this very candidate has a committed score on, as of ``n_commits``."""
+        return {i for i, (commit, _) in self._known.get(fingerprint, {}).items() if commit <= n_commits}
 
     def failed(self, fingerprint: str, n_commits: int, exclude: Sequence[int]) -> list[int]:
         """The training examples this very candidate failed, as of commit ``n_commits``, newest first:

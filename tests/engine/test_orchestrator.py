@@ -407,6 +407,7 @@ def test_a_cancel_that_lands_before_a_mutation_starts_never_strands_the_one_chai
                     _state["n"] += 1
                     if _state["n"] == _nth:
                         self.cancel_in_flight()
+                        _state["launched_at_cancel"] = seq
                 return p
 
             monkeypatch.setattr(Orchestrator, "_plan", plan)
@@ -415,6 +416,9 @@ def test_a_cancel_that_lands_before_a_mutation_starts_never_strands_the_one_chai
                          FakeReflector(sleep_seed), setup)
             result = run(orch, timeout=5)  # raises RunTimeout if a mutation waits forever
             assert result.stats.mutations.get("cancelled", 0) >= 1
+            # and nothing new starts: the cancelled work was not charged, launching more would spend twice
+            assert result.stop_reason == "interrupted"
+            assert max(orch._tasks, default=-1) < 0 and orch._next_seq <= 3 + state["launched_at_cancel"]
 
 
 def test_reservations_do_not_depend_on_completion_order() -> None:

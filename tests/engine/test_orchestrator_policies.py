@@ -477,11 +477,12 @@ def test_siblings_grow_while_reflections_fail_and_stay_one_while_they_succeed() 
     run_fakes(cfg2, setup, reflector=FakeReflector(0, mode="noise"), observers=[rec2, StopAfter(30)])
     assert max(r.plan.siblings for r in rec2.results) == 2
     # a reflector that always finds a keyword of the minibatch: children keep beating their parents, k
-    # stays 1 (without feedback reuse: a keyword learnt from a reused failure does not show on the minibatch)
+    # stays 1 (without feedback reuse or scouts: a keyword learnt from a failure outside the minibatch does
+    # not show on the minibatch)
     rec3 = Recorder()
     solvable = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
     run_fakes(make_config(max_metric_calls=400, max_siblings=4, max_reflections_in_flight=4,
-                          reflection_feedback_reuse=0), solvable, observers=[rec3])
+                          reflection_feedback_reuse=0, reflection_scouts=0), solvable, observers=[rec3])
     reflected3 = [r for r in rec3.results if r.children_tried]
     assert len(reflected3) >= 5 and all(r.children_passed == r.children_tried for r in reflected3)
     assert all(r.plan.siblings == 1 for r in rec3.results)
@@ -561,7 +562,8 @@ def test_each_sibling_reads_the_minibatch_in_its_own_order() -> None:
 def _reflections(reuse: int, sampling: str = "failure_first", train_n: int = 36) -> tuple[object, list[object], object]:
     setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(train_n)), val_ids=tuple(range(12)))
     rec = Recorder()
-    cfg = make_config(max_metric_calls=300, reflection_feedback_reuse=reuse, minibatch_sampling=sampling)
+    cfg = make_config(max_metric_calls=300, reflection_feedback_reuse=reuse, reflection_scouts=0,
+                      minibatch_sampling=sampling)
     result, _orch, ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(0), observers=[rec])
     return result, rec.results, (ev, refl)
 
@@ -615,3 +617,78 @@ def test_feedback_reuse_skips_failures_that_teach_nothing() -> None:
     reused = [i for r in rec.results for i in r.plan.feedback_ids]
     assert reused and not set(reused) & broken
     assert result.stats.failures["metric_error"] > 0
+
+
+# ------------------------------------------------------------------------------------------- scouting
+
+
+def _scouted(scouts: int, **overrides: object) -> tuple[object, list[object], FakeEvaluator, FakeReflector, Setup]:
+    setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+    rec = Recorder()
+    cfg = make_config(**{"max_metric_calls": 300, "reflection_feedback_reuse": 0, "reflection_scouts": scouts,
+                         **overrides})
+    result, orch, ev, refl = run_fakes(cfg, setup, reflector=FakeReflector(0), observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    return result, rec.results, ev, refl, setup
+
+
+def test_reflections_read_the_parents_failing_scouts_and_acceptance_stays_on_the_minibatch() -> None:
+    result, results, _ev, refl, setup = _scouted(4)
+    reflected = [r for r in results if r.plan.kind != "merge" and r.status != "skipped_perfect"]
+    assert any(r.plan.scout_ids for r in reflected)
+    for r in results:
+        plan = r.plan
+        assert len(plan.scout_ids) <= 4 and not set(plan.scout_ids) & set(plan.minibatch)
+        parent = plan.parent.fingerprint
+        # the parent is evaluated on its scouts in this mutation (asked for, recorded for later draws) ...
+        assert all((parent, "train", i) in r.requested for i in plan.scout_ids)
+        assert {i for fp, i, _ in r.train_scores if fp == parent} == set(plan.minibatch) | set(plan.scout_ids)
+        # ... and the child only on the minibatch: the acceptance test ignores the scouts
+        assert {i for fp, split, i in r.requested if fp != parent and split == "train"} <= set(plan.minibatch)
+    read_scouts = 0
+    for call in refl.calls:  # siblings read the same feedback in another order
+        fp = fingerprint_texts(call.parent_texts)
+        ids = [o.example_id for o in call.outcomes]
+        assert len(ids) == len(set(ids))
+        plans = [r.plan for r in reflected if r.plan.parent.fingerprint == fp and set(r.plan.minibatch) <= set(ids)]
+        assert plans
+        beyond = sorted(set(ids) - set(plans[0].minibatch))
+        # every failing scout, and no solved one
+        assert any(beyond == sorted(i for i in p.scout_ids if setup.task.score(call.parent_texts, "train", i) < 1.0)
+                   for p in plans)
+        read_scouts += len(beyond)
+    assert read_scouts > 0
+    assert result.stats.scouted == sum(len(r.plan.scout_ids) for r in results if r.plan.kind != "merge")
+    assert result.stats.to_dict()["scout_failures_read"] == result.stats.scout_failures_read > 0
+
+
+def test_scouts_are_examples_the_parent_has_no_score_on() -> None:
+    # One mutation at a time, so each is planned from every earlier commit.
+    _result, results, _ev, _refl, _setup = _scouted(6, max_mutations_in_flight=1, speculative_chaining=False)
+    seen: dict[str, set[int]] = {}  # committed training scores per candidate, in commit order
+    scouted = 0
+    for r in sorted(results, key=lambda r: r.plan.seq):
+        if r.plan.kind != "merge":
+            assert not set(r.plan.scout_ids) & seen.get(r.plan.parent.fingerprint, set())
+            scouted += bool(r.plan.scout_ids) and r.plan.parent.fingerprint in seen
+        for fp, i, _ in r.train_scores:
+            seen.setdefault(fp, set()).add(i)
+    assert scouted  # some parents already had scores: the test covers the exclusion
+
+
+@pytest.mark.parametrize("overrides", [{"reflection_scouts": 0}, {"minibatch_sampling": "epoch"}])
+def test_no_scouts_when_off_or_with_epoch_sampling(overrides: dict) -> None:
+    scouts = overrides.get("reflection_scouts", 5)
+    result, results, _ev, refl, _setup = _scouted(scouts, **{k: v for k, v in overrides.items() if k != "reflection_scouts"})
+    assert results and all(r.plan.scout_ids == () for r in results)
+    assert result.stats.scouted == 0 and refl.calls and all(len(c.outcomes) == 3 for c in refl.calls)
+
+
+def test_scouts_never_make_a_mutation_straddle_the_budget() -> None:
+    # Near the end of the budget a mutation's scouts shrink to what is left, so only a standard mutation
+    # (minibatch, child, valset) may still straddle the limit, as in dspy.GEPA.
+    for budget in (90, 130, 170):
+        result, results, _ev, _refl, _setup = _scouted(8, max_metric_calls=budget)
+        cut = [r for r in results if r.plan.kind != "merge" and len(r.plan.scout_ids) < 8]
+        assert cut, budget  # the last mutations could not pay for all their scouts
+        assert result.total_metric_calls <= budget + 2 * 3 + 12 - 1
