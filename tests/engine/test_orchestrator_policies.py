@@ -8,6 +8,8 @@ from collections import Counter
 import pytest
 
 from dspy_turbogepa.engine import Candidate, fingerprint_texts
+from dspy_turbogepa.engine.observer import EngineObserver
+from dspy_turbogepa.engine.orchestrator import Orchestrator
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.selection import SelectorState
 
@@ -26,6 +28,7 @@ from .fakes import (
     make_config,
     run,
     run_fakes,
+    snapshot,
     with_hidden,
 )
 
@@ -658,6 +661,12 @@ def test_reflections_read_the_parents_failing_scouts_and_acceptance_stays_on_the
                    for p in plans)
         read_scouts += len(beyond)
     assert read_scouts > 0
+    # the acceptance test sums the parent's minibatch scores, not the scouts'
+    rejected = [r for r in results if r.status == "rejected_rung0" and r.children_tried == 1]
+    assert rejected
+    for r in rejected:
+        parent_sum = sum(sc for fp, i, sc in r.train_scores if fp == r.plan.parent.fingerprint and i in r.plan.minibatch)
+        assert r.detail.endswith(f"parent {parent_sum:.3f}"), (r.detail, parent_sum)
     assert result.stats.scouted == sum(len(r.plan.scout_ids) for r in results if r.plan.kind != "merge")
     assert result.stats.to_dict()["scout_failures_read"] == result.stats.scout_failures_read > 0
 
@@ -676,6 +685,31 @@ def test_scouts_are_examples_the_parent_has_no_score_on() -> None:
     assert scouted  # some parents already had scores: the test covers the exclusion
 
 
+def test_a_perfect_minibatch_is_skipped_whatever_the_scouts_show() -> None:
+    # GEPA's skip_perfect_score looks at the minibatch: a failing scout does not make the parent worth a
+    # reflection whose child could never beat it there. The scout's score is still recorded.
+    setup = Setup(task=KeywordTask(num_keywords=2), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+    results = []
+    for seed in range(8):  # the seed solves half the examples: some minibatches are perfect, scouts not
+        rec = Recorder()
+        cfg = make_config(max_metric_calls=300, reflection_scouts=5, max_mutations_in_flight=1,
+                          speculative_chaining=False, seed=seed)
+        run_fakes(cfg, setup, reflector=FakeReflector(0), observers=[rec])
+        results += rec.results
+    checked = 0
+    for r in results:
+        if r.plan.kind == "merge" or not r.plan.scout_ids:
+            continue
+        texts = r.plan.parent.texts
+        perfect = all(setup.task.score(texts, "train", i) >= 1.0 for i in r.plan.minibatch)
+        scouts_fail = any(setup.task.score(texts, "train", i) < 1.0 for i in r.plan.scout_ids)
+        assert (r.status == "skipped_perfect") == perfect
+        if perfect and scouts_fail:
+            checked += 1
+            assert {i for _, i, _ in r.train_scores} >= set(r.plan.scout_ids)
+    assert checked  # the run had such a mutation, so the test covers it
+
+
 @pytest.mark.parametrize("overrides", [{"reflection_scouts": 0}, {"minibatch_sampling": "epoch"}])
 def test_no_scouts_when_off_or_with_epoch_sampling(overrides: dict) -> None:
     scouts = overrides.get("reflection_scouts", 5)
@@ -688,7 +722,40 @@ def test_scouts_never_make_a_mutation_straddle_the_budget() -> None:
     # Near the end of the budget a mutation's scouts shrink to what is left, so only a standard mutation
     # (minibatch, child, valset) may still straddle the limit, as in dspy.GEPA.
     for budget in (90, 130, 170):
-        result, results, _ev, _refl, _setup = _scouted(8, max_metric_calls=budget)
-        cut = [r for r in results if r.plan.kind != "merge" and len(r.plan.scout_ids) < 8]
-        assert cut, budget  # the last mutations could not pay for all their scouts
+        # 16 slots: one wave has room for all 8 scouts, so fewer means the budget cut them
+        result, results, _ev, _refl, _setup = _scouted(8, max_metric_calls=budget, max_evals_in_flight=16)
+        plans = [r.plan for r in results if r.plan.kind != "merge"]
+        assert len(plans[0].scout_ids) == 8
+        assert any(len(p.scout_ids) < 8 for p in plans), budget  # the last mutations could not pay for all
         assert result.total_metric_calls <= budget + 2 * 3 + 12 - 1
+
+
+class _Proposals(EngineObserver):
+    def __init__(self) -> None:
+        self.by_key: dict[str, object] = {}
+
+    def on_proposal(self, key: str, proposal: object) -> None:
+        self.by_key[key] = proposal
+
+
+def test_a_resume_replays_scouted_reflections_only_with_the_same_scouts() -> None:
+    # The proposal key covers the scouts the reflection read: the same settings replay every stored
+    # reflection (none is paid again); other scout settings ask for new ones (a different prompt).
+    setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+
+    def once(scouts: int, proposals: dict | None = None, evaluations: dict | None = None):
+        cfg = make_config(max_metric_calls=200, reflection_scouts=scouts)
+        obs, refl = _Proposals(), FakeReflector(0)
+        ev = FakeEvaluator(setup.task)
+        orch = Orchestrator(cfg, ev, refl, setup.seed(), setup.train_ids, setup.val_ids, observers=[obs],
+                            known_evaluations=evaluations, known_proposals=proposals)
+        result = run(orch)
+        return result, obs.by_key, refl, orch
+
+    first, stored, refl1, orch1 = once(5)
+    assert refl1.calls and first.stats.scouted > 0
+    again, _, refl2, _ = once(5, stored, dict(orch1._done))
+    assert not refl2.calls and again.stats.proposals_replayed == len(refl1.calls)
+    assert snapshot(again) == snapshot(first)
+    other, _, refl3, _ = once(0, stored, dict(orch1._done))
+    assert refl3.calls and other.stats.proposals_replayed == 0  # the same parent and minibatch, other prompts
