@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from dspy_turbogepa.engine import Candidate, fingerprint_texts
+from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.orchestrator import Orchestrator
-from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.selection import SelectorState
 
 from .fakes import (
