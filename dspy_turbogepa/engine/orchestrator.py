@@ -177,10 +177,14 @@ class Orchestrator:
         started ran anyway; launching more work would spend that budget a second time.
         """
 
+        # Flags first, from this thread: before the loop exists ``_call_on_loop`` is a no-op, and run()
+        # checks the flag once its seed task exists (a Ctrl-C early in compile was otherwise lost and
+        # the user waited for the whole seed validation).
+        self._cancelled_in_flight = True
+        if self._external_stop is None:
+            self._external_stop = "interrupted"
+
         def _cancel() -> None:
-            self._cancelled_in_flight = True
-            if self._external_stop is None:
-                self._external_stop = "interrupted"
             if self._seed_task is not None:
                 self._seed_task.cancel()  # a slow seed validation must not outlast the grace period
             for task in self._tasks.values():
@@ -228,6 +232,8 @@ class Orchestrator:
         self._start = self._clock()
         try:
             self._seed_task = asyncio.ensure_future(self._evaluate_seed())
+            if self._cancelled_in_flight:  # cancel_in_flight() came before the loop existed
+                self._seed_task.cancel()
             try:
                 await self._seed_task
             except asyncio.CancelledError:

@@ -206,6 +206,27 @@ def test_cancel_during_the_seed_validation_ends_the_run_at_once() -> None:
     assert isinstance(box.get("error"), RunInterruptedError), box
 
 
+def test_a_cancel_before_the_run_has_a_loop_is_not_lost() -> None:
+    """Ctrl-C early in compile: the grace period can expire before the engine thread has started its
+    loop. The cancel must still end the run at once, not after the whole seed validation."""
+    from dspy_turbogepa.engine import RunInterruptedError
+
+    setup = hard_setup(val_n=8)
+    calls: list[int] = []
+
+    async def never_finishes(fp: str, split: str, example_id: int) -> None:
+        calls.append(example_id)
+        await asyncio.sleep(60)
+
+    orch = build(make_config(), FakeEvaluator(setup.task, gate=never_finishes), FakeReflector(), setup)
+    orch.request_stop()
+    orch.cancel_in_flight()  # no loop yet: scheduling on it is impossible
+    t0 = time.monotonic()
+    with pytest.raises(RunInterruptedError):
+        asyncio.run(orch.run())
+    assert time.monotonic() - t0 < 5 and not calls
+
+
 def test_cancel_in_flight_after_stop_keeps_the_budget() -> None:
     setup = hard_setup(train_n=30, val_n=8)
     holder: dict = {}
