@@ -102,7 +102,14 @@ def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeyp
         return task.metric(gold, pred, trace, pred_name, pred_trace)
 
     monkeypatch.setattr(tp, "run_coroutine_in_thread", functools.partial(run_coroutine_in_thread, grace_seconds=0.2))
-    opt = TurboGEPA(slow_metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=6)
-    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), pytest.raises(KeyboardInterrupt, match="seed program"):
-        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    # A process started in the background (nohup, `cmd &`) inherits SIGINT ignored, and interrupt_main
+    # then does nothing: give this test Python's own handler, as a terminal would.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        opt = TurboGEPA(slow_metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=6)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
+                pytest.raises(KeyboardInterrupt, match="seed program"):
+            opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - first_call[0] < 1.5  # well before the seed's evaluations (2 s each) could finish
