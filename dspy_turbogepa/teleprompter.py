@@ -62,6 +62,12 @@ def _positive_int(name: str, value: Any, allow_none: bool = True) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}.")
 
 
+def _count(name: str, value: Any, feature: str) -> None:
+    """An integer >= 0 where 0 turns ``feature`` off (a bool is refused: ``True`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0 turns {feature} off), got {value!r}.")
+
+
 class TurboGEPA(dspy.GEPA, Teleprompter):
     """Drop-in replacement for ``dspy.GEPA`` that keeps every allowed LM slot busy.
 
@@ -181,13 +187,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _positive_int("max_mutations_in_flight", max_mutations_in_flight)
         _positive_int("max_reflections_in_flight", max_reflections_in_flight)
         _positive_int("max_sibling_reflections", max_sibling_reflections, allow_none=False)
-        if isinstance(reflection_feedback_reuse, bool) or not isinstance(reflection_feedback_reuse, int) \
-                or reflection_feedback_reuse < 0:
-            raise ValueError(f"reflection_feedback_reuse must be an integer >= 0 (0 turns feedback reuse off), "
-                             f"got {reflection_feedback_reuse!r}.")
-        if isinstance(reflection_scouts, bool) or not isinstance(reflection_scouts, int) or reflection_scouts < 0:
-            raise ValueError(f"reflection_scouts must be an integer >= 0 (0 turns scouting off), "
-                             f"got {reflection_scouts!r}.")
+        _count("reflection_feedback_reuse", reflection_feedback_reuse, "feedback reuse")
+        _count("reflection_scouts", reflection_scouts, "scouting")
         if max_merge_invocations is not None:
             _positive_int("max_merge_invocations", max_merge_invocations)
         _positive_int("token_budget", token_budget)

@@ -157,12 +157,10 @@ class EngineConfig:
             raise ValueError(
                 f"component_selector must be 'round_robin', 'all' or a callable, got {self.component_selector!r}."
             )
-        if isinstance(self.reflection_feedback_reuse, bool) or not isinstance(self.reflection_feedback_reuse, int) \
-                or self.reflection_feedback_reuse < 0:
-            raise ValueError(f"reflection_feedback_reuse must be an integer >= 0, got {self.reflection_feedback_reuse!r}.")
-        if isinstance(self.reflection_scouts, bool) or not isinstance(self.reflection_scouts, int) \
-                or self.reflection_scouts < 0:
-            raise ValueError(f"reflection_scouts must be an integer >= 0, got {self.reflection_scouts!r}.")
+        for name in ("reflection_feedback_reuse", "reflection_scouts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if self.promotion_z < 0:
             raise ValueError(f"promotion_z must be >= 0, got {self.promotion_z}.")
         if self.max_staleness is None:

@@ -550,7 +550,7 @@ class Orchestrator:
         else:
             minibatch = self._sampler.batch(seq)
         feedback_ids = self._reusable_failures(parent.candidate.fingerprint, n_commits, minibatch)
-        scouts = self._scouts(parent.candidate.fingerprint, n_commits, ranker, minibatch) if ranker is not None else ()
+        scouts = self._scouts(parent.candidate.fingerprint, n_commits, ranker, minibatch)
         # The parent's minibatch is reserved whole: whether its pairs are already charged depends on
         # commits after the planning view (timing), and a reservation must not.
         siblings = self.siblings(n_commits)
@@ -849,16 +849,17 @@ class Orchestrator:
             and outcome.failure not in ("metric_error", "rate_limited")
 
     def _scouts(
-        self, fingerprint: str, n_commits: int, ranker: Callable[[int], int], minibatch: Sequence[int]
+        self, fingerprint: str, n_commits: int, ranker: Callable[[int], int] | None, minibatch: Sequence[int]
     ) -> tuple[int, ...]:
         """Scouting: the training examples the parent is also evaluated on with its minibatch, drawn in
-        failure-first order among those it has no committed score on (those it failed are reused for
-        free). Why: in a wave of ``num_threads`` evaluation slots a minibatch of 3 leaves most of them
+        failure-first order (``ranker`` is None with epoch sampling: no scouts) among those it has no
+        committed score on (up to ``reflection_feedback_reuse`` of those it failed are reused for free).
+        Why: in a wave of ``num_threads`` evaluation slots a minibatch of 3 leaves most of them
         idle, and a reflection that reads more failures fixes more per step; the steps (reflect, then
         validate) are the critical path. Scouts are not consumed by the sampler, so a later minibatch
         may still test a descendant on them."""
         n = self.config.reflection_scouts
-        if n <= 0 or self._failure_first is None:
+        if n <= 0 or ranker is None or self._failure_first is None:
             return ()
         n = min(n, max(0, self.config.max_evals_in_flight - len(minibatch)))  # one wave
         exclude = set(minibatch) | self._knowledge.known(fingerprint, n_commits)

@@ -418,7 +418,7 @@ def test_a_cancel_that_lands_before_a_mutation_starts_never_strands_the_one_chai
             assert result.stats.mutations.get("cancelled", 0) >= 1
             # and nothing new starts: the cancelled work was not charged, launching more would spend twice
             assert result.stop_reason == "interrupted"
-            assert max(orch._tasks, default=-1) < 0 and orch._next_seq <= 3 + state["launched_at_cancel"]
+            assert orch._next_seq <= 3 + state["launched_at_cancel"]
 
 
 def test_reservations_do_not_depend_on_completion_order() -> None:
