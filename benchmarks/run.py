@@ -305,6 +305,11 @@ def run_cell(cfg: Run) -> Run:
         "student_mean_inflight": stu_mean,
         "student_peak_inflight": stu.get("peak_concurrency", 0),
         "student_concurrency_utilisation": stu_mean / cfg["threads"],
+        # the same split in two: the share of the compile with any student call in flight (the rest is
+        # time the optimizer had no evaluation running: waiting on a reflection, or its own CPU), and
+        # the share of the window used while one was
+        "student_busy_share": min(1.0, stu.get("busy_s", 0.0) / wall) if wall > 0 else 0.0,
+        "student_util_while_busy": stu.get("mean_concurrency_while_busy", 0.0) / cfg["threads"],
         "reflector_mean_inflight": ref_mean,
         "reflector_peak_inflight": ref.get("peak_concurrency", 0),
         "full_val_candidates": sum(1 for d in seen.values() if len(d) == n_val),
@@ -549,12 +554,14 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
         ("Median [min, max] over seeds. Target = dspy.GEPA's median final validation score for the"
          " task/budget (task.target_val if gepa was not run); runs that never reach it count their"
          " whole compile time / all their LM calls. CPU = process CPU minus the simulator thread."
-         " Student util = time-averaged in-flight student LM requests during compile / threads."),
+         " Student util = time-averaged in-flight student LM requests during compile / threads; it is"
+         " the product of the two columns after it: the share of the compile with any student request"
+         " in flight (busy), and the util while one was."),
         "",
         ("| task | budget | optimizer | n | seed test | final test | final val | target | reached | time to target s"
          " | LM calls to target | compile wall s | harness CPU s | metric calls | LM calls student | LM calls reflector"
-         " | student util | peak RSS MB |"),
-        "|" + "---|" * 18,
+         " | student util | student busy | util while busy | peak RSS MB |"),
+        "|" + "---|" * 20,
     ]
     targets: dict[tuple[str, int], tuple[float, str]] = {}
     for (task, budget), by_opt in sorted(groups.items()):
@@ -576,7 +583,8 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
                 f" | {col('lm_calls_to_target', 0)}"
                 f" | {col('compile_wall_s', 1)} | {col('harness_cpu_s', 1)} | {col('metric_calls', 0)}"
                 f" | {col('lm_calls_student', 0)} | {col('lm_calls_reflector', 0)}"
-                f" | {col('student_concurrency_utilisation', 2)} | {col('peak_rss_mb', 0)} |"
+                f" | {col('student_concurrency_utilisation', 2)} | {col('student_busy_share', 2)}"
+                f" | {col('student_util_while_busy', 2)} | {col('peak_rss_mb', 0)} |"
             )
 
     lines += [

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,10 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         # the server counted in-flight student requests during compile
         assert r["student_mean_inflight"] > 0 and r["student_peak_inflight"] >= 1
         assert r["student_concurrency_utilisation"] == r["student_mean_inflight"] / r["threads"]
+        # ... and utilisation splits into busy share x utilisation while busy
+        assert 0 < r["student_busy_share"] <= 1 and r["student_util_while_busy"] >= r["student_concurrency_utilisation"]
+        assert r["student_busy_share"] * r["student_util_while_busy"] == pytest.approx(
+            r["student_concurrency_utilisation"], rel=0.05)
         assert r["student_peak_inflight"] <= 64  # the benchmark preset's provider cap
         assert r["peak_rss_mb"] > 10
         curve = r["best_val_curve"]

@@ -65,6 +65,9 @@ class _ModelState:
     t0: float = field(default_factory=time.monotonic)
     last_change: float = field(default_factory=time.monotonic)
     area: float = 0.0
+    #: Time with at least one request in flight: with ``area`` it splits utilisation into "how often
+    #: the model had any work" and "how much of the window that work used".
+    busy_s: float = 0.0
     requests: int = 0
     ok: int = 0
     http_429: int = 0
@@ -79,13 +82,15 @@ class _ModelState:
 
     def set_inflight(self, value: int, now: float) -> None:
         self.area += self.inflight * (now - self.last_change)
+        if self.inflight > 0:
+            self.busy_s += now - self.last_change
         self.last_change = now
         self.inflight = value
         self.peak_concurrency = max(self.peak_concurrency, value)
 
     def reset(self, now: float) -> None:
         self.t0 = self.last_change = now
-        self.area = 0.0
+        self.area = self.busy_s = 0.0
         self.requests = self.ok = self.http_429 = self.errors = 0
         self.rate_limited_rpm = self.rate_limited_queue = 0
         self.peak_concurrency = self.inflight
@@ -95,6 +100,7 @@ class _ModelState:
     def snapshot(self, now: float) -> dict[str, Any]:
         elapsed = now - self.t0
         area = self.area + self.inflight * (now - self.last_change)
+        busy = self.busy_s + (now - self.last_change if self.inflight > 0 else 0.0)
         return {
             "role": self.config.role,
             "requests": self.requests,
@@ -107,6 +113,8 @@ class _ModelState:
             "queued": len(self.waiters),
             "peak_concurrency": self.peak_concurrency,
             "mean_concurrency": area / elapsed if elapsed > 0 else 0.0,
+            "busy_s": busy,
+            "mean_concurrency_while_busy": area / busy if busy > 0 else 0.0,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "queued_s_total": self.queued_s_total,

@@ -543,3 +543,21 @@ def test_server_start_failure_can_be_retried_and_closes_its_log(tmp_path: Path) 
     finally:
         srv.stop()
     assert srv._log is None
+
+
+def test_model_stats_split_utilisation_into_busy_time_and_concurrency_while_busy() -> None:
+    # Utilisation = share of time with any request in flight x concurrency while there was one; the
+    # benchmark reports both, so the accounting is checked on a hand-made timeline.
+    from dspy_turbogepa.testing.server import _ModelState
+
+    st = _ModelState(ModelConfig("m"))
+    st.reset(100.0)
+    st.set_inflight(2, 101.0)  # idle 100-101
+    st.set_inflight(0, 103.0)  # 2 in flight for 2 s
+    st.set_inflight(4, 106.0)  # idle 103-106
+    snap = st.snapshot(107.0)  # 4 in flight for the last second
+    assert snap["busy_s"] == pytest.approx(3.0)
+    assert snap["mean_concurrency"] == pytest.approx((2 * 2 + 4 * 1) / 7)
+    assert snap["mean_concurrency_while_busy"] == pytest.approx((2 * 2 + 4 * 1) / 3)
+    st.reset(107.0)
+    assert st.snapshot(108.0)["busy_s"] == pytest.approx(1.0)  # still 4 in flight after the reset
