@@ -52,6 +52,7 @@ from dspy_turbogepa.engine.types import (
     Reflector,
     Split,
 )
+from dspy_turbogepa.store.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
@@ -884,8 +885,10 @@ class Orchestrator:
             try:
                 proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
             except Exception as exc:  # a proposer failure skips this proposal, recorded; the run goes on
-                logger.warning("Mutation %d: the reflector raised %s: %s", plan.seq, type(exc).__name__, exc)
-                proposal = ProposalOutcome(skipped="proposer_error", message=f"{type(exc).__name__}: {exc}")
+                # An LM client's error can quote a request, key included: mask before it reaches a log.
+                message = mask_text(f"{type(exc).__name__}: {exc}")
+                logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)
+                proposal = ProposalOutcome(skipped="proposer_error", message=message)
         self.stats.reflection_calls += proposal.reflection_calls
         self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
         self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens

@@ -3,6 +3,7 @@ candidate selection."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import pytest
@@ -82,6 +83,26 @@ def test_proposer_exception_is_recorded_and_the_run_continues() -> None:
     assert result.stats.proposal_skips["proposer_error"] == len(range(1, len(refl.calls), 3)) > 0
     assert result.stop_reason == "max_metric_calls"
     check_invariants(result, orch, ev, setup)
+
+
+def test_a_reflector_error_quoting_a_key_is_masked_in_the_log_and_the_outcome(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "sk-live-0123456789abcdefghij"
+    monkeypatch.setenv("SOME_PROVIDER_API_KEY", secret)
+
+    class Leaky(FakeReflector):
+        async def reflect(self, *args, **kwargs):
+            raise RuntimeError(f"401 from provider: request headers {{'Authorization': 'Bearer {secret}'}}")
+
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        result, _orch, _ev, _refl = run_fakes(make_config(max_metric_calls=60), hard_setup(), reflector=Leaky(1),
+                                              observers=[rec])
+    assert result.stats.proposal_skips["proposer_error"] > 0
+    assert "the reflector raised RuntimeError" in caplog.text and secret not in caplog.text
+    details = [r.detail for r in rec.results if r.detail]
+    assert details and all(secret not in d for d in details)
 
 
 # ------------------------------------------------------------------------------------- dedupe
