@@ -40,6 +40,11 @@ from typing import Any
 
 Run = dict[str, Any]
 
+# DSPy fetches a model-metadata map from GitHub on its first LM call unless told not to: a request
+# to a host other than the loopback simulator, a download inside the timed compile, and up to 5 s
+# of timeout on a machine without a network. The bundled snapshot is enough for cost estimates.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 #: Per-mode defaults for the options left unset on the command line.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grid": {"tasks": "routing,pipeline,pricing", "budgets": "300,800", "seeds": "0,1,2,3,4"},
