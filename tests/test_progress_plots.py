@@ -318,6 +318,31 @@ def test_plot_module_imports_matplotlib_lazily() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_plots_leave_the_users_matplotlib_alone(tmp_path: Path) -> None:
+    """A compile in a notebook draws its plots: the user's backend, pyplot's open figures and whether
+    pyplot is loaded at all must be as they were (matplotlib.use("Agg") used to switch the backend)."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import matplotlib
+from test_progress_plots import synthetic_records
+from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
+records = synthetic_records(12)
+plot_best_over_time(records, {str(tmp_path / "a.png")!r})
+print("pyplot loaded:", "matplotlib.pyplot" in sys.modules)
+matplotlib.use("pdf")
+import matplotlib.pyplot as plt
+plt.figure()
+plot_lineage(records, None, {str(tmp_path / "b.png")!r})
+print("backend:", matplotlib.get_backend(), "figures:", plt.get_fignums())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["pyplot loaded: False", "backend: pdf figures: [1]"]
+    assert_png(tmp_path / "a.png")
+    assert_png(tmp_path / "b.png")
+
+
 @pytest.fixture(scope="module")
 def compiled_routing():
     task = TASKS["routing"]

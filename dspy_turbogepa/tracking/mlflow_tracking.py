@@ -571,7 +571,7 @@ class MlflowRunTracker(EngineObserver):
             client.set_tag(self.run_id, t.key, t.value)
 
     def _write_plot(self, result: EngineResult) -> Path | None:
-        """Drawn on the calling (compile) thread: pyplot is not thread-safe. Uploaded by the worker."""
+        """Drawn on the calling (compile) thread, so the PNG exists before the worker uploads it."""
         assert self._plot_path is not None
         try:
             from dspy_turbogepa.tracking.plots import plot_best_over_time

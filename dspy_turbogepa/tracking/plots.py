@@ -1,8 +1,10 @@
 """PNG plots of a run: the best score over time, and the lineage of the candidates.
 
 matplotlib is an optional dependency (``pip install dspy-turbogepa[plots]``); it is imported inside
-the functions, with the non-interactive Agg backend, so importing this module costs nothing and works
-on a headless server.
+the functions, so importing this module costs nothing. The figures are bare ``matplotlib.figure.Figure``
+objects rendered straight to PNG, never pyplot: a compile in a notebook must not switch the user's
+backend or add to pyplot's list of open figures, and pyplot's global state is not thread-safe
+(compiles may run in threads). It works on a headless server.
 
 Both functions take the engine's ``list[CandidateRecord]`` (``EngineResult.records``), an
 ``EngineResult``, or the ``detailed_results`` of a compiled program (``TurboGEPAResult`` /
@@ -110,13 +112,10 @@ def _frontier_members(run: Any, nodes: Sequence[_Node], fronts: Any) -> set[int]
     return {int(i) for i in fronts}  # already a set of members
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _best_index(nodes: Sequence[_Node]) -> int:
@@ -127,10 +126,7 @@ def _best_index(nodes: Sequence[_Node]) -> int:
 def _save(fig: Any, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", metadata={"Software": "dspy_turbogepa"})
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi, format="png", metadata={"Software": "dspy_turbogepa"})  # Agg, picked by format
     return path
 
 
@@ -158,10 +154,9 @@ def plot_best_over_time(
         total_seconds = records.wall_seconds
     if total_metric_calls is None and getattr(records, "total_metric_calls", None) is not None:
         total_metric_calls = records.total_metric_calls
-    plt = _pyplot()
     has_time = any(n.seconds is not None for n in nodes)  # a plain dspy.GEPA result has no timings
-    fig, axes = plt.subplots(1, 2 if has_time else 1, figsize=(10.5 if has_time else 5.8, 3.9), sharey=True,
-                             constrained_layout=True, squeeze=False)
+    fig = _figure(10.5 if has_time else 5.8, 3.9)
+    axes = fig.subplots(1, 2 if has_time else 1, sharey=True, squeeze=False)
     axes = list(axes[0])
     calls_ax = axes[-1]
     panels = []
@@ -285,14 +280,14 @@ def plot_lineage(
     n_rows = max(row.values()) + 1
     dense = len(nodes) > 30
 
-    plt = _pyplot()
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
     width = min(15.0, max(7.5, 1.25 * n_gen + 3.0))
     height = min(13.0, max(3.6, 0.42 * n_rows + 1.6))
-    fig, ax = plt.subplots(figsize=(width, height), constrained_layout=True)
+    fig = _figure(width, height)
+    ax = fig.subplots()
     scores = [n.score for n in nodes]
     lo, hi = min(scores), max(scores)
     flat = hi - lo < 1e-9  # one score for all: no colour scale to show
