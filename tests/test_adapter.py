@@ -258,3 +258,58 @@ def test_score_mismatch_warns_once(routing, caplog):
     with caplog.at_level("WARNING"), dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
         opt2.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
     assert not any("differs from the score" in r.getMessage() for r in caplog.records)
+
+
+class _OwnAsync(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = dspy.Predict("q -> a")
+
+    async def aforward(self, q):
+        return await self.p.acall(q=q)
+
+
+class _PredictSubclass(dspy.Predict):
+    pass
+
+
+class _PredictSubclassOwnAsync(dspy.Predict):
+    async def aforward(self, **kwargs):
+        return await super().aforward(**kwargs)
+
+
+@pytest.mark.parametrize("program, expected", [
+    (dspy.Predict("q -> a"), False),
+    (dspy.ChainOfThought("q -> a"), False),
+    (dspy.ReAct("q -> a", tools=[lambda x: x]), False),
+    (_PredictSubclass("q -> a"), False),
+    (TwinPipeline(), False),
+    (_OwnAsync(), True),
+    (_PredictSubclassOwnAsync("q -> a"), True),
+])
+def test_only_a_users_own_aforward_makes_a_program_async(program, expected):
+    from dspy_turbogepa.adapter.evaluator import defines_own_aforward
+
+    assert defines_own_aforward(program) is expected
+
+
+def test_bare_predict_student_with_a_sync_only_lm_compiles(routing, reflection_lm):
+    """A bare dspy.Predict defines aforward (DSPy's own); the user's local-model LM implements only
+    forward(). dspy.GEPA runs it in threads; so must we (the async path failed every rollout)."""
+    sim = make_student_lm(seed=0, noise=0.0)
+
+    class SyncOnlyLM(dspy.BaseLM):
+        def __init__(self):
+            super().__init__(model="local/my-model", cache=False)
+
+        def forward(self, prompt=None, messages=None, **kwargs):
+            return sim.forward(prompt=prompt, messages=messages, **kwargs)
+
+    splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
+    student = dspy.Predict(dspy.Signature("ticket -> queue", routing.seed_instructions["route"]))
+    opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflection_lm, num_threads=4,
+                    track_stats=True, verbose=False)
+    with dspy.context(lm=SyncOnlyLM()):
+        out = opt.compile(student, trainset=splits.train, valset=splits.val)
+    scores = out.detailed_results.val_aggregate_scores
+    assert max(scores) > scores[0]

@@ -1,7 +1,10 @@
 """Running a DSPy program on one example, with its trace, and scoring it with the user's metric.
 
-Async programs (those defining ``aforward``) run as asyncio tasks through ``acall``; others run in our
-own bounded thread pool. We deliberately avoid ``dspy.asyncify``: it funnels every call through a
+Async programs (whose own class, not a DSPy base, defines ``aforward``) run as asyncio tasks through
+``acall``; others run in our own bounded thread pool, as dspy.GEPA runs them. DSPy's built-in modules
+define ``aforward`` too, but a bare ``dspy.Predict`` / ``ChainOfThought`` / ``ReAct`` student is a sync
+program to its user: its LM may implement only ``forward`` and its tools may block, and both would
+break on (or stall) the one event loop. We deliberately avoid ``dspy.asyncify``: it funnels every call through a
 process-wide limiter of ``async_max_workers`` (8 by default), which would silently cap ``num_threads``.
 Each rollout gets its own ``dspy.context(trace=...)`` so concurrent traces never mix, and worker
 threads run in a copy of the caller's context so a ``dspy.context(lm=...)`` set around ``compile()``
@@ -89,6 +92,16 @@ class DspyTrajectory:
     failed_signature: Any = None
 
 
+def defines_own_aforward(program: Any) -> bool:
+    """Whether the user's code gives ``program`` an ``aforward``: the nearest class in its MRO that
+    defines one lies outside the ``dspy`` package (a subclass of ``dspy.Predict`` inherits Predict's)."""
+    for cls in type(program).__mro__:
+        if "aforward" in vars(cls):
+            module = cls.__module__ or ""
+            return module != "dspy" and not module.startswith("dspy.")
+    return False
+
+
 def _error_types(exc: BaseException) -> list[str]:
     """Names of the exception and its causes: LM errors often arrive wrapped."""
     names: list[str] = []
@@ -157,7 +170,7 @@ class DspyEvaluator:
         self._keep_outputs = keep_outputs
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-eval")
         if use_async is None:
-            use_async = callable(getattr(codec.student, "aforward", None))
+            use_async = defines_own_aforward(codec.student)
         self.use_async = use_async
         if fatal_error_types is None:
             from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
