@@ -34,7 +34,6 @@ from dspy_turbogepa.engine.config import (
     validate_rung_fractions,
 )
 from dspy_turbogepa.engine.records import EngineResult
-from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
@@ -362,7 +361,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             float(self.failure_score),
             max_workers=num_threads,
             keep_outputs=self.track_best_outputs,
-            fatal_error_types=FATAL_ERROR_TYPES,
             seed=self.seed,
             price_table=self.price_table,
         )

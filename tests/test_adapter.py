@@ -112,6 +112,30 @@ def test_program_exception_scores_failure_and_becomes_feedback(routing):
     assert "RuntimeError" in error_records[0]["Generated Outputs"]
 
 
+class NotFoundError(Exception):
+    """The user's own error (a record-store miss), named like an LM client's 'unknown model'."""
+
+
+ElasticNotFound = type("NotFoundError", (Exception,), {"__module__": "elasticsearch.exceptions"})
+
+
+@pytest.mark.parametrize("error", [NotFoundError, ElasticNotFound], ids=["own", "elasticsearch"])
+def test_a_programs_own_error_named_like_a_fatal_lm_error_is_an_ordinary_failure(routing, error):
+    """Only the LM stack's AuthenticationError / NotFoundError / ... stop a run; a retrieval step's
+    NotFoundError on some examples is scored failure_score, as in dspy.GEPA."""
+    splits = small_splits(routing, n_train=30, n_val=12)
+    program = FailsOnTracking(routing.make_program(), error=lambda: error("no CRM record for this ticket"))
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, instruction_proposer=RecordingProposer(), num_threads=4,
+                    use_merge=False, track_stats=True, verbose=False)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
+    dr = optimized.detailed_results
+    failing = [i for i, ex in enumerate(splits.val) if "tracking" in ex.ticket.lower()]
+    assert failing and all(dr.val_subscores[0][i] == 0.0 for i in failing)
+    assert dr.run_stats["failures"]["program_error"] >= len(failing)
+    assert dr.total_metric_calls >= 100  # the run went on to its budget instead of stopping
+
+
 @pytest.mark.parametrize("bad", [None, math.nan, math.inf, "high", 10**400])
 def test_invalid_metric_values_are_recorded_not_summed(routing, reflection_lm, bad):
     calls = {"n": 0}

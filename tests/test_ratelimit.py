@@ -22,8 +22,14 @@ import dspy_turbogepa.teleprompter as teleprompter_module
 from dspy_turbogepa import SystemicFailureError, TurboGEPA
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.program import ProgramCodec
-from dspy_turbogepa.adapter.ratelimit import RetryPolicy, classify, retry_after_of
-from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES, SystemicFailureDetector
+from dspy_turbogepa.adapter.ratelimit import (
+    FATAL_ERROR_TYPES,
+    RetryPolicy,
+    classify,
+    fatal_error_name,
+    retry_after_of,
+)
+from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_student_lm
 
@@ -222,6 +228,63 @@ def test_retry_after_and_classification_on_both_client_paths():
         caught = exc
     verdict = classify(caught, FATAL_ERROR_TYPES)
     assert verdict.kind is None and verdict.error_type == "ConnectionRefusedError"
+    # once the endpoint has answered, the evaluator leaves it out of the fatal set: a restart, retried
+    assert classify(caught, FATAL_ERROR_TYPES - {"ConnectionRefusedError"}).kind == "transient"
+
+
+def test_only_the_lm_stack_raises_fatal_errors():
+    assert {"AuthenticationError", "NotFoundError", "ConnectionRefusedError"} <= FATAL_ERROR_TYPES
+    assert "APIConnectionError" not in FATAL_ERROR_TYPES  # litellm reports transient resets with it too
+
+    def chain(inner):
+        try:
+            try:
+                raise inner
+            except Exception as exc:
+                raise RuntimeError("my pipeline failed") from exc
+        except Exception as exc:
+            return exc
+
+    def named(module):
+        return type("NotFoundError", (Exception,), {"__module__": module})("missing")
+
+    for module in ("litellm.exceptions", "openai", "dspy.utils.exceptions"):
+        assert fatal_error_name(chain(named(module)), FATAL_ERROR_TYPES) == "NotFoundError", module
+    for module in ("__main__", "elasticsearch.exceptions", "my_app.store"):
+        assert fatal_error_name(chain(named(module)), FATAL_ERROR_TYPES) is None, module
+        assert classify(chain(named(module)), FATAL_ERROR_TYPES).kind is None
+    assert fatal_error_name(ConnectionRefusedError(111, "refused"), FATAL_ERROR_TYPES) == "ConnectionRefusedError"
+
+
+def test_a_refused_connection_after_the_endpoint_answered_is_retried(routing):
+    """Before any answer a refused connection is a wrong api_base (fatal, see the HTTP test below);
+    once the endpoint has answered it is a server restarting: retried, not a reason to stop."""
+    def refused():
+        err = lm15.TransportError("connect failed")  # the native client's chain for a refused connection
+        err.__cause__ = ConnectionRefusedError(111, "Connection refused")
+        return err
+
+    lm, hook = flaky_lm(refused, 1)
+    ev, codec = make_evaluator(routing)
+    (first,) = evaluate(ev, codec, lm)
+    assert first.failure == "program_error" and first.fatal and hook.raised == 1  # nothing answered yet
+
+    ev, codec = make_evaluator(routing)
+
+    async def main():
+        with dspy.context(lm=lm):
+            ok = await ev.evaluate(codec.seed_texts(), "seed", "val", 0, True)  # the endpoint answers
+            hook.left = 1
+            again = await ev.evaluate(codec.seed_texts(), "seed", "val", 1, True)
+        return ok, again
+
+    try:
+        ok, again = asyncio.run(main())
+    finally:
+        ev.close()
+    assert ok.failure is None
+    assert again.failure is None and not again.fatal and hook.raised == 2
+    assert ev.rate_limit_stats()["transient_retries"] == 1
 
 
 # --------------------------------------------------------------------------- through HTTP

@@ -50,12 +50,14 @@ from dspy_turbogepa.adapter.lm_copies import (
 from dspy_turbogepa.adapter.metric import read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.ratelimit import (
+    FATAL_ERROR_TYPES,
     RATE_LIMIT_POLICY,
     TRANSIENT_POLICY,
     RateLimitStats,
     RetryPolicy,
     Verdict,
     classify,
+    fatal_error_name,
 )
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
@@ -172,11 +174,10 @@ class DspyEvaluator:
         if use_async is None:
             use_async = defines_own_aforward(codec.student)
         self.use_async = use_async
-        if fatal_error_types is None:
-            from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES
-
-            fatal_error_types = FATAL_ERROR_TYPES
-        self._fatal = fatal_error_types
+        self._fatal_at_start = FATAL_ERROR_TYPES if fatal_error_types is None else fatal_error_types
+        #: Once an endpoint has answered, a refused connection means a restart, not a wrong api_base.
+        self._fatal_once_answered = self._fatal_at_start - {"ConnectionRefusedError"}
+        self._fatal = self._fatal_at_start
         self._rl_policy = rate_limit_policy
         self._tr_policy = transient_policy
         self._clock = clock
@@ -226,6 +227,8 @@ class DspyEvaluator:
                     assert attempt.outcome is not None
                     # The endpoints answered (even if the metric or the parse then failed): the window may grow.
                     result = "neutral" if attempt.outcome.failure == "program_error" else "success"
+                    if result == "success":
+                        self._fatal = self._fatal_once_answered
                 elif verdict.kind == "rate_limited":
                     result, hint, only = "rate_limited", verdict.retry_after, self._keys_of(verdict.model, keys)
             finally:
@@ -424,7 +427,7 @@ class DspyEvaluator:
         ]
         if error is not None:
             types = _error_types(error)
-            fatal = next((t for t in types if t in self._fatal), None)
+            fatal = fatal_error_name(error, self._fatal)
             failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
             message = _describe(error)
             trajectory = DspyTrajectory(
@@ -434,7 +437,7 @@ class DspyEvaluator:
             ) if capture else None
             return EvalOutcome(
                 example_id, self._failure_score, failure=failure, message=message, trajectory=trajectory,
-                error_type=fatal or types[0],
+                error_type=fatal or types[0], fatal=fatal is not None,
             ), 0
         try:
             ret, retries = self._call_metric(example, pred)

@@ -13,7 +13,10 @@ litellm 1.106 through the loopback simulator):
 - transient (retried a few times, then scored as a program failure): ``LMTimeoutError``,
   ``LMServerError`` (5xx), ``LMTransportError`` (connection reset, ...) and their lm15/litellm/openai
   causes;
-- systemic (never retried: the engine must stop at once): whatever is in the fatal set, checked first.
+- systemic (never retried: the engine must stop at once): whatever is in the fatal set, checked first,
+  when the LM stack raised it (``LM_STACK_PACKAGES``; a user's own ``NotFoundError`` is not systemic).
+  A refused connection is systemic only until the endpoints have answered once; after that the
+  evaluator leaves it out of the fatal set and it is retried as transient (a server restarting).
   A refused connection is ``LMTransportError`` <- ``ConnectError`` <- ``ConnectionRefusedError`` on the
   native client and ``LMServerError`` (!) <- ``litellm.InternalServerError`` <-
   ``openai.APIConnectionError`` <- ``ConnectionRefusedError`` on litellm, so it must be recognised by
@@ -46,6 +49,35 @@ RATE_LIMIT_TYPES = frozenset(
     }
 )
 
+#: Exception class names that mean "this configuration cannot work", from litellm, openai and dspy
+#: (counted only when the LM stack raised them, see ``fatal_error_name``).
+FATAL_ERROR_TYPES = frozenset(
+    {
+        "AuthenticationError",
+        "AuthError",
+        "PermissionDeniedError",
+        "NotFoundError",
+        "UnknownModelError",
+        "UnsupportedModelError",
+        "MissingCredentialError",
+        "BillingError",
+        "BadRequestError_model_not_found",
+        "ConnectionRefusedError",
+        "LMAuthError",
+        "LMBillingError",
+        "LMUnsupportedModelError",
+        "LMNotConfiguredError",
+        "LMConfigurationError",
+    }
+)
+
+#: Top-level packages whose exceptions are the LM stack's. The fatal names are common words: a
+#: retrieval step's ``elasticsearch.NotFoundError`` or a user's own ``NotFoundError`` is an ordinary
+#: failure of one example, not a reason to stop the run.
+LM_STACK_PACKAGES = frozenset(
+    {"builtins", "dspy", "litellm", "openai", "anthropic", "httpx", "httpcore", "requests", "urllib3", "aiohttp"}
+)
+
 #: Exception class names of transient failures: timeouts, 5xx, dropped connections.
 TRANSIENT_TYPES = frozenset(
     {
@@ -74,6 +106,9 @@ TRANSIENT_TYPES = frozenset(
         "ConnectionResetError",
         "ConnectionAbortedError",
         "BrokenPipeError",
+        # only once the endpoint has answered (before that a refused connection is fatal): a server
+        # that served a run for an hour and refuses now is restarting, not misconfigured
+        "ConnectionRefusedError",
     }
 )
 
@@ -179,12 +214,21 @@ def retry_after_of(exc: BaseException) -> float | None:
     return None
 
 
+def fatal_error_name(exc: BaseException, fatal: frozenset[str]) -> str | None:
+    """The first systemic error in the chain: a name in ``fatal`` raised by the LM stack."""
+    for cur in exception_chain(exc):
+        name = type(cur).__name__
+        if name in fatal and (type(cur).__module__ or "").split(".", 1)[0] in LM_STACK_PACKAGES:
+            return name
+    return None
+
+
 def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:
     """Rate limited, transient, or neither. Anything systemic anywhere in the chain wins: it is
     never retried, whatever else the chain says."""
     chain = list(exception_chain(exc))
     names = [type(c).__name__ for c in chain]
-    fatal_name = next((n for n in names if n in fatal), None)
+    fatal_name = fatal_error_name(exc, fatal)
     if fatal_name is not None:
         return Verdict(None, error_type=fatal_name)
     model = next((m for c in chain if isinstance(m := getattr(c, "model", None), str) and m), None)

@@ -1,8 +1,9 @@
 """Detecting failures that make a whole run pointless, before the budget is burnt on them.
 
-Two signals: an error type that can never succeed on retry (authentication, unknown model, refused
-connection) stops the run at its first occurrence; and if the first ``window`` executed evaluations
-all fail, whatever the cause, the run stops too, naming the most common cause. Once any evaluation
+Two signals: a failure the evaluator marks ``fatal`` (one that can never succeed on retry:
+authentication, unknown model, refused connection) stops the run at its first occurrence; and if the
+first ``window`` executed evaluations all fail, whatever the cause, the run stops too, naming the most
+common cause. Once any evaluation
 has succeeded, isolated failures are ordinary data (scored ``failure_score``), as in dspy.GEPA.
 """
 
@@ -12,27 +13,6 @@ from collections import Counter
 
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.types import EvalOutcome
-
-#: Exception class names that mean "this configuration cannot work", from litellm, openai and dspy.
-FATAL_ERROR_TYPES = frozenset(
-    {
-        "AuthenticationError",
-        "AuthError",
-        "PermissionDeniedError",
-        "NotFoundError",
-        "UnknownModelError",
-        "UnsupportedModelError",
-        "MissingCredentialError",
-        "BillingError",
-        "BadRequestError_model_not_found",
-        "ConnectionRefusedError",
-        "LMAuthError",
-        "LMBillingError",
-        "LMUnsupportedModelError",
-        "LMNotConfiguredError",
-        "LMConfigurationError",
-    }
-)
 
 
 class SystemicFailureDetector:
@@ -59,7 +39,7 @@ class SystemicFailureDetector:
         if outcome.failure is None:
             self._seen_success = True
             return
-        if outcome.error_type in FATAL_ERROR_TYPES:
+        if outcome.fatal:
             raise SystemicFailureError(
                 f"Stopping: the program failed with {outcome.error_type}, which retrying cannot fix: "
                 f"{outcome.message}. Check the LM's model name, api_base and API key.",

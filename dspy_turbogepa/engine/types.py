@@ -35,8 +35,12 @@ class EvalOutcome:
     trajectory: Any = None
     #: The program's output, kept only when the caller asked for best outputs.
     output: Any = None
-    #: Error type name for systemic-failure detection (e.g. "AuthenticationError").
+    #: Error type name, for messages and counters (e.g. "AuthenticationError").
     error_type: str | None = None
+    #: The evaluator judged the failure systemic (bad key, unknown model, refused connection): no
+    #: retry or other candidate can fix it, so the run stops at once. Deciding that needs to know
+    #: the LM stack, which the engine does not.
+    fatal: bool = False
     #: LM usage of this rollout (all LM calls the program made), for token and dollar budgets.
     prompt_tokens: int = 0
     completion_tokens: int = 0

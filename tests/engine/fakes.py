@@ -154,9 +154,9 @@ class FakeEvaluator:
         traj = self.task.trajectory(texts, split, example_id) if capture_traces else None
         failed = self.fail(texts, split, example_id) if self.fail is not None else None
         if failed is not None:
-            failure, error_type = failed
+            failure, error_type, *fatal = failed  # (kind, error type[, fatal])
             return EvalOutcome(
-                example_id, 0.0, failure=failure, error_type=error_type,  # type: ignore[arg-type]
+                example_id, 0.0, failure=failure, error_type=error_type, fatal=bool(fatal and fatal[0]),  # type: ignore[arg-type]
                 message=f"injected {failure}", trajectory=traj,
             )
         return EvalOutcome(

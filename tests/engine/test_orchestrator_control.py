@@ -304,7 +304,7 @@ def test_window_counts_failures_of_any_kind() -> None:
 
 def test_fatal_error_type_during_seed_stops_at_once() -> None:
     setup = hard_setup(val_n=12)
-    ev = FakeEvaluator(setup.task, fail=lambda texts, split, i: ("program_error", "AuthenticationError") if i == 0
+    ev = FakeEvaluator(setup.task, fail=lambda texts, split, i: ("program_error", "AuthenticationError", True) if i == 0
                        else None)
     cfg = make_config(max_evals_in_flight=1, systemic_failure_window=100)
     err, calls, _ = run_until_error(build(cfg, ev, FakeReflector(), setup), ev)
@@ -331,7 +331,7 @@ def test_fatal_error_type_after_successes_stops_the_run(deterministic: bool) -> 
     def fail(texts, split, i):
         if dict(texts) != seed_texts:
             fatal.append(i)
-            return ("program_error", "AuthenticationError")
+            return ("program_error", "AuthenticationError", True)
         return None
 
     ev = FakeEvaluator(setup.task, 2, fail=fail)
@@ -356,7 +356,7 @@ def test_fatal_error_stops_deterministic_run_while_an_older_mutation_is_slow() -
             await never.setdefault("e", asyncio.Event()).wait()
 
     ev = FakeEvaluator(setup.task, fail=lambda t, s, i: None if dict(t) == seed_texts
-                       else ("program_error", "AuthenticationError"))
+                       else ("program_error", "AuthenticationError", True))
     orch = build(make_config(max_metric_calls=5000), ev, FakeReflector(before=before), setup)
     with pytest.raises(SystemicFailureError):
         run(orch, timeout=1.0)
@@ -372,7 +372,7 @@ def test_fatal_error_stops_fast_mode_run_while_an_older_mutation_is_slow() -> No
             await never.setdefault("e", asyncio.Event()).wait()
 
     ev = FakeEvaluator(setup.task, fail=lambda t, s, i: None if dict(t) == seed_texts
-                       else ("program_error", "AuthenticationError"))
+                       else ("program_error", "AuthenticationError", True))
     orch = build(make_config(max_metric_calls=5000, deterministic=False), ev, FakeReflector(before=before), setup)
     with pytest.raises(SystemicFailureError):
         run(orch, timeout=2.0)

@@ -6,7 +6,7 @@ import pytest
 
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.errors import SystemicFailureError
-from dspy_turbogepa.engine.systemic import FATAL_ERROR_TYPES, SystemicFailureDetector
+from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.engine.types import EvalOutcome
 
 from .fakes import make_config
@@ -14,8 +14,9 @@ from .fakes import make_config
 OK = EvalOutcome(0, 1.0)
 
 
-def fail(kind: str = "program_error", error_type: str | None = "ValueError", msg: str = "boom") -> EvalOutcome:
-    return EvalOutcome(0, 0.0, failure=kind, error_type=error_type, message=msg)  # type: ignore[arg-type]
+def fail(kind: str = "program_error", error_type: str | None = "ValueError", msg: str = "boom",
+         fatal: bool = False) -> EvalOutcome:
+    return EvalOutcome(0, 0.0, failure=kind, error_type=error_type, message=msg, fatal=fatal)  # type: ignore[arg-type]
 
 
 def test_window_of_initial_failures_raises_with_most_common_cause() -> None:
@@ -38,15 +39,14 @@ def test_a_success_makes_later_ordinary_failures_data() -> None:
         det.observe(fail())
 
 
-def test_fatal_error_type_raises_at_once_even_after_success() -> None:
+def test_fatal_failure_raises_at_once_even_after_success() -> None:
     det = SystemicFailureDetector(100)
     det.observe(OK)
+    det.observe(fail(error_type="AuthenticationError"))  # the name alone decides nothing: the evaluator does
     with pytest.raises(SystemicFailureError) as info:
-        det.observe(fail(error_type="AuthenticationError", msg="bad key"))
+        det.observe(fail(error_type="AuthenticationError", msg="bad key", fatal=True))
     assert info.value.error_type == "AuthenticationError"
     assert "bad key" in str(info.value)
-    assert {"AuthenticationError", "NotFoundError", "ConnectionRefusedError"} <= FATAL_ERROR_TYPES
-    assert "APIConnectionError" not in FATAL_ERROR_TYPES  # litellm reports transient resets with it too
 
 
 def test_window_is_at_least_one() -> None:
