@@ -8,6 +8,7 @@ the first LM call, so a mistake costs nothing.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -52,19 +53,36 @@ class _DefaultSelector(str):
 DEFAULT_COMPONENT_SELECTOR = _DefaultSelector("round_robin")
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int when it is one in all but type: a numpy integer, or a float such as ``1e3``
+    (dspy.GEPA takes both, so code written for it must keep working); None otherwise. A bool is not
+    a count."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    number = _as_int(value)
+    if number is None:
         raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}.")
-    if value < 1:
+    if number < 1:
         raise ValueError(f"{name} must be >= 1, got {value}.")
+    return number
 
 
-def _count(name: str, value: Any, feature: str) -> None:
+def _count(name: str, value: Any, feature: str) -> int:
     """An integer >= 0 where 0 turns ``feature`` off (a bool is refused: ``True`` is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    number = _as_int(value)
+    if number is None or number < 0:
         raise ValueError(f"{name} must be an integer >= 0 (0 turns {feature} off), got {value!r}.")
+    return number
 
 
 class TurboGEPA(dspy.GEPA, Teleprompter):
@@ -179,18 +197,20 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
         if auto is not None and auto not in AUTO_RUN_SETTINGS:
             raise ValueError(f"auto must be one of {sorted(AUTO_RUN_SETTINGS)}, got {auto!r}.")
-        _positive_int("max_metric_calls", max_metric_calls)
-        _positive_int("max_full_evals", max_full_evals)
-        _positive_int("reflection_minibatch_size", reflection_minibatch_size, allow_none=False)
-        _positive_int("num_threads", num_threads)
-        _positive_int("max_mutations_in_flight", max_mutations_in_flight)
-        _positive_int("max_reflections_in_flight", max_reflections_in_flight)
-        _positive_int("max_sibling_reflections", max_sibling_reflections, allow_none=False)
-        _count("reflection_feedback_reuse", reflection_feedback_reuse, "feedback reuse")
-        _count("reflection_scouts", reflection_scouts, "scouting")
-        if max_merge_invocations is not None:
-            _positive_int("max_merge_invocations", max_merge_invocations)
-        _positive_int("token_budget", token_budget)
+        max_metric_calls = _positive_int("max_metric_calls", max_metric_calls)
+        max_full_evals = _positive_int("max_full_evals", max_full_evals)
+        reflection_minibatch_size = _positive_int(
+            "reflection_minibatch_size", reflection_minibatch_size, allow_none=False)  # type: ignore[assignment]
+        num_threads = _positive_int("num_threads", num_threads)
+        max_mutations_in_flight = _positive_int("max_mutations_in_flight", max_mutations_in_flight)
+        max_reflections_in_flight = _positive_int("max_reflections_in_flight", max_reflections_in_flight)
+        max_sibling_reflections = _positive_int(
+            "max_sibling_reflections", max_sibling_reflections, allow_none=False)  # type: ignore[assignment]
+        reflection_feedback_reuse = _count("reflection_feedback_reuse", reflection_feedback_reuse, "feedback reuse")
+        reflection_scouts = _count("reflection_scouts", reflection_scouts, "scouting")
+        if max_merge_invocations is not None:  # 0: merging on, never invoked (as in dspy.GEPA)
+            max_merge_invocations = _count("max_merge_invocations", max_merge_invocations, "merging")
+        token_budget = _positive_int("token_budget", token_budget)
         for name, value in (("cost_budget_usd", cost_budget_usd), ("time_budget_seconds", time_budget_seconds)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
@@ -232,8 +252,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise NotImplementedError("code_proposer (dspy.Flex code optimization) is not supported by TurboGEPA yet.")
         if not isinstance(failure_score, (int, float)) or not isinstance(perfect_score, (int, float)):
             raise TypeError("failure_score and perfect_score must be numbers.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}.")
+        if seed is not None:
+            if _as_int(seed) is None:
+                raise TypeError(f"seed must be an int or None, got {seed!r}.")
+            seed = _as_int(seed)
         if not isinstance(reduction_factor, (int, float)) or reduction_factor <= 1:
             raise ValueError(f"reduction_factor must be a number > 1, got {reduction_factor!r}.")
         if rung_fractions is not None:

@@ -107,7 +107,8 @@ def test_unknown_auto_fails_at_construction_not_compile():
         ({"candidate_selection_strategy": "best"}, ValueError, "candidate_selection_strategy"),
         ({"minibatch_sampling": "random"}, ValueError, "minibatch_sampling must be one of"),
         ({"max_sibling_reflections": 0}, ValueError, "max_sibling_reflections"),
-        ({"max_sibling_reflections": 2.0}, TypeError, "max_sibling_reflections"),
+        ({"max_sibling_reflections": 2.5}, TypeError, "max_sibling_reflections"),
+        ({"max_merge_invocations": -1}, ValueError, "max_merge_invocations must be an integer >= 0"),
         ({"reflection_feedback_reuse": -1}, ValueError, "reflection_feedback_reuse must be an integer >= 0"),
         ({"reflection_feedback_reuse": True}, ValueError, "reflection_feedback_reuse"),
         ({"reflection_scouts": -1}, ValueError, "reflection_scouts must be an integer >= 0"),
@@ -120,6 +121,18 @@ def test_unknown_auto_fails_at_construction_not_compile():
 def test_bad_arguments_name_the_argument(kw, exc, match):
     with pytest.raises(exc, match=match):
         make(**kw)
+
+
+def test_numbers_dspy_gepa_takes_are_taken_as_ints():
+    """dspy.GEPA accepts max_metric_calls=1e3, numpy integers and max_merge_invocations=0 (merging
+    on, never invoked); code written for it must construct TurboGEPA unchanged."""
+    import numpy as np
+
+    opt = make(max_metric_calls=1e3, seed=np.int64(3), num_threads=np.int32(4), max_merge_invocations=0,
+               reflection_scouts=np.int64(2))
+    assert (opt.max_metric_calls, opt.seed, opt.num_threads, opt.max_merge_invocations) == (1000, 3, 4, 0)
+    assert all(type(v) is int for v in (opt.max_metric_calls, opt.seed, opt.num_threads))
+    assert make(max_metric_calls=np.int64(200)).max_metric_calls == 200
 
 
 def test_reflection_lm_or_proposer_required():
