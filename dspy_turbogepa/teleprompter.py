@@ -22,7 +22,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.program import ProgramCodec
-from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer
+from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
 from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
 from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator, RunInterruptedError
@@ -554,7 +554,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             reflection_feedback_reuse=self.reflection_feedback_reuse,
             reflection_scouts=self.reflection_scouts,
             component_selector=str(self.component_selector) if isinstance(self.component_selector, str)
-            else self.component_selector,
+            else with_trace_data(self.component_selector),
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,
             adaptive_components=self.adaptive_proposal_mix and self.component_selector is DEFAULT_COMPONENT_SELECTOR,
             skip_perfect_score=self.skip_perfect_score,

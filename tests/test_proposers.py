@@ -152,3 +152,46 @@ def test_price_table_prices_reflections_too(routing):
     assert tokens["prompt"] > 0
     expected = (tokens["prompt"] * 1.0 + tokens["completion"] * 2.0) / 1e6
     assert stats["cost"]["reflection"] == pytest.approx(expected, abs=2e-6)
+
+
+# ------------------------------------------------------------------ gepa's own selectors and stoppers
+def test_gepas_round_robin_selector_object_alternates_components(pipeline):
+    """gepa's RoundRobinReflectionComponentSelector advances the counter it is handed in the state; the
+    advance must be kept, or it rewrites the same component forever (it did: 'extract' only)."""
+    from gepa.strategies.component_selector import RoundRobinReflectionComponentSelector
+
+    program, _ = _compile(pipeline, pipeline.metric, 300, component_selector=RoundRobinReflectionComponentSelector(),
+                          use_merge=False)
+    records = program.detailed_results
+    seed = records.candidates[0]
+    changed = {name for cand in records.candidates[1:] for name, p in cand.named_predictors()
+               if p.signature.instructions != dict(seed.named_predictors())[name].signature.instructions}
+    assert changed == {name for name, _ in seed.named_predictors()}
+
+
+def test_a_selector_written_for_dspy_gepa_reads_trace_data_dicts(pipeline):
+    """dspy.GEPA's DspyAdapter hands selectors dicts (t["trace"], t["score"], ...), not our objects."""
+    seen = []
+
+    def selector(state, trajectories, subsample_scores, candidate_idx, candidate):
+        for t in trajectories:
+            assert set(t) == {"example_ind", "example", "prediction", "trace", "score"}
+            seen.append((t["example_ind"], t["score"], len(t["trace"])))
+        return [list(candidate)[len(seen) % len(candidate)]]
+
+    _compile(pipeline, pipeline.metric, 150, component_selector=selector, use_merge=False)
+    assert seen
+    assert {j for j, _, _ in seen} == {0, 1, 2}  # positions in the minibatch of 3
+    assert all(isinstance(score, float) and n_steps >= 1 for _, score, n_steps in seen)
+
+
+@pytest.mark.parametrize("stopper, arg", [("MaxMetricCallsStopper", 60), ("MaxCandidateProposalsStopper", 3)])
+def test_gepas_stop_conditions_work_as_stop_callbacks(routing, stopper, arg):
+    """gepa's stop conditions read GEPAState fields (total_num_evals, i): they crashed on ours."""
+    import gepa.utils
+
+    stop = getattr(gepa.utils, stopper)(arg)
+    program, _ = _compile(routing, routing.metric, 400, gepa_kwargs={"stop_callbacks": [stop]})
+    dr = program.detailed_results
+    assert dr.stop_reason == "stop_callback"
+    assert dr.total_metric_calls < 400

@@ -9,6 +9,7 @@ error as feedback to the predictors that did not produce an output, instead of b
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -34,6 +35,27 @@ _INFRASTRUCTURE_ERRORS = ("RateLimit", "Timeout", "APIConnection", "ServiceUnava
                           "LMTransport", "LMServer", "LMProvider", "LMError", "Connection")
 
 ReflectiveRecord = dict[str, Any]
+
+
+def with_trace_data(selector: Callable[..., Any]) -> Callable[..., Any]:
+    """A user's ``component_selector`` sees the minibatch trajectories as dspy.GEPA's DspyAdapter
+    hands them over: dicts of dspy's ``TraceData`` shape (``example_ind``, ``example``,
+    ``prediction``, ``trace``, ``score``), so a selector written for dspy.GEPA (``t["trace"]``)
+    works unchanged. Unlike dspy's, a rollout whose program raised is included, with prediction None.
+    """
+
+    @functools.wraps(selector)
+    def call(state: Any, trajectories: Sequence[Any], subsample_scores: Sequence[float], candidate_idx: int,
+             candidate: dict[str, str]) -> Any:
+        data = [
+            {"example_ind": j, "example": t.example, "prediction": t.prediction, "trace": list(t.raw_trace),
+             "score": score}
+            if isinstance(t, DspyTrajectory) else t
+            for j, (t, score) in enumerate(zip(trajectories, subsample_scores))
+        ]
+        return selector(state, data, subsample_scores, candidate_idx, candidate)
+
+    return call
 
 
 class ReflectiveDatasetBuilder:

@@ -1151,6 +1151,8 @@ class Orchestrator:
             named_predictor_id_to_update_next_for_program_candidate=[
                 self._selector.counter(r.candidate.fingerprint) for r in self._records
             ],
+            total_num_evals=self._budget.committed,
+            i=self._committed - 1,
         )
 
     def _result(self) -> EngineResult:

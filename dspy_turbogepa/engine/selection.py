@@ -3,7 +3,8 @@
 A user callable has gepa's ``ReflectionComponentSelector`` signature
 ``(state, trajectories, subsample_scores, candidate_idx, candidate) -> list[str]``. We cannot hand it
 gepa's state object, so it receives :class:`SelectorState`, which carries the attributes gepa's own
-selectors read.
+selectors (and stop conditions) read; what it writes into the round-robin counters is kept, as
+gepa's ``RoundRobinReflectionComponentSelector`` relies on.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from typing import Any
 
 @dataclass
 class SelectorState:
-    """The subset of gepa's ``GEPAState`` that component selectors use."""
+    """The subset of gepa's ``GEPAState`` that component selectors and gepa's stop conditions
+    (``gepa_kwargs["stop_callbacks"]``: MaxMetricCallsStopper, MaxCandidateProposalsStopper, ...) read."""
 
     list_of_named_predictors: list[str]
     program_candidates: list[dict[str, str]]
     program_full_scores_val_set: list[float]
     named_predictor_id_to_update_next_for_program_candidate: list[int] = field(default_factory=list)
+    #: Metric calls charged so far (gepa: ``total_num_evals``).
+    total_num_evals: int = 0
+    #: Proposal iterations finished, minus one (gepa's loop counter starts at -1).
+    i: int = -1
 
 
 class ComponentSelector:
@@ -57,6 +63,9 @@ class ComponentSelector:
             self._next[parent_fp] = (idx + 1) % len(self.components)
             return [self.components[idx]], self._next[parent_fp]
         chosen = self.policy(state, list(trajectories), list(scores), parent_index, dict(parent_texts))
+        counters = state.named_predictor_id_to_update_next_for_program_candidate if state is not None else []
+        if 0 <= parent_index < len(counters):  # the selector may advance the parent's round robin (gepa's does)
+            self._next[parent_fp] = int(counters[parent_index])
         names = [c for c in (chosen or []) if c in parent_texts]
         unknown = [c for c in (chosen or []) if c not in parent_texts]
         if unknown:
