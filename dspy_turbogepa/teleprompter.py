@@ -508,7 +508,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, run_key
         from dspy_turbogepa.store import RunStore
 
-        key = run_key(student, train, val, self.seed)
+        key = run_key(
+            student, train, val, self.seed, metric=self.metric_fn, failure_score=self.failure_score,
+            context_lm=dspy.settings.lm, reflection_lm=self.reflection_lm, proposer=self.custom_instruction_proposer,
+        )
         meta = {k: v for k, v in self.get_params().items()
                 if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
         store = RunStore.open(self.log_dir, key, meta=meta)

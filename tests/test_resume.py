@@ -71,11 +71,48 @@ def test_changed_data_or_seed_under_the_same_log_dir_is_refused(routing, tmp_pat
     # a different student (here: another seed instruction) under the same log_dir is refused too
     student = make_student_lm(seed=0, noise=0.0)
     splits = small_splits(routing, n_train=30, n_val=16)
-    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
-                    log_dir=str(tmp_path))
-    with dspy.context(lm=student), pytest.raises(RunStoreMismatchError, match="student"):
+    opt = TurboGEPA(CountingMetric(routing.metric), max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0),
+                    num_threads=2, log_dir=str(tmp_path))
+    with dspy.context(lm=student), pytest.raises(RunStoreMismatchError, match=r"run: student changed"):
         opt.compile(routing.make_program({"route": "Answer with a queue label."}), trainset=splits.train,
                     valset=splits.val)
+
+
+def test_a_rerun_that_would_read_wrong_stored_scores_is_refused(routing, tmp_path):
+    """Stored scores belong to one metric, one set of LMs and one student state (demos included); a
+    rerun with another would report the old scores as its own (it did, with 0 LM calls). A rotated
+    API key is the same run."""
+    splits = small_splits(routing, n_train=30, n_val=16)
+
+    def compile_with(metric=routing.metric, student_kw=None, reflector_kw=None, program=None):
+        opt = TurboGEPA(metric, max_metric_calls=40, num_threads=2, log_dir=str(tmp_path), verbose=False,
+                        reflection_lm=make_reflection_lm(seed=0, **(reflector_kw or {})))
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0, **(student_kw or {}))):
+            return opt.compile(program or routing.make_program(), trainset=splits.train, valset=splits.val)
+
+    compile_with()
+    compile_with()  # the same run: resumed
+
+    def zero(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return 0.0
+
+    with_demos = routing.make_program()
+    next(iter(with_demos.named_predictors()))[1].demos = [splits.train[0]]
+    for kwargs, changed in [({"metric": zero}, "metric"), ({"student_kw": {"temperature": 0.9}}, "task_lm"),
+                            ({"reflector_kw": {"temperature": 0.9}}, "reflection"), ({"program": with_demos}, "student")]:
+        with pytest.raises(RunStoreMismatchError, match=rf"run: {changed} changed"):
+            compile_with(**kwargs)
+
+
+def test_the_run_key_sees_an_lms_model_and_settings_never_its_credentials():
+    from dspy_turbogepa.adapter.persistence import lm_identity
+
+    a = dspy.LM("openai/m", api_key="sk-first0key0123456789", api_base="http://alice:pw1@127.0.0.1:9/v1")
+    b = dspy.LM("openai/m", api_key="sk-second1key987654321", api_base="http://alice:pw2@127.0.0.1:9/v1")
+    assert lm_identity(a) == lm_identity(b)  # a rotated key is the same run
+    assert "pw1" not in json.dumps(lm_identity(a)) and "sk-first" not in json.dumps(lm_identity(a))
+    assert lm_identity(dspy.LM("openai/m", temperature=0.2)) != lm_identity(dspy.LM("openai/m", temperature=0.9))
+    assert lm_identity(dspy.LM("openai/m")) != lm_identity(dspy.LM("openai/other"))
 
 
 def test_log_dir_gets_summary_and_plots(routing, tmp_path):

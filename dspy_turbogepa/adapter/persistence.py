@@ -9,9 +9,11 @@ dspy.GEPA hands to custom proposers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dspy
@@ -108,19 +110,76 @@ def trajectory_from_json(
     )
 
 
+#: LM settings that change what a call answers (the rest, such as cache or retries, do not).
+_ANSWER_KWARGS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "n", "stop", "seed",
+                  "reasoning_effort", "response_format", "logprobs")
+
+
+def lm_identity(lm: Any) -> Any:
+    """What makes an LM answer the way it does, without its credentials: the model, the endpoint
+    (userinfo stripped from the URL), and the sampling settings."""
+    if lm is None:
+        return None
+    kwargs = getattr(lm, "kwargs", None)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    base = kwargs.get("api_base") or kwargs.get("base_url") or getattr(lm, "api_base", None)
+    if isinstance(base, str):
+        base = re.sub(r"(?<=://)[^/@\s]*@", "", base)
+    return {
+        "class": f"{type(lm).__module__}.{type(lm).__qualname__}",
+        "model": getattr(lm, "model", None),
+        "api_base": base,
+        **{k: _jsonable(kwargs[k]) for k in _ANSWER_KWARGS if kwargs.get(k) is not None},
+    }
+
+
+def callable_identity(fn: Any) -> str:
+    """A metric's or proposer's name plus a hash of its code: an edited metric scores differently,
+    and the stored scores must not be reused for it. (A closure's captured values are not seen.)"""
+    if fn is None:
+        return "None"
+    target = fn if hasattr(fn, "__code__") else type(fn).__call__
+    code = getattr(target, "__code__", None)
+    name = f"{getattr(fn, '__module__', type(fn).__module__)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    if code is None:
+        return name
+    digest = hashlib.sha256(code.co_code + repr(_code_constants(code)).encode()).hexdigest()[:16]
+    return f"{name}:{digest}"
+
+
+def _code_constants(code: Any) -> list[Any]:
+    """Constants of a code object and its nested functions, without memory addresses."""
+    out: list[Any] = []
+    for c in code.co_consts:
+        out.append(_code_constants(c) + [c.co_code.hex()] if hasattr(c, "co_code") else c)
+    return out
+
+
 def run_key(
-    student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None
+    student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
+    *, metric: Callable[..., Any] | None = None, failure_score: float = 0.0, context_lm: Any = None,
+    reflection_lm: Any = None, proposer: Any = None,
 ) -> dict[str, str]:
-    """What must not change under an existing log_dir (the budget may: a larger one continues the run)."""
-    structure = [
-        (name, pred.signature.instructions, list(pred.signature.input_fields), list(pred.signature.output_fields))
-        for name, pred in student.named_predictors()
-    ]
+    """What must not change under an existing log_dir: everything a stored evaluation's score or a
+    stored reflection's text depends on (the budget may change: a larger one continues the run).
+
+    The student is keyed by its whole predictor state (instructions, field prefixes and
+    descriptions, demos) and the LMs by ``lm_identity`` (never their keys: a rotated key is the same
+    run). Constructor settings that only steer the search (minibatch size, selection, ...) are left
+    out: a different plan misses the cache, it does not read a wrong value from it."""
+    structure = []
+    for name, pred in student.named_predictors():
+        state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
+        structure.append((name, list(pred.signature.input_fields), list(pred.signature.output_fields), state,
+                          lm_identity(getattr(pred, "lm", None))))
     return {
         "trainset": stable_hash(_jsonable([ex.toDict() for ex in trainset])),
         "valset": stable_hash(_jsonable([ex.toDict() for ex in valset])),
         "student": stable_hash(_jsonable(structure)),
         "seed": str(seed),
+        "metric": stable_hash([callable_identity(metric), float(failure_score)]),
+        "task_lm": stable_hash(_jsonable(lm_identity(context_lm))),
+        "reflection": stable_hash(_jsonable([lm_identity(reflection_lm), callable_identity(proposer)])),
     }
 
 
