@@ -14,8 +14,9 @@ from pathlib import Path
 import dspy
 import pytest
 
-from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa import SystemicFailureError, TurboGEPA
 from dspy_turbogepa.store import RunStoreMismatchError
+from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
 
 from helpers import CountingMetric, FailsOnTracking, small_splits
@@ -102,6 +103,52 @@ def test_a_rerun_that_would_read_wrong_stored_scores_is_refused(routing, tmp_pat
                             ({"reflector_kw": {"temperature": 0.9}}, "reflection"), ({"program": with_demos}, "student")]:
         with pytest.raises(RunStoreMismatchError, match=rf"run: {changed} changed"):
             compile_with(**kwargs)
+
+
+@pytest.mark.http
+def test_fix_the_key_and_rerun_does_not_replay_the_auth_failures(routing, tmp_path):
+    """A bad key stops the run (SystemicFailureError: 'fix ... and run again'). The rerun with the right
+    key under the same log_dir must evaluate for real: the stored LMAuthError rows say nothing about
+    the program (they were replayed as its scores)."""
+    cfg = SimConfig(models=(ModelConfig("sim-student"), ModelConfig("sim-reflector", "reflector")), api_key="good")
+    splits = small_splits(routing, n_train=12, n_val=8, n_test=0)
+
+    def compile_with(key: str, log_dir: Path):
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key=key, cache=False)
+        reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="good", cache=False)
+        opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=reflector, num_threads=4,
+                        log_dir=str(log_dir), verbose=False, track_stats=True)
+        with dspy.context(lm=student):
+            return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+
+    with SimServer(cfg, seed=0) as srv:
+        with pytest.raises(SystemicFailureError):
+            compile_with("bad", tmp_path / "run")
+        resumed = compile_with("good", tmp_path / "run").detailed_results
+        fresh = compile_with("good", tmp_path / "fresh").detailed_results
+    assert resumed.val_aggregate_scores[0] == fresh.val_aggregate_scores[0] > 0
+    assert not resumed.run_stats["failures"]
+
+
+def test_a_fixed_program_under_the_same_log_dir_is_refused_not_replayed(routing, tmp_path):
+    """Stored scores belong to the program's code too: after 'fix the program and run again' the old
+    failures must not be read back as the fixed program's."""
+    splits = small_splits(routing, n_train=30, n_val=16)
+
+    def compile_with(program):
+        opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=2, log_dir=str(tmp_path), verbose=False)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            return opt.compile(program, trainset=splits.train, valset=splits.val)
+
+    compile_with(FailsOnTracking(routing.make_program()))
+
+    class FailsOnTrackingFixed(FailsOnTracking):
+        def forward(self, ticket):
+            return self.inner(ticket=ticket)
+
+    with pytest.raises(RunStoreMismatchError, match=r"run: student changed"):
+        compile_with(FailsOnTrackingFixed(routing.make_program()))
 
 
 def test_the_run_key_sees_an_lms_model_and_settings_never_its_credentials():

@@ -20,6 +20,7 @@ import dspy
 
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
 from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, RATE_LIMIT_TYPES, TRANSIENT_TYPES
 from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
@@ -155,6 +156,11 @@ def _code_constants(code: Any) -> list[Any]:
     return out
 
 
+def _in_dspy(cls: type) -> bool:
+    module = cls.__module__ or ""
+    return module == "dspy" or module.startswith("dspy.")
+
+
 def run_key(
     student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
     *, metric: Callable[..., Any] | None = None, failure_score: float = 0.0, context_lm: Any = None,
@@ -167,7 +173,11 @@ def run_key(
     descriptions, demos) and the LMs by ``lm_identity`` (never their keys: a rotated key is the same
     run). Constructor settings that only steer the search (minibatch size, selection, ...) are left
     out: a different plan misses the cache, it does not read a wrong value from it."""
-    structure = []
+    structure: list[Any] = [
+        # the code of the user's own modules (a fixed forward() must not replay the broken one's failures)
+        sorted({callable_identity(getattr(type(m), "forward", None)) for _, m in student.named_sub_modules()
+                if not _in_dspy(type(m))})
+    ]
     for name, pred in student.named_predictors():
         state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
         structure.append((name, list(pred.signature.input_fields), list(pred.signature.output_fields), state,
@@ -228,6 +238,14 @@ class StoreObserver(EngineObserver):
         )
 
 
+def _lm_service_failure(failure: str | None, error_type: str | None) -> bool:
+    """A stored failure that says nothing about the candidate: a bad key, an unknown model, a server
+    that refused or kept failing. The user reruns after fixing it, so it is run again, not replayed."""
+    return failure == "rate_limited" or (
+        failure is not None and error_type in FATAL_ERROR_TYPES | RATE_LIMIT_TYPES | TRANSIENT_TYPES
+    )
+
+
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
 ) -> tuple[dict[tuple[str, str, int], EvalOutcome], dict[str, ProposalOutcome]]:
@@ -242,7 +260,7 @@ def load_known(
     known: dict[tuple[str, str, int], EvalOutcome] = {}
     for ev in store.load_evaluations():
         split: Split = "train" if ev.split == "train" else "val"
-        if ev.example_id >= len(datasets[split]):
+        if ev.example_id >= len(datasets[split]) or _lm_service_failure(ev.failure, ev.error_type):
             continue
         trajectory = None
         if ev.trajectory_json and ev.fingerprint in texts_by_fp:
