@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import dspy
 from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
@@ -38,7 +39,7 @@ from dspy_turbogepa.engine.records import EngineResult
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
-from dspy_turbogepa.store.redaction import run_secrets
+from dspy_turbogepa.store.redaction import is_sensitive_key, run_secrets
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
@@ -588,15 +589,29 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
 
 
 def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
-    """API keys held by the LM objects this compile will call (the program's, the configured, the reflection LM)."""
+    """Credentials held by the LM objects this compile will call (the program's, the configured, the
+    reflection LM): ``api_key``, the password in an ``api_base`` URL, and the values of credential
+    headers (``Authorization``, ``x-api-key``, ...), so that any text quoting them is masked exactly."""
     lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
     lms += [dspy.settings.lm, reflection_lm]
-    keys = []
+    keys: list[str] = []
     for lm in lms:
         kwargs = getattr(lm, "kwargs", None)
-        key = kwargs.get("api_key") if isinstance(kwargs, dict) else None
-        if isinstance(key, str) and _looks_like_a_key(key):
-            keys.append(key)
+        if not isinstance(kwargs, dict):
+            continue
+        candidates: list[Any] = [kwargs.get("api_key")]
+        for field in ("api_base", "base_url"):
+            url = kwargs.get(field)
+            if isinstance(url, str):
+                password = urlsplit(url).password
+                candidates.append(password if password and len(password) >= 8 else None)
+        for field in ("headers", "extra_headers", "default_headers"):
+            headers = kwargs.get(field)
+            if isinstance(headers, dict):
+                for name, value in headers.items():
+                    if is_sensitive_key(name) and isinstance(value, str):
+                        candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
+        keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
     return keys
 
 

@@ -225,6 +225,49 @@ def test_a_key_passed_to_an_lm_object_is_never_written(routing, tmp_path, caplog
     )
 
 
+@pytest.mark.http
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_credentials_in_the_lm_url_and_headers_are_never_written(routing, tmp_path, caplog, engine):
+    """Keys given as http://user:KEY@host in api_base, or as an x-api-key / Authorization header, of no
+    known shape and not in the environment: nothing written (run store, summary.json, plots, logs) may
+    hold them, whether quoted by an error or kept in the run's endpoint statistics."""
+    import logging
+
+    url_key, header_key = "urlsecret0a9b8c7d6e5f4a3b", "hdr-0a9b8c7d6e5f4a3b2c1d"
+
+    def quoting_error() -> Exception:  # a client error that echoes what it was configured with
+        kw = dspy.settings.lm.kwargs
+        return RuntimeError(f"cannot reach {kw['api_base']} with {kw['extra_headers']}")
+
+    splits = small_splits(routing, n_train=30, n_val=12)
+    with SimServer("test", seed=0) as srv, caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url.replace("http://", f"http://alice:{url_key}@"),
+                          api_key="anything", extra_headers={"x-api-key": header_key}, cache=False, **engine)
+        opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=4, log_dir=str(tmp_path), track_stats=True, verbose=False)
+        with dspy.context(lm=student):
+            program = opt.compile(FailsOnTracking(routing.make_program(), quoting_error),
+                                  trainset=splits.train, valset=splits.val)
+        served = srv.stats()["models"]["sim-student"]["ok"]
+    assert served > 0 and program.detailed_results.run_stats["failures"].get("program_error", 0) > 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    for path in written:
+        data = path.read_bytes()
+        assert url_key.encode() not in data and header_key.encode() not in data, path
+    assert not [r for r in caplog.records if url_key in r.getMessage() or header_key in r.getMessage()]
+    assert str(srv.base_url.split("://", 1)[1]) in (tmp_path / "summary.json").read_text()  # the endpoint, sans userinfo
+
+
+def test_url_userinfo_is_masked_wherever_it_appears():
+    from dspy_turbogepa.adapter.lm_copies import endpoint_key
+    from dspy_turbogepa.store.redaction import mask_text
+
+    assert mask_text("POST https://bob:pw-1@proxy.local:8080/v1 failed") == "POST https://***REDACTED***@proxy.local:8080/v1 failed"
+    assert mask_text("see https://example.com/a:b@c and user@example.com") == "see https://example.com/a:b@c and user@example.com"
+    lm = dspy.LM("openai/m", api_base="http://alice:urlsecret0a9b8c7d@127.0.0.1:9/v1")
+    assert endpoint_key(lm) == "openai/m@http://127.0.0.1:9/v1"
+
+
 def test_placeholder_lm_keys_are_not_treated_as_secrets():
     """Local servers get words as keys; masking those would rewrite instructions ("output anything else")."""
     from dspy_turbogepa.teleprompter import _lm_api_keys

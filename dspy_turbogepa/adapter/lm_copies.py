@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -109,6 +110,8 @@ def endpoint_key(lm: Any) -> str:
     kwargs = getattr(lm, "kwargs", None) or {}
     base = (kwargs.get("api_base") or kwargs.get("base_url")) if isinstance(kwargs, dict) else None
     base = base or getattr(lm, "api_base", None)
+    if isinstance(base, str):  # an identifier for stats and logs: never the URL's userinfo
+        base = re.sub(r"(?<=://)[^/@\s]*@", "", base)
     return f"{model}@{base}" if base else str(model)
 
 

@@ -7,7 +7,8 @@ Everything the store writes goes through one of two filters:
   and every string is passed through :func:`mask_text`.
 - :func:`mask_text` for free text (error messages, trajectories, outputs, component texts): substrings
   that look like credentials are replaced by :data:`REDACTED`. "Look like" means a well-known key
-  shape (``sk-...``, ``Bearer ...``, ``AIza...``, ``ghp_...``, ``hf_...``, ``AKIA...``, ``xox?-...``) or the
+  shape (``sk-...``, ``Bearer ...``, ``AIza...``, ``ghp_...``, ``hf_...``, ``AKIA...``, ``xox?-...``,
+  ``scheme://user:password@``) or the
   exact value of an environment variable whose name contains KEY, TOKEN, SECRET or PASSWORD (values of
   at least 8 characters; the environment is read at every call, so keys set after import count).
 
@@ -93,6 +94,8 @@ _KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("AKIA", re.compile(r"AKIA(?<![A-Za-z0-9_]AKIA)[A-Z0-9]{16}(?![A-Za-z0-9_])")),
     # Slack tokens
     ("xox", re.compile(r"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9\-]{10,}")),
+    # credentials in a URL's userinfo: scheme://user:password@host (an api_base, a proxy URL)
+    ("://", re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")),
 )
 
 
