@@ -51,6 +51,7 @@ from dspy_turbogepa.adapter.metric import read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.ratelimit import (
     FATAL_ERROR_TYPES,
+    FATAL_ONCE_ANSWERED,
     RATE_LIMIT_POLICY,
     TRANSIENT_POLICY,
     RateLimitStats,
@@ -174,10 +175,9 @@ class DspyEvaluator:
         if use_async is None:
             use_async = defines_own_aforward(codec.student)
         self.use_async = use_async
-        self._fatal_at_start = FATAL_ERROR_TYPES if fatal_error_types is None else fatal_error_types
+        self._fatal = FATAL_ERROR_TYPES if fatal_error_types is None else fatal_error_types
         #: Once an endpoint has answered, a refused connection means a restart, not a wrong api_base.
-        self._fatal_once_answered = self._fatal_at_start - {"ConnectionRefusedError"}
-        self._fatal = self._fatal_at_start
+        self._fatal_once_answered = self._fatal & FATAL_ONCE_ANSWERED
         self._rl_policy = rate_limit_policy
         self._tr_policy = transient_policy
         self._clock = clock

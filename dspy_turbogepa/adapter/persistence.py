@@ -252,10 +252,10 @@ def load_known(
     """Stored evaluations and proposals as the engine's caches."""
     texts_by_fp: dict[str, Mapping[str, str]] = {c.fingerprint: c.texts for c in store.load_candidates()}
     texts_by_fp.setdefault(Candidate(seed_texts).fingerprint, seed_texts)
-    proposals = {
+    proposals = {  # a failed proposer (often the reflection LM's key or endpoint) is asked again
         key: ProposalOutcome(texts=dict(p.texts), skipped=p.skipped, message=p.message,
                              reflection_calls=p.reflection_calls)
-        for key, p in store.load_proposals().items()
+        for key, p in store.load_proposals().items() if p.skipped != "proposer_error"
     }
     known: dict[tuple[str, str, int], EvalOutcome] = {}
     for ev in store.load_evaluations():

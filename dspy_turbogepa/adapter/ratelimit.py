@@ -71,6 +71,10 @@ FATAL_ERROR_TYPES = frozenset(
     }
 )
 
+#: The fatal set once the endpoint has answered: a refused connection now means a restart, not a
+#: wrong api_base, and is retried as transient.
+FATAL_ONCE_ANSWERED = FATAL_ERROR_TYPES - {"ConnectionRefusedError"}
+
 #: Top-level packages whose exceptions are the LM stack's. The fatal names are common words: a
 #: retrieval step's ``elasticsearch.NotFoundError`` or a user's own ``NotFoundError`` is an ordinary
 #: failure of one example, not a reason to stop the run.

@@ -896,6 +896,7 @@ class Orchestrator:
         self._known_proposals[key] = proposal
         for obs in self._observers:
             obs.on_proposal(key, proposal)
+        self._systemic.observe_proposal(proposal)
         return proposal
 
     def _beats_parent(self, child_sum: float, parent_sum: float) -> bool:

@@ -5,6 +5,10 @@ authentication, unknown model, refused connection) stops the run at its first oc
 first ``window`` executed evaluations all fail, whatever the cause, the run stops too, naming the most
 common cause. Once any evaluation
 has succeeded, isolated failures are ordinary data (scored ``failure_score``), as in dspy.GEPA.
+
+Reflections get the same two rules: a fatal proposer failure stops the run, and so do ``window``
+failed reflections before the first usable one (a reflection LM that never answers usefully would
+otherwise be called until the no-progress limit, returning the seed as if optimized).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 from collections import Counter
 
 from dspy_turbogepa.engine.errors import SystemicFailureError
-from dspy_turbogepa.engine.types import EvalOutcome
+from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
+
+#: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
+PROPOSER_FAILURES = frozenset({"proposer_error", "invalid_proposal", "empty_proposal"})
 
 
 class SystemicFailureDetector:
@@ -23,6 +30,44 @@ class SystemicFailureDetector:
         self._examples: dict[tuple[str, str], str] = {}
         self._count = 0
         self._raised: SystemicFailureError | None = None
+        self._seen_proposal = False
+        self._proposer_failures: Counter[str] = Counter()
+        self._proposer_examples: dict[str, str] = {}
+
+    def observe_proposal(self, outcome: ProposalOutcome) -> None:
+        """Like :meth:`observe`, for a reflection's outcome."""
+        if self._raised is not None:
+            raise self._raised
+        try:
+            self._observe_proposal(outcome)
+        except SystemicFailureError as exc:
+            self._raised = exc
+            raise
+
+    def _observe_proposal(self, outcome: ProposalOutcome) -> None:
+        if outcome.skipped is None:
+            self._seen_proposal = True
+            return
+        if outcome.fatal:
+            raise SystemicFailureError(
+                f"Stopping: the instruction proposer failed with an error retrying cannot fix: {outcome.message}. "
+                "Check reflection_lm's model name, api_base and API key.",
+                failure="proposer_error",
+                error_type=(outcome.message or "").split(":", 1)[0] or None,
+            )
+        if self._seen_proposal or outcome.skipped not in PROPOSER_FAILURES:
+            return
+        self._proposer_failures[outcome.skipped] += 1
+        self._proposer_examples.setdefault(outcome.skipped, outcome.message or "")
+        n = sum(self._proposer_failures.values())
+        if n >= self.window:
+            reason, count = self._proposer_failures.most_common(1)[0]
+            raise SystemicFailureError(
+                f"Stopping: the first {n} reflections all failed ({count} of them with {reason}: "
+                f"{self._proposer_examples[reason]}). Check reflection_lm (or instruction_proposer) and run again.",
+                failure=reason,
+                error_type=None,
+            )
 
     def observe(self, outcome: EvalOutcome) -> None:
         """Raise SystemicFailureError when the run must stop; once raised, every later call re-raises it,

@@ -57,6 +57,9 @@ class ProposalOutcome:
     #: Why no usable texts came back ("proposer_error", "empty_proposal", "no_reflective_data", ...).
     skipped: str | None = None
     message: str | None = None
+    #: The proposer failed in a way no retry fixes (the reflection LM's key, model or endpoint): the
+    #: run stops at once, as for a fatal evaluation.
+    fatal: bool = False
     reflection_calls: int = 0
     reflection_prompt_tokens: int = 0
     reflection_completion_tokens: int = 0

@@ -24,6 +24,7 @@ import dspy
 from dspy.utils.callback import BaseCallback
 
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
+from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, FATAL_ONCE_ANSWERED, fatal_error_name
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 from dspy_turbogepa.store.redaction import mask_text
@@ -60,6 +61,7 @@ class ReflectiveProposer:
         self._reflection_lm = reflection_lm
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
         self._lm_copies = LMCopies(retries_off=False)
+        self._fatal = FATAL_ERROR_TYPES
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -112,8 +114,12 @@ class ReflectiveProposer:
         except Exception as exc:  # the proposer's failure is recorded and this proposal skipped
             message = mask_text(f"{type(exc).__name__}: {exc}")
             logger.warning("The instruction proposer raised %s", message)
-            return ProposalOutcome(skipped="proposer_error", message=message)
-        return _validate_answer(answer, parent_texts, to_update)
+            fatal = fatal_error_name(exc, self._fatal)
+            return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None)
+        outcome = _validate_answer(answer, parent_texts, to_update)
+        if outcome.skipped is None:
+            self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
+        return outcome
 
 
 async def _await(awaitable: Any) -> Any:

@@ -229,6 +229,9 @@ class FakeReflector:
             raise RuntimeError(f"injected proposer failure on call {n}")
         if self.skip is not None:
             reason = self.skip(n)
+            if reason == "fatal":  # the reflection LM's key was refused
+                return ProposalOutcome(skipped="proposer_error", message="AuthenticationError: bad key", fatal=True,
+                                       reflection_calls=1)
             if reason is not None:
                 return ProposalOutcome(skipped=reason, message="injected skip", reflection_calls=1)
         if self.fixed is not None:

@@ -401,6 +401,36 @@ def test_evaluator_exception_propagates() -> None:
         run(build(make_config(), ev, FakeReflector(), setup))
 
 
+@pytest.mark.parametrize("skip", ["empty_proposal", "invalid_proposal", "raise"])
+def test_a_proposer_that_never_proposes_stops_the_run(skip: str) -> None:
+    """A reflection LM that never yields a usable proposal: the run stops after the window instead of
+    reflecting until the no-progress limit and returning the seed as if optimized."""
+    setup = hard_setup()
+    refl = FakeReflector(skip=None if skip == "raise" else (lambda n: skip),
+                         raise_on=(lambda n: True) if skip == "raise" else None)
+    cfg = make_config(max_metric_calls=5000, systemic_failure_window=6)
+    orch = build(cfg, FakeEvaluator(setup.task, 1), refl, setup)
+    err, _, _ = run_until_error(orch, orch._evaluator)
+    assert "the first 6 reflections all failed" in str(err)
+    assert len(refl.calls) <= 6 + cfg.max_mutations_in_flight * cfg.max_siblings + 2
+
+
+def test_a_fatal_proposer_failure_stops_the_run_at_once() -> None:
+    setup = hard_setup()
+    refl = FakeReflector(skip=lambda n: "fatal" if n >= 3 else None)  # fatal even after successes
+    orch = build(make_config(max_metric_calls=5000), FakeEvaluator(setup.task, 1), refl, setup)
+    err, _, _ = run_until_error(orch, orch._evaluator)
+    assert "reflection_lm" in str(err) and "AuthenticationError" in str(err)
+
+
+def test_proposer_failures_after_a_usable_proposal_are_ordinary() -> None:
+    setup = hard_setup()
+    refl = FakeReflector(skip=lambda n: "empty_proposal" if n > 0 else None)
+    result, *_ = run_fakes(make_config(max_metric_calls=300, systemic_failure_window=3), setup, reflector=refl,
+                           timeout=5.0)
+    assert result.stop_reason in ("max_metric_calls", "no_progress_possible")
+
+
 # ------------------------------------------------------------------------------------- termination
 
 
@@ -416,7 +446,7 @@ def test_run_terminates_when_no_progress_is_possible(case: str) -> None:
         setup.task = KeywordTask()
         refl = FakeReflector()
     else:
-        refl = FakeReflector(skip=lambda n: "empty_proposal")
+        refl = FakeReflector(skip=lambda n: "no_reflective_data")  # nothing to reflect on: not the proposer's fault
     result, _orch, ev, _ = run_fakes(make_config(max_metric_calls=1000), setup, reflector=refl, timeout=3.0)
     assert result.stop_reason == "no_progress_possible"
     # nothing was paid beyond the seed's valset and the seed on each training example
@@ -429,11 +459,11 @@ def test_stop_after_observer_bounds_zero_cost_runs() -> None:
     setup = hard_setup(train_n=6, val_n=4)
     stop = StopAfter(25)
     result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=1000), setup,
-                                       reflector=FakeReflector(skip=lambda n: "empty_proposal"), observers=[stop])
+                                       reflector=FakeReflector(skip=lambda n: "no_reflective_data"), observers=[stop])
     assert result.stop_reason == "interrupted"
     assert 25 <= sum(result.stats.mutations.values()) <= 25 + make_config().max_staleness
     assert result.total_metric_calls == len(setup.val_ids) + len(setup.train_ids)  # seed on val + all of train
-    assert result.stats.proposal_skips["empty_proposal"] == len(refl.calls)
+    assert result.stats.proposal_skips["no_reflective_data"] == len(refl.calls)
     assert Candidate(setup.task.seed_texts()).fingerprint == result.records[0].candidate.fingerprint
 
 
@@ -470,7 +500,7 @@ def test_max_noop_mutations_bounds_the_free_streak() -> None:
     setup = hard_setup(train_n=6, val_n=4)
     rec = Recorder()
     cfg = make_config(max_metric_calls=1000, max_noop_mutations=5, **fixed_width())
-    result, *_ = run_fakes(cfg, setup, reflector=FakeReflector(skip=lambda n: "empty_proposal"), observers=[rec])
+    result, *_ = run_fakes(cfg, setup, reflector=FakeReflector(skip=lambda n: "no_reflective_data"), observers=[rec])
     assert result.stop_reason == "no_progress_possible"
     # the streak only counts mutations that charged nothing: the first epoch pays for the seed's minibatches
     assert 5 <= len(rec.mutations) <= 5 + len(setup.train_ids) + cfg.max_mutations_in_flight
