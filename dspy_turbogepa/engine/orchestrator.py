@@ -1052,8 +1052,9 @@ class Orchestrator:
         # forever on free no-op mutations; stop once that has clearly happened.
         self._noop_streak = 0 if (newly_charged or status == "accepted") else self._noop_streak + 1
         if self._noop_streak >= self.config.max_noop_mutations and self._stop_reason is None:
-            logger.info("Stopping: the last %d mutations changed nothing and cost nothing (every parent is perfect "
-                        "on the training examples it was tried on)", self._noop_streak)
+            logger.info("Stopping: the last %d mutations changed nothing and cost no metric call (their parents "
+                        "were perfect on every minibatch drawn, or their proposals rebuilt known candidates)",
+                        self._noop_streak)
             self._stop_reason = "no_progress_possible"
             if self.config.deterministic:
                 # Mutations planned from views up to this commit still run: whether the loop launched
