@@ -570,6 +570,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_merge_invocations=self.max_merge_invocations if self.max_merge_invocations is not None else 10**9,
             stop_file=Path(self.log_dir) / "gepa.stop" if self.log_dir else None,
             stop_callbacks=mapped.stop_callbacks,
+            # "every evaluation fails" is judged on the seed's validation pass when it is small: its first
+            # completions may all be the examples a data-dependent bug fails on (8 of 12 stopped a run)
+            systemic_failure_window=max(8, min(val_size, 32)),
             max_seconds=self.time_budget_seconds,
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,

@@ -18,6 +18,10 @@ from collections import Counter
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 
+#: At most this many failed reflections before the first usable one (fewer with a smaller window):
+#: each is a reflection LM call, and a working reflection LM rarely fails even twice in a row.
+MAX_PROPOSAL_WINDOW = 8
+
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
 PROPOSER_FAILURES = frozenset({"proposer_error", "invalid_proposal", "empty_proposal"})
 
@@ -60,7 +64,7 @@ class SystemicFailureDetector:
         self._proposer_failures[outcome.skipped] += 1
         self._proposer_examples.setdefault(outcome.skipped, outcome.message or "")
         n = sum(self._proposer_failures.values())
-        if n >= self.window:
+        if n >= min(self.window, MAX_PROPOSAL_WINDOW):
             reason, count = self._proposer_failures.most_common(1)[0]
             raise SystemicFailureError(
                 f"Stopping: the first {n} reflections all failed ({count} of them with {reason}: "
