@@ -74,6 +74,12 @@ REFUSED_KEYS: dict[str, str] = {
         "its own propose_new_texts, so reflection_prompt_template is unused. To customize the reflection prompt, pass "
         "instruction_proposer=InstructionProposer(base_instructions=...) instead."
     ),
+    # gepa refuses it next to DspyAdapter's own propose_new_texts ("Cannot provide both ...")
+    "custom_candidate_proposer": (
+        "custom_candidate_proposer cannot be passed via gepa_kwargs when using dspy.GEPA: DspyAdapter proposes "
+        "through its own propose_new_texts. Pass the same function as instruction_proposer=... instead (same "
+        "signature: (candidate, reflective_dataset, components_to_update) -> dict[str, str])."
+    ),
 }
 
 

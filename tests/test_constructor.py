@@ -180,6 +180,18 @@ def test_gepa_kwargs_unknown_key_is_type_error():
         make(gepa_kwargs={"frobnicate": 1})
 
 
+def test_every_gepa_optimize_parameter_has_a_meaning_here():
+    """A gepa_kwargs key that gepa.optimize takes must never get "not a parameter of gepa.optimize"."""
+    import gepa
+
+    from dspy_turbogepa.gepa_kwargs import DSPY_OWNED_KEYS, IGNORED_KEYS, MAPPED_KEYS, REFUSED_KEYS
+
+    known = set(DSPY_OWNED_KEYS) | set(IGNORED_KEYS) | set(MAPPED_KEYS) | set(REFUSED_KEYS)
+    assert set(inspect.signature(gepa.optimize).parameters) <= known
+    with pytest.raises(ValueError, match="instruction_proposer"):
+        make(gepa_kwargs={"custom_candidate_proposer": lambda candidate, reflective_dataset, components_to_update: {}})
+
+
 def test_valid_but_unused_gepa_kwargs_warn_once_each(caplog):
     with caplog.at_level(logging.WARNING):
         make(gepa_kwargs={"use_cloudpickle": True, "frontier_type": "instance", "callbacks": []})
