@@ -539,7 +539,9 @@ def _fmt(vals: list[float | None], nd: int = 3) -> str:
 
 
 def _col(rs: list[Run], key: str, nd: int = 3) -> str:
-    return _fmt([r.get(key) for r in rs], nd)
+    vals = [r.get(key) for r in rs]
+    have = sum(v is not None for v in vals)
+    return _fmt(vals, nd) + (f" (n={have})" if 0 < have < len(vals) else "")
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -560,8 +562,11 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
          " task/budget (task.target_val if gepa was not run); runs that never reach it count their"
          " whole compile time / all their LM calls. CPU = process CPU minus the simulator thread."
          " Student util = time-averaged in-flight student LM requests during compile / threads; it is"
-         " the product of the two columns after it: the share of the compile with any student request"
-         " in flight (busy), and the util while one was."),
+         " the product of the two columns after it, run by run (not for the medians): the share of the"
+         " compile with any student request in flight (busy), and the util while one was. A column"
+         " some runs lack (made before it existed) is the median of the runs that have it, marked"
+         " (n=...). LM calls = student + reflection. Every seed uses the same data split (data_seed 0);"
+         " a seed varies the simulator's noise and latency draws and the optimizers' own seeds."),
         "",
         ("| task | budget | optimizer | n | seed test | final test | final val | target | reached | time to target s"
          " | LM calls to target | compile wall s | harness CPU s | metric calls | LM calls student | LM calls reflector"
@@ -613,11 +618,17 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
         ("Each row's target is that baseline's own median final validation score (for gepa the target"
          " above; for gepa4 its own, usually lower, final score: issue 6 asks TurboGEPA to be faster to"
          " it). Time-to-target speedup = baseline / turbo (> 1: turbo faster); LM calls to target ="
-         " turbo / baseline (< 1: turbo needs fewer); test diff = turbo − baseline final test score."),
+         " turbo / baseline (< 1: turbo needs fewer; student and reflection LM calls); test diff = turbo"
+         " − baseline final test score. The spread of a ratio: a 95% bootstrap interval of the speedup"
+         " (seeds resampled with replacement, turbo and baseline of a seed kept together, 2,000 draws),"
+         " and seed by seed (same seed = same simulator noise and latency draws) the seeds on which turbo"
+         " reached the target sooner, and the median of the per-seed test differences with the seeds on"
+         " which turbo's test score was lower."),
         "",
         ("| task | budget | turbo vs | target | reached turbo / baseline | time-to-target speedup"
-         " | LM calls to target ratio | final test diff | student util turbo / baseline |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         " | speedup 95% CI | sooner on seeds | LM calls to target ratio | final test diff"
+         " | per-seed test diff (seeds lower) | student util turbo / baseline |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios: list[Run] = []
     for (task, budget), by_opt in sorted(groups.items()):
@@ -637,6 +648,7 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
             for med, hits in ((med_t, hits_t), (med_b, hits_b)):
                 med["time_to_target_s"] = _median([h[0] for h in hits])
                 med["lm_calls_to_target"] = _median([h[1] for h in hits])
+            paired = _paired_by_seed(turbo, base_runs, target)
             row = {
                 "task": task, "budget": budget, "baseline": base, "target": target,
                 "reached_turbo": sum(h[2] for h in hits_t), "reached_baseline": sum(h[2] for h in hits_b),
@@ -646,12 +658,17 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
                 "final_test_diff": _diff(med_t["final_test"], med_b["final_test"]),
                 "student_util_turbo": med_t["student_concurrency_utilisation"],
                 "student_util_baseline": med_b["student_concurrency_utilisation"],
+                **paired,
             }
             ratios.append(row)
+            ci = row["speedup_ci95"]
             lines.append(
                 f"| {task} | {budget} | {base} | {target:.3f} | {row['reached_turbo']}/{len(turbo)} /"
                 f" {row['reached_baseline']}/{len(base_runs)} | {_num(row['time_to_target_speedup'], '.2f')}x"
+                f" | {'-' if ci is None else f'{ci[0]:.2f}-{ci[1]:.2f}x'}"
+                f" | {row['seeds_sooner']}/{row['seeds_paired']}"
                 f" | {_num(row['lm_calls_to_target_ratio'], '.2f')} | {_num(row['final_test_diff'], '+.3f')}"
+                f" | {_num(row['paired_test_diff'], '+.3f')} ({row['seeds_test_lower']}/{row['seeds_paired']})"
                 f" | {_num(row['student_util_turbo'], '.2f')} / {_num(row['student_util_baseline'], '.2f')} |"
             )
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
@@ -670,6 +687,36 @@ def _to_target(run: Run, target: float) -> tuple[float, int, bool]:
     if hit is None:
         return run["compile_wall_s"], run["lm_calls_student"] + run["lm_calls_reflector"], False
     return hit, _calls_at(run, hit), True
+
+
+def _paired_by_seed(turbo: list[Run], base: list[Run], target: float, draws: int = 2000) -> Run:
+    """The spread of the turbo-vs-baseline comparison over seeds: a bootstrap interval of the speedup
+    (ratio of medians), and per-seed counts. A seed fixes the simulator's noise and latency draws and
+    both optimizers' own seeds, so the runs of one seed are a pair."""
+    import random
+
+    by_seed_t = {r["seed"]: r for r in turbo}
+    by_seed_b = {r["seed"]: r for r in base}
+    seeds = sorted(set(by_seed_t) & set(by_seed_b))
+    times = [(_to_target(by_seed_t[s], target)[0], _to_target(by_seed_b[s], target)[0]) for s in seeds]
+    tests = [(by_seed_t[s].get("final_test"), by_seed_b[s].get("final_test")) for s in seeds]
+    diffs = [t - b for t, b in tests if t is not None and b is not None]
+    ci = None
+    if len(times) >= 3:
+        rng = random.Random(0)  # a fixed stream: the same grid gives the same table
+        speedups = []
+        for _ in range(draws):
+            sample = [times[rng.randrange(len(times))] for _ in times]
+            speedups.append(statistics.median(b for _, b in sample) / statistics.median(t for t, _ in sample))
+        speedups.sort()
+        ci = (speedups[int(0.025 * draws)], speedups[int(0.975 * draws) - 1])
+    return {
+        "seeds_paired": len(seeds),
+        "seeds_sooner": sum(t < b for t, b in times),
+        "speedup_ci95": ci,
+        "paired_test_diff": statistics.median(diffs) if diffs else None,
+        "seeds_test_lower": sum(d < 0 for d in diffs),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

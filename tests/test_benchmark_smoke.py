@@ -148,3 +148,26 @@ def test_each_baseline_is_compared_at_its_own_final_score(tmp_path: Path) -> Non
     assert ratios["gepa4"]["target"] == 0.7 and ratios["gepa4"]["time_to_target_speedup"] == 6.0 / 2.0
     assert ratios["gepa4"]["lm_calls_to_target_ratio"] == 21 / 61  # timeline: 10 student calls a second + 1
     assert (ratios["gepa4"]["reached_turbo"], ratios["gepa4"]["reached_baseline"]) == (1, 1)
+
+
+def test_the_ratio_spread_pairs_runs_by_seed():
+    """Bootstrap interval and per-seed counts of the turbo-vs-baseline comparison, on hand-made runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(seed, hit_s, test, wall=100.0):
+        return {"seed": seed, "best_val_curve": [[hit_s, 0.9]] if hit_s else [[1.0, 0.1]], "compile_wall_s": wall,
+                "lm_timeline": [[0.0, 0, 0]], "lm_calls_student": 10, "lm_calls_reflector": 1, "final_test": test}
+
+    turbo = [run(0, 10.0, 0.90), run(1, 20.0, 0.80), run(2, 30.0, 0.95), run(3, None, 0.70)]  # seed 3 misses
+    base = [run(0, 40.0, 0.85), run(1, 10.0, 0.85), run(2, 60.0, 0.95), run(3, 50.0, 0.60), run(9, 1.0, 1.0)]
+    out = bench._paired_by_seed(turbo, base, target=0.9)
+    assert out["seeds_paired"] == 4  # seed 9 has no turbo run
+    assert out["seeds_sooner"] == 2  # seeds 0 and 2; seed 3's miss counts its whole 100 s
+    assert out["seeds_test_lower"] == 1 and out["paired_test_diff"] == pytest.approx(0.025)
+    lo, hi = out["speedup_ci95"]
+    assert lo <= 45.0 / 25.0 <= hi  # the interval holds the ratio of medians of the full sample
+    assert out == bench._paired_by_seed(turbo, base, target=0.9)  # a fixed stream: the same table every time
