@@ -363,6 +363,7 @@ def _check_tracked_run(client, run_id: str, result, program, splits, tmp_path: P
     calls = client.get_metric_history(run_id, "metric_calls")
     assert calls[-1].value == result.stats.executed and all(m.step == int(m.value) for m in calls)
     metrics = run.data.metrics
+    assert metrics["lm/task_calls"] == result.stats.task_lm_calls >= result.stats.executed  # one call or more each
     for key in ("pareto_front_size", "pareto_front_agg", "num_candidates", "lm/task_prompt_tokens",
                 "lm/reflection_calls", "cost/total_usd", "rate_limit_retries", "mutations/accepted",
                 "final/best_val_score", "final/total_metric_calls"):

@@ -281,6 +281,7 @@ class DspyEvaluator:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             cost=usage.cost,
+            lm_calls=usage.calls,
             rate_limit_retries=rl_retries,
         )
 

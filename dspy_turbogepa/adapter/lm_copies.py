@@ -40,6 +40,8 @@ class RolloutUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    #: LM calls with usage (one entry each in DSPy's tracker).
+    calls: int = 0
     tracker: UsageTracker | None = None
     #: model -> (dollars per 1M prompt tokens, dollars per 1M completion tokens); overrides reported cost.
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
@@ -54,6 +56,7 @@ class RolloutUsage:
 
     def add(self, other: RolloutUsage) -> None:
         with self._lock:
+            self.calls += other.calls
             self.prompt_tokens += other.prompt_tokens
             self.completion_tokens += other.completion_tokens
             self.cost += other.cost
@@ -87,6 +90,7 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
             try:
                 yield box
             finally:
+                box.calls += sum(len(entries) for entries in tracker.usage_data.values())
                 for model, totals in tracker.get_total_tokens().items():
                     prompt, completion = _count(totals.get("prompt_tokens")), _count(totals.get("completion_tokens"))
                     box.prompt_tokens += prompt

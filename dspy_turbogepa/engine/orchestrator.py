@@ -1027,6 +1027,7 @@ class Orchestrator:
         self.stats.task_prompt_tokens += outcome.prompt_tokens
         self.stats.task_completion_tokens += outcome.completion_tokens
         self.stats.task_cost += outcome.cost
+        self.stats.task_lm_calls += outcome.lm_calls
         self.stats.rate_limit_retries += outcome.rate_limit_retries
         for obs in self._observers:
             obs.on_evaluation(candidate, split, outcome)

@@ -121,6 +121,9 @@ class RunStats:
     task_prompt_tokens: int = 0
     task_completion_tokens: int = 0
     task_cost: float = 0.0
+    #: LM calls the program (and an LLM-judge metric) made in executed evaluations, as DSPy's usage
+    #: tracker saw them (answered calls; cache hits carry no usage and are not counted).
+    task_lm_calls: int = 0
     rate_limit_retries: int = 0
     #: Speculative chaining: mutations planned to chain, those that did, and those orphaned.
     chaining: Counter[str] = field(default_factory=Counter)
@@ -154,6 +157,7 @@ class RunStats:
             "reflection_tokens": {"prompt": self.reflection_prompt_tokens,
                                   "completion": self.reflection_completion_tokens},
             "task_tokens": {"prompt": self.task_prompt_tokens, "completion": self.task_completion_tokens},
+            "task_lm_calls": self.task_lm_calls,
             "cost": {"task": round(self.task_cost, 6), "reflection": round(self.reflection_cost, 6)},
             "rate_limit_retries": self.rate_limit_retries,
             "operator_credit": self.operator_credit,

@@ -45,6 +45,8 @@ class EvalOutcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    #: LM calls the rollout made (all its attempts).
+    lm_calls: int = 0
     #: Rate-limit retries this rollout needed before it finished (not failures, not extra metric calls).
     rate_limit_retries: int = 0
 
