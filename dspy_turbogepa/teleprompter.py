@@ -481,8 +481,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         }
         try:
             write_summary(self.log_dir, detailed, extra)
-        except OSError as exc:
-            logger.warning("Could not write summary.json to %s: %s", self.log_dir, exc)
+        except Exception:  # a report is never worth the optimized program: log it, return the program
+            logger.exception("Could not write summary.json to %s", self.log_dir)
         try:
             from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
 

@@ -162,6 +162,18 @@ def test_the_run_key_sees_an_lms_model_and_settings_never_its_credentials():
     assert lm_identity(dspy.LM("openai/m")) != lm_identity(dspy.LM("openai/other"))
 
 
+def test_a_failing_report_never_loses_the_program(routing, tmp_path, monkeypatch, caplog):
+    import dspy_turbogepa.tracking.summary as summary
+
+    def broken(*args, **kwargs):
+        raise TypeError("a value summary.json cannot hold")
+
+    monkeypatch.setattr(summary, "write_summary", broken)
+    program, *_ = _compile(routing, 40, tmp_path)
+    assert program.detailed_results.val_aggregate_scores  # compile returned its program
+    assert "Could not write summary.json" in caplog.text
+
+
 def test_log_dir_gets_summary_and_plots(routing, tmp_path):
     _compile(routing, 80, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -23,7 +23,7 @@ from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 MAX_PROPOSAL_WINDOW = 8
 
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
-PROPOSER_FAILURES = frozenset({"proposer_error", "invalid_proposal", "empty_proposal"})
+PROPOSER_FAILURES = frozenset({"proposer_error", "invalid_proposal", "empty_proposal", "reflective_dataset_error"})
 
 
 class SystemicFailureDetector:

@@ -401,7 +401,7 @@ def test_evaluator_exception_propagates() -> None:
         run(build(make_config(), ev, FakeReflector(), setup))
 
 
-@pytest.mark.parametrize("skip", ["empty_proposal", "invalid_proposal", "raise"])
+@pytest.mark.parametrize("skip", ["empty_proposal", "invalid_proposal", "reflective_dataset_error", "raise"])
 def test_a_proposer_that_never_proposes_stops_the_run(skip: str) -> None:
     """A reflection LM that never yields a usable proposal: the run stops after the window instead of
     reflecting until the no-progress limit and returning the seed as if optimized."""
