@@ -151,6 +151,23 @@ def test_a_fixed_program_under_the_same_log_dir_is_refused_not_replayed(routing,
         compile_with(FailsOnTrackingFixed(routing.make_program()))
 
 
+def test_the_run_key_of_examples_holding_plain_objects_is_stable(routing):
+    """str() of a plain object holds its memory address: the same data must give the same key in
+    every process (a rerun was refused as 'a different run')."""
+    from dspy_turbogepa.adapter.persistence import run_key
+
+    class Attachment:  # a user's own type in an example field, no __eq__, no JSON form
+        def __init__(self, name):
+            self.name = name
+
+    def data(name):
+        return [dspy.Example(ticket="where is my parcel", queue="shipping", file=Attachment(name)).with_inputs("ticket")]
+
+    key = run_key(routing.make_program(), data("a.pdf"), data("b.pdf"), 0, metric=routing.metric)
+    assert key == run_key(routing.make_program(), data("a.pdf"), data("b.pdf"), 0, metric=routing.metric)
+    assert key != run_key(routing.make_program(), data("c.pdf"), data("b.pdf"), 0, metric=routing.metric)
+
+
 def test_the_run_key_sees_an_lms_model_and_settings_never_its_credentials():
     from dspy_turbogepa.adapter.persistence import lm_identity
 

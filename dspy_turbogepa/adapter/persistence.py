@@ -9,6 +9,7 @@ dspy.GEPA hands to custom proposers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -130,7 +131,7 @@ def lm_identity(lm: Any) -> Any:
         "class": f"{type(lm).__module__}.{type(lm).__qualname__}",
         "model": getattr(lm, "model", None),
         "api_base": base,
-        **{k: _jsonable(kwargs[k]) for k in _ANSWER_KWARGS if kwargs.get(k) is not None},
+        **{k: _hashable(kwargs[k]) for k in _ANSWER_KWARGS if kwargs.get(k) is not None},
     }
 
 
@@ -154,6 +155,34 @@ def _code_constants(code: Any) -> list[Any]:
     for c in code.co_consts:
         out.append(_code_constants(c) + [c.co_code.hex()] if hasattr(c, "co_code") else c)
     return out
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _hashable(value: Any) -> Any:
+    """Like ``_jsonable``, for the run key: the same value must give the same JSON in every process.
+    ``str()`` of a plain object embeds its memory address, which would make every rerun "a different
+    run"; objects are described by their type and fields instead (pydantic models and dataclasses by
+    their dumps), and any address left in a string is dropped."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _hashable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hashable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_hashable(v) for v in value), key=repr)
+    if hasattr(value, "toDict"):
+        return _hashable(value.toDict())
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if hasattr(value, "model_dump"):
+        return {"__type__": kind, **_hashable(value.model_dump())}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"__type__": kind, **_hashable(dataclasses.asdict(value))}
+    if hasattr(value, "__dict__") and not callable(value):
+        return {"__type__": kind, **_hashable(vars(value))}
+    return _ADDRESS.sub("", str(value))
 
 
 def _in_dspy(cls: type) -> bool:
@@ -183,13 +212,13 @@ def run_key(
         structure.append((name, list(pred.signature.input_fields), list(pred.signature.output_fields), state,
                           lm_identity(getattr(pred, "lm", None))))
     return {
-        "trainset": stable_hash(_jsonable([ex.toDict() for ex in trainset])),
-        "valset": stable_hash(_jsonable([ex.toDict() for ex in valset])),
-        "student": stable_hash(_jsonable(structure)),
+        "trainset": stable_hash(_hashable([ex.toDict() for ex in trainset])),
+        "valset": stable_hash(_hashable([ex.toDict() for ex in valset])),
+        "student": stable_hash(_hashable(structure)),
         "seed": str(seed),
         "metric": stable_hash([callable_identity(metric), float(failure_score)]),
-        "task_lm": stable_hash(_jsonable(lm_identity(context_lm))),
-        "reflection": stable_hash(_jsonable([lm_identity(reflection_lm), callable_identity(proposer)])),
+        "task_lm": stable_hash(_hashable(lm_identity(context_lm))),
+        "reflection": stable_hash(_hashable([lm_identity(reflection_lm), callable_identity(proposer)])),
     }
 
 
