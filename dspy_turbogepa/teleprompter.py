@@ -603,11 +603,6 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
         if not isinstance(kwargs, dict):
             continue
         candidates: list[Any] = [kwargs.get("api_key")]
-        for field in ("api_base", "base_url"):
-            url = kwargs.get(field)
-            if isinstance(url, str):
-                password = urlsplit(url).password
-                candidates.append(password if password and len(password) >= 8 else None)
         for field in ("headers", "extra_headers", "default_headers"):
             headers = kwargs.get(field)
             if isinstance(headers, dict):
@@ -615,6 +610,11 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
                     if is_sensitive_key(name) and isinstance(value, str):
                         candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
         keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
+        for field in ("api_base", "base_url"):  # a URL's password is never a placeholder word
+            url = kwargs.get(field)
+            password = urlsplit(url).password if isinstance(url, str) else None
+            if password:
+                keys.append(password)  # run_secrets ignores values shorter than MIN_ENV_SECRET_LENGTH
     return keys
 
 

@@ -133,6 +133,9 @@ def run_secrets(values: Iterable[Any]) -> Iterator[None]:
         yield
     finally:
         _RUN_SECRETS.reset(token)
+        if own:  # the compiled patterns hold the run's keys: do not keep them past the run
+            _merged.cache_clear()
+            _env_pattern.cache_clear()
 
 
 def secret_values() -> tuple[str, ...]:
