@@ -152,6 +152,41 @@ def test_a_seed_failing_on_most_of_a_small_valset_is_optimized_not_stopped(routi
     assert out.detailed_results.run_stats["failures"]["program_error"] >= 8
 
 
+def test_a_programs_error_reaches_reflection_an_lm_services_does_not(routing):
+    """A program's own DatabaseConnectionError is feedback (its name used to match 'Connection', a
+    marker of LM-service errors, and was dropped); a 5xx the evaluator gave up on is the service's."""
+    import random
+
+    from dspy_turbogepa.adapter.evaluator import DspyTrajectory
+    from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+
+    class DatabaseConnectionError(Exception):
+        pass
+
+    proposer = RecordingProposer()
+    splits = small_splits(routing, n_train=30, n_val=12)
+    program = FailsOnTracking(routing.make_program(), error=lambda: DatabaseConnectionError("CRM database is down"))
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, instruction_proposer=proposer, num_threads=4,
+                    use_merge=False, track_stats=True, verbose=False)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
+    records = [rec for _, ds, _ in proposer.calls for recs in ds.values() for rec in recs]
+    assert any("DatabaseConnectionError" in rec["Generated Outputs"] for rec in records)
+    assert optimized.detailed_results.run_stats["failures"]["program_error"] > 0
+
+    codec = ProgramCodec(routing.make_program())
+    builder = ReflectiveDatasetBuilder(codec, routing.metric, 0.0, False, False, False)
+    ex = splits.train[0]
+    service = DspyTrajectory(ex, None, [], [], "LMServerError: 503", "LMServerError", "program_error",
+                             service_failure=True)
+    own = DspyTrajectory(ex, None, [], [], "DatabaseConnectionError: down", "DatabaseConnectionError",
+                         "program_error")
+    data = builder.build(["route"], [service, own], [0.0, 0.0], random.Random(0))
+    assert len(data["route"]) == 1 and "DatabaseConnectionError" in data["route"][0]["Generated Outputs"]
+    assert builder.skipped["infrastructure_error"] == 1
+
+
 @pytest.mark.parametrize("bad", [None, math.nan, math.inf, "high", 10**400])
 def test_invalid_metric_values_are_recorded_not_summed(routing, reflection_lm, bad):
     calls = {"n": 0}

@@ -93,6 +93,8 @@ class DspyTrajectory:
     raw_completion: str | None = None
     #: For a parse failure: the signature whose outputs could not be parsed.
     failed_signature: Any = None
+    #: The LM service failed (see ``EvalOutcome.service_failure``): nothing for reflection to learn.
+    service_failure: bool = False
 
 
 def defines_own_aforward(program: Any) -> bool:
@@ -429,16 +431,18 @@ class DspyEvaluator:
         if error is not None:
             types = _error_types(error)
             fatal = fatal_error_name(error, self._fatal)
+            # fatal, or a rate limit / transient error whose retries were given up (see _give_up)
+            service = fatal is not None or classify(error, self._fatal).kind is not None
             failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
             message = _describe(error)
             trajectory = DspyTrajectory(
                 example, None, steps, raw_trace, message, fatal or types[0], failure,
                 raw_completion=getattr(error, "lm_response", None),
-                failed_signature=getattr(error, "signature", None),
+                failed_signature=getattr(error, "signature", None), service_failure=service,
             ) if capture else None
             return EvalOutcome(
                 example_id, self._failure_score, failure=failure, message=message, trajectory=trajectory,
-                error_type=fatal or types[0], fatal=fatal is not None,
+                error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
             ), 0
         try:
             ret, retries = self._call_metric(example, pred)

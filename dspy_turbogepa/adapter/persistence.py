@@ -66,6 +66,7 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
         "error": traj.error,
         "error_type": traj.error_type,
         "failure": traj.failure,
+        "service_failure": traj.service_failure,
         "raw_completion": traj.raw_completion,
         "failed_fields": (
             [list(sig.input_fields), list(sig.output_fields)] if sig is not None and hasattr(sig, "input_fields") else None
@@ -109,6 +110,9 @@ def trajectory_from_json(
         failure=data.get("failure"),
         raw_completion=data.get("raw_completion"),
         failed_signature=_FieldsOnly(*fields) if fields else None,
+        # a store written before the flag: judge by the error's name
+        service_failure=bool(data.get("service_failure", _lm_service_failure(data.get("failure"),
+                                                                          data.get("error_type")))),
     )
 
 

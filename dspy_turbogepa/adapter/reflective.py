@@ -30,10 +30,6 @@ from dspy_turbogepa.store.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
-#: Error names that describe the LM service, not the instruction: reflecting on them teaches nothing.
-_INFRASTRUCTURE_ERRORS = ("RateLimit", "Timeout", "APIConnection", "ServiceUnavailable", "InternalServer",
-                          "LMTransport", "LMServer", "LMProvider", "LMError", "Connection")
-
 ReflectiveRecord = dict[str, Any]
 
 
@@ -131,8 +127,7 @@ class ReflectiveDatasetBuilder:
     def _error_record(self, name: str, traj: DspyTrajectory, steps: list[Any]) -> ReflectiveRecord | None:
         if steps:
             return None  # this predictor produced its output; the failure happened elsewhere
-        error_type = traj.error_type or ""
-        if any(marker in error_type for marker in _INFRASTRUCTURE_ERRORS):
+        if traj.service_failure:
             self._count("infrastructure_error")
             return None
         inputs = self._inputs(dict(traj.example.inputs()))

@@ -847,7 +847,7 @@ class Orchestrator:
     def _teaches(self, outcome: EvalOutcome) -> bool:
         """A failure a reflection can learn from: traced, and not a metric that raised or a rate limit."""
         return outcome.score < self.config.perfect_score and outcome.trajectory is not None \
-            and outcome.failure not in ("metric_error", "rate_limited")
+            and not outcome.service_failure and outcome.failure != "metric_error"
 
     def _scouts(
         self, fingerprint: str, n_commits: int, ranker: Callable[[int], int] | None, minibatch: Sequence[int]
