@@ -7,11 +7,10 @@ import threading
 
 import dspy
 import pytest
+from helpers import FailsOnTracking, small_splits
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing.fake_lm import make_student_lm
-
-from helpers import FailsOnTracking, small_splits
 
 
 class RecordingProposer:

@@ -184,7 +184,12 @@ def test_every_gepa_optimize_parameter_has_a_meaning_here():
     """A gepa_kwargs key that gepa.optimize takes must never get "not a parameter of gepa.optimize"."""
     import gepa
 
-    from dspy_turbogepa.gepa_kwargs import DSPY_OWNED_KEYS, IGNORED_KEYS, MAPPED_KEYS, REFUSED_KEYS
+    from dspy_turbogepa.gepa_kwargs import (
+        DSPY_OWNED_KEYS,
+        IGNORED_KEYS,
+        MAPPED_KEYS,
+        REFUSED_KEYS,
+    )
 
     known = set(DSPY_OWNED_KEYS) | set(IGNORED_KEYS) | set(MAPPED_KEYS) | set(REFUSED_KEYS)
     assert set(inspect.signature(gepa.optimize).parameters) <= known

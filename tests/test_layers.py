@@ -7,9 +7,11 @@ import sys
 
 
 def test_engine_imports_without_dspy():
+    """Nor the layers above it: the adapter (DSPy), the store (SQLite), tracking (MLflow)."""
     code = (
         "import sys, dspy_turbogepa.engine, dspy_turbogepa.engine.orchestrator, dspy_turbogepa.engine.merge;"
-        "bad = sorted(m for m in sys.modules if m == 'dspy' or m.startswith('dspy.') or m.startswith('litellm'));"
+        "bad = sorted(m for m in sys.modules if m == 'dspy' or m.startswith(('dspy.', 'litellm', 'sqlite3', 'mlflow',"
+        " 'dspy_turbogepa.adapter', 'dspy_turbogepa.store', 'dspy_turbogepa.tracking', 'dspy_turbogepa.proposers')));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

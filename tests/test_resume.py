@@ -13,13 +13,16 @@ from pathlib import Path
 
 import dspy
 import pytest
+from helpers import CountingMetric, FailsOnTracking, small_splits
 
 from dspy_turbogepa import SystemicFailureError, TurboGEPA
 from dspy_turbogepa.store import RunStoreMismatchError
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
-from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
-
-from helpers import CountingMetric, FailsOnTracking, small_splits
+from dspy_turbogepa.testing.fake_lm import (
+    make_reflection_lm,
+    make_student_lm,
+    sim_engine,
+)
 
 SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
 
@@ -289,7 +292,7 @@ def test_credentials_in_the_lm_url_and_headers_are_never_written(routing, tmp_pa
 
 def test_url_userinfo_is_masked_wherever_it_appears():
     from dspy_turbogepa.adapter.lm_copies import endpoint_key
-    from dspy_turbogepa.store.redaction import mask_text
+    from dspy_turbogepa.redaction import mask_text
 
     assert mask_text("POST https://bob:pw-1@proxy.local:8080/v1 failed") == "POST https://***REDACTED***@proxy.local:8080/v1 failed"
     assert mask_text("see https://example.com/a:b@c and user@example.com") == "see https://example.com/a:b@c and user@example.com"

@@ -62,7 +62,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 )
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
-from dspy_turbogepa.store.redaction import mask_text
+from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 

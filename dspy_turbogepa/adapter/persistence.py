@@ -21,7 +21,11 @@ import dspy
 
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
 from dspy_turbogepa.adapter.program import ProgramCodec
-from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, RATE_LIMIT_TYPES, TRANSIENT_TYPES
+from dspy_turbogepa.adapter.ratelimit import (
+    FATAL_ERROR_TYPES,
+    RATE_LIMIT_TYPES,
+    TRANSIENT_TYPES,
+)
 from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult

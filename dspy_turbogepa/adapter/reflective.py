@@ -26,7 +26,7 @@ from dspy.teleprompt.gepa.gepa_utils import format_history_for_reflection
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
-from dspy_turbogepa.store.redaction import mask_text
+from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,12 @@ from dspy_turbogepa.engine.records import (
     StopReason,
 )
 from dspy_turbogepa.engine.rungs import RungLadder, promotion_decision
-from dspy_turbogepa.engine.sampling import LINEAGE_DEPTH, EpochShuffledSampler, FailureFirstSampler, LineageKnowledge
+from dspy_turbogepa.engine.sampling import (
+    LINEAGE_DEPTH,
+    EpochShuffledSampler,
+    FailureFirstSampler,
+    LineageKnowledge,
+)
 from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
@@ -52,7 +57,7 @@ from dspy_turbogepa.engine.types import (
     Reflector,
     Split,
 )
-from dspy_turbogepa.store.redaction import mask_text
+from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
 """Crash-safe persistence of a run (``log_dir``): candidates, evaluations, proposals and events.
 
-Standard library only, and no DSPy import, so the engine can use it. See ``docs/run_store.md``.
+Standard library only, and no DSPy import. The masking of credentials it applies lives in
+``dspy_turbogepa.redaction`` (every layer masks: the engine its log lines, the adapter error texts),
+re-exported here. See ``docs/run_store.md``.
 """
 
-from dspy_turbogepa.store.redaction import (
+from dspy_turbogepa.redaction import (
     REDACTED,
     contains_secret,
     is_sensitive_key,

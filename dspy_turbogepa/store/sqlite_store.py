@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dspy_turbogepa.store.redaction import (
+from dspy_turbogepa.redaction import (
     contains_secret,
     mask_json_text,
     mask_text,

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dspy_turbogepa.engine.observer import EngineObserver
-from dspy_turbogepa.store.redaction import (
+from dspy_turbogepa.redaction import (
     is_sensitive_key,
     mask_json_text,
     mask_text,

@@ -3,7 +3,7 @@
 Contents: ``result`` is ``detailed_results.to_dict()`` (candidates as their instruction texts), and on
 top of it what one wants at a glance — stop reason, best candidate and its instructions, counts,
 timings and budgets. ``extra`` (from the caller: wall-clock timings, budgets, config, ...) is merged
-in at the top level, dict into dict, after :func:`dspy_turbogepa.store.redaction.redact` (credentials
+in at the top level, dict into dict, after :func:`dspy_turbogepa.redaction.redact` (credentials
 under sensitive keys, or shaped like keys, or equal to a secret environment variable, are masked).
 Strings of the result (instructions, outputs) are masked the same way.
 
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dspy_turbogepa.store.redaction import mask_text, redact
+from dspy_turbogepa.redaction import mask_text, redact
 
 __all__ = ["SUMMARY_FILENAME", "build_summary", "to_strict_json", "write_summary"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import dspy_turbogepa.redaction as redaction
 import dspy_turbogepa.store as store_pkg
 from dspy_turbogepa.store import (
     DB_FILENAME,
@@ -641,9 +642,9 @@ def test_json_masking_finds_escaped_secrets(monkeypatch: pytest.MonkeyPatch) -> 
     for ensure_ascii in (True, False):
         doc = json.dumps({"a": [f"x {odd} y"], "b": 1}, ensure_ascii=ensure_ascii)
         assert odd not in doc  # only its escaped spelling is in the text
-        masked = store_pkg.redaction.mask_json_text(doc)
+        masked = redaction.mask_json_text(doc)
         assert json.loads(masked) == {"a": [f"x {REDACTED} y"], "b": 1}
-    assert store_pkg.redaction.mask_json_text("not json " + odd) == "not json " + REDACTED
+    assert redaction.mask_json_text("not json " + odd) == "not json " + REDACTED
 
 
 def test_text_masking_leaves_prose_alone() -> None:
@@ -681,7 +682,7 @@ def test_stable_hash() -> None:
 
 def test_store_code_uses_json_only_and_no_dspy() -> None:
     package = Path(store_pkg.__file__).parent
-    for source in package.glob("*.py"):
+    for source in [*package.glob("*.py"), Path(redaction.__file__)]:
         text = source.read_text()
         for forbidden in (
             "import pickle",
@@ -698,8 +699,8 @@ def test_store_code_uses_json_only_and_no_dspy() -> None:
 def test_run_secrets_are_masked_only_inside_their_context() -> None:
     import contextvars
 
+    from dspy_turbogepa.redaction import REDACTED, mask_text
     from dspy_turbogepa.store import run_secrets
-    from dspy_turbogepa.store.redaction import REDACTED, mask_text
 
     key, other, short = "prov-0a9b8c7d6e5f4a3b", "zz-999888777666", "abc"
     text = f"error: {key} / {other} / {short}"

@@ -1,6 +1,7 @@
-"""Keeping credentials out of the run store.
+"""Keeping credentials out of everything a run writes: the run store, logs, summary.json, MLflow.
 
-Everything the store writes goes through one of two filters:
+A leaf module (standard library only) that every layer imports. Everything the store writes goes
+through one of two filters:
 
 - :func:`redact` for structured data (run meta, event payloads): values under sensitive dict keys
   (``api_key``, ``Authorization``, ``password``, ``*_token``, ...) are replaced by :data:`REDACTED`,
