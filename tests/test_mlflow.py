@@ -170,6 +170,10 @@ def test_sanitize_key_produces_valid_mlflow_names():
         _validate_param_name(key)
         _validate_metric_name(key)
     assert len(sanitize_key("x" * 400)) == 250
+    for cut_after in ("/.", "/.."):  # the 250-character cut can leave a relative path segment at the end
+        key = sanitize_key("seed_instructions/" + "y" * (250 - len("seed_instructions/") - len(cut_after)) + cut_after + "tail")
+        _validate_param_name(key)
+        _validate_metric_name(key)
 
 
 def test_loggable_params_keep_primitives_and_drop_credentials(monkeypatch):
@@ -453,6 +457,48 @@ def test_tracker_abort_ends_its_own_run_as_failed(local_tracking):
     run = mlflow.MlflowClient().get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["turbogepa.stop_reason"] == "error: KeyboardInterrupt"
     assert run.data.metrics["best_val_score"] == 0.5
+
+
+def test_ctrl_c_while_finishing_kills_the_run_and_leaves_nothing_active(local_tracking, monkeypatch):
+    """Ctrl-C while finish() waits for the uploads: the run must not stay RUNNING and active in the
+    process (a notebook's next compile logged into it; the user's next start_run failed)."""
+    import mlflow
+
+    tracker = MlflowRunTracker({"seed": 0}, flush_interval=0.1)
+    tracker.on_candidate(_record(0, {0: 0.5}))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracker, "_close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.finish(_synthetic_result(), None)
+    assert mlflow.active_run() is None
+    assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("status, down", [(503, True), (502, True), (404, False), (200, False)])
+def test_a_server_answering_5xx_counts_as_down(status, down):
+    """A proxy in front of a dead MLflow answers 503; MLflow's client would retry each call for minutes."""
+    import http.server
+
+    from dspy_turbogepa.tracking.mlflow_tracking import _probe_tracking_server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server protocol
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        problem = _probe_tracking_server(f"http://127.0.0.1:{server.server_address[1]}", 2.0)
+    finally:
+        server.shutdown()
+    assert (problem is not None) == down, problem
 
 
 def test_unreachable_server_warns_once_and_the_run_completes(monkeypatch, caplog):

@@ -86,9 +86,9 @@ def sanitize_key(name: str, max_length: int = MAX_KEY_LENGTH) -> str:
     s = re.sub(r"[^A-Za-z0-9_.\- /]", "_", s).strip("/")
     parts = [p.strip() for p in s.split("/")]
     s = "/".join(p if p not in ("", ".", "..") else "_" for p in parts)
-    if posixpath.normpath(s) != s:
-        s = s.replace("/", "_")
     s = s[:max_length].rstrip("/") or "_"
+    if posixpath.normpath(s) != s or s.split("/")[-1] in (".", ".."):  # after the cut: it may end in "/."
+        s = s.replace("/", "_")
     return s
 
 
@@ -214,6 +214,7 @@ class MlflowRunTracker(EngineObserver):
         self._finish_timeout = float(finish_timeout)
         self._warned = False
         self._dead = False
+        self._run_ended = False
         self._consecutive_failures = 0
         self._keys = _KeyMap()
         self._owner = threading.get_ident()
@@ -359,14 +360,21 @@ class MlflowRunTracker(EngineObserver):
             self._cleanup()
             return
         try:
-            self._finish(result, program)
-            for path in artifacts:
-                if Path(path).is_file():
-                    self._submit(f"artifact {Path(path).name}",
-                                 lambda c, p=str(path): c.log_artifact(self.run_id, p, ARTIFACT_DIR))
-        except Exception as exc:  # noqa: BLE001
-            self._warn(f"could not prepare the final MLflow logs ({type(exc).__name__}: {exc})")
-        self._close("FINISHED")
+            try:
+                self._finish(result, program)
+                for path in artifacts:
+                    if Path(path).is_file():
+                        self._submit(f"artifact {Path(path).name}",
+                                     lambda c, p=str(path): c.log_artifact(self.run_id, p, ARTIFACT_DIR))
+            except Exception as exc:  # noqa: BLE001
+                self._warn(f"could not prepare the final MLflow logs ({type(exc).__name__}: {exc})")
+            self._close("FINISHED")
+        except BaseException:  # Ctrl-C while finishing: the run must not stay RUNNING (and active) behind
+            self._dead = True
+            self._ops.put(_STOP)  # the uploader ends after its current call (a second stop is harmless)
+            if self.started_run:
+                self._end_started_run("KILLED")
+            raise
 
     def abort(self, error: BaseException | None = None) -> None:
         """The compile failed: flush what is buffered and end a run this tracker started as FAILED."""
@@ -454,6 +462,9 @@ class MlflowRunTracker(EngineObserver):
 
     def _end_started_run(self, status: str) -> None:
         """End the run this tracker started; a dead server gets no retries (it would block for minutes)."""
+        if self._run_ended:
+            return
+        self._run_ended = True
         try:
             import mlflow
 
@@ -617,16 +628,22 @@ def _safe_uri(uri: str) -> str:
 
 
 def _probe_tracking_server(uri: str, timeout: float) -> str | None:
-    """``None`` if ``uri`` is not an HTTP server or answers at all (any status); else what went wrong."""
+    """``None`` if ``uri`` is not an HTTP server, or one that can take calls; else what went wrong.
+
+    A 5xx answer counts as down: a proxy in front of a dead MLflow backend answers, and MLflow's own
+    client would then retry every call for minutes on the compile thread. A 4xx (a server without
+    ``/health``, or one that wants auth for it) counts as up: the real calls will tell."""
     if not uri.startswith(("http://", "https://")):
         return None
     try:
         import requests
 
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-        return None
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}: {_short(mask_text(str(exc)), 200)}"
+    if response.status_code >= 500:
+        return f"HTTP {response.status_code} from {_safe_uri(uri)}/health"
+    return None
 
 
 def stats_metrics(stats: Any) -> dict[str, float]:
