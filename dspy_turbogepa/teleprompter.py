@@ -44,7 +44,7 @@ from dspy_turbogepa.engine.config import (
     default_rung_fractions,
     validate_rung_fractions,
 )
-from dspy_turbogepa.engine.records import EngineResult
+from dspy_turbogepa.engine.records import EngineResult, RunStats
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
@@ -421,7 +421,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if self.use_mlflow:
             tracker = MlflowRunTracker(
                 self.get_params(),
-                stats_provider=lambda: orchestrator.stats,
+                stats_provider=lambda: live_run_stats(orchestrator, evaluator),
                 seed_texts=codec.seed_texts(),
                 trainset_size=len(train),
                 valset_size=len(val),
@@ -606,6 +606,13 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
             raise ValueError(
                 f"{name}[{i}] has no input fields set. Mark them with .with_inputs(...), e.g. "
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
+
+
+def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator) -> RunStats:
+    """The run's stats with the evaluator's rate-limit counters and windows as they are now (the
+    engine fills them only at the end), so MLflow charts them over time."""
+    orchestrator.stats.rate_limits = evaluator.rate_limit_stats()
+    return orchestrator.stats
 
 
 def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:

@@ -65,6 +65,7 @@ def install_emulated_wiring(tp: Any, *, pump: bool = False, tracker_kwargs: dict
         def __init__(self, codec, data, *args, **kwargs):
             super().__init__(codec, data, *args, **kwargs)
             box["codec"], box["train"], box["val"] = codec, data["train"], data["val"]
+            box["evaluator"] = self
 
     def orchestrator(*args, observers=(), **kwargs):
         extra = []
@@ -75,7 +76,7 @@ def install_emulated_wiring(tp: Any, *, pump: bool = False, tracker_kwargs: dict
             opt = box.get("opt")
             box["tracker"] = MlflowRunTracker(
                 opt.get_params() if opt is not None else {},
-                stats_provider=lambda: box["orchestrator"].stats,
+                stats_provider=lambda: tp.live_run_stats(box["orchestrator"], box["evaluator"]),
                 seed_texts=box["codec"].seed_texts(),
                 trainset_size=len(box["train"]),
                 valset_size=len(box["val"]),
@@ -217,7 +218,8 @@ def _synthetic_result():
     stats = RunStats(executed=30, reflection_calls=2, task_prompt_tokens=100, task_cost=0.5, reflection_cost=0.25,
                      rate_limit_retries=3)
     stats.mutations.update({"accepted": 2, "rejected_rung0": 4})
-    stats.rate_limits = {"rate_limited": 5, "backoff_seconds": 1.5, "windows": {"openai/gpt-x": 4}, "note": "x"}
+    stats.rate_limits = {"rate_limited": 5, "backoff_seconds": 1.5, "windows": {"openai/gpt-x": 4}, "note": "x",
+                         "endpoints": {"openai/gpt-x@http://127.0.0.1:9/v1": {"window": 3, "min_window": 1}}}
     return EngineResult(records=records, fronts={0: {1, 2}, 1: {0, 2}, 2: {0, 1, 2}}, best_index=2,
                         stop_reason="max_metric_calls", total_metric_calls=30, num_full_val_evals=3, wall_seconds=1.5,
                         stats=stats, val_ids=(0, 1, 2))
@@ -238,6 +240,8 @@ def test_tables_and_stats_metrics_from_a_result():
     assert m["mutations/accepted"] == 2 and m["lm/reflection_calls"] == 2
     assert m["rate_limits/rate_limited"] == 5 and m["rate_limits/backoff_seconds"] == 1.5
     assert m["rate_limits/windows/openai/gpt-x"] == 4 and "rate_limits/note" not in m
+    # the in-flight window per endpoint, as the evaluator reports it (issue 5: "in-flight window")
+    assert m["rate_limits/endpoints/openai/gpt-x@http://127.0.0.1:9/v1/window"] == 3
 
 
 class _RecordingCallback:
@@ -366,6 +370,8 @@ def _check_tracked_run(client, run_id: str, result, program, splits, tmp_path: P
     assert [m.step for m in client.get_metric_history(run_id, "candidate_val_score")] == list(range(n))
     calls = client.get_metric_history(run_id, "metric_calls")
     assert calls[-1].value == result.stats.executed and all(m.step == int(m.value) for m in calls)
+    # the rate-limit counters chart over time with the rest (they were one point at the end)
+    assert len(client.get_metric_history(run_id, "rate_limits/rate_limited")) == len(calls) > 1
     metrics = run.data.metrics
     assert metrics["lm/task_calls"] == result.stats.task_lm_calls >= result.stats.executed  # one call or more each
     for key in ("pareto_front_size", "pareto_front_agg", "num_candidates", "lm/task_prompt_tokens",

@@ -679,7 +679,8 @@ def stats_metrics(stats: Any) -> dict[str, float]:
                     out[f"{prefix}/{k}"] = float(v)
     rate_limits = g("rate_limits")  # filled by the evaluation layer: 429s, retries, backoff seconds, ...
     if isinstance(rate_limits, Mapping):
-        out.update(_numeric_leaves(rate_limits, "rate_limits", depth=2))
+        # depth 3: rate_limits/endpoints/<endpoint>/window (the in-flight window) and its other counters
+        out.update(_numeric_leaves(rate_limits, "rate_limits", depth=3))
     return out
 
 
