@@ -452,6 +452,29 @@ def test_tracker_attaches_to_the_active_run_and_leaves_it_open(local_tracking, m
     assert data.metrics["best_val_score"] == pytest.approx(2 / 3)
 
 
+def test_a_second_compile_in_the_users_run_gets_a_nested_run(local_tracking):
+    """Two compiles in one `with mlflow.start_run():` mixed their params, histories and artefacts in one
+    run; the second now logs to a run nested under the user's, which stays active."""
+    import mlflow
+
+    with mlflow.start_run(run_name="mine") as run:
+        trackers = []
+        for seed in (0, 7):
+            tracker = MlflowRunTracker({"seed": seed}, flush_interval=0.1)
+            result = _synthetic_result()
+            for rec in result.records:
+                tracker.on_candidate(rec)
+            tracker.finish(result, None)
+            trackers.append(tracker)
+            assert mlflow.active_run().info.run_id == run.info.run_id
+    first, second = trackers
+    assert first.run_id == run.info.run_id and second.run_id != run.info.run_id
+    nested = mlflow.MlflowClient().get_run(second.run_id)
+    assert nested.data.tags["mlflow.parentRunId"] == run.info.run_id and nested.info.status == "FINISHED"
+    assert nested.data.params["seed"] == "7"
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.params["seed"] == "0"
+
+
 def test_tracker_abort_ends_its_own_run_as_failed(local_tracking):
     import mlflow
 

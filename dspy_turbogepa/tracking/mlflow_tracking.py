@@ -253,7 +253,16 @@ class MlflowRunTracker(EngineObserver):
                            "tracked")
                 return
             active = mlflow.active_run()
-            if active is None:
+            if active is not None and "turbogepa.version" in MlflowClient(tracking_uri=uri).get_run(
+                    active.info.run_id).data.tags:
+                # The user's run already holds a compile: a second one logged into it would mix params,
+                # metric histories and artefacts of both. It gets a run of its own, nested under it.
+                logger.info("MLflow run %s already holds a TurboGEPA compile; this one logs to a nested run",
+                            active.info.run_id)
+                active = mlflow.start_run(run_name=run_name or "turbogepa", nested=True,
+                                          tags={"turbogepa.tracker": "MlflowRunTracker"})
+                self.started_run = True
+            elif active is None:
                 if experiment_name:
                     mlflow.set_experiment(experiment_name)
                 tags = {"turbogepa.tracker": "MlflowRunTracker"}
