@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from dspy_turbogepa.engine.frontier import pareto_front_members
 from dspy_turbogepa.tracking import (
     CompileThreadCallbackPump,
     MlflowRunTracker,
@@ -379,7 +380,8 @@ def _check_tracked_run(client, run_id: str, result, program, splits, tmp_path: P
                 "final/best_val_score", "final/total_metric_calls"):
         assert key in metrics, key
     assert metrics["num_candidates"] == n and metrics["final/best_candidate_idx"] == result.best_index
-    assert metrics["pareto_front_size"] == len(set().union(*result.fronts.values()))
+    assert metrics["pareto_front_size"] == len(
+        pareto_front_members(result.fronts, {r.index: r.aggregate for r in result.records}))
 
     artifacts = {a.path for a in client.list_artifacts(run_id, "turbogepa")}
     expected = {"turbogepa/optimized_program.json", "turbogepa/candidates.json", "turbogepa/pareto_front.json",

@@ -19,7 +19,7 @@ import pytest
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.adapter.results import TurboGEPAResult
 from dspy_turbogepa.engine.candidate import Candidate
-from dspy_turbogepa.engine.frontier import ParetoFrontier
+from dspy_turbogepa.engine.frontier import ParetoFrontier, pareto_front_members
 from dspy_turbogepa.engine.records import CandidateRecord, MutationPlan, MutationResult
 from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
 from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
@@ -27,7 +27,6 @@ from dspy_turbogepa.tracking.progress import (
     OrchestratorSource,
     ProgressDisplay,
     format_duration,
-    pareto_front_members,
 )
 from dspy_turbogepa.tracking.summary import build_summary, write_summary
 
@@ -271,16 +270,38 @@ def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.
     assert format_duration(42) == "42s" and format_duration(185) == "3m05s" and format_duration(3720) == "1h02m"
 
 
-def test_pareto_front_members_matches_the_engine() -> None:
-    for trial in range(100):
+def _dominated_by_restarting_loop(fronts, aggregates) -> set[int]:
+    """gepa's rule as the engine once ran it: weakest first, restart after every drop (quadratic)."""
+    fronts = {vid: set(f) for vid, f in fronts.items() if f}
+    programs = sorted({p for f in fronts.values() for p in f}, key=lambda p: (aggregates[p], -p))
+    dominated: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for p in programs:
+            if p in dominated:
+                continue
+            alive = set(programs) - dominated - {p}
+            own = [f for f in fronts.values() if p in f]
+            if own and all(f & alive for f in own):
+                dominated.add(p)
+                changed = True
+                break
+    return set(programs) - dominated
+
+
+def test_the_one_pass_frontier_equals_the_restarting_loop() -> None:
+    """One definition of the frontier serves parent selection, progress, summary, plots and MLflow."""
+    for trial in range(300):
         rng = random.Random(trial)
         n_val, n = rng.randint(1, 10), rng.randint(1, 20)
         frontier = ParetoFrontier(range(n_val))
         for i in range(n):
             frontier.add(i, {v: rng.choice([0.0, 0.5, 1.0]) for v in range(n_val)})
-        expected = set().union(*frontier.non_dominated().values())
         aggregates = {i: frontier.aggregate(i) for i in range(n)}
+        expected = _dominated_by_restarting_loop(frontier.fronts(), aggregates)
         assert pareto_front_members(frontier.fronts(), aggregates) == expected
+        assert set().union(*frontier.non_dominated().values()) == expected
 
 
 # ---------------------------------------------------------------------------------------- plots

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from dspy_turbogepa.engine.config import CandidateSelection
 
@@ -61,27 +62,10 @@ class ParetoFrontier:
         return set().union(*self._fronts.values()) if self._fronts else set()
 
     def non_dominated(self) -> dict[int, set[int]]:
-        """Fronts after removing candidates whose every front also holds another surviving candidate.
-
-        Weakest candidates are examined first so that, between two candidates covering the same
-        instances, the stronger one survives.
-        """
+        """Fronts without the dominated candidates (see :func:`pareto_front_members`)."""
         fronts = {vid: set(f) for vid, f in self._fronts.items() if f}
-        programs = sorted({p for f in fronts.values() for p in f}, key=lambda p: (self._aggregate[p], -p))
-        dominated: set[int] = set()
-        changed = True
-        while changed:
-            changed = False
-            for p in programs:
-                if p in dominated:
-                    continue
-                alive = set(programs) - dominated - {p}
-                own = [f for f in fronts.values() if p in f]
-                if own and all(f & alive for f in own):
-                    dominated.add(p)
-                    changed = True
-                    break
-        return {vid: f - dominated for vid, f in fronts.items()}
+        survivors = pareto_front_members(fronts, self._aggregate)
+        return {vid: f & survivors for vid, f in fronts.items()}
 
     def select_parent(self, rng: random.Random, strategy: CandidateSelection) -> int:
         if not self._aggregate:
@@ -100,3 +84,31 @@ class ParetoFrontier:
         if not weighted:
             return self.best_index()
         return rng.choice(weighted)
+
+
+def pareto_front_members(fronts: Mapping[Any, Iterable[int]], aggregates: Mapping[int, float]) -> set[int]:
+    """Candidates on GEPA's Pareto frontier: per-instance front members that are not dominated.
+
+    Weakest first (lowest aggregate, then highest index), a candidate is dropped when every instance
+    front holding it also holds another surviving candidate, so between two candidates covering the
+    same instances the stronger one survives. Dropping one only makes the others harder to drop, so
+    one pass gives the same set as re-examining everyone after each drop (gepa's loop), in time linear
+    in the fronts' sizes instead of quadratic. The one definition of "the frontier" for parent
+    selection, the progress display, summary.json, the plots and MLflow.
+    """
+    own: dict[int, list[Any]] = {}
+    alive: dict[Any, int] = {}
+    for vid, front in fronts.items():
+        members = set(front)
+        if not members:
+            continue
+        alive[vid] = len(members)
+        for p in members:
+            own.setdefault(p, []).append(vid)
+    survivors = set(own)
+    for p in sorted(own, key=lambda q: (aggregates.get(q, 0.0), -q)):
+        if all(alive[v] >= 2 for v in own[p]):
+            survivors.discard(p)
+            for v in own[p]:
+                alive[v] -= 1
+    return survivors

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dspy_turbogepa.engine.frontier import SCORE_EPS, pareto_front_members
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.redaction import (
     is_sensitive_key,
@@ -224,6 +225,7 @@ class MlflowRunTracker(EngineObserver):
         self._n_candidates = 0
         self._front_best: dict[int, float] = {}
         self._front: dict[int, set[int]] = {}
+        self._aggregates: dict[int, float] = {}
         self._last_sample = -math.inf
         self._metrics: list[Any] = []
         self._metrics_lock = threading.Lock()
@@ -305,12 +307,13 @@ class MlflowRunTracker(EngineObserver):
             idx = record.index
             self._n_candidates += 1
             self._best = max(self._best, record.aggregate)
-            for vid, score in record.val_scores.items():
+            self._aggregates[idx] = record.aggregate
+            for vid, score in record.val_scores.items():  # the engine's per-instance fronts (same tolerance)
                 best = self._front_best.get(vid)
-                if best is None or score > best:
+                if best is None or score > best + SCORE_EPS:
                     self._front_best[vid] = score
                     self._front[vid] = {idx}
-                elif score == best:
+                elif abs(score - best) <= SCORE_EPS:
                     self._front[vid].add(idx)
             now = _now_ms()
             self._add_metrics({"candidate_val_score": record.aggregate}, step=idx, timestamp=now)
@@ -345,7 +348,7 @@ class MlflowRunTracker(EngineObserver):
         if self._n_candidates:
             values["best_val_score"] = self._best
         if self._front:
-            values["pareto_front_size"] = len(set().union(*self._front.values()))
+            values["pareto_front_size"] = len(pareto_front_members(self._front, self._aggregates))
             values["pareto_front_agg"] = sum(self._front_best.values()) / len(self._front_best)
         step = self._mutations
         if stats is not None:
@@ -413,6 +416,7 @@ class MlflowRunTracker(EngineObserver):
             if front:
                 self._front_best[vid] = records[next(iter(front))].val_scores.get(vid, 0.0)
         self._n_candidates = len(records)
+        self._aggregates = {r.index: r.aggregate for r in records}
         self._best = max((r.aggregate for r in records), default=self._best)
         self._sample(force=True, stats=result.stats)
         best = records[result.best_index]
@@ -776,7 +780,7 @@ def run_summary(result: EngineResult) -> dict[str, Any]:
         "val_aggregate_scores": [r.aggregate for r in result.records],
         "parents": [list(r.parent_indices) for r in result.records],
         "candidate_kinds": [r.candidate.kind for r in result.records],
-        "pareto_front_candidates": sorted(set().union(*fronts.values())) if fronts else [],
+        "pareto_front_candidates": sorted(pareto_front_members(fronts, {r.index: r.aggregate for r in result.records})),
         "per_val_instance_best_candidates": {str(k): sorted(v) for k, v in sorted(fronts.items())},
         "total_metric_calls": result.total_metric_calls,
         "num_full_val_evals": result.num_full_val_evals,

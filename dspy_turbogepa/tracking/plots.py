@@ -93,7 +93,7 @@ def _nodes(run: Any) -> list[_Node]:
 
 def _frontier_members(run: Any, nodes: Sequence[_Node], fronts: Any) -> set[int]:
     """Members of GEPA's Pareto frontier (non-dominated per-instance front members)."""
-    from dspy_turbogepa.tracking.progress import pareto_front_members
+    from dspy_turbogepa.engine.frontier import pareto_front_members
 
     aggregates = {n.index: n.score for n in nodes}
     if fronts is None:

@@ -37,11 +37,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from dspy_turbogepa.engine.frontier import SCORE_EPS, pareto_front_members
 from dspy_turbogepa.engine.observer import EngineObserver
 
 if TYPE_CHECKING:
@@ -53,11 +54,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OrchestratorSource", "ProgressDisplay", "ProgressSnapshot", "ProgressSource", "format_duration",
-    "pareto_front_members",
 ]
 
 #: Scores closer than this are ties (the engine's frontier uses the same tolerance).
-_SCORE_EPS = 1e-9
 #: Statuses of mutations whose child was scored on a minibatch (or a merge screen): the funnel's first
 #: entry. A "duplicate" counts only when it was found out after evaluation (rung_reached > 0).
 _TRIED_STATUSES = frozenset({"accepted", "rejected_rung0", "pruned", "duplicate"})
@@ -86,32 +85,6 @@ class ProgressSource(Protocol):
     def backoffs(self) -> int | None: ...
 
 
-def pareto_front_members(fronts: Mapping[Any, Iterable[int]], aggregates: Mapping[int, float]) -> set[int]:
-    """Candidates on GEPA's Pareto frontier: per-instance front members that are not dominated.
-
-    Same rule as ``engine.frontier.ParetoFrontier.non_dominated`` (the programs parents are drawn
-    from): weakest first, a candidate is dropped when every instance front holding it also holds
-    another surviving candidate. Dropping one only makes the others harder to drop, so one pass in
-    weakest-first order gives the same set as the engine's restart-after-each-drop loop.
-    """
-    own: dict[int, list[Any]] = {}
-    alive: dict[Any, int] = {}
-    for vid, front in fronts.items():
-        members = set(front)
-        if not members:
-            continue
-        alive[vid] = len(members)
-        for p in members:
-            own.setdefault(p, []).append(vid)
-    survivors = set(own)
-    for p in sorted(own, key=lambda q: (aggregates.get(q, 0.0), -q)):
-        if all(alive[v] >= 2 for v in own[p]):
-            survivors.discard(p)
-            for v in own[p]:
-                alive[v] -= 1
-    return survivors
-
-
 class _FrontierTracker:
     """Best aggregate and the size of GEPA's Pareto frontier, fed one candidate at a time.
 
@@ -134,10 +107,10 @@ class _FrontierTracker:
         self.best = agg if self.best is None else max(self.best, agg)
         for vid, score in val_scores.items():
             best = self._inst_best.get(vid)
-            if best is None or score > best + _SCORE_EPS:
+            if best is None or score > best + SCORE_EPS:
                 self._inst_best[vid] = score
                 self._fronts[vid] = {index}
-            elif abs(score - best) <= _SCORE_EPS:
+            elif abs(score - best) <= SCORE_EPS:
                 self._fronts[vid].add(index)
         self._size = None
 
@@ -578,7 +551,7 @@ class ProgressDisplay(EngineObserver):
             return
         snap = self.snapshot()
         since = now - self._last_line
-        new_best = snap.best is not None and (self._logged_best is None or snap.best > self._logged_best + _SCORE_EPS)
+        new_best = snap.best is not None and (self._logged_best is None or snap.best > self._logged_best + SCORE_EPS)
         first = self.lines_emitted == 0
         interval = min(self._max_log_interval, max(self._log_interval, snap.elapsed / 20.0))
         key = (snap.metric_calls, snap.best, snap.frontier_size, snap.candidates, snap.backoffs)

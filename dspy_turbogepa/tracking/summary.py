@@ -99,7 +99,7 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_summary(detailed_results: Any, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary as a JSON-ready dict (what :func:`write_summary` writes)."""
-    from dspy_turbogepa.tracking.progress import pareto_front_members
+    from dspy_turbogepa.engine.frontier import pareto_front_members
 
     result = _mask_strings(to_strict_json(detailed_results.to_dict())) if detailed_results is not None else None
     summary: dict[str, Any] = {"schema": SCHEMA, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
