@@ -28,6 +28,7 @@ from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
 from dspy_turbogepa.engine.errors import RunInterruptedError
+from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
 from dspy_turbogepa.engine.merge import MergeProposal, find_merge
@@ -51,17 +52,16 @@ from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.engine.types import (
+    EvalKey,
     EvalOutcome,
     Evaluator,
     ProposalOutcome,
     Reflector,
-    Split,
 )
 from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
-EvalKey = tuple[str, str, int]
 
 #: The width floor leaves budget for this many generations of accepted children (see width()).
 GENERATIONS_TO_AFFORD = 4
@@ -126,12 +126,13 @@ class Orchestrator:
         self._eval_slots = PrioritySlots(config.max_evals_in_flight)
         self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
         self._systemic = SystemicFailureDetector(config.systemic_failure_window)
+        self.stats = RunStats()
+        self._evaluations = EvaluationCache(evaluator, self._eval_slots, self._budget, self.stats, self._observers,
+                                            self._systemic, known_evaluations)
 
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
-        self._done: dict[EvalKey, EvalOutcome] = dict(known_evaluations or {})
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
-        self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._mutations_running = 0
         self._seed_task: asyncio.Future[None] | None = None
@@ -167,7 +168,6 @@ class Orchestrator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._start = 0.0
-        self.stats = RunStats()
 
     # ------------------------------------------------------------------ public control
     def request_stop(self, reason: StopReason = "interrupted") -> None:
@@ -266,7 +266,7 @@ class Orchestrator:
                 f"({n} metric calls). Raise the budget or pass a smaller valset."
             )
         requested: set[EvalKey] = set()
-        outcomes = await self._evaluate_many(self._seed, "val", self._val_ids, priority=-1.0, requested=requested)
+        outcomes = await self._evaluations.many(self._seed, "val", self._val_ids, priority=-1.0, requested=requested)
         self._budget.commit(requested)
         self._budget.release(n)
         record = self._add_record(self._seed, [None], outcomes, seq=None)
@@ -751,7 +751,7 @@ class Orchestrator:
             await self._adopt_chained_parent(plan)
         parent = plan.parent
         wave = plan.minibatch + plan.scout_ids  # one wave: scouting adds no round-trip
-        wave_outs = await self._evaluate_many(parent, "train", wave, plan.seq, result.requested)
+        wave_outs = await self._evaluations.many(parent, "train", wave, plan.seq, result.requested)
         result.train_scores.extend((parent.fingerprint, i, o.score) for i, o in zip(wave, wave_outs))
         parent_outs, scout_outs = wave_outs[: len(plan.minibatch)], wave_outs[len(plan.minibatch):]
         parent_scores = [o.score for o in parent_outs]
@@ -809,10 +809,10 @@ class Orchestrator:
             return
 
         if len(fresh) == 1:
-            outs_per_child = [await self._evaluate_many(fresh[0], "train", plan.minibatch, plan.seq, result.requested)]
+            outs_per_child = [await self._evaluations.many(fresh[0], "train", plan.minibatch, plan.seq, result.requested)]
         else:
             outs_per_child = list(await asyncio.gather(
-                *(self._evaluate_many(c, "train", plan.minibatch, plan.seq, result.requested) for c in fresh)
+                *(self._evaluations.many(c, "train", plan.minibatch, plan.seq, result.requested) for c in fresh)
             ))
         parent_sum = sum(parent_scores)
         sums = [sum(o.score for o in outs) for outs in outs_per_child]
@@ -842,7 +842,7 @@ class Orchestrator:
             return ()
         usable = []
         for example_id in self._knowledge.failed(fingerprint, n_commits, minibatch):
-            outcome = self._done.get((fingerprint, "train", example_id))
+            outcome = self._evaluations.get((fingerprint, "train", example_id))
             if outcome is not None and self._teaches(outcome):
                 usable.append(example_id)
                 if len(usable) == limit:
@@ -873,7 +873,7 @@ class Orchestrator:
 
     def _reused_feedback(self, parent: Candidate, plan: MutationPlan) -> list[EvalOutcome]:
         """The outcomes of plan.feedback_ids (chosen at planning, see _reusable_failures)."""
-        reused = [self._done[(parent.fingerprint, "train", i)] for i in plan.feedback_ids]
+        reused = [self._evaluations.done[(parent.fingerprint, "train", i)] for i in plan.feedback_ids]
         self.stats.feedback_reused += len(reused)
         return reused
 
@@ -928,7 +928,7 @@ class Orchestrator:
         child = Candidate(texts=plan.child_texts, parents=(plan.parent.fingerprint, other_fp), kind="merge")
         if self._claim_child(child, plan, result):
             return
-        outs = await self._evaluate_many(child, "val", plan.screen_ids, plan.seq, result.requested)
+        outs = await self._evaluations.many(child, "val", plan.screen_ids, plan.seq, result.requested)
         child_sum = sum(o.score for o in outs)
         best_parent = max(sum(plan.parent_val[i] for i in plan.screen_ids),
                           sum(plan.other_parent_val[i] for i in plan.screen_ids))
@@ -945,7 +945,7 @@ class Orchestrator:
         cfg = self.config
         for rung in range(self._ladder.num_rungs):
             ids = [i for i in self._ladder.new_ids(rung) if i not in val]
-            outs = await self._evaluate_many(child, "val", ids, plan.seq, result.requested)
+            outs = await self._evaluations.many(child, "val", ids, plan.seq, result.requested)
             val.update({o.example_id: o for o in outs})
             result.rung_reached = rung + 1
             if rung == self._ladder.num_rungs - 1:
@@ -972,72 +972,6 @@ class Orchestrator:
             return
         result.val_outcomes = val
         result.status = "accepted"
-
-    # ------------------------------------------------------------------ evaluation with cache + budget
-    async def _evaluate_many(
-        self, candidate: Candidate, split: Split, ids: Sequence[int], priority: float, requested: set[EvalKey]
-    ) -> list[EvalOutcome]:
-        tasks = [asyncio.ensure_future(self._evaluate(candidate, split, i, priority, requested)) for i in ids]
-        if not tasks:
-            return []
-        try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        except asyncio.CancelledError:
-            for t in tasks:
-                t.cancel()
-            raise
-        if pending:  # one evaluation raised (a systemic failure): do not leave its siblings running
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
-        if errors:
-            raise errors[0]
-        return [t.result() for t in tasks]
-
-    async def _evaluate(
-        self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
-    ) -> EvalOutcome:
-        key: EvalKey = (candidate.fingerprint, split, example_id)
-        requested.add(key)
-        done = self._done.get(key)
-        if done is not None:
-            self.stats.cache_hits += 1
-            return done
-        pending = self._pending.get(key)
-        if pending is not None:
-            self.stats.cache_hits += 1
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[EvalOutcome] = asyncio.get_running_loop().create_future()
-        self._pending[key] = fut
-        try:
-            async with self._eval_slots.slot(priority):
-                self.stats.peak_evals_in_flight = max(self.stats.peak_evals_in_flight, self._eval_slots.in_use)
-                self._budget.record_execution()
-                self.stats.executed += 1
-                outcome = await self._evaluator.evaluate(
-                    candidate.texts, candidate.fingerprint, split, example_id, capture_traces=(split == "train")
-                )
-        except BaseException as exc:
-            self._pending.pop(key, None)
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        self._pending.pop(key, None)
-        self._done[key] = outcome
-        fut.set_result(outcome)
-        if outcome.failure:
-            self.stats.failures[outcome.failure] += 1
-        self.stats.task_prompt_tokens += outcome.prompt_tokens
-        self.stats.task_completion_tokens += outcome.completion_tokens
-        self.stats.task_cost += outcome.cost
-        self.stats.task_lm_calls += outcome.lm_calls
-        self.stats.rate_limit_retries += outcome.rate_limit_retries
-        for obs in self._observers:
-            obs.on_evaluation(candidate, split, outcome)
-        self._systemic.observe(outcome)
-        return outcome
 
     # ------------------------------------------------------------------ commit
     def _commit(self, result: MutationResult) -> None:

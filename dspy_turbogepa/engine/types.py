@@ -21,6 +21,9 @@ FailureKind = Literal[
     "rate_limited",  # the LM kept answering 429 past the retry cap (10 retries / 5 minutes)
 ]
 
+#: One evaluation's identity: (candidate fingerprint, split, example id).
+EvalKey = tuple[str, str, int]
+
 
 @dataclass(frozen=True)
 class EvalOutcome:

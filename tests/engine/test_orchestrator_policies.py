@@ -778,8 +778,8 @@ def test_a_resume_replays_scouted_reflections_only_with_the_same_scouts() -> Non
 
     first, stored, refl1, orch1 = once(5)
     assert refl1.calls and first.stats.scouted > 0
-    again, _, refl2, _ = once(5, stored, dict(orch1._done))
+    again, _, refl2, _ = once(5, stored, dict(orch1._evaluations.done))
     assert not refl2.calls and again.stats.proposals_replayed == len(refl1.calls)
     assert snapshot(again) == snapshot(first)
-    other, _, refl3, _ = once(0, stored, dict(orch1._done))
+    other, _, refl3, _ = once(0, stored, dict(orch1._evaluations.done))
     assert refl3.calls and other.stats.proposals_replayed == 0  # the same parent and minibatch, other prompts

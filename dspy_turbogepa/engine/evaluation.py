@@ -1,0 +1,126 @@
+"""Evaluations with a cache: each (candidate, split, example) is executed at most once per run.
+
+Why a module of its own: every part of the search (the seed, minibatches, scouts, children, merge
+screens, validation rungs) asks for evaluations, and all of them must share one rule set: a cached
+or in-flight result is never paid again, a slot of ``max_evals_in_flight`` is taken only for a real
+execution (oldest mutation first), every execution is counted and reported to the observers and the
+systemic-failure detector, and an evaluation that raises (a systemic failure) cancels its siblings
+instead of leaving them running. The budget is charged elsewhere, per mutation at commit, from the
+keys a mutation *requested*: whether a request hit the cache depends on timing, what it asked for
+does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+from dspy_turbogepa.engine.budget import MetricBudget
+from dspy_turbogepa.engine.candidate import Candidate
+from dspy_turbogepa.engine.observer import EngineObserver
+from dspy_turbogepa.engine.records import RunStats
+from dspy_turbogepa.engine.scheduling import PrioritySlots
+from dspy_turbogepa.engine.systemic import SystemicFailureDetector
+from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, Evaluator, Split
+
+
+class EvaluationCache:
+    """The engine's only way to run an evaluation."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        slots: PrioritySlots,
+        budget: MetricBudget,
+        stats: RunStats,
+        observers: Sequence[EngineObserver],
+        systemic: SystemicFailureDetector,
+        known: Mapping[EvalKey, EvalOutcome] | None = None,
+    ) -> None:
+        """``known``: outcomes stored by an earlier session of the run (resume), served as cache hits."""
+        self._evaluator = evaluator
+        self._slots = slots
+        self._budget = budget
+        self._stats = stats
+        self._observers = observers
+        self._systemic = systemic
+        self._done: dict[EvalKey, EvalOutcome] = dict(known or {})
+        self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
+
+    @property
+    def done(self) -> Mapping[EvalKey, EvalOutcome]:
+        """Every finished outcome (read-only view)."""
+        return self._done
+
+    def get(self, key: EvalKey) -> EvalOutcome | None:
+        return self._done.get(key)
+
+    async def many(
+        self, candidate: Candidate, split: Split, ids: Sequence[int], priority: float, requested: set[EvalKey]
+    ) -> list[EvalOutcome]:
+        """``candidate`` on every example of ``ids`` at once; the keys are added to ``requested``."""
+        tasks = [asyncio.ensure_future(self.one(candidate, split, i, priority, requested)) for i in ids]
+        if not tasks:
+            return []
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            raise
+        if pending:  # one evaluation raised (a systemic failure): do not leave its siblings running
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        if errors:
+            raise errors[0]
+        return [t.result() for t in tasks]
+
+    async def one(
+        self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
+    ) -> EvalOutcome:
+        key: EvalKey = (candidate.fingerprint, split, example_id)
+        requested.add(key)
+        done = self._done.get(key)
+        if done is not None:
+            self._stats.cache_hits += 1
+            return done
+        pending = self._pending.get(key)
+        if pending is not None:
+            self._stats.cache_hits += 1
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[EvalOutcome] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            async with self._slots.slot(priority):
+                self._stats.peak_evals_in_flight = max(self._stats.peak_evals_in_flight, self._slots.in_use)
+                self._budget.record_execution()
+                self._stats.executed += 1
+                outcome = await self._evaluator.evaluate(
+                    candidate.texts, candidate.fingerprint, split, example_id, capture_traces=(split == "train")
+                )
+        except BaseException as exc:
+            self._pending.pop(key, None)
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        self._pending.pop(key, None)
+        self._done[key] = outcome
+        fut.set_result(outcome)
+        self._count(outcome)
+        for obs in self._observers:
+            obs.on_evaluation(candidate, split, outcome)
+        self._systemic.observe(outcome)
+        return outcome
+
+    def _count(self, outcome: EvalOutcome) -> None:
+        stats = self._stats
+        if outcome.failure:
+            stats.failures[outcome.failure] += 1
+        stats.task_prompt_tokens += outcome.prompt_tokens
+        stats.task_completion_tokens += outcome.completion_tokens
+        stats.task_cost += outcome.cost
+        stats.task_lm_calls += outcome.lm_calls
+        stats.rate_limit_retries += outcome.rate_limit_retries
