@@ -35,16 +35,24 @@ from dspy_turbogepa.store import stable_hash
 logger = logging.getLogger(__name__)
 
 
-def _jsonable(value: Any) -> Any:
+def _to_json(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """JSON-able form of ``value``: primitives, mappings, lists and DSPy examples / predictions
+    (``toDict``) are walked; anything else becomes ``leaf(value)``."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _to_json(v, leaf) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_to_json(v, leaf) for v in value]
     if hasattr(value, "toDict"):
-        return _jsonable(value.toDict())
-    return str(value)
+        return _to_json(value.toDict(), leaf)
+    return leaf(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """For what is stored: a value JSON cannot hold is kept as its ``str()`` (what dspy.GEPA hands a
+    custom proposer too)."""
+    return _to_json(value, str)
 
 
 def _prediction_dict(pred: Any) -> dict[str, Any] | None:
@@ -169,20 +177,16 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _hashable(value: Any) -> Any:
-    """Like ``_jsonable``, for the run key: the same value must give the same JSON in every process.
-    ``str()`` of a plain object embeds its memory address, which would make every rerun "a different
-    run"; objects are described by their type and fields instead (pydantic models and dataclasses by
-    their dumps), and any address left in a string is dropped."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _hashable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_hashable(v) for v in value]
+    """Like ``_jsonable``, for the run key: the same value must give the same JSON in every process."""
+    return _to_json(value, _stable_leaf)
+
+
+def _stable_leaf(value: Any) -> Any:
+    """``str()`` of a plain object embeds its memory address, which would make every rerun "a
+    different run": objects are described by their type and fields instead (pydantic models and
+    dataclasses by their dumps), sets are sorted, and any address left in a string is dropped."""
     if isinstance(value, (set, frozenset)):
         return sorted((_hashable(v) for v in value), key=repr)
-    if hasattr(value, "toDict"):
-        return _hashable(value.toDict())
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
     if hasattr(value, "model_dump"):
         return {"__type__": kind, **_hashable(value.model_dump())}

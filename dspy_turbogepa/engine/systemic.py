@@ -14,6 +14,7 @@ otherwise be called until the no-progress limit, returning the seed as if optimi
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
@@ -40,10 +41,15 @@ class SystemicFailureDetector:
 
     def observe_proposal(self, outcome: ProposalOutcome) -> None:
         """Like :meth:`observe`, for a reflection's outcome."""
+        self._sticky(lambda: self._observe_proposal(outcome))
+
+    def _sticky(self, check: Callable[[], None]) -> None:
+        """Run ``check``; once anything raised, every later call re-raises the same error, so
+        concurrent evaluations and reflections report one and the same cause."""
         if self._raised is not None:
             raise self._raised
         try:
-            self._observe_proposal(outcome)
+            check()
         except SystemicFailureError as exc:
             self._raised = exc
             raise
@@ -74,15 +80,8 @@ class SystemicFailureDetector:
             )
 
     def observe(self, outcome: EvalOutcome) -> None:
-        """Raise SystemicFailureError when the run must stop; once raised, every later call re-raises it,
-        so concurrent evaluations report one and the same cause."""
-        if self._raised is not None:
-            raise self._raised
-        try:
-            self._observe(outcome)
-        except SystemicFailureError as exc:
-            self._raised = exc
-            raise
+        """Raise SystemicFailureError when the run must stop (see :meth:`_sticky`)."""
+        self._sticky(lambda: self._observe(outcome))
 
     def _observe(self, outcome: EvalOutcome) -> None:
         if outcome.failure is None:
