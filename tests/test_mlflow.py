@@ -126,12 +126,24 @@ def tracking_warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == TRACKING_LOGGER and r.levelno >= logging.WARNING]
 
 
+@pytest.fixture(autouse=True)
+def _artifacts_stay_in_tmp(tmp_path, monkeypatch):
+    """MLflow's default artifact root is ./mlruns: a test must not write into the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def template_db(tmp_path_factory) -> Path:
-    """One migrated MLflow sqlite database, copied by every test (migrating costs seconds)."""
+    """One migrated MLflow sqlite database, copied by every test (migrating costs seconds). Created
+    from its own directory: the default experiment's artifact root (./mlruns) is fixed at creation."""
     mlflow = pytest.importorskip("mlflow")
     path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    here = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(here)
     return path
 
 
@@ -698,7 +710,8 @@ def autolog_scenarios(template_db, tmp_path_factory):
         # the import-order scenarios keep a fifth of them (the end-to-end one keeps all).
         mode_env = {**env, "MLFLOW_TRACE_SAMPLING_RATIO": "0.2"} if mode in ("before", "after") else env
         procs[mode] = (subprocess.Popen([sys.executable, str(script), mode, uri, str(out), str(TESTS_DIR)],
-                                        env=mode_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+                                        env=mode_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        cwd=root / mode),  # MLflow's artifacts (./mlruns) stay there
                        uri, out)
     results = {}
     for mode, (proc, uri, out) in procs.items():
