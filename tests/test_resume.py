@@ -124,13 +124,55 @@ def test_fix_the_key_and_rerun_does_not_replay_the_auth_failures(routing, tmp_pa
         with dspy.context(lm=student):
             return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
 
+    def student_requests() -> int:
+        return srv.stats()["models"]["sim-student"]["requests"]
+
     with SimServer(cfg, seed=0) as srv:
         with pytest.raises(SystemicFailureError):
             compile_with("bad", tmp_path / "run")
         resumed = compile_with("good", tmp_path / "run").detailed_results
+        before = student_requests()
+        again = compile_with("good", tmp_path / "run").detailed_results  # the run is finished: replayed whole
+        assert student_requests() == before  # the redone evaluations replaced the failed rows
         fresh = compile_with("good", tmp_path / "fresh").detailed_results
     assert resumed.val_aggregate_scores[0] == fresh.val_aggregate_scores[0] > 0
+    assert again.val_aggregate_scores == resumed.val_aggregate_scores
     assert not resumed.run_stats["failures"]
+
+
+def test_a_programs_own_error_named_like_an_lm_error_is_replayed(routing, tmp_path):
+    """Only the evaluator's 'LM service failed' mark decides what a resume runs again: a program's own
+    NotFoundError (a retrieval miss) is data, replayed like any score (it was re-run on every resume)."""
+
+    class NotFoundError(Exception):
+        pass
+
+    class LooksUpAfterRouting(dspy.Module):  # calls the LM, then its own lookup fails on some tickets
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, ticket):
+            pred = self.inner(ticket=ticket)
+            if "tracking" in ticket.lower():
+                raise NotFoundError("no CRM record")
+            return pred
+
+    splits = small_splits(routing, n_train=30, n_val=16)
+    program = LooksUpAfterRouting()
+
+    def compile_once():
+        student = make_student_lm(seed=0, noise=0.0)
+        opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=2, log_dir=str(tmp_path), verbose=False, track_stats=True)
+        with dspy.context(lm=student):
+            out = opt.compile(program, trainset=splits.train, valset=splits.val)
+        return out, sim_engine(student).calls
+
+    first, _ = compile_once()
+    assert first.detailed_results.run_stats["failures"]["program_error"] > 0
+    _, calls = compile_once()
+    assert calls == 0
 
 
 def test_a_fixed_program_under_the_same_log_dir_is_refused_not_replayed(routing, tmp_path):

@@ -21,11 +21,6 @@ import dspy
 
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
 from dspy_turbogepa.adapter.program import ProgramCodec
-from dspy_turbogepa.adapter.ratelimit import (
-    FATAL_ERROR_TYPES,
-    RATE_LIMIT_TYPES,
-    TRANSIENT_TYPES,
-)
 from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
@@ -122,9 +117,7 @@ def trajectory_from_json(
         failure=data.get("failure"),
         raw_completion=data.get("raw_completion"),
         failed_signature=_FieldsOnly(*fields) if fields else None,
-        # a store written before the flag: judge by the error's name
-        service_failure=bool(data.get("service_failure", _lm_service_failure(data.get("failure"),
-                                                                          data.get("error_type")))),
+        service_failure=bool(data.get("service_failure", False)),
     )
 
 
@@ -256,7 +249,7 @@ class StoreObserver(EngineObserver):
             outcome.failure, outcome.message, outcome.error_type,
             trajectory_to_json(outcome.trajectory) if split == "train" else None,
             json.dumps(_prediction_dict(outcome.output)) if outcome.output is not None else None,
-            None, None,
+            None, None, service_failure=outcome.service_failure,
         )
 
     def on_candidate(self, record: CandidateRecord) -> None:
@@ -279,14 +272,6 @@ class StoreObserver(EngineObserver):
         )
 
 
-def _lm_service_failure(failure: str | None, error_type: str | None) -> bool:
-    """A stored failure that says nothing about the candidate: a bad key, an unknown model, a server
-    that refused or kept failing. The user reruns after fixing it, so it is run again, not replayed."""
-    return failure == "rate_limited" or (
-        failure is not None and error_type in FATAL_ERROR_TYPES | RATE_LIMIT_TYPES | TRANSIENT_TYPES
-    )
-
-
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
 ) -> tuple[dict[tuple[str, str, int], EvalOutcome], dict[str, ProposalOutcome]]:
@@ -301,8 +286,8 @@ def load_known(
     known: dict[tuple[str, str, int], EvalOutcome] = {}
     for ev in store.load_evaluations():
         split: Split = "train" if ev.split == "train" else "val"
-        if ev.example_id >= len(datasets[split]) or _lm_service_failure(ev.failure, ev.error_type):
-            continue
+        if ev.example_id >= len(datasets[split]) or ev.service_failure:
+            continue  # the LM service's failure says nothing about the candidate: run it again
         trajectory = None
         if ev.trajectory_json and ev.fingerprint in texts_by_fp:
             trajectory = trajectory_from_json(

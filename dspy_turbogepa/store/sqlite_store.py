@@ -37,7 +37,7 @@ from dspy_turbogepa.redaction import (
 logger = logging.getLogger(__name__)
 
 DB_FILENAME = "run.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: evaluations.service_failure; a later record of a key replaces the earlier
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     output_json           TEXT,
     tokens                INTEGER,
     seconds               REAL,
+    service_failure       INTEGER NOT NULL DEFAULT 0,
     recorded_at           REAL NOT NULL,
     session               INTEGER NOT NULL,
     UNIQUE (fingerprint, split, example_id)
@@ -109,13 +110,16 @@ _INSERT_CANDIDATE = (
     "INSERT OR IGNORE INTO candidates (fingerprint, texts_json, parents_json, kind, created_at, session) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
+# Evaluations and proposals: a later record of a key replaces the earlier one. A key is recorded again
+# only when a resumed run re-executes what it would not replay (an LM-service failure, a failed
+# proposer); keeping the first record would re-execute it on every later resume.
 _INSERT_EVALUATION = (
-    "INSERT OR IGNORE INTO evaluations (fingerprint, split, example_id, score, objective_scores_json, failure, "
-    "message, error_type, trajectory_json, output_json, tokens, seconds, recorded_at, session) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO evaluations (fingerprint, split, example_id, score, objective_scores_json, failure, "
+    "message, error_type, trajectory_json, output_json, tokens, seconds, service_failure, recorded_at, session) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_PROPOSAL = (
-    "INSERT OR IGNORE INTO proposals (key, texts_json, skipped, message, reflection_calls, recorded_at, session) "
+    "INSERT OR REPLACE INTO proposals (key, texts_json, skipped, message, reflection_calls, recorded_at, session) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_EVENT = "INSERT INTO events (kind, payload_json, recorded_at, session) VALUES (?, ?, ?, ?)"
@@ -159,6 +163,8 @@ class StoredEvaluation:
     output_json: str | None
     tokens: int | None
     seconds: float | None
+    #: The failure was the LM service's (the caller's judgement): not replayed on resume.
+    service_failure: bool = False
     recorded_at: float = 0.0
     session: int = 0
 
@@ -533,8 +539,11 @@ class RunStore:
         output_json: str | None,
         tokens: int | None,
         seconds: float | None,
+        *,
+        service_failure: bool = False,
     ) -> None:
-        """A program execution + metric call finished. The first record of (fingerprint, split, example) wins."""
+        """A program execution + metric call finished. A later record of (fingerprint, split, example)
+        replaces the earlier one. ``service_failure``: the caller judged the failure the LM service's."""
         env = secret_values()
         objectives = None
         if objective_scores is not None:
@@ -557,6 +566,7 @@ class RunStore:
                 None if output_json is None else mask_json_text(output_json, env),
                 None if tokens is None else operator.index(tokens),
                 None if seconds is None else float(seconds),
+                int(bool(service_failure)),
                 time.time(),
                 self.session,
             ),
@@ -565,7 +575,8 @@ class RunStore:
     def record_proposal(
         self, key: str, texts: Mapping[str, str], skipped: str | None, message: str | None, reflection_calls: int
     ) -> bool:
-        """A reflection (proposal) finished; ``key`` identifies its inputs. The first record of a key wins.
+        """A reflection (proposal) finished; ``key`` identifies its inputs. A later record of a key
+        replaces the earlier one.
 
         Returns False, and stores nothing, when a proposed text contains something that looks like a
         credential: a masked text would replay as a different program, so that proposal is paid for
@@ -657,7 +668,8 @@ class RunStore:
         """Every stored evaluation, in the order they were recorded."""
         rows = self._read(
             "SELECT fingerprint, split, example_id, score, objective_scores_json, failure, message, error_type, "
-            "trajectory_json, output_json, tokens, seconds, recorded_at, session FROM evaluations ORDER BY seq"
+            "trajectory_json, output_json, tokens, seconds, recorded_at, session, service_failure FROM evaluations "
+            "ORDER BY seq"
         )
         return [
             StoredEvaluation(
@@ -675,6 +687,7 @@ class RunStore:
                 seconds=r[11],
                 recorded_at=r[12],
                 session=r[13],
+                service_failure=bool(r[14]),
             )
             for r in rows
         ]

@@ -152,7 +152,9 @@ def test_round_trip_of_every_record_kind(tmp_path: Path) -> None:
         assert store.counts() == {"candidates": 2, "evaluations": 4, "proposals": 2, "events": 2}
 
 
-def test_duplicates_keep_the_first_row(tmp_path: Path) -> None:
+def test_a_later_record_replaces_an_evaluation_or_proposal_a_candidate_keeps_its_first(tmp_path: Path) -> None:
+    """A resumed run re-records only what it re-executed instead of replaying (an LM-service failure,
+    a failed proposer): the new result must replace the old row, or every later resume redoes it."""
     with RunStore.open(tmp_path, RUN_KEY) as store:
         _eval(store, "fp", 0, 0.25, message="first")
         _eval(store, "fp", 0, 0.75, message="second")
@@ -162,10 +164,10 @@ def test_duplicates_keep_the_first_row(tmp_path: Path) -> None:
         store.record_proposal("k", {"p": "first"}, None, None, 1)
         store.record_proposal("k", {"p": "second"}, None, None, 1)
         evals = store.load_evaluations()
-        assert [(e.split, e.score, e.message) for e in evals] == [("val", 0.25, "first"), ("train", 0.5, None)]
+        assert [(e.split, e.score, e.message) for e in evals] == [("val", 0.75, "second"), ("train", 0.5, None)]
         assert [c.created_at for c in store.load_candidates()] == [1.0]
-        assert store.load_proposals()["k"].texts == {"p": "first"}
-        assert store.write_stats == {"committed": 4, "ignored_duplicates": 3, "failed": 0}
+        assert store.load_proposals()["k"].texts == {"p": "second"}
+        assert store.write_stats == {"committed": 6, "ignored_duplicates": 1, "failed": 0}
 
 
 def test_invalid_arguments_raise_in_the_caller(tmp_path: Path) -> None:
