@@ -213,6 +213,78 @@ def test_the_run_key_of_examples_holding_plain_objects_is_stable(routing):
     assert key != run_key(routing.make_program(), data("c.pdf"), data("b.pdf"), 0, metric=routing.metric)
 
 
+_SET_METRIC = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from dspy_turbogepa.adapter.persistence import callable_identity
+def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    return float(str(pred.answer).lower() not in {"n/a", "none", "unknown", "?"})
+print(callable_identity(metric))
+"""
+
+
+def test_a_metric_with_a_set_literal_has_the_same_key_in_every_process(tmp_path):
+    """A set literal is a frozenset constant whose repr order follows the per-process string hash."""
+    script = tmp_path / "m.py"
+    script.write_text(_SET_METRIC)
+    root = str(Path(__file__).resolve().parents[1])
+    outs = {subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3, 4)}
+    assert len(outs) == 1, outs
+
+
+def test_the_run_key_tells_metrics_and_data_apart_and_survives_odd_values():
+    import functools
+
+    import numpy as np
+    import pandas as pd
+    import pydantic
+
+    from dspy_turbogepa.adapter.persistence import _hashable, callable_identity, lm_identity
+
+    def by_answer(gold, pred, trace=None):
+        return float(gold.answer == pred.answer)
+
+    def by_label(gold, pred, trace=None):
+        return float(gold.label == pred.label)
+
+    assert callable_identity(by_answer).split(":")[1] != callable_identity(by_label).split(":")[1]
+
+    def scored(gold, pred, trace=None, threshold=0.5):
+        return 1.0
+
+    assert callable_identity(functools.partial(scored, threshold=0.5)) != callable_identity(
+        functools.partial(scored, threshold=0.9))
+
+    class Answer(pydantic.BaseModel):
+        text: str
+
+    assert lm_identity(dspy.LM("openai/m", response_format=Answer))["response_format"] == f"class {Answer.__module__}.{Answer.__qualname__}"
+
+    big = pd.DataFrame({"x": range(1000)})
+    changed = big.copy()
+    changed.loc[500, "x"] = -1  # deep inside: str() of the frame would not show it
+    assert _hashable(big) != _hashable(changed)
+    assert _hashable(np.zeros(2000)) != _hashable(np.ones(2000))
+
+    class Node:
+        def __init__(self, name):
+            self.name, self.parent, self.children = name, None, []
+
+    root, leaf = Node("r"), Node("l")
+    root.children.append(leaf)
+    leaf.parent = root
+    assert _hashable(root) == _hashable(root)  # a cycle ends in a marker, no RecursionError
+
+    class Slotted:
+        __slots__ = ("value",)
+
+        def __init__(self, value):
+            self.value = value
+
+    assert _hashable(Slotted(1)) != _hashable(Slotted(2))
+
+
 def test_the_run_key_sees_an_lms_model_and_settings_never_its_credentials():
     from dspy_turbogepa.adapter.persistence import lm_identity
 

@@ -10,7 +10,9 @@ dspy.GEPA hands to custom proposers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -145,49 +147,98 @@ def lm_identity(lm: Any) -> Any:
 
 
 def callable_identity(fn: Any) -> str:
-    """A metric's or proposer's name plus a hash of its code: an edited metric scores differently,
-    and the stored scores must not be reused for it. (A closure's captured values are not seen.)"""
+    """A metric's or proposer's identity for the run key: an edited metric scores differently, and
+    the stored scores must not be reused for it. A function is its name and its code (bytecode, the
+    names it reads, its constants, nested functions); a ``functools.partial`` its function and bound
+    arguments; a method or a callable object its class's code. Stable across processes (no addresses,
+    set literals sorted). State is not seen — a closure's captured values, an object's fields, globals
+    read at call time — because run-time state (a call counter, a lock) would refuse every rerun; a
+    metric whose behaviour changes only through state needs a new log_dir."""
     if fn is None:
         return "None"
-    target = fn if hasattr(fn, "__code__") else type(fn).__call__
-    code = getattr(target, "__code__", None)
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_identity(fn.func)}, {stable_hash(_hashable([fn.args, fn.keywords]))})"
+    if inspect.ismethod(fn):
+        owner = type(fn.__self__)
+        return f"{owner.__module__}.{owner.__qualname__}.{callable_identity(fn.__func__)}"
     name = f"{getattr(fn, '__module__', type(fn).__module__)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: its class's __call__
+        code = getattr(type(fn).__call__, "__code__", None)
+    return f"{name}:{_code_digest(code)}"
+
+
+def _code_digest(code: Any) -> str:
     if code is None:
-        return name
-    digest = hashlib.sha256(code.co_code + repr(_code_constants(code)).encode()).hexdigest()[:16]
-    return f"{name}:{digest}"
+        return "-"
+    return hashlib.sha256(repr(_code_parts(code)).encode()).hexdigest()[:16]
 
 
-def _code_constants(code: Any) -> list[Any]:
-    """Constants of a code object and its nested functions, without memory addresses."""
-    out: list[Any] = []
+def _code_parts(code: Any) -> list[Any]:
+    """Bytecode, names read, and constants of a code object and its nested ones. A set literal is a
+    frozenset constant whose repr order follows the per-process string hash: sorted here."""
+    consts: list[Any] = []
     for c in code.co_consts:
-        out.append(_code_constants(c) + [c.co_code.hex()] if hasattr(c, "co_code") else c)
-    return out
+        if hasattr(c, "co_code"):
+            consts.append(_code_parts(c))
+        elif isinstance(c, frozenset):
+            consts.append(sorted(repr(x) for x in c))
+        else:
+            consts.append(repr(c))
+    return [code.co_code.hex(), list(code.co_names), consts]
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _hashable(value: Any) -> Any:
-    """Like ``_jsonable``, for the run key: the same value must give the same JSON in every process."""
-    return _to_json(value, _stable_leaf)
+    """Like ``_jsonable``, for the run key: the same value must give the same JSON in every process.
 
+    ``str()`` of a plain object embeds its memory address, which would make every rerun "a different
+    run"; and ``str()`` of a big table or array is abridged, which would hide a changed dataset. So:
+    classes by name, LMs by :func:`lm_identity` (never their keys), sets sorted, arrays and images by
+    a hash of their bytes, tables and models by their full dumps (``to_dict`` / ``model_dump`` /
+    dataclass fields), an object whose ``str()`` is informative by that, any other by its fields.
+    A reference cycle ends in a marker instead of a RecursionError."""
+    seen: set[int] = set()
 
-def _stable_leaf(value: Any) -> Any:
-    """``str()`` of a plain object embeds its memory address, which would make every rerun "a
-    different run": objects are described by their type and fields instead (pydantic models and
-    dataclasses by their dumps), sets are sorted, and any address left in a string is dropped."""
-    if isinstance(value, (set, frozenset)):
-        return sorted((_hashable(v) for v in value), key=repr)
-    kind = f"{type(value).__module__}.{type(value).__qualname__}"
-    if hasattr(value, "model_dump"):
-        return {"__type__": kind, **_hashable(value.model_dump())}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"__type__": kind, **_hashable(dataclasses.asdict(value))}
-    if hasattr(value, "__dict__") and not callable(value):
-        return {"__type__": kind, **_hashable(vars(value))}
-    return _ADDRESS.sub("", str(value))
+    def leaf(v: Any) -> Any:
+        kind = f"{type(v).__module__}.{type(v).__qualname__}"
+        if isinstance(v, type):
+            return f"class {v.__module__}.{v.__qualname__}"
+        if isinstance(v, dspy.BaseLM):
+            return lm_identity(v)
+        if inspect.isfunction(v) or inspect.ismethod(v) or isinstance(v, functools.partial):
+            return callable_identity(v)
+        if isinstance(v, (set, frozenset)):
+            return sorted((_to_json(x, leaf) for x in v), key=repr)
+        if id(v) in seen:
+            return f"<cycle {kind}>"
+        seen.add(id(v))
+        try:
+            if callable(getattr(v, "tobytes", None)):
+                return {"__type__": kind, "sha256": hashlib.sha256(v.tobytes()).hexdigest(),
+                        "shape": str(getattr(v, "shape", None) or getattr(v, "size", None))}
+            if callable(getattr(v, "model_dump", None)):
+                return {"__type__": kind, **_to_json(v.model_dump(), leaf)}
+            if dataclasses.is_dataclass(v):
+                return {"__type__": kind, **_to_json(dataclasses.asdict(v), leaf)}
+            if callable(getattr(v, "to_dict", None)):
+                return {"__type__": kind, "data": _to_json(v.to_dict(), leaf)}
+        except Exception as exc:  # noqa: BLE001 - a dump that fails: fall back to the fields below
+            logger.debug("run key: %s could not be dumped (%s); using its fields", kind, type(exc).__name__)
+        text = str(v)
+        if _ADDRESS.search(text) is None:
+            return text
+        fields = dict(vars(v)) if hasattr(v, "__dict__") else {}
+        for slot in getattr(type(v), "__slots__", ()):
+            if isinstance(slot, str) and hasattr(v, slot):
+                fields[slot] = getattr(v, slot)
+        if fields:
+            return {"__type__": kind, **_to_json(fields, leaf)}
+        return _ADDRESS.sub("", text)
+
+    return _to_json(value, leaf)
 
 
 def _in_dspy(cls: type) -> bool:
