@@ -126,6 +126,8 @@ class Orchestrator:
         self._eval_slots = PrioritySlots(config.max_evals_in_flight)
         self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
         self._systemic = SystemicFailureDetector(config.systemic_failure_window)
+        self._systemic.resume(any(o.failure is None for o in (known_evaluations or {}).values()),
+                              any(p.skipped is None for p in (known_proposals or {}).values()))
         self.stats = RunStats()
         self._evaluations = EvaluationCache(evaluator, self._eval_slots, self._budget, self.stats, self._observers,
                                             self._systemic, known_evaluations)

@@ -39,6 +39,12 @@ class SystemicFailureDetector:
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
 
+    def resume(self, evaluation_succeeded: bool, proposal_succeeded: bool) -> None:
+        """What an earlier session of the run already saw: after a success there, the first-N rules
+        do not apply again (a resumed run's fresh failures are ordinary data, as they would have been)."""
+        self._seen_success = self._seen_success or evaluation_succeeded
+        self._seen_proposal = self._seen_proposal or proposal_succeeded
+
     def observe_proposal(self, outcome: ProposalOutcome) -> None:
         """Like :meth:`observe`, for a reflection's outcome."""
         self._sticky(lambda: self._observe_proposal(outcome))

@@ -7,7 +7,7 @@ import pytest
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
-from dspy_turbogepa.engine.types import EvalOutcome
+from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 
 from .fakes import make_config
 
@@ -47,6 +47,18 @@ def test_fatal_failure_raises_at_once_even_after_success() -> None:
         det.observe(fail(error_type="AuthenticationError", msg="bad key", fatal=True))
     assert info.value.error_type == "AuthenticationError"
     assert "bad key" in str(info.value)
+
+
+def test_a_resumed_run_remembers_the_successes_of_its_earlier_sessions() -> None:
+    det = SystemicFailureDetector(2)
+    det.resume(evaluation_succeeded=True, proposal_succeeded=True)
+    for _ in range(10):  # replayed successes are cache hits, never observed: these are not "the first N"
+        det.observe(fail())
+        det.observe_proposal(ProposalOutcome(skipped="proposer_error", message="x"))
+    fresh = SystemicFailureDetector(2)
+    fresh.observe(fail())
+    with pytest.raises(SystemicFailureError):
+        fresh.observe(fail())
 
 
 def test_window_is_at_least_one() -> None:
