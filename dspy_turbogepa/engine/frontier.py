@@ -112,3 +112,47 @@ def pareto_front_members(fronts: Mapping[Any, Iterable[int]], aggregates: Mappin
             for v in own[p]:
                 alive[v] -= 1
     return survivors
+
+
+class FrontierTally:
+    """Best aggregate and GEPA's Pareto frontier, fed one candidate at a time, for the displays
+    (progress, MLflow) that watch a run from outside: the same per-instance rule as
+    :class:`ParetoFrontier`, without its fixed set of validation ids.
+
+    ``add`` costs O(validation size); the frontier size is recomputed lazily (O(sum of front sizes)),
+    at most once per read after new candidates arrived.
+    """
+
+    def __init__(self) -> None:
+        self.best: float | None = None
+        self.count = 0
+        self._inst_best: dict[Any, float] = {}
+        self._fronts: dict[Any, set[int]] = {}
+        self._aggregates: dict[int, float] = {}
+        self._size: int | None = None
+
+    def add(self, index: int, val_scores: Mapping[Any, float]) -> None:
+        self.count += 1
+        agg = sum(val_scores.values()) / len(val_scores) if val_scores else 0.0
+        self._aggregates[index] = agg
+        self.best = agg if self.best is None else max(self.best, agg)
+        for vid, score in val_scores.items():
+            best = self._inst_best.get(vid)
+            if best is None or score > best + SCORE_EPS:
+                self._inst_best[vid] = score
+                self._fronts[vid] = {index}
+            elif abs(score - best) <= SCORE_EPS:
+                self._fronts[vid].add(index)
+        self._size = None
+
+    @property
+    def size(self) -> int:
+        """How many candidates are on the frontier (see :func:`pareto_front_members`)."""
+        if self._size is None:
+            self._size = len(pareto_front_members(self._fronts, self._aggregates))
+        return self._size
+
+    @property
+    def front_agg(self) -> float | None:
+        """Mean over validation instances of the best score on each (gepa's ``valset_pareto_front_agg``)."""
+        return sum(self._inst_best.values()) / len(self._inst_best) if self._inst_best else None

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dspy_turbogepa.engine.frontier import SCORE_EPS, pareto_front_members
+from dspy_turbogepa.engine.frontier import FrontierTally, pareto_front_members
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.redaction import (
     is_sensitive_key,
@@ -223,9 +223,7 @@ class MlflowRunTracker(EngineObserver):
         self._mutations = 0
         self._best = -math.inf
         self._n_candidates = 0
-        self._front_best: dict[int, float] = {}
-        self._front: dict[int, set[int]] = {}
-        self._aggregates: dict[int, float] = {}
+        self._frontier = FrontierTally()
         self._last_sample = -math.inf
         self._metrics: list[Any] = []
         self._metrics_lock = threading.Lock()
@@ -307,14 +305,7 @@ class MlflowRunTracker(EngineObserver):
             idx = record.index
             self._n_candidates += 1
             self._best = max(self._best, record.aggregate)
-            self._aggregates[idx] = record.aggregate
-            for vid, score in record.val_scores.items():  # the engine's per-instance fronts (same tolerance)
-                best = self._front_best.get(vid)
-                if best is None or score > best + SCORE_EPS:
-                    self._front_best[vid] = score
-                    self._front[vid] = {idx}
-                elif abs(score - best) <= SCORE_EPS:
-                    self._front[vid].add(idx)
+            self._frontier.add(idx, record.val_scores)
             now = _now_ms()
             self._add_metrics({"candidate_val_score": record.aggregate}, step=idx, timestamp=now)
             self._sample(force=True)
@@ -347,9 +338,10 @@ class MlflowRunTracker(EngineObserver):
         }
         if self._n_candidates:
             values["best_val_score"] = self._best
-        if self._front:
-            values["pareto_front_size"] = len(pareto_front_members(self._front, self._aggregates))
-            values["pareto_front_agg"] = sum(self._front_best.values()) / len(self._front_best)
+        front_agg = self._frontier.front_agg
+        if front_agg is not None:
+            values["pareto_front_size"] = self._frontier.size
+            values["pareto_front_agg"] = front_agg
         step = self._mutations
         if stats is not None:
             values.update(stats_metrics(stats))
@@ -410,13 +402,12 @@ class MlflowRunTracker(EngineObserver):
 
     def _finish(self, result: EngineResult, program: Any) -> None:
         records = result.records
-        # the last progress sample, from the final stats and the authoritative frontier
-        self._front = {vid: set(f) for vid, f in result.fronts.items()}
-        for vid, front in self._front.items():
-            if front:
-                self._front_best[vid] = records[next(iter(front))].val_scores.get(vid, 0.0)
+        # the last progress sample, from the final stats and every accepted candidate (the engine's
+        # frontier is built from the same records, in the same order)
+        self._frontier = FrontierTally()
+        for r in records:
+            self._frontier.add(r.index, r.val_scores)
         self._n_candidates = len(records)
-        self._aggregates = {r.index: r.aggregate for r in records}
         self._best = max((r.aggregate for r in records), default=self._best)
         self._sample(force=True, stats=result.stats)
         best = records[result.best_index]

@@ -37,12 +37,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from dspy_turbogepa.engine.frontier import SCORE_EPS, pareto_front_members
+from dspy_turbogepa.engine.frontier import SCORE_EPS, FrontierTally
 from dspy_turbogepa.engine.observer import EngineObserver
 
 if TYPE_CHECKING:
@@ -85,42 +85,6 @@ class ProgressSource(Protocol):
     def backoffs(self) -> int | None: ...
 
 
-class _FrontierTracker:
-    """Best aggregate and the size of GEPA's Pareto frontier, fed one candidate at a time.
-
-    ``add`` costs O(validation size); the frontier size is recomputed lazily (O(sum of front sizes)),
-    at most once per read after new candidates arrived.
-    """
-
-    def __init__(self) -> None:
-        self.best: float | None = None
-        self.count = 0
-        self._inst_best: dict[Any, float] = {}
-        self._fronts: dict[Any, set[int]] = {}
-        self._aggregates: dict[int, float] = {}
-        self._size: int | None = None
-
-    def add(self, index: int, val_scores: Mapping[Any, float]) -> None:
-        self.count += 1
-        agg = sum(val_scores.values()) / len(val_scores) if val_scores else 0.0
-        self._aggregates[index] = agg
-        self.best = agg if self.best is None else max(self.best, agg)
-        for vid, score in val_scores.items():
-            best = self._inst_best.get(vid)
-            if best is None or score > best + SCORE_EPS:
-                self._inst_best[vid] = score
-                self._fronts[vid] = {index}
-            elif abs(score - best) <= SCORE_EPS:
-                self._fronts[vid].add(index)
-        self._size = None
-
-    @property
-    def size(self) -> int:
-        if self._size is None:
-            self._size = len(pareto_front_members(self._fronts, self._aggregates))
-        return self._size
-
-
 class OrchestratorSource:
     """:class:`ProgressSource` over an ``engine.Orchestrator``'s public attributes.
 
@@ -138,7 +102,7 @@ class OrchestratorSource:
         self._orch = orchestrator
         self._offset = int(calls_offset)
         self._frontier_fn = frontier_size
-        self._tracker = _FrontierTracker()
+        self._tracker = FrontierTally()
         self._seen = 0
 
     def _catch_up(self) -> None:
@@ -349,7 +313,7 @@ class ProgressDisplay(EngineObserver):
         self._funnel: list[int] = []
 
         # Compile-thread state.
-        self._tracker = _FrontierTracker()
+        self._tracker = FrontierTally()
         self._samples: deque[tuple[float, int]] = deque()
         self._closed = False
         self._mode: str | None = None  # "bar", "log" or "off", decided at the first tick
