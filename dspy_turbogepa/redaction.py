@@ -100,6 +100,11 @@ _KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+def strip_userinfo(url: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://host/...``: a URL fit to name an endpoint."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "", url)
+
+
 def _normalise_key(key: str) -> str:
     return re.sub(r"[^a-z0-9]", "", key.lower())
 

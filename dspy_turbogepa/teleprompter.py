@@ -21,6 +21,7 @@ from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.reflective import (
@@ -267,9 +268,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if not isinstance(failure_score, (int, float)) or not isinstance(perfect_score, (int, float)):
             raise TypeError("failure_score and perfect_score must be numbers.")
         if seed is not None:
-            if _as_int(seed) is None:
+            number = _as_int(seed)
+            if number is None:
                 raise TypeError(f"seed must be an int or None, got {seed!r}.")
-            seed = _as_int(seed)
+            seed = number
         if not isinstance(reduction_factor, (int, float)) or reduction_factor <= 1:
             raise ValueError(f"reduction_factor must be a number > 1, got {reduction_factor!r}.")
         if rung_fractions is not None:
@@ -634,11 +636,10 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
                     if is_sensitive_key(name) and isinstance(value, str):
                         candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
         keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
-        for field in ("api_base", "base_url"):  # a URL's password is never a placeholder word
-            url = kwargs.get(field)
-            password = urlsplit(url).password if isinstance(url, str) else None
-            if password:
-                keys.append(password)  # run_secrets ignores values shorter than MIN_ENV_SECRET_LENGTH
+        url = lm_api_base(lm)
+        password = urlsplit(url).password if url else None
+        if password:  # a URL's password is never a placeholder word (run_secrets drops short values)
+            keys.append(password)
     return keys
 
 

@@ -97,13 +97,18 @@ class DspyTrajectory:
     service_failure: bool = False
 
 
+def in_dspy_package(cls: type) -> bool:
+    """Whether ``cls`` is DSPy's own (``dspy`` or a submodule), as opposed to the user's code."""
+    module = cls.__module__ or ""
+    return module == "dspy" or module.startswith("dspy.")
+
+
 def defines_own_aforward(program: Any) -> bool:
     """Whether the user's code gives ``program`` an ``aforward``: the nearest class in its MRO that
     defines one lies outside the ``dspy`` package (a subclass of ``dspy.Predict`` inherits Predict's)."""
     for cls in type(program).__mro__:
         if "aforward" in vars(cls):
-            module = cls.__module__ or ""
-            return module != "dspy" and not module.startswith("dspy.")
+            return not in_dspy_package(cls)
     return False
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +26,8 @@ from typing import Any
 
 import dspy
 from dspy.utils.usage_tracker import UsageTracker, track_usage
+
+from dspy_turbogepa.redaction import strip_userinfo
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +109,20 @@ def _note_history_entry(entry: Any) -> None:
         box.add_cost(entry.get("cost"), entry.get("model"))
 
 
-def endpoint_key(lm: Any) -> str:
-    """Which provider endpoint an LM talks to: its model plus its api_base (when set)."""
-    model = getattr(lm, "model", None) or type(lm).__name__
-    kwargs = getattr(lm, "kwargs", None) or {}
+def lm_api_base(lm: Any) -> str | None:
+    """The endpoint URL an LM is configured with (``api_base`` / ``base_url``), userinfo included."""
+    kwargs = getattr(lm, "kwargs", None)
     base = (kwargs.get("api_base") or kwargs.get("base_url")) if isinstance(kwargs, dict) else None
     base = base or getattr(lm, "api_base", None)
-    if isinstance(base, str):  # an identifier for stats and logs: never the URL's userinfo
-        base = re.sub(r"(?<=://)[^/@\s]*@", "", base)
-    return f"{model}@{base}" if base else str(model)
+    return base if isinstance(base, str) else None
+
+
+def endpoint_key(lm: Any) -> str:
+    """Which provider endpoint an LM talks to: its model plus its api_base (when set), never the URL's
+    userinfo (the key names the endpoint in stats and logs)."""
+    model = getattr(lm, "model", None) or type(lm).__name__
+    base = lm_api_base(lm)
+    return f"{model}@{strip_userinfo(base)}" if base else str(model)
 
 
 def endpoint_model(key: str) -> str:

@@ -21,12 +21,14 @@ from typing import Any
 
 import dspy
 
-from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
+from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep, in_dspy_package
+from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
+from dspy_turbogepa.redaction import strip_userinfo
 from dspy_turbogepa.store import stable_hash
 
 logger = logging.getLogger(__name__)
@@ -135,13 +137,11 @@ def lm_identity(lm: Any) -> Any:
         return None
     kwargs = getattr(lm, "kwargs", None)
     kwargs = kwargs if isinstance(kwargs, dict) else {}
-    base = kwargs.get("api_base") or kwargs.get("base_url") or getattr(lm, "api_base", None)
-    if isinstance(base, str):
-        base = re.sub(r"(?<=://)[^/@\s]*@", "", base)
+    base = lm_api_base(lm)
     return {
         "class": f"{type(lm).__module__}.{type(lm).__qualname__}",
         "model": getattr(lm, "model", None),
-        "api_base": base,
+        "api_base": strip_userinfo(base) if base else None,
         **{k: _hashable(kwargs[k]) for k in _ANSWER_KWARGS if kwargs.get(k) is not None},
     }
 
@@ -241,11 +241,6 @@ def _hashable(value: Any) -> Any:
     return _to_json(value, leaf)
 
 
-def _in_dspy(cls: type) -> bool:
-    module = cls.__module__ or ""
-    return module == "dspy" or module.startswith("dspy.")
-
-
 def run_key(
     student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
     *, metric: Callable[..., Any] | None = None, failure_score: float = 0.0, context_lm: Any = None,
@@ -261,7 +256,7 @@ def run_key(
     structure: list[Any] = [
         # the code of the user's own modules (a fixed forward() must not replay the broken one's failures)
         sorted({callable_identity(getattr(type(m), "forward", None)) for _, m in student.named_sub_modules()
-                if not _in_dspy(type(m))})
+                if not in_dspy_package(type(m))})
     ]
     for name, pred in student.named_predictors():
         state = {k: v for k, v in pred.dump_state().items() if k != "lm"}

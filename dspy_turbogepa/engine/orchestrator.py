@@ -852,7 +852,8 @@ class Orchestrator:
         return tuple(usable)
 
     def _teaches(self, outcome: EvalOutcome) -> bool:
-        """A failure a reflection can learn from: traced, and not a metric that raised or a rate limit."""
+        """A failure a reflection can learn from: traced, not a metric that raised, and not the LM
+        service's (``service_failure``: a bad key, rate-limit or transient retries given up)."""
         return outcome.score < self.config.perfect_score and outcome.trajectory is not None \
             and not outcome.service_failure and outcome.failure != "metric_error"
 

@@ -69,7 +69,7 @@ class SystemicFailureDetector:
                 f"Stopping: the instruction proposer failed with an error retrying cannot fix: {outcome.message}. "
                 "Check reflection_lm's model name, api_base and API key.",
                 failure="proposer_error",
-                error_type=(outcome.message or "").split(":", 1)[0] or None,
+                error_type=outcome.error_type,
             )
         if self._seen_proposal or outcome.skipped not in PROPOSER_FAILURES:
             return

@@ -66,8 +66,9 @@ class ProposalOutcome:
     skipped: str | None = None
     message: str | None = None
     #: The proposer failed in a way no retry fixes (the reflection LM's key, model or endpoint): the
-    #: run stops at once, as for a fatal evaluation.
+    #: run stops at once, as for a fatal evaluation. ``error_type`` names the error.
     fatal: bool = False
+    error_type: str | None = None
     reflection_calls: int = 0
     reflection_prompt_tokens: int = 0
     reflection_completion_tokens: int = 0

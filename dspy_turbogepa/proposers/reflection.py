@@ -119,7 +119,8 @@ class ReflectiveProposer:
             message = mask_text(f"{type(exc).__name__}: {exc}")
             logger.warning("The instruction proposer raised %s", message)
             fatal = fatal_error_name(exc, self._fatal)
-            return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None)
+            return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None,
+                                   error_type=fatal or type(exc).__name__)
         outcome = _validate_answer(answer, parent_texts, to_update)
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart

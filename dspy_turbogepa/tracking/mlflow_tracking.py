@@ -46,6 +46,7 @@ from dspy_turbogepa.redaction import (
     mask_json_text,
     mask_text,
     redact,
+    strip_userinfo,
 )
 
 if TYPE_CHECKING:
@@ -252,9 +253,9 @@ class MlflowRunTracker(EngineObserver):
                 self._warn(f"MLflow tracking server {_safe_uri(uri)} is unreachable ({problem}); the run is not "
                            "tracked")
                 return
+            self._client = MlflowClient(tracking_uri=uri)
             active = mlflow.active_run()
-            if active is not None and "turbogepa.version" in MlflowClient(tracking_uri=uri).get_run(
-                    active.info.run_id).data.tags:
+            if active is not None and "turbogepa.version" in self._client.get_run(active.info.run_id).data.tags:
                 # The user's run already holds a compile: a second one logged into it would mix params,
                 # metric histories and artefacts of both. It gets a run of its own, nested under it.
                 logger.info("MLflow run %s already holds a TurboGEPA compile; this one logs to a nested run",
@@ -269,7 +270,6 @@ class MlflowRunTracker(EngineObserver):
                 active = mlflow.start_run(run_name=run_name or "turbogepa", tags=tags)
                 self.started_run = True
             self.run_id = active.info.run_id
-            self._client = MlflowClient(tracking_uri=uri)
             self._server_uri = uri if uri.startswith(("http://", "https://")) else None
         except Exception as exc:  # noqa: BLE001
             self._warn(f"could not start or attach to an MLflow run ({type(exc).__name__}: {exc}); the run is not "
@@ -628,7 +628,7 @@ def _looks_unreachable(exc: BaseException) -> bool:
 
 def _safe_uri(uri: str) -> str:
     """The URI without credentials (``https://user:pass@host`` -> ``https://host``)."""
-    return mask_text(re.sub(r"//[^/@]*@", "//", uri))
+    return mask_text(strip_userinfo(uri))
 
 
 def _probe_tracking_server(uri: str, timeout: float) -> str | None:

@@ -231,7 +231,7 @@ class FakeReflector:
             reason = self.skip(n)
             if reason == "fatal":  # the reflection LM's key was refused
                 return ProposalOutcome(skipped="proposer_error", message="AuthenticationError: bad key", fatal=True,
-                                       reflection_calls=1)
+                                       error_type="AuthenticationError", reflection_calls=1)
             if reason is not None:
                 return ProposalOutcome(skipped=reason, message="injected skip", reflection_calls=1)
         if self.fixed is not None:

@@ -420,7 +420,7 @@ def test_a_fatal_proposer_failure_stops_the_run_at_once() -> None:
     refl = FakeReflector(skip=lambda n: "fatal" if n >= 3 else None)  # fatal even after successes
     orch = build(make_config(max_metric_calls=5000), FakeEvaluator(setup.task, 1), refl, setup)
     err, _, _ = run_until_error(orch, orch._evaluator)
-    assert "reflection_lm" in str(err) and "AuthenticationError" in str(err)
+    assert "reflection_lm" in str(err) and err.error_type == "AuthenticationError"
 
 
 def test_proposer_failures_after_a_usable_proposal_are_ordinary() -> None:
