@@ -24,19 +24,10 @@ from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.program import ProgramCodec
-from dspy_turbogepa.adapter.reflective import (
-    ReflectiveDatasetBuilder,
-    is_builtin_proposer,
-    with_trace_data,
-)
+from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
 from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
-from dspy_turbogepa.engine import (
-    Candidate,
-    EngineConfig,
-    Orchestrator,
-    RunInterruptedError,
-)
+from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator, RunInterruptedError
 from dspy_turbogepa.engine.config import (
     CANDIDATE_SELECTIONS,
     MINIBATCH_SAMPLINGS,
@@ -50,11 +41,7 @@ from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 from dspy_turbogepa.redaction import is_sensitive_key, run_secrets
-from dspy_turbogepa.tracking import (
-    CompileThreadCallbackPump,
-    MlflowRunTracker,
-    register_with_mlflow_autolog,
-)
+from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
 logger = logging.getLogger(__name__)
@@ -521,11 +508,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         an earlier process stored does not leave its writer thread and connection behind."""
         if not self.log_dir:
             return None, [], None, None
-        from dspy_turbogepa.adapter.persistence import (
-            StoreObserver,
-            load_known,
-            run_key,
-        )
+        from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, run_key
         from dspy_turbogepa.store import RunStore
 
         key = run_key(

@@ -7,10 +7,11 @@ import time
 
 import dspy
 import pytest
-from helpers import small_splits
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+from helpers import small_splits
 
 
 def _run(routing, call_seconds=0.005, **kw):

@@ -10,14 +10,11 @@ from pathlib import Path
 import dspy
 import pytest
 from dspy.teleprompt.gepa.gepa import DspyGEPAResult
-from helpers import CountingMetric, small_splits
 
 from dspy_turbogepa import TurboGEPA, TurboGEPAResult
-from dspy_turbogepa.testing.fake_lm import (
-    make_reflection_lm,
-    make_student_lm,
-    sim_engine,
-)
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
+
+from helpers import CountingMetric, small_splits
 
 
 def instructions(program: dspy.Module) -> dict[str, str]:

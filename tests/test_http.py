@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dspy
 import pytest
-from helpers import small_splits
 
 from dspy_turbogepa import SystemicFailureError, TurboGEPA
 from dspy_turbogepa.testing import SimServer
+
+from helpers import small_splits
 
 pytestmark = pytest.mark.http
 

@@ -16,10 +16,11 @@ import threading
 
 import dspy
 import pytest
-from helpers import small_splits
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+from helpers import small_splits
 
 TARGET = 12
 TIMEOUT_S = 20.0

@@ -9,9 +9,9 @@ calls finish for a short grace period, then cancels the rest and returns what wa
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
+import asyncio
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar

@@ -6,12 +6,7 @@ from dspy_turbogepa.engine.errors import RunInterruptedError, SystemicFailureErr
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.orchestrator import Orchestrator
 from dspy_turbogepa.engine.records import CandidateRecord, EngineResult, RunStats
-from dspy_turbogepa.engine.types import (
-    EvalOutcome,
-    Evaluator,
-    ProposalOutcome,
-    Reflector,
-)
+from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, ProposalOutcome, Reflector
 
 __all__ = [
     "Candidate",

@@ -42,12 +42,7 @@ from dspy_turbogepa.engine.records import (
     StopReason,
 )
 from dspy_turbogepa.engine.rungs import RungLadder, promotion_decision
-from dspy_turbogepa.engine.sampling import (
-    LINEAGE_DEPTH,
-    EpochShuffledSampler,
-    FailureFirstSampler,
-    LineageKnowledge,
-)
+from dspy_turbogepa.engine.sampling import LINEAGE_DEPTH, EpochShuffledSampler, FailureFirstSampler, LineageKnowledge
 from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector

@@ -24,11 +24,7 @@ import dspy
 from dspy.utils.callback import BaseCallback
 
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
-from dspy_turbogepa.adapter.ratelimit import (
-    FATAL_ERROR_TYPES,
-    FATAL_ONCE_ANSWERED,
-    fatal_error_name,
-)
+from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, FATAL_ONCE_ANSWERED, fatal_error_name
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 from dspy_turbogepa.redaction import mask_text

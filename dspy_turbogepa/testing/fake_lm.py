@@ -26,12 +26,7 @@ import dspy
 from dspy.clients.engines.base import validate_request
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
-from dspy_turbogepa.testing.responder import (
-    Completion,
-    Responder,
-    ResponderConfig,
-    Role,
-)
+from dspy_turbogepa.testing.responder import Completion, Responder, ResponderConfig, Role
 from dspy_turbogepa.testing.tasks import get_task
 
 __all__ = [

@@ -44,12 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from dspy_turbogepa.testing.responder import (
-    ModelConfig,
-    Responder,
-    SimConfig,
-    SimLMError,
-)
+from dspy_turbogepa.testing.responder import ModelConfig, Responder, SimConfig, SimLMError
 
 __all__ = ["SimServer", "main"]
 
