@@ -18,6 +18,17 @@ from dspy_turbogepa.engine.config import CandidateSelection
 SCORE_EPS = 1e-9
 
 
+def _record_on_front(best: dict[Any, float], fronts: dict[Any, set[int]], index: int, vid: Any, score: float) -> None:
+    """GEPA's per-instance front: a better score starts the front anew, an equal one (within
+    ``SCORE_EPS``) joins it."""
+    current = best.get(vid)
+    if current is None or score > current + SCORE_EPS:
+        best[vid] = score
+        fronts[vid] = {index}
+    elif abs(score - current) <= SCORE_EPS:
+        fronts[vid].add(index)
+
+
 class ParetoFrontier:
     """Per-instance fronts over candidate indices (0 = seed, then in commit order)."""
 
@@ -37,13 +48,7 @@ class ParetoFrontier:
             raise ValueError(f"candidate {index} lacks full-validation scores for {len(missing)} instances")
         self._aggregate[index] = sum(scores[i] for i in self._val_ids) / max(1, len(self._val_ids))
         for vid in self._val_ids:
-            s = scores[vid]
-            best = self._best.get(vid)
-            if best is None or s > best + SCORE_EPS:
-                self._best[vid] = s
-                self._fronts[vid] = {index}
-            elif abs(s - best) <= SCORE_EPS:
-                self._fronts[vid].add(index)
+            _record_on_front(self._best, self._fronts, index, vid, scores[vid])
 
     def best_scores(self) -> dict[int, float]:
         return dict(self._best)
@@ -137,12 +142,7 @@ class FrontierTally:
         self._aggregates[index] = agg
         self.best = agg if self.best is None else max(self.best, agg)
         for vid, score in val_scores.items():
-            best = self._inst_best.get(vid)
-            if best is None or score > best + SCORE_EPS:
-                self._inst_best[vid] = score
-                self._fronts[vid] = {index}
-            elif abs(score - best) <= SCORE_EPS:
-                self._fronts[vid].add(index)
+            _record_on_front(self._inst_best, self._fronts, index, vid, score)
         self._size = None
 
     @property
