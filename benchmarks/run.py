@@ -277,6 +277,13 @@ def run_cell(cfg: Run) -> Run:
 
         final_val = None
         dr = getattr(optimized, "detailed_results", None)
+        # "while work is available": the engine's own account of evaluation-slot demand (evaluations in
+        # flight or waiting for a slot, capped at num_threads), against its slots in use and against
+        # the student requests the server actually saw in flight (turbo only: dspy.GEPA keeps no such
+        # account). The server figure also catches a client stack that holds a slot without a request.
+        slots = dict((getattr(dr, "run_stats", None) or {}).get("evaluation_slots") or {})
+        demand = slots.get("demand_slot_seconds") or 0.0
+        stu_area = stu.get("mean_concurrency", 0.0) * stu.get("elapsed_s", 0.0)
         if dr is not None:
             with suppress(AttributeError, IndexError, TypeError, ValueError):
                 final_val = float(dr.val_aggregate_scores[dr.best_idx])
@@ -315,6 +322,10 @@ def run_cell(cfg: Run) -> Run:
         # the share of the window used while one was
         "student_busy_share": min(1.0, stu.get("busy_s", 0.0) / wall) if wall > 0 else 0.0,
         "student_util_while_busy": stu.get("mean_concurrency_while_busy", 0.0) / cfg["threads"],
+        "student_util_while_work_available_engine": slots.get("utilisation_while_work_available"),
+        "student_util_while_work_available_server": stu_area / demand if demand > 0 else None,
+        "eval_demand_share": (min(1.0, slots.get("seconds_with_demand", 0.0) / wall)
+                              if slots and wall > 0 else None),
         "reflector_mean_inflight": ref_mean,
         "reflector_peak_inflight": ref.get("peak_concurrency", 0),
         "full_val_candidates": sum(1 for d in seen.values() if len(d) == n_val),
@@ -563,15 +574,20 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
          " whole compile time / all their LM calls. CPU = process CPU minus the simulator thread."
          " Student util = time-averaged in-flight student LM requests during compile / threads; it is"
          " the product of the two columns after it, run by run (not for the medians): the share of the"
-         " compile with any student request in flight (busy), and the util while one was. A column"
+         " compile with any student request in flight (busy), and the util while one was. Util while"
+         " work available (turbo only) = student slot-seconds used / slot-seconds demanded, where the"
+         " demand at each instant is the evaluations in flight or waiting for a slot, capped at"
+         " threads: 'engine' counts the slots the engine held, 'server' the student requests the"
+         " simulator saw in flight; 'demand share' = the share of the compile with any demand. A column"
          " some runs lack (made before it existed) is the median of the runs that have it, marked"
          " (n=...). LM calls = student + reflection. Every seed uses the same data split (data_seed 0);"
          " a seed varies the simulator's noise and latency draws and the optimizers' own seeds."),
         "",
         ("| task | budget | optimizer | n | seed test | final test | final val | target | reached | time to target s"
          " | LM calls to target | compile wall s | harness CPU s | metric calls | LM calls student | LM calls reflector"
-         " | student util | student busy | util while busy | peak RSS MB |"),
-        "|" + "---|" * 20,
+         " | student util | student busy | util while busy | util while work available engine / server"
+         " | demand share | peak RSS MB |"),
+        "|" + "---|" * 22,
     ]
     targets: dict[tuple[str, int], tuple[float, str]] = {}
     for (task, budget), by_opt in sorted(groups.items()):
@@ -594,7 +610,9 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
                 f" | {col('compile_wall_s', 1)} | {col('harness_cpu_s', 1)} | {col('metric_calls', 0)}"
                 f" | {col('lm_calls_student', 0)} | {col('lm_calls_reflector', 0)}"
                 f" | {col('student_concurrency_utilisation', 2)} | {col('student_busy_share', 2)}"
-                f" | {col('student_util_while_busy', 2)} | {col('peak_rss_mb', 0)} |"
+                f" | {col('student_util_while_busy', 2)} | {col('student_util_while_work_available_engine', 2)}"
+                f" / {col('student_util_while_work_available_server', 2)} | {col('eval_demand_share', 2)}"
+                f" | {col('peak_rss_mb', 0)} |"
             )
 
     lines += [

@@ -33,6 +33,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     table = (tmp_path / "table.md").read_text()
     assert "| routing | 60 | turbo |" in table and "| routing | 60 | gepa |" in table
     assert "| student util |" in table.splitlines()[4]
+    assert "| util while work available engine / server |" in table.splitlines()[4]
     assert "## Targets" in table and "## Ratios" in table
     assert "| routing | 60 | gepa |" in table.split("## Ratios", 1)[1]  # the turbo-vs-gepa ratio row
     assert (tmp_path / "best_val_vs_time.png").stat().st_size > 1000
@@ -57,6 +58,15 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         assert r["student_busy_share"] * r["student_util_while_busy"] == pytest.approx(
             r["student_concurrency_utilisation"], rel=0.05)
         assert r["student_peak_inflight"] <= 64  # the benchmark preset's provider cap
+        # utilisation while work is available: turbo's slot account, seen by the engine and the server
+        engine, server = (r["student_util_while_work_available_engine"],
+                          r["student_util_while_work_available_server"])
+        if r["optimizer"] == "turbo":
+            assert engine == pytest.approx(1.0, abs=1e-3)  # the scheduler never idles a slot while work waits
+            assert 0.2 < server <= engine + 1e-6  # a request is in flight only inside a held slot
+            assert 0 < r["eval_demand_share"] <= 1
+        else:
+            assert engine is None and server is None and r["eval_demand_share"] is None
         assert r["peak_rss_mb"] > 10
         curve = r["best_val_curve"]
         assert curve, "no candidate's full-valset score was observed"

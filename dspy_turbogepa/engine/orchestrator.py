@@ -118,7 +118,7 @@ class Orchestrator:
         )
         self._knowledge = LineageKnowledge(config.perfect_score)
         self._selector = ComponentSelector(list(seed_candidate.texts), config.component_selector)
-        self._eval_slots = PrioritySlots(config.max_evals_in_flight)
+        self._eval_slots = PrioritySlots(config.max_evals_in_flight, clock)
         self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
         self._systemic = SystemicFailureDetector(config.systemic_failure_window)
         self._systemic.resume(any(o.failure is None for o in (known_evaluations or {}).values()),
@@ -1098,6 +1098,7 @@ class Orchestrator:
     def _result(self) -> EngineResult:
         reason: StopReason = self._stop_reason or "max_metric_calls"
         self.stats.operator_credit = self._credit.to_dict()
+        self.stats.evaluation_slots = self._eval_slots.use().to_dict()
         return EngineResult(
             records=list(self._records),
             fronts=self._frontier.fronts(),

@@ -134,6 +134,9 @@ class RunStats:
     rate_limits: dict[str, object] = field(default_factory=dict)
     #: Per proposal kind: attempts, children surviving rung 0, accepted, Laplace-smoothed rates.
     operator_credit: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Evaluation-slot account at the end of the run (scheduling.SlotUse.to_dict): slot-seconds in
+    #: use and demanded, and their ratio, the share of the window used while work was available.
+    evaluation_slots: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,6 +165,7 @@ class RunStats:
             "rate_limit_retries": self.rate_limit_retries,
             "operator_credit": self.operator_credit,
             "rate_limits": self.rate_limits,
+            "evaluation_slots": self.evaluation_slots,
         }
 
 

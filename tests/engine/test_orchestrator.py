@@ -267,6 +267,20 @@ def test_fast_mode_runs_and_respects_budget_with_real_sleeps() -> None:
         assert len(result.records) > 1
 
 
+def test_slot_account_is_reported_and_the_scheduler_is_work_conserving() -> None:
+    """The run reports its evaluation-slot account; with real waits, slots in use equal the demand
+    (in use + waiting, capped at the window) over the run: no slot idles while an evaluation waits."""
+    setup = hard_setup(train_n=18, val_n=16)
+    cfg = make_config(max_metric_calls=200, max_evals_in_flight=4, rung_fractions=(0.25, 1.0), seed=1)
+    ev = FakeEvaluator(setup.task, 1, real_sleep=0.002)
+    result, orch, ev, _ = run_fakes(cfg, setup, evaluator=ev, reflector=FakeReflector(1, real_sleep=0.002))
+    slots = result.stats.to_dict()["evaluation_slots"]
+    assert slots["window"] == 4
+    assert slots["busy_slot_seconds"] > 0 and slots["seconds_with_demand"] > 0
+    assert slots["busy_slot_seconds"] <= 4 * slots["seconds_with_demand"] + 1e-9
+    assert slots["utilisation_while_work_available"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_seed_candidate_texts_are_kept() -> None:
     setup = Setup(seed_texts={"instr": "base kw0 kw1"})
     setup.train_ids = tuple(range(12))

@@ -191,3 +191,92 @@ def test_slot_released_on_exception() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         PrioritySlots(0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_slot_account_integrates_use_and_demand_capped_at_the_window() -> None:
+    """2 slots, 3 evaluations wanting one: demand is capped at the window, and a waiter counts as
+    demand until it is served; idle time (nothing in use or waiting) counts for neither."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        slots = PrioritySlots(2, clock)
+        await slots.acquire(0)
+        clock.now = 1.0  # 1 s: 1 in use, demand 1
+        await slots.acquire(0)
+        clock.now = 3.0  # 2 s: 2 in use, demand 2
+        third = asyncio.create_task(slots.acquire(0))
+        await settle()
+        assert slots.waiting == 1
+        clock.now = 4.0  # 1 s: 2 in use, 1 waiting -> demand capped at 2
+        slots.release()  # the waiter takes the freed slot at once
+        await asyncio.wait_for(third, 1.0)
+        clock.now = 6.0  # 2 s: 2 in use
+        slots.release()
+        slots.release()
+        clock.now = 100.0  # idle: neither use nor demand
+        use = slots.use()
+        assert use.window == 2
+        assert use.busy_slot_seconds == pytest.approx(1 + 2 * 2 + 2 * 1 + 2 * 2)
+        assert use.demand_slot_seconds == pytest.approx(use.busy_slot_seconds)
+        assert use.seconds_with_demand == pytest.approx(6.0)
+        assert use.utilisation_while_work_available == pytest.approx(1.0)
+
+    asyncio.run(main())
+
+
+def test_slot_account_shows_a_lowered_window_leaving_work_waiting() -> None:
+    """A window lowered below the configured one (rate limiting) while work waits is use below
+    demand: the account is measured against the allowed window, not assumed to be full."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        slots = PrioritySlots(2, clock)
+        slots.set_capacity(1)
+        await slots.acquire(0)
+        waiter = asyncio.create_task(slots.acquire(0))
+        await settle()
+        clock.now = 2.0  # 2 s: 1 in use, 1 waiting -> demand 2
+        slots.release()
+        await asyncio.wait_for(waiter, 1.0)
+        clock.now = 3.0  # 1 s: 1 in use, demand 1
+        slots.release()
+        use = slots.use()
+        assert use.busy_slot_seconds == pytest.approx(3.0)
+        assert use.demand_slot_seconds == pytest.approx(5.0)
+        assert use.utilisation_while_work_available == pytest.approx(0.6)
+        assert use.to_dict()["utilisation_while_work_available"] == pytest.approx(0.6)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_stops_counting_as_demand() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        slots = PrioritySlots(2, clock)
+        slots.set_capacity(1)
+        await slots.acquire(0)
+        waiter = asyncio.create_task(slots.acquire(0))
+        await settle()
+        clock.now = 1.0  # 1 s: 1 in use, 1 waiting -> demand 2
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        clock.now = 5.0  # 4 s: 1 in use, nothing waiting -> demand 1
+        slots.release()
+        use = slots.use()
+        assert use.busy_slot_seconds == pytest.approx(5.0) and use.demand_slot_seconds == pytest.approx(6.0)
+        assert slots.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_no_demand_means_no_utilisation_figure() -> None:
+    assert PrioritySlots(4).use().utilisation_while_work_available is None
