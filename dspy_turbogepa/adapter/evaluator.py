@@ -34,7 +34,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -179,6 +178,7 @@ class DspyEvaluator:
         self._failure_score = failure_score
         self._keep_outputs = keep_outputs
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-eval")
+        self._context_key: tuple[Any, str] | None = None
         if use_async is None:
             use_async = defines_own_aforward(codec.student)
         self.use_async = use_async
@@ -219,7 +219,7 @@ class DspyEvaluator:
         if context_lm is not None:
             context_copy = self._copies.get(context_lm)
             if uses_context:
-                keys.add(endpoint_key(context_lm))
+                keys.add(self._context_endpoint(context_lm))
         usage = RolloutUsage()
         retries = {"rate_limited": 0, "transient": 0}
         started = self._clock()
@@ -293,6 +293,13 @@ class DspyEvaluator:
         )
 
     # ------------------------------------------------------------------ LMs and endpoints
+    def _context_endpoint(self, lm: Any) -> str:
+        """``endpoint_key`` of the configured LM, asked for on every evaluation: kept per LM object."""
+        hit = self._context_key
+        if hit is None or hit[0] is not lm:
+            hit = self._context_key = (lm, endpoint_key(lm))
+        return hit[1]
+
     def _prepare(self, program: dspy.Module) -> tuple[frozenset[str], bool]:
         """Point the built program's per-predictor LMs at our retry-less copies (once per program
         object; the program is our own deep copy) and note which endpoints it uses."""
@@ -344,8 +351,7 @@ class DspyEvaluator:
                 self._pool, ctx.run, self._attempt_sync, program, names, example, example_id, split, capture, lm
             )
         with rollout_usage(self._prices) as usage:
-            with dspy.context(lm=lm) if lm is not None else nullcontext():
-                pred, raw_trace, error = await self._run_async(program, example, capture)
+            pred, raw_trace, error = await self._run_async(program, example, capture, lm)
             _attach_usage(pred, usage)
         verdict = self._verdict(error)
         if verdict is not None:
@@ -363,8 +369,7 @@ class DspyEvaluator:
         capture: bool, lm: Any,
     ) -> _Attempt:
         with rollout_usage(self._prices) as usage:
-            with dspy.context(lm=lm) if lm is not None else nullcontext():
-                pred, raw_trace, error = self._run_sync(program, example, capture)
+            pred, raw_trace, error = self._run_sync(program, example, capture, lm)
             _attach_usage(pred, usage)
             verdict = self._verdict(error)
             if verdict is None:
@@ -373,10 +378,20 @@ class DspyEvaluator:
             return _Attempt(None, verdict, pred, raw_trace, error, usage)
         return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
 
+    @staticmethod
+    def _rollout_settings(capture: bool, lm: Any) -> dict[str, Any]:
+        """What the program runs under: a fresh trace (when reflection will read it) and our
+        retry-less copy of the configured LM; one ``dspy.context`` for both (it is entered on every
+        rollout). The metric runs outside it, with the user's own settings."""
+        settings: dict[str, Any] = {"trace": [] if capture else None}
+        if lm is not None:
+            settings["lm"] = lm
+        return settings
+
     async def _run_async(
-        self, program: dspy.Module, example: dspy.Example, capture: bool
+        self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
     ) -> tuple[Any, list[Any], BaseException | None]:
-        with dspy.context(trace=[] if capture else None):
+        with dspy.context(**self._rollout_settings(capture, lm)):
             try:
                 pred = await program.acall(**example.inputs())
                 error = None
@@ -386,9 +401,9 @@ class DspyEvaluator:
         return pred, trace, error
 
     def _run_sync(
-        self, program: dspy.Module, example: dspy.Example, capture: bool
+        self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
     ) -> tuple[Any, list[Any], BaseException | None]:
-        with dspy.context(trace=[] if capture else None):
+        with dspy.context(**self._rollout_settings(capture, lm)):
             try:
                 pred = program(**example.inputs())
                 error: BaseException | None = None

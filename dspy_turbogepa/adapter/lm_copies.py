@@ -91,9 +91,12 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
             try:
                 yield box
             finally:
-                box.calls += sum(len(entries) for entries in tracker.usage_data.values())
-                for model, totals in tracker.get_total_tokens().items():
-                    prompt, completion = _count(totals.get("prompt_tokens")), _count(totals.get("completion_tokens"))
+                # the two counts summed directly: the tracker's get_total_tokens() merges every
+                # field of every entry recursively, a cost paid on every rollout for two numbers
+                for model, entries in tracker.usage_data.items():
+                    box.calls += len(entries)
+                    prompt = sum(_count(e.get("prompt_tokens")) for e in entries)
+                    completion = sum(_count(e.get("completion_tokens")) for e in entries)
                     box.prompt_tokens += prompt
                     box.completion_tokens += completion
                     price = _price_for(box.prices, model)

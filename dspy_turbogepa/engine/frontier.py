@@ -37,6 +37,9 @@ class ParetoFrontier:
         self._best: dict[int, float] = {}
         self._fronts: dict[int, set[int]] = {i: set() for i in self._val_ids}
         self._aggregate: dict[int, float] = {}
+        # non_dominated() is asked for at every plan and merge search, the frontier changes only at a
+        # commit: computed once per change
+        self._non_dominated: dict[int, set[int]] | None = None
 
     @property
     def val_ids(self) -> tuple[int, ...]:
@@ -47,6 +50,7 @@ class ParetoFrontier:
         if missing:
             raise ValueError(f"candidate {index} lacks full-validation scores for {len(missing)} instances")
         self._aggregate[index] = sum(scores[i] for i in self._val_ids) / max(1, len(self._val_ids))
+        self._non_dominated = None
         for vid in self._val_ids:
             _record_on_front(self._best, self._fronts, index, vid, scores[vid])
 
@@ -67,10 +71,12 @@ class ParetoFrontier:
         return set().union(*self._fronts.values()) if self._fronts else set()
 
     def non_dominated(self) -> dict[int, set[int]]:
-        """Fronts without the dominated candidates (see :func:`pareto_front_members`)."""
-        fronts = {vid: set(f) for vid, f in self._fronts.items() if f}
-        survivors = pareto_front_members(fronts, self._aggregate)
-        return {vid: f & survivors for vid, f in fronts.items()}
+        """Fronts without the dominated candidates (see :func:`pareto_front_members`); a copy."""
+        if self._non_dominated is None:
+            fronts = {vid: set(f) for vid, f in self._fronts.items() if f}
+            survivors = pareto_front_members(fronts, self._aggregate)
+            self._non_dominated = {vid: f & survivors for vid, f in fronts.items()}
+        return {vid: set(f) for vid, f in self._non_dominated.items()}
 
     def select_parent(self, rng: random.Random, strategy: CandidateSelection) -> int:
         if not self._aggregate:

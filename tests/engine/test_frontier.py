@@ -109,6 +109,22 @@ def test_non_dominated_removes_dominated_candidates() -> None:
     assert f.non_dominated() == {0: {1}, 1: {1}, 2: {2}, 3: {1, 2}}
 
 
+def test_non_dominated_follows_every_add_and_returns_copies() -> None:
+    """It is computed once per change of the frontier: a later add must show, and what a caller
+    does with the answer must not leak into the next one."""
+    f = frontier([1.0, 0.0], [0.0, 1.0])
+    first = f.non_dominated()
+    assert first == {0: {0}, 1: {1}}
+    first[0].add(99)
+    first.pop(1)
+    assert f.non_dominated() == {0: {0}, 1: {1}}
+    f.add(2, {0: 1.0, 1: 1.0})  # dominates both
+    assert f.non_dominated() == {0: {2}, 1: {2}}
+    f.add(3, {0: 1.0, 1: 1.0})  # a tie joins (lowest index survives equal aggregates)
+    assert f.non_dominated() == {0: {2}, 1: {2}}
+    assert f.fronts() == {0: {0, 2, 3}, 1: {1, 2, 3}}  # the dominated stay on the raw fronts
+
+
 @pytest.mark.parametrize("weak_first", [True, False])
 def test_non_dominated_examines_weakest_first(weak_first: bool) -> None:
     # Candidates A and B sit on exactly the same front (instance 0); A is stronger on aggregate.
