@@ -97,6 +97,19 @@ def test_prediction_usage_is_attached_when_track_usage_is_on(routing):
         assert per_lm["prompt_tokens"] == outcome.prompt_tokens
 
 
+def test_rollout_tokens_sum_every_entry_as_dspys_tracker_would():
+    """Counts are summed per model before rounding; entries without a count, with None, a flag or a
+    non-count value add nothing and do not spoil the rest; the prices table prices the sums."""
+    with rollout_usage({"m": (1.0, 2.0)}) as box:
+        tracker = dspy.settings.usage_tracker
+        tracker.add_usage("m", {"prompt_tokens": 1.5, "completion_tokens": 10})
+        tracker.add_usage("m", {"prompt_tokens": 1.5, "completion_tokens": None})
+        tracker.add_usage("m", {"prompt_tokens": "7", "completion_tokens": True, "details": {"x": 1}})
+        tracker.add_usage("other/model", {"prompt_tokens": 4, "completion_tokens": 5})
+    assert (box.calls, box.prompt_tokens, box.completion_tokens) == (4, 3 + 4, 10 + 5)
+    assert box.cost == pytest.approx((3 * 1.0 + 10 * 2.0) / 1e6)
+
+
 def test_cache_hits_are_not_charged():
     with rollout_usage() as box:
         _note_history_entry({"usage": {}, "cost": 1.0})  # a cache hit: DSPy empties its usage

@@ -70,6 +70,11 @@ def _count(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
+def _number(value: Any) -> float:
+    """A summable usage count (as DSPy's tracker sums them), else 0."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0
+
+
 def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
     if not prices:
         return None
@@ -95,8 +100,8 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
                 # field of every entry recursively, a cost paid on every rollout for two numbers
                 for model, entries in tracker.usage_data.items():
                     box.calls += len(entries)
-                    prompt = sum(_count(e.get("prompt_tokens")) for e in entries)
-                    completion = sum(_count(e.get("completion_tokens")) for e in entries)
+                    prompt = _count(sum(_number(e.get("prompt_tokens")) for e in entries))
+                    completion = _count(sum(_number(e.get("completion_tokens")) for e in entries))
                     box.prompt_tokens += prompt
                     box.completion_tokens += completion
                     price = _price_for(box.prices, model)

@@ -94,7 +94,9 @@ class PrioritySlots:
         self._last = now
 
     def set_capacity(self, capacity: int) -> None:
-        """Resize the window (rate-limit control shrinks and grows it while the run goes on)."""
+        """Resize the window while the run goes on. The engine does not today (rate limits are
+        handled per LM endpoint inside a slot, by the adapter's AIMD windows); the slot account
+        measures use against the window configured at construction either way."""
         self._capacity = max(1, capacity)
         self._wake()
 
@@ -116,6 +118,9 @@ class PrioritySlots:
             else:  # still waiting: no longer demand
                 self._tick()
                 self._pending -= 1
+                # A slot freed between our cancellation and this handler found no live waiter to
+                # wake, and an acquirer that came meanwhile queued behind us: hand it the slot now.
+                self._wake()
             raise
 
     def _take(self) -> None:

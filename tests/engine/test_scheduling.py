@@ -280,3 +280,28 @@ def test_a_cancelled_waiter_stops_counting_as_demand() -> None:
 
 def test_no_demand_means_no_utilisation_figure() -> None:
     assert PrioritySlots(4).use().utilisation_while_work_available is None
+
+
+def test_a_slot_freed_while_a_cancelled_waiter_unwinds_goes_to_the_next_acquirer() -> None:
+    """B waits for the only slot; B is cancelled and the slot released in the same step, and C
+    asks for a slot before B's cancellation is handled: C must get the slot, not wait forever."""
+
+    async def main() -> None:
+        slots = PrioritySlots(1)
+        await slots.acquire(0)  # A holds the slot
+        b = asyncio.create_task(slots.acquire(0))
+        await settle()
+
+        def cancel_b_and_release() -> None:
+            b.cancel()
+            slots.release()
+
+        # run order: the callback, then C's first step (scheduled before B's cancellation is), then B's handler
+        asyncio.get_running_loop().call_soon(cancel_b_and_release)
+        c = asyncio.create_task(slots.acquire(0))
+        await asyncio.wait_for(c, 1.0)
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        assert slots.in_use == 1 and slots.waiting == 0
+
+    asyncio.run(main())
