@@ -232,17 +232,23 @@ def test_slot_account_integrates_use_and_demand_capped_at_the_window() -> None:
     asyncio.run(main())
 
 
+async def one_in_use_one_waiting() -> tuple[FakeClock, PrioritySlots, asyncio.Task[None]]:
+    """A window of 2 lowered to 1: one slot in use, one acquirer waiting, at t = 0."""
+    clock = FakeClock()
+    slots = PrioritySlots(2, clock)
+    slots.set_capacity(1)
+    await slots.acquire(0)
+    waiter = asyncio.create_task(slots.acquire(0))
+    await settle()
+    return clock, slots, waiter
+
+
 def test_slot_account_shows_a_lowered_window_leaving_work_waiting() -> None:
-    """A window lowered below the configured one (rate limiting) while work waits is use below
+    """A window lowered below the configured one (set_capacity) while work waits is use below
     demand: the account is measured against the allowed window, not assumed to be full."""
 
     async def main() -> None:
-        clock = FakeClock()
-        slots = PrioritySlots(2, clock)
-        slots.set_capacity(1)
-        await slots.acquire(0)
-        waiter = asyncio.create_task(slots.acquire(0))
-        await settle()
+        clock, slots, waiter = await one_in_use_one_waiting()
         clock.now = 2.0  # 2 s: 1 in use, 1 waiting -> demand 2
         slots.release()
         await asyncio.wait_for(waiter, 1.0)
@@ -259,12 +265,7 @@ def test_slot_account_shows_a_lowered_window_leaving_work_waiting() -> None:
 
 def test_a_cancelled_waiter_stops_counting_as_demand() -> None:
     async def main() -> None:
-        clock = FakeClock()
-        slots = PrioritySlots(2, clock)
-        slots.set_capacity(1)
-        await slots.acquire(0)
-        waiter = asyncio.create_task(slots.acquire(0))
-        await settle()
+        clock, slots, waiter = await one_in_use_one_waiting()
         clock.now = 1.0  # 1 s: 1 in use, 1 waiting -> demand 2
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
