@@ -66,10 +66,6 @@ class RolloutUsage:
 _CURRENT: ContextVar[RolloutUsage | None] = ContextVar("turbogepa_rollout_usage", default=None)
 
 
-def _count(value: Any) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-
 def _number(value: Any) -> float:
     """A summable usage count (as DSPy's tracker sums them), else 0."""
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0
@@ -100,8 +96,8 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
                 # field of every entry recursively, a cost paid on every rollout for two numbers
                 for model, entries in tracker.usage_data.items():
                     box.calls += len(entries)
-                    prompt = _count(sum(_number(e.get("prompt_tokens")) for e in entries))
-                    completion = _count(sum(_number(e.get("completion_tokens")) for e in entries))
+                    prompt = int(sum(_number(e.get("prompt_tokens")) for e in entries))
+                    completion = int(sum(_number(e.get("completion_tokens")) for e in entries))
                     box.prompt_tokens += prompt
                     box.completion_tokens += completion
                     price = _price_for(box.prices, model)

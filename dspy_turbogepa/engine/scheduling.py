@@ -97,6 +97,7 @@ class PrioritySlots:
         """Resize the window while the run goes on. The engine does not today (rate limits are
         handled per LM endpoint inside a slot, by the adapter's AIMD windows); the slot account
         measures use against the window configured at construction either way."""
+        self._tick()
         self._capacity = max(1, capacity)
         self._wake()
 
@@ -130,16 +131,15 @@ class PrioritySlots:
     def release(self) -> None:
         self._tick()
         self._in_use -= 1
-        self._wake(ticked=True)  # a waiter takes the freed slot at the same instant
+        self._wake()  # a waiter takes the freed slot at the same instant
 
-    def _wake(self, ticked: bool = False) -> None:
+    def _wake(self) -> None:
+        """Grant free slots to waiters, lowest priority value first. Every caller has just closed
+        the account's interval (``_tick``), so a grant changes the counts at that same instant."""
         while self._waiters and self._in_use < self._capacity:
             _, _, fut = heapq.heappop(self._waiters)
             if fut.done():
                 continue
-            if not ticked:
-                self._tick()
-                ticked = True
             self._pending -= 1
             self._take()
             fut.set_result(None)
