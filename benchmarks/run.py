@@ -194,6 +194,23 @@ def _lm_requests(srv: Any) -> tuple[int, int]:
     return m.get("sim-student", {}).get("requests", 0), m.get("sim-reflector", {}).get("requests", 0)
 
 
+def _lineage_steps(dr: Any) -> dict[str, int]:
+    """Search steps (reflections or merges) between the seed and each candidate, by instruction hash:
+    the longest parent chain. Reaching a score takes at least this many proposals one after another,
+    whatever the concurrency, which is what bounds a speedup that keeps the number of steps."""
+    if dr is None:
+        return {}
+    steps: list[int] = []
+    for i, parents in enumerate(getattr(dr, "parents", None) or []):
+        earlier = [p for p in parents or [] if p is not None and 0 <= p < i]
+        steps.append(1 + max(steps[p] for p in earlier) if earlier else 0)
+    out: dict[str, int] = {}
+    for cand, n in zip(dr.candidates, steps):
+        key = _cand_key(cand)
+        out[key] = min(n, out.get(key, n))  # the same texts found twice: the shorter path found them
+    return out
+
+
 def _result_info(program: Any) -> dict[str, Any]:
     dr = getattr(program, "detailed_results", None)
     return {
@@ -289,9 +306,11 @@ def run_cell(cfg: Run) -> Run:
                 final_val = float(dr.val_aggregate_scores[dr.best_idx])
         final_test = task.evaluate(optimized, test, lm=student, num_threads=cfg["threads"])
 
-    # when did each candidate's full-valset score become known; best-so-far curve
+    # when did each candidate's full-valset score become known; best-so-far curve, each point with the
+    # candidate's search steps from the seed (None for texts the result does not list)
+    steps = _lineage_steps(dr)
     seen: dict[str, dict[int, float]] = {}
-    curve: list[tuple[float, float]] = []
+    curve: list[tuple[float, float, int | None]] = []
     best = -1.0
     for t, ck, i, s in sorted(events):
         d = seen.setdefault(ck, {})
@@ -302,7 +321,7 @@ def run_cell(cfg: Run) -> Run:
             v = sum(d.values()) / n_val
             if v > best + 1e-12:
                 best = v
-                curve.append((round(t, 4), v))
+                curve.append((round(t, 4), v, steps.get(ck)))
     return {
         **cfg,
         "seed_test": seed_test,
@@ -328,6 +347,7 @@ def run_cell(cfg: Run) -> Run:
                               if slots and wall > 0 else None),
         "reflector_mean_inflight": ref_mean,
         "reflector_peak_inflight": ref.get("peak_concurrency", 0),
+        "reflector_mean_latency_s": (ref["latency_s_total"] / ref["ok"]) if ref.get("ok") else None,
         "full_val_candidates": sum(1 for d in seen.values() if len(d) == n_val),
         "best_val_curve": curve,
         "lm_timeline": timeline[:: max(1, len(timeline) // 400)] + [timeline[-1]],
@@ -689,6 +709,7 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
                 f" | {_num(row['paired_test_diff'], '+.3f')} ({row['seeds_test_lower']}/{row['seeds_paired']})"
                 f" | {_num(row['student_util_turbo'], '.2f')} / {_num(row['student_util_baseline'], '.2f')} |"
             )
+    lines += _steps_section(groups, targets)
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(runs, indent=1, default=str))
     (out_dir / "ratios.json").write_text(json.dumps(ratios, indent=1))
@@ -701,10 +722,55 @@ _RATIO_KEYS = ("time_to_target_s", "lm_calls_to_target", "final_test", "student_
 def _to_target(run: Run, target: float) -> tuple[float, int, bool]:
     """(seconds, LM calls, reached) until ``run``'s best full-validation score first reaches ``target``;
     a run that never reaches it counts its whole compile time and all its LM calls."""
-    hit = next((t for t, v in run["best_val_curve"] if v >= target - 1e-9), None)
+    hit = next((t for t, v, *_ in run["best_val_curve"] if v >= target - 1e-9), None)
     if hit is None:
         return run["compile_wall_s"], run["lm_calls_student"] + run["lm_calls_reflector"], False
     return hit, _calls_at(run, hit), True
+
+
+def _steps_to_target(run: Run, target: float) -> int | None:
+    """Search steps from the seed to the first candidate whose full-validation score reached ``target``
+    (None when no run candidate reached it, or its steps are unknown)."""
+    return next((p[2] for p in run["best_val_curve"] if p[1] >= target - 1e-9 and len(p) > 2), None)
+
+
+def _reflections_at(run: Run, t: float) -> int:
+    return next((r for tt, _, r in run["lm_timeline"] if tt >= t), run["lm_calls_reflector"])
+
+
+def _steps_section(groups: dict[tuple[str, int], dict[str, list[Run]]],
+                   targets: dict[tuple[str, int], tuple[float, str]]) -> list[str]:
+    """Why a speedup is what it is: time to target = search steps one after another x seconds per step.
+    A step can never be shorter than its reflection call, so with the same number of steps the speedup is
+    bounded by how much of the baseline's step is not the reflection."""
+    lines = [
+        "",
+        "## Search steps to the target",
+        "",
+        ("Runs that reached the target above only. Steps = reflections or merges on the longest parent"
+         " chain from the seed to the first candidate that reached it (they ran one after another);"
+         " s per step = time to target / steps; reflection calls to target = all reflection LM calls"
+         " made until then (in parallel or wasted included); reflection latency = mean simulated"
+         " latency of the run's reflection calls (a lower bound on a step's length)."),
+        "",
+        ("| task | budget | optimizer | reached | steps to target | s per step | reflection calls to target"
+         " | reflection latency s |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, by_opt in sorted(groups.items()):
+        target = targets[key][0]
+        for opt, rs in sorted(by_opt.items()):
+            hit = [(r, _to_target(r, target)[0], _steps_to_target(r, target)) for r in rs
+                   if _to_target(r, target)[2]]
+            steps = [n for _, _, n in hit]
+            per_step = [t / n for _, t, n in hit if n]
+            refl = [_reflections_at(r, t) for r, t, _ in hit]
+            lat = [r.get("reflector_mean_latency_s") for r in rs]
+            lines.append(
+                f"| {key[0]} | {key[1]} | {opt} | {len(hit)}/{len(rs)} | {_fmt(steps, 0)} | {_fmt(per_step, 2)}"
+                f" | {_fmt(refl, 0)} | {_fmt(lat, 2)} |"
+            )
+    return lines
 
 
 def _paired_by_seed(turbo: list[Run], base: list[Run], target: float, draws: int = 2000) -> Run:
@@ -760,7 +826,7 @@ def _plot(groups: dict[tuple[str, int], dict[str, list[Run]]], path: Path) -> No
             curves = []
             for r in rs:
                 c = r["best_val_curve"]
-                curves.append([max([v for t, v in c if t <= g], default=float("nan")) for g in grid])
+                curves.append([max([v for t, v, *_ in c if t <= g], default=float("nan")) for g in grid])
             med = []
             for j in range(len(grid)):
                 col = [c[j] for c in curves if c[j] == c[j]]

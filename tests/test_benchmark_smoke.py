@@ -36,6 +36,8 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert "| util while work available engine / server |" in table.splitlines()[4]
     assert "## Targets" in table and "## Ratios" in table
     assert "| routing | 60 | gepa |" in table.split("## Ratios", 1)[1]  # the turbo-vs-gepa ratio row
+    steps_section = table.split("## Search steps to the target", 1)[1]
+    assert "| routing | 60 | turbo |" in steps_section and "| routing | 60 | gepa |" in steps_section
     assert (tmp_path / "best_val_vs_time.png").stat().st_size > 1000
 
     runs = sorted((tmp_path / "runs").glob("*.json"))
@@ -70,9 +72,12 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         assert r["peak_rss_mb"] > 10
         curve = r["best_val_curve"]
         assert curve, "no candidate's full-valset score was observed"
-        times = [t for t, _ in curve]
-        vals = [v for _, v in curve]
+        times = [t for t, _, _ in curve]
+        vals = [v for _, v, _ in curve]
         assert times == sorted(times) and vals == sorted(vals)
+        # each point knows its candidate's search steps from the seed: the seed first, then proposals
+        assert curve[0][2] == 0 and all(isinstance(n, int) and n >= 1 for _, _, n in curve[1:]), curve
+        assert 0 < r["reflector_mean_latency_s"] < 5
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 2 and all("time_to_target_s" in r for r in summary)
     assert all(r["time_to_target_s"] <= r["compile_wall_s"] + 1e-6 for r in summary)
@@ -158,6 +163,46 @@ def test_each_baseline_is_compared_at_its_own_final_score(tmp_path: Path) -> Non
     assert ratios["gepa4"]["target"] == 0.7 and ratios["gepa4"]["time_to_target_speedup"] == 6.0 / 2.0
     assert ratios["gepa4"]["lm_calls_to_target_ratio"] == 21 / 61  # timeline: 10 student calls a second + 1
     assert (ratios["gepa4"]["reached_turbo"], ratios["gepa4"]["reached_baseline"]) == (1, 1)
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_search_steps_follow_the_longest_parent_chain():
+    """Steps to a candidate = proposals one after another from the seed; a merge is one step past the
+    deeper of its parents; texts found twice keep the shorter path."""
+    from types import SimpleNamespace
+
+    import dspy
+
+    bench = _bench()
+
+    def prog(text: str) -> dspy.Module:
+        p = dspy.Predict("question -> answer")
+        p.signature = p.signature.with_instructions(text)
+        return p
+
+    texts = ["seed", "a", "b", "a2", "merged", "a"]  # the last repeats candidate 1's texts deeper down
+    dr = SimpleNamespace(candidates=[prog(t) for t in texts],
+                         parents=[[None], [0], [0], [1], [3, 2], [4]])
+    steps = bench._lineage_steps(dr)
+    key = {t: bench._cand_key(prog(t)) for t in texts}
+    assert steps == {key["seed"]: 0, key["a"]: 1, key["b"]: 1, key["a2"]: 2, key["merged"]: 3}
+    assert bench._lineage_steps(None) == {}
+
+    run = {"best_val_curve": [[0.0, 0.3, 0], [2.0, 0.6, 1], [5.0, 0.9, 3]], "compile_wall_s": 9.0,
+           "lm_timeline": [[1.0, 10, 1], [5.0, 40, 4], [9.0, 60, 7]], "lm_calls_student": 60,
+           "lm_calls_reflector": 7, "reflector_mean_latency_s": 0.5}
+    assert bench._steps_to_target(run, 0.85) == 3 and bench._steps_to_target(run, 0.95) is None
+    assert bench._reflections_at(run, 5.0) == 4
+    lines = bench._steps_section({("routing", 300): {"turbo": [run]}}, {("routing", 300): (0.85, "x")})
+    assert "| routing | 300 | turbo | 1/1 | 3 | 1.67 | 4 | 0.50 |" in lines
 
 
 def test_the_ratio_spread_pairs_runs_by_seed():
