@@ -216,15 +216,14 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         for name, value in (("cost_budget_usd", cost_budget_usd), ("time_budget_seconds", time_budget_seconds)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
-        if price_table is not None:
-            if not isinstance(price_table, dict) or not all(
-                isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
-                and all(isinstance(x, (int, float)) and x >= 0 for x in v) for k, v in price_table.items()
-            ):
-                raise ValueError(
-                    "price_table must map model names to (dollars per 1M prompt tokens, dollars per 1M completion "
-                    "tokens), e.g. {'openai/my-finetune': (0.15, 0.6)}."
-                )
+        if price_table is not None and (not isinstance(price_table, dict) or not all(
+            isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(x, (int, float)) and x >= 0 for x in v) for k, v in price_table.items()
+        )):
+            raise ValueError(
+                "price_table must map model names to (dollars per 1M prompt tokens, dollars per 1M completion "
+                "tokens), e.g. {'openai/my-finetune': (0.15, 0.6)}."
+            )
         if reflection_lm is None and instruction_proposer is None:
             raise ConfigurationError(
                 "GEPA requires a reflection language model, or custom instruction proposer to be provided. "
@@ -234,7 +233,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if reflection_lm is not None and not isinstance(reflection_lm, dspy.BaseLM):
             raise TypeError(f"reflection_lm must be a dspy.LM (or dspy.BaseLM), got {type(reflection_lm).__name__}.")
         if instruction_proposer is not None and not callable(instruction_proposer):
-            raise TypeError("instruction_proposer must be callable as (candidate, reflective_dataset, components_to_update).")
+            raise TypeError(
+                "instruction_proposer must be callable as (candidate, reflective_dataset, components_to_update)."
+            )
         if track_best_outputs and not track_stats:
             raise ConfigurationError("track_stats must be True if track_best_outputs is True.")
         if candidate_selection_strategy not in CANDIDATE_SELECTIONS:
@@ -338,7 +339,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise TypeError(f"student must be a dspy.Module, got {type(student).__name__}.")
         if valset is not None and len(valset) == 0:
             raise ConfigurationError(
-                "valset is empty. Pass valset=None to validate on the trainset (as dspy.GEPA does), or a non-empty list."
+                "valset is empty. Pass valset=None to validate on the trainset (as dspy.GEPA does), "
+                "or a non-empty list."
             )
         _check_examples("trainset", trainset)
         if valset is not None:
@@ -399,8 +401,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             stringify=not is_builtin_proposer(proposer),
         )
         config = self._engine_config(budget, num_threads, len(val))
-        reflector = ReflectiveProposer(builder, proposer, self.reflection_lm, max_workers=config.max_reflections_in_flight,
-                                       price_table=self.price_table)
+        reflector = ReflectiveProposer(builder, proposer, self.reflection_lm,
+                                       max_workers=config.max_reflections_in_flight, price_table=self.price_table)
         cleanup.callback(reflector.close)
         store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup)
         display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)

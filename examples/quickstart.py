@@ -25,10 +25,10 @@ from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no cost-map download
 
-import dspy  # noqa: E402
+import dspy
 
-from dspy_turbogepa import TurboGEPA  # noqa: E402
-from dspy_turbogepa.testing import TASKS, SimServer  # noqa: E402
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing import TASKS, SimServer
 
 
 def main(argv: list[str] | None = None) -> int:

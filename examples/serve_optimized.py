@@ -33,10 +33,10 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: no cost-map download
 
-import dspy  # noqa: E402
+import dspy
 
-from dspy_turbogepa import TurboGEPA  # noqa: E402
-from dspy_turbogepa.testing import TASKS, SimServer  # noqa: E402
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing import TASKS, SimServer
 
 
 def make_lm(server: SimServer, model: str = "sim-student", **kwargs: Any) -> dspy.LM:

@@ -6,11 +6,11 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import dspy  # noqa: E402
-import pytest  # noqa: E402
+import dspy
+import pytest
 
-from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm  # noqa: E402
-from dspy_turbogepa.testing.tasks import TASKS  # noqa: E402
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+from dspy_turbogepa.testing.tasks import TASKS
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ import threading
 
 import dspy
 import pytest
-from helpers import FailsOnTracking, small_splits
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing.fake_lm import make_student_lm
+
+from helpers import FailsOnTracking, small_splits
 
 
 class RecordingProposer:
@@ -54,7 +55,8 @@ def _twin_lm():
 
     class Engine:
         def complete(self, request):
-            return Response(id=None, model="fake", message=Message.assistant([TextPart("[[ ## answer ## ]]\nx\n\n[[ ## completed ## ]]")]),
+            text = "[[ ## answer ## ]]\nx\n\n[[ ## completed ## ]]"
+            return Response(id=None, model="fake", message=Message.assistant([TextPart(text)]),
                             finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
 
     class AEngine:
@@ -254,7 +256,7 @@ def test_proposer_that_raises_or_returns_nothing_is_skipped(routing):
         if state["n"] % 3 == 1:
             raise RuntimeError("proposer exploded")
         if state["n"] % 3 == 2:
-            return {c: "   " for c in components_to_update}
+            return dict.fromkeys(components_to_update, "   ")
         return {c: candidate[c] + " Disputes over charges go to payments." for c in components_to_update}
 
     splits = small_splits(routing, n_train=30, n_val=12)
@@ -293,7 +295,9 @@ def test_format_failures_reach_reflection(flag):
     data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
 
     def answer_for(msg):  # every odd example gets an unparseable answer
-        return "no fields here" if any(f"t{i}" in msg for i in (1, 3, 5)) else "[[ ## answer ## ]]\ny\n\n[[ ## completed ## ]]"
+        if any(f"t{i}" in msg for i in (1, 3, 5)):
+            return "no fields here"
+        return "[[ ## answer ## ]]\ny\n\n[[ ## completed ## ]]"
 
     def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         return dspy.Prediction(score=float(pred.answer == gold.answer), feedback="fine")

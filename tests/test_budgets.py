@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import dspy
@@ -16,7 +15,6 @@ from helpers import small_splits
 
 def _run(routing, call_seconds=0.005, **kw):
     splits = small_splits(routing, n_train=30, n_val=12)
-    lock = threading.Lock()
 
     def slow(request):
         time.sleep(call_seconds)

@@ -185,7 +185,8 @@ def test_sanitize_key_produces_valid_mlflow_names():
         _validate_metric_name(key)
     assert len(sanitize_key("x" * 400)) == 250
     for cut_after in ("/.", "/.."):  # the 250-character cut can leave a relative path segment at the end
-        key = sanitize_key("seed_instructions/" + "y" * (250 - len("seed_instructions/") - len(cut_after)) + cut_after + "tail")
+        pad = "y" * (250 - len("seed_instructions/") - len(cut_after))
+        key = sanitize_key("seed_instructions/" + pad + cut_after + "tail")
         _validate_param_name(key)
         _validate_metric_name(key)
 
@@ -528,7 +529,7 @@ def test_a_server_answering_5xx_counts_as_down(status, down):
     from dspy_turbogepa.tracking.mlflow_tracking import _probe_tracking_server
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the http.server protocol
+        def do_GET(self):  # the http.server protocol names it
             self.send_response(status)
             self.end_headers()
 

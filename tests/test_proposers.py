@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import statistics
 
 import dspy
 import pytest
-from helpers import small_splits
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+from helpers import small_splits
 
 
 def _compile(task, metric, budget, seed=0, **kw):

@@ -16,7 +16,6 @@ from collections import Counter
 import dspy
 import pytest
 from dspy import lm15
-from helpers import small_splits
 
 import dspy_turbogepa.teleprompter as teleprompter_module
 from dspy_turbogepa import SystemicFailureError, TurboGEPA
@@ -32,6 +31,8 @@ from dspy_turbogepa.adapter.ratelimit import (
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_student_lm
+
+from helpers import small_splits
 
 FAST_RL = RetryPolicy(max_retries=10, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
 FAST_TR = RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
@@ -227,7 +228,7 @@ def test_retry_after_and_classification_on_both_client_paths():
     except Exception as exc:
         caught = exc
     verdict = classify(caught, FATAL_ERROR_TYPES)
-    assert verdict.kind is None and verdict.error_type == "ConnectionRefusedError"
+    assert verdict.kind is None and verdict.error_type == "ConnectionRefusedError" and verdict.fatal
     # once the endpoint has answered, the evaluator leaves it out of the fatal set: a restart, retried
     assert classify(caught, FATAL_ERROR_TYPES - {"ConnectionRefusedError"}).kind == "transient"
 
@@ -250,9 +251,12 @@ def test_only_the_lm_stack_raises_fatal_errors():
 
     for module in ("litellm.exceptions", "openai", "dspy.utils.exceptions"):
         assert fatal_error_name(chain(named(module)), FATAL_ERROR_TYPES) == "NotFoundError", module
+        verdict = classify(chain(named(module)), FATAL_ERROR_TYPES)
+        assert verdict.fatal and verdict.kind is None and verdict.error_type == "NotFoundError"
     for module in ("__main__", "elasticsearch.exceptions", "my_app.store"):
         assert fatal_error_name(chain(named(module)), FATAL_ERROR_TYPES) is None, module
-        assert classify(chain(named(module)), FATAL_ERROR_TYPES).kind is None
+        verdict = classify(chain(named(module)), FATAL_ERROR_TYPES)
+        assert verdict.kind is None and not verdict.fatal and verdict.error_type == "RuntimeError"
     assert fatal_error_name(ConnectionRefusedError(111, "refused"), FATAL_ERROR_TYPES) == "ConnectionRefusedError"
 
 
@@ -419,15 +423,22 @@ def test_systemic_causes_stop_the_compile_at_once(routing, cause, engine):
         student = dspy.LM(model, api_base=base, api_key=key, cache=False, **engine)  # default num_retries=3
         reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="good", cache=False, **engine)
         opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflector, num_threads=8)
+        import litellm  # noqa: F401  (loaded before the clock starts: its first import can take seconds)
+
         started = time.perf_counter()
         with dspy.context(lm=student), pytest.raises(SystemicFailureError) as info:
             opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
         seconds = time.perf_counter() - started
+        stats = srv.stats()
+    rejected = stats["bad_requests"] + stats["unknown_model"]
     expected = {"401": {"LMAuthError"}, "404": {"LMUnsupportedModelError"},
                 "refused": {"ConnectionRefusedError", "APIConnectionError"}}[cause]
-    print(f"\n[{cause}/{engine.get('engine', 'native')}] {seconds:.2f}s error_type={info.value.error_type}")
+    print(f"\n[{cause}/{engine.get('engine', 'native')}] {seconds:.2f}s error_type={info.value.error_type}"
+          f" rejected requests={rejected}")
     assert info.value.error_type in expected and info.value.error_type in str(info.value)
     assert seconds < 5.0  # no LM-level retries (1 + 2 + 4 s on the native client), no backoff of ours
+    if cause != "refused":  # the server saw about one request per evaluation slot, not 1 + num_retries each
+        assert 0 < rejected <= 2 * 8, rejected
 
 
 @pytest.mark.http

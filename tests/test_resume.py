@@ -13,7 +13,6 @@ from pathlib import Path
 
 import dspy
 import pytest
-from helpers import CountingMetric, FailsOnTracking, small_splits
 
 from dspy_turbogepa import SystemicFailureError, TurboGEPA
 from dspy_turbogepa.store import RunStoreMismatchError
@@ -23,6 +22,8 @@ from dspy_turbogepa.testing.fake_lm import (
     make_student_lm,
     sim_engine,
 )
+
+from helpers import CountingMetric, FailsOnTracking, small_splits
 
 SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
 
@@ -103,7 +104,8 @@ def test_a_rerun_that_would_read_wrong_stored_scores_is_refused(routing, tmp_pat
     with_demos = routing.make_program()
     next(iter(with_demos.named_predictors()))[1].demos = [splits.train[0]]
     for kwargs, changed in [({"metric": zero}, "metric"), ({"student_kw": {"temperature": 0.9}}, "task_lm"),
-                            ({"reflector_kw": {"temperature": 0.9}}, "reflection"), ({"program": with_demos}, "student")]:
+                            ({"reflector_kw": {"temperature": 0.9}}, "reflection"),
+                            ({"program": with_demos}, "student")]:
         with pytest.raises(RunStoreMismatchError, match=rf"run: {changed} changed"):
             compile_with(**kwargs)
 
@@ -206,7 +208,8 @@ def test_the_run_key_of_examples_holding_plain_objects_is_stable(routing):
             self.name = name
 
     def data(name):
-        return [dspy.Example(ticket="where is my parcel", queue="shipping", file=Attachment(name)).with_inputs("ticket")]
+        ex = dspy.Example(ticket="where is my parcel", queue="shipping", file=Attachment(name))
+        return [ex.with_inputs("ticket")]
 
     key = run_key(routing.make_program(), data("a.pdf"), data("b.pdf"), 0, metric=routing.metric)
     assert key == run_key(routing.make_program(), data("a.pdf"), data("b.pdf"), 0, metric=routing.metric)
@@ -259,7 +262,8 @@ def test_the_run_key_tells_metrics_and_data_apart_and_survives_odd_values():
     class Answer(pydantic.BaseModel):
         text: str
 
-    assert lm_identity(dspy.LM("openai/m", response_format=Answer))["response_format"] == f"class {Answer.__module__}.{Answer.__qualname__}"
+    identity = lm_identity(dspy.LM("openai/m", response_format=Answer))
+    assert identity["response_format"] == f"class {Answer.__module__}.{Answer.__qualname__}"
 
     big = pd.DataFrame({"x": range(1000)})
     changed = big.copy()
@@ -401,15 +405,18 @@ def test_credentials_in_the_lm_url_and_headers_are_never_written(routing, tmp_pa
         data = path.read_bytes()
         assert url_key.encode() not in data and header_key.encode() not in data, path
     assert not [r for r in caplog.records if url_key in r.getMessage() or header_key in r.getMessage()]
-    assert str(srv.base_url.split("://", 1)[1]) in (tmp_path / "summary.json").read_text()  # the endpoint, sans userinfo
+    # the endpoint, sans userinfo
+    assert str(srv.base_url.split("://", 1)[1]) in (tmp_path / "summary.json").read_text()
 
 
 def test_url_userinfo_is_masked_wherever_it_appears():
     from dspy_turbogepa.adapter.lm_copies import endpoint_key
     from dspy_turbogepa.redaction import mask_text
 
-    assert mask_text("POST https://bob:pw-1@proxy.local:8080/v1 failed") == "POST https://***REDACTED***@proxy.local:8080/v1 failed"
-    assert mask_text("see https://example.com/a:b@c and user@example.com") == "see https://example.com/a:b@c and user@example.com"
+    masked = mask_text("POST https://bob:pw-1@proxy.local:8080/v1 failed")
+    assert masked == "POST https://***REDACTED***@proxy.local:8080/v1 failed"
+    unchanged = "see https://example.com/a:b@c and user@example.com"
+    assert mask_text(unchanged) == unchanged
     lm = dspy.LM("openai/m", api_base="http://alice:urlsecret0a9b8c7d@127.0.0.1:9/v1")
     assert endpoint_key(lm) == "openai/m@http://127.0.0.1:9/v1"
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _outputs(pred: dspy.Prediction) -> dict:
-    return {k: v for k, v in pred.items()}
+    return dict(pred.items())
 
 
 @pytest.mark.parametrize("task_name", ["pipeline", "routing"])

@@ -165,7 +165,7 @@ def test_same_seed_same_program_despite_random_latencies(pipeline):
         lm = make_student_lm(seed=0, noise=0.0, before_call=jitter)
         optimized = _run(pipeline, lm, budget=250, seed=3)
         dr = optimized.detailed_results
-        outs.append(([c for c in dr.to_dict()["candidates"]], dr.parents, dr.val_aggregate_scores))
+        outs.append((list(dr.to_dict()["candidates"]), dr.parents, dr.val_aggregate_scores))
     assert outs[0] == outs[1]
 
 

@@ -7,13 +7,14 @@ import asyncio
 import dspy
 import pytest
 from dspy.utils.usage_tracker import track_usage
-from helpers import small_splits
 
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import _note_history_entry, rollout_usage
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_student_lm, sim_engine
+
+from helpers import small_splits
 
 
 def make_evaluator(task, program, n, metric=None):

@@ -57,7 +57,6 @@ from dspy_turbogepa.adapter.ratelimit import (
     RetryPolicy,
     Verdict,
     classify,
-    fatal_error_name,
 )
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
@@ -373,7 +372,9 @@ class DspyEvaluator:
             _attach_usage(pred, usage)
             verdict = self._verdict(error)
             if verdict is None:
-                outcome, metric_retries = self._score(example, example_id, pred, raw_trace, error, names, split, capture)
+                outcome, metric_retries = self._score(
+                    example, example_id, pred, raw_trace, error, names, split, capture
+                )
         if verdict is not None:
             return _Attempt(None, verdict, pred, raw_trace, error, usage)
         return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
@@ -395,7 +396,7 @@ class DspyEvaluator:
             try:
                 pred = await program.acall(**example.inputs())
                 error = None
-            except Exception as exc:  # the user's program failed: retried or scored failure_score
+            except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
             trace = list(dspy.settings.trace or [])
         return pred, trace, error
@@ -407,7 +408,7 @@ class DspyEvaluator:
             try:
                 pred = program(**example.inputs())
                 error: BaseException | None = None
-            except Exception as exc:  # the user's program failed: retried or scored failure_score
+            except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
             trace = list(dspy.settings.trace or [])
         return pred, trace, error
@@ -450,9 +451,10 @@ class DspyEvaluator:
         ]
         if error is not None:
             types = _error_types(error)
-            fatal = fatal_error_name(error, self._fatal)
+            verdict = classify(error, self._fatal)
+            fatal = verdict.error_type if verdict.fatal else None
             # fatal, or a rate limit / transient error whose retries were given up (see _give_up)
-            service = fatal is not None or classify(error, self._fatal).kind is not None
+            service = verdict.fatal or verdict.kind is not None
             failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
             message = _describe(error)
             trajectory = DspyTrajectory(
@@ -466,7 +468,7 @@ class DspyEvaluator:
             ), 0
         try:
             ret, retries = self._call_metric(example, pred)
-        except Exception as exc:  # the user's metric failed: recorded and scored failure_score
+        except Exception as exc:  # the user's metric failed: recorded and scored failure_score  # noqa: BLE001
             message = f"The metric raised {_describe(exc)}"
             trajectory = DspyTrajectory(example, pred, steps, raw_trace, message, type(exc).__name__, "metric_error")
             return EvalOutcome(

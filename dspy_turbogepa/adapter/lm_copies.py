@@ -138,7 +138,7 @@ def _make_copy(lm: Any, retries_off: bool = True) -> Any:
         return lm  # nothing we can switch off; its errors are still caught and retried by the evaluator
     try:
         copy = lm.copy()
-    except Exception as exc:  # an exotic LM subclass: use it as it is rather than fail the run
+    except Exception as exc:  # an exotic LM subclass: use it as it is rather than fail the run  # noqa: BLE001
         logger.warning("Could not copy %r to turn its retries off (%s: %s); using it unchanged.",
                        lm, type(exc).__name__, exc)
         return lm

@@ -72,7 +72,9 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
     feedback: str | None = None
     objectives: Mapping[str, float] | None = None
     raw: Any = ret
-    is_structured = isinstance(ret, Mapping) or (hasattr(ret, "keys") and callable(ret.keys) and not isinstance(ret, str))
+    is_structured = isinstance(ret, Mapping) or (
+        hasattr(ret, "keys") and callable(ret.keys) and not isinstance(ret, str)
+    )
     if is_structured:
         raw = _field(ret, "score")
         fb = _field(ret, "feedback")
@@ -92,10 +94,13 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
         score = float(raw)
     except (TypeError, ValueError, OverflowError):
         return MetricReading(
-            failure_score, feedback, objectives, invalid=f"the metric returned a non-numeric score of type {type(raw).__name__}"
+            failure_score, feedback, objectives,
+            invalid=f"the metric returned a non-numeric score of type {type(raw).__name__}"
         )
     if not math.isfinite(score):
-        return MetricReading(failure_score, feedback, objectives, invalid=f"the metric returned a non-finite score {score}")
+        return MetricReading(
+            failure_score, feedback, objectives, invalid=f"the metric returned a non-finite score {score}"
+        )
     return MetricReading(score, feedback, objectives)
 
 

@@ -80,7 +80,8 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
         "service_failure": traj.service_failure,
         "raw_completion": traj.raw_completion,
         "failed_fields": (
-            [list(sig.input_fields), list(sig.output_fields)] if sig is not None and hasattr(sig, "input_fields") else None
+            [list(sig.input_fields), list(sig.output_fields)]
+            if sig is not None and hasattr(sig, "input_fields") else None
         ),
     }
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))

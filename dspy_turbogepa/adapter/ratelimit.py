@@ -30,7 +30,7 @@ import builtins
 import math
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -130,6 +130,8 @@ class Verdict:
     #: The model named by the LM error, to charge the 429 to the right endpoint (None: unknown).
     model: str | None = None
     error_type: str | None = None
+    #: A systemic failure (bad key, unknown model...): never retried, and it stops the run.
+    fatal: bool = False
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -177,7 +179,7 @@ def _header(headers: Any, name: str) -> Any:
         for key, value in items:
             if str(key).lower() == name:
                 return value
-    except Exception:  # an exotic headers object: no hint rather than a crash
+    except Exception:  # an exotic headers object: no hint rather than a crash  # noqa: BLE001
         return None
     return None
 
@@ -220,7 +222,11 @@ def retry_after_of(exc: BaseException) -> float | None:
 
 def fatal_error_name(exc: BaseException, fatal: frozenset[str]) -> str | None:
     """The first systemic error in the chain: a name in ``fatal`` raised by the LM stack."""
-    for cur in exception_chain(exc):
+    return _first_fatal(exception_chain(exc), fatal)
+
+
+def _first_fatal(chain: Iterable[BaseException], fatal: frozenset[str]) -> str | None:
+    for cur in chain:
         name = type(cur).__name__
         if name in fatal and (type(cur).__module__ or "").split(".", 1)[0] in LM_STACK_PACKAGES:
             return name
@@ -232,9 +238,9 @@ def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:
     never retried, whatever else the chain says."""
     chain = list(exception_chain(exc))
     names = [type(c).__name__ for c in chain]
-    fatal_name = fatal_error_name(exc, fatal)
+    fatal_name = _first_fatal(chain, fatal)
     if fatal_name is not None:
-        return Verdict(None, error_type=fatal_name)
+        return Verdict(None, error_type=fatal_name, fatal=True)
     model = next((m for c in chain if isinstance(m := getattr(c, "model", None), str) and m), None)
     for cur, name in zip(chain, names):
         if name in RATE_LIMIT_TYPES or _status(cur) == 429:

@@ -111,7 +111,7 @@ class ReflectiveDatasetBuilder:
                 traj.example, traj.prediction, traj.raw_trace, name,
                 [(self._codec.student_predictor(name), step.inputs, step.outputs)],
             )
-        except Exception as exc:  # a metric bug must not kill the proposal: skip this record, say why
+        except Exception as exc:  # a metric bug must not kill the proposal: skip this record, say why  # noqa: BLE001
             logger.warning("The metric raised while giving feedback for %r: %s: %s", name, type(exc).__name__,
                            mask_text(str(exc)))
             self._count("feedback_error")
@@ -122,7 +122,9 @@ class ReflectiveDatasetBuilder:
         )
         if reading.invalid is None and reading.score != score:
             self._maybe_warn_mismatch()
-        return {"Inputs": self._inputs(step.inputs), "Generated Outputs": self._outputs(step.outputs), "Feedback": feedback}
+        return {
+            "Inputs": self._inputs(step.inputs), "Generated Outputs": self._outputs(step.outputs), "Feedback": feedback
+        }
 
     def _error_record(self, name: str, traj: DspyTrajectory, steps: list[Any]) -> ReflectiveRecord | None:
         if steps:

@@ -50,7 +50,8 @@ def build_result(
     best_outputs = None
     if track_best_outputs:
         best_outputs = {
-            vid: [(i, records[i].val_outputs[vid]) for i in sorted(fronts.get(vid, ())) if vid in records[i].val_outputs]
+            vid: [(i, records[i].val_outputs[vid])
+                  for i in sorted(fronts.get(vid, ())) if vid in records[i].val_outputs]
             for vid in val_ids
         }
     objective_names = sorted({k for r in records for scores in r.val_objective_scores.values() for k in scores})
@@ -61,7 +62,9 @@ def build_result(
         agg_sub = []
         for r in records:
             n = max(1, len(r.val_objective_scores))
-            agg_sub.append({k: sum(s.get(k, 0.0) for s in r.val_objective_scores.values()) / n for k in objective_names})
+            agg_sub.append(
+                {k: sum(s.get(k, 0.0) for s in r.val_objective_scores.values()) / n for k in objective_names}
+            )
         obj_front = {k: max(a[k] for a in agg_sub) for k in objective_names}
         per_obj_best = {k: {i for i, a in enumerate(agg_sub) if a[k] == obj_front[k]} for k in objective_names}
     return TurboGEPAResult(

@@ -9,9 +9,9 @@ calls finish for a short grace period, then cancels the rest and returns what wa
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
-import asyncio
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -42,7 +42,7 @@ def run_coroutine_in_thread(
     def target() -> None:
         try:
             box["result"] = ctx.run(asyncio.run, make_coro())
-        except BaseException as exc:  # handed back to the calling thread and re-raised there
+        except BaseException as exc:  # handed back to the calling thread and re-raised there  # noqa: BLE001
             box["error"] = exc
         finally:
             finished.set()

@@ -20,6 +20,7 @@ a rollout granted a slot during a cool-down waits the cool-down out before it is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -131,10 +132,8 @@ class AimdWindow:
                     self._give_back()  # the slot was handed to us just before the cancellation
                 else:
                     waiter.cancel()
-                    try:
+                    with contextlib.suppress(ValueError):  # already handed over and removed
                         self._waiters.remove(waiter)
-                    except ValueError:
-                        pass
                 raise
         # We hold a slot. A cool-down (from a 429 seen by anyone) must pass before we may send.
         try:

@@ -22,7 +22,9 @@ MINIBATCH_SAMPLINGS: tuple[str, ...] = ("failure_first", "epoch")
 MIN_SHARD_SIZE = 8
 
 
-def default_rung_fractions(val_size: int, reduction_factor: float = 3.0, min_shard: int = MIN_SHARD_SIZE) -> tuple[float, ...]:
+def default_rung_fractions(
+    val_size: int, reduction_factor: float = 3.0, min_shard: int = MIN_SHARD_SIZE
+) -> tuple[float, ...]:
     """ASHA-style geometric ladder of validation shards, ending at the full validation set.
 
     Shard k holds ``val_size / reduction_factor**k`` examples; shards smaller than ``min_shard`` are
@@ -55,7 +57,9 @@ def default_reflections_in_flight(num_threads: int) -> int:
 def validate_rung_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
     fr = tuple(float(f) for f in fractions)
     if not fr:
-        raise ValueError("rung_fractions must not be empty; use (1.0,) to evaluate children on the full valset at once.")
+        raise ValueError(
+            "rung_fractions must not be empty; use (1.0,) to evaluate children on the full valset at once."
+        )
     if any(not (0.0 < f <= 1.0) for f in fr):
         raise ValueError(f"rung_fractions must lie in (0, 1], got {list(fr)}.")
     if any(b <= a for a, b in zip(fr, fr[1:])):
@@ -147,7 +151,8 @@ class EngineConfig:
         object.__setattr__(self, "rung_fractions", validate_rung_fractions(self.rung_fractions))
         if self.candidate_selection not in CANDIDATE_SELECTIONS:
             raise ValueError(
-                f"candidate_selection_strategy must be one of {list(CANDIDATE_SELECTIONS)}, got {self.candidate_selection!r}."
+                f"candidate_selection_strategy must be one of {list(CANDIDATE_SELECTIONS)}, "
+                f"got {self.candidate_selection!r}."
             )
         if self.minibatch_sampling not in MINIBATCH_SAMPLINGS:
             raise ValueError(
@@ -167,4 +172,6 @@ class EngineConfig:
             object.__setattr__(self, "max_staleness", self.max_mutations_in_flight)
         if self.max_staleness < self.max_mutations_in_flight:
             raise ValueError("max_staleness must be >= max_mutations_in_flight.")
-        object.__setattr__(self, "min_mutations_in_flight", min(self.min_mutations_in_flight, self.max_mutations_in_flight))
+        object.__setattr__(
+            self, "min_mutations_in_flight", min(self.min_mutations_in_flight, self.max_mutations_in_flight)
+        )

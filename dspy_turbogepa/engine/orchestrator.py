@@ -6,8 +6,9 @@ and commits their results to the candidate pool and Pareto frontier.
 
 Reproducibility: in deterministic mode (the default) results are committed in launch order and
 mutation ``k`` is planned from the state after exactly the first ``k - width + 1`` commits, with its
-own RNG stream (see ``history.py`` and docs/engine.md). With a deterministic LM, two runs with the same seed return the same program,
-whatever the completion order of LM calls. Fast mode commits in completion order instead.
+own RNG stream (see ``history.py`` and docs/engine.md). With a deterministic LM, two runs with the same
+seed return the same program, whatever the completion order of LM calls. Fast mode commits in completion
+order instead.
 """
 
 from __future__ import annotations
@@ -586,10 +587,10 @@ class Orchestrator:
             plan.components, plan.child_counter = self._selector.select(
                 parent.candidate.fingerprint, parent.candidate.texts, parent_index, (), (), None
             )
-            if self.config.adaptive_components and len(self._selector.components) > 1:
-                # The user left the selector at its default: let operator credit pick one or all.
-                if self._history.at(n_commits).credit.choose_reflection_kind(rng) == "reflection_all":
-                    plan.components = list(self._selector.components)
+            # The user left the selector at its default: let operator credit pick one or all.
+            if (self.config.adaptive_components and len(self._selector.components) > 1
+                    and self._history.at(n_commits).credit.choose_reflection_kind(rng) == "reflection_all"):
+                plan.components = list(self._selector.components)
             if len(plan.components) > 1:
                 plan.kind = "reflection_all"
         return plan
@@ -806,7 +807,9 @@ class Orchestrator:
             return
 
         if len(fresh) == 1:
-            outs_per_child = [await self._evaluations.many(fresh[0], "train", plan.minibatch, plan.seq, result.requested)]
+            outs_per_child = [
+                await self._evaluations.many(fresh[0], "train", plan.minibatch, plan.seq, result.requested)
+            ]
         else:
             outs_per_child = list(await asyncio.gather(
                 *(self._evaluations.many(c, "train", plan.minibatch, plan.seq, result.requested) for c in fresh)
@@ -887,7 +890,7 @@ class Orchestrator:
         async with self._reflection_slots:
             try:
                 proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
-            except Exception as exc:  # a proposer failure skips this proposal, recorded; the run goes on
+            except Exception as exc:  # a proposer failure skips this proposal, recorded; the run goes on  # noqa: BLE001
                 # An LM client's error can quote a request, key included: mask before it reaches a log.
                 message = mask_text(f"{type(exc).__name__}: {exc}")
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)

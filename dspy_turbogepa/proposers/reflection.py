@@ -95,7 +95,9 @@ class ReflectiveProposer:
         self, parent_texts: dict[str, str], components: list[str], outcomes: list[EvalOutcome], rng: random.Random
     ) -> ProposalOutcome:
         try:
-            dataset = self._builder.build(components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng)
+            dataset = self._builder.build(
+                components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
+            )
         except Exception as exc:  # defensive: a broken trace must not end the run
             message = mask_text(f"{type(exc).__name__}: {exc}")
             logger.warning("Building the reflective dataset failed: %s", message)
@@ -111,7 +113,7 @@ class ReflectiveProposer:
             )
             if inspect.isawaitable(answer):
                 answer = asyncio.run(_await(answer))
-        except Exception as exc:  # the proposer's failure is recorded and this proposal skipped
+        except Exception as exc:  # the proposer's failure is recorded and this proposal skipped  # noqa: BLE001
             message = mask_text(f"{type(exc).__name__}: {exc}")
             logger.warning("The instruction proposer raised %s", message)
             fatal = fatal_error_name(exc, self._fatal)

@@ -751,7 +751,7 @@ class RunStore:
     def counts(self) -> dict[str, int]:
         """Rows per data table (after a flush)."""
         rows = self._read(" UNION ALL ".join(f"SELECT '{t}', COUNT(*) FROM {t}" for t in _DATA_TABLES))
-        return {name: count for name, count in rows}
+        return dict(rows)
 
 
 # --------------------------------------------------------------------------------------------- opening

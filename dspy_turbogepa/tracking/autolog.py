@@ -29,7 +29,7 @@ def dspy_autolog_enabled() -> bool:
         from mlflow.utils.autologging_utils import autologging_is_disabled
 
         return not autologging_is_disabled(FLAVOR_NAME)
-    except Exception:  # noqa: BLE001 - an MLflow internals change must not break an import
+    except Exception:  # an MLflow internals change must not break an import
         logger.debug("Could not ask MLflow whether DSPy autologging is on", exc_info=True)
         return False
 

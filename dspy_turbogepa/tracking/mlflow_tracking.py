@@ -329,7 +329,7 @@ class MlflowRunTracker(EngineObserver):
         if stats is None and self._stats_provider is not None:
             try:
                 stats = self._stats_provider()
-            except Exception:  # noqa: BLE001 - e.g. called before the orchestrator exists
+            except Exception:  # e.g. called before the orchestrator exists
                 logger.debug("No run stats for this MLflow sample", exc_info=True)
                 stats = None
         values: dict[str, float] = {
@@ -652,7 +652,9 @@ def _probe_tracking_server(uri: str, timeout: float) -> str | None:
 
 def stats_metrics(stats: Any) -> dict[str, float]:
     """Metrics from a ``RunStats`` (attributes read defensively: fields may be added or renamed)."""
-    g = lambda name: getattr(stats, name, None)
+    def g(name: str) -> Any:
+        return getattr(stats, name, None)
+
     out: dict[str, float] = {}
     simple = {
         "metric_calls": "executed",
@@ -731,7 +733,7 @@ def candidates_table(result: EngineResult) -> dict[str, list[Any]]:
         table[f"instructions:{comp}"] = []
     for r in result.records:
         table["id"].append(r.index)
-        table["parents"].append(json.dumps([p for p in r.parent_indices]))
+        table["parents"].append(json.dumps(list(r.parent_indices)))
         table["kind"].append(r.candidate.kind)
         table["val_score"].append(r.aggregate)
         table["num_val"].append(len(r.val_scores))

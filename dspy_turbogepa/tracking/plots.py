@@ -83,7 +83,8 @@ def _nodes(run: Any) -> list[_Node]:
         ps = tuple(p for p in (getattr(r, "parent_indices", None) or []) if p is not None)
         out.append(_Node(
             int(getattr(r, "index", pos)), str(kind), _finite(r.aggregate), ps,
-            _finite(getattr(r, "discovery_seconds", None)) if getattr(r, "discovery_seconds", None) is not None else None,
+            (_finite(getattr(r, "discovery_seconds", None))
+             if getattr(r, "discovery_seconds", None) is not None else None),
             int(r.discovery_metric_calls) if getattr(r, "discovery_metric_calls", None) is not None else None,
             getattr(r, "val_scores", None),
         ))

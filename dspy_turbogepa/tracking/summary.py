@@ -14,6 +14,7 @@ anything else its ``repr``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -149,7 +150,9 @@ def build_summary(detailed_results: Any, extra: Mapping[str, Any] | None = None)
     return to_strict_json(summary)
 
 
-def write_summary(log_dir: str | os.PathLike[str], detailed_results: Any, extra: Mapping[str, Any] | None = None) -> Path:
+def write_summary(
+    log_dir: str | os.PathLike[str], detailed_results: Any, extra: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``log_dir/summary.json`` atomically (temp file + rename); returns its path.
 
     ``detailed_results``: a ``TurboGEPAResult`` / ``DspyGEPAResult`` (or None when the run produced
@@ -166,9 +169,7 @@ def write_summary(log_dir: str | os.PathLike[str], detailed_results: Any, extra:
             f.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):  # the temporary file may not exist yet
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return path

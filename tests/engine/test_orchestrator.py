@@ -48,7 +48,9 @@ BUDGETS = [8, 9, 13, 14, 15, 22, 29, 40, 57, 90, 160]
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "gepa"])
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])
 @pytest.mark.parametrize("rungs", [(1.0,), (0.25, 1.0), (0.25, 0.5, 1.0)])
-def test_budget_bounded_and_no_pair_evaluated_twice(deterministic: bool, rungs: tuple[float, ...], strict: bool) -> None:
+def test_budget_bounded_and_no_pair_evaluated_twice(
+    deterministic: bool, rungs: tuple[float, ...], strict: bool
+) -> None:
     setup = hard_setup(train_n=10, val_n=8)
     for seed in range(4):
         for budget in BUDGETS:
@@ -165,7 +167,8 @@ def test_records_keep_outputs_and_objective_scores() -> None:
     for r in result.records:
         assert set(r.val_outputs) == set(setup.val_ids)
         assert r.val_objective_scores == {i: {"acc": s} for i, s in r.val_scores.items()}
-    assert [r.discovery_metric_calls for r in result.records] == sorted(r.discovery_metric_calls for r in result.records)
+    calls = [r.discovery_metric_calls for r in result.records]
+    assert calls == sorted(calls)
     assert result.records[0].discovery_metric_calls == len(setup.val_ids)
 
 
@@ -190,7 +193,8 @@ def det_run(sleep_seed: int | None, real_sleep: float = 0.0, seed: int = 0, yiel
                 "max_mutations_in_flight": 4, "max_evals_in_flight": 6}
     cfg = make_config(**{**settings, **overrides})
     ev = FakeEvaluator(DET_SETUP.task, sleep_seed, real_sleep=real_sleep, max_yields=yields)
-    refl = FakeReflector(sleep_seed, real_sleep=real_sleep, mode="replace" if seed % 2 else "add", max_yields=10 * yields)
+    refl = FakeReflector(sleep_seed, real_sleep=real_sleep, mode="replace" if seed % 2 else "add",
+                         max_yields=10 * yields)
     return run_fakes(cfg, DET_SETUP, evaluator=ev, reflector=refl)
 
 
@@ -445,7 +449,8 @@ def test_reservations_do_not_depend_on_completion_order() -> None:
         for sleep_seed in (None, 1, 2, 3, 4, 5, 6):
             cfg = make_config(max_metric_calls=budget, max_mutations_in_flight=4, strict_budget=True, **fixed_width())
             ev = FakeEvaluator(setup.task, sleep_seed, max_yields=20)
-            result, orch, ev, _ = run_fakes(cfg, setup, evaluator=ev, reflector=FakeReflector(sleep_seed, max_yields=20))
+            refl = FakeReflector(sleep_seed, max_yields=20)
+            result, orch, ev, _ = run_fakes(cfg, setup, evaluator=ev, reflector=refl)
             check_invariants(result, orch, ev, setup)
             outcomes.add((result.total_metric_calls, tuple(sorted(result.stats.mutations.items())),
                           repr(snapshot(result))))

@@ -192,7 +192,7 @@ def test_cancel_during_the_seed_validation_ends_the_run_at_once() -> None:
     def target() -> None:
         try:
             box["result"] = asyncio.run(orch.run())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
@@ -381,7 +381,8 @@ def test_fatal_error_stops_fast_mode_run_while_an_older_mutation_is_slow() -> No
 def test_failures_after_a_success_are_ordinary_data() -> None:
     setup = hard_setup(train_n=12, val_n=8)
     # every training example 5 fails for every candidate (a broken example, not a broken setup)
-    ev = FakeEvaluator(setup.task, 1, fail=lambda t, split, i: ("metric_error", "KeyError") if (split, i) == ("train", 5) else None)
+    ev = FakeEvaluator(setup.task, 1,
+                       fail=lambda t, split, i: ("metric_error", "KeyError") if (split, i) == ("train", 5) else None)
     result, orch, ev, _ = run_fakes(make_config(max_metric_calls=200, systemic_failure_window=2), setup, evaluator=ev)
     check_invariants(result, orch, ev, setup)
     assert result.stats.failures["metric_error"] == sum(1 for k in ev.calls if k[2] == 5 and k[1] == "train") > 0

@@ -174,7 +174,8 @@ def test_skip_perfect_score_skips_perfect_parents() -> None:
 
 def test_without_skip_perfect_score_perfect_parents_are_reflected_on() -> None:
     setup = perfect_setup()
-    result, _orch, _ev, refl = run_fakes(make_config(max_metric_calls=120, skip_perfect_score=False, max_siblings=1), setup)
+    cfg = make_config(max_metric_calls=120, skip_perfect_score=False, max_siblings=1)
+    result, _orch, _ev, refl = run_fakes(cfg, setup)
     assert refl.calls
     assert "skipped_perfect" not in result.stats.mutations
     assert result.stats.mutations["rejected_rung0"] == len(refl.calls)  # noise children tie: strict rule rejects
@@ -689,7 +690,8 @@ def test_reflections_read_the_parents_failing_scouts_and_acceptance_stays_on_the
     rejected = [r for r in results if r.status == "rejected_rung0" and r.children_tried == 1]
     assert rejected
     for r in rejected:
-        parent_sum = sum(sc for fp, i, sc in r.train_scores if fp == r.plan.parent.fingerprint and i in r.plan.minibatch)
+        parent_sum = sum(sc for fp, i, sc in r.train_scores
+                         if fp == r.plan.parent.fingerprint and i in r.plan.minibatch)
         assert r.detail.endswith(f"parent {parent_sum:.3f}"), (r.detail, parent_sum)
     assert result.stats.scouted == sum(len(r.plan.scout_ids) for r in results if r.plan.kind != "merge")
     assert result.stats.to_dict()["scout_failures_read"] == result.stats.scout_failures_read > 0
@@ -737,7 +739,8 @@ def test_a_perfect_minibatch_is_skipped_whatever_the_scouts_show() -> None:
 @pytest.mark.parametrize("overrides", [{"reflection_scouts": 0}, {"minibatch_sampling": "epoch"}])
 def test_no_scouts_when_off_or_with_epoch_sampling(overrides: dict) -> None:
     scouts = overrides.get("reflection_scouts", 5)
-    result, results, _ev, refl, _setup = _scouted(scouts, **{k: v for k, v in overrides.items() if k != "reflection_scouts"})
+    rest = {k: v for k, v in overrides.items() if k != "reflection_scouts"}
+    result, results, _ev, refl, _setup = _scouted(scouts, **rest)
     assert results and all(r.plan.scout_ids == () for r in results)
     assert result.stats.scouted == 0 and refl.calls and all(len(c.outcomes) == 3 for c in refl.calls)
 

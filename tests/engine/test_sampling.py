@@ -161,7 +161,7 @@ def test_likely_failures_come_first_and_solved_ids_last() -> None:
     assert failing <= set(flat[3 * gap :])  # after it, a failure not yet fixed is retried first
     # with the same ranks, plain epoch order would have spent draws on solved ids
     plain = EpochShuffledSampler(ids, 3, seed=0)
-    assert set(i for k in range(7) for i in plain.batch(k)) & solved
+    assert {i for k in range(7) for i in plain.batch(k)} & solved
 
 
 def test_an_unsolvable_example_is_not_drawn_every_time() -> None:
