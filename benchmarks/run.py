@@ -731,7 +731,8 @@ def _to_target(run: Run, target: float) -> tuple[float, int, bool]:
 def _steps_to_target(run: Run, target: float) -> int | None:
     """Search steps from the seed to the first candidate whose full-validation score reached ``target``
     (None when no run candidate reached it, or its steps are unknown)."""
-    return next((p[2] for p in run["best_val_curve"] if p[1] >= target - 1e-9 and len(p) > 2), None)
+    hit = next((p for p in run["best_val_curve"] if p[1] >= target - 1e-9), None)
+    return hit[2] if hit is not None and len(hit) > 2 else None
 
 
 def _reflections_at(run: Run, t: float) -> int:
@@ -765,9 +766,9 @@ def _steps_section(groups: dict[tuple[str, int], dict[str, list[Run]]],
             steps = [n for _, _, n in hit]
             per_step = [t / n for _, t, n in hit if n]
             refl = [_reflections_at(r, t) for r, t, _ in hit]
-            lat = [r.get("reflector_mean_latency_s") for r in rs]
-            lines.append(
-                f"| {key[0]} | {key[1]} | {opt} | {len(hit)}/{len(rs)} | {_fmt(steps, 0)} | {_fmt(per_step, 2)}"
+            lat = [r.get("reflector_mean_latency_s") for r, _, _ in hit]
+            lines.append(  # steps with one decimal: the median of an even number of runs can end in .5
+                f"| {key[0]} | {key[1]} | {opt} | {len(hit)}/{len(rs)} | {_fmt(steps, 1)} | {_fmt(per_step, 2)}"
                 f" | {_fmt(refl, 0)} | {_fmt(lat, 2)} |"
             )
     return lines

@@ -202,9 +202,14 @@ def test_search_steps_follow_the_longest_parent_chain():
            "lm_timeline": [[1.0, 10, 1], [5.0, 40, 4], [9.0, 60, 7]], "lm_calls_student": 60,
            "lm_calls_reflector": 7, "reflector_mean_latency_s": 0.5}
     assert bench._steps_to_target(run, 0.85) == 3 and bench._steps_to_target(run, 0.95) is None
+    old_format = {**run, "best_val_curve": [[0.0, 0.3], [5.0, 0.9], [6.0, 0.95, 4]]}  # a cell made before steps
+    assert bench._steps_to_target(old_format, 0.85) is None  # unknown, not the steps of a later candidate
     assert bench._reflections_at(run, 5.0) == 4
     lines = bench._steps_section({("routing", 300): {"turbo": [run]}}, {("routing", 300): (0.85, "x")})
-    assert "| routing | 300 | turbo | 1/1 | 3 | 1.67 | 4 | 0.50 |" in lines
+    assert "| routing | 300 | turbo | 1/1 | 3.0 | 1.67 | 4 | 0.50 |" in lines
+    missed = {**run, "best_val_curve": [[0.0, 0.3, 0]], "reflector_mean_latency_s": 9.0}
+    lines = bench._steps_section({("routing", 300): {"turbo": [run, missed]}}, {("routing", 300): (0.85, "x")})
+    assert "| routing | 300 | turbo | 1/2 | 3.0 | 1.67 | 4 | 0.50 |" in lines  # only runs that reached it
 
 
 def test_the_ratio_spread_pairs_runs_by_seed():
