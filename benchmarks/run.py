@@ -547,11 +547,14 @@ def _collect(cells: list[Run], a: argparse.Namespace, describe: Callable[[Run], 
 # ---------------------------------------------------------------------------------------
 
 
+def _lm_calls_at(run: Run, t: float) -> tuple[int, int]:
+    """(student, reflection) LM calls made by ``t`` seconds into the compile, from the polled timeline."""
+    return next(((s, r) for tt, s, r in run["lm_timeline"] if tt >= t),
+                (run["lm_calls_student"], run["lm_calls_reflector"]))
+
+
 def _calls_at(run: Run, t: float) -> int:
-    for tt, s, r in run["lm_timeline"]:
-        if tt >= t:
-            return s + r
-    return run["lm_calls_student"] + run["lm_calls_reflector"]
+    return sum(_lm_calls_at(run, t))
 
 
 def _median(vals: list[float | None]) -> float | None:
@@ -735,10 +738,6 @@ def _steps_to_target(run: Run, target: float) -> int | None:
     return hit[2] if hit is not None and len(hit) > 2 else None
 
 
-def _reflections_at(run: Run, t: float) -> int:
-    return next((r for tt, _, r in run["lm_timeline"] if tt >= t), run["lm_calls_reflector"])
-
-
 def _steps_section(groups: dict[tuple[str, int], dict[str, list[Run]]],
                    targets: dict[tuple[str, int], tuple[float, str]]) -> list[str]:
     """Why a speedup is what it is: time to target = search steps one after another x seconds per step.
@@ -761,11 +760,11 @@ def _steps_section(groups: dict[tuple[str, int], dict[str, list[Run]]],
     for key, by_opt in sorted(groups.items()):
         target = targets[key][0]
         for opt, rs in sorted(by_opt.items()):
-            hit = [(r, _to_target(r, target)[0], _steps_to_target(r, target)) for r in rs
-                   if _to_target(r, target)[2]]
+            reached = [(r, hit[0]) for r in rs if (hit := _to_target(r, target))[2]]
+            hit = [(r, t, _steps_to_target(r, target)) for r, t in reached]
             steps = [n for _, _, n in hit]
             per_step = [t / n for _, t, n in hit if n]
-            refl = [_reflections_at(r, t) for r, t, _ in hit]
+            refl = [_lm_calls_at(r, t)[1] for r, t, _ in hit]
             lat = [r.get("reflector_mean_latency_s") for r, _, _ in hit]
             lines.append(  # steps with one decimal: the median of an even number of runs can end in .5
                 f"| {key[0]} | {key[1]} | {opt} | {len(hit)}/{len(rs)} | {_fmt(steps, 1)} | {_fmt(per_step, 2)}"

@@ -138,13 +138,19 @@ def test_benchmark_memory_smoke(tmp_path: Path) -> None:
     assert "| routing | 0 | 24 | 12 | 80 |" in (tmp_path / "memory.md").read_text()
 
 
-def test_each_baseline_is_compared_at_its_own_final_score(tmp_path: Path) -> None:
-    """Issue 6: TurboGEPA must be faster than gepa4 to gepa4's own final score (not to dspy.GEPA's)."""
+def _bench():
+    """benchmarks/run.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_each_baseline_is_compared_at_its_own_final_score(tmp_path: Path) -> None:
+    """Issue 6: TurboGEPA must be faster than gepa4 to gepa4's own final score (not to dspy.GEPA's)."""
+    bench = _bench()
 
     def run(opt: str, seed: int, curve: list[tuple[float, float]], wall: float) -> dict:
         return {
@@ -165,15 +171,6 @@ def test_each_baseline_is_compared_at_its_own_final_score(tmp_path: Path) -> Non
     assert ratios["gepa4"]["target"] == 0.7 and ratios["gepa4"]["time_to_target_speedup"] == 6.0 / 2.0
     assert ratios["gepa4"]["lm_calls_to_target_ratio"] == 21 / 61  # timeline: 10 student calls a second + 1
     assert (ratios["gepa4"]["reached_turbo"], ratios["gepa4"]["reached_baseline"]) == (1, 1)
-
-
-def _bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_search_steps_follow_the_longest_parent_chain():
@@ -204,7 +201,7 @@ def test_search_steps_follow_the_longest_parent_chain():
     assert bench._steps_to_target(run, 0.85) == 3 and bench._steps_to_target(run, 0.95) is None
     old_format = {**run, "best_val_curve": [[0.0, 0.3], [5.0, 0.9], [6.0, 0.95, 4]]}  # a cell made before steps
     assert bench._steps_to_target(old_format, 0.85) is None  # unknown, not the steps of a later candidate
-    assert bench._reflections_at(run, 5.0) == 4
+    assert bench._lm_calls_at(run, 5.0) == (40, 4) and bench._lm_calls_at(run, 99.0) == (60, 7)
     lines = bench._steps_section({("routing", 300): {"turbo": [run]}}, {("routing", 300): (0.85, "x")})
     assert "| routing | 300 | turbo | 1/1 | 3.0 | 1.67 | 4 | 0.50 |" in lines
     missed = {**run, "best_val_curve": [[0.0, 0.3, 0]], "reflector_mean_latency_s": 9.0}
@@ -214,11 +211,7 @@ def test_search_steps_follow_the_longest_parent_chain():
 
 def test_the_ratio_spread_pairs_runs_by_seed():
     """Bootstrap interval and per-seed counts of the turbo-vs-baseline comparison, on hand-made runs."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
 
     def run(seed, hit_s, test, wall=100.0):
         return {"seed": seed, "best_val_curve": [[hit_s, 0.9]] if hit_s else [[1.0, 0.1]], "compile_wall_s": wall,

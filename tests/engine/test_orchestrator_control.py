@@ -192,7 +192,7 @@ def test_cancel_during_the_seed_validation_ends_the_run_at_once() -> None:
     def target() -> None:
         try:
             box["result"] = asyncio.run(orch.run())
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the test thread
             box["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
