@@ -240,3 +240,19 @@ def test_operator_credit_is_reported_and_explicit_selector_respected(pipeline, s
     assert "reflection_all" not in fixed.detailed_results.run_stats["operator_credit"]
     tokens = adaptive.detailed_results.run_stats["reflection_tokens"]
     assert tokens["prompt"] > 0 and tokens["completion"] > 0
+
+
+@pytest.mark.parametrize("wrapper", ["BestOfN", "Refine"])
+def test_programs_that_copy_their_module_per_call_are_optimized(routing, student_lm, reflection_lm, wrapper):
+    """dspy.BestOfN and dspy.Refine deep-copy the wrapped module on every call and extend
+    dspy.settings.trace: rollouts must run with a trace list, and their steps (copies no id matches)
+    must be matched to the predictor by signature, as dspy.GEPA does."""
+    program = getattr(dspy, wrapper)(module=routing.make_program(), N=1, reward_fn=lambda args, pred: 1.0,
+                                     threshold=1.0)
+    _, seed_prog, optimized, splits = compile_task(routing, student_lm, reflection_lm, budget=200, program=program)
+    dr = optimized.detailed_results
+    assert dr.run_stats["failures"] == {}
+    assert dr.run_stats["proposal_skips"].get("no_reflective_data", 0) == 0
+    assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0] + 0.1
+    assert routing.evaluate(optimized, splits.test, lm=student_lm) > routing.evaluate(
+        seed_prog, splits.test, lm=student_lm) + 0.1

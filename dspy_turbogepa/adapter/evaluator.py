@@ -47,7 +47,7 @@ from dspy_turbogepa.adapter.lm_copies import (
     rollout_usage,
 )
 from dspy_turbogepa.adapter.metric import read_metric_return
-from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.program import PredictorNames, ProgramCodec
 from dspy_turbogepa.adapter.ratelimit import (
     FATAL_ERROR_TYPES,
     FATAL_ONCE_ANSWERED,
@@ -262,7 +262,7 @@ class DspyEvaluator:
 
     def _give_up(
         self, attempt: _Attempt, verdict: Verdict, retries: int, elapsed: float, usage: RolloutUsage,
-        rl_retries: int, example: dspy.Example, example_id: int, names: dict[int, str], split: Split, capture: bool,
+        rl_retries: int, example: dspy.Example, example_id: int, names: PredictorNames, split: Split, capture: bool,
     ) -> EvalOutcome:
         assert attempt.error is not None
         outcome, _ = self._score(example, example_id, None, attempt.raw_trace, attempt.error, names, split, capture)
@@ -340,7 +340,7 @@ class DspyEvaluator:
 
     # ------------------------------------------------------------------ one attempt
     async def _attempt(
-        self, program: dspy.Module, names: dict[int, str], example: dspy.Example, example_id: int, split: Split,
+        self, program: dspy.Module, names: PredictorNames, example: dspy.Example, example_id: int, split: Split,
         capture: bool, lm: Any,
     ) -> _Attempt:
         loop = asyncio.get_running_loop()
@@ -364,7 +364,7 @@ class DspyEvaluator:
         return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
 
     def _attempt_sync(
-        self, program: dspy.Module, names: dict[int, str], example: dspy.Example, example_id: int, split: Split,
+        self, program: dspy.Module, names: PredictorNames, example: dspy.Example, example_id: int, split: Split,
         capture: bool, lm: Any,
     ) -> _Attempt:
         with rollout_usage(self._prices) as usage:
@@ -381,10 +381,12 @@ class DspyEvaluator:
 
     @staticmethod
     def _rollout_settings(capture: bool, lm: Any) -> dict[str, Any]:
-        """What the program runs under: a fresh trace (when reflection will read it) and our
-        retry-less copy of the configured LM; one ``dspy.context`` for both (it is entered on every
-        rollout). The metric runs outside it, with the user's own settings."""
-        settings: dict[str, Any] = {"trace": [] if capture else None}
+        """What the program runs under: a fresh trace and our retry-less copy of the configured LM; one
+        ``dspy.context`` for both (it is entered on every rollout). The metric runs outside it, with the
+        user's own settings. The trace is a list even when reflection will not read it: ``dspy.BestOfN``,
+        ``dspy.Refine`` and user modules written like them extend ``dspy.settings.trace`` and would
+        raise on ``None``."""
+        settings: dict[str, Any] = {"trace": []}
         if lm is not None:
             settings["lm"] = lm
         return settings
@@ -398,7 +400,7 @@ class DspyEvaluator:
                 error = None
             except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
-            trace = list(dspy.settings.trace or [])
+            trace = list(dspy.settings.trace or []) if capture else []
         return pred, trace, error
 
     def _run_sync(
@@ -410,7 +412,7 @@ class DspyEvaluator:
                 error: BaseException | None = None
             except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
-            trace = list(dspy.settings.trace or [])
+            trace = list(dspy.settings.trace or []) if capture else []
         return pred, trace, error
 
     # ------------------------------------------------------------------ scoring
@@ -442,12 +444,12 @@ class DspyEvaluator:
         pred: Any,
         raw_trace: list[Any],
         error: BaseException | None,
-        names: dict[int, str],
+        names: PredictorNames,
         split: Split,
         capture: bool,
     ) -> tuple[EvalOutcome, int]:
         steps = [
-            TraceStep(names.get(id(p), "?"), p, dict(inputs), outputs) for p, inputs, outputs in raw_trace
+            TraceStep(names.name_of(p), p, dict(inputs), outputs) for p, inputs, outputs in raw_trace
         ]
         if error is not None:
             types = _error_types(error)

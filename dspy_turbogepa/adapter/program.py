@@ -10,8 +10,38 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import dspy
+
+
+class PredictorNames:
+    """Which of a program's predictors made a trace step.
+
+    By object identity first, which is exact and free. Modules such as ``dspy.BestOfN`` and
+    ``dspy.Refine`` deep-copy the module they wrap on every call, so their trace steps hold copies no
+    id matches; those fall back to signature equality, the rule dspy.GEPA applies to every step
+    (``signature.equals``: same fields and instructions). Among several predictors with an equal
+    signature, the first in ``named_predictors()`` order is taken.
+    """
+
+    def __init__(self, program: dspy.Module) -> None:
+        self._predictors = list(program.named_predictors())
+        self._by_id = {id(pred): name for name, pred in self._predictors}
+
+    def name_of(self, predictor: Any) -> str:
+        hit = self._by_id.get(id(predictor))
+        if hit is not None:
+            return hit
+        signature = getattr(predictor, "signature", None)
+        if signature is not None:
+            for name, pred in self._predictors:
+                try:
+                    if pred.signature.equals(signature):
+                        return name
+                except (AttributeError, TypeError):  # not a dspy Signature: no match by signature
+                    continue
+        return "?"
 
 
 class ProgramCodec:
@@ -25,7 +55,7 @@ class ProgramCodec:
         self._student = student
         self.component_names: list[str] = [name for name, _ in student.named_predictors()]
         self._student_predictors = dict(student.named_predictors())
-        self._cache: OrderedDict[str, tuple[dspy.Module, dict[int, str]]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[dspy.Module, PredictorNames]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -48,21 +78,17 @@ class ProgramCodec:
                 pred.signature = pred.signature.with_instructions(texts[name])
         return program
 
-    def get(self, fingerprint: str, texts: Mapping[str, str]) -> tuple[dspy.Module, dict[int, str]]:
-        """The shared program for a candidate, and a map from predictor object id to predictor name."""
+    def get(self, fingerprint: str, texts: Mapping[str, str]) -> tuple[dspy.Module, PredictorNames]:
+        """The shared program for a candidate, and which of its predictors made a trace step."""
         with self._lock:
             hit = self._cache.get(fingerprint)
             if hit is not None:
                 self._cache.move_to_end(fingerprint)
                 return hit
         program = self.build(texts)
-        entry = (program, self._names(program))
+        entry = (program, PredictorNames(program))
         with self._lock:
             self._cache[fingerprint] = entry
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return entry
-
-    @staticmethod
-    def _names(program: dspy.Module) -> dict[int, str]:
-        return {id(pred): name for name, pred in program.named_predictors()}
