@@ -112,7 +112,7 @@ class EvaluationCache:
         self._count(outcome)
         for obs in self._observers:
             obs.on_evaluation(candidate, split, outcome)
-        self._systemic.observe(outcome)
+        self._systemic.observe(outcome, candidate.fingerprint)
         return outcome
 
     def _count(self, outcome: EvalOutcome) -> None:

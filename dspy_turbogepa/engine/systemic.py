@@ -6,6 +6,12 @@ first ``window`` executed evaluations all fail, whatever the cause, the run stop
 common cause. Once any evaluation
 has succeeded, isolated failures are ordinary data (scored ``failure_score``), as in dspy.GEPA.
 
+One cause is given a chance first: output that does not parse (``format_error``) is what a weak seed
+instruction often produces and what reflection is shown and can fix (dspy.GEPA's
+``add_format_failure_as_feedback`` exists for it). While every failure seen is a format error, the run
+stops only once candidates reflected from them failed too (``FORMAT_ERROR_CANDIDATES`` in all,
+the seed included), not on the seed's validation alone.
+
 Reflections get the same two rules: a fatal proposer failure stops the run, and so do ``window``
 failed reflections before the first usable one (a reflection LM that never answers usefully would
 otherwise be called until the no-progress limit, returning the seed as if optimized).
@@ -23,6 +29,9 @@ from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 #: each is a reflection LM call, and a working reflection LM rarely fails even twice in a row.
 MAX_PROPOSAL_WINDOW = 8
 
+#: Candidates (the seed included) that must all fail to parse before format errors alone stop a run.
+FORMAT_ERROR_CANDIDATES = 3
+
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
 PROPOSER_FAILURES = frozenset({"proposer_error", "invalid_proposal", "empty_proposal", "reflective_dataset_error"})
 
@@ -34,6 +43,7 @@ class SystemicFailureDetector:
         self._failures: Counter[tuple[str, str]] = Counter()
         self._examples: dict[tuple[str, str], str] = {}
         self._count = 0
+        self._candidates: set[str] = set()
         self._raised: SystemicFailureError | None = None
         self._seen_proposal = False
         self._proposer_failures: Counter[str] = Counter()
@@ -85,11 +95,12 @@ class SystemicFailureDetector:
                 error_type=None,
             )
 
-    def observe(self, outcome: EvalOutcome) -> None:
-        """Raise SystemicFailureError when the run must stop (see :meth:`_sticky`)."""
-        self._sticky(lambda: self._observe(outcome))
+    def observe(self, outcome: EvalOutcome, candidate: str | None = None) -> None:
+        """Raise SystemicFailureError when the run must stop (see :meth:`_sticky`). ``candidate``
+        (a fingerprint) tells format errors of the seed from those of its reflected children."""
+        self._sticky(lambda: self._observe(outcome, candidate))
 
-    def _observe(self, outcome: EvalOutcome) -> None:
+    def _observe(self, outcome: EvalOutcome, candidate: str | None) -> None:
         if outcome.failure is None:
             self._seen_success = True
             return
@@ -106,12 +117,24 @@ class SystemicFailureDetector:
         self._failures[key] += 1
         self._examples.setdefault(key, outcome.message or "")
         self._count += 1
+        if candidate is not None:
+            self._candidates.add(candidate)
+        only_format = all(f == "format_error" for f, _ in self._failures)
+        if only_format and 0 < len(self._candidates) < FORMAT_ERROR_CANDIDATES:
+            return  # reflection has not yet had its chance to fix the output format
         if self._count >= self.window:
             (failure, error_type), n = self._failures.most_common(1)[0]
             raise SystemicFailureError(
                 f"Stopping: the first {self._count} evaluations all failed ({n} of them with {failure}"
-                f"{' / ' + error_type if error_type else ''}: {self._examples[(failure, error_type)]}). "
+                f"{' / ' + error_type if error_type else ''}: {self._examples[(failure, error_type)]})"
+                f"{self._format_note(only_format)}. "
                 "Fix the program, the metric or the LM configuration and run again.",
                 failure=failure,
                 error_type=error_type or None,
             )
+
+    def _format_note(self, only_format: bool) -> str:
+        if not only_format or len(self._candidates) < FORMAT_ERROR_CANDIDATES:
+            return ""
+        return (f", on the seed and {len(self._candidates) - 1} candidates reflected from its parse failures: "
+                "the LM's output does not parse whatever the instruction says")

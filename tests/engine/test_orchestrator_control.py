@@ -302,6 +302,32 @@ def test_window_counts_failures_of_any_kind() -> None:
     assert 6 <= calls <= 8
 
 
+def test_a_seed_whose_output_never_parses_gets_reflected_on_not_stopped() -> None:
+    """Format errors are what reflection can fix (dspy.GEPA's add_format_failure_as_feedback): a seed that
+    fails to parse on every example is not a systemic failure until reflected candidates fail too."""
+    setup = hard_setup(val_n=12)
+    seed = setup.task.seed_texts()
+    ev = FakeEvaluator(setup.task, 1)
+    ev.fail = lambda texts, split, i: ("format_error", "AdapterParseError") if dict(texts) == dict(seed) else None
+    cfg = make_config(max_metric_calls=150, systemic_failure_window=8, max_evals_in_flight=2)
+    result = run(build(cfg, ev, FakeReflector(1), setup))
+    assert result.stop_reason == "max_metric_calls"
+    assert result.stats.failures["format_error"] >= 12
+    assert max(r.aggregate for r in result.records) > result.records[0].aggregate == 0.0
+
+
+def test_output_that_never_parses_stops_after_reflected_candidates_fail_too() -> None:
+    setup = hard_setup(val_n=12)
+    ev = FakeEvaluator(setup.task, fail=always("format_error", "AdapterParseError"))
+    cfg = make_config(max_metric_calls=2000, systemic_failure_window=8, max_evals_in_flight=1,
+                      max_mutations_in_flight=1)
+    err, calls, _ = run_until_error(build(cfg, ev, FakeReflector(), setup), ev)
+    assert err.failure == "format_error"
+    assert "on the seed and 2 candidates reflected from its parse failures" in str(err)
+    assert len({fp for fp, _, _ in ev.order}) == 3  # the seed and two children, then it stopped
+    assert calls <= 12 + 2 * 2 * 3 + 3
+
+
 def test_fatal_error_type_during_seed_stops_at_once() -> None:
     setup = hard_setup(val_n=12)
     ev = FakeEvaluator(setup.task, fail=lambda texts, split, i: ("program_error", "AuthenticationError", True) if i == 0

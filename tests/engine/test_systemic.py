@@ -61,6 +61,23 @@ def test_a_resumed_run_remembers_the_successes_of_its_earlier_sessions() -> None
         fresh.observe(fail())
 
 
+def test_format_errors_alone_wait_for_reflected_candidates() -> None:
+    det = SystemicFailureDetector(4)
+    for _ in range(20):
+        det.observe(fail("format_error", "AdapterParseError"), "seed")
+    det.observe(fail("format_error", "AdapterParseError"), "child-1")
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe(fail("format_error", "AdapterParseError"), "child-2")
+    assert "the first 22 evaluations all failed" in str(info.value)
+    assert "on the seed and 2 candidates reflected" in str(info.value)
+    mixed = SystemicFailureDetector(4)
+    for kind in ("format_error", "format_error", "program_error"):
+        mixed.observe(fail(kind), "seed")
+    with pytest.raises(SystemicFailureError) as info:  # not only format errors: the window applies as before
+        mixed.observe(fail("format_error"), "seed")
+    assert "reflected" not in str(info.value)
+
+
 def test_window_is_at_least_one() -> None:
     det = SystemicFailureDetector(0)
     with pytest.raises(SystemicFailureError):
