@@ -199,3 +199,22 @@ def test_gepas_stop_conditions_work_as_stop_callbacks(routing, stopper, arg):
     dr = program.detailed_results
     assert dr.stop_reason == "stop_callback"
     assert dr.total_metric_calls < 400
+
+
+def test_a_metric_whose_feedback_call_always_raises_stops_the_run(routing):
+    """The metric works without pred_name but raises with it: no reflection can ever read feedback. The
+    run must stop with a clear error naming the feedback call, not spin on free mutations and return
+    the seed as optimized."""
+    from dspy_turbogepa import SystemicFailureError
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None:
+            raise KeyError("feedback_template")
+        return routing.metric(gold, pred, trace)
+
+    reflection_lm = make_reflection_lm(seed=0)
+    with pytest.raises(SystemicFailureError) as info:
+        _compile(routing, metric, budget=200, reflection_lm=reflection_lm)
+    message = str(info.value)
+    assert "feedback_error" in message and "feedback_template" in message and "pred_name" in message
+    assert reflection_lm.history == []  # no reflection LM call was paid for

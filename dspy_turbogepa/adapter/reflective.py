@@ -54,6 +54,10 @@ def with_trace_data(selector: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+class FeedbackMetricError(Exception):
+    """Every record of a reflective dataset was lost because the metric raised when asked for feedback."""
+
+
 class ReflectiveDatasetBuilder:
     def __init__(
         self,
@@ -81,22 +85,30 @@ class ReflectiveDatasetBuilder:
         rng: random.Random,
     ) -> dict[str, list[ReflectiveRecord]]:
         dataset: dict[str, list[ReflectiveRecord]] = {}
+        feedback_errors: list[str] = []
         for name in components:
             items: list[ReflectiveRecord] = []
             for traj, score in zip(trajectories, scores):
                 if traj is None:
                     continue
-                record = self._record(name, traj, score, rng)
+                record = self._record(name, traj, score, rng, feedback_errors)
                 if record is not None:
                     items.append(record)
             if items:
                 dataset[name] = items
             else:
                 logger.warning("No reflective examples for predictor %r in this minibatch", name)
+        if not dataset and feedback_errors:
+            # Not "nothing to reflect on": the metric's feedback call is broken, which the systemic
+            # rule for proposals must see (a run would otherwise spin on free mutations, then return the seed).
+            raise FeedbackMetricError(
+                f"the metric raised on every feedback call (with pred_name) of this minibatch: {feedback_errors[0]}"
+            )
         return dataset
 
     # ------------------------------------------------------------------ one record
-    def _record(self, name: str, traj: DspyTrajectory, score: float, rng: random.Random) -> ReflectiveRecord | None:
+    def _record(self, name: str, traj: DspyTrajectory, score: float, rng: random.Random,
+                feedback_errors: list[str]) -> ReflectiveRecord | None:
         steps = [s for s in traj.steps if s.pred_name == name]
         if traj.failure in ("program_error", "format_error"):
             return self._error_record(name, traj, steps)
@@ -112,9 +124,10 @@ class ReflectiveDatasetBuilder:
                 [(self._codec.student_predictor(name), step.inputs, step.outputs)],
             )
         except Exception as exc:  # a metric bug must not kill the proposal: skip this record, say why  # noqa: BLE001
-            logger.warning("The metric raised while giving feedback for %r: %s: %s", name, type(exc).__name__,
-                           mask_text(str(exc)))
+            message = f"{type(exc).__name__}: {mask_text(str(exc))}"
+            logger.warning("The metric raised while giving feedback for %r: %s", name, message)
             self._count("feedback_error")
+            feedback_errors.append(message)
             return None
         reading = read_metric_return(ret, self._failure_score)
         feedback = reading.feedback if reading.feedback is not None else default_feedback(

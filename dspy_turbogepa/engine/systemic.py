@@ -33,7 +33,15 @@ MAX_PROPOSAL_WINDOW = 8
 FORMAT_ERROR_CANDIDATES = 3
 
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
-PROPOSER_FAILURES = frozenset({"proposer_error", "invalid_proposal", "empty_proposal", "reflective_dataset_error"})
+PROPOSER_FAILURES = frozenset({
+    "proposer_error", "invalid_proposal", "empty_proposal", "reflective_dataset_error", "feedback_error",
+})
+
+
+_PROPOSER_HINT = "Check reflection_lm (or instruction_proposer) and run again."
+_PROPOSER_HINTS = {
+    "feedback_error": "Check what the metric does when called with pred_name (the feedback call) and run again.",
+}
 
 
 class SystemicFailureDetector:
@@ -90,7 +98,7 @@ class SystemicFailureDetector:
             reason, count = self._proposer_failures.most_common(1)[0]
             raise SystemicFailureError(
                 f"Stopping: the first {n} reflections all failed ({count} of them with {reason}: "
-                f"{self._proposer_examples[reason]}). Check reflection_lm (or instruction_proposer) and run again.",
+                f"{self._proposer_examples[reason]}). {_PROPOSER_HINTS.get(reason, _PROPOSER_HINT)}",
                 failure=reason,
                 error_type=None,
             )

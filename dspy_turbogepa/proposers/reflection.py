@@ -25,7 +25,7 @@ from dspy.utils.callback import BaseCallback
 
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
 from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, FATAL_ONCE_ANSWERED, fatal_error_name
-from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 from dspy_turbogepa.redaction import mask_text
 
@@ -98,6 +98,8 @@ class ReflectiveProposer:
             dataset = self._builder.build(
                 components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
             )
+        except FeedbackMetricError as exc:
+            return ProposalOutcome(skipped="feedback_error", message=str(exc))
         except Exception as exc:  # defensive: a broken trace must not end the run
             message = mask_text(f"{type(exc).__name__}: {exc}")
             logger.warning("Building the reflective dataset failed: %s", message)
