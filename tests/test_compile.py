@@ -112,6 +112,9 @@ def test_detailed_results_match_dspy_gepa_result(routing, student_lm, reflection
         assert set(subs) == val_ids  # only full-validation scores are listed
         assert agg == pytest.approx(sum(subs.values()) / len(subs))
     assert set(dr.per_val_instance_best_candidates) == val_ids
+    # in valset order, as dspy.GEPA's (scores arrive in completion order; users zip them with the valset)
+    assert all(list(subs) == sorted(val_ids) for subs in dr.val_subscores)
+    assert list(dr.per_val_instance_best_candidates) == sorted(val_ids)
     for vid, front in dr.per_val_instance_best_candidates.items():
         best = max(s[vid] for s in dr.val_subscores)
         assert front == {i for i, s in enumerate(dr.val_subscores) if s[vid] == best}

@@ -46,7 +46,9 @@ def build_result(
 ) -> TurboGEPAResult:
     records = result.records
     val_ids = result.val_ids
-    fronts = {vid: set(f) for vid, f in result.fronts.items()}
+    # every per-example mapping in valset order, as dspy.GEPA's are (scores arrive in completion order,
+    # and users pair them with the valset: zip(valset, subscores.values()))
+    fronts = {vid: set(result.fronts[vid]) for vid in val_ids if vid in result.fronts}
     best_outputs = None
     if track_best_outputs:
         best_outputs = {
@@ -71,7 +73,7 @@ def build_result(
         candidates=[build_program(r.candidate.texts) for r in records],
         parents=[list(r.parent_indices) for r in records],
         val_aggregate_scores=[r.aggregate for r in records],
-        val_subscores=[dict(r.val_scores) for r in records],
+        val_subscores=[{vid: r.val_scores[vid] for vid in val_ids if vid in r.val_scores} for r in records],
         per_val_instance_best_candidates=fronts,
         discovery_eval_counts=[0 if r.index == 0 else r.discovery_metric_calls for r in records],
         best_outputs_valset=best_outputs,
