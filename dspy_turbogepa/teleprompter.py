@@ -452,7 +452,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             if store is not None:  # closed by `cleanup`, like the pools, whatever happens next
                 store.record_event("run_finished" if result is not None else "run_failed", {})
         if known_evals:
-            result.total_metric_calls += len(known_evals)  # paid by the earlier process of this run
+            # every metric call the run's log_dir paid for, in all its sessions (run_stats'
+            # metric_calls_replayed says how many of the stored ones this session's search used: a run
+            # resumed with another budget plans differently and may leave some unused)
+            result.total_metric_calls += len(known_evals)
         result.stats.rate_limits = evaluator.rate_limit_stats()
         if result.stop_reason == "interrupted":
             logger.warning("Run interrupted: returning the best program found so far.")

@@ -50,17 +50,18 @@ def test_rerun_and_extension_never_pay_twice(pipeline, tmp_path):
     again, calls_again, lm_again, refl_again = _compile(pipeline, 150, tmp_path)
     assert (calls_again, lm_again, refl_again) == (0, 0, 0)
     assert _instructions(again) == _instructions(first)
-    # A larger budget continues the run (dspy.GEPA's way to extend it): every evaluation and proposal the
-    # first run stored is served from the store. (The width depends on the budget left, so the extended run
-    # may plan differently from an uninterrupted 300-call run after the first mutations; it is not
-    # guaranteed to end on the same program, only never to pay twice.)
+    # A larger budget continues the run (dspy.GEPA's way to extend it): every stored evaluation and
+    # proposal its search asks for is served from the store. (The width depends on the budget left, so the
+    # extended run plans differently from the first one after the first mutations and leaves most stored
+    # evaluations unused; it is not guaranteed to end on the same program, only never to pay twice.)
     extended, calls2, lm2, refl2 = _compile(pipeline, 300, tmp_path)
     assert 0 < calls2 < full_calls and refl2 < full_refl
     assert lm2 <= 2 * calls2  # two predictors: only executed evaluations reach the student LM
     dr = extended.detailed_results
     # the budget counts the stored evaluations as spent, as the first run did (the run may also end sooner,
     # with the task solved everywhere it looks)
-    assert dr.total_metric_calls == calls1 + calls2
+    assert dr.total_metric_calls == calls1 + calls2  # what the log_dir paid for, in both sessions
+    assert 0 < dr.run_stats["metric_calls_replayed"] <= calls1
     assert dr.total_metric_calls >= 300 or dr.stop_reason == "no_progress_possible"
     assert dr.val_aggregate_scores[dr.best_idx] >= first.detailed_results.val_aggregate_scores[
         first.detailed_results.best_idx]
@@ -173,8 +174,11 @@ def test_a_programs_own_error_named_like_an_lm_error_is_replayed(routing, tmp_pa
 
     first, _ = compile_once()
     assert first.detailed_results.run_stats["failures"]["program_error"] > 0
-    _, calls = compile_once()
+    again, calls = compile_once()
     assert calls == 0
+    # the replayed failures are still reported (summary.json and MLflow read these counts)
+    assert again.detailed_results.run_stats["failures"] == first.detailed_results.run_stats["failures"]
+    assert again.detailed_results.run_stats["metric_calls_replayed"] == first.detailed_results.total_metric_calls
 
 
 def test_a_fixed_program_under_the_same_log_dir_is_refused_not_replayed(routing, tmp_path):

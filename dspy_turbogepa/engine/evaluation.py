@@ -45,6 +45,9 @@ class EvaluationCache:
         self._observers = observers
         self._systemic = systemic
         self._done: dict[EvalKey, EvalOutcome] = dict(known or {})
+        #: Stored outcomes not used yet: the first use of each counts as a metric call of this run
+        #: (paid by an earlier session), and its failure is counted as if it had run now.
+        self._unreplayed: set[EvalKey] = set(known or ())
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
 
     @property
@@ -85,6 +88,11 @@ class EvaluationCache:
         done = self._done.get(key)
         if done is not None:
             self._stats.cache_hits += 1
+            if key in self._unreplayed:
+                self._unreplayed.discard(key)
+                self._stats.replayed += 1
+                if done.failure:
+                    self._stats.failures[done.failure] += 1
             return done
         pending = self._pending.get(key)
         if pending is not None:

@@ -113,6 +113,8 @@ class RunStats:
     scout_failures_read: int = 0
     cache_hits: int = 0
     executed: int = 0
+    #: Evaluations stored by an earlier session of the run (resume) that this session used.
+    replayed: int = 0
     peak_evals_in_flight: int = 0
     peak_mutations_in_flight: int = 0
     reflection_prompt_tokens: int = 0
@@ -153,6 +155,7 @@ class RunStats:
             "scout_failures_read": self.scout_failures_read,
             "cache_hits": self.cache_hits,
             "metric_calls_executed": self.executed,
+            "metric_calls_replayed": self.replayed,
             "peak_evals_in_flight": self.peak_evals_in_flight,
             "peak_mutations_in_flight": self.peak_mutations_in_flight,
             "chaining": dict(self.chaining),
