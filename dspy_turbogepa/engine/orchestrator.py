@@ -248,6 +248,7 @@ class Orchestrator:
                         "(log_dir); rerun with the same log_dir to resume without paying for them again."
                     ) from None
                 raise
+            self._run_stop_callbacks()
             await self._main_loop()
         finally:
             for task in self._tasks.values():
@@ -286,14 +287,24 @@ class Orchestrator:
         elif self.config.stop_file is not None and Path(self.config.stop_file).exists():
             logger.info("Stop file %s found: stopping gracefully", self.config.stop_file)
             self._stop_reason = "stop_file"
-        elif self.config.stop_callbacks:
-            view = self.selector_state()
-            for cb in self.config.stop_callbacks:
-                if cb(view):
-                    logger.info("Stop callback %r asked to stop", cb)
-                    self._stop_reason = "stop_callback"
-                    break
         return self._stop_reason
+
+    def _run_stop_callbacks(self) -> None:
+        """Ask gepa's stop callbacks, once per iteration as gepa does: once before the first mutation
+        (gepa checks before its first iteration) and after each committed mutation, whatever its outcome.
+
+        Not on every scheduler pass: stateful stoppers count calls (NoImprovementStopper counts calls
+        without improvement) and would trip after a few passes. The view is the committed state, and a
+        deterministic run commits in launch order, so the callbacks see the same states every time.
+        """
+        if not self.config.stop_callbacks or self._stop_reason is not None or self._external_stop is not None:
+            return  # gepa stops calling them once the run is stopping
+        view = self.selector_state()
+        for cb in self.config.stop_callbacks:
+            if cb(view):
+                logger.info("Stop callback %r asked to stop", cb)
+                self._stop_reason = "stop_callback"
+                return
 
     def _draining(self) -> bool:
         """After a deterministic no-progress stop, mutations planned from views up to the stopping commit
@@ -1059,6 +1070,7 @@ class Orchestrator:
         waiter = self._turn_waiters.pop(self._committed, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        self._run_stop_callbacks()  # one committed mutation is one gepa iteration
         for obs in self._observers:
             obs.on_mutation(result, status)
 

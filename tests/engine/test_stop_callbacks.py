@@ -1,0 +1,97 @@
+"""gepa's stop callbacks are asked once per iteration, as gepa asks them: once before the first mutation
+and once per committed mutation, not on every scheduler pass (stateful stoppers count their calls)."""
+
+from __future__ import annotations
+
+import pytest
+from gepa.utils import NoImprovementStopper
+
+from dspy_turbogepa.engine.selection import SelectorState
+
+from .fakes import FakeReflector, Recorder, hard_setup, make_config, run_fakes
+
+
+class Logged:
+    """Records the view of every call, then answers like ``inner`` (never stops without one)."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner
+        self.views: list[tuple[int, int, float]] = []  # (i, total_num_evals, best validation score)
+        self.answers: list[bool] = []
+
+    def __call__(self, state: SelectorState) -> bool:
+        self.views.append((state.i, state.total_num_evals, max(state.program_full_scores_val_set)))
+        answer = bool(self.inner(state)) if self.inner is not None else False
+        self.answers.append(answer)
+        return answer
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_called_once_before_the_search_and_once_per_committed_mutation(deterministic: bool) -> None:
+    cb, obs = Logged(), Recorder()
+    cfg = make_config(max_metric_calls=300, stop_callbacks=(cb,), deterministic=deterministic)
+    result, _orch, _ev, _ = run_fakes(cfg, hard_setup(), sleep_seed=1, observers=[obs])
+    assert result.stop_reason == "max_metric_calls"
+    assert len(obs.mutations) >= 5
+    # gepa: once before iteration 1 (state.i == -1), then after each iteration; a mutation is an iteration
+    assert len(cb.views) == 1 + len(obs.mutations)
+    assert [i for i, _, _ in cb.views] == list(range(-1, len(obs.mutations)))
+    assert [n for _, n, _ in cb.views] == sorted(n for _, n, _ in cb.views)  # committed state only
+
+
+def test_the_calls_are_reproducible_in_deterministic_mode() -> None:
+    runs = []
+    for sleep_seed in (0, 1, 2):
+        cb = Logged()
+        run_fakes(make_config(max_metric_calls=300, stop_callbacks=(cb,)), hard_setup(), sleep_seed=sleep_seed)
+        runs.append(cb.views)
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_not_called_again_once_one_asked_to_stop(deterministic: bool) -> None:
+    first = Logged(lambda state: state.i >= 1)  # stops after the second committed mutation
+    second = Logged()
+    obs = Recorder()
+    cfg = make_config(max_metric_calls=2000, stop_callbacks=(first, second), deterministic=deterministic)
+    result, _orch, _ev, _ = run_fakes(cfg, hard_setup(), sleep_seed=0, observers=[obs])
+    assert result.stop_reason == "stop_callback"
+    assert first.answers == [False, False, True]  # the mutations still in flight commit without a call
+    assert len(second.views) == 2  # gepa's composite stopper short-circuits too
+    assert len(obs.mutations) >= 2
+
+
+def test_a_callback_that_stops_at_once_leaves_only_the_seed() -> None:
+    cb = Logged(lambda state: True)
+    setup = hard_setup()
+    result, _orch, _ev, refl = run_fakes(make_config(stop_callbacks=(cb,)), setup)
+    assert result.stop_reason == "stop_callback"
+    assert cb.views == [(-1, len(setup.val_ids), result.records[0].aggregate)]
+    assert len(result.records) == 1 and not refl.calls
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_no_improvement_stopper_waits_for_that_many_mutations_without_improvement(deterministic: bool) -> None:
+    """Nothing ever improves: NoImprovementStopper(3) stops after exactly 3 committed mutations (it
+    tripped after 3 scheduler passes, before any mutation had committed)."""
+    cb, obs = Logged(NoImprovementStopper(3)), Recorder()
+    cfg = make_config(max_metric_calls=2000, stop_callbacks=(cb,), deterministic=deterministic)
+    result, _orch, _ev, _ = run_fakes(cfg, hard_setup(), reflector=FakeReflector(0, mode="noise"), observers=[obs])
+    assert result.stop_reason == "stop_callback"
+    assert [i for i, _, _ in cb.views] == [-1, 0, 1, 2]
+    assert cb.answers == [False, False, False, True]
+    assert len(obs.mutations) >= 3
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_no_improvement_stopper_lets_an_improving_search_go_on(deterministic: bool) -> None:
+    cb, obs = Logged(NoImprovementStopper(3)), Recorder()
+    cfg = make_config(max_metric_calls=2000, stop_callbacks=(cb,), deterministic=deterministic)
+    result, _orch, _ev, _ = run_fakes(cfg, hard_setup(), sleep_seed=0, observers=[obs])
+    assert result.stop_reason == "stop_callback"
+    assert len(result.records) > 1  # the search found better programs before the stopper gave up
+    best = [b for _, _, b in cb.views]
+    assert best[-1] > best[0]
+    # it stopped at the third committed mutation in a row that left the best score where it was
+    assert best[-5] < best[-4] == best[-3] == best[-2] == best[-1]
+    assert [i for i, _, _ in cb.views] == list(range(-1, len(cb.views) - 1))
