@@ -9,7 +9,7 @@ through one of two filters:
 - :func:`mask_text` for free text (error messages, trajectories, outputs, component texts): substrings
   that look like credentials are replaced by :data:`REDACTED`. "Look like" means a well-known key
   shape (``sk-...``, ``Bearer ...``, ``AIza...``, ``ghp_...``, ``hf_...``, ``AKIA...``, ``xox?-...``,
-  ``scheme://user:password@``) or the
+  ``scheme://user:password@``, ``scheme://TOKEN@`` with a key-like token as the only userinfo) or the
   exact value of an environment variable whose name contains KEY, TOKEN, SECRET or PASSWORD (values of
   at least 8 characters; the environment is read at every call, so keys set after import count).
 
@@ -59,8 +59,29 @@ _SENSITIVE_EXACT = frozenset(
         "secretkey",
     }
 )
-# ... and normalised suffixes: "x-api-key", "OPENAI_API_KEY", "access_token", "aws_secret_access_key", ...
-_SENSITIVE_SUFFIXES = ("apikey", "token", "secret", "password", "passwd", "secretkey", "accesskey", "privatekey")
+# ... and normalised suffixes: "x-api-key", "OPENAI_API_KEY", "access_token", "aws_secret_access_key",
+# "X-Authorization", "Ocp-Apim-Subscription-Key" (Azure API Management), "x-functions-key" (Azure
+# Functions), "AccountKey" (Azure Storage), "ssh_passphrase", ... A bare "key" suffix is not among them:
+# it would drop "cache_key" or "primary_key"; and "token" only matches the singular, so counters
+# ("max_tokens", "prompt_tokens", "token_count") are kept.
+_SENSITIVE_SUFFIXES = (
+    "apikey",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "authorization",
+    "secretkey",
+    "accesskey",
+    "privatekey",
+    "subscriptionkey",
+    "functionskey",
+    "accountkey",
+    "masterkey",
+    "signingkey",
+    "encryptionkey",
+)
 
 
 def _shape(prefix: str, body: str, *, min_len: int, digit: str | None) -> tuple[str, re.Pattern[str]]:
@@ -95,14 +116,38 @@ _KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("AKIA", re.compile(r"AKIA(?<![A-Za-z0-9_]AKIA)[A-Z0-9]{16}(?![A-Za-z0-9_])")),
     # Slack tokens
     ("xox", re.compile(r"xox(?<![A-Za-z0-9_]xox)[abposr]-[A-Za-z0-9\-]{10,}")),
-    # credentials in a URL's userinfo: scheme://user:password@host (an api_base, a proxy URL)
-    ("://", re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")),
+    # credentials in a URL's userinfo (an api_base, a proxy URL): scheme://user:password@host, or a token
+    # as the only userinfo, scheme://TOKEN@host (GitHub-style and many proxies). A password is masked
+    # whatever it looks like; a lone username only when it looks like key material (16+ characters, one
+    # a digit), so "ssh://git@host" or "https://alice@host" in an instruction stays as written.
+    ("://", re.compile(r"(?<=://)(?:[^/\s:@]+:[^/\s@]+|(?=[^/\s:@?#]*\d)[^/\s:@?#]{16,})(?=@)")),
 )
 
 
 def strip_userinfo(url: str) -> str:
     """``scheme://user:password@host/...`` -> ``scheme://host/...``: a URL fit to name an endpoint."""
     return re.sub(r"(?<=://)[^/@\s]*@", "", url)
+
+
+def url_credentials(url: str) -> list[str]:
+    """The secrets in a URL's userinfo: the password, or the username when there is no password.
+
+    ``http://TOKEN@host`` carries its credential as the username (GitHub-style tokens, many proxies
+    and gateways), so a URL with a user and no password yields the user: masking it costs nothing
+    when it is a plain name, while missing a token leaks it. Percent-escapes are kept as written (the
+    form a quoted URL shows) and also decoded (the form a client sends and may echo).
+    """
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return []
+    secret = password if password else user
+    if not secret:
+        return []
+    return list(dict.fromkeys([secret, unquote(secret)]))
 
 
 def _normalise_key(key: str) -> str:

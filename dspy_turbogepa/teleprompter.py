@@ -40,7 +40,7 @@ from dspy_turbogepa.engine.records import EngineResult, RunStats
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
-from dspy_turbogepa.redaction import is_sensitive_key, run_secrets
+from dspy_turbogepa.redaction import is_sensitive_key, run_secrets, url_credentials
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
@@ -625,17 +625,29 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
                         candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
         keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
         url = lm_api_base(lm)
-        password = urlsplit(url).password if url else None
-        if password:  # a URL's password is never a placeholder word (run_secrets drops short values)
-            keys.append(password)
+        if url:
+            creds = url_credentials(url)
+            # a URL's password is never a placeholder word (run_secrets drops short values); a token
+            # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
+            keys += creds if _url_password(url) else [c for c in creds if _looks_like_a_key(c)]
     return keys
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def _looks_like_a_key(value: str) -> bool:
     """Random key material, not a placeholder: local servers and proxies are often given words such as
     "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions."""
-    return (len(value) >= 16 and not any(c.isspace() for c in value)
-            and any(c.isdigit() for c in value) and any(c.isalpha() for c in value))
+    if len(value) < 16 or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
+        return False
+    # a digit, or a long mixed-case value (some providers' keys have no digit; placeholders are words)
+    return any(c.isdigit() for c in value) or (
+        len(value) >= 24 and any(c.isupper() for c in value) and any(c.islower() for c in value))
 
 
 register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile

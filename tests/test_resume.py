@@ -440,6 +440,13 @@ def test_placeholder_lm_keys_are_not_treated_as_secrets():
     program.lm = dspy.LM("openai/x", api_base="http://alice:hunter22@127.0.0.1:9/v1", api_key="anything",
                          extra_headers={"Authorization": f"Bearer {real}", "X-Trace": "plain-0123456789abcdef"})
     assert sorted(_lm_api_keys(program, None)) == sorted([real, "hunter22"])  # the token of "Bearer <token>"
+    # a token as the only userinfo of api_base, and a long mixed-case key with no digit, are credentials;
+    # a plain user name in a URL is not
+    token, no_digit = "tok0a9b8c7d6e5f4a3b", "AbCdEfGhIjKlMnOpQrStUvWxYz"
+    program.lm = dspy.LM("openai/x", api_base=f"http://{token}@127.0.0.1:9/v1", api_key=no_digit)
+    assert sorted(_lm_api_keys(program, None)) == sorted([token, no_digit])
+    program.lm = dspy.LM("openai/x", api_base="http://alice@127.0.0.1:9/v1", api_key="anything")
+    assert _lm_api_keys(program, None) == []
 
 
 def test_a_failure_while_resuming_closes_the_store(routing, tmp_path, monkeypatch):
