@@ -157,6 +157,7 @@ class Orchestrator:
         self._attempted = 0
         self._credit = CreditSnapshot()
         self._noop_streak = 0
+        self._paid_noop_streak = 0
         #: Deterministic mode: the commit at which the no-op stop was decided (see _main_loop).
         self._drain_view: int | None = None
         self._next_seq = 0
@@ -796,6 +797,7 @@ class Orchestrator:
                 *(self._propose(plan, parent, components, sibling_order(feedback, j), seed)
                   for j, seed in enumerate(seeds))
             ))
+        result.reflection_calls = sum(p.reflection_calls for p in proposals)
         children: list[Candidate] = []
         unusable: list[str] = []
         for proposal in proposals:
@@ -913,7 +915,9 @@ class Orchestrator:
         self._known_proposals[key] = proposal
         for obs in self._observers:
             obs.on_proposal(key, proposal)
-        self._systemic.observe_proposal(proposal)
+        unchanged = proposal.skipped is None and all(
+            parent.texts.get(k) == v for k, v in proposal.texts.items() if k in parent.texts)
+        self._systemic.observe_proposal(proposal, unchanged=unchanged)
         return proposal
 
     def _beats_parent(self, child_sum: float, parent_sum: float) -> bool:
@@ -1002,11 +1006,18 @@ class Orchestrator:
             self.stats.siblings["best_of_k_children"] += result.children_tried
         # Cache hits are free, so a run whose parents are all perfect on every minibatch could spin
         # forever on free no-op mutations; stop once that has clearly happened.
-        self._noop_streak = 0 if (newly_charged or status == "accepted") else self._noop_streak + 1
-        if self._noop_streak >= self.config.max_noop_mutations and self._stop_reason is None:
+        # Those that paid for a reflection (it rebuilt a known candidate) are not free: a reflection LM that
+        # keeps answering with known texts stops the run much sooner (dspy.GEPA, which pays metric calls
+        # for every iteration, would have run out of budget).
+        noop = not (newly_charged or status == "accepted")
+        self._noop_streak = self._noop_streak + 1 if noop else 0
+        self._paid_noop_streak = self._paid_noop_streak + 1 if noop and result.reflection_calls else (
+            self._paid_noop_streak if noop else 0)
+        if self._stop_reason is None and (self._noop_streak >= self.config.max_noop_mutations
+                                          or self._paid_noop_streak >= self.config.max_paid_noop_mutations):
             logger.info("Stopping: the last %d mutations changed nothing and cost no metric call (their parents "
-                        "were perfect on every minibatch drawn, or their proposals rebuilt known candidates)",
-                        self._noop_streak)
+                        "were perfect on every minibatch drawn, or their proposals rebuilt known candidates; "
+                        "%d of them paid for reflections that did)", self._noop_streak, self._paid_noop_streak)
             self._stop_reason = "no_progress_possible"
             if self.config.deterministic:
                 # Mutations planned from views up to this commit still run: whether the loop launched

@@ -95,6 +95,8 @@ class MutationResult:
     #: Children evaluated on the minibatch, and how many of them beat the parent there.
     children_tried: int = 0
     children_passed: int = 0
+    #: Reflection LM calls its proposals made (stored ones included, so a resumed run stops where it did).
+    reflection_calls: int = 0
 
 
 @dataclass

@@ -35,6 +35,7 @@ FORMAT_ERROR_CANDIDATES = 3
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
 PROPOSER_FAILURES = frozenset({
     "proposer_error", "invalid_proposal", "empty_proposal", "reflective_dataset_error", "feedback_error",
+    "unchanged_texts",
 })
 
 
@@ -63,8 +64,12 @@ class SystemicFailureDetector:
         self._seen_success = self._seen_success or evaluation_succeeded
         self._seen_proposal = self._seen_proposal or proposal_succeeded
 
-    def observe_proposal(self, outcome: ProposalOutcome) -> None:
-        """Like :meth:`observe`, for a reflection's outcome."""
+    def observe_proposal(self, outcome: ProposalOutcome, unchanged: bool = False) -> None:
+        """Like :meth:`observe`, for a reflection's outcome. ``unchanged``: it answered with the parent's
+        own texts, which counts as a failed reflection (a reflection LM that echoes its input)."""
+        if unchanged and outcome.skipped is None:
+            outcome = ProposalOutcome(skipped="unchanged_texts", message="the proposal repeated the current "
+                                      "instructions unchanged", fatal=False)
         self._sticky(lambda: self._observe_proposal(outcome))
 
     def _sticky(self, check: Callable[[], None]) -> None:

@@ -232,8 +232,9 @@ class FakeReflector:
             if reason == "fatal":  # the reflection LM's key was refused
                 return ProposalOutcome(skipped="proposer_error", message="AuthenticationError: bad key", fatal=True,
                                        error_type="AuthenticationError", reflection_calls=1)
-            if reason is not None:
-                return ProposalOutcome(skipped=reason, message="injected skip", reflection_calls=1)
+            if reason is not None:  # nothing to reflect on is decided before any reflection LM call
+                return ProposalOutcome(skipped=reason, message="injected skip",
+                                       reflection_calls=0 if reason == "no_reflective_data" else 1)
         if self.fixed is not None:
             return ProposalOutcome(texts={c: self.fixed[c] for c in components if c in self.fixed}, reflection_calls=1)
         return ProposalOutcome(texts=propose(parent_texts, components, outcomes, seed, self.mode), reflection_calls=1)

@@ -442,6 +442,34 @@ def test_a_proposer_that_never_proposes_stops_the_run(skip: str) -> None:
     assert len(refl.calls) <= 6 + cfg.max_mutations_in_flight * cfg.max_siblings + 2
 
 
+def test_a_reflection_that_echoes_the_current_instruction_stops_the_run() -> None:
+    """A reflection LM that answers with the instruction it was shown is a failed reflection: it stops
+    after the window, instead of paying for reflections until the no-progress limit."""
+    setup = hard_setup()
+    refl = FakeReflector(fixed=setup.task.seed_texts())
+    cfg = make_config(max_metric_calls=5000, systemic_failure_window=6)
+    orch = build(cfg, FakeEvaluator(setup.task, 1), refl, setup)
+    err, _, _ = run_until_error(orch, orch._evaluator)
+    assert "the first 6 reflections all failed" in str(err) and "unchanged_texts" in str(err)
+    assert len(refl.calls) <= 6 + cfg.max_mutations_in_flight * cfg.max_siblings + 2
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_reflections_that_keep_rebuilding_known_candidates_stop_the_run_soon(deterministic: bool) -> None:
+    """Mutations whose reflection rebuilds a known candidate cost no metric call (cache hits) but do pay
+    for the reflection: max_paid_noop_mutations of them in a row stop the run, long before the 200 free
+    no-ops allowed to mutations that reflect on nothing."""
+    setup = hard_setup(train_n=6, val_n=4)
+    seed = setup.task.seed_texts()
+    refl = FakeReflector(fixed={c: t + " always the same" for c, t in seed.items()})
+    cfg = make_config(max_metric_calls=5000, max_paid_noop_mutations=10, deterministic=deterministic,
+                      **fixed_width())
+    result, *_ = run_fakes(cfg, setup, reflector=refl)
+    assert result.stop_reason == "no_progress_possible"
+    assert len(refl.calls) <= 1 + 10 + cfg.max_mutations_in_flight * (cfg.max_siblings + 1)
+    assert result.total_metric_calls < 200
+
+
 def test_a_fatal_proposer_failure_stops_the_run_at_once() -> None:
     setup = hard_setup()
     refl = FakeReflector(skip=lambda n: "fatal" if n >= 3 else None)  # fatal even after successes
