@@ -37,7 +37,7 @@ from dspy_turbogepa.engine.config import (
     validate_rung_fractions,
 )
 from dspy_turbogepa.engine.records import EngineResult, RunStats
-from dspy_turbogepa.errors import ConfigurationError
+from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 from dspy_turbogepa.redaction import is_sensitive_key, run_secrets, url_credentials
@@ -447,6 +447,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
         except RunInterruptedError as exc:  # Ctrl-C before the seed was scored: nothing to return
             raise KeyboardInterrupt(str(exc)) from exc
+        except SystemicFailureError as exc:
+            if store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
+                store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
+            raise
         finally:
             display.close(stop_reason=result.stop_reason if result is not None else None)
             if store is not None:  # closed by `cleanup`, like the pools, whatever happens next
@@ -519,6 +523,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         key = run_key(
             student, train, val, self.seed, metric=self.metric_fn, failure_score=self.failure_score,
             context_lm=dspy.settings.lm, reflection_lm=self.reflection_lm, proposer=self.custom_instruction_proposer,
+            add_format_failure_as_feedback=self.add_format_failure_as_feedback,
         )
         meta = {k: v for k, v in self.get_params().items()
                 if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}

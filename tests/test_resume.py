@@ -523,3 +523,82 @@ def test_unusable_log_dir_fails_before_any_lm_call(routing, tmp_path):
     with dspy.context(lm=student), pytest.raises(RunStoreError, match="a_file"):
         opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
     assert sim_engine(student).calls == 0
+
+
+_PROGRAM_SRC = """
+import dspy
+
+class Routed(dspy.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ticket):
+        return self.inner(ticket=self.clean(ticket))
+
+    async def aforward(self, ticket):
+        return await self.inner.acall(ticket=self.clean(ticket))
+
+    def clean(self, ticket):
+        return ticket.strip(){extra}
+"""
+
+
+def _routed_class(clean_extra="", aforward_extra=""):
+    ns: dict = {}
+    src = _PROGRAM_SRC.format(extra=clean_extra)
+    if aforward_extra:
+        src = src.replace("return await self.inner.acall", aforward_extra + "return await self.inner.acall")
+    exec(compile(src, "user_program.py", "exec"), ns)  # the same class name and module, other code
+    return ns["Routed"]
+
+
+def test_the_run_key_sees_every_method_of_the_users_modules_and_the_proposers_settings(routing):
+    """'Fix the program and run again' must not replay the broken program's stored failures, whichever
+    method held the bug (a helper, aforward); and a proposer with other settings must not replay
+    reflections made with the old ones."""
+    from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+
+    from dspy_turbogepa.adapter.persistence import run_key
+
+    splits = small_splits(routing, n_train=4, n_val=2)
+
+    def key(cls=None, **kw):
+        program = (cls or _routed_class())(routing.make_program())
+        return run_key(program, splits.train, splits.val, 0, metric=routing.metric, **kw)
+
+    base = key()
+    assert key() == base
+    assert key(_routed_class(clean_extra=".lower()"))["student"] != base["student"]  # a helper method
+    assert key(_routed_class(aforward_extra="ticket = ticket[:100]\n        "))["student"] != base["student"]
+    default = key(proposer=InstructionProposer())["reflection"]
+    assert key(proposer=InstructionProposer())["reflection"] == default
+    assert key(proposer=InstructionProposer(max_chars=60))["reflection"] != default
+    assert key(proposer=InstructionProposer(additional_instructions="Be brief."))["reflection"] != default
+    assert key(add_format_failure_as_feedback=True)["reflection"] != base["reflection"]
+
+
+def test_a_rerun_after_a_systemic_stop_runs_the_failures_again(routing, tmp_path, monkeypatch):
+    """The error said "fix ... and run again": after a fix the run key cannot see (here the judge's
+    environment), the rerun on the same log_dir must score the seed anew, not replay its failures."""
+    splits = small_splits(routing, n_train=20, n_val=8)
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if os.environ.get("TURBOGEPA_TEST_JUDGE") != "ok":
+            raise RuntimeError("judge: the grading service refused the request")
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    def compile_once():
+        student = make_student_lm(seed=0, noise=0.0)
+        opt = TurboGEPA(metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
+                        log_dir=str(tmp_path), verbose=False, track_stats=True)
+        with dspy.context(lm=student):
+            return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+
+    monkeypatch.delenv("TURBOGEPA_TEST_JUDGE", raising=False)
+    with pytest.raises(SystemicFailureError, match="metric_error"):
+        compile_once()
+    monkeypatch.setenv("TURBOGEPA_TEST_JUDGE", "ok")
+    fixed = compile_once().detailed_results
+    assert fixed.run_stats["failures"] == {}
+    assert fixed.val_aggregate_scores[0] > 0.0  # the seed was scored again, not read back as failures

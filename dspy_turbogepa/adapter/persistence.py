@@ -27,6 +27,7 @@ from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
+from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
 from dspy_turbogepa.redaction import strip_userinfo
 from dspy_turbogepa.store import stable_hash
@@ -169,6 +170,33 @@ def callable_identity(fn: Any) -> str:
     return f"{name}:{_code_digest(code)}"
 
 
+def _class_code(cls: type) -> list[str]:
+    """The identity of every function a user's module class defines, its user-written bases included."""
+    out: list[str] = []
+    for klass in cls.__mro__:
+        if klass is object or in_dspy_package(klass):
+            continue
+        for name, value in sorted(vars(klass).items()):
+            fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if inspect.isfunction(fn):
+                out.append(f"{name}={callable_identity(fn)}")
+    return out
+
+
+def proposer_settings(proposer: Any) -> str:
+    """The settings of one of dspy's own proposer objects (``InstructionProposer(max_chars=...)``,
+    ``additional_instructions``, ...): they change what a reflection returns, and their classes keep no
+    run-time state in public fields. A user's proposer object is keyed by its code only (see
+    :func:`callable_identity`)."""
+    if proposer is None or inspect.isfunction(proposer) or not in_dspy_package(type(proposer)):
+        return ""
+    fields = {k: v for k, v in sorted(vars(proposer).items())
+              if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
+    fields.update({k: type(v).__qualname__ for k, v in sorted(vars(proposer).items())
+                   if k == "adapter" and v is not None})
+    return stable_hash(_hashable(fields))
+
+
 def _code_digest(code: Any) -> str:
     if code is None:
         return "-"
@@ -245,7 +273,7 @@ def _hashable(value: Any) -> Any:
 def run_key(
     student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
     *, metric: Callable[..., Any] | None = None, failure_score: float = 0.0, context_lm: Any = None,
-    reflection_lm: Any = None, proposer: Any = None,
+    reflection_lm: Any = None, proposer: Any = None, add_format_failure_as_feedback: bool = False,
 ) -> dict[str, str]:
     """What must not change under an existing log_dir: everything a stored evaluation's score or a
     stored reflection's text depends on (the budget may change: a larger one continues the run).
@@ -255,14 +283,18 @@ def run_key(
     run). Constructor settings that only steer the search (minibatch size, selection, ...) are left
     out: a different plan misses the cache, it does not read a wrong value from it."""
     structure: list[Any] = [
-        # the code of the user's own modules (a fixed forward() must not replay the broken one's failures)
-        sorted({callable_identity(getattr(type(m), "forward", None)) for _, m in student.named_sub_modules()
-                if not in_dspy_package(type(m))})
+        # the code of the user's own modules, every method (a fixed forward(), aforward() or helper must
+        # not replay the broken one's failures)
+        sorted({code for _, m in student.named_sub_modules() if not in_dspy_package(type(m))
+                for code in _class_code(type(m))})
     ]
     for name, pred in student.named_predictors():
         state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
         structure.append((name, list(pred.signature.input_fields), list(pred.signature.output_fields), state,
                           lm_identity(getattr(pred, "lm", None))))
+    reflection = [lm_identity(reflection_lm), callable_identity(proposer), proposer_settings(proposer)]
+    if add_format_failure_as_feedback:  # what reflections read about parse failures
+        reflection.append("add_format_failure_as_feedback")
     return {
         "trainset": stable_hash(_hashable([ex.toDict() for ex in trainset])),
         "valset": stable_hash(_hashable([ex.toDict() for ex in valset])),
@@ -270,7 +302,7 @@ def run_key(
         "seed": str(seed),
         "metric": stable_hash([callable_identity(metric), float(failure_score)]),
         "task_lm": stable_hash(_hashable(lm_identity(context_lm))),
-        "reflection": stable_hash(_hashable([lm_identity(reflection_lm), callable_identity(proposer)])),
+        "reflection": stable_hash(_hashable(reflection)),
     }
 
 
@@ -322,19 +354,28 @@ class StoreObserver(EngineObserver):
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
 ) -> tuple[dict[tuple[str, str, int], EvalOutcome], dict[str, ProposalOutcome]]:
-    """Stored evaluations and proposals as the engine's caches."""
+    """Stored evaluations and proposals as the engine's caches.
+
+    Not replayed: failures of the LM service, a failed proposer (often the reflection LM's key or
+    endpoint), and every failure recorded by a session that stopped on a systemic failure — its error
+    said "fix ... and run again", and the fixed setup must not be scored with the broken one's failures
+    (a fix outside the run key's view: an environment variable, a file, a service the metric calls)."""
+    systemic = {e.session for e in store.events("systemic_failure")}
     texts_by_fp: dict[str, Mapping[str, str]] = {c.fingerprint: c.texts for c in store.load_candidates()}
     texts_by_fp.setdefault(Candidate(seed_texts).fingerprint, seed_texts)
-    proposals = {  # a failed proposer (often the reflection LM's key or endpoint) is asked again
+    proposals = {
         key: ProposalOutcome(texts=dict(p.texts), skipped=p.skipped, message=p.message,
                              reflection_calls=p.reflection_calls)
-        for key, p in store.load_proposals().items() if p.skipped != "proposer_error"
+        for key, p in store.load_proposals().items()
+        if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
     }
     known: dict[tuple[str, str, int], EvalOutcome] = {}
     for ev in store.load_evaluations():
         split: Split = "train" if ev.split == "train" else "val"
         if ev.example_id >= len(datasets[split]) or ev.service_failure:
             continue  # the LM service's failure says nothing about the candidate: run it again
+        if ev.failure and ev.session in systemic:
+            continue
         trajectory = None
         if ev.trajectory_json and ev.fingerprint in texts_by_fp:
             trajectory = trajectory_from_json(
