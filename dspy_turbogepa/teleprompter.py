@@ -8,8 +8,10 @@ the first LM call, so a mistake costs nothing.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
@@ -160,7 +162,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         max_merge_invocations: int | None = 5,
         num_threads: int | None = None,
         failure_score: float = 0.0,
-        perfect_score: float = 1.0,
+        perfect_score: float | None = 1.0,
         log_dir: str | None = None,
         track_stats: bool = False,
         use_wandb: bool = False,
@@ -253,8 +255,17 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise NotImplementedError("use_wandb=True is not supported by TurboGEPA yet; use use_mlflow or log_dir.")
         if code_proposer is not None:
             raise NotImplementedError("code_proposer (dspy.Flex code optimization) is not supported by TurboGEPA yet.")
-        if not isinstance(failure_score, (int, float)) or not isinstance(perfect_score, (int, float)):
-            raise TypeError("failure_score and perfect_score must be numbers.")
+        _check_score("failure_score", failure_score, "a failed example needs a score (dspy.GEPA's default is 0.0)")
+        if perfect_score is None:  # dspy.GEPA accepts it for metrics without a maximum
+            if skip_perfect_score:
+                raise ConfigurationError(
+                    "perfect_score=None with skip_perfect_score=True: without a perfect score no minibatch can "
+                    "be skipped as solved. Pass skip_perfect_score=False, or the metric's maximum as perfect_score."
+                )
+        else:
+            _check_score("perfect_score", perfect_score, "pass the metric's maximum (default 1.0), or None")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a str or os.PathLike (a directory path), got {type(log_dir).__name__}.")
         if seed is not None:
             number = _as_int(seed)
             if number is None:
@@ -331,6 +342,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         valset: list[dspy.Example] | None = None,
     ) -> dspy.Module:
         """Optimize ``student``'s instructions; returns a new program (the student is not modified)."""
+        trainset = _as_examples("trainset", trainset)
+        valset = _as_examples("valset", valset)
         if trainset is None or len(trainset) == 0:
             raise ConfigurationError("Trainset must be provided and non-empty: compile(student, trainset=[...]).")
         if teacher is not None:
@@ -574,7 +587,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,
             adaptive_components=self.adaptive_proposal_mix and self.component_selector is DEFAULT_COMPONENT_SELECTOR,
             skip_perfect_score=self.skip_perfect_score,
-            perfect_score=float(self.perfect_score),
+            perfect_score=math.inf if self.perfect_score is None else float(self.perfect_score),
             seed=self.seed if self.seed is not None else 0,
             deterministic=self.deterministic,
             strict_budget=self.strict_budget,
@@ -589,6 +602,23 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,
         )
+
+
+def _check_score(name: str, value: Any, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}: {fix}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}: every aggregate score would be {value!r}.")
+
+
+def _as_examples(name: str, examples: Any) -> Any:
+    """A list of any other iterable (a generator, a dataset view); a mapping or a string is refused, since
+    iterating it yields keys or characters, not examples."""
+    if examples is None or isinstance(examples, Sequence) and not isinstance(examples, str):
+        return examples
+    if isinstance(examples, (Mapping, str, bytes)) or not isinstance(examples, Iterable):
+        raise TypeError(f"{name} must be a list of dspy.Example, got {type(examples).__name__}.")
+    return list(examples)
 
 
 def _check_examples(name: str, examples: Sequence[Any]) -> None:

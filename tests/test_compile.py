@@ -259,3 +259,16 @@ def test_programs_that_copy_their_module_per_call_are_optimized(routing, student
     assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0] + 0.1
     assert routing.evaluate(optimized, splits.test, lm=student_lm) > routing.evaluate(
         seed_prog, splits.test, lm=student_lm) + 0.1
+
+
+def test_perfect_score_none_and_any_iterable_of_examples_are_accepted(routing, student_lm, reflection_lm):
+    """dspy.GEPA takes perfect_score=None (a metric without a maximum) with skip_perfect_score=False; a
+    generator of examples is read once into a list, while a mapping (whose iteration yields keys) is refused."""
+    splits = small_splits(routing)
+    opt = TurboGEPA(routing.metric, max_metric_calls=80, reflection_lm=reflection_lm, num_threads=4,
+                    perfect_score=None, skip_perfect_score=False, track_stats=True)
+    with dspy.context(lm=student_lm):
+        out = opt.compile(routing.make_program(), trainset=(ex for ex in splits.train), valset=iter(splits.val))
+    assert len(out.detailed_results.val_subscores[0]) == len(splits.val)
+    with pytest.raises(TypeError, match="trainset must be a list of dspy.Example, got dict"):
+        opt.compile(routing.make_program(), trainset={"a": splits.train[0]}, valset=splits.val)

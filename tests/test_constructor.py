@@ -116,6 +116,11 @@ def test_unknown_auto_fails_at_construction_not_compile():
         ({"seed": "x"}, TypeError, "seed"),
         ({"reflection_lm": "openai/gpt-4o"}, TypeError, "reflection_lm must be a dspy.LM"),
         ({"instruction_proposer": "not callable"}, TypeError, "instruction_proposer"),
+        ({"failure_score": float("nan")}, ValueError, "failure_score must be finite"),
+        ({"perfect_score": float("inf")}, ValueError, "perfect_score must be finite"),
+        ({"failure_score": None}, TypeError, "failure_score must be a number.*0.0"),
+        ({"perfect_score": None}, ConfigurationError, "skip_perfect_score=False"),
+        ({"log_dir": 123}, TypeError, "log_dir must be a str or os.PathLike"),
     ],
 )
 def test_bad_arguments_name_the_argument(kw, exc, match):

@@ -137,9 +137,11 @@ class SystemicFailureDetector:
             return  # reflection has not yet had its chance to fix the output format
         if self._count >= self.window:
             (failure, error_type), n = self._failures.most_common(1)[0]
+            example = self._examples[(failure, error_type)]
+            cause = f"{failure} / {example}" if error_type and example.startswith(f"{error_type}:") else (
+                f"{failure}{' / ' + error_type if error_type else ''}: {example}")
             raise SystemicFailureError(
-                f"Stopping: the first {self._count} evaluations all failed ({n} of them with {failure}"
-                f"{' / ' + error_type if error_type else ''}: {self._examples[(failure, error_type)]})"
+                f"Stopping: the first {self._count} evaluations all failed ({n} of them with {cause})"
                 f"{self._format_note(only_format)}. "
                 "Fix the program, the metric or the LM configuration and run again.",
                 failure=failure,

@@ -117,3 +117,11 @@ def test_config_defaults_and_normalisation() -> None:
     cfg2 = EngineConfig(max_metric_calls=5, max_evals_in_flight=1, max_mutations_in_flight=1,
                         max_reflections_in_flight=1, max_staleness=1)
     assert cfg2.max_staleness == 1
+
+
+def test_the_cause_is_named_once_when_the_message_already_starts_with_it() -> None:
+    det = SystemicFailureDetector(2)
+    det.observe(fail(msg="ValueError: No LM is loaded."))
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe(fail(msg="ValueError: No LM is loaded."))
+    assert "(2 of them with program_error / ValueError: No LM is loaded.)" in str(info.value)
