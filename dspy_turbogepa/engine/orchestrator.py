@@ -118,6 +118,9 @@ class Orchestrator:
             if config.minibatch_sampling == "failure_first" else None
         )
         self._knowledge = LineageKnowledge(config.perfect_score)
+        #: Whether reflections can have scouts at all (a wave of num_threads has room beside the minibatch).
+        self._scouting = (self._failure_first is not None and config.reflection_scouts > 0
+                          and config.max_evals_in_flight > config.reflection_minibatch_size)
         self._selector = ComponentSelector(list(seed_candidate.texts), config.component_selector)
         self._eval_slots = PrioritySlots(config.max_evals_in_flight, clock)
         self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
@@ -562,6 +565,8 @@ class Orchestrator:
         if self._failure_first is not None:
             ranker = self._knowledge.ranker(self._lineage(parent_index), n_commits)
             draw = self._failure_first.draw(ranker)
+            if not self._scouting:  # then the minibatch itself must explore (see FailureFirstSampler.explore)
+                draw = self._failure_first.explore(draw, ranker)
             minibatch = draw
         else:
             minibatch = self._sampler.batch(seq)
@@ -762,7 +767,8 @@ class Orchestrator:
         parent = plan.parent
         wave = plan.minibatch + plan.scout_ids  # one wave: scouting adds no round-trip
         wave_outs = await self._evaluations.many(parent, "train", wave, plan.seq, result.requested)
-        result.train_scores.extend((parent.fingerprint, i, o.score) for i, o in zip(wave, wave_outs))
+        result.train_scores.extend((parent.fingerprint, i, o.score) for i, o in zip(wave, wave_outs)
+                                   if self._informative(o))
         parent_outs, scout_outs = wave_outs[: len(plan.minibatch)], wave_outs[len(plan.minibatch):]
         parent_scores = [o.score for o in parent_outs]
         self.stats.scouted += len(scout_outs)
@@ -830,7 +836,8 @@ class Orchestrator:
         parent_sum = sum(parent_scores)
         sums = [sum(o.score for o in outs) for outs in outs_per_child]
         for c, outs in zip(fresh, outs_per_child):
-            result.train_scores.extend((c.fingerprint, i, o.score) for i, o in zip(plan.minibatch, outs))
+            result.train_scores.extend((c.fingerprint, i, o.score) for i, o in zip(plan.minibatch, outs)
+                                       if self._informative(o))
         result.children_tried = len(fresh)
         result.children_passed = sum(self._beats_parent(total, parent_sum) for total in sums)
         best = max(range(len(fresh)), key=lambda j: (sums[j], -j))  # the earliest draw wins ties
@@ -861,6 +868,13 @@ class Orchestrator:
                 if len(usable) == limit:
                     break
         return tuple(usable)
+
+    @staticmethod
+    def _informative(outcome: EvalOutcome) -> bool:
+        """Whether a training score says something about the candidate, for failure-first sampling: a
+        metric that raised (an unlabeled example) or the LM service's failure does not, and ranking
+        such an example "likely failing" would fill minibatches with rows no reflection can read."""
+        return not outcome.service_failure and outcome.failure != "metric_error"
 
     def _teaches(self, outcome: EvalOutcome) -> bool:
         """A failure a reflection can learn from: traced, not a metric that raised, and not the LM

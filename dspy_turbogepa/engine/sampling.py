@@ -110,6 +110,26 @@ class FailureFirstSampler:
         n = self._size if size is None else size
         return tuple(heapq.nsmallest(n, ids, key=key))  # stable, like sorted()[:size]
 
+    def explore(self, batch: Sequence[int], rank: Callable[[int], int]) -> tuple[int, ...]:
+        """``batch`` with its last likely-failing example swapped for the next example the lineage has
+        no score on, when ``batch`` holds none.
+
+        Why: examples a lineage keeps failing rank first, and when no reflection can fix them (wrong
+        labels, a missing input) and they are at least half an epoch's draws' worth, they fill every
+        minibatch: the children can never beat the parent there, and the rest of the training set is
+        never drawn. Scouting explores beside the minibatch; without scouts (``reflection_scouts=0``, or
+        ``num_threads`` no larger than the minibatch) one slot of each minibatch does.
+        """
+        if len(batch) < 2 or any(rank(i) == UNKNOWN for i in batch):
+            return tuple(batch)
+        unknown = [i for i in self.draw(rank, size=len(self._ids), exclude=batch) if rank(i) == UNKNOWN]
+        failing = [j for j, i in enumerate(batch) if rank(i) == LIKELY_FAILING]
+        if not unknown or not failing:
+            return tuple(batch)
+        out = list(batch)
+        out[failing[-1]] = unknown[0]
+        return tuple(out)
+
     def consume(self, ids: Sequence[int]) -> None:
         for i in ids:
             self._last[i] = self._draws

@@ -793,3 +793,45 @@ def test_a_resume_replays_scouted_reflections_only_with_the_same_scouts() -> Non
     assert snapshot(again) == snapshot(first)
     other, _, refl3, _ = once(0, stored, dict(orch1._evaluations.done))
     assert refl3.calls and other.stats.proposals_replayed == 0  # the same parent and minibatch, other prompts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_without_scouts_unfixable_failures_do_not_fill_every_minibatch(seed: int) -> None:
+    """Most of the training set can never be fixed (hidden keywords, like wrong labels) and the wave
+    has no room for scouts (num_threads <= minibatch size): failure-first minibatches came to hold only
+    those examples, every child was rejected, and the rest of the training set was never drawn. One
+    exploring slot per minibatch reaches all of it."""
+    from dataclasses import replace
+
+
+    train = tuple(range(20))
+    task = replace(KeywordTask(), hidden=frozenset(("train", i) for i in train if i % 5 != 0))
+    setup = hard_setup(train_n=20, val_n=8)
+    setup.task = task
+    cfg = make_config(max_metric_calls=250, reflection_minibatch_size=5, max_evals_in_flight=4, seed=seed)
+    outcomes = {}
+    for explore in (False, True):
+        ev = FakeEvaluator(task)
+        orch = build(cfg, ev, FakeReflector(), setup)
+        if not explore:
+            orch._scouting = True  # what the engine did before: no exploring slot without scouts
+        result = run(orch)
+        outcomes[explore] = (result.best.aggregate, {i for _, split, i in ev.order if split == "train"})
+    best, drawn = outcomes[True]
+    assert drawn == set(train)
+    assert best == 0.75  # every keyword the training set shows was learnt
+    assert outcomes[False][0] < best and len(outcomes[False][1]) < len(train)  # the stuck search it replaces
+
+
+def test_examples_whose_metric_raised_are_not_ranked_as_failures() -> None:
+    """A metric that raises (an unlabeled row) says nothing about the candidate and gives reflection
+    nothing to read: such rows must not rank "likely failing" and crowd the minibatches."""
+    setup = hard_setup(train_n=20, val_n=8)
+    unlabeled = {i for i in range(20) if i % 3 == 0}
+    ev = FakeEvaluator(setup.task, fail=lambda texts, split, i: ("metric_error", "KeyError")
+                       if split == "train" and i in unlabeled else None)
+    orch = build(make_config(max_metric_calls=150), ev, FakeReflector(), setup)
+    run(orch)
+    assert any(split == "train" and i in unlabeled for _, split, i in ev.order)  # they were evaluated
+    seen = {i for table in orch._knowledge._known.values() for i in table}
+    assert seen and not seen & unlabeled

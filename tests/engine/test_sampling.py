@@ -235,3 +235,24 @@ def test_lineage_knowledge_lists_a_candidates_own_failures_newest_first() -> Non
     assert k.failed("p", n_commits=5, exclude=(4,)) == [2, 1]  # the minibatch is read anyway
     assert k.failed("p", n_commits=6, exclude=()) == [5, 2, 4, 1]
     assert k.failed("unknown", n_commits=5, exclude=()) == []
+
+
+def test_explore_swaps_one_stubborn_failure_for_an_unknown_example() -> None:
+    """Failures no reflection can fix, half an epoch's draws' worth, would fill every minibatch for ever:
+    without scouts, one slot of each minibatch goes to an example the lineage has no score on."""
+    ids = list(range(20))
+    stubborn = set(range(10))  # failed and re-failed: two minibatches' worth
+    rank = lambda i: LIKELY_FAILING if i in stubborn else UNKNOWN  # noqa: E731
+    s = FailureFirstSampler(ids, 5, seed=0)
+    drawn: set[int] = set()
+    for _ in range(8):
+        batch = s.draw(rank)
+        assert set(batch) <= stubborn  # on their own, the stubborn failures fill every minibatch
+        batch = s.explore(batch, rank)
+        assert len(set(batch)) == 5 and sum(i not in stubborn for i in batch) == 1
+        drawn |= set(batch)
+        s.consume(batch)
+    assert len(drawn - stubborn) == 8  # a new unknown example in every minibatch
+    # nothing to explore: a batch holding an unknown example, or no unknown example left, stays as drawn
+    assert s.explore((0, 1, 12), rank) == (0, 1, 12)
+    assert s.explore((0, 1, 2), lambda i: LIKELY_FAILING if i < 10 else SOLVED) == (0, 1, 2)
