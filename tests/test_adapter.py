@@ -391,3 +391,29 @@ def test_bare_predict_student_with_a_sync_only_lm_compiles(routing, reflection_l
         out = opt.compile(student, trainset=splits.train, valset=splits.val)
     scores = out.detailed_results.val_aggregate_scores
     assert max(scores) > scores[0]
+
+
+def test_a_parse_failure_is_fed_back_to_the_predictor_that_failed_only():
+    """Two predictors with the same fields and other instructions: when the first one's output does not
+    parse, the second never ran and must not be shown (nor rewritten for) the first one's failure."""
+    from dspy_turbogepa import SystemicFailureError
+
+    class TwoSteps(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = dspy.Predict(dspy.Signature("text -> answer", "Count the As."))
+            self.second = dspy.Predict(dspy.Signature("text -> answer", "Count the Bs."))
+
+        def forward(self, text):
+            return self.second(text=f"{text} | {self.first(text=text).answer}")
+
+    proposer = RecordingProposer()
+    data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(8)]
+    opt = TurboGEPA(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: float(pred.answer == "y"),
+                    max_metric_calls=60, instruction_proposer=proposer, num_threads=2, use_merge=False,
+                    component_selector="all", add_format_failure_as_feedback=True)
+    with dspy.context(lm=_scripted_lm(lambda msg: "no fields here")), pytest.raises(SystemicFailureError):
+        opt.compile(TwoSteps(), trainset=data, valset=data)  # nothing ever parses: stops after 3 candidates
+    assert proposer.calls
+    for _, dataset, to_update in proposer.calls:
+        assert set(dataset) == {"first"} and to_update == ["first"]

@@ -218,3 +218,20 @@ def test_a_metric_whose_feedback_call_always_raises_stops_the_run(routing):
     message = str(info.value)
     assert "feedback_error" in message and "feedback_template" in message and "pred_name" in message
     assert reflection_lm.history == []  # no reflection LM call was paid for
+
+
+def test_the_metrics_feedback_call_runs_on_the_users_lm_not_the_reflection_lm(routing):
+    """An LLM judge inside the metric reads dspy.settings.lm: for the feedback call (pred_name set) that
+    must be the user's configured LM, as in dspy.GEPA, and its calls are not reflection calls."""
+    seen = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None:
+            seen.append(dspy.settings.lm.model)
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    reflection_lm = make_reflection_lm(seed=0)
+    program, _ = _compile(routing, metric, budget=60, reflection_lm=reflection_lm)
+    student_model = make_student_lm(seed=0).model
+    assert seen and set(seen) == {student_model} != {reflection_lm.model}
+    assert program.detailed_results.run_stats["reflection_calls"] == len(reflection_lm.history)

@@ -89,8 +89,10 @@ class DspyTrajectory:
     error_type: str | None = None
     failure: FailureKind | None = None
     raw_completion: str | None = None
-    #: For a parse failure: the signature whose outputs could not be parsed.
+    #: For a parse failure: the signature whose outputs could not be parsed, and the predictor it
+    #: belongs to when exactly one has that signature (None: unknown, judged by its fields).
     failed_signature: Any = None
+    failed_predictor: str | None = None
     #: The LM service failed (see ``EvalOutcome.service_failure``): nothing for reflection to learn.
     service_failure: bool = False
 
@@ -463,6 +465,8 @@ class DspyEvaluator:
                 example, None, steps, raw_trace, message, fatal or types[0], failure,
                 raw_completion=getattr(error, "lm_response", None),
                 failed_signature=getattr(error, "signature", None), service_failure=service,
+                failed_predictor=names.signature_owner(error.signature)
+                if getattr(error, "signature", None) is not None else None,
             ) if capture else None
             return EvalOutcome(
                 example_id, self._failure_score, failure=failure, message=message, trajectory=trajectory,

@@ -80,6 +80,7 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
         "failure": traj.failure,
         "service_failure": traj.service_failure,
         "raw_completion": traj.raw_completion,
+        "failed_predictor": traj.failed_predictor,
         "failed_fields": (
             [list(sig.input_fields), list(sig.output_fields)]
             if sig is not None and hasattr(sig, "input_fields") else None
@@ -123,6 +124,7 @@ def trajectory_from_json(
         failure=data.get("failure"),
         raw_completion=data.get("raw_completion"),
         failed_signature=_FieldsOnly(*fields) if fields else None,
+        failed_predictor=data.get("failed_predictor"),
         service_failure=bool(data.get("service_failure", False)),
     )
 

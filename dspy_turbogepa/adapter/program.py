@@ -43,6 +43,20 @@ class PredictorNames:
                     continue
         return "?"
 
+    def signature_owner(self, signature: Any) -> str | None:
+        """The one predictor whose signature equals ``signature`` (fields and instructions), else None.
+
+        A parse failure names the signature it could not parse, not the predictor: two predictors with
+        the same fields but other instructions must not both be blamed for it."""
+        owners = []
+        for name, pred in self._predictors:
+            try:
+                if pred.signature.equals(signature):
+                    owners.append(name)
+            except (AttributeError, TypeError):
+                continue
+        return owners[0] if len(owners) == 1 else None
+
 
 class ProgramCodec:
     """Builds (and caches) one program object per candidate fingerprint.

@@ -148,7 +148,10 @@ class ReflectiveDatasetBuilder:
         inputs = self._inputs(dict(traj.example.inputs()))
         if traj.failure == "format_error":
             sig = traj.failed_signature
-            if sig is not None and not _same_fields(sig, self._codec.student_predictor(name).signature):
+            if traj.failed_predictor is not None and traj.failed_predictor != name:
+                return None  # another predictor's output failed to parse
+            if traj.failed_predictor is None and sig is not None and not _same_fields(
+                    sig, self._codec.student_predictor(name).signature):
                 return None
             raw = traj.raw_completion or ""
             outputs = (

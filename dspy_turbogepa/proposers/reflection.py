@@ -78,22 +78,29 @@ class ReflectiveProposer:
     def _reflect_sync(
         self, parent_texts: dict[str, str], components: list[str], outcomes: list[EvalOutcome], seed: int
     ) -> ProposalOutcome:
+        # The reflective dataset is built outside the reflection LM's context, as dspy.GEPA builds it: the
+        # metric's feedback call (an LLM judge inside the metric) runs on the user's own LM settings, and
+        # its calls are not counted as reflection calls.
+        dataset = self._dataset(components, outcomes, random.Random(seed))
+        if isinstance(dataset, ProposalOutcome):
+            return dataset
         counter = _LMCallCounter()
         callbacks = [*dspy.settings.get("callbacks", []), counter]
         # Our copy of the reflection LM shares its history (and retries) but reports each call's cost,
         # which DSPy keeps only in history entries, to the usage box: cost_budget_usd counts reflections.
         lm = self._lm_copies.get(self._reflection_lm or dspy.settings.lm)
         with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices) as usage:
-            outcome = self._propose(parent_texts, components, outcomes, random.Random(seed))
+            outcome = self._propose(parent_texts, dataset, [c for c in components if c in dataset])
         # every return path, a proposer that raised after paying for calls included, carries its usage
         return dataclasses.replace(
             outcome, reflection_calls=counter.calls, reflection_prompt_tokens=usage.prompt_tokens,
             reflection_completion_tokens=usage.completion_tokens, reflection_cost=usage.cost,
         )
 
-    def _propose(
-        self, parent_texts: dict[str, str], components: list[str], outcomes: list[EvalOutcome], rng: random.Random
-    ) -> ProposalOutcome:
+    def _dataset(
+        self, components: list[str], outcomes: list[EvalOutcome], rng: random.Random
+    ) -> dict[str, Any] | ProposalOutcome:
+        """The reflective dataset, or the skipped proposal that says why there is none."""
         try:
             dataset = self._builder.build(
                 components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
@@ -105,10 +112,12 @@ class ReflectiveProposer:
             logger.warning("Building the reflective dataset failed: %s", message)
             logger.debug("Building the reflective dataset failed", exc_info=True)
             return ProposalOutcome(skipped="reflective_dataset_error", message=message)
-        to_update = [c for c in components if c in dataset]
-        if not to_update:
+        if not any(c in dataset for c in components):
             return ProposalOutcome(skipped="no_reflective_data", message="no usable trace records for "
                                    + ", ".join(components))
+        return dataset
+
+    def _propose(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str]) -> ProposalOutcome:
         try:
             answer = self._proposal_fn(
                 candidate=dict(parent_texts), reflective_dataset=dataset, components_to_update=to_update
