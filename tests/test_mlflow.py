@@ -311,6 +311,27 @@ def test_pump_emits_evaluations_on_the_owner_thread_only(caplog):
     assert len([r for r in caplog.records if "callback broke" in r.getMessage()]) == 1
 
 
+def test_pump_ends_every_started_evaluation_when_ctrl_c_lands_in_between():
+    """A KeyboardInterrupt during the callbacks' starts: the callbacks already started still get their
+    end (MLflow's nested run is closed), and the interrupt goes on."""
+    import dspy
+
+    class Interrupting(_RecordingCallback):
+        def on_evaluate_start(self, call_id, instance, inputs):
+            super().on_evaluate_start(call_id, instance, inputs)
+            raise KeyboardInterrupt
+
+    first, second, third = _RecordingCallback(), Interrupting(), _RecordingCallback()
+    pump = CompileThreadCallbackPump(lambda t: "p", [dspy.Example(q="q").with_inputs("q")],
+                                     callbacks=[first, second, third])
+    pump.on_candidate(_record(0, {0: 1.0}))
+    with pytest.raises(KeyboardInterrupt):
+        pump.drain()
+    assert [e[0] for e in first.events] == ["start", "end"] and [e[0] for e in second.events] == ["start", "end"]
+    assert not third.events  # never started, so never ended
+    assert isinstance(first.events[1][3], KeyboardInterrupt) and first.events[1][2] is None
+
+
 def test_pump_skips_mlflow_callback_outside_a_recorded_compile():
     import dspy
 
@@ -543,6 +564,49 @@ def test_a_server_answering_5xx_counts_as_down(status, down):
     finally:
         server.shutdown()
     assert (problem is not None) == down, problem
+
+
+def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(monkeypatch, caplog):
+    """/health answers 200 but the API answers 503 (the server's database is down): creating the run is
+    tried twice at most, then one warning, instead of MLflow's retries with backoff (minutes)."""
+    pytest.importorskip("mlflow")
+    import http.server
+
+    creates = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):  # the http.server protocol names it do_GET / do_POST
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/health"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            creates.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database down"}')
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    # through the environment (as a user would): tracking_uri= would set MLflow's process-wide URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with caplog.at_level(logging.WARNING):
+            tracker = MlflowRunTracker({"seed": 0})
+    finally:
+        server.shutdown()
+    assert not tracker.enabled
+    assert 1 <= len(creates) <= 4, creates  # experiment lookup / run create, at most one retry each
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the setting is put back
+    assert len(tracking_warnings(caplog)) == 1
 
 
 def test_unreachable_server_warns_once_and_the_run_completes(monkeypatch, caplog):

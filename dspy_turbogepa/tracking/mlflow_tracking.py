@@ -23,6 +23,7 @@ Names (see docs/mlflow.md):
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -35,7 +36,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -254,22 +255,10 @@ class MlflowRunTracker(EngineObserver):
                            "tracked")
                 return
             self._client = MlflowClient(tracking_uri=uri)
-            active = mlflow.active_run()
-            if active is not None and "turbogepa.version" in self._client.get_run(active.info.run_id).data.tags:
-                # The user's run already holds a compile: a second one logged into it would mix params,
-                # metric histories and artefacts of both. It gets a run of its own, nested under it.
-                logger.info("MLflow run %s already holds a TurboGEPA compile; this one logs to a nested run",
-                            active.info.run_id)
-                active = mlflow.start_run(run_name=run_name or "turbogepa", nested=True,
-                                          tags={"turbogepa.tracker": "MlflowRunTracker"})
-                self.started_run = True
-            elif active is None:
-                if experiment_name:
-                    mlflow.set_experiment(experiment_name)
-                tags = {"turbogepa.tracker": "MlflowRunTracker"}
-                active = mlflow.start_run(run_name=run_name or "turbogepa", tags=tags)
-                self.started_run = True
-            self.run_id = active.info.run_id
+            # On the compile thread, before the search: a server whose /health answers but whose API fails
+            # (its database down) must cost a warning, not MLflow's minutes of retries.
+            with _few_http_retries(uri.startswith(("http://", "https://")), retries=1, timeout=10):
+                self.run_id = self._start_or_attach(mlflow, run_name, experiment_name)
             self._server_uri = uri if uri.startswith(("http://", "https://")) else None
         except Exception as exc:  # noqa: BLE001
             self._warn(f"could not start or attach to an MLflow run ({type(exc).__name__}: {exc}); the run is not "
@@ -464,6 +453,25 @@ class MlflowRunTracker(EngineObserver):
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
+    def _start_or_attach(self, mlflow: Any, run_name: str | None, experiment_name: str | None) -> str:
+        """The run to log to: the user's active run, a nested one when it already holds a compile, or a new one."""
+        assert self._client is not None
+        active = mlflow.active_run()
+        if active is not None and "turbogepa.version" in self._client.get_run(active.info.run_id).data.tags:
+            # The user's run already holds a compile: a second one logged into it would mix params,
+            # metric histories and artefacts of both. It gets a run of its own, nested under it.
+            logger.info("MLflow run %s already holds a TurboGEPA compile; this one logs to a nested run",
+                        active.info.run_id)
+            active = mlflow.start_run(run_name=run_name or "turbogepa", nested=True,
+                                      tags={"turbogepa.tracker": "MlflowRunTracker"})
+            self.started_run = True
+        elif active is None:
+            if experiment_name:
+                mlflow.set_experiment(experiment_name)
+            active = mlflow.start_run(run_name=run_name or "turbogepa", tags={"turbogepa.tracker": "MlflowRunTracker"})
+            self.started_run = True
+        return str(active.info.run_id)
+
     def _end_started_run(self, status: str) -> None:
         """End the run this tracker started; a dead server gets no retries (it would block for minutes)."""
         if self._run_ended:
@@ -472,23 +480,12 @@ class MlflowRunTracker(EngineObserver):
         try:
             import mlflow
 
-            saved = {}
-            if self._dead or not self.enabled:
-                for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")):
-                    saved[name] = os.environ.get(name)
-                    os.environ[name] = value
-            try:
+            with _few_http_retries(self._dead or not self.enabled):
                 active = mlflow.active_run()
                 if active is not None and active.info.run_id == self.run_id and threading.get_ident() == self._owner:
                     mlflow.end_run(status=status)
                 elif self.run_id is not None and self._client is not None:
                     self._client.set_terminated(self.run_id, status=status)
-            finally:
-                for name, value in saved.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
         except Exception as exc:  # noqa: BLE001
             self._warn(f"could not end the MLflow run ({type(exc).__name__}: {exc})")
 
@@ -610,6 +607,26 @@ class MlflowRunTracker(EngineObserver):
 
 
 _STOP = object()
+
+
+@contextlib.contextmanager
+def _few_http_retries(enabled: bool, retries: int = 0, timeout: int = 5) -> Iterator[None]:
+    """MLflow's HTTP retries with backoff take minutes against a server that answers 5xx: while this is
+    on (process-wide, as MLflow reads them from the environment), it retries ``retries`` times at most."""
+    saved: dict[str, str | None] = {}
+    if enabled:
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries)),
+                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))):
+            saved[name] = os.environ.get(name)
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
 
 
 def _now_ms() -> int:

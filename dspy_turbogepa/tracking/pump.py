@@ -129,17 +129,29 @@ class CompileThreadCallbackPump(EngineObserver):
             "devset": [ex for ex, _, _ in results],
             "callback_metadata": {"metric_key": self._metric_key},
         }
-        for cb in callbacks:
-            try:
-                cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
-            except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
-                self._warn(f"{type(cb).__name__}.on_evaluate_start failed", exc)
-        outputs = EvaluationResult(score=score, results=results)
-        for cb in callbacks:  # every callback gets its end, as dspy does, so a started nested run is closed
-            try:
-                cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=None)
-            except Exception as exc:  # noqa: BLE001
-                self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
+        started: list[Any] = []
+        outputs: Any = None
+        interrupted: BaseException | None = None
+        try:
+            for cb in callbacks:
+                started.append(cb)
+                try:
+                    cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
+                except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
+                    self._warn(f"{type(cb).__name__}.on_evaluate_start failed", exc)
+            outputs = EvaluationResult(score=score, results=results)
+        except BaseException as exc:  # Ctrl-C between the starts and the ends: the ends must still run
+            interrupted = exc
+            raise
+        finally:
+            # Every started callback gets its end, as dspy does, even when Ctrl-C lands in between:
+            # MLflow's nested evaluation run would otherwise stay on its active-run stack, and autolog's
+            # end_run would close it instead of the compile run, leaving the compile run RUNNING.
+            for cb in started:
+                try:
+                    cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
+                except Exception as exc:  # noqa: BLE001
+                    self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
         self.emitted += 1
         return True
 
