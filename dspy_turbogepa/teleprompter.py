@@ -478,9 +478,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             logger.warning("Run interrupted: returning the best program found so far.")
         best = result.best
         logger.info(
-            "TurboGEPA finished (%s): best validation score %.4f (seed %.4f), %d candidates, %d metric calls",
+            "TurboGEPA finished (%s): best validation score %.4f (seed %.4f), %d candidates, %d metric calls%s",
             result.stop_reason, best.aggregate, result.records[0].aggregate, len(result.records),
             result.total_metric_calls,
+            f", failed evaluations {dict(result.stats.failures)}" if result.stats.failures else "",
         )
         program = codec.build(best.candidate.texts)
         detailed = build_result(result, codec.build, self.log_dir, self.seed, self.track_best_outputs)

@@ -417,3 +417,26 @@ def test_a_parse_failure_is_fed_back_to_the_predictor_that_failed_only():
     assert proposer.calls
     for _, dataset, to_update in proposer.calls:
         assert set(dataset) == {"first"} and to_update == ["first"]
+
+
+def test_the_first_failure_of_each_kind_is_logged_once(routing, reflection_lm, caplog):
+    """A metric or program error must show in the log (dspy.GEPA logs every one): the first of each kind
+    is a warning naming it, the rest are counted, not repeated."""
+    import logging
+
+    splits = small_splits(routing, n_train=30, n_val=12)
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if "refund" in gold.ticket.lower():
+            raise KeyError("label_column")
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    opt = TurboGEPA(metric, max_metric_calls=80, reflection_lm=reflection_lm, num_threads=4, track_stats=True)
+    with caplog.at_level(logging.WARNING), dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        out = opt.compile(FailsOnTracking(routing.make_program()), trainset=splits.train, valset=splits.val)
+    failures = out.detailed_results.run_stats["failures"]
+    assert failures["metric_error"] > 1 and failures["program_error"] > 1
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("An evaluation failed")]
+    assert len(logged) == 2, logged
+    assert any("metric_error" in m and "label_column" in m for m in logged)
+    assert any("program_error" in m and "CRM rejected" in m for m in logged)

@@ -13,6 +13,7 @@ does not.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 
 from dspy_turbogepa.engine.budget import MetricBudget
@@ -22,6 +23,8 @@ from dspy_turbogepa.engine.records import RunStats
 from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, Evaluator, Split
+
+logger = logging.getLogger(__name__)
 
 
 class EvaluationCache:
@@ -127,6 +130,14 @@ class EvaluationCache:
         stats = self._stats
         if outcome.failure:
             stats.failures[outcome.failure] += 1
+            if stats.failures[outcome.failure] == 1:
+                # Once per kind and run (dspy.GEPA logs every one): the first tells what broke; the
+                # counts are in run_stats["failures"] and the final log line, every one at DEBUG.
+                logger.warning("An evaluation failed (%s): %s. Scored failure_score; further %s failures are "
+                               "counted in run_stats['failures'].", outcome.failure, outcome.message,
+                               outcome.failure)
+            else:
+                logger.debug("An evaluation failed (%s): %s", outcome.failure, outcome.message)
         stats.task_prompt_tokens += outcome.prompt_tokens
         stats.task_completion_tokens += outcome.completion_tokens
         stats.task_cost += outcome.cost

@@ -167,9 +167,11 @@ def write_summary(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is as readable as the PNGs and the store beside it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # the temporary file may not exist yet
             os.unlink(tmp)
         raise
     return path
+
