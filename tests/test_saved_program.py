@@ -64,3 +64,30 @@ def test_saved_program_is_json_and_reloads_identically(task_name: str, tmp_path:
     reloaded_score = task.evaluate(fresh, splits.test, lm=student)
     assert reloaded_score == task.evaluate(optimized, splits.test, lm=student)
     assert reloaded_score > seed_score
+
+
+def test_detailed_results_pickle_as_dspys_own_result_class() -> None:
+    """``save(dir, save_program=True)`` pickles the program with its ``detailed_results``: they must load
+    where only dspy is installed (as after dspy.GEPA), while a copy in memory keeps every extra field."""
+    import copy
+    import pickle
+
+    import cloudpickle  # what dspy's save_program uses (dspy programs do not pickle with pickle alone)
+    from dspy.teleprompt.gepa.gepa import DspyGEPAResult
+
+    from dspy_turbogepa import TurboGEPAResult
+
+    result = TurboGEPAResult(
+        candidates=[dspy.Predict("question -> answer")], parents=[[None]], val_aggregate_scores=[0.5],
+        val_subscores=[{0: 1.0, 1: 0.0}], per_val_instance_best_candidates={0: {0}, 1: {0}},
+        discovery_eval_counts=[0], total_metric_calls=2, seed=0, stop_reason="max_metric_calls",
+        run_stats={"mutations": {"accepted": 1}},
+    )
+    blob = cloudpickle.dumps(result)
+    assert b"dspy_turbogepa" not in blob
+    loaded = pickle.loads(blob)
+    assert type(loaded) is DspyGEPAResult
+    assert loaded.val_subscores == result.val_subscores and loaded.total_metric_calls == 2
+    copied = copy.deepcopy(result)
+    assert type(copied) is TurboGEPAResult and copied.run_stats == result.run_stats
+    assert copied.candidates[0] is not result.candidates[0]

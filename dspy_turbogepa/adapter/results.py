@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import dspy
@@ -25,6 +26,18 @@ class TurboGEPAResult(DspyGEPAResult):
     candidate_kinds: list[str] = field(default_factory=list)
     stop_reason: str | None = None
     run_stats: dict[str, Any] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled (``program.save(path, save_program=True)``, which pickles ``detailed_results`` with the
+        program) as dspy's own ``DspyGEPAResult``, so the saved program loads where dspy_turbogepa is not
+        installed, as one saved after dspy.GEPA does. The extra fields stay in ``log_dir/summary.json``."""
+        return DspyGEPAResult, tuple(getattr(self, f.name) for f in fields(DspyGEPAResult))
+
+    def __copy__(self) -> TurboGEPAResult:
+        return replace(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TurboGEPAResult:  # a copy keeps the type and every field
+        return replace(self, **{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
