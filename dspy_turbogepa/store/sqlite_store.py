@@ -495,6 +495,18 @@ class RunStore:
         self.log_dir = log_dir
         self.path = path
         self.run_key = key
+        lock = _RunLock.acquire(log_dir)
+        try:
+            self._open(path, log_dir, key, meta_json, commit_interval, max_batch)
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+        self._finalizer = weakref.finalize(self, _shutdown, self._writer, self.session, lock)
+        return self
+
+    def _open(self, path: Path, log_dir: Path, key: dict[str, str], meta_json: str, commit_interval: float,
+              max_batch: int) -> None:
         try:
             conn = _connect(path)
         except sqlite3.Error as exc:
@@ -509,8 +521,6 @@ class RunStore:
             self._writer = _Writer(path, commit_interval, max_batch)
         except sqlite3.Error as exc:
             raise RunStoreError(f"cannot open the run store {path} for writing: {exc}") from exc
-        self._finalizer = weakref.finalize(self, self._writer.stop, (_CLOSE_SESSION, (self.session,)))
-        return self
 
     # ------------------------------------------------------------------ writing
     def record_candidate(
@@ -630,7 +640,7 @@ class RunStore:
         if self._writer.closed:
             return
         self._finalizer.detach()
-        self._writer.stop((_CLOSE_SESSION, (self.session,)))
+        _shutdown(self._writer, self.session, self._lock)
         errors = self._writer.take_errors()
         if errors:
             logger.warning("Run store %s: %d row(s) were not written: %s", self.path, len(errors), errors[0])
@@ -757,6 +767,59 @@ class RunStore:
 # --------------------------------------------------------------------------------------------- opening
 
 _FIX = "Use a new log_dir, or delete {log_dir}/run.sqlite3* (the database and its -wal/-shm files) to start over."
+
+
+LOCK_FILENAME = "run.lock"
+
+
+class _RunLock:
+    """An exclusive lock on a log_dir while a session has its store open.
+
+    Two compiles of one run in one log_dir at once (two threads, two processes) would each replay the
+    store as it was when they started and pay for the same evaluations twice; the second is refused
+    instead. ``flock`` is released by the kernel when the process dies, so a killed run never leaves a
+    stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, log_dir: Path) -> _RunLock:
+        try:
+            import fcntl
+        except ImportError:
+            return cls(None)
+        path = log_dir / LOCK_FILENAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunStoreError(f"cannot create the lock file {path}: {exc}. {_FIX.format(log_dir=log_dir)}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunStoreError(
+                f"log_dir {log_dir} is in use by another compile that is still running (pid {holder}): two at "
+                "once would pay for the same evaluations twice. Wait for it to finish, or use another log_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return cls(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _shutdown(writer: _Writer, session: int, lock: _RunLock) -> None:
+    """Close the session (the writer commits what is queued) and then release the log_dir."""
+    try:
+        writer.stop((_CLOSE_SESSION, (session,)))
+    finally:
+        lock.release()
 
 
 def _prepare_dir(log_dir: Path) -> None:

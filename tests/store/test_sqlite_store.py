@@ -714,3 +714,33 @@ def test_run_secrets_are_masked_only_inside_their_context() -> None:
         copied = contextvars.copy_context()  # what the engine thread and DSPy's workers run in
         assert copied.run(mask_text, text) == f"error: {REDACTED} / {other} / {short}"
     assert mask_text(text) == text  # nothing left behind
+
+
+def test_a_log_dir_in_use_by_a_running_session_is_refused_until_it_closes(tmp_path: Path) -> None:
+    """Two compiles of one run at once would each replay the store as it was and pay twice: the second
+    open is refused while the first session is open, in this process or another, and a killed process
+    leaves no stale lock."""
+    first = RunStore.open(tmp_path, RUN_KEY)
+    with pytest.raises(RunStoreError, match=f"in use by another compile.*pid {os.getpid()}"):
+        RunStore.open(tmp_path, RUN_KEY)
+    first.close()
+    with RunStore.open(tmp_path, RUN_KEY) as again:
+        assert again.session == 2
+
+    code = textwrap.dedent(f"""
+        import sys, time
+        from dspy_turbogepa.store import RunStore
+        store = RunStore.open({str(tmp_path)!r}, {RUN_KEY!r})
+        print("open", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+        with pytest.raises(RunStoreError, match=f"pid {proc.pid}"):
+            RunStore.open(tmp_path, RUN_KEY)
+    finally:
+        proc.kill()
+        proc.wait()
+    with RunStore.open(tmp_path, RUN_KEY) as after_kill:  # the kernel released the dead process's lock
+        assert after_kill.session == 4
