@@ -56,3 +56,19 @@ def test_price_table_prices_unknown_models_and_cost_budget_stops(routing):
                                                          rel=1e-6)
     with pytest.raises(ValueError, match="price_table"):
         TurboGEPA(routing.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(), price_table={"x": 1.0})
+
+
+def test_a_cost_budget_on_unpriced_lms_warns_that_it_cannot_apply(routing, caplog):
+    """Local and custom models have no price: a dollar cap that can never trigger must say so once,
+    not leave the user believing it is on."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        dr = _run(routing, call_seconds=0.0, cost_budget_usd=0.01)
+    assert dr.stop_reason != "cost_budget"
+    warned = [r.getMessage() for r in caplog.records if "cost_budget_usd=0.01 is set" in r.getMessage()]
+    assert len(warned) == 1 and "price_table" in warned[0]
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        _run(routing, call_seconds=0.0, price_table={"sim/sim-student": (1000.0, 1000.0)}, cost_budget_usd=5.0)
+    assert not [r for r in caplog.records if "is set but" in r.getMessage()]

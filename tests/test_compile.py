@@ -272,3 +272,26 @@ def test_perfect_score_none_and_any_iterable_of_examples_are_accepted(routing, s
     assert len(out.detailed_results.val_subscores[0]) == len(splits.val)
     with pytest.raises(TypeError, match="trainset must be a list of dspy.Example, got dict"):
         opt.compile(routing.make_program(), trainset={"a": splits.train[0]}, valset=splits.val)
+
+
+def test_an_objective_reported_on_some_examples_is_averaged_over_those(routing, student_lm, reflection_lm):
+    """As gepa aggregates objective scores: an objective the metric reports only on some examples (here
+    brevity, only on solved ones, beside a cost on every one) is the mean over the examples that report
+    it, not a 0 on the others."""
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        score = float(routing.metric(gold, pred, trace).score if pred_name is None else 0.0)
+        if pred_name is not None:
+            return routing.metric(gold, pred, trace, pred_name, pred_trace)
+        objectives = {"cost": 0.5, **({"brevity": 0.75} if score == 1.0 else {})}
+        return dspy.Prediction(score=score, objective_scores=objectives)
+
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, metric=metric)
+    dr = optimized.detailed_results
+    assert dr.val_aggregate_subscores and len(dr.val_aggregate_subscores) == len(dr.candidates)
+    for subs, agg in zip(dr.val_subscores, dr.val_aggregate_subscores):
+        if any(s == 1.0 for s in subs.values()):
+            assert agg == {"brevity": pytest.approx(0.75), "cost": pytest.approx(0.5)}
+        else:
+            assert agg == {"cost": pytest.approx(0.5)}
+    assert dr.objective_pareto_front == {"brevity": pytest.approx(0.75), "cost": pytest.approx(0.5)}

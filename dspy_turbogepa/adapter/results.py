@@ -76,12 +76,16 @@ def build_result(
     if objective_names:
         agg_sub = []
         for r in records:
-            n = max(1, len(r.val_objective_scores))
-            agg_sub.append(
-                {k: sum(s.get(k, 0.0) for s in r.val_objective_scores.values()) / n for k in objective_names}
-            )
-        obj_front = {k: max(a[k] for a in agg_sub) for k in objective_names}
-        per_obj_best = {k: {i for i, a in enumerate(agg_sub) if a[k] == obj_front[k]} for k in objective_names}
+            # each objective averaged over the examples that report it, as gepa aggregates them (an
+            # objective a metric reports only on some examples is not a 0 on the others)
+            means = {}
+            for k in objective_names:
+                values = [s[k] for s in r.val_objective_scores.values() if k in s]
+                if values:  # an objective no example reported is left out, as gepa leaves it out
+                    means[k] = sum(values) / len(values)
+            agg_sub.append(means)
+        obj_front = {k: max(a[k] for a in agg_sub if k in a) for k in objective_names}
+        per_obj_best = {k: {i for i, a in enumerate(agg_sub) if a.get(k) == obj_front[k]} for k in objective_names}
     return TurboGEPAResult(
         candidates=[build_program(r.candidate.texts) for r in records],
         parents=[list(r.parent_indices) for r in records],

@@ -58,6 +58,9 @@ from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
+#: Evaluations after which a dollar budget with nothing priced yet is reported as unenforceable.
+UNPRICED_AFTER = 20
+
 
 #: The width floor leaves budget for this many generations of accepted children (see width()).
 GENERATIONS_TO_AFFORD = 4
@@ -161,6 +164,7 @@ class Orchestrator:
         self._credit = CreditSnapshot()
         self._noop_streak = 0
         self._paid_noop_streak = 0
+        self._warned_unpriced = False
         #: Deterministic mode: the commit at which the no-op stop was decided (see _main_loop).
         self._drain_view: int | None = None
         self._next_seq = 0
@@ -328,8 +332,17 @@ class Orchestrator:
                   + st.reflection_completion_tokens)
         if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
             return "token_budget"
-        if cfg.max_cost is not None and st.task_cost + st.reflection_cost >= cfg.max_cost:
-            return "cost_budget"
+        if cfg.max_cost is not None:
+            cost = st.task_cost + st.reflection_cost
+            if cost >= cfg.max_cost:
+                return "cost_budget"
+            if cost == 0.0 and tokens > 0 and st.executed >= UNPRICED_AFTER and not self._warned_unpriced:
+                self._warned_unpriced = True
+                logger.warning(
+                    "cost_budget_usd=%s is set but %d evaluations that used %d tokens cost $0: no price is known "
+                    "for these LMs (litellm's table does not list them). The dollar cap cannot apply; pass "
+                    "price_table={model: (usd per 1M prompt tokens, usd per 1M completion tokens)}, or a token budget.",
+                    cfg.max_cost, st.executed, tokens)
         return None
 
     def _running(self) -> list[asyncio.Task[MutationResult]]:
