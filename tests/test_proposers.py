@@ -224,14 +224,20 @@ def test_the_metrics_feedback_call_runs_on_the_users_lm_not_the_reflection_lm(ro
     """An LLM judge inside the metric reads dspy.settings.lm: for the feedback call (pred_name set) that
     must be the user's configured LM, as in dspy.GEPA, and its calls are not reflection calls."""
     seen = []
+    judge = dspy.Predict("ticket -> queue")  # stands in for an LLM judge: one call on the configured LM
 
     def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         if pred_name is not None:
             seen.append(dspy.settings.lm.model)
+            judge(ticket=gold.ticket)
         return routing.metric(gold, pred, trace, pred_name, pred_trace)
 
     reflection_lm = make_reflection_lm(seed=0)
     program, _ = _compile(routing, metric, budget=60, reflection_lm=reflection_lm)
     student_model = make_student_lm(seed=0).model
     assert seen and set(seen) == {student_model} != {reflection_lm.model}
-    assert program.detailed_results.run_stats["reflection_calls"] == len(reflection_lm.history)
+    stats = program.detailed_results.run_stats
+    assert stats["reflection_calls"] == len(reflection_lm.history)
+    # the judge's tokens still count (token and dollar budgets must see them), beside the reflections'
+    reflection_prompt = sum(h["usage"]["prompt_tokens"] for h in reflection_lm.history)
+    assert stats["reflection_tokens"]["prompt"] > reflection_prompt > 0

@@ -942,7 +942,9 @@ class Orchestrator:
         self._known_proposals[key] = proposal
         for obs in self._observers:
             obs.on_proposal(key, proposal)
-        unchanged = proposal.skipped is None and all(
+        # an echo counts as a failed reflection only when there was something to fix: with
+        # skip_perfect_score=False a reflection on a solved minibatch may rightly keep the instruction
+        unchanged = proposal.skipped is None and any(o.score < self.config.perfect_score for o in parent_outs) and all(
             parent.texts.get(k) == v for k, v in proposal.texts.items() if k in parent.texts)
         self._systemic.observe_proposal(proposal, unchanged=unchanged)
         return proposal

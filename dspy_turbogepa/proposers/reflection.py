@@ -79,11 +79,16 @@ class ReflectiveProposer:
         self, parent_texts: dict[str, str], components: list[str], outcomes: list[EvalOutcome], seed: int
     ) -> ProposalOutcome:
         # The reflective dataset is built outside the reflection LM's context, as dspy.GEPA builds it: the
-        # metric's feedback call (an LLM judge inside the metric) runs on the user's own LM settings, and
-        # its calls are not counted as reflection calls.
-        dataset = self._dataset(components, outcomes, random.Random(seed))
+        # metric's feedback call (an LLM judge inside the metric) runs on the user's own LM settings. Its
+        # tokens and cost still count toward the reflection's (token and dollar budgets must see them);
+        # its calls are not reflection LM calls.
+        with rollout_usage(self._prices) as judge:
+            dataset = self._dataset(components, outcomes, random.Random(seed))
         if isinstance(dataset, ProposalOutcome):
-            return dataset
+            return dataclasses.replace(
+                dataset, reflection_prompt_tokens=judge.prompt_tokens,
+                reflection_completion_tokens=judge.completion_tokens, reflection_cost=judge.cost,
+            )
         counter = _LMCallCounter()
         callbacks = [*dspy.settings.get("callbacks", []), counter]
         # Our copy of the reflection LM shares its history (and retries) but reports each call's cost,
@@ -93,8 +98,10 @@ class ReflectiveProposer:
             outcome = self._propose(parent_texts, dataset, [c for c in components if c in dataset])
         # every return path, a proposer that raised after paying for calls included, carries its usage
         return dataclasses.replace(
-            outcome, reflection_calls=counter.calls, reflection_prompt_tokens=usage.prompt_tokens,
-            reflection_completion_tokens=usage.completion_tokens, reflection_cost=usage.cost,
+            outcome, reflection_calls=counter.calls,
+            reflection_prompt_tokens=usage.prompt_tokens + judge.prompt_tokens,
+            reflection_completion_tokens=usage.completion_tokens + judge.completion_tokens,
+            reflection_cost=usage.cost + judge.cost,
         )
 
     def _dataset(

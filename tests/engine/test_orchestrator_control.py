@@ -559,3 +559,17 @@ def test_max_noop_mutations_bounds_the_free_streak() -> None:
     assert result.stop_reason == "no_progress_possible"
     # the streak only counts mutations that charged nothing: the first epoch pays for the seed's minibatches
     assert 5 <= len(rec.mutations) <= 5 + len(setup.train_ids) + cfg.max_mutations_in_flight
+
+
+def test_an_echo_of_a_solved_minibatch_is_not_a_failed_reflection() -> None:
+    """With skip_perfect_score=False a reflection on a minibatch the parent solves may rightly keep the
+    instruction: that must not count toward the systemic first-8-reflections rule."""
+    setup = hard_setup()
+    seed = setup.task.seed_texts()
+    ev = FakeEvaluator(setup.task, 1)
+    ev.fail = None
+    cfg = make_config(max_metric_calls=300, systemic_failure_window=6, skip_perfect_score=False,
+                      perfect_score=0.0)  # every score counts as perfect: nothing to fix anywhere
+    result, *_ = run_fakes(cfg, setup, evaluator=ev, reflector=FakeReflector(fixed=seed))
+    assert result.stop_reason in ("max_metric_calls", "no_progress_possible")
+    assert result.stats.proposal_skips["unchanged_texts"] >= 6
