@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import subprocess
 import sys
@@ -426,7 +427,10 @@ def test_summary_of_a_real_run_is_strict_json_without_secrets(compiled_routing, 
     assert data["result"]["run_stats"]["mutations"] == dr.run_stats["mutations"]
     assert data["result"]["best_outputs_valset"]  # predictions became plain dicts
     assert not list(tmp_path.glob("logs/.summary.*"))  # no temp file left behind
-    assert (tmp_path / "logs" / "summary.json").stat().st_mode & 0o777 == 0o644  # readable like the PNGs
+    # created with the process umask, like the store and the PNGs beside it
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "logs" / "summary.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_summary_converts_non_finite_numbers_and_odd_types(tmp_path: Path, monkeypatch) -> None:

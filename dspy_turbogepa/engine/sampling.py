@@ -120,15 +120,15 @@ class FailureFirstSampler:
         never drawn. Scouting explores beside the minibatch; without scouts (``reflection_scouts=0``, or
         ``num_threads`` no larger than the minibatch) one slot of each minibatch does.
         """
-        if len(batch) < 2 or any(rank(i) == UNKNOWN for i in batch):
+        # an unknown example already in it, or a solved one (then no eligible unknown example was left)
+        if len(batch) < 2 or any(rank(i) != LIKELY_FAILING for i in batch):
             return tuple(batch)
-        unknown = [i for i in self.draw(rank, size=len(self._ids), exclude=batch) if rank(i) == UNKNOWN]
-        failing = [j for j, i in enumerate(batch) if rank(i) == LIKELY_FAILING]
-        if not unknown or not failing:
+        never = -(self._gap + 1)
+        unknown = [i for i in self.draw(rank, size=len(self._ids), exclude=batch)
+                   if rank(i) == UNKNOWN and self._draws - self._last.get(i, never) >= self._gap]
+        if not unknown:  # only recently drawn ones (an unlabeled row, say): not again before its turn
             return tuple(batch)
-        out = list(batch)
-        out[failing[-1]] = unknown[0]
-        return tuple(out)
+        return (*batch[:-1], unknown[0])  # the last of a draw is its least likely failure
 
     def consume(self, ids: Sequence[int]) -> None:
         for i in ids:

@@ -797,15 +797,22 @@ class _RunLock:
             raise RunStoreError(f"cannot create the lock file {path}: {exc}. {_FIX.format(log_dir=log_dir)}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunStoreError(
                 f"log_dir {log_dir} is in use by another compile that is still running (pid {holder}): two at "
                 "once would pay for the same evaluations twice. Wait for it to finish, or use another log_dir."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:  # a filesystem without locks (some NFS, FUSE or SMB mounts): run unlocked
+            os.close(fd)
+            logger.warning("Cannot lock %s (%s): two compiles of this run at once will not be refused.", path, exc)
+            return cls(None)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:  # the pid is only for the message: keep the lock without it
+            logger.debug("Could not write the pid into %s: %s", path, exc)
         return cls(fd)
 
     def release(self) -> None:

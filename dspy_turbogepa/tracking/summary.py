@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -163,14 +163,15 @@ def write_summary(
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(build_summary(detailed_results, extra), indent=2, ensure_ascii=False, allow_nan=False)
     path = directory / SUMMARY_FILENAME
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".json.tmp", dir=directory)
+    # created with the process umask, like the store and the PNGs beside it (mkstemp would make it 0600)
+    tmp = str(directory / f".summary.{os.getpid()}.{threading.get_ident()}.json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is as readable as the PNGs and the store beside it
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):  # the temporary file may not exist yet
+        with contextlib.suppress(OSError):  # the temporary file may not exist any more
             os.unlink(tmp)
         raise
     return path

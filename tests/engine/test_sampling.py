@@ -256,3 +256,14 @@ def test_explore_swaps_one_stubborn_failure_for_an_unknown_example() -> None:
     # nothing to explore: a batch holding an unknown example, or no unknown example left, stays as drawn
     assert s.explore((0, 1, 12), rank) == (0, 1, 12)
     assert s.explore((0, 1, 2), lambda i: LIKELY_FAILING if i < 10 else SOLVED) == (0, 1, 2)
+    # a batch holding a solved example means no eligible unknown one was left: it stays as drawn
+    mixed = lambda i: LIKELY_FAILING if i == 0 else SOLVED if i in (15, 16) else UNKNOWN  # noqa: E731
+    assert s.explore((0, 15, 16), mixed) == (0, 15, 16)
+    # an unknown example drawn recently (an unlabeled row, say) is not swapped in again before its turn
+    fresh = FailureFirstSampler(ids, 5, seed=0)
+    only_unknown = lambda i: UNKNOWN if i == 19 else LIKELY_FAILING  # noqa: E731
+    first = fresh.explore(fresh.draw(only_unknown), only_unknown)
+    assert 19 in first
+    fresh.consume(first)
+    second = fresh.explore(fresh.draw(only_unknown), only_unknown)
+    assert 19 not in second

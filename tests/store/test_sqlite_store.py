@@ -744,3 +744,19 @@ def test_a_log_dir_in_use_by_a_running_session_is_refused_until_it_closes(tmp_pa
         proc.wait()
     with RunStore.open(tmp_path, RUN_KEY) as after_kill:  # the kernel released the dead process's lock
         assert after_kill.session == 4
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    """flock failing for another reason than contention (ENOLCK on some NFS / FUSE mounts) must not
+    make the log_dir unusable: the store opens unlocked and says so."""
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING), RunStore.open(tmp_path, RUN_KEY) as store:
+        assert store.session == 1
+    assert any("Cannot lock" in r.getMessage() for r in caplog.records)
