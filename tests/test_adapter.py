@@ -440,3 +440,29 @@ def test_the_first_failure_of_each_kind_is_logged_once(routing, reflection_lm, c
     assert len(logged) == 2, logged
     assert any("metric_error" in m and "label_column" in m for m in logged)
     assert any("program_error" in m and "CRM rejected" in m for m in logged)
+
+
+def test_a_trace_step_of_a_copied_predictor_goes_to_every_predictor_it_equals():
+    """Per-call copies (BestOfN, Refine) are matched by signature; a copy of one of two predictors with
+    equal signatures cannot be told apart, so its step goes to both, as dspy.GEPA gives it, not to the
+    first only (which left the other without reflective data)."""
+    import copy
+
+    from dspy_turbogepa.adapter.program import PredictorNames
+
+    class Two(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.draft = dspy.Predict("question -> answer")
+            self.check = dspy.Predict("question -> answer")
+            self.other = dspy.Predict(dspy.Signature("question -> answer", "Check twice."))
+
+    program = Two()
+    names = PredictorNames(program)
+    assert names.names_of(program.check) == ["check"]  # the object itself: exact
+    copied = copy.deepcopy(program)
+    assert names.names_of(copied.check) == ["draft", "check"]
+    assert names.names_of(copied.other) == ["other"]
+    assert names.names_of(object()) == ["?"]
+    assert names.signature_owner(copied.other.signature) == "other"
+    assert names.signature_owner(copied.check.signature) is None  # ambiguous: judged by its fields

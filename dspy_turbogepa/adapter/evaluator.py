@@ -451,7 +451,7 @@ class DspyEvaluator:
         capture: bool,
     ) -> tuple[EvalOutcome, int]:
         steps = [
-            TraceStep(names.name_of(p), p, dict(inputs), outputs) for p, inputs, outputs in raw_trace
+            TraceStep(name, p, dict(inputs), outputs) for p, inputs, outputs in raw_trace for name in names.names_of(p)
         ]
         if error is not None:
             types = _error_types(error)

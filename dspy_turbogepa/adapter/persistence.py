@@ -294,7 +294,11 @@ def run_key(
         state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
         structure.append((name, list(pred.signature.input_fields), list(pred.signature.output_fields), state,
                           lm_identity(getattr(pred, "lm", None))))
-    reflection = [lm_identity(reflection_lm), callable_identity(proposer), proposer_settings(proposer)]
+    # settings appended only when set, so the key of a run without them is what earlier versions wrote
+    reflection = [lm_identity(reflection_lm), callable_identity(proposer)]
+    settings = proposer_settings(proposer)
+    if settings:
+        reflection.append(settings)
     if add_format_failure_as_feedback:  # what reflections read about parse failures
         reflection.append("add_format_failure_as_feedback")
     return {

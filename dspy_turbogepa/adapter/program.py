@@ -21,40 +21,38 @@ class PredictorNames:
     By object identity first, which is exact and free. Modules such as ``dspy.BestOfN`` and
     ``dspy.Refine`` deep-copy the module they wrap on every call, so their trace steps hold copies no
     id matches; those fall back to signature equality, the rule dspy.GEPA applies to every step
-    (``signature.equals``: same fields and instructions). Among several predictors with an equal
-    signature, the first in ``named_predictors()`` order is taken.
+    (``signature.equals``: same fields and instructions). A copy of one of several predictors with an
+    equal signature cannot be told apart: the step goes to each of them, as dspy.GEPA gives it.
     """
 
     def __init__(self, program: dspy.Module) -> None:
         self._predictors = list(program.named_predictors())
         self._by_id = {id(pred): name for name, pred in self._predictors}
 
-    def name_of(self, predictor: Any) -> str:
+    def names_of(self, predictor: Any) -> list[str]:
         hit = self._by_id.get(id(predictor))
         if hit is not None:
-            return hit
-        signature = getattr(predictor, "signature", None)
-        if signature is not None:
-            for name, pred in self._predictors:
-                try:
-                    if pred.signature.equals(signature):
-                        return name
-                except (AttributeError, TypeError):  # not a dspy Signature: no match by signature
-                    continue
-        return "?"
+            return [hit]
+        return self._equal_signatures(getattr(predictor, "signature", None)) or ["?"]
+
+    def _equal_signatures(self, signature: Any) -> list[str]:
+        if signature is None:
+            return []
+        names = []
+        for name, pred in self._predictors:
+            try:
+                if pred.signature.equals(signature):
+                    names.append(name)
+            except (AttributeError, TypeError):  # not a dspy Signature: no match by signature
+                continue
+        return names
 
     def signature_owner(self, signature: Any) -> str | None:
         """The one predictor whose signature equals ``signature`` (fields and instructions), else None.
 
         A parse failure names the signature it could not parse, not the predictor: two predictors with
         the same fields but other instructions must not both be blamed for it."""
-        owners = []
-        for name, pred in self._predictors:
-            try:
-                if pred.signature.equals(signature):
-                    owners.append(name)
-            except (AttributeError, TypeError):
-                continue
+        owners = self._equal_signatures(signature)
         return owners[0] if len(owners) == 1 else None
 
 
