@@ -242,7 +242,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise ConfigurationError("track_stats must be True if track_best_outputs is True.")
         if candidate_selection_strategy not in CANDIDATE_SELECTIONS:
             raise ValueError(
-                f"candidate_selection_strategy must be one of {list(CANDIDATE_SELECTIONS)}, "
+                f"candidate_selection_strategy must be one of {list(CANDIDATE_SELECTIONS)} (a gepa CandidateSelector "
+                "object is not supported), "
                 f"got {candidate_selection_strategy!r}."
             )
         if not callable(component_selector) and component_selector not in ("round_robin", "all"):

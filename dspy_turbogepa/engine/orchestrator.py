@@ -606,6 +606,7 @@ class Orchestrator:
             minibatch=minibatch,
             rng=rng,
             committed_at_launch=point.records,
+            view=n_commits,
             reservation=worst_case,
             chain_on=chain_on,
             siblings=siblings,
@@ -693,6 +694,7 @@ class Orchestrator:
             minibatch=(),
             rng=rng,
             committed_at_launch=n_records,
+            view=n_commits,
             reservation=worst_case,
             other_parent_index=other.index,
             other_parent_val=other.val_scores,
@@ -793,7 +795,8 @@ class Orchestrator:
             # A user selector sees the parent's traced minibatch, so it can only run now.
             plan.components, plan.child_counter = self._selector.select(
                 parent.fingerprint, parent.texts, plan.parent_index,
-                [o.trajectory for o in parent_outs], parent_scores, self.selector_state(),
+                [o.trajectory for o in parent_outs], parent_scores,
+                self.selector_state(plan.view if cfg.deterministic else None),
             )
         components = plan.components
         if not components:
@@ -1138,16 +1141,24 @@ class Orchestrator:
     def _elapsed(self) -> float:
         return self._clock() - self._start
 
-    def selector_state(self) -> SelectorState:
+    def selector_state(self, view: int | None = None) -> SelectorState:
+        """gepa's state as a selector or stop callback reads it: now, or as of ``view`` commits (what a
+        callable component selector sees in a deterministic run, so its choice does not depend on how
+        many other mutations happened to commit while this one evaluated its parent)."""
+        if view is None:
+            records, charged, commits = self._records, self._budget.committed, self._committed
+        else:
+            point = self._history.at(view)
+            records, charged, commits = self._records[: point.records], point.charged, view
         return SelectorState(
             list_of_named_predictors=list(self._seed.texts),
-            program_candidates=[dict(r.candidate.texts) for r in self._records],
-            program_full_scores_val_set=[r.aggregate for r in self._records],
+            program_candidates=[dict(r.candidate.texts) for r in records],
+            program_full_scores_val_set=[r.aggregate for r in records],
             named_predictor_id_to_update_next_for_program_candidate=[
-                self._selector.counter(r.candidate.fingerprint) for r in self._records
+                self._selector.counter(r.candidate.fingerprint) for r in records
             ],
-            total_num_evals=self._budget.committed,
-            i=self._committed - 1,
+            total_num_evals=charged,
+            i=commits - 1,
         )
 
     def _result(self) -> EngineResult:

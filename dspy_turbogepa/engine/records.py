@@ -60,6 +60,8 @@ class MutationPlan:
     rng: random.Random
     committed_at_launch: int
     reservation: int
+    #: The commits the plan was made from (its planning view).
+    view: int = 0
     components: list[str] = field(default_factory=list)
     child_counter: int = 0
     #: Merge only: the second parent, the merged texts and the validation ids it is screened on.

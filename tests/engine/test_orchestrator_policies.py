@@ -332,6 +332,23 @@ def test_callable_selector_receives_selector_state() -> None:
     assert all(dict(r.candidate.texts)["a"] == "base kw0" for r in result.records)  # only "b" ever changed
 
 
+def test_a_callable_selector_reading_the_state_gives_the_same_run_whatever_the_timing() -> None:
+    """In a deterministic run a callable selector sees the state of its mutation's planning view, not
+    whatever had committed by the time the parent's minibatch came back (timing)."""
+    setup = two_component_setup()
+
+    def selector(state, trajectories, scores, candidate_idx, candidate):
+        return [["a", "b"][(state.i + len(state.program_candidates) + state.total_num_evals) % 2]]
+
+    cfg = make_config(max_metric_calls=300, component_selector=selector, max_mutations_in_flight=4, **fixed_width())
+    runs = {
+        sleep_seed: [dict(r.candidate.texts) for r in run_fakes(cfg, setup, sleep_seed=sleep_seed)[0].records]
+        for sleep_seed in (1, 2, 3, 4)
+    }
+    assert len(runs[1]) > 2
+    assert all(texts == runs[1] for texts in runs.values())
+
+
 def test_callable_selector_choosing_nothing_is_a_skip() -> None:
     setup = two_component_setup()
     cfg = make_config(max_metric_calls=1000, component_selector=lambda *args: [])
