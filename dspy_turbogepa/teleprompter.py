@@ -97,7 +97,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
     Parameters beyond dspy.GEPA's (all keyword-only, all optional):
         max_mutations_in_flight: mutations running at once (default ``max(2, num_threads // 2)``).
-        max_reflections_in_flight: reflection LM calls at once (default ``ceil(num_threads / 4)``, at most 8).
+        max_reflections_in_flight: reflection LM calls at once (default ``ceil(num_threads / 4)``, at most 8
+            and at most ``max_mutations_in_flight``).
         rung_fractions: validation shard fractions for successive halving, increasing, ending at 1.0
             (default: a geometric ladder from ``reduction_factor``).
         reduction_factor: ratio between consecutive validation shards when ``rung_fractions`` is not set.
