@@ -124,6 +124,37 @@ def test_a_429_wrapped_by_the_users_program_is_still_found(routing):
     assert outcome.failure is None and outcome.rate_limit_retries == 2 and hook.raised == 2
 
 
+@pytest.mark.parametrize("swallow", ["parallel", "try_except"])
+def test_a_429_the_program_swallows_is_still_retried_not_scored(routing, swallow):
+    """dspy.Parallel returns None for a failed branch (and a program may catch an LM error itself): with
+    the LM's own retries off, the 429 must still reach the rate-limit retry, not become a wrong answer."""
+
+    class Swallowing(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+            self.par = dspy.Parallel(num_threads=2, disable_progress_bar=True)
+
+        def forward(self, ticket):
+            if swallow == "parallel":
+                first, _ = self.par([(self.inner, {"ticket": ticket}), (self.inner, {"ticket": ticket})])
+                return first if first is not None else dspy.Prediction(queue="")
+            try:
+                return self.inner(ticket=ticket)
+            except Exception:  # the program's own fallback
+                return dspy.Prediction(queue="")
+
+    reference, _ = make_evaluator(routing, Swallowing())
+    clean = evaluate(reference, reference._codec, make_student_lm(), ids=(0, 1, 2, 3))
+    solved = next(o.example_id for o in clean if o.score == 1.0)  # a swallowed 429 would score it 0
+    lm, hook = flaky_lm(rate_limit, 2)
+    ev, codec = make_evaluator(routing, Swallowing())
+    (outcome,) = evaluate(ev, codec, lm, ids=(solved,))
+    assert hook.raised == 2
+    assert outcome.failure is None and outcome.score == 1.0
+    assert outcome.rate_limit_retries >= 1 and ev.rate_limit_stats()["rate_limited"] >= 1
+
+
 def test_gives_up_after_the_cap_with_cause_rate_limited(routing):
     lm, hook = flaky_lm(rate_limit, -1)
     ev, codec = make_evaluator(routing, rate_limit_policy=RetryPolicy(2, 30.0, 0.001, 0.01))

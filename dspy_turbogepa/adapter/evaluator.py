@@ -40,6 +40,7 @@ from typing import Any
 import dspy
 
 from dspy_turbogepa.adapter.lm_copies import (
+    ROLLOUT_LM_ERRORS,
     LMCopies,
     RolloutUsage,
     endpoint_key,
@@ -388,10 +389,21 @@ class DspyEvaluator:
         user's own settings. The trace is a list even when reflection will not read it: ``dspy.BestOfN``,
         ``dspy.Refine`` and user modules written like them extend ``dspy.settings.trace`` and would
         raise on ``None``."""
-        settings: dict[str, Any] = {"trace": []}
+        settings: dict[str, Any] = {"trace": [], ROLLOUT_LM_ERRORS: []}
         if lm is not None:
             settings["lm"] = lm
         return settings
+
+    def _swallowed(self, error: BaseException | None) -> BaseException | None:
+        """``error``, or a rate limit / service failure the program caught itself (dspy.Parallel returns
+        None for a failed branch): such a rollout is retried or stopped as if it had raised, not scored."""
+        if error is not None:
+            return error
+        for exc in dspy.settings.get(ROLLOUT_LM_ERRORS) or ():
+            verdict = classify(exc, self._fatal)
+            if verdict.fatal or verdict.kind is not None:
+                return exc
+        return None
 
     async def _run_async(
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
@@ -402,6 +414,7 @@ class DspyEvaluator:
                 error = None
             except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
+            error = self._swallowed(error)
             trace = list(dspy.settings.trace or []) if capture else []
         return pred, trace, error
 
@@ -414,6 +427,7 @@ class DspyEvaluator:
                 error: BaseException | None = None
             except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
+            error = self._swallowed(error)
             trace = list(dspy.settings.trace or []) if capture else []
         return pred, trace, error
 

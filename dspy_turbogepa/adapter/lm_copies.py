@@ -15,6 +15,7 @@ None when the model's price is unknown; cache hits, which carry no usage, are no
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -133,6 +134,49 @@ def endpoint_model(key: str) -> str:
     return key.split("@", 1)[0]
 
 
+#: dspy settings key of the list a rollout's LM errors are noted in (dspy.Parallel copies the settings
+#: overrides into its worker threads, so calls on those threads note theirs there too).
+ROLLOUT_LM_ERRORS = "turbogepa_rollout_lm_errors"
+
+
+def note_lm_error(exc: BaseException) -> None:
+    box = dspy.settings.get(ROLLOUT_LM_ERRORS)
+    if isinstance(box, list):
+        box.append(exc)
+
+
+@functools.cache
+def _error_noting_class(base: type) -> type:
+    """``base`` noting every error of a call in the running rollout's list before raising it.
+
+    Why: retries are off on these copies, because the evaluator retries the whole rollout after a rate
+    limit; but a module that catches a failed call itself (``dspy.Parallel`` returns None for a failed
+    branch) would turn a 429 into a wrong answer, scored and never retried. The evaluator reads the
+    list after the rollout and treats a swallowed rate limit as if it had been raised.
+    """
+
+    # __call__ / acall, the public entry points: overriding forward/aforward would make DSPy 3.4 treat
+    # the copy as a legacy custom LM and route it through another execution path
+    class ErrorNoting(base):  # type: ignore[valid-type, misc]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().__call__(*args, **kwargs)
+            except Exception as exc:
+                note_lm_error(exc)
+                raise
+
+        async def acall(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().acall(*args, **kwargs)
+            except Exception as exc:
+                note_lm_error(exc)
+                raise
+
+    ErrorNoting.__name__, ErrorNoting.__qualname__ = base.__name__, base.__qualname__
+    ErrorNoting.__module__ = base.__module__
+    return ErrorNoting
+
+
 def _make_copy(lm: Any, retries_off: bool = True) -> Any:
     if not isinstance(lm, dspy.BaseLM) or not hasattr(lm, "num_retries"):
         return lm  # nothing we can switch off; its errors are still caught and retried by the evaluator
@@ -144,6 +188,9 @@ def _make_copy(lm: Any, retries_off: bool = True) -> Any:
         return lm
     if retries_off:
         copy.num_retries = 0
+        # a class, not an instance attribute: dspy.BestOfN copies the LM (deepcopy) per call, and a
+        # wrapped bound method would call the original copy with its old settings
+        copy.__class__ = _error_noting_class(type(copy))
     copy.history = lm.history
     inner = copy.update_history
 
