@@ -139,3 +139,32 @@ def test_tokens_and_cost_over_http(routing, engine, async_forward):
     assert all(o.cost > 0 for o in outcomes)
     assert sum(o.cost for o in outcomes) == pytest.approx(sum(h["cost"] for h in lm.history))
     assert len(lm.history) == 12  # recorded in the user's LM history, as dspy.GEPA would
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_tokens_and_cost_of_calls_inside_dspy_parallel_are_counted(routing, engine):
+    """dspy.Parallel runs branches on worker threads with a deep copy of DSPy's usage tracker that is never
+    merged back: the branches' tokens and cost must still reach the rollout (token and dollar budgets)."""
+
+    class TwoBranches(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+            self.par = dspy.Parallel(num_threads=2, disable_progress_bar=True)
+
+        def forward(self, ticket):
+            return self.par([(self.inner, {"ticket": ticket}), (self.inner, {"ticket": ticket + " "})])[0]
+
+    cfg = SimConfig(models=(ModelConfig("gpt-4o-mini", "student"),))
+    with SimServer(cfg, seed=0) as srv:
+        lm = dspy.LM("openai/gpt-4o-mini", api_base=srv.base_url, api_key="x", cache=False, **engine)
+        ev, codec = make_evaluator(routing, TwoBranches(), n=6)
+        outcomes = run_all(ev, codec, lm, range(6))
+        ev.close()
+        server = srv.stats()["models"]["gpt-4o-mini"]
+    assert all(o.failure is None for o in outcomes)
+    assert server["requests"] == 12
+    assert sum(o.prompt_tokens for o in outcomes) == server["prompt_tokens"]
+    assert sum(o.completion_tokens for o in outcomes) == server["completion_tokens"]
+    assert sum(o.cost for o in outcomes) == pytest.approx(sum(h["cost"] for h in lm.history)) and lm.history

@@ -41,8 +41,10 @@ import dspy
 
 from dspy_turbogepa.adapter.lm_copies import (
     ROLLOUT_LM_ERRORS,
+    ROLLOUT_USAGE,
     LMCopies,
     RolloutUsage,
+    current_rollout_usage,
     endpoint_key,
     endpoint_model,
     rollout_usage,
@@ -389,7 +391,7 @@ class DspyEvaluator:
         user's own settings. The trace is a list even when reflection will not read it: ``dspy.BestOfN``,
         ``dspy.Refine`` and user modules written like them extend ``dspy.settings.trace`` and would
         raise on ``None``."""
-        settings: dict[str, Any] = {"trace": [], ROLLOUT_LM_ERRORS: []}
+        settings: dict[str, Any] = {"trace": [], ROLLOUT_LM_ERRORS: [], ROLLOUT_USAGE: current_rollout_usage()}
         if lm is not None:
             settings["lm"] = lm
         return settings

@@ -108,9 +108,35 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
         _CURRENT.reset(token)
 
 
+#: dspy settings key of the running rollout's usage box, for calls on threads the rollout's context
+#: does not reach (dspy.Parallel copies the settings overrides into its workers, not context variables).
+ROLLOUT_USAGE = "turbogepa_rollout_usage"
+
+
+def current_rollout_usage() -> RolloutUsage | None:
+    return _CURRENT.get()
+
+
 def _note_history_entry(entry: Any) -> None:
+    if not isinstance(entry, dict) or not entry.get("usage"):
+        return
     box = _CURRENT.get()
-    if box is not None and isinstance(entry, dict) and entry.get("usage"):
+    if box is not None:  # the rollout's own thread: tokens come from DSPy's tracker, the cost from here
+        box.add_cost(entry.get("cost"), entry.get("model"))
+        return
+    box = dspy.settings.get(ROLLOUT_USAGE)
+    if isinstance(box, RolloutUsage):
+        # A worker thread of the rollout (dspy.Parallel): DSPy gave it a deep copy of the usage tracker
+        # and never merges it back, so this call's tokens are counted from its history entry.
+        usage = entry["usage"]
+        prompt, completion = int(_number(usage.get("prompt_tokens"))), int(_number(usage.get("completion_tokens")))
+        price = _price_for(box.prices, str(entry.get("model") or ""))
+        with box._lock:
+            box.calls += 1
+            box.prompt_tokens += prompt
+            box.completion_tokens += completion
+            if price is not None:
+                box.cost += (prompt * price[0] + completion * price[1]) / 1e6
         box.add_cost(entry.get("cost"), entry.get("model"))
 
 
