@@ -37,3 +37,17 @@ class FailsOnTracking(dspy.Module):
         if "tracking" in ticket.lower():
             raise self.error()
         return self.inner(ticket=ticket)
+
+
+class TwoParallelBranches(dspy.Module):
+    """``inner`` run twice per example in ``dspy.Parallel`` branches (worker threads; a failed branch
+    comes back as None), the first branch's answer returned."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.par = dspy.Parallel(num_threads=2, disable_progress_bar=True)
+
+    def forward(self, ticket):
+        first, _ = self.par([(self.inner, {"ticket": ticket}), (self.inner, {"ticket": ticket + " "})])
+        return first if first is not None else dspy.Prediction(queue="")

@@ -32,7 +32,7 @@ from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_student_lm
 
-from helpers import small_splits
+from helpers import TwoParallelBranches, small_splits
 
 FAST_RL = RetryPolicy(max_retries=10, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
 FAST_TR = RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
@@ -129,20 +129,19 @@ def test_a_429_the_program_swallows_is_still_retried_not_scored(routing, swallow
     """dspy.Parallel returns None for a failed branch (and a program may catch an LM error itself): with
     the LM's own retries off, the 429 must still reach the rate-limit retry, not become a wrong answer."""
 
-    class Swallowing(dspy.Module):
+    class CatchesItself(dspy.Module):
         def __init__(self):
             super().__init__()
             self.inner = routing.make_program()
-            self.par = dspy.Parallel(num_threads=2, disable_progress_bar=True)
 
         def forward(self, ticket):
-            if swallow == "parallel":
-                first, _ = self.par([(self.inner, {"ticket": ticket}), (self.inner, {"ticket": ticket})])
-                return first if first is not None else dspy.Prediction(queue="")
             try:
                 return self.inner(ticket=ticket)
             except Exception:  # the program's own fallback
                 return dspy.Prediction(queue="")
+
+    def Swallowing():
+        return TwoParallelBranches(routing.make_program()) if swallow == "parallel" else CatchesItself()
 
     reference, _ = make_evaluator(routing, Swallowing())
     clean = evaluate(reference, reference._codec, make_student_lm(), ids=(0, 1, 2, 3))

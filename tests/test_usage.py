@@ -14,7 +14,7 @@ from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_student_lm, sim_engine
 
-from helpers import small_splits
+from helpers import TwoParallelBranches, small_splits
 
 
 def make_evaluator(task, program, n, metric=None):
@@ -147,19 +147,10 @@ def test_tokens_and_cost_of_calls_inside_dspy_parallel_are_counted(routing, engi
     """dspy.Parallel runs branches on worker threads with a deep copy of DSPy's usage tracker that is never
     merged back: the branches' tokens and cost must still reach the rollout (token and dollar budgets)."""
 
-    class TwoBranches(dspy.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = routing.make_program()
-            self.par = dspy.Parallel(num_threads=2, disable_progress_bar=True)
-
-        def forward(self, ticket):
-            return self.par([(self.inner, {"ticket": ticket}), (self.inner, {"ticket": ticket + " "})])[0]
-
     cfg = SimConfig(models=(ModelConfig("gpt-4o-mini", "student"),))
     with SimServer(cfg, seed=0) as srv:
         lm = dspy.LM("openai/gpt-4o-mini", api_base=srv.base_url, api_key="x", cache=False, **engine)
-        ev, codec = make_evaluator(routing, TwoBranches(), n=6)
+        ev, codec = make_evaluator(routing, TwoParallelBranches(routing.make_program()), n=6)
         outcomes = run_all(ev, codec, lm, range(6))
         ev.close()
         server = srv.stats()["models"]["gpt-4o-mini"]
