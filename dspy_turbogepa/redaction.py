@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
@@ -129,13 +129,13 @@ def strip_userinfo(url: str) -> str:
     return re.sub(r"(?<=://)[^/@\s]*@", "", url)
 
 
-def url_credentials(url: str) -> list[str]:
-    """The secrets in a URL's userinfo: the password, or the username when there is no password.
+def url_credentials(url: str, username_if: Callable[[str], bool] | None = None) -> list[str]:
+    """The secrets in a URL's userinfo: the password, or the username when there is no password (and
+    ``username_if``, when given, accepts it).
 
     ``http://TOKEN@host`` carries its credential as the username (GitHub-style tokens, many proxies
-    and gateways), so a URL with a user and no password yields the user: masking it costs nothing
-    when it is a plain name, while missing a token leaks it. Percent-escapes are kept as written (the
-    form a quoted URL shows) and also decoded (the form a client sends and may echo).
+    and gateways), so a URL with a user and no password yields the user. Percent-escapes are kept as
+    written (the form a quoted URL shows) and also decoded (the form a client sends and may echo).
     """
     from urllib.parse import unquote, urlsplit
 
@@ -145,7 +145,7 @@ def url_credentials(url: str) -> list[str]:
     except ValueError:
         return []
     secret = password if password else user
-    if not secret:
+    if not secret or (not password and username_if is not None and not username_if(secret)):
         return []
     return list(dict.fromkeys([secret, unquote(secret)]))
 

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import dspy
 from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
@@ -664,18 +663,10 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
         keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
         url = lm_api_base(lm)
         if url:
-            creds = url_credentials(url)
             # a URL's password is never a placeholder word (run_secrets drops short values); a token
             # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
-            keys += creds if _url_password(url) else [c for c in creds if _looks_like_a_key(c)]
+            keys += url_credentials(url, username_if=_looks_like_a_key)
     return keys
-
-
-def _url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
 
 
 def _looks_like_a_key(value: str) -> bool:

@@ -117,6 +117,10 @@ def test_url_credentials_returns_the_username_when_there_is_no_password():
     assert url_credentials("http://127.0.0.1:9/v1") == []
     assert url_credentials("http://tok%2Fen0123456789@h/") == ["tok%2Fen0123456789", "tok/en0123456789"]
     assert url_credentials("http://[bad") == []
+    # a lone username only when the caller's test accepts it; a password always
+    assert url_credentials("http://alice@127.0.0.1:9/v1", username_if=lambda u: len(u) >= 16) == []
+    assert url_credentials(f"http://{USER_TOKEN}@h/", username_if=lambda u: len(u) >= 16) == [USER_TOKEN]
+    assert url_credentials("http://alice:pw@h/", username_if=lambda u: False) == ["pw"]
 
 
 @pytest.mark.http

@@ -56,6 +56,16 @@ class RolloutUsage:
             with self._lock:
                 self.cost += float(value)
 
+    def add_tokens(self, prompt: int, completion: int, model: str, calls: int = 1) -> None:
+        """``calls`` LM calls of ``model``; priced here when the price table lists the model."""
+        price = _price_for(self.prices, model)
+        with self._lock:
+            self.calls += calls
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
+            if price is not None:
+                self.cost += (prompt * price[0] + completion * price[1]) / 1e6
+
     def add(self, other: RolloutUsage) -> None:
         with self._lock:
             self.calls += other.calls
@@ -96,14 +106,9 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
                 # the two counts summed directly: the tracker's get_total_tokens() merges every
                 # field of every entry recursively, a cost paid on every rollout for two numbers
                 for model, entries in tracker.usage_data.items():
-                    box.calls += len(entries)
-                    prompt = int(sum(_number(e.get("prompt_tokens")) for e in entries))
-                    completion = int(sum(_number(e.get("completion_tokens")) for e in entries))
-                    box.prompt_tokens += prompt
-                    box.completion_tokens += completion
-                    price = _price_for(box.prices, model)
-                    if price is not None:
-                        box.cost += (prompt * price[0] + completion * price[1]) / 1e6
+                    box.add_tokens(int(sum(_number(e.get("prompt_tokens")) for e in entries)),
+                                   int(sum(_number(e.get("completion_tokens")) for e in entries)),
+                                   model, calls=len(entries))
     finally:
         _CURRENT.reset(token)
 
@@ -129,14 +134,8 @@ def _note_history_entry(entry: Any) -> None:
         # A worker thread of the rollout (dspy.Parallel): DSPy gave it a deep copy of the usage tracker
         # and never merges it back, so this call's tokens are counted from its history entry.
         usage = entry["usage"]
-        prompt, completion = int(_number(usage.get("prompt_tokens"))), int(_number(usage.get("completion_tokens")))
-        price = _price_for(box.prices, str(entry.get("model") or ""))
-        with box._lock:
-            box.calls += 1
-            box.prompt_tokens += prompt
-            box.completion_tokens += completion
-            if price is not None:
-                box.cost += (prompt * price[0] + completion * price[1]) / 1e6
+        box.add_tokens(int(_number(usage.get("prompt_tokens"))), int(_number(usage.get("completion_tokens"))),
+                       str(entry.get("model") or ""))
         box.add_cost(entry.get("cost"), entry.get("model"))
 
 

@@ -1043,8 +1043,10 @@ class Orchestrator:
         # for every iteration, would have run out of budget).
         noop = not (newly_charged or status == "accepted")
         self._noop_streak = self._noop_streak + 1 if noop else 0
-        self._paid_noop_streak = self._paid_noop_streak + 1 if noop and result.reflection_calls else (
-            self._paid_noop_streak if noop else 0)
+        if not noop:
+            self._paid_noop_streak = 0
+        elif result.reflection_calls:
+            self._paid_noop_streak += 1
         if self._stop_reason is None and (self._noop_streak >= self.config.max_noop_mutations
                                           or self._paid_noop_streak >= self.config.max_paid_noop_mutations):
             logger.info("Stopping: the last %d mutations changed nothing and cost no metric call (their parents "
