@@ -143,8 +143,10 @@ def test_a_429_the_program_swallows_is_still_retried_not_scored(routing, swallow
     def Swallowing():
         return TwoParallelBranches(routing.make_program()) if swallow == "parallel" else CatchesItself()
 
-    reference, _ = make_evaluator(routing, Swallowing())
-    clean = evaluate(reference, reference._codec, make_student_lm(), ids=(0, 1, 2, 3))
+    clean = []
+    for i in range(4):  # one at a time: concurrent dspy.Parallel instances race in tqdm's global instance set
+        reference, _ = make_evaluator(routing, Swallowing())
+        clean += evaluate(reference, reference._codec, make_student_lm(), ids=(i,))
     solved = next(o.example_id for o in clean if o.score == 1.0)  # a swallowed 429 would score it 0
     lm, hook = flaky_lm(rate_limit, 2)
     ev, codec = make_evaluator(routing, Swallowing())

@@ -151,10 +151,12 @@ def test_tokens_and_cost_of_calls_inside_dspy_parallel_are_counted(routing, engi
     with SimServer(cfg, seed=0) as srv:
         lm = dspy.LM("openai/gpt-4o-mini", api_base=srv.base_url, api_key="x", cache=False, **engine)
         ev, codec = make_evaluator(routing, TwoParallelBranches(routing.make_program()), n=6)
-        outcomes = run_all(ev, codec, lm, range(6))
+        # one rollout at a time: concurrent dspy.Parallel instances race in tqdm's global instance set
+        # (a KeyError on a tqdm weakref, DSPy's and tqdm's, not ours)
+        outcomes = run_all(ev, codec, lm, range(6), concurrent=False)
         ev.close()
         server = srv.stats()["models"]["gpt-4o-mini"]
-    assert all(o.failure is None for o in outcomes)
+    assert all(o.failure is None for o in outcomes), [(o.failure, o.message) for o in outcomes]
     assert server["requests"] == 12
     assert sum(o.prompt_tokens for o in outcomes) == server["prompt_tokens"]
     assert sum(o.completion_tokens for o in outcomes) == server["completion_tokens"]
