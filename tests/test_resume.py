@@ -602,3 +602,48 @@ def test_a_rerun_after_a_systemic_stop_runs_the_failures_again(routing, tmp_path
     fixed = compile_once().detailed_results
     assert fixed.run_stats["failures"] == {}
     assert fixed.val_aggregate_scores[0] > 0.0  # the seed was scored again, not read back as failures
+
+
+def _judges():
+    """Two versions of the same LLM-judge metric module, and of a callable object whose ``__call__``
+    delegates to a helper: same class names, edited ``forward`` / helper."""
+
+    def version(invert: bool):
+        if invert:
+            class Judge(dspy.Module):
+                def forward(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+                    return 1.0 - float(gold.answer == pred.answer)
+
+            class Scorer:
+                def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+                    return self.score(gold, pred)
+
+                def score(self, gold, pred):
+                    return 1.0 - float(gold.answer == pred.answer)
+        else:
+            class Judge(dspy.Module):
+                def forward(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+                    return float(gold.answer == pred.answer)
+
+            class Scorer:
+                def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+                    return self.score(gold, pred)
+
+                def score(self, gold, pred):
+                    return float(gold.answer == pred.answer)
+        return Judge(), Scorer()
+
+    return version(False), version(True)
+
+
+def test_an_edited_metric_module_or_helper_method_changes_the_run_key():
+    """A dspy.Module judge inherits ``__call__`` from DSPy: keying only ``__call__`` let an edited
+    ``forward`` resume on the old scores."""
+    from dspy_turbogepa.adapter.persistence import callable_identity
+
+    (judge_v1, scorer_v1), (judge_v2, scorer_v2) = _judges()
+    assert type(judge_v1).__qualname__ == type(judge_v2).__qualname__
+    assert callable_identity(judge_v1) != callable_identity(judge_v2)
+    assert callable_identity(scorer_v1) != callable_identity(scorer_v2)
+    assert callable_identity(scorer_v1.__call__) != callable_identity(scorer_v2.__call__)
+    assert callable_identity(judge_v1) == callable_identity(_judges()[0][0])  # same code, same key

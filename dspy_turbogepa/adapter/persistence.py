@@ -154,7 +154,8 @@ def callable_identity(fn: Any) -> str:
     """A metric's or proposer's identity for the run key: an edited metric scores differently, and
     the stored scores must not be reused for it. A function is its name and its code (bytecode, the
     names it reads, its constants, nested functions); a ``functools.partial`` its function and bound
-    arguments; a method or a callable object its class's code. Stable across processes (no addresses,
+    arguments; a method or a callable object every function its class defines (``forward`` and the
+    helpers of a ``dspy.Module`` judge, not only the ``__call__`` it inherits from DSPy). Stable across processes (no addresses,
     set literals sorted). State is not seen — a closure's captured values, an object's fields, globals
     read at call time — because run-time state (a call counter, a lock) would refuse every rerun; a
     metric whose behaviour changes only through state needs a new log_dir."""
@@ -164,11 +165,12 @@ def callable_identity(fn: Any) -> str:
         return f"partial({callable_identity(fn.func)}, {stable_hash(_hashable([fn.args, fn.keywords]))})"
     if inspect.ismethod(fn):
         owner = type(fn.__self__)
-        return f"{owner.__module__}.{owner.__qualname__}.{callable_identity(fn.__func__)}"
+        return (f"{owner.__module__}.{owner.__qualname__}.{callable_identity(fn.__func__)}"
+                f":{stable_hash(_class_code(owner))}")
     name = f"{getattr(fn, '__module__', type(fn).__module__)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
     code = getattr(fn, "__code__", None)
-    if code is None:  # a callable object: its class's __call__
-        code = getattr(type(fn).__call__, "__code__", None)
+    if code is None:  # a callable object: the code of its class (and of its user-written bases)
+        return f"{name}:{stable_hash(_class_code(type(fn)))}"
     return f"{name}:{_code_digest(code)}"
 
 
