@@ -206,6 +206,30 @@ def test_systemic_errors_are_never_retried(routing, make, error_type):
         SystemicFailureDetector(window=5).observe(outcome)
 
 
+def test_a_judge_metric_whose_lm_has_a_bad_key_stops_the_run_at_once(routing, student_lm, reflection_lm):
+    """The metric's own LM failing with a 401 is as systemic as the student's: the run stops on the
+    first such evaluation, naming the metric, not after a window of failed evaluations."""
+    judge_lm, hook = flaky_lm(lambda: lm15.AuthError("invalid api key", status=401), -1, num_retries=0)
+
+    class Judge(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.critique = dspy.Predict("ticket, queue -> critique")
+            self.critique.lm = judge_lm
+
+        def forward(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+            self.critique(ticket=gold.ticket, queue=pred.queue)
+            return routing.metric(gold, pred)
+
+    splits = small_splits(routing, n_train=10, n_val=30)
+    dspy.configure(lm=student_lm)
+    with pytest.raises(SystemicFailureError, match="metric failed with LMAuthError") as info:
+        TurboGEPA(Judge(), max_metric_calls=80, reflection_lm=reflection_lm, num_threads=2,
+                  verbose=False).compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert info.value.error_type == "LMAuthError"
+    assert hook.raised <= 4  # the evaluations in flight (2 threads), not a window of 8-32
+
+
 def test_user_lm_objects_are_never_modified(routing):
     context_lm, _ = flaky_lm(rate_limit, 2)
     pred_lm = make_student_lm(num_retries=5)

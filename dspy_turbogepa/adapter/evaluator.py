@@ -491,11 +491,19 @@ class DspyEvaluator:
         try:
             ret, retries = self._call_metric(example, pred)
         except Exception as exc:  # the user's metric failed: recorded and scored failure_score  # noqa: BLE001
+            # An LLM-judge metric's own LM can fail the way the student's does: a bad key or an unknown
+            # model there stops the run at once too, not after a window of failed evaluations.
+            verdict = classify(exc, self._fatal)
+            fatal = verdict.error_type if verdict.fatal else None
             message = f"The metric raised {_describe(exc)}"
-            trajectory = DspyTrajectory(example, pred, steps, raw_trace, message, type(exc).__name__, "metric_error")
+            trajectory = DspyTrajectory(
+                example, pred, steps, raw_trace, message, fatal or type(exc).__name__, "metric_error",
+                service_failure=verdict.fatal or verdict.kind is not None,
+            )
             return EvalOutcome(
                 example_id, self._failure_score, failure="metric_error", message=message,
-                trajectory=trajectory if capture else None, error_type=type(exc).__name__,
+                trajectory=trajectory if capture else None, error_type=fatal or type(exc).__name__,
+                fatal=fatal is not None, service_failure=verdict.fatal or verdict.kind is not None,
                 output=pred if self._keep_outputs and split == "val" else None,
             ), 0
         reading = read_metric_return(ret, self._failure_score)

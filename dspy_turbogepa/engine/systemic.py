@@ -118,9 +118,11 @@ class SystemicFailureDetector:
             self._seen_success = True
             return
         if outcome.fatal:
+            who, lm = ("the metric", "the LM your metric calls") if outcome.failure == "metric_error" else (
+                "the program", "the LM")
             raise SystemicFailureError(
-                f"Stopping: the program failed with {outcome.error_type}, which retrying cannot fix: "
-                f"{outcome.message}. Check the LM's model name, api_base and API key.",
+                f"Stopping: {who} failed with {outcome.error_type}, which retrying cannot fix: "
+                f"{outcome.message}. Check {lm}: its model name, api_base and API key.",
                 failure=outcome.failure,
                 error_type=outcome.error_type,
             )
