@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -60,6 +61,36 @@ def test_attributes_use_dspy_names_and_get_params_is_a_copy():
 def test_metric_that_cannot_take_five_arguments_is_a_type_error(bad):
     with pytest.raises(TypeError, match="five arguments"):
         TurboGEPA(bad, max_metric_calls=10, reflection_lm=LM)
+
+
+class _TwoArgJudge(dspy.Module):
+    def forward(self, gold, pred):
+        return 1.0
+
+
+class _Judge(dspy.Module):
+    def forward(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return 1.0
+
+
+class _AsyncScorer:
+    async def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return 1.0
+
+
+async def _async_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    return 1.0
+
+
+def test_metrics_that_can_never_work_are_refused_before_any_lm_call():
+    """A dspy.Module judge's __call__ takes anything: its forward is what must take five arguments.
+    An async metric would return an un-awaited coroutine from every call."""
+    with pytest.raises(TypeError, match=r"five arguments.*forward"):
+        TurboGEPA(_TwoArgJudge(), max_metric_calls=10, reflection_lm=LM)
+    for bad in (_async_metric, _AsyncScorer(), functools.partial(_async_metric)):
+        with pytest.raises(TypeError, match="async def"):
+            TurboGEPA(bad, max_metric_calls=10, reflection_lm=LM)
+    TurboGEPA(_Judge(), max_metric_calls=10, reflection_lm=LM)
 
 
 def test_varargs_metric_and_no_default_metric_are_accepted():

@@ -15,20 +15,36 @@ from typing import Any
 
 
 def check_metric_signature(metric: Callable[..., Any]) -> None:
-    """Same check and exception type as dspy.GEPA, with a message that shows the fix."""
+    """Same check and exception type as dspy.GEPA, with a message that shows the fix; stricter where a
+    metric can never work, so that it fails here and not after the seed's LM calls: a ``dspy.Module``
+    judge is checked through its ``forward`` (its ``__call__`` takes anything), and an ``async def``
+    metric is refused (GEPA calls the metric synchronously, from worker threads; it would return an
+    un-awaited coroutine)."""
     if not callable(metric):
         raise TypeError(f"metric must be callable, got {type(metric).__name__}.")
+    import dspy
+
+    target: Any = metric
+    if isinstance(metric, dspy.Module) and callable(getattr(metric, "forward", None)):
+        target = metric.forward
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(type(target), "__call__", None)):
+        raise TypeError(
+            "metric is an async function (`async def`); GEPA calls the metric synchronously, from worker "
+            "threads. Define it with `def` (a judge program can call its predictors synchronously)."
+        )
     try:
-        sig = inspect.signature(metric)
+        sig = inspect.signature(target)
     except (TypeError, ValueError):
         return  # builtins without a signature: nothing to check up front
     try:
         sig.bind(None, None, None, None, None)
     except TypeError as e:
+        name = getattr(target, "__qualname__", None) or getattr(metric, "__name__", None) or "metric"
         raise TypeError(
             "GEPA metric must accept five arguments: (gold, pred, trace, pred_name, pred_trace). "
-            f"Your metric's signature is {metric.__name__ if hasattr(metric, '__name__') else 'metric'}{sig}. "
-            "Define it as `def metric(gold, pred, trace=None, pred_name=None, pred_trace=None)`."
+            f"Your metric's signature is {name}{sig}. "
+            "Define it as `def metric(gold, pred, trace=None, pred_name=None, pred_trace=None)`"
+            + (" (for a dspy.Module judge: its `forward`)." if target is not metric else ".")
         ) from e
 
 

@@ -155,10 +155,10 @@ def callable_identity(fn: Any) -> str:
     the stored scores must not be reused for it. A function is its name and its code (bytecode, the
     names it reads, its constants, nested functions); a ``functools.partial`` its function and bound
     arguments; a method or a callable object every function its class defines (``forward`` and the
-    helpers of a ``dspy.Module`` judge, not only the ``__call__`` it inherits from DSPy). Stable across processes (no addresses,
-    set literals sorted). State is not seen — a closure's captured values, an object's fields, globals
-    read at call time — because run-time state (a call counter, a lock) would refuse every rerun; a
-    metric whose behaviour changes only through state needs a new log_dir."""
+    helpers of a ``dspy.Module`` judge, not only the ``__call__`` it inherits from DSPy). Stable across
+    processes (no addresses, set literals sorted). State is not seen — a closure's captured values, an
+    object's fields, globals read at call time — because run-time state (a call counter, a lock) would
+    refuse every rerun; a metric whose behaviour changes only through state needs a new log_dir."""
     if fn is None:
         return "None"
     if isinstance(fn, functools.partial):
