@@ -256,7 +256,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise NotImplementedError("use_wandb=True is not supported by TurboGEPA yet; use use_mlflow or log_dir.")
         if code_proposer is not None:
             raise NotImplementedError("code_proposer (dspy.Flex code optimization) is not supported by TurboGEPA yet.")
-        _check_score("failure_score", failure_score, "a failed example needs a score (dspy.GEPA's default is 0.0)")
+        failure_score = _check_score(
+            "failure_score", failure_score, "a failed example needs a score (dspy.GEPA's default is 0.0)")
         if perfect_score is None:  # dspy.GEPA accepts it for metrics without a maximum
             if skip_perfect_score:
                 raise ConfigurationError(
@@ -264,7 +265,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                     "be skipped as solved. Pass skip_perfect_score=False, or the metric's maximum as perfect_score."
                 )
         else:
-            _check_score("perfect_score", perfect_score, "pass the metric's maximum (default 1.0), or None")
+            perfect_score = _check_score(
+                "perfect_score", perfect_score, "pass the metric's maximum (default 1.0), or None")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a str or os.PathLike (a directory path), got {type(log_dir).__name__}.")
         if seed is not None:
@@ -606,11 +608,14 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
 
 
-def _check_score(name: str, value: Any, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _check_score(name: str, value: Any, fix: str) -> float:
+    """The score as a float: a NumPy number (``np.float32(0)``) is one too, as dspy.GEPA accepts it, and
+    must not reach the run key or summary.json as a NumPy type."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}: {fix}.")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}: every aggregate score would be {value!r}.")
+    return float(value)
 
 
 def _as_examples(name: str, examples: Any) -> Any:

@@ -169,6 +169,11 @@ def test_numbers_dspy_gepa_takes_are_taken_as_ints():
     assert (opt.max_metric_calls, opt.seed, opt.num_threads, opt.max_merge_invocations) == (1000, 3, 4, 0)
     assert all(type(v) is int for v in (opt.max_metric_calls, opt.seed, opt.num_threads))
     assert make(max_metric_calls=np.int64(200)).max_metric_calls == 200
+    scored = make(failure_score=np.float32(0.0), perfect_score=np.int64(1))
+    assert (scored.failure_score, scored.perfect_score) == (0.0, 1.0)
+    assert type(scored.failure_score) is float and type(scored.perfect_score) is float
+    with pytest.raises(TypeError, match="failure_score must be a number"):
+        make(failure_score=np.bool_(False))
 
 
 def test_reflection_lm_or_proposer_required():
