@@ -44,7 +44,10 @@ class CandidateRecord:
 
     @property
     def aggregate(self) -> float:
-        return sum(self.val_scores.values()) / max(1, len(self.val_scores))
+        """The mean in validation-id order, as the frontier (which picks the returned program) and gepa
+        sum it: the scores arrive in rung order, and a float sum in another order can differ in the last
+        place, enough to make ``best_idx`` name a different candidate than the one returned."""
+        return sum(v for _, v in sorted(self.val_scores.items())) / max(1, len(self.val_scores))
 
 
 @dataclass

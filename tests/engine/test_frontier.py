@@ -221,3 +221,18 @@ def test_select_parent_top_k_pareto_restricts_to_top_five() -> None:
 def test_select_parent_on_empty_frontier_raises() -> None:
     with pytest.raises(RuntimeError, match="empty"):
         ParetoFrontier([0, 1]).select_parent(random.Random(0), "pareto")
+
+
+def test_a_candidate_record_averages_in_validation_order_as_the_frontier_does():
+    """Scores arrive in rung order; summed in that order the mean can differ from the frontier's in the
+    last place ((0.1 + 0.2) + 0.3 != (0.3 + 0.2) + 0.1), and best_idx then named another candidate than
+    the program compile() returned."""
+    from dspy_turbogepa.engine.candidate import Candidate
+    from dspy_turbogepa.engine.records import CandidateRecord
+
+    in_rung_order = {2: 0.3, 1: 0.2, 0: 0.1}
+    assert sum(in_rung_order.values()) != sum(in_rung_order[i] for i in (0, 1, 2))
+    frontier = ParetoFrontier((0, 1, 2))
+    frontier.add(0, in_rung_order)
+    record = CandidateRecord(0, Candidate({"p": "x"}), [None], in_rung_order)
+    assert record.aggregate == frontier.aggregate(0)
