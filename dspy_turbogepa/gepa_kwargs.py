@@ -117,10 +117,25 @@ def interpret_gepa_kwargs(gepa_kwargs: Mapping[str, Any]) -> MappedGepaKwargs:
     else:
         raise TypeError("gepa_kwargs['stop_callbacks'] must be a callable or a list of callables (state) -> bool.")
 
-    acceptance = gepa_kwargs.get("acceptance_criterion", "strict_improvement")
+    acceptance = _builtin_acceptance(gepa_kwargs.get("acceptance_criterion", "strict_improvement"))
     if acceptance not in ("strict_improvement", "improvement_or_equal"):
         raise ValueError(
-            "gepa_kwargs['acceptance_criterion'] must be 'strict_improvement' or 'improvement_or_equal' "
-            f"(custom AcceptanceCriterion objects are not supported), got {acceptance!r}."
+            "gepa_kwargs['acceptance_criterion'] must be 'strict_improvement', 'improvement_or_equal' or one of "
+            "gepa's StrictImprovementAcceptance() / ImprovementOrEqualAcceptance() (custom AcceptanceCriterion "
+            f"objects are not supported), got {acceptance!r}."
         )
     return MappedGepaKwargs(stop_callbacks=callbacks, accept_equal_on_minibatch=acceptance == "improvement_or_equal")
+
+
+def _builtin_acceptance(value: Any) -> Any:
+    """gepa's own two criterion classes as the strings they stand for (gepa accepts both forms); a
+    subclass may override ``should_accept``, so only the exact classes are mapped."""
+    try:
+        from gepa.strategies.acceptance import ImprovementOrEqualAcceptance, StrictImprovementAcceptance
+    except ImportError:  # an older gepa without these classes: nothing to map
+        return value
+    if type(value) is StrictImprovementAcceptance:
+        return "strict_improvement"
+    if type(value) is ImprovementOrEqualAcceptance:
+        return "improvement_or_equal"
+    return value

@@ -254,6 +254,18 @@ def test_gepa_kwargs_mapped_keys():
     assert cfg.accept_equal_on_minibatch is True
     with pytest.raises(ValueError, match="acceptance_criterion"):
         make(gepa_kwargs={"acceptance_criterion": "sometimes"})
+    from gepa.strategies.acceptance import ImprovementOrEqualAcceptance, StrictImprovementAcceptance
+
+    for criterion, accept_equal in ((ImprovementOrEqualAcceptance(), True), (StrictImprovementAcceptance(), False)):
+        cfg = make(gepa_kwargs={"acceptance_criterion": criterion})._engine_config(budget=100, num_threads=4,
+                                                                                   val_size=10)
+        assert cfg.accept_equal_on_minibatch is accept_equal
+
+    class Custom(StrictImprovementAcceptance):
+        pass
+
+    with pytest.raises(ValueError, match="custom AcceptanceCriterion"):
+        make(gepa_kwargs={"acceptance_criterion": Custom()})
     with pytest.raises(TypeError, match="stop_callbacks"):
         make(gepa_kwargs={"stop_callbacks": 3})
 
