@@ -361,6 +361,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _check_examples("trainset", trainset)
         if valset is not None:
             _check_examples("valset", valset)
+        flex = _flex_submodules(student)
+        if flex:
+            raise NotImplementedError(
+                f"The student has dspy.Flex submodules ({', '.join(sorted(flex))}): dspy.GEPA evolves their "
+                "code, which TurboGEPA does not support yet (it would optimize only the other predictors' "
+                "instructions). Use dspy.GEPA for this program."
+            )
         predictors = list(student.named_predictors())
         if not predictors:
             raise ValueError("The student program has no predictors (dspy.Predict and friends) to optimize.")
@@ -606,6 +613,16 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,
         )
+
+
+def _flex_submodules(student: dspy.Module) -> list[str]:
+    """Names of the student's ``dspy.Flex`` submodules (code components for dspy.GEPA); none on a DSPy
+    without Flex."""
+    try:
+        from dspy.teleprompt.gepa.gepa_flex_utils import enumerate_flex_submodules
+    except ImportError:
+        return []
+    return list(enumerate_flex_submodules(student))
 
 
 def _check_score(name: str, value: Any, fix: str) -> float:

@@ -295,3 +295,25 @@ def test_an_objective_reported_on_some_examples_is_averaged_over_those(routing, 
         else:
             assert agg == {"cost": pytest.approx(0.5)}
     assert dr.objective_pareto_front == {"brevity": pytest.approx(0.75), "cost": pytest.approx(0.5)}
+
+
+def test_a_student_with_flex_submodules_is_refused_before_any_lm_call(routing, reflection_lm):
+    """dspy.GEPA evolves a dspy.Flex submodule's code (and counts it in the auto budget); optimizing
+    only the other predictors would be a silently different run."""
+    calls = []
+    dspy.configure(lm=make_student_lm(before_call=calls.append))
+
+    class WithFlex(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.route = routing.make_program()
+            self.post = dspy.Flex("queue -> label")
+
+        def forward(self, ticket):
+            return self.route(ticket=ticket)
+
+    splits = small_splits(routing, n_train=4, n_val=4)
+    with pytest.raises(NotImplementedError, match=r"dspy.Flex submodules \(post\)"):
+        TurboGEPA(routing.metric, max_metric_calls=30, reflection_lm=reflection_lm, verbose=False).compile(
+            WithFlex(), trainset=splits.train, valset=splits.val)
+    assert calls == []
