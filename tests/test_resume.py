@@ -20,6 +20,7 @@ from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import (
     make_reflection_lm,
     make_student_lm,
+    request_messages,
     sim_engine,
 )
 
@@ -647,3 +648,27 @@ def test_an_edited_metric_module_or_helper_method_changes_the_run_key():
     assert callable_identity(scorer_v1) != callable_identity(scorer_v2)
     assert callable_identity(scorer_v1.__call__) != callable_identity(scorer_v2.__call__)
     assert callable_identity(judge_v1) == callable_identity(_judges()[0][0])  # same code, same key
+
+
+def test_a_resumed_run_evaluates_the_seed_itself_not_its_masked_copy(routing, tmp_path):
+    """The store masks credential-looking text in candidate texts; a seed instruction holding a
+    connection string came back masked on resume and every resumed evaluation ran that other program."""
+    secret_url = "postgres://reader:Hunter2pass99@db.local/prod"
+    program = routing.make_program()
+    (_, pred), = program.named_predictors()
+    pred.signature = pred.signature.with_instructions(
+        pred.signature.instructions + f" Tickets are logged at {secret_url}.")
+    splits = small_splits(routing, n_train=20, n_val=8)
+    prompts: list[str] = []
+
+    def record(request):
+        prompts.append(" ".join(str(m["content"]) for m in request_messages(request)))
+
+    for budget in (40, 120):
+        student = make_student_lm(seed=0, noise=0.0, before_call=record)
+        opt = TurboGEPA(routing.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=4, log_dir=str(tmp_path), verbose=False)
+        with dspy.context(lm=student):
+            opt.compile(program, trainset=splits.train, valset=splits.val)
+    assert prompts and not any("REDACTED" in p for p in prompts)
+    assert "Hunter2pass99" not in (tmp_path / "run.sqlite3").read_bytes().decode("latin-1")

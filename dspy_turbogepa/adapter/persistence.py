@@ -369,8 +369,13 @@ def load_known(
     said "fix ... and run again", and the fixed setup must not be scored with the broken one's failures
     (a fix outside the run key's view: an environment variable, a file, a service the metric calls)."""
     systemic = {e.session for e in store.events("systemic_failure")}
-    texts_by_fp: dict[str, Mapping[str, str]] = {c.fingerprint: c.texts for c in store.load_candidates()}
-    texts_by_fp.setdefault(Candidate(seed_texts).fingerprint, seed_texts)
+    # Candidate texts are stored with credential-looking substrings masked: a masked text is another
+    # program, and rebuilding a trajectory with it would cache that program under the real fingerprint.
+    # Only texts that still hash to their fingerprint are used; the seed's come from the student.
+    texts_by_fp: dict[str, Mapping[str, str]] = {
+        c.fingerprint: c.texts for c in store.load_candidates() if Candidate(c.texts).fingerprint == c.fingerprint
+    }
+    texts_by_fp[Candidate(seed_texts).fingerprint] = seed_texts
     proposals = {
         key: ProposalOutcome(texts=dict(p.texts), skipped=p.skipped, message=p.message,
                              reflection_calls=p.reflection_calls)
