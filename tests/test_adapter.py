@@ -356,7 +356,21 @@ class _PredictSubclassOwnAsync(dspy.Predict):
         return await super().aforward(**kwargs)
 
 
+class _SyncOverride(_OwnAsync):
+    """Overrides only forward: the base's aforward no longer says what the program does."""
+
+    def forward(self, q):
+        return self.p(q=q)
+
+
+class _BothOverride(_SyncOverride):
+    async def aforward(self, q):
+        return await self.p.acall(q=q)
+
+
 @pytest.mark.parametrize("program, expected", [
+    (_SyncOverride(), False),
+    (_BothOverride(), True),
     (dspy.Predict("q -> a"), False),
     (dspy.ChainOfThought("q -> a"), False),
     (dspy.ReAct("q -> a", tools=[lambda x: x]), False),

@@ -107,11 +107,15 @@ def in_dspy_package(cls: type) -> bool:
 
 
 def defines_own_aforward(program: Any) -> bool:
-    """Whether the user's code gives ``program`` an ``aforward``: the nearest class in its MRO that
-    defines one lies outside the ``dspy`` package (a subclass of ``dspy.Predict`` inherits Predict's)."""
+    """Whether the user's code gives ``program`` an ``aforward`` that is as current as its ``forward``:
+    the nearest class in its MRO that defines either lies outside the ``dspy`` package and defines
+    ``aforward`` (a subclass of ``dspy.Predict`` inherits Predict's; a subclass that overrides only
+    ``forward`` of a base with both would run the base's stale ``aforward``, which ``forward`` replaced)."""
     for cls in type(program).__mro__:
         if "aforward" in vars(cls):
             return not in_dspy_package(cls)
+        if "forward" in vars(cls):
+            return False
     return False
 
 
