@@ -502,8 +502,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if tracker is not None:
             reports = ("summary.json", "best_over_time.png", "lineage.png")
             tracker.finish(result, program, detailed,
-                           artifacts=[Path(self.log_dir) / name for name in reports] if self.log_dir else ())
+                           artifacts=[self._log_path() / name for name in reports] if self.log_dir else ())
         return program
+
+    def _log_path(self) -> Path:
+        """``log_dir`` as the run store opens it (``~`` expanded): summary.json, the plots and the stop
+        file must land next to the store, not in a directory literally named ``~``."""
+        return Path(os.path.expanduser(os.fspath(self.log_dir)))
 
     def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> None:
         """``log_dir/summary.json`` and the PNG plots; a reporting failure never loses the program."""
@@ -515,15 +520,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                         "cost_budget_usd": self.cost_budget_usd, "time_budget_seconds": self.time_budget_seconds},
         }
         try:
-            write_summary(self.log_dir, detailed, extra)
+            write_summary(self._log_path(), detailed, extra)
         except Exception:  # a report is never worth the optimized program: log it, return the program
             logger.exception("Could not write summary.json to %s", self.log_dir)
         try:
             from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
 
-            plot_best_over_time(result.records, Path(self.log_dir) / "best_over_time.png",
+            plot_best_over_time(result.records, self._log_path() / "best_over_time.png",
                                 total_seconds=result.wall_seconds, budget=budget)
-            plot_lineage(result.records, result.fronts, Path(self.log_dir) / "lineage.png")
+            plot_lineage(result.records, result.fronts, self._log_path() / "lineage.png")
         except ImportError:
             logger.warning("matplotlib is not installed: no plots in %s (pip install 'dspy-turbogepa[plots]').",
                            self.log_dir)
@@ -604,7 +609,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             strict_budget=self.strict_budget,
             use_merge=bool(self.use_merge),
             max_merge_invocations=self.max_merge_invocations if self.max_merge_invocations is not None else 10**9,
-            stop_file=Path(self.log_dir) / "gepa.stop" if self.log_dir else None,
+            stop_file=self._log_path() / "gepa.stop" if self.log_dir else None,
             stop_callbacks=mapped.stop_callbacks,
             # "every evaluation fails" is judged on the seed's validation pass when it is small: its first
             # completions may all be the examples a data-dependent bug fails on (8 of 12 stopped a run)

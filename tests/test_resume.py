@@ -672,3 +672,24 @@ def test_a_resumed_run_evaluates_the_seed_itself_not_its_masked_copy(routing, tm
             opt.compile(program, trainset=splits.train, valset=splits.val)
     assert prompts and not any("REDACTED" in p for p in prompts)
     assert "Hunter2pass99" not in (tmp_path / "run.sqlite3").read_bytes().decode("latin-1")
+
+
+def test_a_log_dir_under_home_keeps_the_store_summary_and_stop_file_together(routing, tmp_path, monkeypatch):
+    """The store expanded ``~``; summary.json, the plots and the stop file used the path as given (a
+    directory literally named ``~`` under the working directory)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    run_dir = home / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "gepa.stop").write_text("")  # present from the start: stops after the seed
+    splits = small_splits(routing, n_train=10, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=200, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    log_dir="~/runs/r1", track_stats=True, verbose=False)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert program.detailed_results.stop_reason == "stop_file"
+    assert (run_dir / "run.sqlite3").exists() and (run_dir / "summary.json").exists()
+    assert not (cwd / "~").exists()
