@@ -81,6 +81,8 @@ _SENSITIVE_SUFFIXES = (
     "masterkey",
     "signingkey",
     "encryptionkey",
+    "authkey",  # X-Auth-Key (Cloudflare)
+    "auth",  # Helicone-Auth, X-Auth
 )
 
 

@@ -46,6 +46,8 @@ APIM = "apim0a9b8c7d6e5f4a3b2c1d9e8f"
         "db_password",
         "ssh_passphrase",
         "password",
+        "X-Auth-Key",  # Cloudflare
+        "Helicone-Auth",
     ],
 )
 def test_credential_header_and_field_names_are_sensitive(name):
@@ -74,6 +76,8 @@ def test_credential_header_and_field_names_are_sensitive(name):
         "sort_key",
         "subscription",
         "author",
+        "authority",
+        "authored_by",
         "model",
         "monkey",
     ],
