@@ -693,3 +693,42 @@ def test_a_log_dir_under_home_keeps_the_store_summary_and_stop_file_together(rou
     assert program.detailed_results.stop_reason == "stop_file"
     assert (run_dir / "run.sqlite3").exists() and (run_dir / "summary.json").exists()
     assert not (cwd / "~").exists()
+
+
+_ODD_KEY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from dspy_turbogepa.adapter.persistence import _hashable
+from dspy_turbogepa.store.sqlite_store import stable_hash
+tags = np.array([["refund", "late"], ["tracking"]], dtype=object)
+print(stable_hash(_hashable({"tags": tags, "by_pair": {frozenset({"alpha", "beta", "gamma"}): 1}})))
+"""
+
+
+def test_object_arrays_and_set_keys_hash_the_same_in_every_process(tmp_path):
+    """An object array's bytes are pointers and a frozenset key's str() follows the per-process string
+    hash: either made every rerun "a different run"."""
+    script = tmp_path / "k.py"
+    script.write_text(_ODD_KEY)
+    root = str(Path(__file__).resolve().parents[1])
+    outs = {subprocess.run([sys.executable, str(script), root], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1, outs
+
+
+def test_changing_which_fields_are_inputs_changes_the_data_key(routing):
+    """``.with_inputs`` decides what the program is called with: the same fields with other inputs
+    replayed the old evaluations."""
+    import numpy as np
+
+    from dspy_turbogepa.adapter.persistence import _hashable, run_key
+
+    splits = small_splits(routing, n_train=4, n_val=4)
+    widened = [dspy.Example(**ex.toDict(), hint="x").with_inputs("ticket", "hint") for ex in splits.train]
+    narrow = [dspy.Example(**ex.toDict(), hint="x").with_inputs("ticket") for ex in splits.train]
+    program = routing.make_program()
+    assert run_key(program, widened, splits.val, 0)["trainset"] != run_key(program, narrow, splits.val, 0)["trainset"]
+    a = np.array([["a", "b"], ["c"]], dtype=object)
+    assert _hashable(a) == _hashable(np.array([["a", "b"], ["c"]], dtype=object)) != _hashable(
+        np.array([["a", "b"], ["d"]], dtype=object))

@@ -41,12 +41,20 @@ def _to_json(value: Any, leaf: Callable[[Any], Any]) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _to_json(v, leaf) for k, v in value.items()}
+        return {_key(k, leaf): _to_json(v, leaf) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_json(v, leaf) for v in value]
     if hasattr(value, "toDict"):
         return _to_json(value.toDict(), leaf)
     return leaf(value)
+
+
+def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
+    """A mapping key as a string: a primitive as ``str()``; anything else (a tuple, a frozenset, whose
+    ``str()`` order follows the per-process string hash) through the same walk as values."""
+    if key is None or isinstance(key, (bool, int, float, str)):
+        return str(key)
+    return json.dumps(_to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 
 
 def _jsonable(value: Any) -> Any:
@@ -249,6 +257,10 @@ def _hashable(value: Any) -> Any:
             return f"<cycle {kind}>"
         seen.add(id(v))
         try:
+            if getattr(getattr(v, "dtype", None), "kind", None) == "O" and callable(getattr(v, "tolist", None)):
+                # an object array's bytes are pointers to its elements: walk the elements instead
+                return {"__type__": kind, "items": _to_json(v.tolist(), leaf),
+                        "shape": str(getattr(v, "shape", None))}
             if callable(getattr(v, "tobytes", None)):
                 return {"__type__": kind, "sha256": hashlib.sha256(v.tobytes()).hexdigest(),
                         "shape": str(getattr(v, "shape", None) or getattr(v, "size", None))}
@@ -304,14 +316,21 @@ def run_key(
     if add_format_failure_as_feedback:  # what reflections read about parse failures
         reflection.append("add_format_failure_as_feedback")
     return {
-        "trainset": stable_hash(_hashable([ex.toDict() for ex in trainset])),
-        "valset": stable_hash(_hashable([ex.toDict() for ex in valset])),
+        "trainset": stable_hash(_hashable([_example_identity(ex) for ex in trainset])),
+        "valset": stable_hash(_hashable([_example_identity(ex) for ex in valset])),
         "student": stable_hash(_hashable(structure)),
         "seed": str(seed),
         "metric": stable_hash([callable_identity(metric), float(failure_score)]),
         "task_lm": stable_hash(_hashable(lm_identity(context_lm))),
         "reflection": stable_hash(_hashable(reflection)),
     }
+
+
+def _example_identity(example: dspy.Example) -> list[Any]:
+    """An example's fields and which of them are inputs: ``.with_inputs(...)`` decides what the program
+    is called with, so the same fields with other inputs are other evaluations."""
+    inputs = getattr(example, "_input_keys", None)
+    return [example.toDict(), sorted(inputs) if inputs is not None else None]
 
 
 class StoreObserver(EngineObserver):
