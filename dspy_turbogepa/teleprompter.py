@@ -552,7 +552,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         key = run_key(
             student, train, val, self.seed, metric=self.metric_fn, failure_score=self.failure_score,
             context_lm=dspy.settings.lm, reflection_lm=self.reflection_lm, proposer=self.custom_instruction_proposer,
-            add_format_failure_as_feedback=self.add_format_failure_as_feedback,
+            add_format_failure_as_feedback=self.add_format_failure_as_feedback, adapter=dspy.settings.adapter,
         )
         meta = {k: v for k, v in self.get_params().items()
                 if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}

@@ -732,3 +732,20 @@ def test_changing_which_fields_are_inputs_changes_the_data_key(routing):
     a = np.array([["a", "b"], ["c"]], dtype=object)
     assert _hashable(a) == _hashable(np.array([["a", "b"], ["c"]], dtype=object)) != _hashable(
         np.array([["a", "b"], ["d"]], dtype=object))
+
+
+def test_the_adapter_and_a_predictors_own_settings_are_in_the_run_key(routing):
+    """``dspy.configure(adapter=...)`` and ``dspy.Predict(sig, temperature=...)`` change every answer;
+    neither changed the key, so a rerun replayed the other setup's scores. Unset, the key is as before."""
+    from dspy_turbogepa.adapter.persistence import run_key
+
+    splits = small_splits(routing, n_train=4, n_val=4)
+    plain = run_key(routing.make_program(), splits.train, splits.val, 0)
+    assert run_key(routing.make_program(), splits.train, splits.val, 0, adapter=dspy.JSONAdapter())["task_lm"] \
+        != plain["task_lm"]
+    assert run_key(routing.make_program(), splits.train, splits.val, 0, adapter=dspy.ChatAdapter())["task_lm"] \
+        != run_key(routing.make_program(), splits.train, splits.val, 0, adapter=dspy.JSONAdapter())["task_lm"]
+    hot = routing.make_program()
+    (_, pred), = hot.named_predictors()
+    pred.config = {"temperature": 1.0}
+    assert run_key(hot, splits.train, splits.val, 0)["student"] != plain["student"]

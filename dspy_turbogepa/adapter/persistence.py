@@ -290,6 +290,7 @@ def run_key(
     student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
     *, metric: Callable[..., Any] | None = None, failure_score: float = 0.0, context_lm: Any = None,
     reflection_lm: Any = None, proposer: Any = None, add_format_failure_as_feedback: bool = False,
+    adapter: Any = None,
 ) -> dict[str, str]:
     """What must not change under an existing log_dir: everything a stored evaluation's score or a
     stored reflection's text depends on (the budget may change: a larger one continues the run).
@@ -306,8 +307,12 @@ def run_key(
     ]
     for name, pred in student.named_predictors():
         state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
-        structure.append((name, list(pred.signature.input_fields), list(pred.signature.output_fields), state,
-                          lm_identity(getattr(pred, "lm", None))))
+        entry: tuple[Any, ...] = (name, list(pred.signature.input_fields), list(pred.signature.output_fields),
+                                  state, lm_identity(getattr(pred, "lm", None)))
+        config = getattr(pred, "config", None)  # dspy.Predict(sig, temperature=...): not in dump_state()
+        if isinstance(config, Mapping) and config:
+            entry += ({str(k): _hashable(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))},)
+        structure.append(entry)
     # settings appended only when set, so the key of a run without them is what earlier versions wrote
     reflection = [lm_identity(reflection_lm), callable_identity(proposer)]
     settings = proposer_settings(proposer)
@@ -321,9 +326,18 @@ def run_key(
         "student": stable_hash(_hashable(structure)),
         "seed": str(seed),
         "metric": stable_hash([callable_identity(metric), float(failure_score)]),
-        "task_lm": stable_hash(_hashable(lm_identity(context_lm))),
+        "task_lm": stable_hash(_hashable(lm_identity(context_lm) if adapter is None
+                                         else [lm_identity(context_lm), adapter_identity(adapter)])),
         "reflection": stable_hash(_hashable(reflection)),
     }
+
+
+def adapter_identity(adapter: Any) -> dict[str, Any]:
+    """A configured DSPy adapter (``dspy.configure(adapter=JSONAdapter())``) formats every prompt and
+    parses every answer: its class and public plain settings."""
+    fields = {k: v for k, v in sorted(vars(adapter).items())
+              if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
+    return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **fields}
 
 
 def _example_identity(example: dspy.Example) -> list[Any]:
