@@ -391,11 +391,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
             cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm)))
-            return self._run(codec, cleanup, train, val, budget, num_threads)
+            return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=valset is None)
 
     def _run(
         self, codec: ProgramCodec, cleanup: ExitStack, train: list[dspy.Example], val: list[dspy.Example],
-        budget: int, num_threads: int,
+        budget: int, num_threads: int, shared_splits: bool = False,
     ) -> dspy.Module:
         """Build the engine around ``codec``'s program, run it and return the best program.
 
@@ -446,7 +446,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
-            known_proposals=known_props,
+            known_proposals=known_props, shared_splits=shared_splits,
         )
 
         def on_tick() -> None:

@@ -227,6 +227,28 @@ def test_valset_none_uses_trainset(routing, student_lm, reflection_lm):
     assert set(optimized.detailed_results.val_subscores[0]) == set(range(16))
 
 
+def test_valset_none_never_pays_twice_for_the_same_example(routing, reflection_lm):
+    """With no valset the training examples are the validation examples: a candidate's minibatch and
+    validation evaluations of one example are one execution (they were two, byte-identical)."""
+    from collections import Counter
+
+    from dspy_turbogepa.testing.fake_lm import request_messages
+
+    prompts: Counter[str] = Counter()
+    student = make_student_lm(seed=0, noise=0.0,
+                              before_call=lambda r: prompts.update([repr(request_messages(r))]))
+    splits = small_splits(routing, n_train=16)
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, reflection_lm=reflection_lm, num_threads=4,
+                    use_merge=False, track_stats=True, track_best_outputs=True, verbose=False)
+    with dspy.context(lm=student):
+        optimized = opt.compile(routing.make_program(), trainset=splits.train)
+    dr = optimized.detailed_results
+    assert len(dr.candidates) > 1 and sum(prompts.values()) > 16
+    assert max(prompts.values()) == 1
+    assert dr.total_metric_calls == sum(prompts.values())
+    assert all(len(outs) >= 1 for outs in dr.best_outputs_valset.values())
+
+
 def test_operator_credit_is_reported_and_explicit_selector_respected(pipeline, student_lm, reflection_lm):
     _, _, optimized, _ = compile_task(pipeline, student_lm, reflection_lm, budget=300, adaptive_proposal_mix=True,
                                       component_selector="round_robin")

@@ -39,18 +39,28 @@ class EvaluationCache:
         observers: Sequence[EngineObserver],
         systemic: SystemicFailureDetector,
         known: Mapping[EvalKey, EvalOutcome] | None = None,
+        shared_splits: bool = False,
     ) -> None:
-        """``known``: outcomes stored by an earlier session of the run (resume), served as cache hits."""
+        """``known``: outcomes stored by an earlier session of the run (resume), served as cache hits.
+        ``shared_splits``: the validation examples are the training examples (dspy.GEPA's
+        ``valset=None``), so one execution serves both: every evaluation runs as ``"val"`` and captures
+        its trace, which a minibatch needs."""
         self._evaluator = evaluator
         self._slots = slots
         self._budget = budget
         self._stats = stats
         self._observers = observers
         self._systemic = systemic
-        self._done: dict[EvalKey, EvalOutcome] = dict(known or {})
+        self._shared = shared_splits
+        self._done: dict[EvalKey, EvalOutcome] = {}
+        for key, outcome in (known or {}).items():
+            key = self.key(*key)
+            held = self._done.get(key)
+            if held is None or (held.trajectory is None and outcome.trajectory is not None):
+                self._done[key] = outcome
         #: Stored outcomes not used yet: the first use of each counts as a metric call of this run
         #: (paid by an earlier session), and its failure is counted as if it had run now.
-        self._unreplayed: set[EvalKey] = set(known or ())
+        self._unreplayed: set[EvalKey] = set(self._done)
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
 
     @property
@@ -58,8 +68,12 @@ class EvaluationCache:
         """Every finished outcome (read-only view)."""
         return self._done
 
+    def key(self, fingerprint: str, split: str, example_id: int) -> EvalKey:
+        """The cache key of an evaluation (with shared splits, a training example is a validation one)."""
+        return (fingerprint, "val" if self._shared else split, example_id)  # type: ignore[return-value]
+
     def get(self, key: EvalKey) -> EvalOutcome | None:
-        return self._done.get(key)
+        return self._done.get(self.key(*key))
 
     async def many(
         self, candidate: Candidate, split: Split, ids: Sequence[int], priority: float, requested: set[EvalKey]
@@ -86,7 +100,8 @@ class EvaluationCache:
     async def one(
         self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
     ) -> EvalOutcome:
-        key: EvalKey = (candidate.fingerprint, split, example_id)
+        key = self.key(candidate.fingerprint, split, example_id)
+        split = key[1]
         requested.add(key)
         done = self._done.get(key)
         if done is not None:
@@ -109,7 +124,8 @@ class EvaluationCache:
                 self._budget.record_execution()
                 self._stats.executed += 1
                 outcome = await self._evaluator.evaluate(
-                    candidate.texts, candidate.fingerprint, split, example_id, capture_traces=(split == "train")
+                    candidate.texts, candidate.fingerprint, split, example_id,
+                    capture_traces=split == "train" or self._shared,
                 )
         except BaseException as exc:
             self._pending.pop(key, None)

@@ -98,9 +98,12 @@ class Orchestrator:
         clock: Callable[[], float] = time.monotonic,
         known_evaluations: Mapping[EvalKey, EvalOutcome] | None = None,
         known_proposals: Mapping[str, ProposalOutcome] | None = None,
+        shared_splits: bool = False,
     ) -> None:
         """``known_evaluations`` / ``known_proposals`` come from a run store when a run is resumed: they
-        are served as cache hits (charged to the budget as the first run was, never executed again)."""
+        are served as cache hits (charged to the budget as the first run was, never executed again).
+        ``shared_splits``: ``val_ids`` name the same examples as ``train_ids`` (no separate valset), so
+        an evaluation on either serves both (see :class:`EvaluationCache`)."""
         self.config = config
         self._evaluator = evaluator
         self._reflector = reflector
@@ -132,7 +135,7 @@ class Orchestrator:
                               any(p.skipped is None for p in (known_proposals or {}).values()))
         self.stats = RunStats()
         self._evaluations = EvaluationCache(evaluator, self._eval_slots, self._budget, self.stats, self._observers,
-                                            self._systemic, known_evaluations)
+                                            self._systemic, known_evaluations, shared_splits)
 
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
@@ -917,7 +920,8 @@ class Orchestrator:
 
     def _reused_feedback(self, parent: Candidate, plan: MutationPlan) -> list[EvalOutcome]:
         """The outcomes of plan.feedback_ids (chosen at planning, see _reusable_failures)."""
-        reused = [self._evaluations.done[(parent.fingerprint, "train", i)] for i in plan.feedback_ids]
+        reused = [self._evaluations.done[self._evaluations.key(parent.fingerprint, "train", i)]
+                  for i in plan.feedback_ids]
         self.stats.feedback_reused += len(reused)
         return reused
 
