@@ -1063,6 +1063,11 @@ class Orchestrator:
                 self._drain_view = self._committed
         if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
             status = "duplicate"  # an earlier commit brought the same texts in while this one ran
+        elif status == "accepted" and self._stop_reason == "stop_callback":
+            # gepa's state is final once a stop callback returned True (MaxTrackedCandidatesStopper(3)
+            # means 3 candidates); a mutation that was in flight (a chained one, a sibling) keeps its
+            # stored evaluations for a rerun, but its child is not added
+            status = "after_stop"
         if status in ("accepted", "rejected_rung0", "pruned"):
             self._attempted += 1
             improved = False

@@ -8,7 +8,7 @@ from gepa.utils import NoImprovementStopper
 
 from dspy_turbogepa.engine.selection import SelectorState
 
-from .fakes import FakeReflector, Recorder, hard_setup, make_config, run_fakes
+from .fakes import FakeReflector, Recorder, Setup, fixed_width, hard_setup, make_config, run_fakes
 
 
 class Logged:
@@ -95,3 +95,22 @@ def test_no_improvement_stopper_lets_an_improving_search_go_on(deterministic: bo
     # it stopped at the third committed mutation in a row that left the best score where it was
     assert best[-5] < best[-4] == best[-3] == best[-2] == best[-1]
     assert [i for i, _, _ in cb.views] == list(range(-1, len(cb.views) - 1))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("cap", [2, 4])
+@pytest.mark.parametrize("width", ["adaptive", "one", "fixed"])
+def test_a_candidate_cap_is_never_exceeded_by_work_in_flight(deterministic: bool, cap: int, width: str) -> None:
+    """gepa's MaxTrackedCandidatesStopper(n) means n candidates: mutations still in flight when it
+    fired (a chained one at width 1, siblings at a fixed width) committed up to 3 more."""
+    from gepa.utils.stop_condition import MaxTrackedCandidatesStopper
+
+    overrides = {"adaptive": {}, "one": {"max_mutations_in_flight": 1}, "fixed": fixed_width()}[width]
+    obs = Recorder()
+    cfg = make_config(max_metric_calls=2000, stop_callbacks=(MaxTrackedCandidatesStopper(cap),),
+                      deterministic=deterministic, **overrides)
+    result, orch, _ev, _ = run_fakes(cfg, Setup(), sleep_seed=1, observers=[obs])
+    assert result.stop_reason == "stop_callback"
+    assert len(result.records) == cap
+    late = [seq for seq, status in obs.mutations if status == "after_stop"]
+    assert orch.stats.mutations["after_stop"] == len(late)
