@@ -561,7 +561,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         known_evals = known_props = None
         if store.resumed:
             known_evals, known_props = load_known(
-                store, codec, {"train": train, "val": val}, codec.seed_texts()
+                store, codec, {"train": train, "val": val}, codec.seed_texts(), need_outputs=self.track_best_outputs
             )
             logger.info("Resuming the run in %s: %d finished evaluations and %d proposals will not be paid again",
                         self.log_dir, len(known_evals), len(known_props))

@@ -749,3 +749,29 @@ def test_the_adapter_and_a_predictors_own_settings_are_in_the_run_key(routing):
     (_, pred), = hot.named_predictors()
     pred.config = {"temperature": 1.0}
     assert run_key(hot, splits.train, splits.val, 0)["student"] != plain["student"]
+
+
+def test_turning_on_track_best_outputs_over_a_log_dir_reruns_what_lacks_outputs(routing, tmp_path, caplog):
+    """Rows written without outputs were replayed as output-less: best_outputs_valset came back empty
+    for every example, silently."""
+    splits = small_splits(routing, n_train=10, n_val=8)
+    calls = []
+
+    def compile_once(track: bool):
+        student = make_student_lm(seed=0, noise=0.0, before_call=calls.append)
+        opt = TurboGEPA(routing.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                        log_dir=str(tmp_path), track_stats=True, track_best_outputs=track, verbose=False)
+        with dspy.context(lm=student):
+            return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+
+    compile_once(False)
+    calls.clear()
+    with caplog.at_level("WARNING", logger="dspy_turbogepa"):
+        program = compile_once(True)
+    assert "written without their outputs" in caplog.text
+    outs = program.detailed_results.best_outputs_valset
+    assert set(outs) == set(range(8)) and all(outs[i] for i in outs)
+    assert 0 < len(calls) <= 8 * len(program.detailed_results.candidates)  # validation rows only, once
+    calls.clear()
+    compile_once(True)
+    assert calls == []  # now stored with their outputs

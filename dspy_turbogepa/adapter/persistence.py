@@ -394,8 +394,13 @@ class StoreObserver(EngineObserver):
 
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
+    need_outputs: bool = False,
 ) -> tuple[dict[tuple[str, str, int], EvalOutcome], dict[str, ProposalOutcome]]:
     """Stored evaluations and proposals as the engine's caches.
+
+    ``need_outputs`` (``track_best_outputs=True``): a validation row stored without the program's
+    output by a session that did not keep outputs is run again, once, with a warning; replayed, its
+    example would have no entry in ``best_outputs_valset``.
 
     Not replayed: failures of the LM service, a failed proposer (often the reflection LM's key or
     endpoint), and every failure recorded by a session that stopped on a systemic failure — its error
@@ -416,11 +421,16 @@ def load_known(
         if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
     }
     known: dict[tuple[str, str, int], EvalOutcome] = {}
+    without_output = 0
     for ev in store.load_evaluations():
         split: Split = "train" if ev.split == "train" else "val"
         if ev.example_id >= len(datasets[split]) or ev.service_failure:
             continue  # the LM service's failure says nothing about the candidate: run it again
         if ev.failure and ev.session in systemic:
+            continue
+        if need_outputs and split == "val" and not ev.output_json and ev.failure in (None, "metric_error",
+                                                                                     "metric_invalid"):
+            without_output += 1  # the program answered, but that session did not keep the answer
             continue
         trajectory = None
         if ev.trajectory_json and ev.fingerprint in texts_by_fp:
@@ -436,4 +446,8 @@ def load_known(
             objective_scores=dict(ev.objective_scores) if ev.objective_scores else None,
             failure=ev.failure, message=ev.message, trajectory=trajectory, output=output, error_type=ev.error_type,
         )
+    if without_output:
+        logger.warning("track_best_outputs=True: %d stored validation evaluations were written without their "
+                       "outputs (by a session with track_best_outputs=False) and will be run again",
+                       without_output)
     return known, proposals
