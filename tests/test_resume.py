@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -9,9 +10,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import dspy
+import pydantic
 import pytest
 
 from dspy_turbogepa import SystemicFailureError, TurboGEPA
@@ -775,3 +778,47 @@ def test_turning_on_track_best_outputs_over_a_log_dir_reruns_what_lacks_outputs(
     calls.clear()
     compile_once(True)
     assert calls == []  # now stored with their outputs
+
+
+class _Label(pydantic.BaseModel):
+    team: str
+    flags: list[str]
+
+
+class _LabelledRouting(dspy.Module):
+    """The routing program, adding typed fields to its prediction (a pydantic model and a date)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ticket):
+        p = self.inner(ticket=ticket)
+        team, *flags = str(p.queue).split("+")
+        return dspy.Prediction(queue=p.queue, label=_Label(team=team, flags=flags), when=datetime.date(2024, 1, 2))
+
+
+def test_a_resumed_run_hands_the_metric_the_types_a_live_run_does(routing, tmp_path):
+    """Stored trajectories were rebuilt from str() of their values: after resume the metric's feedback
+    calls got a string for a pydantic model (and for a date), raised on ``pred.label.team``, and
+    the reflection lost those records."""
+    seen: Counter[tuple[str, str, str]] = Counter()
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None:
+            seen[(type(pred.label).__name__, type(pred.when).__name__, type(pred_trace[0][2].queue).__name__)] += 1
+        assert pred.label.team  # attribute access on the model, as a live run allows
+        return routing.metric(gold, dspy.Prediction(queue=pred.queue), trace, pred_name, pred_trace)
+
+    splits = small_splits(routing, n_train=16, n_val=8)
+    for budget in (40, 100):
+        seen.clear()
+        opt = TurboGEPA(metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                        log_dir=str(tmp_path), track_stats=True, verbose=False)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            program = opt.compile(_LabelledRouting(routing.make_program()), trainset=splits.train,
+                                  valset=splits.val)
+        skips = program.detailed_results.run_stats.get("proposal_skips", {})
+        assert not skips.get("feedback_error"), skips
+        assert set(seen) <= {("_Label", "date", "str")}
+    assert seen  # the resumed session read stored trajectories through the metric

@@ -2,20 +2,23 @@
 
 The store (``dspy_turbogepa.store``) knows rows; this module knows what a DSPy trajectory is. What
 reflection needs from a rollout (each predictor's inputs and outputs, the program's prediction, the
-error) is stored as JSON, so a resumed run reflects on stored parents without re-running them. Values
-that JSON cannot hold (images, custom types) are stored as their ``str()``, which is also what
-dspy.GEPA hands to custom proposers.
+error) is stored as JSON, so a resumed run reflects on stored parents without re-running them. Typed
+values (pydantic models, dataclasses, dates) are stored in their JSON form tagged with their type and
+rebuilt on resume, so the metric's feedback calls see the objects a live run gives them; values JSON
+cannot hold otherwise (images, custom types) are stored as their ``str()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import inspect
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -57,20 +60,99 @@ def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
     return json.dumps(_to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 
 
+def _stored_leaf(value: Any) -> Any:
+    """A value JSON cannot hold as such: a pydantic model, a dataclass or a date as its JSON form tagged
+    with its type (see :func:`_revive`), a set as a sorted list, anything else as its ``str()``."""
+    kind = type(value)
+    tag = f"{kind.__module__}:{kind.__qualname__}"
+    if callable(getattr(value, "model_dump", None)) and not isinstance(value, type):
+        try:
+            return {_TYPE: tag, "value": _to_json(value.model_dump(mode="json"), _stored_leaf)}
+        except Exception as exc:  # noqa: BLE001 - a model that cannot dump itself is stored as text
+            logger.debug("stored as text: %s could not be dumped (%s)", kind.__name__, type(exc).__name__)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return {_TYPE: tag, "value": value.isoformat()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {_TYPE: tag, "value": _to_json(dataclasses.asdict(value), _stored_leaf)}
+    if isinstance(value, (set, frozenset)):
+        return sorted((_to_json(v, _stored_leaf) for v in value), key=repr)
+    return str(value)
+
+
+#: Tags a stored typed value (see :func:`_stored_leaf`).
+_TYPE = "__turbogepa_type__"
+
+
+def _revive(value: Any) -> Any:
+    """Stored JSON with its typed values rebuilt, so that a resumed run hands the metric's feedback calls
+    the objects a live run gives them. Only a class already loaded in this process is used (nothing is
+    imported: a stored name is never code to run), and only through pydantic validation or
+    ``fromisoformat``; a type that cannot be found or validated leaves the plain JSON value."""
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {_TYPE, "value"} and isinstance(value[_TYPE], str):
+        return _rebuild(value[_TYPE], _revive(value["value"]))
+    return {k: _revive(v) for k, v in value.items()}
+
+
+def _rebuild(tag: str, value: Any) -> Any:
+    module, _, qualname = tag.partition(":")
+    cls: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if not isinstance(cls, type):
+        return value
+    try:
+        if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
+            return cls.fromisoformat(value)
+        if callable(getattr(cls, "model_validate", None)) or dataclasses.is_dataclass(cls):
+            return _adapter_for(cls).validate_python(value)
+    except Exception as exc:  # noqa: BLE001 - the class changed since the row was written: keep the JSON
+        logger.debug("stored %s value not rebuilt (%s)", tag, type(exc).__name__)
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter_for(cls: type) -> Any:
+    import pydantic
+
+    return pydantic.TypeAdapter(cls)
+
+
 def _jsonable(value: Any) -> Any:
-    """For what is stored: a value JSON cannot hold is kept as its ``str()`` (what dspy.GEPA hands a
-    custom proposer too)."""
-    return _to_json(value, str)
+    """For what is stored (see the module docstring)."""
+    return _to_json(value, _stored_leaf)
 
 
 def _prediction_dict(pred: Any) -> dict[str, Any] | None:
+    """A prediction's fields; a program that returns a plain value (a str, a list) is marked as such,
+    so resume hands the metric the same kind of object."""
     if pred is None:
         return None
+    if isinstance(pred, dspy.Example):  # its items, not toDict(), which turns models into plain dicts
+        return _jsonable(dict(pred.items()))
     if hasattr(pred, "toDict"):
         return _jsonable(pred.toDict())
-    if hasattr(pred, "items"):
-        return _jsonable(dict(pred.items()))
-    return {"value": _jsonable(pred)}
+    if isinstance(pred, Mapping):
+        return {_PLAIN: "mapping", "value": _jsonable(dict(pred.items()))}
+    return {_PLAIN: "value", "value": _jsonable(pred)}
+
+
+#: Marks a stored prediction that was not a dspy.Prediction (absent in rows written before it existed).
+_PLAIN = "__turbogepa_plain__"
+
+
+def _prediction_from(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return _revive(data)
+    kind = data.get(_PLAIN)
+    if kind == "value":
+        return _revive(data.get("value"))
+    if kind == "mapping":
+        return _revive(dict(data.get("value") or {}))
+    return dspy.Prediction(**_revive(data))
 
 
 def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
@@ -117,14 +199,15 @@ def trajectory_from_json(
     raw: list[tuple[Any, dict[str, Any], Any]] = []
     for s in data.get("steps", []):
         pred = predictors.get(s["pred_name"])
-        outputs = dspy.Prediction(**(s.get("outputs") or {}))
-        steps.append(TraceStep(s["pred_name"], pred, dict(s.get("inputs") or {}), outputs))
-        raw.append((pred, dict(s.get("inputs") or {}), outputs))
+        inputs = _revive(dict(s.get("inputs") or {}))
+        outputs = dspy.Prediction(**_revive(s.get("outputs") or {}))
+        steps.append(TraceStep(s["pred_name"], pred, inputs, outputs))
+        raw.append((pred, inputs, outputs))
     pred_data = data.get("prediction")
     fields = data.get("failed_fields")
     return DspyTrajectory(
         example=example,
-        prediction=dspy.Prediction(**pred_data) if pred_data is not None else None,
+        prediction=_prediction_from(pred_data) if pred_data is not None else None,
         steps=steps,
         raw_trace=raw,
         error=data.get("error"),
@@ -439,8 +522,7 @@ def load_known(
             )
         output = None
         if ev.output_json:
-            data = json.loads(ev.output_json)
-            output = dspy.Prediction(**data) if isinstance(data, dict) else data
+            output = _prediction_from(json.loads(ev.output_json))
         known[(ev.fingerprint, split, ev.example_id)] = EvalOutcome(
             example_id=ev.example_id, score=ev.score,
             objective_scores=dict(ev.objective_scores) if ev.objective_scores else None,
