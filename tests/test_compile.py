@@ -339,3 +339,52 @@ def test_a_student_with_flex_submodules_is_refused_before_any_lm_call(routing, r
         TurboGEPA(routing.metric, max_metric_calls=30, reflection_lm=reflection_lm, verbose=False).compile(
             WithFlex(), trainset=splits.train, valset=splits.val)
     assert calls == []
+
+
+def _cancelled_inside() -> None:
+    """What user code raises when it runs a coroutine whose task was cancelled."""
+
+    async def inner():
+        raise asyncio.CancelledError()
+
+    asyncio.run(inner())
+
+
+class _CancelsOnTracking(dspy.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    async def aforward(self, ticket):
+        if "tracking" in ticket.lower():
+            raise asyncio.CancelledError()  # e.g. an inner task the program cancelled itself
+        return await self.inner.acall(ticket=ticket)
+
+
+def test_a_cancelled_error_from_user_code_is_a_recorded_failure_not_a_stop(routing, student_lm, reflection_lm):
+    """asyncio.CancelledError is a BaseException: raised by a metric, a proposer or an async program it
+    was taken for the engine's own Ctrl-C cancellation (mutations silently "cancelled", nothing
+    charged, a budget invariant crash, or 200 paid reflections that never counted as failures)."""
+    from dspy_turbogepa import SystemicFailureError
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if "tracking" in gold.ticket.lower():
+            _cancelled_inside()
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, metric=metric, num_threads=4)
+    dr = optimized.detailed_results
+    assert dr.run_stats["failures"].get("metric_error", 0) > 0
+    assert dr.total_metric_calls <= 120 + 2 * 3 + 16 and "cancelled" not in dr.run_stats["mutations"]
+
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, num_threads=4,
+                                      program=_CancelsOnTracking(routing.make_program(async_forward=True)))
+    dr = optimized.detailed_results
+    assert dr.run_stats["failures"].get("program_error", 0) > 0
+    assert "cancelled" not in dr.run_stats["mutations"]
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        _cancelled_inside()
+
+    with pytest.raises(SystemicFailureError, match="proposer_error"):
+        compile_task(routing, student_lm, reflection_lm, budget=120, num_threads=4, instruction_proposer=proposer)

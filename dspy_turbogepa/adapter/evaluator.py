@@ -62,6 +62,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     classify,
 )
 from dspy_turbogepa.engine.aimd import AimdRegistry
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, cancelling
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
 from dspy_turbogepa.redaction import mask_text
 
@@ -418,6 +419,10 @@ class DspyEvaluator:
             try:
                 pred = await program.acall(**example.inputs())
                 error = None
+            except asyncio.CancelledError as exc:
+                if cancelling():  # the engine cancelled this evaluation (Ctrl-C): not the program's doing
+                    raise
+                pred, error = None, exc  # the program's own (a cancelled inner task): a failure like any other
             except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
             error = self._swallowed(error)
@@ -431,7 +436,7 @@ class DspyEvaluator:
             try:
                 pred = program(**example.inputs())
                 error: BaseException | None = None
-            except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
+            except USER_CODE_ERRORS as exc:  # the user's program failed: retried or scored failure_score
                 pred, error = None, exc
             error = self._swallowed(error)
             trace = list(dspy.settings.trace or []) if capture else []
@@ -450,7 +455,7 @@ class DspyEvaluator:
         while True:
             try:
                 return self._metric(example, pred, None, None, None), retries
-            except Exception as exc:
+            except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
                 if verdict.kind != "rate_limited" or self._rl_policy.exhausted(retries, time.monotonic() - started):
                     raise
@@ -494,7 +499,7 @@ class DspyEvaluator:
             ), 0
         try:
             ret, retries = self._call_metric(example, pred)
-        except Exception as exc:  # the user's metric failed: recorded and scored failure_score  # noqa: BLE001
+        except USER_CODE_ERRORS as exc:  # the user's metric failed: recorded and scored failure_score
             # An LLM-judge metric's own LM can fail the way the student's does: a bad key or an unknown
             # model there stops the run at once too, not after a window of failed evaluations.
             verdict = classify(exc, self._fatal)

@@ -26,6 +26,7 @@ from dspy.teleprompt.gepa.gepa_utils import format_history_for_reflection
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class ReflectiveDatasetBuilder:
                 traj.example, traj.prediction, traj.raw_trace, name,
                 [(self._codec.student_predictor(name), step.inputs, step.outputs)],
             )
-        except Exception as exc:  # a metric bug must not kill the proposal: skip this record, say why  # noqa: BLE001
+        except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
             message = f"{type(exc).__name__}: {mask_text(str(exc))}"
             logger.warning("The metric raised while giving feedback for %r: %s", name, message)
             self._count("feedback_error")

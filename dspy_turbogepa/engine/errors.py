@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
+#: What the user's code (a program, a metric, a proposer) may raise that is recorded as its failure
+#: instead of ending the run. ``asyncio.CancelledError`` is a ``BaseException``, but user code raises it
+#: too (``asyncio.run`` of a coroutine whose task was cancelled, a client library's timeout); run in a
+#: worker thread it is never the engine's own cancellation, which only ever cancels the engine's tasks.
+USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, asyncio.CancelledError)
+
+
+def cancelling() -> bool:
+    """Whether the running task is being cancelled (by the engine), as opposed to user code raising
+    ``CancelledError`` inside it. Before Python 3.11 this cannot be told: every one counts as ours."""
+    task = asyncio.current_task()
+    probe = getattr(task, "cancelling", None)
+    return task is None or probe is None or probe() > 0
+
 
 class SystemicFailureError(RuntimeError):
     """The run cannot make progress: every evaluation fails the same way (bad key, unknown model, ...).

@@ -26,6 +26,7 @@ from dspy.utils.callback import BaseCallback
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
 from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, FATAL_ONCE_ANSWERED, fatal_error_name
 from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 from dspy_turbogepa.redaction import mask_text
 
@@ -131,7 +132,7 @@ class ReflectiveProposer:
             )
             if inspect.isawaitable(answer):
                 answer = asyncio.run(_await(answer))
-        except Exception as exc:  # the proposer's failure is recorded and this proposal skipped  # noqa: BLE001
+        except USER_CODE_ERRORS as exc:  # the proposer's failure is recorded and this proposal skipped
             message = mask_text(f"{type(exc).__name__}: {exc}")
             logger.warning("The instruction proposer raised %s", message)
             fatal = fatal_error_name(exc, self._fatal)
