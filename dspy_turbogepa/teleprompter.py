@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -495,14 +496,27 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
         program = codec.build(best.candidate.texts)
         detailed = build_result(result, codec.build, self.log_dir, self.seed, self.track_best_outputs)
-        if self.log_dir:
-            self._write_reports(detailed, result, budget)
         if self.track_stats:
             program.detailed_results = detailed
-        if tracker is not None:
-            reports = ("summary.json", "best_over_time.png", "lineage.png")
-            tracker.finish(result, program, detailed,
-                           artifacts=[self._log_path() / name for name in reports] if self.log_dir else ())
+        modules_before = set(sys.modules)
+        try:
+            if self.log_dir:
+                self._write_reports(detailed, result, budget)
+            if tracker is not None:
+                reports = ("summary.json", "best_over_time.png", "lineage.png")
+                tracker.finish(result, program, detailed,
+                               artifacts=[self._log_path() / name for name in reports] if self.log_dir else ())
+        except KeyboardInterrupt as exc:
+            # The search is over and its evaluations are stored: a Ctrl-C now skips the reports, never
+            # the program. An import cut short (matplotlib's, ~0.4 s) leaves half-initialised modules
+            # that would break every later plot in this process: they are dropped, to load afresh.
+            logger.warning("Interrupted while writing the run's reports (summary, plots, MLflow): they are "
+                           "incomplete; returning the optimized program.")
+            for name in set(sys.modules) - modules_before:
+                if name.split(".")[0] in ("matplotlib", "mpl_toolkits"):
+                    del sys.modules[name]
+            if tracker is not None:
+                tracker.abort(exc)
         return program
 
     def _log_path(self) -> Path:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
 
 
@@ -113,3 +115,51 @@ def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeyp
     finally:
         signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - first_call[0] < 1.5  # well before the seed's evaluations (2 s each) could finish
+
+
+def test_a_ctrl_c_after_the_search_keeps_the_program(monkeypatch, tmp_path, caplog):
+    """The reports (summary.json, plots, MLflow) take up to a second after the search; a Ctrl-C there,
+    or in the last compile-thread tick, raised out of compile and lost the optimized program."""
+    import asyncio
+    import logging
+
+    import dspy
+
+    import dspy_turbogepa.tracking.plots as plots
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+    from dspy_turbogepa.testing.tasks import TASKS
+
+    async def work() -> str:
+        await asyncio.sleep(0.01)
+        return "done"
+
+    ticks = {"n": 0}
+
+    def ctrl_c_at_the_end() -> None:
+        ticks["n"] += 1
+        if ticks["n"] == 2:  # the first tick is the loop's (the work takes 0.01 s), the second the last one
+            raise KeyboardInterrupt
+
+    try:  # a KeyboardInterrupt escaping would end the whole pytest session, not fail this test
+        assert run_coroutine_in_thread(work, on_tick=ctrl_c_at_the_end) == "done"
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C in the last tick escaped with the run's result")
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_lineage", interrupted)
+    routing = TASKS["routing"]
+    splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
+    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    log_dir=str(tmp_path), track_stats=True, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm(seed=0)):
+        try:
+            program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        except KeyboardInterrupt:
+            pytest.fail("a Ctrl-C while writing the reports escaped compile and lost the program")
+    assert program.detailed_results.total_metric_calls > 0
+    assert "Interrupted while writing the run's reports" in caplog.text
+    assert (tmp_path / "summary.json").exists()

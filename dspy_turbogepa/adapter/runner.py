@@ -72,7 +72,12 @@ def run_coroutine_in_thread(
             if not finished.is_set() and on_grace_expired is not None:
                 on_grace_expired()
     if on_tick is not None:
-        _tick(on_tick, hook_failures)
+        try:
+            _tick(on_tick, hook_failures)
+        except KeyboardInterrupt:  # the run has ended: its result is returned, not lost to a late Ctrl-C
+            if interrupted:
+                raise
+            logger.warning("Interrupted after the run ended: returning its result.")
     if "error" in box:
         raise box["error"]
     return box["result"]
