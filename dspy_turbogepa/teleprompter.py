@@ -392,7 +392,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
             cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm)))
-            return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=valset is None)
+            # valset=None and valset=trainset (or an equal copy) are the same run: one evaluation serves both
+            shared = valset is None or _same_examples(train, val)
+            return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared)
 
     def _run(
         self, codec: ProgramCodec, cleanup: ExitStack, train: list[dspy.Example], val: list[dspy.Example],
@@ -580,7 +582,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             logger.info("Resuming the run in %s: %d finished evaluations and %d proposals will not be paid again",
                         self.log_dir, len(known_evals), len(known_props))
         store.record_event("run_started", {"resumed": store.resumed, "budget": self.max_metric_calls})
-        return store, [StoreObserver(store)], known_evals, known_props
+        return store, [StoreObserver(store, keeps_outputs=self.track_best_outputs)], known_evals, known_props
 
 
     def _resolve_budget(self, num_preds: int, trainset: Sequence[Any], valset: Sequence[Any] | None) -> int:
@@ -632,6 +634,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,
         )
+
+
+def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """The same examples in the same order, with the same inputs (an Example's ``==`` ignores which
+    fields are inputs)."""
+    return len(a) == len(b) and all(
+        x is y or (x == y and getattr(x, "_input_keys", None) == getattr(y, "_input_keys", None))
+        for x, y in zip(a, b)
+    )
 
 
 def _flex_submodules(student: dspy.Module) -> list[str]:

@@ -822,3 +822,64 @@ def test_a_resumed_run_hands_the_metric_the_types_a_live_run_does(routing, tmp_p
         assert not skips.get("feedback_error"), skips
         assert set(seen) <= {("_Label", "date", "str")}
     assert seen  # the resumed session read stored trajectories through the metric
+
+
+def test_valset_none_stores_trajectories_and_either_spelling_resumes(routing, tmp_path):
+    """With no valset every evaluation is keyed as a validation one and carries a trajectory: the store
+    kept trajectories of training rows only, so a resumed, longer run had nothing to reflect on; and
+    ``valset=trainset`` spelled out resumed a ``valset=None`` run without replaying anything."""
+    splits = small_splits(routing, n_train=16)
+
+    def compile_once(budget, valset, calls):
+        opt = TurboGEPA(routing.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=4, log_dir=str(tmp_path), track_stats=True, use_merge=False, verbose=False)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0, before_call=calls.append)):
+            return opt.compile(routing.make_program(), trainset=splits.train, valset=valset)
+
+    first: list = []
+    compile_once(60, None, first)
+    with sqlite3.connect(tmp_path / "run.sqlite3") as con:
+        rows, with_trajectory = con.execute(
+            "select count(*), sum(trajectory_json is not null) from evaluations").fetchone()
+    assert rows > 0 and with_trajectory == rows
+    again: list = []
+    compile_once(60, list(splits.train), again)  # the same run, the valset spelled out
+    assert again == []
+    longer: list = []
+    program = compile_once(200, None, longer)
+    stats = program.detailed_results.run_stats
+    assert stats["mutations"].get("accepted", 0) >= 1
+    assert stats.get("proposal_skips", {}).get("no_reflective_data", 0) == 0
+
+
+class _NoneOnTracking(dspy.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ticket):
+        return None if "tracking" in ticket.lower() else self.inner(ticket=ticket)
+
+
+def test_a_program_answering_none_is_not_rerun_on_every_resume(routing, tmp_path):
+    """track_best_outputs=True: a None answer was stored as "no output kept", so every later session ran
+    it again (and an LLM-judge metric paid again), with a false warning."""
+    calls: list = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is None:
+            calls.append(gold)  # an LLM judge pays for each scoring call
+        if pred is None:
+            return dspy.Prediction(score=0.0, feedback="no answer")
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    splits = small_splits(routing, n_train=10, n_val=8)
+    sessions = []
+    for _ in range(2):
+        calls.clear()
+        opt = TurboGEPA(metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                        log_dir=str(tmp_path), track_stats=True, track_best_outputs=True, verbose=False)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            opt.compile(_NoneOnTracking(routing.make_program()), trainset=splits.train, valset=splits.val)
+        sessions.append(len(calls))
+    assert sessions[0] > 0 and sessions[1] == 0

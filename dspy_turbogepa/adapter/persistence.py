@@ -430,11 +430,18 @@ def _example_identity(example: dspy.Example) -> list[Any]:
     return [example.toDict(), sorted(inputs) if inputs is not None else None]
 
 
+#: Failures after which the program's answer exists (the metric, not the program, failed).
+_ANSWERED = (None, "metric_error", "metric_invalid")
+
+
 class StoreObserver(EngineObserver):
     """Writes candidates, evaluations, proposals and commits to the store as they happen."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, keeps_outputs: bool = False) -> None:
+        """``keeps_outputs``: the evaluator keeps validation outputs (``track_best_outputs``); a program
+        that answered ``None`` is then stored as a JSON null, not as "no output kept"."""
         self._store = store
+        self._keeps_outputs = keeps_outputs
         self._recorded: set[str] = set()
 
     def _candidate(self, c: Candidate, created_at: float) -> None:
@@ -446,13 +453,19 @@ class StoreObserver(EngineObserver):
 
     def on_evaluation(self, candidate: Candidate, split: Split, outcome: EvalOutcome) -> None:
         self._candidate(candidate, 0.0)
+        if outcome.output is not None:
+            output: str | None = json.dumps(_prediction_dict(outcome.output))
+        elif self._keeps_outputs and split == "val" and outcome.failure in _ANSWERED:
+            output = "null"  # kept, and it was None: a resume with track_best_outputs must not run it again
+        else:
+            output = None
         self._store.record_evaluation(
             candidate.fingerprint, split, outcome.example_id, outcome.score,
             dict(outcome.objective_scores) if outcome.objective_scores else None,
             outcome.failure, outcome.message, outcome.error_type,
-            trajectory_to_json(outcome.trajectory) if split == "train" else None,
-            json.dumps(_prediction_dict(outcome.output)) if outcome.output is not None else None,
-            None, None, service_failure=outcome.service_failure,
+            # whatever carries a trajectory (train rows; every row when the valset is the trainset)
+            trajectory_to_json(outcome.trajectory),
+            output, None, None, service_failure=outcome.service_failure,
         )
 
     def on_candidate(self, record: CandidateRecord) -> None:
@@ -511,8 +524,7 @@ def load_known(
             continue  # the LM service's failure says nothing about the candidate: run it again
         if ev.failure and ev.session in systemic:
             continue
-        if need_outputs and split == "val" and not ev.output_json and ev.failure in (None, "metric_error",
-                                                                                     "metric_invalid"):
+        if need_outputs and split == "val" and not ev.output_json and ev.failure in _ANSWERED:
             without_output += 1  # the program answered, but that session did not keep the answer
             continue
         trajectory = None

@@ -96,7 +96,9 @@ class ReflectiveProposer:
         # which DSPy keeps only in history entries, to the usage box: cost_budget_usd counts reflections.
         lm = self._lm_copies.get(self._reflection_lm or dspy.settings.lm)
         with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices) as usage:
-            outcome = self._propose(parent_texts, dataset, [c for c in components if c in dataset])
+            # every selected component, as dspy.GEPA asks (a custom proposer may rewrite one that has no
+            # traces in this minibatch from other context; dspy's own proposer skips those itself)
+            outcome = self._propose(parent_texts, dataset, list(components))
         # every return path, a proposer that raised after paying for calls included, carries its usage
         return dataclasses.replace(
             outcome, reflection_calls=counter.calls,
