@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -9,9 +10,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import dspy
 import pydantic
@@ -883,3 +886,36 @@ def test_a_program_answering_none_is_not_rerun_on_every_resume(routing, tmp_path
             opt.compile(_NoneOnTracking(routing.make_program()), trainset=splits.train, valset=splits.val)
         sessions.append(len(calls))
     assert sessions[0] > 0 and sessions[1] == 0
+
+
+class _Client(pydantic.BaseModel):
+    name: str
+    token: str = pydantic.Field(repr=False)
+
+
+@dataclasses.dataclass
+class _WithLock:
+    label: str
+    lock: Any = dataclasses.field(default_factory=threading.Lock)
+
+
+def test_stored_values_round_trip_without_hidden_fields_or_code_from_the_row():
+    """What a trajectory stores: nested predictions and dspy types come back as themselves; a field
+    declared repr=False (a key) is not stored, as str() left it out; a dataclass holding a lock is stored
+    (asdict deep-copied it and crashed compile); and a row cannot make the reader import anything."""
+    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+
+    image = dspy.Image(url="https://example.com/a.png")
+    pred = dspy.Prediction(image=image, inner=dspy.Prediction(x=1), client=_Client(name="crm", token="tok_Q8z7Hunt"),
+                           held=_WithLock("queue"), when=datetime.date(2024, 1, 2))
+    text = json.dumps(_prediction_dict(pred))
+    assert "tok_Q8z7Hunt" not in text
+    back = _prediction_from(json.loads(text))
+    assert back.image == image and isinstance(back.inner, dspy.Prediction) and back.inner.x == 1
+    assert back.when == datetime.date(2024, 1, 2) and isinstance(back.held, _WithLock) and back.held.label == "queue"
+    assert back.client == {"name": "crm"}  # the hidden field is gone, so the model does not validate
+    assert "concurrent.futures.process" not in sys.modules or pytest.skip("already imported")
+    import concurrent.futures  # noqa: F401 - loaded, but its lazy submodules must stay unloaded
+
+    assert _revive({_TYPE: "concurrent.futures:ProcessPoolExecutor", "value": {}}) == {}
+    assert "concurrent.futures.process" not in sys.modules

@@ -60,23 +60,48 @@ def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
     return json.dumps(_to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 
 
+def _jsonable(value: Any) -> Any:
+    """For what is stored (see the module docstring): primitives, mappings and lists walked; a DSPy
+    example or prediction, a pydantic model, a dataclass or a date as its fields tagged with its type
+    (see :func:`_revive`); a set as a sorted list; anything else as its ``str()``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {_key(k, _stored_leaf): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return _stored_leaf(value)
+
+
 def _stored_leaf(value: Any) -> Any:
-    """A value JSON cannot hold as such: a pydantic model, a dataclass or a date as its JSON form tagged
-    with its type (see :func:`_revive`), a set as a sorted list, anything else as its ``str()``."""
     kind = type(value)
     tag = f"{kind.__module__}:{kind.__qualname__}"
-    if callable(getattr(value, "model_dump", None)) and not isinstance(value, type):
-        try:
-            return {_TYPE: tag, "value": _to_json(value.model_dump(mode="json"), _stored_leaf)}
-        except Exception as exc:  # noqa: BLE001 - a model that cannot dump itself is stored as text
-            logger.debug("stored as text: %s could not be dumped (%s)", kind.__name__, type(exc).__name__)
-    if isinstance(value, (datetime.date, datetime.time)):
-        return {_TYPE: tag, "value": value.isoformat()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {_TYPE: tag, "value": _to_json(dataclasses.asdict(value), _stored_leaf)}
-    if isinstance(value, (set, frozenset)):
-        return sorted((_to_json(v, _stored_leaf) for v in value), key=repr)
+    try:
+        if isinstance(value, dspy.Example):  # items, not toDict(), which turns models into plain dicts
+            return {_TYPE: tag, "value": {k: _jsonable(v) for k, v in value.items()}}
+        if isinstance(value, (datetime.date, datetime.time)):
+            return {_TYPE: tag, "value": value.isoformat()}
+        fields = _shown_fields(value)
+        if fields is not None:
+            return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name)) for name in fields}}
+        if isinstance(value, (set, frozenset)):
+            return sorted((_jsonable(v) for v in value), key=repr)
+    except Exception as exc:  # noqa: BLE001 - an exotic object whose fields cannot be read: stored as text
+        logger.debug("stored as text: %s could not be walked (%s)", kind.__name__, type(exc).__name__)
     return str(value)
+
+
+def _shown_fields(value: Any) -> list[str] | None:
+    """The fields of a pydantic model or a dataclass instance that its ``repr`` shows: one declared
+    ``repr=False`` (often a key or a client) stays out of the store, as it stayed out of ``str()``.
+    None for anything else. Fields are read one by one: ``dataclasses.asdict`` deep-copies every value
+    and fails on a lock or a client."""
+    model_fields = getattr(type(value), "model_fields", None)
+    if isinstance(model_fields, Mapping) and callable(getattr(value, "model_dump", None)):
+        return [name for name, info in model_fields.items() if getattr(info, "repr", True) is not False]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [f.name for f in dataclasses.fields(value) if f.repr]
+    return None
 
 
 #: Tags a stored typed value (see :func:`_stored_leaf`).
@@ -85,9 +110,13 @@ _TYPE = "__turbogepa_type__"
 
 def _revive(value: Any) -> Any:
     """Stored JSON with its typed values rebuilt, so that a resumed run hands the metric's feedback calls
-    the objects a live run gives them. Only a class already loaded in this process is used (nothing is
-    imported: a stored name is never code to run), and only through pydantic validation or
-    ``fromisoformat``; a type that cannot be found or validated leaves the plain JSON value."""
+    the objects a live run gives them.
+
+    What a row can make happen is bounded: the class is looked up among modules already loaded, by
+    their ``__dict__`` (no import, no module ``__getattr__``), and only a DSPy example, a pydantic
+    model, a dataclass or a date is built (their own validation runs, as for any value of theirs); any
+    other name, or a value that no longer validates, leaves the plain JSON. The run store is trusted as
+    the user's own files are; nothing in it is executed as code."""
     if isinstance(value, list):
         return [_revive(v) for v in value]
     if not isinstance(value, dict):
@@ -98,16 +127,21 @@ def _revive(value: Any) -> Any:
 
 
 def _rebuild(tag: str, value: Any) -> Any:
+    import pydantic
+
     module, _, qualname = tag.partition(":")
     cls: Any = sys.modules.get(module)
     for part in qualname.split("."):
-        cls = getattr(cls, part, None)
+        namespace = getattr(cls, "__dict__", None)
+        cls = namespace.get(part) if isinstance(namespace, Mapping) else None
     if not isinstance(cls, type):
         return value
     try:
         if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
             return cls.fromisoformat(value)
-        if callable(getattr(cls, "model_validate", None)) or dataclasses.is_dataclass(cls):
+        if issubclass(cls, dspy.Example) and isinstance(value, dict):
+            return cls(**value)
+        if issubclass(cls, pydantic.BaseModel) or dataclasses.is_dataclass(cls):
             return _adapter_for(cls).validate_python(value)
     except Exception as exc:  # noqa: BLE001 - the class changed since the row was written: keep the JSON
         logger.debug("stored %s value not rebuilt (%s)", tag, type(exc).__name__)
@@ -119,11 +153,6 @@ def _adapter_for(cls: type) -> Any:
     import pydantic
 
     return pydantic.TypeAdapter(cls)
-
-
-def _jsonable(value: Any) -> Any:
-    """For what is stored (see the module docstring)."""
-    return _to_json(value, _stored_leaf)
 
 
 def _prediction_dict(pred: Any) -> dict[str, Any] | None:
