@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sys
 import threading
 from pathlib import Path
 
@@ -377,11 +378,12 @@ def test_a_cancelled_error_from_user_code_is_a_recorded_failure_not_a_stop(routi
     assert dr.run_stats["failures"].get("metric_error", 0) > 0
     assert dr.total_metric_calls <= 120 + 2 * 3 + 16 and "cancelled" not in dr.run_stats["mutations"]
 
-    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, num_threads=4,
-                                      program=_CancelsOnTracking(routing.make_program(async_forward=True)))
-    dr = optimized.detailed_results
-    assert dr.run_stats["failures"].get("program_error", 0) > 0
-    assert "cancelled" not in dr.run_stats["mutations"]
+    if sys.version_info >= (3, 11):  # before 3.11 a task cannot tell its own cancellation from the program's
+        _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, num_threads=4,
+                                          program=_CancelsOnTracking(routing.make_program(async_forward=True)))
+        dr = optimized.detailed_results
+        assert dr.run_stats["failures"].get("program_error", 0) > 0
+        assert "cancelled" not in dr.run_stats["mutations"]
 
     def proposer(candidate, reflective_dataset, components_to_update):
         _cancelled_inside()
