@@ -430,7 +430,8 @@ def test_a_parse_failure_is_fed_back_to_the_predictor_that_failed_only():
         opt.compile(TwoSteps(), trainset=data, valset=data)  # nothing ever parses: stops after 3 candidates
     assert proposer.calls
     for _, dataset, to_update in proposer.calls:
-        assert set(dataset) == {"first"} and to_update == ["first"]
+        # only the failing predictor gets records; both selected components are asked, as dspy.GEPA asks
+        assert set(dataset) == {"first"} and to_update == ["first", "second"]
 
 
 def test_the_first_failure_of_each_kind_is_logged_once(routing, reflection_lm, caplog):

@@ -919,3 +919,17 @@ def test_stored_values_round_trip_without_hidden_fields_or_code_from_the_row():
 
     assert _revive({_TYPE: "concurrent.futures:ProcessPoolExecutor", "value": {}}) == {}
     assert "concurrent.futures.process" not in sys.modules
+
+
+class _PydanticScorer(pydantic.BaseModel):
+    weight: float = 1.0
+
+    def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return self.weight * float(gold.answer == pred.answer)
+
+
+def test_a_class_is_keyed_by_its_own_code_not_its_librarys():
+    """A pydantic-based scorer keyed ~50 pydantic functions: upgrading pydantic refused the log_dir."""
+    from dspy_turbogepa.adapter.persistence import _class_code
+
+    assert [part.split("=")[0] for part in _class_code(_PydanticScorer)] == ["__call__"]

@@ -17,8 +17,10 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import re
 import sys
+import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +36,7 @@ from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
 from dspy_turbogepa.redaction import strip_userinfo
 from dspy_turbogepa.store import stable_hash
+from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
 
 logger = logging.getLogger(__name__)
 
@@ -295,16 +298,36 @@ def callable_identity(fn: Any) -> str:
 
 
 def _class_code(cls: type) -> list[str]:
-    """The identity of every function a user's module class defines, its user-written bases included."""
+    """The identity of every function a user's class defines, its user-written bases included. Classes
+    of DSPy, the standard library and installed packages are left out: their code changes with an
+    upgrade (a pydantic-based scorer would key 50 pydantic functions), not with the user's edits."""
     out: list[str] = []
     for klass in cls.__mro__:
-        if klass is object or in_dspy_package(klass):
+        if klass is object or in_dspy_package(klass) or _library_class(klass):
             continue
         for name, value in sorted(vars(klass).items()):
             fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
             if inspect.isfunction(fn):
                 out.append(f"{name}={callable_identity(fn)}")
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")
+                  if paths.get(k)})
+
+
+def _library_class(klass: type) -> bool:
+    """Defined in the standard library or an installed (not editable) package. (A class built by
+    ``exec`` without a ``__name__`` says it is from ``builtins``; it is the user's unless ``builtins``
+    really holds it.)"""
+    module = sys.modules.get(klass.__module__)
+    if klass.__module__ in sys.builtin_module_names:
+        return getattr(module, klass.__qualname__, None) is klass
+    path = getattr(module, "__file__", None)
+    return bool(path) and os.path.realpath(path).startswith(_library_dirs())
 
 
 def proposer_settings(proposer: Any) -> str:
@@ -433,6 +456,7 @@ def run_key(
     if add_format_failure_as_feedback:  # what reflections read about parse failures
         reflection.append("add_format_failure_as_feedback")
     return {
+        KEY_FORMAT_COMPONENT: RUN_KEY_FORMAT,
         "trainset": stable_hash(_hashable([_example_identity(ex) for ex in trainset])),
         "valset": stable_hash(_hashable([_example_identity(ex) for ex in valset])),
         "student": stable_hash(_hashable(structure)),
@@ -461,6 +485,11 @@ def _example_identity(example: dspy.Example) -> list[Any]:
 
 #: Failures after which the program's answer exists (the metric, not the program, failed).
 _ANSWERED = (None, "metric_error", "metric_invalid")
+
+
+#: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
+#: input fields, metric objects by their class's code, the adapter and Predict.config keyed).
+RUN_KEY_FORMAT = "2"
 
 
 class StoreObserver(EngineObserver):

@@ -144,7 +144,7 @@ class FrontierTally:
 
     def add(self, index: int, val_scores: Mapping[Any, float]) -> None:
         self.count += 1
-        agg = sum(val_scores.values()) / len(val_scores) if val_scores else 0.0
+        agg = sum(v for _, v in sorted(val_scores.items())) / len(val_scores) if val_scores else 0.0  # id order
         self._aggregates[index] = agg
         self.best = agg if self.best is None else max(self.best, agg)
         for vid, score in val_scores.items():

@@ -1072,7 +1072,7 @@ class Orchestrator:
             self._attempted += 1
             improved = False
             if status == "accepted" and result.val_outcomes:
-                child_mean = sum(o.score for o in result.val_outcomes.values()) / len(result.val_outcomes)
+                child_mean = sum(o.score for _, o in sorted(result.val_outcomes.items())) / len(result.val_outcomes)
                 improved = child_mean > self._records[self._frontier.best_index()].aggregate
             self._credit = self._credit.updated(plan.kind, survived=status != "rejected_rung0",
                                                 accepted=status == "accepted", improved_best=improved)

@@ -130,6 +130,11 @@ class RunStoreError(OSError):
     """The run store cannot be opened or written (unwritable ``log_dir``, corrupt file, disk full...)."""
 
 
+#: The run-key component a caller bumps when it changes how the other components are computed: a log_dir
+#: written the old way is then refused as "another version", not as "your data changed".
+KEY_FORMAT_COMPONENT = "key_format"
+
+
 class RunStoreMismatchError(ValueError):
     """``log_dir`` holds a different run (another dataset, program, seed or configuration)."""
 
@@ -908,6 +913,14 @@ def _initialise(
                 f"{'absent' if k not in run_key else 'now ' + run_key[k][:12]})"
                 for k in changed
             )
+            if KEY_FORMAT_COMPONENT in changed:  # the key is computed another way: every part looks changed
+                raise RunStoreMismatchError(
+                    f"log_dir {str(log_dir)!r} was written by another version of dspy_turbogepa, whose run "
+                    f"key is computed differently (format {stored.get(KEY_FORMAT_COMPONENT, 'before 2')}, "
+                    f"this version {run_key.get(KEY_FORMAT_COMPONENT, 'before 2')}): its stored results "
+                    f"cannot be matched to this run safely. {_FIX.format(log_dir=log_dir)}",
+                    changed=changed,
+                )
             raise RunStoreMismatchError(
                 f"log_dir {str(log_dir)!r} holds a different run: {', '.join(changed)} changed [{details}]. "
                 f"Reusing it would mix results of two runs. {_FIX.format(log_dir=log_dir)}",

@@ -236,3 +236,13 @@ def test_a_candidate_record_averages_in_validation_order_as_the_frontier_does():
     frontier.add(0, in_rung_order)
     record = CandidateRecord(0, Candidate({"p": "x"}), [None], in_rung_order)
     assert record.aggregate == frontier.aggregate(0)
+
+
+def test_the_progress_tally_averages_in_validation_order_too():
+    from dspy_turbogepa.engine.frontier import FrontierTally
+
+    tally = FrontierTally()
+    tally.add(0, {2: 0.3, 1: 0.2, 0: 0.1})
+    frontier = ParetoFrontier((0, 1, 2))
+    frontier.add(0, {2: 0.3, 1: 0.2, 0: 0.1})
+    assert tally.best == frontier.aggregate(0)

@@ -224,6 +224,12 @@ def test_reopen_resumes_and_checks_the_run_key(tmp_path: Path) -> None:
     with pytest.raises(RunStoreMismatchError, match="seed"):
         RunStore.open(tmp_path, missing)
 
+    # a key computed another way (a new key_format) is "another version", not "your data changed"
+    newer = {**{k: v[::-1] for k, v in RUN_KEY.items()}, "key_format": "2"}
+    with pytest.raises(RunStoreMismatchError, match="written by another version of dspy_turbogepa") as info:
+        RunStore.open(tmp_path, newer)
+    assert "format before 2, this version 2" in str(info.value) and "trainset" not in str(info.value)
+
     # A refused open changes nothing: the original run still opens, with its data and no new session.
     with RunStore.open(tmp_path, RUN_KEY) as store:
         assert store.resumed and store.session == 3
