@@ -560,7 +560,7 @@ def _routed_class(clean_extra="", aforward_extra=""):
     return ns["Routed"]
 
 
-def test_the_run_key_sees_every_method_of_the_users_modules_and_the_proposers_settings(routing):
+def test_the_run_key_sees_every_method_of_the_users_modules_and_the_proposers_settings(routing, tmp_path):
     """'Fix the program and run again' must not replay the broken program's stored failures, whichever
     method held the bug (a helper, aforward); and a proposer with other settings must not replay
     reflections made with the old ones."""
@@ -582,6 +582,12 @@ def test_the_run_key_sees_every_method_of_the_users_modules_and_the_proposers_se
     assert key(proposer=InstructionProposer())["reflection"] == default
     assert key(proposer=InstructionProposer(max_chars=60))["reflection"] != default
     assert key(proposer=InstructionProposer(additional_instructions="Be brief."))["reflection"] != default
+    skill = tmp_path / "cite.md"
+    skill.write_text("# Cite\nAlways cite the refund policy.")
+    with_skill = key(proposer=InstructionProposer(skills=[str(skill)]))["reflection"]
+    assert with_skill != default  # skills= change the reflection prompt
+    skill.write_text("# Cite\nNever cite the refund policy.")
+    assert key(proposer=InstructionProposer(skills=[str(skill)]))["reflection"] != with_skill
     assert key(add_format_failure_as_feedback=True)["reflection"] != base["reflection"]
 
 

@@ -341,6 +341,9 @@ def proposer_settings(proposer: Any) -> str:
               if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
     fields.update({k: type(v).__qualname__ for k, v in sorted(vars(proposer).items())
                    if k == "adapter" and v is not None})
+    # other public settings (``skills=(...)``), when set: a non-empty one changes the reflection prompt
+    fields.update({k: _hashable(v) for k, v in sorted(vars(proposer).items())
+                   if not k.startswith("_") and k != "adapter" and k not in fields and v and not callable(v)})
     return stable_hash(_hashable(fields))
 
 
