@@ -72,3 +72,20 @@ def test_a_cost_budget_on_unpriced_lms_warns_that_it_cannot_apply(routing, caplo
         caplog.clear()
         _run(routing, call_seconds=0.0, price_table={"sim/sim-student": (1000.0, 1000.0)}, cost_budget_usd=5.0)
     assert not [r for r in caplog.records if "is set but" in r.getMessage()]
+
+
+def test_a_score_above_perfect_score_is_warned_about_once(routing, student_lm, reflection_lm, caplog):
+    """perfect_score also says which examples count as solved for failure-first sampling, scouts and
+    feedback reuse (even with skip_perfect_score=False): a 0-10 metric under the default 1.0 treats a
+    5/10 as solved, silently."""
+    import logging
+
+    def out_of_ten(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return 10.0 * routing.metric(gold, pred, trace, pred_name, pred_trace).score
+
+    splits = small_splits(routing, n_train=10, n_val=8)
+    opt = TurboGEPA(out_of_ten, max_metric_calls=40, reflection_lm=reflection_lm, num_threads=4,
+                    skip_perfect_score=False, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(lm=student_lm):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert caplog.text.count("above perfect_score=1.0") == 1

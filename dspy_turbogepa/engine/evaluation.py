@@ -40,6 +40,7 @@ class EvaluationCache:
         systemic: SystemicFailureDetector,
         known: Mapping[EvalKey, EvalOutcome] | None = None,
         shared_splits: bool = False,
+        perfect_score: float | None = None,
     ) -> None:
         """``known``: outcomes stored by an earlier session of the run (resume), served as cache hits.
         ``shared_splits``: the validation examples are the training examples (dspy.GEPA's
@@ -52,6 +53,8 @@ class EvaluationCache:
         self._observers = observers
         self._systemic = systemic
         self._shared = shared_splits
+        self._perfect = perfect_score
+        self._warned_above_perfect = False
         self._done: dict[EvalKey, EvalOutcome] = {}
         for key, outcome in (known or {}).items():
             key = self.key(*key)
@@ -144,6 +147,13 @@ class EvaluationCache:
 
     def _count(self, outcome: EvalOutcome) -> None:
         stats = self._stats
+        if self._perfect is not None and outcome.score > self._perfect + 1e-9 and not self._warned_above_perfect:
+            # Once per run: which examples count as solved (failure-first sampling, scouts, feedback
+            # reuse, skip_perfect_score) is read from perfect_score, whatever skip_perfect_score says.
+            self._warned_above_perfect = True
+            logger.warning("The metric returned %s, above perfect_score=%s: every score >= perfect_score counts "
+                           "as solved, so failures below the metric's maximum are not looked for. Pass the "
+                           "metric's maximum as perfect_score.", outcome.score, self._perfect)
         if outcome.failure:
             stats.failures[outcome.failure] += 1
             if stats.failures[outcome.failure] == 1:

@@ -135,7 +135,8 @@ class Orchestrator:
                               any(p.skipped is None for p in (known_proposals or {}).values()))
         self.stats = RunStats()
         self._evaluations = EvaluationCache(evaluator, self._eval_slots, self._budget, self.stats, self._observers,
-                                            self._systemic, known_evaluations, shared_splits)
+                                            self._systemic, known_evaluations, shared_splits,
+                                            perfect_score=config.perfect_score)
 
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
