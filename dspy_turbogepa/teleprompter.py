@@ -428,7 +428,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
         config = self._engine_config(budget, num_threads, len(val))
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm,
-                                       max_workers=config.max_reflections_in_flight, price_table=self.price_table)
+                                       max_workers=config.max_reflections_in_flight, price_table=self.price_table,
+                                       seed=self.seed)
         cleanup.callback(reflector.close)
         store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup)
         display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)
@@ -486,7 +487,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # metric_calls_replayed says how many of the stored ones this session's search used: a run
             # resumed with another budget plans differently and may leave some unused)
             result.total_metric_calls += len(known_evals)
-        result.stats.rate_limits = evaluator.rate_limit_stats()
+        result.stats.rate_limits = {**evaluator.rate_limit_stats(), "reflection": reflector.rate_limit_stats()}
         if result.stop_reason == "interrupted":
             logger.warning("Run interrupted: returning the best program found so far.")
         best = result.best

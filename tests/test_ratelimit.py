@@ -30,7 +30,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 )
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
-from dspy_turbogepa.testing.fake_lm import make_student_lm
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
 
 from helpers import TwoParallelBranches, small_splits
 
@@ -561,3 +561,35 @@ def test_a_connection_reset_is_transient_not_systemic(routing, engine):
         server.close()
     assert ev.rate_limit_stats()["transient_retries"] == FAST_TR.max_retries
     assert outcome.failure == "program_error" and outcome.error_type not in FATAL_ERROR_TYPES
+
+
+def test_a_burst_of_429s_from_the_reflection_lm_is_waited_out(routing, student_lm, monkeypatch):
+    """Rate limits on the reflection LM became failed reflections: 0.2 s of 429s at the start (up to 8
+    reflections start at once) stopped the run as "systemic", and no counter showed them."""
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    class FastRetries(ReflectiveProposer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, rate_limit_policy=FAST_RL, **kwargs)
+
+    monkeypatch.setattr(teleprompter_module, "ReflectiveProposer", FastRetries)
+    started: list[float] = []
+    lock = threading.Lock()
+
+    def burst(request) -> None:
+        with lock:
+            started.append(time.monotonic())
+            if time.monotonic() - started[0] < 0.2:
+                raise lm15.RateLimitError("reflection quota", status=429, retry_after=0.01)
+
+    reflector = make_reflection_lm(seed=0, before_call=burst, num_retries=0)
+    splits = small_splits(routing, n_train=20, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, reflection_lm=reflector, num_threads=8,
+                    track_stats=True, verbose=False)
+    with dspy.context(lm=student_lm):
+        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    stats = program.detailed_results.run_stats
+    assert stats["rate_limits"]["reflection"]["rate_limited"] > 0
+    assert stats["rate_limits"]["reflection"]["rate_limit_retries"] == stats["rate_limits"]["reflection"][
+        "rate_limited"]
+    assert "proposer_error" not in stats.get("proposal_skips", {})

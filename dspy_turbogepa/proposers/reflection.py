@@ -16,6 +16,7 @@ import inspect
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +25,15 @@ import dspy
 from dspy.utils.callback import BaseCallback
 
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
-from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, FATAL_ONCE_ANSWERED, fatal_error_name
+from dspy_turbogepa.adapter.ratelimit import (
+    FATAL_ERROR_TYPES,
+    FATAL_ONCE_ANSWERED,
+    RATE_LIMIT_POLICY,
+    RateLimitStats,
+    RetryPolicy,
+    classify,
+    fatal_error_name,
+)
 from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
@@ -55,8 +64,18 @@ class ReflectiveProposer:
         reflection_lm: dspy.LM | None,
         max_workers: int,
         price_table: Mapping[str, tuple[float, float]] | None = None,
+        rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
+        sleep: Callable[[float], None] = time.sleep,
+        seed: int | None = 0,
     ) -> None:
+        """``rate_limit_policy``: a proposal that fails with a rate limit (after DSPy's own retries on the
+        reflection LM) is asked again after Retry-After / backoff, as a rollout is, instead of counting
+        as a failed reflection: a short burst of 429s must not stop the run as "systemic"."""
         self._builder = builder
+        self._rl_policy = rate_limit_policy
+        self._sleep = sleep
+        self._rng = random.Random(f"reflection-backoff:{seed}")
+        self._rl_stats = RateLimitStats()
         self._prices = dict(price_table or {})  # the same table the program's calls are priced with
         self._proposal_fn = proposal_fn
         self._reflection_lm = reflection_lm
@@ -66,6 +85,11 @@ class ReflectiveProposer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def rate_limit_stats(self) -> dict[str, Any]:
+        """429s the reflection LM answered past DSPy's own retries, our retries, give-ups, backoff."""
+        snap = self._rl_stats.snapshot()
+        return {k: snap[k] for k in ("rate_limited", "rate_limit_retries", "rate_limit_gave_up", "backoff_seconds")}
 
     async def reflect(
         self, parent_texts: Mapping[str, str], components: Sequence[str], outcomes: Sequence[EvalOutcome], seed: int
@@ -128,22 +152,39 @@ class ReflectiveProposer:
         return dataset
 
     def _propose(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str]) -> ProposalOutcome:
-        try:
-            answer = self._proposal_fn(
-                candidate=dict(parent_texts), reflective_dataset=dataset, components_to_update=to_update
-            )
-            if inspect.isawaitable(answer):
-                answer = asyncio.run(_await(answer))
-        except USER_CODE_ERRORS as exc:  # the proposer's failure is recorded and this proposal skipped
-            message = mask_text(f"{type(exc).__name__}: {exc}")
-            logger.warning("The instruction proposer raised %s", message)
-            fatal = fatal_error_name(exc, self._fatal)
-            return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None,
-                                   error_type=fatal or type(exc).__name__)
+        retries, started = 0, time.monotonic()
+        while True:
+            try:
+                answer = self._proposal_fn(
+                    candidate=dict(parent_texts), reflective_dataset=dataset, components_to_update=to_update
+                )
+                if inspect.isawaitable(answer):
+                    answer = asyncio.run(_await(answer))
+                break
+            except USER_CODE_ERRORS as exc:
+                if classify(exc, self._fatal).kind != "rate_limited":
+                    return self._failed(exc)
+                self._rl_stats.add(rate_limited=1)
+                if self._rl_policy.exhausted(retries, time.monotonic() - started):
+                    self._rl_stats.add(rate_limit_gave_up=1)
+                    return self._failed(exc)
+                delay = self._rl_policy.delay(retries, classify(exc, self._fatal).retry_after, self._rng)
+                logger.info("The reflection LM is rate limited; asking again in %.1fs", delay)
+                self._rl_stats.add(rate_limit_retries=1, backoff_s=delay)
+                retries += 1
+                self._sleep(delay)
         outcome = _validate_answer(answer, parent_texts, to_update)
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
         return outcome
+
+    def _failed(self, exc: BaseException) -> ProposalOutcome:
+        """The proposer's failure, recorded; this proposal is skipped."""
+        message = mask_text(f"{type(exc).__name__}: {exc}")
+        logger.warning("The instruction proposer raised %s", message)
+        fatal = fatal_error_name(exc, self._fatal)
+        return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None,
+                               error_type=fatal or type(exc).__name__)
 
 
 async def _await(awaitable: Any) -> Any:
