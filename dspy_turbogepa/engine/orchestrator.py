@@ -156,6 +156,9 @@ class Orchestrator:
         # Speculative chaining: per mutation, its rung-0 survivor (or None) and its commit; what each
         # mutation planned (kind, parent index), kept after commit; the chain decision per seq.
         self._rung0_futs: dict[int, asyncio.Future[tuple[Candidate, int] | None]] = {}
+        #: Deterministic runs with a callable component selector: per mutation in flight, resolved once it
+        #: has called the selector (or ended without); selectors are called in launch order (see _select).
+        self._selector_turns: dict[int, asyncio.Future[None]] = {}
         self._commit_futs: dict[int, asyncio.Future[None]] = {}
         self._planned: dict[int, tuple[str, int, int | None]] = {}
         #: Per committed mutation: the pool index of its rung-0 survivor, -1 if the survivor did not
@@ -717,6 +720,8 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         self._rung0_futs[plan.seq] = loop.create_future()
         self._commit_futs[plan.seq] = loop.create_future()
+        if self.config.deterministic and callable(self.config.component_selector):
+            self._selector_turns[plan.seq] = loop.create_future()
         self._planned[plan.seq] = (plan.kind, plan.parent_index, plan.chain_on)
         self._planned.pop(plan.seq - 2, None)
         self._chain_decisions.pop(plan.seq, None)
@@ -737,9 +742,32 @@ class Orchestrator:
             await self._mutate(plan, result)
         finally:
             self._resolve_rung0(plan.seq, None)
+            self._pass_selector_turn(plan.seq)
             if self._wake is not None:
                 self._wake.set()
         return result
+
+    def _pass_selector_turn(self, seq: int) -> None:
+        fut = self._selector_turns.pop(seq, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _select(self, plan: MutationPlan, parent: Candidate, parent_outs: list[EvalOutcome],
+                      parent_scores: list[float]) -> None:
+        """Ask a callable component selector, after the parent's traced minibatch. gepa's round-robin
+        selector reads and advances the parent's counter: in a deterministic run the mutations ask in
+        launch order (whichever parent minibatch returns first must not take the next component)."""
+        earlier = [f for s, f in self._selector_turns.items() if s < plan.seq and not f.done()]
+        if earlier:
+            await asyncio.gather(*(asyncio.shield(f) for f in earlier))
+        try:
+            plan.components, plan.child_counter = self._selector.select(
+                parent.fingerprint, parent.texts, plan.parent_index,
+                [o.trajectory for o in parent_outs], parent_scores,
+                self.selector_state(plan.view if self.config.deterministic else None),
+            )
+        finally:
+            self._pass_selector_turn(plan.seq)
 
     def _resolve_rung0(self, seq: int, survivor: tuple[Candidate, int] | None) -> None:
         """Publish mutation ``seq``'s rung-0 survivor (the child and its round-robin counter), or None."""
@@ -797,11 +825,7 @@ class Orchestrator:
 
         if callable(cfg.component_selector):
             # A user selector sees the parent's traced minibatch, so it can only run now.
-            plan.components, plan.child_counter = self._selector.select(
-                parent.fingerprint, parent.texts, plan.parent_index,
-                [o.trajectory for o in parent_outs], parent_scores,
-                self.selector_state(plan.view if cfg.deterministic else None),
-            )
+            await self._select(plan, parent, parent_outs, parent_scores)
         components = plan.components
         if not components:
             result.detail = "component selector chose no component"
