@@ -159,6 +159,8 @@ class Orchestrator:
         #: Deterministic runs with a callable component selector: per mutation in flight, resolved once it
         #: has called the selector (or ended without); selectors are called in launch order (see _select).
         self._selector_turns: dict[int, asyncio.Future[None]] = {}
+        #: Components some reflection has answered with their current text (see _propose).
+        self._echoed: set[str] = set()
         self._commit_futs: dict[int, asyncio.Future[None]] = {}
         self._planned: dict[int, tuple[str, int, int | None]] = {}
         #: Per committed mutation: the pool index of its rung-0 survivor, -1 if the survivor did not
@@ -978,6 +980,14 @@ class Orchestrator:
         # skip_perfect_score=False a reflection on a solved minibatch may rightly keep the instruction
         unchanged = proposal.skipped is None and any(o.score < self.config.perfect_score for o in parent_outs) and all(
             parent.texts.get(k) == v for k, v in proposal.texts.items() if k in parent.texts)
+        if unchanged:
+            # ... and only once every component has been echoed: in a many-predictor program a proposer
+            # rightly keeps the instructions of the predictors a failure is not about (one per step, round
+            # robin), so only an echo of everything says the proposer is broken. Until then it is neither
+            # a failure nor a success.
+            self._echoed.update(components)
+            if not self._echoed >= set(self._seed.texts):
+                return proposal
         self._systemic.observe_proposal(proposal, unchanged=unchanged)
         return proposal
 

@@ -11,6 +11,7 @@ import pytest
 
 from dspy_turbogepa.engine import Candidate, SystemicFailureError
 from dspy_turbogepa.engine.selection import SelectorState
+from dspy_turbogepa.engine.types import ProposalOutcome
 
 from .fakes import (
     FakeEvaluator,
@@ -573,3 +574,39 @@ def test_an_echo_of_a_solved_minibatch_is_not_a_failed_reflection() -> None:
     result, *_ = run_fakes(cfg, setup, evaluator=ev, reflector=FakeReflector(fixed=seed))
     assert result.stop_reason in ("max_metric_calls", "no_progress_possible")
     assert result.stats.proposal_skips["unchanged_texts"] >= 6
+
+
+class _KeepsAllButOne(FakeReflector):
+    """Rewrites only the component ``target``; answers every other one with its current text, as a
+    discerning reflection does for predictors the failures are not about."""
+
+    def __init__(self, target: str, **kw) -> None:
+        super().__init__(**kw)
+        self.target = target
+
+    async def reflect(self, parent_texts, components, outcomes, seed):
+        if self.target in components:
+            return await super().reflect(parent_texts, components, outcomes, seed)
+        self.calls.append(None)
+        return ProposalOutcome(texts={c: parent_texts[c] for c in components})
+
+
+def test_echoes_of_the_predictors_not_at_fault_are_not_a_broken_proposer() -> None:
+    """Round robin over 9 components, only the last one's instruction wrong: a correct proposer keeps the
+    other 8 as they are, and those 8 echoes stopped the run as "the first 8 reflections all failed"."""
+    names = tuple(f"c{i}" for i in range(9))
+    setup = hard_setup(components=names)
+    cfg = make_config(max_metric_calls=600, systemic_failure_window=8, component_selector="round_robin",
+                      adaptive_components=False, max_mutations_in_flight=1, **fixed_width())
+    result, *_ = run_fakes(cfg, setup, reflector=_KeepsAllButOne("c8", sleep_seed=1))
+    assert len(result.records) > 1
+
+
+def test_a_proposer_that_echoes_every_component_still_stops_the_run() -> None:
+    names = tuple(f"c{i}" for i in range(3))
+    setup = hard_setup(components=names)
+    refl = FakeReflector(fixed=setup.task.seed_texts())
+    cfg = make_config(max_metric_calls=5000, systemic_failure_window=6, component_selector="round_robin")
+    orch = build(cfg, FakeEvaluator(setup.task, 1), refl, setup)
+    err, _, _ = run_until_error(orch, orch._evaluator)
+    assert "reflections all failed" in str(err) and "unchanged_texts" in str(err)
