@@ -28,7 +28,7 @@ from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
-from dspy_turbogepa.engine.errors import RunInterruptedError
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, RunInterruptedError
 from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
@@ -755,7 +755,7 @@ class Orchestrator:
             fut.set_result(None)
 
     async def _select(self, plan: MutationPlan, parent: Candidate, parent_outs: list[EvalOutcome],
-                      parent_scores: list[float]) -> None:
+                      parent_scores: list[float]) -> bool:
         """Ask a callable component selector, after the parent's traced minibatch. gepa's round-robin
         selector reads and advances the parent's counter: in a deterministic run the mutations ask in
         launch order (whichever parent minibatch returns first must not take the next component)."""
@@ -768,8 +768,17 @@ class Orchestrator:
                 [o.trajectory for o in parent_outs], parent_scores,
                 self.selector_state(plan.view if self.config.deterministic else None),
             )
+        except USER_CODE_ERRORS as exc:  # the user's selector (or its answer) failed: skip this mutation
+            message = mask_text(f"{type(exc).__name__}: {exc}")
+            logger.warning("Mutation %d: the component selector failed: %s", plan.seq, message)
+            self.stats.proposal_skips["selector_error"] += 1
+            plan.components = []
+            # a selector that always fails stops the run like a proposer that always fails
+            self._systemic.observe_proposal(ProposalOutcome(skipped="selector_error", message=message))
+            return False
         finally:
             self._pass_selector_turn(plan.seq)
+        return True
 
     def _resolve_rung0(self, seq: int, survivor: tuple[Candidate, int] | None) -> None:
         """Publish mutation ``seq``'s rung-0 survivor (the child and its round-robin counter), or None."""
@@ -825,9 +834,10 @@ class Orchestrator:
             result.status = "skipped_perfect"
             return
 
-        if callable(cfg.component_selector):
-            # A user selector sees the parent's traced minibatch, so it can only run now.
-            await self._select(plan, parent, parent_outs, parent_scores)
+        # A user selector sees the parent's traced minibatch, so it can only run now.
+        if callable(cfg.component_selector) and not await self._select(plan, parent, parent_outs, parent_scores):
+            result.detail = "component selector failed"
+            return
         components = plan.components
         if not components:
             result.detail = "component selector chose no component"

@@ -35,13 +35,14 @@ FORMAT_ERROR_CANDIDATES = 3
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
 PROPOSER_FAILURES = frozenset({
     "proposer_error", "invalid_proposal", "empty_proposal", "reflective_dataset_error", "feedback_error",
-    "unchanged_texts",
+    "unchanged_texts", "selector_error",
 })
 
 
 _PROPOSER_HINT = "Check reflection_lm (or instruction_proposer) and run again."
 _PROPOSER_HINTS = {
     "feedback_error": "Check what the metric does when called with pred_name (the feedback call) and run again.",
+    "selector_error": "Check component_selector: it must return names of the program's predictors.",
 }
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from dspy_turbogepa.engine import Candidate, fingerprint_texts
+from dspy_turbogepa.engine import Candidate, SystemicFailureError, fingerprint_texts
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.orchestrator import Orchestrator
@@ -357,10 +357,20 @@ def test_callable_selector_choosing_nothing_is_a_skip() -> None:
     assert result.stats.proposal_skips["no_components"] == sum(result.stats.mutations.values()) >= 6
 
 
-def test_callable_selector_naming_an_unknown_component_fails_the_run() -> None:
+def test_a_failing_selector_skips_its_mutation_and_one_that_always_fails_stops_the_run() -> None:
+    """dspy.GEPA skips an iteration whose selector failed; an unknown name raised out of compile here,
+    losing the run. A selector that never works stops it, naming the cause."""
     setup = two_component_setup()
-    cfg = make_config(component_selector=lambda *args: ["c"])
-    with pytest.raises(ValueError, match="unknown components"):
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        return ["c"] if calls["n"] <= 2 else ["a"]
+
+    result, *_ = run_fakes(make_config(max_metric_calls=300, component_selector=flaky), setup, sleep_seed=1)
+    assert result.stats.proposal_skips["selector_error"] == 2 and len(result.records) > 1
+    cfg = make_config(component_selector=lambda *args: ["c"], systemic_failure_window=6)
+    with pytest.raises(SystemicFailureError, match="unknown components"):
         run(build(cfg, FakeEvaluator(setup.task), FakeReflector(), setup))
 
 
