@@ -9,7 +9,7 @@ import pytest
 from dspy.utils.usage_tracker import track_usage
 
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
-from dspy_turbogepa.adapter.lm_copies import _note_history_entry, rollout_usage
+from dspy_turbogepa.adapter.lm_copies import _metadata_rates, _note_history_entry, rollout_usage
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_student_lm, sim_engine
@@ -161,3 +161,50 @@ def test_tokens_and_cost_of_calls_inside_dspy_parallel_are_counted(routing, engi
     assert sum(o.prompt_tokens for o in outcomes) == server["prompt_tokens"]
     assert sum(o.completion_tokens for o in outcomes) == server["completion_tokens"]
     assert sum(o.cost for o in outcomes) == pytest.approx(sum(h["cost"] for h in lm.history)) and lm.history
+
+
+class _OnAnotherModel(dspy.Module):
+    """Runs its predictor under ``dspy.context(lm=big)``: an LM the optimizer never sees or copies."""
+
+    def __init__(self, inner, big):
+        super().__init__()
+        self.inner = inner
+        self.big = big
+
+    def forward(self, ticket):
+        with dspy.context(lm=self.big):
+            return self.inner(ticket=ticket)
+
+
+@pytest.mark.http
+def test_the_cost_of_lms_the_optimizer_does_not_hold_is_counted(routing):
+    """An LLM-judge metric's own LM, or a dspy.context(lm=...) inside forward: their tokens were counted
+    but their dollars were not (a cost_budget_usd blown 4-12 times over). Priced from DSPy's model
+    metadata, as DSPy prices its own calls."""
+    cfg = SimConfig(models=(ModelConfig("gpt-4o-mini", "student"), ModelConfig("gpt-4.1", "student")))
+    with SimServer(cfg, seed=0) as srv:
+        small = dspy.LM("openai/gpt-4o-mini", api_base=srv.base_url, api_key="x", cache=False)
+        big = dspy.LM("openai/gpt-4.1", api_base=srv.base_url, api_key="x", cache=False)
+
+        def judged(gold, pred, trace=None, pred_name=None, pred_trace=None):
+            big(messages=[{"role": "user", "content": f"Is {pred.queue} right? " + "context " * 50}])
+            return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+        def spent() -> tuple[int, float]:
+            """The big model's requests, and every token the server served priced at DSPy's own rates."""
+            models = srv.stats()["models"]
+            return models["gpt-4.1"]["requests"], sum(
+                models[name]["prompt_tokens"] * _metadata_rates(f"openai/{name}")[0]
+                + models[name]["completion_tokens"] * _metadata_rates(f"openai/{name}")[1]
+                for name in ("gpt-4o-mini", "gpt-4.1"))
+
+        for program, metric in ((routing.make_program(), judged),
+                                (_OnAnotherModel(routing.make_program(), big), routing.metric)):
+            requests, dollars = spent()
+            ev, codec = make_evaluator(routing, program, n=6, metric=metric)
+            outcomes = run_all(ev, codec, small, range(6))
+            ev.close()
+            assert all(o.failure is None for o in outcomes), [(o.failure, o.message) for o in outcomes]
+            now_requests, now_dollars = spent()
+            assert now_requests - requests == 6
+            assert sum(o.cost for o in outcomes) == pytest.approx(now_dollars - dollars, rel=1e-6)

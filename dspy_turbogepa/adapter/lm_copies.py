@@ -10,7 +10,10 @@ Usage of one rollout: tokens come from DSPy's own contextvar-based tracker
 (``dspy.utils.usage_tracker.track_usage``, so every LM the program calls is counted, on worker threads
 and in asyncio tasks alike; an outer tracker of the user's still receives everything); cost is what
 DSPy records in the history entries of our copies (``entry["cost"]``: litellm's or DSPy's own price,
-None when the model's price is unknown; cache hits, which carry no usage, are not charged).
+None when the model's price is unknown; cache hits, which carry no usage, are not charged). Calls through
+an LM we did not copy (an LLM judge inside the metric, a ``dspy.context(lm=other)`` inside ``forward``)
+leave no entry we see: their tokens (the tracker's minus our copies') are priced from DSPy's model
+metadata, so ``cost_budget_usd`` counts them too.
 """
 
 from __future__ import annotations
@@ -47,7 +50,15 @@ class RolloutUsage:
     tracker: UsageTracker | None = None
     #: model -> (dollars per 1M prompt tokens, dollars per 1M completion tokens); overrides reported cost.
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    #: model -> [prompt, completion] tokens of calls whose cost came from our copies' history entries.
+    priced: dict[str, list[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def note_priced(self, model: str, prompt: int, completion: int) -> None:
+        with self._lock:
+            seen = self.priced.setdefault(model, [0, 0])
+            seen[0] += prompt
+            seen[1] += completion
 
     def add_cost(self, value: Any, model: str | None = None) -> None:
         if model is not None and _price_for(self.prices, model) is not None:
@@ -82,6 +93,31 @@ def _number(value: Any) -> float:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0
 
 
+@functools.lru_cache(maxsize=128)
+def _metadata_rates(model: str) -> tuple[float, float] | None:
+    """Dollars per prompt and per completion token of ``model`` ("provider/name") from DSPy's model
+    metadata (what DSPy prices its own calls with), or None when it does not list the model."""
+    provider, _, name = model.partition("/")
+    try:
+        from dspy.clients.model_metadata import model_info
+
+        info = model_info(provider, name) if name else None
+    except Exception as exc:  # noqa: BLE001 - pricing is advisory: an unknown or odd model is unpriced
+        logger.debug("no price for %s (%s)", model, type(exc).__name__)
+        return None
+    rates = (info or {}).get("input_cost_per_token"), (info or {}).get("output_cost_per_token")
+    if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in rates):
+        return None
+    return float(rates[0]), float(rates[1])  # type: ignore[arg-type]
+
+
+def _metadata_cost(model: str, prompt: int, completion: int) -> float:
+    if prompt <= 0 and completion <= 0:
+        return 0.0
+    rates = _metadata_rates(model)
+    return 0.0 if rates is None else max(prompt, 0) * rates[0] + max(completion, 0) * rates[1]
+
+
 def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
     if not prices:
         return None
@@ -106,9 +142,13 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
                 # the two counts summed directly: the tracker's get_total_tokens() merges every
                 # field of every entry recursively, a cost paid on every rollout for two numbers
                 for model, entries in tracker.usage_data.items():
-                    box.add_tokens(int(sum(_number(e.get("prompt_tokens")) for e in entries)),
-                                   int(sum(_number(e.get("completion_tokens")) for e in entries)),
-                                   model, calls=len(entries))
+                    prompt = int(sum(_number(e.get("prompt_tokens")) for e in entries))
+                    completion = int(sum(_number(e.get("completion_tokens")) for e in entries))
+                    box.add_tokens(prompt, completion, model, calls=len(entries))
+                    if _price_for(box.prices, model) is None:
+                        # what no copy of ours reported a cost for: an LM the program or metric holds itself
+                        seen = box.priced.get(model, (0, 0))
+                        box.add_cost(_metadata_cost(model, prompt - seen[0], completion - seen[1]))
     finally:
         _CURRENT.reset(token)
 
@@ -128,6 +168,9 @@ def _note_history_entry(entry: Any) -> None:
     box = _CURRENT.get()
     if box is not None:  # the rollout's own thread: tokens come from DSPy's tracker, the cost from here
         box.add_cost(entry.get("cost"), entry.get("model"))
+        usage = entry["usage"]
+        box.note_priced(str(entry.get("model") or ""), int(_number(usage.get("prompt_tokens"))),
+                        int(_number(usage.get("completion_tokens"))))
         return
     box = dspy.settings.get(ROLLOUT_USAGE)
     if isinstance(box, RolloutUsage):
