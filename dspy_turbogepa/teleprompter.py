@@ -107,8 +107,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         token_budget, cost_budget_usd, time_budget_seconds: budgets on top of dspy.GEPA's metric-call
             budget (LM tokens of the program and reflection, dollars as dspy/litellm report them —
             calls through LMs the optimizer does not hold, an LLM-judge metric's own, priced from DSPy's
-            model metadata —, wall clock from the start of compile). When one is reached nothing new is launched, work in
-            flight finishes, and ``detailed_results.stop_reason`` names the budget.
+            model metadata —, wall clock from the start of compile). When one is reached nothing new is
+            launched, work in flight finishes, and ``detailed_results.stop_reason`` names the budget.
         strict_budget: never pass ``max_metric_calls``: a mutation starts only if its worst case fits,
             so the run may stop up to one mutation's cost below the limit (default False: dspy.GEPA's
             rule, the budget is checked before each mutation starts and the last one may finish,

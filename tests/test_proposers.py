@@ -241,3 +241,56 @@ def test_the_metrics_feedback_call_runs_on_the_users_lm_not_the_reflection_lm(ro
     # the judge's tokens still count (token and dollar budgets must see them), beside the reflections'
     reflection_prompt = sum(h["usage"]["prompt_tokens"] for h in reflection_lm.history)
     assert stats["reflection_tokens"]["prompt"] > reflection_prompt > 0
+
+
+def test_a_reflection_waiting_out_a_rate_limit_gives_up_when_the_run_stops():
+    """The backoff ran on a worker thread nothing could interrupt: after Ctrl-C or a time budget the
+    thread slept on (73 s) and called the reflection LM once compile() had returned."""
+    import threading
+    import time
+
+    from dspy import lm15
+
+    from dspy_turbogepa.adapter.ratelimit import RetryPolicy
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    calls = []
+
+    def always_limited(candidate, reflective_dataset, components_to_update):
+        calls.append(time.monotonic())
+        raise lm15.RateLimitError("quota", status=429, retry_after=60.0)
+
+    proposer = ReflectiveProposer(None, always_limited, None, max_workers=1,
+                                  rate_limit_policy=RetryPolicy(max_retries=10, max_elapsed_s=300.0, base_s=60.0,
+                                                                cap_s=60.0))
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(out=proposer._propose({"p": "x"}, {"p": []}, ["p"])))
+    worker.start()
+    time.sleep(0.2)
+    stopped = time.monotonic()
+    proposer.stop()
+    worker.join(timeout=5)
+    assert not worker.is_alive() and time.monotonic() - stopped < 2
+    assert box["out"].skipped == "proposer_error" and len(calls) == 1  # not asked again after the stop
+    assert proposer.rate_limit_stats()["rate_limit_gave_up"] == 1
+    proposer.close()
+
+
+def test_the_engine_tells_the_reflector_when_the_run_stops(routing, student_lm, reflection_lm, monkeypatch):
+    import dspy_turbogepa.teleprompter as teleprompter_module
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    told = []
+
+    class Recording(ReflectiveProposer):
+        def stop(self):
+            told.append(True)
+            super().stop()
+
+    monkeypatch.setattr(teleprompter_module, "ReflectiveProposer", Recording)
+    splits = small_splits(routing, n_train=10, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=200, reflection_lm=reflection_lm, num_threads=4, verbose=False,
+                    gepa_kwargs={"stop_callbacks": [lambda state: state.i >= 1]})  # a stop, while work is in flight
+    with dspy.context(lm=student_lm):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert told

@@ -198,8 +198,15 @@ def test_the_cost_of_lms_the_optimizer_does_not_hold_is_counted(routing):
                 + models[name]["completion_tokens"] * _metadata_rates(f"openai/{name}")[1]
                 for name in ("gpt-4o-mini", "gpt-4.1"))
 
+        bare = dspy.LM("gpt-4.1", api_base=srv.base_url, api_key="x", cache=False)  # no provider prefix
+
+        def judged_bare(gold, pred, trace=None, pred_name=None, pred_trace=None):
+            bare(messages=[{"role": "user", "content": f"Is {pred.queue} right? " + "context " * 50}])
+            return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
         for program, metric in ((routing.make_program(), judged),
-                                (_OnAnotherModel(routing.make_program(), big), routing.metric)):
+                                (_OnAnotherModel(routing.make_program(), big), routing.metric),
+                                (routing.make_program(), judged_bare)):
             requests, dollars = spent()
             ev, codec = make_evaluator(routing, program, n=6, metric=metric)
             outcomes = run_all(ev, codec, small, range(6))

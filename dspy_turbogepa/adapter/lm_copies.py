@@ -98,17 +98,24 @@ def _metadata_rates(model: str) -> tuple[float, float] | None:
     """Dollars per prompt and per completion token of ``model`` ("provider/name") from DSPy's model
     metadata (what DSPy prices its own calls with), or None when it does not list the model."""
     provider, _, name = model.partition("/")
-    try:
-        from dspy.clients.model_metadata import model_info
+    # a bare name ("gpt-4o", which DSPy accepts and prices) names no provider: ask the common ones
+    candidates = [(provider, name)] if name else [(p, model) for p in _BARE_NAME_PROVIDERS]
+    for provider, name in candidates:
+        try:
+            from dspy.clients.model_metadata import model_info
 
-        info = model_info(provider, name) if name else None
-    except Exception as exc:  # noqa: BLE001 - pricing is advisory: an unknown or odd model is unpriced
-        logger.debug("no price for %s (%s)", model, type(exc).__name__)
-        return None
-    rates = (info or {}).get("input_cost_per_token"), (info or {}).get("output_cost_per_token")
-    if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in rates):
-        return None
-    return float(rates[0]), float(rates[1])  # type: ignore[arg-type]
+            info = model_info(provider, name) or {}
+        except Exception as exc:  # noqa: BLE001 - pricing is advisory: an unknown or odd model is unpriced
+            logger.debug("no price for %s (%s)", model, type(exc).__name__)
+            continue
+        rates = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+        if all(isinstance(r, (int, float)) and math.isfinite(r) for r in rates):
+            return float(rates[0]), float(rates[1])  # type: ignore[arg-type]
+    return None
+
+
+#: Providers asked for a model named without one, in order.
+_BARE_NAME_PROVIDERS = ("openai", "anthropic", "gemini", "mistral", "deepseek", "xai", "groq")
 
 
 def _metadata_cost(model: str, prompt: int, completion: int) -> float:

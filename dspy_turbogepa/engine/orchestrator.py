@@ -191,6 +191,13 @@ class Orchestrator:
         if self._wake is not None:
             self._call_on_loop(self._wake.set)
 
+    def _tell_reflector_stopping(self) -> None:
+        """A reflector may wait (a rate-limit backoff of up to minutes, on a worker thread the event loop
+        cannot cancel): once nothing new will launch, tell it to stop waiting. Optional for reflectors."""
+        stop = getattr(self._reflector, "stop", None)
+        if callable(stop):
+            stop()
+
     def cancel_in_flight(self) -> None:
         """Cancel every running mutation (used after the grace period of an interrupt); nothing new starts.
 
@@ -506,6 +513,8 @@ class Orchestrator:
             running = len(self._running())
             width = self.width()  # once per pass: it only changes when a launch moves the view
             stop = self._should_stop()
+            if stop is not None and not self._draining():
+                self._tell_reflector_stopping()
             if (stop is None or self._draining()) and running <= width and not saturated:
                 view, chain_on = self._next_view(self._next_seq, running, width)
                 if view is not None and stop is not None and view > self._drain_view:  # type: ignore[operator]

@@ -65,7 +65,6 @@ class ReflectiveProposer:
         max_workers: int,
         price_table: Mapping[str, tuple[float, float]] | None = None,
         rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
-        sleep: Callable[[float], None] = time.sleep,
         seed: int | None = 0,
     ) -> None:
         """``rate_limit_policy``: a proposal that fails with a rate limit (after DSPy's own retries on the
@@ -73,7 +72,9 @@ class ReflectiveProposer:
         as a failed reflection: a short burst of 429s must not stop the run as "systemic"."""
         self._builder = builder
         self._rl_policy = rate_limit_policy
-        self._sleep = sleep
+        #: Set when the run stops (or this proposer closes): a rate-limit backoff ends at once, so no
+        #: reflection thread outlives compile() and calls the LM after it returned.
+        self._stopping = threading.Event()
         self._rng = random.Random(f"reflection-backoff:{seed}")
         self._rl_stats = RateLimitStats()
         self._prices = dict(price_table or {})  # the same table the program's calls are priced with
@@ -83,7 +84,12 @@ class ReflectiveProposer:
         self._lm_copies = LMCopies(retries_off=False)
         self._fatal = FATAL_ERROR_TYPES
 
+    def stop(self) -> None:
+        """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped)."""
+        self._stopping.set()
+
     def close(self) -> None:
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def rate_limit_stats(self) -> dict[str, Any]:
@@ -165,14 +171,16 @@ class ReflectiveProposer:
                 if classify(exc, self._fatal).kind != "rate_limited":
                     return self._failed(exc)
                 self._rl_stats.add(rate_limited=1)
-                if self._rl_policy.exhausted(retries, time.monotonic() - started):
+                if self._stopping.is_set() or self._rl_policy.exhausted(retries, time.monotonic() - started):
                     self._rl_stats.add(rate_limit_gave_up=1)
                     return self._failed(exc)
                 delay = self._rl_policy.delay(retries, classify(exc, self._fatal).retry_after, self._rng)
                 logger.info("The reflection LM is rate limited; asking again in %.1fs", delay)
                 self._rl_stats.add(rate_limit_retries=1, backoff_s=delay)
                 retries += 1
-                self._sleep(delay)
+                if self._stopping.wait(delay):  # the run stopped while we waited: do not call the LM again
+                    self._rl_stats.add(rate_limit_gave_up=1)
+                    return self._failed(exc)
         outcome = _validate_answer(answer, parent_texts, to_update)
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
