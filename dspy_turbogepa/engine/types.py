@@ -86,7 +86,11 @@ class Evaluator(Protocol):
 
 @runtime_checkable
 class Reflector(Protocol):
-    """Turns a parent and its traced minibatch outcomes into new texts for some of its components."""
+    """Turns a parent and its traced minibatch outcomes into new texts for some of its components.
+
+    A reflector may also define ``stop() -> None``: the engine calls it once the run stops launching
+    work, so a reflection waiting on something (a rate-limit backoff) can give up instead of running on
+    after the run has returned."""
 
     async def reflect(
         self,
