@@ -159,8 +159,8 @@ class Orchestrator:
         #: Deterministic runs with a callable component selector: per mutation in flight, resolved once it
         #: has called the selector (or ended without); selectors are called in launch order (see _select).
         self._selector_turns: dict[int, asyncio.Future[None]] = {}
-        #: Components some reflection has answered with their current text (see _propose).
-        self._echoed: set[str] = set()
+        #: Reflections that answered with the current texts (see _propose).
+        self._echoes = 0
         self._commit_futs: dict[int, asyncio.Future[None]] = {}
         self._planned: dict[int, tuple[str, int, int | None]] = {}
         #: Per committed mutation: the pool index of its rung-0 survivor, -1 if the survivor did not
@@ -540,7 +540,10 @@ class Orchestrator:
                 return
             self._wake.clear()
             waiter = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait([*self._running(), waiter], return_when=asyncio.FIRST_COMPLETED)
+            # a time budget or a stop file is noticed within a second even when every mutation is waiting
+            # (a reflection in a rate-limit backoff finishes nothing that would wake the loop)
+            poll = 1.0 if self.config.max_seconds is not None or self.config.stop_file is not None else None
+            await asyncio.wait([*self._running(), waiter], timeout=poll, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
 
     async def _commit_finished(self) -> None:
@@ -1000,12 +1003,13 @@ class Orchestrator:
         unchanged = proposal.skipped is None and any(o.score < self.config.perfect_score for o in parent_outs) and all(
             parent.texts.get(k) == v for k, v in proposal.texts.items() if k in parent.texts)
         if unchanged:
-            # ... and only once every component has been echoed: in a many-predictor program a proposer
+            # ... and only from the N-th echo on (N components): in a many-predictor program a proposer
             # rightly keeps the instructions of the predictors a failure is not about (one per step, round
-            # robin), so only an echo of everything says the proposer is broken. Until then it is neither
-            # a failure nor a success.
-            self._echoed.update(components)
-            if not self._echoed >= set(self._seed.texts):
+            # robin), so up to N - 1 echoes in a row say nothing; a proposer that echoes whatever it is
+            # offered (a subset selector included) still stops the run. Until then an echo is neither a
+            # failure nor a success.
+            self._echoes += 1
+            if self._echoes < len(self._seed.texts):
                 return proposal
         self._systemic.observe_proposal(proposal, unchanged=unchanged)
         return proposal

@@ -610,3 +610,50 @@ def test_a_proposer_that_echoes_every_component_still_stops_the_run() -> None:
     orch = build(cfg, FakeEvaluator(setup.task, 1), refl, setup)
     err, _, _ = run_until_error(orch, orch._evaluator)
     assert "reflections all failed" in str(err) and "unchanged_texts" in str(err)
+
+
+def test_a_proposer_that_echoes_what_a_subset_selector_offers_still_stops_the_run() -> None:
+    """Counting echoes only once every component had been echoed never counted one when the selector
+    offers a subset: an echoing proposer then paid 30 reflections and returned the seed silently."""
+    names = tuple(f"c{i}" for i in range(3))
+    setup = hard_setup(components=names)
+    refl = FakeReflector(fixed=setup.task.seed_texts())
+    cfg = make_config(max_metric_calls=5000, systemic_failure_window=6, component_selector=lambda *args: ["c0"],
+                      deterministic=False)
+    orch = build(cfg, FakeEvaluator(setup.task, 1), refl, setup)
+    err, _, _ = run_until_error(orch, orch._evaluator)
+    assert "reflections all failed" in str(err) and "unchanged_texts" in str(err)
+
+
+class _WaitsUntilStopped(FakeReflector):
+    """A reflection that waits (as one in a long rate-limit backoff does) until the engine says stop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: asyncio.Event | None = None
+
+    async def reflect(self, parent_texts, components, outcomes, seed):
+        self.stopped = self.stopped or asyncio.Event()
+        self.calls.append(None)
+        await self.stopped.wait()
+        return ProposalOutcome(skipped="proposer_error", message="gave up: the run stopped")
+
+    def stop(self) -> None:
+        if self.stopped is not None:
+            self.stopped.set()
+
+
+@pytest.mark.parametrize("how", ["time_budget", "stop_file"])
+def test_a_stop_is_noticed_while_every_mutation_waits_on_its_reflection(how: str, tmp_path: Path) -> None:
+    """Nothing finishing means nothing woke the loop: a time budget or a stop file went unnoticed while
+    reflections sat in rate-limit backoffs (a 3 s time budget took 196 s)."""
+    stop_file = tmp_path / "gepa.stop"
+    kw = {"max_seconds": 1.0} if how == "time_budget" else {"stop_file": stop_file}
+    refl = _WaitsUntilStopped()
+    cfg = make_config(max_metric_calls=5000, **kw)
+    if how == "stop_file":
+        threading.Timer(1.0, stop_file.touch).start()
+    started = time.monotonic()
+    result, *_ = run_fakes(cfg, hard_setup(), reflector=refl, timeout=20.0)
+    assert result.stop_reason == how and refl.calls
+    assert time.monotonic() - started < 8.0
