@@ -639,12 +639,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
 
 def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    """The same examples in the same order, with the same inputs (an Example's ``==`` ignores which
-    fields are inputs)."""
-    return len(a) == len(b) and all(
-        x is y or (x == y and getattr(x, "_input_keys", None) == getattr(y, "_input_keys", None))
-        for x, y in zip(a, b)
-    )
+    """The same examples in the same order, with the same inputs: the same objects, or the same content
+    by the run key's own hash (an Example's ``==`` ignores the inputs and raises on NumPy fields)."""
+    if len(a) != len(b):
+        return False
+    if all(x is y for x, y in zip(a, b)):
+        return True
+    from dspy_turbogepa.adapter.persistence import data_identity
+
+    return data_identity(a) == data_identity(b)
 
 
 def _flex_submodules(student: dspy.Module) -> list[str]:

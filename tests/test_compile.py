@@ -390,3 +390,20 @@ def test_a_cancelled_error_from_user_code_is_a_recorded_failure_not_a_stop(routi
 
     with pytest.raises(SystemicFailureError, match="proposer_error"):
         compile_task(routing, student_lm, reflection_lm, budget=120, num_threads=4, instruction_proposer=proposer)
+
+
+def test_telling_a_valset_equal_to_the_trainset_works_on_array_fields():
+    """``==`` between examples holding NumPy arrays raises ("truth value ... ambiguous"): compile crashed
+    whenever the trainset and valset had the same length."""
+    import numpy as np
+
+    from dspy_turbogepa.teleprompter import _same_examples
+
+    def data(base):
+        return [dspy.Example(emb=np.array([base, base + 1.0]), ticket=f"t{base}").with_inputs("ticket", "emb")
+                for _ in range(3)]
+
+    train, val = data(1.0), data(3.0)
+    assert not _same_examples(train, val)
+    assert _same_examples(train, data(1.0)) and _same_examples(train, list(train))
+    assert not _same_examples(train, [ex.with_inputs("ticket") for ex in train])  # other inputs

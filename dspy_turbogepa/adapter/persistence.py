@@ -460,8 +460,8 @@ def run_key(
         reflection.append("add_format_failure_as_feedback")
     return {
         KEY_FORMAT_COMPONENT: RUN_KEY_FORMAT,
-        "trainset": stable_hash(_hashable([_example_identity(ex) for ex in trainset])),
-        "valset": stable_hash(_hashable([_example_identity(ex) for ex in valset])),
+        "trainset": data_identity(trainset),
+        "valset": data_identity(valset),
         "student": stable_hash(_hashable(structure)),
         "seed": str(seed),
         "metric": stable_hash([callable_identity(metric), float(failure_score)]),
@@ -477,6 +477,12 @@ def adapter_identity(adapter: Any) -> dict[str, Any]:
     fields = {k: v for k, v in sorted(vars(adapter).items())
               if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
     return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **fields}
+
+
+def data_identity(examples: Sequence[dspy.Example]) -> str:
+    """A dataset's content hash: every example's fields and inputs, in order (arrays, tables and models
+    by content, see :func:`_hashable`); the same in every process."""
+    return stable_hash(_hashable([_example_identity(ex) for ex in examples]))
 
 
 def _example_identity(example: dspy.Example) -> list[Any]:
