@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import json
 import os
 import signal
@@ -894,9 +895,18 @@ def test_a_program_answering_none_is_not_rerun_on_every_resume(routing, tmp_path
     assert sessions[0] > 0 and sessions[1] == 0
 
 
+class _Color(enum.Enum):
+    RED = "red"
+
+
 class _Client(pydantic.BaseModel):
     name: str
     token: str = pydantic.Field(repr=False)
+    api_key: str = pydantic.Field(default="sk-LIVE-Q8z7Hunt2", exclude=True)
+
+
+class _Colored(pydantic.BaseModel):
+    color: _Color
 
 
 @dataclasses.dataclass
@@ -913,9 +923,10 @@ def test_stored_values_round_trip_without_hidden_fields_or_code_from_the_row():
 
     image = dspy.Image(url="https://example.com/a.png")
     pred = dspy.Prediction(image=image, inner=dspy.Prediction(x=1), client=_Client(name="crm", token="tok_Q8z7Hunt"),
-                           held=_WithLock("queue"), when=datetime.date(2024, 1, 2))
+                           held=_WithLock("queue"), when=datetime.date(2024, 1, 2), label=_Colored(color=_Color.RED))
     text = json.dumps(_prediction_dict(pred))
-    assert "tok_Q8z7Hunt" not in text
+    assert "tok_Q8z7Hunt" not in text and "sk-LIVE-Q8z7Hunt2" not in text  # repr=False, exclude=True
+    assert _prediction_from(json.loads(text)).label == _Colored(color=_Color.RED)
     back = _prediction_from(json.loads(text))
     assert back.image == image and isinstance(back.inner, dspy.Prediction) and back.inner.x == 1
     assert back.when == datetime.date(2024, 1, 2) and isinstance(back.held, _WithLock) and back.held.label == "queue"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import functools
 import hashlib
 import inspect
@@ -84,6 +85,8 @@ def _stored_leaf(value: Any) -> Any:
             return {_TYPE: tag, "value": {k: _jsonable(v) for k, v in value.items()}}
         if isinstance(value, (datetime.date, datetime.time)):
             return {_TYPE: tag, "value": value.isoformat()}
+        if isinstance(value, enum.Enum):
+            return {_TYPE: tag, "value": _jsonable(value.value)}
         fields = _shown_fields(value)
         if fields is not None:
             return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name)) for name in fields}}
@@ -95,13 +98,14 @@ def _stored_leaf(value: Any) -> Any:
 
 
 def _shown_fields(value: Any) -> list[str] | None:
-    """The fields of a pydantic model or a dataclass instance that its ``repr`` shows: one declared
-    ``repr=False`` (often a key or a client) stays out of the store, as it stayed out of ``str()``.
-    None for anything else. Fields are read one by one: ``dataclasses.asdict`` deep-copies every value
-    and fails on a lock or a client."""
+    """The fields of a pydantic model or a dataclass instance that its ``repr`` shows and its dump keeps:
+    one declared ``repr=False`` or ``exclude=True`` (often a key or a client) stays out of the store, as
+    it stayed out of ``str()`` and ``model_dump()``. None for anything else. Fields are read one by
+    one: ``dataclasses.asdict`` deep-copies every value and fails on a lock or a client."""
     model_fields = getattr(type(value), "model_fields", None)
     if isinstance(model_fields, Mapping) and callable(getattr(value, "model_dump", None)):
-        return [name for name, info in model_fields.items() if getattr(info, "repr", True) is not False]
+        return [name for name, info in model_fields.items()
+                if getattr(info, "repr", True) is not False and getattr(info, "exclude", None) is not True]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [f.name for f in dataclasses.fields(value) if f.repr]
     return None
@@ -117,9 +121,9 @@ def _revive(value: Any) -> Any:
 
     What a row can make happen is bounded: the class is looked up among modules already loaded, by
     their ``__dict__`` (no import, no module ``__getattr__``), and only a DSPy example, a pydantic
-    model, a dataclass or a date is built (their own validation runs, as for any value of theirs); any
-    other name, or a value that no longer validates, leaves the plain JSON. The run store is trusted as
-    the user's own files are; nothing in it is executed as code."""
+    model, a dataclass, an enum member or a date is built (their own validation runs, as for any value
+    of theirs); any other name, or a value that no longer validates, leaves the plain JSON. The run store
+    is trusted as the user's own files are; nothing in it is executed as code."""
     if isinstance(value, list):
         return [_revive(v) for v in value]
     if not isinstance(value, dict):
@@ -142,6 +146,8 @@ def _rebuild(tag: str, value: Any) -> Any:
     try:
         if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
             return cls.fromisoformat(value)
+        if issubclass(cls, enum.Enum):
+            return cls(value)
         if issubclass(cls, dspy.Example) and isinstance(value, dict):
             return cls(**value)
         if issubclass(cls, pydantic.BaseModel) or dataclasses.is_dataclass(cls):
