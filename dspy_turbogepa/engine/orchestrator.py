@@ -159,8 +159,11 @@ class Orchestrator:
         #: Deterministic runs with a callable component selector: per mutation in flight, resolved once it
         #: has called the selector (or ended without); selectors are called in launch order (see _select).
         self._selector_turns: dict[int, asyncio.Future[None]] = {}
-        #: Reflections that answered with the current texts (see _propose).
+        #: Reflections that answered with the current texts, the components they echoed, and every
+        #: component a reflection has been asked about (see _propose).
         self._echoes = 0
+        self._echoed: set[str] = set()
+        self._offered: set[str] = set()
         self._commit_futs: dict[int, asyncio.Future[None]] = {}
         self._planned: dict[int, tuple[str, int, int | None]] = {}
         #: Per committed mutation: the pool index of its rung-0 survivor, -1 if the survivor did not
@@ -983,6 +986,7 @@ class Orchestrator:
         if proposal is not None:
             self.stats.proposals_replayed += 1
             return proposal
+        self._offered.update(components)
         async with self._reflection_slots:
             try:
                 proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
@@ -1003,13 +1007,15 @@ class Orchestrator:
         unchanged = proposal.skipped is None and any(o.score < self.config.perfect_score for o in parent_outs) and all(
             parent.texts.get(k) == v for k, v in proposal.texts.items() if k in parent.texts)
         if unchanged:
-            # ... and only from the N-th echo on (N components): in a many-predictor program a proposer
-            # rightly keeps the instructions of the predictors a failure is not about (one per step, round
-            # robin), so up to N - 1 echoes in a row say nothing; a proposer that echoes whatever it is
-            # offered (a subset selector included) still stops the run. Until then an echo is neither a
-            # failure nor a success.
+            # ... and only once it is clear the proposer echoes whatever it is offered: at least N echoes
+            # (N components) and every component offered so far echoed. In a many-predictor program a
+            # proposer rightly keeps the instructions of the predictors a failure is not about (round
+            # robin: up to N - 1 echoes before the faulty one's turn; many mutations in flight: echoes of
+            # the others while the faulty one is being rewritten), and a subset selector offers only some.
+            # Until then an echo is neither a failure nor a success.
             self._echoes += 1
-            if self._echoes < len(self._seed.texts):
+            self._echoed.update(components)
+            if self._echoes < len(self._seed.texts) or not self._echoed >= self._offered:
                 return proposal
         self._systemic.observe_proposal(proposal, unchanged=unchanged)
         return proposal

@@ -602,6 +602,17 @@ def test_echoes_of_the_predictors_not_at_fault_are_not_a_broken_proposer() -> No
     assert len(result.records) > 1
 
 
+@pytest.mark.parametrize("sleep_seed", [0, 1, 2])
+def test_echoes_of_the_others_while_many_mutations_are_in_flight_are_not_a_broken_proposer(sleep_seed: int) -> None:
+    """16 mutations in flight from the seed: the echoes of the two components not at fault arrive before
+    the first rewrite of the third, and counting every echo from the N-th on stopped a correct run."""
+    setup = hard_setup(components=("c0", "c1", "c2"))
+    cfg = make_config(max_metric_calls=400, systemic_failure_window=8, component_selector="round_robin",
+                      max_mutations_in_flight=16, max_reflections_in_flight=8, **fixed_width())
+    result, *_ = run_fakes(cfg, setup, reflector=_KeepsAllButOne("c2", sleep_seed=sleep_seed), timeout=60)
+    assert len(result.records) > 1
+
+
 def test_a_proposer_that_echoes_every_component_still_stops_the_run() -> None:
     names = tuple(f"c{i}" for i in range(3))
     setup = hard_setup(components=names)
