@@ -909,6 +909,18 @@ class _Colored(pydantic.BaseModel):
     color: _Color
 
 
+class _Priority(str, enum.Enum):
+    HIGH = "high"
+
+
+class _Level(enum.IntEnum):
+    ONE = 1
+
+
+class _Planet(enum.Enum):
+    EARTH = (1, 2)
+
+
 @dataclasses.dataclass
 class _WithLock:
     label: str
@@ -927,6 +939,11 @@ def test_stored_values_round_trip_without_hidden_fields_or_code_from_the_row():
     text = json.dumps(_prediction_dict(pred))
     assert "tok_Q8z7Hunt" not in text and "sk-LIVE-Q8z7Hunt2" not in text  # repr=False, exclude=True
     assert _prediction_from(json.loads(text)).label == _Colored(color=_Color.RED)
+    # str / int enums are str / int too (they were stored as plain values), and tuple values come back
+    members = dspy.Prediction(p=_Priority.HIGH, level=_Level.ONE, planet=_Planet.EARTH)
+    back = _prediction_from(json.loads(json.dumps(_prediction_dict(members))))
+    assert (back.p, back.level, back.planet) == (_Priority.HIGH, _Level.ONE, _Planet.EARTH)
+    assert type(back.p) is _Priority and type(back.level) is _Level
     back = _prediction_from(json.loads(text))
     assert back.image == image and isinstance(back.inner, dspy.Prediction) and back.inner.x == 1
     assert back.when == datetime.date(2024, 1, 2) and isinstance(back.held, _WithLock) and back.held.label == "queue"
@@ -950,3 +967,23 @@ def test_a_class_is_keyed_by_its_own_code_not_its_librarys():
     from dspy_turbogepa.adapter.persistence import _class_code
 
     assert [part.split("=")[0] for part in _class_code(_PydanticScorer)] == ["__call__"]
+
+
+def test_examples_sharing_an_object_are_hashed_by_content_each_time():
+    """The walk's "seen" set kept every object it had met: one met again in a sibling (two examples
+    sharing an array) was hashed as a cycle marker, so datasets that differ could hash the same (a
+    resume accepted a changed dataset; valset=trainset was wrongly assumed)."""
+    import numpy as np
+
+    from dspy_turbogepa.adapter.persistence import data_identity
+
+    p, q = np.array([1.0, 2.0]), np.array([9.0, 9.0])
+    train = [dspy.Example(a=p, b=q, x="t").with_inputs("x"), dspy.Example(a=p, x="u").with_inputs("x")]
+    val = [dspy.Example(a=p, b=q, x="t").with_inputs("x"), dspy.Example(a=q, x="u").with_inputs("x")]
+    assert data_identity(train) != data_identity(val)
+
+    class Node:
+        def __init__(self):
+            self.me = self  # a real cycle still ends in a marker
+
+    assert data_identity([dspy.Example(x=Node()).with_inputs("x")])

@@ -68,6 +68,8 @@ def _jsonable(value: Any) -> Any:
     """For what is stored (see the module docstring): primitives, mappings and lists walked; a DSPy
     example or prediction, a pydantic model, a dataclass or a date as its fields tagged with its type
     (see :func:`_revive`); a set as a sorted list; anything else as its ``str()``."""
+    if isinstance(value, enum.Enum):  # before the primitives: a str / int enum member is one too
+        return _stored_leaf(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Mapping):
@@ -147,7 +149,12 @@ def _rebuild(tag: str, value: Any) -> Any:
         if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
             return cls.fromisoformat(value)
         if issubclass(cls, enum.Enum):
-            return cls(value)
+            try:
+                return cls(value)
+            except ValueError:
+                if isinstance(value, list):  # a tuple value, read back from JSON as a list
+                    return cls(_as_tuples(value))
+                raise
         if issubclass(cls, dspy.Example) and isinstance(value, dict):
             return cls(**value)
         if issubclass(cls, pydantic.BaseModel) or dataclasses.is_dataclass(cls):
@@ -155,6 +162,10 @@ def _rebuild(tag: str, value: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - the class changed since the row was written: keep the JSON
         logger.debug("stored %s value not rebuilt (%s)", tag, type(exc).__name__)
     return value
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 @functools.lru_cache(maxsize=256)
@@ -384,7 +395,9 @@ def _hashable(value: Any) -> Any:
     classes by name, LMs by :func:`lm_identity` (never their keys), sets sorted, arrays and images by
     a hash of their bytes, tables and models by their full dumps (``to_dict`` / ``model_dump`` /
     dataclass fields), an object whose ``str()`` is informative by that, any other by its fields.
-    A reference cycle ends in a marker instead of a RecursionError."""
+    A reference cycle ends in a marker instead of a RecursionError: only the objects being walked into
+    (the ancestors) count, so an object met again in a sibling (two examples sharing an array) is
+    hashed by its content both times."""
     seen: set[int] = set()
 
     def leaf(v: Any) -> Any:
@@ -400,6 +413,12 @@ def _hashable(value: Any) -> Any:
         if id(v) in seen:
             return f"<cycle {kind}>"
         seen.add(id(v))
+        try:
+            return walked(v, kind)
+        finally:
+            seen.discard(id(v))
+
+    def walked(v: Any, kind: str) -> Any:
         try:
             if getattr(getattr(v, "dtype", None), "kind", None) == "O" and callable(getattr(v, "tolist", None)):
                 # an object array's bytes are pointers to its elements: walk the elements instead
