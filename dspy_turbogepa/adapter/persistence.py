@@ -522,8 +522,9 @@ _ANSWERED = (None, "metric_error", "metric_invalid")
 
 
 #: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
-#: input fields, metric objects by their class's code, the adapter and Predict.config keyed).
-RUN_KEY_FORMAT = "2"
+#: input fields, metric objects by their class's code, the adapter and Predict.config keyed; 3: an
+#: object shared by two examples hashed by its content both times).
+RUN_KEY_FORMAT = "3"
 
 
 class StoreObserver(EngineObserver):
