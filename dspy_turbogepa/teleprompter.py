@@ -440,7 +440,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if self.use_mlflow:
             tracker = MlflowRunTracker(
                 self.get_params(),
-                stats_provider=lambda: live_run_stats(orchestrator, evaluator),
+                stats_provider=lambda: live_run_stats(orchestrator, evaluator, reflector),
                 seed_texts=codec.seed_texts(),
                 trainset_size=len(train),
                 valset_size=len(val),
@@ -459,7 +459,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 pump.drain()
             display.tick()
 
-        display.bind(OrchestratorSource(orchestrator, calls_offset=len(known_evals or ())))
+        display.bind(OrchestratorSource(
+            orchestrator, calls_offset=len(known_evals or ()),
+            extra_backoffs=lambda: reflector.rate_limit_stats()["rate_limit_retries"],
+        ))
         logger.info(
             "TurboGEPA: budget %d metric calls, %d evaluations / %d mutations / %d reflections in flight, "
             "validation rungs %s", budget, config.max_evals_in_flight, config.max_mutations_in_flight,
@@ -488,7 +491,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # metric_calls_replayed says how many of the stored ones this session's search used: a run
             # resumed with another budget plans differently and may leave some unused)
             result.total_metric_calls += len(known_evals)
-        result.stats.rate_limits = {**evaluator.rate_limit_stats(), "reflection": reflector.rate_limit_stats()}
+        result.stats.rate_limits = live_run_stats(orchestrator, evaluator, reflector).rate_limits
         if result.stop_reason == "interrupted":
             logger.warning("Run interrupted: returning the best program found so far.")
         best = result.best
@@ -692,10 +695,13 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
 
 
-def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator) -> RunStats:
-    """The run's stats with the evaluator's rate-limit counters and windows as they are now (the
-    engine fills them only at the end), so MLflow charts them over time."""
-    orchestrator.stats.rate_limits = evaluator.rate_limit_stats()
+def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflector: Any = None) -> RunStats:
+    """The run's stats with the evaluator's (and the reflection LM's) rate-limit counters and windows as
+    they are now (the engine fills them only at the end), so MLflow charts them over time."""
+    limits = evaluator.rate_limit_stats()
+    if reflector is not None:
+        limits["reflection"] = reflector.rate_limit_stats()
+    orchestrator.stats.rate_limits = limits
     return orchestrator.stats
 
 

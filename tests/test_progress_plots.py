@@ -223,7 +223,7 @@ def test_hooks_feed_best_frontier_and_rung_funnel_without_a_source(info_logs: py
     display.on_candidate(make_record(0, {0: 0.0, 1: 1.0, 2: 0.0}))
     display.on_candidate(make_record(1, {0: 1.0, 1: 0.0, 2: 0.0}, parents=[0]))
     display.on_candidate(make_record(2, {0: 1.0, 1: 1.0, 2: 0.0}, parents=[1]))  # dominates both
-    for status, rung in [("rejected_rung0", 0), ("rejected_rung0", 0), ("pruned", 1), ("accepted", 2),
+    for status, rung in [("rejected_rung0", 0), ("pruned", 1), ("accepted", 2), ("after_stop", 2),
                          ("accepted", 2), ("skipped_perfect", 0), ("no_proposal", 0)]:
         display.on_mutation(mutation(status, rung), status)
     for _ in range(7):
@@ -231,11 +231,11 @@ def test_hooks_feed_best_frontier_and_rung_funnel_without_a_source(info_logs: py
     snap = display.snapshot()
     assert snap.best == pytest.approx(2 / 3)
     assert snap.frontier_size == 1  # 0 and 1 are each tied with 2 on every instance they lead
-    assert snap.rung_funnel == (5, 3, 2)  # children on a minibatch > on shard 1 > on the full valset
+    assert snap.rung_funnel == (5, 4, 3)  # children on a minibatch > on shard 1 > on the full valset
     assert snap.candidates == 3
     assert snap.metric_calls == 7  # counted from on_evaluation when no source is bound
     display.tick()
-    assert "children per rung 5 > 3 > 2" in progress_lines(info_logs)[-1]
+    assert "children per rung 5 > 4 > 3" in progress_lines(info_logs)[-1]  # an after_stop child was validated
 
 
 def test_orchestrator_source_reads_public_state() -> None:
@@ -258,6 +258,8 @@ def test_orchestrator_source_reads_public_state() -> None:
     assert src.best() == 1.0 and src.frontier_size() == 1
 
     assert OrchestratorSource(orch, frontier_size=lambda: 9).frontier_size() == 9
+    # the reflection LM's rate-limit retries are backoffs too
+    assert OrchestratorSource(orch, extra_backoffs=lambda: 3).backoffs() == 7
 
 
 def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.LogCaptureFixture) -> None:

@@ -593,3 +593,16 @@ def test_a_burst_of_429s_from_the_reflection_lm_is_waited_out(routing, student_l
     assert stats["rate_limits"]["reflection"]["rate_limit_retries"] == stats["rate_limits"]["reflection"][
         "rate_limited"]
     assert "proposer_error" not in stats.get("proposal_skips", {})
+
+
+def test_the_live_stats_carry_the_reflection_lms_rate_limits():
+    """MLflow charts live_run_stats over time: the reflection LM's 429s appeared only at the end."""
+    from types import SimpleNamespace
+
+    from dspy_turbogepa.teleprompter import live_run_stats
+
+    orchestrator = SimpleNamespace(stats=SimpleNamespace(rate_limits={}))
+    evaluator = SimpleNamespace(rate_limit_stats=lambda: {"rate_limited": 2, "endpoints": {}})
+    reflector = SimpleNamespace(rate_limit_stats=lambda: {"rate_limited": 3, "rate_limit_retries": 3})
+    limits = live_run_stats(orchestrator, evaluator, reflector).rate_limits
+    assert limits["rate_limited"] == 2 and limits["reflection"]["rate_limited"] == 3

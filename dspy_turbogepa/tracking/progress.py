@@ -59,7 +59,7 @@ __all__ = [
 #: Scores closer than this are ties (the engine's frontier uses the same tolerance).
 #: Statuses of mutations whose child was scored on a minibatch (or a merge screen): the funnel's first
 #: entry. A "duplicate" counts only when it was found out after evaluation (rung_reached > 0).
-_TRIED_STATUSES = frozenset({"accepted", "rejected_rung0", "pruned", "duplicate"})
+_TRIED_STATUSES = frozenset({"accepted", "rejected_rung0", "pruned", "duplicate", "after_stop"})
 
 
 @runtime_checkable
@@ -94,14 +94,17 @@ class OrchestratorSource:
     the number of candidates on GEPA's Pareto frontier, i.e. per-instance front members that are not
     dominated (the programs parents are drawn from; with ties on easy instances nearly every
     candidate is a raw front member, which says little).
+    ``extra_backoffs``: rate-limit retries made outside the engine's evaluations (the reflection LM's).
     """
 
     def __init__(
-        self, orchestrator: Any, *, calls_offset: int = 0, frontier_size: Callable[[], int] | None = None
+        self, orchestrator: Any, *, calls_offset: int = 0, frontier_size: Callable[[], int] | None = None,
+        extra_backoffs: Callable[[], int] | None = None,
     ) -> None:
         self._orch = orchestrator
         self._offset = int(calls_offset)
         self._frontier_fn = frontier_size
+        self._extra_backoffs = extra_backoffs
         self._tracker = FrontierTally()
         self._seen = 0
 
@@ -137,7 +140,9 @@ class OrchestratorSource:
 
     def backoffs(self) -> int | None:
         value = getattr(getattr(self._orch, "stats", None), "rate_limit_retries", None)
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        return int(value) + (int(self._extra_backoffs()) if self._extra_backoffs is not None else 0)
 
 
 @dataclass(frozen=True)
