@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dspy_turbogepa.engine.config import CandidateSelection
+from dspy_turbogepa.engine.records import mean_in_id_order
 
 #: Scores closer than this are ties (metric floats such as 0.1 + 0.2 should not split a front).
 SCORE_EPS = 1e-9
@@ -144,7 +145,7 @@ class FrontierTally:
 
     def add(self, index: int, val_scores: Mapping[Any, float]) -> None:
         self.count += 1
-        agg = sum(v for _, v in sorted(val_scores.items())) / len(val_scores) if val_scores else 0.0  # id order
+        agg = mean_in_id_order(val_scores)
         self._aggregates[index] = agg
         self.best = agg if self.best is None else max(self.best, agg)
         for vid, score in val_scores.items():

@@ -41,6 +41,7 @@ from dspy_turbogepa.engine.records import (
     MutationResult,
     RunStats,
     StopReason,
+    mean_in_id_order,
 )
 from dspy_turbogepa.engine.rungs import RungLadder, promotion_decision
 from dspy_turbogepa.engine.sampling import LINEAGE_DEPTH, EpochShuffledSampler, FailureFirstSampler, LineageKnowledge
@@ -787,7 +788,6 @@ class Orchestrator:
             message = mask_text(f"{type(exc).__name__}: {exc}")
             logger.warning("Mutation %d: the component selector failed: %s", plan.seq, message)
             self.stats.proposal_skips["selector_error"] += 1
-            plan.components = []
             # a selector that always fails stops the run like a proposer that always fails
             self._systemic.observe_proposal(ProposalOutcome(skipped="selector_error", message=message))
             return False
@@ -1136,7 +1136,7 @@ class Orchestrator:
             self._attempted += 1
             improved = False
             if status == "accepted" and result.val_outcomes:
-                child_mean = sum(o.score for _, o in sorted(result.val_outcomes.items())) / len(result.val_outcomes)
+                child_mean = mean_in_id_order({i: o.score for i, o in result.val_outcomes.items()})
                 improved = child_mean > self._records[self._frontier.best_index()].aggregate
             self._credit = self._credit.updated(plan.kind, survived=status != "rejected_rung0",
                                                 accepted=status == "accepted", improved_best=improved)

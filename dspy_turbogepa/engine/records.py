@@ -29,6 +29,14 @@ StopReason = Literal[
 ]
 
 
+def mean_in_id_order(scores: Mapping[int, float]) -> float:
+    """The mean of per-validation-instance scores summed in id order, as the frontier (which picks the
+    returned program) and gepa sum them: scores arrive in rung order, and a float sum in another order
+    can differ in the last place, enough to make ``best_idx`` name another candidate than the one
+    returned."""
+    return sum(v for _, v in sorted(scores.items())) / max(1, len(scores))
+
+
 @dataclass
 class CandidateRecord:
     """A candidate that earned a full-validation score, in the order it was committed."""
@@ -45,10 +53,7 @@ class CandidateRecord:
 
     @property
     def aggregate(self) -> float:
-        """The mean in validation-id order, as the frontier (which picks the returned program) and gepa
-        sum it: the scores arrive in rung order, and a float sum in another order can differ in the last
-        place, enough to make ``best_idx`` name a different candidate than the one returned."""
-        return sum(v for _, v in sorted(self.val_scores.items())) / max(1, len(self.val_scores))
+        return mean_in_id_order(self.val_scores)
 
 
 @dataclass
