@@ -504,15 +504,16 @@ class DspyEvaluator:
             # model there stops the run at once too, not after a window of failed evaluations.
             verdict = classify(exc, self._fatal)
             fatal = verdict.error_type if verdict.fatal else None
+            service = verdict.fatal or verdict.kind is not None
             message = f"The metric raised {_describe(exc)}"
             trajectory = DspyTrajectory(
                 example, pred, steps, raw_trace, message, fatal or type(exc).__name__, "metric_error",
-                service_failure=verdict.fatal or verdict.kind is not None,
+                service_failure=service,
             )
             return EvalOutcome(
                 example_id, self._failure_score, failure="metric_error", message=message,
                 trajectory=trajectory if capture else None, error_type=fatal or type(exc).__name__,
-                fatal=fatal is not None, service_failure=verdict.fatal or verdict.kind is not None,
+                fatal=fatal is not None, service_failure=service,
                 output=pred if self._keep_outputs and split == "val" else None,
             ), 0
         reading = read_metric_return(ret, self._failure_score)

@@ -97,13 +97,13 @@ def _number(value: Any) -> float:
 def _metadata_rates(model: str) -> tuple[float, float] | None:
     """Dollars per prompt and per completion token of ``model`` ("provider/name") from DSPy's model
     metadata (what DSPy prices its own calls with), or None when it does not list the model."""
+    from dspy.clients.model_metadata import model_info
+
     provider, _, name = model.partition("/")
     # a bare name ("gpt-4o", which DSPy accepts and prices) names no provider: ask the common ones
     candidates = [(provider, name)] if name else [(p, model) for p in _BARE_NAME_PROVIDERS]
     for provider, name in candidates:
         try:
-            from dspy.clients.model_metadata import model_info
-
             info = model_info(provider, name) or {}
         except Exception as exc:  # noqa: BLE001 - pricing is advisory: an unknown or odd model is unpriced
             logger.debug("no price for %s (%s)", model, type(exc).__name__)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import dspy
+
 
 def check_metric_signature(metric: Callable[..., Any]) -> None:
     """Same check and exception type as dspy.GEPA, with a message that shows the fix; stricter where a
@@ -22,8 +24,6 @@ def check_metric_signature(metric: Callable[..., Any]) -> None:
     un-awaited coroutine)."""
     if not callable(metric):
         raise TypeError(f"metric must be callable, got {type(metric).__name__}.")
-    import dspy
-
     target: Any = metric
     if isinstance(metric, dspy.Module) and callable(getattr(metric, "forward", None)):
         target = metric.forward

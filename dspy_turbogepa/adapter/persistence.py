@@ -354,8 +354,7 @@ def proposer_settings(proposer: Any) -> str:
     :func:`callable_identity`)."""
     if proposer is None or inspect.isfunction(proposer) or not in_dspy_package(type(proposer)):
         return ""
-    fields = {k: v for k, v in sorted(vars(proposer).items())
-              if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
+    fields = _plain_settings(proposer)
     fields.update({k: type(v).__qualname__ for k, v in sorted(vars(proposer).items())
                    if k == "adapter" and v is not None})
     # other public settings (``skills=(...)``), when set: a non-empty one changes the reflection prompt
@@ -449,6 +448,12 @@ def _hashable(value: Any) -> Any:
     return _to_json(value, leaf)
 
 
+#: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
+#: input fields, metric objects by their class's code, the adapter and Predict.config keyed; 3: an
+#: object shared by two examples hashed by its content both times).
+RUN_KEY_FORMAT = "3"
+
+
 def run_key(
     student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
     *, metric: Callable[..., Any] | None = None, failure_score: float = 0.0, context_lm: Any = None,
@@ -499,9 +504,13 @@ def run_key(
 def adapter_identity(adapter: Any) -> dict[str, Any]:
     """A configured DSPy adapter (``dspy.configure(adapter=JSONAdapter())``) formats every prompt and
     parses every answer: its class and public plain settings."""
-    fields = {k: v for k, v in sorted(vars(adapter).items())
-              if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
-    return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **fields}
+    return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **_plain_settings(adapter)}
+
+
+def _plain_settings(obj: Any) -> dict[str, Any]:
+    """An object's public fields holding plain values (its settings; run-time state is seldom plain)."""
+    return {k: v for k, v in sorted(vars(obj).items())
+            if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
 
 
 def data_identity(examples: Sequence[dspy.Example]) -> str:
@@ -519,12 +528,6 @@ def _example_identity(example: dspy.Example) -> list[Any]:
 
 #: Failures after which the program's answer exists (the metric, not the program, failed).
 _ANSWERED = (None, "metric_error", "metric_invalid")
-
-
-#: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
-#: input fields, metric objects by their class's code, the adapter and Predict.config keyed; 3: an
-#: object shared by two examples hashed by its content both times).
-RUN_KEY_FORMAT = "3"
 
 
 class StoreObserver(EngineObserver):

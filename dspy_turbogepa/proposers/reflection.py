@@ -168,13 +168,14 @@ class ReflectiveProposer:
                     answer = asyncio.run(_await(answer))
                 break
             except USER_CODE_ERRORS as exc:
-                if classify(exc, self._fatal).kind != "rate_limited":
+                verdict = classify(exc, self._fatal)
+                if verdict.kind != "rate_limited":
                     return self._failed(exc)
                 self._rl_stats.add(rate_limited=1)
                 if self._stopping.is_set() or self._rl_policy.exhausted(retries, time.monotonic() - started):
                     self._rl_stats.add(rate_limit_gave_up=1)
                     return self._failed(exc)
-                delay = self._rl_policy.delay(retries, classify(exc, self._fatal).retry_after, self._rng)
+                delay = self._rl_policy.delay(retries, verdict.retry_after, self._rng)
                 logger.info("The reflection LM is rate limited; asking again in %.1fs", delay)
                 self._rl_stats.add(rate_limit_retries=1, backoff_s=delay)
                 retries += 1
