@@ -940,3 +940,35 @@ def test_upload_errors_are_masked_with_the_runs_secrets(local_tracking, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("proxy rejected key ***REDACTED***" in m for m in messages), messages
     assert not any(key in m for m in messages)
+
+
+def test_a_systemic_failure_still_logs_the_last_stats_to_mlflow(local_tracking):
+    """A run that ends with SystemicFailureError is marked FAILED: its charts must end where the run did
+    (they ended at the last periodic sample, which can be the seed's, so the paid calls were not shown)."""
+    import dspy
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+    from dspy_turbogepa import SystemicFailureError
+    from dspy_turbogepa.testing import TASKS, make_student_lm
+
+    task = TASKS["pipeline"]
+    splits = task.splits(data_seed=0, n_train=12, n_val=8, n_test=0)
+    calls = []
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        raise RuntimeError("this proposer always fails")
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is None:
+            calls.append(1)
+        return task.metric(gold, pred, trace, pred_name, pred_trace)
+
+    opt = tp.TurboGEPA(metric, max_metric_calls=400, instruction_proposer=proposer, num_threads=8, use_mlflow=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), pytest.raises(SystemicFailureError):
+        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    assert mlflow.active_run() is None
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "metric_calls")
+    assert history and max(m.value for m in history) == len(calls) > len(splits.val)  # beyond the seed's

@@ -370,13 +370,16 @@ class MlflowRunTracker(EngineObserver):
             raise
 
     def abort(self, error: BaseException | None = None) -> None:
-        """The compile failed: flush what is buffered and end a run this tracker started as FAILED."""
+        """The compile failed: take a last sample of the live stats, flush what is buffered and end a run this
+        tracker started as FAILED."""
         if self.finished:
             return
         self.finished = True
         if not self.enabled:
             self._cleanup()
             return
+        # the charts end where the run did, not at the last periodic sample (maybe the seed's)
+        self._sample(force=True)
         reason = type(error).__name__ if error is not None else "aborted"
         self._submit("tags", lambda c: c.set_tag(self.run_id, "turbogepa.stop_reason", f"error: {reason}"))
         self._close("FAILED", timeout=min(self._finish_timeout, ABORT_TIMEOUT))
