@@ -244,7 +244,7 @@ def test_user_lm_objects_are_never_modified(routing):
     assert {k: v for k, v in vars(pred_lm).items() if k != "history"} == \
         {k: v for k, v in before.items() if k != "history"}
     # the built program runs on our copy, which shares the user's history (lm.history keeps working)
-    built, _ = codec.get("seed", codec.seed_texts())
+    built = codec.get("seed", codec.seed_texts()).program
     copy = dict(built.named_predictors())[name].lm
     assert copy is not pred_lm and copy.num_retries == 0 and copy.history is pred_lm.history
     assert len(pred_lm.history) == 4

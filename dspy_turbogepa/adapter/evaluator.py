@@ -220,8 +220,9 @@ class DspyEvaluator:
         self, texts: Mapping[str, str], fingerprint: str, split: Split, example_id: int, capture_traces: bool
     ) -> EvalOutcome:
         example = self._data[split][example_id]
-        program, names = self._codec.get(fingerprint, texts)
-        pred_keys, uses_context = self._prepare(program)
+        built = self._codec.get(fingerprint, texts)
+        names = built.names
+        pred_keys, uses_context = self._prepare(built.program)
         context_lm = dspy.settings.lm
         context_copy = None
         keys = set(pred_keys)
@@ -236,7 +237,8 @@ class DspyEvaluator:
             tickets = await self._windows.acquire_all(keys)
             result, hint, only = "neutral", None, None
             try:
-                attempt = await self._attempt(program, names, example, example_id, split, capture_traces, context_copy)
+                attempt = await self._attempt(built.for_call(), names, example, example_id, split, capture_traces,
+                                              context_copy)
                 usage.add(attempt.usage)
                 verdict = attempt.verdict
                 if verdict is None:

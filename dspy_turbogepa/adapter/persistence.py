@@ -242,8 +242,7 @@ def trajectory_from_json(
     if not text:
         return None
     data = json.loads(text)
-    program, _ = codec.get(fingerprint, texts)
-    predictors = dict(program.named_predictors())
+    predictors = dict(codec.get(fingerprint, texts).program.named_predictors())
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
     for s in data.get("steps", []):
