@@ -218,6 +218,42 @@ def test_tty_mode_draws_one_bar_with_throttled_redraws(info_logs: pytest.LogCapt
     assert progress_lines(info_logs) == []  # no log lines on top of the bar
 
 
+def test_log_lines_shown_over_the_bar_keep_each_console_handlers_level_and_filters(capsys) -> None:
+    """Under the bar, log lines go through tqdm.write so they do not tear it; tqdm's own redirect
+    replaced every console handler by one that kept the first one's stream and filters but no level:
+    DEBUG lines flooded a console set to WARNING, and a WARNING meant for stderr was filtered out."""
+    pkg = logging.getLogger("dspy_turbogepa")
+    out = logging.StreamHandler(sys.stdout)
+    out.setLevel(logging.INFO)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    out.setFormatter(logging.Formatter("OUT %(levelname)s %(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("ERR %(levelname)s %(message)s"))
+    old_level = pkg.level
+    pkg.setLevel(logging.DEBUG)
+    pkg.addHandler(out)
+    pkg.addHandler(err)
+    try:
+        clock, source = FakeClock(), FakeSource(budget=300)
+        display = ProgressDisplay(source, interactive=True, clock=clock, refresh_interval=0.5)
+        drive(display, source, clock, ticks=20)
+        assert display.mode == "bar"
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING):
+            logging.getLogger("dspy_turbogepa.engine").log(level, "line at %s", logging.getLevelName(level))
+        drive(display, source, clock, ticks=20)
+        display.close(stop_reason="max_metric_calls")
+        assert out.stream is sys.stdout and err.stream is sys.stderr  # given back
+    finally:
+        pkg.removeHandler(out)
+        pkg.removeHandler(err)
+        pkg.setLevel(old_level)
+    captured = capsys.readouterr()
+    assert "OUT INFO line at INFO" in captured.out and "WARNING" not in captured.out
+    assert "ERR WARNING line at WARNING" in captured.err and "line at INFO" not in captured.err
+    assert "line at DEBUG" not in captured.out + captured.err
+
+
 def test_hooks_feed_best_frontier_and_rung_funnel_without_a_source(info_logs: pytest.LogCaptureFixture) -> None:
     display = ProgressDisplay(interactive=False, clock=FakeClock())
     display.on_candidate(make_record(0, {0: 0.0, 1: 1.0, 2: 0.0}))

@@ -37,8 +37,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -248,6 +248,46 @@ def _screen(stream: Any) -> tuple[int, int]:
 
 def _is_console_handler(handler: logging.Handler) -> bool:
     return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+class _TqdmStream:
+    """A console stream whose writes go through ``tqdm.write``: a log line clears the bar, is written,
+    and the bar is drawn again below it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream, end="")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def _console_through_tqdm(loggers: Iterable[logging.Logger]) -> Iterator[None]:
+    """Each console handler of ``loggers`` writes through tqdm while the bar is shown, and is given its
+    stream back after. Only the stream is swapped: tqdm's ``logging_redirect_tqdm`` replaced the
+    handlers by one of its own that kept the first one's stream and filters but not its level, so
+    DEBUG lines reached a console set to WARNING, and a WARNING meant for stderr met stdout's filter."""
+    swapped: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
+    try:
+        for lg in loggers:
+            for handler in lg.handlers:
+                if _is_console_handler(handler) and all(handler is not h for h, _ in swapped):
+                    stream = handler.stream
+                    handler.setStream(_TqdmStream(stream))  # type: ignore[type-var]
+                    swapped.append((handler, stream))  # type: ignore[arg-type]
+        yield
+    finally:
+        for handler, stream in reversed(swapped):
+            handler.setStream(stream)
 
 
 def _in_notebook() -> bool:
@@ -494,12 +534,8 @@ class ProgressDisplay(EngineObserver):
         if self._stream is None:
             # Log records written to the console while the bar is shown would tear it: route them
             # through tqdm.write (which clears and redraws the bar) until close().
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            console = [lg for lg in (logging.root, logging.getLogger("dspy_turbogepa"), logging.getLogger("dspy"))
-                       if any(_is_console_handler(h) for h in lg.handlers)]
-            if console:  # (tqdm would add its handler to a logger without one too: duplicate lines)
-                self._exit.enter_context(logging_redirect_tqdm(loggers=console))
+            self._exit.enter_context(_console_through_tqdm(
+                (logging.root, logging.getLogger("dspy_turbogepa"), logging.getLogger("dspy"))))
         cols, rows = _screen(stream)
         return tqdm(
             total=total,
