@@ -83,6 +83,9 @@ _SENSITIVE_SUFFIXES = (
     "encryptionkey",
     "authkey",  # X-Auth-Key (Cloudflare)
     "auth",  # Helicone-Auth, X-Auth
+    "virtualkey",  # x-portkey-virtual-key
+    "credential",
+    "credentials",  # vertex_credentials
 )
 
 
@@ -129,6 +132,37 @@ _KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
 def strip_userinfo(url: str) -> str:
     """``scheme://user:password@host/...`` -> ``scheme://host/...``: a URL fit to name an endpoint."""
     return re.sub(r"(?<=://)[^/@\s]*@", "", url)
+
+
+def endpoint_url(url: str) -> str:
+    """A URL fit to name an endpoint in stats, logs and MLflow metric names: no userinfo, and no part
+    that could be a credential — a path segment that looks like key material (gateways that take their
+    key in the path, ``.../gw/<token>/v1``) and the query are replaced by a short digest of
+    themselves, so two endpoints still get two names."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(strip_userinfo(url))
+    except ValueError:
+        return mask_text(strip_userinfo(url))
+    path = "/".join(seg if _plain_segment(seg) else f"~{_digest(seg)}" for seg in parts.path.split("/"))
+    query = f"~{_digest(parts.query)}" if parts.query else ""
+    return mask_text(urlunsplit((parts.scheme, parts.netloc, path, query, "")))
+
+
+def _plain_segment(segment: str) -> bool:
+    """``v1``, ``openai``, ``chat-completions``: short, or words; not random key material (a long run
+    of characters, or many digits: ``sk-proj-...``, a UUID)."""
+    if len(segment) < 16:
+        return True
+    words = re.split(r"[-_.~]", segment)
+    return all(len(w) <= 12 for w in words) and sum(c.isdigit() for c in segment) < 0.25 * len(segment)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def url_credentials(url: str, username_if: Callable[[str], bool] | None = None) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dspy
+from dspy.clients.base_lm import BaseLM
 from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.teleprompt.teleprompt import Teleprompter
@@ -392,7 +393,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         codec = ProgramCodec(student)
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
-            cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm)))
+            cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm, self.metric_fn,
+                                                           self.custom_instruction_proposer)))
             # valset=None and valset=trainset (or an equal copy) are the same run: one evaluation serves both
             shared = valset is None or _same_examples(train, val)
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared)
@@ -705,23 +707,33 @@ def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflect
     return orchestrator.stats
 
 
-def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
-    """Credentials held by the LM objects this compile will call (the program's, the configured, the
-    reflection LM): ``api_key``, the password in an ``api_base`` URL, and the values of credential
-    headers (``Authorization``, ``x-api-key``, ...), so that any text quoting them is masked exactly."""
+def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[str]:
+    """Credentials held by the LM objects this compile will call, so that any text quoting them (an
+    error body echoing the key it was given) is masked exactly: every credential-named argument
+    (``api_key``, ``aws_secret_access_key``, ``aws_session_token``, ...), the password in an
+    ``api_base`` URL, and the values of credential headers (``Authorization``, ``x-api-key``,
+    ``x-portkey-virtual-key``, ...).
+
+    The LMs: the program's predictors', the configured and the reflection LM, and those found one step
+    away from the program's modules and from ``others`` (the metric, the instruction proposer): an LM
+    the module holds and runs with ``dspy.context(lm=...)``, a judge metric's or a proposer's own LM,
+    as an attribute, a closure cell or a global the function names."""
     lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
     lms += [dspy.settings.lm, reflection_lm]
+    lms += [lm for _, module in student.named_sub_modules() for lm in _held_lms(module)]
+    lms += [lm for obj in others for lm in _held_lms(obj)]
     keys: list[str] = []
-    for lm in lms:
+    for lm in dict.fromkeys(lm for lm in lms if lm is not None):
         kwargs = getattr(lm, "kwargs", None)
         if not isinstance(kwargs, dict):
             continue
-        candidates: list[Any] = [kwargs.get("api_key")]
+        candidates: list[Any] = [value for name, value in kwargs.items() if is_sensitive_key(name)]
         for field in ("headers", "extra_headers", "default_headers"):
             headers = kwargs.get(field)
             if isinstance(headers, dict):
                 for name, value in headers.items():
-                    if is_sensitive_key(name) and isinstance(value, str):
+                    # a header named "...key" is a credential (x-portkey-virtual-key, x-goog-api-key)
+                    if (is_sensitive_key(name) or str(name).lower().endswith("key")) and isinstance(value, str):
                         candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
         keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
         url = lm_api_base(lm)
@@ -730,6 +742,37 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any) -> list[str]:
             # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
             keys += url_credentials(url, username_if=_looks_like_a_key)
     return keys
+
+
+def _held_lms(obj: Any) -> list[Any]:
+    """The LMs ``obj`` holds one step away: its attributes (and the predictors of a module metric), or
+    for a function its closure cells and the globals its code names. Only a look, never a call."""
+    if obj is None:
+        return []
+    if isinstance(obj, BaseLM):
+        return [obj]
+    values: list[Any] = []
+    fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        values += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
+                   if _cell_is_set(cell)]
+        namespace = getattr(fn, "__globals__", {})
+        values += [namespace[name] for name in code.co_names if name in namespace]
+    owner = getattr(obj, "__self__", None) if code is not None else obj
+    if owner is not None and not isinstance(owner, type):
+        values += list(getattr(owner, "__dict__", {}).values())
+        if isinstance(owner, dspy.Module):
+            values += [getattr(p, "lm", None) for _, p in owner.named_predictors()]
+    return [v for v in values if isinstance(v, BaseLM)]
+
+
+def _cell_is_set(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # an empty cell raises ValueError
+    except ValueError:
+        return False
+    return True
 
 
 def _looks_like_a_key(value: str) -> bool:

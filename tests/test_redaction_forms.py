@@ -48,6 +48,9 @@ APIM = "apim0a9b8c7d6e5f4a3b2c1d9e8f"
         "password",
         "X-Auth-Key",  # Cloudflare
         "Helicone-Auth",
+        "x-portkey-virtual-key",
+        "vertex_credentials",
+        "aws_session_token",
     ],
 )
 def test_credential_header_and_field_names_are_sensitive(name):
@@ -153,3 +156,97 @@ def test_quoted_url_token_and_apim_header_are_never_written(routing, tmp_path, e
     for path in written:
         data = path.read_bytes()
         assert USER_TOKEN.encode() not in data and APIM.encode() not in data, path
+
+
+def test_an_endpoint_name_never_holds_a_path_token_or_a_query():
+    """Endpoint names key the rate-limit stats in summary.json, detailed_results and MLflow metric names
+    (which are never redacted): a gateway that takes its key in the path (``/gw/<token>/v1``) or the
+    query wrote the key into all three."""
+    from dspy_turbogepa.adapter.lm_copies import endpoint_key
+    from dspy_turbogepa.redaction import endpoint_url
+    from dspy_turbogepa.tracking.mlflow_tracking import sanitize_key
+
+    token = "LKtok3nQ9w8e7r6t5y4u"
+    for url in (f"http://127.0.0.1:9/gw/{token}/v1", f"http://127.0.0.1:9/v1?api_key={token}",
+                f"http://me:{token}@127.0.0.1:9/v1", "http://127.0.0.1:9/gw/sk-proj-abcdefghijklmnopqrstu/v1"):
+        name = endpoint_key(dspy.LM("openai/x", api_base=url))
+        assert token not in name and "abcdefghijklmnopqrstu" not in name, name
+        assert name.startswith("openai/x@http://127.0.0.1:9/")
+    assert endpoint_url(f"http://h/gw/{token}/v1") != endpoint_url("http://h/gw/another0token1xyz2/v1")
+    assert endpoint_url("https://x.openai.azure.com/openai/deployments/my-chat/v1") == \
+        "https://x.openai.azure.com/openai/deployments/my-chat/v1"  # plain paths stay readable
+    assert "sk-LEAKCHECK" not in sanitize_key("rate_limits/endpoints/x@http://h/sk-LEAKCHECK-1234567890abcdef")
+
+
+_HELD_KEY = "LKheldKEYq1W2e3R4t5Y6u7I8o9"
+_GLOBAL_JUDGE = dspy.LM("openai/judge", api_key="LKglobalJudge1a2b3c4d5e6f7")
+
+
+def test_every_credential_of_every_lm_the_run_can_reach_is_masked():
+    """Only api_key, credential-named headers and the URL password of the predictors', the configured
+    and the reflection LM were masked: an aws_secret_access_key, a portkey virtual key, or the key of
+    an LM the program holds (run with dspy.context inside forward), a judge metric's or a custom
+    proposer's own LM were written as is when an error body echoed them."""
+    from dspy_turbogepa.teleprompter import _lm_api_keys
+
+    secrets = {
+        "aws": "LKawssecretN1m2B3v4C5x6Z7lf",
+        "session": "LKsesstokA1s2D3f4G5h6J7k8L9",
+        "virtual": "LKvirtkeyP9o8I7u6Y5t4R3e2Wq",
+    }
+    student_lm = dspy.LM("bedrock/x", aws_secret_access_key=secrets["aws"], aws_session_token=secrets["session"],
+                         extra_headers={"x-portkey-virtual-key": secrets["virtual"]})
+
+    class Program(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.answer = dspy.Predict("question -> answer")
+            self.answer.lm = student_lm
+            self.big_lm = dspy.LM("openai/big", api_key="LKmoduleHeld1a2b3c4d5e6f7")
+
+    closure_lm = dspy.LM("openai/judge", api_key="LKclosureJudge1a2b3c4d5e6f7")
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        closure_lm("is it right?")
+        _GLOBAL_JUDGE("is it right?")
+        return 1.0
+
+    class Judge(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.grade = dspy.Predict("answer -> score: float")
+            self.grade.lm = dspy.LM("openai/grader", api_key="LKmoduleJudge1a2b3c4d5e6f7")
+
+    class Proposer:
+        def __init__(self):
+            self.lm = dspy.LM("openai/proposer", api_key=_HELD_KEY)
+
+        def __call__(self, candidate, reflective_dataset, components_to_update):
+            return {}
+
+    keys = set(_lm_api_keys(Program(), None, metric, Proposer()))
+    assert set(secrets.values()) <= keys
+    assert {"LKmoduleHeld1a2b3c4d5e6f7", "LKclosureJudge1a2b3c4d5e6f7", "LKglobalJudge1a2b3c4d5e6f7", _HELD_KEY} <= keys
+    assert "LKmoduleJudge1a2b3c4d5e6f7" in set(_lm_api_keys(Program(), None, Judge()))
+
+
+def test_the_program_uploaded_to_mlflow_holds_no_lm_credential():
+    """DSPy's save() leaves out api_key only; the MLflow artifact masked credential-looking text, not
+    credential-named fields, so an aws_secret_access_key or a virtual-key header was uploaded."""
+    import json
+
+    from dspy_turbogepa.tracking.mlflow_tracking import _program_json
+
+    program = dspy.Predict("question -> answer")
+    program.lm = dspy.LM("bedrock/x", aws_secret_access_key="LKawssecretN1m2B3v4C5x6Z7lf",
+                         extra_headers={"x-portkey-virtual-key": "LKvirtkeyP9o8I7u6Y5t4R3e2Wq"})
+    text = _program_json(program)
+    assert text is not None and "LKawssecret" not in text and "LKvirtkey" not in text
+    assert json.loads(text)["signature"]["instructions"]  # still the program
+
+
+def test_a_string_score_is_masked_where_it_is_quoted():
+    from dspy_turbogepa.adapter.metric import read_metric_return
+
+    reading = read_metric_return("judge said: use sk-LEAKCHECK-1234567890abcdef", failure_score=0.0)
+    assert reading.invalid and "LEAKCHECK" not in reading.invalid and "string score" in reading.invalid

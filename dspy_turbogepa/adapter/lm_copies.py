@@ -31,7 +31,7 @@ from typing import Any
 import dspy
 from dspy.utils.usage_tracker import UsageTracker, track_usage
 
-from dspy_turbogepa.redaction import strip_userinfo
+from dspy_turbogepa.redaction import endpoint_url
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +199,11 @@ def lm_api_base(lm: Any) -> str | None:
 
 def endpoint_key(lm: Any) -> str:
     """Which provider endpoint an LM talks to: its model plus its api_base (when set), never the URL's
-    userinfo (the key names the endpoint in stats and logs)."""
+    userinfo, query or a path segment that could be a token (the key names the endpoint in stats,
+    logs and MLflow metric names, see :func:`~dspy_turbogepa.redaction.endpoint_url`)."""
     model = getattr(lm, "model", None) or type(lm).__name__
     base = lm_api_base(lm)
-    return f"{model}@{strip_userinfo(base)}" if base else str(model)
+    return f"{model}@{endpoint_url(base)}" if base else str(model)
 
 
 def endpoint_model(key: str) -> str:

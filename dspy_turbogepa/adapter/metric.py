@@ -15,6 +15,8 @@ from typing import Any
 
 import dspy
 
+from dspy_turbogepa.redaction import mask_text
+
 
 def check_metric_signature(metric: Callable[..., Any]) -> None:
     """Same check and exception type as dspy.GEPA, with a message that shows the fix; stricter where a
@@ -105,7 +107,8 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
     if isinstance(raw, bool):
         return MetricReading(float(raw), feedback, objectives)
     if isinstance(raw, str):
-        return MetricReading(failure_score, feedback, objectives, invalid=f"the metric returned a string score {raw!r}")
+        shown = mask_text(repr(raw[:200]))  # a judge's text may quote anything, a key included
+        return MetricReading(failure_score, feedback, objectives, invalid=f"the metric returned a string score {shown}")
     try:
         score = float(raw)
     except (TypeError, ValueError, OverflowError):

@@ -44,7 +44,6 @@ from dspy_turbogepa.engine.frontier import FrontierTally, pareto_front_members
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.redaction import (
     is_sensitive_key,
-    mask_json_text,
     mask_text,
     redact,
     strip_userinfo,
@@ -84,8 +83,9 @@ def sanitize_key(name: str, max_length: int = MAX_KEY_LENGTH) -> str:
     MLflow accepts alphanumerics, ``_ - . /``, spaces (and ``:`` except on Windows, so never used here),
     at most 250 characters, and a name must be its own normalised path (no ``a//b``, ``./x``, ``..``, no
     leading or trailing ``/``). Indexes become path-like: ``subs[0].predict`` -> ``subs.0.predict``.
+    A credential-looking part is masked first (names are never redacted afterwards).
     """
-    s = re.sub(r"\[(\d+)\]", r".\1", str(name))
+    s = re.sub(r"\[(\d+)\]", r".\1", mask_text(str(name)))  # names hold endpoint URLs: never a key
     s = re.sub(r"[^A-Za-z0-9_.\- /]", "_", s).strip("/")
     parts = [p.strip() for p in s.split("/")]
     s = "/".join(p if p not in ("", ".", "..") else "_" for p in parts)
@@ -726,7 +726,9 @@ def _program_json(program: Any) -> str | None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "program.json"
             program.save(str(path))
-            return mask_json_text(path.read_text(encoding="utf-8"))
+            # DSPy's save writes a predictor LM's settings (extra_headers, aws_secret_access_key, ...);
+            # only api_key is left out: mask credential-named fields and credential-looking text
+            return json.dumps(redact(json.loads(path.read_text(encoding="utf-8"))), ensure_ascii=False, indent=2)
     except Exception as exc:  # noqa: BLE001
         logger.warning("MLflow tracking: could not save the optimized program (%s: %s)", type(exc).__name__, exc)
         return None
