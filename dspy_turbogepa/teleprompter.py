@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -493,7 +494,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # metric_calls_replayed says how many of the stored ones this session's search used: a run
             # resumed with another budget plans differently and may leave some unused)
             result.total_metric_calls += len(known_evals)
-        result.stats.rate_limits = live_run_stats(orchestrator, evaluator, reflector).rate_limits
+        live = live_run_stats(orchestrator, evaluator, reflector)
+        result.stats.rate_limits = live.rate_limits
+        result.stats.reflective_records_skipped = live.reflective_records_skipped
         if result.stop_reason == "interrupted":
             logger.warning("Run interrupted: returning the best program found so far.")
         best = result.best
@@ -703,6 +706,7 @@ def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflect
     limits = evaluator.rate_limit_stats()
     if reflector is not None:
         limits["reflection"] = reflector.rate_limit_stats()
+        orchestrator.stats.reflective_records_skipped = Counter(reflector.skipped_records())
     orchestrator.stats.rate_limits = limits
     return orchestrator.stats
 

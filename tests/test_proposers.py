@@ -220,6 +220,28 @@ def test_a_metric_whose_feedback_call_always_raises_stops_the_run(routing):
     assert reflection_lm.history == []  # no reflection LM call was paid for
 
 
+def test_a_metrics_failing_feedback_calls_are_counted_and_warned_about_once(routing, caplog):
+    """A feedback call that raises now and then leaves that example out of the reflection. Each one
+    logged a WARNING (130 in a 200-call run) and none was counted anywhere a user could see."""
+    import itertools
+    import logging
+
+    calls = itertools.count()
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None and next(calls) % 2 == 0:
+            raise KeyError("feedback_template")
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        program, _ = _compile(routing, metric, budget=200)
+    skipped = program.detailed_results.run_stats["reflective_records_skipped"]
+    assert skipped.get("feedback_error", 0) >= 3, skipped
+    warned = [r for r in caplog.records if "giving feedback" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert "reflective_records_skipped" in warned[0].getMessage()
+
+
 def test_the_metrics_feedback_call_runs_on_the_users_lm_not_the_reflection_lm(routing):
     """An LLM judge inside the metric reads dspy.settings.lm: for the feedback call (pred_name set) that
     must be the user's configured LM, as in dspy.GEPA, and its calls are not reflection calls."""

@@ -828,7 +828,7 @@ def test_a_resumed_run_hands_the_metric_the_types_a_live_run_does(routing, tmp_p
         with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
             program = opt.compile(_LabelledRouting(routing.make_program()), trainset=splits.train,
                                   valset=splits.val)
-        skips = program.detailed_results.run_stats.get("proposal_skips", {})
+        skips = program.detailed_results.run_stats["reflective_records_skipped"]
         assert not skips.get("feedback_error"), skips
         assert set(seen) <= {("_Label", "date", "str")}
     assert seen  # the resumed session read stored trajectories through the metric

@@ -77,6 +77,8 @@ class ReflectiveDatasetBuilder:
         self._stringify = stringify
         self._lock = threading.Lock()
         self.skipped: Counter[str] = Counter()
+        #: what was warned about already: one WARNING per kind (and per predictor), the rest at DEBUG
+        self._warned: set[tuple[str, str]] = set()
 
     def build(
         self,
@@ -98,7 +100,8 @@ class ReflectiveDatasetBuilder:
             if items:
                 dataset[name] = items
             else:
-                logger.warning("No reflective examples for predictor %r in this minibatch", name)
+                self._log_once(("no_records", name), "No reflective examples for predictor %r in this minibatch "
+                               "(counted in run_stats['proposal_skips']; further ones are logged at DEBUG)", name)
         if not dataset and feedback_errors:
             # Not "nothing to reflect on": the metric's feedback call is broken, which the systemic
             # rule for proposals must see (a run would otherwise spin on free mutations, then return the seed).
@@ -126,7 +129,9 @@ class ReflectiveDatasetBuilder:
             )
         except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
             message = f"{type(exc).__name__}: {mask_text(str(exc))}"
-            logger.warning("The metric raised while giving feedback for %r: %s", name, message)
+            self._log_once(("feedback_error", ""), "The metric raised while giving feedback for %r: %s (this example "
+                           "is left out of the reflection; counted in run_stats['reflective_records_skipped'], "
+                           "further ones are logged at DEBUG)", name, message)
             self._count("feedback_error")
             feedback_errors.append(message)
             return None
@@ -198,6 +203,18 @@ class ReflectiveDatasetBuilder:
     def _count(self, reason: str) -> None:
         with self._lock:
             self.skipped[reason] += 1
+
+    def skipped_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.skipped)
+
+    def _log_once(self, kind: tuple[str, str], msg: str, *args: Any) -> None:
+        """A WARNING the first time, DEBUG after: a broken feedback call would otherwise log a line per
+        record (130 in a 200-call run)."""
+        with self._lock:
+            first = kind not in self._warned
+            self._warned.add(kind)
+        logger.log(logging.WARNING if first else logging.DEBUG, msg, *args)
 
     def _maybe_warn_mismatch(self) -> None:
         with self._lock:

@@ -147,6 +147,9 @@ class RunStats:
     siblings: Counter[str] = field(default_factory=Counter)
     #: Filled by the evaluation layer: 429s seen, retries, backoff seconds, AIMD windows per endpoint.
     rate_limits: dict[str, object] = field(default_factory=dict)
+    #: Filled by the reflection layer: traced examples left out of reflective datasets, by reason
+    #: (``feedback_error``: the metric raised on its feedback call; ...). The proposal went on without them.
+    reflective_records_skipped: Counter[str] = field(default_factory=Counter)
     #: Per proposal kind: attempts, children surviving rung 0, accepted, Laplace-smoothed rates.
     operator_credit: dict[str, dict[str, float]] = field(default_factory=dict)
     #: Evaluation-slot account at the end of the run (scheduling.SlotUse.to_dict): slot-seconds in
@@ -181,6 +184,7 @@ class RunStats:
             "rate_limit_retries": self.rate_limit_retries,
             "operator_credit": self.operator_credit,
             "rate_limits": self.rate_limits,
+            "reflective_records_skipped": dict(self.reflective_records_skipped),
             "evaluation_slots": self.evaluation_slots,
         }
 

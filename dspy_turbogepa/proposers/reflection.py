@@ -92,6 +92,10 @@ class ReflectiveProposer:
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def skipped_records(self) -> dict[str, int]:
+        """Traced examples the reflective datasets left out so far, by reason."""
+        return self._builder.skipped_counts()
+
     def rate_limit_stats(self) -> dict[str, Any]:
         """429s the reflection LM answered past DSPy's own retries, our retries, give-ups, backoff."""
         snap = self._rl_stats.snapshot()

@@ -697,7 +697,8 @@ def stats_metrics(stats: Any) -> dict[str, float]:
             out[metric] = float(value)
     if "cost/task_usd" in out or "cost/reflection_usd" in out:
         out["cost/total_usd"] = out.get("cost/task_usd", 0.0) + out.get("cost/reflection_usd", 0.0)
-    for prefix, attr in (("mutations", "mutations"), ("failures", "failures"), ("proposal_skips", "proposal_skips")):
+    for prefix, attr in (("mutations", "mutations"), ("failures", "failures"), ("proposal_skips", "proposal_skips"),
+                         ("reflective_records_skipped", "reflective_records_skipped")):
         counter = g(attr)
         if isinstance(counter, Mapping):
             for k, v in counter.items():
