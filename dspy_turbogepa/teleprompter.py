@@ -480,7 +480,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 on_tick=on_tick,
             )
         except RunInterruptedError as exc:  # Ctrl-C before the seed was scored: nothing to return
-            raise KeyboardInterrupt(str(exc)) from exc
+            advice = (" The evaluations that finished are kept in the run store (log_dir); rerun with the same "
+                      "log_dir to resume without paying for them again." if store is not None else
+                      " Set log_dir=... to keep finished evaluations across an interrupted run.")
+            raise KeyboardInterrupt(str(exc) + advice) from exc
         except SystemicFailureError as exc:
             if store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
                 store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})

@@ -110,10 +110,11 @@ def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeyp
     try:
         opt = TurboGEPA(slow_metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=6)
         with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
-                pytest.raises(KeyboardInterrupt, match="seed program"):
+                pytest.raises(KeyboardInterrupt, match="seed program") as info:
             opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert "run store" not in str(info.value) and "log_dir=" in str(info.value)  # there is no store to resume
     assert time.monotonic() - first_call[0] < 1.5  # well before the seed's evaluations (2 s each) could finish
 
 

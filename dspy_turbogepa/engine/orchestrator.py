@@ -272,8 +272,7 @@ class Orchestrator:
                 if self._cancelled_in_flight and self._seed_task.cancelled():
                     raise RunInterruptedError(
                         "Stopped before the seed program's validation finished: there is no evaluated "
-                        "program to return. The evaluations that finished are kept in the run store "
-                        "(log_dir); rerun with the same log_dir to resume without paying for them again."
+                        "program to return."
                     ) from None
                 raise
             self._run_stop_callbacks()
