@@ -462,8 +462,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 pump.drain()
             display.tick()
 
-        display.bind(OrchestratorSource(
-            orchestrator, calls_offset=len(known_evals or ()),
+        display.bind(OrchestratorSource(  # stored evaluations count when replayed, as the budget counts them
+            orchestrator,
             extra_backoffs=lambda: reflector.rate_limit_stats()["rate_limit_retries"],
         ))
         logger.info(

@@ -987,3 +987,30 @@ def test_examples_sharing_an_object_are_hashed_by_content_each_time():
             self.me = self  # a real cycle still ends in a marker
 
     assert data_identity([dspy.Example(x=Node()).with_inputs("x")])
+
+
+def test_a_resumed_runs_progress_counts_what_the_budget_counts(routing, tmp_path, caplog):
+    """The progress display added every stored evaluation of earlier sessions to this session's
+    executions, while the budget counts a stored one only when this session replays it: a resumed run
+    showed 100%, ETA 0s with much of its work ahead, and ended at 389/300."""
+    import logging
+    import re
+
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+    splits = small_splits(routing, n_train=16, n_val=8)
+
+    def run(budget: int):
+        opt = TurboGEPA(routing.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=4, log_dir=str(tmp_path), track_stats=True, verbose=True)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+
+    run(60)
+    with caplog.at_level(logging.INFO, logger="dspy_turbogepa.tracking.progress"):
+        stats = run(140).detailed_results.run_stats
+    final = [r.getMessage() for r in caplog.records if "finished" in r.getMessage() and "/140" in r.getMessage()]
+    assert final, [r.getMessage() for r in caplog.records]
+    shown = int(re.search(r"(\d+)/140 metric calls", final[-1]).group(1))
+    assert stats["metric_calls_replayed"] > 0
+    assert shown == stats["metric_calls_executed"] + stats["metric_calls_replayed"]

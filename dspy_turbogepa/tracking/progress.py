@@ -10,7 +10,7 @@ Wiring (the display must exist before the orchestrator, which needs its observer
 
     display = ProgressDisplay(enabled=verbose, time_budget_seconds=...)
     orch = Orchestrator(..., observers=[*observers, display])
-    display.bind(OrchestratorSource(orch, calls_offset=len(known_evals or ())))
+    display.bind(OrchestratorSource(orch))
     try:
         result = run_coroutine_in_thread(orch.run, ..., on_tick=display.tick)
     finally:
@@ -88,7 +88,8 @@ class ProgressSource(Protocol):
 class OrchestratorSource:
     """:class:`ProgressSource` over an ``engine.Orchestrator``'s public attributes.
 
-    ``calls_offset``: metric calls paid before this process (a resumed run's stored evaluations).
+    ``calls_offset``: metric calls to add to the orchestrator's own count (its executed and replayed
+    evaluations: a resumed run's stored evaluations count as the budget counts them, when replayed).
     ``frontier_size``: a callable returning the frontier size, if the caller has a cheaper or more
     exact one; by default it is computed from ``orchestrator.records`` (new records only, per call):
     the number of candidates on GEPA's Pareto frontier, i.e. per-instance front members that are not
@@ -117,7 +118,9 @@ class OrchestratorSource:
             self._seen = n
 
     def metric_calls(self) -> int:
-        return self._orch.budget.executed + self._offset
+        """Metric calls counted against this session's budget: executed, plus stored ones replayed."""
+        replayed = getattr(getattr(self._orch, "stats", None), "replayed", 0) or 0
+        return self._orch.budget.executed + int(replayed) + self._offset
 
     def budget(self) -> int:
         return self._orch.budget.limit
