@@ -52,8 +52,6 @@ IGNORED_KEYS: dict[str, str] = {
     "merge_val_overlap_floor": "not used by this engine's merge",
     "callbacks": "gepa callbacks are not called; use the run store or MLflow tracking",
     "wandb_attach_existing": "wandb is not supported",
-    "mlflow_tracking_uri": "set the tracking URI with mlflow.set_tracking_uri",
-    "mlflow_experiment_name": "set the experiment with mlflow.set_experiment",
     "mlflow_attach_existing": "the active MLflow run is always attached",
     "tracking_key_prefix": "not used",
     "use_cloudpickle": "nothing is pickled by this engine",
@@ -64,7 +62,7 @@ IGNORED_KEYS: dict[str, str] = {
     "reflection_strategy": "reflection goes through instruction_proposer",
 }
 
-MAPPED_KEYS = ("stop_callbacks", "acceptance_criterion")
+MAPPED_KEYS = ("stop_callbacks", "acceptance_criterion", "mlflow_tracking_uri", "mlflow_experiment_name")
 
 #: Keys dspy.GEPA itself refuses (ValueError), with its reasons.
 REFUSED_KEYS: dict[str, str] = {
@@ -87,6 +85,9 @@ REFUSED_KEYS: dict[str, str] = {
 class MappedGepaKwargs:
     stop_callbacks: tuple[Callable[[Any], bool], ...] = field(default_factory=tuple)
     accept_equal_on_minibatch: bool = False
+    #: with ``use_mlflow=True``, as gepa: ``mlflow.set_tracking_uri`` / ``mlflow.set_experiment`` first
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_name: str | None = None
 
 
 def interpret_gepa_kwargs(gepa_kwargs: Mapping[str, Any]) -> MappedGepaKwargs:
@@ -124,7 +125,12 @@ def interpret_gepa_kwargs(gepa_kwargs: Mapping[str, Any]) -> MappedGepaKwargs:
             "gepa's StrictImprovementAcceptance() / ImprovementOrEqualAcceptance() (custom AcceptanceCriterion "
             f"objects are not supported), got {acceptance!r}."
         )
-    return MappedGepaKwargs(stop_callbacks=callbacks, accept_equal_on_minibatch=acceptance == "improvement_or_equal")
+    mlflow_settings = {key: gepa_kwargs.get(key) for key in ("mlflow_tracking_uri", "mlflow_experiment_name")}
+    for key, value in mlflow_settings.items():
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"gepa_kwargs[{key!r}] must be a string, got {type(value).__name__}.")
+    return MappedGepaKwargs(stop_callbacks=callbacks, accept_equal_on_minibatch=acceptance == "improvement_or_equal",
+                            **mlflow_settings)
 
 
 def _builtin_acceptance(value: Any) -> Any:

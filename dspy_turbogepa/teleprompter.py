@@ -289,6 +289,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if gepa_kwargs is not None and not isinstance(gepa_kwargs, dict):
             raise TypeError(f"gepa_kwargs must be a dict or None, got {type(gepa_kwargs).__name__}.")
         self._mapped_gepa_kwargs = interpret_gepa_kwargs(gepa_kwargs or {})
+        mapped = self._mapped_gepa_kwargs
+        if (mapped.mlflow_tracking_uri or mapped.mlflow_experiment_name) and not use_mlflow:
+            logger.warning("gepa_kwargs['mlflow_tracking_uri'] / ['mlflow_experiment_name'] apply with use_mlflow=True "
+                           "(as in gepa); with use_mlflow=False they have no effect.")
 
         # dspy.GEPA's attribute names: get_params() consumers (MLflow autolog) read them.
         self.metric_fn = metric
@@ -448,6 +452,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 trainset_size=len(train),
                 valset_size=len(val),
                 plot_path=None if self.log_dir else True,  # with log_dir, its plots are uploaded instead
+                tracking_uri=self._mapped_gepa_kwargs.mlflow_tracking_uri,
+                experiment_name=self._mapped_gepa_kwargs.mlflow_experiment_name,
             )
             cleanup.push(lambda _t, exc, _tb: tracker.abort(exc) if exc is not None else None)
         extra_observers = [o for o in (pump, tracker) if o is not None]

@@ -972,3 +972,28 @@ def test_a_systemic_failure_still_logs_the_last_stats_to_mlflow(local_tracking):
     assert run.info.status == "FAILED"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "metric_calls")
     assert history and max(m.value for m in history) == len(calls) > len(splits.val)  # beyond the seed's
+
+
+def test_gepa_kwargs_tracking_uri_and_experiment_are_honoured(local_tracking, template_db, tmp_path):
+    """dspy.GEPA routes use_mlflow to gepa_kwargs' mlflow_tracking_uri / mlflow_experiment_name; they
+    were ignored with a warning and the run landed in the process's default store and experiment."""
+    import dspy
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+
+    other = fresh_db(template_db, tmp_path / "other")
+    try:
+        run_small_compile(tp, use_mlflow=True, gepa_kwargs={"mlflow_tracking_uri": other,
+                                                            "mlflow_experiment_name": "turbo-routed"})
+    finally:
+        mlflow.set_tracking_uri(None)  # gepa's setting is process-wide, as in gepa: undo it for the next tests
+    routed = mlflow.MlflowClient(tracking_uri=other)
+    experiment = routed.get_experiment_by_name("turbo-routed")
+    assert experiment is not None
+    runs = routed.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "best_val_score" in runs[0].data.metrics
+    assert mlflow.MlflowClient(tracking_uri=local_tracking).search_runs(["0"]) == []
+    with pytest.raises(TypeError, match="mlflow_tracking_uri"):
+        tp.TurboGEPA(lambda g, p, t=None, n=None, pt=None: 1.0, auto="light", reflection_lm=dspy.LM("openai/x"),
+                     gepa_kwargs={"mlflow_tracking_uri": 5})
