@@ -1014,3 +1014,69 @@ def test_a_resumed_runs_progress_counts_what_the_budget_counts(routing, tmp_path
     shown = int(re.search(r"(\d+)/140 metric calls", final[-1]).group(1))
     assert stats["metric_calls_replayed"] > 0
     assert shown == stats["metric_calls_executed"] + stats["metric_calls_replayed"]
+
+
+def _lookup_v1(key: str) -> str:
+    """Look up the value stored under key."""
+    return key.upper()
+
+
+def _lookup_v2(key: str) -> str:
+    """Look up the value stored under key."""
+    return key.lower()
+
+
+def _make_lookup(suffix: str):
+    def lookup(key: str) -> str:
+        """Look up the value stored under key."""
+        return key + suffix
+    return lookup
+
+
+def _normalize(text: str) -> str:
+    return text.strip()
+
+
+class _UsesAHelper(dspy.Module):
+    def __init__(self, inner, upper: bool = False):
+        super().__init__()
+        self.inner = inner
+        self.upper = upper
+        self._calls = 0  # run-time state in a private field: not a setting
+
+    def forward(self, ticket):
+        ticket = _normalize(ticket)
+        return self.inner(ticket=ticket.upper() if self.upper else ticket)
+
+
+def test_the_run_key_sees_tools_settings_and_helper_functions(routing, monkeypatch):
+    """A fixed ReAct tool, a changed module setting (``self.upper``, a retriever's ``k``) or a fixed
+    module-level helper that ``forward`` calls kept the run key: a resumed run replayed the broken
+    program's scores (seed 0.0 while the fixed program scores 1.0)."""
+    from dspy_turbogepa.adapter.persistence import run_key
+
+    splits = small_splits(routing, n_train=4, n_val=2)
+
+    def key(program):
+        return run_key(program, splits.train, splits.val, 0, metric=routing.metric)["student"]
+
+    def react(tool, **kw):
+        return dspy.ReAct("question -> answer", tools=[tool], **kw)
+
+    assert key(react(_lookup_v1)) == key(react(_lookup_v1))
+    assert key(react(_lookup_v1)) != key(react(_lookup_v2))  # the tool's code
+    assert key(react(_make_lookup("-a"))) != key(react(_make_lookup("-b")))  # a factory's setting
+    assert key(react(_lookup_v1, max_iters=3)) != key(react(_lookup_v1, max_iters=5))
+
+    base = key(_UsesAHelper(routing.make_program()))
+    assert key(_UsesAHelper(routing.make_program(), upper=True)) != base
+    counted = _UsesAHelper(routing.make_program())
+    counted._calls = 7
+    assert key(counted) == base
+    monkeypatch.setitem(globals(), "_normalize", lambda text: text.strip().lower())
+    assert key(_UsesAHelper(routing.make_program())) != base
+
+    best_of = dspy.BestOfN(routing.make_program(), N=3, reward_fn=lambda args, pred: 1.0, threshold=1.0)
+    before = key(best_of)
+    best_of.fail_count -= 2  # lowered by failed attempts when the student ran before compile
+    assert key(best_of) == before

@@ -310,7 +310,45 @@ def callable_identity(fn: Any) -> str:
     code = getattr(fn, "__code__", None)
     if code is None:  # a callable object: the code of its class (and of its user-written bases)
         return f"{name}:{stable_hash(_class_code(type(fn)))}"
-    return f"{name}:{_code_digest(code)}"
+    helpers = _called_user_functions(fn)
+    return f"{name}:{_code_digest(code)}" + (f"+{stable_hash(helpers)}" if helpers else "")
+
+
+def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
+    """The code of the user's own module-level functions ``fn`` names (and those they name): a fixed
+    ``normalize()`` that ``forward`` or the metric calls changes the scores as much as an edited
+    ``forward``. Library functions are left out (they change with an upgrade, not with the user's edits)."""
+    seen = set() if seen is None else seen
+    seen.add(id(fn))
+    namespace = getattr(fn, "__globals__", None)
+    code = getattr(fn, "__code__", None)
+    if not isinstance(namespace, dict) or code is None:
+        return []
+    out: list[str] = []
+    for name in _names_read(code):
+        target = namespace.get(name)
+        if not inspect.isfunction(target) or id(target) in seen or _library_function(target):
+            continue
+        seen.add(id(target))
+        out.append(f"{name}={target.__qualname__}:{_code_digest(target.__code__)}")
+        out += _called_user_functions(target, seen)
+    return out
+
+
+def _names_read(code: Any) -> list[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names += _names_read(const)
+    return names
+
+
+def _library_function(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    if module == "dspy" or module.startswith(("dspy.", "dspy_turbogepa")):
+        return True
+    path = getattr(sys.modules.get(module), "__file__", None)
+    return bool(path) and os.path.realpath(path).startswith(_library_dirs())
 
 
 def _class_code(cls: type) -> list[str]:
@@ -449,8 +487,9 @@ def _hashable(value: Any) -> Any:
 
 #: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
 #: input fields, metric objects by their class's code, the adapter and Predict.config keyed; 3: an
-#: object shared by two examples hashed by its content both times).
-RUN_KEY_FORMAT = "3"
+#: object shared by two examples hashed by its content both times; 4: modules' plain settings, tools,
+#: and the user's module-level functions a forward, tool or metric calls).
+RUN_KEY_FORMAT = "4"
 
 
 def run_key(
@@ -472,6 +511,12 @@ def run_key(
         sorted({code for _, m in student.named_sub_modules() if not in_dspy_package(type(m))
                 for code in _class_code(type(m))})
     ]
+    # what the modules around the predictors hold: their plain settings (a retriever's k, ReAct's
+    # max_iters, a flag the user's forward reads) and the code of the tools and functions they call
+    structure.append(sorted(
+        [name, _module_settings(module)] for name, module in student.named_sub_modules()
+        if not isinstance(module, dspy.Predict) and _module_settings(module)
+    ))
     for name, pred in student.named_predictors():
         state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
         entry: tuple[Any, ...] = (name, list(pred.signature.input_fields), list(pred.signature.output_fields),
@@ -498,6 +543,56 @@ def run_key(
                                          else [lm_identity(context_lm), adapter_identity(adapter)])),
         "reflection": stable_hash(_hashable(reflection)),
     }
+
+
+#: Plain fields of DSPy's own modules that change as they run (BestOfN / Refine lower ``fail_count``
+#: on every failed attempt): running the student before compile must not make it "another run".
+_DSPY_RUNTIME_FIELDS = frozenset({"fail_count"})
+
+
+def _module_settings(module: Any) -> dict[str, Any]:
+    """A module's public plain fields, and the identity of the tools and functions it holds (a list
+    or dict of them included: ``ReAct.tools``). Other objects are run-time state (a client, a lock) and
+    not seen: a module whose behaviour changes through them needs a new log_dir."""
+    out: dict[str, Any] = {k: v for k, v in _plain_settings(module).items()
+                           if not (k in _DSPY_RUNTIME_FIELDS and in_dspy_package(type(module)))}
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_"):
+            continue
+        items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple)) \
+            else [value]
+        tools = [ident for item in items if (ident := _tool_identity(item)) is not None]
+        if tools:
+            out[key] = tools
+    return out
+
+
+def _tool_identity(obj: Any) -> str | None:
+    """A ``dspy.Tool`` by its name, description and function; a plain function by its code. None for
+    anything else, and for DSPy's own functions (ReAct's ``finish``)."""
+    if isinstance(obj, dspy.Tool):
+        fn = obj.func
+        if inspect.isfunction(fn) and _library_function(fn):
+            return f"tool:{obj.name}:{obj.desc}"
+        return f"tool:{obj.name}:{obj.desc}:{_function_identity(fn)}"
+    if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _library_function(getattr(obj, "__func__", obj)):
+        return _function_identity(obj)
+    return None
+
+
+def _function_identity(fn: Any) -> str:
+    """A tool's code, and the plain values its closure captured: tools are often built by a factory
+    (``make_lookup(index_path)``), whose settings live in the closure, not in the code."""
+    cells = getattr(getattr(fn, "__func__", fn), "__closure__", None) or ()
+    captured = []
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if value is None or isinstance(value, (str, int, float, bool)):
+            captured.append(value)
+    return callable_identity(fn) + (f"~{stable_hash(_hashable(captured))}" if captured else "")
 
 
 def adapter_identity(adapter: Any) -> dict[str, Any]:
