@@ -1080,3 +1080,37 @@ def test_the_run_key_sees_tools_settings_and_helper_functions(routing, monkeypat
     before = key(best_of)
     best_of.fail_count -= 2  # lowered by failed attempts when the student ran before compile
     assert key(best_of) == before
+
+
+class _Answer:
+    """What a user's forward may return instead of a dspy.Prediction."""
+
+    def __init__(self, text: str, meta: dict):
+        self.text = text
+        self.meta = meta
+
+
+class _Dropped:
+    """A class with a finaliser: a stored row must never build one (its __del__ would run on the row's data)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __del__(self):
+        pass
+
+
+def test_a_plain_object_a_program_returns_comes_back_as_itself():
+    """A forward returning a plain object was stored as its str(): after a resume the metric's feedback
+    calls got a str, raised AttributeError on ``pred.text``, and those reflective records were lost.
+    Only the user's own plain classes are rebuilt, from their fields, with none of their code run."""
+    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+
+    back = _prediction_from(json.loads(json.dumps(_prediction_dict(_Answer("HELLO", {"n": 1})))))
+    assert type(back) is _Answer and back.text == "HELLO" and back.meta == {"n": 1}
+    nested = _prediction_from(json.loads(json.dumps(_prediction_dict(dspy.Prediction(answer=_Answer("x", {}))))))
+    assert type(nested.answer) is _Answer
+    stored = json.loads(json.dumps(_prediction_dict(_Dropped("/tmp/x"))))
+    assert isinstance(_prediction_from(stored), str)  # stored as its text, never rebuilt
+    # a library class named in a row is never built from it, however plain
+    assert _revive({_TYPE: "argparse:Namespace", "value": {"a": 1}}) == {"a": 1}

@@ -110,7 +110,28 @@ def _shown_fields(value: Any) -> list[str] | None:
                 if getattr(info, "repr", True) is not False and getattr(info, "exclude", None) is not True]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [f.name for f in dataclasses.fields(value) if f.repr]
+    if _plain_user_class(type(value)):
+        return list(vars(value))
     return None
+
+
+def _plain_user_class(cls: type) -> bool:
+    """A class of the user's own code whose instances are their ``__dict__`` (``class Answer: ...``
+    returned by a ``forward``), so that a row can rebuild one without calling any of its code: no
+    ``__slots__``, no ``__del__`` or pickling hooks, not a module, an LM or an exception. Library
+    classes are never rebuilt this way."""
+    if in_dspy_package(cls) or _library_class(cls) or issubclass(cls, (BaseException, dspy.Module, type)):
+        return False
+    for klass in cls.__mro__[:-1]:  # every class but object
+        names = vars(klass)
+        if "__slots__" in names or any(hook in names for hook in _OBJECT_HOOKS):
+            return False
+    return "__dict__" in dir(cls)
+
+
+#: Methods that would run when an object is rebuilt or dropped: a class defining one is not rebuilt.
+_OBJECT_HOOKS = ("__del__", "__setstate__", "__reduce__", "__reduce_ex__", "__new__", "__init_subclass__",
+                 "__getattr__", "__getattribute__", "__setattr__")
 
 
 #: Tags a stored typed value (see :func:`_stored_leaf`).
@@ -123,8 +144,10 @@ def _revive(value: Any) -> Any:
 
     What a row can make happen is bounded: the class is looked up among modules already loaded, by
     their ``__dict__`` (no import, no module ``__getattr__``), and only a DSPy example, a pydantic
-    model, a dataclass, an enum member or a date is built (their own validation runs, as for any value
-    of theirs); any other name, or a value that no longer validates, leaves the plain JSON. The run store
+    model, a dataclass, an enum member, a date, or an instance of a plain class of the user's own code
+    (rebuilt from its fields without running any of its methods, see :func:`_plain_user_class`) is
+    built (their own validation runs, as for any value of theirs); any other name, or a value that no
+    longer validates, leaves the plain JSON. The run store
     is trusted as the user's own files are; nothing in it is executed as code."""
     if isinstance(value, list):
         return [_revive(v) for v in value]
@@ -159,6 +182,10 @@ def _rebuild(tag: str, value: Any) -> Any:
             return cls(**value)
         if issubclass(cls, pydantic.BaseModel) or dataclasses.is_dataclass(cls):
             return _adapter_for(cls).validate_python(value)
+        if isinstance(value, dict) and _plain_user_class(cls):
+            obj = object.__new__(cls)  # no __init__: the fields are the stored ones
+            obj.__dict__.update(value)
+            return obj
     except Exception as exc:  # noqa: BLE001 - the class changed since the row was written: keep the JSON
         logger.debug("stored %s value not rebuilt (%s)", tag, type(exc).__name__)
     return value
