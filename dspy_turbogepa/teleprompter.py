@@ -434,7 +434,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             self.warn_on_score_mismatch,
             stringify=not is_builtin_proposer(proposer),
         )
-        config = self._engine_config(budget, num_threads, len(val))
+        config = self._engine_config(budget, num_threads, len(val),
+                                     n_examples=len(val) if shared_splits else len(val) + len(train))
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm,
                                        max_workers=config.max_reflections_in_flight, price_table=self.price_table,
                                        seed=self.seed)
@@ -617,7 +618,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         assert self.max_metric_calls is not None
         return int(self.max_metric_calls)
 
-    def _engine_config(self, budget: int, num_threads: int, val_size: int) -> EngineConfig:
+    def _engine_config(
+        self, budget: int, num_threads: int, val_size: int, n_examples: int | None = None
+    ) -> EngineConfig:
+        """``n_examples``: the distinct examples the run can evaluate (valset and trainset, or one of them
+        when they are the same): no more evaluations can fail when every one does."""
         mapped = self._mapped_gepa_kwargs
         mutations = self.max_mutations_in_flight or default_mutations_in_flight(num_threads)
         reflections = self.max_reflections_in_flight or min(mutations, default_reflections_in_flight(num_threads))
@@ -648,7 +653,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             stop_callbacks=mapped.stop_callbacks,
             # "every evaluation fails" is judged on the seed's validation pass when it is small: its first
             # completions may all be the examples a data-dependent bug fails on (8 of 12 stopped a run)
-            systemic_failure_window=max(8, min(val_size, 32)),
+            # (and at most every example there is: with 4 training examples and valset=None, 8 failed
+            # evaluations never happen, and a run that failed every one returned the seed)
+            systemic_failure_window=min(max(8, min(val_size, 32)), max(1, n_examples or 32)),
             max_seconds=self.time_budget_seconds,
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,

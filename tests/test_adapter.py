@@ -248,6 +248,21 @@ def test_metric_that_always_raises_stops_early(routing, reflection_lm):
         opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
 
 
+@pytest.mark.parametrize("n_val", [None, 3])
+def test_a_metric_that_always_raises_stops_the_run_on_tiny_data_too(routing, reflection_lm, n_val):
+    """The systemic window (8 failed evaluations at least) could not fill with 4 training examples and
+    valset=None (4 evaluations), or 4 + 3: compile returned the seed as if every failure were fine."""
+    from dspy_turbogepa import SystemicFailureError
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        raise RuntimeError("metric is broken")
+
+    splits = small_splits(routing, n_train=4, n_val=3)
+    opt = TurboGEPA(metric, max_metric_calls=200, reflection_lm=reflection_lm, num_threads=4)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), pytest.raises(SystemicFailureError, match="metric"):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=None if n_val is None else splits.val)
+
+
 def test_proposer_that_raises_or_returns_nothing_is_skipped(routing):
     state = {"n": 0}
 
