@@ -1114,3 +1114,29 @@ def test_a_plain_object_a_program_returns_comes_back_as_itself():
     assert isinstance(_prediction_from(stored), str)  # stored as its text, never rebuilt
     # a library class named in a row is never built from it, however plain
     assert _revive({_TYPE: "argparse:Namespace", "value": {"a": 1}}) == {"a": 1}
+
+
+def test_a_token_budget_counts_the_stored_usage_of_a_resumed_run(routing, tmp_path):
+    """Stored evaluations and reflections carried no usage: a run stopped by token_budget, compiled again
+    with the same arguments, started its token count at zero and paid 54 student and 13 reflection
+    calls past the budget. Replayed work counts its tokens as the first session did."""
+    from dspy_turbogepa.testing import sim_engine
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+    splits = small_splits(routing, n_train=10, n_val=8)
+
+    def run():
+        lm, refl = make_student_lm(seed=0, noise=0.0), make_reflection_lm(seed=0)
+        opt = TurboGEPA(routing.metric, max_metric_calls=400, token_budget=20000, reflection_lm=refl, num_threads=8,
+                        track_stats=True, log_dir=str(tmp_path), verbose=False)
+        with dspy.context(lm=lm):
+            dr = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val).detailed_results
+        return dr, sim_engine(lm).calls, sim_engine(refl).calls
+
+    first, student_calls, reflection_calls = run()
+    assert first.stop_reason == "token_budget" and student_calls > 0 and reflection_calls > 0
+    again, student_calls, reflection_calls = run()
+    assert (student_calls, reflection_calls) == (0, 0)
+    assert again.stop_reason == "token_budget" and again.total_metric_calls == first.total_metric_calls
+    assert again.run_stats["task_tokens"] == first.run_stats["task_tokens"]
+    assert again.run_stats["reflection_tokens"] == first.run_stats["reflection_tokens"]

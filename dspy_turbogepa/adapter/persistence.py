@@ -683,6 +683,8 @@ class StoreObserver(EngineObserver):
             # whatever carries a trajectory (train rows; every row when the valset is the trainset)
             trajectory_to_json(outcome.trajectory),
             output, None, None, service_failure=outcome.service_failure,
+            usage={"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                   "cost": outcome.cost},
         )
 
     def on_candidate(self, record: CandidateRecord) -> None:
@@ -696,13 +698,21 @@ class StoreObserver(EngineObserver):
 
     def on_proposal(self, key: str, proposal: ProposalOutcome) -> None:
         self._store.record_proposal(key, dict(proposal.texts), proposal.skipped, proposal.message,
-                                    proposal.reflection_calls)
+                                    proposal.reflection_calls,
+                                    usage={"prompt_tokens": proposal.reflection_prompt_tokens,
+                                           "completion_tokens": proposal.reflection_completion_tokens,
+                                           "cost": proposal.reflection_cost})
 
     def on_mutation(self, result: MutationResult, status: str) -> None:
         self._store.record_event(
             "mutation_committed",
             {"seq": result.plan.seq, "kind": result.plan.kind, "status": status, "detail": result.detail},
         )
+
+
+def _used(usage: Mapping[str, float] | None, name: str) -> float:
+    value = (usage or {}).get(name, 0.0)
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def load_known(
@@ -729,7 +739,10 @@ def load_known(
     texts_by_fp[Candidate(seed_texts).fingerprint] = seed_texts
     proposals = {
         key: ProposalOutcome(texts=dict(p.texts), skipped=p.skipped, message=p.message,
-                             reflection_calls=p.reflection_calls)
+                             reflection_calls=p.reflection_calls,
+                             reflection_prompt_tokens=int(_used(p.usage, "prompt_tokens")),
+                             reflection_completion_tokens=int(_used(p.usage, "completion_tokens")),
+                             reflection_cost=_used(p.usage, "cost"))
         for key, p in store.load_proposals().items()
         if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
     }
@@ -756,6 +769,8 @@ def load_known(
             example_id=ev.example_id, score=ev.score,
             objective_scores=dict(ev.objective_scores) if ev.objective_scores else None,
             failure=ev.failure, message=ev.message, trajectory=trajectory, output=output, error_type=ev.error_type,
+            prompt_tokens=int(_used(ev.usage, "prompt_tokens")),
+            completion_tokens=int(_used(ev.usage, "completion_tokens")), cost=_used(ev.usage, "cost"),
         )
     if without_output:
         logger.warning("track_best_outputs=True: %d stored validation evaluations were written without their "

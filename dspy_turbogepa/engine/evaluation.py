@@ -114,6 +114,7 @@ class EvaluationCache:
                 self._stats.replayed += 1
                 if done.failure:
                     self._stats.failures[done.failure] += 1
+                self._add_usage(done)  # the run's token and dollar budgets count it, as the first session did
             return done
         pending = self._pending.get(key)
         if pending is not None:
@@ -145,6 +146,11 @@ class EvaluationCache:
         self._systemic.observe(outcome, candidate.fingerprint)
         return outcome
 
+    def _add_usage(self, outcome: EvalOutcome) -> None:
+        self._stats.task_prompt_tokens += outcome.prompt_tokens
+        self._stats.task_completion_tokens += outcome.completion_tokens
+        self._stats.task_cost += outcome.cost
+
     def _count(self, outcome: EvalOutcome) -> None:
         stats = self._stats
         if self._perfect is not None and outcome.score > self._perfect + 1e-9 and not self._warned_above_perfect:
@@ -164,8 +170,6 @@ class EvaluationCache:
                                outcome.failure)
             else:
                 logger.debug("An evaluation failed (%s): %s", outcome.failure, outcome.message)
-        stats.task_prompt_tokens += outcome.prompt_tokens
-        stats.task_completion_tokens += outcome.completion_tokens
-        stats.task_cost += outcome.cost
+        self._add_usage(outcome)
         stats.task_lm_calls += outcome.lm_calls
         stats.rate_limit_retries += outcome.rate_limit_retries

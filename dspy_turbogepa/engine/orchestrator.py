@@ -142,6 +142,8 @@ class Orchestrator:
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
+        #: stored proposals not replayed yet in this session (their usage is counted at their first replay)
+        self._unreplayed_proposals: set[str] = set(self._known_proposals)
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._mutations_running = 0
         self._seed_task: asyncio.Future[None] | None = None
@@ -976,6 +978,11 @@ class Orchestrator:
         self.stats.feedback_reused += len(reused)
         return reused
 
+    def _add_reflection_usage(self, proposal: ProposalOutcome) -> None:
+        self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
+        self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens
+        self.stats.reflection_cost += proposal.reflection_cost
+
     async def _propose(
         self, plan: MutationPlan, parent: Candidate, components: list[str], parent_outs: list[EvalOutcome], seed: int
     ) -> ProposalOutcome:
@@ -984,6 +991,9 @@ class Orchestrator:
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1
+            if key in self._unreplayed_proposals:  # a stored one: its usage counts against the budgets once
+                self._unreplayed_proposals.discard(key)
+                self._add_reflection_usage(proposal)
             return proposal
         self._offered.update(components)
         async with self._reflection_slots:
@@ -995,9 +1005,7 @@ class Orchestrator:
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)
                 proposal = ProposalOutcome(skipped="proposer_error", message=message)
         self.stats.reflection_calls += proposal.reflection_calls
-        self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
-        self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens
-        self.stats.reflection_cost += proposal.reflection_cost
+        self._add_reflection_usage(proposal)
         self._known_proposals[key] = proposal
         for obs in self._observers:
             obs.on_proposal(key, proposal)

@@ -37,7 +37,8 @@ from dspy_turbogepa.redaction import (
 logger = logging.getLogger(__name__)
 
 DB_FILENAME = "run.sqlite3"
-SCHEMA_VERSION = 2  # 2: evaluations.service_failure; a later record of a key replaces the earlier
+SCHEMA_VERSION = 3  # 2: evaluations.service_failure; a later record of a key replaces the earlier;
+#   3: usage_json (tokens, cost) of evaluations and proposals
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -80,6 +81,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     tokens                INTEGER,
     seconds               REAL,
     service_failure       INTEGER NOT NULL DEFAULT 0,
+    usage_json            TEXT,
     recorded_at           REAL NOT NULL,
     session               INTEGER NOT NULL,
     UNIQUE (fingerprint, split, example_id)
@@ -91,6 +93,7 @@ CREATE TABLE IF NOT EXISTS proposals (
     skipped          TEXT,
     message          TEXT,
     reflection_calls INTEGER NOT NULL,
+    usage_json       TEXT,
     recorded_at      REAL NOT NULL,
     session          INTEGER NOT NULL
 );
@@ -115,12 +118,12 @@ _INSERT_CANDIDATE = (
 # proposer); keeping the first record would re-execute it on every later resume.
 _INSERT_EVALUATION = (
     "INSERT OR REPLACE INTO evaluations (fingerprint, split, example_id, score, objective_scores_json, failure, "
-    "message, error_type, trajectory_json, output_json, tokens, seconds, service_failure, recorded_at, session) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "message, error_type, trajectory_json, output_json, tokens, seconds, service_failure, usage_json, recorded_at, "
+    "session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_PROPOSAL = (
-    "INSERT OR REPLACE INTO proposals (key, texts_json, skipped, message, reflection_calls, recorded_at, session) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO proposals (key, texts_json, skipped, message, reflection_calls, usage_json, recorded_at, "
+    "session) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_EVENT = "INSERT INTO events (kind, payload_json, recorded_at, session) VALUES (?, ?, ?, ?)"
 _CLOSE_SESSION = "UPDATE sessions SET closed_at = (julianday('now') - 2440587.5) * 86400.0 WHERE id = ?"
@@ -170,6 +173,9 @@ class StoredEvaluation:
     seconds: float | None
     #: The failure was the LM service's (the caller's judgement): not replayed on resume.
     service_failure: bool = False
+    #: LM usage of the evaluation (``prompt_tokens``, ``completion_tokens``, ``cost``), when recorded:
+    #: a resumed run counts it against its token and dollar budgets as the first session did.
+    usage: dict[str, float] | None = None
     recorded_at: float = 0.0
     session: int = 0
 
@@ -181,6 +187,8 @@ class StoredProposal:
     skipped: str | None
     message: str | None
     reflection_calls: int
+    #: the reflection LM's usage (``prompt_tokens``, ``completion_tokens``, ``cost``), when recorded
+    usage: dict[str, float] | None = None
     recorded_at: float = 0.0
     session: int = 0
 
@@ -257,6 +265,15 @@ def _dumps(obj: Any) -> str:
 def _score(value: float) -> float | None:
     score = float(value)
     return None if math.isnan(score) else score
+
+
+def _usage_json(usage: Mapping[str, float] | None) -> str | None:
+    """Usage numbers as JSON (finite numbers only; nothing else goes in)."""
+    if not usage:
+        return None
+    clean = {str(k): float(v) for k, v in usage.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return json.dumps(clean, separators=(",", ":"), sort_keys=True) if clean else None
 
 
 def _opt_str(value: Any, name: str) -> str | None:
@@ -556,9 +573,11 @@ class RunStore:
         seconds: float | None,
         *,
         service_failure: bool = False,
+        usage: Mapping[str, float] | None = None,
     ) -> None:
         """A program execution + metric call finished. A later record of (fingerprint, split, example)
-        replaces the earlier one. ``service_failure``: the caller judged the failure the LM service's."""
+        replaces the earlier one. ``service_failure``: the caller judged the failure the LM service's.
+        ``usage``: its LM usage (numbers by name, e.g. ``prompt_tokens``, ``cost``)."""
         env = secret_values()
         objectives = None
         if objective_scores is not None:
@@ -582,13 +601,15 @@ class RunStore:
                 None if tokens is None else operator.index(tokens),
                 None if seconds is None else float(seconds),
                 int(bool(service_failure)),
+                _usage_json(usage),
                 time.time(),
                 self.session,
             ),
         )
 
     def record_proposal(
-        self, key: str, texts: Mapping[str, str], skipped: str | None, message: str | None, reflection_calls: int
+        self, key: str, texts: Mapping[str, str], skipped: str | None, message: str | None, reflection_calls: int,
+        usage: Mapping[str, float] | None = None,
     ) -> bool:
         """A reflection (proposal) finished; ``key`` identifies its inputs. A later record of a key
         replaces the earlier one.
@@ -611,6 +632,7 @@ class RunStore:
                 _opt_str(skipped, "skipped"),
                 None if message is None else mask_text(message, env),
                 operator.index(reflection_calls),
+                _usage_json(usage),
                 time.time(),
                 self.session,
             ),
@@ -683,8 +705,8 @@ class RunStore:
         """Every stored evaluation, in the order they were recorded."""
         rows = self._read(
             "SELECT fingerprint, split, example_id, score, objective_scores_json, failure, message, error_type, "
-            "trajectory_json, output_json, tokens, seconds, recorded_at, session, service_failure FROM evaluations "
-            "ORDER BY seq"
+            "trajectory_json, output_json, tokens, seconds, recorded_at, session, service_failure, usage_json "
+            "FROM evaluations ORDER BY seq"
         )
         return [
             StoredEvaluation(
@@ -703,6 +725,7 @@ class RunStore:
                 recorded_at=r[12],
                 session=r[13],
                 service_failure=bool(r[14]),
+                usage=None if r[15] is None else json.loads(r[15]),
             )
             for r in rows
         ]
@@ -710,7 +733,7 @@ class RunStore:
     def load_proposals(self) -> dict[str, StoredProposal]:
         """Every stored proposal by key (insertion order)."""
         rows = self._read(
-            "SELECT key, texts_json, skipped, message, reflection_calls, recorded_at, session "
+            "SELECT key, texts_json, skipped, message, reflection_calls, recorded_at, session, usage_json "
             "FROM proposals ORDER BY seq"
         )
         return {
@@ -722,6 +745,7 @@ class RunStore:
                 reflection_calls=r[4],
                 recorded_at=r[5],
                 session=r[6],
+                usage=None if r[7] is None else json.loads(r[7]),
             )
             for r in rows
         }
