@@ -551,3 +551,35 @@ def test_each_evaluation_runs_on_its_own_copy_of_the_modules(routing, reflection
     assert dr.total_metric_calls >= 60
     if wrap == "counter":
         assert program.calls == 0 and optimized.calls == 0
+
+
+def test_no_metric_call_after_compile_raised(routing, reflection_lm):
+    """A rollout still running when the run stops (here: on a systemic failure) cannot be recalled, but
+    its metric must not be called after compile raised: nobody reads that score, and a judge metric's
+    call is paid."""
+    import time
+
+    from dspy_turbogepa import SystemicFailureError
+    from dspy_turbogepa.testing.fake_lm import request_messages
+
+    splits = small_splits(routing, n_train=16, n_val=3)
+    slow = {ex.ticket for ex in splits.train[8:]}
+    raised = threading.Event()
+    late_metric_calls = []
+
+    def before_call(request):
+        if any(t in repr(request_messages(request)) for t in slow):
+            time.sleep(0.5)
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if raised.is_set():
+            late_metric_calls.append(gold)
+        raise RuntimeError("broken metric")
+
+    opt = TurboGEPA(metric, max_metric_calls=200, reflection_lm=reflection_lm, num_threads=16)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0, before_call=before_call)), \
+            pytest.raises(SystemicFailureError):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    raised.set()
+    time.sleep(1.0)  # the slow rollouts finish meanwhile
+    assert late_metric_calls == []

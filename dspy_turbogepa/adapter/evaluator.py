@@ -101,6 +101,10 @@ class DspyTrajectory:
     service_failure: bool = False
 
 
+class EvaluatorClosedError(RuntimeError):
+    """A rollout finished after its run ended (see :meth:`DspyEvaluator.close`)."""
+
+
 def in_dspy_package(cls: type) -> bool:
     """Whether ``cls`` is DSPy's own (``dspy`` or a submodule), as opposed to the user's code."""
     module = cls.__module__ or ""
@@ -206,8 +210,12 @@ class DspyEvaluator:
         self._stats = RateLimitStats()
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
+        self._closed = False
 
     def close(self) -> None:
+        """Queued rollouts are cancelled; one already running cannot be (its LM call is on the wire), but
+        its metric is not called: compile has returned (or raised), and nobody reads the score."""
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def rate_limit_stats(self) -> dict[str, Any]:
@@ -477,6 +485,8 @@ class DspyEvaluator:
         split: Split,
         capture: bool,
     ) -> tuple[EvalOutcome, int]:
+        if self._closed:  # the run is over: a metric call now (an LLM judge's, paid) would go nowhere
+            raise EvaluatorClosedError("the run ended while this rollout was running; it is not scored")
         steps = [
             TraceStep(name, p, dict(inputs), outputs) for p, inputs, outputs in raw_trace for name in names.names_of(p)
         ]
