@@ -12,11 +12,10 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dspy
-from dspy.primitives.base_module import BaseModule
 
 logger = logging.getLogger(__name__)
 
@@ -62,102 +61,52 @@ class PredictorNames:
         return owners[0] if len(owners) == 1 else None
 
 
-@dataclass
-class _ModulePlan:
-    """Which attributes of a module lead to modules that get their own copy per call."""
-
-    attrs: list[tuple[str, _Plan]] = field(default_factory=list)
-
-
-@dataclass
-class _ContainerPlan:
-    """A list, tuple or dict holding such modules: which of its items to replace."""
-
-    items: list[tuple[Any, _Plan]]
-
-
-_Plan = _ModulePlan | _ContainerPlan
-
-
-def _copy_plan(value: Any, memo: dict[int, _ModulePlan]) -> _Plan | None:
-    """None when ``value`` holds no module to copy. Predictors are shared: they keep no per-call state
-    (``dspy.Evaluate`` runs one predictor in many threads) and their identity names trace steps."""
-    if isinstance(value, dspy.Predict):
-        return None
-    if isinstance(value, BaseModule):
-        if id(value) in memo:
-            return memo[id(value)]
-        plan = memo[id(value)] = _ModulePlan()
-        for name, attr in list(getattr(value, "__dict__", {}).items()):
-            sub = _copy_plan(attr, memo)
-            if sub is not None:
-                plan.attrs.append((name, sub))
-        return plan
-    if type(value) in (list, tuple):
-        items = [(i, sub) for i, v in enumerate(value) if (sub := _copy_plan(v, memo)) is not None]
-        return _ContainerPlan(items) if items else None
-    if type(value) is dict:
-        items = [(k, sub) for k, v in value.items() if (sub := _copy_plan(v, memo)) is not None]
-        return _ContainerPlan(items) if items else None
-    return None
-
-
-def _apply_plan(plan: _Plan, value: Any, memo: dict[int, Any]) -> Any:
-    if isinstance(plan, _ContainerPlan):
-        if type(value) is dict:
-            new_map = dict(value)
-            for key, sub in plan.items:
-                new_map[key] = _apply_plan(sub, value[key], memo)
-            return new_map
-        new_seq = list(value)
-        for index, sub in plan.items:
-            new_seq[index] = _apply_plan(sub, value[index], memo)
-        return tuple(new_seq) if type(value) is tuple else new_seq
-    if id(value) in memo:  # a module reachable twice stays one object
-        return memo[id(value)]
-    try:
-        new = copy.copy(value)  # as dspy's deepcopy does, through the module's own __getstate__
-    except Exception as exc:  # noqa: BLE001 - an uncopyable module runs shared, as it did in every call before
-        logger.debug("%s is not copied per call (%s: %s)", type(value).__name__, type(exc).__name__, exc)
-        new = value
-    memo[id(value)] = new
-    if new is not value:
-        attrs = new.__dict__
-        for name, sub in plan.attrs:
-            attrs[name] = _apply_plan(sub, attrs[name], memo)
-    return new
+#: DSPy modules that keep per-call state on themselves: ``dspy.BestOfN`` and ``dspy.Refine`` lower
+#: ``self.fail_count`` on every failed attempt and raise once it runs out.
+_STATEFUL_MODULES: tuple[type, ...] = (dspy.BestOfN, dspy.Refine)
 
 
 @dataclass(frozen=True)
 class BuiltProgram:
-    """A candidate's program, built once, and how each call gets its own copy of it."""
+    """A candidate's program, built once, and what each call runs."""
 
-    #: the built program; its predictors (and their LMs) are shared by every call's copy
+    #: the built program (its predictors' LMs are our retry-less copies, see the evaluator)
     program: dspy.Module
     #: which of its predictors made a trace step
     names: PredictorNames
-    _plan: _Plan | None = None
+    #: the program holds a module that keeps per-call state: each call runs on a fresh copy
+    fresh_per_call: bool = False
 
     def for_call(self) -> dspy.Module:
-        """A copy of the program's modules for one call, its predictors and every other value shared.
+        """The program one evaluation runs: the shared built program, or for a program holding
+        ``dspy.BestOfN`` / ``dspy.Refine`` a deep copy of it (LMs shared).
 
-        dspy.GEPA builds a fresh program for every evaluation batch: state a module keeps on itself
-        lives for one batch (``dspy.BestOfN`` / ``dspy.Refine`` lower ``self.fail_count`` on every failed
-        attempt, and raise once it runs out). Reusing one program for the whole run let that state pile
-        up across every evaluation of a candidate, and made scores depend on the order evaluations
-        finished in. One copy per call costs a shallow copy of each module (predictors and data are
-        shared, so a large index held by the program is never duplicated)."""
-        if self._plan is None:
+        dspy.GEPA builds a fresh program per evaluation batch, so ``fail_count`` starts over every
+        batch; one program for the whole run let it run out, and then every call whose first attempt
+        failed raised (a solved seed looked broken). Those modules deep-copy the module they wrap on
+        every attempt already, so one more copy per call costs little; other programs keep sharing one
+        object (a lazily loaded index, a tool bound to the module, large data held by it)."""
+        if not self.fresh_per_call:
             return self.program
-        return _apply_plan(self._plan, self.program, {})
+        memo: dict[int, Any] = {}
+        for _, pred in self.program.named_predictors():
+            lm = getattr(pred, "lm", None)
+            if lm is not None:
+                memo[id(lm)] = lm  # our LM copies (and the user's history they share) are not copied
+        try:
+            return copy.deepcopy(self.program, memo)
+        except Exception as exc:  # noqa: BLE001 - an uncopyable program runs shared, as before
+            logger.debug("%s is not copied per call (%s: %s)", type(self.program).__name__, type(exc).__name__, exc)
+            return self.program
 
 
 class ProgramCodec:
     """Builds (and caches) one program object per candidate fingerprint.
 
-    Evaluations run on a per-call copy of it (:meth:`BuiltProgram.for_call`) whose predictors are the
-    built program's own: DSPy predictors keep no per-call state (traces go to a context variable), as
-    ``dspy.Evaluate`` relies on, while the modules around them may.
+    A built program is shared by every concurrent evaluation of that candidate; DSPy predictors keep
+    no per-call state on the module (traces go to a context variable), as ``dspy.Evaluate`` relies on.
+    A program holding a module that does (``dspy.BestOfN``, ``dspy.Refine``) runs each call on a fresh
+    copy (:meth:`BuiltProgram.for_call`).
     """
 
     def __init__(self, student: dspy.Module, cache_size: int = 64) -> None:
@@ -195,7 +144,8 @@ class ProgramCodec:
                 self._cache.move_to_end(fingerprint)
                 return hit
         program = self.build(texts)
-        entry = BuiltProgram(program, PredictorNames(program), _copy_plan(program, {}))
+        stateful = any(isinstance(m, _STATEFUL_MODULES) for _, m in program.named_sub_modules())
+        entry = BuiltProgram(program, PredictorNames(program), fresh_per_call=stateful)
         with self._lock:
             self._cache[fingerprint] = entry
             while len(self._cache) > self._cache_size:
