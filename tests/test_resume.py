@@ -1140,3 +1140,28 @@ def test_a_token_budget_counts_the_stored_usage_of_a_resumed_run(routing, tmp_pa
     assert again.stop_reason == "token_budget" and again.total_metric_calls == first.total_metric_calls
     assert again.run_stats["task_tokens"] == first.run_stats["task_tokens"]
     assert again.run_stats["reflection_tokens"] == first.run_stats["reflection_tokens"]
+
+
+class _Node:
+    def __init__(self, name: str, parent: _Node | None = None):
+        self.name = name
+        self.parent = parent
+        self.children: list[_Node] = []
+        self._cache = {"secret": "internal"}
+        self.db_password = "hunter2-internal"
+        if parent is not None:
+            parent.children.append(self)
+
+
+def test_a_stored_object_graph_with_cycles_and_private_fields():
+    """A tree with parent links returned in a prediction made storing it recurse forever (compile hung
+    with log_dir set); a plain object's _private and credential-named fields were written to the store."""
+    from dspy_turbogepa.adapter.persistence import _prediction_dict, _prediction_from
+
+    root = _Node("root")
+    _Node("leaf", root)
+    text = json.dumps(_prediction_dict(dspy.Prediction(tree=root)))
+    assert "hunter2" not in text and "internal" not in text
+    back = _prediction_from(json.loads(text)).tree
+    assert type(back) is _Node and back.name == "root" and back.children[0].name == "leaf"
+    assert back.children[0].parent == "<cycle: _Node>"  # the loop is cut, not followed

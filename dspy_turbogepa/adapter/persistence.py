@@ -35,7 +35,7 @@ from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
-from dspy_turbogepa.redaction import strip_userinfo
+from dspy_turbogepa.redaction import is_sensitive_key, strip_userinfo
 from dspy_turbogepa.store import stable_hash
 from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
 
@@ -64,36 +64,41 @@ def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
     return json.dumps(_to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, _ancestors: frozenset[int] = frozenset()) -> Any:
     """For what is stored (see the module docstring): primitives, mappings and lists walked; a DSPy
-    example or prediction, a pydantic model, a dataclass or a date as its fields tagged with its type
-    (see :func:`_revive`); a set as a sorted list; anything else as its ``str()``."""
+    example or prediction, a pydantic model, a dataclass, a plain object of the user's own class or a
+    date as its fields tagged with its type (see :func:`_revive`); a set as a sorted list; anything
+    else as its ``str()``. A value met again inside itself (a tree with parent links) is stored as a
+    marker, not walked forever."""
     if isinstance(value, enum.Enum):  # before the primitives: a str / int enum member is one too
-        return _stored_leaf(value)
+        return _stored_leaf(value, _ancestors)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if id(value) in _ancestors:
+        return f"<cycle: {type(value).__name__}>"
+    inner = _ancestors | {id(value)}
     if isinstance(value, Mapping):
-        return {_key(k, _stored_leaf): _jsonable(v) for k, v in value.items()}
+        return {_key(k, _stored_leaf): _jsonable(v, inner) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return _stored_leaf(value)
+        return [_jsonable(v, inner) for v in value]
+    return _stored_leaf(value, inner)
 
 
-def _stored_leaf(value: Any) -> Any:
+def _stored_leaf(value: Any, _ancestors: frozenset[int] = frozenset()) -> Any:
     kind = type(value)
     tag = f"{kind.__module__}:{kind.__qualname__}"
     try:
         if isinstance(value, dspy.Example):  # items, not toDict(), which turns models into plain dicts
-            return {_TYPE: tag, "value": {k: _jsonable(v) for k, v in value.items()}}
+            return {_TYPE: tag, "value": {k: _jsonable(v, _ancestors) for k, v in value.items()}}
         if isinstance(value, (datetime.date, datetime.time)):
             return {_TYPE: tag, "value": value.isoformat()}
         if isinstance(value, enum.Enum):
-            return {_TYPE: tag, "value": _jsonable(value.value)}
+            return {_TYPE: tag, "value": _jsonable(value.value, _ancestors)}
         fields = _shown_fields(value)
         if fields is not None:
-            return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name)) for name in fields}}
+            return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name), _ancestors) for name in fields}}
         if isinstance(value, (set, frozenset)):
-            return sorted((_jsonable(v) for v in value), key=repr)
+            return sorted((_jsonable(v, _ancestors) for v in value), key=repr)
     except Exception as exc:  # noqa: BLE001 - an exotic object whose fields cannot be read: stored as text
         logger.debug("stored as text: %s could not be walked (%s)", kind.__name__, type(exc).__name__)
     return str(value)
@@ -111,10 +116,13 @@ def _shown_fields(value: Any) -> list[str] | None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [f.name for f in dataclasses.fields(value) if f.repr]
     if _plain_user_class(type(value)):
-        return list(vars(value))
+        # its public fields, as its repr would show them: a _private one or a credential (db_password)
+        # stays out of the store, like a pydantic field declared repr=False
+        return [name for name in vars(value) if not name.startswith("_") and not is_sensitive_key(name)]
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def _plain_user_class(cls: type) -> bool:
     """A class of the user's own code whose instances are their ``__dict__`` (``class Answer: ...``
     returned by a ``forward``), so that a row can rebuild one without calling any of its code: no
