@@ -1065,7 +1065,7 @@ def test_the_run_key_sees_tools_settings_and_helper_functions(routing, monkeypat
 
     assert key(react(_lookup_v1)) == key(react(_lookup_v1))
     assert key(react(_lookup_v1)) != key(react(_lookup_v2))  # the tool's code
-    assert key(react(_make_lookup("-a"))) != key(react(_make_lookup("-b")))  # a factory's setting
+    assert key(react(_make_lookup("-a"))) == key(react(_make_lookup("-b")))  # closures are state: not seen
     assert key(react(_lookup_v1, max_iters=3)) != key(react(_lookup_v1, max_iters=5))
 
     base = key(_UsesAHelper(routing.make_program()))
@@ -1073,6 +1073,8 @@ def test_the_run_key_sees_tools_settings_and_helper_functions(routing, monkeypat
     counted = _UsesAHelper(routing.make_program())
     counted._calls = 7
     assert key(counted) == base
+    monkeypatch.setitem(globals(), "inner", lambda: "an unrelated global named like an attribute")
+    assert key(_UsesAHelper(routing.make_program())) == base  # self.inner is an attribute, not this global
     monkeypatch.setitem(globals(), "_normalize", lambda text: text.strip().lower())
     assert key(_UsesAHelper(routing.make_program())) != base
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import dis
 import enum
 import functools
 import hashlib
@@ -371,7 +372,9 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
 
 
 def _names_read(code: Any) -> list[str]:
-    names = list(code.co_names)
+    """The global names a code object (and its nested ones) loads: not ``co_names``, which also holds
+    attribute names (``self.summarize`` would key an unrelated global ``summarize()``)."""
+    names = [ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL"]
     for const in code.co_consts:
         if hasattr(const, "co_code"):
             names += _names_read(const)
@@ -609,25 +612,10 @@ def _tool_identity(obj: Any) -> str | None:
         fn = obj.func
         if inspect.isfunction(fn) and _library_function(fn):
             return f"tool:{obj.name}:{obj.desc}"
-        return f"tool:{obj.name}:{obj.desc}:{_function_identity(fn)}"
+        return f"tool:{obj.name}:{obj.desc}:{callable_identity(fn)}"
     if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _library_function(getattr(obj, "__func__", obj)):
-        return _function_identity(obj)
+        return callable_identity(obj)
     return None
-
-
-def _function_identity(fn: Any) -> str:
-    """A tool's code, and the plain values its closure captured: tools are often built by a factory
-    (``make_lookup(index_path)``), whose settings live in the closure, not in the code."""
-    cells = getattr(getattr(fn, "__func__", fn), "__closure__", None) or ()
-    captured = []
-    for cell in cells:
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if value is None or isinstance(value, (str, int, float, bool)):
-            captured.append(value)
-    return callable_identity(fn) + (f"~{stable_hash(_hashable(captured))}" if captured else "")
 
 
 def adapter_identity(adapter: Any) -> dict[str, Any]:
