@@ -237,12 +237,23 @@ def test_the_program_uploaded_to_mlflow_holds_no_lm_credential():
 
     from dspy_turbogepa.tracking.mlflow_tracking import _program_json
 
-    program = dspy.Predict("question -> answer")
-    program.lm = dspy.LM("bedrock/x", aws_secret_access_key="LKawssecretN1m2B3v4C5x6Z7lf",
-                         extra_headers={"x-portkey-virtual-key": "LKvirtkeyP9o8I7u6Y5t4R3e2Wq"})
-    text = _program_json(program)
-    assert text is not None and "LKawssecret" not in text and "LKvirtkey" not in text
-    assert json.loads(text)["signature"]["instructions"]  # still the program
+    class Tagger(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.tag = dspy.Predict("token -> pos")
+
+    lm = dspy.LM("bedrock/x", aws_secret_access_key="LKawssecretN1m2B3v4C5x6Z7lf",
+                 extra_headers={"x-portkey-virtual-key": "LKvirtkeyP9o8I7u6Y5t4R3e2Wq"})
+    for program in (dspy.Predict("token -> pos"), Tagger()):
+        predictor = program if isinstance(program, dspy.Predict) else program.tag
+        predictor.lm = lm
+        predictor.demos = [dspy.Example(token="can", pos="VERB")]
+        text = _program_json(program)
+        assert text is not None and "LKawssecret" not in text and "LKvirtkey" not in text
+        state = json.loads(text)
+        state = state if isinstance(program, dspy.Predict) else state["tag"]
+        assert state["signature"]["instructions"]  # still the program
+        assert state["demos"][0]["token"] == "can"  # a demo field named like a credential is data
 
 
 def test_a_string_score_is_masked_where_it_is_quoted():

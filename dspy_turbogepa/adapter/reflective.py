@@ -100,8 +100,9 @@ class ReflectiveDatasetBuilder:
             if items:
                 dataset[name] = items
             else:
-                self._log_once(("no_records", name), "No reflective examples for predictor %r in this minibatch "
-                               "(counted in run_stats['proposal_skips']; further ones are logged at DEBUG)", name)
+                self._log_once(("no_records", name), "No reflective examples for predictor %r in this minibatch: "
+                               "it is left out of this proposal (one with none for any predictor is counted in "
+                               "run_stats['proposal_skips']; further ones are logged at DEBUG)", name)
         if not dataset and feedback_errors:
             # Not "nothing to reflect on": the metric's feedback call is broken, which the systemic
             # rule for proposals must see (a run would otherwise spin on free mutations, then return the seed).

@@ -44,6 +44,7 @@ from dspy_turbogepa.engine.frontier import FrontierTally, pareto_front_members
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.redaction import (
     is_sensitive_key,
+    mask_json_text,
     mask_text,
     redact,
     strip_userinfo,
@@ -727,9 +728,14 @@ def _program_json(program: Any) -> str | None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "program.json"
             program.save(str(path))
-            # DSPy's save writes a predictor LM's settings (extra_headers, aws_secret_access_key, ...);
-            # only api_key is left out: mask credential-named fields and credential-looking text
-            return json.dumps(redact(json.loads(path.read_text(encoding="utf-8"))), ensure_ascii=False, indent=2)
+            state = json.loads(path.read_text(encoding="utf-8"))
+            # DSPy's save writes a predictor LM's settings (extra_headers, aws_secret_access_key, ...),
+            # leaving out only api_key: those settings are redacted by field name; the rest (demos may
+            # have a field called "token") only where a string looks like a credential
+            for entry in ([state] if "lm" in state else state.values() if isinstance(state, dict) else []):
+                if isinstance(entry, dict) and isinstance(entry.get("lm"), dict):
+                    entry["lm"] = redact(entry["lm"])
+            return mask_json_text(json.dumps(state, ensure_ascii=False, indent=2))
     except Exception as exc:  # noqa: BLE001
         logger.warning("MLflow tracking: could not save the optimized program (%s: %s)", type(exc).__name__, exc)
         return None
