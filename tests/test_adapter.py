@@ -529,6 +529,47 @@ def test_a_best_of_n_program_runs_each_evaluation_on_a_fresh_copy(routing, refle
     assert dr.total_metric_calls >= 60 and program.fail_count == 1
 
 
+class _HoldsData(dspy.Module):
+    """A BestOfN inside a module that also holds what must not be copied per call (a corpus, and with
+    ``lock=True`` a lock, which deepcopy refuses) and a tool bound to the module."""
+
+    def __init__(self, inner, lock: bool = False):
+        super().__init__()
+        if lock:
+            self.lock = threading.Lock()
+        self.corpus = {f"doc{i}": "text" for i in range(1000)}
+        self.best = dspy.BestOfN(_FirstAttemptFails(inner), N=3, reward_fn=lambda args, pred: 1.0, threshold=1.0,
+                                 fail_count=1)
+        if not lock:  # (dspy's own deepcopy binds such a tool to the student when the module holds a lock)
+            self.tools = [self.lookup]
+
+    def lookup(self, key):
+        return self.corpus.get(key)
+
+    def forward(self, ticket):
+        return self.best(ticket=ticket)
+
+
+def test_a_best_of_n_copy_shares_data_locks_and_lms_and_rebinds_tools(routing, reflection_lm):
+    """The per-call copy of a BestOfN program copied everything: a lock made it fail (and the program ran
+    shared, fail_count running out again), and a corpus held by the program was copied per call."""
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    built = ProgramCodec(_HoldsData(routing.make_program())).get("seed", {})
+    first, second = built.for_call(), built.for_call()
+    assert first is not second and first.best is not built.program.best
+    assert first.corpus is built.program.corpus and first.tools[0].__self__ is first  # shared / rebound
+    program = _HoldsData(routing.make_program(), lock=True)
+    built = ProgramCodec(program).get("seed", {})
+    assert built.for_call().lock is built.program.lock
+    splits = small_splits(routing, n_train=12, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4,
+                    track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        dr = opt.compile(program, trainset=splits.train, valset=splits.val).detailed_results
+    assert dr.run_stats["failures"].get("program_error", 0) == 0
+
+
 def test_no_metric_call_after_compile_raised(routing, reflection_lm):
     """A rollout still running when the run stops (here: on a systemic failure) cannot be recalled, but
     its metric must not be called after compile raised: nobody reads that score, and a judge metric's

@@ -65,41 +65,50 @@ def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
     return json.dumps(_to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _jsonable(value: Any, _ancestors: frozenset[int] = frozenset()) -> Any:
+def _jsonable(value: Any, _seen: dict[int, Any] | None = None) -> Any:
     """For what is stored (see the module docstring): primitives, mappings and lists walked; a DSPy
     example or prediction, a pydantic model, a dataclass, a plain object of the user's own class or a
     date as its fields tagged with its type (see :func:`_revive`); a set as a sorted list; anything
-    else as its ``str()``. A value met again inside itself (a tree with parent links) is stored as a
-    marker, not walked forever."""
+    else as its ``str()``.
+
+    An object with fields met a second time (a parent link, a node of a graph) is stored as a marker:
+    walking every path through a graph grows exponentially. A list or dict is stored wherever it
+    appears (two fields may hold the same list), unless it holds itself."""
     if isinstance(value, enum.Enum):  # before the primitives: a str / int enum member is one too
-        return _stored_leaf(value, _ancestors)
+        return _stored_leaf(value, _seen)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if id(value) in _ancestors:
-        return f"<cycle: {type(value).__name__}>"
-    inner = _ancestors | {id(value)}
-    if isinstance(value, Mapping):
-        return {_key(k, _stored_leaf): _jsonable(v, inner) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, inner) for v in value]
-    return _stored_leaf(value, inner)
+    seen: dict[int, Any] = {} if _seen is None else _seen
+    if id(value) in seen:
+        return f"<see above: {type(value).__name__}>"
+    if isinstance(value, (Mapping, list, tuple)):
+        seen[id(value)] = value  # while it is walked: only a container holding itself is cut
+        try:
+            if isinstance(value, Mapping):
+                return {_key(k, _stored_leaf): _jsonable(v, seen) for k, v in value.items()}
+            return [_jsonable(v, seen) for v in value]
+        finally:
+            del seen[id(value)]
+    seen[id(value)] = value  # for the whole walk (and kept alive: a freed temporary's id may be reused)
+    return _stored_leaf(value, seen)
 
 
-def _stored_leaf(value: Any, _ancestors: frozenset[int] = frozenset()) -> Any:
+def _stored_leaf(value: Any, _seen: dict[int, Any] | None = None) -> Any:
     kind = type(value)
     tag = f"{kind.__module__}:{kind.__qualname__}"
+    seen: dict[int, Any] = {} if _seen is None else _seen
     try:
         if isinstance(value, dspy.Example):  # items, not toDict(), which turns models into plain dicts
-            return {_TYPE: tag, "value": {k: _jsonable(v, _ancestors) for k, v in value.items()}}
+            return {_TYPE: tag, "value": {k: _jsonable(v, seen) for k, v in value.items()}}
         if isinstance(value, (datetime.date, datetime.time)):
             return {_TYPE: tag, "value": value.isoformat()}
         if isinstance(value, enum.Enum):
-            return {_TYPE: tag, "value": _jsonable(value.value, _ancestors)}
+            return {_TYPE: tag, "value": _jsonable(value.value, seen)}
         fields = _shown_fields(value)
         if fields is not None:
-            return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name), _ancestors) for name in fields}}
+            return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name), seen) for name in fields}}
         if isinstance(value, (set, frozenset)):
-            return sorted((_jsonable(v, _ancestors) for v in value), key=repr)
+            return sorted((_jsonable(v, seen) for v in value), key=repr)
     except Exception as exc:  # noqa: BLE001 - an exotic object whose fields cannot be read: stored as text
         logger.debug("stored as text: %s could not be walked (%s)", kind.__name__, type(exc).__name__)
     return str(value)
@@ -117,9 +126,10 @@ def _shown_fields(value: Any) -> list[str] | None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [f.name for f in dataclasses.fields(value) if f.repr]
     if _plain_user_class(type(value)):
-        # its public fields, as its repr would show them: a _private one or a credential (db_password)
-        # stays out of the store, like a pydantic field declared repr=False
-        return [name for name in vars(value) if not name.startswith("_") and not is_sensitive_key(name)]
+        # its fields (a property may read a _private one), but not a credential (db_password, api_key),
+        # which stays out of the store like a pydantic field declared repr=False; a field called
+        # "token" is an NLP object's data far more often than a secret
+        return [name for name in vars(value) if not is_sensitive_key(name) or name.lower() in ("token", "tokens")]
     return None
 
 

@@ -11,11 +11,13 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import dspy
+from dspy.clients.base_lm import BaseLM
+from dspy.primitives.base_module import BaseModule
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,12 @@ class PredictorNames:
     def __init__(self, program: dspy.Module) -> None:
         self._predictors = list(program.named_predictors())
         self._by_id = {id(pred): name for name, pred in self._predictors}
+
+    @property
+    def predictors(self) -> list[tuple[str, Any]]:
+        """The program's named predictors, as found once (walking a module is not free: it looks into
+        every list and dict the program holds)."""
+        return self._predictors
 
     def names_of(self, predictor: Any) -> list[str]:
         hit = self._by_id.get(id(predictor))
@@ -74,30 +82,61 @@ class BuiltProgram:
     program: dspy.Module
     #: which of its predictors made a trace step
     names: PredictorNames
-    #: the program holds a module that keeps per-call state: each call runs on a fresh copy
-    fresh_per_call: bool = False
+    #: for a program holding a module that keeps per-call state: what its per-call copies share with
+    #: it (``id -> object``, see :func:`_shared_values`); None: every call runs the built program
+    shared: dict[int, Any] | None = None
+    #: told once per run when the per-call copy fails (the codec's)
+    on_uncopyable: Callable[[str, BaseException], None] | None = None
 
     def for_call(self) -> dspy.Module:
         """The program one evaluation runs: the shared built program, or for a program holding
-        ``dspy.BestOfN`` / ``dspy.Refine`` a deep copy of it (LMs shared).
+        ``dspy.BestOfN`` / ``dspy.Refine`` a copy of its modules.
 
         dspy.GEPA builds a fresh program per evaluation batch, so ``fail_count`` starts over every
         batch; one program for the whole run let it run out, and then every call whose first attempt
-        failed raised (a solved seed looked broken). Those modules deep-copy the module they wrap on
-        every attempt already, so one more copy per call costs little; other programs keep sharing one
-        object (a lazily loaded index, a tool bound to the module, large data held by it)."""
-        if not self.fresh_per_call:
+        failed raised (a solved seed looked broken). The copy is of the structure only — modules, the
+        tools and callables they hold (a tool bound to the module follows the copy), and containers
+        holding those —; LMs and every other value (an index, a corpus, a client, a lock) are shared.
+        Other programs keep sharing one object (a lazily loaded index, large data held by it)."""
+        if self.shared is None:
             return self.program
-        memo: dict[int, Any] = {}
-        for _, pred in self.program.named_predictors():
+        memo = dict(self.shared)
+        for _, pred in self.names.predictors:  # their LMs as they are now (the evaluator's copies)
             lm = getattr(pred, "lm", None)
             if lm is not None:
-                memo[id(lm)] = lm  # our LM copies (and the user's history they share) are not copied
+                memo[id(lm)] = lm
         try:
             return copy.deepcopy(self.program, memo)
-        except Exception as exc:  # noqa: BLE001 - an uncopyable program runs shared, as before
-            logger.debug("%s is not copied per call (%s: %s)", type(self.program).__name__, type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - an uncopyable structure runs shared, as before; said once
+            if self.on_uncopyable is not None:
+                self.on_uncopyable(type(self.program).__name__, exc)
             return self.program
+
+
+def _shared_values(program: dspy.Module) -> dict[int, Any]:
+    """What a per-call copy of ``program`` shares with it: every value its modules hold that is data,
+    not structure (see :meth:`BuiltProgram.for_call`), and the LMs. Computed once per candidate."""
+    shared: dict[int, Any] = {}
+    seen: set[int] = set()
+    for _, module in program.named_sub_modules():
+        for value in getattr(module, "__dict__", {}).values():
+            if not _structural(value, seen):
+                shared[id(value)] = value
+    return shared
+
+
+def _structural(value: Any, seen: set[int]) -> bool:
+    """A module, a callable (a tool, a bound method; not an LM or a class), or a container holding one."""
+    if isinstance(value, BaseLM | type):
+        return False
+    if isinstance(value, BaseModule) or callable(value):
+        return True
+    if type(value) in (list, tuple, dict, set, frozenset):
+        if id(value) in seen:
+            return False
+        seen.add(id(value))
+        return any(_structural(v, seen) for v in (value.values() if type(value) is dict else value))
+    return False
 
 
 class ProgramCodec:
@@ -116,6 +155,15 @@ class ProgramCodec:
         self._cache: OrderedDict[str, BuiltProgram] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._warned_uncopyable = False
+
+    def _uncopyable(self, name: str, exc: BaseException) -> None:
+        with self._lock:
+            first, self._warned_uncopyable = not self._warned_uncopyable, True
+        logger.log(logging.WARNING if first else logging.DEBUG,
+                   "%s holds dspy.BestOfN / dspy.Refine but cannot be copied per evaluation (%s: %s): its "
+                   "evaluations share one program, and fail_count may run out across them.",
+                   name, type(exc).__name__, exc)
 
     @property
     def student(self) -> dspy.Module:
@@ -145,7 +193,8 @@ class ProgramCodec:
                 return hit
         program = self.build(texts)
         stateful = any(isinstance(m, _STATEFUL_MODULES) for _, m in program.named_sub_modules())
-        entry = BuiltProgram(program, PredictorNames(program), fresh_per_call=stateful)
+        entry = BuiltProgram(program, PredictorNames(program), _shared_values(program) if stateful else None,
+                             self._uncopyable)
         with self._lock:
             self._cache[fingerprint] = entry
             while len(self._cache) > self._cache_size:
