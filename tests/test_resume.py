@@ -1114,8 +1114,9 @@ def test_a_plain_object_a_program_returns_comes_back_as_itself():
     assert type(nested.answer) is _Answer
     stored = json.loads(json.dumps(_prediction_dict(_Dropped("/tmp/x"))))
     assert isinstance(_prediction_from(stored), str)  # stored as its text, never rebuilt
-    # a library class named in a row is never built from it, however plain
+    # a library class named in a row is never built from it, however plain; nor one of ours
     assert _revive({_TYPE: "argparse:Namespace", "value": {"a": 1}}) == {"a": 1}
+    assert _revive({_TYPE: "dspy_turbogepa.adapter.program:ProgramCodec", "value": {"a": 1}}) == {"a": 1}
 
 
 def test_a_token_budget_counts_the_stored_usage_of_a_resumed_run(routing, tmp_path):

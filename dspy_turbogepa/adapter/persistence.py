@@ -139,7 +139,8 @@ def _plain_user_class(cls: type) -> bool:
     returned by a ``forward``), so that a row can rebuild one without calling any of its code: no
     ``__slots__``, no ``__del__`` or pickling hooks, not a module, an LM or an exception. Library
     classes are never rebuilt this way."""
-    if in_dspy_package(cls) or _library_class(cls) or issubclass(cls, (BaseException, dspy.Module, type)):
+    if in_dspy_package(cls) or _library_class(cls) or issubclass(cls, (BaseException, dspy.Module, type)) \
+            or cls.__module__.split(".")[0] == "dspy_turbogepa":  # ours: not user code, even installed editable
         return False
     for klass in cls.__mro__[:-1]:  # every class but object
         names = vars(klass)
