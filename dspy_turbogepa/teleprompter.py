@@ -41,6 +41,7 @@ from dspy_turbogepa.engine.config import (
     validate_rung_fractions,
 )
 from dspy_turbogepa.engine.records import EngineResult, RunStats
+from dspy_turbogepa.engine.systemic import MAX_PROPOSAL_WINDOW
 from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
@@ -656,6 +657,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # (and at most every example there is: with 4 training examples and valset=None, 8 failed
             # evaluations never happen, and a run that failed every one returned the seed)
             systemic_failure_window=min(max(8, min(val_size, 32)), max(1, n_examples or 32)),
+            systemic_proposal_window=MAX_PROPOSAL_WINDOW,  # reflections have nothing to do with the data size
             max_seconds=self.time_budget_seconds,
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,

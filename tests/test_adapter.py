@@ -263,6 +263,26 @@ def test_a_metric_that_always_raises_stops_the_run_on_tiny_data_too(routing, ref
         opt.compile(routing.make_program(), trainset=splits.train, valset=None if n_val is None else splits.val)
 
 
+def test_a_failed_reflection_on_tiny_data_is_a_skip_not_a_systemic_stop(routing):
+    """The evaluation window is capped at the examples there are; the reflection window took the same
+    cap, so with one training example a single reflection LM hiccup stopped the run as systemic."""
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm
+
+    hiccups = {"left": 3}
+
+    def before_call(request):
+        if hiccups["left"] > 0:
+            hiccups["left"] -= 1
+            raise RuntimeError("reflection LM hiccup")
+
+    splits = small_splits(routing, n_train=3, n_val=1)
+    reflection_lm = make_reflection_lm(seed=0, before_call=before_call)
+    opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4, track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        dr = opt.compile(routing.make_program(), trainset=splits.train, valset=None).detailed_results
+    assert dr.run_stats["proposal_skips"].get("proposer_error") == 3
+
+
 def test_proposer_that_raises_or_returns_nothing_is_skipped(routing):
     state = {"n": 0}
 

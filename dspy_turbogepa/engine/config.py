@@ -143,6 +143,9 @@ class EngineConfig:
     max_paid_noop_mutations: int = 25
     #: Stop the run if this many consecutive evaluations at the start all fail (systemic failure).
     systemic_failure_window: int = 8
+    #: ... or this many reflections before the first usable one (None: the evaluation window, at most 8).
+    #: Not tied to the data: a run on 2 examples must not stop on 2 failed reflections.
+    systemic_proposal_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_metric_calls", "max_evals_in_flight", "max_mutations_in_flight", "max_reflections_in_flight",

@@ -131,7 +131,7 @@ class Orchestrator:
         self._selector = ComponentSelector(list(seed_candidate.texts), config.component_selector)
         self._eval_slots = PrioritySlots(config.max_evals_in_flight, clock)
         self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
-        self._systemic = SystemicFailureDetector(config.systemic_failure_window)
+        self._systemic = SystemicFailureDetector(config.systemic_failure_window, config.systemic_proposal_window)
         self._systemic.resume(any(o.failure is None for o in (known_evaluations or {}).values()),
                               any(p.skipped is None for p in (known_proposals or {}).values()))
         self.stats = RunStats()

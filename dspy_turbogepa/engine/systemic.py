@@ -47,8 +47,9 @@ _PROPOSER_HINTS = {
 
 
 class SystemicFailureDetector:
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, proposal_window: int | None = None) -> None:
         self.window = max(1, window)
+        self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
         self._seen_success = False
         self._failures: Counter[tuple[str, str]] = Counter()
         self._examples: dict[tuple[str, str], str] = {}
@@ -100,7 +101,7 @@ class SystemicFailureDetector:
         self._proposer_failures[outcome.skipped] += 1
         self._proposer_examples.setdefault(outcome.skipped, outcome.message or "")
         n = sum(self._proposer_failures.values())
-        if n >= min(self.window, MAX_PROPOSAL_WINDOW):
+        if n >= self.proposal_window:
             reason, count = self._proposer_failures.most_common(1)[0]
             raise SystemicFailureError(
                 f"Stopping: the first {n} reflections all failed ({count} of them with {reason}: "
