@@ -30,6 +30,7 @@ import asyncio
 import contextvars
 import logging
 import random
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,8 +41,10 @@ from typing import Any
 import dspy
 
 from dspy_turbogepa.adapter.lm_copies import (
+    ROLLOUT_CLOSED,
     ROLLOUT_LM_ERRORS,
     ROLLOUT_USAGE,
+    EvaluatorClosedError,
     LMCopies,
     RolloutUsage,
     current_rollout_usage,
@@ -99,10 +102,6 @@ class DspyTrajectory:
     failed_predictor: str | None = None
     #: The LM service failed (see ``EvalOutcome.service_failure``): nothing for reflection to learn.
     service_failure: bool = False
-
-
-class EvaluatorClosedError(RuntimeError):
-    """A rollout finished after its run ended (see :meth:`DspyEvaluator.close`)."""
 
 
 def in_dspy_package(cls: type) -> bool:
@@ -211,11 +210,13 @@ class DspyEvaluator:
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
         self._closed = False
+        self._closed_event = threading.Event()
 
     def close(self) -> None:
         """Queued rollouts are cancelled; one already running cannot be (its LM call is on the wire), but
         its metric is not called: compile has returned (or raised), and nobody reads the score."""
         self._closed = True
+        self._closed_event.set()  # and our LM copies start no new call for it (a second step, a retry)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def rate_limit_stats(self) -> dict[str, Any]:
@@ -399,14 +400,14 @@ class DspyEvaluator:
             return _Attempt(None, verdict, pred, raw_trace, error, usage)
         return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
 
-    @staticmethod
-    def _rollout_settings(capture: bool, lm: Any) -> dict[str, Any]:
+    def _rollout_settings(self, capture: bool, lm: Any) -> dict[str, Any]:
         """What the program runs under: a fresh trace and our retry-less copy of the configured LM; one
         ``dspy.context`` for both (it is entered on every rollout). The metric runs outside it, with the
         user's own settings. The trace is a list even when reflection will not read it: ``dspy.BestOfN``,
         ``dspy.Refine`` and user modules written like them extend ``dspy.settings.trace`` and would
         raise on ``None``."""
-        settings: dict[str, Any] = {"trace": [], ROLLOUT_LM_ERRORS: [], ROLLOUT_USAGE: current_rollout_usage()}
+        settings: dict[str, Any] = {"trace": [], ROLLOUT_LM_ERRORS: [], ROLLOUT_USAGE: current_rollout_usage(),
+                                    ROLLOUT_CLOSED: self._closed_event}
         if lm is not None:
             settings["lm"] = lm
         return settings

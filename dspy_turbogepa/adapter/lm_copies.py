@@ -215,6 +215,21 @@ def endpoint_model(key: str) -> str:
 ROLLOUT_LM_ERRORS = "turbogepa_rollout_lm_errors"
 
 
+#: dspy settings key of the run's "closed" event: once set, our copies make no new call (compile has
+#: returned or raised; a rollout still running must not start paid calls nobody will read).
+ROLLOUT_CLOSED = "turbogepa_rollout_closed"
+
+
+class EvaluatorClosedError(RuntimeError):
+    """A rollout went on after its run ended (see ``DspyEvaluator.close``)."""
+
+
+def _refuse_if_closed() -> None:
+    closed = dspy.settings.get(ROLLOUT_CLOSED)
+    if closed is not None and closed.is_set():
+        raise EvaluatorClosedError("the run ended while this rollout was running; no new LM call is made")
+
+
 def note_lm_error(exc: BaseException) -> None:
     box = dspy.settings.get(ROLLOUT_LM_ERRORS)
     if isinstance(box, list):
@@ -235,6 +250,7 @@ def _error_noting_class(base: type) -> type:
     # the copy as a legacy custom LM and route it through another execution path
     class ErrorNoting(base):  # type: ignore[valid-type, misc]
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            _refuse_if_closed()
             try:
                 return super().__call__(*args, **kwargs)
             except Exception as exc:
@@ -242,6 +258,7 @@ def _error_noting_class(base: type) -> type:
                 raise
 
         async def acall(self, *args: Any, **kwargs: Any) -> Any:
+            _refuse_if_closed()
             try:
                 return await super().acall(*args, **kwargs)
             except Exception as exc:
