@@ -582,6 +582,22 @@ def test_a_best_of_n_copy_shares_data_locks_and_lms_and_rebinds_tools(routing, r
     program = _HoldsData(routing.make_program(), lock=True)
     built = ProgramCodec(program).get("seed", {})
     assert built.for_call().lock is built.program.lock
+
+    class Retriever:  # callable, like dspy.retrievers.Embeddings: data, not structure
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.corpus = ["passage"] * 1000
+
+        def __call__(self, query):
+            return self.corpus[:3]
+
+    with_retriever = _HoldsData(routing.make_program())
+    with_retriever.search = Retriever()
+    with_retriever.tools = [with_retriever.search, dspy.Tool(with_retriever.search.__call__)]
+    built = ProgramCodec(with_retriever).get("seed", {})
+    copied = built.for_call()
+    assert copied is not built.program and copied.search is built.program.search  # shared, lock and all
+    assert copied.tools[1].func.__self__ is built.program.tools[1].func.__self__  # a tool around data: shared
     splits = small_splits(routing, n_train=12, n_val=8)
     opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4,
                     track_stats=True)

@@ -65,50 +65,67 @@ def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
     return json.dumps(_to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _jsonable(value: Any, _seen: dict[int, Any] | None = None) -> Any:
+@dataclasses.dataclass
+class _Walk:
+    """One value being stored: the objects on the current path (a cycle), every object already stored
+    (kept alive: a freed temporary's id may be reused), and how many values have been walked."""
+
+    path: set[int] = dataclasses.field(default_factory=set)
+    stored: dict[int, Any] = dataclasses.field(default_factory=dict)
+    walked: int = 0
+
+
+#: After this many values, an object met again is stored as a marker instead of walked again: a graph
+#: (nodes linked both ways) has exponentially many paths (12 nodes stored 45 MB, 1.45 GB in a run).
+_REPEATS_WALKED_UP_TO = 2_000
+
+
+def _jsonable(value: Any, _walk: _Walk | None = None) -> Any:
     """For what is stored (see the module docstring): primitives, mappings and lists walked; a DSPy
     example or prediction, a pydantic model, a dataclass, a plain object of the user's own class or a
     date as its fields tagged with its type (see :func:`_revive`); a set as a sorted list; anything
     else as its ``str()``.
 
-    An object with fields met a second time (a parent link, a node of a graph) is stored as a marker:
-    walking every path through a graph grows exponentially. A list or dict is stored wherever it
-    appears (two fields may hold the same list), unless it holds itself."""
+    An object met inside itself (a parent link) is stored as a ``<see above: T>`` marker; one met
+    again elsewhere (two fields holding the same model) is stored again, unless the value is large
+    (see ``_REPEATS_WALKED_UP_TO``): then it is a marker too."""
     if isinstance(value, enum.Enum):  # before the primitives: a str / int enum member is one too
-        return _stored_leaf(value, _seen)
+        return _stored_leaf(value, _walk)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    seen: dict[int, Any] = {} if _seen is None else _seen
-    if id(value) in seen:
+    walk = _Walk() if _walk is None else _walk
+    key = id(value)
+    if key in walk.path or (key in walk.stored and walk.walked > _REPEATS_WALKED_UP_TO):
         return f"<see above: {type(value).__name__}>"
-    if isinstance(value, (Mapping, list, tuple)):
-        seen[id(value)] = value  # while it is walked: only a container holding itself is cut
-        try:
-            if isinstance(value, Mapping):
-                return {_key(k, _stored_leaf): _jsonable(v, seen) for k, v in value.items()}
-            return [_jsonable(v, seen) for v in value]
-        finally:
-            del seen[id(value)]
-    seen[id(value)] = value  # for the whole walk (and kept alive: a freed temporary's id may be reused)
-    return _stored_leaf(value, seen)
+    walk.walked += 1
+    walk.stored[key] = value
+    walk.path.add(key)
+    try:
+        if isinstance(value, Mapping):
+            return {_key(k, _stored_leaf): _jsonable(v, walk) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v, walk) for v in value]
+        return _stored_leaf(value, walk)
+    finally:
+        walk.path.discard(key)
 
 
-def _stored_leaf(value: Any, _seen: dict[int, Any] | None = None) -> Any:
+def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
     kind = type(value)
     tag = f"{kind.__module__}:{kind.__qualname__}"
-    seen: dict[int, Any] = {} if _seen is None else _seen
+    walk = _Walk() if _walk is None else _walk
     try:
         if isinstance(value, dspy.Example):  # items, not toDict(), which turns models into plain dicts
-            return {_TYPE: tag, "value": {k: _jsonable(v, seen) for k, v in value.items()}}
+            return {_TYPE: tag, "value": {k: _jsonable(v, walk) for k, v in value.items()}}
         if isinstance(value, (datetime.date, datetime.time)):
             return {_TYPE: tag, "value": value.isoformat()}
         if isinstance(value, enum.Enum):
-            return {_TYPE: tag, "value": _jsonable(value.value, seen)}
+            return {_TYPE: tag, "value": _jsonable(value.value, walk)}
         fields = _shown_fields(value)
         if fields is not None:
-            return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name), seen) for name in fields}}
+            return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name), walk) for name in fields}}
         if isinstance(value, (set, frozenset)):
-            return sorted((_jsonable(v, seen) for v in value), key=repr)
+            return sorted((_jsonable(v, walk) for v in value), key=repr)
     except Exception as exc:  # noqa: BLE001 - an exotic object whose fields cannot be read: stored as text
         logger.debug("stored as text: %s could not be walked (%s)", kind.__name__, type(exc).__name__)
     return str(value)

@@ -13,10 +13,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 import dspy
-from dspy.clients.base_lm import BaseLM
 from dspy.primitives.base_module import BaseModule
 
 logger = logging.getLogger(__name__)
@@ -126,11 +126,15 @@ def _shared_values(program: dspy.Module) -> dict[int, Any]:
 
 
 def _structural(value: Any, seen: set[int]) -> bool:
-    """A module, a callable (a tool, a bound method; not an LM or a class), or a container holding one."""
-    if isinstance(value, BaseLM | type):
-        return False
-    if isinstance(value, BaseModule) or callable(value):
+    """A module, a method bound to one (a tool made of the module's own method must follow the copy),
+    a ``dspy.Tool`` wrapping such a method, or a container holding one. Any other callable (a
+    retriever object, a partial, a function) is data: shared, with what it holds (a corpus, a lock)."""
+    if isinstance(value, BaseModule):
         return True
+    if isinstance(value, MethodType):
+        return isinstance(value.__self__, BaseModule)
+    if isinstance(value, dspy.Tool):
+        return _structural(value.func, seen)
     if type(value) in (list, tuple, dict, set, frozenset):
         if id(value) in seen:
             return False
