@@ -773,6 +773,8 @@ def _held_lms(obj: Any) -> list[Any]:
         return []
     if isinstance(obj, BaseLM):
         return [obj]
+    from dspy_turbogepa.adapter.persistence import global_names
+
     values: list[Any] = []
     fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
     code = getattr(fn, "__code__", None)
@@ -780,7 +782,7 @@ def _held_lms(obj: Any) -> list[Any]:
         values += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
                    if _cell_is_set(cell)]
         namespace = getattr(fn, "__globals__", {})
-        values += [namespace[name] for name in code.co_names if name in namespace]
+        values += [namespace[name] for name in global_names(code) if name in namespace]
     owner = getattr(obj, "__self__", None) if code is not None else obj
     if owner is not None and not isinstance(owner, type):
         values += list(getattr(owner, "__dict__", {}).values())

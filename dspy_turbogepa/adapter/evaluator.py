@@ -209,13 +209,11 @@ class DspyEvaluator:
         self._stats = RateLimitStats()
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
-        self._closed = False
         self._closed_event = threading.Event()
 
     def close(self) -> None:
         """Queued rollouts are cancelled; one already running cannot be (its LM call is on the wire), but
         its metric is not called: compile has returned (or raised), and nobody reads the score."""
-        self._closed = True
         self._closed_event.set()  # and our LM copies start no new call for it (a second step, a retry)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -486,7 +484,7 @@ class DspyEvaluator:
         split: Split,
         capture: bool,
     ) -> tuple[EvalOutcome, int]:
-        if self._closed:  # the run is over: a metric call now (an LLM judge's, paid) would go nowhere
+        if self._closed_event.is_set():  # the run is over: a metric call now (an LLM judge's, paid) would go nowhere
             raise EvaluatorClosedError("the run ended while this rollout was running; it is not scored")
         steps = [
             TraceStep(name, p, dict(inputs), outputs) for p, inputs, outputs in raw_trace for name in names.names_of(p)

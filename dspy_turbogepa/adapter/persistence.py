@@ -389,7 +389,7 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
     if not isinstance(namespace, dict) or code is None:
         return []
     out: list[str] = []
-    for name in _names_read(code):
+    for name in global_names(code):
         target = namespace.get(name)
         if not inspect.isfunction(target) or id(target) in seen or _library_function(target):
             continue
@@ -399,13 +399,13 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
     return out
 
 
-def _names_read(code: Any) -> list[str]:
+def global_names(code: Any) -> list[str]:
     """The global names a code object (and its nested ones) loads: not ``co_names``, which also holds
     attribute names (``self.summarize`` would key an unrelated global ``summarize()``)."""
     names = [ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL"]
     for const in code.co_consts:
         if hasattr(const, "co_code"):
-            names += _names_read(const)
+            names += global_names(const)
     return names
 
 
@@ -579,10 +579,9 @@ def run_key(
     ]
     # what the modules around the predictors hold: their plain settings (a retriever's k, ReAct's
     # max_iters, a flag the user's forward reads) and the code of the tools and functions they call
-    structure.append(sorted(
-        [name, _module_settings(module)] for name, module in student.named_sub_modules()
-        if not isinstance(module, dspy.Predict) and _module_settings(module)
-    ))
+    settings = ((name, _module_settings(module)) for name, module in student.named_sub_modules()
+                if not isinstance(module, dspy.Predict))
+    structure.append(sorted([name, held] for name, held in settings if held))
     for name, pred in student.named_predictors():
         state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
         entry: tuple[Any, ...] = (name, list(pred.signature.input_fields), list(pred.signature.output_fields),

@@ -94,9 +94,9 @@ class BuiltProgram:
 
         dspy.GEPA builds a fresh program per evaluation batch, so ``fail_count`` starts over every
         batch; one program for the whole run let it run out, and then every call whose first attempt
-        failed raised (a solved seed looked broken). The copy is of the structure only — modules, the
-        tools and callables they hold (a tool bound to the module follows the copy), and containers
-        holding those —; LMs and every other value (an index, a corpus, a client, a lock) are shared.
+        failed raised (a solved seed looked broken). The copy is of the structure only — modules, methods
+        bound to them (a tool made of the module's own method follows the copy), and containers holding
+        those —; LMs and every other value (an index, a corpus, a client, a retriever, a lock) are shared.
         Other programs keep sharing one object (a lazily loaded index, large data held by it)."""
         if self.shared is None:
             return self.program
@@ -115,7 +115,8 @@ class BuiltProgram:
 
 def _shared_values(program: dspy.Module) -> dict[int, Any]:
     """What a per-call copy of ``program`` shares with it: every value its modules hold that is data,
-    not structure (see :meth:`BuiltProgram.for_call`), and the LMs. Computed once per candidate."""
+    not structure (see :meth:`BuiltProgram.for_call`). Computed once per candidate; the predictors'
+    LMs are added per call (the evaluator swaps in its copies after the build)."""
     shared: dict[int, Any] = {}
     seen: set[int] = set()
     for _, module in program.named_sub_modules():
