@@ -531,13 +531,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                artifacts=[self._log_path() / name for name in reports] if self.log_dir else ())
         except KeyboardInterrupt as exc:
             # The search is over and its evaluations are stored: a Ctrl-C now skips the reports, never
-            # the program. An import cut short (matplotlib's, ~0.4 s) leaves half-initialised modules
-            # that would break every later plot in this process: they are dropped, to load afresh.
+            # the program.
             logger.warning("Interrupted while writing the run's reports (summary, plots, MLflow): they are "
                            "incomplete; returning the optimized program.")
-            for name in set(sys.modules) - modules_before:
-                if name.split(".")[0] in ("matplotlib", "mpl_toolkits"):
-                    del sys.modules[name]
+            _drop_cut_short_imports(modules_before)
             if tracker is not None:
                 tracker.abort(exc)
         return program
@@ -662,6 +659,24 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,
         )
+
+
+def _drop_cut_short_imports(before: set[str]) -> None:
+    """Forget the modules an interrupted import left behind, so that the next import loads them afresh.
+
+    Why: the reports import matplotlib (~0.4 s, and numpy with it when the program never did). A Ctrl-C
+    inside that import fails the packages whose ``__init__`` was running (Python removes those), but
+    their submodules that had finished stay in ``sys.modules`` bound to the dead package object: numpy
+    imported again afterwards picks them up and breaks (``numpy.matrix`` missing), in later plots and in
+    the user's own code alike. Dropped: every module new since ``before`` with an enclosing package no
+    longer loaded, and all new matplotlib modules (its own half-built state is not always a missing
+    package). A package another thread imported completely meanwhile is kept.
+    """
+    for name in sorted(set(sys.modules) - before):
+        parts = name.split(".")
+        orphaned = any(".".join(parts[:i]) not in sys.modules for i in range(1, len(parts)))
+        if orphaned or parts[0] in ("matplotlib", "mpl_toolkits"):
+            sys.modules.pop(name, None)
 
 
 def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:

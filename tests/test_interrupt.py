@@ -164,3 +164,47 @@ def test_a_ctrl_c_after_the_search_keeps_the_program(monkeypatch, tmp_path, capl
     assert program.detailed_results.total_metric_calls > 0
     assert "Interrupted while writing the run's reports" in caplog.text
     assert (tmp_path / "summary.json").exists()
+
+
+def test_a_ctrl_c_inside_an_import_of_the_reports_leaves_no_half_loaded_package(monkeypatch, tmp_path):
+    """The reports import matplotlib, and numpy with it when nothing had: a Ctrl-C inside that import
+    failed numpy's __init__ but left its finished submodules bound to the dead package, so numpy was
+    broken for the rest of the process (every later plot, the user's own ``np.ravel``). A package
+    standing for numpy here: its __init__ loads a submodule, then is interrupted in the next one."""
+    import dspy
+
+    import dspy_turbogepa.tracking.plots as plots
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+    from dspy_turbogepa.testing.tasks import TASKS
+
+    pkg = tmp_path / "libs" / "halfpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from . import done\nfrom . import cut\n")
+    (pkg / "done.py").write_text("import halfpkg as PARENT\n")
+    (pkg / "cut.py").write_text("import os\nif os.environ.pop('HALFPKG_CTRL_C', None):\n    raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "libs"))
+    monkeypatch.setenv("HALFPKG_CTRL_C", "1")
+
+    def plot_importing(*_args, **_kwargs):
+        import halfpkg  # noqa: F401  (interrupted: the Ctrl-C lands in halfpkg.cut)
+
+    monkeypatch.setattr(plots, "plot_lineage", plot_importing)
+    routing = TASKS["routing"]
+    splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
+    opt = TurboGEPA(routing.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    log_dir=str(tmp_path / "run"), track_stats=True, verbose=False)
+    try:
+        with dspy.context(lm=make_student_lm(seed=0)):
+            try:
+                program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+            except KeyboardInterrupt:
+                pytest.fail("a Ctrl-C while writing the reports escaped compile and lost the program")
+        assert program.detailed_results.total_metric_calls > 0
+        assert "halfpkg" not in sys.modules and "halfpkg.done" not in sys.modules
+        import halfpkg
+
+        assert halfpkg.done.PARENT is halfpkg  # loaded afresh, not the half-built package's leftovers
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "halfpkg"]:
+            del sys.modules[name]
