@@ -208,3 +208,49 @@ def test_a_ctrl_c_inside_an_import_of_the_reports_leaves_no_half_loaded_package(
     finally:
         for name in [m for m in sys.modules if m.split(".")[0] == "halfpkg"]:
             del sys.modules[name]
+
+
+_CTRL_C_IN_NUMPY = """
+import importlib.abc, logging, os, signal, sys
+import dspy
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+from dspy_turbogepa.testing.tasks import TASKS
+if "numpy" in sys.modules:
+    print("PRELOADED")
+    sys.exit(0)
+logging.basicConfig(level=logging.WARNING)
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "numpy.matrixlib":  # half-way through numpy's __init__, its C core loaded
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+routing = TASKS["routing"]
+splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
+opt = TurboGEPA(routing.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                log_dir=sys.argv[1], track_stats=True, verbose=False)
+with dspy.context(lm=make_student_lm(seed=0)):
+    program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+print("COMPILED", program.detailed_results.total_metric_calls > 0)
+import numpy as np
+print("NUMPY", np.ravel([[1, 2]]).tolist())
+"""
+
+
+def test_a_ctrl_c_during_the_plots_first_import_waits_for_it_to_finish(tmp_path):
+    """A real SIGINT landing inside numpy's first import (matplotlib's, for the plots): dropping the
+    leftovers cannot repair numpy (its C core refuses to load twice), so the Ctrl-C is held until the
+    import is done, then skips the reports as before; numpy works for the rest of the process."""
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_NUMPY, str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120, env=env, check=False)
+    if "PRELOADED" in proc.stdout:
+        pytest.skip("numpy is imported before compile here: matplotlib's import cannot be the first")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "COMPILED True" in proc.stdout
+    assert "Interrupted while writing the run's reports" in proc.stderr  # the Ctrl-C was not lost either
+    assert "NUMPY [1, 2]" in proc.stdout, proc.stderr[-3000:]
