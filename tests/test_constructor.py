@@ -93,6 +93,23 @@ def test_metrics_that_can_never_work_are_refused_before_any_lm_call():
     TurboGEPA(_Judge(), max_metric_calls=10, reflection_lm=LM)
 
 
+def test_checking_a_judge_metric_does_not_make_dspy_warn(caplog):
+    """Reading a dspy.Module's ``forward`` outside ``__call__`` makes DSPy log "calling
+    module.forward(...) directly is discouraged"; checking the judge's signature did, twice."""
+    class _StaticJudge(dspy.Module):
+        forward = staticmethod(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0)
+
+    with caplog.at_level(logging.WARNING):
+        TurboGEPA(_Judge(), max_metric_calls=10, reflection_lm=LM)
+        TurboGEPA(_StaticJudge(), max_metric_calls=10, reflection_lm=LM)
+        instance_judge = _TwoArgJudge()
+        instance_judge.forward = lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0
+        TurboGEPA(instance_judge, max_metric_calls=10, reflection_lm=LM)  # its own forward, not the class's
+    assert "discouraged" not in caplog.text
+    with pytest.raises(TypeError, match=r"five arguments.*forward"):
+        TurboGEPA(_TwoArgJudge(), max_metric_calls=10, reflection_lm=LM)
+
+
 def test_varargs_metric_and_no_default_metric_are_accepted():
     TurboGEPA(lambda *a: 1.0, max_metric_calls=10, reflection_lm=LM)
     # dspy.GEPA accepts this and then fails every evaluation; we call the metric with 5 positionals.

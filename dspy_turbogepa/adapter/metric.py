@@ -27,8 +27,10 @@ def check_metric_signature(metric: Callable[..., Any]) -> None:
     if not callable(metric):
         raise TypeError(f"metric must be callable, got {type(metric).__name__}.")
     target: Any = metric
-    if isinstance(metric, dspy.Module) and callable(getattr(metric, "forward", None)):
-        target = metric.forward
+    if isinstance(metric, dspy.Module):
+        forward = _judge_forward(metric)
+        if callable(forward):
+            target = forward
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(type(target), "__call__", None)):
         raise TypeError(
             "metric is an async function (`async def`); GEPA calls the metric synchronously, from worker "
@@ -48,6 +50,18 @@ def check_metric_signature(metric: Callable[..., Any]) -> None:
             "Define it as `def metric(gold, pred, trace=None, pred_name=None, pred_trace=None)`"
             + (" (for a dspy.Module judge: its `forward`)." if target is not metric else ".")
         ) from e
+
+
+def _judge_forward(judge: dspy.Module) -> Any:
+    """The judge's ``forward``, read past ``dspy.Module.__getattribute__``: that logs "calling
+    module.forward(...) directly is discouraged" on every read outside ``__call__``, and we only read
+    its signature. An instance attribute comes as it is, a class attribute bound as Python would."""
+    own = getattr(judge, "__dict__", {})
+    if "forward" in own:
+        return own["forward"]
+    raw = inspect.getattr_static(type(judge), "forward", None)
+    bind = getattr(type(raw), "__get__", None)
+    return bind(raw, judge, type(judge)) if bind is not None else raw
 
 
 @dataclass(frozen=True)
