@@ -664,18 +664,16 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 def _drop_cut_short_imports(before: set[str]) -> None:
     """Forget the modules an interrupted import left behind, so that the next import loads them afresh.
 
-    Why: the reports import matplotlib (~0.4 s, and numpy with it when the program never did). A Ctrl-C
-    inside that import fails the packages whose ``__init__`` was running (Python removes those), but
-    their submodules that had finished stay in ``sys.modules`` bound to the dead package object: numpy
-    imported again afterwards picks them up and breaks (``numpy.matrix`` missing), in later plots and in
-    the user's own code alike. Dropped: every module new since ``before`` with an enclosing package no
-    longer loaded, and all new matplotlib modules (its own half-built state is not always a missing
-    package). A package another thread imported completely meanwhile is kept.
+    Why: a Ctrl-C inside an import fails the packages whose ``__init__`` was running (Python removes
+    those), but their submodules that had finished stay in ``sys.modules`` bound to the dead package
+    object, and a later import of the package picks them up half-wired. Dropped: every module new
+    since ``before`` with an enclosing package no longer loaded; whatever another thread imported
+    meanwhile (the user's pyplot) is kept. matplotlib's own first import, with numpy, which cannot be
+    repaired this way, is made with Ctrl-C held (``tracking/imports.py``).
     """
     for name in sorted(set(sys.modules) - before):
         parts = name.split(".")
-        orphaned = any(".".join(parts[:i]) not in sys.modules for i in range(1, len(parts)))
-        if orphaned or parts[0] in ("matplotlib", "mpl_toolkits"):
+        if any(".".join(parts[:i]) not in sys.modules for i in range(1, len(parts))):
             sys.modules.pop(name, None)
 
 

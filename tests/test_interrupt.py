@@ -232,25 +232,120 @@ sys.meta_path.insert(0, CtrlC())
 routing = TASKS["routing"]
 splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
 opt = TurboGEPA(routing.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
-                log_dir=sys.argv[1], track_stats=True, verbose=False)
-with dspy.context(lm=make_student_lm(seed=0)):
-    program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
-print("COMPILED", program.detailed_results.total_metric_calls > 0)
+                log_dir=sys.argv[1], track_stats=True, verbose=False, use_mlflow=sys.argv[2] == "mlflow")
+try:
+    with dspy.context(lm=make_student_lm(seed=0)):
+        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    print("COMPILED", program.detailed_results.total_metric_calls > 0)
+except KeyboardInterrupt:
+    print("INTERRUPTED")
 import numpy as np
 print("NUMPY", np.ravel([[1, 2]]).tolist())
 """
 
 
-def test_a_ctrl_c_during_the_plots_first_import_waits_for_it_to_finish(tmp_path):
-    """A real SIGINT landing inside numpy's first import (matplotlib's, for the plots): dropping the
-    leftovers cannot repair numpy (its C core refuses to load twice), so the Ctrl-C is held until the
-    import is done, then skips the reports as before; numpy works for the rest of the process."""
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_NUMPY, str(tmp_path / "run")], capture_output=True,
-                          text=True, timeout=120, env=env, check=False)
+@pytest.mark.parametrize("tracking", ["plots", "mlflow"])
+def test_a_ctrl_c_during_a_heavy_first_import_waits_for_it_to_finish(tmp_path, tracking):
+    """A real SIGINT landing inside numpy's first import (matplotlib's, for the plots; MLflow's at the
+    start of compile with use_mlflow): dropping the leftovers cannot repair numpy (its C core refuses
+    to load twice), so the Ctrl-C is held until the import is done, then acts as before (skips the
+    reports; stops compile before the search); numpy works for the rest of the process."""
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_NUMPY, str(tmp_path / "run"), tracking],
+                          capture_output=True, text=True, timeout=180, env=env, check=False)
     if "PRELOADED" in proc.stdout:
-        pytest.skip("numpy is imported before compile here: matplotlib's import cannot be the first")
+        pytest.skip("numpy is imported before compile here: the tested import cannot be the first")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "COMPILED True" in proc.stdout
-    assert "Interrupted while writing the run's reports" in proc.stderr  # the Ctrl-C was not lost either
+    if tracking == "plots":
+        assert "COMPILED True" in proc.stdout
+        assert "Interrupted while writing the run's reports" in proc.stderr  # the Ctrl-C was not lost either
+    else:
+        assert "INTERRUPTED" in proc.stdout  # delivered once MLflow was imported: compile stopped
     assert "NUMPY [1, 2]" in proc.stdout, proc.stderr[-3000:]
+
+
+def _counting_sigint_handler():
+    calls: list[object] = []
+
+    def handler(signum, frame):
+        calls.append(frame)
+
+    return handler, calls
+
+
+def test_a_held_ctrl_c_reaches_the_previous_handler_once_per_press():
+    from dspy_turbogepa.tracking.imports import ctrl_c_held
+
+    handler, calls = _counting_sigint_handler()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert calls == []  # held while the block runs
+        assert len(calls) == 2 and signal.getsignal(signal.SIGINT) is handler
+        with ctrl_c_held():
+            pass
+        assert len(calls) == 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_the_sigint_handler_is_put_back_when_another_signal_interrupts_the_swap(monkeypatch):
+    """A second signal's handler that raises (a SIGALRM timeout, sys.exit on SIGTERM) can fire inside
+    signal.signal itself: the holding handler stayed installed for good and swallowed every Ctrl-C."""
+    from dspy_turbogepa.tracking import imports
+
+    handler, _calls = _counting_sigint_handler()
+    previous = signal.signal(signal.SIGINT, handler)
+    real = signal.signal
+    fired = {"n": 0}
+
+    def swap_then_alarm(signum, new):
+        old = real(signum, new)
+        if new is handler and fired["n"] == 0:  # the restore went through, then an alarm's handler raised
+            fired["n"] += 1
+            raise TimeoutError("alarm")
+        return old
+
+    def alarm_then_swap(signum, new):
+        if new is handler and fired["n"] == 0:  # an alarm's handler raised before the restore
+            fired["n"] += 1
+            raise TimeoutError("alarm")
+        return real(signum, new)
+
+    try:
+        for fake in (swap_then_alarm, alarm_then_swap):
+            fired["n"] = 0
+            monkeypatch.setattr(imports.signal, "signal", fake)
+            with pytest.raises(TimeoutError), imports.ctrl_c_held():
+                pass
+            monkeypatch.setattr(imports.signal, "signal", real)
+            assert signal.getsignal(signal.SIGINT) is handler, fake.__name__
+    finally:
+        real(signal.SIGINT, previous)
+
+
+def test_a_held_ctrl_c_runs_an_asyncio_signal_callback_once():
+    """asyncio's add_signal_handler hears the signal through a wakeup fd, written by the real press;
+    delivering the held press with signal.raise_signal wrote it again and ran the callback twice."""
+    import asyncio
+
+    from dspy_turbogepa.tracking.imports import ctrl_c_held
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        seen: list[int] = []
+        loop.add_signal_handler(signal.SIGINT, seen.append, 1)
+        try:
+            with ctrl_c_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+            await asyncio.sleep(0.1)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        return len(seen)
+
+    assert asyncio.run(main()) == 1

@@ -49,6 +49,7 @@ from dspy_turbogepa.redaction import (
     redact,
     strip_userinfo,
 )
+from dspy_turbogepa.tracking.imports import import_in_one_piece
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -239,6 +240,7 @@ class MlflowRunTracker(EngineObserver):
         self._Metric: Any = None
 
         try:
+            import_in_one_piece("mlflow")  # ~1 s, numpy with it: a Ctrl-C inside would break numpy
             import mlflow
             from mlflow import MlflowClient
             from mlflow.entities import Metric

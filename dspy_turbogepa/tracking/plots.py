@@ -17,11 +17,7 @@ Both functions take the engine's ``list[CandidateRecord]`` (``EngineResult.recor
 from __future__ import annotations
 
 import math
-import signal
-import sys
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,36 +113,11 @@ def _frontier_members(run: Any, nodes: Sequence[_Node], fronts: Any) -> set[int]
     return {int(i) for i in fronts}  # already a set of members
 
 
-@contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """Hold a Ctrl-C until the block ends, then deliver it to the handler that was there before.
-
-    Why: an import cut short cannot always be undone. matplotlib's first import loads numpy when
-    nothing had, and numpy's C core refuses to load twice in a process: a KeyboardInterrupt inside
-    it left numpy broken for the rest of the process (later plots, the user's own code). Only the
-    main thread receives signals; a handler not set from Python, or SIGINT ignored, is left alone.
-    """
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if previous is None or previous is signal.SIG_IGN:
-        yield
-        return
-    held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            signal.raise_signal(signal.SIGINT)  # as if it came now: a KeyboardInterrupt by default
-
-
 def _load_matplotlib() -> None:
-    """matplotlib's first import (about 0.4 s), every part the plots use, in one piece."""
-    if "matplotlib.backends.backend_agg" in sys.modules:
-        return
-    with _ctrl_c_held():
-        import matplotlib.backends.backend_agg  # savefig loads it: the PNG writer
-        import matplotlib.figure  # noqa: F401
+    """matplotlib's first import (about 0.4 s), every part the plots use, with Ctrl-C held."""
+    from dspy_turbogepa.tracking.imports import import_in_one_piece
+
+    import_in_one_piece("matplotlib.figure", "matplotlib.backends.backend_agg")  # savefig's PNG writer
 
 
 def _figure(width: float, height: float) -> Any:

@@ -1,0 +1,70 @@
+"""Heavy optional imports (matplotlib for the plots, MLflow for tracking), made in one piece.
+
+Why: an import cut short by Ctrl-C cannot always be undone. Both pull numpy in when the program never
+did, and numpy's C core refuses to load twice in a process: a KeyboardInterrupt half-way through
+numpy's ``__init__`` left numpy broken for the rest of the process (later plots, the user's own
+code), whatever was dropped from ``sys.modules`` afterwards. So their first import runs with Ctrl-C
+held, and a press is delivered as soon as it is done, to the handler that was there before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+__all__ = ["import_in_one_piece"]
+
+
+def import_in_one_piece(*modules: str) -> None:
+    """Import ``modules`` (an ImportError propagates) with Ctrl-C held while any is new."""
+    missing = [name for name in modules if name not in sys.modules]
+    if not missing:
+        return
+    with ctrl_c_held():
+        for name in missing:
+            importlib.import_module(name)
+
+
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Hold SIGINT for the block; then give each press, in order, to the handler that was there before.
+
+    Only the main thread receives signals; SIGINT ignored, or handled outside Python, is left alone.
+    A Python-level handler is called directly (``signal.raise_signal`` would also write the signal
+    to a wakeup fd a second time, and an asyncio ``add_signal_handler`` callback would run twice);
+    the default action (SIG_DFL) is raised as the signal. The handler is put back even when another
+    signal's handler raises while it is being swapped.
+    """
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None or previous is signal.SIG_IGN:
+        yield
+        return
+    held: list[FrameType | None] = []
+
+    def hold(_signum: int, frame: FrameType | None) -> None:
+        held.append(frame)
+
+    try:
+        signal.signal(signal.SIGINT, hold)
+        yield
+    finally:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        finally:
+            if signal.getsignal(signal.SIGINT) is not previous:  # the swap itself was cut short
+                signal.signal(signal.SIGINT, previous)
+        _deliver(previous, held)
+
+
+def _deliver(handler: Any, frames: list[FrameType | None]) -> None:
+    for frame in frames:
+        if callable(handler):
+            handler(signal.SIGINT, frame)  # the default handler raises KeyboardInterrupt here
+        else:
+            signal.raise_signal(signal.SIGINT)
