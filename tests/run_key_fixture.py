@@ -1,0 +1,53 @@
+"""A program, data and metric whose run key is pinned in test_run_key_format.py. Editing anything here
+changes that key on purpose: update the pinned values there (not RUN_KEY_FORMAT) when you do."""
+
+from __future__ import annotations
+
+import dspy
+
+
+def summarize(text: str) -> str:  # a module-level function sharing a method's name
+    return text[:40]
+
+
+def make_normalizer(prefix: str):
+    def normalize(text: str) -> str:
+        return prefix + text.strip()
+
+    return normalize
+
+
+def lookup(term: str) -> str:
+    """Look a term up."""
+    return term.upper()
+
+
+def exact(a: str, b: str) -> bool:
+    return a.strip().lower() == b.strip().lower()
+
+
+class Pipeline(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = 3
+        self.normalize = make_normalizer("")
+        self.tools = [dspy.Tool(lookup)]
+        self.draft = dspy.ChainOfThought("question -> draft")
+        self.answer = dspy.Predict("question, draft -> answer")
+
+    def summarize(self, text: str) -> str:
+        return text.strip()
+
+    def forward(self, question: str) -> dspy.Prediction:
+        question = self.summarize(self.normalize(question))
+        draft = self.draft(question=question).draft
+        return self.answer(question=question, draft=draft)
+
+
+def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    return float(exact(gold.answer, pred.answer))
+
+
+def data(n: int, offset: int = 0) -> list[dspy.Example]:
+    return [dspy.Example(question=f"q{i}", answer=f"a{i}").with_inputs("question")
+            for i in range(offset, offset + n)]

@@ -1,0 +1,46 @@
+"""The run key's computation is pinned: a change to it must bump RUN_KEY_FORMAT.
+
+Why: a log_dir whose key was computed another way is refused as "written by another version" only
+when the format differs; with the same format every stored run of an unchanged program was refused
+as "student changed", and users went looking for an edit they never made (this happened once).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import dspy
+import pytest
+import run_key_fixture as fixture
+
+from dspy_turbogepa.adapter.persistence import RUN_KEY_FORMAT, run_key
+
+#: Bytecode and DSPy's dump_state() enter the key: it is pinned for the versions CI installs.
+PINNED_FOR = ((3, 11), "3.4.1")
+PINNED_KEY = {
+    "key_format": "5",
+    "trainset": "ce8c65c2f96d3a7313b8d8a4db258c46",
+    "valset": "4ee001bedf1d429f1b670bf8518c0f0f",
+    "student": "a0714f602ba66f9a1b1e96ad9ca400e8",
+    "seed": "0",
+    "metric": "5d1744f2d11201bf300a1b27dcb433b8",
+    "task_lm": "171e707f05cc72af96e2da8ed9e72938",
+    "reflection": "2aaf2cc10277816b9bfc084cdd05a295",
+}
+
+
+def test_the_run_key_is_computed_the_way_its_format_says() -> None:
+    if (sys.version_info[:2], dspy.__version__) != PINNED_FOR:
+        pytest.skip(f"the key is pinned for Python {PINNED_FOR[0]} and dspy {PINNED_FOR[1]}")
+    lm = dspy.LM("openai/some-model", api_base="http://127.0.0.1:9/v1", api_key="x", cache=False)
+    reflector = dspy.LM("openai/reflector", api_base="http://127.0.0.1:9/v1", api_key="x", cache=False)
+    key = run_key(fixture.Pipeline(), fixture.data(6), fixture.data(4, 100), 0, metric=fixture.metric,
+                  context_lm=lm, reflection_lm=reflector)
+    changed = sorted(k for k in PINNED_KEY if key.get(k) != PINNED_KEY[k])
+    assert key["key_format"] == RUN_KEY_FORMAT
+    assert not changed or changed == ["key_format"], (
+        f"run_key() now computes {changed} differently. If that is intended, bump RUN_KEY_FORMAT in "
+        "adapter/persistence.py (stores keyed the old way are then refused as written by another version, "
+        "not as a changed program), say so in docs/run_store.md, and pin the new values here."
+    )
+    assert changed == [], "RUN_KEY_FORMAT was bumped: pin the new format and values here"
