@@ -536,7 +536,7 @@ class RunStore:
         try:
             self.resumed, self.session, self.meta = _initialise(conn, path, log_dir, key, meta_json)
         except sqlite3.DatabaseError as exc:
-            raise RunStoreError(f"{path} is not a readable run store ({exc}). {_FIX.format(log_dir=log_dir)}") from exc
+            raise _store_error(path, log_dir, exc) from exc
         finally:
             conn.close()
         try:
@@ -695,11 +695,14 @@ class RunStore:
     # ------------------------------------------------------------------ reading
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         self._writer.flush()
-        conn = _connect(self.path)
         try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+            conn = _connect(self.path)
+            try:
+                return conn.execute(sql, params).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise _store_error(self.path, self.log_dir, exc) from exc
 
     def load_evaluations(self) -> list[StoredEvaluation]:
         """Every stored evaluation, in the order they were recorded."""
@@ -796,6 +799,18 @@ class RunStore:
 # --------------------------------------------------------------------------------------------- opening
 
 _FIX = "Use a new log_dir, or delete {log_dir}/run.sqlite3* (the database and its -wal/-shm files) to start over."
+
+
+def _store_error(path: Path, log_dir: Path, exc: sqlite3.DatabaseError) -> RunStoreError:
+    """What an SQLite error means for the user: a damaged file (start over) or a disk that cannot take
+    it now (full, failing, locked, read-only: the stored results are intact, and deleting them, as the
+    advice for a damaged file says, would throw away paid work)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return RunStoreError(
+            f"cannot use the run store {path} ({exc}). Its stored results are not lost: free space on "
+            f"that disk or fix its permissions, then run again with the same log_dir."
+        )
+    return RunStoreError(f"{path} is not a readable run store ({exc}). {_FIX.format(log_dir=log_dir)}")
 
 
 LOCK_FILENAME = "run.lock"
@@ -896,6 +911,10 @@ def _initialise(
             f"{_FIX.format(log_dir=log_dir)}",
             changed=["schema_version"],
         )
+    if tables:  # a damaged page would otherwise surface half-way through loading, after a session row
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"damaged: {'; '.join(problems)}")
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise RunStoreError(f"{path}: SQLite refused WAL mode (got {mode!r}); put log_dir on a local disk")

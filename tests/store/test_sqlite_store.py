@@ -265,6 +265,61 @@ def test_schema_version_and_foreign_databases_are_refused(tmp_path: Path) -> Non
         RunStore.open(tmp_path / "c", RUN_KEY)
 
 
+def test_a_damaged_page_is_refused_at_open_before_anything_is_written(tmp_path: Path) -> None:
+    """Bit rot in one data page (the header intact) surfaced as a bare sqlite3.DatabaseError half-way
+    through loading the stored results, after the open had added a session row to the damaged file."""
+    store = RunStore.open(tmp_path, RUN_KEY)
+    for i in range(400):
+        _eval(store, f"fp{i % 7}", i, message="x" * 200)
+    store.close()
+    db = tmp_path / DB_FILENAME
+    page = 4096
+    assert db.stat().st_size > 12 * page
+    with db.open("r+b") as f:
+        f.seek(10 * page)
+        f.write(bytes(range(256)) * (page // 256))
+    before = db.read_bytes()
+    with pytest.raises(RunStoreError, match="not a readable run store .*malformed") as info:
+        RunStore.open(tmp_path, RUN_KEY)
+    assert "delete" in str(info.value)  # a damaged store can only be started over
+    assert db.read_bytes() == before  # no session row, nothing else written
+
+
+def test_a_full_or_failing_disk_is_not_called_a_damaged_store(tmp_path: Path, monkeypatch) -> None:
+    """'database or disk is full' at open was reported as an unreadable store with the advice to delete
+    it: the stored results were intact (freeing space resumed them with no LM call)."""
+    store = RunStore.open(tmp_path, RUN_KEY)
+    _eval(store, "fp", 0)
+    store.close()
+    real_connect = store_pkg.sqlite_store._connect
+
+    class _Full:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self._conn = conn
+
+        def execute(self, sql: str, *args):
+            if not sql.startswith("PRAGMA"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self._conn.execute(sql, *args)
+
+        def __getattr__(self, name: str):
+            return getattr(self._conn, name)
+
+    monkeypatch.setattr(store_pkg.sqlite_store, "_connect", lambda path: _Full(real_connect(path)))
+    with pytest.raises(RunStoreError, match="disk is full") as info:
+        RunStore.open(tmp_path, RUN_KEY)
+    assert "not lost" in str(info.value) and "delete" not in str(info.value)
+    monkeypatch.setattr(store_pkg.sqlite_store, "_connect", real_connect)
+    store = RunStore.open(tmp_path, RUN_KEY)
+    try:  # reading later fails the same way: a RunStoreError naming the file, not a bare sqlite3 error
+        monkeypatch.setattr(store_pkg.sqlite_store, "_connect", lambda path: _Full(real_connect(path)))
+        with pytest.raises(RunStoreError, match=r"run\.sqlite3 \(database or disk is full\)"):
+            store.sessions()
+    finally:
+        monkeypatch.setattr(store_pkg.sqlite_store, "_connect", real_connect)
+        store.close()
+
+
 def test_unusable_log_dir_is_named_in_the_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
