@@ -807,8 +807,9 @@ def _store_error(path: Path, log_dir: Path, exc: sqlite3.DatabaseError) -> RunSt
     advice for a damaged file says, would throw away paid work)."""
     if isinstance(exc, sqlite3.OperationalError):
         return RunStoreError(
-            f"cannot use the run store {path} ({exc}). Its stored results are not lost: free space on "
-            f"that disk or fix its permissions, then run again with the same log_dir."
+            f"cannot use the run store {path} ({exc}). Its stored results are not lost: once the disk "
+            f"can take it again (space freed, permissions fixed, no other program holding the file), run "
+            f"again with the same log_dir."
         )
     return RunStoreError(f"{path} is not a readable run store ({exc}). {_FIX.format(log_dir=log_dir)}")
 
