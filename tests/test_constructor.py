@@ -109,6 +109,27 @@ def test_checking_a_judge_metric_does_not_make_dspy_warn(caplog):
     with pytest.raises(TypeError, match=r"five arguments.*forward"):
         TurboGEPA(_TwoArgJudge(), max_metric_calls=10, reflection_lm=LM)
 
+    class _Delegating(dspy.Module):  # a wrapper whose forward is its inner judge's, via __getattr__
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "forward":
+                return self.inner.forward
+            return super().__getattr__(name)
+
+    with pytest.raises(TypeError, match=r"five arguments.*forward"):
+        TurboGEPA(_Delegating(_TwoArgJudge()), max_metric_calls=10, reflection_lm=LM)
+
+    class _Dynamic(_TwoArgJudge):  # a class that answers attribute reads itself
+        def __getattribute__(self, name):
+            if name == "forward":
+                return lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0
+            return super().__getattribute__(name)
+
+    TurboGEPA(_Dynamic(), max_metric_calls=10, reflection_lm=LM)
+
 
 def test_varargs_metric_and_no_default_metric_are_accepted():
     TurboGEPA(lambda *a: 1.0, max_metric_calls=10, reflection_lm=LM)

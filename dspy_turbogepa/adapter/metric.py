@@ -56,12 +56,20 @@ def _judge_forward(judge: dspy.Module) -> Any:
     """The judge's ``forward``, read past ``dspy.Module.__getattribute__``: that logs "calling
     module.forward(...) directly is discouraged" on every read outside ``__call__``, and we only read
     its signature. An instance attribute comes as it is, a class attribute bound as Python would."""
+    cls = type(judge)
+    if cls.__getattribute__ is not dspy.Module.__getattribute__:
+        return getattr(judge, "forward", None)  # the class decides what its attributes are
     own = getattr(judge, "__dict__", {})
     if "forward" in own:
         return own["forward"]
-    raw = inspect.getattr_static(type(judge), "forward", None)
+    raw = inspect.getattr_static(cls, "forward", _ABSENT)
+    if raw is _ABSENT:
+        return getattr(judge, "forward", None)  # through the class's __getattr__, if it has one
     bind = getattr(type(raw), "__get__", None)
-    return bind(raw, judge, type(judge)) if bind is not None else raw
+    return bind(raw, judge, cls) if bind is not None else raw
+
+
+_ABSENT = object()
 
 
 @dataclass(frozen=True)

@@ -532,10 +532,10 @@ class RunStore:
         try:
             conn = _connect(path)
         except sqlite3.Error as exc:
-            raise RunStoreError(f"cannot open the run store {path}: {exc}. {_FIX.format(log_dir=log_dir)}") from exc
+            raise _store_error(path, log_dir, exc) from exc
         try:
             self.resumed, self.session, self.meta = _initialise(conn, path, log_dir, key, meta_json)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise _store_error(path, log_dir, exc) from exc
         finally:
             conn.close()
@@ -701,7 +701,7 @@ class RunStore:
                 return conn.execute(sql, params).fetchall()
             finally:
                 conn.close()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise _store_error(self.path, self.log_dir, exc) from exc
 
     def load_evaluations(self) -> list[StoredEvaluation]:
@@ -801,11 +801,28 @@ class RunStore:
 _FIX = "Use a new log_dir, or delete {log_dir}/run.sqlite3* (the database and its -wal/-shm files) to start over."
 
 
-def _store_error(path: Path, log_dir: Path, exc: sqlite3.DatabaseError) -> RunStoreError:
-    """What an SQLite error means for the user: a damaged file (start over) or a disk that cannot take
-    it now (full, failing, locked, read-only: the stored results are intact, and deleting them, as the
-    advice for a damaged file says, would throw away paid work)."""
-    if isinstance(exc, sqlite3.OperationalError):
+#: SQLite result codes (``sqlite_errorname``, Python 3.11+) and, before 3.11, message parts that say the
+#: disk or the file's permissions refused the store now, not that the file is damaged or not ours.
+_ENVIRONMENT_CODES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY",
+                      "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_NOMEM", "SQLITE_AUTH")
+_ENVIRONMENT_MESSAGES = ("disk is full", "disk i/o error", "database is locked", "table is locked", "readonly",
+                         "unable to open", "permission", "out of memory")
+
+
+def _environment_error(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return name.startswith(_ENVIRONMENT_CODES)
+    text = str(exc).lower()
+    return any(part in text for part in _ENVIRONMENT_MESSAGES)
+
+
+def _store_error(path: Path, log_dir: Path, exc: sqlite3.Error) -> RunStoreError:
+    """What an SQLite error means for the user: a disk that cannot take the store now (full, failing,
+    locked, read-only, no permission: the stored results are intact, and deleting them, as the advice
+    for a damaged file says, would throw away paid work), or a damaged or foreign file (start over).
+    By result code, not exception class: SQLite reports a wrong schema as an OperationalError too."""
+    if _environment_error(exc):
         return RunStoreError(
             f"cannot use the run store {path} ({exc}). Its stored results are not lost: once the disk "
             f"can take it again (space freed, permissions fixed, no other program holding the file), run "
@@ -912,10 +929,6 @@ def _initialise(
             f"{_FIX.format(log_dir=log_dir)}",
             changed=["schema_version"],
         )
-    if tables:  # a damaged page would otherwise surface half-way through loading, after a session row
-        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError(f"damaged: {'; '.join(problems)}")
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise RunStoreError(f"{path}: SQLite refused WAL mode (got {mode!r}); put log_dir on a local disk")

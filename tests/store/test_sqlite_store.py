@@ -265,24 +265,37 @@ def test_schema_version_and_foreign_databases_are_refused(tmp_path: Path) -> Non
         RunStore.open(tmp_path / "c", RUN_KEY)
 
 
-def test_a_damaged_page_is_refused_at_open_before_anything_is_written(tmp_path: Path) -> None:
+def test_a_damaged_page_or_a_foreign_meta_table_is_a_run_store_error_naming_the_file(tmp_path: Path) -> None:
     """Bit rot in one data page (the header intact) surfaced as a bare sqlite3.DatabaseError half-way
-    through loading the stored results, after the open had added a session row to the damaged file."""
-    store = RunStore.open(tmp_path, RUN_KEY)
+    through loading the stored results. SQLite reports a wrong schema as an OperationalError, like a
+    full disk: it must still get the advice for a file that is not ours, not "run again"."""
+    store = RunStore.open(tmp_path / "a", RUN_KEY)
     for i in range(400):
         _eval(store, f"fp{i % 7}", i, message="x" * 200)
     store.close()
-    db = tmp_path / DB_FILENAME
+    db = tmp_path / "a" / DB_FILENAME
     page = 4096
     assert db.stat().st_size > 12 * page
-    with db.open("r+b") as f:
-        f.seek(10 * page)
-        f.write(bytes(range(256)) * (page // 256))
-    before = db.read_bytes()
+    with db.open("r+b") as f:  # every third page from the fourth on: some of them hold evaluations
+        for number in range(3, db.stat().st_size // page - 1, 3):
+            f.seek(number * page)
+            f.write(bytes(range(256)) * (page // 256))
     with pytest.raises(RunStoreError, match="not a readable run store .*malformed") as info:
-        RunStore.open(tmp_path, RUN_KEY)
-    assert "delete" in str(info.value)  # a damaged store can only be started over
-    assert db.read_bytes() == before  # no session row, nothing else written
+        store = RunStore.open(tmp_path / "a", RUN_KEY)
+        try:
+            store.load_evaluations()
+        finally:
+            store.close()
+    assert str(db) in str(info.value) and "delete" in str(info.value)  # a damaged store can only start over
+
+    (tmp_path / "b").mkdir()
+    conn = _raw(tmp_path / "b")
+    with conn:
+        conn.execute("CREATE TABLE meta (k TEXT)")  # someone else's database with a table of that name
+    conn.close()
+    with pytest.raises(RunStoreError, match="not a readable run store .*no such column") as info:
+        RunStore.open(tmp_path / "b", RUN_KEY)
+    assert "not lost" not in str(info.value)
 
 
 def test_a_full_or_failing_disk_is_not_called_a_damaged_store(tmp_path: Path, monkeypatch) -> None:
@@ -294,12 +307,14 @@ def test_a_full_or_failing_disk_is_not_called_a_damaged_store(tmp_path: Path, mo
     real_connect = store_pkg.sqlite_store._connect
 
     class _Full:
+        error: sqlite3.Error = sqlite3.OperationalError("database or disk is full")
+
         def __init__(self, conn: sqlite3.Connection) -> None:
             self._conn = conn
 
         def execute(self, sql: str, *args):
             if not sql.startswith("PRAGMA"):
-                raise sqlite3.OperationalError("database or disk is full")
+                raise self.error
             return self._conn.execute(sql, *args)
 
         def __getattr__(self, name: str):
@@ -315,6 +330,9 @@ def test_a_full_or_failing_disk_is_not_called_a_damaged_store(tmp_path: Path, mo
         monkeypatch.setattr(store_pkg.sqlite_store, "_connect", lambda path: _Full(real_connect(path)))
         with pytest.raises(RunStoreError, match=r"run\.sqlite3 \(database or disk is full\)"):
             store.sessions()
+        _Full.error = sqlite3.DatabaseError("database disk image is malformed")  # a page gone bad since
+        with pytest.raises(RunStoreError, match="not a readable run store .*malformed.*delete"):
+            store.load_evaluations()
     finally:
         monkeypatch.setattr(store_pkg.sqlite_store, "_connect", real_connect)
         store.close()
