@@ -17,6 +17,8 @@ from collections.abc import Callable, Collection, Sequence
 def _checked(ids: Sequence[int], size: int) -> tuple[tuple[int, ...], int]:
     if not ids:
         raise ValueError("cannot sample minibatches from an empty training set")
+    if len(set(ids)) != len(ids):  # an id is an example: twice would put it twice in one minibatch
+        raise ValueError("training ids must be distinct")
     return tuple(ids), min(size, len(ids))
 
 

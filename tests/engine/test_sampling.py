@@ -296,3 +296,11 @@ def test_a_rank_that_names_its_known_examples_draws_exactly_what_the_full_scan_d
             assert batch == slow.draw(plain)
             fast.consume(batch)
             slow.consume(batch)
+
+
+def test_duplicate_training_ids_are_refused() -> None:
+    """An id stands for one example: twice, it could come twice in one minibatch (and the failure-first
+    sampler's fast path, which takes each drawn or known id once, would differ from the full scan)."""
+    for sampler in (EpochShuffledSampler, FailureFirstSampler):
+        with pytest.raises(ValueError, match="distinct"):
+            sampler([0, 0, 1, 2], 3, seed=0)
