@@ -281,9 +281,9 @@ def test_orchestrator_source_reads_public_state() -> None:
         budget=SimpleNamespace(executed=40, limit=500),
         in_flight=7,
         mutations_in_flight=lambda: 3,
-        stats=SimpleNamespace(rate_limit_retries=4),
+        stats=SimpleNamespace(rate_limit_retries=4, replayed=10),  # stored evaluations replayed count too
     )
-    src = OrchestratorSource(orch, calls_offset=10)
+    src = OrchestratorSource(orch)
     assert src.best() is None and src.frontier_size() is None
     records.append(make_record(0, {0: 0.0, 1: 1.0}))
     records.append(make_record(1, {0: 1.0, 1: 0.0}, parents=[0]))

@@ -88,8 +88,8 @@ class ProgressSource(Protocol):
 class OrchestratorSource:
     """:class:`ProgressSource` over an ``engine.Orchestrator``'s public attributes.
 
-    ``calls_offset``: metric calls to add to the orchestrator's own count (its executed and replayed
-    evaluations: a resumed run's stored evaluations count as the budget counts them, when replayed).
+    Metric calls are the orchestrator's executed and replayed evaluations: a resumed run's stored
+    evaluations count as the budget counts them, when replayed.
     ``frontier_size``: a callable returning the frontier size, if the caller has a cheaper or more
     exact one; by default it is computed from ``orchestrator.records`` (new records only, per call):
     the number of candidates on GEPA's Pareto frontier, i.e. per-instance front members that are not
@@ -99,11 +99,10 @@ class OrchestratorSource:
     """
 
     def __init__(
-        self, orchestrator: Any, *, calls_offset: int = 0, frontier_size: Callable[[], int] | None = None,
+        self, orchestrator: Any, *, frontier_size: Callable[[], int] | None = None,
         extra_backoffs: Callable[[], int] | None = None,
     ) -> None:
         self._orch = orchestrator
-        self._offset = int(calls_offset)
         self._frontier_fn = frontier_size
         self._extra_backoffs = extra_backoffs
         self._tracker = FrontierTally()
@@ -119,8 +118,7 @@ class OrchestratorSource:
 
     def metric_calls(self) -> int:
         """Metric calls counted against this session's budget: executed, plus stored ones replayed."""
-        replayed = getattr(getattr(self._orch, "stats", None), "replayed", 0) or 0
-        return self._orch.budget.executed + int(replayed) + self._offset
+        return int(self._orch.budget.executed + self._orch.stats.replayed)
 
     def budget(self) -> int:
         return self._orch.budget.limit
