@@ -598,6 +598,11 @@ def test_a_best_of_n_copy_shares_data_locks_and_lms_and_rebinds_tools(routing, r
     copied = built.for_call()
     assert copied is not built.program and copied.search is built.program.search  # shared, lock and all
     assert copied.tools[1].func.__self__ is built.program.tools[1].func.__self__  # a tool around data: shared
+    two_holders = _HoldsData(routing.make_program())
+    two_holders.helper = dspy.Module()
+    two_holders.helper.tools = two_holders.tools  # one list of bound methods, held by two modules
+    copied = ProgramCodec(two_holders).get("seed", {}).for_call()
+    assert copied.helper.tools is copied.tools and copied.tools[0].__self__ is copied  # copied once, for both
     splits = small_splits(routing, n_train=12, n_val=8)
     opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4,
                     track_stats=True)

@@ -118,29 +118,32 @@ def _shared_values(program: dspy.Module) -> dict[int, Any]:
     not structure (see :meth:`BuiltProgram.for_call`). Computed once per candidate; the predictors'
     LMs are added per call (the evaluator swaps in its copies after the build)."""
     shared: dict[int, Any] = {}
-    seen: set[int] = set()
+    verdicts: dict[int, bool] = {}
     for _, module in program.named_sub_modules():
         for value in getattr(module, "__dict__", {}).values():
-            if not _structural(value, seen):
+            if not _structural(value, verdicts):
                 shared[id(value)] = value
     return shared
 
 
-def _structural(value: Any, seen: set[int]) -> bool:
+def _structural(value: Any, verdicts: dict[int, bool]) -> bool:
     """A module, a method bound to one (a tool made of the module's own method must follow the copy),
     a ``dspy.Tool`` wrapping such a method, or a container holding one. Any other callable (a
-    retriever object, a partial, a function) is data: shared, with what it holds (a corpus, a lock)."""
+    retriever object, a partial, a function) is data: shared, with what it holds (a corpus, a lock).
+    ``verdicts``: per container, so that one two modules hold is judged the same both times (and a
+    container inside itself adds nothing while it is being judged)."""
     if isinstance(value, BaseModule):
         return True
     if isinstance(value, MethodType):
         return isinstance(value.__self__, BaseModule)
     if isinstance(value, dspy.Tool):
-        return _structural(value.func, seen)
+        return _structural(value.func, verdicts)
     if type(value) in (list, tuple, dict, set, frozenset):
-        if id(value) in seen:
-            return False
-        seen.add(id(value))
-        return any(_structural(v, seen) for v in (value.values() if type(value) is dict else value))
+        key = id(value)
+        if key not in verdicts:
+            verdicts[key] = False
+            verdicts[key] = any(_structural(v, verdicts) for v in (value.values() if type(value) is dict else value))
+        return verdicts[key]
     return False
 
 
