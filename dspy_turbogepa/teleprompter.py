@@ -47,6 +47,7 @@ from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 from dspy_turbogepa.redaction import is_sensitive_key, run_secrets, url_credentials
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
+from dspy_turbogepa.tracking.imports import drop_cut_short_imports
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
 logger = logging.getLogger(__name__)
@@ -534,7 +535,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # the program.
             logger.warning("Interrupted while writing the run's reports (summary, plots, MLflow): they are "
                            "incomplete; returning the optimized program.")
-            _drop_cut_short_imports(modules_before)
+            drop_cut_short_imports(modules_before)
             if tracker is not None:
                 tracker.abort(exc)
         return program
@@ -659,22 +660,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_tokens=self.token_budget,
             max_cost=self.cost_budget_usd,
         )
-
-
-def _drop_cut_short_imports(before: set[str]) -> None:
-    """Forget the modules an interrupted import left behind, so that the next import loads them afresh.
-
-    Why: a Ctrl-C inside an import fails the packages whose ``__init__`` was running (Python removes
-    those), but their submodules that had finished stay in ``sys.modules`` bound to the dead package
-    object, and a later import of the package picks them up half-wired. Dropped: every module new
-    since ``before`` with an enclosing package no longer loaded; whatever another thread imported
-    meanwhile (the user's pyplot) is kept. matplotlib's own first import, with numpy, which cannot be
-    repaired this way, is made with Ctrl-C held (``tracking/imports.py``).
-    """
-    for name in sorted(set(sys.modules) - before):
-        parts = name.split(".")
-        if any(".".join(parts[:i]) not in sys.modules for i in range(1, len(parts))):
-            sys.modules.pop(name, None)
 
 
 def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:

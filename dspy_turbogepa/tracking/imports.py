@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["import_in_one_piece"]
+__all__ = ["drop_cut_short_imports", "import_in_one_piece"]
 
 
 def import_in_one_piece(*modules: str) -> None:
@@ -68,3 +68,19 @@ def _deliver(handler: Any, frames: list[FrameType | None]) -> None:
             handler(signal.SIGINT, frame)  # the default handler raises KeyboardInterrupt here
         else:
             signal.raise_signal(signal.SIGINT)
+
+
+def drop_cut_short_imports(before: set[str]) -> None:
+    """Forget the modules an interrupted import left behind, so that the next import loads them afresh.
+
+    Why: a Ctrl-C inside an import fails the packages whose ``__init__`` was running (Python removes
+    those), but their submodules that had finished stay in ``sys.modules`` bound to the dead package
+    object, and a later import of the package picks them up half-wired. Dropped: every module new
+    since ``before`` with an enclosing package no longer loaded; whatever another thread imported
+    meanwhile (the user's pyplot) is kept. matplotlib's own first import, with numpy, which cannot be
+    repaired this way, is made with Ctrl-C held (:func:`import_in_one_piece`).
+    """
+    for name in sorted(set(sys.modules) - before):
+        parts = name.split(".")
+        if any(".".join(parts[:i]) not in sys.modules for i in range(1, len(parts))):
+            sys.modules.pop(name, None)
