@@ -407,3 +407,23 @@ def test_telling_a_valset_equal_to_the_trainset_works_on_array_fields():
     assert not _same_examples(train, val)
     assert _same_examples(train, data(1.0)) and _same_examples(train, list(train))
     assert not _same_examples(train, [ex.with_inputs("ticket") for ex in train])  # other inputs
+
+
+def test_a_trainset_the_program_cannot_take_stops_the_run_though_the_valset_works(routing, student_lm,
+                                                                                   reflection_lm):
+    """with_inputs naming the label on the trainset only: every training rollout fails while the seed's
+    validation pass succeeds. That success hid the broken trainset: the run paid a reflection per failed
+    minibatch (111 on 200 calls) and returned the seed as if optimized."""
+    from dspy_turbogepa import SystemicFailureError
+
+    splits = small_splits(routing)
+    train = [dspy.Example(**ex.toDict()).with_inputs("ticket", "queue") for ex in splits.train]
+    with pytest.raises(SystemicFailureError) as info:
+        compile_task(routing, student_lm, reflection_lm, budget=200, num_threads=2,
+                     splits=type(splits)(train=train, val=splits.val, test=splits.test))
+    msg = str(info.value)
+    assert "evaluations on the trainset all failed" in msg and "those on the valset succeed" in msg, msg
+    assert "unexpected keyword argument 'queue'" in msg and "with_inputs" in msg
+    # a window of failed training evaluations (16 here: 8 for the seed, minibatch and scouts, then children),
+    # not a reflection per failed minibatch until the budget is spent
+    assert sim_engine(reflection_lm).calls <= 5, sim_engine(reflection_lm).calls

@@ -143,7 +143,7 @@ class EvaluationCache:
         self._count(outcome)
         for obs in self._observers:
             obs.on_evaluation(candidate, split, outcome)
-        self._systemic.observe(outcome, candidate.fingerprint)
+        self._systemic.observe(outcome, candidate.fingerprint, split)
         return outcome
 
     def _add_usage(self, outcome: EvalOutcome) -> None:

@@ -131,8 +131,13 @@ class Orchestrator:
         self._selector = ComponentSelector(list(seed_candidate.texts), config.component_selector)
         self._eval_slots = PrioritySlots(config.max_evals_in_flight, clock)
         self._reflection_slots = asyncio.Semaphore(config.max_reflections_in_flight)
-        self._systemic = SystemicFailureDetector(config.systemic_failure_window, config.systemic_proposal_window)
-        self._systemic.resume(any(o.failure is None for o in (known_evaluations or {}).values()),
+        self._systemic = SystemicFailureDetector(
+            config.systemic_failure_window, config.systemic_proposal_window,
+            split_sizes={"val": len(set(self._val_ids))} if shared_splits else
+            {"train": len(set(self._train_ids)), "val": len(set(self._val_ids))},
+        )
+        self._systemic.resume({"val" if shared_splits else key[1]
+                               for key, o in (known_evaluations or {}).items() if o.failure is None},
                               any(p.skipped is None for p in (known_proposals or {}).values()))
         self.stats = RunStats()
         self._evaluations = EvaluationCache(evaluator, self._eval_slots, self._budget, self.stats, self._observers,

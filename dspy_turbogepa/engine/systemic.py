@@ -2,9 +2,14 @@
 
 Two signals: a failure the evaluator marks ``fatal`` (one that can never succeed on retry:
 authentication, unknown model, refused connection) stops the run at its first occurrence; and if the
-first ``window`` executed evaluations all fail, whatever the cause, the run stops too, naming the most
-common cause. Once any evaluation
-has succeeded, isolated failures are ordinary data (scored ``failure_score``), as in dspy.GEPA.
+first ``window`` executed evaluations of a split all fail, whatever the cause, the run stops too,
+naming the most common cause. Once an evaluation of a split has succeeded, isolated failures there are
+ordinary data (scored ``failure_score``), as in dspy.GEPA.
+
+The rule is per split because the splits are separate data: a trainset whose examples the program
+cannot take (``with_inputs`` naming the label, a field the valset does not have) fails every training
+rollout while the seed's validation pass succeeds. Judged together, that success would hide the broken
+trainset, and the run would pay a reflection for every failed minibatch, then return the seed.
 
 One cause is given a chance first: output that does not parse (``format_error``) is what a weak seed
 instruction often produces and what reflection is shown and can fix (dspy.GEPA's
@@ -20,7 +25,8 @@ otherwise be called until the no-progress limit, returning the seed as if optimi
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from dspy_turbogepa.engine.errors import SystemicFailureError
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
@@ -46,25 +52,48 @@ _PROPOSER_HINTS = {
 }
 
 
+_SPLIT_NAMES = {"train": "trainset", "val": "valset"}
+
+
+@dataclass
+class _SplitWindow:
+    """The first-N rule's account for one split, until its first success."""
+
+    seen_success: bool = False
+    failures: Counter[tuple[str, str]] = field(default_factory=Counter)
+    examples: dict[tuple[str, str], str] = field(default_factory=dict)
+    count: int = 0
+    candidates: set[str] = field(default_factory=set)
+
+
 class SystemicFailureDetector:
-    def __init__(self, window: int, proposal_window: int | None = None) -> None:
+    def __init__(self, window: int, proposal_window: int | None = None,
+                 split_sizes: Mapping[str, int] | None = None) -> None:
+        """``split_sizes``: the distinct examples of each split. A split's window is at most that many,
+        so a split smaller than ``window`` that fails on every example is judged too (4 training
+        examples whose failures give reflection nothing to read are never evaluated 8 times)."""
         self.window = max(1, window)
+        self._split_sizes = dict(split_sizes or {})
         self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
-        self._seen_success = False
-        self._failures: Counter[tuple[str, str]] = Counter()
-        self._examples: dict[tuple[str, str], str] = {}
-        self._count = 0
-        self._candidates: set[str] = set()
+        self._splits: dict[str, _SplitWindow] = {}
         self._raised: SystemicFailureError | None = None
         self._seen_proposal = False
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
 
-    def resume(self, evaluation_succeeded: bool, proposal_succeeded: bool) -> None:
-        """What an earlier session of the run already saw: after a success there, the first-N rules
-        do not apply again (a resumed run's fresh failures are ordinary data, as they would have been)."""
-        self._seen_success = self._seen_success or evaluation_succeeded
+    def resume(self, succeeded_splits: Iterable[str], proposal_succeeded: bool) -> None:
+        """What an earlier session of the run already saw: after a success in a split there, the first-N
+        rule does not apply to that split again (a resumed run's fresh failures are ordinary data, as they
+        would have been)."""
+        for split in succeeded_splits:
+            self._window(split).seen_success = True
         self._seen_proposal = self._seen_proposal or proposal_succeeded
+
+    def _window(self, split: str) -> _SplitWindow:
+        window = self._splits.get(split)
+        if window is None:
+            window = self._splits[split] = _SplitWindow()
+        return window
 
     def observe_proposal(self, outcome: ProposalOutcome, unchanged: bool = False) -> None:
         """Like :meth:`observe`, for a reflection's outcome. ``unchanged``: it answered with the parent's
@@ -110,14 +139,16 @@ class SystemicFailureDetector:
                 error_type=None,
             )
 
-    def observe(self, outcome: EvalOutcome, candidate: str | None = None) -> None:
+    def observe(self, outcome: EvalOutcome, candidate: str | None = None, split: str = "val") -> None:
         """Raise SystemicFailureError when the run must stop (see :meth:`_sticky`). ``candidate``
-        (a fingerprint) tells format errors of the seed from those of its reflected children."""
-        self._sticky(lambda: self._observe(outcome, candidate))
+        (a fingerprint) tells format errors of the seed from those of its reflected children; ``split``
+        names the data the evaluation ran on (one split when the valset is the trainset)."""
+        self._sticky(lambda: self._observe(outcome, candidate, split))
 
-    def _observe(self, outcome: EvalOutcome, candidate: str | None) -> None:
+    def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
+        window = self._window(split)
         if outcome.failure is None:
-            self._seen_success = True
+            window.seen_success = True
             return
         if outcome.fatal:
             who, lm = ("the metric", "the LM your metric calls") if outcome.failure == "metric_error" else (
@@ -128,32 +159,46 @@ class SystemicFailureDetector:
                 failure=outcome.failure,
                 error_type=outcome.error_type,
             )
-        if self._seen_success:
+        if window.seen_success:
             return
         key = (outcome.failure, outcome.error_type or "")
-        self._failures[key] += 1
-        self._examples.setdefault(key, outcome.message or "")
-        self._count += 1
+        window.failures[key] += 1
+        window.examples.setdefault(key, outcome.message or "")
+        window.count += 1
         if candidate is not None:
-            self._candidates.add(candidate)
-        only_format = all(f == "format_error" for f, _ in self._failures)
-        if only_format and 0 < len(self._candidates) < FORMAT_ERROR_CANDIDATES:
+            window.candidates.add(candidate)
+        only_format = all(f == "format_error" for f, _ in window.failures)
+        if only_format and 0 < len(window.candidates) < FORMAT_ERROR_CANDIDATES:
             return  # reflection has not yet had its chance to fix the output format
-        if self._count >= self.window:
-            (failure, error_type), n = self._failures.most_common(1)[0]
-            example = self._examples[(failure, error_type)]
+        if window.count >= max(1, min(self.window, self._split_sizes.get(split, self.window))):
+            (failure, error_type), n = window.failures.most_common(1)[0]
+            example = window.examples[(failure, error_type)]
             cause = f"{failure} / {example}" if error_type and example.startswith(f"{error_type}:") else (
                 f"{failure}{' / ' + error_type if error_type else ''}: {example}")
+            others = sorted(name for name, w in self._splits.items() if name != split and w.seen_success)
+            if others:
+                what = _SPLIT_NAMES.get(split, f"{split!r}")
+                raise SystemicFailureError(
+                    f"Stopping: the first {window.count} evaluations on the {what} all failed ({n} of them "
+                    f"with {cause}{self._format_note(window, only_format)}), while those on the "
+                    f"{' and '.join(_SPLIT_NAMES.get(o, repr(o)) for o in others)} succeed: something in the "
+                    f"{what}'s examples breaks the program or the metric. Compare their fields and "
+                    "with_inputs(...) with the other split's (a label passed as an input, a field missing) "
+                    "and run again.",
+                    failure=failure,
+                    error_type=error_type or None,
+                )
             raise SystemicFailureError(
-                f"Stopping: the first {self._count} evaluations all failed ({n} of them with {cause})"
-                f"{self._format_note(only_format)}. "
+                f"Stopping: the first {window.count} evaluations all failed ({n} of them with {cause})"
+                f"{self._format_note(window, only_format)}. "
                 "Fix the program, the metric or the LM configuration and run again.",
                 failure=failure,
                 error_type=error_type or None,
             )
 
-    def _format_note(self, only_format: bool) -> str:
-        if not only_format or len(self._candidates) < FORMAT_ERROR_CANDIDATES:
+    @staticmethod
+    def _format_note(window: _SplitWindow, only_format: bool) -> str:
+        if not only_format or len(window.candidates) < FORMAT_ERROR_CANDIDATES:
             return ""
-        return (f", on the seed and {len(self._candidates) - 1} candidates reflected from its parse failures: "
+        return (f", on the seed and {len(window.candidates) - 1} candidates reflected from its parse failures: "
                 "the LM's output does not parse whatever the instruction says")

@@ -278,10 +278,11 @@ def test_every_evaluation_failing_raises_after_the_window(val_n: int) -> None:
     orch = build(cfg, ev, FakeReflector(), setup)
     err, calls, _ = run_until_error(orch, ev)
     assert (err.failure, err.error_type) == ("program_error", "ValueError")
-    assert "the first 8 evaluations all failed (8 of them" in str(err)
+    n = min(8, val_n)  # a split smaller than the window is judged once every example of it failed
+    assert f"the first {n} evaluations all failed ({n} of them" in str(err)
     # one slot: evaluations run one at a time; only the few started while the error propagates follow it
-    assert 8 <= calls <= 8 + 3
-    assert orch.stats.failures["program_error"] >= 8
+    assert n <= calls <= n + 3
+    assert orch.stats.failures["program_error"] >= n
 
 
 def test_fewer_initial_failures_than_the_window_do_not_stop_the_run() -> None:

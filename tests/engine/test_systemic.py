@@ -51,14 +51,61 @@ def test_fatal_failure_raises_at_once_even_after_success() -> None:
 
 def test_a_resumed_run_remembers_the_successes_of_its_earlier_sessions() -> None:
     det = SystemicFailureDetector(2)
-    det.resume(evaluation_succeeded=True, proposal_succeeded=True)
+    det.resume(succeeded_splits={"val", "train"}, proposal_succeeded=True)
     for _ in range(10):  # replayed successes are cache hits, never observed: these are not "the first N"
-        det.observe(fail())
+        det.observe(fail(), split="val")
+        det.observe(fail(), split="train")
         det.observe_proposal(ProposalOutcome(skipped="proposer_error", message="x"))
     fresh = SystemicFailureDetector(2)
     fresh.observe(fail())
     with pytest.raises(SystemicFailureError):
         fresh.observe(fail())
+    only_val = SystemicFailureDetector(2)  # an earlier session's validation successes say nothing of the trainset
+    only_val.resume(succeeded_splits={"val"}, proposal_succeeded=False)
+    only_val.observe(fail(), split="val")
+    only_val.observe(fail(), split="train")
+    with pytest.raises(SystemicFailureError, match="evaluations on the trainset"):
+        only_val.observe(fail(), split="train")
+
+
+def test_the_first_n_rule_is_per_split() -> None:
+    """A trainset the program cannot take fails every training rollout while the seed's validation pass
+    succeeds: that success must not hide it (the run would pay a reflection per failed minibatch)."""
+    det = SystemicFailureDetector(4)
+    for _ in range(10):
+        det.observe(OK, "seed", split="val")
+    for _ in range(3):
+        det.observe(fail(msg="TypeError: forward() got an unexpected keyword argument 'queue'",
+                         error_type="TypeError"), "seed", split="train")
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe(fail(error_type="TypeError"), "seed", split="train")
+    msg = str(info.value)
+    assert "first 4 evaluations on the trainset all failed" in msg and "those on the valset succeed" in msg
+    assert "unexpected keyword argument 'queue'" in msg and "with_inputs" in msg
+    # and the other way round, with the generic advice while no split has succeeded
+    det = SystemicFailureDetector(2)
+    det.observe(OK, split="train")
+    det.observe(fail(), split="val")
+    with pytest.raises(SystemicFailureError, match="on the valset all failed.*those on the trainset succeed"):
+        det.observe(fail(), split="val")
+    det = SystemicFailureDetector(2)
+    det.observe(fail(), split="train")
+    with pytest.raises(SystemicFailureError, match="the first 2 evaluations all failed"):
+        det.observe(fail(), split="train")
+    # a split smaller than the window is judged once each of its examples could have failed
+    det = SystemicFailureDetector(8, split_sizes={"train": 3, "val": 20})
+    det.observe(OK, split="val")
+    det.observe(fail(), split="train")
+    det.observe(fail(), split="train")
+    with pytest.raises(SystemicFailureError, match="first 3 evaluations on the trainset"):
+        det.observe(fail(), split="train")
+    # failures of one split after its own first success stay data, whatever the other split does
+    det = SystemicFailureDetector(2)
+    det.observe(OK, split="train")
+    det.observe(OK, split="val")
+    for _ in range(20):
+        det.observe(fail(), split="train")
+        det.observe(fail(), split="val")
 
 
 def test_format_errors_alone_wait_for_reflected_candidates() -> None:
