@@ -518,6 +518,51 @@ def test_a_trace_step_of_a_copied_predictor_goes_to_every_predictor_it_equals():
     assert names.signature_owner(copied.check.signature) is None  # ambiguous: judged by its fields
 
 
+class _TwoEqualAndABestOfN(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.x = dspy.Predict("question -> answer")
+        self.y = dspy.Predict("question -> answer")  # the same signature as x
+        self.z = dspy.BestOfN(dspy.Predict("question -> other"), N=1, reward_fn=lambda a, p: 1.0, threshold=1.0)
+
+    def forward(self, question):
+        return dspy.Prediction(answer=self.x(question=question).answer,
+                               answer2=self.y(question=question + " [for y]").answer,
+                               other=self.z(question=question).other)
+
+
+def test_predictors_outside_a_best_of_n_keep_their_own_trace_steps(reflection_lm):
+    """A program holding a BestOfN runs each call on a copy; its steps were matched by signature even for
+    predictors outside the BestOfN, so two predictors sharing a signature got each other's calls (and
+    each other's per-predictor feedback). Copies are matched to names by identity through the copy."""
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    built = ProgramCodec(_TwoEqualAndABestOfN()).get("seed", {})
+    program, names = built.for_call()
+    assert program is not built.program
+    assert names.names_of(program.x) == ["x"] and names.names_of(program.y) == ["y"]
+    assert built.names.names_of(program.x) == ["x", "y"]  # what matching by signature gave
+
+    seen = []
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        seen.append({k: [r["Inputs"]["question"] for r in v] for k, v in reflective_dataset.items()})
+        return {c: candidate[c] + " v2" for c in components_to_update if c in reflective_dataset}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return 0.0
+
+    data = [dspy.Example(question=f"question {i}", answer="a").with_inputs("question") for i in range(4)]
+    opt = TurboGEPA(metric, max_metric_calls=12, reflection_lm=reflection_lm, num_threads=1,
+                    component_selector="all", instruction_proposer=proposer, reflection_minibatch_size=2)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(_TwoEqualAndABestOfN(), trainset=data, valset=data)
+    assert seen and all(ds["x"] for ds in seen)
+    for ds in seen:
+        assert not any("[for y]" in q for q in ds["x"]), ds
+        assert all("[for y]" in q for q in ds["y"]), ds
+
+
 class _FirstAttemptFails(dspy.Module):
     """Raises under BestOfN's first rollout of a call (an even rollout id), answers under the second."""
 
@@ -576,12 +621,12 @@ def test_a_best_of_n_copy_shares_data_locks_and_lms_and_rebinds_tools(routing, r
     from dspy_turbogepa.adapter.program import ProgramCodec
 
     built = ProgramCodec(_HoldsData(routing.make_program())).get("seed", {})
-    first, second = built.for_call(), built.for_call()
+    first, second = built.for_call()[0], built.for_call()[0]
     assert first is not second and first.best is not built.program.best
     assert first.corpus is built.program.corpus and first.tools[0].__self__ is first  # shared / rebound
     program = _HoldsData(routing.make_program(), lock=True)
     built = ProgramCodec(program).get("seed", {})
-    assert built.for_call().lock is built.program.lock
+    assert built.for_call()[0].lock is built.program.lock
 
     class Retriever:  # callable, like dspy.retrievers.Embeddings: data, not structure
         def __init__(self):
@@ -595,13 +640,13 @@ def test_a_best_of_n_copy_shares_data_locks_and_lms_and_rebinds_tools(routing, r
     with_retriever.search = Retriever()
     with_retriever.tools = [with_retriever.search, dspy.Tool(with_retriever.search.__call__)]
     built = ProgramCodec(with_retriever).get("seed", {})
-    copied = built.for_call()
+    copied = built.for_call()[0]
     assert copied is not built.program and copied.search is built.program.search  # shared, lock and all
     assert copied.tools[1].func.__self__ is built.program.tools[1].func.__self__  # a tool around data: shared
     two_holders = _HoldsData(routing.make_program())
     two_holders.helper = dspy.Module()
     two_holders.helper.tools = two_holders.tools  # one list of bound methods, held by two modules
-    copied = ProgramCodec(two_holders).get("seed", {}).for_call()
+    copied = ProgramCodec(two_holders).get("seed", {}).for_call()[0]
     assert copied.helper.tools is copied.tools and copied.tools[0].__self__ is copied  # copied once, for both
     splits = small_splits(routing, n_train=12, n_val=8)
     opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4,

@@ -228,7 +228,6 @@ class DspyEvaluator:
     ) -> EvalOutcome:
         example = self._data[split][example_id]
         built = self._codec.get(fingerprint, texts)
-        names = built.names
         pred_keys, uses_context = self._prepare(built.program)
         context_lm = dspy.settings.lm
         context_copy = None
@@ -244,7 +243,8 @@ class DspyEvaluator:
             tickets = await self._windows.acquire_all(keys)
             result, hint, only = "neutral", None, None
             try:
-                attempt = await self._attempt(built.for_call(), names, example, example_id, split, capture_traces,
+                program, names = built.for_call()
+                attempt = await self._attempt(program, names, example, example_id, split, capture_traces,
                                               context_copy)
                 usage.add(attempt.usage)
                 verdict = attempt.verdict

@@ -36,6 +36,14 @@ class PredictorNames:
         self._predictors = list(program.named_predictors())
         self._by_id = {id(pred): name for name, pred in self._predictors}
 
+    def of_copy(self, memo: Mapping[int, Any]) -> PredictorNames:
+        """The names of a ``copy.deepcopy`` of the program, read from the copy's ``memo`` (no walk of the
+        copy): its predictors are matched by identity as the original's are. Matching them by
+        signature instead gave two predictors sharing a signature each other's calls."""
+        names = copy.copy(self)
+        names._by_id = {id(memo.get(id(pred), pred)): name for name, pred in self._predictors}
+        return names
+
     @property
     def predictors(self) -> list[tuple[str, Any]]:
         """The program's named predictors, as found once (walking a module is not free: it looks into
@@ -88,9 +96,9 @@ class BuiltProgram:
     #: told once per run when the per-call copy fails (the codec's)
     on_uncopyable: Callable[[str, BaseException], None] | None = None
 
-    def for_call(self) -> dspy.Module:
-        """The program one evaluation runs: the shared built program, or for a program holding
-        ``dspy.BestOfN`` / ``dspy.Refine`` a copy of its modules.
+    def for_call(self) -> tuple[dspy.Module, PredictorNames]:
+        """The program one evaluation runs and which of its predictors made a trace step: the shared
+        built program, or for a program holding ``dspy.BestOfN`` / ``dspy.Refine`` a copy of its modules.
 
         dspy.GEPA builds a fresh program per evaluation batch, so ``fail_count`` starts over every
         batch; one program for the whole run let it run out, and then every call whose first attempt
@@ -99,18 +107,19 @@ class BuiltProgram:
         those —; LMs and every other value (an index, a corpus, a client, a retriever, a lock) are shared.
         Other programs keep sharing one object (a lazily loaded index, large data held by it)."""
         if self.shared is None:
-            return self.program
+            return self.program, self.names
         memo = dict(self.shared)
         for _, pred in self.names.predictors:  # their LMs as they are now (the evaluator's copies)
             lm = getattr(pred, "lm", None)
             if lm is not None:
                 memo[id(lm)] = lm
         try:
-            return copy.deepcopy(self.program, memo)
+            program = copy.deepcopy(self.program, memo)
         except Exception as exc:  # noqa: BLE001 - an uncopyable structure runs shared, as before; said once
             if self.on_uncopyable is not None:
                 self.on_uncopyable(type(self.program).__name__, exc)
-            return self.program
+            return self.program, self.names
+        return program, self.names.of_copy(memo)
 
 
 def _shared_values(program: dspy.Module) -> dict[int, Any]:
