@@ -168,6 +168,75 @@ def test_gives_up_after_the_cap_with_cause_rate_limited(routing):
     assert ev.rate_limit_stats()["rate_limit_gave_up"] == 1
 
 
+def test_no_backoff_outlasts_the_policy_whatever_retry_after_says(routing):
+    """A Retry-After of a day (a quota reset) was slept in full, holding the evaluation slot, and the
+    endpoint's cool-down parked every other rollout as long. Now: give up at once when the server asks
+    for more than the policy has left, never wait past it, and cap the cool-down at the policy."""
+    import random
+
+    policy = RetryPolicy(max_retries=10, max_elapsed_s=300.0, base_s=0.5, cap_s=30.0)
+    rng = random.Random(0)
+    assert policy.delay(0, 86_400.0, rng) is None  # not worth waiting for
+    assert policy.delay(0, 250.0, rng, elapsed_s=100.0) is None
+    assert 250.0 <= policy.delay(0, 250.0, rng, elapsed_s=10.0) <= 290.0  # honoured, within what is left
+    assert policy.delay(3, None, rng, elapsed_s=299.0) == pytest.approx(1.0)  # cut to the time left
+    assert policy.delay(10, None, rng) is None and policy.delay(0, None, rng, elapsed_s=300.0) is None
+
+    now = [0.0]
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    lm, hook = flaky_lm(lambda: rate_limit(86_400.0), 1)
+    ev, codec = make_evaluator(routing, rate_limit_policy=policy, clock=lambda: now[0], sleep=fake_sleep)
+    (outcome,) = evaluate(ev, codec, lm)
+    assert hook.raised == 1 and sleeps == [] and now[0] == 0.0
+    assert outcome.failure == "rate_limited" and "gave up" in outcome.message
+    window = ev._windows.window(next(iter(ev._windows._windows)))
+    assert window.cooldown_until <= 300.0  # the next rollout to this endpoint waits 300 s at most
+
+
+def test_a_rate_limited_judge_is_not_called_again_once_the_run_ended(routing):
+    """The metric's own 429 backoff was a time.sleep: close() could not cut it short, and the judge was
+    called (and paid) again after the run had ended."""
+    calls: list[float] = []
+    first_call = threading.Event()
+
+    def judge(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            first_call.set()
+            raise lm15.RateLimitError("judge quota", status=429, retry_after=20.0)
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    codec = ProgramCodec(routing.make_program())
+    examples = small_splits(routing, n_train=2, n_val=2, n_test=0).val
+    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, judge, 0.0, max_workers=2)
+    result: dict[str, object] = {}
+
+    def run():
+        async def main():
+            with dspy.context(lm=make_student_lm()):
+                return await ev.evaluate(codec.seed_texts(), "seed", "val", 0, True)
+
+        try:
+            result["outcome"] = asyncio.run(main())
+        except BaseException as exc:  # inspected below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    started = time.monotonic()
+    thread.start()
+    assert first_call.wait(10)
+    ev.close()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 10  # not the 20 s the judge asked for
+    assert len(calls) == 1, "the judge was called again after close()"
+    assert "outcome" not in result, result  # the rollout is not scored
+
+
 @pytest.mark.parametrize(
     "make", [lambda: lm15.ServerError("boom", status=503), lambda: lm15.TimeoutError("slow"),
              lambda: lm15.TransportError("connection reset")],

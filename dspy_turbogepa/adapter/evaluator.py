@@ -204,7 +204,8 @@ class DspyEvaluator:
         self._rng = random.Random(f"backoff:{seed}")
         self._copies = LMCopies()
         self._windows = AimdRegistry(
-            window_limit or max_workers, default_cooldown_s=rate_limit_policy.base_s, clock=clock, sleep=sleep
+            window_limit or max_workers, default_cooldown_s=rate_limit_policy.base_s,
+            max_cooldown_s=rate_limit_policy.max_elapsed_s, clock=clock, sleep=sleep
         )
         self._stats = RateLimitStats()
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
@@ -268,10 +269,10 @@ class DspyEvaluator:
             done = retries[kind]
             self._stats.add(**{"rate_limited" if rate_limited else "transient_errors": 1})
             elapsed = self._clock() - started
-            if policy.exhausted(done, elapsed):
+            delay = policy.delay(done, verdict.retry_after, self._rng, elapsed)
+            if delay is None:
                 return self._give_up(attempt, verdict, done, elapsed, usage, retries["rate_limited"], example,
                                      example_id, names, split, capture_traces)
-            delay = policy.delay(done, verdict.retry_after, self._rng)
             self._stats.add(backoff_s=delay, **{"rate_limit_retries" if rate_limited else "transient_retries": 1})
             retries[kind] += 1
             if not rate_limited:
@@ -466,12 +467,16 @@ class DspyEvaluator:
                 return self._metric(example, pred, None, None, None), retries
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
-                if verdict.kind != "rate_limited" or self._rl_policy.exhausted(retries, time.monotonic() - started):
+                delay = None if verdict.kind != "rate_limited" else self._rl_policy.delay(
+                    retries, verdict.retry_after, self._rng, time.monotonic() - started)
+                if delay is None:
                     raise
-                delay = self._rl_policy.delay(retries, verdict.retry_after, self._rng)
                 self._stats.add(rate_limited=1, metric_rate_limit_retries=1, backoff_s=delay)
                 retries += 1
-                time.sleep(delay)
+                # Woken by close(): the run is over, and the judge must not be called (and paid) again.
+                if self._closed_event.wait(delay):
+                    raise EvaluatorClosedError("the run ended while this rollout's metric was backing off; "
+                                               "it is not scored") from exc
 
     def _score(
         self,
@@ -510,6 +515,8 @@ class DspyEvaluator:
             ), 0
         try:
             ret, retries = self._call_metric(example, pred)
+        except EvaluatorClosedError:  # the run ended during the metric's backoff: not the metric's failure
+            raise
         except USER_CODE_ERRORS as exc:  # the user's metric failed: recorded and scored failure_score
             # An LLM-judge metric's own LM can fail the way the student's does: a bad key or an unknown
             # model there stops the run at once too, not after a window of failed evaluations.

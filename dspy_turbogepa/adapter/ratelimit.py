@@ -259,7 +259,9 @@ class RetryPolicy:
     random factor in ``[1, 1 + jitter]``: at least what the server asked for, exponential when it asked
     nothing (or too little for a repeat offender), jittered so that rollouts rejected together do not
     come back together. A rollout gives up after ``max_retries`` retries, or once ``max_elapsed_s``
-    have passed since its first attempt, whichever comes first.
+    have passed since its first attempt, whichever comes first — and at once when the server asks it to
+    wait past that (a quota that resets tomorrow): no delay outlasts the policy, so a rollout never holds
+    its evaluation slot longer than ``max_elapsed_s`` in backoff.
     """
 
     max_retries: int
@@ -268,10 +270,16 @@ class RetryPolicy:
     cap_s: float
     jitter: float = 0.25
 
-    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random,
+              elapsed_s: float = 0.0) -> float | None:
+        """The wait before retry ``attempt``, at most what is left of ``max_elapsed_s``; None when the
+        retry is not worth waiting for (retries used up, time up, or a Retry-After beyond the time left)."""
+        left = self.max_elapsed_s - elapsed_s
+        if self.exhausted(attempt, elapsed_s) or (retry_after is not None and retry_after > left):
+            return None
         exp = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
         base = max(retry_after or 0.0, exp)
-        return base * (1.0 + self.jitter * rng.random())
+        return min(base * (1.0 + self.jitter * rng.random()), left)
 
     def exhausted(self, retries: int, elapsed_s: float) -> bool:
         return retries >= self.max_retries or elapsed_s >= self.max_elapsed_s

@@ -54,9 +54,12 @@ class AimdWindow:
         decrease: float = 0.5,
         min_window: int = 1,
         default_cooldown_s: float = 0.0,
+        max_cooldown_s: float = math.inf,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """``max_cooldown_s``: the longest pause a Retry-After may impose on the endpoint (a quota
+        reset a day away must not park every rollout for a day; they give up on their own policy)."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         if not 0.0 < decrease < 1.0:
@@ -68,6 +71,7 @@ class AimdWindow:
         self.decrease = decrease
         self.min_window = min_window
         self.default_cooldown_s = max(0.0, default_cooldown_s)
+        self.max_cooldown_s = max(0.0, max_cooldown_s)
         self._clock = clock
         self._sleep = sleep
         self._window = limit
@@ -182,6 +186,7 @@ class AimdWindow:
             self._epoch += 1
             self._successes = 0
         pause = retry_after if retry_after is not None and retry_after >= 0 else self.default_cooldown_s
+        pause = min(pause, self.max_cooldown_s)
         if pause > 0:
             self._cooldown_until = max(self._cooldown_until, self._clock() + pause)
 
@@ -209,13 +214,14 @@ class AimdRegistry:
         decrease: float = 0.5,
         min_window: int = 1,
         default_cooldown_s: float = 0.0,
+        max_cooldown_s: float = math.inf,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.limit = limit
         self._kwargs: dict[str, Any] = {
             "decrease": decrease, "min_window": min_window, "default_cooldown_s": default_cooldown_s,
-            "clock": clock, "sleep": sleep,
+            "max_cooldown_s": max_cooldown_s, "clock": clock, "sleep": sleep,
         }
         self._windows: dict[str, AimdWindow] = {}
 

@@ -176,10 +176,11 @@ class ReflectiveProposer:
                 if verdict.kind != "rate_limited":
                     return self._failed(exc)
                 self._rl_stats.add(rate_limited=1)
-                if self._stopping.is_set() or self._rl_policy.exhausted(retries, time.monotonic() - started):
+                delay = None if self._stopping.is_set() else self._rl_policy.delay(
+                    retries, verdict.retry_after, self._rng, time.monotonic() - started)
+                if delay is None:
                     self._rl_stats.add(rate_limit_gave_up=1)
                     return self._failed(exc)
-                delay = self._rl_policy.delay(retries, verdict.retry_after, self._rng)
                 logger.info("The reflection LM is rate limited; asking again in %.1fs", delay)
                 self._rl_stats.add(rate_limit_retries=1, backoff_s=delay)
                 retries += 1
