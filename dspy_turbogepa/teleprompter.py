@@ -45,7 +45,7 @@ from dspy_turbogepa.engine.systemic import MAX_PROPOSAL_WINDOW
 from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
-from dspy_turbogepa.redaction import is_sensitive_key, run_secrets, url_credentials
+from dspy_turbogepa.redaction import MIN_ENV_SECRET_LENGTH, is_sensitive_key, run_secrets, url_credentials
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.imports import drop_cut_short_imports
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
@@ -799,8 +799,10 @@ def _cell_is_set(cell: Any) -> bool:
 
 def _looks_like_a_key(value: str) -> bool:
     """Random key material, not a placeholder: local servers and proxies are often given words such as
-    "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions."""
-    if len(value) < 16 or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
+    "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions.
+    As short as the environment's secrets (8 characters): a gateway key of 11 was written unmasked into
+    the run store when an error message echoed it."""
+    if len(value) < MIN_ENV_SECRET_LENGTH or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
         return False
     # a digit, or a long mixed-case value (some providers' keys have no digit; placeholders are words)
     return any(c.isdigit() for c in value) or (

@@ -444,6 +444,8 @@ def test_placeholder_lm_keys_are_not_treated_as_secrets():
         assert _lm_api_keys(program, lm) == []
     program.lm = dspy.LM("openai/x", api_key=real)
     assert _lm_api_keys(program, None) == [real]
+    program.lm = dspy.LM("openai/x", api_key="Kx9mP2qLw7z")  # a short gateway key: as short as env secrets
+    assert _lm_api_keys(program, None) == ["Kx9mP2qLw7z"]
     # a URL's password is a secret whatever it looks like; a credential header counts like api_key
     program.lm = dspy.LM("openai/x", api_base="http://alice:hunter22@127.0.0.1:9/v1", api_key="anything",
                          extra_headers={"Authorization": f"Bearer {real}", "X-Trace": "plain-0123456789abcdef"})
