@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import enum
@@ -955,6 +956,29 @@ def test_stored_values_round_trip_without_hidden_fields_or_code_from_the_row():
 
     assert _revive({_TYPE: "concurrent.futures:ProcessPoolExecutor", "value": {}}) == {}
     assert "concurrent.futures.process" not in sys.modules
+
+
+_Pair = collections.namedtuple("_Pair", "queue priority")
+
+
+def test_containers_json_cannot_tell_apart_come_back_as_themselves():
+    """Tuples came back as lists, sets as sorted lists, int keys as strings: a resumed run's feedback
+    calls (``pred.route != gold.route``) and reflections read other values than the live run's, so
+    resuming did not replay the run (a different final program on 6 of 7 stop points)."""
+    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+
+    live = dspy.Prediction(pair=("billing", 2), labels={"a", "b"}, frozen=frozenset({1}), by_id={1: "x", 2: "y"},
+                           by_pair={("a", 1): [("b", 2)]}, seq=["p", ("q",)], named=_Pair("billing", 1),
+                           nested={"k": ({"v"},)}, names={"a": 1})
+    back = _prediction_from(json.loads(json.dumps(_prediction_dict(live))))
+    for key, _ in live.items():
+        assert back[key] == live[key] and type(back[key]) is type(live[key]), key
+    assert type(back.seq[1]) is tuple and type(back.nested["k"][0]) is set
+    assert type(back.named) is _Pair and back.named.queue == "billing"
+    # rows written before containers were typed still read as they did
+    assert _revive({"pair": ["billing", 2]}) == {"pair": ["billing", 2]}
+    # a pair whose key cannot be a key any more is left as the stored pairs, not a crash
+    assert _revive({_TYPE: "builtins:dict", "value": [[[1, 2], "x"]]}) == [[[1, 2], "x"]]
 
 
 class _PydanticScorer(pydantic.BaseModel):

@@ -83,8 +83,9 @@ _REPEATS_WALKED_UP_TO = 2_000
 def _jsonable(value: Any, _walk: _Walk | None = None) -> Any:
     """For what is stored (see the module docstring): primitives, mappings and lists walked; a DSPy
     example or prediction, a pydantic model, a dataclass, a plain object of the user's own class or a
-    date as its fields tagged with its type (see :func:`_revive`); a set as a sorted list; anything
-    else as its ``str()``.
+    date as its fields tagged with its type (see :func:`_revive`); a tuple, a set (sorted) and a
+    mapping with keys other than strings tagged too, since JSON would read them back as a list or with
+    string keys; anything else as its ``str()``.
 
     An object met inside itself (a parent link) is stored as a ``<see above: T>`` marker; one met
     again elsewhere (two fields holding the same model) is stored again, unless the value is large
@@ -102,9 +103,17 @@ def _jsonable(value: Any, _walk: _Walk | None = None) -> Any:
     walk.path.add(key)
     try:
         if isinstance(value, Mapping):
-            return {_key(k, _stored_leaf): _jsonable(v, walk) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
+            if all(isinstance(k, str) for k in value):
+                return {k: _jsonable(v, walk) for k, v in value.items()}
+            # other keys (ints, tuples) as typed pairs: JSON would make them strings, and the metric's
+            # feedback call of a resumed run must get the mapping a live run gives it
+            return {_TYPE: "builtins:dict", "value": [[_jsonable(k, walk), _jsonable(v, walk)]
+                                                      for k, v in value.items()]}
+        if isinstance(value, list):
             return [_jsonable(v, walk) for v in value]
+        if isinstance(value, tuple):  # typed: JSON has only lists (a namedtuple keeps its class)
+            kind = type(value)
+            return {_TYPE: f"{kind.__module__}:{kind.__qualname__}", "value": [_jsonable(v, walk) for v in value]}
         return _stored_leaf(value, walk)
     finally:
         walk.path.discard(key)
@@ -125,7 +134,8 @@ def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
         if fields is not None:
             return {_TYPE: tag, "value": {name: _jsonable(getattr(value, name), walk) for name in fields}}
         if isinstance(value, (set, frozenset)):
-            return sorted((_jsonable(v, walk) for v in value), key=repr)
+            return {_TYPE: "builtins:frozenset" if isinstance(value, frozenset) else "builtins:set",
+                    "value": sorted((_jsonable(v, walk) for v in value), key=repr)}
     except Exception as exc:  # noqa: BLE001 - an exotic object whose fields cannot be read: stored as text
         logger.debug("stored as text: %s could not be walked (%s)", kind.__name__, type(exc).__name__)
     return str(value)
@@ -206,6 +216,10 @@ def _rebuild(tag: str, value: Any) -> Any:
     if not isinstance(cls, type):
         return value
     try:
+        if isinstance(value, list) and cls in _BUILTIN_CONTAINERS:
+            return dict(map(tuple, value)) if cls is dict else cls(value)
+        if isinstance(value, list) and issubclass(cls, tuple) and callable(getattr(cls, "_make", None)):
+            return cls._make(value)  # a namedtuple
         if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
             return cls.fromisoformat(value)
         if issubclass(cls, enum.Enum):
@@ -226,6 +240,10 @@ def _rebuild(tag: str, value: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - the class changed since the row was written: keep the JSON
         logger.debug("stored %s value not rebuilt (%s)", tag, type(exc).__name__)
     return value
+
+
+#: Containers JSON cannot tell from a list or a string-keyed object, stored typed (see :func:`_jsonable`).
+_BUILTIN_CONTAINERS = (tuple, set, frozenset, dict)
 
 
 def _as_tuples(value: Any) -> Any:
