@@ -666,6 +666,61 @@ def test_an_edited_metric_module_or_helper_method_changes_the_run_key():
     assert callable_identity(judge_v1) == callable_identity(_judges()[0][0])  # same code, same key
 
 
+def _metric_with_default(lenient):
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None, *, strict=not lenient):
+        return 1.0 if not strict else float(gold.answer == pred.answer)
+
+    def positional(gold, pred, trace=None, pred_name=None, pred_trace=None, lenient=lenient):
+        return 1.0 if lenient else float(gold.answer == pred.answer)
+
+    return metric, positional
+
+
+def test_a_changed_default_argument_seed_none_and_failure_score_in_the_run_key(tmp_path):
+    """Defaults are not code: ``lenient=False`` edited to ``True`` resumed on the old scores (0 LM
+    calls, validation 0.19 where a fresh run scores 1.0). ``seed=None`` runs as 0 but its log_dir
+    refused seed=0; a changed failure_score was reported as "metric changed"."""
+    from dspy_turbogepa.adapter.persistence import callable_identity, run_key
+    from dspy_turbogepa.store import RunStore, RunStoreMismatchError
+
+    (kw_strict, pos_strict), (kw_lenient, pos_lenient) = _metric_with_default(False), _metric_with_default(True)
+    assert callable_identity(kw_strict) != callable_identity(kw_lenient)
+    assert callable_identity(pos_strict) != callable_identity(pos_lenient)
+    assert callable_identity(kw_strict) == callable_identity(_metric_with_default(False)[0])
+
+    def scorer(cutoff):  # a method's defaults too (a forward's, a judge's)
+        class Scorer:
+            def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None, cutoff=cutoff):
+                return 1.0
+
+        return Scorer()
+
+    assert callable_identity(scorer(0.5)) != callable_identity(scorer(0.9))
+    assert callable_identity(scorer(0.5)) == callable_identity(scorer(0.5))
+
+    class Judge:  # a default holding state is keyed by its type, not its fields (run-time state)
+        calls = 0
+
+    def judged(gold, pred, trace=None, pred_name=None, pred_trace=None, judge=Judge()):
+        judge.calls += 1
+        return 1.0
+
+    before = callable_identity(judged)
+    judged(None, None)
+    assert callable_identity(judged) == before
+
+    program = dspy.Predict("question -> answer")
+    data = [dspy.Example(question="q", answer="a").with_inputs("question")]
+    assert run_key(program, data, data, None) == run_key(program, data, data, 0)
+    RunStore.open(tmp_path, run_key(program, data, data, 0, metric=kw_strict, failure_score=0.0)).close()
+    with pytest.raises(RunStoreMismatchError) as info:
+        RunStore.open(tmp_path, run_key(program, data, data, 0, metric=kw_strict, failure_score=-1.0))
+    assert "failure_score changed [failure_score (stored 0.0 -> now -1.0)]" in str(info.value)
+    assert "metric" not in info.value.changed
+    with pytest.raises(RunStoreMismatchError, match="metric changed"):
+        RunStore.open(tmp_path, run_key(program, data, data, 0, metric=kw_lenient, failure_score=0.0))
+
+
 def test_a_resumed_run_evaluates_the_seed_itself_not_its_masked_copy(routing, tmp_path):
     """The store masks credential-looking text in candidate texts; a seed instruction holding a
     connection string came back masked on resume and every resumed evaluation ran that other program."""

@@ -18,12 +18,13 @@ from dspy_turbogepa.adapter.persistence import RUN_KEY_FORMAT, run_key
 #: Bytecode and DSPy's dump_state() enter the key: it is pinned for the versions CI installs.
 PINNED_FOR = ((3, 11), "3.4.1")
 PINNED_KEY = {
-    "key_format": "5",
+    "key_format": "6",
     "trainset": "ce8c65c2f96d3a7313b8d8a4db258c46",
     "valset": "4ee001bedf1d429f1b670bf8518c0f0f",
     "student": "a0714f602ba66f9a1b1e96ad9ca400e8",
     "seed": "0",
-    "metric": "5d1744f2d11201bf300a1b27dcb433b8",
+    "metric": "09a39de4e83ce47bf4274ae06cb1f841",
+    "failure_score": "0.0",
     "task_lm": "171e707f05cc72af96e2da8ed9e72938",
     "reflection": "2aaf2cc10277816b9bfc084cdd05a295",
 }

@@ -393,7 +393,34 @@ def callable_identity(fn: Any) -> str:
     if code is None:  # a callable object: the code of its class (and of its user-written bases)
         return f"{name}:{stable_hash(_class_code(type(fn)))}"
     helpers = _called_user_functions(fn)
-    return f"{name}:{_code_digest(code)}" + (f"+{stable_hash(helpers)}" if helpers else "")
+    defaults = _defaults_identity(fn)
+    return (f"{name}:{_code_digest(code)}" + (f"+{stable_hash(helpers)}" if helpers else "")
+            + (f"+defaults:{defaults}" if defaults else ""))
+
+
+def _defaults_identity(fn: Any) -> str:
+    """A function's default argument values: ``def metric(..., lenient=False)`` edited to ``True``
+    scores differently, yet its code (defaults are not code constants) is the same. Plain values are
+    keyed by value; any other default (a judge object, a client) by its type only, since its fields
+    are run-time state like a closure's (see :func:`callable_identity`)."""
+    values = [*(getattr(fn, "__defaults__", None) or ()),
+              *sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
+    if not values:
+        return ""
+    return stable_hash(_hashable(_plain_or_type(values)))
+
+
+def _plain_or_type(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, enum.Enum)):
+        return value
+    if type(value) in (list, tuple):
+        return [_plain_or_type(v) for v in value]
+    if type(value) in (set, frozenset):
+        return sorted((_plain_or_type(v) for v in value), key=repr)
+    if type(value) is dict:
+        return sorted(([_plain_or_type(k), _plain_or_type(v)] for k, v in value.items()), key=repr)
+    kind = type(value)
+    return f"<{kind.__module__}.{kind.__qualname__}>"
 
 
 def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
@@ -573,9 +600,11 @@ def _hashable(value: Any) -> Any:
 #: input fields, metric objects by their class's code, the adapter and Predict.config keyed; 3: an
 #: object shared by two examples hashed by its content both times; 4: modules' plain settings, tools,
 #: and the user's module-level functions a forward, tool or metric calls; 5: those functions found by
-#: LOAD_GLOBAL only, not every name the code reads, and a tool's closure values no longer keyed). A
-#: pinned key in tests/test_run_key_format.py fails when the computation changes and this is not bumped.
-RUN_KEY_FORMAT = "5"
+#: LOAD_GLOBAL only, not every name the code reads, and a tool's closure values no longer keyed; 6: a
+#: function's default argument values, seed=None keyed as the 0 it runs with, failure_score a part of its
+#: own instead of the metric's). A pinned key in
+#: tests/test_run_key_format.py fails when the computation changes and this is not bumped.
+RUN_KEY_FORMAT = "6"
 
 
 def run_key(
@@ -622,8 +651,9 @@ def run_key(
         "trainset": data_identity(trainset),
         "valset": data_identity(valset),
         "student": stable_hash(_hashable(structure)),
-        "seed": str(seed),
-        "metric": stable_hash([callable_identity(metric), float(failure_score)]),
+        "seed": str(0 if seed is None else seed),  # None runs as seed 0 (dspy.GEPA's default)
+        "metric": stable_hash([callable_identity(metric)]),
+        "failure_score": repr(float(failure_score)),  # its own part: a mismatch names it, not "metric"
         "task_lm": stable_hash(_hashable(lm_identity(context_lm) if adapter is None
                                          else [lm_identity(context_lm), adapter_identity(adapter)])),
         "reflection": stable_hash(_hashable(reflection)),
