@@ -28,6 +28,7 @@ from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.protocols import check_call_protocol
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
 from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
@@ -244,6 +245,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise TypeError(
                 "instruction_proposer must be callable as (candidate, reflective_dataset, components_to_update)."
             )
+        if instruction_proposer is not None:  # called with keywords, as gepa calls a ProposalFn
+            check_call_protocol(instruction_proposer, "instruction_proposer",
+                                "proposer(candidate=..., reflective_dataset=..., components_to_update=...)",
+                                kwargs=dict.fromkeys(("candidate", "reflective_dataset", "components_to_update")))
         if track_best_outputs and not track_stats:
             raise ConfigurationError("track_stats must be True if track_best_outputs is True.")
         if candidate_selection_strategy not in CANDIDATE_SELECTIONS:
@@ -258,6 +263,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 "Use 'round_robin', 'all', or a callable (state, trajectories, subsample_scores, candidate_idx, "
                 "candidate) -> list[str]."
             )
+        if callable(component_selector):  # called positionally, as gepa calls a ReflectionComponentSelector
+            check_call_protocol(component_selector, "component_selector",
+                                "selector(state, trajectories, subsample_scores, candidate_idx, candidate)",
+                                args=(None,) * 5)
         if use_wandb:
             raise NotImplementedError("use_wandb=True is not supported by TurboGEPA yet; use use_mlflow or log_dir.")
         if code_proposer is not None:

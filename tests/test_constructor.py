@@ -233,6 +233,28 @@ def test_unknown_component_selector_is_an_assertion_error():
     make(component_selector=lambda state, traj, scores, idx, cand: list(cand)[:1])
 
 
+def test_a_proposer_or_selector_that_cannot_take_gepas_call_is_refused_before_any_lm_call():
+    """They failed on first use, after the seed's validation and a reflection were paid for."""
+    with pytest.raises(TypeError, match=r"instruction_proposer is called as proposer\(candidate=.*"
+                                        r"unexpected keyword argument 'components_to_update'"):
+        make(instruction_proposer=lambda candidate, reflective_dataset: {})
+    with pytest.raises(TypeError, match=r"component_selector is called as selector\(state, trajectories, "
+                                        r"subsample_scores, candidate_idx, candidate\).*too many positional"):
+        make(component_selector=lambda state, trajectories: [])
+
+    class Proposer:
+        def __call__(self, candidate, reflective_dataset, components_to_update, extra=None):
+            return {}
+
+    make(instruction_proposer=Proposer())  # every way gepa's protocols can be met is accepted
+    make(instruction_proposer=lambda **kw: {})
+    make(component_selector=lambda *args: [])
+    from gepa.strategies.component_selector import RoundRobinReflectionComponentSelector
+
+    make(component_selector=RoundRobinReflectionComponentSelector())
+    make(instruction_proposer=dspy.teleprompt.gepa.instruction_proposal.MultiModalInstructionProposer())
+
+
 @pytest.mark.parametrize("kw,name", [({"use_wandb": True}, "use_wandb"),
                                      ({"code_proposer": lambda **k: {}}, "code_proposer")])
 def test_unimplemented_features_raise_not_implemented(kw, name):
