@@ -223,8 +223,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_merge_invocations = _count("max_merge_invocations", max_merge_invocations, "merging")
         token_budget = _positive_int("token_budget", token_budget)
         for name, value in (("cost_budget_usd", cost_budget_usd), ("time_budget_seconds", time_budget_seconds)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):  # NaN <= 0 is False
+                raise ValueError(f"{name} must be a positive finite number or None (no limit), got {value!r}.")
         if price_table is not None and (not isinstance(price_table, dict) or not all(
             isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
             and all(isinstance(x, (int, float)) and x >= 0 for x in v) for k, v in price_table.items()
@@ -240,7 +241,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 "helps), or instruction_proposer=<your ProposalFn>."
             )
         if reflection_lm is not None and not isinstance(reflection_lm, dspy.BaseLM):
-            raise TypeError(f"reflection_lm must be a dspy.LM (or dspy.BaseLM), got {type(reflection_lm).__name__}.")
+            hint = f" Wrap the model name: reflection_lm=dspy.LM({reflection_lm!r})." if isinstance(
+                reflection_lm, str) else ""
+            raise TypeError(
+                f"reflection_lm must be a dspy.LM (or dspy.BaseLM), got {type(reflection_lm).__name__}.{hint}")
         if instruction_proposer is not None and not callable(instruction_proposer):
             raise TypeError(
                 "instruction_proposer must be callable as (candidate, reflective_dataset, components_to_update)."
@@ -708,8 +712,17 @@ def _as_examples(name: str, examples: Any) -> Any:
     iterating it yields keys or characters, not examples."""
     if examples is None or isinstance(examples, Sequence) and not isinstance(examples, str):
         return examples
+    kind = type(examples)
+    if isinstance(examples, dspy.Example):  # iterable too (its keys), which blamed its field names
+        raise TypeError(
+            f"{name} must be a list of dspy.Example, got a single dspy.Example: wrap it in a list, [example].")
+    if kind.__name__ == "DataFrame":  # pandas / polars: iterating gives the column names
+        raise TypeError(
+            f"{name} must be a list of dspy.Example, got a {kind.__module__.split('.')[0]} DataFrame. Convert its "
+            f"rows: [dspy.Example(**row).with_inputs(...) for row in df.to_dict('records')] (pandas)."
+        )
     if isinstance(examples, (Mapping, str, bytes)) or not isinstance(examples, Iterable):
-        raise TypeError(f"{name} must be a list of dspy.Example, got {type(examples).__name__}.")
+        raise TypeError(f"{name} must be a list of dspy.Example, got {kind.__name__}.")
     return list(examples)
 
 

@@ -295,6 +295,15 @@ def test_perfect_score_none_and_any_iterable_of_examples_are_accepted(routing, s
     assert len(out.detailed_results.val_subscores[0]) == len(splits.val)
     with pytest.raises(TypeError, match="trainset must be a list of dspy.Example, got dict"):
         opt.compile(routing.make_program(), trainset={"a": splits.train[0]}, valset=splits.val)
+    # one example or a DataFrame iterate over field / column names, and were blamed for those
+    with pytest.raises(TypeError, match=r"got a single dspy.Example: wrap it in a list"):
+        opt.compile(routing.make_program(), trainset=splits.train[0], valset=splits.val)
+    import pandas as pd
+
+    frame = pd.DataFrame([ex.toDict() for ex in splits.train])
+    with pytest.raises(TypeError, match=r"valset must be a list of dspy.Example, got a pandas DataFrame.*"
+                                        r"to_dict\('records'\)"):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=frame)
 
 
 def test_an_objective_reported_on_some_examples_is_averaged_over_those(routing, student_lm, reflection_lm):

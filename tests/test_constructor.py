@@ -233,6 +233,21 @@ def test_unknown_component_selector_is_an_assertion_error():
     make(component_selector=lambda state, traj, scores, idx, cand: list(cand)[:1])
 
 
+@pytest.mark.parametrize("kw,message", [
+    ({"time_budget_seconds": float("nan")}, "time_budget_seconds must be a positive finite number"),
+    ({"cost_budget_usd": float("nan")}, "cost_budget_usd must be a positive finite number"),
+    ({"cost_budget_usd": float("inf")}, "cost_budget_usd must be a positive finite number"),
+    ({"rung_fractions": 0.5}, r"rung_fractions must be a sequence .* such as \(0.25, 0.5, 1.0\), got 0.5"),
+    ({"rung_fractions": "0.5"}, r"rung_fractions must be a sequence .* got '0.5'"),
+    ({"reflection_lm": "openai/gpt-4o"}, r"got str. Wrap the model name: reflection_lm=dspy.LM\('openai/gpt-4o'\)"),
+])
+def test_values_that_slipped_through_or_got_raw_errors_are_named(kw, message):
+    """NaN passed ``value <= 0`` (a time budget that never applied); a scalar rung_fractions raised
+    Python's own "'float' object is not iterable", naming nothing."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        make(**kw)
+
+
 def test_a_proposer_or_selector_that_cannot_take_gepas_call_is_refused_before_any_lm_call():
     """They failed on first use, after the seed's validation and a reflection were paid for."""
     with pytest.raises(TypeError, match=r"instruction_proposer is called as proposer\(candidate=.*"

@@ -55,7 +55,15 @@ def default_reflections_in_flight(num_threads: int) -> int:
 
 
 def validate_rung_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
-    fr = tuple(float(f) for f in fractions)
+    try:
+        if isinstance(fractions, (str, bytes)):
+            raise TypeError("a string")
+        fr = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"rung_fractions must be a sequence of increasing fractions of the valset ending at 1.0, such as "
+            f"(0.25, 0.5, 1.0), got {fractions!r}."
+        ) from exc
     if not fr:
         raise ValueError(
             "rung_fractions must not be empty; use (1.0,) to evaluate children on the full valset at once."
