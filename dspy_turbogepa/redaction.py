@@ -201,7 +201,15 @@ def is_sensitive_key(key: object) -> bool:
     return norm in _SENSITIVE_EXACT or norm.endswith(_SENSITIVE_SUFFIXES)
 
 
-_env_cache: tuple[dict[Any, Any], tuple[str, ...]] | None = None
+class _EnvScan:
+    """The last scan of ``os.environ`` and what it found (see :func:`env_secret_values`). One per
+    process, like the environment it mirrors; replaced whole, so a reader never sees half an update."""
+
+    def __init__(self) -> None:
+        self.last: tuple[dict[Any, Any], tuple[str, ...]] | None = None
+
+
+_ENV_SCAN = _EnvScan()
 #: Secrets of the current run that the environment does not hold (see :func:`run_secrets`).
 _RUN_SECRETS: ContextVar[tuple[str, ...]] = ContextVar("turbogepa_run_secrets", default=())
 
@@ -243,9 +251,8 @@ def env_secret_values() -> tuple[str, ...]:
     Re-scanned whenever ``os.environ`` changed since the last call (a cheap dict comparison), so a
     key set at any time is covered; the scan itself costs tens of microseconds, too much per row.
     """
-    global _env_cache
     data = getattr(os.environ, "_data", None)  # CPython's raw mapping; compared, never modified
-    cached = _env_cache
+    cached = _ENV_SCAN.last
     if data is not None and cached is not None and cached[0] == data:
         return cached[1]
     values = {
@@ -255,7 +262,7 @@ def env_secret_values() -> tuple[str, ...]:
     }
     result = tuple(sorted(values, key=lambda v: (-len(v), v)))
     if data is not None:
-        _env_cache = (dict(data), result)
+        _ENV_SCAN.last = (dict(data), result)
     return result
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 FLAVOR_NAME = "dspy"
-_warned = False
+#: Set once the registration failure has been reported (it is the same failure for every import).
+_FAILURE_REPORTED = threading.Event()
 
 
 def dspy_autolog_enabled() -> bool:
@@ -41,7 +43,6 @@ def register_with_mlflow_autolog(cls: type) -> bool:
     the patch was applied. Idempotent, and idempotent with later ``autolog()`` calls (MLflow re-patches
     from the original function, it never wraps a patch twice). Never raises; warns once on failure.
     """
-    global _warned
     if not dspy_autolog_enabled():
         return False
     try:
@@ -57,8 +58,8 @@ def register_with_mlflow_autolog(cls: type) -> bool:
         )
         return True
     except Exception as exc:  # noqa: BLE001
-        if not _warned:
-            _warned = True
+        if not _FAILURE_REPORTED.is_set():
+            _FAILURE_REPORTED.set()
             logger.warning(
                 "Could not register %s.compile with mlflow.dspy.autolog (%s: %s); compiles will not be recorded "
                 "as MLflow runs. Call mlflow.dspy.autolog(...) again after importing dspy_turbogepa to fix it.",
@@ -68,8 +69,7 @@ def register_with_mlflow_autolog(cls: type) -> bool:
 
 
 def _reset_warning_for_tests() -> None:
-    global _warned
-    _warned = False
+    _FAILURE_REPORTED.clear()
 
 
 __all__: list[Any] = ["dspy_autolog_enabled", "register_with_mlflow_autolog"]
