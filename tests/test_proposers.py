@@ -316,3 +316,26 @@ def test_the_engine_tells_the_reflector_when_the_run_stops(routing, student_lm, 
     with dspy.context(lm=student_lm):
         opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
     assert told
+
+
+def test_a_failing_proposer_is_reported_once_per_error_type_not_on_every_reflection(routing, caplog):
+    """Eight identical multi-line warnings preceded the systemic stop of a reflection LM that never parsed."""
+    import logging
+
+    from dspy_turbogepa import SystemicFailureError
+
+    calls = {"n": 0}
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        calls["n"] += 1
+        raise ValueError(f"cannot parse the reflection (attempt {calls['n']})")
+
+    splits = small_splits(routing)
+    opt = TurboGEPA(routing.metric, max_metric_calls=200, instruction_proposer=proposer, num_threads=4)
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm(seed=0)), \
+            pytest.raises(SystemicFailureError, match="proposer_error"):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    raised = [r for r in caplog.records if r.getMessage().startswith("The instruction proposer raised")]
+    assert calls["n"] >= 2 and len(raised) == calls["n"]
+    assert [r.levelno for r in raised].count(logging.WARNING) == 1
+    assert "attempt 1" in next(r for r in raised if r.levelno == logging.WARNING).getMessage()

@@ -83,6 +83,9 @@ class ReflectiveProposer:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
         self._lm_copies = LMCopies(retries_off=False)
         self._fatal = FATAL_ERROR_TYPES
+        #: error types already reported at WARNING (a failing reflection LM fails the same way each time)
+        self._reported_errors: set[str] = set()
+        self._report_lock = threading.Lock()
 
     def stop(self) -> None:
         """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped)."""
@@ -195,7 +198,14 @@ class ReflectiveProposer:
     def _failed(self, exc: BaseException) -> ProposalOutcome:
         """The proposer's failure, recorded; this proposal is skipped."""
         message = mask_text(f"{type(exc).__name__}: {exc}")
-        logger.warning("The instruction proposer raised %s", message)
+        with self._report_lock:
+            first = type(exc).__name__ not in self._reported_errors
+            self._reported_errors.add(type(exc).__name__)
+        if first:
+            logger.warning("The instruction proposer raised %s (this proposal is skipped; further %s failures are "
+                           "counted in run_stats['proposal_skips'] and logged at DEBUG)", message, type(exc).__name__)
+        else:
+            logger.debug("The instruction proposer raised %s", message)
         fatal = fatal_error_name(exc, self._fatal)
         return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None,
                                error_type=fatal or type(exc).__name__)
