@@ -225,6 +225,12 @@ def test_the_ratio_spread_pairs_runs_by_seed():
     assert out["seeds_test_lower"] == 1 and out["paired_test_diff"] == pytest.approx(0.025)
     lo, hi = out["speedup_ci95"]
     assert lo <= 45.0 / 25.0 <= hi  # the interval holds the ratio of medians of the full sample
+    # both miss and turbo's compile is shorter: not "sooner" (the capped times said it was); turbo reaching
+    # the target where the baseline never does is, whatever the baseline's compile time
+    both_miss = bench._paired_by_seed([run(4, None, 0.5, wall=50.0)], [run(4, None, 0.5, wall=100.0)], 0.9)
+    assert both_miss["seeds_sooner"] == 0
+    only_turbo = bench._paired_by_seed([run(5, 80.0, 0.5)], [run(5, None, 0.5, wall=60.0)], 0.9)
+    assert only_turbo["seeds_sooner"] == 1
     assert out == bench._paired_by_seed(turbo, base, target=0.9)  # a fixed stream: the same table every time
 
 
