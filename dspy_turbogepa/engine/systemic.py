@@ -63,15 +63,16 @@ class _SplitWindow:
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)
     examples: dict[tuple[str, str], str] = field(default_factory=dict)
     count: int = 0
+    failed_ids: set[int] = field(default_factory=set)
     candidates: set[str] = field(default_factory=set)
 
 
 class SystemicFailureDetector:
     def __init__(self, window: int, proposal_window: int | None = None,
                  split_sizes: Mapping[str, int] | None = None) -> None:
-        """``split_sizes``: the distinct examples of each split. A split's window is at most that many,
-        so a split smaller than ``window`` that fails on every example is judged too (4 training
-        examples whose failures give reflection nothing to read are never evaluated 8 times)."""
+        """``split_sizes``: the distinct examples of each split. A split smaller than ``window`` is
+        judged once every one of its examples has failed (4 training examples whose failures give
+        reflection nothing to read are never evaluated 8 times)."""
         self.window = max(1, window)
         self._split_sizes = dict(split_sizes or {})
         self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
@@ -165,12 +166,16 @@ class SystemicFailureDetector:
         window.failures[key] += 1
         window.examples.setdefault(key, outcome.message or "")
         window.count += 1
+        window.failed_ids.add(outcome.example_id)
         if candidate is not None:
             window.candidates.add(candidate)
         only_format = all(f == "format_error" for f, _ in window.failures)
         if only_format and 0 < len(window.candidates) < FORMAT_ERROR_CANDIDATES:
             return  # reflection has not yet had its chance to fix the output format
-        if window.count >= max(1, min(self.window, self._split_sizes.get(split, self.window))):
+        size = self._split_sizes.get(split)
+        # a split smaller than the window: once each of its examples has failed (repeats, such as a child
+        # scored on its parent's minibatch, are no new evidence)
+        if window.count >= self.window or (size is not None and len(window.failed_ids) >= max(1, size)):
             (failure, error_type), n = window.failures.most_common(1)[0]
             example = window.examples[(failure, error_type)]
             cause = f"{failure} / {example}" if error_type and example.startswith(f"{error_type}:") else (

@@ -15,8 +15,9 @@ OK = EvalOutcome(0, 1.0)
 
 
 def fail(kind: str = "program_error", error_type: str | None = "ValueError", msg: str = "boom",
-         fatal: bool = False) -> EvalOutcome:
-    return EvalOutcome(0, 0.0, failure=kind, error_type=error_type, message=msg, fatal=fatal)  # type: ignore[arg-type]
+         fatal: bool = False, example_id: int = 0) -> EvalOutcome:
+    return EvalOutcome(example_id, 0.0, failure=kind, error_type=error_type, message=msg,  # type: ignore[arg-type]
+                       fatal=fatal)
 
 
 def test_window_of_initial_failures_raises_with_most_common_cause() -> None:
@@ -92,13 +93,14 @@ def test_the_first_n_rule_is_per_split() -> None:
     det.observe(fail(), split="train")
     with pytest.raises(SystemicFailureError, match="the first 2 evaluations all failed"):
         det.observe(fail(), split="train")
-    # a split smaller than the window is judged once each of its examples could have failed
+    # a split smaller than the window is judged once each of its examples has failed: repeats (a child
+    # scored on its parent's minibatch) are no new evidence, and an untried example may be the one that works
     det = SystemicFailureDetector(8, split_sizes={"train": 3, "val": 20})
     det.observe(OK, split="val")
-    det.observe(fail(), split="train")
-    det.observe(fail(), split="train")
-    with pytest.raises(SystemicFailureError, match="first 3 evaluations on the trainset"):
-        det.observe(fail(), split="train")
+    for example_id in (0, 1, 0, 1, 1, 0):
+        det.observe(fail(example_id=example_id), split="train")
+    with pytest.raises(SystemicFailureError, match="first 7 evaluations on the trainset"):
+        det.observe(fail(example_id=2), split="train")
     # failures of one split after its own first success stay data, whatever the other split does
     det = SystemicFailureDetector(2)
     det.observe(OK, split="train")
