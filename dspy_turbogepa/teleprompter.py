@@ -224,8 +224,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         token_budget = _positive_int("token_budget", token_budget)
         for name, value in (("cost_budget_usd", cost_budget_usd), ("time_budget_seconds", time_budget_seconds)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):  # NaN <= 0 is False
-                raise ValueError(f"{name} must be a positive finite number or None (no limit), got {value!r}.")
+                                      or math.isnan(value) or value <= 0):  # NaN <= 0 is False; inf: no limit
+                raise ValueError(f"{name} must be a positive number or None (no limit), got {value!r}.")
         if price_table is not None and (not isinstance(price_table, dict) or not all(
             isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
             and all(isinstance(x, (int, float)) and x >= 0 for x in v) for k, v in price_table.items()

@@ -24,6 +24,12 @@ def check_call_protocol(
     try:
         sig.bind(*args, **dict(kwargs or {}))
     except TypeError as exc:
+        try:  # a decorator's own signature (``functools.wraps`` shows the wrapped one, whose first
+            # argument the decorator may supply): refused only if neither can take the call
+            inspect.signature(fn, follow_wrapped=False).bind(*args, **dict(kwargs or {}))
+            return
+        except (TypeError, ValueError):
+            pass
         name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
         raise TypeError(
             f"{argument} is called as {protocol}, but its signature is {name}{sig} ({exc}). "
