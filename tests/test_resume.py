@@ -709,6 +709,28 @@ def test_a_changed_default_argument_seed_none_and_failure_score_in_the_run_key(t
     judged(None, None)
     assert callable_identity(judged) == before
 
+    def memoized(gold, pred, trace=None, pred_name=None, pred_trace=None, _cache={}):
+        _cache[len(_cache)] = 1  # a memo dict is run-time state too: a rerun in the same process resumes
+        return 1.0
+
+    before = callable_identity(memoized)
+    memoized(None, None)
+    assert callable_identity(memoized) == before
+
+    def version(lenient: bool, key: str):  # module-level functions, as the user's file would define them
+        namespace: dict = {"__name__": "user_metrics"}
+        exec(f"def helper(answer, lenient={lenient}):\n    return 1.0 if lenient else 0.0\n"
+             "def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):\n    return helper(pred)\n"
+             f"def keyed(gold, pred, trace=None, pred_name=None, pred_trace=None, api_key={key!r}):\n"
+             "    return 1.0\n", namespace)
+        return namespace["metric"], namespace["keyed"]
+
+    (strict_metric, old_key), (lenient_metric, new_key) = (version(False, "sk-0a9b8c7d6e5f4a3b"),
+                                                           version(True, "sk-9f8e7d6c5b4a3210"))
+    assert callable_identity(strict_metric) != callable_identity(lenient_metric)  # one call down
+    assert callable_identity(old_key) == callable_identity(new_key)  # a rotated key is the same run
+    assert "0a9b8c7d6e5f" not in callable_identity(old_key)
+
     program = dspy.Predict("question -> answer")
     data = [dspy.Example(question="q", answer="a").with_inputs("question")]
     assert run_key(program, data, data, None) == run_key(program, data, data, 0)
@@ -1032,8 +1054,13 @@ def test_containers_json_cannot_tell_apart_come_back_as_themselves():
     assert type(back.named) is _Pair and back.named.queue == "billing"
     # rows written before containers were typed still read as they did
     assert _revive({"pair": ["billing", 2]}) == {"pair": ["billing", 2]}
-    # a pair whose key cannot be a key any more is left as the stored pairs, not a crash
-    assert _revive({_TYPE: "builtins:dict", "value": [[[1, 2], "x"]]}) == [[[1, 2], "x"]]
+    # a key that cannot be one any more (its class is gone) is keyed by its JSON text, as every key was
+    # before; the other keys keep theirs; a mapping's own class and a tuple subclass come back too
+    assert _revive({_TYPE: "builtins:dict", "value": [[{"k": 1}, "x"], [2, "y"]]}) == {'{"k": 1}': "x", 2: "y"}
+    ordered = collections.OrderedDict([(2, "b"), (1, "a")])
+    back = _prediction_from(json.loads(json.dumps(_prediction_dict(dspy.Prediction(o=ordered, t=time.gmtime(0))))))
+    assert type(back.o) is collections.OrderedDict and list(back.o.items()) == [(2, "b"), (1, "a")]
+    assert back.t == time.gmtime(0) and type(back.t) is time.struct_time
 
 
 class _PydanticScorer(pydantic.BaseModel):

@@ -23,7 +23,7 @@ PINNED_KEY = {
     "valset": "4ee001bedf1d429f1b670bf8518c0f0f",
     "student": "a0714f602ba66f9a1b1e96ad9ca400e8",
     "seed": "0",
-    "metric": "09a39de4e83ce47bf4274ae06cb1f841",
+    "metric": "3f8121c83f8915dcd4a035d57dff45ff",
     "failure_score": "0.0",
     "task_lm": "171e707f05cc72af96e2da8ed9e72938",
     "reflection": "2aaf2cc10277816b9bfc084cdd05a295",

@@ -36,7 +36,7 @@ from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
-from dspy_turbogepa.redaction import is_sensitive_key, strip_userinfo
+from dspy_turbogepa.redaction import is_sensitive_key, mask_text, strip_userinfo
 from dspy_turbogepa.store import stable_hash
 from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
 
@@ -107,8 +107,9 @@ def _jsonable(value: Any, _walk: _Walk | None = None) -> Any:
                 return {k: _jsonable(v, walk) for k, v in value.items()}
             # other keys (ints, tuples) as typed pairs: JSON would make them strings, and the metric's
             # feedback call of a resumed run must get the mapping a live run gives it
-            return {_TYPE: "builtins:dict", "value": [[_jsonable(k, walk), _jsonable(v, walk)]
-                                                      for k, v in value.items()]}
+            kind = type(value)
+            tag = "builtins:dict" if kind is dict else f"{kind.__module__}:{kind.__qualname__}"
+            return {_TYPE: tag, "value": [[_jsonable(k, walk), _jsonable(v, walk)] for k, v in value.items()]}
         if isinstance(value, list):
             return [_jsonable(v, walk) for v in value]
         if isinstance(value, tuple):  # typed: JSON has only lists (a namedtuple keeps its class)
@@ -216,10 +217,15 @@ def _rebuild(tag: str, value: Any) -> Any:
     if not isinstance(cls, type):
         return value
     try:
+        if isinstance(value, list) and issubclass(cls, Mapping):
+            return _mapping_from_pairs(cls, value)
         if isinstance(value, list) and cls in _BUILTIN_CONTAINERS:
-            return dict(map(tuple, value)) if cls is dict else cls(value)
-        if isinstance(value, list) and issubclass(cls, tuple) and callable(getattr(cls, "_make", None)):
-            return cls._make(value)  # a namedtuple
+            return cls(value)
+        if isinstance(value, list) and issubclass(cls, tuple):  # a namedtuple, a struct_time, a user's subclass
+            try:
+                return cls._make(value) if callable(getattr(cls, "_make", None)) else cls(value)
+            except Exception:  # noqa: BLE001 - its constructor wants something else: the plain tuple
+                return tuple(value)
         if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
             return cls.fromisoformat(value)
         if issubclass(cls, enum.Enum):
@@ -242,8 +248,27 @@ def _rebuild(tag: str, value: Any) -> Any:
     return value
 
 
-#: Containers JSON cannot tell from a list or a string-keyed object, stored typed (see :func:`_jsonable`).
-_BUILTIN_CONTAINERS = (tuple, set, frozenset, dict)
+#: Containers JSON cannot tell from a list, stored typed (see :func:`_jsonable`).
+_BUILTIN_CONTAINERS = (tuple, set, frozenset)
+
+
+def _mapping_from_pairs(cls: type, pairs: list[Any]) -> Any:
+    """A mapping stored as ``[key, value]`` pairs (its keys were not all strings). A key that cannot be
+    one any more (its class is gone, so it came back as plain JSON) is keyed by its JSON text, as all
+    keys were before mappings were stored typed; the mapping's own class (``OrderedDict``) when it can
+    be built from pairs, else a dict."""
+    items = []
+    for pair in pairs:
+        key, item = pair
+        try:
+            hash(key)
+        except TypeError:
+            key = json.dumps(key, sort_keys=True, ensure_ascii=False, default=str)
+        items.append((key, item))
+    try:
+        return cls(items)
+    except Exception:  # noqa: BLE001 - a mapping class built another way (defaultdict): a plain dict
+        return dict(items)
 
 
 def _as_tuples(value: Any) -> Any:
@@ -400,25 +425,31 @@ def callable_identity(fn: Any) -> str:
 
 def _defaults_identity(fn: Any) -> str:
     """A function's default argument values: ``def metric(..., lenient=False)`` edited to ``True``
-    scores differently, yet its code (defaults are not code constants) is the same. Plain values are
-    keyed by value; any other default (a judge object, a client) by its type only, since its fields
-    are run-time state like a closure's (see :func:`callable_identity`)."""
-    values = [*(getattr(fn, "__defaults__", None) or ()),
-              *sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
-    if not values:
+    scores differently, yet its code (defaults are not code constants) is the same. Immutable plain
+    values are keyed by value and a user's function by its code; anything else by its type only: a
+    mutable default (a memo dict) or an object (a judge, a client) holds run-time state, like a
+    closure, which would refuse every rerun. A default that looks like a credential (by its parameter's
+    name or its text) is keyed as a marker: a rotated key is the same run."""
+    code = getattr(fn, "__code__", None)
+    defaults = tuple(getattr(fn, "__defaults__", None) or ())
+    if code is None or not (defaults or getattr(fn, "__kwdefaults__", None)):
         return ""
-    return stable_hash(_hashable(_plain_or_type(values)))
+    positional = code.co_varnames[:code.co_argcount]
+    named = [*zip(positional[len(positional) - len(defaults):], defaults),
+             *sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
+    return stable_hash([[name, _default_value(name, value)] for name, value in named])
 
 
-def _plain_or_type(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str, enum.Enum)):
-        return value
-    if type(value) in (list, tuple):
-        return [_plain_or_type(v) for v in value]
-    if type(value) in (set, frozenset):
-        return sorted((_plain_or_type(v) for v in value), key=repr)
-    if type(value) is dict:
-        return sorted(([_plain_or_type(k), _plain_or_type(v)] for k, v in value.items()), key=repr)
+def _default_value(name: str, value: Any) -> Any:
+    if isinstance(value, str) and (is_sensitive_key(name) or mask_text(value) != value):
+        return "<credential>"
+    if value is None or isinstance(value, (bool, int, float, str, bytes, enum.Enum)):
+        return repr(value)
+    if type(value) in (tuple, frozenset):
+        parts = [_default_value(name, v) for v in value]
+        return parts if type(value) is tuple else sorted(parts, key=repr)
+    if inspect.isfunction(value) and not _library_function(value):
+        return f"{value.__qualname__}:{_code_digest(value.__code__)}"
     kind = type(value)
     return f"<{kind.__module__}.{kind.__qualname__}>"
 
@@ -439,7 +470,9 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
         if not inspect.isfunction(target) or id(target) in seen or _library_function(target):
             continue
         seen.add(id(target))
-        out.append(f"{name}={target.__qualname__}:{_code_digest(target.__code__)}")
+        defaults = _defaults_identity(target)
+        out.append(f"{name}={target.__qualname__}:{_code_digest(target.__code__)}"
+                   + (f"+defaults:{defaults}" if defaults else ""))
         out += _called_user_functions(target, seen)
     return out
 
