@@ -688,3 +688,11 @@ def test_no_new_call_after_compile_raised(pipeline, reflection_lm):
     raised.set()
     time.sleep(1.5)  # the slow rollouts finish their first step meanwhile
     assert late == {"lm": 0, "metric": 0}
+
+
+def test_an_error_message_ending_in_a_newline_gets_no_dangling_sentence():
+    """LM clients end some messages with a newline: "...access\n. Scored failure_score" in the log."""
+    from dspy_turbogepa.adapter.evaluator import _describe
+
+    text = _describe(RuntimeError("Incorrect API key.\n  - Verify your account has access\n"))
+    assert text == "RuntimeError: Incorrect API key.\n  - Verify your account has access"

@@ -8,6 +8,7 @@ Run with ``-s`` to see the numbers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -168,7 +169,7 @@ def test_gives_up_after_the_cap_with_cause_rate_limited(routing):
     assert ev.rate_limit_stats()["rate_limit_gave_up"] == 1
 
 
-def test_no_backoff_outlasts_the_policy_whatever_retry_after_says(routing):
+def test_no_backoff_outlasts_the_policy_whatever_retry_after_says(routing, caplog):
     """A Retry-After of a day (a quota reset) was slept in full, holding the evaluation slot, and the
     endpoint's cool-down parked every other rollout as long. Now: give up at once when the server asks
     for more than the policy has left, never wait past it, and cap the cool-down at the policy."""
@@ -191,9 +192,15 @@ def test_no_backoff_outlasts_the_policy_whatever_retry_after_says(routing):
 
     lm, hook = flaky_lm(lambda: rate_limit(86_400.0), 1)
     ev, codec = make_evaluator(routing, rate_limit_policy=policy, clock=lambda: now[0], sleep=fake_sleep)
-    (outcome,) = evaluate(ev, codec, lm)
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        (outcome,) = evaluate(ev, codec, lm)
     assert hook.raised == 1 and sleeps == [] and now[0] == 0.0
     assert outcome.failure == "rate_limited" and "gave up" in outcome.message
+    assert "the server asked to wait 86400s (Retry-After), more than the 300s left" in outcome.message
+    # said, not a silent stall: the endpoint's pause and the give-up, each once at WARNING
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("asked to wait 86400s (Retry-After); waiting at most 300s" in m for m in warned), warned
+    assert sum("stayed rate limited" in m for m in warned) == 1
     window = ev._windows.window(next(iter(ev._windows._windows)))
     assert window.cooldown_until <= 300.0  # the next rollout to this endpoint waits 300 s at most
 

@@ -138,7 +138,7 @@ def _error_types(exc: BaseException) -> list[str]:
 def _describe(exc: BaseException) -> str:
     """The error as feedback text: masked at the source, since it reaches the reflection prompt, logs
     and a SystemicFailureError as well as the run store (a client error may quote a key)."""
-    text = mask_text(f"{type(exc).__name__}: {exc}")
+    text = mask_text(f"{type(exc).__name__}: {exc}").strip()  # sentences are appended to it ("... . Scored")
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
 
 
@@ -211,6 +211,7 @@ class DspyEvaluator:
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
         self._closed_event = threading.Event()
+        self._warned_rate_limited = False
 
     def close(self) -> None:
         """Queued rollouts are cancelled; one already running cannot be (its LM call is on the wire), but
@@ -287,14 +288,22 @@ class DspyEvaluator:
         assert attempt.error is not None
         outcome, _ = self._score(example, example_id, None, attempt.raw_trace, attempt.error, names, split, capture)
         what = "rate limited" if verdict.kind == "rate_limited" else "failing transiently"
-        message = f"Still {what} after {retries} retries over {elapsed:.0f}s; gave up. {outcome.message}"
+        policy = self._rl_policy if verdict.kind == "rate_limited" else self._tr_policy
+        left = policy.max_elapsed_s - elapsed
+        why = (f"the server asked to wait {verdict.retry_after:.0f}s (Retry-After), more than the {max(left, 0):.0f}s "
+               f"left of the retry policy's {policy.max_elapsed_s:.0f}s"
+               if verdict.retry_after is not None and verdict.retry_after > left and retries < policy.max_retries
+               else f"after {retries} retries over {elapsed:.0f}s")
+        message = f"Still {what}; gave up: {why}. {outcome.message}"
         if verdict.kind == "rate_limited":
             self._stats.add(rate_limit_gave_up=1)
             # The engine-level cause; the trajectory keeps "program_error" + the LM error type, which
             # reflection already skips as an infrastructure failure.
             outcome = replace(outcome, failure="rate_limited", message=message)  # type: ignore[arg-type]
-            logger.warning("A rollout was rate limited %d times over %.0fs; scoring it as failed (rate_limited).",
-                           retries + 1, elapsed)
+            first, self._warned_rate_limited = not self._warned_rate_limited, True  # the event loop's thread
+            logger.log(logging.WARNING if first else logging.DEBUG,
+                       "A rollout stayed rate limited (%s); scoring it as failed (rate_limited)%s.", why,
+                       "; further ones are counted in run_stats['failures'] and logged at DEBUG" if first else "")
         else:
             self._stats.add(transient_gave_up=1)
             outcome = replace(outcome, message=message)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import deque
@@ -31,6 +32,12 @@ from typing import Any, Literal
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[Any]]
 Outcome = Literal["success", "rate_limited", "neutral"]
+
+logger = logging.getLogger(__name__)
+
+#: A cool-down at least this long is said at WARNING when it starts: every rollout of the endpoint waits
+#: it out, and nothing else shows on the progress line (a quota that resets in minutes looks like a hang).
+LONG_COOLDOWN_S = 10.0
 
 __all__ = ["AimdRegistry", "AimdWindow", "Ticket"]
 
@@ -186,9 +193,15 @@ class AimdWindow:
             self._epoch += 1
             self._successes = 0
         pause = retry_after if retry_after is not None and retry_after >= 0 else self.default_cooldown_s
-        pause = min(pause, self.max_cooldown_s)
-        if pause > 0:
-            self._cooldown_until = max(self._cooldown_until, self._clock() + pause)
+        capped = min(pause, self.max_cooldown_s)
+        if capped > 0:
+            now = self._clock()
+            if capped >= LONG_COOLDOWN_S and self._cooldown_until <= now:  # a new pause, not one extended
+                logger.warning(
+                    "%s is rate limited and asked to wait %.0fs (Retry-After)%s: its rollouts pause until then.",
+                    self.key, pause, f"; waiting at most {capped:.0f}s, after which rollouts still refused are "
+                    "scored as failed (rate_limited)" if capped < pause else "")
+            self._cooldown_until = max(self._cooldown_until, now + capped)
 
     def _give_back(self) -> None:
         self._in_use -= 1
