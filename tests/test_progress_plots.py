@@ -144,6 +144,23 @@ def test_log_mode_emits_a_bounded_number_of_lines(info_logs: pytest.LogCaptureFi
     assert "in flight 16 evals / 5 mutations" in mid and "ETA" in mid
 
 
+def test_a_run_past_its_budget_says_so(info_logs: pytest.LogCaptureFixture) -> None:
+    """The last mutations may finish past max_metric_calls (as in dspy.GEPA): "142/120 (100%)" hid it."""
+    clock, source = FakeClock(), FakeSource()
+    source._budget = 120
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=142)
+    display.close(stop_reason="max_metric_calls")
+    last = progress_lines(info_logs)[-1]
+    assert last.startswith("TurboGEPA finished (max_metric_calls): 142/120 metric calls (118%)"), last
+    out = io.StringIO()
+    source.calls = 0
+    bar = ProgressDisplay(source, interactive=True, stream=out, clock=clock)
+    drive(bar, source, clock, ticks=142)
+    bar.close(stop_reason="max_metric_calls")
+    assert "120/120" in out.getvalue() and "142 metric calls, 22 past the budget" in out.getvalue()
+
+
 def test_log_mode_without_new_bests_slows_down(info_logs: pytest.LogCaptureFixture) -> None:
     clock, source = FakeClock(), FakeSource(budget=100_000)
     display = ProgressDisplay(source, interactive=False, clock=clock)

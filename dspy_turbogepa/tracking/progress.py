@@ -162,9 +162,11 @@ class ProgressSnapshot:
 
     @property
     def fraction(self) -> float | None:
+        """Of the budget, not capped: the last mutations may finish past it, as in dspy.GEPA, and
+        "142/120 (100%)" would hide the 18% more the run paid."""
         if not self.budget:
             return None
-        return min(1.0, self.metric_calls / self.budget)
+        return self.metric_calls / self.budget
 
     def fields(self) -> list[str]:
         """Short ``name value`` parts for the bar, most useful first (a narrow terminal cuts the tail)."""
@@ -523,6 +525,8 @@ class ProgressDisplay(EngineObserver):
             bar.total = snap.budget
         bar.n = min(snap.metric_calls, snap.budget) if snap.budget else snap.metric_calls
         parts = snap.fields()
+        if snap.budget and snap.metric_calls > snap.budget:  # past it tqdm drops the total: say it instead
+            parts.insert(0, f"{snap.metric_calls} metric calls, {snap.metric_calls - snap.budget} past the budget")
         if final_note:
             parts.append(final_note)
         bar.set_postfix_str(", ".join(parts), refresh=False)
