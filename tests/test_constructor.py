@@ -280,6 +280,18 @@ def test_a_proposer_or_selector_that_cannot_take_gepas_call_is_refused_before_an
         return {}
 
     make(instruction_proposer=decorated)
+
+    def passthrough(fn):  # a wrapper taking anything must not let a wrong signature through
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with pytest.raises(TypeError, match="instruction_proposer is called as"):
+        make(instruction_proposer=passthrough(lambda candidate, reflective_dataset: {}))
+    with pytest.raises(TypeError, match="component_selector is called as"):
+        make(component_selector=passthrough(lambda state, trajectories: []))
     make(instruction_proposer=dspy.teleprompt.gepa.instruction_proposal.MultiModalInstructionProposer())
 
 

@@ -6,14 +6,17 @@ import collections
 import dataclasses
 import datetime
 import enum
+import functools
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -725,6 +728,22 @@ def test_a_changed_default_argument_seed_none_and_failure_score_in_the_run_key(t
              "    return 1.0\n", namespace)
         return namespace["metric"], namespace["keyed"]
 
+    # other kinds of default, each keyed by what it means (an enum member by name: its repr may show an
+    # object's address, which changed the key in every process)
+    from dspy_turbogepa.adapter.persistence import _default_value
+
+    class Mode(enum.Enum):
+        A = object()
+
+    assert _default_value("mode", Mode.A).endswith(".Mode.A") and "0x" not in _default_value("mode", Mode.A)
+    for before, after in ((str.lower, str.upper), (functools.partial(round, ndigits=1),
+                                                    functools.partial(round, ndigits=2)),
+                          (re.compile("a+"), re.compile("b+")), (int, float),
+                          (dspy.LM("openai/a", cache=False), dspy.LM("openai/b", cache=False))):
+        assert _default_value("x", before) != _default_value("x", after), (before, after)
+    assert _default_value("api_key", b"sk-0a9b8c7d6e5f4a3b2c") == "<credential>"
+    assert _default_value("model", "gpt-4o-mini") != _default_value("model", "gpt-4o")
+
     (strict_metric, old_key), (lenient_metric, new_key) = (version(False, "sk-0a9b8c7d6e5f4a3b"),
                                                            version(True, "sk-9f8e7d6c5b4a3210"))
     assert callable_identity(strict_metric) != callable_identity(lenient_metric)  # one call down
@@ -1061,6 +1080,17 @@ def test_containers_json_cannot_tell_apart_come_back_as_themselves():
     back = _prediction_from(json.loads(json.dumps(_prediction_dict(dspy.Prediction(o=ordered, t=time.gmtime(0))))))
     assert type(back.o) is collections.OrderedDict and list(back.o.items()) == [(2, "b"), (1, "a")]
     assert back.t == time.gmtime(0) and type(back.t) is time.struct_time
+    # other mappings come back as dicts with their keys (a Counter rebuilt from pairs counted the pairs),
+    # and a user's tuple subclass as a plain tuple (its __new__ is not run on a row's values)
+
+    class Vec(tuple):
+        def __new__(cls, *xs):
+            return super().__new__(cls, xs)
+
+    odd = dspy.Prediction(c=collections.Counter({1: 3, 2: 5}), m=types.MappingProxyType({1: "a"}), v=Vec(1, 2))
+    back = _prediction_from(json.loads(json.dumps(_prediction_dict(odd))))
+    assert back.c == {1: 3, 2: 5} and type(back.c) is dict and back.m == {1: "a"}
+    assert back.v == (1, 2) and type(back.v) is tuple
 
 
 class _PydanticScorer(pydantic.BaseModel):

@@ -292,8 +292,8 @@ class DspyEvaluator:
         left = policy.max_elapsed_s - elapsed
         why = (f"the server asked to wait {verdict.retry_after:.0f}s (Retry-After), more than the {max(left, 0):.0f}s "
                f"left of the retry policy's {policy.max_elapsed_s:.0f}s"
-               if verdict.retry_after is not None and verdict.retry_after > left and retries < policy.max_retries
-               else f"after {retries} retries over {elapsed:.0f}s")
+               if verdict.retry_after is not None and verdict.retry_after > left
+               and not policy.exhausted(retries, elapsed) else f"after {retries} retries over {elapsed:.0f}s")
         message = f"Still {what}; gave up: {why}. {outcome.message}"
         if verdict.kind == "rate_limited":
             self._stats.add(rate_limit_gave_up=1)

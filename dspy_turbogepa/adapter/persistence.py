@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import sysconfig
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -107,14 +108,15 @@ def _jsonable(value: Any, _walk: _Walk | None = None) -> Any:
                 return {k: _jsonable(v, walk) for k, v in value.items()}
             # other keys (ints, tuples) as typed pairs: JSON would make them strings, and the metric's
             # feedback call of a resumed run must get the mapping a live run gives it
-            kind = type(value)
-            tag = "builtins:dict" if kind is dict else f"{kind.__module__}:{kind.__qualname__}"
+            tag = "collections:OrderedDict" if type(value) is OrderedDict else "builtins:dict"
             return {_TYPE: tag, "value": [[_jsonable(k, walk), _jsonable(v, walk)] for k, v in value.items()]}
         if isinstance(value, list):
             return [_jsonable(v, walk) for v in value]
         if isinstance(value, tuple):  # typed: JSON has only lists (a namedtuple keeps its class)
             kind = type(value)
-            return {_TYPE: f"{kind.__module__}:{kind.__qualname__}", "value": [_jsonable(v, walk) for v in value]}
+            keep = kind is not tuple and (hasattr(kind, "_fields") or _library_class(kind))
+            tag = f"{kind.__module__}:{kind.__qualname__}" if keep else "builtins:tuple"
+            return {_TYPE: tag, "value": [_jsonable(v, walk) for v in value]}
         return _stored_leaf(value, walk)
     finally:
         walk.path.discard(key)
@@ -217,15 +219,21 @@ def _rebuild(tag: str, value: Any) -> Any:
     if not isinstance(cls, type):
         return value
     try:
-        if isinstance(value, list) and issubclass(cls, Mapping):
+        if isinstance(value, list) and cls in (dict, OrderedDict):
             return _mapping_from_pairs(cls, value)
         if isinstance(value, list) and cls in _BUILTIN_CONTAINERS:
             return cls(value)
-        if isinstance(value, list) and issubclass(cls, tuple):  # a namedtuple, a struct_time, a user's subclass
+        if isinstance(value, list) and issubclass(cls, tuple):
+            # a namedtuple (its generated _make), a library type such as struct_time; a user's own tuple
+            # subclass comes back a plain tuple: its __new__ is not run on a row's values
             try:
-                return cls._make(value) if callable(getattr(cls, "_make", None)) else cls(value)
+                if callable(getattr(cls, "_make", None)) and hasattr(cls, "_fields"):
+                    return cls._make(value)
+                if _library_class(cls):
+                    return cls(value)
             except Exception:  # noqa: BLE001 - its constructor wants something else: the plain tuple
-                return tuple(value)
+                pass
+            return tuple(value)
         if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
             return cls.fromisoformat(value)
         if issubclass(cls, enum.Enum):
@@ -255,8 +263,8 @@ _BUILTIN_CONTAINERS = (tuple, set, frozenset)
 def _mapping_from_pairs(cls: type, pairs: list[Any]) -> Any:
     """A mapping stored as ``[key, value]`` pairs (its keys were not all strings). A key that cannot be
     one any more (its class is gone, so it came back as plain JSON) is keyed by its JSON text, as all
-    keys were before mappings were stored typed; the mapping's own class (``OrderedDict``) when it can
-    be built from pairs, else a dict."""
+    keys were before mappings were stored typed. ``cls`` is ``dict`` or ``OrderedDict``: any other
+    mapping was stored as a dict."""
     items = []
     for pair in pairs:
         key, item = pair
@@ -265,10 +273,7 @@ def _mapping_from_pairs(cls: type, pairs: list[Any]) -> Any:
         except TypeError:
             key = json.dumps(key, sort_keys=True, ensure_ascii=False, default=str)
         items.append((key, item))
-    try:
-        return cls(items)
-    except Exception:  # noqa: BLE001 - a mapping class built another way (defaultdict): a plain dict
-        return dict(items)
+    return cls(items)
 
 
 def _as_tuples(value: Any) -> Any:
@@ -441,15 +446,33 @@ def _defaults_identity(fn: Any) -> str:
 
 
 def _default_value(name: str, value: Any) -> Any:
-    if isinstance(value, str) and (is_sensitive_key(name) or mask_text(value) != value):
-        return "<credential>"
-    if value is None or isinstance(value, (bool, int, float, str, bytes, enum.Enum)):
+    if isinstance(value, (str, bytes)):
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        # by the parameter's name or a secret the environment holds: a default that merely looks like a
+        # key ("gpt-4o-mini-2024-07-18") is more often a model or a version, whose edit must count
+        if is_sensitive_key(name) or mask_text(text) != text:
+            return "<credential>"
+    if isinstance(value, enum.Enum):  # by name: a member's repr may show an object's address
+        return f"{type(value).__qualname__}.{value.name}"
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
     if type(value) in (tuple, frozenset):
         parts = [_default_value(name, v) for v in value]
         return parts if type(value) is tuple else sorted(parts, key=repr)
+    if isinstance(value, functools.partial):
+        return callable_identity(value)
     if inspect.isfunction(value) and not _library_function(value):
         return f"{value.__qualname__}:{_code_digest(value.__code__)}"
+    if isinstance(value, type):
+        user = not (in_dspy_package(value) or _library_class(value))
+        return f"class {value.__module__}.{value.__qualname__}" + (
+            f":{stable_hash(_class_code(value))}" if user else "")
+    if isinstance(value, dspy.BaseLM):
+        return stable_hash(_hashable(lm_identity(value)))
+    if isinstance(value, re.Pattern):
+        return ["re", repr(value.pattern), value.flags]
+    if callable(value) and isinstance(getattr(value, "__qualname__", None), str):  # str.lower, operator.eq
+        return f"{getattr(value, '__module__', None) or type(value).__module__}.{value.__qualname__}"
     kind = type(value)
     return f"<{kind.__module__}.{kind.__qualname__}>"
 

@@ -24,9 +24,11 @@ def check_call_protocol(
     try:
         sig.bind(*args, **dict(kwargs or {}))
     except TypeError as exc:
-        try:  # a decorator's own signature (``functools.wraps`` shows the wrapped one, whose first
-            # argument the decorator may supply): refused only if neither can take the call
+        try:  # ``functools.wraps`` shows the wrapped function, whose first arguments the decorator may
+            # supply: accepted when the wrapper takes the call and the wrapped function takes all of it
+            # but those (a wrapper taking anything must not let a wrong signature through)
             inspect.signature(fn, follow_wrapped=False).bind(*args, **dict(kwargs or {}))
+            sig.bind_partial(*args, **dict(kwargs or {}))
             return
         except (TypeError, ValueError):
             pass

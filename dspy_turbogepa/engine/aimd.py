@@ -79,6 +79,7 @@ class AimdWindow:
         self.min_window = min_window
         self.default_cooldown_s = max(0.0, default_cooldown_s)
         self.max_cooldown_s = max(0.0, max_cooldown_s)
+        self._long_pause_reported = False
         self._clock = clock
         self._sleep = sleep
         self._window = limit
@@ -197,10 +198,17 @@ class AimdWindow:
         if capped > 0:
             now = self._clock()
             if capped >= LONG_COOLDOWN_S and self._cooldown_until <= now:  # a new pause, not one extended
-                logger.warning(
-                    "%s is rate limited and asked to wait %.0fs (Retry-After)%s: its rollouts pause until then.",
-                    self.key, pause, f"; waiting at most {capped:.0f}s, after which rollouts still refused are "
-                    "scored as failed (rate_limited)" if capped < pause else "")
+                # at WARNING the first time (a storm of 10 s pauses would say it every 10 s), then DEBUG
+                first, self._long_pause_reported = not self._long_pause_reported, True
+                asked = (f"asked to wait {pause:.0f}s (Retry-After)" if retry_after is not None and retry_after >= 0
+                         else f"gave no Retry-After; pausing {pause:.0f}s")
+                logger.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "%s is rate limited and %s%s: its rollouts pause until then%s.", self.key, asked,
+                    f"; waiting at most {capped:.0f}s, after which rollouts still refused are scored as failed "
+                    "(rate_limited)" if capped < pause else "",
+                    " (further long pauses of this endpoint are logged at DEBUG; see "
+                    "run_stats['rate_limits'])" if first else "")
             self._cooldown_until = max(self._cooldown_until, now + capped)
 
     def _give_back(self) -> None:

@@ -255,3 +255,36 @@ def test_validation():
         AimdWindow("x", 4, decrease=1.0)
     with pytest.raises(ValueError):
         AimdWindow("x", 4, min_window=5)
+
+
+def test_a_long_pause_is_said_once_per_endpoint_and_capped(caplog):
+    """A quota's pauses looked like a hang (nothing logged); said on every pause, a storm of 10 s
+    Retry-Afters for 30 minutes logged 180 warnings. Said once, at the first long pause; capped."""
+    import logging
+
+    async def main():
+        w, clock = window(4, max_cooldown_s=300.0)
+        for _ in range(20):  # a storm: each pause ends, the next rollout is refused again
+            ticket = await w.acquire()
+            w.release(ticket, "rate_limited", retry_after=600.0)
+            assert w.cooldown_until == clock.t + 300.0  # at most the cap
+        ticket = await w.acquire()
+        w.release(ticket, "rate_limited", retry_after=2.0)  # short pauses are not news
+
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        run(main())
+    said = [r for r in caplog.records if "is rate limited and" in r.getMessage()]
+    assert [r.levelno for r in said].count(logging.WARNING) == 1 and len(said) == 20
+    first = said[0].getMessage()
+    assert "asked to wait 600s (Retry-After); waiting at most 300s" in first and "ep is rate limited" in first
+
+    caplog.clear()
+
+    async def no_header():
+        w, _ = window(4, default_cooldown_s=15.0)
+        ticket = await w.acquire()
+        w.release(ticket, "rate_limited")
+
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        run(no_header())
+    assert "gave no Retry-After; pausing 15s" in caplog.records[0].getMessage()
