@@ -289,11 +289,10 @@ class DspyEvaluator:
         outcome, _ = self._score(example, example_id, None, attempt.raw_trace, attempt.error, names, split, capture)
         what = "rate limited" if verdict.kind == "rate_limited" else "failing transiently"
         policy = self._rl_policy if verdict.kind == "rate_limited" else self._tr_policy
-        left = policy.max_elapsed_s - elapsed
-        why = (f"the server asked to wait {verdict.retry_after:.0f}s (Retry-After), more than the {max(left, 0):.0f}s "
-               f"left of the retry policy's {policy.max_elapsed_s:.0f}s"
-               if verdict.retry_after is not None and verdict.retry_after > left
-               and not policy.exhausted(retries, elapsed) else f"after {retries} retries over {elapsed:.0f}s")
+        why = (f"the server asked to wait {verdict.retry_after:.0f}s (Retry-After), more than the "
+               f"{policy.max_elapsed_s - elapsed:.0f}s left of the retry policy's {policy.max_elapsed_s:.0f}s"
+               if policy.asks_too_long(verdict.retry_after, retries, elapsed)
+               else f"after {retries} retries over {elapsed:.0f}s")
         message = f"Still {what}; gave up: {why}. {outcome.message}"
         if verdict.kind == "rate_limited":
             self._stats.add(rate_limit_gave_up=1)

@@ -422,9 +422,14 @@ def callable_identity(fn: Any) -> str:
     code = getattr(fn, "__code__", None)
     if code is None:  # a callable object: the code of its class (and of its user-written bases)
         return f"{name}:{stable_hash(_class_code(type(fn)))}"
-    helpers = _called_user_functions(fn)
+    return f"{name}:{_function_digest(fn, _called_user_functions(fn))}"
+
+
+def _function_digest(fn: Any, helpers: Sequence[str] = ()) -> str:
+    """A user function's code, the identities of the ``helpers`` it calls, and its default argument
+    values (see :func:`_defaults_identity`)."""
     defaults = _defaults_identity(fn)
-    return (f"{name}:{_code_digest(code)}" + (f"+{stable_hash(helpers)}" if helpers else "")
+    return (_code_digest(fn.__code__) + (f"+{stable_hash(list(helpers))}" if helpers else "")
             + (f"+defaults:{defaults}" if defaults else ""))
 
 
@@ -437,11 +442,11 @@ def _defaults_identity(fn: Any) -> str:
     name or its text) is keyed as a marker: a rotated key is the same run."""
     code = getattr(fn, "__code__", None)
     defaults = tuple(getattr(fn, "__defaults__", None) or ())
-    if code is None or not (defaults or getattr(fn, "__kwdefaults__", None)):
+    kwdefaults = getattr(fn, "__kwdefaults__", None) or {}
+    if code is None or not (defaults or kwdefaults):
         return ""
     positional = code.co_varnames[:code.co_argcount]
-    named = [*zip(positional[len(positional) - len(defaults):], defaults),
-             *sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
+    named = [*zip(positional[len(positional) - len(defaults):], defaults), *sorted(kwdefaults.items())]
     return stable_hash([[name, _default_value(name, value)] for name, value in named])
 
 
@@ -462,7 +467,7 @@ def _default_value(name: str, value: Any) -> Any:
     if isinstance(value, functools.partial):
         return callable_identity(value)
     if inspect.isfunction(value) and not _library_function(value):
-        return f"{value.__qualname__}:{_code_digest(value.__code__)}"
+        return f"{value.__qualname__}:{_function_digest(value)}"
     if isinstance(value, type):
         user = not (in_dspy_package(value) or _library_class(value))
         return f"class {value.__module__}.{value.__qualname__}" + (
@@ -493,9 +498,7 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
         if not inspect.isfunction(target) or id(target) in seen or _library_function(target):
             continue
         seen.add(id(target))
-        defaults = _defaults_identity(target)
-        out.append(f"{name}={target.__qualname__}:{_code_digest(target.__code__)}"
-                   + (f"+defaults:{defaults}" if defaults else ""))
+        out.append(f"{name}={target.__qualname__}:{_function_digest(target)}")
         out += _called_user_functions(target, seen)
     return out
 

@@ -21,14 +21,15 @@ def check_call_protocol(
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return
+    kwargs = dict(kwargs or {})
     try:
-        sig.bind(*args, **dict(kwargs or {}))
+        sig.bind(*args, **kwargs)
     except TypeError as exc:
         try:  # ``functools.wraps`` shows the wrapped function, whose first arguments the decorator may
             # supply: accepted when the wrapper takes the call and the wrapped function takes all of it
             # but those (a wrapper taking anything must not let a wrong signature through)
-            inspect.signature(fn, follow_wrapped=False).bind(*args, **dict(kwargs or {}))
-            sig.bind_partial(*args, **dict(kwargs or {}))
+            inspect.signature(fn, follow_wrapped=False).bind(*args, **kwargs)
+            sig.bind_partial(*args, **kwargs)
             return
         except (TypeError, ValueError):
             pass

@@ -274,15 +274,19 @@ class RetryPolicy:
               elapsed_s: float = 0.0) -> float | None:
         """The wait before retry ``attempt``, at most what is left of ``max_elapsed_s``; None when the
         retry is not worth waiting for (retries used up, time up, or a Retry-After beyond the time left)."""
-        left = self.max_elapsed_s - elapsed_s
-        if self.exhausted(attempt, elapsed_s) or (retry_after is not None and retry_after > left):
+        if self.exhausted(attempt, elapsed_s) or self.asks_too_long(retry_after, attempt, elapsed_s):
             return None
         exp = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
         base = max(retry_after or 0.0, exp)
-        return min(base * (1.0 + self.jitter * rng.random()), left)
+        return min(base * (1.0 + self.jitter * rng.random()), self.max_elapsed_s - elapsed_s)
 
     def exhausted(self, retries: int, elapsed_s: float) -> bool:
         return retries >= self.max_retries or elapsed_s >= self.max_elapsed_s
+
+    def asks_too_long(self, retry_after: float | None, retries: int, elapsed_s: float) -> bool:
+        """The server's Retry-After reaches past what is left of the policy, which has not run out."""
+        return (retry_after is not None and not self.exhausted(retries, elapsed_s)
+                and retry_after > self.max_elapsed_s - elapsed_s)
 
 
 #: 429s: generous, because they are not the candidate's fault (10 retries or 5 minutes).
