@@ -509,6 +509,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         except SystemicFailureError as exc:
             if store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
                 store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
+                # the fix decides whether this log_dir can be reused: the run key covers the program, the
+                # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
+                # was refused with "metric changed" and had to find out why)
+                exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an API "
+                            "key, an environment variable, a file or service the metric reads) resumes this run "
+                            "and scores these evaluations again; a changed program, metric, model or endpoint "
+                            "is another run: give it a new log_dir.",)
             raise
         finally:
             display.close(stop_reason=result.stop_reason if result is not None else None)

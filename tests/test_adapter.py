@@ -244,8 +244,10 @@ def test_metric_that_always_raises_stops_early(routing, reflection_lm):
 
     splits = small_splits(routing, n_train=20, n_val=16)
     opt = TurboGEPA(metric, max_metric_calls=500, reflection_lm=reflection_lm, num_threads=4)
-    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), pytest.raises(SystemicFailureError, match="metric"):
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
+            pytest.raises(SystemicFailureError, match="metric") as info:
         opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert "log_dir" not in str(info.value)  # no run store: nothing to say about reusing one
 
 
 @pytest.mark.parametrize("n_val", [None, 3])

@@ -8,7 +8,7 @@ import dspy
 import pytest
 
 from dspy_turbogepa import TurboGEPA
-from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
 
 from helpers import small_splits
 
@@ -339,3 +339,20 @@ def test_a_failing_proposer_is_reported_once_per_error_type_not_on_every_reflect
     assert calls["n"] >= 2 and len(raised) == calls["n"]
     assert [r.levelno for r in raised].count(logging.WARNING) == 1
     assert "attempt 1" in next(r for r in raised if r.levelno == logging.WARNING).getMessage()
+
+
+def test_reflections_served_from_dspys_cache_are_not_counted_as_calls(routing, monkeypatch):
+    """dspy.LM caches by default: a rerun's reflections are cache hits that cost nothing. They must not
+    count as reflection calls (the stats, MLflow's lm/reflection_calls and the paid-no-op stop read it)."""
+    from dspy.clients.cache import Cache
+
+    monkeypatch.setattr(dspy, "cache", Cache(enable_disk_cache=False, enable_memory_cache=True,
+                                             disk_cache_dir=None, memory_max_entries=10_000))
+    counts = []
+    for _ in range(2):
+        reflection_lm = make_reflection_lm(seed=0, cache=True, temperature=1.0)
+        program, _ = _compile(routing, routing.metric, budget=80, reflection_lm=reflection_lm)
+        counts.append((program.detailed_results.run_stats["reflection_calls"], sim_engine(reflection_lm).calls))
+    (first_counted, first_real), (second_counted, second_real) = counts
+    assert first_real > 0 and first_counted == first_real
+    assert second_real == 0 and second_counted == 0  # the same prompts: all served from the cache

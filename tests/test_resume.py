@@ -143,8 +143,10 @@ def test_fix_the_key_and_rerun_does_not_replay_the_auth_failures(routing, tmp_pa
         return srv.stats()["models"]["sim-student"]["requests"]
 
     with SimServer(cfg, seed=0) as srv:
-        with pytest.raises(SystemicFailureError):
+        with pytest.raises(SystemicFailureError) as info:
             compile_with("bad", tmp_path / "run")
+        # which fixes can reuse the log_dir (a fixed metric is refused with "metric changed" otherwise)
+        assert "resumes this run" in str(info.value) and "new log_dir" in str(info.value)
         resumed = compile_with("good", tmp_path / "run").detailed_results
         before = student_requests()
         again = compile_with("good", tmp_path / "run").detailed_results  # the run is finished: replayed whole
