@@ -122,8 +122,8 @@ class ReflectiveProposer:
             # traces in this minibatch from other context; dspy's own proposer skips those itself)
             outcome = self._propose(parent_texts, dataset, list(components))
         # every return path, a proposer that raised after paying for calls included, carries its usage.
-        # Calls are those DSPy's usage tracker saw: a reflection served from DSPy's cache is free and
-        # must not count as paid (max_paid_noop_mutations reads this), as task_lm_calls leaves cache hits out.
+        # Calls are those the service answered (RolloutUsage.calls): a reflection served from DSPy's cache
+        # is free and must not count as paid (max_paid_noop_mutations reads this), as for task_lm_calls.
         return dataclasses.replace(
             outcome, reflection_calls=usage.calls,
             reflection_prompt_tokens=usage.prompt_tokens + judge.prompt_tokens,
