@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import threading
 import time
@@ -684,3 +685,55 @@ def test_the_live_stats_carry_the_reflection_lms_rate_limits():
     stats = live_run_stats(orchestrator, evaluator, reflector)
     assert stats.rate_limits["rate_limited"] == 2 and stats.rate_limits["reflection"]["rate_limited"] == 3
     assert stats.reflective_records_skipped == {"feedback_error": 4}  # charted live too
+
+
+class _GatewayPageServer:
+    """Answers every request with status 200 and an HTML page (a gateway or proxy in front of the LM)."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b"<html><body><h1>Welcome to nginx!</h1></body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_an_answer_the_lm_stack_cannot_use_is_the_services_failure(routing, engine):
+    """DSPy's native client raises LMProviderError for a 200 with an HTML body (litellm a server error):
+    scored as a failure of the LM service, not of the program — a reflection must not read a gateway's
+    page as feedback on the instruction, and a resumed run must run the rollout again."""
+    from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+
+    server = _GatewayPageServer()
+    try:
+        lm = dspy.LM("openai/sim-student", api_base=f"http://127.0.0.1:{server.port}/v1", api_key="x",
+                     cache=False, num_retries=0, **engine)
+        ev, codec = make_evaluator(routing)
+        (outcome,) = evaluate(ev, codec, lm)
+    finally:
+        server.close()
+    assert outcome.score == 0.0 and outcome.failure == "program_error" and not outcome.fatal
+    assert outcome.service_failure, outcome.error_type
+    builder = ReflectiveDatasetBuilder(codec, routing.metric, 0.0, add_format_failure_as_feedback=False,
+                                       warn_on_score_mismatch=False, stringify=True)
+    dataset = builder.build(list(codec.seed_texts()), [outcome.trajectory], [outcome.score], random.Random(0))
+    assert not any(dataset.values()) and builder.skipped_counts() == {"infrastructure_error": 1}

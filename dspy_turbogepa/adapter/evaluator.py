@@ -506,8 +506,9 @@ class DspyEvaluator:
             types = _error_types(error)
             verdict = classify(error, self._fatal)
             fatal = verdict.error_type if verdict.fatal else None
-            # fatal, or a rate limit / transient error whose retries were given up (see _give_up)
-            service = verdict.fatal or verdict.kind is not None
+            # fatal, a rate limit / transient error whose retries were given up (see _give_up), or an
+            # answer the LM stack could not use
+            service = verdict.service_failure
             failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
             message = _describe(error)
             trajectory = DspyTrajectory(
@@ -530,7 +531,7 @@ class DspyEvaluator:
             # model there stops the run at once too, not after a window of failed evaluations.
             verdict = classify(exc, self._fatal)
             fatal = verdict.error_type if verdict.fatal else None
-            service = verdict.fatal or verdict.kind is not None
+            service = verdict.service_failure
             message = f"The metric raised {_describe(exc)}"
             trajectory = DspyTrajectory(
                 example, pred, steps, raw_trace, message, fatal or type(exc).__name__, "metric_error",

@@ -116,6 +116,19 @@ TRANSIENT_TYPES = frozenset(
     }
 )
 
+#: Exception class names (exact: their subclasses say more) of an answer the LM stack could not use —
+#: a gateway's HTML page with status 200, a body that is not the API's shape. Not retried (a malformed
+#: answer may be the endpoint's every answer, and retries are paid), but the LM service's failure, not the
+#: program's: kept out of reflection, and run again on resume.
+SERVICE_ERROR_TYPES = frozenset(
+    {
+        "LMProviderError",  # dspy: "the provider returned an error response" (no more specific class)
+        "LMUnexpectedError",  # dspy: an unexpected failure at the provider boundary
+        "LMStreamAssemblyError",
+        "APIResponseValidationError",  # openai, litellm: the response did not match the API's schema
+    }
+)
+
 _GROUP: type | None = getattr(builtins, "BaseExceptionGroup", None)  # Python >= 3.11
 
 _TRANSIENT_STATUS = frozenset({408, 500, 502, 503, 504, 529})
@@ -132,6 +145,14 @@ class Verdict:
     error_type: str | None = None
     #: A systemic failure (bad key, unknown model...): never retried, and it stops the run.
     fatal: bool = False
+    #: The LM stack could not use the answer (``SERVICE_ERROR_TYPES``): not retried, not the program's fault.
+    unusable_answer: bool = False
+
+    @property
+    def service_failure(self) -> bool:
+        """The LM service failed, not the program: nothing for a reflection to learn, and a resumed run
+        runs the rollout again instead of replaying the failure."""
+        return self.fatal or self.kind is not None or self.unusable_answer
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -225,10 +246,14 @@ def fatal_error_name(exc: BaseException, fatal: frozenset[str]) -> str | None:
     return _first_fatal(exception_chain(exc), fatal)
 
 
+def _from_lm_stack(exc: BaseException) -> bool:
+    return (type(exc).__module__ or "").split(".", 1)[0] in LM_STACK_PACKAGES
+
+
 def _first_fatal(chain: Iterable[BaseException], fatal: frozenset[str]) -> str | None:
     for cur in chain:
         name = type(cur).__name__
-        if name in fatal and (type(cur).__module__ or "").split(".", 1)[0] in LM_STACK_PACKAGES:
+        if name in fatal and _from_lm_stack(cur):
             return name
     return None
 
@@ -248,7 +273,8 @@ def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:
     for cur, name in zip(chain, names):
         if name in TRANSIENT_TYPES or _status(cur) in _TRANSIENT_STATUS:
             return Verdict("transient", retry_after_of(exc), model, name)
-    return Verdict(None, error_type=names[0])
+    unusable = any(name in SERVICE_ERROR_TYPES and _from_lm_stack(cur) for cur, name in zip(chain, names))
+    return Verdict(None, error_type=names[0], unusable_answer=unusable)
 
 
 @dataclass(frozen=True)
