@@ -471,6 +471,35 @@ def test_a_parse_failure_is_fed_back_to_the_predictor_that_failed_only():
         assert set(dataset) == {"first"} and to_update == ["first", "second"]
 
 
+def test_nothing_ever_parses_and_reflection_repeats_itself_stops_with_an_error():
+    """A reflection that answers the same text every time builds one new candidate, then only known ones:
+    the format-error rule waited for a third candidate that never came, and the no-progress stop returned
+    the seed (0.0, every evaluation failed) as if optimized, after 25 paid reflections."""
+    from dspy_turbogepa import SystemicFailureError
+
+    calls = []
+
+    def same_text(candidate, reflective_dataset, components_to_update):
+        calls.append(1)
+        return {c: "Answer the question." for c in components_to_update}
+
+    data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(8)]
+    opt = TurboGEPA(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: float(pred.answer == "y"),
+                    max_metric_calls=2000, instruction_proposer=same_text, num_threads=2, use_merge=False,
+                    add_format_failure_as_feedback=True)
+    with dspy.context(lm=_scripted_lm(lambda msg: "no fields here")), \
+            pytest.raises(SystemicFailureError, match="no candidate that parses") as info:
+        opt.compile(dspy.Predict("text -> answer"), trainset=data, valset=data)
+    assert "format_error" in str(info.value) and calls
+    # a stop the user asked for returns the run so far, failures and all
+    opt = TurboGEPA(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: float(pred.answer == "y"),
+                    max_metric_calls=2000, instruction_proposer=same_text, num_threads=2, use_merge=False,
+                    track_stats=True, gepa_kwargs={"stop_callbacks": [lambda state: True]})
+    with dspy.context(lm=_scripted_lm(lambda msg: "no fields here")):
+        program = opt.compile(dspy.Predict("text -> answer"), trainset=data, valset=data)
+    assert program.detailed_results.stop_reason == "stop_callback"
+
+
 def test_the_first_failure_of_each_kind_is_logged_once(routing, reflection_lm, caplog):
     """A metric or program error must show in the log (dspy.GEPA logs every one): the first of each kind
     is a warning naming it, the rest are counted, not repeated."""

@@ -59,6 +59,9 @@ from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
 
+#: Stops a user asked for: what they get back is the run so far, whatever it holds.
+_STOPS_ASKED_FOR = frozenset({"interrupted", "stop_callback", "stop_file"})
+
 #: Evaluations after which a dollar budget with nothing priced yet is reported as unenforceable.
 UNPRICED_AFTER = 20
 
@@ -284,6 +287,8 @@ class Orchestrator:
                 raise
             self._run_stop_callbacks()
             await self._main_loop()
+            if self._stop_reason not in _STOPS_ASKED_FOR:
+                self._systemic.check_final()  # the run ended on its own: never return an all-failed seed
         finally:
             for task in self._tasks.values():
                 task.cancel()

@@ -169,41 +169,69 @@ class SystemicFailureDetector:
         window.failed_ids.add(outcome.example_id)
         if candidate is not None:
             window.candidates.add(candidate)
+        error = self._judge(split, window, final=False)
+        if error is not None:
+            raise error
+
+    def check_final(self) -> None:
+        """The run ended on its own (budget, no progress possible): a split whose evaluations all failed
+        fails the run even where the rule was still waiting — for reflection to fix a format error that
+        no candidate ever fixed (a reflection LM that answers the same text each time builds no new
+        candidate), or for a window the budget never filled. Returning the seed as optimized would hide it."""
+        def check() -> None:
+            for split, window in self._splits.items():
+                error = self._judge(split, window, final=True)
+                if error is not None:
+                    raise error
+
+        self._sticky(check)
+
+    def _judge(self, split: str, window: _SplitWindow, final: bool) -> SystemicFailureError | None:
+        """The error that stops the run for ``split``, or None while the evidence is not enough."""
+        if window.seen_success or not window.count:
+            return None
         only_format = all(f == "format_error" for f, _ in window.failures)
-        if only_format and 0 < len(window.candidates) < FORMAT_ERROR_CANDIDATES:
-            return  # reflection has not yet had its chance to fix the output format
+        if not final and only_format and 0 < len(window.candidates) < FORMAT_ERROR_CANDIDATES:
+            return None  # reflection has not yet had its chance to fix the output format
         size = self._split_sizes.get(split)
         # a split smaller than the window: once each of its examples has failed (repeats, such as a child
         # scored on its parent's minibatch, are no new evidence)
-        if window.count >= self.window or (size is not None and len(window.failed_ids) >= max(1, size)):
-            (failure, error_type), n = window.failures.most_common(1)[0]
-            example = window.examples[(failure, error_type)]
-            cause = f"{failure} / {example}" if error_type and example.startswith(f"{error_type}:") else (
-                f"{failure}{' / ' + error_type if error_type else ''}: {example}")
-            others = sorted(name for name, w in self._splits.items() if name != split and w.seen_success)
-            if others:
-                what = _SPLIT_NAMES.get(split, f"{split!r}")
-                raise SystemicFailureError(
-                    f"Stopping: the first {window.count} evaluations on the {what} all failed ({n} of them "
-                    f"with {cause}{self._format_note(window, only_format)}), while those on the "
-                    f"{' and '.join(_SPLIT_NAMES.get(o, repr(o)) for o in others)} succeed: something in the "
-                    f"{what}'s examples breaks the program or the metric. Compare their fields and "
-                    "with_inputs(...) with the other split's (a label passed as an input, a field missing) "
-                    "and run again.",
-                    failure=failure,
-                    error_type=error_type or None,
-                )
-            raise SystemicFailureError(
-                f"Stopping: the first {window.count} evaluations all failed ({n} of them with {cause})"
-                f"{self._format_note(window, only_format)}. "
-                "Fix the program, the metric or the LM configuration and run again.",
+        if not (window.count >= self.window or (size is not None and len(window.failed_ids) >= max(1, size))):
+            return None
+        (failure, error_type), n = window.failures.most_common(1)[0]
+        example = window.examples[(failure, error_type)]
+        cause = f"{failure} / {example}" if error_type and example.startswith(f"{error_type}:") else (
+            f"{failure}{' / ' + error_type if error_type else ''}: {example}")
+        note = self._format_note(window, only_format, final)
+        others = sorted(name for name, w in self._splits.items() if name != split and w.seen_success)
+        if others:
+            what = _SPLIT_NAMES.get(split, f"{split!r}")
+            return SystemicFailureError(
+                f"Stopping: the first {window.count} evaluations on the {what} all failed ({n} of them "
+                f"with {cause}{note}), while those on the "
+                f"{' and '.join(_SPLIT_NAMES.get(o, repr(o)) for o in others)} succeed: something in the "
+                f"{what}'s examples breaks the program or the metric. Compare their fields and "
+                "with_inputs(...) with the other split's (a label passed as an input, a field missing) "
+                "and run again.",
                 failure=failure,
                 error_type=error_type or None,
             )
+        return SystemicFailureError(
+            f"Stopping: the first {window.count} evaluations all failed ({n} of them with {cause}){note}. "
+            "Fix the program, the metric or the LM configuration and run again.",
+            failure=failure,
+            error_type=error_type or None,
+        )
 
     @staticmethod
-    def _format_note(window: _SplitWindow, only_format: bool) -> str:
-        if not only_format or len(window.candidates) < FORMAT_ERROR_CANDIDATES:
+    def _format_note(window: _SplitWindow, only_format: bool, final: bool = False) -> str:
+        if not only_format:
             return ""
-        return (f", on the seed and {len(window.candidates) - 1} candidates reflected from its parse failures: "
-                "the LM's output does not parse whatever the instruction says")
+        if len(window.candidates) >= FORMAT_ERROR_CANDIDATES:
+            return (f", on the seed and {len(window.candidates) - 1} candidates reflected from its parse "
+                    "failures: the LM's output does not parse whatever the instruction says")
+        if final:
+            reflected = len(window.candidates) - 1
+            return (f"; the run ended with no candidate that parses ({reflected} reflected from the seed's "
+                    "parse failures)" if reflected > 0 else "; the run ended before a reflection produced a candidate")
+        return ""

@@ -127,6 +127,31 @@ def test_format_errors_alone_wait_for_reflected_candidates() -> None:
     assert "reflected" not in str(info.value)
 
 
+def test_at_the_runs_end_a_split_that_never_succeeded_fails_the_run() -> None:
+    """check_final: the format-error rule's wait for more candidates ends with the run; a split with too
+    few evaluations to judge, or with a success, does not fail it."""
+    det = SystemicFailureDetector(4)
+    for i in range(6):
+        det.observe(fail("format_error", "AdapterParseError", example_id=i), "seed" if i < 4 else "child-1")
+    with pytest.raises(SystemicFailureError) as info:
+        det.check_final()
+    assert "no candidate that parses (1 reflected" in str(info.value)
+    seed_only = SystemicFailureDetector(4)
+    for i in range(4):
+        seed_only.observe(fail("format_error", "AdapterParseError", example_id=i), "seed")
+    with pytest.raises(SystemicFailureError, match="before a reflection produced a candidate"):
+        seed_only.check_final()
+    too_few = SystemicFailureDetector(8, split_sizes={"train": 20})
+    too_few.observe(fail(example_id=0), split="train")
+    too_few.observe(fail(example_id=1), split="train")
+    too_few.check_final()  # 2 failures of 20 examples: no evidence
+    succeeded = SystemicFailureDetector(2)
+    succeeded.observe(OK)
+    succeeded.observe(fail(example_id=1))
+    succeeded.observe(fail(example_id=2))
+    succeeded.check_final()
+
+
 def test_window_is_at_least_one() -> None:
     det = SystemicFailureDetector(0)
     with pytest.raises(SystemicFailureError):
