@@ -481,7 +481,7 @@ def test_nothing_ever_parses_and_reflection_repeats_itself_stops_with_an_error()
 
     def same_text(candidate, reflective_dataset, components_to_update):
         calls.append(1)
-        return {c: "Answer the question." for c in components_to_update}
+        return dict.fromkeys(components_to_update, "Answer the question.")
 
     data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(8)]
     opt = TurboGEPA(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: float(pred.answer == "y"),
