@@ -514,8 +514,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 # was refused with "metric changed" and had to find out why)
                 exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an API "
                             "key, an environment variable, a file or service the metric reads) resumes this run "
-                            "and scores these evaluations again; a changed program, metric, model or endpoint "
-                            "is another run: give it a new log_dir.",)
+                            "and scores these evaluations again; any other change (the program, the metric, the "
+                            "data, an LM's model or endpoint) is another run: give it a new log_dir.",)
             raise
         finally:
             display.close(stop_reason=result.stop_reason if result is not None else None)

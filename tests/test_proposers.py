@@ -341,57 +341,20 @@ def test_a_failing_proposer_is_reported_once_per_error_type_not_on_every_reflect
     assert "attempt 1" in next(r for r in raised if r.levelno == logging.WARNING).getMessage()
 
 
-@pytest.mark.http
-@pytest.mark.parametrize("engine", [None, {}, {"engine": "litellm"}], ids=["in-process", "native", "litellm"])
-def test_reflections_served_from_dspys_cache_are_not_counted_as_calls(routing, monkeypatch, engine):
-    """dspy.LM caches by default: a rerun's reflections are cache hits that cost nothing. They must not
-    count as reflection calls (the stats, MLflow's lm/reflection_calls and the paid-no-op stop read it).
-    Each client marks a cache hit its own way (litellm on the response; DSPy's native client by an
-    entry without usage whose response has some)."""
+def test_a_reflection_served_from_dspys_cache_counts_as_a_call_but_costs_nothing(routing, monkeypatch):
+    """dspy.LM caches by default, so a rerun's reflections are cache hits. reflection_calls counts every
+    reflection LM call, a cache hit included (documented; the paid-no-op stop reads it, and a cached
+    reflection that rebuilt a known candidate rebuilds it again); tokens and cost count only what was paid."""
     from dspy.clients.cache import Cache
-
-    from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 
     monkeypatch.setattr(dspy, "cache", Cache(enable_disk_cache=False, enable_memory_cache=True,
                                              disk_cache_dir=None, memory_max_entries=10_000))
-    counts = []
-    with SimServer(SimConfig(models=(ModelConfig("sim-reflector", "reflector"),)), seed=0) as srv:
-        for _ in range(2):
-            if engine is None:
-                reflection_lm = make_reflection_lm(seed=0, cache=True, temperature=1.0)
-            else:
-                reflection_lm = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="x", cache=True,
-                                        temperature=1.0, max_tokens=4000, **engine)
-            before = srv.stats()["models"]["sim-reflector"]["requests"]
-            program, _ = _compile(routing, routing.metric, budget=80, reflection_lm=reflection_lm)
-            real = (sim_engine(reflection_lm).calls if engine is None
-                    else srv.stats()["models"]["sim-reflector"]["requests"] - before)
-            counts.append((program.detailed_results.run_stats["reflection_calls"], real))
-    (first_counted, first_real), (second_counted, second_real) = counts
-    assert first_real > 0 and first_counted == first_real
-    assert second_real == 0 and second_counted == 0  # the same prompts: all served from the cache
-
-
-def test_calls_answered_without_usage_still_count(routing):
-    """A server that reports no usage (DSPy's tracker keeps only non-empty usage): its answers are still
-    LM calls — for the stats, and for the paid-no-op stop, which must not take 200 reflections instead of 25."""
-    import dataclasses
-
-    from dspy._vendor.lm15.types import Usage
-
-    def without_usage(lm):
-        engine = sim_engine(lm)
-        respond = engine._respond
-        engine._respond = lambda request: dataclasses.replace(respond(request), usage=Usage())
-        return lm
-
-    splits = small_splits(routing, n_train=40, n_val=24)
-    student = without_usage(make_student_lm(seed=0, noise=0.0))
-    reflection_lm = without_usage(make_reflection_lm(seed=0))
-    opt = TurboGEPA(routing.metric, max_metric_calls=80, reflection_lm=reflection_lm, num_threads=8, track_stats=True)
-    with dspy.context(lm=student):
-        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
-    stats = program.detailed_results.run_stats
-    assert stats["reflection_tokens"]["prompt"] == 0  # no usage indeed
-    assert stats["reflection_calls"] == sim_engine(reflection_lm).calls > 0
-    assert stats["task_lm_calls"] == sim_engine(student).calls > 0
+    runs = []
+    for _ in range(2):
+        reflection_lm = make_reflection_lm(seed=0, cache=True, temperature=1.0)
+        program, _ = _compile(routing, routing.metric, budget=80, reflection_lm=reflection_lm)
+        stats = program.detailed_results.run_stats
+        runs.append((stats["reflection_calls"], sim_engine(reflection_lm).calls, stats["reflection_tokens"]["prompt"]))
+    (first_counted, first_real, first_tokens), (second_counted, second_real, second_tokens) = runs
+    assert first_counted == first_real > 0 and first_tokens > 0
+    assert second_real == 0 and second_counted == first_counted and second_tokens == 0

@@ -45,8 +45,7 @@ class RolloutUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
-    #: LM calls the service answered: those with usage (one entry each in DSPy's tracker), plus those of
-    #: our copies answered without usage (a server that reports none); DSPy cache hits are not calls.
+    #: LM calls with usage (one entry each in DSPy's tracker).
     calls: int = 0
     tracker: UsageTracker | None = None
     #: model -> (dollars per 1M prompt tokens, dollars per 1M completion tokens); overrides reported cost.
@@ -77,11 +76,6 @@ class RolloutUsage:
             self.completion_tokens += completion
             if price is not None:
                 self.cost += (prompt * price[0] + completion * price[1]) / 1e6
-
-    def add_call_without_usage(self) -> None:
-        """An answered call that DSPy's tracker drops (it keeps only non-empty usage)."""
-        with self._lock:
-            self.calls += 1
 
     def add(self, other: RolloutUsage) -> None:
         with self._lock:
@@ -175,29 +169,8 @@ def current_rollout_usage() -> RolloutUsage | None:
     return _CURRENT.get()
 
 
-def _cache_hit(entry: Mapping[str, Any]) -> bool:
-    """Whether a history entry with no usage was served from DSPy's cache rather than answered without
-    usage: litellm marks the response; DSPy's native client keeps the cached response's own usage on it
-    and leaves the entry's empty."""
-    response = entry.get("response")
-    if getattr(response, "cache_hit", False) is True:
-        return True
-    usage = getattr(response, "usage", None)
-    if isinstance(usage, Mapping):
-        return any(_number(v) > 0 for v in usage.values())
-    return any(_number(getattr(usage, name, None)) > 0
-               for name in ("input_tokens", "output_tokens", "prompt_tokens", "completion_tokens", "total_tokens"))
-
-
 def _note_history_entry(entry: Any) -> None:
-    if not isinstance(entry, dict):
-        return
-    if not entry.get("usage"):
-        # no tokens to count, but an answered call: DSPy's tracker never sees it (a server that reports no
-        # usage), and the call counts (a reflection LM answering known texts must stop the run as paid)
-        box = _CURRENT.get() or dspy.settings.get(ROLLOUT_USAGE)
-        if isinstance(box, RolloutUsage) and not _cache_hit(entry):
-            box.add_call_without_usage()
+    if not isinstance(entry, dict) or not entry.get("usage"):
         return
     box = _CURRENT.get()
     if box is not None:  # the rollout's own thread: tokens come from DSPy's tracker, the cost from here

@@ -960,7 +960,7 @@ class Orchestrator:
 
     def _teaches(self, outcome: EvalOutcome) -> bool:
         """A failure a reflection can learn from: traced, not a metric that raised, and not the LM
-        service's (``service_failure``: a bad key, rate-limit or transient retries given up)."""
+        service's (``service_failure``: a bad key, rate-limit or transient retries given up, an unusable answer)."""
         return outcome.score < self.config.perfect_score and outcome.trajectory is not None \
             and not outcome.service_failure and outcome.failure != "metric_error"
 

@@ -136,8 +136,8 @@ class RunStats:
     task_prompt_tokens: int = 0
     task_completion_tokens: int = 0
     task_cost: float = 0.0
-    #: LM calls the program (and an LLM-judge metric) made in executed evaluations that the service
-    #: answered (DSPy cache hits are free and not counted; see RolloutUsage.calls).
+    #: LM calls the program (and an LLM-judge metric) made in executed evaluations, as DSPy's usage
+    #: tracker saw them (answered calls; cache hits carry no usage and are not counted).
     task_lm_calls: int = 0
     rate_limit_retries: int = 0
     #: Speculative chaining: mutations planned to chain, those that did, and those orphaned.

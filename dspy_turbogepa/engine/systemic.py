@@ -174,10 +174,15 @@ class SystemicFailureDetector:
             raise error
 
     def check_final(self) -> None:
-        """The run ended on its own (budget, no progress possible): a split whose evaluations all failed
-        fails the run even where the rule was still waiting — for reflection to fix a format error that
-        no candidate ever fixed (a reflection LM that answers the same text each time builds no new
-        candidate), or for a window the budget never filled. Returning the seed as optimized would hide it."""
+        """The run ended on its own (budget, no progress possible) and every evaluation of it failed: the
+        first-N rule stops the run even where it was still waiting for reflection to fix a format error
+        (a reflection LM that answers the same text each time builds no third candidate). Returning the
+        seed as optimized would hide it. The evidence asked for is unchanged (a full window, or every
+        example of a small split), and one success anywhere (another candidate, another split) means the
+        setup can work: then the run returns as usual."""
+        if any(w.seen_success for w in self._splits.values()):
+            return
+
         def check() -> None:
             for split, window in self._splits.items():
                 error = self._judge(split, window, final=True)

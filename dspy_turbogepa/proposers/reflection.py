@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
+from dspy.utils.callback import BaseCallback
 
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
 from dspy_turbogepa.adapter.ratelimit import (
@@ -39,6 +40,18 @@ from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 from dspy_turbogepa.redaction import mask_text
 
 logger = logging.getLogger(__name__)
+
+
+class _LMCallCounter(BaseCallback):
+    """Counts LM calls made while one proposal runs (installed per call through dspy.context)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        with self._lock:
+            self.calls += 1
 
 
 class ReflectiveProposer:
@@ -114,18 +127,18 @@ class ReflectiveProposer:
                 dataset, reflection_prompt_tokens=judge.prompt_tokens,
                 reflection_completion_tokens=judge.completion_tokens, reflection_cost=judge.cost,
             )
+        counter = _LMCallCounter()
+        callbacks = [*dspy.settings.get("callbacks", []), counter]
         # Our copy of the reflection LM shares its history (and retries) but reports each call's cost,
         # which DSPy keeps only in history entries, to the usage box: cost_budget_usd counts reflections.
         lm = self._lm_copies.get(self._reflection_lm or dspy.settings.lm)
-        with dspy.context(lm=lm), rollout_usage(self._prices) as usage:
+        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices) as usage:
             # every selected component, as dspy.GEPA asks (a custom proposer may rewrite one that has no
             # traces in this minibatch from other context; dspy's own proposer skips those itself)
             outcome = self._propose(parent_texts, dataset, list(components))
-        # every return path, a proposer that raised after paying for calls included, carries its usage.
-        # Calls are those the service answered (RolloutUsage.calls): a reflection served from DSPy's cache
-        # is free and must not count as paid (max_paid_noop_mutations reads this), as for task_lm_calls.
+        # every return path, a proposer that raised after paying for calls included, carries its usage
         return dataclasses.replace(
-            outcome, reflection_calls=usage.calls,
+            outcome, reflection_calls=counter.calls,
             reflection_prompt_tokens=usage.prompt_tokens + judge.prompt_tokens,
             reflection_completion_tokens=usage.completion_tokens + judge.completion_tokens,
             reflection_cost=usage.cost + judge.cost,

@@ -127,7 +127,7 @@ def test_format_errors_alone_wait_for_reflected_candidates() -> None:
     assert "reflected" not in str(info.value)
 
 
-def test_at_the_runs_end_a_split_that_never_succeeded_fails_the_run() -> None:
+def test_at_the_runs_end_a_run_whose_evaluations_all_failed_fails() -> None:
     """check_final: the format-error rule's wait for more candidates ends with the run; a split with too
     few evaluations to judge, or with a success, does not fail it."""
     det = SystemicFailureDetector(4)
@@ -150,6 +150,13 @@ def test_at_the_runs_end_a_split_that_never_succeeded_fails_the_run() -> None:
     succeeded.observe(fail(example_id=1))
     succeeded.observe(fail(example_id=2))
     succeeded.check_final()
+    # the seed never parses on the valset, but a reflected candidate parsed on the trainset (scoring 0, it
+    # never reached validation): the setup works, and "the valset's examples break the program" is false
+    elsewhere = SystemicFailureDetector(4)
+    for i in range(4):
+        elsewhere.observe(fail("format_error", "AdapterParseError", example_id=i), "seed", split="val")
+    elsewhere.observe(EvalOutcome(0, 0.0), "child-1", split="train")
+    elsewhere.check_final()
 
 
 def test_window_is_at_least_one() -> None:
