@@ -729,10 +729,15 @@ def test_an_answer_the_lm_stack_cannot_use_is_the_services_failure(routing, engi
                      cache=False, num_retries=0, **engine)
         ev, codec = make_evaluator(routing)
         (outcome,) = evaluate(ev, codec, lm)
+        # the same answer inside dspy.Parallel, which returns None for the failed branch: not the program's
+        # answer either (the program would be scored on a fallback it never chose)
+        caught_ev, caught_codec = make_evaluator(routing, TwoParallelBranches(routing.make_program()))
+        (caught,) = evaluate(caught_ev, caught_codec, lm)
     finally:
         server.close()
     assert outcome.score == 0.0 and outcome.failure == "program_error" and not outcome.fatal
     assert outcome.service_failure, outcome.error_type
+    assert caught.failure == "program_error" and caught.service_failure, (caught.failure, caught.error_type)
     builder = ReflectiveDatasetBuilder(codec, routing.metric, 0.0, add_format_failure_as_feedback=False,
                                        warn_on_score_mismatch=False, stringify=True)
     dataset = builder.build(list(codec.seed_texts()), [outcome.trajectory], [outcome.score], random.Random(0))

@@ -425,8 +425,7 @@ class DspyEvaluator:
         if error is not None:
             return error
         for exc in dspy.settings.get(ROLLOUT_LM_ERRORS) or ():
-            verdict = classify(exc, self._fatal)
-            if verdict.fatal or verdict.kind is not None:
+            if classify(exc, self._fatal).service_failure:
                 return exc
         return None
 
