@@ -70,3 +70,26 @@ def test_executions_are_separate_from_charges() -> None:
 def test_limit_must_be_positive(limit: int) -> None:
     with pytest.raises(ValueError):
         MetricBudget(limit)
+
+
+def test_with_overshoot_only_a_standard_mutation_may_straddle_the_limit() -> None:
+    """GEPA's semantics let the last mutation finish past the budget, by at most one standard mutation's
+    worst case (``overshoot``); a larger reservation (best-of-k, scouts) must fit inside the limit."""
+    b = MetricBudget(100, overshoot=10)
+    assert b.fits(95, 10)  # straddles, within one standard mutation
+    assert not b.fits(95, 11)  # more than that may not straddle
+    assert b.fits(80, 20)  # inside the limit: always
+    assert not b.fits(100, 1)  # used up
+
+
+def test_the_last_resort_guard_allows_exactly_overshoot_minus_one_past_the_limit() -> None:
+    b = MetricBudget(3, overshoot=2)
+    for _ in range(4):
+        b.record_execution()
+    with pytest.raises(RuntimeError, match="budget exceeded"):
+        b.record_execution()
+
+
+def test_a_negative_overshoot_is_refused() -> None:
+    with pytest.raises(ValueError, match="overshoot"):
+        MetricBudget(10, overshoot=-1)

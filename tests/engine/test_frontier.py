@@ -246,3 +246,22 @@ def test_the_progress_tally_averages_in_validation_order_too():
     frontier = ParetoFrontier((0, 1, 2))
     frontier.add(0, {2: 0.3, 1: 0.2, 0: 0.1})
     assert tally.best == frontier.aggregate(0)
+
+
+def test_float_noise_is_a_tie_in_either_order() -> None:
+    """The smaller of two equal-in-practice scores added second must not evict the first (fronts, parent
+    selection and best_scores all read it)."""
+    f = ParetoFrontier([0])
+    f.add(0, {0: 0.3})
+    f.add(1, {0: 0.1 + 0.2})
+    assert f.fronts() == {0: {0, 1}}
+    assert f.best_scores() == {0: 0.3}
+
+
+def test_the_progress_tally_keeps_the_best_not_the_last() -> None:
+    from dspy_turbogepa.engine.frontier import FrontierTally
+
+    tally = FrontierTally()
+    tally.add(0, {0: 1.0})
+    tally.add(1, {0: 0.0})
+    assert tally.best == 1.0

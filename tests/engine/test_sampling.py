@@ -304,3 +304,21 @@ def test_duplicate_training_ids_are_refused() -> None:
     for sampler in (EpochShuffledSampler, FailureFirstSampler):
         with pytest.raises(ValueError, match="distinct"):
             sampler([0, 0, 1, 2], 3, seed=0)
+
+
+def _ranked(failing: set[int]) -> Callable[[int], int]:
+    return lambda i: LIKELY_FAILING if i in failing else UNKNOWN
+
+
+def test_explore_never_swaps_away_a_one_example_minibatch() -> None:
+    """With reflection_minibatch_size=1 the only failure is all the reflection has to read."""
+    s = FailureFirstSampler(list(range(10)), 1, seed=0)
+    assert s.explore((3,), _ranked({3})) == (3,)
+
+
+def test_explore_replaces_the_least_likely_failure_the_last_slot() -> None:
+    s = FailureFirstSampler(list(range(20)), 5, seed=0)
+    rank = _ranked(set(range(10)))
+    batch = s.draw(rank)
+    out = s.explore(batch, rank)
+    assert out[:4] == batch[:4] and out[4] not in range(10)

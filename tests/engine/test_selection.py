@@ -98,3 +98,19 @@ def test_a_callable_selector_gives_the_same_run_whatever_the_timing() -> None:
         result, *_ = run_fakes(cfg, hard_setup(components=("a", "b", "c")), sleep_seed=sleep_seed)
         snaps.append(snapshot(result))
     assert all(s == snaps[0] for s in snaps[1:])
+
+
+def test_a_callable_selector_that_advances_gepas_counters_is_kept() -> None:
+    """gepa's round-robin selector object writes named_predictor_id_to_update_next_for_program_candidate;
+    the write must carry to the next call, or it picks the same component every time."""
+    def round_robin(state, trajectories, scores, idx, candidate):
+        k = state.named_predictor_id_to_update_next_for_program_candidate[idx]
+        state.named_predictor_id_to_update_next_for_program_candidate[idx] = (k + 1) % 2
+        return [["a", "b"][k]]
+
+    sel = ComponentSelector(["a", "b"], round_robin)
+    picks = []
+    for _ in range(3):
+        state = SelectorState(["a", "b"], [{"a": "", "b": ""}], [0.0], [sel.counter("p")])
+        picks.append(sel.select("p", {"a": "", "b": ""}, 0, (), (), state)[0])
+    assert picks == [["a"], ["b"], ["a"]]

@@ -206,3 +206,18 @@ def test_the_cause_is_named_once_when_the_message_already_starts_with_it() -> No
     with pytest.raises(SystemicFailureError) as info:
         det.observe(fail(msg="ValueError: No LM is loaded."))
     assert "(2 of them with program_error / ValueError: No LM is loaded.)" in str(info.value)
+
+
+def test_the_default_reflection_window_is_capped() -> None:
+    """Each failed reflection is a reflection LM call: at most 8 before the run stops, whatever the window."""
+    assert SystemicFailureDetector(window=20).proposal_window == 8
+
+
+def test_after_a_systemic_stop_every_observer_gets_the_same_error() -> None:
+    """Concurrent evaluations report one cause: a later success or another failure re-raises the first."""
+    d = SystemicFailureDetector(window=8)
+    with pytest.raises(SystemicFailureError) as first:
+        d.observe(fail(error_type="AuthenticationError", msg="bad key", fatal=True))
+    with pytest.raises(SystemicFailureError) as again:
+        d.observe(OK)
+    assert again.value is first.value

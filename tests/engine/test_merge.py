@@ -1,0 +1,41 @@
+"""Merge: which texts a merged child takes, and which pairs of candidates may be merged."""
+
+from __future__ import annotations
+
+import random
+
+from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
+from dspy_turbogepa.engine.merge import find_merge, merge_texts
+from dspy_turbogepa.engine.records import CandidateRecord
+
+
+def test_a_merge_takes_the_side_that_changed_and_the_better_parent_on_a_conflict() -> None:
+    rng = random.Random(0)
+    ancestor = {"x": "0", "y": "0"}
+    assert merge_texts(ancestor, {"x": "A", "y": "0"}, {"x": "0", "y": "B"}, 0.5, 0.6, rng) == {"x": "A", "y": "B"}
+    assert merge_texts({"x": "0"}, {"x": "A"}, {"x": "B"}, 0.7, 0.6, rng) == {"x": "A"}
+    assert merge_texts({"x": "0"}, {"x": "A"}, {"x": "B"}, 0.6, 0.7, rng) == {"x": "B"}
+
+
+def _record(index: int, texts: dict[str, str], parents: list[int | None], score: float) -> CandidateRecord:
+    return CandidateRecord(index=index, candidate=Candidate(texts=texts), parent_indices=parents,
+                           val_scores={0: score, 1: score})
+
+
+def _find(records: list[CandidateRecord], pool: list[int]):
+    by_fingerprint = {fingerprint_texts(r.candidate.texts): r.index for r in records}
+    return find_merge(records, pool, by_fingerprint, set(), random.Random(0), 2, fingerprint_texts)
+
+
+def test_a_candidate_is_never_merged_with_its_own_descendant() -> None:
+    records = [_record(0, {"x": "0", "y": "0"}, [None], 0.2), _record(1, {"x": "A", "y": "0"}, [0], 0.6),
+               _record(2, {"x": "C", "y": "B"}, [1], 0.4)]  # a merge would build the new {"x": "A", "y": "B"}
+    assert _find(records, [1, 2]) is None
+
+
+def test_the_common_ancestor_must_be_no_better_than_either_parent() -> None:
+    records = [_record(0, {"x": "0", "y": "0"}, [None], 0.9), _record(1, {"x": "A", "y": "0"}, [0], 0.4),
+               _record(2, {"x": "0", "y": "B"}, [0], 0.6)]
+    assert _find(records, [1, 2]) is None
+    records[0] = _record(0, {"x": "0", "y": "0"}, [None], 0.1)
+    assert _find(records, [1, 2]) is not None  # the same shape with a weaker ancestor merges
