@@ -532,7 +532,7 @@ class Orchestrator:
                 self._tell_reflector_stopping()
             if (stop is None or self._draining()) and running <= width and not saturated:
                 view, chain_on = self._next_view(self._next_seq, running, width)
-                if view is not None and stop is not None and view > self._drain_view:  # type: ignore[operator]
+                if view is not None and stop is not None and view >= self._drain_view:  # type: ignore[operator]
                     view = None
                 if view is not None:
                     plan = self._plan(self._next_seq, view, chain_on)
@@ -1139,8 +1139,9 @@ class Orchestrator:
                         "%d of them paid for reflections that did)", self._noop_streak, self._paid_noop_streak)
             self._stop_reason = "no_progress_possible"
             if self.config.deterministic:
-                # Mutations planned from views up to this commit still run: whether the loop launched
-                # them before this commit depended on timing, and the run must not.
+                # Mutations planned from views before this commit still run: whether the loop launched
+                # them before this commit depended on timing, and the run must not. None planned from
+                # this commit's view: in every timing it could only have launched after this decision.
                 self._drain_view = self._committed
         if status == "accepted" and result.child is not None and result.child.fingerprint in self._index_by_fp:
             status = "duplicate"  # an earlier commit brought the same texts in while this one ran
