@@ -330,8 +330,9 @@ def _redact(obj: Any, values: tuple[str, ...]) -> Any:
 def mask_json_text(text: str, env_values: tuple[str, ...] | None = None) -> str:
     """Mask credentials inside a JSON document, keeping it valid JSON.
 
-    Only strings are touched (keys are left as they are: trajectories legitimately hold fields named
-    ``token``). Text without anything to mask is returned as is, so the common case costs one scan.
+    Only strings are touched, keys included, and only where they hold a credential: a key is never
+    dropped for its name (trajectories legitimately hold fields named ``token``). Text without anything
+    to mask is returned as is, so the common case costs one scan.
     Text that is not valid JSON is masked as plain text.
     """
     import json

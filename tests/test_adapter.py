@@ -727,3 +727,168 @@ def test_an_error_message_ending_in_a_newline_gets_no_dangling_sentence():
 
     text = _describe(RuntimeError("Incorrect API key.\n  - Verify your account has access\n"))
     assert text == "RuntimeError: Incorrect API key.\n  - Verify your account has access"
+
+
+# --------------------------------------------------------------------------- evaluator and metric, unit level
+def _unit_evaluator(routing, metric, program=None, failure_score=0.0, **kw):
+    import asyncio
+
+    from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    codec = ProgramCodec(program if program is not None else routing.make_program())
+    examples = small_splits(routing, n_train=4, n_val=4, n_test=0).val
+    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, metric, failure_score, max_workers=2, **kw)
+
+    def run(split="val", example_id=0, lm=None):
+        async def main():
+            with dspy.context(lm=lm or make_student_lm(seed=0, noise=0.0)):
+                return await ev.evaluate(codec.seed_texts(), "seed", split, example_id, True)
+
+        return asyncio.run(main())
+
+    return ev, run
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, "high", object()], ids=["none", "nan", "str", "object"])
+def test_an_invalid_metric_value_scores_the_users_failure_score(bad):
+    """A user who sets failure_score=-1.0 ranks a candidate whose metric gave no usable score below any
+    real score, 0.0 included; scoring it 0.0 would rank it with the honest zeros."""
+    from dspy_turbogepa.adapter.metric import read_metric_return
+
+    reading = read_metric_return(bad, -1.0)
+    assert reading.invalid is not None and reading.score == -1.0
+    structured = read_metric_return(dspy.Prediction(score=bad, feedback="judge said nothing"), -1.0)
+    assert structured.invalid is not None and structured.score == -1.0
+    assert structured.feedback == "judge said nothing"
+
+
+def test_a_metric_that_raises_scores_the_users_failure_score(routing):
+    """failure_score=-1.0 tells failures apart from wrong answers (0.0); a raising metric is a failure."""
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        raise KeyError("label_column")
+
+    ev, run = _unit_evaluator(routing, metric, failure_score=-1.0)
+    try:
+        outcome = run()
+    finally:
+        ev.close()
+    assert outcome.failure == "metric_error" and "label_column" in outcome.message
+    assert outcome.score == -1.0
+
+
+def test_the_scoring_metric_call_passes_no_trace(routing):
+    """DSPy metrics commonly return a bool when bootstrapping (``trace is not None``) and the float score
+    otherwise; GEPA scores with trace=None, pred_name=None, pred_trace=None, so the float is what counts."""
+    seen = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        seen.append((trace, pred_name, pred_trace))
+        score = 0.7
+        return score >= 0.5 if trace is not None else score
+
+    ev, run = _unit_evaluator(routing, metric)
+    try:
+        outcome = run()
+    finally:
+        ev.close()
+    assert seen == [(None, None, None)]
+    assert outcome.failure is None and outcome.score == 0.7
+
+
+def test_best_outputs_are_kept_for_validation_examples_only(routing):
+    """track_best_outputs reports outputs per validation example; keeping every training rollout's
+    prediction too would hold (and store) outputs nobody reads, for the whole run."""
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return 1.0
+
+    ev, run = _unit_evaluator(routing, metric, keep_outputs=True)
+    try:
+        val, train = run("val"), run("train")
+    finally:
+        ev.close()
+    assert val.failure is None and isinstance(val.output, dspy.Prediction)
+    assert train.failure is None and train.output is None
+
+
+def test_no_metric_call_for_a_single_step_rollout_that_finishes_after_close(routing):
+    """A one-call program's LM answer may arrive after compile raised; the metric must not run then (a
+    judge metric's call is paid, and nobody reads the score)."""
+    from dspy_turbogepa.adapter.lm_copies import EvaluatorClosedError
+
+    calls = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls.append(1)
+        return 1.0
+
+    program = dspy.Predict(dspy.Signature("ticket -> queue", routing.seed_instructions["route"]))
+    ev, run = _unit_evaluator(routing, metric, program=program)
+    lm = make_student_lm(seed=0, noise=0.0, before_call=lambda request: ev.close())  # closed mid-call
+    with pytest.raises(EvaluatorClosedError):
+        run(lm=lm)
+    assert calls == []
+
+
+def test_an_error_after_a_step_ran_goes_to_the_steps_that_never_ran():
+    """step1 produced its output, then the program raised before step2 answered: the error is feedback
+    for step2 only. Giving it to step1 too would make the proposer rewrite an instruction that worked."""
+    import random
+
+    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
+    from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+
+    program = TwinPipeline()
+    builder = ReflectiveDatasetBuilder(ProgramCodec(program), twin_metric, 0.0, False, False, False)
+    ex = dspy.Example(text="t0", answer="y").with_inputs("text")
+    ran = TraceStep("first", program.first, {"text": "t0"}, dspy.Prediction(answer="x"))
+    traj = DspyTrajectory(ex, None, [ran], [(program.first, {"text": "t0"}, dspy.Prediction(answer="x"))],
+                          "RuntimeError: CRM is down", "RuntimeError", "program_error")
+    data = builder.build(["first", "second"], [traj], [0.0], random.Random(0))
+    assert set(data) == {"second"}
+    assert "CRM is down" in data["second"][0]["Generated Outputs"]
+
+
+def test_no_feedback_from_the_pred_name_call_falls_back_to_the_programs_score(routing):
+    """A metric that gives feedback only sometimes (None with pred_name) still lets reflection read how
+    the example scored: the program-level score, not failure_score, which would tell the proposer a
+    good answer failed."""
+    import random
+
+    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
+    from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return None if pred_name is not None else 0.7
+
+    program = routing.make_program()
+    codec = ProgramCodec(program)
+    (name, predictor), = program.named_predictors()
+    ex = small_splits(routing, n_train=1, n_val=1, n_test=0).train[0]
+    inputs, outputs = dict(ex.inputs()), dspy.Prediction(queue="billing")
+    traj = DspyTrajectory(ex, outputs, [TraceStep(name, predictor, inputs, outputs)], [(predictor, inputs, outputs)])
+    builder = ReflectiveDatasetBuilder(codec, metric, -1.0, False, False, False)
+    data = builder.build([name], [traj], [0.7], random.Random(0))
+    assert data[name][0]["Feedback"] == "This trajectory got a score of 0.7."
+
+
+def test_a_candidate_text_reaches_the_program_as_dspy_gepa_sets_it(routing):
+    """The proposer's text is the candidate: the built (and returned) program must carry it as
+    dspy.GEPA's build_program does, through ``with_instructions`` alone. Stripping it on top changed
+    what was run and returned (here a Markdown hard line break, two trailing spaces) from the text
+    scored and stored under that candidate's fingerprint."""
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    student = routing.make_program()
+    codec = ProgramCodec(student)
+    (name, seed_pred), = student.named_predictors()
+    text = "Route each ticket to one queue.  \nRefunds go to billing.  "
+    expected = seed_pred.signature.with_instructions(text).instructions
+    assert expected.endswith("billing.  ")  # DSPy keeps a last line's trailing spaces
+    for program in (codec.build({name: text}), codec.get("fp", {name: text}).program):
+        (_, pred), = program.named_predictors()
+        assert pred.signature.instructions == expected

@@ -436,3 +436,27 @@ def test_a_trainset_the_program_cannot_take_stops_the_run_though_the_valset_work
     # a window of failed training evaluations (16 here: 8 for the seed, minibatch and scouts, then children),
     # not a reflection per failed minibatch until the budget is spent
     assert sim_engine(reflection_lm).calls <= 5, sim_engine(reflection_lm).calls
+
+
+def test_an_objective_a_candidate_never_reported_is_absent_from_its_aggregate():
+    """Unit level: a candidate whose examples never reported "brevity" has no brevity aggregate. A 0.0
+    there would read as the worst brevity in val_aggregate_subscores, and with a negative objective
+    (a log-likelihood, a penalty) it would even win objective_pareto_front with a value never measured."""
+    from dspy_turbogepa.adapter.results import build_result
+    from dspy_turbogepa.engine.candidate import Candidate
+    from dspy_turbogepa.engine.records import CandidateRecord, EngineResult, RunStats
+
+    def record(index, objectives):
+        return CandidateRecord(index=index, candidate=Candidate({"p": f"instruction {index}"}),
+                               parent_indices=[None if index == 0 else 0], val_scores={0: 0.5, 1: 0.5},
+                               val_objective_scores=objectives)
+
+    records = [record(0, {0: {"cost": -0.5}, 1: {"cost": -0.5}}),
+               record(1, {0: {"cost": -0.5, "brevity": -2.0}, 1: {"cost": -0.5, "brevity": -4.0}})]
+    result = EngineResult(records=records, fronts={0: {0, 1}, 1: {0, 1}}, best_index=0, stop_reason="max_metric_calls",
+                          total_metric_calls=4, num_full_val_evals=2, wall_seconds=0.1, stats=RunStats(),
+                          val_ids=(0, 1))
+    dr = build_result(result, lambda texts: dspy.Predict("q -> a"), None, 0, False)
+    assert dr.val_aggregate_subscores == [{"cost": -0.5}, {"cost": -0.5, "brevity": -3.0}]
+    assert dr.objective_pareto_front == {"cost": -0.5, "brevity": -3.0}
+    assert dr.per_objective_best_candidates == {"cost": {0, 1}, "brevity": {1}}

@@ -391,3 +391,31 @@ def test_engine_knobs_derive_from_num_threads():
 
 def test_is_configuration_error_both_assertion_and_value_error():
     assert issubclass(ConfigurationError, AssertionError) and issubclass(ConfigurationError, ValueError)
+
+
+@pytest.mark.parametrize("bad", ["abc", [], [("stop_callbacks", [])]], ids=["str", "empty-list", "pairs"])
+def test_gepa_kwargs_that_is_not_a_dict_is_a_type_error(bad):
+    """An empty list would otherwise pass as "no options" and a string fail later with a message about
+    its characters; both are a mistake in how gepa_kwargs was written, said at construction."""
+    with pytest.raises(TypeError, match="gepa_kwargs must be a dict"):
+        make(gepa_kwargs=bad)
+
+
+@pytest.mark.parametrize("bad", [(-0.15, 0.6), (0.15, "0.6"), ("free", 0.0), (0.15, None)],
+                         ids=["negative", "string", "word", "none"])
+def test_price_table_with_a_negative_or_non_numeric_price_is_refused(bad):
+    """A negative price would lower the run's spend (a cost budget never reached), a string one fail
+    mid-run when the first rollout is priced: both are refused before any LM call."""
+    with pytest.raises(ValueError, match="price_table"):
+        make(price_table={"openai/my-finetune": bad})
+    make(price_table={"openai/my-finetune": (0.15, 0), "other": [0, 0.6]})  # zero is a price (a free model)
+
+
+def test_a_proposer_whose_signature_cannot_be_read_is_let_through():
+    """Some callables (builtins, C extensions) have no readable signature: nothing can be checked, so
+    construction must not fail on them; the call protocol is checked only where it can be."""
+    from dspy_turbogepa.adapter.protocols import check_call_protocol
+
+    check_call_protocol(max, "component_selector", "selector(...)", args=(None,) * 5)
+    make(instruction_proposer=max)
+    make(component_selector=getattr)

@@ -366,6 +366,30 @@ def test_retry_after_and_classification_on_both_client_paths():
     assert classify(caught, FATAL_ERROR_TYPES - {"ConnectionRefusedError"}).kind == "transient"
 
 
+def test_a_429_of_an_error_type_we_do_not_know_is_a_rate_limit():
+    """A gateway SDK or a judge's HTTP client raises its own error type (``HTTPStatusError``,
+    ``QuotaExceeded``) with the status on it: a 429 is still a rate limit to wait out, not a failed
+    evaluation scored failure_score (which a burst of them would turn into a systemic stop)."""
+
+    class QuotaExceeded(Exception):
+        def __init__(self, status_code):
+            super().__init__("quota exceeded for this minute")
+            self.status_code = status_code
+
+    assert classify(QuotaExceeded(429), FATAL_ERROR_TYPES).kind == "rate_limited"
+    assert classify(QuotaExceeded("429"), FATAL_ERROR_TYPES).kind == "rate_limited"
+    try:
+        try:
+            raise QuotaExceeded(429)
+        except QuotaExceeded as inner:
+            raise RuntimeError("judge call failed") from inner
+    except RuntimeError as exc:
+        caught = exc
+    verdict = classify(caught, FATAL_ERROR_TYPES)
+    assert verdict.kind == "rate_limited" and verdict.error_type == "QuotaExceeded"
+    assert classify(QuotaExceeded(400), FATAL_ERROR_TYPES).kind is None
+
+
 def test_only_the_lm_stack_raises_fatal_errors():
     assert {"AuthenticationError", "NotFoundError", "ConnectionRefusedError"} <= FATAL_ERROR_TYPES
     assert "APIConnectionError" not in FATAL_ERROR_TYPES  # litellm reports transient resets with it too

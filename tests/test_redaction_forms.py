@@ -261,3 +261,88 @@ def test_a_string_score_is_masked_where_it_is_quoted():
 
     reading = read_metric_return("judge said: use sk-LEAKCHECK-1234567890abcdef", failure_score=0.0)
     assert reading.invalid and "LEAKCHECK" not in reading.invalid and "string score" in reading.invalid
+
+
+_GATEWAY_KEY = "gw0a9b8c7d6e5f4a3b2c1d"  # no known key shape: masked only because the environment holds it
+
+
+def test_a_feedback_call_error_quoting_a_key_is_masked_in_the_log(routing, caplog, monkeypatch):
+    """A judge metric's feedback call may fail with an error that quotes its key (an echoed request);
+    the warning about it goes to the user's log handlers, which may ship logs anywhere."""
+    import logging
+    import random
+
+    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
+    from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+
+    monkeypatch.setenv("X_API_KEY", _GATEWAY_KEY)
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        raise RuntimeError(f"judge request failed: headers={{'x-api-key': '{_GATEWAY_KEY}'}}")
+
+    program = routing.make_program()
+    (name, predictor), = program.named_predictors()
+    ex = small_splits(routing, n_train=1, n_val=1, n_test=0).train[0]
+    inputs, outputs = dict(ex.inputs()), dspy.Prediction(queue="billing")
+    traj = DspyTrajectory(ex, outputs, [TraceStep(name, predictor, inputs, outputs)], [(predictor, inputs, outputs)])
+    builder = ReflectiveDatasetBuilder(ProgramCodec(program), metric, 0.0, False, False, False)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), pytest.raises(Exception, match="feedback"):
+        builder.build([name], [traj], [1.0], random.Random(0))
+    logged = [r.getMessage() for r in caplog.records if "giving feedback" in r.getMessage()]
+    assert logged and "judge request failed" in logged[0]
+    assert not any(_GATEWAY_KEY in r.getMessage() for r in caplog.records)
+
+
+def test_an_instruction_proposer_error_quoting_a_key_is_masked_in_the_log(caplog, monkeypatch):
+    """A custom proposer's LM error may echo its key; the warning and the skip message (stored and shown
+    in run_stats) must not carry it."""
+    import logging
+
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    monkeypatch.setenv("X_API_KEY", _GATEWAY_KEY)
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        raise ValueError(f"gateway refused key {_GATEWAY_KEY}")
+
+    reflector = ReflectiveProposer(None, proposer, None, max_workers=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+            out = reflector._propose({"p": "x"}, {"p": []}, ["p"])
+    finally:
+        reflector.close()
+    assert out.skipped == "proposer_error" and _GATEWAY_KEY not in out.message
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("The instruction proposer raised")]
+    assert logged and "gateway refused key" in logged[0]
+    assert not any(_GATEWAY_KEY in r.getMessage() for r in caplog.records)
+
+
+def test_cookies_keys_and_set_members_are_masked_in_structured_data():
+    """Run meta and event payloads go through redact(), the stored JSON through mask_json_text(): a
+    session cookie, a key used as a dict key (a per-key counter), a set of keys, or a JSON object key
+    quoting a key must come out masked, not only string values."""
+    import json
+
+    key = "sk-LEAKCHECK-1234567890abcdef"
+    assert is_sensitive_key("Cookie")
+    out = redact({"headers": {"Cookie": "session=s3ss10nvalue"}, f"calls for {key}": 3, "keys": {key, "plain"}})
+    dumped = json.dumps(out)
+    assert "s3ss10nvalue" not in dumped and "LEAKCHECK" not in dumped
+    assert out["headers"]["Cookie"] == REDACTED
+    assert f"calls for {REDACTED}" in out and REDACTED in out["keys"] and "plain" in out["keys"]
+    text = mask_json_text(json.dumps({f"quota of {key}": {"note": key}}))
+    assert "LEAKCHECK" not in text and json.loads(text) == {f"quota of {REDACTED}": {"note": REDACTED}}
+
+
+def test_a_custom_credential_header_is_a_run_secret():
+    """A gateway's own header (``X-Gateway-Key``) is named like no known credential; its value must
+    still be masked wherever an error body echoes the request, or it lands in the store and the log."""
+    from dspy_turbogepa.teleprompter import _lm_api_keys
+
+    program = dspy.Predict("question -> answer")
+    program.lm = dspy.LM("openai/x", headers={"X-Gateway-Key": "gw-0a9b8c7d6e5f4a3b"})
+    assert "gw-0a9b8c7d6e5f4a3b" in _lm_api_keys(program, None)
+    configured = dspy.LM("openai/y", extra_headers={"X-Tenant-Key": "tn-9f8e7d6c5b4a3928"})
+    with dspy.context(lm=configured):
+        assert "tn-9f8e7d6c5b4a3928" in _lm_api_keys(dspy.Predict("question -> answer"), None)

@@ -1320,3 +1320,61 @@ def test_a_stored_object_graph_with_cycles_and_private_fields():
         dspy.Prediction(x=shared, y=shared, created=when, updated=when, best=node, nodes=[node])))))
     assert twice.x == twice.y == ["a", "b"] and twice.updated == when  # shared values, stored for both
     assert twice.nodes[0].name == "shared"
+
+
+def test_a_resume_replays_what_the_candidate_earned_not_what_the_service_or_a_masked_text_did(routing, tmp_path):
+    """Unit level, on a store written by hand: a rollout the LM service failed (a 503 given up on) and a
+    reflection whose proposer raised (often the reflection LM's key) are paid for again after the fix,
+    not replayed as the candidate's failure; and a candidate whose stored texts were masked (they held
+    a key) is not used to rebuild trajectories, which would run that other program under its name."""
+    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
+    from dspy_turbogepa.adapter.persistence import load_known, trajectory_to_json
+    from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.engine.candidate import Candidate
+    from dspy_turbogepa.store import RunStore
+
+    program = routing.make_program()
+    codec = ProgramCodec(program)
+    seed = codec.seed_texts()
+    (name, predictor), = program.named_predictors()
+    examples = small_splits(routing, n_train=2, n_val=2, n_test=0).val
+    seed_fp = Candidate(seed).fingerprint
+    keyed = {name: seed[name] + " Escalations go to the gateway with key sk-proj-0a9b8c7d6e5f4a3b2c1d."}
+    keyed_fp = Candidate(keyed).fingerprint
+    inputs, outputs = dict(examples[0].inputs()), dspy.Prediction(queue="billing")
+    traj = trajectory_to_json(DspyTrajectory(examples[0], outputs, [TraceStep(name, predictor, inputs, outputs)],
+                                             [(predictor, inputs, outputs)]))
+    none = dict.fromkeys(("objective_scores", "failure", "message", "error_type", "trajectory_json", "output_json",
+                          "tokens", "seconds"))
+    with RunStore.open(tmp_path, {"trainset": "t" * 32}) as store:
+        store.record_candidate(keyed_fp, keyed, [seed_fp], "reflection", 1.0)
+        store.record_evaluation(seed_fp, "val", 0, 0.0, **{**none, "failure": "program_error",
+                                "message": "LMServerError: 503", "error_type": "LMServerError"},
+                                service_failure=True)
+        store.record_evaluation(seed_fp, "val", 1, 1.0, **none)
+        store.record_evaluation(keyed_fp, "train", 0, 1.0, **{**none, "trajectory_json": traj})
+        store.record_evaluation(seed_fp, "train", 0, 1.0, **{**none, "trajectory_json": traj})
+        store.record_proposal("raised", {}, "proposer_error", "AuthenticationError: bad key", 1)
+        store.record_proposal("answered", {name: "Route by topic."}, None, None, 1)
+        store.flush()
+        known, proposals = load_known(store, codec, {"train": examples, "val": examples}, seed)
+    assert (seed_fp, "val", 1) in known and (seed_fp, "val", 0) not in known
+    assert set(proposals) == {"answered"}
+    assert known[(keyed_fp, "train", 0)].score == 1.0 and known[(keyed_fp, "train", 0)].trajectory is None
+    assert known[(seed_fp, "train", 0)].trajectory is not None  # the seed's texts come from the student
+
+
+def test_a_key_looking_default_under_a_neutral_name_is_keyed_as_a_credential():
+    """``def metric(..., client="sk-proj-...")``: the parameter's name says nothing, the text is a key.
+    Rotating it must resume the run (same callable identity), and the key must not shape the run key."""
+    from dspy_turbogepa.adapter.persistence import callable_identity
+
+    def version(key: str):
+        namespace: dict = {"__name__": "user_metrics"}
+        exec(f"def metric(gold, pred, trace=None, pred_name=None, pred_trace=None, client={key!r}):\n"
+             "    return 1.0\n", namespace)
+        return namespace["metric"]
+
+    old, new = version("sk-proj-0a9b8c7d6e5f4a3b2c1d"), version("sk-proj-9f8e7d6c5b4a39281706")
+    assert callable_identity(old) == callable_identity(new)
+    assert callable_identity(version("gpt-4o-mini")) != callable_identity(version("gpt-4o"))  # not a key: counts

@@ -215,3 +215,17 @@ def test_the_cost_of_lms_the_optimizer_does_not_hold_is_counted(routing):
             now_requests, now_dollars = spent()
             assert now_requests - requests == 6
             assert sum(o.cost for o in outcomes) == pytest.approx(now_dollars - dollars, rel=1e-6)
+
+
+def test_a_priced_models_reported_cost_is_not_added_to_the_table_price():
+    """price_table overrides what the provider (or litellm's guess) reports: for a model in the table
+    the call is priced from the table only. Adding the reported cost on top counted it twice and ended a
+    cost_budget_usd run early."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 500}
+    with rollout_usage({"openai/my-finetune": (1.0, 2.0)}) as box:
+        dspy.settings.usage_tracker.add_usage("openai/my-finetune", dict(usage))
+        _note_history_entry({"model": "openai/my-finetune", "usage": dict(usage), "cost": 0.5})
+    assert box.cost == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)
+    with rollout_usage({"my-finetune": (1.0, 2.0)}) as box:  # listed without its provider prefix
+        _note_history_entry({"model": "openai/my-finetune", "usage": dict(usage), "cost": 0.5})
+    assert box.cost == 0.0  # priced from the tracker's tokens (none recorded here), never from "cost"
