@@ -336,13 +336,21 @@ class Orchestrator:
         without improvement) and would trip after a few passes. The view is the committed state, and a
         deterministic run commits in launch order, so the callbacks see the same states every time.
         """
-        if not self.config.stop_callbacks or self._stop_reason is not None or self._external_stop is not None:
-            return  # gepa stops calling them once the run is stopping
+        if not self.config.stop_callbacks or self._external_stop is not None:
+            return
+        # gepa stops calling them once the run is stopping; but the drain after a no-progress stop still
+        # commits children (gepa would have gone on iterating, asking them), and a callback's "stop at N
+        # candidates" must hold there too
+        if self._stop_reason is not None and not (self._stop_reason == "no_progress_possible" and self._draining()):
+            return
         view = self.selector_state()
         for cb in self.config.stop_callbacks:
             if cb(view):
                 logger.info("Stop callback %r asked to stop", cb)
                 self._stop_reason = "stop_callback"
+                # no more of the drain: as after any stop callback, what had launched finishes (its
+                # children are not added) and nothing more starts
+                self._drain_view = None
                 return
 
     def _draining(self) -> bool:

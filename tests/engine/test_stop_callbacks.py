@@ -114,3 +114,27 @@ def test_a_candidate_cap_is_never_exceeded_by_work_in_flight(deterministic: bool
     assert len(result.records) == cap
     late = [seq for seq, status in obs.mutations if status == "after_stop"]
     assert orch.stats.mutations["after_stop"] == len(late)
+
+
+def test_a_stop_at_n_candidates_holds_through_the_drain_after_a_no_progress_stop() -> None:
+    """After a deterministic no-progress stop, the mutations planned before it still run (reproducibility)
+    and may add children; the callbacks were no longer asked there, so gepa's MaxTrackedCandidatesStopper(2)
+    ended a run with 3 candidates. They are asked after each of those commits too."""
+    from dspy_turbogepa.engine import Orchestrator
+
+    from .fakes import FakeEvaluator, KeywordTask, run, with_hidden
+
+    ids = tuple(range(12))
+    task = with_hidden(KeywordTask(), ids)
+    setup = Setup(task=task, train_ids=ids, val_ids=ids)
+    cfg = make_config(max_metric_calls=400, deterministic=True, max_mutations_in_flight=4, max_noop_mutations=1,
+                      reflection_scouts=0, stop_callbacks=(lambda state: len(state.program_candidates) >= 2,),
+                      **fixed_width())
+    # mutation 0's reflection gives nothing and its minibatch was paid by the seed's validation (valset is
+    # the trainset): a free no-op, so the run stops at commit 1 with mutations 1-3, planned before, to drain
+    # (no timing noise: the skip goes by call order, which then is launch order)
+    reflector = FakeReflector(None, skip=lambda n: "empty_proposal" if n == 0 else None)
+    orch = Orchestrator(cfg, FakeEvaluator(task, None), reflector, setup.seed(), ids, ids, shared_splits=True)
+    result = run(orch)
+    assert result.stop_reason == "stop_callback"
+    assert len(result.records) == 2
