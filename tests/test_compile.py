@@ -250,6 +250,41 @@ def test_valset_none_never_pays_twice_for_the_same_example(routing, reflection_l
     assert all(len(outs) >= 1 for outs in dr.best_outputs_valset.values())
 
 
+def test_a_valset_that_is_the_trainset_never_pays_twice_for_the_same_example(routing, reflection_lm):
+    """``compile(trainset=data, valset=data)`` (or an equal copy) is the valset=None run: one execution
+    serves a minibatch and a validation evaluation of an example, or the user pays for each twice."""
+    from collections import Counter
+
+    from dspy_turbogepa.testing.fake_lm import request_messages
+
+    prompts: Counter[str] = Counter()
+    student = make_student_lm(seed=0, noise=0.0,
+                              before_call=lambda r: prompts.update([repr(request_messages(r))]))
+    splits = small_splits(routing, n_train=16)
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, reflection_lm=reflection_lm, num_threads=4,
+                    use_merge=False, track_stats=True, verbose=False)
+    with dspy.context(lm=student):
+        optimized = opt.compile(routing.make_program(), trainset=splits.train, valset=list(splits.train))
+    dr = optimized.detailed_results
+    assert len(dr.candidates) > 1 and sum(prompts.values()) > 16
+    assert max(prompts.values()) == 1
+    assert dr.total_metric_calls == sum(prompts.values())
+
+
+def test_the_progress_display_reports_the_end_of_the_run(routing, student_lm, reflection_lm, caplog):
+    """Without a terminal, progress is INFO log lines: the run's last line must say it finished, why, and
+    what it spent (the display is closed whatever happens, which also puts back console log streams the
+    terminal bar had routed through tqdm)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dspy_turbogepa")
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, verbose=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dspy_turbogepa.tracking.progress"]
+    dr = optimized.detailed_results
+    assert lines and lines[-1].startswith(f"TurboGEPA finished ({dr.stop_reason}): "), lines[-1:]
+    assert f"{len(dr.candidates)} candidates" in lines[-1]
+
+
 def test_operator_credit_is_reported_and_explicit_selector_respected(pipeline, student_lm, reflection_lm):
     _, _, optimized, _ = compile_task(pipeline, student_lm, reflection_lm, budget=300, adaptive_proposal_mix=True,
                                       component_selector="round_robin")

@@ -370,6 +370,23 @@ def test_gepa_kwargs_mapped_keys():
         make(gepa_kwargs={"stop_callbacks": 3})
 
 
+def test_every_stop_callback_reaches_the_engine_in_either_form():
+    """gepa.optimize takes stop_callbacks as one callable or a list: a single stopper, or the second of
+    two, silently dropped would let the run go on to its full budget."""
+    first = lambda state: False  # noqa: E731
+    second = lambda state: True  # noqa: E731
+    single = make(gepa_kwargs={"stop_callbacks": second})._engine_config(budget=100, num_threads=4, val_size=10)
+    assert single.stop_callbacks == (second,)
+    both = make(gepa_kwargs={"stop_callbacks": [first, second]})._engine_config(budget=100, num_threads=4,
+                                                                               val_size=10)
+    assert both.stop_callbacks == (first, second)
+
+
+def test_gepa_kwargs_max_reflection_cost_none_is_accepted():
+    """Only a set max_reflection_cost is refused (dspy.GEPA's rule): code that passes it as None runs."""
+    make(gepa_kwargs={"max_reflection_cost": None})
+
+
 def test_engine_knobs_derive_from_num_threads():
     opt = make(num_threads=16)
     cfg = opt._engine_config(budget=800, num_threads=16, val_size=40)

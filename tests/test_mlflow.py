@@ -191,6 +191,20 @@ def test_sanitize_key_produces_valid_mlflow_names():
         _validate_metric_name(key)
 
 
+def test_predictor_names_that_sanitize_alike_keep_distinct_keys():
+    """``subs[0].predict`` and ``subs.0.predict`` are two predictors but one sanitized key: sharing it, the
+    second's instructions would overwrite (or be refused next to) the first's in the run's params. The
+    same name must keep its key, so seed and best instructions of one predictor line up."""
+    from dspy_turbogepa.tracking.mlflow_tracking import _KeyMap
+
+    keys = _KeyMap()
+    first = keys("seed_instructions", "subs[0].predict")
+    second = keys("seed_instructions", "subs.0.predict")
+    assert first == "seed_instructions/subs.0.predict" and second != first
+    assert keys("seed_instructions", "subs[0].predict") == first
+    assert keys("seed_instructions", "subs.0.predict") == second
+
+
 def test_loggable_params_keep_primitives_and_drop_credentials(monkeypatch):
     monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-1234567890abcdef")
 
@@ -256,6 +270,19 @@ def test_tables_and_stats_metrics_from_a_result():
     assert m["rate_limits/windows/openai/gpt-x"] == 4 and "rate_limits/note" not in m
     # the in-flight window per endpoint, as the evaluator reports it (issue 5: "in-flight window")
     assert m["rate_limits/endpoints/openai/gpt-x@http://127.0.0.1:9/v1/window"] == 3
+
+
+def test_run_summary_uploaded_to_mlflow_holds_no_endpoint_credential():
+    """run_summary.json carries the run stats, whose rate-limit counters are keyed by endpoint: an endpoint
+    URL with a key in its query string must be masked before it is uploaded as an artifact."""
+    from dspy_turbogepa.tracking.mlflow_tracking import run_summary
+
+    secret = "sk-proj-RUNSUMleak0123456789abcdefXYZ"
+    result = _synthetic_result()
+    result.stats.rate_limits["endpoints"][f"openai/x@https://h.example/v1?key={secret}"] = {"window": 2}
+    summary = run_summary(result)
+    assert secret not in json.dumps(summary)
+    assert summary["best_candidate_idx"] == 2 and len(summary["run_stats"]["rate_limits"]["endpoints"]) == 2
 
 
 class _RecordingCallback:
@@ -486,6 +513,48 @@ def test_tracker_attaches_to_the_active_run_and_leaves_it_open(local_tracking, m
     assert data.params["seed_instructions/subs.0.predict"] == "do it"
     assert data.params["best_instructions/subs.0.predict"] == "instruction 2"
     assert data.metrics["best_val_score"] == pytest.approx(2 / 3)
+
+
+def test_instructions_reaching_mlflow_are_masked(local_tracking, tmp_path, monkeypatch):
+    """Instructions are free text: a key pasted into the seed prompt, or echoed by the reflection LM into a
+    child, must not reach the run's params (seed and best instructions) or the candidates table, where
+    everyone with access to the tracking server reads them."""
+    import mlflow
+
+    secret = "sk-proj-MLFLOWleak0123456789abcdefXYZ"
+    env_secret = "envsecret-7f3a9c1b5d2e8f40"
+    monkeypatch.setenv("MY_PROVIDER_API_KEY", env_secret)
+    tracker = MlflowRunTracker({"seed": 0}, seed_texts={"subs[0].predict": f"call with {secret}", "render": "r"},
+                               flush_interval=0.05)
+    result = _synthetic_result()
+    leaky = {"subs[0].predict": f"use key {env_secret}", "render": f"render with {secret}"}
+    result.records[2] = _record(2, result.records[2].val_scores, [0, 1], "merge", texts=leaky)
+    tracker.finish(result, None)
+    assert mlflow.active_run() is None
+    client = mlflow.MlflowClient()
+    params = client.get_run(tracker.run_id).data.params
+    assert params["seed_instructions/subs.0.predict"].startswith("call with ")
+    assert params["best_instructions/render"].startswith("render with ")
+    table = Path(client.download_artifacts(tracker.run_id, "turbogepa/candidates.json", str(tmp_path / "dl")))
+    uploaded = json.dumps(params) + table.read_text()
+    assert secret not in uploaded and env_secret not in uploaded
+
+
+def test_final_metrics_compare_the_seed_with_the_best_at_the_runs_last_step(local_tracking):
+    """``final/*`` are what a user compares runs by: the seed's score next to the best one (the gain), at
+    the step where the run ended (metric calls executed), so they line up with the end of the live charts
+    instead of sitting at step 0."""
+    import mlflow
+
+    tracker = MlflowRunTracker({"seed": 0}, flush_interval=0.05)
+    result = _synthetic_result()
+    tracker.finish(result, None)
+    client = mlflow.MlflowClient()
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert metrics["final/seed_val_score"] == pytest.approx(1 / 3)
+    assert metrics["final/best_val_score"] == pytest.approx(2 / 3) and metrics["final/best_candidate_idx"] == 2
+    for key in ("final/seed_val_score", "final/best_val_score", "final/total_metric_calls"):
+        assert [m.step for m in client.get_metric_history(tracker.run_id, key)] == [result.stats.executed], key
 
 
 def test_a_second_compile_in_the_users_run_gets_a_nested_run(local_tracking):
@@ -908,6 +977,29 @@ def test_failed_compile_ends_its_mlflow_run_and_closes_the_store(local_tracking,
         time.sleep(0.05)
     alive = [t.name for t in threading.enumerate() if t.name.startswith(("turbogepa-run-store", "turbogepa-mlflow"))]
     assert not alive, alive
+
+
+def test_log_dir_reports_are_uploaded_to_the_mlflow_run(local_tracking, tmp_path):
+    """use_mlflow with log_dir: the run's summary.json and plots are written there and uploaded under
+    ``turbogepa/``, so the MLflow run holds the same reports as the directory."""
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+
+    log_dir = tmp_path / "run"
+    run_small_compile(tp, use_mlflow=True, log_dir=str(log_dir))
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED"
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "turbogepa")}
+    assert "turbogepa/summary.json" in artifacts, artifacts
+    uploaded = Path(client.download_artifacts(run.info.run_id, "turbogepa/summary.json", str(tmp_path / "dl")))
+    assert json.loads(uploaded.read_text()) == json.loads((log_dir / "summary.json").read_text())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert {"turbogepa/best_over_time.png", "turbogepa/lineage.png"} <= artifacts, artifacts
 
 
 def test_upload_timeout_still_removes_the_temporary_plot_directory(local_tracking, caplog):

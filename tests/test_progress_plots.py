@@ -291,6 +291,19 @@ def test_hooks_feed_best_frontier_and_rung_funnel_without_a_source(info_logs: py
     assert "children per rung 5 > 4 > 3" in progress_lines(info_logs)[-1]  # an after_stop child was validated
 
 
+def test_a_duplicate_known_before_evaluation_is_not_a_scored_child() -> None:
+    """The funnel's first number is "children scored on a minibatch": a proposal recognised as a known
+    candidate before any evaluation cost nothing and scored nothing, so counting it would make the
+    search look busier than it was; a duplicate found out after its minibatch (rung >= 1) was scored."""
+    display = ProgressDisplay(interactive=False, clock=FakeClock())
+    display.on_mutation(mutation("accepted", 1), "accepted")
+    display.on_mutation(mutation("duplicate", 0), "duplicate")
+    display.on_mutation(mutation("duplicate", 0), "duplicate")
+    assert display.snapshot().rung_funnel == (1, 1)
+    display.on_mutation(mutation("duplicate", 1), "duplicate")
+    assert display.snapshot().rung_funnel == (2, 2)
+
+
 def test_orchestrator_source_reads_public_state() -> None:
     records: list[CandidateRecord] = []
     orch = SimpleNamespace(
@@ -514,6 +527,38 @@ def test_summary_converts_non_finite_numbers_and_odd_types(tmp_path: Path, monke
     assert data["counts"]["pareto_frontier"] == 1
     assert data["path"] == str(tmp_path) and data["pair"] == [1, 2]
     assert build_summary(None, {"x": 1})["x"] == 1
+
+
+def test_summary_numbers_name_the_best_candidate_and_the_seed(tmp_path: Path, monkeypatch) -> None:
+    """The numbers a user reads first in summary.json: the seed's score next to the best's (the gain),
+    when the last candidate was found (not the best's time), and no secret in any key of the result
+    (an endpoint name with a key in its query string, as rate-limit stats are keyed)."""
+    monkeypatch.setenv("SOME_PROVIDER_API_KEY", SECRET)
+    task = TASKS["routing"]
+    dr = TurboGEPAResult(
+        candidates=[task.make_program(), task.make_program({"route": "Route it."}),
+                    task.make_program({"route": "Route it well."})],
+        parents=[[None], [0], [1]],
+        val_aggregate_scores=[0.25, 0.75, 0.5],
+        val_subscores=[{0: 0.0, 1: 0.5}, {0: 1.0, 1: 0.5}, {0: 0.5, 1: 0.5}],
+        per_val_instance_best_candidates={0: {1}, 1: {0, 1, 2}},
+        discovery_eval_counts=[0, 12, 30],
+        total_metric_calls=40,
+        num_full_val_evals=3,
+        discovery_seconds=[0.5, 2.0, 7.5],
+        candidate_kinds=["seed", "reflection", "reflection"],
+        stop_reason="max_metric_calls",
+        run_stats={"rate_limits": {"endpoints": {f"openai/x@https://h.example/v1?key={SECRET}": {"window": 3}}}},
+    )
+    summary = build_summary(dr)
+    assert summary["best"]["index"] == 1 and summary["best"]["val_score"] == 0.75
+    assert summary["best"]["seed_val_score"] == 0.25
+    assert summary["best"]["discovered_at_seconds"] == 2.0 and summary["best"]["discovered_at_metric_calls"] == 12
+    assert summary["timings"] == {"best_found_seconds": 2.0, "last_candidate_seconds": 7.5}
+    assert summary["counts"]["pareto_frontier"] == 1
+    assert SECRET not in json.dumps(summary)
+    (endpoint,) = summary["result"]["run_stats"]["rate_limits"]["endpoints"]
+    assert endpoint.startswith("openai/x@https://h.example/v1")
 
 
 # ---------------------------------------------------------------------------------------- serving example
