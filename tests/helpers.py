@@ -9,6 +9,20 @@ def small_splits(task, n_train: int = 30, n_val: int = 16, n_test: int = 60, dat
     return task.splits(data_seed=data_seed, n_train=n_train, n_val=n_val, n_test=n_test)
 
 
+def make_evaluator(task, program=None, *, n: int = 4, metric=None, failure_score: float = 0.0,
+                   max_workers: int = 8, **kw):
+    """A ``DspyEvaluator`` over ``n`` of the task's examples (the same rows as train and val), and its
+    codec: the adapter's evaluation path without an engine around it."""
+    from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    codec = ProgramCodec(program if program is not None else task.make_program())
+    examples = small_splits(task, n_train=n, n_val=n, n_test=0).val
+    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, metric or task.metric, failure_score,
+                       max_workers=max_workers, **kw)
+    return ev, codec
+
+
 class CountingMetric:
     """Wraps a GEPA metric and counts scoring calls (no pred_name) and feedback calls separately."""
 

@@ -733,12 +733,9 @@ def test_an_error_message_ending_in_a_newline_gets_no_dangling_sentence():
 def _unit_evaluator(routing, metric, program=None, failure_score=0.0, **kw):
     import asyncio
 
-    from dspy_turbogepa.adapter.evaluator import DspyEvaluator
-    from dspy_turbogepa.adapter.program import ProgramCodec
+    from helpers import make_evaluator
 
-    codec = ProgramCodec(program if program is not None else routing.make_program())
-    examples = small_splits(routing, n_train=4, n_val=4, n_test=0).val
-    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, metric, failure_score, max_workers=2, **kw)
+    ev, codec = make_evaluator(routing, program, metric=metric, failure_score=failure_score, max_workers=2, **kw)
 
     def run(split="val", example_id=0, lm=None):
         async def main():

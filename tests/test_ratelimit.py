@@ -35,6 +35,7 @@ from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
 
 from helpers import TwoParallelBranches, small_splits
+from helpers import make_evaluator as shared_evaluator
 
 FAST_RL = RetryPolicy(max_retries=10, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
 FAST_TR = RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=0.005, cap_s=0.05)
@@ -63,13 +64,10 @@ def flaky_lm(make, times, **kw):
 
 
 def make_evaluator(task, program=None, n=4, **kw):
-    program = program or task.make_program()
-    codec = ProgramCodec(program)
-    examples = small_splits(task, n_train=n, n_val=n, n_test=0).val
+    """The shared evaluator, with retry policies fast enough for tests."""
     kw.setdefault("rate_limit_policy", FAST_RL)
     kw.setdefault("transient_policy", FAST_TR)
-    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, task.metric, 0.0, max_workers=8, **kw)
-    return ev, codec
+    return shared_evaluator(task, program, n=n, **kw)
 
 
 def evaluate(ev, codec, lm, ids=(0,)):

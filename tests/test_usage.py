@@ -8,20 +8,11 @@ import dspy
 import pytest
 from dspy.utils.usage_tracker import track_usage
 
-from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import _metadata_rates, _note_history_entry, rollout_usage
-from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.testing import ModelConfig, SimConfig, SimServer
 from dspy_turbogepa.testing.fake_lm import make_student_lm, sim_engine
 
-from helpers import TwoParallelBranches, small_splits
-
-
-def make_evaluator(task, program, n, metric=None):
-    examples = small_splits(task, n_train=n, n_val=n, n_test=0).val
-    codec = ProgramCodec(program)
-    ev = DspyEvaluator(codec, {"train": examples, "val": examples}, metric or task.metric, 0.0, max_workers=8)
-    return ev, codec
+from helpers import TwoParallelBranches, make_evaluator, small_splits
 
 
 def run_all(ev, codec, lm, ids, *, concurrent=True, **context):
