@@ -1378,3 +1378,51 @@ def test_a_key_looking_default_under_a_neutral_name_is_keyed_as_a_credential():
     old, new = version("sk-proj-0a9b8c7d6e5f4a3b2c1d"), version("sk-proj-9f8e7d6c5b4a39281706")
     assert callable_identity(old) == callable_identity(new)
     assert callable_identity(version("gpt-4o-mini")) != callable_identity(version("gpt-4o"))  # not a key: counts
+
+
+def test_a_trace_entry_matched_to_two_predictors_comes_back_once(routing):
+    """A call made by a per-call copy whose signature equals two predictors' is one entry of the rollout's
+    trace and a step under each name. The store keeps steps; a reload rebuilt one trace entry per step,
+    so a resumed run handed the metric's feedback call a trace with that call twice."""
+    import asyncio
+    import copy
+
+    from dspy_turbogepa.adapter.persistence import trajectory_from_json, trajectory_to_json
+
+    from helpers import make_evaluator
+
+    (_, seed_predictor), = routing.make_program().named_predictors()
+
+    class Twins(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = copy.deepcopy(seed_predictor)
+            self.second = copy.deepcopy(seed_predictor)
+
+        def forward(self, ticket):
+            return copy.deepcopy(self.first)(ticket=ticket)  # a fresh copy: matched by signature
+
+    ev, codec = make_evaluator(routing, Twins(), max_workers=2)
+
+    async def main():
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            return await ev.evaluate(codec.seed_texts(), "seed", "train", 0, True)
+
+    try:
+        live = asyncio.run(main()).trajectory
+    finally:
+        ev.close()
+    assert [s.pred_name for s in live.steps] == ["first", "second"] and len(live.raw_trace) == 1
+    back = trajectory_from_json(trajectory_to_json(live), live.example, codec, "seed", codec.seed_texts())
+    assert [s.pred_name for s in back.steps] == ["first", "second"]
+    assert len(back.raw_trace) == 1, back.raw_trace
+    assert back.raw_trace[0][1] == live.raw_trace[0][1]
+    assert back.steps[0].inputs == back.steps[1].inputs == live.steps[0].inputs
+    assert back.steps[0].predictor is codec.get("seed", codec.seed_texts()).program.first
+
+    # a store written before the trace index was kept: one entry per step, as it was then
+    old = json.loads(trajectory_to_json(live))
+    for step in old["steps"]:
+        del step["raw"]
+    legacy = trajectory_from_json(json.dumps(old), live.example, codec, "seed", codec.seed_texts())
+    assert len(legacy.raw_trace) == 2 and [s.pred_name for s in legacy.steps] == ["first", "second"]

@@ -82,6 +82,9 @@ class TraceStep:
     predictor: Any
     inputs: dict[str, Any]
     outputs: Any
+    #: Which entry of the rollout's raw trace this step came from: one call matched to several
+    #: predictors (by signature) is several steps but one trace entry, and a reload must rebuild it once.
+    raw_index: int | None = None
 
 
 @dataclass
@@ -499,7 +502,8 @@ class DspyEvaluator:
         if self._closed_event.is_set():  # the run is over: a metric call now (an LLM judge's, paid) would go nowhere
             raise EvaluatorClosedError("the run ended while this rollout was running; it is not scored")
         steps = [
-            TraceStep(name, p, dict(inputs), outputs) for p, inputs, outputs in raw_trace for name in names.names_of(p)
+            TraceStep(name, p, dict(inputs), outputs, i)
+            for i, (p, inputs, outputs) in enumerate(raw_trace) for name in names.names_of(p)
         ]
         if error is not None:
             types = _error_types(error)

@@ -323,7 +323,8 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
     payload = {
         "prediction": _prediction_dict(traj.prediction),
         "steps": [
-            {"pred_name": s.pred_name, "inputs": _jsonable(s.inputs), "outputs": _prediction_dict(s.outputs)}
+            {"pred_name": s.pred_name, "inputs": _jsonable(s.inputs), "outputs": _prediction_dict(s.outputs),
+             "raw": s.raw_index}
             for s in traj.steps
         ],
         "error": traj.error,
@@ -357,12 +358,19 @@ def trajectory_from_json(
     predictors = dict(codec.get(fingerprint, texts).program.named_predictors())
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
-    for s in data.get("steps", []):
+    entries: dict[int, tuple[Any, dict[str, Any], Any]] = {}
+    for position, s in enumerate(data.get("steps", [])):
         pred = predictors.get(s["pred_name"])
-        inputs = _revive(dict(s.get("inputs") or {}))
-        outputs = dspy.Prediction(**_revive(s.get("outputs") or {}))
-        steps.append(TraceStep(s["pred_name"], pred, inputs, outputs))
-        raw.append((pred, inputs, outputs))
+        # One LM call matched to several predictors is one trace entry under several steps; stores
+        # written before "raw" existed have an entry per step.
+        stored = s.get("raw")
+        index = stored if isinstance(stored, int) else position
+        entry = entries.get(index)
+        if entry is None:
+            entry = (pred, _revive(dict(s.get("inputs") or {})), dspy.Prediction(**_revive(s.get("outputs") or {})))
+            entries[index] = entry
+            raw.append(entry)
+        steps.append(TraceStep(s["pred_name"], pred, dict(entry[1]), entry[2], index))
     pred_data = data.get("prediction")
     fields = data.get("failed_fields")
     return DspyTrajectory(
