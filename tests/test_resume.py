@@ -1426,3 +1426,30 @@ def test_a_trace_entry_matched_to_two_predictors_comes_back_once(routing):
         del step["raw"]
     legacy = trajectory_from_json(json.dumps(old), live.example, codec, "seed", codec.seed_texts())
     assert len(legacy.raw_trace) == 2 and [s.pred_name for s in legacy.steps] == ["first", "second"]
+
+
+def test_a_resumed_run_logs_its_replayed_mutations_as_replayed(routing, tmp_path, caplog):
+    """A resumed run replays the earlier session's mutations from the store; its log said "new candidate"
+    for each as if it had paid for them again. Only the replayed ones carry the note."""
+    import logging
+
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+    splits = small_splits(routing, n_train=16, n_val=8)
+
+    def run(budget: int) -> list[str]:
+        caplog.clear()
+        opt = TurboGEPA(routing.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=1, log_dir=str(tmp_path), track_stats=True)
+        with caplog.at_level(logging.INFO, logger="dspy_turbogepa.engine.orchestrator"), \
+                dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Mutation ")]
+
+    first = run(60)
+    assert any("new candidate" in m for m in first), first
+    assert not any("replayed" in m for m in first), first
+    resumed = run(140)
+    replayed = [m for m in resumed if "replayed from the run store" in m]
+    assert replayed and len(replayed) <= len(first), (first, resumed)
+    assert any("replayed" not in m for m in resumed[len(replayed):]), resumed  # then new work, unmarked

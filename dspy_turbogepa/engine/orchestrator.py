@@ -83,6 +83,11 @@ def sibling_order(items: Sequence[T], j: int) -> list[T]:
     return rotated[::-1] if (j // n) % 2 else rotated
 
 
+def _replayed(result: MutationResult) -> str:
+    """The log's note on a mutation whose reflection an earlier session paid for and stored."""
+    return " (reflection replayed from the run store)" if result.proposals_from_store else ""
+
+
 def proposal_key(parent_fp: str, components: Sequence[str], minibatch: Sequence[int], seed: int) -> str:
     """Identity of a reflection request: same parent, components, minibatch and seed -> same proposal."""
     payload = json.dumps([parent_fp, list(components), list(minibatch), seed], separators=(",", ":"))
@@ -152,6 +157,7 @@ class Orchestrator:
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
         #: stored proposals not replayed yet in this session (their usage is counted at their first replay)
         self._unreplayed_proposals: set[str] = set(self._known_proposals)
+        self._stored_proposals: frozenset[str] = frozenset(self._known_proposals)
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._mutations_running = 0
         self._seed_task: asyncio.Future[None] | None = None
@@ -885,12 +891,12 @@ class Orchestrator:
         feedback = parent_outs + scouted + self._reused_feedback(parent, plan)
         seeds = [plan.rng.getrandbits(63) for _ in range(plan.siblings)]
         if len(seeds) == 1:
-            proposals = [await self._propose(plan, parent, components, feedback, seeds[0])]
+            proposals = [await self._propose(plan, result, parent, components, feedback, seeds[0])]
         else:
             # Each sibling reads its feedback in another order: a reflection LM that answers the same
             # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
             proposals = list(await asyncio.gather(
-                *(self._propose(plan, parent, components, sibling_order(feedback, j), seed)
+                *(self._propose(plan, result, parent, components, sibling_order(feedback, j), seed)
                   for j, seed in enumerate(seeds))
             ))
         result.reflection_calls = sum(p.reflection_calls for p in proposals)
@@ -908,7 +914,7 @@ class Orchestrator:
                 children.append(child)
         if not children:
             result.detail = unusable[0]
-            logger.info("Mutation %d: no usable proposal (%s)", plan.seq, result.detail)
+            logger.info("Mutation %d: no usable proposal (%s)%s", plan.seq, result.detail, _replayed(result))
             return
         fresh = [c for c in children if not self._known_in_view(c, plan)]
         if not fresh:
@@ -1002,13 +1008,16 @@ class Orchestrator:
         self.stats.reflection_cost += proposal.reflection_cost
 
     async def _propose(
-        self, plan: MutationPlan, parent: Candidate, components: list[str], parent_outs: list[EvalOutcome], seed: int
+        self, plan: MutationPlan, result: MutationResult, parent: Candidate, components: list[str],
+        parent_outs: list[EvalOutcome], seed: int,
     ) -> ProposalOutcome:
         """One reflection (or its stored replay on resume); a proposer failure becomes a skipped proposal."""
         key = proposal_key(parent.fingerprint, components, plan.minibatch + plan.scout_ids + plan.feedback_ids, seed)
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1
+            if key in self._stored_proposals:
+                result.proposals_from_store += 1
             if key in self._unreplayed_proposals:  # a stored one: its usage counts against the budgets once
                 self._unreplayed_proposals.discard(key)
                 self._add_reflection_usage(proposal)
@@ -1181,9 +1190,9 @@ class Orchestrator:
             self._selector.inherit(result.child.fingerprint, plan.child_counter)
             self.stats.accepted_by_kind[plan.kind] += 1
             logger.info(
-                "Mutation %d (%s of candidate %d on %s): new candidate %d, validation %.4f (best %.4f)",
+                "Mutation %d (%s of candidate %d on %s): new candidate %d, validation %.4f (best %.4f)%s",
                 plan.seq, plan.kind, plan.parent_index, ",".join(plan.components), record.index,
-                record.aggregate, self._records[self._frontier.best_index()].aggregate,
+                record.aggregate, self._records[self._frontier.best_index()].aggregate, _replayed(result),
             )
             for obs in self._observers:
                 obs.on_candidate(record)
