@@ -1426,6 +1426,15 @@ def test_a_trace_entry_matched_to_two_predictors_comes_back_once(routing):
         del step["raw"]
     legacy = trajectory_from_json(json.dumps(old), live.example, codec, "seed", codec.seed_texts())
     assert len(legacy.raw_trace) == 2 and [s.pred_name for s in legacy.steps] == ["first", "second"]
+    # an edited store never merges steps it cannot tell belong together: only equal, consecutive,
+    # non-negative integer indexes do
+    for first, second in ((1, None), (True, True), (-1, -1), ("0", "0"), (0, 1)):
+        edited = json.loads(trajectory_to_json(live))
+        edited["steps"][0]["raw"], edited["steps"][1]["raw"] = first, second
+        edited["steps"][1]["inputs"] = {"ticket": "another"}
+        apart = trajectory_from_json(json.dumps(edited), live.example, codec, "seed", codec.seed_texts())
+        assert [s.inputs["ticket"] for s in apart.steps][1] == "another", (first, second)
+        assert len(apart.raw_trace) == 2 and [s.raw_index for s in apart.steps] == [0, 1], (first, second)
 
 
 def test_a_resumed_run_logs_its_replayed_mutations_as_replayed(routing, tmp_path, caplog):
@@ -1452,4 +1461,16 @@ def test_a_resumed_run_logs_its_replayed_mutations_as_replayed(routing, tmp_path
     resumed = run(140)
     replayed = [m for m in resumed if "replayed from the run store" in m]
     assert replayed and len(replayed) <= len(first), (first, resumed)
-    assert any("replayed" not in m for m in resumed[len(replayed):]), resumed  # then new work, unmarked
+    assert "replayed" not in resumed[-1], resumed  # then new work, unmarked
+
+
+def test_the_replay_note_says_when_only_some_siblings_were_replayed():
+    from dspy_turbogepa.engine.orchestrator import _replayed
+    from dspy_turbogepa.engine.records import MutationResult
+
+    def note(made, stored):
+        return _replayed(MutationResult(None, "accepted", proposals=made, proposals_from_store=stored))
+
+    assert note(3, 0) == "" and note(0, 0) == ""
+    assert note(1, 1) == note(3, 3) == " (reflection replayed from the run store)"
+    assert note(3, 1) == " (1 of its 3 reflections replayed from the run store)"

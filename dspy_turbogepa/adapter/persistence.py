@@ -358,19 +358,19 @@ def trajectory_from_json(
     predictors = dict(codec.get(fingerprint, texts).program.named_predictors())
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
-    entries: dict[int, tuple[Any, dict[str, Any], Any]] = {}
-    for position, s in enumerate(data.get("steps", [])):
+    previous: Any = None
+    for s in data.get("steps", []):
         pred = predictors.get(s["pred_name"])
-        # One LM call matched to several predictors is one trace entry under several steps; stores
-        # written before "raw" existed have an entry per step.
+        # One LM call matched to several predictors is one trace entry under consecutive steps with the
+        # same "raw"; stores written before "raw" existed have an entry per step.
         stored = s.get("raw")
-        index = stored if isinstance(stored, int) else position
-        entry = entries.get(index)
-        if entry is None:
-            entry = (pred, _revive(dict(s.get("inputs") or {})), dspy.Prediction(**_revive(s.get("outputs") or {})))
-            entries[index] = entry
-            raw.append(entry)
-        steps.append(TraceStep(s["pred_name"], pred, dict(entry[1]), entry[2], index))
+        index = stored if type(stored) is int and stored >= 0 else None
+        if index is None or index != previous or not raw:
+            raw.append((pred, _revive(dict(s.get("inputs") or {})),
+                        dspy.Prediction(**_revive(s.get("outputs") or {}))))
+        previous = index
+        _, inputs, outputs = raw[-1]
+        steps.append(TraceStep(s["pred_name"], pred, dict(inputs), outputs, len(raw) - 1))
     pred_data = data.get("prediction")
     fields = data.get("failed_fields")
     return DspyTrajectory(

@@ -85,7 +85,12 @@ def sibling_order(items: Sequence[T], j: int) -> list[T]:
 
 def _replayed(result: MutationResult) -> str:
     """The log's note on a mutation whose reflection an earlier session paid for and stored."""
-    return " (reflection replayed from the run store)" if result.proposals_from_store else ""
+    replayed, made = result.proposals_from_store, result.proposals
+    if not replayed:
+        return ""
+    if replayed >= made:
+        return " (reflection replayed from the run store)"
+    return f" ({replayed} of its {made} reflections replayed from the run store)"
 
 
 def proposal_key(parent_fp: str, components: Sequence[str], minibatch: Sequence[int], seed: int) -> str:
@@ -157,6 +162,7 @@ class Orchestrator:
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
         #: stored proposals not replayed yet in this session (their usage is counted at their first replay)
         self._unreplayed_proposals: set[str] = set(self._known_proposals)
+        #: proposals an earlier session paid for: the log says so when a mutation replays them
         self._stored_proposals: frozenset[str] = frozenset(self._known_proposals)
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._mutations_running = 0
@@ -900,6 +906,7 @@ class Orchestrator:
                   for j, seed in enumerate(seeds))
             ))
         result.reflection_calls = sum(p.reflection_calls for p in proposals)
+        result.proposals = len(proposals)
         children: list[Candidate] = []
         unusable: list[str] = []
         for proposal in proposals:

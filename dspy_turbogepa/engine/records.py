@@ -108,8 +108,9 @@ class MutationResult:
     children_passed: int = 0
     #: Reflection LM calls its proposals made (stored ones included, so a resumed run stops where it did).
     reflection_calls: int = 0
-    #: Proposals replayed from an earlier session's run store: a resumed run logs such a mutation as
-    #: restored, so a user watching the log does not take it for new work (or a second payment).
+    #: Proposals (siblings included) made, and how many of them were replayed from an earlier session's
+    #: run store: a resumed run's log says which reflections were not paid for again.
+    proposals: int = 0
     proposals_from_store: int = 0
 
 
