@@ -365,7 +365,7 @@ def trajectory_from_json(
         # same "raw"; stores written before "raw" existed have an entry per step.
         stored = s.get("raw")
         index = stored if type(stored) is int and stored >= 0 else None
-        if index is None or index != previous or not raw:
+        if index is None or index != previous:
             raw.append((pred, _revive(dict(s.get("inputs") or {})),
                         dspy.Prediction(**_revive(s.get("outputs") or {}))))
         previous = index

@@ -162,8 +162,6 @@ class Orchestrator:
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
         #: stored proposals not replayed yet in this session (their usage is counted at their first replay)
         self._unreplayed_proposals: set[str] = set(self._known_proposals)
-        #: proposals an earlier session paid for: the log says so when a mutation replays them
-        self._stored_proposals: frozenset[str] = frozenset(self._known_proposals)
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._mutations_running = 0
         self._seed_task: asyncio.Future[None] | None = None
@@ -1023,10 +1021,9 @@ class Orchestrator:
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1
-            if key in self._stored_proposals:
-                result.proposals_from_store += 1
             if key in self._unreplayed_proposals:  # a stored one: its usage counts against the budgets once
                 self._unreplayed_proposals.discard(key)
+                result.proposals_from_store += 1
                 self._add_reflection_usage(proposal)
             return proposal
         self._offered.update(components)
