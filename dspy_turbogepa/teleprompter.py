@@ -563,6 +563,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     def _log_path(self) -> Path:
         """``log_dir`` as the run store opens it (``~`` expanded): summary.json, the plots and the stop
         file must land next to the store, not in a directory literally named ``~``."""
+        assert self.log_dir is not None  # called only when a log_dir is set
         return Path(os.path.expanduser(os.fspath(self.log_dir)))
 
     def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> None:
@@ -652,8 +653,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_reflections_in_flight=reflections,
             reflection_minibatch_size=self.reflection_minibatch_size,
             rung_fractions=self.rung_fractions or default_rung_fractions(val_size, self.reduction_factor),
-            candidate_selection=self.candidate_selection_strategy,  # type: ignore[arg-type]
-            minibatch_sampling=self.minibatch_sampling,  # type: ignore[arg-type]
+            candidate_selection=self.candidate_selection_strategy,
+            minibatch_sampling=self.minibatch_sampling,
             max_siblings=self.max_sibling_reflections,
             reflection_feedback_reuse=self.reflection_feedback_reuse,
             reflection_scouts=self.reflection_scouts,

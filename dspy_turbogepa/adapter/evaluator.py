@@ -301,7 +301,7 @@ class DspyEvaluator:
             self._stats.add(rate_limit_gave_up=1)
             # The engine-level cause; the trajectory keeps "program_error" + the LM error type, which
             # reflection already skips as an infrastructure failure.
-            outcome = replace(outcome, failure="rate_limited", message=message)  # type: ignore[arg-type]
+            outcome = replace(outcome, failure="rate_limited", message=message)
             first, self._warned_rate_limited = not self._warned_rate_limited, True  # the event loop's thread
             logger.log(logging.WARNING if first else logging.DEBUG,
                        "A rollout stayed rate limited (%s); scoring it as failed (rate_limited)%s.", why,
@@ -436,9 +436,9 @@ class DspyEvaluator:
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
     ) -> tuple[Any, list[Any], BaseException | None]:
         with dspy.context(**self._rollout_settings(capture, lm)):
+            error: BaseException | None = None
             try:
                 pred = await program.acall(**example.inputs())
-                error = None
             except asyncio.CancelledError as exc:
                 if cancelling():  # the engine cancelled this evaluation (Ctrl-C): not the program's doing
                     raise
@@ -514,12 +514,12 @@ class DspyEvaluator:
             service = verdict.service_failure
             failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
             message = _describe(error)
+            failed_signature = getattr(error, "signature", None)
             trajectory = DspyTrajectory(
                 example, None, steps, raw_trace, message, fatal or types[0], failure,
                 raw_completion=getattr(error, "lm_response", None),
-                failed_signature=getattr(error, "signature", None), service_failure=service,
-                failed_predictor=names.signature_owner(error.signature)
-                if getattr(error, "signature", None) is not None else None,
+                failed_signature=failed_signature, service_failure=service,
+                failed_predictor=names.signature_owner(failed_signature) if failed_signature is not None else None,
             ) if capture else None
             return EvalOutcome(
                 example_id, self._failure_score, failure=failure, message=message, trajectory=trajectory,

@@ -248,7 +248,7 @@ def _error_noting_class(base: type) -> type:
 
     # __call__ / acall, the public entry points: overriding forward/aforward would make DSPy 3.4 treat
     # the copy as a legacy custom LM and route it through another execution path
-    class ErrorNoting(base):  # type: ignore[valid-type, misc]
+    class ErrorNoting(base):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             _refuse_if_closed()
             try:
@@ -283,7 +283,7 @@ def _make_copy(lm: Any, retries_off: bool = True) -> Any:
         copy.num_retries = 0
         # a class, not an instance attribute: dspy.BestOfN copies the LM (deepcopy) per call, and a
         # wrapped bound method would call the original copy with its old settings
-        copy.__class__ = _error_noting_class(type(copy))
+        copy.__class__ = _error_noting_class(type(copy))  # type: ignore[arg-type]  # mypy: a class is not Hashable
     copy.history = lm.history
     inner = copy.update_history
 

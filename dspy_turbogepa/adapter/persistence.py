@@ -36,7 +36,7 @@ from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
-from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome, Split
+from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, ProposalOutcome, Split
 from dspy_turbogepa.redaction import is_sensitive_key, mask_text, strip_userinfo
 from dspy_turbogepa.store import stable_hash
 from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
@@ -155,7 +155,7 @@ def _shown_fields(value: Any) -> list[str] | None:
                 if getattr(info, "repr", True) is not False and getattr(info, "exclude", None) is not True]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [f.name for f in dataclasses.fields(value) if f.repr]
-    if _plain_user_class(type(value)):
+    if _plain_user_class(type(value)):  # type: ignore[arg-type]  # mypy: a class is not Hashable
         # its fields (a property may read a _private one), but not a credential (db_password, api_key),
         # which stays out of the store like a pydantic field declared repr=False; a field called
         # "token" is an NLP object's data far more often than a secret
@@ -227,8 +227,9 @@ def _rebuild(tag: str, value: Any) -> Any:
             # a namedtuple (its generated _make), a library type such as struct_time; a user's own tuple
             # subclass comes back a plain tuple: its __new__ is not run on a row's values
             try:
-                if callable(getattr(cls, "_make", None)) and hasattr(cls, "_fields"):
-                    return cls._make(value)
+                make = getattr(cls, "_make", None)
+                if callable(make) and hasattr(cls, "_fields"):
+                    return make(value)
                 if _library_class(cls):
                     return cls(value)
             except Exception:  # noqa: BLE001 - its constructor wants something else: the plain tuple
@@ -247,7 +248,7 @@ def _rebuild(tag: str, value: Any) -> Any:
             return cls(**value)
         if issubclass(cls, pydantic.BaseModel) or dataclasses.is_dataclass(cls):
             return _adapter_for(cls).validate_python(value)
-        if isinstance(value, dict) and _plain_user_class(cls):
+        if isinstance(value, dict) and _plain_user_class(cls):  # type: ignore[arg-type]  # (as above)
             obj = object.__new__(cls)  # no __init__: the fields are the stored ones
             obj.__dict__.update(value)
             return obj
@@ -526,7 +527,7 @@ def _library_function(fn: Any) -> bool:
     if module == "dspy" or module.startswith(("dspy.", "dspy_turbogepa")):
         return True
     path = getattr(sys.modules.get(module), "__file__", None)
-    return bool(path) and os.path.realpath(path).startswith(_library_dirs())
+    return isinstance(path, str) and os.path.realpath(path).startswith(_library_dirs())
 
 
 def _class_code(cls: type) -> list[str]:
@@ -559,7 +560,7 @@ def _library_class(klass: type) -> bool:
     if klass.__module__ in sys.builtin_module_names:
         return getattr(module, klass.__qualname__, None) is klass
     path = getattr(module, "__file__", None)
-    return bool(path) and os.path.realpath(path).startswith(_library_dirs())
+    return isinstance(path, str) and os.path.realpath(path).startswith(_library_dirs())
 
 
 def proposer_settings(proposer: Any) -> str:
@@ -643,7 +644,7 @@ def _hashable(value: Any) -> Any:
                         "shape": str(getattr(v, "shape", None) or getattr(v, "size", None))}
             if callable(getattr(v, "model_dump", None)):
                 return {"__type__": kind, **_to_json(v.model_dump(), leaf)}
-            if dataclasses.is_dataclass(v):
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
                 return {"__type__": kind, **_to_json(dataclasses.asdict(v), leaf)}
             if callable(getattr(v, "to_dict", None)):
                 return {"__type__": kind, "data": _to_json(v.to_dict(), leaf)}
@@ -708,9 +709,9 @@ def run_key(
         structure.append(entry)
     # settings appended only when set, so the key of a run without them is what earlier versions wrote
     reflection = [lm_identity(reflection_lm), callable_identity(proposer)]
-    settings = proposer_settings(proposer)
-    if settings:
-        reflection.append(settings)
+    extra = proposer_settings(proposer)
+    if extra:
+        reflection.append(extra)
     if add_format_failure_as_feedback:  # what reflections read about parse failures
         reflection.append("add_format_failure_as_feedback")
     return {
@@ -858,7 +859,7 @@ def _used(usage: Mapping[str, float] | None, name: str) -> float:
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
     need_outputs: bool = False,
-) -> tuple[dict[tuple[str, str, int], EvalOutcome], dict[str, ProposalOutcome]]:
+) -> tuple[dict[EvalKey, EvalOutcome], dict[str, ProposalOutcome]]:
     """Stored evaluations and proposals as the engine's caches.
 
     ``need_outputs`` (``track_best_outputs=True``): a validation row stored without the program's
@@ -886,7 +887,7 @@ def load_known(
         for key, p in store.load_proposals().items()
         if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
     }
-    known: dict[tuple[str, str, int], EvalOutcome] = {}
+    known: dict[EvalKey, EvalOutcome] = {}
     without_output = 0
     for ev in store.load_evaluations():
         split: Split = "train" if ev.split == "train" else "val"

@@ -166,7 +166,7 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(cur))
         yield cur
         if _GROUP is not None and isinstance(cur, _GROUP):  # e.g. an asyncio.TaskGroup in the program
-            stack.extend(reversed(list(cur.exceptions)))
+            stack.extend(reversed(list(getattr(cur, "exceptions", ()))))
         nxt = cur.__cause__ or cur.__context__
         if nxt is not None:
             stack.append(nxt)

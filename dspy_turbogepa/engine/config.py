@@ -155,6 +155,11 @@ class EngineConfig:
     #: Not tied to the data: a run on 2 examples must not stop on 2 failed reflections.
     systemic_proposal_window: int | None = None
 
+    @property
+    def staleness_limit(self) -> int:
+        """``max_staleness`` as set by ``__post_init__`` (``max_mutations_in_flight`` when left None)."""
+        return self.max_mutations_in_flight if self.max_staleness is None else self.max_staleness
+
     def __post_init__(self) -> None:
         for name in ("max_metric_calls", "max_evals_in_flight", "max_mutations_in_flight", "max_reflections_in_flight",
                      "reflection_minibatch_size", "max_siblings"):
@@ -183,7 +188,7 @@ class EngineConfig:
             raise ValueError(f"promotion_z must be >= 0, got {self.promotion_z}.")
         if self.max_staleness is None:
             object.__setattr__(self, "max_staleness", self.max_mutations_in_flight)
-        if self.max_staleness < self.max_mutations_in_flight:
+        if self.staleness_limit < self.max_mutations_in_flight:
             raise ValueError("max_staleness must be >= max_mutations_in_flight.")
         object.__setattr__(
             self, "min_mutations_in_flight", min(self.min_mutations_in_flight, self.max_mutations_in_flight)

@@ -71,9 +71,9 @@ class EvaluationCache:
         """Every finished outcome (read-only view)."""
         return self._done
 
-    def key(self, fingerprint: str, split: str, example_id: int) -> EvalKey:
+    def key(self, fingerprint: str, split: Split, example_id: int) -> EvalKey:
         """The cache key of an evaluation (with shared splits, a training example is a validation one)."""
-        return (fingerprint, "val" if self._shared else split, example_id)  # type: ignore[return-value]
+        return (fingerprint, "val" if self._shared else split, example_id)
 
     def get(self, key: EvalKey) -> EvalOutcome | None:
         return self._done.get(self.key(*key))
@@ -95,7 +95,7 @@ class EvaluationCache:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        errors = [exc for t in done if not t.cancelled() and (exc := t.exception()) is not None]
         if errors:
             raise errors[0]
         return [t.result() for t in tasks]

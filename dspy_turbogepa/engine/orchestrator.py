@@ -458,7 +458,7 @@ class Orchestrator:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""
         if not self.config.deterministic:
             return self._committed
-        staleness = self.config.max_staleness if not self.config.adaptive_width else width
+        staleness = self.config.staleness_limit if not self.config.adaptive_width else width
         needed = max(0, seq - (staleness or 1) + 1, self._view_floor)
         return needed if self._committed >= needed else None
 
@@ -1187,7 +1187,7 @@ class Orchestrator:
                 raise RuntimeError(f"mutation {plan.seq} was accepted with an unsettled chained parent")
             parents: list[int | None] = [plan.parent_index]
             if plan.kind == "merge":
-                parents = sorted([plan.parent_index, plan.other_parent_index or 0])
+                parents = [*sorted([plan.parent_index, plan.other_parent_index or 0])]
             elif self.config.use_merge:
                 self._merges_granted += 1  # GEPA: each new reflective candidate schedules one merge attempt
             record = self._add_record(result.child, parents, list(result.val_outcomes.values()), seq=plan.seq)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dspy_turbogepa.engine.candidate import Candidate, ProposalKind
-from dspy_turbogepa.engine.types import EvalOutcome
+from dspy_turbogepa.engine.types import EvalKey, EvalOutcome
 
 MutationStatus = Literal[
     "accepted",  # passed every rung; joined the candidate pool with a full-validation score
@@ -100,7 +100,7 @@ class MutationResult:
     val_outcomes: dict[int, EvalOutcome] = field(default_factory=dict)
     rung_reached: int = 0
     detail: str | None = None
-    requested: set[tuple[str, str, int]] = field(default_factory=set)
+    requested: set[EvalKey] = field(default_factory=set)
     #: (candidate fingerprint, training id, score) of the minibatch evaluations, for failure-first sampling.
     train_scores: list[tuple[str, int, float]] = field(default_factory=list)
     #: Children evaluated on the minibatch, and how many of them beat the parent there.

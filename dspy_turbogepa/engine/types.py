@@ -22,7 +22,7 @@ FailureKind = Literal[
 ]
 
 #: One evaluation's identity: (candidate fingerprint, split, example id).
-EvalKey = tuple[str, str, int]
+EvalKey = tuple[str, Split, int]
 
 
 @dataclass(frozen=True)

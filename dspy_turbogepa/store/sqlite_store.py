@@ -483,6 +483,8 @@ class RunStore:
     session: int
     #: The (redacted) ``meta`` given when the store was created, not the one given to this open.
     meta: dict[str, Any]
+    _lock: _RunLock
+    _finalizer: weakref.finalize
 
     def __init__(self, *_: Any, **__: Any) -> None:
         raise TypeError("use RunStore.open(log_dir, run_key, meta)")
@@ -994,4 +996,5 @@ def _initialise(
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return bool(has_data), int(session), json.loads(run_meta[0]) if run_meta else {}
+    assert session is not None  # an INSERT's rowid
+    return bool(has_data), session, json.loads(run_meta[0]) if run_meta else {}

@@ -347,7 +347,7 @@ class SimServer:
     @staticmethod
     async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes | None:
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size_line = await reader.readuntil(b"\r\n")
                 size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)

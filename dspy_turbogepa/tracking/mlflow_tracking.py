@@ -211,7 +211,7 @@ class MlflowRunTracker(EngineObserver):
         if plot_path is True:
             self._tmpdir = tempfile.mkdtemp(prefix="turbogepa-mlflow-")
             plot_path = Path(self._tmpdir) / "best_over_time.png"
-        self._plot_path = Path(plot_path) if plot_path not in (None, False) else None
+        self._plot_path = Path(plot_path) if isinstance(plot_path, (str, os.PathLike)) else None
         budget = (params or {}).get("max_metric_calls")
         self._budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else None
         self._flush_interval = max(0.05, float(flush_interval))
@@ -360,8 +360,7 @@ class MlflowRunTracker(EngineObserver):
                 self._finish(result, program)
                 for path in artifacts:
                     if Path(path).is_file():
-                        self._submit(f"artifact {Path(path).name}",
-                                     lambda c, p=str(path): c.log_artifact(self.run_id, p, ARTIFACT_DIR))
+                        self._submit(f"artifact {Path(path).name}", _log_artifact(self.run_id, str(path)))
             except Exception as exc:  # noqa: BLE001
                 self._warn(f"could not prepare the final MLflow logs ({type(exc).__name__}: {exc})")
             self._close("FINISHED")
@@ -530,7 +529,7 @@ class MlflowRunTracker(EngineObserver):
             metrics, self._metrics = self._metrics, []
         for i in range(0, len(metrics), METRICS_PER_BATCH):
             chunk = metrics[i: i + METRICS_PER_BATCH]
-            self._call("metrics", lambda c, chunk=chunk: c.log_batch(self.run_id, metrics=chunk))
+            self._call("metrics", _log_metrics(self.run_id, chunk))
 
     def _call(self, what: str, fn: Callable[[Any], None]) -> None:
         if self._dead or not self._server_alive():
@@ -639,7 +638,16 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
+def _log_artifact(run_id: str | None, path: str) -> Callable[[Any], None]:
+    """One queued MLflow client call, its arguments bound now (a loop's lambda would see the last)."""
+    return lambda client: client.log_artifact(run_id, path, ARTIFACT_DIR)
+
+
+def _log_metrics(run_id: str | None, metrics: list[Any]) -> Callable[[Any], None]:
+    return lambda client: client.log_batch(run_id, metrics=metrics)
+
+
+def _short(exc: BaseException | str, limit: int = 300) -> str:
     return _truncate(str(exc).replace("\n", " "), limit)
 
 

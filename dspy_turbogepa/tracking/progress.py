@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 from dspy_turbogepa.engine.frontier import SCORE_EPS, FrontierTally
 from dspy_turbogepa.engine.observer import EngineObserver
@@ -228,7 +228,7 @@ def _quiet_by_logging(log: logging.Logger) -> bool:
     while current is not None and current is not logging.root:
         if current.level != logging.NOTSET:
             return current.level > logging.INFO
-        current = current.parent  # type: ignore[assignment]
+        current = current.parent
     return False
 
 
@@ -249,7 +249,7 @@ def _screen(stream: Any) -> tuple[int, int]:
     return max(40, cols), max(2, rows)
 
 
-def _is_console_handler(handler: logging.Handler) -> bool:
+def _is_console_handler(handler: logging.Handler) -> TypeGuard[logging.StreamHandler[Any]]:
     return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
 
 
@@ -285,8 +285,8 @@ def _console_through_tqdm(loggers: Iterable[logging.Logger]) -> Iterator[None]:
             for handler in lg.handlers:
                 if _is_console_handler(handler) and all(handler is not h for h, _ in swapped):
                     stream = handler.stream
-                    handler.setStream(_TqdmStream(stream))  # type: ignore[type-var]
-                    swapped.append((handler, stream))  # type: ignore[arg-type]
+                    handler.setStream(_TqdmStream(stream))
+                    swapped.append((handler, stream))
         yield
     finally:
         for handler, stream in reversed(swapped):

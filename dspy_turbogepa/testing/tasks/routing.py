@@ -339,6 +339,7 @@ class RoutingTask(Task):
         if normalize_text(got) == expected:
             return dspy.Prediction(score=1.0, feedback=f"Correct: the queue '{expected}' is right.")
         exp_parts = _routing_parse_label(expected)
+        assert exp_parts is not None  # simulate() always returns a well-formed label
         have = _routing_parse_label(got) or (False, "", False, False)
         f = _routing_features(gold.ticket)
         violated = []
