@@ -15,12 +15,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: Keys dspy.GEPA passes to gepa.optimize itself -> the dspy.GEPA argument that sets them.
+#: Keys dspy.GEPA passes to gepa.optimize itself -> the dspy.GEPA argument that sets them ("": none does).
 DSPY_OWNED_KEYS: dict[str, str] = {
     "seed_candidate": "the student program",
     "trainset": "compile(trainset=...)",
     "valset": "compile(valset=...)",
-    "adapter": "(set by dspy.GEPA)",
+    "adapter": "",
     "reflection_lm": "reflection_lm",
     "candidate_selection_strategy": "candidate_selection_strategy",
     "skip_perfect_score": "skip_perfect_score",
@@ -30,15 +30,15 @@ DSPY_OWNED_KEYS: dict[str, str] = {
     "use_merge": "use_merge",
     "max_merge_invocations": "max_merge_invocations",
     "max_metric_calls": "max_metric_calls",
-    "logger": "(set by dspy.GEPA)",
+    "logger": "",
     "run_dir": "log_dir",
     "use_wandb": "use_wandb",
     "wandb_api_key": "wandb_api_key",
     "wandb_init_kwargs": "wandb_init_kwargs",
     "use_mlflow": "use_mlflow",
     "track_best_outputs": "track_best_outputs",
-    "display_progress_bar": "(set by dspy.GEPA)",
-    "raise_on_exception": "(set by dspy.GEPA)",
+    "display_progress_bar": "",
+    "raise_on_exception": "",
     "seed": "seed",
 }
 
@@ -95,9 +95,10 @@ def interpret_gepa_kwargs(gepa_kwargs: Mapping[str, Any]) -> MappedGepaKwargs:
         if key in REFUSED_KEYS and (key != "max_reflection_cost" or gepa_kwargs[key] is not None):
             raise ValueError(REFUSED_KEYS[key])
         if key in DSPY_OWNED_KEYS:
+            instead = f"Use {DSPY_OWNED_KEYS[key]} instead." if DSPY_OWNED_KEYS[key] else "Remove it."
             raise TypeError(
                 f"gepa_kwargs[{key!r}] is set by dspy.GEPA itself (dspy.GEPA fails with 'optimize() got multiple "
-                f"values for keyword argument {key!r}'). Use {DSPY_OWNED_KEYS[key]} instead."
+                f"values for keyword argument {key!r}'). {instead}"
             )
         if key not in IGNORED_KEYS and key not in MAPPED_KEYS and key not in REFUSED_KEYS:
             raise TypeError(

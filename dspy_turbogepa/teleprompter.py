@@ -661,7 +661,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             component_selector=str(self.component_selector) if isinstance(self.component_selector, str)
             else with_trace_data(self.component_selector),
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,
-            adaptive_components=self.adaptive_proposal_mix and self.component_selector is DEFAULT_COMPONENT_SELECTOR,
+            # by type, not identity: a deep copy or an unpickled optimizer holds another instance of it
+            adaptive_components=self.adaptive_proposal_mix and isinstance(self.component_selector, _DefaultSelector),
             skip_perfect_score=self.skip_perfect_score,
             perfect_score=math.inf if self.perfect_score is None else float(self.perfect_score),
             seed=self.seed if self.seed is not None else 0,

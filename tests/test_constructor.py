@@ -314,6 +314,9 @@ def test_gepa_kwargs_duplicate_of_dspy_argument_is_type_error_naming_the_argumen
         make(gepa_kwargs={"seed": 3})
     with pytest.raises(TypeError, match="Use component_selector instead"):
         make(gepa_kwargs={"module_selector": "all"})
+    for key in ("display_progress_bar", "adapter", "logger", "raise_on_exception"):  # no dspy argument sets them
+        with pytest.raises(TypeError, match=rf"gepa_kwargs\['{key}'\] is set by dspy.GEPA itself .*\. Remove it\.$"):
+            make(gepa_kwargs={key: True})
 
 
 def test_gepa_kwargs_unknown_key_is_type_error():
@@ -436,3 +439,27 @@ def test_a_proposer_whose_signature_cannot_be_read_is_let_through():
     check_call_protocol(max, "component_selector", "selector(...)", args=(None,) * 5)
     make(instruction_proposer=max)
     make(component_selector=getattr)
+
+
+def test_a_copied_or_unpickled_optimizer_keeps_the_default_selector_adaptive():
+    """A sweep or a worker process copies the configured optimizer: the copy must run the same search.
+    The default component_selector is recognised so operator credit may adapt the one/all mix; an
+    explicit "round_robin" (equal as a string) must not be."""
+    import copy
+    import pickle
+
+    opt = make()
+    assert opt._engine_config(100, 4, 10).adaptive_components
+    for clone in (copy.deepcopy(opt), copy.copy(opt), pickle.loads(pickle.dumps(make(reflection_lm=None,
+                                                                                       instruction_proposer=_Proposer())))):
+        assert clone.component_selector == "round_robin"
+        assert clone._engine_config(100, 4, 10).adaptive_components
+    assert not make(component_selector="round_robin")._engine_config(100, 4, 10).adaptive_components
+    assert not make(adaptive_proposal_mix=False)._engine_config(100, 4, 10).adaptive_components
+
+
+class _Proposer:
+    """A picklable instruction proposer (module level), so the optimizer pickles without an LM."""
+
+    def __call__(self, candidate, reflective_dataset, components_to_update):
+        return {}
