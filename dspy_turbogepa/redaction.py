@@ -150,6 +150,21 @@ def endpoint_url(url: str) -> str:
     return mask_text(urlunsplit((parts.scheme, parts.netloc, path, query, "")))
 
 
+def url_key_material(url: str) -> list[str]:
+    """The parts of a URL's path and query that :func:`endpoint_url` hides as possible key material
+    (``.../gw/<token>/v1``, ``?key=<token>``), as written and percent-decoded: a gateway that answers
+    404 quoting the path would otherwise put the token in an error message, a log and the run store."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [seg for seg in parts.path.split("/") if seg and not _plain_segment(seg)]
+    found += [value for _, value in parse_qsl(parts.query) if value and not _plain_segment(value)]
+    return list(dict.fromkeys(found + [unquote(s) for s in found]))
+
+
 def _plain_segment(segment: str) -> bool:
     """``v1``, ``openai``, ``chat-completions``: short, or words; not random key material (a long run
     of characters, or many digits: ``sk-proj-...``, a UUID)."""
@@ -279,6 +294,20 @@ def contains_secret(text: str, env_values: tuple[str, ...] | None = None) -> boo
     if any(v in text for v in values):
         return True
     return any(prefix in text and pattern.search(text) is not None for prefix, pattern in _KEY_SHAPES)
+
+
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder when that raises: an SDK error's ``__str__`` may read a response
+    field that is not there, and describing a failure must never become a second, fatal one."""
+    try:
+        return str(exc)
+    except Exception as inner:  # noqa: BLE001 - whatever __str__ raised: say so instead
+        return f"<str() of this {type(exc).__name__} raised {type(inner).__name__}>"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"`` for a log, a run store row or reflection feedback: never raises, masked."""
+    return mask_text(f"{type(exc).__name__}: {error_text(exc)}")
 
 
 def mask_text(text: str, env_values: tuple[str, ...] | None = None) -> str:

@@ -46,7 +46,13 @@ from dspy_turbogepa.engine.systemic import MAX_PROPOSAL_WINDOW
 from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
-from dspy_turbogepa.redaction import MIN_ENV_SECRET_LENGTH, is_sensitive_key, run_secrets, url_credentials
+from dspy_turbogepa.redaction import (
+    MIN_ENV_SECRET_LENGTH,
+    is_sensitive_key,
+    run_secrets,
+    url_credentials,
+    url_key_material,
+)
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.imports import drop_cut_short_imports
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
@@ -293,8 +299,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             if number is None:
                 raise TypeError(f"seed must be an int or None, got {seed!r}.")
             seed = number
-        if not isinstance(reduction_factor, (int, float)) or reduction_factor <= 1:
-            raise ValueError(f"reduction_factor must be a number > 1, got {reduction_factor!r}.")
+        if (isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float))
+                or not 1 < reduction_factor < math.inf):  # NaN fails the comparison too
+            raise ValueError(f"reduction_factor must be a finite number > 1, got {reduction_factor!r}.")
         if rung_fractions is not None:
             validate_rung_fractions(rung_fractions)
         if minibatch_sampling not in MINIBATCH_SAMPLINGS:
@@ -762,8 +769,8 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list
     """Credentials held by the LM objects this compile will call, so that any text quoting them (an
     error body echoing the key it was given) is masked exactly: every credential-named argument
     (``api_key``, ``aws_secret_access_key``, ``aws_session_token``, ...), the password in an
-    ``api_base`` URL, and the values of credential headers (``Authorization``, ``x-api-key``,
-    ``x-portkey-virtual-key``, ...).
+    ``api_base`` URL and its path or query parts that look like key material, and the values of
+    credential headers (``Authorization``, ``x-api-key``, ``x-portkey-virtual-key``, ...).
 
     The LMs: the program's predictors', the configured and the reflection LM, and those found one step
     away from the program's modules and from ``others`` (the metric, the instruction proposer): an LM
@@ -792,6 +799,7 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list
             # a URL's password is never a placeholder word (run_secrets drops short values); a token
             # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
             keys += url_credentials(url, username_if=_looks_like_a_key)
+            keys += url_key_material(url)  # a gateway's key in the path (.../gw/<token>/v1) or the query
     return keys
 
 

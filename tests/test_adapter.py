@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 
@@ -889,3 +890,47 @@ def test_a_candidate_text_reaches_the_program_as_dspy_gepa_sets_it(routing):
     for program in (codec.build({name: text}), codec.get("fp", {name: text}).program):
         (_, pred), = program.named_predictors()
         assert pred.signature.instructions == expected
+
+
+class UnprintableError(Exception):
+    """Like many SDK errors: ``__str__`` formats a field of the response body, and this body lacks it."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def __str__(self):
+        return self.body["error"]["message"]
+
+
+def test_an_exception_whose_str_raises_is_an_ordinary_failure_everywhere(routing):
+    """Describing a failure must never become a second, fatal one: raised by the program, by the scoring
+    metric call and by the feedback (pred_name) call, it is scored failure_score, recorded and skipped
+    like any other exception, and the run finishes."""
+
+    feedback_calls = itertools.count()
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if "refund" in gold.ticket.lower():
+            raise UnprintableError({"detail": "judge overloaded"})
+        if pred_name is not None and next(feedback_calls) % 2:
+            raise UnprintableError({"detail": "judge overloaded"})
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    proposer = RecordingProposer()
+    splits = small_splits(routing, n_train=30, n_val=16)
+    program = FailsOnTracking(routing.make_program(), error=lambda: UnprintableError({"detail": "CRM down"}))
+    opt = TurboGEPA(metric, max_metric_calls=150, instruction_proposer=proposer, num_threads=4,
+                    failure_score=-1.0, use_merge=False, track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
+    dr = optimized.detailed_results
+    assert dr.run_stats["failures"]["program_error"] >= 1
+    assert dr.run_stats["failures"]["metric_error"] >= 1
+    assert dr.run_stats["reflective_records_skipped"].get("feedback_error", 0) >= 1
+    assert proposer.calls, "reflections still ran"
+    feedback = [rec["Feedback"] for _, ds, _ in proposer.calls for recs in ds.values() for rec in recs]
+    assert any("<str() of this UnprintableError raised KeyError>" in f for f in feedback)
+    for i, ex in enumerate(splits.val):
+        if "tracking" in ex.ticket.lower() or "refund" in ex.ticket.lower():
+            assert dr.val_subscores[0][i] == -1.0

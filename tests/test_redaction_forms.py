@@ -158,6 +158,47 @@ def test_quoted_url_token_and_apim_header_are_never_written(routing, tmp_path, e
         assert USER_TOKEN.encode() not in data and APIM.encode() not in data, path
 
 
+@pytest.mark.http
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_a_key_in_the_api_base_path_is_never_written_or_raised(routing, tmp_path, engine, caplog):
+    """A gateway that takes its key in the path (``.../gw/<token>/v1``) answers 404 quoting that path:
+    the token reached the run store, the log and the SystemicFailureError's text (only endpoint names
+    hid it)."""
+    import logging
+
+    from dspy_turbogepa import SystemicFailureError
+
+    token = "gwtok0a9b8c7d6e5f4a3b2c1"
+    splits = small_splits(routing, n_train=20, n_val=10)
+    with SimServer("test", seed=0) as srv, caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url.replace("/v1", f"/gw/{token}/v1"),
+                          api_key="anything", cache=False, **engine)
+        opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0),
+                        num_threads=4, log_dir=str(tmp_path), verbose=False)
+        with dspy.context(lm=student), pytest.raises(SystemicFailureError) as info:
+            opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert "/gw/" + REDACTED in str(info.value)  # the 404 is quoted, the token masked
+    assert token not in str(info.value) and token not in caplog.text
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "run.sqlite3" for p in written)
+    for path in written:
+        assert token.encode() not in path.read_bytes(), path
+
+
+def test_key_material_in_an_api_base_path_or_query_is_a_run_secret():
+    from dspy_turbogepa.redaction import url_key_material
+    from dspy_turbogepa.teleprompter import _lm_api_keys
+
+    path_token, query_token = "gwtok0a9b8c7d6e5f4a3b2c1", "qtok9z8y7x6w5v4u3t2s1"
+    lm = dspy.LM("openai/x", api_base=f"http://h:9/gw/{path_token}/v1?key={query_token}&api-version=2024-06-01")
+    keys = set(_lm_api_keys(dspy.Predict("q -> a"), lm))
+    assert {path_token, query_token} <= keys
+    assert not {"gw", "v1", "h:9", "2024-06-01"} & keys
+    assert url_key_material("https://x.openai.azure.com/openai/deployments/my-chat/v1") == []
+    assert url_key_material("http://h/gw/tok%2Dabc0123456789xyz/v1") == ["tok%2Dabc0123456789xyz",
+                                                                          "tok-abc0123456789xyz"]
+
+
 def test_an_endpoint_name_never_holds_a_path_token_or_a_query():
     """Endpoint names key the rate-limit stats in summary.json, detailed_results and MLflow metric names
     (which are never redacted): a gateway that takes its key in the path (``/gw/<token>/v1``) or the

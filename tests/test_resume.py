@@ -1474,3 +1474,40 @@ def test_the_replay_note_says_when_only_some_siblings_were_replayed():
     assert note(3, 0) == "" and note(0, 0) == ""
     assert note(1, 1) == note(3, 3) == " (reflection replayed from the run store)"
     assert note(3, 1) == " (1 of its 3 reflections replayed from the run store)"
+
+
+class _OddBytes(dspy.Module):
+    """Routing, its answer followed by bytes read as text with ``surrogateescape`` (a file or a
+    subprocess's output in an unknown encoding): a lone surrogate in every output."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ticket):
+        pred = self.inner(ticket=ticket)
+        return dspy.Prediction(queue=pred.queue, raw=b"caf\xe9".decode("utf-8", "surrogateescape"))
+
+
+def test_text_with_lone_surrogates_in_data_and_outputs_is_stored_and_never_paid_again(routing, tmp_path):
+    """With a log_dir, a surrogate in the trainset failed the run key with a bare UnicodeEncodeError, and
+    one in a program's output kept its evaluation out of the store, so every rerun paid for it again."""
+    splits = small_splits(routing, n_train=20, n_val=10)
+    odd = b"\xff".decode("utf-8", "surrogateescape")
+    train = [ex.copy(note=f"imported {odd}").with_inputs("ticket") for ex in splits.train]
+
+    def run():
+        student, reflector = make_student_lm(seed=0, noise=0.0), make_reflection_lm(seed=0)
+        opt = TurboGEPA(routing.metric, max_metric_calls=80, reflection_lm=reflector, num_threads=4,
+                        track_stats=True, track_best_outputs=True, log_dir=str(tmp_path))
+        with dspy.context(lm=student):
+            program = opt.compile(_OddBytes(routing.make_program()), trainset=train, valset=splits.val)
+        return program, sim_engine(student).calls
+
+    first, calls = run()
+    assert calls > 0 and first.detailed_results.run_stats["failures"] == {}
+    again, calls_again = run()
+    assert calls_again == 0
+    assert _instructions(again) == _instructions(first)
+    outputs = again.detailed_results.best_outputs_valset
+    assert outputs[0][0][1].raw == "caf\udce9"  # read back from the store as it was

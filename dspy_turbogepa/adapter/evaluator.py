@@ -67,7 +67,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, cancelling
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
-from dspy_turbogepa.redaction import mask_text
+from dspy_turbogepa.redaction import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _error_types(exc: BaseException) -> list[str]:
 def _describe(exc: BaseException) -> str:
     """The error as feedback text: masked at the source, since it reaches the reflection prompt, logs
     and a SystemicFailureError as well as the run store (a client error may quote a key)."""
-    text = mask_text(f"{type(exc).__name__}: {exc}").strip()  # sentences are appended to it ("... . Scored")
+    text = describe_error(exc).strip()  # sentences are appended to it ("... . Scored")
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
 
 

@@ -27,7 +27,7 @@ from dspy_turbogepa.adapter.evaluator import DspyTrajectory
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
-from dspy_turbogepa.redaction import mask_text
+from dspy_turbogepa.redaction import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class ReflectiveDatasetBuilder:
                 [(self._codec.student_predictor(name), step.inputs, step.outputs)],
             )
         except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
-            message = f"{type(exc).__name__}: {mask_text(str(exc))}"
+            message = describe_error(exc)
             self._log_once(("feedback_error", ""), "The metric raised while giving feedback for %r: %s (this example "
                            "is left out of the reflection; counted in run_stats['reflective_records_skipped'], "
                            "further ones are logged at DEBUG)", name, message)

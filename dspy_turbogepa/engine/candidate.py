@@ -21,7 +21,9 @@ ProposalKind = Literal["seed", "reflection", "reflection_all", "merge"]
 def fingerprint_texts(texts: Mapping[str, str]) -> str:
     """Content hash of a candidate: equal texts give equal fingerprints, whatever their origin."""
     payload = json.dumps(sorted(texts.items()), ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+    # surrogatepass: a lone surrogate (text decoded with surrogateescape, a JSON "\ud83d" cut in half)
+    # is hashed instead of raising; every valid text encodes as before
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

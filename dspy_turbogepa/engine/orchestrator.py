@@ -55,7 +55,7 @@ from dspy_turbogepa.engine.types import (
     ProposalOutcome,
     Reflector,
 )
-from dspy_turbogepa.redaction import mask_text
+from dspy_turbogepa.redaction import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -814,7 +814,7 @@ class Orchestrator:
                 self.selector_state(plan.view if self.config.deterministic else None),
             )
         except USER_CODE_ERRORS as exc:  # the user's selector (or its answer) failed: skip this mutation
-            message = mask_text(f"{type(exc).__name__}: {exc}")
+            message = describe_error(exc)
             logger.warning("Mutation %d: the component selector failed: %s", plan.seq, message)
             self.stats.proposal_skips["selector_error"] += 1
             # a selector that always fails stops the run like a proposer that always fails
@@ -1032,7 +1032,7 @@ class Orchestrator:
                 proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
             except Exception as exc:  # a proposer failure skips this proposal, recorded; the run goes on  # noqa: BLE001
                 # An LM client's error can quote a request, key included: mask before it reaches a log.
-                message = mask_text(f"{type(exc).__name__}: {exc}")
+                message = describe_error(exc)
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)
                 proposal = ProposalOutcome(skipped="proposer_error", message=message)
         self.stats.reflection_calls += proposal.reflection_calls

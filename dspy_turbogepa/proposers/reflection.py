@@ -37,7 +37,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
-from dspy_turbogepa.redaction import mask_text
+from dspy_turbogepa.redaction import describe_error, error_text
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ class ReflectiveProposer:
                 components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
             )
         except FeedbackMetricError as exc:
-            return ProposalOutcome(skipped="feedback_error", message=str(exc))
+            return ProposalOutcome(skipped="feedback_error", message=error_text(exc))
         except Exception as exc:  # defensive: a broken trace must not end the run
-            message = mask_text(f"{type(exc).__name__}: {exc}")
+            message = describe_error(exc)
             logger.warning("Building the reflective dataset failed: %s", message)
             logger.debug("Building the reflective dataset failed", exc_info=True)
             return ProposalOutcome(skipped="reflective_dataset_error", message=message)
@@ -197,7 +197,7 @@ class ReflectiveProposer:
 
     def _failed(self, exc: BaseException) -> ProposalOutcome:
         """The proposer's failure, recorded; this proposal is skipped."""
-        message = mask_text(f"{type(exc).__name__}: {exc}")
+        message = describe_error(exc)
         with self._report_lock:
             first = type(exc).__name__ not in self._reported_errors
             self._reported_errors.add(type(exc).__name__)

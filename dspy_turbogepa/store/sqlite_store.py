@@ -16,6 +16,7 @@ import math
 import operator
 import os
 import queue
+import re
 import sqlite3
 import tempfile
 import threading
@@ -225,7 +226,8 @@ def stable_hash(obj: Any) -> str:
     import hashlib
 
     payload = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+    # surrogatepass: data decoded with surrogateescape is hashed, not refused; valid text hashes as before
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _jsonable(obj: Any, depth: int = 0) -> Any:
@@ -256,6 +258,25 @@ def _jsonable(obj: Any, depth: int = 0) -> Any:
         except (TypeError, ValueError):
             pass
     return repr(obj)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(row: tuple[str, tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
+    """``row`` with each lone surrogate in its text written as a JSON escape (``\\udce9``), which SQLite's
+    UTF-8 can store. In a JSON column (every structured one: texts, outputs, traces) the escape sits
+    inside a string literal and loads back as the same character, so nothing is lost; in a plain text
+    column (a message) it reads as the escape. Only rows that failed are rewritten: the fast path
+    never scans."""
+    sql, params = row
+
+    def escaped(value: Any) -> Any:
+        if not isinstance(value, str) or value.isascii():
+            return value
+        return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+
+    return sql, tuple(escaped(v) for v in params)
 
 
 def _dumps(obj: Any) -> str:
@@ -423,12 +444,12 @@ class _Writer:
             return
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error, or OverflowError for an out-of-range integer
             self._rollback()
-            if len(rows) == 1:
+            if len(rows) == 1 and not isinstance(exc, UnicodeEncodeError):
                 self._failed(rows, exc)
                 return
         for row in rows:  # one bad row must not cost the whole batch
             try:
-                self._transaction([row])
+                self._transaction([_encodable(row)])
             except Exception as exc:  # noqa: BLE001 - same as above
                 self._rollback()
                 self._failed([row], exc)

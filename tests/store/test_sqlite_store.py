@@ -503,6 +503,28 @@ def test_a_failing_row_is_reported_and_does_not_cost_its_batch(tmp_path: Path) -
         assert store.counts()["evaluations"] == 20
 
 
+def test_text_with_a_lone_surrogate_is_stored_and_read_back_unchanged(tmp_path: Path) -> None:
+    """Text decoded with ``surrogateescape`` (bytes from a file or a subprocess) holds lone surrogates,
+    which SQLite's UTF-8 refuses: such rows were dropped with a warning, so a resume paid for them again.
+    JSON columns come back as they were; a plain message keeps the character as its escape."""
+    odd = "caf\udce9 \ud83d"
+    assert stable_hash({"x": odd}) == stable_hash({"x": odd}) != stable_hash({"x": "cafe"})
+    with RunStore.open(tmp_path, RUN_KEY, commit_interval=30.0) as store:
+        store.record_candidate("c1", {"p": odd}, [], "seed", 0.0)
+        _eval(store, "c1", 0, output_json=json.dumps({"answer": odd}), message=f"failed on {odd}",
+              trajectory_json=json.dumps({"steps": [odd]}))
+        _eval(store, "c1", 1)  # in the same batch: it is not lost with the other
+        store.flush()
+        assert store.write_stats["failed"] == 0
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        assert store.load_candidates()[0].texts == {"p": odd}
+        ev = {e.example_id: e for e in store.load_evaluations()}
+        assert sorted(ev) == [0, 1]
+        assert json.loads(ev[0].output_json) == {"answer": odd}
+        assert json.loads(ev[0].trajectory_json) == {"steps": [odd]}
+        assert ev[0].message == "failed on caf\\udce9 \\ud83d"
+
+
 # ----------------------------------------------------------------------------------- SIGKILL
 
 _WRITER_SCRIPT = _PRELUDE + textwrap.dedent(
