@@ -463,6 +463,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                        seed=self.seed)
         cleanup.callback(reflector.close)
         store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup)
+        if config.stop_file is not None and config.stop_file.exists():
+            # gepa's rule (the file stops the run) holds, but a file left from stopping the last session
+            # would otherwise end this one right after the seed with a single INFO line
+            logger.warning("%s already exists: this run stops right after the seed's validation, as asked. "
+                           "Delete the file to resume the search.", config.stop_file)
         display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)
         # MLflow: full-validation evaluations reach DSPy's callbacks on this thread (docs/mlflow.md)
         pump = CompileThreadCallbackPump(codec.build, val, instance=self) if dspy.settings.get("callbacks") else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -207,6 +208,18 @@ def test_stop_file_stops_gracefully(routing, student_lm, reflection_lm, tmp_path
     dr = optimized.detailed_results
     assert dr.stop_reason == "stop_file"
     assert dr.total_metric_calls < 400  # stopped long before the budget; in-flight work finished
+
+
+def test_a_stop_file_left_from_the_last_session_is_warned_about(routing, student_lm, reflection_lm, tmp_path,
+                                                                 caplog):
+    """Stopping a run with gepa.stop and rerunning it to resume ended the new session right after the
+    seed, with one INFO line: the file's rule holds, but now it says so up front."""
+    (tmp_path / "gepa.stop").touch()
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=200, log_dir=str(tmp_path))
+    assert optimized.detailed_results.stop_reason == "stop_file"
+    assert any("gepa.stop already exists" in r.getMessage() and "Delete the file" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_compile_inside_a_running_event_loop(routing, student_lm, reflection_lm):
