@@ -35,6 +35,8 @@ REDACTED = "***REDACTED***"
 #: Environment variable names whose values are treated as secrets (case-insensitive substring match).
 SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD")
 MIN_ENV_SECRET_LENGTH = 8
+#: Environment variables naming an endpoint, whose URL's credentials are secrets too.
+URL_ENV_SUFFIXES = ("API_BASE", "BASE_URL", "API_URL", "ENDPOINT")
 
 # Normalised key names (lowercase, letters and digits only) whose values are always dropped.
 _SENSITIVE_EXACT = frozenset(
@@ -151,18 +153,39 @@ def endpoint_url(url: str) -> str:
 
 
 def url_key_material(url: str) -> list[str]:
-    """The parts of a URL's path and query that :func:`endpoint_url` hides as possible key material
-    (``.../gw/<token>/v1``, ``?key=<token>``), as written and percent-decoded: a gateway that answers
-    404 quoting the path would otherwise put the token in an error message, a log and the run store."""
-    from urllib.parse import parse_qsl, unquote, urlsplit
+    """The key material in a URL's path and query (``.../gw/<token>/v1``, ``?key=<token>``, a SAS
+    ``sig=``), as written, percent-decoded and form-decoded: a gateway that answers 404 quoting the
+    path or the URL would otherwise put the token in an error message, a log and the run store.
+
+    Stricter than :func:`endpoint_url`'s rule, since these values are masked wherever they appear: a
+    value counts when it holds a run of 16+ letters and digits with both (random material), or is the
+    value of a credential-named query parameter; a deployment name or an API version
+    (``gpt-4o-mini-2024-07-18``, ``2024-08-01-preview``) is short words between separators and is
+    left alone, so a model name quoting it is not masked in logs, MLflow or candidate texts."""
+    from urllib.parse import unquote, unquote_plus, urlsplit
 
     try:
         parts = urlsplit(url)
     except ValueError:
         return []
-    found = [seg for seg in parts.path.split("/") if seg and not _plain_segment(seg)]
-    found += [value for _, value in parse_qsl(parts.query) if value and not _plain_segment(value)]
-    return list(dict.fromkeys(found + [unquote(s) for s in found]))
+    found = [seg for seg in parts.path.split("/") if _key_like(seg) or _key_like(unquote(seg))]
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if value and (_key_like(value) or _key_like(unquote_plus(value)) or _credential_param(unquote_plus(name))):
+            found.append(value)
+    forms = [form for raw in found for form in (raw, unquote(raw), unquote_plus(raw))]
+    return list(dict.fromkeys(forms))
+
+
+def _key_like(value: str) -> bool:
+    return any(len(run) >= 16 and not run.isdigit() and not run.isalpha()
+               for run in re.findall(r"[A-Za-z0-9]+", value))
+
+
+def _credential_param(name: str) -> bool:
+    """A query parameter that carries a credential: ``key``, ``api_key``, ``token``, ``sig`` (Azure SAS),
+    ``code`` (Azure Functions)."""
+    return is_sensitive_key(name) or _normalise_key(name) in {"key", "sig", "signature", "code", "auth"}
 
 
 def _plain_segment(segment: str) -> bool:
@@ -275,6 +298,14 @@ def env_secret_values() -> tuple[str, ...]:
         for name, value in os.environ.items()
         if len(value) >= MIN_ENV_SECRET_LENGTH and any(marker in name.upper() for marker in SECRET_ENV_MARKERS)
     }
+    # an endpoint set through the environment (OPENAI_API_BASE, AZURE_API_BASE, OPENAI_BASE_URL, ...)
+    # may carry a credential the LM object never shows: in its userinfo, path or query
+    values.update(
+        part
+        for name, value in os.environ.items() if name.upper().endswith(URL_ENV_SUFFIXES) and "://" in value
+        for part in url_credentials(value, username_if=_key_like) + url_key_material(value)
+        if len(part) >= MIN_ENV_SECRET_LENGTH
+    )
     result = tuple(sorted(values, key=lambda v: (-len(v), v)))
     if data is not None:
         _ENV_SCAN.last = (dict(data), result)

@@ -893,7 +893,7 @@ def test_a_candidate_text_reaches_the_program_as_dspy_gepa_sets_it(routing):
 
 
 class UnprintableError(Exception):
-    """Like many SDK errors: ``__str__`` formats a field of the response body, and this body lacks it."""
+    """Like many SDK errors: ``__str__`` and properties read fields of the response body, which it lacks."""
 
     def __init__(self, body):
         super().__init__()
@@ -901,6 +901,14 @@ class UnprintableError(Exception):
 
     def __str__(self):
         return self.body["error"]["message"]
+
+    @property
+    def status_code(self):  # read by the rate-limit classification
+        return self.body["error"]["code"]
+
+    @property
+    def signature(self):  # read to name the predictor that failed
+        return self.body["error"]["signature"]
 
 
 def test_an_exception_whose_str_raises_is_an_ordinary_failure_everywhere(routing):

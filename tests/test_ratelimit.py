@@ -388,6 +388,26 @@ def test_a_429_of_an_error_type_we_do_not_know_is_a_rate_limit():
     assert classify(QuotaExceeded(400), FATAL_ERROR_TYPES).kind is None
 
 
+def test_an_error_whose_properties_raise_is_classified_not_fatal_to_the_run():
+    """getattr(exc, "status_code", None) only survives an AttributeError: an SDK error whose
+    ``status_code``, ``headers`` or ``response`` property reads a missing response field raised a
+    KeyError out of the classification, ending the compile."""
+    from dspy_turbogepa.adapter.ratelimit import retry_after_of
+
+    class BrokenSDKError(Exception):
+        body: dict = {}
+
+        def __getattr__(self, name):
+            if name in ("status", "status_code", "headers", "response", "retry_after", "model", "signature",
+                        "lm_response", "litellm_response_headers", "exceptions"):
+                return self.body["error"][name]  # KeyError, not AttributeError
+            raise AttributeError(name)
+
+    verdict = classify(BrokenSDKError("upstream said no"), FATAL_ERROR_TYPES)
+    assert verdict.kind is None and not verdict.fatal
+    assert retry_after_of(BrokenSDKError("x")) is None
+
+
 def test_only_the_lm_stack_raises_fatal_errors():
     assert {"AuthenticationError", "NotFoundError", "ConnectionRefusedError"} <= FATAL_ERROR_TYPES
     assert "APIConnectionError" not in FATAL_ERROR_TYPES  # litellm reports transient resets with it too

@@ -194,9 +194,30 @@ def test_key_material_in_an_api_base_path_or_query_is_a_run_secret():
     keys = set(_lm_api_keys(dspy.Predict("q -> a"), lm))
     assert {path_token, query_token} <= keys
     assert not {"gw", "v1", "h:9", "2024-06-01"} & keys
-    assert url_key_material("https://x.openai.azure.com/openai/deployments/my-chat/v1") == []
     assert url_key_material("http://h/gw/tok%2Dabc0123456789xyz/v1") == ["tok%2Dabc0123456789xyz",
                                                                           "tok-abc0123456789xyz"]
+    # a SAS signature as written in the URL (what a 404 quotes) and decoded; a short credential parameter
+    assert url_key_material("https://s.blob.core.windows.net/c?sv=2022-11-02&sig=ab%2Bcd%2Fef0123456789XYZ%3D") == [
+        "ab%2Bcd%2Fef0123456789XYZ%3D", "ab+cd/ef0123456789XYZ="]
+    assert url_key_material("http://h/v1?api_key=shortish") == ["shortish"]
+    # names are not key material: masked everywhere, they would hide the model in logs, MLflow and texts
+    for url in ("https://x.openai.azure.com/openai/deployments/gpt-4o-mini-2024-07-18/chat?api-version=2024-08-01-preview",
+                "https://x.openai.azure.com/openai/deployments/customer-classification/v1",
+                "https://x.openai.azure.com/openai/deployments/my-chat/v1"):
+        assert url_key_material(url) == [], url
+
+
+def test_an_endpoint_from_the_environment_masks_its_key_material(monkeypatch):
+    """litellm reads OPENAI_API_BASE, AZURE_API_BASE, OPENAI_BASE_URL...: a path token there is no LM
+    argument, and those names hold no KEY/TOKEN/SECRET marker."""
+    from dspy_turbogepa.redaction import env_secret_values
+
+    monkeypatch.setenv("OPENAI_API_BASE", "http://127.0.0.1:9/gw/gwtok0a9b8c7d6e5f4a3b2c1/v1")
+    monkeypatch.setenv("AZURE_API_BASE", "https://me:LKazurePassw0rd1234@x.openai.azure.com/openai/"
+                       "deployments/gpt-4o-mini-2024-07-18")
+    assert mask_text("404 for /gw/gwtok0a9b8c7d6e5f4a3b2c1/v1") == f"404 for /gw/{REDACTED}/v1"
+    assert "LKazurePassw0rd1234" in env_secret_values()
+    assert mask_text("model azure/gpt-4o-mini-2024-07-18") == "model azure/gpt-4o-mini-2024-07-18"
 
 
 def test_an_endpoint_name_never_holds_a_path_token_or_a_query():

@@ -1511,3 +1511,5 @@ def test_text_with_lone_surrogates_in_data_and_outputs_is_stored_and_never_paid_
     assert _instructions(again) == _instructions(first)
     outputs = again.detailed_results.best_outputs_valset
     assert outputs[0][0][1].raw == "caf\udce9"  # read back from the store as it was
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))  # written, valid JSON
+    assert summary

@@ -63,6 +63,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     RetryPolicy,
     Verdict,
     classify,
+    error_attr,
 )
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, cancelling
@@ -514,10 +515,10 @@ class DspyEvaluator:
             service = verdict.service_failure
             failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
             message = _describe(error)
-            failed_signature = getattr(error, "signature", None)
+            failed_signature = error_attr(error, "signature")
             trajectory = DspyTrajectory(
                 example, None, steps, raw_trace, message, fatal or types[0], failure,
-                raw_completion=getattr(error, "lm_response", None),
+                raw_completion=error_attr(error, "lm_response"),
                 failed_signature=failed_signature, service_failure=service,
                 failed_predictor=names.signature_owner(failed_signature) if failed_signature is not None else None,
             ) if capture else None

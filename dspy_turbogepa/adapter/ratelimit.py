@@ -155,6 +155,16 @@ class Verdict:
         return self.fatal or self.kind is not None or self.unusable_answer
 
 
+def error_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)`` that also survives a property raising something else: an SDK
+    error's ``status_code`` or ``headers`` may read a response field that is not there, and looking at a
+    failure must never become a second, fatal one."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - whatever the property raised: the attribute is not there
+        return None
+
+
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, its causes/contexts, and the members of exception groups, each once."""
     seen: set[int] = set()
@@ -166,7 +176,7 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(cur))
         yield cur
         if _GROUP is not None and isinstance(cur, _GROUP):  # e.g. an asyncio.TaskGroup in the program
-            stack.extend(reversed(list(getattr(cur, "exceptions", ()))))
+            stack.extend(reversed(list(error_attr(cur, "exceptions") or ())))
         nxt = cur.__cause__ or cur.__context__
         if nxt is not None:
             stack.append(nxt)
@@ -174,7 +184,7 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
 
 def _status(exc: BaseException) -> int | None:
     for attr in ("status", "status_code"):
-        value = getattr(exc, attr, None)
+        value = error_attr(exc, attr)
         if isinstance(value, str) and value.isdecimal():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
@@ -227,13 +237,13 @@ def _retry_after_from_headers(headers: Any) -> float | None:
 def retry_after_of(exc: BaseException) -> float | None:
     """The server's Retry-After hint (seconds), wherever it is in the chain; None when absent."""
     for cur in exception_chain(exc):
-        value = _finite(getattr(cur, "retry_after", None))
+        value = _finite(error_attr(cur, "retry_after"))
         if value is not None:
             return value
         for holder in (
-            getattr(cur, "litellm_response_headers", None),
-            getattr(cur, "headers", None),
-            getattr(getattr(cur, "response", None), "headers", None),
+            error_attr(cur, "litellm_response_headers"),
+            error_attr(cur, "headers"),
+            error_attr(error_attr(cur, "response"), "headers"),
         ):
             value = _retry_after_from_headers(holder)
             if value is not None:
@@ -266,7 +276,7 @@ def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:
     fatal_name = _first_fatal(chain, fatal)
     if fatal_name is not None:
         return Verdict(None, error_type=fatal_name, fatal=True)
-    model = next((m for c in chain if isinstance(m := getattr(c, "model", None), str) and m), None)
+    model = next((m for c in chain if isinstance(m := error_attr(c, "model"), str) and m), None)
     for cur, name in zip(chain, names):
         if name in RATE_LIMIT_TYPES or _status(cur) == 429:
             return Verdict("rate_limited", retry_after_of(exc), model, name)

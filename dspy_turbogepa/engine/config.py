@@ -22,19 +22,24 @@ MINIBATCH_SAMPLINGS: tuple[str, ...] = ("failure_first", "epoch")
 MIN_SHARD_SIZE = 8
 
 
+#: The most validation shards below the full set that the default ladder builds.
+MAX_RUNGS = 16
+
+
 def default_rung_fractions(
     val_size: int, reduction_factor: float = 3.0, min_shard: int = MIN_SHARD_SIZE
 ) -> tuple[float, ...]:
     """ASHA-style geometric ladder of validation shards, ending at the full validation set.
 
     Shard k holds ``val_size / reduction_factor**k`` examples; shards smaller than ``min_shard`` are
-    dropped because a decision on a handful of examples prunes good children by chance.
+    dropped because a decision on a handful of examples prunes good children by chance. At most
+    ``MAX_RUNGS`` shards below the full set: a factor barely above 1 would otherwise build millions.
     """
-    if reduction_factor <= 1:
-        raise ValueError(f"reduction_factor must be > 1, got {reduction_factor}")
+    if not 1 < reduction_factor < math.inf:
+        raise ValueError(f"reduction_factor must be a finite number > 1, got {reduction_factor}")
     fractions = [1.0]
     k = 1
-    while val_size / reduction_factor**k >= min_shard:
+    while k <= MAX_RUNGS and val_size / reduction_factor**k >= min_shard:
         fractions.append(1.0 / reduction_factor**k)
         k += 1
     return tuple(sorted(fractions))

@@ -263,6 +263,10 @@ def _jsonable(obj: Any, depth: int = 0) -> Any:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def _encodable(row: tuple[str, tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
     """``row`` with each lone surrogate in its text written as a JSON escape (``\\udce9``), which SQLite's
     UTF-8 can store. In a JSON column (every structured one: texts, outputs, traces) the escape sits
@@ -274,13 +278,15 @@ def _encodable(row: tuple[str, tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
     def escaped(value: Any) -> Any:
         if not isinstance(value, str) or value.isascii():
             return value
-        return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+        return _LONE_SURROGATE.sub(_escape, value)
 
     return sql, tuple(escaped(v) for v in params)
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    # a lone surrogate as its JSON escape (see _encodable): meta and events are written outside the writer
+    return text if text.isascii() else _LONE_SURROGATE.sub(_escape, text)
 
 
 def _score(value: float) -> float | None:

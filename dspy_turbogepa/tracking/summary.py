@@ -167,7 +167,9 @@ def write_summary(
     tmp = str(directory / f".summary.{os.getpid()}.{threading.get_ident()}.json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        # backslashreplace: a lone surrogate (text decoded with surrogateescape) is written as its JSON
+        # escape, which every JSON reader loads back as the same character
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:

@@ -862,3 +862,38 @@ def test_examples_whose_metric_raised_are_not_ranked_as_failures() -> None:
     assert any(split == "train" and i in unlabeled for _, split, i in ev.order)  # they were evaluated
     seen = {i for table in orch._knowledge._known.values() for i in table}
     assert seen and not seen & unlabeled
+
+
+class _Unprintable(Exception):
+    """An SDK-style error whose ``__str__`` reads a response field that is not there."""
+
+    def __str__(self) -> str:
+        raise KeyError("error")
+
+
+def test_a_reflector_or_selector_error_whose_str_raises_is_skipped_like_any_other() -> None:
+    """Describing the failure (for the log and the outcome) raised a second error out of the engine."""
+
+    class Unprintable(FakeReflector):
+        async def reflect(self, *args, **kwargs):
+            outcome = await super().reflect(*args, **kwargs)
+            if len(self.calls) % 2 == 0:
+                raise _Unprintable()
+            return outcome
+
+    rec = Recorder()
+    result, *_ = run_fakes(make_config(max_metric_calls=60), hard_setup(), reflector=Unprintable(1), observers=[rec])
+    assert result.stats.proposal_skips["proposer_error"] > 0
+    assert any("<str() of this _Unprintable raised KeyError>" in (r.detail or "") for r in rec.results)
+
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise _Unprintable()
+        return ["a"]
+
+    result, *_ = run_fakes(make_config(max_metric_calls=300, component_selector=flaky), two_component_setup(),
+                           sleep_seed=1)
+    assert result.stats.proposal_skips["selector_error"] == 2 and len(result.records) > 1

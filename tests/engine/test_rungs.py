@@ -161,6 +161,12 @@ def test_default_rung_fractions() -> None:
     assert default_rung_fractions(100, reduction_factor=2.0) == pytest.approx((1 / 8, 1 / 4, 1 / 2, 1.0))
     with pytest.raises(ValueError):
         default_rung_fractions(10, reduction_factor=1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            default_rung_fractions(10, reduction_factor=bad)
+    # a factor barely above 1 asked for ~10^9 rungs (and looped as long): the ladder stops at 16
+    ladder = default_rung_fractions(1000, reduction_factor=1 + 1e-9)
+    assert len(ladder) == 17 and ladder[-1] == 1.0 and ladder[0] < 1.0
 
 
 @pytest.mark.parametrize("bad", [(), (0.5,), (0.0, 1.0), (0.5, 0.5, 1.0), (0.6, 0.3, 1.0), (1.0, 1.5)])

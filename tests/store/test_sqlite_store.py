@@ -509,7 +509,8 @@ def test_text_with_a_lone_surrogate_is_stored_and_read_back_unchanged(tmp_path: 
     JSON columns come back as they were; a plain message keeps the character as its escape."""
     odd = "caf\udce9 \ud83d"
     assert stable_hash({"x": odd}) == stable_hash({"x": odd}) != stable_hash({"x": "cafe"})
-    with RunStore.open(tmp_path, RUN_KEY, commit_interval=30.0) as store:
+    with RunStore.open(tmp_path, RUN_KEY, {"log_dir": f"/runs/{odd}"}, commit_interval=30.0) as store:
+        store.record_event("note", {"odd": odd})  # events and meta are written outside the row writer
         store.record_candidate("c1", {"p": odd}, [], "seed", 0.0)
         _eval(store, "c1", 0, output_json=json.dumps({"answer": odd}), message=f"failed on {odd}",
               trajectory_json=json.dumps({"steps": [odd]}))
@@ -517,6 +518,8 @@ def test_text_with_a_lone_surrogate_is_stored_and_read_back_unchanged(tmp_path: 
         store.flush()
         assert store.write_stats["failed"] == 0
     with RunStore.open(tmp_path, RUN_KEY) as store:
+        assert store.meta == {"log_dir": f"/runs/{odd}"}
+        assert [e.payload for e in store.events("note")] == [{"odd": odd}]
         assert store.load_candidates()[0].texts == {"p": odd}
         ev = {e.example_id: e for e in store.load_evaluations()}
         assert sorted(ev) == [0, 1]
