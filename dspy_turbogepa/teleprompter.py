@@ -594,8 +594,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         try:
             from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
 
-            plot_best_over_time(result.records, self._log_path() / "best_over_time.png",
-                                total_seconds=result.wall_seconds, budget=budget)
+            # the whole result, as MLflow's copy is drawn: both panels' lines run on to the end of the run
+            plot_best_over_time(result, self._log_path() / "best_over_time.png", budget=budget)
             plot_lineage(result.records, result.fronts, self._log_path() / "lineage.png")
         except ImportError:
             logger.warning("matplotlib is not installed: no plots in %s (pip install 'dspy-turbogepa[plots]').",

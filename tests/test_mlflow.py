@@ -1002,6 +1002,31 @@ def test_log_dir_reports_are_uploaded_to_the_mlflow_run(local_tracking, tmp_path
     assert {"turbogepa/best_over_time.png", "turbogepa/lineage.png"} <= artifacts, artifacts
 
 
+def test_a_resumed_runs_curves_continue_where_the_budget_stands(local_tracking, tmp_path):
+    """Every progress metric's step is the metric calls counted against the budget. On a resumed
+    log_dir everything replayed had executed 0 calls, so the whole second run's curves sat at step 0
+    and ``metric_calls`` read 0 while the budget (and the progress display) stood at the stored count."""
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+
+    log_dir = str(tmp_path / "run")
+    _, first, _ = run_small_compile(tp, use_mlflow=True, log_dir=log_dir)
+    _, again, _ = run_small_compile(tp, use_mlflow=True, log_dir=log_dir)
+    stats = again.detailed_results.run_stats
+    assert stats["metric_calls_executed"] == 0 and stats["metric_calls_replayed"] > 0
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time DESC"])
+    second = runs[0].info.run_id
+    calls = sorted(client.get_metric_history(second, "metric_calls"), key=lambda m: (m.step, m.timestamp))
+    assert calls[-1].value == stats["metric_calls_replayed"] and all(m.step == int(m.value) for m in calls)
+    best = client.get_metric_history(second, "best_val_score")
+    assert max(m.step for m in best) > 0
+    (final,) = client.get_metric_history(second, "final/total_metric_calls")
+    assert final.step == calls[-1].step
+    assert client.get_metric_history(second, "metric_calls_replayed")[-1].value == stats["metric_calls_replayed"]
+
+
 def test_upload_timeout_still_removes_the_temporary_plot_directory(local_tracking, caplog):
     tracker = MlflowRunTracker({"seed": 0}, plot_path=True, flush_interval=0.05, finish_timeout=0.2)
     tmpdir = tracker._tmpdir

@@ -330,12 +330,21 @@ def test_a_failing_report_never_loses_the_program(routing, tmp_path, monkeypatch
     assert "Could not write summary.json" in caplog.text
 
 
-def test_log_dir_gets_summary_and_plots(routing, tmp_path):
-    _compile(routing, 80, tmp_path)
+def test_log_dir_gets_summary_and_plots(routing, tmp_path, monkeypatch):
+    import dspy_turbogepa.tracking.plots as plots
+
+    drawn = []
+    original = plots.plot_best_over_time
+    monkeypatch.setattr(plots, "plot_best_over_time", lambda result, *a, **kw: drawn.append(result) or original(
+        result, *a, **kw))
+    program, *_ = _compile(routing, 80, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_reason"] and summary["result"]["candidates"]
     for name in ("best_over_time.png", "lineage.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the metric-calls panel runs on to the end of the run, not to the last new best
+    (result,) = drawn
+    assert result.total_metric_calls == program.detailed_results.total_metric_calls
 
 
 def test_nothing_secret_is_written(routing, tmp_path, monkeypatch):

@@ -414,7 +414,7 @@ class MlflowRunTracker(EngineObserver):
             "final/num_full_val_evals": result.num_full_val_evals,
             "final/wall_seconds": result.wall_seconds,
         }
-        self._add_metrics(final, step=int(getattr(result.stats, "executed", 0) or result.total_metric_calls),
+        self._add_metrics(final, step=budget_metric_calls(result.stats) or result.total_metric_calls,
                           timestamp=_now_ms())
         best_params = {self._keys("best_instructions", comp): _truncate(mask_text(str(text)), MAX_PARAM_VALUE_LENGTH)
                        for comp, text in best.candidate.texts.items()}
@@ -687,8 +687,11 @@ def stats_metrics(stats: Any) -> dict[str, float]:
         return getattr(stats, name, None)
 
     out: dict[str, float] = {}
+    calls = budget_metric_calls(stats)
+    if calls is not None:
+        out["metric_calls"] = float(calls)
     simple = {
-        "metric_calls": "executed",
+        "metric_calls_replayed": "replayed",
         "cache_hits": "cache_hits",
         "rate_limit_retries": "rate_limit_retries",
         "lm/reflection_calls": "reflection_calls",
@@ -720,6 +723,18 @@ def stats_metrics(stats: Any) -> dict[str, float]:
         # depth 3: rate_limits/endpoints/<endpoint>/window (the in-flight window) and its other counters
         out.update(_numeric_leaves(rate_limits, "rate_limits", depth=3))
     return out
+
+
+def budget_metric_calls(stats: Any) -> int | None:
+    """Metric calls counted against this session's budget: executed now, plus stored ones replayed.
+
+    The x-axis of every progress metric: a resumed run's curves continue where the budget stands (on
+    ``executed`` alone they all sat at step 0 when everything was replayed), as the progress display
+    counts."""
+    executed, replayed = getattr(stats, "executed", None), getattr(stats, "replayed", 0)
+    if not isinstance(executed, int) or isinstance(executed, bool):
+        return None
+    return executed + (replayed if isinstance(replayed, int) and not isinstance(replayed, bool) else 0)
 
 
 def _numeric_leaves(data: Mapping[Any, Any], prefix: str, depth: int) -> dict[str, float]:
