@@ -35,8 +35,6 @@ class ComponentSelector:
     def __init__(self, components: Sequence[str], policy: str | Callable[..., Any]) -> None:
         if not components:
             raise ValueError("a program needs at least one component to optimize")
-        if not callable(policy) and policy not in ("round_robin", "all"):
-            raise ValueError(f"component_selector must be 'round_robin', 'all' or a callable, got {policy!r}")
         self.components = list(components)
         self.policy = policy
         self._next: dict[str, int] = {}
@@ -64,7 +62,7 @@ class ComponentSelector:
             idx = self.counter(parent_fp) % len(self.components)
             self._next[parent_fp] = (idx + 1) % len(self.components)
             return [self.components[idx]], self._next[parent_fp]
-        assert callable(self.policy)  # the two named policies returned above
+        assert callable(self.policy)  # EngineConfig allows only the two named policies returned above
         chosen = self.policy(state, list(trajectories), list(scores), parent_index, dict(parent_texts))
         counters = state.named_predictor_id_to_update_next_for_program_candidate if state is not None else []
         if 0 <= parent_index < len(counters):  # the selector may advance the parent's round robin (gepa's does)
