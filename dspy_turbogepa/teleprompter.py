@@ -786,7 +786,8 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list
     lms += [lm for _, module in student.named_sub_modules() for lm in _held_lms(module)]
     lms += [lm for obj in others for lm in _held_lms(obj)]
     keys: list[str] = []
-    for lm in dict.fromkeys(lm for lm in lms if lm is not None):
+    # by identity: an LM class that defines __eq__ without __hash__ is unhashable
+    for lm in {id(lm): lm for lm in lms if lm is not None}.values():
         kwargs = getattr(lm, "kwargs", None)
         if not isinstance(kwargs, dict):
             continue

@@ -508,3 +508,27 @@ def test_an_objective_a_candidate_never_reported_is_absent_from_its_aggregate():
     assert dr.val_aggregate_subscores == [{"cost": -0.5}, {"cost": -0.5, "brevity": -3.0}]
     assert dr.objective_pareto_front == {"cost": -0.5, "brevity": -3.0}
     assert dr.per_objective_best_candidates == {"cost": {0, 1}, "brevity": {1}}
+
+
+class _ValueEqualLM(dspy.LM):
+    """An LM class comparing by configuration: defining ``__eq__`` makes it unhashable."""
+
+    def __eq__(self, other):
+        return isinstance(other, _ValueEqualLM) and self.model == other.model and self.kwargs == other.kwargs
+
+
+def test_unhashable_lm_classes_compile(routing):
+    """The credential pre-pass collected the run's LMs in a dict keyed by the LM objects: an LM class
+    with ``__eq__`` (so no ``__hash__``) ended compile() with a TypeError before any call, where
+    dspy.GEPA runs."""
+    student_lm, reflection_lm = make_student_lm("routing"), make_reflection_lm()
+    for lm in (student_lm, reflection_lm):
+        lm.__class__ = _ValueEqualLM
+    with pytest.raises(TypeError):
+        hash(student_lm)
+    program = routing.make_program()
+    for _, predictor in program.named_predictors():
+        predictor.lm = student_lm
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, program=program)
+    dr = optimized.detailed_results
+    assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0]
