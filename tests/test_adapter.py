@@ -355,6 +355,38 @@ def test_format_failures_reach_reflection(flag):
         assert "failed to parse" in failed[0]["Feedback"]
 
 
+def test_format_failure_structure_shows_the_parents_instruction():
+    """The "Follow this structure" block is the reflected candidate's own prompt, as dspy.GEPA formats
+    its built candidate: it showed the seed's instruction in every reflection, pulling proposals back
+    toward the seed."""
+    proposer = RecordingProposer()
+    data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
+
+    def answer_for(msg):
+        if any(f"t{i}" in msg for i in (1, 3, 5)):
+            return "no fields here"
+        return "[[ ## answer ## ]]\ny\n\n[[ ## completed ## ]]"
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return dspy.Prediction(score=float(pred.answer == gold.answer), feedback="fine")
+
+    # ties accepted, so children (whose texts do not change the answers) become parents
+    opt = TurboGEPA(metric, max_metric_calls=60, instruction_proposer=proposer, num_threads=2, use_merge=False,
+                    add_format_failure_as_feedback=True, skip_perfect_score=False,
+                    reflection_minibatch_size=6, gepa_kwargs={"acceptance_criterion": "improvement_or_equal"})
+    with dspy.context(lm=_scripted_lm(answer_for)):
+        opt.compile(dspy.Predict("text -> answer"), trainset=data, valset=data[:4])
+    seed_text = dspy.Predict("text -> answer").signature.instructions
+    checked = 0
+    for candidate, dataset, _ in proposer.calls:
+        for name, records in dataset.items():
+            for record in records:
+                if isinstance(record["Generated Outputs"], str):
+                    assert f"{candidate[name]}\n" in record["Feedback"]
+                    checked += candidate[name] != seed_text
+    assert checked
+
+
 def test_score_mismatch_warns_once(routing, caplog):
     def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         base = routing.metric(gold, pred, trace, pred_name, pred_trace)

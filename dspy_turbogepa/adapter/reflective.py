@@ -86,7 +86,10 @@ class ReflectiveDatasetBuilder:
         trajectories: Sequence[DspyTrajectory | None],
         scores: Sequence[float],
         rng: random.Random,
+        texts: Mapping[str, str] | None = None,
     ) -> dict[str, list[ReflectiveRecord]]:
+        """``texts``: the instructions of the candidate that ran (the parent); a format failure's
+        "Follow this structure" block shows them, as dspy.GEPA formats its built candidate, not the seed."""
         dataset: dict[str, list[ReflectiveRecord]] = {}
         feedback_errors: list[str] = []
         for name in components:
@@ -94,7 +97,7 @@ class ReflectiveDatasetBuilder:
             for traj, score in zip(trajectories, scores):
                 if traj is None:
                     continue
-                record = self._record(name, traj, score, rng, feedback_errors)
+                record = self._record(name, traj, score, rng, feedback_errors, texts)
                 if record is not None:
                     items.append(record)
             if items:
@@ -113,10 +116,10 @@ class ReflectiveDatasetBuilder:
 
     # ------------------------------------------------------------------ one record
     def _record(self, name: str, traj: DspyTrajectory, score: float, rng: random.Random,
-                feedback_errors: list[str]) -> ReflectiveRecord | None:
+                feedback_errors: list[str], texts: Mapping[str, str] | None = None) -> ReflectiveRecord | None:
         steps = [s for s in traj.steps if s.pred_name == name]
         if traj.failure in ("program_error", "format_error"):
-            return self._error_record(name, traj, steps)
+            return self._error_record(name, traj, steps, texts)
         if traj.failure == "metric_error":
             self._count("metric_error")
             return None
@@ -146,7 +149,8 @@ class ReflectiveDatasetBuilder:
             "Inputs": self._inputs(step.inputs), "Generated Outputs": self._outputs(step.outputs), "Feedback": feedback
         }
 
-    def _error_record(self, name: str, traj: DspyTrajectory, steps: list[Any]) -> ReflectiveRecord | None:
+    def _error_record(self, name: str, traj: DspyTrajectory, steps: list[Any],
+                      texts: Mapping[str, str] | None = None) -> ReflectiveRecord | None:
         if steps:
             return None  # this predictor produced its output; the failure happened elsewhere
         if traj.service_failure:
@@ -166,10 +170,10 @@ class ReflectiveDatasetBuilder:
                 f"```\n{raw}\n```\n\n"
             )
             if self._add_format_failures:
-                structure = "".join(
-                    f"{m['role']}: {m['content']}\n"
-                    for m in ChatAdapter().format(self._codec.student_predictor(name).signature, [], {})
-                )
+                signature = self._codec.student_predictor(name).signature
+                if texts is not None and name in texts:
+                    signature = signature.with_instructions(texts[name])
+                structure = "".join(f"{m['role']}: {m['content']}\n" for m in ChatAdapter().format(signature, [], {}))
                 feedback = "Your output failed to parse. Follow this structure:\n" + structure
             else:
                 feedback = f"Your output failed to parse into the expected output fields: {traj.error}"

@@ -121,7 +121,7 @@ class ReflectiveProposer:
         # tokens and cost still count toward the reflection's (token and dollar budgets must see them);
         # its calls are not reflection LM calls.
         with rollout_usage(self._prices) as judge:
-            dataset = self._dataset(components, outcomes, random.Random(seed))
+            dataset = self._dataset(parent_texts, components, outcomes, random.Random(seed))
         if isinstance(dataset, ProposalOutcome):
             return dataclasses.replace(
                 dataset, reflection_prompt_tokens=judge.prompt_tokens,
@@ -145,12 +145,12 @@ class ReflectiveProposer:
         )
 
     def _dataset(
-        self, components: list[str], outcomes: list[EvalOutcome], rng: random.Random
+        self, parent_texts: Mapping[str, str], components: list[str], outcomes: list[EvalOutcome], rng: random.Random
     ) -> dict[str, Any] | ProposalOutcome:
         """The reflective dataset, or the skipped proposal that says why there is none."""
         try:
             dataset = self._builder.build(
-                components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng
+                components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng, parent_texts
             )
         except FeedbackMetricError as exc:
             return ProposalOutcome(skipped="feedback_error", message=error_text(exc))
