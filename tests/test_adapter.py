@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 
@@ -10,7 +11,8 @@ import dspy
 import pytest
 
 from dspy_turbogepa import TurboGEPA
-from dspy_turbogepa.testing.fake_lm import make_student_lm
+from dspy_turbogepa.adapter.evaluator import defines_own_aforward
+from dspy_turbogepa.testing.fake_lm import make_student_lm, sim_engine
 
 from helpers import FailsOnTracking, small_splits
 
@@ -450,8 +452,6 @@ class _BothOverride(_SyncOverride):
     (_PredictSubclassOwnAsync("q -> a"), True),
 ])
 def test_only_a_users_own_aforward_makes_a_program_async(program, expected):
-    from dspy_turbogepa.adapter.evaluator import defines_own_aforward
-
     assert defines_own_aforward(program) is expected
 
 
@@ -475,6 +475,70 @@ def test_bare_predict_student_with_a_sync_only_lm_compiles(routing, reflection_l
         out = opt.compile(student, trainset=splits.train, valset=splits.val)
     scores = out.detailed_results.val_aggregate_scores
     assert max(scores) > scores[0]
+
+
+class _SyncAndAsync(dspy.Module):
+    """A user program with both forward and aforward (dspy.GEPA calls forward)."""
+
+    def __init__(self, instructions):
+        super().__init__()
+        self.route = dspy.Predict(dspy.Signature("ticket -> queue", instructions))
+
+    def forward(self, ticket):
+        return self.route(ticket=ticket)
+
+    async def aforward(self, ticket):
+        return await self.route.acall(ticket=ticket)
+
+
+@pytest.mark.parametrize("lm_kind", ["engine_without_async_engine", "base_lm_with_forward_only"])
+def test_an_async_program_falls_back_to_its_forward_when_an_lm_cannot_run_async(routing, reflection_lm, lm_kind,
+                                                                                   caplog):
+    """A program defining aforward runs through acall; with an LM that has no async support (an engine
+    passed without async_engine=, a BaseLM implementing only forward) every rollout failed and the run
+    stopped as systemic, where dspy.GEPA (which calls forward) optimizes it."""
+    sim = make_student_lm(seed=0, noise=0.0)
+    if lm_kind == "engine_without_async_engine":
+        lm = dspy.LM("sim/student", engine=sim_engine(sim), cache=False)
+    else:
+        class SyncOnlyLM(dspy.BaseLM):
+            def __init__(self):
+                super().__init__(model="local/my-model", cache=False)
+
+            def forward(self, prompt=None, messages=None, **kwargs):
+                return sim.forward(prompt=prompt, messages=messages, **kwargs)
+
+        lm = SyncOnlyLM()
+    splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
+    program = _SyncAndAsync(routing.seed_instructions["route"])
+    assert defines_own_aforward(program)
+    opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflection_lm, num_threads=4,
+                    track_stats=True, verbose=False)
+    with dspy.context(lm=lm), caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        out = opt.compile(program, trainset=splits.train, valset=splits.val)
+    dr = out.detailed_results
+    assert dr.run_stats["failures"] == {}
+    assert max(dr.val_aggregate_scores) > dr.val_aggregate_scores[0]
+    assert sum("cannot run asynchronously" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_async_only_program_with_a_sync_only_lm_stops_with_the_cause(routing, reflection_lm):
+    """Without a forward of its own there is nothing to fall back to: the run stops early, naming the fix."""
+    from dspy_turbogepa import SystemicFailureError
+
+    class AsyncOnly(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.route = dspy.Predict(dspy.Signature("ticket -> queue", routing.seed_instructions["route"]))
+
+        async def aforward(self, ticket):
+            return await self.route.acall(ticket=ticket)
+
+    lm = dspy.LM("sim/student", engine=sim_engine(make_student_lm(seed=0, noise=0.0)), cache=False)
+    splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
+    opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflection_lm, num_threads=4)
+    with dspy.context(lm=lm), pytest.raises(SystemicFailureError, match="async_engine"):
+        opt.compile(AsyncOnly(), trainset=splits.train, valset=splits.val)
 
 
 def test_a_parse_failure_is_fed_back_to_the_predictor_that_failed_only():

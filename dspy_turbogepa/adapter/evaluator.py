@@ -1,7 +1,8 @@
 """Running a DSPy program on one example, with its trace, and scoring it with the user's metric.
 
 Async programs (whose own class, not a DSPy base, defines ``aforward``) run as asyncio tasks through
-``acall``; others run in our own bounded thread pool, as dspy.GEPA runs them. DSPy's built-in modules
+``acall`` (or, once an LM turns out to have no async support, through their own ``forward`` if they
+have one); others run in our own bounded thread pool, as dspy.GEPA runs them. DSPy's built-in modules
 define ``aforward`` too, but a bare ``dspy.Predict`` / ``ChainOfThought`` / ``ReAct`` student is a sync
 program to its user: its LM may implement only ``forward`` and its tools may block, and both would
 break on (or stall) the one event loop. We deliberately avoid ``dspy.asyncify``: it funnels every call through a
@@ -127,6 +128,37 @@ def defines_own_aforward(program: Any) -> bool:
     return False
 
 
+def defines_own_forward(program: Any) -> bool:
+    """Whether the nearest ``forward`` in ``program``'s MRO is the user's (a sync path of their own)."""
+    for cls in type(program).__mro__:
+        if "forward" in vars(cls):
+            return not in_dspy_package(cls)
+    return False
+
+
+def lacks_async_support(error: BaseException) -> bool:
+    """Whether ``error`` (or one of its causes) says an LM cannot be called asynchronously: DSPy's
+    ``LMUnsupportedFeatureError`` (an engine given without ``async_engine=``) or the
+    ``NotImplementedError`` of ``BaseLM.aforward`` (a custom LM that implements only ``forward``)."""
+    unsupported = getattr(getattr(dspy, "utils", None), "exceptions", None)
+    unsupported_type = getattr(unsupported, "LMUnsupportedFeatureError", None)
+    seen: set[int] = set()
+    cur: BaseException | None = error
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if unsupported_type is not None and isinstance(cur, unsupported_type) and "async" in str(cur):
+            return True
+        if isinstance(cur, NotImplementedError):
+            tb = cur.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            if tb is not None and tb.tb_frame.f_code.co_name == "aforward" and isinstance(
+                    tb.tb_frame.f_locals.get("self"), dspy.BaseLM):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _error_types(exc: BaseException) -> list[str]:
     """Names of the exception and its causes: LM errors often arrive wrapped."""
     names: list[str] = []
@@ -198,6 +230,8 @@ class DspyEvaluator:
         if use_async is None:
             use_async = defines_own_aforward(codec.student)
         self.use_async = use_async
+        #: an async program that also has its own forward falls back to it when an LM cannot run async
+        self._sync_fallback = bool(use_async) and defines_own_forward(codec.student)
         self._fatal = FATAL_ERROR_TYPES if fatal_error_types is None else fatal_error_types
         #: Once an endpoint has answered, a refused connection means a restart, not a wrong api_base.
         self._fatal_once_answered = self._fatal & FATAL_ONCE_ANSWERED
@@ -384,6 +418,9 @@ class DspyEvaluator:
         with rollout_usage(self._prices) as usage:
             pred, raw_trace, error = await self._run_async(program, example, capture, lm)
             _attach_usage(pred, usage)
+        if error is not None and self._sync_fallback and lacks_async_support(error):
+            self._fall_back_to_sync(error)
+            return await self._attempt(program, names, example, example_id, split, capture, lm)
         verdict = self._verdict(error)
         if verdict is not None:
             return _Attempt(None, verdict, pred, raw_trace, error, usage)
@@ -395,6 +432,16 @@ class DspyEvaluator:
         usage.add(metric_usage)
         return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
 
+    def _fall_back_to_sync(self, error: BaseException) -> None:
+        """The program defines ``aforward`` and ``forward``, and one of its LMs has no async support:
+        run ``forward`` in threads from now on, as dspy.GEPA does (every rollout would fail otherwise).
+        Called on the event loop's thread only."""
+        if self.use_async:
+            self.use_async = False
+            logger.warning("The program defines aforward, but an LM it calls cannot run asynchronously (%s); "
+                           "running its forward in worker threads instead, as dspy.GEPA does. Give the LM "
+                           "async support (async_engine=, or an aforward) to run it through acall.",
+                           describe_error(error))
     def _attempt_sync(
         self, program: dspy.Module, names: PredictorNames, example: dspy.Example, example_id: int, split: Split,
         capture: bool, lm: Any,
