@@ -442,6 +442,7 @@ class DspyEvaluator:
                            "running its forward in worker threads instead, as dspy.GEPA does. Give the LM "
                            "async support (async_engine=, or an aforward) to run it through acall.",
                            describe_error(error))
+
     def _attempt_sync(
         self, program: dspy.Module, names: PredictorNames, example: dspy.Example, example_id: int, split: Split,
         capture: bool, lm: Any,
