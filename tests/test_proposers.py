@@ -358,3 +358,24 @@ def test_a_reflection_served_from_dspys_cache_counts_as_a_call_but_costs_nothing
     (first_counted, first_real, first_tokens), (second_counted, second_real, second_tokens) = runs
     assert first_counted == first_real > 0 and first_tokens > 0
     assert second_real == 0 and second_counted == first_counted and second_tokens == 0
+
+
+def test_a_custom_proposer_that_keeps_rebuilding_a_known_candidate_stops_the_run_soon(routing):
+    """A proposer calling its vendor's SDK directly pays for calls no DSPy callback sees. Repeating a
+    known text, it made 212 calls on a 100-call budget (31 metric calls), counted as free no-ops; it
+    must count as paid and stop the run after max_paid_noop_mutations (25) of them, as a DSPy LM does."""
+    calls = {"n": 0}
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        calls["n"] += 1  # a paid request to an external LLM, made without dspy.LM
+        return dict.fromkeys(components_to_update, "Route the support ticket to a single queue label.")
+
+    splits = small_splits(routing, n_train=12, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=100, instruction_proposer=proposer, num_threads=4,
+                    track_stats=True, seed=0)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    results = program.detailed_results
+    assert results.stop_reason == "no_progress_possible"
+    # 25 in a row, plus what was already in flight when the 25th committed (siblings included)
+    assert 25 <= calls["n"] <= 25 + 2 * opt.max_sibling_reflections * 4

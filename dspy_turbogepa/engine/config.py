@@ -152,7 +152,8 @@ class EngineConfig:
     max_cost: float | None = None
     #: Stop after this many consecutive mutations that evaluated nothing new and found nothing.
     max_noop_mutations: int = 200
-    #: ... and after this many of them in a row that paid for a reflection (which rebuilt a known candidate).
+    #: ... and after this many of them in a row whose proposer answered (a reflection that rebuilt a known
+    #: candidate): paid, whether or not a DSPy LM call was seen (a custom proposer may call its vendor directly).
     max_paid_noop_mutations: int = 25
     #: Stop the run if this many consecutive evaluations at the start all fail (systemic failure).
     systemic_failure_window: int = 8

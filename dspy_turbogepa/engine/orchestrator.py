@@ -49,6 +49,7 @@ from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
 from dspy_turbogepa.engine.systemic import SystemicFailureDetector
 from dspy_turbogepa.engine.types import (
+    NOTHING_TO_REFLECT_ON,
     EvalKey,
     EvalOutcome,
     Evaluator,
@@ -904,6 +905,7 @@ class Orchestrator:
                   for j, seed in enumerate(seeds))
             ))
         result.reflection_calls = sum(p.reflection_calls for p in proposals)
+        result.proposals_answered = sum(p.skipped != NOTHING_TO_REFLECT_ON or p.reflection_calls > 0 for p in proposals)
         result.proposals = len(proposals)
         children: list[Candidate] = []
         unusable: list[str] = []
@@ -1144,14 +1146,15 @@ class Orchestrator:
             self.stats.siblings["best_of_k_children"] += result.children_tried
         # Cache hits are free, so a run whose parents are all perfect on every minibatch could spin
         # forever on free no-op mutations; stop once that has clearly happened.
-        # Those that paid for a reflection (it rebuilt a known candidate) are not free: a reflection LM that
+        # Those whose proposer answered (it rebuilt a known candidate) are not free: a reflection LM that
         # keeps answering with known texts stops the run much sooner (dspy.GEPA, which pays metric calls
-        # for every iteration, would have run out of budget).
+        # for every iteration, would have run out of budget). Answered, not "made a DSPy LM call": a custom
+        # proposer calling its vendor's SDK pays for calls no DSPy callback sees.
         noop = not (newly_charged or status == "accepted")
         self._noop_streak = self._noop_streak + 1 if noop else 0
         if not noop:
             self._paid_noop_streak = 0
-        elif result.reflection_calls:
+        elif result.proposals_answered:
             self._paid_noop_streak += 1
         if self._stop_reason is None and (self._noop_streak >= self.config.max_noop_mutations
                                           or self._paid_noop_streak >= self.config.max_paid_noop_mutations):

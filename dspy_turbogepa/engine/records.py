@@ -108,6 +108,9 @@ class MutationResult:
     children_passed: int = 0
     #: Reflection LM calls its proposals made (stored ones included, so a resumed run stops where it did).
     reflection_calls: int = 0
+    #: Proposals the proposer answered (texts, or a failure of its own), paid or not: all but
+    #: NOTHING_TO_REFLECT_ON skips (stored ones included, as for reflection_calls).
+    proposals_answered: int = 0
     #: Proposals (siblings included) made, and how many of them were replayed from an earlier session's
     #: run store: a resumed run's log says which reflections were not paid for again.
     proposals: int = 0

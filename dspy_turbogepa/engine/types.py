@@ -57,6 +57,12 @@ class EvalOutcome:
     rate_limit_retries: int = 0
 
 
+#: The one skip decided before the proposer runs (no traced record to reflect on): it costs nothing.
+#: Every other proposal may have paid for calls the engine cannot see (a custom proposer calling its
+#: vendor's SDK directly), so it counts as paid wherever repeated no-ops are bounded.
+NOTHING_TO_REFLECT_ON = "no_reflective_data"
+
+
 @dataclass(frozen=True)
 class ProposalOutcome:
     """What a proposer returned for one mutation: new texts, or the reason there are none."""

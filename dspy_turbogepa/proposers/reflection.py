@@ -36,7 +36,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 )
 from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
-from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
+from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
 from dspy_turbogepa.redaction import describe_error, error_text
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class ReflectiveProposer:
             logger.debug("Building the reflective dataset failed", exc_info=True)
             return ProposalOutcome(skipped="reflective_dataset_error", message=message)
         if not any(c in dataset for c in components):
-            return ProposalOutcome(skipped="no_reflective_data", message="no usable trace records for "
+            return ProposalOutcome(skipped=NOTHING_TO_REFLECT_ON, message="no usable trace records for "
                                    + ", ".join(components))
         return dataset
 
