@@ -59,6 +59,9 @@ from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
 logger = logging.getLogger(__name__)
 
+#: The file dspy.GEPA (gepa) keeps its resumable state in, under its run_dir (our log_dir).
+DSPY_GEPA_CHECKPOINT = "gepa_state.bin"
+
 
 class _DefaultSelector(str):
     """The default ``component_selector`` ("round_robin", equal to it in every way) — but recognisable,
@@ -626,6 +629,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
         store = RunStore.open(self.log_dir, key, meta=meta)
         cleanup.callback(store.close)
+        if not store.resumed and (self._log_path() / DSPY_GEPA_CHECKPOINT).exists():
+            # A user switching from dspy.GEPA expects its log_dir to resume; it cannot (the checkpoint is a
+            # pickle, which we never load, of another engine's state), and paying again must not be silent.
+            logger.warning("%s holds a dspy.GEPA checkpoint (%s); TurboGEPA cannot resume it and starts this run "
+                           "from the student, with its own run store beside it. Give TurboGEPA runs a log_dir of "
+                           "their own.", self.log_dir, DSPY_GEPA_CHECKPOINT)
         known_evals = known_props = None
         if store.resumed:
             known_evals, known_props = load_known(

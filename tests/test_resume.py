@@ -1522,3 +1522,22 @@ def test_text_with_lone_surrogates_in_data_and_outputs_is_stored_and_never_paid_
     assert outputs[0][0][1].raw == "caf\udce9"  # read back from the store as it was
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))  # written, valid JSON
     assert summary
+
+
+def test_a_dspy_gepa_log_dir_is_not_resumed_silently(routing, tmp_path, caplog):
+    """A user switching from dspy.GEPA points TurboGEPA at its old log_dir and expects a resume; its
+    checkpoint (a pickle of gepa's state) is never loaded, so the run says it starts over, and the file
+    is left as it was."""
+    import logging
+
+    checkpoint = tmp_path / "gepa_state.bin"
+    checkpoint.write_bytes(b"\x80\x04not ours to unpickle")
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        _program, calls, _lm, _refl = _compile(routing, 60, tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "gepa_state.bin" in r.getMessage()]
+    assert len(warned) == 1 and "cannot resume" in warned[0] and str(tmp_path) in warned[0]
+    assert calls > 0 and checkpoint.read_bytes() == b"\x80\x04not ours to unpickle"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):  # resuming our own store: no warning
+        _compile(routing, 60, tmp_path)
+    assert not [r for r in caplog.records if "gepa_state.bin" in r.getMessage()]
