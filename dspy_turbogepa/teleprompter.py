@@ -759,7 +759,10 @@ def _as_examples(name: str, examples: Any) -> Any:
 def _check_examples(name: str, examples: Sequence[Any]) -> None:
     for i, ex in enumerate(examples):
         if not isinstance(ex, dspy.Example):
-            raise TypeError(f"{name}[{i}] is a {type(ex).__name__}, not a dspy.Example.")
+            build = ("dspy.Example(**row).with_inputs(<its input field names>)" if isinstance(ex, Mapping) else
+                     "dspy.Example(question=..., answer=...).with_inputs('question')")
+            raise TypeError(f"{name}[{i}] is a {type(ex).__name__}, not a dspy.Example. Build each example as "
+                            f"{build}.")
         try:
             ex.inputs()
         except ValueError as e:

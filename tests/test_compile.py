@@ -352,6 +352,9 @@ def test_perfect_score_none_and_any_iterable_of_examples_are_accepted(routing, s
     with pytest.raises(TypeError, match=r"valset must be a list of dspy.Example, got a pandas DataFrame.*"
                                         r"to_dict\('records'\)"):
         opt.compile(routing.make_program(), trainset=splits.train, valset=frame)
+    # a list of plain dicts: refused before any LM call, with the way to build examples from them
+    with pytest.raises(TypeError, match=r"trainset\[0\] is a dict, not a dspy.Example.*dspy.Example\(\*\*row\)"):
+        opt.compile(routing.make_program(), trainset=[ex.toDict() for ex in splits.train], valset=splits.val)
 
 
 def test_an_objective_reported_on_some_examples_is_averaged_over_those(routing, student_lm, reflection_lm):
