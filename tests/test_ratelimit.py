@@ -171,7 +171,8 @@ def test_gives_up_after_the_cap_with_cause_rate_limited(routing):
 def test_no_backoff_outlasts_the_policy_whatever_retry_after_says(routing, caplog):
     """A Retry-After of a day (a quota reset) was slept in full, holding the evaluation slot, and the
     endpoint's cool-down parked every other rollout as long. Now: give up at once when the server asks
-    for more than the policy has left, never wait past it, and cap the cool-down at the policy."""
+    for more than the policy has left, never wait past it; a wait past the whole policy is fatal (the
+    run stops on it) and parks no other rollout."""
     import random
 
     policy = RetryPolicy(max_retries=10, max_elapsed_s=300.0, base_s=0.5, cap_s=30.0)
@@ -196,12 +197,16 @@ def test_no_backoff_outlasts_the_policy_whatever_retry_after_says(routing, caplo
     assert hook.raised == 1 and sleeps == [] and now[0] == 0.0
     assert outcome.failure == "rate_limited" and "gave up" in outcome.message
     assert "the server asked to wait 86400s (Retry-After), more than the 300s left" in outcome.message
-    # said, not a silent stall: the endpoint's pause and the give-up, each once at WARNING
+    assert outcome.fatal and outcome.service_failure  # every later rollout would give up the same way
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("asked to wait 86400s (Retry-After); waiting at most 300s" in m for m in warned), warned
     assert sum("stayed rate limited" in m for m in warned) == 1
     window = ev._windows.window(next(iter(ev._windows._windows)))
-    assert window.cooldown_until <= 300.0  # the next rollout to this endpoint waits 300 s at most
+    assert window.cooldown_until <= 0.0  # the next rollout to this endpoint does not wait
+    # a wait the policy could still honour is an ordinary give-up, not a reason to stop the run
+    lm2, _ = flaky_lm(lambda: rate_limit(250.0), -1)
+    ev2, codec2 = make_evaluator(routing, rate_limit_policy=policy, clock=lambda: now[0], sleep=fake_sleep)
+    (outcome2,) = evaluate(ev2, codec2, lm2)
+    assert outcome2.failure == "rate_limited" and not outcome2.fatal
 
 
 def test_a_rate_limited_judge_is_not_called_again_once_the_run_ended(routing):
@@ -714,6 +719,39 @@ def test_a_burst_of_429s_from_the_reflection_lm_is_waited_out(routing, student_l
     assert "proposer_error" not in stats.get("proposal_skips", {})
 
 
+def test_transient_failures_of_the_reflection_lm_are_retried_by_us(routing, student_lm, monkeypatch):
+    """DSPy's retries are off on our copy of the reflection LM (they sleep whatever Retry-After says), so
+    a 503, a timeout or a dropped connection must be retried by the proposer's own transient policy,
+    not become a skipped reflection; the user's reflection LM keeps its settings."""
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    class FastRetries(ReflectiveProposer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, rate_limit_policy=FAST_RL, transient_policy=FAST_TR, **kwargs)
+
+    monkeypatch.setattr(teleprompter_module, "ReflectiveProposer", FastRetries)
+    faults = iter([lm15.ServerError("boom", status=503), lm15.TimeoutError("slow"),
+                   lm15.TransportError("connection reset")])
+    lock = threading.Lock()
+
+    def flaky(request) -> None:
+        with lock:
+            fault = next(faults, None)
+        if fault is not None:
+            raise fault
+
+    reflector = make_reflection_lm(seed=0, before_call=flaky)
+    splits = small_splits(routing, n_train=20, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, reflection_lm=reflector, num_threads=4,
+                    track_stats=True, verbose=False)
+    with dspy.context(lm=student_lm):
+        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    stats = program.detailed_results.run_stats
+    assert next(faults, None) is None  # every fault was raised
+    assert "proposer_error" not in stats.get("proposal_skips", {}), stats.get("proposal_skips")
+    assert reflector.num_retries == 3
+
+
 def test_the_live_stats_carry_the_reflection_lms_rate_limits():
     """MLflow charts live_run_stats over time: the reflection LM's 429s appeared only at the end."""
     from types import SimpleNamespace
@@ -784,3 +822,55 @@ def test_an_answer_the_lm_stack_cannot_use_is_the_services_failure(routing, engi
                                        warn_on_score_mismatch=False, stringify=True)
     dataset = builder.build(list(codec.seed_texts()), [outcome.trajectory], [outcome.score], random.Random(0))
     assert not any(dataset.values()) and builder.skipped_counts() == {"infrastructure_error": 1}
+
+
+def _quota_server(student_rpm: int | None, reflector_rpm: int | None) -> SimServer:
+    """Requests past ``rpm`` get a 429 whose Retry-After is up to a (scaled) minute: with time_scale
+    1000 that is hours, as a used-up daily quota answers. Latency stays zero."""
+    return SimServer(SimConfig(models=(ModelConfig("sim-student", rpm=student_rpm),
+                                       ModelConfig("sim-reflector", "reflector", rpm=reflector_rpm)),
+                               time_scale=1000.0), seed=0)
+
+
+@pytest.mark.http
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_a_used_up_quota_of_the_student_lm_stops_the_run_at_once(routing, engine):
+    """A Retry-After of hours parked every rollout of the endpoint for the policy's 300 s, once per
+    refusal: a run on an 8-example valset needed 15 minutes to stop, showing '0s elapsed'. The first
+    rollout told to wait past the policy now stops the run, naming the quota and the way to resume."""
+    splits = small_splits(routing, n_train=12, n_val=8, n_test=0)
+    with _quota_server(student_rpm=6, reflector_rpm=None) as srv:
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key="x", cache=False, **engine)
+        reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="x", cache=False, **engine)
+        opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflector, num_threads=4, verbose=False)
+        started = time.perf_counter()
+        with dspy.context(lm=student), pytest.raises(SystemicFailureError) as info:
+            opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        seconds = time.perf_counter() - started
+    message = str(info.value)
+    assert info.value.failure == "rate_limited" and "Retry-After" in message and "same log_dir" in message
+    assert seconds < 30.0, seconds  # no 300 s pause; DSPy's own retries (which sleep the hours) are off
+
+
+@pytest.mark.http
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_a_used_up_quota_of_the_reflection_lm_stops_the_run_at_once(routing, engine):
+    """The reflection LM's copy kept DSPy's retries, which sleep whatever Retry-After says: one reflection
+    slept 3 x the hours, silently, and the process could not exit after Ctrl-C. Its retries are ours now."""
+    splits = small_splits(routing, n_train=12, n_val=8, n_test=0)
+    with _quota_server(student_rpm=None, reflector_rpm=1) as srv:
+        student = dspy.LM("openai/sim-student", api_base=srv.base_url, api_key="x", cache=False, **engine)
+        reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="x", cache=False, **engine)
+        opt = TurboGEPA(routing.metric, max_metric_calls=200, reflection_lm=reflector, num_threads=4, verbose=False)
+        started = time.perf_counter()
+        with dspy.context(lm=student), pytest.raises(SystemicFailureError) as info:
+            opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        seconds = time.perf_counter() - started
+        refused = srv.stats()["models"]["sim-reflector"]
+    message = str(info.value)
+    assert "instruction proposer" in message and "same log_dir" in message and "API key" not in message
+    assert reflector.num_retries == 3  # the user's LM is untouched
+    assert seconds < 30.0, seconds
+    assert refused["requests"] <= 1 + 4, refused  # one answered, then one refusal per reflection in flight

@@ -335,8 +335,10 @@ class DspyEvaluator:
         if verdict.kind == "rate_limited":
             self._stats.add(rate_limit_gave_up=1)
             # The engine-level cause; the trajectory keeps "program_error" + the LM error type, which
-            # reflection already skips as an infrastructure failure.
-            outcome = replace(outcome, failure="rate_limited", message=message)
+            # reflection already skips as an infrastructure failure. A wait past the whole policy (a used-up
+            # quota) is fatal: every later rollout would give up the same way, each scored as a failure.
+            outcome = replace(outcome, failure="rate_limited", message=message,
+                              fatal=policy.outlasted_by(verdict.retry_after), service_failure=True)
             first, self._warned_rate_limited = not self._warned_rate_limited, True  # the event loop's thread
             logger.log(logging.WARNING if first else logging.DEBUG,
                        "A rollout stayed rate limited (%s); scoring it as failed (rate_limited)%s.", why,

@@ -270,7 +270,7 @@ def _error_noting_class(base: type) -> type:
     return ErrorNoting
 
 
-def _make_copy(lm: Any, retries_off: bool = True) -> Any:
+def _make_copy(lm: Any) -> Any:
     if not isinstance(lm, dspy.BaseLM) or not hasattr(lm, "num_retries"):
         return lm  # nothing we can switch off; its errors are still caught and retried by the evaluator
     try:
@@ -279,11 +279,10 @@ def _make_copy(lm: Any, retries_off: bool = True) -> Any:
         logger.warning("Could not copy %r to turn its retries off (%s: %s); using it unchanged.",
                        lm, type(exc).__name__, exc)
         return lm
-    if retries_off:
-        copy.num_retries = 0
-        # a class, not an instance attribute: dspy.BestOfN copies the LM (deepcopy) per call, and a
-        # wrapped bound method would call the original copy with its old settings
-        copy.__class__ = _error_noting_class(type(copy))  # type: ignore[arg-type]  # mypy: a class is not Hashable
+    copy.num_retries = 0
+    # a class, not an instance attribute: dspy.BestOfN copies the LM (deepcopy) per call, and a
+    # wrapped bound method would call the original copy with its old settings
+    copy.__class__ = _error_noting_class(type(copy))  # type: ignore[arg-type]  # mypy: a class is not Hashable
     copy.history = lm.history
     inner = copy.update_history
 
@@ -296,14 +295,11 @@ def _make_copy(lm: Any, retries_off: bool = True) -> Any:
 
 
 class LMCopies:
-    """One copy per original LM object (kept alive with it, so ids are never reused).
+    """One copy per original LM object (kept alive with it, so ids are never reused): the evaluator's
+    for the program's LMs, the reflector's for the reflection LM (whose retries and backoff are ours
+    too, and whose history entries carry the cost DSPy records to :func:`rollout_usage`)."""
 
-    ``retries_off=False`` keeps DSPy's own retries: the reflection LM's copies, which exist only so
-    that the cost DSPy records in their history entries reaches :func:`rollout_usage`.
-    """
-
-    def __init__(self, retries_off: bool = True) -> None:
-        self._retries_off = retries_off
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._copies: dict[int, tuple[Any, Any]] = {}
 
@@ -312,7 +308,7 @@ class LMCopies:
             hit = self._copies.get(id(lm))
             if hit is not None and hit[0] is lm:
                 return hit[1]
-        copy = _make_copy(lm, self._retries_off)
+        copy = _make_copy(lm)
         with self._lock:
             hit = self._copies.get(id(lm))
             if hit is not None and hit[0] is lm:

@@ -319,6 +319,11 @@ class RetryPolicy:
     def exhausted(self, retries: int, elapsed_s: float) -> bool:
         return retries >= self.max_retries or elapsed_s >= self.max_elapsed_s
 
+    def outlasted_by(self, retry_after: float | None) -> bool:
+        """The server asks for a wait longer than the whole policy (a quota that resets in hours): no
+        retry of anything sent there will succeed in this run, whoever sends it."""
+        return retry_after is not None and retry_after > self.max_elapsed_s
+
     def asks_too_long(self, retry_after: float | None, retries: int, elapsed_s: float) -> bool:
         """The server's Retry-After reaches past what is left of the policy, which has not run out."""
         return (retry_after is not None and not self.exhausted(retries, elapsed_s)

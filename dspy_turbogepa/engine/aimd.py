@@ -65,8 +65,9 @@ class AimdWindow:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        """``max_cooldown_s``: the longest pause a Retry-After may impose on the endpoint (a quota
-        reset a day away must not park every rollout for a day; they give up on their own policy)."""
+        """``max_cooldown_s``: the longest pause a Retry-After may impose on the endpoint. A longer one
+        (a quota reset a day away) imposes none: the rollout that saw it gives up at once and stops the
+        run (see DspyEvaluator), which parking every other rollout first would only delay."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         if not 0.0 < decrease < 1.0:
@@ -194,22 +195,25 @@ class AimdWindow:
             self._epoch += 1
             self._successes = 0
         pause = retry_after if retry_after is not None and retry_after >= 0 else self.default_cooldown_s
-        capped = min(pause, self.max_cooldown_s)
-        if capped > 0:
+        if pause > self.max_cooldown_s:
+            # A wait past every rollout's policy (a quota that resets tomorrow): the rollout that saw it gives
+            # up at once and the run stops on it; parking the others first would only delay that stop.
+            logger.debug("%s asked to wait %.0fs (Retry-After), past the %.0fs a rollout may wait: no pause",
+                         self.key, pause, self.max_cooldown_s)
+            return
+        if pause > 0:
             now = self._clock()
-            if capped >= LONG_COOLDOWN_S and self._cooldown_until <= now:  # a new pause, not one extended
+            if pause >= LONG_COOLDOWN_S and self._cooldown_until <= now:  # a new pause, not one extended
                 # at WARNING the first time (a storm of 10 s pauses would say it every 10 s), then DEBUG
                 first, self._long_pause_reported = not self._long_pause_reported, True
                 asked = (f"asked to wait {pause:.0f}s (Retry-After)" if retry_after is not None and retry_after >= 0
                          else f"gave no Retry-After; pausing {pause:.0f}s")
                 logger.log(
                     logging.WARNING if first else logging.DEBUG,
-                    "%s is rate limited and %s%s: its rollouts pause until then%s.", self.key, asked,
-                    f"; waiting at most {capped:.0f}s, after which rollouts still refused are scored as failed "
-                    "(rate_limited)" if capped < pause else "",
+                    "%s is rate limited and %s: its rollouts pause until then%s.", self.key, asked,
                     " (further long pauses of this endpoint are logged at DEBUG; see "
                     "run_stats['rate_limits'])" if first else "")
-            self._cooldown_until = max(self._cooldown_until, now + capped)
+            self._cooldown_until = max(self._cooldown_until, now + pause)
 
     def _give_back(self) -> None:
         self._in_use -= 1

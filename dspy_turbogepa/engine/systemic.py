@@ -46,6 +46,9 @@ PROPOSER_FAILURES = frozenset({
 
 
 _PROPOSER_HINT = "Check reflection_lm (or instruction_proposer) and run again."
+#: For a Retry-After past the retry policy: a quota used up until it resets.
+QUOTA_HINT = ("Its quota is likely used up until the time the server gave: rerun with the same log_dir after that "
+              "(finished evaluations are kept and not paid again), or use another key or endpoint.")
 _PROPOSER_HINTS = {
     "feedback_error": "Check what the metric does when called with pred_name (the feedback call) and run again.",
     "selector_error": "Check component_selector: it must return names of the program's predictors.",
@@ -120,9 +123,10 @@ class SystemicFailureDetector:
             self._seen_proposal = True
             return
         if outcome.fatal:
+            hint = QUOTA_HINT if outcome.rate_limited else "Check reflection_lm's model name, api_base and API key."
             raise SystemicFailureError(
                 f"Stopping: the instruction proposer failed with an error retrying cannot fix: {outcome.message}. "
-                "Check reflection_lm's model name, api_base and API key.",
+                f"{hint}",
                 failure="proposer_error",
                 error_type=outcome.error_type,
             )
@@ -151,6 +155,13 @@ class SystemicFailureDetector:
         if outcome.failure is None:
             window.seen_success = True
             return
+        if outcome.fatal and outcome.failure == "rate_limited":
+            raise SystemicFailureError(
+                f"Stopping: an LM is rate limited for longer than the retry policy waits: {outcome.message}. "
+                f"{QUOTA_HINT}",
+                failure=outcome.failure,
+                error_type=outcome.error_type,
+            )
         if outcome.fatal:
             who, lm = ("the metric", "the LM your metric calls") if outcome.failure == "metric_error" else (
                 "the program", "the LM")

@@ -75,6 +75,8 @@ class ProposalOutcome:
     #: run stops at once, as for a fatal evaluation. ``error_type`` names the error.
     fatal: bool = False
     error_type: str | None = None
+    #: Fatal because the reflection LM's rate limit asks for a wait past the retry policy (a used-up quota).
+    rate_limited: bool = False
     reflection_calls: int = 0
     reflection_prompt_tokens: int = 0
     reflection_completion_tokens: int = 0

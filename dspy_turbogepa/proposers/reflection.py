@@ -29,6 +29,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     FATAL_ERROR_TYPES,
     FATAL_ONCE_ANSWERED,
     RATE_LIMIT_POLICY,
+    TRANSIENT_POLICY,
     RateLimitStats,
     RetryPolicy,
     classify,
@@ -66,12 +67,16 @@ class ReflectiveProposer:
         price_table: Mapping[str, tuple[float, float]] | None = None,
         rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
         seed: int | None = 0,
+        transient_policy: RetryPolicy = TRANSIENT_POLICY,
     ) -> None:
-        """``rate_limit_policy``: a proposal that fails with a rate limit (after DSPy's own retries on the
-        reflection LM) is asked again after Retry-After / backoff, as a rollout is, instead of counting
-        as a failed reflection: a short burst of 429s must not stop the run as "systemic"."""
+        """``rate_limit_policy`` / ``transient_policy``: a proposal that fails with a rate limit (or a
+        timeout, a 5xx, a dropped connection) is asked again after Retry-After / backoff, as a rollout is,
+        instead of counting as a failed reflection: a short burst of 429s must not stop the run as
+        "systemic". DSPy's own retries are off on our copy of the reflection LM: they sleep whatever
+        Retry-After says (a day, for a used-up quota), where no wait may outlast the policy."""
         self._builder = builder
         self._rl_policy = rate_limit_policy
+        self._tr_policy = transient_policy
         #: Set when the run stops (or this proposer closes): a rate-limit backoff ends at once, so no
         #: reflection thread outlives compile() and calls the LM after it returned.
         self._stopping = threading.Event()
@@ -81,7 +86,7 @@ class ReflectiveProposer:
         self._proposal_fn = proposal_fn
         self._reflection_lm = reflection_lm
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
-        self._lm_copies = LMCopies(retries_off=False)
+        self._lm_copies = LMCopies()
         self._fatal = FATAL_ERROR_TYPES
         #: error types already reported at WARNING (a failing reflection LM fails the same way each time)
         self._reported_errors: set[str] = set()
@@ -165,7 +170,7 @@ class ReflectiveProposer:
         return dataset
 
     def _propose(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str]) -> ProposalOutcome:
-        retries, started = 0, time.monotonic()
+        retries, started = {"rate_limited": 0, "transient": 0}, time.monotonic()
         while True:
             try:
                 answer = self._proposal_fn(
@@ -176,27 +181,36 @@ class ReflectiveProposer:
                 break
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
-                if verdict.kind != "rate_limited":
+                if verdict.kind is None:
                     return self._failed(exc)
-                self._rl_stats.add(rate_limited=1)
-                delay = None if self._stopping.is_set() else self._rl_policy.delay(
-                    retries, verdict.retry_after, self._rng, time.monotonic() - started)
+                rate_limited = verdict.kind == "rate_limited"
+                policy = self._rl_policy if rate_limited else self._tr_policy
+                if rate_limited:
+                    self._rl_stats.add(rate_limited=1)
+                delay = None if self._stopping.is_set() else policy.delay(
+                    retries[verdict.kind], verdict.retry_after, self._rng, time.monotonic() - started)
                 if delay is None:
-                    self._rl_stats.add(rate_limit_gave_up=1)
-                    return self._failed(exc)
-                logger.info("The reflection LM is rate limited; asking again in %.1fs", delay)
-                self._rl_stats.add(rate_limit_retries=1, backoff_s=delay)
-                retries += 1
+                    if rate_limited:
+                        self._rl_stats.add(rate_limit_gave_up=1)
+                    # a wait past the whole policy (a used-up quota) stops the run: every reflection would fail
+                    return self._failed(exc, quota=rate_limited and policy.outlasted_by(verdict.retry_after))
+                logger.info("The reflection LM is %s; asking again in %.1fs",
+                            "rate limited" if rate_limited else f"failing transiently ({verdict.error_type})", delay)
+                if rate_limited:
+                    self._rl_stats.add(rate_limit_retries=1, backoff_s=delay)
+                retries[verdict.kind] += 1
                 if self._stopping.wait(delay):  # the run stopped while we waited: do not call the LM again
-                    self._rl_stats.add(rate_limit_gave_up=1)
+                    if rate_limited:
+                        self._rl_stats.add(rate_limit_gave_up=1)
                     return self._failed(exc)
         outcome = _validate_answer(answer, parent_texts, to_update)
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
         return outcome
 
-    def _failed(self, exc: BaseException) -> ProposalOutcome:
-        """The proposer's failure, recorded; this proposal is skipped."""
+    def _failed(self, exc: BaseException, quota: bool = False) -> ProposalOutcome:
+        """The proposer's failure, recorded; this proposal is skipped. ``quota``: the reflection LM asked
+        for a wait past the retry policy, which stops the run."""
         message = describe_error(exc)
         with self._report_lock:
             first = type(exc).__name__ not in self._reported_errors
@@ -207,8 +221,8 @@ class ReflectiveProposer:
         else:
             logger.debug("The instruction proposer raised %s", message)
         fatal = fatal_error_name(exc, self._fatal)
-        return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None,
-                               error_type=fatal or type(exc).__name__)
+        return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None or quota,
+                               error_type=fatal or type(exc).__name__, rate_limited=quota)
 
 
 async def _await(awaitable: Any) -> Any:

@@ -257,17 +257,17 @@ def test_validation():
         AimdWindow("x", 4, min_window=5)
 
 
-def test_a_long_pause_is_said_once_per_endpoint_and_capped(caplog):
+def test_a_long_pause_is_said_once_per_endpoint(caplog):
     """A quota's pauses looked like a hang (nothing logged); said on every pause, a storm of 10 s
-    Retry-Afters for 30 minutes logged 180 warnings. Said once, at the first long pause; capped."""
+    Retry-Afters for 30 minutes logged 180 warnings. Said once, at the first long pause."""
     import logging
 
     async def main():
         w, clock = window(4, max_cooldown_s=300.0)
         for _ in range(20):  # a storm: each pause ends, the next rollout is refused again
             ticket = await w.acquire()
-            w.release(ticket, "rate_limited", retry_after=600.0)
-            assert w.cooldown_until == clock.t + 300.0  # at most the cap
+            w.release(ticket, "rate_limited", retry_after=200.0)
+            assert w.cooldown_until == clock.t + 200.0
         ticket = await w.acquire()
         w.release(ticket, "rate_limited", retry_after=2.0)  # short pauses are not news
 
@@ -276,7 +276,7 @@ def test_a_long_pause_is_said_once_per_endpoint_and_capped(caplog):
     said = [r for r in caplog.records if "is rate limited and" in r.getMessage()]
     assert [r.levelno for r in said].count(logging.WARNING) == 1 and len(said) == 20
     first = said[0].getMessage()
-    assert "asked to wait 600s (Retry-After); waiting at most 300s" in first and "ep is rate limited" in first
+    assert "asked to wait 200s (Retry-After)" in first and "ep is rate limited" in first
 
     caplog.clear()
 
@@ -288,3 +288,20 @@ def test_a_long_pause_is_said_once_per_endpoint_and_capped(caplog):
     with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
         run(no_header())
     assert "gave no Retry-After; pausing 15s" in caplog.records[0].getMessage()
+
+
+def test_a_pause_past_the_policy_parks_no_rollout():
+    """A Retry-After of a day (a used-up quota) parked every rollout of the endpoint for the policy's 300 s,
+    and each new refusal parked them again: a run needed 15 minutes to stop on 8 failures. The rollout
+    that saw it gives up and stops the run; the others go on at once (the window still shrinks)."""
+
+    async def main():
+        w, clock = window(4, max_cooldown_s=300.0)
+        first, second = await w.acquire(), await w.acquire()
+        w.release(first, "rate_limited", retry_after=86_400.0)
+        assert w.cooldown_until < clock.t and w.window == 2
+        w.release(second, "neutral")
+        await asyncio.wait_for(w.acquire(), timeout=1.0)  # no wait
+        assert clock.t == 0.0
+
+    run(main())
