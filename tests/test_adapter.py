@@ -329,12 +329,11 @@ def _scripted_lm(answer_for):
     return dspy.LM("fake/scripted", engine=e, async_engine=AEngine(e), cache=False)
 
 
-@pytest.mark.parametrize("flag", [True, False])
-def test_format_failures_reach_reflection(flag):
-    proposer = RecordingProposer()
+def _half_unparseable():
+    """Six examples whose odd ones get an unparseable answer, the scripted LM, and a metric with feedback."""
     data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
 
-    def answer_for(msg):  # every odd example gets an unparseable answer
+    def answer_for(msg):
         if any(f"t{i}" in msg for i in (1, 3, 5)):
             return "no fields here"
         return "[[ ## answer ## ]]\ny\n\n[[ ## completed ## ]]"
@@ -342,10 +341,18 @@ def test_format_failures_reach_reflection(flag):
     def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         return dspy.Prediction(score=float(pred.answer == gold.answer), feedback="fine")
 
+    return data, _scripted_lm(answer_for), metric
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_format_failures_reach_reflection(flag):
+    proposer = RecordingProposer()
+    data, lm, metric = _half_unparseable()
+
     opt = TurboGEPA(metric, max_metric_calls=30, instruction_proposer=proposer, num_threads=2, use_merge=False,
                     add_format_failure_as_feedback=flag, skip_perfect_score=False, track_stats=True,
                     reflection_minibatch_size=6)
-    with dspy.context(lm=_scripted_lm(answer_for)):
+    with dspy.context(lm=lm):
         program = opt.compile(dspy.Predict("text -> answer"), trainset=data, valset=data[:4])
     assert program.detailed_results.run_stats["failures"]["format_error"] >= 1
     records = [r for _, ds, _ in proposer.calls for recs in ds.values() for r in recs]
@@ -362,21 +369,13 @@ def test_format_failure_structure_shows_the_parents_instruction():
     its built candidate: it showed the seed's instruction in every reflection, pulling proposals back
     toward the seed."""
     proposer = RecordingProposer()
-    data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
-
-    def answer_for(msg):
-        if any(f"t{i}" in msg for i in (1, 3, 5)):
-            return "no fields here"
-        return "[[ ## answer ## ]]\ny\n\n[[ ## completed ## ]]"
-
-    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
-        return dspy.Prediction(score=float(pred.answer == gold.answer), feedback="fine")
+    data, lm, metric = _half_unparseable()
 
     # ties accepted, so children (whose texts do not change the answers) become parents
     opt = TurboGEPA(metric, max_metric_calls=60, instruction_proposer=proposer, num_threads=2, use_merge=False,
                     add_format_failure_as_feedback=True, skip_perfect_score=False,
                     reflection_minibatch_size=6, gepa_kwargs={"acceptance_criterion": "improvement_or_equal"})
-    with dspy.context(lm=_scripted_lm(answer_for)):
+    with dspy.context(lm=lm):
         opt.compile(dspy.Predict("text -> answer"), trainset=data, valset=data[:4])
     seed_text = dspy.Predict("text -> answer").signature.instructions
     checked = 0
