@@ -687,16 +687,28 @@ def test_a_connection_reset_is_transient_not_systemic(routing, engine):
     assert outcome.failure == "program_error" and outcome.error_type not in FATAL_ERROR_TYPES
 
 
-def test_a_burst_of_429s_from_the_reflection_lm_is_waited_out(routing, student_lm, monkeypatch):
-    """Rate limits on the reflection LM became failed reflections: 0.2 s of 429s at the start (up to 8
-    reflections start at once) stopped the run as "systemic", and no counter showed them."""
+def _run_with_a_flaky_reflector(routing, student_lm, monkeypatch, before_call, num_threads):
+    """A compile whose reflection LM calls ``before_call`` first (fast retry policies); its run_stats."""
     from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 
     class FastRetries(ReflectiveProposer):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, rate_limit_policy=FAST_RL, **kwargs)
+            super().__init__(*args, rate_limit_policy=FAST_RL, transient_policy=FAST_TR, **kwargs)
 
     monkeypatch.setattr(teleprompter_module, "ReflectiveProposer", FastRetries)
+    reflector = make_reflection_lm(seed=0, before_call=before_call)
+    splits = small_splits(routing, n_train=20, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=120, reflection_lm=reflector, num_threads=num_threads,
+                    track_stats=True, verbose=False)
+    with dspy.context(lm=student_lm):
+        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert reflector.num_retries == 3  # the user's LM keeps its settings
+    return program.detailed_results.run_stats
+
+
+def test_a_burst_of_429s_from_the_reflection_lm_is_waited_out(routing, student_lm, monkeypatch):
+    """Rate limits on the reflection LM became failed reflections: 0.2 s of 429s at the start (up to 8
+    reflections start at once) stopped the run as "systemic", and no counter showed them."""
     started: list[float] = []
     lock = threading.Lock()
 
@@ -706,13 +718,7 @@ def test_a_burst_of_429s_from_the_reflection_lm_is_waited_out(routing, student_l
             if time.monotonic() - started[0] < 0.2:
                 raise lm15.RateLimitError("reflection quota", status=429, retry_after=0.01)
 
-    reflector = make_reflection_lm(seed=0, before_call=burst, num_retries=0)
-    splits = small_splits(routing, n_train=20, n_val=8)
-    opt = TurboGEPA(routing.metric, max_metric_calls=120, reflection_lm=reflector, num_threads=8,
-                    track_stats=True, verbose=False)
-    with dspy.context(lm=student_lm):
-        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
-    stats = program.detailed_results.run_stats
+    stats = _run_with_a_flaky_reflector(routing, student_lm, monkeypatch, burst, num_threads=8)
     assert stats["rate_limits"]["reflection"]["rate_limited"] > 0
     assert stats["rate_limits"]["reflection"]["rate_limit_retries"] == stats["rate_limits"]["reflection"][
         "rate_limited"]
@@ -722,14 +728,7 @@ def test_a_burst_of_429s_from_the_reflection_lm_is_waited_out(routing, student_l
 def test_transient_failures_of_the_reflection_lm_are_retried_by_us(routing, student_lm, monkeypatch):
     """DSPy's retries are off on our copy of the reflection LM (they sleep whatever Retry-After says), so
     a 503, a timeout or a dropped connection must be retried by the proposer's own transient policy,
-    not become a skipped reflection; the user's reflection LM keeps its settings."""
-    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
-
-    class FastRetries(ReflectiveProposer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, rate_limit_policy=FAST_RL, transient_policy=FAST_TR, **kwargs)
-
-    monkeypatch.setattr(teleprompter_module, "ReflectiveProposer", FastRetries)
+    not become a skipped reflection."""
     faults = iter([lm15.ServerError("boom", status=503), lm15.TimeoutError("slow"),
                    lm15.TransportError("connection reset")])
     lock = threading.Lock()
@@ -740,16 +739,9 @@ def test_transient_failures_of_the_reflection_lm_are_retried_by_us(routing, stud
         if fault is not None:
             raise fault
 
-    reflector = make_reflection_lm(seed=0, before_call=flaky)
-    splits = small_splits(routing, n_train=20, n_val=8)
-    opt = TurboGEPA(routing.metric, max_metric_calls=120, reflection_lm=reflector, num_threads=4,
-                    track_stats=True, verbose=False)
-    with dspy.context(lm=student_lm):
-        program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
-    stats = program.detailed_results.run_stats
+    stats = _run_with_a_flaky_reflector(routing, student_lm, monkeypatch, flaky, num_threads=4)
     assert next(faults, None) is None  # every fault was raised
     assert "proposer_error" not in stats.get("proposal_skips", {}), stats.get("proposal_skips")
-    assert reflector.num_retries == 3
 
 
 def test_the_live_stats_carry_the_reflection_lms_rate_limits():
