@@ -220,6 +220,8 @@ if "numpy" in sys.modules:
     print("PRELOADED")
     sys.exit(0)
 logging.basicConfig(level=logging.WARNING)
+# started in the background (nohup, `cmd &`), the process inherits SIGINT ignored and the Ctrl-C is lost
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class CtrlC(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
