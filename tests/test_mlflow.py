@@ -375,6 +375,49 @@ def test_pump_skips_mlflow_callback_outside_a_recorded_compile():
     assert pump.drain() == 1 and len(cb.events) == 2
 
 
+def test_the_evaluations_handed_to_mlflow_are_masked_and_other_callbacks_get_the_real_objects(tmp_path):
+    """autolog's eval_full_<k> runs stored a predictor LM's x-api-key header and a key written into an
+    instruction (params, model.json) and a key in an example field (result_table.json): the pump handed
+    MLflow the raw program and rows. MLflow now gets them masked, as the run store keeps them; any
+    other callback gets the objects themselves, as dspy.Evaluate hands them."""
+    import dspy
+
+    key, header_key = "sk-proj-PUMPleak0123456789abcdefXYZ", "hdr-secret-0123456789abcdef"
+
+    def build(texts):
+        program = dspy.Predict("q -> a")
+        program.signature = program.signature.with_instructions(texts["self"])
+        program.lm = dspy.LM("openai/x", api_key="k" * 24, extra_headers={"x-api-key": header_key})
+        return program
+
+    class MlflowCallback(_RecordingCallback):
+        optimizer_stack_level = 1
+
+        def on_evaluate_start(self, call_id, instance, inputs):  # what mlflow.dspy's callback reads
+            super().on_evaluate_start(call_id, instance, inputs)
+            inputs["program"].save(str(tmp_path / "model.json"))
+            self.state = json.dumps(inputs["program"].dump_state())
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    mlflow_cb, plain = MlflowCallback(), _RecordingCallback()
+    val = [dspy.Example(q=f"my key is {key}", a="x").with_inputs("q")]
+    pump = CompileThreadCallbackPump(build, val, callbacks=[mlflow_cb, plain])
+    rec = _record(0, {0: 1.0}, texts={"self": f"Answer. Use {key} for the lookup."})
+    rec.val_outputs[0] = dspy.Prediction(a=f"echo {key}")
+    pump.on_candidate(rec)
+    assert pump.drain() == 1
+    rows = mlflow_cb.events[1][2].results
+    logged = mlflow_cb.state + (tmp_path / "model.json").read_text() + repr([(dict(e), dict(p)) for e, p, _ in rows])
+    assert key not in logged and header_key not in logged
+    assert "Answer. Use" in logged and "my key is" in logged  # masked, not dropped
+    assert type(mlflow_cb.events[0][3]["program"]).__name__ == "Predict"  # MLflow's param names keep the class
+    assert set(rows[0][0].inputs().keys()) == {"q"} and rows[0][2] == 1.0
+    # the other callback got the real program and rows
+    real = plain.events[0][3]["program"]
+    assert key in real.signature.instructions and real.lm.kwargs["extra_headers"]["x-api-key"] == header_key
+    assert key in plain.events[1][2].results[0][0].q
+
+
 def test_tracker_without_mlflow_warns_once_and_does_nothing(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
     with caplog.at_level(logging.WARNING):

@@ -124,22 +124,31 @@ class CompileThreadCallbackPump(EngineObserver):
             results.append((self._valset[vid], pred if pred is not None else dspy.Prediction(), record.val_scores[vid]))
         score = round(100.0 * record.aggregate, 2)
         call_id = uuid.uuid4().hex
-        inputs = {
-            "program": program,
-            "devset": [ex for ex, _, _ in results],
-            "callback_metadata": {"metric_key": self._metric_key},
-        }
+
+        def inputs_for(program: Any, results: list[Any]) -> dict[str, Any]:
+            return {"program": program, "devset": [ex for ex, _, _ in results],
+                    "callback_metadata": {"metric_key": self._metric_key}}
+
+        # MLflow writes what it is given to the tracking store (params, model.json, result_table.json):
+        # it gets a masked program and masked rows, as the run store does. Other callbacks get the
+        # objects themselves, as dspy.Evaluate hands them.
+        masked = (masked_program(program), masked_results(results)) if any(map(is_mlflow_callback, callbacks)) \
+            else None
         started: list[Any] = []
-        outputs: Any = None
+        outputs: dict[bool, Any] = {}
         interrupted: BaseException | None = None
         try:
             for cb in callbacks:
                 started.append(cb)
                 try:
-                    cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
+                    cb.on_evaluate_start(call_id=call_id, instance=self._instance,
+                                         inputs=inputs_for(*masked) if masked is not None and is_mlflow_callback(cb)
+                                         else inputs_for(program, results))
                 except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
                     self._warn(f"{type(cb).__name__}.on_evaluate_start failed", exc)
-            outputs = EvaluationResult(score=score, results=results)
+            outputs[False] = EvaluationResult(score=score, results=results)
+            if masked is not None:
+                outputs[True] = EvaluationResult(score=score, results=masked[1])
         except BaseException as exc:  # Ctrl-C between the starts and the ends: the ends must still run
             interrupted = exc
             raise
@@ -149,7 +158,8 @@ class CompileThreadCallbackPump(EngineObserver):
             # end_run would close it instead of the compile run, leaving the compile run RUNNING.
             for cb in started:
                 try:
-                    cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
+                    masked_end = masked is not None and is_mlflow_callback(cb)
+                    cb.on_evaluate_end(call_id=call_id, outputs=outputs.get(masked_end), exception=interrupted)
                 except Exception as exc:  # noqa: BLE001
                     self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
         self.emitted += 1
@@ -164,6 +174,50 @@ class CompileThreadCallbackPump(EngineObserver):
             logger.debug("%s", what, exc_info=exc)
 
 
+def is_mlflow_callback(cb: Any) -> bool:
+    """MLflow's ``MlflowCallback`` (autolog's), told by name so that MLflow is never imported here."""
+    return type(cb).__name__ == "MlflowCallback" and type(cb).__module__.startswith("mlflow.")
+
+
+def masked_program(program: Any) -> Any:
+    """A shallow copy of ``program`` whose ``dump_state()`` (and so ``save()``) gives its state masked as
+    the run store masks what it keeps: credential-named keys (an LM's ``api_key``, ``extra_headers``
+    such as ``x-api-key``) and key-shaped or environment-secret strings (in instructions, demos).
+    Same class name, so MLflow's param names stay ``<YourModule>.<path>``."""
+    import copy
+
+    from dspy_turbogepa.redaction import redact
+
+    cls = type(program)
+    if not callable(getattr(program, "dump_state", None)):
+        return program  # not a module: no state for MLflow to log
+
+    def dump_state(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return redact(cls.dump_state(self, *args, **kwargs))
+
+    masked_cls = type(cls.__name__, (cls,), {"dump_state": dump_state, "__module__": cls.__module__,
+                                             "__qualname__": cls.__qualname__})
+    clone = copy.copy(program)
+    clone.__class__ = masked_cls
+    return clone
+
+
+def masked_results(results: list[Any]) -> list[Any]:
+    """``(example, prediction, score)`` rows with every field masked (MLflow's result table)."""
+    import dspy
+
+    from dspy_turbogepa.redaction import redact
+
+    rows = []
+    for example, pred, score in results:
+        masked_example = dspy.Example(**redact(dict(example.items(include_dspy=True))))
+        inputs = example._input_keys  # dspy keeps the input names only there
+        if inputs:
+            masked_example = masked_example.with_inputs(*inputs)
+        rows.append((masked_example, dspy.Prediction(**redact(dict(pred.items(include_dspy=True)))), score))
+    return rows
+
+
 def _wants_evaluations(cb: Any) -> bool:
     """MLflow's callback only nests evaluation runs inside a compile it recorded (``optimizer_stack_level > 0``).
 
@@ -171,7 +225,7 @@ def _wants_evaluations(cb: Any) -> bool:
     into whatever run is active, which is the mess dspy.GEPA makes from worker threads; skip it then.
     Read without importing MLflow.
     """
-    if type(cb).__name__ == "MlflowCallback" and type(cb).__module__.startswith("mlflow."):
+    if is_mlflow_callback(cb):
         return getattr(cb, "optimizer_stack_level", 1) > 0
     return hasattr(cb, "on_evaluate_start") and hasattr(cb, "on_evaluate_end")
 
