@@ -355,6 +355,9 @@ class MlflowRunTracker(EngineObserver):
         if not self.enabled:
             self._cleanup()
             return
+        # The final burst of uploads asks /health first, however recent the last probe: a server that died
+        # since would otherwise meet the burst's first call with MLflow's own retries (a minute here).
+        self._last_probe = -math.inf
         try:
             try:
                 self._finish(result, program)
@@ -539,6 +542,8 @@ class MlflowRunTracker(EngineObserver):
             self._consecutive_failures = 0
         except Exception as exc:  # noqa: BLE001
             self._consecutive_failures += 1
+            if _looks_unreachable(exc):
+                self._last_probe = -math.inf  # the next call asks /health first instead of retrying blind
             self._warn(f"MLflow logging failed ({what}: {type(exc).__name__}: {_short(exc)}); the run continues")
             if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                 self._dead = True
