@@ -559,12 +559,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             program.detailed_results = detailed
         modules_before = set(sys.modules)
         try:
-            if self.log_dir:
-                self._write_reports(detailed, result, budget)
+            written = self._write_reports(detailed, result, budget) if self.log_dir else []
             if tracker is not None:
-                reports = ("summary.json", "best_over_time.png", "lineage.png")
-                tracker.finish(result, program, detailed,
-                               artifacts=[self._log_path() / name for name in reports] if self.log_dir else ())
+                # only this session's reports: an earlier session's plots left in log_dir are not this run's
+                tracker.finish(result, program, detailed, artifacts=written)
         except KeyboardInterrupt as exc:
             # The search is over and its evaluations are stored: a Ctrl-C now skips the reports, never
             # the program.
@@ -581,8 +579,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         assert self.log_dir is not None  # called only when a log_dir is set
         return Path(os.path.expanduser(os.fspath(self.log_dir)))
 
-    def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> None:
-        """``log_dir/summary.json`` and the PNG plots; a reporting failure never loses the program."""
+    def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> list[Path]:
+        """``log_dir/summary.json`` and the PNG plots; a reporting failure never loses the program.
+        Returns the files this call wrote."""
         from dspy_turbogepa.tracking.summary import write_summary
 
         extra = {
@@ -590,21 +589,23 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             "budgets": {"max_metric_calls": budget, "token_budget": self.token_budget,
                         "cost_budget_usd": self.cost_budget_usd, "time_budget_seconds": self.time_budget_seconds},
         }
+        written: list[Path] = []
         try:
-            write_summary(self._log_path(), detailed, extra)
+            written.append(Path(write_summary(self._log_path(), detailed, extra)))
         except Exception:  # a report is never worth the optimized program: log it, return the program
             logger.exception("Could not write summary.json to %s", self.log_dir)
         try:
             from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
 
             # the whole result, as MLflow's copy is drawn: both panels' lines run on to the end of the run
-            plot_best_over_time(result, self._log_path() / "best_over_time.png", budget=budget)
-            plot_lineage(result.records, result.fronts, self._log_path() / "lineage.png")
+            written.append(Path(plot_best_over_time(result, self._log_path() / "best_over_time.png", budget=budget)))
+            written.append(Path(plot_lineage(result.records, result.fronts, self._log_path() / "lineage.png")))
         except ImportError:
             logger.warning("matplotlib is not installed: no plots in %s (pip install 'dspy-turbogepa[plots]').",
                            self.log_dir)
         except Exception:  # plotting must never cost the user their optimized program; say why
             logger.exception("Plotting into %s failed", self.log_dir)
+        return written
 
     # ------------------------------------------------------------------ helpers
     def _open_store(

@@ -401,6 +401,46 @@ def test_lineage_with_merges_of_two_parents(tmp_path: Path) -> None:
     assert_png(plot_best_over_time(result, tmp_path / "best.png"))
 
 
+def test_a_plot_cut_short_leaves_the_previous_file_not_a_truncated_one(tmp_path: Path, monkeypatch) -> None:
+    """A full disk left a 0-byte best_over_time.png that MLflow then uploaded: plots are written to a
+    temporary file and renamed, as summary.json is."""
+    from matplotlib.figure import Figure
+
+    records = synthetic_records(5)
+    target = tmp_path / "best.png"
+    assert_png(plot_best_over_time(records, target))
+    before = target.read_bytes()
+
+    def disk_full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        plot_best_over_time(records, target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.png"]
+
+
+def test_only_this_sessions_reports_are_uploaded(compiled_routing, tmp_path: Path, monkeypatch) -> None:
+    """A resumed session that could not draw its plots uploaded the earlier session's PNGs (2 candidates)
+    as this run's, beside its own candidates (6)."""
+    import dspy_turbogepa.tracking.plots as plots
+
+    (tmp_path / "lineage.png").write_bytes(b"an earlier session's plot")
+    opt = TurboGEPA(TASKS["routing"].metric, max_metric_calls=200, reflection_lm=make_reflection_lm(seed=0),
+                    log_dir=str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot draw")
+
+    monkeypatch.setattr(plots, "plot_lineage", broken)
+    dr = compiled_routing.detailed_results
+    result = SimpleNamespace(records=synthetic_records(6), fronts=None, wall_seconds=3.0, total_metric_calls=200)
+    written = opt._write_reports(dr, result, 200)
+    assert sorted(p.name for p in written) == ["best_over_time.png", "summary.json"]
+    assert (tmp_path / "lineage.png").read_bytes() == b"an earlier session's plot"  # left, not uploaded
+
+
 def test_plot_module_imports_matplotlib_lazily() -> None:
     code = ("import sys, dspy_turbogepa.tracking.plots, dspy_turbogepa.tracking.progress, "
             "dspy_turbogepa.tracking.summary; print('matplotlib' in sys.modules)")

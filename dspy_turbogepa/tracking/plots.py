@@ -16,7 +16,10 @@ Both functions take the engine's ``list[CandidateRecord]`` (``EngineResult.recor
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +136,17 @@ def _best_index(nodes: Sequence[_Node]) -> int:
 
 
 def _save(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Written to a temporary file and renamed, as summary.json is: a full disk or a Ctrl-C leaves the
+    previous plot (or none), never a truncated PNG that MLflow would then upload."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", metadata={"Software": "dspy_turbogepa"})  # Agg, picked by format
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": "dspy_turbogepa"})  # Agg, picked by format
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     return path
 
 
