@@ -356,6 +356,8 @@ class _Writer:
         self.ignored_rows = 0
         self.failed_rows = 0
         self.unreported_errors: list[str] = []
+        #: error types already reported at WARNING (a full disk fails every row the same way)
+        self.warned_errors: set[str] = set()
         self.fatal: BaseException | None = None
         self.conn = _connect(path)
         self.conn.execute("PRAGMA synchronous = NORMAL")
@@ -484,7 +486,11 @@ class _Writer:
             self.failed_rows += len(rows)
             if len(self.unreported_errors) < 100:
                 self.unreported_errors.append(message)
-        logger.warning("Run store %s: a row was not saved: %s", self.path, message)
+            first = type(exc).__name__ not in self.warned_errors
+            self.warned_errors.add(type(exc).__name__)
+        logger.log(logging.WARNING if first else logging.DEBUG, "Run store %s: a row was not saved: %s%s", self.path,
+                   message, " (further rows failing so are logged at DEBUG; the count is reported at the end)"
+                   if first else "")
 
 
 # --------------------------------------------------------------------------------------------- store

@@ -338,6 +338,30 @@ def test_a_full_or_failing_disk_is_not_called_a_damaged_store(tmp_path: Path, mo
         store.close()
 
 
+def test_a_full_disk_is_reported_once_not_per_row(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A full log_dir logged one WARNING per row (217 in a small run); one says it, the rest go to DEBUG,
+    and the count still reaches write_stats and a flush's error."""
+    import logging
+
+    store = RunStore.open(tmp_path, RUN_KEY)
+    writer = store._writer
+
+    def disk_full(rows):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(writer, "_transaction", disk_full)
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        for i in range(20):
+            _eval(store, "fp", i)
+        with pytest.raises(RunStoreError, match="20 row"):  # the count, for whoever waits on the store
+            store.flush()
+        store.close()
+    per_row = [r for r in caplog.records if "a row was not saved" in r.getMessage()]
+    # (closing writes the session's end row too, which fails the same way)
+    assert [r.levelno for r in per_row].count(logging.WARNING) == 1 and len(per_row) >= 20
+    assert store.write_stats["failed"] >= 20
+
+
 def test_unusable_log_dir_is_named_in_the_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
