@@ -1140,6 +1140,27 @@ def test_a_systemic_failure_still_logs_the_last_stats_to_mlflow(local_tracking):
     assert history and max(m.value for m in history) == len(calls) > len(splits.val)  # beyond the seed's
 
 
+def test_gepa_kwargs_tracking_uri_never_switches_the_store_under_the_users_active_run(
+        local_tracking, template_db, tmp_path, caplog):
+    """Inside the user's `with mlflow.start_run()` in store A, mlflow_tracking_uri=B switched the
+    process-wide URI: nothing was logged, the user's next log_metric and the end of their block raised,
+    and their run stayed RUNNING in A. Now the URI is left alone, with a warning, and the compile logs
+    into the active run."""
+    import mlflow
+
+    import dspy_turbogepa.teleprompter as tp
+
+    other = fresh_db(template_db, tmp_path / "other")
+    with caplog.at_level(logging.WARNING), mlflow.start_run() as users:
+        run_small_compile(tp, use_mlflow=True, gepa_kwargs={"mlflow_tracking_uri": other})
+        assert mlflow.get_tracking_uri() == local_tracking
+        mlflow.log_metric("users_own", 1.0)  # raised MlflowException: the run was looked up in B
+    warned = [r.getMessage() for r in tracking_warnings(caplog)]
+    assert len(warned) == 1 and "is not applied" in warned[0], warned
+    run = mlflow.MlflowClient(tracking_uri=local_tracking).get_run(users.info.run_id)
+    assert run.info.status == "FINISHED" and "users_own" in run.data.metrics and "best_val_score" in run.data.metrics
+
+
 def test_gepa_kwargs_tracking_uri_and_experiment_are_honoured(local_tracking, template_db, tmp_path):
     """dspy.GEPA routes use_mlflow to gepa_kwargs' mlflow_tracking_uri / mlflow_experiment_name; they
     were ignored with a warning and the run landed in the process's default store and experiment."""

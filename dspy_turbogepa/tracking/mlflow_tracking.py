@@ -249,7 +249,13 @@ class MlflowRunTracker(EngineObserver):
             return
         self._Metric = Metric
         try:
-            if tracking_uri:
+            if tracking_uri and mlflow.active_run() is not None and tracking_uri != mlflow.get_tracking_uri():
+                # The URI is process-wide: switching it under the user's active run would make their own
+                # log calls and the end of their `with mlflow.start_run()` fail, and leave it RUNNING.
+                self._warn(f"gepa_kwargs['mlflow_tracking_uri'] ({_safe_uri(tracking_uri)}) is not applied: an MLflow "
+                           f"run is active in {_safe_uri(mlflow.get_tracking_uri())}, and this compile logs into it "
+                           "there; set the tracking URI before starting your run to log elsewhere")
+            elif tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
             uri = mlflow.get_tracking_uri()
             problem = _probe_tracking_server(uri, probe_timeout)
