@@ -306,13 +306,13 @@ class DspyEvaluator:
             rate_limited = kind == "rate_limited"
             policy = self._rl_policy if rate_limited else self._tr_policy
             done = retries[kind]
-            self._stats.add(**{"rate_limited" if rate_limited else "transient_errors": 1})
+            self._stats.count(kind, "seen")
             elapsed = self._clock() - started
             delay = policy.delay(done, verdict.retry_after, self._rng, elapsed)
             if delay is None:
                 return self._give_up(attempt, verdict, done, elapsed, usage, retries["rate_limited"], example,
                                      example_id, names, split, capture_traces)
-            self._stats.add(backoff_s=delay, **{"rate_limit_retries" if rate_limited else "transient_retries": 1})
+            self._stats.count(kind, "retry", backoff_s=delay)
             retries[kind] += 1
             if not rate_limited:
                 logger.info("Retrying a rollout in %.1fs after %s (retry %d of %d)", delay, verdict.error_type,
@@ -332,19 +332,19 @@ class DspyEvaluator:
                if policy.asks_too_long(verdict.retry_after, retries, elapsed)
                else f"after {retries} retries over {elapsed:.0f}s")
         message = f"Still {what}; gave up: {why}. {outcome.message}"
+        assert verdict.kind is not None
+        self._stats.count(verdict.kind, "gave_up")
         if verdict.kind == "rate_limited":
-            self._stats.add(rate_limit_gave_up=1)
             # The engine-level cause; the trajectory keeps "program_error" + the LM error type, which
             # reflection already skips as an infrastructure failure. A wait past the whole policy (a used-up
             # quota) is fatal: every later rollout would give up the same way, each scored as a failure.
             outcome = replace(outcome, failure="rate_limited", message=message,
-                              fatal=policy.outlasted_by(verdict.retry_after), service_failure=True)
+                              fatal=policy.outlasted_by(verdict.retry_after))
             first, self._warned_rate_limited = not self._warned_rate_limited, True  # the event loop's thread
             logger.log(logging.WARNING if first else logging.DEBUG,
                        "A rollout stayed rate limited (%s); scoring it as failed (rate_limited)%s.", why,
                        "; further ones are counted in run_stats['failures'] and logged at DEBUG" if first else "")
         else:
-            self._stats.add(transient_gave_up=1)
             outcome = replace(outcome, message=message)
         return self._finish(outcome, usage, rl_retries)
 

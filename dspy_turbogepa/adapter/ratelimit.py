@@ -336,6 +336,13 @@ RATE_LIMIT_POLICY = RetryPolicy(max_retries=10, max_elapsed_s=300.0, base_s=0.5,
 TRANSIENT_POLICY = RetryPolicy(max_retries=3, max_elapsed_s=120.0, base_s=1.0, cap_s=30.0)
 
 
+#: RateLimitStats' counter for each kind of retried failure and event.
+_COUNTERS: dict[RetryKind, dict[str, str]] = {
+    "rate_limited": {"seen": "rate_limited", "retry": "rate_limit_retries", "gave_up": "rate_limit_gave_up"},
+    "transient": {"seen": "transient_errors", "retry": "transient_retries", "gave_up": "transient_gave_up"},
+}
+
+
 class RateLimitStats:
     """Thread-safe counters for ``DspyEvaluator.rate_limit_stats()``."""
 
@@ -354,6 +361,12 @@ class RateLimitStats:
         with self._lock:
             for name, value in deltas.items():
                 setattr(self, name, getattr(self, name) + value)
+
+    def count(self, kind: RetryKind, event: Literal["seen", "retry", "gave_up"], backoff_s: float = 0.0) -> None:
+        """One failed attempt (``seen``), retry (after ``backoff_s``) or give-up of a rate limit or a
+        transient failure, in that kind's counter."""
+        self.add(backoff_s=backoff_s, **{_COUNTERS[kind][event]: 1})
+
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

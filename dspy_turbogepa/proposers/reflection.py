@@ -181,27 +181,23 @@ class ReflectiveProposer:
                 break
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
-                if verdict.kind is None:
+                kind = verdict.kind
+                if kind is None:
                     return self._failed(exc)
-                rate_limited = verdict.kind == "rate_limited"
-                policy = self._rl_policy if rate_limited else self._tr_policy
-                if rate_limited:
-                    self._rl_stats.add(rate_limited=1)
+                policy = self._rl_policy if kind == "rate_limited" else self._tr_policy
+                self._rl_stats.count(kind, "seen")
                 delay = None if self._stopping.is_set() else policy.delay(
-                    retries[verdict.kind], verdict.retry_after, self._rng, time.monotonic() - started)
+                    retries[kind], verdict.retry_after, self._rng, time.monotonic() - started)
                 if delay is None:
-                    if rate_limited:
-                        self._rl_stats.add(rate_limit_gave_up=1)
+                    self._rl_stats.count(kind, "gave_up")
                     # a wait past the whole policy (a used-up quota) stops the run: every reflection would fail
-                    return self._failed(exc, quota=rate_limited and policy.outlasted_by(verdict.retry_after))
-                logger.info("The reflection LM is %s; asking again in %.1fs",
-                            "rate limited" if rate_limited else f"failing transiently ({verdict.error_type})", delay)
-                if rate_limited:
-                    self._rl_stats.add(rate_limit_retries=1, backoff_s=delay)
-                retries[verdict.kind] += 1
+                    return self._failed(exc, quota=kind == "rate_limited" and policy.outlasted_by(verdict.retry_after))
+                logger.info("The reflection LM is %s; asking again in %.1fs", "rate limited" if kind == "rate_limited"
+                            else f"failing transiently ({verdict.error_type})", delay)
+                self._rl_stats.count(kind, "retry", backoff_s=delay)
+                retries[kind] += 1
                 if self._stopping.wait(delay):  # the run stopped while we waited: do not call the LM again
-                    if rate_limited:
-                        self._rl_stats.add(rate_limit_gave_up=1)
+                    self._rl_stats.count(kind, "gave_up")
                     return self._failed(exc)
         outcome = _validate_answer(answer, parent_texts, to_update)
         if outcome.skipped is None:

@@ -15,6 +15,7 @@ metric history with one step per candidate (step ``k`` = candidate ``k``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -125,30 +126,30 @@ class CompileThreadCallbackPump(EngineObserver):
         score = round(100.0 * record.aggregate, 2)
         call_id = uuid.uuid4().hex
 
-        def inputs_for(program: Any, results: list[Any]) -> dict[str, Any]:
-            return {"program": program, "devset": [ex for ex, _, _ in results],
-                    "callback_metadata": {"metric_key": self._metric_key}}
-
         # MLflow writes what it is given to the tracking store (params, model.json, result_table.json):
         # it gets a masked program and masked rows, as the run store does. Other callbacks get the
         # objects themselves, as dspy.Evaluate hands them.
+        plain = (program, results)
         masked = (masked_program(program), masked_results(results)) if any(map(is_mlflow_callback, callbacks)) \
-            else None
+            else plain
+
+        def view(cb: Any) -> tuple[Any, list[Any]]:
+            return masked if is_mlflow_callback(cb) else plain
+
         started: list[Any] = []
-        outputs: dict[bool, Any] = {}
+        ended = False
         interrupted: BaseException | None = None
         try:
             for cb in callbacks:
                 started.append(cb)
+                shown, rows = view(cb)
+                inputs = {"program": shown, "devset": [ex for ex, _, _ in rows],
+                          "callback_metadata": {"metric_key": self._metric_key}}
                 try:
-                    cb.on_evaluate_start(call_id=call_id, instance=self._instance,
-                                         inputs=inputs_for(*masked) if masked is not None and is_mlflow_callback(cb)
-                                         else inputs_for(program, results))
+                    cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
                 except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
                     self._warn(f"{type(cb).__name__}.on_evaluate_start failed", exc)
-            outputs[False] = EvaluationResult(score=score, results=results)
-            if masked is not None:
-                outputs[True] = EvaluationResult(score=score, results=masked[1])
+            ended = True
         except BaseException as exc:  # Ctrl-C between the starts and the ends: the ends must still run
             interrupted = exc
             raise
@@ -157,9 +158,9 @@ class CompileThreadCallbackPump(EngineObserver):
             # MLflow's nested evaluation run would otherwise stay on its active-run stack, and autolog's
             # end_run would close it instead of the compile run, leaving the compile run RUNNING.
             for cb in started:
+                outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
                 try:
-                    masked_end = masked is not None and is_mlflow_callback(cb)
-                    cb.on_evaluate_end(call_id=call_id, outputs=outputs.get(masked_end), exception=interrupted)
+                    cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
                 except Exception as exc:  # noqa: BLE001
                     self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
         self.emitted += 1
@@ -186,20 +187,23 @@ def masked_program(program: Any) -> Any:
     Same class name, so MLflow's param names stay ``<YourModule>.<path>``."""
     import copy
 
-    from dspy_turbogepa.redaction import redact
-
-    cls = type(program)
     if not callable(getattr(program, "dump_state", None)):
         return program  # not a module: no state for MLflow to log
+    clone = copy.copy(program)
+    clone.__class__ = _masked_class(type(program))  # type: ignore[arg-type]  # mypy: a class is not Hashable
+    return clone
+
+
+@functools.cache
+def _masked_class(cls: type) -> type:
+    """``cls`` whose ``dump_state()`` is masked (one class per module class, not per evaluation)."""
+    from dspy_turbogepa.redaction import redact
 
     def dump_state(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return redact(cls.dump_state(self, *args, **kwargs))
+        return redact(cls.dump_state(self, *args, **kwargs))  # type: ignore[attr-defined]
 
-    masked_cls = type(cls.__name__, (cls,), {"dump_state": dump_state, "__module__": cls.__module__,
-                                             "__qualname__": cls.__qualname__})
-    clone = copy.copy(program)
-    clone.__class__ = masked_cls
-    return clone
+    return type(cls.__name__, (cls,), {"dump_state": dump_state, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
 
 
 def masked_results(results: list[Any]) -> list[Any]:
