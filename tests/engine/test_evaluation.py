@@ -67,3 +67,63 @@ def test_concurrent_requests_for_one_evaluation_run_it_once_and_count_the_rest_a
     assert requested == {(cand.fingerprint, "train", 3)}
     assert (stats.task_prompt_tokens, stats.task_completion_tokens, stats.task_cost) == (100, 10, 0.5)
     assert stats.task_lm_calls == 3 and stats.rate_limit_retries == 2
+
+
+class SlowAndFailingEvaluator:
+    """Example 0 raises (a systemic failure) at once; every other example takes 0.2 s."""
+
+    def __init__(self) -> None:
+        self.finished: list[int] = []
+
+    async def evaluate(self, texts, fingerprint, split, example_id, capture_traces) -> EvalOutcome:
+        if example_id == 0:
+            await asyncio.sleep(0)
+            raise RuntimeError("the key was refused")
+        await asyncio.sleep(0.2)
+        self.finished.append(example_id)
+        return EvalOutcome(example_id, 1.0)
+
+
+def test_a_stream_reads_outcomes_as_they_arrive_and_waits_for_all_on_a_normal_exit():
+    """A rung reads the scores that have arrived; leaving the stream normally waits for the rest
+    (they were requested, so they are charged: they must finish and be recorded)."""
+    evaluator = CountingEvaluator()
+    cache, stats = make_cache(evaluator)
+    cand = Candidate({"a": "x"})
+
+    async def scenario():
+        requested: set = set()
+        async with cache.stream(cand, "val", 0.0, requested) as stream:
+            stream.add([1, 2, 3])
+            stream.add([2, 5])  # an id already started is not started twice
+            assert stream.finished() == {}
+            await stream.next()
+            assert stream.finished()  # at least one arrived
+        assert not stream.pending
+        return requested, stream.finished()
+
+    requested, outcomes = asyncio.run(scenario())
+    assert sorted(outcomes) == [1, 2, 3, 5] and outcomes[5].score == 0.5
+    assert sorted(c[2] for c in evaluator.calls) == [1, 2, 3, 5]
+    assert stats.executed == 4 and len(requested) == 4
+
+
+def test_a_stream_whose_evaluation_raises_cancels_the_others_and_raises():
+    """``many()``'s rule: a systemic failure does not leave the candidate's other evaluations running."""
+    evaluator = SlowAndFailingEvaluator()
+    cache, _ = make_cache(evaluator)
+    cand = Candidate({"a": "x"})
+
+    async def scenario():
+        async with cache.stream(cand, "val", 0.0, set()) as stream:
+            stream.add([1, 2, 0])
+            while True:
+                await stream.next()
+
+    try:
+        asyncio.run(scenario())
+    except RuntimeError as exc:
+        assert "refused" in str(exc)
+    else:  # pragma: no cover - the assertion below reports it
+        raise AssertionError("the evaluation's error did not propagate")
+    assert evaluator.finished == []  # the slow ones were cancelled, not awaited
