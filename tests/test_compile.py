@@ -55,6 +55,32 @@ def test_two_predictor_pipeline_gets_better(pipeline, student_lm, reflection_lm)
     assert changed == set(pipeline.predictor_names)
 
 
+class WithUnusedBranch(dspy.Module):
+    """The routing program beside a predictor it never calls (a router's branch no example takes)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.escalate = dspy.Predict("ticket -> route")
+        self.inner = inner
+
+    def forward(self, ticket):
+        return self.inner(ticket=ticket)
+
+
+def test_round_robin_turns_on_a_predictor_that_never_runs_go_to_the_next_one(routing, student_lm, reflection_lm):
+    """dspy.GEPA wastes such a turn; here it passes to the next predictor on the same minibatch. A
+    reviewer's program stalled on them (stopped "no progress possible" at 0.5 where dspy.GEPA reached 1.0):
+    the wasted turns fell into step with the failure-first draws."""
+    program = WithUnusedBranch(routing.make_program())
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=250, program=program)
+    dr = optimized.detailed_results
+    stats = dr.run_stats
+    assert stats["proposal_skips"].get("no_reflective_data", 0) > 0  # the unused predictor's turns came
+    assert stats["mutations"].get("no_proposal", 0) == 0, stats["mutations"]  # ... and none was wasted
+    assert optimized.escalate.signature.instructions == program.escalate.signature.instructions
+    assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0] + 0.1
+
+
 def test_async_program_goes_through_acall(routing, student_lm, reflection_lm):
     program = routing.make_program(async_forward=True)
     _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=200, program=program)

@@ -895,17 +895,22 @@ class Orchestrator:
         self.stats.scout_failures_read += len(scouted)
         feedback = parent_outs + scouted + self._reused_feedback(parent, plan)
         seeds = [plan.rng.getrandbits(63) for _ in range(plan.siblings)]
-        if len(seeds) == 1:
-            proposals = [await self._propose(plan, result, parent, components, feedback, seeds[0])]
-        else:
-            # Each sibling reads its feedback in another order: a reflection LM that answers the same
-            # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
-            proposals = list(await asyncio.gather(
-                *(self._propose(plan, result, parent, components, sibling_order(feedback, j), seed)
-                  for j, seed in enumerate(seeds))
-            ))
-        result.reflection_calls = sum(p.reflection_calls for p in proposals)
-        result.proposals_answered = sum(p.skipped != NOTHING_TO_REFLECT_ON or p.reflection_calls > 0 for p in proposals)
+        proposals = await self._reflect(plan, result, parent, components, feedback, seeds)
+        # A round-robin turn on a predictor that did not run on any example read (a router's branch, a
+        # predictor the program never calls) passes to the next predictor, on the same minibatch. Left
+        # wasted, such turns fall into step with the sampler's draws, and the other predictors can see
+        # the same few examples turn after turn until the search stalls (a reviewer's two-predictor
+        # program stopped at 0.5 where dspy.GEPA reached 1.0). Deterministic: it reads only traces.
+        if not callable(cfg.component_selector) and len(components) == 1:
+            for other in self._selector.after(components[0]):
+                if not all(p.skipped == NOTHING_TO_REFLECT_ON for p in proposals):
+                    break
+                self.stats.proposal_skips[NOTHING_TO_REFLECT_ON] += len(proposals)
+                components = plan.components = [other]
+                plan.child_counter = self._selector.counter_after(other)
+                proposals = await self._reflect(plan, result, parent, components, feedback, seeds)
+        result.proposals_answered += sum(p.skipped != NOTHING_TO_REFLECT_ON or p.reflection_calls > 0
+                                         for p in proposals)
         result.proposals = len(proposals)
         children: list[Candidate] = []
         unusable: list[str] = []
@@ -1013,6 +1018,23 @@ class Orchestrator:
         self.stats.reflection_prompt_tokens += proposal.reflection_prompt_tokens
         self.stats.reflection_completion_tokens += proposal.reflection_completion_tokens
         self.stats.reflection_cost += proposal.reflection_cost
+
+    async def _reflect(
+        self, plan: MutationPlan, result: MutationResult, parent: Candidate, components: list[str],
+        feedback: list[EvalOutcome], seeds: list[int],
+    ) -> list[ProposalOutcome]:
+        """One proposal per seed (best-of-k siblings), their reflection calls added to ``result``."""
+        if len(seeds) == 1:
+            proposals = [await self._propose(plan, result, parent, components, feedback, seeds[0])]
+        else:
+            # Each sibling reads its feedback in another order: a reflection LM that answers the same
+            # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
+            proposals = list(await asyncio.gather(
+                *(self._propose(plan, result, parent, components, sibling_order(feedback, j), seed)
+                  for j, seed in enumerate(seeds))
+            ))
+        result.reflection_calls += sum(p.reflection_calls for p in proposals)
+        return proposals
 
     async def _propose(
         self, plan: MutationPlan, result: MutationResult, parent: Candidate, components: list[str],

@@ -46,6 +46,15 @@ class ComponentSelector:
         """A new candidate continues its parent's round robin (gepa: max over its parents)."""
         self._next[child_fp] = max(self._next.get(child_fp, 0), value)
 
+    def after(self, component: str) -> list[str]:
+        """The other components in round-robin order, starting after ``component``."""
+        i = self.components.index(component)
+        return self.components[i + 1:] + self.components[:i]
+
+    def counter_after(self, component: str) -> int:
+        """The round-robin counter of a child made by rewriting ``component``."""
+        return (self.components.index(component) + 1) % len(self.components)
+
     def select(
         self,
         parent_fp: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 
@@ -13,13 +14,14 @@ from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.orchestrator import Orchestrator
 from dspy_turbogepa.engine.selection import SelectorState
-from dspy_turbogepa.engine.types import ProposalOutcome
+from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, ProposalOutcome
 
 from .fakes import (
     FakeEvaluator,
     FakeReflector,
     KeywordTask,
     Recorder,
+    ReflectCall,
     Setup,
     StopAfter,
     Trajectory,
@@ -266,6 +268,49 @@ def test_round_robin_alternates_components_on_the_same_parent() -> None:
     rec_plans_all_reflected = len(comps) == sum(result.stats.mutations.values())
     assert rec_plans_all_reflected, dict(result.stats.mutations)
     assert comps == [("a",), ("b",)] * (len(comps) // 2) + [("a",)] * (len(comps) % 2)
+
+
+@dataclass(frozen=True)
+class OnlyLiveTask(KeywordTask):
+    """Every example is about the "live" component: the program never runs "dead" (a router's branch)."""
+
+    def needs(self, split: str, example_id: int) -> tuple[str, str]:
+        return "live", f"kw{(example_id + (0 if split == 'val' else 1)) % self.num_keywords}"
+
+
+class TracesOnlyReflector(FakeReflector):
+    """dspy's reflector: a component that ran on none of the examples read has nothing to reflect on."""
+
+    async def reflect(self, parent_texts, components, outcomes, seed):
+        if not any(o.trajectory is not None and o.trajectory.component in components for o in outcomes):
+            self.calls.append(ReflectCall(dict(parent_texts), tuple(components), tuple(outcomes), seed))
+            return ProposalOutcome(skipped=NOTHING_TO_REFLECT_ON, message="no usable trace records")
+        return await super().reflect(parent_texts, components, outcomes, seed)
+
+
+@pytest.mark.parametrize("siblings", [1, 3])
+def test_a_round_robin_turn_on_a_component_that_never_ran_passes_to_the_next_on_the_same_minibatch(
+    siblings: int,
+) -> None:
+    task = OnlyLiveTask(components=("dead", "live"), hidden=frozenset(("train", i) for i in range(12) if i % 4 == 3))
+    setup = Setup(task=task, train_ids=tuple(range(12)), val_ids=tuple(range(8)))
+    cfg = make_config(max_metric_calls=300, max_siblings=siblings, **fixed_width())
+    refl = TracesOnlyReflector(mode="add")
+    rec = Recorder()
+    result, orch, ev, _ = run_fakes(cfg, setup, reflector=refl, observers=[rec])
+    check_invariants(result, orch, ev, setup)
+    dead_turns = [i for i, c in enumerate(refl.calls) if c.components == ("dead",)]
+    assert dead_turns, "no round-robin turn fell on the dead component: the test proves nothing"
+    for i in dead_turns:  # each is followed by a reflection on "live" reading the same failures
+        follow = refl.calls[i + 1: i + 1 + siblings + len(dead_turns)]
+        assert any(c.components == ("live",) and {o.example_id for o in c.outcomes}
+                   == {o.example_id for o in refl.calls[i].outcomes} for c in follow)
+    assert result.stats.mutations["no_proposal"] == 0, dict(result.stats.mutations)
+    assert result.stats.proposal_skips[NOTHING_TO_REFLECT_ON] >= len(dead_turns)
+    for r in rec.results:  # what the mutation rewrote, and the round robin its child continues from
+        if r.plan.kind == "reflection" and r.child is not None:
+            assert r.plan.components == ["live"] and r.plan.child_counter == 0
+    assert result.best.aggregate == 1.0
 
 
 def test_round_robin_counters_are_per_candidate_and_inherited() -> None:
