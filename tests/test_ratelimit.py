@@ -742,6 +742,9 @@ def test_transient_failures_of_the_reflection_lm_are_retried_by_us(routing, stud
     stats = _run_with_a_flaky_reflector(routing, student_lm, monkeypatch, flaky, num_threads=4)
     assert next(faults, None) is None  # every fault was raised
     assert "proposer_error" not in stats.get("proposal_skips", {}), stats.get("proposal_skips")
+    reflection = stats["rate_limits"]["reflection"]  # what run_stats, the summary and MLflow report
+    assert reflection["transient_errors"] == 3 and reflection["transient_retries"] == 3, reflection
+    assert reflection["transient_gave_up"] == 0 and reflection["rate_limited"] == 0
 
 
 def test_the_live_stats_carry_the_reflection_lms_rate_limits():

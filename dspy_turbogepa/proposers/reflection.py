@@ -105,9 +105,11 @@ class ReflectiveProposer:
         return self._builder.skipped_counts()
 
     def rate_limit_stats(self) -> dict[str, Any]:
-        """429s the reflection LM answered past DSPy's own retries, our retries, give-ups, backoff."""
+        """The reflection LM's 429s and transient failures (timeouts, 5xx, dropped connections): seen,
+        our retries, give-ups, and the backoff slept (DSPy's own retries are off on our copy of it)."""
         snap = self._rl_stats.snapshot()
-        return {k: snap[k] for k in ("rate_limited", "rate_limit_retries", "rate_limit_gave_up", "backoff_seconds")}
+        return {k: snap[k] for k in ("rate_limited", "rate_limit_retries", "rate_limit_gave_up", "transient_errors",
+                                     "transient_retries", "transient_gave_up", "backoff_seconds")}
 
     async def reflect(
         self, parent_texts: Mapping[str, str], components: Sequence[str], outcomes: Sequence[EvalOutcome], seed: int
