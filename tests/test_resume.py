@@ -797,6 +797,53 @@ def test_a_resumed_run_evaluates_the_seed_itself_not_its_masked_copy(routing, tm
     assert "Hunter2pass99" not in (tmp_path / "run.sqlite3").read_bytes().decode("latin-1")
 
 
+def test_a_resumed_run_never_hands_on_a_masked_trace_or_output(routing, tmp_path):
+    """Data holding key-shaped text (a secret-scanning task): the store masks it, so a replayed trace
+    showed the metric's feedback call and the reflection ``***REDACTED***`` where the live run showed
+    the value (a right answer scored wrong), and ``best_outputs_valset`` returned masked answers. Such
+    rows run again; the rest is replayed."""
+    splits = small_splits(routing, n_train=20, n_val=8)
+
+    def with_key(ex, i):
+        return ex.copy(ticket=f"{ex.ticket} (ref sk-live{i}abc123def456ghi789)").with_inputs("ticket")
+
+    train = [with_key(ex, i) for i, ex in enumerate(splits.train)]
+    val = [with_key(ex, 100 + i) for i, ex in enumerate(splits.val)]
+    masked_seen: list[str] = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None and "REDACTED" in f"{pred} {pred_trace}":
+            masked_seen.append(pred_name)
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    prompts: list[str] = []
+
+    def record(request):
+        prompts.append(" ".join(str(m["content"]) for m in request_messages(request)))
+
+    class QuotesTheRef(dspy.Module):  # its answer holds the key-shaped reference too
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, ticket):
+            return dspy.Prediction(queue=self.inner(ticket=ticket).queue, ref=re.search(r"sk-\w+", ticket).group(0))
+
+    results = []
+    for budget in (40, 120, 120):
+        opt = TurboGEPA(metric, max_metric_calls=budget, num_threads=4, log_dir=str(tmp_path), verbose=False,
+                        reflection_lm=make_reflection_lm(seed=0, before_call=record), track_stats=True,
+                        track_best_outputs=True)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            results.append(opt.compile(QuotesTheRef(), trainset=train, valset=val).detailed_results)
+    assert results[1].run_stats["proposals_replayed"] > 0  # the second session did resume the first
+    assert not masked_seen, masked_seen
+    assert prompts and not any("REDACTED" in p for p in prompts)
+    outputs = [o.ref for per_example in results[2].best_outputs_valset.values() for _, o in per_example]
+    assert outputs and all(o.startswith("sk-live") for o in outputs), outputs
+    assert "abc123def456ghi789" not in (tmp_path / "run.sqlite3").read_bytes().decode("latin-1")
+
+
 def test_a_log_dir_under_home_keeps_the_store_summary_and_stop_file_together(routing, tmp_path, monkeypatch):
     """The store expanded ``~``; summary.json, the plots and the stop file used the path as given (a
     directory literally named ``~`` under the working directory)."""
@@ -1063,6 +1110,26 @@ def test_stored_values_round_trip_without_hidden_fields_or_code_from_the_row():
 
     assert _revive({_TYPE: "concurrent.futures:ProcessPoolExecutor", "value": {}}) == {}
     assert "concurrent.futures.process" not in sys.modules
+
+
+def test_numpy_values_come_back_as_numpy_values():
+    """They came back as their text: a metric whose feedback did ``f"{pred.conf:.2f}"`` raised in a
+    resumed session only, and the reflection read another prompt than the live run's (a review)."""
+    import numpy as np
+
+    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+
+    live = dspy.Prediction(conf=np.float32(0.75), n=np.int64(3), ok=np.bool_(True), grid=np.array([[0, 1], [2, 3]]),
+                           words=np.array(["a", "bc"]), zero_d=np.array(2.5), half=np.array([1.5], dtype=np.float16))
+    back = _prediction_from(json.loads(json.dumps(_prediction_dict(live))))
+    for key, value in live.items():
+        assert type(back[key]) is type(value) and back[key].dtype == value.dtype, key
+        assert np.array_equal(back[key], value), key
+    assert f"{back.conf:.2f}" == "0.75" and back.grid.shape == (2, 2)
+    # what is not stored typed stays text, and a row cannot make an object array
+    assert _prediction_from(json.loads(json.dumps(_prediction_dict(dspy.Prediction(c=np.complex64(1j)))))).c == "1j"
+    forged = {_TYPE: "numpy:ndarray", "value": {"dtype": "|O", "shape": [1], "data": ["x"]}}
+    assert _revive(forged) == forged["value"]
 
 
 _Pair = collections.namedtuple("_Pair", "queue priority")

@@ -37,7 +37,7 @@ from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, ProposalOutcome, Split
-from dspy_turbogepa.redaction import is_sensitive_key, mask_text, strip_userinfo
+from dspy_turbogepa.redaction import REDACTED, is_sensitive_key, mask_text, strip_userinfo
 from dspy_turbogepa.store import stable_hash
 from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
 
@@ -131,6 +131,10 @@ def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
             return {_TYPE: tag, "value": {k: _jsonable(v, walk) for k, v in value.items()}}
         if isinstance(value, (datetime.date, datetime.time)):
             return {_TYPE: tag, "value": value.isoformat()}
+        if kind.__module__ == "numpy":
+            stored = _numpy_value(value)
+            if stored is not None:
+                return {_TYPE: tag, "value": stored}
         if isinstance(value, enum.Enum):
             return {_TYPE: tag, "value": _jsonable(value.value, walk)}
         fields = _shown_fields(value)
@@ -142,6 +146,37 @@ def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - an exotic object whose fields cannot be read: stored as text
         logger.debug("stored as text: %s could not be walked (%s)", kind.__name__, type(exc).__name__)
     return str(value)
+
+
+#: numpy dtype kinds stored typed: booleans, integers, floats, strings (object arrays stay text).
+_NUMPY_KINDS = "biufU"
+
+
+def _numpy_value(value: Any) -> Any:
+    """A numpy scalar's Python value, or an array's dtype, shape and nested lists; None for anything else
+    (an object array, a datetime, a complex number), which is stored as text. The most common values
+    a program computes outside JSON: as text, ``f"{pred.conf:.2f}"`` in a metric failed on resume."""
+    import numpy as np
+
+    if isinstance(value, np.generic) and value.dtype.kind in _NUMPY_KINDS:
+        return value.item()
+    if isinstance(value, np.ndarray) and value.dtype.kind in _NUMPY_KINDS:
+        return {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.tolist()}
+    return None
+
+
+def _numpy_rebuilt(cls: type, value: Any) -> Any:
+    import numpy as np
+
+    if cls is np.ndarray and isinstance(value, dict):
+        dtype = np.dtype(str(value["dtype"]))
+        if dtype.kind not in _NUMPY_KINDS:
+            raise ValueError(f"numpy dtype {dtype} is not stored typed")
+        return np.asarray(value["data"], dtype=dtype).reshape([int(n) for n in value["shape"]])
+    scalar = isinstance(value, (bool, int, float, str))
+    if scalar and issubclass(cls, np.generic) and np.dtype(cls).kind in _NUMPY_KINDS:
+        return cls(value)
+    raise ValueError(f"not a stored numpy value: {cls.__name__}")
 
 
 def _shown_fields(value: Any) -> list[str] | None:
@@ -219,6 +254,8 @@ def _rebuild(tag: str, value: Any) -> Any:
     if not isinstance(cls, type):
         return value
     try:
+        if module == "numpy":
+            return _numpy_rebuilt(cls, value)
         if isinstance(value, list) and cls in (dict, OrderedDict):
             return _mapping_from_pairs(cls, value)
         if isinstance(value, list) and cls in _BUILTIN_CONTAINERS:
@@ -888,7 +925,7 @@ def load_known(
         if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
     }
     known: dict[EvalKey, EvalOutcome] = {}
-    without_output = 0
+    without_output = masked = 0
     for ev in store.load_evaluations():
         split: Split = "train" if ev.split == "train" else "val"
         if ev.example_id >= len(datasets[split]) or ev.service_failure:
@@ -897,6 +934,9 @@ def load_known(
             continue
         if need_outputs and split == "val" and not ev.output_json and ev.failure in _ANSWERED:
             without_output += 1  # the program answered, but that session did not keep the answer
+            continue
+        if _masked_where_read(ev, need_outputs):
+            masked += 1
             continue
         trajectory = None
         if ev.trajectory_json and ev.fingerprint in texts_by_fp:
@@ -917,4 +957,21 @@ def load_known(
         logger.warning("track_best_outputs=True: %d stored validation evaluations were written without their "
                        "outputs (by a session with track_best_outputs=False) and will be run again",
                        without_output)
+    if masked:
+        logger.warning("%d stored evaluations held credential-shaped text, stored masked, in what a reflection "
+                       "or best_outputs_valset reads: they will be run again (the masked copy is not what the "
+                       "program produced)", masked)
     return known, proposals
+
+
+def _masked_where_read(ev: Any, need_outputs: bool) -> bool:
+    """Whether a stored row lost, to masking, text that the resumed run would hand on.
+
+    The store masks credential-shaped text (a secret-extraction task's inputs and answers, an error
+    quoting a key). The score is what the metric said about the real values, but the trajectory is
+    what the metric's feedback call and the reflection read, and the output is what
+    ``best_outputs_valset`` returns: replaying a masked copy scores a right answer wrong and shows the
+    reflection ``***REDACTED***`` where the live run showed the value. Such a row runs again."""
+    if ev.trajectory_json and (REDACTED in ev.trajectory_json or (ev.message and REDACTED in ev.message)):
+        return True
+    return bool(need_outputs and ev.output_json and REDACTED in ev.output_json)
