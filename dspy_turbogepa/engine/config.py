@@ -95,10 +95,6 @@ class EngineConfig:
     #: Promotion margin at validation rungs, in standard errors of the paired differences with the
     #: incumbent: 0 promotes children not behind it (or best on some instance); larger is laxer.
     promotion_z: float = 0.0
-    #: Promote a child at a rung as soon as one score beats the frontier's best on its instance (the
-    #: whole shard would promote it for that reason too), and start the next shard then. False waits
-    #: for the whole shard: the same decisions, later.
-    eager_promotion: bool = True
     candidate_selection: CandidateSelection = "pareto"
     #: "failure_first" (default): examples the parent's lineage failed come first, then untried ones,
     #: solved ones only when nothing else is eligible (see sampling.FailureFirstSampler); "epoch":

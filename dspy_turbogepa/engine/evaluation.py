@@ -100,10 +100,6 @@ class EvaluationCache:
             raise errors[0]
         return [t.result() for t in tasks]
 
-    def stream(self, candidate: Candidate, split: Split, priority: float, requested: set[EvalKey]) -> EvaluationStream:
-        """Evaluations of ``candidate`` whose outcomes are read as they arrive (see EvaluationStream)."""
-        return EvaluationStream(self, candidate, split, priority, requested)
-
     async def one(
         self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
     ) -> EvalOutcome:
@@ -177,71 +173,3 @@ class EvaluationCache:
         self._add_usage(outcome)
         stats.task_lm_calls += outcome.lm_calls
         stats.rate_limit_retries += outcome.rate_limit_retries
-
-
-class EvaluationStream:
-    """Evaluations of one candidate, started in batches and read as they finish.
-
-    Why not ``many()``: a validation rung that can decide on its first scores (a child that beats
-    the frontier's best on an instance is promoted whatever the rest of its shard says) should start
-    the next shard then, not when the slowest evaluation of this one returns. The failure rule is
-    ``many()``'s: the first evaluation that raises cancels the others and the error propagates.
-    Use it as an async context manager: leaving it on an error cancels what still runs; leaving it
-    normally waits for every evaluation started (they are requested, so they are paid for).
-    """
-
-    def __init__(
-        self, cache: EvaluationCache, candidate: Candidate, split: Split, priority: float, requested: set[EvalKey]
-    ) -> None:
-        self._cache = cache
-        self._candidate = candidate
-        self._split = split
-        self._priority = priority
-        self._requested = requested
-        self._tasks: dict[int, asyncio.Task[EvalOutcome]] = {}
-
-    def add(self, ids: Sequence[int]) -> None:
-        """Start evaluations on ``ids`` (an id already started is not started again)."""
-        for i in ids:
-            if i not in self._tasks:
-                self._tasks[i] = asyncio.ensure_future(
-                    self._cache.one(self._candidate, self._split, i, self._priority, self._requested)
-                )
-
-    @property
-    def pending(self) -> bool:
-        return any(not t.done() for t in self._tasks.values())
-
-    def finished(self) -> dict[int, EvalOutcome]:
-        """Every outcome so far, by example id; raises the error of an evaluation that failed."""
-        self._raise_failure()
-        return {i: t.result() for i, t in self._tasks.items() if t.done()}
-
-    async def next(self) -> None:
-        """Wait until at least one more evaluation finishes (returns at once if none is running)."""
-        running = [t for t in self._tasks.values() if not t.done()]
-        if running:
-            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-        self._raise_failure()
-
-    async def all(self) -> dict[int, EvalOutcome]:
-        while self.pending:
-            await self.next()
-        return self.finished()
-
-    def _raise_failure(self) -> None:
-        for t in self._tasks.values():
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-
-    async def __aenter__(self) -> EvaluationStream:
-        return self
-
-    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if exc is None:
-            await self.all()
-            return
-        running = [t for t in self._tasks.values() if not t.done()]
-        for t in running:
-            t.cancel()
-        await asyncio.gather(*running, return_exceptions=True)

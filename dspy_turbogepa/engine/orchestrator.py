@@ -29,7 +29,7 @@ from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, RunInterruptedError
-from dspy_turbogepa.engine.evaluation import EvaluationCache, EvaluationStream
+from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
 from dspy_turbogepa.engine.merge import MergeProposal, find_merge
@@ -43,7 +43,7 @@ from dspy_turbogepa.engine.records import (
     StopReason,
     mean_in_id_order,
 )
-from dspy_turbogepa.engine.rungs import PromotionDecision, RungLadder, first_specialist, promotion_decision
+from dspy_turbogepa.engine.rungs import RungLadder, promotion_decision
 from dspy_turbogepa.engine.sampling import LINEAGE_DEPTH, EpochShuffledSampler, FailureFirstSampler, LineageKnowledge
 from dspy_turbogepa.engine.scheduling import PrioritySlots
 from dspy_turbogepa.engine.selection import ComponentSelector, SelectorState
@@ -1120,25 +1120,27 @@ class Orchestrator:
     async def _climb_rungs(
         self, plan: MutationPlan, child: Candidate, result: MutationResult, val: dict[int, EvalOutcome]
     ) -> None:
-        order = list(val)  # the ids the decisions read, in ladder order (merge screens first)
-        async with self._evaluations.stream(child, "val", plan.seq, result.requested) as stream:
-            for rung in range(self._ladder.num_rungs):
-                ids = [i for i in self._ladder.new_ids(rung) if i not in order]
-                stream.add(ids)
-                order += ids
-                result.rung_reached = rung + 1
-                if rung == self._ladder.num_rungs - 1:
-                    break
-                await self._my_turn(plan.seq)
-                if plan.chained and self._chain_settled(plan) is False:
-                    result.status, result.detail = "orphaned", "the child it chained on did not join the pool"
-                    return
-                decision = await self._rung_decision(stream, order, val)
-                if not decision.promote:
-                    result.status = "pruned"
-                    result.detail = f"rung {rung + 1}: {decision.reason}"
-                    return
-            val.update(await stream.all())
+        cfg = self.config
+        for rung in range(self._ladder.num_rungs):
+            ids = [i for i in self._ladder.new_ids(rung) if i not in val]
+            outs = await self._evaluations.many(child, "val", ids, plan.seq, result.requested)
+            val.update({o.example_id: o for o in outs})
+            result.rung_reached = rung + 1
+            if rung == self._ladder.num_rungs - 1:
+                break
+            await self._my_turn(plan.seq)
+            if plan.chained and self._chain_settled(plan) is False:
+                result.status, result.detail = "orphaned", "the child it chained on did not join the pool"
+                return
+            incumbent = self._records[self._frontier.best_index()]
+            decision = promotion_decision(
+                {i: o.score for i, o in val.items()}, incumbent.val_scores, self._frontier.best_scores(),
+                cfg.promotion_z,
+            )
+            if not decision.promote:
+                result.status = "pruned"
+                result.detail = f"rung {rung + 1}: {decision.reason}"
+                return
         if plan.chained and self._chain_settled(plan) is None:
             fut = self._commit_futs.get(plan.chain_on)  # type: ignore[arg-type]
             if fut is not None:
@@ -1146,33 +1148,8 @@ class Orchestrator:
         if plan.chained and not self._chain_settled(plan):
             result.status, result.detail = "orphaned", "the child it chained on did not join the pool"
             return
-        result.val_outcomes = {i: val[i] for i in order}
+        result.val_outcomes = val
         result.status = "accepted"
-
-    async def _rung_decision(
-        self, stream: EvaluationStream, order: Sequence[int], val: dict[int, EvalOutcome]
-    ) -> PromotionDecision:
-        """The promotion decision on the ids of ``order`` (this rung's shard and every one before).
-
-        With ``eager_promotion`` a child is promoted as soon as one finished score beats the
-        frontier's best on its instance: the full shard would promote it for that same reason, so
-        waiting for the slowest evaluation would only delay the next shard. Anything else needs the
-        whole shard. Called after ``_my_turn``: the frontier read here cannot change before the
-        child commits (deterministic mode), so the decision is the one the full shard gives.
-        """
-        incumbent = self._records[self._frontier.best_index()]
-        frontier_best = self._frontier.best_scores()
-        while True:
-            val.update(stream.finished())
-            if self.config.eager_promotion:
-                first = first_specialist({i: val[i].score for i in order if i in val}, frontier_best)
-                if first is not None:
-                    return PromotionDecision(True, f"new best on validation instance {first}")
-            if not stream.pending:
-                return promotion_decision(
-                    {i: val[i].score for i in order}, incumbent.val_scores, frontier_best, self.config.promotion_z
-                )
-            await stream.next()
 
     # ------------------------------------------------------------------ commit
     def _commit(self, result: MutationResult) -> None:

@@ -49,19 +49,6 @@ class RungLadder:
         return self.order[start : self.cut_points[rung]]
 
 
-def first_specialist(child: Mapping[int, float], frontier_best: Mapping[int, float]) -> int | None:
-    """The first instance on which ``child`` beats the frontier's best, or None.
-
-    The one promotion reason that no further score of the shard can take back: a rung may promote
-    on it as soon as that score arrives (``EngineConfig.eager_promotion``).
-    """
-    for i, score in child.items():
-        best = frontier_best.get(i)
-        if best is None or score > best + SCORE_EPS:
-            return i
-    return None
-
-
 @dataclass(frozen=True)
 class PromotionDecision:
     promote: bool
@@ -92,9 +79,10 @@ def promotion_decision(
     rungs prune is a child clearly behind the current best — typically a sibling planned from an older
     state, whose improvement another child has already brought in.
     """
-    first = first_specialist(child, frontier_best)
-    if first is not None:
-        return PromotionDecision(True, f"new best on validation instance {first}")
+    for i in child:
+        best = frontier_best.get(i)
+        if best is None or child[i] > best + SCORE_EPS:
+            return PromotionDecision(True, f"new best on validation instance {i}")
     diffs = [child[i] - incumbent[i] for i in child if i in incumbent]
     total = sum(diffs)
     spread = math.sqrt(sum(d * d for d in diffs))

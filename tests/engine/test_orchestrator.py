@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 import pytest
@@ -220,60 +219,6 @@ def test_same_seed_same_result_whatever_the_completion_order(seed: int, override
         assert set(ev.calls) == set(base_ev.calls)
         orders.add(tuple(ev.order))
     assert len(orders) > 2, "the sleeps did not change the completion order: the test proves nothing"
-
-
-@pytest.mark.parametrize(("seed", "overrides"), [
-    (0, {}), (1, {}), (3, {"use_merge": True}), (2, fixed_width()),
-    (5, {"rung_fractions": (0.125, 0.25, 0.5, 1.0), "promotion_z": 1.0}),
-], ids=["adaptive", "replace", "merge", "fixed-width", "four-rungs-z"])
-def test_eager_promotion_changes_when_a_shard_starts_not_what_the_search_does(seed: int, overrides: dict) -> None:
-    # Promoting on the first score that beats the frontier is the decision the whole shard gives, so
-    # the search must be the same run for run (deterministic mode: in fast mode a commit that comes
-    # sooner changes what later mutations are planned from, as any timing does).
-    for sleep_seed in (None, 1, 2):
-        eager, _, eager_ev, _ = det_run(sleep_seed, seed=seed, yields=20, **overrides)
-        lazy, _, lazy_ev, _ = det_run(sleep_seed, seed=seed, yields=20, eager_promotion=False, **overrides)
-        assert len(eager.records) >= 3
-        assert snapshot(eager) == snapshot(lazy)
-        assert [list(r.val_scores) for r in eager.records] == [list(r.val_scores) for r in lazy.records]
-        assert eager.stats.mutations == lazy.stats.mutations
-        assert eager.total_metric_calls == lazy.total_metric_calls
-        assert eager_ev.calls == lazy_ev.calls  # nothing evaluated twice, nothing more, nothing less
-
-
-@pytest.mark.parametrize("eager", [True, False])
-def test_a_specialist_child_starts_its_next_shard_before_the_slowest_of_this_one(eager: bool) -> None:
-    # The first child learns a keyword the seed lacks, so it beats the frontier on some instances of
-    # its first shard. One evaluation of that shard is held back: with eager promotion the child's
-    # next shard starts meanwhile; without, it waits for the held evaluation (released by timeout).
-    setup = hard_setup(train_n=12, val_n=16)
-    held: dict[str, object] = {}
-
-    async def gate(fp: str, split: str, example_id: int) -> None:
-        if split != "val" or fp == orch._seed.fingerprint:
-            return
-        ladder = orch._ladder
-        first_shard, second_shard = ladder.new_ids(0), ladder.new_ids(1)
-        if "child" not in held and example_id == first_shard[-1]:
-            held["child"] = fp
-            held["event"] = event = asyncio.Event()
-            try:
-                await asyncio.wait_for(event.wait(), 1.0)
-            except asyncio.TimeoutError:
-                held["timed_out"] = True
-        elif fp == held.get("child") and example_id in second_shard:
-            held.setdefault("second_shard_started_while_held", not held["event"].is_set()
-                            and "timed_out" not in held)
-            held["event"].set()
-
-    cfg = make_config(max_metric_calls=120, rung_fractions=(0.25, 0.5, 1.0), max_evals_in_flight=8,
-                      eager_promotion=eager, **fixed_width())
-    ev = FakeEvaluator(setup.task, gate=gate)
-    orch = build(cfg, ev, FakeReflector(), setup)
-    result = run(orch)
-    assert "child" in held, "no child reached validation: the test proves nothing"
-    assert held["second_shard_started_while_held"] is eager
-    assert result.best.aggregate > result.records[0].aggregate
 
 
 def test_different_seeds_explore_differently() -> None:
