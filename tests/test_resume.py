@@ -1126,10 +1126,18 @@ def test_numpy_values_come_back_as_numpy_values():
         assert type(back[key]) is type(value) and back[key].dtype == value.dtype, key
         assert np.array_equal(back[key], value), key
     assert f"{back.conf:.2f}" == "0.75" and back.grid.shape == (2, 2)
-    # what is not stored typed stays text, and a row cannot make an object array
-    assert _prediction_from(json.loads(json.dumps(_prediction_dict(dspy.Prediction(c=np.complex64(1j)))))).c == "1j"
-    forged = {_TYPE: "numpy:ndarray", "value": {"dtype": "|O", "shape": [1], "data": ["x"]}}
-    assert _revive(forged) == forged["value"]
+    # what is not stored typed stays text (a longdouble is no Python float: storing it typed crashed
+    # every compile with a log_dir), and a row cannot make an object array or a huge one
+    class Tagged(np.ndarray):  # a subclass (np.matrix, np.memmap) is not rebuilt as a plain array
+        pass
+
+    odd = dspy.Prediction(c=np.complex64(1j), long=np.longdouble(0.5), longs=np.array([1.5], dtype=np.longdouble),
+                          m=np.array([[1, 2]]).view(Tagged))
+    back = _prediction_from(json.loads(json.dumps(_prediction_dict(odd))))
+    assert (back.c, back.long, back.longs, back.m) == ("1j", "0.5", "[1.5]", "[[1 2]]")
+    for forged in ({_TYPE: "numpy:ndarray", "value": {"dtype": "|O", "shape": [1], "data": ["x"]}},
+                   {_TYPE: "numpy:ndarray", "value": {"dtype": "<U5000000", "shape": [4], "data": ["x"] * 4}}):
+        assert _revive(forged) == forged["value"]
 
 
 _Pair = collections.namedtuple("_Pair", "queue priority")

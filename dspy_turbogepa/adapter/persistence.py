@@ -159,8 +159,10 @@ def _numpy_value(value: Any) -> Any:
     import numpy as np
 
     if isinstance(value, np.generic) and value.dtype.kind in _NUMPY_KINDS:
-        return value.item()
-    if isinstance(value, np.ndarray) and value.dtype.kind in _NUMPY_KINDS:
+        item = value.item()  # a longdouble stays a numpy value: text, as before
+        return item if type(item) in (bool, int, float, str) else None
+    if type(value) is np.ndarray and value.dtype.kind in _NUMPY_KINDS and (
+            value.dtype.kind == "U" or value.dtype.itemsize <= 8):  # a subclass (matrix, memmap) stays text
         return {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.tolist()}
     return None
 
@@ -170,9 +172,10 @@ def _numpy_rebuilt(cls: type, value: Any) -> Any:
 
     if cls is np.ndarray and isinstance(value, dict):
         dtype = np.dtype(str(value["dtype"]))
-        if dtype.kind not in _NUMPY_KINDS:
+        data = np.asarray(value["data"])  # as JSON gave it: the row's size bounds what is allocated
+        if dtype.kind not in _NUMPY_KINDS or dtype.itemsize > max(8, data.dtype.itemsize):
             raise ValueError(f"numpy dtype {dtype} is not stored typed")
-        return np.asarray(value["data"], dtype=dtype).reshape([int(n) for n in value["shape"]])
+        return data.astype(dtype).reshape([int(n) for n in value["shape"]])
     scalar = isinstance(value, (bool, int, float, str))
     if scalar and issubclass(cls, np.generic) and np.dtype(cls).kind in _NUMPY_KINDS:
         return cls(value)
