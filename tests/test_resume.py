@@ -1140,6 +1140,35 @@ def test_numpy_values_come_back_as_numpy_values():
         assert _revive(forged) == forged["value"]
 
 
+def test_an_evaluation_the_store_cannot_write_is_kept_for_the_run_and_run_again_on_resume(
+        routing, tmp_path, monkeypatch, caplog):
+    """A value that JSON cannot write (a numpy longdouble once got through) ended every compile with a
+    log_dir: the store's observer raised inside the evaluation."""
+    import logging
+
+    from dspy_turbogepa.adapter import persistence
+
+    real = persistence.trajectory_to_json
+    refused: list[int] = []
+
+    def sometimes_unwritable(trajectory):
+        if trajectory is not None and len(refused) < 3:
+            refused.append(1)
+            raise TypeError("Object of type longdouble is not JSON serializable")
+        return real(trajectory)
+
+    monkeypatch.setattr(persistence, "trajectory_to_json", sometimes_unwritable)
+    splits = small_splits(routing, n_train=16, n_val=8)
+    opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    log_dir=str(tmp_path), verbose=False, track_stats=True)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm(seed=0)):
+        result = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val).detailed_results
+    assert len(refused) == 3 and result.total_metric_calls >= 60
+    assert sum("could not be written to the run store" in r.getMessage() for r in caplog.records) == 1
+    stored = sqlite3.connect(tmp_path / "run.sqlite3").execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+    assert stored == result.run_stats["metric_calls_executed"] - 3
+
+
 _Pair = collections.namedtuple("_Pair", "queue priority")
 
 

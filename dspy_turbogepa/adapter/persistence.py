@@ -37,7 +37,7 @@ from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, ProposalOutcome, Split
-from dspy_turbogepa.redaction import REDACTED, is_sensitive_key, mask_text, strip_userinfo
+from dspy_turbogepa.redaction import REDACTED, describe_error, is_sensitive_key, mask_text, strip_userinfo
 from dspy_turbogepa.store import stable_hash
 from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
 
@@ -841,6 +841,7 @@ class StoreObserver(EngineObserver):
         self._store = store
         self._keeps_outputs = keeps_outputs
         self._recorded: set[str] = set()
+        self._unstorable = 0
 
     def _candidate(self, c: Candidate, created_at: float) -> None:
         # Every evaluated candidate is stored (not only accepted ones): a resumed run needs the texts
@@ -851,18 +852,30 @@ class StoreObserver(EngineObserver):
 
     def on_evaluation(self, candidate: Candidate, split: Split, outcome: EvalOutcome) -> None:
         self._candidate(candidate, 0.0)
-        if outcome.output is not None:
-            output: str | None = json.dumps(_prediction_dict(outcome.output))
-        elif self._keeps_outputs and split == "val" and outcome.failure in _ANSWERED:
-            output = "null"  # kept, and it was None: a resume with track_best_outputs must not run it again
-        else:
-            output = None
+        try:
+            if outcome.output is not None:
+                output: str | None = json.dumps(_prediction_dict(outcome.output))
+            elif self._keeps_outputs and split == "val" and outcome.failure in _ANSWERED:
+                output = "null"  # kept, and it was None: a resume with track_best_outputs must not run it again
+            else:
+                output = None
+            # whatever carries a trajectory (train rows; every row when the valset is the trainset)
+            trajectory = trajectory_to_json(outcome.trajectory)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # A value the walk let through that JSON cannot write: the run goes on with the outcome in
+            # memory; unstored, a resume runs the evaluation again instead of reading half of it.
+            self._unstorable += 1
+            if self._unstorable == 1:
+                logger.warning("An evaluation's outputs could not be written to the run store (%s: %s); it is "
+                               "kept for this run, and a resume will run it again. Further ones at DEBUG.",
+                               type(exc).__name__, describe_error(exc))
+            else:
+                logger.debug("Evaluation not stored: %s", describe_error(exc))
+            return
         self._store.record_evaluation(
             candidate.fingerprint, split, outcome.example_id, outcome.score,
             dict(outcome.objective_scores) if outcome.objective_scores else None,
-            outcome.failure, outcome.message, outcome.error_type,
-            # whatever carries a trajectory (train rows; every row when the valset is the trainset)
-            trajectory_to_json(outcome.trajectory),
+            outcome.failure, outcome.message, outcome.error_type, trajectory,
             output, None, None, service_failure=outcome.service_failure,
             usage={"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
                    "cost": outcome.cost},
