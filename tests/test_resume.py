@@ -829,17 +829,24 @@ def test_a_resumed_run_never_hands_on_a_masked_trace_or_output(routing, tmp_path
         def forward(self, ticket):
             return dspy.Prediction(queue=self.inner(ticket=ticket).queue, ref=re.search(r"sk-\w+", ticket).group(0))
 
-    results = []
-    for budget in (40, 120, 120):
+    results, student_calls = [], []
+    for budget, best_outputs in ((40, False), (120, False), (120, False), (120, True)):
         opt = TurboGEPA(metric, max_metric_calls=budget, num_threads=4, log_dir=str(tmp_path), verbose=False,
                         reflection_lm=make_reflection_lm(seed=0, before_call=record), track_stats=True,
-                        track_best_outputs=True)
-        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+                        track_best_outputs=best_outputs)
+        student = make_student_lm(seed=0, noise=0.0)
+        with dspy.context(lm=student):
             results.append(opt.compile(QuotesTheRef(), trainset=train, valset=val).detailed_results)
+        student_calls.append(sim_engine(student).calls)
     assert results[1].run_stats["proposals_replayed"] > 0  # the second session did resume the first
     assert not masked_seen, masked_seen
     assert prompts and not any("REDACTED" in p for p in prompts)
-    outputs = [o.ref for per_example in results[2].best_outputs_valset.values() for _, o in per_example]
+    # Only traces a new reflection reads run again: the second session paid for a few, the third (the
+    # same run again, every reflection replayed) for none, however masked its store is.
+    assert 0 < results[1].run_stats["metric_calls_executed"] < results[1].total_metric_calls
+    assert student_calls[2] == 0 and results[2].run_stats["metric_calls_executed"] == 0
+    assert results[2].best_idx == results[1].best_idx
+    outputs = [o.ref for per_example in results[3].best_outputs_valset.values() for _, o in per_example]
     assert outputs and all(o.startswith("sk-live") for o in outputs), outputs
     assert "abc123def456ghi789" not in (tmp_path / "run.sqlite3").read_bytes().decode("latin-1")
 

@@ -951,11 +951,12 @@ def load_known(
         if need_outputs and split == "val" and not ev.output_json and ev.failure in _ANSWERED:
             without_output += 1  # the program answered, but that session did not keep the answer
             continue
-        if _masked_where_read(ev, need_outputs):
-            masked += 1
+        if need_outputs and ev.output_json and REDACTED in ev.output_json:
+            masked += 1  # best_outputs_valset would return the masked copy
             continue
         trajectory = None
-        if ev.trajectory_json and ev.fingerprint in texts_by_fp:
+        trace_lost = _trace_masked(ev)
+        if ev.trajectory_json and ev.fingerprint in texts_by_fp and not trace_lost:
             trajectory = trajectory_from_json(
                 ev.trajectory_json, datasets[split][ev.example_id], codec, ev.fingerprint, texts_by_fp[ev.fingerprint]
             )
@@ -968,26 +969,25 @@ def load_known(
             failure=ev.failure, message=ev.message, trajectory=trajectory, output=output, error_type=ev.error_type,
             prompt_tokens=int(_used(ev.usage, "prompt_tokens")),
             completion_tokens=int(_used(ev.usage, "completion_tokens")), cost=_used(ev.usage, "cost"),
+            trace_lost=trace_lost,
         )
     if without_output:
         logger.warning("track_best_outputs=True: %d stored validation evaluations were written without their "
                        "outputs (by a session with track_best_outputs=False) and will be run again",
                        without_output)
     if masked:
-        logger.warning("%d stored evaluations held credential-shaped text, stored masked, in what a reflection "
-                       "or best_outputs_valset reads: they will be run again (the masked copy is not what the "
-                       "program produced)", masked)
+        logger.warning("track_best_outputs=True: %d stored validation outputs held credential-shaped text, "
+                       "stored masked: those evaluations will be run again (the masked copy is not what the "
+                       "program answered)", masked)
     return known, proposals
 
 
-def _masked_where_read(ev: Any, need_outputs: bool) -> bool:
-    """Whether a stored row lost, to masking, text that the resumed run would hand on.
+def _trace_masked(ev: Any) -> bool:
+    """Whether a stored row's trace lost text to masking.
 
     The store masks credential-shaped text (a secret-extraction task's inputs and answers, an error
-    quoting a key). The score is what the metric said about the real values, but the trajectory is
-    what the metric's feedback call and the reflection read, and the output is what
-    ``best_outputs_valset`` returns: replaying a masked copy scores a right answer wrong and shows the
-    reflection ``***REDACTED***`` where the live run showed the value. Such a row runs again."""
-    if ev.trajectory_json and (REDACTED in ev.trajectory_json or (ev.message and REDACTED in ev.message)):
-        return True
-    return bool(need_outputs and ev.output_json and REDACTED in ev.output_json)
+    quoting a key). The score is what the metric said about the real values and is replayed; but the
+    trace is what the metric's feedback call and the reflection read: a masked copy scores a right
+    answer wrong and shows the reflection ``***REDACTED***``. The engine runs such an evaluation again
+    only if a new reflection is to read it (``EvalOutcome.trace_lost``)."""
+    return bool(ev.trajectory_json and (REDACTED in ev.trajectory_json or (ev.message and REDACTED in ev.message)))

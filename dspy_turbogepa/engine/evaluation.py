@@ -100,6 +100,20 @@ class EvaluationCache:
             raise errors[0]
         return [t.result() for t in tasks]
 
+    async def with_trace(self, candidate: Candidate, split: Split, example_id: int, priority: float) -> EvalOutcome:
+        """The outcome of ``candidate`` on an example, run again if its stored trace was lost.
+
+        Why: the run store masks credential-shaped text, so a stored trace may not be what the program
+        produced; its score was served, but a reflection must read the real trace. The budget is not
+        charged again: the key was requested, and charged, when its score was first served.
+        """
+        key = self.key(candidate.fingerprint, split, example_id)
+        done = self._done.get(key)
+        if done is not None and done.trace_lost:
+            del self._done[key]
+            self._unreplayed.discard(key)
+        return await self.one(candidate, split, example_id, priority, set())
+
     async def one(
         self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
     ) -> EvalOutcome:

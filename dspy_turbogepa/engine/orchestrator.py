@@ -880,6 +880,8 @@ class Orchestrator:
             return
 
         # A user selector sees the parent's traced minibatch, so it can only run now.
+        if callable(cfg.component_selector):
+            parent_outs = await self._with_traces(parent, parent_outs, plan.seq)
         if callable(cfg.component_selector) and not await self._select(plan, parent, parent_outs, parent_scores):
             result.detail = "component selector failed"
             return
@@ -987,7 +989,7 @@ class Orchestrator:
     def _teaches(self, outcome: EvalOutcome) -> bool:
         """A failure a reflection can learn from: traced, not a metric that raised, and not the LM
         service's (``service_failure``: a bad key, rate-limit or transient retries given up, an unusable answer)."""
-        return outcome.score < self.config.perfect_score and outcome.trajectory is not None \
+        return outcome.score < self.config.perfect_score and (outcome.trajectory is not None or outcome.trace_lost) \
             and not outcome.service_failure and outcome.failure != "metric_error"
 
     def _scouts(
@@ -1024,6 +1026,8 @@ class Orchestrator:
         feedback: list[EvalOutcome], seeds: list[int],
     ) -> list[ProposalOutcome]:
         """One proposal per seed (best-of-k siblings), their reflection calls added to ``result``."""
+        if any(self._proposal_key(plan, parent, components, seed) not in self._known_proposals for seed in seeds):
+            feedback = await self._with_traces(parent, feedback, plan.seq)  # a reflection will read them
         if len(seeds) == 1:
             proposals = [await self._propose(plan, result, parent, components, feedback, seeds[0])]
         else:
@@ -1036,12 +1040,26 @@ class Orchestrator:
         result.reflection_calls += sum(p.reflection_calls for p in proposals)
         return proposals
 
+    @staticmethod
+    def _proposal_key(plan: MutationPlan, parent: Candidate, components: Sequence[str], seed: int) -> str:
+        return proposal_key(parent.fingerprint, components, plan.minibatch + plan.scout_ids + plan.feedback_ids, seed)
+
+    async def _with_traces(self, parent: Candidate, outcomes: list[EvalOutcome], priority: float) -> list[EvalOutcome]:
+        """``outcomes`` with every stored one whose trace was lost (masked in the run store) run again:
+        only what a reflection or a selector actually reads is paid again on resume."""
+        lost = [o.example_id for o in outcomes if o.trace_lost]
+        if not lost:
+            return outcomes
+        fresh = await asyncio.gather(*(self._evaluations.with_trace(parent, "train", i, priority) for i in lost))
+        by_id = dict(zip(lost, fresh))
+        return [by_id.get(o.example_id, o) if o.trace_lost else o for o in outcomes]
+
     async def _propose(
         self, plan: MutationPlan, result: MutationResult, parent: Candidate, components: list[str],
         parent_outs: list[EvalOutcome], seed: int,
     ) -> ProposalOutcome:
         """One reflection (or its stored replay on resume); a proposer failure becomes a skipped proposal."""
-        key = proposal_key(parent.fingerprint, components, plan.minibatch + plan.scout_ids + plan.feedback_ids, seed)
+        key = self._proposal_key(plan, parent, components, seed)
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1

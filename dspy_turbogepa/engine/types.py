@@ -55,6 +55,10 @@ class EvalOutcome:
     lm_calls: int = 0
     #: Rate-limit retries this rollout needed before it finished (not failures, not extra metric calls).
     rate_limit_retries: int = 0
+    #: A stored outcome (resume) whose trajectory could not be restored as the live run had it (the
+    #: store masks credential-shaped text): its score stands, and a reflection that would read it runs
+    #: the evaluation again first (``EvaluationCache.with_trace``).
+    trace_lost: bool = False
 
 
 #: The one skip decided before the proposer runs (no traced record to reflect on): it costs nothing.

@@ -867,6 +867,39 @@ def test_a_resume_replays_scouted_reflections_only_with_the_same_scouts() -> Non
     assert refl3.calls and other.stats.proposals_replayed == 0  # the same parent and minibatch, other prompts
 
 
+def test_a_stored_outcome_whose_trace_was_lost_runs_again_only_for_a_reflection_that_reads_it() -> None:
+    # The run store masks credential-shaped text, so a resumed run may hold a score without its trace
+    # (trace_lost). Replayed reflections need no trace: nothing runs again. A reflection that must be
+    # asked again reads the real trace: its evaluations run first, and the run is the live one again.
+    from dataclasses import replace
+
+    setup = Setup(task=KeywordTask(num_keywords=12), train_ids=tuple(range(36)), val_ids=tuple(range(12)))
+
+    def once(proposals: dict | None = None, evaluations: dict | None = None):
+        obs, refl, ev = _Proposals(), FakeReflector(0), FakeEvaluator(setup.task)
+        orch = Orchestrator(make_config(max_metric_calls=200), ev, refl, setup.seed(), setup.train_ids,
+                            setup.val_ids, observers=[obs], known_evaluations=evaluations, known_proposals=proposals)
+        return run(orch), obs.by_key, refl, ev, orch
+
+    first, stored, refl1, _, orch1 = once()
+    lost = {key: replace(o, trajectory=None, trace_lost=True) if o.trajectory is not None else o
+            for key, o in orch1._evaluations.done.items()}
+    assert refl1.calls and any(o.trace_lost for o in lost.values())
+
+    replayed, _, refl2, ev2, _ = once(stored, dict(lost))
+    assert not refl2.calls and not ev2.calls  # every reflection replayed: no trace read, nothing paid
+    assert snapshot(replayed) == snapshot(first)
+
+    asked, _, refl3, ev3, orch3 = once({}, dict(lost))  # no stored proposal: every reflection asked again
+    assert len(refl3.calls) == len(refl1.calls)
+    assert all(o.trajectory is not None for call in refl3.calls for o in call.outcomes)
+    assert snapshot(asked) == snapshot(first)  # the reflections read what the live run's read
+    read = {(fp, split, i) for fp, split, i in ev3.calls}
+    assert read and all(lost[key].trace_lost for key in read)  # only lost traces ran again ...
+    assert orch3.budget.committed == orch1.budget.committed  # ... and the budget was not charged twice
+    assert asked.stats.executed == len(ev3.calls) < first.stats.executed
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_without_scouts_unfixable_failures_do_not_fill_every_minibatch(seed: int) -> None:
     """Most of the training set can never be fixed (hidden keywords, like wrong labels) and the wave
