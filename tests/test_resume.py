@@ -879,13 +879,14 @@ import numpy as np
 from dspy_turbogepa.adapter.persistence import _hashable
 from dspy_turbogepa.store.sqlite_store import stable_hash
 tags = np.array([["refund", "late"], ["tracking"]], dtype=object)
-print(stable_hash(_hashable({"tags": tags, "by_pair": {frozenset({"alpha", "beta", "gamma"}): 1}})))
+longs = {"one": np.longdouble(1.5), "many": np.array([1.5, 2.5], dtype=np.longdouble)}  # padding bytes
+print(stable_hash(_hashable({"tags": tags, "by_pair": {frozenset({"alpha", "beta", "gamma"}): 1}, **longs})))
 """
 
 
 def test_object_arrays_and_set_keys_hash_the_same_in_every_process(tmp_path):
-    """An object array's bytes are pointers and a frozenset key's str() follows the per-process string
-    hash: either made every rerun "a different run"."""
+    """An object array's bytes are pointers, a frozenset key's str() follows the per-process string
+    hash, and a long double's bytes hold uninitialised padding: each made every rerun "a different run"."""
     script = tmp_path / "k.py"
     script.write_text(_ODD_KEY)
     root = str(Path(__file__).resolve().parents[1])

@@ -679,6 +679,13 @@ def _hashable(value: Any) -> Any:
                 # an object array's bytes are pointers to its elements: walk the elements instead
                 return {"__type__": kind, "items": _to_json(v.tolist(), leaf),
                         "shape": str(getattr(v, "shape", None))}
+            dtype = getattr(v, "dtype", None)
+            if getattr(dtype, "kind", None) in ("f", "c") and getattr(dtype, "itemsize", 0) > 8 * (
+                    1 + (dtype.kind == "c")) and callable(getattr(v, "tolist", None)):
+                # a long double's bytes hold padding that is not initialised (another key in every
+                # process): hash its values' text instead
+                return {"__type__": kind, "sha256": hashlib.sha256(repr(v.tolist()).encode()).hexdigest(),
+                        "shape": str(getattr(v, "shape", None))}
             if callable(getattr(v, "tobytes", None)):
                 return {"__type__": kind, "sha256": hashlib.sha256(v.tobytes()).hexdigest(),
                         "shape": str(getattr(v, "shape", None) or getattr(v, "size", None))}

@@ -186,6 +186,10 @@ class Orchestrator:
         self._echoes = 0
         self._echoed: set[str] = set()
         self._offered: set[str] = set()
+        #: Components that had nothing to reflect on (never ran on what was read) / that had something:
+        #: one only ever in the first cannot echo, so the echo rule does not wait for it.
+        self._unread: set[str] = set()
+        self._read: set[str] = set()
         self._commit_futs: dict[int, asyncio.Future[None]] = {}
         self._planned: dict[int, tuple[str, int, int | None]] = {}
         #: Per committed mutation: the pool index of its rung-0 survivor, -1 if the survivor did not
@@ -1078,6 +1082,7 @@ class Orchestrator:
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)
                 proposal = ProposalOutcome(skipped="proposer_error", message=message)
         self.stats.reflection_calls += proposal.reflection_calls
+        (self._unread if proposal.skipped == NOTHING_TO_REFLECT_ON else self._read).update(components)
         self._add_reflection_usage(proposal)
         self._known_proposals[key] = proposal
         for obs in self._observers:
@@ -1095,7 +1100,7 @@ class Orchestrator:
             # Until then an echo is neither a failure nor a success.
             self._echoes += 1
             self._echoed.update(components)
-            if self._echoes < len(self._seed.texts) or not self._echoed >= self._offered:
+            if self._echoes < len(self._seed.texts) or not self._echoed >= self._offered - (self._unread - self._read):
                 return proposal
         self._systemic.observe_proposal(proposal, unchanged=unchanged)
         return proposal

@@ -313,6 +313,19 @@ def test_a_round_robin_turn_on_a_component_that_never_ran_passes_to_the_next_on_
     assert result.best.aggregate == 1.0
 
 
+def test_a_proposer_that_echoes_is_caught_in_a_program_with_a_component_that_never_runs() -> None:
+    # The echo rule waits until every component offered so far has been echoed (a proposer rightly
+    # keeps the ones a failure is not about); a component with nothing to reflect on can never echo,
+    # so it kept the rule from ever firing, and the echoing proposer was paid until the no-op limit.
+    task = OnlyLiveTask(components=("dead", "live"), hidden=frozenset(("train", i) for i in range(12) if i % 4 == 3))
+    setup = Setup(task=task, train_ids=tuple(range(12)), val_ids=tuple(range(8)))
+    refl = TracesOnlyReflector(fixed=task.seed_texts())
+    cfg = make_config(max_metric_calls=5000, systemic_failure_window=6, **fixed_width())
+    with pytest.raises(SystemicFailureError, match="unchanged_texts"):
+        run(build(cfg, FakeEvaluator(setup.task), refl, setup))
+    assert sum(c.components == ("live",) for c in refl.calls) <= 6 + cfg.max_mutations_in_flight * cfg.max_siblings
+
+
 def test_round_robin_counters_are_per_candidate_and_inherited() -> None:
     setup = two_component_setup()
     cfg = make_config(max_metric_calls=400, max_mutations_in_flight=1, max_staleness=1,
