@@ -680,8 +680,9 @@ def _hashable(value: Any) -> Any:
                 return {"__type__": kind, "items": _to_json(v.tolist(), leaf),
                         "shape": str(getattr(v, "shape", None))}
             dtype = getattr(v, "dtype", None)
-            if getattr(dtype, "kind", None) in ("f", "c") and getattr(dtype, "itemsize", 0) > 8 * (
-                    1 + (dtype.kind == "c")) and callable(getattr(v, "tolist", None)):
+            dtype_kind, itemsize = getattr(dtype, "kind", None), getattr(dtype, "itemsize", 0)
+            if dtype_kind in ("f", "c") and itemsize > 8 * (1 + (dtype_kind == "c")) \
+                    and callable(getattr(v, "tolist", None)):
                 # a long double's bytes hold padding that is not initialised (another key in every
                 # process): hash its values' text instead
                 return {"__type__": kind, "sha256": hashlib.sha256(repr(v.tolist()).encode()).hexdigest(),
