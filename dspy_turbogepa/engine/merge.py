@@ -106,13 +106,13 @@ def find_merge(
             continue
         ti, tj = records[i].candidate.texts, records[j].candidate.texts
         si, sj = records[i].aggregate, records[j].aggregate
+        # the text test first: on a one-component program it never passes (the two parents' only texts
+        # differ from each other and from any ancestor they share), and it is the cheap one
         common = sorted(
             a for a in anc_i & anc_j
             if (i, j, a) not in tried
+            and any((records[a].candidate.texts[c] in (ti[c], tj[c])) and ti[c] != tj[c] for c in ti)
             and records[a].aggregate <= si and records[a].aggregate <= sj
-            and any(
-                (records[a].candidate.texts[c] in (ti[c], tj[c])) and ti[c] != tj[c] for c in ti
-            )
         )
         if not common:
             continue

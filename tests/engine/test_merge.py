@@ -39,3 +39,25 @@ def test_the_common_ancestor_must_be_no_better_than_either_parent() -> None:
     assert _find(records, [1, 2]) is None
     records[0] = _record(0, {"x": "0", "y": "0"}, [None], 0.1)
     assert _find(records, [1, 2]) is not None  # the same shape with a weaker ancestor merges
+
+
+def test_a_long_run_computes_each_records_aggregate_once(monkeypatch) -> None:
+    """The merge search read every common ancestor's aggregate on every plan, and each read sorted the
+    record's validation scores: in a long one-component run (where no merge is ever possible) that
+    grew the engine's CPU per metric call fivefold between 28 and 240 candidates (a profiling review)."""
+    from dspy_turbogepa.engine import records as records_module
+
+    from .fakes import hard_setup, make_config, run_fakes
+
+    calls = [0]
+    real = records_module.mean_in_id_order
+
+    def counting(scores):
+        calls[0] += 1
+        return real(scores)
+
+    monkeypatch.setattr(records_module, "mean_in_id_order", counting)
+    setup = hard_setup(train_n=40, val_n=16, num_keywords=30)
+    result, *_ = run_fakes(make_config(max_metric_calls=3000, use_merge=True, max_merge_invocations=1000), setup)
+    assert len(result.records) >= 15, len(result.records)
+    assert calls[0] <= len(result.records), (calls[0], len(result.records))
