@@ -55,7 +55,7 @@ from dspy_turbogepa.redaction import (
 )
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.imports import drop_cut_short_imports
-from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
+from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay, visible_logs
 
 logger = logging.getLogger(__name__)
 
@@ -422,6 +422,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
         codec = ProgramCodec(student)
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
+            cleanup.enter_context(visible_logs(self.verbose))  # progress and result shown with no logging setup
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
             cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm, self.metric_fn,
                                                            self.custom_instruction_proposer)))
@@ -509,6 +510,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             config.max_reflections_in_flight, list(config.rung_fractions),
         )
         result: EngineResult | None = None
+        stopped_by = "stopped"  # what the progress display's last line says when the run raised
         try:
             result = run_coroutine_in_thread(
                 orchestrator.run,
@@ -517,11 +519,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 on_tick=on_tick,
             )
         except RunInterruptedError as exc:  # Ctrl-C before the seed was scored: nothing to return
+            stopped_by = "interrupted before the seed was scored"
             advice = (" The evaluations that finished are kept in the run store (log_dir); rerun with the same "
                       "log_dir to resume without paying for them again." if store is not None else
                       " Set log_dir=... to keep finished evaluations across an interrupted run.")
             raise KeyboardInterrupt(str(exc) + advice) from exc
         except SystemicFailureError as exc:
+            stopped_by = f"stopped: {exc.failure or 'systemic failure'}, see the error below"
             if store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
                 store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
                 # the fix decides whether this log_dir can be reused: the run key covers the program, the
@@ -532,8 +536,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                             "and scores these evaluations again; any other change (the program, the metric, the "
                             "data, an LM's model or endpoint) is another run: give it a new log_dir.",)
             raise
+        except BaseException as exc:
+            stopped_by = f"stopped by {type(exc).__name__}"
+            raise
         finally:
-            display.close(stop_reason=result.stop_reason if result is not None else None)
+            display.close(stop_reason=result.stop_reason if result is not None else stopped_by)
             if store is not None:  # closed by `cleanup`, like the pools, whatever happens next
                 store.record_event("run_finished" if result is not None else "run_failed", {})
         if known_evals:
@@ -544,14 +551,23 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         live = live_run_stats(orchestrator, evaluator, reflector)
         result.stats.rate_limits = live.rate_limits
         result.stats.reflective_records_skipped = live.reflective_records_skipped
-        if result.stop_reason == "interrupted":
-            logger.warning("Run interrupted: returning the best program found so far.")
         best = result.best
+        if result.stop_reason == "interrupted":
+            found = ("the seed program: nothing beat it yet" if result.best_index == 0
+                     else "the best program found so far")
+            advice = (f" Rerun with log_dir={str(self.log_dir)!r} to resume without paying again for what finished."
+                      if store is not None else " Set log_dir=... to make an interrupted run resumable.")
+            logger.warning("Run interrupted: returning %s.%s", found, advice)
+        stats = result.stats
+        cost = stats.task_cost + stats.reflection_cost
         logger.info(
-            "TurboGEPA finished (%s): best validation score %.4f (seed %.4f), %d candidates, %d metric calls%s",
+            "TurboGEPA finished (%s): best validation score %.4f (seed %.4f), %d candidates, %d metric calls%s%s%s%s",
             result.stop_reason, best.aggregate, result.records[0].aggregate, len(result.records),
             result.total_metric_calls,
-            f", failed evaluations {dict(result.stats.failures)}" if result.stats.failures else "",
+            f" ({len(known_evals)} of them stored by earlier sessions)" if known_evals else "",
+            f", failed evaluations {dict(stats.failures)}" if stats.failures else "",
+            f", LM cost ${cost:.4g}" if cost > 0 else "",
+            f"; run store, summary.json and plots in {self.log_dir}" if store is not None else "",
         )
         program = codec.build(best.candidate.texts)
         detailed = build_result(result, codec.build, self.log_dir, self.seed, self.track_best_outputs)

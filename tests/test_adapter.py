@@ -825,6 +825,30 @@ def test_an_error_message_ending_in_a_newline_gets_no_dangling_sentence():
     assert text == "RuntimeError: Incorrect API key.\n  - Verify your account has access"
 
 
+def _users_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+    return {}["answer"]
+
+
+def test_an_error_raised_by_the_users_code_names_the_line_that_raised():
+    """The message is all a user sees of their metric's or program's error (the first warning, the
+    systemic stop); it named the error but not where, and the traceback shows only internal frames."""
+    import json
+
+    from dspy_turbogepa.adapter.evaluator import _describe
+
+    try:
+        _users_metric(None, None)
+    except KeyError as exc:
+        line = _users_metric.__code__.co_firstlineno + 1
+        assert _describe(exc) == f"KeyError: 'answer' (at test_adapter.py:{line} in _users_metric)"
+    try:  # raised inside a library called from the user's code: the user's line that called it
+        json.loads("{")
+    except ValueError as exc:
+        assert _describe(exc).endswith("in test_an_error_raised_by_the_users_code_names_the_line_that_raised)")
+        assert "decoder.py" not in _describe(exc)
+    assert "(at " not in _describe(RuntimeError("never raised: no traceback, no location"))
+
+
 # --------------------------------------------------------------------------- evaluator and metric, unit level
 def _unit_evaluator(routing, metric, program=None, failure_score=0.0, **kw):
     import asyncio

@@ -40,7 +40,10 @@ def test_sigint_returns_best_program_so_far(tmp_path):
     data = json.loads(out.read_text())
     assert data["stop_reason"] == "interrupted"
     assert data["metric_calls"] < 5000
-    assert "Interrupted" in stderr and "best program found so far" in stderr
+    assert "Interrupted" in stderr and "Run interrupted: returning " in stderr
+    assert f"Rerun with log_dir={str(log_dir)!r} to resume" in stderr  # how to go on, where it was missing
+    finished = [line for line in stderr.splitlines() if "TurboGEPA finished (interrupted)" in line]
+    assert finished and f"summary.json and plots in {log_dir}" in finished[-1]
     # the run store is consistent and was closed properly
     with sqlite3.connect(log_dir / "run.sqlite3") as db:
         assert db.execute("pragma integrity_check").fetchone()[0] == "ok"

@@ -159,6 +159,9 @@ def test_a_run_past_its_budget_says_so(info_logs: pytest.LogCaptureFixture) -> N
     drive(bar, source, clock, ticks=142)
     bar.close(stop_reason="max_metric_calls")
     assert "120/120" in out.getvalue() and "142 metric calls, 22 past the budget" in out.getvalue()
+    # why it stopped comes first on the final line: an 80-column terminal cut it off the end
+    final = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert final.index("max_metric_calls") < final.index("past the budget") < final.index("best"), final
 
 
 def test_log_mode_without_new_bests_slows_down(info_logs: pytest.LogCaptureFixture) -> None:
@@ -627,3 +630,40 @@ def test_serve_optimized_example_runs_small(capsys: pytest.CaptureFixture[str]) 
     assert "optimized in" not in capsys.readouterr().out
     assert again["optimized"]["failures"] == 0
     assert dspy.settings.lm is global_lm  # nothing global was configured
+
+
+_UNCONFIGURED = """
+import os, sys, logging
+sys.path.insert(0, sys.argv[1])
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+import dspy
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+task = TASKS["routing"]
+train, val, _ = task.splits(data_seed=0, n_train=12, n_val=8, n_test=0)
+opt = TurboGEPA(task.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                verbose=sys.argv[2] == "1")
+with dspy.context(lm=make_student_lm(seed=0)):
+    opt.compile(task.make_program(), trainset=train, valset=val)
+log = logging.getLogger("dspy_turbogepa")
+print("after:", len(log.handlers), log.level)
+"""
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_a_process_that_never_set_up_logging_sees_the_progress_and_the_result(tmp_path, verbose: bool) -> None:
+    """dspy.GEPA's progress reaches a plain script's stderr (dspy gives its logger a handler at import);
+    ours lives under another logger, where an unconfigured process shows warnings only: a run under
+    nohup or CI printed nothing at all, not even its result. verbose=False keeps it quiet."""
+    script = tmp_path / "run.py"
+    script.write_text(_UNCONFIGURED)
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, str(script), root, "1" if verbose else "0"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    finished = [line for line in done.stderr.splitlines() if "TurboGEPA finished (" in line]
+    if verbose:
+        assert finished and "INFO dspy_turbogepa" in finished[-1], done.stderr
+    else:
+        assert not finished, done.stderr
+    assert "after: 0 0" in done.stdout  # the handler was the compile's only

@@ -253,7 +253,7 @@ def test_a_rate_limited_judge_is_not_called_again_once_the_run_ended(routing):
              lambda: lm15.TransportError("connection reset")],
     ids=["5xx", "timeout", "reset"],
 )
-def test_transient_errors_are_retried_then_scored_with_their_cause(routing, make):
+def test_transient_errors_are_retried_then_scored_with_their_cause(routing, make, caplog):
     lm, hook = flaky_lm(make, 1)
     ev, codec = make_evaluator(routing)
     (healed,) = evaluate(ev, codec, lm)
@@ -262,8 +262,13 @@ def test_transient_errors_are_retried_then_scored_with_their_cause(routing, make
 
     lm, hook = flaky_lm(make, -1)
     ev, codec = make_evaluator(routing)
-    (outcome,) = evaluate(ev, codec, lm)
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        (outcome,) = evaluate(ev, codec, lm)
     assert hook.raised == 1 + FAST_TR.max_retries
+    # one INFO line per error type (a flaky server made three of every four lines of a run's log these)
+    retries = [r for r in caplog.records if r.getMessage().startswith("Retrying a rollout")]
+    assert len(retries) == FAST_TR.max_retries >= 2
+    assert [r.levelno for r in retries] == [logging.INFO] + [logging.DEBUG] * (len(retries) - 1)
     assert outcome.failure == "program_error" and outcome.error_type.startswith("LM")
     assert outcome.error_type not in FATAL_ERROR_TYPES
     assert ev.rate_limit_stats()["transient_gave_up"] == 1
@@ -286,7 +291,7 @@ def test_systemic_errors_are_never_retried(routing, make, error_type):
         SystemicFailureDetector(window=5).observe(outcome)
 
 
-def test_a_judge_metric_whose_lm_has_a_bad_key_stops_the_run_at_once(routing, student_lm, reflection_lm):
+def test_a_judge_metric_whose_lm_has_a_bad_key_stops_the_run_at_once(routing, student_lm, reflection_lm, caplog):
     """The metric's own LM failing with a 401 is as systemic as the student's: the run stops on the
     first such evaluation, naming the metric, not after a window of failed evaluations."""
     judge_lm, hook = flaky_lm(lambda: lm15.AuthError("invalid api key", status=401), -1, num_retries=0)
@@ -303,10 +308,13 @@ def test_a_judge_metric_whose_lm_has_a_bad_key_stops_the_run_at_once(routing, st
 
     splits = small_splits(routing, n_train=10, n_val=30)
     dspy.configure(lm=student_lm)
-    with pytest.raises(SystemicFailureError, match="metric failed with LMAuthError") as info:
+    with pytest.raises(SystemicFailureError, match="metric failed with LMAuthError") as info, \
+            caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
         TurboGEPA(Judge(), max_metric_calls=80, reflection_lm=reflection_lm, num_threads=2,
                   verbose=False).compile(routing.make_program(), trainset=splits.train, valset=splits.val)
     assert info.value.error_type == "LMAuthError"
+    # no "Scored failure_score; further failures are counted" warning before the stop: it never came
+    assert not [r for r in caplog.records if "Scored failure_score" in r.getMessage()]
     assert hook.raised <= 4  # the evaluations in flight (2 threads), not a window of 8-32
 
 

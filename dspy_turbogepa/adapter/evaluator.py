@@ -175,7 +175,32 @@ def _describe(exc: BaseException) -> str:
     """The error as feedback text: masked at the source, since it reaches the reflection prompt, logs
     and a SystemicFailureError as well as the run store (a client error may quote a key)."""
     text = describe_error(exc).strip()  # sentences are appended to it ("... . Scored")
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
+    text = text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
+    return text + _user_frame(exc)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` (at metric.py:12 in my_metric)``: the innermost frame of the user's own code in the error's
+    traceback, or nothing. The message is all a user sees of an error in their metric or program (the
+    first warning, the systemic stop), and without it they had to guess which line raised."""
+    import os
+    import sysconfig
+    import traceback
+
+    skip = {os.path.realpath(p) for p in (sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("purelib"),
+                                          sysconfig.get_paths().get("platlib"),
+                                          os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) if p}
+    try:
+        frames = traceback.extract_tb(exc.__traceback__)
+    except Exception:  # noqa: BLE001 - a traceback that cannot be read: no location, the message stands
+        return ""
+    for frame in reversed(frames):
+        path = os.path.realpath(frame.filename)
+        if frame.filename.startswith("<") or any(path.startswith(s + os.sep) for s in skip) \
+                or f"{os.sep}site-packages{os.sep}" in path:
+            continue
+        return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
+    return ""
 
 
 @dataclass
@@ -246,6 +271,8 @@ class DspyEvaluator:
             max_cooldown_s=rate_limit_policy.max_elapsed_s, clock=clock, sleep=sleep
         )
         self._stats = RateLimitStats()
+        self._retry_logged: set[str | None] = set()  # error types whose transient retry was logged at INFO
+        self._retry_log_lock = threading.Lock()
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
         self._closed_event = threading.Event()
@@ -315,8 +342,15 @@ class DspyEvaluator:
             self._stats.count(kind, "retry", backoff_s=delay)
             retries[kind] += 1
             if not rate_limited:
-                logger.info("Retrying a rollout in %.1fs after %s (retry %d of %d)", delay, verdict.error_type,
-                            done + 1, policy.max_retries)
+                # once per error type at INFO (a flaky server made three of every four log lines these);
+                # the counts are in run_stats["rate_limits"] (transient_retries) and the summary
+                with self._retry_log_lock:
+                    first = verdict.error_type not in self._retry_logged
+                    self._retry_logged.add(verdict.error_type)
+                logger.log(logging.INFO if first else logging.DEBUG,
+                           "Retrying a rollout in %.1fs after %s (retry %d of %d)%s", delay, verdict.error_type,
+                           done + 1, policy.max_retries,
+                           "; further retries after this error are logged at DEBUG" if first else "")
             await self._sleep(delay)
 
     def _give_up(

@@ -176,12 +176,13 @@ class EvaluationCache:
                            "metric's maximum as perfect_score.", outcome.score, self._perfect)
         if outcome.failure:
             stats.failures[outcome.failure] += 1
-            if stats.failures[outcome.failure] == 1:
+            if stats.failures[outcome.failure] == 1 and not outcome.fatal:
                 # Once per kind and run (dspy.GEPA logs every one): the first tells what broke; the
-                # counts are in run_stats["failures"] and the final log line, every one at DEBUG.
+                # counts are in run_stats["failures"] and the final log line, every one at DEBUG. A fatal
+                # one stops the run, whose error says it (this line promised counts that never came).
                 logger.warning("An evaluation failed (%s): %s. Scored failure_score; further %s failures are "
-                               "counted in run_stats['failures'].", outcome.failure, outcome.message,
-                               outcome.failure)
+                               "counted in the final log line and run_stats['failures'].", outcome.failure,
+                               outcome.message, outcome.failure)
             else:
                 logger.debug("An evaluation failed (%s): %s", outcome.failure, outcome.message)
         self._add_usage(outcome)

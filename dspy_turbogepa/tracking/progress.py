@@ -293,6 +293,33 @@ def _console_through_tqdm(loggers: Iterable[logging.Logger]) -> Iterator[None]:
             handler.setStream(stream)
 
 
+@contextmanager
+def visible_logs(enabled: bool = True) -> Iterator[None]:
+    """While a compile runs: show this package's INFO logs on stderr if nothing is configured to.
+
+    dspy.GEPA's progress and result reach a process that never set up logging (a script run under
+    nohup, CI, a batch job) because dspy gives its own logger a handler at import. Ours live under
+    ``dspy_turbogepa``, where such a process shows only warnings (Python's last-resort handler): the
+    progress lines and the final result were silent, and warnings written by that handler tore the
+    progress bar. So when neither this logger nor any ancestor has a handler and its level is unset,
+    it gets one for the compile, in dspy's format, removed afterwards. Any logging setup of the user's
+    (a handler anywhere on the path, a level) is left alone.
+    """
+    log = logging.getLogger("dspy_turbogepa")
+    if not enabled or log.hasHandlers() or log.level != logging.NOTSET:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(logging.NOTSET)
+
+
 def _in_notebook() -> bool:
     return "ipykernel" in sys.modules
 
@@ -527,8 +554,8 @@ class ProgressDisplay(EngineObserver):
         parts = snap.fields()
         if snap.budget and snap.metric_calls > snap.budget:  # past it tqdm drops the total: say it instead
             parts.insert(0, f"{snap.metric_calls} metric calls, {snap.metric_calls - snap.budget} past the budget")
-        if final_note:
-            parts.append(final_note)
+        if final_note:  # first: a narrow terminal cuts the end of the line, and why it stopped matters most
+            parts.insert(0, final_note)
         bar.set_postfix_str(", ".join(parts), refresh=False)
         bar.refresh()
 
