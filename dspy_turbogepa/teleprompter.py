@@ -127,7 +127,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             so the run may stop up to one mutation's cost below the limit (default False: dspy.GEPA's
             rule, the budget is checked before each mutation starts and the last one may finish,
             overshooting by less than ``2 * reflection_minibatch_size + len(valset)`` calls).
-        verbose: show live progress (a tqdm bar on a terminal, one log line per update otherwise).
+        verbose: show live progress (a tqdm bar on a terminal, one log line per update otherwise). Logs go
+            to the ``dspy_turbogepa`` logger; in a process that configured no logging at all, it gets a
+            stderr handler at INFO for the compile (dspy does the same for its own logger at import).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
             price dspy/litellm do not know (program and reflection LMs; it overrides their reported cost).
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
