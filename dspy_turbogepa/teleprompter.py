@@ -636,16 +636,20 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         an earlier process stored does not leave its writer thread and connection behind."""
         if not self.log_dir:
             return None, [], None, None
-        from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, run_key
+        from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, readable_lm, run_key
         from dspy_turbogepa.store import RunStore
+        from dspy_turbogepa.store.sqlite_store import RUN_KEY_READABLE
 
         key = run_key(
             student, train, val, self.seed, metric=self.metric_fn, failure_score=self.failure_score,
             context_lm=dspy.settings.lm, reflection_lm=self.reflection_lm, proposer=self.custom_instruction_proposer,
             add_format_failure_as_feedback=self.add_format_failure_as_feedback, adapter=dspy.settings.adapter,
         )
-        meta = {k: v for k, v in self.get_params().items()
-                if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
+        meta: dict[str, Any] = {k: v for k, v in self.get_params().items()
+                                if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
+        # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
+        meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
+                                  "reflection": readable_lm(self.reflection_lm)}
         store = RunStore.open(self.log_dir, key, meta=meta)
         cleanup.callback(store.close)
         if not store.resumed and (self._log_path() / DSPY_GEPA_CHECKPOINT).exists():

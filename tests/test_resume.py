@@ -116,11 +116,17 @@ def test_a_rerun_that_would_read_wrong_stored_scores_is_refused(routing, tmp_pat
 
     with_demos = routing.make_program()
     next(iter(with_demos.named_predictors()))[1].demos = [splits.train[0]]
-    for kwargs, changed in [({"metric": zero}, "metric"), ({"student_kw": {"temperature": 0.9}}, "task_lm"),
-                            ({"reflector_kw": {"temperature": 0.9}}, "reflection"),
-                            ({"program": with_demos}, "student")]:
-        with pytest.raises(RunStoreMismatchError, match=rf"run: {changed} changed"):
+    for kwargs, changed, detail in [
+        ({"metric": zero}, "metric", None), ({"student_kw": {"temperature": 0.9}}, "task_lm", "temperature=0.9"),
+        ({"reflector_kw": {"temperature": 0.9}}, "reflection", "temperature=0.9"),
+        ({"program": with_demos}, "student", None),
+    ]:
+        with pytest.raises(RunStoreMismatchError, match=rf"run: {changed} changed") as info:
             compile_with(**kwargs)
+        if detail:  # an LM's change is named, not only its hash ("stored 56f49cf2ee72 -> now fe54027cbde2")
+            message = str(info.value)
+            assert f"{changed} (stored model=" in message and "-> now model=" in message and detail in message, \
+                message
 
 
 @pytest.mark.http

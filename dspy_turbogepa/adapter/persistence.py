@@ -450,6 +450,17 @@ def lm_identity(lm: Any) -> Any:
     }
 
 
+def readable_lm(lm: Any) -> str:
+    """An LM's identity as a person reads it (model, endpoint, sampling settings; no credentials, and
+    key-shaped text masked): a log_dir refused because "reflection changed" says what changed, where
+    the run key holds only hashes."""
+    identity = lm_identity(lm)
+    if identity is None:
+        return "none"
+    parts = [f"{k}={v}" for k, v in identity.items() if k != "class" and v is not None]
+    return mask_text(", ".join(parts))
+
+
 def callable_identity(fn: Any) -> str:
     """A metric's or proposer's identity for the run key: an edited metric scores differently, and
     the stored scores must not be reused for it. A function is its name and its code (bytecode, the

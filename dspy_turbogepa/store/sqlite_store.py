@@ -953,6 +953,24 @@ def _check_run_key(run_key: Mapping[str, str], env_values: tuple[str, ...]) -> d
     return key
 
 
+#: Key of the session meta holding readable forms of some run-key parts (see _readable_parts).
+RUN_KEY_READABLE = "run_key_readable"
+
+
+def _readable_parts(conn: sqlite3.Connection, meta_json: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The readable forms of run-key parts (an LM's model and endpoint) the first session stored in its
+    meta, and this one's: the key itself holds hashes, which tell a user nothing about what changed."""
+    def parts(text: str | None) -> dict[str, Any]:
+        try:
+            found = json.loads(text).get(RUN_KEY_READABLE) if text else None
+        except (ValueError, AttributeError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    row = conn.execute("SELECT value FROM meta WHERE key = 'run_meta'").fetchone()
+    return parts(row[0] if row else None), parts(meta_json)
+
+
 def _initialise(
     conn: sqlite3.Connection, path: Path, log_dir: Path, run_key: dict[str, str], meta_json: str
 ) -> tuple[bool, int, dict[str, Any]]:
@@ -1000,11 +1018,15 @@ def _initialise(
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif stored != run_key:
             changed = sorted(k for k in set(stored) | set(run_key) if stored.get(k) != run_key.get(k))
-            details = ", ".join(
-                f"{k} ({'absent' if k not in stored else 'stored ' + stored[k][:12]} -> "
-                f"{'absent' if k not in run_key else 'now ' + run_key[k][:12]})"
-                for k in changed
-            )
+            was, is_now = _readable_parts(conn, meta_json)
+
+            def detail(k: str) -> str:
+                if was.get(k) is not None and is_now.get(k) is not None and was[k] != is_now[k]:
+                    return f"{k} (stored {was[k]} -> now {is_now[k]})"
+                return (f"{k} ({'absent' if k not in stored else 'stored ' + stored[k][:12]} -> "
+                        f"{'absent' if k not in run_key else 'now ' + run_key[k][:12]})")
+
+            details = ", ".join(detail(k) for k in changed)
             if KEY_FORMAT_COMPONENT in changed:  # the key is computed another way: every part looks changed
                 raise RunStoreMismatchError(
                     f"log_dir {str(log_dir)!r} was written by another version of dspy_turbogepa, whose run "
