@@ -663,8 +663,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             known_evals, known_props = load_known(
                 store, codec, {"train": train, "val": val}, codec.seed_texts(), need_outputs=self.track_best_outputs
             )
-            logger.info("Resuming the run in %s: %d finished evaluations and %d proposals will not be paid again",
-                        self.log_dir, len(known_evals), len(known_props))
+            if known_evals or known_props:
+                logger.info("Resuming the run in %s: %d finished evaluations and %d proposals will not be paid "
+                            "again", self.log_dir, len(known_evals), len(known_props))
+            else:  # e.g. a session stopped on a systemic failure: its failures run again after the fix
+                logger.info("Resuming the run in %s: nothing stored there can be replayed (failures of the LM "
+                            "service or of a stopped session run again)", self.log_dir)
         store.record_event("run_started", {"resumed": store.resumed, "budget": self.max_metric_calls})
         return store, [StoreObserver(store, keeps_outputs=self.track_best_outputs)], known_evals, known_props
 

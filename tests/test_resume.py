@@ -8,6 +8,7 @@ import datetime
 import enum
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -130,7 +131,7 @@ def test_a_rerun_that_would_read_wrong_stored_scores_is_refused(routing, tmp_pat
 
 
 @pytest.mark.http
-def test_fix_the_key_and_rerun_does_not_replay_the_auth_failures(routing, tmp_path):
+def test_fix_the_key_and_rerun_does_not_replay_the_auth_failures(routing, tmp_path, caplog):
     """A bad key stops the run (SystemicFailureError: 'fix ... and run again'). The rerun with the right
     key under the same log_dir must evaluate for real: the stored LMAuthError rows say nothing about
     the program (they were replayed as its scores)."""
@@ -153,7 +154,9 @@ def test_fix_the_key_and_rerun_does_not_replay_the_auth_failures(routing, tmp_pa
             compile_with("bad", tmp_path / "run")
         # which fixes can reuse the log_dir (a fixed metric is refused with "metric changed" otherwise)
         assert "resumes this run" in str(info.value) and "new log_dir" in str(info.value)
-        resumed = compile_with("good", tmp_path / "run").detailed_results
+        with caplog.at_level(logging.INFO, logger="dspy_turbogepa.teleprompter"):
+            resumed = compile_with("good", tmp_path / "run").detailed_results
+        assert "nothing stored there can be replayed" in caplog.text  # not "0 finished evaluations ..."
         before = student_requests()
         again = compile_with("good", tmp_path / "run").detailed_results  # the run is finished: replayed whole
         assert student_requests() == before  # the redone evaluations replaced the failed rows
