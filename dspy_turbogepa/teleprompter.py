@@ -504,7 +504,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
         display.bind(OrchestratorSource(  # stored evaluations count when replayed, as the budget counts them
             orchestrator,
-            extra_backoffs=lambda: reflector.rate_limit_stats()["rate_limit_retries"],
+            extra_backoffs=lambda: _other_retries(evaluator.rate_limit_stats(), reflector.rate_limit_stats()),
         ))
         logger.info(
             "TurboGEPA: budget %d metric calls, %d evaluations / %d mutations / %d reflections in flight, "
@@ -879,6 +879,13 @@ def _cell_is_set(cell: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _other_retries(evaluator: Mapping[str, Any], reflector: Mapping[str, Any]) -> int:
+    """LM retries the engine's evaluations do not count (theirs are 429 retries): the evaluator's
+    transient ones, and all of the reflection LM's."""
+    return int(evaluator.get("transient_retries", 0)) + sum(
+        int(reflector.get(k, 0)) for k in ("rate_limit_retries", "transient_retries"))
 
 
 def _looks_like_a_key(value: str) -> bool:

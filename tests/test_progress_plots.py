@@ -138,7 +138,7 @@ def test_log_mode_emits_a_bounded_number_of_lines(info_logs: pytest.LogCaptureFi
     assert sum("(new best)" in line for line in lines) >= 40
     last = lines[-1]
     assert last.startswith("TurboGEPA finished (max_metric_calls): 3000/3000 metric calls (100%)")
-    for part in ("best val 0.7", "frontier 4", "rate-limit backoffs 2", "10m00s elapsed"):
+    for part in ("best val 0.7", "frontier 4", "LM retries 2", "10m00s elapsed"):
         assert part in last, (part, last)
     mid = lines[len(lines) // 2]
     assert "in flight 16 evals / 5 mutations" in mid and "ETA" in mid
@@ -231,7 +231,7 @@ def test_tty_mode_draws_one_bar_with_throttled_redraws(info_logs: pytest.LogCapt
     frames = [f for f in out.split("\r") if f.strip()]
     assert "TurboGEPA" in frames[-1] and "300/300" in frames[-1] and "max_metric_calls" in frames[-1]
     mid = frames[len(frames) // 2]
-    for part in ("best 0.", "ETA", "front 4", "flight 16e/5m", "429s 2"):
+    for part in ("best 0.", "ETA", "front 4", "flight 16e/5m", "retries 2"):
         assert part in mid, (part, mid)
     assert out.endswith("\n")  # the bar is left on screen, the cursor on a fresh line
     assert out.count("\n") == 1
@@ -329,6 +329,12 @@ def test_orchestrator_source_reads_public_state() -> None:
     assert OrchestratorSource(orch, frontier_size=lambda: 9).frontier_size() == 9
     # the reflection LM's rate-limit retries are backoffs too
     assert OrchestratorSource(orch, extra_backoffs=lambda: 3).backoffs() == 7
+    # ... and so are the evaluator's transient retries (5xx, timeouts): a server failing 4 requests in
+    # 10 made a run nine times slower while the line said "rate-limit backoffs 0"
+    from dspy_turbogepa.teleprompter import _other_retries
+
+    assert _other_retries({"rate_limit_retries": 9, "transient_retries": 5},
+                          {"rate_limit_retries": 2, "transient_retries": 1, "backoff_seconds": 3.5}) == 8
 
 
 def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.LogCaptureFixture) -> None:

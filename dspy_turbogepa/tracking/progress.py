@@ -95,7 +95,9 @@ class OrchestratorSource:
     the number of candidates on GEPA's Pareto frontier, i.e. per-instance front members that are not
     dominated (the programs parents are drawn from; with ties on easy instances nearly every
     candidate is a raw front member, which says little).
-    ``extra_backoffs``: rate-limit retries made outside the engine's evaluations (the reflection LM's).
+    ``extra_backoffs``: retries the engine's evaluations do not report (transient errors: 5xx, timeouts,
+    dropped connections; the reflection LM's 429s and transient errors). A flaky server that made a run
+    nine times slower showed "rate-limit backoffs 0" throughout.
     """
 
     def __init__(
@@ -180,7 +182,7 @@ class ProgressSnapshot:
         if self.evals_in_flight is not None or self.mutations_running is not None:
             parts.append(f"flight {_num(self.evals_in_flight)}e/{_num(self.mutations_running)}m")
         if self.backoffs:
-            parts.append(f"429s {self.backoffs}")
+            parts.append(f"retries {self.backoffs}")
         if self.rung_funnel:
             parts.append("rungs " + ">".join(str(n) for n in self.rung_funnel))
         parts.append(f"cands {self.candidates}")
@@ -200,7 +202,7 @@ class ProgressSnapshot:
         if self.evals_in_flight is not None or self.mutations_running is not None:
             parts.append(f"in flight {_num(self.evals_in_flight)} evals / {_num(self.mutations_running)} mutations")
         if self.backoffs is not None:
-            parts.append(f"rate-limit backoffs {self.backoffs}")
+            parts.append(f"LM retries {self.backoffs}")
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         return ", ".join(parts)

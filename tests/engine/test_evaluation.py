@@ -48,7 +48,7 @@ def test_concurrent_requests_for_one_evaluation_run_it_once_and_count_the_rest_a
     """Two mutations asking for the same (candidate, example) at once: one metric call is paid, both get
     its outcome, and the second counts as a cache hit (run_stats' cache_hits, the summary and MLflow
     report it); a later request is served from the cache without running again. The execution's tokens,
-    LM calls and rate-limit retries (the progress line's "429s") are counted once."""
+    LM calls and rate-limit retries (part of the progress line's "retries") are counted once."""
     evaluator = CountingEvaluator()
     cache, stats = make_cache(evaluator)
     cand = Candidate({"a": "x"})
