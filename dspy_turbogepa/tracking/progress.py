@@ -348,7 +348,7 @@ class ProgressDisplay(EngineObserver):
 
     Shown: metric calls / budget, best full-validation score, Pareto-frontier size, candidates,
     children per rung (scored on a minibatch > on each validation shard > on the full valset, over
-    committed mutations), evaluations / mutations in flight, rate-limit backoffs, ETA.
+    committed mutations), evaluations / mutations in flight, LM retries, ETA.
     """
 
     def __init__(
