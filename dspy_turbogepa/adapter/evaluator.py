@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import random
 import threading
@@ -184,23 +185,31 @@ def _user_frame(exc: BaseException) -> str:
     traceback, or nothing. The message is all a user sees of an error in their metric or program (the
     first warning, the systemic stop), and without it they had to guess which line raised."""
     import os
-    import sysconfig
     import traceback
 
-    skip = {os.path.realpath(p) for p in (sysconfig.get_paths().get("stdlib"), sysconfig.get_paths().get("purelib"),
-                                          sysconfig.get_paths().get("platlib"),
-                                          os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) if p}
     try:
         frames = traceback.extract_tb(exc.__traceback__)
     except Exception:  # noqa: BLE001 - a traceback that cannot be read: no location, the message stands
         return ""
     for frame in reversed(frames):
-        path = os.path.realpath(frame.filename)
-        if frame.filename.startswith("<") or any(path.startswith(s + os.sep) for s in skip) \
-                or f"{os.sep}site-packages{os.sep}" in path:
+        if frame.filename.startswith("<") or not _users_file(frame.filename):
             continue
         return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
     return ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _users_file(filename: str) -> bool:
+    """Not the standard library, an installed package, or this package (cached: every failed evaluation
+    asks, and resolving paths costs system calls)."""
+    import os
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    skip = [os.path.realpath(p) for p in (paths.get("stdlib"), paths.get("purelib"), paths.get("platlib"),
+                                          os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) if p]
+    path = os.path.realpath(filename)
+    return not (any(path.startswith(s + os.sep) for s in skip) or f"{os.sep}site-packages{os.sep}" in path)
 
 
 @dataclass
