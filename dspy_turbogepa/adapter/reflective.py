@@ -94,18 +94,23 @@ class ReflectiveDatasetBuilder:
         feedback_errors: list[str] = []
         for name in components:
             items: list[ReflectiveRecord] = []
+            why_not: Counter[str] = Counter()
             for traj, score in zip(trajectories, scores):
                 if traj is None:
+                    why_not["no trace was kept"] += 1
                     continue
                 record = self._record(name, traj, score, rng, feedback_errors, texts)
                 if record is not None:
                     items.append(record)
+                else:
+                    why_not[_why_no_record(name, traj)] += 1
             if items:
                 dataset[name] = items
             else:
-                self._log_once(("no_records", name), "No reflective examples for predictor %r in this minibatch: "
-                               "it is left out of this proposal (one with none for any predictor is counted in "
-                               "run_stats['proposal_skips']; further ones are logged at DEBUG)", name)
+                reasons = ", ".join(f"{n} {why}" for why, n in why_not.most_common()) or "no examples"
+                self._log_once(("no_records", name), "No reflective examples for predictor %r in this minibatch "
+                               "(%s): it is left out of this proposal (one with none for any predictor is counted "
+                               "in run_stats['proposal_skips']; further ones are logged at DEBUG)", name, reasons)
         if not dataset and feedback_errors:
             # Not "nothing to reflect on": the metric's feedback call is broken, which the systemic
             # rule for proposals must see (a run would otherwise spin on free mutations, then return the seed).
@@ -243,3 +248,13 @@ def _same_fields(a: Any, b: Any) -> bool:
 
 def is_builtin_proposer(proposer: Any) -> bool:
     return isinstance(proposer, dspy.teleprompt.gepa.InstructionProposer)
+
+
+def _why_no_record(name: str, traj: DspyTrajectory) -> str:
+    """Why an example gave a predictor no reflective record, as the warning says it: the same warning
+    covered a predictor the program never called and a metric that raised on every example."""
+    if traj.failure == "metric_error":
+        return "where the metric raised"
+    if not any(step.pred_name == name for step in traj.steps):
+        return "where it did not run"
+    return "whose feedback was unusable"
