@@ -829,24 +829,27 @@ def _users_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
     return {}["answer"]
 
 
-def test_an_error_raised_by_the_users_code_names_the_line_that_raised():
-    """The message is all a user sees of their metric's or program's error (the first warning, the
-    systemic stop); it named the error but not where, and the traceback shows only internal frames."""
+def test_an_error_raised_by_the_users_code_names_the_line_that_raised(routing):
+    """The outcome's message is all a user sees of their metric's or program's error (the first warning,
+    the systemic stop); it named the error but not where, and the traceback showed only internal
+    frames. The reflection does not read the location: code it cannot see, a text that differs between
+    a checkout and an install."""
     import json
 
-    from dspy_turbogepa.adapter.evaluator import _describe
+    from dspy_turbogepa.adapter.evaluator import _user_frame
 
-    try:
-        _users_metric(None, None)
-    except KeyError as exc:
-        line = _users_metric.__code__.co_firstlineno + 1
-        assert _describe(exc) == f"KeyError: 'answer' (at test_adapter.py:{line} in _users_metric)"
+    _, run = _unit_evaluator(routing, _users_metric)
+    outcome = run(split="train")
+    line = _users_metric.__code__.co_firstlineno + 1
+    assert outcome.failure == "metric_error"
+    assert outcome.message == f"The metric raised KeyError: 'answer' (at test_adapter.py:{line} in _users_metric)"
+    assert outcome.trajectory.error == "The metric raised KeyError: 'answer'"
     try:  # raised inside a library called from the user's code: the user's line that called it
         json.loads("{")
     except ValueError as exc:
-        assert _describe(exc).endswith("in test_an_error_raised_by_the_users_code_names_the_line_that_raised)")
-        assert "decoder.py" not in _describe(exc)
-    assert "(at " not in _describe(RuntimeError("never raised: no traceback, no location"))
+        assert _user_frame(exc).endswith("in test_an_error_raised_by_the_users_code_names_the_line_that_raised)")
+        assert "decoder.py" not in _user_frame(exc)
+    assert _user_frame(RuntimeError("never raised: no traceback, no location")) == ""
 
 
 # --------------------------------------------------------------------------- evaluator and metric, unit level

@@ -639,7 +639,7 @@ def test_serve_optimized_example_runs_small(capsys: pytest.CaptureFixture[str]) 
 
 
 _UNCONFIGURED = """
-import os, sys, logging
+import os, sys, logging, threading, time
 sys.path.insert(0, sys.argv[1])
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 import dspy
@@ -647,10 +647,28 @@ from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
 task = TASKS["routing"]
 train, val, _ = task.splits(data_seed=0, n_train=12, n_val=8, n_test=0)
-opt = TurboGEPA(task.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
-                verbose=sys.argv[2] == "1")
-with dspy.context(lm=make_student_lm(seed=0)):
-    opt.compile(task.make_program(), trainset=train, valset=val)
+mode = sys.argv[3] if len(sys.argv) > 3 else "plain"
+if mode == "child":  # the user's own handler, on a sub-logger only
+    mine = logging.StreamHandler(sys.stdout)
+    mine.setFormatter(logging.Formatter("USER %(message)s"))
+    logging.getLogger("dspy_turbogepa.engine").addHandler(mine)
+if mode == "disable":
+    dspy.disable_logging()
+
+def compile_once(budget, delay=0.0):
+    time.sleep(delay)
+    opt = TurboGEPA(task.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    verbose=sys.argv[2] == "1")
+    with dspy.context(lm=make_student_lm(seed=0)):
+        opt.compile(task.make_program(), trainset=train, valset=val)
+
+if mode == "threads":  # a short compile ends while a longer one, started later, still runs
+    threads = [threading.Thread(target=compile_once, args=(40,)),
+               threading.Thread(target=compile_once, args=(90, 0.05))]
+    for t in threads: t.start()
+    for t in threads: t.join()
+else:
+    compile_once(40)
 log = logging.getLogger("dspy_turbogepa")
 print("after:", len(log.handlers), log.level)
 """
@@ -673,3 +691,45 @@ def test_a_process_that_never_set_up_logging_sees_the_progress_and_the_result(tm
     else:
         assert not finished, done.stderr
     assert "after: 0 0" in done.stdout  # the handler was the compile's only
+
+
+@pytest.mark.parametrize("mode", ["threads", "child", "disable"])
+def test_the_compile_log_handler_respects_concurrent_compiles_and_the_users_setup(tmp_path, mode: str) -> None:
+    """Two compiles at once: the first to end removed the handler and the second went silent. A user's
+    handler on a sub-logger, or dspy.disable_logging(), is a setup of theirs: no handler of ours (lines
+    came twice, or printed despite the silence asked for)."""
+    script = tmp_path / "run.py"
+    script.write_text(_UNCONFIGURED)
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, str(script), root, "1", mode], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    result_line = "INFO dspy_turbogepa.teleprompter: TurboGEPA finished ("
+    ours = [line for line in done.stderr.splitlines() if result_line in line]
+    if mode == "threads":
+        assert len(ours) == 2, done.stderr  # each compile's result, once
+    else:
+        assert not ours, done.stderr
+    assert "INFO dspy_turbogepa" not in done.stderr or mode == "threads"  # no handler of ours beside theirs
+    assert "after: 0 0" in done.stdout
+
+
+def test_dspys_own_log_lines_go_through_the_bar_and_its_silence_holds() -> None:
+    """dspy's handler writes to its own stream (stderr at write time), which was not seen as a console:
+    its warnings were glued to the end of the bar line."""
+    from dspy.utils.logging_utils import DSPY_LOGGING_STREAM
+
+    from dspy_turbogepa.tracking.progress import _is_console_handler, _TqdmStream
+
+    assert _is_console_handler(logging.StreamHandler(DSPY_LOGGING_STREAM))
+    assert not _is_console_handler(logging.StreamHandler(io.StringIO()))
+    captured = io.StringIO()
+    real = sys.stderr
+    try:
+        sys.stderr = captured
+        _TqdmStream(DSPY_LOGGING_STREAM).write("shown\n")
+        dspy.disable_logging()
+        _TqdmStream(DSPY_LOGGING_STREAM).write("silenced\n")
+    finally:
+        dspy.enable_logging()
+        sys.stderr = real
+    assert "shown" in captured.getvalue() and "silenced" not in captured.getvalue()

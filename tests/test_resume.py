@@ -130,6 +130,19 @@ def test_a_rerun_that_would_read_wrong_stored_scores_is_refused(routing, tmp_pat
                 message
 
 
+def test_the_readable_lm_in_a_refusal_keeps_endpoint_tokens_out():
+    """The readable form of an LM (stored in the session meta, shown when a log_dir is refused) showed
+    a gateway token that is not key-shaped enough for masking (a UUID path part, a short query value);
+    the endpoint is shown as logs and MLflow show it, tokens as digests (two endpoints still differ)."""
+    from dspy_turbogepa.adapter.persistence import readable_lm
+
+    uuid = "4f3c2b1a-9d8e-4f7a-b6c5-1234567890ab"
+    a = readable_lm(dspy.LM("openai/m", api_base=f"https://gw.local/proxy/{uuid}/v1?token=abc1234", cache=False))
+    b = readable_lm(dspy.LM("openai/m", api_base="https://gw.local/proxy/other-token-0000-1111/v1", cache=False))
+    assert uuid not in a and "abc1234" not in a and "gw.local" in a and "model=openai/m" in a
+    assert a != b
+
+
 @pytest.mark.http
 def test_fix_the_key_and_rerun_does_not_replay_the_auth_failures(routing, tmp_path, caplog):
     """A bad key stops the run (SystemicFailureError: 'fix ... and run again'). The rerun with the right

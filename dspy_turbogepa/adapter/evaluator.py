@@ -176,14 +176,15 @@ def _describe(exc: BaseException) -> str:
     """The error as feedback text: masked at the source, since it reaches the reflection prompt, logs
     and a SystemicFailureError as well as the run store (a client error may quote a key)."""
     text = describe_error(exc).strip()  # sentences are appended to it ("... . Scored")
-    text = text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
-    return text + _user_frame(exc)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
 
 
 def _user_frame(exc: BaseException) -> str:
     """`` (at metric.py:12 in my_metric)``: the innermost frame of the user's own code in the error's
-    traceback, or nothing. The message is all a user sees of an error in their metric or program (the
-    first warning, the systemic stop), and without it they had to guess which line raised."""
+    traceback, or nothing. The outcome's message is all a user sees of an error in their metric or
+    program (the first warning, the systemic stop), and without it they had to guess which line raised.
+    It is not part of what the reflection reads (the trajectory's text): a location in code the
+    reflection LM cannot see tells it nothing, and differs between a checkout and an install."""
     import os
     import traceback
 
@@ -202,14 +203,20 @@ def _user_frame(exc: BaseException) -> str:
 def _users_file(filename: str) -> bool:
     """Not the standard library, an installed package, or this package (cached: every failed evaluation
     asks, and resolving paths costs system calls)."""
+    import contextlib
     import os
+    import site
     import sysconfig
 
     paths = sysconfig.get_paths()
-    skip = [os.path.realpath(p) for p in (paths.get("stdlib"), paths.get("purelib"), paths.get("platlib"),
-                                          os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) if p]
+    installed = [paths.get("stdlib"), paths.get("purelib"), paths.get("platlib"),
+                 os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    with contextlib.suppress(AttributeError):  # an old virtualenv's site module lacks them
+        installed += [*site.getsitepackages(), site.getusersitepackages()]
+    skip = [os.path.realpath(p) for p in installed if p]
     path = os.path.realpath(filename)
-    return not (any(path.startswith(s + os.sep) for s in skip) or f"{os.sep}site-packages{os.sep}" in path)
+    return not (any(path.startswith(s + os.sep) for s in skip)
+                or any(f"{os.sep}{d}{os.sep}" in path for d in ("site-packages", "dist-packages")))
 
 
 @dataclass
@@ -616,8 +623,8 @@ class DspyEvaluator:
                 failed_predictor=names.signature_owner(failed_signature) if failed_signature is not None else None,
             ) if capture else None
             return EvalOutcome(
-                example_id, self._failure_score, failure=failure, message=message, trajectory=trajectory,
-                error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
+                example_id, self._failure_score, failure=failure, message=message + _user_frame(error),
+                trajectory=trajectory, error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
             ), 0
         try:
             ret, retries = self._call_metric(example, pred)
@@ -635,7 +642,7 @@ class DspyEvaluator:
                 service_failure=service,
             )
             return EvalOutcome(
-                example_id, self._failure_score, failure="metric_error", message=message,
+                example_id, self._failure_score, failure="metric_error", message=message + _user_frame(exc),
                 trajectory=trajectory if capture else None, error_type=fatal or type(exc).__name__,
                 fatal=fatal is not None, service_failure=service,
                 output=pred if self._keep_outputs and split == "val" else None,

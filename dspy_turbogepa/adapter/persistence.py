@@ -37,7 +37,14 @@ from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, ProposalOutcome, Split
-from dspy_turbogepa.redaction import REDACTED, describe_error, is_sensitive_key, mask_text, strip_userinfo
+from dspy_turbogepa.redaction import (
+    REDACTED,
+    describe_error,
+    endpoint_url,
+    is_sensitive_key,
+    mask_text,
+    strip_userinfo,
+)
 from dspy_turbogepa.store import stable_hash
 from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
 
@@ -457,6 +464,9 @@ def readable_lm(lm: Any) -> str:
     identity = lm_identity(lm)
     if identity is None:
         return "none"
+    base = lm_api_base(lm)
+    if base:  # as logs and MLflow show it: key-like path parts and the query as digests (a UUID token too)
+        identity["api_base"] = endpoint_url(base)
     parts = [f"{k}={v}" for k, v in identity.items() if k != "class" and v is not None]
     return mask_text(", ".join(parts))
 

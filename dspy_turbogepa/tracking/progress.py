@@ -252,7 +252,12 @@ def _screen(stream: Any) -> tuple[int, int]:
 
 
 def _is_console_handler(handler: logging.Handler) -> TypeGuard[logging.StreamHandler[Any]]:
-    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+    """A handler writing to the console: stdout, stderr, or dspy's own stream (which writes to stderr:
+    dspy's log lines tore the bar)."""
+    if not isinstance(handler, logging.StreamHandler):
+        return False
+    stream = getattr(handler, "stream", None)
+    return stream in (sys.stdout, sys.stderr) or (stream is not None and stream is _dspy_stream())
 
 
 class _TqdmStream:
@@ -265,7 +270,11 @@ class _TqdmStream:
     def write(self, text: str) -> int:
         from tqdm import tqdm
 
-        tqdm.write(text, file=self.stream, end="")
+        if getattr(self.stream, "enabled", True) is False:  # dspy.disable_logging()
+            return len(text)
+        # dspy's stream writes to whatever sys.stderr is: tqdm must clear the bar drawn there
+        file = sys.stderr if self.stream is _dspy_stream() else self.stream
+        tqdm.write(text, file=file, end="")
         return len(text)
 
     def flush(self) -> None:
@@ -295,6 +304,36 @@ def _console_through_tqdm(loggers: Iterable[logging.Logger]) -> Iterator[None]:
             handler.setStream(stream)
 
 
+class _CompileLogHandler(logging.StreamHandler[Any]):
+    """The handler :func:`visible_logs` installs; compiles running at once in threads share it."""
+
+    users = 0
+
+
+#: Guards the shared handler of :func:`visible_logs` (logging configuration is process-wide anyway).
+_VISIBLE_LOGS_LOCK = threading.Lock()
+
+
+def _dspy_stream() -> Any:
+    """dspy's log stream (stderr, silenced by ``dspy.disable_logging()``), or None if it is gone."""
+    try:
+        from dspy.utils.logging_utils import DSPY_LOGGING_STREAM
+    except ImportError:
+        return None
+    return DSPY_LOGGING_STREAM
+
+
+def _logging_configured(log: logging.Logger) -> bool:
+    """Whether the user set up anything that decides what this package's logs show: a handler on its
+    path or on one of its sub-loggers, a level on it, propagation off, or a root threshold above the
+    default."""
+    if log.hasHandlers() or log.level != logging.NOTSET or not log.propagate or logging.root.level > logging.WARNING:
+        return True
+    prefix = log.name + "."
+    return any(isinstance(other, logging.Logger) and other.handlers
+               for name, other in list(logging.root.manager.loggerDict.items()) if name.startswith(prefix))
+
+
 @contextmanager
 def visible_logs(enabled: bool = True) -> Iterator[None]:
     """While a compile runs: show this package's INFO logs on stderr if nothing is configured to.
@@ -303,23 +342,32 @@ def visible_logs(enabled: bool = True) -> Iterator[None]:
     nohup, CI, a batch job) because dspy gives its own logger a handler at import. Ours live under
     ``dspy_turbogepa``, where such a process shows only warnings (Python's last-resort handler): the
     progress lines and the final result were silent, and warnings written by that handler tore the
-    progress bar. So when neither this logger nor any ancestor has a handler and its level is unset,
-    it gets one for the compile, in dspy's format, removed afterwards. Any logging setup of the user's
-    (a handler anywhere on the path, a level) is left alone.
+    progress bar. So when nothing is set up (see :func:`_logging_configured`) this logger gets a
+    handler for the compile, in dspy's format and on dspy's stream (``dspy.disable_logging()``
+    silences it too), removed when the last compile using it ends.
     """
     log = logging.getLogger("dspy_turbogepa")
-    if not enabled or log.hasHandlers() or log.level != logging.NOTSET:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    handler: _CompileLogHandler | None = None
+    if enabled:
+        with _VISIBLE_LOGS_LOCK:
+            handler = next((h for h in log.handlers if isinstance(h, _CompileLogHandler)), None)
+            if handler is None and not _logging_configured(log):
+                handler = _CompileLogHandler(_dspy_stream() or sys.stderr)
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                log.addHandler(handler)
+                log.setLevel(logging.INFO)
+            if handler is not None:
+                handler.users += 1
     try:
         yield
     finally:
-        log.removeHandler(handler)
-        log.setLevel(logging.NOTSET)
+        if handler is not None:
+            with _VISIBLE_LOGS_LOCK:
+                handler.users -= 1
+                if handler.users == 0:
+                    log.removeHandler(handler)
+                    if log.level == logging.INFO:  # unless the user changed it meanwhile
+                        log.setLevel(logging.NOTSET)
 
 
 def _in_notebook() -> bool:
