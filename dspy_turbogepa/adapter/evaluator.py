@@ -70,6 +70,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, cancelling
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
+from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error
 
 logger = logging.getLogger(__name__)
@@ -287,8 +288,7 @@ class DspyEvaluator:
             max_cooldown_s=rate_limit_policy.max_elapsed_s, clock=clock, sleep=sleep
         )
         self._stats = RateLimitStats()
-        self._retry_logged: set[str | None] = set()  # error types whose transient retry was logged at INFO
-        self._retry_log_lock = threading.Lock()
+        self._retry_logged = FirstOfKind()  # error types whose transient retry was logged at INFO
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
         self._closed_event = threading.Event()
@@ -360,9 +360,7 @@ class DspyEvaluator:
             if not rate_limited:
                 # once per error type at INFO (a flaky server made three of every four log lines these);
                 # the counts are in run_stats["rate_limits"] (transient_retries) and the summary
-                with self._retry_log_lock:
-                    first = verdict.error_type not in self._retry_logged
-                    self._retry_logged.add(verdict.error_type)
+                first = self._retry_logged.first(verdict.error_type)
                 logger.log(logging.INFO if first else logging.DEBUG,
                            "Retrying a rollout in %.1fs after %s (retry %d of %d)%s", delay, verdict.error_type,
                            done + 1, policy.max_retries,

@@ -27,6 +27,7 @@ from dspy_turbogepa.adapter.evaluator import DspyTrajectory
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
+from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ReflectiveDatasetBuilder:
         self._lock = threading.Lock()
         self.skipped: Counter[str] = Counter()
         #: what was warned about already: one WARNING per kind (and per predictor), the rest at DEBUG
-        self._warned: set[tuple[str, str]] = set()
+        self._warned = FirstOfKind()
 
     def build(
         self,
@@ -221,10 +222,7 @@ class ReflectiveDatasetBuilder:
     def _log_once(self, kind: tuple[str, str], msg: str, *args: Any) -> None:
         """A WARNING the first time, DEBUG after: a broken feedback call would otherwise log a line per
         record (130 in a 200-call run)."""
-        with self._lock:
-            first = kind not in self._warned
-            self._warned.add(kind)
-        logger.log(logging.WARNING if first else logging.DEBUG, msg, *args)
+        logger.log(logging.WARNING if self._warned.first(kind) else logging.DEBUG, msg, *args)
 
     def _maybe_warn_mismatch(self) -> None:
         with self._lock:

@@ -38,6 +38,7 @@ from dspy_turbogepa.adapter.ratelimit import (
 from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
+from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error, error_text
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,7 @@ class ReflectiveProposer:
         self._lm_copies = LMCopies()
         self._fatal = FATAL_ERROR_TYPES
         #: error types already reported at WARNING (a failing reflection LM fails the same way each time)
-        self._reported_errors: set[str] = set()
-        self._report_lock = threading.Lock()
+        self._reported_errors = FirstOfKind()
 
     def stop(self) -> None:
         """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped)."""
@@ -210,10 +210,7 @@ class ReflectiveProposer:
         """The proposer's failure, recorded; this proposal is skipped. ``quota``: the reflection LM asked
         for a wait past the retry policy, which stops the run."""
         message = describe_error(exc)
-        with self._report_lock:
-            first = type(exc).__name__ not in self._reported_errors
-            self._reported_errors.add(type(exc).__name__)
-        if first:
+        if self._reported_errors.first(type(exc).__name__):
             logger.warning("The instruction proposer raised %s (this proposal is skipped; further %s failures are "
                            "counted in run_stats['proposal_skips'] and logged at DEBUG)", message, type(exc).__name__)
         else:

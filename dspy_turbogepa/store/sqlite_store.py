@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import (
     contains_secret,
     mask_json_text,
@@ -357,7 +358,7 @@ class _Writer:
         self.failed_rows = 0
         self.unreported_errors: list[str] = []
         #: error types already reported at WARNING (a full disk fails every row the same way)
-        self.warned_errors: set[str] = set()
+        self.warned_errors = FirstOfKind()
         self.fatal: BaseException | None = None
         self.conn = _connect(path)
         self.conn.execute("PRAGMA synchronous = NORMAL")
@@ -486,8 +487,7 @@ class _Writer:
             self.failed_rows += len(rows)
             if len(self.unreported_errors) < 100:
                 self.unreported_errors.append(message)
-            first = type(exc).__name__ not in self.warned_errors
-            self.warned_errors.add(type(exc).__name__)
+        first = self.warned_errors.first(type(exc).__name__)
         logger.log(logging.WARNING if first else logging.DEBUG, "Run store %s: a row was not saved: %s%s", self.path,
                    message, " (further rows failing so are logged at DEBUG; the count is reported at the end)"
                    if first else "")
