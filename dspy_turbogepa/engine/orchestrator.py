@@ -886,9 +886,9 @@ class Orchestrator:
         # A user selector sees the parent's traced minibatch, so it can only run now.
         if callable(cfg.component_selector):
             parent_outs = await self._with_traces(parent, parent_outs, plan.seq)
-        if callable(cfg.component_selector) and not await self._select(plan, parent, parent_outs, parent_scores):
-            result.detail = "component selector failed"
-            return
+            if not await self._select(plan, parent, parent_outs, parent_scores):
+                result.detail = "component selector failed"
+                return
         components = plan.components
         if not components:
             result.detail = "component selector chose no component"
@@ -1030,23 +1030,21 @@ class Orchestrator:
         feedback: list[EvalOutcome], seeds: list[int],
     ) -> list[ProposalOutcome]:
         """One proposal per seed (best-of-k siblings), their reflection calls added to ``result``."""
-        if any(self._proposal_key(plan, parent, components, seed) not in self._known_proposals for seed in seeds):
+        ids = plan.minibatch + plan.scout_ids + plan.feedback_ids
+        keys = [proposal_key(parent.fingerprint, components, ids, seed) for seed in seeds]
+        if any(key not in self._known_proposals for key in keys):
             feedback = await self._with_traces(parent, feedback, plan.seq)  # a reflection will read them
         if len(seeds) == 1:
-            proposals = [await self._propose(plan, result, parent, components, feedback, seeds[0])]
+            proposals = [await self._propose(plan, result, parent, components, feedback, seeds[0], keys[0])]
         else:
             # Each sibling reads its feedback in another order: a reflection LM that answers the same
             # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
             proposals = list(await asyncio.gather(
-                *(self._propose(plan, result, parent, components, sibling_order(feedback, j), seed)
-                  for j, seed in enumerate(seeds))
+                *(self._propose(plan, result, parent, components, sibling_order(feedback, j), seed, key)
+                  for j, (seed, key) in enumerate(zip(seeds, keys)))
             ))
         result.reflection_calls += sum(p.reflection_calls for p in proposals)
         return proposals
-
-    @staticmethod
-    def _proposal_key(plan: MutationPlan, parent: Candidate, components: Sequence[str], seed: int) -> str:
-        return proposal_key(parent.fingerprint, components, plan.minibatch + plan.scout_ids + plan.feedback_ids, seed)
 
     async def _with_traces(self, parent: Candidate, outcomes: list[EvalOutcome], priority: float) -> list[EvalOutcome]:
         """``outcomes`` with every stored one whose trace was lost (masked in the run store) run again:
@@ -1060,10 +1058,10 @@ class Orchestrator:
 
     async def _propose(
         self, plan: MutationPlan, result: MutationResult, parent: Candidate, components: list[str],
-        parent_outs: list[EvalOutcome], seed: int,
+        parent_outs: list[EvalOutcome], seed: int, key: str,
     ) -> ProposalOutcome:
-        """One reflection (or its stored replay on resume); a proposer failure becomes a skipped proposal."""
-        key = self._proposal_key(plan, parent, components, seed)
+        """One reflection (or its stored replay on resume, by ``key``); a proposer failure becomes a skipped
+        proposal."""
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1
