@@ -326,8 +326,11 @@ def test_the_progress_display_reports_the_end_of_the_run(routing, student_lm, re
     _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, verbose=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "dspy_turbogepa.tracking.progress"]
     dr = optimized.detailed_results
-    assert lines and lines[-1].startswith(f"TurboGEPA finished ({dr.stop_reason}): "), lines[-1:]
+    assert lines and lines[-1].startswith(f"TurboGEPA search ended ({dr.stop_reason}): "), lines[-1:]
     assert f"{len(dr.candidates)} candidates" in lines[-1]
+    # one line says the run finished, the result's (two read as two runs)
+    finished = [r for r in caplog.records if "finished (" in r.getMessage()]
+    assert [r.name for r in finished] == ["dspy_turbogepa.teleprompter"], [r.getMessage() for r in finished]
 
 
 def test_operator_credit_is_reported_and_explicit_selector_respected(pipeline, student_lm, reflection_lm):

@@ -137,7 +137,7 @@ def test_log_mode_emits_a_bounded_number_of_lines(info_logs: pytest.LogCaptureFi
     assert lines[0].startswith("TurboGEPA: 1/3000 metric calls")
     assert sum("(new best)" in line for line in lines) >= 40
     last = lines[-1]
-    assert last.startswith("TurboGEPA finished (max_metric_calls): 3000/3000 metric calls (100%)")
+    assert last.startswith("TurboGEPA search ended (max_metric_calls): 3000/3000 metric calls (100%)")
     for part in ("best val 0.7", "frontier 4", "LM retries 2", "10m00s elapsed"):
         assert part in last, (part, last)
     mid = lines[len(lines) // 2]
@@ -152,7 +152,7 @@ def test_a_run_past_its_budget_says_so(info_logs: pytest.LogCaptureFixture) -> N
     drive(display, source, clock, ticks=142)
     display.close(stop_reason="max_metric_calls")
     last = progress_lines(info_logs)[-1]
-    assert last.startswith("TurboGEPA finished (max_metric_calls): 142/120 metric calls (118%)"), last
+    assert last.startswith("TurboGEPA search ended (max_metric_calls): 142/120 metric calls (118%)"), last
     out = io.StringIO()
     source.calls = 0
     bar = ProgressDisplay(source, interactive=True, stream=out, clock=clock)

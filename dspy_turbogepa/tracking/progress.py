@@ -572,8 +572,10 @@ class ProgressDisplay(EngineObserver):
                 if self._mode == "bar":
                     self._draw(snap, final_note=stop_reason)
                 elif self._log.isEnabledFor(logging.INFO):
+                    # "search ended", not "finished": the compile's result line, logged next, is the one
+                    # that says the run finished (two "finished" lines read as two runs)
                     reason = f" ({stop_reason})" if stop_reason else ""
-                    self._emit(f"{self._desc} finished{reason}: {snap.log_line()}")
+                    self._emit(f"{self._desc} search ended{reason}: {snap.log_line()}")
             finally:
                 if self._bar is not None:
                     self._bar.close()
