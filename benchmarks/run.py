@@ -12,8 +12,9 @@ with its own in-process SimServer. Three modes:
 * ``--memory``: peak RSS of turbo at growing budgets on a zero-latency simulator
   -> memory.json / memory.md.
 
-    python benchmarks/run.py --optimizers turbo,gepa --tasks routing,pipeline,pricing \
-        --budgets 300,800 --seeds 0,1,2,3,4 --threads 16 --time-scale 1.0 --out-dir benchmarks/results
+    # the published grid (docs/benchmark.md), about 90 minutes:
+    python benchmarks/run.py --optimizers turbo,gepa,gepa4 --tasks routing,pipeline,pricing \\
+        --budgets 300,800 --seeds 0,1,2,3,4,5,6,7,8,9 --threads 16 --time-scale 0.5 --out-dir benchmarks/results
     python benchmarks/run.py --overhead --out-dir benchmarks/results
     python benchmarks/run.py --memory --out-dir benchmarks/results
     python benchmarks/run.py --smoke --out-dir /tmp/bench_smoke   # also with --overhead / --memory
@@ -46,6 +47,11 @@ Run = dict[str, Any]
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 #: Per-mode defaults for the options left unset on the command line.
+#: Defaults of every mode; a flag given on the command line wins over these, over MODE_DEFAULTS and over
+#: --smoke (which silently replaced explicit flags before).
+DEFAULTS: dict[str, Any] = {"optimizers": "turbo,gepa", "threads": 16, "time_scale": 1.0, "n_train": 80,
+                            "n_val": 40, "n_test": 300, "out_dir": "benchmarks/results", "repeats": 3,
+                            "timeout": 3600.0}
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grid": {"tasks": "routing,pipeline,pricing", "budgets": "300,800", "seeds": "0,1,2,3,4"},
     "overhead": {"tasks": "routing", "budgets": "800", "seeds": "0"},
@@ -1001,32 +1007,49 @@ def _describe(r: Run) -> str:
             f" peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with every default filled in: explicit flags > --smoke > the mode's > DEFAULTS."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizers", default="turbo,gepa", help="grid: comma list of turbo, gepa, gepa4")
+    p.add_argument("--optimizers", help="grid: comma list of turbo, gepa, gepa4 (default: turbo,gepa)")
     p.add_argument("--tasks", help="comma list (default: grid routing,pipeline,pricing; overhead and memory"
                    " routing)")
     p.add_argument("--budgets", help="max_metric_calls, comma list (default: grid 300,800; overhead 800;"
                    " memory 1000,5000)")
     p.add_argument("--seeds", help="comma list (default: grid 0,1,2,3,4; overhead and memory 0)")
-    p.add_argument("--threads", type=int, default=16)
-    p.add_argument("--time-scale", type=float, default=1.0, help="grid only (overhead/memory: zero latency)")
-    p.add_argument("--n-train", type=int, default=80)
-    p.add_argument("--n-val", type=int, default=40)
-    p.add_argument("--n-test", type=int, default=300)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--threads", type=int, help="num_threads of every optimizer (default: 16)")
+    p.add_argument("--time-scale", type=float,
+                   help="multiplies every simulated latency; grid only, overhead/memory run at zero latency"
+                   " (default: 1.0; the published grid used 0.5)")
+    p.add_argument("--n-train", type=int, help="training examples (default: 80)")
+    p.add_argument("--n-val", type=int, help="validation examples (default: 40)")
+    p.add_argument("--n-test", type=int, help="held-out test examples (default: 300)")
+    p.add_argument("--out-dir", help="where cell JSONs (runs/), table.md and plots go (default: benchmarks/results)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overhead", action="store_true", help="harness CPU per metric call: turbo, gepa, floor")
     mode.add_argument("--memory", action="store_true", help="peak RSS of turbo by budget")
-    p.add_argument("--repeats", type=int, default=3, help="overhead: repeats of each measurement")
-    p.add_argument("--smoke", action="store_true", help="tiny settings for a quick check of the chosen mode")
-    p.add_argument("--resume", action="store_true", help="reuse cell JSONs already in --out-dir (same settings)")
+    p.add_argument("--repeats", type=int, help="overhead: repeats of each measurement (default: 3)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny settings for a quick check of the chosen mode (flags given explicitly still win)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse cell JSONs already in --out-dir made with the same settings; a cell made with"
+                   " other settings is run again and its file overwritten")
     p.add_argument("--aggregate-only", action="store_true",
                    help="run nothing; aggregate the matching cell JSONs found in --out-dir")
-    p.add_argument("--timeout", type=float, default=3600.0, help="per-cell timeout (s)")
+    p.add_argument("--timeout", type=float, help="per-cell timeout in seconds (default: 3600)")
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, JSON config
     a = p.parse_args(argv)
+    if a.cell:
+        return a
+    run_mode = "overhead" if a.overhead else "memory" if a.memory else "grid"
+    explicit = {k: v for k, v in vars(a).items() if v is not None}
+    settings = {**DEFAULTS, **MODE_DEFAULTS[run_mode], **(SMOKE[run_mode] if a.smoke else {}), **explicit}
+    for k, v in settings.items():
+        setattr(a, k, v)
+    return a
 
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_settings(argv)
     if a.cell:
         cfg = json.loads(a.cell)
         res = CELL_RUNNERS[cfg.get("mode", "grid")](cfg)
@@ -1034,11 +1057,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     run_mode = "overhead" if a.overhead else "memory" if a.memory else "grid"
-    settings = {**MODE_DEFAULTS[run_mode], **{k: v for k, v in vars(a).items() if v is not None}}
-    if a.smoke:
-        settings.update(SMOKE[run_mode])
-    for k, v in settings.items():
-        setattr(a, k, v)
     out_dir = Path(a.out_dir)
     cells = _cells(a, run_mode, out_dir)
     for d in {Path(c["out"]).parent for c in cells}:

@@ -244,3 +244,19 @@ def test_the_gepa_cache_check_runs_offline():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("cache_evaluation=")]
     assert len(lines) == 2 and "validation score on 0:" in lines[0]
     assert "metadata refresh" not in proc.stderr
+
+
+def test_explicit_flags_win_over_smoke_and_defaults_fill_the_rest() -> None:
+    """--smoke replaced explicit flags: `--smoke --overhead --budgets 40,60` ran only 60."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    a = run.parse_settings(["--smoke", "--overhead", "--budgets", "40,60", "--threads", "3"])
+    assert (a.budgets, a.threads, a.tasks, a.repeats, a.n_val) == ("40,60", 3, "routing", 1, 12)
+    grid = run.parse_settings([])  # defaults, stated in --help now that argparse holds none of them
+    assert (grid.optimizers, grid.threads, grid.time_scale, grid.seeds, grid.out_dir) == (
+        "turbo,gepa", 16, 1.0, "0,1,2,3,4", "benchmarks/results")
+    assert run.parse_settings(["--smoke", "--time-scale", "0.5"]).time_scale == 0.5
