@@ -66,7 +66,11 @@ MAPPED_KEYS = ("stop_callbacks", "acceptance_criterion", "mlflow_tracking_uri", 
 
 #: Keys dspy.GEPA itself refuses (ValueError), with its reasons.
 REFUSED_KEYS: dict[str, str] = {
-    "max_reflection_cost": "max_reflection_cost is not supported by dspy.GEPA yet.",
+    "max_reflection_cost": (
+        "gepa_kwargs['max_reflection_cost'] is not supported (dspy.GEPA refuses it too: 'not supported by dspy.GEPA "
+        "yet'). To cap what a run spends, pass cost_budget_usd=... to TurboGEPA: it caps the LM cost of the whole "
+        "run, student and reflection calls (with price_table=... for models whose price dspy/litellm do not know)."
+    ),
     "reflection_prompt_template": (
         "reflection_prompt_template cannot be passed via gepa_kwargs when using dspy.GEPA. DspyAdapter implements "
         "its own propose_new_texts, so reflection_prompt_template is unused. To customize the reflection prompt, pass "

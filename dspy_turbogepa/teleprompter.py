@@ -507,9 +507,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             extra_backoffs=lambda: _other_retries(evaluator.rate_limit_stats(), reflector.rate_limit_stats()),
         ))
         logger.info(
-            "TurboGEPA: budget %d metric calls, %d evaluations / %d mutations / %d reflections in flight, "
-            "validation rungs %s", budget, config.max_evals_in_flight, config.max_mutations_in_flight,
-            config.max_reflections_in_flight, list(config.rung_fractions),
+            "TurboGEPA: budget %d metric calls; in flight at most: evaluations %d, mutations %d, reflections %d; "
+            "validation rungs %s of the valset", budget, config.max_evals_in_flight, config.max_mutations_in_flight,
+            config.max_reflections_in_flight, ", ".join(f"{f:.3g}" for f in config.rung_fractions),
         )
         result: EngineResult | None = None
         stopped_by = "stopped"  # what the progress display's last line says when the run raised

@@ -328,6 +328,9 @@ def test_the_progress_display_reports_the_end_of_the_run(routing, student_lm, re
     dr = optimized.detailed_results
     assert lines and lines[-1].startswith(f"TurboGEPA search ended ({dr.stop_reason}): "), lines[-1:]
     assert f"{len(dr.candidates)} candidates" in lines[-1]
+    start = [r.getMessage() for r in caplog.records if "validation rungs" in r.getMessage()]
+    assert len(start) == 1 and not re.search(r"\d\.\d{4}", start[0]), start  # "0.3333333333333333" read badly
+    assert "reflections 1 " not in start[0] and "in flight at most: evaluations " in start[0]
     # one line says the run finished, the result's (two read as two runs)
     finished = [r for r in caplog.records if "finished (" in r.getMessage()]
     assert [r.name for r in finished] == ["dspy_turbogepa.teleprompter"], [r.getMessage() for r in finished]
