@@ -1292,7 +1292,7 @@ def test_a_resumed_runs_progress_counts_what_the_budget_counts(routing, tmp_path
     run(60)
     with caplog.at_level(logging.INFO, logger="dspy_turbogepa.tracking.progress"):
         stats = run(140).detailed_results.run_stats
-    final = [r.getMessage() for r in caplog.records if "finished" in r.getMessage() and "/140" in r.getMessage()]
+    final = [r.getMessage() for r in caplog.records if "search ended" in r.getMessage() and "/140" in r.getMessage()]
     assert final, [r.getMessage() for r in caplog.records]
     shown = int(re.search(r"(\d+)/140 metric calls", final[-1]).group(1))
     assert stats["metric_calls_replayed"] > 0
