@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dspy_turbogepa.adapter.protocols import check_call_protocol
+
 logger = logging.getLogger(__name__)
 
 #: Keys dspy.GEPA passes to gepa.optimize itself -> the dspy.GEPA argument that sets them ("": none does).
@@ -122,6 +124,8 @@ def interpret_gepa_kwargs(gepa_kwargs: Mapping[str, Any]) -> MappedGepaKwargs:
         callbacks = tuple(stops)
     else:
         raise TypeError("gepa_kwargs['stop_callbacks'] must be a callable or a list of callables (state) -> bool.")
+    for i, callback in enumerate(callbacks):  # gepa calls each with the state, positionally
+        check_call_protocol(callback, f"gepa_kwargs['stop_callbacks'][{i}]", "callback(state)", args=(None,))
 
     acceptance = _builtin_acceptance(gepa_kwargs.get("acceptance_criterion", "strict_improvement"))
     if acceptance not in ("strict_improvement", "improvement_or_equal"):

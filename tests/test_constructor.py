@@ -192,6 +192,7 @@ def test_unknown_auto_fails_at_construction_not_compile():
         ({"perfect_score": float("inf")}, ValueError, "perfect_score must be finite"),
         ({"failure_score": None}, TypeError, "failure_score must be a number.*0.0"),
         ({"perfect_score": None}, ConfigurationError, "skip_perfect_score=False"),
+        ({"failure_score": 1.0}, ConfigurationError, "failure_score=1.0 is not below perfect_score=1.0"),
         ({"log_dir": 123}, TypeError, "log_dir must be a str or os.PathLike"),
     ],
 )
@@ -386,6 +387,15 @@ def test_every_stop_callback_reaches_the_engine_in_either_form():
     both = make(gepa_kwargs={"stop_callbacks": [first, second]})._engine_config(budget=100, num_threads=4,
                                                                                val_size=10)
     assert both.stop_callbacks == (first, second)
+
+
+def test_a_stop_callback_that_cannot_take_the_state_is_refused_before_any_lm_call():
+    """`lambda: False` failed with a bare TypeError after the seed's validation had been paid for."""
+    from gepa.utils import MaxMetricCallsStopper, NoImprovementStopper
+
+    with pytest.raises(TypeError, match=r"gepa_kwargs\['stop_callbacks'\]\[1\] is called as callback\(state\)"):
+        make(gepa_kwargs={"stop_callbacks": [lambda state: False, lambda: False]})
+    make(gepa_kwargs={"stop_callbacks": [NoImprovementStopper(3), MaxMetricCallsStopper(10)]})  # gepa's own
 
 
 def test_gepa_kwargs_max_reflection_cost_none_is_accepted():

@@ -19,7 +19,7 @@ from dspy_turbogepa.engine.records import mean_in_id_order
 SCORE_EPS = 1e-9
 
 
-def _record_on_front(best: dict[Any, float], fronts: dict[Any, set[int]], index: int, vid: Any, score: float) -> None:
+def record_on_front(best: dict[Any, float], fronts: dict[Any, set[int]], index: int, vid: Any, score: float) -> None:
     """GEPA's per-instance front: a better score starts the front anew, an equal one (within
     ``SCORE_EPS``) joins it."""
     current = best.get(vid)
@@ -53,7 +53,7 @@ class ParetoFrontier:
         self._aggregate[index] = sum(scores[i] for i in self._val_ids) / max(1, len(self._val_ids))
         self._non_dominated = None
         for vid in self._val_ids:
-            _record_on_front(self._best, self._fronts, index, vid, scores[vid])
+            record_on_front(self._best, self._fronts, index, vid, scores[vid])
 
     def best_scores(self) -> dict[int, float]:
         return dict(self._best)
@@ -149,7 +149,7 @@ class FrontierTally:
         self._aggregates[index] = agg
         self.best = agg if self.best is None else max(self.best, agg)
         for vid, score in val_scores.items():
-            _record_on_front(self._inst_best, self._fronts, index, vid, score)
+            record_on_front(self._inst_best, self._fronts, index, vid, score)
         self._size = None
 
     @property

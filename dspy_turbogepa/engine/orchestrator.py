@@ -28,7 +28,7 @@ from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
-from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, RunInterruptedError
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, RunInterruptedError, SystemicFailureError
 from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
@@ -209,6 +209,8 @@ class Orchestrator:
         self._committed = 0
         self._stop_reason: StopReason | None = None
         self._external_stop: StopReason | None = None
+        self._stop_callbacks_answered = False
+        self._warned_empty_selection = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._start = 0.0
@@ -359,14 +361,31 @@ class Orchestrator:
         if self._stop_reason is not None and not (self._stop_reason == "no_progress_possible" and self._draining()):
             return
         view = self.selector_state()
-        for cb in self.config.stop_callbacks:
-            if cb(view):
+        first_ask = not self._stop_callbacks_answered
+        for i, cb in enumerate(self.config.stop_callbacks):
+            try:
+                stop = bool(cb(view))
+            except USER_CODE_ERRORS as exc:
+                where = f"gepa_kwargs['stop_callbacks'][{i}] ({getattr(cb, '__qualname__', type(cb).__qualname__)})"
+                if first_ask:  # broken from the start: an error now, not a run that ignores the user's rule
+                    raise SystemicFailureError(
+                        f"Stopping: {where} raised when first asked, before any mutation: {describe_error(exc)}. "
+                        "Fix the callback and run again.",
+                        failure="stop_callback_error", error_type=type(exc).__name__,
+                    ) from exc
+                # The rule can no longer be checked: stop as if it had asked to (never spend past a limit the
+                # user set), keeping what the run found; dspy.GEPA would have crashed and lost it.
+                logger.warning("%s raised: %s. Stopping the run as if it had asked to; the best program found so "
+                               "far is returned.", where, describe_error(exc))
+                stop = True
+            if stop:
                 logger.info("Stop callback %r asked to stop", cb)
                 self._stop_reason = "stop_callback"
                 # no more of the drain: as after any stop callback, what had launched finishes (its
                 # children are not added) and nothing more starts
                 self._drain_view = None
                 return
+        self._stop_callbacks_answered = True
 
     def _draining(self) -> bool:
         """After a deterministic no-progress stop, mutations planned from views up to the stopping commit
@@ -1319,6 +1338,7 @@ class Orchestrator:
             ],
             total_num_evals=charged,
             i=commits - 1,
+            records=tuple(records),  # a view: later commits must not show through a kept state
         )
 
     def _result(self) -> EngineResult:

@@ -13,11 +13,28 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dspy_turbogepa.engine.frontier import record_on_front
+from dspy_turbogepa.engine.records import CandidateRecord
+
+#: gepa ``GEPAState`` attributes a state here answers, for the message that names them when a
+#: user's callback reads another one.
+GEPA_STATE_FIELDS = (
+    "list_of_named_predictors", "program_candidates", "program_full_scores_val_set",
+    "per_program_tracked_scores", "prog_candidate_val_subscores", "pareto_front_valset",
+    "program_at_pareto_front_valset", "parent_program_for_candidate", "num_metric_calls_by_discovery",
+    "named_predictor_id_to_update_next_for_program_candidate", "total_num_evals", "i",
+)
+
 
 @dataclass
 class SelectorState:
-    """The subset of gepa's ``GEPAState`` that component selectors and gepa's stop conditions
-    (``gepa_kwargs["stop_callbacks"]``: MaxMetricCallsStopper, MaxCandidateProposalsStopper, ...) read."""
+    """The part of gepa's ``GEPAState`` that component selectors and stop conditions
+    (``gepa_kwargs["stop_callbacks"]``: gepa's stoppers, and the user's own) read.
+
+    The per-candidate fields gepa keeps beside the scores (validation subscores, the per-instance
+    frontier, parents, discovery budget) are computed from ``records`` only when read: a stop
+    callback is asked at every commit, and most read one count.
+    """
 
     list_of_named_predictors: list[str]
     program_candidates: list[dict[str, str]]
@@ -27,6 +44,53 @@ class SelectorState:
     total_num_evals: int = 0
     #: Proposal iterations finished, minus one (gepa's loop counter starts at -1).
     i: int = -1
+    #: The committed candidates this state shows, in index order (the lazily read fields below).
+    records: Sequence[CandidateRecord] = field(default=(), repr=False)
+
+    @property
+    def per_program_tracked_scores(self) -> list[float]:
+        return list(self.program_full_scores_val_set)
+
+    @property
+    def prog_candidate_val_subscores(self) -> list[dict[int, float]]:
+        """Per candidate, its score on each validation example (gepa: keyed by the example's index)."""
+        return [dict(r.val_scores) for r in self.records]
+
+    @property
+    def parent_program_for_candidate(self) -> list[list[int | None]]:
+        return [list(r.parent_indices) for r in self.records]
+
+    @property
+    def num_metric_calls_by_discovery(self) -> list[int]:
+        return [r.discovery_metric_calls for r in self.records]
+
+    @property
+    def pareto_front_valset(self) -> dict[int, float]:
+        """The best score on each validation example."""
+        return self._fronts()[0]
+
+    @property
+    def program_at_pareto_front_valset(self) -> dict[int, set[int]]:
+        """The candidates reaching that best score, per validation example."""
+        return self._fronts()[1]
+
+    def _fronts(self) -> tuple[dict[int, float], dict[int, set[int]]]:
+        best: dict[int, float] = {}
+        fronts: dict[int, set[int]] = {}
+        for r in self.records:
+            for vid, score in r.val_scores.items():
+                record_on_front(best, fronts, r.index, vid, score)
+        return best, fronts
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for a name the state does not have: a callback written against gepa's GEPAState
+        # gets the list of what it can read instead of a bare AttributeError
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"TurboGEPA's state has no {name!r}: stop callbacks and component selectors receive a "
+            f"SelectorState with gepa's {', '.join(GEPA_STATE_FIELDS)} (not the rest of gepa's GEPAState)."
+        )
 
 
 class ComponentSelector:

@@ -138,3 +138,67 @@ def test_a_stop_at_n_candidates_holds_through_the_drain_after_a_no_progress_stop
     result = run(orch)
     assert result.stop_reason == "stop_callback"
     assert len(result.records) == 2
+
+
+def test_a_callback_written_for_gepas_state_reads_its_per_candidate_fields() -> None:
+    """A stopper reading GEPAState's frontier or subscores (`len(s.pareto_front_valset)`) crashed the run
+    with an AttributeError after paid calls, losing it; dspy.GEPA ran it fine."""
+    seen: list[SelectorState] = []
+
+    def gepa_style(state) -> bool:
+        seen.append(state)
+        return len(state.prog_candidate_val_subscores) >= 3 and len(state.pareto_front_valset) > 0
+
+    setup = hard_setup()
+    result, *_ = run_fakes(make_config(max_metric_calls=2000, stop_callbacks=(gepa_style,)), setup, sleep_seed=0)
+    assert result.stop_reason == "stop_callback"
+    state = seen[-1]
+    records = result.records[: len(state.program_candidates)]
+    assert state.prog_candidate_val_subscores == [r.val_scores for r in records]
+    assert state.parent_program_for_candidate == [r.parent_indices for r in records]
+    assert state.num_metric_calls_by_discovery == [r.discovery_metric_calls for r in records]
+    assert state.per_program_tracked_scores == state.program_full_scores_val_set
+    for vid in setup.val_ids:  # gepa's per-instance front: the best score and every candidate reaching it
+        best = max(r.val_scores[vid] for r in records)
+        assert state.pareto_front_valset[vid] == best
+        assert state.program_at_pareto_front_valset[vid] == {r.index for r in records if r.val_scores[vid] == best}
+    # a kept state is a view: later commits do not show through it
+    assert len(seen[0].prog_candidate_val_subscores) == 1
+
+
+def test_reading_a_field_the_state_lacks_names_what_it_has() -> None:
+    state = SelectorState(["a"], [{"a": "x"}], [0.5])
+    with pytest.raises(AttributeError, match=r"no 'full_program_trace'.*pareto_front_valset"):
+        _ = state.full_program_trace
+
+
+def test_a_callback_broken_from_the_start_stops_before_any_mutation() -> None:
+    from dspy_turbogepa.engine.errors import SystemicFailureError
+
+    def broken(state) -> bool:
+        raise KeyError("budget")
+
+    setup = hard_setup()
+    with pytest.raises(SystemicFailureError, match=r"gepa_kwargs\['stop_callbacks'\]\[1\] \(.*broken\) raised when "
+                       r"first asked.*KeyError") as info:
+        run_fakes(make_config(stop_callbacks=(lambda state: False, broken)), setup)
+    assert info.value.failure == "stop_callback_error"
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_callback_that_raises_later_stops_the_run_and_keeps_what_it_found(
+        deterministic: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """dspy.GEPA crashes and the run is lost; here the rule that can no longer be checked stops the run
+    as if it had asked to, with a warning, and the best program so far is returned."""
+    def flaky(state) -> bool:
+        if state.i >= 2:
+            raise RuntimeError("lost my database connection")
+        return False
+
+    cfg = make_config(max_metric_calls=2000, stop_callbacks=(flaky,), deterministic=deterministic)
+    with caplog.at_level("WARNING"):
+        result, *_ = run_fakes(cfg, hard_setup(), sleep_seed=0)
+    assert result.stop_reason == "stop_callback"
+    assert len(result.records) >= 2 and result.total_metric_calls < 2000
+    assert any("stop_callbacks'][0]" in r.getMessage() and "lost my database connection" in r.getMessage()
+               and r.levelname == "WARNING" for r in caplog.records)
