@@ -912,6 +912,15 @@ class Orchestrator:
         if not components:
             result.detail = "component selector chose no component"
             self.stats.proposal_skips["no_components"] += 1
+            if callable(cfg.component_selector):
+                # Now and then is a selector's choice; on every one of the first mutations it is a selector
+                # that can never propose, which would end the run as "no progress possible" with the seed.
+                if not self._warned_empty_selection:
+                    self._warned_empty_selection = True
+                    logger.warning("Mutation %d: component_selector returned no component to rewrite; the mutation "
+                                   "is skipped (counted in run_stats['proposal_skips']['no_components'])", plan.seq)
+                self._systemic.observe_proposal(ProposalOutcome(
+                    skipped="no_components", message="component_selector returned no component"))
             return
         if len(components) > 1:
             plan.kind = "reflection_all"

@@ -409,10 +409,24 @@ def test_a_callable_selector_reading_the_state_gives_the_same_run_whatever_the_t
 
 def test_callable_selector_choosing_nothing_is_a_skip() -> None:
     setup = two_component_setup()
-    cfg = make_config(max_metric_calls=1000, component_selector=lambda *args: [])
+    calls = {"n": 0}
+
+    def sometimes(*args):
+        calls["n"] += 1
+        return [] if calls["n"] % 2 else ["a"]
+
+    cfg = make_config(max_metric_calls=1000, component_selector=sometimes)
     result, _orch, _ev, refl = run_fakes(cfg, setup, observers=[StopAfter(6)])
-    assert not refl.calls
-    assert result.stats.proposal_skips["no_components"] == sum(result.stats.mutations.values()) >= 6
+    assert refl.calls
+    assert result.stats.proposal_skips["no_components"] >= 3
+
+
+def test_a_selector_that_never_chooses_stops_the_run_naming_it() -> None:
+    """It returned the seed as "no progress possible" (an INFO line blaming perfect minibatches), where a
+    selector that raises stopped the run naming it."""
+    cfg = make_config(max_metric_calls=1000, component_selector=lambda *args: [], systemic_failure_window=6)
+    with pytest.raises(SystemicFailureError, match="no_components.*Check component_selector"):
+        run(build(cfg, FakeEvaluator(two_component_setup().task), FakeReflector(), two_component_setup()))
 
 
 def test_a_failing_selector_skips_its_mutation_and_one_that_always_fails_stops_the_run() -> None:
