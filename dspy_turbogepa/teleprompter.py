@@ -7,6 +7,7 @@ the first LM call, so a mistake costs nothing.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -297,6 +298,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         else:
             perfect_score = _check_score(
                 "perfect_score", perfect_score, "pass the metric's maximum (default 1.0), or None")
+            if skip_perfect_score and failure_score >= perfect_score:
+                # every failed example would count as solved: minibatches of failures skipped, never reflected on
+                raise ConfigurationError(
+                    f"failure_score={failure_score!r} is not below perfect_score={perfect_score!r}: with "
+                    "skip_perfect_score=True a failed example would count as solved and never be reflected on. "
+                    "Give failure_score the metric's worst score (default 0.0).")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a str or os.PathLike (a directory path), got {type(log_dir).__name__}.")
         if seed is not None:
@@ -396,6 +403,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _check_examples("trainset", trainset)
         if valset is not None:
             _check_examples("valset", valset)
+        _check_inputs_reach(student, "trainset", trainset)
+        if valset is not None:
+            _check_inputs_reach(student, "valset", valset)
         flex = _flex_submodules(student)
         if flex:
             raise NotImplementedError(
@@ -419,6 +429,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise ValueError(
                 f"The budget ({budget} metric calls) does not cover one evaluation of the seed on the valset "
                 f"({len(val)} examples). Raise max_metric_calls (or use auto=...)."
+                + (" With valset=None the trainset is the valset: pass a smaller valset=[...] instead."
+                   if valset is None else "")
             )
         num_threads = self.num_threads or dspy.settings.num_threads or 8
 
@@ -796,6 +808,59 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
             raise ValueError(
                 f"{name}[{i}] has no input fields set. Mark them with .with_inputs(...), e.g. "
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
+
+
+def _check_inputs_reach(student: dspy.Module, name: str, examples: Sequence[dspy.Example]) -> None:
+    """Refuse data whose inputs can never reach the program, before any LM call: every evaluation would
+    fail the same way, and the run would pay for the seed's validation and for reflections trying to
+    "fix" a TypeError before the systemic-failure check stopped it (dspy.GEPA returns the seed).
+
+    Only certain failures: an input name marked on the examples but held by none of them (a typo in
+    ``with_inputs``), an example with no input at all, and inputs ``forward`` cannot be called with (when
+    the program is called through ``dspy.Module.__call__``, as ours is, and ``forward`` takes no ``**kwargs``).
+    An input some examples lack, with a default in ``forward``, is fine.
+    """
+    marked: set[str] = set()
+    for ex in examples:
+        marked |= set(getattr(ex, "_input_keys", None) or ())
+    present = {k for ex in examples for k in getattr(ex, "_store", {})}
+    typos = sorted(marked - present)
+    if typos:
+        raise ValueError(
+            f"{name}: .with_inputs(...) marks {typos} as input, but no example has such a field (its fields: "
+            f"{sorted(present)}). Fix the names passed to .with_inputs(...).")
+    for i, ex in enumerate(examples):
+        if not ex.inputs().keys():
+            raise ValueError(
+                f"{name}[{i}] has none of the input fields it marks ({sorted(ex._input_keys or ())}): the program "
+                f"would be called with no input. Its fields: {sorted(ex._store)}.")
+    if type(student).__call__ is not dspy.Module.__call__:
+        return  # a custom __call__ may map the inputs itself
+    forward = getattr(type(student), "forward", None)  # from the class: dspy warns on reading it off the module
+    if not inspect.isfunction(forward):
+        return
+    try:
+        sig = inspect.signature(forward)
+        plain = inspect.signature(forward, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in (*sig.parameters.values(), *plain.parameters.values())):
+        return
+    shown = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
+    for i, ex in enumerate(examples):
+        inputs = dict(ex.inputs())
+        try:
+            sig.bind(student, **inputs)
+        except TypeError as exc:
+            try:
+                plain.bind(student, **inputs)  # a decorator's wrapper may take what the wrapped one cannot
+                continue
+            except TypeError:
+                pass
+            raise TypeError(
+                f"{name}[{i}]'s inputs {sorted(inputs)} cannot be passed to {type(student).__name__}.forward{shown} "
+                f"({exc}): every evaluation would fail. Mark the inputs forward takes with .with_inputs(...) (the "
+                "label is not an input), or rename the fields or forward's parameters to match.") from exc
 
 
 def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflector: Any = None) -> RunStats:

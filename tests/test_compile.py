@@ -395,6 +395,48 @@ def test_perfect_score_none_and_any_iterable_of_examples_are_accepted(routing, s
         opt.compile(routing.make_program(), trainset=[ex.toDict() for ex in splits.train], valset=splits.val)
 
 
+def test_inputs_that_can_never_reach_the_program_are_refused_before_any_lm_call(routing, reflection_lm):
+    """The label marked as an input, or a typo in with_inputs, failed every evaluation: the run paid for
+    the seed's validation and for reflections "fixing" a TypeError before it stopped (dspy.GEPA returns
+    the seed), and the typo was blamed on "the program, the metric or the LM configuration"."""
+    calls = {"n": 0}
+    student = make_student_lm(seed=0, before_call=lambda r: calls.__setitem__("n", calls["n"] + 1))
+    splits = small_splits(routing)
+    opt = TurboGEPA(routing.metric, max_metric_calls=200, reflection_lm=reflection_lm, num_threads=4)
+
+    def relabel(examples, *inputs):
+        return [dspy.Example(**ex.toDict()).with_inputs(*inputs) for ex in examples]
+
+    label = [k for k in splits.train[0].toDict() if k != "ticket"][0]
+    with dspy.context(lm=student):
+        with pytest.raises(TypeError, match=r"trainset\[0\]'s inputs \[.*'ticket'.*\] cannot be passed to "
+                                            r"RoutingProgram\.forward\(ticket: .*str.*\).*with_inputs"):
+            opt.compile(routing.make_program(), trainset=relabel(splits.train, "ticket", label), valset=splits.val)
+        with pytest.raises(ValueError, match=r"valset: .with_inputs\(...\) marks \['tickt'\] as input, but no "
+                                             r"example has such a field"):
+            opt.compile(routing.make_program(), trainset=splits.train, valset=relabel(splits.val, "tickt"))
+        odd = relabel(splits.val, "ticket")
+        odd[3] = dspy.Example(**{k: v for k, v in odd[3].toDict().items() if k != "ticket"}).with_inputs("ticket")
+        with pytest.raises(ValueError, match=r"valset\[3\] has none of the input fields it marks \(\['ticket'\]\)"):
+            opt.compile(routing.make_program(), trainset=splits.train, valset=odd)
+    assert calls["n"] == 0
+
+    class Lenient(dspy.Module):  # an input some examples lack, with a default: fine
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, ticket: str, locale: str = "en") -> dspy.Prediction:
+            return self.inner(ticket=ticket)
+
+    train = [dspy.Example(**ex.toDict(), **({"locale": "fr"} if i % 2 else {})).with_inputs("ticket", "locale")
+             for i, ex in enumerate(splits.train)]
+    with dspy.context(lm=student):
+        TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4).compile(
+            Lenient(), trainset=train, valset=splits.val)
+    assert calls["n"] > 0
+
+
 def test_an_objective_reported_on_some_examples_is_averaged_over_those(routing, student_lm, reflection_lm):
     """As gepa aggregates objective scores: an objective the metric reports only on some examples (here
     brevity, only on solved ones, beside a cost on every one) is the mean over the examples that report
@@ -511,13 +553,22 @@ def test_a_trainset_the_program_cannot_take_stops_the_run_though_the_valset_work
                                                                                    reflection_lm):
     """with_inputs naming the label on the trainset only: every training rollout fails while the seed's
     validation pass succeeds. That success hid the broken trainset: the run paid a reflection per failed
-    minibatch (111 on 200 calls) and returned the seed as if optimized."""
+    minibatch (111 on 200 calls) and returned the seed as if optimized. (Refused before any LM call when
+    forward's signature shows it; a forward taking **kwargs passes them on, and only running tells.)"""
     from dspy_turbogepa import SystemicFailureError
+
+    class Passing(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
 
     splits = small_splits(routing)
     train = [dspy.Example(**ex.toDict()).with_inputs("ticket", "queue") for ex in splits.train]
     with pytest.raises(SystemicFailureError) as info:
-        compile_task(routing, student_lm, reflection_lm, budget=200, num_threads=2,
+        compile_task(routing, student_lm, reflection_lm, budget=200, num_threads=2, program=Passing(),
                      splits=type(splits)(train=train, val=splits.val, test=splits.test))
     msg = str(info.value)
     assert "evaluations on the trainset all failed" in msg and "those on the valset succeed" in msg, msg
