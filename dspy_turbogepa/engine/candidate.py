@@ -40,6 +40,11 @@ class Candidate:
         object.__setattr__(self, "texts", frozen)
         object.__setattr__(self, "fingerprint", fingerprint_texts(frozen))
 
+    def __reduce__(self) -> tuple[type[Candidate], tuple[dict[str, str], tuple[str, ...], ProposalKind]]:
+        """Copied and pickled as its plain texts (a mappingproxy cannot be): a user's callback may deepcopy
+        or pickle the state it is given, as it could gepa's."""
+        return (Candidate, (dict(self.texts), self.parents, self.kind))
+
     def with_updates(self, updates: Mapping[str, str], kind: ProposalKind) -> Candidate:
         """A child that differs from this candidate only in the updated components."""
         unknown = set(updates) - set(self.texts)

@@ -10,7 +10,7 @@ gepa's ``RoundRobinReflectionComponentSelector`` relies on.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from dspy_turbogepa.engine.frontier import record_on_front
@@ -44,8 +44,13 @@ class SelectorState:
     total_num_evals: int = 0
     #: Proposal iterations finished, minus one (gepa's loop counter starts at -1).
     i: int = -1
-    #: The committed candidates this state shows, in index order (the lazily read fields below).
-    records: Sequence[CandidateRecord] = field(default=(), repr=False)
+    #: The committed candidates this state shows, in index order, read by the lazy fields below. Not a
+    #: field: asdict(), comparisons and the repr show gepa's fields only.
+    records: InitVar[Sequence[CandidateRecord]] = ()
+
+    def __post_init__(self, records: Sequence[CandidateRecord]) -> None:
+        self._records = tuple(records)
+        self._front_cache: tuple[dict[int, float], dict[int, set[int]]] | None = None
 
     @property
     def per_program_tracked_scores(self) -> list[float]:
@@ -54,39 +59,45 @@ class SelectorState:
     @property
     def prog_candidate_val_subscores(self) -> list[dict[int, float]]:
         """Per candidate, its score on each validation example (gepa: keyed by the example's index)."""
-        return [dict(r.val_scores) for r in self.records]
+        return [dict(r.val_scores) for r in self._records]
 
     @property
     def parent_program_for_candidate(self) -> list[list[int | None]]:
-        return [list(r.parent_indices) for r in self.records]
+        return [list(r.parent_indices) for r in self._records]
 
     @property
     def num_metric_calls_by_discovery(self) -> list[int]:
-        return [r.discovery_metric_calls for r in self.records]
+        """Metric calls spent when each candidate was found (the seed: 0, as in gepa and our results)."""
+        return [0 if r.index == 0 else r.discovery_metric_calls for r in self._records]
 
     @property
     def pareto_front_valset(self) -> dict[int, float]:
         """The best score on each validation example."""
-        return self._fronts()[0]
+        return dict(self._fronts()[0])
 
     @property
     def program_at_pareto_front_valset(self) -> dict[int, set[int]]:
         """The candidates reaching that best score, per validation example."""
-        return self._fronts()[1]
+        return {vid: set(front) for vid, front in self._fronts()[1].items()}
 
     def _fronts(self) -> tuple[dict[int, float], dict[int, set[int]]]:
-        best: dict[int, float] = {}
-        fronts: dict[int, set[int]] = {}
-        for r in self.records:
-            for vid, score in r.val_scores.items():
-                record_on_front(best, fronts, r.index, vid, score)
-        return best, fronts
+        # once per state: a gepa-style loop reads the front per validation example
+        if self._front_cache is None:
+            best: dict[int, float] = {}
+            fronts: dict[int, set[int]] = {}
+            for r in self._records:
+                for vid, score in r.val_scores.items():
+                    record_on_front(best, fronts, r.index, vid, score)
+            self._front_cache = (best, fronts)
+        return self._front_cache
 
     def __getattr__(self, name: str) -> Any:
         # only reached for a name the state does not have: a callback written against gepa's GEPAState
         # gets the list of what it can read instead of a bare AttributeError
-        if name.startswith("__"):
+        if name.startswith("_"):
             raise AttributeError(name)
+        if name in GEPA_STATE_FIELDS:  # a property raised AttributeError inside: say so, not "no such field"
+            raise AttributeError(f"SelectorState.{name} could not be computed (an AttributeError inside it)")
         raise AttributeError(
             f"TurboGEPA's state has no {name!r}: stop callbacks and component selectors receive a "
             f"SelectorState with gepa's {', '.join(GEPA_STATE_FIELDS)} (not the rest of gepa's GEPAState)."

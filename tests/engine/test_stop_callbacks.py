@@ -156,7 +156,8 @@ def test_a_callback_written_for_gepas_state_reads_its_per_candidate_fields() -> 
     records = result.records[: len(state.program_candidates)]
     assert state.prog_candidate_val_subscores == [r.val_scores for r in records]
     assert state.parent_program_for_candidate == [r.parent_indices for r in records]
-    assert state.num_metric_calls_by_discovery == [r.discovery_metric_calls for r in records]
+    # gepa counts the seed as found at 0 calls (our results and MLflow too), a child when its validation ended
+    assert state.num_metric_calls_by_discovery == [0] + [r.discovery_metric_calls for r in records[1:]]
     assert state.per_program_tracked_scores == state.program_full_scores_val_set
     for vid in setup.val_ids:  # gepa's per-instance front: the best score and every candidate reaching it
         best = max(r.val_scores[vid] for r in records)
@@ -164,6 +165,16 @@ def test_a_callback_written_for_gepas_state_reads_its_per_candidate_fields() -> 
         assert state.program_at_pareto_front_valset[vid] == {r.index for r in records if r.val_scores[vid] == best}
     # a kept state is a view: later commits do not show through it
     assert len(seen[0].prog_candidate_val_subscores) == 1
+    # and a user may copy or pickle it, as gepa's (a mappingproxy in the candidates refused both)
+    import copy
+    import dataclasses
+    import pickle
+
+    for twin in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert twin.program_at_pareto_front_valset == state.program_at_pareto_front_valset
+        assert twin.prog_candidate_val_subscores == state.prog_candidate_val_subscores
+    assert set(dataclasses.asdict(state)) == {f.name for f in dataclasses.fields(state)}  # gepa's fields only
+    assert "records" not in repr(state)
 
 
 def test_reading_a_field_the_state_lacks_names_what_it_has() -> None:
