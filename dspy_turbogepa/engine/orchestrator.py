@@ -211,6 +211,8 @@ class Orchestrator:
         self._external_stop: StopReason | None = None
         self._stop_callbacks_answered = False
         self._warned_empty_selection = False
+        self._selector_chose = False  # a callable selector returned a component at least once
+        self._empty_selections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._start = 0.0
@@ -846,7 +848,30 @@ class Orchestrator:
             return False
         finally:
             self._pass_selector_turn(plan.seq)
+        if plan.components:
+            self._selector_chose = True
         return True
+
+    def _note_empty_selection(self, seq: int) -> None:
+        """A callable selector chose no component. Now and then that is its choice; on every one of the first
+        selections it is a selector that can never propose, which would end the run as "no progress
+        possible" with the seed. Counted per selection, apart from the proposer's failures: a selection
+        that chose waits for its reflection to count as a success there, and selections run in launch
+        order (deterministic mode), so the decision does not depend on the LM's timing."""
+        if not self._warned_empty_selection:
+            self._warned_empty_selection = True
+            logger.warning("Mutation %d: component_selector returned no component to rewrite; the mutation is "
+                           "skipped (counted in run_stats['proposal_skips']['no_components'])", seq)
+        if self._selector_chose:
+            return
+        self._empty_selections += 1
+        if self._empty_selections >= self.config.systemic_failure_window:
+            raise SystemicFailureError(
+                f"Stopping: component_selector returned no component on each of its first {self._empty_selections} "
+                "selections, so nothing can be proposed. It must return the names of the predictors to rewrite "
+                f"(this program's: {', '.join(self._seed.texts)}), at least now and then.",
+                failure="no_components", error_type=None,
+            )
 
     def _resolve_rung0(self, seq: int, survivor: tuple[Candidate, int] | None) -> None:
         """Publish mutation ``seq``'s rung-0 survivor (the child and its round-robin counter), or None."""
@@ -913,14 +938,7 @@ class Orchestrator:
             result.detail = "component selector chose no component"
             self.stats.proposal_skips["no_components"] += 1
             if callable(cfg.component_selector):
-                # Now and then is a selector's choice; on every one of the first mutations it is a selector
-                # that can never propose, which would end the run as "no progress possible" with the seed.
-                if not self._warned_empty_selection:
-                    self._warned_empty_selection = True
-                    logger.warning("Mutation %d: component_selector returned no component to rewrite; the mutation "
-                                   "is skipped (counted in run_stats['proposal_skips']['no_components'])", plan.seq)
-                self._systemic.observe_proposal(ProposalOutcome(
-                    skipped="no_components", message="component_selector returned no component"))
+                self._note_empty_selection(plan.seq)
             return
         if len(components) > 1:
             plan.kind = "reflection_all"

@@ -41,7 +41,7 @@ FORMAT_ERROR_CANDIDATES = 3
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
 PROPOSER_FAILURES = frozenset({
     "proposer_error", "invalid_proposal", "empty_proposal", "reflective_dataset_error", "feedback_error",
-    "unchanged_texts", "selector_error", "no_components",
+    "unchanged_texts", "selector_error",
 })
 
 
@@ -53,8 +53,6 @@ _PROPOSER_HINTS = {
     "feedback_error": "Check what the metric does when called with pred_name (the feedback call) and run again.",
     "selector_error": "Check component_selector: it must return names of the program's predictors (it receives "
                       "a SelectorState, which holds part of gepa's GEPAState; the error names what it has).",
-    "no_components": "Check component_selector: it must return the names of the predictors to rewrite, at least "
-                     "now and then.",
 }
 
 

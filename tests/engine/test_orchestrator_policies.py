@@ -425,8 +425,29 @@ def test_a_selector_that_never_chooses_stops_the_run_naming_it() -> None:
     """It returned the seed as "no progress possible" (an INFO line blaming perfect minibatches), where a
     selector that raises stopped the run naming it."""
     cfg = make_config(max_metric_calls=1000, component_selector=lambda *args: [], systemic_failure_window=6)
-    with pytest.raises(SystemicFailureError, match="no_components.*Check component_selector"):
+    with pytest.raises(SystemicFailureError, match="component_selector returned no component on each of its "
+                                                   "first 6 selections.*this program's: a, b"):
         run(build(cfg, FakeEvaluator(two_component_setup().task), FakeReflector(), two_component_setup()))
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_selector_that_chooses_every_other_time_is_not_stopped_however_slow_the_reflections(
+        deterministic: bool) -> None:
+    """Empty selections were counted at once and a chosen one only when its reflection answered: with
+    many mutations in flight and slow reflections, a selector choosing half the time was stopped as one
+    that never chooses (and in deterministic mode only when the LM was slow)."""
+    calls = {"n": 0}
+
+    def alternating(*args):
+        calls["n"] += 1
+        return ["instr"] if calls["n"] % 2 == 0 else []
+
+    setup = hard_setup()
+    cfg = make_config(max_metric_calls=2000, component_selector=alternating, max_mutations_in_flight=16,
+                      deterministic=deterministic, **fixed_width())
+    result = run(build(cfg, FakeEvaluator(setup.task, 0), FakeReflector(0, real_sleep=0.05), setup,
+                       observers=[StopAfter(30)]), timeout=60)
+    assert result.stats.proposal_skips["no_components"] >= 8 and len(result.records) > 1
 
 
 def test_a_failing_selector_skips_its_mutation_and_one_that_always_fails_stops_the_run() -> None:
