@@ -7,7 +7,6 @@ the first LM call, so a mistake costs nothing.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import numbers
@@ -29,7 +28,7 @@ from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.program import ProgramCodec
-from dspy_turbogepa.adapter.protocols import check_call_protocol
+from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
 from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
@@ -403,9 +402,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _check_examples("trainset", trainset)
         if valset is not None:
             _check_examples("valset", valset)
-        _check_inputs_reach(student, "trainset", trainset)
+        check_inputs_reach(student, "trainset", trainset)
         if valset is not None:
-            _check_inputs_reach(student, "valset", valset)
+            check_inputs_reach(student, "valset", valset)
         flex = _flex_submodules(student)
         if flex:
             raise NotImplementedError(
@@ -540,7 +539,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             raise KeyboardInterrupt(str(exc) + advice) from exc
         except SystemicFailureError as exc:
             stopped_by = f"stopped: {exc.failure or 'systemic failure'}, see the error below"
-            if store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
+            if store is not None and exc.failure in _SEARCH_HOOK_FAILURES:
+                # a stop callback or a component selector steers the search: not in the run key, and no
+                # evaluation failed because of it (so none is marked to run again)
+                exc.args = (f"{exc} Fix it and rerun with the same log_dir: the run resumes from what it stored.",)
+            elif store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
                 store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
                 # the fix decides whether this log_dir can be reused: the run key covers the program, the
                 # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
@@ -766,6 +769,10 @@ def _flex_submodules(student: dspy.Module) -> list[str]:
     return list(enumerate_flex_submodules(student))
 
 
+#: Systemic failures of the user's search hooks (gepa_kwargs['stop_callbacks'], component_selector).
+_SEARCH_HOOK_FAILURES = frozenset({"stop_callback_error", "no_components", "selector_error"})
+
+
 def _check_score(name: str, value: Any, fix: str) -> float:
     """The score as a float: a NumPy number (``np.float32(0)``) is one too, as dspy.GEPA accepts it, and
     must not reach the run key or summary.json as a NumPy type."""
@@ -808,59 +815,6 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
             raise ValueError(
                 f"{name}[{i}] has no input fields set. Mark them with .with_inputs(...), e.g. "
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
-
-
-def _check_inputs_reach(student: dspy.Module, name: str, examples: Sequence[dspy.Example]) -> None:
-    """Refuse data whose inputs can never reach the program, before any LM call: every evaluation would
-    fail the same way, and the run would pay for the seed's validation and for reflections trying to
-    "fix" a TypeError before the systemic-failure check stopped it (dspy.GEPA returns the seed).
-
-    Only certain failures: an input name marked on the examples but held by none of them (a typo in
-    ``with_inputs``), an example with no input at all, and inputs ``forward`` cannot be called with (when
-    the program is called through ``dspy.Module.__call__``, as ours is, and ``forward`` takes no ``**kwargs``).
-    An input some examples lack, with a default in ``forward``, is fine.
-    """
-    marked: set[str] = set()
-    for ex in examples:
-        marked |= set(getattr(ex, "_input_keys", None) or ())
-    present = {k for ex in examples for k in getattr(ex, "_store", {})}
-    typos = sorted(marked - present)
-    if typos:
-        raise ValueError(
-            f"{name}: .with_inputs(...) marks {typos} as input, but no example has such a field (its fields: "
-            f"{sorted(present)}). Fix the names passed to .with_inputs(...).")
-    for i, ex in enumerate(examples):
-        if not ex.inputs().keys():
-            raise ValueError(
-                f"{name}[{i}] has none of the input fields it marks ({sorted(ex._input_keys or ())}): the program "
-                f"would be called with no input. Its fields: {sorted(ex._store)}.")
-    if type(student).__call__ is not dspy.Module.__call__:
-        return  # a custom __call__ may map the inputs itself
-    forward = getattr(type(student), "forward", None)  # from the class: dspy warns on reading it off the module
-    if not inspect.isfunction(forward):
-        return
-    try:
-        sig = inspect.signature(forward)
-        plain = inspect.signature(forward, follow_wrapped=False)
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in (*sig.parameters.values(), *plain.parameters.values())):
-        return
-    shown = sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
-    for i, ex in enumerate(examples):
-        inputs = dict(ex.inputs())
-        try:
-            sig.bind(student, **inputs)
-        except TypeError as exc:
-            try:
-                plain.bind(student, **inputs)  # a decorator's wrapper may take what the wrapped one cannot
-                continue
-            except TypeError:
-                pass
-            raise TypeError(
-                f"{name}[{i}]'s inputs {sorted(inputs)} cannot be passed to {type(student).__name__}.forward{shown} "
-                f"({exc}): every evaluation would fail. Mark the inputs forward takes with .with_inputs(...) (the "
-                "label is not an input), or rename the fields or forward's parameters to match.") from exc
 
 
 def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflector: Any = None) -> RunStats:

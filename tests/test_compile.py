@@ -412,12 +412,12 @@ def test_inputs_that_can_never_reach_the_program_are_refused_before_any_lm_call(
         with pytest.raises(TypeError, match=r"trainset\[0\]'s inputs \[.*'ticket'.*\] cannot be passed to "
                                             r"RoutingProgram\.forward\(ticket: .*str.*\).*with_inputs"):
             opt.compile(routing.make_program(), trainset=relabel(splits.train, "ticket", label), valset=splits.val)
-        with pytest.raises(ValueError, match=r"valset: .with_inputs\(...\) marks \['tickt'\] as input, but no "
-                                             r"example has such a field"):
+        with pytest.raises(TypeError, match=r"valset\[0\]'s inputs \[\] cannot be passed to .*missing a required "
+                                            r"argument: 'ticket'.*marks \['tickt'\], which no example in valset has"):
             opt.compile(routing.make_program(), trainset=splits.train, valset=relabel(splits.val, "tickt"))
         odd = relabel(splits.val, "ticket")
         odd[3] = dspy.Example(**{k: v for k, v in odd[3].toDict().items() if k != "ticket"}).with_inputs("ticket")
-        with pytest.raises(ValueError, match=r"valset\[3\] has none of the input fields it marks \(\['ticket'\]\)"):
+        with pytest.raises(TypeError, match=r"valset\[3\]'s inputs \[\] cannot be passed"):
             opt.compile(routing.make_program(), trainset=splits.train, valset=odd)
     assert calls["n"] == 0
 
@@ -433,8 +433,74 @@ def test_inputs_that_can_never_reach_the_program_are_refused_before_any_lm_call(
              for i, ex in enumerate(splits.train)]
     with dspy.context(lm=student):
         TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4).compile(
-            Lenient(), trainset=train, valset=splits.val)
+            Lenient(), trainset=train, valset=relabel(splits.val, "ticket", "locale"))  # no val example has one
     assert calls["n"] > 0
+
+    class Async(dspy.Module):  # the evaluator runs aforward: its signature decides, not a legacy forward's
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, ticket: str) -> dspy.Prediction:
+            return self.inner(ticket=ticket)
+
+        async def aforward(self, ticket: str, locale: str = "en") -> dspy.Prediction:
+            return self.inner(ticket=ticket)
+
+        @staticmethod
+        def unused() -> None: ...
+
+    with dspy.context(lm=student):
+        TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=4).compile(
+            Async(), trainset=train, valset=splits.val)
+
+
+def test_the_input_check_accepts_what_dspy_runs() -> None:
+    """False refusals a review found: a program with no inputs, a staticmethod forward, an input with a
+    default that no example holds, an example whose only input is a dspy_ field (hidden by keys())."""
+    from dspy_turbogepa.adapter.protocols import check_inputs_reach
+
+    class NoInputs(dspy.Module):
+        def forward(self):
+            return dspy.Prediction(answer="x")
+
+    class Static(dspy.Module):
+        @staticmethod
+        def forward(question: str):
+            return dspy.Prediction(answer=question)
+
+    class Defaults(dspy.Module):
+        def forward(self, question: str = "", context: str | None = None):
+            return dspy.Prediction(answer=question)
+
+    check_inputs_reach(NoInputs(), "trainset", [dspy.Example(answer="x").with_inputs()])
+    check_inputs_reach(Static(), "trainset", [dspy.Example(question="q", answer="x").with_inputs("question")])
+    check_inputs_reach(Defaults(), "trainset", [dspy.Example(question="q").with_inputs("question", "context")])
+    check_inputs_reach(Defaults(), "trainset", [dspy.Example(dspy_uuid="1", answer="x").with_inputs("dspy_uuid")])
+    with pytest.raises(TypeError, match=r"trainset\[0\]'s inputs \['answer', 'question'\] cannot be passed to "
+                                        r"Static.forward\(question: .*str.*\)"):
+        check_inputs_reach(Static(), "trainset",
+                           [dspy.Example(question="q", answer="x").with_inputs("question", "answer")])
+
+
+def test_a_broken_stop_callback_is_fixed_and_the_run_resumes(routing, student_lm, reflection_lm, tmp_path):
+    """The advice was the one for failed evaluations ("scores these evaluations again", a list of fixes the
+    run key does not see that left the callback out): a stop callback is not in the run key, and nothing
+    failed because of it."""
+    from dspy_turbogepa import SystemicFailureError
+
+    def broken(state) -> bool:
+        return state.no_such_field > 3
+
+    with pytest.raises(SystemicFailureError, match=r"stop_callbacks'\]\[0\].*no_such_field.*Fix it and rerun with the "
+                                                   r"same log_dir: the run resumes") as info:
+        compile_task(routing, student_lm, reflection_lm, budget=120, log_dir=str(tmp_path),
+                     gepa_kwargs={"stop_callbacks": [broken]})
+    assert "scores these evaluations again" not in str(info.value)
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, log_dir=str(tmp_path),
+                                      gepa_kwargs={"stop_callbacks": [lambda state: False]})
+    stats = optimized.detailed_results.run_stats
+    assert stats["metric_calls_replayed"] >= 12  # the seed's validation, stored by the first session
 
 
 def test_an_objective_reported_on_some_examples_is_averaged_over_those(routing, student_lm, reflection_lm):
