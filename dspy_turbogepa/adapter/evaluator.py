@@ -130,6 +130,18 @@ def defines_own_aforward(program: Any) -> bool:
     return False
 
 
+def runs_async(program: Any) -> bool:
+    """Whether the evaluator runs ``program`` through ``acall`` (its own ``aforward``): not when its
+    class's own ``__call__`` would be bypassed by that (dspy's ``acall`` goes straight to ``aforward``,
+    and a user's ``__call__`` mapping or renaming inputs is what dspy.GEPA runs)."""
+    if not defines_own_aforward(program):
+        return False
+    cls = type(program)
+    own_call = getattr(cls, "__call__", None) is not getattr(dspy.Module, "__call__", None)
+    own_acall = getattr(cls, "acall", None) is not getattr(dspy.Module, "acall", None)
+    return not (own_call and not own_acall)
+
+
 def defines_own_forward(program: Any) -> bool:
     """Whether the nearest ``forward`` in ``program``'s MRO is the user's (a sync path of their own)."""
     for cls in type(program).__mro__:
@@ -270,7 +282,7 @@ class DspyEvaluator:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-eval")
         self._context_key: tuple[Any, str] | None = None
         if use_async is None:
-            use_async = defines_own_aforward(codec.student)
+            use_async = runs_async(codec.student)
         self.use_async = use_async
         #: an async program that also has its own forward falls back to it when an LM cannot run async
         self._sync_fallback = bool(use_async) and defines_own_forward(codec.student)

@@ -13,7 +13,7 @@ from typing import Any
 
 import dspy
 
-from dspy_turbogepa.adapter.evaluator import defines_own_aforward
+from dspy_turbogepa.adapter.evaluator import runs_async
 
 
 def check_call_protocol(
@@ -50,11 +50,13 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> None
     fail the same way, and the run would pay for the seed's validation and for reflections trying to
     "fix" a TypeError before the systemic-failure check stopped it (dspy.GEPA returns the seed).
 
-    Only what certainly fails: inputs the method the evaluator calls (``aforward`` for a program with an
-    ``aforward`` of its own, else ``forward``, reached through ``dspy.Module.__call__`` / ``acall``)
-    cannot be bound to, when it takes no ``**kwargs``. An input the examples lack, with a default in the
-    method, is fine; a ``with_inputs`` name no example holds is named in the error (a typo there is the
-    usual cause) and otherwise warned about, since nothing is passed for it.
+    Only what certainly fails: inputs that no example's call of the method the evaluator runs
+    (``aforward`` for a program that runs async, see :func:`runs_async`, else ``forward``, reached through
+    ``dspy.Module.__call__`` / ``acall``) can be bound to, when it takes no ``**kwargs``. Some examples
+    that cannot be bound are a warning (they fail and are scored, as in dspy.GEPA). An input the
+    examples lack, with a default in the method, is fine; a ``with_inputs`` name no example holds is
+    named (a typo there is the usual cause). What cannot be read is let through: a method set on the
+    instance, a classmethod, a callable object, a custom ``__call__`` / ``acall``.
     """
     marked: set[str] = set()
     present: set[str] = set()
@@ -64,41 +66,60 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> None
     absent = sorted(marked - present)
     hint = (f" .with_inputs(...) marks {absent}, which no example in {name} has (its fields: {sorted(present)}):"
             " fix the names passed to .with_inputs(...)." if absent else "")
-    method_name = "aforward" if defines_own_aforward(student) else "forward"
+    log = logging.getLogger("dspy_turbogepa")
+    method_name = "aforward" if runs_async(student) else "forward"
     entry = "acall" if method_name == "aforward" else "__call__"
-    target = _bindable(type(student), method_name, student)
-    if getattr(type(student), entry, None) is not getattr(dspy.Module, entry, None) or target is None:
-        target = None  # a custom __call__ / acall may map the inputs itself; a method we cannot read
+    target = None
+    if getattr(type(student), entry, None) is getattr(dspy.Module, entry, None) and method_name not in vars(student):
+        target = _bindable(type(student), method_name, student)
+    failed: list[tuple[int, list[str], TypeError]] = []
     if target is not None:
         sig, plain, first = target
         for i, ex in enumerate(examples):
             inputs = dict(ex.inputs())  # what `program(**example.inputs())` passes
-            try:
-                sig.bind(*first, **inputs)
-                continue
-            except TypeError as exc:
-                try:
-                    plain.bind(*first, **inputs)  # a decorator's wrapper may take what the wrapped one cannot
-                    continue
-                except TypeError:
-                    pass
-                shown = sig.replace(parameters=list(sig.parameters.values())[len(first):])
-                raise TypeError(
-                    f"{name}[{i}]'s inputs {sorted(inputs)} cannot be passed to {type(student).__name__}."
-                    f"{method_name}{shown} ({exc}): every evaluation would fail.{hint or ''} Mark the inputs it "
-                    "takes with .with_inputs(...) (the label is not an input), or rename the fields or its "
-                    "parameters to match.") from exc
+            error = _bind_error(sig, plain, first, inputs)
+            if error is not None:
+                failed.append((i, sorted(inputs), error))
+    if failed and target is not None:
+        i, names, exc = failed[0]
+        sig, _plain, first = target
+        shown = sig.replace(parameters=list(sig.parameters.values())[len(first):])  # without self
+        where = (f"{name}[{i}]'s inputs {names} cannot be passed to {type(student).__name__}.{method_name}{shown} "
+                 f"({exc})")
+        sync = _bindable(type(student), "forward", student) if method_name == "aforward" else None
+        if sync is not None and _bind_error(*sync, dict(examples[i].inputs())) is None:
+            where += " (TurboGEPA runs an async program through its own aforward; its forward would take them: make" \
+                     " the two take the same inputs)"
+        if len(failed) == len(examples):
+            raise TypeError(f"{where}: every evaluation would fail, and so would the other examples'.{hint} Mark the "
+                            "inputs it takes with .with_inputs(...) (the label is not an input), or rename the fields "
+                            "or its parameters to match.") from exc
+        log.warning("%s: %d of %d examples will fail and be scored as failures; %s.", name, len(failed),
+                    len(examples), where)
     if absent:
-        logging.getLogger("dspy_turbogepa").warning(
-            "%s: .with_inputs(...) marks %s, which no example has, so nothing is passed for it (the examples' "
-            "fields: %s). A typo in with_inputs?", name, absent, sorted(present))
+        log.warning("%s: .with_inputs(...) marks %s, which no example has, so nothing is passed for it (the "
+                    "examples' fields: %s). A typo in with_inputs?", name, absent, sorted(present))
+
+
+def _bind_error(sig: inspect.Signature, plain: inspect.Signature, first: tuple[Any, ...],
+                inputs: Mapping[str, Any]) -> TypeError | None:
+    try:
+        sig.bind(*first, **inputs)
+        return None
+    except TypeError as exc:
+        try:
+            plain.bind(*first, **inputs)  # a decorator's wrapper may take what the wrapped one cannot
+            return None
+        except TypeError:
+            return exc
 
 
 def _bindable(cls: type, method_name: str, instance: Any) -> tuple[inspect.Signature, inspect.Signature,
                                                                      tuple[Any, ...]] | None:
     """The signatures to bind a call of ``instance.<method_name>`` against, and the arguments Python
     supplies first (``self``); None for what cannot be told (no such method, a classmethod, a callable
-    object, no **kwargs-free signature)."""
+    object, a signature that cannot be read, ``**kwargs`` anywhere along the wrapper chain: a decorator
+    may set a ``__signature__`` that hides them)."""
     raw = inspect.getattr_static(cls, method_name, None)  # from the class: dspy warns on reading it off the module
     first: tuple[Any, ...]
     if isinstance(raw, staticmethod):
@@ -107,10 +128,17 @@ def _bindable(cls: type, method_name: str, instance: Any) -> tuple[inspect.Signa
         func, first = raw, (instance,)
     else:
         return None
+    chain: Any = func
+    seen = 0
+    while chain is not None and seen < 16:  # the code objects say whether **kwargs exist, whatever __signature__ says
+        code = getattr(chain, "__code__", None)
+        if code is not None and code.co_flags & inspect.CO_VARKEYWORDS:
+            return None
+        chain, seen = getattr(chain, "__wrapped__", None), seen + 1
     try:
         sig = inspect.signature(func)
         plain = inspect.signature(func, follow_wrapped=False)
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - an unreadable signature (a NameError from a lazy annotation too): not ours to judge
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in (*sig.parameters.values(), *plain.parameters.values())):
         return None
