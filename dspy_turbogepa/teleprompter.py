@@ -402,9 +402,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _check_examples("trainset", trainset)
         if valset is not None:
             _check_examples("valset", valset)
-        check_inputs_reach(student, "trainset", trainset)
-        if valset is not None:
-            check_inputs_reach(student, "valset", valset)
+        # examples that will fail whatever the instructions say: left out of the systemic-failure check
+        unreachable: dict[str, list[int]] = {"train": check_inputs_reach(student, "trainset", trainset),
+                       "val": check_inputs_reach(student, "valset", valset) if valset is not None else []}
         flex = _flex_submodules(student)
         if flex:
             raise NotImplementedError(
@@ -441,11 +441,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                                            self.custom_instruction_proposer)))
             # valset=None and valset=trainset (or an equal copy) are the same run: one evaluation serves both
             shared = valset is None or _same_examples(train, val)
-            return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared)
+            expected: dict[str, list[int]] = ({"val": unreachable["train"]} if shared else
+                                                {"train": unreachable["train"], "val": unreachable["val"]})
+            return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
+                             expected_failures=expected)
 
     def _run(
         self, codec: ProgramCodec, cleanup: ExitStack, train: list[dspy.Example], val: list[dspy.Example],
         budget: int, num_threads: int, shared_splits: bool = False,
+        expected_failures: Mapping[str, Sequence[int]] | None = None,
     ) -> dspy.Module:
         """Build the engine around ``codec``'s program, run it and return the best program.
 
@@ -505,7 +509,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
-            known_proposals=known_props, shared_splits=shared_splits,
+            known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
         )
 
         def on_tick() -> None:

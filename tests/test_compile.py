@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import inspect
 import logging
 import re
@@ -503,6 +504,38 @@ def test_the_input_check_accepts_what_dspy_runs() -> None:
 
     from dspy_turbogepa.adapter.evaluator import runs_async
 
+    class AsyncOnly(dspy.Module):  # a thin __call__ (logging), no forward: acall is its only path
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+        async def aforward(self, question: str):
+            return dspy.Prediction(answer=question)
+
+    class PlainAsync(dspy.Module):
+        def forward(self, question: str):
+            return dspy.Prediction(answer=question)
+
+        async def aforward(self, question: str):
+            return dspy.Prediction(answer=question)
+
+    assert runs_async(AsyncOnly()) and runs_async(PlainAsync())
+
+    class Fresh:  # wrapt's way: each lookup of the patched dspy.Module.__call__ returns a new wrapper
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __get__(self, obj, owner=None):
+            return functools.partial(self.inner, obj) if obj is not None else functools.partial(self.inner)
+
+    original = vars(dspy.Module)["__call__"]
+    try:
+        dspy.Module.__call__ = Fresh(original)
+        assert runs_async(PlainAsync()), "a tracer patching dspy.Module.__call__ turned async programs sync"
+        with pytest.raises(TypeError, match="cannot be passed"):  # and the check still reads forward
+            check_inputs_reach(Static(), "trainset", [dspy.Example(answer="x").with_inputs("answer")])
+    finally:
+        dspy.Module.__call__ = original
+
     check_inputs_reach(Patched(), "trainset",
                        [dspy.Example(question="q", context="c").with_inputs("question", "context")])
     check_inputs_reach(Delegating(), "trainset", [dspy.Example(question="q", k=3).with_inputs("question", "k")])
@@ -565,6 +598,32 @@ def test_a_program_whose_own_call_maps_its_inputs_runs_through_it(routing, stude
     assert max(dr.val_aggregate_scores) > dr.val_aggregate_scores[0]
 
 
+def test_rows_the_program_cannot_take_do_not_stop_the_run(routing, student_lm, reflection_lm):
+    """Warned about as failing rows, they came first (two sources concatenated) and failed at once while
+    the good rows waited on the LM: the first-N window filled with them and the run stopped as broken."""
+
+    class NeedsLocale(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, ticket: str, locale: str):
+            return self.inner(ticket=ticket)
+
+    splits = small_splits(routing, n_train=30)
+
+    def with_locale(ex, give: bool):
+        return dspy.Example(**ex.toDict(), **({"locale": "en"} if give else {})).with_inputs("ticket", "locale")
+
+    train = [with_locale(ex, True) for ex in splits.train]
+    val = [with_locale(ex, i >= 12) for i, ex in enumerate(splits.train[:24])]  # the first 12 cannot run
+    _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=150, num_threads=16,
+                                      program=NeedsLocale(),
+                                      splits=type(splits)(train=train, val=val, test=splits.test))
+    dr = optimized.detailed_results
+    assert dr.run_stats["failures"].get("program_error", 0) >= 12
+
+
 def test_some_examples_the_program_cannot_take_are_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     """One row lacking a required input fails (and is scored, as dspy.GEPA scores it); refusing the whole
     dataset for it, "every evaluation would fail", was wrong."""
@@ -580,6 +639,7 @@ def test_some_examples_the_program_cannot_take_are_a_warning(caplog: pytest.LogC
         check_inputs_reach(QA(), "trainset", rows)
     assert any("trainset: 1 of 10 examples will fail" in r.getMessage() and "trainset[9]" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert check_inputs_reach(QA(), "trainset", rows) == [9]  # left out of the systemic-failure check
 
 
 def test_a_broken_stop_callback_is_fixed_and_the_run_resumes(routing, student_lm, reflection_lm, tmp_path):

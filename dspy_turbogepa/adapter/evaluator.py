@@ -131,15 +131,30 @@ def defines_own_aforward(program: Any) -> bool:
 
 
 def runs_async(program: Any) -> bool:
-    """Whether the evaluator runs ``program`` through ``acall`` (its own ``aforward``): not when its
-    class's own ``__call__`` would be bypassed by that (dspy's ``acall`` goes straight to ``aforward``,
-    and a user's ``__call__`` mapping or renaming inputs is what dspy.GEPA runs)."""
+    """Whether the evaluator runs ``program`` through ``acall`` (its own ``aforward``). Not when the
+    user's ``__call__`` is nearer in the MRO than any ``acall`` of theirs and a ``forward`` of theirs
+    exists: dspy's ``acall`` goes straight to ``aforward``, past a ``__call__`` that maps or renames the
+    inputs, which is what dspy.GEPA runs. Read from the classes' own dicts (``vars``), so a tracer that
+    wraps ``dspy.Module.__call__`` (wrapt returns a new wrapper at each lookup) changes nothing."""
     if not defines_own_aforward(program):
         return False
-    cls = type(program)
-    own_call = getattr(cls, "__call__", None) is not getattr(dspy.Module, "__call__", None)
-    own_acall = getattr(cls, "acall", None) is not getattr(dspy.Module, "acall", None)
-    return not (own_call and not own_acall)
+    call_owner = _nearest_owner(type(program), "__call__")
+    acall_owner = _nearest_owner(type(program), "acall")
+    mro = type(program).__mro__
+    own_call_first = (call_owner is not None and not in_dspy_package(call_owner)
+                      and (acall_owner is None or mro.index(call_owner) < mro.index(acall_owner)))
+    return not (own_call_first and defines_own_forward(program))
+
+
+def _nearest_owner(cls: type, name: str) -> type | None:
+    """The first class in ``cls``'s MRO whose own dict defines ``name``."""
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
+def user_defines(cls: type, name: str) -> bool:
+    """Whether the nearest definition of ``name`` in ``cls``'s MRO is the user's, not dspy's."""
+    owner = _nearest_owner(cls, name)
+    return owner is not None and not in_dspy_package(owner)
 
 
 def defines_own_forward(program: Any) -> bool:

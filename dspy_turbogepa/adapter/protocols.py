@@ -11,9 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import dspy
-
-from dspy_turbogepa.adapter.evaluator import runs_async
+from dspy_turbogepa.adapter.evaluator import runs_async, user_defines
 
 
 def check_call_protocol(
@@ -45,18 +43,19 @@ def check_call_protocol(
         ) from exc
 
 
-def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> None:
+def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> list[int]:
     """Refuse data whose inputs can never reach the program, before any LM call: every evaluation would
     fail the same way, and the run would pay for the seed's validation and for reflections trying to
     "fix" a TypeError before the systemic-failure check stopped it (dspy.GEPA returns the seed).
 
     Only what certainly fails: inputs that no example's call of the method the evaluator runs
-    (``aforward`` for a program that runs async, see :func:`runs_async`, else ``forward``, reached through
-    ``dspy.Module.__call__`` / ``acall``) can be bound to, when it takes no ``**kwargs``. Some examples
-    that cannot be bound are a warning (they fail and are scored, as in dspy.GEPA). An input the
-    examples lack, with a default in the method, is fine; a ``with_inputs`` name no example holds is
-    named (a typo there is the usual cause). What cannot be read is let through: a method set on the
-    instance, a classmethod, a callable object, a custom ``__call__`` / ``acall``.
+    (``aforward`` for a program that runs async, see ``runs_async``, else ``forward``, reached through
+    ``dspy.Module.__call__`` / ``acall``) can be bound to, when it takes no ``**kwargs``. When only some
+    examples cannot be bound, a warning, and their indices are returned: they fail and are scored, as
+    in dspy.GEPA, and the systemic-failure check leaves them out. An input the examples lack, with a
+    default in the method, is fine; a ``with_inputs`` name no example holds is named (a typo there is
+    the usual cause). What cannot be read is let through: a method set on the instance, a classmethod,
+    a callable object, a ``__call__`` / ``acall`` of the user's own.
     """
     marked: set[str] = set()
     present: set[str] = set()
@@ -70,35 +69,42 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> None
     method_name = "aforward" if runs_async(student) else "forward"
     entry = "acall" if method_name == "aforward" else "__call__"
     target = None
-    if getattr(type(student), entry, None) is getattr(dspy.Module, entry, None) and method_name not in vars(student):
+    if not user_defines(type(student), entry) and method_name not in vars(student):
         target = _bindable(type(student), method_name, student)
-    failed: list[tuple[int, list[str], TypeError]] = []
+    failed: list[int] = []
+    first_error: tuple[int, list[str], TypeError] | None = None
     if target is not None:
         sig, plain, first = target
+        verdicts: dict[tuple[str, ...], TypeError | None] = {}  # binding depends only on the names passed
         for i, ex in enumerate(examples):
-            inputs = dict(ex.inputs())  # what `program(**example.inputs())` passes
-            error = _bind_error(sig, plain, first, inputs)
+            names = tuple(sorted(dict(ex.inputs())))  # what `program(**example.inputs())` passes
+            if names not in verdicts:
+                verdicts[names] = _bind_error(sig, plain, first, dict.fromkeys(names))
+            error = verdicts[names]
             if error is not None:
-                failed.append((i, sorted(inputs), error))
-    if failed and target is not None:
-        i, names, exc = failed[0]
+                failed.append(i)
+                if first_error is None:
+                    first_error = (i, list(names), error)
+    if first_error is not None and target is not None:
+        i, shown_names, exc = first_error
         sig, _plain, first = target
         shown = sig.replace(parameters=list(sig.parameters.values())[len(first):])  # without self
-        where = (f"{name}[{i}]'s inputs {names} cannot be passed to {type(student).__name__}.{method_name}{shown} "
-                 f"({exc})")
+        where = (f"{name}[{i}]'s inputs {shown_names} cannot be passed to "
+                 f"{type(student).__name__}.{method_name}{shown} ({exc})")
         sync = _bindable(type(student), "forward", student) if method_name == "aforward" else None
-        if sync is not None and _bind_error(*sync, dict(examples[i].inputs())) is None:
+        if sync is not None and _bind_error(*sync, dict.fromkeys(shown_names)) is None:
             where += " (TurboGEPA runs an async program through its own aforward; its forward would take them: make" \
                      " the two take the same inputs)"
         if len(failed) == len(examples):
-            raise TypeError(f"{where}: every evaluation would fail, and so would the other examples'.{hint} Mark the "
+            raise TypeError(f"{where}: no example's inputs fit, so every evaluation would fail.{hint} Mark the "
                             "inputs it takes with .with_inputs(...) (the label is not an input), or rename the fields "
                             "or its parameters to match.") from exc
-        log.warning("%s: %d of %d examples will fail and be scored as failures; %s.", name, len(failed),
-                    len(examples), where)
+        log.warning("%s: %d of %d examples will fail and be scored as failures (the systemic-failure check leaves "
+                    "them out); %s.", name, len(failed), len(examples), where)
     if absent:
         log.warning("%s: .with_inputs(...) marks %s, which no example has, so nothing is passed for it (the "
                     "examples' fields: %s). A typo in with_inputs?", name, absent, sorted(present))
+    return failed
 
 
 def _bind_error(sig: inspect.Signature, plain: inspect.Signature, first: tuple[Any, ...],

@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -114,11 +114,14 @@ class Orchestrator:
         known_evaluations: Mapping[EvalKey, EvalOutcome] | None = None,
         known_proposals: Mapping[str, ProposalOutcome] | None = None,
         shared_splits: bool = False,
+        expected_failures: Mapping[str, Collection[int]] | None = None,
     ) -> None:
         """``known_evaluations`` / ``known_proposals`` come from a run store when a run is resumed: they
         are served as cache hits (charged to the budget as the first run was, never executed again).
         ``shared_splits``: ``val_ids`` name the same examples as ``train_ids`` (no separate valset), so
-        an evaluation on either serves both (see :class:`EvaluationCache`)."""
+        an evaluation on either serves both (see :class:`EvaluationCache`). ``expected_failures``: examples
+        known to fail before the run starts, left out of the systemic-failure check (see
+        :class:`SystemicFailureDetector`)."""
         self.config = config
         self._evaluator = evaluator
         self._reflector = reflector
@@ -149,6 +152,7 @@ class Orchestrator:
             config.systemic_failure_window, config.systemic_proposal_window,
             split_sizes={"val": len(set(self._val_ids))} if shared_splits else
             {"train": len(set(self._train_ids)), "val": len(set(self._val_ids))},
+            expected_failures=expected_failures,
         )
         self._systemic.resume({"val" if shared_splits else key[1]
                                for key, o in (known_evaluations or {}).items() if o.failure is None},

@@ -25,7 +25,7 @@ otherwise be called until the no-progress limit, returning the seed as if optimi
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dspy_turbogepa.engine.errors import SystemicFailureError
@@ -73,12 +73,16 @@ class _SplitWindow:
 
 class SystemicFailureDetector:
     def __init__(self, window: int, proposal_window: int | None = None,
-                 split_sizes: Mapping[str, int] | None = None) -> None:
+                 split_sizes: Mapping[str, int] | None = None,
+                 expected_failures: Mapping[str, Collection[int]] | None = None) -> None:
         """``split_sizes``: the distinct examples of each split. A split smaller than ``window`` is
         judged once every one of its examples has failed (4 training examples whose failures give
-        reflection nothing to read are never evaluated 8 times)."""
+        reflection nothing to read are never evaluated 8 times). ``expected_failures``: per split, the
+        examples known before the run to fail (their inputs cannot reach the program; the user was
+        warned): their failures say nothing about the setup, so they never fill the first-N window."""
         self.window = max(1, window)
-        self._split_sizes = dict(split_sizes or {})
+        self._expected = {split: frozenset(ids) for split, ids in (expected_failures or {}).items()}
+        self._split_sizes = {split: n - len(self._expected.get(split, ())) for split, n in (split_sizes or {}).items()}
         self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
         self._splits: dict[str, _SplitWindow] = {}
         self._raised: SystemicFailureError | None = None
@@ -172,7 +176,7 @@ class SystemicFailureDetector:
                 failure=outcome.failure,
                 error_type=outcome.error_type,
             )
-        if window.seen_success:
+        if window.seen_success or outcome.example_id in self._expected.get(split, ()):
             return
         key = (outcome.failure, outcome.error_type or "")
         window.failures[key] += 1
