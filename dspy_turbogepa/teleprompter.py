@@ -403,8 +403,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if valset is not None:
             _check_examples("valset", valset)
         # examples that will fail whatever the instructions say: left out of the systemic-failure check
-        unreachable: dict[str, list[int]] = {"train": check_inputs_reach(student, "trainset", trainset),
-                       "val": check_inputs_reach(student, "valset", valset) if valset is not None else []}
+        unreachable: dict[str, list[int]] = {"train": check_inputs_reach(student, "trainset", trainset), "val": []}
+        if valset is not None and not _same_examples(trainset, valset):  # the same examples: warned about once
+            unreachable["val"] = check_inputs_reach(student, "valset", valset)
         flex = _flex_submodules(student)
         if flex:
             raise NotImplementedError(

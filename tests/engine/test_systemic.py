@@ -221,3 +221,23 @@ def test_after_a_systemic_stop_every_observer_gets_the_same_error() -> None:
     with pytest.raises(SystemicFailureError) as again:
         d.observe(OK)
     assert again.value is first.value
+
+
+def test_examples_known_to_fail_never_fill_the_window() -> None:
+    """Rows whose inputs cannot reach the program (warned about before the run) fail at once; they said
+    nothing about the setup but filled the first-N window and stopped a working run."""
+    det = SystemicFailureDetector(3, expected_failures={"val": {0, 1, 2, 3, 4}})
+    for i in range(5):
+        det.observe(fail(error_type="TypeError", example_id=i))
+    for i in (5, 6):
+        det.observe(fail(example_id=i))
+    with pytest.raises(SystemicFailureError, match="first 3 evaluations"):
+        det.observe(fail(example_id=7))  # the others still count: a broken setup is still caught
+
+
+def test_a_small_split_is_judged_on_its_examples_not_known_to_fail() -> None:
+    det = SystemicFailureDetector(8, split_sizes={"train": 4}, expected_failures={"train": {0, 1}})
+    det.observe(fail(example_id=0), split="train")
+    det.observe(fail(example_id=2), split="train")
+    with pytest.raises(SystemicFailureError):
+        det.observe(fail(example_id=3), split="train")  # every example that can run has failed
