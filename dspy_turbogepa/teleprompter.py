@@ -404,7 +404,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             _check_examples("valset", valset)
         # examples that will fail whatever the instructions say: left out of the systemic-failure check
         unreachable: dict[str, list[int]] = {"train": check_inputs_reach(student, "trainset", trainset), "val": []}
-        if valset is not None and not _same_examples(trainset, valset):  # the same examples: warned about once
+        # valset=None and valset=trainset (or an equal copy) are the same run: one evaluation serves both
+        # (decided once: for a large dataset it hashes every example)
+        shared = valset is None or _same_examples(trainset, valset)
+        if not shared:  # the same examples are checked and warned about once
             unreachable["val"] = check_inputs_reach(student, "valset", valset)
         flex = _flex_submodules(student)
         if flex:
@@ -440,8 +443,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
             cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm, self.metric_fn,
                                                            self.custom_instruction_proposer)))
-            # valset=None and valset=trainset (or an equal copy) are the same run: one evaluation serves both
-            shared = valset is None or _same_examples(train, val)
             expected: dict[str, list[int]] = ({"val": unreachable["train"]} if shared else
                                                 {"train": unreachable["train"], "val": unreachable["val"]})
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
