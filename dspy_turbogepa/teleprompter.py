@@ -762,7 +762,7 @@ def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
         return True
     from dspy_turbogepa.adapter.persistence import data_identity
 
-    return data_identity(a) == data_identity(b)
+    return data_identity(a, "trainset") == data_identity(b, "valset")
 
 
 def _flex_submodules(student: dspy.Module) -> list[str]:

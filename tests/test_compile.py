@@ -453,6 +453,27 @@ def test_inputs_that_can_never_reach_the_program_are_refused_before_any_lm_call(
             Async(), trainset=train, valset=splits.val)
 
 
+def test_a_field_that_cannot_be_read_is_named_before_any_lm_call(routing, reflection_lm, tmp_path):
+    """A metadata field whose repr raises came out as a bare error from deep inside the run key's hashing
+    (with a log_dir, or a valset as long as the trainset; otherwise nothing reads the field)."""
+    class Opaque:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr for you")
+
+        __str__ = __repr__
+
+    calls = {"n": 0}
+    student = make_student_lm(seed=0, before_call=lambda r: calls.__setitem__("n", calls["n"] + 1))
+    splits = small_splits(routing)
+    val = list(splits.val)
+    val[2] = dspy.Example(**val[2].toDict(), meta=Opaque()).with_inputs("ticket")
+    opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflection_lm, num_threads=4,
+                    log_dir=str(tmp_path))
+    with dspy.context(lm=student), pytest.raises(TypeError, match=r"valset\[2\] cannot be read .*no repr for you"):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=val)
+    assert calls["n"] == 0
+
+
 def test_the_input_check_accepts_what_dspy_runs() -> None:
     """False refusals a review found: a program with no inputs, a staticmethod forward, an input with a
     default that no example holds, an example whose only input is a dspy_ field (hidden by keys())."""

@@ -785,8 +785,8 @@ def run_key(
         reflection.append("add_format_failure_as_feedback")
     return {
         KEY_FORMAT_COMPONENT: RUN_KEY_FORMAT,
-        "trainset": data_identity(trainset),
-        "valset": data_identity(valset),
+        "trainset": data_identity(trainset, "trainset"),
+        "valset": data_identity(valset, "valset"),
         "student": stable_hash(_hashable(structure)),
         "seed": str(0 if seed is None else seed),  # None runs as seed 0 (dspy.GEPA's default)
         "metric": stable_hash([callable_identity(metric)]),
@@ -844,10 +844,24 @@ def _plain_settings(obj: Any) -> dict[str, Any]:
             if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
 
 
-def data_identity(examples: Sequence[dspy.Example]) -> str:
+def data_identity(examples: Sequence[dspy.Example], name: str = "examples") -> str:
     """A dataset's content hash: every example's fields and inputs, in order (arrays, tables and models
-    by content, see :func:`_hashable`); the same in every process."""
-    return stable_hash(_hashable([_example_identity(ex) for ex in examples]))
+    by content, see :func:`_hashable`); the same in every process.
+
+    A field whose value cannot be read (its ``__str__`` or ``__repr__`` raises) is a ``TypeError`` naming
+    ``name[i]`` before any LM call; it was a bare error from deep inside the hashing."""
+    try:
+        return stable_hash(_hashable([_example_identity(ex) for ex in examples]))
+    except Exception as exc:  # find which example, hashed alone (the hash itself is unchanged: run keys stay)
+        for i, ex in enumerate(examples):
+            try:
+                _hashable(_example_identity(ex))
+            except Exception as inner:  # noqa: BLE001 - re-raised with the example named
+                raise TypeError(
+                    f"{name}[{i}] cannot be read to identify the run's data ({describe_error(inner)}). TurboGEPA "
+                    "hashes every field of every example to recognise the run (caching, resume): give that field "
+                    "a value whose str() / repr() works, or leave it out of the example.") from inner
+        raise exc
 
 
 def _example_identity(example: dspy.Example) -> list[Any]:
