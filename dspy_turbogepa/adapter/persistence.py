@@ -856,7 +856,7 @@ def data_identity(examples: Sequence[dspy.Example], name: str = "examples") -> s
         for i, ex in enumerate(examples):
             try:
                 _hashable(_example_identity(ex))
-            except Exception as inner:  # noqa: BLE001 - re-raised with the example named
+            except Exception as inner:  # re-raised with the example named
                 raise TypeError(
                     f"{name}[{i}] cannot be read to identify the run's data ({describe_error(inner)}). TurboGEPA "
                     "hashes every field of every example to recognise the run (caching, resume): give that field "
