@@ -402,13 +402,14 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         _check_examples("trainset", trainset)
         if valset is not None:
             _check_examples("valset", valset)
-        # examples that will fail whatever the instructions say: left out of the systemic-failure check
-        unreachable: dict[str, list[int]] = {"train": check_inputs_reach(student, "trainset", trainset), "val": []}
         # valset=None and valset=trainset (or an equal copy) are the same run: one evaluation serves both
         # (decided once: for a large dataset it hashes every example)
         shared = valset is None or _same_examples(trainset, valset)
-        if not shared:  # the same examples are checked and warned about once
-            unreachable["val"] = check_inputs_reach(student, "valset", valset)
+        # examples that will fail whatever the instructions say: left out of the systemic-failure check (the
+        # same examples are checked, and warned about, once)
+        expected: dict[str, list[int]] = {"val": check_inputs_reach(student, "trainset", trainset)} if shared else {
+            "train": check_inputs_reach(student, "trainset", trainset),
+            "val": check_inputs_reach(student, "valset", valset)}
         flex = _flex_submodules(student)
         if flex:
             raise NotImplementedError(
@@ -443,8 +444,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
             cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm, self.metric_fn,
                                                            self.custom_instruction_proposer)))
-            expected: dict[str, list[int]] = ({"val": unreachable["train"]} if shared else
-                                                {"train": unreachable["train"], "val": unreachable["val"]})
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
                              expected_failures=expected)
 

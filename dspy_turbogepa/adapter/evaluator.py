@@ -141,7 +141,7 @@ def runs_async(program: Any) -> bool:
     call_owner = _nearest_owner(type(program), "__call__")
     acall_owner = _nearest_owner(type(program), "acall")
     mro = type(program).__mro__
-    own_call_first = (call_owner is not None and not in_dspy_package(call_owner)
+    own_call_first = (user_defines(type(program), "__call__")
                       and (acall_owner is None or mro.index(call_owner) < mro.index(acall_owner)))
     return not (own_call_first and defines_own_forward(program))
 
@@ -159,10 +159,7 @@ def user_defines(cls: type, name: str) -> bool:
 
 def defines_own_forward(program: Any) -> bool:
     """Whether the nearest ``forward`` in ``program``'s MRO is the user's (a sync path of their own)."""
-    for cls in type(program).__mro__:
-        if "forward" in vars(cls):
-            return not in_dspy_package(cls)
-    return False
+    return user_defines(type(program), "forward")
 
 
 def lacks_async_support(error: BaseException) -> bool:

@@ -85,9 +85,8 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> list
                 failed.append(i)
                 if first_error is None:
                     first_error = (i, list(names), error)
-    if first_error is not None and target is not None:
+    if first_error is not None:
         i, shown_names, exc = first_error
-        sig, _plain, first = target
         shown = sig.replace(parameters=list(sig.parameters.values())[len(first):])  # without self
         where = (f"{name}[{i}]'s inputs {shown_names} cannot be passed to "
                  f"{type(student).__name__}.{method_name}{shown} ({exc})")

@@ -213,7 +213,6 @@ class Orchestrator:
         self._committed = 0
         self._stop_reason: StopReason | None = None
         self._external_stop: StopReason | None = None
-        self._stop_callbacks_answered = False
         self._warned_empty_selection = False
         self._selector_chose = False  # a callable selector returned a component at least once
         self._empty_selections = 0
@@ -367,7 +366,7 @@ class Orchestrator:
         if self._stop_reason is not None and not (self._stop_reason == "no_progress_possible" and self._draining()):
             return
         view = self.selector_state()
-        first_ask = not self._stop_callbacks_answered
+        first_ask = self._committed == 0  # asked once before the first mutation, then after each commit
         for i, cb in enumerate(self.config.stop_callbacks):
             try:
                 stop = bool(cb(view))
@@ -391,7 +390,6 @@ class Orchestrator:
                 # children are not added) and nothing more starts
                 self._drain_view = None
                 return
-        self._stop_callbacks_answered = True
 
     def _draining(self) -> bool:
         """After a deterministic no-progress stop, mutations planned from views up to the stopping commit
