@@ -474,6 +474,19 @@ def test_a_field_that_cannot_be_read_is_named_before_any_lm_call(routing, reflec
     assert calls["n"] == 0
 
 
+def test_a_budget_below_one_seed_evaluation_is_refused_naming_the_valset_it_meant(routing, reflection_lm):
+    """With valset=None the message spoke of a valset the user never passed (the trainset is the valset)."""
+    splits = small_splits(routing, n_train=30)
+    opt = TurboGEPA(routing.metric, max_metric_calls=20, reflection_lm=reflection_lm, num_threads=4)
+    with pytest.raises(ValueError, match=r"budget \(20 metric calls\) does not cover one evaluation of the seed on "
+                                         r"the valset \(30 examples\).*valset=None the trainset is the valset"):
+        opt.compile(routing.make_program(), trainset=splits.train)
+    with pytest.raises(ValueError, match=r"on the valset \(16 examples\)\. Raise max_metric_calls \(or use "
+                                         r"auto=\.\.\.\)\.$"):
+        TurboGEPA(routing.metric, max_metric_calls=10, reflection_lm=reflection_lm).compile(
+            routing.make_program(), trainset=splits.train, valset=splits.val)
+
+
 def test_the_input_check_accepts_what_dspy_runs() -> None:
     """False refusals a review found: a program with no inputs, a staticmethod forward, an input with a
     default that no example holds, an example whose only input is a dspy_ field (hidden by keys())."""

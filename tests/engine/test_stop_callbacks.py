@@ -181,6 +181,10 @@ def test_reading_a_field_the_state_lacks_names_what_it_has() -> None:
     state = SelectorState(["a"], [{"a": "x"}], [0.5])
     with pytest.raises(AttributeError, match=r"no 'full_program_trace'.*pareto_front_valset"):
         _ = state.full_program_trace
+    # a field it has, whose computation failed inside, is not reported as missing
+    broken = SelectorState(["a"], [{"a": "x"}], [0.5], records=[object()])  # type: ignore[list-item]
+    with pytest.raises(AttributeError, match=r"SelectorState.pareto_front_valset could not be computed"):
+        _ = broken.pareto_front_valset
 
 
 def test_a_callback_broken_from_the_start_stops_before_any_mutation() -> None:
