@@ -54,3 +54,28 @@ def test_unknown_model_stops_the_run_with_a_clear_error(server, routing):
     with dspy.context(lm=student), pytest.raises(SystemicFailureError) as info:
         opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
     assert "Stopping" in str(info.value)
+
+
+@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
+def test_a_reflection_refused_as_too_long_by_the_server_is_asked_again_with_fewer_examples(routing, engine):
+    """OpenAI's 400 ``context_length_exceeded`` reaches us as ContextWindowExceededError on both client
+    paths (litellm recognises it by its own rules): the reflection is asked again with fewer examples."""
+    from dataclasses import replace
+
+    from dspy_turbogepa.testing.responder import SimConfig
+
+    config = SimConfig.preset("test")
+    config = replace(config, models=tuple(replace(m, context_window=800) if m.role == "reflector" else m
+                                          for m in config.models))
+    with SimServer(config, seed=0) as server:
+        student, reflector = _lms(server, **engine)
+        splits = small_splits(routing, n_train=30, n_val=16)
+        opt = TurboGEPA(routing.metric, max_metric_calls=150, reflection_lm=reflector, num_threads=8,
+                        track_stats=True)
+        with dspy.context(lm=student):
+            dr = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val).detailed_results
+        refl = server.stats()["models"]["sim-reflector"]
+    assert refl["context_refused"] >= 1 and refl["ok"] >= 1
+    assert max(dr.val_aggregate_scores) > dr.val_aggregate_scores[0]
+    assert dr.run_stats["reflective_records_skipped"]["context_window"] >= 1
+    assert "proposer_error" not in dr.run_stats["proposal_skips"]

@@ -379,3 +379,62 @@ def test_a_custom_proposer_that_keeps_rebuilding_a_known_candidate_stops_the_run
     assert results.stop_reason == "no_progress_possible"
     # 25 in a row, plus what was already in flight when the 25th committed (siblings included)
     assert 25 <= calls["n"] <= 25 + 2 * opt.max_sibling_reflections * 4
+
+
+def _context_window(limit):
+    """A reflection LM whose context window holds ``limit`` prompt tokens (counted as the simulator counts
+    them): a longer prompt is refused as a real provider refuses it (dspy.lm15.ContextLengthError, what
+    DSPy's native client raises for OpenAI's context_length_exceeded). Records what it read."""
+    from dspy import lm15
+
+    from dspy_turbogepa.testing.fake_lm import request_messages
+    from dspy_turbogepa.testing.responder import count_prompt_tokens
+
+    seen = {"refused": 0, "examples_answered": []}
+
+    def before_call(request):
+        messages = request_messages(request)
+        used = count_prompt_tokens(messages)
+        if used > limit:
+            seen["refused"] += 1
+            raise lm15.ContextLengthError(f"maximum context length is {limit} tokens, the prompt has {used}",
+                                          status=400)
+        seen["examples_answered"].append(sum(m["content"].count('"Inputs"') for m in messages))
+
+    return make_reflection_lm(seed=0, before_call=before_call), seen
+
+
+def test_a_reflection_longer_than_the_reflection_lms_context_window_is_asked_again_with_fewer_examples(
+        routing, caplog):
+    """A reflection reads up to minibatch + scouts + reused failures (8 here, about 1,100 tokens). With a
+    window of 800 tokens every such prompt was refused, each failed reflection counted as the proposer's
+    failure, and the run stopped as systemic where dspy.GEPA, reading 3, would have run. Now a refused
+    reflection is asked again with half the examples per predictor, and later ones start from that."""
+    reflection_lm, seen = _context_window(800)
+    splits = small_splits(routing, n_train=30, n_val=16)
+    opt = TurboGEPA(routing.metric, max_metric_calls=150, reflection_lm=reflection_lm, num_threads=8,
+                    track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), caplog.at_level("WARNING"):
+        dr = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val).detailed_results
+    assert seen["refused"] >= 1 and seen["examples_answered"]
+    assert max(seen["examples_answered"]) <= 4  # what fits; the first reflections asked for 5-8
+    assert max(dr.val_aggregate_scores) >= dr.val_aggregate_scores[0] + 0.3  # the run learned from what fit
+    assert dr.run_stats["reflective_records_skipped"]["context_window"] >= 1
+    assert "proposer_error" not in dr.run_stats["proposal_skips"]
+    lowered = [r.getMessage() for r in caplog.records if "context window could not hold" in r.getMessage()]
+    assert 1 <= len(lowered) <= 3, lowered  # once per halving, not once per reflection
+    # later reflections start from the lowered number: refused calls are the halvings', not one per reflection
+    assert seen["refused"] <= len(lowered) + 2
+
+
+def test_a_reflection_lm_whose_window_cannot_hold_one_example_stops_the_run_saying_so(routing):
+    from dspy_turbogepa.engine.errors import SystemicFailureError
+
+    reflection_lm, seen = _context_window(300)  # the proposer's instructions alone are ~500 tokens
+    splits = small_splits(routing, n_train=30, n_val=16)
+    opt = TurboGEPA(routing.metric, max_metric_calls=150, reflection_lm=reflection_lm, num_threads=8)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
+            pytest.raises(SystemicFailureError, match="even one example per predictor is longer than the "
+                                                      "reflection LM's context window"):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert not seen["examples_answered"]

@@ -129,6 +129,12 @@ SERVICE_ERROR_TYPES = frozenset(
     }
 )
 
+#: Exception class names of a prompt longer than the model's context window: dspy's public
+#: ``ContextWindowExceededError`` (raised by the native client and, from litellm's error of the same name,
+#: by ``engine="litellm"``) and ``dspy.lm15.ContextLengthError`` (a custom engine's). Not retryable as it
+#: is; only a shorter prompt gets through (see ``proposers/reflection.py``).
+CONTEXT_WINDOW_TYPES = frozenset({"ContextWindowExceededError", "ContextLengthError"})
+
 _GROUP: type | None = getattr(builtins, "BaseExceptionGroup", None)  # Python >= 3.11
 
 _TRANSIENT_STATUS = frozenset({408, 500, 502, 503, 504, 529})
@@ -266,6 +272,11 @@ def _first_fatal(chain: Iterable[BaseException], fatal: frozenset[str]) -> str |
         if name in fatal and _from_lm_stack(cur):
             return name
     return None
+
+
+def context_window_exceeded(exc: BaseException) -> bool:
+    """Whether the LM stack refused ``exc``'s request as longer than the model's context window."""
+    return any(type(cur).__name__ in CONTEXT_WINDOW_TYPES and _from_lm_stack(cur) for cur in exception_chain(exc))
 
 
 def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:

@@ -1,5 +1,11 @@
 """Reflective mutation: build each component's reflective dataset, then ask the proposer for new texts.
 
+A reflection here reads more examples than dspy.GEPA's three (scouts and reused failures, see
+docs/engine.md), so with long traces (retrieved passages, long documents) its prompt can outgrow the
+reflection LM's context window where dspy.GEPA's would not. A proposal refused for that is asked again
+with half the examples per predictor (the minibatch's come first), down to one, and the smaller
+number is kept for later reflections: the run reads what fits instead of failing every reflection.
+
 The proposer is any dspy.GEPA ``ProposalFn`` — by default dspy's own
 ``dspy.teleprompt.gepa.InstructionProposer``, used through import so the reflection prompt is exactly
 dspy.GEPA's. It runs in a worker thread (proposers are synchronous DSPy code) under
@@ -33,6 +39,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     RateLimitStats,
     RetryPolicy,
     classify,
+    context_window_exceeded,
     fatal_error_name,
 )
 from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
@@ -91,6 +98,11 @@ class ReflectiveProposer:
         self._fatal = FATAL_ERROR_TYPES
         #: error types already reported at WARNING (a failing reflection LM fails the same way each time)
         self._reported_errors = FirstOfKind()
+        #: Most examples per predictor a reflection shows, once one did not fit the reflection LM's context
+        #: window (None: no limit seen). Only lowered; shared by the reflection threads.
+        self._records_cap: int | None = None
+        self._cap_lock = threading.Lock()
+        self._records_left_out = 0
 
     def stop(self) -> None:
         """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped)."""
@@ -101,8 +113,18 @@ class ReflectiveProposer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def skipped_records(self) -> dict[str, int]:
-        """Traced examples the reflective datasets left out so far, by reason."""
-        return self._builder.skipped_counts()
+        """Traced examples the reflective datasets left out so far, by reason (``context_window``: left
+        out of a reflection to fit the reflection LM's context window)."""
+        counts = self._builder.skipped_counts()
+        with self._cap_lock:
+            if self._records_left_out:
+                counts["context_window"] = self._records_left_out
+        return counts
+
+    @property
+    def records_cap(self) -> int | None:
+        """Most examples per predictor a reflection shows now (None: as many as the engine gives)."""
+        return self._records_cap
 
     def rate_limit_stats(self) -> dict[str, Any]:
         """The reflection LM's 429s and transient failures (timeouts, 5xx, dropped connections): seen,
@@ -142,7 +164,7 @@ class ReflectiveProposer:
         with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices) as usage:
             # every selected component, as dspy.GEPA asks (a custom proposer may rewrite one that has no
             # traces in this minibatch from other context; dspy's own proposer skips those itself)
-            outcome = self._propose(parent_texts, dataset, list(components))
+            outcome = self._propose_fitting(parent_texts, dataset, list(components))
         # every return path, a proposer that raised after paying for calls included, carries its usage
         return dataclasses.replace(
             outcome, reflection_calls=counter.calls,
@@ -171,6 +193,38 @@ class ReflectiveProposer:
                                    + ", ".join(components))
         return dataset
 
+    def _propose_fitting(
+        self, parent_texts: dict[str, str], dataset: dict[str, list[Any]], to_update: list[str]
+    ) -> ProposalOutcome:
+        """``_propose`` on as many of the dataset's examples as the reflection LM's context window holds."""
+        shown, left_out = _first_records(dataset, self._records_cap)
+        while True:
+            outcome = self._propose(parent_texts, shown, to_update)
+            most = max((len(records) for records in shown.values()), default=0)
+            if outcome.skipped != _TOO_LONG or most <= 1:
+                break
+            self._lower_cap(most // 2, most, outcome.message or "")
+            shown, left_out = _first_records(dataset, self._records_cap)
+        with self._cap_lock:
+            self._records_left_out += left_out
+        if outcome.skipped != _TOO_LONG:
+            return outcome
+        message = (f"{outcome.message}; even one example per predictor is longer than the reflection LM's context "
+                   "window. Use a reflection_lm with a longer context window, or shorten what the traces carry (the "
+                   "inputs and outputs of each predictor call).")
+        first = self._reported_errors.first(_TOO_LONG)
+        logger.log(logging.WARNING if first else logging.DEBUG, "A proposal is skipped: %s", message)
+        return dataclasses.replace(outcome, skipped="proposer_error", message=message)
+
+    def _lower_cap(self, cap: int, tried: int, why: str) -> None:
+        with self._cap_lock:
+            if self._records_cap is not None and self._records_cap <= cap:
+                return  # another reflection lowered it meanwhile, as far or further
+            self._records_cap = cap
+        logger.warning("The reflection LM's context window could not hold a reflection on %d examples per predictor "
+                       "(%s); reflections show at most %d from now on, the minibatch's first. A reflection_lm with a "
+                       "longer context window lets them read more.", tried, why, cap)
+
     def _propose(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str]) -> ProposalOutcome:
         retries, started = {"rate_limited": 0, "transient": 0}, time.monotonic()
         while True:
@@ -182,6 +236,9 @@ class ReflectiveProposer:
                     answer = asyncio.run(_await(answer))
                 break
             except USER_CODE_ERRORS as exc:
+                if context_window_exceeded(exc):  # a shorter prompt may fit: _propose_fitting decides
+                    return ProposalOutcome(skipped=_TOO_LONG, message=describe_error(exc),
+                                           error_type=type(exc).__name__)
                 verdict = classify(exc, self._fatal)
                 kind = verdict.kind
                 if kind is None:
@@ -218,6 +275,19 @@ class ReflectiveProposer:
         fatal = fatal_error_name(exc, self._fatal)
         return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None or quota,
                                error_type=fatal or type(exc).__name__, rate_limited=quota)
+
+
+#: ``_propose``'s skip reason for a prompt the reflection LM refused as too long (never leaves this module).
+_TOO_LONG = "context_window_exceeded"
+
+
+def _first_records(dataset: Mapping[str, list[Any]], cap: int | None) -> tuple[dict[str, list[Any]], int]:
+    """The dataset with at most ``cap`` records per predictor (the first: the minibatch's), and how many
+    records that leaves out."""
+    if cap is None:
+        return dict(dataset), 0
+    return ({name: records[:cap] for name, records in dataset.items()},
+            sum(max(0, len(records) - cap) for records in dataset.values()))
 
 
 async def _await(awaitable: Any) -> Any:

@@ -143,7 +143,9 @@ class ModelConfig:
     completion_tokens) * time_scale``. Over ``rpm`` (sliding window of 60 s x
     time_scale) a request gets an immediate 429; over ``max_concurrency`` it waits in a
     FIFO queue up to ``queue_timeout_s`` (default 4 x median; scaled) and then gets a
-    429. ``fault_rate`` injects HTTP 500s.
+    429. ``fault_rate`` injects HTTP 500s. ``context_window`` (prompt tokens, counted as the
+    responder counts them, ~chars/4) refuses a longer prompt with OpenAI's 400
+    ``context_length_exceeded``.
     """
 
     name: str
@@ -155,6 +157,7 @@ class ModelConfig:
     rpm: int | None = None
     queue_timeout_s: float | None = None
     fault_rate: float = 0.0
+    context_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -165,6 +168,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.rpm must be >= 1 or None")
         if not 0.0 <= self.fault_rate <= 1.0:
             raise ValueError("ModelConfig.fault_rate must be in [0, 1]")
+        if self.context_window is not None and self.context_window < 1:
+            raise ValueError("ModelConfig.context_window must be >= 1 or None")
         if min(self.median_s, self.sigma, self.per_token_s) < 0:
             raise ValueError("ModelConfig latency parameters must be >= 0")
 
@@ -453,6 +458,11 @@ def _tokens(chars: int) -> int:
     return max(1, math.ceil(chars / 4))
 
 
+def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """A request's prompt tokens as the responder counts them (its usage and ``context_window``)."""
+    return _tokens(sum(len(message_text(m.get("content"))) for m in messages))
+
+
 class Responder:
     """Immutable dispatcher: ``respond(role, messages, params) -> Completion``.
 
@@ -524,8 +534,7 @@ class Responder:
         else:
             text, meta = self._student(prompt, *target, choice_index)
             kind = "student"
-        prompt_chars = sum(len(message_text(m.get("content"))) for m in messages)
-        return Completion(text, _tokens(prompt_chars), _tokens(len(text)), kind, meta)
+        return Completion(text, count_prompt_tokens(messages), _tokens(len(text)), kind, meta)
 
     # ---- student ------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from dspy_turbogepa.testing.responder import ModelConfig, Responder, SimConfig, SimLMError
+from dspy_turbogepa.testing.responder import ModelConfig, Responder, SimConfig, SimLMError, count_prompt_tokens
 
 __all__ = ["SimServer", "main"]
 
@@ -74,6 +74,8 @@ class _ModelState:
     rate_limited_rpm: int = 0
     rate_limited_queue: int = 0
     errors: int = 0
+    #: requests refused for a prompt longer than ``ModelConfig.context_window`` (counted in ``errors`` too)
+    context_refused: int = 0
     peak_concurrency: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -91,7 +93,7 @@ class _ModelState:
     def reset(self, now: float) -> None:
         self.t0 = self.last_change = now
         self.area = self.busy_s = 0.0
-        self.requests = self.ok = self.http_429 = self.errors = 0
+        self.requests = self.ok = self.http_429 = self.errors = self.context_refused = 0
         self.rate_limited_rpm = self.rate_limited_queue = 0
         self.peak_concurrency = self.inflight
         self.prompt_tokens = self.completion_tokens = 0
@@ -109,6 +111,7 @@ class _ModelState:
             "rate_limited_rpm": self.rate_limited_rpm,
             "rate_limited_queue": self.rate_limited_queue,
             "errors": self.errors,
+            "context_refused": self.context_refused,
             "inflight": self.inflight,
             "queued": len(self.waiters),
             "peak_concurrency": self.peak_concurrency,
@@ -449,6 +452,17 @@ class SimServer:
         st = self._models[model.name]
         with self._lock:
             st.requests += 1
+        if model.context_window is not None:
+            used = count_prompt_tokens(body["messages"])
+            if used > model.context_window:  # refused before admission, as providers validate first
+                with self._lock:
+                    st.errors += 1
+                    st.context_refused += 1
+                self._log_line(t_wall, model.name, 400, t_arrival, {"reason": "context_length_exceeded"})
+                return 400, SimLMError(
+                    400, f"This model's maximum context length is {model.context_window} tokens. However, your "
+                    f"messages resulted in {used} tokens. Please reduce the length of the messages.",
+                    err_type="invalid_request_error", code="context_length_exceeded").body(), {}
         try:
             await self._admit(st, t_arrival)
         except SimLMError as err:

@@ -430,6 +430,22 @@ def test_server_endpoints_and_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.http
+def test_server_refuses_a_prompt_past_the_models_context_window_as_openai_does() -> None:
+    with pytest.raises(ValueError, match="context_window"):
+        ModelConfig("m", context_window=0)
+    cfg = SimConfig(models=(ModelConfig("sim-student", context_window=10),))
+    with SimServer(cfg) as srv:
+        url = f"{srv.base_url}/chat/completions"
+        assert post_json(url, chat_body())[0] == 200  # "hello": 2 tokens
+        long = {"model": "sim-student", "messages": [{"role": "user", "content": "x" * 41}]}  # 11 tokens
+        status, _, body = post_json(url, long)
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        assert "maximum context length is 10 tokens" in body["error"]["message"]
+        stats = srv.stats()["models"]["sim-student"]
+        assert stats["context_refused"] == 1 and stats["ok"] == 1
+
+
+@pytest.mark.http
 def test_server_429_with_retry_after_when_concurrency_cap_exceeded() -> None:
     cfg = SimConfig(models=(ModelConfig("sim-student", median_s=0.5, max_concurrency=1, queue_timeout_s=0.0),))
     with SimServer(cfg) as srv:
