@@ -31,3 +31,12 @@ def test_mypy_finds_no_errors_in_the_package(tmp_path):
 def test_ruff_finds_nothing():
     proc = _run(["ruff", "check", "--no-cache", "."], ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_package_ships_its_pep561_marker():
+    """Without ``py.typed`` in the wheel, a user's mypy treats every dspy_turbogepa name as Any."""
+    import tomllib
+
+    assert (ROOT / "dspy_turbogepa" / "py.typed").is_file()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["dspy_turbogepa"]
