@@ -884,3 +884,24 @@ def test_unhashable_lm_classes_compile(routing):
     _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=120, program=program)
     dr = optimized.detailed_results
     assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0]
+
+
+def test_best_outputs_list_an_empty_prediction_where_the_program_raised_as_dspy_gepa_does(routing):
+    """dspy.GEPA lists dspy.Evaluate's empty Prediction for a rollout that raised; we listed nothing, so
+    ``{i: outs[0][1] for i, outs in dr.best_outputs_valset.items()}`` raised IndexError."""
+    from helpers import FailsOnTracking
+
+    splits = small_splits(routing, n_train=20, n_val=16)
+    failing = {i for i, ex in enumerate(splits.val) if "tracking" in ex.ticket.lower()}
+    assert failing and len(failing) < len(splits.val)
+    opt = TurboGEPA(routing.metric, max_metric_calls=80, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    track_stats=True, track_best_outputs=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        dr = opt.compile(FailsOnTracking(routing.make_program()), trainset=splits.train,
+                         valset=splits.val).detailed_results
+    best = {vid: outs[0][1] for vid, outs in dr.best_outputs_valset.items()}
+    assert set(best) == set(range(len(splits.val)))
+    for vid in failing:
+        assert [i for i, _ in dr.best_outputs_valset[vid]] == sorted(dr.per_val_instance_best_candidates[vid])
+        assert all(isinstance(p, dspy.Prediction) and not p.keys() for _, p in dr.best_outputs_valset[vid])
+    assert all(best[vid].queue for vid in set(best) - failing)

@@ -64,9 +64,11 @@ def build_result(
     fronts = {vid: set(result.fronts[vid]) for vid in val_ids if vid in result.fronts}
     best_outputs = None
     if track_best_outputs:
+        # A rollout that raised left no output: dspy.GEPA lists it as dspy.Evaluate's empty Prediction, so
+        # every example has an entry (users read ``outs[0][1]`` per example). Outputs that were not kept
+        # (a resumed session without them, masked ones) were run again on resume: only failures lack one.
         best_outputs = {
-            vid: [(i, records[i].val_outputs[vid])
-                  for i in sorted(fronts.get(vid, ())) if vid in records[i].val_outputs]
+            vid: [(i, records[i].val_outputs.get(vid, dspy.Prediction())) for i in sorted(fronts.get(vid, ()))]
             for vid in val_ids
         }
     objective_names = sorted({k for r in records for scores in r.val_objective_scores.values() for k in scores})

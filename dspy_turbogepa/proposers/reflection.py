@@ -121,11 +121,6 @@ class ReflectiveProposer:
                 counts["context_window"] = self._records_left_out
         return counts
 
-    @property
-    def records_cap(self) -> int | None:
-        """Most examples per predictor a reflection shows now (None: as many as the engine gives)."""
-        return self._records_cap
-
     def rate_limit_stats(self) -> dict[str, Any]:
         """The reflection LM's 429s and transient failures (timeouts, 5xx, dropped connections): seen,
         our retries, give-ups, and the backoff slept (DSPy's own retries are off on our copy of it)."""
