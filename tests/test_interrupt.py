@@ -354,3 +354,81 @@ def test_a_held_ctrl_c_runs_an_asyncio_signal_callback_once():
         return len(seen)
 
     assert asyncio.run(main()) == 1
+
+
+def test_a_second_ctrl_c_without_an_os_signal_aborts_during_the_grace_period():
+    """``_thread.interrupt_main`` (an IDE's stop button, a watchdog) is seen only when Python code runs on
+    the calling thread: a single blocking wait for the whole grace period held the second Ctrl-C back
+    until the grace period ended, and stopped the progress display meanwhile."""
+    import _thread
+    import asyncio
+    import threading
+
+    from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
+
+    release = threading.Event()
+    ticks_after_first: list[int] = []
+    events: list[str] = []
+
+    async def slow() -> str:  # ignores the interrupt, as in-flight LM calls do during the grace period
+        while not release.is_set():
+            await asyncio.sleep(0.05)
+        return "done"
+
+    def on_interrupt() -> None:
+        events.append("interrupt")
+        threading.Timer(0.3, _thread.interrupt_main).start()  # the second Ctrl-C
+
+    def on_tick() -> None:
+        if events:
+            ticks_after_first.append(1)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_coroutine_in_thread(slow, on_interrupt=on_interrupt, on_grace_expired=lambda: events.append("expired"),
+                                    grace_seconds=5.0, on_tick=on_tick)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    assert events == ["interrupt"]  # aborted by the second Ctrl-C, not by the grace period's end
+    assert ticks_after_first  # the display kept drawing while in-flight calls were given their time
+
+
+def test_ctrl_c_during_the_seed_validation_returns_the_seed_if_it_finishes_within_the_grace_period():
+    """The seed's validation is work under way: its queued evaluations still start after Ctrl-C, and if
+    they finish within the grace period the seed program is returned instead of an error."""
+    import _thread
+    import threading
+
+    import dspy
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing import TASKS
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=10, n_val=6, n_test=0)
+    lock = threading.Lock()
+    calls = {"n": 0}
+
+    def slow_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        with lock:
+            calls["n"] += 1
+            if calls["n"] == 1:  # Ctrl-C once the seed validation is under way
+                threading.Timer(0.05, _thread.interrupt_main).start()
+        time.sleep(0.3)
+        return task.metric(gold, pred, trace, pred_name, pred_trace)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        opt = TurboGEPA(slow_metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
+                        track_stats=True)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            program = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    dr = program.detailed_results
+    assert dr.stop_reason == "interrupted" and len(dr.candidates) == 1 and dr.total_metric_calls == len(splits.val)
+    assert program.route.signature.instructions == task.make_program().route.signature.instructions

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -63,12 +64,21 @@ def run_coroutine_in_thread(
                 raise
             interrupted = True
             logger.warning(
-                "Interrupted: no new work will be launched; waiting up to %.0fs for in-flight calls "
-                "(press Ctrl-C again to abort at once).", grace_seconds,
+                "Interrupted: no new mutation will start; the work already under way (its queued evaluations, "
+                "and the seed program's validation, included) gets up to %.0fs to finish (press Ctrl-C again to "
+                "abort at once).", grace_seconds,
             )
             if on_interrupt is not None:
                 on_interrupt()
-            finished.wait(timeout=grace_seconds)
+            # In short slices, as above: an interrupt that is not an OS signal (``_thread.interrupt_main``,
+            # an IDE's stop button) is seen only when Python code runs, so one long wait made the second
+            # Ctrl-C wait out the whole grace period; and the progress display keeps drawing meanwhile.
+            deadline = time.monotonic() + grace_seconds
+            while not finished.wait(timeout=max(0.0, min(0.2, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    break
+                if on_tick is not None:
+                    _tick(on_tick, hook_failures)
             if not finished.is_set() and on_grace_expired is not None:
                 on_grace_expired()
     if on_tick is not None:
