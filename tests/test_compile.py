@@ -905,3 +905,29 @@ def test_best_outputs_list_an_empty_prediction_where_the_program_raised_as_dspy_
         assert [i for i, _ in dr.best_outputs_valset[vid]] == sorted(dr.per_val_instance_best_candidates[vid])
         assert all(isinstance(p, dspy.Prediction) and not p.keys() for _, p in dr.best_outputs_valset[vid])
     assert all(best[vid].queue for vid in set(best) - failing)
+
+
+def test_best_outputs_list_none_where_the_program_answered_none_as_dspy_gepa_does(routing):
+    """An answer of None is the program's answer (dspy.Evaluate keeps it): not shown as a failure's
+    empty Prediction."""
+
+    class NoneOnTracking(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, ticket):
+            return None if "tracking" in ticket.lower() else self.inner(ticket=ticket)
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return 0.0 if pred is None else routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    splits = small_splits(routing, n_train=20, n_val=16)
+    nones = {i for i, ex in enumerate(splits.val) if "tracking" in ex.ticket.lower()}
+    assert nones
+    opt = TurboGEPA(metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    track_stats=True, track_best_outputs=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        dr = opt.compile(NoneOnTracking(), trainset=splits.train, valset=splits.val).detailed_results
+    for vid in nones:
+        assert dr.best_outputs_valset[vid] and all(p is None for _, p in dr.best_outputs_valset[vid])

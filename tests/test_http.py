@@ -56,17 +56,20 @@ def test_unknown_model_stops_the_run_with_a_clear_error(server, routing):
     assert "Stopping" in str(info.value)
 
 
-@pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
-def test_a_reflection_refused_as_too_long_by_the_server_is_asked_again_with_fewer_examples(routing, engine):
+@pytest.mark.parametrize("engine, style", [({}, "openai"), ({"engine": "litellm"}, "openai"), ({}, "message")],
+                         ids=["native", "litellm", "native-message-only"])
+def test_a_reflection_refused_as_too_long_by_the_server_is_asked_again_with_fewer_examples(routing, engine, style):
     """OpenAI's 400 ``context_length_exceeded`` reaches us as ContextWindowExceededError on both client
-    paths (litellm recognises it by its own rules): the reflection is asked again with fewer examples."""
+    paths (litellm recognises it by its own rules); a server that says it only in the message of a plain
+    400 (vLLM) reaches the native client as an invalid request, told apart by its message. Either way the
+    reflection is asked again with fewer examples."""
     from dataclasses import replace
 
     from dspy_turbogepa.testing.responder import SimConfig
 
     config = SimConfig.preset("test")
-    config = replace(config, models=tuple(replace(m, context_window=800) if m.role == "reflector" else m
-                                          for m in config.models))
+    config = replace(config, models=tuple(replace(m, context_window=800, context_error=style)
+                                          if m.role == "reflector" else m for m in config.models))
     with SimServer(config, seed=0) as server:
         student, reflector = _lms(server, **engine)
         splits = small_splits(routing, n_train=30, n_val=16)

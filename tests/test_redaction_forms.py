@@ -371,7 +371,7 @@ def test_an_instruction_proposer_error_quoting_a_key_is_masked_in_the_log(caplog
     reflector = ReflectiveProposer(None, proposer, None, max_workers=1)
     try:
         with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
-            out = reflector._propose({"p": "x"}, {"p": []}, ["p"])
+            out = reflector._propose({"p": "x"}, {"p": []}, [], ["p"])
     finally:
         reflector.close()
     assert out.skipped == "proposer_error" and _GATEWAY_KEY not in out.message

@@ -274,9 +274,25 @@ def _first_fatal(chain: Iterable[BaseException], fatal: frozenset[str]) -> str |
     return None
 
 
+#: Invalid-request errors (HTTP 400) that carry no context-window type: an OpenAI-compatible server that
+#: does not send OpenAI's ``context_length_exceeded`` code (vLLM answers ``"code": 400``) reaches DSPy's
+#: native client as a plain invalid request; its message still says why (litellm matches such texts too).
+_INVALID_REQUEST_TYPES = frozenset({"LMInvalidRequestError", "InvalidRequestError", "BadRequestError"})
+_CONTEXT_WINDOW_PHRASES = ("maximum context length", "context length", "context window", "prompt is too long",
+                           "input is too long", "too many tokens", "reduce the length of the messages")
+
+
 def context_window_exceeded(exc: BaseException) -> bool:
     """Whether the LM stack refused ``exc``'s request as longer than the model's context window."""
-    return any(type(cur).__name__ in CONTEXT_WINDOW_TYPES and _from_lm_stack(cur) for cur in exception_chain(exc))
+    for cur in exception_chain(exc):
+        if not _from_lm_stack(cur):
+            continue
+        name = type(cur).__name__
+        if name in CONTEXT_WINDOW_TYPES:
+            return True
+        if name in _INVALID_REQUEST_TYPES and any(p in str(cur).lower() for p in _CONTEXT_WINDOW_PHRASES):
+            return True
+    return False
 
 
 def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:

@@ -91,18 +91,31 @@ class ReflectiveDatasetBuilder:
     ) -> dict[str, list[ReflectiveRecord]]:
         """``texts``: the instructions of the candidate that ran (the parent); a format failure's
         "Follow this structure" block shows them, as dspy.GEPA formats its built candidate, not the seed."""
-        dataset: dict[str, list[ReflectiveRecord]] = {}
+        indexed = self.build_indexed(components, trajectories, scores, rng, texts)
+        return {name: [record for _, record in items] for name, items in indexed.items()}
+
+    def build_indexed(
+        self,
+        components: Sequence[str],
+        trajectories: Sequence[DspyTrajectory | None],
+        scores: Sequence[float],
+        rng: random.Random,
+        texts: Mapping[str, str] | None = None,
+    ) -> dict[str, list[tuple[int, ReflectiveRecord]]]:
+        """``build``, each record with the position of the trajectory it came from (its score is
+        ``scores[position]``): what a reflection must cut to fit a context window is chosen by score."""
+        dataset: dict[str, list[tuple[int, ReflectiveRecord]]] = {}
         feedback_errors: list[str] = []
         for name in components:
-            items: list[ReflectiveRecord] = []
+            items: list[tuple[int, ReflectiveRecord]] = []
             why_not: Counter[str] = Counter()
-            for traj, score in zip(trajectories, scores):
+            for position, (traj, score) in enumerate(zip(trajectories, scores)):
                 if traj is None:
                     why_not["no trace was kept"] += 1
                     continue
                 record = self._record(name, traj, score, rng, feedback_errors, texts)
                 if record is not None:
-                    items.append(record)
+                    items.append((position, record))
                 else:
                     why_not[_why_no_record(name, traj)] += 1
             if items:

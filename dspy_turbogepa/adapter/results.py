@@ -64,9 +64,10 @@ def build_result(
     fronts = {vid: set(result.fronts[vid]) for vid in val_ids if vid in result.fronts}
     best_outputs = None
     if track_best_outputs:
-        # A rollout that raised left no output: dspy.GEPA lists it as dspy.Evaluate's empty Prediction, so
-        # every example has an entry (users read ``outs[0][1]`` per example). Outputs that were not kept
-        # (a resumed session without them, masked ones) were run again on resume: only failures lack one.
+        # A rollout that failed without an output (it raised): dspy.GEPA lists dspy.Evaluate's empty
+        # Prediction, so every example has an entry (users read ``outs[0][1]`` per example). A program that
+        # returned None is listed with None, as there. Outputs a resumed session did not keep, or masked,
+        # were run again on resume: only such failures lack one.
         best_outputs = {
             vid: [(i, records[i].val_outputs.get(vid, dspy.Prediction())) for i in sorted(fronts.get(vid, ()))]
             for vid in val_ids

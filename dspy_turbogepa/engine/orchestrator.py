@@ -1335,7 +1335,8 @@ class Orchestrator:
             parent_indices=parents,
             val_scores={o.example_id: o.score for o in outcomes},
             val_objective_scores={o.example_id: o.objective_scores for o in outcomes if o.objective_scores},
-            val_outputs={o.example_id: o.output for o in outcomes if o.output is not None},
+            # a program that answered None answered; a failure without an output has none
+            val_outputs={o.example_id: o.output for o in outcomes if o.output is not None or not o.failure},
             discovery_metric_calls=self._budget.committed,
             discovery_seconds=self._elapsed(),
             mutation_seq=seq,

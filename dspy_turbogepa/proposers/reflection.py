@@ -1,16 +1,15 @@
 """Reflective mutation: build each component's reflective dataset, then ask the proposer for new texts.
 
-A reflection here reads more examples than dspy.GEPA's three (scouts and reused failures, see
-docs/engine.md), so with long traces (retrieved passages, long documents) its prompt can outgrow the
-reflection LM's context window where dspy.GEPA's would not. A proposal refused for that is asked again
-with half the examples per predictor (the minibatch's come first), down to one, and the smaller
-number is kept for later reflections: the run reads what fits instead of failing every reflection.
-
 The proposer is any dspy.GEPA ``ProposalFn`` — by default dspy's own
 ``dspy.teleprompt.gepa.InstructionProposer``, used through import so the reflection prompt is exactly
 dspy.GEPA's. It runs in a worker thread (proposers are synchronous DSPy code) under
 ``dspy.context(lm=reflection_lm)``, as dspy.GEPA runs it. A proposer that raises or answers with
 nothing usable is recorded and skipped; it never ends the run.
+
+A prompt the reflection LM refuses as longer than its context window is asked again with fewer
+examples (``context_fit.py``). dspy's own proposer is then asked one predictor at a time, as it asks
+the LM anyway, so a refusal for one predictor neither repeats nor shortens another's call; a custom
+proposer is asked with every predictor at once, as always, and a refusal shortens them all.
 """
 
 from __future__ import annotations
@@ -42,10 +41,11 @@ from dspy_turbogepa.adapter.ratelimit import (
     context_window_exceeded,
     fatal_error_name,
 )
-from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
+from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder, is_builtin_proposer
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
 from dspy_turbogepa.log_once import FirstOfKind
+from dspy_turbogepa.proposers.context_fit import ContextFit, choose, example_size
 from dspy_turbogepa.redaction import describe_error, error_text
 
 logger = logging.getLogger(__name__)
@@ -98,11 +98,10 @@ class ReflectiveProposer:
         self._fatal = FATAL_ERROR_TYPES
         #: error types already reported at WARNING (a failing reflection LM fails the same way each time)
         self._reported_errors = FirstOfKind()
-        #: Most examples per predictor a reflection shows, once one did not fit the reflection LM's context
-        #: window (None: no limit seen). Only lowered; shared by the reflection threads.
-        self._records_cap: int | None = None
-        self._cap_lock = threading.Lock()
-        self._records_left_out = 0
+        #: what the reflection LM's context window was seen to hold, per predictor
+        self._fit = ContextFit()
+        #: dspy's own proposer asks the LM once per predictor, independently: it can be asked one at a time
+        self._per_component = is_builtin_proposer(proposal_fn)
 
     def stop(self) -> None:
         """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped)."""
@@ -116,9 +115,8 @@ class ReflectiveProposer:
         """Traced examples the reflective datasets left out so far, by reason (``context_window``: left
         out of a reflection to fit the reflection LM's context window)."""
         counts = self._builder.skipped_counts()
-        with self._cap_lock:
-            if self._records_left_out:
-                counts["context_window"] = self._records_left_out
+        if self._fit.left_out:
+            counts["context_window"] = self._fit.left_out
         return counts
 
     def rate_limit_stats(self) -> dict[str, Any]:
@@ -159,7 +157,7 @@ class ReflectiveProposer:
         with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices) as usage:
             # every selected component, as dspy.GEPA asks (a custom proposer may rewrite one that has no
             # traces in this minibatch from other context; dspy's own proposer skips those itself)
-            outcome = self._propose_fitting(parent_texts, dataset, list(components))
+            outcome = self._propose(parent_texts, dataset, [o.score for o in outcomes], list(components))
         # every return path, a proposer that raised after paying for calls included, carries its usage
         return dataclasses.replace(
             outcome, reflection_calls=counter.calls,
@@ -170,10 +168,11 @@ class ReflectiveProposer:
 
     def _dataset(
         self, parent_texts: Mapping[str, str], components: list[str], outcomes: list[EvalOutcome], rng: random.Random
-    ) -> dict[str, Any] | ProposalOutcome:
-        """The reflective dataset, or the skipped proposal that says why there is none."""
+    ) -> dict[str, list[tuple[int, Any]]] | ProposalOutcome:
+        """The reflective dataset (each record with its outcome's position), or the skipped proposal that
+        says why there is none."""
         try:
-            dataset = self._builder.build(
+            dataset = self._builder.build_indexed(
                 components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng, parent_texts
             )
         except FeedbackMetricError as exc:
@@ -188,39 +187,72 @@ class ReflectiveProposer:
                                    + ", ".join(components))
         return dataset
 
-    def _propose_fitting(
-        self, parent_texts: dict[str, str], dataset: dict[str, list[Any]], to_update: list[str]
+    def _propose(
+        self, parent_texts: dict[str, str], dataset: dict[str, list[tuple[int, Any]]], scores: list[float],
+        to_update: list[str],
     ) -> ProposalOutcome:
-        """``_propose`` on as many of the dataset's examples as the reflection LM's context window holds."""
-        shown, left_out = _first_records(dataset, self._records_cap)
+        """Ask the proposer, in units whose prompts are refused or fit together; any other failure of a unit
+        fails the whole proposal, as dspy.GEPA's does."""
+        units = [[name] for name in to_update if name in dataset] if self._per_component else [to_update]
+        texts: dict[str, str] = {}
+        for unit in units:
+            answer = self._ask_fitting(parent_texts, dataset, scores, unit)
+            if isinstance(answer, ProposalOutcome):
+                return answer
+            if not isinstance(answer, Mapping):
+                return _validate_answer(answer, parent_texts, to_update)  # says what the proposer returned
+            texts.update(answer)
+        outcome = _validate_answer(texts, parent_texts, to_update)
+        if outcome.skipped is None:
+            self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
+        return outcome
+
+    def _ask_fitting(
+        self, parent_texts: dict[str, str], dataset: dict[str, list[tuple[int, Any]]], scores: list[float],
+        unit: list[str],
+    ) -> Any:
+        """The proposer's answer for ``unit``, or the skipped proposal. A prompt refused as longer than the
+        reflection LM's context window is asked again with what fits in half its examples' size."""
+        shown_before: dict[str, list[int]] | None = None
+        refused: _Refused | None = None
         while True:
-            outcome = self._propose(parent_texts, shown, to_update)
-            most = max((len(records) for records in shown.values()), default=0)
-            if outcome.skipped != _TOO_LONG or most <= 1:
-                break
-            self._lower_cap(most // 2, most, outcome.message or "")
-            shown, left_out = _first_records(dataset, self._records_cap)
-        with self._cap_lock:
-            self._records_left_out += left_out
-        if outcome.skipped != _TOO_LONG:
-            return outcome
-        message = (f"{outcome.message}; even one example per predictor is longer than the reflection LM's context "
-                   "window. Use a reflection_lm with a longer context window, or shorten what the traces carry (the "
-                   "inputs and outputs of each predictor call).")
-        first = self._reported_errors.first(_TOO_LONG)
-        logger.log(logging.WARNING if first else logging.DEBUG, "A proposal is skipped: %s", message)
-        return dataclasses.replace(outcome, skipped="proposer_error", message=message)
+            shown = {name: choose([scores[pos] for pos, _ in dataset[name]],
+                                  [example_size(record) for _, record in dataset[name]], self._fit.budget(name))
+                     for name in unit if name in dataset}
+            if refused is not None and shown == shown_before:  # no shorter prompt left to ask
+                return self._too_long(refused, shown)
+            sizes = {name: sum(example_size(dataset[name][i][1]) for i in picked) for name, picked in shown.items()}
+            answer = self._ask(parent_texts, {name: [dataset[name][i][1] for i in picked]
+                                              for name, picked in shown.items()}, unit)
+            if not isinstance(answer, _Refused):
+                if not isinstance(answer, ProposalOutcome):
+                    for name, chars in sizes.items():
+                        self._fit.fitted(name, chars)
+                self._fit.count_left_out(sum(len(dataset[name]) - len(picked) for name, picked in shown.items()))
+                return answer
+            refused, shown_before = answer, shown
+            for name, chars in sizes.items():
+                self._fit.refused(name, chars)
+            if self._stopping.is_set():  # the run is over: no more calls
+                return self._too_long(refused, shown, stopped=True)
+            logger.log(logging.WARNING if self._reported_errors.first(f"{_REFUSED}:{unit}") else logging.DEBUG,
+                       "The reflection LM refused a reflection on %s as longer than its context window (%s); asking "
+                       "again with fewer examples (failures first). Later reflections on it start from what fits; "
+                       "a reflection_lm with a longer context window lets them read more.",
+                       _describe_shown(shown), refused.message)
 
-    def _lower_cap(self, cap: int, tried: int, why: str) -> None:
-        with self._cap_lock:
-            if self._records_cap is not None and self._records_cap <= cap:
-                return  # another reflection lowered it meanwhile, as far or further
-            self._records_cap = cap
-        logger.warning("The reflection LM's context window could not hold a reflection on %d examples per predictor "
-                       "(%s); reflections show at most %d from now on, the minibatch's first. A reflection_lm with a "
-                       "longer context window lets them read more.", tried, why, cap)
+    def _too_long(self, refused: _Refused, shown: Mapping[str, list[int]], stopped: bool = False) -> ProposalOutcome:
+        message = (f"{refused.message}; the run stopped before a shorter reflection was asked" if stopped else
+                   f"{refused.message}; even {_describe_shown(shown)} is longer than the reflection LM's context "
+                   "window. Use a reflection_lm with a longer context window, or shorten what the traces carry "
+                   "(the inputs and outputs of each predictor call)")
+        first = self._reported_errors.first(_REFUSED)
+        logger.log(logging.WARNING if first and not stopped else logging.DEBUG, "A proposal is skipped: %s", message)
+        return ProposalOutcome(skipped="proposer_error", message=message, error_type=refused.error_type)
 
-    def _propose(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str]) -> ProposalOutcome:
+    def _ask(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str]) -> Any:
+        """The proposer's raw answer, or the skipped proposal, or ``_Refused`` (the prompt is too long).
+        Rate limits and transient failures are asked again here."""
         retries, started = {"rate_limited": 0, "transient": 0}, time.monotonic()
         while True:
             try:
@@ -229,11 +261,11 @@ class ReflectiveProposer:
                 )
                 if inspect.isawaitable(answer):
                     answer = asyncio.run(_await(answer))
-                break
+                return answer
             except USER_CODE_ERRORS as exc:
-                if context_window_exceeded(exc):  # a shorter prompt may fit: _propose_fitting decides
-                    return ProposalOutcome(skipped=_TOO_LONG, message=describe_error(exc),
-                                           error_type=type(exc).__name__)
+                if context_window_exceeded(exc):  # a shorter prompt may fit: _ask_fitting decides
+                    # the first line: lm15 appends a "To fix:" list for humans, which the logs repeat
+                    return _Refused(describe_error(exc).split("\n", 1)[0].strip(), type(exc).__name__)
                 verdict = classify(exc, self._fatal)
                 kind = verdict.kind
                 if kind is None:
@@ -253,10 +285,6 @@ class ReflectiveProposer:
                 if self._stopping.wait(delay):  # the run stopped while we waited: do not call the LM again
                     self._rl_stats.count(kind, "gave_up")
                     return self._failed(exc)
-        outcome = _validate_answer(answer, parent_texts, to_update)
-        if outcome.skipped is None:
-            self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
-        return outcome
 
     def _failed(self, exc: BaseException, quota: bool = False) -> ProposalOutcome:
         """The proposer's failure, recorded; this proposal is skipped. ``quota``: the reflection LM asked
@@ -272,17 +300,21 @@ class ReflectiveProposer:
                                error_type=fatal or type(exc).__name__, rate_limited=quota)
 
 
-#: ``_propose``'s skip reason for a prompt the reflection LM refused as too long (never leaves this module).
-_TOO_LONG = "context_window_exceeded"
+@dataclasses.dataclass(frozen=True)
+class _Refused:
+    """The reflection LM refused the prompt as longer than its context window."""
+
+    message: str
+    error_type: str
 
 
-def _first_records(dataset: Mapping[str, list[Any]], cap: int | None) -> tuple[dict[str, list[Any]], int]:
-    """The dataset with at most ``cap`` records per predictor (the first: the minibatch's), and how many
-    records that leaves out."""
-    if cap is None:
-        return dict(dataset), 0
-    return ({name: records[:cap] for name, records in dataset.items()},
-            sum(max(0, len(records) - cap) for records in dataset.values()))
+#: the key of the first refusal's WARNING (later ones at DEBUG)
+_REFUSED = "context_window"
+
+
+def _describe_shown(shown: Mapping[str, list[int]]) -> str:
+    return ", ".join(f"{len(picked)} example{'s' if len(picked) != 1 else ''} of {name!r}"
+                     for name, picked in shown.items())
 
 
 async def _await(awaitable: Any) -> Any:

@@ -144,8 +144,9 @@ class ModelConfig:
     time_scale) a request gets an immediate 429; over ``max_concurrency`` it waits in a
     FIFO queue up to ``queue_timeout_s`` (default 4 x median; scaled) and then gets a
     429. ``fault_rate`` injects HTTP 500s. ``context_window`` (prompt tokens, counted as the
-    responder counts them, ~chars/4) refuses a longer prompt with OpenAI's 400
-    ``context_length_exceeded``.
+    responder counts them, ~chars/4) refuses a longer prompt with a 400: OpenAI's body (code
+    ``context_length_exceeded``), or with ``context_error="message"`` one whose code is just 400 and
+    only the message says why (as vLLM's OpenAI-compatible server answers).
     """
 
     name: str
@@ -158,6 +159,7 @@ class ModelConfig:
     queue_timeout_s: float | None = None
     fault_rate: float = 0.0
     context_window: int | None = None
+    context_error: Literal["openai", "message"] = "openai"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -170,6 +172,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.fault_rate must be in [0, 1]")
         if self.context_window is not None and self.context_window < 1:
             raise ValueError("ModelConfig.context_window must be >= 1 or None")
+        if self.context_error not in ("openai", "message"):
+            raise ValueError(f"ModelConfig.context_error must be 'openai' or 'message', got {self.context_error!r}")
         if min(self.median_s, self.sigma, self.per_token_s) < 0:
             raise ValueError("ModelConfig latency parameters must be >= 0")
 

@@ -459,10 +459,11 @@ class SimServer:
                     st.errors += 1
                     st.context_refused += 1
                 self._log_line(t_wall, model.name, 400, t_arrival, {"reason": "context_length_exceeded"})
-                return 400, SimLMError(
-                    400, f"This model's maximum context length is {model.context_window} tokens. However, your "
-                    f"messages resulted in {used} tokens. Please reduce the length of the messages.",
-                    err_type="invalid_request_error", code="context_length_exceeded").body(), {}
+                message = (f"This model's maximum context length is {model.context_window} tokens. However, your "
+                           f"messages resulted in {used} tokens. Please reduce the length of the messages.")
+                plain = model.context_error == "message"
+                return 400, SimLMError(400, message, err_type="BadRequestError" if plain else "invalid_request_error",
+                                       code="400" if plain else "context_length_exceeded").body(), {}
         try:
             await self._admit(st, t_arrival)
         except SimLMError as err:
