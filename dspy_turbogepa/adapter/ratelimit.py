@@ -276,10 +276,17 @@ def _first_fatal(chain: Iterable[BaseException], fatal: frozenset[str]) -> str |
 
 #: Invalid-request errors (HTTP 400) that carry no context-window type: an OpenAI-compatible server that
 #: does not send OpenAI's ``context_length_exceeded`` code (vLLM answers ``"code": 400``) reaches DSPy's
-#: native client as a plain invalid request; its message still says why (litellm matches such texts too).
+#: native client as a plain invalid request; its message still says why. Read with litellm's own list of
+#: providers' messages (what ``engine="litellm"`` recognises), plus vLLM's, which that list lacks.
 _INVALID_REQUEST_TYPES = frozenset({"LMInvalidRequestError", "InvalidRequestError", "BadRequestError"})
-_CONTEXT_WINDOW_PHRASES = ("maximum context length", "context length", "context window", "prompt is too long",
-                           "input is too long", "too many tokens", "reduce the length of the messages")
+_MORE_CONTEXT_WINDOW_MESSAGES = ("is longer than the maximum model length",)
+
+
+def _says_context_window(message: str) -> bool:
+    from litellm.litellm_core_utils.exception_mapping_utils import ExceptionCheckers
+
+    return (ExceptionCheckers.is_error_str_context_window_exceeded(message)
+            or any(m in message.lower() for m in _MORE_CONTEXT_WINDOW_MESSAGES))
 
 
 def context_window_exceeded(exc: BaseException) -> bool:
@@ -290,7 +297,7 @@ def context_window_exceeded(exc: BaseException) -> bool:
         name = type(cur).__name__
         if name in CONTEXT_WINDOW_TYPES:
             return True
-        if name in _INVALID_REQUEST_TYPES and any(p in str(cur).lower() for p in _CONTEXT_WINDOW_PHRASES):
+        if name in _INVALID_REQUEST_TYPES and _says_context_window(str(cur)):
             return True
     return False
 

@@ -3,10 +3,12 @@
 A reflection here reads more examples than dspy.GEPA's three (scouts and reused failures, see
 docs/engine.md), so with long traces (retrieved passages, documents) its prompt can outgrow the
 reflection LM's context window where dspy.GEPA's fits. The window is learned from refusals, per
-predictor and in characters of examples (not in a count: one very long example must not cut every
-later reflection down to one): after a refusal a reflection shows what fits in half the refused
-size, failures first, and a size that then fits is kept for later reflections. Until a refusal,
-every example is shown, exactly as before.
+predictor, in characters of the prompt's variable part (the predictor's current instruction and the
+examples; the proposer's own template is the same every time): after a refusal a reflection shows
+what fits in a size bisected between the largest that fitted and the smallest refused, failures
+first. Sizes, not counts: one very long example, or one parent's very long instruction, must not
+cut every later reflection down to one example. Until a refusal every example is shown, exactly as
+before.
 
 Which examples a reflection shows after a refusal depends on which refusals came first, so with a
 reflection LM whose window is too small a run is not reproducible to the call (docs/engine.md,
@@ -23,9 +25,8 @@ from typing import Any
 
 @dataclass
 class _Seen:
-    """Per predictor: the fewest characters of examples a refused prompt held, and the most a prompt
-    held that fitted below that (a prompt's fixed part grows as instructions grow, so a later refusal
-    below a size that once fitted forgets it)."""
+    """Per predictor: the smallest size refused, and the largest that fitted below it (a later refusal
+    below a size that once fitted forgets it: the window is what the provider says now)."""
 
     refused: int | None = None
     fitted: int | None = None
@@ -46,12 +47,16 @@ class ContextFit:
         self.left_out = 0
 
     def budget(self, name: str) -> int | None:
-        """Characters of examples a reflection on ``name`` may show (None: all of them, no refusal yet)."""
+        """Characters a reflection on ``name`` may hold (instruction and examples; None: no refusal yet).
+        A bisection between the largest size that fitted and the smallest refused (half the refused size
+        before anything fitted): each refusal lowers the upper end and each fit raises the lower one, so
+        the sizes tried converge on the window from both sides (the proposer's own template is unknown,
+        so half a refusal alone would undershoot it, for good)."""
         with self._lock:
             seen = self._seen.get(name)
             if seen is None or seen.refused is None:
                 return None
-            return seen.fitted if seen.fitted is not None else seen.refused // 2
+            return seen.refused // 2 if seen.fitted is None else (seen.fitted + seen.refused) // 2
 
     def refused(self, name: str, chars: int) -> None:
         with self._lock:
@@ -74,8 +79,8 @@ class ContextFit:
 
 def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None) -> list[int]:
     """Positions of the examples to show, in their original order: all of them without a budget; else
-    the failures first (lowest score, then earliest), each that still fits in ``budget`` characters,
-    and if none fits, the shortest one."""
+    the failures first (lowest score, then earliest), each that still fits in ``budget`` characters of
+    examples, and if none fits, the shortest one."""
     if budget is None:
         return list(range(len(sizes)))
     chosen: list[int] = []

@@ -7,9 +7,10 @@ dspy.GEPA's. It runs in a worker thread (proposers are synchronous DSPy code) un
 nothing usable is recorded and skipped; it never ends the run.
 
 A prompt the reflection LM refuses as longer than its context window is asked again with fewer
-examples (``context_fit.py``). dspy's own proposer is then asked one predictor at a time, as it asks
-the LM anyway, so a refusal for one predictor neither repeats nor shortens another's call; a custom
-proposer is asked with every predictor at once, as always, and a refusal shortens them all.
+examples (``context_fit.py``). dspy's own proposer (not a subclass, whose ``__call__`` may differ) is
+asked one predictor at a time, as it asks the LM anyway, so a refusal or a 429 for one predictor
+neither repeats nor shortens another's call; a custom proposer is asked with every predictor at once,
+as always, and a refusal shortens them all.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
+from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.utils.callback import BaseCallback
 
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
@@ -41,7 +43,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     context_window_exceeded,
     fatal_error_name,
 )
-from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder, is_builtin_proposer
+from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDatasetBuilder
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
 from dspy_turbogepa.log_once import FirstOfKind
@@ -101,7 +103,8 @@ class ReflectiveProposer:
         #: what the reflection LM's context window was seen to hold, per predictor
         self._fit = ContextFit()
         #: dspy's own proposer asks the LM once per predictor, independently: it can be asked one at a time
-        self._per_component = is_builtin_proposer(proposal_fn)
+        #: (not a subclass: its own __call__ may rewrite the predictors together)
+        self._per_component = getattr(type(proposal_fn), "__call__", None) is InstructionProposer.__call__
 
     def stop(self) -> None:
         """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped)."""
@@ -194,9 +197,10 @@ class ReflectiveProposer:
         """Ask the proposer, in units whose prompts are refused or fit together; any other failure of a unit
         fails the whole proposal, as dspy.GEPA's does."""
         units = [[name] for name in to_update if name in dataset] if self._per_component else [to_update]
+        retries = _Retries()  # one retry policy for the whole proposal, however many calls it takes
         texts: dict[str, str] = {}
         for unit in units:
-            answer = self._ask_fitting(parent_texts, dataset, scores, unit)
+            answer = self._ask_fitting(parent_texts, dataset, scores, unit, retries)
             if isinstance(answer, ProposalOutcome):
                 return answer
             if not isinstance(answer, Mapping):
@@ -209,21 +213,20 @@ class ReflectiveProposer:
 
     def _ask_fitting(
         self, parent_texts: dict[str, str], dataset: dict[str, list[tuple[int, Any]]], scores: list[float],
-        unit: list[str],
+        unit: list[str], retries: _Retries,
     ) -> Any:
         """The proposer's answer for ``unit``, or the skipped proposal. A prompt refused as longer than the
-        reflection LM's context window is asked again with what fits in half its examples' size."""
+        reflection LM's context window is asked again with fewer examples (``context_fit.py``)."""
         shown_before: dict[str, list[int]] | None = None
         refused: _Refused | None = None
         while True:
-            shown = {name: choose([scores[pos] for pos, _ in dataset[name]],
-                                  [example_size(record) for _, record in dataset[name]], self._fit.budget(name))
-                     for name in unit if name in dataset}
+            shown = {name: self._choose(parent_texts, dataset[name], scores, name) for name in unit if name in dataset}
             if refused is not None and shown == shown_before:  # no shorter prompt left to ask
                 return self._too_long(refused, shown)
-            sizes = {name: sum(example_size(dataset[name][i][1]) for i in picked) for name, picked in shown.items()}
+            sizes = {name: len(parent_texts.get(name, "")) + sum(example_size(dataset[name][i][1]) for i in picked)
+                     for name, picked in shown.items()}
             answer = self._ask(parent_texts, {name: [dataset[name][i][1] for i in picked]
-                                              for name, picked in shown.items()}, unit)
+                                              for name, picked in shown.items()}, unit, retries)
             if not isinstance(answer, _Refused):
                 if not isinstance(answer, ProposalOutcome):
                     for name, chars in sizes.items():
@@ -241,6 +244,12 @@ class ReflectiveProposer:
                        "a reflection_lm with a longer context window lets them read more.",
                        _describe_shown(shown), refused.message)
 
+    def _choose(self, parent_texts: Mapping[str, str], records: list[tuple[int, Any]], scores: list[float],
+                name: str) -> list[int]:
+        budget = self._fit.budget(name)
+        return choose([scores[pos] for pos, _ in records], [example_size(record) for _, record in records],
+                      None if budget is None else budget - len(parent_texts.get(name, "")))
+
     def _too_long(self, refused: _Refused, shown: Mapping[str, list[int]], stopped: bool = False) -> ProposalOutcome:
         message = (f"{refused.message}; the run stopped before a shorter reflection was asked" if stopped else
                    f"{refused.message}; even {_describe_shown(shown)} is longer than the reflection LM's context "
@@ -250,10 +259,10 @@ class ReflectiveProposer:
         logger.log(logging.WARNING if first and not stopped else logging.DEBUG, "A proposal is skipped: %s", message)
         return ProposalOutcome(skipped="proposer_error", message=message, error_type=refused.error_type)
 
-    def _ask(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str]) -> Any:
+    def _ask(self, parent_texts: dict[str, str], dataset: dict[str, Any], to_update: list[str],
+             retries: _Retries) -> Any:
         """The proposer's raw answer, or the skipped proposal, or ``_Refused`` (the prompt is too long).
-        Rate limits and transient failures are asked again here."""
-        retries, started = {"rate_limited": 0, "transient": 0}, time.monotonic()
+        Rate limits and transient failures are asked again here, within the proposal's retry policy."""
         while True:
             try:
                 answer = self._proposal_fn(
@@ -273,7 +282,7 @@ class ReflectiveProposer:
                 policy = self._rl_policy if kind == "rate_limited" else self._tr_policy
                 self._rl_stats.count(kind, "seen")
                 delay = None if self._stopping.is_set() else policy.delay(
-                    retries[kind], verdict.retry_after, self._rng, time.monotonic() - started)
+                    retries.done[kind], verdict.retry_after, self._rng, time.monotonic() - retries.started)
                 if delay is None:
                     self._rl_stats.count(kind, "gave_up")
                     # a wait past the whole policy (a used-up quota) stops the run: every reflection would fail
@@ -281,7 +290,7 @@ class ReflectiveProposer:
                 logger.info("The reflection LM is %s; asking again in %.1fs", "rate limited" if kind == "rate_limited"
                             else f"failing transiently ({verdict.error_type})", delay)
                 self._rl_stats.count(kind, "retry", backoff_s=delay)
-                retries[kind] += 1
+                retries.done[kind] += 1
                 if self._stopping.wait(delay):  # the run stopped while we waited: do not call the LM again
                     self._rl_stats.count(kind, "gave_up")
                     return self._failed(exc)
@@ -298,6 +307,15 @@ class ReflectiveProposer:
         fatal = fatal_error_name(exc, self._fatal)
         return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None or quota,
                                error_type=fatal or type(exc).__name__, rate_limited=quota)
+
+
+@dataclasses.dataclass
+class _Retries:
+    """A proposal's retries so far and when it started: the retry policies bound the proposal, not each
+    of its calls (dspy's own proposer is asked one predictor at a time)."""
+
+    done: dict[str, int] = dataclasses.field(default_factory=lambda: {"rate_limited": 0, "transient": 0})
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass(frozen=True)
