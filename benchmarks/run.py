@@ -354,6 +354,9 @@ def run_cell(cfg: Run) -> Run:
         "reflector_mean_inflight": ref_mean,
         "reflector_peak_inflight": ref.get("peak_concurrency", 0),
         "reflector_mean_latency_s": (ref["latency_s_total"] / ref["ok"]) if ref.get("ok") else None,
+        # what the reflection LM is paid for: a reflection here reads more examples than dspy.GEPA's 3
+        "reflector_prompt_tokens": ref.get("prompt_tokens", 0),
+        "reflector_completion_tokens": ref.get("completion_tokens", 0),
         "full_val_candidates": sum(1 for d in seen.values() if len(d) == n_val),
         "best_val_curve": curve,
         "lm_timeline": timeline[:: max(1, len(timeline) // 400)] + [timeline[-1]],

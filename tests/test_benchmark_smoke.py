@@ -52,6 +52,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         if r["optimizer"] == "turbo":  # dspy.GEPA's budget rule: only the last mutation may finish past it
             assert r["metric_calls"] < 60 + 2 * 3 + 12  # n_val 12 in --smoke
         assert r["lm_calls_student"] > 0 and r["lm_calls_reflector"] > 0
+        assert r["reflector_prompt_tokens"] > r["reflector_completion_tokens"] > 0  # the reflection LM's bill
         # the server counted in-flight student requests during compile
         assert r["student_mean_inflight"] > 0 and r["student_peak_inflight"] >= 1
         assert r["student_concurrency_utilisation"] == r["student_mean_inflight"] / r["threads"]
