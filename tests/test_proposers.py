@@ -455,19 +455,62 @@ def test_what_a_reflection_shows_within_a_window_failures_first_in_their_order()
 def test_a_refusal_is_learned_per_predictor_and_in_size_so_one_long_example_does_not_starve_the_rest():
     from dspy_turbogepa.proposers.context_fit import ContextFit, choose
 
-    fit = ContextFit()
-    fit.refused("a", 110_000)  # a 90,000-character example beside two of 10,000 (and the instruction)
-    assert fit.budget("b") is None  # another predictor is not cut
-    assert fit.budget("a") == 55_000
-    fit.fitted("a", 20_000)  # the two short ones fitted
-    assert fit.budget("a") == 65_000  # bisected between what fitted and what was refused: it grows back
-    assert choose([0.0] * 5, [11_000] * 5, fit.budget("a")) == list(range(5))  # five failures of 11,000 fit
-    fit.fitted("a", 60_000)
-    assert fit.budget("a") == 85_000
-    fit.refused("a", 50_000)  # the window is smaller now (or was misjudged): what fitted above it is forgotten
-    assert fit.budget("a") == 25_000
-    fit.fitted("a", 55_000)  # above a refusal: not taken as fitting
-    assert fit.budget("a") == 25_000
+    fit, a = ContextFit(), ("a",)
+    fit.refused(a, 110_000)  # a 90,000-character example beside two of 10,000 (and the instruction)
+    assert fit.budget(("b",)) is None  # another predictor is not cut
+    assert fit.budget(a) == 55_000
+    fit.refused(a, 200_000)  # a stale, larger refusal from another thread changes nothing
+    assert fit.budget(a) == 55_000
+    fit.fitted(a, 20_000)  # the two short ones fitted
+    assert fit.budget(a) == 65_000  # bisected between what fitted and what was refused: it grows back
+    assert choose([0.0] * 5, [11_000] * 5, fit.budget(a)) == list(range(5))  # five failures of 11,000 fit
+    fit.fitted(a, 60_000)
+    assert fit.budget(a) == 85_000
+    fit.refused(a, 50_000)  # the window is smaller now (or was misjudged): what fitted above it is forgotten
+    assert fit.budget(a) == 25_000
+
+
+def test_a_ceiling_learned_from_one_dense_prompt_is_relaxed_by_fits():
+    """The window is in tokens and sizes in characters: one prompt dense in tokens must not cap the run."""
+    from dspy_turbogepa.proposers.context_fit import RELAX_AFTER, ContextFit
+
+    fit, a = ContextFit(), ("a",)
+    fit.refused(a, 4_000)  # three tokens a character, once
+    fit.fitted(a, 5_000)  # a prompt above that refusal fitted: the ceiling moves above it
+    before = fit.budget(a)
+    assert before > 5_000
+    for _ in range(RELAX_AFTER):
+        fit.fitted(a, 5_000)
+    assert fit.budget(a) > before  # a run of fits relaxes the ceiling: later reflections probe higher
+
+
+def test_a_proposer_asked_with_every_predictor_shares_the_size_so_a_short_predictor_keeps_its_examples():
+    """A custom proposer gets every predictor in one call. A refusal caused by one predictor's long
+    examples cut the others too, with every refusal, for the rest of the run."""
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    asked = []
+
+    def proposal_fn(candidate, reflective_dataset, components_to_update):  # one LM prompt per predictor
+        asked.append({name: len(records) for name, records in reflective_dataset.items()})
+        if sum(len(str(r)) for r in reflective_dataset["a"]) > 20_000:
+            raise dspy.ContextWindowExceededError(model="m", message="maximum context length exceeded")
+        return {name: candidate[name] + " more" for name in components_to_update}
+
+    def records(size):
+        return [(i, {"Inputs": {"x": "y" * size}, "Feedback": "wrong"}) for i in range(8)]
+
+    proposer = ReflectiveProposer(None, proposal_fn, None, max_workers=1)
+    outcome = proposer._propose({"a": "A", "b": "B"}, {"a": records(6_000), "b": records(1_000)}, [0.0] * 8,
+                                ["a", "b"])
+    later = proposer._propose({"a": "A", "b": "B"}, {"a": records(6_000), "b": records(1_000)}, [0.0] * 8,
+                              ["a", "b"])
+    proposer.close()
+    assert outcome.skipped is None and later.skipped is None
+    assert all(call["b"] == 8 for call in asked)  # b's examples fit whole: never cut
+    answered = [call["a"] for call in asked if call["a"] * 6_040 <= 20_000]
+    assert answered[0] == 3  # what b leaves goes to a: the most that fits, on the first retry already
+    assert answered[-1] >= 2  # and not much less on the next reflection
 
 
 def test_a_parent_with_a_very_long_instruction_does_not_cut_later_reflections_on_short_ones():
@@ -529,6 +572,29 @@ def test_dspys_proposer_is_asked_per_predictor_so_a_refusal_for_one_neither_repe
     assert proposer._fit.left_out == 4 - b_calls[-1][1]
 
 
+def test_a_refusal_is_warned_about_once_per_predictor(caplog):
+    from dspy import lm15
+
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+    from dspy_turbogepa.testing.fake_lm import request_messages
+
+    def before_call(request):
+        if len("\n".join(m["content"] for m in request_messages(request))) > 6_000:
+            raise lm15.ContextLengthError("maximum context length exceeded", status=400)
+
+    def record(i):
+        return (i, {"Inputs": {"x": f"{i} " + "y" * 1_500}, "Generated Outputs": {"z": "wrong"}, "Feedback": "Wrong."})
+
+    dataset = {"a": [record(i) for i in range(4)], "b": [record(i) for i in range(4)]}
+    proposer = ReflectiveProposer(None, dspy.teleprompt.gepa.InstructionProposer(), None, max_workers=1)
+    with dspy.context(lm=make_reflection_lm(seed=0, before_call=before_call)), caplog.at_level("WARNING"):
+        for _ in range(3):
+            proposer._propose({"a": "Instruction A", "b": "Instruction B"}, dataset, [0.0] * 4, ["a", "b"])
+    proposer.close()
+    warned = [r.getMessage() for r in caplog.records if "longer than its context window" in r.getMessage()]
+    assert len(warned) == 2 and "'a'" in warned[0] and "'b'" in warned[1]
+
+
 def test_a_reflection_refused_as_too_long_is_not_asked_again_once_the_run_stops():
     from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 
@@ -544,6 +610,33 @@ def test_a_reflection_refused_as_too_long_is_not_asked_again_once_the_run_stops(
     outcome = proposer._propose({"p": "x"}, dataset, [0.0] * 8, ["p"])
     proposer.close()
     assert calls == [8] and outcome.skipped == "proposer_error" and "run stopped" in outcome.message
+
+
+def test_dspys_proposer_shares_one_retry_policys_time_across_its_per_predictor_calls():
+    from dspy import lm15
+
+    from dspy_turbogepa.adapter.ratelimit import RetryPolicy
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+    from dspy_turbogepa.testing.fake_lm import request_messages
+
+    limited = {"a": 2, "b": 2}
+
+    def before_call(request):
+        which = "a" if "Instruction A" in "\n".join(m["content"] for m in request_messages(request)) else "b"
+        if limited[which]:
+            limited[which] -= 1
+            raise lm15.RateLimitError("slow down", status=429, retry_after=0.0)
+
+    # 100 retries but 0.3 s: a's two backoffs (0.2-0.25 s) leave b too little for its two
+    policy = RetryPolicy(max_retries=100, max_elapsed_s=0.3, base_s=0.1, cap_s=0.1)
+    proposer = ReflectiveProposer(None, dspy.teleprompt.gepa.InstructionProposer(), None, max_workers=1,
+                                  rate_limit_policy=policy)
+    record = {"Inputs": {"x": "1"}, "Generated Outputs": {"z": "wrong"}, "Feedback": "Wrong."}
+    with dspy.context(lm=make_reflection_lm(seed=0, before_call=before_call, num_retries=0)):
+        outcome = proposer._propose({"a": "Instruction A", "b": "Instruction B"},
+                                    {"a": [(0, record)], "b": [(0, record)]}, [0.0], ["a", "b"])
+    proposer.close()
+    assert outcome.skipped == "proposer_error" and proposer.rate_limit_stats()["rate_limit_gave_up"] == 1
 
 
 def test_dspys_proposer_shares_one_retry_policy_across_its_per_predictor_calls():
@@ -592,6 +685,23 @@ def test_a_subclass_of_dspys_proposer_is_asked_with_every_predictor_at_once():
     outcome = proposer._propose({"a": "A", "b": "B"}, {"a": [(0, record)], "b": [(0, record)]}, [0.0], ["a", "b"])
     proposer.close()
     assert outcome.skipped is None and seen == [(["a", "b"], ["a", "b"])]
+
+
+def test_the_providers_messages_are_read_as_litellm_reads_them():
+    """The list is a copy of litellm's (not imported: DSPy's native client never loads litellm); it must
+    agree with the pinned litellm, vLLM's message aside."""
+    from litellm.litellm_core_utils.exception_mapping_utils import ExceptionCheckers
+
+    from dspy_turbogepa.adapter import ratelimit
+
+    messages = [*ratelimit._CONTEXT_WINDOW_MESSAGES, "Current length is 9000 while limit is 8192",
+                "Maximum input length is 4096 tokens", "Invalid 'user': string too long. Expected a string with "
+                "maximum length 64", "string_above_max_length: string too long. expected a string with maximum length",
+                "unknown parameter: top_q", "Invalid 'logit_bias': too many tokens", "rate limit reached"]
+    for message in messages:
+        ours, theirs = ratelimit._says_context_window(message), ExceptionCheckers.is_error_str_context_window_exceeded(
+            message)
+        assert ours == theirs or message == "is longer than the maximum model length", message
 
 
 class BadRequestError(Exception):

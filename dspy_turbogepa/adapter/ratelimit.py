@@ -276,17 +276,33 @@ def _first_fatal(chain: Iterable[BaseException], fatal: frozenset[str]) -> str |
 
 #: Invalid-request errors (HTTP 400) that carry no context-window type: an OpenAI-compatible server that
 #: does not send OpenAI's ``context_length_exceeded`` code (vLLM answers ``"code": 400``) reaches DSPy's
-#: native client as a plain invalid request; its message still says why. Read with litellm's own list of
-#: providers' messages (what ``engine="litellm"`` recognises), plus vLLM's, which that list lacks.
+#: native client as a plain invalid request; its message still says why.
 _INVALID_REQUEST_TYPES = frozenset({"LMInvalidRequestError", "InvalidRequestError", "BadRequestError"})
-_MORE_CONTEXT_WINDOW_MESSAGES = ("is longer than the maximum model length",)
+#: Providers' messages as litellm reads them (``ExceptionCheckers.is_error_str_context_window_exceeded`` of
+#: the pinned litellm; tests/test_proposers.py keeps the two in step), plus vLLM's, which litellm's list
+#: lacks. Copied, not imported: DSPy's native client never loads litellm, and importing it on a
+#: reflection's first 400 costs seconds (and, without LITELLM_LOCAL_MODEL_COST_MAP, a download attempt).
+_CONTEXT_WINDOW_MESSAGES = (
+    "exceed context limit",
+    "this model's maximum context length is",
+    "string too long. expected a string with maximum length",
+    "model's maximum context limit",
+    "is longer than the model's context length",
+    "input tokens exceed the configured limit",
+    "`inputs` tokens + `max_new_tokens` must be",
+    "exceeds the available context size",
+    "exceeds the maximum number of tokens allowed",
+    "is longer than the maximum model length",  # vLLM
+)
 
 
 def _says_context_window(message: str) -> bool:
-    from litellm.litellm_core_utils.exception_mapping_utils import ExceptionCheckers
-
-    return (ExceptionCheckers.is_error_str_context_window_exceeded(message)
-            or any(m in message.lower() for m in _MORE_CONTEXT_WINDOW_MESSAGES))
+    low = message.lower()
+    if "string_above_max_length" in low or ("invalid 'user'" in low and "string too long" in low):
+        return False  # a parameter's own length limit (OpenAI's "user"), not the prompt's
+    return (any(m in low for m in _CONTEXT_WINDOW_MESSAGES)
+            or ("current length is" in low and "while limit is" in low)  # Cerebras
+            or ("maximum input length is" in low and "tokens" in low))
 
 
 def context_window_exceeded(exc: BaseException) -> bool:

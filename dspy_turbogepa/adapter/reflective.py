@@ -81,14 +81,9 @@ class ReflectiveDatasetBuilder:
         #: what was warned about already: one WARNING per kind (and per predictor), the rest at DEBUG
         self._warned = FirstOfKind()
 
-    def build(
-        self,
-        components: Sequence[str],
-        trajectories: Sequence[DspyTrajectory | None],
-        scores: Sequence[float],
-        rng: random.Random,
-        texts: Mapping[str, str] | None = None,
-    ) -> dict[str, list[ReflectiveRecord]]:
+    def build(self, components: Sequence[str], trajectories: Sequence[DspyTrajectory | None],
+              scores: Sequence[float], rng: random.Random,
+              texts: Mapping[str, str] | None = None) -> dict[str, list[ReflectiveRecord]]:
         """``texts``: the instructions of the candidate that ran (the parent); a format failure's
         "Follow this structure" block shows them, as dspy.GEPA formats its built candidate, not the seed."""
         indexed = self.build_indexed(components, trajectories, scores, rng, texts)

@@ -47,7 +47,7 @@ from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDat
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
 from dspy_turbogepa.log_once import FirstOfKind
-from dspy_turbogepa.proposers.context_fit import ContextFit, choose, example_size
+from dspy_turbogepa.proposers.context_fit import ContextFit, choose, example_size, share
 from dspy_turbogepa.redaction import describe_error, error_text
 
 logger = logging.getLogger(__name__)
@@ -219,42 +219,51 @@ class ReflectiveProposer:
         reflection LM's context window is asked again with fewer examples (``context_fit.py``)."""
         shown_before: dict[str, list[int]] | None = None
         refused: _Refused | None = None
+        names = [name for name in unit if name in dataset]
+        key = tuple(names)
         while True:
-            shown = {name: self._choose(parent_texts, dataset[name], scores, name) for name in unit if name in dataset}
+            shown = self._choose(parent_texts, dataset, scores, names, self._fit.budget(key))
             if refused is not None and shown == shown_before:  # no shorter prompt left to ask
                 return self._too_long(refused, shown)
-            sizes = {name: len(parent_texts.get(name, "")) + sum(example_size(dataset[name][i][1]) for i in picked)
-                     for name, picked in shown.items()}
+            size = sum(len(parent_texts.get(name, "")) + sum(example_size(dataset[name][i][1]) for i in picked)
+                       for name, picked in shown.items())
             answer = self._ask(parent_texts, {name: [dataset[name][i][1] for i in picked]
                                               for name, picked in shown.items()}, unit, retries)
             if not isinstance(answer, _Refused):
                 if not isinstance(answer, ProposalOutcome):
-                    for name, chars in sizes.items():
-                        self._fit.fitted(name, chars)
+                    self._fit.fitted(key, size)
                 self._fit.count_left_out(sum(len(dataset[name]) - len(picked) for name, picked in shown.items()))
                 return answer
             refused, shown_before = answer, shown
-            for name, chars in sizes.items():
-                self._fit.refused(name, chars)
+            self._fit.refused(key, size)
             if self._stopping.is_set():  # the run is over: no more calls
                 return self._too_long(refused, shown, stopped=True)
-            logger.log(logging.WARNING if self._reported_errors.first(f"{_REFUSED}:{unit}") else logging.DEBUG,
+            logger.log(logging.WARNING if self._reported_errors.first(f"{_REFUSED}:{key}") else logging.DEBUG,
                        "The reflection LM refused a reflection on %s as longer than its context window (%s); asking "
                        "again with fewer examples (failures first). Later reflections on it start from what fits; "
                        "a reflection_lm with a longer context window lets them read more.",
                        _describe_shown(shown), refused.message)
 
-    def _choose(self, parent_texts: Mapping[str, str], records: list[tuple[int, Any]], scores: list[float],
-                name: str) -> list[int]:
-        budget = self._fit.budget(name)
-        return choose([scores[pos] for pos, _ in records], [example_size(record) for _, record in records],
-                      None if budget is None else budget - len(parent_texts.get(name, "")))
+    @staticmethod
+    def _choose(parent_texts: Mapping[str, str], dataset: dict[str, list[tuple[int, Any]]], scores: list[float],
+                names: list[str], budget: int | None) -> dict[str, list[int]]:
+        """Which examples of each predictor to show within ``budget`` characters of instructions and
+        examples (all without a budget), the budget shared so that a predictor whose examples fit keeps
+        them all."""
+        sizes = {name: [example_size(record) for _, record in dataset[name]] for name in names}
+        if budget is None:
+            return {name: choose([], sizes[name], None) for name in names}
+        instructions = [len(parent_texts.get(name, "")) for name in names]
+        shares = share(budget, [i + sum(sizes[name]) for i, name in zip(instructions, names)])
+        return {name: choose([scores[pos] for pos, _ in dataset[name]], sizes[name], part - instruction)
+                for name, part, instruction in zip(names, shares, instructions)}
 
     def _too_long(self, refused: _Refused, shown: Mapping[str, list[int]], stopped: bool = False) -> ProposalOutcome:
         message = (f"{refused.message}; the run stopped before a shorter reflection was asked" if stopped else
                    f"{refused.message}; even {_describe_shown(shown)} is longer than the reflection LM's context "
-                   "window. Use a reflection_lm with a longer context window, or shorten what the traces carry "
-                   "(the inputs and outputs of each predictor call)")
+                   "window. Use a reflection_lm with a longer context window, shorten what the traces carry (the "
+                   "inputs and outputs of each predictor call), or lower the reflection LM's max_tokens if the "
+                   "provider counts it in the window")
         first = self._reported_errors.first(_REFUSED)
         logger.log(logging.WARNING if first and not stopped else logging.DEBUG, "A proposal is skipped: %s", message)
         return ProposalOutcome(skipped="proposer_error", message=message, error_type=refused.error_type)
