@@ -612,34 +612,11 @@ def test_a_reflection_refused_as_too_long_is_not_asked_again_once_the_run_stops(
     assert calls == [8] and outcome.skipped == "proposer_error" and "run stopped" in outcome.message
 
 
-def test_dspys_proposer_shares_one_retry_policys_time_across_its_per_predictor_calls():
-    from dspy import lm15
-
-    from dspy_turbogepa.adapter.ratelimit import RetryPolicy
-    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
-    from dspy_turbogepa.testing.fake_lm import request_messages
-
-    limited = {"a": 2, "b": 2}
-
-    def before_call(request):
-        which = "a" if "Instruction A" in "\n".join(m["content"] for m in request_messages(request)) else "b"
-        if limited[which]:
-            limited[which] -= 1
-            raise lm15.RateLimitError("slow down", status=429, retry_after=0.0)
-
-    # 100 retries but 0.3 s: a's two backoffs (0.2-0.25 s) leave b too little for its two
-    policy = RetryPolicy(max_retries=100, max_elapsed_s=0.3, base_s=0.1, cap_s=0.1)
-    proposer = ReflectiveProposer(None, dspy.teleprompt.gepa.InstructionProposer(), None, max_workers=1,
-                                  rate_limit_policy=policy)
-    record = {"Inputs": {"x": "1"}, "Generated Outputs": {"z": "wrong"}, "Feedback": "Wrong."}
-    with dspy.context(lm=make_reflection_lm(seed=0, before_call=before_call, num_retries=0)):
-        outcome = proposer._propose({"a": "Instruction A", "b": "Instruction B"},
-                                    {"a": [(0, record)], "b": [(0, record)]}, [0.0], ["a", "b"])
-    proposer.close()
-    assert outcome.skipped == "proposer_error" and proposer.rate_limit_stats()["rate_limit_gave_up"] == 1
-
-
-def test_dspys_proposer_shares_one_retry_policy_across_its_per_predictor_calls():
+@pytest.mark.parametrize("max_retries, max_elapsed_s, backoff_s", [
+    (3, 60.0, 0.001),  # four 429s in one proposal: past its three retries
+    (100, 0.3, 0.1),  # a's two backoffs (0.2-0.25 s) leave b too little of the 0.3 s for its two
+], ids=["retries", "time"])
+def test_dspys_proposer_shares_one_retry_policy_across_its_per_predictor_calls(max_retries, max_elapsed_s, backoff_s):
     """Asked one predictor at a time, each call had the whole policy to itself: two predictors could back
     off twice as long, and a proposal dspy.GEPA's policy would give up on went on."""
     from dspy import lm15
@@ -656,17 +633,16 @@ def test_dspys_proposer_shares_one_retry_policy_across_its_per_predictor_calls()
             limited[which] -= 1
             raise lm15.RateLimitError("slow down", status=429, retry_after=0.0)
 
+    policy = RetryPolicy(max_retries=max_retries, max_elapsed_s=max_elapsed_s, base_s=backoff_s, cap_s=backoff_s)
     proposer = ReflectiveProposer(None, dspy.teleprompt.gepa.InstructionProposer(), None, max_workers=1,
-                                  rate_limit_policy=RetryPolicy(max_retries=3, max_elapsed_s=60.0, base_s=0.001,
-                                                                cap_s=0.001))
+                                  rate_limit_policy=policy)
     record = {"Inputs": {"x": "1"}, "Generated Outputs": {"z": "wrong"}, "Feedback": "Wrong."}
     # DSPy's own retries off, as on the copy of the reflection LM a run uses
     with dspy.context(lm=make_reflection_lm(seed=0, before_call=before_call, num_retries=0)):
         outcome = proposer._propose({"a": "Instruction A", "b": "Instruction B"},
                                     {"a": [(0, record)], "b": [(0, record)]}, [0.0], ["a", "b"])
     proposer.close()
-    assert outcome.skipped == "proposer_error"  # four 429s in one proposal: past its three retries
-    assert proposer.rate_limit_stats()["rate_limit_gave_up"] == 1
+    assert outcome.skipped == "proposer_error" and proposer.rate_limit_stats()["rate_limit_gave_up"] == 1
 
 
 def test_a_subclass_of_dspys_proposer_is_asked_with_every_predictor_at_once():
