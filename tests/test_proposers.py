@@ -452,36 +452,38 @@ def test_what_a_reflection_shows_within_a_window_failures_first_in_their_order()
     assert choose(scores, [500, 900, 400, 700, 600], 300) == [2]  # nothing fits: the shortest
 
 
+def test_a_units_size_is_shared_so_a_predictor_whose_examples_fit_keeps_them_all():
+    from dspy_turbogepa.proposers.context_fit import Example, plan
+
+    long, short = [Example(0.0, 6_000)] * 8, [Example(0.0, 1_000)] * 8
+    assert plan({"a": 10, "b": 10}, {"a": long, "b": short}, None) == {"a": list(range(8)), "b": list(range(8))}
+    shown = plan({"a": 10, "b": 10}, {"a": long, "b": short}, 28_000)
+    assert shown["b"] == list(range(8)) and len(shown["a"]) == 3  # b whole; a gets what b leaves
+    # an instruction longer than an equal share: each predictor first gets its smallest prompt
+    shown = plan({"a": 5_000, "b": 10}, {"a": [Example(0.0, 1_000)], "b": [Example(0.0, 342)] * 10}, 6_400)
+    assert shown == {"a": [0], "b": [0]}
+    assert plan({"a": 5_000, "b": 10}, {"a": [Example(0.0, 1_000)], "b": [Example(0.0, 342)] * 10}, 7_100) == {
+        "a": [0], "b": [0, 1, 2]}
+
+
 def test_a_refusal_is_learned_per_predictor_and_in_size_so_one_long_example_does_not_starve_the_rest():
     from dspy_turbogepa.proposers.context_fit import ContextFit, choose
 
     fit, a = ContextFit(), ("a",)
+    fit.fitted(a, 30_000)  # fits before any refusal are remembered: nothing is cut until one
+    assert fit.budget(a) is None
     fit.refused(a, 110_000)  # a 90,000-character example beside two of 10,000 (and the instruction)
     assert fit.budget(("b",)) is None  # another predictor is not cut
-    assert fit.budget(a) == 55_000
+    assert fit.budget(a) == 70_000  # bisected between what fitted and what was refused
     fit.refused(a, 200_000)  # a stale, larger refusal from another thread changes nothing
-    assert fit.budget(a) == 55_000
-    fit.fitted(a, 20_000)  # the two short ones fitted
-    assert fit.budget(a) == 65_000  # bisected between what fitted and what was refused: it grows back
+    assert fit.budget(a) == 70_000
     assert choose([0.0] * 5, [11_000] * 5, fit.budget(a)) == list(range(5))  # five failures of 11,000 fit
     fit.fitted(a, 60_000)
     assert fit.budget(a) == 85_000
-    fit.refused(a, 50_000)  # the window is smaller now (or was misjudged): what fitted above it is forgotten
+    fit.refused(a, 50_000)  # the window is smaller now: what fitted above it is forgotten
     assert fit.budget(a) == 25_000
-
-
-def test_a_ceiling_learned_from_one_dense_prompt_is_relaxed_by_fits():
-    """The window is in tokens and sizes in characters: one prompt dense in tokens must not cap the run."""
-    from dspy_turbogepa.proposers.context_fit import RELAX_AFTER, ContextFit
-
-    fit, a = ContextFit(), ("a",)
-    fit.refused(a, 4_000)  # three tokens a character, once
-    fit.fitted(a, 5_000)  # a prompt above that refusal fitted: the ceiling moves above it
-    before = fit.budget(a)
-    assert before > 5_000
-    for _ in range(RELAX_AFTER):
-        fit.fitted(a, 5_000)
-    assert fit.budget(a) > before  # a run of fits relaxes the ceiling: later reflections probe higher
+    fit.fitted(a, 55_000)  # a prompt above the refusal fitted: the refused one was denser, forget it
+    assert fit.budget(a) is None
 
 
 def test_a_proposer_asked_with_every_predictor_shares_the_size_so_a_short_predictor_keeps_its_examples():
@@ -511,6 +513,64 @@ def test_a_proposer_asked_with_every_predictor_shares_the_size_so_a_short_predic
     answered = [call["a"] for call in asked if call["a"] * 6_040 <= 20_000]
     assert answered[0] == 3  # what b leaves goes to a: the most that fits, on the first retry already
     assert answered[-1] >= 2  # and not much less on the next reflection
+
+
+def test_a_multi_predictor_call_is_cut_to_what_fits_even_when_an_instruction_is_long():
+    """With one predictor's instruction longer than its share, the other's examples were cut to nothing
+    and the first kept its shortest example above the budget: the prompt never got smaller, and the
+    reflection gave up (and every later one) although a shorter prompt fitted."""
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    sizes = []
+
+    def proposal_fn(candidate, reflective_dataset, components_to_update):  # one joint prompt
+        size = sum(map(len, candidate.values())) + sum(len(str(r)) for rs in reflective_dataset.values() for r in rs)
+        sizes.append(size)
+        if size > 6_600:
+            raise dspy.ContextWindowExceededError(model="m", message="maximum context length exceeded")
+        return {name: candidate[name] + " more" for name in components_to_update}
+
+    def records(n, size):
+        return [(i, {"Inputs": {"x": "y" * size}, "Feedback": "wrong"}) for i in range(n)]
+
+    proposer = ReflectiveProposer(None, proposal_fn, None, max_workers=1)
+    parent = {"a": "i" * 5_000, "b": "B"}
+    outcomes = [proposer._propose(parent, {"a": records(1, 1_000), "b": records(10, 300)}, [0.0] * 10, ["a", "b"])
+                for _ in range(3)]
+    proposer.close()
+    assert [o.skipped for o in outcomes] == [None, None, None]
+    assert sizes[0] > 6_600 >= sizes[1]  # the first retry already fits
+    # later reflections probe between what fitted and what was refused: at most one refusal each
+    assert sum(size > 6_600 for size in sizes) <= len(outcomes) + 1
+
+
+def test_what_other_reflections_learn_meanwhile_never_sends_a_reflection_back_up():
+    """Another thread's fit of a larger prompt moves the shared ceiling up between a reflection's refusal
+    and its retry: the retry asked a larger prompt, then the refused one again, as often as fits came."""
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    sizes = []
+
+    def proposal_fn(candidate, reflective_dataset, components_to_update):
+        size = len(candidate["p"]) + sum(len(str(r)) for r in reflective_dataset["p"])
+        sizes.append(size)
+        if size > 10_000:
+            raise dspy.ContextWindowExceededError(model="m", message="maximum context length exceeded")
+        return {"p": candidate["p"] + " more"}
+
+    proposer = ReflectiveProposer(None, proposal_fn, None, max_workers=1)
+    learn = proposer._fit.refused
+
+    def refused_then_another_fits(unit, chars):
+        learn(unit, chars)
+        proposer._fit.fitted(unit, 40_000)  # a sparser prompt of another reflection fitted meanwhile
+
+    proposer._fit.refused = refused_then_another_fits
+    dataset = {"p": [(i, {"Inputs": {"x": "y" * 3_000}, "Feedback": "wrong"}) for i in range(11)]}
+    outcome = proposer._propose({"p": "x"}, dataset, [0.0] * 11, ["p"])
+    proposer.close()
+    assert outcome.skipped is None and len(sizes) <= 4
+    assert all(later < earlier for earlier, later in zip(sizes, sizes[1:]))
 
 
 def test_a_parent_with_a_very_long_instruction_does_not_cut_later_reflections_on_short_ones():
@@ -670,6 +730,9 @@ def test_the_providers_messages_are_read_as_litellm_reads_them():
 
     from dspy_turbogepa.adapter import ratelimit
 
+    checker = ExceptionCheckers.is_error_str_context_window_exceeded
+    theirs = {c for const in checker.__code__.co_consts if isinstance(const, tuple) for c in const}
+    assert theirs == set(ratelimit._CONTEXT_WINDOW_MESSAGES) - {"is longer than the maximum model length"}
     messages = [*ratelimit._CONTEXT_WINDOW_MESSAGES, "Current length is 9000 while limit is 8192",
                 "Maximum input length is 4096 tokens", "Invalid 'user': string too long. Expected a string with "
                 "maximum length 64", "string_above_max_length: string too long. expected a string with maximum length",

@@ -5,12 +5,20 @@ docs/engine.md), so with long traces (retrieved passages, documents) its prompt 
 reflection LM's context window where dspy.GEPA's fits. The window is learned from refusals, per
 call unit (one predictor for dspy's own proposer, all of them for a custom one), in characters of
 the prompt's variable part (the current instructions and the examples; the proposer's own template
-is the same every time): after a refusal a reflection shows what fits in a size bisected between
-the largest that fitted and the smallest refused, failures first; a unit's size is shared so that
-a predictor whose examples fit keeps them all, and after a run of fits the ceiling is relaxed (the
-window is in tokens, sizes in characters, and one dense prompt must not cap the run for good).
-Sizes, not counts: one very long example, or one parent's very long instruction, must not cut every
-later reflection down to one example. Until a refusal every example is shown, exactly as before.
+is the same every time). Sizes, not counts: one very long example, or one parent's very long
+instruction, must not cut every later reflection down to one example.
+
+- Until a refusal every example is shown, exactly as before.
+- After one, a reflection shows what fits in a size bisected between the largest size that fitted
+  and the smallest refused (half the refused size before anything fitted), failures first. A
+  prompt above the smallest refusal that fits anyway (the window is in tokens, sizes in characters:
+  a dense prompt was refused) moves that refusal up.
+- Within one reflection each retry is smaller than every size refused in it, whatever other
+  reflections learn meanwhile, so a reflection makes at most a logarithmic number of calls, and it
+  gives up only when its smallest possible prompt (each predictor's instruction and shortest
+  example) was refused.
+- A unit's size is shared so that a predictor whose examples fit keeps them all: each predictor
+  first gets its smallest prompt, the rest goes to those that need more, smallest need first.
 
 Which examples a reflection shows after a refusal depends on which refusals came first, so with a
 reflection LM whose window is too small a run is not reproducible to the call (docs/engine.md,
@@ -20,34 +28,24 @@ reflection LM whose window is too small a run is not reproducible to the call (d
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: Fits in a row at a ceiling that then relaxes it by RELAX: a ceiling learned from one unusually dense
-#: prompt (the window is in tokens, sizes are in characters) must not cap the run for good. A relaxed
-#: ceiling that was right costs one refusal every RELAX_AFTER reflections.
-RELAX_AFTER = 8
-RELAX = 1.25
+Unit = tuple[str, ...]
 
 
 @dataclass
 class _Seen:
-    """Per unit (the predictors asked in one call): the smallest size refused, the largest that fitted
-    below it (a later refusal below a size that once fitted forgets it: the window is what the
-    provider says now), and the fits since the last refusal."""
+    """Per unit: the smallest size refused and the largest that fitted below it."""
 
     refused: int | None = None
     fitted: int | None = None
-    fits_in_a_row: int = 0
 
 
 def example_size(record: Any) -> int:
     """Characters an example adds to a reflection prompt (its text, as the proposer renders it)."""
     return len(str(record))
-
-
-Unit = tuple[str, ...]
 
 
 class ContextFit:
@@ -62,11 +60,7 @@ class ContextFit:
         self.left_out = 0
 
     def budget(self, unit: Unit) -> int | None:
-        """Characters a reflection on ``unit`` may hold (instructions and examples; None: no refusal yet).
-        A bisection between the largest size that fitted and the smallest refused (half the refused size
-        before anything fitted): each refusal lowers the upper end and each fit raises the lower one, so
-        the sizes tried converge on the window (the proposer's own template is unknown, so half a
-        refusal alone would undershoot it, for good)."""
+        """Characters a reflection on ``unit`` may hold (instructions and examples; None: no refusal yet)."""
         with self._lock:
             seen = self._seen.get(unit)
             if seen is None or seen.refused is None:
@@ -77,37 +71,19 @@ class ContextFit:
         with self._lock:
             seen = self._seen.setdefault(unit, _Seen())
             seen.refused = chars if seen.refused is None else min(seen.refused, chars)
-            seen.fits_in_a_row = 0
             if seen.fitted is not None and seen.fitted >= seen.refused:
-                seen.fitted = None
+                seen.fitted = None  # the window is what the provider says now
 
     def fitted(self, unit: Unit, chars: int) -> None:
         with self._lock:
-            seen = self._seen.get(unit)
-            if seen is None or seen.refused is None:
-                return  # nothing refused yet: every example is shown anyway
-            if chars >= seen.refused:  # it fits after all: the refusal was a denser prompt, or is stale
-                seen.refused = int(chars * RELAX) + 1
+            seen = self._seen.setdefault(unit, _Seen())
+            if seen.refused is not None and chars >= seen.refused:
+                seen.refused = None  # it fits after all: the refused prompt was denser
             seen.fitted = chars if seen.fitted is None else max(seen.fitted, chars)
-            seen.fits_in_a_row += 1
-            if seen.fits_in_a_row >= RELAX_AFTER:
-                seen.refused, seen.fits_in_a_row = int(seen.refused * RELAX) + 1, 0
 
     def count_left_out(self, n: int) -> None:
         with self._lock:
             self.left_out += n
-
-
-def share(budget: int, needs: Sequence[int]) -> list[int]:
-    """``budget`` characters shared among predictors asked together: each gets what it needs while its
-    equal share covers that, the largest take the rest (one predictor's long traces must not cut a
-    predictor whose examples fit whole)."""
-    out = [0] * len(needs)
-    left = budget
-    for k, i in enumerate(sorted(range(len(needs)), key=lambda i: (needs[i], i))):
-        out[i] = min(needs[i], left // (len(needs) - k))
-        left -= out[i]
-    return out
 
 
 def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None) -> list[int]:
@@ -125,3 +101,38 @@ def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None) ->
     if not chosen and sizes:
         chosen = [min(range(len(sizes)), key=lambda i: (sizes[i], i))]
     return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Example:
+    """A reflective example as the plan sees it: its score (failures first) and its size."""
+
+    score: float
+    size: int
+
+
+def plan(instructions: Mapping[str, int], examples: Mapping[str, Sequence[Example]],
+         budget: int | None) -> dict[str, list[int]]:
+    """Which examples of each predictor (positions) to show within ``budget`` characters of instructions
+    and examples: all without a budget. Each predictor first gets its smallest prompt (instruction and
+    shortest example), then the rest is shared, smallest need first, so one that fits keeps them all."""
+    names = list(examples)
+    sizes = {name: [e.size for e in examples[name]] for name in names}
+    if budget is None:
+        return {name: choose([], sizes[name], None) for name in names}
+    shortest = {name: min(sizes[name], default=0) for name in names}
+    smallest_prompt = sum(instructions.values()) + sum(shortest.values())
+    extras = _share(max(0, budget - smallest_prompt), [sum(sizes[name]) - shortest[name] for name in names])
+    return {name: choose([e.score for e in examples[name]], sizes[name], shortest[name] + extra)
+            for name, extra in zip(names, extras)}
+
+
+def _share(budget: int, needs: Sequence[int]) -> list[int]:
+    """Water-filling: each need is met while an equal share of what is left covers it; the largest take
+    the rest."""
+    out = [0] * len(needs)
+    left = budget
+    for k, i in enumerate(sorted(range(len(needs)), key=lambda i: (needs[i], i))):
+        out[i] = min(needs[i], left // (len(needs) - k))
+        left -= out[i]
+    return out

@@ -10,7 +10,7 @@ A prompt the reflection LM refuses as longer than its context window is asked ag
 examples (``context_fit.py``). dspy's own proposer (not a subclass, whose ``__call__`` may differ) is
 asked one predictor at a time, as it asks the LM anyway, so a refusal or a 429 for one predictor
 neither repeats nor shortens another's call; a custom proposer is asked with every predictor at once,
-as always, and a refusal shortens them all.
+as always, and what fits is learned for the call.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from dspy_turbogepa.adapter.reflective import FeedbackMetricError, ReflectiveDat
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
 from dspy_turbogepa.log_once import FirstOfKind
-from dspy_turbogepa.proposers.context_fit import ContextFit, choose, example_size, share
+from dspy_turbogepa.proposers.context_fit import ContextFit, Example, example_size, plan
 from dspy_turbogepa.redaction import describe_error, error_text
 
 logger = logging.getLogger(__name__)
@@ -217,16 +217,22 @@ class ReflectiveProposer:
     ) -> Any:
         """The proposer's answer for ``unit``, or the skipped proposal. A prompt refused as longer than the
         reflection LM's context window is asked again with fewer examples (``context_fit.py``)."""
-        shown_before: dict[str, list[int]] | None = None
-        refused: _Refused | None = None
         names = [name for name in unit if name in dataset]
-        key = tuple(names)
+        key = tuple(unit)  # the predictors asked, whether or not this minibatch gave each examples
+        instructions = {name: len(parent_texts.get(name, "")) for name in unit}
+        examples = {name: [Example(scores[pos], example_size(record)) for pos, record in dataset[name]]
+                    for name in names}
+        refused: _Refused | None = None
+        cap: int | None = None  # the smallest size refused in this reflection: every retry is smaller
         while True:
-            shown = self._choose(parent_texts, dataset, scores, names, self._fit.budget(key))
-            if refused is not None and shown == shown_before:  # no shorter prompt left to ask
+            budget = self._fit.budget(key)
+            if cap is not None and (budget is None or budget >= cap):
+                budget = cap // 2  # what other reflections learned meanwhile must not send us back up
+            shown = plan(instructions, examples, budget)
+            size = sum(instructions.values()) + sum(examples[name][i].size for name, picked in shown.items()
+                                                    for i in picked)
+            if refused is not None and cap is not None and size >= cap:  # the smallest prompt was refused
                 return self._too_long(refused, shown)
-            size = sum(len(parent_texts.get(name, "")) + sum(example_size(dataset[name][i][1]) for i in picked)
-                       for name, picked in shown.items())
             answer = self._ask(parent_texts, {name: [dataset[name][i][1] for i in picked]
                                               for name, picked in shown.items()}, unit, retries)
             if not isinstance(answer, _Refused):
@@ -234,7 +240,7 @@ class ReflectiveProposer:
                     self._fit.fitted(key, size)
                 self._fit.count_left_out(sum(len(dataset[name]) - len(picked) for name, picked in shown.items()))
                 return answer
-            refused, shown_before = answer, shown
+            refused, cap = answer, size if cap is None else min(cap, size)
             self._fit.refused(key, size)
             if self._stopping.is_set():  # the run is over: no more calls
                 return self._too_long(refused, shown, stopped=True)
@@ -243,20 +249,6 @@ class ReflectiveProposer:
                        "again with fewer examples (failures first). Later reflections on it start from what fits; "
                        "a reflection_lm with a longer context window lets them read more.",
                        _describe_shown(shown), refused.message)
-
-    @staticmethod
-    def _choose(parent_texts: Mapping[str, str], dataset: dict[str, list[tuple[int, Any]]], scores: list[float],
-                names: list[str], budget: int | None) -> dict[str, list[int]]:
-        """Which examples of each predictor to show within ``budget`` characters of instructions and
-        examples (all without a budget), the budget shared so that a predictor whose examples fit keeps
-        them all."""
-        sizes = {name: [example_size(record) for _, record in dataset[name]] for name in names}
-        if budget is None:
-            return {name: choose([], sizes[name], None) for name in names}
-        instructions = [len(parent_texts.get(name, "")) for name in names]
-        shares = share(budget, [i + sum(sizes[name]) for i, name in zip(instructions, names)])
-        return {name: choose([scores[pos] for pos, _ in dataset[name]], sizes[name], part - instruction)
-                for name, part, instruction in zip(names, shares, instructions)}
 
     def _too_long(self, refused: _Refused, shown: Mapping[str, list[int]], stopped: bool = False) -> ProposalOutcome:
         message = (f"{refused.message}; the run stopped before a shorter reflection was asked" if stopped else
