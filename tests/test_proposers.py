@@ -482,8 +482,8 @@ def test_a_refusal_is_learned_per_predictor_and_in_size_so_one_long_example_does
     assert fit.budget(a) == 85_000
     fit.refused(a, 50_000)  # the window is smaller now: what fitted above it is forgotten
     assert fit.budget(a) == 25_000
-    fit.fitted(a, 55_000)  # a prompt above the refusal fitted: the refused one was denser, forget it
-    assert fit.budget(a) is None
+    fit.fitted(a, 55_000)  # a prompt above the refusal fitted: the refused one was denser, move it up
+    assert fit.budget(a) == 55_000 and fit.known_fit(a) == 55_000
 
 
 def test_a_proposer_asked_with_every_predictor_shares_the_size_so_a_short_predictor_keeps_its_examples():
@@ -513,6 +513,34 @@ def test_a_proposer_asked_with_every_predictor_shares_the_size_so_a_short_predic
     answered = [call["a"] for call in asked if call["a"] * 6_040 <= 20_000]
     assert answered[0] == 3  # what b leaves goes to a: the most that fits, on the first retry already
     assert answered[-1] >= 2  # and not much less on the next reflection
+
+
+def test_a_reflection_halves_its_gap_whatever_other_reflections_learn_meanwhile():
+    """Another reflection fitting just below each refusal kept the shared budget one example under it:
+    one reflection made a call per example (38 for 40) instead of a logarithmic number."""
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    sizes = []
+
+    def proposal_fn(candidate, reflective_dataset, components_to_update):
+        size = len(candidate["p"]) + sum(len(str(r)) for r in reflective_dataset["p"])
+        sizes.append(size)
+        if size > 10_000:
+            raise dspy.ContextWindowExceededError(model="m", message="maximum context length exceeded")
+        return {"p": candidate["p"] + " more"}
+
+    proposer = ReflectiveProposer(None, proposal_fn, None, max_workers=1)
+    learn = proposer._fit.refused
+
+    def refused_then_another_fits_just_below(unit, chars):
+        learn(unit, chars)
+        proposer._fit.fitted(unit, chars - 1)
+
+    proposer._fit.refused = refused_then_another_fits_just_below
+    dataset = {"p": [(i, {"Inputs": {"x": "y" * 3_000}, "Feedback": "wrong"}) for i in range(40)]}
+    outcome = proposer._propose({"p": "x"}, dataset, [0.0] * 40, ["p"])
+    proposer.close()
+    assert outcome.skipped is None and len(sizes) <= 8  # log2(121,000 / 3,000) + 2
 
 
 def test_a_multi_predictor_call_is_cut_to_what_fits_even_when_an_instruction_is_long():

@@ -223,11 +223,15 @@ class ReflectiveProposer:
         examples = {name: [Example(scores[pos], example_size(record)) for pos, record in dataset[name]]
                     for name in names}
         refused: _Refused | None = None
-        cap: int | None = None  # the smallest size refused in this reflection: every retry is smaller
+        # This reflection's own bisection: the smallest size refused in it, and what was known to fit when
+        # it was first refused (dropped once not below that). Each retry asks at most their midpoint, so
+        # the gap halves however what other reflections learn meanwhile moves the shared sizes.
+        cap: int | None = None
+        floor = 0
         while True:
             budget = self._fit.budget(key)
-            if cap is not None and (budget is None or budget >= cap):
-                budget = cap // 2  # what other reflections learned meanwhile must not send us back up
+            if cap is not None:
+                budget = (floor + cap) // 2 if budget is None else min(budget, (floor + cap) // 2)
             shown = plan(instructions, examples, budget)
             size = sum(instructions.values()) + sum(examples[name][i].size for name, picked in shown.items()
                                                     for i in picked)
@@ -240,8 +244,12 @@ class ReflectiveProposer:
                     self._fit.fitted(key, size)
                 self._fit.count_left_out(sum(len(dataset[name]) - len(picked) for name, picked in shown.items()))
                 return answer
-            refused, cap = answer, size if cap is None else min(cap, size)
             self._fit.refused(key, size)
+            if refused is None:  # what was known to fit when this reflection was first refused
+                floor = self._fit.known_fit(key)
+            refused, cap = answer, size if cap is None else min(cap, size)
+            if floor >= cap:  # not below what this reflection saw refused: no floor after all
+                floor = 0
             if self._stopping.is_set():  # the run is over: no more calls
                 return self._too_long(refused, shown, stopped=True)
             logger.log(logging.WARNING if self._reported_errors.first(f"{_REFUSED}:{key}") else logging.DEBUG,
