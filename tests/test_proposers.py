@@ -515,34 +515,6 @@ def test_a_proposer_asked_with_every_predictor_shares_the_size_so_a_short_predic
     assert answered[-1] >= 2  # and not much less on the next reflection
 
 
-def test_a_reflection_halves_its_gap_whatever_other_reflections_learn_meanwhile():
-    """Another reflection fitting just below each refusal kept the shared budget one example under it:
-    one reflection made a call per example (38 for 40) instead of a logarithmic number."""
-    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
-
-    sizes = []
-
-    def proposal_fn(candidate, reflective_dataset, components_to_update):
-        size = len(candidate["p"]) + sum(len(str(r)) for r in reflective_dataset["p"])
-        sizes.append(size)
-        if size > 10_000:
-            raise dspy.ContextWindowExceededError(model="m", message="maximum context length exceeded")
-        return {"p": candidate["p"] + " more"}
-
-    proposer = ReflectiveProposer(None, proposal_fn, None, max_workers=1)
-    learn = proposer._fit.refused
-
-    def refused_then_another_fits_just_below(unit, chars):
-        learn(unit, chars)
-        proposer._fit.fitted(unit, chars - 1)
-
-    proposer._fit.refused = refused_then_another_fits_just_below
-    dataset = {"p": [(i, {"Inputs": {"x": "y" * 3_000}, "Feedback": "wrong"}) for i in range(40)]}
-    outcome = proposer._propose({"p": "x"}, dataset, [0.0] * 40, ["p"])
-    proposer.close()
-    assert outcome.skipped is None and len(sizes) <= 8  # log2(121,000 / 3,000) + 2
-
-
 def test_a_multi_predictor_call_is_cut_to_what_fits_even_when_an_instruction_is_long():
     """With one predictor's instruction longer than its share, the other's examples were cut to nothing
     and the first kept its shortest example above the budget: the prompt never got smaller, and the
@@ -572,9 +544,17 @@ def test_a_multi_predictor_call_is_cut_to_what_fits_even_when_an_instruction_is_
     assert sum(size > 6_600 for size in sizes) <= len(outcomes) + 1
 
 
-def test_what_other_reflections_learn_meanwhile_never_sends_a_reflection_back_up():
-    """Another thread's fit of a larger prompt moves the shared ceiling up between a reflection's refusal
-    and its retry: the retry asked a larger prompt, then the refused one again, as often as fits came."""
+@pytest.mark.parametrize("n_examples, fits_meanwhile, max_calls", [
+    # a sparser prompt of another reflection fitted: the retry asked a larger prompt, then the refused
+    # one again, as often as such fits came
+    (11, lambda chars: 40_000, 4),
+    # another reflection fitted just below each refusal: one call per example (38 for 40), not log2(40) + 2
+    (40, lambda chars: chars - 1, 8),
+], ids=["larger-fit", "fit-just-below"])
+def test_what_other_reflections_learn_meanwhile_never_sends_a_reflection_back_up(n_examples, fits_meanwhile,
+                                                                                  max_calls):
+    """Between a reflection's refusal and its retry, the shared sizes move with other reflections' fits;
+    each retry still halves this reflection's own gap."""
     from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 
     sizes = []
@@ -591,15 +571,14 @@ def test_what_other_reflections_learn_meanwhile_never_sends_a_reflection_back_up
 
     def refused_then_another_fits(unit, chars):
         learn(unit, chars)
-        proposer._fit.fitted(unit, 40_000)  # a sparser prompt of another reflection fitted meanwhile
+        proposer._fit.fitted(unit, fits_meanwhile(chars))
 
     proposer._fit.refused = refused_then_another_fits
-    dataset = {"p": [(i, {"Inputs": {"x": "y" * 3_000}, "Feedback": "wrong"}) for i in range(11)]}
-    outcome = proposer._propose({"p": "x"}, dataset, [0.0] * 11, ["p"])
+    dataset = {"p": [(i, {"Inputs": {"x": "y" * 3_000}, "Feedback": "wrong"}) for i in range(n_examples)]}
+    outcome = proposer._propose({"p": "x"}, dataset, [0.0] * n_examples, ["p"])
     proposer.close()
-    assert outcome.skipped is None and len(sizes) <= 4
+    assert outcome.skipped is None and len(sizes) <= max_calls
     assert all(later < earlier for earlier, later in zip(sizes, sizes[1:]))
-
 
 def test_a_parent_with_a_very_long_instruction_does_not_cut_later_reflections_on_short_ones():
     """The size learned is the instruction's and the examples' together: a refusal caused by one parent's
