@@ -125,10 +125,10 @@ def plan(instructions: Mapping[str, int], examples: Mapping[str, Sequence[Exampl
     """Which examples of each predictor (positions) to show within ``budget`` characters of instructions
     and examples: all without a budget. Each predictor first gets its smallest prompt (instruction and
     shortest example), then the rest is shared, smallest need first, so one that fits keeps them all."""
+    if budget is None:
+        return {name: list(range(len(shown))) for name, shown in examples.items()}
     names = list(examples)
     sizes = {name: [e.size for e in examples[name]] for name in names}
-    if budget is None:
-        return {name: choose([], sizes[name], None) for name in names}
     shortest = {name: min(sizes[name], default=0) for name in names}
     smallest_prompt = sum(instructions.values()) + sum(shortest.values())
     extras = _share(max(0, budget - smallest_prompt), [sum(sizes[name]) - shortest[name] for name in names])
