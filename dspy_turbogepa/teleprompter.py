@@ -656,7 +656,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         an earlier process stored does not leave its writer thread and connection behind."""
         if not self.log_dir:
             return None, [], None, None
-        from dspy_turbogepa.adapter.persistence import StoreObserver, load_known, readable_lm, run_key
+        from dspy_turbogepa.adapter.persistence import StoreObserver, load_known
+        from dspy_turbogepa.adapter.run_identity import readable_lm, run_key
         from dspy_turbogepa.store import RunStore
         from dspy_turbogepa.store.sqlite_store import RUN_KEY_READABLE
 
@@ -759,7 +760,7 @@ def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
         return False
     if all(x is y for x, y in zip(a, b)):
         return True
-    from dspy_turbogepa.adapter.persistence import data_identity
+    from dspy_turbogepa.adapter.run_identity import data_identity
 
     return data_identity(a, "trainset") == data_identity(b, "valset")
 
@@ -879,7 +880,7 @@ def _held_lms(obj: Any) -> list[Any]:
         return []
     if isinstance(obj, BaseLM):
         return [obj]
-    from dspy_turbogepa.adapter.persistence import global_names
+    from dspy_turbogepa.adapter.run_identity import global_names
 
     values: list[Any] = []
     fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)

@@ -134,7 +134,7 @@ def test_the_readable_lm_in_a_refusal_keeps_endpoint_tokens_out():
     """The readable form of an LM (stored in the session meta, shown when a log_dir is refused) showed
     a gateway token that is not key-shaped enough for masking (a UUID path part, a short query value);
     the endpoint is shown as logs and MLflow show it, tokens as digests (two endpoints still differ)."""
-    from dspy_turbogepa.adapter.persistence import readable_lm
+    from dspy_turbogepa.adapter.run_identity import readable_lm
 
     uuid = "4f3c2b1a-9d8e-4f7a-b6c5-1234567890ab"
     a = readable_lm(dspy.LM("openai/m", api_base=f"https://gw.local/proxy/{uuid}/v1?token=abc1234", cache=False))
@@ -241,7 +241,7 @@ def test_a_fixed_program_under_the_same_log_dir_is_refused_not_replayed(routing,
 def test_the_run_key_of_examples_holding_plain_objects_is_stable(routing):
     """str() of a plain object holds its memory address: the same data must give the same key in
     every process (a rerun was refused as 'a different run')."""
-    from dspy_turbogepa.adapter.persistence import run_key
+    from dspy_turbogepa.adapter.run_identity import run_key
 
     class Attachment:  # a user's own type in an example field, no __eq__, no JSON form
         def __init__(self, name):
@@ -259,7 +259,7 @@ def test_the_run_key_of_examples_holding_plain_objects_is_stable(routing):
 _SET_METRIC = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from dspy_turbogepa.adapter.persistence import callable_identity
+from dspy_turbogepa.adapter.run_identity import callable_identity
 def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
     return float(str(pred.answer).lower() not in {"n/a", "none", "unknown", "?"})
 print(callable_identity(metric))
@@ -283,7 +283,7 @@ def test_the_run_key_tells_metrics_and_data_apart_and_survives_odd_values():
     import pandas as pd
     import pydantic
 
-    from dspy_turbogepa.adapter.persistence import _hashable, callable_identity, lm_identity
+    from dspy_turbogepa.adapter.run_identity import _hashable, callable_identity, lm_identity
 
     def by_answer(gold, pred, trace=None):
         return float(gold.answer == pred.answer)
@@ -330,7 +330,7 @@ def test_the_run_key_tells_metrics_and_data_apart_and_survives_odd_values():
 
 
 def test_the_run_key_sees_an_lms_model_and_settings_never_its_credentials():
-    from dspy_turbogepa.adapter.persistence import lm_identity
+    from dspy_turbogepa.adapter.run_identity import lm_identity
 
     a = dspy.LM("openai/m", api_key="sk-first0key0123456789", api_base="http://alice:pw1@127.0.0.1:9/v1")
     b = dspy.LM("openai/m", api_key="sk-second1key987654321", api_base="http://alice:pw2@127.0.0.1:9/v1")
@@ -606,7 +606,7 @@ def test_the_run_key_sees_every_method_of_the_users_modules_and_the_proposers_se
     reflections made with the old ones."""
     from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
-    from dspy_turbogepa.adapter.persistence import run_key
+    from dspy_turbogepa.adapter.run_identity import run_key
 
     splits = small_splits(routing, n_train=4, n_val=2)
 
@@ -692,7 +692,7 @@ def _judges():
 def test_an_edited_metric_module_or_helper_method_changes_the_run_key():
     """A dspy.Module judge inherits ``__call__`` from DSPy: keying only ``__call__`` let an edited
     ``forward`` resume on the old scores."""
-    from dspy_turbogepa.adapter.persistence import callable_identity
+    from dspy_turbogepa.adapter.run_identity import callable_identity
 
     (judge_v1, scorer_v1), (judge_v2, scorer_v2) = _judges()
     assert type(judge_v1).__qualname__ == type(judge_v2).__qualname__
@@ -716,7 +716,7 @@ def test_a_changed_default_argument_seed_none_and_failure_score_in_the_run_key(t
     """Defaults are not code: ``lenient=False`` edited to ``True`` resumed on the old scores (0 LM
     calls, validation 0.19 where a fresh run scores 1.0). ``seed=None`` runs as 0 but its log_dir
     refused seed=0; a changed failure_score was reported as "metric changed"."""
-    from dspy_turbogepa.adapter.persistence import callable_identity, run_key
+    from dspy_turbogepa.adapter.run_identity import callable_identity, run_key
     from dspy_turbogepa.store import RunStore, RunStoreMismatchError
 
     (kw_strict, pos_strict), (kw_lenient, pos_lenient) = _metric_with_default(False), _metric_with_default(True)
@@ -763,7 +763,7 @@ def test_a_changed_default_argument_seed_none_and_failure_score_in_the_run_key(t
 
     # other kinds of default, each keyed by what it means (an enum member by name: its repr may show an
     # object's address, which changed the key in every process)
-    from dspy_turbogepa.adapter.persistence import _default_value
+    from dspy_turbogepa.adapter.run_identity import _default_value
 
     class Mode(enum.Enum):
         A = object()
@@ -898,7 +898,7 @@ _ODD_KEY = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from dspy_turbogepa.adapter.persistence import _hashable
+from dspy_turbogepa.adapter.run_identity import _hashable
 from dspy_turbogepa.store.sqlite_store import stable_hash
 tags = np.array([["refund", "late"], ["tracking"]], dtype=object)
 longs = {"one": np.longdouble(1.5), "many": np.array([1.5, 2.5], dtype=np.longdouble)}  # padding bytes
@@ -922,7 +922,7 @@ def test_changing_which_fields_are_inputs_changes_the_data_key(routing):
     replayed the old evaluations."""
     import numpy as np
 
-    from dspy_turbogepa.adapter.persistence import _hashable, run_key
+    from dspy_turbogepa.adapter.run_identity import _hashable, run_key
 
     splits = small_splits(routing, n_train=4, n_val=4)
     widened = [dspy.Example(**ex.toDict(), hint="x").with_inputs("ticket", "hint") for ex in splits.train]
@@ -937,7 +937,7 @@ def test_changing_which_fields_are_inputs_changes_the_data_key(routing):
 def test_the_adapter_and_a_predictors_own_settings_are_in_the_run_key(routing):
     """``dspy.configure(adapter=...)`` and ``dspy.Predict(sig, temperature=...)`` change every answer;
     neither changed the key, so a rerun replayed the other setup's scores. Unset, the key is as before."""
-    from dspy_turbogepa.adapter.persistence import run_key
+    from dspy_turbogepa.adapter.run_identity import run_key
 
     splits = small_splits(routing, n_train=4, n_val=4)
     plain = run_key(routing.make_program(), splits.train, splits.val, 0)
@@ -1118,20 +1118,20 @@ def test_stored_values_round_trip_without_hidden_fields_or_code_from_the_row():
     """What a trajectory stores: nested predictions and dspy types come back as themselves; a field
     declared repr=False (a key) is not stored, as str() left it out; a dataclass holding a lock is stored
     (asdict deep-copied it and crashed compile); and a row cannot make the reader import anything."""
-    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+    from dspy_turbogepa.adapter.trajectory_json import _TYPE, _revive, prediction_dict, prediction_from
 
     image = dspy.Image(url="https://example.com/a.png")
     pred = dspy.Prediction(image=image, inner=dspy.Prediction(x=1), client=_Client(name="crm", token="tok_Q8z7Hunt"),
                            held=_WithLock("queue"), when=datetime.date(2024, 1, 2), label=_Colored(color=_Color.RED))
-    text = json.dumps(_prediction_dict(pred))
+    text = json.dumps(prediction_dict(pred))
     assert "tok_Q8z7Hunt" not in text and "sk-LIVE-Q8z7Hunt2" not in text  # repr=False, exclude=True
-    assert _prediction_from(json.loads(text)).label == _Colored(color=_Color.RED)
+    assert prediction_from(json.loads(text)).label == _Colored(color=_Color.RED)
     # str / int enums are str / int too (they were stored as plain values), and tuple values come back
     members = dspy.Prediction(p=_Priority.HIGH, level=_Level.ONE, planet=_Planet.EARTH)
-    back = _prediction_from(json.loads(json.dumps(_prediction_dict(members))))
+    back = prediction_from(json.loads(json.dumps(prediction_dict(members))))
     assert (back.p, back.level, back.planet) == (_Priority.HIGH, _Level.ONE, _Planet.EARTH)
     assert type(back.p) is _Priority and type(back.level) is _Level
-    back = _prediction_from(json.loads(text))
+    back = prediction_from(json.loads(text))
     assert back.image == image and isinstance(back.inner, dspy.Prediction) and back.inner.x == 1
     assert back.when == datetime.date(2024, 1, 2) and isinstance(back.held, _WithLock) and back.held.label == "queue"
     assert back.client == {"name": "crm"}  # the hidden field is gone, so the model does not validate
@@ -1147,11 +1147,11 @@ def test_numpy_values_come_back_as_numpy_values():
     resumed session only, and the reflection read another prompt than the live run's (a review)."""
     import numpy as np
 
-    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+    from dspy_turbogepa.adapter.trajectory_json import _TYPE, _revive, prediction_dict, prediction_from
 
     live = dspy.Prediction(conf=np.float32(0.75), n=np.int64(3), ok=np.bool_(True), grid=np.array([[0, 1], [2, 3]]),
                            words=np.array(["a", "bc"]), zero_d=np.array(2.5), half=np.array([1.5], dtype=np.float16))
-    back = _prediction_from(json.loads(json.dumps(_prediction_dict(live))))
+    back = prediction_from(json.loads(json.dumps(prediction_dict(live))))
     for key, value in live.items():
         assert type(back[key]) is type(value) and back[key].dtype == value.dtype, key
         assert np.array_equal(back[key], value), key
@@ -1163,7 +1163,7 @@ def test_numpy_values_come_back_as_numpy_values():
 
     odd = dspy.Prediction(c=np.complex64(1j), long=np.longdouble(0.5), longs=np.array([1.5], dtype=np.longdouble),
                           m=np.array([[1, 2]]).view(Tagged))
-    back = _prediction_from(json.loads(json.dumps(_prediction_dict(odd))))
+    back = prediction_from(json.loads(json.dumps(prediction_dict(odd))))
     assert (back.c, back.long, back.longs, back.m) == ("1j", "0.5", "[1.5]", "[[1 2]]")
     for forged in ({_TYPE: "numpy:ndarray", "value": {"dtype": "|O", "shape": [1], "data": ["x"]}},
                    {_TYPE: "numpy:ndarray", "value": {"dtype": "<U5000000", "shape": [4], "data": ["x"] * 4}}):
@@ -1206,12 +1206,12 @@ def test_containers_json_cannot_tell_apart_come_back_as_themselves():
     """Tuples came back as lists, sets as sorted lists, int keys as strings: a resumed run's feedback
     calls (``pred.route != gold.route``) and reflections read other values than the live run's, so
     resuming did not replay the run (a different final program on 6 of 7 stop points)."""
-    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+    from dspy_turbogepa.adapter.trajectory_json import _TYPE, _revive, prediction_dict, prediction_from
 
     live = dspy.Prediction(pair=("billing", 2), labels={"a", "b"}, frozen=frozenset({1}), by_id={1: "x", 2: "y"},
                            by_pair={("a", 1): [("b", 2)]}, seq=["p", ("q",)], named=_Pair("billing", 1),
                            nested={"k": ({"v"},)}, names={"a": 1})
-    back = _prediction_from(json.loads(json.dumps(_prediction_dict(live))))
+    back = prediction_from(json.loads(json.dumps(prediction_dict(live))))
     for key, _ in live.items():
         assert back[key] == live[key] and type(back[key]) is type(live[key]), key
     assert type(back.seq[1]) is tuple and type(back.nested["k"][0]) is set
@@ -1222,7 +1222,7 @@ def test_containers_json_cannot_tell_apart_come_back_as_themselves():
     # before; the other keys keep theirs; a mapping's own class and a tuple subclass come back too
     assert _revive({_TYPE: "builtins:dict", "value": [[{"k": 1}, "x"], [2, "y"]]}) == {'{"k": 1}': "x", 2: "y"}
     ordered = collections.OrderedDict([(2, "b"), (1, "a")])
-    back = _prediction_from(json.loads(json.dumps(_prediction_dict(dspy.Prediction(o=ordered, t=time.gmtime(0))))))
+    back = prediction_from(json.loads(json.dumps(prediction_dict(dspy.Prediction(o=ordered, t=time.gmtime(0))))))
     assert type(back.o) is collections.OrderedDict and list(back.o.items()) == [(2, "b"), (1, "a")]
     assert back.t == time.gmtime(0) and type(back.t) is time.struct_time
     # other mappings come back as dicts with their keys (a Counter rebuilt from pairs counted the pairs),
@@ -1233,7 +1233,7 @@ def test_containers_json_cannot_tell_apart_come_back_as_themselves():
             return super().__new__(cls, xs)
 
     odd = dspy.Prediction(c=collections.Counter({1: 3, 2: 5}), m=types.MappingProxyType({1: "a"}), v=Vec(1, 2))
-    back = _prediction_from(json.loads(json.dumps(_prediction_dict(odd))))
+    back = prediction_from(json.loads(json.dumps(prediction_dict(odd))))
     assert back.c == {1: 3, 2: 5} and type(back.c) is dict and back.m == {1: "a"}
     assert back.v == (1, 2) and type(back.v) is tuple
 
@@ -1247,7 +1247,7 @@ class _PydanticScorer(pydantic.BaseModel):
 
 def test_a_class_is_keyed_by_its_own_code_not_its_librarys():
     """A pydantic-based scorer keyed ~50 pydantic functions: upgrading pydantic refused the log_dir."""
-    from dspy_turbogepa.adapter.persistence import _class_code
+    from dspy_turbogepa.adapter.run_identity import _class_code
 
     assert [part.split("=")[0] for part in _class_code(_PydanticScorer)] == ["__call__"]
 
@@ -1258,7 +1258,7 @@ def test_examples_sharing_an_object_are_hashed_by_content_each_time():
     resume accepted a changed dataset; valset=trainset was wrongly assumed)."""
     import numpy as np
 
-    from dspy_turbogepa.adapter.persistence import data_identity
+    from dspy_turbogepa.adapter.run_identity import data_identity
 
     p, q = np.array([1.0, 2.0]), np.array([9.0, 9.0])
     train = [dspy.Example(a=p, b=q, x="t").with_inputs("x"), dspy.Example(a=p, x="u").with_inputs("x")]
@@ -1336,7 +1336,7 @@ def test_the_run_key_sees_tools_settings_and_helper_functions(routing, monkeypat
     """A fixed ReAct tool, a changed module setting (``self.upper``, a retriever's ``k``) or a fixed
     module-level helper that ``forward`` calls kept the run key: a resumed run replayed the broken
     program's scores (seed 0.0 while the fixed program scores 1.0)."""
-    from dspy_turbogepa.adapter.persistence import run_key
+    from dspy_turbogepa.adapter.run_identity import run_key
 
     splits = small_splits(routing, n_train=4, n_val=2)
 
@@ -1389,14 +1389,14 @@ def test_a_plain_object_a_program_returns_comes_back_as_itself():
     """A forward returning a plain object was stored as its str(): after a resume the metric's feedback
     calls got a str, raised AttributeError on ``pred.text``, and those reflective records were lost.
     Only the user's own plain classes are rebuilt, from their fields, with none of their code run."""
-    from dspy_turbogepa.adapter.persistence import _TYPE, _prediction_dict, _prediction_from, _revive
+    from dspy_turbogepa.adapter.trajectory_json import _TYPE, _revive, prediction_dict, prediction_from
 
-    back = _prediction_from(json.loads(json.dumps(_prediction_dict(_Answer("HELLO", {"n": 1})))))
+    back = prediction_from(json.loads(json.dumps(prediction_dict(_Answer("HELLO", {"n": 1})))))
     assert type(back) is _Answer and back.text == "HELLO" and back.meta == {"n": 1}
-    nested = _prediction_from(json.loads(json.dumps(_prediction_dict(dspy.Prediction(answer=_Answer("x", {}))))))
+    nested = prediction_from(json.loads(json.dumps(prediction_dict(dspy.Prediction(answer=_Answer("x", {}))))))
     assert type(nested.answer) is _Answer
-    stored = json.loads(json.dumps(_prediction_dict(_Dropped("/tmp/x"))))
-    assert isinstance(_prediction_from(stored), str)  # stored as its text, never rebuilt
+    stored = json.loads(json.dumps(prediction_dict(_Dropped("/tmp/x"))))
+    assert isinstance(prediction_from(stored), str)  # stored as its text, never rebuilt
     # a library class named in a row is never built from it, however plain; nor one of ours
     assert _revive({_TYPE: "argparse:Namespace", "value": {"a": 1}}) == {"a": 1}
     assert _revive({_TYPE: "dspy_turbogepa.adapter.program:ProgramCodec", "value": {"a": 1}}) == {"a": 1}
@@ -1443,23 +1443,23 @@ class _Node:
 def test_a_stored_object_graph_with_cycles_and_private_fields():
     """A tree with parent links returned in a prediction made storing it recurse forever (compile hung
     with log_dir set); a plain object's credential-named fields were written to the store."""
-    from dspy_turbogepa.adapter.persistence import _prediction_dict, _prediction_from
+    from dspy_turbogepa.adapter.trajectory_json import prediction_dict, prediction_from
 
     root = _Node("root")
     _Node("leaf", root)
-    text = json.dumps(_prediction_dict(dspy.Prediction(tree=root)))
+    text = json.dumps(prediction_dict(dspy.Prediction(tree=root)))
     assert "hunter2" not in text
-    back = _prediction_from(json.loads(text)).tree
+    back = prediction_from(json.loads(text)).tree
     assert type(back) is _Node and back.name == "root" and back.children[0].name == "leaf"
     assert back.token == "can" and back._cache == {"rank": 1}
     assert back.children[0].parent == "<see above: _Node>"  # the loop is cut, not followed
     nodes = [_Node(f"n{i}") for i in range(14)]
     for i, node in enumerate(nodes):  # a graph: every node linked to three others, both ways
         node.children = [nodes[(i + k) % 14] for k in (1, 2, 3)]
-    text = json.dumps(_prediction_dict(dspy.Prediction(entities=nodes)))
+    text = json.dumps(prediction_dict(dspy.Prediction(entities=nodes)))
     assert len(text) < 500_000, len(text)  # bounded (every path through the graph: hundreds of MB)
     shared, when, node = ["a", "b"], datetime.date(2024, 1, 2), _Node("shared")
-    twice = _prediction_from(json.loads(json.dumps(_prediction_dict(
+    twice = prediction_from(json.loads(json.dumps(prediction_dict(
         dspy.Prediction(x=shared, y=shared, created=when, updated=when, best=node, nodes=[node])))))
     assert twice.x == twice.y == ["a", "b"] and twice.updated == when  # shared values, stored for both
     assert twice.nodes[0].name == "shared"
@@ -1471,8 +1471,9 @@ def test_a_resume_replays_what_the_candidate_earned_not_what_the_service_or_a_ma
     not replayed as the candidate's failure; and a candidate whose stored texts were masked (they held
     a key) is not used to rebuild trajectories, which would run that other program under its name."""
     from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
-    from dspy_turbogepa.adapter.persistence import load_known, trajectory_to_json
+    from dspy_turbogepa.adapter.persistence import load_known
     from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.adapter.trajectory_json import trajectory_to_json
     from dspy_turbogepa.engine.candidate import Candidate
     from dspy_turbogepa.store import RunStore
 
@@ -1510,7 +1511,7 @@ def test_a_resume_replays_what_the_candidate_earned_not_what_the_service_or_a_ma
 def test_a_key_looking_default_under_a_neutral_name_is_keyed_as_a_credential():
     """``def metric(..., client="sk-proj-...")``: the parameter's name says nothing, the text is a key.
     Rotating it must resume the run (same callable identity), and the key must not shape the run key."""
-    from dspy_turbogepa.adapter.persistence import callable_identity
+    from dspy_turbogepa.adapter.run_identity import callable_identity
 
     def version(key: str):
         namespace: dict = {"__name__": "user_metrics"}
@@ -1530,7 +1531,7 @@ def test_a_trace_entry_matched_to_two_predictors_comes_back_once(routing):
     import asyncio
     import copy
 
-    from dspy_turbogepa.adapter.persistence import trajectory_from_json, trajectory_to_json
+    from dspy_turbogepa.adapter.trajectory_json import trajectory_from_json, trajectory_to_json
 
     from helpers import make_evaluator
 

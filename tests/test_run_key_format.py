@@ -13,7 +13,7 @@ import dspy
 import pytest
 import run_key_fixture as fixture
 
-from dspy_turbogepa.adapter.persistence import RUN_KEY_FORMAT, run_key
+from dspy_turbogepa.adapter.run_identity import RUN_KEY_FORMAT, run_key
 
 #: Bytecode and DSPy's dump_state() enter the key: it is pinned for the versions CI installs.
 PINNED_FOR = ((3, 11), "3.4.1")
@@ -41,7 +41,7 @@ def test_the_run_key_is_computed_the_way_its_format_says() -> None:
     assert key["key_format"] == RUN_KEY_FORMAT
     assert not changed or changed == ["key_format"], (
         f"run_key() now computes {changed} differently. If that is intended, bump RUN_KEY_FORMAT in "
-        "adapter/persistence.py (stores keyed the old way are then refused as written by another version, "
+        "adapter/run_identity.py (stores keyed the old way are then refused as written by another version, "
         "not as a changed program), say so in docs/run_store.md, and pin the new values here."
     )
     assert changed == [], "RUN_KEY_FORMAT was bumped: pin the new format and values here"

@@ -1,0 +1,456 @@
+"""What identifies a run: the key a ``log_dir`` is bound to, so a resume never reads a wrong value.
+
+Everything a stored evaluation's score or a stored reflection's text depends on is hashed here: the
+student's predictor state, the data, the LMs (by model, endpoint and sampling settings, never their
+credentials), the metric's and proposer's code, the adapter. The hash must be the same in every process
+for the same inputs, which is why values are rendered without memory addresses or abridged reprs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import dis
+import enum
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import dspy
+
+from dspy_turbogepa.adapter.evaluator import in_dspy_package
+from dspy_turbogepa.adapter.lm_copies import lm_api_base
+from dspy_turbogepa.adapter.trajectory_json import library_class, library_dirs, to_json
+from dspy_turbogepa.redaction import (
+    describe_error,
+    endpoint_url,
+    is_sensitive_key,
+    mask_text,
+    strip_userinfo,
+)
+from dspy_turbogepa.store import stable_hash
+from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
+
+logger = logging.getLogger(__name__)
+
+
+#: LM settings that change what a call answers (the rest, such as cache or retries, do not).
+_ANSWER_KWARGS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "n", "stop", "seed",
+                  "reasoning_effort", "response_format", "logprobs")
+
+
+def lm_identity(lm: Any) -> Any:
+    """What makes an LM answer the way it does, without its credentials: the model, the endpoint
+    (userinfo stripped from the URL), and the sampling settings."""
+    if lm is None:
+        return None
+    kwargs = getattr(lm, "kwargs", None)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    base = lm_api_base(lm)
+    return {
+        "class": f"{type(lm).__module__}.{type(lm).__qualname__}",
+        "model": getattr(lm, "model", None),
+        "api_base": strip_userinfo(base) if base else None,
+        **{k: _hashable(kwargs[k]) for k in _ANSWER_KWARGS if kwargs.get(k) is not None},
+    }
+
+
+def readable_lm(lm: Any) -> str:
+    """An LM's identity as a person reads it (model, endpoint, sampling settings; no credentials, and
+    key-shaped text masked): a log_dir refused because "reflection changed" says what changed, where
+    the run key holds only hashes."""
+    identity = lm_identity(lm)
+    if identity is None:
+        return "none"
+    base = lm_api_base(lm)
+    if base:  # as logs and MLflow show it: key-like path parts and the query as digests (a UUID token too)
+        identity["api_base"] = endpoint_url(base)
+    parts = [f"{k}={v}" for k, v in identity.items() if k != "class" and v is not None]
+    return mask_text(", ".join(parts))
+
+
+def callable_identity(fn: Any) -> str:
+    """A metric's or proposer's identity for the run key: an edited metric scores differently, and
+    the stored scores must not be reused for it. A function is its name and its code (bytecode, the
+    names it reads, its constants, nested functions); a ``functools.partial`` its function and bound
+    arguments; a method or a callable object every function its class defines (``forward`` and the
+    helpers of a ``dspy.Module`` judge, not only the ``__call__`` it inherits from DSPy). Stable across
+    processes (no addresses, set literals sorted). State is not seen — a closure's captured values, an
+    object's fields, globals read at call time — because run-time state (a call counter, a lock) would
+    refuse every rerun; a metric whose behaviour changes only through state needs a new log_dir."""
+    if fn is None:
+        return "None"
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_identity(fn.func)}, {stable_hash(_hashable([fn.args, fn.keywords]))})"
+    if inspect.ismethod(fn):
+        owner = type(fn.__self__)
+        return (f"{owner.__module__}.{owner.__qualname__}.{callable_identity(fn.__func__)}"
+                f":{stable_hash(_class_code(owner))}")
+    name = f"{getattr(fn, '__module__', type(fn).__module__)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: the code of its class (and of its user-written bases)
+        return f"{name}:{stable_hash(_class_code(type(fn)))}"
+    return f"{name}:{_function_digest(fn, _called_user_functions(fn))}"
+
+
+def _function_digest(fn: Any, helpers: Sequence[str] = ()) -> str:
+    """A user function's code, the identities of the ``helpers`` it calls, and its default argument
+    values (see :func:`_defaults_identity`)."""
+    defaults = _defaults_identity(fn)
+    return (_code_digest(fn.__code__) + (f"+{stable_hash(list(helpers))}" if helpers else "")
+            + (f"+defaults:{defaults}" if defaults else ""))
+
+
+def _defaults_identity(fn: Any) -> str:
+    """A function's default argument values: ``def metric(..., lenient=False)`` edited to ``True``
+    scores differently, yet its code (defaults are not code constants) is the same. Immutable plain
+    values are keyed by value and a user's function by its code; anything else by its type only: a
+    mutable default (a memo dict) or an object (a judge, a client) holds run-time state, like a
+    closure, which would refuse every rerun. A default that looks like a credential (by its parameter's
+    name or its text) is keyed as a marker: a rotated key is the same run."""
+    code = getattr(fn, "__code__", None)
+    defaults = tuple(getattr(fn, "__defaults__", None) or ())
+    kwdefaults = getattr(fn, "__kwdefaults__", None) or {}
+    if code is None or not (defaults or kwdefaults):
+        return ""
+    positional = code.co_varnames[:code.co_argcount]
+    named = [*zip(positional[len(positional) - len(defaults):], defaults), *sorted(kwdefaults.items())]
+    return stable_hash([[name, _default_value(name, value)] for name, value in named])
+
+
+def _default_value(name: str, value: Any) -> Any:
+    if isinstance(value, (str, bytes)):
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        # by the parameter's name or a secret the environment holds: a default that merely looks like a
+        # key ("gpt-4o-mini-2024-07-18") is more often a model or a version, whose edit must count
+        if is_sensitive_key(name) or mask_text(text) != text:
+            return "<credential>"
+    if isinstance(value, enum.Enum):  # by name: a member's repr may show an object's address
+        return f"{type(value).__qualname__}.{value.name}"
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)
+    if type(value) in (tuple, frozenset):
+        parts = [_default_value(name, v) for v in value]
+        return parts if type(value) is tuple else sorted(parts, key=repr)
+    if isinstance(value, functools.partial):
+        return callable_identity(value)
+    if inspect.isfunction(value) and not _library_function(value):
+        return f"{value.__qualname__}:{_function_digest(value)}"
+    if isinstance(value, type):
+        user = not (in_dspy_package(value) or library_class(value))
+        return f"class {value.__module__}.{value.__qualname__}" + (
+            f":{stable_hash(_class_code(value))}" if user else "")
+    if isinstance(value, dspy.BaseLM):
+        return stable_hash(_hashable(lm_identity(value)))
+    if isinstance(value, re.Pattern):
+        return ["re", repr(value.pattern), value.flags]
+    if callable(value) and isinstance(getattr(value, "__qualname__", None), str):  # str.lower, operator.eq
+        return f"{getattr(value, '__module__', None) or type(value).__module__}.{value.__qualname__}"
+    kind = type(value)
+    return f"<{kind.__module__}.{kind.__qualname__}>"
+
+
+def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
+    """The code of the user's own module-level functions ``fn`` names (and those they name): a fixed
+    ``normalize()`` that ``forward`` or the metric calls changes the scores as much as an edited
+    ``forward``. Library functions are left out (they change with an upgrade, not with the user's edits)."""
+    seen = set() if seen is None else seen
+    seen.add(id(fn))
+    namespace = getattr(fn, "__globals__", None)
+    code = getattr(fn, "__code__", None)
+    if not isinstance(namespace, dict) or code is None:
+        return []
+    out: list[str] = []
+    for name in global_names(code):
+        target = namespace.get(name)
+        if not inspect.isfunction(target) or id(target) in seen or _library_function(target):
+            continue
+        seen.add(id(target))
+        out.append(f"{name}={target.__qualname__}:{_function_digest(target)}")
+        out += _called_user_functions(target, seen)
+    return out
+
+
+def global_names(code: Any) -> list[str]:
+    """The global names a code object (and its nested ones) loads: not ``co_names``, which also holds
+    attribute names (``self.summarize`` would key an unrelated global ``summarize()``)."""
+    names = [ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL"]
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names += global_names(const)
+    return names
+
+
+def _library_function(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    if module == "dspy" or module.startswith(("dspy.", "dspy_turbogepa")):
+        return True
+    path = getattr(sys.modules.get(module), "__file__", None)
+    return isinstance(path, str) and os.path.realpath(path).startswith(library_dirs())
+
+
+def _class_code(cls: type) -> list[str]:
+    """The identity of every function a user's class defines, its user-written bases included. Classes
+    of DSPy, the standard library and installed packages are left out: their code changes with an
+    upgrade (a pydantic-based scorer would key 50 pydantic functions), not with the user's edits."""
+    out: list[str] = []
+    for klass in cls.__mro__:
+        if klass is object or in_dspy_package(klass) or library_class(klass):
+            continue
+        for name, value in sorted(vars(klass).items()):
+            fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if inspect.isfunction(fn):
+                out.append(f"{name}={callable_identity(fn)}")
+    return out
+
+
+def proposer_settings(proposer: Any) -> str:
+    """The settings of one of dspy's own proposer objects (``InstructionProposer(max_chars=...)``,
+    ``additional_instructions``, ...): they change what a reflection returns, and their classes keep no
+    run-time state in public fields. A user's proposer object is keyed by its code only (see
+    :func:`callable_identity`)."""
+    if proposer is None or inspect.isfunction(proposer) or not in_dspy_package(type(proposer)):
+        return ""
+    fields = _plain_settings(proposer)
+    fields.update({k: type(v).__qualname__ for k, v in sorted(vars(proposer).items())
+                   if k == "adapter" and v is not None})
+    # other public settings (``skills=(...)``), when set: a non-empty one changes the reflection prompt
+    fields.update({k: _hashable(v) for k, v in sorted(vars(proposer).items())
+                   if not k.startswith("_") and k != "adapter" and k not in fields and v and not callable(v)})
+    return stable_hash(_hashable(fields))
+
+
+def _code_digest(code: Any) -> str:
+    if code is None:
+        return "-"
+    return hashlib.sha256(repr(_code_parts(code)).encode()).hexdigest()[:16]
+
+
+def _code_parts(code: Any) -> list[Any]:
+    """Bytecode, names read, and constants of a code object and its nested ones. A set literal is a
+    frozenset constant whose repr order follows the per-process string hash: sorted here."""
+    consts: list[Any] = []
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):
+            consts.append(_code_parts(c))
+        elif isinstance(c, frozenset):
+            consts.append(sorted(repr(x) for x in c))
+        else:
+            consts.append(repr(c))
+    return [code.co_code.hex(), list(code.co_names), consts]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _hashable(value: Any) -> Any:
+    """Like ``jsonable``, for the run key: the same value must give the same JSON in every process.
+
+    ``str()`` of a plain object embeds its memory address, which would make every rerun "a different
+    run"; and ``str()`` of a big table or array is abridged, which would hide a changed dataset. So:
+    classes by name, LMs by :func:`lm_identity` (never their keys), sets sorted, arrays and images by
+    a hash of their bytes, tables and models by their full dumps (``to_dict`` / ``model_dump`` /
+    dataclass fields), an object whose ``str()`` is informative by that, any other by its fields.
+    A reference cycle ends in a marker instead of a RecursionError: only the objects being walked into
+    (the ancestors) count, so an object met again in a sibling (two examples sharing an array) is
+    hashed by its content both times."""
+    seen: set[int] = set()
+
+    def leaf(v: Any) -> Any:
+        kind = f"{type(v).__module__}.{type(v).__qualname__}"
+        if isinstance(v, type):
+            return f"class {v.__module__}.{v.__qualname__}"
+        if isinstance(v, dspy.BaseLM):
+            return lm_identity(v)
+        if inspect.isfunction(v) or inspect.ismethod(v) or isinstance(v, functools.partial):
+            return callable_identity(v)
+        if isinstance(v, (set, frozenset)):
+            return sorted((to_json(x, leaf) for x in v), key=repr)
+        if id(v) in seen:
+            return f"<cycle {kind}>"
+        seen.add(id(v))
+        try:
+            return walked(v, kind)
+        finally:
+            seen.discard(id(v))
+
+    def walked(v: Any, kind: str) -> Any:
+        try:
+            if getattr(getattr(v, "dtype", None), "kind", None) == "O" and callable(getattr(v, "tolist", None)):
+                # an object array's bytes are pointers to its elements: walk the elements instead
+                return {"__type__": kind, "items": to_json(v.tolist(), leaf),
+                        "shape": str(getattr(v, "shape", None))}
+            dtype = getattr(v, "dtype", None)
+            dtype_kind, itemsize = getattr(dtype, "kind", None), getattr(dtype, "itemsize", 0)
+            if dtype_kind in ("f", "c") and itemsize > 8 * (1 + (dtype_kind == "c")) \
+                    and callable(getattr(v, "tolist", None)):
+                # a long double's bytes hold padding that is not initialised (another key in every
+                # process): hash its values' text instead
+                return {"__type__": kind, "sha256": hashlib.sha256(repr(v.tolist()).encode()).hexdigest(),
+                        "shape": str(getattr(v, "shape", None))}
+            if callable(getattr(v, "tobytes", None)):
+                return {"__type__": kind, "sha256": hashlib.sha256(v.tobytes()).hexdigest(),
+                        "shape": str(getattr(v, "shape", None) or getattr(v, "size", None))}
+            if callable(getattr(v, "model_dump", None)):
+                return {"__type__": kind, **to_json(v.model_dump(), leaf)}
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                return {"__type__": kind, **to_json(dataclasses.asdict(v), leaf)}
+            if callable(getattr(v, "to_dict", None)):
+                return {"__type__": kind, "data": to_json(v.to_dict(), leaf)}
+        except Exception as exc:  # noqa: BLE001 - a dump that fails: fall back to the fields below
+            logger.debug("run key: %s could not be dumped (%s); using its fields", kind, type(exc).__name__)
+        text = str(v)
+        if _ADDRESS.search(text) is None:
+            return text
+        fields = dict(vars(v)) if hasattr(v, "__dict__") else {}
+        for slot in getattr(type(v), "__slots__", ()):
+            if isinstance(slot, str) and hasattr(v, slot):
+                fields[slot] = getattr(v, slot)
+        if fields:
+            return {"__type__": kind, **to_json(fields, leaf)}
+        return _ADDRESS.sub("", text)
+
+    return to_json(value, leaf)
+
+
+#: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
+#: input fields, metric objects by their class's code, the adapter and Predict.config keyed; 3: an
+#: object shared by two examples hashed by its content both times; 4: modules' plain settings, tools,
+#: and the user's module-level functions a forward, tool or metric calls; 5: those functions found by
+#: LOAD_GLOBAL only, not every name the code reads, and a tool's closure values no longer keyed; 6: a
+#: function's default argument values, seed=None keyed as the 0 it runs with, failure_score a part of its
+#: own instead of the metric's). A pinned key in
+#: tests/test_run_key_format.py fails when the computation changes and this is not bumped.
+RUN_KEY_FORMAT = "6"
+
+
+def run_key(
+    student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
+    *, metric: Callable[..., Any] | None = None, failure_score: float = 0.0, context_lm: Any = None,
+    reflection_lm: Any = None, proposer: Any = None, add_format_failure_as_feedback: bool = False,
+    adapter: Any = None,
+) -> dict[str, str]:
+    """What must not change under an existing log_dir: everything a stored evaluation's score or a
+    stored reflection's text depends on (the budget may change: a larger one continues the run).
+
+    The student is keyed by its whole predictor state (instructions, field prefixes and
+    descriptions, demos) and the LMs by ``lm_identity`` (never their keys: a rotated key is the same
+    run). Constructor settings that only steer the search (minibatch size, selection, ...) are left
+    out: a different plan misses the cache, it does not read a wrong value from it."""
+    structure: list[Any] = [
+        # the code of the user's own modules, every method (a fixed forward(), aforward() or helper must
+        # not replay the broken one's failures)
+        sorted({code for _, m in student.named_sub_modules() if not in_dspy_package(type(m))
+                for code in _class_code(type(m))})
+    ]
+    # what the modules around the predictors hold: their plain settings (a retriever's k, ReAct's
+    # max_iters, a flag the user's forward reads) and the code of the tools and functions they call
+    settings = ((name, _module_settings(module)) for name, module in student.named_sub_modules()
+                if not isinstance(module, dspy.Predict))
+    structure.append(sorted([name, held] for name, held in settings if held))
+    for name, pred in student.named_predictors():
+        state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
+        entry: tuple[Any, ...] = (name, list(pred.signature.input_fields), list(pred.signature.output_fields),
+                                  state, lm_identity(getattr(pred, "lm", None)))
+        config = getattr(pred, "config", None)  # dspy.Predict(sig, temperature=...): not in dump_state()
+        if isinstance(config, Mapping) and config:
+            entry += ({str(k): _hashable(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))},)
+        structure.append(entry)
+    # settings appended only when set, so the key of a run without them is what earlier versions wrote
+    reflection = [lm_identity(reflection_lm), callable_identity(proposer)]
+    extra = proposer_settings(proposer)
+    if extra:
+        reflection.append(extra)
+    if add_format_failure_as_feedback:  # what reflections read about parse failures
+        reflection.append("add_format_failure_as_feedback")
+    return {
+        KEY_FORMAT_COMPONENT: RUN_KEY_FORMAT,
+        "trainset": data_identity(trainset, "trainset"),
+        "valset": data_identity(valset, "valset"),
+        "student": stable_hash(_hashable(structure)),
+        "seed": str(0 if seed is None else seed),  # None runs as seed 0 (dspy.GEPA's default)
+        "metric": stable_hash([callable_identity(metric)]),
+        "failure_score": repr(float(failure_score)),  # its own part: a mismatch names it, not "metric"
+        "task_lm": stable_hash(_hashable(lm_identity(context_lm) if adapter is None
+                                         else [lm_identity(context_lm), adapter_identity(adapter)])),
+        "reflection": stable_hash(_hashable(reflection)),
+    }
+
+
+#: Plain fields of DSPy's own modules that change as they run (BestOfN / Refine lower ``fail_count``
+#: on every failed attempt): running the student before compile must not make it "another run".
+_DSPY_RUNTIME_FIELDS = frozenset({"fail_count"})
+
+
+def _module_settings(module: Any) -> dict[str, Any]:
+    """A module's public plain fields, and the identity of the tools and functions it holds (a list
+    or dict of them included: ``ReAct.tools``). Other objects are run-time state (a client, a lock) and
+    not seen: a module whose behaviour changes through them needs a new log_dir."""
+    out: dict[str, Any] = {k: v for k, v in _plain_settings(module).items()
+                           if not (k in _DSPY_RUNTIME_FIELDS and in_dspy_package(type(module)))}
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_"):
+            continue
+        items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple)) \
+            else [value]
+        tools = [ident for item in items if (ident := _tool_identity(item)) is not None]
+        if tools:
+            out[key] = tools
+    return out
+
+
+def _tool_identity(obj: Any) -> str | None:
+    """A ``dspy.Tool`` by its name, description and function; a plain function by its code. None for
+    anything else, and for DSPy's own functions (ReAct's ``finish``)."""
+    if isinstance(obj, dspy.Tool):
+        fn = obj.func
+        if inspect.isfunction(fn) and _library_function(fn):
+            return f"tool:{obj.name}:{obj.desc}"
+        return f"tool:{obj.name}:{obj.desc}:{callable_identity(fn)}"
+    if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _library_function(getattr(obj, "__func__", obj)):
+        return callable_identity(obj)
+    return None
+
+
+def adapter_identity(adapter: Any) -> dict[str, Any]:
+    """A configured DSPy adapter (``dspy.configure(adapter=JSONAdapter())``) formats every prompt and
+    parses every answer: its class and public plain settings."""
+    return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **_plain_settings(adapter)}
+
+
+def _plain_settings(obj: Any) -> dict[str, Any]:
+    """An object's public fields holding plain values (its settings; run-time state is seldom plain)."""
+    return {k: v for k, v in sorted(vars(obj).items())
+            if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def data_identity(examples: Sequence[dspy.Example], name: str = "examples") -> str:
+    """A dataset's content hash: every example's fields and inputs, in order (arrays, tables and models
+    by content, see :func:`_hashable`); the same in every process.
+
+    A field whose value cannot be read (its ``__str__`` or ``__repr__`` raises) is a ``TypeError`` naming
+    ``name[i]`` before any LM call; it was a bare error from deep inside the hashing."""
+    try:
+        return stable_hash(_hashable([_example_identity(ex) for ex in examples]))
+    except Exception as exc:  # find which example, hashed alone (the hash itself is unchanged: run keys stay)
+        for i, ex in enumerate(examples):
+            try:
+                _hashable(_example_identity(ex))
+            except Exception as inner:  # re-raised with the example named
+                raise TypeError(
+                    f"{name}[{i}] cannot be read to identify the run's data ({describe_error(inner)}). TurboGEPA "
+                    "hashes every field of every example to recognise the run (caching, resume): give that field "
+                    "a value whose str() / repr() works, or leave it out of the example.") from inner
+        raise exc
+
+
+def _example_identity(example: dspy.Example) -> list[Any]:
+    """An example's fields and which of them are inputs: ``.with_inputs(...)`` decides what the program
+    is called with, so the same fields with other inputs are other evaluations."""
+    inputs = getattr(example, "_input_keys", None)
+    return [example.toDict(), sorted(inputs) if inputs is not None else None]

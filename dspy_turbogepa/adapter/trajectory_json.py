@@ -1,0 +1,435 @@
+"""What the run store keeps of a rollout, as JSON and back: typed values, predictions, trajectories.
+
+What reflection needs from a rollout (each predictor's inputs and outputs, the program's prediction, the
+error) is stored as JSON, so a resumed run reflects on stored parents without re-running them. Typed
+values (pydantic models, dataclasses, dates) are stored in their JSON form tagged with their type and
+rebuilt on resume, so the metric's feedback calls see the objects a live run gives them; values JSON
+cannot hold otherwise (images, custom types) are stored as their ``str()``. Nothing is unpickled or
+evaluated: a type is rebuilt only if it is importable and of a kind this module knows how to build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import functools
+import json
+import logging
+import os
+import sys
+import sysconfig
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import dspy
+
+from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep, in_dspy_package
+from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.redaction import is_sensitive_key
+
+logger = logging.getLogger(__name__)
+
+
+def to_json(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """JSON-able form of ``value``: primitives, mappings, lists and DSPy examples / predictions
+    (``toDict``) are walked; anything else becomes ``leaf(value)``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {_key(k, leaf): to_json(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v, leaf) for v in value]
+    if hasattr(value, "toDict"):
+        return to_json(value.toDict(), leaf)
+    return leaf(value)
+
+
+def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
+    """A mapping key as a string: a primitive as ``str()``; anything else (a tuple, a frozenset, whose
+    ``str()`` order follows the per-process string hash) through the same walk as values."""
+    if key is None or isinstance(key, (bool, int, float, str)):
+        return str(key)
+    return json.dumps(to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
+
+
+@dataclasses.dataclass
+class _Walk:
+    """One value being stored: the objects on the current path (a cycle), every object already stored
+    (kept alive: a freed temporary's id may be reused), and how many values have been walked."""
+
+    path: set[int] = dataclasses.field(default_factory=set)
+    stored: dict[int, Any] = dataclasses.field(default_factory=dict)
+    walked: int = 0
+
+
+#: After this many values, an object met again is stored as a marker instead of walked again: a graph
+#: (nodes linked both ways) has exponentially many paths (12 nodes stored 45 MB, 1.45 GB in a run).
+_REPEATS_WALKED_UP_TO = 2_000
+
+
+def jsonable(value: Any, _walk: _Walk | None = None) -> Any:
+    """For what is stored (see the module docstring): primitives, mappings and lists walked; a DSPy
+    example or prediction, a pydantic model, a dataclass, a plain object of the user's own class or a
+    date as its fields tagged with its type (see :func:`_revive`); a tuple, a set (sorted) and a
+    mapping with keys other than strings tagged too, since JSON would read them back as a list or with
+    string keys; anything else as its ``str()``.
+
+    An object met inside itself (a parent link) is stored as a ``<see above: T>`` marker; one met
+    again elsewhere (two fields holding the same model) is stored again, unless the value is large
+    (see ``_REPEATS_WALKED_UP_TO``): then it is a marker too."""
+    if isinstance(value, enum.Enum):  # before the primitives: a str / int enum member is one too
+        return _stored_leaf(value, _walk)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    walk = _Walk() if _walk is None else _walk
+    key = id(value)
+    if key in walk.path or (key in walk.stored and walk.walked > _REPEATS_WALKED_UP_TO):
+        return f"<see above: {type(value).__name__}>"
+    walk.walked += 1
+    walk.stored[key] = value
+    walk.path.add(key)
+    try:
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) for k in value):
+                return {k: jsonable(v, walk) for k, v in value.items()}
+            # other keys (ints, tuples) as typed pairs: JSON would make them strings, and the metric's
+            # feedback call of a resumed run must get the mapping a live run gives it
+            tag = "collections:OrderedDict" if type(value) is OrderedDict else "builtins:dict"
+            return {_TYPE: tag, "value": [[jsonable(k, walk), jsonable(v, walk)] for k, v in value.items()]}
+        if isinstance(value, list):
+            return [jsonable(v, walk) for v in value]
+        if isinstance(value, tuple):  # typed: JSON has only lists (a namedtuple keeps its class)
+            kind = type(value)
+            keep = kind is not tuple and (hasattr(kind, "_fields") or library_class(kind))
+            tag = f"{kind.__module__}:{kind.__qualname__}" if keep else "builtins:tuple"
+            return {_TYPE: tag, "value": [jsonable(v, walk) for v in value]}
+        return _stored_leaf(value, walk)
+    finally:
+        walk.path.discard(key)
+
+
+def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
+    kind = type(value)
+    tag = f"{kind.__module__}:{kind.__qualname__}"
+    walk = _Walk() if _walk is None else _walk
+    try:
+        if isinstance(value, dspy.Example):  # items, not toDict(), which turns models into plain dicts
+            return {_TYPE: tag, "value": {k: jsonable(v, walk) for k, v in value.items()}}
+        if isinstance(value, (datetime.date, datetime.time)):
+            return {_TYPE: tag, "value": value.isoformat()}
+        if kind.__module__ == "numpy":
+            stored = _numpy_value(value)
+            if stored is not None:
+                return {_TYPE: tag, "value": stored}
+        if isinstance(value, enum.Enum):
+            return {_TYPE: tag, "value": jsonable(value.value, walk)}
+        fields = _shown_fields(value)
+        if fields is not None:
+            return {_TYPE: tag, "value": {name: jsonable(getattr(value, name), walk) for name in fields}}
+        if isinstance(value, (set, frozenset)):
+            return {_TYPE: "builtins:frozenset" if isinstance(value, frozenset) else "builtins:set",
+                    "value": sorted((jsonable(v, walk) for v in value), key=repr)}
+    except Exception as exc:  # noqa: BLE001 - an exotic object whose fields cannot be read: stored as text
+        logger.debug("stored as text: %s could not be walked (%s)", kind.__name__, type(exc).__name__)
+    return str(value)
+
+
+#: numpy dtype kinds stored typed: booleans, integers, floats, strings (object arrays stay text).
+_NUMPY_KINDS = "biufU"
+
+
+def _numpy_value(value: Any) -> Any:
+    """A numpy scalar's Python value, or an array's dtype, shape and nested lists; None for anything else
+    (an object array, a datetime, a complex number), which is stored as text. The most common values
+    a program computes outside JSON: as text, ``f"{pred.conf:.2f}"`` in a metric failed on resume."""
+    import numpy as np
+
+    if isinstance(value, np.generic) and value.dtype.kind in _NUMPY_KINDS:
+        item = value.item()  # a longdouble stays a numpy value: text, as before
+        return item if type(item) in (bool, int, float, str) else None
+    if type(value) is np.ndarray and value.dtype.kind in _NUMPY_KINDS and (
+            value.dtype.kind == "U" or value.dtype.itemsize <= 8):  # a subclass (matrix, memmap) stays text
+        return {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.tolist()}
+    return None
+
+
+def _numpy_rebuilt(cls: type, value: Any) -> Any:
+    import numpy as np
+
+    if cls is np.ndarray and isinstance(value, dict):
+        dtype = np.dtype(str(value["dtype"]))
+        data = np.asarray(value["data"])  # as JSON gave it: the row's size bounds what is allocated
+        if dtype.kind not in _NUMPY_KINDS or dtype.itemsize > max(8, data.dtype.itemsize):
+            raise ValueError(f"numpy dtype {dtype} is not stored typed")
+        return data.astype(dtype).reshape([int(n) for n in value["shape"]])
+    scalar = isinstance(value, (bool, int, float, str))
+    if scalar and issubclass(cls, np.generic) and np.dtype(cls).kind in _NUMPY_KINDS:
+        return cls(value)
+    raise ValueError(f"not a stored numpy value: {cls.__name__}")
+
+
+def _shown_fields(value: Any) -> list[str] | None:
+    """The fields of a pydantic model or a dataclass instance that its ``repr`` shows and its dump keeps:
+    one declared ``repr=False`` or ``exclude=True`` (often a key or a client) stays out of the store, as
+    it stayed out of ``str()`` and ``model_dump()``. None for anything else. Fields are read one by
+    one: ``dataclasses.asdict`` deep-copies every value and fails on a lock or a client."""
+    model_fields = getattr(type(value), "model_fields", None)
+    if isinstance(model_fields, Mapping) and callable(getattr(value, "model_dump", None)):
+        return [name for name, info in model_fields.items()
+                if getattr(info, "repr", True) is not False and getattr(info, "exclude", None) is not True]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [f.name for f in dataclasses.fields(value) if f.repr]
+    if _plain_user_class(type(value)):  # type: ignore[arg-type]  # mypy: a class is not Hashable
+        # its fields (a property may read a _private one), but not a credential (db_password, api_key),
+        # which stays out of the store like a pydantic field declared repr=False; a field called
+        # "token" is an NLP object's data far more often than a secret
+        return [name for name in vars(value) if not is_sensitive_key(name) or name.lower() in ("token", "tokens")]
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_user_class(cls: type) -> bool:
+    """A class of the user's own code whose instances are their ``__dict__`` (``class Answer: ...``
+    returned by a ``forward``), so that a row can rebuild one without calling any of its code: no
+    ``__slots__``, no ``__del__`` or pickling hooks, not a module, an LM or an exception. Library
+    classes are never rebuilt this way."""
+    if in_dspy_package(cls) or library_class(cls) or issubclass(cls, (BaseException, dspy.Module, type)) \
+            or cls.__module__.split(".")[0] == "dspy_turbogepa":  # ours: not user code, even installed editable
+        return False
+    for klass in cls.__mro__[:-1]:  # every class but object
+        names = vars(klass)
+        if "__slots__" in names or any(hook in names for hook in _OBJECT_HOOKS):
+            return False
+    return "__dict__" in dir(cls)
+
+
+#: Methods that would run when an object is rebuilt or dropped: a class defining one is not rebuilt.
+_OBJECT_HOOKS = ("__del__", "__setstate__", "__reduce__", "__reduce_ex__", "__new__", "__init_subclass__",
+                 "__getattr__", "__getattribute__", "__setattr__")
+
+
+#: Tags a stored typed value (see :func:`_stored_leaf`).
+_TYPE = "__turbogepa_type__"
+
+
+def _revive(value: Any) -> Any:
+    """Stored JSON with its typed values rebuilt, so that a resumed run hands the metric's feedback calls
+    the objects a live run gives them.
+
+    What a row can make happen is bounded: the class is looked up among modules already loaded, by
+    their ``__dict__`` (no import, no module ``__getattr__``), and only a DSPy example, a pydantic
+    model, a dataclass, an enum member, a date, or an instance of a plain class of the user's own code
+    (rebuilt from its fields without running any of its methods, see :func:`_plain_user_class`) is
+    built (their own validation runs, as for any value of theirs); any other name, or a value that no
+    longer validates, leaves the plain JSON. The run store
+    is trusted as the user's own files are; nothing in it is executed as code."""
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {_TYPE, "value"} and isinstance(value[_TYPE], str):
+        return _rebuild(value[_TYPE], _revive(value["value"]))
+    return {k: _revive(v) for k, v in value.items()}
+
+
+def _rebuild(tag: str, value: Any) -> Any:
+    import pydantic
+
+    module, _, qualname = tag.partition(":")
+    cls: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        namespace = getattr(cls, "__dict__", None)
+        cls = namespace.get(part) if isinstance(namespace, Mapping) else None
+    if not isinstance(cls, type):
+        return value
+    try:
+        if module == "numpy":
+            return _numpy_rebuilt(cls, value)
+        if isinstance(value, list) and cls in (dict, OrderedDict):
+            return _mapping_from_pairs(cls, value)
+        if isinstance(value, list) and cls in _BUILTIN_CONTAINERS:
+            return cls(value)
+        if isinstance(value, list) and issubclass(cls, tuple):
+            # a namedtuple (its generated _make), a library type such as struct_time; a user's own tuple
+            # subclass comes back a plain tuple: its __new__ is not run on a row's values
+            try:
+                make = getattr(cls, "_make", None)
+                if callable(make) and hasattr(cls, "_fields"):
+                    return make(value)
+                if library_class(cls):
+                    return cls(value)
+            except Exception:  # noqa: BLE001 - its constructor wants something else: the plain tuple
+                pass
+            return tuple(value)
+        if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
+            return cls.fromisoformat(value)
+        if issubclass(cls, enum.Enum):
+            try:
+                return cls(value)
+            except ValueError:
+                if isinstance(value, list):  # a tuple value, read back from JSON as a list
+                    return cls(_as_tuples(value))
+                raise
+        if issubclass(cls, dspy.Example) and isinstance(value, dict):
+            return cls(**value)
+        if issubclass(cls, pydantic.BaseModel) or dataclasses.is_dataclass(cls):
+            return _adapter_for(cls).validate_python(value)
+        if isinstance(value, dict) and _plain_user_class(cls):  # type: ignore[arg-type]  # (as above)
+            obj = object.__new__(cls)  # no __init__: the fields are the stored ones
+            obj.__dict__.update(value)
+            return obj
+    except Exception as exc:  # noqa: BLE001 - the class changed since the row was written: keep the JSON
+        logger.debug("stored %s value not rebuilt (%s)", tag, type(exc).__name__)
+    return value
+
+
+#: Containers JSON cannot tell from a list, stored typed (see :func:`jsonable`).
+_BUILTIN_CONTAINERS = (tuple, set, frozenset)
+
+
+def _mapping_from_pairs(cls: type, pairs: list[Any]) -> Any:
+    """A mapping stored as ``[key, value]`` pairs (its keys were not all strings). A key that cannot be
+    one any more (its class is gone, so it came back as plain JSON) is keyed by its JSON text, as all
+    keys were before mappings were stored typed. ``cls`` is ``dict`` or ``OrderedDict``: any other
+    mapping was stored as a dict."""
+    items = []
+    for pair in pairs:
+        key, item = pair
+        try:
+            hash(key)
+        except TypeError:
+            key = json.dumps(key, sort_keys=True, ensure_ascii=False, default=str)
+        items.append((key, item))
+    return cls(items)
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter_for(cls: type) -> Any:
+    import pydantic
+
+    return pydantic.TypeAdapter(cls)
+
+
+def prediction_dict(pred: Any) -> dict[str, Any] | None:
+    """A prediction's fields; a program that returns a plain value (a str, a list) is marked as such,
+    so resume hands the metric the same kind of object."""
+    if pred is None:
+        return None
+    if isinstance(pred, dspy.Example):  # its items, not toDict(), which turns models into plain dicts
+        return jsonable(dict(pred.items()))
+    if hasattr(pred, "toDict"):
+        return jsonable(pred.toDict())
+    if isinstance(pred, Mapping):
+        return {_PLAIN: "mapping", "value": jsonable(dict(pred.items()))}
+    return {_PLAIN: "value", "value": jsonable(pred)}
+
+
+#: Marks a stored prediction that was not a dspy.Prediction (absent in rows written before it existed).
+_PLAIN = "__turbogepa_plain__"
+
+
+def prediction_from(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return _revive(data)
+    kind = data.get(_PLAIN)
+    if kind == "value":
+        return _revive(data.get("value"))
+    if kind == "mapping":
+        return _revive(dict(data.get("value") or {}))
+    return dspy.Prediction(**_revive(data))
+
+
+def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
+    if traj is None:
+        return None
+    sig = traj.failed_signature
+    payload = {
+        "prediction": prediction_dict(traj.prediction),
+        "steps": [
+            {"pred_name": s.pred_name, "inputs": jsonable(s.inputs), "outputs": prediction_dict(s.outputs),
+             "raw": s.raw_index}
+            for s in traj.steps
+        ],
+        "error": traj.error,
+        "error_type": traj.error_type,
+        "failure": traj.failure,
+        "service_failure": traj.service_failure,
+        "raw_completion": traj.raw_completion,
+        "failed_predictor": traj.failed_predictor,
+        "failed_fields": (
+            [list(sig.input_fields), list(sig.output_fields)]
+            if sig is not None and hasattr(sig, "input_fields") else None
+        ),
+    }
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+class _FieldsOnly:
+    """Stands in for a failed signature after a reload: only its field names are compared."""
+
+    def __init__(self, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        self.input_fields = dict.fromkeys(inputs)
+        self.output_fields = dict.fromkeys(outputs)
+
+
+def trajectory_from_json(
+    text: str | None, example: dspy.Example, codec: ProgramCodec, fingerprint: str, texts: Mapping[str, str]
+) -> DspyTrajectory | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    predictors = dict(codec.get(fingerprint, texts).program.named_predictors())
+    steps: list[TraceStep] = []
+    raw: list[tuple[Any, dict[str, Any], Any]] = []
+    previous: Any = None
+    for s in data.get("steps", []):
+        pred = predictors.get(s["pred_name"])
+        # One LM call matched to several predictors is one trace entry under consecutive steps with the
+        # same "raw"; stores written before "raw" existed have an entry per step.
+        stored = s.get("raw")
+        index = stored if type(stored) is int and stored >= 0 else None
+        if index is None or index != previous:
+            raw.append((pred, _revive(dict(s.get("inputs") or {})),
+                        dspy.Prediction(**_revive(s.get("outputs") or {}))))
+        previous = index
+        _, inputs, outputs = raw[-1]
+        steps.append(TraceStep(s["pred_name"], pred, dict(inputs), outputs, len(raw) - 1))
+    pred_data = data.get("prediction")
+    fields = data.get("failed_fields")
+    return DspyTrajectory(
+        example=example,
+        prediction=prediction_from(pred_data) if pred_data is not None else None,
+        steps=steps,
+        raw_trace=raw,
+        error=data.get("error"),
+        error_type=data.get("error_type"),
+        failure=data.get("failure"),
+        raw_completion=data.get("raw_completion"),
+        failed_signature=_FieldsOnly(*fields) if fields else None,
+        failed_predictor=data.get("failed_predictor"),
+        service_failure=bool(data.get("service_failure", False)),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")
+                  if paths.get(k)})
+
+
+def library_class(klass: type) -> bool:
+    """Defined in the standard library or an installed (not editable) package. (A class built by
+    ``exec`` without a ``__name__`` says it is from ``builtins``; it is the user's unless ``builtins``
+    really holds it.)"""
+    module = sys.modules.get(klass.__module__)
+    if klass.__module__ in sys.builtin_module_names:
+        return getattr(module, klass.__qualname__, None) is klass
+    path = getattr(module, "__file__", None)
+    return isinstance(path, str) and os.path.realpath(path).startswith(library_dirs())
