@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -56,6 +55,7 @@ from dspy_turbogepa.engine.types import (
     ProposalOutcome,
     Reflector,
 )
+from dspy_turbogepa.engine.width import mutation_width, sibling_count
 from dspy_turbogepa.redaction import describe_error
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,6 @@ _STOPS_ASKED_FOR = frozenset({"interrupted", "stop_callback", "stop_file"})
 
 #: Evaluations after which a dollar budget with nothing priced yet is reported as unenforceable.
 UNPRICED_AFTER = 20
-
-
-#: The width floor leaves budget for this many generations of accepted children (see width()).
-GENERATIONS_TO_AFFORD = 4
 
 
 T = TypeVar("T")
@@ -426,61 +422,24 @@ class Orchestrator:
         return [t for t in self._tasks.values() if not t.done()]
 
     def width(self) -> int:
-        """How many mutations may run at once now (adaptive: about one success's worth of attempts).
-
-        While most mutations succeed, siblings launched from the same state mostly rediscover the same
-        improvement and each pays for a validation pass; once successes get rare, many attempts at once
-        find the next one sooner at no extra cost. So the width follows ``1 / p`` where ``p`` is the
-        (Laplace-smoothed) share of recent mutations that produced a new candidate, within
-        ``[min_mutations_in_flight, max_mutations_in_flight]``. Computed from the commit history at the
-        last planning view, so it is reproducible.
-        """
+        """How many mutations may run at once now (see ``width.mutation_width``), from the commit history
+        at the last planning view, so it is reproducible."""
         cfg = self.config
-        if not cfg.adaptive_width:
-            return cfg.max_mutations_in_flight
         n = min(self._view_floor, self._committed) if cfg.deterministic else self._committed
         now = self._history.at(n)
         # Recent attempts: look back over the last `width_window` commits that evaluated a child.
         past = self._history.at(self._history.attempt_lookback(n, cfg.width_window))
-        attempts = now.attempted - past.attempted
-        accepted = now.accepted - past.accepted
-        p = (accepted + 1) / (attempts + 2)
-        # Siblings planned from the same state buy speed with depth: when one of them is accepted, the
-        # others were planned from a parent that is no longer the best, and what they cost comes out of
-        # the generations left. So the width never exceeds what the remaining budget pays for at
-        # GENERATIONS_TO_AFFORD more generations of accepted children (a small budget runs one
-        # mutation at a time, as dspy.GEPA does; its evaluations still use every slot).
-        per_child = 2 * self.config.reflection_minibatch_size + len(self._val_ids)
-        affordable = max(1, (self._budget.limit - now.charged) // (GENERATIONS_TO_AFFORD * per_child))
-        floor = min(cfg.min_mutations_in_flight, affordable)
-        return max(floor, min(cfg.max_mutations_in_flight, round(1 / p), affordable))
+        return mutation_width(cfg, now.accepted - past.accepted, now.attempted - past.attempted,
+                              self._budget.limit - now.charged, len(self._val_ids))
 
     def siblings(self, n_commits: int) -> int:
-        """How many reflections to draw at once on one parent and minibatch (best-of-k).
-
-        Why: a step of the search is a reflection and then a validation pass, one after the other,
-        and a failed reflection costs a whole reflection round-trip. Independent mutations in parallel
-        hide that latency but each surviving sibling pays its own validation pass, while only one of
-        them is usually needed. Drawing k reflections on the same parent and minibatch and sending
-        only the child that does best there on to validation buys the latency back for ``k - 1``
-        extra minibatch evaluations. k is ``floor(1 / p)``, with ``p`` the (smoothed) share of recent
-        children that beat their parent on the minibatch, so it stays 1 while most reflections
-        succeed; and it shrinks when the remaining budget could no longer pay for
-        GENERATIONS_TO_AFFORD more such steps. Read from the planning view: reproducible.
-        """
+        """How many reflections to draw at once on one parent and minibatch (see ``width.sibling_count``),
+        read from the planning view: reproducible."""
         cfg = self.config
-        if cfg.max_siblings <= 1:
-            return 1
         now = self._history.at(n_commits)
         past = self._history.at(max(0, n_commits - cfg.width_window))
-        tried = now.children_tried - past.children_tried
-        passed = now.children_passed - past.children_passed
-        p = (passed + 2) / (tried + 3)  # prior: 2 of 3 succeed, so a run starts with one reflection per step
-        k = max(1, min(cfg.max_siblings, cfg.max_reflections_in_flight, math.floor(1 / p)))
-        mb, remaining = cfg.reflection_minibatch_size, self._budget.limit - now.charged
-        while k > 1 and remaining < GENERATIONS_TO_AFFORD * ((k + 1) * mb + len(self._val_ids)):
-            k -= 1
-        return k
+        return sibling_count(cfg, now.children_passed - past.children_passed, now.children_tried - past.children_tried,
+                             self._budget.limit - now.charged, len(self._val_ids))
 
     def _view_commits(self, seq: int, width: int) -> int | None:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from dspy_turbogepa.engine import Candidate, Orchestrator
-from dspy_turbogepa.engine.orchestrator import GENERATIONS_TO_AFFORD
+from dspy_turbogepa.engine.width import GENERATIONS_TO_AFFORD
 
 from .fakes import (
     HAS_ADAPTIVE_WIDTH,
