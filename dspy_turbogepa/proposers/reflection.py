@@ -7,10 +7,11 @@ dspy.GEPA's. It runs in a worker thread (proposers are synchronous DSPy code) un
 nothing usable is recorded and skipped; it never ends the run.
 
 A prompt the reflection LM refuses as longer than its context window is asked again with fewer
-examples (``context_fit.py``). dspy's own proposer (not a subclass, whose ``__call__`` may differ) is
-asked one predictor at a time, as it asks the LM anyway, so a refusal or a 429 for one predictor
-neither repeats nor shortens another's call; a custom proposer is asked with every predictor at once,
-as always, and what fits is learned for the call.
+examples (``context_fit.py``). dspy's own proposer (or a subclass that keeps its ``__call__``; one
+that overrides it may rewrite the predictors together) is asked one predictor at a time, as it asks
+the LM anyway, so a refusal or a 429 for one predictor neither repeats nor shortens another's call;
+a custom proposer is asked with every predictor at once, as always, and what fits is learned for the
+call.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class ReflectiveProposer:
         #: what the reflection LM's context window was seen to hold, per predictor
         self._fit = ContextFit()
         #: dspy's own proposer asks the LM once per predictor, independently: it can be asked one at a time
-        #: (not a subclass: its own __call__ may rewrite the predictors together)
+        #: (so may a subclass that keeps its __call__; one that overrides it may rewrite the predictors together)
         self._per_component = getattr(type(proposal_fn), "__call__", None) is InstructionProposer.__call__
 
     def stop(self) -> None:
