@@ -41,6 +41,7 @@ class ParetoFrontier:
         # non_dominated() is asked for at every plan and merge search, the frontier changes only at a
         # commit: computed once per change
         self._non_dominated: dict[int, set[int]] | None = None
+        self._non_dominated_members: tuple[int, ...] = ()
 
     @property
     def val_ids(self) -> tuple[int, ...]:
@@ -71,13 +72,23 @@ class ParetoFrontier:
     def members(self) -> set[int]:
         return set().union(*self._fronts.values()) if self._fronts else set()
 
-    def non_dominated(self) -> dict[int, set[int]]:
-        """Fronts without the dominated candidates (see :func:`pareto_front_members`); a copy."""
+    def _computed(self) -> dict[int, set[int]]:
         if self._non_dominated is None:
             fronts = {vid: set(f) for vid, f in self._fronts.items() if f}
             survivors = pareto_front_members(fronts, self._aggregate)
             self._non_dominated = {vid: f & survivors for vid, f in fronts.items()}
-        return {vid: set(f) for vid, f in self._non_dominated.items()}
+            self._non_dominated_members = tuple(sorted(survivors))
+        return self._non_dominated
+
+    def non_dominated(self) -> dict[int, set[int]]:
+        """Fronts without the dominated candidates (see :func:`pareto_front_members`); a copy."""
+        return {vid: set(f) for vid, f in self._computed().items()}
+
+    def non_dominated_members(self) -> tuple[int, ...]:
+        """The candidates on some front of :meth:`non_dominated`, ascending: what the merge search draws
+        from at every plan, so computed once per change, not copied out of the fronts each time."""
+        self._computed()
+        return self._non_dominated_members
 
     def select_parent(self, rng: random.Random, strategy: CandidateSelection) -> int:
         if not self._aggregate:

@@ -16,7 +16,7 @@ This is pure candidate algebra (no DSPy), which is why it lives in the engine.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from dspy_turbogepa.engine.records import CandidateRecord
@@ -86,7 +86,7 @@ def stratified_subsample(
 def find_merge(
     records: Sequence[CandidateRecord],
     candidates: Sequence[int],
-    existing_fingerprints: Mapping[str, int],
+    existing_fingerprints: Container[str],
     tried: set[tuple[int, int, int]],
     rng: random.Random,
     subsample_size: int,

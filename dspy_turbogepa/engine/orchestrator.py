@@ -96,6 +96,19 @@ def proposal_key(parent_fp: str, components: Sequence[str], minibatch: Sequence[
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+class _PooledBefore:
+    """The fingerprints of the pool's first ``n`` candidates, as a container (the view a plan sees)."""
+
+    __slots__ = ("_index_by_fp", "_n")
+
+    def __init__(self, index_by_fp: Mapping[str, int], n: int) -> None:
+        self._index_by_fp, self._n = index_by_fp, n
+
+    def __contains__(self, fingerprint: object) -> bool:
+        index = self._index_by_fp.get(fingerprint) if isinstance(fingerprint, str) else None
+        return index is not None and index < self._n
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -705,10 +718,11 @@ class Orchestrator:
         self, n_commits: int, frontier: ParetoFrontier, rng: random.Random, tried: set[tuple[int, int, int]]
     ) -> MergeProposal | None:
         n_records = self._history.at(n_commits).records
-        members = sorted(set().union(*frontier.non_dominated().values()))
-        existing = {fp: i for fp, i in self._index_by_fp.items() if i < n_records}
-        return find_merge(self._records[:n_records], members, existing, tried, rng, self.config.merge_subsample_size,
-                          fingerprint_texts)
+        # Searched at every plan while merges are wanted (and again to decide chaining), so nothing here
+        # walks the pool: the members are cached per frontier change, the pool is asked, not copied.
+        existing = _PooledBefore(self._index_by_fp, n_records)
+        return find_merge(self._records[:n_records], frontier.non_dominated_members(), existing, tried, rng,
+                          self.config.merge_subsample_size, fingerprint_texts)
 
     def _plan_merge(
         self, seq: int, rng: random.Random, n_commits: int, frontier: ParetoFrontier

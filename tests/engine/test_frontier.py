@@ -7,7 +7,13 @@ from collections import Counter
 
 import pytest
 
-from dspy_turbogepa.engine.frontier import SCORE_EPS, ParetoFrontier
+from dspy_turbogepa.engine.frontier import (
+    SCORE_EPS,
+    FrontierTally,
+    ParetoFrontier,
+    pareto_front_members,
+    record_on_front,
+)
 
 
 class ScriptedRng:
@@ -265,3 +271,30 @@ def test_the_progress_tally_keeps_the_best_not_the_last() -> None:
     tally.add(0, {0: 1.0})
     tally.add(1, {0: 0.0})
     assert tally.best == 1.0
+
+
+def test_the_members_the_merge_search_reads_follow_every_add() -> None:
+    """The merge search reads the non-dominated members at every plan, cached per change of the
+    frontier: after every add they must be :func:`pareto_front_members` of the raw fronts, as the
+    progress tally's size must."""
+    rng = random.Random(11)
+    for trial in range(60):
+        n_val = rng.choice([1, 3, 8, 40])
+        levels = rng.choice([[0.0, 1.0], [0.0, 0.5, 1.0], [0.3, 0.3 + 1e-12, 0.7]])
+        val_ids = rng.sample(range(500), n_val)
+        f, tally = ParetoFrontier(val_ids), FrontierTally()
+        best: dict[int, float] = {}
+        fronts: dict[int, set[int]] = {v: set() for v in val_ids}
+        aggregates: dict[int, float] = {}
+        for index in range(rng.choice([1, 5, 30])):
+            skill = rng.random()
+            scores = {v: max(levels) if rng.random() < skill else rng.choice(levels) for v in val_ids}
+            f.add(index, scores)
+            tally.add(index, scores)
+            for v in val_ids:
+                record_on_front(best, fronts, index, v, scores[v])
+            aggregates[index] = f.aggregate(index)
+            want = pareto_front_members(fronts, aggregates)
+            assert f.non_dominated_members() == tuple(sorted(want)), (trial, index)
+            assert f.non_dominated() == {v: fr & want for v, fr in fronts.items() if fr}, (trial, index)
+            assert tally.size == len(want), (trial, index)

@@ -232,6 +232,29 @@ def test_a_merge_behind_the_better_parent_on_the_screen_is_rejected() -> None:
     assert result.detail == "merge screen 1.000 < best parent 2.000"
 
 
+def test_a_merge_search_skips_a_program_already_in_the_pool_as_of_its_view() -> None:
+    """A merge that would rebuild a program the pool holds is not proposed (dspy.GEPA pays to evaluate
+    such duplicates), and "holds" is read at the plan's view: a program added after it does not count,
+    or a plan would depend on the timing of commits after its view."""
+    from dspy_turbogepa.engine.frontier import ParetoFrontier
+    from dspy_turbogepa.engine.history import CommitPoint
+
+    cfg = make_config(max_metric_calls=100, rung_fractions=(1.0,), use_merge=True)
+    orch = build(cfg, TableEvaluator(lambda texts, split, i: 0.0), FakeReflector(),
+                 Setup(seed_texts={"a": "base", "b": "base"}, train_ids=(0, 1), val_ids=(0, 1)))
+    rows = [({"a": "base", "b": "base"}, [None], (0.0, 0.0)), ({"a": "A", "b": "base"}, [0], (1.0, 0.0)),
+            ({"a": "base", "b": "B"}, [0], (0.0, 1.0)), ({"a": "A", "b": "B"}, [1], (0.0, 0.0))]
+    frontier = ParetoFrontier((0, 1))
+    for texts, parents, (s0, s1) in rows:
+        rec = orch._add_record(Candidate(texts), parents, [EvalOutcome(0, s0), EvalOutcome(1, s1)], seq=None)
+        orch._history.record(CommitPoint(rec.index + 1, 0, 0, 0))
+        if rec.index in (1, 2):  # the two specialists: the frontier a merge draws from
+            frontier.add(rec.index, rec.val_scores)
+    before = orch._find_merge(2, frontier, random.Random(0), set())  # the view of 3 records
+    assert before is not None and before.texts == {"a": "A", "b": "B"} and {before.first, before.second} == {1, 2}
+    assert orch._find_merge(3, frontier, random.Random(0), set()) is None  # 4 records: it exists
+
+
 MERGE_SETUP = hard_setup(train_n=16, val_n=12, components=("a", "b", "c"))
 
 
