@@ -521,6 +521,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         display.bind(OrchestratorSource(  # stored evaluations count when replayed, as the budget counts them
             orchestrator,
             extra_backoffs=lambda: _other_retries(evaluator.rate_limit_stats(), reflector.rate_limit_stats()),
+            paused=lambda: _pause_left(evaluator.rate_limit_stats()),
         ))
         logger.info(
             "TurboGEPA: budget %d metric calls; in flight at most: evaluations %d, mutations %d, reflections %d; "
@@ -911,6 +912,12 @@ def _other_retries(evaluator: Mapping[str, Any], reflector: Mapping[str, Any]) -
     transient ones, and all of the reflection LM's."""
     return int(evaluator.get("transient_retries", 0)) + sum(
         int(reflector.get(k, 0)) for k in ("rate_limit_retries", "transient_retries"))
+
+
+def _pause_left(evaluator: Mapping[str, Any]) -> float:
+    """The longest Retry-After pause still running on the evaluator's LM endpoints (AIMD windows)."""
+    endpoints = evaluator.get("endpoints") or {}
+    return max((float(e.get("cooldown_remaining_s", 0.0)) for e in endpoints.values()), default=0.0)
 
 
 def _looks_like_a_key(value: str) -> bool:

@@ -337,6 +337,75 @@ def test_orchestrator_source_reads_public_state() -> None:
                           {"rate_limit_retries": 2, "transient_retries": 1, "backoff_seconds": 3.5}) == 8
 
 
+def test_a_rate_limit_pause_shows_on_the_line_and_delays_the_eta(info_logs: pytest.LogCaptureFixture) -> None:
+    """While a 429's Retry-After pauses the endpoints nothing moves: the line must say so (a falling rate
+    alone looks like a hang), the ETA must count the wait, and the closing line must not show it."""
+
+    class PausedSource(FakeSource):
+        pause = 0.0
+
+        def paused_seconds(self) -> float:
+            return self.pause
+
+    clock, source = FakeClock(), PausedSource(budget=1000)
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=100)  # 5 calls/s, 100 done
+    calm = display.snapshot()
+    assert not calm.paused and "paused" not in calm.log_line() and not any("paused" in f for f in calm.fields())
+    source.pause = 0.4  # shorter than a refresh: not worth a field
+    assert not display.snapshot().paused
+    source.pause = 42.0
+    snap = display.snapshot()
+    assert snap.eta_seconds == pytest.approx(42 + 900 / 5, rel=0.02)
+    assert "paused 42s by a rate limit (Retry-After)" in snap.log_line()
+    assert "paused 42s (429)" in snap.fields()
+    display.close()
+    assert "paused" not in progress_lines(info_logs)[-1]
+
+
+def test_the_pause_shown_is_the_longest_retry_after_left_on_an_endpoint() -> None:
+    """Read from the evaluator's AIMD windows, as the teleprompter wires it."""
+    import asyncio
+
+    from dspy_turbogepa.engine.aimd import AimdRegistry
+    from dspy_turbogepa.teleprompter import _pause_left
+
+    clock = FakeClock()
+    windows = AimdRegistry(4, clock=clock)
+    assert _pause_left({"endpoints": windows.stats()}) == 0.0 and _pause_left({}) == 0.0
+
+    async def limited(key: str, retry_after: float) -> None:
+        tickets = await windows.acquire_all([key])
+        windows.release_all(tickets, "rate_limited", retry_after)
+
+    asyncio.run(limited("openai/a@http://127.0.0.1:1/v1", 30.0))
+    asyncio.run(limited("openai/b@http://127.0.0.1:2/v1", 12.0))
+    clock.t += 5.0
+    assert _pause_left({"endpoints": windows.stats()}) == pytest.approx(25.0)
+    clock.t += 30.0
+    assert _pause_left({"endpoints": windows.stats()}) == 0.0
+
+
+def test_compile_wires_the_rate_limit_pause_into_the_progress_source(monkeypatch) -> None:
+    """Without the wiring the source says "unknown" (None) and the line never shows a pause."""
+    import dspy_turbogepa.teleprompter as teleprompter_module
+
+    bound: list[OrchestratorSource] = []
+
+    class Recorded(OrchestratorSource):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            bound.append(self)
+
+    monkeypatch.setattr(teleprompter_module, "OrchestratorSource", Recorded)
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=8, n_val=6, n_test=0)
+    opt = TurboGEPA(task.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=2)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    assert len(bound) == 1 and bound[0].paused_seconds() == 0.0
+
+
 def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.LogCaptureFixture) -> None:
     clock, source = FakeClock(), FakeSource(budget=1000)
     display = ProgressDisplay(source, interactive=False, clock=clock)

@@ -67,7 +67,8 @@ class ProgressSource(Protocol):
     """What the display reads from a running engine. Called on the compile thread only.
 
     Any method may return None for "unknown"; the display then omits the field (or, for ``best`` and
-    ``frontier_size``, falls back to what it saw through ``on_candidate``).
+    ``frontier_size``, falls back to what it saw through ``on_candidate``). Optionally also
+    ``paused_seconds()``: how long the LM endpoints are still paused by a rate limit's Retry-After.
     """
 
     def metric_calls(self) -> int | None: ...
@@ -98,15 +99,19 @@ class OrchestratorSource:
     ``extra_backoffs``: retries the engine's evaluations do not report (transient errors: 5xx, timeouts,
     dropped connections; the reflection LM's 429s and transient errors). A flaky server that made a run
     nine times slower showed "rate-limit backoffs 0" throughout.
+    ``paused``: seconds left of the longest pause a rate limit's Retry-After imposes on an endpoint.
+    Why: during such a pause nothing moves, and a line that only shows the metric-call rate falling
+    (and its ETA growing) looks like a hang.
     """
 
     def __init__(
         self, orchestrator: Any, *, frontier_size: Callable[[], int] | None = None,
-        extra_backoffs: Callable[[], int] | None = None,
+        extra_backoffs: Callable[[], int] | None = None, paused: Callable[[], float] | None = None,
     ) -> None:
         self._orch = orchestrator
         self._frontier_fn = frontier_size
         self._extra_backoffs = extra_backoffs
+        self._paused = paused
         self._tracker = FrontierTally()
         self._seen = 0
 
@@ -147,6 +152,9 @@ class OrchestratorSource:
             return None
         return int(value) + (int(self._extra_backoffs()) if self._extra_backoffs is not None else 0)
 
+    def paused_seconds(self) -> float | None:
+        return None if self._paused is None else float(self._paused())
+
 
 @dataclass(frozen=True)
 class ProgressSnapshot:
@@ -161,6 +169,13 @@ class ProgressSnapshot:
     rung_funnel: tuple[int, ...]
     backoffs: int | None
     eta_seconds: float | None
+    #: seconds left of a rate limit's pause (Retry-After) on the LM endpoints; None or 0 when none
+    paused_seconds: float | None = None
+
+    @property
+    def paused(self) -> bool:
+        """A pause worth showing: a second or more (shorter ones pass between two refreshes)."""
+        return self.paused_seconds is not None and self.paused_seconds >= 1.0
 
     @property
     def fraction(self) -> float | None:
@@ -177,6 +192,8 @@ class ProgressSnapshot:
             parts.append(f"best {self.best:.3f}")
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        if self.paused:
+            parts.append(f"paused {format_duration(self.paused_seconds or 0.0)} (429)")
         if self.frontier_size is not None:
             parts.append(f"front {self.frontier_size}")
         if self.evals_in_flight is not None or self.mutations_running is not None:
@@ -205,6 +222,8 @@ class ProgressSnapshot:
             parts.append(f"LM retries {self.backoffs}")
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        if self.paused:
+            parts.append(f"paused {format_duration(self.paused_seconds or 0.0)} by a rate limit (Retry-After)")
         return ", ".join(parts)
 
 
@@ -510,6 +529,7 @@ class ProgressDisplay(EngineObserver):
         if front is None and self._tracker.best is not None:
             front = self._tracker.size
         elapsed = now - self._t0
+        paused = _safe(src, "paused_seconds")
         self._samples.append((now, calls))
         while len(self._samples) > 2 and now - self._samples[0][0] > self._eta_window:
             self._samples.popleft()
@@ -524,16 +544,19 @@ class ProgressDisplay(EngineObserver):
             mutations_running=_safe(src, "mutations_running"),
             rung_funnel=tuple(self._funnel),
             backoffs=_safe(src, "backoffs"),
-            eta_seconds=self._eta(now, calls, budget, elapsed),
+            eta_seconds=self._eta(now, calls, budget, elapsed, paused or 0.0),
+            paused_seconds=None if paused is None else float(paused),
         )
 
-    def _eta(self, now: float, calls: int, budget: int | None, elapsed: float) -> float | None:
+    def _eta(self, now: float, calls: int, budget: int | None, elapsed: float, paused: float = 0.0) -> float | None:
+        """The budget left at the recent metric-call rate, after the rate limit's pause still to wait (the
+        rate was measured mostly before it); never past the time budget."""
         etas: list[float] = []
         if budget:
             t_old, c_old = self._samples[0]
             dt, dc = now - t_old, calls - c_old
             if dt >= 1.0 and dc > 0:
-                etas.append(max(0, budget - calls) / (dc / dt))
+                etas.append(max(0.0, paused) + max(0, budget - calls) / (dc / dt))
         if self._time_budget is not None:
             etas.append(max(0.0, self._time_budget - elapsed))
         return min(etas) if etas else None
@@ -567,7 +590,7 @@ class ProgressDisplay(EngineObserver):
                 if self._mode == "off":
                     return
                 snap = self.snapshot()
-                snap = ProgressSnapshot(**{**snap.__dict__, "eta_seconds": None,
+                snap = ProgressSnapshot(**{**snap.__dict__, "eta_seconds": None, "paused_seconds": None,
                                            "evals_in_flight": None, "mutations_running": None})
                 if self._mode == "bar":
                     self._draw(snap, final_note=stop_reason)
