@@ -666,7 +666,7 @@ class ProgressDisplay(EngineObserver):
         new_best = snap.best is not None and (self._logged_best is None or snap.best > self._logged_best + SCORE_EPS)
         first = self.lines_emitted == 0
         interval = min(self._max_log_interval, max(self._log_interval, snap.elapsed / 20.0))
-        key = (snap.metric_calls, snap.best, snap.frontier_size, snap.candidates, snap.backoffs)
+        key = (snap.metric_calls, snap.best, snap.frontier_size, snap.candidates, snap.backoffs, snap.paused)
         if first and snap.metric_calls == 0 and snap.best is None:
             return  # nothing to say yet
         if new_best and (first or since >= self._best_log_gap):
