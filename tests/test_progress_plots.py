@@ -359,6 +359,15 @@ def test_a_rate_limit_pause_shows_on_the_line_and_delays_the_eta(info_logs: pyte
     assert snap.eta_seconds == pytest.approx(42 + 900 / 5, rel=0.02)
     assert "paused 42s by a rate limit (Retry-After)" in snap.log_line()
     assert "paused 42s (429)" in snap.fields()
+    # in logs: the pause starting is worth a line though no count moved (every rollout waits)
+    source.pause = 0.0
+    clock.t += 120.0
+    display.tick()  # a line with the counts as they are
+    lines = len(progress_lines(info_logs))
+    source.pause = 42.0
+    clock.t += 120.0
+    display.tick()
+    assert len(progress_lines(info_logs)) == lines + 1 and "paused" in progress_lines(info_logs)[-1]
     display.close()
     assert "paused" not in progress_lines(info_logs)[-1]
 
