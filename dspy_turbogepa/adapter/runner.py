@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -56,9 +57,7 @@ def run_coroutine_in_thread(
     # thread looking finished while it still runs (CPython gh-90882).
     while not finished.is_set():
         try:
-            finished.wait(timeout=0.2)
-            if on_tick is not None:
-                _tick(on_tick, hook_failures)
+            _wait_ticking(finished, on_tick, hook_failures)
         except KeyboardInterrupt:
             if interrupted:
                 raise
@@ -70,15 +69,7 @@ def run_coroutine_in_thread(
             )
             if on_interrupt is not None:
                 on_interrupt()
-            # In short slices, as above: an interrupt that is not an OS signal (``_thread.interrupt_main``,
-            # an IDE's stop button) is seen only when Python code runs, so one long wait made the second
-            # Ctrl-C wait out the whole grace period; and the progress display keeps drawing meanwhile.
-            deadline = time.monotonic() + grace_seconds
-            while not finished.wait(timeout=max(0.0, min(0.2, deadline - time.monotonic()))):
-                if time.monotonic() >= deadline:
-                    break
-                if on_tick is not None:
-                    _tick(on_tick, hook_failures)
+            _wait_ticking(finished, on_tick, hook_failures, until=time.monotonic() + grace_seconds)
             if not finished.is_set() and on_grace_expired is not None:
                 on_grace_expired()
     if on_tick is not None:
@@ -91,6 +82,21 @@ def run_coroutine_in_thread(
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _wait_ticking(finished: threading.Event, on_tick: Callable[[], None] | None, failures: list[int],
+                  until: float = math.inf) -> None:
+    """Wait until the run finishes or ``until`` passes, in 0.2 s slices with the hook between them.
+
+    Why slices: an interrupt that is not an OS signal (``_thread.interrupt_main``, an IDE's stop button)
+    is seen only when Python code runs, so one long wait made a second Ctrl-C wait out the whole grace
+    period; and the progress display keeps drawing meanwhile.
+    """
+    while not finished.wait(timeout=max(0.0, min(0.2, until - time.monotonic()))):
+        if time.monotonic() >= until:
+            return
+        if on_tick is not None:
+            _tick(on_tick, failures)
 
 
 def _tick(on_tick: Callable[[], None], failures: list[int]) -> None:
