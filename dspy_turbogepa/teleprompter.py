@@ -522,6 +522,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             orchestrator,
             extra_backoffs=lambda: _other_retries(evaluator.rate_limit_stats(), reflector.rate_limit_stats()),
             paused=lambda: _pause_left(evaluator.rate_limit_stats()),
+            reflection_paused=reflector.paused_seconds,
         ))
         logger.info(
             "TurboGEPA: budget %d metric calls; in flight at most: evaluations %d, mutations %d, reflections %d; "

@@ -372,6 +372,70 @@ def test_a_rate_limit_pause_shows_on_the_line_and_delays_the_eta(info_logs: pyte
     assert "paused" not in progress_lines(info_logs)[-1]
 
 
+def test_a_reflection_waiting_on_a_rate_limit_shows_on_the_line(info_logs: pytest.LogCaptureFixture) -> None:
+    """A reflection waiting out the reflection LM's Retry-After holds the search while nothing moves; it
+    must be said (apart from the endpoints' pause: evaluations may go on), start a log line of its own,
+    count in the ETA only while nothing else runs ("ETA 3s" sat beside a 68 s wait in a live run), and
+    stay off the closing line."""
+
+    class WaitingSource(FakeSource):
+        wait = 0.0
+        in_flight = 16
+
+        def reflection_paused_seconds(self) -> float:
+            return self.wait
+
+        def evals_in_flight(self) -> int:
+            return self.in_flight
+
+    clock, source = FakeClock(), WaitingSource(budget=1000)
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=100)  # 5 calls/s, 100 done
+    calm = display.snapshot()
+    assert not calm.reflection_paused and "reflection" not in calm.log_line()
+    source.wait = 0.5  # shorter than a refresh
+    assert not display.snapshot().reflection_paused
+    source.wait = 75.0
+    snap = display.snapshot()
+    assert snap.reflection_paused and not snap.paused
+    assert "a reflection waits 1m15s on the reflection LM's rate limit" in snap.log_line()
+    assert "reflect paused 1m15s (429)" in snap.fields()
+    assert snap.eta_seconds == pytest.approx(900 / 5, rel=0.02)  # other mutations' evaluations go on
+    source.in_flight = 0  # the search waits on the reflection
+    assert display.snapshot().eta_seconds == pytest.approx(75 + 900 / 5, rel=0.02)
+    source.wait = 0.0
+    clock.t += 120.0
+    display.tick()
+    lines = len(progress_lines(info_logs))
+    source.wait = 75.0
+    clock.t += 120.0
+    display.tick()
+    assert len(progress_lines(info_logs)) == lines + 1 and "reflection LM" in progress_lines(info_logs)[-1]
+    display.close()
+    assert "reflection LM" not in progress_lines(info_logs)[-1]
+
+
+def test_rate_limit_waits_report_the_longest_left_and_only_while_running() -> None:
+    from dspy_turbogepa.adapter.ratelimit import RateLimitWaits
+
+    clock = FakeClock()
+    waits = RateLimitWaits(clock=clock)
+    assert waits.remaining() == 0.0
+    with waits.waiting(30.0):
+        clock.t += 5.0
+        with waits.waiting(10.0):
+            assert waits.remaining() == pytest.approx(25.0)
+        with waits.waiting(40.0):
+            assert waits.remaining() == pytest.approx(40.0)
+        assert waits.remaining() == pytest.approx(25.0)
+        clock.t += 40.0
+        assert waits.remaining() == 0.0  # overdue (a wait that ran long): nothing left to show
+    assert waits.remaining() == 0.0
+    with pytest.raises(RuntimeError), waits.waiting(20.0):
+        raise RuntimeError("the waiter failed")
+    assert waits.remaining() == 0.0
+
+
 def test_the_pause_shown_is_the_longest_retry_after_left_on_an_endpoint() -> None:
     """Read from the evaluator's AIMD windows, as the teleprompter wires it."""
     import asyncio
@@ -413,6 +477,7 @@ def test_compile_wires_the_rate_limit_pause_into_the_progress_source(monkeypatch
     with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
         opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
     assert len(bound) == 1 and bound[0].paused_seconds() == 0.0
+    assert bound[0].reflection_paused_seconds() == 0.0
 
 
 def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.LogCaptureFixture) -> None:

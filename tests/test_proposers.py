@@ -298,6 +298,44 @@ def test_a_reflection_waiting_out_a_rate_limit_gives_up_when_the_run_stops():
     proposer.close()
 
 
+def test_a_reflection_waiting_out_a_rate_limit_reports_the_wait_left():
+    """The progress line showed nothing while a reflection waited out the reflection LM's Retry-After (the
+    search, at a width near one, waits with it): the proposer must say how long is left, and only while it
+    waits; a transient failure's short backoff is not a rate limit's pause."""
+    import threading
+    import time
+
+    from dspy import lm15
+
+    from dspy_turbogepa.adapter.ratelimit import RetryPolicy
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    asked = threading.Event()
+    faults = [lm15.ServerError("busy", status=503), lm15.RateLimitError("quota", status=429, retry_after=60.0)]
+
+    def limited(candidate, reflective_dataset, components_to_update):
+        asked.set()
+        raise faults.pop(0) if faults else lm15.RateLimitError("quota", status=429, retry_after=60.0)
+
+    policy = RetryPolicy(max_retries=10, max_elapsed_s=300.0, base_s=1.0, cap_s=60.0)
+    proposer = ReflectiveProposer(None, limited, None, max_workers=1, rate_limit_policy=policy,
+                                  transient_policy=RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=1.5, cap_s=1.5))
+    assert proposer.paused_seconds() == 0.0
+    worker = threading.Thread(target=lambda: proposer._propose({"p": "x"}, {"p": []}, [], ["p"]))
+    worker.start()
+    assert asked.wait(5)
+    time.sleep(0.3)
+    assert proposer.paused_seconds() == 0.0  # the 503 backoff (1.5 s with jitter) is no rate limit
+    deadline = time.monotonic() + 10
+    while not proposer.paused_seconds() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 50.0 < proposer.paused_seconds() <= 60.0 * 1.25  # Retry-After, with the policy's jitter at most
+    proposer.stop()
+    worker.join(timeout=5)
+    assert not worker.is_alive() and proposer.paused_seconds() == 0.0
+    proposer.close()
+
+
 def test_the_engine_tells_the_reflector_when_the_run_stops(routing, student_lm, reflection_lm, monkeypatch):
     import dspy_turbogepa.teleprompter as teleprompter_module
     from dspy_turbogepa.proposers.reflection import ReflectiveProposer

@@ -30,7 +30,9 @@ import builtins
 import math
 import random
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -417,7 +419,6 @@ class RateLimitStats:
         transient failure, in that kind's counter."""
         self.add(backoff_s=backoff_s, **{_COUNTERS[kind][event]: 1})
 
-
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -430,3 +431,36 @@ class RateLimitStats:
                 "metric_rate_limit_retries": self.metric_rate_limit_retries,
                 "backoff_seconds": round(self.backoff_s, 6),
             }
+
+
+class RateLimitWaits:
+    """The waits now running because a rate limit said "not now", and when each ends.
+
+    Why: a reflection waiting out a Retry-After holds its mutation, and at a width near one the whole
+    search, while nothing on the progress line moves; the evaluator's endpoints report their own pause
+    (AIMD cooldowns), the reflection LM's retries are per call and had nothing to report."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ends: dict[int, float] = {}
+        self._next = 0
+
+    @contextmanager
+    def waiting(self, seconds: float) -> Iterator[None]:
+        """Counts as waiting for ``seconds`` from now, until the block ends (early, if the run stops)."""
+        with self._lock:
+            token = self._next
+            self._next += 1
+            self._ends[token] = self._clock() + max(0.0, seconds)
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._ends[token]
+
+    def remaining(self) -> float:
+        """Seconds left of the longest wait running; 0.0 when none is."""
+        with self._lock:
+            end = max(self._ends.values(), default=None)
+        return 0.0 if end is None else max(0.0, end - self._clock())

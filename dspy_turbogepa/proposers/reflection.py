@@ -17,6 +17,7 @@ call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import inspect
@@ -39,6 +40,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     RATE_LIMIT_POLICY,
     TRANSIENT_POLICY,
     RateLimitStats,
+    RateLimitWaits,
     RetryPolicy,
     classify,
     context_window_exceeded,
@@ -93,6 +95,7 @@ class ReflectiveProposer:
         self._stopping = threading.Event()
         self._rng = random.Random(f"reflection-backoff:{seed}")
         self._rl_stats = RateLimitStats()
+        self._rl_waits = RateLimitWaits()
         self._prices = dict(price_table or {})  # the same table the program's calls are priced with
         self._proposal_fn = proposal_fn
         self._reflection_lm = reflection_lm
@@ -129,6 +132,11 @@ class ReflectiveProposer:
         snap = self._rl_stats.snapshot()
         return {k: snap[k] for k in ("rate_limited", "rate_limit_retries", "rate_limit_gave_up", "transient_errors",
                                      "transient_retries", "transient_gave_up", "backoff_seconds")}
+
+    def paused_seconds(self) -> float:
+        """Seconds left of the longest rate-limit wait a reflection is in (Retry-After, else backoff):
+        what the progress line shows as the reflections' pause."""
+        return self._rl_waits.remaining()
 
     async def reflect(
         self, parent_texts: Mapping[str, str], components: Sequence[str], outcomes: Sequence[EvalOutcome], seed: int
@@ -301,7 +309,9 @@ class ReflectiveProposer:
                             else f"failing transiently ({verdict.error_type})", delay)
                 self._rl_stats.count(kind, "retry", backoff_s=delay)
                 retries.done[kind] += 1
-                if self._stopping.wait(delay):  # the run stopped while we waited: do not call the LM again
+                with self._rl_waits.waiting(delay) if kind == "rate_limited" else contextlib.nullcontext():
+                    stopped = self._stopping.wait(delay)
+                if stopped:  # the run stopped while we waited: do not call the LM again
                     self._rl_stats.count(kind, "gave_up")
                     return self._failed(exc)
 

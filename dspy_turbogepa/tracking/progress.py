@@ -68,7 +68,8 @@ class ProgressSource(Protocol):
 
     Any method may return None for "unknown"; the display then omits the field (or, for ``best`` and
     ``frontier_size``, falls back to what it saw through ``on_candidate``). Optionally also
-    ``paused_seconds()``: how long the LM endpoints are still paused by a rate limit's Retry-After.
+    ``paused_seconds()``: how long the LM endpoints are still paused by a rate limit's Retry-After, and
+    ``reflection_paused_seconds()``: how long a reflection still waits out the reflection LM's rate limit.
     """
 
     def metric_calls(self) -> int | None: ...
@@ -102,16 +103,20 @@ class OrchestratorSource:
     ``paused``: seconds left of the longest pause a rate limit's Retry-After imposes on an endpoint.
     Why: during such a pause nothing moves, and a line that only shows the metric-call rate falling
     (and its ETA growing) looks like a hang.
+    ``reflection_paused``: seconds left of the longest wait a reflection is in because the reflection LM
+    answered 429: the search waits on it, though evaluations of other mutations may go on.
     """
 
     def __init__(
         self, orchestrator: Any, *, frontier_size: Callable[[], int] | None = None,
         extra_backoffs: Callable[[], int] | None = None, paused: Callable[[], float] | None = None,
+        reflection_paused: Callable[[], float] | None = None,
     ) -> None:
         self._orch = orchestrator
         self._frontier_fn = frontier_size
         self._extra_backoffs = extra_backoffs
         self._paused = paused
+        self._reflection_paused = reflection_paused
         self._tracker = FrontierTally()
         self._seen = 0
 
@@ -155,6 +160,9 @@ class OrchestratorSource:
     def paused_seconds(self) -> float | None:
         return None if self._paused is None else float(self._paused())
 
+    def reflection_paused_seconds(self) -> float | None:
+        return None if self._reflection_paused is None else float(self._reflection_paused())
+
 
 @dataclass(frozen=True)
 class ProgressSnapshot:
@@ -171,11 +179,18 @@ class ProgressSnapshot:
     eta_seconds: float | None
     #: seconds left of a rate limit's pause (Retry-After) on the LM endpoints; None or 0 when none
     paused_seconds: float | None = None
+    #: seconds left of the longest wait a reflection is in on the reflection LM's rate limit; in the ETA
+    #: only while no evaluation is in flight (otherwise other mutations' evaluations go on meanwhile)
+    reflection_paused_seconds: float | None = None
 
     @property
     def paused(self) -> bool:
         """A pause worth showing: a second or more (shorter ones pass between two refreshes)."""
-        return self.paused_seconds is not None and self.paused_seconds >= 1.0
+        return _worth_showing(self.paused_seconds)
+
+    @property
+    def reflection_paused(self) -> bool:
+        return _worth_showing(self.reflection_paused_seconds)
 
     @property
     def fraction(self) -> float | None:
@@ -194,6 +209,8 @@ class ProgressSnapshot:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         if self.paused:
             parts.append(f"paused {format_duration(self.paused_seconds or 0.0)} (429)")
+        if self.reflection_paused:
+            parts.append(f"reflect paused {format_duration(self.reflection_paused_seconds or 0.0)} (429)")
         if self.frontier_size is not None:
             parts.append(f"front {self.frontier_size}")
         if self.evals_in_flight is not None or self.mutations_running is not None:
@@ -224,7 +241,14 @@ class ProgressSnapshot:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         if self.paused:
             parts.append(f"paused {format_duration(self.paused_seconds or 0.0)} by a rate limit (Retry-After)")
+        if self.reflection_paused:
+            parts.append(f"a reflection waits {format_duration(self.reflection_paused_seconds or 0.0)} on the "
+                         "reflection LM's rate limit")
         return ", ".join(parts)
+
+
+def _worth_showing(pause: float | None) -> bool:
+    return pause is not None and pause >= 1.0
 
 
 def _num(value: int | None) -> str:
@@ -530,9 +554,13 @@ class ProgressDisplay(EngineObserver):
             front = self._tracker.size
         elapsed = now - self._t0
         paused = _safe(src, "paused_seconds")
+        reflection_paused = _safe(src, "reflection_paused_seconds")
         self._samples.append((now, calls))
         while len(self._samples) > 2 and now - self._samples[0][0] > self._eta_window:
             self._samples.popleft()
+        in_flight = _safe(src, "evals_in_flight")
+        # a reflection's wait holds the ETA back only when nothing else runs meanwhile: the search waits on it
+        held = max(paused or 0.0, (reflection_paused or 0.0) if in_flight == 0 else 0.0)
         return ProgressSnapshot(
             elapsed=elapsed,
             metric_calls=int(calls),
@@ -540,12 +568,13 @@ class ProgressDisplay(EngineObserver):
             best=None if best is None else float(best),
             frontier_size=None if front is None else int(front),
             candidates=self._candidate_count,
-            evals_in_flight=_safe(src, "evals_in_flight"),
+            evals_in_flight=in_flight,
             mutations_running=_safe(src, "mutations_running"),
             rung_funnel=tuple(self._funnel),
             backoffs=_safe(src, "backoffs"),
-            eta_seconds=self._eta(now, calls, budget, elapsed, paused or 0.0),
+            eta_seconds=self._eta(now, calls, budget, elapsed, held),
             paused_seconds=None if paused is None else float(paused),
+            reflection_paused_seconds=None if reflection_paused is None else float(reflection_paused),
         )
 
     def _eta(self, now: float, calls: int, budget: int | None, elapsed: float, paused: float = 0.0) -> float | None:
@@ -591,7 +620,8 @@ class ProgressDisplay(EngineObserver):
                     return
                 snap = self.snapshot()
                 snap = ProgressSnapshot(**{**snap.__dict__, "eta_seconds": None, "paused_seconds": None,
-                                           "evals_in_flight": None, "mutations_running": None})
+                                           "reflection_paused_seconds": None, "evals_in_flight": None,
+                                           "mutations_running": None})
                 if self._mode == "bar":
                     self._draw(snap, final_note=stop_reason)
                 elif self._log.isEnabledFor(logging.INFO):
@@ -666,7 +696,8 @@ class ProgressDisplay(EngineObserver):
         new_best = snap.best is not None and (self._logged_best is None or snap.best > self._logged_best + SCORE_EPS)
         first = self.lines_emitted == 0
         interval = min(self._max_log_interval, max(self._log_interval, snap.elapsed / 20.0))
-        key = (snap.metric_calls, snap.best, snap.frontier_size, snap.candidates, snap.backoffs, snap.paused)
+        key = (snap.metric_calls, snap.best, snap.frontier_size, snap.candidates, snap.backoffs, snap.paused,
+               snap.reflection_paused)
         if first and snap.metric_calls == 0 and snap.best is None:
             return  # nothing to say yet
         if new_best and (first or since >= self._best_log_gap):
