@@ -337,19 +337,36 @@ def test_orchestrator_source_reads_public_state() -> None:
                           {"rate_limit_retries": 2, "transient_retries": 1, "backoff_seconds": 3.5}) == 8
 
 
+class PausableSource(FakeSource):
+    """A run whose endpoints (``pause``) or reflections (``wait``) may be waiting out a rate limit."""
+
+    pause = 0.0
+    wait = 0.0
+    in_flight = 16
+
+    def paused_seconds(self) -> float:
+        return self.pause
+
+    def reflection_paused_seconds(self) -> float:
+        return self.wait
+
+    def evals_in_flight(self) -> int:
+        return self.in_flight
+
+
+def paused_run() -> tuple[FakeClock, PausableSource, ProgressDisplay]:
+    """A logging display 20 s into a 1,000-call run at 5 calls/s (100 done), nothing paused yet."""
+    clock, source = FakeClock(), PausableSource(budget=1000)
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=100)
+    return clock, source, display
+
+
 def test_a_rate_limit_pause_shows_on_the_line_and_delays_the_eta(info_logs: pytest.LogCaptureFixture) -> None:
     """While a 429's Retry-After pauses the endpoints nothing moves: the line must say so (a falling rate
     alone looks like a hang), the ETA must count the wait, and the closing line must not show it."""
 
-    class PausedSource(FakeSource):
-        pause = 0.0
-
-        def paused_seconds(self) -> float:
-            return self.pause
-
-    clock, source = FakeClock(), PausedSource(budget=1000)
-    display = ProgressDisplay(source, interactive=False, clock=clock)
-    drive(display, source, clock, ticks=100)  # 5 calls/s, 100 done
+    clock, source, display = paused_run()
     calm = display.snapshot()
     assert not calm.paused and "paused" not in calm.log_line() and not any("paused" in f for f in calm.fields())
     source.pause = 0.4  # shorter than a refresh: not worth a field
@@ -360,16 +377,24 @@ def test_a_rate_limit_pause_shows_on_the_line_and_delays_the_eta(info_logs: pyte
     assert "paused 42s by a rate limit (Retry-After)" in snap.log_line()
     assert "paused 42s (429)" in snap.fields()
     # in logs: the pause starting is worth a line though no count moved (every rollout waits)
-    source.pause = 0.0
+    assert_a_pause_starting_logs_a_line(display, source, clock, info_logs, "pause", 42.0, "paused")
+
+
+def assert_a_pause_starting_logs_a_line(display: ProgressDisplay, source: FakeSource, clock: FakeClock,
+                                        info_logs: pytest.LogCaptureFixture, attr: str, seconds: float,
+                                        said: str) -> None:
+    """With no count moving, a pause starting (``source.<attr> = seconds``) still gets a log line of its
+    own, which says ``said``; the closing line does not."""
+    setattr(source, attr, 0.0)
     clock.t += 120.0
     display.tick()  # a line with the counts as they are
     lines = len(progress_lines(info_logs))
-    source.pause = 42.0
+    setattr(source, attr, seconds)
     clock.t += 120.0
     display.tick()
-    assert len(progress_lines(info_logs)) == lines + 1 and "paused" in progress_lines(info_logs)[-1]
+    assert len(progress_lines(info_logs)) == lines + 1 and said in progress_lines(info_logs)[-1]
     display.close()
-    assert "paused" not in progress_lines(info_logs)[-1]
+    assert said not in progress_lines(info_logs)[-1]
 
 
 def test_a_reflection_waiting_on_a_rate_limit_shows_on_the_line(info_logs: pytest.LogCaptureFixture) -> None:
@@ -378,19 +403,7 @@ def test_a_reflection_waiting_on_a_rate_limit_shows_on_the_line(info_logs: pytes
     count in the ETA only while nothing else runs ("ETA 3s" sat beside a 68 s wait in a live run), and
     stay off the closing line."""
 
-    class WaitingSource(FakeSource):
-        wait = 0.0
-        in_flight = 16
-
-        def reflection_paused_seconds(self) -> float:
-            return self.wait
-
-        def evals_in_flight(self) -> int:
-            return self.in_flight
-
-    clock, source = FakeClock(), WaitingSource(budget=1000)
-    display = ProgressDisplay(source, interactive=False, clock=clock)
-    drive(display, source, clock, ticks=100)  # 5 calls/s, 100 done
+    clock, source, display = paused_run()
     calm = display.snapshot()
     assert not calm.reflection_paused and "reflection" not in calm.log_line()
     source.wait = 0.5  # shorter than a refresh
@@ -403,16 +416,7 @@ def test_a_reflection_waiting_on_a_rate_limit_shows_on_the_line(info_logs: pytes
     assert snap.eta_seconds == pytest.approx(900 / 5, rel=0.02)  # other mutations' evaluations go on
     source.in_flight = 0  # the search waits on the reflection
     assert display.snapshot().eta_seconds == pytest.approx(75 + 900 / 5, rel=0.02)
-    source.wait = 0.0
-    clock.t += 120.0
-    display.tick()
-    lines = len(progress_lines(info_logs))
-    source.wait = 75.0
-    clock.t += 120.0
-    display.tick()
-    assert len(progress_lines(info_logs)) == lines + 1 and "reflection LM" in progress_lines(info_logs)[-1]
-    display.close()
-    assert "reflection LM" not in progress_lines(info_logs)[-1]
+    assert_a_pause_starting_logs_a_line(display, source, clock, info_logs, "wait", 75.0, "reflection LM")
 
 
 def test_rate_limit_waits_report_the_longest_left_and_only_while_running() -> None:
