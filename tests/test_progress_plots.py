@@ -362,6 +362,31 @@ def paused_run() -> tuple[FakeClock, PausableSource, ProgressDisplay]:
     return clock, source, display
 
 
+def assert_the_eta_counts_down_through_a_pause(attr: str) -> None:
+    """Through a 68 s pause (``source.<attr>``), the ETA is what is left of the pause plus the calls left at
+    the rate from before it: the idle time must not enter the rate (it drove 208 s to 10,474 s by the
+    59th second, then blank); once calls move again, the rate is measured as before."""
+    clock, source, display = paused_run()
+    source.in_flight = 0
+    etas = []
+    for tick in range(300):  # 60 s at 0.2 s
+        setattr(source, attr, max(0.0, 68.0 - 0.2 * tick))
+        clock.t += 0.2
+        display.tick()
+        etas.append(display.snapshot().eta_seconds)
+    for tick in (0, 150, 295):
+        assert etas[tick] == pytest.approx(68.0 - 0.2 * tick + 900 / 5, rel=0.03), (tick, etas[tick])
+    setattr(source, attr, 0.0)
+    source.in_flight = 16
+    drive(display, source, clock, ticks=100)  # 20 s more at 5 calls/s
+    assert display.snapshot().eta_seconds == pytest.approx(800 / 5, rel=0.05)
+
+
+@pytest.mark.parametrize("attr", ["pause", "wait"], ids=["endpoint", "reflection"])
+def test_the_eta_counts_down_through_a_pause(attr: str, info_logs: pytest.LogCaptureFixture) -> None:
+    assert_the_eta_counts_down_through_a_pause(attr)
+
+
 def test_a_rate_limit_pause_shows_on_the_line_and_delays_the_eta(info_logs: pytest.LogCaptureFixture) -> None:
     """While a 429's Retry-After pauses the endpoints nothing moves: the line must say so (a falling rate
     alone looks like a hang), the ETA must count the wait, and the closing line must not show it."""

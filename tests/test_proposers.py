@@ -318,8 +318,8 @@ def test_a_reflection_waiting_out_a_rate_limit_reports_the_wait_left():
         raise faults.pop(0) if faults else lm15.RateLimitError("quota", status=429, retry_after=60.0)
 
     policy = RetryPolicy(max_retries=10, max_elapsed_s=300.0, base_s=1.0, cap_s=60.0)
-    proposer = ReflectiveProposer(None, limited, None, max_workers=1, rate_limit_policy=policy,
-                                  transient_policy=RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=1.5, cap_s=1.5))
+    short = RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=1.5, cap_s=1.5)
+    proposer = ReflectiveProposer(None, limited, None, max_workers=1, rate_limit_policy=policy, transient_policy=short)
     assert proposer.paused_seconds() == 0.0
     worker = threading.Thread(target=lambda: proposer._propose({"p": "x"}, {"p": []}, [], ["p"]))
     worker.start()

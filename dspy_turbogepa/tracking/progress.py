@@ -555,12 +555,18 @@ class ProgressDisplay(EngineObserver):
         elapsed = now - self._t0
         paused = _safe(src, "paused_seconds")
         reflection_paused = _safe(src, "reflection_paused_seconds")
-        self._samples.append((now, calls))
-        while len(self._samples) > 2 and now - self._samples[0][0] > self._eta_window:
-            self._samples.popleft()
         in_flight = _safe(src, "evals_in_flight")
         # a reflection's wait holds the ETA back only when nothing else runs meanwhile: the search waits on it
         held = max(paused or 0.0, (reflection_paused or 0.0) if in_flight == 0 else 0.0)
+        if held > 0.0 and self._samples and self._samples[-1][1] == calls:
+            # Nothing moved while a rate limit holds the run: that time is the pause's (the ETA adds what is
+            # left of it), not the rate's. Counted in the rate, a 68 s pause drove a 200 s ETA to 10,000 s.
+            shift = now - self._samples[-1][0]
+            self._samples = deque((t + shift, c) for t, c in self._samples)
+        else:
+            self._samples.append((now, calls))
+        while len(self._samples) > 2 and now - self._samples[0][0] > self._eta_window:
+            self._samples.popleft()
         return ProgressSnapshot(
             elapsed=elapsed,
             metric_calls=int(calls),
