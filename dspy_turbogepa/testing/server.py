@@ -260,6 +260,14 @@ class SimServer:
             else:
                 logger.exception("SimServer event loop crashed")
         finally:
+            # A handler task left pending (one _serve's sweep did not reach, or _serve crashed) was destroyed
+            # mid-read by the closed loop, and its cleanup raised "Event loop is closed" (an unraisable
+            # exception in the tests using the server). Cancel and wait for what is left, as asyncio.run does.
+            leftover = asyncio.all_tasks(loop)
+            if leftover:
+                for task in leftover:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
@@ -272,9 +280,18 @@ class SimServer:
             await self._stop_event.wait()
         finally:
             server.close()
-            for task in list(self._conn_tasks):
-                task.cancel()
-            await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+            # Connections accepted just before the close get their handler a few loop steps later; a handler
+            # cancelled before its first step never closes its transport. So: let them start (they register
+            # in _conn_tasks), cancel what registered, and again until no other task is left.
+            me = asyncio.current_task()
+            for _ in range(100):
+                await asyncio.sleep(0)
+                for task in list(self._conn_tasks):
+                    task.cancel()
+                if self._conn_tasks:
+                    await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+                if not any(t is not me for t in asyncio.all_tasks()):
+                    break
             await server.wait_closed()
 
     # ---- stats --------------------------------------------------------------------
