@@ -237,7 +237,8 @@ def test_a_candidate_record_averages_in_validation_order_as_the_frontier_does():
     from dspy_turbogepa.engine.records import CandidateRecord
 
     in_rung_order = {2: 0.3, 1: 0.2, 0: 0.1}
-    assert sum(in_rung_order.values()) != sum(in_rung_order[i] for i in (0, 1, 2))
+    if sum(in_rung_order.values()) == sum(in_rung_order[i] for i in (0, 1, 2)):
+        pytest.skip("this Python's sum() is compensated (3.12+): the order cannot change the mean here")
     frontier = ParetoFrontier((0, 1, 2))
     frontier.add(0, in_rung_order)
     record = CandidateRecord(0, Candidate({"p": "x"}), [None], in_rung_order)
