@@ -347,7 +347,13 @@ def _console_through_tqdm(loggers: Iterable[logging.Logger]) -> Iterator[None]:
             handler.setStream(stream)
 
 
-class _CompileLogHandler(logging.StreamHandler[Any]):
+if TYPE_CHECKING:
+    _StreamHandler = logging.StreamHandler[Any]
+else:  # logging.StreamHandler is subscriptable at run time only from Python 3.11
+    _StreamHandler = logging.StreamHandler
+
+
+class _CompileLogHandler(_StreamHandler):
     """The handler :func:`visible_logs` installs; compiles running at once in threads share it."""
 
     users = 0
