@@ -279,10 +279,16 @@ class SimServer:
         try:
             await self._stop_event.wait()
         finally:
-            server.close()
-            # Connections accepted just before the close get their handler a few loop steps later; a handler
-            # cancelled before its first step never closes its transport. So: let them start (they register
-            # in _conn_tasks), cancel what registered, and again until no other task is left.
+            # Stop accepting first, but close the listening socket only once the connections already
+            # accepted have their handlers: one accepted after the close has no server to attach to
+            # (Python 3.13.0 then leaves its socket open and fails in the transport's __del__), and a
+            # handler cancelled before its first step never closes its transport. So: let them start
+            # (they register in _conn_tasks), cancel what registered, and again until no other task is
+            # left; then close.
+            loop = asyncio.get_running_loop()
+            for sock in server.sockets:
+                with contextlib.suppress(NotImplementedError):  # a proactor loop (Windows): closed below
+                    loop.remove_reader(sock.fileno())
             me = asyncio.current_task()
             for _ in range(100):
                 await asyncio.sleep(0)
@@ -292,6 +298,7 @@ class SimServer:
                     await asyncio.gather(*self._conn_tasks, return_exceptions=True)
                 if not any(t is not me for t in asyncio.all_tasks()):
                     break
+            server.close()
             await server.wait_closed()
 
     # ---- stats --------------------------------------------------------------------
