@@ -365,7 +365,7 @@ def paused_run() -> tuple[FakeClock, PausableSource, ProgressDisplay]:
 def assert_the_eta_counts_down_through_a_pause(attr: str) -> None:
     """Through a 68 s pause (``source.<attr>``), the ETA is what is left of the pause plus the calls left at
     the rate from before it: the idle time must not enter the rate (it drove 208 s to 10,474 s by the
-    59th second, then blank); once calls move again, the rate is measured as before."""
+    59th second, then blank); once calls move again, the window runs on real time, pause included."""
     clock, source, display = paused_run()
     source.in_flight = 0
     etas = []
@@ -378,8 +378,36 @@ def assert_the_eta_counts_down_through_a_pause(attr: str) -> None:
         assert etas[tick] == pytest.approx(68.0 - 0.2 * tick + 900 / 5, rel=0.03), (tick, etas[tick])
     setattr(source, attr, 0.0)
     source.in_flight = 16
-    drive(display, source, clock, ticks=100)  # 20 s more at 5 calls/s
-    assert display.snapshot().eta_seconds == pytest.approx(800 / 5, rel=0.05)
+    drive(display, source, clock, ticks=100)  # 20 s more at 5 calls/s: 100 calls in the last 60 s
+    assert display.snapshot().eta_seconds == pytest.approx(800 / (100 / 60), rel=0.05)
+    drive(display, source, clock, ticks=200)  # the pause has left the window
+    assert display.snapshot().eta_seconds == pytest.approx(600 / 5, rel=0.05)
+
+
+def test_a_pause_that_keeps_coming_back_is_in_the_rate(info_logs: pytest.LogCaptureFixture) -> None:
+    """A requests-per-minute cap: 60 calls in 10 s, then a 429 with a 50 s Retry-After, every minute. The
+    throughput is 1 call/s, in a burst or in a pause; an ETA that left every pause out of the rate read 6
+    calls/s and said 300 s where 1,800 s were left."""
+    clock, source = FakeClock(), PausableSource(budget=3000)
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    source.in_flight = 0
+    for minute in range(20):
+        for _ in range(50):  # the burst: 60 calls in 10 s
+            clock.t += 0.2
+            source.calls += 1.2
+            display.tick()
+        if minute == 19:
+            mid_burst = display.snapshot()
+        for tick in range(250):  # the pause
+            source.pause = 50.0 - 0.2 * tick
+            clock.t += 0.2
+            display.tick()
+            if minute == 19 and tick == 125:
+                mid_pause = display.snapshot()
+        source.pause = 0.0
+    left = 3000 - 20 * 60
+    assert mid_burst.eta_seconds == pytest.approx(left, rel=0.25)
+    assert mid_pause.eta_seconds == pytest.approx(25 + left, rel=0.25)
 
 
 @pytest.mark.parametrize("attr", ["pause", "wait"], ids=["endpoint", "reflection"])

@@ -489,6 +489,8 @@ class ProgressDisplay(EngineObserver):
         # Compile-thread state.
         self._tracker = FrontierTally()
         self._samples: deque[tuple[float, int]] = deque()
+        #: metric calls per second when the rate-limit pause now holding the run began (None: no pause)
+        self._rate_before_pause: float | None = None
         self._closed = False
         self._mode: str | None = None  # "bar", "log" or "off", decided at the first tick
         self._bar: Any = None
@@ -564,13 +566,15 @@ class ProgressDisplay(EngineObserver):
         in_flight = _safe(src, "evals_in_flight")
         # a reflection's wait holds the ETA back only when nothing else runs meanwhile: the search waits on it
         held = max(paused or 0.0, (reflection_paused or 0.0) if in_flight == 0 else 0.0)
-        if held > 0.0 and self._samples and self._samples[-1][1] == calls:
-            # Nothing moved while a rate limit holds the run: that time is the pause's (the ETA adds what is
-            # left of it), not the rate's. Counted in the rate, a 68 s pause drove a 200 s ETA to 10,000 s.
-            shift = now - self._samples[-1][0]
-            self._samples = deque((t + shift, c) for t, c in self._samples)
-        else:
-            self._samples.append((now, calls))
+        # While a rate limit holds the run, the ETA is what is left of the pause plus the budget left at the
+        # rate measured just before it: the pause's idle seconds filling the window drove a 208 s ETA to
+        # 10,474 s. Once it ends the window runs on real time again, so a pause that keeps coming back (a
+        # requests-per-minute cap) is in the rate, as it is in the throughput.
+        if held <= 0.0:
+            self._rate_before_pause = None
+        elif self._rate_before_pause is None:
+            self._rate_before_pause = self._rate(now, calls) or 0.0
+        self._samples.append((now, calls))
         while len(self._samples) > 2 and now - self._samples[0][0] > self._eta_window:
             self._samples.popleft()
         return ProgressSnapshot(
@@ -589,15 +593,21 @@ class ProgressDisplay(EngineObserver):
             reflection_paused_seconds=None if reflection_paused is None else float(reflection_paused),
         )
 
+    def _rate(self, now: float, calls: int) -> float | None:
+        """Metric calls per second over the window; None until a second has passed with a call."""
+        if not self._samples:
+            return None
+        t_old, c_old = self._samples[0]
+        dt, dc = now - t_old, calls - c_old
+        return dc / dt if dt >= 1.0 and dc > 0 else None
+
     def _eta(self, now: float, calls: int, budget: int | None, elapsed: float, paused: float = 0.0) -> float | None:
-        """The budget left at the recent metric-call rate, after the rate limit's pause still to wait (the
-        rate was measured mostly before it); never past the time budget."""
+        """The budget left at the recent metric-call rate (during a rate limit's pause, the rate from just
+        before it), after what is left of the pause; never past the time budget."""
         etas: list[float] = []
-        if budget:
-            t_old, c_old = self._samples[0]
-            dt, dc = now - t_old, calls - c_old
-            if dt >= 1.0 and dc > 0:
-                etas.append(max(0.0, paused) + max(0, budget - calls) / (dc / dt))
+        rate = self._rate(now, calls) if self._rate_before_pause is None else self._rate_before_pause
+        if budget and rate:
+            etas.append(max(0.0, paused) + max(0, budget - calls) / rate)
         if self._time_budget is not None:
             etas.append(max(0.0, self._time_budget - elapsed))
         return min(etas) if etas else None
