@@ -328,6 +328,7 @@ class SimServer:
         task = asyncio.current_task()
         assert task is not None
         self._conn_tasks.add(task)
+        shutting_down = False
         try:
             while True:
                 try:
@@ -365,11 +366,17 @@ class SimServer:
             # start_server callback calls task.exception(), which would log a spurious
             # traceback for every open keep-alive connection of a cancelled task.
             logger.debug("SimServer closing a connection on shutdown")
+            shutting_down = True
         finally:
             self._conn_tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):  # peer already gone: nothing to flush
-                await writer.wait_closed()
+            if shutting_down:
+                # Dropped, not flushed: a client that stopped reading would keep a graceful close (and so
+                # stop()) waiting for ever on the responses buffered for it.
+                writer.transport.abort()
+            else:
+                writer.close()
+                with contextlib.suppress(ConnectionError):  # peer already gone: nothing to flush
+                    await writer.wait_closed()
 
     @staticmethod
     async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes | None:
