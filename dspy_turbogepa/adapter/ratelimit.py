@@ -443,15 +443,13 @@ class RateLimitWaits:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._ends: dict[int, float] = {}
-        self._next = 0
+        self._ends: dict[object, float] = {}
 
     @contextmanager
     def waiting(self, seconds: float) -> Iterator[None]:
         """Counts as waiting for ``seconds`` from now, until the block ends (early, if the run stops)."""
+        token = object()
         with self._lock:
-            token = self._next
-            self._next += 1
             self._ends[token] = self._clock() + max(0.0, seconds)
         try:
             yield
