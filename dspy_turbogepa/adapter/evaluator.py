@@ -55,7 +55,7 @@ from dspy_turbogepa.adapter.lm_copies import (
     rollout_usage,
 )
 from dspy_turbogepa.adapter.metric import read_metric_return
-from dspy_turbogepa.adapter.program import PredictorNames, ProgramCodec
+from dspy_turbogepa.adapter.program import PredictorNames, ProgramCodec, all_named_predictors
 from dspy_turbogepa.adapter.ratelimit import (
     FATAL_ERROR_TYPES,
     FATAL_ONCE_ANSWERED,
@@ -448,7 +448,7 @@ class DspyEvaluator:
             return hit[1], hit[2]
         keys: set[str] = set()
         uses_context = False
-        for name, pred in program.named_predictors():
+        for name, pred in all_named_predictors(program):  # a frozen submodule's LM is the student's too
             try:
                 original = self._codec.student_predictor(name).lm
             except KeyError:

@@ -22,6 +22,24 @@ from dspy.primitives.base_module import BaseModule
 logger = logging.getLogger(__name__)
 
 
+def all_named_predictors(program: dspy.Module) -> list[tuple[str, Any]]:
+    """Every predictor the program holds: ``named_predictors()`` first (the components, under dspy's
+    names), then those it skips because they sit in a submodule marked compiled (``_compiled = True``),
+    under their path (``frozen.predict``).
+
+    Why: a frozen predictor is not a component (dspy.GEPA leaves it alone too), but it still runs. Its
+    LM is called through our retry-less copy like every student LM, its state is part of the run key
+    (a changed frozen submodule must not replay the old one's scores), and its trace steps keep their
+    predictor object when a resumed run rebuilds them (a metric reads ``trace[i][0]``)."""
+    found = list(program.named_predictors())
+    seen = {id(pred) for _, pred in found}
+    for path, pred in program.named_sub_modules(dspy.Predict):
+        if id(pred) not in seen:
+            seen.add(id(pred))
+            found.append((path.removeprefix("self."), pred))
+    return found
+
+
 class PredictorNames:
     """Which of a program's predictors made a trace step.
 
@@ -34,14 +52,16 @@ class PredictorNames:
 
     def __init__(self, program: dspy.Module) -> None:
         self._predictors = list(program.named_predictors())
-        self._by_id = {id(pred): name for name, pred in self._predictors}
+        # frozen predictors by identity too: their steps are theirs, not a component's with an equal signature
+        self._all = all_named_predictors(program)
+        self._by_id = {id(pred): name for name, pred in self._all}
 
     def of_copy(self, memo: Mapping[int, Any]) -> PredictorNames:
         """The names of a ``copy.deepcopy`` of the program, read from the copy's ``memo`` (no walk of the
         copy): its predictors are matched by identity as the original's are. Matching them by
         signature instead gave two predictors sharing a signature each other's calls."""
         names = copy.copy(self)
-        names._by_id = {id(memo.get(id(pred), pred)): name for name, pred in self._predictors}
+        names._by_id = {id(memo.get(id(pred), pred)): name for name, pred in self._all}
         return names
 
     @property
@@ -168,7 +188,7 @@ class ProgramCodec:
     def __init__(self, student: dspy.Module, cache_size: int = 64) -> None:
         self._student = student
         self.component_names: list[str] = [name for name, _ in student.named_predictors()]
-        self._student_predictors = dict(student.named_predictors())
+        self._student_predictors = dict(all_named_predictors(student))
         self._cache: OrderedDict[str, BuiltProgram] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -190,7 +210,8 @@ class ProgramCodec:
         return {name: pred.signature.instructions for name, pred in self._student.named_predictors()}
 
     def student_predictor(self, name: str) -> dspy.Predict:
-        """The original student's predictor, which dspy.GEPA passes in ``pred_trace`` to the metric."""
+        """The original student's predictor (a component's, which dspy.GEPA passes in ``pred_trace`` to the
+        metric, or a frozen one's: :func:`all_named_predictors`)."""
         return self._student_predictors[name]
 
     def build(self, texts: Mapping[str, str]) -> dspy.Module:

@@ -25,6 +25,7 @@ import dspy
 
 from dspy_turbogepa.adapter.evaluator import in_dspy_package
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
+from dspy_turbogepa.adapter.program import all_named_predictors
 from dspy_turbogepa.adapter.trajectory_json import library_class, library_dirs, to_json
 from dspy_turbogepa.redaction import (
     describe_error,
@@ -318,6 +319,18 @@ def _hashable(value: Any) -> Any:
     return to_json(value, leaf)
 
 
+def _predictor_entry(name: str, pred: Any) -> tuple[Any, ...]:
+    """A predictor's part of the student key: its fields, state (instructions, prefixes, demos), LM and
+    ``config``."""
+    state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
+    entry: tuple[Any, ...] = (name, list(pred.signature.input_fields), list(pred.signature.output_fields),
+                              state, lm_identity(getattr(pred, "lm", None)))
+    config = getattr(pred, "config", None)  # dspy.Predict(sig, temperature=...): not in dump_state()
+    if isinstance(config, Mapping) and config:
+        entry += ({str(k): _hashable(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))},)
+    return entry
+
+
 #: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
 #: input fields, metric objects by their class's code, the adapter and Predict.config keyed; 3: an
 #: object shared by two examples hashed by its content both times; 4: modules' plain settings, tools,
@@ -353,14 +366,13 @@ def run_key(
     settings = ((name, _module_settings(module)) for name, module in student.named_sub_modules()
                 if not isinstance(module, dspy.Predict))
     structure.append(sorted([name, held] for name, held in settings if held))
-    for name, pred in student.named_predictors():
-        state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
-        entry: tuple[Any, ...] = (name, list(pred.signature.input_fields), list(pred.signature.output_fields),
-                                  state, lm_identity(getattr(pred, "lm", None)))
-        config = getattr(pred, "config", None)  # dspy.Predict(sig, temperature=...): not in dump_state()
-        if isinstance(config, Mapping) and config:
-            entry += ({str(k): _hashable(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))},)
-        structure.append(entry)
+    components = student.named_predictors()
+    structure += [_predictor_entry(name, pred) for name, pred in components]
+    # predictors in a submodule marked compiled: not optimized, but they answer; appended only when there
+    # are any, so the key of every other student is what earlier versions wrote
+    frozen = all_named_predictors(student)[len(components):]
+    if frozen:
+        structure.append(["frozen", [_predictor_entry(name, pred) for name, pred in frozen]])
     # settings appended only when set, so the key of a run without them is what earlier versions wrote
     reflection = [lm_identity(reflection_lm), callable_identity(proposer)]
     extra = proposer_settings(proposer)

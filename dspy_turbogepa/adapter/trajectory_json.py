@@ -26,7 +26,7 @@ from typing import Any
 import dspy
 
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep, in_dspy_package
-from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.program import ProgramCodec, all_named_predictors
 from dspy_turbogepa.redaction import is_sensitive_key
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def trajectory_from_json(
     if not text:
         return None
     data = json.loads(text)
-    predictors = dict(codec.get(fingerprint, texts).program.named_predictors())
+    predictors = dict(all_named_predictors(codec.get(fingerprint, texts).program))
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
     previous: Any = None
