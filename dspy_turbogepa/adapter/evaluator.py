@@ -52,6 +52,7 @@ from dspy_turbogepa.adapter.lm_copies import (
     current_rollout_usage,
     endpoint_key,
     endpoint_model,
+    judge_usage_attached,
     rollout_usage,
 )
 from dspy_turbogepa.adapter.metric import read_metric_return
@@ -597,7 +598,8 @@ class DspyEvaluator:
         started = time.monotonic()
         while True:
             try:
-                return self._metric(example, pred, None, None, None), retries
+                with judge_usage_attached():
+                    return self._metric(example, pred, None, None, None), retries
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
                 delay = None if verdict.kind != "rate_limited" else self._rl_policy.delay(

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
+from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import UsageTracker, track_usage
 
 from dspy_turbogepa.redaction import endpoint_url
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LMCopies", "RolloutUsage", "endpoint_key", "rollout_usage"]
+__all__ = ["LMCopies", "RolloutUsage", "endpoint_key", "judge_usage_attached", "rollout_usage"]
 
 
 @dataclass
@@ -158,6 +159,52 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
                         box.add_cost(_metadata_cost(model, prompt - seen[0], completion - seen[1]))
     finally:
         _CURRENT.reset(token)
+
+
+class _JudgeUsage(BaseCallback):
+    """Gives each module the metric calls (an LLM judge) the usage of its own LM calls on its prediction.
+
+    Why: with ``dspy.configure(track_usage=True)``, DSPy attaches usage to a module's prediction only
+    when no usage tracker is active, and ours is while the metric runs (it counts the judge's tokens
+    toward ``token_budget`` and ``cost_budget_usd``). Under dspy.GEPA no tracker is, so a metric may read
+    ``judge_pred.get_lm_usage()``. The usage attached is what entered the rollout's tracker between the
+    outermost module call's start and end, as DSPy's own tracker for that call would have collected."""
+
+    def __init__(self, tracker: UsageTracker) -> None:
+        self._tracker = tracker
+        self._lock = threading.Lock()
+        #: call id of each module call open in the metric -> the tracker's entry counts when the outermost
+        #: started (None for a call nested in another: DSPy attaches to the outermost only)
+        self._open: dict[str, dict[str, int] | None] = {}
+
+    def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        with self._lock:
+            outer = not self._open
+            self._open[call_id] = {m: len(e) for m, e in self._tracker.usage_data.items()} if outer else None
+
+    def on_module_end(self, call_id: str, outputs: Any | None, exception: Exception | None = None) -> None:
+        with self._lock:
+            start = self._open.pop(call_id, None)
+            if start is None:
+                return
+            since = UsageTracker()
+            for model, entries in self._tracker.usage_data.items():
+                since.usage_data[model] = list(entries[start.get(model, 0):])
+        prediction = outputs[0] if isinstance(outputs, tuple) and outputs else outputs
+        if isinstance(prediction, dspy.Prediction) and prediction.get_lm_usage() is None:
+            prediction.set_lm_usage(since.get_total_tokens())
+
+
+@contextmanager
+def judge_usage_attached() -> Iterator[None]:
+    """Around a metric call inside :func:`rollout_usage`: see :class:`_JudgeUsage`. Nothing is added
+    unless the user turned ``track_usage`` on."""
+    box = _CURRENT.get()
+    if box is None or box.tracker is None or not dspy.settings.track_usage:
+        yield
+        return
+    with dspy.context(callbacks=[*(dspy.settings.get("callbacks") or []), _JudgeUsage(box.tracker)]):
+        yield
 
 
 #: dspy settings key of the running rollout's usage box, for calls on threads the rollout's context

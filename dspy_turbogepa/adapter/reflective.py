@@ -24,6 +24,7 @@ from dspy.adapters.types.history import History
 from dspy.teleprompt.gepa.gepa_utils import format_history_for_reflection
 
 from dspy_turbogepa.adapter.evaluator import DspyTrajectory
+from dspy_turbogepa.adapter.lm_copies import judge_usage_attached
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
@@ -141,10 +142,11 @@ class ReflectiveDatasetBuilder:
             return None
         step = rng.choice(steps)
         try:
-            ret = self._metric(
-                traj.example, traj.prediction, traj.raw_trace, name,
-                [(self._codec.student_predictor(name), step.inputs, step.outputs)],
-            )
+            with judge_usage_attached():
+                ret = self._metric(
+                    traj.example, traj.prediction, traj.raw_trace, name,
+                    [(self._codec.student_predictor(name), step.inputs, step.outputs)],
+                )
         except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
             message = describe_error(exc)
             self._log_once(("feedback_error", ""), "The metric raised while giving feedback for %r: %s (this example "
