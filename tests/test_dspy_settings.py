@@ -454,8 +454,9 @@ def test_a_metric_judges_tokens_count_toward_the_rollout_with_or_without_track_u
     """The judge's usage is attached to its prediction under ``track_usage=True`` (the test above) and
     still counted in the rollout's tokens, which ``token_budget`` and ``cost_budget_usd`` read: the
     judge's engine and the student's together, exactly, either way."""
-    from helpers import make_evaluator
     from test_usage import run_all
+
+    from helpers import make_evaluator
 
     metric = _JudgedMetric()
     student = make_student_lm()
