@@ -138,8 +138,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             False keeps dspy.GEPA's round robin). Per-kind credit is reported either way.
         minibatch_sampling: ``"failure_first"`` (default) draws the training examples the parent's
             lineage failed (or was never tried on) before the ones it already solves, so fewer mutations
-            end as skipped all-perfect minibatches; no example is drawn more than about twice per epoch.
-            ``"epoch"``: dspy.GEPA's plain epoch-shuffled order.
+            end as skipped all-perfect minibatches; an example is drawn again only after half an epoch of
+            draws. ``"epoch"``: dspy.GEPA's plain epoch-shuffled minibatches, and no scouting (the
+            scouts are drawn in failure-first order; ``reflection_scouts`` is not used).
         max_sibling_reflections: best-of-k. While most reflections fail to beat their parent on the
             minibatch, draw up to this many at once on the same parent and minibatch (each reading the
             examples in another order) and send only the child that does best there on to validation,

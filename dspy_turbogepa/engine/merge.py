@@ -3,12 +3,12 @@
 GEPA's rule, kept: pick two non-dominated candidates that are not ancestors of one another, find a
 common ancestor no better than either, and build a child that takes, for each component, the side
 that changed it since the ancestor (the better parent's text where both changed it). The child is
-screened on a few validation instances where the parents disagree and must match the better parent
-there before it climbs the validation rungs.
+screened on a few validation instances, drawn evenly from where each parent wins and where they tie,
+reusing the parents' stored scores, and must match the better parent there before it climbs the
+validation rungs.
 
 Fixed here: a merge never produces a program that already exists or is one of its parents (dspy.GEPA
-re-evaluates such duplicates, 5-15% of its budget on three-predictor programs), and screening reuses
-the parents' stored validation scores, so only the child is ever evaluated.
+re-evaluates such duplicates, 5-15% of its budget on three-predictor programs).
 
 This is pure candidate algebra (no DSPy), which is why it lives in the engine.
 """
