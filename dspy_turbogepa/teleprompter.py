@@ -27,7 +27,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.metric import check_metric_signature
-from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.program import ProgramCodec, all_named_predictors
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
@@ -897,7 +897,7 @@ def _held_lms(obj: Any) -> list[Any]:
     if owner is not None and not isinstance(owner, type):
         values += list(getattr(owner, "__dict__", {}).values())
         if isinstance(owner, dspy.Module):
-            values += [getattr(p, "lm", None) for _, p in owner.named_predictors()]
+            values += [getattr(p, "lm", None) for _, p in all_named_predictors(owner)]
     return [v for v in values if isinstance(v, BaseLM)]
 
 

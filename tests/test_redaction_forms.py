@@ -291,6 +291,14 @@ def test_every_credential_of_every_lm_the_run_can_reach_is_masked():
     assert {"LKmoduleHeld1a2b3c4d5e6f7", "LKclosureJudge1a2b3c4d5e6f7", "LKglobalJudge1a2b3c4d5e6f7", _HELD_KEY} <= keys
     assert "LKmoduleJudge1a2b3c4d5e6f7" in set(_lm_api_keys(Program(), None, Judge()))
 
+    class FrozenJudge(dspy.Module):  # the grader in a submodule marked compiled: named_predictors() skips it
+        def __init__(self):
+            super().__init__()
+            self.inner = Judge()
+            self.inner._compiled = True
+
+    assert "LKmoduleJudge1a2b3c4d5e6f7" in set(_lm_api_keys(Program(), None, FrozenJudge()))
+
 
 def test_the_program_uploaded_to_mlflow_holds_no_lm_credential():
     """DSPy's save() leaves out api_key only; the MLflow artifact masked credential-looking text, not
