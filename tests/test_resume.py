@@ -1034,11 +1034,15 @@ def test_valset_none_stores_trajectories_and_either_spelling_resumes(routing, tm
             return opt.compile(routing.make_program(), trainset=splits.train, valset=valset)
 
     first: list = []
+    started = time.time()
     compile_once(60, None, first)
     with sqlite3.connect(tmp_path / "run.sqlite3") as con:
         rows, with_trajectory = con.execute(
             "select count(*), sum(trajectory_json is not null) from evaluations").fetchone()
+        created = [r[0] for r in con.execute("select created_at from candidates")]
     assert rows > 0 and with_trajectory == rows
+    # when each candidate was first stored, in Unix seconds (it was 0.0 for every row)
+    assert len(created) > 1 and all(started <= t <= time.time() for t in created)
     again: list = []
     compile_once(60, list(splits.train), again)  # the same run, the valset spelled out
     assert again == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,15 +50,16 @@ class StoreObserver(EngineObserver):
         self._recorded: set[str] = set()
         self._unstorable = 0
 
-    def _candidate(self, c: Candidate, created_at: float) -> None:
+    def _candidate(self, c: Candidate) -> None:
         # Every evaluated candidate is stored (not only accepted ones): a resumed run needs the texts
-        # behind each stored evaluation to rebuild its trajectory.
+        # behind each stored evaluation to rebuild its trajectory. created_at: when it was first stored
+        # (Unix seconds), which is its first finished evaluation.
         if c.fingerprint not in self._recorded:
             self._recorded.add(c.fingerprint)
-            self._store.record_candidate(c.fingerprint, dict(c.texts), list(c.parents), c.kind, created_at)
+            self._store.record_candidate(c.fingerprint, dict(c.texts), list(c.parents), c.kind, time.time())
 
     def on_evaluation(self, candidate: Candidate, split: Split, outcome: EvalOutcome) -> None:
-        self._candidate(candidate, 0.0)
+        self._candidate(candidate)
         try:
             if outcome.output is not None:
                 output: str | None = json.dumps(prediction_dict(outcome.output))
@@ -89,7 +91,7 @@ class StoreObserver(EngineObserver):
 
     def on_candidate(self, record: CandidateRecord) -> None:
         c = record.candidate
-        self._candidate(c, record.discovery_seconds)
+        self._candidate(c)
         self._store.record_event(
             "candidate_accepted",
             {"index": record.index, "fingerprint": c.fingerprint, "aggregate": record.aggregate,
