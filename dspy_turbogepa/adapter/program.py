@@ -187,6 +187,14 @@ class ProgramCodec:
 
     def __init__(self, student: dspy.Module, cache_size: int = 64) -> None:
         self._student = student
+        # What programs are built from: the student, less the ``detailed_results`` an earlier compile
+        # left on it (re-optimizing an optimized program). Deep-copied into every candidate's program
+        # (all of that run's candidate programs, once per build), it is the old run's result, wrong on
+        # the new program. A shallow copy: the student itself keeps its attribute.
+        self._template = student
+        if "detailed_results" in vars(student):
+            self._template = copy.copy(student)
+            del self._template.detailed_results
         self.component_names: list[str] = [name for name, _ in student.named_predictors()]
         self._student_predictors = dict(all_named_predictors(student))
         self._cache: OrderedDict[str, BuiltProgram] = OrderedDict()
@@ -216,7 +224,7 @@ class ProgramCodec:
 
     def build(self, texts: Mapping[str, str]) -> dspy.Module:
         """A fresh program carrying ``texts`` (never cached; callers may mutate it)."""
-        program = self._student.deepcopy()
+        program = self._template.deepcopy()
         for name, pred in program.named_predictors():
             if name in texts:
                 pred.signature = pred.signature.with_instructions(texts[name])
