@@ -1,8 +1,11 @@
 """What ``gepa_kwargs`` may hold, and what each key means here.
 
 dspy.GEPA splats ``gepa_kwargs`` into ``gepa.optimize``. We accept every key that call accepts, so
-existing code keeps working: keys with a meaning in this engine are mapped, the rest are ignored with
-one warning each. Keys dspy.GEPA already passes itself raise ``TypeError`` in dspy.GEPA ("got multiple
+existing code keeps working: keys with a meaning in this engine are mapped (and their values checked:
+``acceptance_criterion`` takes gepa's two built-in criteria, ``stop_callbacks`` callables taking the
+state), three are refused with ``ValueError`` as having no equivalent here (``max_reflection_cost``
+other than None, ``reflection_prompt_template``, ``custom_candidate_proposer``), and the rest are
+ignored with one warning each. Keys dspy.GEPA already passes itself raise ``TypeError`` in dspy.GEPA ("got multiple
 values"), and here too — but with a message that names the constructor argument to use instead.
 """
 
@@ -54,7 +57,8 @@ IGNORED_KEYS: dict[str, str] = {
     "merge_val_overlap_floor": "not used by this engine's merge",
     "callbacks": "gepa callbacks are not called; use the run store or MLflow tracking",
     "wandb_attach_existing": "wandb is not supported",
-    "mlflow_attach_existing": "the active MLflow run is always attached",
+    "mlflow_attach_existing": ("an active MLflow run is always attached (a nested run is started if it already "
+                               "holds a compile)"),
     "tracking_key_prefix": "not used",
     "use_cloudpickle": "nothing is pickled by this engine",
     "cache_evaluation": "evaluations are always cached by (candidate, example)",
@@ -91,7 +95,8 @@ REFUSED_KEYS: dict[str, str] = {
 class MappedGepaKwargs:
     stop_callbacks: tuple[Callable[[Any], bool], ...] = field(default_factory=tuple)
     accept_equal_on_minibatch: bool = False
-    #: with ``use_mlflow=True``, as gepa: ``mlflow.set_tracking_uri`` / ``mlflow.set_experiment`` first
+    #: with ``use_mlflow=True``, as gepa: ``mlflow.set_tracking_uri`` / ``mlflow.set_experiment`` first (not
+    #: while an MLflow run is already active: the compile then logs into that run; see docs/mlflow.md)
     mlflow_tracking_uri: str | None = None
     mlflow_experiment_name: str | None = None
 

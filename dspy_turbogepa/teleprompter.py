@@ -1,8 +1,9 @@
 """``TurboGEPA``: dspy.GEPA's constructor and ``compile()``, on the streaming engine.
 
-Everything a dspy.GEPA user passes keeps its name, default and meaning (docs/deviations.md lists
-the few differences). Arguments are validated in the constructor, and data in ``compile()`` before
-the first LM call, so a mistake costs nothing.
+Everything a dspy.GEPA user passes keeps its name and default, and its meaning except where
+docs/deviations.md says otherwise (mostly errors raised earlier, and a wider search). Arguments are
+validated in the constructor, and data in ``compile()`` before the first LM call, so a mistake costs
+nothing.
 """
 
 from __future__ import annotations
@@ -109,29 +110,46 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     Subclasses ``dspy.GEPA`` so ``isinstance(opt, dspy.GEPA)`` holds, and lists ``Teleprompter`` as a
     direct base so ``mlflow.dspy.autolog()`` (which patches only direct subclasses) records compiles.
 
+    dspy.GEPA's arguments keep their names and defaults; the differences (docs/deviations.md has them
+    all) are mostly checks made in the constructor instead of mid-run: ``perfect_score=None`` needs
+    ``skip_perfect_score=False``; ``candidate_selection_strategy`` also takes ``"epsilon_greedy"`` and
+    ``"top_k_pareto"`` but not a gepa ``CandidateSelector`` object; ``use_wandb=True`` and
+    ``code_proposer`` raise ``NotImplementedError``; ``seed=None`` runs as seed 0;
+    ``max_merge_invocations=None`` means no limit; ``gepa_kwargs`` keys are mapped, refused or ignored
+    with a warning (``dspy_turbogepa.gepa_kwargs``).
+
     Parameters beyond dspy.GEPA's (all keyword-only, all optional):
-        max_mutations_in_flight: mutations running at once (default ``max(2, num_threads // 2)``).
+        max_mutations_in_flight: the most mutations running at once; the engine adapts the number
+            between 1 and this bound to the share of reflections that succeed and the budget left, and
+            speculative chaining may run one more (default ``max(2, n // 2)``, n = ``num_threads``, else
+            ``dspy.settings.num_threads``, else 8).
         max_reflections_in_flight: reflection LM calls at once (default ``ceil(num_threads / 4)``, at most 8
             and at most ``max_mutations_in_flight``).
         rung_fractions: validation shard fractions for successive halving, increasing, ending at 1.0
-            (default: a geometric ladder from ``reduction_factor``).
-        reduction_factor: ratio between consecutive validation shards when ``rung_fractions`` is not set.
-        deterministic: commit results in launch order so the same seed and a deterministic LM give the
-            same program (default True; False commits in completion order).
+            (default: a geometric ladder from ``reduction_factor``, shards under 8 examples dropped, so a
+            valset under 24 examples gets ``(1.0,)``: no halving).
+        reduction_factor: ratio between consecutive validation shards when ``rung_fractions`` is not set
+            (default 3.0).
+        deterministic: commit results in launch order so the same seed, ``num_threads`` and in-flight
+            limits with a deterministic LM give the same program (default True; False commits in
+            completion order).
         token_budget, cost_budget_usd, time_budget_seconds: budgets on top of dspy.GEPA's metric-call
-            budget (LM tokens of the program and reflection, dollars as dspy/litellm report them —
-            calls through LMs the optimizer does not hold, an LLM-judge metric's own, priced from DSPy's
-            model metadata —, wall clock from the start of compile). When one is reached nothing new is
-            launched, work in flight finishes, and ``detailed_results.stop_reason`` names the budget.
+            budget (LM tokens of the program, an LLM-judge metric's and reflection's; dollars as
+            dspy/litellm report them — calls through LMs the optimizer does not hold, an LLM-judge
+            metric's own, priced from DSPy's model metadata —; wall clock from the start of the search,
+            after compile's checks and set-up). When one is reached nothing new is launched, work in
+            flight finishes, and with ``track_stats=True`` ``detailed_results.stop_reason`` names it.
         strict_budget: never pass ``max_metric_calls``: a mutation starts only if its worst case fits,
             so the run may stop up to one mutation's cost below the limit (default False: dspy.GEPA's
             rule, the budget is checked before each mutation starts and the last one may finish,
             overshooting by less than ``2 * reflection_minibatch_size + len(valset)`` calls).
-        verbose: show live progress (a tqdm bar on a terminal, one log line per update otherwise). Logs go
+        verbose: show live progress (a tqdm bar on a terminal or in Jupyter; otherwise an INFO line on
+            a new best, at most one a second, and every 5-60 s while something changes). Logs go
             to the ``dspy_turbogepa`` logger; in a process that configured no logging at all, it gets a
             stderr handler at INFO for the compile (dspy does the same for its own logger at import).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
-            price dspy/litellm do not know (program and reflection LMs; it overrides their reported cost).
+            price dspy/litellm do not know (every LM call of the program, the metric and reflection; a key
+            matches ``"provider/model"`` or ``"model"``; it overrides the reported cost).
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
             choose between rewriting one component and all of them, shifting toward whichever makes new
             best candidates in this run (default True; an explicit ``component_selector`` always wins;
@@ -159,7 +177,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             idle, so this costs metric calls but no round-trip; a reflection that reads more failures
             fixes more in one step, and steps (reflect, then validate) are what a run waits for. The
             acceptance test stays on the minibatch; scouts are only paid for where the budget has room.
-            Needs ``minibatch_sampling="failure_first"``. Default 5; 0 = dspy.GEPA's minibatch alone.
+            At most ``num_threads - reflection_minibatch_size`` (none when ``num_threads`` is not larger
+            than the minibatch). Needs ``minibatch_sampling="failure_first"``. Default 5; 0 = dspy.GEPA's
+            minibatch alone.
     """
 
     def __init__(

@@ -17,9 +17,10 @@ from dspy_turbogepa.engine.records import EngineResult
 class TurboGEPAResult(DspyGEPAResult):
     """dspy.GEPA's result plus what a streaming run can tell on top.
 
-    Extra fields: ``discovery_seconds`` (wall-clock seconds from compile start to each candidate's
-    full-validation score), ``candidate_kinds`` (how each was proposed), ``stop_reason`` and
-    ``run_stats`` (mutation outcomes, failures by cause, reflection calls, cache hits, ...).
+    Extra fields: ``discovery_seconds`` (wall-clock seconds from the start of the search to when each
+    candidate joined the pool, its full-validation score committed), ``candidate_kinds`` (how each
+    was proposed), ``stop_reason`` and ``run_stats`` (mutation outcomes, failures by cause,
+    reflection calls, cache hits, ...).
     """
 
     discovery_seconds: list[float] = field(default_factory=list)

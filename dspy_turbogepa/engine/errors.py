@@ -20,10 +20,13 @@ def cancelling() -> bool:
 
 
 class SystemicFailureError(RuntimeError):
-    """The run cannot make progress: every evaluation fails the same way (bad key, unknown model, ...).
+    """The run cannot make progress: an error no retry can fix (a bad key, an unknown model, ...), the
+    first evaluations of a split all failing, the first reflections all failing, or a stop callback or
+    component selector that cannot work. ``failure`` names the kind of cause, ``error_type`` the
+    exception type when one was raised.
 
-    dspy.GEPA scores such failures as ``failure_score`` and "succeeds" with the seed program; we stop
-    early instead, naming the cause, so no budget is burnt on a broken setup.
+    dspy.GEPA scores failed evaluations as ``failure_score`` and "succeeds" with the seed program; we
+    stop early instead, naming the cause, so no budget is burnt on a broken setup.
     """
 
     def __init__(self, message: str, *, failure: str | None = None, error_type: str | None = None) -> None:

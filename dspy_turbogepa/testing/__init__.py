@@ -3,7 +3,8 @@
 Nothing here talks to the internet or needs a real model:
 
 * :mod:`.tasks` - synthetic tasks (``routing``, ``pipeline``, ``pricing``) whose score
-  depends only on which hidden rules the instructions state, with GEPA-protocol metrics;
+  depends on which hidden rules the instructions state (plus optional seeded noise and a length
+  penalty), with GEPA-protocol metrics;
 * :mod:`.responder` - the simulated student and reflector (pure functions) and the
   simulator configuration;
 * :mod:`.fake_lm` - the responder as in-process ``dspy.LM`` objects (custom engines);
