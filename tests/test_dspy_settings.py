@@ -341,6 +341,23 @@ def test_track_usage_a_metric_judges_prediction_gets_its_usage_as_under_dspy_gep
 
 
 # ---------------------------------------------------------------------------------- threads, contexts
+def _in_a_thread(work):
+    """``work()`` run on a new thread (not dspy's configuration owner); its result, or its error raised."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = work()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
+    assert "error" not in box, box.get("error")
+    return box["result"]
+
+
 @SYNC_ASYNC
 def test_compile_from_another_thread_uses_the_main_threads_configuration(async_forward):
     """dspy lets only the owner thread call ``dspy.configure``; compile never calls it, so a compile run
@@ -348,19 +365,8 @@ def test_compile_from_another_thread_uses_the_main_threads_configuration(async_f
     LM and adapter."""
     lm, rec = _recorded_lm()
     dspy.configure(lm=lm, adapter=dspy.JSONAdapter())
-    box = {}
-
-    def work():
-        try:
-            box["program"] = _compile(ROUTING.make_program(async_forward=async_forward))
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join(timeout=60)
-    assert "error" not in box, box.get("error")
-    scores = box["program"].detailed_results.val_aggregate_scores
+    program = _in_a_thread(lambda: _compile(ROUTING.make_program(async_forward=async_forward)))
+    scores = program.detailed_results.val_aggregate_scores
     assert max(scores) > scores[0]
     assert len(rec.requests) > 4 and all(JSON_MARK in p for p in rec.system_prompts())
 
@@ -369,20 +375,12 @@ def test_compile_in_a_thread_with_only_that_threads_context_lm_and_adapter():
     """No global LM: a ``dspy.context(lm=..., adapter=...)`` opened in the compiling thread reaches its
     rollouts (sync and async programs, one after the other in that thread)."""
     lm, rec = _recorded_lm()
-    box = {}
 
     def work():
-        try:
-            with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-                box["sync"] = _compile(ROUTING.make_program())
-                box["async"] = _compile(ROUTING.make_program(async_forward=True))
-        except BaseException as exc:
-            box["error"] = exc
+        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+            return _compile(ROUTING.make_program()), _compile(ROUTING.make_program(async_forward=True))
 
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join(timeout=60)
-    assert "error" not in box, box.get("error")
+    _in_a_thread(work)
     assert dspy.settings.lm is None
     assert rec.paths() == {"sync", "async"}
     assert all(JSON_MARK in p for p in rec.system_prompts())
