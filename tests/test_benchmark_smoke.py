@@ -32,8 +32,8 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
 
     table = (tmp_path / "table.md").read_text()
     assert "| routing | 60 | turbo |" in table and "| routing | 60 | gepa |" in table
-    assert "| student util |" in table.splitlines()[4]
-    assert "| util while work available engine / server |" in table.splitlines()[4]
+    header = next(line for line in table.splitlines() if line.startswith("| task |"))
+    assert "| student util |" in header and "| util while work available engine / server |" in header
     assert "## Targets" in table and "## Ratios" in table
     assert "| routing | 60 | gepa |" in table.split("## Ratios", 1)[1]  # the turbo-vs-gepa ratio row
     steps_section = table.split("## Search steps to the target", 1)[1]
@@ -81,6 +81,11 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         # each point knows its candidate's search steps from the seed: the seed first, then proposals
         assert curve[0][2] == 0 and all(isinstance(n, int) and n >= 1 for _, _, n in curve[1:]), curve
         assert 0 < r["reflector_mean_latency_s"] < 5
+        # what made the cell: the checkout's commit, the library versions, when
+        prov = r["provenance"]
+        assert prov["commit"] and prov["versions"]["dspy"] and prov["utc"].endswith("Z")
+    commit = json.loads(runs[0].read_text())["provenance"]["commit"]
+    assert f"All 2 cells were made at commit {commit}." in table
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 2 and all("time_to_target_s" in r for r in summary)
     assert all(r["time_to_target_s"] <= r["compile_wall_s"] + 1e-6 for r in summary)
@@ -96,6 +101,14 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
     assert (tmp_path / "table.md").read_text() == table
 
+    # cells from another code version are named in the report
+    gepa_cell = tmp_path / "runs" / "gepa_routing_b60_s0.json"
+    cell = json.loads(gepa_cell.read_text())
+    cell["provenance"]["commit"] = "0000000"
+    gepa_cell.write_text(json.dumps(cell))
+    proc = _run(tmp_path, "--aggregate-only")
+    assert "Cells from 2 code versions" in (tmp_path / "table.md").read_text() and "warning" in proc.stderr
+
     # --aggregate-only covers only the requested cells found (gepa4 was never run) and runs nothing
     proc = _run(tmp_path, "--aggregate-only", "--optimizers", "turbo,gepa4")
     assert proc.stdout.count("[stored]") == 1
@@ -107,7 +120,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
 def test_benchmark_overhead_smoke(tmp_path: Path) -> None:
     _run(tmp_path, "--overhead")
     data = json.loads((tmp_path / "overhead.json").read_text())
-    assert sorted(r["kind"] for r in data["runs"]) == ["floor", "gepa", "turbo"]
+    assert sorted(r["kind"] for r in data["runs"]) == ["floor", "gepa", "gepa_quiet", "turbo"]
     for r in data["runs"]:
         assert r["metric_calls"] > 0 and r["cpu_ms_per_metric_call"] > 0
         assert r["lm_calls_student"] >= r["metric_calls"]
@@ -118,10 +131,14 @@ def test_benchmark_overhead_smoke(tmp_path: Path) -> None:
     floor = next(r for r in data["runs"] if r["kind"] == "floor")
     assert floor["metric_calls"] == 40 * floor["floor_passes"] >= 60  # test split repeated past the budget
     (row,) = data["summary"]
-    for kind in ("turbo", "gepa"):
+    for kind in ("turbo", "gepa", "gepa_quiet"):
         assert row[f"{kind}_minus_floor_ms"] == row[f"{kind}_ms_per_metric_call"] - row["floor_ms_per_metric_call"]
     md = (tmp_path / "overhead.md").read_text()
-    assert all(f"| routing | 60 | {k} |" in md for k in ("turbo", "gepa", "floor"))
+    assert all(f"| routing | 60 | {k} |" in md for k in ("turbo", "gepa", "gepa_quiet", "floor"))
+    # gepa_quiet is as quiet as turbo: no progress bar, no INFO lines (dspy.GEPA's defaults print both)
+    logs = {p.stem.split("_routing")[0]: p.read_text() for p in (tmp_path / "overhead_runs").glob("*.log")}
+    assert "GEPA Optimization" in logs["gepa"] and "GEPA Optimization" not in logs["gepa_quiet"]
+    assert " INFO " in logs["gepa"] and " INFO " not in logs["gepa_quiet"]
 
 
 def test_benchmark_memory_smoke(tmp_path: Path) -> None:
