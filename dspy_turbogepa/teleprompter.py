@@ -461,7 +461,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
         codec = ProgramCodec(student)
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
-            cleanup.enter_context(visible_logs(self.verbose))  # progress and result shown with no logging setup
+            # progress and result shown with no logging setup; lines named by compile when several run
+            cleanup.enter_context(visible_logs(self.verbose, label=Path(self.log_dir).name if self.log_dir else None))
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
             cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm, self.metric_fn,
                                                            self.custom_instruction_proposer)))
@@ -505,7 +506,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                        max_workers=config.max_reflections_in_flight, price_table=self.price_table,
                                        seed=self.seed)
         cleanup.callback(reflector.close)
-        store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup)
+        store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup,
+                                                                      budget)
         if config.stop_file is not None and config.stop_file.exists():
             # gepa's rule (the file stops the run) holds, but a file left from stopping the last session
             # would otherwise end this one right after the seed with a single INFO line
@@ -517,7 +519,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         tracker = None
         if self.use_mlflow:
             tracker = MlflowRunTracker(
-                self.get_params(),
+                self._run_params(budget),
                 stats_provider=lambda: live_run_stats(orchestrator, evaluator, reflector),
                 seed_texts=codec.seed_texts(),
                 trainset_size=len(train),
@@ -671,7 +673,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     # ------------------------------------------------------------------ helpers
     def _open_store(
         self, student: dspy.Module, codec: ProgramCodec, train: list[dspy.Example], val: list[dspy.Example],
-        cleanup: ExitStack,
+        cleanup: ExitStack, budget: int,
     ) -> tuple[Any, list[Any], dict[Any, Any] | None, dict[str, Any] | None]:
         """With ``log_dir``: open (or resume) the run store; refuse a log_dir holding a different run.
 
@@ -689,7 +691,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             context_lm=dspy.settings.lm, reflection_lm=self.reflection_lm, proposer=self.custom_instruction_proposer,
             add_format_failure_as_feedback=self.add_format_failure_as_feedback, adapter=dspy.settings.adapter,
         )
-        meta: dict[str, Any] = {k: v for k, v in self.get_params().items()
+        meta: dict[str, Any] = {k: v for k, v in self._run_params(budget).items()
                                 if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
         meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
@@ -713,22 +715,32 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             else:  # e.g. a session stopped on a systemic failure: its failures run again after the fix
                 logger.info("Resuming the run in %s: nothing stored there can be replayed (failures of the LM "
                             "service or of a stopped session run again)", self.log_dir)
-        store.record_event("run_started", {"resumed": store.resumed, "budget": self.max_metric_calls})
+        store.record_event("run_started", {"resumed": store.resumed, "budget": budget})
         return store, [StoreObserver(store, keeps_outputs=self.track_best_outputs)], known_evals, known_props
 
 
+    def _run_params(self, budget: int) -> dict[str, Any]:
+        """``get_params()`` with this run's metric-call budget. The attribute is not read back: two compiles
+        of one optimizer object at once (one resolving ``auto`` or ``max_full_evals`` for its data while
+        the other sets up) would record each other's budget."""
+        return {**self.get_params(), "max_metric_calls": budget}
+
     def _resolve_budget(self, num_preds: int, trainset: Sequence[Any], valset: Sequence[Any] | None) -> int:
-        """dspy.GEPA's budget arithmetic, to the call (including overwriting ``max_metric_calls`` for auto)."""
+        """dspy.GEPA's budget arithmetic, to the call (including overwriting ``max_metric_calls`` for auto,
+        as dspy.GEPA does; this run uses the value returned)."""
         if self.auto is not None:
-            self.max_metric_calls = self.auto_budget(
+            budget = self.auto_budget(
                 num_preds=max(num_preds, 1),
                 num_candidates=AUTO_RUN_SETTINGS[self.auto]["n"],
                 valset_size=len(valset) if valset is not None else len(trainset),
             )
         elif self.max_full_evals is not None:
-            self.max_metric_calls = self.max_full_evals * (len(trainset) + (len(valset) if valset is not None else 0))
-        assert self.max_metric_calls is not None
-        return int(self.max_metric_calls)
+            budget = self.max_full_evals * (len(trainset) + (len(valset) if valset is not None else 0))
+        else:
+            assert self.max_metric_calls is not None
+            return int(self.max_metric_calls)
+        self.max_metric_calls = budget
+        return int(budget)
 
     def _engine_config(
         self, budget: int, num_threads: int, val_size: int, n_examples: int | None = None

@@ -903,8 +903,9 @@ def test_the_compile_log_handler_respects_concurrent_compiles_and_the_users_setu
     root = str(Path(__file__).resolve().parents[1])
     done = subprocess.run([sys.executable, str(script), root, "1", mode], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    result_line = "INFO dspy_turbogepa.teleprompter: TurboGEPA finished ("
-    ours = [line for line in done.stderr.splitlines() if result_line in line]
+    # "[#1] " names the compile while two share the handler
+    ours = [line for line in done.stderr.splitlines()
+            if "INFO dspy_turbogepa.teleprompter: " in line and "TurboGEPA finished (" in line]
     if mode == "threads":
         assert len(ours) == 2, done.stderr  # each compile's result, once
     else:

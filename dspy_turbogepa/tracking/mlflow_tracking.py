@@ -480,9 +480,13 @@ class MlflowRunTracker(EngineObserver):
                                       tags={"turbogepa.tracker": "MlflowRunTracker"})
             self.started_run = True
         elif active is None:
+            experiment_id = None
             if experiment_name:
-                mlflow.set_experiment(experiment_name)
-            active = mlflow.start_run(run_name=run_name or "turbogepa", tags={"turbogepa.tracker": "MlflowRunTracker"})
+                # set process-wide as gepa does, but the run is started in it by id: another compile's
+                # set_experiment between the two calls would otherwise put this run in its experiment
+                experiment_id = mlflow.set_experiment(experiment_name).experiment_id
+            active = mlflow.start_run(run_name=run_name or "turbogepa", experiment_id=experiment_id,
+                                      tags={"turbogepa.tracker": "MlflowRunTracker"})
             self.started_run = True
         return str(active.info.run_id)
 

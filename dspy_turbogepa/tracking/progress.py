@@ -39,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
@@ -309,6 +310,9 @@ class _TqdmStream:
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
+        #: progress bars shown that route this handler through tqdm (compiles in threads share handlers):
+        #: the raw stream comes back when the last one closes
+        self.bars = 1
 
     def write(self, text: str) -> int:
         from tqdm import tqdm
@@ -333,18 +337,28 @@ def _console_through_tqdm(loggers: Iterable[logging.Logger]) -> Iterator[None]:
     stream back after. Only the stream is swapped: tqdm's ``logging_redirect_tqdm`` replaced the
     handlers by one of its own that kept the first one's stream and filters but not its level, so
     DEBUG lines reached a console set to WARNING, and a WARNING meant for stderr met stdout's filter."""
-    swapped: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
+    routed: list[tuple[logging.StreamHandler[Any], _TqdmStream]] = []
     try:
-        for lg in loggers:
-            for handler in lg.handlers:
-                if _is_console_handler(handler) and all(handler is not h for h, _ in swapped):
-                    stream = handler.stream
-                    handler.setStream(_TqdmStream(stream))
-                    swapped.append((handler, stream))
+        with _VISIBLE_LOGS_LOCK:
+            for lg in loggers:
+                for handler in lg.handlers:
+                    if any(handler is h for h, _ in routed):
+                        continue
+                    current = getattr(handler, "stream", None)
+                    if isinstance(current, _TqdmStream):  # another compile's bar routes it already
+                        current.bars += 1
+                        routed.append((handler, current))  # type: ignore[arg-type]  # a StreamHandler here
+                    elif _is_console_handler(handler):
+                        tqdm_stream = _TqdmStream(handler.stream)
+                        handler.setStream(tqdm_stream)
+                        routed.append((handler, tqdm_stream))
         yield
     finally:
-        for handler, stream in reversed(swapped):
-            handler.setStream(stream)
+        with _VISIBLE_LOGS_LOCK:
+            for handler, tqdm_stream in reversed(routed):
+                tqdm_stream.bars -= 1
+                if tqdm_stream.bars == 0 and handler.stream is tqdm_stream:
+                    handler.setStream(tqdm_stream.stream)
 
 
 if TYPE_CHECKING:
@@ -353,10 +367,41 @@ else:  # logging.StreamHandler is subscriptable at run time only from Python 3.1
     _StreamHandler = logging.StreamHandler
 
 
-class _CompileLogHandler(_StreamHandler):
-    """The handler :func:`visible_logs` installs; compiles running at once in threads share it."""
+@dataclass(frozen=True)
+class _CompileLogs:
+    """How the running compile's log records are shown by the shared handler."""
 
-    users = 0
+    label: str
+    #: False for ``verbose=False``: its records below WARNING are not shown by the shared handler
+    visible: bool
+
+
+#: The running compile's :class:`_CompileLogs`, read by the shared handler's filter in whichever thread
+#: logs (the engine thread and the worker pools run in copies of the compile's context).
+_COMPILE_LOGS: ContextVar[_CompileLogs | None] = ContextVar("turbogepa_compile_logs", default=None)
+
+
+class _CompileLogHandler(_StreamHandler):
+    """The handler :func:`visible_logs` installs; compiles running at once in threads share it.
+
+    While more than one compile uses it, each record names the compile that wrote it (``[#2]``, or the
+    log_dir's name): two seeds of one program otherwise print the same lines. A ``verbose=False``
+    compile's records below WARNING are dropped: alone, it shows nothing but warnings (Python's
+    last-resort handler), and a verbose compile beside it must not change that."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.users = 0
+        self.started = 0
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(turbogepa_compile)s%(message)s"))
+        self.addFilter(self._stamp)
+
+    def _stamp(self, record: logging.LogRecord) -> bool:
+        state = _COMPILE_LOGS.get()
+        if state is not None and not state.visible and record.levelno < logging.WARNING:
+            return False
+        record.turbogepa_compile = f"[{state.label}] " if state is not None and self.users > 1 else ""
+        return True
 
 
 #: Guards the shared handler of :func:`visible_logs` (logging configuration is process-wide anyway).
@@ -384,7 +429,7 @@ def _logging_configured(log: logging.Logger) -> bool:
 
 
 @contextmanager
-def visible_logs(enabled: bool = True) -> Iterator[None]:
+def visible_logs(enabled: bool = True, label: str | None = None) -> Iterator[None]:
     """While a compile runs: show this package's INFO logs on stderr if nothing is configured to.
 
     dspy.GEPA's progress and result reach a process that never set up logging (a script run under
@@ -394,22 +439,30 @@ def visible_logs(enabled: bool = True) -> Iterator[None]:
     progress bar. So when nothing is set up (see :func:`_logging_configured`) this logger gets a
     handler for the compile, in dspy's format and on dspy's stream (``dspy.disable_logging()``
     silences it too), removed when the last compile using it ends.
+
+    ``label`` names this compile's lines while several share the handler (default ``#n``, in the order
+    they started); ``enabled=False`` keeps this compile's INFO lines off a handler another one installed.
     """
     log = logging.getLogger("dspy_turbogepa")
     handler: _CompileLogHandler | None = None
-    if enabled:
-        with _VISIBLE_LOGS_LOCK:
-            handler = next((h for h in log.handlers if isinstance(h, _CompileLogHandler)), None)
-            if handler is None and not _logging_configured(log):
-                handler = _CompileLogHandler(_dspy_stream() or sys.stderr)
-                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-                log.addHandler(handler)
-                log.setLevel(logging.INFO)
-            if handler is not None:
-                handler.users += 1
+    number = 0
+    with _VISIBLE_LOGS_LOCK:
+        handler = next((h for h in log.handlers if isinstance(h, _CompileLogHandler)), None)
+        if enabled and handler is None and not _logging_configured(log):
+            handler = _CompileLogHandler(_dspy_stream() or sys.stderr)
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        if not enabled:
+            handler = None  # shown through it only as warnings; not one of its users
+        elif handler is not None:
+            handler.users += 1
+            handler.started += 1
+            number = handler.started
+    token = _COMPILE_LOGS.set(_CompileLogs(label or f"#{number}", enabled))
     try:
         yield
     finally:
+        _COMPILE_LOGS.reset(token)
         if handler is not None:
             with _VISIBLE_LOGS_LOCK:
                 handler.users -= 1
