@@ -773,3 +773,45 @@ def test_a_compile_started_while_another_handles_its_ctrl_c_runs_as_alone_and_th
     assert _diff(alone_b, _fingerprint(box["b"])) == []
     facts = _store_facts(log_dir)
     assert facts["integrity"] == "ok" and facts["sessions"] == 1 and facts["open_sessions"] == 0
+
+
+def test_every_compile_sharing_the_log_handler_is_numbered_a_quiet_one_too(capsys, monkeypatch):
+    """Found by a review: a ``verbose=False`` compile was neither numbered nor counted, so beside one
+    verbose compile neither's lines were labelled, and beside two its warnings said ``[#0]``."""
+    from dspy_turbogepa.tracking.progress import visible_logs
+
+    # a process that configured no logging (pytest's capture handler on the root logger is one); levels
+    # set through setLevel, which clears the loggers' cached thresholds, and put back the same way
+    package = logging.getLogger("dspy_turbogepa")
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(package, "handlers", [])
+    levels = {logging.root: logging.root.level, package: package.level}
+    logging.root.setLevel(logging.WARNING)
+    package.setLevel(logging.NOTSET)
+    log = logging.getLogger("dspy_turbogepa.labels_probe")
+    try:
+        for n_verbose in (1, 2):
+            go, done = threading.Barrier(n_verbose + 2), threading.Event()
+
+            def run(verbose):
+                with visible_logs(verbose):
+                    go.wait()
+                    log.warning("from verbose=%s", verbose)
+                    done.wait()
+
+            threads = [threading.Thread(target=run, args=(v,)) for v in [True] * n_verbose + [False]]
+            threads[0].start()
+            time.sleep(0.1)  # the first verbose compile installs the handler before the others start
+            for t in threads[1:]:
+                t.start()
+            go.wait()
+            time.sleep(0.1)
+            done.set()
+            for t in threads:
+                t.join()
+            lines = [line for line in capsys.readouterr().err.splitlines() if "from verbose=" in line]
+            labels = sorted(line.split(": ", 1)[1].split("]")[0] + "]" for line in lines)
+            assert labels == sorted(f"[#{i}]" for i in range(1, n_verbose + 2)), lines
+    finally:
+        for logger, level in levels.items():
+            logger.setLevel(level)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -468,3 +469,37 @@ def test_a_metric_judges_tokens_count_toward_the_rollout_with_or_without_track_u
     assert after[1] - before[1] > 0
     assert sum(o.prompt_tokens for o in outcomes) == (after[0] - before[0]) + (after[1] - before[1])
     assert metric.seen == {("score", track): 6}
+
+
+@pytest.mark.parametrize("how", ["dspy.Parallel", "threads with copy_context"])
+def test_judges_the_metric_runs_in_threads_each_get_their_own_usage(how):
+    """Found by a review of the fix above: the outermost judge call was decided per metric call, not per
+    thread, and its usage read from the rollout's tracker: two judges at once got ``{}`` / None, or one of
+    them both judges' tokens. Each now gets exactly its own call's usage (as alone with no tracker), and
+    the rollout still counts both."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dspy_turbogepa.adapter.lm_copies import judge_usage_attached, rollout_usage
+
+    dspy.configure(track_usage=True)
+    ticket = _splits(ROUTING).val[0].ticket
+
+    def judge():  # each call takes a while, so the two judges' calls overlap
+        program = ROUTING.make_program()
+        program.set_lm(make_student_lm(seed=1, before_call=lambda request: time.sleep(0.05)))
+        return program
+
+    alone = judge()(ticket=ticket).get_lm_usage()
+    with rollout_usage() as box, judge_usage_attached():
+        if how == "dspy.Parallel":
+            example = dspy.Example(ticket=ticket).with_inputs("ticket")
+            outs = dspy.Parallel(num_threads=2, disable_progress_bar=True)([(judge(), example), (judge(), example)])
+        else:
+            with ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(contextvars.copy_context().run, j, ticket=ticket) for j in (judge(), judge())]
+                outs = [f.result() for f in futures]
+    assert alone and [o.get_lm_usage() for o in outs] == [alone, alone]
+    if how != "dspy.Parallel":  # dspy.Parallel's workers count into copies of the tracker (DSPy's own way)
+        (model,) = alone
+        assert box.prompt_tokens == 2 * alone[model]["prompt_tokens"]

@@ -528,3 +528,76 @@ def test_a_frozen_submodules_lm_is_called_like_every_other_student_lm():
     calls = sim_engine(frozen_lm).calls
     assert calls > 0 and len(retries) == calls
     assert len(frozen_lm.history) == calls and set(retries) == {0}
+
+
+# ------------------------------------------------------------------ found by a review of the fixes above
+class _FrozenPlusBestOfN(WithFrozenSubmodule):
+    """A frozen submodule beside ``dspy.BestOfN``: every evaluation runs on a per-call copy."""
+
+    def __init__(self, frozen_text):
+        super().__init__(frozen_text)
+        self.best = dspy.BestOfN(ROUTING.make_program(), N=1, reward_fn=lambda args, pred: 1.0, threshold=0.0)
+
+
+def test_a_per_call_copy_shares_every_predictors_lm_the_frozen_ones_included(monkeypatch):
+    """``BuiltProgram.for_call`` shares the LMs of the component predictors with each per-call copy; a
+    frozen predictor's LM (our copy, swapped in by the evaluator) was deep-copied per evaluation instead,
+    with its whole growing call history (about 1 s of CPU per evaluation at DSPy's 10,000 entries)."""
+    from dspy_turbogepa.adapter import program as program_module
+
+    seen = []
+    original = program_module.BuiltProgram.for_call
+
+    def spy(self):
+        built, names = original(self)
+        if built is not self.program:
+            seen.append((built.frozen.route.lm is self.program.frozen.route.lm,
+                         built.live.route.lm is self.program.live.route.lm))
+        return built, names
+
+    monkeypatch.setattr(program_module.BuiltProgram, "for_call", spy)
+    program = _FrozenPlusBestOfN(ALL_RULES)
+    frozen_lm = make_student_lm(seed=0, noise=0.0)
+    program.frozen.route.lm = frozen_lm
+    compile_on(ROUTING, program, budget=60)
+    assert seen and set(seen) == {(True, True)}
+    assert len(frozen_lm.history) == sim_engine(frozen_lm).calls > 0
+
+
+def test_a_predictor_in_a_nested_container_is_keyed_though_not_optimized():
+    """``named_predictors()`` skips a predictor in a list of lists (dspy.GEPA does not optimize it
+    either), but it answers: its instruction is part of the run key."""
+    from dspy_turbogepa.adapter.run_identity import run_key
+
+    class Nested(dspy.Module):
+        def __init__(self, text):
+            super().__init__()
+            self.route = dspy.Predict("ticket -> queue")
+            self.grid = [[dspy.Predict(dspy.Signature("ticket -> note", text))]]
+
+    splits = ROUTING.splits(n_train=4, n_val=4, n_test=0)
+    assert [n for n, _ in Nested("a").named_predictors()] == ["route"]
+    keys = [run_key(Nested(t), splits.train, splits.val, 0)["student"] for t in ("a", "a", "b")]
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_a_student_that_deepcopy_cannot_copy_keeps_its_callbacks_when_it_carries_old_results():
+    """dspy copies such a module attribute by attribute, keeping its callbacks; building from a student
+    that carried ``detailed_results`` went through ``copy.copy`` first, whose ``__getstate__`` drops them."""
+    from dspy.utils.callback import BaseCallback
+
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    class WithLock(dspy.Module):
+        def __init__(self):
+            super().__init__(callbacks=[BaseCallback()])
+            self.lock = threading.Lock()  # copy.deepcopy fails on it
+            self.p = dspy.Predict("q -> a")
+
+    for carries in (False, True):
+        student = WithLock()
+        if carries:
+            student.detailed_results = object()
+        built = ProgramCodec(student).build({})
+        assert len(built.callbacks) == 1 and not hasattr(built, "detailed_results")
+        assert hasattr(student, "detailed_results") == carries

@@ -161,38 +161,49 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
         _CURRENT.reset(token)
 
 
+class _JudgeTracker(UsageTracker):
+    """The usage tracker of one module call the metric makes (see :class:`_JudgeUsage`)."""
+
+
 class _JudgeUsage(BaseCallback):
     """Gives each module the metric calls (an LLM judge) the usage of its own LM calls on its prediction.
 
     Why: with ``dspy.configure(track_usage=True)``, DSPy attaches usage to a module's prediction only
     when no usage tracker is active, and ours is while the metric runs (it counts the judge's tokens
     toward ``token_budget`` and ``cost_budget_usd``). Under dspy.GEPA no tracker is, so a metric may read
-    ``judge_pred.get_lm_usage()``. The usage attached is what entered the rollout's tracker between the
-    outermost module call's start and end, as DSPy's own tracker for that call would have collected."""
+    ``judge_pred.get_lm_usage()``. So this does what DSPy's ``Module.__call__`` does without a tracker:
+    the outermost module call (in its own thread or task: each one's settings are its own) runs under a
+    tracker of its own, whose usage goes on its prediction; and, as DSPy's nested trackers do, the
+    entries are then added to the tracker that was active (the rollout's), so the budgets still see them.
+    Entered and left by the callbacks around the call, in the call's own thread and context."""
 
-    def __init__(self, tracker: UsageTracker) -> None:
-        self._tracker = tracker
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: call id of each module call open in the metric -> the tracker's entry counts when the outermost
-        #: started (None for a call nested in another: DSPy attaches to the outermost only)
-        self._open: dict[str, dict[str, int] | None] = {}
+        #: call id of each outermost module call open -> (its settings context, tracker, the tracker before)
+        self._open: dict[str, tuple[Any, _JudgeTracker, UsageTracker]] = {}
 
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        outer = dspy.settings.usage_tracker
+        if not isinstance(outer, UsageTracker) or isinstance(outer, _JudgeTracker):
+            return  # not in a rollout, or inside a module call already tracked (DSPy attaches to the outermost)
+        tracker = _JudgeTracker()
+        context = dspy.settings.context(usage_tracker=tracker)
+        context.__enter__()
         with self._lock:
-            outer = not self._open
-            self._open[call_id] = {m: len(e) for m, e in self._tracker.usage_data.items()} if outer else None
+            self._open[call_id] = (context, tracker, outer)
 
     def on_module_end(self, call_id: str, outputs: Any | None, exception: Exception | None = None) -> None:
         with self._lock:
-            start = self._open.pop(call_id, None)
-            if start is None:
-                return
-            since = UsageTracker()
-            for model, entries in self._tracker.usage_data.items():
-                since.usage_data[model] = list(entries[start.get(model, 0):])
+            entry = self._open.pop(call_id, None)
+        if entry is None:
+            return
+        context, tracker, outer = entry
+        context.__exit__(None, None, None)
+        for model, entries in tracker.usage_data.items():  # as dspy's track_usage() rolls up into its parent
+            outer.usage_data[model].extend(entries)
         prediction = outputs[0] if isinstance(outputs, tuple) and outputs else outputs
         if isinstance(prediction, dspy.Prediction) and prediction.get_lm_usage() is None:
-            prediction.set_lm_usage(since.get_total_tokens())
+            prediction.set_lm_usage(tracker.get_total_tokens())
 
 
 @contextmanager
@@ -203,7 +214,7 @@ def judge_usage_attached() -> Iterator[None]:
     if box is None or box.tracker is None or not dspy.settings.track_usage:
         yield
         return
-    with dspy.context(callbacks=[*(dspy.settings.get("callbacks") or []), _JudgeUsage(box.tracker)]):
+    with dspy.context(callbacks=[*(dspy.settings.get("callbacks") or []), _JudgeUsage()]):
         yield
 
 

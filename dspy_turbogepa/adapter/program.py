@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 
 def all_named_predictors(program: dspy.Module) -> list[tuple[str, Any]]:
     """Every predictor the program holds: ``named_predictors()`` first (the components, under dspy's
-    names), then those it skips because they sit in a submodule marked compiled (``_compiled = True``),
-    under their path (``frozen.predict``).
+    names), then those it skips, under their path (``frozen.predict``): those in a submodule marked
+    compiled (``_compiled = True``), and those in a container nested in a container (a list of lists),
+    which ``named_parameters()`` does not walk.
 
-    Why: a frozen predictor is not a component (dspy.GEPA leaves it alone too), but it still runs. Its
+    Why: such a predictor is not a component (dspy.GEPA leaves it alone too), but it still runs. Its
     LM is called through our retry-less copy like every student LM, its state is part of the run key
     (a changed frozen submodule must not replay the old one's scores), and its trace steps keep their
     predictor object when a resumed run rebuilds them (a metric reads ``trace[i][0]``)."""
@@ -63,6 +64,11 @@ class PredictorNames:
         names = copy.copy(self)
         names._by_id = {id(memo.get(id(pred), pred)): name for name, pred in self._all}
         return names
+
+    @property
+    def all_predictors(self) -> list[tuple[str, Any]]:
+        """Every predictor the program holds, the components first (:func:`all_named_predictors`)."""
+        return self._all
 
     @property
     def predictors(self) -> list[tuple[str, Any]]:
@@ -129,7 +135,7 @@ class BuiltProgram:
         if self.shared is None:
             return self.program, self.names
         memo = dict(self.shared)
-        for _, pred in self.names.predictors:  # their LMs as they are now (the evaluator's copies)
+        for _, pred in self.names.all_predictors:  # their LMs as they are now (the evaluator's copies)
             lm = getattr(pred, "lm", None)
             if lm is not None:
                 memo[id(lm)] = lm
@@ -193,8 +199,10 @@ class ProgramCodec:
         # the new program. A shallow copy: the student itself keeps its attribute.
         self._template = student
         if "detailed_results" in vars(student):
-            self._template = copy.copy(student)
-            del self._template.detailed_results
+            # not copy.copy: dspy's __getstate__ would drop the module's callbacks and history, which a
+            # student that deepcopy cannot copy (dspy then copies attribute by attribute) keeps
+            self._template = object.__new__(type(student))
+            self._template.__dict__.update({k: v for k, v in vars(student).items() if k != "detailed_results"})
         self.component_names: list[str] = [name for name, _ in student.named_predictors()]
         self._student_predictors = dict(all_named_predictors(student))
         self._cache: OrderedDict[str, BuiltProgram] = OrderedDict()

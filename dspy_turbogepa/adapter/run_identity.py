@@ -368,8 +368,10 @@ def run_key(
     structure.append(sorted([name, held] for name, held in settings if held))
     components = student.named_predictors()
     structure += [_predictor_entry(name, pred) for name, pred in components]
-    # predictors in a submodule marked compiled: not optimized, but they answer; appended only when there
-    # are any, so the key of every other student is what earlier versions wrote
+    # predictors named_predictors() skips (in a submodule marked compiled, or in a container nested in a
+    # container): not optimized, but they answer; appended only when there are any, so the key of every
+    # other student is what earlier versions wrote (a log_dir of such a student written before
+    # 2026-12-05 is refused as "student changed": docs/run_store.md)
     frozen = all_named_predictors(student)[len(components):]
     if frozen:
         structure.append(["frozen", [_predictor_entry(name, pred) for name, pred in frozen]])

@@ -391,7 +391,11 @@ class _CompileLogHandler(_StreamHandler):
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
+        #: verbose compiles using it (it is removed when the last one ends)
         self.users = 0
+        #: compiles running while it is installed, verbose or not (lines are labelled while more than one)
+        self.active = 0
+        #: compiles started while it was installed: their numbers
         self.started = 0
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(turbogepa_compile)s%(message)s"))
         self.addFilter(self._stamp)
@@ -400,7 +404,7 @@ class _CompileLogHandler(_StreamHandler):
         state = _COMPILE_LOGS.get()
         if state is not None and not state.visible and record.levelno < logging.WARNING:
             return False
-        record.turbogepa_compile = f"[{state.label}] " if state is not None and self.users > 1 else ""
+        record.turbogepa_compile = f"[{state.label}] " if state is not None and self.active > 1 else ""
         return True
 
 
@@ -452,21 +456,22 @@ def visible_logs(enabled: bool = True, label: str | None = None) -> Iterator[Non
             handler = _CompileLogHandler(_dspy_stream() or sys.stderr)
             log.addHandler(handler)
             log.setLevel(logging.INFO)
-        if not enabled:
-            handler = None  # shown through it only as warnings; not one of its users
-        elif handler is not None:
-            handler.users += 1
+        if handler is not None:  # a quiet compile is numbered and counted too: its warnings show there
+            handler.active += 1
             handler.started += 1
             number = handler.started
-    token = _COMPILE_LOGS.set(_CompileLogs(label or f"#{number}", enabled))
+            if enabled:
+                handler.users += 1
+    token = _COMPILE_LOGS.set(_CompileLogs(label or (f"#{number}" if number else "quiet"), enabled))
     try:
         yield
     finally:
         _COMPILE_LOGS.reset(token)
         if handler is not None:
             with _VISIBLE_LOGS_LOCK:
-                handler.users -= 1
-                if handler.users == 0:
+                handler.active -= 1
+                handler.users -= int(enabled)
+                if enabled and handler.users == 0:
                     log.removeHandler(handler)
                     if log.level == logging.INFO:  # unless the user changed it meanwhile
                         log.setLevel(logging.NOTSET)
