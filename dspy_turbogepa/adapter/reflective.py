@@ -167,8 +167,10 @@ class ReflectiveDatasetBuilder:
 
     def _error_record(self, name: str, traj: DspyTrajectory, steps: list[Any],
                       texts: Mapping[str, str] | None = None) -> ReflectiveRecord | None:
-        if steps:
-            return None  # this predictor produced its output; the failure happened elsewhere
+        if steps and not (traj.failure == "format_error" and traj.failed_predictor == name):
+            # this predictor produced its output; the failure happened elsewhere (but a predictor called
+            # again, as ReAct's is at each step, may have answered once and then failed to parse)
+            return None
         if traj.service_failure:
             self._count("infrastructure_error")
             return None

@@ -337,9 +337,10 @@ def _predictor_entry(name: str, pred: Any) -> tuple[Any, ...]:
 #: and the user's module-level functions a forward, tool or metric calls; 5: those functions found by
 #: LOAD_GLOBAL only, not every name the code reads, and a tool's closure values no longer keyed; 6: a
 #: function's default argument values, seed=None keyed as the 0 it runs with, failure_score a part of its
-#: own instead of the metric's). A pinned key in
+#: own instead of the metric's; 7: a tool's argument schema, and the predictors of a module used as a
+#: tool). A pinned key in
 #: tests/test_run_key_format.py fails when the computation changes and this is not bumped.
-RUN_KEY_FORMAT = "6"
+RUN_KEY_FORMAT = "7"
 
 
 def run_key(
@@ -419,13 +420,18 @@ def _module_settings(module: Any) -> dict[str, Any]:
 
 
 def _tool_identity(obj: Any) -> str | None:
-    """A ``dspy.Tool`` by its name, description and function; a plain function by its code. None for
-    anything else, and for DSPy's own functions (ReAct's ``finish``)."""
+    """A ``dspy.Tool`` by its name, description, argument schema (shown to the LM with the tool) and
+    function, and for a module used as a tool (an agent as a tool) its predictors' state too; a plain
+    function by its code. None for anything else, and for DSPy's own functions (ReAct's ``finish``)."""
     if isinstance(obj, dspy.Tool):
         fn = obj.func
+        schema = stable_hash(_hashable([getattr(obj, "args", None), getattr(obj, "arg_desc", None)]))
         if inspect.isfunction(fn) and _library_function(fn):
-            return f"tool:{obj.name}:{obj.desc}"
-        return f"tool:{obj.name}:{obj.desc}:{callable_identity(fn)}"
+            return f"tool:{obj.name}:{obj.desc}:{schema}"
+        identity = f"tool:{obj.name}:{obj.desc}:{schema}:{callable_identity(fn)}"
+        if isinstance(fn, dspy.Module):
+            identity += ":" + stable_hash(_hashable([_predictor_entry(n, p) for n, p in all_named_predictors(fn)]))
+        return identity
     if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _library_function(getattr(obj, "__func__", obj)):
         return callable_identity(obj)
     return None

@@ -21,6 +21,7 @@ import sys
 import sysconfig
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import dspy
@@ -125,6 +126,8 @@ def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
                 return {_TYPE: tag, "value": stored}
         if isinstance(value, enum.Enum):
             return {_TYPE: tag, "value": jsonable(value.value, walk)}
+        if isinstance(value, dspy.Tool):  # by reference: its function cannot be stored (see _rebuild)
+            return {_TYPE: _TOOL, "value": {"name": str(value.name), "text": str(value)}}
         fields = _shown_fields(value)
         if fields is not None:
             return {_TYPE: tag, "value": {name: jsonable(getattr(value, name), walk) for name in fields}}
@@ -212,6 +215,12 @@ _OBJECT_HOOKS = ("__del__", "__setstate__", "__reduce__", "__reduce_ex__", "__ne
 
 #: Tags a stored typed value (see :func:`_stored_leaf`).
 _TYPE = "__turbogepa_type__"
+#: The tag of a ``dspy.Tool`` in a trace input (a module passing its tools to a predictor): stored by
+#: name and rebuilt as the tool of that name the candidate's program holds. Its pydantic dump held the
+#: function as text, and came back a dict, so a resumed reflection read other text than the live one.
+_TOOL = "dspy_turbogepa:tool"
+#: The tools of the program a trajectory is being rebuilt for (see :func:`trajectory_from_json`).
+_PROGRAM_TOOLS: ContextVar[Mapping[str, Any] | None] = ContextVar("turbogepa_program_tools", default=None)
 
 
 def _revive(value: Any) -> Any:
@@ -236,6 +245,9 @@ def _revive(value: Any) -> Any:
 
 def _rebuild(tag: str, value: Any) -> Any:
     import pydantic
+
+    if tag == _TOOL and isinstance(value, dict):  # the program's own tool, else the text it showed
+        return (_PROGRAM_TOOLS.get() or {}).get(str(value.get("name")), value.get("text"))
 
     module, _, qualname = tag.partition(":")
     cls: Any = sys.modules.get(module)
@@ -384,7 +396,33 @@ def trajectory_from_json(
     if not text:
         return None
     data = json.loads(text)
-    predictors = dict(all_named_predictors(codec.get(fingerprint, texts).program))
+    program = codec.get(fingerprint, texts).program
+    token = _PROGRAM_TOOLS.set(_program_tools(program))
+    try:
+        steps, raw = _steps_from_json(data, dict(all_named_predictors(program)))
+        pred_data = data.get("prediction")
+        prediction = prediction_from(pred_data) if pred_data is not None else None
+    finally:
+        _PROGRAM_TOOLS.reset(token)
+    fields = data.get("failed_fields")
+    return DspyTrajectory(
+        example=example,
+        prediction=prediction,
+        steps=steps,
+        raw_trace=raw,
+        error=data.get("error"),
+        error_type=data.get("error_type"),
+        failure=data.get("failure"),
+        raw_completion=data.get("raw_completion"),
+        failed_signature=_FieldsOnly(*fields) if fields else None,
+        failed_predictor=data.get("failed_predictor"),
+        service_failure=bool(data.get("service_failure", False)),
+    )
+
+
+def _steps_from_json(
+    data: Mapping[str, Any], predictors: Mapping[str, Any]
+) -> tuple[list[TraceStep], list[tuple[Any, dict[str, Any], Any]]]:
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
     previous: Any = None
@@ -400,21 +438,20 @@ def trajectory_from_json(
         previous = index
         _, inputs, outputs = raw[-1]
         steps.append(TraceStep(s["pred_name"], pred, dict(inputs), outputs, len(raw) - 1))
-    pred_data = data.get("prediction")
-    fields = data.get("failed_fields")
-    return DspyTrajectory(
-        example=example,
-        prediction=prediction_from(pred_data) if pred_data is not None else None,
-        steps=steps,
-        raw_trace=raw,
-        error=data.get("error"),
-        error_type=data.get("error_type"),
-        failure=data.get("failure"),
-        raw_completion=data.get("raw_completion"),
-        failed_signature=_FieldsOnly(*fields) if fields else None,
-        failed_predictor=data.get("failed_predictor"),
-        service_failure=bool(data.get("service_failure", False)),
-    )
+    return steps, raw
+
+
+def _program_tools(program: dspy.Module) -> dict[str, Any]:
+    """The ``dspy.Tool`` objects the program's modules hold (as attributes, or in a list, tuple or dict
+    such as ReAct's ``tools``), by name: what a stored tool reference is rebuilt as."""
+    found: dict[str, Any] = {}
+    for _, module in program.named_sub_modules():
+        for held in vars(module).values():
+            items = held.values() if isinstance(held, dict) else held if isinstance(held, (list, tuple)) else (held,)
+            for item in items:
+                if isinstance(item, dspy.Tool):
+                    found.setdefault(str(item.name), item)
+    return found
 
 
 @functools.lru_cache(maxsize=1)
