@@ -339,18 +339,23 @@ def _raise_429_on(pattern: str, times: int):
     return before, left
 
 
+def _compile_a_perfect_seed(student, before):
+    """``student`` (a ReAct) with the instruction that solves every example, validated once on three
+    examples with ``before`` run ahead of each LM call."""
+    lm, _ = make_lm(make_agent(), before)
+    data = examples(("France", "Japan", "Peru"))
+    student.react.signature = student.react.signature.with_instructions(
+        student.react.signature.instructions + "\n" + MAGIC)
+    with dspy.context(lm=lm):
+        return turbo(reflection_lm=lm, max_metric_calls=len(data), track_stats=True).compile(
+            student, trainset=data, valset=data)
+
+
 def test_a_429_inside_the_react_loop_is_retried_not_scored():
     """Two 429s in a row (ChatAdapter, then its JSONAdapter fallback) on a react step after a tool call:
     the error leaves ReAct, and the rollout is retried as a rate limit, not scored as a wrong answer."""
     before, left = _raise_429_on("[[ ## observation_0 ## ]]", 2)
-    lm, _ = make_lm(make_agent(), before)
-    data = examples(("France", "Japan", "Peru"))
-    student = react()
-    student.react.signature = student.react.signature.with_instructions(
-        student.react.signature.instructions + "\n" + MAGIC)  # a perfect seed
-    with dspy.context(lm=lm):
-        out = turbo(reflection_lm=lm, max_metric_calls=len(data), track_stats=True).compile(
-            student, trainset=data, valset=data)
+    out = _compile_a_perfect_seed(react(), before)
     stats = out.detailed_results.run_stats
     assert left["n"] == 0
     assert out.detailed_results.val_subscores[0] == {0: 1.0, 1: 1.0, 2: 1.0}
@@ -367,14 +372,7 @@ def test_a_429_inside_a_tool_that_react_caught_is_retried_not_scored():
         return dspy.Predict("country -> code")(country=country).code
 
     before, left = _raise_429_on("`code`", 2)
-    lm, _ = make_lm(make_agent(), before)
-    data = examples(("France", "Japan", "Peru"))
-    student = react(ask_lookup)
-    student.react.signature = student.react.signature.with_instructions(
-        student.react.signature.instructions + "\n" + MAGIC)
-    with dspy.context(lm=lm):
-        out = turbo(reflection_lm=lm, max_metric_calls=len(data), track_stats=True).compile(
-            student, trainset=data, valset=data)
+    out = _compile_a_perfect_seed(react(ask_lookup), before)
     stats = out.detailed_results.run_stats
     assert left["n"] == 0
     assert out.detailed_results.val_subscores[0] == {0: 1.0, 1: 1.0, 2: 1.0}
