@@ -671,3 +671,70 @@ def test_a_tool_holding_an_uncopyable_connection_is_shared_not_broken():
         assert max(out.detailed_results.val_aggregate_scores) == 1.0
         assert out(question="Capital code of Kenya?").answer == "CODE-NBO"
     assert out.tools["lookup"].func.conn is conn
+
+
+def test_a_stored_tool_comes_back_as_the_programs_tool_that_shows_the_same_else_as_a_stand_in():
+    """Found by a review of the fix above: tools were looked up by name alone (two modules' ``lookup``
+    tools were confused), a tool the program does not hold came back as a string (a list of tools then
+    printed differently from the live one, and ``tool.name`` failed), and every resumed evaluation walked
+    every list the program holds. A stored tool is now rebuilt as the program's tool that shows the same
+    name, description and arguments, else as a stand-in that shows exactly that."""
+    from dspy_turbogepa.adapter import trajectory_json as tj
+
+    def capital(city: str) -> str:
+        """Capital code of a country."""
+        return city
+
+    def population(city: str) -> str:
+        """Population of a city."""
+        return city
+
+    a, b = dspy.Tool(capital, name="lookup"), dspy.Tool(population, name="lookup")
+
+    class Holder(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.a_tools = [a]
+            self.b_tools = {"lookup": b}
+            self.corpus = ["a passage"] * 1000  # not a container of tools: not walked item by item
+            self.answer = dspy.Predict("question -> answer")
+
+    stored = json.loads(json.dumps(tj.jsonable({"tools": [b], "one": a})))
+    token = tj._PROGRAM_TOOLS.set(tj._ProgramTools(Holder()))
+    try:
+        back = tj._revive(stored)
+    finally:
+        tj._PROGRAM_TOOLS.reset(token)
+    assert back["tools"][0] is b and back["one"] is a  # the live trace's own objects
+    elsewhere = tj._revive(stored)  # not rebuilt for a program (an output read back): stand-ins
+    assert str(elsewhere["tools"]) == str([b]) and repr(elsewhere["one"]) == repr(a)
+    assert elsewhere["one"].name == "lookup" and elsewhere["one"] is not a
+    with pytest.raises(RuntimeError, match="run store"):
+        elsewhere["one"].func(city="Paris")
+
+
+def test_the_tools_and_settings_of_an_agent_used_as_a_tool_are_keyed():
+    """Found by a review: a sub-agent used as a tool was keyed by its predictors only (its class is
+    DSPy's ReAct, which has no user code): editing its own tool's code or its ``max_iters`` under the same
+    log_dir replayed the old scores. The key is also the same in every process (pinned elsewhere)."""
+    from dspy_turbogepa.adapter.run_identity import run_key
+
+    def answer_a(country: str) -> str:
+        """Look up."""
+        return "A"
+
+    def answer_b(country: str) -> str:
+        """Look up."""
+        return "B-edited"
+
+    answer_b.__name__ = answer_b.__qualname__ = "answer_a"  # the same tool name; only the code differs
+    data = examples(("France",))
+
+    def key(inner, max_iters=3):
+        sub = dspy.ReAct("country -> code", tools=[inner], max_iters=max_iters)
+        expert = dspy.Tool(sub, name="expert", desc="Ask the expert.", args={"country": {"type": "string"}})
+        return run_key(dspy.ReAct("question -> answer", tools=[expert], max_iters=3), data, data, 0)["student"]
+
+    assert key(answer_a) == key(answer_a)
+    assert key(answer_b) != key(answer_a)
+    assert key(answer_a, max_iters=5) != key(answer_a)

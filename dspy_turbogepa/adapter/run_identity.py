@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import dspy
@@ -337,8 +338,8 @@ def _predictor_entry(name: str, pred: Any) -> tuple[Any, ...]:
 #: and the user's module-level functions a forward, tool or metric calls; 5: those functions found by
 #: LOAD_GLOBAL only, not every name the code reads, and a tool's closure values no longer keyed; 6: a
 #: function's default argument values, seed=None keyed as the 0 it runs with, failure_score a part of its
-#: own instead of the metric's; 7: a tool's argument schema, and the predictors of a module used as a
-#: tool). A pinned key in
+#: own instead of the metric's; 7: a tool's argument schema, and for a module used as a tool its code,
+#: settings, tools and predictors). A pinned key in
 #: tests/test_run_key_format.py fails when the computation changes and this is not bumped.
 RUN_KEY_FORMAT = "7"
 
@@ -356,17 +357,7 @@ def run_key(
     descriptions, demos) and the LMs by ``lm_identity`` (never their keys: a rotated key is the same
     run). Constructor settings that only steer the search (minibatch size, selection, ...) are left
     out: a different plan misses the cache, it does not read a wrong value from it."""
-    structure: list[Any] = [
-        # the code of the user's own modules, every method (a fixed forward(), aforward() or helper must
-        # not replay the broken one's failures)
-        sorted({code for _, m in student.named_sub_modules() if not in_dspy_package(type(m))
-                for code in _class_code(type(m))})
-    ]
-    # what the modules around the predictors hold: their plain settings (a retriever's k, ReAct's
-    # max_iters, a flag the user's forward reads) and the code of the tools and functions they call
-    settings = ((name, _module_settings(module)) for name, module in student.named_sub_modules()
-                if not isinstance(module, dspy.Predict))
-    structure.append(sorted([name, held] for name, held in settings if held))
+    structure = _module_structure(student)
     components = student.named_predictors()
     structure += [_predictor_entry(name, pred) for name, pred in components]
     # predictors named_predictors() skips (in a submodule marked compiled, or in a container nested in a
@@ -402,6 +393,26 @@ def run_key(
 _DSPY_RUNTIME_FIELDS = frozenset({"fail_count"})
 
 
+def _module_structure(module: Any) -> list[Any]:
+    """What a module's behaviour depends on besides its components' state: the code of the user's own
+    module classes, every method (a fixed forward(), aforward() or helper must not replay the broken
+    one's failures), and what the modules around the predictors hold: their plain settings (a
+    retriever's k, ReAct's max_iters, a flag the user's forward reads) and the code of the tools and
+    functions they call."""
+    structure: list[Any] = [
+        sorted({code for _, m in module.named_sub_modules() if not in_dspy_package(type(m))
+                for code in _class_code(type(m))})
+    ]
+    settings = ((name, _module_settings(sub)) for name, sub in module.named_sub_modules()
+                if not isinstance(sub, dspy.Predict))
+    structure.append(sorted([name, held] for name, held in settings if held))
+    return structure
+
+
+#: Modules being keyed as tools in this context: a module that holds itself as a tool is keyed once.
+_KEYING_TOOLS: ContextVar[frozenset[int]] = ContextVar("turbogepa_keying_tools", default=frozenset())
+
+
 def _module_settings(module: Any) -> dict[str, Any]:
     """A module's public plain fields, and the identity of the tools and functions it holds (a list
     or dict of them included: ``ReAct.tools``). Other objects are run-time state (a client, a lock) and
@@ -429,8 +440,15 @@ def _tool_identity(obj: Any) -> str | None:
         if inspect.isfunction(fn) and _library_function(fn):
             return f"tool:{obj.name}:{obj.desc}:{schema}"
         identity = f"tool:{obj.name}:{obj.desc}:{schema}:{callable_identity(fn)}"
-        if isinstance(fn, dspy.Module):
-            identity += ":" + stable_hash(_hashable([_predictor_entry(n, p) for n, p in all_named_predictors(fn)]))
+        if isinstance(fn, dspy.Module) and id(fn) not in _KEYING_TOOLS.get():
+            # an agent used as a tool: what the student's own key holds, for the sub-agent (its code,
+            # settings, its own tools, every predictor's state)
+            token = _KEYING_TOOLS.set(_KEYING_TOOLS.get() | {id(fn)})
+            try:
+                inner = _module_structure(fn) + [_predictor_entry(n, p) for n, p in all_named_predictors(fn)]
+            finally:
+                _KEYING_TOOLS.reset(token)
+            identity += ":" + stable_hash(_hashable(inner))
         return identity
     if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _library_function(getattr(obj, "__func__", obj)):
         return callable_identity(obj)

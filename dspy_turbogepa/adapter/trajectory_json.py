@@ -126,8 +126,9 @@ def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
                 return {_TYPE: tag, "value": stored}
         if isinstance(value, enum.Enum):
             return {_TYPE: tag, "value": jsonable(value.value, walk)}
-        if isinstance(value, dspy.Tool):  # by reference: its function cannot be stored (see _rebuild)
-            return {_TYPE: _TOOL, "value": {"name": str(value.name), "text": str(value)}}
+        if isinstance(value, dspy.Tool):  # its function cannot be stored: what the LM is shown (see _rebuild)
+            shown = {k: jsonable(getattr(value, k, None), walk) for k in ("name", "desc", "args", "arg_desc")}
+            return {_TYPE: _TOOL, "value": {**shown, "text": str(value)}}
         fields = _shown_fields(value)
         if fields is not None:
             return {_TYPE: tag, "value": {name: jsonable(getattr(value, name), walk) for name in fields}}
@@ -215,12 +216,13 @@ _OBJECT_HOOKS = ("__del__", "__setstate__", "__reduce__", "__reduce_ex__", "__ne
 
 #: Tags a stored typed value (see :func:`_stored_leaf`).
 _TYPE = "__turbogepa_type__"
-#: The tag of a ``dspy.Tool`` in a trace input (a module passing its tools to a predictor): stored by
-#: name and rebuilt as the tool of that name the candidate's program holds. Its pydantic dump held the
-#: function as text, and came back a dict, so a resumed reflection read other text than the live one.
+#: The tag of a ``dspy.Tool`` in a trace input (a module passing its tools to a predictor): stored as
+#: what the LM is shown (name, description, argument schema) and rebuilt as the candidate program's tool
+#: that shows the same, else as a tool showing it whose function is not available. Its pydantic dump
+#: held the function as text and came back a dict, so a resumed reflection read other text.
 _TOOL = "dspy_turbogepa:tool"
-#: The tools of the program a trajectory is being rebuilt for (see :func:`trajectory_from_json`).
-_PROGRAM_TOOLS: ContextVar[Mapping[str, Any] | None] = ContextVar("turbogepa_program_tools", default=None)
+#: The program a trajectory is being rebuilt for (see :func:`trajectory_from_json`): its tools.
+_PROGRAM_TOOLS: ContextVar[_ProgramTools | None] = ContextVar("turbogepa_program_tools", default=None)
 
 
 def _revive(value: Any) -> Any:
@@ -246,8 +248,8 @@ def _revive(value: Any) -> Any:
 def _rebuild(tag: str, value: Any) -> Any:
     import pydantic
 
-    if tag == _TOOL and isinstance(value, dict):  # the program's own tool, else the text it showed
-        return (_PROGRAM_TOOLS.get() or {}).get(str(value.get("name")), value.get("text"))
+    if tag == _TOOL and isinstance(value, dict):
+        return _rebuilt_tool(value)
 
     module, _, qualname = tag.partition(":")
     cls: Any = sys.modules.get(module)
@@ -397,7 +399,7 @@ def trajectory_from_json(
         return None
     data = json.loads(text)
     program = codec.get(fingerprint, texts).program
-    token = _PROGRAM_TOOLS.set(_program_tools(program))
+    token = _PROGRAM_TOOLS.set(_ProgramTools(program))
     try:
         steps, raw = _steps_from_json(data, dict(all_named_predictors(program)))
         pred_data = data.get("prediction")
@@ -441,17 +443,45 @@ def _steps_from_json(
     return steps, raw
 
 
-def _program_tools(program: dspy.Module) -> dict[str, Any]:
-    """The ``dspy.Tool`` objects the program's modules hold (as attributes, or in a list, tuple or dict
-    such as ReAct's ``tools``), by name: what a stored tool reference is rebuilt as."""
-    found: dict[str, Any] = {}
-    for _, module in program.named_sub_modules():
-        for held in vars(module).values():
-            items = held.values() if isinstance(held, dict) else held if isinstance(held, (list, tuple)) else (held,)
-            for item in items:
-                if isinstance(item, dspy.Tool):
-                    found.setdefault(str(item.name), item)
-    return found
+class _ProgramTools:
+    """The ``dspy.Tool`` objects a program's modules hold (an attribute, or a list, tuple or dict of tools
+    such as ReAct's ``tools``), found on first use: most stored trajectories hold no tool."""
+
+    def __init__(self, program: dspy.Module) -> None:
+        self._program = program
+        self._tools: list[Any] | None = None
+
+    def all(self) -> list[Any]:
+        if self._tools is None:
+            self._tools = []
+            for _, module in self._program.named_sub_modules():
+                for held in vars(module).values():
+                    items = list(held.values()) if isinstance(held, dict) else held if isinstance(
+                        held, (list, tuple)) else [held]
+                    # a container of tools is one of tools: its first item says so (a corpus of a
+                    # million strings is not walked on every resumed evaluation)
+                    if items and isinstance(items[0], dspy.Tool):
+                        self._tools += [item for item in items if isinstance(item, dspy.Tool)]
+        return self._tools
+
+
+def _unavailable(**kwargs: Any) -> Any:
+    raise RuntimeError("this tool was rebuilt from the run store; its function is not available here")
+
+
+def _rebuilt_tool(stored: Mapping[str, Any]) -> Any:
+    """The program's tool that shows what the stored one showed (the same object the live trace held),
+    else a tool showing the same name, description and argument schema whose function raises."""
+    lookup = _PROGRAM_TOOLS.get()
+    text = stored.get("text")
+    for tool in lookup.all() if lookup is not None else ():
+        if tool.name == stored.get("name") and str(tool) == text:
+            return tool
+    try:
+        return dspy.Tool(_unavailable, name=stored.get("name"), desc=stored.get("desc"),
+                         args=stored.get("args"), arg_desc=stored.get("arg_desc"))
+    except Exception:  # noqa: BLE001 - a schema dspy no longer accepts: the text the LM was shown
+        return text
 
 
 @functools.lru_cache(maxsize=1)
