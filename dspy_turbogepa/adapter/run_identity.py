@@ -361,9 +361,7 @@ def run_key(
     components = student.named_predictors()
     structure += [_predictor_entry(name, pred) for name, pred in components]
     # predictors named_predictors() skips (in a submodule marked compiled, or in a container nested in a
-    # container): not optimized, but they answer; appended only when there are any, so the key of every
-    # other student is what earlier versions wrote (a log_dir of such a student written before
-    # 2026-12-05 is refused as "student changed": docs/run_store.md)
+    # container): not optimized, but they answer; appended only when there are any
     frozen = all_named_predictors(student)[len(components):]
     if frozen:
         structure.append(["frozen", [_predictor_entry(name, pred) for name, pred in frozen]])
