@@ -27,7 +27,7 @@ import dspy
 from dspy_turbogepa.adapter.evaluator import in_dspy_package
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.program import all_named_predictors
-from dspy_turbogepa.adapter.trajectory_json import library_class, library_dirs, to_json
+from dspy_turbogepa.adapter.trajectory_json import held_items, library_class, library_dirs, to_json
 from dspy_turbogepa.redaction import (
     describe_error,
     endpoint_url,
@@ -357,14 +357,7 @@ def run_key(
     descriptions, demos) and the LMs by ``lm_identity`` (never their keys: a rotated key is the same
     run). Constructor settings that only steer the search (minibatch size, selection, ...) are left
     out: a different plan misses the cache, it does not read a wrong value from it."""
-    structure = _module_structure(student)
-    components = student.named_predictors()
-    structure += [_predictor_entry(name, pred) for name, pred in components]
-    # predictors named_predictors() skips (in a submodule marked compiled, or in a container nested in a
-    # container): not optimized, but they answer; appended only when there are any
-    frozen = all_named_predictors(student)[len(components):]
-    if frozen:
-        structure.append(["frozen", [_predictor_entry(name, pred) for name, pred in frozen]])
+    structure = _module_key(student)
     # settings appended only when set, so the key of a run without them is what earlier versions wrote
     reflection = [lm_identity(reflection_lm), callable_identity(proposer)]
     extra = proposer_settings(proposer)
@@ -391,12 +384,12 @@ def run_key(
 _DSPY_RUNTIME_FIELDS = frozenset({"fail_count"})
 
 
-def _module_structure(module: Any) -> list[Any]:
-    """What a module's behaviour depends on besides its components' state: the code of the user's own
-    module classes, every method (a fixed forward(), aforward() or helper must not replay the broken
-    one's failures), and what the modules around the predictors hold: their plain settings (a
-    retriever's k, ReAct's max_iters, a flag the user's forward reads) and the code of the tools and
-    functions they call."""
+def _module_key(module: Any) -> list[Any]:
+    """What a module's answers depend on: the student's part of the run key, and a module used as a
+    tool's. The code of the user's own module classes, every method (a fixed forward(), aforward() or
+    helper must not replay the broken one's failures); what the modules around the predictors hold:
+    their plain settings (a retriever's k, ReAct's max_iters, a flag the user's forward reads) and the
+    code of the tools and functions they call; and every predictor's state, the components' first."""
     structure: list[Any] = [
         sorted({code for _, m in module.named_sub_modules() if not in_dspy_package(type(m))
                 for code in _class_code(type(m))})
@@ -404,6 +397,13 @@ def _module_structure(module: Any) -> list[Any]:
     settings = ((name, _module_settings(sub)) for name, sub in module.named_sub_modules()
                 if not isinstance(sub, dspy.Predict))
     structure.append(sorted([name, held] for name, held in settings if held))
+    components = module.named_predictors()
+    structure += [_predictor_entry(name, pred) for name, pred in components]
+    # predictors named_predictors() skips (in a submodule marked compiled, or in a container nested in a
+    # container): not optimized, but they answer; apart, so that a predictor becoming frozen changes the key
+    frozen = all_named_predictors(module)[len(components):]
+    if frozen:
+        structure.append(["frozen", [_predictor_entry(name, pred) for name, pred in frozen]])
     return structure
 
 
@@ -420,9 +420,7 @@ def _module_settings(module: Any) -> dict[str, Any]:
     for key, value in sorted(vars(module).items()):
         if key.startswith("_"):
             continue
-        items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple)) \
-            else [value]
-        tools = [ident for item in items if (ident := _tool_identity(item)) is not None]
+        tools = [ident for item in held_items(value) if (ident := _tool_identity(item)) is not None]
         if tools:
             out[key] = tools
     return out
@@ -443,7 +441,7 @@ def _tool_identity(obj: Any) -> str | None:
             # settings, its own tools, every predictor's state)
             token = _KEYING_TOOLS.set(_KEYING_TOOLS.get() | {id(fn)})
             try:
-                inner = _module_structure(fn) + [_predictor_entry(n, p) for n, p in all_named_predictors(fn)]
+                inner = _module_key(fn)
             finally:
                 _KEYING_TOOLS.reset(token)
             identity += ":" + stable_hash(_hashable(inner))

@@ -456,13 +456,20 @@ class _ProgramTools:
             self._tools = []
             for _, module in self._program.named_sub_modules():
                 for held in vars(module).values():
-                    items = list(held.values()) if isinstance(held, dict) else held if isinstance(
-                        held, (list, tuple)) else [held]
+                    items = held_items(held)
                     # a container of tools is one of tools: its first item says so (a corpus of a
                     # million strings is not walked on every resumed evaluation)
                     if items and isinstance(items[0], dspy.Tool):
                         self._tools += [item for item in items if isinstance(item, dspy.Tool)]
         return self._tools
+
+
+def held_items(value: Any) -> Sequence[Any]:
+    """What a module attribute holds: a list or tuple itself (not copied: it may be a large corpus), the
+    values of a dict (ReAct's ``tools``), else the value alone."""
+    if isinstance(value, dict):
+        return list(value.values())
+    return value if isinstance(value, (list, tuple)) else [value]
 
 
 def _unavailable(**kwargs: Any) -> Any:
