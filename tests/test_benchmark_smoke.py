@@ -249,6 +249,10 @@ def test_the_ratio_spread_pairs_runs_by_seed():
     assert both_miss["seeds_sooner"] == 0
     only_turbo = bench._paired_by_seed([run(5, 80.0, 0.5)], [run(5, None, 0.5, wall=60.0)], 0.9)
     assert only_turbo["seeds_sooner"] == 1
+    # "misses at common cap": a miss counts the longer of its seed's two compile times, not its own
+    assert both_miss["speedup_misses_at_common_cap"] == 1.0  # the rule would give 100 / 50
+    assert only_turbo["speedup_misses_at_common_cap"] == pytest.approx(100.0 / 80.0)  # not 60 / 80
+    assert out["speedup_misses_at_common_cap"] == pytest.approx(45.0 / 25.0)  # seed 3: both walls 100 s
     assert out == bench._paired_by_seed(turbo, base, target=0.9)  # a fixed stream: the same table every time
 
 
