@@ -186,7 +186,9 @@ def test_a_selector_written_for_dspy_gepa_reads_trace_data_dicts(pipeline):
     _compile(pipeline, pipeline.metric, 150, component_selector=selector, use_merge=False)
     assert seen
     assert {j for j, _, _ in seen} == {0, 1, 2}  # positions in the minibatch of 3
-    assert all(isinstance(score, float) and n_steps >= 1 for _, score, n_steps in seen)
+    # t["score"] is what the metric returned, as in dspy's TraceData (the pipeline's metric gives feedback)
+    assert all(isinstance(score, dspy.Prediction) and isinstance(score.score, float) and score.feedback
+               and n_steps >= 1 for _, score, n_steps in seen)
 
 
 @pytest.mark.parametrize("stopper, arg", [("MaxMetricCallsStopper", 60), ("MaxCandidateProposalsStopper", 3)])

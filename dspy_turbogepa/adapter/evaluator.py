@@ -110,6 +110,10 @@ class DspyTrajectory:
     failed_predictor: str | None = None
     #: The LM service failed (see ``EvalOutcome.service_failure``): nothing for reflection to learn.
     service_failure: bool = False
+    #: What the metric returned when it scored this rollout (a float, or ``dspy.Prediction(score=...,
+    #: feedback=...)``): a ``component_selector`` written for dspy.GEPA reads it as ``t["score"]``
+    #: (``t["score"].feedback``). None when the metric did not score it (the program or the metric failed).
+    metric_return: Any = None
 
 
 def in_dspy_package(cls: type) -> bool:
@@ -672,7 +676,7 @@ class DspyEvaluator:
                 output=pred if self._keep_outputs and split == "val" else None,
             ), 0
         reading = read_metric_return(ret, self._failure_score)
-        trajectory = DspyTrajectory(example, pred, steps, raw_trace) if capture else None
+        trajectory = DspyTrajectory(example, pred, steps, raw_trace, metric_return=ret) if capture else None
         if reading.invalid is not None:
             if trajectory is not None:
                 trajectory.failure, trajectory.error = "metric_invalid", reading.invalid

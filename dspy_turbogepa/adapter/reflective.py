@@ -39,8 +39,10 @@ ReflectiveRecord = dict[str, Any]
 def with_trace_data(selector: Callable[..., Any]) -> Callable[..., Any]:
     """A user's ``component_selector`` sees the minibatch trajectories as dspy.GEPA's DspyAdapter
     hands them over: dicts of dspy's ``TraceData`` shape (``example_ind``, ``example``,
-    ``prediction``, ``trace``, ``score``), so a selector written for dspy.GEPA (``t["trace"]``)
-    works unchanged. Unlike dspy's, a rollout whose program raised is included, with prediction None.
+    ``prediction``, ``trace``, ``score``), so a selector written for dspy.GEPA (``t["trace"]``,
+    ``t["score"].feedback``) works unchanged: ``score`` is what the metric returned, as in dspy's, and
+    the float score where the metric did not score the rollout. Unlike dspy's, a rollout whose program
+    raised is included, with prediction None.
     """
 
     @functools.wraps(selector)
@@ -48,7 +50,7 @@ def with_trace_data(selector: Callable[..., Any]) -> Callable[..., Any]:
              candidate: dict[str, str]) -> Any:
         data = [
             {"example_ind": j, "example": t.example, "prediction": t.prediction, "trace": list(t.raw_trace),
-             "score": score}
+             "score": score if t.metric_return is None else t.metric_return}
             if isinstance(t, DspyTrajectory) else t
             for j, (t, score) in enumerate(zip(trajectories, subsample_scores))
         ]

@@ -376,6 +376,7 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
         "service_failure": traj.service_failure,
         "raw_completion": traj.raw_completion,
         "failed_predictor": traj.failed_predictor,
+        "metric_return": prediction_dict(traj.metric_return),
         "failed_fields": (
             [list(sig.input_fields), list(sig.output_fields)]
             if sig is not None and hasattr(sig, "input_fields") else None
@@ -404,6 +405,8 @@ def trajectory_from_json(
         steps, raw = _steps_from_json(data, dict(all_named_predictors(program)))
         pred_data = data.get("prediction")
         prediction = prediction_from(pred_data) if pred_data is not None else None
+        returned = data.get("metric_return")  # absent in rows written before it was stored
+        metric_return = prediction_from(returned) if returned is not None else None
     finally:
         _PROGRAM_TOOLS.reset(token)
     fields = data.get("failed_fields")
@@ -419,6 +422,7 @@ def trajectory_from_json(
         failed_signature=_FieldsOnly(*fields) if fields else None,
         failed_predictor=data.get("failed_predictor"),
         service_failure=bool(data.get("service_failure", False)),
+        metric_return=metric_return,
     )
 
 
