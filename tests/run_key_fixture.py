@@ -33,7 +33,7 @@ class Pipeline(dspy.Module):
         self.normalize = make_normalizer("")
         self.tools = [dspy.Tool(lookup)]
         self.draft = dspy.ChainOfThought("question -> draft")
-        self.answer = dspy.Predict("question, draft -> answer")
+        self.answer = dspy.Predict("question, draft -> answer, confidence: float")  # a typed field
 
     def summarize(self, text: str) -> str:
         return text.strip()

@@ -324,12 +324,36 @@ def _predictor_entry(name: str, pred: Any) -> tuple[Any, ...]:
     """A predictor's part of the student key: its fields, state (instructions, prefixes, demos), LM and
     ``config``."""
     state = {k: v for k, v in pred.dump_state().items() if k != "lm"}
-    entry: tuple[Any, ...] = (name, list(pred.signature.input_fields), list(pred.signature.output_fields),
-                              state, lm_identity(getattr(pred, "lm", None)))
+    signature = pred.signature
+    entry: tuple[Any, ...] = (name, _fields_identity(signature.input_fields),
+                              _fields_identity(signature.output_fields), state,
+                              lm_identity(getattr(pred, "lm", None)))
     config = getattr(pred, "config", None)  # dspy.Predict(sig, temperature=...): not in dump_state()
     if isinstance(config, Mapping) and config:
         entry += ({str(k): _hashable(v) for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))},)
     return entry
+
+
+def _fields_identity(fields: Mapping[str, Any]) -> list[Any]:
+    """A signature's fields by name and type: an output retyped from ``int`` to ``bool`` (or a Literal
+    given other choices, a pydantic model other fields) parses the same answers differently, so the
+    stored scores are another program's. A type by its text and, where pydantic can describe it, by
+    its JSON schema (a model's text is only its name)."""
+    return [[name, _annotation_identity(getattr(field, "annotation", None))] for name, field in fields.items()]
+
+
+def _annotation_identity(annotation: Any) -> Any:
+    if annotation is None or annotation is str:
+        return "str" if annotation is str else None
+    text = _ADDRESS.sub("", repr(annotation))
+    try:
+        import pydantic
+
+        schema = pydantic.TypeAdapter(annotation).json_schema()
+    except Exception as exc:  # noqa: BLE001 - a type pydantic cannot describe: its text is the identity
+        logger.debug("run key: no JSON schema for %s (%s)", text, type(exc).__name__)
+        return text
+    return [text, to_json(schema, str)]
 
 
 #: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their
@@ -339,9 +363,9 @@ def _predictor_entry(name: str, pred: Any) -> tuple[Any, ...]:
 #: LOAD_GLOBAL only, not every name the code reads, and a tool's closure values no longer keyed; 6: a
 #: function's default argument values, seed=None keyed as the 0 it runs with, failure_score a part of its
 #: own instead of the metric's; 7: a tool's argument schema, and for a module used as a tool its code,
-#: settings, tools and predictors). A pinned key in
+#: settings, tools and predictors; 8: each signature field's type, and the LMs an adapter holds). A pinned key in
 #: tests/test_run_key_format.py fails when the computation changes and this is not bumped.
-RUN_KEY_FORMAT = "7"
+RUN_KEY_FORMAT = "8"
 
 
 def run_key(
@@ -453,8 +477,11 @@ def _tool_identity(obj: Any) -> str | None:
 
 def adapter_identity(adapter: Any) -> dict[str, Any]:
     """A configured DSPy adapter (``dspy.configure(adapter=JSONAdapter())``) formats every prompt and
-    parses every answer: its class and public plain settings."""
-    return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **_plain_settings(adapter)}
+    parses every answer: its class, public plain settings and the LMs it calls itself
+    (``TwoStepAdapter``'s extraction model reads every answer)."""
+    lms = {k: lm_identity(v) for k, v in sorted(vars(adapter).items())
+           if not k.startswith("_") and isinstance(v, dspy.BaseLM)}
+    return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **_plain_settings(adapter), **lms}
 
 
 def _plain_settings(obj: Any) -> dict[str, Any]:
