@@ -325,7 +325,9 @@ class DspyEvaluator:
 
     def close(self) -> None:
         """Queued rollouts are cancelled; one already running cannot be (its LM call is on the wire), but
-        its metric is not called: compile has returned (or raised), and nobody reads the score."""
+        its metric is not called: compile has returned (or raised), and the engine reads no more scores.
+        Its answer is paid but not stored, so a rerun with the same log_dir asks for it again: at most
+        one call per evaluation slot, the price of stopping at once (docs/errors.md)."""
         self._closed_event.set()  # and our LM copies start no new call for it (a second step, a retry)
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -90,8 +90,11 @@ _CURRENT: ContextVar[RolloutUsage | None] = ContextVar("turbogepa_rollout_usage"
 
 
 def _number(value: Any) -> float:
-    """A summable usage count (as DSPy's tracker sums them), else 0."""
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0
+    """A summable usage count (as DSPy's tracker sums them), else 0. A negative count (a misbehaving
+    gateway; litellm passes it through) is 0 too: summed, it would lower the spend the token and cost
+    budgets check."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return value if ok else 0
 
 
 @functools.lru_cache(maxsize=128)
@@ -310,7 +313,7 @@ def _error_noting_class(base: type) -> type:
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             _refuse_if_closed()
             try:
-                return super().__call__(*args, **kwargs)
+                return _some_output(self, super().__call__(*args, **kwargs))
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -318,7 +321,7 @@ def _error_noting_class(base: type) -> type:
         async def acall(self, *args: Any, **kwargs: Any) -> Any:
             _refuse_if_closed()
             try:
-                return await super().acall(*args, **kwargs)
+                return _some_output(self, await super().acall(*args, **kwargs))
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -326,6 +329,22 @@ def _error_noting_class(base: type) -> type:
     ErrorNoting.__name__, ErrorNoting.__qualname__ = base.__name__, base.__qualname__
     ErrorNoting.__module__ = base.__module__
     return ErrorNoting
+
+
+def _some_output(lm: Any, outputs: Any) -> Any:
+    """An answer with no choices (``"choices": []``) is the service's failure, not the program's answer.
+
+    Why: through litellm DSPy turns it into an empty list, and ``dspy.Predict`` into a prediction with no
+    fields, raising nothing, so the metric scored it as if the program had answered (stored as a success
+    and replayed on resume); DSPy's native client fails the same answer as unparsable. Raised as DSPy's
+    provider error, it is scored ``failure_score`` as an unusable answer, and a service that answers
+    nothing else stops the run as systemic."""
+    if isinstance(outputs, list) and not outputs:
+        from dspy.utils.exceptions import LMProviderError
+
+        raise LMProviderError("the LM answered with no choices (an empty `choices` list)",
+                              model=getattr(lm, "model", None))
+    return outputs
 
 
 def _make_copy(lm: Any) -> Any:

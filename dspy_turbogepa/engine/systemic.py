@@ -17,6 +17,12 @@ instruction often produces and what reflection is shown and can fix (dspy.GEPA's
 stops only once candidates reflected from them failed too (``FORMAT_ERROR_CANDIDATES`` in all,
 the seed included), not on the seed's validation alone.
 
+A third rule covers an LM service that stops answering mid-run (an outage, a quota used up): once
+``outage_window`` evaluations in a row failed because the service did (``service_failure``: its
+retries given up, or an answer it could not use), the run stops, whatever succeeded before. Scored as
+``failure_score`` they would be wrong data: children rejected for the service's failures, reflections
+paid for candidates nobody can evaluate. The failed evaluations are run again on resume.
+
 Reflections get the same two rules: a fatal proposer failure stops the run, and so do ``window``
 failed reflections before the first usable one (a reflection LM that never answers usefully would
 otherwise be called until the no-progress limit, returning the seed as if optimized).
@@ -69,18 +75,26 @@ class _SplitWindow:
     count: int = 0
     failed_ids: set[int] = field(default_factory=set)
     candidates: set[str] = field(default_factory=set)
+    #: Of ``count``, the failures that were the LM service's (``EvalOutcome.service_failure``).
+    service: int = 0
 
 
 class SystemicFailureDetector:
     def __init__(self, window: int, proposal_window: int | None = None,
                  split_sizes: Mapping[str, int] | None = None,
-                 expected_failures: Mapping[str, Collection[int]] | None = None) -> None:
+                 expected_failures: Mapping[str, Collection[int]] | None = None,
+                 outage_window: int | None = None) -> None:
         """``split_sizes``: the distinct examples of each split. A split smaller than ``window`` is
         judged once every one of its examples has failed (4 training examples whose failures give
         reflection nothing to read are never evaluated 8 times). ``expected_failures``: per split, the
         examples known before the run to fail (their inputs cannot reach the program; the user was
-        warned): their failures say nothing about the setup, so they never fill the first-N window."""
+        warned): their failures say nothing about the setup, so they never fill the first-N window.
+        ``outage_window``: consecutive service failures that stop the run (None: ``window``); give it
+        room for a wave of evaluations in flight, which a short outage fails all at once."""
         self.window = max(1, window)
+        self.outage_window = max(1, window if outage_window is None else outage_window)
+        self._service_streak: Counter[tuple[str, str]] = Counter()
+        self._service_example: str = ""
         self._expected = {split: frozenset(ids) for split, ids in (expected_failures or {}).items()}
         self._split_sizes = {split: n - len(self._expected.get(split, ())) for split, n in (split_sizes or {}).items()}
         self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
@@ -157,6 +171,7 @@ class SystemicFailureDetector:
 
     def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
         window = self._window(split)
+        self._observe_service(outcome)
         if outcome.failure is None:
             window.seen_success = True
             return
@@ -183,11 +198,34 @@ class SystemicFailureDetector:
         window.examples.setdefault(key, outcome.message or "")
         window.count += 1
         window.failed_ids.add(outcome.example_id)
+        window.service += outcome.service_failure
         if candidate is not None:
             window.candidates.add(candidate)
         error = self._judge(split, window, final=False)
         if error is not None:
             raise error
+
+    def _observe_service(self, outcome: EvalOutcome) -> None:
+        """The outage rule: a streak of service failures, broken by any evaluation the service answered
+        (a success, or a failure of the program or the metric)."""
+        if outcome.failure is None or not outcome.service_failure or outcome.fatal:
+            self._service_streak.clear()
+            return
+        if not self._service_streak:
+            self._service_example = outcome.message or ""
+        self._service_streak[(outcome.failure, outcome.error_type or "")] += 1
+        n = sum(self._service_streak.values())
+        if n < self.outage_window:
+            return
+        (failure, error_type), _ = self._service_streak.most_common(1)[0]
+        raise SystemicFailureError(
+            f"Stopping: the last {n} evaluations all failed because the LM service did (its retries given up "
+            f"or its answer unusable; first: {self._service_example}): the endpoint is down, overloaded or out "
+            "of quota. Finished evaluations are kept: rerun with the same log_dir once it answers (the failed "
+            "ones are run again, the others are not paid again).",
+            failure=failure,
+            error_type=error_type or None,
+        )
 
     def check_final(self) -> None:
         """The run ended on its own (budget, no progress possible) and every evaluation of it failed: the
@@ -225,6 +263,17 @@ class SystemicFailureDetector:
             f"{failure}{' / ' + error_type if error_type else ''}: {example}")
         note = self._format_note(window, only_format, final)
         others = sorted(name for name, w in self._splits.items() if name != split and w.seen_success)
+        if others and window.service == window.count:
+            # not the split's data: the service stopped answering after the other split's evaluations
+            return SystemicFailureError(
+                f"Stopping: the first {window.count} evaluations on the {_SPLIT_NAMES.get(split, repr(split))} "
+                f"all failed because the LM service did ({n} of them with {cause}), after those on the "
+                f"{' and '.join(_SPLIT_NAMES.get(o, repr(o)) for o in others)} succeeded: the endpoint is down, "
+                "overloaded or out of quota. Finished evaluations are kept: rerun with the same log_dir once "
+                "it answers.",
+                failure=failure,
+                error_type=error_type or None,
+            )
         if others:
             what = _SPLIT_NAMES.get(split, f"{split!r}")
             return SystemicFailureError(

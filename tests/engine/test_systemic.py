@@ -241,3 +241,56 @@ def test_a_small_split_is_judged_on_its_examples_not_known_to_fail() -> None:
     det.observe(fail(example_id=2), split="train")
     with pytest.raises(SystemicFailureError):
         det.observe(fail(example_id=3), split="train")  # every example that can run has failed
+
+
+def service_fail(example_id: int = 0, msg: str = "LMServerError: 503") -> EvalOutcome:
+    return EvalOutcome(example_id, 0.0, failure="program_error", error_type="LMServerError", message=msg,
+                       service_failure=True)
+
+
+def test_a_streak_of_service_failures_after_successes_stops_the_run() -> None:
+    """An outage mid-run: the first-N rule is closed by the earlier successes; the outage rule is not."""
+    det = SystemicFailureDetector(3, outage_window=6)
+    det.observe(OK)
+    for i in range(5):
+        det.observe(service_fail(i, msg="LMServerError: first of the outage" if i == 0 else "LMServerError: 503"))
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe(service_fail(5), split="train")  # across splits: one service
+    assert "last 6 evaluations" in str(info.value) and "first of the outage" in str(info.value)
+    assert (info.value.failure, info.value.error_type) == ("program_error", "LMServerError")
+
+
+@pytest.mark.parametrize("between", [OK, fail()], ids=["success", "program_failure"])
+def test_an_evaluation_the_service_answered_breaks_the_streak(between: EvalOutcome) -> None:
+    """Short outages stay ordinary failures: a success, or a failure of the program or the metric (the
+    service answered), starts the count again."""
+    det = SystemicFailureDetector(3, outage_window=4)
+    det.observe(OK)
+    for _ in range(10):
+        for i in range(3):
+            det.observe(service_fail(i))
+        det.observe(between)
+
+
+def test_the_outage_window_defaults_to_the_first_n_window() -> None:
+    assert SystemicFailureDetector(5).outage_window == 5
+    assert SystemicFailureDetector(5, outage_window=0).outage_window == 1
+
+
+def test_a_trainset_failing_on_the_service_is_not_blamed_for_it() -> None:
+    """The first-N rule on the trainset after the valset succeeded: when every failure was the service's,
+    the message says the service failed, not that the trainset's fields break the program."""
+    det = SystemicFailureDetector(3, outage_window=100)
+    det.observe(OK, split="val")
+    det.observe(service_fail(0), split="train")
+    det.observe(service_fail(1), split="train")
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe(service_fail(2), split="train")
+    assert "LM service" in str(info.value) and "with_inputs" not in str(info.value)
+    # one failure of the data among them: the split's examples are suspect again
+    det = SystemicFailureDetector(3, outage_window=100)
+    det.observe(OK, split="val")
+    det.observe(service_fail(0), split="train")
+    det.observe(fail(example_id=1), split="train")
+    with pytest.raises(SystemicFailureError, match="with_inputs"):
+        det.observe(service_fail(2), split="train")
