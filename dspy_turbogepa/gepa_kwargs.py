@@ -74,7 +74,7 @@ MAPPED_KEYS = ("stop_callbacks", "acceptance_criterion", "mlflow_tracking_uri", 
 REFUSED_KEYS: dict[str, str] = {
     "max_reflection_cost": (
         "gepa_kwargs['max_reflection_cost'] is not supported (dspy.GEPA refuses it too: 'not supported by dspy.GEPA "
-        "yet'). To cap what a run spends, pass cost_budget_usd=... to TurboGEPA: it caps the LM cost of the whole "
+        "yet'). To cap what a run spends, pass cost_budget_usd=... to TurboGEPA: it caps the LM cost of the "
         "run, student and reflection calls (with price_table=... for models whose price dspy/litellm do not know)."
     ),
     "reflection_prompt_template": (

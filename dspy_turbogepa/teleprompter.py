@@ -26,7 +26,7 @@ from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
-from dspy_turbogepa.adapter.lm_copies import lm_api_base
+from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.program import ProgramCodec, all_named_predictors
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
@@ -464,8 +464,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # progress and result shown with no logging setup; lines named by compile when several run
             cleanup.enter_context(visible_logs(self.verbose, label=Path(self.log_dir).name if self.log_dir else None))
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
-            cleanup.enter_context(run_secrets(_lm_api_keys(student, self.reflection_lm, self.metric_fn,
-                                                           self.custom_instruction_proposer)))
+            reached = (student, self.reflection_lm, self.metric_fn, self.custom_instruction_proposer)
+            cleanup.enter_context(run_secrets(_lm_api_keys(*reached)))
+            if self.cost_budget_usd is not None:
+                _warn_unpriced(_compile_lms(*reached), self.price_table, self.cost_budget_usd)
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
                              expected_failures=expected)
 
@@ -869,24 +871,41 @@ def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflect
     return orchestrator.stats
 
 
-def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[str]:
-    """Credentials held by the LM objects this compile will call, so that any text quoting them (an
-    error body echoing the key it was given) is masked exactly: every credential-named argument
-    (``api_key``, ``aws_secret_access_key``, ``aws_session_token``, ...), the password in an
-    ``api_base`` URL and its path or query parts that look like key material, and the values of
-    credential headers (``Authorization``, ``x-api-key``, ``x-portkey-virtual-key``, ...).
-
-    The LMs: the program's predictors', the configured and the reflection LM, and those found one step
-    away from the program's modules and from ``others`` (the metric, the instruction proposer): an LM
-    the module holds and runs with ``dspy.context(lm=...)``, a judge metric's or a proposer's own LM,
-    as an attribute, a closure cell or a global the function names."""
+def _compile_lms(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[Any]:
+    """The LM objects this compile will call, each once: the program's predictors', the configured and
+    the reflection LM, and those found one step away from the program's modules and from ``others``
+    (the metric, the instruction proposer): an LM the module holds and runs with
+    ``dspy.context(lm=...)``, a judge metric's or a proposer's own LM, as an attribute, a closure cell
+    or a global the function names."""
     lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
     lms += [dspy.settings.lm, reflection_lm]
     lms += [lm for _, module in student.named_sub_modules() for lm in _held_lms(module)]
     lms += [lm for obj in others for lm in _held_lms(obj)]
-    keys: list[str] = []
     # by identity: an LM class that defines __eq__ without __hash__ is unhashable
-    for lm in {id(lm): lm for lm in lms if lm is not None}.values():
+    return list({id(lm): lm for lm in lms if lm is not None}.values())
+
+
+def _warn_unpriced(lms: Sequence[Any], price_table: Mapping[str, tuple[float, float]], cap: float) -> None:
+    """Before the first call: name each LM the dollar cap cannot price (not in ``price_table``, not in
+    DSPy's model table). Its calls count $0, so the cap would hold while the bill grows; the run-time
+    warning catches only a run whose every call is unpriced."""
+    unpriced = sorted({model for lm in lms if isinstance(model := getattr(lm, "model", None), str)
+                       and not model_is_priced(model, price_table)})
+    if unpriced:
+        logger.warning(
+            "cost_budget_usd=%s: no price is known for %s (not in price_table, not in DSPy's model table): "
+            "its calls count $0 toward the cap. Pass price_table={model: (usd per 1M prompt tokens, usd per 1M "
+            "completion tokens)}, or a token_budget.", cap, ", ".join(unpriced))
+
+
+def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[str]:
+    """Credentials held by the LMs this compile will call (:func:`_compile_lms`), so that any text
+    quoting them (an error body echoing the key it was given) is masked exactly: every credential-named
+    argument (``api_key``, ``aws_secret_access_key``, ``aws_session_token``, ...), the password in an
+    ``api_base`` URL and its path or query parts that look like key material, and the values of
+    credential headers (``Authorization``, ``x-api-key``, ``x-portkey-virtual-key``, ...)."""
+    keys: list[str] = []
+    for lm in _compile_lms(student, reflection_lm, *others):
         kwargs = getattr(lm, "kwargs", None)
         if not isinstance(kwargs, dict):
             continue

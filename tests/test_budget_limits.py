@@ -7,6 +7,8 @@ driven by a fake clock handed to the engine, never by sleeping.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -87,6 +89,15 @@ def _jump_at_call(clock: _Clock, n: int, seconds: float = 1000.0):
     return before
 
 
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch):
+    """The end-of-run PNGs cost ~0.5 s a compile with a log_dir and say nothing about budgets."""
+    from dspy_turbogepa.tracking import plots
+
+    monkeypatch.setattr(plots, "plot_best_over_time", lambda result, path, **kw: path)
+    monkeypatch.setattr(plots, "plot_lineage", lambda records, fronts, path, **kw: path)
+
+
 @pytest.fixture
 def fake_clock(monkeypatch):
     """Give every engine this test builds a clock the test controls (TurboGEPA has no clock argument)."""
@@ -102,7 +113,7 @@ class _Captured(Exception):
     pass
 
 
-def _dspy_gepa_budget(monkeypatch, task, kw, train, val) -> int:
+def _dspy_gepa_budget(task, kw, train, val) -> int:
     """The max_metric_calls dspy.GEPA's own compile hands to gepa.optimize (captured, nothing runs)."""
     seen = {}
 
@@ -110,11 +121,10 @@ def _dspy_gepa_budget(monkeypatch, task, kw, train, val) -> int:
         seen["budget"] = kwargs["max_metric_calls"]
         raise _Captured
 
-    monkeypatch.setattr(gepa, "optimize", optimize)
-    with pytest.raises(_Captured):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(_Captured):
+        patch.setattr(gepa, "optimize", optimize)
         dspy.GEPA(task.metric, reflection_lm=make_reflection_lm(), **kw).compile(
             task.make_program(), trainset=train, valset=val)
-    monkeypatch.undo()
     return seen["budget"]
 
 
@@ -123,15 +133,16 @@ def _dspy_gepa_budget(monkeypatch, task, kw, train, val) -> int:
                          ids=["light", "medium", "heavy", "full_evals"])
 @pytest.mark.parametrize("task_name", ["routing", "pipeline"])
 def test_auto_and_max_full_evals_give_the_budget_dspy_gepas_compile_gives(
-        monkeypatch, tmp_path, caplog, task_name, kw, given_valset):
+        tmp_path, caplog, task_name, kw, given_valset):
     """The budget a compile runs with (logged, in summary.json, on the optimizer) is the one dspy.GEPA's
     compile computes for the same data and number of predictors."""
     task = TASKS[task_name]
     splits = small_splits(task, n_train=10, n_val=6)
     val = splits.val if given_valset else None
-    expected = _dspy_gepa_budget(monkeypatch, task, kw, splits.train, val)
+    expected = _dspy_gepa_budget(task, kw, splits.train, val)
     opt = TurboGEPA(task.metric, reflection_lm=make_reflection_lm(), num_threads=4, verbose=False,
                     log_dir=str(tmp_path), gepa_kwargs={"stop_callbacks": [lambda state: True]}, **kw)
+    assert opt.max_metric_calls == kw.get("max_metric_calls")  # resolved at compile, from the data
     with caplog.at_level(logging.INFO, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm()):
         opt.compile(task.make_program(), trainset=splits.train, valset=val)
     assert opt.max_metric_calls == expected  # overwritten as dspy.GEPA overwrites it
@@ -221,7 +232,7 @@ def test_tokens_and_price_table_cover_the_program_an_llm_judge_and_reflection(ro
     judge = dspy.LM("sim/sim-judge", engine=engine, async_engine=AsyncSimEngine(engine), cache=False)
 
     def judged(gold, pred, trace=None, pred_name=None, pred_trace=None):
-        judge(messages=[{"role": "user", "content": f"Is {pred.queue} right for {gold.ticket}?"}])
+        judge(f"Is {pred.queue} right for {gold.ticket}?")
         return routing.metric(gold, pred, trace, pred_name, pred_trace)
 
     metric = CountingMetric(judged)
@@ -256,9 +267,6 @@ def test_cost_budget_with_litellms_prices_over_http(routing):
     assert recorded >= 0.004 and dr.total_metric_calls < 300
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with cost_budget_usd set, an LM without a known price (here the "
-                   "reflection LM) is counted at $0 without any warning as soon as another LM is priced; the "
-                   "'cannot apply' warning only fires when the whole run costs $0 (orchestrator.py:425-431)")
 def test_a_cost_budget_warns_about_an_lm_it_cannot_price_even_when_another_is_priced(routing, caplog):
     splits = small_splits(routing, n_train=16, n_val=8)
     with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
@@ -267,7 +275,9 @@ def test_a_cost_budget_warns_about_an_lm_it_cannot_price_even_when_another_is_pr
     assert dr.run_stats["cost"]["task"] > 0
     assert sum(dr.run_stats["reflection_tokens"].values()) > 0 and sim_engine(refl).calls > 0
     assert dr.run_stats["cost"]["reflection"] == 0.0  # nothing prices it...
-    assert any("sim-reflector" in r.getMessage() for r in caplog.records)  # ...and the user is told which LM
+    warned = [r.getMessage() for r in caplog.records if "no price is known" in r.getMessage()]
+    assert len(warned) == 1 and "sim-reflector" in warned[0]  # ...and the user is told which LM, once
+    assert "sim-student" not in warned[0]  # the priced one is not named
 
 
 # ------------------------------------------------------------------ wall clock
@@ -341,28 +351,71 @@ def test_a_run_stopped_by_a_secondary_budget_resumes_to_the_uninterrupted_run(ro
     assert second.total_metric_calls == reference[1]
 
 
-@pytest.mark.parametrize("budgets", [
-    {"max_metric_calls": 60, "strict_budget": True},
-    {"max_metric_calls": 300, "cost_budget_usd": 1.0, "price_table": PRICES},
-], ids=["strict", "dollars"])
-def test_a_rerun_with_the_same_budgets_pays_nothing_and_returns_the_same_program(pipeline, tmp_path, budgets):
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "gepa_rule"])
+def test_a_rerun_with_the_same_budget_pays_nothing_and_returns_the_same_program(pipeline, tmp_path, strict):
     splits = small_splits(pipeline, n_train=16, n_val=8)
+    budgets = {"max_metric_calls": 60, "strict_budget": strict, "price_table": PRICES}
     program1, first, metric1, lm1, refl1 = _compile(pipeline, splits, log_dir=tmp_path, **budgets)
     program2, second, metric2, lm2, refl2 = _compile(pipeline, splits, log_dir=tmp_path, **budgets)
     assert (metric2.scoring, sim_engine(lm2).calls, sim_engine(refl2).calls) == (0, 0, 0)
     assert _instructions(program2) == _instructions(program1)
-    assert second.stop_reason == first.stop_reason
+    assert [_instructions(c) for c in second.candidates] == [_instructions(c) for c in first.candidates]
+    assert second.stop_reason == first.stop_reason == "max_metric_calls"
     assert second.total_metric_calls == first.total_metric_calls == metric1.scoring
+    assert second.run_stats["metric_calls_replayed"] == metric1.scoring
+    # the stored usage is counted once, as the first session counted it
     assert second.run_stats["cost"] == first.run_stats["cost"]
     assert _counted_tokens(second) == _counted_tokens(first) == _paid_tokens(lm1, refl1)
-    if budgets.get("strict_budget"):
+    if strict:
         assert second.total_metric_calls <= budgets["max_metric_calls"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_store.md says a resumed run's run_stats tokens and cost 'are the "
-                   "run's', but a session resumed with a larger max_metric_calls counts the stored usage only of "
-                   "the rows its (diverging) plan replays (evaluation.py:126-131, orchestrator.py:1089-1092), "
-                   "while total_metric_calls counts every stored row (teleprompter.py:597)")
+@contextlib.contextmanager
+def _second_mutation_reflects_after_the_third_launches():
+    """Mutation 1's reflection waits until mutation 2 has been launched (5 s at most), as a slow reflection LM
+    makes it: the first session decides that launch while mutation 1's tokens are partly counted."""
+    launch, reflect = Orchestrator._launch, Orchestrator._reflect
+
+    def event(orchestrator) -> asyncio.Event:
+        return orchestrator.__dict__.setdefault("_test_third_launched", asyncio.Event())
+
+    def launching(self, plan):
+        launch(self, plan)
+        if plan.seq == 2:
+            event(self).set()
+
+    async def reflecting(self, plan, *args):
+        if plan.seq == 1:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event(self).wait(), 5)
+        return await reflect(self, plan, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Orchestrator, "_launch", launching)
+        patch.setattr(Orchestrator, "_reflect", reflecting)
+        yield
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN LIMITATION (engine.md, determinism; left as is): "
+                   "token_budget / cost_budget_usd are checked against usage as "
+                   "evaluations finish (orchestrator.py:414-434, evaluation.py:131 and 188), and a rerun replays "
+                   "stored work instantly, so a rerun with the same arguments of a finished run stops launching "
+                   "earlier than the first session did and returns a worse program, though every evaluation of "
+                   "the better one is stored (run_store.md: 'Resuming with the same budget and settings replays "
+                   "the interrupted run exactly')")
+def test_a_rerun_of_a_finished_token_budget_run_returns_the_program_the_run_found(routing, tmp_path):
+    splits = small_splits(routing, n_train=30, n_val=8)
+    budgets = {"max_metric_calls": 500, "token_budget": 7000, "num_threads": 16}
+    with _second_mutation_reflects_after_the_third_launches():
+        program1, first, _, _, _ = _compile(routing, splits, log_dir=tmp_path, **budgets)
+    assert first.stop_reason == "token_budget"
+    program2, second, metric2, lm2, refl2 = _compile(routing, splits, log_dir=tmp_path, **budgets)
+    assert (metric2.scoring, sim_engine(lm2).calls, sim_engine(refl2).calls) == (0, 0, 0)  # holds
+    assert len(second.candidates) == len(first.candidates)
+    assert second.val_aggregate_scores[second.best_idx] == first.val_aggregate_scores[first.best_idx]
+    assert _instructions(program2) == _instructions(program1)
+
+
 def test_tokens_and_cost_after_extending_a_run_are_the_whole_runs(routing, tmp_path):
     splits = small_splits(routing, n_train=16, n_val=8)
     _, first, metric1, lm1, refl1 = _compile(routing, splits, log_dir=tmp_path, max_metric_calls=60,
@@ -376,8 +429,8 @@ def test_tokens_and_cost_after_extending_a_run_are_the_whole_runs(routing, tmp_p
         _paid_dollars(lm1, refl1) + _paid_dollars(lm2, refl2), abs=2e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cost_budget_usd is documented as the whole run's ('caps the LM cost "
-                   "of the whole run'), but a run already stopped by it pays for new student and reflection calls "
+@pytest.mark.xfail(strict=True, reason="KNOWN LIMITATION (deviations.md; left as is): a run already stopped by "
+                   "cost_budget_usd pays for new student and reflection calls "
                    "when resumed with the same cap and a larger max_metric_calls: stored usage counts only when "
                    "this session's plan replays the row (evaluation.py:126-131)")
 def test_a_dollar_cap_already_reached_is_not_spent_past_when_the_run_is_extended(routing, tmp_path):

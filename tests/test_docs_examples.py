@@ -257,12 +257,20 @@ def test_readme_program_errors_become_reflection_feedback():
     assert any("downstream CRM rejected the tracking ticket" in f for f in feedback)
 
 
+@pytest.mark.parametrize("page", ["README.md", "docs/errors.md", "docs/extending.md", "docs/mlflow.md",
+                                  "docs/run_store.md"])
+def test_relative_links_and_images_exist(page):
+    base = (ROOT / page).parent
+    for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc(page)):
+        assert (base / link).exists(), (page, link)
+
+
 def test_readme_paths_links_and_layout_exist():
     text = doc("README.md")
     for link in re.findall(r"\]\(([^)#]+)\)", text):
         assert (ROOT / link).exists(), link
     layout = re.search(r"## Layout\n\n```\n(.*?)```", text, re.S).group(1)
-    for name in re.findall(r"^\s+(\S+?/?)\s", layout, re.M):
+    for name in re.findall(r"^  (\S+)\s", layout, re.M):
         assert (PKG / name).exists(), name
     for name in re.findall(r"(\w+\.py)", layout):
         assert (PKG / name).exists() or (ROOT / "examples" / name).exists(), name
@@ -312,6 +320,31 @@ def test_examples_run_offline_as_their_docstrings_say(tmp_path):
     assert re.search(r"optimized in [\d.]+s \(60 metric calls max\); saved to ", pipeline.stdout)
     assert re.search(r"optimized program: 200 requests .* failures 0", pipeline.stdout)
     assert re.search(r"seed program: 200 requests .* failures 0", pipeline.stdout)
+
+
+def test_serve_optimized_functions_do_what_the_docstring_says(tmp_path):
+    """serve_optimized.py, in process: the optimization step leaves no global LM behind (dspy.context), the
+    service binds ONE LM with set_lm (no dspy.configure), and a semaphore caps the calls in flight."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_optimized", ROOT / "examples" / "serve_optimized.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    before = dspy.settings.lm
+    with SimServer("benchmark", seed=0, time_scale=0.05) as server:
+        path = example.optimize(ROUTING, server, tmp_path / "program.json", budget=40, threads=4, seed=0)
+        assert dspy.settings.lm is before  # "scoped: nothing global is left behind"
+        assert "route" in json.loads(path.read_text())  # DSPy's own JSON state
+        lm = example.make_lm(server, temperature=0.0)
+        program = example.load_program(ROUTING, path, lm)
+        assert all(p.lm is lm for _, p in program.named_predictors())
+        requests = ROUTING.splits(data_seed=0, n_train=0, n_val=0, n_test=24).test
+        server.reset_stats()
+        report = asyncio.run(example.serve(program, requests, concurrency=3))
+        peak = server.stats()["models"]["sim-student"]["peak_concurrency"]
+    assert report["failures"] == 0 and len(report["predictions"]) == 24
+    assert 1 < peak <= 3, peak
+    assert dspy.settings.lm is before
 
 
 # ============================================================================================ docs/errors.md
@@ -861,7 +894,8 @@ def test_run_store_resume_key_and_reports(tmp_path):
 
     log_dir = str(tmp_path)
     data = splits(16, 8)
-    first = run(log_dir=log_dir, data=data, budget=80).detailed_results
+    # a callable object as the metric: its class's code is keyed, its state (the counters) is not
+    first = run(CountingMetric(ROUTING.metric), log_dir=log_dir, data=data, budget=80).detailed_results
     assert {"summary.json", "best_over_time.png", "lineage.png", "run.sqlite3", "run.lock"} <= set(os.listdir(log_dir))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_reason"] == first.stop_reason
@@ -886,12 +920,12 @@ def test_run_store_resume_key_and_reports(tmp_path):
     again = run(metric, log_dir=log_dir, data=data, budget=80, seed=None).detailed_results
     assert metric.scoring == 0 and again.total_metric_calls == first.total_metric_calls
     assert again.run_stats["metric_calls_executed"] == 0
-    run(log_dir=log_dir, data=data, budget=100, reflection_minibatch_size=2,
+    run(CountingMetric(ROUTING.metric), log_dir=log_dir, data=data, budget=100, reflection_minibatch_size=2,
         candidate_selection_strategy="current_best")  # accepted: not in the key
 
     def refused(**kw) -> RunStoreMismatchError:
         with pytest.raises(RunStoreMismatchError) as info:
-            run(log_dir=log_dir, **{"data": data, "budget": 80, **kw})
+            run(log_dir=log_dir, **{"metric": CountingMetric(ROUTING.metric), "data": data, "budget": 80, **kw})
         return info.value
 
     assert refused(program=ROUTING.make_program({"route": "Route it."})).changed == ("student",)
@@ -985,6 +1019,9 @@ MLFLOW_SCRIPT = textwrap.dedent('''
     report["resolved_budget"] = ns["opt"].max_metric_calls
     report["run_summary"] = json.load(open(client.download_artifacts(rid, "turbogepa/run_summary.json", out)))
     report["isinstance_gepa"] = isinstance(ns["opt"], dspy.GEPA)
+    for table in ("candidates", "pareto_front"):
+        data = json.load(open(client.download_artifacts(rid, f"turbogepa/{table}.json", out)))
+        report[f"{table}_columns"] = data["columns"]
     mlflow.dspy.autolog(disable=True)
     from dspy_turbogepa import TurboGEPA
     def small(metric=task.metric, **kw):
@@ -1038,6 +1075,10 @@ def test_mlflow_snippet_autolog_and_use_mlflow(tmp_path):
     assert set(report["turbogepa_artifacts"]) == {f"turbogepa/{f}" for f in (
         "optimized_program.json", "candidates.json", "pareto_front.json", "run_summary.json", "best_over_time.png")}
     assert report["loaded_equal"]  # "Program().load(path) restores it"
+    assert report["candidates_columns"] == ["id", "parents", "kind", "val_score", "num_val", "front_instances",
+                                            "is_best", "discovery_seconds", "discovery_metric_calls", "mutation_seq",
+                                            "fingerprint", "val_subscores", "instructions:route"]
+    assert report["pareto_front_columns"] == ["val_id", "best_score", "num_candidates", "candidates"]
     # eval_full_<k> nested runs, k the candidate index; the eval_full history is val scores times 100
     scores = report["run_summary"]["val_aggregate_scores"]
     assert [r["name"] for r in nested] == [f"eval_full_{k}" for k in range(len(scores))]
@@ -1131,7 +1172,7 @@ def test_mlflow_own_callbacks_get_the_evaluations_on_the_compile_thread(caplog):
 
     class ReadsDevset(BaseCallback):
         def on_evaluate_start(self, call_id, instance, inputs):
-            instance.devset  # noqa: B018 - dspy.Evaluate has one; the optimizer does not
+            return instance.devset  # dspy.Evaluate has one; the optimizer does not
 
     opt = TurboGEPA(ROUTING.metric, max_metric_calls=80, reflection_lm=make_reflection_lm(), verbose=False,
                     track_stats=True)
@@ -1231,7 +1272,8 @@ def test_extending_a_custom_evaluation_backend_drives_the_engine_without_dspy():
                                    trajectory={"missing": None if ok else word} if capture_traces else None)
         class AddMissing:
             async def reflect(self, parent_texts, components, outcomes, seed):
-                missing = sorted({o.trajectory["missing"] for o in outcomes if o.trajectory and o.trajectory["missing"]})
+                missing = sorted({o.trajectory["missing"] for o in outcomes
+                                  if o.trajectory and o.trajectory["missing"]})
                 if not missing:
                     return ProposalOutcome(skipped="empty_proposal")
                 return ProposalOutcome(texts={c: parent_texts[c] + " " + missing[0] for c in components})

@@ -129,6 +129,11 @@ def _metadata_cost(model: str, prompt: int, completion: int) -> float:
     return 0.0 if rates is None else max(prompt, 0) * rates[0] + max(completion, 0) * rates[1]
 
 
+def model_is_priced(model: str, prices: Mapping[str, tuple[float, float]] | None) -> bool:
+    """Whether the dollar budget can price ``model``'s calls: ``price_table`` or DSPy's model table."""
+    return _price_for(prices or {}, model) is not None or _metadata_rates(model) is not None
+
+
 def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
     if not prices:
         return None

@@ -160,6 +160,15 @@ class EvaluationCache:
         self._systemic.observe(outcome, candidate.fingerprint, split)
         return outcome
 
+    def count_unused_stored_usage(self) -> None:
+        """At the run's end: add the usage of stored evaluations this session's search never asked for
+        (a run resumed with another budget plans differently), so the run's tokens and cost are all its
+        sessions paid. Not during the search: there the budgets count a stored evaluation when the plan
+        reaches it, as the session that paid for it did."""
+        for key in sorted(self._unreplayed):
+            self._add_usage(self._done[key])
+        self._unreplayed.clear()
+
     def _add_usage(self, outcome: EvalOutcome) -> None:
         self._stats.task_prompt_tokens += outcome.prompt_tokens
         self._stats.task_completion_tokens += outcome.completion_tokens

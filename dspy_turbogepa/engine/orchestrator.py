@@ -1348,6 +1348,11 @@ class Orchestrator:
 
     def _result(self) -> EngineResult:
         reason: StopReason = self._stop_reason or "max_metric_calls"
+        # tokens and cost are the whole run's: what earlier sessions paid for and this one did not reuse too
+        self._evaluations.count_unused_stored_usage()
+        for key in sorted(self._unreplayed_proposals):
+            self._add_reflection_usage(self._known_proposals[key])
+        self._unreplayed_proposals.clear()
         self.stats.operator_credit = self._credit.to_dict()
         self.stats.evaluation_slots = self._eval_slots.use().to_dict()
         return EngineResult(
