@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             baseline = gepa.compile(task.make_program(), trainset=splits.train, valset=splits.val)
             gepa_elapsed = time.perf_counter() - start
+            ratio = gepa_elapsed / elapsed
+            faster = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
             print(f"dspy.GEPA: {gepa_elapsed:.1f}s, test score {task.evaluate(baseline, splits.test):.3f} "
-                  f"(TurboGEPA was {gepa_elapsed / elapsed:.1f}x faster)")
+                  f"(TurboGEPA was {faster})")
     return 0
 
 

@@ -631,9 +631,10 @@ def test_systemic_causes_stop_the_compile_at_once(routing, cause, engine):
 
 @pytest.mark.http
 @pytest.mark.parametrize("engine", [{}, {"engine": "litellm"}], ids=["native", "litellm"])
-def test_a_reflection_lm_with_a_bad_key_stops_the_compile(routing, engine):
+def test_a_reflection_lm_with_a_bad_key_stops_the_compile(routing, engine, caplog):
     """It used to 'succeed': every reflection skipped as proposer_error, ~200 reflection calls, and
-    the seed returned with stop_reason no_progress_possible."""
+    the seed returned with stop_reason no_progress_possible. The stop's error is the one message: no
+    warning first that the proposal "is skipped" and further failures "are counted"."""
     cfg = SimConfig(models=(ModelConfig("sim-student"), ModelConfig("sim-reflector", "reflector")), api_key="good")
     splits = small_splits(routing, n_train=12, n_val=8, n_test=0)
     with SimServer(cfg, seed=0) as srv:
@@ -641,10 +642,12 @@ def test_a_reflection_lm_with_a_bad_key_stops_the_compile(routing, engine):
         reflector = dspy.LM("openai/sim-reflector", api_base=srv.base_url, api_key="bad", cache=False,
                             num_retries=0, **engine)
         opt = TurboGEPA(routing.metric, max_metric_calls=300, reflection_lm=reflector, num_threads=4, verbose=False)
-        with dspy.context(lm=student), pytest.raises(SystemicFailureError, match="reflection_lm") as info:
+        with dspy.context(lm=student), pytest.raises(SystemicFailureError, match="reflection_lm") as info, \
+                caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
             opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
         reflector_requests = srv.stats()["models"]["sim-reflector"]["requests"]
     assert "Auth" in str(info.value)
+    assert not [r for r in caplog.records if "proposal is skipped" in r.getMessage()]
     assert reflector_requests <= 8
 
 

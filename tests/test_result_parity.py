@@ -484,8 +484,9 @@ def test_reflection_lm_none_with_a_proposer_runs_it_under_the_callers_lm():
         pred.lm = student_lm
     task = TASKS["routing"]
     splits = task.splits(data_seed=0, n_train=20, n_val=12, n_test=0)
-    TurboGEPA(task.metric, max_metric_calls=40, instruction_proposer=proposer, num_threads=4,
-              verbose=False).compile(program, trainset=splits.train, valset=splits.val)
+    with dspy.context(lm=None):  # an earlier test may have left an LM configured for the process
+        TurboGEPA(task.metric, max_metric_calls=40, instruction_proposer=proposer, num_threads=4,
+                  verbose=False).compile(program, trainset=splits.train, valset=splits.val)
     assert lms and all(lm is None for lm in lms)
 
 

@@ -319,12 +319,14 @@ class ReflectiveProposer:
         """The proposer's failure, recorded; this proposal is skipped. ``quota``: the reflection LM asked
         for a wait past the retry policy, which stops the run."""
         message = describe_error(exc)
-        if self._reported_errors.first(type(exc).__name__):
+        fatal = fatal_error_name(exc, self._fatal)
+        if fatal is not None or quota:  # the run stops on it, and its error says so: no "skipped, counted" line
+            logger.debug("The instruction proposer raised %s", message)
+        elif self._reported_errors.first(type(exc).__name__):
             logger.warning("The instruction proposer raised %s (this proposal is skipped; further %s failures are "
                            "counted in run_stats['proposal_skips'] and logged at DEBUG)", message, type(exc).__name__)
         else:
             logger.debug("The instruction proposer raised %s", message)
-        fatal = fatal_error_name(exc, self._fatal)
         return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None or quota,
                                error_type=fatal or type(exc).__name__, rate_limited=quota)
 
