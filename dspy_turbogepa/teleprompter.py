@@ -43,7 +43,7 @@ from dspy_turbogepa.engine.config import (
     validate_rung_fractions,
 )
 from dspy_turbogepa.engine.records import EngineResult, RunStats
-from dspy_turbogepa.engine.systemic import MAX_PROPOSAL_WINDOW
+from dspy_turbogepa.engine.systemic import MAX_PROPOSAL_WINDOW, NO_STORE_ADVICE, RESUME_ADVICE
 from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
@@ -575,6 +575,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 # a stop callback or a component selector steers the search: not in the run key, and no
                 # evaluation failed because of it (so none is marked to run again)
                 exc.args = (f"{exc} Fix it and rerun with the same log_dir: the run resumes from what it stored.",)
+            elif store is None and RESUME_ADVICE in str(exc):  # an outage or a quota: nothing was kept
+                exc.args = (str(exc).replace(RESUME_ADVICE, NO_STORE_ADVICE),)
             elif store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
                 store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
                 # the fix decides whether this log_dir can be reused: the run key covers the program, the
@@ -873,12 +875,13 @@ def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflect
 
 def _compile_lms(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[Any]:
     """The LM objects this compile will call, each once: the program's predictors', the configured and
-    the reflection LM, and those found one step away from the program's modules and from ``others``
-    (the metric, the instruction proposer): an LM the module holds and runs with
-    ``dspy.context(lm=...)``, a judge metric's or a proposer's own LM, as an attribute, a closure cell
-    or a global the function names."""
+    the reflection LM, those the configured adapter holds, and those found one step away from the
+    program's modules and from ``others`` (the metric, the instruction proposer): an LM the module holds
+    and runs with ``dspy.context(lm=...)``, a judge metric's or a proposer's own LM, as an attribute, a
+    closure cell or a global the function names."""
     lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
     lms += [dspy.settings.lm, reflection_lm]
+    lms += _held_lms(dspy.settings.adapter)  # TwoStepAdapter's extraction model answers every rollout
     lms += [lm for _, module in student.named_sub_modules() for lm in _held_lms(module)]
     lms += [lm for obj in others for lm in _held_lms(obj)]
     # by identity: an LM class that defines __eq__ without __hash__ is unhashable

@@ -352,6 +352,19 @@ def _some_output(lm: Any, outputs: Any) -> Any:
     return outputs
 
 
+def _answered_no_choices(entry: Any) -> bool:
+    """Whether a history entry's response had an empty ``choices`` list (litellm's response object, or
+    the provider's JSON the native client keeps as ``provider_data``)."""
+    response = entry.get("response") if isinstance(entry, dict) else None
+    if response is None:
+        return False
+    choices = getattr(response, "choices", None)
+    if isinstance(choices, list):
+        return not choices
+    data = getattr(response, "provider_data", None)
+    return isinstance(data, dict) and data.get("choices") == []
+
+
 def _make_copy(lm: Any) -> Any:
     if not isinstance(lm, dspy.BaseLM) or not hasattr(lm, "num_retries"):
         return lm  # nothing we can switch off; its errors are still caught and retried by the evaluator
@@ -371,6 +384,8 @@ def _make_copy(lm: Any) -> Any:
     def update_history(entry: Any) -> None:
         inner(entry)
         _note_history_entry(entry)
+        if _answered_no_choices(entry):  # DSPy's native client reads it as one empty answer: not the program's
+            _some_output(copy, [])
 
     copy.update_history = update_history
     return copy

@@ -197,5 +197,16 @@ def _trace_masked(ev: Any) -> bool:
     quoting a key). The score is what the metric said about the real values and is replayed; but the
     trace is what the metric's feedback call and the reflection read: a masked copy scores a right
     answer wrong and shows the reflection ``***REDACTED***``. The engine runs such an evaluation again
-    only if a new reflection is to read it (``EvalOutcome.trace_lost``)."""
-    return bool(ev.trajectory_json and (REDACTED in ev.trajectory_json or (ev.message and REDACTED in ev.message)))
+    only if a new reflection is to read it (``EvalOutcome.trace_lost``). What the metric returned is
+    stored beside the trace for a ``component_selector`` and is not part of it: masked feedback there
+    does not make the evaluation run (and be paid) again."""
+    if not ev.trajectory_json:
+        return False
+    if ev.message and REDACTED in ev.message:
+        return True
+    if REDACTED not in ev.trajectory_json:
+        return False
+    data = json.loads(ev.trajectory_json)
+    if isinstance(data, dict):
+        data.pop("metric_return", None)
+    return REDACTED in json.dumps(data, ensure_ascii=False)

@@ -353,7 +353,24 @@ def _annotation_identity(annotation: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - a type pydantic cannot describe: its text is the identity
         logger.debug("run key: no JSON schema for %s (%s)", text, type(exc).__name__)
         return text
-    return [text, to_json(schema, str)]
+    return [text, to_json(_without_samples(schema), str)]
+
+
+#: JSON-schema keywords holding sample values, which pydantic writes in a set's iteration order (another
+#: order in every process with another PYTHONHASHSEED). Left out of the key: a changed default of a
+#: pydantic model's field is not seen (a new log_dir is needed for it).
+_SAMPLE_KEYWORDS = frozenset({"default", "examples"})
+
+
+def _without_samples(schema: Any, names: bool = False) -> Any:
+    """``schema`` without its default and example values. ``names``: ``schema`` maps property names to
+    schemas (a property called ``default`` is kept)."""
+    if isinstance(schema, dict):
+        return {k: _without_samples(v, names=k in ("properties", "$defs", "definitions") and not names)
+                for k, v in schema.items() if names or k not in _SAMPLE_KEYWORDS}
+    if isinstance(schema, list):
+        return [_without_samples(v) for v in schema]
+    return schema
 
 
 #: Bumped whenever a component of :func:`run_key` is computed differently (2: examples keyed with their

@@ -53,8 +53,13 @@ PROPOSER_FAILURES = frozenset({
 
 _PROPOSER_HINT = "Check reflection_lm (or instruction_proposer) and run again."
 #: For a Retry-After past the retry policy: a quota used up until it resets.
-QUOTA_HINT = ("Its quota is likely used up until the time the server gave: rerun with the same log_dir after that "
-              "(finished evaluations are kept and not paid again), or use another key or endpoint.")
+#: The advice to resume, in every message that gives it: the compile swaps it for :data:`NO_STORE_ADVICE`
+#: when the run had no log_dir (nothing was kept).
+RESUME_ADVICE = "Finished evaluations are kept: rerun with the same log_dir (they are not paid again)."
+NO_STORE_ADVICE = ("This run had no log_dir, so nothing was kept: set log_dir=... for the rerun, and a later rerun "
+                   "with it will not pay again for what finished.")
+QUOTA_HINT = ("Its quota is likely used up until the time the server gave: rerun after that, or use another key or "
+              f"endpoint. {RESUME_ADVICE}")
 _PROPOSER_HINTS = {
     "feedback_error": "Check what the metric does when called with pred_name (the feedback call) and run again.",
     "selector_error": "Check component_selector: it must return names of the program's predictors (it receives "
@@ -221,8 +226,7 @@ class SystemicFailureDetector:
         raise SystemicFailureError(
             f"Stopping: the last {n} evaluations all failed because the LM service did (its retries given up "
             f"or its answer unusable; first: {self._service_example}): the endpoint is down, overloaded or out "
-            "of quota. Finished evaluations are kept: rerun with the same log_dir once it answers (the failed "
-            "ones are run again, the others are not paid again).",
+            f"of quota. Rerun once it answers (the failed evaluations are run again). {RESUME_ADVICE}",
             failure=failure,
             error_type=error_type or None,
         )
@@ -269,8 +273,7 @@ class SystemicFailureDetector:
                 f"Stopping: the first {window.count} evaluations on the {_SPLIT_NAMES.get(split, repr(split))} "
                 f"all failed because the LM service did ({n} of them with {cause}), after those on the "
                 f"{' and '.join(_SPLIT_NAMES.get(o, repr(o)) for o in others)} succeeded: the endpoint is down, "
-                "overloaded or out of quota. Finished evaluations are kept: rerun with the same log_dir once "
-                "it answers.",
+                f"overloaded or out of quota. Rerun once it answers. {RESUME_ADVICE}",
                 failure=failure,
                 error_type=error_type or None,
             )
