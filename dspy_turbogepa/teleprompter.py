@@ -467,6 +467,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             reached = (student, self.reflection_lm, self.metric_fn, self.custom_instruction_proposer)
             cleanup.enter_context(run_secrets(_lm_api_keys(*reached)))
             if self.cost_budget_usd is not None:
+                # the configured LM is named even when every predictor holds its own: a judge metric's
+                # dspy.Predict without an LM of its own would call it, and nothing shows whether one will
                 _warn_unpriced(_compile_lms(*reached), self.price_table, self.cost_budget_usd)
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
                              expected_failures=expected)

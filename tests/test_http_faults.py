@@ -39,6 +39,7 @@ import dspy_turbogepa.teleprompter as teleprompter_module
 from dspy_turbogepa import SystemicFailureError, TurboGEPA
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.ratelimit import RetryPolicy
+from dspy_turbogepa.engine import systemic
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 from dspy_turbogepa.testing import SimServer
 
@@ -532,12 +533,13 @@ def test_an_outage_right_after_the_seed_is_not_blamed_on_the_trainsets_fields(pr
     assert "with_inputs" not in message and "trainset's examples" not in message, message  # ... and not blamed
 
 
-def test_an_endpoint_that_goes_down_for_good_mid_run_stops_the_run(proxy, routing, tmp_path):
+def test_an_endpoint_that_goes_down_for_good_mid_run_stops_the_run(proxy, routing, tmp_path, monkeypatch):
     """The student endpoint answers 503 to everything from its 26th request on (a provider outage, a
     gateway gone): scored failure_score, every later evaluation would be wrong data and reflections would
     still be paid. The run stops once two waves of evaluations (2 x 4 threads, at least the 8 of the
     first-N rule) failed in a row on the service, naming it; a rerun once it answers runs the failed
     evaluations again and pays for no finished one."""
+    monkeypatch.setattr(systemic, "OUTAGE_MIN_SECONDS", 0.0)  # the minimum time is the engine tests' (fake clock)
     proxy.reset(on("student", ("status", 503, error_body("unavailable", "Service Unavailable", "server_error"), {}),
                    lambda n: n > 25))
     with pytest.raises(SystemicFailureError, match="LM service") as info:

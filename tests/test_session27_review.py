@@ -124,7 +124,10 @@ def test_a_rerun_after_an_outage_of_empty_answers_asks_the_service_again(proxy, 
 
 
 @pytest.mark.http
-def test_an_outage_stop_without_a_log_dir_does_not_promise_a_resume(proxy):
+def test_an_outage_stop_without_a_log_dir_does_not_promise_a_resume(proxy, monkeypatch):
+    from dspy_turbogepa.engine import systemic
+
+    monkeypatch.setattr(systemic, "OUTAGE_MIN_SECONDS", 0.0)
     proxy.reset(on("student", ("status", 503, error_body("unavailable", "Service Unavailable", "server_error"), {}),
                    lambda n: n > 25))
     with pytest.raises(SystemicFailureError, match="LM service") as info:

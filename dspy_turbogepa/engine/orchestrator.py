@@ -163,7 +163,7 @@ class Orchestrator:
             {"train": len(set(self._train_ids)), "val": len(set(self._val_ids))},
             expected_failures=expected_failures,
             # two waves of evaluations: a short outage fails every evaluation in flight at once
-            outage_window=max(config.systemic_failure_window, 2 * config.max_evals_in_flight),
+            outage_window=max(config.systemic_failure_window, 2 * config.max_evals_in_flight), clock=clock,
         )
         self._systemic.resume({"val" if shared_splits else key[1]
                                for key, o in (known_evaluations or {}).items() if o.failure is None},

@@ -19,7 +19,9 @@ the seed included), not on the seed's validation alone.
 
 A third rule covers an LM service that stops answering mid-run (an outage, a quota used up): once
 ``outage_window`` evaluations in a row failed because the service did (``service_failure``: its
-retries given up, or an answer it could not use), the run stops, whatever succeeded before. Scored as
+retries given up, or an answer it could not use), over at least ``OUTAGE_MIN_SECONDS`` (two waves of
+given-up retries take only ~15 s: a blip that long must not end a long run), the run stops, whatever
+succeeded before. Scored as
 ``failure_score`` they would be wrong data: children rejected for the service's failures, reflections
 paid for candidates nobody can evaluate. The failed evaluations are run again on resume.
 
@@ -30,6 +32,7 @@ otherwise be called until the no-progress limit, returning the seed as if optimi
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +43,10 @@ from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
 #: At most this many failed reflections before the first usable one (fewer with a smaller window):
 #: each is a reflection LM call, and a working reflection LM rarely fails even twice in a row.
 MAX_PROPOSAL_WINDOW = 8
+
+#: The outage rule's shortest streak, in seconds: the transient retry policy's own patience (a rollout
+#: retries a 5xx for up to 2 minutes), so that an outage it would outwait never ends the run.
+OUTAGE_MIN_SECONDS = 120.0
 
 #: Candidates (the seed included) that must all fail to parse before format errors alone stop a run.
 FORMAT_ERROR_CANDIDATES = 3
@@ -88,18 +95,23 @@ class SystemicFailureDetector:
     def __init__(self, window: int, proposal_window: int | None = None,
                  split_sizes: Mapping[str, int] | None = None,
                  expected_failures: Mapping[str, Collection[int]] | None = None,
-                 outage_window: int | None = None) -> None:
+                 outage_window: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 outage_min_seconds: float | None = None) -> None:
         """``split_sizes``: the distinct examples of each split. A split smaller than ``window`` is
         judged once every one of its examples has failed (4 training examples whose failures give
         reflection nothing to read are never evaluated 8 times). ``expected_failures``: per split, the
         examples known before the run to fail (their inputs cannot reach the program; the user was
         warned): their failures say nothing about the setup, so they never fill the first-N window.
         ``outage_window``: consecutive service failures that stop the run (None: ``window``); give it
-        room for a wave of evaluations in flight, which a short outage fails all at once."""
+        room for a wave of evaluations in flight, which a short outage fails all at once. They must also
+        span ``outage_min_seconds`` (None: :data:`OUTAGE_MIN_SECONDS`) of ``clock``."""
         self.window = max(1, window)
         self.outage_window = max(1, window if outage_window is None else outage_window)
         self._service_streak: Counter[tuple[str, str]] = Counter()
         self._service_example: str = ""
+        self._clock = clock
+        self._outage_min_seconds = OUTAGE_MIN_SECONDS if outage_min_seconds is None else outage_min_seconds
+        self._service_since = 0.0
         self._expected = {split: frozenset(ids) for split, ids in (expected_failures or {}).items()}
         self._split_sizes = {split: n - len(self._expected.get(split, ())) for split, n in (split_sizes or {}).items()}
         self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
@@ -218,13 +230,15 @@ class SystemicFailureDetector:
             return
         if not self._service_streak:
             self._service_example = outcome.message or ""
+            self._service_since = self._clock()
         self._service_streak[(outcome.failure, outcome.error_type or "")] += 1
         n = sum(self._service_streak.values())
-        if n < self.outage_window:
+        if n < self.outage_window or self._clock() - self._service_since < self._outage_min_seconds:
             return
         (failure, error_type), _ = self._service_streak.most_common(1)[0]
         raise SystemicFailureError(
-            f"Stopping: the last {n} evaluations all failed because the LM service did (its retries given up "
+            f"Stopping: the last {n} evaluations (over {self._clock() - self._service_since:.0f}s) all failed "
+            "because the LM service did (its retries given up "
             f"or its answer unusable; first: {self._service_example}): the endpoint is down, overloaded or out "
             f"of quota. Rerun once it answers (the failed evaluations are run again). {RESUME_ADVICE}",
             failure=failure,

@@ -250,7 +250,7 @@ def service_fail(example_id: int = 0, msg: str = "LMServerError: 503") -> EvalOu
 
 def test_a_streak_of_service_failures_after_successes_stops_the_run() -> None:
     """An outage mid-run: the first-N rule is closed by the earlier successes; the outage rule is not."""
-    det = SystemicFailureDetector(3, outage_window=6)
+    det = SystemicFailureDetector(3, outage_window=6, outage_min_seconds=0.0)
     det.observe(OK)
     for i in range(5):
         det.observe(service_fail(i, msg="LMServerError: first of the outage" if i == 0 else "LMServerError: 503"))
@@ -264,7 +264,7 @@ def test_a_streak_of_service_failures_after_successes_stops_the_run() -> None:
 def test_an_evaluation_the_service_answered_breaks_the_streak(between: EvalOutcome) -> None:
     """Short outages stay ordinary failures: a success, or a failure of the program or the metric (the
     service answered), starts the count again."""
-    det = SystemicFailureDetector(3, outage_window=4)
+    det = SystemicFailureDetector(3, outage_window=4, outage_min_seconds=0.0)
     det.observe(OK)
     for _ in range(10):
         for i in range(3):
@@ -294,3 +294,17 @@ def test_a_trainset_failing_on_the_service_is_not_blamed_for_it() -> None:
     det.observe(fail(example_id=1), split="train")
     with pytest.raises(SystemicFailureError, match="with_inputs"):
         det.observe(service_fail(2), split="train")
+
+
+def test_a_streak_shorter_than_the_minimum_time_does_not_stop_the_run() -> None:
+    """Two waves of given-up retries take ~15 s: an outage the retry policy itself would outwait (2
+    minutes) must not end a long run; the same streak lasting that long does."""
+    now = [0.0]
+    det = SystemicFailureDetector(3, outage_window=4, clock=lambda: now[0], outage_min_seconds=120.0)
+    det.observe(OK)
+    for i in range(40):  # 40 failures in a row within 119 s: kept as ordinary failures
+        now[0] = 1.0 + 3.0 * i
+        det.observe(service_fail(i))
+    now[0] = 121.0
+    with pytest.raises(SystemicFailureError, match=r"last 41 evaluations \(over 120s\)"):
+        det.observe(service_fail(41))
