@@ -601,3 +601,27 @@ def test_a_student_that_deepcopy_cannot_copy_keeps_its_callbacks_when_it_carries
         built = ProgramCodec(student).build({})
         assert len(built.callbacks) == 1 and not hasattr(built, "detailed_results")
         assert hasattr(student, "detailed_results") == carries
+
+
+def test_the_programs_the_search_evaluates_keep_no_module_history():
+    """DSPy appends each LM call to the history of every module on the call's stack (up to 10,000 per
+    module); the codec's cached candidate programs would hold that many per predictor for the whole run
+    (45 KB per metric call at 10 predictors). Their history keeps nothing; the LM's history still records
+    every call, and the program returned to the user records its own calls as any DSPy program does."""
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    task = TASKS["pipeline"]
+    lm = make_student_lm(seed=0, noise=0.0)
+    example = small_splits(task, n_train=4, n_val=4, n_test=0).val[0]
+    codec = ProgramCodec(task.make_program())
+    searched = codec.get("seed", codec.seed_texts()).program
+    returned = codec.build(codec.seed_texts())
+    with dspy.context(lm=lm):
+        for _ in range(3):
+            searched(**example.inputs())
+        returned(**example.inputs())
+    assert len(lm.history) == 3 * 2 + 2  # two predictors per call: every call recorded by the LM
+    assert all(len(m.history) == 0 for _, m in searched.named_sub_modules())
+    assert all(len(p.history) == 1 for _, p in returned.named_predictors())
+    # and a per-call copy (BestOfN / Refine programs run on one) keeps the no-op history
+    assert all(len(m.history) == 0 for _, m in copy.deepcopy(searched).named_sub_modules())

@@ -182,6 +182,19 @@ def _structural(value: Any, verdicts: dict[int, bool]) -> bool:
     return False
 
 
+class _NoHistory(list[Any]):
+    """A module ``history`` that keeps nothing, for the programs the search evaluates.
+
+    Why: DSPy appends every LM call's entry (prompt, response, usage) to the ``history`` of each module
+    on the call's stack, up to 10,000 per module; the cached candidate programs (and the evaluator's
+    prepared ones) would hold that many per predictor: 45 KB per metric call at 10 predictors, about
+    1 GB over a 20,000-call run. These programs are private; the LM's own history and DSPy's global
+    one still record every call, and the program returned to the user is built apart, with its own."""
+
+    def append(self, entry: Any) -> None:
+        return None
+
+
 class ProgramCodec:
     """Builds (and caches) one program object per candidate fingerprint.
 
@@ -246,6 +259,8 @@ class ProgramCodec:
                 self._cache.move_to_end(fingerprint)
                 return hit
         program = self.build(texts)
+        for _, module in program.named_sub_modules():
+            module.history = _NoHistory()
         stateful = any(isinstance(m, _STATEFUL_MODULES) for _, m in program.named_sub_modules())
         entry = BuiltProgram(program, PredictorNames(program), _shared_values(program) if stateful else None,
                              self._uncopyable)
