@@ -299,3 +299,19 @@ def test_the_members_the_merge_search_reads_follow_every_add() -> None:
             assert f.non_dominated_members() == tuple(sorted(want)), (trial, index)
             assert f.non_dominated() == {v: fr & want for v, fr in fronts.items() if fr}, (trial, index)
             assert tally.size == len(want), (trial, index)
+
+
+@pytest.mark.parametrize("strategy", ["pareto", "top_k_pareto"])
+def test_the_weighted_parent_list_is_reused_until_a_candidate_is_added(strategy: str) -> None:
+    """select_parent's list is computed once per frontier change (it was rebuilt at every plan, O(valset x
+    front) each time) and follows every add: a new candidate that wins everywhere is the only parent."""
+    f = frontier([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    rng = ScriptedRng()
+    for _ in range(3):
+        f.select_parent(rng, strategy)  # type: ignore[arg-type]
+    assert rng.choices == [[0, 1, 2]] * 3
+    f.add(3, {0: 1.0, 1: 1.0, 2: 1.0})
+    f.select_parent(rng, strategy)  # type: ignore[arg-type]
+    assert rng.choices[-1] == [3, 3, 3]
+    # and a real RNG draws as from a list built afresh
+    assert [f.select_parent(random.Random(s), strategy) for s in range(5)] == [3] * 5  # type: ignore[arg-type]
