@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 
 def _checked(ids: Sequence[int], size: int) -> tuple[tuple[int, ...], int]:
@@ -85,6 +85,10 @@ class FailureFirstSampler:
         self._gap = max(1, self._period // 2)
         self._draws = 0
         self._last: dict[int, int] = {}
+        # the examples in the order draw() ranks them after the likely failures: never drawn ones (in
+        # epoch order), then the drawn ones by their last draw (this dict is kept in that order)
+        self._undrawn: set[int] = set(self._ids)
+        self._by_last: dict[int, int] = {}
         self._order_epoch = -1
         self._order: tuple[int, ...] = ()
         self._position: dict[int, int] = {}
@@ -111,23 +115,61 @@ class FailureFirstSampler:
             return (r, last, position[i])
 
         n = self._size if size is None else size
-        known = getattr(rank, "known", None)
-        if known is None:  # a rank that cannot say which examples it knows: every key is computed
+        failing = getattr(rank, "failing", None)
+        if failing is None:  # a rank that cannot say which examples may fail: every key is computed
             ids = [i for i in self._ids if i not in exclude] if exclude else self._ids
             return tuple(heapq.nsmallest(n, ids, key=key))  # stable, like sorted()[:size]
         # Why: a key per example made every plan O(training set) in Python (10 ms at 10,000 examples, on
-        # the engine's loop). An example never drawn and unknown to ``rank`` has the key (UNKNOWN, never,
-        # its position), so those come in epoch order after the others with the same key prefix: the n
-        # smallest of all are the n smallest of the examples drawn or known, merged with the first n of
-        # the rest in epoch order. Keys are unique (positions are), so the result is exactly the same.
-        special = {i for i in (*self._last, *known) if i in position and i not in exclude}
-        firsts: list[int] = []
-        for i in self._order:
-            if len(firsts) >= n:
-                break
-            if i not in special and i not in exclude:
-                firsts.append(i)
-        return tuple(heapq.nsmallest(n, [*special, *firsts], key=key))
+        # the engine's loop), and so did one per example drawn before (every example, after an epoch).
+        # The keys sort by (rank, last draw, position). Eligible likely failures come first: they are
+        # among ``failing`` (the lineage's failures, few). The others follow in (last, position) order
+        # by rank: eligible unknown ones, eligible solved ones, then the ineligible (drawn within the
+        # gap, the most recent draws: at the end of that order). So a walk in that order stops once it
+        # has enough unknown ones, or reaches the ineligible ones with enough. Keys are unique
+        # (positions are), so the result is exactly the full scan's.
+        def eligible(i: int) -> bool:
+            return self._draws - self._last.get(i, never) >= self._gap
+
+        first = [i for i in failing
+                 if i in position and i not in exclude and eligible(i) and rank(i) == LIKELY_FAILING]
+        if len(first) >= n:
+            return tuple(heapq.nsmallest(n, first, key=key))
+        need = n - len(first)
+        unknown: list[int] = []
+        solved: list[int] = []
+        ineligible: list[int] = []
+        for i in self._walk(position):
+            if i in exclude:
+                continue
+            if not eligible(i):  # every one left is ineligible too
+                if len(unknown) + len(solved) + len(ineligible) >= need:
+                    break
+                ineligible.append(i)
+                continue
+            r = rank(i)
+            if r == UNKNOWN:
+                unknown.append(i)
+                if len(unknown) >= need:
+                    break
+            elif r == SOLVED:
+                solved.append(i)
+        return tuple(sorted(first, key=key) + (unknown + solved + ineligible)[:need])
+
+    def _walk(self, position: dict[int, int]) -> Iterator[int]:
+        """Every example in (last draw, position) order: the never drawn ones in epoch order, then the
+        drawn ones by their last draw."""
+        if len(self._undrawn) * 4 >= len(self._ids):
+            yield from (i for i in self._order if i in self._undrawn)
+        else:
+            yield from sorted(self._undrawn, key=position.__getitem__)
+        group: list[int] = []
+        group_last: int | None = None
+        for i, last in self._by_last.items():
+            if last != group_last:
+                yield from sorted(group, key=position.__getitem__)
+                group, group_last = [], last
+            group.append(i)
+        yield from sorted(group, key=position.__getitem__)
 
     def explore(self, batch: Sequence[int], rank: Callable[[int], int]) -> tuple[int, ...]:
         """``batch`` with its last likely-failing example swapped for the next example the lineage has
@@ -152,6 +194,9 @@ class FailureFirstSampler:
     def consume(self, ids: Sequence[int]) -> None:
         for i in ids:
             self._last[i] = self._draws
+            self._by_last.pop(i, None)
+            self._by_last[i] = self._draws
+            self._undrawn.discard(i)
         self._draws += 1
 
 
@@ -171,9 +216,15 @@ class LineageKnowledge:
     def __init__(self, perfect_score: float) -> None:
         self._perfect = perfect_score
         self._known: dict[str, dict[int, tuple[int, float]]] = {}
+        #: per candidate, the examples it failed (at any commit): what a draw looks at first
+        self._failing: dict[str, set[int]] = {}
 
     def record(self, fingerprint: str, example_id: int, score: float, commit: int) -> None:
-        self._known.setdefault(fingerprint, {}).setdefault(example_id, (commit, score))
+        table = self._known.setdefault(fingerprint, {})
+        if example_id not in table:
+            table[example_id] = (commit, score)
+            if score < self._perfect:
+                self._failing.setdefault(fingerprint, set()).add(example_id)
 
     def ranker(self, lineage: Sequence[str], n_commits: int) -> Callable[[int], int]:
         """Rank of each example for a parent whose lineage (itself first) is ``lineage``."""
@@ -187,7 +238,8 @@ class LineageKnowledge:
                     return LIKELY_FAILING if hit[1] < perfect else SOLVED
             return UNKNOWN
 
-        rank.known = frozenset().union(*tables)  # type: ignore[attr-defined]  # every other one is UNKNOWN
+        # every example ranked LIKELY_FAILING is among these (a superset: rank() decides)
+        rank.failing = set().union(*(self._failing.get(fp, ()) for fp in lineage[:LINEAGE_DEPTH]))  # type: ignore[attr-defined]
         return rank
 
     def known(self, fingerprint: str, n_commits: int) -> set[int]:

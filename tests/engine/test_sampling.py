@@ -269,13 +269,14 @@ def test_explore_swaps_one_stubborn_failure_for_an_unknown_example() -> None:
     assert 19 not in second
 
 
-def test_a_rank_that_names_its_known_examples_draws_exactly_what_the_full_scan_draws() -> None:
-    """The sampler computes keys only for the examples drawn before or known to the lineage (a plan was
-    O(training set) in Python: 10 ms at 10,000 examples); every draw must be the one the full scan makes."""
+def test_a_rank_that_names_its_failures_draws_exactly_what_the_full_scan_draws() -> None:
+    """The sampler computes keys only for the lineage's failures and the examples it walks past in
+    (last draw, position) order (a plan was O(training set) in Python: 10 ms at 10,000 examples, and
+    O(examples drawn before), every one after an epoch); every draw must be the one the full scan makes."""
     import random
 
     rng = random.Random(7)
-    for trial in range(60):
+    for trial in range(150):
         n = rng.choice([5, 13, 40, 200])
         size = rng.choice([1, 3, 8])
         ids = rng.sample(range(3 * n), n)
@@ -285,8 +286,8 @@ def test_a_rank_that_names_its_known_examples_draws_exactly_what_the_full_scan_d
             for i in rng.sample(ids, min(len(ids), rng.choice([0, 1, 4]))):
                 knowledge.record(rng.choice(["a", "b"]), i, rng.choice([0.0, 1.0]), step + rng.choice([0, 1]))
             ranker = knowledge.ranker(["a", "b"], step + 1)
-            assert ranker.known is not None  # the fast path runs
-            plain = lambda i, r=ranker: r(i)  # noqa: E731  (no `known`: every key computed)
+            assert ranker.failing is not None  # the fast path runs
+            plain = lambda i, r=ranker: r(i)  # noqa: E731  (no `failing`: every key computed)
             exclude = set(rng.sample(ids, rng.choice([0, 0, 2])))
             want = rng.choice([None, 1, len(ids)])
             got = fast.draw(ranker, size=want, exclude=exclude)
