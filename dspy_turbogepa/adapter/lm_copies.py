@@ -341,15 +341,20 @@ def _some_output(lm: Any, outputs: Any) -> Any:
 
     Why: through litellm DSPy turns it into an empty list, and ``dspy.Predict`` into a prediction with no
     fields, raising nothing, so the metric scored it as if the program had answered (stored as a success
-    and replayed on resume); DSPy's native client fails the same answer as unparsable. Raised as DSPy's
-    provider error, it is scored ``failure_score`` as an unusable answer, and a service that answers
-    nothing else stops the run as systemic."""
+    and replayed on resume); DSPy's native client reads it as one empty, unparsable answer (the copy's
+    ``update_history`` catches that case from the response). Raised as DSPy's provider error, it is
+    scored ``failure_score`` as an unusable answer, and a service that answers nothing else stops the run
+    as systemic."""
     if isinstance(outputs, list) and not outputs:
-        from dspy.utils.exceptions import LMProviderError
-
-        raise LMProviderError("the LM answered with no choices (an empty `choices` list)",
-                              model=getattr(lm, "model", None))
+        raise _no_choices_error(lm)
     return outputs
+
+
+def _no_choices_error(lm: Any) -> Exception:
+    from dspy.utils.exceptions import LMProviderError
+
+    return LMProviderError("the LM answered with no choices (an empty `choices` list)",
+                           model=getattr(lm, "model", None))
 
 
 def _answered_no_choices(entry: Any) -> bool:
@@ -384,8 +389,10 @@ def _make_copy(lm: Any) -> Any:
     def update_history(entry: Any) -> None:
         inner(entry)
         _note_history_entry(entry)
-        if _answered_no_choices(entry):  # DSPy's native client reads it as one empty answer: not the program's
-            _some_output(copy, [])
+        # DSPy's native client reads it as one empty answer (and with DSPy's history off only the outputs,
+        # checked in __call__ / acall, show it: litellm's empty list)
+        if _answered_no_choices(entry):
+            raise _no_choices_error(copy)
 
     copy.update_history = update_history
     return copy

@@ -343,8 +343,10 @@ def _fields_identity(fields: Mapping[str, Any]) -> list[Any]:
 
 
 def _annotation_identity(annotation: Any) -> Any:
-    if annotation is None or annotation is str:
-        return "str" if annotation is str else None
+    if annotation is None:
+        return None
+    if annotation is str:
+        return "str"
     text = _ADDRESS.sub("", repr(annotation))
     try:
         import pydantic

@@ -239,7 +239,8 @@ class LineageKnowledge:
             return UNKNOWN
 
         # every example ranked LIKELY_FAILING is among these (a superset: rank() decides)
-        rank.failing = set().union(*(self._failing.get(fp, ()) for fp in lineage[:LINEAGE_DEPTH]))  # type: ignore[attr-defined]
+        failing = set().union(*(self._failing.get(fp, ()) for fp in lineage[:LINEAGE_DEPTH]))
+        rank.failing = failing  # type: ignore[attr-defined]
         return rank
 
     def known(self, fingerprint: str, n_commits: int) -> set[int]:

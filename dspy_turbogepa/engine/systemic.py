@@ -21,9 +21,9 @@ A third rule covers an LM service that stops answering mid-run (an outage, a quo
 ``outage_window`` evaluations in a row failed because the service did (``service_failure``: its
 retries given up, or an answer it could not use), over at least ``OUTAGE_MIN_SECONDS`` (two waves of
 given-up retries take only ~15 s: a blip that long must not end a long run), the run stops, whatever
-succeeded before. Scored as
-``failure_score`` they would be wrong data: children rejected for the service's failures, reflections
-paid for candidates nobody can evaluate. The failed evaluations are run again on resume.
+succeeded before. Scored as ``failure_score`` they would be wrong data: children rejected for the
+service's failures, reflections paid for candidates nobody can evaluate. The failed evaluations are run
+again on resume.
 
 Reflections get the same two rules: a fatal proposer failure stops the run, and so do ``window``
 failed reflections before the first usable one (a reflection LM that never answers usefully would
@@ -233,11 +233,12 @@ class SystemicFailureDetector:
             self._service_since = self._clock()
         self._service_streak[(outcome.failure, outcome.error_type or "")] += 1
         n = sum(self._service_streak.values())
-        if n < self.outage_window or self._clock() - self._service_since < self._outage_min_seconds:
+        lasted = self._clock() - self._service_since
+        if n < self.outage_window or lasted < self._outage_min_seconds:
             return
         (failure, error_type), _ = self._service_streak.most_common(1)[0]
         raise SystemicFailureError(
-            f"Stopping: the last {n} evaluations (over {self._clock() - self._service_since:.0f}s) all failed "
+            f"Stopping: the last {n} evaluations (over {lasted:.0f}s) all failed "
             "because the LM service did (its retries given up "
             f"or its answer unusable; first: {self._service_example}): the endpoint is down, overloaded or out "
             f"of quota. Rerun once it answers (the failed evaluations are run again). {RESUME_ADVICE}",

@@ -320,9 +320,8 @@ class ReflectiveProposer:
         for a wait past the retry policy, which stops the run."""
         message = describe_error(exc)
         fatal = fatal_error_name(exc, self._fatal)
-        if fatal is not None or quota:  # the run stops on it, and its error says so: no "skipped, counted" line
-            logger.debug("The instruction proposer raised %s", message)
-        elif self._reported_errors.first(type(exc).__name__):
+        # a fatal one stops the run, and its error says so: no "skipped, counted" line
+        if fatal is None and not quota and self._reported_errors.first(type(exc).__name__):
             logger.warning("The instruction proposer raised %s (this proposal is skipped; further %s failures are "
                            "counted in run_stats['proposal_skips'] and logged at DEBUG)", message, type(exc).__name__)
         else:
