@@ -320,8 +320,10 @@ class ReflectiveProposer:
         for a wait past the retry policy, which stops the run."""
         message = describe_error(exc)
         fatal = fatal_error_name(exc, self._fatal)
-        # a fatal one stops the run, and its error says so: no "skipped, counted" line
-        if fatal is None and not quota and self._reported_errors.first(type(exc).__name__):
+        # a fatal one stops the run, and its error says so: no "skipped, counted" line; nor for a call that
+        # fails once the run has stopped (its server may be gone by now): compile has returned or is returning
+        if fatal is None and not quota and not self._stopping.is_set() \
+                and self._reported_errors.first(type(exc).__name__):
             logger.warning("The instruction proposer raised %s (this proposal is skipped; further %s failures are "
                            "counted in run_stats['proposal_skips'] and logged at DEBUG)", message, type(exc).__name__)
         else:
