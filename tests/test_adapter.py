@@ -113,7 +113,8 @@ def test_program_exception_scores_failure_and_becomes_feedback(routing):
     error_records = [rec for _, ds, _ in proposer.calls for recs in ds.values() for rec in recs
                      if "CRM rejected" in rec["Feedback"]]
     assert error_records, "the program's error must reach the reflective dataset as feedback"
-    assert "RuntimeError" in error_records[0]["Generated Outputs"]
+    # raised after the predictor answered: its record shows that answer, and the error as the feedback
+    assert "RuntimeError" in error_records[0]["Feedback"] and set(error_records[0]["Generated Outputs"]) == {"queue"}
 
 
 class NotFoundError(Exception):
@@ -176,16 +177,16 @@ def test_a_programs_error_reaches_reflection_an_lm_services_does_not(routing):
     with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
         optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
     records = [rec for _, ds, _ in proposer.calls for recs in ds.values() for rec in recs]
-    assert any("DatabaseConnectionError" in rec["Generated Outputs"] for rec in records)
+    assert any("DatabaseConnectionError" in rec["Feedback"] for rec in records)
     assert optimized.detailed_results.run_stats["failures"]["program_error"] > 0
 
     codec = ProgramCodec(routing.make_program())
     builder = ReflectiveDatasetBuilder(codec, routing.metric, 0.0, False, False, False)
     ex = splits.train[0]
     service = DspyTrajectory(ex, None, [], [], "LMServerError: 503", "LMServerError", "program_error",
-                             service_failure=True)
+                             service_failure=True, failed_predictor="route")
     own = DspyTrajectory(ex, None, [], [], "DatabaseConnectionError: down", "DatabaseConnectionError",
-                         "program_error")
+                         "program_error", failed_predictor="route")
     data = builder.build(["route"], [service, own], [0.0, 0.0], random.Random(0))
     assert len(data["route"]) == 1 and "DatabaseConnectionError" in data["route"][0]["Generated Outputs"]
     assert builder.skipped["infrastructure_error"] == 1
@@ -952,9 +953,13 @@ def test_no_metric_call_for_a_single_step_rollout_that_finishes_after_close(rout
     assert calls == []
 
 
-def test_an_error_after_a_step_ran_goes_to_the_steps_that_never_ran():
-    """step1 produced its output, then the program raised before step2 answered: the error is feedback
-    for step2 only. Giving it to step1 too would make the proposer rewrite an instruction that worked."""
+@pytest.mark.parametrize("raised_in", ["second", None], ids=["in_second", "in_the_programs_code"])
+def test_a_program_error_is_fed_back_to_the_predictor_it_came_from_only(raised_in):
+    """step1 produced its output, then the program raised. Raised inside step2 (its LM call, its own
+    code): the error is feedback for step2 only; giving it to step1 too would make the proposer rewrite
+    an instruction that worked. Raised in the program's code between them (``int(a.answer)``): for
+    step1 only, with its output, which the failing code was using; step2 never ran on it. Before,
+    every predictor without a step got it, also one the program never calls (a wasted reflection)."""
     import random
 
     from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
@@ -966,10 +971,60 @@ def test_an_error_after_a_step_ran_goes_to_the_steps_that_never_ran():
     ex = dspy.Example(text="t0", answer="y").with_inputs("text")
     ran = TraceStep("first", program.first, {"text": "t0"}, dspy.Prediction(answer="x"))
     traj = DspyTrajectory(ex, None, [ran], [(program.first, {"text": "t0"}, dspy.Prediction(answer="x"))],
-                          "RuntimeError: CRM is down", "RuntimeError", "program_error")
+                          "RuntimeError: CRM is down", "RuntimeError", "program_error", failed_predictor=raised_in)
     data = builder.build(["first", "second"], [traj], [0.0], random.Random(0))
-    assert set(data) == {"second"}
-    assert "CRM is down" in data["second"][0]["Generated Outputs"]
+    if raised_in == "second":
+        assert set(data) == {"second"}
+        assert "CRM is down" in data["second"][0]["Generated Outputs"]
+    else:
+        assert set(data) == {"first"}
+        (record,) = data["first"]
+        assert record["Inputs"] == {"text": "t0"} and record["Generated Outputs"] == {"answer": "x"}
+        assert "CRM is down" in record["Feedback"] and "after this output" in record["Feedback"]
+
+
+def test_a_program_error_raised_before_any_predictor_ran_is_fed_back_to_none():
+    """No instruction can prevent an error raised before any predictor ran (dspy.GEPA feeds program
+    errors to no predictor at all)."""
+    import random
+
+    from dspy_turbogepa.adapter.evaluator import DspyTrajectory
+    from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+
+    program = TwinPipeline()
+    builder = ReflectiveDatasetBuilder(ProgramCodec(program), twin_metric, 0.0, False, False, False)
+    ex = dspy.Example(text="t0", answer="y").with_inputs("text")
+    traj = DspyTrajectory(ex, None, [], [], "KeyError: 'tenant'", "KeyError", "program_error")
+    assert builder.build(["first", "second"], [traj], [0.0], random.Random(0)) == {}
+
+
+def test_the_predictor_an_error_was_raised_in_is_read_from_its_traceback():
+    """The evaluator names the predictor a program error came from by the traceback's innermost frame of
+    one of the program's predictors; an error raised in the program's own code names none."""
+    from dspy_turbogepa.adapter.program import PredictorNames
+
+    class Refusing(dspy.Predict):
+        def forward(self, **kwargs):
+            raise ValueError("the content filter refused this input")
+
+    class Pipeline(dspy.Module):
+        def __init__(self, second):
+            super().__init__()
+            self.first = dspy.Predict("text -> answer")
+            self.second = second
+
+        def forward(self, text):
+            a = self.first(text=text)
+            if self.second is None:
+                return int(a.answer)  # the program's own code fails on first's output
+            return self.second(text=f"{text} | {a.answer}")
+
+    for second, expected in ((Refusing("text -> answer"), "second"), (None, None)):
+        program = Pipeline(second)
+        with dspy.context(lm=_twin_lm()), pytest.raises(ValueError) as info:
+            program(text="t0")
+        assert PredictorNames(program).raised_in(info.value) == expected
 
 
 def test_no_feedback_from_the_pred_name_call_falls_back_to_the_programs_score(routing):

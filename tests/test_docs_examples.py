@@ -261,14 +261,16 @@ class FailsOnTracking(dspy.Module):
         self.inner = ROUTING.make_program()
 
     def forward(self, ticket):
-        if "tracking" in ticket.lower():
+        routed = self.inner(ticket=ticket)
+        if "tracking" in ticket.lower():  # downstream: after the predictor answered
             raise _CrmError("downstream CRM rejected the tracking ticket")
-        return self.inner(ticket=ticket)
+        return routed
 
 
 def test_readme_program_errors_become_reflection_feedback():
     """errors.md: "the program raises on an example: scored failure_score, counted as program_error, the
-    error goes to reflection as feedback"."""
+    error goes to reflection as feedback for the predictor it was raised in, else for the last one that ran
+    before it"."""
     feedback: list[str] = []
 
     def proposer(candidate, reflective_dataset, components_to_update):
@@ -724,9 +726,10 @@ class _NoMessage(Exception):
 
 class _RaisesWithoutMessage(FailsOnTracking):
     def forward(self, ticket):
+        routed = self.inner(ticket=ticket)
         if "tracking" in ticket.lower():
             raise _NoMessage()
-        return self.inner(ticket=ticket)
+        return routed
 
 
 def test_errors_md_unparsable_answers_and_unprintable_errors_are_ordinary_failures_shown_to_reflection():

@@ -105,7 +105,8 @@ class DspyTrajectory:
     failure: FailureKind | None = None
     raw_completion: str | None = None
     #: For a parse failure: the signature whose outputs could not be parsed, and the predictor it
-    #: belongs to when exactly one has that signature (None: unknown, judged by its fields).
+    #: belongs to when exactly one has that signature (None: unknown, judged by its fields). For
+    #: another error: the predictor it was raised inside (None: raised in the program's own code).
     failed_signature: Any = None
     failed_predictor: str | None = None
     #: The LM service failed (see ``EvalOutcome.service_failure``): nothing for reflection to learn.
@@ -650,7 +651,8 @@ class DspyEvaluator:
                 example, None, steps, raw_trace, message, fatal or types[0], failure,
                 raw_completion=error_attr(error, "lm_response"),
                 failed_signature=failed_signature, service_failure=service,
-                failed_predictor=names.signature_owner(failed_signature) if failed_signature is not None else None,
+                failed_predictor=(names.signature_owner(failed_signature) if failed_signature is not None
+                                  else names.raised_in(error)),
             ) if capture else None
             return EvalOutcome(
                 example_id, self._failure_score, failure=failure, message=message + _user_frame(error),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -93,6 +94,22 @@ class PredictorNames:
             except (AttributeError, TypeError):  # not a dspy Signature: no match by signature
                 continue
         return names
+
+    def raised_in(self, error: BaseException) -> str | None:
+        """The predictor ``error`` was raised inside: the innermost frame of its traceback that is a
+        method of one of the program's predictors. None when it was raised in the program's own code
+        between predictor calls (or in a predictor several could be, a copy of one of equal signatures).
+
+        Why: a program error becomes reflective feedback, and only the predictor that raised it (or the
+        one whose output the failing code was using) can learn from it; a predictor that never ran on
+        the example, or never runs at all, must not be told to prevent it."""
+        found: str | None = None
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, dspy.Predict):
+                names = self.names_of(owner)
+                found = names[0] if len(names) == 1 and names[0] != "?" else None
+        return found
 
     def signature_owner(self, signature: Any) -> str | None:
         """The one predictor whose signature equals ``signature`` (fields and instructions), else None.

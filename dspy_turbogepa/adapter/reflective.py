@@ -169,14 +169,30 @@ class ReflectiveDatasetBuilder:
 
     def _error_record(self, name: str, traj: DspyTrajectory, steps: list[Any],
                       texts: Mapping[str, str] | None = None) -> ReflectiveRecord | None:
-        if steps and not (traj.failure == "format_error" and traj.failed_predictor == name):
-            # this predictor produced its output; the failure happened elsewhere (but a predictor called
-            # again, as ReAct's is at each step, may have answered once and then failed to parse)
+        if traj.failure == "format_error":
+            if steps and traj.failed_predictor != name:
+                # this predictor produced its output; the failure happened elsewhere (but a predictor called
+                # again, as ReAct's is at each step, may have answered once and then failed to parse)
+                return None
+        elif _program_error_owner(traj) != name:
+            # raised in another predictor, or in the program's code after another one's output: only
+            # that one can learn from it (a predictor that did not run, or never runs, cannot)
             return None
         if traj.service_failure:
             self._count("infrastructure_error")
             return None
         inputs = self._inputs(dict(traj.example.inputs()))
+        if traj.failure != "format_error" and traj.failed_predictor != name and steps:
+            # raised in the program's own code, after this predictor's output: that output may be the cause
+            step = steps[-1]
+            return {
+                "Inputs": self._inputs(step.inputs), "Generated Outputs": self._outputs(step.outputs),
+                "Feedback": (
+                    f"The program failed with {traj.error} after this output, in the code that uses it. This "
+                    f"example was scored {self._failure_score}. If this output caused the error, change the "
+                    "instruction so that it does not happen again."
+                ),
+            }
         if traj.failure == "format_error":
             sig = traj.failed_signature
             if traj.failed_predictor is not None and traj.failed_predictor != name:
@@ -262,6 +278,15 @@ def is_builtin_proposer(proposer: Any) -> bool:
     return isinstance(proposer, dspy.teleprompt.gepa.InstructionProposer)
 
 
+def _program_error_owner(traj: DspyTrajectory) -> str | None:
+    """Who a program error is fed back to: the predictor it was raised inside, else the last one that
+    ran before it (the failing code was likely using its output), else no one (it was raised before
+    any predictor ran: no instruction could prevent it). dspy.GEPA feeds it to no one."""
+    if traj.failed_predictor is not None:
+        return traj.failed_predictor
+    return next((s.pred_name for s in reversed(traj.steps) if s.pred_name != "?"), None)
+
+
 def _why_no_record(name: str, traj: DspyTrajectory) -> str:
     """Why an example gave a predictor no reflective record, as the warning says it: the same warning
     covered a predictor the program never called and a metric that raised on every example."""
@@ -269,4 +294,6 @@ def _why_no_record(name: str, traj: DspyTrajectory) -> str:
         return "where the metric raised"
     if not any(step.pred_name == name for step in traj.steps):
         return "where it did not run"
+    if traj.failure == "program_error" and not traj.service_failure and _program_error_owner(traj) != name:
+        return "where the program failed outside it"
     return "whose feedback was unusable"
