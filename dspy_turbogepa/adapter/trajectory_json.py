@@ -367,7 +367,7 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
         "prediction": prediction_dict(traj.prediction),
         "steps": [
             {"pred_name": s.pred_name, "inputs": jsonable(s.inputs), "outputs": prediction_dict(s.outputs),
-             "raw": s.raw_index}
+             "raw": s.raw_index, **_unnamed_signature(s)}
             for s in traj.steps
         ],
         "error": traj.error,
@@ -383,6 +383,28 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
         ),
     }
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def _unnamed_signature(step: Any) -> dict[str, Any]:
+    """For a step of a predictor the program does not hold (one built inside ``forward``): its signature's
+    field names and instructions, so a reload can hand the metric a stand-in predictor, not None."""
+    sig = getattr(step.predictor, "signature", None) if step.pred_name == "?" else None
+    if sig is None or not hasattr(sig, "input_fields"):
+        return {}
+    return {"signature": [list(sig.input_fields), list(sig.output_fields), str(sig.instructions or "")]}
+
+
+def _stand_in(stored: Any, made: dict[str, Any]) -> Any:
+    """A ``dspy.Predict`` with the stored signature's fields (typed ``str``) and instructions: what a
+    metric reading ``trace[i][0].signature`` gets for a predictor the program does not hold. One per
+    signature per trajectory, as the live trace held one object per predictor."""
+    key = json.dumps(stored)
+    if key not in made:
+        inputs, outputs, instructions = stored
+        fields = {name: (str, dspy.InputField()) for name in inputs}
+        fields.update({name: (str, dspy.OutputField()) for name in outputs})
+        made[key] = dspy.Predict(dspy.Signature(fields, instructions or None))
+    return made[key]
 
 
 class _FieldsOnly:
@@ -432,8 +454,11 @@ def _steps_from_json(
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
     previous: Any = None
+    made: dict[str, Any] = {}
     for s in data.get("steps", []):
         pred = predictors.get(s["pred_name"])
+        if pred is None and s.get("signature"):  # absent in rows written before it was stored
+            pred = _stand_in(s["signature"], made)
         # One LM call matched to several predictors is one trace entry under consecutive steps with the
         # same "raw"; stores written before "raw" existed have an entry per step.
         stored = s.get("raw")
