@@ -670,13 +670,20 @@ class Orchestrator:
             scout_ids=scouts,
         )
         if not callable(self.config.component_selector):
-            # Built-in policies decide now, in launch order, so round-robin counters are reproducible.
+            # The user left the selector at its default: let operator credit pick one or all.
+            every = (self.config.adaptive_components and len(self._selector.components) > 1
+                     and self._history.at(n_commits).credit.choose_reflection_kind(rng) == "reflection_all")
+            if self._turns_deferred():
+                # A mutation skipped because its minibatch is perfect must not use up a predictor's turn:
+                # the turn is taken after that check (_take_turn), in launch order (reproducible).
+                plan.turn_deferred = True
+                if every:
+                    plan.kind = "reflection_all"
+                return plan
             plan.components, plan.child_counter = self._selector.select(
                 parent.candidate.fingerprint, parent.candidate.texts, parent_index, (), (), None
             )
-            # The user left the selector at its default: let operator credit pick one or all.
-            if (self.config.adaptive_components and len(self._selector.components) > 1
-                    and self._history.at(n_commits).credit.choose_reflection_kind(rng) == "reflection_all"):
+            if every:
                 plan.components = list(self._selector.components)
             if len(plan.components) > 1:
                 plan.kind = "reflection_all"
@@ -758,9 +765,11 @@ class Orchestrator:
             child_texts=proposal.texts,
             screen_ids=proposal.screen_ids,
         )
-        plan.child_counter = max(
-            self._selector.counter(first.candidate.fingerprint), self._selector.counter(second.candidate.fingerprint)
-        )
+        if self._turns_deferred():
+            plan.turn_deferred = True  # the parents' counters are read after the turns launched before it
+        else:
+            plan.child_counter = max(self._selector.counter(first.candidate.fingerprint),
+                                     self._selector.counter(second.candidate.fingerprint))
         logger.debug("Mutation %d: merge of %d and %d via ancestor %d", seq, proposal.first, proposal.second,
                      proposal.ancestor)
         return plan
@@ -770,7 +779,7 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         self._rung0_futs[plan.seq] = loop.create_future()
         self._commit_futs[plan.seq] = loop.create_future()
-        if self.config.deterministic and callable(self.config.component_selector):
+        if self.config.deterministic and (callable(self.config.component_selector) or plan.turn_deferred):
             self._selector_turns[plan.seq] = loop.create_future()
         self._planned[plan.seq] = (plan.kind, plan.parent_index, plan.chain_on)
         self._planned.pop(plan.seq - 2, None)
@@ -829,6 +838,34 @@ class Orchestrator:
             self._selector_chose = True
         return True
 
+    def _turns_deferred(self) -> bool:
+        """Whether round-robin turns are taken after the parent's minibatch (_take_turn), not at launch."""
+        return (not callable(self.config.component_selector) and self._selector.policy == "round_robin"
+                and len(self._selector.components) > 1)
+
+    async def _take_turn(self, plan: MutationPlan) -> None:
+        """The round robin's turn for a mutation whose parent's minibatch was not perfect, in launch order
+        in a deterministic run (as a callable selector's); for a merge, its parents' counters as those
+        turns left them. A chained mutation already took its parent's child's turn when it adopted it."""
+        try:
+            if not plan.chained:
+                earlier = [f for s, f in self._selector_turns.items() if s < plan.seq and not f.done()]
+                if earlier:
+                    await asyncio.gather(*(asyncio.shield(f) for f in earlier))
+                if plan.kind == "merge":
+                    other = self._records[plan.other_parent_index].candidate.fingerprint \
+                        if plan.other_parent_index is not None else plan.parent.fingerprint
+                    plan.child_counter = max(self._selector.counter(plan.parent.fingerprint),
+                                             self._selector.counter(other))
+                    return
+                plan.components, plan.child_counter = self._selector.select(
+                    plan.parent.fingerprint, plan.parent.texts, plan.parent_index, (), (), None
+                )
+            if plan.kind == "reflection_all":  # operator credit chose every predictor (the turn still moves)
+                plan.components = list(self._selector.components)
+        finally:
+            self._pass_selector_turn(plan.seq)
+
     def _note_empty_selection(self, seq: int) -> None:
         """A callable selector chose no component. Now and then that is its choice; on every one of the first
         selections it is a selector that can never propose, which would end the run as "no progress
@@ -871,6 +908,8 @@ class Orchestrator:
             names = self._selector.components
             idx = counter % len(names)
             plan.components, plan.child_counter = [names[idx]], (idx + 1) % len(names)
+        elif plan.turn_deferred:  # every predictor: the child keeps its parent's counter
+            plan.child_counter = counter
         self.stats.chaining["chained"] += 1
 
     def _chain_settled(self, plan: MutationPlan) -> bool | None:
@@ -904,6 +943,8 @@ class Orchestrator:
             result.status = "skipped_perfect"
             return
 
+        if plan.turn_deferred:
+            await self._take_turn(plan)
         # A user selector sees the parent's traced minibatch, so it can only run now.
         if callable(cfg.component_selector):
             parent_outs = await self._with_traces(parent, parent_outs, plan.seq)
@@ -1148,6 +1189,8 @@ class Orchestrator:
         other_fp = self._records[plan.other_parent_index].candidate.fingerprint if plan.other_parent_index is not None \
             else ""
         child = Candidate(texts=plan.child_texts, parents=(plan.parent.fingerprint, other_fp), kind="merge")
+        if plan.turn_deferred:
+            await self._take_turn(plan)
         if self._claim_child(child, plan, result):
             return
         outs = await self._evaluations.many(child, "val", plan.screen_ids, plan.seq, result.requested)

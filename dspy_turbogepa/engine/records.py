@@ -77,6 +77,9 @@ class MutationPlan:
     view: int = 0
     components: list[str] = field(default_factory=list)
     child_counter: int = 0
+    #: Round robin over several predictors: the turn is taken once the parent's minibatch is known not
+    #: to be perfect (as gepa selects after its skip), in launch order; ``components`` is empty until then.
+    turn_deferred: bool = False
     #: Merge only: the second parent, the merged texts and the validation ids it is screened on.
     other_parent_index: int | None = None
     other_parent_val: Mapping[int, float] | None = None
