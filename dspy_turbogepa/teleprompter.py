@@ -55,7 +55,7 @@ from dspy_turbogepa.redaction import (
     url_key_material,
 )
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
-from dspy_turbogepa.tracking.imports import drop_cut_short_imports
+from dspy_turbogepa.tracking.imports import ctrl_c_held, drop_cut_short_imports
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay, visible_logs
 
 logger = logging.getLogger(__name__)
@@ -460,6 +460,24 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         num_threads = self.num_threads or dspy.settings.num_threads or 8
 
         codec = ProgramCodec(student)
+        finished: list[dspy.Module] = []  # the optimized program, once the search has ended and it is built
+        try:
+            return self._compile_in(codec, student, train, val, budget, num_threads, shared, expected, finished)
+        except KeyboardInterrupt:
+            if not finished:
+                raise
+            # A Ctrl-C after the search ended, while its program was built or the run closed (the store
+            # committing its last rows, threads, MLflow): what finished is stored, and the program is
+            # returned as errors.md promises.
+            logger.warning("Interrupted after the search ended: returning the optimized program (the run's "
+                           "reports may be incomplete).")
+            return finished[0]
+
+    def _compile_in(self, codec: ProgramCodec, student: dspy.Module, train: list[Any], val: list[Any], budget: int,
+                    num_threads: int, shared: bool, expected: Mapping[str, Sequence[int]],
+                    finished: list[dspy.Module]) -> dspy.Module:
+        """``compile`` once its arguments are checked: every thread, store and MLflow run it opens is
+        released on any exit. The program is put in ``finished`` as soon as it exists."""
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
             # progress and result shown with no logging setup; lines named by compile when several run
             cleanup.enter_context(visible_logs(self.verbose, label=Path(self.log_dir).name if self.log_dir else None))
@@ -471,14 +489,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 # dspy.Predict without an LM of its own would call it, and nothing shows whether one will
                 _warn_unpriced(_compile_lms(*reached), self.price_table, self.cost_budget_usd)
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
-                             expected_failures=expected)
+                             expected_failures=expected, finished=finished)
 
     def _run(
         self, codec: ProgramCodec, cleanup: ExitStack, train: list[dspy.Example], val: list[dspy.Example],
         budget: int, num_threads: int, shared_splits: bool = False,
-        expected_failures: Mapping[str, Sequence[int]] | None = None,
+        expected_failures: Mapping[str, Sequence[int]] | None = None, finished: list[dspy.Module] | None = None,
     ) -> dspy.Module:
-        """Build the engine around ``codec``'s program, run it and return the best program.
+        """Build the engine around ``codec``'s program, run it and return the best program (also put in
+        ``finished`` as soon as it is built).
 
         Resources are registered on ``cleanup`` as soon as they exist, so a failure anywhere (opening the
         store, building the engine, the run, the result) closes thread pools and the store and ends an
@@ -622,10 +641,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             f", LM cost ${cost:.4g}" if cost > 0 else "",
             f"; run store, summary.json and plots in {self.log_dir}" if store is not None else "",
         )
-        program = codec.build(best.candidate.texts)
-        detailed = build_result(result, codec.build, self.log_dir, self.seed, self.track_best_outputs)
-        if self.track_stats:
-            program.detailed_results = detailed
+        # The search is over and stored: a Ctrl-C now must not lose its program. One pressed while it is
+        # built is held until it exists, then ends compile() with the program returned (see compile).
+        with ctrl_c_held():
+            program, detailed = self._result_program(codec, result)
+            if finished is not None:
+                finished.append(program)
         modules_before = set(sys.modules)
         try:
             written = self._write_reports(detailed, result, budget) if self.log_dir else []
@@ -641,6 +662,14 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             if tracker is not None:
                 tracker.abort(exc)
         return program
+
+    def _result_program(self, codec: ProgramCodec, result: EngineResult) -> tuple[dspy.Module, Any]:
+        """The best candidate as a program, with ``detailed_results`` when ``track_stats``."""
+        program = codec.build(result.best.candidate.texts)
+        detailed = build_result(result, codec.build, self.log_dir, self.seed, self.track_best_outputs)
+        if self.track_stats:
+            program.detailed_results = detailed
+        return program, detailed
 
     def _log_path(self) -> Path:
         """``log_dir`` as the run store opens it (``~`` expanded): summary.json, the plots and the stop

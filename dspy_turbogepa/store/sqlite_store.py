@@ -10,6 +10,7 @@ Only the standard library is used, and only JSON is stored (no pickle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import (
@@ -391,11 +392,22 @@ class _Writer:
                 self.queue.put(final)
             marker = _Stop()
             self.queue.put(marker)
-        try:
-            self._wait(marker, timeout)
-        except RunStoreError as exc:  # also runs as a finalizer: report, never raise
-            logger.warning("Run store %s did not close cleanly: %s", self.path, exc)
+        interrupted: KeyboardInterrupt | None = None
+        for _ in range(2):
+            try:
+                self._wait(marker, timeout)
+            except RunStoreError as exc:  # also runs as a finalizer: report, never raise
+                logger.warning("Run store %s did not close cleanly: %s", self.path, exc)
+            except KeyboardInterrupt as exc:
+                if interrupted is not None:
+                    raise  # a second Ctrl-C: stop waiting
+                # the wait is bounded: finish it, so what was queued is committed, then pass the Ctrl-C on
+                interrupted = exc
+                continue
+            break
         self.thread.join(timeout)
+        if interrupted is not None:
+            raise interrupted
 
     def _wait(self, marker: _Flush, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -878,8 +890,30 @@ class _RunLock:
     stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock.
     """
 
+    #: Lock descriptors held in this process, closed in a forked child: a flock lasts until every copy
+    #: of its descriptor is closed, so a worker forked during the run (a metric's multiprocessing pool)
+    #: kept the log_dir locked after the compile was killed, and the rerun was refused.
+    _held: ClassVar[set[int]] = set()
+    _held_lock: ClassVar[threading.Lock] = threading.Lock()
+    _fork_hook_registered: ClassVar[bool] = False
+
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
+        if fd is not None:
+            with _RunLock._held_lock:
+                _RunLock._held.add(fd)
+                if not _RunLock._fork_hook_registered and hasattr(os, "register_at_fork"):
+                    os.register_at_fork(after_in_child=_RunLock._close_in_child)
+                    _RunLock._fork_hook_registered = True
+
+    @staticmethod
+    def _close_in_child() -> None:
+        """In a forked child: drop its copies of the lock descriptors (the parent keeps its lock)."""
+        for fd in list(_RunLock._held):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _RunLock._held.clear()
+        _RunLock._held_lock = threading.Lock()  # a copy of a lock another thread may have held at the fork
 
     @classmethod
     def acquire(cls, log_dir: Path) -> _RunLock:
@@ -915,7 +949,16 @@ class _RunLock:
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
+            with _RunLock._held_lock:
+                _RunLock._held.discard(fd)
+            try:
+                import fcntl
+
+                # released now, whatever copies of the descriptor exist (a child forked outside the fork hook)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                logger.debug("Could not unlock %s: %s", fd, exc)
+            os.close(fd)
 
 
 def _shutdown(writer: _Writer, session: int, lock: _RunLock) -> None:
