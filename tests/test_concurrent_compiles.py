@@ -422,8 +422,15 @@ def test_two_compiles_with_their_own_log_dirs_at_once_keep_their_own_stores_and_
     threads_before = {t.ident for t in threading.enumerate()}
     a, b = _at_once(lambda: _compile(PIPELINE, seed=1, budget=150, log_dir=str(a_dir)),
                     lambda: _compile(PRICING, seed=2, budget=130, log_dir=str(b_dir)))
-    time.sleep(0.2)  # pools and store writers are closed when compile returns; their threads end now
-    left = [t.name for t in threading.enumerate() if t.ident not in threads_before and t.name.startswith("turbogepa")]
+    # pools and store writers are closed when compile returns; their threads end now (within ms; a loaded
+    # machine may take longer, but never forever)
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t.name for t in threading.enumerate()
+                if t.ident not in threads_before and t.name.startswith("turbogepa")]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert left == []
     for before, program, log_dir, budget in ((alone[0], a, a_dir, 150), (alone[1], b, b_dir, 130)):
         assert _diff(before, _fingerprint(program)) == []
@@ -791,21 +798,24 @@ def test_every_compile_sharing_the_log_handler_is_numbered_a_quiet_one_too(capsy
     log = logging.getLogger("dspy_turbogepa.labels_probe")
     try:
         for n_verbose in (1, 2):
-            go, done = threading.Barrier(n_verbose + 2), threading.Event()
+            go, logged = threading.Barrier(n_verbose + 2), threading.Barrier(n_verbose + 2)
+            entered, done = threading.Event(), threading.Event()
 
             def run(verbose):
                 with visible_logs(verbose):
+                    entered.set()
                     go.wait()
                     log.warning("from verbose=%s", verbose)
+                    logged.wait()
                     done.wait()
 
             threads = [threading.Thread(target=run, args=(v,)) for v in [True] * n_verbose + [False]]
             threads[0].start()
-            time.sleep(0.1)  # the first verbose compile installs the handler before the others start
+            assert entered.wait(10)  # the first verbose compile installs the handler before the others start
             for t in threads[1:]:
                 t.start()
             go.wait()
-            time.sleep(0.1)
+            logged.wait()  # every thread has logged while every compile still holds the handler
             done.set()
             for t in threads:
                 t.join()

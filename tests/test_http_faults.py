@@ -21,6 +21,7 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import socket
 import sqlite3
 import struct
@@ -374,7 +375,8 @@ def test_429s_without_retry_after_or_with_an_http_date_are_waited_out(proxy, rou
         if "student" in model and n == 3:
             return ("status", 429, limited, {})
         if "student" in model and n == 5:
-            return ("status", 429, limited, {"Retry-After": formatdate(time.time() + 2.0, usegmt=True)})
+            # whole seconds on the wire: 2 to 3 s ahead, so a slow client still has over 1 s left to wait
+            return ("status", 429, limited, {"Retry-After": formatdate(math.ceil(time.time()) + 2, usegmt=True)})
         if "reflector" in model and n == 1:
             return ("status", 429, limited, {})
         return None
@@ -384,7 +386,7 @@ def test_429s_without_retry_after_or_with_an_http_date_are_waited_out(proxy, rou
     limits = dr.run_stats["rate_limits"]
     assert dr.run_stats["failures"] == {} and not dr.run_stats.get("proposal_skips")
     assert limits["rate_limited"] == 2 and limits["rate_limit_gave_up"] == 0
-    assert limits["backoff_seconds"] >= 0.8  # the date was honoured (whole seconds: 1 to 2 s ahead)
+    assert limits["backoff_seconds"] >= 0.8  # the date was honoured (whole seconds: 2 to 3 s ahead when sent)
     assert limits["reflection"]["rate_limited"] == 1 and limits["reflection"]["rate_limit_retries"] == 1
 
 
@@ -566,13 +568,17 @@ def test_an_endpoint_that_goes_down_for_good_mid_run_stops_the_run(proxy, routin
 def test_an_answer_paid_while_a_systemic_stop_happens_is_not_paid_again_on_the_rerun(proxy, routing, tmp_path):
     """Two seed evaluations in flight: one call is answered after a second, the other is refused with a 401
     at once and stops the run. The slow answer is billed, then thrown away, and billed again on the rerun."""
+    refused = threading.Event()
+
     def plan(model: str, n: int, body: dict[str, Any], headers: dict[str, str]) -> Action:
         if "student" not in model:
             return None
-        if n == 1:
-            return ("stall", 1.0)  # answered (200) after the stop
+        if n == 1:  # answered (200) a second after the 401 went out, whatever the machine's load
+            refused.wait(10)
+            time.sleep(1.0)
+            return None
         if n == 2:
-            time.sleep(0.1)
+            refused.set()
             return ("status", 401, REVOKED[401], {})
         return None
 

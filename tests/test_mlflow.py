@@ -810,7 +810,10 @@ def test_tracker_against_a_real_mlflow_server(mlflow_server, tmp_path, monkeypat
             # dies just as compile finishes, long before this tracker's next /health probe was due: the
             # final burst met MLflow's own retries (finish took its whole 60 s timeout)
             at_finish = MlflowRunTracker({"seed": 0}, flush_interval=30.0, run_name="server-dies-at-finish")
-            time.sleep(0.5)  # the params went out
+            deadline = time.monotonic() + 30  # the params went out (the trackers upload from their own threads)
+            while not all(client.get_run(t.run_id).data.params for t in (dying, at_finish)):
+                assert time.monotonic() < deadline, "the trackers never uploaded their params"
+                time.sleep(0.05)
             stop_server()
             start = time.monotonic()
             at_finish.finish(box["result"], program)

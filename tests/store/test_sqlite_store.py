@@ -451,16 +451,43 @@ def test_many_rows_from_many_threads(tmp_path: Path) -> None:
         assert elapsed < 5, f"{n_threads * per_thread} rows took {elapsed:.1f}s"
 
 
-def test_recording_does_not_wait_for_the_disk(tmp_path: Path) -> None:
+def test_recording_does_not_wait_for_the_disk(tmp_path: Path, monkeypatch) -> None:
+    """record_evaluation hands rows to the writer thread: with the writer stuck on the disk, 3,000 rows
+    are still recorded (then all written once it is free). No wall-clock bound: the CPU the recording
+    thread spends is measured instead, which a loaded machine does not inflate."""
+    from dspy_turbogepa.store import sqlite_store
+
+    inside, release = threading.Event(), threading.Event()
+    write = sqlite_store._Writer._write
+
+    def stuck_write(self, rows):
+        inside.set()
+        assert release.wait(60), "the test never released the writer"
+        return write(self, rows)
+
+    monkeypatch.setattr(sqlite_store._Writer, "_write", stuck_write)
     with RunStore.open(tmp_path, RUN_KEY) as store:
         traj = json.dumps({"inputs": {"q": "x" * 2000}, "outputs": {"a": "y" * 500}})
-        start = time.perf_counter()
-        for i in range(3000):
-            _eval(store, "fp", i, trajectory_json=traj, message="fine")
-        per_row = (time.perf_counter() - start) / 3000
+        _eval(store, "fp", -1, trajectory_json=traj, message="fine")
+        assert inside.wait(30)  # the writer is now stuck inside a transaction
+        cpu: list[float] = []
+
+        def record() -> None:
+            start = time.thread_time()
+            for i in range(3000):
+                _eval(store, "fp", i, trajectory_json=traj, message="fine")
+            cpu.append(time.thread_time() - start)
+
+        recorder = threading.Thread(target=record)
+        recorder.start()
+        recorder.join(timeout=20)
+        finished_while_stuck = not recorder.is_alive() and not release.is_set()
+        release.set()
+        recorder.join()
+        assert finished_while_stuck, "recording waited for the writer (the disk)"
         store.flush()
-        assert store.counts()["evaluations"] == 3000
-    assert per_row < 200e-6, f"record_evaluation took {per_row * 1e6:.0f} us per row"
+        assert store.counts()["evaluations"] == 3001
+    assert cpu[0] / 3000 < 200e-6, f"record_evaluation took {cpu[0] / 3000 * 1e6:.0f} us of CPU per row"
 
 
 def test_close_is_idempotent_and_final(tmp_path: Path) -> None:
