@@ -93,6 +93,9 @@ class ReflectiveProposer:
         #: Set when the run stops (or this proposer closes): a rate-limit backoff ends at once, so no
         #: reflection thread outlives compile() and calls the LM after it returned.
         self._stopping = threading.Event()
+        #: Set when compile() is done with this proposer: a reflection still on the wire may fail after
+        #: that (its server gone), and nothing it says reaches the run any more.
+        self._closed = threading.Event()
         self._rng = random.Random(f"reflection-backoff:{seed}")
         self._rl_stats = RateLimitStats()
         self._rl_waits = RateLimitWaits()
@@ -115,6 +118,7 @@ class ReflectiveProposer:
         self._stopping.set()
 
     def close(self) -> None:
+        self._closed.set()
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -321,8 +325,8 @@ class ReflectiveProposer:
         message = describe_error(exc)
         fatal = fatal_error_name(exc, self._fatal)
         # a fatal one stops the run, and its error says so: no "skipped, counted" line; nor for a call that
-        # fails once the run has stopped (its server may be gone by now): compile has returned or is returning
-        if fatal is None and not quota and not self._stopping.is_set() \
+        # fails once compile() is done with this proposer (its server may be gone by now)
+        if fatal is None and not quota and not self._closed.is_set() \
                 and self._reported_errors.first(type(exc).__name__):
             logger.warning("The instruction proposer raised %s (this proposal is skipped; further %s failures are "
                            "counted in run_stats['proposal_skips'] and logged at DEBUG)", message, type(exc).__name__)
