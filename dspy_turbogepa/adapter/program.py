@@ -103,12 +103,31 @@ class PredictorNames:
         Why: a program error becomes reflective feedback, and only the predictor that raised it (or the
         one whose output the failing code was using) can learn from it; a predictor that never ran on
         the example, or never runs at all, must not be told to prevent it."""
+        seen: set[int] = set()
+        current: BaseException | None = error
+        while current is not None and id(current) not in seen:  # ``raise X from e``: where ``e`` was raised
+            seen.add(id(current))
+            try:
+                found = self._innermost_predictor(current)
+            except Exception as exc:  # noqa: BLE001 - a frame's objects are the user's: attribution is optional
+                logger.debug("Could not tell which predictor raised %s: %r", type(error).__name__, exc)
+                return None
+            if found is not None:
+                return found or None
+            current = current.__cause__
+        return None
+
+    def _innermost_predictor(self, error: BaseException) -> str | None:
+        """The innermost predictor frame of ``error``'s own traceback: its name, "" when it is not one
+        name (a copy of one of several equal signatures, a predictor the program does not hold), None
+        when no frame is a predictor's."""
         found: str | None = None
         for frame, _ in traceback.walk_tb(error.__traceback__):
             owner = frame.f_locals.get("self")
-            if isinstance(owner, dspy.Predict):
+            # type(), not isinstance(): a lazy proxy's __class__ runs the user's code (Django's LazyObject)
+            if owner is not None and issubclass(type(owner), dspy.Predict):
                 names = self.names_of(owner)
-                found = names[0] if len(names) == 1 and names[0] != "?" else None
+                found = names[0] if len(names) == 1 and names[0] != "?" else ""
         return found
 
     def signature_owner(self, signature: Any) -> str | None:

@@ -284,7 +284,7 @@ def _program_error_owner(traj: DspyTrajectory) -> str | None:
     any predictor ran: no instruction could prevent it). dspy.GEPA feeds it to no one."""
     if traj.failed_predictor is not None:
         return traj.failed_predictor
-    return next((s.pred_name for s in reversed(traj.steps) if s.pred_name != "?"), None)
+    return traj.steps[-1].pred_name if traj.steps else None  # "?" or a frozen one: no component's
 
 
 def _why_no_record(name: str, traj: DspyTrajectory) -> str:

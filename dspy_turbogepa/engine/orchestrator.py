@@ -905,9 +905,8 @@ class Orchestrator:
         plan.parent, plan.parent_index, plan.parent_val = child, -1, {}
         plan.feedback_ids = ()  # the planned parent's failures; the child's own are not committed yet
         if plan.kind != "reflection_all":
-            names = self._selector.components
-            idx = counter % len(names)
-            plan.components, plan.child_counter = [names[idx]], (idx + 1) % len(names)
+            component, plan.child_counter = self._selector.chained_turn(child.fingerprint, counter)
+            plan.components = [component]
         elif plan.turn_deferred:  # every predictor: the child keeps its parent's counter
             plan.child_counter = counter
         self.stats.chaining["chained"] += 1

@@ -113,13 +113,30 @@ class ComponentSelector:
         self.components = list(components)
         self.policy = policy
         self._next: dict[str, int] = {}
+        #: Turns chained mutations took on a child before it joined the pool (see ``chained_turn``).
+        self._taken_early: dict[str, int] = {}
+        self._joined: set[str] = set()
 
     def counter(self, fingerprint: str) -> int:
         return self._next.get(fingerprint, 0)
 
     def inherit(self, child_fp: str, value: int) -> None:
-        """A new candidate continues its parent's round robin (gepa: max over its parents)."""
-        self._next[child_fp] = max(self._next.get(child_fp, 0), value)
+        """A new candidate continues its parent's round robin (gepa: max over its parents), moved on by
+        the turns chained mutations already took on it."""
+        taken = self._taken_early.pop(child_fp, 0)
+        self._next[child_fp] = (max(self._next.get(child_fp, 0), value) + taken) % len(self.components)
+        self._joined.add(child_fp)
+
+    def chained_turn(self, child_fp: str, counter: int) -> tuple[str, int]:
+        """The turn of a mutation chained on ``child_fp``, a child whose round robin is at ``counter``:
+        the component, and the counter that mutation's own child inherits. The turn is the child's,
+        as gepa's parent's counter advances on every turn: a later mutation from it takes the next one."""
+        idx = counter % len(self.components)
+        if child_fp in self._joined:  # already in the pool: its counter moves now
+            self._next[child_fp] = (self._next.get(child_fp, 0) + 1) % len(self.components)
+        else:
+            self._taken_early[child_fp] = self._taken_early.get(child_fp, 0) + 1
+        return self.components[idx], (idx + 1) % len(self.components)
 
     def after(self, component: str) -> list[str]:
         """The other components in round-robin order, starting after ``component``."""

@@ -893,7 +893,7 @@ class _RunLock:
     #: Lock descriptors held in this process, closed in a forked child: a flock lasts until every copy
     #: of its descriptor is closed, so a worker forked during the run (a metric's multiprocessing pool)
     #: kept the log_dir locked after the compile was killed, and the rerun was refused.
-    _held: ClassVar[set[int]] = set()
+    _held: ClassVar[weakref.WeakSet[_RunLock]] = weakref.WeakSet()
     _held_lock: ClassVar[threading.Lock] = threading.Lock()
     _fork_hook_registered: ClassVar[bool] = False
 
@@ -901,18 +901,22 @@ class _RunLock:
         self._fd = fd
         if fd is not None:
             with _RunLock._held_lock:
-                _RunLock._held.add(fd)
+                _RunLock._held.add(self)
                 if not _RunLock._fork_hook_registered and hasattr(os, "register_at_fork"):
                     os.register_at_fork(after_in_child=_RunLock._close_in_child)
                     _RunLock._fork_hook_registered = True
 
     @staticmethod
     def _close_in_child() -> None:
-        """In a forked child: drop its copies of the lock descriptors (the parent keeps its lock)."""
-        for fd in list(_RunLock._held):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        _RunLock._held.clear()
+        """In a forked child: close its copies of the lock descriptors (the parent keeps its lock), and
+        forget them, so that a release in the child (a store's finalizer) cannot close a file the child
+        opened later under the same descriptor number."""
+        for held in list(_RunLock._held):
+            fd, held._fd = held._fd, None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        _RunLock._held = weakref.WeakSet()
         _RunLock._held_lock = threading.Lock()  # a copy of a lock another thread may have held at the fork
 
     @classmethod
@@ -950,7 +954,7 @@ class _RunLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             with _RunLock._held_lock:
-                _RunLock._held.discard(fd)
+                _RunLock._held.discard(self)
             try:
                 import fcntl
 

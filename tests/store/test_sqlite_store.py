@@ -458,14 +458,17 @@ def test_recording_does_not_wait_for_the_disk(tmp_path: Path, monkeypatch) -> No
     from dspy_turbogepa.store import sqlite_store
 
     inside, release = threading.Event(), threading.Event()
-    write = sqlite_store._Writer._write
+    transaction = sqlite_store._Writer._transaction
 
-    def stuck_write(self, rows):
-        inside.set()
-        assert release.wait(60), "the test never released the writer"
-        return write(self, rows)
+    def stuck_transaction(self, rows):
+        if not inside.is_set():  # the first one holds the database's write lock until released
+            self.conn.execute("BEGIN IMMEDIATE")
+            inside.set()
+            assert release.wait(60), "the test never released the writer"
+            self.conn.execute("ROLLBACK")
+        return transaction(self, rows)
 
-    monkeypatch.setattr(sqlite_store._Writer, "_write", stuck_write)
+    monkeypatch.setattr(sqlite_store._Writer, "_transaction", stuck_transaction)
     with RunStore.open(tmp_path, RUN_KEY) as store:
         traj = json.dumps({"inputs": {"q": "x" * 2000}, "outputs": {"a": "y" * 500}})
         _eval(store, "fp", -1, trajectory_json=traj, message="fine")
