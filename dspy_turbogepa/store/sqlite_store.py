@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import (
@@ -881,6 +881,39 @@ def _store_error(path: Path, log_dir: Path, exc: sqlite3.Error) -> RunStoreError
 LOCK_FILENAME = "run.lock"
 
 
+class _HeldRunLocks:
+    """The run locks this process holds. A flock lasts until every copy of its descriptor is closed,
+    and ``fork()`` copies descriptors: a worker forked during the run (a metric's multiprocessing pool)
+    kept the log_dir locked after the compile was killed, and the rerun was refused. A forked child
+    now closes its copies."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakSet[_RunLock] = weakref.WeakSet()
+        self._guard = threading.Lock()
+        self._hooked = False
+
+    def add(self, lock: _RunLock) -> None:
+        with self._guard:
+            self._locks.add(lock)
+            if not self._hooked and hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=self._after_fork_in_child)
+                self._hooked = True
+
+    def discard(self, lock: _RunLock) -> None:
+        with self._guard:
+            self._locks.discard(lock)
+
+    def _after_fork_in_child(self) -> None:
+        for lock in list(self._locks):
+            lock.forget_in_child()
+        self._locks = weakref.WeakSet()
+        self._guard = threading.Lock()  # a copy of a lock another thread may have held at the fork
+
+
+#: Process-wide, as the descriptors a fork copies are.
+_HELD_RUN_LOCKS = _HeldRunLocks()
+
+
 class _RunLock:
     """An exclusive lock on a log_dir while a session has its store open.
 
@@ -890,34 +923,19 @@ class _RunLock:
     stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock.
     """
 
-    #: Lock descriptors held in this process, closed in a forked child: a flock lasts until every copy
-    #: of its descriptor is closed, so a worker forked during the run (a metric's multiprocessing pool)
-    #: kept the log_dir locked after the compile was killed, and the rerun was refused.
-    _held: ClassVar[weakref.WeakSet[_RunLock]] = weakref.WeakSet()
-    _held_lock: ClassVar[threading.Lock] = threading.Lock()
-    _fork_hook_registered: ClassVar[bool] = False
-
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
         if fd is not None:
-            with _RunLock._held_lock:
-                _RunLock._held.add(self)
-                if not _RunLock._fork_hook_registered and hasattr(os, "register_at_fork"):
-                    os.register_at_fork(after_in_child=_RunLock._close_in_child)
-                    _RunLock._fork_hook_registered = True
+            _HELD_RUN_LOCKS.add(self)
 
-    @staticmethod
-    def _close_in_child() -> None:
-        """In a forked child: close its copies of the lock descriptors (the parent keeps its lock), and
-        forget them, so that a release in the child (a store's finalizer) cannot close a file the child
-        opened later under the same descriptor number."""
-        for held in list(_RunLock._held):
-            fd, held._fd = held._fd, None
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        _RunLock._held = weakref.WeakSet()
-        _RunLock._held_lock = threading.Lock()  # a copy of a lock another thread may have held at the fork
+    def forget_in_child(self) -> None:
+        """In a forked child: close this copy of the descriptor (the parent keeps its lock) and forget
+        it, so that a release in the child (a store's finalizer) cannot close a file the child opened
+        later under the same number."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     @classmethod
     def acquire(cls, log_dir: Path) -> _RunLock:
@@ -953,8 +971,7 @@ class _RunLock:
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            with _RunLock._held_lock:
-                _RunLock._held.discard(self)
+            _HELD_RUN_LOCKS.discard(self)
             try:
                 import fcntl
 
