@@ -494,7 +494,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     def _run(
         self, codec: ProgramCodec, cleanup: ExitStack, train: list[dspy.Example], val: list[dspy.Example],
         budget: int, num_threads: int, shared_splits: bool = False,
-        expected_failures: Mapping[str, Sequence[int]] | None = None, finished: list[dspy.Module] | None = None,
+        expected_failures: Mapping[str, Sequence[int]] | None = None, *, finished: list[dspy.Module],
     ) -> dspy.Module:
         """Build the engine around ``codec``'s program, run it and return the best program (also put in
         ``finished`` as soon as it is built).
@@ -645,8 +645,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         # built is held until it exists, then ends compile() with the program returned (see compile).
         with ctrl_c_held():
             program, detailed = self._result_program(codec, result)
-            if finished is not None:
-                finished.append(program)
+            finished.append(program)
         modules_before = set(sys.modules)
         try:
             written = self._write_reports(detailed, result, budget) if self.log_dir else []

@@ -394,21 +394,21 @@ def _unnamed_signature(step: Any) -> dict[str, Any]:
     return {"signature": [list(sig.input_fields), list(sig.output_fields), str(sig.instructions or "")]}
 
 
-def _stand_in(stored: Any, made: dict[str, Any]) -> Any:
+def _stand_in(stored: Any, made: dict[tuple[Any, ...], Any]) -> Any:
     """A ``dspy.Predict`` with the stored signature's fields (typed ``str``) and instructions: what a
     metric reading ``trace[i][0].signature`` gets for a predictor the program does not hold. One per
     signature per trajectory, as the live trace held one object per predictor."""
-    key = json.dumps(stored)
+    inputs, outputs, instructions = stored
+    key = (tuple(inputs), tuple(outputs), instructions)
     if key not in made:
-        made[key] = dspy.Predict(_stand_in_signature(key))
+        made[key] = dspy.Predict(_stand_in_signature(*key))
     return made[key]
 
 
 @functools.lru_cache(maxsize=256)
-def _stand_in_signature(key: str) -> Any:
+def _stand_in_signature(inputs: tuple[str, ...], outputs: tuple[str, ...], instructions: str) -> Any:
     """Making a Signature class costs about 0.6 ms; a resumed run rebuilds the same few for every stored
     trajectory of a program that calls one (``dspy.Refine``'s feedback step)."""
-    inputs, outputs, instructions = json.loads(key)
     fields = {name: (str, dspy.InputField()) for name in inputs}
     fields.update({name: (str, dspy.OutputField()) for name in outputs})
     return dspy.Signature(fields, instructions or None)
@@ -461,7 +461,7 @@ def _steps_from_json(
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
     previous: Any = None
-    made: dict[str, Any] = {}
+    made: dict[tuple[Any, ...], Any] = {}
     for s in data.get("steps", []):
         pred = predictors.get(s["pred_name"])
         if pred is None and s.get("signature"):  # absent in rows written before it was stored

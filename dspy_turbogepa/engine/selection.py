@@ -115,7 +115,6 @@ class ComponentSelector:
         self._next: dict[str, int] = {}
         #: Turns chained mutations took on a child before it joined the pool (see ``chained_turn``).
         self._taken_early: dict[str, int] = {}
-        self._joined: set[str] = set()
 
     def counter(self, fingerprint: str) -> int:
         return self._next.get(fingerprint, 0)
@@ -125,15 +124,14 @@ class ComponentSelector:
         the turns chained mutations already took on it."""
         taken = self._taken_early.pop(child_fp, 0)
         self._next[child_fp] = (max(self._next.get(child_fp, 0), value) + taken) % len(self.components)
-        self._joined.add(child_fp)
 
     def chained_turn(self, child_fp: str, counter: int) -> tuple[str, int]:
         """The turn of a mutation chained on ``child_fp``, a child whose round robin is at ``counter``:
         the component, and the counter that mutation's own child inherits. The turn is the child's,
         as gepa's parent's counter advances on every turn: a later mutation from it takes the next one."""
         idx = counter % len(self.components)
-        if child_fp in self._joined:  # already in the pool: its counter moves now
-            self._next[child_fp] = (self._next.get(child_fp, 0) + 1) % len(self.components)
+        if child_fp in self._next:  # already in the pool (it has a counter): its counter moves now
+            self._next[child_fp] = (self._next[child_fp] + 1) % len(self.components)
         else:
             self._taken_early[child_fp] = self._taken_early.get(child_fp, 0) + 1
         return self.components[idx], (idx + 1) % len(self.components)

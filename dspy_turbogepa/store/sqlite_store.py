@@ -392,22 +392,21 @@ class _Writer:
                 self.queue.put(final)
             marker = _Stop()
             self.queue.put(marker)
-        interrupted: KeyboardInterrupt | None = None
-        for _ in range(2):
-            try:
-                self._wait(marker, timeout)
-            except RunStoreError as exc:  # also runs as a finalizer: report, never raise
-                logger.warning("Run store %s did not close cleanly: %s", self.path, exc)
-            except KeyboardInterrupt as exc:
-                if interrupted is not None:
-                    raise  # a second Ctrl-C: stop waiting
-                # the wait is bounded: finish it, so what was queued is committed, then pass the Ctrl-C on
-                interrupted = exc
-                continue
-            break
+        try:
+            self._wait_to_close(marker, timeout)
+        except KeyboardInterrupt:
+            # the wait is bounded: finish it, so what was queued is committed, then pass the Ctrl-C on (a
+            # second one stops the waiting)
+            self._wait_to_close(marker, timeout)
+            self.thread.join(timeout)
+            raise
         self.thread.join(timeout)
-        if interrupted is not None:
-            raise interrupted
+
+    def _wait_to_close(self, marker: _Flush, timeout: float | None) -> None:
+        try:
+            self._wait(marker, timeout)
+        except RunStoreError as exc:  # also runs as a finalizer: report, never raise
+            logger.warning("Run store %s did not close cleanly: %s", self.path, exc)
 
     def _wait(self, marker: _Flush, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
