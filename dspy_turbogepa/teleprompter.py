@@ -137,8 +137,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             budget (LM tokens of the program, an LLM-judge metric's and reflection's; dollars as
             dspy/litellm report them — calls through LMs the optimizer does not hold, an LLM-judge
             metric's own, priced from DSPy's model metadata —; wall clock from the start of the search,
-            after compile's checks and set-up). When one is reached nothing new is launched, work in
-            flight finishes, and with ``track_stats=True`` ``detailed_results.stop_reason`` names it.
+            after compile's checks and set-up). With ``track_stats=True`` ``detailed_results.stop_reason``
+            names the one that stopped the run. Tokens and dollars are caps on the whole run, every
+            session of a ``log_dir``: once the total reaches one, every LM call that would be paid for is
+            refused, in the mutations already running too (they end as ``budget_stopped``), so the run
+            passes the cap only by the calls already on the wire; stored work is replayed for free. At the
+            time budget nothing new is launched and the work in flight finishes.
         strict_budget: never pass ``max_metric_calls``: a mutation starts only if its worst case fits,
             so the run may stop up to one mutation's cost below the limit (default False: dspy.GEPA's
             rule, the budget is checked before each mutation starts and the last one may finish,
@@ -557,6 +561,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
+            prior_usage=store.total_usage() if store is not None and store.resumed else (0, 0.0),
         )
 
         def on_tick() -> None:

@@ -396,13 +396,6 @@ def _second_mutation_reflects_after_the_third_launches():
         yield
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN LIMITATION (engine.md, determinism; left as is): "
-                   "token_budget / cost_budget_usd are checked against usage as "
-                   "evaluations finish (orchestrator.py:414-434, evaluation.py:131 and 188), and a rerun replays "
-                   "stored work instantly, so a rerun with the same arguments of a finished run stops launching "
-                   "earlier than the first session did and returns a worse program, though every evaluation of "
-                   "the better one is stored (run_store.md: 'Resuming with the same budget and settings replays "
-                   "the interrupted run exactly')")
 def test_a_rerun_of_a_finished_token_budget_run_returns_the_program_the_run_found(routing, tmp_path):
     splits = small_splits(routing, n_train=30, n_val=8)
     budgets = {"max_metric_calls": 500, "token_budget": 7000, "num_threads": 16}
@@ -414,6 +407,39 @@ def test_a_rerun_of_a_finished_token_budget_run_returns_the_program_the_run_foun
     assert len(second.candidates) == len(first.candidates)
     assert second.val_aggregate_scores[second.best_idx] == first.val_aggregate_scores[first.best_idx]
     assert _instructions(program2) == _instructions(program1)
+
+
+def _largest_call(lm: dspy.LM) -> int:
+    """The most tokens one call of ``lm`` used (our copies share the original's history)."""
+    return max(int(e["usage"].get("prompt_tokens") or 0) + int(e["usage"].get("completion_tokens") or 0)
+               for e in lm.history if e.get("usage"))
+
+
+def test_a_token_cap_is_passed_only_by_the_calls_already_on_the_wire(routing):
+    """A cap refuses every LM call it would have to pay for once the run's tokens reach it, including those
+    of mutations already running (their validation, their reflection): with one evaluation and one
+    reflection in flight at a time, the run pays at most one call of each past the cap."""
+    splits = small_splits(routing, n_train=16, n_val=8)
+    _, dr, _, lm, refl = _compile(routing, splits, max_metric_calls=400, token_budget=6000, num_threads=1)
+    assert dr.stop_reason == "token_budget"
+    paid = _paid_tokens(lm, refl)
+    assert 6000 <= paid <= 6000 + _largest_call(lm) + _largest_call(refl)
+    assert dr.run_stats["mutations"]["budget_stopped"] >= 1  # the mutation the cap cut short
+    assert _counted_tokens(dr) == paid
+
+
+def test_a_token_cap_raised_on_resume_counts_what_earlier_sessions_paid(routing, tmp_path):
+    """The cap is the run's, every session's: resumed with a higher one, the run pays up to the new cap in
+    total (not the new cap again on top of what is stored), and replays what it stored for free."""
+    splits = small_splits(routing, n_train=16, n_val=8)
+    _, first, _, lm1, refl1 = _compile(routing, splits, log_dir=tmp_path, max_metric_calls=400,
+                                       token_budget=4000, num_threads=1)
+    _, second, metric2, lm2, refl2 = _compile(routing, splits, log_dir=tmp_path, max_metric_calls=400,
+                                              token_budget=8000, num_threads=1)
+    assert first.stop_reason == second.stop_reason == "token_budget"
+    paid = _paid_tokens(lm1, refl1) + _paid_tokens(lm2, refl2)
+    assert metric2.scoring > 0 and 8000 <= paid <= 8000 + _largest_call(lm2) + _largest_call(refl2)
+    assert _counted_tokens(second) == paid
 
 
 def test_tokens_and_cost_after_extending_a_run_are_the_whole_runs(routing, tmp_path):
@@ -429,10 +455,6 @@ def test_tokens_and_cost_after_extending_a_run_are_the_whole_runs(routing, tmp_p
         _paid_dollars(lm1, refl1) + _paid_dollars(lm2, refl2), abs=2e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN LIMITATION (deviations.md; left as is): a run already stopped by "
-                   "cost_budget_usd pays for new student and reflection calls "
-                   "when resumed with the same cap and a larger max_metric_calls: stored usage counts only when "
-                   "this session's plan replays the row (evaluation.py:126-131)")
 def test_a_dollar_cap_already_reached_is_not_spent_past_when_the_run_is_extended(routing, tmp_path):
     splits = small_splits(routing, n_train=16, n_val=8)
     _, first, _, lm1, refl1 = _compile(routing, splits, log_dir=tmp_path, max_metric_calls=60, cost_budget_usd=1.0,

@@ -39,3 +39,18 @@ class RunInterruptedError(RuntimeError):
     """The run was stopped and its in-flight work cancelled before the seed program's validation
     finished, so there is no evaluated program to return. Evaluations that did finish were reported
     to the observers (and so kept by a run store: a resumed run does not pay for them again)."""
+
+
+class PaidCallRefused(Exception):
+    """A token or dollar cap refused an LM call that had to be paid for (an evaluation or a reflection
+    not in the run store). Raised inside a mutation, which then ends as ``budget_stopped``.
+
+    Why at the call, not only before a launch: a cap checked before each launch lets the work in flight
+    finish past it, and a resumed run would have to count the stored usage before replaying it, which
+    stops it short of what the first session found. Refusing the paid call itself keeps the cap for
+    every session (stored work replays for free, nothing new is paid past it).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the {reason.replace('_', ' ')} is used up")
+        self.reason = reason

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate
+from dspy_turbogepa.engine.errors import PaidCallRefused
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import RunStats
 from dspy_turbogepa.engine.scheduling import PrioritySlots
@@ -65,6 +66,12 @@ class EvaluationCache:
         #: (paid by an earlier session), and its failure is counted as if it had run now.
         self._unreplayed: set[EvalKey] = set(self._done)
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
+        #: Asked before every execution (not a stored or shared result): a reason to refuse it, or None.
+        #: Set by the orchestrator once the seed is evaluated (the seed is never refused).
+        self.paid_gate: Callable[[], str | None] | None = None
+        #: Usage of this session's executions only (stored outcomes replayed are not counted here).
+        self.fresh_tokens = 0
+        self.fresh_cost = 0.0
 
     @property
     def done(self) -> Mapping[EvalKey, EvalOutcome]:
@@ -91,11 +98,18 @@ class EvaluationCache:
             for t in tasks:
                 t.cancel()
             raise
-        if pending:  # one evaluation raised (a systemic failure): do not leave its siblings running
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
         errors = [exc for t in done if not t.cancelled() and (exc := t.exception()) is not None]
+        if pending:
+            if all(isinstance(e, PaidCallRefused) for e in errors):
+                # a cap refused one: the siblings already on the wire are paid for, so let them finish
+                # and be stored (each one still waiting for a slot is refused in turn)
+                late = await asyncio.gather(*pending, return_exceptions=True)
+                errors = [e for e in late if isinstance(e, BaseException) and not isinstance(e, PaidCallRefused)] \
+                    + errors  # a systemic failure among them still ends the run
+            else:  # one evaluation raised (a systemic failure): do not leave its siblings running
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
         if errors:
             raise errors[0]
         return [t.result() for t in tasks]
@@ -138,6 +152,9 @@ class EvaluationCache:
         self._pending[key] = fut
         try:
             async with self._slots.slot(priority):
+                refusal = self.paid_gate() if self.paid_gate is not None else None
+                if refusal is not None:
+                    raise PaidCallRefused(refusal)
                 self._stats.peak_evals_in_flight = max(self._stats.peak_evals_in_flight, self._slots.in_use)
                 self._budget.record_execution()
                 self._stats.executed += 1
@@ -195,5 +212,7 @@ class EvaluationCache:
             else:
                 logger.debug("An evaluation failed (%s): %s", outcome.failure, outcome.message)
         self._add_usage(outcome)
+        self.fresh_tokens += outcome.prompt_tokens + outcome.completion_tokens
+        self.fresh_cost += outcome.cost
         stats.task_lm_calls += outcome.lm_calls
         stats.rate_limit_retries += outcome.rate_limit_retries

@@ -27,7 +27,7 @@ from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
-from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, RunInterruptedError, SystemicFailureError
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, PaidCallRefused, RunInterruptedError, SystemicFailureError
 from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
@@ -124,13 +124,16 @@ class Orchestrator:
         known_proposals: Mapping[str, ProposalOutcome] | None = None,
         shared_splits: bool = False,
         expected_failures: Mapping[str, Collection[int]] | None = None,
+        prior_usage: tuple[int, float] = (0, 0.0),
     ) -> None:
         """``known_evaluations`` / ``known_proposals`` come from a run store when a run is resumed: they
         are served as cache hits (charged to the budget as the first run was, never executed again).
         ``shared_splits``: ``val_ids`` name the same examples as ``train_ids`` (no separate valset), so
         an evaluation on either serves both (see :class:`EvaluationCache`). ``expected_failures``: examples
         known to fail before the run starts, left out of the systemic-failure check (see
-        :class:`SystemicFailureDetector`)."""
+        :class:`SystemicFailureDetector`). ``prior_usage``: the tokens and dollars earlier sessions of the
+        run paid for (every stored evaluation and reflection): a token or dollar cap counts them before
+        this session pays for anything new (see :meth:`_paid_call_refusal`)."""
         self.config = config
         self._evaluator = evaluator
         self._reflector = reflector
@@ -175,6 +178,12 @@ class Orchestrator:
 
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
+        self._prior_tokens, self._prior_cost = prior_usage
+        #: usage of the reflections this session paid for (stored ones replayed are not in it)
+        self._fresh_reflection_tokens = 0
+        self._fresh_reflection_cost = 0.0
+        #: the cap that refused a paid LM call (then nothing more is launched)
+        self._refused: StopReason | None = None
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
         #: stored proposals not replayed yet in this session (their usage is counted at their first replay)
         self._unreplayed_proposals: set[str] = set(self._known_proposals)
@@ -340,6 +349,7 @@ class Orchestrator:
         outcomes = await self._evaluations.many(self._seed, "val", self._val_ids, priority=-1.0, requested=requested)
         self._budget.commit(requested)
         self._budget.release(n)
+        self._evaluations.paid_gate = self._paid_call_refusal
         record = self._add_record(self._seed, [None], outcomes, seq=None)
         self._history.record(CommitPoint(len(self._records), self._budget.committed, 0, 0, 0))
         for obs in self._observers:
@@ -412,18 +422,17 @@ class Orchestrator:
         )
 
     def _secondary_budget_exhausted(self) -> StopReason | None:
-        """Token, dollar and wall-clock budgets: checked before every launch (work in flight finishes)."""
+        """Wall-clock budget: checked before every launch (work in flight finishes). Token and dollar caps:
+        once one has refused a paid LM call (see _paid_call_refusal), nothing more is launched."""
         cfg, st = self.config, self.stats
         if cfg.max_seconds is not None and self._elapsed() >= cfg.max_seconds:
             return "time_budget"
-        tokens = (st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens
-                  + st.reflection_completion_tokens)
-        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
-            return "token_budget"
+        if self._refused is not None:
+            return self._refused
         if cfg.max_cost is not None:
+            tokens = (st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens
+                      + st.reflection_completion_tokens)
             cost = st.task_cost + st.reflection_cost
-            if cost >= cfg.max_cost:
-                return "cost_budget"
             if cost == 0.0 and tokens > 0 and st.executed >= UNPRICED_AFTER and not self._warned_unpriced:
                 self._warned_unpriced = True
                 logger.warning(
@@ -432,6 +441,31 @@ class Orchestrator:
                     "price_table={model: (usd per 1M prompt tokens, usd per 1M completion tokens)}, or a token budget.",
                     cfg.max_cost, st.executed, tokens)
         return None
+
+    def _paid_call_refusal(self) -> StopReason | None:
+        """Asked before every LM call this session would pay for (an evaluation or a reflection that is not
+        stored): the cap it would go past, counting every session's usage, or None.
+
+        Why not at launch only: a cap checked before each launch lets the mutations in flight pay past
+        it, and a resumed run (its stored work replays at once) would either stop short of what the first
+        session found or pay again past the cap. Checked per paid call, stored work replays for free
+        and nothing new is paid once the run's total reaches the cap; the overshoot is what was
+        already on the wire.
+        """
+        cfg = self.config
+        if self._refused is not None:
+            return self._refused
+        if cfg.max_tokens is not None:
+            tokens = self._prior_tokens + self._evaluations.fresh_tokens + self._fresh_reflection_tokens
+            if tokens >= cfg.max_tokens:
+                self._refused = "token_budget"
+        if self._refused is None and cfg.max_cost is not None:
+            cost = self._prior_cost + self._evaluations.fresh_cost + self._fresh_reflection_cost
+            if cost >= cfg.max_cost:
+                self._refused = "cost_budget"
+        if self._refused is not None and self._wake is not None:
+            self._wake.set()  # the loop stops launching now, not after the next commit
+        return self._refused
 
     def _running(self) -> list[asyncio.Task[MutationResult]]:
         return [t for t in self._tasks.values() if not t.done()]
@@ -799,6 +833,10 @@ class Orchestrator:
         result = MutationResult(plan=plan, status="no_proposal")
         try:
             await self._mutate(plan, result)
+        except PaidCallRefused as exc:
+            logger.debug("Mutation %d: stopped, %s", plan.seq, exc)
+            result.status, result.detail = "budget_stopped", str(exc)
+            result.child = None
         finally:
             self._resolve_rung0(plan.seq, None)
             self._pass_selector_turn(plan.seq)
@@ -1102,10 +1140,15 @@ class Orchestrator:
         else:
             # Each sibling reads its feedback in another order: a reflection LM that answers the same
             # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
-            proposals = list(await asyncio.gather(
+            answers = await asyncio.gather(
                 *(self._propose(plan, result, parent, components, sibling_order(feedback, j), seed, key)
-                  for j, (seed, key) in enumerate(zip(seeds, keys)))
-            ))
+                  for j, (seed, key) in enumerate(zip(seeds, keys))),
+                return_exceptions=True,  # a sibling a cap refused: the others' paid answers are stored
+            )
+            errors = [a for a in answers if isinstance(a, BaseException)]
+            if errors:
+                raise next((e for e in errors if not isinstance(e, PaidCallRefused)), errors[0])
+            proposals = [a for a in answers if isinstance(a, ProposalOutcome)]
         result.reflection_calls += sum(p.reflection_calls for p in proposals)
         return proposals
 
@@ -1135,6 +1178,9 @@ class Orchestrator:
             return proposal
         self._offered.update(components)
         async with self._reflection_slots:
+            refusal = self._paid_call_refusal()
+            if refusal is not None:
+                raise PaidCallRefused(refusal)
             try:
                 proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
             except Exception as exc:  # a proposer failure skips this proposal, recorded; the run goes on  # noqa: BLE001
@@ -1143,6 +1189,8 @@ class Orchestrator:
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)
                 proposal = ProposalOutcome(skipped="proposer_error", message=message)
         self.stats.reflection_calls += proposal.reflection_calls
+        self._fresh_reflection_tokens += proposal.reflection_prompt_tokens + proposal.reflection_completion_tokens
+        self._fresh_reflection_cost += proposal.reflection_cost
         (self._unread if proposal.skipped == NOTHING_TO_REFLECT_ON else self._read).update(components)
         self._add_reflection_usage(proposal)
         self._known_proposals[key] = proposal

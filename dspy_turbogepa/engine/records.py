@@ -20,6 +20,7 @@ MutationStatus = Literal[
     "no_proposal",  # the proposer returned nothing usable (recorded with its cause)
     "skipped_perfect",  # the parent was already perfect on the minibatch
     "cancelled",  # the run stopped before the mutation finished
+    "budget_stopped",  # a token or dollar cap refused an LM call it needed (see errors.PaidCallRefused)
     "orphaned",  # chained on a child that passed rung 0 but then did not join the pool
     "after_stop",  # passed every rung after a stop callback returned True: not added (the state it saw is final)
 ]

@@ -799,6 +799,17 @@ class RunStore:
             for r in rows
         }
 
+    def total_usage(self) -> tuple[int, float]:
+        """Tokens (prompt + completion) and dollars of every stored evaluation and proposal, failed ones
+        included: what the run's sessions so far paid for, as a token or dollar cap counts it."""
+        rows = self._read("SELECT usage_json FROM evaluations UNION ALL SELECT usage_json FROM proposals")
+        tokens, cost = 0, 0.0
+        for (usage_json,) in rows:
+            usage = json.loads(usage_json) if usage_json else {}
+            tokens += int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
+            cost += float(usage.get("cost", 0.0))
+        return tokens, cost
+
     def load_candidates(self) -> list[StoredCandidate]:
         """Every stored candidate, in the order first recorded."""
         rows = self._read(

@@ -67,3 +67,45 @@ def test_concurrent_requests_for_one_evaluation_run_it_once_and_count_the_rest_a
     assert requested == {(cand.fingerprint, "train", 3)}
     assert (stats.task_prompt_tokens, stats.task_completion_tokens, stats.task_cost) == (100, 10, 0.5)
     assert stats.task_lm_calls == 3 and stats.rate_limit_retries == 2
+
+
+class _Recorder:
+    """An observer keeping every evaluation it is told about (what a run store would keep)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_evaluation(self, candidate, split, outcome) -> None:
+        self.seen.append(outcome.example_id)
+
+    def on_candidate(self, record) -> None:
+        pass
+
+
+def test_a_cap_that_refuses_an_evaluation_lets_the_batch_already_on_the_wire_finish_and_be_kept():
+    """Two slots, four evaluations: the first two start; once they are on the wire the cap is reached, so the
+    two waiting for a slot are refused (never run) while the two already running finish, are counted and
+    reach the observers (paid for, so stored for a rerun), and the batch raises PaidCallRefused."""
+    import pytest
+
+    from dspy_turbogepa.engine.errors import PaidCallRefused
+
+    class Staggered(CountingEvaluator):
+        async def evaluate(self, texts, fingerprint, split, example_id, capture_traces) -> EvalOutcome:
+            outcome = await super().evaluate(texts, fingerprint, split, example_id, capture_traces)
+            await asyncio.sleep(0.05 * example_id)  # example 1 is still on the wire when 2 is refused
+            return outcome
+
+    evaluator, recorder, stats = Staggered(), _Recorder(), RunStats()
+    cache = EvaluationCache(evaluator, PrioritySlots(2), MetricBudget(100), stats, [recorder],
+                            SystemicFailureDetector(8))
+    cache.paid_gate = lambda: "token_budget" if len(evaluator.calls) >= 2 else None
+    cand = Candidate({"a": "x"})
+    requested: set = set()
+    with pytest.raises(PaidCallRefused, match="token budget"):
+        asyncio.run(cache.many(cand, "val", [0, 1, 2, 3], 0.0, requested))
+    assert sorted(e for _, _, e, _ in evaluator.calls) == [0, 1]
+    assert sorted(recorder.seen) == [0, 1] and stats.executed == 2
+    assert (cache.fresh_tokens, cache.fresh_cost) == (220, 1.0)
+    assert requested == {(cand.fingerprint, "val", i) for i in range(4)}
+    assert cache.get((cand.fingerprint, "val", 2)) is None  # refused: a rerun runs it (or refuses it again)
