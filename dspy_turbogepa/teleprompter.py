@@ -28,6 +28,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
 from dspy_turbogepa.adapter.metric import check_metric_signature
+from dspy_turbogepa.adapter.persistence import stored_usage
 from dspy_turbogepa.adapter.program import ProgramCodec, all_named_predictors
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
@@ -561,7 +562,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
-            prior_usage=store.total_usage() if store is not None and store.resumed else (0, 0.0),
+            prior_usage=stored_usage(store) if store is not None and store.resumed else None,
         )
 
         def on_tick() -> None:

@@ -103,13 +103,6 @@ def test_an_outage_stop_without_a_log_dir_does_not_promise_a_resume(proxy, monke
 
 
 @pytest.mark.http
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN LIMITATION (docs/deviations.md; left as is): run_stats tokens/cost are documented as the whole "
-    "run's, every session's (deviations.md, "
-    "run_store.md usage_json), but load_known (adapter/persistence.py:155-158) drops service-failure rows "
-    "(and a systemic session's failures) with their usage, and the rerun that runs them again replaces the "
-    "row (sqlite_store.record_evaluation): the first session's paid calls (here 3 answers with no choices, "
-    "usage reported and billed) are missing from count_unused_stored_usage's total"))
 def test_tokens_of_a_resumed_run_include_what_earlier_sessions_paid_for_failed_calls(proxy, tmp_path):
     student = _student(proxy, engine="litellm")
     proxy.reset(on("student", ("mutate", _no_choices), lambda n: n in (9, 10, 11)))

@@ -24,7 +24,7 @@ from dspy_turbogepa.adapter.trajectory_json import (
 )
 from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
-from dspy_turbogepa.engine.records import CandidateRecord, MutationResult
+from dspy_turbogepa.engine.records import CandidateRecord, MutationResult, PriorUsage
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
 from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, ProposalOutcome, Split
 from dspy_turbogepa.redaction import (
@@ -115,6 +115,18 @@ class StoreObserver(EngineObserver):
 def _used(usage: Mapping[str, float] | None, name: str) -> float:
     value = (usage or {}).get(name, 0.0)
     return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def stored_usage(store: Any) -> PriorUsage:
+    """What the stored sessions paid for, every row (failed evaluations and reflections too: the LM
+    billed them, and a rerun that runs them again replaces the row, not the bill)."""
+    totals = store.total_usage()
+    task, reflection = totals["evaluations"], totals["proposals"]
+    return PriorUsage(
+        task_prompt_tokens=int(task["prompt_tokens"]), task_completion_tokens=int(task["completion_tokens"]),
+        task_cost=task["cost"], reflection_prompt_tokens=int(reflection["prompt_tokens"]),
+        reflection_completion_tokens=int(reflection["completion_tokens"]), reflection_cost=reflection["cost"],
+    )
 
 
 def load_known(

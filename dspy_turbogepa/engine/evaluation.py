@@ -69,9 +69,6 @@ class EvaluationCache:
         #: Asked before every execution (not a stored or shared result): a reason to refuse it, or None.
         #: Set by the orchestrator once the seed is evaluated (the seed is never refused).
         self.paid_gate: Callable[[], str | None] | None = None
-        #: Usage of this session's executions only (stored outcomes replayed are not counted here).
-        self.fresh_tokens = 0
-        self.fresh_cost = 0.0
 
     @property
     def done(self) -> Mapping[EvalKey, EvalOutcome]:
@@ -142,7 +139,6 @@ class EvaluationCache:
                 self._stats.replayed += 1
                 if done.failure:
                     self._stats.failures[done.failure] += 1
-                self._add_usage(done)  # the run's token and dollar budgets count it, as the first session did
             return done
         pending = self._pending.get(key)
         if pending is not None:
@@ -177,15 +173,6 @@ class EvaluationCache:
         self._systemic.observe(outcome, candidate.fingerprint, split)
         return outcome
 
-    def count_unused_stored_usage(self) -> None:
-        """At the run's end: add the usage of stored evaluations this session's search never asked for
-        (a run resumed with another budget plans differently), so the run's tokens and cost are all its
-        sessions paid. Not during the search: there the budgets count a stored evaluation when the plan
-        reaches it, as the session that paid for it did."""
-        for key in sorted(self._unreplayed):
-            self._add_usage(self._done[key])
-        self._unreplayed.clear()
-
     def _add_usage(self, outcome: EvalOutcome) -> None:
         self._stats.task_prompt_tokens += outcome.prompt_tokens
         self._stats.task_completion_tokens += outcome.completion_tokens
@@ -212,7 +199,5 @@ class EvaluationCache:
             else:
                 logger.debug("An evaluation failed (%s): %s", outcome.failure, outcome.message)
         self._add_usage(outcome)
-        self.fresh_tokens += outcome.prompt_tokens + outcome.completion_tokens
-        self.fresh_cost += outcome.cost
         stats.task_lm_calls += outcome.lm_calls
         stats.rate_limit_retries += outcome.rate_limit_retries

@@ -38,6 +38,7 @@ from dspy_turbogepa.engine.records import (
     EngineResult,
     MutationPlan,
     MutationResult,
+    PriorUsage,
     RunStats,
     StopReason,
     mean_in_id_order,
@@ -124,16 +125,15 @@ class Orchestrator:
         known_proposals: Mapping[str, ProposalOutcome] | None = None,
         shared_splits: bool = False,
         expected_failures: Mapping[str, Collection[int]] | None = None,
-        prior_usage: tuple[int, float] = (0, 0.0),
+        prior_usage: PriorUsage | None = None,
     ) -> None:
         """``known_evaluations`` / ``known_proposals`` come from a run store when a run is resumed: they
         are served as cache hits (charged to the budget as the first run was, never executed again).
         ``shared_splits``: ``val_ids`` name the same examples as ``train_ids`` (no separate valset), so
         an evaluation on either serves both (see :class:`EvaluationCache`). ``expected_failures``: examples
         known to fail before the run starts, left out of the systemic-failure check (see
-        :class:`SystemicFailureDetector`). ``prior_usage``: the tokens and dollars earlier sessions of the
-        run paid for (every stored evaluation and reflection): a token or dollar cap counts them before
-        this session pays for anything new (see :meth:`_paid_call_refusal`)."""
+        :class:`SystemicFailureDetector`). ``prior_usage``: what earlier sessions of the run paid for; the
+        run's tokens and cost start from it (a token or dollar cap counts it: :meth:`_paid_call_refusal`)."""
         self.config = config
         self._evaluator = evaluator
         self._reflector = reflector
@@ -172,20 +172,20 @@ class Orchestrator:
                                for key, o in (known_evaluations or {}).items() if o.failure is None},
                               any(p.skipped is None for p in (known_proposals or {}).values()))
         self.stats = RunStats()
+        prior = prior_usage or PriorUsage()
+        for name in ("task_prompt_tokens", "task_completion_tokens", "task_cost", "reflection_prompt_tokens",
+                     "reflection_completion_tokens", "reflection_cost"):
+            setattr(self.stats, name, getattr(prior, name))
         self._evaluations = EvaluationCache(evaluator, self._eval_slots, self._budget, self.stats, self._observers,
                                             self._systemic, known_evaluations, shared_splits,
                                             perfect_score=config.perfect_score)
 
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
-        self._prior_tokens, self._prior_cost = prior_usage
-        #: usage of the reflections this session paid for (stored ones replayed are not in it)
-        self._fresh_reflection_tokens = 0
-        self._fresh_reflection_cost = 0.0
         #: the cap that refused a paid LM call (then nothing more is launched)
         self._refused: StopReason | None = None
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
-        #: stored proposals not replayed yet in this session (their usage is counted at their first replay)
+        #: stored proposals not replayed yet in this session (each is counted as replayed once)
         self._unreplayed_proposals: set[str] = set(self._known_proposals)
         self._tasks: dict[int, asyncio.Task[MutationResult]] = {}
         self._mutations_running = 0
@@ -452,17 +452,15 @@ class Orchestrator:
         and nothing new is paid once the run's total reaches the cap; the overshoot is what was
         already on the wire.
         """
-        cfg = self.config
+        cfg, st = self.config, self.stats  # every session's usage (the prior sessions' from the store)
         if self._refused is not None:
             return self._refused
-        if cfg.max_tokens is not None:
-            tokens = self._prior_tokens + self._evaluations.fresh_tokens + self._fresh_reflection_tokens
-            if tokens >= cfg.max_tokens:
-                self._refused = "token_budget"
-        if self._refused is None and cfg.max_cost is not None:
-            cost = self._prior_cost + self._evaluations.fresh_cost + self._fresh_reflection_cost
-            if cost >= cfg.max_cost:
-                self._refused = "cost_budget"
+        if cfg.max_tokens is not None and cfg.max_tokens <= (
+                st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens
+                + st.reflection_completion_tokens):
+            self._refused = "token_budget"
+        elif cfg.max_cost is not None and st.task_cost + st.reflection_cost >= cfg.max_cost:
+            self._refused = "cost_budget"
         if self._refused is not None and self._wake is not None:
             self._wake.set()  # the loop stops launching now, not after the next commit
         return self._refused
@@ -1171,10 +1169,9 @@ class Orchestrator:
         proposal = self._known_proposals.get(key)
         if proposal is not None:
             self.stats.proposals_replayed += 1
-            if key in self._unreplayed_proposals:  # a stored one: its usage counts against the budgets once
+            if key in self._unreplayed_proposals:  # a stored one (its usage is in the prior sessions')
                 self._unreplayed_proposals.discard(key)
                 result.proposals_from_store += 1
-                self._add_reflection_usage(proposal)
             return proposal
         self._offered.update(components)
         async with self._reflection_slots:
@@ -1189,8 +1186,6 @@ class Orchestrator:
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)
                 proposal = ProposalOutcome(skipped="proposer_error", message=message)
         self.stats.reflection_calls += proposal.reflection_calls
-        self._fresh_reflection_tokens += proposal.reflection_prompt_tokens + proposal.reflection_completion_tokens
-        self._fresh_reflection_cost += proposal.reflection_cost
         (self._unread if proposal.skipped == NOTHING_TO_REFLECT_ON else self._read).update(components)
         self._add_reflection_usage(proposal)
         self._known_proposals[key] = proposal
@@ -1438,11 +1433,6 @@ class Orchestrator:
 
     def _result(self) -> EngineResult:
         reason: StopReason = self._stop_reason or "max_metric_calls"
-        # tokens and cost are the whole run's: what earlier sessions paid for and this one did not reuse too
-        self._evaluations.count_unused_stored_usage()
-        for key in sorted(self._unreplayed_proposals):
-            self._add_reflection_usage(self._known_proposals[key])
-        self._unreplayed_proposals.clear()
         self.stats.operator_credit = self._credit.to_dict()
         self.stats.evaluation_slots = self._eval_slots.use().to_dict()
         return EngineResult(

@@ -125,6 +125,20 @@ class MutationResult:
     proposals_from_store: int = 0
 
 
+@dataclass(frozen=True)
+class PriorUsage:
+    """The LM usage earlier sessions of a run paid for (every stored evaluation and reflection, failed
+    ones included). A resumed run's tokens and cost start from it, so ``run_stats`` and the token and
+    dollar caps count the whole run; replaying a stored row adds nothing."""
+
+    task_prompt_tokens: int = 0
+    task_completion_tokens: int = 0
+    task_cost: float = 0.0
+    reflection_prompt_tokens: int = 0
+    reflection_completion_tokens: int = 0
+    reflection_cost: float = 0.0
+
+
 @dataclass
 class RunStats:
     mutations: Counter[str] = field(default_factory=Counter)

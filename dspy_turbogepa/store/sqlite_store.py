@@ -799,16 +799,17 @@ class RunStore:
             for r in rows
         }
 
-    def total_usage(self) -> tuple[int, float]:
-        """Tokens (prompt + completion) and dollars of every stored evaluation and proposal, failed ones
-        included: what the run's sessions so far paid for, as a token or dollar cap counts it."""
-        rows = self._read("SELECT usage_json FROM evaluations UNION ALL SELECT usage_json FROM proposals")
-        tokens, cost = 0, 0.0
-        for (usage_json,) in rows:
-            usage = json.loads(usage_json) if usage_json else {}
-            tokens += int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-            cost += float(usage.get("cost", 0.0))
-        return tokens, cost
+    def total_usage(self) -> dict[str, dict[str, float]]:
+        """The summed usage (``prompt_tokens``, ``completion_tokens``, ``cost``) of every stored row of
+        ``evaluations`` and of ``proposals``, failed ones included: what the run's sessions so far paid for."""
+        totals: dict[str, dict[str, float]] = {}
+        for table in ("evaluations", "proposals"):
+            sums = totals[table] = {"prompt_tokens": 0.0, "completion_tokens": 0.0, "cost": 0.0}
+            for (usage_json,) in self._read(f"SELECT usage_json FROM {table} WHERE usage_json IS NOT NULL"):
+                usage = json.loads(usage_json)
+                for name in sums:
+                    sums[name] += float(usage.get(name, 0.0))
+        return totals
 
     def load_candidates(self) -> list[StoredCandidate]:
         """Every stored candidate, in the order first recorded."""

@@ -106,6 +106,6 @@ def test_a_cap_that_refuses_an_evaluation_lets_the_batch_already_on_the_wire_fin
         asyncio.run(cache.many(cand, "val", [0, 1, 2, 3], 0.0, requested))
     assert sorted(e for _, _, e, _ in evaluator.calls) == [0, 1]
     assert sorted(recorder.seen) == [0, 1] and stats.executed == 2
-    assert (cache.fresh_tokens, cache.fresh_cost) == (220, 1.0)
+    assert (stats.task_prompt_tokens, stats.task_completion_tokens, stats.task_cost) == (200, 20, 1.0)
     assert requested == {(cand.fingerprint, "val", i) for i in range(4)}
     assert cache.get((cand.fingerprint, "val", 2)) is None  # refused: a rerun runs it (or refuses it again)
