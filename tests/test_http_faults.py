@@ -562,7 +562,7 @@ def test_an_endpoint_that_goes_down_for_good_mid_run_stops_the_run(proxy, routin
     "KNOWN LIMITATION (docs/errors.md, left as is: a systemic stop stops at once, at the cost of at most one "
     "call per evaluation slot): a rollout whose LM call is on the wire when another rollout stops the run "
     "(here a 401) is "
-    "cancelled (engine/evaluation.py:94-97) and the evaluator is closed (adapter/evaluator.py:326-330, "
+    "cancelled (engine/errors.py, all_of) and the evaluator is closed (adapter/evaluator.py:326-330, "
     "631-632): the answer arrives and is paid, but is never scored or stored, so the rerun with the same "
     "log_dir pays for it again"))
 def test_an_answer_paid_while_a_systemic_stop_happens_is_not_paid_again_on_the_rerun(proxy, routing, tmp_path):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: What the user's code (a program, a metric, a proposer) may raise that is recorded as its failure
 #: instead of ending the run. ``asyncio.CancelledError`` is a ``BaseException``, but user code raises it
@@ -54,3 +58,33 @@ class PaidCallRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(f"the {reason.replace('_', ' ')} is used up")
         self.reason = reason
+
+
+async def all_of(*awaitables: Awaitable[T]) -> list[T]:
+    """Every result, in order; at the first error, the others are cancelled and it is raised, except a
+    cap's refusal: then the others finish first (their calls already on the wire are paid for, and their
+    answers are stored for a rerun) and the first other error they raise wins over the refusal.
+
+    Why not plain ``gather``: it raises at the first error and leaves the others running past the
+    mutation's commit; a systemic failure must stop its siblings at once.
+    """
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    if not tasks:
+        return []
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        raise
+    errors = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+    if pending and all(isinstance(e, PaidCallRefused) for e in errors):
+        late = await asyncio.gather(*pending, return_exceptions=True)
+        errors = [e for e in late if isinstance(e, BaseException) and not isinstance(e, PaidCallRefused)] + errors
+    elif pending:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    if errors:
+        raise errors[0]
+    return [t.result() for t in tasks]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate
-from dspy_turbogepa.engine.errors import PaidCallRefused
+from dspy_turbogepa.engine.errors import PaidCallRefused, all_of
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import RunStats
 from dspy_turbogepa.engine.scheduling import PrioritySlots
@@ -85,31 +85,10 @@ class EvaluationCache:
     async def many(
         self, candidate: Candidate, split: Split, ids: Sequence[int], priority: float, requested: set[EvalKey]
     ) -> list[EvalOutcome]:
-        """``candidate`` on every example of ``ids`` at once; the keys are added to ``requested``."""
-        tasks = [asyncio.ensure_future(self.one(candidate, split, i, priority, requested)) for i in ids]
-        if not tasks:
-            return []
-        try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        except asyncio.CancelledError:
-            for t in tasks:
-                t.cancel()
-            raise
-        errors = [exc for t in done if not t.cancelled() and (exc := t.exception()) is not None]
-        if pending:
-            if all(isinstance(e, PaidCallRefused) for e in errors):
-                # a cap refused one: the siblings already on the wire are paid for, so let them finish
-                # and be stored (each one still waiting for a slot is refused in turn)
-                late = await asyncio.gather(*pending, return_exceptions=True)
-                errors = [e for e in late if isinstance(e, BaseException) and not isinstance(e, PaidCallRefused)] \
-                    + errors  # a systemic failure among them still ends the run
-            else:  # one evaluation raised (a systemic failure): do not leave its siblings running
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-        if errors:
-            raise errors[0]
-        return [t.result() for t in tasks]
+        """``candidate`` on every example of ``ids`` at once; the keys are added to ``requested``. One that
+        raises a systemic failure cancels the others; a cap's refusal lets those on the wire finish
+        (see :func:`all_of`)."""
+        return await all_of(*(self.one(candidate, split, i, priority, requested) for i in ids))
 
     async def with_trace(self, candidate: Candidate, split: Split, example_id: int, priority: float) -> EvalOutcome:
         """The outcome of ``candidate`` on an example, run again if its stored trace was lost.

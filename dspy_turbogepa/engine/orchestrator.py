@@ -27,7 +27,13 @@ from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
-from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, PaidCallRefused, RunInterruptedError, SystemicFailureError
+from dspy_turbogepa.engine.errors import (
+    USER_CODE_ERRORS,
+    PaidCallRefused,
+    RunInterruptedError,
+    SystemicFailureError,
+    all_of,
+)
 from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
@@ -1043,9 +1049,9 @@ class Orchestrator:
                 await self._evaluations.many(fresh[0], "train", plan.minibatch, plan.seq, result.requested)
             ]
         else:
-            outs_per_child = list(await asyncio.gather(
+            outs_per_child = await all_of(
                 *(self._evaluations.many(c, "train", plan.minibatch, plan.seq, result.requested) for c in fresh)
-            ))
+            )
         parent_sum = sum(parent_scores)
         sums = [sum(o.score for o in outs) for outs in outs_per_child]
         for c, outs in zip(fresh, outs_per_child):
@@ -1138,15 +1144,10 @@ class Orchestrator:
         else:
             # Each sibling reads its feedback in another order: a reflection LM that answers the same
             # prompt the same way (temperature 0, or DSPy's cache) would otherwise give k equal children.
-            answers = await asyncio.gather(
+            proposals = await all_of(
                 *(self._propose(plan, result, parent, components, sibling_order(feedback, j), seed, key)
-                  for j, (seed, key) in enumerate(zip(seeds, keys))),
-                return_exceptions=True,  # a sibling a cap refused: the others' paid answers are stored
+                  for j, (seed, key) in enumerate(zip(seeds, keys)))
             )
-            errors = [a for a in answers if isinstance(a, BaseException)]
-            if errors:
-                raise next((e for e in errors if not isinstance(e, PaidCallRefused)), errors[0])
-            proposals = [a for a in answers if isinstance(a, ProposalOutcome)]
         result.reflection_calls += sum(p.reflection_calls for p in proposals)
         return proposals
 
@@ -1156,7 +1157,7 @@ class Orchestrator:
         lost = [o.example_id for o in outcomes if o.trace_lost]
         if not lost:
             return outcomes
-        fresh = await asyncio.gather(*(self._evaluations.with_trace(parent, "train", i, priority) for i in lost))
+        fresh = await all_of(*(self._evaluations.with_trace(parent, "train", i, priority) for i in lost))
         by_id = dict(zip(lost, fresh))
         return [by_id.get(o.example_id, o) if o.trace_lost else o for o in outcomes]
 
