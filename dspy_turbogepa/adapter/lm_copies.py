@@ -30,6 +30,7 @@ from typing import Any
 
 import dspy
 from dspy.utils.callback import BaseCallback
+from dspy.utils.exceptions import LMProviderError
 from dspy.utils.usage_tracker import UsageTracker, track_usage
 
 from dspy_turbogepa.redaction import endpoint_url
@@ -318,7 +319,10 @@ def _error_noting_class(base: type) -> type:
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             _refuse_if_closed()
             try:
-                return _some_output(self, super().__call__(*args, **kwargs))
+                try:
+                    return _some_output(self, super().__call__(*args, **kwargs))
+                except _CachedNoChoices:  # see _CachedNoChoices: ask the service itself, once
+                    return _some_output(self, super().__call__(*args, **{**kwargs, "cache": False}))
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -326,7 +330,10 @@ def _error_noting_class(base: type) -> type:
         async def acall(self, *args: Any, **kwargs: Any) -> Any:
             _refuse_if_closed()
             try:
-                return _some_output(self, await super().acall(*args, **kwargs))
+                try:
+                    return _some_output(self, await super().acall(*args, **kwargs))
+                except _CachedNoChoices:
+                    return _some_output(self, await super().acall(*args, **{**kwargs, "cache": False}))
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -350,11 +357,20 @@ def _some_output(lm: Any, outputs: Any) -> Any:
     return outputs
 
 
-def _no_choices_error(lm: Any) -> Exception:
-    from dspy.utils.exceptions import LMProviderError
+def _no_choices_error(lm: Any, cached: bool = False) -> Exception:
+    return (_CachedNoChoices if cached else LMProviderError)(
+        "the LM answered with no choices (an empty `choices` list)", model=getattr(lm, "model", None))
 
-    return LMProviderError("the LM answered with no choices (an empty `choices` list)",
-                           model=getattr(lm, "model", None))
+
+class _CachedNoChoices(LMProviderError):
+    """An empty answer served by DSPy's response cache (no usage: no call was made).
+
+    Why: DSPy caches a response before anything reads it, so the empty answers of an outage are
+    cached (on disk, across processes) and the rerun the outage error asks for would be served the same
+    empty answers without asking the service. The copy then asks again with ``cache=False``; what the
+    service answers now is used (and not cached: DSPy cannot overwrite the stale entry through a call).
+    Caught by the copy's ``__call__`` / ``acall``; a DSPy provider error wherever else it surfaces.
+    """
 
 
 def _answered_no_choices(entry: Any) -> bool:
@@ -392,7 +408,9 @@ def _make_copy(lm: Any) -> Any:
         # DSPy's native client reads it as one empty answer (and with DSPy's history off only the outputs,
         # checked in __call__ / acall, show it: litellm's empty list)
         if _answered_no_choices(entry):
-            raise _no_choices_error(copy)
+            # from DSPy's cache: caching on for this call, and no usage (no call was made)
+            kwargs = entry.get("kwargs") or {}
+            raise _no_choices_error(copy, cached=bool(kwargs.get("cache", copy.cache)) and not entry.get("usage"))
 
     copy.update_history = update_history
     return copy
