@@ -28,7 +28,7 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
 from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
 from dspy_turbogepa.adapter.metric import check_metric_signature
-from dspy_turbogepa.adapter.persistence import stored_usage
+from dspy_turbogepa.adapter.persistence import last_committed_mutation, stored_usage
 from dspy_turbogepa.adapter.program import ProgramCodec, all_named_predictors
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
@@ -140,9 +140,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             metric's own, priced from DSPy's model metadata —; wall clock from the start of the search,
             after compile's checks and set-up). With ``track_stats=True`` ``detailed_results.stop_reason``
             names the one that stopped the run. Tokens and dollars are caps on the whole run, every
-            session of a ``log_dir``: once the total reaches one, every LM call that would be paid for is
-            refused, in the mutations already running too (they end as ``budget_stopped``), so the run
-            passes the cap only by the calls already on the wire; stored work is replayed for free. At the
+            session of a ``log_dir``: once the total reaches one, every evaluation or reflection that
+            would be paid for is refused, in the mutations already running too (they end as
+            ``budget_stopped``), so the run passes the cap only by the work already on the wire (and by
+            the seed program's validation, which always runs); stored work is replayed for free. At the
             time budget nothing new is launched and the work in flight finishes.
         strict_budget: never pass ``max_metric_calls``: a mutation starts only if its worst case fits,
             so the run may stop up to one mutation's cost below the limit (default False: dspy.GEPA's
@@ -563,6 +564,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
             prior_usage=stored_usage(store) if store is not None and store.resumed else None,
+            replay_through=last_committed_mutation(store) if store is not None and store.resumed else -1,
         )
 
         def on_tick() -> None:

@@ -129,6 +129,13 @@ def stored_usage(store: Any) -> PriorUsage:
     )
 
 
+def last_committed_mutation(store: Any) -> int:
+    """The highest mutation number an earlier session committed (-1 if none): a capped rerun replays
+    the mutations up to it (Orchestrator's ``replay_through``)."""
+    seqs = [e.payload.get("seq") for e in store.events("mutation_committed")]
+    return max((s for s in seqs if isinstance(s, int)), default=-1)
+
+
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
     need_outputs: bool = False,

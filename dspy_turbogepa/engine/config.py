@@ -145,8 +145,10 @@ class EngineConfig:
     #: Never pass ``max_metric_calls`` (stop up to one mutation's cost below it) instead of dspy.GEPA's
     #: rule, where the budget is checked before each mutation starts and the last one may finish.
     strict_budget: bool = False
-    #: Secondary budgets (None = unlimited): when one is reached, nothing new is launched and the
-    #: work in flight finishes; the stop reason names the budget.
+    #: Secondary budgets (None = unlimited); the stop reason names the one that stopped the run. At
+    #: ``max_seconds`` nothing new is launched and the work in flight finishes; ``max_tokens`` and
+    #: ``max_cost`` cap the whole run (prior sessions' usage included) at each LM call it would pay for
+    #: (Orchestrator._paid_call_refusal).
     max_seconds: float | None = None
     max_tokens: int | None = None
     max_cost: float | None = None

@@ -85,6 +85,6 @@ async def all_of(*awaitables: Awaitable[T]) -> list[T]:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    if errors:
-        raise errors[0]
+    if errors:  # a systemic failure that finished with the refusal wins too (done is a set: no order)
+        raise min(errors, key=lambda e: isinstance(e, PaidCallRefused))
     return [t.result() for t in tasks]

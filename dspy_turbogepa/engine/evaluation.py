@@ -95,22 +95,34 @@ class EvaluationCache:
 
         Why: the run store masks credential-shaped text, so a stored trace may not be what the program
         produced; its score was served, but a reflection must read the real trace. The budget is not
-        charged again: the key was requested, and charged, when its score was first served.
+        charged again: the key was requested, and charged, when its score was first served. The stored
+        outcome stays served until the new one replaces it (another mutation may read it meanwhile, and
+        a cap may refuse the new execution).
         """
         key = self.key(candidate.fingerprint, split, example_id)
         done = self._done.get(key)
-        if done is not None and done.trace_lost:
-            del self._done[key]
-            self._unreplayed.discard(key)
-        return await self.one(candidate, split, example_id, priority, set())
+        if done is None or not done.trace_lost:
+            return await self.one(candidate, split, example_id, priority, set())
+        self._unreplayed.discard(key)
+        return await self._one(candidate, key, priority, rerun=True)
 
     async def one(
         self, candidate: Candidate, split: Split, example_id: int, priority: float, requested: set[EvalKey]
     ) -> EvalOutcome:
+        """The outcome of ``candidate`` on one example (stored, shared with a request in flight, or
+        executed); its key is added to ``requested``, and taken out again if a cap refuses the call:
+        a mutation is charged only for the evaluations it got."""
         key = self.key(candidate.fingerprint, split, example_id)
-        split = key[1]
         requested.add(key)
-        done = self._done.get(key)
+        try:
+            return await self._one(candidate, key, priority)
+        except PaidCallRefused:
+            requested.discard(key)
+            raise
+
+    async def _one(self, candidate: Candidate, key: EvalKey, priority: float, rerun: bool = False) -> EvalOutcome:
+        _, split, example_id = key
+        done = None if rerun else self._done.get(key)
         if done is not None:
             self._stats.cache_hits += 1
             if key in self._unreplayed:

@@ -132,6 +132,7 @@ class Orchestrator:
         shared_splits: bool = False,
         expected_failures: Mapping[str, Collection[int]] | None = None,
         prior_usage: PriorUsage | None = None,
+        replay_through: int = -1,
     ) -> None:
         """``known_evaluations`` / ``known_proposals`` come from a run store when a run is resumed: they
         are served as cache hits (charged to the budget as the first run was, never executed again).
@@ -139,7 +140,9 @@ class Orchestrator:
         an evaluation on either serves both (see :class:`EvaluationCache`). ``expected_failures``: examples
         known to fail before the run starts, left out of the systemic-failure check (see
         :class:`SystemicFailureDetector`). ``prior_usage``: what earlier sessions of the run paid for; the
-        run's tokens and cost start from it (a token or dollar cap counts it: :meth:`_paid_call_refusal`)."""
+        run's tokens and cost start from it (a token or dollar cap counts it: :meth:`_paid_call_refusal`).
+        ``replay_through``: the last mutation an earlier session committed; after a cap refusal, mutations
+        up to it are still launched (see :meth:`_secondary_budget_exhausted`)."""
         self.config = config
         self._evaluator = evaluator
         self._reflector = reflector
@@ -188,8 +191,9 @@ class Orchestrator:
 
         self._records: list[CandidateRecord] = []
         self._index_by_fp: dict[str, int] = {}
-        #: the cap that refused a paid LM call (then nothing more is launched)
+        #: the cap that refused a paid LM call (then nothing more is launched past _replay_through)
         self._refused: StopReason | None = None
+        self._replay_through = replay_through
         self._known_proposals: dict[str, ProposalOutcome] = dict(known_proposals or {})
         #: stored proposals not replayed yet in this session (each is counted as replayed once)
         self._unreplayed_proposals: set[str] = set(self._known_proposals)
@@ -429,11 +433,14 @@ class Orchestrator:
 
     def _secondary_budget_exhausted(self) -> StopReason | None:
         """Wall-clock budget: checked before every launch (work in flight finishes). Token and dollar caps:
-        once one has refused a paid LM call (see _paid_call_refusal), nothing more is launched."""
+        once one has refused a paid LM call (see _paid_call_refusal), nothing more is launched, except,
+        on a resumed run, the mutations an earlier session got to: its stored work replays at once, so a
+        refusal can come before a mutation that session launched (while the refused one was on the wire)
+        has launched here, and that mutation's stored work, free to replay, is what it found."""
         cfg, st = self.config, self.stats
         if cfg.max_seconds is not None and self._elapsed() >= cfg.max_seconds:
             return "time_budget"
-        if self._refused is not None:
+        if self._refused is not None and self._next_seq > self._replay_through:
             return self._refused
         if cfg.max_cost is not None:
             tokens = (st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens

@@ -112,6 +112,23 @@ CREATE INDEX IF NOT EXISTS events_kind ON events (kind, seq);
 
 _DATA_TABLES = ("candidates", "evaluations", "proposals", "events")
 
+#: A row recorded again replaces the earlier one (below), but the LM billed both attempts: before the
+#: replace, the earlier row's usage is kept as an event (``<table>_usage_replaced``, the usage as its
+#: payload), so :meth:`RunStore.total_usage` counts every attempt. Triggers, not a schema change: a store
+#: written before them gets them when it is opened (it only misses the usage of rows replaced until then).
+_REPLACED_USAGE_TRIGGERS = tuple(
+    f"""CREATE TRIGGER IF NOT EXISTS {table}_keep_replaced_usage BEFORE INSERT ON {table}
+BEGIN
+    INSERT INTO events (kind, payload_json, recorded_at, session)
+    SELECT '{table}_usage_replaced', usage_json, NEW.recorded_at, NEW.session FROM {table}
+    WHERE {match} AND usage_json IS NOT NULL;
+END"""
+    for table, match in (
+        ("evaluations", "fingerprint = NEW.fingerprint AND split = NEW.split AND example_id = NEW.example_id"),
+        ("proposals", "key = NEW.key"),
+    )
+)
+
 _INSERT_CANDIDATE = (
     "INSERT OR IGNORE INTO candidates (fingerprint, texts_json, parents_json, kind, created_at, session) "
     "VALUES (?, ?, ?, ?, ?, ?)"
@@ -801,11 +818,15 @@ class RunStore:
 
     def total_usage(self) -> dict[str, dict[str, float]]:
         """The summed usage (``prompt_tokens``, ``completion_tokens``, ``cost``) of every stored row of
-        ``evaluations`` and of ``proposals``, failed ones included: what the run's sessions so far paid for."""
+        ``evaluations`` and of ``proposals``, failed ones and replaced ones included: what the run's
+        sessions so far paid for."""
         totals: dict[str, dict[str, float]] = {}
         for table in ("evaluations", "proposals"):
             sums = totals[table] = {"prompt_tokens": 0.0, "completion_tokens": 0.0, "cost": 0.0}
-            for (usage_json,) in self._read(f"SELECT usage_json FROM {table} WHERE usage_json IS NOT NULL"):
+            for (usage_json,) in self._read(
+                f"SELECT usage_json FROM {table} WHERE usage_json IS NOT NULL UNION ALL "
+                "SELECT payload_json FROM events WHERE kind = ?", (f"{table}_usage_replaced",),
+            ):
                 usage = json.loads(usage_json)
                 for name in sums:
                     sums[name] += float(usage.get(name, 0.0))
@@ -1082,6 +1103,8 @@ def _initialise(
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        for trigger in _REPLACED_USAGE_TRIGGERS:
+            conn.execute(trigger)
         now = time.time()
         stored = dict(conn.execute("SELECT component, value FROM run_key").fetchall())
         if not stored:

@@ -918,3 +918,23 @@ def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path: Path,
     with caplog.at_level(logging.WARNING), RunStore.open(tmp_path, RUN_KEY) as store:
         assert store.session == 1
     assert any("Cannot lock" in r.getMessage() for r in caplog.records)
+
+
+def test_the_usage_of_a_replaced_evaluation_or_proposal_still_counts(tmp_path: Path) -> None:
+    """A row recorded again replaces the earlier one, but the LM billed both attempts (a resumed run re-runs
+    an LM-service failure, a failed proposer, a validation row kept without its output): total_usage, from
+    which a resumed run's tokens, cost and caps start, counts both."""
+    with RunStore.open(tmp_path, RUN_KEY) as store:
+        for cost in (1.0, 2.0):
+            store.record_evaluation("fp", "val", 0, 0.5, None, None, None, None, None, None, None, None,
+                                    usage={"prompt_tokens": 10, "completion_tokens": 1, "cost": cost})
+            store.record_proposal("k", {"p": "x"}, None, None, 1,
+                                  usage={"prompt_tokens": 100, "completion_tokens": 5, "cost": cost})
+        store.record_evaluation("fp", "train", 0, 0.5, None, None, None, None, None, None, None, None)  # no usage
+        store.flush()
+        assert store.total_usage() == {
+            "evaluations": {"prompt_tokens": 20, "completion_tokens": 2, "cost": 3.0},
+            "proposals": {"prompt_tokens": 200, "completion_tokens": 10, "cost": 3.0},
+        }
+        assert [(e.score, e.usage) for e in store.load_evaluations() if e.split == "val"] == [
+            (0.5, {"prompt_tokens": 10.0, "completion_tokens": 1.0, "cost": 2.0})]  # the row is the last attempt
