@@ -322,7 +322,12 @@ def _error_noting_class(base: type) -> type:
                 try:
                     return _some_output(self, super().__call__(*args, **kwargs))
                 except _CachedNoChoices:  # see _CachedNoChoices: ask the service itself, once
-                    return _some_output(self, super().__call__(*args, **{**kwargs, "cache": False}))
+                    if not _dspy_caches(self, kwargs, "forward"):
+                        raise _no_choices_error(self) from None
+                    try:
+                        return _some_output(self, super().__call__(*args, **{**kwargs, "cache": False}))
+                    except _CachedNoChoices:
+                        raise _no_choices_error(self) from None
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -333,7 +338,12 @@ def _error_noting_class(base: type) -> type:
                 try:
                     return _some_output(self, await super().acall(*args, **kwargs))
                 except _CachedNoChoices:
-                    return _some_output(self, await super().acall(*args, **{**kwargs, "cache": False}))
+                    if not _dspy_caches(self, kwargs, "aforward"):
+                        raise _no_choices_error(self) from None
+                    try:
+                        return _some_output(self, await super().acall(*args, **{**kwargs, "cache": False}))
+                    except _CachedNoChoices:
+                        raise _no_choices_error(self) from None
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -362,14 +372,26 @@ def _no_choices_error(lm: Any, cached: bool = False) -> Exception:
         "the LM answered with no choices (an empty `choices` list)", model=getattr(lm, "model", None))
 
 
+def _dspy_caches(lm: Any, kwargs: Mapping[str, Any], method: str) -> bool:
+    """Whether DSPy's response cache serves this call of ``lm``: caching on for the call, and an LM whose
+    calls DSPy manages (execution.prepare: a custom ``forward`` / ``aforward`` is never cached)."""
+    if not kwargs.get("cache", getattr(lm, "cache", False)) or not hasattr(lm, "_engine_spec"):
+        return False
+    base = dspy.LM if isinstance(lm, dspy.LM) else None
+    return base is not None and method not in vars(lm) and getattr(type(lm), method) is getattr(base, method)
+
+
 class _CachedNoChoices(LMProviderError):
-    """An empty answer served by DSPy's response cache (no usage: no call was made).
+    """An empty answer with no usage, which is what DSPy's response cache serves (no call was made).
 
     Why: DSPy caches a response before anything reads it, so the empty answers of an outage are
     cached (on disk, across processes) and the rerun the outage error asks for would be served the same
     empty answers without asking the service. The copy then asks again with ``cache=False``; what the
     service answers now is used (and not cached: DSPy cannot overwrite the stale entry through a call).
-    Caught by the copy's ``__call__`` / ``acall``; a DSPy provider error wherever else it surfaces.
+    Caught by the copy's ``__call__`` / ``acall``, which asks again only when DSPy's cache serves that
+    call (:func:`_dspy_caches`); a DSPy provider error wherever else it surfaces. Known cost: DSPy's
+    native client also records no usage for a live empty answer whose body has none, so with caching on
+    such an answer is asked for twice.
     """
 
 
@@ -408,9 +430,8 @@ def _make_copy(lm: Any) -> Any:
         # DSPy's native client reads it as one empty answer (and with DSPy's history off only the outputs,
         # checked in __call__ / acall, show it: litellm's empty list)
         if _answered_no_choices(entry):
-            # from DSPy's cache: caching on for this call, and no usage (no call was made)
-            kwargs = entry.get("kwargs") or {}
-            raise _no_choices_error(copy, cached=bool(kwargs.get("cache", copy.cache)) and not entry.get("usage"))
+            # no usage, as when DSPy's cache served it (the copy called decides whether it did)
+            raise _no_choices_error(copy, cached=not entry.get("usage"))
 
     copy.update_history = update_history
     return copy
