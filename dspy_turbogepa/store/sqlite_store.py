@@ -685,6 +685,9 @@ class RunStore:
         texts_d = _texts(texts, "texts")
         if any(contains_secret(text, env) for text in texts_d.values()):
             logger.warning("Run store: proposal %s contains what looks like a credential; not stored", key)
+            usage_json = _usage_json(usage)
+            if usage_json is not None:  # paid all the same: the run's totals and caps count it
+                self.record_event("proposals_usage_unstored", json.loads(usage_json))
             return False
         message = _opt_str(message, "message")
         self._writer.put(
@@ -818,14 +821,15 @@ class RunStore:
 
     def total_usage(self) -> dict[str, dict[str, float]]:
         """The summed usage (``prompt_tokens``, ``completion_tokens``, ``cost``) of every stored row of
-        ``evaluations`` and of ``proposals``, failed ones and replaced ones included: what the run's
-        sessions so far paid for."""
+        ``evaluations`` and of ``proposals``, failed ones and replaced ones included, and of proposals not
+        stored (credential-shaped text): what the run's sessions so far paid for."""
         totals: dict[str, dict[str, float]] = {}
         for table in ("evaluations", "proposals"):
             sums = totals[table] = {"prompt_tokens": 0.0, "completion_tokens": 0.0, "cost": 0.0}
             for (usage_json,) in self._read(
                 f"SELECT usage_json FROM {table} WHERE usage_json IS NOT NULL UNION ALL "
-                "SELECT payload_json FROM events WHERE kind = ?", (f"{table}_usage_replaced",),
+                "SELECT payload_json FROM events WHERE kind IN (?, ?)",
+                (f"{table}_usage_replaced", f"{table}_usage_unstored"),
             ):
                 usage = json.loads(usage_json)
                 for name in sums:
