@@ -13,8 +13,6 @@ store refused lost its usage) is fixed, and the limitation found is a strict xfa
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -28,9 +26,9 @@ from pathlib import Path
 
 import dspy
 import pytest
+from test_review_caps import _mutation_1_reflects_after_mutation_2_finished
 
 from dspy_turbogepa import TurboGEPA
-from dspy_turbogepa.engine import Orchestrator
 from dspy_turbogepa.testing import TASKS
 from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
 
@@ -404,41 +402,6 @@ def test_a_rerun_never_pays_past_a_reached_cap_for_a_proposal_the_store_refused(
     # session 1 reported 6,960 tokens and its reruns 6,157 for the same run)
     assert (second["calls"], third["calls"]) == (0, 0)
     assert third["counted"] == billed
-
-
-_RUN_MUTATION, _REFLECT = Orchestrator._run_mutation, Orchestrator._reflect
-
-
-@contextlib.contextmanager
-def _mutation_1_reflects_after_mutation_2_finished(seen: dict):
-    """Mutation 1 reaches its reflection only once mutation 2 has finished (5 s at most), as when its
-    parent minibatch is slow on the wire; ``seen["tokens"]`` is the run's total when it asks."""
-
-    def done_event(orch) -> asyncio.Event:
-        return orch.__dict__.setdefault("_review_m2_done", asyncio.Event())
-
-    async def running(self, plan):
-        try:
-            return await _RUN_MUTATION(self, plan)
-        finally:
-            if plan.seq == 2:
-                done_event(self).set()
-
-    async def reflecting(self, plan, *args):
-        if plan.seq == 1:
-            try:
-                await asyncio.wait_for(done_event(self).wait(), 5)
-            except asyncio.TimeoutError:
-                seen["timeout"] = True
-            st = self.stats
-            seen["tokens"] = (st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens
-                              + st.reflection_completion_tokens)
-        return await _REFLECT(self, plan, *args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Orchestrator, "_run_mutation", running)
-        patch.setattr(Orchestrator, "_reflect", reflecting)
-        yield
 
 
 @pytest.mark.xfail(strict=True, reason=(
