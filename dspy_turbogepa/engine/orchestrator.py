@@ -391,6 +391,8 @@ class Orchestrator:
         """
         if not self.config.stop_callbacks or self._external_stop is not None:
             return
+        if self._refused is not None and self._next_seq > self._replay_through:
+            return  # a token or dollar cap is stopping the run (its refused mutations are no iterations)
         # gepa stops calling them once the run is stopping; but the drain after a no-progress stop still
         # commits children (gepa would have gone on iterating, asking them), and a callback's "stop at N
         # candidates" must hold there too

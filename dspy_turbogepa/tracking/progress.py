@@ -59,8 +59,9 @@ __all__ = [
 
 #: Scores closer than this are ties (the engine's frontier uses the same tolerance).
 #: Statuses of mutations whose child was scored on a minibatch (or a merge screen): the funnel's first
-#: entry. A "duplicate" counts only when it was found out after evaluation (rung_reached > 0).
-_TRIED_STATUSES = frozenset({"accepted", "rejected_rung0", "pruned", "duplicate", "after_stop"})
+#: entry. A "duplicate" counts only when it was found out after evaluation (rung_reached > 0), a
+#: "budget_stopped" one only when its child was scored before a token or dollar cap refused a call.
+_TRIED_STATUSES = frozenset({"accepted", "rejected_rung0", "pruned", "duplicate", "after_stop", "budget_stopped"})
 
 
 @runtime_checkable
@@ -594,6 +595,8 @@ class ProgressDisplay(EngineObserver):
         reached = int(getattr(result, "rung_reached", 0) or 0)
         if status == "duplicate" and reached == 0:
             return  # known before it was evaluated: no child was scored
+        if status == "budget_stopped" and not getattr(result, "children_tried", 0):
+            return  # refused before a child was scored
         funnel = self._funnel
         while len(funnel) < reached + 1:  # at most the number of rungs: O(1) in practice
             funnel.append(0)
