@@ -4,8 +4,8 @@ PNG plots), ``detailed_results`` and gepa stop callbacks combined with a cap, on
 
 The review found two bugs, fixed and pinned here (a stop callback asked about the mutation a cap refused
 took over the stop reason; the progress funnel left out a child scored before the cap refused its
-validation); the other tests pin behaviour that was checked and holds. Fake in-process LMs only; MLflow on a local sqlite store; no
-sleeps for ordering, no timing asserts.
+validation); the other tests pin behaviour that was checked and holds. Fake in-process LMs only; MLflow
+on a local sqlite store; no sleeps for ordering, no timing asserts.
 """
 
 from __future__ import annotations
