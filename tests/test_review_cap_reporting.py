@@ -135,6 +135,14 @@ def local_mlflow(_mlflow_template, tmp_path, monkeypatch) -> str:
     shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # a URI or an experiment an earlier test set for the process (gepa_kwargs' mlflow_tracking_uri and
+    # mlflow_experiment_name do, as in gepa) would win over this store: cleared here, restored afterwards
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it too
     assert mlflow.active_run() is None
     yield uri
     while mlflow.active_run() is not None:
@@ -159,7 +167,8 @@ def test_mlflow_of_a_capped_run_and_its_resume_names_the_cap_and_never_double_co
     for tokens in (4000, 8000):
         dr, _, _ = _compile(routing, splits, log_dir=log_dir, token_budget=tokens, use_mlflow=True)
         assert dr.stop_reason == "token_budget"
-        run = client.search_runs([client.get_experiment_by_name("Default").experiment_id],
+        # every experiment: another test of the session may have set the process's active experiment
+        run = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         data = run.data
         assert data.tags["turbogepa.stop_reason"] == "token_budget"
