@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -46,3 +48,34 @@ def _dspy_settings_restored():
     yield
     if any(getattr(dspy.settings, name, None) is not value for name, value in before.items()):
         dspy.configure(**before)
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated MLflow sqlite database, copied by every test that tracks (migrating costs seconds).
+    Created from its own directory: the default experiment's artifact root (./mlruns) is fixed at creation."""
+    mlflow = pytest.importorskip("mlflow")
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    here = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(here)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_process_state_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without the tracking URI and active experiment MLflow keeps per process: a compile
+    with gepa_kwargs' mlflow_tracking_uri / mlflow_experiment_name sets them (as gepa does; set_experiment
+    exports MLFLOW_EXPERIMENT_ID too), and a later test's run would land there, in a store or an
+    experiment that no longer exists. Only when MLflow is loaded already: most tests never import it."""
+    if "mlflow" not in sys.modules:
+        return
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

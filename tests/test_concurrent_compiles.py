@@ -506,29 +506,17 @@ def test_a_stop_file_in_one_log_dir_stops_only_that_compile(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ MLflow
-@pytest.fixture(scope="module")
-def _mlflow_template(tmp_path_factory) -> Path:
-    """One migrated MLflow sqlite database (migrating costs seconds), copied per test (as test_mlflow.py)."""
-    mlflow = pytest.importorskip("mlflow")
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    here = os.getcwd()
-    os.chdir(path.parent)  # the default experiment's artifact root (./mlruns) is fixed at creation
-    try:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    finally:
-        os.chdir(here)
-    return path
 
 
 @pytest.fixture
-def mlflow_tracking(_mlflow_template, tmp_path, monkeypatch) -> Any:
+def mlflow_tracking(template_db, tmp_path, monkeypatch) -> Any:
     """MLFLOW_TRACKING_URI -> a fresh sqlite store under tmp_path (artifacts too); an MlflowClient on it."""
     import shutil
 
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
+    shutil.copy(template_db, tmp_path / "mlflow.db")
     # mlflow.set_experiment (gepa_kwargs' mlflow_experiment_name) is process-wide (a global and the
     # MLFLOW_EXPERIMENT_ID variable): undone after the test
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)

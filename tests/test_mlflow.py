@@ -132,19 +132,6 @@ def _artifacts_stay_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """One migrated MLflow sqlite database, copied by every test (migrating costs seconds). Created
-    from its own directory: the default experiment's artifact root (./mlruns) is fixed at creation."""
-    mlflow = pytest.importorskip("mlflow")
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    here = os.getcwd()
-    os.chdir(path.parent)
-    try:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    finally:
-        os.chdir(here)
-    return path
 
 
 def fresh_db(template: Path, directory: Path, name: str = "mlflow.db") -> str:

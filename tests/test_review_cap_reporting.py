@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from pathlib import Path
 
 import dspy
 import pytest
@@ -114,35 +112,16 @@ def test_a_resumed_session_of_a_dollar_capped_run_reports_the_whole_runs_cost(ro
 # ------------------------------------------------------------------ MLflow
 
 
-@pytest.fixture(scope="module")
-def _mlflow_template(tmp_path_factory) -> Path:
-    mlflow = pytest.importorskip("mlflow")
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    here = os.getcwd()
-    os.chdir(path.parent)  # the default experiment's artifact root (./mlruns) is fixed at creation
-    try:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    finally:
-        os.chdir(here)
-    return path
 
 
 @pytest.fixture
-def local_mlflow(_mlflow_template, tmp_path, monkeypatch) -> str:
+def local_mlflow(template_db, tmp_path, monkeypatch) -> str:
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # MLflow's artifacts stay in tmp_path
-    shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
+    shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # a URI or an experiment an earlier test set for the process (gepa_kwargs' mlflow_tracking_uri and
-    # mlflow_experiment_name do, as in gepa) would win over this store: cleared here, restored afterwards
-    from mlflow.tracking import fluent
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
-    monkeypatch.setattr(fluent, "_active_experiment_id", None)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it too
     assert mlflow.active_run() is None
     yield uri
     while mlflow.active_run() is not None:
