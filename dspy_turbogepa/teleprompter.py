@@ -559,12 +559,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
             cleanup.push(lambda _t, exc, _tb: tracker.abort(exc) if exc is not None else None)
         extra_observers = [o for o in (pump, tracker) if o is not None]
+        resumed = store is not None and store.resumed
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
-            prior_usage=stored_usage(store) if store is not None and store.resumed else None,
-            replay_through=last_committed_mutation(store) if store is not None and store.resumed else -1,
+            prior_usage=stored_usage(store) if resumed else None,
+            replay_through=last_committed_mutation(store) if resumed else -1,
         )
 
         def on_tick() -> None:

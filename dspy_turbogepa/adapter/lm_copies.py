@@ -322,12 +322,7 @@ def _error_noting_class(base: type) -> type:
                 try:
                     return _some_output(self, super().__call__(*args, **kwargs))
                 except _CachedNoChoices:  # see _CachedNoChoices: ask the service itself, once
-                    if not _dspy_caches(self, kwargs, "forward"):
-                        raise _no_choices_error(self) from None
-                    try:
-                        return _some_output(self, super().__call__(*args, **{**kwargs, "cache": False}))
-                    except _CachedNoChoices:
-                        raise _no_choices_error(self) from None
+                    return _some_output(self, super().__call__(*args, **_uncached(self, kwargs, "forward")))
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -338,12 +333,7 @@ def _error_noting_class(base: type) -> type:
                 try:
                     return _some_output(self, await super().acall(*args, **kwargs))
                 except _CachedNoChoices:
-                    if not _dspy_caches(self, kwargs, "aforward"):
-                        raise _no_choices_error(self) from None
-                    try:
-                        return _some_output(self, await super().acall(*args, **{**kwargs, "cache": False}))
-                    except _CachedNoChoices:
-                        raise _no_choices_error(self) from None
+                    return _some_output(self, await super().acall(*args, **_uncached(self, kwargs, "aforward")))
             except Exception as exc:
                 note_lm_error(exc)
                 raise
@@ -372,13 +362,16 @@ def _no_choices_error(lm: Any, cached: bool = False) -> Exception:
         "the LM answered with no choices (an empty `choices` list)", model=getattr(lm, "model", None))
 
 
-def _dspy_caches(lm: Any, kwargs: Mapping[str, Any], method: str) -> bool:
-    """Whether DSPy's response cache serves this call of ``lm``: caching on for the call, and an LM whose
-    calls DSPy manages (execution.prepare: a custom ``forward`` / ``aforward`` is never cached)."""
-    if not kwargs.get("cache", getattr(lm, "cache", False)) or not hasattr(lm, "_engine_spec"):
-        return False
-    base = dspy.LM if isinstance(lm, dspy.LM) else None
-    return base is not None and method not in vars(lm) and getattr(type(lm), method) is getattr(base, method)
+def _uncached(lm: Any, kwargs: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The call's arguments with DSPy's cache off, to ask again for an empty answer with no usage; the
+    plain provider error instead when DSPy's cache cannot have served it: caching off for the call, or
+    an LM whose calls DSPy does not manage (execution.prepare: a custom ``forward`` / ``aforward`` is
+    never cached)."""
+    managed = (isinstance(lm, dspy.LM) and hasattr(lm, "_engine_spec") and method not in vars(lm)
+               and getattr(type(lm), method) is getattr(dspy.LM, method))
+    if not managed or not kwargs.get("cache", getattr(lm, "cache", False)):
+        raise _no_choices_error(lm) from None
+    return {**kwargs, "cache": False}
 
 
 class _CachedNoChoices(LMProviderError):
@@ -389,7 +382,7 @@ class _CachedNoChoices(LMProviderError):
     empty answers without asking the service. The copy then asks again with ``cache=False``; what the
     service answers now is used (and not cached: DSPy cannot overwrite the stale entry through a call).
     Caught by the copy's ``__call__`` / ``acall``, which asks again only when DSPy's cache serves that
-    call (:func:`_dspy_caches`); a DSPy provider error wherever else it surfaces. Known cost: DSPy's
+    call (:func:`_uncached`); a DSPy provider error wherever else it surfaces. Known cost: DSPy's
     native client also records no usage for a live empty answer whose body has none, so with caching on
     such an answer is asked for twice.
     """
@@ -430,8 +423,10 @@ def _make_copy(lm: Any) -> Any:
         # DSPy's native client reads it as one empty answer (and with DSPy's history off only the outputs,
         # checked in __call__ / acall, show it: litellm's empty list)
         if _answered_no_choices(entry):
-            # no usage, as when DSPy's cache served it (the copy called decides whether it did)
-            raise _no_choices_error(copy, cached=not entry.get("usage"))
+            # no usage, as when DSPy's cache served it (the copy called decides whether it did; an answer
+            # to the copy's own ask past the cache is the plain error)
+            cache_on = (entry.get("kwargs") or {}).get("cache") is not False
+            raise _no_choices_error(copy, cached=cache_on and not entry.get("usage"))
 
     copy.update_history = update_history
     return copy

@@ -67,7 +67,7 @@ class EvaluationCache:
         self._unreplayed: set[EvalKey] = set(self._done)
         self._pending: dict[EvalKey, asyncio.Future[EvalOutcome]] = {}
         #: Asked before every execution (not a stored or shared result): a reason to refuse it, or None.
-        #: Set by the orchestrator once the seed is evaluated (the seed is never refused).
+        #: Set by the orchestrator, with a token or dollar cap, once the seed is evaluated (never refused).
         self.paid_gate: Callable[[], str | None] | None = None
 
     @property

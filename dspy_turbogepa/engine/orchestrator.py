@@ -14,6 +14,7 @@ order instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -181,10 +182,8 @@ class Orchestrator:
                                for key, o in (known_evaluations or {}).items() if o.failure is None},
                               any(p.skipped is None for p in (known_proposals or {}).values()))
         self.stats = RunStats()
-        prior = prior_usage or PriorUsage()
-        for name in ("task_prompt_tokens", "task_completion_tokens", "task_cost", "reflection_prompt_tokens",
-                     "reflection_completion_tokens", "reflection_cost"):
-            setattr(self.stats, name, getattr(prior, name))
+        for usage in dataclasses.fields(PriorUsage):  # the run's usage starts from the earlier sessions'
+            setattr(self.stats, usage.name, getattr(prior_usage or PriorUsage(), usage.name))
         self._evaluations = EvaluationCache(evaluator, self._eval_slots, self._budget, self.stats, self._observers,
                                             self._systemic, known_evaluations, shared_splits,
                                             perfect_score=config.perfect_score)
@@ -359,7 +358,8 @@ class Orchestrator:
         outcomes = await self._evaluations.many(self._seed, "val", self._val_ids, priority=-1.0, requested=requested)
         self._budget.commit(requested)
         self._budget.release(n)
-        self._evaluations.paid_gate = self._paid_call_refusal
+        if self.config.max_tokens is not None or self.config.max_cost is not None:
+            self._evaluations.paid_gate = self._paid_call_refusal  # not on the hot path without a cap
         record = self._add_record(self._seed, [None], outcomes, seq=None)
         self._history.record(CommitPoint(len(self._records), self._budget.committed, 0, 0, 0))
         for obs in self._observers:
@@ -391,8 +391,8 @@ class Orchestrator:
         """
         if not self.config.stop_callbacks or self._external_stop is not None:
             return
-        if self._refused is not None and self._next_seq > self._replay_through:
-            return  # a token or dollar cap is stopping the run (its refused mutations are no iterations)
+        if self._cap_stopping():
+            return  # its refused mutations are no iterations
         # gepa stops calling them once the run is stopping; but the drain after a no-progress stop still
         # commits children (gepa would have gone on iterating, asking them), and a callback's "stop at N
         # candidates" must hold there too
@@ -442,12 +442,10 @@ class Orchestrator:
         cfg, st = self.config, self.stats
         if cfg.max_seconds is not None and self._elapsed() >= cfg.max_seconds:
             return "time_budget"
-        if self._refused is not None and self._next_seq > self._replay_through:
+        if self._cap_stopping():
             return self._refused
         if cfg.max_cost is not None:
-            tokens = (st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens
-                      + st.reflection_completion_tokens)
-            cost = st.task_cost + st.reflection_cost
+            tokens, cost = st.tokens, st.task_cost + st.reflection_cost
             if cost == 0.0 and tokens > 0 and st.executed >= UNPRICED_AFTER and not self._warned_unpriced:
                 self._warned_unpriced = True
                 logger.warning(
@@ -456,6 +454,11 @@ class Orchestrator:
                     "price_table={model: (usd per 1M prompt tokens, usd per 1M completion tokens)}, or a token budget.",
                     cfg.max_cost, st.executed, tokens)
         return None
+
+    def _cap_stopping(self) -> bool:
+        """A token or dollar cap refused a paid call, and no mutation an earlier session committed is left
+        to replay: the cap stops the run."""
+        return self._refused is not None and self._next_seq > self._replay_through
 
     def _paid_call_refusal(self) -> StopReason | None:
         """Asked before every LM call this session would pay for (an evaluation or a reflection that is not
@@ -470,9 +473,7 @@ class Orchestrator:
         cfg, st = self.config, self.stats  # every session's usage (the prior sessions' from the store)
         if self._refused is not None:
             return self._refused
-        if cfg.max_tokens is not None and cfg.max_tokens <= (
-                st.task_prompt_tokens + st.task_completion_tokens + st.reflection_prompt_tokens
-                + st.reflection_completion_tokens):
+        if cfg.max_tokens is not None and st.tokens >= cfg.max_tokens:
             self._refused = "token_budget"
         elif cfg.max_cost is not None and st.task_cost + st.reflection_cost >= cfg.max_cost:
             self._refused = "cost_budget"

@@ -185,6 +185,12 @@ class RunStats:
     #: use and demanded, and their ratio, the share of the window used while work was available.
     evaluation_slots: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def tokens(self) -> int:
+        """Every LM token counted: the program's and reflection's, prompt and completion."""
+        return (self.task_prompt_tokens + self.task_completion_tokens + self.reflection_prompt_tokens
+                + self.reflection_completion_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mutations": dict(self.mutations),
