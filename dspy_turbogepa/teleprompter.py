@@ -542,7 +542,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # would otherwise end this one right after the seed with a single INFO line
             logger.warning("%s already exists: this run stops right after the seed's validation, as asked. "
                            "Delete the file to resume the search.", config.stop_file)
-        display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds)
+        display = ProgressDisplay(enabled=self.verbose, time_budget_seconds=self.time_budget_seconds,
+                                  token_budget=self.token_budget, cost_budget_usd=self.cost_budget_usd)
         # MLflow: full-validation evaluations reach DSPy's callbacks on this thread (docs/mlflow.md)
         pump = CompileThreadCallbackPump(codec.build, val, instance=self) if dspy.settings.get("callbacks") else None
         tracker = None

@@ -548,6 +548,74 @@ def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.
     assert format_duration(42) == "42s" and format_duration(185) == "3m05s" and format_duration(3720) == "1h02m"
 
 
+class SpendingSource(FakeSource):
+    """FakeSource that also reports what the run spent: 120 tokens and $0.0006 per metric call."""
+
+    def tokens(self) -> int:
+        return 120 * self.calls
+
+    def cost_usd(self) -> float:
+        return 0.0006 * self.calls
+
+
+def test_the_line_and_the_bar_show_tokens_and_dollars_against_their_caps(info_logs) -> None:
+    clock, source = FakeClock(), SpendingSource(budget=1000)
+    capped = ProgressDisplay(source, interactive=False, clock=clock, token_budget=50_000, cost_budget_usd=1.0)
+    drive(capped, source, clock, ticks=100)  # 100 calls: 12,000 tokens, $0.06
+    snap = capped.snapshot()
+    assert "12,000/50,000 tokens (24%)" in snap.log_line() and "$0.0600/$1.00 (6%)" in snap.log_line()
+    fields = snap.fields()
+    # a cap may end the run: shown right after the ETA, before what a narrow terminal cuts
+    assert fields[2:4] == ["tok 12k/50k (24%)", "$0.0600/$1.00 (6%)"], fields
+    uncapped = ProgressDisplay(source, interactive=False, clock=clock).snapshot()
+    assert uncapped.fields()[-2:] == ["tok 12k", "$0.0600"]
+    assert "12,000 tokens" in uncapped.log_line() and "$0.0600 spent" in uncapped.log_line()
+
+
+def test_usage_is_left_out_when_nothing_is_counted_and_no_cap_is_set(info_logs) -> None:
+    """An LM that reports no usage (or no price) would show "tok 0" and "$0.00" on every line."""
+    clock, source = FakeClock(), FakeSource()
+    source.tokens = lambda: 0  # type: ignore[attr-defined]
+    source.cost_usd = lambda: 0.0  # type: ignore[attr-defined]
+    display = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(display, source, clock, ticks=10)
+    snap = display.snapshot()
+    assert not any("tok" in f or "$" in f for f in snap.fields()) and "token" not in snap.log_line()
+    capped = ProgressDisplay(source, interactive=False, clock=clock, token_budget=5000).snapshot()
+    assert "tok 0/5k (0%)" in capped.fields() and "$" not in capped.log_line()
+
+
+def test_the_eta_is_the_soonest_of_the_budget_and_the_caps(info_logs) -> None:
+    """A token cap ends the run before the metric-call budget: the ETA that counts the budget alone
+    promised minutes the run would never take."""
+    clock, source = FakeClock(), SpendingSource(budget=1000)
+    display = ProgressDisplay(source, interactive=False, clock=clock, token_budget=24_000)
+    drive(display, source, clock, ticks=100)  # 5 calls/s = 600 tokens/s; 12,000 of 24,000 tokens used
+    assert display.snapshot().eta_seconds == pytest.approx(12_000 / 600, rel=0.02)
+    dollars = ProgressDisplay(source, interactive=False, clock=clock, cost_budget_usd=0.15)
+    drive(dollars, source, clock, ticks=100)  # $0.12 of $0.15 used at $0.003/s
+    assert dollars.snapshot().eta_seconds == pytest.approx(0.03 / 0.003, rel=0.02)
+    plain = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(plain, source, clock, ticks=100)  # 300 calls of 1000 at 5/s
+    assert plain.snapshot().eta_seconds == pytest.approx(700 / 5, rel=0.02)
+
+
+def test_a_token_capped_compile_shows_the_runs_tokens_against_the_cap(info_logs, tmp_path) -> None:
+    """Wiring: the closing progress line of a compile that a token cap stopped shows the tokens the run
+    counted (run_stats) against the cap."""
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=12, n_val=6, n_test=0)
+    opt = TurboGEPA(task.metric, max_metric_calls=400, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    token_budget=6000, track_stats=True)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        dr = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val).detailed_results
+    assert dr.stop_reason == "token_budget"
+    rs = dr.run_stats
+    tokens = sum(rs["task_tokens"].values()) + sum(rs["reflection_tokens"].values())
+    ended = [line for line in progress_lines(info_logs) if "search ended" in line]
+    assert len(ended) == 1 and f"{tokens:,}/6,000 tokens" in ended[0], ended
+
+
 def _dominated_by_restarting_loop(fronts, aggregates) -> set[int]:
     """gepa's rule as the engine once ran it: weakest first, restart after every drop (quadratic)."""
     fronts = {vid: set(f) for vid, f in fronts.items() if f}

@@ -71,7 +71,9 @@ class ProgressSource(Protocol):
     Any method may return None for "unknown"; the display then omits the field (or, for ``best`` and
     ``frontier_size``, falls back to what it saw through ``on_candidate``). Optionally also
     ``paused_seconds()``: how long the LM endpoints are still paused by a rate limit's Retry-After, and
-    ``reflection_paused_seconds()``: how long a reflection still waits out the reflection LM's rate limit.
+    ``reflection_paused_seconds()``: how long a reflection still waits out the reflection LM's rate limit;
+    ``tokens()`` and ``cost_usd()``: the LM tokens and dollars the run has used (every session of its
+    ``log_dir``, as the token and dollar caps count them).
     """
 
     def metric_calls(self) -> int | None: ...
@@ -165,6 +167,17 @@ class OrchestratorSource:
     def reflection_paused_seconds(self) -> float | None:
         return None if self._reflection_paused is None else float(self._reflection_paused())
 
+    def tokens(self) -> int | None:
+        """Every LM token the run used (the program's and the reflections'), earlier sessions' included:
+        what ``token_budget`` caps."""
+        stats = getattr(self._orch, "stats", None)
+        return None if stats is None else int(stats.tokens)
+
+    def cost_usd(self) -> float | None:
+        """Dollars the run spent, earlier sessions' included: what ``cost_budget_usd`` caps."""
+        stats = getattr(self._orch, "stats", None)
+        return None if stats is None else float(stats.task_cost + stats.reflection_cost)
+
 
 @dataclass(frozen=True)
 class ProgressSnapshot:
@@ -184,6 +197,11 @@ class ProgressSnapshot:
     #: seconds left of the longest wait a reflection is in on the reflection LM's rate limit; in the ETA
     #: only while no evaluation is in flight (otherwise other mutations' evaluations go on meanwhile)
     reflection_paused_seconds: float | None = None
+    #: LM tokens and dollars used by the run (every session); the caps, when set
+    tokens: int | None = None
+    cost_usd: float | None = None
+    token_budget: int | None = None
+    cost_budget_usd: float | None = None
 
     @property
     def paused(self) -> bool:
@@ -202,13 +220,37 @@ class ProgressSnapshot:
             return None
         return self.metric_calls / self.budget
 
+    def usage_parts(self, short: bool) -> tuple[list[str], list[str]]:
+        """(capped, uncapped) usage parts: tokens and dollars, against their cap when one is set. A cap is
+        what may end the run, so the bar shows it early; plain usage goes last. Nothing for a count that is
+        zero with no cap (an LM that reports no usage, or no price)."""
+        capped: list[str] = []
+        plain: list[str] = []
+        if self.tokens is not None and (self.tokens or self.token_budget is not None):
+            fmt = _short_count if short else (lambda n: f"{n:,}")
+            if self.token_budget is not None:
+                pct = f" ({100 * self.tokens / self.token_budget:.0f}%)" if self.token_budget > 0 else ""
+                used = f"{fmt(self.tokens)}/{fmt(self.token_budget)}"
+                capped.append(f"tok {used}{pct}" if short else f"{used} tokens{pct}")
+            else:
+                plain.append(f"tok {fmt(self.tokens)}" if short else f"{fmt(self.tokens)} tokens")
+        if self.cost_usd is not None and (self.cost_usd or self.cost_budget_usd is not None):
+            if self.cost_budget_usd is not None:
+                pct = f" ({100 * self.cost_usd / self.cost_budget_usd:.0f}%)" if self.cost_budget_usd > 0 else ""
+                capped.append(f"{_money(self.cost_usd)}/{_money(self.cost_budget_usd)}{pct}")
+            else:
+                plain.append(_money(self.cost_usd) if short else f"{_money(self.cost_usd)} spent")
+        return capped, plain
+
     def fields(self) -> list[str]:
         """Short ``name value`` parts for the bar, most useful first (a narrow terminal cuts the tail)."""
         parts: list[str] = []
+        capped, plain = self.usage_parts(short=True)
         if self.best is not None:
             parts.append(f"best {self.best:.3f}")
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        parts.extend(capped)
         if self.paused:
             parts.append(f"paused {format_duration(self.paused_seconds or 0.0)} (429)")
         if self.reflection_paused:
@@ -222,6 +264,7 @@ class ProgressSnapshot:
         if self.rung_funnel:
             parts.append("rungs " + ">".join(str(n) for n in self.rung_funnel))
         parts.append(f"cands {self.candidates}")
+        parts.extend(plain)
         return parts
 
     def log_line(self) -> str:
@@ -239,6 +282,8 @@ class ProgressSnapshot:
             parts.append(f"in flight {_num(self.evals_in_flight)} evals / {_num(self.mutations_running)} mutations")
         if self.backoffs is not None:
             parts.append(f"LM retries {self.backoffs}")
+        capped, plain = self.usage_parts(short=False)
+        parts.extend(capped + plain)
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         if self.paused:
@@ -255,6 +300,20 @@ def _worth_showing(pause: float | None) -> bool:
 
 def _num(value: int | None) -> str:
     return "?" if value is None else str(value)
+
+
+def _short_count(n: int) -> str:
+    """``950``, ``12.3k``, ``4.56M``: a token count that fits a bar."""
+    if n < 1000:
+        return str(n)
+    if n < 999_500:
+        return f"{n / 1000:.3g}k"
+    return f"{n / 1e6:.3g}M"
+
+
+def _money(usd: float) -> str:
+    """``$12.34``, ``$0.0042``: cents where they are enough, four decimals below ten cents."""
+    return f"${usd:.2f}" if usd >= 0.1 or usd == 0 else f"${usd:.4f}"
 
 
 def format_duration(seconds: float) -> str:
@@ -496,6 +555,9 @@ class ProgressDisplay(EngineObserver):
         best_log_gap: minimum gap between two "new best" log lines (seconds).
         refresh_interval: minimum gap between two redraws of the bar (seconds).
         time_budget_seconds: the run's wall-clock budget, if any: the ETA never exceeds what is left.
+        token_budget / cost_budget_usd: the run's token and dollar caps, if any: shown against what the run
+            used (every session of its ``log_dir``), and the ETA never exceeds the time to reach them at
+            the recent rate.
         eta_window_seconds: the metric-call rate behind the ETA is measured over this recent window.
         log: the logger for log lines (default: this module's).
         clock: monotonic clock (tests inject a fake one). Elapsed time counts from construction, so
@@ -504,7 +566,8 @@ class ProgressDisplay(EngineObserver):
 
     Shown: metric calls / budget, best full-validation score, Pareto-frontier size, candidates,
     children per rung (scored on a minibatch > on each validation shard > on the full valset, over
-    committed mutations), evaluations / mutations in flight, LM retries, ETA.
+    committed mutations), evaluations / mutations in flight, LM retries, tokens and dollars used
+    (against their caps when set), ETA.
     """
 
     def __init__(
@@ -519,6 +582,8 @@ class ProgressDisplay(EngineObserver):
         best_log_gap: float = 1.0,
         refresh_interval: float = 0.5,
         time_budget_seconds: float | None = None,
+        token_budget: int | None = None,
+        cost_budget_usd: float | None = None,
         eta_window_seconds: float = 60.0,
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -533,6 +598,8 @@ class ProgressDisplay(EngineObserver):
         self._best_log_gap = float(best_log_gap)
         self._refresh_interval = float(refresh_interval)
         self._time_budget = time_budget_seconds
+        self._token_budget = token_budget
+        self._cost_budget = cost_budget_usd
         self._eta_window = float(eta_window_seconds)
         self._log = log or logger
         self._clock = clock
@@ -547,9 +614,11 @@ class ProgressDisplay(EngineObserver):
 
         # Compile-thread state.
         self._tracker = FrontierTally()
-        self._samples: deque[tuple[float, int]] = deque()
-        #: metric calls per second when the rate-limit pause now holding the run began (None: no pause)
-        self._rate_before_pause: float | None = None
+        #: (time, metric calls, tokens, dollars) over the ETA window
+        self._samples: deque[tuple[float, float, float, float]] = deque()
+        #: metric calls, tokens and dollars per second when the rate-limit pause now holding the run began
+        #: (None: no pause)
+        self._rates_before_pause: tuple[float | None, ...] | None = None
         self._closed = False
         self._mode: str | None = None  # "bar", "log" or "off", decided at the first tick
         self._bar: Any = None
@@ -625,6 +694,9 @@ class ProgressDisplay(EngineObserver):
         paused = _safe(src, "paused_seconds")
         reflection_paused = _safe(src, "reflection_paused_seconds")
         in_flight = _safe(src, "evals_in_flight")
+        tokens = _safe(src, "tokens")
+        cost = _safe(src, "cost_usd")
+        now_sample = (now, float(calls), float(tokens or 0), float(cost or 0.0))
         # a reflection's wait holds the ETA back only when nothing else runs meanwhile: the search waits on it
         held = max(paused or 0.0, (reflection_paused or 0.0) if in_flight == 0 else 0.0)
         # While a rate limit holds the run, the ETA is what is left of the pause plus the budget left at the
@@ -632,10 +704,10 @@ class ProgressDisplay(EngineObserver):
         # 10,474 s. Once it ends the window runs on real time again, so a pause that keeps coming back (a
         # requests-per-minute cap) is in the rate, as it is in the throughput.
         if held <= 0.0:
-            self._rate_before_pause = None
-        elif self._rate_before_pause is None:
-            self._rate_before_pause = self._rate(now, calls) or 0.0
-        self._samples.append((now, calls))
+            self._rates_before_pause = None
+        elif self._rates_before_pause is None:
+            self._rates_before_pause = self._rates(now_sample)
+        self._samples.append(now_sample)
         while len(self._samples) > 2 and now - self._samples[0][0] > self._eta_window:
             self._samples.popleft()
         return ProgressSnapshot(
@@ -649,26 +721,36 @@ class ProgressDisplay(EngineObserver):
             mutations_running=_safe(src, "mutations_running"),
             rung_funnel=tuple(self._funnel),
             backoffs=_safe(src, "backoffs"),
-            eta_seconds=self._eta(now, calls, budget, elapsed, held),
+            eta_seconds=self._eta(now_sample, budget, elapsed, held),
             paused_seconds=None if paused is None else float(paused),
             reflection_paused_seconds=None if reflection_paused is None else float(reflection_paused),
+            tokens=None if tokens is None else int(tokens),
+            cost_usd=None if cost is None else float(cost),
+            token_budget=self._token_budget,
+            cost_budget_usd=self._cost_budget,
         )
 
-    def _rate(self, now: float, calls: int) -> float | None:
-        """Metric calls per second over the window; None until a second has passed with a call."""
+    def _rates(self, sample: tuple[float, float, float, float]) -> tuple[float | None, ...]:
+        """Metric calls, tokens and dollars per second over the window; each None until a second has
+        passed in which it grew."""
         if not self._samples:
-            return None
-        t_old, c_old = self._samples[0]
-        dt, dc = now - t_old, calls - c_old
-        return dc / dt if dt >= 1.0 and dc > 0 else None
+            return (None, None, None)
+        old = self._samples[0]
+        dt = sample[0] - old[0]
+        return tuple((new - was) / dt if dt >= 1.0 and new > was else None
+                     for new, was in zip(sample[1:], old[1:], strict=True))
 
-    def _eta(self, now: float, calls: int, budget: int | None, elapsed: float, paused: float = 0.0) -> float | None:
-        """The budget left at the recent metric-call rate (during a rate limit's pause, the rate from just
-        before it), after what is left of the pause; never past the time budget."""
+    def _eta(self, sample: tuple[float, float, float, float], budget: int | None, elapsed: float,
+             paused: float = 0.0) -> float | None:
+        """What is left of the budget, and of the token and dollar caps, at the recent rates (during a rate
+        limit's pause, the rates from just before it), after what is left of the pause; never past the
+        time budget. The soonest of them ends the run."""
         etas: list[float] = []
-        rate = self._rate(now, calls) if self._rate_before_pause is None else self._rate_before_pause
-        if budget and rate:
-            etas.append(max(0.0, paused) + max(0, budget - calls) / rate)
+        rates = self._rates(sample) if self._rates_before_pause is None else self._rates_before_pause
+        for limit, used, rate in zip((budget, self._token_budget, self._cost_budget), sample[1:], rates,
+                                     strict=True):
+            if limit and rate:
+                etas.append(max(0.0, paused) + max(0.0, limit - used) / rate)
         if self._time_budget is not None:
             etas.append(max(0.0, self._time_budget - elapsed))
         return min(etas) if etas else None
