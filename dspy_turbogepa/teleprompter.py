@@ -266,11 +266,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 raise ValueError(f"{name} must be a positive number or None (no limit), got {value!r}.")
         if price_table is not None and (not isinstance(price_table, dict) or not all(
             isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
-            and all(isinstance(x, (int, float)) and x >= 0 for x in v) for k, v in price_table.items()
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in v)
+            for k, v in price_table.items()
         )):
             raise ValueError(
                 "price_table must map model names to (dollars per 1M prompt tokens, dollars per 1M completion "
-                "tokens), e.g. {'openai/my-finetune': (0.15, 0.6)}."
+                "tokens), finite and non-negative, e.g. {'openai/my-finetune': (0.15, 0.6)}."
             )
         if reflection_lm is None and instruction_proposer is None:
             raise ConfigurationError(

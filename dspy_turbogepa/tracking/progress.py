@@ -173,6 +173,11 @@ class OrchestratorSource:
         stats = getattr(self._orch, "stats", None)
         return None if stats is None else int(stats.tokens)
 
+    def replayed_calls(self) -> int:
+        """Stored evaluations replayed this session: a resume replays them in a burst, which is not the
+        rate the run goes at (they stay out of the ETA's rate, not out of the count)."""
+        return int(self._orch.stats.replayed)
+
     def cost_usd(self) -> float | None:
         """Dollars the run spent, earlier sessions' included: what ``cost_budget_usd`` caps."""
         stats = getattr(self._orch, "stats", None)
@@ -222,25 +227,29 @@ class ProgressSnapshot:
 
     def usage_parts(self, short: bool) -> tuple[list[str], list[str]]:
         """(capped, uncapped) usage parts: tokens and dollars, against their cap when one is set. A cap is
-        what may end the run, so the bar shows it early; plain usage goes last. Nothing for a count that is
-        zero with no cap (an LM that reports no usage, or no price)."""
-        capped: list[str] = []
+        what may end the run, so the bar shows it early, the nearest first (a narrow terminal cuts the
+        tail); plain usage goes last. Nothing for a count that is zero with no cap (an LM that reports no
+        usage, or no price)."""
+        capped: list[tuple[float, str]] = []
         plain: list[str] = []
         if self.tokens is not None and (self.tokens or self.token_budget is not None):
             fmt = _short_count if short else (lambda n: f"{n:,}")
             if self.token_budget is not None:
                 pct = f" ({100 * self.tokens / self.token_budget:.0f}%)" if self.token_budget > 0 else ""
                 used = f"{fmt(self.tokens)}/{fmt(self.token_budget)}"
-                capped.append(f"tok {used}{pct}" if short else f"{used} tokens{pct}")
+                capped.append((_used_share(self.tokens, self.token_budget),
+                               f"tok {used}{pct}" if short else f"{used} tokens{pct}"))
             else:
                 plain.append(f"tok {fmt(self.tokens)}" if short else f"{fmt(self.tokens)} tokens")
         if self.cost_usd is not None and (self.cost_usd or self.cost_budget_usd is not None):
             if self.cost_budget_usd is not None:
                 pct = f" ({100 * self.cost_usd / self.cost_budget_usd:.0f}%)" if self.cost_budget_usd > 0 else ""
-                capped.append(f"{_money(self.cost_usd)}/{_money(self.cost_budget_usd)}{pct}")
+                capped.append((_used_share(self.cost_usd, self.cost_budget_usd),
+                               f"{_money(self.cost_usd)}/{_money(self.cost_budget_usd)}{pct}"))
             else:
                 plain.append(_money(self.cost_usd) if short else f"{_money(self.cost_usd)} spent")
-        return capped, plain
+        capped.sort(key=lambda share_part: -share_part[0])  # stable: tokens first on a tie
+        return [part for _, part in capped], plain
 
     def fields(self) -> list[str]:
         """Short ``name value`` parts for the bar, most useful first (a narrow terminal cuts the tail)."""
@@ -303,17 +312,27 @@ def _num(value: int | None) -> str:
 
 
 def _short_count(n: int) -> str:
-    """``950``, ``12.3k``, ``4.56M``: a token count that fits a bar."""
+    """``950``, ``12.3k``, ``4.56M``, ``1.23G``: a token count that fits a bar (never ``1e+03M``)."""
     if n < 1000:
         return str(n)
     if n < 999_500:
         return f"{n / 1000:.3g}k"
-    return f"{n / 1e6:.3g}M"
+    if n < 999_500_000:
+        return f"{n / 1e6:.3g}M"
+    giga = n / 1e9
+    return f"{giga:.3g}G" if giga < 999.5 else f"{giga:,.0f}G"
 
 
 def _money(usd: float) -> str:
-    """``$12.34``, ``$0.0042``: cents where they are enough, four decimals below ten cents."""
-    return f"${usd:.2f}" if usd >= 0.1 or usd == 0 else f"${usd:.4f}"
+    """``$12.34``, ``$0.0042``: cents where they are enough, four decimals below ten cents, and
+    ``<$0.0001`` for less (a cheap model's first calls are not free)."""
+    if usd >= 0.1 or usd == 0:
+        return f"${usd:.2f}"
+    return f"${usd:.4f}" if usd >= 0.0001 else "<$0.0001"
+
+
+def _used_share(used: float, cap: float) -> float:
+    return used / cap if cap > 0 else math.inf
 
 
 def format_duration(seconds: float) -> str:
@@ -599,7 +618,8 @@ class ProgressDisplay(EngineObserver):
         self._refresh_interval = float(refresh_interval)
         self._time_budget = time_budget_seconds
         self._token_budget = token_budget
-        self._cost_budget = cost_budget_usd
+        # inf is the constructor's "no limit": not a cap to show
+        self._cost_budget = cost_budget_usd if cost_budget_usd is not None and math.isfinite(cost_budget_usd) else None
         self._eta_window = float(eta_window_seconds)
         self._log = log or logger
         self._clock = clock
@@ -614,7 +634,7 @@ class ProgressDisplay(EngineObserver):
 
         # Compile-thread state.
         self._tracker = FrontierTally()
-        #: (time, metric calls, tokens, dollars) over the ETA window
+        #: (time, metric calls executed this session, tokens, dollars) over the ETA window
         self._samples: deque[tuple[float, float, float, float]] = deque()
         #: metric calls, tokens and dollars per second when the rate-limit pause now holding the run began
         #: (None: no pause)
@@ -696,7 +716,10 @@ class ProgressDisplay(EngineObserver):
         in_flight = _safe(src, "evals_in_flight")
         tokens = _safe(src, "tokens")
         cost = _safe(src, "cost_usd")
-        now_sample = (now, float(calls), float(tokens or 0), float(cost or 0.0))
+        # the rates leave out what a resume replayed (in a burst at its start), the counts do not
+        replayed = _safe(src, "replayed_calls") or 0
+        now_sample = (now, float(calls - replayed), float(tokens or 0), float(cost or 0.0))
+        used = (float(calls), float(tokens or 0), float(cost or 0.0))
         # a reflection's wait holds the ETA back only when nothing else runs meanwhile: the search waits on it
         held = max(paused or 0.0, (reflection_paused or 0.0) if in_flight == 0 else 0.0)
         # While a rate limit holds the run, the ETA is what is left of the pause plus the budget left at the
@@ -721,7 +744,7 @@ class ProgressDisplay(EngineObserver):
             mutations_running=_safe(src, "mutations_running"),
             rung_funnel=tuple(self._funnel),
             backoffs=_safe(src, "backoffs"),
-            eta_seconds=self._eta(now_sample, budget, elapsed, held),
+            eta_seconds=self._eta(now_sample, used, budget, elapsed, held),
             paused_seconds=None if paused is None else float(paused),
             reflection_paused_seconds=None if reflection_paused is None else float(reflection_paused),
             tokens=None if tokens is None else int(tokens),
@@ -740,17 +763,16 @@ class ProgressDisplay(EngineObserver):
         return tuple((new - was) / dt if dt >= 1.0 and new > was else None
                      for new, was in zip(sample[1:], old[1:], strict=True))
 
-    def _eta(self, sample: tuple[float, float, float, float], budget: int | None, elapsed: float,
-             paused: float = 0.0) -> float | None:
+    def _eta(self, sample: tuple[float, float, float, float], used: tuple[float, float, float], budget: int | None,
+             elapsed: float, paused: float = 0.0) -> float | None:
         """What is left of the budget, and of the token and dollar caps, at the recent rates (during a rate
         limit's pause, the rates from just before it), after what is left of the pause; never past the
         time budget. The soonest of them ends the run."""
         etas: list[float] = []
         rates = self._rates(sample) if self._rates_before_pause is None else self._rates_before_pause
-        for limit, used, rate in zip((budget, self._token_budget, self._cost_budget), sample[1:], rates,
-                                     strict=True):
+        for limit, so_far, rate in zip((budget, self._token_budget, self._cost_budget), used, rates, strict=True):
             if limit and rate:
-                etas.append(max(0.0, paused) + max(0.0, limit - used) / rate)
+                etas.append(max(0.0, paused) + max(0.0, limit - so_far) / rate)
         if self._time_budget is not None:
             etas.append(max(0.0, self._time_budget - elapsed))
         return min(etas) if etas else None
@@ -861,8 +883,9 @@ class ProgressDisplay(EngineObserver):
         new_best = snap.best is not None and (self._logged_best is None or snap.best > self._logged_best + SCORE_EPS)
         first = self.lines_emitted == 0
         interval = min(self._max_log_interval, max(self._log_interval, snap.elapsed / 20.0))
+        # spend moves without metric calls too (reflections): it is worth a line on its way to a cap
         key = (snap.metric_calls, snap.best, snap.frontier_size, snap.candidates, snap.backoffs, snap.paused,
-               snap.reflection_paused)
+               snap.reflection_paused, snap.tokens, snap.cost_usd)
         if first and snap.metric_calls == 0 and snap.best is None:
             return  # nothing to say yet
         if new_best and (first or since >= self._best_log_gap):
