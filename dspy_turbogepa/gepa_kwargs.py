@@ -42,7 +42,7 @@ DSPY_OWNED_KEYS: dict[str, str] = {
     "wandb_init_kwargs": "wandb_init_kwargs",
     "use_mlflow": "use_mlflow",
     "track_best_outputs": "track_best_outputs",
-    "display_progress_bar": "",
+    "display_progress_bar": "verbose (TurboGEPA's progress display)",
     "raise_on_exception": "",
     "seed": "seed",
 }
@@ -125,7 +125,13 @@ def interpret_gepa_kwargs(gepa_kwargs: Mapping[str, Any]) -> MappedGepaKwargs:
         callbacks: tuple[Callable[[Any], bool], ...] = ()
     elif callable(stops):
         callbacks = (stops,)
-    elif isinstance(stops, Sequence) and all(callable(s) for s in stops):
+    elif isinstance(stops, Sequence) and not isinstance(stops, str):
+        for i, entry in enumerate(stops):
+            if not callable(entry):
+                raise TypeError(
+                    f"gepa_kwargs['stop_callbacks'][{i}] is {entry!r}, not a callable: each entry is called as "
+                    "callback(state) -> bool after every iteration (a gepa StopperProtocol, e.g. "
+                    "gepa.utils.MaxMetricCallsStopper(100)).")
         callbacks = tuple(stops)
     else:
         raise TypeError("gepa_kwargs['stop_callbacks'] must be a callable or a list of callables (state) -> bool.")

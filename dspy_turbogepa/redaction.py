@@ -407,7 +407,8 @@ def mask_json_text(text: str, env_values: tuple[str, ...] | None = None) -> str:
         parsed = json.loads(text)
     except ValueError:
         return mask_text(text, values)
-    return json.dumps(_mask_strings(parsed, values), ensure_ascii=False)
+    # the form it came in: an ASCII-escaped document (outputs, objective scores) stays escaped
+    return json.dumps(_mask_strings(parsed, values), ensure_ascii=text.isascii())
 
 
 def _mask_strings(obj: Any, values: tuple[str, ...]) -> Any:

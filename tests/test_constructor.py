@@ -318,7 +318,9 @@ def test_gepa_kwargs_duplicate_of_dspy_argument_is_type_error_naming_the_argumen
         make(gepa_kwargs={"seed": 3})
     with pytest.raises(TypeError, match="Use component_selector instead"):
         make(gepa_kwargs={"module_selector": "all"})
-    for key in ("display_progress_bar", "adapter", "logger", "raise_on_exception"):  # no dspy argument sets them
+    with pytest.raises(TypeError, match=r"Use verbose \(TurboGEPA's progress display\) instead"):
+        make(gepa_kwargs={"display_progress_bar": False})
+    for key in ("adapter", "logger", "raise_on_exception"):  # no argument of ours sets them
         with pytest.raises(TypeError, match=rf"gepa_kwargs\['{key}'\] is set by dspy.GEPA itself .*\. Remove it\.$"):
             make(gepa_kwargs={key: True})
 

@@ -669,12 +669,22 @@ class DspyEvaluator:
             fatal = verdict.error_type if verdict.fatal else None
             service = verdict.service_failure
             message = f"The metric raised {_describe(exc)}"
+            kind: FailureKind = "metric_error"
+            if verdict.kind == "rate_limited":
+                # The judge's LM stayed rate limited past the policy (_call_metric retried it): the service's
+                # failure, as a rollout's would be, and a wait past the whole policy (a used-up quota) stops
+                # the run at once, with the quota advice, instead of after a window of metric errors.
+                kind, service = "rate_limited", True
+                self._stats.count("rate_limited", "gave_up")
+                if self._rl_policy.outlasted_by(verdict.retry_after):
+                    fatal = verdict.error_type or type(exc).__name__
+                message = f"The metric's LM stayed rate limited; gave up: {_describe(exc)}"
             trajectory = DspyTrajectory(
-                example, pred, steps, raw_trace, message, fatal or type(exc).__name__, "metric_error",
+                example, pred, steps, raw_trace, message, fatal or type(exc).__name__, kind,
                 service_failure=service,
             )
             return EvalOutcome(
-                example_id, self._failure_score, failure="metric_error", message=message + _user_frame(exc),
+                example_id, self._failure_score, failure=kind, message=message + _user_frame(exc),
                 trajectory=trajectory if capture else None, error_type=fatal or type(exc).__name__,
                 fatal=fatal is not None, service_failure=service,
                 output=pred if self._keep_outputs and split == "val" else None,
