@@ -66,3 +66,31 @@ class TwoParallelBranches(dspy.Module):
     def forward(self, ticket):
         first, _ = self.par([(self.inner, {"ticket": ticket}), (self.inner, {"ticket": ticket + " "})])
         return first if first is not None else dspy.Prediction(queue="")
+
+
+def quick_compile(metric=None, program=None, budget: int = 60, data=None, lm=None, task=None, **kw) -> dspy.Module:
+    """A small compile on the fake LMs (track_stats on, quiet; routing, 12 train / 8 val by default): the
+    setting the doc-claim reviews check most claims on."""
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+
+    task = task or TASKS["routing"]
+    data = data or small_splits(task, n_train=12, n_val=8, n_test=0)
+    kw.setdefault("num_threads", 4)
+    kw.setdefault("track_stats", True)
+    kw.setdefault("verbose", False)
+    if "instruction_proposer" not in kw:
+        kw.setdefault("reflection_lm", make_reflection_lm())
+    opt = TurboGEPA(metric or task.metric, max_metric_calls=budget, **kw)
+    with dspy.context(lm=lm or make_student_lm()):
+        return opt.compile(program or task.make_program(), trainset=data.train, valset=data.val)
+
+
+def recording_proposer(sink: list, what=lambda records: records):
+    """A gepa ProposalFn that records ``what(records)`` of each predictor's reflective dataset and appends a
+    numbered sentence to each text (every child is new)."""
+    def proposer(candidate, reflective_dataset, components_to_update):
+        for c in components_to_update:
+            sink.append(what(reflective_dataset[c]))
+        return {c: candidate[c] + f" Variant {len(sink)}." for c in components_to_update}
+    return proposer

@@ -61,6 +61,7 @@ from dspy_turbogepa.testing import TASKS, SimConfig, SimServer, make_reflection_
 from dspy_turbogepa.testing.fake_lm import AsyncSimEngine, SimEngine, request_messages
 
 from helpers import CountingMetric
+from helpers import quick_compile as run
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "dspy_turbogepa"
@@ -92,19 +93,6 @@ def instructions(program: dspy.Module) -> dict[str, str]:
 def near_perfect_program() -> dspy.Module:
     """The routing program knowing every rule but one: one reflection fixes it, then the run stops."""
     return ROUTING.make_program({"route": ROUTING.instruction_with_rules("route", RULES[:-1])})
-
-
-def run(metric=None, program=None, budget: int = 60, data=None, lm=None, **kw) -> dspy.Module:
-    """A small compile on the fake LMs."""
-    data = data or splits()
-    kw.setdefault("num_threads", 4)
-    kw.setdefault("track_stats", True)
-    kw.setdefault("verbose", False)
-    if "instruction_proposer" not in kw:
-        kw.setdefault("reflection_lm", make_reflection_lm())
-    opt = TurboGEPA(metric or ROUTING.metric, max_metric_calls=budget, **kw)
-    with dspy.context(lm=lm or make_student_lm()):
-        return opt.compile(program or ROUTING.make_program(), trainset=data.train, valset=data.val)
 
 
 def free_port() -> int:

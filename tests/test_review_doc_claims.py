@@ -20,34 +20,14 @@ from dspy_turbogepa import SystemicFailureError, TurboGEPA
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
 
+from helpers import quick_compile as run
+from helpers import recording_proposer
+
 ROUTING = TASKS["routing"]
 
 
 def splits(n_train: int = 12, n_val: int = 8):
     return ROUTING.splits(data_seed=0, n_train=n_train, n_val=n_val, n_test=0)
-
-
-def run(metric=None, program=None, budget: int = 60, data=None, lm=None, **kw) -> dspy.Module:
-    """A small compile on the fake LMs (track_stats on, quiet)."""
-    data = data or splits()
-    kw.setdefault("num_threads", 4)
-    kw.setdefault("track_stats", True)
-    kw.setdefault("verbose", False)
-    if "instruction_proposer" not in kw:
-        kw.setdefault("reflection_lm", make_reflection_lm())
-    opt = TurboGEPA(metric or ROUTING.metric, max_metric_calls=budget, **kw)
-    with dspy.context(lm=lm or make_student_lm()):
-        return opt.compile(program or ROUTING.make_program(), trainset=data.train, valset=data.val)
-
-
-def recording_proposer(sink: list, what=lambda records: records):
-    """A gepa ProposalFn that records ``what(records)`` of each predictor's reflective dataset and appends a
-    numbered sentence to each text (every child is new)."""
-    def proposer(candidate, reflective_dataset, components_to_update):
-        for c in components_to_update:
-            sink.append(what(reflective_dataset[c]))
-        return {c: candidate[c] + f" Variant {len(sink)}." for c in components_to_update}
-    return proposer
 
 
 def _tie(gold, pred, trace=None, pred_name=None, pred_trace=None):

@@ -31,6 +31,8 @@ from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
 from dspy_turbogepa.testing.fake_lm import AsyncSimEngine, SimEngine, request_messages, sim_engine
 
+from helpers import quick_compile as run
+
 ROUTING = TASKS["routing"]
 FAST_RL = RetryPolicy(max_retries=10, max_elapsed_s=30.0, base_s=0.002, cap_s=0.01)
 FAST_TR = RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=0.002, cap_s=0.01)
@@ -38,19 +40,6 @@ FAST_TR = RetryPolicy(max_retries=3, max_elapsed_s=30.0, base_s=0.002, cap_s=0.0
 
 def splits(n_train: int = 12, n_val: int = 8, task=ROUTING):
     return task.splits(data_seed=0, n_train=n_train, n_val=n_val, n_test=0)
-
-
-def run(metric=None, program=None, budget: int = 60, data=None, lm=None, task=ROUTING, **kw) -> dspy.Module:
-    """A small compile on the fake LMs (track_stats on, quiet)."""
-    data = data or splits(task=task)
-    kw.setdefault("num_threads", 4)
-    kw.setdefault("track_stats", True)
-    kw.setdefault("verbose", False)
-    if "instruction_proposer" not in kw:
-        kw.setdefault("reflection_lm", make_reflection_lm())
-    opt = TurboGEPA(metric or task.metric, max_metric_calls=budget, **kw)
-    with dspy.context(lm=lm or make_student_lm()):
-        return opt.compile(program or task.make_program(), trainset=data.train, valset=data.val)
 
 
 def make(**kw) -> TurboGEPA:
