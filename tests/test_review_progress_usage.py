@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import dspy
 import pytest
+from test_progress_plots import FakeClock, FakeSource
 
 import dspy_turbogepa.teleprompter as teleprompter
 from dspy_turbogepa import TurboGEPA
@@ -34,45 +35,18 @@ PROGRESS_LOGGER = "dspy_turbogepa.tracking.progress"
 
 
 # ---------------------------------------------------------------------------------------- helpers
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Source:
+class Source(FakeSource):
     """A custom progress source: metric calls, tokens and dollars the test sets (no usage methods unless
-    ``usage``), optional rate-limit pause."""
+    ``usage``), optional rate-limit pause, a fixed best score."""
 
     def __init__(self, budget: int = 1000) -> None:
-        self.calls = 0
+        super().__init__(budget)
         self.tok = 0
         self.usd = 0.0
         self.pause = 0.0
-        self._budget = budget
-
-    def metric_calls(self) -> int:
-        return self.calls
-
-    def budget(self) -> int:
-        return self._budget
 
     def best(self) -> float:
         return 0.8123
-
-    def frontier_size(self) -> int:
-        return 4
-
-    def evals_in_flight(self) -> int:
-        return 16
-
-    def mutations_running(self) -> int:
-        return 5
-
-    def backoffs(self) -> int:
-        return 2
 
     def paused_seconds(self) -> float:
         return self.pause
