@@ -60,7 +60,12 @@ def with_trace_data(selector: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class FeedbackMetricError(Exception):
-    """Every record of a reflective dataset was lost because the metric raised when asked for feedback."""
+    """Every record of a reflective dataset was lost because the metric raised when asked for feedback.
+    ``error_type``: what the metric raised (the first of them), for ``SystemicFailureError.error_type``."""
+
+    def __init__(self, message: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 class ReflectiveDatasetBuilder:
@@ -103,7 +108,7 @@ class ReflectiveDatasetBuilder:
         """``build``, each record with the position of the trajectory it came from (its score is
         ``scores[position]``): what a reflection must cut to fit a context window is chosen by score."""
         dataset: dict[str, list[tuple[int, ReflectiveRecord]]] = {}
-        feedback_errors: list[str] = []
+        feedback_errors: list[tuple[str, str]] = []  # (message, exception type)
         for name in components:
             items: list[tuple[int, ReflectiveRecord]] = []
             why_not: Counter[str] = Counter()
@@ -127,13 +132,15 @@ class ReflectiveDatasetBuilder:
             # Not "nothing to reflect on": the metric's feedback call is broken, which the systemic
             # rule for proposals must see (a run would otherwise spin on free mutations, then return the seed).
             raise FeedbackMetricError(
-                f"the metric raised on every feedback call (with pred_name) of this minibatch: {feedback_errors[0]}"
+                "the metric raised on every feedback call (with pred_name) of this minibatch: "
+                f"{feedback_errors[0][0]}", error_type=feedback_errors[0][1],
             )
         return dataset
 
     # ------------------------------------------------------------------ one record
     def _record(self, name: str, traj: DspyTrajectory, score: float, rng: random.Random,
-                feedback_errors: list[str], texts: Mapping[str, str] | None = None) -> ReflectiveRecord | None:
+                feedback_errors: list[tuple[str, str]], texts: Mapping[str, str] | None = None,
+                ) -> ReflectiveRecord | None:
         steps = [s for s in traj.steps if s.pred_name == name]
         if traj.failure in ("program_error", "format_error"):
             return self._error_record(name, traj, steps, texts)
@@ -155,7 +162,7 @@ class ReflectiveDatasetBuilder:
                            "is left out of the reflection; counted in run_stats['reflective_records_skipped'], "
                            "further ones are logged at DEBUG)", name, message)
             self._count("feedback_error")
-            feedback_errors.append(message)
+            feedback_errors.append((message, type(exc).__name__))
             return None
         reading = read_metric_return(ret, self._failure_score)
         feedback = reading.feedback if reading.feedback is not None else default_feedback(

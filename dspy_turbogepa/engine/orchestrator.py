@@ -882,7 +882,8 @@ class Orchestrator:
             logger.warning("Mutation %d: the component selector failed: %s", plan.seq, message)
             self.stats.proposal_skips["selector_error"] += 1
             # a selector that always fails stops the run like a proposer that always fails
-            self._systemic.observe_proposal(ProposalOutcome(skipped="selector_error", message=message))
+            self._systemic.observe_proposal(ProposalOutcome(skipped="selector_error", message=message,
+                                                            error_type=type(exc).__name__))
             return False
         finally:
             self._pass_selector_turn(plan.seq)
@@ -1195,7 +1196,7 @@ class Orchestrator:
                 # An LM client's error can quote a request, key included: mask before it reaches a log.
                 message = describe_error(exc)
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)
-                proposal = ProposalOutcome(skipped="proposer_error", message=message)
+                proposal = ProposalOutcome(skipped="proposer_error", message=message, error_type=type(exc).__name__)
         self.stats.reflection_calls += proposal.reflection_calls
         (self._unread if proposal.skipped == NOTHING_TO_REFLECT_ON else self._read).update(components)
         self._add_reflection_usage(proposal)

@@ -120,6 +120,7 @@ class SystemicFailureDetector:
         self._seen_proposal = False
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
+        self._proposer_error_types: dict[str, str] = {}
 
     def resume(self, succeeded_splits: Iterable[str], proposal_succeeded: bool) -> None:
         """What an earlier session of the run already saw: after a success in a split there, the first-N
@@ -170,6 +171,8 @@ class SystemicFailureDetector:
             return
         self._proposer_failures[outcome.skipped] += 1
         self._proposer_examples.setdefault(outcome.skipped, outcome.message or "")
+        if outcome.error_type is not None:  # what the user's code raised, per reason (its first)
+            self._proposer_error_types.setdefault(outcome.skipped, outcome.error_type)
         n = sum(self._proposer_failures.values())
         if n >= self.proposal_window:
             reason, count = self._proposer_failures.most_common(1)[0]
@@ -177,7 +180,7 @@ class SystemicFailureDetector:
                 f"Stopping: the first {n} reflections all failed ({count} of them with {reason}: "
                 f"{self._proposer_examples[reason]}). {_PROPOSER_HINTS.get(reason, _PROPOSER_HINT)}",
                 failure=reason,
-                error_type=None,
+                error_type=self._proposer_error_types.get(reason),
             )
 
     def observe(self, outcome: EvalOutcome, candidate: str | None = None, split: str = "val") -> None:

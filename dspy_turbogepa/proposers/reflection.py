@@ -192,7 +192,7 @@ class ReflectiveProposer:
                 components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng, parent_texts
             )
         except FeedbackMetricError as exc:
-            return ProposalOutcome(skipped="feedback_error", message=error_text(exc))
+            return ProposalOutcome(skipped="feedback_error", message=error_text(exc), error_type=exc.error_type)
         except Exception as exc:  # defensive: a broken trace must not end the run
             message = describe_error(exc)
             logger.warning("Building the reflective dataset failed: %s", message)
