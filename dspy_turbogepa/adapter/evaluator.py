@@ -609,16 +609,32 @@ class DspyEvaluator:
                     return self._metric(example, pred, None, None, None), retries
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
-                delay = None if verdict.kind != "rate_limited" else self._rl_policy.delay(
-                    retries, verdict.retry_after, self._rng, time.monotonic() - started)
-                if delay is None:
+                if verdict.kind != "rate_limited":
                     raise
-                self._stats.add(rate_limited=1, metric_rate_limit_retries=1, backoff_s=delay)
+                self._stats.add(rate_limited=1)  # every 429 once, as a rollout's (the last one too)
+                delay = self._rl_policy.delay(retries, verdict.retry_after, self._rng, time.monotonic() - started)
+                if delay is None:
+                    raise _JudgeGaveUp(exc, verdict, retries) from exc
+                self._stats.add(metric_rate_limit_retries=1, backoff_s=delay)
                 retries += 1
                 # Woken by close(): the run is over, and the judge must not be called (and paid) again.
                 if self._closed_event.wait(delay):
                     raise EvaluatorClosedError("the run ended while this rollout's metric was backing off; "
                                                "it is not scored") from exc
+
+    def _metric_failed(
+        self, example: dspy.Example, example_id: int, pred: Any, steps: list[TraceStep], raw_trace: list[Any],
+        split: Split, capture: bool, exc: BaseException, message: str, kind: FailureKind, error_type: str,
+        *, service: bool, fatal: bool,
+    ) -> EvalOutcome:
+        """The outcome of a scoring call that raised: ``failure_score``, the cause, and the trace so far."""
+        trajectory = DspyTrajectory(example, pred, steps, raw_trace, message, error_type, kind,
+                                    service_failure=service)
+        return EvalOutcome(
+            example_id, self._failure_score, failure=kind, message=message + _user_frame(exc),
+            trajectory=trajectory if capture else None, error_type=error_type, fatal=fatal, service_failure=service,
+            output=pred if self._keep_outputs and split == "val" else None,
+        )
 
     def _score(
         self,
@@ -662,33 +678,25 @@ class DspyEvaluator:
             ret, retries = self._call_metric(example, pred)
         except EvaluatorClosedError:  # the run ended during the metric's backoff: not the metric's failure
             raise
+        except _JudgeGaveUp as gave_up:
+            # The judge's LM stayed rate limited past the policy: the service's failure, as a rollout's would
+            # be (reflection skips it, a rerun scores it again), and a wait past the whole policy (a used-up
+            # quota) stops the run at once, with the quota advice, instead of after a window of metric errors.
+            exc, error_type = gave_up.error, gave_up.verdict.error_type or type(gave_up.error).__name__
+            self._stats.count("rate_limited", "gave_up")
+            message = f"The metric's LM stayed rate limited; gave up: {_describe(exc)}"
+            return self._metric_failed(example, example_id, pred, steps, raw_trace, split, capture, exc,
+                                       message, "rate_limited", error_type, service=True,
+                                       fatal=self._rl_policy.outlasted_by(gave_up.verdict.retry_after)), gave_up.retries
         except USER_CODE_ERRORS as exc:  # the user's metric failed: recorded and scored failure_score
             # An LLM-judge metric's own LM can fail the way the student's does: a bad key or an unknown
             # model there stops the run at once too, not after a window of failed evaluations.
             verdict = classify(exc, self._fatal)
             fatal = verdict.error_type if verdict.fatal else None
-            service = verdict.service_failure
-            message = f"The metric raised {_describe(exc)}"
-            kind: FailureKind = "metric_error"
-            if verdict.kind == "rate_limited":
-                # The judge's LM stayed rate limited past the policy (_call_metric retried it): the service's
-                # failure, as a rollout's would be, and a wait past the whole policy (a used-up quota) stops
-                # the run at once, with the quota advice, instead of after a window of metric errors.
-                kind, service = "rate_limited", True
-                self._stats.count("rate_limited", "gave_up")
-                if self._rl_policy.outlasted_by(verdict.retry_after):
-                    fatal = verdict.error_type or type(exc).__name__
-                message = f"The metric's LM stayed rate limited; gave up: {_describe(exc)}"
-            trajectory = DspyTrajectory(
-                example, pred, steps, raw_trace, message, fatal or type(exc).__name__, kind,
-                service_failure=service,
-            )
-            return EvalOutcome(
-                example_id, self._failure_score, failure=kind, message=message + _user_frame(exc),
-                trajectory=trajectory if capture else None, error_type=fatal or type(exc).__name__,
-                fatal=fatal is not None, service_failure=service,
-                output=pred if self._keep_outputs and split == "val" else None,
-            ), 0
+            return self._metric_failed(example, example_id, pred, steps, raw_trace, split, capture, exc,
+                                       f"The metric raised {_describe(exc)}", "metric_error",
+                                       fatal or type(exc).__name__, service=verdict.service_failure,
+                                       fatal=fatal is not None), 0
         reading = read_metric_return(ret, self._failure_score)
         trajectory = DspyTrajectory(example, pred, steps, raw_trace, metric_return=ret) if capture else None
         if reading.invalid is not None:
@@ -705,6 +713,15 @@ class DspyEvaluator:
             trajectory=trajectory,
             output=pred if self._keep_outputs and split == "val" else None,
         ), retries
+
+
+class _JudgeGaveUp(Exception):
+    """The metric's own LM stayed rate limited past the retry policy (``_call_metric``): its last error, the
+    verdict on it and the retries made, which the outcome reports as a rollout's would."""
+
+    def __init__(self, error: BaseException, verdict: Verdict, retries: int) -> None:
+        super().__init__(str(error))
+        self.error, self.verdict, self.retries = error, verdict, retries
 
 
 def _attach_usage(pred: Any, usage: RolloutUsage) -> None:

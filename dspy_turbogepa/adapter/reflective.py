@@ -147,6 +147,9 @@ class ReflectiveDatasetBuilder:
         if traj.failure == "metric_error":
             self._count("metric_error")
             return None
+        if traj.failure == "rate_limited":  # an LLM judge's LM stayed rate limited: the service's failure
+            self._count("infrastructure_error")
+            return None
         if not steps:
             return None
         step = rng.choice(steps)
@@ -299,6 +302,8 @@ def _why_no_record(name: str, traj: DspyTrajectory) -> str:
     covered a predictor the program never called and a metric that raised on every example."""
     if traj.failure == "metric_error":
         return "where the metric raised"
+    if traj.failure == "rate_limited":
+        return "where the metric's LM stayed rate limited"
     if not any(step.pred_name == name for step in traj.steps):
         return "where it did not run"
     if traj.failure == "program_error" and not traj.service_failure and _program_error_owner(traj) != name:
