@@ -318,8 +318,8 @@ def test_the_program_uploaded_to_mlflow_holds_no_lm_credential():
         predictor = program if isinstance(program, dspy.Predict) else program.tag
         predictor.lm = lm
         predictor.demos = [dspy.Example(token="can", pos="VERB")]
-        text = _program_json(program)
-        assert text is not None and "LKawssecret" not in text and "LKvirtkey" not in text
+        text, error = _program_json(program)
+        assert error is None and text is not None and "LKawssecret" not in text and "LKvirtkey" not in text
         state = json.loads(text)
         state = state if isinstance(program, dspy.Predict) else state["tag"]
         assert state["signature"]["instructions"]  # still the program

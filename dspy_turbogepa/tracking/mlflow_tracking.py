@@ -431,7 +431,9 @@ class MlflowRunTracker(EngineObserver):
         self._submit("final params", lambda c: self._log_params(c, best_params, tags))
 
         if program is not None:
-            program_json = _program_json(program)
+            program_json, error = _program_json(program)
+            if error is not None:  # through _warn: once per tracker, masked
+                self._warn(f"could not save the optimized program ({error})")
             if program_json is not None:
                 self._submit("optimized program", lambda c: c.log_text(
                     self.run_id, program_json, f"{ARTIFACT_DIR}/optimized_program.json"))
@@ -763,7 +765,8 @@ def _numeric_leaves(data: Mapping[Any, Any], prefix: str, depth: int) -> dict[st
     return out
 
 
-def _program_json(program: Any) -> str | None:
+def _program_json(program: Any) -> tuple[str | None, str | None]:
+    """The program as dspy saves it, credentials masked; or None and why it could not be saved."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "program.json"
@@ -775,10 +778,9 @@ def _program_json(program: Any) -> str | None:
             for entry in ([state] if "lm" in state else state.values() if isinstance(state, dict) else []):
                 if isinstance(entry, dict) and isinstance(entry.get("lm"), dict):
                     entry["lm"] = redact(entry["lm"])
-            return mask_json_text(json.dumps(state, ensure_ascii=False, indent=2))
-    except Exception as exc:  # noqa: BLE001
-        logger.warning("MLflow tracking: could not save the optimized program (%s: %s)", type(exc).__name__, exc)
-        return None
+            return mask_json_text(json.dumps(state, ensure_ascii=False, indent=2)), None
+    except Exception as exc:  # noqa: BLE001  # reported by the caller: a report is never worth the run
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def _front_sets(result: EngineResult) -> dict[int, set[int]]:
