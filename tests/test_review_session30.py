@@ -67,6 +67,17 @@ def _busy_id(examples) -> int:
     return next(i for i, ex in enumerate(examples) if _busy(ex))
 
 
+def _score_busy(judge) -> tuple[EvalOutcome, dict[str, Any], Any]:
+    """One evaluation of an example the judge refuses, on a fresh evaluator: (outcome, its rate-limit stats,
+    the codec)."""
+    ev, codec, run = _unit(judge, n=8)
+    try:
+        out = run(_busy_id(small_splits(ROUTING, n_train=8, n_val=8, n_test=0).val))
+        return out, ev.rate_limit_stats(), codec
+    finally:
+        ev.close()
+
+
 @pytest.fixture
 def fast_evaluator(monkeypatch):
     class Fast(DspyEvaluator):
@@ -81,27 +92,17 @@ def fast_evaluator(monkeypatch):
 # --------------------------------------------------------------------------- (2) judge rate_limited
 def test_judge_rate_limited_outcome_is_a_service_failure_with_failure_score():
     judge = _judge_429()
-    ev, codec, run = _unit(judge, n=8)
-    try:
-        bid = _busy_id(small_splits(ROUTING, n_train=8, n_val=8, n_test=0).val)
-        out = run(bid)
-    finally:
-        ev.close()
+    out, stats, codec = _score_busy(judge)
     assert out.failure == "rate_limited" and out.service_failure and not out.fatal
     assert out.score == 0.0 and out.trajectory is not None and out.trajectory.failure == "rate_limited"
     assert out.trajectory.service_failure
-    assert ev.rate_limit_stats()["rate_limit_gave_up"] == 1
-    assert ev.rate_limit_stats()["metric_rate_limit_retries"] == 10
+    assert stats["rate_limit_gave_up"] == 1
+    assert stats["metric_rate_limit_retries"] == 10
 
 
 def test_reflection_skips_a_judge_rate_limited_trajectory_without_calling_the_judge():
     judge = _judge_429()
-    ev, codec, run = _unit(judge, n=8)
-    try:
-        bid = _busy_id(small_splits(ROUTING, n_train=8, n_val=8, n_test=0).val)
-        out = run(bid)
-    finally:
-        ev.close()
+    out, stats, codec = _score_busy(judge)
     assert out.failure == "rate_limited"
     builder = ReflectiveDatasetBuilder(codec, judge, 0.0, False, False, True)
     before = len(judge.calls)
@@ -123,37 +124,21 @@ def test_a_compile_asks_no_feedback_on_a_judge_rate_limited_example(fast_evaluat
 
 def test_a_judges_retries_before_giving_up_count_in_the_outcomes_rate_limit_retries():
     judge = _judge_429()
-    ev, codec, run = _unit(judge, n=8)
-    try:
-        bid = _busy_id(small_splits(ROUTING, n_train=8, n_val=8, n_test=0).val)
-        out = run(bid)
-    finally:
-        ev.close()
+    out, stats, codec = _score_busy(judge)
     assert out.failure == "rate_limited"
     assert out.rate_limit_retries == 10
 
 
 def test_every_judge_429_counts_once_in_rate_limited_as_a_rollouts_do():
     judge = _judge_429()
-    ev, codec, run = _unit(judge, n=8)
-    try:
-        bid = _busy_id(small_splits(ROUTING, n_train=8, n_val=8, n_test=0).val)
-        run(bid)
-        stats = ev.rate_limit_stats()
-    finally:
-        ev.close()
+    out, stats, codec = _score_busy(judge)
     assert stats["rate_limit_gave_up"] == 1
     assert stats["rate_limited"] == 11  # the first attempt and its 10 retries, each a 429 seen
 
 
 def test_a_judges_used_up_quota_is_fatal_rate_limited_and_stops_with_quota_advice():
     judge = _judge_429(retry_after=86_400.0)
-    ev, codec, run = _unit(judge, n=8)
-    try:
-        bid = _busy_id(small_splits(ROUTING, n_train=8, n_val=8, n_test=0).val)
-        out = run(bid)
-    finally:
-        ev.close()
+    out, stats, codec = _score_busy(judge)
     assert out.failure == "rate_limited" and out.fatal and out.service_failure
     assert out.error_type == "RateLimitError"
     with pytest.raises(SystemicFailureError) as info:
