@@ -73,7 +73,8 @@ class ProgressSource(Protocol):
     ``paused_seconds()``: how long the LM endpoints are still paused by a rate limit's Retry-After, and
     ``reflection_paused_seconds()``: how long a reflection still waits out the reflection LM's rate limit;
     ``tokens()`` and ``cost_usd()``: the LM tokens and dollars the run has used (every session of its
-    ``log_dir``, as the token and dollar caps count them).
+    ``log_dir``, as the token and dollar caps count them), and ``replayed_calls()``: the metric calls a
+    resume replayed from its store (kept out of the ETA's rate).
     """
 
     def metric_calls(self) -> int | None: ...
@@ -167,21 +168,20 @@ class OrchestratorSource:
     def reflection_paused_seconds(self) -> float | None:
         return None if self._reflection_paused is None else float(self._reflection_paused())
 
-    def tokens(self) -> int | None:
+    def tokens(self) -> int:
         """Every LM token the run used (the program's and the reflections'), earlier sessions' included:
         what ``token_budget`` caps."""
-        stats = getattr(self._orch, "stats", None)
-        return None if stats is None else int(stats.tokens)
+        return int(self._orch.stats.tokens)
 
     def replayed_calls(self) -> int:
         """Stored evaluations replayed this session: a resume replays them in a burst, which is not the
         rate the run goes at (they stay out of the ETA's rate, not out of the count)."""
         return int(self._orch.stats.replayed)
 
-    def cost_usd(self) -> float | None:
+    def cost_usd(self) -> float:
         """Dollars the run spent, earlier sessions' included: what ``cost_budget_usd`` caps."""
-        stats = getattr(self._orch, "stats", None)
-        return None if stats is None else float(stats.task_cost + stats.reflection_cost)
+        stats = self._orch.stats
+        return float(stats.task_cost + stats.reflection_cost)
 
 
 @dataclass(frozen=True)
@@ -232,20 +232,18 @@ class ProgressSnapshot:
         usage, or no price)."""
         capped: list[tuple[float, str]] = []
         plain: list[str] = []
+        count = _short_count if short else (lambda n: f"{n:,}")
         if self.tokens is not None and (self.tokens or self.token_budget is not None):
-            fmt = _short_count if short else (lambda n: f"{n:,}")
             if self.token_budget is not None:
-                pct = f" ({100 * self.tokens / self.token_budget:.0f}%)" if self.token_budget > 0 else ""
-                used = f"{fmt(self.tokens)}/{fmt(self.token_budget)}"
-                capped.append((_used_share(self.tokens, self.token_budget),
-                               f"tok {used}{pct}" if short else f"{used} tokens{pct}"))
+                share, pct = _share(self.tokens, self.token_budget)
+                used = f"{count(self.tokens)}/{count(self.token_budget)}"
+                capped.append((share, f"tok {used}{pct}" if short else f"{used} tokens{pct}"))
             else:
-                plain.append(f"tok {fmt(self.tokens)}" if short else f"{fmt(self.tokens)} tokens")
+                plain.append(f"tok {count(self.tokens)}" if short else f"{count(self.tokens)} tokens")
         if self.cost_usd is not None and (self.cost_usd or self.cost_budget_usd is not None):
             if self.cost_budget_usd is not None:
-                pct = f" ({100 * self.cost_usd / self.cost_budget_usd:.0f}%)" if self.cost_budget_usd > 0 else ""
-                capped.append((_used_share(self.cost_usd, self.cost_budget_usd),
-                               f"{_money(self.cost_usd)}/{_money(self.cost_budget_usd)}{pct}"))
+                share, pct = _share(self.cost_usd, self.cost_budget_usd)
+                capped.append((share, f"{_money(self.cost_usd)}/{_money(self.cost_budget_usd)}{pct}"))
             else:
                 plain.append(_money(self.cost_usd) if short else f"{_money(self.cost_usd)} spent")
         capped.sort(key=lambda share_part: -share_part[0])  # stable: tokens first on a tie
@@ -331,8 +329,11 @@ def _money(usd: float) -> str:
     return f"${usd:.4f}" if usd >= 0.0001 else "<$0.0001"
 
 
-def _used_share(used: float, cap: float) -> float:
-    return used / cap if cap > 0 else math.inf
+def _share(used: float, cap: float) -> tuple[float, str]:
+    """How much of a cap is used, and the `` (25%)`` that says it (nothing for a cap of zero)."""
+    if cap <= 0:
+        return math.inf, ""
+    return used / cap, f" ({100 * used / cap:.0f}%)"
 
 
 def format_duration(seconds: float) -> str:
