@@ -1,11 +1,13 @@
 """Operator credit: which kind of proposal is paying off in this run, and the mix that follows.
 
 Per proposal kind (reflection on one component, reflection on all components, merge) we count the
-mutations that evaluated a child, the children that survived rung 0, and those that reached the
-pool. When the user left ``component_selector`` at its default, each reflective mutation chooses
-between "one component" and "all components" by Thompson sampling on the Laplace-smoothed
-(Beta(1, 1) prior) success rates, so the mix drifts toward what wins here. Counts are read from the
-commit history at the mutation's planning view, so the choice is reproducible.
+mutations that evaluated a child, the children that survived rung 0, those that reached the pool,
+and those that became the new best. When the user left ``component_selector`` at its default, each
+reflective mutation chooses between "one component" and "all components" by Thompson sampling on
+the rate at which a kind's children became the new best: a Beta(1, 1) prior for one component, a
+pessimistic Beta(1, 9) for all (so with no history "all" is drawn about one time in ten), and the
+mix drifts toward what wins here. Counts are read from the commit history at the mutation's
+planning view, so the choice is reproducible.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -63,7 +63,8 @@ class PaidCallRefused(Exception):
 async def all_of(*awaitables: Awaitable[T]) -> list[T]:
     """Every result, in order; at the first error, the others are cancelled and it is raised, except a
     cap's refusal: then the others finish first (their calls already on the wire are paid for, and their
-    answers are stored for a rerun) and the first other error they raise wins over the refusal.
+    answers are stored for a rerun) and another error they raise wins over the refusal (of several, the
+    first in the order the awaitables were given, so the error a run reports does not depend on timing).
 
     Why not plain ``gather``: it raises at the first error and leaves the others running past the
     mutation's commit; a systemic failure must stop its siblings at once.
@@ -77,14 +78,18 @@ async def all_of(*awaitables: Awaitable[T]) -> list[T]:
         for t in tasks:
             t.cancel()
         raise
-    errors = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+    def errors_in_order(finished: Collection[asyncio.Future[T]]) -> list[BaseException]:
+        # done and pending are sets: read them in the awaitables' order
+        return [e for t in tasks if t in finished and not t.cancelled() and (e := t.exception()) is not None]
+
+    errors = errors_in_order(done)
     if pending and all(isinstance(e, PaidCallRefused) for e in errors):
-        late = await asyncio.gather(*pending, return_exceptions=True)
-        errors = [e for e in late if isinstance(e, BaseException) and not isinstance(e, PaidCallRefused)] + errors
+        await asyncio.gather(*(t for t in tasks if t in pending), return_exceptions=True)
+        errors = errors_in_order(tasks)
     elif pending:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    if errors:  # a systemic failure that finished with the refusal wins too (done is a set: no order)
+    if errors:  # another error (a systemic failure) wins over a refusal; min keeps the first of equals
         raise min(errors, key=lambda e: isinstance(e, PaidCallRefused))
     return [t.result() for t in tasks]

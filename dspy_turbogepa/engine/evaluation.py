@@ -2,12 +2,12 @@
 
 Why a module of its own: every part of the search (the seed, minibatches, scouts, children, merge
 screens, validation rungs) asks for evaluations, and all of them must share one rule set: a cached
-or in-flight result is never paid again, a slot of ``max_evals_in_flight`` is taken only for a real
-execution (oldest mutation first), every execution is counted and reported to the observers and the
-systemic-failure detector, and an evaluation that raises (a systemic failure) cancels its siblings
-instead of leaving them running. The budget is charged elsewhere, per mutation at commit, from the
-keys a mutation *requested*: whether a request hit the cache depends on timing, what it asked for
-does not.
+or in-flight result is never paid again, a slot of ``max_evals_in_flight`` is taken only for an
+execution (oldest mutation first; a call a token or dollar cap then refuses has taken one too), every
+execution is counted and reported to the observers and the systemic-failure detector, and an
+evaluation that raises (a systemic failure) cancels its siblings instead of leaving them running.
+The budget is charged elsewhere, per mutation at commit, from the keys a mutation *requested*:
+whether a request hit the cache depends on timing, what it asked for does not.
 """
 
 from __future__ import annotations

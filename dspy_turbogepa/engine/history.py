@@ -1,7 +1,8 @@
 """What the run looked like after each commit, so launches can be planned reproducibly.
 
 In deterministic mode mutation ``k`` is planned from the state after the first ``k - staleness + 1``
-commits, however many more commits have happened by the time it is launched. Records are
+commits (or the previous launch's view, if later: views never go back), however many more commits
+have happened by the time it is launched. Records are
 append-only, so that state is just a few counters per commit plus a frontier that lags the live one;
 nothing is copied.
 """

@@ -5,7 +5,8 @@ minibatch -> validation rungs). The loop launches mutations while evaluation slo
 and commits their results to the candidate pool and Pareto frontier.
 
 Reproducibility: in deterministic mode (the default) results are committed in launch order and
-mutation ``k`` is planned from the state after exactly the first ``k - width + 1`` commits, with its
+mutation ``k`` is planned from the state after the first ``k - width + 1`` commits (or more when the
+width changed: a view never goes back, so it is the later of that and the previous launch's), with its
 own RNG stream (see ``history.py`` and docs/engine.md). With a deterministic LM, two runs with the same
 seed return the same program, whatever the completion order of LM calls. Fast mode commits in completion
 order instead.
@@ -80,7 +81,8 @@ T = TypeVar("T")
 
 def sibling_order(items: Sequence[T], j: int) -> list[T]:
     """The ``j``-th sibling's order of the minibatch: rotated by ``j``, reversed from the ``n``-th on, so
-    up to ``2 * n`` siblings each see a distinct order (sibling 0 sees the minibatch as drawn)."""
+    up to ``2 * n`` siblings each see a distinct order when ``n >= 3`` (two items have only two orders;
+    sibling 0 sees the minibatch as drawn)."""
     n = len(items)
     if n < 2 or j == 0:
         return list(items)

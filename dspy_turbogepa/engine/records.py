@@ -14,7 +14,7 @@ from dspy_turbogepa.engine.types import EvalKey, EvalOutcome
 
 MutationStatus = Literal[
     "accepted",  # passed every rung; joined the candidate pool with a full-validation score
-    "rejected_rung0",  # did not beat its parent on the training minibatch
+    "rejected_rung0",  # did not beat its parent on the training minibatch (a merge: failed its screen)
     "pruned",  # dropped on a validation shard
     "duplicate",  # same texts as an existing candidate
     "no_proposal",  # the proposer returned nothing usable (recorded with its cause)

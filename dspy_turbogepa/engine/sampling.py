@@ -82,7 +82,7 @@ class FailureFirstSampler:
         self._ids, self._size = _checked(ids, size)
         self._seed = seed
         self._period = -(-len(self._ids) // self._size)  # draws in one epoch
-        self._gap = max(1, self._period // 2)
+        self._gap = max(1, -(-self._period // 2))  # rounded up: at most twice the epoch's rate
         self._draws = 0
         self._last: dict[int, int] = {}
         # the examples in the order draw() ranks them after the likely failures: never drawn ones (in
