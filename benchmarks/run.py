@@ -9,6 +9,10 @@ with its own in-process SimServer. Three modes:
   aggregates the cell JSONs found, so a grid can be run in several invocations.
 * ``--overhead``: harness CPU per metric call of turbo (run store on), dspy.GEPA and a plain
   dspy.Evaluate floor on a zero-latency simulator -> overhead.json / overhead.md.
+* ``--overhead --instructions``: the same cells counted in machine instructions instead of CPU
+  time (valgrind's callgrind, instrumenting only the measured span, with the simulator in its
+  own process): deterministic where CPU time on a shared machine is not, but blind to what the
+  threads cost the scheduler -> overhead_instructions.json / overhead_instructions.md.
 * ``--memory``: peak RSS of turbo at growing budgets on a zero-latency simulator
   -> memory.json / memory.md.
 
@@ -16,6 +20,7 @@ with its own in-process SimServer. Three modes:
     python benchmarks/run.py --optimizers turbo,gepa,gepa4 --tasks routing,pipeline,pricing \\
         --budgets 300,800 --seeds 0,1,2,3,4,5,6,7,8,9 --threads 16 --time-scale 0.5 --out-dir benchmarks/results
     python benchmarks/run.py --overhead --out-dir benchmarks/results
+    python benchmarks/run.py --overhead --instructions --repeats 1 --out-dir benchmarks/results  # ~20 min
     python benchmarks/run.py --memory --out-dir benchmarks/results
     python benchmarks/run.py --smoke --out-dir /tmp/bench_smoke   # also with --overhead / --memory
 """
@@ -27,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,12 +52,14 @@ Run = dict[str, Any]
 # of timeout on a machine without a network. The bundled snapshot is enough for cost estimates.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+OVERHEAD_KINDS = ("turbo", "gepa", "gepa_quiet", "floor")
+
 #: Per-mode defaults for the options left unset on the command line.
 #: Defaults of every mode; a flag given on the command line wins over these, over MODE_DEFAULTS and over
 #: --smoke (which silently replaced explicit flags before).
 DEFAULTS: dict[str, Any] = {"optimizers": "turbo,gepa", "threads": 16, "time_scale": 1.0, "n_train": 80,
                             "n_val": 40, "n_test": 300, "out_dir": "benchmarks/results", "repeats": 3,
-                            "timeout": 3600.0}
+                            "timeout": 3600.0, "kinds": ",".join(OVERHEAD_KINDS)}
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grid": {"tasks": "routing,pipeline,pricing", "budgets": "300,800", "seeds": "0,1,2,3,4"},
     "overhead": {"tasks": "routing", "budgets": "800", "seeds": "0"},
@@ -68,7 +76,7 @@ SMOKE: dict[str, dict[str, Any]] = {
 }
 # keys of a cell's config that must match for a stored cell JSON to be reused
 _CFG_KEYS = ("mode", "optimizer", "kind", "task", "budget", "seed", "threads", "time_scale", "n_train", "n_val",
-             "n_test", "repeat")
+             "n_test", "repeat", "instructions")
 
 # ---------------------------------------------------------------------------------------
 # helpers shared by the cells (inside the child process)
@@ -130,21 +138,76 @@ def _peak_rss_mb() -> float:
 
 
 class _HarnessMeter:
-    """Wall clock and harness CPU (process CPU minus the simulator thread) of a code span."""
+    """Wall clock and harness CPU (process CPU minus the simulator thread) of a code span; under
+    callgrind (``instructions``), also the span callgrind counts instructions in."""
 
-    def __init__(self, srv: Any) -> None:
+    def __init__(self, srv: Any, instructions: bool = False) -> None:
         thread = getattr(srv, "_thread", None)
         self._srv_tid = thread.native_id if thread is not None else None
+        self._instructions = instructions
         self.wall_s = self.cpu_s = 0.0
 
     @contextmanager
     def measure(self) -> Iterator[_HarnessMeter]:
+        self.count_instructions(True)
         cpu0, srv0, t0 = sum(os.times()[:2]), _thread_cpu(self._srv_tid), time.monotonic()
         try:
             yield self
         finally:
             self.wall_s += time.monotonic() - t0
             self.cpu_s += sum(os.times()[:2]) - cpu0 - (_thread_cpu(self._srv_tid) - srv0)
+            self.count_instructions(False)
+
+    def count_instructions(self, on: bool) -> None:
+        """Switch callgrind's instrumentation (started off) for this process: only what runs while it
+        is on is counted, so imports, the simulator's start and the warm-up stay out."""
+        if self._instructions:
+            subprocess.run(["callgrind_control", "--instr=" + ("on" if on else "off"), str(os.getpid())],
+                           check=True, capture_output=True, timeout=120)
+
+
+class _ExternalSim:
+    """The simulator in its own process (``python -m dspy_turbogepa.testing.server``), for cells run
+    under callgrind: in-process, its thread's instructions would be counted with the harness's."""
+
+    def __init__(self, preset: str, seed: int, time_scale: float) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "dspy_turbogepa.testing.server", "--preset", preset, "--seed", str(seed),
+             "--time-scale", str(time_scale)], stdout=subprocess.PIPE, text=True,
+        )
+        assert self._proc.stdout is not None
+        ready = self._proc.stdout.readline().split()
+        if len(ready) != 2 or ready[0] != "READY":
+            self._proc.kill()
+            raise RuntimeError(f"the simulator did not start (said {ready!r})")
+        self.url = f"http://127.0.0.1:{int(ready[1])}"
+        self.base_url = f"{self.url}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/stats", timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def __enter__(self) -> _ExternalSim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+
+
+def callgrind_total(path: Path) -> int:
+    """The instruction count (``totals:``, else ``summary:``) of a callgrind output file."""
+    found: dict[str, int] = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            key, sep, value = line.partition(":")
+            if sep and key in ("totals", "summary"):
+                found[key] = int(value.split()[0])
+    if not found:
+        raise ValueError(f"{path} has no totals line: not a finished callgrind output")
+    return found.get("totals", found.get("summary", 0))
 
 
 def _sim_lms(srv: Any) -> tuple[Any, Any]:
@@ -376,9 +439,10 @@ def _dir_mb(path: str) -> float:
 
 def run_overhead_cell(cfg: Run) -> Run:
     """Harness CPU per whole-program metric call of one ``kind``: ``turbo`` (run store on,
-    MLflow off, quiet), ``gepa`` (dspy.GEPA defaults: its INFO log lines and tqdm bar),
-    ``gepa_quiet`` (dspy.GEPA with both off, like turbo) or ``floor`` (plain dspy.Evaluate of
-    the seed program over the test split, repeated to about ``budget`` calls)."""
+    MLflow off, quiet), ``gepa`` (dspy.GEPA defaults: its INFO log lines and tqdm bars),
+    ``gepa_quiet`` (dspy.GEPA with those off, DSPy's per-minibatch bars too, like turbo) or
+    ``floor`` (plain dspy.Evaluate of the seed program over the test split, repeated to about
+    ``budget`` calls)."""
     import logging
 
     if cfg["kind"] == "gepa_quiet":
@@ -388,6 +452,17 @@ def run_overhead_cell(cfg: Run) -> Run:
     if cfg["kind"] == "gepa_quiet":
         for name in ("dspy", "gepa"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # TQDM_DISABLE only sets tqdm's default: dspy's ParallelExecutor passes ``disable=`` itself, and
+        # dspy.GEPA's adapter evaluates every traced minibatch with Evaluate(display_progress=True)
+        from dspy.utils.parallelizer import ParallelExecutor
+
+        executor_init = ParallelExecutor.__init__
+
+        def quiet_init(self: Any, *args: Any, **kwargs: Any) -> None:
+            executor_init(self, *args, **kwargs)
+            self.disable_progress_bar = True
+
+        ParallelExecutor.__init__ = quiet_init
 
     from dspy_turbogepa.testing import TASKS, SimServer
 
@@ -395,13 +470,15 @@ def run_overhead_cell(cfg: Run) -> Run:
     train, val, test = task.splits(data_seed=0, n_train=cfg["n_train"], n_val=cfg["n_val"], n_test=cfg["n_test"])
     metric, counters = _counting_metric(task)
     kind, threads = cfg["kind"], cfg["threads"]
+    counting = bool(cfg.get("instructions"))
     extra: Run = {}
-    with SimServer("overhead", seed=cfg["seed"], time_scale=0.0) as srv, tempfile.TemporaryDirectory() as log_dir:
+    sim = _ExternalSim if counting else SimServer
+    with sim("overhead", seed=cfg["seed"], time_scale=0.0) as srv, tempfile.TemporaryDirectory() as log_dir:
         student, reflector = _sim_lms(srv)
         dspy.configure(lm=student)
         program = task.make_program()
         task.evaluate(program, (test or val)[:16], lm=student, num_threads=threads)  # warm up the client stack
-        meter = _HarnessMeter(srv)
+        meter = _HarnessMeter(srv, instructions=counting)
         base_calls = _lm_requests(srv)
         if kind == "floor":
             if not test:
@@ -422,11 +499,13 @@ def run_overhead_cell(cfg: Run) -> Run:
                 write_reports = optimizer._write_reports
 
                 def timed_write_reports(*args: Any, **kwargs: Any) -> Any:
+                    meter.count_instructions(False)  # the instruction count leaves the reports out
                     c0 = time.process_time()
                     try:
                         return write_reports(*args, **kwargs)
                     finally:
                         report_cpu[0] += time.process_time() - c0
+                        meter.count_instructions(True)
 
                 optimizer._write_reports = timed_write_reports
             with meter.measure():
@@ -576,15 +655,23 @@ def _load_cell(cfg: Run) -> Run | None:
 
 def _run_cell_subprocess(cfg: Run, timeout: float) -> Run | None:
     out = Path(cfg["out"])
+    command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cfg)]
+    counts = out.with_suffix(".callgrind")
+    if cfg.get("instructions"):
+        counts.unlink(missing_ok=True)
+        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={counts}", *command]
     with open(out.with_suffix(".log"), "w") as log:
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cfg)],
-            stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False,
-        )
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
     if proc.returncode != 0 or not out.exists():
         print(f"FAILED {out.name} (rc={proc.returncode}); see {out.with_suffix('.log')}", file=sys.stderr, flush=True)
         return None
-    return json.loads(out.read_text())
+    r: Run = json.loads(out.read_text())
+    if cfg.get("instructions"):
+        # written by valgrind as the child exits, after the cell's own JSON
+        r["instructions"] = callgrind_total(counts)
+        r["instructions_per_metric_call"] = r["instructions"] / r["metric_calls"] if r["metric_calls"] else None
+        out.write_text(json.dumps(r, indent=1))  # the counts file stays, for callgrind_annotate
+    return r
 
 
 def _collect(cells: list[Run], a: argparse.Namespace, describe: Callable[[Run], str]) -> tuple[list[Run], int]:
@@ -936,9 +1023,6 @@ def _plot(groups: dict[tuple[str, int], dict[str, list[Run]]], path: Path) -> No
 # overhead and memory reports
 # ---------------------------------------------------------------------------------------
 
-OVERHEAD_KINDS = ("turbo", "gepa", "gepa_quiet", "floor")
-
-
 def report_overhead(runs: list[Run], out_dir: Path) -> Run:
     groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
     for r in runs:
@@ -984,6 +1068,11 @@ def report_overhead(runs: list[Run], out_dir: Path) -> Run:
                 row[f"{kind}_minus_floor_ms_paired"] = _median([
                     r["cpu_ms_per_metric_call"] - floor_by_rep[r["repeat"]] for r in rs if r["repeat"] in floor_by_rep
                 ])
+                row[f"{kind}_excl_reports_minus_floor_ms_paired"] = _median([
+                    r["cpu_ms_per_metric_call_excl_reports"] - floor_by_rep[r["repeat"]]
+                    for r in rs
+                    if r["repeat"] in floor_by_rep and r.get("cpu_ms_per_metric_call_excl_reports") is not None
+                ])
             col = partial(_col, rs)
             reasons = sorted({str(r.get("stop_reason")) for r in rs if r.get("stop_reason")})
             lines.append(
@@ -997,6 +1086,57 @@ def report_overhead(runs: list[Run], out_dir: Path) -> Run:
     data = {"summary": summary, "runs": runs}
     (out_dir / "overhead.json").write_text(json.dumps(data, indent=1, default=str))
     (out_dir / "overhead.md").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def report_overhead_instructions(runs: list[Run], out_dir: Path) -> Run:
+    """The overhead cells counted in instructions: per metric call, and above the floor's."""
+    groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["kind"], []).append(r)
+    lines = [
+        "# Harness instructions per metric call (zero-latency simulator, callgrind)",
+        "",
+        ("Machine instructions executed by the harness process while the compile (or the floor's"
+         " dspy.Evaluate passes) ran, counted by valgrind's callgrind with instrumentation on only for that"
+         " span, divided by the whole-program metric calls. The simulator runs in its own process, so none of"
+         " its work is counted; turbo's end-of-run reports are left out. Kinds as in overhead.md."
+         " Deterministic up to the order the threads ran in (callgrind runs one thread at a time), and"
+         " blind to what CPU time adds on top: GIL hand-offs, context switches, cache misses."
+         " Median [min, max] over repeats."),
+        "",
+        _provenance_note(runs),
+        "",
+        ("| task | budget | kind | n | M instructions / metric call | − floor (M) | − floor (% of floor)"
+         " | metric calls |"),
+        "|" + "---|" * 8,
+    ]
+    summary: list[Run] = []
+    for (task, budget), by_kind in sorted(groups.items()):
+        med = {kind: _median([r.get("instructions_per_metric_call") for r in rs]) for kind, rs in by_kind.items()}
+        floor = med.get("floor")
+        row: Run = {"task": task, "budget": budget}
+        for kind in OVERHEAD_KINDS:
+            rs = by_kind.get(kind)
+            if not rs:
+                continue
+            per_call = med[kind]
+            over = _diff(per_call, floor) if kind != "floor" else None
+            share = over / floor if over is not None and floor else None
+            row[f"{kind}_instructions_per_metric_call"] = per_call
+            if kind != "floor":
+                row[f"{kind}_minus_floor_instructions"] = over
+                row[f"{kind}_minus_floor_share"] = share
+            m_calls = [r["instructions_per_metric_call"] / 1e6 for r in rs if r.get("instructions_per_metric_call")]
+            lines.append(
+                f"| {task} | {budget} | {kind} | {len(rs)} | {_fmt(m_calls, 3)}"
+                f" | {_num(over / 1e6 if over is not None else None, '+.3f')}"
+                f" | {_num(100 * share if share is not None else None, '+.1f')} | {_col(rs, 'metric_calls', 0)} |"
+            )
+        summary.append(row)
+    data = {"summary": summary, "runs": runs}
+    (out_dir / "overhead_instructions.json").write_text(json.dumps(data, indent=1, default=str))
+    (out_dir / "overhead_instructions.md").write_text("\n".join(lines) + "\n")
     return data
 
 
@@ -1066,11 +1206,13 @@ def _cells(a: argparse.Namespace, mode: str, out_dir: Path) -> list[Run]:
                         cells.append({"mode": mode, "optimizer": opt, "task": task, "budget": budget, "seed": seed,
                                       "time_scale": a.time_scale, **base, "out": str(out)})
                 elif mode == "overhead":
+                    runs_dir = out_dir / ("overhead_instruction_runs" if a.instructions else "overhead_runs")
                     for rep in range(a.repeats):
-                        for kind in OVERHEAD_KINDS:
-                            out = out_dir / "overhead_runs" / f"{kind}_{task}_b{budget}_s{seed}_r{rep}.json"
+                        for kind in a.kinds.split(","):
+                            out = runs_dir / f"{kind}_{task}_b{budget}_s{seed}_r{rep}.json"
                             cells.append({"mode": mode, "kind": kind, "task": task, "budget": budget, "seed": seed,
-                                          "repeat": rep, **base, "out": str(out)})
+                                          "repeat": rep, **base, "out": str(out),
+                                          **({"instructions": True} if a.instructions else {})})
                 else:
                     out = out_dir / "memory_runs" / f"turbo_{task}_b{budget}_s{seed}.json"
                     cells.append({"mode": mode, "optimizer": "turbo", "task": task, "budget": budget, "seed": seed,
@@ -1084,8 +1226,10 @@ def _describe(r: Run) -> str:
                 f"->{r['final_test']:.3f} val {r['final_val']} wall {r['compile_wall_s']:.1f}s"
                 f" util {r.get('student_concurrency_utilisation', float('nan')):.2f}")
     if r["mode"] == "overhead":
+        each = (f"{r['instructions_per_metric_call'] / 1e6:.3f}M instructions each" if r.get("instructions")
+                else f"{r['cpu_ms_per_metric_call']:.2f} ms CPU each")
         return (f"overhead {r['kind']:5s} {r['task']} b={r['budget']} r={r['repeat']}: {r['metric_calls']} metric"
-                f" calls, {r['cpu_ms_per_metric_call']:.2f} ms CPU each")
+                f" calls, {each}")
     return (f"memory {r['task']} b={r['budget']}: {r['metric_calls']} metric calls ({r.get('stop_reason')}),"
             f" peak RSS {r['peak_rss_mb']:.0f} MB")
 
@@ -1111,6 +1255,10 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--overhead", action="store_true", help="harness CPU per metric call: turbo, gepa, floor")
     mode.add_argument("--memory", action="store_true", help="peak RSS of turbo by budget")
     p.add_argument("--repeats", type=int, help="overhead: repeats of each measurement (default: 3)")
+    p.add_argument("--kinds", help="overhead: comma list of " + ", ".join(OVERHEAD_KINDS) + " (default: all)")
+    p.add_argument("--instructions", action="store_true",
+                   help="overhead: count machine instructions with valgrind (callgrind) instead of CPU time;"
+                   " deterministic, about 50x slower (one repeat is enough)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny settings for a quick check of the chosen mode (flags given explicitly still win)")
     p.add_argument("--resume", action="store_true",
@@ -1128,6 +1276,13 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     settings = {**DEFAULTS, **MODE_DEFAULTS[run_mode], **(SMOKE[run_mode] if a.smoke else {}), **explicit}
     for k, v in settings.items():
         setattr(a, k, v)
+    unknown = set(a.kinds.split(",")) - set(OVERHEAD_KINDS)
+    if unknown:
+        p.error(f"--kinds: unknown {', '.join(sorted(unknown))}; choose from {', '.join(OVERHEAD_KINDS)}")
+    if a.instructions and not a.overhead:
+        p.error("--instructions counts the overhead cells: add --overhead")
+    if a.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        p.error("--instructions needs valgrind and callgrind_control on PATH (Debian: apt install valgrind)")
     return a
 
 
@@ -1149,6 +1304,9 @@ def main(argv: list[str] | None = None) -> int:
         if run_mode == "grid":
             aggregate(runs, out_dir)
             print((out_dir / "table.md").read_text())
+        elif run_mode == "overhead" and a.instructions:
+            report_overhead_instructions(runs, out_dir)
+            print((out_dir / "overhead_instructions.md").read_text())
         elif run_mode == "overhead":
             report_overhead(runs, out_dir)
             print((out_dir / "overhead.md").read_text())

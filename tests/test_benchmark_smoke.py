@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +142,9 @@ def test_benchmark_overhead_smoke(tmp_path: Path) -> None:
     logs = {p.stem.split("_routing")[0]: p.read_text() for p in (tmp_path / "overhead_runs").glob("*.log")}
     assert "GEPA Optimization" in logs["gepa"] and "GEPA Optimization" not in logs["gepa_quiet"]
     assert " INFO " in logs["gepa"] and " INFO " not in logs["gepa_quiet"]
+    # ... nor DSPy's per-minibatch Evaluate bars ("Average Metric: ... | 3/3 [..."), which TQDM_DISABLE
+    # does not reach: dspy.GEPA's defaults draw them
+    assert re.search(r"\d+%\|", logs["gepa"]) and not re.search(r"\d+%\|", logs["gepa_quiet"])
 
 
 def test_benchmark_memory_smoke(tmp_path: Path) -> None:
@@ -283,3 +288,63 @@ def test_explicit_flags_win_over_smoke_and_defaults_fill_the_rest() -> None:
     assert (grid.optimizers, grid.threads, grid.time_scale, grid.seeds, grid.out_dir) == (
         "turbo,gepa", 16, 1.0, "0,1,2,3,4", "benchmarks/results")
     assert run.parse_settings(["--smoke", "--time-scale", "0.5"]).time_scale == 0.5
+
+
+def test_instruction_counts_are_read_and_reported_above_the_floor(tmp_path: Path) -> None:
+    """--overhead --instructions: the callgrind totals line is the count; the report gives each kind's
+    instructions per metric call and its excess over the floor's, in instructions and in %."""
+    bench = _bench()
+    out = tmp_path / "c.callgrind"
+    out.write_text("version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 0\nfn=x\n1 5\ntotals: 1500000\n")
+    assert bench.callgrind_total(out) == 1_500_000
+    (tmp_path / "cut.callgrind").write_text("version: 1\nevents: Ir\nfn=x\n1 5\n")  # killed before it wrote totals
+    with pytest.raises(ValueError, match="no totals line"):
+        bench.callgrind_total(tmp_path / "cut.callgrind")
+
+    def cell(kind: str, rep: int, per_call: float) -> dict:
+        return {"task": "routing", "budget": 800, "kind": kind, "repeat": rep, "metric_calls": 800,
+                "instructions": per_call * 800, "instructions_per_metric_call": per_call}
+
+    runs = [cell("floor", 0, 10e6), cell("floor", 1, 10.2e6), cell("turbo", 0, 10.5e6), cell("turbo", 1, 10.7e6),
+            cell("gepa_quiet", 0, 10.4e6)]
+    (row,) = bench.report_overhead_instructions(runs, tmp_path)["summary"]
+    assert row["turbo_minus_floor_instructions"] == pytest.approx(0.5e6)
+    assert row["turbo_minus_floor_share"] == pytest.approx(0.5 / 10.1)
+    assert row["gepa_quiet_minus_floor_instructions"] == pytest.approx(0.3e6)
+    md = (tmp_path / "overhead_instructions.md").read_text()
+    assert "| routing | 800 | turbo | 2 | 10.600 [10.500, 10.700] | +0.500 | +5.0 | 800 [800, 800] |" in md
+    assert "| routing | 800 | floor | 2 | 10.100 [10.000, 10.200] | - | - | 800 [800, 800] |" in md
+
+
+def test_instructions_and_kinds_are_checked_up_front() -> None:
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse_settings(["--instructions"])  # counts the overhead cells only
+    with pytest.raises(SystemExit):
+        bench.parse_settings(["--overhead", "--kinds", "turbo,fast"])
+    a = bench.parse_settings(["--overhead", "--kinds", "floor,turbo", "--repeats", "2"])
+    cells = bench._cells(a, "overhead", Path("/nonexistent"))
+    assert [(c["repeat"], c["kind"]) for c in cells] == [(0, "floor"), (0, "turbo"), (1, "floor"), (1, "turbo")]
+    assert all("instructions" not in c for c in cells)
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("callgrind_control") is None,
+                    reason="needs valgrind (apt install valgrind)")
+def test_benchmark_overhead_instructions_smoke(tmp_path: Path) -> None:
+    """A turbo and a floor cell under callgrind: counted only while the compile ran (the reports left out),
+    the simulator in its own process."""
+    _run(tmp_path, "--overhead", "--instructions", "--kinds", "turbo,floor", "--budgets", "24", "--n-test", "24")
+    data = json.loads((tmp_path / "overhead_instructions.json").read_text())
+    by_kind = {r["kind"]: r for r in data["runs"]}
+    assert set(by_kind) == {"turbo", "floor"}
+    for r in by_kind.values():
+        assert r["instructions"] > 0 and r["metric_calls"] > 0
+        assert r["lm_calls_student"] >= r["metric_calls"]  # the external simulator's /stats was read
+        # a metric call costs DSPy, the HTTP client and the metric millions of instructions; imports (billions)
+        # and the warm-up are outside the counted span
+        assert 2e6 < r["instructions_per_metric_call"] < 60e6, r
+    assert by_kind["turbo"]["report_cpu_s"] > 0  # the reports ran ...
+    calls = (tmp_path / "overhead_instruction_runs" / "turbo_routing_b24_s0_r0.callgrind").read_text(errors="replace")
+    assert "fn=" in calls and "_backend_agg" not in calls and "ft2font" not in calls  # ... and were not counted
+    md = (tmp_path / "overhead_instructions.md").read_text()
+    assert "| routing | 24 | turbo | 1 |" in md and "| routing | 24 | floor | 1 |" in md
