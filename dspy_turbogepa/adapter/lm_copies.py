@@ -6,9 +6,10 @@ the engines and connection pools with the original) with ``num_retries = 0``. Th
 original's ``history`` list, so ``lm.history`` / ``dspy.inspect_history()`` and the common
 ``sum(x["cost"] for x in lm.history)`` idiom keep seeing the optimization's calls, as with dspy.GEPA.
 
-Usage of one rollout: tokens come from DSPy's own contextvar-based tracker
-(``dspy.utils.usage_tracker.track_usage``, so every LM the program calls is counted, on worker threads
-and in asyncio tasks alike; an outer tracker of the user's still receives everything); cost is what
+Usage of one rollout: tokens come from DSPy's own contextvar-based usage tracker, nested as
+``dspy.track_usage`` nests them, so every LM the program calls is counted, on worker threads and in
+asyncio tasks alike (``dspy.Parallel``'s workers share it instead of each getting a copy that is never
+merged back), and an outer tracker of the user's still receives everything; cost is what
 DSPy records in the history entries of our copies (``entry["cost"]``: litellm's or DSPy's own price,
 None when the model's price is unknown; cache hits, which carry no usage, are not charged). Calls through
 an LM we did not copy (an LLM judge inside the metric, a ``dspy.context(lm=other)`` inside ``forward``)
@@ -31,7 +32,7 @@ from typing import Any
 import dspy
 from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import LMProviderError
-from dspy.utils.usage_tracker import UsageTracker, track_usage
+from dspy.utils.usage_tracker import UsageTracker
 
 from dspy_turbogepa.redaction import endpoint_url
 
@@ -141,9 +142,38 @@ def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[f
     return prices.get(model) or prices.get(model.split("/", 1)[-1])
 
 
+class _RolloutTracker(UsageTracker):
+    """A rollout's usage tracker, shared with the worker threads of a ``dspy.Parallel`` inside it.
+
+    Why: ``dspy.Parallel`` gives each worker a deep copy of the active tracker and never merges it
+    back, so the calls of an LM the program holds itself, made in a parallel branch, reached no one
+    (our copies' calls are seen through their history entries, the program's own LMs' only here):
+    ``token_budget`` and ``cost_budget_usd`` missed them. Appending to one list from several threads
+    is safe under the GIL, and the entries roll up into the user's tracker with the rest."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RolloutTracker:
+        return self
+
+
+@contextmanager
+def _rollout_tracker() -> Iterator[_RolloutTracker]:
+    """``dspy.track_usage()`` with a :class:`_RolloutTracker`: nested in the user's tracker, rolled
+    up into it on exit, as DSPy's nested trackers are."""
+    tracker = _RolloutTracker()
+    parent = dspy.settings.usage_tracker
+    with dspy.settings.context(usage_tracker=tracker):
+        try:
+            yield tracker
+        finally:
+            if parent is not None:
+                for model, entries in tracker.usage_data.items():
+                    parent.usage_data[model].extend(entries)
+
+
 @contextmanager
 def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> Iterator[RolloutUsage]:
-    """Collect the tokens and cost of every LM call made inside the block (in this context).
+    """Collect the tokens and cost of every LM call made inside the block (in this context, and in
+    the worker threads of a ``dspy.Parallel`` in it).
 
     ``prices`` (model -> $ per 1M prompt / completion tokens) prices models that litellm and DSPy do
     not know; for a model in the table its reported cost is ignored, so nothing is counted twice.
@@ -151,7 +181,7 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
     box = RolloutUsage(prices=dict(prices or {}))
     token = _CURRENT.set(box)
     try:
-        with track_usage() as tracker:
+        with _rollout_tracker() as tracker:
             box.tracker = tracker
             try:
                 yield box
@@ -237,23 +267,19 @@ def current_rollout_usage() -> RolloutUsage | None:
 
 
 def _note_history_entry(entry: Any) -> None:
+    """The cost of a call through one of our copies. Its tokens come from the rollout's tracker (which
+    ``dspy.Parallel`` workers share, see :class:`_RolloutTracker`); noting them as priced here keeps the
+    tracker's count from pricing them again from DSPy's model table."""
     if not isinstance(entry, dict) or not entry.get("usage"):
         return
-    box = _CURRENT.get()
-    if box is not None:  # the rollout's own thread: tokens come from DSPy's tracker, the cost from here
+    # the rollout's own thread has the context variable; a dspy.Parallel worker thread only the settings
+    # overrides DSPy copies into it
+    box = _CURRENT.get() or dspy.settings.get(ROLLOUT_USAGE)
+    if isinstance(box, RolloutUsage):
         box.add_cost(entry.get("cost"), entry.get("model"))
         usage = entry["usage"]
         box.note_priced(str(entry.get("model") or ""), int(_number(usage.get("prompt_tokens"))),
                         int(_number(usage.get("completion_tokens"))))
-        return
-    box = dspy.settings.get(ROLLOUT_USAGE)
-    if isinstance(box, RolloutUsage):
-        # A worker thread of the rollout (dspy.Parallel): DSPy gave it a deep copy of the usage tracker
-        # and never merges it back, so this call's tokens are counted from its history entry.
-        usage = entry["usage"]
-        box.add_tokens(int(_number(usage.get("prompt_tokens"))), int(_number(usage.get("completion_tokens"))),
-                       str(entry.get("model") or ""))
-        box.add_cost(entry.get("cost"), entry.get("model"))
 
 
 def lm_api_base(lm: Any) -> str | None:

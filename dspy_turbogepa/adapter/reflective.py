@@ -4,7 +4,8 @@ Records have dspy.GEPA's shape ({"Inputs", "Generated Outputs", "Feedback"}) so 
 proposers see the same data. Two deliberate differences from dspy.GEPA (listed in docs/deviations.md):
 trace steps are matched to predictors by *name*, never by signature equality (two predictors with the
 same signature no longer share records); and a rollout where the program raised contributes the
-error as feedback to the predictors that did not produce an output, instead of being dropped.
+error as feedback to one predictor, instead of being dropped: the one it was raised in, else the last
+one that ran before it (see ``_program_error_owner``).
 """
 
 from __future__ import annotations

@@ -472,7 +472,8 @@ def _module_settings(module: Any) -> dict[str, Any]:
 def _tool_identity(obj: Any) -> str | None:
     """A ``dspy.Tool`` by its name, description, argument schema (shown to the LM with the tool) and
     function, and for a module used as a tool (an agent as a tool) its predictors' state too; a plain
-    function by its code. None for anything else, and for DSPy's own functions (ReAct's ``finish``)."""
+    function by its code. A ``dspy.Tool`` wrapping one of DSPy's own functions (ReAct's ``finish``) by
+    its name, description and schema only; None for anything else, a plain DSPy function included."""
     if isinstance(obj, dspy.Tool):
         fn = obj.func
         schema = stable_hash(_hashable([getattr(obj, "args", None), getattr(obj, "arg_desc", None)]))
