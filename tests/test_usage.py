@@ -219,4 +219,5 @@ def test_a_priced_models_reported_cost_is_not_added_to_the_table_price():
     assert box.cost == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)
     with rollout_usage({"my-finetune": (1.0, 2.0)}) as box:  # listed without its provider prefix
         _note_history_entry({"model": "openai/my-finetune", "usage": dict(usage), "cost": 0.5})
-    assert box.cost == 0.0  # priced from the tracker's tokens (none recorded here), never from "cost"
+    # priced from the table (our copy's call is counted from its history entry), never from "cost"
+    assert box.cost == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6) and box.calls == 1

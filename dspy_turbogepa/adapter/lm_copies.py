@@ -6,15 +6,15 @@ the engines and connection pools with the original) with ``num_retries = 0``. Th
 original's ``history`` list, so ``lm.history`` / ``dspy.inspect_history()`` and the common
 ``sum(x["cost"] for x in lm.history)`` idiom keep seeing the optimization's calls, as with dspy.GEPA.
 
-Usage of one rollout: tokens come from DSPy's own contextvar-based usage tracker, nested as
-``dspy.track_usage`` nests them, so every LM the program calls is counted, on worker threads and in
-asyncio tasks alike (``dspy.Parallel``'s workers share it instead of each getting a copy that is never
-merged back), and an outer tracker of the user's still receives everything; cost is what
-DSPy records in the history entries of our copies (``entry["cost"]``: litellm's or DSPy's own price,
-None when the model's price is unknown; cache hits, which carry no usage, are not charged). Calls through
-an LM we did not copy (an LLM judge inside the metric, a ``dspy.context(lm=other)`` inside ``forward``)
-leave no entry we see: their tokens (the tracker's minus our copies') are priced from DSPy's model
-metadata, so ``cost_budget_usd`` counts them too.
+Usage of one rollout: a call through one of our copies is counted from the history entry DSPy
+records for it (tokens, and ``entry["cost"]``: litellm's or DSPy's own price, None when the model's
+price is unknown; cache hits, which carry no usage, are not charged), on whatever thread it ran. Calls
+through an LM we did not copy (an LLM judge inside the metric, a ``dspy.context(lm=other)`` inside
+``forward``) leave no entry we see: they are what DSPy's own contextvar-based usage tracker holds beyond
+our copies' calls, counted at the rollout's end and priced from DSPy's model metadata, so
+``cost_budget_usd`` counts them too. That tracker is nested as ``dspy.track_usage`` nests them, so an
+outer tracker of the user's still receives everything, and ``dspy.Parallel``'s workers share it
+instead of each getting a copy that is never merged back.
 """
 
 from __future__ import annotations
@@ -53,15 +53,16 @@ class RolloutUsage:
     tracker: UsageTracker | None = None
     #: model -> (dollars per 1M prompt tokens, dollars per 1M completion tokens); overrides reported cost.
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    #: model -> [prompt, completion] tokens of calls whose cost came from our copies' history entries.
+    #: model -> [prompt, completion, calls] of our copies' calls, counted from their history entries.
     priced: dict[str, list[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def note_priced(self, model: str, prompt: int, completion: int) -> None:
         with self._lock:
-            seen = self.priced.setdefault(model, [0, 0])
+            seen = self.priced.setdefault(model, [0, 0, 0])
             seen[0] += prompt
             seen[1] += completion
+            seen[2] += 1
 
     def add_cost(self, value: Any, model: str | None = None) -> None:
         if model is not None and _price_for(self.prices, model) is not None:
@@ -166,8 +167,8 @@ def _rollout_tracker() -> Iterator[_RolloutTracker]:
             yield tracker
         finally:
             if parent is not None:
-                for model, entries in tracker.usage_data.items():
-                    parent.usage_data[model].extend(entries)
+                for model, entries in list(tracker.usage_data.items()):
+                    parent.usage_data[model].extend(list(entries))
 
 
 @contextmanager
@@ -186,22 +187,32 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
             try:
                 yield box
             finally:
-                # the two counts summed directly: the tracker's get_total_tokens() merges every
-                # field of every entry recursively, a cost paid on every rollout for two numbers
-                for model, entries in tracker.usage_data.items():
-                    prompt = int(sum(_number(e.get("prompt_tokens")) for e in entries))
-                    completion = int(sum(_number(e.get("completion_tokens")) for e in entries))
-                    box.add_tokens(prompt, completion, model, calls=len(entries))
-                    if _price_for(box.prices, model) is None:
-                        # what no copy of ours reported a cost for: an LM the program or metric holds itself
-                        seen = box.priced.get(model, (0, 0))
-                        box.add_cost(_metadata_cost(model, prompt - seen[0], completion - seen[1]))
+                # Our copies' calls were counted from their history entries (wherever they ran: a tracker
+                # the program opens around a dspy.Parallel is copied into its workers and never merged
+                # back); what the tracker holds beyond them is the calls of LMs the program or metric holds
+                # itself. The counts are summed directly (get_total_tokens() merges every field of every
+                # entry recursively), over snapshots: a dspy.Parallel worker that outlived its call
+                # (DSPy does not wait for one after max_errors) may still append.
+                for model, entries in list(tracker.usage_data.items()):
+                    entries = list(entries)
+                    seen = box.priced.get(model, (0, 0, 0))
+                    prompt = max(0, int(sum(_number(e.get("prompt_tokens")) for e in entries)) - seen[0])
+                    completion = max(0, int(sum(_number(e.get("completion_tokens")) for e in entries)) - seen[1])
+                    calls = max(0, len(entries) - seen[2])
+                    if calls or prompt or completion:
+                        box.add_tokens(prompt, completion, model, calls=calls)
+                        if _price_for(box.prices, model) is None:  # priced from DSPy's model table
+                            box.add_cost(_metadata_cost(model, prompt, completion))
     finally:
         _CURRENT.reset(token)
 
 
 class _JudgeTracker(UsageTracker):
-    """The usage tracker of one module call the metric makes (see :class:`_JudgeUsage`)."""
+    """The usage tracker of one module call the metric makes (see :class:`_JudgeUsage`); shared with
+    the workers of a ``dspy.Parallel`` inside that call, as :class:`_RolloutTracker` is."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _JudgeTracker:
+        return self
 
 
 class _JudgeUsage(BaseCallback):
@@ -238,8 +249,8 @@ class _JudgeUsage(BaseCallback):
             return
         context, tracker, outer = entry
         context.__exit__(None, None, None)
-        for model, entries in tracker.usage_data.items():  # as dspy's track_usage() rolls up into its parent
-            outer.usage_data[model].extend(entries)
+        for model, entries in list(tracker.usage_data.items()):  # as dspy's track_usage() rolls up
+            outer.usage_data[model].extend(list(entries))
         prediction = outputs[0] if isinstance(outputs, tuple) and outputs else outputs
         if isinstance(prediction, dspy.Prediction) and prediction.get_lm_usage() is None:
             prediction.set_lm_usage(tracker.get_total_tokens())
@@ -267,19 +278,19 @@ def current_rollout_usage() -> RolloutUsage | None:
 
 
 def _note_history_entry(entry: Any) -> None:
-    """The cost of a call through one of our copies. Its tokens come from the rollout's tracker (which
-    ``dspy.Parallel`` workers share, see :class:`_RolloutTracker`); noting them as priced here keeps the
-    tracker's count from pricing them again from DSPy's model table."""
+    """Count a call through one of our copies: its tokens and its cost (from the entry), and note it,
+    so the rollout's end counts only what the tracker holds beyond our copies' calls."""
     if not isinstance(entry, dict) or not entry.get("usage"):
         return
     # the rollout's own thread has the context variable; a dspy.Parallel worker thread only the settings
     # overrides DSPy copies into it
     box = _CURRENT.get() or dspy.settings.get(ROLLOUT_USAGE)
     if isinstance(box, RolloutUsage):
+        usage, model = entry["usage"], str(entry.get("model") or "")
+        prompt, completion = int(_number(usage.get("prompt_tokens"))), int(_number(usage.get("completion_tokens")))
+        box.add_tokens(prompt, completion, model)
         box.add_cost(entry.get("cost"), entry.get("model"))
-        usage = entry["usage"]
-        box.note_priced(str(entry.get("model") or ""), int(_number(usage.get("prompt_tokens"))),
-                        int(_number(usage.get("completion_tokens"))))
+        box.note_priced(model, prompt, completion)
 
 
 def lm_api_base(lm: Any) -> str | None:
