@@ -166,6 +166,17 @@ class _HarnessMeter:
                            check=True, capture_output=True, timeout=120)
 
 
+def _die_with_parent() -> None:
+    """In the simulator's process, before it runs: be sent SIGTERM when the cell's process dies, so a
+    cell killed at its timeout (SIGKILL: no ``__exit__`` runs) leaves no simulator serving. Linux only,
+    as valgrind is."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class _ExternalSim:
     """The simulator in its own process (``python -m dspy_turbogepa.testing.server``), for cells run
     under callgrind: in-process, its thread's instructions would be counted with the harness's."""
@@ -173,12 +184,13 @@ class _ExternalSim:
     def __init__(self, preset: str, seed: int, time_scale: float) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "dspy_turbogepa.testing.server", "--preset", preset, "--seed", str(seed),
-             "--time-scale", str(time_scale)], stdout=subprocess.PIPE, text=True,
+             "--time-scale", str(time_scale)], stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
         )
         assert self._proc.stdout is not None
         ready = self._proc.stdout.readline().split()
-        if len(ready) != 2 or ready[0] != "READY":
+        if len(ready) != 2 or ready[0] != "READY" or not ready[1].isdigit():
             self._proc.kill()
+            self._proc.wait()
             raise RuntimeError(f"the simulator did not start (said {ready!r})")
         self.url = f"http://127.0.0.1:{int(ready[1])}"
         self.base_url = f"{self.url}/v1"
@@ -661,15 +673,25 @@ def _run_cell_subprocess(cfg: Run, timeout: float) -> Run | None:
         counts.unlink(missing_ok=True)
         command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={counts}", *command]
     with open(out.with_suffix(".log"), "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        try:
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            print(f"FAILED {out.name} (timed out after {timeout:.0f}s); see {out.with_suffix('.log')}",
+                  file=sys.stderr, flush=True)
+            return None
     if proc.returncode != 0 or not out.exists():
         print(f"FAILED {out.name} (rc={proc.returncode}); see {out.with_suffix('.log')}", file=sys.stderr, flush=True)
         return None
     r: Run = json.loads(out.read_text())
     if cfg.get("instructions"):
-        # written by valgrind as the child exits, after the cell's own JSON
-        r["instructions"] = callgrind_total(counts)
-        r["instructions_per_metric_call"] = r["instructions"] / r["metric_calls"] if r["metric_calls"] else None
+        # written by valgrind as the child exits, after the cell's own JSON; kept apart from the config's
+        # "instructions" flag, which --resume compares
+        try:
+            r["instruction_count"] = callgrind_total(counts)
+        except (OSError, ValueError) as exc:
+            print(f"FAILED {out.name}: no instruction count ({exc})", file=sys.stderr, flush=True)
+            return None
+        r["instructions_per_metric_call"] = r["instruction_count"] / r["metric_calls"] if r["metric_calls"] else None
         out.write_text(json.dumps(r, indent=1))  # the counts file stays, for callgrind_annotate
     return r
 
@@ -1033,8 +1055,8 @@ def report_overhead(runs: list[Run], out_dir: Path) -> Run:
         ("Harness CPU = process CPU minus the simulator thread, divided by the whole-program metric"
          " calls (feedback calls not counted). turbo: run store on (log_dir, incl. the end-of-run"
          " summary.json and plots), MLflow off, verbose off. gepa: dspy.GEPA defaults (its INFO log lines"
-         " and tqdm bar). gepa_quiet: dspy.GEPA with those off (dspy and gepa loggers at WARNING,"
-         " TQDM_DISABLE=1), as quiet as turbo. floor: plain"
+         " and tqdm bars). gepa_quiet: dspy.GEPA with those off (dspy and gepa loggers at WARNING,"
+         " TQDM_DISABLE=1, and DSPy's per-minibatch Evaluate bars), as quiet as turbo. floor: plain"
          " dspy.Evaluate of the seed program over the test split, repeated to about the budget."
          " 'excl. reports' leaves out turbo's one-off end-of-run summary.json and plots (report CPU)."
          " Median [min, max] over repeats; '− floor' = difference of the medians."),
@@ -1226,7 +1248,7 @@ def _describe(r: Run) -> str:
                 f"->{r['final_test']:.3f} val {r['final_val']} wall {r['compile_wall_s']:.1f}s"
                 f" util {r.get('student_concurrency_utilisation', float('nan')):.2f}")
     if r["mode"] == "overhead":
-        each = (f"{r['instructions_per_metric_call'] / 1e6:.3f}M instructions each" if r.get("instructions")
+        each = (f"{r['instructions_per_metric_call'] / 1e6:.3f}M instructions each" if r.get("instruction_count")
                 else f"{r['cpu_ms_per_metric_call']:.2f} ms CPU each")
         return (f"overhead {r['kind']:5s} {r['task']} b={r['budget']} r={r['repeat']}: {r['metric_calls']} metric"
                 f" calls, {each}")
