@@ -311,8 +311,9 @@ class SimConfig:
 class SimLMError(Exception):
     """An OpenAI-style API error: HTTP ``status`` plus the error body fields.
 
-    The HTTP server turns it into a JSON error response; the fake LM engines translate
-    it into the matching ``dspy.lm15`` error so DSPy's retry logic sees the same thing.
+    The HTTP server turns it into a JSON error response (with ``Retry-After`` for a 429). The
+    in-process fake LM engines do not translate it: raised in one, it reaches DSPy as an
+    unexpected error, so a test of rate limits goes through the HTTP server.
     """
 
     def __init__(

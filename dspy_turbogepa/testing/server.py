@@ -55,8 +55,9 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 
 @dataclass
 class _ModelState:
-    """Runtime state and counters of one model. Mutated only on the event loop thread,
-    read by :meth:`SimServer.stats` from any thread under the server's lock."""
+    """Runtime state and counters of one model. Mutated on the event loop thread (and reset by
+    :meth:`SimServer.reset_stats` under the server's lock), read by :meth:`SimServer.stats` from any
+    thread under that lock."""
 
     config: ModelConfig
     inflight: int = 0
@@ -461,7 +462,7 @@ class SimServer:
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
                 raise ValueError("body must be a JSON object with a 'messages' list")
-            n = int(body.get("n") or 1)
+            n = int(1 if body.get("n") is None else body["n"])
             if n < 1:
                 raise ValueError("n must be >= 1")
         except ValueError as exc:  # json.JSONDecodeError is a ValueError

@@ -94,8 +94,9 @@ class Rule:
 
     ``id`` is globally unique (``"<task>.<name>"``). ``phrases`` are synonymous key
     phrases: an instruction knows the rule iff it contains one. ``hint`` is the rubric
-    sentence the metric puts in feedback when an *explicit* rule was violated; for
-    implicit rules it is documentation only. ``rate`` is the approximate share of
+    sentence the metric puts in feedback when an *explicit* rule was violated (pricing's
+    metric, which sees only a wrong total, gives the hint of every explicit rule the order
+    needs, applied or not); for implicit rules it is documentation only. ``rate`` is the approximate share of
     examples that need the rule.
     """
 
