@@ -1169,9 +1169,10 @@ def test_a_rank_that_names_its_likely_failures_draws_exactly_what_the_full_scan_
 
 
 def test_an_unsolvable_example_is_drawn_at_most_twice_as_often_as_in_epoch_order():
-    """sampling.py:73-75: "An example is eligible again only ``gap`` draws (half an epoch's worth) after it was
-    drawn, so an example no candidate can solve ... is drawn at most twice as often as in plain epoch order,
-    not every time" (9 training examples, minibatches of 3: the default minibatch size)."""
+    """sampling.py FailureFirstSampler: "eligible again only ``gap`` draws (half an epoch's worth, rounded down,
+    and at least 2 from 3 draws an epoch on) ... drawn about twice as often as in plain epoch order ..., not
+    every time" (9 training examples, minibatches of 3: the default minibatch size; 3 draws an epoch, where the
+    gap was 1 before this review: drawn every time)."""
     ids = list(range(9))
     s = FailureFirstSampler(ids, 3, seed=0)
 

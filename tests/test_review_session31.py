@@ -144,23 +144,31 @@ def _draws_of(n: int, size: int, bad: int, draws: int, fast: bool) -> int:
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["full-scan", "failing-hint"])
-def test_an_unsolvable_example_is_drawn_at_most_twice_per_epoch_for_every_size(fast):
-    """sampling.py FailureFirstSampler: "an example no candidate can solve ... is drawn at most twice as often
-    as in plain epoch order" with the gap rounded up, for every (n, size), size dividing n or not."""
+def test_an_unsolvable_example_is_drawn_about_twice_per_epoch_for_every_size(fast):
+    """sampling.py FailureFirstSampler: "eligible again only ``gap`` draws (half an epoch's worth, rounded down,
+    and at least 2 from 3 draws an epoch on) after it was drawn, so an example no candidate can solve ... is
+    drawn about twice as often as in plain epoch order (at most 2.5 times, with 5 draws an epoch), not every
+    time", for every (n, size), size dividing n or not. (This review's commit had rounded the gap up; a
+    same-session benchmark showed the search slower with it, so the gap rounds down again, never below 2
+    from 3 draws an epoch on, and the docstring says so.)"""
     for n in range(1, 26):
         for size in range(1, n + 1):
             period = -(-n // size)
+            gap = max(2 if period >= 3 else 1, period // 2)
             epochs = 5
             for bad in {0, n - 1}:
                 hits = _draws_of(n, size, bad, epochs * period, fast)
                 epoch = EpochShuffledSampler(list(range(n)), size, seed=7)
                 in_epoch_order = sum(bad in epoch.batch(k) for k in range(epochs * period))
                 assert in_epoch_order >= epochs  # once per epoch at least (padding adds a few)
-                assert hits <= 2 * epochs, (n, size, bad, hits)
+                if period >= 3:
+                    assert hits <= -(-(epochs * period) // gap), (n, size, bad, hits)  # at most once per gap
+                    assert hits <= 2.5 * epochs + 1 and hits < epochs * period, (n, size, bad, hits)
 
 
 def test_a_three_draw_epoch_no_longer_draws_the_unsolvable_example_every_time():
-    """The commit's case: 3 draws an epoch (period // 2 was 1: drawn every time); now every other draw."""
+    """The commit's case: 3 draws an epoch (period // 2 was 1: drawn every time); now every other draw (the
+    gap is at least 2 from 3 draws an epoch on)."""
     assert _draws_of(3, 1, 0, 12, fast=False) == 6
     assert _draws_of(9, 3, 4, 12, fast=True) == 6
 
