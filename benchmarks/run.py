@@ -757,12 +757,18 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _by_cell(runs: list[Run], key: str) -> dict[tuple[str, int], dict[str, list[Run]]]:
+    """Runs grouped by (task, budget), then by ``key`` (``optimizer`` or the overhead ``kind``)."""
+    groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["budget"]), {}).setdefault(r[key], []).append(r)
+    return groups
+
+
 def aggregate(runs: list[Run], out_dir: Path) -> None:
     from dspy_turbogepa.testing import TASKS
 
-    groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
-    for r in runs:
-        groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["optimizer"], []).append(r)
+    groups = _by_cell(runs, "optimizer")
 
     lines = [
         "# TurboGEPA vs dspy.GEPA (simulator)",
@@ -1046,9 +1052,7 @@ def _plot(groups: dict[tuple[str, int], dict[str, list[Run]]], path: Path) -> No
 # ---------------------------------------------------------------------------------------
 
 def report_overhead(runs: list[Run], out_dir: Path) -> Run:
-    groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
-    for r in runs:
-        groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["kind"], []).append(r)
+    groups = _by_cell(runs, "kind")
     lines = [
         "# Harness overhead per metric call (zero-latency simulator)",
         "",
@@ -1113,9 +1117,7 @@ def report_overhead(runs: list[Run], out_dir: Path) -> Run:
 
 def report_overhead_instructions(runs: list[Run], out_dir: Path) -> Run:
     """The overhead cells counted in instructions: per metric call, and above the floor's."""
-    groups: dict[tuple[str, int], dict[str, list[Run]]] = {}
-    for r in runs:
-        groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["kind"], []).append(r)
+    groups = _by_cell(runs, "kind")
     lines = [
         "# Harness instructions per metric call (zero-latency simulator, callgrind)",
         "",
