@@ -1051,6 +1051,14 @@ def _plot(groups: dict[tuple[str, int], dict[str, list[Run]]], path: Path) -> No
 # overhead and memory reports
 # ---------------------------------------------------------------------------------------
 
+def _save_report(out_dir: Path, name: str, summary: list[Run], runs: list[Run], lines: list[str]) -> Run:
+    """``<name>.json`` (the summary rows and every cell) and ``<name>.md`` (the table) in ``out_dir``."""
+    data = {"summary": summary, "runs": runs}
+    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return data
+
+
 def report_overhead(runs: list[Run], out_dir: Path) -> Run:
     groups = _by_cell(runs, "kind")
     lines = [
@@ -1109,10 +1117,7 @@ def report_overhead(runs: list[Run], out_dir: Path) -> Run:
                 f" | {col('run_store_mb', 2)} | {', '.join(reasons) or '-'} |"
             )
         summary.append(row)
-    data = {"summary": summary, "runs": runs}
-    (out_dir / "overhead.json").write_text(json.dumps(data, indent=1, default=str))
-    (out_dir / "overhead.md").write_text("\n".join(lines) + "\n")
-    return data
+    return _save_report(out_dir, "overhead", summary, runs, lines)
 
 
 def report_overhead_instructions(runs: list[Run], out_dir: Path) -> Run:
@@ -1158,10 +1163,7 @@ def report_overhead_instructions(runs: list[Run], out_dir: Path) -> Run:
                 f" | {_num(100 * share if share is not None else None, '+.1f')} | {_col(rs, 'metric_calls', 0)} |"
             )
         summary.append(row)
-    data = {"summary": summary, "runs": runs}
-    (out_dir / "overhead_instructions.json").write_text(json.dumps(data, indent=1, default=str))
-    (out_dir / "overhead_instructions.md").write_text("\n".join(lines) + "\n")
-    return data
+    return _save_report(out_dir, "overhead_instructions", summary, runs, lines)
 
 
 def report_memory(runs: list[Run], out_dir: Path) -> Run:
@@ -1204,10 +1206,7 @@ def report_memory(runs: list[Run], out_dir: Path) -> Run:
                   + ", ".join(f"{r['task']} b={r['budget']} ({r['metric_calls']} calls, {r.get('stop_reason')})"
                               for r in early)
                   + ". Use a harder setting (--tasks, --n-val, --n-train) to measure the budget's memory."]
-    data = {"summary": summary, "runs": runs}
-    (out_dir / "memory.json").write_text(json.dumps(data, indent=1, default=str))
-    (out_dir / "memory.md").write_text("\n".join(lines) + "\n")
-    return data
+    return _save_report(out_dir, "memory", summary, runs, lines)
 
 
 # ---------------------------------------------------------------------------------------
