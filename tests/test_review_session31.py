@@ -448,7 +448,7 @@ def test_a_price_table_prices_parallel_calls_once():
 
 
 def test_many_parallel_workers_append_to_the_shared_tracker_without_losing_an_entry():
-    """_RolloutTracker: "Appending to one list from several threads is safe under the GIL" (16 branches on 8
+    """_SharedTracker: "Appending to one list from several threads is safe under the GIL" (16 branches on 8
     threads, two models, every entry counted)."""
     other = _other_lm("sim-other")
 

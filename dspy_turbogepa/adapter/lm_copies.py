@@ -54,12 +54,16 @@ class RolloutUsage:
     #: model -> (dollars per 1M prompt tokens, dollars per 1M completion tokens); overrides reported cost.
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     #: model -> [prompt, completion, calls] of our copies' calls, counted from their history entries.
-    priced: dict[str, list[int]] = field(default_factory=dict)
+    from_entries: dict[str, list[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def note_priced(self, model: str, prompt: int, completion: int) -> None:
+    def add_entry(self, prompt: int, completion: int, model: str, cost: Any) -> None:
+        """One call through our copies, from its history entry; the tracker's count of ``model`` at
+        the rollout's end leaves it out (see :func:`rollout_usage`)."""
+        self.add_tokens(prompt, completion, model)
+        self.add_cost(cost, model)
         with self._lock:
-            seen = self.priced.setdefault(model, [0, 0, 0])
+            seen = self.from_entries.setdefault(model, [0, 0, 0])
             seen[0] += prompt
             seen[1] += completion
             seen[2] += 1
@@ -143,32 +147,38 @@ def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[f
     return prices.get(model) or prices.get(model.split("/", 1)[-1])
 
 
-class _RolloutTracker(UsageTracker):
-    """A rollout's usage tracker, shared with the worker threads of a ``dspy.Parallel`` inside it.
+class _SharedTracker(UsageTracker):
+    """A usage tracker shared with the worker threads of a ``dspy.Parallel`` inside its scope.
 
     Why: ``dspy.Parallel`` gives each worker a deep copy of the active tracker and never merges it
-    back, so the calls of an LM the program holds itself, made in a parallel branch, reached no one
-    (our copies' calls are seen through their history entries, the program's own LMs' only here):
-    ``token_budget`` and ``cost_budget_usd`` missed them. Appending to one list from several threads
-    is safe under the GIL, and the entries roll up into the user's tracker with the rest."""
+    back, so the calls of an LM the program (or a judge) holds itself, made in a parallel branch,
+    reached no one (our copies' calls are seen through their history entries, the program's own LMs'
+    only here): ``token_budget`` and ``cost_budget_usd`` missed them. Appending to one list from
+    several threads is safe under the GIL."""
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _RolloutTracker:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedTracker:
         return self
 
 
+def _roll_up(tracker: UsageTracker, parent: UsageTracker) -> None:
+    """Add ``tracker``'s entries to ``parent``'s, as ``dspy.track_usage()`` rolls a nested tracker up;
+    over snapshots, since a straggling ``dspy.Parallel`` worker may still append."""
+    for model, entries in list(tracker.usage_data.items()):
+        parent.usage_data[model].extend(list(entries))
+
+
 @contextmanager
-def _rollout_tracker() -> Iterator[_RolloutTracker]:
-    """``dspy.track_usage()`` with a :class:`_RolloutTracker`: nested in the user's tracker, rolled
+def _rollout_tracker() -> Iterator[_SharedTracker]:
+    """``dspy.track_usage()`` with a :class:`_SharedTracker`: nested in the user's tracker, rolled
     up into it on exit, as DSPy's nested trackers are."""
-    tracker = _RolloutTracker()
+    tracker = _SharedTracker()
     parent = dspy.settings.usage_tracker
     with dspy.settings.context(usage_tracker=tracker):
         try:
             yield tracker
         finally:
             if parent is not None:
-                for model, entries in list(tracker.usage_data.items()):
-                    parent.usage_data[model].extend(list(entries))
+                _roll_up(tracker, parent)
 
 
 @contextmanager
@@ -195,7 +205,7 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
                 # (DSPy does not wait for one after max_errors) may still append.
                 for model, entries in list(tracker.usage_data.items()):
                     entries = list(entries)
-                    seen = box.priced.get(model, (0, 0, 0))
+                    seen = box.from_entries.get(model, (0, 0, 0))
                     prompt = max(0, int(sum(_number(e.get("prompt_tokens")) for e in entries)) - seen[0])
                     completion = max(0, int(sum(_number(e.get("completion_tokens")) for e in entries)) - seen[1])
                     calls = max(0, len(entries) - seen[2])
@@ -207,12 +217,8 @@ def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> It
         _CURRENT.reset(token)
 
 
-class _JudgeTracker(UsageTracker):
-    """The usage tracker of one module call the metric makes (see :class:`_JudgeUsage`); shared with
-    the workers of a ``dspy.Parallel`` inside that call, as :class:`_RolloutTracker` is."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _JudgeTracker:
-        return self
+class _JudgeTracker(_SharedTracker):
+    """The usage tracker of one module call the metric makes (see :class:`_JudgeUsage`)."""
 
 
 class _JudgeUsage(BaseCallback):
@@ -249,8 +255,7 @@ class _JudgeUsage(BaseCallback):
             return
         context, tracker, outer = entry
         context.__exit__(None, None, None)
-        for model, entries in list(tracker.usage_data.items()):  # as dspy's track_usage() rolls up
-            outer.usage_data[model].extend(list(entries))
+        _roll_up(tracker, outer)
         prediction = outputs[0] if isinstance(outputs, tuple) and outputs else outputs
         if isinstance(prediction, dspy.Prediction) and prediction.get_lm_usage() is None:
             prediction.set_lm_usage(tracker.get_total_tokens())
@@ -286,11 +291,9 @@ def _note_history_entry(entry: Any) -> None:
     # overrides DSPy copies into it
     box = _CURRENT.get() or dspy.settings.get(ROLLOUT_USAGE)
     if isinstance(box, RolloutUsage):
-        usage, model = entry["usage"], str(entry.get("model") or "")
-        prompt, completion = int(_number(usage.get("prompt_tokens"))), int(_number(usage.get("completion_tokens")))
-        box.add_tokens(prompt, completion, model)
-        box.add_cost(entry.get("cost"), entry.get("model"))
-        box.note_priced(model, prompt, completion)
+        usage = entry["usage"]
+        box.add_entry(int(_number(usage.get("prompt_tokens"))), int(_number(usage.get("completion_tokens"))),
+                      str(entry.get("model") or ""), entry.get("cost"))
 
 
 def lm_api_base(lm: Any) -> str | None:
