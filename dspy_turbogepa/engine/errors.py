@@ -23,6 +23,12 @@ def cancelling() -> bool:
     return task is None or probe is None or probe() > 0
 
 
+def being_cancelled(task: asyncio.Task[object]) -> bool:
+    """Whether a cancel of ``task`` is already pending (always False before Python 3.11, which cannot tell)."""
+    probe = getattr(task, "cancelling", None)
+    return probe is not None and probe() > 0
+
+
 class SystemicFailureError(RuntimeError):
     """The run cannot make progress: an error no retry can fix (a bad key, an unknown model, ...), the
     first evaluations of a split all failing, the first reflections all failing, or a stop callback or
@@ -75,8 +81,15 @@ async def all_of(*awaitables: Awaitable[T]) -> list[T]:
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     except asyncio.CancelledError:
+        # Cancelled (Ctrl-C's cancel_in_flight, or the run's own cleanup): the others are cancelled and
+        # waited for, so no evaluation holds a slot or runs its cleanup after the run has returned. A second
+        # cancel while waiting propagates: whoever sends it has stopped waiting too.
         for t in tasks:
             t.cancel()
+        await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()  # mark retrieved: the cancellation is what is raised
         raise
     def errors_in_order(finished: Collection[asyncio.Future[T]]) -> list[BaseException]:
         # done and pending are sets: read them in the awaitables' order

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from dspy_turbogepa.engine.budget import MetricBudget
 from dspy_turbogepa.engine.candidate import Candidate
-from dspy_turbogepa.engine.errors import PaidCallRefused, all_of
+from dspy_turbogepa.engine.errors import PaidCallRefused, all_of, cancelling
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import RunStats
 from dspy_turbogepa.engine.scheduling import PrioritySlots
@@ -145,10 +145,7 @@ class EvaluationCache:
                 self._stats.peak_evals_in_flight = max(self._stats.peak_evals_in_flight, self._slots.in_use)
                 self._budget.record_execution()
                 self._stats.executed += 1
-                outcome = await self._evaluator.evaluate(
-                    candidate.texts, candidate.fingerprint, split, example_id,
-                    capture_traces=split == "train" or self._shared,
-                )
+                outcome = await self._own_evaluation(candidate, split, example_id)
         except BaseException as exc:
             self._pending.pop(key, None)
             if not fut.done():
@@ -163,6 +160,23 @@ class EvaluationCache:
             obs.on_evaluation(candidate, split, outcome)
         self._systemic.observe(outcome, candidate.fingerprint, split)
         return outcome
+
+    async def _own_evaluation(self, candidate: Candidate, split: Split, example_id: int) -> EvalOutcome:
+        """The evaluator's answer. A ``CancelledError`` it raises itself, not the engine's cancel, becomes an
+        error: passed on as is, its mutation would look cancelled by the engine and go uncharged, though the
+        evaluation ran, and later launches would spend that budget a second time."""
+        try:
+            return await self._evaluator.evaluate(
+                candidate.texts, candidate.fingerprint, split, example_id,
+                capture_traces=split == "train" or self._shared,
+            )
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            raise RuntimeError(
+                f"The evaluator raised CancelledError on its own ({split} example {example_id}); an evaluator "
+                "must return a failed outcome for its program's or metric's errors, not raise them"
+            ) from exc
 
     def _add_usage(self, outcome: EvalOutcome) -> None:
         self._stats.task_prompt_tokens += outcome.prompt_tokens

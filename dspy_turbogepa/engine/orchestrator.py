@@ -35,6 +35,8 @@ from dspy_turbogepa.engine.errors import (
     RunInterruptedError,
     SystemicFailureError,
     all_of,
+    being_cancelled,
+    cancelling,
 )
 from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
@@ -344,7 +346,8 @@ class Orchestrator:
                 self._systemic.check_final()  # the run ended on its own: never return an all-failed seed
         finally:
             for task in self._tasks.values():
-                task.cancel()
+                if not being_cancelled(task):  # a second cancel would cut short its wait for its evaluations
+                    task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         return self._result()
@@ -901,18 +904,23 @@ class Orchestrator:
     async def _take_turn(self, plan: MutationPlan) -> None:
         """The round robin's turn for a mutation whose parent's minibatch was not perfect, in launch order
         in a deterministic run (as a callable selector's); for a merge, its parents' counters as those
-        turns left them. A chained mutation already took its parent's child's turn when it adopted it."""
+        turns left them. A chained mutation takes the turn of the child it adopted, here too: a chained
+        mutation skipped as perfect uses no turn either."""
         try:
-            if not plan.chained:
-                earlier = [f for s, f in self._selector_turns.items() if s < plan.seq and not f.done()]
-                if earlier:
-                    await asyncio.gather(*(asyncio.shield(f) for f in earlier))
-                if plan.kind == "merge":
-                    other = self._records[plan.other_parent_index].candidate.fingerprint \
-                        if plan.other_parent_index is not None else plan.parent.fingerprint
-                    plan.child_counter = max(self._selector.counter(plan.parent.fingerprint),
-                                             self._selector.counter(other))
-                    return
+            earlier = [f for s, f in self._selector_turns.items() if s < plan.seq and not f.done()]
+            if earlier:
+                await asyncio.gather(*(asyncio.shield(f) for f in earlier))
+            if plan.chained:
+                if plan.chained_turn is not None:
+                    component, plan.child_counter = self._selector.chained_turn(*plan.chained_turn)
+                    plan.components = [component]
+            elif plan.kind == "merge":
+                other = self._records[plan.other_parent_index].candidate.fingerprint \
+                    if plan.other_parent_index is not None else plan.parent.fingerprint
+                plan.child_counter = max(self._selector.counter(plan.parent.fingerprint),
+                                         self._selector.counter(other))
+                return
+            else:
                 plan.components, plan.child_counter = self._selector.select(
                     plan.parent.fingerprint, plan.parent.texts, plan.parent_index, (), (), None
                 )
@@ -960,8 +968,11 @@ class Orchestrator:
         plan.parent, plan.parent_index, plan.parent_val = child, -1, {}
         plan.feedback_ids = ()  # the planned parent's failures; the child's own are not committed yet
         if plan.kind != "reflection_all":
-            component, plan.child_counter = self._selector.chained_turn(child.fingerprint, counter)
-            plan.components = [component]
+            if plan.turn_deferred:  # taken in _take_turn, once the minibatch is known not to be perfect
+                plan.chained_turn = (child.fingerprint, counter)
+            else:
+                component, plan.child_counter = self._selector.chained_turn(child.fingerprint, counter)
+                plan.components = [component]
         elif plan.turn_deferred:  # every predictor: the child keeps its parent's counter
             plan.child_counter = counter
         self.stats.chaining["chained"] += 1
@@ -1194,7 +1205,9 @@ class Orchestrator:
                 raise PaidCallRefused(refusal)
             try:
                 proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
-            except Exception as exc:  # a proposer failure skips this proposal, recorded; the run goes on  # noqa: BLE001
+            except USER_CODE_ERRORS as exc:  # a proposer failure skips this proposal, recorded; the run goes on
+                if isinstance(exc, asyncio.CancelledError) and cancelling():
+                    raise  # the engine's own cancellation, not the proposer's failure (errors.USER_CODE_ERRORS)
                 # An LM client's error can quote a request, key included: mask before it reaches a log.
                 message = describe_error(exc)
                 logger.warning("Mutation %d: the reflector raised %s", plan.seq, message)

@@ -90,6 +90,9 @@ class MutationPlan:
     #: child as its parent (``parent`` stays the fallback) and joins the pool only if the child does.
     chain_on: int | None = None
     chained: bool = False
+    #: A chained mutation with deferred turns: the adopted child and its round-robin counter, whose turn
+    #: it takes only after the perfect-minibatch skip (a skipped mutation uses no predictor's turn).
+    chained_turn: tuple[str, int] | None = None
     #: Reflections drawn at once on this parent and minibatch; only the best child goes on (best-of-k).
     siblings: int = 1
     #: Training examples outside the minibatch that the parent already failed in committed
