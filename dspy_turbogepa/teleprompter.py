@@ -186,6 +186,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             At most ``num_threads - reflection_minibatch_size`` (none when ``num_threads`` is not larger
             than the minibatch). Needs ``minibatch_sampling="failure_first"``. Default 5; 0 = dspy.GEPA's
             minibatch alone.
+        speculative_chaining: while the search runs one mutation at a time, start the next reflection
+            from the newest child as soon as it beats its parent on the minibatch, while its validation
+            runs, instead of after it. Its work is kept only if that child joins the pool as a parent
+            ``candidate_selection_strategy`` could pick; otherwise its reflection and evaluations were
+            spent for nothing (``run_stats["chaining"]["orphaned"]``). Default True; False = dspy.GEPA's
+            order, each reflection from a committed parent.
     """
 
     def __init__(
@@ -229,6 +235,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         max_sibling_reflections: int = 4,
         reflection_feedback_reuse: int = 3,
         reflection_scouts: int = 5,
+        speculative_chaining: bool = True,
         strict_budget: bool = False,
         token_budget: int | None = None,
         cost_budget_usd: float | None = None,
@@ -393,6 +400,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.max_sibling_reflections = max_sibling_reflections
         self.reflection_feedback_reuse = reflection_feedback_reuse
         self.reflection_scouts = reflection_scouts
+        self.speculative_chaining = bool(speculative_chaining)
         self.strict_budget = bool(strict_budget)
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
@@ -807,6 +815,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_siblings=self.max_sibling_reflections,
             reflection_feedback_reuse=self.reflection_feedback_reuse,
             reflection_scouts=self.reflection_scouts,
+            speculative_chaining=self.speculative_chaining,
             component_selector=str(self.component_selector) if isinstance(self.component_selector, str)
             else with_trace_data(self.component_selector),
             accept_equal_on_minibatch=mapped.accept_equal_on_minibatch,

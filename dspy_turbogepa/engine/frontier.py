@@ -103,45 +103,81 @@ class ParetoFrontier:
             if rng.random() < 0.1:
                 return rng.choice(sorted(self._aggregate))
             return self.best_index()
-        weighted = self._weighted.get(strategy)
-        if weighted is None:
-            fronts = self._computed()
-            allowed: set[int] | None = None
-            if strategy == "top_k_pareto":
-                allowed = set(sorted(self._aggregate, key=lambda i: (-self._aggregate[i], i))[:5])
-            weighted = [p for vid in sorted(fronts) for p in sorted(fronts[vid]) if allowed is None or p in allowed]
-            self._weighted[strategy] = weighted
+        weighted = self._weighted_members(strategy)
         if not weighted:
             return self.best_index()
         return rng.choice(weighted)
+
+    def could_select(self, index: int, strategy: CandidateSelection) -> bool:
+        """Whether :meth:`select_parent` can return ``index`` now. Speculative chaining builds on a child
+        before it is committed; its work is kept only if the strategy could have picked that child, so
+        every lineage a run reports is one the strategy can produce (a child the seed dominates, say,
+        is never a parent under gepa's selection)."""
+        if index not in self._aggregate:
+            return False
+        if strategy == "current_best":
+            return index == self.best_index()
+        if strategy == "epsilon_greedy":
+            return True
+        weighted = self._weighted_members(strategy)
+        return index in weighted if weighted else index == self.best_index()
+
+    def _weighted_members(self, strategy: CandidateSelection) -> list[int]:
+        """A Pareto strategy's candidates, each once per front it is on (the draw's weights)."""
+        weighted = self._weighted.get(strategy)
+        if weighted is None:
+            if strategy == "top_k_pareto":
+                # gepa's TopKParetoCandidateSelector(k=5): the raw fronts restricted to the top 5 first, then
+                # the dominated dropped among those (one dominated only by a candidate outside stays)
+                top = set(sorted(self._aggregate, key=lambda i: (-self._aggregate[i], i))[:5])
+                kept = {vid: f & top for vid, f in self._fronts.items() if f & top}
+                survivors = pareto_front_members(kept, self._aggregate)
+                fronts = {vid: f & survivors for vid, f in kept.items()}
+            else:
+                fronts = self._computed()
+            weighted = [p for vid in sorted(fronts) for p in sorted(fronts[vid])]
+            self._weighted[strategy] = weighted
+        return weighted
 
 
 def pareto_front_members(fronts: Mapping[Any, Iterable[int]], aggregates: Mapping[int, float]) -> set[int]:
     """Candidates on GEPA's Pareto frontier: per-instance front members that are not dominated.
 
-    Weakest first (lowest aggregate, then highest index), a candidate is dropped when every instance
-    front holding it also holds another surviving candidate, so between two candidates covering the
-    same instances the stronger one survives. Dropping one only makes the others harder to drop, so
-    one pass gives the same set as re-examining everyone after each drop (gepa's loop), in time linear
-    in the fronts' sizes instead of quadratic. The one definition of "the frontier" for parent
-    selection, the progress display, summary.json, the plots and MLflow.
+    Weakest first (lowest aggregate; among equal aggregates, first seen first, reading the fronts in
+    validation-id order and each front's members ascending, as gepa's ``remove_dominated_programs``
+    orders them), a candidate is dropped when every instance front holding it also holds another
+    surviving candidate, so between two candidates covering the same instances the stronger one
+    survives, and of two equal ones the one seen later, usually the newer (dropping the newer instead
+    sent the search back to the seed on ties, where dspy.GEPA follows the newest). Dropping one only
+    makes the others harder to drop, so one pass gives the same set as re-examining everyone after each
+    drop (gepa's loop), in time linear in the fronts' sizes instead of quadratic. The one definition of
+    "the frontier" for parent selection, the progress display, summary.json, the plots and MLflow.
     """
-    own: dict[int, list[Any]] = {}
+    own: dict[int, list[Any]] = {}  # insertion order: first seen first
     alive: dict[Any, int] = {}
-    for vid, front in fronts.items():
-        members = set(front)
+    for vid in sorted(fronts, key=_id_order):  # whatever order the caller's mapping holds them in
+        members = sorted(set(fronts[vid]))
         if not members:
             continue
         alive[vid] = len(members)
         for p in members:
             own.setdefault(p, []).append(vid)
     survivors = set(own)
-    for p in sorted(own, key=lambda q: (aggregates.get(q, 0.0), -q)):
+    for p in sorted(own, key=lambda q: aggregates.get(q, 0.0)):  # stable: ties stay first seen first
         if all(alive[v] >= 2 for v in own[p]):
             survivors.discard(p)
             for v in own[p]:
                 alive[v] -= 1
     return survivors
+
+
+def _id_order(vid: Any) -> tuple[int, Any]:
+    """Validation ids in numeric order, also when a JSON round trip made them strings."""
+    if isinstance(vid, int):
+        return (0, vid)
+    if isinstance(vid, str) and vid.isdigit():
+        return (0, int(vid))
+    return (1, str(vid))
 
 
 class FrontierTally:

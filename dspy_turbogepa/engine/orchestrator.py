@@ -979,12 +979,26 @@ class Orchestrator:
 
     def _chain_settled(self, plan: MutationPlan) -> bool | None:
         """For a chained mutation: None while its parent's mutation is uncommitted, else whether the
-        parent joined the pool (then its index is filled in)."""
+        parent joined the pool as a candidate the selection strategy could pick (then its index is
+        filled in; otherwise ``plan.orphan_reason`` says why). A chained mutation builds on its parent
+        before anyone knows that: kept only if so, its lineage is one gepa's selection can produce.
+
+        Decided once, at the first ask after the parent's commit; in a deterministic run that ask waits
+        for every earlier commit, so the verdict reads the state right after the parent's commit."""
+        if plan.orphan_reason is not None:
+            return False
+        if plan.parent_index >= 0:
+            return True
         fut = self._commit_futs.get(plan.chain_on) if plan.chain_on is not None else None
         if fut is not None and not fut.done():
             return None
         index = self._index_by_fp.get(plan.parent.fingerprint)
         if index is None:
+            plan.orphan_reason = "the child it chained on did not join the pool"
+            return False
+        if not self._frontier.could_select(index, self.config.candidate_selection):
+            plan.orphan_reason = ("the child it chained on joined the pool, but candidate_selection_strategy="
+                                  f"{self.config.candidate_selection!r} would not pick it as a parent")
             return False
         plan.parent_index, plan.parent_val = index, self._records[index].val_scores
         return True
@@ -1286,7 +1300,7 @@ class Orchestrator:
                 break
             await self._my_turn(plan.seq)
             if plan.chained and self._chain_settled(plan) is False:
-                result.status, result.detail = "orphaned", "the child it chained on did not join the pool"
+                result.status, result.detail = "orphaned", plan.orphan_reason
                 return
             incumbent = self._records[self._frontier.best_index()]
             decision = promotion_decision(
@@ -1302,7 +1316,7 @@ class Orchestrator:
             if fut is not None:
                 await asyncio.shield(fut)
         if plan.chained and not self._chain_settled(plan):
-            result.status, result.detail = "orphaned", "the child it chained on did not join the pool"
+            result.status, result.detail = "orphaned", plan.orphan_reason
             return
         result.val_outcomes = val
         result.status = "accepted"

@@ -93,6 +93,9 @@ class MutationPlan:
     #: A chained mutation with deferred turns: the adopted child and its round-robin counter, whose turn
     #: it takes only after the perfect-minibatch skip (a skipped mutation uses no predictor's turn).
     chained_turn: tuple[str, int] | None = None
+    #: Why a chained mutation's work is not kept (its parent did not join the pool, or joined it as a
+    #: candidate the selection strategy would not pick); None while undecided or kept.
+    orphan_reason: str | None = None
     #: Reflections drawn at once on this parent and minibatch; only the best child goes on (best-of-k).
     siblings: int = 1
     #: Training examples outside the minibatch that the parent already failed in committed

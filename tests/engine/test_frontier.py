@@ -126,8 +126,8 @@ def test_non_dominated_follows_every_add_and_returns_copies() -> None:
     assert f.non_dominated() == {0: {0}, 1: {1}}
     f.add(2, {0: 1.0, 1: 1.0})  # dominates both
     assert f.non_dominated() == {0: {2}, 1: {2}}
-    f.add(3, {0: 1.0, 1: 1.0})  # a tie joins (lowest index survives equal aggregates)
-    assert f.non_dominated() == {0: {2}, 1: {2}}
+    f.add(3, {0: 1.0, 1: 1.0})  # a tie joins (of equal aggregates the one seen later survives, as in gepa)
+    assert f.non_dominated() == {0: {3}, 1: {3}}
     assert f.fronts() == {0: {0, 2, 3}, 1: {1, 2, 3}}  # the dominated stay on the raw fronts
 
 
@@ -142,9 +142,11 @@ def test_non_dominated_examines_weakest_first(weak_first: bool) -> None:
     assert f.non_dominated() == {0: {strong}, 1: {2}, 2: {2}}
 
 
-def test_non_dominated_equal_aggregate_keeps_lowest_index() -> None:
+def test_non_dominated_equal_aggregate_keeps_the_newer_as_gepa_does() -> None:
+    """gepa's remove_dominated_programs examines equal aggregates in order of first appearance on the
+    fronts, so the older of two equal candidates is dropped first."""
     f = frontier([1.0, 0.0], [1.0, 0.0], [0.0, 1.0])
-    assert f.non_dominated() == {0: {0}, 1: {2}}
+    assert f.non_dominated() == {0: {1}, 1: {2}}
 
 
 def test_non_dominated_never_empties_a_front() -> None:
