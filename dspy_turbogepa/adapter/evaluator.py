@@ -600,23 +600,38 @@ class DspyEvaluator:
         return outcome, retries, usage
 
     def _call_metric(self, example: dspy.Example, pred: Any) -> tuple[Any, int]:
-        """The metric, re-run (in this worker thread) when it fails because its own LM was rate limited."""
-        retries = 0
+        """The metric, re-run (in this worker thread) when it fails because its own LM was rate limited or
+        failed transiently (a 5xx, a timeout, a dropped connection), under the rollouts' policies: a judge
+        LM with ``num_retries=0`` (errors.md's advice, so that these policies bound its waits) would
+        otherwise score the candidate ``failure_score`` for one 503. Returns the 429 retries made."""
+        retries = {"rate_limited": 0, "transient": 0}
         started = time.monotonic()
         while True:
             try:
                 with judge_usage_attached():
-                    return self._metric(example, pred, None, None, None), retries
+                    return self._metric(example, pred, None, None, None), retries["rate_limited"]
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
-                if verdict.kind != "rate_limited":
+                if verdict.kind is None:
                     raise
-                self._stats.add(rate_limited=1)  # every 429 once, as a rollout's (the last one too)
-                delay = self._rl_policy.delay(retries, verdict.retry_after, self._rng, time.monotonic() - started)
+                rate_limited = verdict.kind == "rate_limited"
+                policy = self._rl_policy if rate_limited else self._tr_policy
+                done = retries[verdict.kind]
+                if rate_limited:
+                    self._stats.add(rate_limited=1)  # every 429 once, as a rollout's (the last one too)
+                else:
+                    self._stats.add(transient_errors=1)
+                delay = policy.delay(done, verdict.retry_after, self._rng, time.monotonic() - started)
                 if delay is None:
-                    raise _JudgeGaveUp(exc, verdict, retries) from exc
-                self._stats.add(metric_rate_limit_retries=1, backoff_s=delay)
-                retries += 1
+                    if rate_limited:
+                        raise _JudgeGaveUp(exc, verdict, done) from exc
+                    self._stats.add(transient_gave_up=1)
+                    raise  # scored metric_error, marked as the service's failure (a rerun scores it again)
+                if rate_limited:
+                    self._stats.add(metric_rate_limit_retries=1, backoff_s=delay)
+                else:
+                    self._stats.add(metric_transient_retries=1, backoff_s=delay)
+                retries[verdict.kind] += 1
                 # Woken by close(): the run is over, and the judge must not be called (and paid) again.
                 if self._closed_event.wait(delay):
                     raise EvaluatorClosedError("the run ended while this rollout's metric was backing off; "

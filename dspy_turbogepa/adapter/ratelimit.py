@@ -408,6 +408,7 @@ class RateLimitStats:
         self.transient_gave_up = 0
         self.backoff_s = 0.0  # total time rollouts slept before a retry (summed over rollouts)
         self.metric_rate_limit_retries = 0
+        self.metric_transient_retries = 0  # an LLM judge's 5xx / timeouts retried inside its evaluation
 
     def add(self, **deltas: float) -> None:
         with self._lock:
@@ -429,6 +430,7 @@ class RateLimitStats:
                 "transient_retries": self.transient_retries,
                 "transient_gave_up": self.transient_gave_up,
                 "metric_rate_limit_retries": self.metric_rate_limit_retries,
+                "metric_transient_retries": self.metric_transient_retries,
                 "backoff_seconds": round(self.backoff_s, 6),
             }
 

@@ -28,6 +28,7 @@ from dspy_turbogepa.adapter.evaluator import DspyTrajectory
 from dspy_turbogepa.adapter.lm_copies import judge_usage_attached
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.ratelimit import FATAL_ONCE_ANSWERED, fatal_error_name
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error
@@ -61,12 +62,15 @@ def with_trace_data(selector: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class FeedbackMetricError(Exception):
-    """Every record of a reflective dataset was lost because the metric raised when asked for feedback.
+    """Every record of a reflective dataset was lost because the metric raised when asked for feedback,
+    or one feedback call failed with an error no retry can fix (``fatal``: the LM the metric calls refused
+    its key or does not know its model), which stops the run as the same error on a scoring call does.
     ``error_type``: what the metric raised (the first of them), for ``SystemicFailureError.error_type``."""
 
-    def __init__(self, message: str, error_type: str | None = None) -> None:
+    def __init__(self, message: str, error_type: str | None = None, fatal: bool = False) -> None:
         super().__init__(message)
         self.error_type = error_type
+        self.fatal = fatal
 
 
 class ReflectiveDatasetBuilder:
@@ -162,6 +166,12 @@ class ReflectiveDatasetBuilder:
                 )
         except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
             message = describe_error(exc)
+            fatal = fatal_error_name(exc, FATAL_ONCE_ANSWERED)
+            if fatal is not None:  # a judge's revoked key: every later feedback call fails the same way
+                raise FeedbackMetricError(
+                    f"the metric's feedback call (pred_name={name!r}) failed with {fatal}, which retrying cannot "
+                    f"fix: {message}", error_type=fatal, fatal=True,
+                ) from exc
             self._log_once(("feedback_error", ""), "The metric raised while giving feedback for %r: %s (this example "
                            "is left out of the reflection; counted in run_stats['reflective_records_skipped'], "
                            "further ones are logged at DEBUG)", name, message)

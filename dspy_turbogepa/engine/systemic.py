@@ -17,6 +17,13 @@ instruction often produces and what reflection is shown and can fix (dspy.GEPA's
 stops only once candidates reflected from them failed too (``FORMAT_ERROR_CANDIDATES`` in all,
 the seed included), not on the seed's validation alone.
 
+A metric that breaks mid-run (a scoring service it calls goes away, state it keeps goes bad) has its own
+rule: ``outage_window`` evaluations in a row whose metric raised, on at least ``window`` distinct
+examples (every example of a smaller run) and ``FORMAT_ERROR_CANDIDATES`` candidates, with no evaluation
+scored between them. One candidate whose outputs the metric cannot take stays ordinary data; the whole
+run's evaluations failing is not data, and scored ``failure_score`` they would reject every child and
+return the seed. The session's failed evaluations are run again on resume.
+
 A third rule covers an LM service that stops answering mid-run (an outage, a quota used up): once
 ``outage_window`` evaluations in a row failed because the service did (``service_failure``: its
 retries given up, or an answer it could not use), over at least ``OUTAGE_MIN_SECONDS`` (two waves of
@@ -25,9 +32,13 @@ succeeded before. Scored as ``failure_score`` they would be wrong data: children
 service's failures, reflections paid for candidates nobody can evaluate. The failed evaluations are run
 again on resume.
 
-Reflections get the same two rules: a fatal proposer failure stops the run, and so do ``window``
+Reflections get the same rules: a fatal proposer failure stops the run, and so do ``window``
 failed reflections before the first usable one (a reflection LM that never answers usefully would
-otherwise be called until the no-progress limit, returning the seed as if optimized).
+otherwise be called until the no-progress limit, returning the seed as if optimized); and, whatever
+succeeded before, ``proposal_window`` reflections in a row whose retries on the reflection LM's 429s
+or transient errors were given up, over at least ``OUTAGE_MIN_SECONDS``, with none it answered between
+them (the reflection LM's outage: the run would otherwise spin on skipped proposals until the
+no-progress limit and return as if it had finished).
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dspy_turbogepa.engine.errors import SystemicFailureError
-from dspy_turbogepa.engine.types import EvalOutcome, ProposalOutcome
+from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
 
 #: At most this many failed reflections before the first usable one (fewer with a smaller window):
 #: each is a reflection LM call, and a working reflection LM rarely fails even twice in a row.
@@ -118,6 +129,15 @@ class SystemicFailureDetector:
         self._splits: dict[str, _SplitWindow] = {}
         self._raised: SystemicFailureError | None = None
         self._seen_proposal = False
+        self._metric_streak = 0  # evaluations in a row whose metric raised, and what they covered
+        self._metric_streak_examples: set[tuple[str, int]] = set()
+        self._metric_streak_candidates: set[str] = set()
+        self._metric_streak_example = ""
+        self._metric_streak_error: str | None = None
+        self._all_examples = sum((split_sizes or {}).values()) or None
+        self._proposal_outage = 0  # reflections in a row the reflection LM's service failed
+        self._proposal_outage_since = 0.0
+        self._proposal_outage_example = ""
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
         self._proposer_error_types: dict[str, str] = {}
@@ -156,9 +176,17 @@ class SystemicFailureDetector:
             raise
 
     def _observe_proposal(self, outcome: ProposalOutcome) -> None:
+        self._observe_proposal_service(outcome)
         if outcome.skipped is None:
             self._seen_proposal = True
             return
+        if outcome.fatal and outcome.skipped == "feedback_error":
+            raise SystemicFailureError(
+                f"Stopping: {outcome.message}. Check the LM your metric calls when asked for feedback: its model "
+                "name, api_base and API key.",
+                failure="feedback_error",
+                error_type=outcome.error_type,
+            )
         if outcome.fatal:
             hint = QUOTA_HINT if outcome.rate_limited else "Check reflection_lm's model name, api_base and API key."
             raise SystemicFailureError(
@@ -183,6 +211,31 @@ class SystemicFailureDetector:
                 error_type=self._proposer_error_types.get(reason),
             )
 
+    def _observe_proposal_service(self, outcome: ProposalOutcome) -> None:
+        """The outage rule for reflections: a streak of proposals the reflection LM's service failed,
+        broken by any the proposer answered (usable or not). A proposal with nothing to reflect on made
+        no call: it neither breaks nor extends the streak."""
+        if outcome.skipped == NOTHING_TO_REFLECT_ON:
+            return
+        if not outcome.service_failure or outcome.fatal:
+            self._proposal_outage = 0
+            return
+        if not self._proposal_outage:
+            self._proposal_outage_since = self._clock()
+            self._proposal_outage_example = outcome.message or ""
+        self._proposal_outage += 1
+        lasted = self._clock() - self._proposal_outage_since
+        if self._proposal_outage < self.proposal_window or lasted < self._outage_min_seconds:
+            return
+        raise SystemicFailureError(
+            f"Stopping: the last {self._proposal_outage} reflections (over {lasted:.0f}s) all failed because the "
+            "reflection LM's service did (its retries on rate limits or transient errors given up; first: "
+            f"{self._proposal_outage_example}): the endpoint is down, overloaded or out of quota. Rerun once it "
+            f"answers. {RESUME_ADVICE}",
+            failure="proposer_error",
+            error_type=outcome.error_type,
+        )
+
     def observe(self, outcome: EvalOutcome, candidate: str | None = None, split: str = "val") -> None:
         """Raise SystemicFailureError when the run must stop (see :meth:`_sticky`). ``candidate``
         (a fingerprint) tells format errors of the seed from those of its reflected children; ``split``
@@ -192,6 +245,7 @@ class SystemicFailureDetector:
     def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
         window = self._window(split)
         self._observe_service(outcome)
+        self._observe_metric(outcome, candidate, split)
         if outcome.failure is None:
             window.seen_success = True
             return
@@ -224,6 +278,39 @@ class SystemicFailureDetector:
         error = self._judge(split, window, final=False)
         if error is not None:
             raise error
+
+    def _observe_metric(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
+        """The rule for a metric that breaks mid-run: a streak of evaluations whose metric raised, broken by
+        any evaluation scored (other failures, the program's or the service's, call no metric: they neither
+        break nor extend it). Before a split's first success the first-N rule judges it instead."""
+        if outcome.failure is None or outcome.failure == "metric_invalid":
+            self._metric_streak = 0
+            self._metric_streak_examples.clear()
+            self._metric_streak_candidates.clear()
+            return
+        if outcome.failure != "metric_error" or outcome.service_failure or outcome.fatal:
+            return
+        if not self._metric_streak:
+            self._metric_streak_example = outcome.message or ""
+            self._metric_streak_error = outcome.error_type
+        self._metric_streak += 1
+        self._metric_streak_examples.add((split, outcome.example_id))
+        if candidate is not None:
+            self._metric_streak_candidates.add(candidate)
+        examples_needed = min(self.window, self._all_examples or self.window)
+        if (self._metric_streak < self.outage_window or len(self._metric_streak_examples) < examples_needed
+                or len(self._metric_streak_candidates) < FORMAT_ERROR_CANDIDATES
+                or not any(w.seen_success for w in self._splits.values())):
+            return
+        raise SystemicFailureError(
+            f"Stopping: the last {self._metric_streak} evaluations ({len(self._metric_streak_examples)} examples, "
+            f"{len(self._metric_streak_candidates)} candidates) all failed because the metric raised (first: "
+            f"{self._metric_streak_example}), after earlier ones were scored: the metric broke mid-run (a service "
+            "it calls, state it keeps). Fix it and rerun: this session's failed evaluations are run again. "
+            f"{RESUME_ADVICE}",
+            failure="metric_error",
+            error_type=self._metric_streak_error,
+        )
 
     def _observe_service(self, outcome: EvalOutcome) -> None:
         """The outage rule: a streak of service failures, broken by any evaluation the service answered

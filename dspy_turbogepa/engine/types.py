@@ -81,6 +81,9 @@ class ProposalOutcome:
     error_type: str | None = None
     #: Fatal because the reflection LM's rate limit asks for a wait past the retry policy (a used-up quota).
     rate_limited: bool = False
+    #: The reflection LM's service failed: its 429s or transient errors outlasted the retry policy. A
+    #: streak of these is an outage (the systemic rule), one alone a skipped proposal.
+    service_failure: bool = False
     reflection_calls: int = 0
     reflection_prompt_tokens: int = 0
     reflection_completion_tokens: int = 0

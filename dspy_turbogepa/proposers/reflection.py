@@ -192,7 +192,8 @@ class ReflectiveProposer:
                 components, [o.trajectory for o in outcomes], [o.score for o in outcomes], rng, parent_texts
             )
         except FeedbackMetricError as exc:
-            return ProposalOutcome(skipped="feedback_error", message=error_text(exc), error_type=exc.error_type)
+            return ProposalOutcome(skipped="feedback_error", message=error_text(exc), error_type=exc.error_type,
+                                   fatal=exc.fatal)
         except Exception as exc:  # defensive: a broken trace must not end the run
             message = describe_error(exc)
             logger.warning("Building the reflective dataset failed: %s", message)
@@ -308,7 +309,8 @@ class ReflectiveProposer:
                 if delay is None:
                     self._rl_stats.count(kind, "gave_up")
                     # a wait past the whole policy (a used-up quota) stops the run: every reflection would fail
-                    return self._failed(exc, quota=kind == "rate_limited" and policy.outlasted_by(verdict.retry_after))
+                    return self._failed(exc, quota=kind == "rate_limited" and policy.outlasted_by(verdict.retry_after),
+                                        service=not self._stopping.is_set())
                 logger.info("The reflection LM is %s; asking again in %.1fs", "rate limited" if kind == "rate_limited"
                             else f"failing transiently ({verdict.error_type})", delay)
                 self._rl_stats.count(kind, "retry", backoff_s=delay)
@@ -319,9 +321,10 @@ class ReflectiveProposer:
                     self._rl_stats.count(kind, "gave_up")
                     return self._failed(exc)
 
-    def _failed(self, exc: BaseException, quota: bool = False) -> ProposalOutcome:
+    def _failed(self, exc: BaseException, quota: bool = False, service: bool = False) -> ProposalOutcome:
         """The proposer's failure, recorded; this proposal is skipped. ``quota``: the reflection LM asked
-        for a wait past the retry policy, which stops the run."""
+        for a wait past the retry policy, which stops the run; ``service``: its retries were given up (the
+        service's failure, which a streak of makes an outage)."""
         message = describe_error(exc)
         fatal = fatal_error_name(exc, self._fatal)
         # a fatal one stops the run, and its error says so: no "skipped, counted" line; nor for a call that
@@ -333,7 +336,7 @@ class ReflectiveProposer:
         else:
             logger.debug("The instruction proposer raised %s", message)
         return ProposalOutcome(skipped="proposer_error", message=message, fatal=fatal is not None or quota,
-                               error_type=fatal or type(exc).__name__, rate_limited=quota)
+                               error_type=fatal or type(exc).__name__, rate_limited=quota, service_failure=service)
 
 
 @dataclasses.dataclass
