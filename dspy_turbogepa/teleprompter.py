@@ -519,6 +519,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         MLflow run as FAILED instead of leaving it RUNNING.
         """
         proposer = self.custom_instruction_proposer or InstructionProposer()
+        config = self._engine_config(budget, num_threads, len(val),
+                                     n_examples=len(val) if shared_splits else len(val) + len(train))
         evaluator = DspyEvaluator(
             codec,
             {"train": train, "val": val},
@@ -528,6 +530,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             keep_outputs=self.track_best_outputs,
             seed=self.seed,
             price_table=self.price_table,
+            # two waves of evaluations, as the outage rule waits for: one candidate's minibatch and shard
+            # failing is no sign the metric broke
+            metric_probe_after=max(config.systemic_failure_window, 2 * num_threads),
         )
         cleanup.callback(evaluator.close)
         builder = ReflectiveDatasetBuilder(
@@ -538,8 +543,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             self.warn_on_score_mismatch,
             stringify=not is_builtin_proposer(proposer),
         )
-        config = self._engine_config(budget, num_threads, len(val),
-                                     n_examples=len(val) if shared_splits else len(val) + len(train))
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm,
                                        max_workers=config.max_reflections_in_flight, price_table=self.price_table,
                                        seed=self.seed)

@@ -69,7 +69,8 @@ from dspy_turbogepa.adapter.ratelimit import (
     error_attr,
 )
 from dspy_turbogepa.engine.aimd import AimdRegistry
-from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, cancelling
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, SystemicFailureError, cancelling
+from dspy_turbogepa.engine.systemic import RESUME_ADVICE
 from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error
@@ -290,6 +291,7 @@ class DspyEvaluator:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         price_table: Mapping[str, tuple[float, float]] | None = None,
+        metric_probe_after: int = 32,
     ) -> None:
         self._codec = codec
         self._prices = dict(price_table or {})
@@ -323,6 +325,7 @@ class DspyEvaluator:
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
         self._closed_event = threading.Event()
         self._warned_rate_limited = False
+        self._metric_check = _MetricBreakCheck(max(1, metric_probe_after))
 
     def close(self) -> None:
         """Queued rollouts are cancelled; one already running cannot be (its LM call is on the wire), but
@@ -637,6 +640,36 @@ class DspyEvaluator:
                     raise EvaluatorClosedError("the run ended while this rollout's metric was backing off; "
                                                "it is not scored") from exc
 
+    def _check_metric_still_works(self, error: BaseException) -> None:
+        """After a streak of evaluations whose metric raised (``metric_probe_after`` in a row, none scored
+        between them), ask the metric once more about a prediction it scored earlier in this run. If it
+        raises there too, the metric broke mid-run (a service it calls gone, state it keeps gone bad):
+        every later evaluation would be scored ``failure_score``, every child rejected, and the seed
+        returned as if optimized, so the run stops. If it scores it, the failures are the candidates'
+        (outputs it cannot take, examples it cannot score) and stay ordinary data, as in dspy.GEPA.
+        One metric call per streak (an LLM judge's is paid), in this worker thread."""
+        sample = self._metric_check.probe_due()
+        if sample is None:
+            return
+        example, pred = sample
+        try:
+            self._call_metric(example, pred)
+        except (EvaluatorClosedError, _JudgeGaveUp):
+            return  # the run ended, or the judge's LM is rate limited: nothing learned about the metric
+        except USER_CODE_ERRORS as probe_error:
+            if classify(probe_error, self._fatal).service_failure:
+                return
+            raise SystemicFailureError(
+                f"Stopping: the metric broke mid-run: the last {self._metric_check.probe_after} evaluations in a "
+                f"row had it raise (first: {_describe(error)}), and it now raises on a prediction it scored "
+                f"earlier in this run ({_describe(probe_error)}): a service it calls is gone, or state it keeps "
+                "went bad. Fix it and rerun: this session's failed evaluations are scored again. "
+                f"{RESUME_ADVICE}",
+                failure="metric_error", error_type=type(probe_error).__name__,
+            ) from probe_error
+        finally:
+            self._metric_check.probed()
+
     def _metric_failed(
         self, example: dspy.Example, example_id: int, pred: Any, steps: list[TraceStep], raw_trace: list[Any],
         split: Split, capture: bool, exc: BaseException, message: str, kind: FailureKind, error_type: str,
@@ -708,11 +741,14 @@ class DspyEvaluator:
             # model there stops the run at once too, not after a window of failed evaluations.
             verdict = classify(exc, self._fatal)
             fatal = verdict.error_type if verdict.fatal else None
+            if fatal is None and not verdict.service_failure:
+                self._check_metric_still_works(exc)
             return self._metric_failed(example, example_id, pred, steps, raw_trace, split, capture, exc,
                                        f"The metric raised {_describe(exc)}", "metric_error",
                                        fatal or type(exc).__name__, service=verdict.service_failure,
                                        fatal=fatal is not None), 0
         reading = read_metric_return(ret, self._failure_score)
+        self._metric_check.scored(example, pred, valid=reading.invalid is None)
         trajectory = DspyTrajectory(example, pred, steps, raw_trace, metric_return=ret) if capture else None
         if reading.invalid is not None:
             if trajectory is not None:
@@ -728,6 +764,38 @@ class DspyEvaluator:
             trajectory=trajectory,
             output=pred if self._keep_outputs and split == "val" else None,
         ), retries
+
+
+class _MetricBreakCheck:
+    """The evaluations in a row whose metric raised, and the last prediction it scored (the probe's sample);
+    shared by the worker threads."""
+
+    def __init__(self, probe_after: int) -> None:
+        self.probe_after = probe_after
+        self._lock = threading.Lock()
+        self._streak = 0
+        self._sample: tuple[dspy.Example, Any] | None = None
+        self._probing = False
+
+    def scored(self, example: dspy.Example, pred: Any, valid: bool) -> None:
+        with self._lock:
+            self._streak = 0
+            if valid:
+                self._sample = (example, pred)
+
+    def probe_due(self) -> tuple[dspy.Example, Any] | None:
+        """Count one more error; the sample to probe with when the streak is long enough (one probe at a time)."""
+        with self._lock:
+            self._streak += 1
+            if self._streak < self.probe_after or self._probing or self._sample is None:
+                return None
+            self._probing = True
+            return self._sample
+
+    def probed(self) -> None:
+        with self._lock:
+            self._probing = False
+            self._streak = 0
 
 
 class _JudgeGaveUp(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Collection
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -66,6 +66,12 @@ class PaidCallRefused(Exception):
         self.reason = reason
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a task's exception retrieved: its caller raises something else (the cancellation)."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def all_of(*awaitables: Awaitable[T]) -> list[T]:
     """Every result, in order; at the first error, the others are cancelled and it is raised, except a
     cap's refusal: then the others finish first (their calls already on the wire are paid for, and their
@@ -86,10 +92,11 @@ async def all_of(*awaitables: Awaitable[T]) -> list[T]:
         # cancel while waiting propagates: whoever sends it has stopped waiting too.
         for t in tasks:
             t.cancel()
-        await asyncio.wait(tasks)
-        for t in tasks:
-            if not t.cancelled():
-                t.exception()  # mark retrieved: the cancellation is what is raised
+        try:
+            await asyncio.wait(tasks)
+        finally:  # also when cancelled again meanwhile: no "Task exception was never retrieved" for the others
+            for t in tasks:
+                t.add_done_callback(_retrieve)  # runs at once (soon) for one already done
         raise
     def errors_in_order(finished: Collection[asyncio.Future[T]]) -> list[BaseException]:
         # done and pending are sets: read them in the awaitables' order

@@ -145,13 +145,15 @@ def pareto_front_members(fronts: Mapping[Any, Iterable[int]], aggregates: Mappin
 
     Weakest first (lowest aggregate; among equal aggregates, first seen first, reading the fronts in
     validation-id order and each front's members ascending, as gepa's ``remove_dominated_programs``
-    orders them), a candidate is dropped when every instance front holding it also holds another
-    surviving candidate, so between two candidates covering the same instances the stronger one
-    survives, and of two equal ones the one seen later, usually the newer (dropping the newer instead
-    sent the search back to the seed on ties, where dspy.GEPA follows the newest). Dropping one only
-    makes the others harder to drop, so one pass gives the same set as re-examining everyone after each
-    drop (gepa's loop), in time linear in the fronts' sizes instead of quadratic. The one definition of
-    "the frontier" for parent selection, the progress display, summary.json, the plots and MLflow.
+    orders them while the indices are below a front's hash-table size: beyond, gepa reads a front in
+    Python's set order, which we do not imitate), a candidate is dropped when every instance front
+    holding it also holds another surviving candidate, so between two candidates covering the same
+    instances the stronger one survives, and of two equal ones the one seen later, usually the newer
+    (dropping the newer instead sent the search back to the seed on ties, where dspy.GEPA follows the
+    newest). Dropping one only makes the others harder to drop, so one pass gives the same set as
+    re-examining everyone after each drop (gepa's loop), in time linear in the fronts' sizes instead of
+    quadratic. The one definition of "the frontier" for parent selection, the progress display,
+    summary.json, the plots and MLflow.
     """
     own: dict[int, list[Any]] = {}  # insertion order: first seen first
     alive: dict[Any, int] = {}

@@ -129,12 +129,16 @@ class ComponentSelector:
         """The turn of a mutation chained on ``child_fp``, a child whose round robin is at ``counter``:
         the component, and the counter that mutation's own child inherits. The turn is the child's,
         as gepa's parent's counter advances on every turn: a later mutation from it takes the next one."""
-        idx = counter % len(self.components)
-        if child_fp in self._next:  # already in the pool (it has a counter): its counter moves now
-            self._next[child_fp] = (self._next[child_fp] + 1) % len(self.components)
+        n = len(self.components)
+        if child_fp in self._next:
+            # already in the pool: the turn is its live counter's (other mutations may have taken turns on
+            # it since its rung 0: the counter captured then would repeat one predictor and skip another)
+            idx = self._next[child_fp] % n
+            self._next[child_fp] = (idx + 1) % n
         else:
+            idx = (counter + self._taken_early.get(child_fp, 0)) % n
             self._taken_early[child_fp] = self._taken_early.get(child_fp, 0) + 1
-        return self.components[idx], (idx + 1) % len(self.components)
+        return self.components[idx], (idx + 1) % n
 
     def after(self, component: str) -> list[str]:
         """The other components in round-robin order, starting after ``component``."""

@@ -17,13 +17,6 @@ instruction often produces and what reflection is shown and can fix (dspy.GEPA's
 stops only once candidates reflected from them failed too (``FORMAT_ERROR_CANDIDATES`` in all,
 the seed included), not on the seed's validation alone.
 
-A metric that breaks mid-run (a scoring service it calls goes away, state it keeps goes bad) has its own
-rule: ``outage_window`` evaluations in a row whose metric raised, on at least ``window`` distinct
-examples (every example of a smaller run) and ``FORMAT_ERROR_CANDIDATES`` candidates, with no evaluation
-scored between them. One candidate whose outputs the metric cannot take stays ordinary data; the whole
-run's evaluations failing is not data, and scored ``failure_score`` they would reject every child and
-return the seed. The session's failed evaluations are run again on resume.
-
 A third rule covers an LM service that stops answering mid-run (an outage, a quota used up): once
 ``outage_window`` evaluations in a row failed because the service did (``service_failure``: its
 retries given up, or an answer it could not use), over at least ``OUTAGE_MIN_SECONDS`` (two waves of
@@ -129,12 +122,6 @@ class SystemicFailureDetector:
         self._splits: dict[str, _SplitWindow] = {}
         self._raised: SystemicFailureError | None = None
         self._seen_proposal = False
-        self._metric_streak = 0  # evaluations in a row whose metric raised, and what they covered
-        self._metric_streak_examples: set[tuple[str, int]] = set()
-        self._metric_streak_candidates: set[str] = set()
-        self._metric_streak_example = ""
-        self._metric_streak_error: str | None = None
-        self._all_examples = sum((split_sizes or {}).values()) or None
         self._proposal_outage = 0  # reflections in a row the reflection LM's service failed
         self._proposal_outage_since = 0.0
         self._proposal_outage_example = ""
@@ -245,7 +232,6 @@ class SystemicFailureDetector:
     def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
         window = self._window(split)
         self._observe_service(outcome)
-        self._observe_metric(outcome, candidate, split)
         if outcome.failure is None:
             window.seen_success = True
             return
@@ -278,39 +264,6 @@ class SystemicFailureDetector:
         error = self._judge(split, window, final=False)
         if error is not None:
             raise error
-
-    def _observe_metric(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
-        """The rule for a metric that breaks mid-run: a streak of evaluations whose metric raised, broken by
-        any evaluation scored (other failures, the program's or the service's, call no metric: they neither
-        break nor extend it). Before a split's first success the first-N rule judges it instead."""
-        if outcome.failure is None or outcome.failure == "metric_invalid":
-            self._metric_streak = 0
-            self._metric_streak_examples.clear()
-            self._metric_streak_candidates.clear()
-            return
-        if outcome.failure != "metric_error" or outcome.service_failure or outcome.fatal:
-            return
-        if not self._metric_streak:
-            self._metric_streak_example = outcome.message or ""
-            self._metric_streak_error = outcome.error_type
-        self._metric_streak += 1
-        self._metric_streak_examples.add((split, outcome.example_id))
-        if candidate is not None:
-            self._metric_streak_candidates.add(candidate)
-        examples_needed = min(self.window, self._all_examples or self.window)
-        if (self._metric_streak < self.outage_window or len(self._metric_streak_examples) < examples_needed
-                or len(self._metric_streak_candidates) < FORMAT_ERROR_CANDIDATES
-                or not any(w.seen_success for w in self._splits.values())):
-            return
-        raise SystemicFailureError(
-            f"Stopping: the last {self._metric_streak} evaluations ({len(self._metric_streak_examples)} examples, "
-            f"{len(self._metric_streak_candidates)} candidates) all failed because the metric raised (first: "
-            f"{self._metric_streak_example}), after earlier ones were scored: the metric broke mid-run (a service "
-            "it calls, state it keeps). Fix it and rerun: this session's failed evaluations are run again. "
-            f"{RESUME_ADVICE}",
-            failure="metric_error",
-            error_type=self._metric_streak_error,
-        )
 
     def _observe_service(self, outcome: EvalOutcome) -> None:
         """The outage rule: a streak of service failures, broken by any evaluation the service answered
