@@ -617,9 +617,12 @@ def test_a_token_capped_compile_shows_the_runs_tokens_against_the_cap(info_logs,
 
 
 def _dominated_by_restarting_loop(fronts, aggregates) -> set[int]:
-    """gepa's rule as the engine once ran it: weakest first, restart after every drop (quadratic)."""
-    fronts = {vid: set(f) for vid, f in fronts.items() if f}
-    programs = sorted({p for f in fronts.values() for p in f}, key=lambda p: (aggregates[p], -p))
+    """gepa's rule as the engine once ran it: weakest first, restart after every drop (quadratic); equal
+    aggregates in order of first appearance on the fronts (val-id order, each front ascending), as gepa's
+    remove_dominated_programs orders them."""
+    fronts = {vid: set(f) for vid, f in sorted(fronts.items()) if f}
+    seen = list(dict.fromkeys(p for f in fronts.values() for p in sorted(f)))
+    programs = sorted(seen, key=lambda p: aggregates[p])
     dominated: set[int] = set()
     changed = True
     while changed:

@@ -95,8 +95,8 @@ def test_run_store_a_resume_with_other_search_settings_can_pass_its_own_budget_w
 
 def test_run_store_the_measured_reuse_when_the_pipeline_test_is_extended(tmp_path):
     """run_store.md (a measurement the page cites): "most stored evaluations go unused (measured on the pipeline
-    test: 44 of 150 reused when a 150-call run is extended to 300)" (test_resume.py's
-    test_rerun_and_extension_never_pay_twice setup; the 150-call run stores 149)."""
+    test: 44 of the 167 stored reused when a 150-call run ... is extended to 300)" (test_resume.py's
+    test_rerun_and_extension_never_pay_twice setup)."""
     pipeline = TASKS["pipeline"]
     data = pipeline.splits(data_seed=0, n_train=30, n_val=16, n_test=60)
 
@@ -108,7 +108,7 @@ def test_run_store_the_measured_reuse_when_the_pipeline_test_is_extended(tmp_pat
 
     first = session(150)
     extended = session(300)
-    assert first.total_metric_calls in (149, 150)
+    assert first.total_metric_calls == 167
     assert extended.run_stats["metric_calls_replayed"] == 44
 
 

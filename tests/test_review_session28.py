@@ -195,6 +195,8 @@ def test_a_chained_mutations_turn_moves_its_adopted_parents_round_robin():
                             minibatch=(0, 1, 2), rng=random.Random(0), committed_at_launch=1, reservation=0,
                             chain_on=0, turn_deferred=True)
         await orch._adopt_chained_parent(plan)
+        assert plan.chained and plan.components == []  # the turn waits for the perfect-minibatch check
+        await orch._take_turn(plan)  # its minibatch was not perfect: the turn is taken now
         return plan
 
     plan = asyncio.run(chained_mutation_1())
