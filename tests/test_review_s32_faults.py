@@ -71,8 +71,8 @@ def test_ctrl_c_during_a_reflection_then_rerun_pays_nothing_twice_and_ends_as_an
 JUDGE_KEY = "judge-key-77AA11"
 
 
-def _judge_plan(after: int, status: int = 401):
-    """Requests carrying the judge's key: forwarded ``after`` times, then refused with ``status``."""
+def _judge_plan(answer):
+    """Requests carrying the judge's key: the k-th (from 1) gets ``answer(k)``, forwarded when that is None."""
     seen = {"n": 0}
     lock = threading.Lock()
 
@@ -82,7 +82,7 @@ def _judge_plan(after: int, status: int = 401):
         with lock:
             seen["n"] += 1
             k = seen["n"]
-        return ("status", status, REVOKED[status], {}) if k > after else None
+        return answer(k)
 
     return plan, seen
 
@@ -102,7 +102,7 @@ def test_a_judge_key_revoked_mid_run_on_the_feedback_call_stops_the_run(proxy, r
     401s, 26 proposals skipped as feedback_error, the run returned (stop_reason no_progress_possible)."""
     judge = dspy.LM("openai/sim-student", api_base=proxy.base_url, api_key=JUDGE_KEY, cache=False, num_retries=0,
                     **engine)
-    plan, seen = _judge_plan(after=6)
+    plan, seen = _judge_plan(lambda k: ("status", 401, REVOKED[401], {}) if k > 6 else None)
     proxy.reset(plan)
     with pytest.raises(SystemicFailureError) as info:
         _compile_with_metric(proxy, routing, engine, _judge_metric(routing, judge, on_feedback_only=True), tmp_path)
@@ -345,17 +345,7 @@ def test_a_judges_single_503_is_retried_not_scored_as_the_candidates_failure(pro
     judge = dspy.LM("openai/sim-student", api_base=proxy.base_url, api_key=JUDGE_KEY, cache=False, num_retries=0,
                     **engine)
     busy = error_body("overloaded", "The server is overloaded", "server_error")
-    seen = {"n": 0}
-    lock = threading.Lock()
-
-    def plan(model, n, body, headers):
-        if JUDGE_KEY not in headers.get("Authorization", ""):
-            return None
-        with lock:
-            seen["n"] += 1
-            k = seen["n"]
-        return ("status", 503, busy, {}) if k == 3 else None
-
+    plan, _seen = _judge_plan(lambda k: ("status", 503, busy, {}) if k == 3 else None)
     proxy.reset(plan)
     dr = _compile_with_metric(proxy, routing, engine, _judge_metric(routing, judge, on_feedback_only=False), tmp_path,
                               budget=30)
