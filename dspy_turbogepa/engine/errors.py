@@ -19,11 +19,10 @@ def cancelling() -> bool:
     """Whether the running task is being cancelled (by the engine), as opposed to user code raising
     ``CancelledError`` inside it. Before Python 3.11 this cannot be told: every one counts as ours."""
     task = asyncio.current_task()
-    probe = getattr(task, "cancelling", None)
-    return task is None or probe is None or probe() > 0
+    return task is None or not hasattr(task, "cancelling") or being_cancelled(task)
 
 
-def being_cancelled(task: asyncio.Task[object]) -> bool:
+def being_cancelled(task: asyncio.Task[Any]) -> bool:
     """Whether a cancel of ``task`` is already pending (always False before Python 3.11, which cannot tell)."""
     probe = getattr(task, "cancelling", None)
     return probe is not None and probe() > 0

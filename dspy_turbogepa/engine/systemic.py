@@ -95,6 +95,26 @@ class _SplitWindow:
     service: int = 0
 
 
+@dataclass
+class _Streak:
+    """An outage rule's account: failures in a row of the service, by cause, since when, and the first."""
+
+    causes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    since: float = 0.0
+    first: str = ""
+
+    @property
+    def count(self) -> int:
+        return sum(self.causes.values())
+
+    def extend(self, cause: tuple[str, str], message: str | None, now: float) -> float:
+        """One more failure; the seconds the streak has lasted."""
+        if not self.causes:
+            self.since, self.first = now, message or ""
+        self.causes[cause] += 1
+        return now - self.since
+
+
 class SystemicFailureDetector:
     def __init__(self, window: int, proposal_window: int | None = None,
                  split_sizes: Mapping[str, int] | None = None,
@@ -111,20 +131,16 @@ class SystemicFailureDetector:
         span ``outage_min_seconds`` (None: :data:`OUTAGE_MIN_SECONDS`) of ``clock``."""
         self.window = max(1, window)
         self.outage_window = max(1, window if outage_window is None else outage_window)
-        self._service_streak: Counter[tuple[str, str]] = Counter()
-        self._service_example: str = ""
+        self._service_streak = _Streak()
         self._clock = clock
         self._outage_min_seconds = OUTAGE_MIN_SECONDS if outage_min_seconds is None else outage_min_seconds
-        self._service_since = 0.0
         self._expected = {split: frozenset(ids) for split, ids in (expected_failures or {}).items()}
         self._split_sizes = {split: n - len(self._expected.get(split, ())) for split, n in (split_sizes or {}).items()}
         self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
         self._splits: dict[str, _SplitWindow] = {}
         self._raised: SystemicFailureError | None = None
         self._seen_proposal = False
-        self._proposal_outage = 0  # reflections in a row the reflection LM's service failed
-        self._proposal_outage_since = 0.0
-        self._proposal_outage_example = ""
+        self._proposal_outage = _Streak()  # reflections in a row the reflection LM's service failed
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
         self._proposer_error_types: dict[str, str] = {}
@@ -204,20 +220,17 @@ class SystemicFailureDetector:
         no call: it neither breaks nor extends the streak."""
         if outcome.skipped == NOTHING_TO_REFLECT_ON:
             return
+        streak = self._proposal_outage
         if not outcome.service_failure or outcome.fatal:
-            self._proposal_outage = 0
+            streak.causes.clear()
             return
-        if not self._proposal_outage:
-            self._proposal_outage_since = self._clock()
-            self._proposal_outage_example = outcome.message or ""
-        self._proposal_outage += 1
-        lasted = self._clock() - self._proposal_outage_since
-        if self._proposal_outage < self.proposal_window or lasted < self._outage_min_seconds:
+        lasted = streak.extend((outcome.skipped or "", outcome.error_type or ""), outcome.message, self._clock())
+        if streak.count < self.proposal_window or lasted < self._outage_min_seconds:
             return
         raise SystemicFailureError(
-            f"Stopping: the last {self._proposal_outage} reflections (over {lasted:.0f}s) all failed because the "
+            f"Stopping: the last {streak.count} reflections (over {lasted:.0f}s) all failed because the "
             "reflection LM's service did (its retries on rate limits or transient errors given up; first: "
-            f"{self._proposal_outage_example}): the endpoint is down, overloaded or out of quota. Rerun once it "
+            f"{streak.first}): the endpoint is down, overloaded or out of quota. Rerun once it "
             f"answers. {RESUME_ADVICE}",
             failure="proposer_error",
             error_type=outcome.error_type,
@@ -268,22 +281,19 @@ class SystemicFailureDetector:
     def _observe_service(self, outcome: EvalOutcome) -> None:
         """The outage rule: a streak of service failures, broken by any evaluation the service answered
         (a success, or a failure of the program or the metric)."""
+        streak = self._service_streak
         if outcome.failure is None or not outcome.service_failure or outcome.fatal:
-            self._service_streak.clear()
+            streak.causes.clear()
             return
-        if not self._service_streak:
-            self._service_example = outcome.message or ""
-            self._service_since = self._clock()
-        self._service_streak[(outcome.failure, outcome.error_type or "")] += 1
-        n = sum(self._service_streak.values())
-        lasted = self._clock() - self._service_since
+        lasted = streak.extend((outcome.failure, outcome.error_type or ""), outcome.message, self._clock())
+        n = streak.count
         if n < self.outage_window or lasted < self._outage_min_seconds:
             return
-        (failure, error_type), _ = self._service_streak.most_common(1)[0]
+        (failure, error_type), _ = streak.causes.most_common(1)[0]
         raise SystemicFailureError(
             f"Stopping: the last {n} evaluations (over {lasted:.0f}s) all failed "
             "because the LM service did (its retries given up "
-            f"or its answer unusable; first: {self._service_example}): the endpoint is down, overloaded or out "
+            f"or its answer unusable; first: {streak.first}): the endpoint is down, overloaded or out "
             f"of quota. Rerun once it answers (the failed evaluations are run again). {RESUME_ADVICE}",
             failure=failure,
             error_type=error_type or None,
