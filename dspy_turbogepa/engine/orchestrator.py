@@ -818,8 +818,10 @@ class Orchestrator:
             child_texts=proposal.texts,
             screen_ids=proposal.screen_ids,
         )
-        if self._turns_deferred():
-            plan.turn_deferred = True  # the parents' counters are read after the turns launched before it
+        if self._turns_deferred() or callable(self.config.component_selector):
+            # the parents' counters are read after the turns launched before it (a callable selector
+            # advances them too, after its parent's minibatch: read now, they would depend on timing)
+            plan.turn_deferred = True
         else:
             plan.child_counter = max(self._selector.counter(first.candidate.fingerprint),
                                      self._selector.counter(second.candidate.fingerprint))
