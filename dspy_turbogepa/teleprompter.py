@@ -16,6 +16,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +64,10 @@ logger = logging.getLogger(__name__)
 
 #: The file dspy.GEPA (gepa) keeps its resumable state in, under its run_dir (our log_dir).
 DSPY_GEPA_CHECKPOINT = "gepa_state.bin"
+
+
+#: ``log_dir`` as this compile resolved it (per context: two compiles of one optimizer may run at once).
+_LOG_PATH: ContextVar[Path | None] = ContextVar("turbogepa_log_path", default=None)
 
 
 class _DefaultSelector(str):
@@ -494,6 +499,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         """``compile`` once its arguments are checked: every thread, store and MLflow run it opens is
         released on any exit. The program is put in ``finished`` as soon as it exists."""
         with ExitStack() as cleanup:  # every thread, store and MLflow run opened below is released on any exit
+            # log_dir resolved once, against the directory compile started in: a metric or program that
+            # changes the working directory must not split the store, reports and stop file
+            token = _LOG_PATH.set(Path(os.path.expanduser(os.fspath(self.log_dir))).absolute() if self.log_dir
+                                  else None)
+            cleanup.callback(_LOG_PATH.reset, token)
             # progress and result shown with no logging setup; lines named by compile when several run
             cleanup.enter_context(visible_logs(self.verbose, label=Path(self.log_dir).name if self.log_dir else None))
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
@@ -696,7 +706,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         """``log_dir`` as the run store opens it (``~`` expanded): summary.json, the plots and the stop
         file must land next to the store, not in a directory literally named ``~``."""
         assert self.log_dir is not None  # called only when a log_dir is set
-        return Path(os.path.expanduser(os.fspath(self.log_dir)))
+        return _LOG_PATH.get() or Path(os.path.expanduser(os.fspath(self.log_dir)))
 
     def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> list[Path]:
         """``log_dir/summary.json`` and the PNG plots; a reporting failure never loses the program.
@@ -752,7 +762,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
         meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
                                   "reflection": readable_lm(self.reflection_lm)}
-        store = RunStore.open(self.log_dir, key, meta=meta)
+        store = RunStore.open(self._log_path(), key, meta=meta)
         cleanup.callback(store.close)
         if not store.resumed and (self._log_path() / DSPY_GEPA_CHECKPOINT).exists():
             # A user switching from dspy.GEPA expects its log_dir to resume; it cannot (the checkpoint is a

@@ -3,7 +3,11 @@ changes that key on purpose: update the pinned values there (not RUN_KEY_FORMAT)
 
 from __future__ import annotations
 
+import functools
+
 import dspy
+
+PASS_MARK = 0.5  # a literal module constant the metric reads (keyed by its literal since key format 9)
 
 
 def summarize(text: str) -> str:  # a module-level function sharing a method's name
@@ -22,6 +26,15 @@ def lookup(term: str) -> str:
     return term.upper()
 
 
+def traced(fn):  # a user's decorator written with functools.wraps: the code under it is keyed too
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return inner
+
+
+@traced
 def exact(a: str, b: str) -> bool:
     return a.strip().lower() == b.strip().lower()
 
@@ -45,7 +58,7 @@ class Pipeline(dspy.Module):
 
 
 def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
-    return float(exact(gold.answer, pred.answer))
+    return float(exact(gold.answer, pred.answer)) >= PASS_MARK
 
 
 def data(n: int, offset: int = 0) -> list[dspy.Example]:

@@ -331,6 +331,25 @@ def code_before_the_caps(tmp_path) -> str:
     return str(old)
 
 
+def _mark_current_key_format(log_dir: Path, task_name: str = "routing") -> None:
+    """The run key's format has changed since BEFORE_CAPS (9: LM settings, decorated functions, the
+    module constants a metric reads — the simulated tasks' metrics read some), which refuses that
+    version's stores as a whole. The store is given this version's format and metric part; every other
+    part must still match as that version computed it (else the reopen below is refused): what is tested
+    here is how a store of that schema is upgraded when reopened."""
+    from dspy_turbogepa.adapter.run_identity import RUN_KEY_FORMAT, callable_identity
+    from dspy_turbogepa.store import stable_hash
+
+    metric = stable_hash([callable_identity(TASKS[task_name].metric)])
+    con = sqlite3.connect(str(log_dir / "run.sqlite3"))
+    try:
+        with con:
+            con.execute("UPDATE run_key SET value = ? WHERE component = 'key_format'", (RUN_KEY_FORMAT,))
+            con.execute("UPDATE run_key SET value = ? WHERE component = 'metric'", (metric,))
+    finally:
+        con.close()
+
+
 def _triggers(log_dir: Path) -> set[str]:
     con = sqlite3.connect(f"file:{log_dir / 'run.sqlite3'}?mode=ro", uri=True)
     try:
@@ -361,6 +380,7 @@ def test_a_store_written_before_the_whole_run_caps_resumes_with_them(tmp_path, c
     assert old["result"]["package"].startswith(code_before_the_caps)
     assert old["result"]["stop"] == "token_budget" and old["tokens"] > 9000  # the old overshoot
     assert _triggers(log_dir) == set()
+    _mark_current_key_format(log_dir)
 
     rerun = _session("routing", log_dir, **kw, token_budget=9000)
     assert _triggers(log_dir) == {"evaluations_keep_replaced_usage", "proposals_keep_replaced_usage"}

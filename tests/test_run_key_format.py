@@ -18,14 +18,14 @@ from dspy_turbogepa.adapter.run_identity import RUN_KEY_FORMAT, run_key
 #: Bytecode and DSPy's dump_state() enter the key: it is pinned for the versions CI installs.
 PINNED_FOR = ((3, 11), "3.4.1")
 PINNED_KEY = {
-    "key_format": "8",
+    "key_format": "9",
     "trainset": "ce8c65c2f96d3a7313b8d8a4db258c46",
     "valset": "4ee001bedf1d429f1b670bf8518c0f0f",
     "student": "b4c8190deef607a6a78d08204d1d8a71",
     "seed": "0",
-    "metric": "3f8121c83f8915dcd4a035d57dff45ff",
+    "metric": "a6d0e9890534c1384760f4f89ad990b4",
     "failure_score": "0.0",
-    "task_lm": "171e707f05cc72af96e2da8ed9e72938",
+    "task_lm": "5eb18502e29650e7dcdb0270d40f65d6",
     "reflection": "2aaf2cc10277816b9bfc084cdd05a295",
 }
 
@@ -33,7 +33,7 @@ PINNED_KEY = {
 def test_the_run_key_is_computed_the_way_its_format_says() -> None:
     if (sys.version_info[:2], dspy.__version__) != PINNED_FOR:
         pytest.skip(f"the key is pinned for Python {PINNED_FOR[0]} and dspy {PINNED_FOR[1]}")
-    lm = dspy.LM("openai/some-model", api_base="http://127.0.0.1:9/v1", api_key="x", cache=False)
+    lm = dspy.LM("openai/some-model", api_base="http://127.0.0.1:9/v1", api_key="x", cache=False, top_k=5)
     reflector = dspy.LM("openai/reflector", api_base="http://127.0.0.1:9/v1", api_key="x", cache=False)
     key = run_key(fixture.Pipeline(), fixture.data(6), fixture.data(4, 100), 0, metric=fixture.metric,
                   context_lm=lm, reflection_lm=reflector)

@@ -182,14 +182,16 @@ def load_known(
             masked += 1  # best_outputs_valset would return the masked copy
             continue
         trajectory = None
-        trace_lost = _trace_masked(ev)
-        if ev.trajectory_json and ev.fingerprint in texts_by_fp and not trace_lost:
-            trajectory = trajectory_from_json(
-                ev.trajectory_json, datasets[split][ev.example_id], codec, ev.fingerprint, texts_by_fp[ev.fingerprint]
-            )
         output = None
-        if ev.output_json:
-            output = prediction_from(json.loads(ev.output_json))
+        with store.decoding("a stored evaluation's trace or output"):
+            trace_lost = _trace_masked(ev)
+            if ev.trajectory_json and ev.fingerprint in texts_by_fp and not trace_lost:
+                trajectory = trajectory_from_json(
+                    ev.trajectory_json, datasets[split][ev.example_id], codec, ev.fingerprint,
+                    texts_by_fp[ev.fingerprint],
+                )
+            if ev.output_json:
+                output = prediction_from(json.loads(ev.output_json))
         known[(ev.fingerprint, split, ev.example_id)] = EvalOutcome(
             example_id=ev.example_id, score=ev.score,
             objective_scores=dict(ev.objective_scores) if ev.objective_scores else None,

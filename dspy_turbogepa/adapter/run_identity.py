@@ -8,6 +8,8 @@ for the same inputs, which is why values are rendered without memory addresses o
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import dis
 import enum
@@ -33,6 +35,7 @@ from dspy_turbogepa.redaction import (
     endpoint_url,
     is_sensitive_key,
     mask_text,
+    redact,
     strip_userinfo,
 )
 from dspy_turbogepa.store import stable_hash
@@ -41,9 +44,13 @@ from dspy_turbogepa.store.sqlite_store import KEY_FORMAT_COMPONENT
 logger = logging.getLogger(__name__)
 
 
-#: LM settings that change what a call answers (the rest, such as cache or retries, do not).
-_ANSWER_KWARGS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "n", "stop", "seed",
-                  "reasoning_effort", "response_format", "logprobs")
+#: LM settings that do not change what a call answers: how it is sent, retried, cached or authenticated
+#: (credential-named settings are left out too, by :func:`is_sensitive_key`). Every other setting is keyed:
+#: ``top_k``, ``presence_penalty``, ``extra_body={"chat_template_kwargs": {"enable_thinking": False}}``
+#: change the answers as much as ``temperature`` (an allowlist missed them).
+_TRANSPORT_KWARGS = frozenset({"api_base", "base_url", "cache", "num_retries", "max_retries", "timeout",
+                               "request_timeout", "callbacks", "extra_headers", "headers", "default_headers",
+                               "http_client", "client"})
 
 
 def lm_identity(lm: Any) -> Any:
@@ -58,7 +65,8 @@ def lm_identity(lm: Any) -> Any:
         "class": f"{type(lm).__module__}.{type(lm).__qualname__}",
         "model": getattr(lm, "model", None),
         "api_base": strip_userinfo(base) if base else None,
-        **{k: _hashable(kwargs[k]) for k in _ANSWER_KWARGS if kwargs.get(k) is not None},
+        **{k: _hashable(redact(v, env_values=())) for k, v in sorted(kwargs.items(), key=lambda kv: str(kv[0]))
+           if v is not None and k not in _TRANSPORT_KWARGS and not is_sensitive_key(k)},
     }
 
 
@@ -82,9 +90,11 @@ def callable_identity(fn: Any) -> str:
     names it reads, its constants, nested functions); a ``functools.partial`` its function and bound
     arguments; a method or a callable object every function its class defines (``forward`` and the
     helpers of a ``dspy.Module`` judge, not only the ``__call__`` it inherits from DSPy). Stable across
-    processes (no addresses, set literals sorted). State is not seen — a closure's captured values, an
-    object's fields, globals read at call time — because run-time state (a call counter, a lock) would
-    refuse every rerun; a metric whose behaviour changes only through state needs a new log_dir."""
+    processes (no addresses, set literals sorted). Decorators are seen through (``__wrapped__``), and a
+    module-level constant assigned a literal is keyed by that literal (:func:`_constants_read`). State is
+    not seen — a closure's captured values, an object's fields, other globals read at call time — because
+    run-time state (a call counter, a lock) would refuse every rerun; a metric whose behaviour changes only
+    through state needs a new log_dir."""
     if fn is None:
         return "None"
     if isinstance(fn, functools.partial):
@@ -95,17 +105,98 @@ def callable_identity(fn: Any) -> str:
                 f":{stable_hash(_class_code(owner))}")
     name = f"{getattr(fn, '__module__', type(fn).__module__)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
     code = getattr(fn, "__code__", None)
+    wrapped = _wrapped_identity(fn)
     if code is None:  # a callable object: the code of its class (and of its user-written bases)
-        return f"{name}:{stable_hash(_class_code(type(fn)))}"
-    return f"{name}:{_function_digest(fn, _called_user_functions(fn))}"
+        return f"{name}:{stable_hash(_class_code(type(fn)))}{wrapped}"
+    return f"{name}:{_function_digest(fn, _called_user_functions(fn))}{wrapped}"
+
+
+def _wrapped(fn: Any) -> Any:
+    """What a decorator written with ``functools.wraps`` (a timer, a retry, ``lru_cache``) wraps, or None."""
+    inner = getattr(fn, "__wrapped__", None)
+    return inner if callable(inner) and inner is not fn else None
+
+
+def _wrapped_identity(fn: Any) -> str:
+    """The identity of the function under ``fn``'s decorators: the wrapper's code is the decorator's, the
+    scores come from the code it wraps. Empty when nothing is wrapped (an undecorated function keeps the
+    key it had)."""
+    layers = _decorated_layers(fn)[1:]
+    if not layers:
+        return ""
+    parts = [f"{getattr(layer, '__qualname__', type(layer).__qualname__)}:"
+             + (_function_digest(layer, _called_user_functions(layer)) if inspect.isfunction(layer)
+                else stable_hash(_class_code(type(layer))))
+             for layer in layers]
+    return f"+wrapped:{stable_hash(parts)}"
 
 
 def _function_digest(fn: Any, helpers: Sequence[str] = ()) -> str:
     """A user function's code, the identities of the ``helpers`` it calls, and its default argument
     values (see :func:`_defaults_identity`)."""
     defaults = _defaults_identity(fn)
+    constants = _constants_read(fn)
     return (_code_digest(fn.__code__) + (f"+{stable_hash(list(helpers))}" if helpers else "")
-            + (f"+defaults:{defaults}" if defaults else ""))
+            + (f"+defaults:{defaults}" if defaults else "")
+            + (f"+constants:{stable_hash(constants)}" if constants else ""))
+
+
+def _constants_read(fn: Any) -> list[list[Any]]:
+    """The module-level constants ``fn`` reads, by the literal its module's source assigns them:
+    ``THRESHOLD = 0.8`` edited to ``0.5`` scores differently, yet the code that reads it is the same.
+    Only a name bound once at the top of the module, to a literal, and never declared ``global`` in a
+    function (a counter is run-time state, which would refuse every rerun); read from the source file,
+    so what the process changed at run time is not seen. A constant named like a credential is a marker."""
+    code = getattr(fn, "__code__", None)
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    if code is None or not isinstance(path, str) or not path.endswith(".py"):
+        return []
+    names = set(global_names(code))
+    if not names:
+        return []
+    try:
+        stat = os.stat(path)
+    except OSError:  # a module whose file is gone (a notebook's __main__ has none): its constants are not seen
+        return []
+    return [[name, "<credential>" if is_sensitive_key(name) else _literal_identity(name, value)]
+            for name, value in _module_constants(path, stat.st_mtime_ns, stat.st_size) if name in names]
+
+
+def _literal_identity(name: str, value: Any) -> Any:
+    if isinstance(value, (str, bytes)):
+        return _default_value(name, value)
+    return _hashable(redact(value, env_values=()))
+
+
+@functools.lru_cache(maxsize=64)
+def _module_constants(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, Any], ...]:
+    """``(name, value)`` of the literal constants a module file assigns at its top level (see
+    :func:`_constants_read`); keyed by the file's modification time and size, so an edited file is read
+    again. A file that cannot be read or parsed has none."""
+    try:
+        with open(path, "rb") as source:
+            tree = ast.parse(source.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return ()
+    bound: dict[str, int] = {}
+    literals: dict[str, Any] = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        for target in targets:
+            for leaf in ast.walk(target):
+                if isinstance(leaf, ast.Name):
+                    bound[leaf.id] = bound.get(leaf.id, 0) + 1
+        single = targets[0] if len(targets) == 1 and isinstance(targets[0], ast.Name) else None
+        value = getattr(node, "value", None)
+        if single is not None and value is not None and not isinstance(node, ast.AugAssign):
+            # not a literal (a call, an f-string, a name): state or a derived value, not keyed
+            with contextlib.suppress(ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                literals[single.id] = ast.literal_eval(value)
+    declared_global = {name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names}
+    return tuple((name, value) for name, value in sorted(literals.items())
+                 if bound.get(name) == 1 and name not in declared_global)
 
 
 def _defaults_identity(fn: Any) -> str:
@@ -170,12 +261,23 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
     out: list[str] = []
     for name in global_names(code):
         target = namespace.get(name)
-        if not inspect.isfunction(target) or id(target) in seen or _library_function(target):
-            continue
-        seen.add(id(target))
-        out.append(f"{name}={target.__qualname__}:{_function_digest(target)}")
-        out += _called_user_functions(target, seen)
+        for depth, layer in enumerate(_decorated_layers(target)):  # the helper, then what its decorators wrap
+            if not inspect.isfunction(layer) or id(layer) in seen or _library_function(layer):
+                continue
+            seen.add(id(layer))
+            out.append(f"{name}{'~' * depth}={layer.__qualname__}:{_function_digest(layer)}")
+            out += _called_user_functions(layer, seen)
     return out
+
+
+def _decorated_layers(fn: Any) -> list[Any]:
+    """``fn`` and the functions under its decorators (``functools.wraps`` / ``lru_cache`` set
+    ``__wrapped__``), outermost first; a wrapper that loops back ends the walk."""
+    layers: list[Any] = []
+    while fn is not None and len(layers) < 32 and all(fn is not seen for seen in layers):
+        layers.append(fn)
+        fn = _wrapped(fn)
+    return layers
 
 
 def global_names(code: Any) -> list[str]:
@@ -382,9 +484,11 @@ def _without_samples(schema: Any, names: bool = False) -> Any:
 #: LOAD_GLOBAL only, not every name the code reads, and a tool's closure values no longer keyed; 6: a
 #: function's default argument values, seed=None keyed as the 0 it runs with, failure_score a part of its
 #: own instead of the metric's; 7: a tool's argument schema, and for a module used as a tool its code,
-#: settings, tools and predictors; 8: each signature field's type, and the LMs an adapter holds). A pinned key in
-#: tests/test_run_key_format.py fails when the computation changes and this is not bumped.
-RUN_KEY_FORMAT = "8"
+#: settings, tools and predictors; 8: each signature field's type, and the LMs an adapter holds;
+#: 9: every LM setting but transport and credentials, the functions under decorators, and the literal
+#: module constants the user's functions read). A pinned key in tests/test_run_key_format.py fails when the
+#: computation changes and this is not bumped.
+RUN_KEY_FORMAT = "9"
 
 
 def run_key(

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -770,6 +770,15 @@ class RunStore:
         except sqlite3.Error as exc:
             raise _store_error(self.path, self.log_dir, exc) from exc
 
+    @contextlib.contextmanager
+    def decoding(self, what: str) -> Iterator[None]:
+        """Decode stored rows inside this: a damaged one is a :class:`RunStoreError` naming the store
+        (errors.md: a damaged store, at open or while its results are read), not a bare decoder error."""
+        try:
+            yield
+        except ROW_DECODE_ERRORS as exc:
+            raise damaged_row_error(self.path, self.log_dir, what, exc) from exc
+
     def load_evaluations(self) -> list[StoredEvaluation]:
         """Every stored evaluation, in the order they were recorded."""
         rows = self._read(
@@ -777,27 +786,28 @@ class RunStore:
             "trajectory_json, output_json, tokens, seconds, recorded_at, session, service_failure, usage_json "
             "FROM evaluations ORDER BY seq"
         )
-        return [
-            StoredEvaluation(
-                fingerprint=r[0],
-                split=r[1],
-                example_id=r[2],
-                score=math.nan if r[3] is None else r[3],
-                objective_scores=None if r[4] is None else json.loads(r[4]),
-                failure=r[5],
-                message=r[6],
-                error_type=r[7],
-                trajectory_json=r[8],
-                output_json=r[9],
-                tokens=r[10],
-                seconds=r[11],
-                recorded_at=r[12],
-                session=r[13],
-                service_failure=bool(r[14]),
-                usage=None if r[15] is None else json.loads(r[15]),
-            )
-            for r in rows
-        ]
+        with self.decoding("a stored evaluation"):
+            return [
+                StoredEvaluation(
+                    fingerprint=r[0],
+                    split=r[1],
+                    example_id=r[2],
+                    score=math.nan if r[3] is None else r[3],
+                    objective_scores=None if r[4] is None else json.loads(r[4]),
+                    failure=r[5],
+                    message=r[6],
+                    error_type=r[7],
+                    trajectory_json=r[8],
+                    output_json=r[9],
+                    tokens=r[10],
+                    seconds=r[11],
+                    recorded_at=r[12],
+                    session=r[13],
+                    service_failure=bool(r[14]),
+                    usage=None if r[15] is None else json.loads(r[15]),
+                )
+                for r in rows
+            ]
 
     def load_proposals(self) -> dict[str, StoredProposal]:
         """Every stored proposal by key (insertion order)."""
@@ -805,19 +815,20 @@ class RunStore:
             "SELECT key, texts_json, skipped, message, reflection_calls, recorded_at, session, usage_json "
             "FROM proposals ORDER BY seq"
         )
-        return {
-            r[0]: StoredProposal(
-                key=r[0],
-                texts=json.loads(r[1]),
-                skipped=r[2],
-                message=r[3],
-                reflection_calls=r[4],
-                recorded_at=r[5],
-                session=r[6],
-                usage=None if r[7] is None else json.loads(r[7]),
-            )
-            for r in rows
-        }
+        with self.decoding("a stored proposal"):
+            return {
+                r[0]: StoredProposal(
+                    key=r[0],
+                    texts=json.loads(r[1]),
+                    skipped=r[2],
+                    message=r[3],
+                    reflection_calls=r[4],
+                    recorded_at=r[5],
+                    session=r[6],
+                    usage=None if r[7] is None else json.loads(r[7]),
+                )
+                for r in rows
+            }
 
     def total_usage(self) -> dict[str, dict[str, float]]:
         """The summed usage (``prompt_tokens``, ``completion_tokens``, ``cost``) of every stored row of
@@ -831,9 +842,10 @@ class RunStore:
                 "SELECT payload_json FROM events WHERE kind IN (?, ?)",
                 (f"{table}_usage_replaced", f"{table}_usage_unstored"),
             ):
-                usage = json.loads(usage_json)
-                for name in sums:
-                    sums[name] += float(usage.get(name, 0.0))
+                with self.decoding(f"the usage of a stored row of {table}"):
+                    usage = json.loads(usage_json)
+                    for name in sums:
+                        sums[name] += float(usage.get(name, 0.0))
         return totals
 
     def load_candidates(self) -> list[StoredCandidate]:
@@ -841,17 +853,18 @@ class RunStore:
         rows = self._read(
             "SELECT fingerprint, texts_json, parents_json, kind, created_at, session FROM candidates ORDER BY seq"
         )
-        return [
-            StoredCandidate(
-                fingerprint=r[0],
-                texts=json.loads(r[1]),
-                parents=tuple(json.loads(r[2])),
-                kind=r[3],
-                created_at=r[4],
-                session=r[5],
-            )
-            for r in rows
-        ]
+        with self.decoding("a stored candidate"):
+            return [
+                StoredCandidate(
+                    fingerprint=r[0],
+                    texts=json.loads(r[1]),
+                    parents=tuple(json.loads(r[2])),
+                    kind=r[3],
+                    created_at=r[4],
+                    session=r[5],
+                )
+                for r in rows
+            ]
 
     def events(self, kind: str | None = None) -> list[StoredEvent]:
         """The event log (optionally one kind), oldest first."""
@@ -861,17 +874,21 @@ class RunStore:
             sql += " WHERE kind = ?"
             params = (kind,)
         rows = self._read(sql + " ORDER BY seq", params)
-        return [
-            StoredEvent(seq=r[0], kind=r[1], payload=json.loads(r[2]), recorded_at=r[3], session=r[4]) for r in rows
-        ]
+        with self.decoding("a stored event"):
+            return [
+                StoredEvent(seq=r[0], kind=r[1], payload=json.loads(r[2]), recorded_at=r[3], session=r[4])
+                for r in rows
+            ]
 
     def sessions(self) -> list[StoredSession]:
         """Every time this store was opened; ``closed_at is None`` marks a session that did not close."""
         rows = self._read("SELECT id, opened_at, closed_at, resumed, pid, meta_json FROM sessions ORDER BY id")
-        return [
-            StoredSession(id=r[0], opened_at=r[1], closed_at=r[2], resumed=bool(r[3]), pid=r[4], meta=json.loads(r[5]))
-            for r in rows
-        ]
+        with self.decoding("a stored session"):
+            return [
+                StoredSession(id=r[0], opened_at=r[1], closed_at=r[2], resumed=bool(r[3]), pid=r[4],
+                              meta=json.loads(r[5]))
+                for r in rows
+            ]
 
     def counts(self) -> dict[str, int]:
         """Rows per data table (after a flush)."""
@@ -912,6 +929,17 @@ def _store_error(path: Path, log_dir: Path, exc: sqlite3.Error) -> RunStoreError
             f"again with the same log_dir."
         )
     return RunStoreError(f"{path} is not a readable run store ({exc}). {_FIX.format(log_dir=log_dir)}")
+
+
+#: What decoding a stored row raises when its text was damaged (SQLite keeps no checksum of a row's
+#: text: a flipped byte reaches the JSON decoder) or has another shape than this version wrote.
+ROW_DECODE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError)
+
+
+def damaged_row_error(path: Path, log_dir: Path, what: str, exc: BaseException) -> RunStoreError:
+    """A stored row that cannot be decoded: the file is damaged (or written by hand), start over."""
+    return RunStoreError(f"{path} is not a readable run store: {what} cannot be decoded "
+                         f"({type(exc).__name__}: {exc}). {_FIX.format(log_dir=log_dir)}")
 
 
 LOCK_FILENAME = "run.lock"
@@ -1148,10 +1176,14 @@ def _initialise(
             (now, int(has_data), os.getpid(), meta_json),
         ).lastrowid
         run_meta = conn.execute("SELECT value FROM meta WHERE key = 'run_meta'").fetchone()
+        try:  # decoded before the commit: a refused open writes nothing (no session row)
+            stored_meta = json.loads(run_meta[0]) if run_meta else {}
+        except ROW_DECODE_ERRORS as exc:
+            raise damaged_row_error(path, log_dir, "the run's stored settings (meta run_meta)", exc) from exc
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     assert session is not None  # an INSERT's rowid
-    return bool(has_data), session, json.loads(run_meta[0]) if run_meta else {}
+    return bool(has_data), session, stored_meta
