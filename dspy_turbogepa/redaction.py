@@ -110,6 +110,9 @@ def _shape(prefix: str, body: str, *, min_len: int, digit: str | None) -> tuple[
 _KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
     # HTTP bearer credentials
     ("Bearer", re.compile(r"Bearer(?<![A-Za-z0-9_]Bearer)\s+(?=[A-Za-z._~+/=\-]*\d)[A-Za-z0-9._~+/=\-]{16,}")),
+    # HTTP basic credentials, base64 of "user:password" (what a client sends for an api_base with
+    # userinfo): a digit, "+", "/" or "=" in it keeps prose such as "Basic instructions" intact
+    ("Basic", re.compile(r"Basic(?<![A-Za-z0-9_]Basic)\s+(?=[A-Za-z]*[0-9+/=])[A-Za-z0-9+/]{8,}={0,2}")),
     # OpenAI, Anthropic, DeepSeek, OpenRouter, ... secret keys
     _shape("sk-", r"[A-Za-z0-9_\-]", min_len=20, digit=r"[A-Za-z_\-]"),
     # Google API keys
@@ -339,6 +342,19 @@ def error_text(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` for a log, a run store row or reflection feedback: never raises, masked."""
     return mask_text(f"{type(exc).__name__}: {error_text(exc)}")
+
+
+def describe_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback, masked, for a log line: ``exc_info=`` would print the messages of every
+    exception in the chain as they are (an MLflow error quoting ``http://user:pw@host``, an SDK error
+    quoting the key it was given). Never raises."""
+    import traceback
+
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:  # noqa: BLE001 - an exception whose __str__ raises: its one-line description
+        text = f"{type(exc).__name__}: {error_text(exc)}"
+    return mask_text(text.rstrip())
 
 
 def mask_text(text: str, env_values: tuple[str, ...] | None = None) -> str:

@@ -8,6 +8,7 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -989,13 +990,32 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list
             # a URL's password is never a placeholder word (run_secrets drops short values); a token
             # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
             keys += url_credentials(url, username_if=_looks_like_a_key)
+            keys += _basic_credentials(url)  # what a client sends for that userinfo, echoed by a gateway
             keys += url_key_material(url)  # a gateway's key in the path (.../gw/<token>/v1) or the query
     return keys
 
 
+def _basic_credentials(url: str) -> list[str]:
+    """``base64(user:password)`` of a URL's userinfo: httpx turns ``http://alice:pw@host`` into
+    ``Authorization: Basic <that>``, which decodes to the password in a gateway's echo of the header."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return []
+    if not user or not password:
+        return []
+    forms = {f"{user}:{password}", f"{unquote(user)}:{unquote(password)}"}
+    return sorted(base64.b64encode(form.encode("utf-8")).decode("ascii") for form in forms)
+
+
 def _held_lms(obj: Any) -> list[Any]:
-    """The LMs ``obj`` holds one step away: its attributes (and the predictors of a module metric), or
-    for a function its closure cells and the globals its code names. Only a look, never a call."""
+    """The LMs ``obj`` holds one step away: its attributes (and the predictors of a module metric), for
+    a function its closure cells, default arguments and the globals its code names, for a
+    ``functools.partial`` its bound arguments and its function's. Only a look, never a call."""
     if obj is None:
         return []
     if isinstance(obj, BaseLM):
@@ -1003,11 +1023,15 @@ def _held_lms(obj: Any) -> list[Any]:
     from dspy_turbogepa.adapter.run_identity import global_names
 
     values: list[Any] = []
+    if isinstance(obj, functools.partial):  # partial(judge_metric, judge=dspy.LM(...))
+        values += [*obj.args, *obj.keywords.values()]
+        return [v for v in values if isinstance(v, BaseLM)] + _held_lms(obj.func)
     fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
     code = getattr(fn, "__code__", None)
     if code is not None:
         values += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
                    if _cell_is_set(cell)]
+        values += [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
         namespace = getattr(fn, "__globals__", {})
         values += [namespace[name] for name in global_names(code) if name in namespace]
     owner = getattr(obj, "__self__", None) if code is not None else obj

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from dspy_turbogepa.redaction import describe_error, describe_traceback
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -104,10 +106,10 @@ def _tick(on_tick: Callable[[], None], failures: list[int]) -> None:
     with its traceback, later ones (a broken hook fails every 0.2 s) only at debug level."""
     try:
         on_tick()
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - a display or tracking failure never ends the run (logged below)
         failures[0] += 1
-        if failures[0] == 1:
-            logger.exception("A compile-thread hook (progress / tracking) failed; later failures are logged "
-                             "at debug level")
+        if failures[0] == 1:  # the traceback masked: a tracking server's error may quote its credentials
+            logger.error("A compile-thread hook (progress / tracking) failed; later failures are logged "
+                         "at debug level:\n%s", describe_traceback(exc))
         else:
-            logger.debug("A compile-thread hook failed again (%d times)", failures[0], exc_info=True)
+            logger.debug("A compile-thread hook failed again (%d times): %s", failures[0], describe_error(exc))

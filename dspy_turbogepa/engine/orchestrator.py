@@ -1070,14 +1070,15 @@ class Orchestrator:
             if proposal.skipped or not updates:
                 reason = proposal.skipped or "unchanged_texts"
                 self.stats.proposal_skips[reason] += 1
-                unusable.append(f"{reason}: {proposal.message or ''}".strip())
+                unusable.append(f"{reason}: {proposal.message}" if proposal.message else reason)
                 continue
             child = parent.with_updates(updates, plan.kind)
             if all(child.fingerprint != c.fingerprint for c in children):
                 children.append(child)
         if not children:
             result.detail = unusable[0]
-            logger.info("Mutation %d: no usable proposal (%s)%s", plan.seq, result.detail, _replayed(result))
+            # debug: the proposer warned about the first skip of each kind, and run_stats counts them all
+            logger.debug("Mutation %d: no usable proposal (%s)%s", plan.seq, result.detail, _replayed(result))
             return
         fresh = [c for c in children if not self._known_in_view(c, plan)]
         if not fresh:

@@ -51,19 +51,23 @@ from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, ProposalOutcome
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.proposers.context_fit import ContextFit, Example, example_size, plan
-from dspy_turbogepa.redaction import describe_error, error_text
+from dspy_turbogepa.redaction import describe_error, describe_traceback, error_text
 
 logger = logging.getLogger(__name__)
 
 
 class _LMCallCounter(BaseCallback):
-    """Counts LM calls made while one proposal runs (installed per call through dspy.context)."""
+    """Counts the LM calls answered while one proposal runs (installed per call through dspy.context).
+    A refused request (a 429 asked again, a timeout, a prompt over the context window) is not counted:
+    ``task_lm_calls`` counts the program's answered calls, and both are read side by side."""
 
     def __init__(self) -> None:
         self.calls = 0
         self._lock = threading.Lock()
 
     def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        if exception is not None:
+            return
         with self._lock:
             self.calls += 1
 
@@ -194,10 +198,10 @@ class ReflectiveProposer:
         except FeedbackMetricError as exc:
             return ProposalOutcome(skipped="feedback_error", message=error_text(exc), error_type=exc.error_type,
                                    fatal=exc.fatal)
-        except Exception as exc:  # defensive: a broken trace must not end the run
+        except Exception as exc:  # noqa: BLE001 - defensive: a broken trace must not end the run (logged)
             message = describe_error(exc)
             logger.warning("Building the reflective dataset failed: %s", message)
-            logger.debug("Building the reflective dataset failed", exc_info=True)
+            logger.debug("Building the reflective dataset failed:\n%s", describe_traceback(exc))
             return ProposalOutcome(skipped="reflective_dataset_error", message=message)
         if not any(c in dataset for c in components):
             return ProposalOutcome(skipped=NOTHING_TO_REFLECT_ON, message="no usable trace records for "
@@ -311,8 +315,12 @@ class ReflectiveProposer:
                     # a wait past the whole policy (a used-up quota) stops the run: every reflection would fail
                     return self._failed(exc, quota=kind == "rate_limited" and policy.outlasted_by(verdict.retry_after),
                                         service=not self._stopping.is_set())
-                logger.info("The reflection LM is %s; asking again in %.1fs", "rate limited" if kind == "rate_limited"
-                            else f"failing transiently ({verdict.error_type})", delay)
+                # one INFO line per kind of error (the progress line shows the pause), the rest at DEBUG
+                first = self._reported_errors.first(("retry", kind, verdict.error_type))
+                logger.log(logging.INFO if first else logging.DEBUG, "The reflection LM is %s; asking again in "
+                           "%.1fs%s", "rate limited" if kind == "rate_limited"
+                           else f"failing transiently ({verdict.error_type})", delay,
+                           "; further retries after this error are logged at DEBUG" if first else "")
                 self._rl_stats.count(kind, "retry", backoff_s=delay)
                 retries.done[kind] += 1
                 with self._rl_waits.waiting(delay) if kind == "rate_limited" else contextlib.nullcontext():

@@ -692,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    print(f"READY {server.port}", flush=True)
+    sys.stdout.write(f"READY {server.port}\n")  # the handshake a parent process waits for, on stdout
+    sys.stdout.flush()
     try:
         while not stop.wait(0.5):
             pass

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dspy_turbogepa.engine.observer import EngineObserver
+from dspy_turbogepa.redaction import describe_error, describe_traceback
 
 if TYPE_CHECKING:
     import dspy
@@ -167,12 +168,14 @@ class CompileThreadCallbackPump(EngineObserver):
         return True
 
     def _warn(self, what: str, exc: BaseException) -> None:
+        # masked: a callback's error may quote its endpoint with credentials (MLflow's "API request to
+        # http://user:pw@host/... failed") or a key
         if not self._warned:
             self._warned = True
-            logger.warning("%s (%s: %s); the run continues (further failures are logged at debug level).",
-                           what, type(exc).__name__, exc)
+            logger.warning("%s (%s); the run continues (further failures are logged at debug level).",
+                           what, describe_error(exc))
         else:
-            logger.debug("%s", what, exc_info=exc)
+            logger.debug("%s:\n%s", what, describe_traceback(exc))
 
 
 def is_mlflow_callback(cb: Any) -> bool:
