@@ -486,7 +486,8 @@ def test_placeholder_lm_keys_are_not_treated_as_secrets():
     # a URL's password is a secret whatever it looks like; a credential header counts like api_key
     program.lm = dspy.LM("openai/x", api_base="http://alice:hunter22@127.0.0.1:9/v1", api_key="anything",
                          extra_headers={"Authorization": f"Bearer {real}", "X-Trace": "plain-0123456789abcdef"})
-    assert sorted(_lm_api_keys(program, None)) == sorted([real, "hunter22"])  # the token of "Bearer <token>"
+    # the token of "Bearer <token>", and what a client sends for the userinfo (Basic base64("alice:hunter22"))
+    assert sorted(_lm_api_keys(program, None)) == sorted([real, "hunter22", "YWxpY2U6aHVudGVyMjI="])
     # a token as the only userinfo of api_base, and a long mixed-case key with no digit, are credentials;
     # a plain user name in a URL is not
     token, no_digit = "tok0a9b8c7d6e5f4a3b", "AbCdEfGhIjKlMnOpQrStUvWxYz"

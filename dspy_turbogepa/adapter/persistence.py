@@ -15,7 +15,7 @@ from typing import Any
 
 import dspy
 
-from dspy_turbogepa.adapter.program import ProgramCodec
+from dspy_turbogepa.adapter.program import ProgramCodec, valid_unicode
 from dspy_turbogepa.adapter.trajectory_json import (
     prediction_dict,
     prediction_from,
@@ -166,6 +166,8 @@ def load_known(
                              reflection_cost=_used(p.usage, "cost"))
         for key, p in store.load_proposals().items()
         if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
+        # a text no program can hold, stored by a version that did not refuse it: ask the proposer again
+        and all(valid_unicode(t) for t in p.texts.values() if isinstance(t, str))
     }
     known: dict[EvalKey, EvalOutcome] = {}
     without_output = masked = 0

@@ -305,3 +305,13 @@ class ProgramCodec:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return entry
+
+
+def valid_unicode(text: str) -> bool:
+    """Whether ``text`` can be an instruction: a lone surrogate (a cut ``"\\ud83d"`` JSON escape) cannot
+    be encoded, so no signature, prompt or saved program can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -336,7 +336,15 @@ def prediction_dict(pred: Any) -> dict[str, Any] | None:
     if pred is None:
         return None
     if isinstance(pred, dspy.Example):  # its items, not toDict(), which turns models into plain dicts
-        return jsonable(dict(pred.items()))
+        data = jsonable(dict(pred.items()))
+        completions = getattr(pred, "_completions", None) if isinstance(pred, dspy.Prediction) else None
+        count = _completion_count(completions)
+        if count and completions is not None and isinstance(data, dict):
+            # what pred.completions holds (a metric may read every one of n answers): one completion is
+            # the fields themselves, several are kept whole
+            data[_COMPLETIONS] = 1 if count == 1 else [
+                jsonable({name: values[i] for name, values in completions.items()}) for i in range(count)]
+        return data
     if hasattr(pred, "toDict"):
         return jsonable(pred.toDict())
     if isinstance(pred, Mapping):
@@ -344,8 +352,20 @@ def prediction_dict(pred: Any) -> dict[str, Any] | None:
     return {_PLAIN: "value", "value": jsonable(pred)}
 
 
+def _completion_count(completions: Any) -> int:
+    """``len(completions)``, 0 for none: dspy's ``Completions`` with no field raises StopIteration."""
+    if completions is None:
+        return 0
+    try:
+        return len(completions)
+    except (StopIteration, TypeError):
+        return 0
+
+
 #: Marks a stored prediction that was not a dspy.Prediction (absent in rows written before it existed).
 _PLAIN = "__turbogepa_plain__"
+#: A stored dspy.Prediction's completions: 1 (its fields), or the list of every completion's fields.
+_COMPLETIONS = "__turbogepa_completions__"
 
 
 def prediction_from(data: Any) -> Any:
@@ -356,7 +376,15 @@ def prediction_from(data: Any) -> Any:
         return _revive(data.get("value"))
     if kind == "mapping":
         return _revive(dict(data.get("value") or {}))
-    return dspy.Prediction(**_revive(data))
+    if _COMPLETIONS not in data:  # rows written before completions were kept, or by a module without them
+        return dspy.Prediction(**_revive(data))
+    fields = {k: v for k, v in data.items() if k != _COMPLETIONS}
+    stored = data[_COMPLETIONS]
+    revived = _revive(fields)
+    completions = [_revive(c) for c in stored] if isinstance(stored, list) and stored else [revived]
+    pred = dspy.Prediction.from_completions(completions)
+    pred._store = dict(revived)  # the fields as the module returned them (it may have changed the first)
+    return pred
 
 
 def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
@@ -471,8 +499,7 @@ def _steps_from_json(
         stored = s.get("raw")
         index = stored if type(stored) is int and stored >= 0 else None
         if index is None or index != previous:
-            raw.append((pred, _revive(dict(s.get("inputs") or {})),
-                        dspy.Prediction(**_revive(s.get("outputs") or {}))))
+            raw.append((pred, _revive(dict(s.get("inputs") or {})), prediction_from(dict(s.get("outputs") or {}))))
         previous = index
         _, inputs, outputs = raw[-1]
         steps.append(TraceStep(s["pred_name"], pred, dict(inputs), outputs, len(raw) - 1))

@@ -34,6 +34,7 @@ from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.utils.callback import BaseCallback
 
 from dspy_turbogepa.adapter.lm_copies import LMCopies, rollout_usage
+from dspy_turbogepa.adapter.program import valid_unicode
 from dspy_turbogepa.adapter.ratelimit import (
     FATAL_ERROR_TYPES,
     FATAL_ONCE_ANSWERED,
@@ -390,6 +391,8 @@ def _validate_answer(answer: Any, parent: Mapping[str, str], asked: Sequence[str
             problems.append(f"unknown component {name!r}")
         elif not isinstance(text, str) or not text.strip():
             problems.append(f"no usable instruction for {name!r}")
+        elif not valid_unicode(text):  # a lone surrogate (a cut "\ud83d" escape): no program can be built with it
+            problems.append(f"no usable instruction for {name!r} (not valid Unicode: a lone surrogate)")
         else:
             texts[name] = text
     if problems:
