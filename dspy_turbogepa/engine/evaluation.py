@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 from dspy_turbogepa.engine.budget import MetricBudget
@@ -166,8 +167,10 @@ class EvaluationCache:
         error: passed on as is, its mutation would look cancelled by the engine and go uncharged, though the
         evaluation ran, and later launches would spend that budget a second time."""
         try:
-            return await self._evaluator.evaluate(
-                candidate.texts, candidate.fingerprint, split, example_id,
+            # a plain dict: a backend that ships the texts to another process or machine (pickle, JSON)
+            # cannot send the candidate's read-only view
+            outcome = await self._evaluator.evaluate(
+                dict(candidate.texts), candidate.fingerprint, split, example_id,
                 capture_traces=split == "train" or self._shared,
             )
         except asyncio.CancelledError as exc:
@@ -177,6 +180,21 @@ class EvaluationCache:
                 f"The evaluator raised CancelledError on its own ({split} example {example_id}); an evaluator "
                 "must return a failed outcome for its program's or metric's errors, not raise them"
             ) from exc
+        # A remote backend that mixes up its results, or a metric's NaN passed on as a score, would be
+        # recorded as this example's score and corrupt every comparison after it: refused here, by name.
+        if outcome.example_id != example_id:
+            raise ValueError(
+                f"The evaluator {type(self._evaluator).__name__} returned the outcome of {split} example_id "
+                f"{outcome.example_id} when asked for example_id {example_id}: an evaluator must answer for the "
+                "example it was asked about"
+            )
+        if not math.isfinite(outcome.score):
+            raise ValueError(
+                f"The evaluator {type(self._evaluator).__name__} returned a non-finite score ({outcome.score!r}) "
+                f"for {split} example {example_id}: a metric's invalid answer must come back as a failed outcome "
+                "(failure='metric_invalid', with failure_score as its score)"
+            )
+        return outcome
 
     def _add_usage(self, outcome: EvalOutcome) -> None:
         self._stats.task_prompt_tokens += outcome.prompt_tokens

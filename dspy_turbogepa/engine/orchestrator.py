@@ -1221,7 +1221,8 @@ class Orchestrator:
             if refusal is not None:
                 raise PaidCallRefused(refusal)
             try:
-                proposal = await self._reflector.reflect(parent.texts, components, parent_outs, seed)
+                # a plain dict: a remote reflector sends the texts as JSON, which a read-only view is not
+                proposal = await self._reflector.reflect(dict(parent.texts), components, parent_outs, seed)
             except USER_CODE_ERRORS as exc:  # a proposer failure skips this proposal, recorded; the run goes on
                 if isinstance(exc, asyncio.CancelledError) and cancelling():
                     raise  # the engine's own cancellation, not the proposer's failure (errors.USER_CODE_ERRORS)
