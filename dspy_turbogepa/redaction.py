@@ -111,8 +111,10 @@ _KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
     # HTTP bearer credentials
     ("Bearer", re.compile(r"Bearer(?<![A-Za-z0-9_]Bearer)\s+(?=[A-Za-z._~+/=\-]*\d)[A-Za-z0-9._~+/=\-]{16,}")),
     # HTTP basic credentials, base64 of "user:password" (what a client sends for an api_base with
-    # userinfo): a digit, "+", "/" or "=" in it keeps prose such as "Basic instructions" intact
-    ("Basic", re.compile(r"Basic(?<![A-Za-z0-9_]Basic)\s+(?=[A-Za-z]*[0-9+/=])[A-Za-z0-9+/]{8,}={0,2}")),
+    # userinfo): a digit, a lower- and an upper-case letter in it keep prose such as "Basic instructions"
+    # or "Basic input/output" intact
+    ("Basic", re.compile(r"Basic(?<![A-Za-z0-9_]Basic)\s+(?=[A-Za-z+/]*\d)(?=[A-Z0-9+/]*[a-z])(?=[a-z0-9+/]*[A-Z])"
+                         r"[A-Za-z0-9+/]{8,}={0,2}")),
     # OpenAI, Anthropic, DeepSeek, OpenRouter, ... secret keys
     _shape("sk-", r"[A-Za-z0-9_\-]", min_len=20, digit=r"[A-Za-z_\-]"),
     # Google API keys
@@ -398,8 +400,8 @@ def _redact(obj: Any, values: tuple[str, ...]) -> Any:
         items = [_redact(item, values) for item in obj]
         try:
             return sorted(items)
-        except TypeError:
-            return items
+        except TypeError:  # mixed types ({"yes", None}): an order that is the same in every process
+            return sorted(items, key=repr)
     return obj
 
 

@@ -154,21 +154,23 @@ def load_known(
     # Candidate texts are stored with credential-looking substrings masked: a masked text is another
     # program, and rebuilding a trajectory with it would cache that program under the real fingerprint.
     # Only texts that still hash to their fingerprint are used; the seed's come from the student.
-    texts_by_fp: dict[str, Mapping[str, str]] = {
-        c.fingerprint: c.texts for c in store.load_candidates() if Candidate(c.texts).fingerprint == c.fingerprint
-    }
+    with store.decoding("a stored candidate"):  # a row of another shape (texts not a mapping): a damaged store
+        texts_by_fp: dict[str, Mapping[str, str]] = {
+            c.fingerprint: c.texts for c in store.load_candidates() if Candidate(c.texts).fingerprint == c.fingerprint
+        }
     texts_by_fp[Candidate(seed_texts).fingerprint] = seed_texts
-    proposals = {
-        key: ProposalOutcome(texts=dict(p.texts), skipped=p.skipped, message=p.message,
-                             reflection_calls=p.reflection_calls,
-                             reflection_prompt_tokens=int(_used(p.usage, "prompt_tokens")),
-                             reflection_completion_tokens=int(_used(p.usage, "completion_tokens")),
-                             reflection_cost=_used(p.usage, "cost"))
-        for key, p in store.load_proposals().items()
-        if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
-        # a text no program can hold, stored by a version that did not refuse it: ask the proposer again
-        and all(valid_unicode(t) for t in p.texts.values() if isinstance(t, str))
-    }
+    with store.decoding("a stored proposal"):
+        proposals = {
+            key: ProposalOutcome(texts=dict(p.texts), skipped=p.skipped, message=p.message,
+                                 reflection_calls=p.reflection_calls,
+                                 reflection_prompt_tokens=int(_used(p.usage, "prompt_tokens")),
+                                 reflection_completion_tokens=int(_used(p.usage, "completion_tokens")),
+                                 reflection_cost=_used(p.usage, "cost"))
+            for key, p in store.load_proposals().items()
+            if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
+            # a text no program can hold, stored by a version that did not refuse it: ask the proposer again
+            and all(valid_unicode(t) for t in p.texts.values() if isinstance(t, str))
+        }
     known: dict[EvalKey, EvalOutcome] = {}
     without_output = masked = 0
     for ev in store.load_evaluations():

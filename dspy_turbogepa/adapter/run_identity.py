@@ -50,7 +50,18 @@ logger = logging.getLogger(__name__)
 #: change the answers as much as ``temperature`` (an allowlist missed them).
 _TRANSPORT_KWARGS = frozenset({"api_base", "base_url", "cache", "num_retries", "max_retries", "timeout",
                                "request_timeout", "callbacks", "extra_headers", "headers", "default_headers",
-                               "http_client", "client"})
+                               "http_client", "client",
+                               # labels for logging and tracing (a trace id set per process would refuse
+                               # every rerun), and OpenAI's end-user id: none changes the answer
+                               "metadata", "litellm_metadata", "tags", "litellm_session_id", "litellm_trace_id",
+                               "user"})
+
+
+def _credential_setting(name: str) -> bool:
+    """A credential-named LM setting, AWS key ids included (``aws_access_key_id``: temporary STS / SSO
+    credentials are refreshed, and a refreshed key must resume the run)."""
+    norm = re.sub(r"[^a-z0-9]", "", name.lower())
+    return is_sensitive_key(name) or norm.endswith("keyid") or "accesskey" in norm
 
 
 def lm_identity(lm: Any) -> Any:
@@ -65,8 +76,8 @@ def lm_identity(lm: Any) -> Any:
         "class": f"{type(lm).__module__}.{type(lm).__qualname__}",
         "model": getattr(lm, "model", None),
         "api_base": strip_userinfo(base) if base else None,
-        **{k: _hashable(redact(v, env_values=())) for k, v in sorted(kwargs.items(), key=lambda kv: str(kv[0]))
-           if v is not None and k not in _TRANSPORT_KWARGS and not is_sensitive_key(k)},
+        **{k: redact(_hashable(v), env_values=()) for k, v in sorted(kwargs.items(), key=lambda kv: str(kv[0]))
+           if v is not None and k not in _TRANSPORT_KWARGS and not _credential_setting(str(k))},
     }
 
 
@@ -124,11 +135,20 @@ def _wrapped_identity(fn: Any) -> str:
     layers = _decorated_layers(fn)[1:]
     if not layers:
         return ""
-    parts = [f"{getattr(layer, '__qualname__', type(layer).__qualname__)}:"
-             + (_function_digest(layer, _called_user_functions(layer)) if inspect.isfunction(layer)
-                else stable_hash(_class_code(type(layer))))
+    parts = [f"{getattr(layer, '__qualname__', type(layer).__qualname__)}:" + _layer_identity(layer)
              for layer in layers]
     return f"+wrapped:{stable_hash(parts)}"
+
+
+def _layer_identity(layer: Any) -> str:
+    """One layer under a decorator: a function by its code; a bound method (``traced(Scorer().score)``) or
+    a ``partial`` as :func:`callable_identity` keys it (its class's code, its function and arguments);
+    another callable object by its class's code."""
+    if inspect.isfunction(layer):
+        return _function_digest(layer, _called_user_functions(layer))
+    if inspect.ismethod(layer) or isinstance(layer, functools.partial):
+        return callable_identity(layer)
+    return stable_hash(_class_code(type(layer)))
 
 
 def _function_digest(fn: Any, helpers: Sequence[str] = ()) -> str:
@@ -166,7 +186,7 @@ def _constants_read(fn: Any) -> list[list[Any]]:
 def _literal_identity(name: str, value: Any) -> Any:
     if isinstance(value, (str, bytes)):
         return _default_value(name, value)
-    return _hashable(redact(value, env_values=()))
+    return redact(_hashable(value), env_values=())  # _hashable first: it orders sets the same in every process
 
 
 @functools.lru_cache(maxsize=64)
