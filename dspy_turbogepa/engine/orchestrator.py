@@ -218,6 +218,8 @@ class Orchestrator:
         #: Deterministic runs with a callable component selector: per mutation in flight, resolved once it
         #: has called the selector (or ended without); selectors are called in launch order (see _select).
         self._selector_turns: dict[int, asyncio.Future[None]] = {}
+        #: reflections' outcomes held for the systemic check until their mutation commits (deterministic)
+        self._deferred_proposals: dict[int, list[tuple[ProposalOutcome, bool]]] = {}
         #: Reflections that answered with the current texts, the components they echoed, and every
         #: component a reflection has been asked about (see _propose).
         self._echoes = 0
@@ -889,8 +891,8 @@ class Orchestrator:
             logger.warning("Mutation %d: the component selector failed: %s", plan.seq, message)
             self.stats.proposal_skips["selector_error"] += 1
             # a selector that always fails stops the run like a proposer that always fails
-            self._systemic.observe_proposal(ProposalOutcome(skipped="selector_error", message=message,
-                                                            error_type=type(exc).__name__))
+            self._observe_proposal(plan.seq, ProposalOutcome(skipped="selector_error", message=message,
+                                                             error_type=type(exc).__name__))
             return False
         finally:
             self._pass_selector_turn(plan.seq)
@@ -1251,8 +1253,18 @@ class Orchestrator:
             self._echoed.update(components)
             if self._echoes < len(self._seed.texts) or not self._echoed >= self._offered - (self._unread - self._read):
                 return proposal
-        self._systemic.observe_proposal(proposal, unchanged=unchanged)
+        self._observe_proposal(plan.seq, proposal, unchanged=unchanged)
         return proposal
+
+    def _observe_proposal(self, seq: int, proposal: ProposalOutcome, unchanged: bool = False) -> None:
+        """The systemic check's view of a reflection. A deterministic run shows it the reflections in launch
+        order, at each mutation's commit: "the first 8 reflections all failed" must not depend on which
+        reflection answered first (a slow usable one and eight fast failures launched after it stopped one
+        run and not the next). A fatal one (a revoked key) stops the run at once, in any order."""
+        if self.config.deterministic and not proposal.fatal:
+            self._deferred_proposals.setdefault(seq, []).append((proposal, unchanged))
+            return
+        self._systemic.observe_proposal(proposal, unchanged=unchanged)
 
     def _beats_parent(self, child_sum: float, parent_sum: float) -> bool:
         """GEPA's rung-0 test: strictly better on the minibatch (or tied, with accept_equal_on_minibatch)."""
@@ -1329,6 +1341,8 @@ class Orchestrator:
     def _commit(self, result: MutationResult) -> None:
         plan = result.plan
         self._plans.pop(plan.seq, None)
+        for proposal, unchanged in self._deferred_proposals.pop(plan.seq, ()):  # in launch order (deterministic)
+            self._systemic.observe_proposal(proposal, unchanged=unchanged)
         newly_charged = self._budget.commit(result.requested)
         self._budget.release(plan.reservation)
         self._committed += 1
