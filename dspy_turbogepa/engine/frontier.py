@@ -38,6 +38,7 @@ class ParetoFrontier:
         self._best: dict[int, float] = {}
         self._fronts: dict[int, set[int]] = {i: set() for i in self._val_ids}
         self._aggregate: dict[int, float] = {}
+        self._best_index: int | None = None
         # non_dominated() is asked for at every plan and merge search, the frontier changes only at a
         # commit: computed once per change
         self._non_dominated: dict[int, set[int]] | None = None
@@ -54,7 +55,13 @@ class ParetoFrontier:
         missing = set(self._val_ids) - set(scores)
         if missing:
             raise ValueError(f"candidate {index} lacks full-validation scores for {len(missing)} instances")
-        self._aggregate[index] = sum(scores[i] for i in self._val_ids) / max(1, len(self._val_ids))
+        replaced = index in self._aggregate
+        aggregate = self._aggregate[index] = sum(scores[i] for i in self._val_ids) / max(1, len(self._val_ids))
+        best = self._best_index
+        if replaced:  # a candidate scored again may have been the best: found again when asked
+            self._best_index = None
+        elif best is not None and (-aggregate, index) < (-self._aggregate[best], best):
+            self._best_index = index
         self._non_dominated = None
         self._weighted.clear()
         for vid in self._val_ids:
@@ -71,7 +78,11 @@ class ParetoFrontier:
 
     def best_index(self) -> int:
         """Highest mean score; the lowest index wins ties, so the seed wins ties (as in dspy.GEPA)."""
-        return min(self._aggregate, key=lambda i: (-self._aggregate[i], i))
+        # kept up to date by add(): asked at every validation rung and commit, a scan of every candidate
+        # made the run quadratic in its candidates
+        if self._best_index is None:
+            self._best_index = min(self._aggregate, key=lambda i: (-self._aggregate[i], i))
+        return self._best_index
 
     def members(self) -> set[int]:
         return set().union(*self._fronts.values()) if self._fronts else set()
