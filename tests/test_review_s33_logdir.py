@@ -202,16 +202,21 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
 """
 
 
-def _user_metric(tmp_path: Path, scale: float, monkeypatch):
-    """``metric`` of the user's module ``user_scoring`` (a file of theirs), as it reads after an edit."""
-    path = tmp_path / "user_scoring.py"
-    path.write_text(_SCORING_SRC.format(scale=scale))
-    module = types.ModuleType("user_scoring")
+def _user_module(tmp_path: Path, name: str, source: str, monkeypatch) -> types.ModuleType:
+    """The user's module ``name``, a file of theirs holding ``source``, as it reads after an edit."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    module = types.ModuleType(name)
     module.__file__ = str(path)
     module.__dict__.update(dspy=dspy, route_metric=ROUTING.metric)
     exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
-    monkeypatch.setitem(sys.modules, "user_scoring", module)
-    return module.metric
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def _user_metric(tmp_path: Path, scale: float, monkeypatch):
+    """``metric`` of the user's module ``user_scoring``, with ``SCALE = scale``."""
+    return _user_module(tmp_path, "user_scoring", _SCORING_SRC.format(scale=scale), monkeypatch).metric
 
 
 def test_an_edited_module_constant_of_the_metric_is_not_resumed_with_the_old_scores(tmp_path, monkeypatch):
@@ -269,14 +274,7 @@ def test_an_edited_decorated_metric_is_not_resumed_with_the_old_scores(tmp_path,
     that code behind a wrapper: an edit of the metric's body must still refuse the log_dir or rescore."""
 
     def metric(scale):
-        path = tmp_path / "user_decorated.py"
-        path.write_text(_DECORATED_SRC[shape].format(scale=scale))
-        module = types.ModuleType("user_decorated")
-        module.__file__ = str(path)
-        module.__dict__.update(dspy=dspy, route_metric=ROUTING.metric)
-        exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
-        monkeypatch.setitem(sys.modules, "user_decorated", module)
-        return module.metric
+        return _user_module(tmp_path, "user_decorated", _DECORATED_SRC[shape].format(scale=scale), monkeypatch).metric
 
     first, _, _ = _compile(tmp_path / "run", metric=metric(1.0))
     assert max(first.detailed_results.val_aggregate_scores) > 0.5
