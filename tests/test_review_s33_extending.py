@@ -26,8 +26,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,7 +100,7 @@ class ProcessPoolEvaluator:
     boundary, so its arguments are pickled. ``dict`` is the worker function (a builtin: it pickles by
     reference with any start method), so what is sent is exactly what the engine passed."""
 
-    def __init__(self, pool: ProcessPoolExecutor, copy_texts: bool) -> None:
+    def __init__(self, pool: Any, copy_texts: bool) -> None:  # a concurrent.futures.ProcessPoolExecutor
         self.pool = pool
         self.copy_texts = copy_texts
         self.in_flight = 0
@@ -119,6 +119,10 @@ class ProcessPoolEvaluator:
 
 @pytest.fixture(scope="module")
 def pool():
+    # imported here: importing concurrent.futures.process at collection would skip test_resume's check that
+    # reading a stored row never imports it
+    from concurrent.futures import ProcessPoolExecutor
+
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as p:
         yield p
 
