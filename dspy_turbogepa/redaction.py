@@ -216,21 +216,50 @@ def url_credentials(url: str, username_if: Callable[[str], bool] | None = None) 
     and gateways), so a URL with a user and no password yields the user. Percent-escapes are kept as
     written (the form a quoted URL shows) and also decoded (the form a client sends and may echo).
     """
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import unquote
 
-    try:
-        parts = urlsplit(url)
-        user, password = parts.username, parts.password
-    except ValueError:
-        return []
+    user, password = _userinfo(url)
     secret = password if password else user
     if not secret or (not password and username_if is not None and not username_if(secret)):
         return []
     return list(dict.fromkeys([secret, unquote(secret)]))
 
 
+def url_basic_credentials(url: str) -> list[str]:
+    """``base64(user:password)`` of a URL's userinfo: httpx turns ``http://alice:pw@host`` into
+    ``Authorization: Basic <that>``, which decodes to the password in a gateway's echo of the header.
+    As written and percent-decoded, as :func:`url_credentials`."""
+    import base64
+    from urllib.parse import unquote
+
+    user, password = _userinfo(url)
+    if not user or not password:
+        return []
+    forms = {f"{user}:{password}", f"{unquote(user)}:{unquote(password)}"}
+    return sorted(base64.b64encode(form.encode("utf-8")).decode("ascii") for form in forms)
+
+
+def _userinfo(url: str) -> tuple[str | None, str | None]:
+    """A URL's user and password (None for each that is absent, or for a URL that cannot be parsed)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return parts.username, parts.password
+    except ValueError:
+        return None, None
+
+
 def _normalise_key(key: str) -> str:
     return re.sub(r"[^a-z0-9]", "", key.lower())
+
+
+def is_credential_setting(name: str) -> bool:
+    """An LM setting that is a credential or names one: :func:`is_sensitive_key`, and AWS key ids
+    (``aws_access_key_id``: not secret, but temporary STS / SSO credentials are refreshed, so it must not
+    identify a run)."""
+    norm = _normalise_key(name)
+    return is_sensitive_key(name) or norm.endswith("keyid") or "accesskey" in norm
 
 
 def is_sensitive_key(key: object) -> bool:

@@ -54,6 +54,7 @@ from dspy_turbogepa.redaction import (
     MIN_ENV_SECRET_LENGTH,
     is_sensitive_key,
     run_secrets,
+    url_basic_credentials,
     url_credentials,
     url_key_material,
 )
@@ -990,26 +991,9 @@ def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list
             # a URL's password is never a placeholder word (run_secrets drops short values); a token
             # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
             keys += url_credentials(url, username_if=_looks_like_a_key)
-            keys += _basic_credentials(url)  # what a client sends for that userinfo, echoed by a gateway
+            keys += url_basic_credentials(url)  # what a client sends for that userinfo, echoed by a gateway
             keys += url_key_material(url)  # a gateway's key in the path (.../gw/<token>/v1) or the query
     return keys
-
-
-def _basic_credentials(url: str) -> list[str]:
-    """``base64(user:password)`` of a URL's userinfo: httpx turns ``http://alice:pw@host`` into
-    ``Authorization: Basic <that>``, which decodes to the password in a gateway's echo of the header."""
-    import base64
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        user, password = parts.username, parts.password
-    except ValueError:
-        return []
-    if not user or not password:
-        return []
-    forms = {f"{user}:{password}", f"{unquote(user)}:{unquote(password)}"}
-    return sorted(base64.b64encode(form.encode("utf-8")).decode("ascii") for form in forms)
 
 
 def _held_lms(obj: Any) -> list[Any]:

@@ -33,6 +33,7 @@ from dspy_turbogepa.adapter.trajectory_json import held_items, library_class, li
 from dspy_turbogepa.redaction import (
     describe_error,
     endpoint_url,
+    is_credential_setting,
     is_sensitive_key,
     mask_text,
     redact,
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 #: LM settings that do not change what a call answers: how it is sent, retried, cached or authenticated
-#: (credential-named settings are left out too, by :func:`is_sensitive_key`). Every other setting is keyed:
+#: (credential-named settings are left out too, by :func:`is_credential_setting`). Every other setting is keyed:
 #: ``top_k``, ``presence_penalty``, ``extra_body={"chat_template_kwargs": {"enable_thinking": False}}``
 #: change the answers as much as ``temperature`` (an allowlist missed them).
 _TRANSPORT_KWARGS = frozenset({"api_base", "base_url", "cache", "num_retries", "max_retries", "timeout",
@@ -56,12 +57,6 @@ _TRANSPORT_KWARGS = frozenset({"api_base", "base_url", "cache", "num_retries", "
                                "metadata", "litellm_metadata", "tags", "litellm_session_id", "litellm_trace_id",
                                "user"})
 
-
-def _credential_setting(name: str) -> bool:
-    """A credential-named LM setting, AWS key ids included (``aws_access_key_id``: temporary STS / SSO
-    credentials are refreshed, and a refreshed key must resume the run)."""
-    norm = re.sub(r"[^a-z0-9]", "", name.lower())
-    return is_sensitive_key(name) or norm.endswith("keyid") or "accesskey" in norm
 
 
 def lm_identity(lm: Any) -> Any:
@@ -77,7 +72,7 @@ def lm_identity(lm: Any) -> Any:
         "model": getattr(lm, "model", None),
         "api_base": strip_userinfo(base) if base else None,
         **{k: redact(_hashable(v), env_values=()) for k, v in sorted(kwargs.items(), key=lambda kv: str(kv[0]))
-           if v is not None and k not in _TRANSPORT_KWARGS and not _credential_setting(str(k))},
+           if v is not None and k not in _TRANSPORT_KWARGS and not is_credential_setting(str(k))},
     }
 
 

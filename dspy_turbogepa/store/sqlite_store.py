@@ -837,12 +837,13 @@ class RunStore:
         totals: dict[str, dict[str, float]] = {}
         for table in ("evaluations", "proposals"):
             sums = totals[table] = {"prompt_tokens": 0.0, "completion_tokens": 0.0, "cost": 0.0}
-            for (usage_json,) in self._read(
+            rows = self._read(
                 f"SELECT usage_json FROM {table} WHERE usage_json IS NOT NULL UNION ALL "
                 "SELECT payload_json FROM events WHERE kind IN (?, ?)",
                 (f"{table}_usage_replaced", f"{table}_usage_unstored"),
-            ):
-                with self.decoding(f"the usage of a stored row of {table}"):
+            )
+            with self.decoding(f"the usage of a stored row of {table}"):
+                for (usage_json,) in rows:
                     usage = json.loads(usage_json)
                     for name in sums:
                         sums[name] += float(usage.get(name, 0.0))
