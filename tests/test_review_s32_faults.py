@@ -132,13 +132,21 @@ def test_every_answer_the_server_billed_is_one_stored_evaluation_and_counted_onc
     metric_calls_executed, and the retries add up to the refusals."""
     limited = error_body("rate_limit_exceeded", "Rate limit reached for requests", "requests")
     busy = error_body("overloaded", "The server is overloaded", "server_error")
+    refused: set[str] = set()
 
     def plan(model, n, body, headers):
         if "student" not in model:
             return None
+        # each request is refused at most once: with 4 threads sharing the counter, one request's retries
+        # could otherwise all land on refused turns and exhaust the test's 3-retry policy (seen once in CI)
+        request = json.dumps(body, sort_keys=True, default=str)
+        if request in refused:
+            return None
         if n % 7 == 0:
+            refused.add(request)
             return ("status", 429, limited, {"Retry-After": "0.01"})
         if n % 4 == 0:
+            refused.add(request)
             return ("status", 503, busy, {})
         return None
 
