@@ -84,8 +84,23 @@ _KILL_SCRIPT = textwrap.dedent("""
             if kind == "ctrl_c" and name == "student" and n == int(at):
                 os.kill(os.getpid(), signal.SIGINT)
             if kind == name and n == int(at):
+                wait_for_a_committed_evaluation()
                 os.kill(os.getpid(), signal.SIGKILL)
         return before
+
+    def wait_for_a_committed_evaluation():
+        # The store commits on its writer thread every 50 ms: on a loaded machine the first 60 fast
+        # calls can all finish before its first commit, and a kill then tests nothing (0 rows stored).
+        import sqlite3
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(f"file:{log_dir}/run.sqlite3?mode=ro", uri=True) as db:
+                    if db.execute("select count(*) from evaluations").fetchone()[0] > 0:
+                        return
+            except sqlite3.Error:
+                pass  # not created yet
+            time.sleep(0.01)
 
     if kind == "report":  # killed while the finished run writes summary.json (after the search)
         import dspy_turbogepa.tracking.summary as summary
