@@ -158,7 +158,9 @@ def module_state_violations(source: str, module: str = "") -> list[str]:
     two threads, a notebook's second run): per-run state belongs on objects that ``compile()`` creates."""
     import ast
 
-    tree = ast.parse(source)
+    from dspy_turbogepa.adapter.run_identity import parse_source
+
+    tree = parse_source(source, module or "<source>")
     containers, found = set(), []
     statements = _module_statements(tree.body)
     for node in statements:

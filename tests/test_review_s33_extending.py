@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from dspy_turbogepa.adapter.run_identity import parse_source
 from dspy_turbogepa.engine import (
     Candidate,
     EngineConfig,
@@ -463,7 +464,7 @@ NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 def test_extending_md_counts_the_deliberate_process_wide_objects_test_layers_allows():
     text = " ".join((ROOT / "docs" / "extending.md").read_text().split())
     said = re.search(r"(\w+) process-wide objects are there on purpose", text).group(1).lower()
-    tree = ast.parse((ROOT / "tests" / "test_layers.py").read_text())
+    tree = parse_source((ROOT / "tests" / "test_layers.py").read_text(), "test_layers.py")
     allowed = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
                    and any(isinstance(t, ast.Name) and t.id == "_DELIBERATE" for t in node.targets))
     assert isinstance(allowed, ast.Dict)

@@ -37,6 +37,7 @@ import dspy
 import pytest
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
+from dspy_turbogepa.adapter.run_identity import parse_source
 from dspy_turbogepa.testing import (
     ALL_RULES,
     TASKS,
@@ -173,7 +174,7 @@ def test_server_module_is_stdlib_only_apart_from_the_shared_responder() -> None:
     """server.py:8 "Stdlib only: one asyncio event loop in a background thread serves HTTP/1.1". Every import of
     server.py is a standard-library module or the shared responder (server.py:10 "Answers come from Responder
     (shared with the fake LMs)")."""
-    tree = ast.parse((TESTING / "server.py").read_text())
+    tree = parse_source((TESTING / "server.py").read_text(), "server.py")
     mods = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -184,6 +185,24 @@ def _literal_identity(name: str, value: Any) -> Any:
     return redact(_hashable(value), env_values=())  # _hashable first: it orders sets the same in every process
 
 
+def parse_source(source: bytes | str, path: str, attempts: int = 5) -> ast.Module:
+    """``ast.parse``, asked again on CPython 3.11's spurious "AST constructor recursion depth mismatch".
+
+    That ``SystemError`` is a race in the interpreter (python/cpython#106905): the AST builder's depth
+    counter is shared by every thread, so a parse in another thread at the same moment (DSPy's
+    ``ast.literal_eval`` of outputs, ``inspect.signature`` of a builtin) can fail ours. Returning "no
+    constants" instead would change the run key and refuse the resume; the race does not repeat."""
+    for attempt in range(attempts - 1):
+        try:
+            return ast.parse(source, filename=path)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+            logger.debug("ast.parse(%s) hit CPython's recursion-depth race; parsing again", path)
+            time.sleep(0.001 * (attempt + 1))
+    return ast.parse(source, filename=path)
+
+
 @functools.lru_cache(maxsize=64)
 def _module_constants(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, Any], ...]:
     """``(name, value)`` of the literal constants a module file assigns at its top level (see
@@ -191,8 +210,8 @@ def _module_constants(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, A
     again. A file that cannot be read or parsed has none."""
     try:
         with open(path, "rb") as source:
-            tree = ast.parse(source.read(), filename=path)
-    except (OSError, SyntaxError, ValueError):
+            tree = parse_source(source.read(), path)
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
         return ()
     bound: dict[str, int] = {}
     literals: dict[str, Any] = {}
