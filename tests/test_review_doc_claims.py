@@ -340,7 +340,10 @@ def test_errors_a_proposer_returning_none_stops_after_the_first_8_reflections():
     with pytest.raises(SystemicFailureError, match=re.escape("the first 8 reflections all failed (8 of them with "
                                                              "invalid_proposal")) as info:
         run(instruction_proposer=proposer, data=splits(24, 8), budget=300)
-    assert info.value.failure == "invalid_proposal" and len(asked) == 8
+    assert info.value.failure == "invalid_proposal"
+    # The stop is decided by the first 8 in launch order; a deterministic run checks them as their mutations
+    # commit (in launch order), so a mutation launched meanwhile may have asked already: a loaded machine saw 9.
+    assert 8 <= len(asked) < 16  # the extra ones: reflections of mutations already in flight
 
 
 def test_errors_a_selector_naming_an_unknown_component_skips_that_mutation(caplog):
