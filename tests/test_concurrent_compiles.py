@@ -172,9 +172,9 @@ def test_a_token_budget_counts_only_its_own_compiles_tokens_on_a_shared_lm():
 def test_a_time_budget_runs_from_its_own_compiles_start():
     """B starts first and keeps running; A starts later with ``time_budget_seconds``: A's clock starts
     with A's search (not B's, not the process's), and B is not stopped by A's budget."""
-    def slow(task):
+    def slow(task, seconds=0.01):
         def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
-            time.sleep(0.01)
+            time.sleep(seconds)
             return task.metric(gold, pred, trace, pred_name, pred_trace)
         return metric
 
@@ -184,7 +184,8 @@ def test_a_time_budget_runs_from_its_own_compiles_start():
     b_thread.start()
     time.sleep(0.6)
     started = time.monotonic()
-    a = _compile(PIPELINE, seed=1, budget=5000, metric=slow(PIPELINE), time_budget_seconds=0.8)
+    # slow enough that A's search (~170 calls, then no_progress_possible) outlasts 0.8 s on a fast machine
+    a = _compile(PIPELINE, seed=1, budget=5000, metric=slow(PIPELINE, 0.03), time_budget_seconds=0.8)
     a_seconds = time.monotonic() - started
     b_thread.join(timeout=60)
     assert a.detailed_results.stop_reason == "time_budget"

@@ -344,7 +344,7 @@ def test_intermittent_server_faults_are_retried_and_lose_nothing(proxy, routing,
         7: ("raw", 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"),
         11: ("reset",),
         15: ("cut",),
-        19: ("stall", 2.5),
+        19: ("stall", 4.5),
     }
 
     def plan(model: str, n: int, body: dict[str, Any], headers: dict[str, str]) -> Action:
@@ -353,13 +353,14 @@ def test_intermittent_server_faults_are_retried_and_lose_nothing(proxy, routing,
         return ("reset",) if n == 1 else None
 
     proxy.reset(plan)
-    dr = compile_through(proxy, routing, engine, log_dir=tmp_path, student_kw={"timeout": 1.0},
+    dr = compile_through(proxy, routing, engine, log_dir=tmp_path, student_kw={"timeout": 2.0},
                          reflector_kw={"timeout": 5})
     stats = dr.run_stats
     assert stats["failures"] == {} and not stats.get("proposal_skips")
-    assert stats["rate_limits"]["transient_retries"] == len(student_faults)
+    # each fault retried (more only if a loaded machine made another call outlast the 2 s timeout)
+    assert stats["rate_limits"]["transient_retries"] >= len(student_faults)
     assert stats["rate_limits"]["transient_gave_up"] == 0
-    assert stats["rate_limits"]["reflection"]["transient_retries"] == 1
+    assert stats["rate_limits"]["reflection"]["transient_retries"] >= 1
     assert max(dr.val_aggregate_scores) > dr.val_aggregate_scores[0]
     assert rows(tmp_path, "select count(*) from evaluations where failure is not null") == [(0,)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -416,15 +417,26 @@ def test_ctrl_c_during_the_seed_validation_returns_the_seed_if_it_finishes_withi
     splits = task.splits(data_seed=0, n_train=10, n_val=6, n_test=0)
     lock = threading.Lock()
     calls = {"n": 0}
+    seen = threading.Event()
+
+    class SeesTheInterrupt(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Interrupted: no new mutation"):
+                seen.set()
 
     def slow_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         with lock:
             calls["n"] += 1
-            if calls["n"] == 1:  # Ctrl-C once the seed validation is under way
+            n = calls["n"]
+            if n == 1:  # Ctrl-C once the seed validation is under way
                 threading.Timer(0.05, _thread.interrupt_main).start()
+        if n > 1:  # the seed validation stays under way until the Ctrl-C is seen, however loaded the machine
+            seen.wait(30)
         time.sleep(0.3)
         return task.metric(gold, pred, trace, pred_name, pred_trace)
 
+    handler = SeesTheInterrupt()
+    logging.getLogger("dspy_turbogepa").addHandler(handler)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         opt = TurboGEPA(slow_metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
@@ -433,6 +445,8 @@ def test_ctrl_c_during_the_seed_validation_returns_the_seed_if_it_finishes_withi
             program = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
     finally:
         signal.signal(signal.SIGINT, previous)
+        logging.getLogger("dspy_turbogepa").removeHandler(handler)
     dr = program.detailed_results
+    assert seen.is_set()
     assert dr.stop_reason == "interrupted" and len(dr.candidates) == 1 and dr.total_metric_calls == len(splits.val)
     assert program.route.signature.instructions == task.make_program().route.signature.instructions

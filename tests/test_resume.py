@@ -525,6 +525,14 @@ def test_a_failure_while_resuming_closes_the_store(routing, tmp_path, monkeypatc
     assert failure.value is not None
 
 
+def _stored_evaluations(log_dir: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{log_dir / 'run.sqlite3'}?mode=ro", uri=True) as db:
+            return db.execute("select count(*) from evaluations").fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
@@ -540,6 +548,9 @@ def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
             if line.startswith("READY"):
                 break
         time.sleep(1.0)
+        deadline = time.monotonic() + 30  # and until the store's writer has committed a row (a loaded machine)
+        while not _stored_evaluations(log_dir) and time.monotonic() < deadline and killed.poll() is None:
+            time.sleep(0.02)
         killed.send_signal(signal.SIGKILL)
         killed.wait(timeout=30)
     finally:

@@ -242,7 +242,10 @@ def test_harness_cpu_is_process_cpu_minus_the_simulator_thread(bench: ModuleType
         control = bench._HarnessMeter(SimpleNamespace(_thread=None))  # a process-wide meter
         burned0 = bench._thread_cpu(sim.native_id)
         with meter.measure(), control.measure():
-            time.sleep(0.4)
+            # until the burner has had 0.15 s of CPU (a fixed 0.4 s sleep got it 0.08 s on a loaded machine)
+            deadline = time.monotonic() + 30
+            while bench._thread_cpu(sim.native_id) - burned0 < 0.15 and time.monotonic() < deadline:
+                time.sleep(0.02)
         burned = bench._thread_cpu(sim.native_id) - burned0  # over a slightly wider window than the meters'
     finally:
         stop.set()

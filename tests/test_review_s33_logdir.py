@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 from pathlib import Path
 
@@ -84,19 +85,20 @@ _KILL_SCRIPT = textwrap.dedent("""
             if kind == "ctrl_c" and name == "student" and n == int(at):
                 os.kill(os.getpid(), signal.SIGINT)
             if kind == name and n == int(at):
-                wait_for_a_committed_evaluation()
+                committed("select count(*) from evaluations")
                 os.kill(os.getpid(), signal.SIGKILL)
         return before
 
-    def wait_for_a_committed_evaluation():
-        # The store commits on its writer thread every 50 ms: on a loaded machine the first 60 fast
-        # calls can all finish before its first commit, and a kill then tests nothing (0 rows stored).
+    def committed(count_sql):
+        # Waits until the store holds such a row. It commits on its writer thread every 50 ms: on a loaded
+        # machine the first 60 fast calls can all finish before its first commit, and a kill then tests
+        # nothing (0 rows stored).
         import sqlite3
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 with sqlite3.connect(f"file:{log_dir}/run.sqlite3?mode=ro", uri=True) as db:
-                    if db.execute("select count(*) from evaluations").fetchone()[0] > 0:
+                    if db.execute(count_sql).fetchone()[0] > 0:
                         return
             except sqlite3.Error:
                 pass  # not created yet
@@ -107,6 +109,8 @@ _KILL_SCRIPT = textwrap.dedent("""
 
         def killed(*args, **kwargs):
             time.sleep(float(at))
+            # the search's rows are all committed once the run_finished event recorded after them is
+            committed("select count(*) from events where kind = 'run_finished'")
             os.kill(os.getpid(), signal.SIGKILL)
         summary.write_summary = killed
 
@@ -189,12 +193,15 @@ def test_a_relative_log_dir_keeps_the_report_and_stop_file_beside_the_store_when
     monkeypatch.chdir(start)
     store_dir = start / "run"
     calls = {"n": 0}
+    lock = threading.Lock()
 
     def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
-        calls["n"] += 1
-        if calls["n"] == 10:
+        with lock:  # two threads: each call sees its own number
+            calls["n"] += 1
+            n = calls["n"]
+        if n == 10:
             os.chdir(elsewhere)
-        if calls["n"] == 30:  # the user asks the run to stop, in the log_dir the store is in
+        if n == 30:  # the user asks the run to stop, in the log_dir the store is in
             (store_dir / "gepa.stop").touch()
         return ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
 
