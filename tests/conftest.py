@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -66,16 +69,40 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _mlflow_process_state_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+def _mlflow_process_state_cleared() -> Iterator[None]:
     """Each test starts without the tracking URI and active experiment MLflow keeps per process: a compile
     with gepa_kwargs' mlflow_tracking_uri / mlflow_experiment_name sets them (as gepa does; set_experiment
     exports MLFLOW_EXPERIMENT_ID too), and a later test's run would land there, in a store or an
-    experiment that no longer exists. Only when MLflow is loaded already: most tests never import it."""
+    experiment that no longer exists. Cleared after the test too (not restored), so a module-scoped
+    fixture set up between two tests does not see the last one's. Only when MLflow is loaded: most tests
+    never import it."""
+    _clear_mlflow_process_state()
+    yield
+    _clear_mlflow_process_state()
+
+
+def _clear_mlflow_process_state() -> None:
     if "mlflow" not in sys.modules:
         return
     from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
-    monkeypatch.setattr(fluent, "_active_experiment_id", None)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    tracking_utils._tracking_uri = None
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises_keyboard_interrupt() -> Iterator[None]:
+    """Tests that press Ctrl-C (``os.kill(pid, SIGINT)``) expect Python's default handler, but a pytest
+    started in the background inherits SIGINT ignored, and asyncio's ``remove_signal_handler`` installs
+    the default handler rather than the one it replaced: two Ctrl-C tests passed only after an earlier
+    test had changed it. Each test gets the default handler and leaves the process's as it found it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -82,6 +82,7 @@ class FaultProxy:
         self.counts: dict[str, int] = {}
         self.served: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.closed = threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -126,7 +127,8 @@ class FaultProxy:
                     self.wfile.flush()
                     self._reset()
                 elif kind == "stall":
-                    time.sleep(action[1])
+                    if proxy.closed.wait(action[1]):  # the test has ended: nothing to answer, nobody to count
+                        return
                     self._forward(model, raw)
                 else:  # pragma: no cover - a typo in a plan
                     raise AssertionError(f"unknown action {action!r}")
@@ -183,6 +185,7 @@ class FaultProxy:
             self.served.clear()
 
     def close(self) -> None:
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

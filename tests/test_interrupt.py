@@ -99,13 +99,14 @@ def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeyp
 
     first_call: list[float] = []
     lock = threading.Lock()
+    released = threading.Event()
 
     def slow_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         with lock:
             if not first_call:  # Ctrl-C lands once the seed validation is under way, however slow the setup
                 first_call.append(time.monotonic())
                 threading.Timer(0.1, _thread.interrupt_main).start()
-        time.sleep(2.0)
+        released.wait(2.0)  # 2 s, or until the test ends (the abandoned evaluations do not outlive it)
         return task.metric(gold, pred, trace, pred_name, pred_trace)
 
     monkeypatch.setattr(tp, "run_coroutine_in_thread", functools.partial(run_coroutine_in_thread, grace_seconds=0.2))
@@ -117,10 +118,12 @@ def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeyp
         with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
                 pytest.raises(KeyboardInterrupt, match="seed program") as info:
             opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+        elapsed = time.monotonic() - first_call[0]
     finally:
         signal.signal(signal.SIGINT, previous)
+        released.set()
     assert "run store" not in str(info.value) and "log_dir=" in str(info.value)  # there is no store to resume
-    assert time.monotonic() - first_call[0] < 1.5  # well before the seed's evaluations (2 s each) could finish
+    assert elapsed < 1.5  # well before the seed's evaluations (2 s each) could finish
 
 
 def test_a_ctrl_c_after_the_search_keeps_the_program(monkeypatch, tmp_path, caplog):

@@ -8,6 +8,7 @@ Run with ``-s`` to see the numbers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -661,7 +662,8 @@ class _ResettingServer:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         import struct
@@ -677,7 +679,12 @@ class _ResettingServer:
             conn.close()
 
     def close(self) -> None:
+        # shutdown wakes the accept() blocked in _serve (close alone does not, on Linux): no thread and
+        # listening socket left for the rest of the session
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._thread.join(5)
 
 
 @pytest.mark.http
