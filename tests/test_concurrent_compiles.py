@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -754,12 +753,9 @@ def test_a_compile_started_while_another_handles_its_ctrl_c_runs_as_alone_and_th
     runner_log.addHandler(handler)
     watcher = threading.Thread(target=during_a_grace_period)
     watcher.start()
-    # a process started in the background inherits SIGINT ignored: give it Python's handler, as a terminal would
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         a = _compile(PIPELINE, seed=1, budget=2000, metric=a_metric, log_dir=str(log_dir))
     finally:
-        signal.signal(signal.SIGINT, previous)
         runner_log.removeHandler(handler)
         interrupted.set()
         watcher.join(timeout=60)

@@ -110,17 +110,13 @@ def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeyp
         return task.metric(gold, pred, trace, pred_name, pred_trace)
 
     monkeypatch.setattr(tp, "run_coroutine_in_thread", functools.partial(run_coroutine_in_thread, grace_seconds=0.2))
-    # A process started in the background (nohup, `cmd &`) inherits SIGINT ignored, and interrupt_main
-    # then does nothing: give this test Python's own handler, as a terminal would.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    try:  # SIGINT has Python's own handler in every test (conftest), as in a terminal
         opt = TurboGEPA(slow_metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=6)
         with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
                 pytest.raises(KeyboardInterrupt, match="seed program") as info:
             opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
         elapsed = time.monotonic() - first_call[0]
     finally:
-        signal.signal(signal.SIGINT, previous)
         released.set()
     assert "run store" not in str(info.value) and "log_dir=" in str(info.value)  # there is no store to resume
     assert elapsed < 1.5  # well before the seed's evaluations (2 s each) could finish
@@ -391,14 +387,12 @@ def test_a_second_ctrl_c_without_an_os_signal_aborts_during_the_grace_period():
                 # grace period has no tick, so the old behaviour still fails (events end with "expired")
                 threading.Timer(0.05, _thread.interrupt_main).start()
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.3, _thread.interrupt_main).start()
     try:
         with pytest.raises(KeyboardInterrupt):
             run_coroutine_in_thread(slow, on_interrupt=on_interrupt, on_grace_expired=lambda: events.append("expired"),
                                     grace_seconds=5.0, on_tick=on_tick)
     finally:
-        signal.signal(signal.SIGINT, previous)
         release.set()
     assert events == ["interrupt"]  # aborted by the second Ctrl-C, not by the grace period's end
     assert ticks_after_first  # the display kept drawing while in-flight calls were given their time
@@ -440,14 +434,12 @@ def test_ctrl_c_during_the_seed_validation_returns_the_seed_if_it_finishes_withi
 
     handler = SeesTheInterrupt()
     logging.getLogger("dspy_turbogepa").addHandler(handler)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         opt = TurboGEPA(slow_metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
                         track_stats=True)
         with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
             program = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
     finally:
-        signal.signal(signal.SIGINT, previous)
         logging.getLogger("dspy_turbogepa").removeHandler(handler)
     dr = program.detailed_results
     assert seen.is_set()

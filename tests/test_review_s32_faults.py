@@ -407,12 +407,8 @@ def test_ctrl_c_during_the_seed_validation_keeps_its_finished_evaluations_for_th
         return None
 
     proxy.reset(plan)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            compile_through(proxy, routing, {}, threads=6, n_val=6, budget=30, log_dir=tmp_path)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt):
+        compile_through(proxy, routing, {}, threads=6, n_val=6, budget=30, log_dir=tmp_path)
     scored = snapshot[0]
     assert len(scored) == 3
     assert rows(tmp_path, "select count(*) from evaluations")[0][0] == 3

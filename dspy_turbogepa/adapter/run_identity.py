@@ -59,7 +59,6 @@ _TRANSPORT_KWARGS = frozenset({"api_base", "base_url", "cache", "num_retries", "
                                "user"})
 
 
-
 def lm_identity(lm: Any) -> Any:
     """What makes an LM answer the way it does, without its credentials: the model, the endpoint
     (userinfo stripped from the URL), and the sampling settings."""
