@@ -76,7 +76,7 @@ SMOKE: dict[str, dict[str, Any]] = {
 }
 # keys of a cell's config that must match for a stored cell JSON to be reused
 _CFG_KEYS = ("mode", "optimizer", "kind", "task", "budget", "seed", "threads", "time_scale", "n_train", "n_val",
-             "n_test", "repeat", "instructions")
+             "n_test", "repeat", "instructions", "turbo_kwargs")
 
 # ---------------------------------------------------------------------------------------
 # helpers shared by the cells (inside the child process)
@@ -338,7 +338,8 @@ def run_cell(cfg: Run) -> Run:
         _instrument(program)
         seed_test = task.evaluate(program, test, lm=student, num_threads=cfg["threads"])
 
-        optimizer = _make_optimizer(cfg["optimizer"], metric, _common_kwargs(cfg, reflector))
+        optimizer = _make_optimizer(cfg["optimizer"], metric, _common_kwargs(cfg, reflector),
+                                    **(cfg.get("turbo_kwargs") or {}))
 
         # LM-call timeline (polled), so "LM calls to target" can be read off later
         srv.reset_stats()  # the server's in-flight averages and peaks now cover the compile only
@@ -646,6 +647,15 @@ def _provenance_note(runs: list[Run]) -> str:
     return note
 
 
+def _options_note(runs: list[Run]) -> str | None:
+    """One line for a report when turbo's cells were made with options beyond its defaults
+    (``--turbo-kwargs``), so a table cannot pass for the defaults' when it is not."""
+    options = sorted({json.dumps(r["turbo_kwargs"], sort_keys=True) for r in runs if r.get("turbo_kwargs")})
+    if not options:
+        return None
+    return f"TurboGEPA cells made with options beyond its defaults (--turbo-kwargs): {'; '.join(options)}."
+
+
 def _load_cell(cfg: Run) -> Run | None:
     """The stored result of ``cfg`` if its JSON exists and was made with the same settings."""
     path = Path(cfg["out"])
@@ -786,6 +796,7 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
         "",
         _provenance_note(runs),
         "",
+        *([note, ""] if (note := _options_note(runs)) else []),
         ("| task | budget | optimizer | n | seed test | final test | final val | target | reached | time to target s"
          " | LM calls to target | compile wall s | harness CPU s | metric calls | LM calls student | LM calls reflector"
          " | student util | student busy | util while busy | util while work available engine / server"
@@ -1223,8 +1234,10 @@ def _cells(a: argparse.Namespace, mode: str, out_dir: Path) -> list[Run]:
                 if mode == "grid":
                     for opt in a.optimizers.split(","):
                         out = out_dir / "runs" / f"{opt}_{task}_b{budget}_s{seed}.json"
+                        # only turbo's cells carry the options, so baseline cells stay reusable beside them
+                        extra = {"turbo_kwargs": a.turbo_kwargs} if opt == "turbo" and a.turbo_kwargs else {}
                         cells.append({"mode": mode, "optimizer": opt, "task": task, "budget": budget, "seed": seed,
-                                      "time_scale": a.time_scale, **base, "out": str(out)})
+                                      "time_scale": a.time_scale, **base, "out": str(out), **extra})
                 elif mode == "overhead":
                     runs_dir = out_dir / ("overhead_instruction_runs" if a.instructions else "overhead_runs")
                     for rep in range(a.repeats):
@@ -1254,6 +1267,24 @@ def _describe(r: Run) -> str:
             f" peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
+#: set by the harness from the grid's settings: a JSON option naming one of them would be silently overridden
+_HARNESS_KWARGS = frozenset(("metric", "max_metric_calls", "reflection_lm", "num_threads", "track_stats", "seed"))
+
+
+def _turbo_kwargs(text: str) -> dict[str, Any]:
+    """``--turbo-kwargs``: a JSON object of TurboGEPA options the grid does not set itself."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); pass an object, e.g. '{{\"deterministic\": false}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of option names to values, got {text!r}")
+    clash = sorted(_HARNESS_KWARGS & value.keys())
+    if clash:
+        raise argparse.ArgumentTypeError(f"{', '.join(clash)} set by the grid itself (--budgets, --threads, --seeds)")
+    return value
+
+
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line with every default filled in: explicit flags > --smoke > the mode's > DEFAULTS."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1270,6 +1301,9 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, help="training examples (default: 80)")
     p.add_argument("--n-val", type=int, help="validation examples (default: 40)")
     p.add_argument("--n-test", type=int, help="held-out test examples (default: 300)")
+    p.add_argument("--turbo-kwargs", type=_turbo_kwargs, metavar="JSON",
+                   help="grid: more TurboGEPA constructor options, a JSON object (e.g. '{\"deterministic\": false}');"
+                   " recorded in turbo's cell JSONs, which --resume then matches on")
     p.add_argument("--out-dir", help="where cell JSONs (runs/), table.md and plots go (default: benchmarks/results)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overhead", action="store_true", help="harness CPU per metric call: turbo, gepa, floor")
@@ -1299,6 +1333,8 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(a.kinds.split(",")) - set(OVERHEAD_KINDS)
     if unknown:
         p.error(f"--kinds: unknown {', '.join(sorted(unknown))}; choose from {', '.join(OVERHEAD_KINDS)}")
+    if a.turbo_kwargs and run_mode != "grid":
+        p.error("--turbo-kwargs applies to the grid's turbo cells: drop --overhead / --memory")
     if a.instructions and not a.overhead:
         p.error("--instructions counts the overhead cells: add --overhead")
     if a.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):

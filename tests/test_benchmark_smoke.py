@@ -274,6 +274,40 @@ def test_the_gepa_cache_check_runs_offline():
     assert "metadata refresh" not in proc.stderr
 
 
+def test_turbo_kwargs_reach_turbogepa_and_are_recorded(tmp_path: Path) -> None:
+    """--turbo-kwargs: options for TurboGEPA's constructor (an experiment with another setting is a rerun,
+    not an edit of the engine's defaults). They reach the optimizer (a time budget ends the search at
+    once), turbo's cell records them, the table says so, and --resume matches on them."""
+    options = '{"time_budget_seconds": 0.001}'
+    _run(tmp_path, "--optimizers", "turbo,gepa", "--turbo-kwargs", options)
+    turbo = json.loads((tmp_path / "runs" / "turbo_routing_b60_s0.json").read_text())
+    gepa = json.loads((tmp_path / "runs" / "gepa_routing_b60_s0.json").read_text())
+    assert turbo["turbo_kwargs"] == {"time_budget_seconds": 0.001} and "turbo_kwargs" not in gepa
+    assert turbo["stop_reason"] == "time_budget" and turbo["metric_calls"] < 60
+    table = (tmp_path / "table.md").read_text()
+    assert 'options beyond its defaults (--turbo-kwargs): {"time_budget_seconds": 0.001}.' in table
+
+    # without the options the turbo cell is another setting (run again), the baseline's is reused
+    proc = _run(tmp_path, "--optimizers", "turbo,gepa", "--resume")
+    assert proc.stdout.count("[stored]") == 1 and "made with different settings" in proc.stderr
+    turbo = json.loads((tmp_path / "runs" / "turbo_routing_b60_s0.json").read_text())
+    assert "turbo_kwargs" not in turbo and turbo["stop_reason"] != "time_budget"
+    assert "--turbo-kwargs" not in (tmp_path / "table.md").read_text()
+
+
+def test_turbo_kwargs_are_checked_up_front() -> None:
+    bench = _bench()
+    for bad in ("[1]", "{deterministic: false}", '{"seed": 3}', '{"num_threads": 4}'):
+        with pytest.raises(SystemExit):
+            bench.parse_settings(["--turbo-kwargs", bad])
+    with pytest.raises(SystemExit):
+        bench.parse_settings(["--memory", "--turbo-kwargs", '{"deterministic": false}'])
+    a = bench.parse_settings(["--turbo-kwargs", '{"deterministic": false}', "--optimizers", "turbo,gepa"])
+    cells = bench._cells(a, "grid", Path("/nonexistent"))
+    assert {c["optimizer"]: c.get("turbo_kwargs") for c in cells} == {"turbo": {"deterministic": False},
+                                                                        "gepa": None}
+
+
 def test_explicit_flags_win_over_smoke_and_defaults_fill_the_rest() -> None:
     """--smoke replaced explicit flags: `--smoke --overhead --budgets 40,60` ran only 60."""
     import importlib.util
