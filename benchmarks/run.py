@@ -1276,12 +1276,24 @@ def _turbo_kwargs(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON ({exc}); pass an object, e.g. '{{\"deterministic\": false}}'")
+        raise argparse.ArgumentTypeError(
+            f"not JSON ({exc}); pass an object, e.g. '{{\"deterministic\": false}}'") from exc
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object of option names to values, got {text!r}")
     clash = sorted(_HARNESS_KWARGS & value.keys())
     if clash:
         raise argparse.ArgumentTypeError(f"{', '.join(clash)} set by the grid itself (--budgets, --threads, --seeds)")
+    # a misspelt option would fail every turbo cell in its subprocess, one after another: say so now
+    import difflib
+    import inspect
+
+    from dspy_turbogepa import TurboGEPA
+
+    known = set(inspect.signature(TurboGEPA.__init__).parameters) - {"self"}
+    for name in sorted(value.keys() - known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise argparse.ArgumentTypeError(f"TurboGEPA has no option {name!r}{hint}")
     return value
 
 

@@ -295,11 +295,14 @@ def test_turbo_kwargs_reach_turbogepa_and_are_recorded(tmp_path: Path) -> None:
     assert "--turbo-kwargs" not in (tmp_path / "table.md").read_text()
 
 
-def test_turbo_kwargs_are_checked_up_front() -> None:
+def test_turbo_kwargs_are_checked_up_front(capsys: pytest.CaptureFixture[str]) -> None:
     bench = _bench()
-    for bad in ("[1]", "{deterministic: false}", '{"seed": 3}', '{"num_threads": 4}'):
+    for bad, says in (("[1]", "JSON object"), ("{deterministic: false}", "not JSON"),
+                      ('{"seed": 3}', "seed set by the grid"), ('{"num_threads": 4}', "num_threads set by the grid"),
+                      ('{"determinstic": false}', "no option 'determinstic' (did you mean 'deterministic'?)")):
         with pytest.raises(SystemExit):
             bench.parse_settings(["--turbo-kwargs", bad])
+        assert says in capsys.readouterr().err, bad
     with pytest.raises(SystemExit):
         bench.parse_settings(["--memory", "--turbo-kwargs", '{"deterministic": false}'])
     a = bench.parse_settings(["--turbo-kwargs", '{"deterministic": false}', "--optimizers", "turbo,gepa"])
