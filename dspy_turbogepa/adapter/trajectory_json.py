@@ -117,7 +117,11 @@ def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
     walk = _Walk() if _walk is None else _walk
     try:
         if isinstance(value, dspy.Example):  # items, not toDict(), which turns models into plain dicts
-            return {_TYPE: tag, "value": {k: jsonable(v, walk) for k, v in value.items()}}
+            stored = {_TYPE: tag, "value": {k: jsonable(v, walk) for k, v in value.items()}}
+            input_keys = getattr(value, "_input_keys", None)
+            if input_keys is not None:  # .with_inputs(...): a metric may call .inputs() / .labels() on it
+                stored[_INPUT_KEYS] = sorted(str(k) for k in input_keys)
+            return stored
         if isinstance(value, (datetime.date, datetime.time)):
             return {_TYPE: tag, "value": value.isoformat()}
         if kind.__module__ == "numpy":
@@ -216,6 +220,9 @@ _OBJECT_HOOKS = ("__del__", "__setstate__", "__reduce__", "__reduce_ex__", "__ne
 
 #: Tags a stored typed value (see :func:`_stored_leaf`).
 _TYPE = "__turbogepa_type__"
+#: Beside a stored DSPy example's fields: the keys ``.with_inputs(...)`` marked (rows written before it
+#: was stored have none, and their examples come back with no inputs marked, as they always did).
+_INPUT_KEYS = "input_keys"
 #: The tag of a ``dspy.Tool`` in a trace input (a module passing its tools to a predictor): stored as
 #: what the LM is shown (name, description, argument schema) and rebuilt as the candidate program's tool
 #: that shows the same, else as a tool showing it whose function is not available. Its pydantic dump
@@ -242,6 +249,12 @@ def _revive(value: Any) -> Any:
         return value
     if set(value) == {_TYPE, "value"} and isinstance(value[_TYPE], str):
         return _rebuild(value[_TYPE], _revive(value["value"]))
+    if set(value) == {_TYPE, "value", _INPUT_KEYS} and isinstance(value[_TYPE], str):
+        rebuilt = _rebuild(value[_TYPE], _revive(value["value"]))
+        keys = value[_INPUT_KEYS]
+        if isinstance(rebuilt, dspy.Example) and isinstance(keys, list) and all(isinstance(k, str) for k in keys):
+            return rebuilt.with_inputs(*keys)
+        return rebuilt
     return {k: _revive(v) for k, v in value.items()}
 
 

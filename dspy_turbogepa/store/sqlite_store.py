@@ -322,6 +322,44 @@ def _usage_json(usage: Mapping[str, float] | None) -> str | None:
     return json.dumps(clean, separators=(",", ":"), sort_keys=True) if clean else None
 
 
+# ---- reading: a stored value of another type than this version writes is a damaged row. SQLite keeps
+# whatever a row was given (a file edited by hand, another program), and such a value would otherwise
+# surface as a bare TypeError deep in the run (a score compared, an id used as an index).
+
+
+def _stored(value: Any, kinds: type | tuple[type, ...], column: str, *, optional: bool = False) -> Any:
+    """``value`` as read, if it has the type this version writes to ``column``; else ``TypeError``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kinds):  # JSON's true is no number, id or count
+        raise TypeError(f"{column} holds {value!r}")
+    return value
+
+
+def _stored_index(value: Any, column: str) -> int:
+    index: int = _stored(value, int, column)
+    if index < 0:
+        raise ValueError(f"{column} holds {value!r}, not an index")
+    return index
+
+
+def _stored_numbers(value: Any, column: str) -> dict[str, float] | None:
+    """A JSON object of numbers by name (usage, objective scores), or None."""
+    if value is None:
+        return None
+    _stored(value, dict, column)
+    for number in value.values():
+        _stored(number, (int, float), column)
+    return value
+
+
+def _stored_texts(value: Any, column: str) -> dict[str, str]:
+    _stored(value, dict, column)
+    for text in value.values():
+        _stored(text, str, column)
+    return value
+
+
 def _opt_str(value: Any, name: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -789,22 +827,23 @@ class RunStore:
         with self.decoding("a stored evaluation"):
             return [
                 StoredEvaluation(
-                    fingerprint=r[0],
-                    split=r[1],
-                    example_id=r[2],
-                    score=math.nan if r[3] is None else r[3],
-                    objective_scores=None if r[4] is None else json.loads(r[4]),
-                    failure=r[5],
-                    message=r[6],
-                    error_type=r[7],
-                    trajectory_json=r[8],
-                    output_json=r[9],
-                    tokens=r[10],
-                    seconds=r[11],
-                    recorded_at=r[12],
-                    session=r[13],
-                    service_failure=bool(r[14]),
-                    usage=None if r[15] is None else json.loads(r[15]),
+                    fingerprint=_stored(r[0], str, "fingerprint"),
+                    split=_stored(r[1], str, "split"),
+                    example_id=_stored_index(r[2], "example_id"),
+                    score=math.nan if r[3] is None else _stored(r[3], (int, float), "score"),
+                    objective_scores=_stored_numbers(None if r[4] is None else json.loads(r[4]),
+                                                     "objective_scores_json"),
+                    failure=_stored(r[5], str, "failure", optional=True),
+                    message=_stored(r[6], str, "message", optional=True),
+                    error_type=_stored(r[7], str, "error_type", optional=True),
+                    trajectory_json=_stored(r[8], str, "trajectory_json", optional=True),
+                    output_json=_stored(r[9], str, "output_json", optional=True),
+                    tokens=_stored(r[10], int, "tokens", optional=True),
+                    seconds=_stored(r[11], (int, float), "seconds", optional=True),
+                    recorded_at=_stored(r[12], (int, float), "recorded_at"),
+                    session=_stored(r[13], int, "session"),
+                    service_failure=bool(_stored(r[14], int, "service_failure")),
+                    usage=_stored_numbers(None if r[15] is None else json.loads(r[15]), "usage_json"),
                 )
                 for r in rows
             ]
@@ -818,14 +857,14 @@ class RunStore:
         with self.decoding("a stored proposal"):
             return {
                 r[0]: StoredProposal(
-                    key=r[0],
-                    texts=json.loads(r[1]),
-                    skipped=r[2],
-                    message=r[3],
-                    reflection_calls=r[4],
-                    recorded_at=r[5],
-                    session=r[6],
-                    usage=None if r[7] is None else json.loads(r[7]),
+                    key=_stored(r[0], str, "key"),
+                    texts=_stored_texts(json.loads(r[1]), "texts_json"),
+                    skipped=_stored(r[2], str, "skipped", optional=True),
+                    message=_stored(r[3], str, "message", optional=True),
+                    reflection_calls=_stored_index(r[4], "reflection_calls"),
+                    recorded_at=_stored(r[5], (int, float), "recorded_at"),
+                    session=_stored(r[6], int, "session"),
+                    usage=_stored_numbers(None if r[7] is None else json.loads(r[7]), "usage_json"),
                 )
                 for r in rows
             }
@@ -844,9 +883,9 @@ class RunStore:
             )
             with self.decoding(f"the usage of a stored row of {table}"):
                 for (usage_json,) in rows:
-                    usage = json.loads(usage_json)
+                    usage = _stored_numbers(json.loads(usage_json), "usage_json")
                     for name in sums:
-                        sums[name] += float(usage.get(name, 0.0))
+                        sums[name] += float((usage or {}).get(name, 0.0))
         return totals
 
     def load_candidates(self) -> list[StoredCandidate]:
@@ -857,12 +896,12 @@ class RunStore:
         with self.decoding("a stored candidate"):
             return [
                 StoredCandidate(
-                    fingerprint=r[0],
-                    texts=json.loads(r[1]),
-                    parents=tuple(json.loads(r[2])),
-                    kind=r[3],
-                    created_at=r[4],
-                    session=r[5],
+                    fingerprint=_stored(r[0], str, "fingerprint"),
+                    texts=_stored_texts(json.loads(r[1]), "texts_json"),
+                    parents=tuple(_stored(json.loads(r[2]), list, "parents_json")),
+                    kind=_stored(r[3], str, "kind"),
+                    created_at=_stored(r[4], (int, float), "created_at"),
+                    session=_stored(r[5], int, "session"),
                 )
                 for r in rows
             ]

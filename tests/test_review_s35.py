@@ -1,0 +1,133 @@
+"""Session 35's review of docs/run_store.md and docs/errors.md against the code, each finding fixed:
+
+- A DSPy example stored in a trace or a prediction came back on resume without the keys `.with_inputs(...)`
+  had marked, so a metric's feedback call reading `.inputs()` on it raised on every replayed row (run_store.md:
+  typed values "come back as themselves on resume").
+- A stored value of another type than this version writes (a store edited by hand, another program: SQLite
+  keeps whatever a row is given) surfaced as a bare TypeError or AttributeError, some mid-run, one after the
+  whole search, instead of errors.md's `RunStoreError` naming the store and the way to start over.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import dspy
+import pytest
+
+from dspy_turbogepa.adapter.trajectory_json import _revive, jsonable
+from dspy_turbogepa.store import RunStoreError
+from dspy_turbogepa.testing import TASKS
+
+from helpers import quick_compile, small_splits
+
+ROUTING = TASKS["routing"]
+
+
+def test_a_stored_example_keeps_its_input_keys():
+    marked = dspy.Example(ticket="printer on fire", queue="it").with_inputs("ticket")
+    stored = json.loads(json.dumps(jsonable({"source": marked, "plain": dspy.Example(ticket="t")})))
+    back = _revive(stored)
+    assert back["source"] == marked and back["source"].inputs().toDict() == {"ticket": "printer on fire"}
+    assert back["source"].labels().toDict() == {"queue": "it"}
+    assert back["plain"]._input_keys is None  # none marked, none made up
+    # rows written before the keys were stored come back as they always did
+    old_row = {key: value for key, value in stored["source"].items() if key != "input_keys"}
+    assert _revive(old_row)._input_keys is None and _revive(old_row).toDict() == marked.toDict()
+
+
+class _WithSource(dspy.Module):
+    """Returns the example it answered as part of its prediction, its input marked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ROUTING.make_program()
+
+    def forward(self, ticket):
+        out = self.inner(ticket=ticket)
+        return dspy.Prediction(queue=out.queue,
+                               source=dspy.Example(ticket=ticket, queue=out.queue).with_inputs("ticket"))
+
+
+def test_a_resumed_run_gives_the_feedback_call_the_example_as_marked(tmp_path):
+    data = small_splits(ROUTING, n_train=16, n_val=8, n_test=0)
+    calls = {"feedback": 0}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None:
+            calls["feedback"] += 1
+            assert pred.source.inputs().toDict() == {"ticket": gold.ticket}  # raised on replayed rows before
+        return ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+
+    quick_compile(metric=metric, program=_WithSource(), budget=50, log_dir=tmp_path, data=data)
+    calls["feedback"] = 0
+    resumed = quick_compile(metric=metric, program=_WithSource(), budget=120, log_dir=tmp_path, data=data)
+    stats = resumed.detailed_results.run_stats
+    assert stats["metric_calls_replayed"] > 0 and calls["feedback"] > 0
+    assert not stats["reflective_records_skipped"].get("feedback_error")
+
+
+@pytest.fixture(scope="module")
+def finished_store(tmp_path_factory):
+    """A finished run's store (objective scores and usage included), copied for each damage."""
+    base = tmp_path_factory.mktemp("finished")
+    data = small_splits(ROUTING, n_train=8, n_val=4, n_test=0)
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        result = ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+        return dspy.Prediction(score=float(result.score), feedback=result.feedback,
+                               objective_scores={"acc": float(result.score)})
+
+    quick_compile(metric=metric, budget=40, log_dir=base, data=data)
+    return base, metric, data
+
+
+@pytest.mark.parametrize("damage", [
+    "UPDATE evaluations SET objective_scores_json='[1,2]'",
+    "UPDATE evaluations SET objective_scores_json='{\"acc\":\"x\"}'",
+    "UPDATE evaluations SET usage_json='\"x\"'",
+    "UPDATE evaluations SET usage_json='{\"cost\":\"x\"}'",
+    "UPDATE evaluations SET score='abc'",
+    "UPDATE evaluations SET example_id='zz' WHERE seq=(SELECT MIN(seq) FROM evaluations)",
+    "UPDATE evaluations SET example_id=-1 WHERE seq=(SELECT MIN(seq) FROM evaluations)",
+    "UPDATE proposals SET reflection_calls='x'",
+    "UPDATE proposals SET texts_json='{\"route\": 3}'",
+    "UPDATE candidates SET parents_json='7'",
+], ids=["objectives-list", "objective-text", "usage-text", "usage-value-text", "score-text", "example-id-text",
+        "example-id-negative", "reflection-calls-text", "proposal-text-number", "parents-number"])
+def test_a_stored_value_of_another_type_is_a_damaged_store(finished_store, tmp_path, damage):
+    base, metric, data = finished_store
+    log_dir = tmp_path / "run"
+    shutil.copytree(base, log_dir)
+    with sqlite3.connect(log_dir / "run.sqlite3") as con:
+        assert con.execute(damage).rowcount > 0
+    with pytest.raises(RunStoreError, match="is not a readable run store") as err:
+        quick_compile(metric=metric, budget=40, log_dir=log_dir, data=data)
+    assert "run.sqlite3" in str(err.value)
+    # read as the store opens, before the search starts (some raised mid-run, one after the whole search)
+    engine_frames = [e for e in err.traceback if "dspy_turbogepa/engine/" in str(e.path)]
+    assert not engine_frames, engine_frames
+
+
+def test_the_undamaged_copy_resumes(finished_store, tmp_path):
+    """The control of the test above: the copy itself is a readable store, replayed in full."""
+    base, metric, data = finished_store
+    shutil.copytree(base, tmp_path / "run")
+    resumed = quick_compile(metric=metric, budget=40, log_dir=tmp_path / "run", data=data)
+    assert resumed.detailed_results.run_stats["metric_calls_executed"] == 0
+
+
+
+def test_only_litellms_trace_and_session_ids_are_left_out_of_an_lms_identity():
+    """run_store.md: what only labels a call for logging is left out of the run key: litellm's trace and
+    session ids (a trace id set per process would refuse every rerun); a setting of another name is sent
+    with the request, so it is part of the LM's identity (the doc said "trace and session ids")."""
+    from dspy_turbogepa.adapter.run_identity import lm_identity
+
+    base = lm_identity(dspy.LM("openai/m", api_base="http://127.0.0.1:1/v1"))
+    for labels in ({"litellm_trace_id": "t-1"}, {"litellm_session_id": "s-1"}, {"metadata": {"a": 1}}):
+        assert lm_identity(dspy.LM("openai/m", api_base="http://127.0.0.1:1/v1", **labels)) == base, labels
+    for sent in ({"trace_id": "t-1"}, {"session_id": "s-1"}):
+        assert lm_identity(dspy.LM("openai/m", api_base="http://127.0.0.1:1/v1", **sent)) != base, sent
