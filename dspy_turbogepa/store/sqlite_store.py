@@ -916,7 +916,10 @@ class RunStore:
         rows = self._read(sql + " ORDER BY seq", params)
         with self.decoding("a stored event"):
             return [
-                StoredEvent(seq=r[0], kind=r[1], payload=json.loads(r[2]), recorded_at=r[3], session=r[4])
+                StoredEvent(seq=_stored(r[0], int, "seq"), kind=_stored(r[1], str, "kind"),
+                            payload=_stored(json.loads(r[2]), dict, "payload_json"),
+                            recorded_at=_stored(r[3], (int, float), "recorded_at"),
+                            session=_stored(r[4], int, "session"))
                 for r in rows
             ]
 
@@ -925,8 +928,10 @@ class RunStore:
         rows = self._read("SELECT id, opened_at, closed_at, resumed, pid, meta_json FROM sessions ORDER BY id")
         with self.decoding("a stored session"):
             return [
-                StoredSession(id=r[0], opened_at=r[1], closed_at=r[2], resumed=bool(r[3]), pid=r[4],
-                              meta=json.loads(r[5]))
+                StoredSession(id=_stored(r[0], int, "id"), opened_at=_stored(r[1], (int, float), "opened_at"),
+                              closed_at=_stored(r[2], (int, float), "closed_at", optional=True),
+                              resumed=bool(_stored(r[3], int, "resumed")), pid=_stored(r[4], int, "pid"),
+                              meta=_stored(json.loads(r[5]), dict, "meta_json"))
                 for r in rows
             ]
 
@@ -1179,6 +1184,9 @@ def _initialise(
             conn.execute(trigger)
         now = time.time()
         stored = dict(conn.execute("SELECT component, value FROM run_key").fetchall())
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in stored.items()):
+            raise damaged_row_error(path, log_dir, "the stored run key", TypeError(
+                f"components and values are texts, found {sorted(map(repr, stored.items()))[:3]}"))
         if not stored:
             conn.executemany("INSERT INTO run_key (component, value) VALUES (?, ?)", sorted(run_key.items()))
             conn.executemany(
