@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 
 import dspy
+import pydantic
 import pytest
 
 from dspy_turbogepa.adapter.trajectory_json import _revive, jsonable
@@ -172,3 +173,74 @@ def test_no_damaged_column_escapes_as_a_bare_error(finished_store, tmp_path):
 
 def column_is_json(column: str) -> bool:
     return column.endswith("_json")
+
+
+# ---- a review of what a resumed run hands the metric (run_store.md: typed values "come back as themselves")
+
+
+def _round_trip(value):
+    return _revive(json.loads(json.dumps(jsonable(value))))
+
+
+def test_numpy_float64_and_str_come_back_as_numpy_values():
+    """np.float64 and np.str_ are a float and a str too, so they were stored as plain Python values:
+    a metric's ``x.round(2)`` or ``x.item()`` raised on resume."""
+    import numpy as np
+
+    for value in (np.float64(0.75), np.str_("billing"), np.float32(0.5), np.int64(3)):
+        back = _round_trip(value)
+        assert type(back) is type(value) and back == value, (value, back)
+    assert _round_trip(np.float64(0.755)).round(2) == np.float64(0.755).round(2)
+
+
+def test_a_string_array_wider_than_its_strings_comes_back_as_an_array():
+    import numpy as np
+
+    for value in (np.array(["a"], dtype="U10"), np.where(np.array([False, True]), "yes", "no").astype("U8")):
+        back = _round_trip(value)
+        assert isinstance(back, np.ndarray) and back.dtype == value.dtype and (back == value).all(), back
+    # bounded: a row cannot make a tiny array allocate gigabytes (left as its JSON)
+    forged = {"__turbogepa_type__": "numpy:ndarray", "value": {"dtype": "<U100000000", "shape": [1], "data": ["a"]}}
+    assert not isinstance(_revive(forged), np.ndarray)
+
+
+class AliasedTicket(pydantic.BaseModel):
+    """At module level: a class is found again by its module and name (one defined in a function is not)."""
+
+    label: str = pydantic.Field(alias="Label")
+
+
+def test_a_pydantic_model_with_an_aliased_field_comes_back_as_the_model():
+    back = _round_trip({"t": AliasedTicket(Label="billing")})["t"]
+    assert isinstance(back, AliasedTicket) and back.label == "billing"
+
+
+def test_a_predictions_lm_usage_is_stored_with_it():
+    """With dspy's track_usage, ``pred.get_lm_usage()`` was None on every replayed row."""
+    from dspy_turbogepa.adapter.trajectory_json import prediction_dict, prediction_from
+
+    usage = {"openai/sim-student": {"prompt_tokens": 120, "completion_tokens": 7}}
+    for pred in (dspy.Prediction(queue="billing"), dspy.Prediction.from_completions([{"queue": "a"}, {"queue": "b"}])):
+        pred.set_lm_usage(usage)
+        back = prediction_from(json.loads(json.dumps(prediction_dict(pred))))
+        assert back.get_lm_usage() == usage and dict(back.items()) == dict(pred.items())
+        assert "__turbogepa_lm_usage__" not in dict(back.items())
+    assert prediction_from(json.loads(json.dumps(prediction_dict(dspy.Prediction(queue="x"))))).get_lm_usage() is None
+
+
+def test_a_resumed_run_gives_the_feedback_call_the_lm_usage(tmp_path):
+    data = small_splits(ROUTING, n_train=12, n_val=8, n_test=0)
+    seen: dict[str, int] = {"with_usage": 0, "without": 0}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None:
+            seen["with_usage" if pred.get_lm_usage() else "without"] += 1
+        return ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+
+    with dspy.context(track_usage=True):
+        quick_compile(metric=metric, budget=40, log_dir=tmp_path, data=data)
+        assert seen["with_usage"] > 0 and seen["without"] == 0  # live
+        seen.update(with_usage=0, without=0)
+        resumed = quick_compile(metric=metric, budget=90, log_dir=tmp_path, data=data)
+    assert resumed.detailed_results.run_stats["metric_calls_replayed"] > 0
+    assert seen["with_usage"] > 0 and seen["without"] == 0, seen

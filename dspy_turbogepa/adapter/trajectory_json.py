@@ -82,7 +82,8 @@ def jsonable(value: Any, _walk: _Walk | None = None) -> Any:
     (see ``_REPEATS_WALKED_UP_TO``): then it is a marker too."""
     if isinstance(value, enum.Enum):  # before the primitives: a str / int enum member is one too
         return _stored_leaf(value, _walk)
-    if value is None or isinstance(value, (bool, int, float, str)):
+    # numpy's float64 and str_ are a float and a str too: stored typed, so a metric's .item() or .round() works
+    if value is None or (isinstance(value, (bool, int, float, str)) and type(value).__module__ != "numpy"):
         return value
     walk = _Walk() if _walk is None else _walk
     key = id(value)
@@ -163,13 +164,20 @@ def _numpy_value(value: Any) -> Any:
     return None
 
 
+#: The most a stored string array wider than its strings may take once rebuilt (bytes).
+_WIDEST_TEXT_ARRAY = 16 * 1024 * 1024
+
+
 def _numpy_rebuilt(cls: type, value: Any) -> Any:
     import numpy as np
 
     if cls is np.ndarray and isinstance(value, dict):
         dtype = np.dtype(str(value["dtype"]))
         data = np.asarray(value["data"])  # as JSON gave it: the row's size bounds what is allocated
-        if dtype.kind not in _NUMPY_KINDS or dtype.itemsize > max(8, data.dtype.itemsize):
+        # a string array may be wider than its longest string (np.array(["a"], dtype="U10")): allowed up to a
+        # bound, so a row cannot make a tiny array allocate gigabytes
+        wide_text = dtype.kind == "U" and dtype.itemsize * max(1, data.size) <= _WIDEST_TEXT_ARRAY
+        if dtype.kind not in _NUMPY_KINDS or (dtype.itemsize > max(8, data.dtype.itemsize) and not wide_text):
             raise ValueError(f"numpy dtype {dtype} is not stored typed")
         return data.astype(dtype).reshape([int(n) for n in value["shape"]])
     scalar = isinstance(value, (bool, int, float, str))
@@ -302,7 +310,11 @@ def _rebuild(tag: str, value: Any) -> Any:
         if issubclass(cls, dspy.Example) and isinstance(value, dict):
             return cls(**value)
         if issubclass(cls, pydantic.BaseModel) or dataclasses.is_dataclass(cls):
-            return _adapter_for(cls).validate_python(value)
+            adapter = _adapter_for(cls)
+            try:  # fields are stored by name: a field with an alias is validated by its name too
+                return adapter.validate_python(value, by_name=True)
+            except TypeError:  # pydantic before 2.11 has no by_name
+                return adapter.validate_python(value)
         if isinstance(value, dict) and _plain_user_class(cls):  # type: ignore[arg-type]  # (as above)
             obj = object.__new__(cls)  # no __init__: the fields are the stored ones
             obj.__dict__.update(value)
@@ -357,6 +369,9 @@ def prediction_dict(pred: Any) -> dict[str, Any] | None:
             # the fields themselves, several are kept whole
             data[_COMPLETIONS] = 1 if count == 1 else [
                 jsonable({name: values[i] for name, values in completions.items()}) for i in range(count)]
+        usage = getattr(pred, "_lm_usage", None) if isinstance(pred, dspy.Prediction) else None
+        if usage and isinstance(data, dict):  # dspy's track_usage: a cost-aware metric reads get_lm_usage()
+            data[_LM_USAGE] = jsonable(usage)
         return data
     if hasattr(pred, "toDict"):
         return jsonable(pred.toDict())
@@ -379,9 +394,17 @@ def _completion_count(completions: Any) -> int:
 _PLAIN = "__turbogepa_plain__"
 #: A stored dspy.Prediction's completions: 1 (its fields), or the list of every completion's fields.
 _COMPLETIONS = "__turbogepa_completions__"
+#: A stored dspy.Prediction's LM usage (``get_lm_usage()``, with dspy's ``track_usage`` on).
+_LM_USAGE = "__turbogepa_lm_usage__"
 
 
 def prediction_from(data: Any) -> Any:
+    if isinstance(data, dict) and _LM_USAGE in data:
+        usage = _revive(data[_LM_USAGE])
+        pred = prediction_from({k: v for k, v in data.items() if k != _LM_USAGE})
+        if isinstance(pred, dspy.Prediction) and isinstance(usage, dict):
+            pred.set_lm_usage(usage)
+        return pred
     if not isinstance(data, dict):
         return _revive(data)
     kind = data.get(_PLAIN)
