@@ -244,3 +244,22 @@ def test_a_resumed_run_gives_the_feedback_call_the_lm_usage(tmp_path):
         resumed = quick_compile(metric=metric, budget=90, log_dir=tmp_path, data=data)
     assert resumed.detailed_results.run_stats["metric_calls_replayed"] > 0
     assert seen["with_usage"] > 0 and seen["without"] == 0, seen
+
+
+def test_a_class_made_at_run_time_comes_back_as_its_findable_base():
+    """``dspy.Code["python"]`` is a class ``Code.__class_getitem__`` makes (``Code_python``), which a resume
+    cannot find by name: it came back as a dict (``.code`` raised). Now as ``dspy.Code``, the nearest base
+    that can be found and declares every stored field. A class defined in a function has no such base
+    (``pydantic.BaseModel`` declares none of its fields): its fields, as documented."""
+    code = dspy.Code["python"](code="print('refund')")
+    back = _round_trip({"code": code})["code"]
+    assert isinstance(back, dspy.Code) and back.code == "print('refund')"
+
+    def local_model():
+        class Local(pydantic.BaseModel):
+            x: int
+
+        return Local(x=1)
+
+    assert _round_trip({"m": local_model()})["m"] == {"x": 1}
+    assert isinstance(_round_trip({"t": AliasedTicket(Label="x")})["t"], AliasedTicket)  # a findable class: itself

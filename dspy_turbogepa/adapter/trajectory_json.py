@@ -136,7 +136,8 @@ def _stored_leaf(value: Any, _walk: _Walk | None = None) -> Any:
             return {_TYPE: _TOOL, "value": {**shown, "text": str(value)}}
         fields = _shown_fields(value)
         if fields is not None:
-            return {_TYPE: tag, "value": {name: jsonable(getattr(value, name), walk) for name in fields}}
+            return {_TYPE: _findable_tag(kind, tuple(fields)),  # type: ignore[arg-type]  # a class is Hashable
+                    "value": {name: jsonable(getattr(value, name), walk) for name in fields}}
         if isinstance(value, (set, frozenset)):
             return {_TYPE: "builtins:frozenset" if isinstance(value, frozenset) else "builtins:set",
                     "value": sorted((jsonable(v, walk) for v in value), key=repr)}
@@ -266,18 +267,47 @@ def _revive(value: Any) -> Any:
     return {k: _revive(v) for k, v in value.items()}
 
 
+def _class_named(tag: str) -> type | None:
+    """The class a tag names, looked up among modules already loaded by their ``__dict__`` (no import,
+    no module ``__getattr__``); None if there is none by that name."""
+    module, _, qualname = tag.partition(":")
+    cls: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        namespace = getattr(cls, "__dict__", None)
+        cls = namespace.get(part) if isinstance(namespace, Mapping) else None
+    return cls if isinstance(cls, type) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _findable_tag(cls: type, fields: tuple[str, ...]) -> str:
+    """The tag a model or dataclass is stored under: its own class when a resume can find it by name,
+    else its nearest base class that can be found and declares every stored field. A class made at run
+    time (``dspy.Code["python"]`` is ``Code_python``, made by ``Code.__class_getitem__``; a type from
+    ``create_model``) has no name to be found by, and came back as a dict: as its base (``dspy.Code``)
+    it keeps the fields and the methods a metric reads."""
+    own = f"{cls.__module__}:{cls.__qualname__}"
+    if _class_named(own) is cls:
+        return own
+    for base in cls.__mro__[1:]:
+        declared = getattr(base, "model_fields", None)
+        if not isinstance(declared, Mapping) and dataclasses.is_dataclass(base):
+            declared = {f.name: f for f in dataclasses.fields(base)}
+        if isinstance(declared, Mapping) and declared and set(fields) <= set(declared):
+            tag = f"{base.__module__}:{base.__qualname__}"
+            if _class_named(tag) is base:
+                return tag
+    return own
+
+
 def _rebuild(tag: str, value: Any) -> Any:
     import pydantic
 
     if tag == _TOOL and isinstance(value, dict):
         return _rebuilt_tool(value)
 
-    module, _, qualname = tag.partition(":")
-    cls: Any = sys.modules.get(module)
-    for part in qualname.split("."):
-        namespace = getattr(cls, "__dict__", None)
-        cls = namespace.get(part) if isinstance(namespace, Mapping) else None
-    if not isinstance(cls, type):
+    module = tag.partition(":")[0]
+    cls: Any = _class_named(tag)
+    if cls is None:
         return value
     try:
         if module == "numpy":
@@ -315,7 +345,7 @@ def _rebuild(tag: str, value: Any) -> Any:
                 return adapter.validate_python(value, by_name=True)
             except TypeError:  # pydantic before 2.11 has no by_name
                 return adapter.validate_python(value)
-        if isinstance(value, dict) and _plain_user_class(cls):  # type: ignore[arg-type]  # (as above)
+        if isinstance(value, dict) and _plain_user_class(cls):
             obj = object.__new__(cls)  # no __init__: the fields are the stored ones
             obj.__dict__.update(value)
             return obj
