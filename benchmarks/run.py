@@ -1268,7 +1268,7 @@ def _describe(r: Run) -> str:
 
 
 #: set by the harness from the grid's settings: a JSON option naming one of them would be silently overridden
-_HARNESS_KWARGS = frozenset(("metric", "max_metric_calls", "reflection_lm", "num_threads", "track_stats", "seed"))
+_HARNESS_KWARGS = frozenset({"metric", *_common_kwargs({"budget": 0, "threads": 0, "seed": 0}, None)})
 
 
 def _turbo_kwargs(text: str) -> dict[str, Any]:

@@ -256,11 +256,9 @@ def _revive(value: Any) -> Any:
         return [_revive(v) for v in value]
     if not isinstance(value, dict):
         return value
-    if set(value) == {_TYPE, "value"} and isinstance(value[_TYPE], str):
-        return _rebuild(value[_TYPE], _revive(value["value"]))
-    if set(value) == {_TYPE, "value", _INPUT_KEYS} and isinstance(value[_TYPE], str):
+    if set(value) - {_INPUT_KEYS} == {_TYPE, "value"} and isinstance(value[_TYPE], str):
         rebuilt = _rebuild(value[_TYPE], _revive(value["value"]))
-        keys = value[_INPUT_KEYS]
+        keys = value.get(_INPUT_KEYS)
         if isinstance(rebuilt, dspy.Example) and isinstance(keys, list) and all(isinstance(k, str) for k in keys):
             return rebuilt.with_inputs(*keys)
         return rebuilt

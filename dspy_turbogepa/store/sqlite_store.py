@@ -353,13 +353,6 @@ def _stored_numbers(value: Any, column: str) -> dict[str, float] | None:
     return value
 
 
-def _stored_texts(value: Any, column: str) -> dict[str, str]:
-    _stored(value, dict, column)
-    for text in value.values():
-        _stored(text, str, column)
-    return value
-
-
 def _opt_str(value: Any, name: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -858,7 +851,7 @@ class RunStore:
             return {
                 r[0]: StoredProposal(
                     key=_stored(r[0], str, "key"),
-                    texts=_stored_texts(json.loads(r[1]), "texts_json"),
+                    texts=_texts(json.loads(r[1]), "texts_json"),
                     skipped=_stored(r[2], str, "skipped", optional=True),
                     message=_stored(r[3], str, "message", optional=True),
                     reflection_calls=_stored_index(r[4], "reflection_calls"),
@@ -897,7 +890,7 @@ class RunStore:
             return [
                 StoredCandidate(
                     fingerprint=_stored(r[0], str, "fingerprint"),
-                    texts=_stored_texts(json.loads(r[1]), "texts_json"),
+                    texts=_texts(json.loads(r[1]), "texts_json"),
                     parents=tuple(_stored(json.loads(r[2]), list, "parents_json")),
                     kind=_stored(r[3], str, "kind"),
                     created_at=_stored(r[4], (int, float), "created_at"),
