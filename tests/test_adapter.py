@@ -11,7 +11,7 @@ import dspy
 import pytest
 
 from dspy_turbogepa import TurboGEPA
-from dspy_turbogepa.adapter.evaluator import defines_own_aforward
+from dspy_turbogepa.adapter.introspect import defines_own_aforward
 from dspy_turbogepa.testing.fake_lm import make_student_lm, sim_engine
 
 from helpers import FailsOnTracking, small_splits
@@ -162,9 +162,9 @@ def test_a_programs_error_reaches_reflection_an_lm_services_does_not(routing):
     marker of LM-service errors, and was dropped); a 5xx the evaluator gave up on is the service's."""
     import random
 
-    from dspy_turbogepa.adapter.evaluator import DspyTrajectory
     from dspy_turbogepa.adapter.program import ProgramCodec
     from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+    from dspy_turbogepa.adapter.trajectory import DspyTrajectory
 
     class DatabaseConnectionError(Exception):
         pass
@@ -962,9 +962,9 @@ def test_a_program_error_is_fed_back_to_the_predictor_it_came_from_only(raised_i
     every predictor without a step got it, also one the program never calls (a wasted reflection)."""
     import random
 
-    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
     from dspy_turbogepa.adapter.program import ProgramCodec
     from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+    from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 
     program = TwinPipeline()
     builder = ReflectiveDatasetBuilder(ProgramCodec(program), twin_metric, 0.0, False, False, False)
@@ -988,9 +988,9 @@ def test_a_program_error_raised_before_any_predictor_ran_is_fed_back_to_none():
     errors to no predictor at all)."""
     import random
 
-    from dspy_turbogepa.adapter.evaluator import DspyTrajectory
     from dspy_turbogepa.adapter.program import ProgramCodec
     from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+    from dspy_turbogepa.adapter.trajectory import DspyTrajectory
 
     program = TwinPipeline()
     builder = ReflectiveDatasetBuilder(ProgramCodec(program), twin_metric, 0.0, False, False, False)
@@ -1033,9 +1033,9 @@ def test_no_feedback_from_the_pred_name_call_falls_back_to_the_programs_score(ro
     good answer failed."""
     import random
 
-    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
     from dspy_turbogepa.adapter.program import ProgramCodec
     from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+    from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 
     def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         return None if pred_name is not None else 0.7

@@ -536,7 +536,7 @@ def test_the_input_check_accepts_what_dspy_runs() -> None:
         async def aforward(self, question: str):
             return dspy.Prediction(answer=question)
 
-    from dspy_turbogepa.adapter.evaluator import runs_async
+    from dspy_turbogepa.adapter.introspect import runs_async
 
     class AsyncOnly(dspy.Module):  # a thin __call__ (logging), no forward: acall is its only path
         def __call__(self, *args, **kwargs):

@@ -342,9 +342,9 @@ def test_a_feedback_call_error_quoting_a_key_is_masked_in_the_log(routing, caplo
     import logging
     import random
 
-    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
     from dspy_turbogepa.adapter.program import ProgramCodec
     from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder
+    from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 
     monkeypatch.setenv("X_API_KEY", _GATEWAY_KEY)
 

@@ -1486,9 +1486,9 @@ def test_a_resume_replays_what_the_candidate_earned_not_what_the_service_or_a_ma
     reflection whose proposer raised (often the reflection LM's key) are paid for again after the fix,
     not replayed as the candidate's failure; and a candidate whose stored texts were masked (they held
     a key) is not used to rebuild trajectories, which would run that other program under its name."""
-    from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep
     from dspy_turbogepa.adapter.persistence import load_known
     from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
     from dspy_turbogepa.adapter.trajectory_json import trajectory_to_json
     from dspy_turbogepa.engine.candidate import Candidate
     from dspy_turbogepa.store import RunStore

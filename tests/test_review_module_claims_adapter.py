@@ -46,13 +46,8 @@ from dspy_turbogepa import redaction
 from dspy_turbogepa.adapter import lm_copies, ratelimit
 from dspy_turbogepa.adapter import run_identity as ri
 from dspy_turbogepa.adapter import trajectory_json as tj
-from dspy_turbogepa.adapter.evaluator import (
-    DspyEvaluator,
-    DspyTrajectory,
-    TraceStep,
-    lacks_async_support,
-    runs_async,
-)
+from dspy_turbogepa.adapter.evaluator import DspyEvaluator, lacks_async_support
+from dspy_turbogepa.adapter.introspect import runs_async
 from dspy_turbogepa.adapter.lm_copies import (
     ROLLOUT_CLOSED,
     ROLLOUT_LM_ERRORS,
@@ -90,6 +85,7 @@ from dspy_turbogepa.adapter.run_identity import (
     run_key,
 )
 from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
+from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 from dspy_turbogepa.adapter.trajectory_json import (
     jsonable,
     prediction_dict,
@@ -1552,13 +1548,15 @@ def test_a_stored_type_is_looked_up_only_among_loaded_modules_without_import_or_
 
 
 def test_a_class_built_by_exec_without_a_name_is_not_a_library_class():
-    """trajectory_json.py:538-540: "A class built by ``exec`` without a ``__name__`` says it is from ``builtins``; it is
-    the user's unless ``builtins`` really holds it"."""
+    """introspect.py, library_class: "A class built by ``exec`` without a ``__name__`` says it is from
+    ``builtins``; it is the user's unless ``builtins`` really holds it"."""
     namespace: dict[str, Any] = {}
     exec("class Made:\n    pass\n", namespace)
     made = namespace["Made"]
-    assert made.__module__ == "builtins" and not tj.library_class(made)
-    assert tj.library_class(int) and tj.library_class(collections.OrderedDict) and not tj.library_class(Answer)
+    from dspy_turbogepa.adapter.introspect import library_class
+
+    assert made.__module__ == "builtins" and not library_class(made)
+    assert library_class(int) and library_class(collections.OrderedDict) and not library_class(Answer)
 
 
 def test_a_plain_value_or_mapping_prediction_comes_back_as_the_same_kind():

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
 import random
 import threading
@@ -42,6 +41,7 @@ from typing import Any
 
 import dspy
 
+from dspy_turbogepa.adapter.introspect import defines_own_forward, runs_async, users_file
 from dspy_turbogepa.adapter.lm_copies import (
     ROLLOUT_CLOSED,
     ROLLOUT_LM_ERRORS,
@@ -68,6 +68,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     classify,
     error_attr,
 )
+from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, SystemicFailureError, cancelling
 from dspy_turbogepa.engine.systemic import RESUME_ADVICE
@@ -78,95 +79,6 @@ from dspy_turbogepa.redaction import describe_error
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 2000
-
-
-@dataclass
-class TraceStep:
-    """One predictor call inside a rollout, matched to its predictor by name."""
-
-    pred_name: str
-    predictor: Any
-    inputs: dict[str, Any]
-    outputs: Any
-    #: Which entry of the rollout's raw trace this step came from: one call matched to several
-    #: predictors (by signature) is several steps but one trace entry, and a reload must rebuild it once.
-    raw_index: int | None = None
-
-
-@dataclass
-class DspyTrajectory:
-    """What reflection needs about one rollout."""
-
-    example: dspy.Example
-    prediction: Any
-    steps: list[TraceStep] = field(default_factory=list)
-    raw_trace: list[tuple[Any, dict[str, Any], Any]] = field(default_factory=list)
-    error: str | None = None
-    error_type: str | None = None
-    failure: FailureKind | None = None
-    raw_completion: str | None = None
-    #: For a parse failure: the signature whose outputs could not be parsed, and the predictor it
-    #: belongs to when exactly one has that signature (None: unknown, judged by its fields). For
-    #: another error: the predictor it was raised inside (None: raised in the program's own code).
-    failed_signature: Any = None
-    failed_predictor: str | None = None
-    #: The LM service failed (see ``EvalOutcome.service_failure``): nothing for reflection to learn.
-    service_failure: bool = False
-    #: What the metric returned when it scored this rollout (a float, or ``dspy.Prediction(score=...,
-    #: feedback=...)``): a ``component_selector`` written for dspy.GEPA reads it as ``t["score"]``
-    #: (``t["score"].feedback``). None when the metric did not score it (the program or the metric failed).
-    metric_return: Any = None
-
-
-def in_dspy_package(cls: type) -> bool:
-    """Whether ``cls`` is DSPy's own (``dspy`` or a submodule), as opposed to the user's code."""
-    module = cls.__module__ or ""
-    return module == "dspy" or module.startswith("dspy.")
-
-
-def defines_own_aforward(program: Any) -> bool:
-    """Whether the user's code gives ``program`` an ``aforward`` that is as current as its ``forward``:
-    the nearest class in its MRO that defines either lies outside the ``dspy`` package and defines
-    ``aforward`` (a subclass of ``dspy.Predict`` inherits Predict's; a subclass that overrides only
-    ``forward`` of a base with both would run the base's stale ``aforward``, which ``forward`` replaced)."""
-    for cls in type(program).__mro__:
-        if "aforward" in vars(cls):
-            return not in_dspy_package(cls)
-        if "forward" in vars(cls):
-            return False
-    return False
-
-
-def runs_async(program: Any) -> bool:
-    """Whether the evaluator runs ``program`` through ``acall`` (its own ``aforward``). Not when the
-    user's ``__call__`` is nearer in the MRO than any ``acall`` of theirs and a ``forward`` of theirs
-    exists: dspy's ``acall`` goes straight to ``aforward``, past a ``__call__`` that maps or renames the
-    inputs, which is what dspy.GEPA runs. Read from the classes' own dicts (``vars``), so a tracer that
-    wraps ``dspy.Module.__call__`` (wrapt returns a new wrapper at each lookup) changes nothing."""
-    if not defines_own_aforward(program):
-        return False
-    call_owner = _nearest_owner(type(program), "__call__")
-    acall_owner = _nearest_owner(type(program), "acall")
-    mro = type(program).__mro__
-    own_call_first = (user_defines(type(program), "__call__")
-                      and (acall_owner is None or mro.index(call_owner) < mro.index(acall_owner)))
-    return not (own_call_first and defines_own_forward(program))
-
-
-def _nearest_owner(cls: type, name: str) -> type | None:
-    """The first class in ``cls``'s MRO whose own dict defines ``name``."""
-    return next((c for c in cls.__mro__ if name in vars(c)), None)
-
-
-def user_defines(cls: type, name: str) -> bool:
-    """Whether the nearest definition of ``name`` in ``cls``'s MRO is the user's, not dspy's."""
-    owner = _nearest_owner(cls, name)
-    return owner is not None and not in_dspy_package(owner)
-
-
-def defines_own_forward(program: Any) -> bool:
-    """Whether the nearest ``forward`` in ``program``'s MRO is the user's (a sync path of their own)."""
-    return user_defines(type(program), "forward")
 
 
 def lacks_async_support(error: BaseException) -> bool:
@@ -225,30 +137,10 @@ def _user_frame(exc: BaseException) -> str:
     except Exception:  # noqa: BLE001 - a traceback that cannot be read: no location, the message stands
         return ""
     for frame in reversed(frames):
-        if frame.filename.startswith("<") or not _users_file(frame.filename):
+        if frame.filename.startswith("<") or not users_file(frame.filename):
             continue
         return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
     return ""
-
-
-@functools.lru_cache(maxsize=1024)
-def _users_file(filename: str) -> bool:
-    """Not the standard library, an installed package, or this package (cached: every failed evaluation
-    asks, and resolving paths costs system calls)."""
-    import contextlib
-    import os
-    import site
-    import sysconfig
-
-    paths = sysconfig.get_paths()
-    installed = [paths.get("stdlib"), paths.get("purelib"), paths.get("platlib"),
-                 os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    with contextlib.suppress(AttributeError):  # an old virtualenv's site module lacks them
-        installed += [*site.getsitepackages(), site.getusersitepackages()]
-    skip = [os.path.realpath(p) for p in installed if p]
-    path = os.path.realpath(filename)
-    return not (any(path.startswith(s + os.sep) for s in skip)
-                or any(f"{os.sep}{d}{os.sep}" in path for d in ("site-packages", "dist-packages")))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dspy_turbogepa.adapter.evaluator import runs_async, user_defines
+from dspy_turbogepa.adapter.introspect import runs_async, user_defines
 
 
 def check_call_protocol(

@@ -24,11 +24,11 @@ from dspy.adapters.types.base_type import Type as DspyType
 from dspy.adapters.types.history import History
 from dspy.teleprompt.gepa.gepa_utils import format_history_for_reflection
 
-from dspy_turbogepa.adapter.evaluator import DspyTrajectory
 from dspy_turbogepa.adapter.lm_copies import judge_usage_attached
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.ratelimit import FATAL_ONCE_ANSWERED, fatal_error_name
+from dspy_turbogepa.adapter.trajectory import DspyTrajectory
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error

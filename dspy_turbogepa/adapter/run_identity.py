@@ -27,10 +27,10 @@ from typing import Any
 
 import dspy
 
-from dspy_turbogepa.adapter.evaluator import in_dspy_package
+from dspy_turbogepa.adapter.introspect import in_dspy_package, library_class, library_function
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.program import all_named_predictors
-from dspy_turbogepa.adapter.trajectory_json import held_items, library_class, library_dirs, to_json
+from dspy_turbogepa.adapter.trajectory_json import held_items, to_json
 from dspy_turbogepa.redaction import (
     describe_error,
     endpoint_url,
@@ -265,7 +265,7 @@ def _default_value(name: str, value: Any) -> Any:
         return parts if type(value) is tuple else sorted(parts, key=repr)
     if isinstance(value, functools.partial):
         return callable_identity(value)
-    if inspect.isfunction(value) and not _library_function(value):
+    if inspect.isfunction(value) and not library_function(value):
         return f"{value.__qualname__}:{_function_digest(value)}"
     if isinstance(value, type):
         user = not (in_dspy_package(value) or library_class(value))
@@ -295,7 +295,7 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
     for name in global_names(code):
         target = namespace.get(name)
         for depth, layer in enumerate(_decorated_layers(target)):  # the helper, then what its decorators wrap
-            if not inspect.isfunction(layer) or id(layer) in seen or _library_function(layer):
+            if not inspect.isfunction(layer) or id(layer) in seen or library_function(layer):
                 continue
             seen.add(id(layer))
             out.append(f"{name}{'~' * depth}={layer.__qualname__}:{_function_digest(layer)}")
@@ -321,14 +321,6 @@ def global_names(code: Any) -> list[str]:
         if hasattr(const, "co_code"):
             names += global_names(const)
     return names
-
-
-def _library_function(fn: Any) -> bool:
-    module = getattr(fn, "__module__", None) or ""
-    if module == "dspy" or module.startswith(("dspy.", "dspy_turbogepa")):
-        return True
-    path = getattr(sys.modules.get(module), "__file__", None)
-    return isinstance(path, str) and os.path.realpath(path).startswith(library_dirs())
 
 
 def _class_code(cls: type) -> list[str]:
@@ -614,7 +606,7 @@ def _tool_identity(obj: Any) -> str | None:
     if isinstance(obj, dspy.Tool):
         fn = obj.func
         schema = stable_hash(_hashable([getattr(obj, "args", None), getattr(obj, "arg_desc", None)]))
-        if inspect.isfunction(fn) and _library_function(fn):
+        if inspect.isfunction(fn) and library_function(fn):
             return f"tool:{obj.name}:{obj.desc}:{schema}"
         identity = f"tool:{obj.name}:{obj.desc}:{schema}:{callable_identity(fn)}"
         if isinstance(fn, dspy.Module) and id(fn) not in _KEYING_TOOLS.get():
@@ -627,7 +619,7 @@ def _tool_identity(obj: Any) -> str | None:
                 _KEYING_TOOLS.reset(token)
             identity += ":" + stable_hash(_hashable(inner))
         return identity
-    if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _library_function(getattr(obj, "__func__", obj)):
+    if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not library_function(getattr(obj, "__func__", obj)):
         return callable_identity(obj)
     return None
 

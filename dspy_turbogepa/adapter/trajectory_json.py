@@ -16,9 +16,7 @@ import enum
 import functools
 import json
 import logging
-import os
 import sys
-import sysconfig
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -26,8 +24,9 @@ from typing import Any
 
 import dspy
 
-from dspy_turbogepa.adapter.evaluator import DspyTrajectory, TraceStep, in_dspy_package
+from dspy_turbogepa.adapter.introspect import in_dspy_package, library_class
 from dspy_turbogepa.adapter.program import ProgramCodec, all_named_predictors
+from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 from dspy_turbogepa.redaction import is_sensitive_key
 
 logger = logging.getLogger(__name__)
@@ -616,21 +615,3 @@ def _rebuilt_tool(stored: Mapping[str, Any]) -> Any:
                          args=stored.get("args"), arg_desc=stored.get("arg_desc"))
     except Exception:  # noqa: BLE001 - a schema dspy no longer accepts: the text the LM was shown
         return text
-
-
-@functools.lru_cache(maxsize=1)
-def library_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    return tuple({os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")
-                  if paths.get(k)})
-
-
-def library_class(klass: type) -> bool:
-    """Defined in the standard library or an installed (not editable) package. (A class built by
-    ``exec`` without a ``__name__`` says it is from ``builtins``; it is the user's unless ``builtins``
-    really holds it.)"""
-    module = sys.modules.get(klass.__module__)
-    if klass.__module__ in sys.builtin_module_names:
-        return getattr(module, klass.__qualname__, None) is klass
-    path = getattr(module, "__file__", None)
-    return isinstance(path, str) and os.path.realpath(path).startswith(library_dirs())
