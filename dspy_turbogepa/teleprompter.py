@@ -574,7 +574,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if self.use_mlflow:
             tracker = MlflowRunTracker(
                 self._run_params(budget),
-                stats_provider=lambda: live_run_stats(orchestrator, evaluator, reflector),
                 seed_texts=codec.seed_texts(),
                 trainset_size=len(train),
                 valset_size=len(val),
@@ -592,6 +591,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             prior_usage=stored_usage(store) if resumed else None,
             replay_through=last_committed_mutation(store) if resumed else -1,
         )
+        if tracker is not None:
+            tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
 
         def on_tick() -> None:
             if pump is not None:

@@ -570,6 +570,29 @@ def test_instructions_reaching_mlflow_are_masked(local_tracking, tmp_path, monke
     assert secret not in uploaded and env_secret not in uploaded
 
 
+def test_a_failing_stats_provider_is_warned_about_once(local_tracking, caplog):
+    """A bug reading the live stats (rate-limit windows, skipped records) was logged at DEBUG only,
+    so their charts went missing from MLflow without a word; now it is the tracker's one warning."""
+    calls = []
+
+    def broken() -> Any:
+        calls.append(1)
+        raise RuntimeError("stats went wrong")
+
+    tracker = MlflowRunTracker({"seed": 0}, flush_interval=0.05)
+    tracker.provide_stats(broken)
+    result = _synthetic_result()
+    for rec in result.records:
+        tracker.on_candidate(rec)
+    tracker.finish(result, None)
+    messages = [r.getMessage() for r in tracking_warnings(caplog)]
+    assert calls and len(messages) == 1, messages
+    assert "could not read the run's live stats (RuntimeError: stats went wrong)" in messages[0]
+    import mlflow
+
+    assert mlflow.MlflowClient().get_run(tracker.run_id).info.status == "FINISHED"
+
+
 def test_final_metrics_compare_the_seed_with_the_best_at_the_runs_last_step(local_tracking):
     """``final/*`` are what a user compares runs by: the seed's score next to the best one (the gain), at
     the step where the run ended (metric calls executed), so they line up with the end of the live charts
@@ -991,9 +1014,11 @@ def test_end_to_end_wiring(autolog_scenarios):
 
 
 @pytest.mark.parametrize("where", ["engine", "result"])
-def test_failed_compile_ends_its_mlflow_run_and_closes_the_store(local_tracking, tmp_path, monkeypatch, where):
+def test_failed_compile_ends_its_mlflow_run_and_closes_the_store(local_tracking, tmp_path, monkeypatch, where,
+                                                                 caplog):
     """A failure before the run (building the engine) or after it (building the result) must not leave
-    the MLflow run RUNNING, the run store open or the store's writer thread alive."""
+    the MLflow run RUNNING, the run store open or the store's writer thread alive. Nor does the tracker's
+    last sample read stats from an engine that was never built (it is given them once the engine exists)."""
     import threading
 
     import mlflow
@@ -1009,6 +1034,7 @@ def test_failed_compile_ends_its_mlflow_run_and_closes_the_store(local_tracking,
     assert mlflow.active_run() is None
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
+    assert not tracking_warnings(caplog), [r.getMessage() for r in tracking_warnings(caplog)]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
         t.name.startswith(("turbogepa-run-store", "turbogepa-mlflow")) for t in threading.enumerate()

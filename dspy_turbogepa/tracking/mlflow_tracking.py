@@ -165,7 +165,8 @@ class MlflowRunTracker(EngineObserver):
     Args:
         params: the optimizer's parameters (``optimizer.get_params()``); filtered by :func:`loggable_params`.
         stats_provider: returns the live ``RunStats`` (``lambda: orchestrator.stats``); called only on the
-            engine thread, from the hooks.
+            engine thread, from the hooks. It can also be given later with :meth:`provide_stats`, once
+            the engine it reads exists.
         seed_texts: the seed program's instructions, logged as ``seed_instructions/<predictor>`` params.
         trainset_size, valset_size: logged as params.
         tracking_uri: if given, ``mlflow.set_tracking_uri`` (as gepa's ``mlflow_tracking_uri``); otherwise
@@ -295,6 +296,11 @@ class MlflowRunTracker(EngineObserver):
                                                                               MAX_PARAM_VALUE_LENGTH)
         self._submit("params", lambda c: self._log_params(c, run_params, tags))
 
+    def provide_stats(self, provider: Callable[[], Any]) -> None:
+        """Where the live stats come from, once the engine exists: the tracker is made first, so that a
+        compile failing while it is wired up still ends its MLflow run as FAILED."""
+        self._stats_provider = provider
+
     # ------------------------------------------------------------------ engine hooks (engine thread)
     def on_candidate(self, record: CandidateRecord) -> None:
         if not self.enabled or self._dead:
@@ -327,8 +333,8 @@ class MlflowRunTracker(EngineObserver):
         if stats is None and self._stats_provider is not None:
             try:
                 stats = self._stats_provider()
-            except Exception:  # e.g. called before the orchestrator exists
-                logger.debug("No run stats for this MLflow sample", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a bug reading the stats costs their charts, not the run
+                self._warn(f"could not read the run's live stats ({type(exc).__name__}: {exc})")
                 stats = None
         values: dict[str, float] = {
             "num_candidates": self._n_candidates,
