@@ -209,7 +209,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         max_full_evals: int | None = None,
         max_metric_calls: int | None = None,
         reflection_minibatch_size: int = 3,
-        candidate_selection_strategy: Literal["pareto", "current_best"] = "pareto",
+        candidate_selection_strategy: Literal["pareto", "current_best", "epsilon_greedy", "top_k_pareto"] = "pareto",
         reflection_lm: dspy.LM | None = None,
         skip_perfect_score: bool = True,
         add_format_failure_as_feedback: bool = False,

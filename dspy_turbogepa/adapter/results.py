@@ -96,7 +96,7 @@ def build_result(
         val_aggregate_scores=[r.aggregate for r in records],
         val_subscores=[{vid: r.val_scores[vid] for vid in val_ids if vid in r.val_scores} for r in records],
         per_val_instance_best_candidates=fronts,
-        discovery_eval_counts=[0 if r.index == 0 else r.discovery_metric_calls for r in records],
+        discovery_eval_counts=[r.reported_discovery_calls for r in records],
         best_outputs_valset=best_outputs,
         total_metric_calls=result.total_metric_calls,
         num_full_val_evals=result.num_full_val_evals,

@@ -116,7 +116,7 @@ class EngineConfig:
     #: Adapt the number of mutations in flight to the recent success rate (see Orchestrator.width).
     adaptive_width: bool = True
     #: Speculative chaining: one extra mutation may start from the newest child that survived rung 0
-    #: while that child is still being validated (see Orchestrator._plan).
+    #: while that child is still being validated (see Orchestrator._next_view and _chain_target).
     speculative_chaining: bool = True
     #: Floor of the adaptive width. 1 (the default) lets the width follow the success rate alone: a
     #: floor of ``num_threads // 4`` kept more slots busy, but while most mutations succeed the extra

@@ -60,6 +60,13 @@ class CandidateRecord:
         of thousands of times in a long run)."""
         return mean_in_id_order(self.val_scores)
 
+    @property
+    def reported_discovery_calls(self) -> int:
+        """Metric calls spent when it was found, as gepa reports them: 0 for the seed (found before the
+        search spent anything; its own validation is the first spending), which every report of a run
+        (``DspyGEPAResult``, the selector state, MLflow's table) must agree on."""
+        return 0 if self.index == 0 else self.discovery_metric_calls
+
 
 @dataclass
 class MutationPlan:

@@ -68,7 +68,7 @@ class SelectorState:
     @property
     def num_metric_calls_by_discovery(self) -> list[int]:
         """Metric calls spent when each candidate was found (the seed: 0, as in gepa and our results)."""
-        return [0 if r.index == 0 else r.discovery_metric_calls for r in self._records]
+        return [r.reported_discovery_calls for r in self._records]
 
     @property
     def pareto_front_valset(self) -> dict[int, float]:

@@ -18,7 +18,7 @@ FailureKind = Literal[
     "format_error",  # the LM answer could not be parsed into the signature's outputs
     "metric_error",  # the metric raised
     "metric_invalid",  # the metric returned None, NaN, inf or something that is not a number
-    "rate_limited",  # the LM kept answering 429 past the retry cap (10 retries / 5 minutes)
+    "rate_limited",  # the LM kept answering 429 past the evaluation layer's retry policy
 ]
 
 #: One evaluation's identity: (candidate fingerprint, split, example id).

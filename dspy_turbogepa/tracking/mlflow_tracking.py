@@ -817,7 +817,7 @@ def candidates_table(result: EngineResult) -> dict[str, list[Any]]:
         table["front_instances"].append(on_front.get(r.index, 0))
         table["is_best"].append(r.index == result.best_index)
         table["discovery_seconds"].append(round(r.discovery_seconds, 3))
-        table["discovery_metric_calls"].append(0 if r.index == 0 else r.discovery_metric_calls)
+        table["discovery_metric_calls"].append(r.reported_discovery_calls)
         table["mutation_seq"].append(-1 if r.mutation_seq is None else r.mutation_seq)
         table["fingerprint"].append(r.candidate.fingerprint)
         table["val_subscores"].append(json.dumps({str(k): v for k, v in sorted(r.val_scores.items())}))

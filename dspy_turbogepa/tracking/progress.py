@@ -57,7 +57,6 @@ __all__ = [
     "OrchestratorSource", "ProgressDisplay", "ProgressSnapshot", "ProgressSource", "format_duration",
 ]
 
-#: Scores closer than this are ties (the engine's frontier uses the same tolerance).
 #: Statuses of mutations whose child was scored on a minibatch (or a merge screen): the funnel's first
 #: entry. A "duplicate" counts only when it was found out after evaluation (rung_reached > 0), a
 #: "budget_stopped" one only when its child was scored before a token or dollar cap refused a call.
