@@ -38,7 +38,7 @@ _DELIBERATE = {
     ("redaction.py", "_ENV_SCAN"): "the last scan of os.environ, which is the process's",
     ("tracking/autolog.py", "_FAILURE_REPORTED"): "registering with MLflow autolog (process-wide) failed; said once",
     ("tracking/progress.py", "_VISIBLE_LOGS_LOCK"): "guards the logging configuration, which is the process's",
-    ("store/sqlite_store.py", "_HELD_RUN_LOCKS"): "the run locks' descriptors, which fork() copies process-wide",
+    ("store/locks.py", "_HELD_RUN_LOCKS"): "the run locks' descriptors, which fork() copies process-wide",
 }
 
 

@@ -81,7 +81,7 @@ def _ctrl_c() -> None:
 @pytest.mark.parametrize("where", ["building_the_result", "closing_the_store"])
 def test_a_ctrl_c_after_the_search_never_loses_the_finished_program(routing, tmp_path, monkeypatch, where):
     from dspy_turbogepa import teleprompter
-    from dspy_turbogepa.store import sqlite_store
+    from dspy_turbogepa.store import sqlite_store, writer
 
     assert threading.current_thread() is threading.main_thread()  # where SIGINT is delivered
     fired: list[str] = []
@@ -95,7 +95,7 @@ def test_a_ctrl_c_after_the_search_never_loses_the_finished_program(routing, tmp
 
         monkeypatch.setattr(teleprompter, "build_result", build_result)
     else:
-        write = sqlite_store._Writer._write
+        write = writer.Writer._write
 
         def _write(self, rows):  # the writer commits the session's close while compile() waits for it
             if not fired and any(sql == sqlite_store._CLOSE_SESSION for sql, _ in rows):
@@ -104,7 +104,7 @@ def test_a_ctrl_c_after_the_search_never_loses_the_finished_program(routing, tmp
                 time.sleep(0.2)  # the main thread is still waiting in close() when the signal is handled
             return write(self, rows)
 
-        monkeypatch.setattr(sqlite_store._Writer, "_write", _write)
+        monkeypatch.setattr(writer.Writer, "_write", _write)
     splits = small_splits(routing, n_train=20, n_val=8)
     opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
                     track_stats=True, log_dir=str(tmp_path), verbose=False)

@@ -109,7 +109,7 @@ from dspy_turbogepa.redaction import (
     url_credentials,
     url_key_material,
 )
-from dspy_turbogepa.store import RunStore, RunStoreError, RunStoreMismatchError, sqlite_store
+from dspy_turbogepa.store import RunStore, RunStoreError, RunStoreMismatchError, locks, sqlite_store
 from dspy_turbogepa.testing import TASKS, make_student_lm
 from dspy_turbogepa.tracking import imports as tracking_imports
 from dspy_turbogepa.tracking import mlflow_tracking as mt
@@ -2130,9 +2130,9 @@ def test_a_second_compile_of_the_run_is_refused_and_a_forked_child_does_not_keep
     closes its copies"."""
     import warnings
 
-    lock = sqlite_store._RunLock.acquire(tmp_path)
+    lock = locks.RunLock.acquire(tmp_path)
     with pytest.raises(RunStoreError, match="in use by another compile"):
-        sqlite_store._RunLock.acquire(tmp_path)
+        locks.RunLock.acquire(tmp_path)
     read_end, write_end = os.pipe()
     ready_read, ready_write = os.pipe()
     with warnings.catch_warnings():
@@ -2150,7 +2150,7 @@ def test_a_second_compile_of_the_run_is_refused_and_a_forked_child_does_not_keep
         os.close(ready_read)
         os.close(lock._fd)  # the parent dies without unlocking: only the child's copy could keep the lock
         lock._fd = None
-        again = sqlite_store._RunLock.acquire(tmp_path)
+        again = locks.RunLock.acquire(tmp_path)
         again.release()
     finally:
         os.write(write_end, b"x")
@@ -2275,11 +2275,13 @@ def test_ctrl_c_hands_over_to_on_interrupt_a_second_one_aborts_and_a_late_one_ke
 
 
 def engine_record(index, val_scores, outputs=None, objectives=None, parents=()):
-    candidate = SimpleNamespace(texts={"p": f"text {index}"}, kind="seed" if not index else "reflection")
-    return SimpleNamespace(index=index, val_scores=val_scores, val_outputs=outputs or {},
-                           val_objective_scores=objectives or {}, parent_indices=list(parents),
-                           aggregate=sum(val_scores.values()) / len(val_scores), discovery_metric_calls=7 * index + 3,
-                           discovery_seconds=float(index), candidate=candidate)
+    from dspy_turbogepa.engine.candidate import Candidate
+    from dspy_turbogepa.engine.records import CandidateRecord
+
+    candidate = Candidate({"p": f"text {index}"}, kind="seed" if not index else "reflection")
+    return CandidateRecord(index=index, candidate=candidate, parent_indices=list(parents), val_scores=val_scores,
+                           val_objective_scores=objectives or {}, val_outputs=outputs or {},
+                           discovery_metric_calls=7 * index + 3, discovery_seconds=float(index))
 
 
 def test_build_result_orders_by_valset_lists_failed_outputs_and_averages_objectives_where_reported():
@@ -2631,7 +2633,7 @@ def test_tables_and_summary_mask_texts_and_the_saved_program_masks_lm_settings()
     credentials masked"; :775-777 "DSPy's save writes a predictor LM's settings (extra_headers, ...), leaving out only
     api_key: those settings are redacted by field name"."""
     rec = SimpleNamespace(index=0, parent_indices=[], aggregate=1.0, val_scores={0: 1.0}, discovery_seconds=0.0,
-                          discovery_metric_calls=0, mutation_seq=None,
+                          discovery_metric_calls=0, reported_discovery_calls=0, mutation_seq=None,
                           candidate=SimpleNamespace(texts={"p": f"Use {KEY}"}, kind="seed", fingerprint="f"))
     result = SimpleNamespace(records=[rec], fronts={0: [0]}, best_index=0, best=rec, stop_reason=f"odd {KEY}",
                              total_metric_calls=1, num_full_val_evals=1, wall_seconds=1.0,

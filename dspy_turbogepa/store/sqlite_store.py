@@ -16,11 +16,8 @@ import logging
 import math
 import operator
 import os
-import queue
-import re
 import sqlite3
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import (
     contains_secret,
     mask_json_text,
@@ -36,6 +32,10 @@ from dspy_turbogepa.redaction import (
     redact,
     secret_values,
 )
+from dspy_turbogepa.store.errors import START_OVER, RunStoreError, RunStoreMismatchError
+from dspy_turbogepa.store.locks import RunLock
+from dspy_turbogepa.store.writer import Writer, escape_surrogates
+from dspy_turbogepa.store.writer import connect as _connect
 
 logger = logging.getLogger(__name__)
 
@@ -149,21 +149,9 @@ _INSERT_EVENT = "INSERT INTO events (kind, payload_json, recorded_at, session) V
 _CLOSE_SESSION = "UPDATE sessions SET closed_at = (julianday('now') - 2440587.5) * 86400.0 WHERE id = ?"
 
 
-class RunStoreError(OSError):
-    """The run store cannot be opened or written (unwritable ``log_dir``, corrupt file, disk full...)."""
-
-
 #: The run-key component a caller bumps when it changes how the other components are computed: a log_dir
 #: written the old way is then refused as "another version", not as "your data changed".
 KEY_FORMAT_COMPONENT = "key_format"
-
-
-class RunStoreMismatchError(ValueError):
-    """``log_dir`` holds a different run (another dataset, program, seed or configuration)."""
-
-    def __init__(self, message: str, *, changed: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.changed = tuple(changed)
 
 
 @dataclass(frozen=True)
@@ -279,33 +267,9 @@ def _jsonable(obj: Any, depth: int = 0) -> Any:
     return repr(obj)
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
-
-
-def _encodable(row: tuple[str, tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
-    """``row`` with each lone surrogate in its text written as a JSON escape (``\\udce9``), which SQLite's
-    UTF-8 can store. In a JSON column (every structured one: texts, outputs, traces) the escape sits
-    inside a string literal and loads back as the same character, so nothing is lost; in a plain text
-    column (a message) it reads as the escape. Only rows that failed are rewritten: the fast path
-    never scans."""
-    sql, params = row
-
-    def escaped(value: Any) -> Any:
-        if not isinstance(value, str) or value.isascii():
-            return value
-        return _LONE_SURROGATE.sub(_escape, value)
-
-    return sql, tuple(escaped(v) for v in params)
-
-
 def _dumps(obj: Any) -> str:
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    # a lone surrogate as its JSON escape (see _encodable): meta and events are written outside the writer
-    return text if text.isascii() else _LONE_SURROGATE.sub(_escape, text)
+    # a lone surrogate as its JSON escape: meta and events are written outside the writer
+    return escape_surrogates(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
 
 
 def _score(value: float) -> float | None:
@@ -368,190 +332,6 @@ def _texts(texts: Mapping[str, str], name: str) -> dict[str, str]:
     return out
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA busy_timeout = 30000")
-    return conn
-
-
-# --------------------------------------------------------------------------------------------- writer
-
-
-class _Flush:
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
-class _Stop(_Flush):
-    __slots__ = ()
-
-
-class _Writer:
-    """Owns the writing connection; batches queued rows into transactions on its own thread.
-
-    Holds no reference to the :class:`RunStore`, so an abandoned store can be collected and its
-    finalizer can stop the writer (also at interpreter exit).
-    """
-
-    def __init__(self, path: Path, commit_interval: float, max_batch: int) -> None:
-        self.path = path
-        self.commit_interval = commit_interval
-        self.max_batch = max_batch
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.closed = False
-        self.committed_rows = 0
-        self.ignored_rows = 0
-        self.failed_rows = 0
-        self.unreported_errors: list[str] = []
-        #: error types already reported at WARNING (a full disk fails every row the same way)
-        self.warned_errors = FirstOfKind()
-        self.fatal: BaseException | None = None
-        self.conn = _connect(path)
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        self.thread = threading.Thread(target=self._run, name=f"turbogepa-run-store:{path}", daemon=True)
-        self.thread.start()
-
-    # -- caller side
-    def put(self, sql: str, params: tuple[Any, ...]) -> None:
-        with self.lock:
-            if self.closed:
-                raise RunStoreError(f"the run store at {self.path} is closed")
-            if self.fatal is not None:
-                raise RunStoreError(f"the run store writer for {self.path} died: {self.fatal!r}")
-            self.queue.put((sql, params))
-
-    def flush(self, timeout: float | None = None) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            marker = _Flush()
-            self.queue.put(marker)
-        self._wait(marker, timeout)
-
-    def stop(self, final: tuple[str, tuple[Any, ...]] | None = None, timeout: float | None = 30.0) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            if final is not None:
-                self.queue.put(final)
-            marker = _Stop()
-            self.queue.put(marker)
-        try:
-            self._wait_to_close(marker, timeout)
-        except KeyboardInterrupt:
-            # the wait is bounded: finish it, so what was queued is committed, then pass the Ctrl-C on (a
-            # second one stops the waiting)
-            self._wait_to_close(marker, timeout)
-            self.thread.join(timeout)
-            raise
-        self.thread.join(timeout)
-
-    def _wait_to_close(self, marker: _Flush, timeout: float | None) -> None:
-        try:
-            self._wait(marker, timeout)
-        except RunStoreError as exc:  # also runs as a finalizer: report, never raise
-            logger.warning("Run store %s did not close cleanly: %s", self.path, exc)
-
-    def _wait(self, marker: _Flush, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not marker.done.wait(0.05):
-            if not self.thread.is_alive():
-                raise RunStoreError(f"the run store writer for {self.path} died: {self.fatal!r}")
-            if deadline is not None and time.monotonic() > deadline:
-                raise RunStoreError(f"timed out after {timeout}s waiting for the run store at {self.path}")
-
-    def take_errors(self) -> list[str]:
-        with self.lock:
-            errors, self.unreported_errors = self.unreported_errors, []
-        return errors
-
-    # -- writer thread
-    def _run(self) -> None:
-        try:
-            stop = False
-            while not stop:
-                rows: list[tuple[str, tuple[Any, ...]]] = []
-                markers: list[_Flush] = []
-                item = self.queue.get()
-                deadline = time.monotonic() + self.commit_interval
-                while True:
-                    if isinstance(item, _Flush):
-                        markers.append(item)
-                        stop = stop or isinstance(item, _Stop)
-                        break  # somebody is waiting: commit now
-                    rows.append(item)
-                    if len(rows) >= self.max_batch:
-                        break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = self.queue.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                if rows:
-                    self._write(rows)
-                for marker in markers:
-                    marker.done.set()
-        except BaseException as exc:  # pragma: no cover - a bug; surfaced by flush()/close()
-            self.fatal = exc
-            logger.exception("The run store writer for %s stopped", self.path)
-        finally:
-            try:
-                self.conn.close()
-            except sqlite3.Error:  # pragma: no cover - nothing left to lose, but say so
-                logger.warning("Closing the run store %s failed", self.path, exc_info=True)
-
-    def _write(self, rows: list[tuple[str, tuple[Any, ...]]]) -> None:
-        try:
-            self._transaction(rows)
-            return
-        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, or OverflowError for an out-of-range integer
-            self._rollback()
-            if len(rows) == 1 and not isinstance(exc, UnicodeEncodeError):
-                self._failed(rows, exc)
-                return
-        for row in rows:  # one bad row must not cost the whole batch
-            try:
-                self._transaction([_encodable(row)])
-            except Exception as exc:  # noqa: BLE001 - same as above
-                self._rollback()
-                self._failed([row], exc)
-
-    def _transaction(self, rows: list[tuple[str, tuple[Any, ...]]]) -> None:
-        conn = self.conn
-        conn.execute("BEGIN")
-        inserted = 0
-        for sql, params in rows:
-            inserted += conn.execute(sql, params).rowcount
-        conn.execute("COMMIT")
-        self.committed_rows += inserted
-        self.ignored_rows += len(rows) - inserted
-
-    def _rollback(self) -> None:
-        try:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-        except sqlite3.Error:  # pragma: no cover - later writes will fail and be counted as lost rows
-            logger.warning("Rolling back a failed write to the run store %s failed", self.path, exc_info=True)
-
-    def _failed(self, rows: list[tuple[str, tuple[Any, ...]]], exc: Exception) -> None:
-        table = rows[0][0].split(" INTO ")[-1].split(" ")[0] if " INTO " in rows[0][0] else "sessions"
-        message = f"{type(exc).__name__}: {exc} (writing {table})"
-        with self.lock:
-            self.failed_rows += len(rows)
-            if len(self.unreported_errors) < 100:
-                self.unreported_errors.append(message)
-        first = self.warned_errors.first(type(exc).__name__)
-        logger.log(logging.WARNING if first else logging.DEBUG, "Run store %s: a row was not saved: %s%s", self.path,
-                   message, " (further rows failing so are logged at DEBUG; the count is reported at the end)"
-                   if first else "")
-
-
 # --------------------------------------------------------------------------------------------- store
 
 
@@ -575,7 +355,7 @@ class RunStore:
     session: int
     #: The (redacted) ``meta`` given when the store was created, not the one given to this open.
     meta: dict[str, Any]
-    _lock: _RunLock
+    _lock: RunLock
     _finalizer: weakref.finalize
 
     def __init__(self, *_: Any, **__: Any) -> None:
@@ -611,7 +391,7 @@ class RunStore:
         self.log_dir = log_dir
         self.path = path
         self.run_key = key
-        lock = _RunLock.acquire(log_dir)
+        lock = RunLock.acquire(log_dir)
         try:
             self._open(path, log_dir, key, meta_json, commit_interval, max_batch)
         except BaseException:
@@ -634,7 +414,7 @@ class RunStore:
         finally:
             conn.close()
         try:
-            self._writer = _Writer(path, commit_interval, max_batch)
+            self._writer = Writer(path, commit_interval, max_batch)
         except sqlite3.Error as exc:
             raise RunStoreError(f"cannot open the run store {path} for writing: {exc}") from exc
 
@@ -936,9 +716,6 @@ class RunStore:
 
 # --------------------------------------------------------------------------------------------- opening
 
-_FIX = "Use a new log_dir, or delete {log_dir}/run.sqlite3* (the database and its -wal/-shm files) to start over."
-
-
 #: SQLite result codes (``sqlite_errorname``, Python 3.11+) and, before 3.11, message parts that say the
 #: disk or the file's permissions refused the store now, not that the file is damaged or not ours.
 _ENVIRONMENT_CODES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY",
@@ -966,7 +743,7 @@ def _store_error(path: Path, log_dir: Path, exc: sqlite3.Error) -> RunStoreError
             f"can take it again (space freed, permissions fixed, no other program holding the file), run "
             f"again with the same log_dir."
         )
-    return RunStoreError(f"{path} is not a readable run store ({exc}). {_FIX.format(log_dir=log_dir)}")
+    return RunStoreError(f"{path} is not a readable run store ({exc}). {START_OVER.format(log_dir=log_dir)}")
 
 
 #: What decoding a stored row raises when its text was damaged (SQLite keeps no checksum of a row's
@@ -977,114 +754,10 @@ ROW_DECODE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError
 def damaged_row_error(path: Path, log_dir: Path, what: str, exc: BaseException) -> RunStoreError:
     """A stored row that cannot be decoded: the file is damaged (or written by hand), start over."""
     return RunStoreError(f"{path} is not a readable run store: {what} cannot be decoded "
-                         f"({type(exc).__name__}: {exc}). {_FIX.format(log_dir=log_dir)}")
+                         f"({type(exc).__name__}: {exc}). {START_OVER.format(log_dir=log_dir)}")
 
 
-LOCK_FILENAME = "run.lock"
-
-
-class _HeldRunLocks:
-    """The run locks this process holds. A flock lasts until every copy of its descriptor is closed,
-    and ``fork()`` copies descriptors: a worker forked during the run (a metric's multiprocessing pool)
-    kept the log_dir locked after the compile was killed, and the rerun was refused. A forked child
-    now closes its copies."""
-
-    def __init__(self) -> None:
-        self._locks: weakref.WeakSet[_RunLock] = weakref.WeakSet()
-        self._guard = threading.Lock()
-        self._hooked = False
-
-    def add(self, lock: _RunLock) -> None:
-        with self._guard:
-            self._locks.add(lock)
-            if not self._hooked and hasattr(os, "register_at_fork"):
-                os.register_at_fork(after_in_child=self._after_fork_in_child)
-                self._hooked = True
-
-    def discard(self, lock: _RunLock) -> None:
-        with self._guard:
-            self._locks.discard(lock)
-
-    def _after_fork_in_child(self) -> None:
-        for lock in list(self._locks):
-            lock.forget_in_child()
-        self._locks = weakref.WeakSet()
-        self._guard = threading.Lock()  # a copy of a lock another thread may have held at the fork
-
-
-#: Process-wide, as the descriptors a fork copies are.
-_HELD_RUN_LOCKS = _HeldRunLocks()
-
-
-class _RunLock:
-    """An exclusive lock on a log_dir while a session has its store open.
-
-    Two compiles of one run in one log_dir at once (two threads, two processes) would each replay the
-    store as it was when they started and pay for the same evaluations twice; the second is refused
-    instead. ``flock`` is released by the kernel when the process dies, so a killed run never leaves a
-    stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock.
-    """
-
-    def __init__(self, fd: int | None) -> None:
-        self._fd = fd
-        if fd is not None:
-            _HELD_RUN_LOCKS.add(self)
-
-    def forget_in_child(self) -> None:
-        """In a forked child: close this copy of the descriptor (the parent keeps its lock) and forget
-        it, so that a release in the child (a store's finalizer) cannot close a file the child opened
-        later under the same number."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    @classmethod
-    def acquire(cls, log_dir: Path) -> _RunLock:
-        try:
-            import fcntl
-        except ImportError:
-            return cls(None)
-        path = log_dir / LOCK_FILENAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise RunStoreError(f"cannot create the lock file {path}: {exc}. {_FIX.format(log_dir=log_dir)}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunStoreError(
-                f"log_dir {log_dir} is in use by another compile that is still running (pid {holder}): two at "
-                "once would pay for the same evaluations twice. Wait for it to finish, or use another log_dir."
-            ) from None
-        except OSError as exc:  # a filesystem without locks (some NFS, FUSE or SMB mounts): run unlocked
-            os.close(fd)
-            logger.warning("Cannot lock %s (%s): two compiles of this run at once will not be refused.", path, exc)
-            return cls(None)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except OSError as exc:  # the pid is only for the message: keep the lock without it
-            logger.debug("Could not write the pid into %s: %s", path, exc)
-        return cls(fd)
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            _HELD_RUN_LOCKS.discard(self)
-            try:
-                import fcntl
-
-                # released now, whatever copies of the descriptor exist (a child forked outside the fork hook)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            except OSError as exc:
-                logger.debug("Could not unlock %s: %s", fd, exc)
-            os.close(fd)
-
-
-def _shutdown(writer: _Writer, session: int, lock: _RunLock) -> None:
+def _shutdown(writer: Writer, session: int, lock: RunLock) -> None:
     """Close the session (the writer commits what is queued) and then release the log_dir."""
     try:
         writer.stop((_CLOSE_SESSION, (session,)))
@@ -1145,7 +818,7 @@ def _initialise(
     if tables and "meta" not in tables:  # checked before switching someone else's database to WAL
         raise RunStoreMismatchError(
             f"{path} is an SQLite database but not a run store (tables: {sorted(tables)}). "
-            f"{_FIX.format(log_dir=log_dir)}",
+            f"{START_OVER.format(log_dir=log_dir)}",
             changed=["schema_version"],
         )
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -1160,13 +833,13 @@ def _initialise(
                 found = None if version is None else version[0]
                 raise RunStoreMismatchError(
                     f"{path} was written with run store schema_version {found}, this version reads "
-                    f"{SCHEMA_VERSION}. {_FIX.format(log_dir=log_dir)}",
+                    f"{SCHEMA_VERSION}. {START_OVER.format(log_dir=log_dir)}",
                     changed=["schema_version"],
                 )
         elif existing:
             raise RunStoreMismatchError(
                 f"{path} is an SQLite database but not a run store (tables: {sorted(existing)}). "
-                f"{_FIX.format(log_dir=log_dir)}",
+                f"{START_OVER.format(log_dir=log_dir)}",
                 changed=["schema_version"],
             )
         # Statement by statement: executescript() would COMMIT the open transaction first.
@@ -1203,12 +876,12 @@ def _initialise(
                     f"log_dir {str(log_dir)!r} was written by another version of dspy_turbogepa, whose run "
                     f"key is computed differently (format {stored.get(KEY_FORMAT_COMPONENT, 'before 2')}, "
                     f"this version {run_key.get(KEY_FORMAT_COMPONENT, 'before 2')}): its stored results "
-                    f"cannot be matched to this run safely. {_FIX.format(log_dir=log_dir)}",
+                    f"cannot be matched to this run safely. {START_OVER.format(log_dir=log_dir)}",
                     changed=changed,
                 )
             raise RunStoreMismatchError(
                 f"log_dir {str(log_dir)!r} holds a different run: {', '.join(changed)} changed [{details}]. "
-                f"Reusing it would mix results of two runs. {_FIX.format(log_dir=log_dir)}",
+                f"Reusing it would mix results of two runs. {START_OVER.format(log_dir=log_dir)}",
                 changed=changed,
             )
         has_data = any(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0] for t in _DATA_TABLES)

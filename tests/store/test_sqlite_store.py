@@ -455,10 +455,10 @@ def test_recording_does_not_wait_for_the_disk(tmp_path: Path, monkeypatch) -> No
     """record_evaluation hands rows to the writer thread: with the writer stuck on the disk, 3,000 rows
     are still recorded (then all written once it is free). No wall-clock bound: the CPU the recording
     thread spends is measured instead, which a loaded machine does not inflate."""
-    from dspy_turbogepa.store import sqlite_store
+    from dspy_turbogepa.store import writer
 
     inside, release = threading.Event(), threading.Event()
-    transaction = sqlite_store._Writer._transaction
+    transaction = writer.Writer._transaction
 
     def stuck_transaction(self, rows):
         if not inside.is_set():  # the first one holds the database's write lock until released
@@ -468,7 +468,7 @@ def test_recording_does_not_wait_for_the_disk(tmp_path: Path, monkeypatch) -> No
             self.conn.execute("ROLLBACK")
         return transaction(self, rows)
 
-    monkeypatch.setattr(sqlite_store._Writer, "_transaction", stuck_transaction)
+    monkeypatch.setattr(writer.Writer, "_transaction", stuck_transaction)
     with RunStore.open(tmp_path, RUN_KEY) as store:
         traj = json.dumps({"inputs": {"q": "x" * 2000}, "outputs": {"a": "y" * 500}})
         _eval(store, "fp", -1, trajectory_json=traj, message="fine")

@@ -1,0 +1,121 @@
+"""One compile at a time per ``log_dir``: an exclusive ``flock`` held while a session has its store open."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import weakref
+from pathlib import Path
+
+from dspy_turbogepa.store.errors import START_OVER, RunStoreError
+
+__all__ = ["LOCK_FILENAME", "RunLock"]
+
+logger = logging.getLogger("dspy_turbogepa.store.sqlite_store")
+
+
+LOCK_FILENAME = "run.lock"
+
+
+class _HeldRunLocks:
+    """The run locks this process holds. A flock lasts until every copy of its descriptor is closed,
+    and ``fork()`` copies descriptors: a worker forked during the run (a metric's multiprocessing pool)
+    kept the log_dir locked after the compile was killed, and the rerun was refused. A forked child
+    now closes its copies."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakSet[RunLock] = weakref.WeakSet()
+        self._guard = threading.Lock()
+        self._hooked = False
+
+    def add(self, lock: RunLock) -> None:
+        with self._guard:
+            self._locks.add(lock)
+            if not self._hooked and hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=self._after_fork_in_child)
+                self._hooked = True
+
+    def discard(self, lock: RunLock) -> None:
+        with self._guard:
+            self._locks.discard(lock)
+
+    def _after_fork_in_child(self) -> None:
+        for lock in list(self._locks):
+            lock.forget_in_child()
+        self._locks = weakref.WeakSet()
+        self._guard = threading.Lock()  # a copy of a lock another thread may have held at the fork
+
+
+#: Process-wide, as the descriptors a fork copies are.
+_HELD_RUN_LOCKS = _HeldRunLocks()
+
+
+class RunLock:
+    """An exclusive lock on a log_dir while a session has its store open.
+
+    Two compiles of one run in one log_dir at once (two threads, two processes) would each replay the
+    store as it was when they started and pay for the same evaluations twice; the second is refused
+    instead. ``flock`` is released by the kernel when the process dies, so a killed run never leaves a
+    stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        if fd is not None:
+            _HELD_RUN_LOCKS.add(self)
+
+    def forget_in_child(self) -> None:
+        """In a forked child: close this copy of the descriptor (the parent keeps its lock) and forget
+        it, so that a release in the child (a store's finalizer) cannot close a file the child opened
+        later under the same number."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @classmethod
+    def acquire(cls, log_dir: Path) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:
+            return cls(None)
+        path = log_dir / LOCK_FILENAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunStoreError(
+                f"cannot create the lock file {path}: {exc}. {START_OVER.format(log_dir=log_dir)}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunStoreError(
+                f"log_dir {log_dir} is in use by another compile that is still running (pid {holder}): two at "
+                "once would pay for the same evaluations twice. Wait for it to finish, or use another log_dir."
+            ) from None
+        except OSError as exc:  # a filesystem without locks (some NFS, FUSE or SMB mounts): run unlocked
+            os.close(fd)
+            logger.warning("Cannot lock %s (%s): two compiles of this run at once will not be refused.", path, exc)
+            return cls(None)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:  # the pid is only for the message: keep the lock without it
+            logger.debug("Could not write the pid into %s: %s", path, exc)
+        return cls(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            _HELD_RUN_LOCKS.discard(self)
+            try:
+                import fcntl
+
+                # released now, whatever copies of the descriptor exist (a child forked outside the fork hook)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                logger.debug("Could not unlock %s: %s", fd, exc)
+            os.close(fd)
