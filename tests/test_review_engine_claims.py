@@ -127,7 +127,7 @@ def test_a_callable_selector_sees_the_state_of_its_planning_view_and_is_called_i
     assert [s for s, *_ in seen] == sorted(s for s, *_ in seen)  # launch order
     assert any(views[s] < s for s, *_ in seen)  # planned from a view older than its own launch
     for seq, i, total, candidates in seen:
-        assert i == views[seq] - 1
+        assert i == views[seq]  # gepa's state.i during an iteration: the iterations before it
         assert (total, candidates) == charged_records[views[seq]]
 
 

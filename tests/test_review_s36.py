@@ -66,3 +66,43 @@ def test_a_users_file_is_still_the_users(tmp_path: Path):
     assert introspect.users_file(str(own))
     assert not introspect.library_path(str(own))
     assert not introspect.users_file(introspect.__file__)  # this package's frames are not the user's
+
+
+def test_a_callable_selector_sees_gepas_iteration_index():
+    """GEPA_Advanced.md's ``alternating_half_selector`` picks a half on ``state.i % 2``. gepa calls the
+    selector after ``state.i += 1`` (0 on the first iteration); ours saw ``i = commits - 1`` (the stop
+    callbacks' value, -1 on the first), so it optimized the other half on every iteration. With
+    dspy.GEPA's one-mutation-at-a-time flags, the selector now sees 0, 1, 2, ... as gepa's does, and
+    a stop callback still sees -1 after the seed."""
+    import dspy
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+
+    task = TASKS["pipeline"]
+    splits = task.splits(data_seed=0, n_train=12, n_val=6, n_test=0)
+    seen: list[int] = []
+    stops: list[int] = []
+
+    def alternating_half_selector(state, trajectories, subsample_scores, candidate_idx, candidate):
+        seen.append(state.i)
+        components = list(candidate.keys())
+        mid = len(components) // 2
+        return components[:mid] if state.i % 2 == 0 else components[mid:]
+
+    def stop(state):
+        stops.append(state.i)
+        return False
+
+    opt = TurboGEPA(task.metric, max_metric_calls=80, num_threads=4, reflection_lm=make_reflection_lm(seed=0),
+                    component_selector=alternating_half_selector, gepa_kwargs={"stop_callbacks": [stop]},
+                    reflection_scouts=0, reflection_feedback_reuse=0, minibatch_sampling="epoch",
+                    max_sibling_reflections=1, adaptive_proposal_mix=False, speculative_chaining=False,
+                    max_mutations_in_flight=1, use_merge=False)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    assert len(seen) >= 3 and seen[:3] == [0, 1, 2]
+    # an iteration skipped before its selector (its minibatch was solved) still counts, as in gepa
+    assert all(a < b for a, b in zip(seen, seen[1:]))
+    assert stops == list(range(-1, len(stops) - 1))  # between iterations: the last one finished
+    assert set(seen) <= set(range(max(stops) + 2))

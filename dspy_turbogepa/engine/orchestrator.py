@@ -884,7 +884,7 @@ class Orchestrator:
             plan.components, plan.child_counter = self._selector.select(
                 parent.fingerprint, parent.texts, plan.parent_index,
                 [o.trajectory for o in parent_outs], parent_scores,
-                self.selector_state(plan.view if self.config.deterministic else None),
+                self.selector_state(plan.view if self.config.deterministic else None, in_iteration=True),
             )
         except USER_CODE_ERRORS as exc:  # the user's selector (or its answer) failed: skip this mutation
             message = describe_error(exc)
@@ -1469,10 +1469,15 @@ class Orchestrator:
     def _elapsed(self) -> float:
         return self._clock() - self._start
 
-    def selector_state(self, view: int | None = None) -> SelectorState:
+    def selector_state(self, view: int | None = None, *, in_iteration: bool = False) -> SelectorState:
         """gepa's state as a selector or stop callback reads it: now, or as of ``view`` commits (what a
         callable component selector sees in a deterministic run, so its choice does not depend on how
-        many other mutations happened to commit while this one evaluated its parent)."""
+        many other mutations happened to commit while this one evaluated its parent).
+
+        ``i``: gepa starts it at -1 and adds 1 at the top of each iteration. A stop callback is asked
+        between iterations (``i`` is the last finished one: commits - 1); a component selector during
+        one (``in_iteration``: its own index, the commits before it), so that a selector alternating on
+        ``state.i % 2`` starts on the half gepa's does."""
         if view is None:
             records, charged, commits = self._records, self._budget.committed, self._committed
         else:
@@ -1486,7 +1491,7 @@ class Orchestrator:
                 self._selector.counter(r.candidate.fingerprint) for r in records
             ],
             total_num_evals=charged,
-            i=commits - 1,
+            i=commits if in_iteration else commits - 1,
             records=tuple(records),  # a view: later commits must not show through a kept state
         )
 
