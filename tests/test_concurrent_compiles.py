@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -321,6 +322,13 @@ b4 = threading.Thread(target=lambda: compile_("pipeline", seed=1, metric=gated("
 b4.start()
 a4.join(120)
 b4.join(120)
+
+# 5. logging.basicConfig() alone (a notebook's first line): the progress reaches the user's root handler
+sys.modules.pop("ipykernel", None)
+scene("basicconfig")
+logging.basicConfig(stream=sys.stderr, format="USER %(levelname)s %(name)s: %(message)s")
+compile_("pipeline", budget=60)
+facts["after_basicconfig"] = [len(log.handlers), log.level]
 scene("end")
 facts["after"] = [len(log.handlers), log.level]
 print(json.dumps(facts))
@@ -347,9 +355,21 @@ def unconfigured_logging_run(tmp_path_factory) -> tuple[dict[str, list[str]], di
     return scenes, json.loads(done.stdout.strip().splitlines()[-1])
 
 
+_DSPY_STAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
+
+
 def _message(line: str) -> str:
-    """A log line without its timestamp (``2026-01-01 10:00:00,123 ``)."""
-    return line[24:] if line[:4].isdigit() else line
+    """A log line without its timestamp (dspy's ``2026/01/01 10:00:00 ``)."""
+    return _DSPY_STAMP.sub("", line)
+
+
+def test_the_compiles_log_lines_are_stamped_as_dspys_own(unconfigured_logging_run):
+    """deviations.md: the handler shows the progress "in dspy's format". The date was logging's default
+    (``2026-12-06 15:14:36,378``) beside dspy's own lines (``2026/12/06 15:14:18``)."""
+    scenes, _ = unconfigured_logging_run
+    ours = [line for line in scenes["labels"] if " dspy_turbogepa." in line]
+    assert ours and all(_DSPY_STAMP.match(line) and " INFO dspy_turbogepa." in line[:60] for line in ours
+                        if " INFO " in line[:30]), ours[:5]
 
 
 def test_the_shared_stderr_handler_outlives_a_compile_that_raises_while_another_still_logs(
@@ -377,6 +397,20 @@ def test_the_progress_lines_of_two_compiles_at_once_say_which_compile_they_belon
     assert len(seed_lines) == 2 and len(start_lines) == 2, lines
     assert seed_lines[0] != seed_lines[1], seed_lines
     assert start_lines[0] != start_lines[1], start_lines
+
+
+def test_after_basicconfig_the_progress_reaches_the_users_handler(unconfigured_logging_run):
+    """``logging.basicConfig()`` leaves the root at WARNING: dspy.GEPA's progress still shows (dspy sets
+    its logger to INFO) but ours was dropped, start to finish (a tutorial migration found 61 lines
+    against 0). Our logger is now at INFO for the compile, so the lines reach the user's handler, in the
+    user's format, once each; the level is reset after."""
+    scenes, facts = unconfigured_logging_run
+    lines = scenes["basicconfig"]
+    ours = [line for line in lines if line.startswith("USER INFO dspy_turbogepa")]
+    assert any("TurboGEPA finished (" in line for line in ours), lines[-10:]
+    assert any("Seed program: validation score" in line for line in ours), lines[:10]
+    assert not [line for line in lines if _DSPY_STAMP.match(line) and " dspy_turbogepa." in line]  # no 2nd copy
+    assert facts["after_basicconfig"] == [0, 0]
 
 
 def test_a_verbose_false_compile_stays_quiet_beside_a_verbose_one(unconfigured_logging_run):

@@ -476,7 +476,9 @@ class _CompileLogHandler(_StreamHandler):
         self.active = 0
         #: compiles started while it was installed: their numbers
         self.started = 0
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(turbogepa_compile)s%(message)s"))
+        # dspy's line format and date format (dspy.utils.logging_utils), so our lines read like its own
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(turbogepa_compile)s%(message)s",
+                                            datefmt="%Y/%m/%d %H:%M:%S"))
         self.addFilter(self._stamp)
 
     def _stamp(self, record: logging.LogRecord) -> bool:
@@ -498,6 +500,29 @@ def _dspy_stream() -> Any:
     except ImportError:
         return None
     return DSPY_LOGGING_STREAM
+
+
+class _LevelRaised(logging.NullHandler):
+    """Marks, on this package's logger, that verbose compiles set it to INFO so that the user's root
+    handler shows their progress, and counts them (the level is reset when the last one ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users = 0
+
+
+def _root_handler_at_default_level(log: logging.Logger) -> bool:
+    """``logging.basicConfig()`` and nothing else: a handler on the root, whose threshold is still the
+    default WARNING, and nothing set on this package's loggers. dspy's INFO lines reach that handler
+    (dspy sets its own logger to INFO), ours were dropped by the root's threshold: a notebook that called
+    ``basicConfig()`` showed dspy.GEPA's progress and none of ours."""
+    if log.level != logging.NOTSET or not log.propagate or log.handlers or logging.root.level != logging.WARNING:
+        return False
+    if not logging.root.handlers:
+        return False
+    prefix = log.name + "."
+    return not any(isinstance(other, logging.Logger) and (other.handlers or other.level != logging.NOTSET)
+                   for name, other in list(logging.root.manager.loggerDict.items()) if name.startswith(prefix))
 
 
 def _logging_configured(log: logging.Logger) -> bool:
@@ -525,13 +550,28 @@ def visible_logs(enabled: bool = True, label: str | None = None) -> Iterator[Non
 
     ``label`` names this compile's lines while several share the handler (default ``#n``, in the order
     they started); ``enabled=False`` keeps this compile's INFO lines off a handler another one installed.
+
+    After ``logging.basicConfig()`` alone (see :func:`_root_handler_at_default_level`) no handler is
+    added: this logger is set to INFO for the compile, as dspy's is, so the progress reaches the user's
+    own handler in their format. (A ``verbose=False`` compile running beside a verbose one then shows
+    its INFO lines there too.)
     """
     log = logging.getLogger("dspy_turbogepa")
     handler: _CompileLogHandler | None = None
+    raised: _LevelRaised | None = None
     number = 0
     with _VISIBLE_LOGS_LOCK:
         handler = next((h for h in log.handlers if isinstance(h, _CompileLogHandler)), None)
-        if enabled and handler is None and not _logging_configured(log):
+        raised = next((h for h in log.handlers if isinstance(h, _LevelRaised)), None)
+        if enabled and handler is None and (raised is not None or _root_handler_at_default_level(log)):
+            if raised is None:
+                raised = _LevelRaised()
+                log.addHandler(raised)
+                log.setLevel(logging.INFO)
+            raised.users += 1
+        else:
+            raised = None
+        if enabled and handler is None and raised is None and not _logging_configured(log):
             handler = _CompileLogHandler(_dspy_stream() or sys.stderr)
             log.addHandler(handler)
             log.setLevel(logging.INFO)
@@ -546,6 +586,13 @@ def visible_logs(enabled: bool = True, label: str | None = None) -> Iterator[Non
         yield
     finally:
         _COMPILE_LOGS.reset(token)
+        if raised is not None:
+            with _VISIBLE_LOGS_LOCK:
+                raised.users -= 1
+                if raised.users == 0:
+                    log.removeHandler(raised)
+                    if log.level == logging.INFO:  # unless the user changed it meanwhile
+                        log.setLevel(logging.NOTSET)
         if handler is not None:
             with _VISIBLE_LOGS_LOCK:
                 handler.active -= 1
