@@ -462,7 +462,19 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
         predictors = list(student.named_predictors())
         if not predictors:
-            raise ValueError("The student program has no predictors (dspy.Predict and friends) to optimize.")
+            hidden = _compiled_submodules(student)
+            raise ValueError(
+                "The student program has no predictors (dspy.Predict and friends) to optimize."
+                + (f" DSPy hides the predictors of a submodule marked compiled ({', '.join(hidden)}: a "
+                   f"compile() by another optimizer marks its result so): set its _compiled = False to "
+                   f"optimize it." if hidden else ""))
+        for name, predictor in predictors:
+            lm = getattr(predictor, "lm", None)
+            if lm is not None and not isinstance(lm, dspy.BaseLM):  # DSPy raises on every call of it
+                shown, model = (repr(lm), repr(lm)) if isinstance(lm, str) else (type(lm).__name__, "...")
+                raise TypeError(
+                    f"The student's predictor {name!r} has lm={shown}, not a dspy.LM: every call of it would "
+                    f"fail. Set an LM object, e.g. program.{name}.set_lm(dspy.LM({model})).")
 
         budget = self._resolve_budget(len(predictors), trainset, valset)
         if valset is None:
@@ -472,6 +484,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
         val = list(valset) if valset is not None else list(trainset)
         train = list(trainset)
+        if budget == len(val):
+            logger.warning(
+                "The budget (%d metric calls) covers only the seed's validation on the valset (%d examples): "
+                "nothing is left for the search, and the seed program will be returned. Raise max_metric_calls "
+                "(or max_full_evals, or use auto=...).", budget, len(val))
         if budget < len(val):
             raise ValueError(
                 f"The budget ({budget} metric calls) does not cover one evaluation of the seed on the valset "
@@ -870,6 +887,29 @@ def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return data_identity(a, "trainset") == data_identity(b, "valset")
 
 
+def _compiled_submodules(student: dspy.Module) -> list[str]:
+    """Attribute paths of submodules marked ``_compiled`` (``named_parameters`` skips their predictors):
+    a program whose inner module came out of BootstrapFewShot has, to DSPy, nothing to optimize."""
+    found: list[str] = []
+    stack: list[tuple[str, Any, int]] = [("", student, 0)]
+    seen: set[int] = set()
+    while stack:
+        path, obj, depth = stack.pop()
+        if id(obj) in seen or depth > 8:
+            continue
+        seen.add(id(obj))
+        items = (obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple))
+                 else vars(obj).items() if isinstance(obj, dspy.Module) else ())
+        for key, value in items:
+            sub = f"{path}.{key}" if isinstance(key, str) and not isinstance(obj, dict) else f"{path}[{key!r}]"
+            sub = sub.lstrip(".")
+            if isinstance(value, dspy.Module) and getattr(value, "_compiled", False):
+                found.append(sub)
+            elif isinstance(value, (dspy.Module, list, tuple, dict)):
+                stack.append((sub, value, depth + 1))
+    return sorted(found)
+
+
 def _flex_submodules(student: dspy.Module) -> list[str]:
     """Names of the student's ``dspy.Flex`` submodules (code components for dspy.GEPA); none on a DSPy
     without Flex."""
@@ -915,6 +955,10 @@ def _as_examples(name: str, examples: Any) -> Any:
 
 def _check_examples(name: str, examples: Sequence[Any]) -> None:
     for i, ex in enumerate(examples):
+        if isinstance(ex, dspy.Prediction):  # an Example subclass without input keys: .inputs() raised
+            raise TypeError(                  # a bare AttributeError ('_input_keys')
+                f"{name}[{i}] is a dspy.Prediction (what a program returns), not a dspy.Example. Build the "
+                f"example from its fields: dspy.Example(**{name}[{i}]).with_inputs(<its input field names>).")
         if not isinstance(ex, dspy.Example):
             build = ("dspy.Example(**row).with_inputs(<its input field names>)" if isinstance(ex, Mapping) else
                      "dspy.Example(question=..., answer=...).with_inputs('question')")

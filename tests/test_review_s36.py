@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import re
 import sys
 from pathlib import Path
 
@@ -106,3 +108,222 @@ def test_a_callable_selector_sees_gepas_iteration_index():
     assert all(a < b for a, b in zip(seen, seen[1:]))
     assert stops == list(range(-1, len(stops) - 1))  # between iterations: the last one finished
     assert set(seen) <= set(range(max(stops) + 2))
+
+
+# ================================================================ bad input (session-36 review)
+def _routing(n_train: int = 12, n_val: int = 8):
+    from dspy_turbogepa.testing import TASKS
+
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=n_train, n_val=n_val, n_test=0)
+    return task, splits.train, splits.val
+
+
+def _optimizer(metric, **kwargs):
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing import make_reflection_lm
+
+    kwargs.setdefault("max_metric_calls", 60)
+    kwargs.setdefault("num_threads", 4)
+    kwargs.setdefault("verbose", False)
+    kwargs.setdefault("reflection_lm", make_reflection_lm(seed=0))
+    return TurboGEPA(metric, **kwargs)
+
+
+def _calls(lm) -> int:
+    from dspy_turbogepa.testing import sim_engine
+
+    return sim_engine(lm).calls
+
+
+def test_a_prediction_in_the_trainset_is_named_not_a_bare_attribute_error():
+    """A dspy.Prediction is an Example subclass without input keys: ``.inputs()`` raised
+    ``AttributeError: 'Prediction' object has no attribute '_input_keys'`` from our check."""
+    import dspy
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+    lm = make_student_lm(seed=0)
+    bad = [dspy.Prediction(**dict(ex)) for ex in train]
+    with dspy.context(lm=lm), pytest.raises(TypeError, match=r"trainset\[0\] is a dspy.Prediction .*with_inputs"):
+        _optimizer(task.metric).compile(task.make_program(), trainset=bad, valset=val)
+    assert _calls(lm) == 0
+
+
+def test_a_builtin_student_given_inputs_under_other_names_is_refused_before_any_call(caplog):
+    """``dspy.Predict('ticket -> queue')`` takes ``**kwargs``, so binding passed; DSPy drops an input
+    it does not know and calls the LM with every input empty (it only warns): 200 student and 88
+    reflection calls, then the seed. dspy.GEPA does the same."""
+    import dspy
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+    renamed = [dspy.Example(text=ex.ticket, queue=ex.queue).with_inputs("text") for ex in train]
+    lm = make_student_lm(seed=0)
+    for student in (dspy.Predict("ticket -> queue"), dspy.ChainOfThought("ticket -> queue")):
+        with dspy.context(lm=lm), pytest.raises(TypeError, match=r"trainset's inputs \['text'\] are none of "
+                                                              r"\w+'s input fields \['ticket'\]"):
+            _optimizer(task.metric).compile(student, trainset=renamed, valset=val)
+    assert _calls(lm) == 0
+    # one of two inputs missing everywhere: a warning, and the run goes on
+    partial = [dspy.Example(ticket=ex.ticket, queue=ex.queue).with_inputs("ticket") for ex in train]
+    with dspy.context(lm=lm), caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        _optimizer(task.metric, max_metric_calls=30).compile(
+            dspy.Predict("ticket, customer_tier -> queue"), trainset=partial, valset=partial[:4])
+    assert any("customer_tier" in r.getMessage() and "without it" in r.getMessage() for r in caplog.records)
+
+
+def test_a_forward_without_return_is_warned_about():
+    """Every prediction None, every predictor running fine: the run paid 164 student and 128 reflection
+    calls and stopped with 'no progress' and no failure to explain the 0.0. The metric still gets
+    pred=None (dspy.GEPA's way; a program may abstain), and one warning says what happened."""
+    import dspy
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+
+    class ReturnsNone(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.route = dspy.Predict(dspy.Signature("ticket -> queue", "Route the ticket."))
+
+        def forward(self, ticket):
+            self.route(ticket=ticket)
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return float(getattr(pred, "queue", None) == gold.queue)
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("dspy_turbogepa")
+    log.addHandler(handler)
+    try:
+        with dspy.context(lm=make_student_lm(seed=0)):
+            _optimizer(metric, max_metric_calls=30).compile(ReturnsNone(), trainset=train, valset=val)
+    finally:
+        log.removeHandler(handler)
+    warned = [r.getMessage() for r in records if "returned None" in r.getMessage()]
+    assert len(warned) == 1 and "`return`" in warned[0], warned
+
+
+def test_predictors_the_program_never_calls_stop_the_run():
+    """A forward that calls the LM itself: no reflection ever has a trace to read. The run skipped 204
+    proposals as 'no_reflective_data' and stopped with 'the last mutations changed nothing', returning
+    the seed. Now the first 8 such reflections stop it, naming the predictor and the cause."""
+    import dspy
+
+    from dspy_turbogepa import SystemicFailureError
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+
+    class Unused(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.route = dspy.Predict(dspy.Signature("ticket -> queue", "Route the ticket."))
+
+        def forward(self, ticket):
+            out = dspy.settings.lm(messages=[{"role": "user", "content": f"Route the ticket.\nticket: {ticket}"}])
+            return dspy.Prediction(queue=str(out[0]).strip())
+
+    lm = make_student_lm(seed=0)
+    expected = r"nothing to reflect on \(no usable trace records for route\): the program ran without calling"
+    with dspy.context(lm=lm), pytest.raises(SystemicFailureError, match=expected + ".*forward calls them"):
+        _optimizer(task.metric, max_metric_calls=200).compile(Unused(), trainset=train, valset=val)
+    assert _calls(lm) < 60
+
+
+def test_a_predictor_holding_a_model_name_string_is_refused_before_any_call():
+    import dspy
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+    program = task.make_program()
+    name, predictor = next(iter(program.named_predictors()))
+    predictor.lm = "openai/gpt-4o-mini"
+    lm = make_student_lm(seed=0)
+    with dspy.context(lm=lm), pytest.raises(TypeError, match=rf"predictor '{re.escape(name)}' has "
+                                                             r"lm='openai/gpt-4o-mini', not a dspy.LM.*set_lm"):
+        _optimizer(task.metric).compile(program, trainset=train, valset=val)
+    assert _calls(lm) == 0
+
+
+def test_a_misspelt_provider_on_the_reflection_lm_stops_at_its_first_call():
+    """``dspy.LM("opneai/gpt-4o-mini")``: litellm refuses to route it before any request, every time.
+    It was an ordinary failed reflection, so the run stopped only after 8 of them."""
+    import dspy
+
+    from dspy_turbogepa import SystemicFailureError
+    from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, classify
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+    with dspy.context(lm=make_student_lm(seed=0)), pytest.raises(
+            SystemicFailureError, match=r"failed with an error retrying cannot fix.*LLM Provider NOT provided") as info:
+        _optimizer(task.metric, reflection_lm=dspy.LM("opneai/gpt-4o-mini"), max_metric_calls=200).compile(
+            task.make_program(), trainset=train, valset=val)
+    assert info.value.error_type == "UnknownProviderError"
+    assert not classify(ValueError("LLM Provider NOT provided"), FATAL_ERROR_TYPES).fatal  # not the user's own
+
+
+def test_a_metric_return_without_a_score_names_its_keys():
+    import dspy
+
+    from dspy_turbogepa.adapter.metric import read_metric_return
+
+    reading = read_metric_return({"feedback": "ok", "value": 1.0}, 0.0)
+    assert reading.invalid is not None and "dict without a 'score'" in reading.invalid
+    assert "['feedback', 'value']" in reading.invalid and "dspy.Prediction(score=" in reading.invalid
+    assert "Prediction without a 'score'" in (read_metric_return(dspy.Prediction(metric=1.0), 0.0).invalid or "")
+    assert read_metric_return(dspy.Prediction(score=None, feedback="f"), 0.0).invalid == \
+        "the metric returned no score (None)"
+
+
+def test_a_budget_of_exactly_the_valset_is_warned_about(caplog):
+    import dspy
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+    with dspy.context(lm=make_student_lm(seed=0)), caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        _optimizer(task.metric, max_metric_calls=len(val)).compile(task.make_program(), trainset=train, valset=val)
+    assert any("covers only the seed's validation" in r.getMessage() for r in caplog.records)
+
+
+def test_a_submodule_compiled_by_another_optimizer_is_named():
+    """DSPy hides the predictors of a submodule marked ``_compiled`` (BootstrapFewShot's result):
+    'no predictors' said nothing about why."""
+    import dspy
+
+    task, train, val = _routing()
+
+    class Outer(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = task.make_program()
+            self.inner._compiled = True
+
+        def forward(self, ticket):
+            return self.inner(ticket=ticket)
+
+    with pytest.raises(ValueError, match=r"no predictors .*compiled \(inner: .*_compiled = False"):
+        _optimizer(task.metric).compile(Outer(), trainset=train, valset=val)
+
+
+def test_a_class_given_for_an_instance_says_pass_an_instance():
+    from dspy.teleprompt.gepa.instruction_proposal import MultiModalInstructionProposer
+    from gepa.strategies.component_selector import RoundRobinReflectionComponentSelector
+
+    task, _, _ = _routing()
+    with pytest.raises(TypeError, match=r"component_selector is the class RoundRobinReflectionComponentSelector, "
+                                        r"not an instance of it: pass RoundRobinReflectionComponentSelector\(\)"):
+        _optimizer(task.metric, component_selector=RoundRobinReflectionComponentSelector)
+    with pytest.raises(TypeError, match=r"pass MultiModalInstructionProposer\(\) instead"):
+        _optimizer(task.metric, instruction_proposer=MultiModalInstructionProposer)
+    _optimizer(task.metric, component_selector=RoundRobinReflectionComponentSelector(),
+               instruction_proposer=MultiModalInstructionProposer())

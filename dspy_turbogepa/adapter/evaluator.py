@@ -213,6 +213,7 @@ class DspyEvaluator:
         )
         self._stats = RateLimitStats()
         self._retry_logged = FirstOfKind()  # error types whose transient retry was logged at INFO
+        self._output_noted = FirstOfKind()  # one-time warnings about what the program returned
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
         self._closed_event = threading.Event()
@@ -614,6 +615,12 @@ class DspyEvaluator:
                 example_id, self._failure_score, failure=failure, message=message + _user_frame(error),
                 trajectory=trajectory, error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
             ), 0
+        if pred is None and self._output_noted.first("returned_none"):
+            # Scored as the metric says, as dspy.GEPA does (a program may abstain on purpose), but a forward
+            # without its `return` scores 0 everywhere while every predictor runs fine: nothing else says so.
+            logger.warning("The program returned None (on %s example %d): the metric is called with pred=None, "
+                           "as dspy.GEPA calls it. If forward has no `return`, every example scores like this and "
+                           "no instruction can fix it.", split, example_id)
         try:
             ret, retries = self._call_metric(example, pred)
         except EvaluatorClosedError:  # the run ended during the metric's backoff: not the metric's failure

@@ -90,6 +90,14 @@ def _field(ret: Any, name: str) -> Any:
         return getattr(ret, name, None)
 
 
+def _keys(ret: Any) -> list[str]:
+    """The first few keys of a structured metric return, to name in a message."""
+    try:
+        return sorted(str(k) for k in ret.keys())[:8]  # noqa: SIM118 - keys() is what marks it structured
+    except Exception:  # noqa: BLE001 - an odd mapping: the message names no keys, the score is still failed
+        return []
+
+
 def _objectives(obj: Mapping[Any, Any]) -> tuple[dict[str, float] | None, str | None]:
     """Objective scores as floats, or why one is unusable (checked like the main score, so a bad
     objective is recorded as ``metric_invalid`` instead of raising in the evaluation thread)."""
@@ -124,6 +132,11 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
             objectives, bad = _objectives(obj)
             if bad is not None:
                 return MetricReading(failure_score, feedback, None, invalid=bad)
+    if raw is None and is_structured and "score" not in (keys := _keys(ret)):
+        return MetricReading(
+            failure_score, feedback, objectives,
+            invalid=f"the metric returned a {type(ret).__name__} without a 'score' (its keys: {keys}); return "
+                    f"dspy.Prediction(score=..., feedback=...) or a number")
     if raw is None:
         return MetricReading(failure_score, feedback, objectives, invalid="the metric returned no score (None)")
     if isinstance(raw, bool):

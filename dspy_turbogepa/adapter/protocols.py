@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dspy_turbogepa.adapter.introspect import runs_async, user_defines
+from dspy_turbogepa.adapter.introspect import in_dspy_package, runs_async, user_defines
 
 
 def check_call_protocol(
@@ -19,7 +19,20 @@ def check_call_protocol(
 ) -> None:
     """Raise ``TypeError`` naming ``argument`` and the expected ``protocol`` when ``fn`` cannot be
     called with ``args`` / ``kwargs`` (placeholders: only their number and names matter). A callable
-    without a readable signature (a builtin, some C extensions) is let through: nothing to check."""
+    without a readable signature (a builtin, some C extensions) is let through: nothing to check.
+
+    A class whose instances take the call (``MultiModalInstructionProposer``,
+    ``RoundRobinReflectionComponentSelector``) is refused with "pass X()": calling the class would build
+    an instance instead of an answer (a ``Protocol`` subclass takes any arguments, so nothing else would
+    catch it before the run), and "give it those parameters" sent users to edit the class."""
+    if inspect.isclass(fn) and "__call__" in {n for klass in fn.__mro__[:-1] for n in vars(klass)}:
+        try:
+            inspect.signature(fn.__call__).bind(None, *args, **dict(kwargs or {}))
+        except (TypeError, ValueError):
+            pass
+        else:
+            raise TypeError(f"{argument} is the class {fn.__qualname__}, not an instance of it: pass "
+                            f"{fn.__qualname__}() instead.")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -103,7 +116,37 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> list
     if absent:
         log.warning("%s: .with_inputs(...) marks %s, which no example has, so nothing is passed for it (the "
                     "examples' fields: %s). A typo in with_inputs?", name, absent, sorted(present))
+    fields = _builtin_input_fields(student)
+    if fields and examples:
+        given = set().union(*(dict(ex.inputs()) for ex in examples))
+        never = [f for f in fields if f not in given]
+        described = f"{type(student).__name__}'s input fields {fields}"
+        if len(never) == len(fields):
+            raise TypeError(
+                f"{name}'s inputs {sorted(given)} are none of {described}: DSPy would call the LM with every "
+                f"input empty on every example.{hint} Mark the inputs with .with_inputs(...) under the "
+                f"signature's names, or rename the examples' fields to match.")
+        if never:
+            log.warning("%s: no example gives %s %s, so the LM is always called without it (the examples' "
+                        "inputs: %s).", name, described, never, sorted(given))
     return failed
+
+
+def _builtin_input_fields(student: Any) -> list[str] | None:
+    """The input fields a DSPy built-in student (``dspy.Predict('ticket -> queue')``, a ChainOfThought,
+    a ReAct) reads from its call's keywords. Its ``forward(**kwargs)`` takes any name, so binding says
+    nothing; an input under another name is dropped and the LM is called without it (DSPy only warns).
+    None for the user's own module, which may map its inputs as it likes."""
+    if not in_dspy_package(type(student)) or user_defines(type(student), "forward"):
+        return None
+    signature = getattr(student, "signature", None)
+    if signature is None:
+        predictors = list(student.named_predictors()) if hasattr(student, "named_predictors") else []
+        if len(predictors) != 1:
+            return None
+        signature = getattr(predictors[0][1], "signature", None)
+    fields = getattr(signature, "input_fields", None)
+    return list(fields) if isinstance(fields, Mapping) and fields else None
 
 
 def _bind_error(sig: inspect.Signature, plain: inspect.Signature, first: tuple[Any, ...],

@@ -63,7 +63,7 @@ FATAL_ERROR_TYPES = frozenset(
         "UnsupportedModelError",
         "MissingCredentialError",
         "BillingError",
-        "BadRequestError_model_not_found",
+        "UnknownProviderError",  # not a class: litellm's BadRequestError for a model string it cannot route
         "ConnectionRefusedError",
         "LMAuthError",
         "LMBillingError",
@@ -268,11 +268,21 @@ def _from_lm_stack(exc: BaseException) -> bool:
     return (type(exc).__module__ or "").split(".", 1)[0] in LM_STACK_PACKAGES
 
 
+#: What litellm raises, before any request, for a model string whose provider it does not know
+#: (``"opneai/gpt-4o"``; DSPy hands such a string to litellm): every call will fail the same way.
+_UNKNOWN_PROVIDER_MESSAGE = "llm provider not provided"
+
+
 def _first_fatal(chain: Iterable[BaseException], fatal: frozenset[str]) -> str | None:
     for cur in chain:
         name = type(cur).__name__
-        if name in fatal and _from_lm_stack(cur):
+        if not _from_lm_stack(cur):
+            continue
+        if name in fatal:
             return name
+        if ("UnknownProviderError" in fatal and name == "BadRequestError"
+                and _UNKNOWN_PROVIDER_MESSAGE in str(cur).lower()):
+            return "UnknownProviderError"
     return None
 
 

@@ -144,6 +144,8 @@ class SystemicFailureDetector:
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
         self._proposer_error_types: dict[str, str] = {}
+        self._nothing_read = 0  # reflections before the first usable one that had nothing to reflect on
+        self._nothing_example = ""
 
     def resume(self, succeeded_splits: Iterable[str], proposal_succeeded: bool) -> None:
         """What an earlier session of the run already saw: after a success in a split there, the first-N
@@ -198,6 +200,8 @@ class SystemicFailureDetector:
                 failure="proposer_error",
                 error_type=outcome.error_type,
             )
+        if not self._seen_proposal and outcome.skipped == NOTHING_TO_REFLECT_ON and outcome.not_run:
+            self._no_predictor_ran(outcome)
         if self._seen_proposal or outcome.skipped not in PROPOSER_FAILURES:
             return
         self._proposer_failures[outcome.skipped] += 1
@@ -213,6 +217,25 @@ class SystemicFailureDetector:
                 failure=reason,
                 error_type=self._proposer_error_types.get(reason),
             )
+
+    def _no_predictor_ran(self, outcome: ProposalOutcome) -> None:
+        """``proposal_window`` reflections before the first usable one, each reading rollouts that ran to
+        the end without calling the predictors it was to improve (``ProposalOutcome.not_run``): the
+        program does not call them (a forward that calls an LM directly, or another module's
+        predictors). Every later mutation would be skipped the same way until the no-progress limit,
+        which returned the seed as if the search had ended. Other reasons for nothing to reflect on (the
+        program failed outside the predictors on the examples read) are left to the other rules."""
+        self._nothing_read += 1
+        self._nothing_example = self._nothing_example or outcome.message or ""
+        if self._nothing_read < self.proposal_window:
+            return
+        raise SystemicFailureError(
+            f"Stopping: the first {self._nothing_read} reflections had nothing to reflect on "
+            f"({self._nothing_example}): the program ran without calling the predictors being optimized. "
+            "Check that the program's forward calls them: only the predictors of student.named_predictors() "
+            "are optimized, and one the program holds but never calls cannot be.",
+            failure=NOTHING_TO_REFLECT_ON,
+        )
 
     def _observe_proposal_service(self, outcome: ProposalOutcome) -> None:
         """The outage rule for reflections: a streak of proposals the reflection LM's service failed,

@@ -205,8 +205,10 @@ class ReflectiveProposer:
             logger.debug("Building the reflective dataset failed:\n%s", describe_traceback(exc))
             return ProposalOutcome(skipped="reflective_dataset_error", message=message)
         if not any(c in dataset for c in components):
+            finished = [o.trajectory for o in outcomes if o.trajectory is not None and o.trajectory.error is None]
+            not_run = bool(finished) and not any(step.pred_name in components for t in finished for step in t.steps)
             return ProposalOutcome(skipped=NOTHING_TO_REFLECT_ON, message="no usable trace records for "
-                                   + ", ".join(components))
+                                   + ", ".join(components), not_run=not_run)
         return dataset
 
     def _propose(
