@@ -27,7 +27,7 @@ from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+from dspy_turbogepa.adapter.evaluator import DspyEvaluator, ManagedEvaluator
 from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.persistence import last_committed_mutation, stored_usage
@@ -47,6 +47,7 @@ from dspy_turbogepa.engine.config import (
 )
 from dspy_turbogepa.engine.records import EngineResult, RunStats
 from dspy_turbogepa.engine.systemic import MAX_PROPOSAL_WINDOW, NO_STORE_ADVICE, RESUME_ADVICE
+from dspy_turbogepa.engine.types import Split
 from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
@@ -535,6 +536,25 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
                              expected_failures=expected, finished=finished)
 
+    def _make_evaluator(self, codec: ProgramCodec, data: Mapping[Split, Sequence[dspy.Example]],
+                        config: EngineConfig, num_threads: int) -> ManagedEvaluator:
+        """The evaluator this compile runs its rollouts with (one per compile, closed when it ends).
+        A subclass may return another :class:`ManagedEvaluator` (rollouts on Ray workers, say); the
+        engine asks it only for ``evaluate``, and never more than ``num_threads`` at once."""
+        return DspyEvaluator(
+            codec,
+            data,
+            self.metric_fn,
+            float(self.failure_score),
+            max_workers=num_threads,
+            keep_outputs=self.track_best_outputs,
+            seed=self.seed,
+            price_table=self.price_table,
+            # two waves of evaluations, as the outage rule waits for: one candidate's minibatch and shard
+            # failing is no sign the metric broke
+            metric_probe_after=max(config.systemic_failure_window, 2 * num_threads),
+        )
+
     def _run(
         self, codec: ProgramCodec, cleanup: ExitStack, train: list[dspy.Example], val: list[dspy.Example],
         budget: int, num_threads: int, shared_splits: bool = False,
@@ -550,19 +570,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         proposer = self.custom_instruction_proposer or InstructionProposer()
         config = self._engine_config(budget, num_threads, len(val),
                                      n_examples=len(val) if shared_splits else len(val) + len(train))
-        evaluator = DspyEvaluator(
-            codec,
-            {"train": train, "val": val},
-            self.metric_fn,
-            float(self.failure_score),
-            max_workers=num_threads,
-            keep_outputs=self.track_best_outputs,
-            seed=self.seed,
-            price_table=self.price_table,
-            # two waves of evaluations, as the outage rule waits for: one candidate's minibatch and shard
-            # failing is no sign the metric broke
-            metric_probe_after=max(config.systemic_failure_window, 2 * num_threads),
-        )
+        evaluator = self._make_evaluator(codec, {"train": train, "val": val}, config, num_threads)
         cleanup.callback(evaluator.close)
         builder = ReflectiveDatasetBuilder(
             codec,
@@ -972,7 +980,7 @@ def _check_examples(name: str, examples: Sequence[Any]) -> None:
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
 
 
-def live_run_stats(orchestrator: Orchestrator, evaluator: DspyEvaluator, reflector: Any = None) -> RunStats:
+def live_run_stats(orchestrator: Orchestrator, evaluator: ManagedEvaluator, reflector: Any = None) -> RunStats:
     """The run's stats with the evaluator's (and the reflection LM's) rate-limit counters and windows as
     they are now (the engine fills them only at the end), so MLflow charts them over time."""
     limits = evaluator.rate_limit_stats()

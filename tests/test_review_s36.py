@@ -327,3 +327,47 @@ def test_a_class_given_for_an_instance_says_pass_an_instance():
         _optimizer(task.metric, instruction_proposer=MultiModalInstructionProposer)
     _optimizer(task.metric, component_selector=RoundRobinReflectionComponentSelector(),
                instruction_proposer=MultiModalInstructionProposer())
+
+
+def test_an_evaluator_of_ones_own_plugs_in_through_make_evaluator():
+    """extending.md's Ray row: compile() always built a DspyEvaluator, so an evaluator running rollouts
+    elsewhere had no seam short of copying ``_run``. ``_make_evaluator`` is the seam, and
+    ``ManagedEvaluator`` says what compile() asks of it (evaluate, rate_limit_stats, close)."""
+    import dspy
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.adapter.evaluator import ManagedEvaluator
+    from dspy_turbogepa.testing import make_reflection_lm, make_student_lm
+
+    task, train, val = _routing()
+    seen: dict[str, int] = {"evaluate": 0, "closed": 0}
+
+    class Remote:
+        """Stands in for an evaluator on workers: delegates, and counts."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def evaluate(self, texts, fingerprint, split, example_id, capture_traces):
+            seen["evaluate"] += 1
+            return await self.inner.evaluate(texts, fingerprint, split, example_id, capture_traces)
+
+        def rate_limit_stats(self):
+            return {}
+
+        def close(self):
+            seen["closed"] += 1
+            self.inner.close()
+
+    class OnWorkers(TurboGEPA):
+        def _make_evaluator(self, codec, data, config, num_threads):
+            made = Remote(super()._make_evaluator(codec, data, config, num_threads))
+            assert isinstance(made, ManagedEvaluator)
+            return made
+
+    opt = OnWorkers(task.metric, max_metric_calls=40, num_threads=4, verbose=False, track_stats=True,
+                    reflection_lm=make_reflection_lm(seed=0))
+    with dspy.context(lm=make_student_lm(seed=0)):
+        program = opt.compile(task.make_program(), trainset=train, valset=val)
+    assert seen["evaluate"] == program.detailed_results.run_stats["metric_calls_executed"] > 0
+    assert seen["closed"] == 1

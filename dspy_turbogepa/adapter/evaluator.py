@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import dspy
 
@@ -72,7 +72,7 @@ from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 from dspy_turbogepa.engine.aimd import AimdRegistry
 from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, SystemicFailureError, cancelling
 from dspy_turbogepa.engine.systemic import RESUME_ADVICE
-from dspy_turbogepa.engine.types import EvalOutcome, FailureKind, Split
+from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, FailureKind, Split
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error
 
@@ -154,6 +154,18 @@ class _Attempt:
     error: BaseException | None = None
     usage: RolloutUsage = field(default_factory=RolloutUsage)
     metric_retries: int = 0
+
+
+@runtime_checkable
+class ManagedEvaluator(Evaluator, Protocol):
+    """What ``compile()`` asks of the evaluator it runs, beyond the engine's ``Evaluator``: its rate-limit
+    counters and windows (for the progress display, MLflow and ``run_stats["rate_limits"]``; an empty
+    dict is fine) and ``close()`` when the compile ends, however it ends. ``TurboGEPA._make_evaluator``
+    returns one: the seam where an evaluator running rollouts elsewhere (Ray workers) plugs in."""
+
+    def rate_limit_stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 class DspyEvaluator:
