@@ -8,30 +8,29 @@ nothing.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import dspy
-from dspy.clients.base_lm import BaseLM
 from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from dspy_turbogepa.adapter.data import as_examples, check_examples, compiled_submodules, flex_submodules, same_examples
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator, ManagedEvaluator
-from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
+from dspy_turbogepa.adapter.lm_discovery import compile_lms, lm_api_keys, warn_unpriced
 from dspy_turbogepa.adapter.metric import check_metric_signature
 from dspy_turbogepa.adapter.persistence import last_committed_mutation, stored_usage
-from dspy_turbogepa.adapter.program import ProgramCodec, all_named_predictors
+from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
@@ -52,12 +51,7 @@ from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
 from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 from dspy_turbogepa.redaction import (
-    MIN_ENV_SECRET_LENGTH,
-    is_sensitive_key,
     run_secrets,
-    url_basic_credentials,
-    url_credentials,
-    url_key_material,
 )
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.imports import ctrl_c_held, drop_cut_short_imports
@@ -430,8 +424,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         valset: list[dspy.Example] | None = None,
     ) -> dspy.Module:
         """Optimize ``student``'s instructions; returns a new program (the student is not modified)."""
-        trainset = _as_examples("trainset", trainset)
-        valset = _as_examples("valset", valset)
+        trainset = as_examples("trainset", trainset)
+        valset = as_examples("valset", valset)
         if trainset is None or len(trainset) == 0:
             raise ConfigurationError("Trainset must be provided and non-empty: compile(student, trainset=[...]).")
         if teacher is not None:
@@ -443,18 +437,18 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 "valset is empty. Pass valset=None to validate on the trainset (as dspy.GEPA does), "
                 "or a non-empty list."
             )
-        _check_examples("trainset", trainset)
+        check_examples("trainset", trainset)
         if valset is not None:
-            _check_examples("valset", valset)
+            check_examples("valset", valset)
         # valset=None and valset=trainset (or an equal copy) are the same run: one evaluation serves both
         # (decided once: for a large dataset it hashes every example)
-        shared = valset is None or _same_examples(trainset, valset)
+        shared = valset is None or same_examples(trainset, valset)
         # examples that will fail whatever the instructions say: left out of the systemic-failure check (the
         # same examples are checked, and warned about, once)
         expected: dict[str, list[int]] = {"val": check_inputs_reach(student, "trainset", trainset)} if shared else {
             "train": check_inputs_reach(student, "trainset", trainset),
             "val": check_inputs_reach(student, "valset", valset)}
-        flex = _flex_submodules(student)
+        flex = flex_submodules(student)
         if flex:
             raise NotImplementedError(
                 f"The student has dspy.Flex submodules ({', '.join(sorted(flex))}): dspy.GEPA evolves their "
@@ -463,7 +457,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
         predictors = list(student.named_predictors())
         if not predictors:
-            hidden = _compiled_submodules(student)
+            hidden = compiled_submodules(student)
             raise ValueError(
                 "The student program has no predictors (dspy.Predict and friends) to optimize."
                 + (f" DSPy hides the predictors of a submodule marked compiled ({', '.join(hidden)}: a "
@@ -528,11 +522,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             cleanup.enter_context(visible_logs(self.verbose, label=Path(self.log_dir).name if self.log_dir else None))
             # keys passed as dspy.LM(api_key=...) are masked like environment keys in the store, logs and MLflow
             reached = (student, self.reflection_lm, self.metric_fn, self.custom_instruction_proposer)
-            cleanup.enter_context(run_secrets(_lm_api_keys(*reached)))
+            cleanup.enter_context(run_secrets(lm_api_keys(*reached)))
             if self.cost_budget_usd is not None:
                 # the configured LM is named even when every predictor holds its own: a judge metric's
                 # dspy.Predict without an LM of its own would call it, and nothing shows whether one will
-                _warn_unpriced(_compile_lms(*reached), self.price_table, self.cost_budget_usd)
+                warn_unpriced(compile_lms(*reached), self.price_table, self.cost_budget_usd)
             return self._run(codec, cleanup, train, val, budget, num_threads, shared_splits=shared,
                              expected_failures=expected, finished=finished)
 
@@ -883,51 +877,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
 
 
-def _same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    """The same examples in the same order, with the same inputs: the same objects, or the same content
-    by the run key's own hash (an Example's ``==`` ignores the inputs and raises on NumPy fields)."""
-    if len(a) != len(b):
-        return False
-    if all(x is y for x, y in zip(a, b)):
-        return True
-    from dspy_turbogepa.adapter.run_identity import data_identity
-
-    return data_identity(a, "trainset") == data_identity(b, "valset")
-
-
-def _compiled_submodules(student: dspy.Module) -> list[str]:
-    """Attribute paths of submodules marked ``_compiled`` (``named_parameters`` skips their predictors):
-    a program whose inner module came out of BootstrapFewShot has, to DSPy, nothing to optimize."""
-    found: list[str] = []
-    stack: list[tuple[str, Any, int]] = [("", student, 0)]
-    seen: set[int] = set()
-    while stack:
-        path, obj, depth = stack.pop()
-        if id(obj) in seen or depth > 8:
-            continue
-        seen.add(id(obj))
-        items = (obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple))
-                 else vars(obj).items() if isinstance(obj, dspy.Module) else ())
-        for key, value in items:
-            sub = f"{path}.{key}" if isinstance(key, str) and not isinstance(obj, dict) else f"{path}[{key!r}]"
-            sub = sub.lstrip(".")
-            if isinstance(value, dspy.Module) and getattr(value, "_compiled", False):
-                found.append(sub)
-            elif isinstance(value, (dspy.Module, list, tuple, dict)):
-                stack.append((sub, value, depth + 1))
-    return sorted(found)
-
-
-def _flex_submodules(student: dspy.Module) -> list[str]:
-    """Names of the student's ``dspy.Flex`` submodules (code components for dspy.GEPA); none on a DSPy
-    without Flex."""
-    try:
-        from dspy.teleprompt.gepa.gepa_flex_utils import enumerate_flex_submodules
-    except ImportError:
-        return []
-    return list(enumerate_flex_submodules(student))
-
-
 #: Systemic failures of the user's search hooks (gepa_kwargs['stop_callbacks'], component_selector).
 _SEARCH_HOOK_FAILURES = frozenset({"stop_callback_error", "no_components", "selector_error"})
 
@@ -942,44 +891,6 @@ def _check_score(name: str, value: Any, fix: str) -> float:
     return float(value)
 
 
-def _as_examples(name: str, examples: Any) -> Any:
-    """A list of any other iterable (a generator, a dataset view); a mapping or a string is refused, since
-    iterating it yields keys or characters, not examples."""
-    if examples is None or isinstance(examples, Sequence) and not isinstance(examples, str):
-        return examples
-    kind = type(examples)
-    if isinstance(examples, dspy.Example):  # iterable too (its keys), which blamed its field names
-        raise TypeError(
-            f"{name} must be a list of dspy.Example, got a single dspy.Example: wrap it in a list, [example].")
-    if kind.__name__ == "DataFrame":  # pandas / polars: iterating gives the column names
-        raise TypeError(
-            f"{name} must be a list of dspy.Example, got a {kind.__module__.split('.')[0]} DataFrame. Convert its "
-            f"rows: [dspy.Example(**row).with_inputs(...) for row in df.to_dict('records')] (pandas)."
-        )
-    if isinstance(examples, (Mapping, str, bytes)) or not isinstance(examples, Iterable):
-        raise TypeError(f"{name} must be a list of dspy.Example, got {kind.__name__}.")
-    return list(examples)
-
-
-def _check_examples(name: str, examples: Sequence[Any]) -> None:
-    for i, ex in enumerate(examples):
-        if isinstance(ex, dspy.Prediction):  # an Example subclass without input keys: .inputs() raised
-            raise TypeError(                  # a bare AttributeError ('_input_keys')
-                f"{name}[{i}] is a dspy.Prediction (what a program returns), not a dspy.Example. Build the "
-                f"example from its fields: dspy.Example(**{name}[{i}]).with_inputs(<its input field names>).")
-        if not isinstance(ex, dspy.Example):
-            build = ("dspy.Example(**row).with_inputs(<its input field names>)" if isinstance(ex, Mapping) else
-                     "dspy.Example(question=..., answer=...).with_inputs('question')")
-            raise TypeError(f"{name}[{i}] is a {type(ex).__name__}, not a dspy.Example. Build each example as "
-                            f"{build}.")
-        try:
-            ex.inputs()
-        except ValueError as e:
-            raise ValueError(
-                f"{name}[{i}] has no input fields set. Mark them with .with_inputs(...), e.g. "
-                f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
-
-
 def live_run_stats(orchestrator: Orchestrator, evaluator: ManagedEvaluator, reflector: Any = None) -> RunStats:
     """The run's stats with the evaluator's (and the reflection LM's) rate-limit counters and windows as
     they are now (the engine fills them only at the end), so MLflow charts them over time."""
@@ -989,102 +900,6 @@ def live_run_stats(orchestrator: Orchestrator, evaluator: ManagedEvaluator, refl
         orchestrator.stats.reflective_records_skipped = Counter(reflector.skipped_records())
     orchestrator.stats.rate_limits = limits
     return orchestrator.stats
-
-
-def _compile_lms(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[Any]:
-    """The LM objects this compile will call, each once: the program's predictors', the configured and
-    the reflection LM, those the configured adapter holds, and those found one step away from the
-    program's modules and from ``others`` (the metric, the instruction proposer): an LM the module holds
-    and runs with ``dspy.context(lm=...)``, a judge metric's or a proposer's own LM, as an attribute, a
-    closure cell or a global the function names."""
-    lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
-    lms += [dspy.settings.lm, reflection_lm]
-    lms += _held_lms(dspy.settings.adapter)  # TwoStepAdapter's extraction model answers every rollout
-    lms += [lm for _, module in student.named_sub_modules() for lm in _held_lms(module)]
-    lms += [lm for obj in others for lm in _held_lms(obj)]
-    # by identity: an LM class that defines __eq__ without __hash__ is unhashable
-    return list({id(lm): lm for lm in lms if lm is not None}.values())
-
-
-def _warn_unpriced(lms: Sequence[Any], price_table: Mapping[str, tuple[float, float]], cap: float) -> None:
-    """Before the first call: name each LM the dollar cap cannot price (not in ``price_table``, not in
-    DSPy's model table). Its calls count $0, so the cap would hold while the bill grows; the run-time
-    warning catches only a run whose every call is unpriced."""
-    unpriced = sorted({model for lm in lms if isinstance(model := getattr(lm, "model", None), str)
-                       and not model_is_priced(model, price_table)})
-    if unpriced:
-        logger.warning(
-            "cost_budget_usd=%s: no price is known for %s (not in price_table, not in DSPy's model table): "
-            "its calls count $0 toward the cap. Pass price_table={model: (usd per 1M prompt tokens, usd per 1M "
-            "completion tokens)}, or a token_budget.", cap, ", ".join(unpriced))
-
-
-def _lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[str]:
-    """Credentials held by the LMs this compile will call (:func:`_compile_lms`), so that any text
-    quoting them (an error body echoing the key it was given) is masked exactly: every credential-named
-    argument (``api_key``, ``aws_secret_access_key``, ``aws_session_token``, ...), the password in an
-    ``api_base`` URL and its path or query parts that look like key material, and the values of
-    credential headers (``Authorization``, ``x-api-key``, ``x-portkey-virtual-key``, ...)."""
-    keys: list[str] = []
-    for lm in _compile_lms(student, reflection_lm, *others):
-        kwargs = getattr(lm, "kwargs", None)
-        if not isinstance(kwargs, dict):
-            continue
-        candidates: list[Any] = [value for name, value in kwargs.items() if is_sensitive_key(name)]
-        for field in ("headers", "extra_headers", "default_headers"):
-            headers = kwargs.get(field)
-            if isinstance(headers, dict):
-                for name, value in headers.items():
-                    # a header named "...key" is a credential (x-portkey-virtual-key, x-goog-api-key)
-                    if (is_sensitive_key(name) or str(name).lower().endswith("key")) and isinstance(value, str):
-                        candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
-        keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
-        url = lm_api_base(lm)
-        if url:
-            # a URL's password is never a placeholder word (run_secrets drops short values); a token
-            # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
-            keys += url_credentials(url, username_if=_looks_like_a_key)
-            keys += url_basic_credentials(url)  # what a client sends for that userinfo, echoed by a gateway
-            keys += url_key_material(url)  # a gateway's key in the path (.../gw/<token>/v1) or the query
-    return keys
-
-
-def _held_lms(obj: Any) -> list[Any]:
-    """The LMs ``obj`` holds one step away: its attributes (and the predictors of a module metric), for
-    a function its closure cells, default arguments and the globals its code names, for a
-    ``functools.partial`` its bound arguments and its function's. Only a look, never a call."""
-    if obj is None:
-        return []
-    if isinstance(obj, BaseLM):
-        return [obj]
-    from dspy_turbogepa.adapter.run_identity import global_names
-
-    values: list[Any] = []
-    if isinstance(obj, functools.partial):  # partial(judge_metric, judge=dspy.LM(...))
-        values += [*obj.args, *obj.keywords.values()]
-        return [v for v in values if isinstance(v, BaseLM)] + _held_lms(obj.func)
-    fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        values += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
-                   if _cell_is_set(cell)]
-        values += [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
-        namespace = getattr(fn, "__globals__", {})
-        values += [namespace[name] for name in global_names(code) if name in namespace]
-    owner = getattr(obj, "__self__", None) if code is not None else obj
-    if owner is not None and not isinstance(owner, type):
-        values += list(getattr(owner, "__dict__", {}).values())
-        if isinstance(owner, dspy.Module):
-            values += [getattr(p, "lm", None) for _, p in all_named_predictors(owner)]
-    return [v for v in values if isinstance(v, BaseLM)]
-
-
-def _cell_is_set(cell: Any) -> bool:
-    try:
-        cell.cell_contents  # an empty cell raises ValueError
-    except ValueError:
-        return False
-    return True
 
 
 def _other_retries(evaluator: Mapping[str, Any], reflector: Mapping[str, Any]) -> int:
@@ -1098,18 +913,6 @@ def _pause_left(evaluator: Mapping[str, Any]) -> float:
     """The longest Retry-After pause still running on the evaluator's LM endpoints (AIMD windows)."""
     endpoints = evaluator.get("endpoints") or {}
     return max((float(e.get("cooldown_remaining_s", 0.0)) for e in endpoints.values()), default=0.0)
-
-
-def _looks_like_a_key(value: str) -> bool:
-    """Random key material, not a placeholder: local servers and proxies are often given words such as
-    "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions.
-    As short as the environment's secrets (8 characters): a gateway key of 11 was written unmasked into
-    the run store when an error message echoed it."""
-    if len(value) < MIN_ENV_SECRET_LENGTH or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
-        return False
-    # a digit, or a long mixed-case value (some providers' keys have no digit; placeholders are words)
-    return any(c.isdigit() for c in value) or (
-        len(value) >= 24 and any(c.isupper() for c in value) and any(c.islower() for c in value))
 
 
 register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile

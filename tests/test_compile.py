@@ -797,16 +797,16 @@ def test_telling_a_valset_equal_to_the_trainset_works_on_array_fields():
     whenever the trainset and valset had the same length."""
     import numpy as np
 
-    from dspy_turbogepa.teleprompter import _same_examples
+    from dspy_turbogepa.adapter.data import same_examples
 
     def data(base):
         return [dspy.Example(emb=np.array([base, base + 1.0]), ticket=f"t{base}").with_inputs("ticket", "emb")
                 for _ in range(3)]
 
     train, val = data(1.0), data(3.0)
-    assert not _same_examples(train, val)
-    assert _same_examples(train, data(1.0)) and _same_examples(train, list(train))
-    assert not _same_examples(train, [ex.with_inputs("ticket") for ex in train])  # other inputs
+    assert not same_examples(train, val)
+    assert same_examples(train, data(1.0)) and same_examples(train, list(train))
+    assert not same_examples(train, [ex.with_inputs("ticket") for ex in train])  # other inputs
 
 
 def test_a_trainset_the_program_cannot_take_stops_the_run_though_the_valset_works(routing, student_lm,

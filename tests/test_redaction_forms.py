@@ -55,7 +55,7 @@ APIM = "apim0a9b8c7d6e5f4a3b2c1d9e8f"
 )
 def test_credential_header_and_field_names_are_sensitive(name):
     """Each name carries a credential in a header or a settings dict: its value must be dropped by
-    :func:`redact`, and (through ``_lm_api_keys``, which asks :func:`is_sensitive_key`) masked
+    :func:`redact`, and (through ``lm_api_keys``, which asks :func:`is_sensitive_key`) masked
     wherever an error quotes it."""
     assert is_sensitive_key(name)
     assert redact({name: "value-0a9b8c7d"}) == {name: REDACTED}
@@ -186,12 +186,12 @@ def test_a_key_in_the_api_base_path_is_never_written_or_raised(routing, tmp_path
 
 
 def test_key_material_in_an_api_base_path_or_query_is_a_run_secret():
+    from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
     from dspy_turbogepa.redaction import url_key_material
-    from dspy_turbogepa.teleprompter import _lm_api_keys
 
     path_token, query_token = "gwtok0a9b8c7d6e5f4a3b2c1", "qtok9z8y7x6w5v4u3t2s1"
     lm = dspy.LM("openai/x", api_base=f"http://h:9/gw/{path_token}/v1?key={query_token}&api-version=2024-06-01")
-    keys = set(_lm_api_keys(dspy.Predict("q -> a"), lm))
+    keys = set(lm_api_keys(dspy.Predict("q -> a"), lm))
     assert {path_token, query_token} <= keys
     assert not {"gw", "v1", "h:9", "2024-06-01"} & keys
     assert url_key_material("http://h/gw/tok%2Dabc0123456789xyz/v1") == ["tok%2Dabc0123456789xyz",
@@ -249,7 +249,7 @@ def test_every_credential_of_every_lm_the_run_can_reach_is_masked():
     and the reflection LM were masked: an aws_secret_access_key, a portkey virtual key, or the key of
     an LM the program holds (run with dspy.context inside forward), a judge metric's or a custom
     proposer's own LM were written as is when an error body echoed them."""
-    from dspy_turbogepa.teleprompter import _lm_api_keys
+    from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
 
     secrets = {
         "aws": "LKawssecretN1m2B3v4C5x6Z7lf",
@@ -286,10 +286,10 @@ def test_every_credential_of_every_lm_the_run_can_reach_is_masked():
         def __call__(self, candidate, reflective_dataset, components_to_update):
             return {}
 
-    keys = set(_lm_api_keys(Program(), None, metric, Proposer()))
+    keys = set(lm_api_keys(Program(), None, metric, Proposer()))
     assert set(secrets.values()) <= keys
     assert {"LKmoduleHeld1a2b3c4d5e6f7", "LKclosureJudge1a2b3c4d5e6f7", "LKglobalJudge1a2b3c4d5e6f7", _HELD_KEY} <= keys
-    assert "LKmoduleJudge1a2b3c4d5e6f7" in set(_lm_api_keys(Program(), None, Judge()))
+    assert "LKmoduleJudge1a2b3c4d5e6f7" in set(lm_api_keys(Program(), None, Judge()))
 
     class FrozenJudge(dspy.Module):  # the grader in a submodule marked compiled: named_predictors() skips it
         def __init__(self):
@@ -297,7 +297,7 @@ def test_every_credential_of_every_lm_the_run_can_reach_is_masked():
             self.inner = Judge()
             self.inner._compiled = True
 
-    assert "LKmoduleJudge1a2b3c4d5e6f7" in set(_lm_api_keys(Program(), None, FrozenJudge()))
+    assert "LKmoduleJudge1a2b3c4d5e6f7" in set(lm_api_keys(Program(), None, FrozenJudge()))
 
 
 def test_the_program_uploaded_to_mlflow_holds_no_lm_credential():
@@ -408,11 +408,11 @@ def test_cookies_keys_and_set_members_are_masked_in_structured_data():
 def test_a_custom_credential_header_is_a_run_secret():
     """A gateway's own header (``X-Gateway-Key``) is named like no known credential; its value must
     still be masked wherever an error body echoes the request, or it lands in the store and the log."""
-    from dspy_turbogepa.teleprompter import _lm_api_keys
+    from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
 
     program = dspy.Predict("question -> answer")
     program.lm = dspy.LM("openai/x", headers={"X-Gateway-Key": "gw-0a9b8c7d6e5f4a3b"})
-    assert "gw-0a9b8c7d6e5f4a3b" in _lm_api_keys(program, None)
+    assert "gw-0a9b8c7d6e5f4a3b" in lm_api_keys(program, None)
     configured = dspy.LM("openai/y", extra_headers={"X-Tenant-Key": "tn-9f8e7d6c5b4a3928"})
     with dspy.context(lm=configured):
-        assert "tn-9f8e7d6c5b4a3928" in _lm_api_keys(dspy.Predict("question -> answer"), None)
+        assert "tn-9f8e7d6c5b4a3928" in lm_api_keys(dspy.Predict("question -> answer"), None)

@@ -472,29 +472,29 @@ def test_url_userinfo_is_masked_wherever_it_appears():
 
 def test_placeholder_lm_keys_are_not_treated_as_secrets():
     """Local servers get words as keys; masking those would rewrite instructions ("output anything else")."""
-    from dspy_turbogepa.teleprompter import _lm_api_keys
+    from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
 
     program = dspy.Predict("question -> answer")
     real = "prov-0a9b8c7d6e5f4a3b2c1d"
     for placeholder in ("anything", "sk-no-key-required", "lm-studio", "not-needed", "EMPTY"):
         lm = dspy.LM("openai/local", api_base="http://127.0.0.1:9/v1", api_key=placeholder)
-        assert _lm_api_keys(program, lm) == []
+        assert lm_api_keys(program, lm) == []
     program.lm = dspy.LM("openai/x", api_key=real)
-    assert _lm_api_keys(program, None) == [real]
+    assert lm_api_keys(program, None) == [real]
     program.lm = dspy.LM("openai/x", api_key="Kx9mP2qLw7z")  # a short gateway key: as short as env secrets
-    assert _lm_api_keys(program, None) == ["Kx9mP2qLw7z"]
+    assert lm_api_keys(program, None) == ["Kx9mP2qLw7z"]
     # a URL's password is a secret whatever it looks like; a credential header counts like api_key
     program.lm = dspy.LM("openai/x", api_base="http://alice:hunter22@127.0.0.1:9/v1", api_key="anything",
                          extra_headers={"Authorization": f"Bearer {real}", "X-Trace": "plain-0123456789abcdef"})
     # the token of "Bearer <token>", and what a client sends for the userinfo (Basic base64("alice:hunter22"))
-    assert sorted(_lm_api_keys(program, None)) == sorted([real, "hunter22", "YWxpY2U6aHVudGVyMjI="])
+    assert sorted(lm_api_keys(program, None)) == sorted([real, "hunter22", "YWxpY2U6aHVudGVyMjI="])
     # a token as the only userinfo of api_base, and a long mixed-case key with no digit, are credentials;
     # a plain user name in a URL is not
     token, no_digit = "tok0a9b8c7d6e5f4a3b", "AbCdEfGhIjKlMnOpQrStUvWxYz"
     program.lm = dspy.LM("openai/x", api_base=f"http://{token}@127.0.0.1:9/v1", api_key=no_digit)
-    assert sorted(_lm_api_keys(program, None)) == sorted([token, no_digit])
+    assert sorted(lm_api_keys(program, None)) == sorted([token, no_digit])
     program.lm = dspy.LM("openai/x", api_base="http://alice@127.0.0.1:9/v1", api_key="anything")
-    assert _lm_api_keys(program, None) == []
+    assert lm_api_keys(program, None) == []
 
 
 def test_a_failure_while_resuming_closes_the_store(routing, tmp_path, monkeypatch):

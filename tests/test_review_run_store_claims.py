@@ -289,11 +289,11 @@ def test_lm_credentials_count_when_they_look_like_key_material():
     `key` such as ... `x-portkey-virtual-key`"."""
     import dspy
 
+    from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
     from dspy_turbogepa.store import run_secrets
-    from dspy_turbogepa.teleprompter import _lm_api_keys
 
     def keys(**kw):
-        return _lm_api_keys(dspy.Predict("q -> a"), dspy.LM("openai/x", **kw))
+        return lm_api_keys(dspy.Predict("q -> a"), dspy.LM("openai/x", **kw))
 
     assert keys(api_key="anything") == [] and keys(api_key="sk-no-key-required") == []
     assert keys(api_key="abc12345") == ["abc12345"]

@@ -179,11 +179,11 @@ def _metric_with_default_judge(gold, pred, trace=None, pred_name=None, pred_trac
 ])
 def test_a_judge_lm_bound_to_the_metric_is_a_run_secret(metric, key):
     """The run key already reads a partial's bound arguments and a metric's defaults (run_store.md); the
-    credential scan (``_lm_api_keys``, one step from the metric: attributes, closure cells, globals) does
+    credential scan (``lm_api_keys``, one step from the metric: attributes, closure cells, globals) does
     not, so ``run_secrets`` never masks these keys (the end-to-end leak is the test above)."""
-    from dspy_turbogepa.teleprompter import _lm_api_keys
+    from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
 
-    keys = set(_lm_api_keys(dspy.Predict("question -> answer"), None, metric))
+    keys = set(lm_api_keys(dspy.Predict("question -> answer"), None, metric))
     assert key in keys
 
 

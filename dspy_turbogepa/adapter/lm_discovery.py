@@ -1,0 +1,141 @@
+"""Which LMs a compile will call, and the credentials they hold.
+
+Found by looking, never by calling: the student's predictors, the configured and the reflection LM,
+the configured adapter's, and those one step away from the program's modules, the metric and the
+proposer (attributes, closure cells, globals their code names). Their keys are masked wherever a text
+could quote them (run_secrets), and a dollar cap names the ones it cannot price.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dspy
+from dspy.clients.base_lm import BaseLM
+
+from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
+from dspy_turbogepa.adapter.program import all_named_predictors
+from dspy_turbogepa.redaction import (
+    MIN_ENV_SECRET_LENGTH,
+    is_sensitive_key,
+    url_basic_credentials,
+    url_credentials,
+    url_key_material,
+)
+
+__all__ = ["compile_lms", "lm_api_keys", "warn_unpriced"]
+
+logger = logging.getLogger("dspy_turbogepa.teleprompter")
+
+
+def compile_lms(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[Any]:
+    """The LM objects this compile will call, each once: the program's predictors', the configured and
+    the reflection LM, those the configured adapter holds, and those found one step away from the
+    program's modules and from ``others`` (the metric, the instruction proposer): an LM the module holds
+    and runs with ``dspy.context(lm=...)``, a judge metric's or a proposer's own LM, as an attribute, a
+    closure cell or a global the function names."""
+    lms = [getattr(p, "lm", None) for _, p in student.named_predictors()]
+    lms += [dspy.settings.lm, reflection_lm]
+    lms += _held_lms(dspy.settings.adapter)  # TwoStepAdapter's extraction model answers every rollout
+    lms += [lm for _, module in student.named_sub_modules() for lm in _held_lms(module)]
+    lms += [lm for obj in others for lm in _held_lms(obj)]
+    # by identity: an LM class that defines __eq__ without __hash__ is unhashable
+    return list({id(lm): lm for lm in lms if lm is not None}.values())
+
+
+def warn_unpriced(lms: Sequence[Any], price_table: Mapping[str, tuple[float, float]], cap: float) -> None:
+    """Before the first call: name each LM the dollar cap cannot price (not in ``price_table``, not in
+    DSPy's model table). Its calls count $0, so the cap would hold while the bill grows; the run-time
+    warning catches only a run whose every call is unpriced."""
+    unpriced = sorted({model for lm in lms if isinstance(model := getattr(lm, "model", None), str)
+                       and not model_is_priced(model, price_table)})
+    if unpriced:
+        logger.warning(
+            "cost_budget_usd=%s: no price is known for %s (not in price_table, not in DSPy's model table): "
+            "its calls count $0 toward the cap. Pass price_table={model: (usd per 1M prompt tokens, usd per 1M "
+            "completion tokens)}, or a token_budget.", cap, ", ".join(unpriced))
+
+
+def lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[str]:
+    """Credentials held by the LMs this compile will call (:func:`compile_lms`), so that any text
+    quoting them (an error body echoing the key it was given) is masked exactly: every credential-named
+    argument (``api_key``, ``aws_secret_access_key``, ``aws_session_token``, ...), the password in an
+    ``api_base`` URL and its path or query parts that look like key material, and the values of
+    credential headers (``Authorization``, ``x-api-key``, ``x-portkey-virtual-key``, ...)."""
+    keys: list[str] = []
+    for lm in compile_lms(student, reflection_lm, *others):
+        kwargs = getattr(lm, "kwargs", None)
+        if not isinstance(kwargs, dict):
+            continue
+        candidates: list[Any] = [value for name, value in kwargs.items() if is_sensitive_key(name)]
+        for field in ("headers", "extra_headers", "default_headers"):
+            headers = kwargs.get(field)
+            if isinstance(headers, dict):
+                for name, value in headers.items():
+                    # a header named "...key" is a credential (x-portkey-virtual-key, x-goog-api-key)
+                    if (is_sensitive_key(name) or str(name).lower().endswith("key")) and isinstance(value, str):
+                        candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
+        keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
+        url = lm_api_base(lm)
+        if url:
+            # a URL's password is never a placeholder word (run_secrets drops short values); a token
+            # given as the only userinfo (http://TOKEN@host) is one when it looks like key material
+            keys += url_credentials(url, username_if=_looks_like_a_key)
+            keys += url_basic_credentials(url)  # what a client sends for that userinfo, echoed by a gateway
+            keys += url_key_material(url)  # a gateway's key in the path (.../gw/<token>/v1) or the query
+    return keys
+
+
+def _held_lms(obj: Any) -> list[Any]:
+    """The LMs ``obj`` holds one step away: its attributes (and the predictors of a module metric), for
+    a function its closure cells, default arguments and the globals its code names, for a
+    ``functools.partial`` its bound arguments and its function's. Only a look, never a call."""
+    if obj is None:
+        return []
+    if isinstance(obj, BaseLM):
+        return [obj]
+    from dspy_turbogepa.adapter.run_identity import global_names
+
+    values: list[Any] = []
+    if isinstance(obj, functools.partial):  # partial(judge_metric, judge=dspy.LM(...))
+        values += [*obj.args, *obj.keywords.values()]
+        return [v for v in values if isinstance(v, BaseLM)] + _held_lms(obj.func)
+    fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        values += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
+                   if _cell_is_set(cell)]
+        values += [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
+        namespace = getattr(fn, "__globals__", {})
+        values += [namespace[name] for name in global_names(code) if name in namespace]
+    owner = getattr(obj, "__self__", None) if code is not None else obj
+    if owner is not None and not isinstance(owner, type):
+        values += list(getattr(owner, "__dict__", {}).values())
+        if isinstance(owner, dspy.Module):
+            values += [getattr(p, "lm", None) for _, p in all_named_predictors(owner)]
+    return [v for v in values if isinstance(v, BaseLM)]
+
+
+def _cell_is_set(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # an empty cell raises ValueError
+    except ValueError:
+        return False
+    return True
+
+
+
+
+def _looks_like_a_key(value: str) -> bool:
+    """Random key material, not a placeholder: local servers and proxies are often given words such as
+    "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions.
+    As short as the environment's secrets (8 characters): a gateway key of 11 was written unmasked into
+    the run store when an error message echoed it."""
+    if len(value) < MIN_ENV_SECRET_LENGTH or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
+        return False
+    # a digit, or a long mixed-case value (some providers' keys have no digit; placeholders are words)
+    return any(c.isdigit() for c in value) or (
+        len(value) >= 24 and any(c.isupper() for c in value) and any(c.islower() for c in value))
