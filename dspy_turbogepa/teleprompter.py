@@ -25,7 +25,14 @@ from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from dspy.teleprompt.teleprompt import Teleprompter
 
-from dspy_turbogepa.adapter.data import as_examples, check_examples, compiled_submodules, flex_submodules, same_examples
+from dspy_turbogepa.adapter.data import (
+    as_examples,
+    check_examples,
+    check_predictor_lms,
+    compiled_submodules,
+    flex_submodules,
+    same_examples,
+)
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator, ManagedEvaluator
 from dspy_turbogepa.adapter.lm_discovery import compile_lms, lm_api_keys, warn_unpriced
 from dspy_turbogepa.adapter.metric import check_metric_signature
@@ -463,13 +470,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 + (f" DSPy hides the predictors of a submodule marked compiled ({', '.join(hidden)}: a "
                    f"compile() by another optimizer marks its result so): set its _compiled = False to "
                    f"optimize it." if hidden else ""))
-        for name, predictor in predictors:
-            lm = getattr(predictor, "lm", None)
-            if lm is not None and not isinstance(lm, dspy.BaseLM):  # DSPy raises on every call of it
-                shown, model = (repr(lm), repr(lm)) if isinstance(lm, str) else (type(lm).__name__, "...")
-                raise TypeError(
-                    f"The student's predictor {name!r} has lm={shown}, not a dspy.LM: every call of it would "
-                    f"fail. Set an LM object, e.g. program.{name}.set_lm(dspy.LM({model})).")
+        check_predictor_lms(predictors)
 
         budget = self._resolve_budget(len(predictors), trainset, valset)
         if valset is None:
@@ -576,7 +577,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm,
                                        max_workers=config.max_reflections_in_flight, price_table=self.price_table,
-                                       seed=self.seed)
+                                       seed=self.seed,
+                                       components_seen_running=getattr(evaluator, "components_seen_running", None))
         cleanup.callback(reflector.close)
         store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup,
                                                                       budget)

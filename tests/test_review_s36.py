@@ -231,7 +231,7 @@ def test_predictors_the_program_never_calls_stop_the_run():
             return dspy.Prediction(queue=str(out[0]).strip())
 
     lm = make_student_lm(seed=0)
-    expected = r"nothing to reflect on \(no usable trace records for route\): the program ran without calling"
+    expected = r"nothing to reflect on \(no usable trace records for route\): no rollout of the run so far"
     with dspy.context(lm=lm), pytest.raises(SystemicFailureError, match=expected + ".*forward calls them"):
         _optimizer(task.metric, max_metric_calls=200).compile(Unused(), trainset=train, valset=val)
     assert _calls(lm) < 60
@@ -371,3 +371,108 @@ def test_an_evaluator_of_ones_own_plugs_in_through_make_evaluator():
         program = opt.compile(task.make_program(), trainset=train, valset=val)
     assert seen["evaluate"] == program.detailed_results.run_stats["metric_calls_executed"] > 0
     assert seen["closed"] == 1
+
+
+# ================================================ false positives of the new checks (a review of the diff)
+def test_the_input_check_reads_only_students_that_hand_their_keywords_to_a_signature(caplog):
+    """The check took any DSPy class without a forward of the user's for a built-in: BestOfN / Refine
+    around the user's module (``forward(url)`` calling ``Predict('document -> summary')``) were refused,
+    MultiChainComparison was warned about the attempts its forward builds, and a defaulted input about
+    what DSPy fills in."""
+    import dspy
+
+    from dspy_turbogepa.adapter.protocols import check_inputs_reach
+
+    class Summarize(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.summarize = dspy.Predict("document -> summary")
+
+        def forward(self, url):
+            return self.summarize(document=f"text of {url}")
+
+    urls = [dspy.Example(url=f"u{i}", summary="s").with_inputs("url") for i in range(3)]
+    questions = [dspy.Example(question=f"q{i}", answer="a").with_inputs("question") for i in range(3)]
+
+    class Defaulted(dspy.Signature):
+        question: str = dspy.InputField()
+        style: str = dspy.InputField(default="concise")
+        answer: str = dspy.OutputField()
+
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        for wrapper in (dspy.BestOfN(Summarize(), N=2, reward_fn=lambda args, pred: 1.0, threshold=1.0),
+                        dspy.Refine(Summarize(), N=2, reward_fn=lambda args, pred: 1.0, threshold=1.0)):
+            assert check_inputs_reach(wrapper, "trainset", urls) == []
+        assert check_inputs_reach(dspy.MultiChainComparison("question -> answer"), "trainset", questions) == []
+        assert check_inputs_reach(dspy.Predict(Defaulted), "trainset", questions) == []
+    assert not [r for r in caplog.records if "no example gives" in r.getMessage()]
+    # the students it is for are still checked
+    with pytest.raises(TypeError, match=r"are none of ChainOfThought's input fields \['document'\]"):
+        check_inputs_reach(dspy.ChainOfThought("document -> summary"), "trainset", urls)
+
+
+def test_a_prediction_with_its_inputs_marked_is_an_example():
+    import dspy
+
+    from dspy_turbogepa.adapter.data import check_examples
+
+    check_examples("trainset", [dspy.Prediction(ticket="t", queue="billing").with_inputs("ticket")])
+    with pytest.raises(TypeError, match="no input fields marked"):
+        check_examples("trainset", [dspy.Prediction(ticket="t", queue="billing")])
+
+
+def test_a_decision_request_client_is_an_lm_dspy_accepts():
+    """DSPy's Predict calls a non-BaseLM whose ``supports_decision_requests`` is True; the new check
+    refused it. A top-level predictor's fix names ``program.set_lm``, not ``program.self``."""
+    import dspy
+
+    from dspy_turbogepa.adapter.data import check_predictor_lms
+
+    class Client:
+        supports_decision_requests = True
+
+    predictor = dspy.Predict("ticket -> queue")
+    predictor.lm = Client()
+    check_predictor_lms([("route", predictor)])
+    predictor.lm = "openai/gpt-4o-mini"
+    with pytest.raises(TypeError, match=r"program\.set_lm\(dspy\.LM\('openai/gpt-4o-mini'\)\)"):
+        check_predictor_lms(predictor.named_predictors())
+    predictor.lm = object()
+    with pytest.raises(TypeError, match=r"lm=object, not a dspy.LM"):
+        check_predictor_lms([("route", predictor)])
+
+
+def test_a_score_of_none_among_many_keys_is_read_as_no_score():
+    from dspy_turbogepa.adapter.metric import read_metric_return
+
+    ret = dict.fromkeys("abcdefgh", 1) | {"score": None}
+    assert read_metric_return(ret, 0.0).invalid == "the metric returned no score (None)"
+
+
+def test_a_cascade_that_calls_its_lm_on_a_few_examples_is_not_stopped():
+    """A rule answers most tickets and the predictor runs on one training example and two validation
+    examples: the first reflections read minibatches where it did not run, and the new rule stopped
+    3 of 8 seeds as "the program ran without calling" it. The seed's validation had seen it run."""
+    import dspy
+
+    from dspy_turbogepa.testing import TASKS, make_student_lm
+
+    task = TASKS["routing"]
+    for seed in (2, 3):
+        splits = task.splits(data_seed=seed, n_train=24, n_val=8, n_test=0)
+        lm_tickets = {splits.train[0].ticket} | {ex.ticket for ex in splits.val[:2]}
+        inner = task.make_program()
+
+        class Cascade(dspy.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, ticket):
+                if ticket not in lm_tickets:
+                    return dspy.Prediction(queue="cache-miss")
+                return self.inner(ticket=ticket)
+
+        with dspy.context(lm=make_student_lm(seed=0)):
+            _optimizer(task.metric, max_metric_calls=300, seed=seed).compile(
+                Cascade(), trainset=splits.train, valset=splits.val)

@@ -11,7 +11,9 @@ from typing import Any
 
 import dspy
 
-__all__ = ["as_examples", "check_examples", "compiled_submodules", "flex_submodules", "same_examples"]
+__all__ = [
+    "as_examples", "check_examples", "check_predictor_lms", "compiled_submodules", "flex_submodules", "same_examples",
+]
 
 
 def same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
@@ -82,10 +84,11 @@ def as_examples(name: str, examples: Any) -> Any:
 
 def check_examples(name: str, examples: Sequence[Any]) -> None:
     for i, ex in enumerate(examples):
-        if isinstance(ex, dspy.Prediction):  # an Example subclass without input keys: .inputs() raised
-            raise TypeError(                  # a bare AttributeError ('_input_keys')
-                f"{name}[{i}] is a dspy.Prediction (what a program returns), not a dspy.Example. Build the "
-                f"example from its fields: dspy.Example(**{name}[{i}]).with_inputs(<its input field names>).")
+        if isinstance(ex, dspy.Prediction) and not getattr(ex, "_input_keys", None):
+            # an Example subclass born without input keys: .inputs() raised a bare AttributeError
+            raise TypeError(
+                f"{name}[{i}] is a dspy.Prediction (what a program returns) with no input fields marked. Build "
+                f"the example from its fields: dspy.Example(**{name}[{i}]).with_inputs(<its input field names>).")
         if not isinstance(ex, dspy.Example):
             build = ("dspy.Example(**row).with_inputs(<its input field names>)" if isinstance(ex, Mapping) else
                      "dspy.Example(question=..., answer=...).with_inputs('question')")
@@ -97,3 +100,19 @@ def check_examples(name: str, examples: Sequence[Any]) -> None:
             raise ValueError(
                 f"{name}[{i}] has no input fields set. Mark them with .with_inputs(...), e.g. "
                 f"dspy.Example(question=..., answer=...).with_inputs('question').") from e
+
+
+def check_predictor_lms(predictors: Iterable[tuple[str, Any]]) -> None:
+    """Refuse a predictor whose ``lm`` DSPy would refuse on every call, by DSPy's own rule
+    (``Predict.forward``): a model-name string, or neither a ``BaseLM`` nor a decision-request client
+    (``supports_decision_requests``). Left alone, every rollout through it fails and the run pays for
+    the other predictors' calls until the systemic stop."""
+    for name, predictor in predictors:
+        lm = getattr(predictor, "lm", None)
+        if isinstance(lm, str) or (lm is not None and not isinstance(lm, dspy.BaseLM)
+                                   and getattr(lm, "supports_decision_requests", False) is not True):
+            shown, model = (repr(lm), repr(lm)) if isinstance(lm, str) else (type(lm).__name__, "...")
+            where = "program" if name == "self" else f"program.{name}"  # a bare Predict student is "self"
+            raise TypeError(
+                f"The student's predictor {name!r} has lm={shown}, not a dspy.LM: every call of it would fail. "
+                f"Set an LM object, e.g. {where}.set_lm(dspy.LM({model})).")

@@ -226,6 +226,9 @@ class DspyEvaluator:
         self._stats = RateLimitStats()
         self._retry_logged = FirstOfKind()  # error types whose transient retry was logged at INFO
         self._output_noted = FirstOfKind()  # one-time warnings about what the program returned
+        #: Components some rollout of this compile called (see components_seen_running)
+        self._ran: set[str] = set()
+        self._components = set(codec.seed_texts())
         #: id(program) -> (program, endpoint keys of its predictor LMs, whether a predictor uses the context LM)
         self._prepared: OrderedDict[int, tuple[dspy.Module, frozenset[str], bool]] = OrderedDict()
         self._closed_event = threading.Event()
@@ -407,6 +410,7 @@ class DspyEvaluator:
             )
         with rollout_usage(self._prices) as usage:
             pred, raw_trace, error = await self._run_async(program, example, capture, lm)
+            raw_trace = self._note_ran(names, raw_trace, capture)
             _attach_usage(pred, usage)
         if error is not None and self._sync_fallback and lacks_async_support(error):
             self._fall_back_to_sync(error)
@@ -421,6 +425,21 @@ class DspyEvaluator:
         )
         usage.add(metric_usage)
         return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
+
+    def _note_ran(self, names: PredictorNames, trace: list[Any], capture: bool) -> list[Any]:
+        """Which components this rollout called (every rollout's trace is recorded by DSPy, captured or
+        not); the trace itself is kept only when it is to be captured."""
+        if not self._components <= self._ran:  # once every component has run, nothing more to learn
+            ran = {name for entry in trace for name in names.names_of(entry[0])}
+            if not ran <= self._ran:
+                self._ran |= ran  # set.update under the GIL: worker threads may add at once
+        return trace if capture else []
+
+    def components_seen_running(self) -> frozenset[str]:
+        """The components (predictor names) that some rollout of this compile, whatever its split,
+        called where DSPy's trace saw it. A reflection with nothing to read on a component that never
+        ran anywhere (the seed's validation included) points at a program that does not call it."""
+        return frozenset(self._ran)
 
     def _fall_back_to_sync(self, error: BaseException) -> None:
         """The program defines ``aforward`` and ``forward``, and one of its LMs has no async support:
@@ -439,6 +458,7 @@ class DspyEvaluator:
     ) -> _Attempt:
         with rollout_usage(self._prices) as usage:
             pred, raw_trace, error = self._run_sync(program, example, capture, lm)
+            raw_trace = self._note_ran(names, raw_trace, capture)
             _attach_usage(pred, usage)
             verdict = self._verdict(error)
             if verdict is None:
@@ -485,7 +505,7 @@ class DspyEvaluator:
             except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
             error = self._swallowed(error)
-            trace = list(dspy.settings.trace or []) if capture else []
+            trace = list(dspy.settings.trace or [])  # kept past _attempt only when captured
         return pred, trace, error
 
     def _run_sync(
@@ -498,7 +518,7 @@ class DspyEvaluator:
             except USER_CODE_ERRORS as exc:  # the user's program failed: retried or scored failure_score
                 pred, error = None, exc
             error = self._swallowed(error)
-            trace = list(dspy.settings.trace or []) if capture else []
+            trace = list(dspy.settings.trace or [])  # kept past _attempt only when captured
         return pred, trace, error
 
     # ------------------------------------------------------------------ scoring

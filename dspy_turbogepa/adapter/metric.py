@@ -91,9 +91,9 @@ def _field(ret: Any, name: str) -> Any:
 
 
 def _keys(ret: Any) -> list[str]:
-    """The first few keys of a structured metric return, to name in a message."""
+    """The keys of a structured metric return (a message names the first few)."""
     try:
-        return sorted(str(k) for k in ret.keys())[:8]  # noqa: SIM118 - keys() is what marks it structured
+        return sorted(str(k) for k in ret.keys())  # noqa: SIM118 - keys() is what marks it structured
     except Exception:  # noqa: BLE001 - an odd mapping: the message names no keys, the score is still failed
         return []
 
@@ -132,10 +132,10 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
             objectives, bad = _objectives(obj)
             if bad is not None:
                 return MetricReading(failure_score, feedback, None, invalid=bad)
-    if raw is None and is_structured and "score" not in (keys := _keys(ret)):
+    if raw is None and is_structured and "score" not in (keys := _keys(ret)):  # every key: a 9th may be it
         return MetricReading(
             failure_score, feedback, objectives,
-            invalid=f"the metric returned a {type(ret).__name__} without a 'score' (its keys: {keys}); return "
+            invalid=f"the metric returned a {type(ret).__name__} without a 'score' (its keys: {keys[:8]}); return "
                     f"dspy.Prediction(score=..., feedback=...) or a number")
     if raw is None:
         return MetricReading(failure_score, feedback, objectives, invalid="the metric returned no score (None)")

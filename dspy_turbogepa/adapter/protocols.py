@@ -11,7 +11,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dspy_turbogepa.adapter.introspect import in_dspy_package, runs_async, user_defines
+import dspy
+
+from dspy_turbogepa.adapter.introspect import runs_async, user_defines
 
 
 def check_call_protocol(
@@ -127,26 +129,32 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> list
                 f"input empty on every example.{hint} Mark the inputs with .with_inputs(...) under the "
                 f"signature's names, or rename the examples' fields to match.")
         if never:
-            log.warning("%s: no example gives %s %s, so the LM is always called without it (the examples' "
-                        "inputs: %s).", name, described, never, sorted(given))
+            log.warning("%s: no example gives %s, of %s, so the LM is always called without it (the examples' "
+                        "inputs: %s).", name, never, described, sorted(given))
     return failed
 
 
 def _builtin_input_fields(student: Any) -> list[str] | None:
-    """The input fields a DSPy built-in student (``dspy.Predict('ticket -> queue')``, a ChainOfThought,
-    a ReAct) reads from its call's keywords. Its ``forward(**kwargs)`` takes any name, so binding says
-    nothing; an input under another name is dropped and the LM is called without it (DSPy only warns).
-    None for the user's own module, which may map its inputs as it likes."""
-    if not in_dspy_package(type(student)) or user_defines(type(student), "forward"):
+    """The required input fields of a ``dspy.Predict``, ``dspy.ChainOfThought`` or ``dspy.ReAct``
+    student, whose ``forward(**kwargs)`` hands its keywords to its signature: binding says nothing, and
+    an input under another name is dropped, the LM called without it (DSPy only warns). None for any
+    other module: the user's own maps its inputs as it likes, and other DSPy modules build some inputs
+    themselves (MultiChainComparison's attempts) or wrap a module of the user's (BestOfN, Refine). A
+    field with a default is not required: DSPy fills it in."""
+    kind = type(student)
+    if user_defines(kind, "forward"):
         return None
-    signature = getattr(student, "signature", None)
-    if signature is None:
-        predictors = list(student.named_predictors()) if hasattr(student, "named_predictors") else []
-        if len(predictors) != 1:
-            return None
-        signature = getattr(predictors[0][1], "signature", None)
+    if kind is dspy.ChainOfThought:
+        signature = getattr(getattr(student, "predict", None), "signature", None)
+    elif kind in (dspy.Predict, getattr(dspy, "ReAct", None)):
+        signature = getattr(student, "signature", None)
+    else:
+        return None
     fields = getattr(signature, "input_fields", None)
-    return list(fields) if isinstance(fields, Mapping) and fields else None
+    if not isinstance(fields, Mapping):
+        return None
+    required = [name for name, info in fields.items() if getattr(info, "is_required", lambda: True)()]
+    return required or None
 
 
 def _bind_error(sig: inspect.Signature, plain: inspect.Signature, first: tuple[Any, ...],

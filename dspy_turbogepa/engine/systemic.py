@@ -231,9 +231,11 @@ class SystemicFailureDetector:
             return
         raise SystemicFailureError(
             f"Stopping: the first {self._nothing_read} reflections had nothing to reflect on "
-            f"({self._nothing_example}): the program ran without calling the predictors being optimized. "
-            "Check that the program's forward calls them: only the predictors of student.named_predictors() "
-            "are optimized, and one the program holds but never calls cannot be.",
+            f"({self._nothing_example}): no rollout of the run so far, the seed's validation included, called "
+            "the predictors being optimized where DSPy's trace sees it. Check that the program's forward "
+            "calls them (only the predictors of student.named_predictors() are optimized, and one the "
+            "program holds but never calls cannot be), and not in threads started without copying the "
+            "context (contextvars.copy_context), whose calls DSPy does not trace.",
             failure=NOTHING_TO_REFLECT_ON,
         )
 

@@ -85,8 +85,9 @@ class ProposalOutcome:
     #: streak of these is an outage (the systemic rule), one alone a skipped proposal.
     service_failure: bool = False
     #: Nothing to reflect on because the program ran to the end, on every example read, without calling
-    #: any of the components to improve (a forward that calls an LM itself, a predictor held but never
-    #: called): the systemic rule stops a run whose first reflections all say so.
+    #: any of the components to improve, and no rollout of the run so far called them either (a forward
+    #: that calls an LM itself, a predictor held but never called): the systemic rule stops a run whose
+    #: first reflections all say so.
     not_run: bool = False
     reflection_calls: int = 0
     reflection_prompt_tokens: int = 0

@@ -86,13 +86,19 @@ class ReflectiveProposer:
         rate_limit_policy: RetryPolicy = RATE_LIMIT_POLICY,
         seed: int | None = 0,
         transient_policy: RetryPolicy = TRANSIENT_POLICY,
+        components_seen_running: Callable[[], frozenset[str]] | None = None,
     ) -> None:
-        """``rate_limit_policy`` / ``transient_policy``: a proposal that fails with a rate limit (or a
+        """``components_seen_running``: the components some rollout of the run called so far (the
+        evaluator's); with it, a proposal with nothing to read on components that never ran anywhere
+        says so (``ProposalOutcome.not_run``), which stops a run whose program does not call them.
+
+        ``rate_limit_policy`` / ``transient_policy``: a proposal that fails with a rate limit (or a
         timeout, a 5xx, a dropped connection) is asked again after Retry-After / backoff, as a rollout is,
         instead of counting as a failed reflection: a short burst of 429s must not stop the run as
         "systemic". DSPy's own retries are off on our copy of the reflection LM: they sleep whatever
         Retry-After says (a day, for a used-up quota), where no wait may outlast the policy."""
         self._builder = builder
+        self._seen_running = components_seen_running
         self._rl_policy = rate_limit_policy
         self._tr_policy = transient_policy
         #: Set when the run stops (or this proposer closes): a rate-limit backoff ends at once, so no
@@ -205,8 +211,12 @@ class ReflectiveProposer:
             logger.debug("Building the reflective dataset failed:\n%s", describe_traceback(exc))
             return ProposalOutcome(skipped="reflective_dataset_error", message=message)
         if not any(c in dataset for c in components):
+            # not run: in no rollout read here (one that ran to the end), nor in any rollout of the run so far,
+            # the seed's validation included (a cascade that calls its LM on a few examples only is fine)
             finished = [o.trajectory for o in outcomes if o.trajectory is not None and o.trajectory.error is None]
-            not_run = bool(finished) and not any(step.pred_name in components for t in finished for step in t.steps)
+            not_run = (self._seen_running is not None and bool(finished)
+                       and not any(step.pred_name in components for t in finished for step in t.steps)
+                       and not set(components) & self._seen_running())
             return ProposalOutcome(skipped=NOTHING_TO_REFLECT_ON, message="no usable trace records for "
                                    + ", ".join(components), not_run=not_run)
         return dataset
