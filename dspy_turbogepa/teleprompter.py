@@ -61,8 +61,9 @@ from dspy_turbogepa.redaction import (
     run_secrets,
 )
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
+from dspy_turbogepa.tracking.console_logs import visible_logs
 from dspy_turbogepa.tracking.imports import ctrl_c_held, drop_cut_short_imports
-from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay, visible_logs
+from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
 logger = logging.getLogger(__name__)
 

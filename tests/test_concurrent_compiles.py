@@ -804,7 +804,7 @@ def test_a_compile_started_while_another_handles_its_ctrl_c_runs_as_alone_and_th
 def test_every_compile_sharing_the_log_handler_is_numbered_a_quiet_one_too(capsys, monkeypatch):
     """Found by a review: a ``verbose=False`` compile was neither numbered nor counted, so beside one
     verbose compile neither's lines were labelled, and beside two its warnings said ``[#0]``."""
-    from dspy_turbogepa.tracking.progress import visible_logs
+    from dspy_turbogepa.tracking.console_logs import visible_logs
 
     # a process that configured no logging (pytest's capture handler on the root logger is one); levels
     # set through setLevel, which clears the loggers' cached thresholds, and put back the same way

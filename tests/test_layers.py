@@ -37,7 +37,7 @@ _IMMUTABLE_CALLS = frozenset({"logging.getLogger", "frozenset", "tuple", "re.com
 _DELIBERATE = {
     ("redaction.py", "_ENV_SCAN"): "the last scan of os.environ, which is the process's",
     ("tracking/autolog.py", "_FAILURE_REPORTED"): "registering with MLflow autolog (process-wide) failed; said once",
-    ("tracking/progress.py", "_VISIBLE_LOGS_LOCK"): "guards the logging configuration, which is the process's",
+    ("tracking/console_logs.py", "_VISIBLE_LOGS_LOCK"): "guards the logging configuration, which is the process's",
     ("store/locks.py", "_HELD_RUN_LOCKS"): "the run locks' descriptors, which fork() copies process-wide",
 }
 

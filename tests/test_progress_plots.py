@@ -990,7 +990,7 @@ def test_dspys_own_log_lines_go_through_the_bar_and_its_silence_holds() -> None:
     its warnings were glued to the end of the bar line."""
     from dspy.utils.logging_utils import DSPY_LOGGING_STREAM
 
-    from dspy_turbogepa.tracking.progress import _is_console_handler, _TqdmStream
+    from dspy_turbogepa.tracking.console_logs import _is_console_handler, _TqdmStream
 
     assert _is_console_handler(logging.StreamHandler(DSPY_LOGGING_STREAM))
     assert not _is_console_handler(logging.StreamHandler(io.StringIO()))
