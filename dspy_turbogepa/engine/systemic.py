@@ -31,7 +31,10 @@ otherwise be called until the no-progress limit, returning the seed as if optimi
 succeeded before, ``proposal_window`` reflections in a row whose retries on the reflection LM's 429s
 or transient errors were given up, over at least ``OUTAGE_MIN_SECONDS``, with none it answered between
 them (the reflection LM's outage: the run would otherwise spin on skipped proposals until the
-no-progress limit and return as if it had finished).
+no-progress limit and return as if it had finished). And ``proposal_window`` reflections before the
+first usable one that had nothing to read because the program never called the components they were to
+improve, in any rollout of the run (``ProposalOutcome.not_run``, which the proposer sets): a program
+that does not call its predictors would otherwise skip every mutation until the no-progress limit.
 """
 
 from __future__ import annotations
