@@ -224,11 +224,11 @@ facts = {}
 log = logging.getLogger("dspy_turbogepa")
 
 
-def compile_(task_name, *, seed=0, budget=120, verbose=True, metric=None):
+def compile_(task_name, *, seed=0, budget=120, verbose=True, metric=None, **kw):
     task = TASKS[task_name]
     splits = task.splits(data_seed=0, n_train=16, n_val=10, n_test=0)
     opt = TurboGEPA(metric or task.metric, max_metric_calls=budget, reflection_lm=make_reflection_lm(seed=0),
-                    num_threads=4, seed=seed, verbose=verbose)
+                    num_threads=4, seed=seed, verbose=verbose, **kw)
     with dspy.context(lm=make_student_lm(seed=0, noise=None)):
         return opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
 
@@ -329,6 +329,28 @@ scene("basicconfig")
 logging.basicConfig(stream=sys.stderr, format="USER %(levelname)s %(name)s: %(message)s")
 compile_("pipeline", budget=60)
 facts["after_basicconfig"] = [len(log.handlers), log.level]
+
+
+def level_during(**kw):
+    """dspy_turbogepa's level while a compile runs (read by a stop callback), and after it."""
+    seen = []
+    compile_("pipeline", budget=40, gepa_kwargs={"stop_callbacks": [lambda state: seen.append(log.level)]}, **kw)
+    return [max(seen), log.level]
+
+
+# 6. the same, where the user decided otherwise: the level is left alone
+scene("basicconfig_decided")
+facts["level_quiet"] = level_during(verbose=False)
+logging.getLogger("dspy_turbogepa.engine").setLevel(logging.WARNING)
+facts["level_sub_logger_set"] = level_during()
+logging.getLogger("dspy_turbogepa.engine").setLevel(logging.NOTSET)
+log.propagate = False
+facts["level_no_propagate"] = level_during()
+log.propagate = True
+logging.root.setLevel(logging.ERROR)
+facts["level_root_error"] = level_during()
+logging.root.setLevel(logging.WARNING)
+facts["level_default"] = level_during()
 scene("end")
 facts["after"] = [len(log.handlers), log.level]
 print(json.dumps(facts))
@@ -411,6 +433,11 @@ def test_after_basicconfig_the_progress_reaches_the_users_handler(unconfigured_l
     assert any("Seed program: validation score" in line for line in ours), lines[:10]
     assert not [line for line in lines if _DSPY_STAMP.match(line) and " dspy_turbogepa." in line]  # no 2nd copy
     assert facts["after_basicconfig"] == [0, 0]
+    # where the user decided (a quiet compile, a level on a sub-logger, propagation off, the root above
+    # WARNING), the level is left alone; at the default it is INFO for the compile, and reset after
+    assert facts["level_default"] == [logging.INFO, logging.NOTSET]
+    for key in ("level_quiet", "level_sub_logger_set", "level_no_propagate", "level_root_error"):
+        assert facts[key] == [logging.NOTSET, logging.NOTSET], (key, facts[key])
 
 
 def test_a_verbose_false_compile_stays_quiet_beside_a_verbose_one(unconfigured_logging_run):

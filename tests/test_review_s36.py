@@ -231,7 +231,7 @@ def test_predictors_the_program_never_calls_stop_the_run():
             return dspy.Prediction(queue=str(out[0]).strip())
 
     lm = make_student_lm(seed=0)
-    expected = r"nothing to reflect on \(no usable trace records for route\): no rollout of the run so far"
+    expected = r"the first 8 reflections had nothing to reflect on \(no usable trace records for route\): no rollout"
     with dspy.context(lm=lm), pytest.raises(SystemicFailureError, match=expected + ".*forward calls them"):
         _optimizer(task.metric, max_metric_calls=200).compile(Unused(), trainset=train, valset=val)
     assert _calls(lm) < 60
@@ -476,3 +476,180 @@ def test_a_cascade_that_calls_its_lm_on_a_few_examples_is_not_stopped():
         with dspy.context(lm=make_student_lm(seed=0)):
             _optimizer(task.metric, max_metric_calls=300, seed=seed).compile(
                 Cascade(), trainset=splits.train, valset=splits.val)
+
+
+# ======================================= assertions a mutation audit of today's tests asked for
+def test_the_standard_library_and_this_package_are_never_the_users_code():
+    import logging as stdlib_logging
+    import os
+
+    assert introspect.library_path(os.__file__) and not introspect.users_file(stdlib_logging.__file__)
+    assert introspect.library_function(introspect.users_file)  # ours: never keyed by code, even editable
+
+
+def test_a_class_whose_call_does_not_fit_is_not_told_to_pass_an_instance():
+    """Only a class whose *instances* take the call is told "pass X()"; one whose constructor takes it
+    and whose instances do not is a signature mismatch like any other."""
+    from dspy_turbogepa.adapter.protocols import check_call_protocol
+
+    class Backwards:
+        def __init__(self, state, trajectories, subsample_scores, candidate_idx, candidate):
+            pass
+
+        def __call__(self):
+            return []
+
+    check_call_protocol(Backwards, "component_selector", "selector(...)", args=(None,) * 5)  # the class fits
+
+    class Neither:
+        def __call__(self):
+            return []
+
+    with pytest.raises(TypeError) as info:
+        check_call_protocol(Neither, "component_selector", "selector(...)", args=(None,) * 5)
+    assert "not an instance" not in str(info.value)
+
+
+def test_react_is_checked_and_wrappers_of_a_bare_predict_are_not():
+    import dspy
+
+    from dspy_turbogepa.adapter.protocols import check_inputs_reach
+
+    renamed = [dspy.Example(text=f"t{i}", queue="q").with_inputs("text") for i in range(3)]
+    with pytest.raises(TypeError, match=r"are none of ReAct's input fields \['ticket'\]"):
+        check_inputs_reach(dspy.ReAct("ticket -> queue", tools=[]), "trainset", renamed)
+    docs = [dspy.Example(url=f"u{i}", summary="s").with_inputs("url") for i in range(3)]
+    check_inputs_reach(dspy.Refine(dspy.Predict("document -> summary"), N=2, reward_fn=lambda a, p: 1.0,
+                                   threshold=1.0), "trainset", docs)
+
+
+def test_compiled_submodules_are_named_wherever_they_sit():
+    import dspy
+
+    from dspy_turbogepa.adapter.data import compiled_submodules
+
+    def compiled():
+        module = dspy.ChainOfThought("q -> a")
+        module._compiled = True
+        return module
+
+    class Middle(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = compiled()
+
+    class Outer(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Middle()
+            self.stages = [compiled()]
+            self.by_name = {"x": compiled()}
+
+    assert compiled_submodules(Outer()) == ["a.inner", "by_name['x']", "stages[0]"]
+
+
+def test_a_predictor_the_program_skips_beside_one_it_calls_does_not_stop_the_run():
+    """The nothing-to-reflect rule counts only before the first usable proposal, and only components
+    that never ran: a program calling one of its two predictors optimizes that one."""
+    import dspy
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+
+    class HalfUsed(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.route = task.make_program()
+            self.unused = dspy.Predict("ticket -> queue")
+
+        def forward(self, ticket):
+            return self.route(ticket=ticket)
+
+    with dspy.context(lm=make_student_lm(seed=0)):
+        program = _optimizer(task.metric, max_metric_calls=200, track_stats=True).compile(
+            HalfUsed(), trainset=train, valset=val)
+    assert len(program.detailed_results.candidates) > 1
+
+
+def test_not_run_needs_rollouts_that_finished_without_the_component():
+    """A rollout that raised before reaching a predictor says nothing about whether the program calls
+    it; nor does a minibatch with no finished rollout at all."""
+    import random
+
+    import dspy
+
+    from dspy_turbogepa.adapter.trajectory import DspyTrajectory
+    from dspy_turbogepa.engine.types import EvalOutcome
+    from dspy_turbogepa.proposers.reflection import ReflectiveProposer
+
+    class NoRecords:
+        def build_indexed(self, *args, **kwargs):
+            return {}
+
+    proposer = ReflectiveProposer(NoRecords(), lambda **kw: {}, None, max_workers=1,
+                                  components_seen_running=lambda: frozenset())
+    example = dspy.Example(ticket="t", queue="q").with_inputs("ticket")
+    raised = EvalOutcome(0, 0.0, trajectory=DspyTrajectory(example, None, error="boom"))
+    finished = EvalOutcome(1, 0.0, trajectory=DspyTrajectory(example, dspy.Prediction(queue="x")))
+    rng = random.Random(0)
+    assert proposer._dataset({"route": "r"}, ["route"], [raised], rng).not_run is False
+    assert proposer._dataset({"route": "r"}, ["route"], [raised, finished], rng).not_run is True
+    proposer.close()
+
+
+def test_an_async_program_reports_the_predictors_it_ran():
+    """The async path (acall) feeds components_seen_running too: a cascade with an aforward is not stopped."""
+    import dspy
+
+    from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+    from dspy_turbogepa.adapter.program import ProgramCodec
+    from dspy_turbogepa.testing import make_student_lm
+
+    task, train, val = _routing()
+    route = dict(task.make_program().named_predictors())["route"]
+
+    class AsyncCascade(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.route = route
+
+        def forward(self, ticket):
+            return self.route(ticket=ticket)
+
+        async def aforward(self, ticket):
+            return await self.route.acall(ticket=ticket)
+
+    codec = ProgramCodec(AsyncCascade())
+    evaluator = DspyEvaluator(codec, {"train": train, "val": val}, task.metric, 0.0, max_workers=2)
+    assert evaluator.use_async
+    import asyncio
+
+    with dspy.context(lm=make_student_lm(seed=0)):
+        outcome = asyncio.run(evaluator.evaluate(codec.seed_texts(), "seed", "val", 0, False))
+    evaluator.close()
+    assert outcome.failure is None and outcome.trajectory is None  # ran to the end, trace not captured
+    assert evaluator.components_seen_running() == frozenset({"route"})
+
+
+def test_a_metric_return_whose_keys_cannot_be_read_is_still_no_score():
+    from dspy_turbogepa.adapter.metric import read_metric_return
+
+    class Odd:
+        def keys(self):
+            raise RuntimeError("no keys today")
+
+        def __getitem__(self, name):
+            raise KeyError(name)
+
+    assert "without a 'score' (its keys: [])" in (read_metric_return(Odd(), 0.0).invalid or "")
+
+
+def test_an_unknown_provider_is_fatal_only_where_the_fatal_set_says_so():
+    import litellm
+
+    from dspy_turbogepa.adapter.ratelimit import FATAL_ERROR_TYPES, fatal_error_name
+
+    exc = litellm.BadRequestError("LLM Provider NOT provided. You passed model=opneai/x", "opneai/x", "opneai")
+    assert fatal_error_name(exc, FATAL_ERROR_TYPES) == "UnknownProviderError"
+    assert fatal_error_name(exc, frozenset()) is None
