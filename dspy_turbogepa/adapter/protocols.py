@@ -27,7 +27,7 @@ def check_call_protocol(
     ``RoundRobinReflectionComponentSelector``) is refused with "pass X()": calling the class would build
     an instance instead of an answer (a ``Protocol`` subclass takes any arguments, so nothing else would
     catch it before the run), and "give it those parameters" sent users to edit the class."""
-    if inspect.isclass(fn) and "__call__" in {n for klass in fn.__mro__[:-1] for n in vars(klass)}:
+    if inspect.isclass(fn) and any("__call__" in vars(klass) for klass in fn.__mro__[:-1]):
         try:
             inspect.signature(fn.__call__).bind(None, *args, **dict(kwargs or {}))
         except (TypeError, ValueError):
@@ -141,19 +141,14 @@ def _builtin_input_fields(student: Any) -> list[str] | None:
     other module: the user's own maps its inputs as it likes, and other DSPy modules build some inputs
     themselves (MultiChainComparison's attempts) or wrap a module of the user's (BestOfN, Refine). A
     field with a default is not required: DSPy fills it in."""
-    kind = type(student)
-    if user_defines(kind, "forward"):
-        return None
+    kind = type(student)  # exactly these classes: a subclass (the user's) may map its inputs otherwise
     if kind is dspy.ChainOfThought:
-        signature = getattr(getattr(student, "predict", None), "signature", None)
-    elif kind in (dspy.Predict, getattr(dspy, "ReAct", None)):
-        signature = getattr(student, "signature", None)
+        signature = student.predict.signature
+    elif kind in (dspy.Predict, dspy.ReAct):
+        signature = student.signature
     else:
         return None
-    fields = getattr(signature, "input_fields", None)
-    if not isinstance(fields, Mapping):
-        return None
-    required = [name for name, info in fields.items() if getattr(info, "is_required", lambda: True)()]
+    required = [name for name, info in signature.input_fields.items() if info.is_required()]
     return required or None
 
 

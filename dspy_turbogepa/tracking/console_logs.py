@@ -191,11 +191,8 @@ def _root_handler_at_default_level(log: logging.Logger) -> bool:
     ``basicConfig()`` showed dspy.GEPA's progress and none of ours."""
     if log.level != logging.NOTSET or not log.propagate or log.handlers or logging.root.level != logging.WARNING:
         return False
-    if not logging.root.handlers:
-        return False
-    prefix = log.name + "."
-    return not any(isinstance(other, logging.Logger) and (other.handlers or other.level != logging.NOTSET)
-                   for name, other in list(logging.root.manager.loggerDict.items()) if name.startswith(prefix))
+    return bool(logging.root.handlers) and not any(
+        sub.handlers or sub.level != logging.NOTSET for sub in _sub_loggers(log))
 
 
 def _logging_configured(log: logging.Logger) -> bool:
@@ -204,9 +201,14 @@ def _logging_configured(log: logging.Logger) -> bool:
     default."""
     if log.hasHandlers() or log.level != logging.NOTSET or not log.propagate or logging.root.level > logging.WARNING:
         return True
+    return any(sub.handlers for sub in _sub_loggers(log))
+
+
+def _sub_loggers(log: logging.Logger) -> list[logging.Logger]:
+    """The loggers created under ``log`` (placeholders left out)."""
     prefix = log.name + "."
-    return any(isinstance(other, logging.Logger) and other.handlers
-               for name, other in list(logging.root.manager.loggerDict.items()) if name.startswith(prefix))
+    return [other for name, other in list(logging.root.manager.loggerDict.items())
+            if name.startswith(prefix) and isinstance(other, logging.Logger)]
 
 
 @contextmanager
@@ -230,20 +232,18 @@ def visible_logs(enabled: bool = True, label: str | None = None) -> Iterator[Non
     its INFO lines there too.)
     """
     log = logging.getLogger("dspy_turbogepa")
-    handler: _CompileLogHandler | None = None
     raised: _LevelRaised | None = None
     number = 0
     with _VISIBLE_LOGS_LOCK:
         handler = next((h for h in log.handlers if isinstance(h, _CompileLogHandler)), None)
-        raised = next((h for h in log.handlers if isinstance(h, _LevelRaised)), None)
-        if enabled and handler is None and (raised is not None or _root_handler_at_default_level(log)):
+        existing = next((h for h in log.handlers if isinstance(h, _LevelRaised)), None)
+        if enabled and handler is None and (existing is not None or _root_handler_at_default_level(log)):
+            raised = existing
             if raised is None:
                 raised = _LevelRaised()
                 log.addHandler(raised)
                 log.setLevel(logging.INFO)
             raised.users += 1
-        else:
-            raised = None
         if enabled and handler is None and raised is None and not _logging_configured(log):
             handler = _CompileLogHandler(_dspy_stream() or sys.stderr)
             log.addHandler(handler)
