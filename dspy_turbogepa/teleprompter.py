@@ -163,6 +163,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             a new best, at most one a second, and every 5-60 s while something changes). Logs go
             to the ``dspy_turbogepa`` logger; in a process that configured no logging at all, it gets a
             stderr handler at INFO for the compile (dspy does the same for its own logger at import).
+        plot_format: the plots a compile writes into ``log_dir`` at the end (``best_over_time`` and
+            ``lineage``), and the best-score plot it draws for MLflow without a ``log_dir``: ``"svg"``
+            (default: milliseconds, no dependency, a hover tooltip per candidate), ``"png"`` (matplotlib,
+            the ``plots`` extra: about a second of CPU, most of it matplotlib's import), or None (no plots;
+            summary.json is still written).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
             price dspy/litellm do not know (every LM call of the program, the metric and reflection; a key
             matches ``"provider/model"`` or ``"model"``; it overrides the reported cost).
@@ -251,6 +256,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         cost_budget_usd: float | None = None,
         time_budget_seconds: float | None = None,
         price_table: dict[str, tuple[float, float]] | None = None,
+        plot_format: Literal["svg", "png"] | None = "svg",
         verbose: bool = True,
     ) -> None:
         check_metric_signature(metric)
@@ -415,6 +421,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.token_budget = token_budget
         self.cost_budget_usd = cost_budget_usd
         self.time_budget_seconds = time_budget_seconds
+        self.plot_format = _checked_plot_format(plot_format)
         self.verbose = bool(verbose)
         self.price_table = {k: (float(v[0]), float(v[1])) for k, v in (price_table or {}).items()}
 
@@ -599,7 +606,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 seed_texts=codec.seed_texts(),
                 trainset_size=len(train),
                 valset_size=len(val),
-                plot_path=None if self.log_dir else True,  # with log_dir, its plots are uploaded instead
+                # with log_dir, its plots are uploaded instead
+                plot_path=None if self.log_dir or self.plot_format is None else True,
+                plot_format=self.plot_format or "svg",
                 tracking_uri=self._mapped_gepa_kwargs.mlflow_tracking_uri,
                 experiment_name=self._mapped_gepa_kwargs.mlflow_experiment_name,
             )
@@ -734,7 +743,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         return _LOG_PATH.get() or Path(os.path.expanduser(os.fspath(self.log_dir)))
 
     def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> list[Path]:
-        """``log_dir/summary.json`` and the PNG plots; a reporting failure never loses the program.
+        """``log_dir/summary.json`` and the plots (``plot_format``); a reporting failure never loses the program.
         Returns the files this call wrote."""
         from dspy_turbogepa.tracking.summary import write_summary
 
@@ -751,12 +760,12 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         try:
             from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
 
-            # the whole result, as MLflow's copy is drawn: both panels' lines run on to the end of the run
-            written.append(Path(plot_best_over_time(result, self._log_path() / "best_over_time.png", budget=budget)))
-            written.append(Path(plot_lineage(result.records, result.fronts, self._log_path() / "lineage.png")))
-        except ImportError:
-            logger.warning("matplotlib is not installed: no plots in %s (pip install 'dspy-turbogepa[plots]').",
-                           self.log_dir)
+            if self.plot_format is not None:
+                # the whole result, as MLflow's copy is drawn: both panels' lines run on to the end of the run
+                suffix = f".{self.plot_format}"
+                written.append(Path(plot_best_over_time(result, self._log_path() / f"best_over_time{suffix}",
+                                                        budget=budget)))
+                written.append(Path(plot_lineage(result.records, result.fronts, self._log_path() / f"lineage{suffix}")))
         except Exception:  # plotting must never cost the user their optimized program; say why
             logger.exception("Plotting into %s failed", self.log_dir)
         return written
@@ -922,3 +931,16 @@ register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import 
 
 __all__ = ["TurboGEPA"]
 
+
+def _checked_plot_format(plot_format: Any) -> Literal["svg", "png"] | None:
+    """Refused at construction: a PNG without matplotlib would otherwise fail only after the paid search."""
+    if plot_format not in ("svg", "png", None):
+        raise ConfigurationError(f"plot_format={plot_format!r}: use 'svg' (default, no dependency), 'png' "
+                                 "(needs matplotlib) or None (no plots).")
+    if plot_format == "png":
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ConfigurationError("plot_format='png' needs matplotlib, which is not installed: "
+                                     "pip install 'dspy-turbogepa[plots]', or use plot_format='svg'.")
+    return plot_format

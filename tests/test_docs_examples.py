@@ -1032,7 +1032,7 @@ def test_run_store_resume_key_and_reports(tmp_path):
     data = splits(16, 8)
     # a callable object as the metric: its class's code is keyed, its state (the counters) is not
     first = run(CountingMetric(ROUTING.metric), log_dir=log_dir, data=data, budget=80).detailed_results
-    assert {"summary.json", "best_over_time.png", "lineage.png", "run.sqlite3", "run.lock"} <= set(os.listdir(log_dir))
+    assert {"summary.json", "best_over_time.svg", "lineage.svg", "run.sqlite3", "run.lock"} <= set(os.listdir(log_dir))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_reason"] == first.stop_reason
     for key in ("val_subscores", "parents", "candidate_kinds", "per_val_instance_best_candidates", "run_stats"):
@@ -1209,7 +1209,7 @@ def test_mlflow_snippet_autolog_and_use_mlflow(tmp_path):
     assert {"best_model.json", "trainset.json", "valset.json", "turbogepa"} <= set(top["artifacts"])
     assert "lm_params" in top["params"]
     assert set(report["turbogepa_artifacts"]) == {f"turbogepa/{f}" for f in (
-        "optimized_program.json", "candidates.json", "pareto_front.json", "run_summary.json", "best_over_time.png")}
+        "optimized_program.json", "candidates.json", "pareto_front.json", "run_summary.json", "best_over_time.svg")}
     assert report["loaded_equal"]  # "Program().load(path) restores it"
     assert report["candidates_columns"] == ["id", "parents", "kind", "val_score", "num_val", "front_instances",
                                             "is_best", "discovery_seconds", "discovery_metric_calls", "mutation_seq",

@@ -171,7 +171,7 @@ def test_a_ctrl_c_after_the_search_keeps_the_program(monkeypatch, tmp_path, capl
 
 
 def test_a_ctrl_c_inside_an_import_of_the_reports_leaves_no_half_loaded_package(monkeypatch, tmp_path):
-    """The reports import matplotlib, and numpy with it when nothing had: a Ctrl-C inside that import
+    """PNG reports import matplotlib, and numpy with it when nothing had: a Ctrl-C inside that import
     failed numpy's __init__ but left its finished submodules bound to the dead package, so numpy was
     broken for the rest of the process (every later plot, the user's own ``np.ravel``). A package
     standing for numpy here: its __init__ loads a submodule, then is interrupted in the next one."""
@@ -238,7 +238,8 @@ sys.meta_path.insert(0, CtrlC())
 routing = TASKS["routing"]
 splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
 opt = TurboGEPA(routing.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
-                log_dir=sys.argv[1], track_stats=True, verbose=False, use_mlflow=sys.argv[2] == "mlflow")
+                log_dir=sys.argv[1], track_stats=True, verbose=False, use_mlflow=sys.argv[2] == "mlflow",
+                plot_format="png" if sys.argv[2] == "plots" else "svg")
 try:
     with dspy.context(lm=make_student_lm(seed=0)):
         program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
@@ -252,7 +253,7 @@ print("NUMPY", np.ravel([[1, 2]]).tolist())
 
 @pytest.mark.parametrize("tracking", ["plots", "mlflow"])
 def test_a_ctrl_c_during_a_heavy_first_import_waits_for_it_to_finish(tmp_path, tracking):
-    """A real SIGINT landing inside numpy's first import (matplotlib's, for the plots; MLflow's at the
+    """A real SIGINT landing inside numpy's first import (matplotlib's, for PNG plots; MLflow's at the
     start of compile with use_mlflow): dropping the leftovers cannot repair numpy (its C core refuses
     to load twice), so the Ctrl-C is held until the import is done, then acts as before (skips the
     reports; stops compile before the search); numpy works for the rest of the process."""

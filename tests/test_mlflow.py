@@ -476,7 +476,7 @@ def _check_tracked_run(client, run_id: str, result, program, splits, tmp_path: P
 
     artifacts = {a.path for a in client.list_artifacts(run_id, "turbogepa")}
     expected = {"turbogepa/optimized_program.json", "turbogepa/candidates.json", "turbogepa/pareto_front.json",
-                "turbogepa/run_summary.json"} | ({"turbogepa/best_over_time.png"} if plot else set())
+                "turbogepa/run_summary.json"} | ({"turbogepa/best_over_time.svg"} if plot else set())
     assert expected <= artifacts, artifacts
     local = Path(client.download_artifacts(run_id, "turbogepa", str(tmp_path / "dl")))
     from dspy_turbogepa.testing import TASKS
@@ -491,7 +491,7 @@ def _check_tracked_run(client, run_id: str, result, program, splits, tmp_path: P
     summary = json.loads((local / "run_summary.json").read_text())
     assert summary["best_candidate_idx"] == result.best_index and len(summary["val_aggregate_scores"]) == n
     if plot:
-        assert (local / "best_over_time.png").read_bytes()[:4] == b"\x89PNG"
+        assert (local / "best_over_time.svg").read_text().startswith("<svg ")
     assert isinstance(program, dspy.Module)
 
 
@@ -500,12 +500,7 @@ def test_tracker_logs_params_metrics_and_artifacts_to_sqlite(local_tracking, tmp
 
     import dspy_turbogepa.teleprompter as tp
 
-    plot = True
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        plot = False
-    box = install_emulated_wiring(tp, tracker_kwargs={"plot_path": plot, "flush_interval": 0.2, "sample_interval": 0.0},
+    box = install_emulated_wiring(tp, tracker_kwargs={"plot_path": True, "flush_interval": 0.2, "sample_interval": 0.0},
                                   setattr_fn=monkeypatch.setattr)
     with caplog.at_level(logging.WARNING):
         _, program, splits = run_small_compile(tp, box, wandb_api_key="sk-abcdefghijklmnopqrstuvwxyz0123456789")
@@ -518,7 +513,7 @@ def test_tracker_logs_params_metrics_and_artifacts_to_sqlite(local_tracking, tmp
     assert mlflow.active_run() is None  # it started the run, so it ended it
     client = mlflow.MlflowClient()
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
-    _check_tracked_run(client, tracker.run_id, box["result"], program, splits, tmp_path, plot)
+    _check_tracked_run(client, tracker.run_id, box["result"], program, splits, tmp_path, plot=True)
     assert "turbogepa/summary.json" in {a.path for a in client.list_artifacts(tracker.run_id, "turbogepa")}
     assert tracker._tmpdir is None  # the temporary plot directory is gone
     assert "sk-abcdefghijklmnopqrstuvwxyz0123456789" not in json.dumps(client.get_run(tracker.run_id).data.params)
@@ -1000,12 +995,7 @@ def test_end_to_end_wiring(autolog_scenarios):
     artifacts = {a.path for a in client.list_artifacts(pid, "turbogepa")}
     assert {"turbogepa/optimized_program.json", "turbogepa/candidates.json", "turbogepa/pareto_front.json",
             "turbogepa/run_summary.json"} <= artifacts
-    try:
-        import matplotlib  # noqa: F401
-
-        assert "turbogepa/best_over_time.png" in artifacts  # no log_dir: drawn for MLflow
-    except ImportError:
-        pass
+    assert "turbogepa/best_over_time.svg" in artifacts  # no log_dir: drawn for MLflow (SVG: no dependency)
     metrics = parent.data.metrics
     assert metrics["best_val_score"] == pytest.approx(max(report["scores"]))
     assert metrics["final/num_candidates"] == len(report["scores"])
@@ -1060,11 +1050,7 @@ def test_log_dir_reports_are_uploaded_to_the_mlflow_run(local_tracking, tmp_path
     assert "turbogepa/summary.json" in artifacts, artifacts
     uploaded = Path(client.download_artifacts(run.info.run_id, "turbogepa/summary.json", str(tmp_path / "dl")))
     assert json.loads(uploaded.read_text()) == json.loads((log_dir / "summary.json").read_text())
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
-    assert {"turbogepa/best_over_time.png", "turbogepa/lineage.png"} <= artifacts, artifacts
+    assert {"turbogepa/best_over_time.svg", "turbogepa/lineage.svg"} <= artifacts, artifacts
 
 
 def test_a_resumed_runs_curves_continue_where_the_budget_stands(local_tracking, tmp_path):

@@ -702,11 +702,11 @@ def test_a_plot_cut_short_leaves_the_previous_file_not_a_truncated_one(tmp_path:
 
 
 def test_only_this_sessions_reports_are_uploaded(compiled_routing, tmp_path: Path, monkeypatch) -> None:
-    """A resumed session that could not draw its plots uploaded the earlier session's PNGs (2 candidates)
+    """A resumed session that could not draw its plots uploaded the earlier session's plots (2 candidates)
     as this run's, beside its own candidates (6)."""
     import dspy_turbogepa.tracking.plots as plots
 
-    (tmp_path / "lineage.png").write_bytes(b"an earlier session's plot")
+    (tmp_path / "lineage.svg").write_bytes(b"an earlier session's plot")
     opt = TurboGEPA(TASKS["routing"].metric, max_metric_calls=200, reflection_lm=make_reflection_lm(seed=0),
                     log_dir=str(tmp_path))
 
@@ -717,8 +717,8 @@ def test_only_this_sessions_reports_are_uploaded(compiled_routing, tmp_path: Pat
     dr = compiled_routing.detailed_results
     result = SimpleNamespace(records=synthetic_records(6), fronts=None, wall_seconds=3.0, total_metric_calls=200)
     written = opt._write_reports(dr, result, 200)
-    assert sorted(p.name for p in written) == ["best_over_time.png", "summary.json"]
-    assert (tmp_path / "lineage.png").read_bytes() == b"an earlier session's plot"  # left, not uploaded
+    assert sorted(p.name for p in written) == ["best_over_time.svg", "summary.json"]
+    assert (tmp_path / "lineage.svg").read_bytes() == b"an earlier session's plot"  # left, not uploaded
 
 
 def test_plot_module_imports_matplotlib_lazily() -> None:

@@ -362,8 +362,8 @@ def test_log_dir_gets_summary_and_plots(routing, tmp_path, monkeypatch):
     program, *_ = _compile(routing, 80, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_reason"] and summary["result"]["candidates"]
-    for name in ("best_over_time.png", "lineage.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("best_over_time.svg", "lineage.svg"):
+        assert (tmp_path / name).read_text().startswith("<svg ")
     # the metric-calls panel runs on to the end of the run, not to the last new best
     (result,) = drawn
     assert result.total_metric_calls == program.detailed_results.total_metric_calls

@@ -1,6 +1,6 @@
 """Review of what a user sees when a run stops on a whole-run token / dollar cap (commits 3beb2de..HEAD):
 the final INFO lines and the progress display, MLflow autologging, ``log_dir``'s report (summary.json,
-PNG plots), ``detailed_results`` and gepa stop callbacks combined with a cap, on fresh and resumed runs.
+SVG plots), ``detailed_results`` and gepa stop callbacks combined with a cap, on fresh and resumed runs.
 
 The review found two bugs, fixed and pinned here (a stop callback asked about the mutation a cap refused
 took over the stop reason; the progress funnel left out a child scored before the cap refused its
@@ -63,7 +63,7 @@ def splits(routing):
 def test_a_cap_reached_by_the_seeds_validation_reports_cleanly_and_a_resume_pays_nothing(
         routing, splits, tmp_path, caplog):
     """token_budget=1: the seed's validation (never refused) passes it, so every mutation ends
-    budget_stopped. No crash in the report (real PNG plots included), the cap is named in the progress
+    budget_stopped. No crash in the report (real plots included), the cap is named in the progress
     display's last line, the result line and summary.json, and a resumed session pays nothing."""
     log_dir = tmp_path / "run"
     for session in (1, 2):
@@ -87,8 +87,8 @@ def test_a_cap_reached_by_the_seeds_validation_reports_cleanly_and_a_resume_pays
         assert summary["counts"]["mutations"] == mutations
         assert summary["budgets"]["token_budget"] == 1
         assert summary["result"]["run_stats"]["task_tokens"] == dr.run_stats["task_tokens"]
-        for png in ("best_over_time.png", "lineage.png"):
-            assert (log_dir / png).stat().st_size > 0
+        for plot in ("best_over_time.svg", "lineage.svg"):
+            assert (log_dir / plot).stat().st_size > 0
 
 
 def test_a_resumed_session_of_a_dollar_capped_run_reports_the_whole_runs_cost(routing, splits, tmp_path, caplog):

@@ -228,7 +228,7 @@ def test_run_store_output_json_is_ascii_escaped_also_when_masked(tmp_path):
 def test_run_store_reports_come_from_sessions_that_return_a_program_and_are_never_read(tmp_path):
     """run_store.md, Files: "At the end of each session that returns a program, the compile also writes a
     report beside the store: `summary.json` ... and two plots ... They are not read on resume"."""
-    reports = ("summary.json", "best_over_time.png", "lineage.png")
+    reports = ("summary.json", "best_over_time.svg", "lineage.svg")
 
     def judge_down(gold, pred, trace=None, pred_name=None, pred_trace=None):
         raise RuntimeError("judge is down")
@@ -246,7 +246,7 @@ def test_run_store_reports_come_from_sessions_that_return_a_program_and_are_neve
     again = run(log_dir=str(done), data=data, budget=30).detailed_results
     assert again.run_stats["metric_calls_executed"] == 0 and again.total_metric_calls == first.total_metric_calls
     assert json.loads((done / "summary.json").read_text())["stop_reason"] == again.stop_reason
-    assert (done / "lineage.png").read_bytes()[:4] == b"\x89PNG"
+    assert (done / "lineage.svg").read_text().startswith("<svg ")
 
 
 # ======================================================================================== docs/extending.md

@@ -144,7 +144,6 @@ def test_mlflow_evaluation_rows_carry_predictions_with_track_best_outputs(tracke
 
 def test_mlflow_the_plot_is_drawn_on_the_compile_thread(tracked):
     """mlflow.md, Threads: "compile thread (yours) | ... draws the plot"."""
-    pytest.importorskip("matplotlib")
     assert tracked.plot_threads == [tracked.compile_thread]
 
 
@@ -225,7 +224,6 @@ def test_mlflow_a_tracker_warns_at_most_once_also_when_saving_the_program_fails(
     """mlflow.md: "Each tracker warns at most once; the rest goes to the debug log of
     `dspy_turbogepa.tracking.mlflow_tracking`" (here: the plot cannot be written, and the program cannot be
     saved)."""
-    pytest.importorskip("matplotlib")
     from dspy_turbogepa.tracking import MlflowRunTracker
 
     class Unsavable:
@@ -235,7 +233,7 @@ def test_mlflow_a_tracker_warns_at_most_once_also_when_saving_the_program_fails(
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
     with caplog.at_level(logging.WARNING, logger=TRACKING_LOGGER):
-        tracker = MlflowRunTracker({"seed": 0}, plot_path=blocker / "best_over_time.png", flush_interval=0.05)
+        tracker = MlflowRunTracker({"seed": 0}, plot_path=blocker / "best_over_time.svg", flush_interval=0.05)
         tracker.finish(_result(), Unsavable())
     warnings = [r.getMessage() for r in caplog.records if r.name == TRACKING_LOGGER and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings

@@ -2360,8 +2360,7 @@ def test_drop_cut_short_imports_drops_orphans_and_keeps_other_new_modules(monkey
 def test_importing_the_store_and_tracking_loads_neither_dspy_mlflow_nor_pyplot(tmp_path):
     """store/__init__.py:3 / sqlite_store.py:8: "Standard library only, and no DSPy import"; tracking/__init__.py:10
     "Importing this package never imports MLflow"; autolog.py:8 "It never imports MLflow ... unless MLflow is already
-    imported"; plots.py:3-7 matplotlib "is imported inside the functions, so importing this module costs nothing. The
-    figures are bare ``matplotlib.figure.Figure`` objects rendered straight to PNG, never pyplot"."""
+    imported"; the SVG plots need no matplotlib at all, and png.py: "a bare ``Figure``... Never pyplot"."""
     script = tmp_path / "light.py"
     script.write_text(
         "import json, sys\n"
@@ -2377,6 +2376,9 @@ def test_importing_the_store_and_tracking_loads_neither_dspy_mlflow_nor_pyplot(t
         "res = NS(val_aggregate_scores=[0.2, 0.5], parents=[[], [0]], candidate_kinds=['seed', 'reflection'],\n"
         "         discovery_seconds=[0.0, 1.0], discovery_eval_counts=[0, 10], val_subscores=[{0: 0.2}, {0: 0.5}],\n"
         "         per_val_instance_best_candidates={0: {1}})\n"
+        "plot_best_over_time(res, sys.argv[1] + '/best.svg')\n"
+        "plot_lineage(res, None, sys.argv[1] + '/lineage.svg')\n"
+        "out['matplotlib_for_svg'] = 'matplotlib' in sys.modules\n"
         "plot_best_over_time(res, sys.argv[1] + '/best.png')\n"
         "plot_lineage(res, None, sys.argv[1] + '/lineage.png')\n"
         "out['pyplot'] = 'matplotlib.pyplot' in sys.modules\n"
@@ -2387,7 +2389,7 @@ def test_importing_the_store_and_tracking_loads_neither_dspy_mlflow_nor_pyplot(t
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {
         "dspy_after_store": False, "autolog": [False, False], "mlflow": False, "matplotlib_on_import": False,
-        "pyplot": False, "mlflow_at_end": False}
+        "matplotlib_for_svg": False, "pyplot": False, "mlflow_at_end": False}
     assert (tmp_path / "best.png").stat().st_size > 0 and (tmp_path / "lineage.png").stat().st_size > 0
 
 
@@ -2694,15 +2696,14 @@ def test_plot_helpers_seed_wins_ties_deepest_parent_and_no_recursion_on_long_cha
 
 
 def test_a_plot_is_written_to_a_temporary_file_and_renamed(tmp_path):
-    """plots.py:139-140: "Written to a temporary file and renamed, as summary.json is: a full disk or a Ctrl-C leaves
-    the previous plot (or none), never a truncated PNG"."""
-    class FailingFigure:
-        def savefig(self, path, **kwargs):
-            Path(path).write_bytes(b"half a png")
+    """plots.py: "Written to a temporary file and renamed, as summary.json is: a full disk or a Ctrl-C leaves
+    the previous plot (or none), never a truncated file"."""
+    class FailingDrawing:
+        def to_svg(self):
             raise OSError("disk full")
 
-    target = tmp_path / "best.png"
+    target = tmp_path / "best.svg"
     target.write_bytes(b"the previous plot")
     with pytest.raises(OSError, match="disk full"):
-        plots._save(FailingFigure(), target, 100)
-    assert target.read_bytes() == b"the previous plot" and [p.name for p in tmp_path.iterdir()] == ["best.png"]
+        plots._save(FailingDrawing(), target)
+    assert target.read_bytes() == b"the previous plot" and [p.name for p in tmp_path.iterdir()] == ["best.svg"]

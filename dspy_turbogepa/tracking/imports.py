@@ -1,10 +1,10 @@
-"""Heavy optional imports (matplotlib for the plots, MLflow for tracking), made in one piece.
+"""Heavy optional imports (MLflow for tracking, with numpy), made in one piece.
 
-Why: an import cut short by Ctrl-C cannot always be undone. Both pull numpy in when the program never
-did, and numpy's C core refuses to load twice in a process: a KeyboardInterrupt half-way through
-numpy's ``__init__`` left numpy broken for the rest of the process (later plots, the user's own
-code), whatever was dropped from ``sys.modules`` afterwards. So their first import runs with Ctrl-C
-held, and a press is delivered as soon as it is done, to the handler that was there before.
+Why: an import cut short by Ctrl-C cannot always be undone. MLflow pulls numpy in when the program
+never did, and numpy's C core refuses to load twice in a process: a KeyboardInterrupt half-way through
+numpy's ``__init__`` left numpy broken for the rest of the process (the user's own code too), whatever
+was dropped from ``sys.modules`` afterwards. So the first import runs with Ctrl-C held, and a press is
+delivered as soon as it is done, to the handler that was there before.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def drop_cut_short_imports(before: set[str]) -> None:
     those), but their submodules that had finished stay in ``sys.modules`` bound to the dead package
     object, and a later import of the package picks them up half-wired. Dropped: every module new
     since ``before`` with an enclosing package no longer loaded; whatever another thread imported
-    meanwhile (the user's pyplot) is kept. matplotlib's own first import, with numpy, which cannot be
+    meanwhile (the user's pyplot) is kept. MLflow's own first import, with numpy, which cannot be
     repaired this way, is made with Ctrl-C held (:func:`import_in_one_piece`).
     """
     for name in sorted(set(sys.modules) - before):

@@ -173,9 +173,10 @@ class MlflowRunTracker(EngineObserver):
             the current one.
         experiment_name: if given and a run must be started, ``mlflow.set_experiment`` first.
         run_name: name of a run this tracker starts (default ``"turbogepa"``).
-        plot_path: where to draw the best-score-over-time PNG (``tracking.plots.plot_best_over_time``, needs
-            matplotlib) that is also logged under its file name; ``True``: a temporary file
-            ``best_over_time.png``; ``None`` (default): no plot.
+        plot_path: where to draw the best-score-over-time plot (``tracking.plots.plot_best_over_time``; a
+            name ending in ``.svg``, or ``.png`` with matplotlib) that is also logged under its file name;
+            ``True``: a temporary file ``best_over_time.<plot_format>``; ``None`` (default): no plot.
+        plot_format: ``"svg"`` (default) or ``"png"``, for ``plot_path=True``.
         flush_interval: seconds between metric batches sent by the background thread.
         sample_interval: least seconds between two progress samples (a new candidate always samples).
         finish_timeout: how long :meth:`finish` waits for the background thread to upload everything.
@@ -197,6 +198,7 @@ class MlflowRunTracker(EngineObserver):
         experiment_name: str | None = None,
         run_name: str | None = None,
         plot_path: str | os.PathLike[str] | bool | None = None,
+        plot_format: str = "svg",
         flush_interval: float = 1.0,
         sample_interval: float = 1.0,
         finish_timeout: float = 60.0,
@@ -209,9 +211,15 @@ class MlflowRunTracker(EngineObserver):
         self.finished = False
         self._stats_provider = stats_provider
         self._tmpdir: str | None = None
+        if plot_format not in ("svg", "png"):
+            raise ValueError(f"plot_format={plot_format!r}: use 'svg' or 'png'")
+        if isinstance(plot_path, (str, os.PathLike)) and Path(plot_path).suffix.lower() not in (".svg", ".png"):
+            raise ValueError(f"plot_path={os.fspath(plot_path)!r}: the best-score plot is written as SVG or PNG, "
+                             "by the file name; give a name ending in .svg or .png, True for a temporary one, "
+                             "or None for no plot")
         if plot_path is True:
             self._tmpdir = tempfile.mkdtemp(prefix="turbogepa-mlflow-")
-            plot_path = Path(self._tmpdir) / "best_over_time.png"
+            plot_path = Path(self._tmpdir) / f"best_over_time.{plot_format}"
         self._plot_path = Path(plot_path) if isinstance(plot_path, (str, os.PathLike)) else None
         budget = (params or {}).get("max_metric_calls")
         self._budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else None
@@ -611,14 +619,15 @@ class MlflowRunTracker(EngineObserver):
             client.set_tag(self.run_id, t.key, t.value)
 
     def _write_plot(self, result: EngineResult) -> Path | None:
-        """Drawn on the calling (compile) thread, so the PNG exists before the worker uploads it."""
+        """Drawn on the calling (compile) thread, so the SVG exists before the worker uploads it."""
         assert self._plot_path is not None
         try:
             from dspy_turbogepa.tracking.plots import plot_best_over_time
 
             return Path(plot_best_over_time(result, self._plot_path, budget=self._budget))
         except ImportError:
-            self._warn("matplotlib is not installed, so there is no best-score plot (pip install matplotlib)")
+            self._warn("matplotlib is not installed, so there is no PNG best-score plot (pip install matplotlib, "
+                       "or draw it as .svg)")
         except Exception as exc:  # noqa: BLE001
             self._warn(f"could not draw the best-score plot ({type(exc).__name__}: {exc})")
         return None

@@ -1,17 +1,16 @@
-"""PNG plots of a run: the best score over time, and the lineage of the candidates.
+"""SVG plots of a run: the best score over time, and the lineage of the candidates.
 
-matplotlib is an optional dependency (``pip install dspy-turbogepa[plots]``); it is imported inside
-the functions, so importing this module costs nothing. The figures are bare ``matplotlib.figure.Figure``
-objects rendered straight to PNG, never pyplot: a compile in a notebook must not switch the user's
-backend or add to pyplot's list of open figures, and pyplot's global state is not thread-safe
-(compiles may run in threads). It works on a headless server.
+Drawn by :mod:`dspy_turbogepa.tracking.svg`, with no dependency and in milliseconds (matplotlib, which
+drew PNGs here before, cost 0.7-1.1 s of CPU at the end of every compile). Each candidate's marker
+carries a hover tooltip (index, kind, score, when it was found). Nothing global is touched, so a
+compile in a notebook or in a thread leaves the user's matplotlib, if any, alone.
 
 Both functions take the engine's ``list[CandidateRecord]`` (``EngineResult.records``), an
 ``EngineResult``, or the ``detailed_results`` of a compiled program (``TurboGEPAResult`` /
 ``DspyGEPAResult``), so a user can plot a finished run::
 
-    plot_best_over_time(optimized.detailed_results, "best.png")
-    plot_lineage(optimized.detailed_results, None, "lineage.png")
+    plot_best_over_time(optimized.detailed_results, "best.svg")
+    plot_lineage(optimized.detailed_results, None, "lineage.svg")
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dspy_turbogepa.tracking.drawing import Drawing, Scale, nice_ticks, text_width, tick_label, viridis, viridis_stops
+
 __all__ = ["plot_best_over_time", "plot_lineage"]
 
 #: Marker and legend label per proposal kind.
@@ -37,6 +38,7 @@ _KIND_STYLE: dict[str, tuple[str, str]] = {
 _KIND_COLOR = {"seed": "#4d4d4d", "reflection": "#1f77b4", "reflection_all": "#2ca02c", "merge": "#9467bd"}
 _FRONT_COLOR = "#d62728"
 _BEST_COLOR = "#ff7f0e"
+_EDGE_COLOR = "#8c8c8c"
 
 
 @dataclass(frozen=True)
@@ -116,38 +118,90 @@ def _frontier_members(run: Any, nodes: Sequence[_Node], fronts: Any) -> set[int]
     return {int(i) for i in fronts}  # already a set of members
 
 
-def _load_matplotlib() -> None:
-    """matplotlib's first import (about 0.4 s), every part the plots use, with Ctrl-C held."""
-    from dspy_turbogepa.tracking.imports import import_in_one_piece
-
-    import_in_one_piece("matplotlib.figure", "matplotlib.backends.backend_agg")  # savefig's PNG writer
-
-
-def _figure(width: float, height: float) -> Any:
-    _load_matplotlib()
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def _best_index(nodes: Sequence[_Node]) -> int:
     # Highest score, lowest index on ties (the seed wins ties, as in dspy.GEPA).
     return min(nodes, key=lambda n: (-n.score, n.index)).index
 
 
-def _save(fig: Any, path: str | Path, dpi: int) -> Path:
-    """Written to a temporary file and renamed, as summary.json is: a full disk or a Ctrl-C leaves the
-    previous plot (or none), never a truncated PNG that MLflow would then upload."""
+#: The file types a plot can be written as, by the path's suffix.
+PLOT_FORMATS = (".svg", ".png")
+
+
+def _plot_path(path: str | Path) -> Path:
+    """Checked before anything is drawn, so a typo'd name costs nothing."""
     path = Path(path)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise ValueError(f"path={str(path)!r}: a plot is written as SVG or PNG, by the file name; give a name "
+                         "ending in .svg (no dependency) or .png (needs matplotlib: pip install "
+                         "'dspy-turbogepa[plots]')")
+    return path
+
+
+def _save(drawing: Drawing, path: Path) -> Path:
+    """Written to a temporary file and renamed, as summary.json is: a full disk or a Ctrl-C leaves the
+    previous plot (or none), never a truncated file that MLflow would then upload."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": "dspy_turbogepa"})  # Agg, picked by format
+        if path.suffix.lower() == ".png":
+            from dspy_turbogepa.tracking.png import write_png
+
+            write_png(drawing, tmp)
+        else:
+            tmp.write_text(drawing.to_svg(), encoding="utf-8")
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def _tooltip(node: _Node) -> str:
+    found = []
+    if node.seconds is not None:
+        found.append(f"{node.seconds:.1f} s")
+    if node.calls is not None:
+        found.append(f"{node.calls} metric calls")
+    parents = f", from {', '.join(f'#{p}' for p in node.parents)}" if node.parents else ""
+    return (f"#{node.index} {_KIND_STYLE.get(node.kind, ('o', node.kind))[1]}: {node.score:.3f}{parents}"
+            + (f" (found after {', '.join(found)})" if found else ""))
+
+
+_Entry = tuple[str, dict[str, Any], str]  # (swatch: a marker shape or "line", its style, label)
+
+
+def _entry_width(entry: _Entry, size: float) -> float:
+    return (22.0 if entry[0] == "line" else 15.0) + text_width(entry[2], size) + 14.0
+
+
+def _legend_rows(entries: Sequence[_Entry], max_width: float, size: float = 10.0) -> list[list[_Entry]]:
+    """Entries side by side, wrapped onto a new row where the next one would pass ``max_width``."""
+    rows: list[list[_Entry]] = [[]]
+    used = 0.0
+    for entry in entries:
+        w = _entry_width(entry, size)
+        if rows[-1] and used + w > max_width:
+            rows.append([])
+            used = 0.0
+        rows[-1].append(entry)
+        used += w
+    return rows
+
+
+def _draw_legend(drawing: Drawing, x: float, y: float, rows: Sequence[Sequence[_Entry]], size: float = 10.0) -> None:
+    """``rows`` from :func:`_legend_rows`, the first on baseline ``y``, each next 16 px below."""
+    for k, row in enumerate(rows):
+        cx, cy = x, y + 16.0 * k
+        for swatch, style, label in row:
+            style = dict(style)
+            if swatch == "line":
+                drawing.line(cx, cy - 3.5, cx + 18, cy - 3.5, **style)
+                cx += 22
+            else:
+                drawing.marker(swatch, cx + 6, cy - 3.5, style.pop("r", 5.0), **style)
+                cx += 15
+            drawing.text(cx, cy, label, size=size, fill="#333333")
+            cx += text_width(label, size) + 14
 
 
 # ---------------------------------------------------------------------------------------- best over time
@@ -159,14 +213,15 @@ def plot_best_over_time(
     total_metric_calls: int | None = None,
     budget: int | None = None,
     title: str | None = None,
-    dpi: int = 100,
 ) -> Path:
     """Best full-validation score so far vs wall-clock seconds (left) and vs metric calls (right).
 
     Step lines of the running best, every candidate as a dot (colour = how it was proposed). The
     lines run on to ``total_seconds`` / ``total_metric_calls`` (the end of the run) when given;
-    ``budget`` draws the metric-call limit. Returns the path written.
+    ``budget`` draws the metric-call limit. ``path`` ends in ``.svg`` or ``.png`` (matplotlib). Returns
+    the path written.
     """
+    path = _plot_path(path)
     nodes = _nodes(records)
     if not nodes:
         raise ValueError("no candidates to plot")
@@ -175,66 +230,93 @@ def plot_best_over_time(
     if total_metric_calls is None and getattr(records, "total_metric_calls", None) is not None:
         total_metric_calls = records.total_metric_calls
     has_time = any(n.seconds is not None for n in nodes)  # a plain dspy.GEPA result has no timings
-    fig = _figure(10.5 if has_time else 5.8, 3.9)
-    axes = fig.subplots(1, 2 if has_time else 1, sharey=True, squeeze=False)
-    axes = list(axes[0])
-    calls_ax = axes[-1]
-    panels = []
+    panels: list[tuple[list[float], float | None, str, str, bool]] = []
     if has_time:
         secs = [n.seconds if n.seconds is not None else 0.0 for n in nodes]
-        minutes = max([*secs, total_seconds or 0.0]) > 600
+        minutes = max([*secs, _finite(total_seconds)]) > 600
         scale = 60.0 if minutes else 1.0
-        panels.append((axes[0], [s / scale for s in secs], None if total_seconds is None else total_seconds / scale,
+        panels.append(([s / scale for s in secs], None if total_seconds is None else _finite(total_seconds) / scale,
                        f"wall-clock {'minutes' if minutes else 'seconds'} since compile start",
-                       "vs. wall-clock time"))
-    panels.append((calls_ax, [float(n.calls or 0) for n in nodes],
+                       "vs. wall-clock time", False))
+    panels.append(([float(n.calls or 0) for n in nodes],
                    None if total_metric_calls is None else float(total_metric_calls),
-                   "metric calls", "vs. metric calls"))
-    for ax, xs, x_end, xlabel, sub in panels:
+                   "metric calls", "vs. metric calls", True))
+
+    width, height = (1050.0 if has_time else 580.0), 390.0
+    left, right, top, bottom, gap = 66.0, 22.0, 58.0, height - 50.0, 30.0
+    panel_w = (width - left - right - gap * (len(panels) - 1)) / len(panels)
+    lo, hi = min(n.score for n in nodes), max(n.score for n in nodes)
+    pad = max(0.02, 0.08 * (hi - lo))
+    y = Scale(lo - pad, hi + pad, bottom, top)
+    y_ticks = nice_ticks(lo - pad, hi + pad, 5)
+    drawing = Drawing(width, height)
+    seed = next((n for n in nodes if n.index == 0), nodes[0])
+    plural = "s" if len(nodes) != 1 else ""
+    drawing.text(width / 2, 22, title or f"Best validation score: {seed.score:.3f} (seed) \u2192 {hi:.3f} over "
+             f"{len(nodes)} candidate{plural}", size=13.5, anchor="middle", fill="#111111")
+    for k, (xs, x_end, xlabel, subtitle, is_calls) in enumerate(panels):
+        x0 = left + k * (panel_w + gap)
         order = sorted(range(len(nodes)), key=lambda i: (xs[i], nodes[i].index))
-        bx, by, best = [], [], -math.inf
-        improvements = []
+        steps: list[tuple[float, float]] = []
+        improvements: list[int] = []
+        best = -math.inf
         for i in order:
             if nodes[i].score > best + 1e-12:
                 best = nodes[i].score
                 improvements.append(i)
-            bx.append(xs[i])
-            by.append(best)
-        end = max(bx[-1], x_end if x_end is not None else bx[-1])
-        ax.step(bx + [end], by + [by[-1]], where="post", color=_BEST_COLOR, lw=2.2, zorder=2,
-                label="best so far")
-        for kind, (marker, label) in _KIND_STYLE.items():
-            idx = [i for i in range(len(nodes)) if nodes[i].kind == kind]
-            if idx:
-                ax.scatter([xs[i] for i in idx], [nodes[i].score for i in idx], s=48 if kind == "merge" else 30,
-                           marker=marker, color=_KIND_COLOR[kind], alpha=0.75, edgecolors="white",
-                           linewidths=0.5, zorder=3, label=label)
-        ax.scatter([xs[i] for i in improvements], [nodes[i].score for i in improvements], s=70,
-                   facecolors="none", edgecolors=_BEST_COLOR, linewidths=1.6, zorder=4)
-        if ax is calls_ax and budget:
-            ax.axvline(budget, color="0.45", ls="--", lw=1)
-            ax.annotate("budget", (budget, 0.5), xycoords=("data", "axes fraction"), rotation=90,
-                        ha="right", va="center", fontsize=8, color="0.35")
+            steps.append((xs[i], best))
+        end = max(steps[-1][0], x_end if x_end is not None else steps[-1][0])
+        budget_x = float(budget) if (is_calls and budget) else 0.0
+        x_right = (max(end, max(xs), budget_x) or 1.0) * 1.04
+        x = Scale(min(0.0, min(xs)), x_right, x0, x0 + panel_w)
+        for t in y_ticks:  # grid under everything
+            drawing.line(x0, y(t), x0 + panel_w, y(t), stroke="#e6e6e6", stroke_width=0.8)
+        x_ticks = nice_ticks(x.d0, x.d1, 6)
+        for t in x_ticks:
+            drawing.line(x(t), top, x(t), bottom, stroke="#e6e6e6", stroke_width=0.8)
+            drawing.text(x(t), bottom + 16, tick_label(t, x_ticks), size=10, anchor="middle", fill="#333333")
+        drawing.line(x0, bottom, x0 + panel_w, bottom, stroke="#333333")
+        drawing.line(x0, top, x0, bottom, stroke="#333333")
+        if k == 0:
+            for t in y_ticks:
+                drawing.text(x0 - 6, y(t) + 3.5, tick_label(t, y_ticks), size=10, anchor="end", fill="#333333")
+            drawing.text(17, (top + bottom) / 2, "validation score (full valset)", size=11, anchor="middle",
+                     rotate=-90, fill="#222222")
+        drawing.text(x0 + panel_w / 2, 46, subtitle, size=11.5, anchor="middle", fill="#222222")
+        drawing.text(x0 + panel_w / 2, height - 12, xlabel, size=11, anchor="middle", fill="#222222")
+        if budget_x:
+            drawing.line(x(budget_x), top, x(budget_x), bottom, stroke="#737373", stroke_width=1,
+                     stroke_dasharray="5 3", cls="budget")
+            drawing.text(x(budget_x) - 4, (top + bottom) / 2, "budget", size=9, anchor="middle", rotate=-90,
+                     fill="#595959")
+        line = [(x(steps[0][0]), y(steps[0][1]))]
+        for (px, py), (qx, qy) in zip(steps, steps[1:]):
+            line += [(x(qx), y(py)), (x(qx), y(qy))]
+        line.append((x(end), y(steps[-1][1])))
+        drawing.polyline(line, stroke=_BEST_COLOR, stroke_width=2.2, stroke_linejoin="round", cls="best-line")
+        for node, xv in zip(nodes, xs):
+            shape = _KIND_STYLE.get(node.kind, ("o", node.kind))[0]
+            drawing.marker(shape, x(xv), y(node.score), 6.5 if node.kind == "merge" else 5.0,
+                       fill=_KIND_COLOR.get(node.kind, "#7f7f7f"), fill_opacity=0.8, stroke="white",
+                       stroke_width=0.6, cls=f"candidate {node.kind}", tooltip=_tooltip(node))
+        for i in improvements:
+            drawing.circle(x(xs[i]), y(nodes[i].score), 8.0, fill="none", stroke=_BEST_COLOR, stroke_width=1.6,
+                       cls="improvement")
         last = improvements[-1]
-        ax.annotate(f"{nodes[last].score:.3f}", (xs[last], nodes[last].score), textcoords="offset points",
-                    xytext=(4, 6), fontsize=8.5, color="#b35900", fontweight="bold")
-        ax.set_xlabel(xlabel)
-        ax.set_title(sub, fontsize=10)
-        ax.grid(True, alpha=0.3, lw=0.6)
-        right = max(end, max(xs), float(budget) if (ax is calls_ax and budget) else 0.0)
-        ax.set_xlim(left=min(0.0, min(xs)), right=(right or 1.0) * 1.04)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-    lo = min(n.score for n in nodes)
-    hi = max(n.score for n in nodes)
-    pad = max(0.02, 0.08 * (hi - lo))
-    axes[0].set_ylim(lo - pad, hi + pad)
-    axes[0].set_ylabel("validation score (full valset)")
-    axes[0].legend(loc="lower right", fontsize=8, frameon=False)
-    seed = next((n for n in nodes if n.index == 0), nodes[0])
-    fig.suptitle(title or f"Best validation score: {seed.score:.3f} (seed) \u2192 {max(n.score for n in nodes):.3f}"
-                 f" over {len(nodes)} candidate{'s' if len(nodes) != 1 else ''}", fontsize=11)
-    return _save(fig, path, dpi)
+        drawing.text(x(xs[last]) + 5, y(nodes[last].score) - 8, f"{nodes[last].score:.3f}", size=10,
+                 fill="#b35900", font_weight="bold", cls="best-label")
+    # legend, lower right of the first panel
+    kinds = [k for k in _KIND_STYLE if any(n.kind == k for n in nodes)]
+    labels = ["best so far", *(_KIND_STYLE[k][1] for k in kinds)]
+    lx = left + panel_w - 34 - max(text_width(t, 10) for t in labels)
+    ly = bottom - 10 - 15 * (len(labels) - 1)
+    drawing.line(lx, ly - 3.5, lx + 18, ly - 3.5, stroke=_BEST_COLOR, stroke_width=2.2)
+    drawing.text(lx + 24, ly, labels[0], size=10, fill="#333333")
+    for row, kind in enumerate(kinds, start=1):
+        drawing.marker(_KIND_STYLE[kind][0], lx + 9, ly + 15 * row - 3.5, 5.0, fill=_KIND_COLOR[kind], stroke="white",
+                   stroke_width=0.6)
+        drawing.text(lx + 24, ly + 15 * row, labels[row], size=10, fill="#333333")
+    return _save(drawing, path)
 
 
 # ---------------------------------------------------------------------------------------- lineage
@@ -279,7 +361,6 @@ def plot_lineage(
     path: str | Path,
     *,
     title: str | None = None,
-    dpi: int = 100,
 ) -> Path:
     """Which proposal produced what: one node per candidate (x = generation, shape = kind, colour =
     validation score, label = index and score), an edge from each parent to its child (dashed for a
@@ -287,8 +368,10 @@ def plot_lineage(
 
     ``fronts``: ``{val_id: {candidate indices}}`` (``EngineResult.fronts``; dominated members are
     dropped as GEPA does before choosing parents), a set of member indices, or None (taken from the
-    result, or computed from the records' per-instance scores).
+    result, or computed from the records' per-instance scores). ``path`` ends in ``.svg`` or ``.png``. The
+    plot grows with the run (a row per leaf of the tree) instead of squeezing the labels together.
     """
+    path = _plot_path(path)
     nodes = _nodes(records)
     if not nodes:
         raise ValueError("no candidates to plot")
@@ -299,94 +382,95 @@ def plot_lineage(
     n_gen = max(gen.values()) + 1
     n_rows = max(row.values()) + 1
     dense = len(nodes) > 30
-
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
-    from matplotlib.lines import Line2D
-
-    width = min(15.0, max(7.5, 1.25 * n_gen + 3.0))
-    height = min(13.0, max(3.6, 0.42 * n_rows + 1.6))
-    fig = _figure(width, height)
-    ax = fig.subplots()
+    radius, dx, dy = (9.0, 110.0, 30.0) if dense else (11.0, 125.0, 40.0)
     scores = [n.score for n in nodes]
     lo, hi = min(scores), max(scores)
     flat = hi - lo < 1e-9  # one score for all: no colour scale to show
-    norm = Normalize(vmin=lo - 0.5, vmax=hi + 0.5) if flat else Normalize(vmin=lo, vmax=hi)
-    cmap = colormaps["viridis"]
-    size = 260 if not dense else 190
+
+    def shade(score: float) -> float:
+        return 0.5 if flat else (score - lo) / (hi - lo)
+
+    kinds = [k for k in _KIND_STYLE if any(n.kind == k for n in nodes)]
+    entries: list[_Entry] = [
+        (_KIND_STYLE[k][0], {"fill": "#bfbfbf", "stroke": "#404040", "stroke_width": 0.8}, _KIND_STYLE[k][1])
+        for k in kinds
+    ]
+    entries.append(("o", {"fill": "#e6e6e6", "stroke": _FRONT_COLOR, "stroke_width": 2.4},
+                    "on the Pareto frontier"))
+    entries.append(("o", {"r": 7.0, "fill": _BEST_COLOR, "fill_opacity": 0.45}, "best"))
+    if any(n.kind == "merge" and len(n.parents) > 1 for n in nodes):
+        entries.append(("line", {"stroke": _KIND_COLOR["merge"], "stroke_dasharray": "4 2", "stroke_width": 1.1},
+                        "merge: 2nd parent"))
+
+    left, top = 48.0, 62.0
+    plot_right = left + max((n_gen - 1) * dx + 70, 300.0)  # room for the last generation's score labels
+    width = max(620.0, plot_right + (110.0 if not flat else 30.0))
+    plot_bottom = top + (n_rows - 1) * dy + radius + 14
+    legend = _legend_rows(entries, width - 2 * left)
+    height = plot_bottom + 58 + 16 * len(legend)
 
     def xy(i: int) -> tuple[float, float]:
-        return float(gen[i]), -row[i]
+        return left + 14 + gen[i] * dx, top + radius + 4 + row[i] * dy
 
-    # edges first, under the nodes
-    for n in nodes:
+    drawing = Drawing(width, height)
+    plural = "s" if len(nodes) != 1 else ""
+    drawing.text(width / 2, 24, title or f"Candidate lineage: {len(nodes)} candidate{plural}, {len(members)} on the "
+             f"Pareto frontier, best #{best_i} = {by_index[best_i].score:.3f}", size=13, anchor="middle",
+             fill="#111111")
+    for g in range(n_gen):  # generation axis and grid, under everything
+        gx = left + 14 + g * dx
+        drawing.line(gx, top - 6, gx, plot_bottom, stroke="#ececec", stroke_width=0.8)
+        drawing.text(gx, plot_bottom + 16, str(g), size=10, anchor="middle", fill="#333333")
+    drawing.line(left, plot_bottom, plot_right, plot_bottom, stroke="#333333")
+    drawing.text((left + plot_right) / 2, plot_bottom + 34, "generation (proposals from the seed)", size=11,
+             anchor="middle", fill="#222222")
+
+    gap = radius + 2
+    for n in nodes:  # edges, under the nodes
         primary = _primary_parent(n, gen)
         for p in n.parents:
             if p not in by_index or p >= n.index:
                 continue
-            secondary = p != primary
             (x0, y0), (x1, y1) = xy(p), xy(n.index)
-            ax.annotate(
-                "", xy=(x1, y1), xytext=(x0, y0),
-                arrowprops={
-                    "arrowstyle": "-|>", "mutation_scale": 9, "lw": 1.0 if secondary else 1.1,
-                    "color": _KIND_COLOR["merge"] if secondary else "0.55",
-                    "ls": (0, (4, 2)) if secondary else "-",
-                    "shrinkA": 9, "shrinkB": 9,
-                    "connectionstyle": "arc3,rad=0" if y0 == y1 else
-                    ("arc3,rad=-0.25" if secondary else "angle,angleA=90,angleB=0,rad=4"),
-                },
-                zorder=1,
-            )
+            if p != primary:  # a merge's other parent: a dashed curve
+                length = math.hypot(x1 - x0, y1 - y0) or 1.0
+                ux, uy = (x1 - x0) / length, (y1 - y0) / length
+                sx, sy, ex, ey = x0 + ux * gap, y0 + uy * gap, x1 - ux * gap, y1 - uy * gap
+                cx, cy = (sx + ex) / 2 - uy * 0.25 * length, (sy + ey) / 2 + ux * 0.25 * length
+                drawing.path([("M", sx, sy), ("Q", cx, cy, ex, ey)], stroke=_KIND_COLOR["merge"], stroke_width=1.1,
+                         stroke_dasharray="4 2", arrow=_KIND_COLOR["merge"], cls="edge merge-parent")
+            elif abs(y0 - y1) < 1e-6:
+                drawing.path([("M", x0 + gap, y0), ("H", x1 - gap)], stroke=_EDGE_COLOR, stroke_width=1.1,
+                         arrow=_EDGE_COLOR, cls="edge")
+            else:  # down (or up) from the parent, then across into the child
+                down = 1.0 if y1 > y0 else -1.0
+                drawing.path([("M", x0, y0 + down * gap), ("V", y1), ("H", x1 - gap)], stroke=_EDGE_COLOR,
+                         stroke_width=1.1, stroke_linejoin="round", arrow=_EDGE_COLOR, cls="edge")
     bx, by = xy(best_i)
-    ax.scatter([bx], [by], s=size * 3.2, marker="o", color=_BEST_COLOR, alpha=0.35, linewidths=0, zorder=2)
-    for kind, (marker, _) in _KIND_STYLE.items():
-        group = [n for n in nodes if n.kind == kind]
-        if not group:
-            continue
-        pts = [xy(n.index) for n in group]
-        on_front = [n.index in members for n in group]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=size, marker=marker,
-                   c=[cmap(norm(n.score)) for n in group],
-                   edgecolors=[_FRONT_COLOR if f else "0.25" for f in on_front],
-                   linewidths=[2.6 if f else 0.8 for f in on_front], zorder=3)
-    fs = 8 if not dense else 7
+    drawing.circle(bx, by, radius * 1.8, fill=_BEST_COLOR, fill_opacity=0.35, cls="best-halo")
     for n in nodes:
         x, y = xy(n.index)
-        light = norm(n.score) > 0.6
-        ax.text(x, y, str(n.index), ha="center", va="center", fontsize=fs - 0.5,
-                color="black" if light else "white", fontweight="bold", zorder=4)
-        ax.text(x + 0.17, y + 0.16, f"{n.score:.3f}", ha="left", va="bottom", fontsize=fs,
-                color="black" if n.index != best_i else "#b35900",
-                fontweight="bold" if n.index == best_i else "normal", zorder=4)
-    ax.set_xlim(-0.5, n_gen - 0.3)
-    ax.set_ylim(-(n_rows - 1) - 0.7, 0.8)
-    ax.set_xticks(range(n_gen))
-    ax.set_xlabel("generation (proposals from the seed)")
-    ax.set_yticks([])
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
-    ax.grid(True, axis="x", alpha=0.25, lw=0.6)
+        on_front = n.index in members
+        drawing.marker(_KIND_STYLE.get(n.kind, ("o", n.kind))[0], x, y, radius, fill=viridis(shade(n.score)),
+                   stroke=_FRONT_COLOR if on_front else "#404040", stroke_width=2.6 if on_front else 0.8,
+                   cls=f"node {n.kind}" + (" front" if on_front else ""), tooltip=_tooltip(n))
+        drawing.text(x, y, str(n.index), size=8.5 if dense else 9.5, anchor="middle", dominant_baseline="central",
+                 fill="black" if shade(n.score) > 0.6 else "white", font_weight="bold")
+        is_best = n.index == best_i
+        drawing.text(x + radius + 3, y - radius + 1, f"{n.score:.3f}", size=9 if dense else 10,
+                 fill="#b35900" if is_best else "black", font_weight="bold" if is_best else None,
+                 cls="score-label")
 
-    kinds_present = [k for k in _KIND_STYLE if any(n.kind == k for n in nodes)]
-    handles = [Line2D([], [], marker=_KIND_STYLE[k][0], ls="", color="0.75", markeredgecolor="0.25",
-                      markersize=8, label=_KIND_STYLE[k][1]) for k in kinds_present]
-    handles.append(Line2D([], [], marker="o", ls="", color="0.9", markeredgecolor=_FRONT_COLOR,
-                          markeredgewidth=2.4, markersize=9, label="on the Pareto frontier"))
-    handles.append(Line2D([], [], marker="o", ls="", color=_BEST_COLOR, alpha=0.45, markersize=13,
-                          markeredgewidth=0, label="best"))
-    if any(n.kind == "merge" and len(n.parents) > 1 for n in nodes):
-        handles.append(Line2D([], [], color=_KIND_COLOR["merge"], ls=(0, (4, 2)), label="merge: 2nd parent"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
-               handletextpad=0.3, columnspacing=1.2)
-    if not flat:
-        from matplotlib.cm import ScalarMappable
-
-        cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=min(0.8, 3.0 / height + 0.3),
-                            pad=0.01, aspect=25, location="right")
-        cbar.set_label("validation score", fontsize=8)
-        cbar.ax.tick_params(labelsize=7)
-    plural = "s" if len(nodes) != 1 else ""
-    ax.set_title(title or f"Candidate lineage: {len(nodes)} candidate{plural}, {len(members)} on the Pareto "
-                 f"frontier, best #{best_i} = {by_index[best_i].score:.3f}", fontsize=10.5)
-    return _save(fig, path, dpi)
+    _draw_legend(drawing, left, plot_bottom + 60, legend)
+    if not flat:  # the colour bar
+        bar_x, bar_h = plot_right + 28, min(220.0, max(80.0, plot_bottom - top))
+        drawing.rect(bar_x, top, 12, bar_h, gradient=viridis_stops(), stroke="#404040", stroke_width=0.5,
+                 cls="colour-bar")
+        bar = Scale(lo, hi, top + bar_h, top)
+        ticks = nice_ticks(lo, hi, 4)
+        for t in ticks:
+            drawing.line(bar_x + 12, bar(t), bar_x + 15, bar(t), stroke="#404040", stroke_width=0.6)
+            drawing.text(bar_x + 17, bar(t) + 3, tick_label(t, ticks), size=8.5, fill="#333333")
+        drawing.text(bar_x + 62, top + bar_h / 2, "validation score", size=9, anchor="middle", rotate=-90,
+                 fill="#333333")
+    return _save(drawing, path)

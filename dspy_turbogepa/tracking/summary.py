@@ -163,7 +163,7 @@ def write_summary(
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(build_summary(detailed_results, extra), indent=2, ensure_ascii=False, allow_nan=False)
     path = directory / SUMMARY_FILENAME
-    # created with the process umask, like the store and the PNGs beside it (mkstemp would make it 0600)
+    # created with the process umask, like the store and the plots beside it (mkstemp would make it 0600)
     tmp = str(directory / f".summary.{os.getpid()}.{threading.get_ident()}.json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:

@@ -1,0 +1,259 @@
+"""The run's plots as SVG (the default): what each shape says, checked by reading the markup back.
+
+The PNG writer draws the same shapes (test_progress_plots.py checks it writes real PNGs); here the
+shapes themselves are checked: one marker per candidate with its tooltip, the running-best line,
+the improvements ringed, the frontier and the best marked, an edge per parent, and the compile's
+choice of format, none of it importing matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.engine.frontier import pareto_front_members
+from dspy_turbogepa.errors import ConfigurationError
+from dspy_turbogepa.testing import make_reflection_lm
+from dspy_turbogepa.tracking.drawing import Drawing, nice_ticks, tick_label, viridis
+from dspy_turbogepa.tracking.mlflow_tracking import MlflowRunTracker
+from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_progress_plots import make_record, synthetic_records
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "{http://www.w3.org/2000/svg}"
+
+
+def read(path: Path) -> ET.Element:
+    return ET.fromstring(path.read_text(encoding="utf-8"))  # our own file: well-formed XML or this fails
+
+
+def with_class(root: ET.Element, name: str) -> list[ET.Element]:
+    return [e for e in root.iter() if name in (e.get("class") or "").split()]
+
+
+def points(element: ET.Element) -> list[tuple[float, float]]:
+    return [tuple(map(float, p.split(","))) for p in element.get("points", "").split()]  # type: ignore[misc]
+
+
+def running_best_improvements(scores_in_order: list[float]) -> int:
+    best, count = -1.0, 0
+    for s in scores_in_order:
+        if s > best + 1e-12:
+            best, count = s, count + 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------- best over time
+@pytest.mark.parametrize("n", [1, 9, 40])
+def test_best_over_time_has_a_marker_with_a_tooltip_per_candidate_in_each_panel(tmp_path: Path, n: int) -> None:
+    records = synthetic_records(n)
+    root = read(plot_best_over_time(records, tmp_path / "best.svg", budget=2000, total_metric_calls=2100))
+    markers = with_class(root, "candidate")
+    assert len(markers) == 2 * n  # wall clock and metric calls
+    for record in records:
+        tips = [m.find(f"{NS}title").text for m in markers if m.find(f"{NS}title").text.startswith(f"#{record.index} ")]
+        assert len(tips) == 2 and f"{record.aggregate:.3f}" in tips[0], tips
+        assert f"{record.discovery_metric_calls} metric calls" in tips[0]
+    kinds = {k for m in markers for k in m.get("class").split() if k != "candidate"}
+    assert kinds == {r.candidate.kind for r in records}
+    # the improvements are ringed, in each panel; the best is labelled with its score
+    in_time = [r.aggregate for r in sorted(records, key=lambda r: (r.discovery_seconds, r.index))]
+    in_calls = [r.aggregate for r in sorted(records, key=lambda r: (r.discovery_metric_calls, r.index))]
+    rings = running_best_improvements(in_time) + running_best_improvements(in_calls)
+    assert len(with_class(root, "improvement")) == rings
+    labels = [e.text for e in with_class(root, "best-label")]
+    assert labels == [f"{max(r.aggregate for r in records):.3f}"] * 2
+    assert len(with_class(root, "budget")) == 1  # drawn on the metric-calls panel only
+
+
+def test_the_running_best_line_only_rises_and_runs_on_to_the_end_of_the_run(tmp_path: Path) -> None:
+    records = synthetic_records(25)
+    root = read(plot_best_over_time(records, tmp_path / "best.svg", total_seconds=500.0, total_metric_calls=5000))
+    lines = with_class(root, "best-line")
+    assert len(lines) == 2
+    for line in lines:
+        pts = points(line)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        assert xs == sorted(xs)  # left to right
+        assert ys == sorted(ys, reverse=True)  # pixels grow downwards: the score never falls
+    # the end of the run is the right end of both lines, past every candidate
+    for line, kind in zip(lines, ("time", "calls")):
+        last_x = points(line)[-1][0]
+        assert all(last_x > c for c in (points(line)[i][0] for i in range(len(points(line)) - 1))), kind
+
+
+def test_without_timings_there_is_one_panel(tmp_path: Path) -> None:
+    """A plain dspy.GEPA result has no discovery times: only the metric-calls panel."""
+    result = SimpleNamespace(val_aggregate_scores=[0.2, 0.5, 0.4], parents=[[None], [0], [1]],
+                             discovery_eval_counts=[0, 10, 20], val_subscores=[{0: 0.2}, {0: 0.5}, {0: 0.4}],
+                             per_val_instance_best_candidates={0: {1}})
+    root = read(plot_best_over_time(result, tmp_path / "best.svg"))
+    assert len(with_class(root, "best-line")) == 1 and len(with_class(root, "candidate")) == 3
+    assert float(root.get("width")) < 700
+
+
+def test_user_text_is_escaped(tmp_path: Path) -> None:
+    title = 'scores <b>&</b> "quotes"'
+    root = read(plot_best_over_time(synthetic_records(3), tmp_path / "best.svg", title=title))
+    assert title in [e.text for e in root.iter(f"{NS}text")]
+    root = read(plot_lineage(synthetic_records(3), None, tmp_path / "lineage.svg", title=title))
+    assert title in [e.text for e in root.iter(f"{NS}text")]
+
+
+@pytest.mark.parametrize("name", ["best.jpg", "best", "best.svg.txt"])
+def test_a_name_that_is_neither_svg_nor_png_is_refused_before_drawing(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match=r"path=.*\.svg.*\.png"):
+        plot_best_over_time(synthetic_records(3), tmp_path / name)
+    with pytest.raises(ValueError, match=r"path=.*\.svg.*\.png"):
+        plot_lineage(synthetic_records(3), None, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------- lineage
+def test_lineage_marks_every_candidate_the_frontier_the_best_and_every_parent(tmp_path: Path) -> None:
+    records = synthetic_records(30)
+    fronts: dict[int, set[int]] = {}
+    best: dict[int, float] = {}
+    for r in records:
+        for vid, s in r.val_scores.items():
+            if vid not in best or s > best[vid] + 1e-9:
+                best[vid], fronts[vid] = s, {r.index}
+            elif abs(s - best[vid]) <= 1e-9:
+                fronts[vid].add(r.index)
+    members = pareto_front_members(fronts, {r.index: r.aggregate for r in records})
+    root = read(plot_lineage(records, fronts, tmp_path / "lineage.svg"))
+    nodes = with_class(root, "node")
+    assert len(nodes) == 30
+    index_of = {int(re.match(r"#(\d+) ", n.find(f"{NS}title").text).group(1)): n for n in nodes}
+    assert sorted(index_of) == list(range(30))
+    assert {i for i, n in index_of.items() if "front" in n.get("class").split()} == members
+    for i in members:
+        assert index_of[i].get("stroke") == "#d62728"
+    # colour = score: the best is the top of the scale, the worst the bottom
+    top = max(r.aggregate for r in records)
+    low = min(r.aggregate for r in records)
+    assert {index_of[r.index].get("fill") for r in records if r.aggregate == top} == {viridis(1.0)}
+    assert {index_of[r.index].get("fill") for r in records if r.aggregate == low} == {viridis(0.0)}
+    assert len(with_class(root, "best-halo")) == 1 and len(with_class(root, "colour-bar")) == 1
+    # one edge per parent, dashed for a merge's second parent
+    n_parents = sum(len([p for p in r.parent_indices if p is not None]) for r in records)
+    merges = [r for r in records if len([p for p in r.parent_indices if p is not None]) == 2]
+    assert merges and len(with_class(root, "edge")) == n_parents
+    assert len(with_class(root, "merge-parent")) == len(merges)
+    assert all(e.get("stroke-dasharray") for e in with_class(root, "merge-parent"))
+    markers = list(root.iter(f"{NS}marker"))
+    assert len(markers) == 2  # one arrowhead per edge colour, shared by every edge
+
+
+def test_a_child_is_drawn_right_of_its_parents(tmp_path: Path) -> None:
+    records = synthetic_records(20)
+    root = read(plot_lineage(records, None, tmp_path / "lineage.svg"))
+
+    def centre(e: ET.Element) -> float:
+        if e.tag == f"{NS}circle":
+            return float(e.get("cx"))
+        xs = [p[0] for p in points(e)]
+        return (min(xs) + max(xs)) / 2
+
+    x_of = {int(re.match(r"#(\d+) ", n.find(f"{NS}title").text).group(1)): centre(n) for n in with_class(root, "node")}
+    for r in records:
+        for p in r.parent_indices:
+            if p is not None:
+                assert x_of[r.index] > x_of[p]
+
+
+def test_one_score_for_all_has_no_colour_scale(tmp_path: Path) -> None:
+    records = [make_record(i, {0: 0.5}, parents=[0] if i else [None], kind="seed" if i == 0 else "reflection")
+               for i in range(3)]
+    root = read(plot_lineage(records, None, tmp_path / "lineage.svg"))
+    assert with_class(root, "colour-bar") == [] and len(with_class(root, "node")) == 3
+
+
+# ---------------------------------------------------------------------------------------- building blocks
+def test_ticks_are_round_and_labels_carry_the_decimals_they_need() -> None:
+    assert nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(0.31, 0.87, 5) == [0.4, 0.6, 0.8]
+    assert nice_ticks(0.31, 0.87, 10) == [0.4, 0.5, 0.6, 0.7, 0.8]  # never more than the target asks
+    assert nice_ticks(0, 830, 6) == [0, 200, 400, 600, 800]
+    assert nice_ticks(1.0, 1.0) == [1.0] and nice_ticks(float("nan"), 1.0) == []
+    assert [tick_label(t, [0.25, 0.5]) for t in (0.25, 0.5)] == ["0.25", "0.50"]
+    assert tick_label(400.0, [0, 200, 400]) == "400"
+    assert viridis(0.0) == "#440154" and viridis(1.0) == "#fde725" and viridis(2.0) == "#fde725"
+
+
+def test_an_unknown_marker_shape_is_an_error_not_a_silent_dot() -> None:
+    with pytest.raises(ValueError, match="unknown marker shape"):
+        Drawing(10, 10).marker("x", 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------- the compile's choice
+def test_plot_format_is_checked_at_construction(monkeypatch) -> None:
+    metric = lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0  # noqa: E731
+    kw = {"max_metric_calls": 10, "reflection_lm": make_reflection_lm(seed=0)}
+    with pytest.raises(ConfigurationError, match=r"plot_format='jpg'.*'svg'.*'png'.*None"):
+        TurboGEPA(metric, **kw, plot_format="jpg")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(ConfigurationError, match=r"plot_format='png' needs matplotlib.*dspy-turbogepa\[plots\]"):
+        TurboGEPA(metric, **kw, plot_format="png")
+    assert TurboGEPA(metric, **kw).plot_format == "svg"
+    assert TurboGEPA(metric, **kw, plot_format=None).plot_format is None
+
+
+_COMPILE = """
+import json, os, sys
+import dspy
+from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.testing import TASKS, make_reflection_lm, make_student_lm
+task = TASKS["routing"]
+splits = task.splits(data_seed=0, n_train=12, n_val=8, n_test=0)
+fmt = json.loads(sys.argv[2])
+opt = TurboGEPA(task.metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                log_dir=sys.argv[1], verbose=False, plot_format=fmt)
+with dspy.context(lm=make_student_lm(seed=0)):
+    opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+print(json.dumps({"files": sorted(os.listdir(sys.argv[1])), "matplotlib": "matplotlib" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["svg", "png", None])
+def test_the_compile_writes_the_plots_in_the_format_asked_and_svg_needs_no_matplotlib(tmp_path: Path, fmt) -> None:
+    done = subprocess.run([sys.executable, "-c", _COMPILE, str(tmp_path / "run"), json.dumps(fmt)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**__import__("os").environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    plots = sorted(f for f in out["files"] if f.startswith(("best_over_time", "lineage")))
+    assert "summary.json" in out["files"]
+    if fmt is None:
+        assert plots == [] and out["matplotlib"] is False
+    else:
+        assert plots == [f"best_over_time.{fmt}", f"lineage.{fmt}"]
+        assert out["matplotlib"] is (fmt == "png")  # the default report never imports matplotlib
+        head = (tmp_path / "run" / plots[0]).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" if fmt == "png" else head.startswith(b"<svg ")
+
+
+def test_the_mlflow_tracker_checks_its_plot_path_and_names_its_temporary_plot(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"plot_path=.*best\.jpg.*\.svg or \.png"):
+        MlflowRunTracker({"seed": 0}, plot_path=tmp_path / "best.jpg")
+    with pytest.raises(ValueError, match=r"plot_format='gif'"):
+        MlflowRunTracker({"seed": 0}, plot_path=True, plot_format="gif")
+    for fmt in ("svg", "png"):
+        tracker = MlflowRunTracker({"seed": 0}, plot_path=True, plot_format=fmt)
+        try:
+            assert tracker._plot_path is not None and tracker._plot_path.name == f"best_over_time.{fmt}"
+        finally:
+            tracker.abort(None)
