@@ -505,7 +505,7 @@ def run_overhead_cell(cfg: Run) -> Run:
                                         **turbo_kwargs)
             report_cpu = [0.0]
             if kind == "turbo" and hasattr(type(optimizer), "_write_reports"):
-                # split out the end-of-run reports (summary.json + PNG plots) written into log_dir
+                # split out the end-of-run reports (summary.json + plots) written into log_dir
                 write_reports = optimizer._write_reports
 
                 def timed_write_reports(*args: Any, **kwargs: Any) -> Any:
