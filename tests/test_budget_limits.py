@@ -89,15 +89,6 @@ def _jump_at_call(clock: _Clock, n: int, seconds: float = 1000.0):
     return before
 
 
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch):
-    """The end-of-run PNGs cost ~0.5 s a compile with a log_dir and say nothing about budgets."""
-    from dspy_turbogepa.tracking import plots
-
-    monkeypatch.setattr(plots, "plot_best_over_time", lambda result, path, **kw: path)
-    monkeypatch.setattr(plots, "plot_lineage", lambda records, fronts, path, **kw: path)
-
-
 @pytest.fixture
 def fake_clock(monkeypatch):
     """Give every engine this test builds a clock the test controls (TurboGEPA has no clock argument)."""

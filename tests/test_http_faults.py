@@ -202,10 +202,7 @@ def proxy():
 
 @pytest.fixture(autouse=True)
 def fast_runs(monkeypatch):
-    """The evaluator's and the reflections' retry policies, with millisecond backoffs; no PNG plots in
-    log_dir (matplotlib costs most of a small run's wall time; summary.json is still written)."""
-    from dspy_turbogepa.tracking import plots
-
+    """The evaluator's and the reflections' retry policies, with millisecond backoffs."""
     class FastEvaluator(DspyEvaluator):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("rate_limit_policy", FAST_RL)
@@ -218,8 +215,6 @@ def fast_runs(monkeypatch):
 
     monkeypatch.setattr(teleprompter_module, "DspyEvaluator", FastEvaluator)
     monkeypatch.setattr(teleprompter_module, "ReflectiveProposer", FastReflections)
-    monkeypatch.setattr(plots, "plot_best_over_time", lambda result, path, **kwargs: path)
-    monkeypatch.setattr(plots, "plot_lineage", lambda records, fronts, path, **kwargs: path)
 
 
 def compile_through(proxy: FaultProxy, task: Any, engine: dict[str, Any], *, budget: int = 40, n_train: int = 8,

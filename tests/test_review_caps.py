@@ -64,14 +64,6 @@ def _compile(task, splits, *, log_dir=None, **kw):
     return program, program.detailed_results, lm, refl
 
 
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch):
-    from dspy_turbogepa.tracking import plots
-
-    monkeypatch.setattr(plots, "plot_best_over_time", lambda result, path, **kw: path)
-    monkeypatch.setattr(plots, "plot_lineage", lambda records, fronts, path, **kw: path)
-
-
 class _TokEval(FakeEvaluator):
     """The engine fakes' evaluator, billing ``tokens`` prompt tokens per evaluation."""
 

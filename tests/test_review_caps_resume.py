@@ -50,12 +50,9 @@ _CHILD = textwrap.dedent("""
     from dspy_turbogepa.store import RunStore
     from dspy_turbogepa.testing import TASKS
     from dspy_turbogepa.testing.fake_lm import SimEngine, make_reflection_lm, make_student_lm
-    from dspy_turbogepa.tracking import plots
 
     cfg = json.loads(sys.argv[1])
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent started in the background ignores it
-    plots.plot_best_over_time = lambda result, path, **kw: path
-    plots.plot_lineage = lambda records, fronts, path, **kw: path
     bill = os.open(cfg["bill"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     respond = SimEngine._respond
 
@@ -161,14 +158,6 @@ def _killed(run: dict, sig: str) -> None:
 
 
 # ------------------------------------------------------------------ in-process sessions
-
-
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch):
-    from dspy_turbogepa.tracking import plots
-
-    monkeypatch.setattr(plots, "plot_best_over_time", lambda result, path, **kw: path)
-    monkeypatch.setattr(plots, "plot_lineage", lambda records, fronts, path, **kw: path)
 
 
 def _call_tokens(usage: dict) -> int:
