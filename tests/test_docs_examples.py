@@ -487,6 +487,7 @@ CONSTRUCTOR_CASES = [
     ("`seed` not an integer", {"seed": "1"}, ["'1'"]),
     ("`price_table` not", {"price_table": {"m": (1.0,)}}, ["e.g."]),
     ("`price_table` not", {"price_table": {"m": (-1.0, 1.0)}}, ["per 1M"]),
+    ("`plot_format` not", {"plot_format": "jpeg"}, ["'svg'", "'png'", "None"]),
     ("`reduction_factor` not", {"reduction_factor": 1}, ["reduction_factor"]),
     ("`reduction_factor` not", {"minibatch_sampling": "random"}, ["failure_first", "epoch"]),
     ("`gepa_kwargs` not a dict", {"gepa_kwargs": []}, ["gepa_kwargs"]),
