@@ -166,8 +166,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         plot_format: the plots a compile writes into ``log_dir`` at the end (``best_over_time`` and
             ``lineage``), and the best-score plot it draws for MLflow without a ``log_dir``: ``"svg"``
             (default: milliseconds, no dependency, a hover tooltip per candidate), ``"png"`` (matplotlib,
-            the ``plots`` extra: about a second of CPU, most of it matplotlib's import), or None (no plots;
-            summary.json is still written).
+            the ``plots`` extra: about a second of CPU for tens of candidates, most of it matplotlib's
+            import, several seconds for hundreds), or None (no plots; summary.json is still written).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
             price dspy/litellm do not know (every LM call of the program, the metric and reflection; a key
             matches ``"provider/model"`` or ``"model"``; it overrides the reported cost).

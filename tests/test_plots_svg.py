@@ -257,3 +257,98 @@ def test_the_mlflow_tracker_checks_its_plot_path_and_names_its_temporary_plot(tm
             assert tracker._plot_path is not None and tracker._plot_path.name == f"best_over_time.{fmt}"
         finally:
             tracker.abort(None)
+
+
+# ---------------------------------------------------------------------------------------- hostile input, edges
+def test_control_characters_and_lone_surrogates_leave_the_file_readable(tmp_path: Path) -> None:
+    """XML forbids them even escaped: a kind or title holding one made the whole SVG unreadable."""
+    records = synthetic_records(6)
+    records[3] = make_record(3, records[3].val_scores, records[3].parent_indices, kind="odd\x07kind \x1b[1m")
+    title = "ansi \x1b[1mbold\x1b[0m and \ud800"
+    for draw in (lambda p: plot_best_over_time(records, p, title=title),
+                 lambda p: plot_lineage(records, None, p, title=title)):
+        root = read(draw(tmp_path / "plot.svg"))
+        assert "ansi \ufffd[1mbold\ufffd[0m and \ufffd" in [e.text for e in root.iter(f"{NS}text")]
+
+
+def test_a_kind_the_plots_do_not_know_is_drawn_and_named_in_the_legend(tmp_path: Path) -> None:
+    records = synthetic_records(6, merges=False)
+    records[2] = make_record(2, records[2].val_scores, records[2].parent_indices, kind="my kind")
+    for draw in (lambda p: plot_best_over_time(records, p), lambda p: plot_lineage(records, None, p)):
+        root = read(draw(tmp_path / "plot.svg"))
+        assert "other (my kind)" in [e.text for e in root.iter(f"{NS}text")]
+        assert with_class(root, "my-kind")  # one class name, not "my" and "kind"
+    assert len(with_class(read(plot_lineage(records, None, tmp_path / "l.svg")), "node")) == 6
+
+
+def test_non_finite_run_totals_do_not_reach_the_coordinates(tmp_path: Path) -> None:
+    text = plot_best_over_time(synthetic_records(5), tmp_path / "best.svg", total_seconds=float("nan"),
+                               total_metric_calls=float("inf")).read_text()
+    assert "nan" not in text.lower() and "inf" not in text.lower()
+
+
+def test_the_best_score_label_stays_on_the_canvas(tmp_path: Path) -> None:
+    records = [make_record(0, {0: 0.1}, kind="seed", seconds=0.0, calls=0),
+               make_record(1, {0: 100.0}, parents=[0], seconds=9.0, calls=900)]
+    root = read(plot_best_over_time(records, tmp_path / "best.svg", total_seconds=9.0, total_metric_calls=900))
+    width = float(root.get("width"))
+    for label in with_class(root, "best-label"):
+        x, size = float(label.get("x")), float(label.get("font-size"))
+        start = x - len(label.text) * size * 0.55 if label.get("text-anchor") == "end" else x
+        assert start >= 0 and start + len(label.text) * size * 0.55 <= width
+
+
+def test_a_merges_curve_never_crosses_the_generation_axis(tmp_path: Path) -> None:
+    """A one-row chain whose last candidate merges the first: the curve bent below the row, through the axis."""
+    records = [make_record(0, {0: 0.1}, kind="seed"), make_record(1, {0: 0.2}, parents=[0]),
+               make_record(2, {0: 0.3}, parents=[1]), make_record(3, {0: 0.4}, parents=[0, 2], kind="merge")]
+    root = read(plot_lineage(records, None, tmp_path / "lineage.svg"))
+    axis_y = max(float(e.get("y1")) for e in root.iter(f"{NS}line") if e.get("y1") == e.get("y2"))
+    title_y = min(float(e.get("y")) for e in root.iter(f"{NS}text"))
+    (curve,) = with_class(root, "merge-parent")
+    _, sy, _, cy, _, ey = map(float, re.findall(r"-?\d+(?:\.\d+)?", curve.get("d")))  # M sx,sy Q cx,cy,ex,ey
+    extreme = (sy + 2 * cy + ey) / 4  # a quadratic curve's furthest point between equal ends
+    assert title_y < extreme < axis_y
+
+
+# ---------------------------------------------------------------------------------------- PNG from the same shapes
+def test_the_png_has_the_colours_the_svg_says(tmp_path: Path) -> None:
+    """Each node's fill and the colour bar, read back from the PNG's pixels at the SVG's coordinates."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    records = synthetic_records(12)
+    root = read(plot_lineage(records, None, tmp_path / "lineage.svg"))
+    pixels = imread(plot_lineage(records, None, tmp_path / "lineage.png"))
+
+    def colour_at(x: float, y: float) -> tuple[int, ...]:
+        return tuple(round(float(c) * 255) for c in pixels[int(round(y)), int(round(x))][:3])
+
+    def rgb(hex_colour: str) -> tuple[int, ...]:
+        return tuple(int(hex_colour[k:k + 2], 16) for k in (1, 3, 5))
+
+    for node in with_class(root, "node"):
+        if node.tag == f"{NS}circle":
+            cx, cy, r = float(node.get("cx")), float(node.get("cy")), float(node.get("r"))
+        else:
+            pts = points(node)
+            cx, cy = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+            r = (max(p[0] for p in pts) - min(p[0] for p in pts)) / 2
+        got, want = colour_at(cx - 0.6 * r, cy), rgb(node.get("fill"))  # left of the index label
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 12, (node.find(f"{NS}title").text, got, want)
+    (bar,) = with_class(root, "colour-bar")
+    x, y, h = float(bar.get("x")) + 6, float(bar.get("y")), float(bar.get("height"))
+    for at, want in ((y + 2, viridis(1.0)), (y + h - 2, viridis(0.0))):
+        assert max(abs(a - b) for a, b in zip(colour_at(x, at), rgb(want))) <= 12
+
+
+def test_a_very_long_drawing_is_rasterised_smaller_not_refused(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from dspy_turbogepa.tracking.png import MAX_SIDE_PX, write_png
+
+    drawing = Drawing(300, 70000)  # matplotlib refuses an image 2**16 px long
+    drawing.rect(10, 10, 100, 69000, fill="#21918c")
+    write_png(drawing, tmp_path / "long.png")
+    head = (tmp_path / "long.png").read_bytes()[:24]
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert height <= MAX_SIDE_PX and abs(width / height - 300 / 70000) < 0.01

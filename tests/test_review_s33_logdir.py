@@ -402,8 +402,8 @@ def test_a_truncated_store_is_a_run_store_error_before_any_lm_call_and_an_emptie
 
 def test_a_finished_run_resumed_after_its_report_files_were_deleted_pays_nothing(finished_store, tmp_path):
     log_dir = _copy(finished_store[0], tmp_path / "run")
-    for name in ("summary.json", "best_over_time.png", "lineage.png", "run.lock"):
-        (log_dir / name).unlink(missing_ok=True)
+    for name in ("summary.json", "best_over_time.svg", "lineage.svg", "run.lock"):
+        (log_dir / name).unlink()  # each must have been there: a renamed report would skip the case
     program, student_calls, reflection_calls = _compile(log_dir)
     assert (student_calls, reflection_calls) == (0, 0)
     assert list(program.detailed_results.val_aggregate_scores) == finished_store[1]

@@ -12,6 +12,7 @@ GitHub and MLflow's artifact viewer show it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,10 @@ _VIRIDIS = ("#440154", "#472d7b", "#3b528b", "#2c728e", "#21918c", "#28ae80", "#
 CHAR_WIDTH = 0.55
 
 FONT_FAMILY = "DejaVu Sans, Helvetica, Arial, sans-serif"
+
+#: Characters XML 1.0 forbids even escaped (control characters, lone surrogates, U+FFFE/U+FFFF): a
+#: candidate kind or a title holding one would make the whole file unreadable.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 #: One path segment: ("M", x, y) move, ("V", y) / ("H", x) vertical / horizontal line, ("Q", cx, cy, x, y)
 #: quadratic curve.
@@ -123,8 +128,12 @@ class Drawing:
         ])
 
 
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def _svg_attrs(attrs: dict[str, Any]) -> str:
-    return " ".join(f"{key.replace('_', '-')}={quoteattr(_num(v) if isinstance(v, float) else str(v))}"
+    return " ".join(f"{key.replace('_', '-')}={quoteattr(_num(v) if isinstance(v, float) else _xml_text(str(v)))}"
                     for key, v in attrs.items())
 
 
@@ -169,7 +178,8 @@ def _svg_element(e: Element, defs: dict[str, tuple[str, str]]) -> str:
     if cls:
         attrs["class"] = cls
     attrs.update(style)
-    inner = (f"<title>{escape(e.tooltip)}</title>" if e.tooltip else "") + (escape(e.text) if e.text else "")
+    inner = ((f"<title>{escape(_xml_text(e.tooltip))}</title>" if e.tooltip else "")
+             + (escape(_xml_text(e.text)) if e.text else ""))
     return f"<{e.kind} {_svg_attrs(attrs)}>{inner}</{e.kind}>" if inner else f"<{e.kind} {_svg_attrs(attrs)}/>"
 
 

@@ -1,9 +1,11 @@
-"""SVG plots of a run: the best score over time, and the lineage of the candidates.
+"""Plots of a run: the best score over time, and the lineage of the candidates, as SVG or PNG.
 
-Drawn by :mod:`dspy_turbogepa.tracking.svg`, with no dependency and in milliseconds (matplotlib, which
-drew PNGs here before, cost 0.7-1.1 s of CPU at the end of every compile). Each candidate's marker
-carries a hover tooltip (index, kind, score, when it was found). Nothing global is touched, so a
-compile in a notebook or in a thread leaves the user's matplotlib, if any, alone.
+Each plot is laid out once as a :class:`~dspy_turbogepa.tracking.drawing.Drawing` and written by the
+file name's suffix: ``.svg`` with no dependency and in milliseconds, each candidate's marker with a
+hover tooltip (index, kind, score, parents, when it was found); ``.png`` by matplotlib
+(:mod:`dspy_turbogepa.tracking.png`), which drew every plot here before and cost 0.7-1.2 s of CPU at
+the end of every compile. Nothing global is touched, so a compile in a notebook or in a thread leaves
+the user's matplotlib, if any, alone.
 
 Both functions take the engine's ``list[CandidateRecord]`` (``EngineResult.records``), an
 ``EngineResult``, or the ``detailed_results`` of a compiled program (``TurboGEPAResult`` /
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ _KIND_STYLE: dict[str, tuple[str, str]] = {
     "merge": ("h", "merge"),
 }
 _KIND_COLOR = {"seed": "#4d4d4d", "reflection": "#1f77b4", "reflection_all": "#2ca02c", "merge": "#9467bd"}
+_OTHER_COLOR = "#7f7f7f"
 _FRONT_COLOR = "#d62728"
 _BEST_COLOR = "#ff7f0e"
 _EDGE_COLOR = "#8c8c8c"
@@ -118,6 +122,24 @@ def _frontier_members(run: Any, nodes: Sequence[_Node], fronts: Any) -> set[int]
     return {int(i) for i in fronts}  # already a set of members
 
 
+def _kind_style(kind: str) -> tuple[str, str, str]:
+    """(marker shape, legend label, colour); a kind this module does not know is drawn as a grey dot."""
+    if kind in _KIND_STYLE:
+        return (*_KIND_STYLE[kind], _KIND_COLOR[kind])
+    return "o", f"other ({kind})", _OTHER_COLOR
+
+
+def _kinds_present(nodes: Sequence[_Node]) -> list[str]:
+    """The kinds to put in a legend: the known ones in their usual order, then any others."""
+    known = [k for k in _KIND_STYLE if any(n.kind == k for n in nodes)]
+    return known + sorted({n.kind for n in nodes} - set(_KIND_STYLE))
+
+
+def _css_class(kind: str) -> str:
+    """A kind as one class name (``"my kind"`` would otherwise be two)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", kind) or "-"
+
+
 def _best_index(nodes: Sequence[_Node]) -> int:
     # Highest score, lowest index on ties (the seed wins ties, as in dspy.GEPA).
     return min(nodes, key=lambda n: (-n.score, n.index)).index
@@ -163,7 +185,7 @@ def _tooltip(node: _Node) -> str:
     if node.calls is not None:
         found.append(f"{node.calls} metric calls")
     parents = f", from {', '.join(f'#{p}' for p in node.parents)}" if node.parents else ""
-    return (f"#{node.index} {_KIND_STYLE.get(node.kind, ('o', node.kind))[1]}: {node.score:.3f}{parents}"
+    return (f"#{node.index} {_kind_style(node.kind)[1]}: {node.score:.3f}{parents}"
             + (f" (found after {', '.join(found)})" if found else ""))
 
 
@@ -239,7 +261,7 @@ def plot_best_over_time(
                        f"wall-clock {'minutes' if minutes else 'seconds'} since compile start",
                        "vs. wall-clock time", False))
     panels.append(([float(n.calls or 0) for n in nodes],
-                   None if total_metric_calls is None else float(total_metric_calls),
+                   None if total_metric_calls is None else _finite(total_metric_calls),
                    "metric calls", "vs. metric calls", True))
 
     width, height = (1050.0 if has_time else 580.0), 390.0
@@ -295,26 +317,28 @@ def plot_best_over_time(
         line.append((x(end), y(steps[-1][1])))
         drawing.polyline(line, stroke=_BEST_COLOR, stroke_width=2.2, stroke_linejoin="round", cls="best-line")
         for node, xv in zip(nodes, xs):
-            shape = _KIND_STYLE.get(node.kind, ("o", node.kind))[0]
-            drawing.marker(shape, x(xv), y(node.score), 6.5 if node.kind == "merge" else 5.0,
-                       fill=_KIND_COLOR.get(node.kind, "#7f7f7f"), fill_opacity=0.8, stroke="white",
-                       stroke_width=0.6, cls=f"candidate {node.kind}", tooltip=_tooltip(node))
+            shape, _, color = _kind_style(node.kind)
+            drawing.marker(shape, x(xv), y(node.score), 6.5 if node.kind == "merge" else 5.0, fill=color,
+                           fill_opacity=0.8, stroke="white", stroke_width=0.6,
+                           cls=f"candidate {_css_class(node.kind)}", tooltip=_tooltip(node))
         for i in improvements:
             drawing.circle(x(xs[i]), y(nodes[i].score), 8.0, fill="none", stroke=_BEST_COLOR, stroke_width=1.6,
-                       cls="improvement")
+                           cls="improvement")
         last = improvements[-1]
-        drawing.text(x(xs[last]) + 5, y(nodes[last].score) - 8, f"{nodes[last].score:.3f}", size=10,
-                 fill="#b35900", font_weight="bold", cls="best-label")
+        label, label_x = f"{nodes[last].score:.3f}", x(xs[last])
+        near_right = label_x + 5 + text_width(label, 10) > x0 + panel_w  # ends at the point instead
+        drawing.text(label_x - 5 if near_right else label_x + 5, y(nodes[last].score) - 8, label, size=10,
+                     anchor="end" if near_right else "start", fill="#b35900", font_weight="bold", cls="best-label")
     # legend, lower right of the first panel
-    kinds = [k for k in _KIND_STYLE if any(n.kind == k for n in nodes)]
-    labels = ["best so far", *(_KIND_STYLE[k][1] for k in kinds)]
+    kinds = _kinds_present(nodes)
+    labels = ["best so far", *(_kind_style(k)[1] for k in kinds)]
     lx = left + panel_w - 34 - max(text_width(t, 10) for t in labels)
     ly = bottom - 10 - 15 * (len(labels) - 1)
     drawing.line(lx, ly - 3.5, lx + 18, ly - 3.5, stroke=_BEST_COLOR, stroke_width=2.2)
     drawing.text(lx + 24, ly, labels[0], size=10, fill="#333333")
     for row, kind in enumerate(kinds, start=1):
-        drawing.marker(_KIND_STYLE[kind][0], lx + 9, ly + 15 * row - 3.5, 5.0, fill=_KIND_COLOR[kind], stroke="white",
-                   stroke_width=0.6)
+        shape, _, color = _kind_style(kind)
+        drawing.marker(shape, lx + 9, ly + 15 * row - 3.5, 5.0, fill=color, stroke="white", stroke_width=0.6)
         drawing.text(lx + 24, ly + 15 * row, labels[row], size=10, fill="#333333")
     return _save(drawing, path)
 
@@ -390,10 +414,9 @@ def plot_lineage(
     def shade(score: float) -> float:
         return 0.5 if flat else (score - lo) / (hi - lo)
 
-    kinds = [k for k in _KIND_STYLE if any(n.kind == k for n in nodes)]
     entries: list[_Entry] = [
-        (_KIND_STYLE[k][0], {"fill": "#bfbfbf", "stroke": "#404040", "stroke_width": 0.8}, _KIND_STYLE[k][1])
-        for k in kinds
+        (_kind_style(k)[0], {"fill": "#bfbfbf", "stroke": "#404040", "stroke_width": 0.8}, _kind_style(k)[1])
+        for k in _kinds_present(nodes)
     ]
     entries.append(("o", {"fill": "#e6e6e6", "stroke": _FRONT_COLOR, "stroke_width": 2.4},
                     "on the Pareto frontier"))
@@ -409,23 +432,26 @@ def plot_lineage(
     legend = _legend_rows(entries, width - 2 * left)
     height = plot_bottom + 58 + 16 * len(legend)
 
+    first_row_y = top + radius + 4
+
     def xy(i: int) -> tuple[float, float]:
-        return left + 14 + gen[i] * dx, top + radius + 4 + row[i] * dy
+        return left + 14 + gen[i] * dx, first_row_y + row[i] * dy
 
     drawing = Drawing(width, height)
     plural = "s" if len(nodes) != 1 else ""
     drawing.text(width / 2, 24, title or f"Candidate lineage: {len(nodes)} candidate{plural}, {len(members)} on the "
-             f"Pareto frontier, best #{best_i} = {by_index[best_i].score:.3f}", size=13, anchor="middle",
-             fill="#111111")
+                 f"Pareto frontier, best #{best_i} = {by_index[best_i].score:.3f}", size=13, anchor="middle",
+                 fill="#111111")
     for g in range(n_gen):  # generation axis and grid, under everything
         gx = left + 14 + g * dx
         drawing.line(gx, top - 6, gx, plot_bottom, stroke="#ececec", stroke_width=0.8)
         drawing.text(gx, plot_bottom + 16, str(g), size=10, anchor="middle", fill="#333333")
     drawing.line(left, plot_bottom, plot_right, plot_bottom, stroke="#333333")
     drawing.text((left + plot_right) / 2, plot_bottom + 34, "generation (proposals from the seed)", size=11,
-             anchor="middle", fill="#222222")
+                 anchor="middle", fill="#222222")
 
     gap = radius + 2
+    last_row_y = first_row_y + (n_rows - 1) * dy
     for n in nodes:  # edges, under the nodes
         primary = _primary_parent(n, gen)
         for p in n.parents:
@@ -437,23 +463,26 @@ def plot_lineage(
                 ux, uy = (x1 - x0) / length, (y1 - y0) / length
                 sx, sy, ex, ey = x0 + ux * gap, y0 + uy * gap, x1 - ux * gap, y1 - uy * gap
                 cx, cy = (sx + ex) / 2 - uy * 0.25 * length, (sy + ey) / 2 + ux * 0.25 * length
+                # a curve bulges half as far as its control point: kept within 20 px above the first row
+                # and 8 px below the last, it never crosses the title or the generation axis
+                cy = min(max(cy, first_row_y - 40), last_row_y + 16)
                 drawing.path([("M", sx, sy), ("Q", cx, cy, ex, ey)], stroke=_KIND_COLOR["merge"], stroke_width=1.1,
-                         stroke_dasharray="4 2", arrow=_KIND_COLOR["merge"], cls="edge merge-parent")
+                             stroke_dasharray="4 2", arrow=_KIND_COLOR["merge"], cls="edge merge-parent")
             elif abs(y0 - y1) < 1e-6:
                 drawing.path([("M", x0 + gap, y0), ("H", x1 - gap)], stroke=_EDGE_COLOR, stroke_width=1.1,
-                         arrow=_EDGE_COLOR, cls="edge")
+                             arrow=_EDGE_COLOR, cls="edge")
             else:  # down (or up) from the parent, then across into the child
                 down = 1.0 if y1 > y0 else -1.0
                 drawing.path([("M", x0, y0 + down * gap), ("V", y1), ("H", x1 - gap)], stroke=_EDGE_COLOR,
-                         stroke_width=1.1, stroke_linejoin="round", arrow=_EDGE_COLOR, cls="edge")
+                             stroke_width=1.1, stroke_linejoin="round", arrow=_EDGE_COLOR, cls="edge")
     bx, by = xy(best_i)
     drawing.circle(bx, by, radius * 1.8, fill=_BEST_COLOR, fill_opacity=0.35, cls="best-halo")
     for n in nodes:
         x, y = xy(n.index)
         on_front = n.index in members
-        drawing.marker(_KIND_STYLE.get(n.kind, ("o", n.kind))[0], x, y, radius, fill=viridis(shade(n.score)),
-                   stroke=_FRONT_COLOR if on_front else "#404040", stroke_width=2.6 if on_front else 0.8,
-                   cls=f"node {n.kind}" + (" front" if on_front else ""), tooltip=_tooltip(n))
+        drawing.marker(_kind_style(n.kind)[0], x, y, radius, fill=viridis(shade(n.score)),
+                       stroke=_FRONT_COLOR if on_front else "#404040", stroke_width=2.6 if on_front else 0.8,
+                       cls=f"node {_css_class(n.kind)}" + (" front" if on_front else ""), tooltip=_tooltip(n))
         drawing.text(x, y, str(n.index), size=8.5 if dense else 9.5, anchor="middle", dominant_baseline="central",
                  fill="black" if shade(n.score) > 0.6 else "white", font_weight="bold")
         is_best = n.index == best_i

@@ -1,9 +1,12 @@
 """A :class:`~dspy_turbogepa.tracking.drawing.Drawing` rendered to PNG by matplotlib (the ``plots`` extra).
 
 Only for a plot asked for by a ``.png`` name (``TurboGEPA(plot_format="png")``): the SVG writer
-needs no dependency and costs milliseconds, this one about a second of CPU, most of it importing
-matplotlib. The shapes are laid out already, so this only places them, in pixels, on an axes that
-fills a bare ``Figure`` of the drawing's size at 100 dpi. Never pyplot: a compile in a notebook must
+needs no dependency and costs milliseconds; this one costs about a second of CPU for a run of tens
+of candidates (most of it importing matplotlib) and several seconds for hundreds, since every shape
+is a matplotlib artist. The shapes are laid out already, so this only places them, in pixels, on an
+axes that fills a bare ``Figure`` of the drawing's size at 100 dpi; a drawing longer than
+``MAX_SIDE_PX`` (the lineage of a long run grows a row per leaf) is rasterised at a lower resolution
+instead, so that the file stays a few MB and within matplotlib's size limit. Never pyplot: a compile in a notebook must
 not switch the user's backend or add to pyplot's list of open figures, and pyplot's global state is
 not thread-safe (compiles may run in threads). It works on a headless server.
 """
@@ -19,6 +22,7 @@ from dspy_turbogepa.tracking.drawing import Drawing, Element
 __all__ = ["write_png"]
 
 _DPI = 100.0
+MAX_SIDE_PX = 8000.0
 _PT = 72.0 / _DPI  # points per pixel: matplotlib sizes lines and fonts in points
 _ANCHOR = {"start": "left", "middle": "center", "end": "right"}
 
@@ -43,7 +47,8 @@ def write_png(drawing: Drawing, path: str | Path) -> None:
     ax.axis("off")
     for z, element in enumerate(drawing.elements):
         _draw(ax, element, z)
-    fig.savefig(path, dpi=_DPI, format="png", facecolor="white", metadata={"Software": "dspy_turbogepa"})
+    scale = min(1.0, MAX_SIDE_PX / max(drawing.width, drawing.height))  # sizes are in inches: all shrink alike
+    fig.savefig(path, dpi=_DPI * scale, format="png", facecolor="white", metadata={"Software": "dspy_turbogepa"})
 
 
 def _stroke(style: dict[str, Any]) -> dict[str, Any]:
