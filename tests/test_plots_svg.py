@@ -303,7 +303,9 @@ def test_a_merges_curve_never_crosses_the_generation_axis(tmp_path: Path) -> Non
     records = [make_record(0, {0: 0.1}, kind="seed"), make_record(1, {0: 0.2}, parents=[0]),
                make_record(2, {0: 0.3}, parents=[1]), make_record(3, {0: 0.4}, parents=[0, 2], kind="merge")]
     root = read(plot_lineage(records, None, tmp_path / "lineage.svg"))
-    axis_y = max(float(e.get("y1")) for e in root.iter(f"{NS}line") if e.get("y1") == e.get("y2"))
+    horizontal = [e for e in root.iter(f"{NS}line") if e.get("y1") == e.get("y2")]
+    axis = max(horizontal, key=lambda e: float(e.get("x2")) - float(e.get("x1")))  # not the legend's short line
+    axis_y = float(axis.get("y1"))
     title_y = min(float(e.get("y")) for e in root.iter(f"{NS}text"))
     (curve,) = with_class(root, "merge-parent")
     _, sy, _, cy, _, ey = map(float, re.findall(r"-?\d+(?:\.\d+)?", curve.get("d")))  # M sx,sy Q cx,cy,ex,ey
