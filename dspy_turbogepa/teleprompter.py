@@ -63,6 +63,7 @@ from dspy_turbogepa.redaction import (
 from dspy_turbogepa.tracking import CompileThreadCallbackPump, MlflowRunTracker, register_with_mlflow_autolog
 from dspy_turbogepa.tracking.console_logs import visible_logs
 from dspy_turbogepa.tracking.imports import ctrl_c_held, drop_cut_short_imports
+from dspy_turbogepa.tracking.live_plots import LivePlots
 from dspy_turbogepa.tracking.progress import OrchestratorSource, ProgressDisplay
 
 logger = logging.getLogger(__name__)
@@ -613,7 +614,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 experiment_name=self._mapped_gepa_kwargs.mlflow_experiment_name,
             )
             cleanup.push(lambda _t, exc, _tb: tracker.abort(exc) if exc is not None else None)
-        extra_observers = [o for o in (pump, tracker) if o is not None]
+        # SVG only: a PNG takes about a second to draw, too long to hold the engine's loop for
+        live_plots = LivePlots(self._log_path(), budget=budget) if self.log_dir and self.plot_format == "svg" else None
+        extra_observers = [o for o in (pump, tracker, live_plots) if o is not None]
         resumed = store is not None and store.resumed
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
@@ -624,6 +627,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
         if tracker is not None:
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
+        if live_plots is not None:
+            live_plots.bind(orchestrator.snapshot)
 
         def on_tick() -> None:
             if pump is not None:

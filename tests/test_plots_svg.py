@@ -9,6 +9,7 @@ choice of format, none of it importing matplotlib.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -20,9 +21,11 @@ import pytest
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.engine.frontier import pareto_front_members
+from dspy_turbogepa.engine.records import RunSnapshot
 from dspy_turbogepa.errors import ConfigurationError
 from dspy_turbogepa.testing import make_reflection_lm
 from dspy_turbogepa.tracking.drawing import Drawing, nice_ticks, tick_label, viridis
+from dspy_turbogepa.tracking.live_plots import LivePlots
 from dspy_turbogepa.tracking.mlflow_tracking import MlflowRunTracker
 from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
 
@@ -354,3 +357,115 @@ def test_a_very_long_drawing_is_rasterised_smaller_not_refused(tmp_path: Path) -
     head = (tmp_path / "long.png").read_bytes()[:24]
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     assert height <= MAX_SIDE_PX and abs(width / height - 300 / 70000) < 0.01
+
+
+# ---------------------------------------------------------------------------------------- live plots
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def snapshot_of(records: list) -> RunSnapshot:
+    return RunSnapshot(list(records), {}, float(len(records)), 10 * len(records))
+
+
+def test_live_plots_wait_an_interval_and_draw_only_what_is_new(tmp_path: Path) -> None:
+    records = synthetic_records(6)
+    found = records[:2]
+    clock = FakeClock()
+    live = LivePlots(tmp_path, budget=100, interval=30.0, clock=clock)
+    live.on_candidate(records[0])  # not bound yet: nothing to read
+    live.bind(lambda: snapshot_of(found))
+    live.on_candidate(records[1])
+    assert live.draws == 0 and list(tmp_path.iterdir()) == []  # inside the first interval
+    clock.now = 31.0
+    live.on_candidate(records[1])
+    assert live.draws == 1
+    assert len(with_class(read(tmp_path / "lineage.svg"), "node")) == 2
+    assert len(with_class(read(tmp_path / "best_over_time.svg"), "budget")) == 1
+    clock.now = 50.0
+    found = records[:5]
+    live.on_candidate(records[4])
+    assert live.draws == 1  # 19 s after the last drawing
+    clock.now = 62.0
+    live.on_mutation(None, "accepted")  # type: ignore[arg-type]  # the wait is over: the new ones are drawn
+    assert live.draws == 2 and len(with_class(read(tmp_path / "lineage.svg"), "node")) == 5
+    clock.now = 200.0
+    live.on_mutation(None, "rejected")  # type: ignore[arg-type]
+    assert live.draws == 2  # nothing new since
+
+
+def test_a_slow_drawing_stretches_the_interval(tmp_path: Path, monkeypatch) -> None:
+    records = synthetic_records(4)
+    clock = FakeClock()
+    live = LivePlots(tmp_path, interval=30.0, clock=clock)
+    live.bind(lambda: snapshot_of(records[: 1 + live.draws]))
+
+    def slow(run) -> None:
+        clock.now += 2.0  # a drawing of 2 s: at most 1% of the time, so 200 s apart
+
+    monkeypatch.setattr(live, "_draw", slow)
+    clock.now = 30.0
+    live.on_candidate(records[0])
+    assert live.draws == 1 and clock.now == 32.0
+    clock.now = 200.0
+    live.on_candidate(records[1])
+    assert live.draws == 1
+    clock.now = 233.0
+    live.on_candidate(records[1])
+    assert live.draws == 2
+
+
+def test_a_failing_live_plot_warns_once_and_stays_off(tmp_path: Path, caplog) -> None:
+    clock = FakeClock()
+    live = LivePlots(tmp_path / "a-file", interval=0.0, clock=clock)
+    (tmp_path / "a-file").write_text("not a directory")
+    live.bind(lambda: snapshot_of(synthetic_records(3)))
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        for _ in range(3):
+            clock.now += 1.0
+            live.on_candidate(None)  # type: ignore[arg-type]
+    warnings = [r for r in caplog.records if "Live plots" in r.getMessage()]
+    assert len(warnings) == 1 and "end-of-run plots are still drawn" in warnings[0].getMessage()
+    assert live.draws == 0
+
+
+@pytest.mark.parametrize("fmt", ["svg", "png"])
+def test_a_compile_redraws_its_svg_plots_while_it_runs(tmp_path: Path, monkeypatch, fmt: str) -> None:
+    import dspy
+
+    from dspy_turbogepa import teleprompter
+    from dspy_turbogepa.testing import TASKS, make_student_lm
+    from dspy_turbogepa.tracking import live_plots
+
+    monkeypatch.setattr(live_plots, "LIVE_PLOT_INTERVAL", 0.0)
+    seen: list[tuple[int, int]] = []
+    made: list[LivePlots] = []
+
+    class Watched(LivePlots):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def _draw(self, run) -> None:
+            super()._draw(run)
+            seen.append((len(run.records), len(with_class(read(tmp_path / "lineage.svg"), "node"))))
+
+    monkeypatch.setattr(teleprompter, "LivePlots", Watched)
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=16, n_val=8, n_test=0)
+    opt = TurboGEPA(task.metric, max_metric_calls=120, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    log_dir=str(tmp_path), track_stats=True, verbose=False, plot_format=fmt)
+    with dspy.context(lm=make_student_lm(seed=0)):
+        program = opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    final = len(program.detailed_results.candidates)
+    if fmt == "png":  # a PNG holds the loop for about a second: drawn at the end only
+        assert made == [] and seen == []
+        return
+    assert len(made) == 1 and final > 1 and seen, "the plots were never drawn during the run"
+    assert all(n == drawn for n, drawn in seen)  # each drawing showed every candidate found by then
+    assert [n for n, _ in seen] == sorted({n for n, _ in seen}) and seen[-1][0] <= final
+    assert len(with_class(read(tmp_path / "lineage.svg"), "node")) == final  # the end-of-run plots came last

@@ -49,6 +49,7 @@ from dspy_turbogepa.engine.records import (
     MutationPlan,
     MutationResult,
     PriorUsage,
+    RunSnapshot,
     RunStats,
     StopReason,
     mean_in_id_order,
@@ -1468,6 +1469,10 @@ class Orchestrator:
     # ------------------------------------------------------------------ views
     def _elapsed(self) -> float:
         return self._clock() - self._start
+
+    def snapshot(self) -> RunSnapshot:
+        """The candidates, fronts, time and metric calls so far, copied: called on the loop thread."""
+        return RunSnapshot(list(self._records), self._frontier.fronts(), self._elapsed(), self._budget.executed)
 
     def selector_state(self, view: int | None = None, *, in_iteration: bool = False) -> SelectorState:
         """gepa's state as a selector or stop callback reads it: now, or as of ``view`` commits (what a

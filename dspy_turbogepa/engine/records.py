@@ -237,6 +237,16 @@ class RunStats:
         }
 
 
+@dataclass(frozen=True)
+class RunSnapshot:
+    """What a run has found so far (copies), for a report drawn while it runs."""
+
+    records: list[CandidateRecord]
+    fronts: dict[int, set[int]]
+    wall_seconds: float
+    total_metric_calls: int
+
+
 @dataclass
 class EngineResult:
     records: list[CandidateRecord]
