@@ -164,9 +164,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             a new best, at most one a second, and every 5-60 s while something changes). Logs go
             to the ``dspy_turbogepa`` logger; in a process that configured no logging at all, it gets a
             stderr handler at INFO for the compile (dspy does the same for its own logger at import).
-        plot_format: the plots a compile writes into ``log_dir`` at the end (``best_over_time`` and
-            ``lineage``), and the best-score plot it draws for MLflow without a ``log_dir``: ``"svg"``
-            (default: milliseconds, no dependency, a hover tooltip per candidate), ``"png"`` (matplotlib,
+        plot_format: the plots a compile writes into ``log_dir`` (``best_over_time`` and ``lineage``),
+            and the best-score plot it draws for MLflow without a ``log_dir``: ``"svg"`` (default:
+            milliseconds, no dependency, a hover tooltip per candidate; also redrawn while the run goes,
+            at most every 30 s, docs/run_store.md), ``"png"`` (matplotlib, at the end only;
             the ``plots`` extra: about a second of CPU for tens of candidates, most of it matplotlib's
             import, several seconds for hundreds), or None (no plots; summary.json is still written).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose

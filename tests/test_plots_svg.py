@@ -404,7 +404,7 @@ def test_a_slow_drawing_stretches_the_interval(tmp_path: Path, monkeypatch) -> N
     live = LivePlots(tmp_path, interval=30.0, clock=clock)
     live.bind(lambda: snapshot_of(records[: 1 + live.draws]))
 
-    def slow(run) -> None:
+    def slow(run, seconds) -> None:
         clock.now += 2.0  # a drawing of 2 s: at most 1% of the time, so 200 s apart
 
     monkeypatch.setattr(live, "_draw", slow)
@@ -417,6 +417,44 @@ def test_a_slow_drawing_stretches_the_interval(tmp_path: Path, monkeypatch) -> N
     clock.now = 233.0
     live.on_candidate(records[1])
     assert live.draws == 2
+
+
+def test_nothing_new_takes_no_snapshot_and_a_big_first_drawing_waits_longer(tmp_path: Path, monkeypatch) -> None:
+    """Late in a run most mutations add nothing: copying the frontier for each cost 4-120 ms at
+    700-3,000 candidates. And the first drawing of a big (resumed) run is spaced out by its size."""
+    clock = FakeClock()
+    calls: list[int] = []
+    live = LivePlots(tmp_path, interval=30.0, clock=clock)
+    monkeypatch.setattr(live, "_draw", lambda run, seconds: None)
+
+    def source() -> RunSnapshot:
+        calls.append(1)
+        return snapshot_of([])
+
+    live.bind(source)
+    for _ in range(3000):  # a resumed run replaying its candidates
+        live.on_candidate(None)  # type: ignore[arg-type]
+    clock.now = 31.0
+    live.on_mutation(None, "rejected")  # type: ignore[arg-type]
+    assert calls == []  # 3,000 candidates: about 0.75 s to draw, so not before 75 s
+    clock.now = 76.0
+    live.on_mutation(None, "rejected")  # type: ignore[arg-type]
+    assert len(calls) == 1 and live.draws == 1
+    clock.now = 1000.0
+    for _ in range(50):
+        live.on_mutation(None, "rejected")  # type: ignore[arg-type]
+    assert len(calls) == 1  # nothing new: no snapshot
+
+
+def test_a_live_plot_says_it_is_one(tmp_path: Path) -> None:
+    clock = FakeClock()
+    live = LivePlots(tmp_path, interval=30.0, clock=clock)
+    live.bind(lambda: snapshot_of(synthetic_records(3)))
+    clock.now = 42.4
+    live.on_candidate(None)  # type: ignore[arg-type]
+    for name in ("best_over_time.svg", "lineage.svg"):
+        titles = [e.text for e in read(tmp_path / name).iter(f"{NS}text")]
+        assert any(t.endswith("(live, 42 s into the run)") for t in titles), titles
 
 
 def test_a_failing_live_plot_warns_once_and_stays_off(tmp_path: Path, caplog) -> None:
@@ -442,7 +480,10 @@ def test_a_compile_redraws_its_svg_plots_while_it_runs(tmp_path: Path, monkeypat
     from dspy_turbogepa.tracking import live_plots
 
     monkeypatch.setattr(live_plots, "LIVE_PLOT_INTERVAL", 0.0)
-    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(live_plots, "_MAX_SHARE", 1e9)  # draw at every chance
+    monkeypatch.setattr(live_plots, "_SECONDS_PER_CANDIDATE", 0.0)
+    seen: list[tuple[int, int, int]] = []
+    snapshots: list[tuple[RunSnapshot, int]] = []
     made: list[LivePlots] = []
 
     class Watched(LivePlots):
@@ -450,9 +491,10 @@ def test_a_compile_redraws_its_svg_plots_while_it_runs(tmp_path: Path, monkeypat
             super().__init__(*args, **kwargs)
             made.append(self)
 
-        def _draw(self, run) -> None:
-            super()._draw(run)
-            seen.append((len(run.records), len(with_class(read(tmp_path / "lineage.svg"), "node"))))
+        def _draw(self, run, seconds) -> None:
+            super()._draw(run, seconds)
+            snapshots.append((run, len(run.records)))
+            seen.append((self._candidates, len(run.records), len(with_class(read(tmp_path / "lineage.svg"), "node"))))
 
     monkeypatch.setattr(teleprompter, "LivePlots", Watched)
     task = TASKS["routing"]
@@ -465,7 +507,9 @@ def test_a_compile_redraws_its_svg_plots_while_it_runs(tmp_path: Path, monkeypat
     if fmt == "png":  # a PNG holds the loop for about a second: drawn at the end only
         assert made == [] and seen == []
         return
-    assert len(made) == 1 and final > 1 and seen, "the plots were never drawn during the run"
-    assert all(n == drawn for n, drawn in seen)  # each drawing showed every candidate found by then
-    assert [n for n, _ in seen] == sorted({n for n, _ in seen}) and seen[-1][0] <= final
+    assert len(made) == 1 and final > 2 and seen, "the plots were never drawn during the run"
+    assert max(n for n, _, _ in seen) > 1  # not only the seed
+    assert all(found == snap == drawn for found, snap, drawn in seen)  # every candidate found by then, drawn
+    assert [n for n, _, _ in seen] == sorted({n for n, _, _ in seen}) and seen[-1][0] <= final
+    assert all(len(run.records) == n for run, n in snapshots)  # copies: later candidates did not reach them
     assert len(with_class(read(tmp_path / "lineage.svg"), "node")) == final  # the end-of-run plots came last

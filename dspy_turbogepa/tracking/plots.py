@@ -235,13 +235,14 @@ def plot_best_over_time(
     total_metric_calls: int | None = None,
     budget: int | None = None,
     title: str | None = None,
+    note: str | None = None,
 ) -> Path:
     """Best full-validation score so far vs wall-clock seconds (left) and vs metric calls (right).
 
     Step lines of the running best, every candidate as a dot (colour = how it was proposed). The
     lines run on to ``total_seconds`` / ``total_metric_calls`` (the end of the run) when given;
-    ``budget`` draws the metric-call limit. ``path`` ends in ``.svg`` or ``.png`` (matplotlib). Returns
-    the path written.
+    ``budget`` draws the metric-call limit. ``note`` is added to the title, in brackets. ``path`` ends
+    in ``.svg`` or ``.png`` (matplotlib). Returns the path written.
     """
     path = _plot_path(path)
     nodes = _nodes(records)
@@ -274,8 +275,10 @@ def plot_best_over_time(
     drawing = Drawing(width, height)
     seed = next((n for n in nodes if n.index == 0), nodes[0])
     plural = "s" if len(nodes) != 1 else ""
-    drawing.text(width / 2, 22, title or f"Best validation score: {seed.score:.3f} (seed) \u2192 {hi:.3f} over "
-             f"{len(nodes)} candidate{plural}", size=13.5, anchor="middle", fill="#111111")
+    heading = title or (f"Best validation score: {seed.score:.3f} (seed) \u2192 {hi:.3f} over {len(nodes)} "
+                        f"candidate{plural}")
+    drawing.text(width / 2, 22, f"{heading} ({note})" if note else heading, size=13.5, anchor="middle",
+                 fill="#111111")
     for k, (xs, x_end, xlabel, subtitle, is_calls) in enumerate(panels):
         x0 = left + k * (panel_w + gap)
         order = sorted(range(len(nodes)), key=lambda i: (xs[i], nodes[i].index))
@@ -385,6 +388,7 @@ def plot_lineage(
     path: str | Path,
     *,
     title: str | None = None,
+    note: str | None = None,
 ) -> Path:
     """Which proposal produced what: one node per candidate (x = generation, shape = kind, colour =
     validation score, label = index and score), an edge from each parent to its child (dashed for a
@@ -392,7 +396,8 @@ def plot_lineage(
 
     ``fronts``: ``{val_id: {candidate indices}}`` (``EngineResult.fronts``; dominated members are
     dropped as GEPA does before choosing parents), a set of member indices, or None (taken from the
-    result, or computed from the records' per-instance scores). ``path`` ends in ``.svg`` or ``.png``. The
+    result, or computed from the records' per-instance scores). ``note`` is added to the title, in
+    brackets. ``path`` ends in ``.svg`` or ``.png``. The
     plot grows with the run (a row per leaf of the tree) instead of squeezing the labels together.
     """
     path = _plot_path(path)
@@ -439,8 +444,9 @@ def plot_lineage(
 
     drawing = Drawing(width, height)
     plural = "s" if len(nodes) != 1 else ""
-    drawing.text(width / 2, 24, title or f"Candidate lineage: {len(nodes)} candidate{plural}, {len(members)} on the "
-                 f"Pareto frontier, best #{best_i} = {by_index[best_i].score:.3f}", size=13, anchor="middle",
+    heading = title or (f"Candidate lineage: {len(nodes)} candidate{plural}, {len(members)} on the Pareto frontier, "
+                        f"best #{best_i} = {by_index[best_i].score:.3f}")
+    drawing.text(width / 2, 24, f"{heading} ({note})" if note else heading, size=13, anchor="middle",
                  fill="#111111")
     for g in range(n_gen):  # generation axis and grid, under everything
         gx = left + 14 + g * dx
