@@ -9,6 +9,7 @@ it would talk to a hosted model.
     python examples/quickstart.py                     # routing task (1 predictor)
     python examples/quickstart.py --task pipeline     # two-predictor pipeline
     python examples/quickstart.py --compare           # also run dspy.GEPA on the same budget
+    python examples/quickstart.py --log-dir runs/qs   # keep a run store, summary.json and SVG plots
 
 To use a real model instead, replace the two dspy.LM(...) lines with your provider's.
 """
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", action="store_true", help="also run dspy.GEPA with the same budget")
     parser.add_argument("--out", default=None, help="where to save the optimized program (JSON)")
+    parser.add_argument("--log-dir", default=None,
+                        help="run store, summary.json and plots (redrawn while the run goes); rerun to resume")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dspy_turbogepa").setLevel(logging.INFO)
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed program: test score {seed_score:.3f}")
 
         optimizer = TurboGEPA(task.metric, max_metric_calls=args.budget, reflection_lm=reflection_lm,
-                              num_threads=args.threads, track_stats=True, seed=args.seed)
+                              num_threads=args.threads, track_stats=True, seed=args.seed, log_dir=args.log_dir)
         start = time.perf_counter()
         optimized = optimizer.compile(program, trainset=splits.train, valset=splits.val)
         elapsed = time.perf_counter() - start
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed score {seed_score:.3f} -> optimized score {score:.3f} (held-out test set)")
         for name, pred in optimized.named_predictors():
             print(f"  [{name}] {pred.signature.instructions}")
+        if args.log_dir:
+            plots = ", ".join(str(Path(args.log_dir) / name) for name in ("best_over_time.svg", "lineage.svg"))
+            print(f"plots (open in a browser): {plots}")
 
         out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "optimized.json"
         optimized.save(str(out))

@@ -320,7 +320,7 @@ def test_examples_run_offline_as_their_docstrings_say(tmp_path):
                                 stderr=subprocess.PIPE, text=True)
 
     # the two independent commands at once (both mostly wait on the simulator's latencies)
-    quickstart = start(["examples/quickstart.py", *fast, "--out", str(saved)])
+    quickstart = start(["examples/quickstart.py", *fast, "--out", str(saved), "--log-dir", str(tmp_path / "run")])
     pipeline = start(["examples/serve_optimized.py", "--task", "pipeline", "--requests", "200", "--concurrency",
                       "32", *fast])
     qs_out, qs_err = quickstart.communicate(timeout=180)
@@ -330,6 +330,8 @@ def test_examples_run_offline_as_their_docstrings_say(tmp_path):
     assert re.search(r"seed score \d\.\d{3} -> optimized score \d\.\d{3} \(held-out test set\)", qs_out)
     assert f"saved to {saved}; reloaded program test score" in qs_out
     assert "route" in json.loads(saved.read_text())  # DSPy's own JSON state
+    assert f"plots (open in a browser): {tmp_path / 'run' / 'best_over_time.svg'}, " in qs_out
+    assert {"summary.json", "best_over_time.svg", "lineage.svg", "run.sqlite3"} <= set(os.listdir(tmp_path / "run"))
     assert pipeline.returncode == 0, pl_out + pl_err[-3000:]
     assert re.search(r"optimized in [\d.]+s \(60 metric calls max\); saved to ", pl_out)
     assert re.search(r"optimized program: 200 requests .* failures 0", pl_out)
