@@ -940,6 +940,8 @@ __all__ = ["TurboGEPA"]
 
 def _checked_plot_format(plot_format: Any) -> Literal["svg", "png"] | None:
     """Refused at construction: a PNG without matplotlib would otherwise fail only after the paid search."""
+    if isinstance(plot_format, str):
+        plot_format = plot_format.lower()  # as file names' suffixes are read
     if plot_format not in ("svg", "png", None):
         raise ConfigurationError(f"plot_format={plot_format!r}: use 'svg' (default, no dependency), 'png' "
                                  "(needs matplotlib) or None (no plots).")

@@ -9,7 +9,8 @@ it would talk to a hosted model.
     python examples/quickstart.py                     # routing task (1 predictor)
     python examples/quickstart.py --task pipeline     # two-predictor pipeline
     python examples/quickstart.py --compare           # also run dspy.GEPA on the same budget
-    python examples/quickstart.py --log-dir runs/qs   # keep a run store, summary.json and SVG plots
+    python examples/quickstart.py --log-dir runs/qs --port 8765   # run store, summary.json, SVG plots;
+                                                                  # the same command again resumes
 
 To use a real model instead, replace the two dspy.LM(...) lines with your provider's.
 """
@@ -43,14 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true", help="also run dspy.GEPA with the same budget")
     parser.add_argument("--out", default=None, help="where to save the optimized program (JSON)")
     parser.add_argument("--log-dir", default=None,
-                        help="run store, summary.json and plots (redrawn while the run goes); rerun to resume")
+                        help="run store, summary.json and plots (redrawn while the run goes); the same command "
+                             "resumes it if --port is the same (the LMs' address is part of what a log_dir is for)")
+    parser.add_argument("--port", type=int, default=0, help="the simulator's port (default: any free one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dspy_turbogepa").setLevel(logging.INFO)
 
     task = TASKS[args.task]
     splits = task.splits(data_seed=0, n_train=80, n_val=40, n_test=200)
-    with SimServer("benchmark", seed=args.seed, time_scale=args.time_scale) as server:
+    with SimServer("benchmark", seed=args.seed, time_scale=args.time_scale, port=args.port) as server:
         print(f"LM simulator listening on {server.base_url} (offline, no API key needed)")
         student_lm = dspy.LM("openai/sim-student", api_base=server.base_url, api_key="sim", cache=False,
                              temperature=0.0)

@@ -320,7 +320,11 @@ def test_examples_run_offline_as_their_docstrings_say(tmp_path):
                                 stderr=subprocess.PIPE, text=True)
 
     # the two independent commands at once (both mostly wait on the simulator's latencies)
-    quickstart = start(["examples/quickstart.py", *fast, "--out", str(saved), "--log-dir", str(tmp_path / "run")])
+    with socket.socket() as probe:  # a port of its own, so that the same command can resume the log_dir
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    resumable = ["--log-dir", str(tmp_path / "run"), "--port", port]
+    quickstart = start(["examples/quickstart.py", *fast, "--out", str(saved), *resumable])
     pipeline = start(["examples/serve_optimized.py", "--task", "pipeline", "--requests", "200", "--concurrency",
                       "32", *fast])
     qs_out, qs_err = quickstart.communicate(timeout=180)
@@ -332,6 +336,9 @@ def test_examples_run_offline_as_their_docstrings_say(tmp_path):
     assert "route" in json.loads(saved.read_text())  # DSPy's own JSON state
     assert f"plots (open in a browser): {tmp_path / 'run' / 'best_over_time.svg'}, " in qs_out
     assert {"summary.json", "best_over_time.svg", "lineage.svg", "run.sqlite3"} <= set(os.listdir(tmp_path / "run"))
+    again = run_script(["examples/quickstart.py", *fast, *resumable], ROOT)  # the same command: resumed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"\((\d+) of them stored by earlier sessions\)", again.stdout + again.stderr), again.stderr[-2000:]
     assert pipeline.returncode == 0, pl_out + pl_err[-3000:]
     assert re.search(r"optimized in [\d.]+s \(60 metric calls max\); saved to ", pl_out)
     assert re.search(r"optimized program: 200 requests .* failures 0", pl_out)

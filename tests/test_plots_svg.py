@@ -512,4 +512,62 @@ def test_a_compile_redraws_its_svg_plots_while_it_runs(tmp_path: Path, monkeypat
     assert all(found == snap == drawn for found, snap, drawn in seen)  # every candidate found by then, drawn
     assert [n for n, _, _ in seen] == sorted({n for n, _, _ in seen}) and seen[-1][0] <= final
     assert all(len(run.records) == n for run, n in snapshots)  # copies: later candidates did not reach them
+    # the metric-calls panel runs on to the calls made so far, past every candidate's own count
+    assert all(run.total_metric_calls >= max(r.discovery_metric_calls for r in run.records) for run, _ in snapshots)
     assert len(with_class(read(tmp_path / "lineage.svg"), "node")) == final  # the end-of-run plots came last
+
+
+# ---------------------------------------------------------------------------------------- from a user's walkthrough
+def test_a_long_title_widens_the_plot_instead_of_being_cut(tmp_path: Path) -> None:
+    from dspy_turbogepa.tracking.drawing import text_width
+
+    note = "live, 3600 s into the run, on a machine with a rather long description"
+    for draw in (lambda p: plot_best_over_time(synthetic_records(2), p, note=note),
+                 lambda p: plot_lineage(synthetic_records(2), None, p, note=note)):
+        root = read(draw(tmp_path / "plot.svg"))
+        (title,) = [e for e in root.iter(f"{NS}text") if (e.text or "").endswith(f"({note})")]
+        size = float(title.get("font-size"))
+        assert text_width(title.text, size) + 20 <= float(root.get("width"))
+
+
+def test_the_colour_bar_ends_above_the_legend_of_a_one_row_lineage(tmp_path: Path) -> None:
+    records = [make_record(0, {0: 0.1}, kind="seed"), make_record(1, {0: 0.5}, parents=[0])]
+    root = read(plot_lineage(records, None, tmp_path / "lineage.svg"))
+    (bar,) = with_class(root, "colour-bar")
+    bar_bottom = float(bar.get("y")) + float(bar.get("height"))
+    legend_y = min(float(e.get("y")) for e in root.iter(f"{NS}text") if e.text == "on the Pareto frontier")
+    assert bar_bottom + 10 < legend_y < float(root.get("height"))
+
+
+def test_the_new_best_rings_are_in_the_legend(tmp_path: Path) -> None:
+    root = read(plot_best_over_time(synthetic_records(5), tmp_path / "best.svg"))
+    assert "a new best" in [e.text for e in root.iter(f"{NS}text")] and with_class(root, "legend")
+
+
+@pytest.mark.parametrize("wrong", [None, "program"])
+def test_plotting_something_else_than_a_result_says_what_to_pass(tmp_path: Path, wrong) -> None:
+    from dspy_turbogepa.testing import TASKS
+
+    run = TASKS["routing"].make_program() if wrong == "program" else None
+    for draw in (lambda: plot_best_over_time(run, tmp_path / "best.svg"),
+                 lambda: plot_lineage(run, None, tmp_path / "lineage.svg")):
+        with pytest.raises(TypeError, match=r"detailed_results \(compile with track_stats=True"):
+            draw()
+
+
+def test_a_png_without_matplotlib_says_how_to_get_it(tmp_path: Path, monkeypatch) -> None:
+    from dspy_turbogepa.tracking import imports
+
+    def missing(*modules: str) -> None:
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(imports, "import_in_one_piece", missing)
+    with pytest.raises(ImportError, match=r"pip install 'dspy-turbogepa\[plots\]', or name the file \.svg"):
+        plot_best_over_time(synthetic_records(3), tmp_path / "best.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_format_is_read_as_file_suffixes_are_whatever_its_case() -> None:
+    metric = lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0  # noqa: E731
+    opt = TurboGEPA(metric, max_metric_calls=10, reflection_lm=make_reflection_lm(seed=0), plot_format="SVG")
+    assert opt.plot_format == "svg"

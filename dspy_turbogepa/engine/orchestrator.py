@@ -1471,8 +1471,11 @@ class Orchestrator:
         return self._clock() - self._start
 
     def snapshot(self) -> RunSnapshot:
-        """The candidates, fronts, time and metric calls so far, copied: called on the loop thread."""
-        return RunSnapshot(list(self._records), self._frontier.fronts(), self._elapsed(), self._budget.executed)
+        """The candidates, fronts, time and metric calls so far, copied: called on the loop thread. The
+        calls are counted as the candidates' own are (committed work, a resumed run's stored work
+        included), or as executed when more have run."""
+        calls = max(self._budget.executed, self._budget.committed)
+        return RunSnapshot(list(self._records), self._frontier.fronts(), self._elapsed(), calls)
 
     def selector_state(self, view: int | None = None, *, in_iteration: bool = False) -> SelectorState:
         """gepa's state as a selector or stop callback reads it: now, or as of ``view`` commits (what a

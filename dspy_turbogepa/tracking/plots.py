@@ -66,6 +66,9 @@ def _finite(x: Any, default: float = 0.0) -> float:
 
 def _nodes(run: Any) -> list[_Node]:
     """Normalise records / EngineResult / detailed_results into nodes ordered by index."""
+    if run is None or hasattr(run, "named_predictors"):
+        raise TypeError(f"cannot plot {type(run).__name__}: pass the compiled program's detailed_results (compile "
+                        "with track_stats=True to get them), an EngineResult or a list of CandidateRecord")
     if hasattr(run, "records") and not isinstance(run, Sequence):
         run = run.records  # EngineResult
     if hasattr(run, "val_aggregate_scores"):  # DspyGEPAResult / TurboGEPAResult
@@ -265,7 +268,13 @@ def plot_best_over_time(
                    None if total_metric_calls is None else _finite(total_metric_calls),
                    "metric calls", "vs. metric calls", True))
 
-    width, height = (1050.0 if has_time else 580.0), 390.0
+    seed = next((n for n in nodes if n.index == 0), nodes[0])
+    plural = "s" if len(nodes) != 1 else ""
+    heading = title or (f"Best validation score: {seed.score:.3f} (seed) \u2192 {max(n.score for n in nodes):.3f} "
+                        f"over {len(nodes)} candidate{plural}")
+    heading = f"{heading} ({note})" if note else heading
+    width = max(1050.0 if has_time else 580.0, text_width(heading, 13.5) + 40)  # the title is never cut off
+    height = 390.0
     left, right, top, bottom, gap = 66.0, 22.0, 58.0, height - 50.0, 30.0
     panel_w = (width - left - right - gap * (len(panels) - 1)) / len(panels)
     lo, hi = min(n.score for n in nodes), max(n.score for n in nodes)
@@ -273,12 +282,7 @@ def plot_best_over_time(
     y = Scale(lo - pad, hi + pad, bottom, top)
     y_ticks = nice_ticks(lo - pad, hi + pad, 5)
     drawing = Drawing(width, height)
-    seed = next((n for n in nodes if n.index == 0), nodes[0])
-    plural = "s" if len(nodes) != 1 else ""
-    heading = title or (f"Best validation score: {seed.score:.3f} (seed) \u2192 {hi:.3f} over {len(nodes)} "
-                        f"candidate{plural}")
-    drawing.text(width / 2, 22, f"{heading} ({note})" if note else heading, size=13.5, anchor="middle",
-                 fill="#111111")
+    drawing.text(width / 2, 22, heading, size=13.5, anchor="middle", fill="#111111")
     for k, (xs, x_end, xlabel, subtitle, is_calls) in enumerate(panels):
         x0 = left + k * (panel_w + gap)
         order = sorted(range(len(nodes)), key=lambda i: (xs[i], nodes[i].index))
@@ -334,12 +338,16 @@ def plot_best_over_time(
                      anchor="end" if near_right else "start", fill="#b35900", font_weight="bold", cls="best-label")
     # legend, lower right of the first panel
     kinds = _kinds_present(nodes)
-    labels = ["best so far", *(_kind_style(k)[1] for k in kinds)]
+    labels = ["best so far", "a new best", *(_kind_style(k)[1] for k in kinds)]
     lx = left + panel_w - 34 - max(text_width(t, 10) for t in labels)
     ly = bottom - 10 - 15 * (len(labels) - 1)
+    drawing.rect(lx - 6, ly - 14, panel_w + left - lx, 15 * len(labels) + 6, fill="white", fill_opacity=0.85,
+                 cls="legend")  # the points under it show through faintly, the labels stay readable
     drawing.line(lx, ly - 3.5, lx + 18, ly - 3.5, stroke=_BEST_COLOR, stroke_width=2.2)
-    drawing.text(lx + 24, ly, labels[0], size=10, fill="#333333")
-    for row, kind in enumerate(kinds, start=1):
+    drawing.circle(lx + 9, ly + 15 - 3.5, 6.0, fill="none", stroke=_BEST_COLOR, stroke_width=1.6)
+    for row, label in enumerate(labels[:2]):
+        drawing.text(lx + 24, ly + 15 * row, label, size=10, fill="#333333")
+    for row, kind in enumerate(kinds, start=2):
         shape, _, color = _kind_style(kind)
         drawing.marker(shape, lx + 9, ly + 15 * row - 3.5, 5.0, fill=color, stroke="white", stroke_width=0.6)
         drawing.text(lx + 24, ly + 15 * row, labels[row], size=10, fill="#333333")
@@ -430,12 +438,18 @@ def plot_lineage(
         entries.append(("line", {"stroke": _KIND_COLOR["merge"], "stroke_dasharray": "4 2", "stroke_width": 1.1},
                         "merge: 2nd parent"))
 
+    plural = "s" if len(nodes) != 1 else ""
+    heading = title or (f"Candidate lineage: {len(nodes)} candidate{plural}, {len(members)} on the Pareto frontier, "
+                        f"best #{best_i} = {by_index[best_i].score:.3f}")
+    heading = f"{heading} ({note})" if note else heading
     left, top = 48.0, 62.0
     plot_right = left + max((n_gen - 1) * dx + 70, 300.0)  # room for the last generation's score labels
-    width = max(620.0, plot_right + (110.0 if not flat else 30.0))
+    width = max(620.0, plot_right + (110.0 if not flat else 30.0), text_width(heading, 13) + 40)
     plot_bottom = top + (n_rows - 1) * dy + radius + 14
+    bar_h = min(220.0, max(80.0, plot_bottom - top))
     legend = _legend_rows(entries, width - 2 * left)
-    height = plot_bottom + 58 + 16 * len(legend)
+    legend_y = plot_bottom + 60 if flat else max(plot_bottom + 60, top + bar_h + 30)  # below the colour bar
+    height = legend_y - 2 + 16 * len(legend)
 
     first_row_y = top + radius + 4
 
@@ -443,11 +457,7 @@ def plot_lineage(
         return left + 14 + gen[i] * dx, first_row_y + row[i] * dy
 
     drawing = Drawing(width, height)
-    plural = "s" if len(nodes) != 1 else ""
-    heading = title or (f"Candidate lineage: {len(nodes)} candidate{plural}, {len(members)} on the Pareto frontier, "
-                        f"best #{best_i} = {by_index[best_i].score:.3f}")
-    drawing.text(width / 2, 24, f"{heading} ({note})" if note else heading, size=13, anchor="middle",
-                 fill="#111111")
+    drawing.text(width / 2, 24, heading, size=13, anchor="middle", fill="#111111")
     for g in range(n_gen):  # generation axis and grid, under everything
         gx = left + 14 + g * dx
         drawing.line(gx, top - 6, gx, plot_bottom, stroke="#ececec", stroke_width=0.8)
@@ -496,11 +506,11 @@ def plot_lineage(
                  fill="#b35900" if is_best else "black", font_weight="bold" if is_best else None,
                  cls="score-label")
 
-    _draw_legend(drawing, left, plot_bottom + 60, legend)
+    _draw_legend(drawing, left, legend_y, legend)
     if not flat:  # the colour bar
-        bar_x, bar_h = plot_right + 28, min(220.0, max(80.0, plot_bottom - top))
+        bar_x = plot_right + 28
         drawing.rect(bar_x, top, 12, bar_h, gradient=viridis_stops(), stroke="#404040", stroke_width=0.5,
-                 cls="colour-bar")
+                     cls="colour-bar")
         bar = Scale(lo, hi, top + bar_h, top)
         ticks = nice_ticks(lo, hi, 4)
         for t in ticks:

@@ -32,8 +32,12 @@ def load_matplotlib() -> None:
     numpy in, whose C core cannot load twice if an import is cut short."""
     from dspy_turbogepa.tracking.imports import import_in_one_piece
 
-    import_in_one_piece("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches",
-                        "matplotlib.path", "matplotlib.colors")
+    try:
+        import_in_one_piece("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches",
+                            "matplotlib.path", "matplotlib.colors")
+    except ImportError as exc:
+        raise ImportError(f"a PNG plot needs matplotlib ({exc}): pip install 'dspy-turbogepa[plots]', or name the "
+                          "file .svg") from exc
 
 
 def write_png(drawing: Drawing, path: str | Path) -> None:
