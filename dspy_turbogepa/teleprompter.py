@@ -933,11 +933,6 @@ def _pause_left(evaluator: Mapping[str, Any]) -> float:
     return max((float(e.get("cooldown_remaining_s", 0.0)) for e in endpoints.values()), default=0.0)
 
 
-register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile
-
-__all__ = ["TurboGEPA"]
-
-
 def _checked_plot_format(plot_format: Any) -> Literal["svg", "png"] | None:
     """Refused at construction: a PNG without matplotlib would otherwise fail only after the paid search."""
     if isinstance(plot_format, str):
@@ -952,3 +947,8 @@ def _checked_plot_format(plot_format: Any) -> Literal["svg", "png"] | None:
             raise ConfigurationError("plot_format='png' needs matplotlib, which is not installed: "
                                      "pip install 'dspy-turbogepa[plots]', or use plot_format='svg'.")
     return plot_format
+
+
+register_with_mlflow_autolog(TurboGEPA)  # autolog turned on before this import still records compile
+
+__all__ = ["TurboGEPA"]

@@ -50,6 +50,7 @@ from dspy_turbogepa.redaction import (
     strip_userinfo,
 )
 from dspy_turbogepa.tracking.imports import import_in_one_piece
+from dspy_turbogepa.tracking.plots import PLOT_FORMATS
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -213,7 +214,7 @@ class MlflowRunTracker(EngineObserver):
         self._tmpdir: str | None = None
         if plot_format not in ("svg", "png"):
             raise ValueError(f"plot_format={plot_format!r}: use 'svg' or 'png'")
-        if isinstance(plot_path, (str, os.PathLike)) and Path(plot_path).suffix.lower() not in (".svg", ".png"):
+        if isinstance(plot_path, (str, os.PathLike)) and Path(plot_path).suffix.lower() not in PLOT_FORMATS:
             raise ValueError(f"plot_path={os.fspath(plot_path)!r}: the best-score plot is written as SVG or PNG, "
                              "by the file name; give a name ending in .svg or .png, True for a temporary one, "
                              "or None for no plot")
