@@ -720,7 +720,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             finished.append(program)
         modules_before = set(sys.modules)
         try:
-            written = self._write_reports(detailed, result, budget) if self.log_dir else []
+            # a resumed session replays what earlier ones stored at its start: its plots' clock is its own
+            note = "resumed: times count from this session's start" if resumed else None
+            written = self._write_reports(detailed, result, budget, note=note) if self.log_dir else []
             if tracker is not None:
                 # only this session's reports: an earlier session's plots left in log_dir are not this run's
                 tracker.finish(result, program, detailed, artifacts=written)
@@ -748,9 +750,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         assert self.log_dir is not None  # called only when a log_dir is set
         return _LOG_PATH.get() or Path(os.path.expanduser(os.fspath(self.log_dir)))
 
-    def _write_reports(self, detailed: Any, result: EngineResult, budget: int) -> list[Path]:
-        """``log_dir/summary.json`` and the plots (``plot_format``); a reporting failure never loses the program.
-        Returns the files this call wrote."""
+    def _write_reports(self, detailed: Any, result: EngineResult, budget: int, *,
+                       note: str | None = None) -> list[Path]:
+        """``log_dir/summary.json`` and the plots (``plot_format``, ``note`` added to their titles); a
+        reporting failure never loses the program. Returns the files this call wrote."""
         from dspy_turbogepa.tracking.summary import write_summary
 
         extra = {
@@ -770,8 +773,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 # the whole result, as MLflow's copy is drawn: both panels' lines run on to the end of the run
                 suffix = f".{self.plot_format}"
                 written.append(Path(plot_best_over_time(result, self._log_path() / f"best_over_time{suffix}",
-                                                        budget=budget)))
-                written.append(Path(plot_lineage(result.records, result.fronts, self._log_path() / f"lineage{suffix}")))
+                                                        budget=budget, note=note)))
+                written.append(Path(plot_lineage(result.records, result.fronts, self._log_path() / f"lineage{suffix}",
+                                                 note=note)))
         except Exception:  # plotting must never cost the user their optimized program; say why
             logger.exception("Plotting into %s failed", self.log_dir)
         return written

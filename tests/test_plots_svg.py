@@ -571,3 +571,25 @@ def test_plot_format_is_read_as_file_suffixes_are_whatever_its_case() -> None:
     metric = lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0  # noqa: E731
     opt = TurboGEPA(metric, max_metric_calls=10, reflection_lm=make_reflection_lm(seed=0), plot_format="SVG")
     assert opt.plot_format == "svg"
+
+
+def test_a_resumed_sessions_plots_say_their_clock_is_its_own(tmp_path: Path) -> None:
+    """A session that replays stored work finds every candidate at its start: without a word, its time
+    axis (0.04 s) read as the whole run's."""
+    import dspy
+
+    from dspy_turbogepa.testing import TASKS, make_student_lm
+
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=12, n_val=8, n_test=0)
+
+    def titles() -> list[str]:
+        opt = TurboGEPA(task.metric, max_metric_calls=60, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                        log_dir=str(tmp_path), verbose=False)
+        with dspy.context(lm=make_student_lm(seed=0)):
+            opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+        return [next(read(tmp_path / name).iter(f"{NS}text")).text for name in ("best_over_time.svg", "lineage.svg")]
+
+    note = "(resumed: times count from this session's start)"
+    assert not any(t.endswith(note) for t in titles())
+    assert all(t.endswith(note) for t in titles())
