@@ -404,7 +404,7 @@ def test_a_slow_drawing_stretches_the_interval(tmp_path: Path, monkeypatch) -> N
     live = LivePlots(tmp_path, interval=30.0, clock=clock)
     live.bind(lambda: snapshot_of(records[: 1 + live.draws]))
 
-    def slow(run, seconds) -> None:
+    def slow(run) -> None:
         clock.now += 2.0  # a drawing of 2 s: at most 1% of the time, so 200 s apart
 
     monkeypatch.setattr(live, "_draw", slow)
@@ -425,7 +425,7 @@ def test_nothing_new_takes_no_snapshot_and_a_big_first_drawing_waits_longer(tmp_
     clock = FakeClock()
     calls: list[int] = []
     live = LivePlots(tmp_path, interval=30.0, clock=clock)
-    monkeypatch.setattr(live, "_draw", lambda run, seconds: None)
+    monkeypatch.setattr(live, "_draw", lambda run: None)
 
     def source() -> RunSnapshot:
         calls.append(1)
@@ -449,8 +449,9 @@ def test_nothing_new_takes_no_snapshot_and_a_big_first_drawing_waits_longer(tmp_
 def test_a_live_plot_says_it_is_one(tmp_path: Path) -> None:
     clock = FakeClock()
     live = LivePlots(tmp_path, interval=30.0, clock=clock)
-    live.bind(lambda: snapshot_of(synthetic_records(3)))
-    clock.now = 42.4
+    records = synthetic_records(3)
+    live.bind(lambda: RunSnapshot(records, {}, 42.4, 30))  # the run's own clock: 42.4 s
+    clock.now = 31.0
     live.on_candidate(None)  # type: ignore[arg-type]
     for name in ("best_over_time.svg", "lineage.svg"):
         titles = [e.text for e in read(tmp_path / name).iter(f"{NS}text")]
@@ -491,8 +492,8 @@ def test_a_compile_redraws_its_svg_plots_while_it_runs(tmp_path: Path, monkeypat
             super().__init__(*args, **kwargs)
             made.append(self)
 
-        def _draw(self, run, seconds) -> None:
-            super()._draw(run, seconds)
+        def _draw(self, run) -> None:
+            super()._draw(run)
             snapshots.append((run, len(run.records)))
             seen.append((self._candidates, len(run.records), len(with_class(read(tmp_path / "lineage.svg"), "node"))))
 

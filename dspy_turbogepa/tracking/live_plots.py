@@ -45,7 +45,6 @@ class LivePlots(EngineObserver):
         self._interval = float(LIVE_PLOT_INTERVAL if interval is None else interval)
         self._clock = clock
         self._source: Callable[[], RunSnapshot] | None = None
-        self._started = 0.0
         self._last_draw: float | None = None
         self._last_cost = 0.0  # seconds the last drawing took, its snapshot included
         self._candidates = 0  # found so far (replayed ones included), counted as they come
@@ -57,7 +56,7 @@ class LivePlots(EngineObserver):
         """``source`` returns what the run has found so far (``Orchestrator.snapshot``); until it is
         given, nothing is drawn."""
         self._source = source
-        self._started = self._last_draw = self._clock()  # the first drawing comes one interval into the run
+        self._last_draw = self._clock()  # the first drawing comes one interval into the run
 
     def on_candidate(self, record: CandidateRecord) -> None:
         self._candidates += 1
@@ -81,7 +80,7 @@ class LivePlots(EngineObserver):
             return
         try:
             run = self._source()
-            self._draw(run, now - self._started)
+            self._draw(run)
         except Exception as exc:  # noqa: BLE001 - a plot is never worth the run
             self._enabled = False
             logger.warning("Live plots in %s are off for the rest of this run: %s: %s (the end-of-run plots "
@@ -92,10 +91,11 @@ class LivePlots(EngineObserver):
         self._drawn_count = self._candidates
         self.draws += 1
 
-    def _draw(self, run: RunSnapshot, seconds: float) -> None:
-        """Titled as live: a run that crashes, or whose end-of-run plots fail, leaves these behind."""
+    def _draw(self, run: RunSnapshot) -> None:
+        """Titled as live: a run that crashes, or whose end-of-run plots fail, leaves these behind. The
+        seconds are the run's own clock, the one its time axis reads."""
         from dspy_turbogepa.tracking.plots import plot_best_over_time, plot_lineage
 
-        note = f"live, {seconds:.0f} s into the run"
+        note = f"live, {run.wall_seconds:.0f} s into the run"
         plot_best_over_time(run, self._directory / "best_over_time.svg", budget=self._budget, note=note)
         plot_lineage(run.records, run.fronts, self._directory / "lineage.svg", note=note)
