@@ -522,7 +522,8 @@ def test_a_compile_redraws_its_svg_plots_while_it_runs(tmp_path: Path, monkeypat
 def test_a_long_title_widens_the_plot_instead_of_being_cut(tmp_path: Path) -> None:
     from dspy_turbogepa.tracking.drawing import text_width
 
-    note = "live, 3600 s into the run, on a machine with a rather long description"
+    note = ("live, 3600 s into the run, on a machine with a rather long description, a title longer than "
+            "the widest default canvas")
     for draw in (lambda p: plot_best_over_time(synthetic_records(2), p, note=note),
                  lambda p: plot_lineage(synthetic_records(2), None, p, note=note)):
         root = read(draw(tmp_path / "plot.svg"))

@@ -268,16 +268,16 @@ def plot_best_over_time(
                    None if total_metric_calls is None else _finite(total_metric_calls),
                    "metric calls", "vs. metric calls", True))
 
+    lo, hi = min(n.score for n in nodes), max(n.score for n in nodes)
     seed = next((n for n in nodes if n.index == 0), nodes[0])
     plural = "s" if len(nodes) != 1 else ""
-    heading = title or (f"Best validation score: {seed.score:.3f} (seed) \u2192 {max(n.score for n in nodes):.3f} "
+    heading = title or (f"Best validation score: {seed.score:.3f} (seed) \u2192 {hi:.3f} "
                         f"over {len(nodes)} candidate{plural}")
     heading = f"{heading} ({note})" if note else heading
     width = max(1050.0 if has_time else 580.0, text_width(heading, 13.5) + 40)  # the title is never cut off
     height = 390.0
     left, right, top, bottom, gap = 66.0, 22.0, 58.0, height - 50.0, 30.0
     panel_w = (width - left - right - gap * (len(panels) - 1)) / len(panels)
-    lo, hi = min(n.score for n in nodes), max(n.score for n in nodes)
     pad = max(0.02, 0.08 * (hi - lo))
     y = Scale(lo - pad, hi + pad, bottom, top)
     y_ticks = nice_ticks(lo - pad, hi + pad, 5)
@@ -310,14 +310,14 @@ def plot_best_over_time(
             for t in y_ticks:
                 drawing.text(x0 - 6, y(t) + 3.5, tick_label(t, y_ticks), size=10, anchor="end", fill="#333333")
             drawing.text(17, (top + bottom) / 2, "validation score (full valset)", size=11, anchor="middle",
-                     rotate=-90, fill="#222222")
+                         rotate=-90, fill="#222222")
         drawing.text(x0 + panel_w / 2, 46, subtitle, size=11.5, anchor="middle", fill="#222222")
         drawing.text(x0 + panel_w / 2, height - 12, xlabel, size=11, anchor="middle", fill="#222222")
         if budget_x:
             drawing.line(x(budget_x), top, x(budget_x), bottom, stroke="#737373", stroke_width=1,
-                     stroke_dasharray="5 3", cls="budget")
+                         stroke_dasharray="5 3", cls="budget")
             drawing.text(x(budget_x) - 4, (top + bottom) / 2, "budget", size=9, anchor="middle", rotate=-90,
-                     fill="#595959")
+                         fill="#595959")
         line = [(x(steps[0][0]), y(steps[0][1]))]
         for (px, py), (qx, qy) in zip(steps, steps[1:]):
             line += [(x(qx), y(py)), (x(qx), y(qy))]

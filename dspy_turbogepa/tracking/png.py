@@ -46,7 +46,7 @@ def write_png(drawing: Drawing, path: str | Path) -> None:
 
     fig = Figure(figsize=(drawing.width / _DPI, drawing.height / _DPI), dpi=_DPI)
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-    ax.set_xlim(0, drawing.width)
+    ax.set_xlim(0, drawing.width)  # explicit limits turn autoscaling off: the colour bar's image keeps them
     ax.set_ylim(drawing.height, 0)
     ax.axis("off")
     for z, element in enumerate(drawing.elements):
@@ -104,8 +104,6 @@ def _draw(ax: Any, e: Element, z: int) -> None:
         ax.imshow([[v / 99.0] for v in range(99, -1, -1)], cmap=cmap, extent=(x, x + w, y + h, y), aspect="auto",
                   zorder=z, interpolation="bilinear")
         ax.add_patch(patches.Rectangle((x, y), w, h, **{**common, "facecolor": "none"}))
-        ax.set_xlim(0, ax.figure.get_figwidth() * _DPI)  # imshow resets the limits
-        ax.set_ylim(ax.figure.get_figheight() * _DPI, 0)
     elif e.kind == "rect":
         ax.add_patch(patches.Rectangle((g[0], g[1]), g[2], g[3], **common))
     elif e.kind == "circle":
