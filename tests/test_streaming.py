@@ -180,3 +180,48 @@ def test_the_gate_discriminates_dspy_gepa_never_reaches_it(routing, monkeypatch)
     with dspy.context(lm=lm):
         opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
     assert gate.timed_out and gate.peak < TARGET
+
+
+class _MetricInFlight:
+    """The task's metric, counting its calls at once (scoring and feedback calls together) and how many
+    feedback calls started while a scoring call was running; each call takes a few milliseconds, as an
+    LLM judge's would take longer, so that calls overlap whenever the optimizer lets them."""
+
+    def __init__(self, metric) -> None:
+        self.metric = metric
+        self.lock = threading.Lock()
+        self.now = self.peak = self.scoring_now = 0
+        self.feedback_beside_scoring = 0
+
+    def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            if pred_name is None:
+                self.scoring_now += 1
+            elif self.scoring_now:
+                self.feedback_beside_scoring += 1
+        try:
+            threading.Event().wait(0.004)
+            return self.metric(gold, pred, trace, pred_name, pred_trace)
+        finally:
+            with self.lock:
+                self.now -= 1
+                if pred_name is None:
+                    self.scoring_now -= 1
+
+
+@pytest.mark.parametrize("num_threads", [2, 4])
+def test_metric_calls_at_once_never_exceed_num_threads_feedback_calls_included(routing, num_threads):
+    """dspy.GEPA runs at most num_threads metric calls at once (its feedback calls come one at a time,
+    between evaluations), and an LLM-judge metric's rate limit is sized to that. Here reflections run
+    beside evaluations, and their feedback calls (the metric with pred_name) take the evaluations' gate:
+    without it a review measured 3 metric calls at once at num_threads=2 and 5 at 4."""
+    metric = _MetricInFlight(routing.metric)
+    splits = small_splits(routing, n_train=24, n_val=12, n_test=0)
+    opt = TurboGEPA(metric, max_metric_calls=240, reflection_lm=make_reflection_lm(seed=0), num_threads=num_threads,
+                    verbose=False, use_merge=False)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert metric.feedback_beside_scoring > 0, "no feedback call ran beside an evaluation: the test shows nothing"
+    assert metric.peak == num_threads

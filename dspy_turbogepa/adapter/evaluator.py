@@ -234,6 +234,10 @@ class DspyEvaluator:
         self._closed_event = threading.Event()
         self._warned_rate_limited = False
         self._metric_check = _MetricBreakCheck(max(1, metric_probe_after))
+        #: At most ``max_workers`` metric calls at once, this evaluator's and the reflections' feedback calls
+        #: together (``ReflectiveDatasetBuilder`` takes this gate too): dspy.GEPA never runs more than
+        #: ``num_threads`` at once, and an LLM-judge metric's rate limit or connection pool is sized to that.
+        self.metric_gate = threading.BoundedSemaphore(max_workers)
 
     def close(self) -> None:
         """Queued rollouts are cancelled; one already running cannot be (its LM call is on the wire), but
@@ -536,7 +540,7 @@ class DspyEvaluator:
         started = time.monotonic()
         while True:
             try:
-                with judge_usage_attached():
+                with self.metric_gate, judge_usage_attached():  # not held through a retry's backoff
                     return self._metric(example, pred, None, None, None), retries["rate_limited"]
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)

@@ -16,6 +16,7 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import dspy
@@ -82,8 +83,13 @@ class ReflectiveDatasetBuilder:
         add_format_failure_as_feedback: bool,
         warn_on_score_mismatch: bool,
         stringify: bool,
+        metric_gate: AbstractContextManager[Any] | None = None,
     ) -> None:
+        """``metric_gate``: held around each feedback call; the evaluator's (``DspyEvaluator.metric_gate``),
+        so that feedback calls and evaluations together run no more metric calls at once than
+        ``num_threads``, as in dspy.GEPA, whose feedback calls never overlap its evaluations."""
         self._codec = codec
+        self._metric_gate: AbstractContextManager[Any] = metric_gate if metric_gate is not None else nullcontext()
         self._metric = metric
         self._failure_score = failure_score
         self._add_format_failures = add_format_failure_as_feedback
@@ -159,7 +165,7 @@ class ReflectiveDatasetBuilder:
             return None
         step = rng.choice(steps)
         try:
-            with judge_usage_attached():
+            with self._metric_gate, judge_usage_attached():
                 ret = self._metric(
                     traj.example, traj.prediction, traj.raw_trace, name,
                     [(self._codec.student_predictor(name), step.inputs, step.outputs)],
