@@ -41,6 +41,8 @@ from dspy_turbogepa.tracking.mlflow_tracking import (
     stats_metrics,
 )
 
+from helpers import quick_compile
+
 TESTS_DIR = Path(__file__).parent
 EXPERIMENT = "turbogepa-test"
 BUDGET = 150
@@ -414,6 +416,30 @@ def test_tracker_without_mlflow_warns_once_and_does_nothing(monkeypatch, caplog)
     assert not tracker.enabled and tracker.run_id is None
     warnings = tracking_warnings(caplog)
     assert len(warnings) == 1 and "not installed" in warnings[0].getMessage()
+
+
+class _BrokenMlflowInstall:
+    """A meta-path finder under which ``import mlflow`` raises what a broken install raises (protobuf's
+    ``TypeError: Descriptors cannot be created directly``), not an ImportError."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise TypeError("Descriptors cannot be created directly.")
+        return None
+
+
+def test_a_broken_mlflow_install_warns_once_and_the_compile_returns(monkeypatch, caplog, routing):
+    """docs/mlflow.md: MLflow missing or unreachable is never a failed compile. A review found an install
+    whose import raised a TypeError ending compile() before any LM call."""
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenMlflowInstall(), *sys.meta_path])
+    with caplog.at_level(logging.WARNING):
+        optimized = quick_compile(budget=40, use_mlflow=True)
+    assert optimized.detailed_results.total_metric_calls > 0
+    warnings = tracking_warnings(caplog)
+    assert len(warnings) == 1
+    assert "failed to import (TypeError: Descriptors cannot be created directly.)" in warnings[0].getMessage()
 
 
 def test_registration_failure_warns_once_and_never_raises(monkeypatch, caplog):

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from dspy_turbogepa.engine.frontier import FrontierTally, pareto_front_members
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.redaction import (
+    describe_error,
     is_sensitive_key,
     mask_json_text,
     mask_text,
@@ -256,6 +257,11 @@ class MlflowRunTracker(EngineObserver):
             from mlflow.entities import Metric
         except ImportError:
             self._warn("use_mlflow=True but MLflow is not installed (pip install mlflow); the run is not tracked")
+            return
+        except Exception as exc:  # noqa: BLE001  a broken install (protobuf's "Descriptors cannot be created
+            # directly" TypeError, a plugin failing at import) must not fail a compile that tracking only watches
+            self._warn(f"use_mlflow=True but MLflow failed to import ({describe_error(exc)}); the run is not "
+                       "tracked. Check the install: python -c 'import mlflow'")
             return
         self._Metric = Metric
         try:
