@@ -386,6 +386,8 @@ def test_the_evaluations_handed_to_mlflow_are_masked_and_other_callbacks_get_the
             super().on_evaluate_start(call_id, instance, inputs)
             inputs["program"].save(str(tmp_path / "model.json"))
             self.state = json.dumps(inputs["program"].dump_state())
+            # mlflow.dspy.util.log_dspy_lm_state: the run's `lm_params` param (a review found the header there)
+            self.lm_params = json.dumps(dspy.settings.lm.kwargs, default=str)
 
     MlflowCallback.__module__ = "mlflow.dspy.callback"
     mlflow_cb, plain = MlflowCallback(), _RecordingCallback()
@@ -394,9 +396,14 @@ def test_the_evaluations_handed_to_mlflow_are_masked_and_other_callbacks_get_the
     rec = _record(0, {0: 1.0}, texts={"self": f"Answer. Use {key} for the lookup."})
     rec.val_outputs[0] = dspy.Prediction(a=f"echo {key}")
     pump.on_candidate(rec)
-    assert pump.drain() == 1
+    settings_lm = dspy.LM("openai/y", extra_headers={"x-api-key": header_key})
+    with dspy.context(lm=settings_lm):
+        assert pump.drain() == 1
+        assert dspy.settings.lm is settings_lm and settings_lm.kwargs["extra_headers"]["x-api-key"] == header_key
     rows = mlflow_cb.events[1][2].results
-    logged = mlflow_cb.state + (tmp_path / "model.json").read_text() + repr([(dict(e), dict(p)) for e, p, _ in rows])
+    assert "x-api-key" in mlflow_cb.lm_params  # the settings LM's headers were read, masked below
+    logged = (mlflow_cb.state + (tmp_path / "model.json").read_text() + repr([(dict(e), dict(p)) for e, p, _ in rows])
+              + mlflow_cb.lm_params)
     assert key not in logged and header_key not in logged
     assert "Answer. Use" in logged and "my key is" in logged  # masked, not dropped
     assert type(mlflow_cb.events[0][3]["program"]).__name__ == "Predict"  # MLflow's param names keep the class

@@ -147,7 +147,13 @@ class CompileThreadCallbackPump(EngineObserver):
                 inputs = {"program": shown, "devset": [ex for ex, _, _ in rows],
                           "callback_metadata": {"metric_key": self._metric_key}}
                 try:
-                    cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
+                    if is_mlflow_callback(cb):
+                        # MLflow's start logs dspy.settings.lm's kwargs as the run's `lm_params` (extra_headers
+                        # and all): it reads a masked copy, as it reads a masked program
+                        with dspy.context(lm=masked_lm(dspy.settings.lm)):
+                            cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
+                    else:
+                        cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
                 except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
                     self._warn(f"{type(cb).__name__}.on_evaluate_start failed", exc)
             ended = True
@@ -194,6 +200,20 @@ def masked_program(program: Any) -> Any:
         return program  # not a module: no state for MLflow to log
     clone = copy.copy(program)
     clone.__class__ = _masked_class(type(program))  # type: ignore[arg-type]  # mypy: a class is not Hashable
+    return clone
+
+
+def masked_lm(lm: Any) -> Any:
+    """A shallow copy of ``lm`` whose ``kwargs`` (where DSPy keeps ``api_key``, ``api_base`` and
+    ``extra_headers``) are masked as the run store masks them; None stays None."""
+    import copy
+
+    from dspy_turbogepa.redaction import redact
+
+    if lm is None or not isinstance(getattr(lm, "kwargs", None), dict):
+        return lm
+    clone = copy.copy(lm)
+    clone.kwargs = redact(lm.kwargs)
     return clone
 
 
