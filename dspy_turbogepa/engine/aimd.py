@@ -51,7 +51,8 @@ class Ticket:
 
 
 class AimdWindow:
-    """The concurrency window of one endpoint. Use from a single event loop."""
+    """The concurrency window of one endpoint. Use from a single event loop; :meth:`stats` may also be read
+    from another thread (the progress line reads it from the compile thread)."""
 
     def __init__(
         self,
@@ -108,7 +109,9 @@ class AimdWindow:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.done())
+        # tuple() copies the deque in one step under the GIL: a generator over the deque itself raises
+        # "deque mutated during iteration" when the loop adds or grants a waiter meanwhile
+        return sum(1 for w in tuple(self._waiters) if not w.done())
 
     @property
     def cooldown_until(self) -> float:

@@ -305,3 +305,45 @@ def test_a_pause_past_the_policy_parks_no_rollout():
         assert clock.t == 0.0
 
     run(main())
+
+
+def test_stats_can_be_read_from_another_thread_while_the_loop_queues_waiters():
+    """The progress line reads the windows' stats from the compile thread while the engine's loop queues
+    and grants waiters; counting the waiters walked the deque itself, which raised "deque mutated during
+    iteration" (a review saw it 4 times in a short run; the progress line then dropped its 429 fields)."""
+    import threading
+
+    w = AimdWindow("k", 1)
+    errors: list[BaseException] = []
+    reads = 0
+    stop = threading.Event()
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            try:
+                w.stats()
+                reads += 1
+            except RuntimeError as exc:
+                errors.append(exc)
+                return
+
+    async def user() -> None:
+        ticket = await w.acquire()
+        await asyncio.sleep(0)
+        w.release(ticket, "success")
+
+    async def main() -> None:
+        for _ in range(100):  # without the fix the first few rounds raise
+            await asyncio.gather(*(user() for _ in range(200)))
+            if errors:
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        run(main())
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and reads > 0
