@@ -1964,10 +1964,10 @@ def test_a_proposer_that_raises_or_answers_nothing_usable_is_recorded_and_skippe
     never ends the run" (unknown components and empty texts are dropped, with a note)."""
     from dspy_turbogepa.proposers.reflection import ReflectiveProposer, _validate_answer
 
-    assert _validate_answer("text", {"a": "x"}, ["a"]).skipped == "invalid_proposal"
-    assert _validate_answer({"a": "  "}, {"a": "x"}, ["a"]).skipped == "empty_proposal"
-    assert _validate_answer({}, {"a": "x"}, ["a"]).skipped == "empty_proposal"
-    partial = _validate_answer({"a": "new", "zzz": "y", "b": 3}, {"a": "x", "b": "y"}, ["a"])
+    assert _validate_answer("text", {"a": "x"}).skipped == "invalid_proposal"
+    assert _validate_answer({"a": "  "}, {"a": "x"}).skipped == "empty_proposal"
+    assert _validate_answer({}, {"a": "x"}).skipped == "empty_proposal"
+    partial = _validate_answer({"a": "new", "zzz": "y", "b": 3}, {"a": "x", "b": "y"})
     assert partial.skipped is None and dict(partial.texts) == {"a": "new"} and "zzz" in partial.message
 
     def raising(**kwargs):

@@ -473,7 +473,7 @@ class DspyEvaluator:
             return _Attempt(None, verdict, pred, raw_trace, error, usage)
         return _Attempt(outcome, None, usage=usage, metric_retries=metric_retries)
 
-    def _rollout_settings(self, capture: bool, lm: Any) -> dict[str, Any]:
+    def _rollout_settings(self, lm: Any) -> dict[str, Any]:
         """What the program runs under: a fresh trace and our retry-less copy of the configured LM; one
         ``dspy.context`` for both (it is entered on every rollout). The metric runs outside it, with the
         user's own settings. The trace is a list even when reflection will not read it: ``dspy.BestOfN``,
@@ -498,7 +498,7 @@ class DspyEvaluator:
     async def _run_async(
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
     ) -> tuple[Any, list[Any], BaseException | None]:
-        with dspy.context(**self._rollout_settings(capture, lm)):
+        with dspy.context(**self._rollout_settings(lm)):
             error: BaseException | None = None
             try:
                 pred = await program.acall(**example.inputs())
@@ -515,7 +515,7 @@ class DspyEvaluator:
     def _run_sync(
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
     ) -> tuple[Any, list[Any], BaseException | None]:
-        with dspy.context(**self._rollout_settings(capture, lm)):
+        with dspy.context(**self._rollout_settings(lm)):
             try:
                 pred = program(**example.inputs())
                 error: BaseException | None = None

@@ -322,8 +322,8 @@ def _rebuild(tag: str, value: Any) -> Any:
                     return make(value)
                 if library_class(cls):
                     return cls(value)
-            except Exception:  # noqa: BLE001 - its constructor wants something else: the plain tuple
-                pass
+            except Exception as exc:  # noqa: BLE001 - its constructor wants something else: the plain tuple
+                logger.debug("stored %s value comes back as a plain tuple (%s)", tag, type(exc).__name__)
             return tuple(value)
         if issubclass(cls, (datetime.date, datetime.time)) and isinstance(value, str):
             return cls.fromisoformat(value)

@@ -16,8 +16,6 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-KINDS = ("reflection", "reflection_all", "merge")
-
 
 @dataclass(frozen=True)
 class KindCounts:

@@ -55,12 +55,13 @@ class ParetoFrontier:
         missing = set(self._val_ids) - set(scores)
         if missing:
             raise ValueError(f"candidate {index} lacks full-validation scores for {len(missing)} instances")
-        replaced = index in self._aggregate
+        if index in self._aggregate:
+            # each candidate joins once, with its full-validation scores: a second add would leave its old
+            # place on the fronts and the old best scores behind
+            raise ValueError(f"candidate {index} is already on the frontier")
         aggregate = self._aggregate[index] = sum(scores[i] for i in self._val_ids) / max(1, len(self._val_ids))
         best = self._best_index
-        if replaced:  # a candidate scored again may have been the best: found again when asked
-            self._best_index = None
-        elif best is not None and (-aggregate, index) < (-self._aggregate[best], best):
+        if best is not None and (-aggregate, index) < (-self._aggregate[best], best):
             self._best_index = index
         self._non_dominated = None
         self._weighted.clear()

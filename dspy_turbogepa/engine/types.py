@@ -44,8 +44,8 @@ class EvalOutcome:
     #: retry or other candidate can fix it, so the run stops at once. Deciding that needs to know
     #: the LM stack, which the engine does not.
     fatal: bool = False
-    #: The failure is the LM service's (fatal, or rate-limit / transient retries given up): it says
-    #: nothing about the candidate, so no reflection should read it.
+    #: The failure is the LM service's (fatal, rate-limit / transient retries given up, or an answer the
+    #: LM stack could not use): it says nothing about the candidate, so no reflection should read it.
     service_failure: bool = False
     #: LM usage of this rollout (all LM calls the program made), for token and dollar budgets.
     prompt_tokens: int = 0

@@ -235,9 +235,9 @@ class ReflectiveProposer:
             if isinstance(answer, ProposalOutcome):
                 return answer
             if not isinstance(answer, Mapping):
-                return _validate_answer(answer, parent_texts, to_update)  # says what the proposer returned
+                return _validate_answer(answer, parent_texts)  # says what the proposer returned
             texts.update(answer)
-        outcome = _validate_answer(texts, parent_texts, to_update)
+        outcome = _validate_answer(texts, parent_texts)
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
         return outcome
@@ -390,7 +390,8 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _validate_answer(answer: Any, parent: Mapping[str, str], asked: Sequence[str]) -> ProposalOutcome:
+def _validate_answer(answer: Any, parent: Mapping[str, str]) -> ProposalOutcome:
+    """Texts for components the proposer was not asked about are kept, as dspy.GEPA applies them."""
     if not isinstance(answer, Mapping):
         return ProposalOutcome(
             skipped="invalid_proposal",

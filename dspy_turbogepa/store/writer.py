@@ -94,7 +94,11 @@ class Writer:
         self.warned_errors = FirstOfKind()
         self.fatal: BaseException | None = None
         self.conn = connect(path)
-        self.conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            self.conn.close()  # the store's open fails with this error: no connection is left behind
+            raise
         self.thread = threading.Thread(target=self._run, name=f"turbogepa-run-store:{path}", daemon=True)
         self.thread.start()
 

@@ -614,14 +614,15 @@ class MlflowRunTracker(EngineObserver):
         except Exception as exc:
             if _looks_unreachable(exc):
                 raise
-            logger.debug("MLflow refused a param batch (%s); logging params one by one", exc)
+            # masked: the refusal may quote a value of the user's own params
+            logger.debug("MLflow refused a param batch (%s); logging params one by one", describe_error(exc))
         for p in items:
             try:
                 client.log_param(self.run_id, p.key, p.value)
             except Exception as exc:
                 if _looks_unreachable(exc):
                     raise
-                logger.debug("MLflow refused param %s: %s", p.key, exc)
+                logger.debug("MLflow refused param %s: %s", p.key, describe_error(exc))
         for t in tag_items:
             client.set_tag(self.run_id, t.key, t.value)
 

@@ -55,6 +55,18 @@ def test_add_rejects_partial_scores_and_leaves_state_unchanged() -> None:
         f.aggregate(1)
 
 
+def test_a_candidate_joins_the_frontier_once() -> None:
+    """A second add of an index kept its old place on the fronts and the old best scores (the branch that
+    allowed it had no caller): it is refused, and the frontier is left as it was."""
+    f = ParetoFrontier([0, 1])
+    f.add(0, {0: 0.0, 1: 0.0})
+    f.add(1, {0: 1.0, 1: 0.0})
+    with pytest.raises(ValueError, match="already on the frontier"):
+        f.add(1, {0: 0.0, 1: 0.0})
+    assert f.best_scores() == {0: 1.0, 1: 0.0} and f.fronts() == {0: {1}, 1: {0, 1}}
+    assert f.aggregate(1) == 0.5 and f.best_index() == 1
+
+
 def test_val_ids_are_sorted_and_extra_scores_ignored() -> None:
     f = ParetoFrontier([3, 1, 2])
     assert f.val_ids == (1, 2, 3)
