@@ -673,13 +673,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 exc.args = (str(exc).replace(RESUME_ADVICE, NO_STORE_ADVICE),)
             elif store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
                 store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
-                # the fix decides whether this log_dir can be reused: the run key covers the program, the
-                # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
-                # was refused with "metric changed" and had to find out why)
-                exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an API "
-                            "key, an environment variable, a file or service the metric reads) resumes this run "
-                            "and scores these evaluations again; any other change (the program, the metric, the "
-                            "data, an LM's model or endpoint) is another run: give it a new log_dir.",)
+                if RESUME_ADVICE not in str(exc):  # an outage or a quota says how to resume already
+                    # the fix decides whether this log_dir can be reused: the run key covers the program, the
+                    # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
+                    # was refused with "metric changed" and had to find out why)
+                    exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an "
+                                "API key, an environment variable, a file or service the metric reads) resumes this "
+                                "run: what finished is not paid again, and what failed runs again; any other "
+                                "change (the program, the metric, the data, an LM's model, endpoint or settings, "
+                                "the instruction_proposer) is another run: give it a new log_dir.",)
             raise
         except BaseException as exc:
             stopped_by = f"stopped by {type(exc).__name__}"

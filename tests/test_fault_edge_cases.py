@@ -189,3 +189,34 @@ def test_a_masked_feedback_text_does_not_make_stored_evaluations_run_again(tmp_p
     again = [r for r in rows(tmp_path, "select fingerprint, split, example_id, session from evaluations")
              if r[3] == 2 and r[:3] in first]
     assert again == []
+
+
+def test_a_proposer_that_breaks_mid_run_stops_the_run_and_the_rerun_resumes(tmp_path):
+    """Two useful proposals, then only refusals (a string, not texts): the run ended as
+    ``no_progress_possible``, returning as if the search were done after paying every failed reflection,
+    with a log line blaming perfect parents (found by a review). It now stops with SystemicFailureError
+    naming the proposer and which fixes keep the log_dir; once the proposer works again (a fix the run key
+    does not see), the rerun with the same log_dir pays nothing again for what the first session evaluated."""
+    from helpers import quick_compile
+
+    state = {"calls": 0, "broken_after": 2}
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        state["calls"] += 1
+        if state["calls"] > state["broken_after"]:
+            return "Sorry, as an AI I cannot."
+        return {c: candidate[c] + f" Rule {state['calls']}." for c in components_to_update}
+
+    with pytest.raises(SystemicFailureError) as info:
+        quick_compile(budget=400, instruction_proposer=proposer, log_dir=str(tmp_path), num_threads=2)
+    err = info.value
+    assert err.failure == "invalid_proposal"
+    text = str(err)
+    assert "reflections all gave nothing usable" in text and "after 2 usable ones" in text
+    assert "Check reflection_lm (or instruction_proposer)" in text
+    assert "resumes this run" in text and "the instruction_proposer) is another run" in text
+    assert state["calls"] - 2 >= 16
+
+    state["broken_after"] = 10**6  # the service behind the proposer answers again
+    optimized = quick_compile(budget=400, instruction_proposer=proposer, log_dir=str(tmp_path), num_threads=2)
+    assert optimized.detailed_results.run_stats["metric_calls_replayed"] > 0

@@ -308,3 +308,55 @@ def test_a_streak_shorter_than_the_minimum_time_does_not_stop_the_run() -> None:
     now[0] = 121.0
     with pytest.raises(SystemicFailureError, match=r"last 41 evaluations \(over 120s\)"):
         det.observe(service_fail(41))
+
+
+def _failed_reflection(reason: str = "proposer_error", message: str = "could not parse the answer",
+                       **kw) -> ProposalOutcome:
+    return ProposalOutcome(skipped=reason, message=message, error_type="AdapterParseError", **kw)
+
+
+def test_a_proposer_that_breaks_mid_run_stops_it() -> None:
+    """A reflection LM that answered usefully, then only with refusals or unparseable text: the run ended on
+    the no-progress limit as if the search were done (a review: 39 of 41 reflections failed, paid, and
+    the log said the parents were perfect). BROKEN_PROPOSER_STREAK failures in a row now stop it."""
+    from dspy_turbogepa.engine.systemic import BROKEN_PROPOSER_STREAK
+
+    det = SystemicFailureDetector(32)
+    det.observe_proposal(ProposalOutcome(texts={"a": "better"}))
+    det.observe_proposal(ProposalOutcome(texts={"a": "better still"}))
+    for _ in range(BROKEN_PROPOSER_STREAK - 2):
+        det.observe_proposal(_failed_reflection())
+    det.observe_proposal(_failed_reflection("empty_proposal", "a blank text", ))
+    with pytest.raises(SystemicFailureError) as info:
+        det.observe_proposal(_failed_reflection(message="Sorry, as an AI I cannot."))
+    err = info.value
+    assert (err.failure, err.error_type) == ("proposer_error", "AdapterParseError")
+    text = str(err)
+    assert f"the last {BROKEN_PROPOSER_STREAK} reflections" in text and "after 2 usable ones" in text
+    assert "could not parse the answer" in text and "Check reflection_lm" in text and "same log_dir" in text
+
+
+def test_what_breaks_or_leaves_the_broken_proposer_streak() -> None:
+    """A usable proposal or an echo of the parent (a sensible answer, drawn often near a search's end)
+    breaks the streak; nothing to reflect on and the service's failures (the outage rule's) neither
+    break nor extend it; before the first usable reflection the first-N rule applies instead."""
+    from dspy_turbogepa.engine.systemic import BROKEN_PROPOSER_STREAK
+
+    det = SystemicFailureDetector(32)
+    det.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    for breaker in (ProposalOutcome(texts={"a": "y"}), ProposalOutcome(skipped="unchanged_texts")):
+        for _ in range(BROKEN_PROPOSER_STREAK - 1):
+            det.observe_proposal(_failed_reflection())
+        det.observe_proposal(breaker)
+    for _ in range(BROKEN_PROPOSER_STREAK - 1):
+        det.observe_proposal(_failed_reflection())
+        det.observe_proposal(ProposalOutcome(skipped="no_reflective_data"))
+        det.observe_proposal(_failed_reflection("proposer_error", "503", service_failure=True))
+    with pytest.raises(SystemicFailureError, match=f"the last {BROKEN_PROPOSER_STREAK} reflections"):
+        det.observe_proposal(_failed_reflection())
+    resumed = SystemicFailureDetector(32)  # usable ones in an earlier session count
+    resumed.resume(succeeded_splits=(), proposal_succeeded=True)
+    for _ in range(BROKEN_PROPOSER_STREAK - 1):
+        resumed.observe_proposal(_failed_reflection())
+    with pytest.raises(SystemicFailureError, match="after usable ones in an earlier session"):
+        resumed.observe_proposal(_failed_reflection())
