@@ -41,6 +41,7 @@ from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
+from dspy_turbogepa.adapter.run_identity import REFLECTION_PART
 from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
 from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator, RunInterruptedError
 from dspy_turbogepa.engine.config import (
@@ -625,7 +626,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
             prior_usage=stored_usage(store) if resumed else None,
-            replay_through=last_committed_mutation(store) if resumed else -1,
+            # a mutation of a session with another reflection does not replay (its proposal is asked again)
+            replay_through=last_committed_mutation(store, store.sessions_sharing(REFLECTION_PART)) if resumed else -1,
         )
         if tracker is not None:
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
@@ -679,9 +681,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                     # was refused with "metric changed" and had to find out why)
                     exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an "
                                 "API key, an environment variable, a file or service the metric reads) resumes this "
-                                "run: what finished is not paid again, and what failed runs again; any other "
-                                "change (the program, the metric, the data, an LM's model, endpoint or settings, "
-                                "the instruction_proposer) is another run: give it a new log_dir.",)
+                                "run: what finished is not paid again, and what failed runs again. So does a "
+                                "changed reflection_lm or instruction_proposer (its proposals are asked again); "
+                                "any other change (the program, the metric, the data, the task LM's model, "
+                                "endpoint or settings) is another run: give it a new log_dir.",)
             raise
         except BaseException as exc:
             stopped_by = f"stopped by {type(exc).__name__}"
@@ -809,7 +812,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
         meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
                                   "reflection": readable_lm(self.reflection_lm)}
-        store = RunStore.open(self._log_path(), key, meta=meta)
+        # the reflection (LM, proposer) may change between sessions: proposals depend on it, evaluations do
+        # not, so a fixed or swapped reflection_lm resumes what was evaluated and asks its own proposals
+        store = RunStore.open(self._log_path(), key, meta=meta, session_parts=(REFLECTION_PART,))
         cleanup.callback(store.close)
         if not store.resumed and (self._log_path() / DSPY_GEPA_CHECKPOINT).exists():
             # A user switching from dspy.GEPA expects its log_dir to resume; it cannot (the checkpoint is a
@@ -819,8 +824,14 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                            "their own.", self.log_dir, DSPY_GEPA_CHECKPOINT)
         known_evals = known_props = None
         if store.resumed:
+            same_reflection = store.sessions_sharing(REFLECTION_PART)
+            if any(s.id not in same_reflection for s in store.sessions()):
+                logger.info("The reflection (reflection_lm, its settings or the instruction_proposer) differs from "
+                            "an earlier session's in %s: its evaluations replay, its proposals are asked again",
+                            self.log_dir)
             known_evals, known_props = load_known(
-                store, codec, {"train": train, "val": val}, codec.seed_texts(), need_outputs=self.track_best_outputs
+                store, codec, {"train": train, "val": val}, codec.seed_texts(), need_outputs=self.track_best_outputs,
+                proposal_sessions=same_reflection,
             )
             if known_evals or known_props:
                 logger.info("Resuming the run in %s: %d finished evaluations and %d proposals will not be paid "

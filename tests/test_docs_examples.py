@@ -1034,8 +1034,8 @@ def test_run_store_imports_nothing_from_dspy():
 def test_run_store_resume_key_and_reports(tmp_path):
     """A rerun replays without paying; summary.json and the plots are written; the run key holds the
     documented parts (key format "8"); settings that only steer the search, seed=None vs 0 and another
-    budget resume; a changed program, data, metric or LM is refused naming it (the reflection LM in a
-    readable form)."""
+    budget resume; a changed program, data, metric or task LM is refused naming it; a changed reflection
+    LM resumes, replaying the evaluations and asking its own proposals."""
     from dspy_turbogepa.engine import fingerprint_texts
 
     log_dir = str(tmp_path)
@@ -1078,7 +1078,13 @@ def test_run_store_resume_key_and_reports(tmp_path):
     assert refused(data=splits(16, 7)).changed == ("valset",)
     assert refused(metric=_ok_metric).changed == ("metric",)
     assert refused(lm=make_student_lm(temperature=0.5)).changed == ("task_lm",)
-    assert refused(reflection_lm=make_reflection_lm(temperature=0.9)).changed == ("reflection",)
+
+    reflector = make_reflection_lm(temperature=0.9)
+    metric = CountingMetric(ROUTING.metric)
+    swapped = run(metric, log_dir=log_dir, data=data, budget=80, reflection_lm=reflector).detailed_results
+    assert swapped.run_stats["metric_calls_replayed"] >= len(data.val)  # the seed's validation at least
+    assert metric.scoring < first.total_metric_calls
+    assert reflector.history  # its proposals were asked, not replayed from the other reflection LM's
 
 
 def _stored_key(log_dir: Path) -> dict[str, str]:
@@ -1086,15 +1092,15 @@ def _stored_key(log_dir: Path) -> dict[str, str]:
         return dict(conn.execute("SELECT component, value FROM run_key"))
 
 
-def test_run_store_readable_reflection_change_in_the_documented_form(tmp_path):
-    """run_store.md: `reflection (stored model=openai/gpt-4o, temperature=1.0 -> now model=openai/gpt-4o,
-    temperature=0.9)`."""
+def test_run_store_readable_task_lm_change_in_the_documented_form(tmp_path):
+    """run_store.md: `task_lm (stored model=openai/gpt-4o-mini, temperature=0.0 -> now
+    model=openai/gpt-4o-mini, temperature=0.7)`."""
     data = splits(6, 4)
-    run(log_dir=str(tmp_path), data=data, budget=30, reflection_lm=make_reflection_lm(temperature=1.0))
+    run(log_dir=str(tmp_path), data=data, budget=30, lm=make_student_lm(temperature=0.0))
     with pytest.raises(RunStoreMismatchError) as info:
-        run(log_dir=str(tmp_path), data=data, budget=30, reflection_lm=make_reflection_lm(temperature=0.9))
-    assert ("reflection (stored model=sim/sim-reflector, temperature=1.0 -> now model=sim/sim-reflector, "
-            "temperature=0.9)") in str(info.value)
+        run(log_dir=str(tmp_path), data=data, budget=30, lm=make_student_lm(temperature=0.7))
+    assert ("task_lm (stored model=sim/sim-student, temperature=0.0 -> now model=sim/sim-student, "
+            "temperature=0.7)") in str(info.value)
 
 
 def test_run_store_simserver_port_and_rotated_key(tmp_path):

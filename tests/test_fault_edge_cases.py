@@ -214,7 +214,7 @@ def test_a_proposer_that_breaks_mid_run_stops_the_run_and_the_rerun_resumes(tmp_
     text = str(err)
     assert "reflections all gave nothing usable" in text and "after 2 usable ones" in text
     assert "Check reflection_lm (or instruction_proposer)" in text
-    assert "resumes this run" in text and "the instruction_proposer) is another run" in text
+    assert "resumes this run" in text and "changed reflection_lm or instruction_proposer" in text
     assert state["calls"] - 2 >= 16
 
     state["broken_after"] = 10**6  # the service behind the proposer answers again

@@ -515,6 +515,10 @@ def _without_samples(schema: Any, names: bool = False) -> Any:
 #: computation changes and this is not bumped.
 RUN_KEY_FORMAT = "9"
 
+#: The run key's part for what a reflection's answer depends on (the reflection LM, the proposer, ...):
+#: per session (``RunStore.open``'s ``session_parts``), since only proposals depend on it.
+REFLECTION_PART = "reflection"
+
 
 def run_key(
     student: dspy.Module, trainset: Sequence[dspy.Example], valset: Sequence[dspy.Example], seed: int | None,
@@ -547,7 +551,7 @@ def run_key(
         "failure_score": repr(float(failure_score)),  # its own part: a mismatch names it, not "metric"
         "task_lm": stable_hash(_hashable(lm_identity(context_lm) if adapter is None
                                          else [lm_identity(context_lm), adapter_identity(adapter)])),
-        "reflection": stable_hash(_hashable(reflection)),
+        REFLECTION_PART: stable_hash(_hashable(reflection)),
     }
 
 

@@ -20,7 +20,7 @@ import sqlite3
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +370,7 @@ class RunStore:
         *,
         commit_interval: float = 0.05,
         max_batch: int = 500,
+        session_parts: Collection[str] = (),
     ) -> RunStore:
         """Open (or create) the store in ``log_dir`` for the run identified by ``run_key``.
 
@@ -377,6 +378,11 @@ class RunStore:
         strings. A new store records it; an existing one must hold exactly the same mapping, otherwise
         :class:`RunStoreMismatchError` names the components that changed. ``meta`` (free JSON, redacted)
         is saved with the session for humans; it is not compared.
+
+        ``session_parts``: components of ``run_key`` that may change from one session to the next, because
+        only some stored rows depend on them (the reflection: proposals do, evaluations do not). They are
+        not compared; each session records its values, and :meth:`sessions_sharing` says which sessions ran
+        with this one's, so that the caller replays only their rows of that kind.
         """
         if commit_interval < 0 or max_batch < 1:
             raise ValueError("commit_interval must be >= 0 and max_batch >= 1")
@@ -385,7 +391,11 @@ class RunStore:
         log_dir = Path(os.path.expanduser(os.fspath(log_dir)))
         _prepare_dir(log_dir)
         path = log_dir / DB_FILENAME
-        meta_json = _dumps(redact(_jsonable(dict(meta or {})), env_values))
+        meta_obj = redact(_jsonable(dict(meta or {})), env_values)
+        per_session = {name: key[name] for name in session_parts if name in key}
+        if per_session:  # hashes, which redaction leaves as they are
+            meta_obj[SESSION_PARTS] = per_session
+        meta_json = _dumps(meta_obj)
 
         self = object.__new__(cls)
         self.log_dir = log_dir
@@ -393,7 +403,7 @@ class RunStore:
         self.run_key = key
         lock = RunLock.acquire(log_dir)
         try:
-            self._open(path, log_dir, key, meta_json, commit_interval, max_batch)
+            self._open(path, log_dir, key, meta_json, commit_interval, max_batch, frozenset(per_session))
         except BaseException:
             lock.release()
             raise
@@ -402,13 +412,13 @@ class RunStore:
         return self
 
     def _open(self, path: Path, log_dir: Path, key: dict[str, str], meta_json: str, commit_interval: float,
-              max_batch: int) -> None:
+              max_batch: int, session_parts: frozenset[str] = frozenset()) -> None:
         try:
             conn = _connect(path)
         except sqlite3.Error as exc:
             raise _store_error(path, log_dir, exc) from exc
         try:
-            self.resumed, self.session, self.meta = _initialise(conn, path, log_dir, key, meta_json)
+            self.resumed, self.session, self.meta = _initialise(conn, path, log_dir, key, meta_json, session_parts)
         except sqlite3.Error as exc:
             raise _store_error(path, log_dir, exc) from exc
         finally:
@@ -696,6 +706,20 @@ class RunStore:
                 for r in rows
             ]
 
+    def sessions_sharing(self, part: str) -> set[int]:
+        """The sessions (this one included) that ran with this session's value of ``part``, a per-session
+        run-key part (see :meth:`open`). A session that recorded no value ran with the value stored in the
+        run key: the first session's, which every session had while the part was compared."""
+        current = self.run_key.get(part)
+        first = dict(self._read("SELECT component, value FROM run_key")).get(part)
+        sharing = set()
+        for session in self.sessions():
+            recorded = session.meta.get(SESSION_PARTS)
+            value = recorded.get(part, first) if isinstance(recorded, dict) else first
+            if value == current:
+                sharing.add(session.id)
+        return sharing
+
     def sessions(self) -> list[StoredSession]:
         """Every time this store was opened; ``closed_at is None`` marks a session that did not close."""
         rows = self._read("SELECT id, opened_at, closed_at, resumed, pid, meta_json FROM sessions ORDER BY id")
@@ -792,6 +816,10 @@ def _check_run_key(run_key: Mapping[str, str], env_values: tuple[str, ...]) -> d
     return key
 
 
+#: Key of a session's meta holding its values of the run key's per-session parts (RunStore.open's
+#: ``session_parts``).
+SESSION_PARTS = "session_run_key"
+
 #: Key of the session meta holding readable forms of some run-key parts (see _readable_parts).
 RUN_KEY_READABLE = "run_key_readable"
 
@@ -811,9 +839,11 @@ def _readable_parts(conn: sqlite3.Connection, meta_json: str) -> tuple[dict[str,
 
 
 def _initialise(
-    conn: sqlite3.Connection, path: Path, log_dir: Path, run_key: dict[str, str], meta_json: str
+    conn: sqlite3.Connection, path: Path, log_dir: Path, run_key: dict[str, str], meta_json: str,
+    session_parts: frozenset[str] = frozenset(),
 ) -> tuple[bool, int, dict[str, Any]]:
-    """Create or check the schema and the run key, and open a session; one transaction."""
+    """Create or check the schema and the run key (but its ``session_parts``), and open a session; one
+    transaction."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if tables and "meta" not in tables:  # checked before switching someone else's database to WAL
         raise RunStoreMismatchError(
@@ -860,8 +890,9 @@ def _initialise(
                 [("schema_version", str(SCHEMA_VERSION)), ("created_at", repr(now)), ("run_meta", meta_json)],
             )
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif stored != run_key:
-            changed = sorted(k for k in set(stored) | set(run_key) if stored.get(k) != run_key.get(k))
+        elif any(stored.get(k) != run_key.get(k) for k in set(stored) | set(run_key) if k not in session_parts):
+            changed = sorted(k for k in set(stored) | set(run_key)
+                             if k not in session_parts and stored.get(k) != run_key.get(k))
             was, is_now = _readable_parts(conn, meta_json)
 
             def detail(k: str) -> str:

@@ -938,3 +938,33 @@ def test_the_usage_of_a_replaced_evaluation_or_proposal_still_counts(tmp_path: P
         }
         assert [(e.score, e.usage) for e in store.load_evaluations() if e.split == "val"] == [
             (0.5, {"prompt_tokens": 10.0, "completion_tokens": 1.0, "cost": 2.0})]  # the row is the last attempt
+
+
+def test_a_per_session_part_may_change_and_each_session_records_its_value(tmp_path):
+    """``session_parts`` (TurboGEPA's reflection): not compared at open; each session records its value,
+    and sessions_sharing names the sessions that ran with this one's, a session that recorded none (a
+    store written before) counting with the run key's stored value. Every other part is still compared."""
+    key_a = {**RUN_KEY, "reflection": "a" * 32}
+    key_b = {**RUN_KEY, "reflection": "b" * 32}
+    old = RunStore.open(tmp_path, key_a)  # an earlier version's session: nothing recorded per session
+    old.close()
+    for key in (key_a, key_b):
+        s = RunStore.open(tmp_path, key, session_parts=("reflection",))
+        s.close()
+    s = RunStore.open(tmp_path, key_b, session_parts=("reflection",))
+    try:
+        assert s.session == 4 and s.sessions_sharing("reflection") == {3, 4}
+        assert s.sessions()[3].meta["session_run_key"] == {"reflection": "b" * 32}
+    finally:
+        s.close()
+    s = RunStore.open(tmp_path, key_a, session_parts=("reflection",))
+    try:
+        assert s.sessions_sharing("reflection") == {1, 2, 5}
+    finally:
+        s.close()
+    with pytest.raises(RunStoreMismatchError) as info:  # without session_parts the part is compared
+        RunStore.open(tmp_path, key_b)
+    assert info.value.changed == ("reflection",)
+    with pytest.raises(RunStoreMismatchError) as info:
+        RunStore.open(tmp_path, {**key_b, "seed": "1"}, session_parts=("reflection",))
+    assert info.value.changed == ("seed",)
