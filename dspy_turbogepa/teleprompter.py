@@ -693,6 +693,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             display.close(stop_reason=result.stop_reason if result is not None else stopped_by)
             if store is not None:  # closed by `cleanup`, like the pools, whatever happens next
                 store.record_event("run_finished" if result is not None else "run_failed", {})
+        if store is not None:
+            # Committed before the reports: the writer holds up to ~50 ms of rows, and a kill -9 while the
+            # reports are written lost the search's last evaluations (a review: 2 of 134, paid again).
+            from dspy_turbogepa.store import RunStoreError
+
+            try:
+                store.flush()
+            except RunStoreError as exc:  # rows the store could not write: said, as close() says them
+                logger.warning("Run store: %s", exc)
         if known_evals:
             # every metric call the run's log_dir paid for, in all its sessions (run_stats'
             # metric_calls_replayed says how many of the stored ones this session's search used: a run
