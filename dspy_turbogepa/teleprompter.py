@@ -834,7 +834,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         known_evals = known_props = None
         if store.resumed:
             same_reflection = store.sessions_sharing(REFLECTION_PART)
-            if any(s.id not in same_reflection for s in store.sessions()):
+            sessions = store.sessions()
+            _warn_changed_plan(sessions[-2].meta if len(sessions) > 1 else {}, sessions[-1].meta, self.log_dir)
+            if any(s.id not in same_reflection for s in sessions):
                 logger.info("The reflection (reflection_lm, its settings or the instruction_proposer) differs from "
                             "an earlier session's in %s: its evaluations replay, its proposals are asked again",
                             self.log_dir)
@@ -843,8 +845,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 proposal_sessions=same_reflection,
             )
             if known_evals or known_props:
-                logger.info("Resuming the run in %s: %d finished evaluations and %d proposals will not be paid "
-                            "again", self.log_dir, len(known_evals), len(known_props))
+                logger.info("Resuming the run in %s: %d finished evaluations and %d proposals are stored; those "
+                            "the search asks for again are not paid again", self.log_dir, len(known_evals),
+                            len(known_props))
             else:  # e.g. a session stopped on a systemic failure: its failures run again after the fix
                 logger.info("Resuming the run in %s: nothing stored there can be replayed (failures of the LM "
                             "service or of a stopped session run again)", self.log_dir)
@@ -959,6 +962,29 @@ def _pause_left(evaluator: Mapping[str, Any]) -> float:
     endpoints = evaluator.get("endpoints") or {}
     return max((float(e.get("cooldown_remaining_s", 0.0)) for e in endpoints.values()), default=0.0)
 
+
+#: Constructor settings that shape the search's plan (what is evaluated and reflected on, in which order):
+#: resuming with another value continues the run, but what the stored sessions did is mostly not asked
+#: for again (run_store.md), which a user resuming to save money must hear of.
+_PLAN_SETTINGS = (
+    "max_metric_calls", "num_threads", "reflection_minibatch_size", "candidate_selection_strategy",
+    "component_selector", "use_merge", "max_merge_invocations", "skip_perfect_score", "reflection_scouts",
+    "reflection_feedback_reuse", "minibatch_sampling", "max_sibling_reflections", "adaptive_proposal_mix",
+    "max_mutations_in_flight", "max_reflections_in_flight", "speculative_chaining", "deterministic",
+    "rung_fractions", "reduction_factor",
+)
+
+
+def _warn_changed_plan(before: Mapping[str, Any], now: Mapping[str, Any], log_dir: Any) -> None:
+    """Warn when this session plans its search with other settings than the last one (their stored
+    values, as the run store keeps them in each session's meta)."""
+    changed = [f"{name} {before[name]!r} -> {now.get(name)!r}" for name in _PLAN_SETTINGS
+               if name in before and before[name] != now.get(name)]
+    if changed:
+        logger.warning("Resuming the run in %s with other search settings than its last session (%s): the search "
+                       "plans differently from there on, so much of what was stored will not be asked for again and "
+                       "new work is paid instead (docs/run_store.md). Resume with the same settings to replay it.",
+                       log_dir, ", ".join(changed))
 
 def _checked_plot_format(plot_format: Any) -> Literal["svg", "png"] | None:
     """Refused at construction: a PNG without matplotlib would otherwise fail only after the paid search."""

@@ -1719,3 +1719,20 @@ def test_the_search_is_committed_before_the_reports_are_written(tmp_path, monkey
     monkeypatch.setattr(TurboGEPA, "_write_reports", reports)
     optimized = quick_compile(budget=60, log_dir=str(tmp_path))
     assert seen["rows"] == optimized.detailed_results.run_stats["metric_calls_executed"] > 0
+
+
+def test_resuming_with_other_search_settings_warns_that_stored_work_goes_unused(tmp_path, caplog):
+    """A review resumed a killed run with num_threads 4 -> 8: the log said 60 stored evaluations would not be
+    paid again, the search used 20 of them and paid 115 again, without a word. Settings that shape the
+    plan are compared with the last session's; the same settings resume silently."""
+    from helpers import quick_compile
+
+    quick_compile(budget=60, log_dir=str(tmp_path), num_threads=4)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        quick_compile(budget=60, log_dir=str(tmp_path), num_threads=4)
+    assert not [r for r in caplog.records if "other search settings" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        quick_compile(budget=80, log_dir=str(tmp_path), num_threads=8)
+    said = [r.getMessage() for r in caplog.records if "other search settings" in r.getMessage()]
+    assert len(said) == 1
+    assert "max_metric_calls 60 -> 80" in said[0] and "num_threads 4 -> 8" in said[0] and "seed" not in said[0]
