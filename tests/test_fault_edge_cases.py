@@ -191,32 +191,29 @@ def test_a_masked_feedback_text_does_not_make_stored_evaluations_run_again(tmp_p
     assert again == []
 
 
-def test_a_proposer_that_breaks_mid_run_stops_the_run_and_the_rerun_resumes(tmp_path):
-    """Two useful proposals, then only refusals (a string, not texts): the run ended as
-    ``no_progress_possible``, returning as if the search were done after paying every failed reflection,
-    with a log line blaming perfect parents (found by a review). It now stops with SystemicFailureError
-    naming the proposer and which fixes keep the log_dir; once the proposer works again (a fix the run key
-    does not see), the rerun with the same log_dir pays nothing again for what the first session evaluated."""
+def test_a_proposer_that_breaks_mid_run_is_named_when_the_run_stops(caplog):
+    """Two useful proposals, then only refusals (a string, not texts): the run ends on the no-progress
+    limit, returning the best program found, but the log said "the last 25 mutations changed nothing ...
+    (their parents were perfect on every minibatch drawn, or their proposals rebuilt known candidates)"
+    at INFO (found by a review: 39 of 41 reflections failed, each paid). It now warns that the proposer
+    stopped working, naming the cause."""
     from helpers import quick_compile
 
-    state = {"calls": 0, "broken_after": 2}
+    calls = {"n": 0}
 
     def proposer(candidate, reflective_dataset, components_to_update):
-        state["calls"] += 1
-        if state["calls"] > state["broken_after"]:
+        calls["n"] += 1
+        if calls["n"] > 2:
             return "Sorry, as an AI I cannot."
-        return {c: candidate[c] + f" Rule {state['calls']}." for c in components_to_update}
+        return {c: candidate[c] + f" Rule {calls['n']}." for c in components_to_update}
 
-    with pytest.raises(SystemicFailureError) as info:
-        quick_compile(budget=400, instruction_proposer=proposer, log_dir=str(tmp_path), num_threads=2)
-    err = info.value
-    assert err.failure == "invalid_proposal"
-    text = str(err)
-    assert "reflections all gave nothing usable" in text and "after 2 usable ones" in text
-    assert "Check reflection_lm (or instruction_proposer)" in text
-    assert "resumes this run" in text and "changed reflection_lm or instruction_proposer" in text
-    assert state["calls"] - 2 >= 16
-
-    state["broken_after"] = 10**6  # the service behind the proposer answers again
-    optimized = quick_compile(budget=400, instruction_proposer=proposer, log_dir=str(tmp_path), num_threads=2)
-    assert optimized.detailed_results.run_stats["metric_calls_replayed"] > 0
+    with caplog.at_level(logging.INFO, logger="dspy_turbogepa"):
+        optimized = quick_compile(budget=400, instruction_proposer=proposer, num_threads=2)
+    dr = optimized.detailed_results
+    assert dr.stop_reason == "no_progress_possible"
+    said = [r for r in caplog.records if "Stopping" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    text = said[0].getMessage()
+    assert "reflections all gave nothing usable" in text and "invalid_proposal" in text
+    assert "after 2 usable ones" in text and "Check reflection_lm (or instruction_proposer)" in text
+    assert "parents were perfect" not in text

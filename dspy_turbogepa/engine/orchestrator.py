@@ -1369,9 +1369,17 @@ class Orchestrator:
             self._paid_noop_streak += 1
         if self._stop_reason is None and (self._noop_streak >= self.config.max_noop_mutations
                                           or self._paid_noop_streak >= self.config.max_paid_noop_mutations):
-            logger.info("Stopping: the last %d mutations changed nothing and cost no metric call (their parents "
-                        "were perfect on every minibatch drawn, or their proposals rebuilt known candidates; "
-                        "%d of them paid for reflections that did)", self._noop_streak, self._paid_noop_streak)
+            broken = self._systemic.proposer_failure_streak()
+            if broken is not None and self._systemic.proposer_failures_in_a_row >= self._paid_noop_streak > 0:
+                # not a search that ran out of ideas: the proposer stopped working (a reflection LM answering
+                # refusals or unparseable text); the best program so far is returned, and the user must hear why
+                logger.warning("Stopping (no_progress_possible): %s The best program found so far is returned.",
+                               broken)
+            else:
+                logger.info("Stopping: the last %d mutations changed nothing and cost no metric call (their "
+                            "parents were perfect on every minibatch drawn, or their proposals rebuilt known "
+                            "candidates; %d of them paid for reflections that did)", self._noop_streak,
+                            self._paid_noop_streak)
             self._stop_reason = "no_progress_possible"
             if self.config.deterministic:
                 # Mutations planned from views before this commit still run: whether the loop launched

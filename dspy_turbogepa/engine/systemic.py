@@ -35,11 +35,10 @@ no-progress limit and return as if it had finished). And ``proposal_window`` ref
 first usable one that had nothing to read because the program never called the components they were to
 improve, in any rollout of the run (``ProposalOutcome.not_run``, which the proposer sets): a program
 that does not call its predictors would otherwise skip every mutation until the no-progress limit.
-And, after usable ones, :data:`BROKEN_PROPOSER_STREAK` reflections in a row that the proposer answered
-with nothing usable (an unparseable answer, a refusal, a blank text, the proposer or the metric's
-feedback call raising; not an echo of the parent, which a search near its end draws often): the
-reflection LM stopped working mid-run, and the run would otherwise end on the no-progress limit as if
-the search were done, having paid for every one of them.
+After a usable reflection, failed ones are ordinary skips (a flaky proposer, a proposer that answers
+nothing when it sees nothing to fix), but their streak is kept (:meth:`proposer_failure_streak`): when
+the run ends on the no-progress limit with every reflection since the streak began failing, the
+orchestrator says that the proposer stopped working instead of blaming perfect parents.
 """
 
 from __future__ import annotations
@@ -62,10 +61,6 @@ OUTAGE_MIN_SECONDS = 120.0
 
 #: Candidates (the seed included) that must all fail to parse before format errors alone stop a run.
 FORMAT_ERROR_CANDIDATES = 3
-
-#: Reflections in a row with nothing usable, after usable ones, that stop the run (see the module's
-#: docstring): twice the first-reflections window, and below the no-progress limit's 25 paid no-ops.
-BROKEN_PROPOSER_STREAK = 2 * MAX_PROPOSAL_WINDOW
 
 #: Skip reasons that mean the proposer itself failed (not "nothing to reflect on").
 PROPOSER_FAILURES = frozenset({
@@ -255,9 +250,9 @@ class SystemicFailureDetector:
         )
 
     def _observe_broken_proposer(self, outcome: ProposalOutcome) -> None:
-        """The mid-run rule for a proposer that stopped giving usable answers (the module's docstring). A
-        usable proposal or an echo (the proposer answered sensibly) breaks the streak; nothing to reflect on
-        and the service's failures (the outage rule's) neither break nor extend it."""
+        """Keeps :meth:`proposer_failure_streak`. A usable proposal or an echo (the proposer answered
+        sensibly) breaks the streak; nothing to reflect on and the service's failures (the outage rule's)
+        neither break nor extend it."""
         streak = self._broken_proposer
         if outcome.skipped is None or outcome.skipped == "unchanged_texts":
             self._usable_proposals += outcome.skipped is None
@@ -266,20 +261,25 @@ class SystemicFailureDetector:
         if not self._seen_proposal or outcome.skipped not in PROPOSER_FAILURES or outcome.service_failure:
             return
         streak.extend((outcome.skipped, outcome.error_type or ""), outcome.message, self._clock())
-        if streak.count < BROKEN_PROPOSER_STREAK:
-            return
-        (reason, error_type), count = streak.causes.most_common(1)[0]
-        earlier = (f"after {self._usable_proposals} usable ones earlier in this session" if self._usable_proposals
+
+    def proposer_failure_streak(self) -> str | None:
+        """After a usable reflection, the reflections since that all gave nothing usable, described for a
+        log line (how many, the most common reason, the first one's message, the usable ones before);
+        None when there are none."""
+        streak = self._broken_proposer
+        if not streak.count:
+            return None
+        (reason, _), count = streak.causes.most_common(1)[0]
+        earlier = (f"after {self._usable_proposals} usable ones in this session" if self._usable_proposals
                    else "after usable ones in an earlier session of the run")
-        raise SystemicFailureError(
-            f"Stopping: the last {streak.count} reflections all gave nothing usable ({count} of them with {reason}; "
-            f"the first: {streak.first}), {earlier}: the proposer stopped working mid-run, and the run would end "
-            "as if the search were done. "
-            f"{_PROPOSER_HINTS.get(reason, _PROPOSER_HINT)} (An answer cut short by the reflection LM's max_tokens "
-            "as instructions grow fails this way too.)",
-            failure=reason,
-            error_type=error_type or None,
-        )
+        return (f"the last {streak.count} reflections all gave nothing usable ({count} of them with {reason}; the "
+                f"first: {streak.first}), {earlier}. {_PROPOSER_HINTS.get(reason, _PROPOSER_HINT)} (An answer cut "
+                "short by the reflection LM's max_tokens as instructions grow fails this way too.)")
+
+    @property
+    def proposer_failures_in_a_row(self) -> int:
+        """The length of :meth:`proposer_failure_streak` (0 when there is none)."""
+        return self._broken_proposer.count
 
     def _observe_proposal_service(self, outcome: ProposalOutcome) -> None:
         """The outage rule for reflections: a streak of proposals the reflection LM's service failed,
