@@ -682,7 +682,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                     exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an "
                                 "API key, an environment variable, a file or service the metric reads) resumes this "
                                 "run: what finished is not paid again, and what failed runs again. So does a "
-                                "changed reflection_lm or instruction_proposer (its proposals are asked again); "
+                                "changed reflection LM or instruction proposer (its proposals are asked again); "
                                 "any other change (the program, the metric, the data, the task LM's model, "
                                 "endpoint or settings) is another run: give it a new log_dir.",)
             raise
