@@ -627,7 +627,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
             prior_usage=stored_usage(store) if resumed else None,
             # a mutation of a session with another reflection does not replay (its proposal is asked again)
-            replay_through=last_committed_mutation(store, store.sessions_sharing(REFLECTION_PART)) if resumed else -1,
+            replay_through=last_committed_mutation(store) if resumed else -1,
         )
         if tracker is not None:
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
@@ -675,16 +675,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 exc.args = (str(exc).replace(RESUME_ADVICE, NO_STORE_ADVICE),)
             elif store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
                 store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
-                if RESUME_ADVICE not in str(exc):  # an outage or a quota says how to resume already
-                    # the fix decides whether this log_dir can be reused: the run key covers the program, the
-                    # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
-                    # was refused with "metric changed" and had to find out why)
-                    exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an "
-                                "API key, an environment variable, a file or service the metric reads) resumes this "
-                                "run: what finished is not paid again, and what failed runs again. So does a "
-                                "changed reflection LM or instruction proposer (its proposals are asked again); "
-                                "any other change (the program, the metric, the data, the task LM's model, "
-                                "endpoint or settings) is another run: give it a new log_dir.",)
+                # the fix decides whether this log_dir can be reused: the run key covers the program, the
+                # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
+                # was refused with "metric changed" and had to find out why)
+                exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an "
+                            "API key, an environment variable, a file or service the metric reads) resumes this "
+                            "run: what finished is not paid again, and what failed runs again. So does a "
+                            "changed reflection LM or instruction proposer (new reflections ask it); any other "
+                            "change (the program, the metric, the data, the task LM's model, endpoint or "
+                            "settings) is another run: give it a new log_dir.",)
             raise
         except BaseException as exc:
             stopped_by = f"stopped by {type(exc).__name__}"
@@ -699,7 +698,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             from dspy_turbogepa.store import RunStoreError
 
             try:
-                store.flush()
+                store.flush(timeout=30.0)  # a stuck disk must not hold the program back (close() waits 30 s too)
             except RunStoreError as exc:  # rows the store could not write: said, as close() says them
                 logger.warning("Run store: %s", exc)
         if known_evals:
@@ -816,13 +815,16 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             context_lm=dspy.settings.lm, reflection_lm=self.reflection_lm, proposer=self.custom_instruction_proposer,
             add_format_failure_as_feedback=self.add_format_failure_as_feedback, adapter=dspy.settings.adapter,
         )
-        meta: dict[str, Any] = {k: v for k, v in self._run_params(budget).items()
-                                if isinstance(v, (int, float, str, bool, type(None))) and k not in ("wandb_api_key",)}
+        scalar = (int, float, str, bool, type(None))
+        meta: dict[str, Any] = {k: list(v) if isinstance(v, (list, tuple)) else v  # rung_fractions: a list
+                                for k, v in self._run_params(budget).items()
+                                if (isinstance(v, scalar) or isinstance(v, (list, tuple)) and all(
+                                    isinstance(x, scalar) for x in v)) and k not in ("wandb_api_key",)}
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
         meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
                                   "reflection": readable_lm(self.reflection_lm)}
-        # the reflection (LM, proposer) may change between sessions: proposals depend on it, evaluations do
-        # not, so a fixed or swapped reflection_lm resumes what was evaluated and asks its own proposals
+        # the reflection (LM, proposer) may change between sessions: no stored score depends on it, so a fixed
+        # or swapped reflection_lm continues the run (what was stored replays; new reflections ask it)
         store = RunStore.open(self._log_path(), key, meta=meta, session_parts=(REFLECTION_PART,))
         cleanup.callback(store.close)
         if not store.resumed and (self._log_path() / DSPY_GEPA_CHECKPOINT).exists():
@@ -838,11 +840,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             _warn_changed_plan(sessions[-2].meta if len(sessions) > 1 else {}, sessions[-1].meta, self.log_dir)
             if any(s.id not in same_reflection for s in sessions):
                 logger.info("The reflection (reflection_lm, its settings or the instruction_proposer) differs from "
-                            "an earlier session's in %s: its evaluations replay, its proposals are asked again",
-                            self.log_dir)
+                            "an earlier session's in %s: the run continues with it; what earlier sessions stored "
+                            "replays as it was (their proposals too), and new reflections ask this one", self.log_dir)
             known_evals, known_props = load_known(
-                store, codec, {"train": train, "val": val}, codec.seed_texts(), need_outputs=self.track_best_outputs,
-                proposal_sessions=same_reflection,
+                store, codec, {"train": train, "val": val}, codec.seed_texts(), need_outputs=self.track_best_outputs
             )
             if known_evals or known_props:
                 logger.info("Resuming the run in %s: %d finished evaluations and %d proposals are stored; those "
@@ -971,7 +972,7 @@ _PLAN_SETTINGS = (
     "component_selector", "use_merge", "max_merge_invocations", "skip_perfect_score", "reflection_scouts",
     "reflection_feedback_reuse", "minibatch_sampling", "max_sibling_reflections", "adaptive_proposal_mix",
     "max_mutations_in_flight", "max_reflections_in_flight", "speculative_chaining", "deterministic",
-    "rung_fractions", "reduction_factor",
+    "rung_fractions", "reduction_factor", "perfect_score",
 )
 
 
@@ -982,8 +983,8 @@ def _warn_changed_plan(before: Mapping[str, Any], now: Mapping[str, Any], log_di
                if name in before and before[name] != now.get(name)]
     if changed:
         logger.warning("Resuming the run in %s with other search settings than its last session (%s): the search "
-                       "plans differently from there on, so much of what was stored will not be asked for again and "
-                       "new work is paid instead (docs/run_store.md). Resume with the same settings to replay it.",
+                       "may plan differently from there on, so stored work it no longer asks for goes unused and new "
+                       "work is paid instead (docs/run_store.md). Resume with the same settings to replay it.",
                        log_dir, ", ".join(changed))
 
 def _checked_plot_format(plot_format: Any) -> Literal["svg", "png"] | None:

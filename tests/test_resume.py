@@ -1735,3 +1735,8 @@ def test_resuming_with_other_search_settings_warns_that_stored_work_goes_unused(
     said = [r.getMessage() for r in caplog.records if "other search settings" in r.getMessage()]
     assert len(said) == 1
     assert "max_metric_calls 60 -> 80" in said[0] and "num_threads 4 -> 8" in said[0] and "seed" not in said[0]
+    caplog.clear()  # a list setting is kept in the session meta too, and perfect_score shapes the plan
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        quick_compile(budget=80, log_dir=str(tmp_path), num_threads=8, rung_fractions=(0.25, 1.0), perfect_score=2.0)
+    said = [r.getMessage() for r in caplog.records if "other search settings" in r.getMessage()]
+    assert len(said) == 1 and "rung_fractions None -> [0.25, 1.0]" in said[0] and "perfect_score 1.0 -> 2.0" in said[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dspy
@@ -129,24 +129,20 @@ def stored_usage(store: Any) -> PriorUsage:
     )
 
 
-def last_committed_mutation(store: Any, sessions: Collection[int] | None = None) -> int:
+def last_committed_mutation(store: Any) -> int:
     """The highest mutation number an earlier session committed (-1 if none): a capped rerun replays
-    the mutations up to it (Orchestrator's ``replay_through``). ``sessions``: only theirs (those whose
-    proposals replay; see :func:`load_known`)."""
-    seqs = [e.payload.get("seq") for e in store.events("mutation_committed")
-            if sessions is None or e.session in sessions]
+    the mutations up to it (Orchestrator's ``replay_through``)."""
+    seqs = [e.payload.get("seq") for e in store.events("mutation_committed")]
     return max((s for s in seqs if isinstance(s, int)), default=-1)
 
 
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
-    need_outputs: bool = False, proposal_sessions: Collection[int] | None = None,
+    need_outputs: bool = False,
 ) -> tuple[dict[EvalKey, EvalOutcome], dict[str, ProposalOutcome]]:
-    """Stored evaluations and proposals as the engine's caches.
-
-    ``proposal_sessions``: the sessions whose proposals may replay (None: all), those that reflected
-    with this session's reflection LM and proposer; an evaluation does not depend on them and replays
-    whichever session stored it.
+    """Stored evaluations and proposals as the engine's caches. Proposals replay whichever reflection LM
+    made them: what an earlier session did is the run's history, and a session with another reflection
+    LM continues the run from it (its new reflections ask the new LM).
 
     ``need_outputs`` (``track_best_outputs=True``): a validation row stored without the program's
     output by a session that did not keep outputs is run again, once, with a warning; replayed, its
@@ -173,8 +169,7 @@ def load_known(
                                  reflection_completion_tokens=int(_used(p.usage, "completion_tokens")),
                                  reflection_cost=_used(p.usage, "cost"))
             for key, p in store.load_proposals().items()
-            if (proposal_sessions is None or p.session in proposal_sessions)
-            and p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
+            if p.skipped != "proposer_error" and not (p.skipped in PROPOSER_FAILURES and p.session in systemic)
             # a text no program can hold, stored by a version that did not refuse it: ask the proposer again
             and all(valid_unicode(t) for t in p.texts.values() if isinstance(t, str))
         }

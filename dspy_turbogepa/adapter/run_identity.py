@@ -516,7 +516,8 @@ def _without_samples(schema: Any, names: bool = False) -> Any:
 RUN_KEY_FORMAT = "9"
 
 #: The run key's part for what a reflection's answer depends on (the reflection LM, the proposer, ...):
-#: per session (``RunStore.open``'s ``session_parts``), since only proposals depend on it.
+#: per session (``RunStore.open``'s ``session_parts``): no stored score depends on it, and the proposals
+#: earlier sessions made are the run's history, which a session with another reflection LM continues.
 REFLECTION_PART = "reflection"
 
 
