@@ -626,7 +626,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
             prior_usage=stored_usage(store) if resumed else None,
-            # a mutation of a session with another reflection does not replay (its proposal is asked again)
             replay_through=last_committed_mutation(store) if resumed else -1,
         )
         if tracker is not None:
@@ -986,6 +985,7 @@ def _warn_changed_plan(before: Mapping[str, Any], now: Mapping[str, Any], log_di
                        "may plan differently from there on, so stored work it no longer asks for goes unused and new "
                        "work is paid instead (docs/run_store.md). Resume with the same settings to replay it.",
                        log_dir, ", ".join(changed))
+
 
 def _checked_plot_format(plot_format: Any) -> Literal["svg", "png"] | None:
     """Refused at construction: a PNG without matplotlib would otherwise fail only after the paid search."""

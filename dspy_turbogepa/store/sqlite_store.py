@@ -380,9 +380,9 @@ class RunStore:
         is saved with the session for humans; it is not compared.
 
         ``session_parts``: components of ``run_key`` that may change from one session to the next, because
-        only some stored rows depend on them (the reflection: proposals do, evaluations do not). They are
-        not compared; each session records its values, and :meth:`sessions_sharing` says which sessions ran
-        with this one's.
+        no stored score depends on them (TurboGEPA's reflection LM and proposer). They are not compared;
+        each session records its values, and :meth:`sessions_sharing` says which sessions ran with this
+        one's.
         """
         if commit_interval < 0 or max_batch < 1:
             raise ValueError("commit_interval must be >= 0 and max_batch >= 1")
