@@ -8,6 +8,7 @@ nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from contextvars import ContextVar
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import dspy
@@ -593,7 +595,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                        components_seen_running=getattr(evaluator, "components_seen_running", None))
         cleanup.callback(reflector.close)
         store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup,
-                                                                      budget)
+                                                                      budget, config)
         if config.stop_file is not None and config.stop_file.exists():
             # gepa's rule (the file stops the run) holds, but a file left from stopping the last session
             # would otherwise end this one right after the seed with a single INFO line
@@ -796,7 +798,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     # ------------------------------------------------------------------ helpers
     def _open_store(
         self, student: dspy.Module, codec: ProgramCodec, train: list[dspy.Example], val: list[dspy.Example],
-        cleanup: ExitStack, budget: int,
+        cleanup: ExitStack, budget: int, config: EngineConfig,
     ) -> tuple[Any, list[Any], dict[Any, Any] | None, dict[str, Any] | None]:
         """With ``log_dir``: open (or resume) the run store; refuse a log_dir holding a different run.
 
@@ -819,6 +821,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                 for k, v in self._run_params(budget).items()
                                 if (isinstance(v, scalar) or isinstance(v, (list, tuple)) and all(
                                     isinstance(x, scalar) for x in v)) and k not in ("wandb_api_key",)}
+        meta[PLAN_META] = _plan_of(config)
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
         meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
                                   "reflection": readable_lm(self.reflection_lm)}
@@ -965,7 +968,8 @@ def _pause_left(evaluator: Mapping[str, Any]) -> float:
 
 #: Constructor settings that shape the search's plan (what is evaluated and reflected on, in which order):
 #: resuming with another value continues the run, but what the stored sessions did is mostly not asked
-#: for again (run_store.md), which a user resuming to save money must hear of.
+#: for again (run_store.md), which a user resuming to save money must hear of. Compared as the user gave
+#: them only with a session stored before the resolved plan was (``PLAN_META``).
 _PLAN_SETTINGS = (
     "max_metric_calls", "num_threads", "reflection_minibatch_size", "candidate_selection_strategy",
     "component_selector", "use_merge", "max_merge_invocations", "skip_perfect_score", "reflection_scouts",
@@ -973,13 +977,48 @@ _PLAN_SETTINGS = (
     "max_mutations_in_flight", "max_reflections_in_flight", "speculative_chaining", "deterministic",
     "rung_fractions", "reduction_factor", "perfect_score",
 )
+#: The session meta's key for the plan as the engine runs it (EngineConfig): ``rung_fractions=None`` and
+#: the ``(0.5, 1.0)`` it resolves to are the same plan, ``num_threads=None`` with another
+#: ``dspy.settings.num_threads`` is not.
+PLAN_META = "plan"
+#: EngineConfig fields that do not decide what the search asks for: the seed is part of the run key (a
+#: log_dir of another seed is refused), the secondary budgets and stop rules only end the run sooner.
+_NOT_PLAN = frozenset({"seed", "stop_file", "stop_callbacks", "max_seconds", "max_tokens", "max_cost",
+                       "max_noop_mutations", "max_paid_noop_mutations", "systemic_failure_window",
+                       "systemic_proposal_window"})
+#: The constructor argument a user sets each renamed EngineConfig field with, for the warning.
+_PLAN_NAMES = MappingProxyType({
+    "max_evals_in_flight": "num_threads", "candidate_selection": "candidate_selection_strategy",
+    "max_siblings": "max_sibling_reflections", "adaptive_components": "adaptive_proposal_mix",
+})
+
+
+def _plan_of(config: EngineConfig) -> dict[str, Any]:
+    """The plan's JSON-safe settings, by the name a user sets them with (a callable component_selector is
+    left out: it has no stored form to compare; a changed one is the user's own doing)."""
+    plan: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in _NOT_PLAN or callable(value):
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            value = repr(value)  # perfect_score=None runs as inf, which JSON has no number for
+        plan[f.name] = value
+    return plan
 
 
 def _warn_changed_plan(before: Mapping[str, Any], now: Mapping[str, Any], log_dir: Any) -> None:
     """Warn when this session plans its search with other settings than the last one (their stored
     values, as the run store keeps them in each session's meta)."""
-    changed = [f"{name} {before[name]!r} -> {now.get(name)!r}" for name in _PLAN_SETTINGS
-               if name in before and before[name] != now.get(name)]
+    if isinstance(before.get(PLAN_META), Mapping) and isinstance(now.get(PLAN_META), Mapping):
+        was, plan = before[PLAN_META], now[PLAN_META]
+        changed = [f"{_PLAN_NAMES.get(name, name)} {was.get(name)!r} -> {plan.get(name)!r}"
+                   for name in sorted(set(was) | set(plan)) if was.get(name) != plan.get(name)]
+    else:
+        changed = [f"{name} {before[name]!r} -> {now.get(name)!r}" for name in _PLAN_SETTINGS
+                   if name in before and before[name] != now.get(name)]
     if changed:
         logger.warning("Resuming the run in %s with other search settings than its last session (%s): the search "
                        "may plan differently from there on, so stored work it no longer asks for goes unused and new "

@@ -1739,4 +1739,22 @@ def test_resuming_with_other_search_settings_warns_that_stored_work_goes_unused(
     with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
         quick_compile(budget=80, log_dir=str(tmp_path), num_threads=8, rung_fractions=(0.25, 1.0), perfect_score=2.0)
     said = [r.getMessage() for r in caplog.records if "other search settings" in r.getMessage()]
-    assert len(said) == 1 and "rung_fractions None -> [0.25, 1.0]" in said[0] and "perfect_score 1.0 -> 2.0" in said[0]
+    assert len(said) == 1 and "rung_fractions [1.0] -> [0.25, 1.0]" in said[0] and "perfect_score 1.0 -> 2.0" in said[0]
+
+
+def test_resuming_with_a_setting_spelled_as_what_it_resolves_to_does_not_warn(tmp_path, caplog):
+    """The sessions' plans are compared as the engine runs them: ``rung_fractions=None`` on a small valset
+    and an explicit ``(1.0,)`` are the same plan (the warning fired on the constructor values), while
+    ``num_threads=None`` under another ``dspy.settings.num_threads`` is another plan."""
+    import dspy
+
+    from helpers import quick_compile
+
+    quick_compile(budget=60, log_dir=str(tmp_path), num_threads=4)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        quick_compile(budget=60, log_dir=str(tmp_path), num_threads=4, rung_fractions=(1.0,))
+    assert not [r for r in caplog.records if "other search settings" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(num_threads=6):
+        quick_compile(budget=60, log_dir=str(tmp_path), num_threads=None)
+    said = [r.getMessage() for r in caplog.records if "other search settings" in r.getMessage()]
+    assert len(said) == 1 and "num_threads 4 -> 6" in said[0], said
