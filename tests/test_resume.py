@@ -1758,3 +1758,43 @@ def test_resuming_with_a_setting_spelled_as_what_it_resolves_to_does_not_warn(tm
         quick_compile(budget=60, log_dir=str(tmp_path), num_threads=None)
     said = [r.getMessage() for r in caplog.records if "other search settings" in r.getMessage()]
     assert len(said) == 1 and "num_threads 4 -> 6" in said[0], said
+
+
+def test_a_candidate_whose_text_was_stored_masked_still_teaches_its_reflections_on_resume(routing, tmp_path):
+    """A store review: a proposer whose instructions quote a key-shaped example (a secret-scanning task)
+    has its candidates' texts stored masked, so their stored traces cannot be rebuilt; they were loaded
+    as no trace at all, not as lost ones, so a reflection asked again on resume read 1 record where the
+    live run read 6, wrote another text, and an identical rerun of a finished run diverged and paid
+    127 new calls. Such traces now count as lost: the rerun runs them again for the reflection and
+    makes the same candidates."""
+    splits = small_splits(routing, n_train=24, n_val=12)
+    mark = " Keys look like AKIAIOSFODNN7EXAMPL3."
+    phrases = [r.phrases[0] for r in routing.rules]
+
+    class Proposer(dspy.teleprompt.gepa.InstructionProposer):
+        def __call__(self, candidate, reflective_dataset, components_to_update):
+            out = {}
+            for name in components_to_update:
+                text = candidate[name].split(" [")[0].replace(mark, "")
+                rule = next((p for p in phrases if p.lower() not in text.lower()), "")
+                out[name] = f"{text} {rule}.{mark} [records {len(reflective_dataset.get(name, []))}]"
+            return out
+
+    runs, calls = [], []
+    for _ in range(2):
+        seen = [0]
+
+        def count(request, seen=seen):
+            seen[0] += 1
+
+        opt = TurboGEPA(routing.metric, max_metric_calls=150, instruction_proposer=Proposer(), num_threads=2,
+                        seed=3, track_stats=True, log_dir=str(tmp_path), verbose=False)
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.1, before_call=count)):
+            result = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val).detailed_results
+        runs.append(([c.named_predictors()[0][1].signature.instructions for c in result.candidates],
+                     result.val_aggregate_scores))
+        calls.append(seen[0])
+    stored = sqlite3.connect(tmp_path / "run.sqlite3").execute("SELECT texts_json FROM candidates").fetchall()
+    assert any("REDACTED" in row[0] for row in stored)  # the premise: the proposals' texts were stored masked
+    assert len(runs[0][0]) > 2 and runs[1] == runs[0]
+    assert calls[1] < calls[0]  # only the traces a reflection reads are run again

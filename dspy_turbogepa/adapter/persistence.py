@@ -190,7 +190,9 @@ def load_known(
         trajectory = None
         output = None
         with store.decoding("a stored evaluation's trace or output"):
-            trace_lost = _trace_masked(ev)
+            # a trace of a candidate whose stored texts were masked cannot be rebuilt: lost as a masked
+            # trace is (run again if a reflection is to read it), not dropped from what reflections read
+            trace_lost = _trace_masked(ev) or (bool(ev.trajectory_json) and ev.fingerprint not in texts_by_fp)
             if ev.trajectory_json and ev.fingerprint in texts_by_fp and not trace_lost:
                 trajectory = trajectory_from_json(
                     ev.trajectory_json, datasets[split][ev.example_id], codec, ev.fingerprint,

@@ -9,7 +9,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from dspy_turbogepa.store.errors import START_OVER, RunStoreError
+from dspy_turbogepa.store.errors import RunStoreError
 
 __all__ = ["LOCK_FILENAME", "RunLock"]
 
@@ -85,8 +85,12 @@ class RunLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            # the lock file, not the stored results, is what is wrong (owned by another user, not a file):
+            # deleting the database, as START_OVER says for a damaged store, would throw away paid work
             raise RunStoreError(
-                f"cannot create the lock file {path}: {exc}. {START_OVER.format(log_dir=log_dir)}") from exc
+                f"cannot open the lock file {path}: {exc}. The stored results in {log_dir} are not affected: "
+                f"make {path} a file this user can write (or remove it while no compile uses {log_dir}), "
+                "then run again with the same log_dir.") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,6 +18,7 @@ import operator
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -551,9 +552,8 @@ class RunStore:
 
     def close(self) -> None:
         """Commit everything queued, mark the session closed and release the database. Idempotent."""
-        if self._writer.closed:
+        if self._writer.closed or self._finalizer.detach() is None:  # detach: one of two closing threads
             return
-        self._finalizer.detach()
         _shutdown(self._writer, self.session, self._lock)
         errors = self._writer.take_errors()
         if errors:
@@ -782,11 +782,24 @@ def damaged_row_error(path: Path, log_dir: Path, what: str, exc: BaseException) 
 
 
 def _shutdown(writer: Writer, session: int, lock: RunLock) -> None:
-    """Close the session (the writer commits what is queued) and then release the log_dir."""
+    """Close the session (the writer commits what is queued) and then release the log_dir.
+
+    A writer still committing when the bounded wait ends (a stalled network disk) keeps the log_dir
+    locked until it is done: a second compile let in beside it would pay again for what it has yet to
+    commit. The process's exit releases the lock whatever happens."""
     try:
         writer.stop((_CLOSE_SESSION, (session,)))
     finally:
-        lock.release()
+        if writer.thread.is_alive():
+            threading.Thread(target=_release_after, args=(writer.thread, lock), daemon=True,
+                             name="dspy-turbogepa-run-store-unlock").start()
+        else:
+            lock.release()
+
+
+def _release_after(thread: threading.Thread, lock: RunLock) -> None:
+    thread.join()
+    lock.release()
 
 
 def _prepare_dir(log_dir: Path) -> None:
@@ -861,9 +874,13 @@ def _initialise(
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if version is None or version[0] != str(SCHEMA_VERSION):
                 found = None if version is None else version[0]
+                newer = found is not None and found.isdigit() and int(found) > SCHEMA_VERSION
+                # a newer version's store holds that version's paid work: upgrading keeps it, deleting does not
+                advice = ("Upgrade dspy-turbogepa to the version that wrote it (pip install -U dspy-turbogepa) "
+                          "to resume it, or use a new log_dir." if newer else START_OVER.format(log_dir=log_dir))
                 raise RunStoreMismatchError(
                     f"{path} was written with run store schema_version {found}, this version reads "
-                    f"{SCHEMA_VERSION}. {START_OVER.format(log_dir=log_dir)}",
+                    f"{SCHEMA_VERSION}. {advice}",
                     changed=["schema_version"],
                 )
         elif existing:

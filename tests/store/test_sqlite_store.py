@@ -248,7 +248,15 @@ def test_schema_version_and_foreign_databases_are_refused(tmp_path: Path) -> Non
     with conn:
         conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
     conn.close()
-    with pytest.raises(RunStoreMismatchError, match="schema_version 999"):
+    with pytest.raises(RunStoreMismatchError, match="schema_version 999") as newer:
+        RunStore.open(tmp_path / "a", RUN_KEY)
+    # a newer version's store holds its paid work: upgrade, not delete (an older one: start over)
+    assert "Upgrade dspy-turbogepa" in str(newer.value) and "delete" not in str(newer.value)
+    conn = _raw(tmp_path / "a")
+    with conn:
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(RunStoreMismatchError, match="schema_version 1, .* delete"):
         RunStore.open(tmp_path / "a", RUN_KEY)
 
     (tmp_path / "b").mkdir()
@@ -968,3 +976,50 @@ def test_a_per_session_part_may_change_and_each_session_records_its_value(tmp_pa
     with pytest.raises(RunStoreMismatchError) as info:
         RunStore.open(tmp_path, {**key_b, "seed": "1"}, session_parts=("reflection",))
     assert info.value.changed == ("seed",)
+
+
+def test_a_lock_file_that_cannot_be_opened_is_not_advice_to_delete_the_results(tmp_path: Path) -> None:
+    """A store review: ``run.lock`` owned by another user (here: a directory) was refused with the advice to
+    delete ``run.sqlite3*``, which throws away the paid results and leaves the lock file as it was."""
+    RunStore.open(tmp_path, RUN_KEY).close()
+    (tmp_path / "run.lock").unlink()
+    (tmp_path / "run.lock").mkdir()
+    with pytest.raises(RunStoreError, match="lock file") as refused:
+        RunStore.open(tmp_path, RUN_KEY)
+    assert "run.sqlite3" not in str(refused.value) and "not affected" in str(refused.value)
+
+
+def test_a_writer_still_committing_after_close_gave_up_waiting_keeps_the_log_dir_locked(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """A store review: close() waits a bounded time for the writer; on a stalled disk it released the
+    log_dir while the writer was still committing, so a second compile could start beside it and pay
+    again for the rows not yet committed. The lock now goes when the writer is done."""
+    from dspy_turbogepa.store import writer as writer_mod
+    from dspy_turbogepa.store.locks import RunLock
+
+    stalled, transaction = threading.Event(), writer_mod.Writer._transaction
+
+    def stalling(self, rows):
+        stalled.wait(30)
+        return transaction(self, rows)
+
+    stop = writer_mod.Writer.stop
+    monkeypatch.setattr(writer_mod.Writer, "_transaction", stalling)
+    monkeypatch.setattr(writer_mod.Writer, "stop", lambda self, final=None, timeout=30.0: stop(self, final, 0.2))
+    store = RunStore.open(tmp_path, RUN_KEY)
+    _eval(store, "fp", 0)
+    store.close()  # gives up waiting after 0.2 s
+    with pytest.raises(RunStoreError, match="in use"):
+        RunLock.acquire(tmp_path)
+    stalled.set()
+    deadline = time.monotonic() + 10
+    while True:  # released once the writer has committed
+        try:
+            RunLock.acquire(tmp_path).release()
+            break
+        except RunStoreError:
+            assert time.monotonic() < deadline, "the lock was never released"
+            time.sleep(0.05)
+    monkeypatch.undo()
+    with RunStore.open(tmp_path, RUN_KEY) as again:
+        assert len(list(again.load_evaluations())) == 1
