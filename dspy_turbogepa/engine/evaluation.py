@@ -138,6 +138,7 @@ class EvaluationCache:
             return await asyncio.shield(pending)
         fut: asyncio.Future[EvalOutcome] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
+        launch: int | None = None
         try:
             async with self._slots.slot(priority):
                 refusal = self.paid_gate() if self.paid_gate is not None else None
@@ -146,8 +147,11 @@ class EvaluationCache:
                 self._stats.peak_evals_in_flight = max(self._stats.peak_evals_in_flight, self._slots.in_use)
                 self._budget.record_execution()
                 self._stats.executed += 1
+                launch = self._systemic.launched(split)
                 outcome = await self._own_evaluation(candidate, split, example_id)
         except BaseException as exc:
+            if launch is not None:
+                self._systemic.abandoned(split, launch)
             self._pending.pop(key, None)
             if not fut.done():
                 fut.set_exception(exc)
@@ -159,7 +163,7 @@ class EvaluationCache:
         self._count(outcome)
         for obs in self._observers:
             obs.on_evaluation(candidate, split, outcome)
-        self._systemic.observe(outcome, candidate.fingerprint, split)
+        self._systemic.observe(outcome, candidate.fingerprint, split, launch)
         return outcome
 
     async def _own_evaluation(self, candidate: Candidate, split: Split, example_id: int) -> EvalOutcome:

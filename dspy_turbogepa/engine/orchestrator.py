@@ -1367,10 +1367,16 @@ class Orchestrator:
             self._paid_noop_streak = 0
         elif result.proposals_answered:
             self._paid_noop_streak += 1
-        if self._stop_reason is None and (self._noop_streak >= self.config.max_noop_mutations
+        # A proposer that stopped working (every reflection since a usable one failed) also stops the run
+        # when its mutations still charge new evaluations (each evaluates its parent on a new minibatch and
+        # scouts): the paid streak above only starts once the parents have been evaluated on every training
+        # example (a review: 280 metric calls and 210 paid reflections after the reflection LM broke).
+        proposer_dead = self._systemic.proposer_failures_in_a_row >= self.config.max_paid_noop_mutations
+        if self._stop_reason is None and (self._noop_streak >= self.config.max_noop_mutations or proposer_dead
                                           or self._paid_noop_streak >= self.config.max_paid_noop_mutations):
             broken = self._systemic.proposer_failure_streak()
-            if broken is not None and self._systemic.proposer_failures_in_a_row >= self._paid_noop_streak > 0:
+            if broken is not None and (proposer_dead or
+                                       self._systemic.proposer_failures_in_a_row >= self._paid_noop_streak > 0):
                 # not a search that ran out of ideas: the proposer stopped working (a reflection LM answering
                 # refusals or unparseable text); the best program so far is returned, and the user must hear why
                 logger.warning("Stopping (no_progress_possible): %s The best program found so far is returned.",

@@ -100,6 +100,10 @@ class _SplitWindow:
     candidates: set[str] = field(default_factory=set)
     #: Of ``count``, the failures that were the LM service's (``EvalOutcome.service_failure``).
     service: int = 0
+    #: Executions of the split started so far, and which of the first ``window`` started are still
+    #: running: the verdict waits for them (see :meth:`SystemicFailureDetector.launched`).
+    launches: int = 0
+    early_running: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -303,10 +307,34 @@ class SystemicFailureDetector:
             error_type=outcome.error_type,
         )
 
-    def observe(self, outcome: EvalOutcome, candidate: str | None = None, split: str = "val") -> None:
+    def launched(self, split: str = "val") -> int:
+        """An execution on ``split`` starts: its launch number, to pass to :meth:`observe` (or
+        :meth:`abandoned`) when it ends.
+
+        Why: evaluations finish in another order than they start. Examples that fail without an LM call
+        (a tool's or a validation error) finish in a millisecond, those that succeed after a round trip,
+        so with many slots the first N *finished* were all failures of a healthy run (a review: 17 of
+        20 runs stopped with 64 slots and 35% of examples failing so). The first-N rule judges the first
+        N *started*: its verdict waits until those have ended."""
+        window = self._window(split)
+        launch = window.launches
+        window.launches += 1
+        if launch < self.window and not window.seen_success:
+            window.early_running.add(launch)
+        return launch
+
+    def abandoned(self, split: str, launch: int) -> None:
+        """A launched execution ended without an outcome (cancelled, refused): not waited for."""
+        self._window(split).early_running.discard(launch)
+
+    def observe(self, outcome: EvalOutcome, candidate: str | None = None, split: str = "val",
+                launch: int | None = None) -> None:
         """Raise SystemicFailureError when the run must stop (see :meth:`_sticky`). ``candidate``
         (a fingerprint) tells format errors of the seed from those of its reflected children; ``split``
-        names the data the evaluation ran on (one split when the valset is the trainset)."""
+        names the data the evaluation ran on (one split when the valset is the trainset); ``launch`` is
+        what :meth:`launched` returned for it (None: not tracked)."""
+        if launch is not None:
+            self._window(split).early_running.discard(launch)
         self._sticky(lambda: self._observe(outcome, candidate, split))
 
     def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
@@ -388,6 +416,8 @@ class SystemicFailureDetector:
         """The error that stops the run for ``split``, or None while the evidence is not enough."""
         if window.seen_success or not window.count:
             return None
+        if not final and window.early_running:
+            return None  # one of the first evaluations started has not answered yet: it may succeed
         only_format = all(f == "format_error" for f, _ in window.failures)
         if not final and only_format and 0 < len(window.candidates) < FORMAT_ERROR_CANDIDATES:
             return None  # reflection has not yet had its chance to fix the output format

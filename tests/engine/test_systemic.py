@@ -359,3 +359,79 @@ def test_what_breaks_or_leaves_the_proposer_failure_streak() -> None:
     for _ in range(7):
         fresh.observe_proposal(_failed_reflection())
     assert fresh.proposer_failures_in_a_row == 0
+
+
+class _FastFailures:
+    """Examples in ``failing`` fail at once, with no LM call (a tool's or a validation error); the others
+    succeed after a round trip."""
+
+    def __init__(self, failing: set[int]) -> None:
+        self.failing = failing
+
+    async def evaluate(self, texts, fingerprint, split, example_id, capture_traces):
+        import asyncio
+
+        if example_id in self.failing:
+            await asyncio.sleep(0)
+            return EvalOutcome(example_id, 0.0, failure="program_error", error_type="ValueError", message="bad input")
+        await asyncio.sleep(0.02)
+        return EvalOutcome(example_id, 1.0)
+
+
+@pytest.mark.parametrize("failing_share", ["a third", "two thirds", "all"])
+def test_the_first_n_rule_judges_the_first_evaluations_started_not_the_first_finished(failing_share) -> None:
+    """An engine review: with 64 slots and 35% of a valset of 100 failing without an LM call, 17 of 20
+    healthy runs stopped as systemic: the window of 32 filled with the fast failures before any success
+    had answered. The verdict now waits for the first 32 started; a setup where every example fails
+    still stops."""
+    import asyncio
+
+    from dspy_turbogepa.engine import Candidate, Orchestrator
+
+    from .fakes import FakeReflector
+
+    val = list(range(100))
+    failing = {i for i in val if {"a third": i % 3 == 1, "two thirds": i % 3 != 0, "all": True}[failing_share]}
+    config = make_config(max_metric_calls=150, max_evals_in_flight=64, systemic_failure_window=32)
+    orch = Orchestrator(config, _FastFailures(failing), FakeReflector(), Candidate({"instr": "base"}),
+                        list(range(20)), val)
+    if failing_share == "all":
+        with pytest.raises(SystemicFailureError, match="first 32 evaluations all failed"):
+            asyncio.run(orch.run())
+    else:
+        result = asyncio.run(orch.run())
+        assert result.stop_reason != "systemic_failure" and result.records[0].val_scores
+
+
+def test_an_evaluation_launched_and_abandoned_is_not_waited_for() -> None:
+    det = SystemicFailureDetector(window=2)
+    first, second = det.launched("val"), det.launched("val")
+    det.abandoned("val", first)  # cancelled: never answers
+    det.observe(fail(example_id=5), split="val")
+    with pytest.raises(SystemicFailureError):
+        det.observe(fail(example_id=6), split="val", launch=second)
+
+
+def test_a_proposer_that_breaks_mid_run_stops_it_though_its_mutations_still_pay_new_evaluations(caplog) -> None:
+    """An engine review: after 3 usable reflections every one failed (``invalid_proposal``); each failed
+    mutation still evaluated its parent on a new minibatch and scouts, which reset the paid no-op
+    streak, so on 300 training examples the run paid 280 more metric calls and 210 reflections, and
+    more with a larger trainset. It now stops after ``max_paid_noop_mutations`` failed reflections in a
+    row, naming the proposer, and returns the best program so far."""
+    import asyncio
+    import logging
+
+    from dspy_turbogepa.engine import Orchestrator
+
+    from .fakes import FakeEvaluator, FakeReflector, hard_setup
+
+    setup = hard_setup(train_n=300, val_n=20, num_keywords=40)
+    reflector = FakeReflector(skip=lambda n: "invalid_proposal" if n >= 3 else None)
+    config = make_config(max_metric_calls=1500, max_evals_in_flight=16, max_mutations_in_flight=4)
+    orch = Orchestrator(config, FakeEvaluator(setup.task), reflector, setup.seed(), setup.train_ids, setup.val_ids)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        result = asyncio.run(orch.run())
+    assert result.stop_reason == "no_progress_possible"
+    assert len(reflector.calls) < 3 + config.max_paid_noop_mutations + 10  # was 213
+    assert result.total_metric_calls < 150  # was 329
+    assert any("reflections all gave nothing usable" in r.getMessage() for r in caplog.records)
