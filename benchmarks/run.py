@@ -53,6 +53,9 @@ Run = dict[str, Any]
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 OVERHEAD_KINDS = ("turbo", "gepa", "gepa_quiet", "floor")
+#: Memory: TurboGEPA's compile, and a plain dspy.Evaluate making as many metric calls (DSPy keeps every LM
+#: call in its history, up to 10,000 entries: that growth is DSPy's, in both).
+MEMORY_KINDS = ("turbo", "floor")
 
 #: Per-mode defaults for the options left unset on the command line.
 #: Defaults of every mode; a flag given on the command line wins over these, over MODE_DEFAULTS and over
@@ -63,8 +66,10 @@ DEFAULTS: dict[str, Any] = {"optimizers": "turbo,gepa", "threads": 16, "time_sca
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grid": {"tasks": "routing,pipeline,pricing", "budgets": "300,800", "seeds": "0,1,2,3,4"},
     "overhead": {"tasks": "routing", "budgets": "800", "seeds": "0"},
-    # the zero-latency simulator keeps the benchmark noise: routing does not stop early at 5000 calls
-    "memory": {"tasks": "routing", "budgets": "1000,5000", "seeds": "0"},
+    # 400 training examples: with 80 the search solves routing, every minibatch drawn is perfect and the run
+    # stops (no_progress_possible) at about 2,100 of 5,000 calls
+    "memory": {"tasks": "routing", "budgets": "1000,5000", "seeds": "0", "n_train": 400,
+               "kinds": ",".join(MEMORY_KINDS)},
 }
 #: --smoke: tiny, fast settings for every mode.
 SMOKE: dict[str, dict[str, Any]] = {
@@ -72,7 +77,8 @@ SMOKE: dict[str, dict[str, Any]] = {
              "n_train": 24, "n_val": 12, "n_test": 40},
     "overhead": {"tasks": "routing", "budgets": "60", "seeds": "0", "repeats": 1,
                  "n_train": 24, "n_val": 12, "n_test": 40},
-    "memory": {"tasks": "routing", "budgets": "40,80", "seeds": "0", "n_train": 24, "n_val": 12, "n_test": 0},
+    "memory": {"tasks": "routing", "budgets": "40,80", "seeds": "0", "n_train": 24, "n_val": 12, "n_test": 0,
+               "kinds": ",".join(MEMORY_KINDS)},
 }
 # keys of a cell's config that must match for a stored cell JSON to be reused
 _CFG_KEYS = ("mode", "optimizer", "kind", "task", "budget", "seed", "threads", "time_scale", "n_train", "n_val",
@@ -545,8 +551,9 @@ def run_overhead_cell(cfg: Run) -> Run:
 
 
 def run_memory_cell(cfg: Run) -> Run:
-    """Peak RSS of one turbo compile (no run store, quiet) on a zero-latency simulator,
-    with the RSS sampled against the metric calls made so far."""
+    """Peak RSS of one turbo compile (no run store, quiet) on a zero-latency simulator, or of the
+    ``floor`` (kind): a plain dspy.Evaluate of the seed program over the training split, repeated to
+    about ``budget`` calls; with the RSS sampled against the metric calls made so far."""
     import dspy
 
     from dspy_turbogepa.testing import TASKS, SimServer
@@ -554,11 +561,13 @@ def run_memory_cell(cfg: Run) -> Run:
     task = TASKS[cfg["task"]]
     train, val, _ = task.splits(data_seed=0, n_train=cfg["n_train"], n_val=cfg["n_val"], n_test=0)
     metric, counters = _counting_metric(task)
+    floor = cfg.get("kind") == "floor"
     with SimServer("overhead", seed=cfg["seed"], time_scale=0.0) as srv:
         student, reflector = _sim_lms(srv)
         dspy.configure(lm=student)
         program = task.make_program()
-        optimizer = _make_optimizer("turbo", metric, _common_kwargs(cfg, reflector), verbose=False)
+        optimizer = None if floor else _make_optimizer("turbo", metric, _common_kwargs(cfg, reflector),
+                                                       verbose=False)
         rss_before = _rss_mb()
         samples: list[tuple[int, float]] = []
         stop = threading.Event()
@@ -572,13 +581,19 @@ def run_memory_cell(cfg: Run) -> Run:
         meter = _HarnessMeter(srv)
         sampler.start()
         with meter.measure():
-            optimized = optimizer.compile(program, trainset=train, valset=val)
+            if optimizer is None:
+                evaluator = dspy.Evaluate(devset=train, metric=metric, num_threads=cfg["threads"],
+                                          display_progress=False)
+                for _ in range(max(1, math.ceil(cfg["budget"] / len(train)))):
+                    evaluator(program)
+            else:
+                optimized = optimizer.compile(program, trainset=train, valset=val)
         stop.set()
         sampler.join()
         samples.append((counters["metric_calls"], round(_rss_mb(), 1)))
     return {
         **cfg,
-        **_result_info(optimized),
+        **({} if optimizer is None else _result_info(optimized)),
         "metric_calls": counters["metric_calls"],
         "wall_s": meter.wall_s,
         "harness_cpu_s": meter.cpu_s,
@@ -867,14 +882,25 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios: list[Run] = []
+    unpaired: list[str] = []
     for (task, budget), by_opt in sorted(groups.items()):
-        turbo = by_opt.get("turbo")
-        if not turbo:
+        if not by_opt.get("turbo"):
             continue
         for base in ("gepa", "gepa4"):
             base_runs = by_opt.get(base)
-            vals = [r["final_val"] for r in base_runs or () if r["final_val"] is not None]
-            if not vals:
+            if not base_runs:
+                continue
+            # A seed with one optimizer's cell missing (failed or timed out, so not stored) would give two
+            # medians over different seeds, and drop what may have been that optimizer's worst run: the
+            # ratios are taken over the seeds both have, and the table says which were left out.
+            seeds_t, seeds_b = {r["seed"] for r in by_opt["turbo"]}, {r["seed"] for r in base_runs}
+            if seeds_t != seeds_b:
+                unpaired.append(f"{task}@{budget} vs {base}: no turbo cell for seeds {sorted(seeds_b - seeds_t)},"
+                                f" no {base} cell for seeds {sorted(seeds_t - seeds_b)}")
+            turbo = [r for r in by_opt["turbo"] if r["seed"] in seeds_b]
+            base_runs = [r for r in base_runs if r["seed"] in seeds_t]
+            vals = [r["final_val"] for r in base_runs if r["final_val"] is not None]
+            if not vals or not turbo:
                 continue
             target = statistics.median(vals)
             hits_t = [_to_target(r, target) for r in turbo]
@@ -910,6 +936,9 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
                 f" | {_num(row['metric_calls_turbo'], '.0f')} / {_num(row['metric_calls_baseline'], '.0f')}"
                 f" | {_num(row['student_util_turbo'], '.2f')} / {_num(row['student_util_baseline'], '.2f')} |"
             )
+    if unpaired:
+        lines += ["", ("**Unpaired seeds** (a cell failed or timed out): the ratio rows above are over the seeds"
+                       " both optimizers have; " + "; ".join(unpaired) + ".")]
     lines += _steps_section(groups, targets)
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(runs, indent=1, default=str))
@@ -1176,39 +1205,52 @@ def report_overhead_instructions(runs: list[Run], out_dir: Path) -> Run:
 
 def report_memory(runs: list[Run], out_dir: Path) -> Run:
     lines = [
-        "# Peak RSS of turbo by budget (zero-latency simulator)",
+        "# Peak RSS by budget (zero-latency simulator)",
         "",
         ("Peak RSS = ru_maxrss of the cell's subprocess (imports, simulator and compile included);"
-         " growth = peak RSS minus that of the smallest budget of the same task/seed."),
+         " growth = peak RSS minus that of the smallest budget of the same task/seed/kind. turbo: TurboGEPA's"
+         " compile (no run store, quiet); floor: a plain dspy.Evaluate of the seed program over the training"
+         " split, repeated to about the budget's metric calls. Both keep DSPy's LM call history (its default,"
+         " up to 10,000 entries), so the floor's growth is DSPy's own; 'turbo − floor' is the difference"
+         " of the two growths over the same budgets."),
         "",
         _provenance_note(runs),
         "",
-        ("| task | seed | n_train | n_val | budget | metric calls | stop reason | candidates | RSS before compile MB"
-         " | peak RSS MB | growth MB | KB / metric call |"),
-        "|" + "---|" * 12,
+        ("| task | seed | kind | n_train | n_val | budget | metric calls | stop reason | candidates"
+         " | RSS before compile MB | peak RSS MB | growth MB | KB / metric call |"),
+        "|" + "---|" * 13,
     ]
-    by_key: dict[tuple[str, int], list[Run]] = {}
+    by_key: dict[tuple[str, int, str], list[Run]] = {}
     for r in runs:
-        by_key.setdefault((r["task"], r["seed"]), []).append(r)
+        by_key.setdefault((r["task"], r["seed"], r.get("kind", "turbo")), []).append(r)
     summary: list[Run] = []
-    for (task, seed), rs in sorted(by_key.items()):
+    growths: dict[tuple[str, int, str], dict[int, float]] = {}
+    for (task, seed, kind), rs in sorted(by_key.items()):
         rs = sorted(rs, key=lambda r: r["budget"])
         first = rs[0]
         for r in rs:
             growth = r["peak_rss_mb"] - first["peak_rss_mb"]
+            growths.setdefault((task, seed, kind), {})[r["budget"]] = growth
             dcalls = r["metric_calls"] - first["metric_calls"]
             per_call = 1024.0 * growth / dcalls if dcalls > 0 else None
             summary.append({
-                "task": task, "seed": seed, "budget": r["budget"], "metric_calls": r["metric_calls"],
+                "task": task, "seed": seed, "kind": kind, "budget": r["budget"], "metric_calls": r["metric_calls"],
                 "stop_reason": r.get("stop_reason"), "peak_rss_mb": r["peak_rss_mb"],
                 "growth_mb": growth, "growth_from_budget": first["budget"], "kb_per_metric_call": per_call,
             })
             lines.append(
-                f"| {task} | {seed} | {r['n_train']} | {r['n_val']} | {r['budget']} | {r['metric_calls']}"
-                f" | {r.get('stop_reason')} | {r.get('candidates')} | {r['rss_before_compile_mb']:.0f}"
+                f"| {task} | {seed} | {kind} | {r['n_train']} | {r['n_val']} | {r['budget']} | {r['metric_calls']}"
+                f" | {r.get('stop_reason', '-')} | {r.get('candidates', '-')} | {r['rss_before_compile_mb']:.0f}"
                 f" | {r['peak_rss_mb']:.0f} | {growth:+.1f} | {_num(per_call, '.1f')} |"
             )
-    early = [r for r in runs if r["metric_calls"] < 0.95 * r["budget"]]
+    for (task, seed, kind), by_budget in sorted(growths.items()):
+        floor = growths.get((task, seed, "floor"))
+        if kind != "turbo" or not floor:
+            continue
+        for budget, growth in sorted(by_budget.items())[1:]:
+            if budget in floor:
+                lines += ["", f"turbo − floor, {task} seed {seed}, budget {budget}: {growth - floor[budget]:+.1f} MB"]
+    early = [r for r in runs if r.get("kind", "turbo") == "turbo" and r["metric_calls"] < 0.95 * r["budget"]]
     if early:
         lines += ["", "**Stopped early** (fewer metric calls than the budget): "
                   + ", ".join(f"{r['task']} b={r['budget']} ({r['metric_calls']} calls, {r.get('stop_reason')})"
@@ -1247,9 +1289,10 @@ def _cells(a: argparse.Namespace, mode: str, out_dir: Path) -> list[Run]:
                                           "repeat": rep, **base, "out": str(out),
                                           **({"instructions": True} if a.instructions else {})})
                 else:
-                    out = out_dir / "memory_runs" / f"turbo_{task}_b{budget}_s{seed}.json"
-                    cells.append({"mode": mode, "optimizer": "turbo", "task": task, "budget": budget, "seed": seed,
-                                  **base, "out": str(out)})
+                    for kind in a.kinds.split(","):
+                        out = out_dir / "memory_runs" / f"{kind}_{task}_b{budget}_s{seed}.json"
+                        cells.append({"mode": mode, "kind": kind, "task": task, "budget": budget, "seed": seed,
+                                      **base, "out": str(out)})
     return cells
 
 
@@ -1263,7 +1306,8 @@ def _describe(r: Run) -> str:
                 else f"{r['cpu_ms_per_metric_call']:.2f} ms CPU each")
         return (f"overhead {r['kind']:5s} {r['task']} b={r['budget']} r={r['repeat']}: {r['metric_calls']} metric"
                 f" calls, {each}")
-    return (f"memory {r['task']} b={r['budget']}: {r['metric_calls']} metric calls ({r.get('stop_reason')}),"
+    return (f"memory {r.get('kind', 'turbo')} {r['task']} b={r['budget']}: {r['metric_calls']} metric calls"
+            f" ({r.get('stop_reason', '-')}),"
             f" peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
@@ -1321,7 +1365,8 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--overhead", action="store_true", help="harness CPU per metric call: turbo, gepa, floor")
     mode.add_argument("--memory", action="store_true", help="peak RSS of turbo by budget")
     p.add_argument("--repeats", type=int, help="overhead: repeats of each measurement (default: 3)")
-    p.add_argument("--kinds", help="overhead: comma list of " + ", ".join(OVERHEAD_KINDS) + " (default: all)")
+    p.add_argument("--kinds", help="overhead: comma list of " + ", ".join(OVERHEAD_KINDS) + "; memory: of "
+                   + ", ".join(MEMORY_KINDS) + " (default: all)")
     p.add_argument("--instructions", action="store_true",
                    help="overhead: count machine instructions with valgrind (callgrind) instead of CPU time;"
                    " deterministic, about 50x slower (one repeat is enough)")
@@ -1342,9 +1387,10 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     settings = {**DEFAULTS, **MODE_DEFAULTS[run_mode], **(SMOKE[run_mode] if a.smoke else {}), **explicit}
     for k, v in settings.items():
         setattr(a, k, v)
-    unknown = set(a.kinds.split(",")) - set(OVERHEAD_KINDS)
+    kinds = MEMORY_KINDS if run_mode == "memory" else OVERHEAD_KINDS
+    unknown = set(a.kinds.split(",")) - set(kinds)
     if unknown:
-        p.error(f"--kinds: unknown {', '.join(sorted(unknown))}; choose from {', '.join(OVERHEAD_KINDS)}")
+        p.error(f"--kinds: unknown {', '.join(sorted(unknown))}; choose from {', '.join(kinds)}")
     if a.turbo_kwargs and run_mode != "grid":
         p.error("--turbo-kwargs applies to the grid's turbo cells: drop --overhead / --memory")
     if a.instructions and not a.overhead:
