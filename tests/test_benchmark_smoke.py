@@ -287,6 +287,14 @@ def test_the_ratio_spread_pairs_runs_by_seed():
     assert only_turbo["speedup_misses_at_common_cap"] == pytest.approx(100.0 / 80.0)  # not 60 / 80
     assert out["speedup_misses_at_common_cap"] == pytest.approx(45.0 / 25.0)  # seed 3: both walls 100 s
     assert out == bench._paired_by_seed(turbo, base, target=0.9)  # a fixed stream: the same table every time
+    # per-seed targets: each seed's baseline run's own final validation score, not the median over seeds
+    def curve(seed, points, wall=30.0):
+        return {"seed": seed, "best_val_curve": points, "final_val": points[-1][1], "compile_wall_s": wall,
+                "lm_timeline": [[0.0, 0, 0]], "lm_calls_student": 10, "lm_calls_reflector": 1, "final_test": 0.5}
+
+    base = [curve(0, [[5.0, 0.7], [20.0, 0.9]]), curve(1, [[5.0, 0.7]])]
+    turbo = [curve(0, [[2.0, 0.9]]), curve(1, [[2.0, 0.6], [8.0, 0.7]])]
+    assert bench._paired_by_seed(turbo, base, 0.8)["speedup_per_seed_target"] == pytest.approx(12.5 / 5.0)
 
 
 def test_the_gepa_cache_check_runs_offline():
