@@ -489,7 +489,7 @@ def test_memory_growth_is_from_the_smallest_budget_and_short_runs_are_flagged(be
     that makes fewer than 95 % of its budget's metric calls ... is flagged in `memory.md`"
     (run.py:1003-1046; defaults run.py:52-59)."""
     a = bench.parse_settings(["--memory"])
-    assert (a.budgets, a.tasks, a.n_train, a.n_val) == ("1000,5000", "routing", 80, 40)
+    assert (a.budgets, a.tasks, a.n_train, a.n_val, a.kinds) == ("1000,5000", "routing", 400, 40, "turbo,floor")
 
     def cell(budget: int, calls: int, peak: float) -> dict:
         return {"task": "routing", "seed": 0, "budget": budget, "metric_calls": calls, "peak_rss_mb": peak,

@@ -447,14 +447,14 @@ def test_benchmarks_resume_runs_a_cell_made_with_other_settings_again_and_overwr
 
 def test_benchmarks_overhead_and_memory_defaults():
     """benchmarks/README.md, Overhead: "task `routing` (change with `--tasks`), threads 16, budget 800, seed 0,
-    `--repeats` (default 3)", the floor over "the test split (`--n-test`, 300)"; Memory: "task `routing` (80
-    train / 40 val), `max_metric_calls` 1000 and 5000 (`--budgets`)"."""
+    `--repeats` (default 3)", the floor over "the test split (`--n-test`, 300)"; Memory: "task `routing` (400
+    train / 40 val ...), `max_metric_calls` 1000 and 5000 (`--budgets`)"."""
     bench = _bench()
     overhead = bench.parse_settings(["--overhead"])
     assert (overhead.tasks, overhead.threads, overhead.budgets, overhead.seeds, overhead.repeats, overhead.n_test) \
         == ("routing", 16, "800", "0", 3, 300)
     memory = bench.parse_settings(["--memory"])
-    assert (memory.tasks, memory.n_train, memory.n_val, memory.budgets) == ("routing", 80, 40, "1000,5000")
+    assert (memory.tasks, memory.n_train, memory.n_val, memory.budgets) == ("routing", 400, 40, "1000,5000")
     assert bench.parse_settings(["--overhead", "--tasks", "pricing"]).tasks == "pricing"
 
 

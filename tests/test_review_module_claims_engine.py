@@ -604,9 +604,9 @@ class SpyDetector(SystemicFailureDetector):
         super().__init__(8)
         self.seen: list[int] = []
 
-    def observe(self, outcome, candidate=None, split="val") -> None:
+    def observe(self, outcome, candidate=None, split="val", launch=None) -> None:
         self.seen.append(outcome.example_id)
-        super().observe(outcome, candidate, split)
+        super().observe(outcome, candidate, split, launch)
 
 
 def make_cache(evaluator, capacity=4, known=None, shared=False, perfect=None):
