@@ -978,13 +978,14 @@ _PLAN_SETTINGS = (
     "rung_fractions", "reduction_factor", "perfect_score",
 )
 #: The session meta's key for the plan as the engine runs it (EngineConfig): ``rung_fractions=None`` and
-#: the ``(0.5, 1.0)`` it resolves to are the same plan, ``num_threads=None`` with another
+#: the ``(1.0,)`` it resolves to on a small valset are the same plan, ``num_threads=None`` with another
 #: ``dspy.settings.num_threads`` is not.
 PLAN_META = "plan"
 #: EngineConfig fields that do not decide what the search asks for: the seed is part of the run key (a
-#: log_dir of another seed is refused), the secondary budgets and stop rules only end the run sooner.
+#: log_dir of another seed is refused), the secondary budgets, ``strict_budget`` and the stop rules only
+#: end the run sooner.
 _NOT_PLAN = frozenset({"seed", "stop_file", "stop_callbacks", "max_seconds", "max_tokens", "max_cost",
-                       "max_noop_mutations", "max_paid_noop_mutations", "systemic_failure_window",
+                       "strict_budget", "max_noop_mutations", "max_paid_noop_mutations", "systemic_failure_window",
                        "systemic_proposal_window"})
 #: The constructor argument a user sets each renamed EngineConfig field with, for the warning.
 _PLAN_NAMES = MappingProxyType({

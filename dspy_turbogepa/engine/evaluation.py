@@ -160,9 +160,14 @@ class EvaluationCache:
         self._pending.pop(key, None)
         self._done[key] = outcome
         fut.set_result(outcome)
-        self._count(outcome)
-        for obs in self._observers:
-            obs.on_evaluation(candidate, split, outcome)
+        try:
+            self._count(outcome)
+            for obs in self._observers:
+                obs.on_evaluation(candidate, split, outcome)
+        except BaseException:
+            if launch is not None:  # ended: the first-N verdict must not wait for it forever
+                self._systemic.abandoned(split, launch)
+            raise
         self._systemic.observe(outcome, candidate.fingerprint, split, launch)
         return outcome
 

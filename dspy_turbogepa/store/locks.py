@@ -96,6 +96,9 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if holder == str(os.getpid()):
+                holder += (", this process: a compile on another thread, or the last compile's run store still "
+                           "committing after close() on a slow disk")
             raise RunStoreError(
                 f"log_dir {log_dir} is in use by another compile that is still running (pid {holder}): two at "
                 "once would pay for the same evaluations twice. Wait for it to finish, or use another log_dir."

@@ -791,8 +791,11 @@ def _shutdown(writer: Writer, session: int, lock: RunLock) -> None:
         writer.stop((_CLOSE_SESSION, (session,)))
     finally:
         if writer.thread.is_alive():
-            threading.Thread(target=_release_after, args=(writer.thread, lock), daemon=True,
-                             name="dspy-turbogepa-run-store-unlock").start()
+            try:
+                threading.Thread(target=_release_after, args=(writer.thread, lock), daemon=True,
+                                 name="dspy-turbogepa-run-store-unlock").start()
+            except RuntimeError:  # at interpreter exit (a finalizer): the process's exit releases the lock
+                logger.debug("Run store %s: its writer outlived close() at exit", writer.path)
         else:
             lock.release()
 

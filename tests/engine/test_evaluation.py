@@ -109,3 +109,21 @@ def test_a_cap_that_refuses_an_evaluation_lets_the_batch_already_on_the_wire_fin
     assert (stats.task_prompt_tokens, stats.task_completion_tokens, stats.task_cost) == (200, 20, 1.0)
     assert requested == {(cand.fingerprint, "val", i) for i in (0, 1)}  # the refused are not charged
     assert cache.get((cand.fingerprint, "val", 2)) is None  # refused: a rerun runs it (or refuses it again)
+
+
+def test_an_evaluation_whose_observer_raises_is_not_waited_for_by_the_first_n_rule():
+    """A review of the launch tracking: an observer raising after an evaluation ended (the run store's
+    writer died) skipped both ``observe`` and ``abandoned``, so the first-N verdict would have waited for
+    that launch for the rest of the run."""
+    import pytest
+
+    class Raising:
+        def on_evaluation(self, candidate, split, outcome):
+            raise RuntimeError("the writer died")
+
+    detector = SystemicFailureDetector(8)
+    cache = EvaluationCache(CountingEvaluator(), PrioritySlots(4), MetricBudget(100), RunStats(), [Raising()],
+                            detector)
+    with pytest.raises(RuntimeError, match="writer died"):
+        asyncio.run(cache.one(Candidate({"a": "x"}), "val", 1, 0.0, set()))
+    assert not detector._window("val").early_running
