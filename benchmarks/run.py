@@ -863,8 +863,9 @@ def aggregate(runs: list[Run], out_dir: Path) -> None:
         "## Ratios (ratios of medians over seeds)",
         "",
         ("Each row's target is that baseline's own median final validation score (for gepa the target"
-         " above; for gepa4 its own, usually lower, final score: issue 6 asks TurboGEPA to be faster to"
-         " it). Time-to-target speedup = baseline / turbo (> 1: turbo faster); LM calls to target ="
+         " above, unless a seed is unpaired: then over the paired seeds; for gepa4 its own, usually lower,"
+         " final score: issue 6 asks TurboGEPA to be faster to it). Time-to-target speedup = baseline /"
+         " turbo (> 1: turbo faster); LM calls to target ="
          " turbo / baseline (< 1: turbo needs fewer; student and reflection LM calls); test diff = turbo"
          " − baseline final test score. The spread of a ratio: a 95% bootstrap interval of the speedup"
          " (seeds resampled with replacement, turbo and baseline of a seed kept together, 2,000 draws),"
