@@ -995,8 +995,9 @@ _PLAN_NAMES = MappingProxyType({
 
 
 def _plan_of(config: EngineConfig) -> dict[str, Any]:
-    """The plan's JSON-safe settings, by the name a user sets them with (a callable component_selector is
-    left out: it has no stored form to compare; a changed one is the user's own doing)."""
+    """The plan's JSON-safe settings, by EngineConfig field (the warning names them as a user sets them,
+    ``_PLAN_NAMES``); a callable component_selector is left out: it has no stored form to compare, and a
+    changed one is the user's own doing."""
     plan: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
