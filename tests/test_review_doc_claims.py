@@ -327,6 +327,22 @@ def test_engine_a_300_call_run_goes_one_mutation_at_a_time_plus_one_chained():
 
 
 # ================================================================================================ errors.md
+def test_a_proposer_returning_a_prediction_is_applied_as_dspy_gepa_applies_it():
+    """dspy.GEPA applies a proposer's answer with ``dict.update``, so a proposer written as a
+    ``dspy.Module`` that returns ``dspy.Prediction(**{name: text})`` works there. It was refused here as
+    ``invalid_proposal`` on every reflection, and the run stopped as systemic after 8."""
+    asked: list[int] = []
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        asked.append(1)
+        return dspy.Prediction(**{c: candidate[c] + f" Variant {len(asked)}." for c in components_to_update})
+
+    optimized = run(instruction_proposer=proposer, data=splits(12, 8), budget=80)
+    stats = optimized.detailed_results.run_stats
+    assert asked and not stats["proposal_skips"], stats["proposal_skips"]
+    assert stats["mutations"].get("rejected_rung0", 0) > 0, stats["mutations"]  # its texts became children
+
+
 def test_errors_a_proposer_returning_none_stops_after_the_first_8_reflections():
     """errors.md: "the **first 8** reflections all fail (raise, nothing usable, ...) ... run stops with
     `SystemicFailureError` naming the most common cause"; deviations.md: "an `instruction_proposer` that

@@ -234,9 +234,10 @@ class ReflectiveProposer:
             answer = self._ask_fitting(parent_texts, dataset, scores, unit, retries)
             if isinstance(answer, ProposalOutcome):
                 return answer
-            if not isinstance(answer, Mapping):
+            mapping = _as_mapping(answer)
+            if mapping is None:
                 return _validate_answer(answer, parent_texts)  # says what the proposer returned
-            texts.update(answer)
+            texts.update(mapping)
         outcome = _validate_answer(texts, parent_texts)
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
@@ -390,16 +391,32 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+def _as_mapping(answer: Any) -> Mapping[Any, Any] | None:
+    """The answer as a mapping, if dspy.GEPA could apply it. It applies a proposer's answer with
+    ``dict.update``, which takes any object with ``keys()`` and item access: a proposer written as a
+    ``dspy.Module`` naturally returns a ``dspy.Prediction(**{name: text})``, and that works there."""
+    if isinstance(answer, Mapping):
+        return answer
+    keys = getattr(answer, "keys", None)
+    if isinstance(answer, (str, bytes)) or not callable(keys):
+        return None
+    try:
+        return {k: answer[k] for k in keys()}
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None
+
+
 def _validate_answer(answer: Any, parent: Mapping[str, str]) -> ProposalOutcome:
     """Texts for components the proposer was not asked about are kept, as dspy.GEPA applies them."""
-    if not isinstance(answer, Mapping):
+    mapping = _as_mapping(answer)
+    if mapping is None:
         return ProposalOutcome(
             skipped="invalid_proposal",
             message=f"the proposer returned {type(answer).__name__}, expected dict[str, str]",
         )
     texts: dict[str, str] = {}
     problems: list[str] = []
-    for name, text in answer.items():
+    for name, text in mapping.items():
         if name not in parent:
             problems.append(f"unknown component {name!r}")
         elif not isinstance(text, str) or not text.strip():
