@@ -489,7 +489,22 @@ def test_what_a_reflection_shows_within_a_window_failures_first_in_their_order()
     assert choose(scores, sizes, 200) == [1, 3]  # the two failures, in the order the engine gave them
     assert choose(scores, sizes, 300) == [1, 2, 3]  # then the partial one, before solved examples
     assert choose(scores, [100, 900, 100, 100, 100], 300) == [0, 2, 3]  # a failure too long is passed over
-    assert choose(scores, [500, 900, 400, 700, 600], 300) == [2]  # nothing fits: the shortest
+    assert choose(scores, [500, 900, 400, 700, 600], 300) == [2]  # nothing fits: the shortest failure
+    assert choose(scores, [50, 900, 400, 700, 60], 30) == [2]  # ... not a shorter solved example
+
+
+def test_a_reflection_under_a_tight_window_is_shown_a_failure_not_only_a_solved_example():
+    """Each predictor's guaranteed example was its shortest, whatever its score: with the failures the
+    long ones, a tight window gave a prompt showing one solved example, paid for and nothing to fix."""
+    from dspy_turbogepa.proposers.context_fit import Example, plan
+
+    examples = {"qa": [Example(1.0, 100), Example(0.0, 900), Example(0.0, 950)]}
+    assert plan({"qa": 200}, examples, None) == {"qa": [0, 1, 2]}
+    assert plan({"qa": 200}, examples, 1_100) == {"qa": [1]}  # the shortest failure fits
+    assert plan({"qa": 200}, examples, 700) == {"qa": [1]}  # even past the budget: the floor is a failure
+    assert plan({"qa": 200}, examples, 1_500) == {"qa": [0, 1]}  # the solved one only beside a failure
+    alike = {"qa": [Example(0.0, 300), Example(0.0, 100)]}
+    assert plan({"qa": 10}, alike, 50) == {"qa": [1]}  # all scored alike: the shortest
 
 
 def test_a_units_size_is_shared_so_a_predictor_whose_examples_fit_keeps_them_all():

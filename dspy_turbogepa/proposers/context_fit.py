@@ -19,7 +19,7 @@ instruction, must not cut every later reflection down to one example.
 - Within one reflection each retry halves the gap between what it knows fits and the smallest size
   refused in it, whatever other reflections learn meanwhile, so it makes a logarithmic number of
   calls at most, and it gives up only when its smallest possible prompt (each predictor's
-  instruction and shortest example) was refused.
+  instruction and shortest failure) was refused.
 - A unit's size is shared so that a predictor whose examples fit keeps them all: each predictor
   first gets its smallest prompt, the rest goes to those that need more, smallest need first.
 
@@ -95,10 +95,21 @@ class ContextFit:
             self.left_out += n
 
 
+def floor_example(scores: Sequence[float], sizes: Sequence[int]) -> int | None:
+    """The example a reflection shows however small its budget: the shortest of those below the best
+    score (a failure to fix), or of all of them if they score alike. The shortest example whatever its
+    score could be a solved one: a prompt showing only that fits, is paid for, and has nothing to fix."""
+    if not sizes:
+        return None
+    best = max(scores)
+    pool = [i for i in range(len(sizes)) if scores[i] < best] or list(range(len(sizes)))
+    return min(pool, key=lambda i: (sizes[i], i))
+
+
 def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None) -> list[int]:
     """Positions of the examples to show, in their original order: all of them without a budget; else
     the failures first (lowest score, then earliest), each that still fits in ``budget`` characters of
-    examples, and if none fits, the shortest one."""
+    examples, and if none fits, the shortest failure (``floor_example``)."""
     if budget is None:
         return list(range(len(sizes)))
     chosen: list[int] = []
@@ -107,8 +118,9 @@ def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None) ->
         if used + sizes[i] <= budget:
             chosen.append(i)
             used += sizes[i]
-    if not chosen and sizes:
-        chosen = [min(range(len(sizes)), key=lambda i: (sizes[i], i))]
+    floor = floor_example(scores, sizes)
+    if not chosen and floor is not None:
+        chosen = [floor]
     return sorted(chosen)
 
 
@@ -124,12 +136,13 @@ def plan(instructions: Mapping[str, int], examples: Mapping[str, Sequence[Exampl
          budget: int | None) -> dict[str, list[int]]:
     """Which examples of each predictor (positions) to show within ``budget`` characters of instructions
     and examples: all without a budget. Each predictor first gets its smallest prompt (instruction and
-    shortest example), then the rest is shared, smallest need first, so one that fits keeps them all."""
+    shortest failure), then the rest is shared, smallest need first, so one that fits keeps them all."""
     if budget is None:
         return {name: list(range(len(shown))) for name, shown in examples.items()}
     names = list(examples)
     sizes = {name: [e.size for e in examples[name]] for name in names}
-    shortest = {name: min(sizes[name], default=0) for name in names}
+    floors = {name: floor_example([e.score for e in examples[name]], sizes[name]) for name in names}
+    shortest = {name: 0 if floors[name] is None else sizes[name][floors[name]] for name in names}
     smallest_prompt = sum(instructions.values()) + sum(shortest.values())
     extras = _share(max(0, budget - smallest_prompt), [sum(sizes[name]) - shortest[name] for name in names])
     return {name: choose([e.score for e in examples[name]], sizes[name], shortest[name] + extra)
