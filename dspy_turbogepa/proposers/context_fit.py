@@ -141,8 +141,10 @@ def plan(instructions: Mapping[str, int], examples: Mapping[str, Sequence[Exampl
         return {name: list(range(len(shown))) for name, shown in examples.items()}
     names = list(examples)
     sizes = {name: [e.size for e in examples[name]] for name in names}
-    floors = {name: floor_example([e.score for e in examples[name]], sizes[name]) for name in names}
-    shortest = {name: 0 if floors[name] is None else sizes[name][floors[name]] for name in names}
+    shortest: dict[str, int] = {}
+    for name in names:
+        floor = floor_example([e.score for e in examples[name]], sizes[name])
+        shortest[name] = 0 if floor is None else sizes[name][floor]
     smallest_prompt = sum(instructions.values()) + sum(shortest.values())
     extras = _share(max(0, budget - smallest_prompt), [sum(sizes[name]) - shortest[name] for name in names])
     return {name: choose([e.score for e in examples[name]], sizes[name], shortest[name] + extra)
