@@ -58,10 +58,10 @@ class TwoParallelBranches(dspy.Module):
     """``inner`` run twice per example in ``dspy.Parallel`` branches (worker threads; a failed branch
     comes back as None), the first branch's answer returned."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, max_errors: int | None = None):
         super().__init__()
         self.inner = inner
-        self.par = dspy.Parallel(num_threads=2, disable_progress_bar=True)
+        self.par = dspy.Parallel(num_threads=2, max_errors=max_errors, disable_progress_bar=True)
 
     def forward(self, ticket):
         first, _ = self.par([(self.inner, {"ticket": ticket}), (self.inner, {"ticket": ticket + " "})])

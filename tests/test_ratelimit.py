@@ -125,10 +125,12 @@ def test_a_429_wrapped_by_the_users_program_is_still_found(routing):
     assert outcome.failure is None and outcome.rate_limit_retries == 2 and hook.raised == 2
 
 
-@pytest.mark.parametrize("swallow", ["parallel", "try_except"])
+@pytest.mark.parametrize("swallow", ["parallel", "parallel_gives_up", "try_except"])
 def test_a_429_the_program_swallows_is_still_retried_not_scored(routing, swallow):
     """dspy.Parallel returns None for a failed branch (and a program may catch an LM error itself): with
-    the LM's own retries off, the 429 must still reach the rate-limit retry, not become a wrong answer."""
+    the LM's own retries off, the 429 must still reach the rate-limit retry, not become a wrong answer.
+    Once its branches' errors reach ``max_errors``, dspy.Parallel raises a bare "Execution cancelled"
+    with no cause: that was scored as the program's failure, the 429 neither retried nor counted."""
 
     class CatchesItself(dspy.Module):
         def __init__(self):
@@ -142,7 +144,9 @@ def test_a_429_the_program_swallows_is_still_retried_not_scored(routing, swallow
                 return dspy.Prediction(queue="")
 
     def Swallowing():
-        return TwoParallelBranches(routing.make_program()) if swallow == "parallel" else CatchesItself()
+        if swallow == "try_except":
+            return CatchesItself()
+        return TwoParallelBranches(routing.make_program(), max_errors=1 if swallow == "parallel_gives_up" else None)
 
     clean = []
     for i in range(4):  # one at a time: concurrent dspy.Parallel instances race in tqdm's global instance set
@@ -155,6 +159,17 @@ def test_a_429_the_program_swallows_is_still_retried_not_scored(routing, swallow
     assert hook.raised == 2
     assert outcome.failure is None and outcome.score == 1.0
     assert outcome.rate_limit_retries >= 1 and ev.rate_limit_stats()["rate_limited"] >= 1
+
+
+def test_a_revoked_key_in_a_parallel_branch_that_gives_up_stops_the_run(routing):
+    """dspy.Parallel at ``max_errors`` raises a bare Exception: the 401 noted under it is what the
+    rollout failed of, and it is fatal (it read as one program's failure, and the run went on)."""
+    from dspy import lm15
+
+    lm, _ = flaky_lm(lambda: lm15.AuthError("invalid api key", status=401), -1)
+    ev, codec = make_evaluator(routing, TwoParallelBranches(routing.make_program(), max_errors=1))
+    (outcome,) = evaluate(ev, codec, lm)
+    assert outcome.fatal and outcome.error_type == "LMAuthError", (outcome.error_type, outcome.message)
 
 
 def test_gives_up_after_the_cap_with_cause_rate_limited(routing):

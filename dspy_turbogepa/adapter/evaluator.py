@@ -486,14 +486,18 @@ class DspyEvaluator:
         return settings
 
     def _swallowed(self, error: BaseException | None) -> BaseException | None:
-        """``error``, or a rate limit / service failure the program caught itself (dspy.Parallel returns
-        None for a failed branch): such a rollout is retried or stopped as if it had raised, not scored."""
-        if error is not None:
+        """``error``, or a rate limit / service failure the program caught itself: such a rollout is
+        retried or stopped as if it had raised, not scored. Also when the program then raised something
+        of its own: ``dspy.Parallel`` that reaches ``max_errors`` raises a bare "Execution cancelled"
+        with no cause, and that alone read as the program's failure (scored, shown to reflection, no
+        429 retried or counted, a revoked key not fatal). A systemic one among them wins."""
+        if error is not None and classify(error, self._fatal).service_failure:
             return error
-        for exc in dspy.settings.get(ROLLOUT_LM_ERRORS) or ():
-            if classify(exc, self._fatal).service_failure:
-                return exc
-        return None
+        noted = [exc for exc in dspy.settings.get(ROLLOUT_LM_ERRORS) or ()
+                 if classify(exc, self._fatal).service_failure]
+        if not noted:
+            return error
+        return next((exc for exc in noted if classify(exc, self._fatal).fatal), noted[0])
 
     async def _run_async(
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
