@@ -39,6 +39,7 @@ _DELIBERATE = {
     ("tracking/autolog.py", "_FAILURE_REPORTED"): "registering with MLflow autolog (process-wide) failed; said once",
     ("tracking/console_logs.py", "_VISIBLE_LOGS_LOCK"): "guards the logging configuration, which is the process's",
     ("store/locks.py", "_HELD_RUN_LOCKS"): "the run locks' descriptors, which fork() copies process-wide",
+    ("tracking/mlflow_tracking.py", "_few_http_retries"): "overrides MLflow's HTTP variables, which are the process's",
 }
 
 

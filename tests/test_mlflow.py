@@ -36,6 +36,7 @@ from dspy_turbogepa.tracking import (
     sanitize_key,
 )
 from dspy_turbogepa.tracking.mlflow_tracking import (
+    _few_http_retries,
     candidates_table,
     pareto_front_table,
     stats_metrics,
@@ -659,6 +660,63 @@ def test_a_second_compile_in_the_users_run_gets_a_nested_run(local_tracking):
     assert nested.data.tags["mlflow.parentRunId"] == run.info.run_id and nested.info.status == "FINISHED"
     assert nested.data.params["seed"] == "7"
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.params["seed"] == "0"
+
+
+def test_params_mlflow_refuses_in_the_users_run_are_warned_about_by_name(local_tracking, caplog):
+    """The user's run already has seed=42: MLflow refuses this compile's seed=0, and the run shows 42.
+    That was logged at DEBUG only, so the run misstated the compile's configuration silently."""
+    import mlflow
+
+    with mlflow.start_run() as run:
+        mlflow.log_params({"seed": 42})
+        with caplog.at_level(logging.DEBUG, logger=TRACKING_LOGGER):
+            tracker = MlflowRunTracker({"seed": 0, "num_threads": 4}, flush_interval=0.1)
+            tracker.finish(_synthetic_result(), None)
+    params = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    assert params["seed"] == "42" and params["num_threads"] == "4"  # the others are still logged
+    warnings = tracking_warnings(caplog)
+    assert len(warnings) == 1 and "refused the params seed " in warnings[0].getMessage(), warnings
+
+
+def test_overlapping_http_retry_overrides_put_the_users_values_back():
+    """MLflow reads its HTTP retries from the environment, which is the process's. Two compiles on two
+    threads each saved and restored it: the second saved the first's override and wrote it back
+    last, so the process kept 1 retry and a 10 s timeout for good."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "120"  # the user's own
+    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    during: list[tuple[str | None, ...]] = []
+
+    def first():
+        with _few_http_retries(True, retries=1, timeout=10):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second():
+        a_in.wait(5)
+        with _few_http_retries(True, retries=0, timeout=5):
+            b_in.set()
+            a_out.wait(5)
+            during.append(tuple(os.environ.get(n) for n in names))
+
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert during == [("0", "5")]  # the first one's window ended: the second's own values
+        assert os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") == "120"
+        assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def test_tracker_abort_ends_its_own_run_as_failed(local_tracking):

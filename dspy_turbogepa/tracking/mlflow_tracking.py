@@ -616,13 +616,18 @@ class MlflowRunTracker(EngineObserver):
                 raise
             # masked: the refusal may quote a value of the user's own params
             logger.debug("MLflow refused a param batch (%s); logging params one by one", describe_error(exc))
+        refused: list[str] = []
         for p in items:
             try:
                 client.log_param(self.run_id, p.key, p.value)
             except Exception as exc:
                 if _looks_unreachable(exc):
                     raise
+                refused.append(p.key)
                 logger.debug("MLflow refused param %s: %s", p.key, describe_error(exc))
+        if refused:  # the run now shows another value for them: say so, or it misstates this compile
+            self._warn(f"MLflow refused the params {', '.join(refused)} (already logged in this run with other "
+                       "values, or invalid); the run shows the earlier values, not this compile's")
         for t in tag_items:
             client.set_tag(self.run_id, t.key, t.value)
 
@@ -654,24 +659,53 @@ class MlflowRunTracker(EngineObserver):
 _STOP = object()
 
 
-@contextlib.contextmanager
-def _few_http_retries(enabled: bool, retries: int = 0, timeout: int = 5) -> Iterator[None]:
-    """MLflow's HTTP retries with backoff take minutes against a server that answers 5xx: while this is
-    on (process-wide, as MLflow reads them from the environment), it retries ``retries`` times at most."""
-    saved: dict[str, str | None] = {}
-    if enabled:
-        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries)),
-                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))):
-            saved[name] = os.environ.get(name)
-            os.environ[name] = value
-    try:
-        yield
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = previous
+class _HttpRetryOverride:
+    """MLflow reads its HTTP retries and timeout from the environment, which is the process's: two
+    compiles on two threads that each saved and restored the variables left the second one's saved
+    copy (the first one's override) in place for good, and the user's later MLflow calls got one
+    retry. So the override is shared: the first entry saves the user's values, the last exit puts
+    them back, and while several are on the most lenient of them applies."""
+
+    _NAMES = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: list[tuple[int, int]] = []
+        self._saved: dict[str, str | None] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, enabled: bool, retries: int = 0, timeout: int = 5) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+        entry = (retries, timeout)
+        with self._lock:
+            if not self._active:
+                self._saved = {name: os.environ.get(name) for name in self._NAMES}
+            self._active.append(entry)
+            self._apply()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active.remove(entry)
+                self._apply()
+
+    def _apply(self) -> None:
+        if not self._active:
+            for name, previous in self._saved.items():
+                if previous is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = previous
+            return
+        os.environ[self._NAMES[0]] = str(max(r for r, _ in self._active))
+        os.environ[self._NAMES[1]] = str(max(t for _, t in self._active))
+
+
+#: MLflow's HTTP retries with backoff take minutes against a server that answers 5xx: while this is on,
+#: it retries ``retries`` times at most, each request waiting ``timeout`` seconds.
+_few_http_retries = _HttpRetryOverride()
 
 
 def _now_ms() -> int:
