@@ -172,6 +172,44 @@ def test_a_revoked_key_in_a_parallel_branch_that_gives_up_stops_the_run(routing)
     assert outcome.fatal and outcome.error_type == "LMAuthError", (outcome.error_type, outcome.message)
 
 
+def test_time_queued_for_the_window_is_not_counted_as_backing_off(routing):
+    """The policy's ``max_elapsed_s`` ran from before the rollout queued for its window slot: a rollout
+    queued behind a slow one (a shrunken window) met its first 429 with the policy's time used up and
+    gave up with no retry, scored as a failure."""
+    calls = [0]
+    lock = threading.Lock()
+
+    def hook(request):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n == 1:
+            time.sleep(0.5)  # the first rollout holds the only slot (a slow answer)
+        elif n == 2:
+            raise rate_limit(0.001)  # the queued rollout's first attempt: one ordinary 429
+
+    policy = RetryPolicy(max_retries=10, max_elapsed_s=0.3, base_s=0.005, cap_s=0.05)
+    ev, codec = make_evaluator(routing, window_limit=1, rate_limit_policy=policy, max_workers=2)
+    outcomes = evaluate(ev, codec, make_student_lm(before_call=hook), ids=(0, 1))
+    assert [o.failure for o in outcomes] == [None, None], [o.message for o in outcomes]
+    assert sum(o.rate_limit_retries for o in outcomes) == 1
+
+
+def test_waiting_out_rate_limits_does_not_use_up_the_transient_policy(routing):
+    """Both policies ran on one clock from the rollout's start: after a long Retry-After, the first 5xx
+    was given up at once (0 retries), its policy's time spent waiting out a 429."""
+    errors = iter([rate_limit(0.4), lm15.ServerError("upstream 503", status=503)])
+
+    def hook(request):
+        error = next(errors, None)
+        if error is not None:
+            raise error
+
+    ev, codec = make_evaluator(routing, transient_policy=RetryPolicy(3, 0.3, 0.005, 0.05))
+    (outcome,) = evaluate(ev, codec, make_student_lm(before_call=hook))
+    assert outcome.failure is None, outcome.message
+
+
 def test_gives_up_after_the_cap_with_cause_rate_limited(routing):
     lm, hook = flaky_lm(rate_limit, -1)
     ev, codec = make_evaluator(routing, rate_limit_policy=RetryPolicy(2, 30.0, 0.001, 0.01))

@@ -268,9 +268,15 @@ class DspyEvaluator:
                 keys.add(self._context_endpoint(context_lm))
         usage = RolloutUsage()
         retries = {"rate_limited": 0, "transient": 0}
-        started = self._clock()
+        # Each retry policy's time runs from its kind's first failure and leaves out the time spent queued
+        # for the endpoints' windows: counted from the rollout's start, a rollout queued behind a shrunken
+        # window gave up on its first 429 with no retry, and waiting out 429s used up the transient policy.
+        first_failed: dict[str, tuple[float, float]] = {}  # kind -> (clock, time queued so far) at its first
+        queued = 0.0
         while True:
+            asked = self._clock()
             tickets = await self._windows.acquire_all(keys)
+            queued += self._clock() - asked
             result, hint, only = "neutral", None, None
             try:
                 program, names = built.for_call()
@@ -297,7 +303,8 @@ class DspyEvaluator:
             policy = self._rl_policy if rate_limited else self._tr_policy
             done = retries[kind]
             self._stats.count(kind, "seen")
-            elapsed = self._clock() - started
+            since, queued_before = first_failed.setdefault(kind, (self._clock(), queued))
+            elapsed = self._clock() - since - (queued - queued_before)
             delay = policy.delay(done, verdict.retry_after, self._rng, elapsed)
             if delay is None:
                 return self._give_up(attempt, verdict, done, elapsed, usage, retries["rate_limited"], example,
