@@ -300,6 +300,26 @@ def test_every_credential_of_every_lm_the_run_can_reach_is_masked():
     assert "LKmoduleJudge1a2b3c4d5e6f7" in set(lm_api_keys(Program(), None, FrozenJudge()))
 
 
+def test_a_judge_lm_named_by_a_callable_metric_objects_call_or_a_module_judges_forward_is_masked():
+    """For a function metric the globals its code names were searched; for a callable object or a
+    dspy.Module judge only the instance's attributes, so a module-level judge LM run with dspy.context
+    in ``__call__`` / ``forward`` was missed, and a gateway key it echoed was stored unmasked."""
+    from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
+
+    class CallableJudge:
+        def __call__(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+            with dspy.context(lm=_GLOBAL_JUDGE):
+                return 1.0
+
+    class ModuleJudge(dspy.Module):
+        def forward(self, gold, pred, trace=None, pred_name=None, pred_trace=None):
+            with dspy.context(lm=_GLOBAL_JUDGE):
+                return 1.0
+
+    for judge in (CallableJudge(), ModuleJudge()):
+        assert "LKglobalJudge1a2b3c4d5e6f7" in set(lm_api_keys(dspy.Predict("q -> a"), None, judge)), judge
+
+
 def test_the_program_uploaded_to_mlflow_holds_no_lm_credential():
     """DSPy's save() leaves out api_key only; the MLflow artifact masked credential-looking text, not
     credential-named fields, so an aws_secret_access_key or a virtual-key header was uploaded."""

@@ -97,8 +97,6 @@ def _held_lms(obj: Any) -> list[Any]:
         return []
     if isinstance(obj, BaseLM):
         return [obj]
-    from dspy_turbogepa.adapter.run_identity import global_names
-
     values: list[Any] = []
     if isinstance(obj, functools.partial):  # partial(judge_metric, judge=dspy.LM(...))
         values += [*obj.args, *obj.keywords.values()]
@@ -106,17 +104,32 @@ def _held_lms(obj: Any) -> list[Any]:
     fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
     code = getattr(fn, "__code__", None)
     if code is not None:
-        values += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
-                   if _cell_is_set(cell)]
-        values += [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
-        namespace = getattr(fn, "__globals__", {})
-        values += [namespace[name] for name in global_names(code) if name in namespace]
+        values += _named_by(fn)
     owner = getattr(obj, "__self__", None) if code is not None else obj
     if owner is not None and not isinstance(owner, type):
         values += list(getattr(owner, "__dict__", {}).values())
         if isinstance(owner, dspy.Module):
             values += [getattr(p, "lm", None) for _, p in all_named_predictors(owner)]
+        if code is None:
+            # a callable object or a dspy.Module judge: what its __call__ / forward name too (a module-level
+            # JUDGE_LM run with dspy.context), read from the class, so nothing of the instance is called
+            for name in ("__call__", "forward", "aforward"):
+                method = getattr(type(owner), name, None)
+                if getattr(method, "__code__", None) is not None:
+                    values += _named_by(method)
     return [v for v in values if isinstance(v, BaseLM)]
+
+
+def _named_by(fn: Any) -> list[Any]:
+    """What a function reaches without being called: its closure cells, default arguments and the
+    globals its code names."""
+    from dspy_turbogepa.adapter.run_identity import global_names
+
+    values = [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ()) if _cell_is_set(cell)]
+    values += [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
+    namespace = getattr(fn, "__globals__", {})
+    values += [namespace[name] for name in global_names(fn.__code__) if name in namespace]
+    return values
 
 
 def _cell_is_set(cell: Any) -> bool:
