@@ -844,6 +844,33 @@ def test_telling_a_valset_equal_to_the_trainset_works_on_array_fields():
     assert not same_examples(train, [ex.with_inputs("ticket") for ex in train])  # other inputs
 
 
+class _Blob:
+    """A field value whose ``str()`` says nothing of its content (a class printing its name)."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __str__(self):
+        return "Blob"
+
+
+def test_examples_told_apart_only_by_an_uninformative_str_are_not_the_same_examples():
+    """Distinct train and val examples of objects whose ``str()`` is "Blob" hashed alike: the valset
+    read as the trainset, training and validation evaluations served each other, and the run validated
+    on the wrong data (a reviewer's run stopped at 0.0 where dspy.GEPA reached 1.0). For data kept in a
+    run store the key reads their attributes too, so a rerun with other such data is refused."""
+    from dspy_turbogepa.adapter.data import same_examples
+    from dspy_turbogepa.adapter.run_identity import data_identity
+
+    def data(start):
+        return [dspy.Example(question=_Blob(start + i), answer="x").with_inputs("question") for i in range(3)]
+
+    train, val = data(0), data(100)
+    assert not same_examples(train, val)
+    assert same_examples(train, list(train))  # the same objects are the same examples
+    assert data_identity(train) != data_identity(val) and data_identity(train) == data_identity(data(0))
+
+
 def test_a_trainset_the_program_cannot_take_stops_the_run_though_the_valset_works(routing, student_lm,
                                                                                    reflection_lm):
     """with_inputs naming the label on the trainset only: every training rollout fails while the seed's

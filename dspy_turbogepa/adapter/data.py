@@ -18,14 +18,16 @@ __all__ = [
 
 def same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """The same examples in the same order, with the same inputs: the same objects, or the same content
-    by the run key's own hash (an Example's ``==`` ignores the inputs and raises on NumPy fields)."""
+    by the run key's own hash (an Example's ``==`` ignores the inputs and raises on NumPy fields). A
+    value known only by its ``str()`` counts as the same only if it is the same object: two valsets of
+    ``Blob`` objects whose ``str()`` is "Blob" read as the trainset, and the run validated on it."""
     if len(a) != len(b):
         return False
     if all(x is y for x, y in zip(a, b)):
         return True
     from dspy_turbogepa.adapter.run_identity import data_identity
 
-    return data_identity(a, "trainset") == data_identity(b, "valset")
+    return data_identity(a, "trainset", "identity") == data_identity(b, "valset", "identity")
 
 
 def compiled_submodules(student: dspy.Module) -> list[str]:

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 
@@ -377,7 +377,7 @@ def _code_parts(code: Any) -> list[Any]:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-def _hashable(value: Any) -> Any:
+def _hashable(value: Any, opaque: Literal["text", "fields", "identity"] = "text") -> Any:
     """Like ``jsonable``, for the run key: the same value must give the same JSON in every process.
 
     ``str()`` of a plain object embeds its memory address, which would make every rerun "a different
@@ -387,7 +387,13 @@ def _hashable(value: Any) -> Any:
     dataclass fields), an object whose ``str()`` is informative by that, any other by its fields.
     A reference cycle ends in a marker instead of a RecursionError: only the objects being walked into
     (the ancestors) count, so an object met again in a sibling (two examples sharing an array) is
-    hashed by its content both times."""
+    hashed by its content both times.
+
+    ``opaque`` says what stands for an object known only by an address-free ``str()``, which may say
+    little (a class whose ``__str__`` is its name, an abridged tensor): "text" that text; "fields" that
+    text and the object's attributes, for data (other examples must not read as the same ones: a rerun
+    would replay their stored scores); "identity" the object itself, for comparing live datasets
+    (equal only if the same object)."""
     seen: set[int] = set()
 
     def leaf(v: Any) -> Any:
@@ -435,7 +441,10 @@ def _hashable(value: Any) -> Any:
             logger.debug("run key: %s could not be dumped (%s); using its fields", kind, type(exc).__name__)
         text = str(v)
         if _ADDRESS.search(text) is None:
-            return text
+            if opaque == "identity":
+                return {"__opaque__": kind, "id": id(v)}
+            attrs = vars(v) if opaque == "fields" and isinstance(getattr(v, "__dict__", None), dict) else {}
+            return {"__type__": kind, "str": text, **to_json(dict(attrs), leaf)} if attrs else text
         fields = dict(vars(v)) if hasattr(v, "__dict__") else {}
         for slot in getattr(type(v), "__slots__", ()):
             if isinstance(slot, str) and hasattr(v, slot):
@@ -644,18 +653,20 @@ def _plain_settings(obj: Any) -> dict[str, Any]:
             if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
 
 
-def data_identity(examples: Sequence[dspy.Example], name: str = "examples") -> str:
+def data_identity(examples: Sequence[dspy.Example], name: str = "examples",
+                  opaque: Literal["fields", "identity"] = "fields") -> str:
     """A dataset's content hash: every example's fields and inputs, in order (arrays, tables and models
-    by content, see :func:`_hashable`); the same in every process.
+    by content, see :func:`_hashable`); the same in every process (with ``opaque="identity"``, only for
+    comparing datasets in this one).
 
     A field whose value cannot be read (its ``__str__`` or ``__repr__`` raises) is a ``TypeError`` naming
     ``name[i]`` before any LM call; it was a bare error from deep inside the hashing."""
     try:
-        return stable_hash(_hashable([_example_identity(ex) for ex in examples]))
+        return stable_hash(_hashable([_example_identity(ex) for ex in examples], opaque))
     except Exception as exc:  # find which example, hashed alone (the hash itself is unchanged: run keys stay)
         for i, ex in enumerate(examples):
             try:
-                _hashable(_example_identity(ex))
+                _hashable(_example_identity(ex), opaque)
             except Exception as inner:  # re-raised with the example named
                 raise TypeError(
                     f"{name}[{i}] cannot be read to identify the run's data ({describe_error(inner)}). TurboGEPA "
