@@ -36,6 +36,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _a_known_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar fits the terminal's width, which a StringIO stream takes from the environment (COLUMNS,
+    else the process's terminal): these tests read whole bars, so they must not depend on where they
+    run (a runner with an 80-column terminal cut "retries 2" off)."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+
 # ---------------------------------------------------------------------------------------- helpers
 class FakeClock:
     def __init__(self) -> None:

@@ -100,7 +100,7 @@ def _held_lms(obj: Any) -> list[Any]:
     values: list[Any] = []
     if isinstance(obj, functools.partial):  # partial(judge_metric, judge=dspy.LM(...))
         values += [*obj.args, *obj.keywords.values()]
-        return [v for v in values if isinstance(v, BaseLM)] + _held_lms(obj.func)
+        return [v for v in values if _is_lm(v)] + _held_lms(obj.func)
     fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
     code = getattr(fn, "__code__", None)
     if code is not None:
@@ -117,7 +117,17 @@ def _held_lms(obj: Any) -> list[Any]:
                 method = getattr(type(owner), name, None)
                 if getattr(method, "__code__", None) is not None:
                     values += _named_by(method)
-    return [v for v in values if isinstance(v, BaseLM)]
+    return [v for v in values if _is_lm(v)]
+
+
+def _is_lm(value: Any) -> bool:
+    """``isinstance(value, BaseLM)`` for any object a function names: a lazy proxy (django's
+    ``settings``) sets itself up when its ``__class__`` is read, and raises while it is not
+    configured; looking must never become the compile's failure."""
+    try:
+        return isinstance(value, BaseLM)
+    except Exception:  # noqa: BLE001 - a proxy that cannot say what it is holds no LM we can see
+        return False
 
 
 def _named_by(fn: Any) -> list[Any]:
