@@ -292,7 +292,7 @@ def test_readme_paths_links_and_layout_exist():
 
 def test_readme_version_pins_and_ci():
     """constraints.txt pins dspy 3.4.1, litellm 1.106.2, mlflow 3.17.2, mypy and ruff; the package
-    accepts the ranges the README quotes; .ci/run installs .[test,plots] and runs `python -m pytest -q`."""
+    accepts the ranges the README quotes; .ci/run installs .[test,plots] and runs the README's pytest command."""
     pins = dict(line.split("==") for line in doc("constraints.txt").splitlines() if "==" in line)
     assert (pins["dspy"], pins["litellm"], pins["mlflow"]) == ("3.4.1", "1.106.2", "3.17.2")
     assert "mypy" in pins and "ruff" in pins
@@ -302,8 +302,8 @@ def test_readme_version_pins_and_ci():
     assert "!=1.107.0" in pyproject
     ci = doc(".ci/run")
     assert '".[test,plots]"' in ci and "-c constraints.txt" in ci
-    assert re.search(r"^python -m pytest -q$", ci, re.M)
-    assert "python -m pytest -q" in fenced("README.md", "bash")[1]
+    assert re.search(r"^python -m pytest -q -n 2 --dist loadfile$", ci, re.M)
+    assert "python -m pytest -q -n 2 --dist loadfile" in fenced("README.md", "bash")[1]
     assert 'pip install -e ".[test]" -c constraints.txt' in fenced("README.md", "bash")[0]
 
 
