@@ -89,41 +89,6 @@ def test_round_robin_turns_on_a_predictor_that_never_runs_go_to_the_next_one(rou
     assert dr.val_aggregate_scores[dr.best_idx] > dr.val_aggregate_scores[0] + 0.1
 
 
-class UnusedBranchFirst(dspy.Module):
-    """The pipeline (two predictors) after a predictor it never calls: three turns of round robin."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.escalate = dspy.Predict("message -> reply")
-        self.inner = inner
-
-    def forward(self, message):
-        return self.inner(message=message)
-
-
-def test_a_passed_turn_moves_the_parents_round_robin_past_the_predictor_that_took_it(pipeline, student_lm):
-    """The turn of a predictor that never runs goes to the next one, and the parent's counter moves past
-    that one too, as dspy.GEPA's does: the two predictors that run take turns (dspy.GEPA: b, c, b, c).
-    Left behind, the parent's next mutation took the same predictor again (b, b, c, b, b, c: a reviewer's
-    run gave it 24 reflections to the other's 11)."""
-    asked: list[str] = []
-
-    def proposer(candidate, reflective_dataset, components_to_update):
-        asked.extend(components_to_update)
-        return {c: candidate[c] + f" Variant {len(asked)}." for c in components_to_update}
-
-    splits = small_splits(pipeline, n_train=12, n_val=4, n_test=0)
-    opt = TurboGEPA(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 0.0,  # nothing improves
-                    max_metric_calls=120, instruction_proposer=proposer, num_threads=2, seed=1, verbose=False,
-                    max_sibling_reflections=1, reflection_feedback_reuse=0, reflection_scouts=0,
-                    minibatch_sampling="epoch", adaptive_proposal_mix=False, speculative_chaining=False,
-                    max_mutations_in_flight=1)
-    with dspy.context(lm=student_lm):
-        opt.compile(UnusedBranchFirst(pipeline.make_program()), trainset=splits.train, valset=splits.val)
-    assert "escalate" not in asked and len(asked) >= 8, asked
-    assert all(a != b for a, b in zip(asked, asked[1:])), asked  # the two that run alternate
-
-
 def test_async_program_goes_through_acall(routing, student_lm, reflection_lm):
     program = routing.make_program(async_forward=True)
     _, _, optimized, _ = compile_task(routing, student_lm, reflection_lm, budget=200, program=program)

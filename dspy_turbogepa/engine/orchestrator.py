@@ -1056,16 +1056,13 @@ class Orchestrator:
         # the same few examples turn after turn until the search stalls (a reviewer's two-predictor
         # program stopped at 0.5 where dspy.GEPA reached 1.0). Deterministic: it reads only traces.
         if not callable(cfg.component_selector) and len(components) == 1:
-            first, taken = components[0], plan.child_counter
-            for other in self._selector.after(first):
+            for other in self._selector.after(components[0]):
                 if not all(p.skipped == NOTHING_TO_REFLECT_ON for p in proposals):
                     break
                 self.stats.proposal_skips[NOTHING_TO_REFLECT_ON] += len(proposals)
                 components = plan.components = [other]
                 plan.child_counter = self._selector.counter_after(other)
                 proposals = await self._reflect(plan, result, parent, components, feedback, seeds)
-            if components[0] != first:
-                self._selector.pass_turn(parent.fingerprint, taken, first, components[0])
         result.proposals_answered += sum(p.skipped != NOTHING_TO_REFLECT_ON or p.reflection_calls > 0
                                          for p in proposals)
         result.proposals = len(proposals)

@@ -149,20 +149,6 @@ class ComponentSelector:
         """The round-robin counter of a child made by rewriting ``component``."""
         return (self.components.index(component) + 1) % len(self.components)
 
-    def pass_turn(self, fingerprint: str, taken: int, skipped: str, to: str) -> None:
-        """A turn on ``skipped`` (a predictor that ran on none of the examples read) went to ``to``:
-        the candidate's own counter moves past ``to`` as well. Otherwise its next mutation takes
-        ``to`` again, and the predictor after a rarely-run branch gets twice the turns of the others
-        (dspy.GEPA alternates the rest). ``taken`` is the counter this mutation's turn left; if
-        another mutation has taken a turn on the candidate since, that one stands."""
-        n = len(self.components)
-        extra = (self.components.index(to) - self.components.index(skipped)) % n
-        if fingerprint in self._next:
-            if self._next[fingerprint] == taken:
-                self._next[fingerprint] = (taken + extra) % n
-        elif fingerprint in self._taken_early:  # a chained mutation's turn on a child not yet in the pool
-            self._taken_early[fingerprint] += extra
-
     def select(
         self,
         parent_fp: str,
