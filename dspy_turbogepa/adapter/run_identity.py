@@ -377,7 +377,7 @@ def _code_parts(code: Any) -> list[Any]:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-def _hashable(value: Any, opaque: Literal["text", "fields", "identity"] = "text") -> Any:
+def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
     """Like ``jsonable``, for the run key: the same value must give the same JSON in every process.
 
     ``str()`` of a plain object embeds its memory address, which would make every rerun "a different
@@ -389,11 +389,13 @@ def _hashable(value: Any, opaque: Literal["text", "fields", "identity"] = "text"
     (the ancestors) count, so an object met again in a sibling (two examples sharing an array) is
     hashed by its content both times.
 
-    ``opaque`` says what stands for an object known only by an address-free ``str()``, which may say
-    little (a class whose ``__str__`` is its name, an abridged tensor): "text" that text; "fields" that
-    text and the object's attributes, for data (other examples must not read as the same ones: a rerun
-    would replay their stored scores); "identity" the object itself, for comparing live datasets
-    (equal only if the same object)."""
+    ``opaque`` says what stands for an object of a class with attributes known only by an address-free
+    ``str()``, which may say little (a class whose ``__str__`` is its name): "text" that text, the same
+    in every process; "identity" the object itself, for comparing datasets alive in this process
+    (equal only if the same object). Value types (dates, paths, UUIDs: no ``__dict__``) are their text
+    either way. Their attributes are not read instead: a uuid, a memo cache or a logger among them
+    would give equal data other keys (every resume refused), and a graph of them hashes in
+    exponential time."""
     seen: set[int] = set()
 
     def leaf(v: Any) -> Any:
@@ -441,10 +443,9 @@ def _hashable(value: Any, opaque: Literal["text", "fields", "identity"] = "text"
             logger.debug("run key: %s could not be dumped (%s); using its fields", kind, type(exc).__name__)
         text = str(v)
         if _ADDRESS.search(text) is None:
-            if opaque == "identity":
+            if opaque == "identity" and isinstance(getattr(v, "__dict__", None), dict) and vars(v):
                 return {"__opaque__": kind, "id": id(v)}
-            attrs = vars(v) if opaque == "fields" and isinstance(getattr(v, "__dict__", None), dict) else {}
-            return {"__type__": kind, "str": text, **to_json(dict(attrs), leaf)} if attrs else text
+            return text
         fields = dict(vars(v)) if hasattr(v, "__dict__") else {}
         for slot in getattr(type(v), "__slots__", ()):
             if isinstance(slot, str) and hasattr(v, slot):
@@ -654,7 +655,7 @@ def _plain_settings(obj: Any) -> dict[str, Any]:
 
 
 def data_identity(examples: Sequence[dspy.Example], name: str = "examples",
-                  opaque: Literal["fields", "identity"] = "fields") -> str:
+                  opaque: Literal["text", "identity"] = "text") -> str:
     """A dataset's content hash: every example's fields and inputs, in order (arrays, tables and models
     by content, see :func:`_hashable`); the same in every process (with ``opaque="identity"``, only for
     comparing datasets in this one).
