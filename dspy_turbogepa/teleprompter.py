@@ -592,7 +592,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm,
                                        max_workers=config.max_reflections_in_flight, price_table=self.price_table,
                                        seed=self.seed,
-                                       components_seen_running=getattr(evaluator, "components_seen_running", None))
+                                       components_seen_running=getattr(evaluator, "components_seen_running", None),
+                                       perfect_score=self.perfect_score)
         cleanup.callback(reflector.close)
         store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup,
                                                                       budget, config)

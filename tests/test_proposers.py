@@ -505,6 +505,11 @@ def test_a_reflection_under_a_tight_window_is_shown_a_failure_not_only_a_solved_
     assert plan({"qa": 200}, examples, 1_500) == {"qa": [0, 1]}  # the solved one only beside a failure
     alike = {"qa": [Example(0.0, 300), Example(0.0, 100)]}
     assert plan({"qa": 10}, alike, 50) == {"qa": [1]}  # all scored alike: the shortest
+    # two failures, a short partial one and a long one: the short one is a failure too (below the perfect
+    # score), not only the one below the best score shown (that made the smallest prompt the long one)
+    partial = {"qa": [Example(0.3, 100), Example(0.0, 5_000)]}
+    assert plan({"qa": 200}, partial, 900, perfect=1.0) == {"qa": [0]}
+    assert plan({"qa": 200}, {"qa": [Example(1.0, 100), Example(0.3, 900)]}, 700, perfect=1.0) == {"qa": [1]}
 
 
 def test_a_units_size_is_shared_so_a_predictor_whose_examples_fit_keeps_them_all():

@@ -95,18 +95,20 @@ class ContextFit:
             self.left_out += n
 
 
-def floor_example(scores: Sequence[float], sizes: Sequence[int]) -> int | None:
-    """The example a reflection shows however small its budget: the shortest of those below the best
-    score (a failure to fix), or of all of them if they score alike. The shortest example whatever its
-    score could be a solved one: a prompt showing only that fits, is paid for, and has nothing to fix."""
+def floor_example(scores: Sequence[float], sizes: Sequence[int], perfect: float | None = None) -> int | None:
+    """The example a reflection shows however small its budget: the shortest failure (below ``perfect``,
+    the metric's perfect score; without one, below the best score shown), or the shortest example if
+    none is. The shortest example whatever its score could be a solved one: a prompt showing only that
+    fits, is paid for, and has nothing to fix."""
     if not sizes:
         return None
-    best = max(scores)
-    pool = [i for i in range(len(sizes)) if scores[i] < best] or list(range(len(sizes)))
+    bar = max(scores) if perfect is None else perfect
+    pool = [i for i in range(len(sizes)) if scores[i] < bar] or list(range(len(sizes)))
     return min(pool, key=lambda i: (sizes[i], i))
 
 
-def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None) -> list[int]:
+def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None,
+           perfect: float | None = None) -> list[int]:
     """Positions of the examples to show, in their original order: all of them without a budget; else
     the failures first (lowest score, then earliest), each that still fits in ``budget`` characters of
     examples, and if none fits, the shortest failure (``floor_example``)."""
@@ -118,7 +120,7 @@ def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None) ->
         if used + sizes[i] <= budget:
             chosen.append(i)
             used += sizes[i]
-    floor = floor_example(scores, sizes)
+    floor = floor_example(scores, sizes, perfect)
     if not chosen and floor is not None:
         chosen = [floor]
     return sorted(chosen)
@@ -133,7 +135,7 @@ class Example:
 
 
 def plan(instructions: Mapping[str, int], examples: Mapping[str, Sequence[Example]],
-         budget: int | None) -> dict[str, list[int]]:
+         budget: int | None, perfect: float | None = None) -> dict[str, list[int]]:
     """Which examples of each predictor (positions) to show within ``budget`` characters of instructions
     and examples: all without a budget. Each predictor first gets its smallest prompt (instruction and
     shortest failure), then the rest is shared, smallest need first, so one that fits keeps them all."""
@@ -143,11 +145,11 @@ def plan(instructions: Mapping[str, int], examples: Mapping[str, Sequence[Exampl
     sizes = {name: [e.size for e in examples[name]] for name in names}
     shortest: dict[str, int] = {}
     for name in names:
-        floor = floor_example([e.score for e in examples[name]], sizes[name])
+        floor = floor_example([e.score for e in examples[name]], sizes[name], perfect)
         shortest[name] = 0 if floor is None else sizes[name][floor]
     smallest_prompt = sum(instructions.values()) + sum(shortest.values())
     extras = _share(max(0, budget - smallest_prompt), [sum(sizes[name]) - shortest[name] for name in names])
-    return {name: choose([e.score for e in examples[name]], sizes[name], shortest[name] + extra)
+    return {name: choose([e.score for e in examples[name]], sizes[name], shortest[name] + extra, perfect)
             for name, extra in zip(names, extras)}
 
 

@@ -87,6 +87,7 @@ class ReflectiveProposer:
         seed: int | None = 0,
         transient_policy: RetryPolicy = TRANSIENT_POLICY,
         components_seen_running: Callable[[], frozenset[str]] | None = None,
+        perfect_score: float | None = None,
     ) -> None:
         """``components_seen_running``: the components some rollout of the run called so far (the
         evaluator's); with it, a proposal with nothing to read on components that never ran anywhere
@@ -96,7 +97,10 @@ class ReflectiveProposer:
         timeout, a 5xx, a dropped connection) is asked again after Retry-After / backoff, as a rollout is,
         instead of counting as a failed reflection: a short burst of 429s must not stop the run as
         "systemic". DSPy's own retries are off on our copy of the reflection LM: they sleep whatever
-        Retry-After says (a day, for a used-up quota), where no wait may outlast the policy."""
+        Retry-After says (a day, for a used-up quota), where no wait may outlast the policy.
+
+        ``perfect_score``: the metric's (None: unknown); under a tight context window the example every
+        reflection shows is a failure, an example below it."""
         self._builder = builder
         self._seen_running = components_seen_running
         self._rl_policy = rate_limit_policy
@@ -120,6 +124,7 @@ class ReflectiveProposer:
         self._reported_errors = FirstOfKind()
         #: what the reflection LM's context window was seen to hold, per predictor
         self._fit = ContextFit()
+        self._perfect = perfect_score
         #: dspy's own proposer asks the LM once per predictor, independently: it can be asked one at a time
         #: (so may a subclass that keeps its __call__; one that overrides it may rewrite the predictors together)
         self._per_component = getattr(type(proposal_fn), "__call__", None) is InstructionProposer.__call__
@@ -264,7 +269,7 @@ class ReflectiveProposer:
             budget = self._fit.budget(key)
             if cap is not None:
                 budget = (floor + cap) // 2 if budget is None else min(budget, (floor + cap) // 2)
-            shown = plan(instructions, examples, budget)
+            shown = plan(instructions, examples, budget, self._perfect)
             size = sum(instructions.values()) + sum(examples[name][i].size for name, picked in shown.items()
                                                     for i in picked)
             if refused is not None and cap is not None and size >= cap:  # the smallest prompt was refused
