@@ -100,10 +100,14 @@ class _ReadsSettings(dspy.Module):
         return a
 
 
-def test_a_program_error_raised_inside_a_lazy_proxy_is_scored_not_fatal_to_the_compile():
+@pytest.mark.parametrize("with_log_dir", [False, True])
+def test_a_program_error_raised_inside_a_lazy_proxy_is_scored_not_fatal_to_the_compile(with_log_dir, tmp_path):
+    """Also the proxy ``forward`` names as a global: looking for LMs to mask (every compile) and keying the
+    run (with a log_dir) read it, and each raised from its ``__class__`` / ``__getattr__``."""
     data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
     opt = TurboGEPA(_metric, max_metric_calls=30, instruction_proposer=_Recording(), num_threads=2,
-                    reflection_minibatch_size=2, use_merge=False, skip_perfect_score=False, track_stats=True)
+                    reflection_minibatch_size=2, use_merge=False, skip_perfect_score=False, track_stats=True,
+                    log_dir=str(tmp_path / "run") if with_log_dir else None)
     with dspy.context(lm=_lm()):
         program = opt.compile(_ReadsSettings(), trainset=data, valset=data)
     assert program.detailed_results.run_stats["failures"]["program_error"] > 0

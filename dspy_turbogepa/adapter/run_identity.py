@@ -119,7 +119,10 @@ def callable_identity(fn: Any) -> str:
 
 def _wrapped(fn: Any) -> Any:
     """What a decorator written with ``functools.wraps`` (a timer, a retry, ``lru_cache``) wraps, or None."""
-    inner = getattr(fn, "__wrapped__", None)
+    try:
+        inner = getattr(fn, "__wrapped__", None)
+    except Exception:  # noqa: BLE001 - a lazy proxy (django's settings) raises on any attribute until set up
+        return None
     return inner if callable(inner) and inner is not fn else None
 
 
@@ -295,12 +298,21 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
     for name in global_names(code):
         target = namespace.get(name)
         for depth, layer in enumerate(_decorated_layers(target)):  # the helper, then what its decorators wrap
-            if not inspect.isfunction(layer) or id(layer) in seen or library_function(layer):
+            if not _is_function(layer) or id(layer) in seen or library_function(layer):
                 continue
             seen.add(id(layer))
             out.append(f"{name}{'~' * depth}={layer.__qualname__}:{_function_digest(layer)}")
             out += _called_user_functions(layer, seen)
     return out
+
+
+def _is_function(value: Any) -> bool:
+    """``inspect.isfunction`` for any global a function names: ``isinstance`` reads ``__class__``, which
+    a lazy proxy (django's ``settings``) sets itself up for, raising while it is not configured."""
+    try:
+        return inspect.isfunction(value)
+    except Exception:  # noqa: BLE001 - a proxy that cannot say what it is is not the user's function
+        return False
 
 
 def _decorated_layers(fn: Any) -> list[Any]:
