@@ -195,6 +195,34 @@ def test_time_queued_for_the_window_is_not_counted_as_backing_off(routing):
     assert sum(o.rate_limit_retries for o in outcomes) == 1
 
 
+def test_an_endpoint_cool_down_counts_as_backing_off(routing):
+    """Only the time queued for a slot is left out of the policy's time: a cool-down another rollout's
+    429 imposed is a rate limit's wait. Rollout 1 fails at 0.12 s, waits out rollout 0's cool-down to
+    0.35 s, then its slow second call fails at 0.63 s: 0.51 s into a 0.4 s policy, it gives up (with the
+    cool-down counted as queueing, 0.29 s: it retried past the policy's bound)."""
+    from dspy_turbogepa.testing.fake_lm import request_messages
+
+    ev, codec = make_evaluator(routing, rate_limit_policy=RetryPolicy(10, 0.4, 0.001, 0.002), window_limit=2)
+    slow_ticket = ev._data["val"][1].ticket
+    calls = {"slow": 0, "fast": 0}
+    lock = threading.Lock()
+
+    def hook(request):
+        mine = slow_ticket in " ".join(str(m.get("content", "")) for m in request_messages(request))
+        with lock:
+            calls["slow" if mine else "fast"] += 1
+            n = calls["slow" if mine else "fast"]
+        if mine and n <= 2:  # rollout 1: two slow calls that end in a 429
+            time.sleep(0.12 if n == 1 else 0.28)
+            raise rate_limit(0.001)
+        if not mine and n == 1:  # rollout 0: at once, a 429 whose Retry-After pauses the endpoint 0.35 s
+            raise rate_limit(0.35)
+
+    outcomes = evaluate(ev, codec, make_student_lm(before_call=hook), ids=(0, 1))
+    assert outcomes[0].failure is None, outcomes[0].message
+    assert outcomes[1].failure == "rate_limited" and calls["slow"] == 2, (outcomes[1].message, calls)
+
+
 def test_waiting_out_rate_limits_does_not_use_up_the_transient_policy(routing):
     """Both policies ran on one clock from the rollout's start: after a long Retry-After, the first 5xx
     was given up at once (0 retries), its policy's time spent waiting out a 429."""

@@ -201,11 +201,15 @@ def test_aimd_slots_are_handed_over_fifo_and_a_grant_during_a_cooldown_waits_it_
         w.release(first, "rate_limited", retry_after=5.0)  # the slot goes to "a", which waits 5 s first
         await steps(3)
         assert granted == ["a"] and slept == [5.0] and clock.t == 5.0
+        # the ticket says how long it waited out the cool-down: the evaluator's retry policy counts that as
+        # backing off, unlike the time queued for the slot
+        assert tasks[0].result().cooldown_s == 5.0
         for name in "bc":
             w.release(tasks["abc".index(granted[-1])].result(), "neutral")
             await steps(3)
             assert granted[-1] == name
         assert slept == [5.0]  # the cool-down was over for b and c
+        assert tasks[1].result().cooldown_s == tasks[2].result().cooldown_s == 0.0
         w.release(tasks[2].result())
 
     asyncio.run(scenario())

@@ -269,14 +269,15 @@ class DspyEvaluator:
         usage = RolloutUsage()
         retries = {"rate_limited": 0, "transient": 0}
         # Each retry policy's time runs from its kind's first failure and leaves out the time spent queued
-        # for the endpoints' windows: counted from the rollout's start, a rollout queued behind a shrunken
-        # window gave up on its first 429 with no retry, and waiting out 429s used up the transient policy.
+        # for a slot in the endpoints' windows (not a rate limit's cool-down, which is backing off): counted
+        # from the rollout's start, a rollout queued behind a shrunken window gave up on its first 429 with
+        # no retry, and waiting out 429s used up the transient policy.
         first_failed: dict[str, tuple[float, float]] = {}  # kind -> (clock, time queued so far) at its first
         queued = 0.0
         while True:
             asked = self._clock()
             tickets = await self._windows.acquire_all(keys)
-            queued += self._clock() - asked
+            queued += max(0.0, self._clock() - asked - sum(t.cooldown_s for t in tickets))
             result, hint, only = "neutral", None, None
             try:
                 program, names = built.for_call()

@@ -44,10 +44,12 @@ __all__ = ["AimdRegistry", "AimdWindow", "Ticket"]
 
 @dataclass(frozen=True)
 class Ticket:
-    """Proof of one acquired slot: which window, and the decrease epoch it was granted in."""
+    """Proof of one acquired slot: which window, the decrease epoch it was granted in, and how long it
+    waited out a cool-down once it had the slot (a rate limit's pause, which a retry policy counts)."""
 
     key: str
     epoch: int
+    cooldown_s: float = 0.0
 
 
 class AimdWindow:
@@ -152,18 +154,20 @@ class AimdWindow:
                         self._waiters.remove(waiter)
                 raise
         # We hold a slot. A cool-down (from a 429 seen by anyone) must pass before we may send.
+        cooled = 0.0
         try:
             while True:
                 remaining = self._cooldown_until - self._clock()
                 if remaining <= 0:
                     break
                 self.cooldown_wait_s += remaining
+                cooled += remaining
                 await self._sleep(remaining)
         except BaseException:
             self._give_back()
             raise
         self.grants += 1
-        return Ticket(self.key, self._epoch)
+        return Ticket(self.key, self._epoch, cooled)
 
     def release(self, ticket: Ticket, outcome: Outcome = "neutral", retry_after: float | None = None) -> None:
         """Give the slot back, recording what the rollout saw: ``success`` grows the window,
