@@ -675,7 +675,7 @@ def test_params_mlflow_refuses_in_the_users_run_are_warned_about_by_name(local_t
     params = mlflow.MlflowClient().get_run(run.info.run_id).data.params
     assert params["seed"] == "42" and params["num_threads"] == "4"  # the others are still logged
     warnings = tracking_warnings(caplog)
-    assert len(warnings) == 1 and "refused the params seed " in warnings[0].getMessage(), warnings
+    assert len(warnings) == 1 and "refused the params seed:" in warnings[0].getMessage(), warnings
 
 
 def test_overlapping_http_retry_overrides_put_the_users_values_back():

@@ -343,6 +343,24 @@ def test_a_proposer_returning_a_prediction_is_applied_as_dspy_gepa_applies_it():
     assert stats["mutations"].get("rejected_rung0", 0) > 0, stats["mutations"]  # its texts became children
 
 
+def test_what_dict_update_takes_is_a_proposal_and_nothing_else_is():
+    """dict.update also takes an iterable of pairs (a list of them, a pydantic model): dspy.GEPA applies
+    those; text, None and objects that do not read as pairs stay invalid_proposal."""
+    import pydantic
+
+    from dspy_turbogepa.proposers.reflection import _validate_answer
+
+    class Texts(pydantic.BaseModel):
+        a: str
+
+    parent = {"a": "old"}
+    for answer in ({"a": "new"}, dspy.Prediction(a="new"), [("a", "new")], Texts(a="new")):
+        outcome = _validate_answer(answer, parent)
+        assert outcome.skipped is None and dict(outcome.texts) == {"a": "new"}, answer
+    for answer in ("a", None, 3, [1, 2], b"ab"):
+        assert _validate_answer(answer, parent).skipped == "invalid_proposal", answer
+
+
 def test_errors_a_proposer_returning_none_stops_after_the_first_8_reflections():
     """errors.md: "the **first 8** reflections all fail (raise, nothing usable, ...) ... run stops with
     `SystemicFailureError` naming the most common cause"; deviations.md: "an `instruction_proposer` that

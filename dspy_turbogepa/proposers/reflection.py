@@ -398,16 +398,17 @@ async def _await(awaitable: Any) -> Any:
 
 def _as_mapping(answer: Any) -> Mapping[Any, Any] | None:
     """The answer as a mapping, if dspy.GEPA could apply it. It applies a proposer's answer with
-    ``dict.update``, which takes any object with ``keys()`` and item access: a proposer written as a
-    ``dspy.Module`` naturally returns a ``dspy.Prediction(**{name: text})``, and that works there."""
+    ``dict.update``, which takes an object with ``keys()`` and item access (a proposer written as a
+    ``dspy.Module`` naturally returns a ``dspy.Prediction(**{name: text})``) or an iterable of pairs (a
+    list of them, a pydantic model). None (``invalid_proposal``) when it is neither, or cannot be read."""
     if isinstance(answer, Mapping):
         return answer
-    keys = getattr(answer, "keys", None)
-    if isinstance(answer, (str, bytes)) or not callable(keys):
+    if answer is None or isinstance(answer, (str, bytes)):
         return None
     try:
-        return {k: answer[k] for k in keys()}
-    except (TypeError, KeyError, AttributeError, ValueError):
+        keys = getattr(answer, "keys", None)
+        return {k: answer[k] for k in keys()} if callable(keys) else dict(answer)
+    except Exception:  # noqa: BLE001 - the user's object would not read as pairs: said as invalid_proposal
         return None
 
 

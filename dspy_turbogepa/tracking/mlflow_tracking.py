@@ -626,8 +626,8 @@ class MlflowRunTracker(EngineObserver):
                 refused.append(p.key)
                 logger.debug("MLflow refused param %s: %s", p.key, describe_error(exc))
         if refused:  # the run now shows another value for them: say so, or it misstates this compile
-            self._warn(f"MLflow refused the params {', '.join(refused)} (already logged in this run with other "
-                       "values, or invalid); the run shows the earlier values, not this compile's")
+            self._warn(f"MLflow refused the params {', '.join(refused)}: already logged in this run with other "
+                       "values (the run shows those, not this compile's), or invalid (not logged)")
         for t in tag_items:
             client.set_tag(self.run_id, t.key, t.value)
 
