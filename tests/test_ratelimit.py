@@ -238,6 +238,27 @@ def test_waiting_out_rate_limits_does_not_use_up_the_transient_policy(routing):
     assert outcome.failure is None, outcome.message
 
 
+def test_a_revoked_key_a_branch_caught_wins_over_a_429_the_program_raised(routing):
+    """A systemic failure anywhere in the rollout stops the run, also when the program's own error is a
+    retryable one: a retried 429 would hit the revoked key again, rollout after rollout."""
+    from dspy import lm15
+
+    class CatchesThenRaises(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = routing.make_program()
+
+        def forward(self, ticket):
+            with contextlib.suppress(Exception):  # the branch's 401, swallowed
+                self.inner(ticket=ticket)
+            raise lm15.RateLimitError("Too many requests", status=429, retry_after=0.001)
+
+    lm, _ = flaky_lm(lambda: lm15.AuthError("invalid api key", status=401), -1)
+    ev, codec = make_evaluator(routing, CatchesThenRaises())
+    (outcome,) = evaluate(ev, codec, lm)
+    assert outcome.fatal and outcome.error_type == "LMAuthError", (outcome.error_type, outcome.message)
+
+
 def test_gives_up_after_the_cap_with_cause_rate_limited(routing):
     lm, hook = flaky_lm(rate_limit, -1)
     ev, codec = make_evaluator(routing, rate_limit_policy=RetryPolicy(2, 30.0, 0.001, 0.01))

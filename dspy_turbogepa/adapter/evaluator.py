@@ -499,13 +499,12 @@ class DspyEvaluator:
         of its own: ``dspy.Parallel`` that reaches ``max_errors`` raises a bare "Execution cancelled"
         with no cause, and that alone read as the program's failure (scored, shown to reflection, no
         429 retried or counted, a revoked key not fatal). A systemic one among them wins."""
-        if error is not None and classify(error, self._fatal).service_failure:
+        raised = [error] if error is not None and classify(error, self._fatal).service_failure else []
+        found = raised + [exc for exc in dspy.settings.get(ROLLOUT_LM_ERRORS) or ()
+                          if classify(exc, self._fatal).service_failure]
+        if not found:
             return error
-        noted = [exc for exc in dspy.settings.get(ROLLOUT_LM_ERRORS) or ()
-                 if classify(exc, self._fatal).service_failure]
-        if not noted:
-            return error
-        return next((exc for exc in noted if classify(exc, self._fatal).fatal), noted[0])
+        return next((exc for exc in found if classify(exc, self._fatal).fatal), found[0])
 
     async def _run_async(
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
