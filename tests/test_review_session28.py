@@ -113,6 +113,28 @@ def test_a_program_error_raised_inside_a_lazy_proxy_is_scored_not_fatal_to_the_c
     assert program.detailed_results.run_stats["failures"]["program_error"] > 0
 
 
+def _metric_with_settings(gold, pred, trace=None, pred_name=None, pred_trace=None, cfg=_SETTINGS):
+    return _metric(gold, pred, trace, pred_name, pred_trace)
+
+
+@pytest.mark.parametrize("how", ["default argument", "partial"])
+def test_a_lazy_proxy_bound_to_the_metric_does_not_stop_a_compile_with_a_log_dir(how, tmp_path):
+    """The run key reads a metric's default arguments and a partial's bound ones: each raised from the
+    proxy (django's settings, not configured in a notebook) before any LM call."""
+    import functools
+
+    metric = _metric_with_settings if how == "default argument" else functools.partial(
+        lambda gold, pred, trace=None, pred_name=None, pred_trace=None, cfg=None:
+        _metric(gold, pred, trace, pred_name, pred_trace), cfg=_SETTINGS)
+    data = [dspy.Example(text=f"t{i}", answer="y").with_inputs("text") for i in range(6)]
+    opt = TurboGEPA(metric, max_metric_calls=20, instruction_proposer=_Recording(), num_threads=2,
+                    reflection_minibatch_size=2, use_merge=False, skip_perfect_score=False, track_stats=True,
+                    log_dir=str(tmp_path / "run"))
+    with dspy.context(lm=_lm()):
+        program = opt.compile(_ReadsSettings(), trainset=data, valset=data)
+    assert program.detailed_results.total_metric_calls > 0
+
+
 class _Refusing(dspy.Predict):
     def forward(self, **kwargs):
         raise ValueError("the content filter refused this input")

@@ -104,7 +104,11 @@ def callable_identity(fn: Any) -> str:
     if fn is None:
         return "None"
     if isinstance(fn, functools.partial):
-        return f"partial({callable_identity(fn.func)}, {stable_hash(_hashable([fn.args, fn.keywords]))})"
+        try:
+            bound = stable_hash(_hashable([fn.args, fn.keywords]))
+        except Exception:  # noqa: BLE001 - an argument that cannot say what it is (a lazy proxy): by types
+            bound = stable_hash([_type_key(v) for v in [*fn.args, *fn.keywords.values()]])
+        return f"partial({callable_identity(fn.func)}, {bound})"
     if inspect.ismethod(fn):
         owner = type(fn.__self__)
         return (f"{owner.__module__}.{owner.__qualname__}.{callable_identity(fn.__func__)}"
@@ -252,7 +256,22 @@ def _defaults_identity(fn: Any) -> str:
     return stable_hash([[name, _default_value(name, value)] for name, value in named])
 
 
+def _type_key(value: Any) -> str:
+    """A value by its type only, read without ``__class__`` (which a lazy proxy, django's ``settings``,
+    sets itself up for, raising while it is not configured)."""
+    kind = type(value)
+    return f"<{kind.__module__}.{kind.__qualname__}>"
+
+
 def _default_value(name: str, value: Any) -> Any:
+    """A default argument's part of a function's identity; by its type when it cannot be read."""
+    try:
+        return _readable_default(name, value)
+    except Exception:  # noqa: BLE001 - a lazy proxy raises on any look until set up: not the compile's failure
+        return _type_key(value)
+
+
+def _readable_default(name: str, value: Any) -> Any:
     if isinstance(value, (str, bytes)):
         text = value if isinstance(value, str) else value.decode("utf-8", "replace")
         # by the parameter's name or a secret the environment holds: a default that merely looks like a
