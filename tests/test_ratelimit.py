@@ -195,14 +195,13 @@ def test_time_queued_for_the_window_is_not_counted_as_backing_off(routing):
     assert sum(o.rate_limit_retries for o in outcomes) == 1
 
 
-def test_an_endpoint_cool_down_counts_as_backing_off(routing):
-    """Only the time queued for a slot is left out of the policy's time: a cool-down another rollout's
-    429 imposed is a rate limit's wait. Rollout 1 fails at 0.12 s, waits out rollout 0's cool-down to
-    0.35 s, then its slow second call fails at 0.63 s: 0.51 s into a 0.4 s policy, it gives up (with the
-    cool-down counted as queueing, 0.29 s: it retried past the policy's bound)."""
+def _two_rollouts_around_a_cool_down(routing, slow_error, policy_kw):
+    """Rollout 1's first call fails after 0.24 s; rollout 0's first, at once, with a 429 whose
+    Retry-After pauses the endpoint to 0.7 s; rollout 1 waits that out (0.45 s), and its slow second
+    call fails at 1.26 s. Returns both outcomes and rollout 1's call count."""
     from dspy_turbogepa.testing.fake_lm import request_messages
 
-    ev, codec = make_evaluator(routing, rate_limit_policy=RetryPolicy(10, 0.4, 0.001, 0.002), window_limit=2)
+    ev, codec = make_evaluator(routing, window_limit=2, **policy_kw)
     slow_ticket = ev._data["val"][1].ticket
     calls = {"slow": 0, "fast": 0}
     lock = threading.Lock()
@@ -212,15 +211,35 @@ def test_an_endpoint_cool_down_counts_as_backing_off(routing):
         with lock:
             calls["slow" if mine else "fast"] += 1
             n = calls["slow" if mine else "fast"]
-        if mine and n <= 2:  # rollout 1: two slow calls that end in a 429
-            time.sleep(0.12 if n == 1 else 0.28)
-            raise rate_limit(0.001)
-        if not mine and n == 1:  # rollout 0: at once, a 429 whose Retry-After pauses the endpoint 0.35 s
-            raise rate_limit(0.35)
+        if mine and n <= 2:  # rollout 1: two slow calls that fail
+            time.sleep(0.24 if n == 1 else 0.56)
+            raise slow_error()
+        if not mine and n == 1:
+            raise rate_limit(0.7)
 
     outcomes = evaluate(ev, codec, make_student_lm(before_call=hook), ids=(0, 1))
+    return outcomes, calls["slow"]
+
+
+def test_an_endpoint_cool_down_counts_as_backing_off(routing):
+    """Only the time queued for a slot is left out of the rate-limit policy's time: a cool-down another
+    rollout's 429 imposed is a rate limit's wait. Rollout 1's second 429 comes 1.02 s into a 0.8 s
+    policy and it gives up (with the cool-down counted as queueing, 0.57 s: it retried past the bound)."""
+    outcomes, slow_calls = _two_rollouts_around_a_cool_down(
+        routing, lambda: rate_limit(0.001), {"rate_limit_policy": RetryPolicy(10, 0.8, 0.001, 0.002)})
     assert outcomes[0].failure is None, outcomes[0].message
-    assert outcomes[1].failure == "rate_limited" and calls["slow"] == 2, (outcomes[1].message, calls)
+    assert outcomes[1].failure == "rate_limited" and slow_calls == 2, (outcomes[1].message, slow_calls)
+
+
+def test_a_rate_limit_cool_down_is_no_part_of_the_transient_policy(routing):
+    """The same wait, between two 503s: it is the rate limit's, not the 5xx policy's, whose 0.8 s then
+    has 0.57 s used: the rollout is retried and answers."""
+    outcomes, slow_calls = _two_rollouts_around_a_cool_down(
+        routing, lambda: lm15.ServerError("upstream 503", status=503),
+        {"transient_policy": RetryPolicy(3, 0.8, 0.001, 0.002),
+         "rate_limit_policy": RetryPolicy(10, 5.0, 0.001, 0.002)})
+    assert [o.failure for o in outcomes] == [None, None], [o.message for o in outcomes]
+    assert slow_calls == 3
 
 
 def test_waiting_out_rate_limits_does_not_use_up_the_transient_policy(routing):

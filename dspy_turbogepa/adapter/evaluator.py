@@ -269,15 +269,19 @@ class DspyEvaluator:
         usage = RolloutUsage()
         retries = {"rate_limited": 0, "transient": 0}
         # Each retry policy's time runs from its kind's first failure and leaves out the time spent queued
-        # for a slot in the endpoints' windows (not a rate limit's cool-down, which is backing off): counted
-        # from the rollout's start, a rollout queued behind a shrunken window gave up on its first 429 with
-        # no retry, and waiting out 429s used up the transient policy.
-        first_failed: dict[str, tuple[float, float]] = {}  # kind -> (clock, time queued so far) at its first
-        queued = 0.0
+        # for a slot in the endpoints' windows: counted from the rollout's start, a rollout queued behind a
+        # shrunken window gave up on its first 429 with no retry. An endpoint's cool-down after a 429 is
+        # the rate-limit policy's own backing off, and none of the transient policy's: waiting out 429s
+        # must not use up its time.
+        first_failed: dict[str, tuple[float, float]] = {}  # kind -> (clock, time not counted so far) at its first
+        uncounted = {"rate_limited": 0.0, "transient": 0.0}
         while True:
             asked = self._clock()
             tickets = await self._windows.acquire_all(keys)
-            queued += max(0.0, self._clock() - asked - sum(t.cooldown_s for t in tickets))
+            cooled = sum(t.cooldown_s for t in tickets)
+            waited = max(0.0, self._clock() - asked)
+            uncounted["rate_limited"] += max(0.0, waited - cooled)
+            uncounted["transient"] += waited
             result, hint, only = "neutral", None, None
             try:
                 program, names = built.for_call()
@@ -304,8 +308,8 @@ class DspyEvaluator:
             policy = self._rl_policy if rate_limited else self._tr_policy
             done = retries[kind]
             self._stats.count(kind, "seen")
-            since, queued_before = first_failed.setdefault(kind, (self._clock(), queued))
-            elapsed = self._clock() - since - (queued - queued_before)
+            since, uncounted_before = first_failed.setdefault(kind, (self._clock(), uncounted[kind]))
+            elapsed = self._clock() - since - (uncounted[kind] - uncounted_before)
             delay = policy.delay(done, verdict.retry_after, self._rng, elapsed)
             if delay is None:
                 return self._give_up(attempt, verdict, done, elapsed, usage, retries["rate_limited"], example,

@@ -358,8 +358,8 @@ class RetryPolicy:
     nothing (or too little for a repeat offender), jittered so that rollouts rejected together do not
     come back together. A rollout gives up after ``max_retries`` retries, or once ``max_elapsed_s``
     have passed since its first failure of this kind (time queued for a slot in an endpoint's window
-    not counted: that is waiting for capacity; an endpoint's cool-down after a 429 is counted),
-    whichever comes first — and at once when the server asks it to wait past that (a quota that
+    not counted: that is waiting for capacity; an endpoint's cool-down after a 429 counts toward the
+    rate-limit policy only), whichever comes first — and at once when the server asks it to wait past that (a quota that
     resets tomorrow): no delay outlasts the policy, so a rollout never holds its evaluation slot longer
     than ``max_elapsed_s`` in backoff.
     """
