@@ -510,6 +510,8 @@ def test_a_reflection_under_a_tight_window_is_shown_a_failure_not_only_a_solved_
     partial = {"qa": [Example(0.3, 100), Example(0.0, 5_000)]}
     assert plan({"qa": 200}, partial, 900, perfect=1.0) == {"qa": [0]}
     assert plan({"qa": 200}, {"qa": [Example(1.0, 100), Example(0.3, 900)]}, 700, perfect=1.0) == {"qa": [1]}
+    # a metric scored past perfect_score (0-10 with the default 1.0): below the best shown, as without one
+    assert plan({"qa": 10}, {"qa": [Example(5.0, 100), Example(9.0, 50)]}, 20, perfect=1.0) == {"qa": [0]}
 
 
 def test_a_units_size_is_shared_so_a_predictor_whose_examples_fit_keeps_them_all():

@@ -360,6 +360,13 @@ def test_what_dict_update_takes_is_a_proposal_and_nothing_else_is():
     for answer in ("a", None, 3, [1, 2], b"ab"):
         assert _validate_answer(answer, parent).skipped == "invalid_proposal", answer
 
+    def breaks():  # a generator that fails part-way: said, with the error, not read again
+        yield ("a", "new")
+        raise RuntimeError("the proposer's stream broke")
+
+    outcome = _validate_answer(breaks(), parent)
+    assert outcome.skipped == "invalid_proposal" and "stream broke" in outcome.message, outcome.message
+
 
 def test_errors_a_proposer_returning_none_stops_after_the_first_8_reflections():
     """errors.md: "the **first 8** reflections all fail (raise, nothing usable, ...) ... run stops with

@@ -97,13 +97,14 @@ class ContextFit:
 
 def floor_example(scores: Sequence[float], sizes: Sequence[int], perfect: float | None = None) -> int | None:
     """The example a reflection shows however small its budget: the shortest failure (below ``perfect``,
-    the metric's perfect score; without one, below the best score shown), or the shortest example if
-    none is. The shortest example whatever its score could be a solved one: a prompt showing only that
-    fits, is paid for, and has nothing to fix."""
+    the metric's perfect score; if none is, or it is unknown, below the best score shown, for a metric
+    scored past it), or the shortest example if they score alike. The shortest example whatever its
+    score could be a solved one: a prompt showing only that fits, is paid for, and has nothing to fix."""
     if not sizes:
         return None
-    bar = max(scores) if perfect is None else perfect
-    pool = [i for i in range(len(sizes)) if scores[i] < bar] or list(range(len(sizes)))
+    every = range(len(sizes))
+    pool = ([i for i in every if scores[i] < perfect] if perfect is not None else []) \
+        or [i for i in every if scores[i] < max(scores)] or list(every)
     return min(pool, key=lambda i: (sizes[i], i))
 
 

@@ -239,10 +239,10 @@ class ReflectiveProposer:
             answer = self._ask_fitting(parent_texts, dataset, scores, unit, retries)
             if isinstance(answer, ProposalOutcome):
                 return answer
-            mapping = _as_mapping(answer)
-            if mapping is None:
-                return _validate_answer(answer, parent_texts)  # says what the proposer returned
-            texts.update(mapping)
+            read = _as_mapping(answer)  # read once: a generator's answer is gone after one read
+            if isinstance(read, str):
+                return ProposalOutcome(skipped="invalid_proposal", message=read)
+            texts.update(read)
         outcome = _validate_answer(texts, parent_texts)
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
@@ -396,30 +396,29 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _as_mapping(answer: Any) -> Mapping[Any, Any] | None:
-    """The answer as a mapping, if dspy.GEPA could apply it. It applies a proposer's answer with
+def _as_mapping(answer: Any) -> Mapping[Any, Any] | str:
+    """The answer as a mapping, if dspy.GEPA could apply it; else what is wrong with it (the proposal is
+    skipped as ``invalid_proposal`` with that message). dspy.GEPA applies a proposer's answer with
     ``dict.update``, which takes an object with ``keys()`` and item access (a proposer written as a
     ``dspy.Module`` naturally returns a ``dspy.Prediction(**{name: text})``) or an iterable of pairs (a
-    list of them, a pydantic model). None (``invalid_proposal``) when it is neither, or cannot be read."""
+    list of them, a pydantic model)."""
     if isinstance(answer, Mapping):
         return answer
+    expected = f"the proposer returned {type(answer).__name__}, expected dict[str, str]"
     if answer is None or isinstance(answer, (str, bytes)):
-        return None
+        return expected
     try:
         keys = getattr(answer, "keys", None)
         return {k: answer[k] for k in keys()} if callable(keys) else dict(answer)
-    except Exception:  # noqa: BLE001 - the user's object would not read as pairs: said as invalid_proposal
-        return None
+    except Exception as exc:  # noqa: BLE001 - the user's object would not read as texts: said, not raised
+        return f"{expected} ({describe_error(exc)})"
 
 
 def _validate_answer(answer: Any, parent: Mapping[str, str]) -> ProposalOutcome:
     """Texts for components the proposer was not asked about are kept, as dspy.GEPA applies them."""
     mapping = _as_mapping(answer)
-    if mapping is None:
-        return ProposalOutcome(
-            skipped="invalid_proposal",
-            message=f"the proposer returned {type(answer).__name__}, expected dict[str, str]",
-        )
+    if isinstance(mapping, str):
+        return ProposalOutcome(skipped="invalid_proposal", message=mapping)
     texts: dict[str, str] = {}
     problems: list[str] = []
     for name, text in mapping.items():
