@@ -836,6 +836,20 @@ def test_examples_told_apart_only_by_an_uninformative_str_are_not_the_same_examp
 
     train, val = data(0), data(100)
     assert not same_examples(train, val)
+
+    class SlotBlob:
+        __slots__ = ("v",)
+
+        def __init__(self, v):
+            self.v = v
+
+        def __str__(self):
+            return "Blob"
+
+    def slotted(start):
+        return [dspy.Example(question=SlotBlob(start + i), answer="x").with_inputs("question") for i in range(3)]
+
+    assert not same_examples(slotted(0), slotted(100))  # attributes in __slots__ too
     assert same_examples(train, list(train))  # the same objects are the same examples
     assert data_identity(train) == data_identity(data(0))  # the run key: the same in every process
     values = [dspy.Example(when=datetime.date(2026, 1, i + 1), where=Path(f"/d/{i}"), id=uuid.UUID(int=i),

@@ -420,13 +420,13 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
     (the ancestors) count, so an object met again in a sibling (two examples sharing an array) is
     hashed by its content both times.
 
-    ``opaque`` says what stands for an object of a class with attributes known only by an address-free
-    ``str()``, which may say little (a class whose ``__str__`` is its name): "text" that text, the same
-    in every process; "identity" the object itself, for comparing datasets alive in this process
-    (equal only if the same object). Value types (dates, paths, UUIDs: no ``__dict__``) are their text
-    either way. Their attributes are not read instead: a uuid, a memo cache or a logger among them
-    would give equal data other keys (every resume refused), and a graph of them hashes in
-    exponential time."""
+    ``opaque`` says what stands for an object of the user's own class with attributes known only by an
+    address-free ``str()``, which may say little (a class whose ``__str__`` is its name): "text" that
+    text, the same in every process; "identity" the object itself, for comparing datasets alive in this
+    process (equal only if the same object). Library and standard types (dates, paths, UUIDs, pandas'
+    values) are their text either way. Their attributes are not read instead: a uuid, a memo cache or
+    a logger among them would give equal data other keys (every resume refused), and a graph of them
+    hashes in exponential time."""
     seen: set[int] = set()
 
     def leaf(v: Any) -> Any:
@@ -474,7 +474,7 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
             logger.debug("run key: %s could not be dumped (%s); using its fields", kind, type(exc).__name__)
         text = str(v)
         if _ADDRESS.search(text) is None:
-            if opaque == "identity" and isinstance(getattr(v, "__dict__", None), dict) and vars(v):
+            if opaque == "identity" and not library_class(type(v)) and _has_fields(v):
                 return {"__opaque__": kind, "id": id(v)}
             return text
         fields = dict(vars(v)) if hasattr(v, "__dict__") else {}
@@ -486,6 +486,15 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
         return _ADDRESS.sub("", text)
 
     return to_json(value, leaf)
+
+
+def _has_fields(value: Any) -> bool:
+    """Whether an object holds attributes of its own (in ``__dict__`` or ``__slots__``)."""
+    attrs = getattr(value, "__dict__", None)
+    if isinstance(attrs, dict) and attrs:
+        return True
+    return any(isinstance(slot, str) and hasattr(value, slot)
+               for klass in type(value).__mro__ for slot in getattr(klass, "__slots__", ()))
 
 
 def _predictor_entry(name: str, pred: Any) -> tuple[Any, ...]:
