@@ -359,9 +359,9 @@ class RetryPolicy:
     come back together. A rollout gives up after ``max_retries`` retries, or once ``max_elapsed_s``
     have passed since its first failure of this kind (time queued for a slot in an endpoint's window
     not counted: that is waiting for capacity; an endpoint's cool-down after a 429 counts toward the
-    rate-limit policy only), whichever comes first — and at once when the server asks it to wait past that (a quota that
-    resets tomorrow): no delay outlasts the policy, so a rollout never holds its evaluation slot longer
-    than ``max_elapsed_s`` in backoff.
+    rate-limit policy only), whichever comes first — and at once when the server asks it to wait past
+    that (a quota that resets tomorrow): no delay outlasts the policy, so a rollout never holds its
+    evaluation slot longer than ``max_elapsed_s`` in backoff.
     """
 
     max_retries: int
