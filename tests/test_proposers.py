@@ -468,6 +468,29 @@ def test_a_reflection_longer_than_the_reflection_lms_context_window_is_asked_aga
     assert len(warned) == 1 and "To fix" not in warned[0]  # once per predictor, on one line (no lm15 advice list)
 
 
+@pytest.mark.parametrize("perfect_score", [1.0, None])
+def test_the_window_plan_knows_the_metrics_perfect_score(routing, monkeypatch, perfect_score):
+    """The example every reflection shows under a tight window is a failure by the metric's perfect_score:
+    the compile hands it to the plan (None, unknown, when the user passed None)."""
+    import dspy_turbogepa.proposers.reflection as reflection_module
+
+    seen_perfect: list[float | None] = []
+    real_plan = reflection_module.plan
+
+    def recording_plan(instructions, examples, budget, perfect=None):
+        seen_perfect.append(perfect)
+        return real_plan(instructions, examples, budget, perfect)
+
+    monkeypatch.setattr(reflection_module, "plan", recording_plan)
+    reflection_lm, _ = _context_window(800)
+    splits = small_splits(routing, n_train=30, n_val=16)
+    opt = TurboGEPA(routing.metric, max_metric_calls=60, reflection_lm=reflection_lm, num_threads=8,
+                    perfect_score=perfect_score, skip_perfect_score=perfect_score is not None)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    assert seen_perfect and set(seen_perfect) == {perfect_score}
+
+
 def test_a_reflection_lm_whose_window_cannot_hold_one_example_stops_the_run_saying_so(routing):
     from dspy_turbogepa.engine.errors import SystemicFailureError
 
