@@ -20,9 +20,19 @@ import sysconfig
 from typing import Any
 
 __all__ = [
-    "defines_own_aforward", "defines_own_forward", "in_dspy_package", "library_class",
+    "defines_own_aforward", "defines_own_forward", "in_dspy_package", "is_a", "library_class",
     "library_function", "library_path", "runs_async", "user_defines", "users_file",
 ]
+
+
+def is_a(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """``isinstance`` for any object the user's code names, which we only look at: ``isinstance`` reads
+    ``__class__``, which a lazy proxy (django's ``settings``) sets itself up for, raising while it is not
+    configured. Looking must never become the compile's failure."""
+    try:
+        return isinstance(value, kind)
+    except Exception:  # noqa: BLE001 - a proxy that cannot say what it is is none of ours
+        return False
 
 def in_dspy_package(cls: type) -> bool:
     """Whether ``cls`` is DSPy's own (``dspy`` or a submodule), as opposed to the user's code."""

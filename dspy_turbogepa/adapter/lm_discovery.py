@@ -16,6 +16,7 @@ from typing import Any
 import dspy
 from dspy.clients.base_lm import BaseLM
 
+from dspy_turbogepa.adapter.introspect import is_a
 from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
 from dspy_turbogepa.adapter.program import all_named_predictors
 from dspy_turbogepa.redaction import (
@@ -100,7 +101,7 @@ def _held_lms(obj: Any) -> list[Any]:
     values: list[Any] = []
     if isinstance(obj, functools.partial):  # partial(judge_metric, judge=dspy.LM(...))
         values += [*obj.args, *obj.keywords.values()]
-        return [v for v in values if _is_lm(v)] + _held_lms(obj.func)
+        return [v for v in values if is_a(v, BaseLM)] + _held_lms(obj.func)
     fn = getattr(obj, "__func__", obj)  # a bound method: its function (and its object, below)
     code = getattr(fn, "__code__", None)
     if code is not None:
@@ -117,17 +118,7 @@ def _held_lms(obj: Any) -> list[Any]:
                 method = getattr(type(owner), name, None)
                 if getattr(method, "__code__", None) is not None:
                     values += _named_by(method)
-    return [v for v in values if _is_lm(v)]
-
-
-def _is_lm(value: Any) -> bool:
-    """``isinstance(value, BaseLM)`` for any object a function names: a lazy proxy (django's
-    ``settings``) sets itself up when its ``__class__`` is read, and raises while it is not
-    configured; looking must never become the compile's failure."""
-    try:
-        return isinstance(value, BaseLM)
-    except Exception:  # noqa: BLE001 - a proxy that cannot say what it is holds no LM we can see
-        return False
+    return [v for v in values if is_a(v, BaseLM)]
 
 
 def _named_by(fn: Any) -> list[Any]:

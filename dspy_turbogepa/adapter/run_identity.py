@@ -21,13 +21,14 @@ import os
 import re
 import sys
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Literal
 
 import dspy
 
-from dspy_turbogepa.adapter.introspect import in_dspy_package, library_class, library_function
+from dspy_turbogepa.adapter.introspect import in_dspy_package, is_a, library_class, library_function
 from dspy_turbogepa.adapter.lm_copies import lm_api_base
 from dspy_turbogepa.adapter.program import all_named_predictors
 from dspy_turbogepa.adapter.trajectory_json import held_items, to_json
@@ -299,8 +300,7 @@ def _readable_default(name: str, value: Any) -> Any:
         return ["re", repr(value.pattern), value.flags]
     if callable(value) and isinstance(getattr(value, "__qualname__", None), str):  # str.lower, operator.eq
         return f"{getattr(value, '__module__', None) or type(value).__module__}.{value.__qualname__}"
-    kind = type(value)
-    return f"<{kind.__module__}.{kind.__qualname__}>"
+    return _type_key(value)
 
 
 def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
@@ -317,21 +317,12 @@ def _called_user_functions(fn: Any, seen: set[int] | None = None) -> list[str]:
     for name in global_names(code):
         target = namespace.get(name)
         for depth, layer in enumerate(_decorated_layers(target)):  # the helper, then what its decorators wrap
-            if not _is_function(layer) or id(layer) in seen or library_function(layer):
+            if not is_a(layer, types.FunctionType) or id(layer) in seen or library_function(layer):
                 continue
             seen.add(id(layer))
             out.append(f"{name}{'~' * depth}={layer.__qualname__}:{_function_digest(layer)}")
             out += _called_user_functions(layer, seen)
     return out
-
-
-def _is_function(value: Any) -> bool:
-    """``inspect.isfunction`` for any global a function names: ``isinstance`` reads ``__class__``, which
-    a lazy proxy (django's ``settings``) sets itself up for, raising while it is not configured."""
-    try:
-        return inspect.isfunction(value)
-    except Exception:  # noqa: BLE001 - a proxy that cannot say what it is is not the user's function
-        return False
 
 
 def _decorated_layers(fn: Any) -> list[Any]:
@@ -474,13 +465,10 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
             logger.debug("run key: %s could not be dumped (%s); using its fields", kind, type(exc).__name__)
         text = str(v)
         if _ADDRESS.search(text) is None:
-            if opaque == "identity" and not library_class(type(v)) and _has_fields(v):
+            if opaque == "identity" and not library_class(type(v)) and _fields_of(v):
                 return {"__opaque__": kind, "id": id(v)}
             return text
-        fields = dict(vars(v)) if hasattr(v, "__dict__") else {}
-        for slot in getattr(type(v), "__slots__", ()):
-            if isinstance(slot, str) and hasattr(v, slot):
-                fields[slot] = getattr(v, slot)
+        fields = _fields_of(v)
         if fields:
             return {"__type__": kind, **to_json(fields, leaf)}
         return _ADDRESS.sub("", text)
@@ -488,13 +476,13 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
     return to_json(value, leaf)
 
 
-def _has_fields(value: Any) -> bool:
-    """Whether an object holds attributes of its own (in ``__dict__`` or ``__slots__``)."""
-    attrs = getattr(value, "__dict__", None)
-    if isinstance(attrs, dict) and attrs:
-        return True
-    return any(isinstance(slot, str) and hasattr(value, slot)
-               for klass in type(value).__mro__ for slot in getattr(klass, "__slots__", ()))
+def _fields_of(value: Any) -> dict[str, Any]:
+    """An object's own attributes: its ``__dict__`` and its class's ``__slots__`` that are set."""
+    fields = dict(vars(value)) if hasattr(value, "__dict__") else {}
+    for slot in getattr(type(value), "__slots__", ()):
+        if isinstance(slot, str) and hasattr(value, slot):
+            fields[slot] = getattr(value, slot)
+    return fields
 
 
 def _predictor_entry(name: str, pred: Any) -> tuple[Any, ...]:
