@@ -121,8 +121,7 @@ def choose(scores: Sequence[float], sizes: Sequence[int], budget: int | None,
         if used + sizes[i] <= budget:
             chosen.append(i)
             used += sizes[i]
-    floor = floor_example(scores, sizes, perfect)
-    if not chosen and floor is not None:
+    if not chosen and (floor := floor_example(scores, sizes, perfect)) is not None:
         chosen = [floor]
     return sorted(chosen)
 
