@@ -200,12 +200,17 @@ def test_the_outage_rule_waits_for_two_waves_and_at_least_n(monkeypatch, threads
 def test_the_first_n_window_is_at_most_32():
     """errors.md: "the **first N** executed evaluations of a split ... all fail ... (N = the valset size,
     at least 8 and at most 32 ...)": the verdict waits for the first 32 started, so failures that ended
-    meanwhile are counted too (a few more than 32 with a wave in flight)."""
-    with pytest.raises(SystemicFailureError, match=r"the first (\d+) evaluations all failed") as info:
-        run(_always_raises, data=splits(12, 40), budget=100)
-    assert info.value.failure == "metric_error"
-    first = int(re.search(r"the first (\d+)", str(info.value)).group(1))
-    assert 32 <= first <= 32 + 4  # num_threads=4: at most the wave in flight beyond the window
+    meanwhile are counted too (a few more than 32 with a wave in flight).
+
+    One thread makes the count exact. With more, how many later evaluations end while one of the first
+    32 is still running depends on the machine's load (CI counted 37 with 4 threads and two test
+    workers on 2 cores), so only the window's floor is asserted there."""
+    for threads in (1, 4):
+        with pytest.raises(SystemicFailureError, match=r"the first (\d+) evaluations all failed") as info:
+            run(_always_raises, data=splits(12, 40), budget=100, num_threads=threads)
+        assert info.value.failure == "metric_error"
+        first = int(re.search(r"the first (\d+)", str(info.value)).group(1))
+        assert first == 32 if threads == 1 else first >= 32
 
 
 def test_a_run_that_ends_on_its_own_with_only_parse_failures_raises_instead_of_returning_the_seed():
