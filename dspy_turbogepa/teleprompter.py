@@ -711,6 +711,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         live = live_run_stats(orchestrator, evaluator, reflector)
         result.stats.rate_limits = live.rate_limits
         result.stats.reflective_records_skipped = live.reflective_records_skipped
+        result.stats.feedback_calls = live.feedback_calls
         best = result.best
         if result.stop_reason == "interrupted":
             found = ("the seed program: nothing beat it yet" if result.best_index == 0
@@ -950,6 +951,7 @@ def live_run_stats(orchestrator: Orchestrator, evaluator: ManagedEvaluator, refl
     if reflector is not None:
         limits["reflection"] = reflector.rate_limit_stats()
         orchestrator.stats.reflective_records_skipped = Counter(reflector.skipped_records())
+        orchestrator.stats.feedback_calls = reflector.feedback_calls()
     orchestrator.stats.rate_limits = limits
     return orchestrator.stats
 

@@ -896,10 +896,11 @@ def test_the_live_stats_carry_the_reflection_lms_rate_limits():
     orchestrator = SimpleNamespace(stats=SimpleNamespace(rate_limits={}))
     evaluator = SimpleNamespace(rate_limit_stats=lambda: {"rate_limited": 2, "endpoints": {}})
     reflector = SimpleNamespace(rate_limit_stats=lambda: {"rate_limited": 3, "rate_limit_retries": 3},
-                                skipped_records=lambda: {"feedback_error": 4})
+                                skipped_records=lambda: {"feedback_error": 4}, feedback_calls=lambda: 7)
     stats = live_run_stats(orchestrator, evaluator, reflector)
     assert stats.rate_limits["rate_limited"] == 2 and stats.rate_limits["reflection"]["rate_limited"] == 3
     assert stats.reflective_records_skipped == {"feedback_error": 4}  # charted live too
+    assert stats.feedback_calls == 7
 
 
 class _GatewayPageServer:

@@ -379,14 +379,14 @@ _DOCUMENTED_KEYS = {
     "mutations", "mutations_by_kind", "survived_rung0_by_kind", "accepted_by_kind", "operator_credit", "failures",
     "proposal_skips", "reflective_records_skipped", "reflection_calls", "proposals_replayed", "reflection_tokens",
     "task_tokens", "task_lm_calls", "cost", "metric_calls_executed", "metric_calls_replayed", "cache_hits",
-    "feedback_reused", "scouted", "scout_failures_read", "siblings", "chaining", "peak_evals_in_flight",
-    "peak_mutations_in_flight", "rate_limit_retries", "rate_limits", "evaluation_slots",
+    "feedback_reused", "feedback_calls", "scouted", "scout_failures_read", "siblings", "chaining",
+    "peak_evals_in_flight", "peak_mutations_in_flight", "rate_limit_retries", "rate_limits", "evaluation_slots",
 }
 
 
 def test_run_stats_has_exactly_the_documented_keys_also_in_summary_json(tmp_path):
     """engine.md, `run_stats`: "`detailed_results.run_stats` (also in `log_dir/summary.json`), every key:" (the
-    table's 27 keys)."""
+    table's 28 keys)."""
     program = _compile(budget=60, log_dir=str(tmp_path))
     assert set(program.detailed_results.run_stats) == _DOCUMENTED_KEYS
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -221,3 +221,39 @@ def test_a_priced_models_reported_cost_is_not_added_to_the_table_price():
         _note_history_entry({"model": "openai/my-finetune", "usage": dict(usage), "cost": 0.5})
     # priced from the table (our copy's call is counted from its history entry), never from "cost"
     assert box.cost == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6) and box.calls == 1
+
+
+def test_run_stats_count_the_metrics_feedback_calls_of_this_session(tmp_path):
+    """The metric's feedback calls (pred_name set) are not metric calls of the budget, as in dspy.GEPA,
+    but each is paid with an LLM-judge metric, and reflections here read more examples than dspy.GEPA's:
+    ``run_stats["feedback_calls"]`` counts them, raised ones included; a resume that replays every stored
+    reflection makes none."""
+    import json
+    import threading
+
+    from dspy_turbogepa.testing import TASKS
+
+    from helpers import quick_compile
+
+    task = TASKS["pipeline"]
+    lock = threading.Lock()
+    seen = {"feedback": 0}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None:
+            with lock:
+                seen["feedback"] += 1
+                if seen["feedback"] % 7 == 0:
+                    raise RuntimeError("judge hiccup")  # left out of the reflection, still a call made
+        return task.metric(gold, pred, trace, pred_name, pred_trace)
+
+    data = small_splits(task, n_train=24, n_val=8, n_test=0)
+    first = quick_compile(metric, task=task, data=data, budget=150, log_dir=str(tmp_path)).detailed_results
+    stats = first.run_stats
+    assert stats["feedback_calls"] == seen["feedback"] > 20
+    assert stats["reflective_records_skipped"]["feedback_error"] == seen["feedback"] // 7
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["result"]["run_stats"]["feedback_calls"] == seen["feedback"]
+    seen["feedback"] = 0
+    again = quick_compile(metric, task=task, data=data, budget=150, log_dir=str(tmp_path)).detailed_results
+    assert seen["feedback"] == 0 and again.run_stats["feedback_calls"] == 0

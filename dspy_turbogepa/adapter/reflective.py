@@ -97,6 +97,9 @@ class ReflectiveDatasetBuilder:
         self._stringify = stringify
         self._lock = threading.Lock()
         self.skipped: Counter[str] = Counter()
+        #: the metric's feedback calls (pred_name set), raised ones included: with an LLM-judge metric
+        #: each is paid, and reflection makes more of them than dspy.GEPA (scouts, best-of-k siblings)
+        self.feedback_calls = 0
         #: what was warned about already: one WARNING per kind (and per predictor), the rest at DEBUG
         self._warned = FirstOfKind()
 
@@ -164,6 +167,8 @@ class ReflectiveDatasetBuilder:
         if not steps:
             return None
         step = rng.choice(steps)
+        with self._lock:
+            self.feedback_calls += 1
         try:
             with self._metric_gate, judge_usage_attached():
                 ret = self._metric(
@@ -275,6 +280,10 @@ class ReflectiveDatasetBuilder:
     def skipped_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self.skipped)
+
+    def feedback_call_count(self) -> int:
+        with self._lock:
+            return self.feedback_calls
 
     def _log_once(self, kind: tuple[str, str], msg: str, *args: Any) -> None:
         """A WARNING the first time, DEBUG after: a broken feedback call would otherwise log a line per

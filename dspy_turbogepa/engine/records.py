@@ -164,6 +164,9 @@ class RunStats:
     proposals_replayed: int = 0
     #: Feedback reuse: traced failures from earlier evaluations that reflections read again.
     feedback_reused: int = 0
+    #: The metric's feedback calls (pred_name set) made by this session's reflections (filled by the
+    #: reflection layer): not counted in the budget, as in dspy.GEPA, but paid with an LLM-judge metric.
+    feedback_calls: int = 0
     scouted: int = 0
     scout_failures_read: int = 0
     cache_hits: int = 0
@@ -215,6 +218,7 @@ class RunStats:
             "reflection_calls": self.reflection_calls,
             "proposals_replayed": self.proposals_replayed,
             "feedback_reused": self.feedback_reused,
+            "feedback_calls": self.feedback_calls,
             "scouted": self.scouted,
             "scout_failures_read": self.scout_failures_read,
             "cache_hits": self.cache_hits,

@@ -146,6 +146,11 @@ class ReflectiveProposer:
             counts["context_window"] = self._fit.left_out
         return counts
 
+    def feedback_calls(self) -> int:
+        """The metric's feedback calls (``pred_name`` set) this session's reflections made: paid calls
+        with an LLM-judge metric, and not metric calls of the budget (as in dspy.GEPA)."""
+        return self._builder.feedback_call_count()
+
     def rate_limit_stats(self) -> dict[str, Any]:
         """The reflection LM's 429s and transient failures (timeouts, 5xx, dropped connections): seen,
         our retries, give-ups, and the backoff slept (DSPy's own retries are off on our copy of it)."""

@@ -774,6 +774,7 @@ def stats_metrics(stats: Any) -> dict[str, float]:
         "lm/task_prompt_tokens": "task_prompt_tokens",
         "lm/task_completion_tokens": "task_completion_tokens",
         "lm/task_calls": "task_lm_calls",
+        "metric_feedback_calls": "feedback_calls",
         "cost/task_usd": "task_cost",
         "cost/reflection_usd": "reflection_cost",
         "evals_in_flight_peak": "peak_evals_in_flight",
