@@ -176,6 +176,48 @@ def test_a_metric_that_breaks_mid_run_stops_with_the_probes_error_and_the_rerun_
     assert dr.run_stats["metric_calls_replayed"] > 0
 
 
+@pytest.mark.parametrize("broken_after", [30, 50])
+def test_a_metric_broken_mid_run_seen_first_by_its_feedback_calls_stops_the_run_and_the_rerun_scores_again(
+        tmp_path, broken_after):
+    """A review (session 41): the metric's service went down after its 30th call. Mutations' minibatches
+    were mostly served from the cache, so its feedback calls failed first: 25 reflections lost their data,
+    and the run ended as "no progress" with 6 scoring failures kept as scores; the rerun replayed them and
+    found another program. Now 8 such reflections in a row stop the run as the metric broken mid-run, and
+    the rerun once it works scores those evaluations again and finds what an unbroken run finds."""
+    import threading
+
+    from dspy_turbogepa.testing import TASKS
+
+    from helpers import quick_compile
+
+    task = TASKS["routing"]
+    lock = threading.Lock()
+    state = {"calls": 0, "broken_after": None}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        with lock:
+            state["calls"] += 1
+            down = state["broken_after"] is not None and state["calls"] > state["broken_after"]
+        if down:
+            raise ConnectionError("scoring service unreachable")
+        return task.metric(gold, pred, trace, pred_name, pred_trace)
+
+    def texts(program):
+        return {name: p.signature.instructions for name, p in program.named_predictors()}
+
+    reference = quick_compile(metric, budget=80, log_dir=str(tmp_path / "reference"))
+    state.update(calls=0, broken_after=broken_after)
+    with pytest.raises(SystemicFailureError, match="the metric broke mid-run") as info:
+        quick_compile(metric, budget=80, log_dir=str(tmp_path / "run"))
+    assert info.value.failure == "feedback_error" and "ConnectionError" in str(info.value)
+    state["broken_after"] = None  # fixed (a service the run key does not see)
+    again = quick_compile(metric, budget=80, log_dir=str(tmp_path / "run"))
+    dr = again.detailed_results
+    assert dr.run_stats["failures"].get("metric_error", 0) == 0 and dr.run_stats["metric_calls_replayed"] > 0
+    assert texts(again) == texts(reference)
+    assert dr.val_aggregate_scores == reference.detailed_results.val_aggregate_scores
+
+
 def test_a_judges_given_up_transient_errors_feed_the_outage_rule_not_the_metric_rule():
     """evaluator._call_metric: a judge's 5xx retried past the policy is 'scored metric_error, marked as the
     service's failure'. Such outcomes must not make the 'metric broke' rule fire (that is the service's

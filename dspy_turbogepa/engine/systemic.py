@@ -38,7 +38,11 @@ that does not call its predictors would otherwise skip every mutation until the 
 After a usable reflection, failed ones are ordinary skips (a flaky proposer, a proposer that answers
 nothing when it sees nothing to fix), but their streak is kept (:meth:`proposer_failure_streak`): when
 the run ends on the no-progress limit with every reflection since the streak began failing, the
-orchestrator says that the proposer stopped working instead of blaming perfect parents.
+orchestrator says that the proposer stopped working instead of blaming perfect parents. One streak
+stops the run instead: ``proposal_window`` reflections in a row, after usable ones, where the metric
+raised on every feedback call. That is the metric broken mid-run (a service it calls gone), which its
+feedback calls show before its scoring calls do (a mutation's minibatch is often served from the
+cache); ended as "no progress", the run kept its scoring failures as data, and a rerun replayed them.
 """
 
 from __future__ import annotations
@@ -154,6 +158,8 @@ class SystemicFailureDetector:
         self._proposal_outage = _Streak()  # reflections in a row the reflection LM's service failed
         self._broken_proposer = _Streak()  # after a usable reflection, failed ones in a row (not the service's)
         self._usable_proposals = 0
+        self._feedback_lost = 0  # of that streak, the last reflections in a row whose feedback calls all raised
+        self._feedback_first = ""
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
         self._proposer_error_types: dict[str, str] = {}
@@ -261,10 +267,23 @@ class SystemicFailureDetector:
         if outcome.skipped is None or outcome.skipped == "unchanged_texts":
             self._usable_proposals += outcome.skipped is None
             streak.causes.clear()
+            self._feedback_lost = 0
             return
         if not self._seen_proposal or outcome.skipped not in PROPOSER_FAILURES or outcome.service_failure:
             return
         streak.extend((outcome.skipped, outcome.error_type or ""), outcome.message, self._clock())
+        self._feedback_lost = self._feedback_lost + 1 if outcome.skipped == "feedback_error" else 0
+        if self._feedback_lost == 1:
+            self._feedback_first = outcome.message or ""
+        if self._feedback_lost >= self.proposal_window:
+            raise SystemicFailureError(
+                f"Stopping: the metric broke mid-run: the last {self._feedback_lost} reflections, after usable "
+                f"ones, all lost their data to it (first: {self._feedback_first}): a service it calls is gone, "
+                "or state it keeps went bad. Fix it and rerun: this session's failed evaluations are "
+                f"scored again. {RESUME_ADVICE}",
+                failure="feedback_error",
+                error_type=outcome.error_type,
+            )
 
     def proposer_failure_streak(self) -> str | None:
         """After a usable reflection, the reflections since that all gave nothing usable, described for a

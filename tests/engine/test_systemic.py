@@ -361,6 +361,45 @@ def test_what_breaks_or_leaves_the_proposer_failure_streak() -> None:
     assert fresh.proposer_failures_in_a_row == 0
 
 
+def test_a_metric_that_breaks_mid_run_is_told_by_its_feedback_calls() -> None:
+    """After usable reflections, ``proposal_window`` in a row whose every feedback call raised is the
+    metric broken mid-run (a service it calls gone): the run stops as systemic, so a rerun scores the
+    session's failed evaluations again. Before, the run ended as "no progress" after 25 of them and kept
+    the metric's failures as scores (a review: a rerun replayed them and found another program). Fewer in
+    a row (a usable reflection or another failure between them) stay ordinary skips."""
+    feedback_error = _failed_reflection("feedback_error", "the metric raised on every feedback call (with "
+                                        "pred_name) of this minibatch: ConnectionError: unreachable")
+    det = SystemicFailureDetector(32)
+    det.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    for _ in range(7):
+        det.observe_proposal(feedback_error)
+    det.observe_proposal(ProposalOutcome(texts={"a": "y"}))  # a usable one: the metric works again
+    for _ in range(7):
+        det.observe_proposal(feedback_error)
+    with pytest.raises(SystemicFailureError, match=r"the metric broke mid-run: the last 8 reflections") as info:
+        det.observe_proposal(feedback_error)
+    assert info.value.failure == "feedback_error" and info.value.error_type == "AdapterParseError"
+    assert "ConnectionError: unreachable" in str(info.value)
+
+    mixed = SystemicFailureDetector(32)
+    mixed.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    for _ in range(5):
+        for _ in range(7):
+            mixed.observe_proposal(feedback_error)
+        mixed.observe_proposal(_failed_reflection())  # the proposer failed on data it had: the metric answered
+    assert mixed.proposer_failures_in_a_row == 40  # the no-progress stop's to describe
+    for _ in range(7):
+        mixed.observe_proposal(feedback_error)
+    with pytest.raises(SystemicFailureError, match="the last 8 reflections"):
+        mixed.observe_proposal(feedback_error)
+    smaller = SystemicFailureDetector(3)  # the window follows the valset's (here 3)
+    smaller.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    smaller.observe_proposal(feedback_error)
+    smaller.observe_proposal(feedback_error)
+    with pytest.raises(SystemicFailureError, match="the last 3 reflections"):
+        smaller.observe_proposal(feedback_error)
+
+
 class _FastFailures:
     """Examples in ``failing`` fail at once, with no LM call (a tool's or a validation error); the others
     succeed after a round trip."""
