@@ -17,12 +17,16 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "slow_compile.py"
 
 
-def test_sigint_returns_best_program_so_far(tmp_path):
+@pytest.mark.parametrize("caller", ["script", "asyncio"])
+def test_sigint_returns_best_program_so_far(tmp_path, caller):
+    """``asyncio``: compile called from a coroutine run by ``asyncio.run`` (a review, session 41): the
+    runner's SIGINT handler only cancels its main task, blocked in compile, so the first Ctrl-C did
+    nothing, the search ran to its budget, and the cancellation then lost the program."""
     out = tmp_path / "out.json"
     log_dir = tmp_path / "run"
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     # noise: the run must still have work when the signal lands (a noiseless task can be solved first)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(log_dir), "5000", "0.2"],
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(log_dir), "5000", "0.2", caller],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 60
@@ -168,6 +172,55 @@ def test_a_ctrl_c_after_the_search_keeps_the_program(monkeypatch, tmp_path, capl
     assert program.detailed_results.total_metric_calls > 0
     assert "Interrupted while writing the run's reports" in caplog.text
     assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("where", ["store_flush", "display_close"])
+def test_a_ctrl_c_between_the_search_and_the_program_keeps_the_program(monkeypatch, tmp_path, caplog, where):
+    """A review (session 41): between the search's end and the program being built, the run closes (the
+    progress line, the run store's last commit, up to 30 s on a slow disk, the final log line). A Ctrl-C
+    there escaped compile() and lost the program, though everything was stored."""
+    import logging
+
+    import dspy
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.store.sqlite_store import RunStore
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+    from dspy_turbogepa.testing.tasks import TASKS
+    from dspy_turbogepa.tracking.progress import ProgressDisplay
+
+    pressed = []
+    if where == "store_flush":
+        flush = RunStore.flush
+
+        def ctrl_c_in_the_last_commit(self, timeout=None):
+            if timeout == 30.0:  # the commit after the search (the writer's own flushes pass none)
+                pressed.append(where)
+                raise KeyboardInterrupt
+            return flush(self, timeout)
+
+        monkeypatch.setattr(RunStore, "flush", ctrl_c_in_the_last_commit)
+    else:
+        close = ProgressDisplay.close
+
+        def ctrl_c_in_the_last_line(self, *args, **kwargs):
+            close(self, *args, **kwargs)
+            pressed.append(where)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ProgressDisplay, "close", ctrl_c_in_the_last_line)
+    routing = TASKS["routing"]
+    splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
+    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    log_dir=str(tmp_path), track_stats=True, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm(seed=0)):
+        try:
+            program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        except KeyboardInterrupt:
+            pytest.fail("a Ctrl-C while the run closed escaped compile and lost the program")
+    assert pressed == [where]
+    assert program.detailed_results.stop_reason == "max_metric_calls"
+    assert "Interrupted after the search ended: returning the optimized program" in caplog.text
 
 
 def test_a_ctrl_c_inside_an_import_of_the_reports_leaves_no_half_loaded_package(monkeypatch, tmp_path):
@@ -397,6 +450,57 @@ def test_a_second_ctrl_c_without_an_os_signal_aborts_during_the_grace_period():
         release.set()
     assert events == ["interrupt"]  # aborted by the second Ctrl-C, not by the grace period's end
     assert ticks_after_first  # the display kept drawing while in-flight calls were given their time
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_a_second_ctrl_c_during_compile_says_what_was_kept(tmp_path, stored):
+    """A review (session 41): two Ctrl-Cs aborted compile with a bare KeyboardInterrupt; the grace period's
+    end says what was kept and how to resume, and so does the abort now."""
+    import _thread
+    import threading
+
+    import dspy
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+    from dspy_turbogepa.testing.tasks import TASKS
+
+    routing = TASKS["routing"]
+    release = threading.Event()
+    started = threading.Event()
+    first_seen = threading.Event()
+
+    class FirstSeen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Interrupted: no new mutation"):
+                first_seen.set()
+
+    def press_twice() -> None:
+        _thread.interrupt_main()
+        first_seen.wait(10)  # two presses before the first is handled would be one
+        _thread.interrupt_main()
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if not started.is_set():
+            started.set()
+            threading.Thread(target=press_twice, daemon=True).start()
+        release.wait(30)  # in flight until the test ends: only the second Ctrl-C ends compile
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
+    opt = TurboGEPA(metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=2,
+                    log_dir=str(tmp_path) if stored else None, verbose=False)
+    handler = FirstSeen()
+    logging.getLogger("dspy_turbogepa").addHandler(handler)
+    try:
+        with dspy.context(lm=make_student_lm(seed=0)), pytest.raises(KeyboardInterrupt) as info:
+            opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+    finally:
+        release.set()
+        logging.getLogger("dspy_turbogepa").removeHandler(handler)
+    assert first_seen.is_set()
+    assert str(info.value).startswith("Aborted by a second Ctrl-C: the work under way was cancelled.")
+    assert ("rerun with the same log_dir" if stored else "Set log_dir=...") in str(info.value)
 
 
 def test_ctrl_c_during_the_seed_validation_returns_the_seed_if_it_finishes_within_the_grace_period():

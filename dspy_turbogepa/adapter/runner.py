@@ -10,12 +10,15 @@ calls finish for a short grace period, then cancels the rest and returns what wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 import logging
 import math
+import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from dspy_turbogepa.redaction import describe_error, describe_traceback
@@ -23,6 +26,32 @@ from dspy_turbogepa.redaction import describe_error, describe_traceback
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def sigint_raises_keyboard_interrupt() -> Iterator[None]:
+    """Let Ctrl-C raise KeyboardInterrupt in the calling thread for the block, when ``asyncio.run`` (or an
+    ``asyncio.Runner``) holds SIGINT.
+
+    Why: a compile called from a coroutine run by ``asyncio.run`` blocks the loop's thread, and the
+    runner's handler only cancels its main task, which cannot run until compile returns: the first
+    Ctrl-C did nothing, the search ran to its budget, and the cancellation then lost the program it
+    returned. With Python's own handler back for the block, Ctrl-C stops the search as it does in a
+    script; the runner's handler is put back after. Any other handler (the user's own) is left alone.
+    """
+    handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    # the runner's handler is functools.partial(runner._on_sigint, main_task=...) (Python 3.11+; 3.10's
+    # asyncio.run installs none)
+    runner_class = getattr(asyncio, "Runner", None)
+    bound_to = getattr(getattr(handler, "func", None), "__self__", None)
+    if runner_class is None or not isinstance(handler, functools.partial) or not isinstance(bound_to, runner_class):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def run_coroutine_in_thread(
