@@ -1,8 +1,9 @@
 """A compile that runs long enough to be interrupted or killed by a test (fake LMs with latency).
 
 Usage: python slow_compile.py OUT_JSON [LOG_DIR] [BUDGET] [NOISE] [asyncio]
-(asyncio: compile is called from a coroutine run by asyncio.run, which holds SIGINT; NOISE > 0: some student answers are wrong whatever the instruction, so the run never runs out of
-work before its budget; with 0 a fast engine may solve the task and stop early, "no_progress_possible".)
+(asyncio: compile is called from a coroutine run by asyncio.run, which holds SIGINT. NOISE > 0: some
+student answers are wrong whatever the instruction, so the run never runs out of work before its budget;
+with 0 a fast engine may solve the task and stop early, "no_progress_possible".)
 Prints READY once the seed evaluation is done; writes the outcome to OUT_JSON when compile returns.
 """
 
