@@ -565,16 +565,16 @@ def test_an_endpoint_that_goes_down_for_good_mid_run_stops_the_run(proxy, routin
     "631-632): the answer arrives and is paid, but is never scored or stored, so the rerun with the same "
     "log_dir pays for it again"))
 def test_an_answer_paid_while_a_systemic_stop_happens_is_not_paid_again_on_the_rerun(proxy, routing, tmp_path):
-    """Two seed evaluations in flight: one call is answered after a second, the other is refused with a 401
+    """Two seed evaluations in flight: one call is answered after 3 s, the other is refused with a 401
     at once and stops the run. The slow answer is billed, then thrown away, and billed again on the rerun."""
     refused = threading.Event()
 
     def plan(model: str, n: int, body: dict[str, Any], headers: dict[str, str]) -> Action:
         if "student" not in model:
             return None
-        if n == 1:  # answered (200) a second after the 401 went out, whatever the machine's load
-            refused.wait(10)
-            time.sleep(1.0)
+        if n == 1:  # answered (200) 3 s after the 401 went out, whatever the machine's load (the stop
+            refused.wait(10)  # must have cancelled it first, or the xfail would pass by chance)
+            time.sleep(3.0)
             return None
         if n == 2:
             refused.set()

@@ -864,7 +864,10 @@ def mlflow_server(tmp_path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                # /version, not /health: a simulator of another test worker that took the port between
+                # free_port() and the server's bind answers /health too
+                answer = requests.get(f"{url}/version", timeout=1)
+                if answer.status_code == 200 and answer.text.strip()[:1].isdigit() and proc.poll() is None:
                     break
             except requests.RequestException:
                 pass

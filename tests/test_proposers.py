@@ -290,11 +290,14 @@ def test_a_reflection_waiting_out_a_rate_limit_gives_up_when_the_run_stops():
     box = {}
     worker = threading.Thread(target=lambda: box.update(out=proposer._propose({"p": "x"}, {"p": []}, [], ["p"])))
     worker.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10  # asked once, then backing off for 60 s (not a fixed delay: load)
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
     stopped = time.monotonic()
     proposer.stop()
-    worker.join(timeout=5)
-    assert not worker.is_alive() and time.monotonic() - stopped < 2
+    worker.join(timeout=10)
+    assert not worker.is_alive() and time.monotonic() - stopped < 5  # not the 60 s backoff
     assert box["out"].skipped == "proposer_error" and len(calls) == 1  # not asked again after the stop
     assert proposer.rate_limit_stats()["rate_limit_gave_up"] == 1
     proposer.close()

@@ -383,7 +383,7 @@ def test_malformed_reflections_are_recorded_skipped_and_counted_as_the_server_se
 
 def test_ctrl_c_during_the_seed_validation_keeps_its_finished_evaluations_for_the_rerun(proxy, routing, tmp_path,
                                                                                        monkeypatch):
-    """Six seed evaluations start at once; three are answered at once, three stall 2 s. Ctrl-C lands
+    """Six seed evaluations start at once; three are answered at once, three stall 3 s. Ctrl-C lands
     meanwhile (grace period shortened): KeyboardInterrupt, and the rerun with the same log_dir asks again
     for none of the three answers the first session had got and scored."""
     import _thread
@@ -392,18 +392,24 @@ def test_ctrl_c_during_the_seed_validation_keeps_its_finished_evaluations_for_th
     import dspy_turbogepa.teleprompter as tp
     from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
 
-    monkeypatch.setattr(tp, "run_coroutine_in_thread", functools.partial(run_coroutine_in_thread, grace_seconds=0.2))
+    # grace 1 s: an answer served just before the press is still scored and stored; the stalled ones
+    # (3 s) are not answered within it
+    monkeypatch.setattr(tp, "run_coroutine_in_thread", functools.partial(run_coroutine_in_thread, grace_seconds=1.0))
     snapshot: list[set] = []
 
     def interrupt():
+        deadline = time.monotonic() + 20
+        while len(proxy.served) < 3 and time.monotonic() < deadline:  # not a fixed delay: a loaded machine
+            time.sleep(0.02)
+        time.sleep(0.3)
         snapshot.append(set(proxy.served))
         _thread.interrupt_main()
 
     def plan(model, n, body, headers):
         if "student" in model and n == 4:
-            threading.Timer(0.8, interrupt).start()
+            threading.Thread(target=interrupt, daemon=True).start()
         if "student" in model and n >= 4:
-            return ("stall", 2.0)
+            return ("stall", 3.0)
         return None
 
     proxy.reset(plan)
@@ -412,7 +418,7 @@ def test_ctrl_c_during_the_seed_validation_keeps_its_finished_evaluations_for_th
     scored = snapshot[0]
     assert len(scored) == 3
     assert rows(tmp_path, "select count(*) from evaluations")[0][0] == 3
-    time.sleep(2.0)  # the stalled calls end (answered after the interrupt: not stored, the known limit)
+    time.sleep(3.0)  # the stalled calls end (answered after the interrupt: not stored, the known limit)
     proxy.reset()
     compile_through(proxy, routing, {}, threads=6, n_val=6, budget=30, log_dir=tmp_path)
     assert not scored & set(proxy.served)

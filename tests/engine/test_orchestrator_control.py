@@ -133,15 +133,22 @@ def test_stop_callbacks_receive_selector_state_and_stop() -> None:
 def test_request_stop_from_another_thread() -> None:
     setup = hard_setup(train_n=30, val_n=8)
     reached = threading.Event()
+    asked = threading.Event()
 
     def on_call(ev: FakeEvaluator, key) -> None:
         if len(ev.order) == 40:
             reached.set()
+            asked.wait(10)  # the stopper thread's turn, however late a loaded machine schedules it
+
+    def stop() -> None:
+        if reached.wait(10):
+            orch.request_stop()
+        asked.set()
 
     ev = FakeEvaluator(setup.task, 3, real_sleep=0.002, on_call=on_call)
     cfg = make_config(max_metric_calls=5000)
     orch = build(cfg, ev, FakeReflector(3, real_sleep=0.002), setup)
-    stopper = threading.Thread(target=lambda: reached.wait(10) and orch.request_stop(), daemon=True)
+    stopper = threading.Thread(target=stop, daemon=True)
     stopper.start()
     started = time.monotonic()
     result = run(orch, timeout=10)
