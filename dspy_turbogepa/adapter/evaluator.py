@@ -35,7 +35,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -75,6 +74,7 @@ from dspy_turbogepa.engine.systemic import RESUME_ADVICE
 from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, FailureKind, Split
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import describe_error
+from dspy_turbogepa.workers import DaemonThreadPool
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class DspyEvaluator:
         self._metric = metric
         self._failure_score = failure_score
         self._keep_outputs = keep_outputs
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-eval")
+        self._pool = DaemonThreadPool(max_workers=max_workers, thread_name_prefix="turbogepa-eval")
         self._context_key: tuple[Any, str] | None = None
         if use_async is None:
             use_async = runs_async(codec.student)

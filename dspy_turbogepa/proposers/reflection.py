@@ -26,7 +26,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
@@ -53,6 +52,7 @@ from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON, EvalOutcome, Prop
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.proposers.context_fit import ContextFit, Example, example_size, plan
 from dspy_turbogepa.redaction import describe_error, describe_traceback, error_text
+from dspy_turbogepa.workers import DaemonThreadPool
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class ReflectiveProposer:
         self._prices = dict(price_table or {})  # the same table the program's calls are priced with
         self._proposal_fn = proposal_fn
         self._reflection_lm = reflection_lm
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
+        self._pool = DaemonThreadPool(max_workers=max_workers, thread_name_prefix="turbogepa-reflect")
         self._lm_copies = LMCopies()
         self._fatal = FATAL_ERROR_TYPES
         #: error types already reported at WARNING (a failing reflection LM fails the same way each time)

@@ -1,0 +1,88 @@
+"""A thread pool whose workers do not hold the interpreter open: rollouts and reflections run on it.
+
+Why not ``concurrent.futures.ThreadPoolExecutor``: Python joins its workers when the interpreter exits,
+even after ``shutdown(wait=False)``. A compile aborted by a second Ctrl-C (or stopped after its grace
+period) leaves LM calls on the wire in those workers, and the script could not exit until each returned:
+up to the LM's timeout (litellm's default is 600 s). Their answers are not wanted any more (the run
+closed its evaluator and proposer, which drop whatever arrives after), so these workers are daemon
+threads, and the interpreter exits without waiting for them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_Item = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class DaemonThreadPool(Executor):
+    """``ThreadPoolExecutor``'s contract (``submit``, ``shutdown(wait, cancel_futures=...)``, workers started
+    as work arrives, up to ``max_workers``), with daemon workers."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        self._max_workers = max_workers
+        self._prefix = thread_name_prefix
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # workers waiting for work: one is used before another starts
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: Future[T] = Future()
+            self._queue.put((future, fn, args, kwargs))
+            if not self._idle.acquire(timeout=0) and len(self._threads) < self._max_workers:
+                thread = threading.Thread(target=self._work, name=f"{self._prefix}_{len(self._threads)}",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:  # shut down: wake the next worker too
+                self._queue.put(None)
+                return
+            _run(*item)
+            del item  # not kept alive while this worker waits for the next
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            self._queue.put(None)
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
+def _run(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future, as the stdlib pool does
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
