@@ -308,8 +308,14 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 "helps), or instruction_proposer=<your ProposalFn>."
             )
         if reflection_lm is not None and not isinstance(reflection_lm, dspy.BaseLM):
-            hint = f" Wrap the model name: reflection_lm=dspy.LM({reflection_lm!r})." if isinstance(
-                reflection_lm, str) else ""
+            if isinstance(reflection_lm, str):
+                hint = f" Wrap the model name: reflection_lm=dspy.LM({reflection_lm!r})."
+            elif callable(reflection_lm):  # a function that calls a model: GEPA's ProposalFn is its place
+                hint = (" To write the new instructions with your own function, pass it as instruction_proposer="
+                        "(called with candidate, reflective_dataset, components_to_update; returns {name: text}); "
+                        "to call a model DSPy has no client for, subclass dspy.BaseLM.")
+            else:
+                hint = ""
             raise TypeError(
                 f"reflection_lm must be a dspy.LM (or dspy.BaseLM), got {type(reflection_lm).__name__}.{hint}")
         if instruction_proposer is not None and not callable(instruction_proposer):

@@ -243,6 +243,8 @@ def test_unknown_component_selector_is_an_assertion_error():
     ({"rung_fractions": 0.5}, r"rung_fractions must be a sequence .* such as \(0.25, 0.5, 1.0\), got 0.5"),
     ({"rung_fractions": "0.5"}, r"rung_fractions must be a sequence .* got '0.5'"),
     ({"reflection_lm": "openai/gpt-4o"}, r"got str. Wrap the model name: reflection_lm=dspy.LM\('openai/gpt-4o'\)"),
+    ({"reflection_lm": lambda prompt: "a new instruction"},
+     r"got function. To write the new instructions with your own function, pass it as instruction_proposer="),
 ])
 def test_values_that_slipped_through_or_got_raw_errors_are_named(kw, message):
     """NaN passed ``value <= 0`` (a time budget that never applied); a scalar rung_fractions raised

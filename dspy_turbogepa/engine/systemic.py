@@ -473,9 +473,11 @@ class SystemicFailureDetector:
                 failure=failure,
                 error_type=error_type or None,
             )
+        # named when there are two (with valset=None the trainset is the valset: "the valset" would puzzle)
+        where = f" on the {_SPLIT_NAMES[split]}" if split in _SPLIT_NAMES and len(self._split_sizes) > 1 else ""
         return SystemicFailureError(
-            f"Stopping: the first {window.count} evaluations all failed ({n} of them with {cause}){note}. "
-            "Fix the program, the metric or the LM configuration and run again.",
+            f"Stopping: the first {window.count} evaluations all failed ({n} of them with {cause}){note}{where}. "
+            "Fix the program, the metric, the LM configuration or the examples' fields and run again.",
             failure=failure,
             error_type=error_type or None,
         )

@@ -474,3 +474,19 @@ def test_a_proposer_that_breaks_mid_run_stops_it_though_its_mutations_still_pay_
     assert len(reflector.calls) < 3 + config.max_paid_noop_mutations + 10  # was 213
     assert result.total_metric_calls < 150  # was 329
     assert any("reflections all gave nothing usable" in r.getMessage() for r in caplog.records)
+
+
+def test_the_first_n_verdict_names_the_split_when_there_are_two() -> None:
+    """A review (session 41): a valset whose label field was misnamed stopped the run with "the first 8
+    evaluations all failed", which did not say they were the valset's; with valset=None there is one
+    split, and naming it "the valset" would puzzle."""
+    two = SystemicFailureDetector(3, split_sizes={"train": 10, "val": 3})
+    one = SystemicFailureDetector(3, split_sizes={"val": 10})
+    for det, named in ((two, True), (one, False)):
+        with pytest.raises(SystemicFailureError) as info:
+            for i in range(3):
+                det.observe(EvalOutcome(i, 0.0, failure="metric_error", message="AttributeError: reply",
+                                        error_type="AttributeError"), "seed", "val")
+        assert ("all failed (3 of them with metric_error / AttributeError: reply) on the valset. Fix" in
+                str(info.value)) is named
+        assert "or the examples' fields" in str(info.value)
