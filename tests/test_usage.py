@@ -257,3 +257,9 @@ def test_run_stats_count_the_metrics_feedback_calls_of_this_session(tmp_path):
     seen["feedback"] = 0
     again = quick_compile(metric, task=task, data=data, budget=150, log_dir=str(tmp_path)).detailed_results
     assert seen["feedback"] == 0 and again.run_stats["feedback_calls"] == 0
+    # engine.md, after the run_stats table: tokens and cost are the whole run's, the other counts this session's
+    rs = again.run_stats
+    assert rs["reflection_calls"] == rs["task_lm_calls"] == rs["metric_calls_executed"] == 0
+    assert rs["reflection_tokens"] == stats["reflection_tokens"] and rs["task_tokens"] == stats["task_tokens"]
+    assert rs["reflection_tokens"]["prompt"] > 0 and rs["metric_calls_replayed"] > 0
+    assert again.total_metric_calls == first.total_metric_calls
