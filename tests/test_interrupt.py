@@ -126,19 +126,34 @@ def test_ctrl_c_during_the_seed_validation_raises_after_the_grace_period(monkeyp
     assert elapsed < 10  # well before the seed's evaluations (30 s each) could finish; measured 0.3-0.4 s
 
 
+def _small_compile_that_must_return(tmp_path, caplog, when: str):
+    """A routing compile on the fake LMs (log_dir=tmp_path, WARNINGs captured) during which a test presses
+    Ctrl-C somewhere after the search: the program must come back (a KeyboardInterrupt escaping would end
+    the whole pytest session, so it fails the test instead)."""
+    import dspy
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
+    from dspy_turbogepa.testing.tasks import TASKS
+
+    routing = TASKS["routing"]
+    splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
+    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
+                    log_dir=str(tmp_path), track_stats=True, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm(seed=0)):
+        try:
+            return opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
+        except KeyboardInterrupt:
+            pytest.fail(f"a Ctrl-C {when} escaped compile and lost the program")
+
+
 def test_a_ctrl_c_after_the_search_keeps_the_program(monkeypatch, tmp_path, caplog):
     """The reports (summary.json, plots, MLflow) take up to a second after the search; a Ctrl-C there,
     or in the last compile-thread tick, raised out of compile and lost the optimized program."""
     import asyncio
-    import logging
-
-    import dspy
 
     import dspy_turbogepa.tracking.plots as plots
-    from dspy_turbogepa import TurboGEPA
     from dspy_turbogepa.adapter.runner import run_coroutine_in_thread
-    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
-    from dspy_turbogepa.testing.tasks import TASKS
 
     async def work() -> str:
         await asyncio.sleep(0.01)
@@ -160,15 +175,7 @@ def test_a_ctrl_c_after_the_search_keeps_the_program(monkeypatch, tmp_path, capl
         raise KeyboardInterrupt
 
     monkeypatch.setattr(plots, "plot_lineage", interrupted)
-    routing = TASKS["routing"]
-    splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
-    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
-                    log_dir=str(tmp_path), track_stats=True, verbose=False)
-    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm(seed=0)):
-        try:
-            program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
-        except KeyboardInterrupt:
-            pytest.fail("a Ctrl-C while writing the reports escaped compile and lost the program")
+    program = _small_compile_that_must_return(tmp_path, caplog, "while writing the reports")
     assert program.detailed_results.total_metric_calls > 0
     assert "Interrupted while writing the run's reports" in caplog.text
     assert (tmp_path / "summary.json").exists()
@@ -179,14 +186,9 @@ def test_a_ctrl_c_between_the_search_and_the_program_keeps_the_program(monkeypat
     """A review (session 41): between the search's end and the program being built, the run closes (the
     progress line, the run store's last commit, up to 30 s on a slow disk, the final log line). A Ctrl-C
     there escaped compile() and lost the program, though everything was stored."""
-    import logging
 
-    import dspy
 
-    from dspy_turbogepa import TurboGEPA
     from dspy_turbogepa.store.sqlite_store import RunStore
-    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm
-    from dspy_turbogepa.testing.tasks import TASKS
     from dspy_turbogepa.tracking.progress import ProgressDisplay
 
     pressed = []
@@ -209,15 +211,7 @@ def test_a_ctrl_c_between_the_search_and_the_program_keeps_the_program(monkeypat
             raise KeyboardInterrupt
 
         monkeypatch.setattr(ProgressDisplay, "close", ctrl_c_in_the_last_line)
-    routing = TASKS["routing"]
-    splits = routing.splits(data_seed=0, n_train=10, n_val=8, n_test=0)
-    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=make_reflection_lm(seed=0), num_threads=4,
-                    log_dir=str(tmp_path), track_stats=True, verbose=False)
-    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), dspy.context(lm=make_student_lm(seed=0)):
-        try:
-            program = opt.compile(routing.make_program(), trainset=splits.train, valset=splits.val)
-        except KeyboardInterrupt:
-            pytest.fail("a Ctrl-C while the run closed escaped compile and lost the program")
+    program = _small_compile_that_must_return(tmp_path, caplog, "while the run closed")
     assert pressed == [where]
     assert program.detailed_results.stop_reason == "max_metric_calls"
     assert "Interrupted after the search ended: returning the optimized program" in caplog.text
