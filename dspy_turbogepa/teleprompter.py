@@ -660,6 +660,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             config.max_reflections_in_flight, ", ".join(f"{f:.3g}" for f in config.rung_fractions),
         )
         result: EngineResult | None = None
+        accounted = False  # the result's counts completed (see _account)
         stopped_by = "stopped"  # what the progress display's last line says when the run raised
         try:  # the outer try: a Ctrl-C once the search has ended never loses its program (below)
             try:
@@ -669,6 +670,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                     on_grace_expired=orchestrator.cancel_in_flight,
                     on_tick=on_tick,
                 )
+                with ctrl_c_held():  # whole or not at all; the except below completes it when a press came first
+                    _account(result, len(known_evals or ()), live_run_stats(orchestrator, evaluator, reflector))
+                    accounted = True
             except RunInterruptedError as exc:  # Ctrl-C before the seed was scored: nothing to return
                 stopped_by = "interrupted before the seed was scored"
                 raise KeyboardInterrupt(str(exc) + _kept_advice(store is not None)) from exc
@@ -714,15 +718,6 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                     store.flush(timeout=30.0)  # a stuck disk must not hold the program back (close() waits 30 s too)
                 except RunStoreError as exc:  # rows the store could not write: said, as close() says them
                     logger.warning("Run store: %s", exc)
-            if known_evals:
-                # every metric call the run's log_dir paid for, in all its sessions (run_stats'
-                # metric_calls_replayed says how many of the stored ones this session's search used: a run
-                # resumed with another budget plans differently and may leave some unused)
-                result.total_metric_calls += len(known_evals)
-            live = live_run_stats(orchestrator, evaluator, reflector)
-            result.stats.rate_limits = live.rate_limits
-            result.stats.reflective_records_skipped = live.reflective_records_skipped
-            result.stats.feedback_calls = live.feedback_calls
             best = result.best
             if result.stop_reason == "interrupted":
                 found = ("the seed program: nothing beat it yet" if result.best_index == 0
@@ -753,6 +748,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             # The search ended and is stored; the press came while the run closed (the progress line, the
             # store's last commit, the final log line): the program is built, then compile() returns it.
             with ctrl_c_held():
+                if not accounted:
+                    _account(result, len(known_evals or ()), live_run_stats(orchestrator, evaluator, reflector))
                 program, _ = self._result_program(codec, result)
                 finished.append(program)
             raise
@@ -963,6 +960,17 @@ def _check_score(name: str, value: Any, fix: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}: every aggregate score would be {value!r}.")
     return float(value)
+
+
+def _account(result: EngineResult, stored_calls: int, live: RunStats) -> None:
+    """Complete the engine's result with what the engine does not see: the metric calls earlier sessions
+    stored (every metric call the run's log_dir paid for, in all its sessions; run_stats'
+    metric_calls_replayed says how many of them this session's search used: a run resumed with another
+    budget plans differently and may leave some unused), and the evaluator's and reflector's counters."""
+    result.total_metric_calls += stored_calls
+    result.stats.rate_limits = live.rate_limits
+    result.stats.reflective_records_skipped = live.reflective_records_skipped
+    result.stats.feedback_calls = live.feedback_calls
 
 
 def _kept_advice(stored: bool) -> str:

@@ -852,7 +852,7 @@ def test_errors_md_stop_callbacks_and_stop_file(tmp_path, caplog):
 
 def test_errors_md_small_data_sets_the_systemic_window():
     """"4 training examples with valset=None make N = 4, a valset of 3 makes N = 3 there"."""
-    with pytest.raises(SystemicFailureError, match="the first 3 evaluations all failed"):
+    with pytest.raises(SystemicFailureError, match="the first 3 evaluations on the valset all failed"):
         run(_partly_always_raising, data=splits(6, 3))
     with pytest.raises(SystemicFailureError, match="the first 4 evaluations all failed"), \
             dspy.context(lm=make_student_lm()):

@@ -213,7 +213,10 @@ def test_a_ctrl_c_between_the_search_and_the_program_keeps_the_program(monkeypat
         monkeypatch.setattr(ProgressDisplay, "close", ctrl_c_in_the_last_line)
     program = _small_compile_that_must_return(tmp_path, caplog, "while the run closed")
     assert pressed == [where]
-    assert program.detailed_results.stop_reason == "max_metric_calls"
+    dr = program.detailed_results
+    assert dr.stop_reason == "max_metric_calls"
+    # its counts are whole (a second review: the press skipped what the engine does not count itself)
+    assert dr.run_stats["feedback_calls"] > 0 and "reflection" in dr.run_stats["rate_limits"]
     assert "Interrupted after the search ended: returning the optimized program" in caplog.text
 
 
@@ -544,3 +547,47 @@ def test_ctrl_c_during_the_seed_validation_returns_the_seed_if_it_finishes_withi
     assert seen.is_set()
     assert dr.stop_reason == "interrupted" and len(dr.candidates) == 1 and dr.total_metric_calls == len(splits.val)
     assert program.route.signature.instructions == task.make_program().route.signature.instructions
+
+
+def test_the_sigint_swap_under_asyncio_run_and_what_it_leaves_alone():
+    """adapter/runner.py sigint_raises_keyboard_interrupt: under asyncio.run (whose runner holds SIGINT)
+    Python's own handler is in place for the block and the runner's is put back after; a handler the
+    block installed itself stays (a second review); outside asyncio.run, or off the main thread, nothing
+    is swapped."""
+    import asyncio
+    import functools
+    import threading
+
+    from dspy_turbogepa.adapter.runner import sigint_raises_keyboard_interrupt
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # conftest: as in a terminal
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        runner_handler = signal.getsignal(signal.SIGINT)
+        assert isinstance(runner_handler, functools.partial)  # asyncio.Runner._on_sigint
+        with sigint_raises_keyboard_interrupt():
+            seen["inside"] = signal.getsignal(signal.SIGINT)
+        seen["after"] = signal.getsignal(signal.SIGINT) is runner_handler
+
+        def own(signum, frame):  # installed by the program or the metric while compile ran
+            pass
+
+        with sigint_raises_keyboard_interrupt():
+            signal.signal(signal.SIGINT, own)
+        seen["own_kept"] = signal.getsignal(signal.SIGINT) is own
+        signal.signal(signal.SIGINT, runner_handler)  # asyncio.run puts the default back only from its own
+
+        def off_main() -> None:
+            with sigint_raises_keyboard_interrupt():
+                seen["off_main"] = signal.getsignal(signal.SIGINT) is runner_handler
+
+        worker = threading.Thread(target=off_main)
+        worker.start()
+        worker.join()
+
+    asyncio.run(main())
+    assert seen == {"inside": signal.default_int_handler, "after": True, "own_kept": True, "off_main": True}
+    with sigint_raises_keyboard_interrupt():  # no runner: nothing to set aside
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

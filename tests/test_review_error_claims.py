@@ -206,7 +206,7 @@ def test_the_first_n_window_is_at_most_32():
     32 is still running depends on the machine's load (CI counted 37 with 4 threads and two test
     workers on 2 cores), so only the window's floor is asserted there."""
     for threads in (1, 4):
-        with pytest.raises(SystemicFailureError, match=r"the first (\d+) evaluations all failed") as info:
+        with pytest.raises(SystemicFailureError, match=r"the first (\d+) evaluations on the valset all failed") as info:
             run(_always_raises, data=splits(12, 40), budget=100, num_threads=threads)
         assert info.value.failure == "metric_error"
         first = int(re.search(r"the first (\d+)", str(info.value)).group(1))

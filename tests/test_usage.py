@@ -263,3 +263,6 @@ def test_run_stats_count_the_metrics_feedback_calls_of_this_session(tmp_path):
     assert rs["reflection_tokens"] == stats["reflection_tokens"] and rs["task_tokens"] == stats["task_tokens"]
     assert rs["reflection_tokens"]["prompt"] > 0 and rs["metric_calls_replayed"] > 0
     assert again.total_metric_calls == first.total_metric_calls
+    # the search's own counts describe the search as replayed, the first session's steps included
+    assert rs["mutations"] == stats["mutations"] and rs["scouted"] == stats["scouted"]
+    assert rs["feedback_reused"] == stats["feedback_reused"] and rs["failures"] == stats["failures"]

@@ -37,7 +37,9 @@ def sigint_raises_keyboard_interrupt() -> Iterator[None]:
     runner's handler only cancels its main task, which cannot run until compile returns: the first
     Ctrl-C did nothing, the search ran to its budget, and the cancellation then lost the program it
     returned. With Python's own handler back for the block, Ctrl-C stops the search as it does in a
-    script; the runner's handler is put back after. Any other handler (the user's own) is left alone.
+    script; the runner's handler is put back after, unless something the block ran (the program, the
+    metric) installed a handler of its own meanwhile, which stays, as asyncio's runner does it. Any other
+    handler (the user's own) is left alone.
     """
     handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     # the runner's handler is functools.partial(runner._on_sigint, main_task=...) (Python 3.11+; 3.10's
@@ -51,7 +53,8 @@ def sigint_raises_keyboard_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, handler)
 
 
 def run_coroutine_in_thread(

@@ -40,9 +40,12 @@ nothing when it sees nothing to fix), but their streak is kept (:meth:`proposer_
 the run ends on the no-progress limit with every reflection since the streak began failing, the
 orchestrator says that the proposer stopped working instead of blaming perfect parents. One streak
 stops the run instead: ``proposal_window`` reflections in a row, after usable ones, where the metric
-raised on every feedback call. That is the metric broken mid-run (a service it calls gone), which its
-feedback calls show before its scoring calls do (a mutation's minibatch is often served from the
-cache); ended as "no progress", the run kept its scoring failures as data, and a rerun replayed them.
+raised on every feedback call, once its scoring calls have raised too since the last usable one.
+That is the metric broken mid-run (a service it calls gone), which its feedback calls show before
+its scoring calls can (a mutation's minibatch is often served from the cache, so few scoring calls
+are made); ended as "no progress", the run kept those scoring failures as data, and a rerun replayed
+them. Feedback calls failing alone (a judge's blip, a bug in the feedback path) stay ordinary skips:
+there is nothing to score again, and stopping would lose the program.
 """
 
 from __future__ import annotations
@@ -160,6 +163,9 @@ class SystemicFailureDetector:
         self._usable_proposals = 0
         self._feedback_lost = 0  # of that streak, the last reflections in a row whose feedback calls all raised
         self._feedback_first = ""
+        #: scoring calls of the metric that raised (not the service's failures) since the last usable
+        #: reflection: whether the metric broke, or only its feedback path (a judge's blip, a bug there)
+        self._scoring_errors_since_usable = 0
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
         self._proposer_error_types: dict[str, str] = {}
@@ -268,6 +274,7 @@ class SystemicFailureDetector:
             self._usable_proposals += outcome.skipped is None
             streak.causes.clear()
             self._feedback_lost = 0
+            self._scoring_errors_since_usable = 0
             return
         if not self._seen_proposal or outcome.skipped not in PROPOSER_FAILURES or outcome.service_failure:
             return
@@ -275,12 +282,12 @@ class SystemicFailureDetector:
         self._feedback_lost = self._feedback_lost + 1 if outcome.skipped == "feedback_error" else 0
         if self._feedback_lost == 1:
             self._feedback_first = outcome.message or ""
-        if self._feedback_lost >= self.proposal_window:
+        if self._feedback_lost >= self.proposal_window and self._scoring_errors_since_usable:
             raise SystemicFailureError(
                 f"Stopping: the metric broke mid-run: the last {self._feedback_lost} reflections, after usable "
-                f"ones, all lost their data to it (first: {self._feedback_first}): a service it calls is gone, "
-                "or state it keeps went bad. Fix it and rerun: this session's failed evaluations are "
-                f"scored again. {RESUME_ADVICE}",
+                f"ones, all lost their data to it (first: {self._feedback_first}), and "
+                f"{self._scoring_errors_since_usable} of its scoring calls raised since: a service it calls is "
+                f"gone, or state it keeps went bad. Fix it and rerun. {RESUME_ADVICE}",
                 failure="feedback_error",
                 error_type=outcome.error_type,
             )
@@ -378,6 +385,8 @@ class SystemicFailureDetector:
                 failure=outcome.failure,
                 error_type=outcome.error_type,
             )
+        if outcome.failure == "metric_error" and not outcome.service_failure:
+            self._scoring_errors_since_usable += 1
         if window.seen_success or outcome.example_id in self._expected.get(split, ()):
             return
         key = (outcome.failure, outcome.error_type or "")
@@ -476,7 +485,7 @@ class SystemicFailureDetector:
         # named when there are two (with valset=None the trainset is the valset: "the valset" would puzzle)
         where = f" on the {_SPLIT_NAMES[split]}" if split in _SPLIT_NAMES and len(self._split_sizes) > 1 else ""
         return SystemicFailureError(
-            f"Stopping: the first {window.count} evaluations all failed ({n} of them with {cause}){note}{where}. "
+            f"Stopping: the first {window.count} evaluations{where} all failed ({n} of them with {cause}){note}. "
             "Fix the program, the metric, the LM configuration or the examples' fields and run again.",
             failure=failure,
             error_type=error_type or None,

@@ -286,7 +286,7 @@ def test_every_evaluation_failing_raises_after_the_window(val_n: int) -> None:
     err, calls, _ = run_until_error(orch, ev)
     assert (err.failure, err.error_type) == ("program_error", "ValueError")
     n = min(8, val_n)  # a split smaller than the window is judged once every example of it failed
-    assert f"the first {n} evaluations all failed ({n} of them" in str(err)
+    assert f"the first {n} evaluations on the valset all failed ({n} of them" in str(err)
     # one slot: evaluations run one at a time; only the few started while the error propagates follow it
     assert n <= calls <= n + 3
     assert orch.stats.failures["program_error"] >= n

@@ -362,38 +362,60 @@ def test_what_breaks_or_leaves_the_proposer_failure_streak() -> None:
 
 
 def test_a_metric_that_breaks_mid_run_is_told_by_its_feedback_calls() -> None:
-    """After usable reflections, ``proposal_window`` in a row whose every feedback call raised is the
-    metric broken mid-run (a service it calls gone): the run stops as systemic, so a rerun scores the
-    session's failed evaluations again. Before, the run ended as "no progress" after 25 of them and kept
-    the metric's failures as scores (a review: a rerun replayed them and found another program). Fewer in
-    a row (a usable reflection or another failure between them) stay ordinary skips."""
+    """After usable reflections, ``proposal_window`` in a row whose every feedback call raised, once the
+    metric's scoring calls have raised too since the last usable one, is the metric broken mid-run (a
+    service it calls gone): the run stops as systemic, so a rerun scores the session's failed
+    evaluations again. Before, the run ended as "no progress" after 25 of them and kept the metric's
+    failures as scores (a review: a rerun replayed them and found another program). Fewer in a row (a
+    usable reflection or another failure between them) stay ordinary skips, and so do feedback calls
+    failing alone (a second review: an LLM writing the feedback answered 429 for 8 s, the scoring in
+    code never failed, and the run stopped, losing the program, with nothing to score again)."""
     feedback_error = _failed_reflection("feedback_error", "the metric raised on every feedback call (with "
                                         "pred_name) of this minibatch: ConnectionError: unreachable")
+    scoring_error = fail("metric_error", "ConnectionError", "ConnectionError: unreachable")
     det = SystemicFailureDetector(32)
+    det.observe(OK)
     det.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    det.observe(scoring_error)
     for _ in range(7):
         det.observe_proposal(feedback_error)
     det.observe_proposal(ProposalOutcome(texts={"a": "y"}))  # a usable one: the metric works again
     for _ in range(7):
         det.observe_proposal(feedback_error)
-    with pytest.raises(SystemicFailureError, match=r"the metric broke mid-run: the last 8 reflections") as info:
+    det.observe_proposal(feedback_error)  # 8 in a row, but no scoring call raised since the usable one
+    det.observe(scoring_error)
+    with pytest.raises(SystemicFailureError, match=r"the metric broke mid-run: the last 9 reflections") as info:
         det.observe_proposal(feedback_error)
     assert info.value.failure == "feedback_error" and info.value.error_type == "AdapterParseError"
-    assert "ConnectionError: unreachable" in str(info.value)
+    assert "ConnectionError: unreachable), and 1 of its scoring calls raised since" in str(info.value)
+
+    feedback_only = SystemicFailureDetector(32)  # the judge writing feedback is down; the scoring works
+    feedback_only.observe(OK)
+    feedback_only.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    for _ in range(30):
+        feedback_only.observe_proposal(feedback_error)
+        feedback_only.observe(OK)
+        feedback_only.observe(EvalOutcome(0, 0.0, failure="metric_error", error_type="LMServerError",
+                                          message="503", service_failure=True))  # the judge service's, not the metric's
+    assert feedback_only.proposer_failures_in_a_row == 30  # the no-progress stop's to describe
 
     mixed = SystemicFailureDetector(32)
+    mixed.observe(OK)
     mixed.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    mixed.observe(scoring_error)
     for _ in range(5):
         for _ in range(7):
             mixed.observe_proposal(feedback_error)
         mixed.observe_proposal(_failed_reflection())  # the proposer failed on data it had: the metric answered
-    assert mixed.proposer_failures_in_a_row == 40  # the no-progress stop's to describe
+    assert mixed.proposer_failures_in_a_row == 40
     for _ in range(7):
         mixed.observe_proposal(feedback_error)
     with pytest.raises(SystemicFailureError, match="the last 8 reflections"):
         mixed.observe_proposal(feedback_error)
     smaller = SystemicFailureDetector(3)  # the window follows the valset's (here 3)
+    smaller.observe(OK)
     smaller.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    smaller.observe(scoring_error)
     smaller.observe_proposal(feedback_error)
     smaller.observe_proposal(feedback_error)
     with pytest.raises(SystemicFailureError, match="the last 3 reflections"):
@@ -435,7 +457,7 @@ def test_the_first_n_rule_judges_the_first_evaluations_started_not_the_first_fin
     orch = Orchestrator(config, _FastFailures(failing), FakeReflector(), Candidate({"instr": "base"}),
                         list(range(20)), val)
     if failing_share == "all":
-        with pytest.raises(SystemicFailureError, match="first 32 evaluations all failed"):
+        with pytest.raises(SystemicFailureError, match="first 32 evaluations on the valset all failed"):
             asyncio.run(orch.run())
     else:
         result = asyncio.run(orch.run())
@@ -487,6 +509,7 @@ def test_the_first_n_verdict_names_the_split_when_there_are_two() -> None:
             for i in range(3):
                 det.observe(EvalOutcome(i, 0.0, failure="metric_error", message="AttributeError: reply",
                                         error_type="AttributeError"), "seed", "val")
-        assert ("all failed (3 of them with metric_error / AttributeError: reply) on the valset. Fix" in
-                str(info.value)) is named
+        assert ("the first 3 evaluations on the valset all failed (3 of them with metric_error / "
+                "AttributeError: reply). Fix" in str(info.value)) is named
+        assert ("the first 3 evaluations all failed (" in str(info.value)) is not named
         assert "or the examples' fields" in str(info.value)
