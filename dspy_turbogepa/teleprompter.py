@@ -595,6 +595,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             self.warn_on_score_mismatch,
             stringify=not is_builtin_proposer(proposer),
             metric_gate=getattr(evaluator, "metric_gate", None),
+            metric_call=getattr(evaluator, "call_metric_for_feedback", None),
         )
         reflector = ReflectiveProposer(builder, proposer, self.reflection_lm,
                                        max_workers=config.max_reflections_in_flight, price_table=self.price_table,

@@ -381,6 +381,32 @@ def test_an_llm_judges_429s_are_retried_inside_its_evaluation(fast_retries):
     assert dr.run_stats["rate_limits"]["metric_rate_limit_retries"] == 2
 
 
+def test_an_llm_judges_429s_on_feedback_calls_are_retried_too(fast_retries):
+    """A review (session 41): the metric's feedback calls (pred_name set) had no retry: with the judge LM's
+    ``num_retries=0`` (errors.md's advice) each 429 lost the example from the reflection, and an LLM that
+    writes the feedback, down for 8 s, ended the search as "no progress". They are retried under the
+    scoring calls' policies now; one still refused past them is left out of the reflection, as before."""
+    lock = threading.Lock()
+    seen: dict[str, int] = {"feedback": 0, "refused": 0}
+
+    def judge(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if pred_name is not None:
+            with lock:
+                seen["feedback"] += 1
+                refuse = seen["feedback"] % 2 == 1 and seen["refused"] < 6  # every other call, six times
+                seen["refused"] += refuse
+            if refuse:
+                raise lm15.RateLimitError("judge busy", status=429, retry_after=0.001)
+        return ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+
+    dr = run(judge, budget=80).detailed_results
+    assert seen["refused"] == 6
+    assert "feedback_error" not in dr.run_stats["reflective_records_skipped"]
+    assert "feedback_error" not in dr.run_stats["proposal_skips"]
+    assert dr.run_stats["rate_limits"]["metric_rate_limit_retries"] == 6
+    assert dr.run_stats["feedback_calls"] == seen["feedback"] - 6  # a retried call is one feedback call
+
+
 def test_an_llm_judge_that_stays_rate_limited_is_scored_rate_limited_not_a_metric_error(fast_retries):
     """errors.md 429 row: "after 10 retries or 5 minutes it is scored `failure_score` as `rate_limited`",
     for a judge's 429s too ("retried the same way"): it was scored `metric_error`, which reflection reads as

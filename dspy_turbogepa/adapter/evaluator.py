@@ -546,7 +546,20 @@ class DspyEvaluator:
             outcome, retries = self._score(*args)
         return outcome, retries, usage
 
-    def _call_metric(self, example: dspy.Example, pred: Any) -> tuple[Any, int]:
+    def call_metric_for_feedback(self, example: dspy.Example, pred: Any, trace: Any, pred_name: str,
+                                 pred_trace: Any) -> Any:
+        """The metric's feedback call (``pred_name`` set), for the reflective datasets: under the scoring
+        calls' gate and retry policies. Without them a judge LM with ``num_retries=0`` (errors.md's advice)
+        lost the example from the reflection at its first 429 (a review: an LLM writing the feedback, down
+        for 8 s, ended the search as "no progress"). A judge still rate limited past the policy raises its
+        own error, which the reflective dataset records as for any feedback call that raised."""
+        try:
+            return self._call_metric(example, pred, trace, pred_name, pred_trace)[0]
+        except _JudgeGaveUp as exc:
+            raise exc.error from None
+
+    def _call_metric(self, example: dspy.Example, pred: Any, trace: Any = None, pred_name: str | None = None,
+                     pred_trace: Any = None) -> tuple[Any, int]:
         """The metric, re-run (in this worker thread) when it fails because its own LM was rate limited or
         failed transiently (a 5xx, a timeout, a dropped connection), under the rollouts' policies: a judge
         LM with ``num_retries=0`` (errors.md's advice, so that these policies bound its waits) would
@@ -556,7 +569,7 @@ class DspyEvaluator:
         while True:
             try:
                 with self.metric_gate, judge_usage_attached():  # not held through a retry's backoff
-                    return self._metric(example, pred, None, None, None), retries["rate_limited"]
+                    return self._metric(example, pred, trace, pred_name, pred_trace), retries["rate_limited"]
             except USER_CODE_ERRORS as exc:
                 verdict = classify(exc, self._fatal)
                 if verdict.kind is None:

@@ -84,11 +84,15 @@ class ReflectiveDatasetBuilder:
         warn_on_score_mismatch: bool,
         stringify: bool,
         metric_gate: AbstractContextManager[Any] | None = None,
+        metric_call: Callable[..., Any] | None = None,
     ) -> None:
         """``metric_gate``: held around each feedback call; the evaluator's (``DspyEvaluator.metric_gate``),
         so that feedback calls and evaluations together run no more metric calls at once than
-        ``num_threads``, as in dspy.GEPA, whose feedback calls never overlap its evaluations."""
+        ``num_threads``, as in dspy.GEPA, whose feedback calls never overlap its evaluations.
+        ``metric_call``: makes each feedback call instead, holding that gate itself and retrying a judge's
+        429s and transient failures as scoring calls are (``DspyEvaluator.call_metric_for_feedback``)."""
         self._codec = codec
+        self._metric_call = metric_call
         self._metric_gate: AbstractContextManager[Any] = metric_gate if metric_gate is not None else nullcontext()
         self._metric = metric
         self._failure_score = failure_score
@@ -169,12 +173,14 @@ class ReflectiveDatasetBuilder:
         step = rng.choice(steps)
         with self._lock:
             self.feedback_calls += 1
+        args = (traj.example, traj.prediction, traj.raw_trace, name,
+                [(self._codec.student_predictor(name), step.inputs, step.outputs)])
         try:
-            with self._metric_gate, judge_usage_attached():
-                ret = self._metric(
-                    traj.example, traj.prediction, traj.raw_trace, name,
-                    [(self._codec.student_predictor(name), step.inputs, step.outputs)],
-                )
+            if self._metric_call is not None:
+                ret = self._metric_call(*args)
+            else:
+                with self._metric_gate, judge_usage_attached():
+                    ret = self._metric(*args)
         except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
             message = describe_error(exc)
             fatal = fatal_error_name(exc, FATAL_ONCE_ANSWERED)
