@@ -14,6 +14,7 @@ import itertools
 import logging
 import re
 import threading
+import time
 from typing import Any
 
 import dspy
@@ -24,6 +25,7 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 import dspy_turbogepa.teleprompter as teleprompter_module
 from dspy_turbogepa import ConfigurationError, SystemicFailureError, TurboGEPA
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+from dspy_turbogepa.adapter.lm_copies import EvaluatorClosedError
 from dspy_turbogepa.adapter.ratelimit import RATE_LIMIT_POLICY, TRANSIENT_POLICY, RetryPolicy
 from dspy_turbogepa.engine import orchestrator as orchestrator_module
 from dspy_turbogepa.engine import systemic
@@ -405,6 +407,37 @@ def test_an_llm_judges_429s_on_feedback_calls_are_retried_too(fast_retries):
     assert "feedback_error" not in dr.run_stats["proposal_skips"]
     assert dr.run_stats["rate_limits"]["metric_rate_limit_retries"] == 6
     assert dr.run_stats["feedback_calls"] == seen["feedback"] - 6  # a retried call is one feedback call
+
+
+def test_a_stop_cuts_a_feedback_calls_backoff_short_and_none_is_made_after_it():
+    """A review (session 41): feedback calls retried under the 5-minute 429 policy held a stop callback's
+    stop (14.6 s with four Retry-After 3 s) and a Ctrl-C's (its whole grace period), and paid the judge
+    after compile returned. The reflections' stop, and the run's end, cut the backoff short, and no
+    feedback call is made once either came; a judge past the policy counts as given up."""
+    from helpers import make_evaluator
+
+    calls: list[float] = []
+
+    def judge(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls.append(time.monotonic())
+        raise lm15.RateLimitError("judge busy", status=429, retry_after=60.0)
+
+    ev, codec = make_evaluator(ROUTING, metric=judge)
+    example = dspy.Example(ticket="where is my parcel", queue="shipping").with_inputs("ticket")
+    pred = dspy.Prediction(queue="shipping")
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(EvaluatorClosedError):
+        ev.call_metric_for_feedback(example, pred, [], "route", [], stop=stop)
+    assert time.monotonic() - started < 10 and len(calls) == 1  # not the 60 s Retry-After
+    with pytest.raises(EvaluatorClosedError):  # stopped: the judge is not asked (nor paid) again
+        ev.call_metric_for_feedback(example, pred, [], "route", [], stop=stop)
+    assert len(calls) == 1
+    ev.close()
+    with pytest.raises(EvaluatorClosedError):  # the run ended: the same without a stop event
+        ev.call_metric_for_feedback(example, pred, [], "route", [])
+    assert len(calls) == 1
 
 
 def test_an_llm_judge_that_stays_rate_limited_is_scored_rate_limited_not_a_metric_error(fast_retries):

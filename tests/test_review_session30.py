@@ -222,8 +222,9 @@ def test_proposal_window_error_type_is_that_of_the_most_common_reason():
 
 
 def test_feedback_error_type_names_the_judges_429_on_the_feedback_call(fast_evaluator):
-    """A judge 429 on the feedback call (pred_name set) is not retried: the record is left out
-    (errors.md row 53), and when every feedback call fails the run stops naming RateLimitError."""
+    """A judge 429 on the feedback call (pred_name set) is retried under the rollouts' policy (since
+    session 41), then the record is left out (errors.md), and when every feedback call fails the run
+    stops naming RateLimitError."""
     def always(gold, pred, trace=None, pred_name=None, pred_trace=None):
         if pred_name is not None:
             raise lm15.RateLimitError("judge busy", status=429, retry_after=0.001)

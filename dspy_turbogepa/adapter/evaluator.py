@@ -547,19 +547,25 @@ class DspyEvaluator:
         return outcome, retries, usage
 
     def call_metric_for_feedback(self, example: dspy.Example, pred: Any, trace: Any, pred_name: str,
-                                 pred_trace: Any) -> Any:
+                                 pred_trace: Any, *, stop: threading.Event | None = None) -> Any:
         """The metric's feedback call (``pred_name`` set), for the reflective datasets: under the scoring
         calls' gate and retry policies. Without them a judge LM with ``num_retries=0`` (errors.md's advice)
         lost the example from the reflection at its first 429 (a review: an LLM writing the feedback, down
         for 8 s, ended the search as "no progress"). A judge still rate limited past the policy raises its
-        own error, which the reflective dataset records as for any feedback call that raised."""
+        own error, which the reflective dataset records as for any feedback call that raised. ``stop``
+        (the reflections' stop) and the run's end cut a backoff short (``EvaluatorClosedError``), and once
+        either is set no call is made: a stop must not wait minutes on a judge, nor pay it after compile."""
+        if self._closed_event.is_set() or (stop is not None and stop.is_set()):
+            raise EvaluatorClosedError("the run is stopping: the metric's feedback call is not made")
         try:
-            return self._call_metric(example, pred, trace, pred_name, pred_trace)[0]
-        except _JudgeGaveUp as exc:
-            raise exc.error from None
+            return self._call_metric(example, pred, trace, pred_name, pred_trace, stop=stop)[0]
+        except _JudgeGaveUp as gave_up:
+            self._stats.count("rate_limited", "gave_up")
+            error = gave_up.error
+        raise error  # the judge's own error, as the metric raised it
 
     def _call_metric(self, example: dspy.Example, pred: Any, trace: Any = None, pred_name: str | None = None,
-                     pred_trace: Any = None) -> tuple[Any, int]:
+                     pred_trace: Any = None, stop: threading.Event | None = None) -> tuple[Any, int]:
         """The metric, re-run (in this worker thread) when it fails because its own LM was rate limited or
         failed transiently (a 5xx, a timeout, a dropped connection), under the rollouts' policies: a judge
         LM with ``num_retries=0`` (errors.md's advice, so that these policies bound its waits) would
@@ -593,9 +599,23 @@ class DspyEvaluator:
                     self._stats.add(metric_transient_retries=1, backoff_s=delay)
                 retries[verdict.kind] += 1
                 # Woken by close(): the run is over, and the judge must not be called (and paid) again.
-                if self._closed_event.wait(delay):
+                if self._backoff_cut_short(delay, stop):
                     raise EvaluatorClosedError("the run ended while this rollout's metric was backing off; "
                                                "it is not scored") from exc
+
+    def _backoff_cut_short(self, delay: float, stop: threading.Event | None) -> bool:
+        """Wait ``delay`` seconds; True as soon as the run ends or ``stop`` is set (polled every 0.1 s: one
+        event cannot wait on two)."""
+        if stop is None:
+            return self._closed_event.wait(delay)
+        until = time.monotonic() + delay
+        while not stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            if self._closed_event.wait(min(0.1, left)):
+                return True
+        return True
 
     def _check_metric_still_works(self, error: BaseException) -> None:
         """After a streak of evaluations whose metric raised (``metric_probe_after`` in a row, none scored

@@ -25,7 +25,7 @@ from dspy.adapters.types.base_type import Type as DspyType
 from dspy.adapters.types.history import History
 from dspy.teleprompt.gepa.gepa_utils import format_history_for_reflection
 
-from dspy_turbogepa.adapter.lm_copies import judge_usage_attached
+from dspy_turbogepa.adapter.lm_copies import EvaluatorClosedError, judge_usage_attached
 from dspy_turbogepa.adapter.metric import default_feedback, read_metric_return
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.ratelimit import FATAL_ONCE_ANSWERED, fatal_error_name
@@ -90,9 +90,11 @@ class ReflectiveDatasetBuilder:
         so that feedback calls and evaluations together run no more metric calls at once than
         ``num_threads``, as in dspy.GEPA, whose feedback calls never overlap its evaluations.
         ``metric_call``: makes each feedback call instead, holding that gate itself and retrying a judge's
-        429s and transient failures as scoring calls are (``DspyEvaluator.call_metric_for_feedback``)."""
+        429s and transient failures as scoring calls are (``DspyEvaluator.call_metric_for_feedback``);
+        called with ``stop=``, the event :meth:`stop` sets."""
         self._codec = codec
         self._metric_call = metric_call
+        self._stopping = threading.Event()
         self._metric_gate: AbstractContextManager[Any] = metric_gate if metric_gate is not None else nullcontext()
         self._metric = metric
         self._failure_score = failure_score
@@ -106,6 +108,10 @@ class ReflectiveDatasetBuilder:
         self.feedback_calls = 0
         #: what was warned about already: one WARNING per kind (and per predictor), the rest at DEBUG
         self._warned = FirstOfKind()
+
+    def stop(self) -> None:
+        """The run is stopping: no feedback call is made any more, and one backing off gives up."""
+        self._stopping.set()
 
     def build(self, components: Sequence[str], trajectories: Sequence[DspyTrajectory | None],
               scores: Sequence[float], rng: random.Random,
@@ -171,16 +177,20 @@ class ReflectiveDatasetBuilder:
         if not steps:
             return None
         step = rng.choice(steps)
+        if self._stopping.is_set():
+            return None  # the run is stopping: the proposal is not wanted, and the judge is not paid
         with self._lock:
             self.feedback_calls += 1
         args = (traj.example, traj.prediction, traj.raw_trace, name,
                 [(self._codec.student_predictor(name), step.inputs, step.outputs)])
         try:
             if self._metric_call is not None:
-                ret = self._metric_call(*args)
+                ret = self._metric_call(*args, stop=self._stopping)
             else:
                 with self._metric_gate, judge_usage_attached():
                     ret = self._metric(*args)
+        except EvaluatorClosedError:  # stopped during its backoff, or before it was made: not the metric's failure
+            return None
         except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
             message = describe_error(exc)
             fatal = fatal_error_name(exc, FATAL_ONCE_ANSWERED)

@@ -37,8 +37,9 @@ def sigint_raises_keyboard_interrupt() -> Iterator[None]:
     runner's handler only cancels its main task, which cannot run until compile returns: the first
     Ctrl-C did nothing, the search ran to its budget, and the cancellation then lost the program it
     returned. With Python's own handler back for the block, Ctrl-C stops the search as it does in a
-    script; the runner's handler is put back after, unless something the block ran (the program, the
-    metric) installed a handler of its own meanwhile, which stays, as asyncio's runner does it. Any other
+    script; the runner's handler is put back after, unless code that ran on the compile thread meanwhile
+    (a DSPy callback, a tracking hook; the program and the metric run on worker threads, which cannot)
+    installed a handler of its own, which stays, as asyncio's runner does it. Any other
     handler (the user's own) is left alone.
     """
     handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None

@@ -40,7 +40,8 @@ nothing when it sees nothing to fix), but their streak is kept (:meth:`proposer_
 the run ends on the no-progress limit with every reflection since the streak began failing, the
 orchestrator says that the proposer stopped working instead of blaming perfect parents. One streak
 stops the run instead: ``proposal_window`` reflections in a row, after usable ones, where the metric
-raised on every feedback call, once its scoring calls have raised too since the last usable one.
+raised on every feedback call, once its scoring calls have raised too since the last usable one
+and none has scored since.
 That is the metric broken mid-run (a service it calls gone), which its feedback calls show before
 its scoring calls can (a mutation's minibatch is often served from the cache, so few scoring calls
 are made); ended as "no progress", the run kept those scoring failures as data, and a rerun replayed
@@ -164,7 +165,8 @@ class SystemicFailureDetector:
         self._feedback_lost = 0  # of that streak, the last reflections in a row whose feedback calls all raised
         self._feedback_first = ""
         #: scoring calls of the metric that raised (not the service's failures) since the last usable
-        #: reflection: whether the metric broke, or only its feedback path (a judge's blip, a bug there)
+        #: reflection and the last scored evaluation: whether the metric broke, or only its feedback path
+        #: (a judge's blip, a bug there; one candidate's output the metric cannot take, then scored ones)
         self._scoring_errors_since_usable = 0
         self._proposer_failures: Counter[str] = Counter()
         self._proposer_examples: dict[str, str] = {}
@@ -368,6 +370,7 @@ class SystemicFailureDetector:
         self._observe_service(outcome)
         if outcome.failure is None:
             window.seen_success = True
+            self._scoring_errors_since_usable = 0  # the metric scores: it is not broken
             return
         if outcome.fatal and outcome.failure == "rate_limited":
             raise SystemicFailureError(

@@ -130,12 +130,15 @@ class ReflectiveProposer:
         self._per_component = getattr(type(proposal_fn), "__call__", None) is InstructionProposer.__call__
 
     def stop(self) -> None:
-        """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped)."""
+        """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped), and so do
+        the metric's feedback calls backing off; none is made after."""
         self._stopping.set()
+        if self._builder is not None:  # None: a proposer used on its own (tests)
+            self._builder.stop()
 
     def close(self) -> None:
         self._closed.set()
-        self._stopping.set()
+        self.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def skipped_records(self) -> dict[str, int]:

@@ -398,6 +398,14 @@ def test_a_metric_that_breaks_mid_run_is_told_by_its_feedback_calls() -> None:
         feedback_only.observe(EvalOutcome(0, 0.0, failure="metric_error", error_type="LMServerError",
                                           message="503", service_failure=True))  # the judge service's, not the metric's
     assert feedback_only.proposer_failures_in_a_row == 30  # the no-progress stop's to describe
+    scored_since = SystemicFailureDetector(32)  # one candidate's output crashed the metric, later ones scored
+    scored_since.observe(OK)
+    scored_since.observe_proposal(ProposalOutcome(texts={"a": "x"}))
+    scored_since.observe(scoring_error)
+    scored_since.observe(OK)
+    for _ in range(20):
+        scored_since.observe_proposal(feedback_error)
+    assert scored_since.proposer_failures_in_a_row == 20
 
     mixed = SystemicFailureDetector(32)
     mixed.observe(OK)
