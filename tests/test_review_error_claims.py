@@ -409,11 +409,11 @@ def test_an_llm_judges_429s_on_feedback_calls_are_retried_too(fast_retries):
     assert dr.run_stats["feedback_calls"] == seen["feedback"] - 6  # a retried call is one feedback call
 
 
-def test_a_stop_cuts_a_feedback_calls_backoff_short_and_none_is_made_after_it():
-    """A review (session 41): feedback calls retried under the 5-minute 429 policy held a stop callback's
-    stop (14.6 s with four Retry-After 3 s) and a Ctrl-C's (its whole grace period), and paid the judge
-    after compile returned. The reflections' stop, and the run's end, cut the backoff short, and no
-    feedback call is made once either came; a judge past the policy counts as given up."""
+def test_a_stop_cuts_a_feedback_calls_backoff_short_and_none_is_made_after_the_run():
+    """A review (session 41): feedback calls retried under the 5-minute 429 policy held a Ctrl-C's stop
+    (its whole grace period) and paid the judge after compile returned. The reflections' stop, and the
+    run's end, cut the backoff short; work in flight at a stop still makes its calls (it may finish in
+    the grace period), none is made once the run has ended."""
     from helpers import make_evaluator
 
     calls: list[float] = []
@@ -431,13 +431,14 @@ def test_a_stop_cuts_a_feedback_calls_backoff_short_and_none_is_made_after_it():
     with pytest.raises(EvaluatorClosedError):
         ev.call_metric_for_feedback(example, pred, [], "route", [], stop=stop)
     assert time.monotonic() - started < 10 and len(calls) == 1  # not the 60 s Retry-After
-    with pytest.raises(EvaluatorClosedError):  # stopped: the judge is not asked (nor paid) again
+    started = time.monotonic()
+    with pytest.raises(EvaluatorClosedError):  # after the stop: asked once, no backoff
         ev.call_metric_for_feedback(example, pred, [], "route", [], stop=stop)
-    assert len(calls) == 1
+    assert time.monotonic() - started < 10 and len(calls) == 2
     ev.close()
     with pytest.raises(EvaluatorClosedError):  # the run ended: the same without a stop event
         ev.call_metric_for_feedback(example, pred, [], "route", [])
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_an_llm_judge_that_stays_rate_limited_is_scored_rate_limited_not_a_metric_error(fast_retries):

@@ -553,10 +553,12 @@ class DspyEvaluator:
         lost the example from the reflection at its first 429 (a review: an LLM writing the feedback, down
         for 8 s, ended the search as "no progress"). A judge still rate limited past the policy raises its
         own error, which the reflective dataset records as for any feedback call that raised. ``stop``
-        (the reflections' stop) and the run's end cut a backoff short (``EvaluatorClosedError``), and once
-        either is set no call is made: a stop must not wait minutes on a judge, nor pay it after compile."""
-        if self._closed_event.is_set() or (stop is not None and stop.is_set()):
-            raise EvaluatorClosedError("the run is stopping: the metric's feedback call is not made")
+        (the reflections' stop: Ctrl-C, a stop callback or file) and the run's end cut a backoff short
+        (``EvaluatorClosedError``), as the reflection LM's are: a stop must not wait minutes on a judge.
+        Work in flight at a stop still makes its calls (it may finish in the grace period); once the run
+        has ended none is made, so the judge is never paid after compile."""
+        if self._closed_event.is_set():
+            raise EvaluatorClosedError("the run has ended: the metric's feedback call is not made")
         try:
             return self._call_metric(example, pred, trace, pred_name, pred_trace, stop=stop)[0]
         except _JudgeGaveUp as gave_up:

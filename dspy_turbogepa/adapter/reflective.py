@@ -110,7 +110,8 @@ class ReflectiveDatasetBuilder:
         self._warned = FirstOfKind()
 
     def stop(self) -> None:
-        """The run is stopping: no feedback call is made any more, and one backing off gives up."""
+        """The run is stopping: a feedback call backing off on its judge's 429s gives up (work in flight
+        still makes its calls: it may finish in a Ctrl-C's grace period)."""
         self._stopping.set()
 
     def build(self, components: Sequence[str], trajectories: Sequence[DspyTrajectory | None],
@@ -177,8 +178,6 @@ class ReflectiveDatasetBuilder:
         if not steps:
             return None
         step = rng.choice(steps)
-        if self._stopping.is_set():
-            return None  # the run is stopping: the proposal is not wanted, and the judge is not paid
         with self._lock:
             self.feedback_calls += 1
         args = (traj.example, traj.prediction, traj.raw_trace, name,
@@ -189,7 +188,7 @@ class ReflectiveDatasetBuilder:
             else:
                 with self._metric_gate, judge_usage_attached():
                     ret = self._metric(*args)
-        except EvaluatorClosedError:  # stopped during its backoff, or before it was made: not the metric's failure
+        except EvaluatorClosedError:  # stopped during its backoff, or the run ended: not the metric's failure
             return None
         except USER_CODE_ERRORS as exc:  # a metric bug must not kill the proposal: skip this record, say why
             message = describe_error(exc)

@@ -131,7 +131,7 @@ class ReflectiveProposer:
 
     def stop(self) -> None:
         """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped), and so do
-        the metric's feedback calls backing off; none is made after."""
+        the metric's feedback calls backing off."""
         self._stopping.set()
         if self._builder is not None:  # None: a proposer used on its own (tests)
             self._builder.stop()
