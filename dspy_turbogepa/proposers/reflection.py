@@ -133,8 +133,9 @@ class ReflectiveProposer:
         """The run is stopping: reflections waiting out a rate limit give up (recorded as skipped), and so do
         the metric's feedback calls backing off."""
         self._stopping.set()
-        if self._builder is not None:  # None: a proposer used on its own (tests)
-            self._builder.stop()
+        stop_feedback = getattr(self._builder, "stop", None)  # a builder of another kind may have none
+        if callable(stop_feedback):
+            stop_feedback()
 
     def close(self) -> None:
         self._closed.set()
