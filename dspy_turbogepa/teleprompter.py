@@ -661,99 +661,90 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             config.max_reflections_in_flight, ", ".join(f"{f:.3g}" for f in config.rung_fractions),
         )
         result: EngineResult | None = None
-        accounted = False  # the result's counts completed (see _account)
         stopped_by = "stopped"  # what the progress display's last line says when the run raised
-        try:  # the outer try: a Ctrl-C once the search has ended never loses its program (below)
-            try:
-                result = run_coroutine_in_thread(
-                    orchestrator.run,
-                    on_interrupt=lambda: orchestrator.request_stop("interrupted"),
-                    on_grace_expired=orchestrator.cancel_in_flight,
-                    on_tick=on_tick,
-                )
-                with ctrl_c_held():  # whole or not at all; the except below completes it when a press came first
-                    _account(result, len(known_evals or ()), live_run_stats(orchestrator, evaluator, reflector))
-                    accounted = True
-            except RunInterruptedError as exc:  # Ctrl-C before the seed was scored: nothing to return
-                stopped_by = "interrupted before the seed was scored"
-                raise KeyboardInterrupt(str(exc) + _kept_advice(store is not None)) from exc
-            except KeyboardInterrupt as exc:  # a second Ctrl-C: the run was aborted at once
-                stopped_by = "aborted by a second Ctrl-C"
-                if not exc.args:  # said what happened to the work, as the grace period's end says it
-                    exc.args = ("Aborted by a second Ctrl-C: the work under way was cancelled."
-                                + _kept_advice(store is not None),)
-                raise
-            except SystemicFailureError as exc:
-                stopped_by = f"stopped: {exc.failure or 'systemic failure'}, see the error below"
-                if store is not None and exc.failure in _SEARCH_HOOK_FAILURES:
-                    # a stop callback or a component selector steers the search: not in the run key, and no
-                    # evaluation failed because of it (so none is marked to run again)
-                    exc.args = (f"{exc} Fix it and rerun with the same log_dir: the run resumes from what it stored.",)
-                elif store is None and RESUME_ADVICE in str(exc):  # an outage or a quota: nothing was kept
-                    exc.args = (str(exc).replace(RESUME_ADVICE, NO_STORE_ADVICE),)
-                elif store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
-                    store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
-                    # the fix decides whether this log_dir can be reused: the run key covers the program, the
-                    # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
-                    # was refused with "metric changed" and had to find out why)
-                    exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an "
-                                "API key, an environment variable, a file or service the metric reads) resumes this "
-                                "run: what finished is not paid again, and what failed runs again. So does a "
-                                "changed reflection LM or instruction proposer (new reflections ask it); any other "
-                                "change (the program, the metric, the data, the task LM's model, endpoint or "
-                                "settings) is another run: give it a new log_dir.",)
-                raise
-            except BaseException as exc:
-                stopped_by = f"stopped by {type(exc).__name__}"
-                raise
-            finally:
-                display.close(stop_reason=result.stop_reason if result is not None else stopped_by)
-                if store is not None:  # closed by `cleanup`, like the pools, whatever happens next
-                    store.record_event("run_finished" if result is not None else "run_failed", {})
-            if store is not None:
-                # Committed before the reports: the writer holds up to ~50 ms of rows, and a kill -9 while the
-                # reports are written lost the search's last evaluations (a review: 2 of 134, paid again).
-                from dspy_turbogepa.store import RunStoreError
-
-                try:
-                    store.flush(timeout=30.0)  # a stuck disk must not hold the program back (close() waits 30 s too)
-                except RunStoreError as exc:  # rows the store could not write: said, as close() says them
-                    logger.warning("Run store: %s", exc)
-            best = result.best
-            if result.stop_reason == "interrupted":
-                found = ("the seed program: nothing beat it yet" if result.best_index == 0
-                         else "the best program found so far")
-                advice = (f" Rerun with log_dir={str(self.log_dir)!r} to resume without paying again for what finished."
-                          if store is not None else " Set log_dir=... to make an interrupted run resumable.")
-                logger.warning("Run interrupted: returning %s.%s", found, advice)
-            stats = result.stats
-            cost = stats.task_cost + stats.reflection_cost
-            logger.info(
-                "TurboGEPA finished (%s): best validation score %.4f (seed %.4f), %d candidates, %d metric "
-                "calls%s%s%s%s",
-                result.stop_reason, best.aggregate, result.records[0].aggregate, len(result.records),
-                result.total_metric_calls,
-                f" ({len(known_evals)} of them stored by earlier sessions)" if known_evals else "",
-                f", failed evaluations {dict(stats.failures)}" if stats.failures else "",
-                f", LM cost ${cost:.4g}" if cost > 0 else "",
-                f"; run store, summary.json and plots in {self.log_dir}" if store is not None else "",
+        try:
+            result = run_coroutine_in_thread(
+                orchestrator.run,
+                on_interrupt=lambda: orchestrator.request_stop("interrupted"),
+                on_grace_expired=orchestrator.cancel_in_flight,
+                on_tick=on_tick,
             )
-            # The search is over and stored: a Ctrl-C now must not lose its program. One pressed while it is
-            # built is held until it exists, then ends compile() with the program returned (see compile).
+            # The search is over and stored: a Ctrl-C from now on must not lose its program (the run still
+            # closes: the progress line, the store's last commit, up to 30 s on a slow disk, the final log
+            # line). It is built at once, a press meanwhile held until it exists; compile() then returns it.
             with ctrl_c_held():
+                live_run_stats(orchestrator, evaluator, reflector)  # fills result.stats: the orchestrator's own
+                # every metric call the run's log_dir paid for, in all its sessions (run_stats'
+                # metric_calls_replayed says how many of the stored ones this session's search used: a run
+                # resumed with another budget plans differently and may leave some unused)
+                result.total_metric_calls += len(known_evals or ())
                 program, detailed = self._result_program(codec, result)
                 finished.append(program)
-        except KeyboardInterrupt:
-            if result is None or finished:
-                raise
-            # The search ended and is stored; the press came while the run closed (the progress line, the
-            # store's last commit, the final log line): the program is built, then compile() returns it.
-            with ctrl_c_held():
-                if not accounted:
-                    _account(result, len(known_evals or ()), live_run_stats(orchestrator, evaluator, reflector))
-                program, _ = self._result_program(codec, result)
-                finished.append(program)
+        except RunInterruptedError as exc:  # Ctrl-C before the seed was scored: nothing to return
+            stopped_by = "interrupted before the seed was scored"
+            raise KeyboardInterrupt(str(exc) + _kept_advice(store is not None)) from exc
+        except KeyboardInterrupt as exc:  # a second Ctrl-C: the run was aborted at once
+            stopped_by = "aborted by a second Ctrl-C"
+            if not exc.args and not finished:  # said, as the grace period's end says it (a press held above
+                # while the program was built is not this: compile returns the program)
+                exc.args = ("Aborted by a second Ctrl-C: the work under way was cancelled."
+                            + _kept_advice(store is not None),)
             raise
+        except SystemicFailureError as exc:
+            stopped_by = f"stopped: {exc.failure or 'systemic failure'}, see the error below"
+            if store is not None and exc.failure in _SEARCH_HOOK_FAILURES:
+                # a stop callback or a component selector steers the search: not in the run key, and no
+                # evaluation failed because of it (so none is marked to run again)
+                exc.args = (f"{exc} Fix it and rerun with the same log_dir: the run resumes from what it stored.",)
+            elif store is None and RESUME_ADVICE in str(exc):  # an outage or a quota: nothing was kept
+                exc.args = (str(exc).replace(RESUME_ADVICE, NO_STORE_ADVICE),)
+            elif store is not None:  # the error asks for a fix: a rerun runs these failures again (load_known)
+                store.record_event("systemic_failure", {"failure": exc.failure, "error_type": exc.error_type})
+                # the fix decides whether this log_dir can be reused: the run key covers the program, the
+                # metric and each LM's model and endpoint, never an API key (a user who fixed the metric
+                # was refused with "metric changed" and had to find out why)
+                exc.args = (f"{exc} With the same log_dir, a rerun after a fix the run key does not see (an "
+                            "API key, an environment variable, a file or service the metric reads) resumes this "
+                            "run: what finished is not paid again, and what failed runs again. So does a "
+                            "changed reflection LM or instruction proposer (new reflections ask it); any other "
+                            "change (the program, the metric, the data, the task LM's model, endpoint or "
+                            "settings) is another run: give it a new log_dir.",)
+            raise
+        except BaseException as exc:
+            stopped_by = f"stopped by {type(exc).__name__}"
+            raise
+        finally:
+            display.close(stop_reason=result.stop_reason if result is not None else stopped_by)
+            if store is not None:  # closed by `cleanup`, like the pools, whatever happens next
+                store.record_event("run_finished" if result is not None else "run_failed", {})
+        if store is not None:
+            # Committed before the reports: the writer holds up to ~50 ms of rows, and a kill -9 while the
+            # reports are written lost the search's last evaluations (a review: 2 of 134, paid again).
+            from dspy_turbogepa.store import RunStoreError
+
+            try:
+                store.flush(timeout=30.0)  # a stuck disk must not hold the program back (close() waits 30 s too)
+            except RunStoreError as exc:  # rows the store could not write: said, as close() says them
+                logger.warning("Run store: %s", exc)
+        best = result.best
+        if result.stop_reason == "interrupted":
+            found = ("the seed program: nothing beat it yet" if result.best_index == 0
+                     else "the best program found so far")
+            advice = (f" Rerun with log_dir={str(self.log_dir)!r} to resume without paying again for what finished."
+                      if store is not None else " Set log_dir=... to make an interrupted run resumable.")
+            logger.warning("Run interrupted: returning %s.%s", found, advice)
+        stats = result.stats
+        cost = stats.task_cost + stats.reflection_cost
+        logger.info(
+            "TurboGEPA finished (%s): best validation score %.4f (seed %.4f), %d candidates, %d metric "
+            "calls%s%s%s%s",
+            result.stop_reason, best.aggregate, result.records[0].aggregate, len(result.records),
+            result.total_metric_calls,
+            f" ({len(known_evals)} of them stored by earlier sessions)" if known_evals else "",
+            f", failed evaluations {dict(stats.failures)}" if stats.failures else "",
+            f", LM cost ${cost:.4g}" if cost > 0 else "",
+            f"; run store, summary.json and plots in {self.log_dir}" if store is not None else "",
+        )
         modules_before = set(sys.modules)
         try:
             # a resumed session replays what earlier ones stored at its start: its plots' clock is its own
@@ -961,17 +952,6 @@ def _check_score(name: str, value: Any, fix: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}: every aggregate score would be {value!r}.")
     return float(value)
-
-
-def _account(result: EngineResult, stored_calls: int, live: RunStats) -> None:
-    """Complete the engine's result with what the engine does not see: the metric calls earlier sessions
-    stored (every metric call the run's log_dir paid for, in all its sessions; run_stats'
-    metric_calls_replayed says how many of them this session's search used: a run resumed with another
-    budget plans differently and may leave some unused), and the evaluator's and reflector's counters."""
-    result.total_metric_calls += stored_calls
-    result.stats.rate_limits = live.rate_limits
-    result.stats.reflective_records_skipped = live.reflective_records_skipped
-    result.stats.feedback_calls = live.feedback_calls
 
 
 def _kept_advice(stored: bool) -> str:
