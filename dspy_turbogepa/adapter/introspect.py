@@ -34,6 +34,7 @@ def is_a(value: Any, kind: type | tuple[type, ...]) -> bool:
     except Exception:  # noqa: BLE001 - a proxy that cannot say what it is is none of ours
         return False
 
+
 def in_dspy_package(cls: type) -> bool:
     """Whether ``cls`` is DSPy's own (``dspy`` or a submodule), as opposed to the user's code."""
     module = cls.__module__ or ""
