@@ -31,6 +31,7 @@ class MergeProposal:
     ancestor: int
     texts: dict[str, str]
     screen_ids: tuple[int, ...]
+    fingerprint: str
 
 
 def ancestors(index: int, records: Sequence[CandidateRecord]) -> set[int]:
@@ -91,10 +92,15 @@ def find_merge(
     rng: random.Random,
     subsample_size: int,
     fingerprint: Callable[[Mapping[str, str]], str],
+    planned: Container[str] = (),
 ) -> MergeProposal | None:
     """A merge of two of ``candidates`` (the non-dominated frontier), or None when none is worth trying.
 
     ``fingerprint`` maps texts to a fingerprint (passed in so this module stays free of hashing policy).
+    ``planned`` holds the children's fingerprints of the merges already launched: through another common
+    ancestor, or from another pair, a merge can rebuild a child that one in flight is still evaluating,
+    where ``existing_fingerprints`` cannot see it yet. (gepa refuses a repeat of the same pair and child;
+    a child already rejected is not retried from another pair either.)
     """
     pool = sorted(set(candidates))
     if len(pool) < 2 or len(records) < 3:
@@ -121,10 +127,10 @@ def find_merge(
         tried.add((i, j, a))
         texts = merge_texts(records[a].candidate.texts, ti, tj, si, sj, rng)
         fp = fingerprint(texts)
-        if fp in existing_fingerprints:
-            continue  # the merge would rebuild an existing program (often one of the parents)
+        if fp in existing_fingerprints or fp in planned:
+            continue  # the merge would rebuild an existing program (often one of the parents) or a launched one
         screen = stratified_subsample(records[i].val_scores, records[j].val_scores, subsample_size, rng)
         if not screen:
             continue
-        return MergeProposal(first=i, second=j, ancestor=a, texts=texts, screen_ids=screen)
+        return MergeProposal(first=i, second=j, ancestor=a, texts=texts, screen_ids=screen, fingerprint=fp)
     return None

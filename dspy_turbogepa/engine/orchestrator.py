@@ -210,6 +210,8 @@ class Orchestrator:
         self._merges_granted = 0
         self._merges_failed = 0
         self._merge_tried: set[tuple[int, int, int]] = set()
+        #: the child fingerprint of every merge launched, whatever became of it
+        self._merges_planned: set[str] = set()
         self._merge_budget_short = False
         self._history = CommitHistory(self._val_ids)
         self._turn_waiters: dict[int, asyncio.Future[None]] = {}
@@ -787,7 +789,7 @@ class Orchestrator:
         # walks the pool: the members are cached per frontier change, the pool is asked, not copied.
         existing = _PooledBefore(self._index_by_fp, n_records)
         return find_merge(self._records[:n_records], frontier.non_dominated_members(), existing, tried, rng,
-                          self.config.merge_subsample_size, fingerprint_texts)
+                          self.config.merge_subsample_size, fingerprint_texts, self._merges_planned)
 
     def _plan_merge(
         self, seq: int, rng: random.Random, n_commits: int, frontier: ParetoFrontier
@@ -801,7 +803,10 @@ class Orchestrator:
         worst_case = len(self._val_ids)  # screening ids are validation ids; only the child is evaluated
         if not self._reserve(seq, n_commits, worst_case):
             self._merge_budget_short = True
+            # not tried yet: found again once budget frees up (find_merge marked it when it proposed it)
+            self._merge_tried.discard((proposal.first, proposal.second, proposal.ancestor))
             return None
+        self._merges_planned.add(proposal.fingerprint)
         first, second = records[proposal.first], records[proposal.second]
         better, other = (first, second) if first.aggregate >= second.aggregate else (second, first)
         self._merges_launched += 1

@@ -61,3 +61,26 @@ def test_a_long_run_computes_each_records_aggregate_once(monkeypatch) -> None:
     result, *_ = run_fakes(make_config(max_metric_calls=3000, use_merge=True, max_merge_invocations=1000), setup)
     assert len(result.records) >= 15, len(result.records)
     assert calls[0] <= len(result.records), (calls[0], len(result.records))
+
+
+# Two siblings of record 1 that changed different components, and two usable common ancestors (0 and 1):
+# through either one, merging 2 and 3 builds the same child {"x": "A2", "y": "B"}.
+_TWO_ANCESTORS = [_record(0, {"x": "0", "y": "0"}, [None], 0.1), _record(1, {"x": "A", "y": "0"}, [0], 0.2),
+                  _record(2, {"x": "A2", "y": "0"}, [1], 0.5), _record(3, {"x": "A", "y": "B"}, [1], 0.4)]
+
+
+def test_a_merge_already_launched_for_the_pair_is_not_built_again_through_another_ancestor() -> None:
+    """While the first merge is evaluated its child is not in the pool yet, so only ``planned`` (the
+    children of merges launched) keeps a second plan from rebuilding it via the other ancestor."""
+    pool = {fingerprint_texts(r.candidate.texts) for r in _TWO_ANCESTORS}
+    tried: set[tuple[int, int, int]] = set()
+    first = find_merge(_TWO_ANCESTORS, [2, 3], pool, tried, random.Random(0), 2, fingerprint_texts)
+    assert first is not None and first.texts == {"x": "A2", "y": "B"}
+    assert first.fingerprint == fingerprint_texts(first.texts)
+    planned = {first.fingerprint}
+    for seed in range(5):  # whichever ancestor is drawn, the only child there is has been launched
+        assert find_merge(_TWO_ANCESTORS, [2, 3], pool, set(tried), random.Random(seed), 2, fingerprint_texts,
+                          planned) is None
+    # without it, the other ancestor gives the same child again (what a second plan in flight used to build)
+    again = find_merge(_TWO_ANCESTORS, [2, 3], pool, set(tried), random.Random(1), 2, fingerprint_texts)
+    assert again is not None and again.ancestor != first.ancestor and again.texts == first.texts

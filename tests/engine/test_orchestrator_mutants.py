@@ -318,3 +318,45 @@ def test_the_no_progress_stop_comes_right_after_max_noop_mutations_free_mutation
     # one at a time, nothing was planned before the deciding commit that had not run: the drain launches
     # nothing (a mutation planned from the deciding commit's view could only start after the decision)
     assert len(obs.mutations) == obs.mutations_at_stop, (len(obs.mutations), obs.mutations_at_stop)
+
+
+def test_merges_in_flight_side_by_side_never_build_the_same_child_twice() -> None:
+    """Four mutations in flight: a merge planned while another merge of the same pair is evaluated used to
+    pick the pair's other common ancestor (or another pair) and build the identical child, which then
+    committed as a duplicate after holding a mutation slot, a merge grant and a validation-sized reservation."""
+    setup = hard_setup(train_n=24, val_n=12, components=("a", "b", "c"), num_keywords=8)
+    rec = Recorder()
+    cfg = make_config(max_metric_calls=1500, use_merge=True, max_merge_invocations=5, seed=0,
+                      max_mutations_in_flight=4)
+    result, orch, ev, _ = run_fakes(cfg, setup, observers=[rec], sleep_seed=0, timeout=60)
+    check_invariants(result, orch, ev, setup)
+    children = [r.child.fingerprint for r in rec.results if r.plan.kind == "merge" and r.child is not None]
+    assert len(children) >= 2, children  # without the check this run builds 5 merges, 2 of them duplicates
+    assert len(set(children)) == len(children), children
+    assert not [r for r in rec.results if r.plan.kind == "merge" and r.status == "duplicate"]
+
+
+def test_a_merge_refused_for_want_of_budget_is_found_again_once_budget_frees_up() -> None:
+    """A merge found while in-flight reservations left too little budget used to be marked tried before
+    the reservation was refused, so it was never tried again: only a launched merge counts as tried."""
+    from dspy_turbogepa.engine.frontier import ParetoFrontier
+    from dspy_turbogepa.engine.history import CommitPoint
+
+    cfg = make_config(max_metric_calls=100, rung_fractions=(1.0,), use_merge=True)
+    orch = build(cfg, TableEvaluator(lambda texts, split, i: 0.0), FakeReflector(),
+                 Setup(seed_texts={"a": "base", "b": "base"}, train_ids=(0, 1), val_ids=(0, 1)))
+    rows = [({"a": "base", "b": "base"}, [None], (0.0, 0.0)), ({"a": "A", "b": "base"}, [0], (1.0, 0.0)),
+            ({"a": "base", "b": "B"}, [0], (0.0, 1.0))]
+    frontier = ParetoFrontier((0, 1))
+    for texts, parents, (s0, s1) in rows:
+        rec = orch._add_record(Candidate(texts), parents, [EvalOutcome(0, s0), EvalOutcome(1, s1)], seq=None)
+        orch._history.record(CommitPoint(rec.index + 1, 0, 0, 0))
+        if rec.index:
+            frontier.add(rec.index, rec.val_scores)
+    orch._reserve = lambda seq, n_commits, amount: False  # type: ignore[method-assign]
+    assert orch._plan_merge(0, random.Random(0), 2, frontier) is None and orch._merge_budget_short
+    del orch._reserve  # the budget freed up
+    plan = orch._plan_merge(0, random.Random(0), 2, frontier)
+    assert plan is not None and plan.child_texts == {"a": "A", "b": "B"}
+    # once launched it counts as tried: the only merge there is is not proposed a second time
+    assert orch._plan_merge(1, random.Random(0), 2, frontier) is None and not orch._merge_budget_short
