@@ -274,8 +274,9 @@ def _counting_metric(task: Any) -> tuple[Callable[..., Any], dict[str, int]]:
 
 
 def _lm_requests(srv: Any) -> tuple[int, int]:
+    """Answered (HTTP 200) calls: a 429 or a refused request is not a call a provider bills."""
     m = srv.stats()["models"]
-    return m.get("sim-student", {}).get("requests", 0), m.get("sim-reflector", {}).get("requests", 0)
+    return m.get("sim-student", {}).get("ok", 0), m.get("sim-reflector", {}).get("ok", 0)
 
 
 def _lineage_steps(dr: Any) -> dict[str, int]:

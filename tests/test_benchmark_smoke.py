@@ -420,3 +420,15 @@ def test_benchmark_overhead_instructions_smoke(tmp_path: Path) -> None:
     assert "fn=" in calls and "_backend_agg" not in calls and "ft2font" not in calls  # ... and were not counted
     md = (tmp_path / "overhead_instructions.md").read_text()
     assert "| routing | 24 | turbo | 1 |" in md and "| routing | 24 | floor | 1 |" in md
+
+
+def test_lm_calls_count_answered_requests_not_429s() -> None:
+    """A 429 or a refused request is not a call a provider bills; counting the server's arrivals would
+    charge an optimizer that meets more rate limits for calls it never got answered."""
+    bench = _bench()
+
+    class Srv:
+        def stats(self) -> dict:
+            return {"models": {"sim-student": {"requests": 30, "ok": 20}, "sim-reflector": {"requests": 5, "ok": 4}}}
+
+    assert bench._lm_requests(Srv()) == (20, 4)

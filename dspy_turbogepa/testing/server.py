@@ -51,6 +51,7 @@ __all__ = ["SimServer", "main"]
 logger = logging.getLogger(__name__)
 
 _MAX_BODY_BYTES = 64 * 1024 * 1024
+_MAX_CHOICES = 128  # OpenAI's own limit on n
 
 
 @dataclass
@@ -383,11 +384,19 @@ class SimServer:
     async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes | None:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             chunks: list[bytes] = []
+            total = 0
             while True:
                 size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                try:
+                    size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                except ValueError:
+                    return None  # a 400, not an unhandled error that drops the connection unanswered
+                total += size
+                if size < 0 or total > _MAX_BODY_BYTES:
+                    return None
                 if size == 0:
-                    await reader.readuntil(b"\r\n")
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass  # trailer fields, up to the blank line that ends them
                     return b"".join(chunks)
                 chunks.append(await reader.readexactly(size))
                 await reader.readexactly(2)
@@ -462,9 +471,14 @@ class SimServer:
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
                 raise ValueError("body must be a JSON object with a 'messages' list")
-            n = int(1 if body.get("n") is None else body["n"])
-            if n < 1:
-                raise ValueError("n must be >= 1")
+            if not all(isinstance(m, dict) for m in body["messages"]):
+                raise ValueError("each of 'messages' must be an object with 'role' and 'content'")
+            n = 1 if body.get("n") is None else body["n"]
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_CHOICES:
+                raise ValueError(f"n must be a whole number from 1 to {_MAX_CHOICES}")
+            if body.get("stream"):
+                # Answering a stream request with plain JSON makes clients read no content and no error.
+                raise ValueError("streaming is not supported by the simulator; send stream=false")
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             with self._lock:
                 self._bad_requests += 1
@@ -613,11 +627,11 @@ class SimServer:
             if waiter.done() and not waiter.cancelled():
                 self._release(st)  # the slot was handed over just before the cancellation
             else:
-                self._abandon(st, waiter)
+                self._abandon(st, waiter, t_arrival)
             raise
         if waiter.done() and not waiter.cancelled():
             return  # _release handed us its slot; inflight is unchanged
-        self._abandon(st, waiter)
+        self._abandon(st, waiter, t_arrival)
         with self._lock:
             st.http_429 += 1
             st.rate_limited_queue += 1
@@ -630,10 +644,14 @@ class SimServer:
         )
 
     @staticmethod
-    def _abandon(st: _ModelState, waiter: asyncio.Future[None]) -> None:
+    def _abandon(st: _ModelState, waiter: asyncio.Future[None], t_arrival: float) -> None:
+        """Give up a queued request. It was never served, so it leaves the per-minute window too:
+        a provider counts the requests it serves, not the ones it turned away."""
         waiter.cancel()
         with contextlib.suppress(ValueError):  # not queued any more
             st.waiters.remove(waiter)
+        with contextlib.suppress(ValueError):  # no RPM cap: never entered the window
+            st.window.remove(t_arrival)
 
     def _release(self, st: _ModelState) -> None:
         """Free a slot: hand it straight to the oldest live waiter (no barging)."""

@@ -650,3 +650,66 @@ def test_model_stats_split_utilisation_into_busy_time_and_concurrency_while_busy
     assert snap["mean_concurrency_while_busy"] == pytest.approx((2 * 2 + 4 * 1) / 3)
     st.reset(107.0)
     assert st.snapshot(108.0)["busy_s"] == pytest.approx(1.0)  # still 4 in flight after the reset
+
+
+@pytest.mark.http
+def test_a_request_turned_away_by_the_concurrency_queue_does_not_use_the_minutes_quota() -> None:
+    """A provider's requests-per-minute counts what it serves: a request refused with a queue 429 used to
+    stay in the window, so a later lone request met "3 requests per minute" after one was ever served."""
+    cfg = SimConfig(models=(ModelConfig("sim-student", median_s=0.5, sigma=0.0, max_concurrency=1, rpm=3,
+                                        queue_timeout_s=0.0),))
+    with SimServer(cfg) as srv:
+        url = f"{srv.base_url}/chat/completions"
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post_json, url, chat_body())
+            deadline = time.monotonic() + 5
+            while srv.stats()["models"]["sim-student"]["inflight"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = [post_json(url, chat_body())[0] for _ in range(2)]
+            assert refused == [429, 429]
+            assert first.result(5)[0] == 200
+        assert post_json(url, chat_body())[0] == 200  # the second request served this minute
+        assert post_json(url, chat_body())[0] == 200  # and the third
+        status, _, body = post_json(url, chat_body())  # the fourth is over the cap
+        assert status == 429 and "3 requests per minute" in body["error"]["message"]
+        stats = srv.stats()["models"]["sim-student"]
+        assert stats["rate_limited_queue"] == 2 and stats["rate_limited_rpm"] == 1 and stats["ok"] == 3
+
+
+def _raw_http(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.http
+def test_malformed_chat_requests_are_answered_400_before_taking_a_slot() -> None:
+    """Each used to get a 500 after a slot and a latency, a silent JSON reply to a stream request (the
+    client read no content and no error), or a dropped connection with no answer at all."""
+    with SimServer(SimConfig(models=(ModelConfig("sim-student", median_s=0.2),))) as srv:
+        url = f"{srv.base_url}/chat/completions"
+        cases = {
+            "stream": chat_body(stream=True),
+            "not an object": {"model": "sim-student", "messages": ["hello"]},
+            "n float": chat_body(n=1.7),
+            "n bool": chat_body(n=True),
+            "n string": chat_body(n="2"),
+            "n huge": chat_body(n=10**9),
+        }
+        for name, body in cases.items():
+            status, _, answer = post_json(url, body)
+            assert status == 400 and answer["error"]["type"] == "invalid_request_error", (name, answer)
+        assert "stream" in post_json(url, cases["stream"])[2]["error"]["message"]
+        bad_chunk = _raw_http(srv.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                        b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n")
+        assert bad_chunk.startswith(b"HTTP/1.1 400"), bad_chunk[:80]
+        body = json.dumps(chat_body()).encode()
+        chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                   b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body))
+        assert _raw_http(srv.port, chunked).startswith(b"HTTP/1.1 200")  # a well-formed one, trailer and all
+        stats = srv.stats()
+        assert stats["bad_requests"] == len(cases) + 1  # the JSON ones; a bad chunk never reaches the route
+        assert stats["models"]["sim-student"]["requests"] == 1 and stats["models"]["sim-student"]["ok"] == 1
