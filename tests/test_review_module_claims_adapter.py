@@ -2149,7 +2149,8 @@ def test_a_second_compile_of_the_run_is_refused_and_a_forked_child_does_not_keep
         assert os.read(ready_read, 1) == b"r"
         os.close(ready_read)
         os.close(lock._fd)  # the parent dies without unlocking: only the child's copy could keep the lock
-        lock._fd = None
+        os.close(lock._dir_fd)
+        lock._fd = lock._dir_fd = None
         again = locks.RunLock.acquire(tmp_path)
         again.release()
     finally:

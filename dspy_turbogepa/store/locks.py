@@ -8,6 +8,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 from dspy_turbogepa.store.errors import RunStoreError
 
@@ -61,19 +62,57 @@ class RunLock:
     stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock.
     """
 
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, dir_fd: int | None = None) -> None:
         self._fd = fd
-        if fd is not None:
+        #: The log_dir itself, locked too: deleting ``run.lock`` by hand (the habit with stale lock
+        #: files) while a compile holds it let the next compile lock a new file and open the same store.
+        self._dir_fd = dir_fd
+        if fd is not None or dir_fd is not None:
             _HELD_RUN_LOCKS.add(self)
 
     def forget_in_child(self) -> None:
-        """In a forked child: close this copy of the descriptor (the parent keeps its lock) and forget
-        it, so that a release in the child (a store's finalizer) cannot close a file the child opened
+        """In a forked child: close this copy of the descriptors (the parent keeps its lock) and forget
+        them, so that a release in the child (a store's finalizer) cannot close a file the child opened
         later under the same number."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        fds, self._fd, self._dir_fd = (self._fd, self._dir_fd), None, None
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    @staticmethod
+    def _in_use(log_dir: Path, holder: str) -> RunStoreError:
+        holder = holder or "unknown"
+        if holder == str(os.getpid()):
+            holder += (", this process: a compile on another thread, or the last compile's run store still "
+                       "committing after close() on a slow disk")
+        return RunStoreError(
+            f"log_dir {log_dir} is in use by another compile that is still running (pid {holder}): two at "
+            "once would pay for the same evaluations twice. Wait for it to finish, or use another log_dir.")
+
+    @classmethod
+    def _lock_dir(cls, log_dir: Path, fcntl: Any) -> int | None:
+        """An exclusive flock on the directory, or None where directories cannot be locked (NFS emulates
+        flock with POSIX locks, which need a descriptor open for writing): the lock file still holds."""
+        try:
+            fd = os.open(log_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as exc:
+            logger.debug("Cannot open %s to lock it: %s", log_dir, exc)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = (log_dir / LOCK_FILENAME).read_text(errors="replace").strip()[:64]
+            except OSError:  # deleted by hand: the very case this lock is for
+                holder = ""
+            raise cls._in_use(log_dir, holder) from None
+        except OSError as exc:
+            os.close(fd)
+            logger.debug("Cannot lock the directory %s (%s): the lock file alone guards it", log_dir, exc)
+            return None
+        return fd
 
     @classmethod
     def acquire(cls, log_dir: Path) -> RunLock:
@@ -81,6 +120,16 @@ class RunLock:
             import fcntl
         except ImportError:
             return cls(None)
+        dir_fd = cls._lock_dir(log_dir, fcntl)
+        try:
+            return cls._lock_file(log_dir, fcntl, dir_fd)
+        except BaseException:
+            if dir_fd is not None:
+                os.close(dir_fd)
+            raise
+
+    @classmethod
+    def _lock_file(cls, log_dir: Path, fcntl: Any, dir_fd: int | None) -> RunLock:
         path = log_dir / LOCK_FILENAME
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -94,30 +143,28 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
-            if holder == str(os.getpid()):
-                holder += (", this process: a compile on another thread, or the last compile's run store still "
-                           "committing after close() on a slow disk")
-            raise RunStoreError(
-                f"log_dir {log_dir} is in use by another compile that is still running (pid {holder}): two at "
-                "once would pay for the same evaluations twice. Wait for it to finish, or use another log_dir."
-            ) from None
+            raise cls._in_use(log_dir, holder) from None
         except OSError as exc:  # a filesystem without locks (some NFS, FUSE or SMB mounts): run unlocked
             os.close(fd)
-            logger.warning("Cannot lock %s (%s): two compiles of this run at once will not be refused.", path, exc)
-            return cls(None)
+            if dir_fd is None:
+                logger.warning("Cannot lock %s (%s): two compiles of this run at once will not be refused.", path,
+                               exc)
+            return cls(None, dir_fd)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
         except OSError as exc:  # the pid is only for the message: keep the lock without it
             logger.debug("Could not write the pid into %s: %s", path, exc)
-        return cls(fd)
+        return cls(fd, dir_fd)
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            _HELD_RUN_LOCKS.discard(self)
+        fds, self._fd, self._dir_fd = (self._fd, self._dir_fd), None, None
+        _HELD_RUN_LOCKS.discard(self)
+        for fd in fds:
+            if fd is None:
+                continue
             try:
                 import fcntl
 

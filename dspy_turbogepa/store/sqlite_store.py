@@ -543,11 +543,11 @@ class RunStore:
         is reported once; the store keeps working).
         """
         self._writer.flush(timeout)
-        errors = self._writer.take_errors()
-        if errors:
-            more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        failed, errors = self._writer.take_errors()
+        if failed:
+            more = f" (and {failed - 3} more)" if failed > 3 else ""
             raise RunStoreError(
-                f"{len(errors)} row(s) could not be written to {self.path}: {'; '.join(errors[:3])}{more}"
+                f"{failed} row(s) could not be written to {self.path}: {'; '.join(errors[:3])}{more}"
             )
 
     def close(self) -> None:
@@ -555,9 +555,9 @@ class RunStore:
         if self._writer.closed or self._finalizer.detach() is None:  # detach: one of two closing threads
             return
         _shutdown(self._writer, self.session, self._lock)
-        errors = self._writer.take_errors()
-        if errors:
-            logger.warning("Run store %s: %d row(s) were not written: %s", self.path, len(errors), errors[0])
+        failed, errors = self._writer.take_errors()
+        if failed:
+            logger.warning("Run store %s: %d row(s) were not written: %s", self.path, failed, errors[0])
 
     @property
     def closed(self) -> bool:

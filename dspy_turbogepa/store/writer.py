@@ -89,7 +89,8 @@ class Writer:
         self.committed_rows = 0
         self.ignored_rows = 0
         self.failed_rows = 0
-        self.unreported_errors: list[str] = []
+        self.unreported_errors: list[str] = []  # the first 100 messages since the last take_errors()
+        self.unreported_rows = 0  # every row that failed since then
         #: error types already reported at WARNING (a full disk fails every row the same way)
         self.warned_errors = FirstOfKind()
         self.fatal: BaseException | None = None
@@ -152,10 +153,12 @@ class Writer:
             if deadline is not None and time.monotonic() > deadline:
                 raise RunStoreError(f"timed out after {timeout}s waiting for the run store at {self.path}")
 
-    def take_errors(self) -> list[str]:
+    def take_errors(self) -> tuple[int, list[str]]:
+        """Rows that failed since the last call, and (at most 100 of) their messages."""
         with self.lock:
             errors, self.unreported_errors = self.unreported_errors, []
-        return errors
+            rows, self.unreported_rows = self.unreported_rows, 0
+        return rows, errors
 
     # -- writer thread
     def _run(self) -> None:
@@ -232,6 +235,7 @@ class Writer:
         message = f"{type(exc).__name__}: {exc} (writing {table})"
         with self.lock:
             self.failed_rows += len(rows)
+            self.unreported_rows += len(rows)
             if len(self.unreported_errors) < 100:
                 self.unreported_errors.append(message)
         first = self.warned_errors.first(type(exc).__name__)

@@ -370,6 +370,26 @@ def test_a_full_disk_is_reported_once_not_per_row(tmp_path: Path, monkeypatch, c
     assert store.write_stats["failed"] >= 20
 
 
+def test_a_flush_counts_every_row_lost_not_the_messages_it_keeps(tmp_path: Path, monkeypatch) -> None:
+    """Only the first 100 messages are kept; the count in the error used to be theirs, so 400 rows lost
+    to a full disk were reported as 100."""
+    store = RunStore.open(tmp_path, RUN_KEY)
+    try:
+        def disk_full(rows):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(store._writer, "_transaction", disk_full)
+        for i in range(150):
+            _eval(store, "fp", i)
+        with pytest.raises(RunStoreError, match=r"^150 row\(s\) could not be written.*\(and 147 more\)"):
+            store.flush()
+        store.flush()  # each failure is reported once
+        assert store.write_stats["failed"] == 150
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 def test_unusable_log_dir_is_named_in_the_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -880,6 +900,30 @@ def test_run_secrets_are_masked_only_inside_their_context() -> None:
         copied = contextvars.copy_context()  # what the engine thread and DSPy's workers run in
         assert copied.run(mask_text, text) == f"error: {REDACTED} / {other} / {short}"
     assert mask_text(text) == text  # nothing left behind
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_deleting_the_lock_file_by_hand_does_not_let_a_second_compile_in(tmp_path: Path) -> None:
+    """Removing a "stale" run.lock is a common habit: the next compile then locked a new file and opened
+    the store beside the running one, paying for its evaluations twice. The directory is locked too."""
+    from dspy_turbogepa.store.locks import LOCK_FILENAME
+
+    first = RunStore.open(tmp_path, RUN_KEY)
+    (tmp_path / LOCK_FILENAME).unlink()
+    with pytest.raises(RunStoreError, match="in use by another compile.*pid unknown"):
+        RunStore.open(tmp_path, RUN_KEY)
+    code = textwrap.dedent(f"""
+        from dspy_turbogepa.store import RunStore, RunStoreError
+        try:
+            RunStore.open({str(tmp_path)!r}, {RUN_KEY!r})
+        except RunStoreError as exc:
+            print("refused:", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "refused:" in out.stdout and "in use by another compile" in out.stdout, out.stdout + out.stderr
+    first.close()
+    with RunStore.open(tmp_path, RUN_KEY) as again:
+        assert again.session == 2
 
 
 def test_a_log_dir_in_use_by_a_running_session_is_refused_until_it_closes(tmp_path: Path) -> None:
