@@ -43,6 +43,7 @@ class Pipeline(dspy.Module):
     def __init__(self) -> None:
         super().__init__()
         self.k = 3
+        self.search_api_key = "sk-fixture0000000000000000000000"  # keyed as a marker since key format 10
         self.normalize = make_normalizer("")
         self.tools = [dspy.Tool(lookup)]
         self.draft = dspy.ChainOfThought("question -> draft")
@@ -62,5 +63,7 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
 
 
 def data(n: int, offset: int = 0) -> list[dspy.Example]:
-    return [dspy.Example(question=f"q{i}", answer=f"a{i}").with_inputs("question")
-            for i in range(offset, offset + n)]
+    import numpy as np  # an array field: keyed with its dtype since key format 10
+
+    return [dspy.Example(question=f"q{i}", answer=f"a{i}", ids=np.arange(i, i + 3, dtype=np.int16))
+            .with_inputs("question") for i in range(offset, offset + n)]

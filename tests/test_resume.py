@@ -339,6 +339,71 @@ def test_the_run_key_sees_an_lms_model_and_settings_never_its_credentials():
     assert lm_identity(dspy.LM("openai/m")) != lm_identity(dspy.LM("openai/other"))
 
 
+def test_the_run_key_sees_how_an_lm_is_asked_and_what_code_answers() -> None:
+    """model_type, the developer role, a custom engine and a user-written LM class change the answers,
+    and a rerun with another of them replayed the old scores with 0 LM calls. A plain LM's key is what
+    it was (each is keyed only where it differs from DSPy's default)."""
+    from dspy_turbogepa.adapter.run_identity import lm_identity
+    from dspy_turbogepa.testing.fake_lm import SimEngine
+
+    plain = lm_identity(dspy.LM("openai/m"))
+    assert set(plain) == {"class", "model", "api_base"}
+    assert lm_identity(dspy.LM("openai/m", model_type="text")) != plain
+    assert lm_identity(dspy.LM("openai/m", use_developer_role=True)) != plain
+    exact, noisy = SimEngine("student", seed=0), SimEngine("student", seed=7)
+    assert lm_identity(dspy.LM("openai/m", engine=exact)) != plain
+    assert lm_identity(dspy.LM("openai/m", engine=exact)) != lm_identity(dspy.LM("openai/m", engine=noisy))
+    assert lm_identity(dspy.LM("openai/m", engine=exact)) == lm_identity(dspy.LM("openai/m", engine=SimEngine(
+        "student", seed=0)))  # the same engine in another object: the same run
+
+    class LocalLM(dspy.BaseLM):
+        def __init__(self, system_prompt: str, api_key: str) -> None:
+            super().__init__(model="local")
+            self.system_prompt, self.api_key = system_prompt, api_key
+
+        def forward(self, prompt=None, messages=None, **kwargs):  # pragma: no cover - never called
+            raise NotImplementedError
+
+    terse, chatty = LocalLM("Answer tersely.", "k1"), LocalLM("Explain at length.", "k1")
+    assert lm_identity(terse) != lm_identity(chatty)
+    assert lm_identity(terse) == lm_identity(LocalLM("Answer tersely.", "k2-rotated"))
+    assert "k1" not in json.dumps(lm_identity(terse))
+
+
+def test_a_rotated_key_held_by_a_module_or_a_partial_metric_is_the_same_run() -> None:
+    """A module's ``self.search_api_key = os.environ[...]`` and ``partial(score, api_key=...)`` or a
+    client bound into a partial were keyed by the key's value: a rotated key refused the rerun as
+    "student changed" / "metric changed", whose advice deletes the paid work."""
+    from dspy_turbogepa.adapter.run_identity import callable_identity, run_key
+
+    class Rag(dspy.Module):
+        def __init__(self, key: str, k: int = 3) -> None:
+            super().__init__()
+            self.search_api_key, self.k = key, k
+            self.answer = dspy.Predict("question -> answer")
+
+        def forward(self, question):
+            return self.answer(question=question)
+
+    class Client:
+        def __init__(self, api_key: str) -> None:
+            self.api_key, self.base_url = api_key, "http://127.0.0.1:9"
+
+    def score(gold, pred, trace=None, pred_name=None, pred_trace=None, api_key=None, judge=None):
+        return 1.0
+
+    data = [dspy.Example(question="q", answer="a").with_inputs("question")]
+    old, new = "sk-old0key0123456789abcdef", "sk-new1key9876543210fedcba"
+    assert run_key(Rag(old), data, data, 0)["student"] == run_key(Rag(new), data, data, 0)["student"]
+    assert run_key(Rag(old), data, data, 0)["student"] != run_key(Rag(old, k=5), data, data, 0)["student"]
+    assert callable_identity(functools.partial(score, api_key=old)) == \
+        callable_identity(functools.partial(score, api_key=new))
+    assert callable_identity(functools.partial(score, judge=Client(old))) == \
+        callable_identity(functools.partial(score, judge=Client(new)))
+    assert callable_identity(functools.partial(score, judge=Client(old))) != \
+        callable_identity(functools.partial(score, judge=None))
+
+
 def test_a_failing_report_never_loses_the_program(routing, tmp_path, monkeypatch, caplog):
     import dspy_turbogepa.tracking.summary as summary
 
@@ -1286,6 +1351,28 @@ def test_examples_sharing_an_object_are_hashed_by_content_each_time():
 
     assert data_identity([dspy.Example(x=Node()).with_inputs("x")])
 
+
+
+def test_the_data_key_sees_a_value_changed_inside_a_long_table_or_an_arrays_dtype() -> None:
+    """pyarrow tables and arrays and pandas indexes were keyed by their str(), which is abridged: a value
+    changed in the middle kept the key, and the rerun replayed the old data's scores. And arrays were
+    keyed by their bytes alone: uint8 255 and int8 -1 are the same byte."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    from dspy_turbogepa.adapter.run_identity import data_identity
+
+    def key(value):
+        return data_identity([dspy.Example(x=value).with_inputs("x")])
+
+    big = list(range(1000))
+    edited = big[:500] + [-1] + big[501:]
+    assert key(pa.array(big)) != key(pa.array(edited))
+    assert key(pa.table({"a": big})) != key(pa.table({"a": edited}))
+    assert key(pd.Index(big)) != key(pd.Index(edited))
+    assert key(np.array([255], dtype=np.uint8)) != key(np.array([-1], dtype=np.int8))
+    assert key(pa.table({"a": big})) == key(pa.table({"a": list(range(1000))}))  # equal data, equal key
 
 def test_a_resumed_runs_progress_counts_what_the_budget_counts(routing, tmp_path, caplog):
     """The progress display added every stored evaluation of earlier sessions to this session's

@@ -49,19 +49,22 @@ _CHILD = textwrap.dedent("""
     from dspy_turbogepa.engine import Orchestrator
     from dspy_turbogepa.store import RunStore
     from dspy_turbogepa.testing import TASKS
-    from dspy_turbogepa.testing.fake_lm import SimEngine, make_reflection_lm, make_student_lm
+    from dspy_turbogepa.testing.fake_lm import make_reflection_lm, make_student_lm, sim_engine
 
     cfg = json.loads(sys.argv[1])
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a parent started in the background ignores it
     bill = os.open(cfg["bill"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    respond = SimEngine._respond
 
-    def _respond(self, request):  # every call the LM bills, written before its answer is handed back
-        out = respond(self, request)
-        os.write(bill, f"{self.model_name} {out.usage.input_tokens} {out.usage.output_tokens}\\n".encode())
-        return out
+    def billing(engine):  # every call the LM bills, written before its answer is handed back
+        respond = engine._respond
 
-    SimEngine._respond = _respond
+        def _respond(request):
+            out = respond(request)
+            os.write(bill, f"{engine.model_name} {out.usage.input_tokens} {out.usage.output_tokens}\\n".encode())
+            return out
+
+        engine._respond = _respond  # on the instance: the class's code is part of the run key
+
     stores = []
     opened = RunStore.open.__func__
 
@@ -114,6 +117,8 @@ _CHILD = textwrap.dedent("""
     splits = task.splits(data_seed=0, n_train=16, n_val=8, n_test=0)
     lm = make_student_lm(seed=0, noise=None, before_call=before_call)
     refl = make_reflection_lm(seed=0, before_call=before_call)
+    billing(sim_engine(lm))
+    billing(sim_engine(refl))
     opt = TurboGEPA(task.metric, reflection_lm=refl, track_stats=True, verbose=False, log_dir=cfg["log_dir"],
                     **cfg["kw"])
     with dspy.context(lm=lm):
@@ -322,19 +327,22 @@ def code_before_the_caps(tmp_path) -> str:
 
 def _mark_current_key_format(log_dir: Path, task_name: str = "routing") -> None:
     """The run key's format has changed since BEFORE_CAPS (9: LM settings, decorated functions, the
-    module constants a metric reads — the simulated tasks' metrics read some), which refuses that
-    version's stores as a whole. The store is given this version's format and metric part; every other
-    part must still match as that version computed it (else the reopen below is refused): what is tested
-    here is how a store of that schema is upgraded when reopened."""
-    from dspy_turbogepa.adapter.run_identity import RUN_KEY_FORMAT, callable_identity
+    module constants a metric reads — the simulated tasks' metrics read some; 10: a custom engine, which
+    the simulated LMs are), which refuses that version's stores as a whole. The store is given this
+    version's format, metric and task LM parts; every other part must still match as that version
+    computed it (else the reopen below is refused): what is tested here is how a store of that schema is
+    upgraded when reopened."""
+    from dspy_turbogepa.adapter.run_identity import RUN_KEY_FORMAT, _hashable, callable_identity, lm_identity
     from dspy_turbogepa.store import stable_hash
 
     metric = stable_hash([callable_identity(TASKS[task_name].metric)])
+    task_lm = stable_hash(_hashable(lm_identity(make_student_lm(seed=0, noise=None))))
     con = sqlite3.connect(str(log_dir / "run.sqlite3"))
     try:
         with con:
             con.execute("UPDATE run_key SET value = ? WHERE component = 'key_format'", (RUN_KEY_FORMAT,))
             con.execute("UPDATE run_key SET value = ? WHERE component = 'metric'", (metric,))
+            con.execute("UPDATE run_key SET value = ? WHERE component = 'task_lm'", (task_lm,))
     finally:
         con.close()
 

@@ -18,10 +18,10 @@ from dspy_turbogepa.adapter.run_identity import RUN_KEY_FORMAT, run_key
 #: Bytecode and DSPy's dump_state() enter the key: it is pinned for the versions CI installs.
 PINNED_FOR = ((3, 11), "3.4.1")
 PINNED_KEY = {
-    "key_format": "9",
-    "trainset": "ce8c65c2f96d3a7313b8d8a4db258c46",
-    "valset": "4ee001bedf1d429f1b670bf8518c0f0f",
-    "student": "b4c8190deef607a6a78d08204d1d8a71",
+    "key_format": "10",
+    "trainset": "50a28ea1c18b1fb56449c1eebae71525",
+    "valset": "65c60bf2414107a33ef3b9304ad42528",
+    "student": "032e21b2bbcaa0f553b2926f025ef105",
     "seed": "0",
     "metric": "a6d0e9890534c1384760f4f89ad990b4",
     "failure_score": "0.0",

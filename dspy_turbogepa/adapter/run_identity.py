@@ -60,6 +60,12 @@ _TRANSPORT_KWARGS = frozenset({"api_base", "base_url", "cache", "num_retries", "
                                "user"})
 
 
+#: dspy.BaseLM's and dspy.LM's own plain fields: keyed above (model, model_type, use_developer_role), or
+#: how a call is sent or what it is trained with, never what it answers.
+_BASE_LM_FIELDS = frozenset({"model", "model_type", "cache", "num_retries", "provider", "finetuning_model",
+                             "use_developer_role"})
+
+
 def lm_identity(lm: Any) -> Any:
     """What makes an LM answer the way it does, without its credentials: the model, the endpoint
     (userinfo stripped from the URL), and the sampling settings."""
@@ -68,13 +74,36 @@ def lm_identity(lm: Any) -> Any:
     kwargs = getattr(lm, "kwargs", None)
     kwargs = kwargs if isinstance(kwargs, dict) else {}
     base = lm_api_base(lm)
-    return {
+    identity = {
         "class": f"{type(lm).__module__}.{type(lm).__qualname__}",
         "model": getattr(lm, "model", None),
         "api_base": strip_userinfo(base) if base else None,
         **{k: redact(_hashable(v), env_values=()) for k, v in sorted(kwargs.items(), key=lambda kv: str(kv[0]))
            if v is not None and k not in _TRANSPORT_KWARGS and not is_credential_setting(str(k))},
     }
+    # What else shapes the answers, each only where it differs from DSPy's default (so a plain LM keeps
+    # its key): the prompt's form, and the code that answers. A user-written LM class or a custom
+    # ``engine=`` is keyed by its code and its public plain settings (a system prompt, a seed), as a
+    # module is; other fields are run-time state and not seen.
+    model_type = getattr(lm, "model_type", "chat")
+    if isinstance(model_type, str) and model_type != "chat":
+        identity["model_type"] = model_type
+    if getattr(lm, "use_developer_role", False) is True:
+        identity["use_developer_role"] = True
+    code = _class_code(type(lm))
+    if code:
+        identity["code"] = stable_hash(code)
+        settings = {k: v for k, v in _set_settings(lm).items() if k not in _BASE_LM_FIELDS}
+        if settings:
+            identity["settings"] = settings
+    for spec in ("_engine_spec", "_async_engine_spec"):
+        engine = getattr(lm, spec, None)
+        if engine is not None and not isinstance(engine, str):
+            # one short token, so that a refused rerun's message stays readable ("engine=SimEngine#1a2b...")
+            digest = stable_hash([f"{type(engine).__module__}.{type(engine).__qualname__}",
+                                  _class_code(type(engine)), _hashable(_set_settings(engine))])
+            identity[spec.strip("_").removesuffix("_spec")] = f"{type(engine).__qualname__}#{digest[:12]}"
+    return identity
 
 
 def readable_lm(lm: Any) -> str:
@@ -106,7 +135,8 @@ def callable_identity(fn: Any) -> str:
         return "None"
     if isinstance(fn, functools.partial):
         try:
-            bound = stable_hash(_hashable([fn.args, fn.keywords]))
+            bound = stable_hash(_hashable([[_unless_credential("", v) for v in fn.args],
+                                           {k: _unless_credential(k, v) for k, v in fn.keywords.items()}]))
         except Exception:  # noqa: BLE001 - an argument that cannot say what it is (a lazy proxy): by types
             bound = stable_hash([_type_key(v) for v in [*fn.args, *fn.keywords.values()]])
         return f"partial({callable_identity(fn.func)}, {bound})"
@@ -255,6 +285,19 @@ def _defaults_identity(fn: Any) -> str:
     positional = code.co_varnames[:code.co_argcount]
     named = [*zip(positional[len(positional) - len(defaults):], defaults), *sorted(kwdefaults.items())]
     return stable_hash([[name, _default_value(name, value)] for name, value in named])
+
+
+def _unless_credential(name: str, value: Any) -> Any:
+    """``value``, or a marker where it is a credential: by its name (``api_key=``, ``self.token``), or a
+    string holding key-shaped text or an environment secret. A rotated key is the same run; the value
+    would refuse the rerun ("metric changed", "student changed")."""
+    if value is None or isinstance(value, bool):
+        return value
+    if is_credential_setting(name):
+        return "<credential>"
+    if isinstance(value, str) and mask_text(value) != value:
+        return "<credential>"
+    return value
 
 
 def _type_key(value: Any) -> str:
@@ -453,14 +496,21 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
                 return {"__type__": kind, "sha256": hashlib.sha256(repr(v.tolist()).encode()).hexdigest(),
                         "shape": str(getattr(v, "shape", None))}
             if callable(getattr(v, "tobytes", None)):
+                # with its dtype: uint8 255 and int8 -1 are the same bytes
                 return {"__type__": kind, "sha256": hashlib.sha256(v.tobytes()).hexdigest(),
-                        "shape": str(getattr(v, "shape", None) or getattr(v, "size", None))}
+                        "shape": str(getattr(v, "shape", None) or getattr(v, "size", None)),
+                        "dtype": str(dtype) if dtype is not None else None}
             if callable(getattr(v, "model_dump", None)):
                 return {"__type__": kind, **to_json(v.model_dump(), leaf)}
             if dataclasses.is_dataclass(v) and not isinstance(v, type):
                 return {"__type__": kind, **to_json(dataclasses.asdict(v), leaf)}
             if callable(getattr(v, "to_dict", None)):
                 return {"__type__": kind, "data": to_json(v.to_dict(), leaf)}
+            # pyarrow tables and arrays, pandas indexes: their str() is abridged, so a changed value in
+            # the middle would not be seen
+            for dump in ("to_pydict", "to_pylist", "tolist"):
+                if callable(getattr(v, dump, None)):
+                    return {"__type__": kind, "data": to_json(getattr(v, dump)(), leaf)}
         except Exception as exc:  # noqa: BLE001 - a dump that fails: fall back to the fields below
             logger.debug("run key: %s could not be dumped (%s); using its fields", kind, type(exc).__name__)
         text = str(v)
@@ -469,8 +519,8 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
                 return {"__opaque__": kind, "id": id(v)}
             return text
         fields = _fields_of(v)
-        if fields:
-            return {"__type__": kind, **to_json(fields, leaf)}
+        if fields:  # a client held by a judge or a partial: its api_key field is a credential
+            return {"__type__": kind, **to_json({k: _unless_credential(str(k), f) for k, f in fields.items()}, leaf)}
         return _ADDRESS.sub("", text)
 
     return to_json(value, leaf)
@@ -549,9 +599,11 @@ def _without_samples(schema: Any, names: bool = False) -> Any:
 #: own instead of the metric's; 7: a tool's argument schema, and for a module used as a tool its code,
 #: settings, tools and predictors; 8: each signature field's type, and the LMs an adapter holds;
 #: 9: every LM setting but transport and credentials, the functions under decorators, and the literal
-#: module constants the user's functions read). A pinned key in tests/test_run_key_format.py fails when the
-#: computation changes and this is not bumped.
-RUN_KEY_FORMAT = "9"
+#: module constants the user's functions read; 10: credentials in a module's or adapter's settings, a
+#: ``partial``'s arguments and an object's fields as a marker, an array's dtype, pyarrow and pandas
+#: containers by their values, an LM's model_type, developer role, custom engine and user-written class).
+#: A pinned key in tests/test_run_key_format.py fails when the computation changes and this is not bumped.
+RUN_KEY_FORMAT = "10"
 
 #: The run key's part for what a reflection's answer depends on (the reflection LM, the proposer, ...):
 #: per session (``RunStore.open``'s ``session_parts``): no stored score depends on it, and the proposals
@@ -677,9 +729,16 @@ def adapter_identity(adapter: Any) -> dict[str, Any]:
 
 
 def _plain_settings(obj: Any) -> dict[str, Any]:
-    """An object's public fields holding plain values (its settings; run-time state is seldom plain)."""
-    return {k: v for k, v in sorted(vars(obj).items())
+    """An object's public fields holding plain values (its settings; run-time state is seldom plain), a
+    credential among them as a marker (``self.search_api_key = os.environ[...]``: a rotated key resumes)."""
+    return {k: _unless_credential(k, v) for k, v in sorted(vars(obj).items())
             if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _set_settings(obj: Any) -> dict[str, Any]:
+    """An LM's or engine's plain settings that are set: a hook left None in one run and given a function
+    (not a plain value, so not keyed) in the next is no other run."""
+    return {k: v for k, v in _plain_settings(obj).items() if v is not None}
 
 
 def data_identity(examples: Sequence[dspy.Example], name: str = "examples",
