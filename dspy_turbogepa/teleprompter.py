@@ -646,7 +646,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 
         def on_tick() -> None:
             if pump is not None:
-                pump.drain()
+                with display.around_the_bar():  # autolog's "View run" lines
+                    pump.drain()
             display.tick()
 
         display.bind(OrchestratorSource(  # stored evaluations count when replayed, as the budget counts them

@@ -817,6 +817,86 @@ def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(
     assert len(tracking_warnings(caplog)) == 1
 
 
+def test_an_upload_to_a_server_whose_api_fails_mid_run_retries_twice_not_seven_times(local_tracking, monkeypatch):
+    """Its /health still answers while its API fails (the database gone mid-run): MLflow's default of 7
+    retries with backoff per call held compile() for the whole 60 s upload wait at the end."""
+    import http.server
+
+    import mlflow
+
+    posts = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):  # the http.server protocol names it do_GET / do_POST
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/health"):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            posts.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database down"}')
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # the retries, not their waits, are counted
+    tracker = MlflowRunTracker({"seed": 0})  # created on the local store, working
+    tracker.finish(_synthetic_result(), None)  # its uploader thread gone: the one call below is all there is
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        tracker._server_uri, tracker._client = uri, mlflow.MlflowClient(tracking_uri=uri)  # then its API fails
+        tracker._dead, tracker._consecutive_failures = False, 0
+        tracker._call("metrics", lambda client: client.log_batch(tracker.run_id, metrics=[
+            tracker._Metric(key="x", value=1.0, timestamp=0, step=0)]))
+    finally:
+        server.shutdown()
+    assert len(posts) == 1 + 2, posts  # the call and its two retries
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the user's setting is put back
+
+
+def test_the_health_check_honours_mlflows_tls_settings(monkeypatch):
+    """A server behind a private CA (or asking for a client certificate) that MLflow reaches through
+    MLFLOW_TRACKING_SERVER_CERT_PATH / _CLIENT_CERT_PATH / _INSECURE_TLS failed the health check with
+    CERTIFICATE_VERIFY_FAILED, and nothing was tracked."""
+    import requests
+
+    from dspy_turbogepa.tracking import mlflow_tracking as mt
+
+    seen = []
+
+    class Ok:
+        status_code = 200
+
+    def get(url, **kwargs):
+        seen.append(kwargs)
+        if kwargs.get("verify", True) is True:
+            raise requests.exceptions.SSLError("certificate verify failed: CERTIFICATE_VERIFY_FAILED")
+        return Ok()
+
+    monkeypatch.setattr(requests, "get", get)
+    for name in ("INSECURE_TLS", "SERVER_CERT_PATH", "CLIENT_CERT_PATH"):
+        monkeypatch.delenv(f"MLFLOW_TRACKING_{name}", raising=False)
+    problem = mt._probe_tracking_server("https://mlflow.internal.example", 1.0)
+    assert problem is not None and "MLFLOW_TRACKING_SERVER_CERT_PATH" in problem  # says what to set
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", "/etc/ssl/private-ca.pem")
+    monkeypatch.setenv("MLFLOW_TRACKING_CLIENT_CERT_PATH", "/etc/ssl/client.pem")
+    assert mt._probe_tracking_server("https://mlflow.internal.example", 1.0) is None
+    assert seen[-1]["verify"] == "/etc/ssl/private-ca.pem" and seen[-1]["cert"] == "/etc/ssl/client.pem"
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    assert mt._probe_tracking_server("https://mlflow.internal.example", 1.0) is None
+    assert seen[-1]["verify"] is False
+
+
 def test_unreachable_server_warns_once_and_the_run_completes(monkeypatch, caplog):
     pytest.importorskip("mlflow")
     import dspy_turbogepa.teleprompter as tp

@@ -152,6 +152,47 @@ def test_log_mode_emits_a_bounded_number_of_lines(info_logs: pytest.LogCaptureFi
     assert "in flight 16 evals / 5 mutations" in mid and "ETA" in mid
 
 
+def test_elapsed_time_starts_when_the_display_is_bound_to_the_run(info_logs: pytest.LogCaptureFixture) -> None:
+    """The display is built before MLflow is set up (a first import, a new database, a server that does
+    not answer for 3 s): that time was shown as the search's, and the ETA and last line were off by it."""
+    clock, source = FakeClock(), FakeSource()
+    display = ProgressDisplay(interactive=False, clock=clock)
+    clock.t += 30.0  # setting up the tracker
+    display.bind(source)
+    drive(display, source, clock, ticks=300)  # one simulated minute of search
+    display.close(stop_reason="max_metric_calls")
+    last = progress_lines(info_logs)[-1]
+    assert "1m00s elapsed" in last, last
+
+
+def test_what_the_compile_thread_prints_between_ticks_goes_around_the_bar(monkeypatch) -> None:
+    """MLflow prints "View run ..." to stdout for each evaluation run autolog ends (replayed on the
+    compile thread between ticks): it landed in the middle of the bar. With the bar shown it goes
+    through tqdm.write, which clears the bar and draws it again below; without a bar, print is left alone."""
+    import tqdm as tqdm_module
+
+    written = []
+    monkeypatch.setattr(tqdm_module.tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False:
+                                                                written.append(s)))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # the bar's default stream
+    clock, source = FakeClock(), FakeSource()
+    display = ProgressDisplay(source, interactive=True, clock=clock)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    drive(display, source, clock, ticks=3)
+    assert display.mode == "bar"
+    with display.around_the_bar():
+        print("View run eval_full_3 at: http://127.0.0.1:5000/#/experiments/1/runs/abc")
+    assert "".join(written) == "View run eval_full_3 at: http://127.0.0.1:5000/#/experiments/1/runs/abc\n"
+    assert sys.stdout is out and out.getvalue() == ""
+    display.close(stop_reason="max_metric_calls")
+    logs = ProgressDisplay(source, interactive=False, clock=clock)
+    drive(logs, source, clock, ticks=3)
+    with logs.around_the_bar():
+        print("plain")
+    assert out.getvalue() == "plain\n"
+
+
 def test_a_run_past_its_budget_says_so(info_logs: pytest.LogCaptureFixture) -> None:
     """The last mutations may finish past max_metric_calls (as in dspy.GEPA): "142/120 (100%)" hid it."""
     clock, source = FakeClock(), FakeSource()

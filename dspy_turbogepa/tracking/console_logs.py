@@ -8,6 +8,7 @@ lock), which the progress display only borrows while its bar is shown.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -17,7 +18,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeGuard
 
-__all__ = ["console_through_tqdm", "quiet_by_logging", "terminal_size", "visible_logs"]
+__all__ = ["console_through_tqdm", "quiet_by_logging", "stdout_through_tqdm", "terminal_size", "visible_logs"]
 
 
 def quiet_by_logging(log: logging.Logger) -> bool:
@@ -81,6 +82,12 @@ class _TqdmStream:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+def stdout_through_tqdm() -> contextlib.AbstractContextManager[Any]:
+    """``print()`` output goes through ``tqdm.write`` while this is on: MLflow prints a "View run" line
+    to stdout for every run autolog ends, which landed in the middle of the bar."""
+    return contextlib.redirect_stdout(_TqdmStream(sys.stdout))
 
 
 @contextmanager

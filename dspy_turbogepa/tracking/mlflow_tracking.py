@@ -76,6 +76,8 @@ PARAMS_PER_BATCH = 100
 ABORT_TIMEOUT = 5.0
 #: After this many consecutive failed logging calls the tracker stops trying for the rest of the run.
 MAX_CONSECUTIVE_FAILURES = 2
+#: HTTP retries of each background upload (MLflow's default is 7, with backoff: minutes per call on a failing server)
+UPLOAD_HTTP_RETRIES = 2
 
 _PRIMITIVES = (bool, int, float, str)
 
@@ -571,7 +573,11 @@ class MlflowRunTracker(EngineObserver):
         if self._dead or not self._server_alive():
             return
         try:
-            fn(self._client)
+            # MLflow retries a 5xx 7 times with backoff, minutes per call: a server whose backend fails
+            # while its /health still answers (a database gone) held compile() at close for the whole
+            # upload wait. A few retries let the failure count stop the uploads instead.
+            with _few_http_retries(self._server_uri is not None, retries=UPLOAD_HTTP_RETRIES, timeout=10):
+                fn(self._client)
             self._consecutive_failures = 0
         except Exception as exc:  # noqa: BLE001
             self._consecutive_failures += 1
@@ -736,6 +742,20 @@ def _safe_uri(uri: str) -> str:
     return mask_text(strip_userinfo(uri))
 
 
+def _mlflow_tls_settings() -> dict[str, Any]:
+    """``requests`` arguments for the TLS settings MLflow's own client reads from the environment: a
+    server behind a private CA or asking for a client certificate, which MLflow reaches, must not look
+    down to the health check (it did, and nothing was tracked)."""
+    out: dict[str, Any] = {}
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").strip().lower() in ("true", "1"):
+        out["verify"] = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        out["verify"] = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    if os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+        out["cert"] = os.environ["MLFLOW_TRACKING_CLIENT_CERT_PATH"]
+    return out
+
+
 def _probe_tracking_server(uri: str, timeout: float) -> str | None:
     """``None`` if ``uri`` is not an HTTP server, or one that can take calls; else what went wrong.
 
@@ -747,9 +767,12 @@ def _probe_tracking_server(uri: str, timeout: float) -> str | None:
     try:
         import requests
 
-        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, **_mlflow_tls_settings())
     except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {_short(mask_text(str(exc)), 200)}"
+        hint = (" (MLflow's TLS settings are honoured: MLFLOW_TRACKING_SERVER_CERT_PATH for a private CA, "
+                "MLFLOW_TRACKING_INSECURE_TLS=true to skip verification)"
+                if "SSL" in type(exc).__name__ or "CERTIFICATE" in str(exc) else "")
+        return f"{type(exc).__name__}: {_short(mask_text(str(exc)), 200)}{hint}"
     if response.status_code >= 500:
         return f"HTTP {response.status_code} from {_safe_uri(uri)}/health"
     return None

@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -47,6 +47,7 @@ from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.tracking.console_logs import (
     console_through_tqdm,
     quiet_by_logging,
+    stdout_through_tqdm,
     terminal_size,
 )
 
@@ -447,8 +448,19 @@ class ProgressDisplay(EngineObserver):
 
     # ------------------------------------------------------------------ wiring
     def bind(self, source: ProgressSource) -> None:
-        """Set the engine-state source (when it could not exist before the display)."""
+        """Set the engine-state source (when it could not exist before the display). The run starts now:
+        what came between the display and its source (setting up MLflow: an import, a new database, a
+        server that does not answer for seconds) is not the search's elapsed time."""
         self._source = source
+        if self._mode is None:
+            self._t0 = self._clock()
+
+    def around_the_bar(self) -> AbstractContextManager[Any]:
+        """For code run on the compile thread between ticks (the evaluations replayed to MLflow's
+        autolog): what it prints goes above the bar instead of through it."""
+        if self._mode != "bar" or self._stream is not None:
+            return nullcontext()
+        return stdout_through_tqdm()
 
     @property
     def enabled(self) -> bool:
