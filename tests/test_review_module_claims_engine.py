@@ -1002,8 +1002,8 @@ def test_a_merge_child_must_match_the_better_parent_on_its_screen_before_the_run
     merged: dict[str, dict[int, float]] = {}
     real = orchestrator_module.find_merge
 
-    def recording(records, candidates, existing, tried, rng, size, fingerprint):
-        proposal = real(records, candidates, existing, tried, rng, size, fingerprint)
+    def recording(records, candidates, existing, tried, rng, size, fingerprint, planned=()):
+        proposal = real(records, candidates, existing, tried, rng, size, fingerprint, planned)
         if proposal is not None:
             a, b = records[proposal.first].val_scores, records[proposal.second].val_scores
             better = a if sum(a[i] for i in proposal.screen_ids) >= sum(b[i] for i in proposal.screen_ids) else b

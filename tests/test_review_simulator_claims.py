@@ -239,7 +239,8 @@ def test_endpoints_non_streaming_and_n_choices() -> None:
     GET /health, GET /stats, POST /stats/reset"."""
     with SimServer("test") as srv:
         c = _Conn(srv)
-        status, headers, body = c.post(_body(stream=True, n=2))
+        assert c.post(_body(stream=True, n=2))[0] == 400  # a stream asked for is refused, not answered as JSON
+        status, headers, body = c.post(_body(n=2))
         assert status == 200 and headers["content-type"] == "application/json"
         assert body["object"] == "chat.completion" and len(body["choices"]) == 2
         assert c.post(_body(n=-1))[0] == 400
@@ -252,14 +253,14 @@ def test_endpoints_non_streaming_and_n_choices() -> None:
 
 
 def test_n_zero_is_refused_like_other_n_below_one() -> None:
-    """server.py:12 "POST /v1/chat/completions (non-streaming, n >= 1)" and the ``n must be >= 1`` check (a 400):
+    """server.py:12 "POST /v1/chat/completions (non-streaming, n >= 1)" and the check of n (a 400):
     n=0 is refused as OpenAI does (found by this review: ``body.get("n") or 1`` served it as n=1); no n is 1."""
     with SimServer("test") as srv:
         c = _Conn(srv)
         status, _, body = c.post(_body(n=0))
         ok, _, _ = c.post(_body())
         c.close()
-    assert status == 400 and "n must be >= 1" in str(body), body
+    assert status == 400 and "n must be a whole number from 1" in str(body), body
     assert ok == 200
 
 
