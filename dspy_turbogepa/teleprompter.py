@@ -645,7 +645,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             live_plots.bind(orchestrator.snapshot)
 
         def on_tick() -> None:
-            if pump is not None:
+            if pump is not None and pump.pending():
                 with display.around_the_bar():  # autolog's "View run" lines
                     pump.drain()
             display.tick()

@@ -36,6 +36,7 @@ from dspy_turbogepa.tracking import (
     sanitize_key,
 )
 from dspy_turbogepa.tracking.mlflow_tracking import (
+    UPLOAD_HTTP_RETRIES,
     _few_http_retries,
     candidates_table,
     pareto_front_table,
@@ -676,6 +677,22 @@ def test_params_mlflow_refuses_in_the_users_run_are_warned_about_by_name(local_t
     assert params["seed"] == "42" and params["num_threads"] == "4"  # the others are still logged
     warnings = tracking_warnings(caplog)
     assert len(warnings) == 1 and "refused the params seed:" in warnings[0].getMessage(), warnings
+
+
+def test_the_upload_override_keeps_the_users_timeout_and_never_raises_their_retries(monkeypatch):
+    """The uploads' override set a 10 s timeout over a user's 300 s for a slow server, and 2 retries over
+    a user's 0; it only lowers the retries now (the run's creation still bounds both: a dead server)."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "10")
+    with _few_http_retries(True, retries=UPLOAD_HTTP_RETRIES, timeout=None):
+        assert tuple(os.environ.get(n) for n in names) == (str(UPLOAD_HTTP_RETRIES), "300")
+    assert tuple(os.environ.get(n) for n in names) == ("10", "300")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    with _few_http_retries(True, retries=UPLOAD_HTTP_RETRIES, timeout=None):
+        assert tuple(os.environ.get(n) for n in names) == ("0", None)
+    assert tuple(os.environ.get(n) for n in names) == ("0", None)
 
 
 def test_overlapping_http_retry_overrides_put_the_users_values_back():

@@ -586,6 +586,39 @@ def test_compile_wires_the_rate_limit_pause_into_the_progress_source(monkeypatch
     assert bound[0].reflection_paused_seconds() == 0.0
 
 
+def test_compile_starts_the_progress_clock_when_the_search_starts(monkeypatch, info_logs) -> None:
+    """The display is built before the run's other parts (MLflow's setup among them: an import, a new
+    database, a server that does not answer for seconds); compile binds it when the search starts, and
+    the elapsed time counts from there. Here building the engine takes 1,000 s of a shifted clock."""
+    import time as time_module
+
+    import dspy_turbogepa.teleprompter as teleprompter_module
+
+    shift = [0.0]
+
+    def clock() -> float:
+        return time_module.monotonic() + shift[0]
+
+    class Display(ProgressDisplay):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, clock=clock, interactive=False, **kwargs)
+
+    class SlowToBuild(teleprompter_module.Orchestrator):
+        def __init__(self, *args, **kwargs) -> None:
+            shift[0] += 1000.0
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(teleprompter_module, "ProgressDisplay", Display)
+    monkeypatch.setattr(teleprompter_module, "Orchestrator", SlowToBuild)
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=8, n_val=6, n_test=0)
+    opt = TurboGEPA(task.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=2)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    last = progress_lines(info_logs)[-1]
+    assert "elapsed" in last and "16m" not in last, last
+
+
 def test_eta_follows_the_metric_call_rate_and_the_time_budget(info_logs: pytest.LogCaptureFixture) -> None:
     clock, source = FakeClock(), FakeSource(budget=1000)
     display = ProgressDisplay(source, interactive=False, clock=clock)

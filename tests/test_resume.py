@@ -350,23 +350,33 @@ def test_the_run_key_sees_how_an_lm_is_asked_and_what_code_answers() -> None:
     assert set(plain) == {"class", "model", "api_base"}
     assert lm_identity(dspy.LM("openai/m", model_type="text")) != plain
     assert lm_identity(dspy.LM("openai/m", use_developer_role=True)) != plain
-    exact, noisy = SimEngine("student", seed=0), SimEngine("student", seed=7)
-    assert lm_identity(dspy.LM("openai/m", engine=exact)) != plain
-    assert lm_identity(dspy.LM("openai/m", engine=exact)) != lm_identity(dspy.LM("openai/m", engine=noisy))
-    assert lm_identity(dspy.LM("openai/m", engine=exact)) == lm_identity(dspy.LM("openai/m", engine=SimEngine(
-        "student", seed=0)))  # the same engine in another object: the same run
+    from dspy_turbogepa.testing.responder import ResponderConfig
+
+    def engine_lm(**kw):
+        return dspy.LM("openai/m", engine=SimEngine("student", **kw))
+
+    exact = lm_identity(engine_lm(seed=0))
+    assert exact != plain
+    assert exact != lm_identity(engine_lm(seed=7))
+    assert exact != lm_identity(engine_lm(seed=0, config=ResponderConfig(noise=0.5)))  # what dump_state() holds
+    assert exact == lm_identity(engine_lm(seed=0))  # the same engine in another object: the same run
 
     class LocalLM(dspy.BaseLM):
         def __init__(self, system_prompt: str, api_key: str) -> None:
             super().__init__(model="local")
-            self.system_prompt, self.api_key = system_prompt, api_key
+            self.system_prompt, self.api_key, self.calls = system_prompt, api_key, 0
 
         def forward(self, prompt=None, messages=None, **kwargs):  # pragma: no cover - never called
             raise NotImplementedError
 
+        def dump_state(self):  # DSPy's protocol for what a custom LM is, which saving it uses too
+            return {**super().dump_state(), "system_prompt": self.system_prompt, "api_key": self.api_key}
+
     terse, chatty = LocalLM("Answer tersely.", "k1"), LocalLM("Explain at length.", "k1")
     assert lm_identity(terse) != lm_identity(chatty)
-    assert lm_identity(terse) == lm_identity(LocalLM("Answer tersely.", "k2-rotated"))
+    before = lm_identity(terse)
+    terse.calls += 3  # run-time state: a second compile in the same process is the same run
+    assert lm_identity(terse) == before == lm_identity(LocalLM("Answer tersely.", "sk-rotated0key0123456789"))
     assert "k1" not in json.dumps(lm_identity(terse))
 
 
@@ -394,6 +404,9 @@ def test_a_rotated_key_held_by_a_module_or_a_partial_metric_is_the_same_run() ->
 
     data = [dspy.Example(question="q", answer="a").with_inputs("question")]
     old, new = "sk-old0key0123456789abcdef", "sk-new1key9876543210fedcba"
+    # what only looks like a credential by its name still counts: a special token, a short word
+    assert callable_identity(functools.partial(score, eos_token="</s>")) != \
+        callable_identity(functools.partial(score, eos_token="<|endoftext|>"))
     assert run_key(Rag(old), data, data, 0)["student"] == run_key(Rag(new), data, data, 0)["student"]
     assert run_key(Rag(old), data, data, 0)["student"] != run_key(Rag(old, k=5), data, data, 0)["student"]
     assert callable_identity(functools.partial(score, api_key=old)) == \

@@ -60,12 +60,6 @@ _TRANSPORT_KWARGS = frozenset({"api_base", "base_url", "cache", "num_retries", "
                                "user"})
 
 
-#: dspy.BaseLM's and dspy.LM's own plain fields: keyed above (model, model_type, use_developer_role), or
-#: how a call is sent or what it is trained with, never what it answers.
-_BASE_LM_FIELDS = frozenset({"model", "model_type", "cache", "num_retries", "provider", "finetuning_model",
-                             "use_developer_role"})
-
-
 def lm_identity(lm: Any) -> Any:
     """What makes an LM answer the way it does, without its credentials: the model, the endpoint
     (userinfo stripped from the URL), and the sampling settings."""
@@ -83,8 +77,9 @@ def lm_identity(lm: Any) -> Any:
     }
     # What else shapes the answers, each only where it differs from DSPy's default (so a plain LM keeps
     # its key): the prompt's form, and the code that answers. A user-written LM class or a custom
-    # ``engine=`` is keyed by its code and its public plain settings (a system prompt, a seed), as a
-    # module is; other fields are run-time state and not seen.
+    # ``engine=`` is keyed by its code and by the state it declares with ``dump_state()`` (DSPy's own
+    # protocol for saving them: a system prompt, a seed, a config); its fields are not read (a call
+    # counter would refuse the next compile).
     model_type = getattr(lm, "model_type", "chat")
     if isinstance(model_type, str) and model_type != "chat":
         identity["model_type"] = model_type
@@ -92,18 +87,28 @@ def lm_identity(lm: Any) -> Any:
         identity["use_developer_role"] = True
     code = _class_code(type(lm))
     if code:
-        identity["code"] = stable_hash(code)
-        settings = {k: v for k, v in _set_settings(lm).items() if k not in _BASE_LM_FIELDS}
-        if settings:
-            identity["settings"] = settings
+        identity["code"] = stable_hash([code, _declared_state(lm)])
     for spec in ("_engine_spec", "_async_engine_spec"):
         engine = getattr(lm, spec, None)
         if engine is not None and not isinstance(engine, str):
             # one short token, so that a refused rerun's message stays readable ("engine=SimEngine#1a2b...")
             digest = stable_hash([f"{type(engine).__module__}.{type(engine).__qualname__}",
-                                  _class_code(type(engine)), _hashable(_set_settings(engine))])
+                                  _class_code(type(engine)), _declared_state(engine)])
             identity[spec.strip("_").removesuffix("_spec")] = f"{type(engine).__qualname__}#{digest[:12]}"
     return identity
+
+
+def _declared_state(obj: Any) -> Any:
+    """What ``obj.dump_state()`` says it is, where the user's code (not DSPy's) defines that method; None
+    otherwise. Credentials are masked (a rotated key is the same run)."""
+    owner = next((k for k in type(obj).__mro__ if "dump_state" in vars(k)), None)
+    if owner is None or in_dspy_package(owner):
+        return None
+    try:
+        return redact(_hashable(obj.dump_state()), env_values=())
+    except Exception as exc:  # noqa: BLE001 - a dump that fails: keyed by its code alone
+        logger.debug("run key: %s.dump_state() failed (%s)", type(obj).__qualname__, type(exc).__name__)
+        return None
 
 
 def readable_lm(lm: Any) -> str:
@@ -136,7 +141,8 @@ def callable_identity(fn: Any) -> str:
     if isinstance(fn, functools.partial):
         try:
             bound = stable_hash(_hashable([[_unless_credential("", v) for v in fn.args],
-                                           {k: _unless_credential(k, v) for k, v in fn.keywords.items()}]))
+                                           {k: _unless_credential(k, v) for k, v in fn.keywords.items()}],
+                                          credentials=True))
         except Exception:  # noqa: BLE001 - an argument that cannot say what it is (a lazy proxy): by types
             bound = stable_hash([_type_key(v) for v in [*fn.args, *fn.keywords.values()]])
         return f"partial({callable_identity(fn.func)}, {bound})"
@@ -288,16 +294,22 @@ def _defaults_identity(fn: Any) -> str:
 
 
 def _unless_credential(name: str, value: Any) -> Any:
-    """``value``, or a marker where it is a credential: by its name (``api_key=``, ``self.token``), or a
-    string holding key-shaped text or an environment secret. A rotated key is the same run; the value
-    would refuse the rerun ("metric changed", "student changed")."""
-    if value is None or isinstance(value, bool):
+    """``value`` with what is a credential in it masked, so that a rotated key is the same run (the value
+    refused the rerun as "metric changed" / "student changed", whose advice deletes the paid work):
+    key-shaped text and environment secrets in a string (the rest of it, such as a URL's host, still
+    counts); and a value held under a credential's name (``api_key=``, ``self.search_api_key``) when it
+    is not plain text or a number: a long string without spaces, or an object (a credentials object).
+    ``eos_token="</s>"`` or ``password="hunter2"`` in a setting stay what they are: a change to them counts."""
+    if value is None or isinstance(value, (bool, int, float)):
         return value
-    if is_credential_setting(name):
-        return "<credential>"
-    if isinstance(value, str) and mask_text(value) != value:
-        return "<credential>"
-    return value
+    if isinstance(value, str):
+        masked = mask_text(value)
+        if masked != value:
+            return masked
+        if is_credential_setting(name) and len(value) >= 16 and not any(c.isspace() for c in value):
+            return "<credential>"
+        return value
+    return "<credential>" if is_credential_setting(name) else value
 
 
 def _type_key(value: Any) -> str:
@@ -442,7 +454,7 @@ def _code_parts(code: Any) -> list[Any]:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
+def _hashable(value: Any, opaque: Literal["text", "identity"] = "text", credentials: bool = False) -> Any:
     """Like ``jsonable``, for the run key: the same value must give the same JSON in every process.
 
     ``str()`` of a plain object embeds its memory address, which would make every rerun "a different
@@ -460,7 +472,10 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
     process (equal only if the same object). Library and standard types (dates, paths, UUIDs, pandas'
     values) are their text either way. Their attributes are not read instead: a uuid, a memo cache or
     a logger among them would give equal data other keys (every resume refused), and a graph of them
-    hashes in exponential time."""
+    hashes in exponential time.
+
+    ``credentials``: an object's fields named like a credential are masked (:func:`_unless_credential`),
+    for what a metric binds (a judge's client); data is hashed whole."""
     seen: set[int] = set()
 
     def leaf(v: Any) -> Any:
@@ -519,8 +534,10 @@ def _hashable(value: Any, opaque: Literal["text", "identity"] = "text") -> Any:
                 return {"__opaque__": kind, "id": id(v)}
             return text
         fields = _fields_of(v)
-        if fields:  # a client held by a judge or a partial: its api_key field is a credential
-            return {"__type__": kind, **to_json({k: _unless_credential(str(k), f) for k, f in fields.items()}, leaf)}
+        if fields:  # ``credentials``: a client bound into a partial, whose api_key field is one (not data's fields)
+            if credentials:
+                fields = {k: _unless_credential(str(k), f) for k, f in fields.items()}
+            return {"__type__": kind, **to_json(fields, leaf)}
         return _ADDRESS.sub("", text)
 
     return to_json(value, leaf)
@@ -600,7 +617,7 @@ def _without_samples(schema: Any, names: bool = False) -> Any:
 #: settings, tools and predictors; 8: each signature field's type, and the LMs an adapter holds;
 #: 9: every LM setting but transport and credentials, the functions under decorators, and the literal
 #: module constants the user's functions read; 10: credentials in a module's or adapter's settings, a
-#: ``partial``'s arguments and an object's fields as a marker, an array's dtype, pyarrow and pandas
+#: ``partial``'s arguments and the objects bound into it masked, an array's dtype, pyarrow and pandas
 #: containers by their values, an LM's model_type, developer role, custom engine and user-written class).
 #: A pinned key in tests/test_run_key_format.py fails when the computation changes and this is not bumped.
 RUN_KEY_FORMAT = "10"
@@ -733,12 +750,6 @@ def _plain_settings(obj: Any) -> dict[str, Any]:
     credential among them as a marker (``self.search_api_key = os.environ[...]``: a rotated key resumes)."""
     return {k: _unless_credential(k, v) for k, v in sorted(vars(obj).items())
             if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
-
-
-def _set_settings(obj: Any) -> dict[str, Any]:
-    """An LM's or engine's plain settings that are set: a hook left None in one run and given a function
-    (not a plain value, so not keyed) in the next is no other run."""
-    return {k: v for k, v in _plain_settings(obj).items() if v is not None}
 
 
 def data_identity(examples: Sequence[dspy.Example], name: str = "examples",

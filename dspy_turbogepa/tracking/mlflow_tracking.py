@@ -576,7 +576,7 @@ class MlflowRunTracker(EngineObserver):
             # MLflow retries a 5xx 7 times with backoff, minutes per call: a server whose backend fails
             # while its /health still answers (a database gone) held compile() at close for the whole
             # upload wait. A few retries let the failure count stop the uploads instead.
-            with _few_http_retries(self._server_uri is not None, retries=UPLOAD_HTTP_RETRIES, timeout=10):
+            with _few_http_retries(self._server_uri is not None, retries=UPLOAD_HTTP_RETRIES, timeout=None):
                 fn(self._client)
             self._consecutive_failures = 0
         except Exception as exc:  # noqa: BLE001
@@ -676,11 +676,11 @@ class _HttpRetryOverride:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._active: list[tuple[int, int]] = []
+        self._active: list[tuple[int, int | None]] = []
         self._saved: dict[str, str | None] = {}
 
     @contextlib.contextmanager
-    def __call__(self, enabled: bool, retries: int = 0, timeout: int = 5) -> Iterator[None]:
+    def __call__(self, enabled: bool, retries: int = 0, timeout: int | None = 5) -> Iterator[None]:
         if not enabled:
             yield
             return
@@ -705,12 +705,24 @@ class _HttpRetryOverride:
                 else:
                     os.environ[name] = previous
             return
-        os.environ[self._NAMES[0]] = str(max(r for r, _ in self._active))
-        os.environ[self._NAMES[1]] = str(max(t for _, t in self._active))
+        retries = max(r for r, _ in self._active)
+        user_retries = self._saved.get(self._NAMES[0])
+        if user_retries is not None and user_retries.strip().isdigit():  # fewer, never more, than the user's
+            retries = min(retries, int(user_retries))
+        os.environ[self._NAMES[0]] = str(retries)
+        timeouts = [t for _, t in self._active if t is not None]
+        previous = self._saved.get(self._NAMES[1])
+        if timeouts:
+            os.environ[self._NAMES[1]] = str(max(timeouts))
+        elif previous is None:
+            os.environ.pop(self._NAMES[1], None)
+        else:
+            os.environ[self._NAMES[1]] = previous
 
 
 #: MLflow's HTTP retries with backoff take minutes against a server that answers 5xx: while this is on,
-#: it retries ``retries`` times at most, each request waiting ``timeout`` seconds.
+#: it retries ``retries`` times at most (fewer if the user set fewer), each request waiting ``timeout``
+#: seconds (None: the user's or MLflow's timeout). Process-wide, as MLflow reads them from the environment.
 _few_http_retries = _HttpRetryOverride()
 
 
