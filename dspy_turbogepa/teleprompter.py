@@ -767,7 +767,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     def _result_program(self, codec: ProgramCodec, result: EngineResult) -> tuple[dspy.Module, Any]:
         """The best candidate as a program, with ``detailed_results`` when ``track_stats``."""
         program = codec.build(result.best.candidate.texts)
-        detailed = build_result(result, codec.build, self.log_dir, self.seed, self.track_best_outputs)
+        # where the files are: "~/runs/x" named a directory the user cannot open by that string
+        log_dir = os.path.expanduser(os.fspath(self.log_dir)) if self.log_dir else None
+        detailed = build_result(result, codec.build, log_dir, self.seed, self.track_best_outputs)
         if self.track_stats:
             program.detailed_results = detailed
         return program, detailed

@@ -107,6 +107,29 @@ def test_student_is_not_mutated_and_result_is_new(pipeline, student_lm, reflecti
     assert instructions(optimized) != before
 
 
+def test_a_predictors_own_lm_comes_back_without_the_runs_history(pipeline, reflection_lm):
+    """The search calls copies of a predictor's LM that share its ``history`` (so ``lm.history`` sees the
+    run). Every program built from the student deep-copied that growing list: the returned program and
+    each candidate held the run's prompts and answers (the training data's text, in a file saved for
+    production; 278 KB against 5.8 KB for a small run), and each build cost more as the run went on.
+    They now hold the history the LM had when compile began, as dspy.GEPA's fresh copies do."""
+    lm = make_student_lm(seed=0, noise=0.0)
+    before = {"note": "a call made before compile"}
+    lm.history.append(before)
+    program = pipeline.make_program()
+    program.set_lm(lm)
+    splits = small_splits(pipeline)
+    opt = TurboGEPA(pipeline.metric, max_metric_calls=120, reflection_lm=reflection_lm, num_threads=4,
+                    track_stats=True)
+    optimized = opt.compile(program, trainset=splits.train, valset=splits.val)
+    assert len(lm.history) > 100  # the run's calls, through copies sharing it (docs/deviations.md)
+    programs = [optimized, *optimized.detailed_results.candidates]
+    for prog in programs:
+        for name, pred in prog.named_predictors():
+            assert pred.lm.history == [before] and pred.lm.history is not lm.history, (name, len(pred.lm.history))
+    assert len({id(p.lm.history) for prog in programs for _, p in prog.named_predictors()}) == len(programs)
+
+
 def test_demos_and_per_predictor_lms_are_kept(routing, reflection_lm):
     lm = make_student_lm(seed=0, noise=0.0)
     program = routing.make_program()

@@ -592,6 +592,15 @@ def test_reoptimizing_an_optimized_program_never_hands_on_its_old_detailed_resul
     assert _texts(tracked.detailed_results.candidates[0]) == _texts(first)
 
 
+def test_the_results_log_dir_names_where_the_files_are(tmp_path, monkeypatch):
+    """``log_dir="~/runs/x"`` writes under the home directory (as the run store opens it), and
+    ``detailed_results.log_dir`` said "~/runs/x", a path nothing can open by that string."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, optimized, _ = _run(budget=40, log_dir="~/runs/x")
+    log_dir = optimized.detailed_results.log_dir
+    assert log_dir == str(tmp_path / "runs" / "x") and (Path(log_dir) / "run.sqlite3").exists()
+
+
 def test_a_rerun_on_the_same_log_dir_returns_the_same_result_and_never_writes_the_wandb_key(tmp_path, caplog):
     """docs/deviations.md: a resumed run returns what the first session did, paying nothing again;
     ``wandb_api_key`` (accepted, use_wandb=False) reaches no file, log line or error message."""

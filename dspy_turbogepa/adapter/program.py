@@ -254,6 +254,17 @@ class ProgramCodec:
             self._template.__dict__.update({k: v for k, v in vars(student).items() if k != "detailed_results"})
         self.component_names: list[str] = [name for name, _ in student.named_predictors()]
         self._student_predictors = dict(all_named_predictors(student))
+        #: A predictor's own LM, as it was when compile began: the search calls copies of it that share
+        #: its ``history`` (so ``lm.history`` sees the run, documented), and every program built from the
+        #: student deep-copied that growing list, up to DSPy's 10,000 entries: the returned program and
+        #: each candidate held every prompt and answer of the run (the training data's text, in a file
+        #: saved for production), and each build cost more as the run went on (750 ms at 5,000 entries).
+        #: Built programs get this snapshot, as dspy.GEPA's fresh deep copies have theirs.
+        self._lm_histories: dict[int, tuple[list[Any], list[Any]]] = {}
+        for _, pred in self._student_predictors.items():
+            history = getattr(getattr(pred, "lm", None), "history", None)
+            if isinstance(history, list) and id(history) not in self._lm_histories:
+                self._lm_histories[id(history)] = (history, list(history))  # the list itself: its id stays its own
         self._cache: OrderedDict[str, BuiltProgram] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -281,7 +292,11 @@ class ProgramCodec:
 
     def build(self, texts: Mapping[str, str]) -> dspy.Module:
         """A fresh program carrying ``texts`` (never cached; callers may mutate it)."""
-        program = self._template.deepcopy()
+        memo: dict[int, Any] = {key: list(snapshot) for key, (_, snapshot) in self._lm_histories.items()}
+        try:
+            program = copy.deepcopy(self._template, memo)
+        except Exception:  # noqa: BLE001 - what Module.deepcopy() does then: attribute by attribute
+            program = self._template.deepcopy()
         for name, pred in program.named_predictors():
             if name in texts:
                 pred.signature = pred.signature.with_instructions(texts[name])
