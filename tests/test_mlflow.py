@@ -791,13 +791,10 @@ def test_a_server_answering_5xx_counts_as_down(status, down):
     assert (problem is not None) == down, problem
 
 
-def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(monkeypatch, caplog):
-    """/health answers 200 but the API answers 503 (the server's database is down): creating the run is
-    tried twice at most, then one warning, instead of MLflow's retries with backoff (minutes)."""
-    pytest.importorskip("mlflow")
+def _database_down_server(calls: list[str]) -> Any:
+    """A tracking server whose /health answers 200 while every API call gets a 503 (its database is
+    down); the API paths called are appended to ``calls``. Stop it with ``shutdown()``."""
     import http.server
-
-    creates = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self):  # the http.server protocol names it do_GET / do_POST
@@ -807,7 +804,7 @@ def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(
                 self.end_headers()
                 self.wfile.write(b"OK")
                 return
-            creates.append(self.path)
+            calls.append(self.path)
             self.send_response(503)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -820,6 +817,15 @@ def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(monkeypatch, caplog):
+    """/health answers 200 but the API answers 503 (the server's database is down): creating the run is
+    tried twice at most, then one warning, instead of MLflow's retries with backoff (minutes)."""
+    pytest.importorskip("mlflow")
+    creates: list[str] = []
+    server = _database_down_server(creates)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     # through the environment (as a user would): tracking_uri= would set MLflow's process-wide URI
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
@@ -837,33 +843,10 @@ def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(
 def test_an_upload_to_a_server_whose_api_fails_mid_run_retries_twice_not_seven_times(local_tracking, monkeypatch):
     """Its /health still answers while its API fails (the database gone mid-run): MLflow's default of 7
     retries with backoff per call held compile() for the whole 60 s upload wait at the end."""
-    import http.server
-
     import mlflow
 
-    posts = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self):  # the http.server protocol names it do_GET / do_POST
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.path.startswith("/health"):
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"OK")
-                return
-            posts.append(self.path)
-            self.send_response(503)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database down"}')
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    posts: list[str] = []
+    server = _database_down_server(posts)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # the retries, not their waits, are counted
     tracker = MlflowRunTracker({"seed": 0})  # created on the local store, working

@@ -565,6 +565,15 @@ def test_the_pause_shown_is_the_longest_retry_after_left_on_an_endpoint() -> Non
     assert _pause_left({"endpoints": windows.stats()}) == 0.0
 
 
+def _tiny_routing_compile() -> None:
+    """A 30-call compile of the routing task (2 threads): enough for the wiring tests to see a run."""
+    task = TASKS["routing"]
+    splits = task.splits(data_seed=0, n_train=8, n_val=6, n_test=0)
+    opt = TurboGEPA(task.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=2)
+    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+
+
 def test_compile_wires_the_rate_limit_pause_into_the_progress_source(monkeypatch) -> None:
     """Without the wiring the source says "unknown" (None) and the line never shows a pause."""
     import dspy_turbogepa.teleprompter as teleprompter_module
@@ -577,11 +586,7 @@ def test_compile_wires_the_rate_limit_pause_into_the_progress_source(monkeypatch
             bound.append(self)
 
     monkeypatch.setattr(teleprompter_module, "OrchestratorSource", Recorded)
-    task = TASKS["routing"]
-    splits = task.splits(data_seed=0, n_train=8, n_val=6, n_test=0)
-    opt = TurboGEPA(task.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=2)
-    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
-        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    _tiny_routing_compile()
     assert len(bound) == 1 and bound[0].paused_seconds() == 0.0
     assert bound[0].reflection_paused_seconds() == 0.0
 
@@ -610,11 +615,7 @@ def test_compile_starts_the_progress_clock_when_the_search_starts(monkeypatch, i
 
     monkeypatch.setattr(teleprompter_module, "ProgressDisplay", Display)
     monkeypatch.setattr(teleprompter_module, "Orchestrator", SlowToBuild)
-    task = TASKS["routing"]
-    splits = task.splits(data_seed=0, n_train=8, n_val=6, n_test=0)
-    opt = TurboGEPA(task.metric, max_metric_calls=30, reflection_lm=make_reflection_lm(seed=0), num_threads=2)
-    with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
-        opt.compile(task.make_program(), trainset=splits.train, valset=splits.val)
+    _tiny_routing_compile()
     last = progress_lines(info_logs)[-1]
     assert "elapsed" in last and "16m" not in last, last
 

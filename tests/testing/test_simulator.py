@@ -108,6 +108,13 @@ def sim_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("SimServer")]
 
 
+def wait_in_flight(srv: SimServer, model: str = "sim-student", timeout: float = 5.0) -> None:
+    """Until the server holds a request of ``model`` in flight (polled: no sleep to synchronise)."""
+    deadline = time.monotonic() + timeout
+    while srv.stats()["models"][model]["inflight"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def chat_body(model: str = "sim-student", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
 
@@ -452,9 +459,7 @@ def test_server_429_with_retry_after_when_concurrency_cap_exceeded() -> None:
         url = f"{srv.base_url}/chat/completions"
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(post_json, url, chat_body())
-            deadline = time.monotonic() + 5
-            while srv.stats()["models"]["sim-student"]["inflight"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_in_flight(srv)
             status, headers, body = post_json(url, chat_body())
             assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
             assert float(headers["Retry-After"]) > 0 and int(headers["retry-after-ms"]) > 0
@@ -662,9 +667,7 @@ def test_a_request_turned_away_by_the_concurrency_queue_does_not_use_the_minutes
         url = f"{srv.base_url}/chat/completions"
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(post_json, url, chat_body())
-            deadline = time.monotonic() + 5
-            while srv.stats()["models"]["sim-student"]["inflight"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_in_flight(srv)
             refused = [post_json(url, chat_body())[0] for _ in range(2)]
             assert refused == [429, 429]
             assert first.result(5)[0] == 200
