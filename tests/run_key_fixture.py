@@ -43,7 +43,7 @@ class Pipeline(dspy.Module):
     def __init__(self) -> None:
         super().__init__()
         self.k = 3
-        self.search_api_key = "sk-fixture0000000000000000000000"  # keyed masked since key format 10
+        self.search_api_key = "sk-fixture0000000000000000000000"  # keyed as a marker since key format 10
         self.normalize = make_normalizer("")
         self.tools = [dspy.Tool(lookup)]
         self.draft = dspy.ChainOfThought("question -> draft")

@@ -625,3 +625,68 @@ def test_the_programs_the_search_evaluates_keep_no_module_history():
     assert all(len(p.history) == 1 for _, p in returned.named_predictors())
     # and a per-call copy (BestOfN / Refine programs run on one) keeps the no-op history
     assert all(len(m.history) == 0 for _, m in copy.deepcopy(searched).named_sub_modules())
+
+
+class _Locked(dspy.Module):
+    """Holds what deepcopy cannot copy (a lock, as a client holds): built attribute by attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.p = dspy.Predict("q -> a")
+
+    def forward(self, q):
+        return self.p(q=q)
+
+
+class _BigIndex:
+    copies = 0
+
+    def __deepcopy__(self, memo):
+        _BigIndex.copies += 1
+        return _BigIndex()
+
+
+class _SharesItsIndex(dspy.Module):
+    """Overrides deepcopy() to share a large index, which dspy.GEPA's build calls too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = _BigIndex()
+        self.p = dspy.Predict("q -> a")
+
+    def deepcopy(self):
+        index, self.index = self.index, None
+        try:
+            new = super().deepcopy()
+        finally:
+            self.index = index
+        new.index = index
+        return new
+
+    def forward(self, q):
+        return self.p(q=q)
+
+
+@pytest.mark.parametrize("make", [_Locked, _SharesItsIndex], ids=["uncopyable-attribute", "own-deepcopy"])
+def test_every_way_of_building_a_candidate_gives_its_lm_the_history_of_compile_start(make) -> None:
+    """A predictor's LM shares its history with the copies the search calls. The whole-program deepcopy
+    got a snapshot instead, but a student holding a lock took DSPy's attribute-by-attribute fallback, and
+    one with its own deepcopy() was no longer called; the fallback copied the run's history again."""
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    lm = dspy.LM("openai/unused", cache=False)
+    lm.history.append({"before": "compile"})
+    student = make()
+    student.set_lm(lm)
+    codec = ProgramCodec(student)
+    lm.history.extend({"run": i} for i in range(500))  # what the search's calls add
+    copies_before = _BigIndex.copies
+    built = codec.build({"p": "new instruction"})
+    assert built.p.signature.instructions == "new instruction"
+    assert built.p.lm.history == [{"before": "compile"}] and built.p.lm.history[0] is not lm.history[0]
+    assert len(lm.history) == 501  # the user's LM keeps the run's calls
+    if make is _SharesItsIndex:
+        assert built.index is student.index and _BigIndex.copies == copies_before  # their deepcopy() ran
+    else:
+        assert built.lock is student.lock  # kept by reference, as DSPy's fallback does

@@ -374,6 +374,10 @@ def test_the_run_key_sees_how_an_lm_is_asked_and_what_code_answers() -> None:
 
     terse, chatty = LocalLM("Answer tersely.", "k1"), LocalLM("Explain at length.", "k1")
     assert lm_identity(terse) != lm_identity(chatty)
+    # what DSPy's own dump_state() adds for it (how calls are sent, credentials) is left out, as for a plain LM
+    sent_otherwise = LocalLM("Answer tersely.", "k1")
+    sent_otherwise.cache, sent_otherwise.kwargs["aws_access_key_id"] = False, "ASIAROTATED0000000001"
+    assert lm_identity(sent_otherwise) == lm_identity(terse)
     before = lm_identity(terse)
     terse.calls += 3  # run-time state: a second compile in the same process is the same run
     assert lm_identity(terse) == before == lm_identity(LocalLM("Answer tersely.", "sk-rotated0key0123456789"))
@@ -404,6 +408,17 @@ def test_a_rotated_key_held_by_a_module_or_a_partial_metric_is_the_same_run() ->
 
     data = [dspy.Example(question="q", answer="a").with_inputs("question")]
     old, new = "sk-old0key0123456789abcdef", "sk-new1key9876543210fedcba"
+    # the same whether or not this session also has the key in its environment
+    plain_key = "Qx7fK2mZp9LwT4vBn8Rc"  # no known key prefix: masked as an environment secret, or not
+    without_env = callable_identity(functools.partial(score, api_key=plain_key))
+    os.environ["TURBOGEPA_TEST_SERVICE_KEY"] = plain_key
+    try:
+        from dspy_turbogepa.redaction import env_secret_values
+
+        assert plain_key in env_secret_values()
+        assert callable_identity(functools.partial(score, api_key=plain_key)) == without_env
+    finally:
+        del os.environ["TURBOGEPA_TEST_SERVICE_KEY"]
     # what only looks like a credential by its name still counts: a special token, a short word
     assert callable_identity(functools.partial(score, eos_token="</s>")) != \
         callable_identity(functools.partial(score, eos_token="<|endoftext|>"))

@@ -21,7 +21,7 @@ PINNED_KEY = {
     "key_format": "10",
     "trainset": "50a28ea1c18b1fb56449c1eebae71525",
     "valset": "65c60bf2414107a33ef3b9304ad42528",
-    "student": "6975f766e01fce3d94d0429098a987db",
+    "student": "032e21b2bbcaa0f553b2926f025ef105",
     "seed": "0",
     "metric": "a6d0e9890534c1384760f4f89ad990b4",
     "failure_score": "0.0",

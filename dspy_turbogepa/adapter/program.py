@@ -292,15 +292,32 @@ class ProgramCodec:
 
     def build(self, texts: Mapping[str, str]) -> dspy.Module:
         """A fresh program carrying ``texts`` (never cached; callers may mutate it)."""
-        memo: dict[int, Any] = {key: list(snapshot) for key, (_, snapshot) in self._lm_histories.items()}
-        try:
-            program = copy.deepcopy(self._template, memo)
-        except Exception:  # noqa: BLE001 - what Module.deepcopy() does then: attribute by attribute
+        if type(self._template).deepcopy is not BaseModule.deepcopy:
+            # the user's own deepcopy() (one that shares a large index, say) is what dspy.GEPA calls too
             program = self._template.deepcopy()
+            self._reset_histories(program)
+        else:
+            program = _deepcopy_module(self._template, self._history_memo)
         for name, pred in program.named_predictors():
             if name in texts:
                 pred.signature = pred.signature.with_instructions(texts[name])
         return program
+
+    def _history_memo(self) -> dict[int, Any]:
+        """A deepcopy memo giving each predictor LM's shared history a fresh copy of its snapshot."""
+        return {key: _fresh(snapshot) for key, (_, snapshot) in self._lm_histories.items()}
+
+    def _reset_histories(self, program: dspy.Module) -> None:
+        """After a user's deepcopy(): a copied predictor LM still holding the run's shared history gets
+        the snapshot (an LM the copy shares with the student is the user's and left alone)."""
+        originals = dict(all_named_predictors(self._template))
+        for name, pred in all_named_predictors(program):
+            lm, original = getattr(pred, "lm", None), getattr(originals.get(name), "lm", None)
+            history = getattr(lm, "history", None)
+            if lm is not None and lm is not original and isinstance(history, list):
+                entry = self._lm_histories.get(id(getattr(original, "history", None)))
+                if entry is not None and (history is entry[0] or len(history) > len(entry[1])):
+                    lm.history = _fresh(entry[1])
 
     def get(self, fingerprint: str, texts: Mapping[str, str]) -> BuiltProgram:
         """The shared program for a candidate, and which of its predictors made a trace step."""
@@ -320,6 +337,37 @@ class ProgramCodec:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return entry
+
+
+def _fresh(snapshot: list[Any]) -> list[Any]:
+    """A history snapshot with entries of its own, as a deep copy of the LM would have."""
+    try:
+        return copy.deepcopy(snapshot)
+    except Exception:  # noqa: BLE001 - an entry that cannot be copied: shared (history entries are not mutated)
+        return list(snapshot)
+
+
+def _deepcopy_module(module: BaseModule, fresh_memo: Callable[[], dict[int, Any]]) -> Any:
+    """``Module.deepcopy()`` with a memo (``fresh_memo()`` for each copy): the whole module at once, or,
+    when something in it cannot be copied (a client, a lock), attribute by attribute as DSPy's fallback
+    does, keeping what cannot be copied by reference."""
+    try:
+        return copy.deepcopy(module, fresh_memo())
+    except Exception:  # noqa: BLE001 - DSPy's own fallback, below, with the memo
+        logger.debug("%s cannot be deep-copied whole; copying it attribute by attribute", type(module).__name__)
+    new = module.__class__.__new__(module.__class__)
+    for attr, value in module.__dict__.items():
+        if isinstance(value, BaseModule):
+            setattr(new, attr, _deepcopy_module(value, fresh_memo))
+            continue
+        try:
+            setattr(new, attr, copy.deepcopy(value, fresh_memo()))
+        except Exception:  # noqa: BLE001 - as DSPy: a shallow copy, else the object itself
+            try:
+                setattr(new, attr, copy.copy(value))
+            except Exception:  # noqa: BLE001
+                setattr(new, attr, value)
+    return new
 
 
 def valid_unicode(text: str) -> bool:

@@ -105,7 +105,15 @@ def _declared_state(obj: Any) -> Any:
     if owner is None or in_dspy_package(owner):
         return None
     try:
-        return redact(_hashable(obj.dump_state()), env_values=())
+        state = obj.dump_state()
+        if isinstance(state, Mapping):
+            # A user LM's dump_state() usually extends DSPy's ({**super().dump_state(), ...}): what DSPy's
+            # holds (the model, how calls are sent, every kwarg) is keyed above or deliberately not
+            # (transport, credentials); the LM's own additions are what this adds.
+            base = dspy.BaseLM.dump_state(obj) if isinstance(obj, dspy.BaseLM) else {}
+            state = {k: v for k, v in state.items()
+                     if k not in base and not (isinstance(k, str) and is_credential_setting(k))}
+        return redact(_hashable(state), env_values=())
     except Exception as exc:  # noqa: BLE001 - a dump that fails: keyed by its code alone
         logger.debug("run key: %s.dump_state() failed (%s)", type(obj).__qualname__, type(exc).__name__)
         return None
@@ -295,20 +303,20 @@ def _defaults_identity(fn: Any) -> str:
 
 def _unless_credential(name: str, value: Any) -> Any:
     """``value`` with what is a credential in it masked, so that a rotated key is the same run (the value
-    refused the rerun as "metric changed" / "student changed", whose advice deletes the paid work):
-    key-shaped text and environment secrets in a string (the rest of it, such as a URL's host, still
-    counts); and a value held under a credential's name (``api_key=``, ``self.search_api_key``) when it
-    is not plain text or a number: a long string without spaces, or an object (a credentials object).
-    ``eos_token="</s>"`` or ``password="hunter2"`` in a setting stay what they are: a change to them counts."""
+    refused the rerun as "metric changed" / "student changed", whose advice deletes the paid work). Under
+    a credential's name (``api_key=``, ``self.search_api_key``): a marker for an object, or a string that
+    is key-shaped or long without spaces. Elsewhere key-shaped text is masked in place (a URL's host still
+    counts). By shape only, never by the environment's secrets: a key read from a file in one session and
+    from the environment in the next is the same run. ``eos_token="</s>"`` or ``password="hunter2"``
+    count as themselves (a short credential is keyed by its value: rotating it needs a new log_dir)."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, str):
-        masked = mask_text(value)
-        if masked != value:
-            return masked
-        if is_credential_setting(name) and len(value) >= 16 and not any(c.isspace() for c in value):
+        masked = mask_text(value, env_values=())  # by shape only: the environment differs between sessions
+        if is_credential_setting(name) and (masked != value or (len(value) >= 16
+                                                                 and not any(c.isspace() for c in value))):
             return "<credential>"
-        return value
+        return masked
     return "<credential>" if is_credential_setting(name) else value
 
 
