@@ -374,6 +374,17 @@ def test_the_run_key_sees_how_an_lm_is_asked_and_what_code_answers() -> None:
 
     terse, chatty = LocalLM("Answer tersely.", "k1"), LocalLM("Explain at length.", "k1")
     assert lm_identity(terse) != lm_identity(chatty)
+    class NeverInitialised(dspy.BaseLM):  # no BaseLM.__init__: DSPy's own dump_state() cannot run on it
+        def __init__(self, system_prompt: str) -> None:
+            self.model, self.system_prompt, self.history = "local", system_prompt, []
+
+        def forward(self, prompt=None, messages=None, **kwargs):  # pragma: no cover - never called
+            raise NotImplementedError
+
+        def dump_state(self):
+            return {"system_prompt": self.system_prompt}
+
+    assert lm_identity(NeverInitialised("Answer tersely.")) != lm_identity(NeverInitialised("Explain at length."))
     # what DSPy's own dump_state() adds for it (how calls are sent, credentials) is left out, as for a plain LM
     sent_otherwise = LocalLM("Answer tersely.", "k1")
     sent_otherwise.cache, sent_otherwise.kwargs["aws_access_key_id"] = False, "ASIAROTATED0000000001"

@@ -292,12 +292,10 @@ class ProgramCodec:
 
     def build(self, texts: Mapping[str, str]) -> dspy.Module:
         """A fresh program carrying ``texts`` (never cached; callers may mutate it)."""
-        if type(self._template).deepcopy is not BaseModule.deepcopy:
-            # the user's own deepcopy() (one that shares a large index, say) is what dspy.GEPA calls too
-            program = self._template.deepcopy()
-            self._reset_histories(program)
-        else:
-            program = _deepcopy_module(self._template, self._history_memo)
+        program = _deepcopy_module(self._template, self._history_memo)
+        # what the memo could not reach: an LM copied by a user's deepcopy(), or shallow-copied because it
+        # cannot be deep-copied (its history is the shared list then)
+        self._reset_histories(program)
         for name, pred in program.named_predictors():
             if name in texts:
                 pred.signature = pred.signature.with_instructions(texts[name])
@@ -305,16 +303,17 @@ class ProgramCodec:
 
     def _history_memo(self) -> dict[int, Any]:
         """A deepcopy memo giving each predictor LM's shared history a fresh copy of its snapshot."""
-        return {key: _fresh(snapshot) for key, (_, snapshot) in self._lm_histories.items()}
+        return _HistoryMemo({key: snapshot for key, (_, snapshot) in self._lm_histories.items()})
 
     def _reset_histories(self, program: dspy.Module) -> None:
-        """After a user's deepcopy(): a copied predictor LM still holding the run's shared history gets
-        the snapshot (an LM the copy shares with the student is the user's and left alone)."""
+        """A copied predictor LM still holding the run's shared history gets the snapshot. An LM the
+        student holds (one a user's deepcopy() shares rather than copies) is the user's and left alone."""
         originals = dict(all_named_predictors(self._template))
+        students = {id(getattr(p, "lm", None)) for p in originals.values()}
         for name, pred in all_named_predictors(program):
             lm, original = getattr(pred, "lm", None), getattr(originals.get(name), "lm", None)
             history = getattr(lm, "history", None)
-            if lm is not None and lm is not original and isinstance(history, list):
+            if lm is not None and id(lm) not in students and isinstance(history, list):
                 entry = self._lm_histories.get(id(getattr(original, "history", None)))
                 if entry is not None and (history is entry[0] or len(history) > len(entry[1])):
                     lm.history = _fresh(entry[1])
@@ -347,10 +346,28 @@ def _fresh(snapshot: list[Any]) -> list[Any]:
         return list(snapshot)
 
 
+class _HistoryMemo(dict[int, Any]):
+    """A deepcopy memo that hands out a fresh copy of a history snapshot only when the copy meets that
+    history (``copy.deepcopy`` asks its memo with ``get``): built attribute by attribute, a program asks
+    for one memo per attribute, and copying every snapshot each time cost a second a build."""
+
+    def __init__(self, snapshots: Mapping[int, list[Any]]) -> None:
+        super().__init__()
+        self._snapshots = snapshots
+
+    def get(self, key: int, default: Any = None) -> Any:
+        if key in self._snapshots and not dict.__contains__(self, key):
+            self[key] = _fresh(self._snapshots[key])
+        return dict.get(self, key, default)
+
+
 def _deepcopy_module(module: BaseModule, fresh_memo: Callable[[], dict[int, Any]]) -> Any:
-    """``Module.deepcopy()`` with a memo (``fresh_memo()`` for each copy): the whole module at once, or,
-    when something in it cannot be copied (a client, a lock), attribute by attribute as DSPy's fallback
-    does, keeping what cannot be copied by reference."""
+    """``Module.deepcopy()`` with a memo (``fresh_memo()`` for each copy): the user's own ``deepcopy()``
+    where the class defines one (one sharing a large index, say: dspy.GEPA calls it too); else the
+    whole module at once, or, when something in it cannot be copied (a client, a lock), attribute by
+    attribute as DSPy's fallback does, keeping what cannot be copied by reference."""
+    if type(module).deepcopy is not BaseModule.deepcopy:
+        return module.deepcopy()
     try:
         return copy.deepcopy(module, fresh_memo())
     except Exception:  # noqa: BLE001 - DSPy's own fallback, below, with the memo

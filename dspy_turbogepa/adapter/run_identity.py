@@ -98,6 +98,15 @@ def lm_identity(lm: Any) -> Any:
     return identity
 
 
+def _dspy_lm_state(lm: Any) -> Mapping[str, Any]:
+    """What DSPy's own ``BaseLM.dump_state`` holds for ``lm``; empty for a subclass that never ran
+    ``BaseLM.__init__`` (no ``kwargs``): its own dump is then keyed whole, not dropped."""
+    try:
+        return dspy.BaseLM.dump_state(lm)
+    except Exception:  # noqa: BLE001 - a partly set-up LM
+        return {}
+
+
 def _declared_state(obj: Any) -> Any:
     """What ``obj.dump_state()`` says it is, where the user's code (not DSPy's) defines that method; None
     otherwise. Credentials are masked (a rotated key is the same run)."""
@@ -110,7 +119,7 @@ def _declared_state(obj: Any) -> Any:
             # A user LM's dump_state() usually extends DSPy's ({**super().dump_state(), ...}): what DSPy's
             # holds (the model, how calls are sent, every kwarg) is keyed above or deliberately not
             # (transport, credentials); the LM's own additions are what this adds.
-            base = dspy.BaseLM.dump_state(obj) if isinstance(obj, dspy.BaseLM) else {}
+            base = _dspy_lm_state(obj) if isinstance(obj, dspy.BaseLM) else {}
             state = {k: v for k, v in state.items()
                      if k not in base and not (isinstance(k, str) and is_credential_setting(k))}
         return redact(_hashable(state), env_values=())
