@@ -834,6 +834,7 @@ def test_a_server_whose_api_fails_behind_a_healthy_health_check_costs_one_retry(
             tracker = MlflowRunTracker({"seed": 0})
     finally:
         server.shutdown()
+        server.server_close()
     assert not tracker.enabled
     assert 1 <= len(creates) <= 4, creates  # experiment lookup / run create, at most one retry each
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the setting is put back
@@ -859,6 +860,7 @@ def test_an_upload_to_a_server_whose_api_fails_mid_run_retries_twice_not_seven_t
             tracker._Metric(key="x", value=1.0, timestamp=0, step=0)]))
     finally:
         server.shutdown()
+        server.server_close()
     assert len(posts) == 1 + 2, posts  # the call and its two retries
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the user's setting is put back
 

@@ -124,6 +124,10 @@ def test_a_graceful_stop_at_a_random_evaluation_keeps_every_invariant(chunk):
     """request_stop() at an arbitrary point (Ctrl-C before the grace period): work in flight finishes and
     is charged, no pair is paid twice, no task or evaluation outlives run(), no warning."""
     bad = {}
+    # Garbage an earlier test in this worker left (a client's pooled socket to its server, on CI) warns
+    # when collected: collected before recording, and an unclosed socket is not this test's (its engine
+    # runs on fakes, no socket at all), so such a warning is never counted here.
+    gc.collect()
     # one gc pass per chunk, not per case: in the full suite's heap (dspy, litellm, mlflow loaded) each
     # collect costs a few hundred ms; an unawaited coroutine still warns at it, whichever case left it
     with warnings.catch_warnings(record=True) as caught:
@@ -154,7 +158,8 @@ def test_a_graceful_stop_at_a_random_evaluation_keeps_every_invariant(chunk):
                 bad[n] = errs[:3]
         gc.collect()
     assert not bad, bad
-    assert not caught, [str(w.message) for w in caught][:3]
+    mine = [w for w in caught if not (issubclass(w.category, ResourceWarning) and "socket" in str(w.message))]
+    assert not mine, [str(w.message) for w in mine][:3]
 
 
 def test_an_interrupted_deterministic_run_resumed_from_its_store_ends_as_the_uninterrupted_one():
