@@ -746,3 +746,58 @@ def test_a_build_copies_each_history_snapshot_only_where_the_copy_meets_it(monke
     student.set_lm(lm)
     program_module.ProgramCodec(student).build({})
     assert len(copies) == 1  # the one attribute holding the predictor (and its LM)
+
+
+def test_a_copied_lm_gets_its_own_snapshot_whatever_its_predictor_is_called() -> None:
+    """The snapshot was found by the predictor's name in the student: a user's deepcopy() that renames or
+    swaps predictors (copying their LMs) left the run's history in, or gave an LM another LM's snapshot;
+    an aliased predictor copied attribute by attribute kept the shared list itself."""
+    import copy as copy_module
+
+    from dspy_turbogepa.adapter.program import ProgramCodec
+
+    first, second = dspy.LM("openai/a", cache=False), dspy.LM("openai/b", cache=False)
+    first.history.append({"who": "first"})
+    second.history.append({"who": "second"})
+
+    class Swapping(dspy.Module):
+        def __init__(self, a_lm, b_lm) -> None:
+            super().__init__()
+            self.a, self.b = dspy.Predict("q -> x"), dspy.Predict("x -> y")
+            self.a.lm, self.b.lm = a_lm, b_lm
+
+        def deepcopy(self):
+            return Swapping(copy_module.deepcopy(self.b.lm), copy_module.deepcopy(self.a.lm))
+
+    codec = ProgramCodec(Swapping(first, second))
+    first.history.append({"who": "first, during the run"})
+    second.history.append({"who": "second, during the run"})
+    built = codec.build({})
+    assert (built.a.lm.model, built.a.lm.history) == ("openai/b", [{"who": "second"}])
+    assert (built.b.lm.model, built.b.lm.history) == ("openai/a", [{"who": "first"}])
+
+    class LockedLM(dspy.LM):  # cannot be deep-copied: shallow-copied, its history the shared list
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.guard = threading.Lock()
+
+    class Inner(dspy.Module):
+        def __init__(self, lm) -> None:
+            super().__init__()
+            self.p = dspy.Predict("q -> a")
+            self.p.lm = lm
+
+    class Outer(dspy.Module):
+        def __init__(self, lm) -> None:
+            super().__init__()
+            self.inner = Inner(lm)
+            self.alias = self.inner.p
+
+    locked = LockedLM("openai/y", cache=False)
+    locked.history.append({"before": "compile"})
+    codec = ProgramCodec(Outer(locked))
+    locked.history.extend({"run": i} for i in range(50))
+    built = codec.build({})
+    for pred in (built.inner.p, built.alias):
+        assert pred.lm.history == [{"before": "compile"}] and pred.lm.history is not locked.history
+    assert len(locked.history) == 51

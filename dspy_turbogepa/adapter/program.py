@@ -306,17 +306,25 @@ class ProgramCodec:
         return _HistoryMemo({key: snapshot for key, (_, snapshot) in self._lm_histories.items()})
 
     def _reset_histories(self, program: dspy.Module) -> None:
-        """A copied predictor LM still holding the run's shared history gets the snapshot. An LM the
-        student holds (one a user's deepcopy() shares rather than copies) is the user's and left alone."""
-        originals = dict(all_named_predictors(self._template))
-        students = {id(getattr(p, "lm", None)) for p in originals.values()}
-        for name, pred in all_named_predictors(program):
-            lm, original = getattr(pred, "lm", None), getattr(originals.get(name), "lm", None)
+        """A copied predictor LM still holding the run's history gets the snapshot: the shared list itself
+        (an LM shallow-copied because it cannot be deep-copied), or a copy of it made by a user's
+        deepcopy(). Matched by the history, not the predictor's name (a copy may rename or alias
+        predictors): the shared list by identity, a copied one by the longest snapshot it starts with
+        (DSPy's entries carry a uuid). An LM the student holds is the user's and left alone."""
+        students = {id(getattr(p, "lm", None)) for _, p in all_named_predictors(self._template)}
+        for _, pred in all_named_predictors(program):
+            lm = getattr(pred, "lm", None)
             history = getattr(lm, "history", None)
-            if lm is not None and id(lm) not in students and isinstance(history, list):
-                entry = self._lm_histories.get(id(getattr(original, "history", None)))
-                if entry is not None and (history is entry[0] or len(history) > len(entry[1])):
-                    lm.history = _fresh(entry[1])
+            if lm is None or id(lm) in students or not isinstance(history, list):
+                continue
+            shared = self._lm_histories.get(id(history))
+            if shared is not None and shared[0] is history:
+                lm.history = _fresh(shared[1])
+                continue
+            grown = [snapshot for _, snapshot in self._lm_histories.values()
+                     if len(history) > len(snapshot) and all(map(_same_entry, history, snapshot))]
+            if grown:
+                lm.history = _fresh(max(grown, key=len))
 
     def get(self, fingerprint: str, texts: Mapping[str, str]) -> BuiltProgram:
         """The shared program for a candidate, and which of its predictors made a trace step."""
@@ -336,6 +344,17 @@ class ProgramCodec:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return entry
+
+
+def _same_entry(copied: Any, original: Any) -> bool:
+    """Whether a copied history entry is ``original``: by DSPy's uuid where both have one (a copied
+    response object need not compare equal), else by equality."""
+    if isinstance(copied, dict) and isinstance(original, dict) and "uuid" in copied and "uuid" in original:
+        return bool(copied["uuid"] == original["uuid"])
+    try:
+        return bool(copied == original)
+    except Exception:  # noqa: BLE001 - an entry that cannot be compared is not known to be the same
+        return False
 
 
 def _fresh(snapshot: list[Any]) -> list[Any]:
