@@ -398,7 +398,9 @@ def _deepcopy_module(module: BaseModule, fresh_memo: Callable[[], dict[int, Any]
             continue
         try:
             setattr(new, attr, copy.deepcopy(value, fresh_memo()))
-        except Exception:  # noqa: BLE001 - as DSPy: a shallow copy, else the object itself
+        except Exception as exc:  # noqa: BLE001 - as DSPy: a shallow copy, else the object itself
+            logger.debug("%s.%s cannot be deep-copied (%s); copied shallowly", type(module).__name__, attr,
+                         type(exc).__name__)
             try:
                 setattr(new, attr, copy.copy(value))
             except Exception:  # noqa: BLE001
