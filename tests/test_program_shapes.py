@@ -709,23 +709,27 @@ def test_every_way_of_building_a_candidate_gives_its_lm_the_history_of_compile_s
         assert built.rag.index is student.rag.index and _BigIndex.copies == copies_before
 
 
+class _Swapping(dspy.Module):
+    """A user's deepcopy() that rebuilds the module with its two predictors' LMs swapped (from a config
+    that lists them in another order, say): handed over as they are, or deep-copied."""
+
+    def __init__(self, a_lm, b_lm, copy_lms: bool) -> None:
+        super().__init__()
+        self.a, self.b = dspy.Predict("q -> x"), dspy.Predict("x -> y")
+        self.a.lm, self.b.lm, self.copy_lms = a_lm, b_lm, copy_lms
+
+    def deepcopy(self):
+        lms = (copy.deepcopy(self.b.lm), copy.deepcopy(self.a.lm)) if self.copy_lms else (self.b.lm, self.a.lm)
+        return _Swapping(*lms, copy_lms=self.copy_lms)
+
+
 def test_a_build_never_resets_the_history_of_an_lm_the_student_holds() -> None:
     """A user's deepcopy() that hands the student's own LMs to the copy under other predictor names
     (rebuilt from a config, say): those LMs are the user's, and their history is theirs to keep."""
     from dspy_turbogepa.adapter.program import ProgramCodec
 
     first, second = dspy.LM("openai/a", cache=False), dspy.LM("openai/b", cache=False)
-
-    class Swapping(dspy.Module):
-        def __init__(self, a_lm, b_lm) -> None:
-            super().__init__()
-            self.a, self.b = dspy.Predict("q -> x"), dspy.Predict("x -> y")
-            self.a.lm, self.b.lm = a_lm, b_lm
-
-        def deepcopy(self):
-            return Swapping(self.b.lm, self.a.lm)
-
-    codec = ProgramCodec(Swapping(first, second))
+    codec = ProgramCodec(_Swapping(first, second, copy_lms=False))
     first.history.extend({"run": i} for i in range(5))
     second.history.extend({"run": i} for i in range(7))
     built = codec.build({})
@@ -752,24 +756,12 @@ def test_a_copied_lm_gets_its_own_snapshot_whatever_its_predictor_is_called() ->
     """The snapshot was found by the predictor's name in the student: a user's deepcopy() that renames or
     swaps predictors (copying their LMs) left the run's history in, or gave an LM another LM's snapshot;
     an aliased predictor copied attribute by attribute kept the shared list itself."""
-    import copy as copy_module
-
     from dspy_turbogepa.adapter.program import ProgramCodec
 
     first, second = dspy.LM("openai/a", cache=False), dspy.LM("openai/b", cache=False)
     first.history.append({"who": "first"})
     second.history.append({"who": "second"})
-
-    class Swapping(dspy.Module):
-        def __init__(self, a_lm, b_lm) -> None:
-            super().__init__()
-            self.a, self.b = dspy.Predict("q -> x"), dspy.Predict("x -> y")
-            self.a.lm, self.b.lm = a_lm, b_lm
-
-        def deepcopy(self):
-            return Swapping(copy_module.deepcopy(self.b.lm), copy_module.deepcopy(self.a.lm))
-
-    codec = ProgramCodec(Swapping(first, second))
+    codec = ProgramCodec(_Swapping(first, second, copy_lms=True))
     first.history.append({"who": "first, during the run"})
     second.history.append({"who": "second, during the run"})
     built = codec.build({})
