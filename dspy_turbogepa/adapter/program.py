@@ -265,6 +265,8 @@ class ProgramCodec:
             history = getattr(getattr(pred, "lm", None), "history", None)
             if isinstance(history, list) and id(history) not in self._lm_histories:
                 self._lm_histories[id(history)] = (history, list(history))  # the list itself: its id stays its own
+        #: the LMs the student holds: the user's, never given a snapshot (a user's deepcopy() may share them)
+        self._student_lms = {id(p.lm) for p in self._student_predictors.values() if getattr(p, "lm", None)}
         self._cache: OrderedDict[str, BuiltProgram] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -311,14 +313,13 @@ class ProgramCodec:
         deepcopy(). Matched by the history, not the predictor's name (a copy may rename or alias
         predictors): the shared list by identity, a copied one by the longest snapshot it starts with
         (DSPy's entries carry a uuid). An LM the student holds is the user's and left alone."""
-        students = {id(getattr(p, "lm", None)) for _, p in all_named_predictors(self._template)}
         for _, pred in all_named_predictors(program):
             lm = getattr(pred, "lm", None)
             history = getattr(lm, "history", None)
-            if lm is None or id(lm) in students or not isinstance(history, list):
+            if lm is None or id(lm) in self._student_lms or not isinstance(history, list):
                 continue
-            shared = self._lm_histories.get(id(history))
-            if shared is not None and shared[0] is history:
+            shared = self._lm_histories.get(id(history))  # the lists are kept alive: an id is theirs alone
+            if shared is not None:
                 lm.history = _fresh(shared[1])
                 continue
             grown = [snapshot for _, snapshot in self._lm_histories.values()

@@ -698,26 +698,28 @@ class _HttpRetryOverride:
                 self._apply()
 
     def _apply(self) -> None:
+        retries_name, timeout_name = self._NAMES
         if not self._active:
-            for name, previous in self._saved.items():
-                if previous is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = previous
+            for name in self._NAMES:
+                self._put_back(name)
             return
         retries = max(r for r, _ in self._active)
-        user_retries = self._saved.get(self._NAMES[0])
+        user_retries = self._saved.get(retries_name)
         if user_retries is not None and user_retries.strip().isdigit():  # fewer, never more, than the user's
             retries = min(retries, int(user_retries))
-        os.environ[self._NAMES[0]] = str(retries)
+        os.environ[retries_name] = str(retries)
         timeouts = [t for _, t in self._active if t is not None]
-        previous = self._saved.get(self._NAMES[1])
         if timeouts:
-            os.environ[self._NAMES[1]] = str(max(timeouts))
-        elif previous is None:
-            os.environ.pop(self._NAMES[1], None)
+            os.environ[timeout_name] = str(max(timeouts))
         else:
-            os.environ[self._NAMES[1]] = previous
+            self._put_back(timeout_name)
+
+    def _put_back(self, name: str) -> None:
+        previous = self._saved.get(name)
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 #: MLflow's HTTP retries with backoff take minutes against a server that answers 5xx: while this is on,
@@ -754,17 +756,17 @@ def _safe_uri(uri: str) -> str:
     return mask_text(strip_userinfo(uri))
 
 
-def _mlflow_tls_settings() -> dict[str, Any]:
-    """``requests`` arguments for the TLS settings MLflow's own client reads from the environment: a
-    server behind a private CA or asking for a client certificate, which MLflow reaches, must not look
-    down to the health check (it did, and nothing was tracked)."""
-    out: dict[str, Any] = {}
-    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").strip().lower() in ("true", "1"):
-        out["verify"] = False
-    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-        out["verify"] = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
-    if os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
-        out["cert"] = os.environ["MLFLOW_TRACKING_CLIENT_CERT_PATH"]
+def _mlflow_tls_settings(uri: str) -> dict[str, Any]:
+    """``requests`` arguments for the TLS settings MLflow's own client uses (``MLFLOW_TRACKING_INSECURE_TLS``,
+    ``_SERVER_CERT_PATH``, ``_CLIENT_CERT_PATH``, read by MLflow itself): a server behind a private CA or
+    asking for a client certificate, which MLflow reaches, must not look down to the health check (it
+    did, and nothing was tracked)."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)
+    out: dict[str, Any] = {"verify": creds.verify}
+    if creds.client_cert_path:
+        out["cert"] = creds.client_cert_path
     return out
 
 
@@ -779,7 +781,7 @@ def _probe_tracking_server(uri: str, timeout: float) -> str | None:
     try:
         import requests
 
-        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, **_mlflow_tls_settings())
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, **_mlflow_tls_settings(uri))
     except Exception as exc:  # noqa: BLE001
         hint = (" (MLflow's TLS settings are honoured: MLFLOW_TRACKING_SERVER_CERT_PATH for a private CA, "
                 "MLFLOW_TRACKING_INSECURE_TLS=true to skip verification)"
