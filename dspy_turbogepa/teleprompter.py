@@ -58,7 +58,7 @@ from dspy_turbogepa.engine.records import EngineResult, RunStats
 from dspy_turbogepa.engine.systemic import MAX_PROPOSAL_WINDOW, NO_STORE_ADVICE, RESUME_ADVICE
 from dspy_turbogepa.engine.types import Split
 from dspy_turbogepa.errors import ConfigurationError, SystemicFailureError
-from dspy_turbogepa.gepa_kwargs import interpret_gepa_kwargs
+from dspy_turbogepa.gepa_kwargs import GepaKwargsReader, MappedGepaKwargs
 from dspy_turbogepa.proposers.reflection import ReflectiveProposer
 from dspy_turbogepa.redaction import (
     run_secrets,
@@ -128,8 +128,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     dspy.GEPA's arguments keep their names and defaults; the differences (docs/deviations.md has them
     all) are mostly checks made in the constructor instead of mid-run: ``perfect_score=None`` needs
     ``skip_perfect_score=False``; ``candidate_selection_strategy`` also takes ``"epsilon_greedy"`` and
-    ``"top_k_pareto"`` but not a gepa ``CandidateSelector`` object; ``use_wandb=True`` and
-    ``code_proposer`` raise ``NotImplementedError``; ``seed=None`` runs as seed 0;
+    ``"top_k_pareto"`` but not a gepa ``CandidateSelector`` object; ``use_wandb=True`` raises
+    ``NotImplementedError`` (``code_proposer`` has no effect: a student with ``dspy.Flex`` submodules is
+    refused by ``compile``); ``seed=None`` runs as seed 0;
     ``max_merge_invocations=None`` means no limit; ``gepa_kwargs`` keys are mapped, refused or ignored
     with a warning (``dspy_turbogepa.gepa_kwargs``).
 
@@ -221,7 +222,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         auto: Literal["light", "medium", "heavy"] | None = None,
         max_full_evals: int | None = None,
         max_metric_calls: int | None = None,
-        reflection_minibatch_size: int = 3,
+        reflection_minibatch_size: int | None = 3,
         candidate_selection_strategy: Literal["pareto", "current_best", "epsilon_greedy", "top_k_pareto"] = "pareto",
         reflection_lm: dspy.LM | None = None,
         skip_perfect_score: bool = True,
@@ -272,12 +273,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 f"max_metric_calls={max_metric_calls}, max_full_evals={max_full_evals}, auto={auto}. "
                 "For example: TurboGEPA(metric, auto='light', ...) or TurboGEPA(metric, max_metric_calls=500, ...)."
             )
-        if auto is not None and auto not in AUTO_RUN_SETTINGS:
+        if auto is not None and (not isinstance(auto, str) or auto not in AUTO_RUN_SETTINGS):
             raise ValueError(f"auto must be one of {sorted(AUTO_RUN_SETTINGS)}, got {auto!r}.")
         max_metric_calls = _positive_int("max_metric_calls", max_metric_calls)
         max_full_evals = _positive_int("max_full_evals", max_full_evals)
+        # None: gepa's own default (``reflection_minibatch_size or 3``), and what a custom batch_sampler needs
+        minibatch_size_given = reflection_minibatch_size is not None
         reflection_minibatch_size = _positive_int(
-            "reflection_minibatch_size", reflection_minibatch_size, allow_none=False)  # type: ignore[assignment]
+            "reflection_minibatch_size", 3 if reflection_minibatch_size is None else reflection_minibatch_size,
+            allow_none=False)
         num_threads = _positive_int("num_threads", num_threads)
         max_mutations_in_flight = _positive_int("max_mutations_in_flight", max_mutations_in_flight)
         max_reflections_in_flight = _positive_int("max_reflections_in_flight", max_reflections_in_flight)
@@ -346,8 +350,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                 args=(None,) * 5)
         if use_wandb:
             raise NotImplementedError("use_wandb=True is not supported by TurboGEPA yet; use use_mlflow or log_dir.")
-        if code_proposer is not None:
-            raise NotImplementedError("code_proposer (dspy.Flex code optimization) is not supported by TurboGEPA yet.")
+        if code_proposer is not None:  # dspy.GEPA uses it only for dspy.Flex submodules, which compile() refuses
+            logger.warning("code_proposer is used only to evolve dspy.Flex submodules, which TurboGEPA does not "
+                           "optimize yet (compile() refuses a student that has one): it has no effect here.")
         failure_score = _check_score(
             "failure_score", failure_score, "a failed example needs a score (dspy.GEPA's default is 0.0)")
         if perfect_score is None:  # dspy.GEPA accepts it for metrics without a maximum
@@ -357,8 +362,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                     "be skipped as solved. Pass skip_perfect_score=False, or the metric's maximum as perfect_score."
                 )
         else:
-            perfect_score = _check_score(
-                "perfect_score", perfect_score, "pass the metric's maximum (default 1.0), or None")
+            perfect_score = _check_score(  # inf: a threshold no score reaches, as dspy.GEPA reads it
+                "perfect_score", perfect_score, "pass the metric's maximum (default 1.0), or None", allow_inf=True)
             if skip_perfect_score and failure_score >= perfect_score:
                 # every failed example would count as solved: minibatches of failures skipped, never reflected on
                 raise ConfigurationError(
@@ -367,6 +372,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                     "Give failure_score the metric's worst score (default 0.0).")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a str or os.PathLike (a directory path), got {type(log_dir).__name__}.")
+        if log_dir is not None and os.fspath(log_dir) == "":
+            log_dir = "."  # dspy.GEPA joins file names onto it: its files go to the current directory
         if seed is not None:
             number = _as_int(seed)
             if number is None:
@@ -383,8 +390,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             )
         if gepa_kwargs is not None and not isinstance(gepa_kwargs, dict):
             raise TypeError(f"gepa_kwargs must be a dict or None, got {type(gepa_kwargs).__name__}.")
-        self._mapped_gepa_kwargs = interpret_gepa_kwargs(gepa_kwargs or {})
-        mapped = self._mapped_gepa_kwargs
+        self._gepa_kwargs_reader = GepaKwargsReader(minibatch_size_given=minibatch_size_given)
+        mapped = self._gepa_kwargs_reader.read(gepa_kwargs or {})
         if (mapped.mlflow_tracking_uri or mapped.mlflow_experiment_name) and not use_mlflow:
             logger.warning("gepa_kwargs['mlflow_tracking_uri'] / ['mlflow_experiment_name'] apply with use_mlflow=True "
                            "(as in gepa); with use_mlflow=False they have no effect.")
@@ -490,6 +497,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                    f"compile() by another optimizer marks its result so): set its _compiled = False to "
                    f"optimize it." if hidden else ""))
         check_predictor_lms(predictors)
+        self._gepa_settings()  # gepa_kwargs changed since the constructor: checked before any LM call
+        if (self.reflection_lm is None and is_builtin_proposer(self.custom_instruction_proposer)
+                and dspy.settings.lm is None):
+            raise ConfigurationError(
+                "No reflection LM: reflection_lm is None and no LM is configured (dspy.configure(lm=...)), so "
+                "instruction_proposer=InstructionProposer() has no model to write instructions with. Pass "
+                "reflection_lm=dspy.LM(...), or configure an LM.")
 
         budget = self._resolve_budget(len(predictors), trainset, valset)
         if valset is None:
@@ -624,8 +638,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 # with log_dir, its plots are uploaded instead
                 plot_path=None if self.log_dir or self.plot_format is None else True,
                 plot_format=self.plot_format or "svg",
-                tracking_uri=self._mapped_gepa_kwargs.mlflow_tracking_uri,
-                experiment_name=self._mapped_gepa_kwargs.mlflow_experiment_name,
+                tracking_uri=self._gepa_settings().mlflow_tracking_uri,
+                experiment_name=self._gepa_settings().mlflow_experiment_name,
             )
             cleanup.push(lambda _t, exc, _tb: tracker.abort(exc) if exc is not None else None)
         # SVG only: a PNG takes about a second to draw, too long to hold the engine's loop for
@@ -896,12 +910,17 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         self.max_metric_calls = budget
         return int(budget)
 
+    def _gepa_settings(self) -> MappedGepaKwargs:
+        """``gepa_kwargs`` as this compile reads it: dspy.GEPA reads the attribute at compile time, so a
+        change made after the constructor counts (and is checked) here too."""
+        return self._gepa_kwargs_reader.read(self.gepa_kwargs or {})
+
     def _engine_config(
         self, budget: int, num_threads: int, val_size: int, n_examples: int | None = None
     ) -> EngineConfig:
         """``n_examples``: the distinct examples the run can evaluate (valset and trainset, or one of them
         when they are the same): no more evaluations can fail when every one does."""
-        mapped = self._mapped_gepa_kwargs
+        mapped = self._gepa_settings()
         mutations = self.max_mutations_in_flight or default_mutations_in_flight(num_threads)
         reflections = self.max_reflections_in_flight or min(mutations, default_reflections_in_flight(num_threads))
         return EngineConfig(
@@ -909,7 +928,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             max_evals_in_flight=num_threads,
             max_mutations_in_flight=mutations,
             max_reflections_in_flight=reflections,
-            reflection_minibatch_size=self.reflection_minibatch_size,
+            reflection_minibatch_size=self.reflection_minibatch_size or 3,  # None: gepa's default
             rung_fractions=self.rung_fractions or default_rung_fractions(val_size, self.reduction_factor),
             candidate_selection=self.candidate_selection_strategy,
             minibatch_sampling=self.minibatch_sampling,
@@ -947,13 +966,16 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
 _SEARCH_HOOK_FAILURES = frozenset({"stop_callback_error", "no_components", "selector_error"})
 
 
-def _check_score(name: str, value: Any, fix: str) -> float:
+def _check_score(name: str, value: Any, fix: str, allow_inf: bool = False) -> float:
     """The score as a float: a NumPy number (``np.float32(0)``) is one too, as dspy.GEPA accepts it, and
-    must not reach the run key or summary.json as a NumPy type."""
+    must not reach the run key or summary.json as a NumPy type. ``allow_inf``: for a threshold, which is
+    compared with scores and never summed, ``+inf`` means "never reached"."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}: {fix}.")
+    if allow_inf and value == math.inf:
+        return math.inf
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}: every aggregate score would be {value!r}.")
+        raise ValueError(f"{name} must be finite{' or inf' if allow_inf else ''}, got {value!r}: {fix}.")
     return float(value)
 
 

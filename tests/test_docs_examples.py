@@ -490,7 +490,7 @@ CONSTRUCTOR_CASES = [
     ("not a number (`failure_score=None`)", {"failure_score": None}, ["failure_score", "failed example"]),
     ("not a number (`failure_score=None`)", {"perfect_score": "1"}, ["perfect_score", "maximum"]),
     ("NaN or infinite", {"failure_score": math.nan}, ["failure_score"]),
-    ("NaN or infinite", {"perfect_score": math.inf}, ["perfect_score"]),
+    ("NaN or infinite", {"perfect_score": -math.inf}, ["perfect_score"]),
     ("`perfect_score=None` with", {"perfect_score": None}, ["perfect_score", "skip_perfect_score=False"]),
     ("`failure_score >= perfect_score`", {"failure_score": 1.0}, ["failure_score=1.0", "perfect_score=1.0"]),
     ("`seed` not an integer", {"seed": "1"}, ["'1'"]),
@@ -522,8 +522,11 @@ CONSTRUCTOR_CASES = [
      ["instruction_proposer"]),
     ("`gepa_kwargs` keys with no equivalent", {"gepa_kwargs": {"custom_candidate_proposer": print}},
      ["instruction_proposer"]),
-    ("`use_wandb=True`, `code_proposer`", {"use_wandb": True}, ["use_wandb"]),
-    ("`use_wandb=True`, `code_proposer`", {"code_proposer": object()}, ["code_proposer"]),
+    ("`use_wandb=True`", {"use_wandb": True}, ["use_wandb"]),
+    ("`gepa_kwargs` values gepa refuses", {"gepa_kwargs": {"task_lm": "openai/x"}}, ["task_lm", "Remove it"]),
+    ("`gepa_kwargs` values gepa refuses", {"gepa_kwargs": {"frontier_type": "bogus"}}, ["frontier_type", "'instance'"]),
+    ("`gepa_kwargs` values gepa refuses", {"gepa_kwargs": {"batch_sampler": object()}},
+     ["batch_sampler", "reflection_minibatch_size=None"]),
 ]
 
 

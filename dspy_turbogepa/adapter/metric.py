@@ -21,13 +21,14 @@ from dspy_turbogepa.redaction import mask_text
 def check_metric_signature(metric: Callable[..., Any]) -> None:
     """Same check and exception type as dspy.GEPA, with a message that shows the fix; stricter where a
     metric can never work, so that it fails here and not after the seed's LM calls: a ``dspy.Module``
-    judge is checked through its ``forward`` (its ``__call__`` takes anything), and an ``async def``
+    judge is checked through its ``forward`` (``dspy.Module.__call__`` takes anything), unless its class
+    defines its own ``__call__``, and an ``async def``
     metric is refused (GEPA calls the metric synchronously, from worker threads; it would return an
     un-awaited coroutine)."""
     if not callable(metric):
         raise TypeError(f"metric must be callable, got {type(metric).__name__}.")
     target: Any = metric
-    if isinstance(metric, dspy.Module):
+    if isinstance(metric, dspy.Module) and _calls_forward(type(metric)):
         forward = _judge_forward(metric)
         if callable(forward):
             target = forward
@@ -43,13 +44,21 @@ def check_metric_signature(metric: Callable[..., Any]) -> None:
     try:
         sig.bind(None, None, None, None, None)
     except TypeError as e:
-        name = getattr(target, "__qualname__", None) or getattr(metric, "__name__", None) or "metric"
+        name = (getattr(target, "__qualname__", None) or getattr(metric, "__name__", None)
+                or f"{type(target).__qualname__}.__call__")  # a callable object
         raise TypeError(
             "GEPA metric must accept five arguments: (gold, pred, trace, pred_name, pred_trace). "
             f"Your metric's signature is {name}{sig}. "
             "Define it as `def metric(gold, pred, trace=None, pred_name=None, pred_trace=None)`"
             + (" (for a dspy.Module judge: its `forward`)." if target is not metric else ".")
         ) from e
+
+
+def _calls_forward(cls: type) -> bool:
+    """Whether calling the judge runs ``dspy.Module.__call__`` (which hands everything to ``forward``):
+    a judge class that defines its own ``__call__``, e.g. to adapt a two-argument ``forward`` to GEPA's
+    five, is called through that, so that is the signature to check."""
+    return inspect.getattr_static(cls, "__call__", None) is inspect.getattr_static(dspy.Module, "__call__")
 
 
 def _judge_forward(judge: dspy.Module) -> Any:
