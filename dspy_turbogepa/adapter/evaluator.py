@@ -66,6 +66,7 @@ from dspy_turbogepa.adapter.ratelimit import (
     Verdict,
     classify,
     error_attr,
+    exception_chain,
 )
 from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 from dspy_turbogepa.engine.aimd import AimdRegistry
@@ -689,10 +690,13 @@ class DspyEvaluator:
             service = verdict.service_failure
             failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
             message = _describe(error)
-            failed_signature = error_attr(error, "signature")
+            # the parse error itself, wherever it is in the chain: a program that re-raises it as its own
+            # error (or a JSON-mode retry that failed after it) keeps its signature and the model's answer
+            parse_error = next((e for e in exception_chain(error) if type(e).__name__ == "AdapterParseError"), error)
+            failed_signature = error_attr(parse_error, "signature")
             trajectory = DspyTrajectory(
                 example, None, steps, raw_trace, message, fatal or types[0], failure,
-                raw_completion=error_attr(error, "lm_response"),
+                raw_completion=error_attr(parse_error, "lm_response"),
                 failed_signature=failed_signature, service_failure=service,
                 failed_predictor=(names.signature_owner(failed_signature) if failed_signature is not None
                                   else names.raised_in(error)),

@@ -114,7 +114,8 @@ class PredictorNames:
                 return None
             if found is not None:
                 return found or None
-            current = current.__cause__
+            # ``raise X from e``, or ``raise X`` while handling ``e``: where ``e`` was raised
+            current = current.__cause__ or current.__context__
         return None
 
     def _innermost_predictor(self, error: BaseException) -> str | None:

@@ -244,6 +244,9 @@ class ReflectiveDatasetBuilder:
             sig = traj.failed_signature
             if traj.failed_predictor is not None and traj.failed_predictor != name:
                 return None  # another predictor's output failed to parse
+            if traj.failed_predictor is None and sig is None:
+                return None  # whose output it was is unknown: telling every predictor that did not run would
+                # reach one that never runs (dspy.GEPA gives no predictor a record here either)
             if traj.failed_predictor is None and sig is not None and not _same_fields(
                     sig, self._codec.student_predictor(name).signature):
                 return None
@@ -349,4 +352,6 @@ def _why_no_record(name: str, traj: DspyTrajectory) -> str:
         return "where it did not run"
     if traj.failure == "program_error" and not traj.service_failure and _program_error_owner(traj) != name:
         return "where the program failed outside it"
+    if traj.failure == "format_error" and traj.failed_predictor != name:
+        return "where another predictor's output failed to parse"
     return "whose feedback was unusable"
