@@ -52,6 +52,7 @@ from dspy_turbogepa.adapter.lm_copies import (
     endpoint_key,
     endpoint_model,
     judge_usage_attached,
+    raised_by_endpoint,
     rollout_usage,
 )
 from dspy_turbogepa.adapter.metric import read_metric_return
@@ -276,13 +277,27 @@ class DspyEvaluator:
         # must not use up its time.
         first_failed: dict[str, tuple[float, float]] = {}  # kind -> (clock, time not counted so far) at its first
         uncounted = {"rate_limited": 0.0, "transient": 0.0}
+        last: tuple[_Attempt, Verdict, PredictorNames] | None = None  # the failure being retried
         while True:
             asked = self._clock()
-            tickets = await self._windows.acquire_all(keys)
+            # a 429's retry waits out the endpoints' cool-downs only for what is left of its policy: past
+            # it, the retry could only be given up, after holding the slot that long
+            left = None
+            if last is not None and last[1].kind == "rate_limited":
+                since, uncounted_before = first_failed["rate_limited"]
+                elapsed = asked - since - (uncounted["rate_limited"] - uncounted_before)
+                left = max(0.0, self._rl_policy.max_elapsed_s - elapsed)
+            tickets = await self._windows.acquire_all(keys, left)
             cooled = sum(t.cooldown_s for t in tickets)
             waited = max(0.0, self._clock() - asked)
             uncounted["rate_limited"] += max(0.0, waited - cooled)
             uncounted["transient"] += waited
+            if last is not None and any(t.cut_short for t in tickets):
+                self._windows.release_all(tickets)
+                since, uncounted_before = first_failed["rate_limited"]
+                elapsed = self._clock() - since - (uncounted["rate_limited"] - uncounted_before)
+                return self._give_up(last[0], last[1], retries["rate_limited"], elapsed, usage,
+                                     retries["rate_limited"], example, example_id, last[2], split, capture_traces)
             result, hint, only = "neutral", None, None
             try:
                 program, names = built.for_call()
@@ -297,7 +312,9 @@ class DspyEvaluator:
                     if result == "success":
                         self._fatal = self._fatal_once_answered
                 elif verdict.kind == "rate_limited":
-                    result, hint, only = "rate_limited", verdict.retry_after, self._keys_of(verdict.model, keys)
+                    result, hint = "rate_limited", verdict.retry_after
+                    only = self._keys_of(verdict.model, keys, raised_by_endpoint(attempt.error)
+                                         if attempt.error is not None else None)
             finally:
                 self._windows.release_all(tickets, result, hint, only)  # type: ignore[arg-type]
             if verdict is None:
@@ -317,6 +334,7 @@ class DspyEvaluator:
                                      example_id, names, split, capture_traces)
             self._stats.count(kind, "retry", backoff_s=delay)
             retries[kind] += 1
+            last = (attempt, verdict, names)
             if not rate_limited:
                 # once per error type at INFO (a flaky server made three of every four log lines these);
                 # the counts are in run_stats["rate_limits"] (transient_retries) and the summary
@@ -400,9 +418,14 @@ class DspyEvaluator:
         return frozenset(keys), uses_context
 
     @staticmethod
-    def _keys_of(model: str | None, keys: set[str]) -> set[str] | None:
-        """The endpoints a 429 is charged to: those of the model the error names, else all of them."""
-        if not model or len(keys) <= 1:
+    def _keys_of(model: str | None, keys: set[str], endpoint: str | None = None) -> set[str] | None:
+        """The endpoints a 429 is charged to: the one whose LM copy raised it, else those of the model the
+        error names, else all of them."""
+        if len(keys) <= 1:
+            return None
+        if endpoint in keys:
+            return {endpoint}
+        if not model:
             return None
         bare = model.rsplit("/", 1)[-1]
         hits = {k for k in keys if endpoint_model(k) == model or endpoint_model(k).rsplit("/", 1)[-1] == bare}

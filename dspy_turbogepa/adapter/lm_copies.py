@@ -34,6 +34,7 @@ from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import LMProviderError
 from dspy.utils.usage_tracker import UsageTracker
 
+from dspy_turbogepa.adapter.ratelimit import exception_chain
 from dspy_turbogepa.redaction import endpoint_url
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,33 @@ def endpoint_key(lm: Any) -> str:
 
 
 def endpoint_model(key: str) -> str:
-    return key.split("@", 1)[0]
+    """The model of an :func:`endpoint_key`: before its last ``@`` when a URL follows it (a model name may
+    hold an ``@`` itself: Vertex's ``claude-3-5-sonnet@20240620``)."""
+    model, sep, base = key.rpartition("@")
+    return model if sep and ("/" in base or ":" in base) else key
+
+
+#: Attribute our LM copies set on an error they raise: the endpoint key of the copy, so that a 429 is
+#: charged to the endpoint that answered it, not to every endpoint serving a model of that name.
+ENDPOINT_ATTR = "_turbogepa_endpoint"
+
+
+def raised_by_endpoint(exc: BaseException) -> str | None:
+    """The endpoint key one of our LM copies tagged ``exc`` (or an exception it wraps) with."""
+    for cur in exception_chain(exc):
+        key = getattr(cur, ENDPOINT_ATTR, None)
+        if isinstance(key, str):
+            return key
+    return None
+
+
+def _tag_endpoint(exc: BaseException, lm: Any) -> None:
+    if getattr(exc, ENDPOINT_ATTR, None) is not None:
+        return
+    try:
+        setattr(exc, ENDPOINT_ATTR, endpoint_key(lm))
+    except (AttributeError, TypeError) as err:  # an exception class with __slots__: charged by model name
+        logger.debug("Could not note the endpoint on %s: %s", type(exc).__name__, err)
 
 
 #: dspy settings key of the list a rollout's LM errors are noted in (dspy.Parallel copies the settings
@@ -364,6 +391,7 @@ def _error_noting_class(base: type) -> type:
                 except _CachedNoChoices:  # see _CachedNoChoices: ask the service itself, once
                     return _some_output(self, super().__call__(*args, **_uncached(self, kwargs, "forward")))
             except Exception as exc:
+                _tag_endpoint(exc, self)
                 note_lm_error(exc)
                 raise
 
@@ -375,6 +403,7 @@ def _error_noting_class(base: type) -> type:
                 except _CachedNoChoices:
                     return _some_output(self, await super().acall(*args, **_uncached(self, kwargs, "aforward")))
             except Exception as exc:
+                _tag_endpoint(exc, self)
                 note_lm_error(exc)
                 raise
 

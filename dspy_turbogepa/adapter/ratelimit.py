@@ -344,7 +344,14 @@ def classify(exc: BaseException, fatal: frozenset[str]) -> Verdict:
             return Verdict("rate_limited", retry_after_of(exc), model, name)
     for cur, name in zip(chain, names):
         if name in TRANSIENT_TYPES or _status(cur) in _TRANSIENT_STATUS:
-            return Verdict("transient", retry_after_of(exc), model, name)
+            retry_after = retry_after_of(exc)
+            if retry_after is not None or any(_status(c) == 529 for c in chain):
+                # An overloaded server pacing its clients (a 503 with Retry-After, Anthropic's 529): a 429 in
+                # all but the number. Retried alone, each rollout gave up after 3 tries in seconds (every one
+                # of a short outage scored failure_score), and a maintenance window's "come back in an hour"
+                # was given up at once, ending the search as "no progress" instead of stopping it.
+                return Verdict("rate_limited", retry_after, model, name)
+            return Verdict("transient", retry_after, model, name)
     unusable = any(name in SERVICE_ERROR_TYPES and _from_lm_stack(cur) for cur, name in zip(chain, names))
     return Verdict(None, error_type=names[0], unusable_answer=unusable)
 

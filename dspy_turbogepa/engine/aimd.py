@@ -44,12 +44,14 @@ __all__ = ["AimdRegistry", "AimdWindow", "Ticket"]
 
 @dataclass(frozen=True)
 class Ticket:
-    """Proof of one acquired slot: which window, the decrease epoch it was granted in, and how long it
-    waited out a cool-down once it had the slot (a rate limit's pause, which a retry policy counts)."""
+    """Proof of one acquired slot: which window, the decrease epoch it was granted in, how long it
+    waited out a cool-down once it had the slot (a rate limit's pause, which a retry policy counts), and
+    whether the cool-down outlasted the wait the caller allowed (it must not send, then)."""
 
     key: str
     epoch: int
     cooldown_s: float = 0.0
+    cut_short: bool = False
 
 
 class AimdWindow:
@@ -136,8 +138,10 @@ class AimdWindow:
         }
 
     # ------------------------------------------------------------------ acquire / release
-    async def acquire(self) -> Ticket:
-        """Wait for a slot (FIFO), then for the end of any cool-down; returns the ticket to release."""
+    async def acquire(self, max_cooldown_s: float | None = None) -> Ticket:
+        """Wait for a slot (FIFO), then for the end of any cool-down, or ``max_cooldown_s`` of it (a retry
+        with that much left of its policy: waiting longer would outlast the policy, so the ticket comes
+        back ``cut_short``); returns the ticket to release."""
         if self._in_use < self._window and not self._waiters:
             self._in_use += 1
         else:
@@ -155,11 +159,17 @@ class AimdWindow:
                 raise
         # We hold a slot. A cool-down (from a 429 seen by anyone) must pass before we may send.
         cooled = 0.0
+        cut_short = False
         try:
             while True:
                 remaining = self._cooldown_until - self._clock()
                 if remaining <= 0:
                     break
+                if max_cooldown_s is not None:
+                    if cooled >= max_cooldown_s:
+                        cut_short = True
+                        break
+                    remaining = min(remaining, max_cooldown_s - cooled)
                 self.cooldown_wait_s += remaining
                 cooled += remaining
                 await self._sleep(remaining)
@@ -167,7 +177,7 @@ class AimdWindow:
             self._give_back()
             raise
         self.grants += 1
-        return Ticket(self.key, self._epoch, cooled)
+        return Ticket(self.key, self._epoch, cooled, cut_short)
 
     def release(self, ticket: Ticket, outcome: Outcome = "neutral", retry_after: float | None = None) -> None:
         """Give the slot back, recording what the rollout saw: ``success`` grows the window,
@@ -266,12 +276,14 @@ class AimdRegistry:
     def windows(self) -> dict[str, AimdWindow]:
         return dict(self._windows)
 
-    async def acquire_all(self, keys: Iterable[str]) -> list[Ticket]:
-        """One slot in each distinct window, taken in sorted key order (no lock-order deadlock)."""
+    async def acquire_all(self, keys: Iterable[str], max_cooldown_s: float | None = None) -> list[Ticket]:
+        """One slot in each distinct window, taken in sorted key order (no lock-order deadlock); their
+        cool-downs together waited out for at most ``max_cooldown_s``."""
         tickets: list[Ticket] = []
         try:
             for key in sorted(set(keys)):
-                tickets.append(await self.window(key).acquire())
+                left = None if max_cooldown_s is None else max(0.0, max_cooldown_s - sum(t.cooldown_s for t in tickets))
+                tickets.append(await self.window(key).acquire(left))
         except BaseException:
             self.release_all(tickets)
             raise

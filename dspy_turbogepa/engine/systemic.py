@@ -84,8 +84,8 @@ _PROPOSER_HINT = "Check reflection_lm (or instruction_proposer) and run again."
 RESUME_ADVICE = "Finished evaluations are kept: rerun with the same log_dir (they are not paid again)."
 NO_STORE_ADVICE = ("This run had no log_dir, so nothing was kept: set log_dir=... for the rerun, and a later rerun "
                    "with it will not pay again for what finished.")
-QUOTA_HINT = ("Its quota is likely used up until the time the server gave: rerun after that, or use another key or "
-              f"endpoint. {RESUME_ADVICE}")
+QUOTA_HINT = ("Its quota is likely used up (or, on a 503 or 529, the service is down for maintenance) until the time "
+              f"the server gave: rerun after that, or use another key or endpoint. {RESUME_ADVICE}")
 _PROPOSER_HINTS = {
     "feedback_error": "Check what the metric does when called with pred_name (the feedback call) and run again.",
     "selector_error": "Check component_selector: it must return names of the program's predictors (it receives "
@@ -374,7 +374,8 @@ class SystemicFailureDetector:
             return
         if outcome.fatal and outcome.failure == "rate_limited":
             raise SystemicFailureError(
-                f"Stopping: an LM is rate limited for longer than the retry policy waits: {outcome.message}. "
+                "Stopping: an LM is rate limited (or overloaded) for longer than the retry policy waits: "
+                f"{outcome.message}. "
                 f"{QUOTA_HINT}",
                 failure=outcome.failure,
                 error_type=outcome.error_type,

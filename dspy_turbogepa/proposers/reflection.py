@@ -337,7 +337,7 @@ class ReflectiveProposer:
                 policy = self._rl_policy if kind == "rate_limited" else self._tr_policy
                 self._rl_stats.count(kind, "seen")
                 delay = None if self._stopping.is_set() else policy.delay(
-                    retries.done[kind], verdict.retry_after, self._rng, time.monotonic() - retries.started)
+                    retries.done[kind], verdict.retry_after, self._rng, retries.elapsed(kind))
                 if delay is None:
                     self._rl_stats.count(kind, "gave_up")
                     # a wait past the whole policy (a used-up quota) stops the run: every reflection would fail
@@ -377,11 +377,18 @@ class ReflectiveProposer:
 
 @dataclasses.dataclass
 class _Retries:
-    """A proposal's retries so far and when it started: the retry policies bound the proposal, not each
-    of its calls (dspy's own proposer is asked one predictor at a time)."""
+    """A proposal's retries so far and when each kind first failed: the retry policies bound the
+    proposal, not each of its calls (dspy's own proposer is asked one predictor at a time). Their time
+    runs from the kind's first failure, as a rollout's does: counted from the proposal's start, a
+    reflection call that took 2 minutes and then timed out was never asked again."""
 
     done: dict[str, int] = dataclasses.field(default_factory=lambda: {"rate_limited": 0, "transient": 0})
-    started: float = dataclasses.field(default_factory=time.monotonic)
+    first_failed: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def elapsed(self, kind: str) -> float:
+        """Seconds since ``kind`` first failed in this proposal (0 at its first failure)."""
+        now = time.monotonic()
+        return now - self.first_failed.setdefault(kind, now)
 
 
 @dataclasses.dataclass(frozen=True)
