@@ -11,7 +11,9 @@ through one of two filters:
   shape (``sk-...``, ``Bearer ...``, ``AIza...``, ``ghp_...``, ``hf_...``, ``AKIA...``, ``xox?-...``,
   ``scheme://user:password@``, ``scheme://TOKEN@`` with a key-like token as the only userinfo) or the
   exact value of an environment variable whose name contains KEY, TOKEN, SECRET or PASSWORD (values of
-  at least 8 characters; the environment is read at every call, so keys set after import count).
+  at least 8 characters, known placeholders such as "anything" left out; the environment is read at
+  every call, so keys set after import count). An error's text is also masked for the credential
+  headers of the request its chain carries (:func:`describe_error`).
 
 Masking is best effort for text (a key with no known shape that is not in the environment cannot be
 recognised), and exact for the environment: no stored byte equals such a value. The same exactness
@@ -35,6 +37,14 @@ REDACTED = "***REDACTED***"
 #: Environment variable names whose values are treated as secrets (case-insensitive substring match).
 SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD")
 MIN_ENV_SECRET_LENGTH = 8
+#: Values given as an API key where the endpoint needs none (local servers, proxies, docs' examples): not
+#: secrets, and masking them would mask those words in instructions ("do not add anything else").
+KNOWN_PLACEHOLDERS = frozenset({
+    "anything", "placeholder", "whatever", "sk-no-key-required", "no-key-required", "not-needed", "notneeded",
+    "not-used", "no-api-key", "none-needed", "nothing", "dummy-key", "dummy_key", "fake-key", "fake_key",
+    "test-key", "test_key", "lm-studio", "lmstudio", "sk-placeholder", "sk-dummy", "sk-fake", "your-api-key",
+    "your_api_key", "your-key", "changeme", "change-me", "token-abc123",
+})
 #: Environment variables naming an endpoint, whose URL's credentials are secrets too.
 URL_ENV_SUFFIXES = ("API_BASE", "BASE_URL", "API_URL", "ENDPOINT")
 
@@ -91,6 +101,43 @@ _SENSITIVE_SUFFIXES = (
 )
 
 
+class _BasicCredentials:
+    """``Basic <base64 of user:password>``, as ``re.Pattern``'s ``search`` and ``sub`` (what
+    :func:`mask_text` and :func:`contains_secret` call): a token that does not decode to printable text
+    holding a ``:`` is left alone."""
+
+    _pattern = re.compile(r"Basic(?<![A-Za-z0-9_]Basic)\s+([A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])")
+
+    @staticmethod
+    def _is_credential(token: str) -> bool:
+        import base64
+        import binascii
+
+        if len(token) % 4:
+            return False
+        try:
+            text = base64.b64decode(token, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return ":" in text and text.isprintable()
+
+    def search(self, text: str) -> re.Match[str] | None:
+        return next((m for m in self._pattern.finditer(text) if self._is_credential(m.group(1))), None)
+
+    def sub(self, repl: str, text: str) -> str:
+        return self._pattern.sub(lambda m: repl if self._is_credential(m.group(1)) else m.group(0), text)
+
+
+def is_placeholder_key(value: str) -> bool:
+    """Whether a value given as an API key is a placeholder, not key material: a known one
+    (:data:`KNOWN_PLACEHOLDERS`), or lowercase words joined by ``-``, ``_`` or ``.`` with no digit
+    ("lm-studio", "my-local-server"; one "word" of 20 letters or more is random material)."""
+    value = value.strip()
+    if value.lower() in KNOWN_PLACEHOLDERS:
+        return True
+    return re.fullmatch(r"[a-z]{1,19}(?:[-_.][a-z]{1,19})*", value) is not None
+
+
 def _shape(prefix: str, body: str, *, min_len: int, digit: str | None) -> tuple[str, re.Pattern[str]]:
     """A key shape: a literal prefix (not preceded by a word character), then its body.
 
@@ -107,14 +154,13 @@ def _shape(prefix: str, body: str, *, min_len: int, digit: str | None) -> tuple[
 # Each shape is tried only when its literal prefix occurs in the text; every prefix costs one substring
 # scan per stored text, so the list stays short. Keys of other providers (Groq, xAI, ...) are masked
 # through the environment, where LiteLLM reads them from.
-_KEY_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
+_KEY_SHAPES: tuple[tuple[str, re.Pattern[str] | _BasicCredentials], ...] = (
     # HTTP bearer credentials
     ("Bearer", re.compile(r"Bearer(?<![A-Za-z0-9_]Bearer)\s+(?=[A-Za-z._~+/=\-]*\d)[A-Za-z0-9._~+/=\-]{16,}")),
-    # HTTP basic credentials, base64 of "user:password" (what a client sends for an api_base with
-    # userinfo): a digit, a lower- and an upper-case letter in it keep prose such as "Basic instructions"
-    # or "Basic input/output" intact
-    ("Basic", re.compile(r"Basic(?<![A-Za-z0-9_]Basic)\s+(?=[A-Za-z+/]*\d)(?=[A-Z0-9+/]*[a-z])(?=[a-z0-9+/]*[A-Z])"
-                         r"[A-Za-z0-9+/]{8,}={0,2}")),
+    # HTTP basic credentials: base64 of "user:password" (what a client sends for an api_base with
+    # userinfo), only when it decodes to that, so prose such as "Basic instructions" or a product name
+    # ("Basic Windows10", "Basic PlayStation5") stays intact
+    ("Basic", _BasicCredentials()),
     # OpenAI, Anthropic, DeepSeek, OpenRouter, ... secret keys
     _shape("sk-", r"[A-Za-z0-9_\-]", min_len=20, digit=r"[A-Za-z_\-]"),
     # Google API keys
@@ -331,6 +377,7 @@ def env_secret_values() -> tuple[str, ...]:
         value
         for name, value in os.environ.items()
         if len(value) >= MIN_ENV_SECRET_LENGTH and any(marker in name.upper() for marker in SECRET_ENV_MARKERS)
+        and value.strip().lower() not in KNOWN_PLACEHOLDERS  # OPENAI_API_KEY=anything for a local server
     }
     # an endpoint set through the environment (OPENAI_API_BASE, AZURE_API_BASE, OPENAI_BASE_URL, ...)
     # may carry a credential the LM object never shows: in its userinfo, path or query
@@ -372,7 +419,52 @@ def error_text(exc: BaseException) -> str:
 
 def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` for a log, a run store row or reflection feedback: never raises, masked."""
-    return mask_text(f"{type(exc).__name__}: {error_text(exc)}")
+    return mask_text(f"{type(exc).__name__}: {error_text(exc)}", _with_sent_credentials(exc))
+
+
+def _with_sent_credentials(exc: BaseException) -> tuple[str, ...] | None:
+    """The secrets to mask in ``exc``'s text: the run's, and the credential headers of the requests its
+    chain carries (an HTTP client's error keeps the request it sent). A key the run could not find,
+    one a judge's LM two steps away or ``litellm.api_key`` holds, is masked in an echo of it this way."""
+    sent = _sent_credentials(exc)
+    if not sent:
+        return None
+    return tuple(sorted(set(secret_values()) | set(sent), key=lambda v: (-len(v), v)))
+
+
+def _sent_credentials(exc: BaseException) -> list[str]:
+    found: list[str] = []
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        for holder in (_safe_attr(cur, "request"), _safe_attr(_safe_attr(cur, "response"), "request")):
+            headers = _safe_attr(holder, "headers")
+            try:
+                items = list(headers.items()) if headers is not None and hasattr(headers, "items") else []
+            except Exception:  # noqa: BLE001 - a client's header object: reading it must not fail a description
+                items = []
+            for name, value in items:
+                if isinstance(name, str) and isinstance(value, str) and (
+                        is_sensitive_key(name) or name.lower().endswith("key")):
+                    found += [v for v in (value.strip(), value.split(None, 1)[-1].strip())
+                              if len(v) >= MIN_ENV_SECRET_LENGTH and not is_placeholder_key(v)]
+        stack += [cur.__cause__, cur.__context__]
+    return found
+
+
+def _safe_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, None when the property raises (httpx's ``Response.request`` does when
+    the response was built without one)."""
+    if obj is None:
+        return None
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - whatever the property raised: the attribute is not there
+        return None
 
 
 def describe_traceback(exc: BaseException) -> str:
@@ -385,18 +477,18 @@ def describe_traceback(exc: BaseException) -> str:
         text = "".join(traceback.format_exception(exc))
     except Exception:  # noqa: BLE001 - an exception whose __str__ raises: its one-line description
         text = f"{type(exc).__name__}: {error_text(exc)}"
-    return mask_text(text.rstrip())
+    return mask_text(text.rstrip(), _with_sent_credentials(exc))
 
 
 def mask_text(text: str, env_values: tuple[str, ...] | None = None) -> str:
     """``text`` with every substring that looks like a credential replaced by :data:`REDACTED`."""
     values = secret_values() if env_values is None else env_values
-    pattern = _env_pattern(values)
-    if pattern is not None and any(v in text for v in values):
-        text = pattern.sub(REDACTED, text)
-    for prefix, pattern in _KEY_SHAPES:
+    exact = _env_pattern(values)
+    if exact is not None and any(v in text for v in values):
+        text = exact.sub(REDACTED, text)
+    for prefix, shape in _KEY_SHAPES:
         if prefix in text:
-            text = pattern.sub(REDACTED, text)
+            text = shape.sub(REDACTED, text)
     return text
 
 

@@ -283,10 +283,10 @@ def test_dict_keys_inside_trajectories_are_not_treated_as_sensitive(tmp_path):
 
 
 def test_lm_credentials_count_when_they_look_like_key_material():
-    """run_store.md, Secrets: "An `api_key` or header value counts when it looks like key material (8+ characters
-    with no whitespace, a letter, and a digit, or 24+ mixing upper and lower case): local servers are given words
-    such as "anything" or "sk-no-key-required" ... A URL password counts from 8 characters."; headers "ending in
-    `key` such as ... `x-portkey-virtual-key`"."""
+    """run_store.md, Secrets: "An `api_key` or header value counts when it is 8+ characters with no whitespace
+    (surrounding whitespace stripped) and not a placeholder: local servers are given words such as "anything",
+    "lm-studio" or "sk-no-key-required" ... A URL password counts from 8 characters."; headers "ending in `key`
+    such as ... `x-portkey-virtual-key`"."""
     import dspy
 
     from dspy_turbogepa.adapter.lm_discovery import lm_api_keys
@@ -296,6 +296,7 @@ def test_lm_credentials_count_when_they_look_like_key_material():
         return lm_api_keys(dspy.Predict("q -> a"), dspy.LM("openai/x", **kw))
 
     assert keys(api_key="anything") == [] and keys(api_key="sk-no-key-required") == []
+    assert keys(api_key="lm-studio") == [] and keys(api_key=" Abcdefghijkl ") == ["Abcdefghijkl"]
     assert keys(api_key="abc12345") == ["abc12345"]
     mixed = "AbcdefghijKlmnopqrstUvwxyz"
     assert keys(api_key=mixed) == [mixed]

@@ -21,6 +21,7 @@ from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
 from dspy_turbogepa.adapter.program import all_named_predictors
 from dspy_turbogepa.redaction import (
     MIN_ENV_SECRET_LENGTH,
+    is_placeholder_key,
     is_sensitive_key,
     url_basic_credentials,
     url_credentials,
@@ -65,21 +66,20 @@ def lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[
     quoting them (an error body echoing the key it was given) is masked exactly: every credential-named
     argument (``api_key``, ``aws_secret_access_key``, ``aws_session_token``, ...), the password in an
     ``api_base`` URL and its path or query parts that look like key material, and the values of
-    credential headers (``Authorization``, ``x-api-key``, ``x-portkey-virtual-key``, ...)."""
-    keys: list[str] = []
+    credential headers (``Authorization``, ``x-api-key``, ``x-portkey-virtual-key``, ...), nested
+    settings included (``extra_body``); a credential-named string attribute of the LM object (a subclass
+    that keeps its own key); and keys set on the client libraries (``litellm.api_key``). Placeholders
+    ("anything", "lm-studio") are not keys."""
+    keys = _client_globals()
     for lm in compile_lms(student, reflection_lm, *others):
+        # an LM subclass may keep its own key (self._vault_key) and pass it per call
+        candidates: list[Any] = [value for name, value in getattr(lm, "__dict__", {}).items()
+                                 if isinstance(value, str) and (is_sensitive_key(name.strip("_"))
+                                                                or name.lower().endswith(("key", "token", "secret")))]
         kwargs = getattr(lm, "kwargs", None)
-        if not isinstance(kwargs, dict):
-            continue
-        candidates: list[Any] = [value for name, value in kwargs.items() if is_sensitive_key(name)]
-        for field in ("headers", "extra_headers", "default_headers"):
-            headers = kwargs.get(field)
-            if isinstance(headers, dict):
-                for name, value in headers.items():
-                    # a header named "...key" is a credential (x-portkey-virtual-key, x-goog-api-key)
-                    if (is_sensitive_key(name) or str(name).lower().endswith("key")) and isinstance(value, str):
-                        candidates += [value, value.split(None, 1)[-1]]  # "Bearer <token>" and the token
-        keys += [k for k in candidates if isinstance(k, str) and _looks_like_a_key(k)]
+        if isinstance(kwargs, dict):
+            candidates += _credentials_in(kwargs)
+        keys += [k.strip() for k in candidates if isinstance(k, str) and _looks_like_a_key(k.strip())]
         url = lm_api_base(lm)
         if url:
             # a URL's password is never a placeholder word (run_secrets drops short values); a token
@@ -87,6 +87,36 @@ def lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[
             keys += url_credentials(url, username_if=_looks_like_a_key)
             keys += url_basic_credentials(url)  # what a client sends for that userinfo, echoed by a gateway
             keys += url_key_material(url)  # a gateway's key in the path (.../gw/<token>/v1) or the query
+    return list(dict.fromkeys(keys))  # each once, in the order found
+
+
+def _credentials_in(settings: Mapping[Any, Any], depth: int = 0) -> list[Any]:
+    """Credential values in an LM's settings, nested ones too (``extra_body={"api_key": ...}``): under
+    credential names, and the values of credential headers (a header named "...key" is one:
+    x-portkey-virtual-key, x-goog-api-key), with the token of "Bearer <token>" on its own."""
+    found: list[Any] = []
+    for name, value in settings.items():
+        header_like = isinstance(name, str) and name.lower().endswith("key")
+        if isinstance(value, str) and (is_sensitive_key(name) or (depth > 0 and header_like)):
+            found += [value, value.split(None, 1)[-1]]
+        elif isinstance(value, Mapping) and depth < 4:
+            found += _credentials_in(value, depth + 1)
+    return found
+
+
+def _client_globals() -> list[str]:
+    """Keys set on the client libraries themselves (``litellm.api_key = ...``, ``openai.api_key``,
+    litellm's per-provider ``*_key`` globals), which an LM uses without holding them: read only from a
+    library already imported."""
+    import sys
+
+    keys: list[str] = []
+    for module_name in ("litellm", "openai"):
+        module = sys.modules.get(module_name)
+        namespace = getattr(module, "__dict__", None) or {}
+        keys += [value.strip() for name, value in list(namespace.items())  # litellm adds names lazily
+                 if isinstance(value, str) and (name == "api_key" or name.endswith("_key"))
+                 and _looks_like_a_key(value.strip())]
     return keys
 
 
@@ -144,12 +174,11 @@ def _cell_is_set(cell: Any) -> bool:
 
 
 def _looks_like_a_key(value: str) -> bool:
-    """Random key material, not a placeholder: local servers and proxies are often given words such as
-    "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions.
-    As short as the environment's secrets (8 characters): a gateway key of 11 was written unmasked into
-    the run store when an error message echoed it."""
-    if len(value) < MIN_ENV_SECRET_LENGTH or any(c.isspace() for c in value) or not any(c.isalpha() for c in value):
-        return False
-    # a digit, or a long mixed-case value (some providers' keys have no digit; placeholders are words)
-    return any(c.isdigit() for c in value) or (
-        len(value) >= 24 and any(c.isupper() for c in value) and any(c.islower() for c in value))
+    """Key material, not a placeholder: local servers and proxies are often given words such as
+    "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions
+    (:func:`~dspy_turbogepa.redaction.is_placeholder_key`). Anything else given as a key is one: a
+    random key may have no digit, or be mixed case and short. As short as the environment's secrets
+    (8 characters): a gateway key of 11 was written unmasked into the run store when an error message
+    echoed it. Called with the stripped value (a key read from a file may carry a space)."""
+    return (len(value) >= MIN_ENV_SECRET_LENGTH and not any(c.isspace() for c in value)
+            and any(c.isalnum() for c in value) and not is_placeholder_key(value))

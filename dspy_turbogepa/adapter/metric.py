@@ -151,7 +151,10 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
     if isinstance(raw, bool):
         return MetricReading(float(raw), feedback, objectives)
     if isinstance(raw, str):
-        shown = mask_text(repr(raw[:200]))  # a judge's text may quote anything, a key included
+        # a judge's text may quote anything, a key included: masked whole, then cut (cut first, a key
+        # across the cut kept its head unmasked)
+        shown = mask_text(repr(raw))
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
         return MetricReading(failure_score, feedback, objectives, invalid=f"the metric returned a string score {shown}")
     try:
         score = float(raw)

@@ -742,7 +742,8 @@ def _log_metrics(run_id: str | None, metrics: list[Any]) -> Callable[[Any], None
 
 
 def _short(exc: BaseException | str, limit: int = 300) -> str:
-    return _truncate(str(exc).replace("\n", " "), limit)
+    """Masked, then cut: cut first, a credential across the cut kept its head unmasked."""
+    return _truncate(mask_text(str(exc)).replace("\n", " "), limit)
 
 
 def _looks_unreachable(exc: BaseException) -> bool:
