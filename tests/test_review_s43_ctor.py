@@ -149,3 +149,46 @@ def test_no_model_to_reflect_with_is_refused_before_any_lm_call():
 def test_an_unhashable_auto_names_the_argument(auto):
     with pytest.raises(ValueError, match="auto must be one of"):
         TurboGEPA(_metric, auto=auto, reflection_lm=make_reflection_lm())
+
+
+class _DetachedRow:
+    """An ORM row whose repr needs a live database session."""
+
+    def __repr__(self):
+        raise RuntimeError("DetachedInstanceError: not bound to a session")
+
+    __str__ = __repr__
+
+
+def test_a_field_that_cannot_be_read_does_not_refuse_a_run_without_log_dir():
+    """Comparing a valset as long as the trainset by content only saves evaluations: it must not refuse the
+    run (dspy.GEPA runs it)."""
+    data = small_splits(ROUTING, n_train=8, n_val=8, n_test=0)
+    train = [ex.copy(meta=_DetachedRow()) for ex in data.train]
+    val = [ex.copy(meta=_DetachedRow()) for ex in data.val]
+    opt = make(max_metric_calls=30)
+    with dspy.context(lm=make_student_lm()):
+        assert isinstance(opt.compile(ROUTING.make_program(), trainset=train, valset=val), dspy.Module)
+
+
+class _OptionalContext(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.route = ROUTING.make_program()
+
+    def forward(self, ticket, context=None):
+        return self.route(ticket=ticket)
+
+
+def test_an_optional_input_no_example_gives_is_not_called_a_typo(caplog):
+    data = small_splits(ROUTING, n_train=6, n_val=6, n_test=0)
+    with_context = [ex.with_inputs("ticket", "context") for ex in data.train]
+    from dspy_turbogepa.adapter.protocols import check_inputs_reach
+
+    with caplog.at_level(logging.WARNING):
+        assert check_inputs_reach(_OptionalContext(), "trainset", with_context) == []
+    assert not [r for r in caplog.records if "which no example has" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # a name the program cannot take is still one
+        check_inputs_reach(ROUTING.make_program(), "trainset", [ex.with_inputs("ticket", "contxt")
+                                                                for ex in data.train])
+    assert [r for r in caplog.records if "which no example has" in r.getMessage()]

@@ -6,6 +6,7 @@ predictors DSPy hides) into an error naming the argument and the fix.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ import dspy
 __all__ = [
     "as_examples", "check_examples", "check_predictor_lms", "compiled_submodules", "flex_submodules", "same_examples",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
@@ -27,7 +30,12 @@ def same_examples(a: Sequence[Any], b: Sequence[Any]) -> bool:
         return True
     from dspy_turbogepa.adapter.run_identity import data_identity
 
-    return data_identity(a, "trainset", "identity") == data_identity(b, "valset", "identity")
+    try:
+        return data_identity(a, "trainset", "identity") == data_identity(b, "valset", "identity")
+    except TypeError as exc:  # a field that cannot be read (an ORM row's repr needing its session): this
+        # only saves evaluations when the sets are equal copies, so the run goes on as for two sets
+        logger.debug("Could not compare the trainset and the valset by content (%s): taken as different", exc)
+        return False
 
 
 def compiled_submodules(student: dspy.Module) -> list[str]:

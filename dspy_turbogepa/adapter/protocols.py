@@ -69,8 +69,9 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> list
     examples cannot be bound, a warning, and their indices are returned: they fail and are scored, as
     in dspy.GEPA, and the systemic-failure check leaves them out. An input the examples lack, with a
     default in the method, is fine; a ``with_inputs`` name no example holds is named (a typo there is
-    the usual cause). What cannot be read is let through: a method set on the instance, a classmethod,
-    a callable object, a ``__call__`` / ``acall`` of the user's own.
+    the usual cause), unless the method names it or takes ``**kwargs`` (an optional input). What cannot
+    be read is let through: a method set on the instance, a classmethod, a callable object, a
+    ``__call__`` / ``acall`` of the user's own.
     """
     marked: set[str] = set()
     present: set[str] = set()
@@ -115,6 +116,13 @@ def check_inputs_reach(student: Any, name: str, examples: Sequence[Any]) -> list
                             "or its parameters to match.") from exc
         log.warning("%s: %d of %d examples will fail and be scored as failures (the systemic-failure check leaves "
                     "them out); %s.", name, len(failed), len(examples), where)
+    if absent and target is not None:
+        # an optional input the method names with a default, or may take through **kwargs: meant to be
+        # left out by these examples (dspy.GEPA says nothing either), not a typo
+        params = target[0].parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            absent = []
+        absent = [a for a in absent if a not in params]
     if absent:
         log.warning("%s: .with_inputs(...) marks %s, which no example has, so nothing is passed for it (the "
                     "examples' fields: %s). A typo in with_inputs?", name, absent, sorted(present))
