@@ -110,15 +110,23 @@ class _BasicCredentials:
 
     @staticmethod
     def _is_credential(token: str) -> bool:
+        """Whether ``token`` (or what is left of it: a log or a gateway may cut it) decodes to a
+        printable ``user:password``, in UTF-8 or in Latin-1 (what ``requests`` sends)."""
         import base64
         import binascii
 
-        if len(token) % 4:
+        usable = token.rstrip("=")
+        usable = usable[: len(usable) - len(usable) % 4]
+        if len(usable) < 12:
             return False
         try:
-            text = base64.b64decode(token, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+            raw = base64.b64decode(usable, validate=True)
+        except binascii.Error:
             return False
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
         return ":" in text and text.isprintable()
 
     def search(self, text: str) -> re.Match[str] | None:

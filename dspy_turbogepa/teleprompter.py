@@ -498,7 +498,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                    f"optimize it." if hidden else ""))
         check_predictor_lms(predictors)
         self._gepa_settings()  # gepa_kwargs changed since the constructor: checked before any LM call
-        if (self.reflection_lm is None and is_builtin_proposer(self.custom_instruction_proposer)
+        # dspy's own proposer itself (a subclass may bring its LM): it writes with the configured LM
+        if (self.reflection_lm is None and type(self.custom_instruction_proposer) is InstructionProposer
                 and dspy.settings.lm is None):
             raise ConfigurationError(
                 "No reflection LM: reflection_lm is None and no LM is configured (dspy.configure(lm=...)), so "

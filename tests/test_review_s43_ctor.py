@@ -192,3 +192,22 @@ def test_an_optional_input_no_example_gives_is_not_called_a_typo(caplog):
         check_inputs_reach(ROUTING.make_program(), "trainset", [ex.with_inputs("ticket", "contxt")
                                                                 for ex in data.train])
     assert [r for r in caplog.records if "which no example has" in r.getMessage()]
+
+
+def test_a_subclass_of_dspys_proposer_bringing_its_own_lm_is_not_refused():
+    from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+
+    reflector = make_reflection_lm()
+
+    class OwnLM(InstructionProposer):
+        def __call__(self, *args, **kwargs):
+            with dspy.context(lm=reflector):
+                return super().__call__(*args, **kwargs)
+
+    student_lm = make_student_lm()
+    program = ROUTING.make_program()
+    program.set_lm(student_lm)
+    data = small_splits(ROUTING, n_train=8, n_val=8, n_test=0)
+    opt = make(reflection_lm=None, instruction_proposer=OwnLM(), max_metric_calls=30)
+    with dspy.context(lm=None):
+        assert isinstance(opt.compile(program, trainset=data.train, valset=data.val), dspy.Module)

@@ -127,7 +127,10 @@ def test_no_retry_waits_out_an_endpoint_cool_down_past_its_policy(routing):
     endpoint cool-downs it waits out after its first 429 stay within the policy (before: up to 0.7 s)."""
     policy = RetryPolicy(max_retries=10, max_elapsed_s=0.4, base_s=0.01, cap_s=0.05)
 
+    sent = []
+
     def always_429(request):
+        sent.append(1)
         raise lm15.RateLimitError("slow down", status=429, retry_after=0.3)
 
     ev, codec = make_evaluator(routing, n=12, max_workers=12, rate_limit_policy=policy)
@@ -161,6 +164,10 @@ def test_no_retry_waits_out_an_endpoint_cool_down_past_its_policy(routing):
         ev.close()
     assert {o.failure for o in outcomes} == {"rate_limited"}
     assert max(spent.values()) <= policy.max_elapsed_s + 0.05, sorted(spent.values())
+    # a retry given up before it was sent is not counted as one
+    retries_sent = len(sent) - 12
+    assert sum(o.rate_limit_retries for o in outcomes) == retries_sent
+    assert ev.rate_limit_stats()["rate_limit_retries"] == retries_sent
 
 
 def test_a_429_is_charged_to_the_endpoint_that_answered_it(pipeline):
@@ -197,3 +204,17 @@ def test_a_model_name_with_an_at_sign_is_its_own_endpoint():
     other = "openai/gpt-4o-mini@https://api.openai.com/v1"
     assert endpoint_model(vertex) == vertex and endpoint_model(other) == "openai/gpt-4o-mini"
     assert DspyEvaluator._keys_of(vertex, {vertex, other}) == {vertex}
+
+
+def test_noting_the_endpoint_on_an_error_never_replaces_the_error():
+    from dspy_turbogepa.adapter.lm_copies import _tag_endpoint
+
+    class Guarded(Exception):
+        def __setattr__(self, name, value):
+            raise RuntimeError("read-only error")
+
+    error = Guarded("429 from the provider")
+    _tag_endpoint(error, dspy.LM("openai/x", api_base="http://127.0.0.1:9/v1"))  # does not raise
+    plain = ValueError("x")
+    _tag_endpoint(plain, dspy.LM("openai/x", api_base="http://127.0.0.1:9/v1"))
+    assert plain._turbogepa_endpoint == "openai/x@http://127.0.0.1:9/v1"

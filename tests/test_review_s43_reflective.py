@@ -109,3 +109,53 @@ def test_the_skip_reason_of_a_predictor_that_answered_beside_a_parse_failure():
                           failed_predictor="final")
     assert _why_no_record("draft", traj) == "where another predictor's output failed to parse"
     assert _why_no_record("fallback", traj) == "where it did not run"
+
+
+class _Twins(dspy.Module):
+    """Two predictors of one signature; the second runs after the first, on a prefixed question, and the
+    program re-raises the first's parse failure with ``from`` (the second never runs then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = dspy.Predict("q -> answer")
+        self.second = dspy.Predict("q -> answer")
+
+    def forward(self, q):
+        try:
+            self.first(q=q)
+        except Exception as exc:
+            raise RuntimeError("the first step failed") from exc
+        return self.second(q="again " + q)
+
+
+class _TwinEngine(_Engine):
+    def complete(self, request):
+        user = "".join((m.text or "") for m in request.messages)
+        if "again q" not in user and int(re.search(r"q(\d+)", user).group(1)) % 2 == 0:
+            return Response(id=None, model="fake", message=Message.assistant([TextPart(REFUSAL)]),
+                            finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
+        return Response(id=None, model="fake", message=Message.assistant([TextPart(
+            "[[ ## answer ## ]]\nA\n\n[[ ## completed ## ]]")]), finish_reason="stop",
+            usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
+
+
+def test_a_parse_failure_of_one_of_two_twin_predictors_reaches_only_that_one():
+    seen: list[tuple[str, list]] = []
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        for name in components_to_update:
+            seen.append((name, list(reflective_dataset.get(name, []))))
+        return {name: candidate[name] + f" v{len(seen)}." for name in components_to_update}
+
+    engine = _TwinEngine()
+    lm = dspy.LM("fake/s43", engine=engine, async_engine=_Async(engine), cache=False)
+    data = [dspy.Example(q=f"q{i}").with_inputs("q") for i in range(8)]
+    opt = TurboGEPA(_metric, max_metric_calls=40, instruction_proposer=proposer, component_selector="all",
+                    num_threads=2, use_merge=False, verbose=False)
+    with dspy.context(lm=lm):
+        opt.compile(_Twins(), trainset=data, valset=data)
+    parse: dict[str, list] = {}
+    for name, records in seen:
+        parse.setdefault(name, []).extend(r for r in records if "failed to parse" in str(r["Feedback"]))
+    assert parse.get("first"), seen
+    assert not parse.get("second"), parse.get("second")

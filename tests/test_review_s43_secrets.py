@@ -99,3 +99,36 @@ def test_a_placeholder_key_in_the_environment_does_not_mask_the_word(monkeypatch
     monkeypatch.setenv("OTHER_API_KEY", KEY)
     assert mask_text("Do not add anything else.") == "Do not add anything else."
     assert mask_text(f"key {KEY}") == f"key {REDACTED}"
+
+
+def test_a_basic_credential_cut_short_is_still_masked():
+    token = base64.b64encode(b"admin:S3cretPassw0rd!").decode()
+    for n in range(12, len(token) + 1):
+        assert token[:n] not in mask_text(f"Authorization: Basic {token[:n]}..."), n
+    latin = base64.b64encode("bob:pässwörd".encode("latin-1")).decode()  # what requests sends
+    assert mask_text(f"Basic {latin}") == REDACTED
+
+
+def test_a_setting_named_like_a_key_outside_headers_is_not_a_credential():
+    program = _program()
+    program.lm = dspy.LM("openai/x", extra_body={"sort_key": "Priority"},
+                         extra_headers={"x-portkey-virtual-key": "vk-Pk4mT9rW2q"})
+    assert lm_api_keys(program, None) == ["vk-Pk4mT9rW2q"]
+
+
+def test_reading_the_client_libraries_keys_loads_nothing():
+    import subprocess
+    import sys
+
+    code = (
+        "import litellm, openai, sys\n"
+        "from dspy_turbogepa.adapter.lm_discovery import _client_globals\n"
+        "before = {m for m in sys.modules if m.startswith('openai.resources')}\n"
+        "_client_globals()\n"
+        "after = {m for m in sys.modules if m.startswith('openai.resources')}\n"
+        "print(len(after - before))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "0", out.stdout

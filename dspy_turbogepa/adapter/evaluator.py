@@ -296,8 +296,13 @@ class DspyEvaluator:
                 self._windows.release_all(tickets)
                 since, uncounted_before = first_failed["rate_limited"]
                 elapsed = self._clock() - since - (uncounted["rate_limited"] - uncounted_before)
+                retries["rate_limited"] -= 1  # counted when it was planned; it was never sent
+                self._stats.add(rate_limit_retries=-1)
+                why = (f"the endpoint stayed paused (a rate limit's Retry-After) past the "
+                       f"{self._rl_policy.max_elapsed_s:.0f}s of the retry policy")
                 return self._give_up(last[0], last[1], retries["rate_limited"], elapsed, usage,
-                                     retries["rate_limited"], example, example_id, last[2], split, capture_traces)
+                                     retries["rate_limited"], example, example_id, last[2], split, capture_traces,
+                                     why=why)
             result, hint, only = "neutral", None, None
             try:
                 program, names = built.for_call()
@@ -348,15 +353,16 @@ class DspyEvaluator:
     def _give_up(
         self, attempt: _Attempt, verdict: Verdict, retries: int, elapsed: float, usage: RolloutUsage,
         rl_retries: int, example: dspy.Example, example_id: int, names: PredictorNames, split: Split, capture: bool,
+        why: str | None = None,
     ) -> EvalOutcome:
         assert attempt.error is not None
         outcome, _ = self._score(example, example_id, None, attempt.raw_trace, attempt.error, names, split, capture)
         what = "rate limited" if verdict.kind == "rate_limited" else "failing transiently"
         policy = self._rl_policy if verdict.kind == "rate_limited" else self._tr_policy
-        why = (f"the server asked to wait {verdict.retry_after:.0f}s (Retry-After), more than the "
-               f"{policy.max_elapsed_s - elapsed:.0f}s left of the retry policy's {policy.max_elapsed_s:.0f}s"
-               if policy.asks_too_long(verdict.retry_after, retries, elapsed)
-               else f"after {retries} retries over {elapsed:.0f}s")
+        why = why or (f"the server asked to wait {verdict.retry_after:.0f}s (Retry-After), more than the "
+                      f"{policy.max_elapsed_s - elapsed:.0f}s left of the retry policy's {policy.max_elapsed_s:.0f}s"
+                      if policy.asks_too_long(verdict.retry_after, retries, elapsed)
+                      else f"after {retries} retries over {elapsed:.0f}s")
         message = f"Still {what}; gave up: {why}. {outcome.message}"
         assert verdict.kind is not None
         self._stats.count(verdict.kind, "gave_up")
@@ -721,8 +727,10 @@ class DspyEvaluator:
                 example, None, steps, raw_trace, message, fatal or types[0], failure,
                 raw_completion=error_attr(parse_error, "lm_response"),
                 failed_signature=failed_signature, service_failure=service,
-                failed_predictor=(names.signature_owner(failed_signature) if failed_signature is not None
-                                  else names.raised_in(error)),
+                # by signature when one predictor has it, else by the frame it was raised in (two predictors
+                # of one signature: only the traceback tells which failed)
+                failed_predictor=(failed_signature is not None and names.signature_owner(failed_signature)
+                                  or names.raised_in(error)),
             ) if capture else None
             return EvalOutcome(
                 example_id, self._failure_score, failure=failure, message=message + _user_frame(error),

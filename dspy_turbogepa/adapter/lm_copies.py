@@ -336,11 +336,11 @@ def raised_by_endpoint(exc: BaseException) -> str | None:
 
 
 def _tag_endpoint(exc: BaseException, lm: Any) -> None:
-    if getattr(exc, ENDPOINT_ATTR, None) is not None:
-        return
+    """Never raises: the provider's error it is called on must reach the program unchanged."""
     try:
-        setattr(exc, ENDPOINT_ATTR, endpoint_key(lm))
-    except (AttributeError, TypeError) as err:  # an exception class with __slots__: charged by model name
+        if getattr(exc, ENDPOINT_ATTR, None) is None:
+            setattr(exc, ENDPOINT_ATTR, endpoint_key(lm))
+    except Exception as err:  # noqa: BLE001 - an exception class guarding its attributes: charged by model name
         logger.debug("Could not note the endpoint on %s: %s", type(exc).__name__, err)
 
 

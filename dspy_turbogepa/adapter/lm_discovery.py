@@ -90,17 +90,21 @@ def lm_api_keys(student: dspy.Module, reflection_lm: Any, *others: Any) -> list[
     return list(dict.fromkeys(keys))  # each once, in the order found
 
 
-def _credentials_in(settings: Mapping[Any, Any], depth: int = 0) -> list[Any]:
+_HEADER_FIELDS = frozenset({"headers", "extra_headers", "default_headers"})
+
+
+def _credentials_in(settings: Mapping[Any, Any], depth: int = 0, headers: bool = False) -> list[Any]:
     """Credential values in an LM's settings, nested ones too (``extra_body={"api_key": ...}``): under
-    credential names, and the values of credential headers (a header named "...key" is one:
-    x-portkey-virtual-key, x-goog-api-key), with the token of "Bearer <token>" on its own."""
+    credential names, and in a headers dict the values of credential headers (a header named "...key"
+    is one: x-portkey-virtual-key, x-goog-api-key; elsewhere "sort_key" is not), with the token of
+    "Bearer <token>" on its own."""
     found: list[Any] = []
     for name, value in settings.items():
-        header_like = isinstance(name, str) and name.lower().endswith("key")
-        if isinstance(value, str) and (is_sensitive_key(name) or (depth > 0 and header_like)):
+        header_like = headers and isinstance(name, str) and name.lower().endswith("key")
+        if isinstance(value, str) and (is_sensitive_key(name) or header_like):
             found += [value, value.split(None, 1)[-1]]
         elif isinstance(value, Mapping) and depth < 4:
-            found += _credentials_in(value, depth + 1)
+            found += _credentials_in(value, depth + 1, headers=name in _HEADER_FIELDS)
     return found
 
 
@@ -114,8 +118,10 @@ def _client_globals() -> list[str]:
     for module_name in ("litellm", "openai"):
         module = sys.modules.get(module_name)
         namespace = getattr(module, "__dict__", None) or {}
-        keys += [value.strip() for name, value in list(namespace.items())  # litellm adds names lazily
-                 if isinstance(value, str) and (name == "api_key" or name.endswith("_key"))
+        # type(), not isinstance(): isinstance reads __class__, which loads openai's lazy module proxies
+        # (a second of imports and a client built); list(): litellm adds names lazily
+        keys += [value.strip() for name, value in list(namespace.items())
+                 if type(value) is str and (name == "api_key" or name.endswith("_key"))
                  and _looks_like_a_key(value.strip())]
     return keys
 
@@ -176,8 +182,9 @@ def _cell_is_set(cell: Any) -> bool:
 def _looks_like_a_key(value: str) -> bool:
     """Key material, not a placeholder: local servers and proxies are often given words such as
     "anything", "lm-studio" or "sk-no-key-required", which must not mask those words in instructions
-    (:func:`~dspy_turbogepa.redaction.is_placeholder_key`). Anything else given as a key is one: a
-    random key may have no digit, or be mixed case and short. As short as the environment's secrets
+    (:func:`~dspy_turbogepa.redaction.is_placeholder_key`: also any lowercase words joined by ``-``,
+    ``_`` or ``.``, so a passphrase of that form is not masked either). Anything else given as a key
+    is one: a random key may have no digit, or be mixed case and short. As short as the environment's secrets
     (8 characters): a gateway key of 11 was written unmasked into the run store when an error message
     echoed it. Called with the stripped value (a key read from a file may carry a space)."""
     return (len(value) >= MIN_ENV_SECRET_LENGTH and not any(c.isspace() for c in value)

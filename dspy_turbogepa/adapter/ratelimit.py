@@ -12,7 +12,8 @@ litellm 1.106 through the loopback simulator):
   ``openai.RateLimitError.response.headers``;
 - transient (retried a few times, then scored as a program failure): ``LMTimeoutError``,
   ``LMServerError`` (5xx), ``LMTransportError`` (connection reset, ...) and their lm15/litellm/openai
-  causes;
+  causes; but one that carries a Retry-After, or a 529, is an overloaded server pacing its clients, and
+  is handled as a rate limit;
 - systemic (never retried: the engine must stop at once): whatever is in the fatal set, checked first,
   when the LM stack raised it (``LM_STACK_PACKAGES``; a user's own ``NotFoundError`` is not systemic).
   A refused connection is systemic only until the endpoints have answered once; after that the
