@@ -253,14 +253,19 @@ def _specialist_proposer(task):
 
 @pytest.mark.parametrize("kw, merges", [({}, 1), ({"use_merge": False}, 0), ({"max_merge_invocations": 0}, 0),
                                         ({"max_merge_invocations": None}, 1)])
-def test_merge_switches_are_honoured(kw, merges):
+def test_merge_switches_are_honoured(kw, merges, caplog):
     task = TASKS["pipeline"]
-    _, optimized, splits = _run("pipeline", budget=400, n_train=40, n_val=24, num_threads=8,
-                                instruction_proposer=_specialist_proposer(task), component_selector="round_robin",
-                                max_mutations_in_flight=2, **kw)
+    with caplog.at_level(logging.INFO, logger="dspy_turbogepa.engine.orchestrator"):
+        _, optimized, splits = _run("pipeline", budget=400, n_train=40, n_val=24, num_threads=8,
+                                    instruction_proposer=_specialist_proposer(task), component_selector="round_robin",
+                                    max_mutations_in_flight=2, **kw)
     dr = optimized.detailed_results
     merged = [i for i, p in enumerate(dr.parents) if len(p) == 2]
     assert len(merged) == merges, dr.parents
+    # the log line of an accepted merge names both parents (it read "merge of candidate 6 on ")
+    lines = [r.getMessage() for r in caplog.records if "(merge of candidates" in r.getMessage()]
+    assert [f"merge of candidates {min(dr.parents[i])} and {max(dr.parents[i])}" in line
+            for line, i in zip(lines, merged)] == [True] * merges, lines
     assert (dr.run_stats["mutations_by_kind"].get("merge", 0) > 0) == (merges > 0)
     assert [k for k in dr.candidate_kinds if k == "merge"] == ["merge"] * merges
     _check_consistent(dr, optimized, len(splits.val))

@@ -1426,9 +1426,11 @@ class Orchestrator:
             record = self._add_record(result.child, parents, list(result.val_outcomes.values()), seq=plan.seq)
             self._selector.inherit(result.child.fingerprint, plan.child_counter)
             self.stats.accepted_by_kind[plan.kind] += 1
+            origin = (f"merge of candidates {plan.parent_index} and {plan.other_parent_index}" if plan.kind == "merge"
+                      else f"{plan.kind} of candidate {plan.parent_index} on {','.join(plan.components)}")
             logger.info(
-                "Mutation %d (%s of candidate %d on %s): new candidate %d, validation %.4f (best %.4f)%s",
-                plan.seq, plan.kind, plan.parent_index, ",".join(plan.components), record.index,
+                "Mutation %d (%s): new candidate %d, validation %.4f (best %.4f)%s",
+                plan.seq, origin, record.index,
                 record.aggregate, self._records[self._frontier.best_index()].aggregate, _replayed(result),
             )
             for obs in self._observers:
