@@ -707,7 +707,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                             + _kept_advice(store is not None),)
             raise
         except SystemicFailureError as exc:
-            stopped_by = f"stopped: {exc.failure or 'systemic failure'}, see the error below"
+            # the error's type first: "program_error" alone read as the user's program being at fault
+            # when the LM refused the key
+            cause = ", ".join(dict.fromkeys(c for c in (exc.error_type, exc.failure) if c)) or "systemic failure"
+            stopped_by = f"stopped: {cause}, see the error below"
             if store is not None and exc.failure in _SEARCH_HOOK_FAILURES:
                 # a stop callback or a component selector steers the search: not in the run key, and no
                 # evaluation failed because of it (so none is marked to run again)

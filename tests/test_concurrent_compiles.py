@@ -401,7 +401,7 @@ def test_the_shared_stderr_handler_outlives_a_compile_that_raises_while_another_
     scenes, facts = unconfigured_logging_run
     assert facts["a_raised"] is True
     lines = scenes["raises"]
-    ended = [i for i, line in enumerate(lines) if "search ended (stopped: metric_error" in line]  # A's end
+    ended = [i for i, line in enumerate(lines) if "search ended (stopped: " in line and "metric_error" in line]  # A's
     finished = [i for i, line in enumerate(lines) if "TurboGEPA finished (" in line]  # B's result (A has none)
     assert len(ended) == 1 and len(finished) == 1 and finished[0] > ended[0], lines
     assert any("Mutation " in line for line in lines[ended[0]:])  # B's progress after A's end

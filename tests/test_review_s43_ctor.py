@@ -211,3 +211,23 @@ def test_a_subclass_of_dspys_proposer_bringing_its_own_lm_is_not_refused():
     opt = make(reflection_lm=None, instruction_proposer=OwnLM(), max_metric_calls=30)
     with dspy.context(lm=None):
         assert isinstance(opt.compile(program, trainset=data.train, valset=data.val), dspy.Module)
+
+
+def test_a_systemic_stop_says_which_error_stopped_the_search(caplog):
+    """The end-of-search line read "stopped: program_error" for a refused API key, as if the program
+    were at fault; it names the error's type first."""
+    from dspy import lm15
+
+    from dspy_turbogepa import SystemicFailureError
+
+    def refuse(request):
+        raise lm15.AuthError("invalid api key", status=401)
+
+    data = small_splits(ROUTING, n_train=8, n_val=8, n_test=0)
+    opt = make(max_metric_calls=30, verbose=True)  # the progress display writes the line
+    lm = make_student_lm(before_call=refuse, async_before_call=refuse)
+    with (caplog.at_level(logging.INFO, logger="dspy_turbogepa"), pytest.raises(SystemicFailureError) as info,
+          dspy.context(lm=lm)):
+        opt.compile(ROUTING.make_program(), trainset=data.train, valset=data.val)
+    ended = [r.getMessage() for r in caplog.records if "search ended (stopped: " in r.getMessage()]
+    assert ended and info.value.error_type and f"stopped: {info.value.error_type}" in ended[0], ended
