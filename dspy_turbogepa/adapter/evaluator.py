@@ -649,10 +649,11 @@ class DspyEvaluator:
                 return True
         return True
 
-    def _check_metric_still_works(self, error: BaseException) -> None:
-        """After a streak of evaluations whose metric raised (``metric_probe_after`` in a row, none scored
-        between them), ask the metric once more about a prediction it scored earlier in this run. If it
-        raises there too, the metric broke mid-run (a service it calls gone, state it keeps gone bad):
+    def _check_metric_still_works(self, error: BaseException | str) -> None:
+        """After a streak of evaluations whose metric raised or returned no usable score (``None``, NaN, a
+        string: ``metric_probe_after`` in a row, none scored between them), ask the metric once more about a
+        prediction it scored earlier in this run. If it raises there too, or answers no usable score, the
+        metric broke mid-run (a service it calls gone, state it keeps gone bad):
         every later evaluation would be scored ``failure_score``, every child rejected, and the seed
         returned as if optimized, so the run stops. If it scores it, the failures are the candidates'
         (outputs it cannot take, examples it cannot score) and stay ordinary data, as in dspy.GEPA.
@@ -661,8 +662,9 @@ class DspyEvaluator:
         if sample is None:
             return
         example, pred = sample
+        first = error if isinstance(error, str) else _describe(error)
         try:
-            self._call_metric(example, pred)
+            ret, _ = self._call_metric(example, pred)
         except (EvaluatorClosedError, _JudgeGaveUp):
             return  # the run ended, or the judge's LM is rate limited: nothing learned about the metric
         except USER_CODE_ERRORS as probe_error:
@@ -670,7 +672,7 @@ class DspyEvaluator:
                 return
             raise SystemicFailureError(
                 f"Stopping: the metric broke mid-run: the last {self._metric_check.probe_after} evaluations in a "
-                f"row had it raise (first: {_describe(error)}), and it now raises on a prediction it scored "
+                f"row had it fail (first: {first}), and it now raises on a prediction it scored "
                 f"earlier in this run ({_describe(probe_error)}): a service it calls is gone, or state it keeps "
                 "went bad. Fix it and rerun: this session's failed evaluations are scored again. "
                 f"{RESUME_ADVICE}",
@@ -678,6 +680,16 @@ class DspyEvaluator:
             ) from probe_error
         finally:
             self._metric_check.probed()
+        invalid = read_metric_return(ret, self._failure_score).invalid
+        if invalid is not None:
+            raise SystemicFailureError(
+                f"Stopping: the metric broke mid-run: the last {self._metric_check.probe_after} evaluations in a "
+                f"row had it fail (first: {first}), and for a prediction it scored earlier in this run it now "
+                f"gives no usable score ({invalid}): a judge or service it calls answers nothing usable any more, "
+                f"or state it keeps went bad. Fix it and rerun: this session's failed evaluations are scored "
+                f"again. {RESUME_ADVICE}",
+                failure="metric_invalid", error_type="metric_invalid",
+            )
 
     def _metric_failed(
         self, example: dspy.Example, example_id: int, pred: Any, steps: list[TraceStep], raw_trace: list[Any],
@@ -768,7 +780,10 @@ class DspyEvaluator:
                                        fatal or type(exc).__name__, service=verdict.service_failure,
                                        fatal=fatal is not None), 0
         reading = read_metric_return(ret, self._failure_score)
-        self._metric_check.scored(example, pred, valid=reading.invalid is None)
+        if reading.invalid is None:
+            self._metric_check.scored(example, pred)
+        else:  # part of a streak as an exception is: a judge that starts answering None has broken too
+            self._check_metric_still_works(reading.invalid)
         trajectory = DspyTrajectory(example, pred, steps, raw_trace, metric_return=ret) if capture else None
         if reading.invalid is not None:
             if trajectory is not None:
@@ -787,8 +802,8 @@ class DspyEvaluator:
 
 
 class _MetricBreakCheck:
-    """The evaluations in a row whose metric raised, and the last prediction it scored (the probe's sample);
-    shared by the worker threads."""
+    """The evaluations in a row whose metric raised or gave no usable score, and the last prediction it
+    scored (the probe's sample); shared by the worker threads."""
 
     def __init__(self, probe_after: int) -> None:
         self.probe_after = probe_after
@@ -797,11 +812,10 @@ class _MetricBreakCheck:
         self._sample: tuple[dspy.Example, Any] | None = None
         self._probing = False
 
-    def scored(self, example: dspy.Example, pred: Any, valid: bool) -> None:
+    def scored(self, example: dspy.Example, pred: Any) -> None:
         with self._lock:
             self._streak = 0
-            if valid:
-                self._sample = (example, pred)
+            self._sample = (example, pred)
 
     def probe_due(self) -> tuple[dspy.Example, Any] | None:
         """Count one more error; the sample to probe with when the streak is long enough (one probe at a time)."""
