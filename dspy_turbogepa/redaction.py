@@ -111,22 +111,20 @@ class _BasicCredentials:
     @staticmethod
     def _is_credential(token: str) -> bool:
         """Whether ``token`` (or what is left of it: a log or a gateway may cut it) decodes to a
-        printable ``user:password``, in UTF-8 or in Latin-1 (what ``requests`` sends)."""
+        printable UTF-8 ``user:password`` (``u:pw`` and longer). Not Latin-1, which ``requests`` sends for
+        a non-ASCII password: decoding random words that way took 10 times as many for credentials (the
+        password of an ``api_base`` URL is masked exactly anyway, as a run secret)."""
         import base64
         import binascii
 
         usable = token.rstrip("=")
         usable = usable[: len(usable) - len(usable) % 4]
-        if len(usable) < 12:
+        if len(usable) < 8:
             return False
         try:
-            raw = base64.b64decode(usable, validate=True)
-        except binascii.Error:
+            text = base64.b64decode(usable, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
             return False
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("latin-1")
         return ":" in text and text.isprintable()
 
     def search(self, text: str) -> re.Match[str] | None:

@@ -41,3 +41,52 @@ def test_a_metric_that_gives_no_score_for_some_candidates_outputs_does_not_stop_
 
     result = _versioned_compile(metric, budget=200)
     assert result.stop_reason in ("max_metric_calls", "no_progress_possible")
+
+
+def test_an_outage_the_budget_outran_stops_the_run_instead_of_returning():
+    """The student's endpoint starts answering what cannot be used (a gateway's page: not retried, so each
+    failure takes milliseconds) after 40 calls; the budget ends long before the outage rule's two minutes.
+    The run returned as finished, its program chosen on failed evaluations."""
+    from dspy.utils.exceptions import LMProviderError
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    lock = threading.Lock()
+    calls = [0]
+
+    def gateway_page(request):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n > 40:
+            raise LMProviderError("<html>502 Bad Gateway</html>", model="openai/sim-student")
+
+    lm = make_student_lm(before_call=gateway_page, async_before_call=gateway_page)
+    with pytest.raises(SystemicFailureError) as info:
+        quick_compile(budget=150, lm=lm)
+    assert "LM service" in str(info.value), str(info.value)
+
+
+def test_a_short_blip_as_a_healthy_run_ends_does_not_stop_it():
+    """One window of service failures at the end may be a blip; it takes two to call it an outage."""
+    from dspy_turbogepa.engine.systemic import SystemicFailureDetector
+    from dspy_turbogepa.engine.types import EvalOutcome
+
+    now = [0.0]
+    detector = SystemicFailureDetector(window=4, outage_window=4, split_sizes={"val": 4, "train": 4},
+                                       clock=lambda: now[0])
+    for i in range(500):
+        now[0] += 1
+        detector.observe(EvalOutcome(i % 4, 1.0), split="val")
+
+    def blip(n):
+        for i in range(n):
+            now[0] += 1
+            detector.observe(EvalOutcome(i % 4, 0.0, failure="program_error", service_failure=True,
+                                         error_type="LMServerError", message="gave up"), split="val")
+
+    blip(4)
+    detector.check_final()  # returns
+    blip(4)
+    with pytest.raises(SystemicFailureError):
+        detector.check_final()

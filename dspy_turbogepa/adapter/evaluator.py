@@ -663,8 +663,14 @@ class DspyEvaluator:
             return
         example, pred = sample
         first = error if isinstance(error, str) else _describe(error)
+        # a judge that answers nothing usable now and then must not stop a run by chance: no usable
+        # score is the verdict only if asked three times (a raise, once: that is not noise)
+        asks = 3 if isinstance(error, str) else 1
         try:
-            ret, _ = self._call_metric(example, pred)
+            for _ in range(asks):
+                ret, _ = self._call_metric(example, pred)
+                if read_metric_return(ret, self._failure_score).invalid is None:
+                    break
         except (EvaluatorClosedError, _JudgeGaveUp):
             return  # the run ended, or the judge's LM is rate limited: nothing learned about the metric
         except USER_CODE_ERRORS as probe_error:

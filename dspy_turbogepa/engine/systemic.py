@@ -21,9 +21,11 @@ A third rule covers an LM service that stops answering mid-run (an outage, a quo
 ``outage_window`` evaluations in a row failed because the service did (``service_failure``: its
 retries given up, or an answer it could not use), over at least ``OUTAGE_MIN_SECONDS`` (two waves of
 given-up retries take only ~15 s: a blip that long must not end a long run), the run stops, whatever
-succeeded before. Scored as ``failure_score`` they would be wrong data: children rejected for the
-service's failures, reflections paid for candidates nobody can evaluate. The failed evaluations are run
-again on resume.
+succeeded before; and so does a run that ends on its own (budget, no progress) while a streak twice
+that long is open, however short in time (unusable answers fail in milliseconds and outran the two
+minutes). Scored as
+``failure_score`` they would be wrong data: children rejected for the service's failures, reflections
+paid for candidates nobody can evaluate. The failed evaluations are run again on resume.
 
 Reflections get the same rules: a fatal proposer failure stops the run, and so do ``window``
 failed reflections before the first usable one (a reflection LM that never answers usefully would
@@ -413,12 +415,15 @@ class SystemicFailureDetector:
             streak.causes.clear()
             return
         lasted = streak.extend((outcome.failure, outcome.error_type or ""), outcome.message, self._clock())
-        n = streak.count
-        if n < self.outage_window or lasted < self._outage_min_seconds:
+        if streak.count < self.outage_window or lasted < self._outage_min_seconds:
             return
+        raise self._outage_error(lasted)
+
+    def _outage_error(self, lasted: float) -> SystemicFailureError:
+        streak = self._service_streak
         (failure, error_type), _ = streak.causes.most_common(1)[0]
-        raise SystemicFailureError(
-            f"Stopping: the last {n} evaluations (over {lasted:.0f}s) all failed "
+        return SystemicFailureError(
+            f"Stopping: the last {streak.count} evaluations (over {lasted:.0f}s) all failed "
             "because the LM service did (its retries given up "
             f"or its answer unusable; first: {streak.first}): the endpoint is down, overloaded or out "
             f"of quota. Rerun once it answers (the failed evaluations are run again). {RESUME_ADVICE}",
@@ -432,7 +437,20 @@ class SystemicFailureDetector:
         (a reflection LM that answers the same text each time builds no third candidate). Returning the
         seed as optimized would hide it. The evidence asked for is unchanged (a full window, or every
         example of a small split), and one success anywhere (another candidate, another split) means the
-        setup can work: then the run returns as usual."""
+        setup can work: then the run returns as usual.
+
+        Also when it ended in an outage shorter than the outage rule waits for, two windows of service
+        failures in a row (one window may be a blip at the end of a healthy run): failures the service
+        does not retry (an HTML page for an answer) come in milliseconds, and the budget or the
+        no-progress limit ended the run first, returning a program chosen on failed evaluations as if
+        the run had finished."""
+        if self._service_streak.count >= 2 * self.outage_window:
+            lasted = self._clock() - self._service_streak.since
+
+            def outage() -> None:
+                raise self._outage_error(lasted)
+
+            self._sticky(outage)
         if any(w.seen_success for w in self._splits.values()):
             return
 
