@@ -90,3 +90,43 @@ def test_a_short_blip_as_a_healthy_run_ends_does_not_stop_it():
     blip(4)
     with pytest.raises(SystemicFailureError):
         detector.check_final()
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine", [None, "litellm"])
+def test_a_second_lm_that_never_answered_refusing_connections_stops_the_run(engine):
+    """Its predictor runs only on some examples, after other rollouts succeeded: a refused connection there
+    was retried as an endpoint restarting, and the run ended as "no progress" after minutes."""
+    import dspy
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    extra = {"engine": engine} if engine else {}
+    second = dspy.LM("openai/second", api_base=f"http://127.0.0.1:{_dead_port()}/v1", api_key="x", cache=False,
+                     **extra)
+    calls = [0]
+
+    class TwoStage(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = ROUTING.make_program()
+            self.check = dspy.Predict("ticket, queue -> verdict")
+            self.check.set_lm(second)
+
+        def forward(self, ticket):
+            out = self.inner(ticket=ticket)
+            calls[0] += 1
+            if calls[0] > 12 and len(ticket) % 2 == 0:
+                self.check(ticket=ticket, queue=out.queue)
+            return out
+
+    with pytest.raises(SystemicFailureError) as info:
+        quick_compile(program=TwoStage(), budget=200, lm=make_student_lm())
+    assert info.value.error_type == "ConnectionRefusedError", str(info.value)

@@ -42,6 +42,7 @@ import dspy
 
 from dspy_turbogepa.adapter.introspect import defines_own_forward, runs_async, users_file
 from dspy_turbogepa.adapter.lm_copies import (
+    ROLLOUT_ANSWERED,
     ROLLOUT_CLOSED,
     ROLLOUT_LM_ERRORS,
     ROLLOUT_USAGE,
@@ -212,9 +213,12 @@ class DspyEvaluator:
         self.use_async = use_async
         #: an async program that also has its own forward falls back to it when an LM cannot run async
         self._sync_fallback = bool(use_async) and defines_own_forward(codec.student)
-        self._fatal = FATAL_ERROR_TYPES if fatal_error_types is None else fatal_error_types
+        self._fatal = self._fatal_before_answers = (FATAL_ERROR_TYPES if fatal_error_types is None
+                                                    else fatal_error_types)
         #: Once an endpoint has answered, a refused connection means a restart, not a wrong api_base.
         self._fatal_once_answered = self._fatal & FATAL_ONCE_ANSWERED
+        #: the endpoint keys our LM copies saw answer (filled from the rollouts' threads)
+        self._answered: set[str] = set()
         self._rl_policy = rate_limit_policy
         self._tr_policy = transient_policy
         self._clock = clock
@@ -437,10 +441,20 @@ class DspyEvaluator:
         hits = {k for k in keys if endpoint_model(k) == model or endpoint_model(k).rsplit("/", 1)[-1] == bare}
         return hits or None
 
+    def _fatal_for(self, error: BaseException) -> frozenset[str]:
+        """The fatal set for ``error``: a refused connection is a restart once the run's endpoints have
+        answered, but not from an endpoint that never has (a second LM's wrong port, called only on some
+        examples: its every call was retried as a restart and the run ended as "no progress")."""
+        if self._fatal is not self._fatal_before_answers:
+            endpoint = raised_by_endpoint(error)
+            if endpoint is not None and endpoint not in self._answered:
+                return self._fatal_before_answers
+        return self._fatal
+
     def _verdict(self, error: BaseException | None) -> Verdict | None:
         if error is None:
             return None
-        verdict = classify(error, self._fatal)
+        verdict = classify(error, self._fatal_for(error))
         return verdict if verdict.kind is not None else None
 
     # ------------------------------------------------------------------ one attempt
@@ -522,7 +536,7 @@ class DspyEvaluator:
         ``dspy.Refine`` and user modules written like them extend ``dspy.settings.trace`` and would
         raise on ``None``."""
         settings: dict[str, Any] = {"trace": [], ROLLOUT_LM_ERRORS: [], ROLLOUT_USAGE: current_rollout_usage(),
-                                    ROLLOUT_CLOSED: self._closed_event}
+                                    ROLLOUT_CLOSED: self._closed_event, ROLLOUT_ANSWERED: self._answered}
         if lm is not None:
             settings["lm"] = lm
         return settings
@@ -533,12 +547,12 @@ class DspyEvaluator:
         of its own: ``dspy.Parallel`` that reaches ``max_errors`` raises a bare "Execution cancelled"
         with no cause, and that alone read as the program's failure (scored, shown to reflection, no
         429 retried or counted, a revoked key not fatal). A systemic one among them wins."""
-        raised = [error] if error is not None and classify(error, self._fatal).service_failure else []
+        raised = [error] if error is not None and classify(error, self._fatal_for(error)).service_failure else []
         found = raised + [exc for exc in dspy.settings.get(ROLLOUT_LM_ERRORS) or ()
-                          if classify(exc, self._fatal).service_failure]
+                          if classify(exc, self._fatal_for(exc)).service_failure]
         if not found:
             return error
-        return next((exc for exc in found if classify(exc, self._fatal).fatal), found[0])
+        return next((exc for exc in found if classify(exc, self._fatal_for(exc)).fatal), found[0])
 
     async def _run_async(
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
@@ -609,7 +623,7 @@ class DspyEvaluator:
                 with self.metric_gate, judge_usage_attached():  # not held through a retry's backoff
                     return self._metric(example, pred, trace, pred_name, pred_trace), retries["rate_limited"]
             except USER_CODE_ERRORS as exc:
-                verdict = classify(exc, self._fatal)
+                verdict = classify(exc, self._fatal_for(exc))
                 if verdict.kind is None:
                     raise
                 rate_limited = verdict.kind == "rate_limited"
@@ -674,7 +688,7 @@ class DspyEvaluator:
         except (EvaluatorClosedError, _JudgeGaveUp):
             return  # the run ended, or the judge's LM is rate limited: nothing learned about the metric
         except USER_CODE_ERRORS as probe_error:
-            if classify(probe_error, self._fatal).service_failure:
+            if classify(probe_error, self._fatal_for(probe_error)).service_failure:
                 return
             raise SystemicFailureError(
                 f"Stopping: the metric broke mid-run: the last {self._metric_check.probe_after} evaluations in a "
@@ -730,7 +744,7 @@ class DspyEvaluator:
         ]
         if error is not None:
             types = _error_types(error)
-            verdict = classify(error, self._fatal)
+            verdict = classify(error, self._fatal_for(error))
             fatal = verdict.error_type if verdict.fatal else None
             # fatal, a rate limit / transient error whose retries were given up (see _give_up), or an
             # answer the LM stack could not use
@@ -777,7 +791,7 @@ class DspyEvaluator:
         except USER_CODE_ERRORS as exc:  # the user's metric failed: recorded and scored failure_score
             # An LLM-judge metric's own LM can fail the way the student's does: a bad key or an unknown
             # model there stops the run at once too, not after a window of failed evaluations.
-            verdict = classify(exc, self._fatal)
+            verdict = classify(exc, self._fatal_for(exc))
             fatal = verdict.error_type if verdict.fatal else None
             if fatal is None and not verdict.service_failure:
                 self._check_metric_still_works(exc)

@@ -349,6 +349,26 @@ def _tag_endpoint(exc: BaseException, lm: Any) -> None:
 ROLLOUT_LM_ERRORS = "turbogepa_rollout_lm_errors"
 
 
+#: dspy settings key of the set of endpoint keys that have answered a call in this run (a refused
+#: connection to one that never has is a wrong api_base, however many others answered).
+ROLLOUT_ANSWERED = "turbogepa_rollout_answered"
+
+
+def _note_answered(lm: Any) -> None:
+    """Note the copy's endpoint as one that answered (its key worked out once per copy: a regex over
+    the URL)."""
+    box = dspy.settings.get(ROLLOUT_ANSWERED)
+    if not isinstance(box, set):
+        return
+    own = getattr(lm, "__dict__", None)
+    key = own.get(ENDPOINT_ATTR) if own is not None else None
+    if key is None:
+        key = endpoint_key(lm)
+        if own is not None:
+            own[ENDPOINT_ATTR] = key
+    box.add(key)
+
+
 #: dspy settings key of the run's "closed" event: once set, our copies make no new call (compile has
 #: returned or raised; a rollout still running must not start paid calls nobody will read).
 ROLLOUT_CLOSED = "turbogepa_rollout_closed"
@@ -387,9 +407,11 @@ def _error_noting_class(base: type) -> type:
             _refuse_if_closed()
             try:
                 try:
-                    return _some_output(self, super().__call__(*args, **kwargs))
+                    output = _some_output(self, super().__call__(*args, **kwargs))
                 except _CachedNoChoices:  # see _CachedNoChoices: ask the service itself, once
-                    return _some_output(self, super().__call__(*args, **_uncached(self, kwargs, "forward")))
+                    output = _some_output(self, super().__call__(*args, **_uncached(self, kwargs, "forward")))
+                _note_answered(self)
+                return output
             except Exception as exc:
                 _tag_endpoint(exc, self)
                 note_lm_error(exc)
@@ -399,9 +421,11 @@ def _error_noting_class(base: type) -> type:
             _refuse_if_closed()
             try:
                 try:
-                    return _some_output(self, await super().acall(*args, **kwargs))
+                    output = _some_output(self, await super().acall(*args, **kwargs))
                 except _CachedNoChoices:
-                    return _some_output(self, await super().acall(*args, **_uncached(self, kwargs, "aforward")))
+                    output = _some_output(self, await super().acall(*args, **_uncached(self, kwargs, "aforward")))
+                _note_answered(self)
+                return output
             except Exception as exc:
                 _tag_endpoint(exc, self)
                 note_lm_error(exc)
