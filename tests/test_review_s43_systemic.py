@@ -130,3 +130,51 @@ def test_a_second_lm_that_never_answered_refusing_connections_stops_the_run(engi
     with pytest.raises(SystemicFailureError) as info:
         quick_compile(program=TwoStage(), budget=200, lm=make_student_lm())
     assert info.value.error_type == "ConnectionRefusedError", str(info.value)
+
+
+def test_an_lm_copy_notes_its_answers_from_any_thread_and_after_a_copy_to_another_endpoint():
+    """A thread the program starts does not see DSPy's settings; a copy made with lm.copy(api_base=...)
+    keeps the attributes of the one it was made from."""
+    import dspy
+
+    from dspy_turbogepa.adapter.lm_copies import AnsweredEndpoints, LMCopies, endpoint_key
+    from dspy_turbogepa.testing import make_student_lm
+
+    answered = AnsweredEndpoints()
+    original = make_student_lm()
+    copy = LMCopies(answered).get(original)
+    worker = threading.Thread(target=lambda: copy("Which queue?"))
+    worker.start()
+    worker.join()
+    assert endpoint_key(original) in answered
+    moved = copy.copy()  # a copy keeps the attributes of the one it was made from
+    moved.model = "openai/elsewhere"  # as lm.copy(model=...) / (api_base=...) would for an HTTP LM
+    moved("Which queue?")
+    assert endpoint_key(moved) in answered and endpoint_key(moved) != endpoint_key(original)
+    assert isinstance(moved, dspy.BaseLM)
+
+
+def test_the_metric_probe_asks_three_times_before_calling_a_metric_broken_whatever_began_the_streak():
+    from dspy_turbogepa.adapter.evaluator import DspyEvaluator  # noqa: F401 - the class under test
+    from tests.helpers import make_evaluator
+
+    answers: list = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return answers.pop(0)
+
+    ev, _codec = make_evaluator(ROUTING, metric=metric)
+    try:
+        example = ev._data["val"][0]
+        ev._metric_check.probe_after = 1
+        for began in (RuntimeError("judge down"), "the metric returned no score (None)"):
+            answers[:] = [None, 0.5]  # noisy: one None, then a score
+            ev._metric_check.scored(example, object())
+            ev._check_metric_still_works(began)  # does not stop
+            answers[:] = [None, None, None]
+            ev._metric_check.scored(example, object())
+            with pytest.raises(SystemicFailureError) as info:
+                ev._check_metric_still_works(began)
+            assert info.value.failure == "metric_invalid"
+    finally:
+        ev.close()

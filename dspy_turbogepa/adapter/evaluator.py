@@ -42,10 +42,10 @@ import dspy
 
 from dspy_turbogepa.adapter.introspect import defines_own_forward, runs_async, users_file
 from dspy_turbogepa.adapter.lm_copies import (
-    ROLLOUT_ANSWERED,
     ROLLOUT_CLOSED,
     ROLLOUT_LM_ERRORS,
     ROLLOUT_USAGE,
+    AnsweredEndpoints,
     EvaluatorClosedError,
     LMCopies,
     RolloutUsage,
@@ -217,14 +217,14 @@ class DspyEvaluator:
                                                     else fatal_error_types)
         #: Once an endpoint has answered, a refused connection means a restart, not a wrong api_base.
         self._fatal_once_answered = self._fatal & FATAL_ONCE_ANSWERED
-        #: the endpoint keys our LM copies saw answer (filled from the rollouts' threads)
-        self._answered: set[str] = set()
+        #: the endpoint keys our LM copies saw answer (noted from whatever thread called them)
+        self._answered = AnsweredEndpoints()
         self._rl_policy = rate_limit_policy
         self._tr_policy = transient_policy
         self._clock = clock
         self._sleep = sleep
         self._rng = random.Random(f"backoff:{seed}")
-        self._copies = LMCopies()
+        self._copies = LMCopies(self._answered)
         self._windows = AimdRegistry(
             window_limit or max_workers, default_cooldown_s=rate_limit_policy.base_s,
             max_cooldown_s=rate_limit_policy.max_elapsed_s, clock=clock, sleep=sleep
@@ -536,7 +536,7 @@ class DspyEvaluator:
         ``dspy.Refine`` and user modules written like them extend ``dspy.settings.trace`` and would
         raise on ``None``."""
         settings: dict[str, Any] = {"trace": [], ROLLOUT_LM_ERRORS: [], ROLLOUT_USAGE: current_rollout_usage(),
-                                    ROLLOUT_CLOSED: self._closed_event, ROLLOUT_ANSWERED: self._answered}
+                                    ROLLOUT_CLOSED: self._closed_event}
         if lm is not None:
             settings["lm"] = lm
         return settings
@@ -666,22 +666,22 @@ class DspyEvaluator:
     def _check_metric_still_works(self, error: BaseException | str) -> None:
         """After a streak of evaluations whose metric raised or returned no usable score (``None``, NaN, a
         string: ``metric_probe_after`` in a row, none scored between them), ask the metric once more about a
-        prediction it scored earlier in this run. If it raises there too, or answers no usable score, the
-        metric broke mid-run (a service it calls gone, state it keeps gone bad):
+        prediction it scored earlier in this run. If it raises there too, or answers no usable score three
+        times in a row, the metric broke mid-run (a service it calls gone, state it keeps gone bad):
         every later evaluation would be scored ``failure_score``, every child rejected, and the seed
         returned as if optimized, so the run stops. If it scores it, the failures are the candidates'
         (outputs it cannot take, examples it cannot score) and stay ordinary data, as in dspy.GEPA.
-        One metric call per streak (an LLM judge's is paid), in this worker thread."""
+        One metric call per streak (up to three while it answers no usable score; an LLM judge's are
+        paid), in this worker thread."""
         sample = self._metric_check.probe_due()
         if sample is None:
             return
         example, pred = sample
         first = error if isinstance(error, str) else _describe(error)
-        # a judge that answers nothing usable now and then must not stop a run by chance: no usable
-        # score is the verdict only if asked three times (a raise, once: that is not noise)
-        asks = 3 if isinstance(error, str) else 1
+        # a judge that answers nothing usable now and then must not stop a run by chance: no usable score
+        # is the verdict only when asked three times, whatever began the streak (a raise: at once)
         try:
-            for _ in range(asks):
+            for _ in range(3):
                 ret, _ = self._call_metric(example, pred)
                 if read_metric_return(ret, self._failure_score).invalid is None:
                     break

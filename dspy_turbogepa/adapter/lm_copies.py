@@ -349,24 +349,48 @@ def _tag_endpoint(exc: BaseException, lm: Any) -> None:
 ROLLOUT_LM_ERRORS = "turbogepa_rollout_lm_errors"
 
 
-#: dspy settings key of the set of endpoint keys that have answered a call in this run (a refused
-#: connection to one that never has is a wrong api_base, however many others answered).
-ROLLOUT_ANSWERED = "turbogepa_rollout_answered"
+class AnsweredEndpoints:
+    """The endpoint keys an evaluator's LM copies saw answer in one run (a refused connection from one
+    that never has is a wrong api_base, however many others answered). Held by each copy, so a call
+    from any thread notes it (a thread the program starts does not see DSPy's settings); never copied,
+    so a copy of a copy (``dspy.BestOfN``'s) notes into the same one."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+
+    def __copy__(self) -> AnsweredEndpoints:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AnsweredEndpoints:
+        return self
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: str) -> None:
+        self._keys.add(key)
+
+
+_ANSWERED_ATTR = "_turbogepa_answered"
+#: (model, api_base, endpoint key) of the copy's last note: the key is a regex over the URL, worked out
+#: again only when the copy's model or api_base changed (``lm.copy(api_base=...)`` keeps its attributes)
+_KEY_CACHE_ATTR = "_turbogepa_endpoint_key"
 
 
 def _note_answered(lm: Any) -> None:
-    """Note the copy's endpoint as one that answered (its key worked out once per copy: a regex over
-    the URL)."""
-    box = dspy.settings.get(ROLLOUT_ANSWERED)
-    if not isinstance(box, set):
+    """Note the copy's endpoint as one that answered. Never raises: the call it follows succeeded."""
+    box = getattr(lm, _ANSWERED_ATTR, None)
+    if not isinstance(box, AnsweredEndpoints):
         return
-    own = getattr(lm, "__dict__", None)
-    key = own.get(ENDPOINT_ATTR) if own is not None else None
-    if key is None:
-        key = endpoint_key(lm)
-        if own is not None:
-            own[ENDPOINT_ATTR] = key
-    box.add(key)
+    try:
+        model, base = getattr(lm, "model", None), lm_api_base(lm)
+        cached = getattr(lm, _KEY_CACHE_ATTR, None)
+        if not (isinstance(cached, tuple) and cached[0] == model and cached[1] == base):
+            cached = (model, base, endpoint_key(lm))
+            setattr(lm, _KEY_CACHE_ATTR, cached)
+        box.add(cached[2])
+    except Exception as err:  # noqa: BLE001 - an LM class guarding its attributes: its answers go unnoted
+        logger.debug("Could not note that %s answered: %s", type(lm).__name__, err)
 
 
 #: dspy settings key of the run's "closed" event: once set, our copies make no new call (compile has
@@ -530,9 +554,11 @@ class LMCopies:
     for the program's LMs, the reflector's for the reflection LM (whose retries and backoff are ours
     too, and whose history entries carry the cost DSPy records to :func:`rollout_usage`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answered: AnsweredEndpoints | None = None) -> None:
+        """``answered``: where the copies note the endpoints that answered them (the evaluator's)."""
         self._lock = threading.Lock()
         self._copies: dict[int, tuple[Any, Any]] = {}
+        self._answered = answered
 
     def get(self, lm: Any) -> Any:
         with self._lock:
@@ -540,6 +566,11 @@ class LMCopies:
             if hit is not None and hit[0] is lm:
                 return hit[1]
         copy = _make_copy(lm)
+        if copy is not lm and self._answered is not None:
+            try:
+                setattr(copy, _ANSWERED_ATTR, self._answered)
+            except Exception as err:  # noqa: BLE001 - an LM class guarding its attributes: answers go unnoted
+                logger.debug("Could not attach the answered-endpoints record to %s: %s", type(copy).__name__, err)
         with self._lock:
             hit = self._copies.get(id(lm))
             if hit is not None and hit[0] is lm:
