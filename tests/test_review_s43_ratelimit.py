@@ -26,6 +26,17 @@ from dspy_turbogepa.testing.fake_lm import make_student_lm
 from helpers import make_evaluator, small_splits
 
 
+def _evaluate_seed(ev, codec, n: int) -> list:
+    """The seed on validation examples 0..n-1, all at once; the evaluator closed after."""
+    async def main():
+        return await asyncio.gather(*(ev.evaluate(codec.seed_texts(), "seed", "val", i, False) for i in range(n)))
+
+    try:
+        return asyncio.run(main())
+    finally:
+        ev.close()
+
+
 def test_an_overloaded_server_pacing_its_clients_is_a_rate_limit():
     paced = classify(lm15.ServerError("maintenance", status=503, retry_after=2.0), FATAL_ERROR_TYPES)
     assert (paced.kind, paced.retry_after) == ("rate_limited", 2.0)
@@ -153,15 +164,8 @@ def test_no_retry_waits_out_an_endpoint_cool_down_past_its_policy(routing):
     ev._windows.acquire_all, ev._sleep = timed_acquire, timed_sleep
     lm = make_student_lm(before_call=always_429, async_before_call=always_429)
 
-    async def main():
-        with dspy.context(lm=lm):
-            return await asyncio.gather(*(ev.evaluate(codec.seed_texts(), "seed", "val", i, False)
-                                          for i in range(12)))
-
-    try:
-        outcomes = asyncio.run(main())
-    finally:
-        ev.close()
+    with dspy.context(lm=lm):
+        outcomes = _evaluate_seed(ev, codec, 12)
     assert {o.failure for o in outcomes} == {"rate_limited"}
     assert max(spent.values()) <= policy.max_elapsed_s + 0.05, sorted(spent.values())
     # a retry given up before it was sent is not counted as one
@@ -182,15 +186,7 @@ def test_a_429_is_charged_to_the_endpoint_that_answered_it(pipeline):
         program.render.lm = dspy.LM("openai/sim-student", api_base=b.base_url, api_key="x", cache=False)
         ev, codec = make_evaluator(pipeline, program, n=16, max_workers=16, rate_limit_policy=fast,
                                    transient_policy=fast)
-
-        async def main():
-            return await asyncio.gather(*(ev.evaluate(codec.seed_texts(), "seed", "val", i, False)
-                                          for i in range(16)))
-
-        try:
-            outcomes = asyncio.run(main())
-        finally:
-            ev.close()
+        outcomes = _evaluate_seed(ev, codec, 16)
         assert a.stats()["models"]["sim-student"]["http_429"] > 0
         assert b.stats()["models"]["sim-student"]["http_429"] == 0
     assert not [o for o in outcomes if o.failure]

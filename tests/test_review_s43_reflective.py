@@ -72,7 +72,8 @@ def _metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
     return dspy.Prediction(score=0.5 if pred.answer == "A" else 0.0, feedback=f"feedback for {pred_name}")
 
 
-def test_a_reraised_parse_failure_reaches_only_the_predictor_that_failed_with_its_answer():
+def _records_shown(program: dspy.Module, engine: _Engine, **kw) -> list[tuple[str, list]]:
+    """Compile ``program`` on ``engine`` with a proposer that records each (component, its records)."""
     seen: list[tuple[str, list]] = []
 
     def proposer(candidate, reflective_dataset, components_to_update):
@@ -80,14 +81,17 @@ def test_a_reraised_parse_failure_reaches_only_the_predictor_that_failed_with_it
             seen.append((name, list(reflective_dataset.get(name, []))))
         return {name: candidate[name] + f" v{len(seen)}." for name in components_to_update}
 
-    engine = _Engine()
     lm = dspy.LM("fake/s43", engine=engine, async_engine=_Async(engine), cache=False)
     data = [dspy.Example(q=f"q{i}").with_inputs("q") for i in range(8)]
     opt = TurboGEPA(_metric, max_metric_calls=40, instruction_proposer=proposer, component_selector="all",
-                    num_threads=2, use_merge=False, track_stats=True, verbose=False,
-                    add_format_failure_as_feedback=True)
+                    num_threads=2, use_merge=False, verbose=False, **kw)
     with dspy.context(lm=lm):
-        opt.compile(_Pipe(), trainset=data, valset=data)
+        opt.compile(program, trainset=data, valset=data)
+    return seen
+
+
+def test_a_reraised_parse_failure_reaches_only_the_predictor_that_failed_with_its_answer():
+    seen = _records_shown(_Pipe(), _Engine(), add_format_failure_as_feedback=True)
 
     assert seen, "no reflection ran"
     assert not [records for name, records in seen if name == "fallback" and records]
@@ -140,20 +144,7 @@ class _TwinEngine(_Engine):
 
 
 def test_a_parse_failure_of_one_of_two_twin_predictors_reaches_only_that_one():
-    seen: list[tuple[str, list]] = []
-
-    def proposer(candidate, reflective_dataset, components_to_update):
-        for name in components_to_update:
-            seen.append((name, list(reflective_dataset.get(name, []))))
-        return {name: candidate[name] + f" v{len(seen)}." for name in components_to_update}
-
-    engine = _TwinEngine()
-    lm = dspy.LM("fake/s43", engine=engine, async_engine=_Async(engine), cache=False)
-    data = [dspy.Example(q=f"q{i}").with_inputs("q") for i in range(8)]
-    opt = TurboGEPA(_metric, max_metric_calls=40, instruction_proposer=proposer, component_selector="all",
-                    num_threads=2, use_merge=False, verbose=False)
-    with dspy.context(lm=lm):
-        opt.compile(_Twins(), trainset=data, valset=data)
+    seen = _records_shown(_Twins(), _TwinEngine())
     parse: dict[str, list] = {}
     for name, records in seen:
         parse.setdefault(name, []).extend(r for r in records if "failed to parse" in str(r["Feedback"]))
