@@ -24,6 +24,7 @@ process each mask their own keys, and nothing is left behind afterwards).
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -423,6 +424,38 @@ def error_text(exc: BaseException) -> str:
         return f"<str() of this {type(exc).__name__} raised {type(inner).__name__}>"
 
 
+# Reading an error without raising a second one: what describing it here and classifying it (adapter/
+# ratelimit.py) both walk.
+_GROUP: type | None = getattr(builtins, "BaseExceptionGroup", None)  # Python >= 3.11
+
+
+def error_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)`` that also survives a property raising something else: an SDK
+    error's ``status_code`` or ``headers`` may read a response field that is not there, and looking at a
+    failure must never become a second, fatal one."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - whatever the property raised: the attribute is not there
+        return None
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its causes/contexts, and the members of exception groups, each once."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        if _GROUP is not None and isinstance(cur, _GROUP):  # e.g. an asyncio.TaskGroup in the program
+            stack.extend(reversed(list(error_attr(cur, "exceptions") or ())))
+        nxt = cur.__cause__ or cur.__context__
+        if nxt is not None:
+            stack.append(nxt)
+
+
 def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` for a log, a run store row or reflection feedback: never raises, masked."""
     return mask_text(f"{type(exc).__name__}: {error_text(exc)}", _with_sent_credentials(exc))
@@ -440,37 +473,25 @@ def _with_sent_credentials(exc: BaseException) -> tuple[str, ...] | None:
 
 def _sent_credentials(exc: BaseException) -> list[str]:
     found: list[str] = []
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        cur = stack.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        for holder in (_safe_attr(cur, "request"), _safe_attr(_safe_attr(cur, "response"), "request")):
-            headers = _safe_attr(holder, "headers")
+    for cur in exception_chain(exc):
+        for holder in (error_attr(cur, "request"), error_attr(error_attr(cur, "response"), "request")):
+            headers = error_attr(holder, "headers")
             try:
                 items = list(headers.items()) if headers is not None and hasattr(headers, "items") else []
             except Exception:  # noqa: BLE001 - a client's header object: reading it must not fail a description
                 items = []
-            for name, value in items:
-                if isinstance(name, str) and isinstance(value, str) and (
-                        is_sensitive_key(name) or name.lower().endswith("key")):
-                    found += [v for v in (value.strip(), value.split(None, 1)[-1].strip())
-                              if len(v) >= MIN_ENV_SECRET_LENGTH and not is_placeholder_key(v)]
-        stack += [cur.__cause__, cur.__context__]
+            found += [v for name, value in items for v in credential_header_values(name, value)
+                      if len(v) >= MIN_ENV_SECRET_LENGTH and not is_placeholder_key(v)]
     return found
 
 
-def _safe_attr(obj: Any, name: str) -> Any:
-    """``getattr(obj, name, None)``, None when the property raises (httpx's ``Response.request`` does when
-    the response was built without one)."""
-    if obj is None:
-        return None
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 - whatever the property raised: the attribute is not there
-        return None
+def credential_header_values(name: Any, value: Any) -> list[str]:
+    """A credential header's value and, for "Bearer <token>", the token alone; nothing for another
+    header. A header named "...key" is a credential too (x-portkey-virtual-key, x-goog-api-key)."""
+    if not (isinstance(name, str) and isinstance(value, str)
+            and (is_sensitive_key(name) or name.lower().endswith("key"))):
+        return []
+    return [value.strip(), value.split(None, 1)[-1].strip()]
 
 
 def describe_traceback(exc: BaseException) -> str:

@@ -67,8 +67,6 @@ from dspy_turbogepa.adapter.ratelimit import (
     RetryPolicy,
     Verdict,
     classify,
-    error_attr,
-    exception_chain,
 )
 from dspy_turbogepa.adapter.trajectory import DspyTrajectory, TraceStep
 from dspy_turbogepa.engine.aimd import AimdRegistry
@@ -76,7 +74,7 @@ from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, SystemicFailureError,
 from dspy_turbogepa.engine.systemic import RESUME_ADVICE
 from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, FailureKind, Split
 from dspy_turbogepa.log_once import FirstOfKind
-from dspy_turbogepa.redaction import describe_error
+from dspy_turbogepa.redaction import describe_error, error_attr, exception_chain
 from dspy_turbogepa.workers import DaemonThreadPool
 
 logger = logging.getLogger(__name__)
@@ -282,31 +280,35 @@ class DspyEvaluator:
         first_failed: dict[str, tuple[float, float]] = {}  # kind -> (clock, time not counted so far) at its first
         uncounted = {"rate_limited": 0.0, "transient": 0.0}
         last: tuple[_Attempt, Verdict, PredictorNames] | None = None  # the failure being retried
+
+        def elapsed(kind: str) -> float:
+            """The seconds of ``kind``'s retry policy used so far."""
+            since, uncounted_before = first_failed[kind]
+            return self._clock() - since - (uncounted[kind] - uncounted_before)
+
         while True:
             asked = self._clock()
             # a 429's retry waits out the endpoints' cool-downs only for what is left of its policy: past
             # it, the retry could only be given up, after holding the slot that long
-            left = None
-            if last is not None and last[1].kind == "rate_limited":
-                since, uncounted_before = first_failed["rate_limited"]
-                elapsed = asked - since - (uncounted["rate_limited"] - uncounted_before)
-                left = max(0.0, self._rl_policy.max_elapsed_s - elapsed)
+            left = (max(0.0, self._rl_policy.max_elapsed_s - elapsed("rate_limited"))
+                    if last is not None and last[1].kind == "rate_limited" else None)
             tickets = await self._windows.acquire_all(keys, left)
             cooled = sum(t.cooldown_s for t in tickets)
             waited = max(0.0, self._clock() - asked)
             uncounted["rate_limited"] += max(0.0, waited - cooled)
             uncounted["transient"] += waited
-            if last is not None and any(t.cut_short for t in tickets):
-                self._windows.release_all(tickets)
-                since, uncounted_before = first_failed["rate_limited"]
-                elapsed = self._clock() - since - (uncounted["rate_limited"] - uncounted_before)
-                retries["rate_limited"] -= 1  # counted when it was planned; it was never sent
-                self._stats.add(rate_limit_retries=-1)
-                why = (f"the endpoint stayed paused (a rate limit's Retry-After) past the "
-                       f"{self._rl_policy.max_elapsed_s:.0f}s of the retry policy")
-                return self._give_up(last[0], last[1], retries["rate_limited"], elapsed, usage,
-                                     retries["rate_limited"], example, example_id, last[2], split, capture_traces,
-                                     why=why)
+            if last is not None:
+                if any(t.cut_short for t in tickets):  # only a 429's retry is given a limit
+                    self._windows.release_all(tickets)
+                    why = (f"the endpoint stayed paused (a rate limit's Retry-After) past the "
+                           f"{self._rl_policy.max_elapsed_s:.0f}s of the retry policy")
+                    return self._give_up(last[0], last[1], retries["rate_limited"], elapsed("rate_limited"), usage,
+                                         retries["rate_limited"], example, example_id, last[2], split,
+                                         capture_traces, why=why)
+                retried = last[1].kind
+                assert retried is not None
+                retries[retried] += 1  # counted as sent, not as planned: one given up above never was
+                self._stats.count(retried, "retry")
             result, hint, only = "neutral", None, None
             try:
                 program, names = built.for_call()
@@ -335,14 +337,13 @@ class DspyEvaluator:
             policy = self._rl_policy if rate_limited else self._tr_policy
             done = retries[kind]
             self._stats.count(kind, "seen")
-            since, uncounted_before = first_failed.setdefault(kind, (self._clock(), uncounted[kind]))
-            elapsed = self._clock() - since - (uncounted[kind] - uncounted_before)
-            delay = policy.delay(done, verdict.retry_after, self._rng, elapsed)
+            first_failed.setdefault(kind, (self._clock(), uncounted[kind]))
+            used = elapsed(kind)
+            delay = policy.delay(done, verdict.retry_after, self._rng, used)
             if delay is None:
-                return self._give_up(attempt, verdict, done, elapsed, usage, retries["rate_limited"], example,
+                return self._give_up(attempt, verdict, done, used, usage, retries["rate_limited"], example,
                                      example_id, names, split, capture_traces)
-            self._stats.count(kind, "retry", backoff_s=delay)
-            retries[kind] += 1
+            self._stats.add(backoff_s=delay)
             last = (attempt, verdict, names)
             if not rate_limited:
                 # once per error type at INFO (a flaky server made three of every four log lines these);
@@ -680,10 +681,12 @@ class DspyEvaluator:
         first = error if isinstance(error, str) else _describe(error)
         # a judge that answers nothing usable now and then must not stop a run by chance: no usable score
         # is the verdict only when asked three times, whatever began the streak (a raise: at once)
+        invalid: str | None = None
         try:
             for _ in range(3):
                 ret, _ = self._call_metric(example, pred)
-                if read_metric_return(ret, self._failure_score).invalid is None:
+                invalid = read_metric_return(ret, self._failure_score).invalid
+                if invalid is None:
                     break
         except (EvaluatorClosedError, _JudgeGaveUp):
             return  # the run ended, or the judge's LM is rate limited: nothing learned about the metric
@@ -700,7 +703,6 @@ class DspyEvaluator:
             ) from probe_error
         finally:
             self._metric_check.probed()
-        invalid = read_metric_return(ret, self._failure_score).invalid
         if invalid is not None:
             raise SystemicFailureError(
                 f"Stopping: the metric broke mid-run: the last {self._metric_check.probe_after} evaluations in a "

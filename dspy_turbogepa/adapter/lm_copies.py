@@ -34,8 +34,7 @@ from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import LMProviderError
 from dspy.utils.usage_tracker import UsageTracker
 
-from dspy_turbogepa.adapter.ratelimit import exception_chain
-from dspy_turbogepa.redaction import endpoint_url
+from dspy_turbogepa.redaction import endpoint_url, exception_chain
 
 logger = logging.getLogger(__name__)
 

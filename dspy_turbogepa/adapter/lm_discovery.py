@@ -21,6 +21,7 @@ from dspy_turbogepa.adapter.lm_copies import lm_api_base, model_is_priced
 from dspy_turbogepa.adapter.program import all_named_predictors
 from dspy_turbogepa.redaction import (
     MIN_ENV_SECRET_LENGTH,
+    credential_header_values,
     is_placeholder_key,
     is_sensitive_key,
     url_basic_credentials,
@@ -100,10 +101,11 @@ def _credentials_in(settings: Mapping[Any, Any], depth: int = 0, headers: bool =
     "Bearer <token>" on its own."""
     found: list[Any] = []
     for name, value in settings.items():
-        header_like = headers and isinstance(name, str) and name.lower().endswith("key")
-        if isinstance(value, str) and (is_sensitive_key(name) or header_like):
+        if headers:
+            found += credential_header_values(name, value)
+        elif isinstance(value, str) and is_sensitive_key(name):
             found += [value, value.split(None, 1)[-1]]
-        elif isinstance(value, Mapping) and depth < 4:
+        if isinstance(value, Mapping) and depth < 4:
             found += _credentials_in(value, depth + 1, headers=name in _HEADER_FIELDS)
     return found
 

@@ -27,7 +27,6 @@ litellm 1.106 through the loopback simulator):
 
 from __future__ import annotations
 
-import builtins
 import math
 import random
 import threading
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
+
+from dspy_turbogepa.redaction import error_attr, exception_chain
 
 RetryKind = Literal["rate_limited", "transient"]
 
@@ -138,7 +139,6 @@ SERVICE_ERROR_TYPES = frozenset(
 #: is; only a shorter prompt gets through (see ``proposers/reflection.py``).
 CONTEXT_WINDOW_TYPES = frozenset({"ContextWindowExceededError", "ContextLengthError"})
 
-_GROUP: type | None = getattr(builtins, "BaseExceptionGroup", None)  # Python >= 3.11
 
 _TRANSIENT_STATUS = frozenset({408, 500, 502, 503, 504, 529})
 
@@ -162,33 +162,6 @@ class Verdict:
         """The LM service failed, not the program: nothing for a reflection to learn, and a resumed run
         runs the rollout again instead of replaying the failure."""
         return self.fatal or self.kind is not None or self.unusable_answer
-
-
-def error_attr(obj: Any, name: str) -> Any:
-    """``getattr(obj, name, None)`` that also survives a property raising something else: an SDK
-    error's ``status_code`` or ``headers`` may read a response field that is not there, and looking at a
-    failure must never become a second, fatal one."""
-    try:
-        return getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 - whatever the property raised: the attribute is not there
-        return None
-
-
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, its causes/contexts, and the members of exception groups, each once."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        cur = stack.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        yield cur
-        if _GROUP is not None and isinstance(cur, _GROUP):  # e.g. an asyncio.TaskGroup in the program
-            stack.extend(reversed(list(error_attr(cur, "exceptions") or ())))
-        nxt = cur.__cause__ or cur.__context__
-        if nxt is not None:
-            stack.append(nxt)
 
 
 def _status(exc: BaseException) -> int | None:

@@ -23,9 +23,9 @@ retries given up, or an answer it could not use), over at least ``OUTAGE_MIN_SEC
 given-up retries take only ~15 s: a blip that long must not end a long run), the run stops, whatever
 succeeded before; and so does a run that ends on its own (budget, no progress) while a streak twice
 that long is open, however short in time (unusable answers fail in milliseconds and outran the two
-minutes). Scored as
-``failure_score`` they would be wrong data: children rejected for the service's failures, reflections
-paid for candidates nobody can evaluate. The failed evaluations are run again on resume.
+minutes). Scored as ``failure_score`` they would be wrong data: children rejected for the service's
+failures, reflections paid for candidates nobody can evaluate. The failed evaluations are run again on
+resume.
 
 Reflections get the same rules: a fatal proposer failure stops the run, and so do ``window``
 failed reflections before the first usable one (a reflection LM that never answers usefully would
