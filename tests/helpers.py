@@ -94,3 +94,19 @@ def recording_proposer(sink: list, what=lambda records: records):
             sink.append(what(reflective_dataset[c]))
         return {c: candidate[c] + f" Variant {len(sink)}." for c in components_to_update}
     return proposer
+
+
+class _AsyncOf:
+    """The async side of a sync fake engine: awaits the same answer."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def complete(self, request):
+        return self.engine.complete(request)
+
+
+def engine_lm(engine, model: str = "fake/test") -> dspy.LM:
+    """A ``dspy.LM`` (cache off) answered by ``engine``, an object with ``complete(request)``, whichever way
+    DSPy calls it (sync, or async for an async program)."""
+    return dspy.LM(model, engine=engine, async_engine=_AsyncOf(engine), cache=False)

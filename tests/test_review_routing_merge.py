@@ -22,6 +22,8 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 
 from dspy_turbogepa import TurboGEPA
 
+from helpers import engine_lm
+
 # ------------------------------------------------------------------------------------------ fake LMs
 
 
@@ -68,16 +70,8 @@ class _TagEngine(_FieldEngine):
         return m.group(1) if m else "none"
 
 
-class _Async:
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    async def complete(self, request):
-        return self.engine.complete(request)
-
-
 def _lm(engine: _FieldEngine) -> dspy.LM:
-    return dspy.LM("fake/review", engine=engine, async_engine=_Async(engine), cache=False)
+    return engine_lm(engine, "fake/review")
 
 
 def _data(n: int) -> list[dspy.Example]:

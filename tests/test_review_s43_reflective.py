@@ -11,6 +11,7 @@ import dspy
 from dspy.lm15 import Message, Response, TextPart, Usage
 
 from dspy_turbogepa import TurboGEPA
+from tests.helpers import engine_lm
 
 REFUSAL = "I refuse to follow the format"
 
@@ -39,14 +40,6 @@ class _Engine:
             text += "[[ ## completed ## ]]"
         return Response(id=None, model="fake", message=Message.assistant([TextPart(text)]), finish_reason="stop",
                         usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
-
-
-class _Async:
-    def __init__(self, engine: _Engine) -> None:
-        self.engine = engine
-
-    async def complete(self, request):
-        return self.engine.complete(request)
 
 
 class _Pipe(dspy.Module):
@@ -81,7 +74,7 @@ def _records_shown(program: dspy.Module, engine: _Engine, **kw) -> list[tuple[st
             seen.append((name, list(reflective_dataset.get(name, []))))
         return {name: candidate[name] + f" v{len(seen)}." for name in components_to_update}
 
-    lm = dspy.LM("fake/s43", engine=engine, async_engine=_Async(engine), cache=False)
+    lm = engine_lm(engine, "fake/s43")
     data = [dspy.Example(q=f"q{i}").with_inputs("q") for i in range(8)]
     opt = TurboGEPA(_metric, max_metric_calls=40, instruction_proposer=proposer, component_selector="all",
                     num_threads=2, use_merge=False, verbose=False, **kw)

@@ -16,6 +16,8 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.adapter.program import PredictorNames
 
+from helpers import engine_lm
+
 
 class _Engine:
     """Answers ``x`` to every field named ``answer`` / ``verdict``."""
@@ -26,17 +28,9 @@ class _Engine:
                         finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1, total_tokens=2))
 
 
-class _Async:
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    async def complete(self, request):
-        return self.engine.complete(request)
-
-
 def _lm() -> dspy.LM:
     engine = _Engine()
-    return dspy.LM("fake/review28", engine=engine, async_engine=_Async(engine), cache=False)
+    return engine_lm(engine, "fake/review28")
 
 
 def _metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
