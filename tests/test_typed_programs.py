@@ -620,3 +620,100 @@ def test_a_resumed_run_refuses_another_two_step_extraction_lm(tmp_path):
     with pytest.raises(RunStoreMismatchError):
         run(TurboGEPA, dspy.Predict(Facts), lm=lm, adapter=dspy.TwoStepAdapter(broken_extractor),
             train=examples(range(4)), budget=30, log_dir=str(tmp_path))
+
+
+class _RaisingEngine(_Engine):
+    """An engine whose every request fails with ``error()``."""
+
+    def __init__(self, error) -> None:
+        super().__init__(None)
+        self.error = error
+
+    def complete(self, request):
+        with self._lock:
+            self.requests.append(request_messages(request))
+        raise self.error()
+
+
+def test_the_two_step_extraction_model_is_bound_by_our_retry_policy_not_dspys():
+    # A used-up quota on the extraction model (Retry-After past the whole policy): stopped at once, as on
+    # the student LM. The user's extraction LM retried on DSPy's own policy, which waits out any
+    # Retry-After (3 times 900 s here), holding a rollout for most of an hour.
+    from dspy import lm15
+
+    from dspy_turbogepa import SystemicFailureError
+
+    lm, _ = scripted_lm(student())
+    engine = _RaisingEngine(lambda: lm15.RateLimitError("quota exhausted", status=429, retry_after=900.0))
+    extractor = dspy.LM("scripted/extractor", engine=engine, async_engine=_AsyncEngine(engine), cache=False)
+    adapter = dspy.TwoStepAdapter(extractor)
+    retries_before = extractor.num_retries
+    outcome: dict[str, BaseException] = {}
+
+    def compile_it():
+        try:
+            run(TurboGEPA, dspy.Predict(Facts), lm=lm, adapter=adapter, train=examples(range(4)), budget=12)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=compile_it, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "compile still waiting on the extraction model's Retry-After"
+    assert isinstance(outcome.get("error"), SystemicFailureError), outcome
+    assert "rate limited" in str(outcome["error"])
+    # each rollout sent one request (no DSPy retries), and only the first rollouts before the stop
+    assert 1 <= len(engine.requests) <= 2 * 2
+    assert adapter.extraction_model is extractor and extractor.num_retries == retries_before  # the user's untouched
+
+
+def test_a_parse_failure_whose_json_fallback_call_failed_on_the_service_is_not_a_format_error(monkeypatch):
+    # ChatAdapter's answer does not parse; the JSON-mode retry it then makes gets a 503, retries given up.
+    # The rollout failed because the service did: counted as a format error, it pointed at the prompt.
+    from dspy import lm15
+
+    from dspy_turbogepa import teleprompter as teleprompter_module
+    from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+    from dspy_turbogepa.adapter.ratelimit import RetryPolicy
+
+    class FastEvaluator(DspyEvaluator):  # millisecond backoffs
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, transient_policy=RetryPolicy(3, 30.0, 0.005, 0.05), **kwargs)
+
+    monkeypatch.setattr(teleprompter_module, "DspyEvaluator", FastEvaluator)
+
+    def answer(messages):
+        if item_of(messages) == 1:
+            if _format_of(messages) is dspy.JSONAdapter:
+                raise lm15.ServerError("upstream busy", status=503)
+            return REFUSAL
+        return student()(messages)
+
+    lm, _ = scripted_lm(answer)
+    optimized = run(TurboGEPA, dspy.Predict(Facts), lm=lm, adapter=dspy.ChatAdapter(), train=examples(range(4)),
+                    budget=12, add_format_failure_as_feedback=True, reflection_minibatch_size=4)
+    failures = optimized.detailed_results.run_stats["failures"]
+    assert "format_error" not in failures, failures
+    assert sum(failures.values()) >= 1
+    assert optimized.detailed_results.run_stats["rate_limits"]["transient_gave_up"] >= 1
+
+
+def test_configuring_the_default_chat_adapter_is_the_same_run_as_configuring_none(tmp_path):
+    # DSPy formats with ChatAdapter() when no adapter is set: a rerun that adds it resumes the run
+    from dspy_turbogepa.adapter.run_identity import run_key
+
+    lm, engine = scripted_lm(student())
+    data = examples(range(4))
+
+    def task_lm_key(adapter):
+        return run_key(dspy.Predict(Facts), data, data, 0, context_lm=lm, adapter=adapter)["task_lm"]
+
+    assert task_lm_key(dspy.ChatAdapter()) == task_lm_key(None)
+    assert task_lm_key(dspy.ChatAdapter(use_json_adapter_fallback=False)) != task_lm_key(None)
+    assert task_lm_key(dspy.JSONAdapter()) != task_lm_key(None)
+    first = run(TurboGEPA, dspy.Predict(Facts), lm=lm, train=data, budget=12, log_dir=str(tmp_path))
+    paid = len(engine.requests)
+    again = run(TurboGEPA, dspy.Predict(Facts), lm=lm, adapter=dspy.ChatAdapter(), train=data, budget=12,
+                log_dir=str(tmp_path))
+    assert len(engine.requests) == paid  # replayed, nothing paid again
+    assert again.detailed_results.val_aggregate_scores == first.detailed_results.val_aggregate_scores

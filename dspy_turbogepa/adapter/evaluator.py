@@ -49,6 +49,7 @@ from dspy_turbogepa.adapter.lm_copies import (
     EvaluatorClosedError,
     LMCopies,
     RolloutUsage,
+    adapter_lms,
     current_rollout_usage,
     endpoint_key,
     endpoint_model,
@@ -270,6 +271,8 @@ class DspyEvaluator:
             context_copy = self._copies.get(context_lm)
             if uses_context:
                 keys.add(self._context_endpoint(context_lm))
+        # the configured adapter's own LMs (TwoStepAdapter's extraction model) answer every rollout
+        keys.update(endpoint_key(held) for held in adapter_lms(dspy.settings.adapter).values())
         usage = RolloutUsage()
         retries = {"rate_limited": 0, "transient": 0}
         # Each retry policy's time runs from its kind's first failure and leaves out the time spent queued
@@ -540,6 +543,10 @@ class DspyEvaluator:
                                     ROLLOUT_CLOSED: self._closed_event}
         if lm is not None:
             settings["lm"] = lm
+        adapter = dspy.settings.adapter
+        copied = self._copies.adapter(adapter)
+        if copied is not adapter:  # its LMs are our retry-less copies too
+            settings["adapter"] = copied
         return settings
 
     def _swallowed(self, error: BaseException | None) -> BaseException | None:
@@ -751,7 +758,10 @@ class DspyEvaluator:
             # fatal, a rate limit / transient error whose retries were given up (see _give_up), or an
             # answer the LM stack could not use
             service = verdict.service_failure
-            failure: FailureKind = "format_error" if "AdapterParseError" in types else "program_error"
+            # a parse error behind a service failure (ChatAdapter's JSON fallback call given up on a 503) is
+            # the service's: counted as a format error, it pointed the user at the prompt during an outage
+            failure: FailureKind = ("format_error" if "AdapterParseError" in types and not service
+                                    else "program_error")
             message = _describe(error)
             # the parse error itself, wherever it is in the chain: a program that re-raises it as its own
             # error (or a JSON-mode retry that failed after it) keeps its signature and the model's answer

@@ -19,6 +19,7 @@ instead of each getting a copy that is never merged back.
 
 from __future__ import annotations
 
+import copy as _copy
 import functools
 import logging
 import math
@@ -38,7 +39,7 @@ from dspy_turbogepa.redaction import endpoint_url, exception_chain
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LMCopies", "RolloutUsage", "endpoint_key", "judge_usage_attached", "rollout_usage"]
+__all__ = ["LMCopies", "RolloutUsage", "adapter_lms", "endpoint_key", "judge_usage_attached", "rollout_usage"]
 
 
 @dataclass
@@ -548,6 +549,14 @@ def _make_copy(lm: Any) -> Any:
     return copy
 
 
+def adapter_lms(adapter: Any) -> dict[str, Any]:
+    """The LMs a configured DSPy adapter holds in its public attributes, by attribute name."""
+    if adapter is None:
+        return {}
+    return {k: v for k, v in sorted(getattr(adapter, "__dict__", {}).items())
+            if not k.startswith("_") and isinstance(v, dspy.BaseLM)}
+
+
 class LMCopies:
     """One copy per original LM object (kept alive with it, so ids are never reused): the evaluator's
     for the program's LMs, the reflector's for the reflection LM (whose retries and backoff are ours
@@ -557,6 +566,7 @@ class LMCopies:
         """``answered``: where the copies note the endpoints that answered them (the evaluator's)."""
         self._lock = threading.Lock()
         self._copies: dict[int, tuple[Any, Any]] = {}
+        self._adapters: dict[int, tuple[Any, Any]] = {}
         self._answered = answered
 
     def get(self, lm: Any) -> Any:
@@ -576,6 +586,28 @@ class LMCopies:
                 return hit[1]
             self._copies[id(lm)] = (lm, copy)
         return copy
+
+    def adapter(self, adapter: Any) -> Any:
+        """``adapter``, or a shallow copy of it whose LMs (``TwoStepAdapter.extraction_model``, which reads
+        every answer) are our copies: with the user's, its calls retried on DSPy's own policy (a quota's
+        ``Retry-After: 900`` waited out, three times over, holding the rollout for most of an hour) and were
+        still made after the run had ended. One copy per adapter object, as for LMs."""
+        held = adapter_lms(adapter)
+        if not held:
+            return adapter
+        with self._lock:
+            hit = self._adapters.get(id(adapter))
+            if hit is not None and hit[0] is adapter:
+                return hit[1]
+        copied = _copy.copy(adapter)
+        for name, lm in held.items():
+            setattr(copied, name, self.get(lm))
+        with self._lock:
+            hit = self._adapters.get(id(adapter))
+            if hit is not None and hit[0] is adapter:
+                return hit[1]
+            self._adapters[id(adapter)] = (adapter, copied)
+        return copied
 
     def originals(self) -> list[Any]:
         with self._lock:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import dspy
 
 from dspy_turbogepa.adapter.introspect import in_dspy_package, is_a, library_class, library_function
-from dspy_turbogepa.adapter.lm_copies import lm_api_base
+from dspy_turbogepa.adapter.lm_copies import adapter_lms, lm_api_base
 from dspy_turbogepa.adapter.program import all_named_predictors
 from dspy_turbogepa.adapter.trajectory_json import held_items, to_json
 from dspy_turbogepa.redaction import (
@@ -674,7 +674,7 @@ def run_key(
         "seed": str(0 if seed is None else seed),  # None runs as seed 0 (dspy.GEPA's default)
         "metric": stable_hash([callable_identity(metric)]),
         "failure_score": repr(float(failure_score)),  # its own part: a mismatch names it, not "metric"
-        "task_lm": stable_hash(_hashable(lm_identity(context_lm) if adapter is None
+        "task_lm": stable_hash(_hashable(lm_identity(context_lm) if _formats_as_default(adapter)
                                          else [lm_identity(context_lm), adapter_identity(adapter)])),
         REFLECTION_PART: stable_hash(_hashable(reflection)),
     }
@@ -753,12 +753,19 @@ def _tool_identity(obj: Any) -> str | None:
     return None
 
 
+def _formats_as_default(adapter: Any) -> bool:
+    """No adapter configured, or one that is what DSPy uses then (``settings.adapter or ChatAdapter()``):
+    a rerun that adds ``dspy.configure(adapter=dspy.ChatAdapter())`` formats every prompt as before, and
+    was refused as "task_lm changed"."""
+    return adapter is None or (type(adapter) is dspy.ChatAdapter
+                               and adapter_identity(adapter) == adapter_identity(dspy.ChatAdapter()))
+
+
 def adapter_identity(adapter: Any) -> dict[str, Any]:
     """A configured DSPy adapter (``dspy.configure(adapter=JSONAdapter())``) formats every prompt and
     parses every answer: its class, public plain settings and the LMs it calls itself
     (``TwoStepAdapter``'s extraction model reads every answer)."""
-    lms = {k: lm_identity(v) for k, v in sorted(vars(adapter).items())
-           if not k.startswith("_") and isinstance(v, dspy.BaseLM)}
+    lms = {k: lm_identity(v) for k, v in adapter_lms(adapter).items()}
     return {"class": f"{type(adapter).__module__}.{type(adapter).__qualname__}", **_plain_settings(adapter), **lms}
 
 
