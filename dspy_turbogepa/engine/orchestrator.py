@@ -42,6 +42,7 @@ from dspy_turbogepa.engine.evaluation import EvaluationCache
 from dspy_turbogepa.engine.frontier import ParetoFrontier
 from dspy_turbogepa.engine.history import CommitHistory, CommitPoint
 from dspy_turbogepa.engine.merge import MergeProposal, find_merge
+from dspy_turbogepa.engine.noop import NoopStreak
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import (
     CandidateRecord,
@@ -242,8 +243,7 @@ class Orchestrator:
         self._accepted = 0
         self._attempted = 0
         self._credit = CreditSnapshot()
-        self._noop_streak = 0
-        self._paid_noop_streak = 0
+        self._noop = NoopStreak()
         self._warned_unpriced = False
         #: Deterministic mode: the commit at which the no-op stop was decided (see _main_loop).
         self._drain_view: int | None = None
@@ -1360,37 +1360,25 @@ class Orchestrator:
         if plan.siblings > 1 and result.children_tried:
             self.stats.siblings["best_of_k_mutations"] += 1
             self.stats.siblings["best_of_k_children"] += result.children_tried
-        # Cache hits are free, so a run whose parents are all perfect on every minibatch could spin
-        # forever on free no-op mutations; stop once that has clearly happened.
-        # Those whose proposer answered (it rebuilt a known candidate) are not free: a reflection LM that
-        # keeps answering with known texts stops the run much sooner (dspy.GEPA, which pays metric calls
-        # for every iteration, would have run out of budget). Answered, not "made a DSPy LM call": a custom
-        # proposer calling its vendor's SDK pays for calls no DSPy callback sees.
-        noop = not (newly_charged or status == "accepted")
-        self._noop_streak = self._noop_streak + 1 if noop else 0
-        if not noop:
-            self._paid_noop_streak = 0
-        elif result.proposals_answered:
-            self._paid_noop_streak += 1
+        # The no-progress limit (engine/noop.py). Paid: the proposer answered, not "made a DSPy LM call": a
+        # custom proposer calling its vendor's SDK pays for calls no DSPy callback sees.
+        self._noop.record(not (newly_charged or status == "accepted"), status, result.proposals_answered)
         # A proposer that stopped working (every reflection since a usable one failed) also stops the run
         # when its mutations still charge new evaluations (each evaluates its parent on a new minibatch and
         # scouts): the paid streak above only starts once the parents have been evaluated on every training
         # example (a review: 280 metric calls and 210 paid reflections after the reflection LM broke).
         proposer_dead = self._systemic.proposer_failures_in_a_row >= self.config.max_paid_noop_mutations
-        if self._stop_reason is None and (self._noop_streak >= self.config.max_noop_mutations or proposer_dead
-                                          or self._paid_noop_streak >= self.config.max_paid_noop_mutations):
+        if self._stop_reason is None and (self._noop.length >= self.config.max_noop_mutations or proposer_dead
+                                          or self._noop.paid >= self.config.max_paid_noop_mutations):
             broken = self._systemic.proposer_failure_streak()
             if broken is not None and (proposer_dead or
-                                       self._systemic.proposer_failures_in_a_row >= self._paid_noop_streak > 0):
+                                       self._systemic.proposer_failures_in_a_row >= self._noop.paid > 0):
                 # not a search that ran out of ideas: the proposer stopped working (a reflection LM answering
                 # refusals or unparseable text); the best program so far is returned, and the user must hear why
                 logger.warning("Stopping (no_progress_possible): %s The best program found so far is returned.",
                                broken)
             else:
-                logger.info("Stopping: the last %d mutations changed nothing and cost no metric call (their "
-                            "parents were perfect on every minibatch drawn, or their proposals rebuilt known "
-                            "candidates; %d of them paid for reflections that did)", self._noop_streak,
-                            self._paid_noop_streak)
+                logger.log(*self._noop.describe(self.stats.failures, self.stats.executed + self.stats.replayed))
             self._stop_reason = "no_progress_possible"
             if self.config.deterministic:
                 # Mutations planned from views before this commit still run: whether the loop launched
