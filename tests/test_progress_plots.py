@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -1088,3 +1089,37 @@ def test_dspys_own_log_lines_go_through_the_bar_and_its_silence_holds() -> None:
         dspy.enable_logging()
         sys.stderr = real
     assert "shown" in captured.getvalue() and "silenced" not in captured.getvalue()
+
+
+def test_failed_evaluations_show_on_the_progress_lines(caplog):
+    """A run where the metric raises on some examples looked healthy on every progress line (one warning
+    per failure kind, the counts only in the teleprompter's final line): the lines and the bar now count
+    the failed evaluations."""
+    from helpers import quick_compile
+
+    task = TASKS["routing"]
+    bad = set()
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if len(bad) < 3 or gold.ticket in bad:
+            bad.add(gold.ticket)
+            raise ValueError("judge could not parse the gold label")
+        return task.metric(gold, pred, trace, pred_name, pred_trace)
+
+    caplog.set_level(logging.INFO, logger="dspy_turbogepa")
+    optimized = quick_compile(metric=metric, budget=60, verbose=True)
+    failed = sum(optimized.detailed_results.run_stats["failures"].values())
+    assert failed >= 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "dspy_turbogepa.tracking.progress"]
+    ended = [line for line in lines if line.startswith("TurboGEPA search ended")]
+    calls = optimized.detailed_results.total_metric_calls
+    assert len(ended) == 1 and f" metric calls ({100 * calls / 60:.0f}%), {failed} failed " in ended[0], ended
+    from dspy_turbogepa.tracking.progress import ProgressSnapshot
+
+    snap = ProgressSnapshot(elapsed=3.0, metric_calls=40, budget=60, best=0.5, frontier_size=1, candidates=2,
+                            evals_in_flight=0, mutations_running=0, rung_funnel=(), backoffs=0, eta_seconds=None,
+                            failed=10)
+    assert "40/60 metric calls (67%), 10 failed (25%), 3s elapsed" in snap.log_line()
+    assert "failed 10" in snap.fields()
+    calm = dataclasses.replace(snap, failed=0)
+    assert "failed" not in calm.log_line() and not any("failed" in f for f in calm.fields())

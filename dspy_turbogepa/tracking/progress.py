@@ -77,8 +77,9 @@ class ProgressSource(Protocol):
     ``paused_seconds()``: how long the LM endpoints are still paused by a rate limit's Retry-After, and
     ``reflection_paused_seconds()``: how long a reflection still waits out the reflection LM's rate limit;
     ``tokens()`` and ``cost_usd()``: the LM tokens and dollars the run has used (every session of its
-    ``log_dir``, as the token and dollar caps count them), and ``replayed_calls()``: the metric calls a
-    resume replayed from its store (kept out of the ETA's rate).
+    ``log_dir``, as the token and dollar caps count them), ``replayed_calls()``: the metric calls a
+    resume replayed from its store (kept out of the ETA's rate), and ``failed_calls()``: those of the
+    metric calls whose evaluation failed (scored ``failure_score``).
     """
 
     def metric_calls(self) -> int | None: ...
@@ -177,6 +178,12 @@ class OrchestratorSource:
         what ``token_budget`` caps."""
         return int(self._orch.stats.tokens)
 
+    def failed_calls(self) -> int:
+        """Evaluations scored ``failure_score`` because the program, the metric or the LM failed: shown
+        while the run goes, since a run where half the examples fail looked healthy on every line (one
+        warning per failure kind, the counts only in the final line)."""
+        return sum(list(self._orch.stats.failures.values()))  # a copy: the engine's thread adds to it
+
     def replayed_calls(self) -> int:
         """Stored evaluations replayed this session: a resume replays them in a burst, which is not the
         rate the run goes at (they stay out of the ETA's rate, not out of the count)."""
@@ -211,6 +218,8 @@ class ProgressSnapshot:
     cost_usd: float | None = None
     token_budget: int | None = None
     cost_budget_usd: float | None = None
+    #: of ``metric_calls``, the evaluations that failed (scored failure_score)
+    failed: int | None = None
 
     @property
     def paused(self) -> bool:
@@ -259,6 +268,8 @@ class ProgressSnapshot:
         capped, plain = self.usage_parts(short=True)
         if self.best is not None:
             parts.append(f"best {self.best:.3f}")
+        if self.failed:
+            parts.append(f"failed {self.failed}")
         if self.eta_seconds is not None:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         parts.extend(capped)
@@ -281,7 +292,10 @@ class ProgressSnapshot:
     def log_line(self) -> str:
         calls = f"{self.metric_calls}/{self.budget}" if self.budget else str(self.metric_calls)
         pct = f" ({100 * self.fraction:.0f}%)" if self.fraction is not None else ""
-        parts = [f"{calls} metric calls{pct}", f"{format_duration(self.elapsed)} elapsed"]
+        parts = [f"{calls} metric calls{pct}"]
+        if self.failed:
+            parts.append(f"{self.failed} failed ({100 * self.failed / max(1, self.metric_calls):.0f}%)")
+        parts.append(f"{format_duration(self.elapsed)} elapsed")
         if self.best is not None:
             parts.append(f"best val {self.best:.4f}")
         if self.frontier_size is not None:
@@ -558,6 +572,7 @@ class ProgressDisplay(EngineObserver):
             cost_usd=None if cost is None else float(cost),
             token_budget=self._token_budget,
             cost_budget_usd=self._cost_budget,
+            failed=_safe(src, "failed_calls"),
         )
 
     def _rates(self, sample: tuple[float, float, float, float]) -> tuple[float | None, ...]:
