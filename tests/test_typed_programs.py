@@ -15,6 +15,7 @@ agree, the same run is made under dspy.GEPA and compared.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import warnings
@@ -698,22 +699,58 @@ def test_a_parse_failure_whose_json_fallback_call_failed_on_the_service_is_not_a
     assert optimized.detailed_results.run_stats["rate_limits"]["transient_gave_up"] >= 1
 
 
-def test_configuring_the_default_chat_adapter_is_the_same_run_as_configuring_none(tmp_path):
-    # DSPy formats with ChatAdapter() when no adapter is set: a rerun that adds it resumes the run
-    from dspy_turbogepa.adapter.run_identity import run_key
 
-    lm, engine = scripted_lm(student())
-    data = examples(range(4))
+def test_a_429_from_the_two_step_extraction_model_narrows_its_own_window():
+    # its endpoint is one of the rollout's: gated by our windows, and its 429 charged to it, not the student's
+    from dspy import lm15
 
-    def task_lm_key(adapter):
-        return run_key(dspy.Predict(Facts), data, data, 0, context_lm=lm, adapter=adapter)["task_lm"]
+    lm, _ = scripted_lm(student())
+    told: list[int] = []
 
-    assert task_lm_key(dspy.ChatAdapter()) == task_lm_key(None)
-    assert task_lm_key(dspy.ChatAdapter(use_json_adapter_fallback=False)) != task_lm_key(None)
-    assert task_lm_key(dspy.JSONAdapter()) != task_lm_key(None)
-    first = run(TurboGEPA, dspy.Predict(Facts), lm=lm, train=data, budget=12, log_dir=str(tmp_path))
-    paid = len(engine.requests)
-    again = run(TurboGEPA, dspy.Predict(Facts), lm=lm, adapter=dspy.ChatAdapter(), train=data, budget=12,
-                log_dir=str(tmp_path))
-    assert len(engine.requests) == paid  # replayed, nothing paid again
-    assert again.detailed_results.val_aggregate_scores == first.detailed_results.val_aggregate_scores
+    def extract(messages):
+        if len(told) < 2:
+            told.append(1)
+            raise lm15.RateLimitError("slow down", status=429, retry_after=0.01)
+        return extraction(messages)
+
+    extractor, engine = scripted_lm(extract, "scripted/extractor")
+    optimized = run(TurboGEPA, dspy.Predict(Facts), lm=lm, adapter=dspy.TwoStepAdapter(extractor),
+                    train=examples(range(4)), budget=12)
+    endpoints = optimized.detailed_results.run_stats["rate_limits"]["endpoints"]
+    assert endpoints["scripted/extractor"]["rate_limited"] == 2 and endpoints["scripted/extractor"]["decreases"] >= 1
+    assert endpoints["scripted/student"]["rate_limited"] == 0
+    assert optimized.detailed_results.run_stats["failures"] == {}  # both retried, none scored as failed
+
+
+class _NoCopyTwoStep(dspy.TwoStepAdapter):
+    def __copy__(self):
+        raise TypeError("cannot copy NoCopy")
+
+
+def test_an_adapter_that_cannot_be_copied_runs_as_given_with_a_warning(caplog):
+    lm, _ = scripted_lm(student())
+    extractor, engine = scripted_lm(extraction, "scripted/extractor")
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        optimized = run(TurboGEPA, dspy.Predict(Facts), lm=lm, adapter=_NoCopyTwoStep(extractor),
+                        train=examples(range(4)), budget=12)
+    assert optimized.detailed_results.val_aggregate_scores[0] is not None and engine.requests
+    said = [r.getMessage() for r in caplog.records if "Could not copy the configured adapter" in r.getMessage()]
+    assert len(said) == 1 and "_NoCopyTwoStep" in said[0] and "extraction_model" in said[0]
+
+
+def test_an_adapter_given_another_lm_is_copied_again():
+    from dspy_turbogepa.adapter.lm_copies import LMCopies
+
+    first, _ = scripted_lm(extraction, "scripted/one")
+    second, _ = scripted_lm(extraction, "scripted/two")
+    adapter = dspy.TwoStepAdapter(first)
+    copies = LMCopies()
+    before = copies.adapter(adapter)
+    assert before is not adapter and before.extraction_model is copies.get(first)
+    assert copies.adapter(adapter) is before  # one copy per adapter
+    adapter.extraction_model = second
+    after = copies.adapter(adapter)
+    assert after.extraction_model is copies.get(second) and after.extraction_model.model == "scripted/two"
+    assert copies.adapter(dspy.ChatAdapter()) is not None  # no LM held: the adapter itself
+    chat = dspy.ChatAdapter()
+    assert copies.adapter(chat) is chat

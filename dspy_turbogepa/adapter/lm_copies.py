@@ -557,6 +557,12 @@ def adapter_lms(adapter: Any) -> dict[str, Any]:
             if not k.startswith("_") and isinstance(v, dspy.BaseLM)}
 
 
+def _still(hit: tuple[Any, Any, tuple[Any, ...]], adapter: Any, lms: tuple[Any, ...]) -> bool:
+    """Whether a cached adapter copy is of this adapter holding these LMs."""
+    return (hit[0] is adapter and len(hit[2]) == len(lms)
+            and all(a is b for a, b in zip(hit[2], lms, strict=True)))
+
+
 class LMCopies:
     """One copy per original LM object (kept alive with it, so ids are never reused): the evaluator's
     for the program's LMs, the reflector's for the reflection LM (whose retries and backoff are ours
@@ -566,7 +572,8 @@ class LMCopies:
         """``answered``: where the copies note the endpoints that answered them (the evaluator's)."""
         self._lock = threading.Lock()
         self._copies: dict[int, tuple[Any, Any]] = {}
-        self._adapters: dict[int, tuple[Any, Any]] = {}
+        self._adapters: dict[int, tuple[Any, Any, tuple[Any, ...]]] = {}
+        self._uncopyable: set[int] = set()
         self._answered = answered
 
     def get(self, lm: Any) -> Any:
@@ -595,18 +602,27 @@ class LMCopies:
         held = adapter_lms(adapter)
         if not held:
             return adapter
+        lms = tuple(held.values())  # an adapter given another LM since is copied again
         with self._lock:
             hit = self._adapters.get(id(adapter))
-            if hit is not None and hit[0] is adapter:
+            if hit is not None and _still(hit, adapter, lms):
                 return hit[1]
-        copied = _copy.copy(adapter)
-        for name, lm in held.items():
-            setattr(copied, name, self.get(lm))
+        try:
+            copied = _copy.copy(adapter)
+            for name, lm in held.items():
+                setattr(copied, name, self.get(lm))
+        except Exception as err:  # noqa: BLE001 - an adapter that refuses copying: run on the user's, said once
+            copied = adapter
+            if id(adapter) not in self._uncopyable:
+                self._uncopyable.add(id(adapter))
+                logger.warning("Could not copy the configured adapter %s (%s: %s): its LMs (%s) run with DSPy's own "
+                               "retries, not under the optimizer's rate-limit and retry policies.",
+                               type(adapter).__name__, type(err).__name__, err, ", ".join(held))
         with self._lock:
             hit = self._adapters.get(id(adapter))
-            if hit is not None and hit[0] is adapter:
+            if hit is not None and _still(hit, adapter, lms):
                 return hit[1]
-            self._adapters[id(adapter)] = (adapter, copied)
+            self._adapters[id(adapter)] = (adapter, copied, lms)
         return copied
 
     def originals(self) -> list[Any]:

@@ -674,7 +674,7 @@ def run_key(
         "seed": str(0 if seed is None else seed),  # None runs as seed 0 (dspy.GEPA's default)
         "metric": stable_hash([callable_identity(metric)]),
         "failure_score": repr(float(failure_score)),  # its own part: a mismatch names it, not "metric"
-        "task_lm": stable_hash(_hashable(lm_identity(context_lm) if _formats_as_default(adapter)
+        "task_lm": stable_hash(_hashable(lm_identity(context_lm) if adapter is None
                                          else [lm_identity(context_lm), adapter_identity(adapter)])),
         REFLECTION_PART: stable_hash(_hashable(reflection)),
     }
@@ -751,14 +751,6 @@ def _tool_identity(obj: Any) -> str | None:
     if (inspect.isfunction(obj) or inspect.ismethod(obj)) and not library_function(getattr(obj, "__func__", obj)):
         return callable_identity(obj)
     return None
-
-
-def _formats_as_default(adapter: Any) -> bool:
-    """No adapter configured, or one that is what DSPy uses then (``settings.adapter or ChatAdapter()``):
-    a rerun that adds ``dspy.configure(adapter=dspy.ChatAdapter())`` formats every prompt as before, and
-    was refused as "task_lm changed"."""
-    return adapter is None or (type(adapter) is dspy.ChatAdapter
-                               and adapter_identity(adapter) == adapter_identity(dspy.ChatAdapter()))
 
 
 def adapter_identity(adapter: Any) -> dict[str, Any]:

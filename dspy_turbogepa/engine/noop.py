@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from dspy_turbogepa.engine.types import NOTHING_TO_REFLECT_ON
+
 #: What a no-op mutation was, as the stop message words it (by its status, or ``nothing_to_reflect_on``).
 _WHAT = {
     "skipped_perfect": "had a parent perfect on the minibatch drawn",
@@ -39,7 +41,8 @@ class NoopStreak:
     paid: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
 
-    def record(self, noop: bool, status: str, proposals_answered: int) -> None:
+    def record(self, noop: bool, status: str, proposals_answered: int, detail: str | None = None) -> None:
+        """One committed mutation; ``detail`` is why a ``no_proposal`` one had none."""
         if not noop:
             self.length, self.paid = 0, 0
             self.kinds.clear()
@@ -47,20 +50,27 @@ class NoopStreak:
         self.length += 1
         if proposals_answered:
             self.paid += 1
-        self.kinds["nothing_to_reflect_on" if status == "no_proposal" and not proposals_answered else status] += 1
+        starved = status == "no_proposal" and (detail or "").startswith(NOTHING_TO_REFLECT_ON)
+        self.kinds["nothing_to_reflect_on" if starved else status] += 1
 
     def describe(self, failures: Mapping[str, int], evaluations: int) -> tuple[int, str]:
-        """The stop's log level and message. A WARNING when the streak was mostly not perfect parents
-        while evaluations failed: the search did not converge, failing examples starved it."""
+        """The stop's log level and message. A WARNING when most of the streak had nothing to reflect on
+        while evaluations failed: the search did not converge, failing examples starved it (an example
+        that fails has no trace worth reading). Other streaks (perfect parents, known candidates
+        rebuilt) are the search running out of ideas, whatever else failed on the way: the failures are
+        said, not blamed."""
         parts = ", ".join(f"{n} {_WHAT.get(kind, f'ended {kind}')}" for kind, n in self.kinds.most_common())
         head = (f"Stopping: none of the last {self.length} mutations changed anything or cost a metric call "
                 f"({parts}; {self.paid} of them paid for a reflection)")
         failed = sum(failures.values())
-        if failed and self.kinds["skipped_perfect"] * 2 < self.length:
-            kinds = ", ".join(f"{kind} {n}" for kind, n in Counter(failures).most_common())
+        if not failed:
+            return logging.INFO, head
+        counts = (f"{failed} of {evaluations} evaluations failed "
+                  f"({', '.join(f'{kind} {n}' for kind, n in Counter(failures).most_common())})")
+        if self.kinds["nothing_to_reflect_on"] * 2 > self.length:
             return logging.WARNING, (
-                f"{head}. {failed} of {evaluations} evaluations failed ({kinds}): a failed example scores "
-                "failure_score and gives reflection nothing to learn from, so the search may have stalled on "
-                "the failures rather than converged. The first warning of each failure kind names its cause; "
-                "fix it and run again. The best program found so far is returned.")
-        return logging.INFO, head
+                f"{head}. {counts}: a failed example scores failure_score and gives reflection nothing to "
+                "learn from, so the search stalled on the failures rather than converged. The first warning "
+                "of each failure kind names its cause; fix it and run again. The best program found so far "
+                "is returned.")
+        return logging.INFO, f"{head}; {counts}"

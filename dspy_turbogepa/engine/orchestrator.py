@@ -1362,7 +1362,8 @@ class Orchestrator:
             self.stats.siblings["best_of_k_children"] += result.children_tried
         # The no-progress limit (engine/noop.py). Paid: the proposer answered, not "made a DSPy LM call": a
         # custom proposer calling its vendor's SDK pays for calls no DSPy callback sees.
-        self._noop.record(not (newly_charged or status == "accepted"), status, result.proposals_answered)
+        self._noop.record(not (newly_charged or status == "accepted"), status, result.proposals_answered,
+                          result.detail)
         # A proposer that stopped working (every reflection since a usable one failed) also stops the run
         # when its mutations still charge new evaluations (each evaluates its parent on a new minibatch and
         # scouts): the paid streak above only starts once the parents have been evaluated on every training

@@ -391,7 +391,8 @@ class ProgressDisplay(EngineObserver):
             used (every session of its ``log_dir``), and the ETA never exceeds the time to reach them at
             the recent rate.
         eta_window_seconds: the metric-call rate behind the ETA is measured over this recent window (over
-            the last half of the run while that is shorter, but never under ``MIN_ETA_WINDOW_S``).
+            the last half of the run while that is shorter, but not under ``MIN_ETA_WINDOW_S`` unless this
+            is).
         log: the logger for log lines (default: this module's).
         clock: monotonic clock (tests inject a fake one). Elapsed time counts from construction, so
             build the display right before the run starts.
