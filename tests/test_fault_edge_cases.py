@@ -275,3 +275,31 @@ def test_a_no_progress_stop_on_perfect_parents_stays_informational():
     assert message.endswith("; 3 of 400 evaluations failed (program_error 3)")
     streak.record(False, "accepted", 1)  # progress resets the streak and what it held
     assert (streak.length, streak.paid, sum(streak.kinds.values())) == (0, 0, 0)
+
+
+def test_a_predictor_called_in_a_thread_the_program_started_is_named_as_the_cause():
+    """The LM is set with dspy.context around compile, and forward calls its predictor in a
+    ThreadPoolExecutor: the thread does not inherit the context, and every rollout raises DSPy's "No LM is
+    loaded". The stop told the user, who had configured an LM, to fix "the LM configuration"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dspy_turbogepa import SystemicFailureError
+    from dspy_turbogepa.testing import TASKS
+
+    from helpers import quick_compile
+
+    task = TASKS["routing"]
+
+    class InAThread(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.route = task.make_program().route
+
+        def forward(self, ticket):
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(self.route, ticket=ticket).result()
+
+    with pytest.raises(SystemicFailureError) as raised:
+        quick_compile(program=InAThread(), budget=60)
+    assert "in a thread the program started itself" in str(raised.value)
+    assert "contextvars.copy_context().run" in str(raised.value)

@@ -125,6 +125,17 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
 
 
+def _lost_context_hint(exc: BaseException) -> str:
+    """For DSPy's "No LM is loaded" while an LM is configured where the rollout runs: the predictor ran in
+    a thread the program started, which does not inherit ``dspy.context``. The stop said to fix "the LM
+    configuration" to a user who had configured one."""
+    if dspy.settings.lm is None or not any("No LM is loaded" in str(e) for e in exception_chain(exc)):
+        return ""
+    return (" (An LM is configured around compile, but this predictor ran without it: in a thread the program "
+            "started itself, which does not inherit dspy.context. Start such threads with "
+            "contextvars.copy_context().run, or use dspy.Parallel.)")
+
+
 def _user_frame(exc: BaseException) -> str:
     """`` (at metric.py:12 in my_metric)``: the innermost frame of the user's own code in the error's
     traceback, or nothing. The outcome's message is all a user sees of an error in their metric or
@@ -762,7 +773,7 @@ class DspyEvaluator:
             # the service's: counted as a format error, it pointed the user at the prompt during an outage
             failure: FailureKind = ("format_error" if "AdapterParseError" in types and not service
                                     else "program_error")
-            message = _describe(error)
+            message = _describe(error) + _lost_context_hint(error)
             # the parse error itself, wherever it is in the chain: a program that re-raises it as its own
             # error (or a JSON-mode retry that failed after it) keeps its signature and the model's answer
             parse_error = next((e for e in exception_chain(error) if type(e).__name__ == "AdapterParseError"), error)
