@@ -301,5 +301,37 @@ def test_a_predictor_called_in_a_thread_the_program_started_is_named_as_the_caus
 
     with pytest.raises(SystemicFailureError) as raised:
         quick_compile(program=InAThread(), budget=60)
-    assert "in a thread the program started itself" in str(raised.value)
+    assert "probably in a thread the program started itself" in str(raised.value)
     assert "contextvars.copy_context().run" in str(raised.value)
+
+
+def test_the_lost_context_hint_is_the_users_not_the_reflection_lms(caplog):
+    """Only some examples go through a thread: the run goes on, the warning of the first failure carries the
+    hint, and the reflection reads DSPy's own error without it (advice to the user is no feedback)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dspy_turbogepa.testing import TASKS
+
+    from helpers import quick_compile, recording_proposer
+
+    task = TASKS["routing"]
+
+    class SomeInAThread(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.route = task.make_program().route
+
+        def forward(self, ticket):
+            if len(ticket) % 3:
+                return self.route(ticket=ticket)
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(self.route, ticket=ticket).result()
+
+    records: list = []
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        optimized = quick_compile(program=SomeInAThread(), budget=60, instruction_proposer=recording_proposer(records))
+    assert optimized.detailed_results.run_stats["failures"]["program_error"] > 0
+    assert any("probably in a thread" in r.getMessage() for r in caplog.records)
+    read = [str(record) for batch in records for record in batch]
+    assert any("No LM is loaded" in text for text in read)
+    assert not any("copy_context" in text for text in read)

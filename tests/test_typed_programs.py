@@ -706,10 +706,14 @@ def test_a_429_from_the_two_step_extraction_model_narrows_its_own_window():
 
     lm, _ = scripted_lm(student())
     told: list[int] = []
+    lock = threading.Lock()
 
     def extract(messages):
-        if len(told) < 2:
-            told.append(1)
+        with lock:
+            limited = len(told) < 2
+            if limited:
+                told.append(1)
+        if limited:
             raise lm15.RateLimitError("slow down", status=429, retry_after=0.01)
         return extraction(messages)
 

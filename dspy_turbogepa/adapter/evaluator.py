@@ -138,8 +138,8 @@ def _lost_context_hint(exc: BaseException) -> str:
     configuration" to a user who had configured one."""
     if dspy.settings.lm is None or not any(_says(e, "No LM is loaded") for e in exception_chain(exc)):
         return ""
-    return (" (An LM is configured around compile, but this predictor ran without it: in a thread the program "
-            "started itself, which does not inherit dspy.context. Start such threads with "
+    return (" (An LM is configured around compile, but this predictor ran without it: probably in a thread the "
+            "program started itself, which does not inherit dspy.context. Start such threads with "
             "contextvars.copy_context().run, or use dspy.Parallel.)")
 
 
@@ -780,7 +780,7 @@ class DspyEvaluator:
             # the service's: counted as a format error, it pointed the user at the prompt during an outage
             failure: FailureKind = ("format_error" if "AdapterParseError" in types and not service
                                     else "program_error")
-            message = _describe(error) + _lost_context_hint(error)
+            message = _describe(error)
             # the parse error itself, wherever it is in the chain: a program that re-raises it as its own
             # error (or a JSON-mode retry that failed after it) keeps its signature and the model's answer
             parse_error = next((e for e in exception_chain(error) if type(e).__name__ == "AdapterParseError"), error)
@@ -795,7 +795,9 @@ class DspyEvaluator:
                                   or names.raised_in(error)),
             ) if capture else None
             return EvalOutcome(
-                example_id, self._failure_score, failure=failure, message=message + _user_frame(error),
+                # the hint is the user's, not the reflection LM's (the trajectory keeps the plain message)
+                example_id, self._failure_score, failure=failure,
+                message=message + _user_frame(error) + _lost_context_hint(error),
                 trajectory=trajectory, error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
             ), 0
         if pred is None and self._output_noted.first("returned_none"):

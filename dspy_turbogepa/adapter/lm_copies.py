@@ -613,8 +613,10 @@ class LMCopies:
                 setattr(copied, name, self.get(lm))
         except Exception as err:  # noqa: BLE001 - an adapter that refuses copying: run on the user's, said once
             copied = adapter
-            if id(adapter) not in self._uncopyable:
+            with self._lock:
+                first = id(adapter) not in self._uncopyable
                 self._uncopyable.add(id(adapter))
+            if first:
                 logger.warning("Could not copy the configured adapter %s (%s: %s): its LMs (%s) run with DSPy's own "
                                "retries, not under the optimizer's rate-limit and retry policies.",
                                type(adapter).__name__, type(err).__name__, err, ", ".join(held))
