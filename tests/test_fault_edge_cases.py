@@ -277,30 +277,36 @@ def test_a_no_progress_stop_on_perfect_parents_stays_informational():
     assert (streak.length, streak.paid, sum(streak.kinds.values())) == (0, 0, 0)
 
 
+class _RoutesInAThread(dspy.Module):
+    """The routing program, calling its predictor in a ThreadPoolExecutor on the tickets ``threaded``
+    picks: the thread does not inherit the dspy.context compile runs under."""
+
+    def __init__(self, threaded) -> None:
+        from dspy_turbogepa.testing import TASKS
+
+        super().__init__()
+        self.route = TASKS["routing"].make_program().route
+        self.threaded = threaded
+
+    def forward(self, ticket):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not self.threaded(ticket):
+            return self.route(ticket=ticket)
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(self.route, ticket=ticket).result()
+
+
 def test_a_predictor_called_in_a_thread_the_program_started_is_named_as_the_cause():
     """The LM is set with dspy.context around compile, and forward calls its predictor in a
     ThreadPoolExecutor: the thread does not inherit the context, and every rollout raises DSPy's "No LM is
     loaded". The stop told the user, who had configured an LM, to fix "the LM configuration"."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from dspy_turbogepa import SystemicFailureError
-    from dspy_turbogepa.testing import TASKS
 
     from helpers import quick_compile
 
-    task = TASKS["routing"]
-
-    class InAThread(dspy.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.route = task.make_program().route
-
-        def forward(self, ticket):
-            with ThreadPoolExecutor(1) as pool:
-                return pool.submit(self.route, ticket=ticket).result()
-
     with pytest.raises(SystemicFailureError) as raised:
-        quick_compile(program=InAThread(), budget=60)
+        quick_compile(program=_RoutesInAThread(lambda ticket: True), budget=60)
     assert "probably in a thread the program started itself" in str(raised.value)
     assert "contextvars.copy_context().run" in str(raised.value)
 
@@ -308,28 +314,12 @@ def test_a_predictor_called_in_a_thread_the_program_started_is_named_as_the_caus
 def test_the_lost_context_hint_is_the_users_not_the_reflection_lms(caplog):
     """Only some examples go through a thread: the run goes on, the warning of the first failure carries the
     hint, and the reflection reads DSPy's own error without it (advice to the user is no feedback)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from dspy_turbogepa.testing import TASKS
-
     from helpers import quick_compile, recording_proposer
-
-    task = TASKS["routing"]
-
-    class SomeInAThread(dspy.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.route = task.make_program().route
-
-        def forward(self, ticket):
-            if len(ticket) % 3:
-                return self.route(ticket=ticket)
-            with ThreadPoolExecutor(1) as pool:
-                return pool.submit(self.route, ticket=ticket).result()
 
     records: list = []
     with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
-        optimized = quick_compile(program=SomeInAThread(), budget=60, instruction_proposer=recording_proposer(records))
+        program = _RoutesInAThread(lambda ticket: len(ticket) % 3 == 0)
+        optimized = quick_compile(program=program, budget=60, instruction_proposer=recording_proposer(records))
     assert optimized.detailed_results.run_stats["failures"]["program_error"] > 0
     assert any("probably in a thread" in r.getMessage() for r in caplog.records)
     read = [str(record) for batch in records for record in batch]
