@@ -5,13 +5,22 @@ even after ``shutdown(wait=False)``. A compile aborted by a second Ctrl-C (or st
 period) leaves LM calls on the wire in those workers, and the script could not exit until each returned:
 up to the LM's timeout (litellm's default is 600 s). Their answers are not wanted any more (the run
 closed its evaluator and proposer, which drop whatever arrives after), so these workers are daemon
-threads, and the interpreter exits without waiting for them.
+threads, and the interpreter exits without waiting for them for long: at exit, the workers a pool left
+running a task when it was shut down get up to :data:`EXIT_GRACE_S` seconds (per pool) to finish. A daemon thread
+still running Python code when the interpreter finalizes is frozen where it stands, and one frozen while
+it held the import lock (a worker in litellm's error handling, which imports lazily, after a systemic
+stop) hung the exit for good: litellm's ``AsyncHTTPHandler.__del__`` imports during finalization (a
+reviewer: about 1 in 25 litellm-engine runs stopped by a 401 never exited; never on DSPy's own client).
+Most such workers are seconds from done; one blocked on a slow LM call is frozen while it waits on the
+socket, which holds no lock.
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
@@ -19,6 +28,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _Item = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+#: At interpreter exit, how long (seconds) the busy workers of a shut-down pool get to finish.
+EXIT_GRACE_S = 2.0
 
 
 class DaemonThreadPool(Executor):
@@ -33,6 +45,7 @@ class DaemonThreadPool(Executor):
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)  # workers waiting for work: one is used before another starts
         self._threads: list[threading.Thread] = []
+        self._busy: set[threading.Thread] = set()  # workers running a task
         self._lock = threading.Lock()
         self._shutdown = False
 
@@ -55,7 +68,14 @@ class DaemonThreadPool(Executor):
             if item is None:  # shut down: wake the next worker too
                 self._queue.put(None)
                 return
-            _run(*item)
+            me = threading.current_thread()
+            with self._lock:
+                self._busy.add(me)
+            try:
+                _run(*item)
+            finally:
+                with self._lock:
+                    self._busy.discard(me)
             del item  # not kept alive while this worker waits for the next
             self._idle.release()
 
@@ -72,9 +92,12 @@ class DaemonThreadPool(Executor):
                         item[0].cancel()
             self._queue.put(None)
             threads = list(self._threads)
+            busy = list(self._busy)
         if wait:
             for thread in threads:
                 thread.join()
+        elif busy:  # they finish on their own; at exit they get a moment to (see the module's docstring)
+            atexit.register(_join_for_a_moment, busy)
 
 
 def _run(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -86,3 +109,10 @@ def _run(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwa
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def _join_for_a_moment(threads: list[threading.Thread]) -> None:
+    """Wait for ``threads``, for :data:`EXIT_GRACE_S` seconds in all."""
+    deadline = time.monotonic() + EXIT_GRACE_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
