@@ -5,8 +5,9 @@ even after ``shutdown(wait=False)``. A compile aborted by a second Ctrl-C (or st
 period) leaves LM calls on the wire in those workers, and the script could not exit until each returned:
 up to the LM's timeout (litellm's default is 600 s). Their answers are not wanted any more (the run
 closed its evaluator and proposer, which drop whatever arrives after), so these workers are daemon
-threads, and the interpreter exits without waiting for them for long: at exit, the workers a pool left
-running a task when it was shut down get up to :data:`EXIT_GRACE_S` seconds (per pool) to finish. A daemon thread
+threads, and the interpreter exits without waiting for them for long: at exit, the workers that shut-down
+pools left running a task get up to :data:`EXIT_GRACE_S` seconds in all to finish (one wait for every
+pool, which a Ctrl-C cuts short). A daemon thread
 still running Python code when the interpreter finalizes is frozen where it stands, and one frozen while
 it held the import lock (a worker in litellm's error handling, which imports lazily, after a systemic
 stop) hung the exit for good: litellm's ``AsyncHTTPHandler.__del__`` imports during finalization (a
@@ -21,6 +22,7 @@ import atexit
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
@@ -29,8 +31,12 @@ T = TypeVar("T")
 
 _Item = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
-#: At interpreter exit, how long (seconds) the busy workers of a shut-down pool get to finish.
+#: At interpreter exit, how long (seconds, in all) the busy workers of shut-down pools get to finish.
 EXIT_GRACE_S = 2.0
+
+#: Pools shut down without waiting, whose busy workers the exit waits for (process-wide, as the exit is).
+#: Weak: a pool whose workers have all finished is dropped (their threads no longer hold it).
+_SHUT_DOWN_POOLS: weakref.WeakSet[DaemonThreadPool] = weakref.WeakSet()
 
 
 class DaemonThreadPool(Executor):
@@ -92,12 +98,15 @@ class DaemonThreadPool(Executor):
                         item[0].cancel()
             self._queue.put(None)
             threads = list(self._threads)
-            busy = list(self._busy)
         if wait:
             for thread in threads:
                 thread.join()
-        elif busy:  # they finish on their own; at exit they get a moment to (see the module's docstring)
-            atexit.register(_join_for_a_moment, busy)
+        else:  # its busy workers finish on their own; at exit they get a moment to (the module's docstring)
+            _SHUT_DOWN_POOLS.add(self)
+
+    def busy_workers(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._busy)
 
 
 def _run(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -111,8 +120,16 @@ def _run(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwa
         future.set_result(result)
 
 
-def _join_for_a_moment(threads: list[threading.Thread]) -> None:
-    """Wait for ``threads``, for :data:`EXIT_GRACE_S` seconds in all."""
+def _grace_at_exit() -> None:
+    """Wait for the busy workers of shut-down pools, for :data:`EXIT_GRACE_S` seconds in all (read when the
+    exit comes: a worker that took its task just as its pool shut down is busy by then)."""
     deadline = time.monotonic() + EXIT_GRACE_S
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+    try:
+        for pool in list(_SHUT_DOWN_POOLS):
+            for thread in pool.busy_workers():
+                thread.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:  # a Ctrl-C at exit: leave now, without a traceback
+        return
+
+
+atexit.register(_grace_at_exit)

@@ -40,6 +40,7 @@ _DELIBERATE = {
     ("tracking/console_logs.py", "_VISIBLE_LOGS_LOCK"): "guards the logging configuration, which is the process's",
     ("store/locks.py", "_HELD_RUN_LOCKS"): "the run locks' descriptors, which fork() copies process-wide",
     ("tracking/mlflow_tracking.py", "_few_http_retries"): "overrides MLflow's HTTP variables, which are the process's",
+    ("workers.py", "_SHUT_DOWN_POOLS"): "shut-down pools whose busy workers the exit waits for (the process's)",
 }
 
 
