@@ -5,15 +5,14 @@ even after ``shutdown(wait=False)``. A compile aborted by a second Ctrl-C (or st
 period) leaves LM calls on the wire in those workers, and the script could not exit until each returned:
 up to the LM's timeout (litellm's default is 600 s). Their answers are not wanted any more (the run
 closed its evaluator and proposer, which drop whatever arrives after), so these workers are daemon
-threads, and the interpreter exits without waiting for them for long: at exit, the workers that shut-down
-pools left running a task get up to :data:`EXIT_GRACE_S` seconds in all to finish (one wait for every
-pool, which a Ctrl-C cuts short). A daemon thread
-still running Python code when the interpreter finalizes is frozen where it stands, and one frozen while
-it held the import lock (a worker in litellm's error handling, which imports lazily, after a systemic
-stop) hung the exit for good: litellm's ``AsyncHTTPHandler.__del__`` imports during finalization (a
-reviewer: about 1 in 25 litellm-engine runs stopped by a 401 never exited; never on DSPy's own client).
-Most such workers are seconds from done; one blocked on a slow LM call is frozen while it waits on the
-socket, which holds no lock.
+threads, and the interpreter exits without waiting for them for long: at exit, the workers that
+shut-down pools left running a task get up to :data:`EXIT_GRACE_S` seconds in all to finish (one wait
+for every pool; a Ctrl-C cuts it short). A daemon thread still running Python code when the interpreter
+finalizes is frozen where it stands, and one frozen while it held the import lock (a worker in litellm's
+error handling, which imports lazily, after a systemic stop) hung the exit for good: litellm's
+``AsyncHTTPHandler.__del__`` imports during finalization (a reviewer: about 1 in 25 litellm-engine runs
+stopped by a 401 never exited; never on DSPy's own client). Most such workers are seconds from done; one
+blocked on a slow LM call is frozen while it waits on the socket, which holds no lock.
 """
 
 from __future__ import annotations
