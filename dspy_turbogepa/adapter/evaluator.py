@@ -75,7 +75,7 @@ from dspy_turbogepa.engine.errors import USER_CODE_ERRORS, SystemicFailureError,
 from dspy_turbogepa.engine.systemic import RESUME_ADVICE
 from dspy_turbogepa.engine.types import EvalOutcome, Evaluator, FailureKind, Split
 from dspy_turbogepa.log_once import FirstOfKind
-from dspy_turbogepa.redaction import describe_error, error_attr, exception_chain
+from dspy_turbogepa.redaction import describe_error, error_attr, error_text, exception_chain
 from dspy_turbogepa.workers import DaemonThreadPool
 
 logger = logging.getLogger(__name__)
@@ -125,18 +125,11 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + " ..."
 
 
-def _says(exc: BaseException, text: str) -> bool:
-    try:
-        return text in str(exc)
-    except Exception:  # noqa: BLE001 - an error whose __str__ raises says nothing
-        return False
-
-
 def _lost_context_hint(exc: BaseException) -> str:
     """For DSPy's "No LM is loaded" while an LM is configured where the rollout runs: the predictor ran in
     a thread the program started, which does not inherit ``dspy.context``. The stop said to fix "the LM
     configuration" to a user who had configured one."""
-    if dspy.settings.lm is None or not any(_says(e, "No LM is loaded") for e in exception_chain(exc)):
+    if dspy.settings.lm is None or not any("No LM is loaded" in error_text(e) for e in exception_chain(exc)):
         return ""
     return (" (An LM is configured around compile, but this predictor ran without it: probably in a thread the "
             "program started itself, which does not inherit dspy.context. Start such threads with "

@@ -36,18 +36,21 @@ _WHAT = {
 class NoopStreak:
     """Mutations in a row that changed nothing and charged no new evaluation."""
 
-    length: int = 0
-    #: Of ``length``, those since the last free one whose proposer answered (a paid reflection).
+    #: Of the streak, those since the last free one whose proposer answered (a paid reflection).
     paid: int = 0
+    #: What the streak's mutations were: their status, or ``nothing_to_reflect_on``.
     kinds: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def length(self) -> int:
+        return sum(self.kinds.values())
 
     def record(self, noop: bool, status: str, proposals_answered: int, detail: str | None = None) -> None:
         """One committed mutation; ``detail`` is why a ``no_proposal`` one had none."""
         if not noop:
-            self.length, self.paid = 0, 0
+            self.paid = 0
             self.kinds.clear()
             return
-        self.length += 1
         if proposals_answered:
             self.paid += 1
         starved = status == "no_proposal" and (detail or "").startswith(NOTHING_TO_REFLECT_ON)
