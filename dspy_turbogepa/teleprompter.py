@@ -38,7 +38,7 @@ from dspy_turbogepa.adapter.data import (
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator, ManagedEvaluator
 from dspy_turbogepa.adapter.lm_discovery import compile_lms, lm_api_keys, warn_unpriced
 from dspy_turbogepa.adapter.metric import check_metric_signature
-from dspy_turbogepa.adapter.persistence import last_committed_mutation, stored_usage
+from dspy_turbogepa.adapter.persistence import earlier_budgets, last_committed_mutation, stored_usage
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
@@ -653,6 +653,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
             prior_usage=stored_usage(store) if resumed else None,
             replay_through=last_committed_mutation(store) if resumed else -1,
+            earlier_budgets=earlier_budgets(store) if resumed else (),
         )
         if tracker is not None:
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
@@ -692,7 +693,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 live_run_stats(orchestrator, evaluator, reflector)  # fills result.stats: the orchestrator's own
                 # every metric call the run's log_dir paid for, in all its sessions (run_stats'
                 # metric_calls_replayed says how many of the stored ones this session's search used: a run
-                # resumed with another budget plans differently and may leave some unused)
+                # resumed with other search settings plans differently and may leave some unused)
                 result.total_metric_calls += len(known_evals or ())
                 program, detailed = self._result_program(codec, result)
                 finished.append(program)
@@ -1070,6 +1071,14 @@ def _warn_changed_plan(before: Mapping[str, Any], now: Mapping[str, Any], log_di
     else:
         changed = [f"{name} {before[name]!r} -> {now.get(name)!r}" for name in _PLAN_SETTINGS
                    if name in before and before[name] != now.get(name)]
+    budget = f"max_metric_calls {before.get('max_metric_calls')!r} -> {now.get('max_metric_calls')!r}"
+    plan_now = now.get(PLAN_META)
+    if budget in changed and (not isinstance(plan_now, Mapping) or plan_now.get("deterministic", True)):
+        # a deterministic run plans with each session's budget in turn (the engine's PlanLimits): nothing
+        # stored goes unused for a new budget alone
+        changed.remove(budget)
+        logger.info("Resuming the run in %s with %s: the search replays what earlier sessions did under their "
+                    "budgets, then goes on with this one", log_dir, budget)
     if changed:
         logger.warning("Resuming the run in %s with other search settings than its last session (%s): the search "
                        "may plan differently from there on, so stored work it no longer asks for goes unused and new "

@@ -63,10 +63,10 @@ def test_rerun_and_extension_never_pay_twice(pipeline, tmp_path):
     again, calls_again, lm_again, refl_again = _compile(pipeline, 150, tmp_path)
     assert (calls_again, lm_again, refl_again) == (0, 0, 0)
     assert _instructions(again) == _instructions(first)
-    # A larger budget continues the run (dspy.GEPA's way to extend it): every stored evaluation and
-    # proposal its search asks for is served from the store. (The width depends on the budget left, so the
-    # extended run plans differently from the first one after the first mutations and leaves most stored
-    # evaluations unused; it is not guaranteed to end on the same program, only never to pay twice.)
+    # A larger budget continues the run (dspy.GEPA's way to extend it). The width, the siblings and the
+    # scouts depend on the budget left, so it plans with the first session's budget until the search
+    # under it ends, then with its own: every stored evaluation is asked for again and served from the
+    # store (planned with 300 from the start, it reused 44 of the 167 and paid 124 again).
     extended, calls2, lm2, refl2 = _compile(pipeline, 300, tmp_path)
     assert 0 < calls2 < full_calls and refl2 < full_refl
     assert lm2 <= 2 * calls2  # two predictors: only executed evaluations reach the student LM
@@ -74,10 +74,40 @@ def test_rerun_and_extension_never_pay_twice(pipeline, tmp_path):
     # the budget counts the stored evaluations as spent, as the first run did (the run may also end sooner,
     # with the task solved everywhere it looks)
     assert dr.total_metric_calls == calls1 + calls2  # what the log_dir paid for, in both sessions
-    assert 0 < dr.run_stats["metric_calls_replayed"] <= calls1
+    assert dr.run_stats["metric_calls_replayed"] == calls1
     assert dr.total_metric_calls >= 300 or dr.stop_reason == "no_progress_possible"
+    first_texts = [_instructions(c) for c in first.detailed_results.candidates]
+    assert all(t in [_instructions(c) for c in dr.candidates] for t in first_texts)  # its best among them
     assert dr.val_aggregate_scores[dr.best_idx] >= first.detailed_results.val_aggregate_scores[
         first.detailed_results.best_idx]
+
+
+def test_an_extended_run_replays_every_session_and_resumes_its_own_plan(tmp_path, caplog):
+    """Each session plans with the earlier sessions' budgets in turn, so a third session with the second's
+    budget replays the second exactly (paying nothing), and a smaller budget replays what it can reach
+    of the stored plan instead of planning a narrower one of its own."""
+    from dspy_turbogepa.testing import TASKS
+
+    pricing = TASKS["pricing"]
+    first, calls1, _, _ = _compile(pricing, 100, tmp_path)
+    with caplog.at_level(logging.INFO, logger="dspy_turbogepa"):
+        extended, calls2, _, _ = _compile(pricing, 250, tmp_path)
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "other search settings" in m]
+    assert any("max_metric_calls 100 -> 250: the search replays" in m for m in said)
+    assert any("an earlier session's budget (100 metric calls) ended it; it goes on planning with 250" in m
+               for m in said)
+    dr = extended.detailed_results
+    assert dr.run_stats["metric_calls_replayed"] == calls1 and calls2 > 0
+    assert dr.stop_reason == "max_metric_calls" and 250 <= dr.total_metric_calls == calls1 + calls2
+    again, calls3, lm3, refl3 = _compile(pricing, 250, tmp_path)
+    assert (calls3, lm3, refl3) == (0, 0, 0)
+    assert _instructions(again) == _instructions(extended)
+    assert [_instructions(c) for c in again.detailed_results.candidates] == [_instructions(c) for c in dr.candidates]
+    smaller, calls4, _, _ = _compile(pricing, 180, tmp_path)
+    # it replays the stored plan up to its own limit: nothing new but what straddles that limit
+    assert smaller.detailed_results.run_stats["metric_calls_replayed"] >= 180 - calls4
+    assert calls4 <= 2 * 3 + 16  # at most the straddling mutation's worst case (minibatch x2 + valset)
 
 
 def test_changed_data_or_seed_under_the_same_log_dir_is_refused(routing, tmp_path):
@@ -1846,6 +1876,28 @@ def test_the_search_is_committed_before_the_reports_are_written(tmp_path, monkey
     assert seen["rows"] == optimized.detailed_results.run_stats["metric_calls_executed"] > 0
 
 
+def test_a_session_that_committed_no_mutation_does_not_shape_the_next_sessions_plan(tmp_path):
+    """A session stopped right after the seed (here by the stop file) left no plan to replay: the session
+    after it plans as a fresh run with its own budget would (not first with the stopped one's), and the
+    third replays the second for nothing."""
+    from dspy_turbogepa.testing import TASKS
+
+    pricing = TASKS["pricing"]
+    fresh, fresh_calls, _, _ = _compile(pricing, 250)
+    stop = tmp_path / "gepa.stop"
+    stop.write_text("")
+    _compile(pricing, 100, tmp_path)
+    stop.unlink()
+    second, calls2, _, _ = _compile(pricing, 250, tmp_path)
+    assert [_instructions(c) for c in second.detailed_results.candidates] == [
+        _instructions(c) for c in fresh.detailed_results.candidates]
+    assert calls2 + second.detailed_results.run_stats["metric_calls_replayed"] == fresh_calls
+    third, calls3, lm3, refl3 = _compile(pricing, 250, tmp_path)
+    assert (calls3, lm3, refl3) == (0, 0, 0)
+    assert [_instructions(c) for c in third.detailed_results.candidates] == [
+        _instructions(c) for c in second.detailed_results.candidates]
+
+
 def test_resuming_with_other_search_settings_warns_that_stored_work_goes_unused(tmp_path, caplog):
     """A review resumed a killed run with num_threads 4 -> 8: the log said 60 stored evaluations would not be
     paid again, the search used 20 of them and paid 115 again, without a word. Settings that shape the
@@ -1860,7 +1912,8 @@ def test_resuming_with_other_search_settings_warns_that_stored_work_goes_unused(
         quick_compile(budget=80, log_dir=str(tmp_path), num_threads=8)
     said = [r.getMessage() for r in caplog.records if "other search settings" in r.getMessage()]
     assert len(said) == 1
-    assert "max_metric_calls 60 -> 80" in said[0] and "num_threads 4 -> 8" in said[0] and "seed" not in said[0]
+    # the budget is not among them: a deterministic run replays the earlier budgets' plans (PlanLimits)
+    assert "num_threads 4 -> 8" in said[0] and "max_metric_calls" not in said[0] and "seed" not in said[0]
     caplog.clear()  # a list setting is kept in the session meta too, and perfect_score shapes the plan
     with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
         quick_compile(budget=80, log_dir=str(tmp_path), num_threads=8, rung_fractions=(0.25, 1.0), perfect_score=2.0)

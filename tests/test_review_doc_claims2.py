@@ -94,9 +94,9 @@ def test_run_store_a_resume_with_other_search_settings_can_pass_its_own_budget_w
 
 
 def test_run_store_the_measured_reuse_when_the_pipeline_test_is_extended(tmp_path):
-    """run_store.md (a measurement the page cites): "most stored evaluations go unused (measured on the pipeline
-    test: 44 of the 167 stored reused when a 150-call run ... is extended to 300)" (test_resume.py's
-    test_rerun_and_extension_never_pay_twice setup)."""
+    """run_store.md (a measurement the page cites): "a 150-call run extended to 300 reuses all 167 stored
+    evaluations and pays 27 new ones (it planned with 300 from the start before, reused 44 and paid 124
+    again)" (test_resume.py's test_rerun_and_extension_never_pay_twice setup)."""
     pipeline = TASKS["pipeline"]
     data = pipeline.splits(data_seed=0, n_train=30, n_val=16, n_test=60)
 
@@ -109,7 +109,8 @@ def test_run_store_the_measured_reuse_when_the_pipeline_test_is_extended(tmp_pat
     first = session(150)
     extended = session(300)
     assert first.total_metric_calls == 167
-    assert extended.run_stats["metric_calls_replayed"] == 44
+    assert extended.run_stats["metric_calls_replayed"] == 167
+    assert extended.total_metric_calls == 167 + 27
 
 
 def test_run_store_a_resume_appends_events_tagged_with_its_session_and_ignores_known_candidates(extended_run):

@@ -136,6 +136,20 @@ def last_committed_mutation(store: Any) -> int:
     return max((s for s in seqs if isinstance(s, int)), default=-1)
 
 
+def earlier_budgets(store: Any) -> list[int]:
+    """The ``max_metric_calls`` of each earlier session that committed a mutation, in order: a resumed
+    run plans with them in turn before its own (the engine's ``PlanLimits``), so that what those sessions
+    stored is asked for again, not planned past. A session that committed nothing left nothing to replay
+    (and every later session read the same list, so each replays the one before it)."""
+    committed = {e.session for e in store.events("mutation_committed")}
+    budgets = []
+    for session in store.sessions()[:-1]:  # the last one is this session
+        budget = session.meta.get("max_metric_calls")
+        if session.id in committed and isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1:
+            budgets.append(budget)
+    return budgets
+
+
 def load_known(
     store: Any, codec: ProgramCodec, datasets: Mapping[Split, Sequence[dspy.Example]], seed_texts: Mapping[str, str],
     need_outputs: bool = False,

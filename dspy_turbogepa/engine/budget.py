@@ -49,13 +49,15 @@ class MetricBudget:
     def remaining(self) -> int:
         return self.limit - self.committed - self._reserved
 
-    def fits(self, used: int, amount: int) -> bool:
-        """Whether work costing up to ``amount`` may start when ``used`` calls are charged or reserved."""
+    def fits(self, used: int, amount: int, limit: int | None = None) -> bool:
+        """Whether work costing up to ``amount`` may start when ``used`` calls are charged or reserved
+        (against ``limit`` instead of the budget's own when given: a resumed run's plan limit, below it)."""
+        limit = self.limit if limit is None else min(limit, self.limit)
         if self.overshoot == 0:
-            return used + amount <= self.limit
+            return used + amount <= limit
         # Work that fits inside the limit may always start; only work of at most one mutation's
         # standard worst case may straddle it (a best-of-k mutation reserves more than that).
-        return used < self.limit and (used + amount <= self.limit or amount <= self.overshoot)
+        return used < limit and (used + amount <= limit or amount <= self.overshoot)
 
     def try_reserve(self, amount: int) -> bool:
         if self.fits(self.committed + self._reserved, amount):
@@ -83,3 +85,40 @@ class MetricBudget:
             # The reservation arithmetic makes this impossible; failing loudly beats overspending.
             raise RuntimeError(f"metric-call budget exceeded: {self.executed} > {self.limit} "
                                f"(+ at most {max(0, self.overshoot - 1)})")
+
+
+class PlanLimits:
+    """The budget limits a resumed run plans with, one after another.
+
+    How wide the search runs and how many scouts and siblings a mutation gets depend on the budget left
+    (``width.py``), so a run resumed with a larger ``max_metric_calls`` planned with the new limit from
+    its first mutation on: its plan parted from the stored one at once, most stored evaluations went
+    unused and were paid for again, and the earlier session's best program could be lost. Instead the
+    run plans as each earlier session did, in turn: with the first session's limit until the search
+    under it ends (nothing in flight and nothing more fits), then with the next larger one, and so on
+    up to this session's. Stored work then replays in full and the new budget continues from where the
+    old one stopped. A smaller limit than an earlier session's keeps that session's plan and only stops
+    sooner (launches are always checked against the budget's own limit too).
+    """
+
+    def __init__(self, earlier: Iterable[int], limit: int) -> None:
+        chain: list[int] = []
+        for budget in (*earlier, limit):
+            if not chain or budget > chain[-1]:
+                chain.append(budget)
+        self._chain = tuple(chain)
+        self._index = 0
+        self._limit = limit
+
+    @property
+    def current(self) -> int:
+        """The limit the plan now reads its budget left from."""
+        return self._chain[self._index]
+
+    def advance(self) -> bool:
+        """Move to the next earlier session's limit (or this one's) once the search under the current one
+        has ended; False when there is none the budget allows going on to."""
+        if self._index + 1 >= len(self._chain) or self.current >= self._limit:
+            return False
+        self._index += 1
+        return True

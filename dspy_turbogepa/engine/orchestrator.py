@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from dspy_turbogepa.engine.budget import MetricBudget
+from dspy_turbogepa.engine.budget import MetricBudget, PlanLimits
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
@@ -140,6 +140,7 @@ class Orchestrator:
         expected_failures: Mapping[str, Collection[int]] | None = None,
         prior_usage: PriorUsage | None = None,
         replay_through: int = -1,
+        earlier_budgets: Sequence[int] = (),
     ) -> None:
         """``known_evaluations`` / ``known_proposals`` come from a run store when a run is resumed: they
         are served as cache hits (charged to the budget as the first run was, never executed again).
@@ -149,7 +150,9 @@ class Orchestrator:
         :class:`SystemicFailureDetector`). ``prior_usage``: what earlier sessions of the run paid for; the
         run's tokens and cost start from it (a token or dollar cap counts it: :meth:`_paid_call_refusal`).
         ``replay_through``: the last mutation an earlier session committed; after a cap refusal, mutations
-        up to it are still launched (see :meth:`_secondary_budget_exhausted`)."""
+        up to it are still launched (see :meth:`_secondary_budget_exhausted`). ``earlier_budgets``: the
+        ``max_metric_calls`` of the earlier sessions that committed mutations, in order; a deterministic
+        run plans with each in turn before its own (see :class:`PlanLimits`)."""
         self.config = config
         self._evaluator = evaluator
         self._reflector = reflector
@@ -162,6 +165,7 @@ class Orchestrator:
         # GEPA-compatible budgets let the last mutation finish: at most one mutation's worst case.
         overshoot = 0 if config.strict_budget else 2 * config.reflection_minibatch_size + len(self._val_ids)
         self._budget = MetricBudget(config.max_metric_calls, overshoot)
+        self._plan_limits = PlanLimits(earlier_budgets if config.deterministic else (), config.max_metric_calls)
         self._frontier = ParetoFrontier(self._val_ids)
         self._ladder = RungLadder.build(self._val_ids, config.rung_fractions, config.seed)
         self._sampler = EpochShuffledSampler(self._train_ids, config.reflection_minibatch_size, config.seed)
@@ -503,7 +507,7 @@ class Orchestrator:
         # Recent attempts: look back over the last `width_window` commits that evaluated a child.
         past = self._history.at(self._history.attempt_lookback(n, cfg.width_window))
         return mutation_width(cfg, now.accepted - past.accepted, now.attempted - past.attempted,
-                              self._budget.limit - now.charged, len(self._val_ids))
+                              self._plan_limits.current - now.charged, len(self._val_ids))
 
     def siblings(self, n_commits: int) -> int:
         """How many reflections to draw at once on one parent and minibatch (see ``width.sibling_count``),
@@ -512,7 +516,7 @@ class Orchestrator:
         now = self._history.at(n_commits)
         past = self._history.at(max(0, n_commits - cfg.width_window))
         return sibling_count(cfg, now.children_passed - past.children_passed, now.children_tried - past.children_tried,
-                             self._budget.limit - now.charged, len(self._val_ids))
+                             self._plan_limits.current - now.charged, len(self._val_ids))
 
     def _view_commits(self, seq: int, width: int) -> int | None:
         """How many commits mutation ``seq`` is planned from, or None if it has to wait for more."""
@@ -602,6 +606,7 @@ class Orchestrator:
         while True:
             await self._commit_finished()
             budget_blocked = False
+            blocked_view = 0
             saturated = self._eval_slots.waiting >= self._eval_slots.capacity
             running = len(self._running())
             width = self.width()  # once per pass: it only changes when a launch moves the view
@@ -618,7 +623,7 @@ class Orchestrator:
                         self._view_floor = view
                         self._launch(plan)
                         continue
-                    budget_blocked = True
+                    budget_blocked, blocked_view = True, view
                     if self.config.deterministic:
                         # Retry from one commit later: the first view at which the budget fits is
                         # reproducible, however many commits have happened meanwhile.
@@ -626,6 +631,13 @@ class Orchestrator:
                         if self._committed >= self._view_floor:
                             continue
             if not self._tasks:
+                if budget_blocked and self._should_stop() is None:
+                    ended_under = self._plan_limits.current
+                    if self._plan_limits.advance():
+                        logger.info("The search has reached where an earlier session's budget (%d metric calls) "
+                                    "ended it; it goes on planning with %d", ended_under, self._plan_limits.current)
+                        self._view_floor = blocked_view  # the refused plan, asked again under the next limit
+                        continue
                 if budget_blocked or self._should_stop() is not None:
                     return
                 # nothing in flight and nothing could be launched: only possible if planning is impossible
@@ -704,7 +716,8 @@ class Orchestrator:
         siblings = self.siblings(n_commits)
         worst_case = len(minibatch) + siblings * len(minibatch) + len(self._val_ids)
         # Scouts only where the budget has room for them: they never make a mutation straddle the limit.
-        scouts = scouts[: max(0, self._budget.limit - self._budget_used(n_commits) - worst_case)]
+        limit = min(self._plan_limits.current, self._budget.limit)
+        scouts = scouts[: max(0, limit - self._budget_used(n_commits) - worst_case)]
         worst_case += len(scouts)
         if not self._reserve(seq, n_commits, worst_case):
             return None
@@ -761,7 +774,7 @@ class Orchestrator:
         """
         if self.config.deterministic:
             bound = self._budget_used(n_commits)
-            if not self._budget.fits(bound, amount):
+            if not self._budget.fits(bound, amount, self._plan_limits.current):
                 logger.debug("Mutation %d not launched: needs up to %d metric calls", seq, amount)
                 return False
             if not self._budget.try_reserve(amount):  # pragma: no cover - guarded by the bound above

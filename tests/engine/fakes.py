@@ -339,8 +339,10 @@ def build(
     reflector: Any,
     setup: Setup,
     observers: Sequence[EngineObserver] = (),
+    **orchestrator_kw: Any,
 ) -> Orchestrator:
-    orch = Orchestrator(config, evaluator, reflector, setup.seed(), setup.train_ids, setup.val_ids, observers=observers)
+    orch = Orchestrator(config, evaluator, reflector, setup.seed(), setup.train_ids, setup.val_ids, observers=observers,
+                        **orchestrator_kw)
     for obs in observers:
         if isinstance(obs, StopAfter):
             obs.orchestrator = orch
@@ -387,11 +389,12 @@ def run_fakes(
     reflector: Any = None,
     observers: Sequence[EngineObserver] = (),
     timeout: float = 10.0,
+    **orchestrator_kw: Any,
 ) -> tuple[EngineResult, Orchestrator, FakeEvaluator, Any]:
     setup = setup or Setup()
     evaluator = evaluator or FakeEvaluator(setup.task, sleep_seed)
     reflector = reflector if reflector is not None else FakeReflector(sleep_seed)
-    orch = build(config, evaluator, reflector, setup, observers)
+    orch = build(config, evaluator, reflector, setup, observers, **orchestrator_kw)
     return run(orch, timeout), orch, evaluator, reflector
 
 

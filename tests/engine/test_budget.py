@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspy_turbogepa.engine.budget import MetricBudget
+from dspy_turbogepa.engine.budget import MetricBudget, PlanLimits
 
 
 def test_reservation_arithmetic() -> None:
@@ -93,3 +93,22 @@ def test_the_last_resort_guard_allows_exactly_overshoot_minus_one_past_the_limit
 def test_a_negative_overshoot_is_refused() -> None:
     with pytest.raises(ValueError, match="overshoot"):
         MetricBudget(10, overshoot=-1)
+
+
+def test_plan_limits_follow_the_earlier_budgets_that_grew_then_this_one() -> None:
+    limits = PlanLimits([100, 80, 250, 250], 400)  # 80 below 100 and the repeated 250 add nothing
+    seen = [limits.current]
+    while limits.advance():
+        seen.append(limits.current)
+    assert seen == [100, 250, 400]
+    assert limits.current == 400 and not limits.advance()
+    smaller = PlanLimits([300], 200)  # plans as the 300 session did; the budget's own limit stops it
+    assert smaller.current == 300 and not smaller.advance()
+    assert PlanLimits([], 50).current == 50
+
+
+def test_fits_checks_a_plan_limit_below_the_budgets_own() -> None:
+    budget = MetricBudget(400, overshoot=10)
+    assert budget.fits(95, 10, limit=100) and not budget.fits(100, 1, limit=100)
+    assert not budget.fits(95, 20, limit=100)  # straddles the plan limit by more than a standard mutation
+    assert budget.fits(300, 50, limit=1000) and not budget.fits(400, 1, limit=1000)  # never past its own

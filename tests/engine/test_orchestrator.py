@@ -189,14 +189,15 @@ def test_concurrency_limits_hold_under_load() -> None:
 DET_SETUP = hard_setup(train_n=18, val_n=16)
 
 
-def det_run(sleep_seed: int | None, real_sleep: float = 0.0, seed: int = 0, yields: int = 6, **overrides):
+def det_run(sleep_seed: int | None, real_sleep: float = 0.0, seed: int = 0, yields: int = 6,
+            earlier_budgets: tuple[int, ...] = (), **overrides):
     settings = {"max_metric_calls": 400, "seed": seed, "rung_fractions": (0.25, 0.5, 1.0),
                 "max_mutations_in_flight": 4, "max_evals_in_flight": 6}
     cfg = make_config(**{**settings, **overrides})
     ev = FakeEvaluator(DET_SETUP.task, sleep_seed, real_sleep=real_sleep, max_yields=yields)
     refl = FakeReflector(sleep_seed, real_sleep=real_sleep, mode="replace" if seed % 2 else "add",
                          max_yields=10 * yields)
-    return run_fakes(cfg, DET_SETUP, evaluator=ev, reflector=refl)
+    return run_fakes(cfg, DET_SETUP, evaluator=ev, reflector=refl, earlier_budgets=earlier_budgets)
 
 
 @pytest.mark.parametrize(("seed", "overrides"), [
@@ -220,6 +221,26 @@ def test_same_seed_same_result_whatever_the_completion_order(seed: int, override
         assert set(ev.calls) == set(base_ev.calls)
         orders.add(tuple(ev.order))
     assert len(orders) > 2, "the sleeps did not change the completion order: the test proves nothing"
+
+
+def test_a_run_planned_with_an_earlier_sessions_budget_first_repeats_that_run_whatever_the_timing() -> None:
+    """A run resumed with a larger budget planned with it from the start: the widths, siblings and scouts
+    depend on the budget left, so it parted from the stored run at once and paid again for most of it.
+    With the earlier session's budget (PlanLimits) it first repeats that run, candidate for candidate
+    and evaluation for evaluation (so a store replays all of it), then goes on with its own."""
+    short, _, short_ev, _ = det_run(None, max_metric_calls=150)
+    runs = [det_run(s, yields=20, max_metric_calls=400, earlier_budgets=(150,)) for s in (None, 3)]
+    for result, _, ev, _ in runs:
+        assert snapshot(result)[: len(short.records)] == snapshot(short)
+        assert set(short_ev.calls) <= set(ev.calls)
+        assert result.total_metric_calls >= 400 > short.total_metric_calls
+    assert snapshot(runs[0][0]) == snapshot(runs[1][0])  # and reproducibly
+    fresh, _, fresh_ev, _ = det_run(None, max_metric_calls=400)
+    assert not set(short_ev.calls) <= set(fresh_ev.calls)  # planned with 400 alone, it parts (else this shows nothing)
+    # a budget below the earlier one's keeps the earlier plan and stops at its own limit
+    capped, _, capped_ev, _ = det_run(None, max_metric_calls=150, earlier_budgets=(400,))
+    assert snapshot(capped) == snapshot(fresh)[: len(capped.records)]
+    assert set(capped_ev.calls) <= set(fresh_ev.calls) and not set(short_ev.calls) <= set(capped_ev.calls)
 
 
 def test_different_seeds_explore_differently() -> None:
