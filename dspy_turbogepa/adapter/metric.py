@@ -15,7 +15,8 @@ from typing import Any
 
 import dspy
 
-from dspy_turbogepa.redaction import mask_text
+from dspy_turbogepa.engine.errors import USER_CODE_ERRORS
+from dspy_turbogepa.redaction import describe_error, mask_text
 
 
 def check_metric_signature(metric: Callable[..., Any]) -> None:
@@ -125,7 +126,19 @@ def _objectives(obj: Mapping[Any, Any]) -> tuple[dict[str, float] | None, str | 
 
 
 def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
-    """Turn a metric's return value into (score, feedback, objective scores)."""
+    """Turn a metric's return value into (score, feedback, objective scores).
+
+    Never raises: what it reads is the user's object (a tensor whose ``float()`` raises, a mapping whose
+    ``keys()`` does), and an error here came from the user's side of the call, so it is that
+    evaluation's ``metric_invalid``, recorded and scored like any other, not the end of the run."""
+    try:
+        return _read(ret, failure_score)
+    except USER_CODE_ERRORS as exc:
+        return MetricReading(failure_score, None, None,
+                             invalid=f"the metric's return value could not be read: {describe_error(exc)}")
+
+
+def _read(ret: Any, failure_score: float) -> MetricReading:
     feedback: str | None = None
     objectives: Mapping[str, float] | None = None
     raw: Any = ret
@@ -158,11 +171,17 @@ def read_metric_return(ret: Any, failure_score: float) -> MetricReading:
         return MetricReading(failure_score, feedback, objectives, invalid=f"the metric returned a string score {shown}")
     try:
         score = float(raw)
-    except (TypeError, ValueError, OverflowError):
+    except OverflowError:
+        return MetricReading(failure_score, feedback, objectives,
+                             invalid=f"the metric returned a {type(raw).__name__} score too large for a float")
+    except (TypeError, ValueError):
         return MetricReading(
             failure_score, feedback, objectives,
             invalid=f"the metric returned a non-numeric score of type {type(raw).__name__}"
         )
+    except USER_CODE_ERRORS as exc:  # the score's own __float__ (a tensor's, say) failed: its feedback still reads
+        return MetricReading(failure_score, feedback, objectives,
+                             invalid=f"float() of the metric's {type(raw).__name__} score raised {describe_error(exc)}")
     if not math.isfinite(score):
         return MetricReading(
             failure_score, feedback, objectives, invalid=f"the metric returned a non-finite score {score}"

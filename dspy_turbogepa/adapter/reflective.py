@@ -169,8 +169,10 @@ class ReflectiveDatasetBuilder:
         steps = [s for s in traj.steps if s.pred_name == name]
         if traj.failure in ("program_error", "format_error"):
             return self._error_record(name, traj, steps, texts)
-        if traj.failure == "metric_error":
-            self._count("metric_error")
+        if traj.failure in ("metric_error", "metric_invalid"):
+            # no score for this example (a metric that raised, or returned None for an unlabeled one): a
+            # record would tell the reflection it failed
+            self._count(traj.failure)
             return None
         if traj.failure == "rate_limited":  # an LLM judge's LM stayed rate limited: the service's failure
             self._count("infrastructure_error")
@@ -205,9 +207,20 @@ class ReflectiveDatasetBuilder:
             feedback_errors.append((message, type(exc).__name__))
             return None
         reading = read_metric_return(ret, self._failure_score)
-        feedback = reading.feedback if reading.feedback is not None else default_feedback(
-            score if reading.invalid else reading.score
-        )
+        if reading.invalid is None or reading.feedback is not None:
+            feedback = reading.feedback if reading.feedback is not None else default_feedback(reading.score)
+        elif isinstance(ret, str):  # the feedback itself, returned bare: what the user meant the reflection to read
+            self._log_once(("feedback_str", ""), "The metric's feedback call (pred_name=%r) returned a string; it is "
+                           "read as the feedback. Return dspy.Prediction(score=..., feedback=...) instead.", name)
+            feedback = ret
+        else:
+            # None: no feedback for this predictor (a metric that gives some only sometimes); anything else
+            # unreadable is said once. Either way the reflection reads how the example scored.
+            if ret is not None:
+                self._log_once(("feedback_invalid", ""), "The metric's feedback call for %r gave no feedback and no "
+                               "usable score (%s): the reflection reads the example's score instead", name,
+                               reading.invalid)
+            feedback = default_feedback(score)
         if reading.invalid is None and reading.score != score:
             self._maybe_warn_mismatch()
         return {

@@ -1154,14 +1154,15 @@ class Orchestrator:
     def _informative(outcome: EvalOutcome) -> bool:
         """Whether a training score says something about the candidate, for failure-first sampling: a
         metric that raised (an unlabeled example) or the LM service's failure does not, and ranking
-        such an example "likely failing" would fill minibatches with rows no reflection can read."""
-        return not outcome.service_failure and outcome.failure != "metric_error"
+        such an example "likely failing" would fill minibatches with rows no reflection can read (nor one
+        it scored None, NaN or a non-number: ``metric_invalid``)."""
+        return not outcome.service_failure and outcome.failure not in ("metric_error", "metric_invalid")
 
     def _teaches(self, outcome: EvalOutcome) -> bool:
         """A failure a reflection can learn from: traced, not a metric that raised, and not the LM
         service's (``service_failure``: a bad key, rate-limit or transient retries given up, an unusable answer)."""
         return outcome.score < self.config.perfect_score and (outcome.trajectory is not None or outcome.trace_lost) \
-            and not outcome.service_failure and outcome.failure != "metric_error"
+            and self._informative(outcome)
 
     def _scouts(
         self, fingerprint: str, n_commits: int, ranker: Callable[[int], int] | None, minibatch: Sequence[int]

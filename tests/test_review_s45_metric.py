@@ -1,0 +1,104 @@
+"""What the metric returns, from a review of its edge cases against dspy.GEPA 3.4: a score whose
+``float()`` raises, a feedback call that returns a bare string or nothing usable, examples the metric
+could not score."""
+
+from __future__ import annotations
+
+import logging
+
+from dspy_turbogepa.testing import TASKS
+
+from helpers import quick_compile, recording_proposer
+
+ROUTING = TASKS["routing"]
+
+
+class Tensorish:
+    """A score object whose float() raises something else than TypeError/ValueError (a tensor on a
+    device, say)."""
+
+    def __float__(self) -> float:
+        raise RuntimeError("tensor is on another device")
+
+
+def test_a_score_whose_float_raises_mid_run_is_an_invalid_evaluation_not_the_end_of_the_run():
+    """It stopped compile() with the bare RuntimeError, the evaluation unrecorded."""
+    calls = {"n": 0}
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls["n"] += 1
+        score = ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+        if calls["n"] == 20 and pred_name is None:  # after the seed's validation
+            import dspy
+            return dspy.Prediction(score=Tensorish(), feedback="fine")
+        return score
+
+    dr = quick_compile(metric=metric, budget=60).detailed_results
+    assert dr.run_stats["failures"].get("metric_invalid") == 1
+    assert dr.total_metric_calls >= 60 or dr.stop_reason != "max_metric_calls"
+
+
+def test_a_feedback_call_whose_score_float_raises_still_gives_its_feedback():
+    """Outside the guarded call it was a reflective_dataset_error on every reflection, and the run stopped
+    blaming the reflection LM; dspy.GEPA never reads that score."""
+    import dspy
+
+    seen: list = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        score = ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+        if pred_name is None:
+            return score
+        return dspy.Prediction(score=Tensorish(), feedback=f"judge says {float(getattr(score, 'score', score))}")
+
+    dr = quick_compile(metric=metric, budget=60, instruction_proposer=recording_proposer(seen)).detailed_results
+    assert seen and all(r["Feedback"].startswith("judge says") for records in seen for r in records)
+    assert dr.total_metric_calls >= 60
+
+
+def test_a_feedback_call_that_returns_a_bare_string_is_read_as_the_feedback(caplog):
+    """It was replaced by "This trajectory got a score of 0.0." without a word."""
+    seen: list = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        score = ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+        return score.score if pred_name is None else f"JUDGE: {score.feedback}"
+
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        quick_compile(metric=metric, budget=40, instruction_proposer=recording_proposer(seen))
+    assert seen and all(r["Feedback"].startswith("JUDGE: ") for records in seen for r in records)
+    assert sum("returned a string; it is read as the feedback" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_feedback_call_with_no_usable_score_reads_the_examples_score_and_says_so(caplog):
+    """NaN (no feedback) from the feedback call was replaced by the default text without a word; None
+    stays the quiet way to give no feedback for a predictor (test_adapter's fallback test)."""
+    seen: list = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        score = ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+        return score.score if pred_name is None else float("nan")
+
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        quick_compile(metric=metric, budget=40, instruction_proposer=recording_proposer(seen))
+    records = [r for records in seen for r in records]
+    assert records and all(r["Feedback"] in ("This trajectory got a score of 0.0.", "This trajectory got a score "
+                                             "of 1.0.") for r in records)
+    said = [r.getMessage() for r in caplog.records if "gave no feedback and no usable score" in r.getMessage()]
+    assert len(said) == 1 and "non-finite score nan" in said[0]
+
+
+def test_examples_the_metric_could_not_score_are_not_shown_to_the_reflection_as_failures():
+    """A metric returning None for unlabeled examples: 71 of 141 records a review's reflections read were
+    "This trajectory got a score of 0.0." for them (a metric that raised on the same examples: none)."""
+    seen: list = []
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        if len(gold.ticket) % 3 == 0:
+            return None  # unlabeled
+        return ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+
+    dr = quick_compile(metric=metric, budget=80, instruction_proposer=recording_proposer(seen)).detailed_results
+    assert dr.run_stats["failures"].get("metric_invalid", 0) > 0
+    records = [r for records in seen for r in records]
+    assert records and not [r for r in records if r["Feedback"].startswith("This trajectory got a score")]
