@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from dspy_turbogepa.testing import TASKS
 
 from helpers import quick_compile, recording_proposer
@@ -102,3 +104,32 @@ def test_examples_the_metric_could_not_score_are_not_shown_to_the_reflection_as_
     assert dr.run_stats["failures"].get("metric_invalid", 0) > 0
     records = [r for records in seen for r in records]
     assert records and not [r for r in records if r["Feedback"].startswith("This trajectory got a score")]
+
+
+def test_a_metric_adapted_to_five_arguments_by_a_wraps_decorator_is_accepted():
+    """inspect.signature follows __wrapped__ to the two-argument scorer: the metric was refused as
+    `exact(gold, pred)` (dspy.GEPA refuses it too) though it takes GEPA's five. A wrapper taking anything
+    still lets the wrapped signature decide."""
+    import functools
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing import make_reflection_lm
+
+    def gepa_metric(fn):
+        @functools.wraps(fn)
+        def wrapper(gold, pred, trace=None, pred_name=None, pred_trace=None):
+            return fn(gold, pred)
+        return wrapper
+
+    def passthrough(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def exact(gold, pred):
+        return float(gold.queue == pred.queue)
+
+    TurboGEPA(gepa_metric(exact), max_metric_calls=10, reflection_lm=make_reflection_lm())
+    with pytest.raises(TypeError, match=r"Your metric's signature is .*exact\(gold, pred\)"):
+        TurboGEPA(passthrough(exact), max_metric_calls=10, reflection_lm=make_reflection_lm())

@@ -45,6 +45,8 @@ def check_metric_signature(metric: Callable[..., Any]) -> None:
     try:
         sig.bind(None, None, None, None, None)
     except TypeError as e:
+        if _own_signature_takes_five(target):
+            return
         name = (getattr(target, "__qualname__", None) or getattr(metric, "__name__", None)
                 or f"{type(target).__qualname__}.__call__")  # a callable object
         raise TypeError(
@@ -53,6 +55,18 @@ def check_metric_signature(metric: Callable[..., Any]) -> None:
             "Define it as `def metric(gold, pred, trace=None, pred_name=None, pred_trace=None)`"
             + (" (for a dspy.Module judge: its `forward`)." if target is not metric else ".")
         ) from e
+
+
+def _own_signature_takes_five(target: Any) -> bool:
+    """A ``functools.wraps`` decorator that adapts a two-argument scorer to GEPA's five names them in its
+    own signature, while ``inspect.signature`` reports the wrapped scorer's (dspy.GEPA refuses such a
+    metric). A wrapper taking ``*args`` / ``**kwargs`` says nothing of its own: the wrapped one decides."""
+    try:
+        own = inspect.signature(target, follow_wrapped=False)
+        own.bind(None, None, None, None, None)
+    except (TypeError, ValueError):
+        return False
+    return not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in own.parameters.values())
 
 
 def _calls_forward(cls: type) -> bool:
