@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import logging
 import math
 import numbers
@@ -975,7 +976,7 @@ def _check_score(name: str, value: Any, fix: str, allow_inf: bool = False) -> fl
     """The score as a float: a NumPy number (``np.float32(0)``) is one too, as dspy.GEPA accepts it, and
     must not reach the run key or summary.json as a NumPy type. ``allow_inf``: for a threshold, which is
     compared with scores and never summed, ``+inf`` means "never reached"."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):  # dspy.GEPA takes a Decimal
         raise TypeError(f"{name} must be a number, got {value!r}: {fix}.")
     if allow_inf and value == math.inf:
         return math.inf

@@ -133,3 +133,17 @@ def test_a_metric_adapted_to_five_arguments_by_a_wraps_decorator_is_accepted():
     TurboGEPA(gepa_metric(exact), max_metric_calls=10, reflection_lm=make_reflection_lm())
     with pytest.raises(TypeError, match=r"Your metric's signature is .*exact\(gold, pred\)"):
         TurboGEPA(passthrough(exact), max_metric_calls=10, reflection_lm=make_reflection_lm())
+
+
+def test_decimal_failure_and_perfect_scores_are_taken_as_dspy_gepa_takes_them():
+    from decimal import Decimal
+
+    from dspy_turbogepa import TurboGEPA
+    from dspy_turbogepa.testing import make_reflection_lm
+
+    opt = TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(),
+                    failure_score=Decimal("0"), perfect_score=Decimal("1"))
+    assert (opt.failure_score, opt.perfect_score) == (0.0, 1.0)
+    assert type(opt.failure_score) is float and type(opt.perfect_score) is float
+    with pytest.raises(ValueError, match="failure_score must be finite"):
+        TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(), failure_score=Decimal("NaN"))
