@@ -393,9 +393,11 @@ def test_a_resumed_run_hands_the_feedback_call_the_trace_a_live_run_does(tmp_pat
 
     proposer = _AddKey(key=lambda name: "unrelated")
     sessions = []
-    for budget in (40, 120):  # the second session extends the first, reading its stored trajectories
+    # the second session extends the first with another minibatch size, so its reflections are new and read
+    # the stored trajectories (with the same settings it would replay the first session's reflections)
+    for budget, minibatch in ((40, 3), (120, 2)):
         _compile(metric, _HelperMadeInForward(), _data(12), _data(6), instruction_proposer=proposer,
-                 budget=budget, log_dir=tmp_path / "run")
+                 budget=budget, log_dir=tmp_path / "run", reflection_minibatch_size=minibatch)
         sessions.append(len(seen))
     assert 0 < sessions[0] < sessions[1]  # feedback calls in both sessions, the second on stored traces too
     expected = [("Predict", ("q",), ("rc",)), ("Predict", ("q",), ("ra",))]
