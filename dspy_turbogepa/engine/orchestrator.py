@@ -1060,8 +1060,8 @@ class Orchestrator:
             if callable(cfg.component_selector):
                 self._note_empty_selection(plan.seq)
             return
-        if len(components) > 1:
-            plan.kind = "reflection_all"
+        if len(components) > 1 and set(components) == set(self._selector.components):
+            plan.kind = "reflection_all"  # a custom selector's subset (or a name twice) stays a "reflection"
 
         scouted = [o for o in scout_outs if self._teaches(o)]
         self.stats.scout_failures_read += len(scouted)

@@ -170,8 +170,16 @@ class ComponentSelector:
         counters = state.named_predictor_id_to_update_next_for_program_candidate if state is not None else []
         if 0 <= parent_index < len(counters):  # the selector may advance the parent's round robin (gepa's does)
             self._next[parent_fp] = int(counters[parent_index])
-        names = [c for c in (chosen or []) if c in parent_texts]
-        unknown = [c for c in (chosen or []) if c not in parent_texts]
+        if isinstance(chosen, (str, bytes)):  # iterated, it would name its characters
+            raise ValueError(f"component_selector returned the string {chosen!r}; return a list of component names "
+                             f"(e.g. [{chosen!r}]); valid: {self.components}")
+        try:
+            chosen = [] if chosen is None else list(chosen)  # read once: a generator; never asked its truth (numpy)
+        except TypeError as exc:
+            raise ValueError(f"component_selector returned a value of type {type(chosen).__name__}, not a list of "
+                             f"names; valid: {self.components}") from exc
+        names = [c for c in chosen if c in parent_texts]
+        unknown = [c for c in chosen if c not in parent_texts]
         if unknown:
             raise ValueError(f"component_selector returned unknown components {unknown}; valid: {self.components}")
         return names, self.counter(parent_fp)

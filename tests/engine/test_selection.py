@@ -114,3 +114,36 @@ def test_a_callable_selector_that_advances_gepas_counters_is_kept() -> None:
         state = SelectorState(["a", "b"], [{"a": "", "b": ""}], [0.0], [sel.counter("p")])
         picks.append(sel.select("p", {"a": "", "b": ""}, 0, (), (), state)[0])
     assert picks == [["a"], ["b"], ["a"]]
+
+
+def test_a_callable_may_return_any_iterable_of_names_read_once() -> None:
+    """A numpy array of two names stopped the run (its truth value is ambiguous), and a generator was used
+    up by the first read so an unknown name in it went unreported; dspy.GEPA takes both."""
+    import numpy as np
+
+    sel = ComponentSelector(["a", "b", "c"], lambda *args: np.array(["a", "b", "c"])[[0, 2]])
+    assert sel.select("p", {"a": "", "b": "", "c": ""}, 0, (), (), None)[0] == ["a", "c"]
+    sel = ComponentSelector(["a", "b"], lambda *args: (c for c in ["b", "typo"]))
+    with pytest.raises(ValueError, match=r"unknown components \['typo'\]"):
+        sel.select("p", {"a": "", "b": ""}, 0, (), (), None)
+    sel = ComponentSelector(["a", "b"], lambda *args: 3)
+    with pytest.raises(ValueError, match="returned a value of type int, not a list of names"):
+        sel.select("p", {"a": "", "b": ""}, 0, (), (), None)
+
+
+def test_a_callable_returning_one_name_as_a_string_is_told_to_return_a_list() -> None:
+    sel = ComponentSelector(["pa", "pb"], lambda *args: "pa")
+    with pytest.raises(ValueError, match=r"returned the string 'pa'; return a list of component names \(e.g. \['pa'\]"):
+        sel.select("p", {"pa": "", "pb": ""}, 0, (), (), None)
+
+
+def test_a_custom_selectors_subset_is_a_reflection_not_a_reflection_on_all() -> None:
+    from .fakes import hard_setup, make_config, run_fakes
+
+    cfg = make_config(max_metric_calls=120, component_selector=lambda state, traj, scores, idx, cand: ["a", "b"])
+    result, *_ = run_fakes(cfg, hard_setup(components=("a", "b", "c")))
+    assert result.stats.mutations_by_kind.get("reflection", 0) > 0
+    assert "reflection_all" not in result.stats.mutations_by_kind
+    cfg = make_config(max_metric_calls=120, component_selector=lambda state, traj, scores, idx, cand: ["c", "b", "a"])
+    result, *_ = run_fakes(cfg, hard_setup(components=("a", "b", "c")))
+    assert result.stats.mutations_by_kind.get("reflection_all", 0) > 0
