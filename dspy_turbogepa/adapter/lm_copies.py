@@ -518,6 +518,16 @@ def _answered_no_choices(entry: Any) -> bool:
     return isinstance(data, dict) and data.get("choices") == []
 
 
+class RunHistoryEntry(dict):  # DSPy's entries: plain dicts of anything
+    """A history entry one of our LM copies recorded: a plain dict to every reader (DSPy, a user summing
+    ``entry["cost"]``), told apart only where it must be: the copies share the user's ``lm.history``, so
+    a second compile of the same student found the first one's calls there and put them into the
+    programs it built as their history "when compile began" (program.py): the returned program grew by
+    each earlier run's prompts and answers, and each build cost more."""
+
+    __slots__ = ()
+
+
 def _make_copy(lm: Any) -> Any:
     if not isinstance(lm, dspy.BaseLM) or not hasattr(lm, "num_retries"):
         return lm  # nothing we can switch off; its errors are still caught and retried by the evaluator
@@ -535,6 +545,8 @@ def _make_copy(lm: Any) -> Any:
     inner = copy.update_history
 
     def update_history(entry: Any) -> None:
+        if type(entry) is dict:
+            entry = RunHistoryEntry(entry)
         inner(entry)
         _note_history_entry(entry)
         # DSPy's native client reads it as one empty answer (and with DSPy's history off only the outputs,

@@ -20,6 +20,8 @@ from typing import Any
 import dspy
 from dspy.primitives.base_module import BaseModule
 
+from dspy_turbogepa.adapter.lm_copies import RunHistoryEntry
+
 logger = logging.getLogger(__name__)
 
 
@@ -260,12 +262,14 @@ class ProgramCodec:
         #: student deep-copied that growing list, up to DSPy's 10,000 entries: the returned program and
         #: each candidate held every prompt and answer of the run (the training data's text, in a file
         #: saved for production), and each build cost more as the run went on (750 ms at 5,000 entries).
-        #: Built programs get this snapshot, as dspy.GEPA's fresh deep copies have theirs.
+        #: Built programs get this snapshot, as dspy.GEPA's fresh deep copies have theirs, without the calls an
+        #: earlier compile's copies recorded there (dspy.GEPA's own never reach the user's LM).
         self._lm_histories: dict[int, tuple[list[Any], list[Any]]] = {}
         for _, pred in self._student_predictors.items():
             history = getattr(getattr(pred, "lm", None), "history", None)
             if isinstance(history, list) and id(history) not in self._lm_histories:
-                self._lm_histories[id(history)] = (history, list(history))  # the list itself: its id stays its own
+                # the list itself: its id stays its own
+                self._lm_histories[id(history)] = (history, _before_runs(history))
         #: the LMs the student holds: the user's, never given a snapshot (a user's deepcopy() may share them)
         self._student_lms = {id(p.lm) for p in self._student_predictors.values() if getattr(p, "lm", None)}
         self._cache: OrderedDict[str, BuiltProgram] = OrderedDict()
@@ -323,6 +327,7 @@ class ProgramCodec:
             if shared is not None:
                 lm.history = _fresh(shared[1])
                 continue
+            history = _before_runs(history)
             grown = [snapshot for _, snapshot in self._lm_histories.values()
                      if len(history) > len(snapshot) and all(map(_same_entry, history, snapshot))]
             if grown:
@@ -346,6 +351,11 @@ class ProgramCodec:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return entry
+
+
+def _before_runs(history: list[Any]) -> list[Any]:
+    """A predictor LM's history without the entries our LM copies recorded in it (an earlier compile's)."""
+    return [entry for entry in history if not isinstance(entry, RunHistoryEntry)]
 
 
 def _same_entry(copied: Any, original: Any) -> bool:
