@@ -350,6 +350,43 @@ def test_pump_ends_every_started_evaluation_when_ctrl_c_lands_in_between():
     assert isinstance(first.events[1][3], KeyboardInterrupt) and first.events[1][2] is None
 
 
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_a_ctrl_c_inside_mlflows_evaluation_callbacks_leaves_no_nested_run_open(where):
+    """A review: a Ctrl-C landing inside MLflow's on_evaluate_start, after its start_run and before it
+    notes the call, or inside its on_evaluate_end before its end_run, left the nested eval run on
+    MLflow's stack: the compile run stayed RUNNING and active, and the next compile logged into it.
+    Ctrl-C now waits for MLflow's callbacks; the interrupt still comes, once they are done."""
+    import os
+    import signal
+
+    import dspy
+
+    class MlflowCallback(_RecordingCallback):
+        optimizer_stack_level = 1
+        open_runs: set[str] = set()
+        noted: dict[str, str] = {}
+
+        def on_evaluate_start(self, call_id, instance, inputs):
+            self.open_runs.add(call_id)  # start_run
+            if where == "start":
+                os.kill(os.getpid(), signal.SIGINT)
+            self.noted[call_id] = call_id  # what its end reads to find the run
+
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            run = self.noted.pop(call_id, None)
+            if where == "end":
+                os.kill(os.getpid(), signal.SIGINT)
+            self.open_runs.discard(run)  # end_run
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    cb = MlflowCallback()
+    pump = CompileThreadCallbackPump(lambda t: "p", [dspy.Example(q="q").with_inputs("q")], callbacks=[cb])
+    pump.on_candidate(_record(0, {0: 1.0}))
+    with pytest.raises(KeyboardInterrupt):
+        pump.drain()
+    assert not cb.open_runs and not cb.noted
+
+
 def test_pump_skips_mlflow_callback_outside_a_recorded_compile():
     import dspy
 
@@ -747,6 +784,39 @@ def test_tracker_abort_ends_its_own_run_as_failed(local_tracking):
     run = mlflow.MlflowClient().get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.tags["turbogepa.stop_reason"] == "error: KeyboardInterrupt"
     assert run.data.metrics["best_val_score"] == 0.5
+
+
+@pytest.mark.parametrize("where", ["start_run", "worker"])
+def test_ctrl_c_while_the_tracker_is_set_up_leaves_no_run_active_and_no_worker(local_tracking, monkeypatch, where):
+    """A review: a Ctrl-C in the first ~0.1 s of a use_mlflow compile, after start_run returned and before
+    the tracker noted it (or once its worker had started), left the run RUNNING and active and the
+    worker alive; the next compile attached to it as if it were the user's run."""
+    import mlflow
+
+    from dspy_turbogepa.tracking import mlflow_tracking
+
+    if where == "start_run":
+        real = mlflow.start_run
+
+        def start_run(*args, **kw):
+            real(*args, **kw)
+            raise KeyboardInterrupt  # before _start_or_attach could note the run as its own
+
+        monkeypatch.setattr(mlflow, "start_run", start_run)
+    else:
+        def interrupted(params):
+            raise KeyboardInterrupt  # the worker is running by now
+
+        monkeypatch.setattr(mlflow_tracking, "loggable_params", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        MlflowRunTracker({"seed": 0}, flush_interval=0.1)
+    assert mlflow.active_run() is None
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["FAILED"]
+    deadline = time.monotonic() + 5
+    while any(t.name == "turbogepa-mlflow" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "turbogepa-mlflow"]
 
 
 def test_ctrl_c_while_finishing_kills_the_run_and_leaves_nothing_active(local_tracking, monkeypatch):

@@ -266,6 +266,19 @@ class MlflowRunTracker(EngineObserver):
                        "tracked. Check the install: python -c 'import mlflow'")
             return
         self._Metric = Metric
+        before = mlflow.active_run()
+        try:
+            self._start(mlflow, MlflowClient, tracking_uri, run_name, experiment_name, probe_timeout, params,
+                        seed_texts, extra_tags, trainset_size, valset_size)
+        except BaseException as exc:  # Ctrl-C while setting up (errors are caught inside): nothing left running
+            self._abandon_setup(mlflow, before.info.run_id if before is not None else None, exc)
+            raise
+
+    def _start(self, mlflow: Any, client_cls: Any, tracking_uri: str | None, run_name: str | None,
+               experiment_name: str | None, probe_timeout: float, params: Mapping[str, Any] | None,
+               seed_texts: Mapping[str, str] | None, extra_tags: Mapping[str, Any] | None,
+               trainset_size: int | None, valset_size: int | None) -> None:
+        """Start or attach to the run and the worker thread; a failure costs a warning, not the compile."""
         try:
             if tracking_uri and mlflow.active_run() is not None and tracking_uri != mlflow.get_tracking_uri():
                 # The URI is process-wide: switching it under the user's active run would make their own
@@ -281,7 +294,7 @@ class MlflowRunTracker(EngineObserver):
                 self._warn(f"MLflow tracking server {_safe_uri(uri)} is unreachable ({problem}); the run is not "
                            "tracked")
                 return
-            self._client = MlflowClient(tracking_uri=uri)
+            self._client = client_cls(tracking_uri=uri)
             # On the compile thread, before the search: a server whose /health answers but whose API fails
             # (its database down) must cost a warning, not MLflow's minutes of retries.
             with _few_http_retries(uri.startswith(("http://", "https://")), retries=1, timeout=10):
@@ -312,6 +325,22 @@ class MlflowRunTracker(EngineObserver):
                 run_params[self._keys("seed_instructions", comp)] = _truncate(mask_text(str(text)),
                                                                               MAX_PARAM_VALUE_LENGTH)
         self._submit("params", lambda c: self._log_params(c, run_params, tags))
+
+    def _abandon_setup(self, mlflow: Any, before: str | None, exc: BaseException) -> None:
+        """Ctrl-C while the tracker was being set up, before the compile could register its abort: end the run
+        it started (one whose ``start_run`` had returned but was not noted yet too: the active run is another
+        than the one before) and stop its worker, or the run stayed RUNNING and active, and the next compile
+        in the process attached to it as if it were the user's."""
+        if self.enabled:
+            self.abort(exc)
+            return
+        try:
+            active = mlflow.active_run()
+            if active is not None and (self.started_run or active.info.run_id != before):
+                mlflow.end_run(status="FAILED")
+        except Exception as end_exc:  # noqa: BLE001 - the interrupt goes on; the run may stay RUNNING
+            logger.debug("Could not end the MLflow run started before the interrupt: %s", describe_error(end_exc))
+        self._cleanup()
 
     def provide_stats(self, provider: Callable[[], Any]) -> None:
         """Where the live stats come from, once the engine exists: the tracker is made first, so that a

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.redaction import describe_error, describe_traceback
+from dspy_turbogepa.tracking.imports import ctrl_c_held
 
 if TYPE_CHECKING:
     import dspy
@@ -149,8 +150,10 @@ class CompileThreadCallbackPump(EngineObserver):
                 try:
                     if is_mlflow_callback(cb):
                         # MLflow's start logs dspy.settings.lm's kwargs as the run's `lm_params` (extra_headers
-                        # and all): it reads a masked copy, as it reads a masked program
-                        with dspy.context(lm=masked_lm(dspy.settings.lm)):
+                        # and all): it reads a masked copy, as it reads a masked program. Ctrl-C waits for it:
+                        # cut short after its start_run and before it notes the call, its nested run could
+                        # not be ended, and the compile run would stay RUNNING and active
+                        with dspy.context(lm=masked_lm(dspy.settings.lm)), ctrl_c_held():
                             cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
                     else:
                         cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
@@ -163,13 +166,15 @@ class CompileThreadCallbackPump(EngineObserver):
         finally:
             # Every started callback gets its end, as dspy does, even when Ctrl-C lands in between:
             # MLflow's nested evaluation run would otherwise stay on its active-run stack, and autolog's
-            # end_run would close it instead of the compile run, leaving the compile run RUNNING.
-            for cb in started:
-                outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
-                try:
-                    cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
-                except Exception as exc:  # noqa: BLE001
-                    self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
+            # end_run would close it instead of the compile run, leaving the compile run RUNNING. A press
+            # during the ends waits for them all (one cut short before its end_run is that same failure).
+            with ctrl_c_held():
+                for cb in started:
+                    outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
+                    try:
+                        cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
+                    except Exception as exc:  # noqa: BLE001
+                        self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
         self.emitted += 1
         return True
 
