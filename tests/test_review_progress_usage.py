@@ -357,7 +357,7 @@ def test_a_token_capped_compile_closes_its_bar_on_the_runs_tokens(monkeypatch, r
 
 def test_a_resumed_capped_run_shows_the_earlier_sessions_tokens_from_its_first_line(info_logs, tmp_path,
                                                                                      routing_splits) -> None:
-    first = _compile(routing_splits, log_dir=tmp_path, max_metric_calls=60, token_budget=1_000_000)
+    first = _compile(routing_splits, log_dir=tmp_path, max_metric_calls=30, token_budget=1_000_000)
     before = _run_tokens(first)
     info_logs.clear()
     second = _compile(routing_splits, log_dir=tmp_path, max_metric_calls=140, token_budget=1_000_000)
