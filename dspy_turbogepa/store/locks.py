@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 import threading
 import weakref
 from pathlib import Path
@@ -132,7 +134,12 @@ class RunLock:
     def _lock_file(cls, log_dir: Path, fcntl: Any, dir_fd: int | None) -> RunLock:
         path = log_dir / LOCK_FILENAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # never through a symlink, and only a regular file: the pid is written over what it holds (a
+            # link planted in a shared log_dir truncated the file it pointed to)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file")
         except OSError as exc:
             # the lock file, not the stored results, is what is wrong (owned by another user, not a file):
             # deleting the database, as START_OVER says for a damaged store, would throw away paid work

@@ -1033,6 +1033,20 @@ def test_a_lock_file_that_cannot_be_opened_is_not_advice_to_delete_the_results(t
     assert "run.sqlite3" not in str(refused.value) and "not affected" in str(refused.value)
 
 
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    """A store review: ``run.lock`` linked to a file outside the log_dir was followed, and the file it
+    pointed to truncated to the pid (a link planted in a shared log_dir)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's data\n")
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    (log_dir / "run.lock").symlink_to(victim)
+    with pytest.raises(RunStoreError, match="lock file") as refused:
+        RunStore.open(log_dir, RUN_KEY)
+    assert "not affected" in str(refused.value)
+    assert victim.read_text() == "someone else's data\n"
+
+
 def test_a_writer_still_committing_after_close_gave_up_waiting_keeps_the_log_dir_locked(tmp_path: Path,
                                                                                       monkeypatch) -> None:
     """A store review: close() waits a bounded time for the writer; on a stalled disk it released the
