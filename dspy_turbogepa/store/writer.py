@@ -148,7 +148,9 @@ class Writer:
     def _wait(self, marker: _Flush, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not marker.done.wait(0.05):
-            if not self.thread.is_alive():
+            # the writer marks the marker done and then exits: between this wait's timeout and the check
+            # it may have done both (a false "writer died: None" when everything was committed)
+            if not self.thread.is_alive() and not marker.done.is_set():
                 raise RunStoreError(f"the run store writer for {self.path} died: {self.fatal!r}")
             if deadline is not None and time.monotonic() > deadline:
                 raise RunStoreError(f"timed out after {timeout}s waiting for the run store at {self.path}")
