@@ -751,7 +751,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if result.stop_reason == "interrupted":
             found = ("the seed program: nothing beat it yet" if result.best_index == 0
                      else "the best program found so far")
-            advice = (f" Rerun with log_dir={str(self.log_dir)!r} to resume without paying again for what finished."
+            advice = (f" Rerun with log_dir={str(self._log_path())!r} to resume without paying again for what finished."
                       if store is not None else " Set log_dir=... to make an interrupted run resumable.")
             logger.warning("Run interrupted: returning %s.%s", found, advice)
         stats = result.stats
@@ -764,7 +764,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             f" ({len(known_evals)} of them stored by earlier sessions)" if known_evals else "",
             f", failed evaluations {dict(stats.failures)}" if stats.failures else "",
             f", LM cost ${cost:.4g}" if cost > 0 else "",
-            f"; run store, summary.json and plots in {self.log_dir}" if store is not None else "",
+            f"; run store, summary.json and plots in {self._log_path()}" if store is not None else "",
         )
         modules_before = set(sys.modules)
         try:
@@ -787,8 +787,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     def _result_program(self, codec: ProgramCodec, result: EngineResult) -> tuple[dspy.Module, Any]:
         """The best candidate as a program, with ``detailed_results`` when ``track_stats``."""
         program = codec.build(result.best.candidate.texts)
-        # where the files are: "~/runs/x" named a directory the user cannot open by that string
-        log_dir = os.path.expanduser(os.fspath(self.log_dir)) if self.log_dir else None
+        # where the files are: "~/runs/x" named a directory the user cannot open by that string, and "runs/x"
+        # another one once the program (or the metric) changed the working directory
+        log_dir = str(self._log_path()) if self.log_dir else None
         detailed = build_result(result, codec.build, log_dir, self.seed, self.track_best_outputs)
         if self.track_stats:
             program.detailed_results = detailed

@@ -1,6 +1,6 @@
-"""What the metric returns, from a review of its edge cases against dspy.GEPA 3.4: a score whose
-``float()`` raises, a feedback call that returns a bare string or nothing usable, examples the metric
-could not score."""
+"""Session 45's reviews: what the metric returns, against dspy.GEPA 3.4 (a score whose ``float()``
+raises, a feedback call that returns a bare string or no usable score, examples the metric could not
+score, Decimal scores, a metric adapted by a decorator), and where a relative log_dir is reported."""
 
 from __future__ import annotations
 
@@ -147,3 +147,23 @@ def test_decimal_failure_and_perfect_scores_are_taken_as_dspy_gepa_takes_them():
     assert type(opt.failure_score) is float and type(opt.perfect_score) is float
     with pytest.raises(ValueError, match="failure_score must be finite"):
         TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(), failure_score=Decimal("NaN"))
+
+
+def test_a_relative_log_dir_is_reported_where_the_store_is_after_the_program_changes_directory(tmp_path,
+                                                                                                monkeypatch):
+    """A store review: the files of log_dir="runs/a" are where compile started, but after the metric's
+    chdir detailed_results.log_dir ("runs/a") named another, missing directory (and so did the rerun
+    advice, which in a notebook would have started a fresh store and paid again)."""
+    import os
+
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        os.chdir(tmp_path / "elsewhere")
+        return ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+
+    dr = quick_compile(metric=metric, budget=30, log_dir="runs/a").detailed_results
+    assert dr.log_dir == str(tmp_path / "start" / "runs" / "a")
+    assert (tmp_path / "start" / "runs" / "a" / "run.sqlite3").exists()
