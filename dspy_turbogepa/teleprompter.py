@@ -747,6 +747,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 store.flush(timeout=30.0)  # a stuck disk must not hold the program back (close() waits 30 s too)
             except RunStoreError as exc:  # rows the store could not write: said, as close() says them
                 logger.warning("Run store: %s", exc)
+            if store.gone():
+                logger.warning("The run store %s was deleted or replaced during the run: nothing this session did is "
+                               "kept, and a rerun with this log_dir pays for it again.", store.path)
         best = result.best
         if result.stop_reason == "interrupted":
             found = ("the seed program: nothing beat it yet" if result.best_index == 0
@@ -764,7 +767,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             f" ({len(known_evals)} of them stored by earlier sessions)" if known_evals else "",
             f", failed evaluations {dict(stats.failures)}" if stats.failures else "",
             f", LM cost ${cost:.4g}" if cost > 0 else "",
-            f"; run store, summary.json and plots in {self._log_path()}" if store is not None else "",
+            ("; summary.json and plots in {} (the run store was lost)" if store.gone() else
+             "; run store, summary.json and plots in {}").format(self._log_path()) if store is not None else "",
         )
         modules_before = set(sys.modules)
         try:

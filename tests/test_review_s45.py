@@ -167,3 +167,26 @@ def test_a_relative_log_dir_is_reported_where_the_store_is_after_the_program_cha
     dr = quick_compile(metric=metric, budget=30, log_dir="runs/a").detailed_results
     assert dr.log_dir == str(tmp_path / "start" / "runs" / "a")
     assert (tmp_path / "start" / "runs" / "a" / "run.sqlite3").exists()
+
+
+def test_a_log_dir_deleted_mid_run_is_said_not_reported_as_stored(tmp_path, caplog):
+    """A store review: after `rm -rf log_dir` mid-run the writer committed into the unlinked file, the
+    reports recreated the directory, and the last line said "run store, summary.json and plots in ..."
+    while nothing of the session was kept (the rerun paid for it all again)."""
+    import shutil
+
+    calls = {"n": 0}
+    log_dir = tmp_path / "run"
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            shutil.rmtree(log_dir)
+        return ROUTING.metric(gold, pred, trace, pred_name, pred_trace)
+
+    with caplog.at_level(logging.INFO, logger="dspy_turbogepa"):
+        quick_compile(metric=metric, budget=40, log_dir=str(log_dir))
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("was deleted or replaced during the run: nothing this session did is kept" in m for m in said) == 1
+    finished = [m for m in said if m.startswith("TurboGEPA finished")]
+    assert finished and "(the run store was lost)" in finished[0] and "run store, summary.json" not in finished[0]

@@ -358,6 +358,8 @@ class RunStore:
     meta: dict[str, Any]
     _lock: RunLock
     _finalizer: weakref.finalize
+    #: the database file's (device, inode) when opened (see :meth:`gone`)
+    _identity: tuple[int, int] | None
 
     def __init__(self, *_: Any, **__: Any) -> None:
         raise TypeError("use RunStore.open(log_dir, run_key, meta)")
@@ -410,7 +412,14 @@ class RunStore:
             raise
         self._lock = lock
         self._finalizer = weakref.finalize(self, _shutdown, self._writer, self.session, lock)
+        self._identity = _file_identity(path)
         return self
+
+    def gone(self) -> bool:
+        """Whether the database file was deleted or replaced since this store opened it: the writer then
+        commits into a file no path names (a ``rm -rf log_dir`` mid-run), and nothing of this session is
+        kept. Read at the end of a run, so that it is said instead of reported as stored."""
+        return _file_identity(self.path) != self._identity
 
     def _open(self, path: Path, log_dir: Path, key: dict[str, str], meta_json: str, commit_interval: float,
               max_batch: int, session_parts: frozenset[str] = frozenset()) -> None:
@@ -754,6 +763,14 @@ def _environment_error(exc: sqlite3.Error) -> bool:
         return name.startswith(_ENVIRONMENT_CODES)
     text = str(exc).lower()
     return any(part in text for part in _ENVIRONMENT_MESSAGES)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _store_error(path: Path, log_dir: Path, exc: sqlite3.Error) -> RunStoreError:
