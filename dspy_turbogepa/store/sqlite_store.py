@@ -871,6 +871,21 @@ def _readable_parts(conn: sqlite3.Connection, meta_json: str) -> tuple[dict[str,
     return parts(row[0] if row else None), parts(meta_json)
 
 
+def _looks_like_a_run_store(conn: sqlite3.Connection, tables: set[str]) -> bool:
+    """A ``meta`` table with a ``schema_version`` row, and, at this version, every table of ours (the
+    schema is created in one transaction: a store has all of them or none). An older or newer version's
+    store passes, for the version check to name it."""
+    if "meta" not in tables:
+        return False
+    try:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.OperationalError:  # a `meta` table of other columns
+        return False
+    if version is None:
+        return False
+    return version[0] != str(SCHEMA_VERSION) or {"run_key", "sessions", *_DATA_TABLES} <= tables
+
+
 def _initialise(
     conn: sqlite3.Connection, path: Path, log_dir: Path, run_key: dict[str, str], meta_json: str,
     session_parts: frozenset[str] = frozenset(),
@@ -878,7 +893,9 @@ def _initialise(
     """Create or check the schema and the run key (but its ``session_parts``), and open a session; one
     transaction."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if tables and "meta" not in tables:  # checked before switching someone else's database to WAL
+    # Checked before anything is written (WAL mode, tables): another application's database whose table
+    # happens to be called `meta` was switched to WAL, and with a `schema_version` row filled with ours.
+    if tables and not _looks_like_a_run_store(conn, tables):
         raise RunStoreMismatchError(
             f"{path} is an SQLite database but not a run store (tables: {sorted(tables)}). "
             f"{START_OVER.format(log_dir=log_dir)}",

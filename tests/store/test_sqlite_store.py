@@ -288,7 +288,8 @@ def test_a_damaged_page_or_a_foreign_meta_table_is_a_run_store_error_naming_the_
         for number in range(3, db.stat().st_size // page - 1, 3):
             f.seek(number * page)
             f.write(bytes(range(256)) * (page // 256))
-    with pytest.raises(RunStoreError, match="not a readable run store .*malformed") as info:
+    # every page is read at open (quick_check), so the damage is found there, before any stored row is read
+    with pytest.raises(RunStoreError, match=r"(?s)is damaged \(SQLite's quick_check: .*btreeInitPage") as info:
         store = RunStore.open(tmp_path / "a", RUN_KEY)
         try:
             store.load_evaluations()
@@ -301,7 +302,7 @@ def test_a_damaged_page_or_a_foreign_meta_table_is_a_run_store_error_naming_the_
     with conn:
         conn.execute("CREATE TABLE meta (k TEXT)")  # someone else's database with a table of that name
     conn.close()
-    with pytest.raises(RunStoreError, match="not a readable run store .*no such column") as info:
+    with pytest.raises(RunStoreMismatchError, match="not a run store") as info:
         RunStore.open(tmp_path / "b", RUN_KEY)
     assert "not lost" not in str(info.value)
 
@@ -1132,3 +1133,23 @@ def test_a_damaged_index_page_is_refused_at_open(tmp_path: Path) -> None:
         fh.write(bytes(random.Random(1).randrange(256) for _ in range(64)))
     with pytest.raises(RunStoreError, match=r"(?s)is damaged \(SQLite's quick_check: .*Use a new log_dir"):
         RunStore.open(tmp_path, RUN_KEY)
+
+
+@pytest.mark.parametrize("meta", [
+    "CREATE TABLE meta (key TEXT, value TEXT)",
+    "CREATE TABLE meta (name TEXT, content TEXT)",
+    "CREATE TABLE meta (key TEXT, value TEXT); INSERT INTO meta VALUES ('schema_version', '3')",
+], ids=["no-version", "other-columns", "our-version"])
+def test_another_applications_database_with_a_meta_table_is_refused_untouched(tmp_path: Path, meta: str) -> None:
+    """A store review: a foreign database whose table is called `meta` was switched to WAL before being
+    refused (with "schema_version None", or "no such column: value"), and with a `schema_version` row of
+    ours the run store's tables were created inside it and the compile ran there."""
+    tmp_path.joinpath("x").mkdir()
+    conn = _raw(tmp_path / "x")
+    conn.executescript(f"{meta}; CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('mine');")
+    conn.close()
+    before = (tmp_path / "x" / DB_FILENAME).read_bytes()
+    with pytest.raises(RunStoreMismatchError, match="not a run store"):
+        RunStore.open(tmp_path / "x", RUN_KEY)
+    assert (tmp_path / "x" / DB_FILENAME).read_bytes() == before
+    assert not (tmp_path / "x" / f"{DB_FILENAME}-wal").exists()
