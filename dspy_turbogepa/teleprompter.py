@@ -39,7 +39,12 @@ from dspy_turbogepa.adapter.data import (
 from dspy_turbogepa.adapter.evaluator import DspyEvaluator, ManagedEvaluator
 from dspy_turbogepa.adapter.lm_discovery import compile_lms, lm_api_keys, warn_unpriced
 from dspy_turbogepa.adapter.metric import check_metric_signature
-from dspy_turbogepa.adapter.persistence import earlier_budgets, last_committed_mutation, stored_usage
+from dspy_turbogepa.adapter.persistence import (
+    PLAN_BUDGETS_EVENT,
+    earlier_budgets,
+    last_committed_mutation,
+    stored_usage,
+)
 from dspy_turbogepa.adapter.program import ProgramCodec
 from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_reach
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
@@ -648,13 +653,16 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         live_plots = LivePlots(self._log_path(), budget=budget) if self.log_dir and self.plot_format == "svg" else None
         extra_observers = [o for o in (pump, tracker, live_plots) if o is not None]
         resumed = store is not None and store.resumed
+        plan_budgets = earlier_budgets(store) if resumed and config.deterministic else []
+        if store is not None:  # what the next session replays this one with
+            store.record_event(PLAN_BUDGETS_EVENT, {"budgets": [*plan_budgets, budget]})
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
             prior_usage=stored_usage(store) if resumed else None,
             replay_through=last_committed_mutation(store) if resumed else -1,
-            earlier_budgets=earlier_budgets(store) if resumed else (),
+            earlier_budgets=plan_budgets,
         )
         if tracker is not None:
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
@@ -1038,10 +1046,10 @@ _PLAN_SETTINGS = (
 #: ``dspy.settings.num_threads`` is not.
 PLAN_META = "plan"
 #: EngineConfig fields that do not decide what the search asks for: the seed is part of the run key (a
-#: log_dir of another seed is refused), the secondary budgets, ``strict_budget`` and the stop rules only
-#: end the run sooner.
+#: log_dir of another seed is refused), the secondary budgets and the stop rules only end the run sooner.
+#: (``strict_budget`` decides which mutations launch near each budget a resumed run replays: a plan setting.)
 _NOT_PLAN = frozenset({"seed", "stop_file", "stop_callbacks", "max_seconds", "max_tokens", "max_cost",
-                       "strict_budget", "max_noop_mutations", "max_paid_noop_mutations", "systemic_failure_window",
+                       "max_noop_mutations", "max_paid_noop_mutations", "systemic_failure_window",
                        "systemic_proposal_window"})
 #: The constructor argument a user sets each renamed EngineConfig field with, for the warning.
 _PLAN_NAMES = MappingProxyType({
@@ -1072,19 +1080,22 @@ def _warn_changed_plan(before: Mapping[str, Any], now: Mapping[str, Any], log_di
     values, as the run store keeps them in each session's meta)."""
     if isinstance(before.get(PLAN_META), Mapping) and isinstance(now.get(PLAN_META), Mapping):
         was, plan = before[PLAN_META], now[PLAN_META]
+        # a setting an earlier version did not record (strict_budget) is not a change
         changed = [f"{_PLAN_NAMES.get(name, name)} {was.get(name)!r} -> {plan.get(name)!r}"
-                   for name in sorted(set(was) | set(plan)) if was.get(name) != plan.get(name)]
+                   for name in sorted(set(was) & set(plan)) if was.get(name) != plan.get(name)]
     else:
         changed = [f"{name} {before[name]!r} -> {now.get(name)!r}" for name in _PLAN_SETTINGS
                    if name in before and before[name] != now.get(name)]
     budget = f"max_metric_calls {before.get('max_metric_calls')!r} -> {now.get('max_metric_calls')!r}"
     plan_now = now.get(PLAN_META)
-    if budget in changed and (not isinstance(plan_now, Mapping) or plan_now.get("deterministic", True)):
-        # a deterministic run plans with each session's budget in turn (the engine's PlanLimits): nothing
+    if changed == [budget] and (not isinstance(plan_now, Mapping) or plan_now.get("deterministic", True)):
+        # a deterministic run plans with the earlier budgets in turn (the engine's PlanLimits): nothing
         # stored goes unused for a new budget alone
         changed.remove(budget)
+        larger = (now.get("max_metric_calls") or 0) > (before.get("max_metric_calls") or 0)
         logger.info("Resuming the run in %s with %s: the search replays what earlier sessions did under their "
-                    "budgets, then goes on with this one", log_dir, budget)
+                    "budgets, then %s", log_dir, budget,
+                    "goes on with this one" if larger else "stops at this one's limit")
     if changed:
         logger.warning("Resuming the run in %s with other search settings than its last session (%s): the search "
                        "may plan differently from there on, so stored work it no longer asks for goes unused and new "

@@ -136,18 +136,24 @@ def last_committed_mutation(store: Any) -> int:
     return max((s for s in seqs if isinstance(s, int)), default=-1)
 
 
+#: The event each session records with the budgets it plans with, in turn (``{"budgets": [...]}``).
+PLAN_BUDGETS_EVENT = "plan_budgets"
+
+
 def earlier_budgets(store: Any) -> list[int]:
-    """The ``max_metric_calls`` of each earlier session that committed a mutation, in order: a resumed
-    run plans with them in turn before its own (the engine's ``PlanLimits``), so that what those sessions
-    stored is asked for again, not planned past. A session that committed nothing left nothing to replay
-    (and every later session read the same list, so each replays the one before it)."""
-    committed = {e.session for e in store.events("mutation_committed")}
-    budgets = []
-    for session in store.sessions()[:-1]:  # the last one is this session
-        budget = session.meta.get("max_metric_calls")
-        if session.id in committed and isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1:
-            budgets.append(budget)
-    return budgets
+    """The budgets the last session planned with, in turn (the engine's ``PlanLimits``): a resumed run
+    plans with them before its own, so that what that session stored is asked for again, not planned
+    past. Read from the last session's record (every session writes one, ``PLAN_BUDGETS_EVENT``), not
+    rebuilt from the sessions' budgets: a session of an earlier version planned with its own budget
+    alone, and one that ran with ``deterministic=False`` with no earlier one. Nothing when nothing but
+    the seed's evaluations is stored (a session stopped right after the seed left no plan to replay)."""
+    sessions = store.sessions()
+    if len(sessions) < 2 or (last_committed_mutation(store) < 0 and not store.counts().get("proposals")):
+        return []
+    last = sessions[-2]  # the one before this session
+    recorded = [e.payload.get("budgets") for e in store.events(PLAN_BUDGETS_EVENT) if e.session == last.id]
+    budgets = recorded[-1] if recorded and isinstance(recorded[-1], list) else [last.meta.get("max_metric_calls")]
+    return [b for b in budgets if isinstance(b, int) and not isinstance(b, bool) and b >= 1]
 
 
 def load_known(

@@ -97,8 +97,9 @@ class PlanLimits:
     run plans as each earlier session did, in turn: with the first session's limit until the search
     under it ends (nothing in flight and nothing more fits), then with the next larger one, and so on
     up to this session's. Stored work then replays in full and the new budget continues from where the
-    old one stopped. A smaller limit than an earlier session's keeps that session's plan and only stops
-    sooner (launches are always checked against the budget's own limit too).
+    old one stopped. With a smaller limit than an earlier session's the run plans as that session did up
+    to its own limit (launches are always checked against the budget's own limit too), where the
+    mutations it refuses are planned again from later views: a few may be new work.
     """
 
     def __init__(self, earlier: Iterable[int], limit: int) -> None:
