@@ -21,10 +21,10 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dspy_turbogepa.redaction import (
     contains_secret,
@@ -428,7 +428,8 @@ class RunStore:
         except sqlite3.Error as exc:
             raise _store_error(path, log_dir, exc) from exc
         try:
-            self.resumed, self.session, self.meta = _initialise(conn, path, log_dir, key, meta_json, session_parts)
+            self.resumed, self.session, self.meta = _patiently(
+                conn, lambda: _initialise(conn, path, log_dir, key, meta_json, session_parts))
         except sqlite3.Error as exc:
             raise _store_error(path, log_dir, exc) from exc
         finally:
@@ -869,6 +870,40 @@ def _readable_parts(conn: sqlite3.Connection, meta_json: str) -> tuple[dict[str,
 
     row = conn.execute("SELECT value FROM meta WHERE key = 'run_meta'").fetchone()
     return parts(row[0] if row else None), parts(meta_json)
+
+
+#: How long opening waits for a lock another process holds on the database, in short steps.
+OPEN_PATIENCE_S = 30.0
+
+T = TypeVar("T")
+
+
+def _patiently(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    """``fn()``, asked again while another process holds the database locked, up to OPEN_PATIENCE_S.
+
+    SQLite's own busy wait sleeps in C, where a Ctrl-C cannot reach the program: a compile waiting on a
+    locked store ignored it for up to 30 s. Here SQLite waits 100 ms at a time and Python between the
+    attempts (``fn`` rolls back whatever it began before it raises, so asking again starts over).
+    """
+    conn.execute("PRAGMA busy_timeout = 100")
+    deadline = time.monotonic() + OPEN_PATIENCE_S
+    try:
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+    finally:
+        conn.execute("PRAGMA busy_timeout = 30000")
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+    return "locked" in str(exc).lower() or "busy" in str(exc).lower()
 
 
 def _looks_like_a_run_store(conn: sqlite3.Connection, tables: set[str]) -> bool:

@@ -1153,3 +1153,63 @@ def test_another_applications_database_with_a_meta_table_is_refused_untouched(tm
         RunStore.open(tmp_path / "x", RUN_KEY)
     assert (tmp_path / "x" / DB_FILENAME).read_bytes() == before
     assert not (tmp_path / "x" / f"{DB_FILENAME}-wal").exists()
+
+
+def test_opening_a_store_another_process_holds_waits_in_steps_a_ctrl_c_can_reach(tmp_path: Path) -> None:
+    """A store review: SQLite's busy wait sleeps in C, so a compile waiting on a store another program held
+    ignored Ctrl-C for up to 30 s (SIGINT at 8.3 s, KeyboardInterrupt at 38.5 s). The open now waits in
+    100 ms steps: here a Ctrl-C (SIGALRM standing in for it) lands within one, and once the other side
+    lets go the open goes through."""
+    import signal
+    import threading
+    import time
+
+    RunStore.open(tmp_path, RUN_KEY).close()
+    holder = sqlite3.connect(str(tmp_path / DB_FILENAME), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            RunStore.open(tmp_path, RUN_KEY)
+        assert time.monotonic() - started < 3.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    release = threading.Timer(0.5, lambda: holder.execute("ROLLBACK"))
+    release.start()
+    try:
+        store = RunStore.open(tmp_path, RUN_KEY)
+        store.close()
+    finally:
+        release.join()
+        holder.close()
+
+
+def test_a_writer_stop_that_gave_up_waiting_does_not_wait_as_long_again_to_join(tmp_path: Path) -> None:
+    """A store review: on a stuck store the end of a compile took ~90 s (the flush's 30 s, the close's
+    30 s, then 30 s more joining the writer whose wait had already given up)."""
+    import time
+
+    from dspy_turbogepa.store.writer import Writer
+
+    RunStore.open(tmp_path, RUN_KEY).close()
+    holder = sqlite3.connect(str(tmp_path / DB_FILENAME), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    writer = Writer(tmp_path / DB_FILENAME, 0.01, 10)
+    joins: list[float | None] = []
+    real_join = writer.thread.join
+    writer.thread.join = lambda timeout=None: (joins.append(timeout), real_join(timeout))  # type: ignore[method-assign]
+    writer.put("INSERT INTO events (kind, payload_json, recorded_at, session) VALUES ('x', '{}', 0, 1)", ())
+    time.sleep(0.1)  # the writer is inside SQLite's busy wait now
+    writer.stop(timeout=0.3)
+    assert joins == [0.1]
+    holder.execute("ROLLBACK")
+    holder.close()
+    real_join(35)
+    assert not writer.thread.is_alive()
