@@ -407,11 +407,16 @@ class RunStore:
         lock = RunLock.acquire(log_dir)
         try:
             self._open(path, log_dir, key, meta_json, commit_interval, max_batch, frozenset(per_session))
+            self._lock = lock
+            self._finalizer = weakref.finalize(self, _shutdown, self._writer, self.session, lock)
         except BaseException:
+            # a Ctrl-C after the writer started and before the finalizer owns it left its thread and
+            # connection open for the life of the process
+            writer = getattr(self, "_writer", None)
+            if writer is not None:
+                writer.stop(timeout=5.0)
             lock.release()
             raise
-        self._lock = lock
-        self._finalizer = weakref.finalize(self, _shutdown, self._writer, self.session, lock)
         self._identity = _file_identity(path)
         return self
 

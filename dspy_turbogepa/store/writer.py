@@ -97,11 +97,14 @@ class Writer:
         self.conn = connect(path)
         try:
             self.conn.execute("PRAGMA synchronous = NORMAL")
-        except BaseException:
-            self.conn.close()  # the store's open fails with this error: no connection is left behind
+            self.thread = threading.Thread(target=self._run, name=f"turbogepa-run-store:{path}", daemon=True)
+            self.thread.start()
+        except BaseException:  # the store's open fails with this error: no connection or thread is left behind
+            if getattr(self, "thread", None) is not None and self.thread.is_alive():
+                self.queue.put(_Stop())  # the thread closes the connection as it ends
+            else:
+                self.conn.close()
             raise
-        self.thread = threading.Thread(target=self._run, name=f"turbogepa-run-store:{path}", daemon=True)
-        self.thread.start()
 
     # -- caller side
     def put(self, sql: str, params: tuple[Any, ...]) -> None:

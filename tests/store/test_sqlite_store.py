@@ -1213,3 +1213,28 @@ def test_a_writer_stop_that_gave_up_waiting_does_not_wait_as_long_again_to_join(
     holder.close()
     real_join(35)
     assert not writer.thread.is_alive()
+
+
+def test_a_ctrl_c_as_the_store_opens_leaves_no_writer_thread_or_lock_behind(tmp_path: Path, monkeypatch) -> None:
+    """A review: a Ctrl-C after the writer's thread started and before the store's finalizer owned it left
+    the thread and its connection open for the life of the process (the log_dir still usable)."""
+    import threading
+    import weakref
+
+    from dspy_turbogepa.store import sqlite_store
+
+    real_finalize = weakref.finalize
+    calls = {"n": 0}
+
+    def interrupted_finalize(*args, **kwargs):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqlite_store.weakref, "finalize", interrupted_finalize)
+    with pytest.raises(KeyboardInterrupt):
+        RunStore.open(tmp_path, RUN_KEY)
+    monkeypatch.setattr(sqlite_store.weakref, "finalize", real_finalize)
+    assert calls["n"] == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("turbogepa-run-store:") and
+                str(tmp_path) in t.name and t.is_alive()]
+    RunStore.open(tmp_path, RUN_KEY).close()  # the lock was released
