@@ -387,6 +387,43 @@ def test_a_ctrl_c_inside_mlflows_evaluation_callbacks_leaves_no_nested_run_open(
     assert not cb.open_runs and not cb.noted
 
 
+def test_a_ctrl_c_in_a_users_own_callback_is_not_held_and_the_other_ends_still_run():
+    """A review of the hold above: it covered every callback's end, so a user's callback taking 4 s held a
+    Ctrl-C (pressed twice) for all of it. Only MLflow's callbacks are waited for, and a second press
+    gets through even them."""
+    import os
+    import signal
+    import time
+
+    import dspy
+
+    class Slow(_RecordingCallback):
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            super().on_evaluate_end(call_id, outputs, exception)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(4)
+
+    class MlflowCallback(_RecordingCallback):
+        optimizer_stack_level = 1
+
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            super().on_evaluate_end(call_id, outputs, exception)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second press does not wait for MLflow
+            time.sleep(4)
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    slow, mlflow_cb, last = Slow(), MlflowCallback(), _RecordingCallback()
+    pump = CompileThreadCallbackPump(lambda t: "p", [dspy.Example(q="q").with_inputs("q")],
+                                     callbacks=[slow, mlflow_cb, last])
+    pump.on_candidate(_record(0, {0: 1.0}))
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pump.drain()
+    assert time.monotonic() - started < 3
+    assert [e[0] for e in last.events] == ["start", "end"]  # its end ran before the interrupt went on
+
+
 def test_pump_skips_mlflow_callback_outside_a_recorded_compile():
     import dspy
 

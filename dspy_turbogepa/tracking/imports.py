@@ -32,8 +32,10 @@ def import_in_one_piece(*modules: str) -> None:
 
 
 @contextmanager
-def ctrl_c_held() -> Iterator[None]:
+def ctrl_c_held(second_press_escapes: bool = False) -> Iterator[None]:
     """Hold SIGINT for the block; then give each press, in order, to the handler that was there before.
+    ``second_press_escapes``: a second press while one is held raises KeyboardInterrupt at once (for a
+    block that waits on the network: a hung server must not hold Ctrl-C for minutes).
 
     Only the main thread receives signals; SIGINT ignored, or handled outside Python, is left alone.
     A Python-level handler is called directly (``signal.raise_signal`` would also write the signal
@@ -48,6 +50,9 @@ def ctrl_c_held() -> Iterator[None]:
     held: list[FrameType | None] = []
 
     def hold(_signum: int, frame: FrameType | None) -> None:
+        if second_press_escapes and held:
+            held.clear()  # this raise is the press the user made: none is delivered again after the block
+            raise KeyboardInterrupt
         held.append(frame)
 
     try:

@@ -21,6 +21,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from dspy_turbogepa.engine.observer import EngineObserver
@@ -153,7 +154,7 @@ class CompileThreadCallbackPump(EngineObserver):
                         # and all): it reads a masked copy, as it reads a masked program. Ctrl-C waits for it:
                         # cut short after its start_run and before it notes the call, its nested run could
                         # not be ended, and the compile run would stay RUNNING and active
-                        with dspy.context(lm=masked_lm(dspy.settings.lm)), ctrl_c_held():
+                        with dspy.context(lm=masked_lm(dspy.settings.lm)), ctrl_c_held(second_press_escapes=True):
                             cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
                     else:
                         cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
@@ -167,14 +168,21 @@ class CompileThreadCallbackPump(EngineObserver):
             # Every started callback gets its end, as dspy does, even when Ctrl-C lands in between:
             # MLflow's nested evaluation run would otherwise stay on its active-run stack, and autolog's
             # end_run would close it instead of the compile run, leaving the compile run RUNNING. A press
-            # during the ends waits for them all (one cut short before its end_run is that same failure).
-            with ctrl_c_held():
-                for cb in started:
-                    outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
-                    try:
+            # during MLflow's end waits for it (one cut short before its end_run is that same failure; a
+            # second press does not wait: a tracking server that hangs must not hold Ctrl-C for minutes),
+            # and the other callbacks' ends still run before the interrupt goes on.
+            pressed: BaseException | None = None
+            for cb in started:
+                outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
+                try:
+                    with ctrl_c_held(second_press_escapes=True) if is_mlflow_callback(cb) else nullcontext():
                         cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
-                    except Exception as exc:  # noqa: BLE001
-                        self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
+                except Exception as exc:  # noqa: BLE001
+                    self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
+                except KeyboardInterrupt as exc:
+                    pressed = pressed or exc
+            if pressed is not None and interrupted is None:
+                raise pressed
         self.emitted += 1
         return True
 
