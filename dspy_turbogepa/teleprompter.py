@@ -991,6 +991,8 @@ def _check_score(name: str, value: Any, fix: str, allow_inf: bool = False) -> fl
     compared with scores and never summed, ``+inf`` means "never reached"."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):  # dspy.GEPA takes a Decimal
         raise TypeError(f"{name} must be a number, got {value!r}: {fix}.")
+    if isinstance(value, decimal.Decimal):
+        value = float("nan") if value.is_nan() else float(value)  # a signaling NaN cannot even be compared
     if allow_inf and value == math.inf:
         return math.inf
     if not math.isfinite(value):

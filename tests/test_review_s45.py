@@ -145,8 +145,13 @@ def test_decimal_failure_and_perfect_scores_are_taken_as_dspy_gepa_takes_them():
                     failure_score=Decimal("0"), perfect_score=Decimal("1"))
     assert (opt.failure_score, opt.perfect_score) == (0.0, 1.0)
     assert type(opt.failure_score) is float and type(opt.perfect_score) is float
-    with pytest.raises(ValueError, match="failure_score must be finite"):
-        TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(), failure_score=Decimal("NaN"))
+    for nan in ("NaN", "sNaN"):  # a signaling NaN raised from float() and from == (InvalidOperation)
+        with pytest.raises(ValueError, match="failure_score must be finite"):
+            TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(),
+                      failure_score=Decimal(nan))
+        with pytest.raises(ValueError, match="perfect_score must be finite or inf"):
+            TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(),
+                      perfect_score=Decimal(nan))
 
 
 def test_a_relative_log_dir_is_reported_where_the_store_is_after_the_program_changes_directory(tmp_path,
@@ -190,3 +195,46 @@ def test_a_log_dir_deleted_mid_run_is_said_not_reported_as_stored(tmp_path, capl
     assert sum("was deleted or replaced during the run: nothing this session did is kept" in m for m in said) == 1
     finished = [m for m in said if m.startswith("TurboGEPA finished")]
     assert finished and "(the run store was lost)" in finished[0] and "run store, summary.json" not in finished[0]
+
+
+def test_a_students_own_deepcopy_still_gets_the_history_of_compile_start_and_entries_pickle_plain():
+    """A review of RunHistoryEntry: through a student whose __deepcopy__ drops the memo, the built programs
+    kept every entry of the run (245 against the snapshot's 1: the run's entries left out, the copy was
+    no longer "grown"); and the user's lm.history pickled with a reference to this package."""
+    import copy
+    import pickle
+
+    import dspy
+
+    from dspy_turbogepa.adapter.lm_copies import RunHistoryEntry
+    from dspy_turbogepa.testing import make_student_lm
+
+    task = TASKS["pipeline"]
+    lm = make_student_lm(seed=0, noise=0.0)
+    before = {"note": "before"}
+    lm.history.append(before)
+    inner = task.make_program()
+    inner.set_lm(lm)
+
+    class Wrap(dspy.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+        def __deepcopy__(self, memo):  # does not pass the memo on
+            new = Wrap.__new__(Wrap)
+            for k, v in self.__dict__.items():
+                new.__dict__[k] = copy.deepcopy(v)
+            return new
+
+    optimized = quick_compile(program=Wrap(inner), task=task, budget=60, lm=lm)
+    assert len(lm.history) > 20
+    for prog in [optimized, *optimized.detailed_results.candidates]:
+        assert [p.lm.history for _, p in prog.named_predictors()] == [[before], [before]]
+    run_entries = [e for e in lm.history if isinstance(e, RunHistoryEntry)]
+    assert run_entries and type(copy.deepcopy(run_entries[0])) is RunHistoryEntry
+    assert b"dspy_turbogepa" not in pickle.dumps(lm.history)
+    assert type(pickle.loads(pickle.dumps(run_entries[0]))) is dict

@@ -527,6 +527,14 @@ class RunHistoryEntry(dict):  # DSPy's entries: plain dicts of anything
 
     __slots__ = ()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as the plain dict DSPy made: a user's pickled LM (or program) loads where only dspy is
+        return dict, (dict(self),)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RunHistoryEntry:
+        # copied as itself (deepcopy would use __reduce__): a copied history still tells the run's entries
+        return RunHistoryEntry(_copy.deepcopy(dict(self), memo))
+
 
 def _make_copy(lm: Any) -> Any:
     if not isinstance(lm, dspy.BaseLM) or not hasattr(lm, "num_retries"):

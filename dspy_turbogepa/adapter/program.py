@@ -327,9 +327,11 @@ class ProgramCodec:
             if shared is not None:
                 lm.history = _fresh(shared[1])
                 continue
-            history = _before_runs(history)
+            # grown past the snapshot by the run's entries (our copies'), or by others after them
+            before_runs = _before_runs(history)
             grown = [snapshot for _, snapshot in self._lm_histories.values()
-                     if len(history) > len(snapshot) and all(map(_same_entry, history, snapshot))]
+                     if len(history) > len(snapshot) and len(before_runs) >= len(snapshot)
+                     and all(map(_same_entry, before_runs, snapshot))]
             if grown:
                 lm.history = _fresh(max(grown, key=len))
 
