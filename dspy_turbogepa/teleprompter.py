@@ -624,8 +624,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                        components_seen_running=getattr(evaluator, "components_seen_running", None),
                                        perfect_score=self.perfect_score)
         cleanup.callback(reflector.close)
-        store, observers, known_evals, known_props = self._open_store(codec.student, codec, train, val, cleanup,
-                                                                      budget, config)
+        store, observers, known_evals, known_props, plan_budgets = self._open_store(
+            codec.student, codec, train, val, cleanup, budget, config)
         if config.stop_file is not None and config.stop_file.exists():
             # gepa's rule (the file stops the run) holds, but a file left from stopping the last session
             # would otherwise end this one right after the seed with a single INFO line
@@ -653,16 +653,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         live_plots = LivePlots(self._log_path(), budget=budget) if self.log_dir and self.plot_format == "svg" else None
         extra_observers = [o for o in (pump, tracker, live_plots) if o is not None]
         resumed = store is not None and store.resumed
-        plan_budgets = earlier_budgets(store) if resumed and config.deterministic else []
-        if store is not None:  # what the next session replays this one with
-            store.record_event(PLAN_BUDGETS_EVENT, {"budgets": [*plan_budgets, budget]})
         orchestrator = Orchestrator(
             config, evaluator, reflector, Candidate(codec.seed_texts()), range(len(train)), range(len(val)),
             observers=[*observers, display, *extra_observers], known_evaluations=known_evals,
             known_proposals=known_props, shared_splits=shared_splits, expected_failures=expected_failures,
             prior_usage=stored_usage(store) if resumed else None,
             replay_through=last_committed_mutation(store) if resumed else -1,
-            earlier_budgets=plan_budgets,
+            earlier_budgets=plan_budgets or (),
         )
         if tracker is not None:
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
@@ -847,13 +844,15 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
     def _open_store(
         self, student: dspy.Module, codec: ProgramCodec, train: list[dspy.Example], val: list[dspy.Example],
         cleanup: ExitStack, budget: int, config: EngineConfig,
-    ) -> tuple[Any, list[Any], dict[Any, Any] | None, dict[str, Any] | None]:
-        """With ``log_dir``: open (or resume) the run store; refuse a log_dir holding a different run.
+    ) -> tuple[Any, list[Any], dict[Any, Any] | None, dict[str, Any] | None, list[int] | None]:
+        """With ``log_dir``: open (or resume) the run store; refuse a log_dir holding a different run. Also
+        returns the budgets the search plans with before this one's (see ``earlier_budgets``), recorded at
+        once for the next session (a session that ends before it records them is skipped by that one).
 
         The store is closed by ``cleanup`` from the moment it is open, so a failure while reading what
         an earlier process stored does not leave its writer thread and connection behind."""
         if not self.log_dir:
-            return None, [], None, None
+            return None, [], None, None, None
         from dspy_turbogepa.adapter.persistence import StoreObserver, load_known
         from dspy_turbogepa.adapter.run_identity import readable_lm, run_key
         from dspy_turbogepa.store import RunStore
@@ -870,6 +869,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                 if (isinstance(v, scalar) or isinstance(v, (list, tuple)) and all(
                                     isinstance(x, scalar) for x in v)) and k not in ("wandb_api_key",)}
         meta[PLAN_META] = _plan_of(config)
+        meta[PLAN_BUDGETS_EVENT] = True  # this session records the budgets it plans with (earlier_budgets)
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
         meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
                                   "reflection": readable_lm(self.reflection_lm)}
@@ -903,7 +903,10 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 logger.info("Resuming the run in %s: nothing stored there can be replayed (failures of the LM "
                             "service or of a stopped session run again)", self.log_dir)
         store.record_event("run_started", {"resumed": store.resumed, "budget": budget})
-        return store, [StoreObserver(store, keeps_outputs=self.track_best_outputs)], known_evals, known_props
+        plan_budgets = earlier_budgets(store) if store.resumed and config.deterministic else []
+        store.record_event(PLAN_BUDGETS_EVENT, {"budgets": [*plan_budgets, budget]})  # what the next replays
+        return (store, [StoreObserver(store, keeps_outputs=self.track_best_outputs)], known_evals, known_props,
+                plan_budgets)
 
 
     def _run_params(self, budget: int) -> dict[str, Any]:

@@ -1919,6 +1919,32 @@ def test_a_session_that_committed_no_mutation_does_not_shape_the_next_sessions_p
         _instructions(c) for c in second.detailed_results.candidates]
 
 
+@pytest.mark.parametrize("killed_before_recording", [False, True])
+def test_a_session_that_ended_as_it_set_up_does_not_lose_the_plan_of_the_one_before(pipeline, tmp_path, monkeypatch,
+                                                                                     killed_before_recording):
+    """A review: the budgets a session plans with were recorded only once its setup (MLflow, the progress
+    display) was done; a session interrupted in it left no record, and the next fell back to planning
+    with its budget alone: 124 evaluations paid again instead of 27. They are recorded as the store
+    opens, and a session flagged to record them that has none is skipped."""
+    from dspy_turbogepa import teleprompter
+
+    first, calls1, _, _ = _compile(pipeline, 150, tmp_path)
+    with monkeypatch.context() as setup_fails:
+        def interrupted(*args, **kw):
+            raise KeyboardInterrupt
+
+        setup_fails.setattr(teleprompter, "ProgressDisplay", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _compile(pipeline, 300, tmp_path)
+    if killed_before_recording:  # as a kill -9 within the writer's first 50 ms would leave it
+        with sqlite3.connect(tmp_path / "run.sqlite3") as conn:
+            conn.execute("DELETE FROM events WHERE kind = 'plan_budgets' AND session = 2")
+        conn.close()
+    extended, calls3, _, _ = _compile(pipeline, 300, tmp_path)
+    assert extended.detailed_results.run_stats["metric_calls_replayed"] == calls1
+    assert calls3 == 27  # as the uninterrupted extension (test_rerun_and_extension_never_pay_twice, run_store.md)
+
+
 def test_resuming_with_other_search_settings_warns_that_stored_work_goes_unused(tmp_path, caplog):
     """A review resumed a killed run with num_threads 4 -> 8: the log said 60 stored evaluations would not be
     paid again, the search used 20 of them and paid 115 again, without a word. Settings that shape the

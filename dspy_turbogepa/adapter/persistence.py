@@ -136,7 +136,8 @@ def last_committed_mutation(store: Any) -> int:
     return max((s for s in seqs if isinstance(s, int)), default=-1)
 
 
-#: The event each session records with the budgets it plans with, in turn (``{"budgets": [...]}``).
+#: The event each session records with the budgets it plans with, in turn (``{"budgets": [...]}``), and
+#: the session-meta flag saying it was to record one (set at open, before anything can fail).
 PLAN_BUDGETS_EVENT = "plan_budgets"
 
 
@@ -150,10 +151,16 @@ def earlier_budgets(store: Any) -> list[int]:
     sessions = store.sessions()
     if len(sessions) < 2 or (last_committed_mutation(store) < 0 and not store.counts().get("proposals")):
         return []
-    last = sessions[-2]  # the one before this session
-    recorded = [e.payload.get("budgets") for e in store.events(PLAN_BUDGETS_EVENT) if e.session == last.id]
-    budgets = recorded[-1] if recorded and isinstance(recorded[-1], list) else [last.meta.get("max_metric_calls")]
-    return [b for b in budgets if isinstance(b, int) and not isinstance(b, bool) and b >= 1]
+    recorded = {e.session: e.payload.get("budgets") for e in store.events(PLAN_BUDGETS_EVENT)}
+    for session in reversed(sessions[:-1]):  # the newest earlier session that planned anything
+        if isinstance(recorded.get(session.id), list):
+            budgets = recorded[session.id]
+        elif session.meta.get(PLAN_BUDGETS_EVENT):
+            continue  # it was to record them and ended first (killed as it opened): it planned nothing
+        else:
+            budgets = [session.meta.get("max_metric_calls")]  # an earlier version's: its own budget alone
+        return [b for b in budgets if isinstance(b, int) and not isinstance(b, bool) and b >= 1]
+    return []
 
 
 def load_known(
