@@ -238,3 +238,14 @@ def test_a_students_own_deepcopy_still_gets_the_history_of_compile_start_and_ent
     assert run_entries and type(copy.deepcopy(run_entries[0])) is RunHistoryEntry
     assert b"dspy_turbogepa" not in pickle.dumps(lm.history)
     assert type(pickle.loads(pickle.dumps(run_entries[0]))) is dict
+
+
+def test_a_score_given_as_bytes_is_refused_as_a_string_score_is():
+    """A review: float() reads b"0.9" as it reads "0.9", so bytes were taken as a score while the string
+    was refused (a judge's text is not a score)."""
+    from dspy_turbogepa.adapter.metric import read_metric_return
+
+    for raw in ("0.9", b"0.9", bytearray(b"0.9")):
+        reading = read_metric_return(raw, 0.0)
+        assert reading.score == 0.0 and "string score" in (reading.invalid or ""), (raw, reading)
+    assert read_metric_return(0.9, 0.0).score == 0.9

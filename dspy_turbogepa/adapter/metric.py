@@ -177,7 +177,7 @@ def _read(ret: Any, failure_score: float) -> MetricReading:
         return MetricReading(failure_score, feedback, objectives, invalid="the metric returned no score (None)")
     if isinstance(raw, bool):
         return MetricReading(float(raw), feedback, objectives)
-    if isinstance(raw, str):
+    if isinstance(raw, (str, bytes, bytearray)):  # float() reads b"0.9" as it reads "0.9": refused alike
         # a judge's text may quote anything, a key included: masked whole, then cut (cut first, a key
         # across the cut kept its head unmasked)
         shown = mask_text(repr(raw))
