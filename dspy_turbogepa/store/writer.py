@@ -17,11 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from dspy_turbogepa.log_once import FirstOfKind
-from dspy_turbogepa.store.errors import RunStoreError
+from dspy_turbogepa.store.errors import START_OVER, RunStoreError
 
 __all__ = ["Writer", "connect", "encodable", "escape_surrogates"]
 
 logger = logging.getLogger("dspy_turbogepa.store.sqlite_store")
+
+
+def _damaged(exc: BaseException) -> bool:
+    """SQLite's own verdict that the file is damaged (or not a database), not that the disk refused."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    return "malformed" in str(exc).lower()
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -249,6 +257,11 @@ class Writer:
             if len(self.unreported_errors) < 100:
                 self.unreported_errors.append(message)
         first = self.warned_errors.first(type(exc).__name__)
-        logger.log(logging.WARNING if first else logging.DEBUG, "Run store %s: a row was not saved: %s%s", self.path,
-                   message, " (further rows failing so are logged at DEBUG; the count is reported at the end)"
+        # a damaged file, unlike a full disk, does not mend: say so, and what to do with it after the run
+        damaged = _damaged(exc)
+        logger.log(logging.WARNING if first else logging.DEBUG, "Run store %s: a row was not saved: %s%s%s",
+                   self.path, message,
+                   f". The database file is damaged: what this session finds is not kept; after the run, "
+                   f"{START_OVER.format(log_dir=self.path.parent)}" if damaged else "",
+                   " (further rows failing so are logged at DEBUG; the count is reported at the end)"
                    if first else "")

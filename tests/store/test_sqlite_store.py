@@ -1238,3 +1238,23 @@ def test_a_ctrl_c_as_the_store_opens_leaves_no_writer_thread_or_lock_behind(tmp_
     assert not [t for t in threading.enumerate() if t.name.startswith("turbogepa-run-store:") and
                 str(tmp_path) in t.name and t.is_alive()]
     RunStore.open(tmp_path, RUN_KEY).close()  # the lock was released
+
+
+def test_a_row_lost_to_a_damaged_file_says_to_start_over_and_one_lost_to_a_full_disk_does_not(
+        tmp_path: Path, caplog) -> None:
+    """A store review: corruption found mid-run was warned like a full disk (which mends once space is
+    freed), with no word that the file is damaged and the session's work is not kept."""
+    import logging
+
+    from dspy_turbogepa.store.writer import Writer
+
+    RunStore.open(tmp_path, RUN_KEY).close()
+    writer = Writer(tmp_path / DB_FILENAME, 0.01, 10)
+    row = [("INSERT INTO events (kind, payload_json, recorded_at, session) VALUES (?, ?, ?, ?)", ("x", "{}", 0, 1))]
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        writer._failed(row, sqlite3.OperationalError("database or disk is full"))
+        writer._failed(row, sqlite3.DatabaseError("database disk image is malformed"))
+    writer.stop()
+    full, damaged = [r.getMessage() for r in caplog.records if "a row was not saved" in r.getMessage()]
+    assert "The database file is damaged" not in full and "Use a new log_dir" not in full
+    assert "The database file is damaged" in damaged and "Use a new log_dir" in damaged
