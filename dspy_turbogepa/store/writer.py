@@ -144,9 +144,16 @@ class Writer:
             self._wait_to_close(marker, timeout)
         except KeyboardInterrupt:
             # the wait is bounded: finish it, so what was queued is committed, then pass the Ctrl-C on (a
-            # second one stops the waiting)
-            self._wait_to_close(marker, timeout)
-            self._join(marker, timeout)
+            # second one stops the waiting, and says what that leaves unstored)
+            try:
+                self._wait_to_close(marker, timeout)
+                self._join(marker, timeout)
+            except KeyboardInterrupt:
+                if not marker.done.is_set():
+                    logger.warning("Run store %s: stopped waiting for its last rows; about %d still queued are not "
+                                   "stored (a rerun with this log_dir pays for them again)", self.path,
+                                   max(0, self.queue.qsize() - 1))
+                raise
             raise
         self._join(marker, timeout)
 

@@ -1258,3 +1258,31 @@ def test_a_row_lost_to_a_damaged_file_says_to_start_over_and_one_lost_to_a_full_
     full, damaged = [r.getMessage() for r in caplog.records if "a row was not saved" in r.getMessage()]
     assert "The database file is damaged" not in full and "Use a new log_dir" not in full
     assert "The database file is damaged" in damaged and "Use a new log_dir" in damaged
+
+
+def test_a_second_ctrl_c_while_the_store_closes_says_what_it_leaves_unstored(tmp_path: Path, caplog,
+                                                                             monkeypatch) -> None:
+    """A store review: three presses at the end of a compile on a stuck store returned at once with 52 of
+    64 evaluations unstored, and nothing said so."""
+    import logging
+
+    from dspy_turbogepa.store.writer import Writer
+
+    RunStore.open(tmp_path, RUN_KEY).close()
+    holder = sqlite3.connect(str(tmp_path / DB_FILENAME), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    writer = Writer(tmp_path / DB_FILENAME, 0.01, 1)
+    for i in range(5):
+        writer.put("INSERT INTO events (kind, payload_json, recorded_at, session) VALUES ('x', '{}', ?, 1)", (i,))
+
+    def pressed(marker, timeout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "_wait_to_close", pressed)
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"), pytest.raises(KeyboardInterrupt):
+        writer.stop()
+    said = [r.getMessage() for r in caplog.records if "stopped waiting for its last rows" in r.getMessage()]
+    holder.execute("ROLLBACK")
+    holder.close()
+    writer.thread.join(35)
+    assert len(said) == 1 and "still queued are not stored" in said[0], said
