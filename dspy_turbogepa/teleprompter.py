@@ -995,7 +995,13 @@ def _check_score(name: str, value: Any, fix: str, allow_inf: bool = False) -> fl
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):  # dspy.GEPA takes a Decimal
         raise TypeError(f"{name} must be a number, got {value!r}: {fix}.")
     if isinstance(value, decimal.Decimal):
-        value = float("nan") if value.is_nan() else float(value)  # a signaling NaN cannot even be compared
+        if value.is_nan():  # a signaling NaN cannot even be compared
+            value = math.nan
+        elif value.is_finite() and math.isinf(float(value)):
+            raise ValueError(f"{name} must be finite{' or inf' if allow_inf else ''}, got {value!r} (too large for a "
+                             f"float): {fix}.")
+        else:
+            value = float(value)
     if allow_inf and value == math.inf:
         return math.inf
     if not math.isfinite(value):

@@ -1469,3 +1469,42 @@ def test_gepa_kwargs_tracking_uri_and_experiment_are_honoured(local_tracking, te
     with pytest.raises(TypeError, match="mlflow_tracking_uri"):
         tp.TurboGEPA(lambda g, p, t=None, n=None, pt=None: 1.0, auto="light", reflection_lm=dspy.LM("openai/x"),
                      gepa_kwargs={"mlflow_tracking_uri": 5})
+
+
+def test_after_a_ctrl_c_through_the_callbacks_the_pump_emits_nothing_more():
+    """A review: after two presses got out of MLflow's hold, the runner's grace period kept draining the
+    queued evaluations, and each held the next press (the one meant to abort at once) again."""
+    import dspy
+
+    class Interrupting(_RecordingCallback):
+        def on_evaluate_start(self, call_id, instance, inputs):
+            super().on_evaluate_start(call_id, instance, inputs)
+            raise KeyboardInterrupt
+
+    cb = Interrupting()
+    pump = CompileThreadCallbackPump(lambda t: "p", [dspy.Example(q="q").with_inputs("q")], callbacks=[cb])
+    for i in range(3):
+        pump.on_candidate(_record(i, {0: 1.0}))
+    with pytest.raises(KeyboardInterrupt):
+        pump.drain()
+    assert pump.drain() == 0 and [e[0] for e in cb.events] == ["start", "end"]
+
+
+def test_a_second_press_in_a_hold_goes_to_the_handler_that_was_there():
+    """A review: the second press raised KeyboardInterrupt itself, so a user's own SIGINT handler got
+    neither press."""
+    import os
+    import signal
+
+    from dspy_turbogepa.tracking.imports import ctrl_c_held
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        with ctrl_c_held(second_press_escapes=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert got == [signal.SIGINT, signal.SIGINT]  # both, at the second press, inside the block
+        assert got == [signal.SIGINT, signal.SIGINT]  # and none again after it
+    finally:
+        signal.signal(signal.SIGINT, previous)

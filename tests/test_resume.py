@@ -1919,13 +1919,14 @@ def test_a_session_that_committed_no_mutation_does_not_shape_the_next_sessions_p
         _instructions(c) for c in second.detailed_results.candidates]
 
 
-@pytest.mark.parametrize("killed_before_recording", [False, True])
+@pytest.mark.parametrize("how", ["interrupted", "killed_before_recording", "nondeterministic"])
 def test_a_session_that_ended_as_it_set_up_does_not_lose_the_plan_of_the_one_before(pipeline, tmp_path, monkeypatch,
-                                                                                     killed_before_recording):
+                                                                                     how):
     """A review: the budgets a session plans with were recorded only once its setup (MLflow, the progress
     display) was done; a session interrupted in it left no record, and the next fell back to planning
     with its budget alone: 124 evaluations paid again instead of 27. They are recorded as the store
-    opens, and a session flagged to record them that has none is skipped."""
+    opens, and a session that planned nothing (no mutation committed, no proposal stored) is passed over,
+    whatever it recorded (a deterministic=False one records its own budget alone)."""
     from dspy_turbogepa import teleprompter
 
     first, calls1, _, _ = _compile(pipeline, 150, tmp_path)
@@ -1934,9 +1935,12 @@ def test_a_session_that_ended_as_it_set_up_does_not_lose_the_plan_of_the_one_bef
             raise KeyboardInterrupt
 
         setup_fails.setattr(teleprompter, "ProgressDisplay", interrupted)
+        if how == "nondeterministic":
+            setup_fails.setattr(teleprompter.TurboGEPA, "__init__", functools.partialmethod(
+                teleprompter.TurboGEPA.__init__, deterministic=False))
         with pytest.raises(KeyboardInterrupt):
             _compile(pipeline, 300, tmp_path)
-    if killed_before_recording:  # as a kill -9 within the writer's first 50 ms would leave it
+    if how == "killed_before_recording":  # as a kill -9 within the writer's first 50 ms would leave it
         with sqlite3.connect(tmp_path / "run.sqlite3") as conn:
             conn.execute("DELETE FROM events WHERE kind = 'plan_budgets' AND session = 2")
         conn.close()

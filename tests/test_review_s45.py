@@ -145,6 +145,9 @@ def test_decimal_failure_and_perfect_scores_are_taken_as_dspy_gepa_takes_them():
                     failure_score=Decimal("0"), perfect_score=Decimal("1"))
     assert (opt.failure_score, opt.perfect_score) == (0.0, 1.0)
     assert type(opt.failure_score) is float and type(opt.perfect_score) is float
+    with pytest.raises(ValueError, match="too large for a float"):  # not "never reached" (inf) by overflow
+        TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(),
+                  perfect_score=Decimal("1e400"))
     for nan in ("NaN", "sNaN"):  # a signaling NaN raised from float() and from == (InvalidOperation)
         with pytest.raises(ValueError, match="failure_score must be finite"):
             TurboGEPA(ROUTING.metric, max_metric_calls=10, reflection_lm=make_reflection_lm(),
@@ -243,9 +246,15 @@ def test_a_students_own_deepcopy_still_gets_the_history_of_compile_start_and_ent
 def test_a_score_given_as_bytes_is_refused_as_a_string_score_is():
     """A review: float() reads b"0.9" as it reads "0.9", so bytes were taken as a score while the string
     was refused (a judge's text is not a score)."""
+    import array
+
+    import dspy
+
     from dspy_turbogepa.adapter.metric import read_metric_return
 
-    for raw in ("0.9", b"0.9", bytearray(b"0.9")):
+    for raw in ("0.9", b"0.9", bytearray(b"0.9"), memoryview(b"0.9"), array.array("b", b"0.9")):
         reading = read_metric_return(raw, 0.0)
         assert reading.score == 0.0 and "string score" in (reading.invalid or ""), (raw, reading)
+        reading = read_metric_return(dspy.Prediction(score=0.5, objective_scores={"a": raw}), 0.0)
+        assert reading.invalid is not None and "objective_scores['a']" in reading.invalid, (raw, reading)
     assert read_metric_return(0.9, 0.0).score == 0.9

@@ -7,6 +7,7 @@ score is not silently summed but recorded as ``metric_invalid`` and scored ``fai
 
 from __future__ import annotations
 
+import array
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -122,12 +123,17 @@ def _keys(ret: Any) -> list[str]:
         return []
 
 
+#: Text, which float() reads ("0.9", b"0.9", any buffer of those bytes) but which is no score: a judge's
+#: answer not parsed, refused alike
+TEXT_TYPES = (str, bytes, bytearray, memoryview, array.array)
+
+
 def _objectives(obj: Mapping[Any, Any]) -> tuple[dict[str, float] | None, str | None]:
     """Objective scores as floats, or why one is unusable (checked like the main score, so a bad
     objective is recorded as ``metric_invalid`` instead of raising in the evaluation thread)."""
     out: dict[str, float] = {}
     for k, v in obj.items():
-        if v is None or isinstance(v, str):
+        if v is None or isinstance(v, TEXT_TYPES):
             return None, f"the metric returned objective_scores[{k!r}] = {v!r}, not a number"
         try:
             f = float(v)
@@ -177,7 +183,7 @@ def _read(ret: Any, failure_score: float) -> MetricReading:
         return MetricReading(failure_score, feedback, objectives, invalid="the metric returned no score (None)")
     if isinstance(raw, bool):
         return MetricReading(float(raw), feedback, objectives)
-    if isinstance(raw, (str, bytes, bytearray)):  # float() reads b"0.9" as it reads "0.9": refused alike
+    if isinstance(raw, TEXT_TYPES):
         # a judge's text may quote anything, a key included: masked whole, then cut (cut first, a key
         # across the cut kept its head unmasked)
         shown = mask_text(repr(raw))

@@ -142,17 +142,20 @@ PLAN_BUDGETS_EVENT = "plan_budgets"
 
 
 def earlier_budgets(store: Any) -> list[int]:
-    """The budgets the last session planned with, in turn (the engine's ``PlanLimits``): a resumed run
-    plans with them before its own, so that what that session stored is asked for again, not planned
-    past. Read from the last session's record (every session writes one, ``PLAN_BUDGETS_EVENT``), not
-    rebuilt from the sessions' budgets: a session of an earlier version planned with its own budget
-    alone, and one that ran with ``deterministic=False`` with no earlier one. Nothing when nothing but
-    the seed's evaluations is stored (a session stopped right after the seed left no plan to replay)."""
+    """The budgets the newest earlier session that planned anything planned with, in turn (the engine's
+    ``PlanLimits``): a resumed run plans with them before its own, so that what that session stored is
+    asked for again, not planned past. Read from that session's record (every session writes one,
+    ``PLAN_BUDGETS_EVENT``), not rebuilt from the sessions' budgets: a session of an earlier version
+    planned with its own budget alone, and one that ran with ``deterministic=False`` with no earlier
+    one. A session that committed no mutation and stored no proposal (stopped right after the seed, or
+    as it set up) left no plan to replay and is passed over."""
     sessions = store.sessions()
-    if len(sessions) < 2 or (last_committed_mutation(store) < 0 and not store.counts().get("proposals")):
-        return []
+    planned = ({e.session for e in store.events("mutation_committed")}
+               | {p.session for p in store.load_proposals().values()})
     recorded = {e.session: e.payload.get("budgets") for e in store.events(PLAN_BUDGETS_EVENT)}
     for session in reversed(sessions[:-1]):  # the newest earlier session that planned anything
+        if session.id not in planned:
+            continue
         if isinstance(recorded.get(session.id), list):
             budgets = recorded[session.id]
         elif session.meta.get(PLAN_BUDGETS_EVENT):

@@ -26,10 +26,13 @@ logger = logging.getLogger("dspy_turbogepa.store.sqlite_store")
 
 def _damaged(exc: BaseException) -> bool:
     """SQLite's own verdict that the file is damaged (or not a database), not that the disk refused."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
     name = getattr(exc, "sqlite_errorname", None)
     if isinstance(name, str):
         return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
-    return "malformed" in str(exc).lower()
+    text = str(exc).lower()  # Python 3.10's errors carry no name
+    return "malformed" in text or "not a database" in text
 
 
 def connect(path: Path) -> sqlite3.Connection:

@@ -51,8 +51,12 @@ def ctrl_c_held(second_press_escapes: bool = False) -> Iterator[None]:
 
     def hold(_signum: int, frame: FrameType | None) -> None:
         if second_press_escapes and held:
-            held.clear()  # this raise is the press the user made: none is delivered again after the block
-            raise KeyboardInterrupt
+            # both presses go to the handler that was there, now (the default one raises KeyboardInterrupt
+            # here, inside the block): none is delivered again after it
+            frames = [*held, frame]
+            held.clear()
+            _deliver(previous, frames)
+            return
         held.append(frame)
 
     try:

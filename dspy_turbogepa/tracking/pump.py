@@ -72,6 +72,8 @@ class CompileThreadCallbackPump(EngineObserver):
         self._queue: queue.SimpleQueue[CandidateRecord] = queue.SimpleQueue()
         self._owner = threading.get_ident()
         self._warned = False
+        #: A Ctrl-C came through the callbacks: nothing more is emitted (see drain)
+        self._interrupted = False
         #: Evaluations emitted so far (one per candidate with a full-validation score).
         self.emitted = 0
 
@@ -88,7 +90,7 @@ class CompileThreadCallbackPump(EngineObserver):
 
         A ``KeyboardInterrupt`` is not swallowed: the runner's wait loop treats it as Ctrl-C.
         """
-        if threading.get_ident() != self._owner:
+        if threading.get_ident() != self._owner or self._interrupted:
             return 0
         n = 0
         while True:
@@ -101,6 +103,11 @@ class CompileThreadCallbackPump(EngineObserver):
                     n += 1
             except Exception as exc:  # noqa: BLE001
                 self._warn(f"could not report candidate {getattr(record, 'index', '?')} to the DSPy callbacks", exc)
+            except KeyboardInterrupt:
+                # nothing more is handed to the callbacks: the run is stopping, and each evaluation would
+                # hold the next press again (the one meant to abort at once) while MLflow answers
+                self._interrupted = True
+                raise
 
     def _current_callbacks(self) -> list[Any]:
         if self._callbacks is not None:

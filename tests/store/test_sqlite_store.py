@@ -1258,6 +1258,10 @@ def test_a_row_lost_to_a_damaged_file_says_to_start_over_and_one_lost_to_a_full_
     full, damaged = [r.getMessage() for r in caplog.records if "a row was not saved" in r.getMessage()]
     assert "The database file is damaged" not in full and "Use a new log_dir" not in full
     assert "The database file is damaged" in damaged and "Use a new log_dir" in damaged
+    from dspy_turbogepa.store.writer import _damaged
+
+    assert not _damaged(ValueError("malformed node or string"))  # not SQLite's verdict
+    assert _damaged(sqlite3.DatabaseError("file is not a database"))
 
 
 def test_a_second_ctrl_c_while_the_store_closes_says_what_it_leaves_unstored(tmp_path: Path, caplog,
