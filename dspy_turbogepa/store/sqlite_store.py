@@ -35,7 +35,7 @@ from dspy_turbogepa.redaction import (
 )
 from dspy_turbogepa.store.errors import START_OVER, RunStoreError, RunStoreMismatchError
 from dspy_turbogepa.store.locks import RunLock
-from dspy_turbogepa.store.writer import Writer, escape_surrogates
+from dspy_turbogepa.store.writer import Writer, escape_surrogates, sqlite_says
 from dspy_turbogepa.store.writer import connect as _connect
 
 logger = logging.getLogger(__name__)
@@ -764,11 +764,7 @@ _ENVIRONMENT_MESSAGES = ("disk is full", "disk i/o error", "database is locked",
 
 
 def _environment_error(exc: sqlite3.Error) -> bool:
-    name = getattr(exc, "sqlite_errorname", None)
-    if isinstance(name, str):
-        return name.startswith(_ENVIRONMENT_CODES)
-    text = str(exc).lower()
-    return any(part in text for part in _ENVIRONMENT_MESSAGES)
+    return sqlite_says(exc, _ENVIRONMENT_CODES, _ENVIRONMENT_MESSAGES)
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
@@ -897,18 +893,12 @@ def _patiently(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
             try:
                 return fn()
             except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() > deadline:
+                if not sqlite_says(exc, ("SQLITE_BUSY", "SQLITE_LOCKED"), ("locked", "busy")) \
+                        or time.monotonic() > deadline:
                     raise
             time.sleep(0.05)
     finally:
         conn.execute("PRAGMA busy_timeout = 30000")
-
-
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    name = getattr(exc, "sqlite_errorname", None)
-    if isinstance(name, str):
-        return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
-    return "locked" in str(exc).lower() or "busy" in str(exc).lower()
 
 
 def _looks_like_a_run_store(conn: sqlite3.Connection, tables: set[str]) -> bool:

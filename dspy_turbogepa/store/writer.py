@@ -19,20 +19,26 @@ from typing import Any
 from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.store.errors import START_OVER, RunStoreError
 
-__all__ = ["Writer", "connect", "encodable", "escape_surrogates"]
+__all__ = ["Writer", "connect", "encodable", "escape_surrogates", "sqlite_says"]
 
 logger = logging.getLogger("dspy_turbogepa.store.sqlite_store")
 
 
-def _damaged(exc: BaseException) -> bool:
-    """SQLite's own verdict that the file is damaged (or not a database), not that the disk refused."""
+def sqlite_says(exc: BaseException, codes: tuple[str, ...], messages: tuple[str, ...]) -> bool:
+    """Whether SQLite itself reported ``exc`` with one of these result codes (``sqlite_errorname``,
+    Python 3.11+) or, before 3.11, whose errors carry no name, a message holding one of these parts."""
     if not isinstance(exc, sqlite3.Error):
         return False
     name = getattr(exc, "sqlite_errorname", None)
     if isinstance(name, str):
-        return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
-    text = str(exc).lower()  # Python 3.10's errors carry no name
-    return "malformed" in text or "not a database" in text
+        return name.startswith(codes)
+    text = str(exc).lower()
+    return any(part in text for part in messages)
+
+
+def _damaged(exc: BaseException) -> bool:
+    """SQLite's own verdict that the file is damaged (or not a database), not that the disk refused."""
+    return sqlite_says(exc, ("SQLITE_CORRUPT", "SQLITE_NOTADB"), ("malformed", "not a database"))
 
 
 def connect(path: Path) -> sqlite3.Connection:
