@@ -151,7 +151,7 @@ class Orchestrator:
         run's tokens and cost start from it (a token or dollar cap counts it: :meth:`_paid_call_refusal`).
         ``replay_through``: the last mutation an earlier session committed; after a cap refusal, mutations
         up to it are still launched (see :meth:`_secondary_budget_exhausted`). ``earlier_budgets``: the
-        ``max_metric_calls`` of the earlier sessions that committed mutations, in order; a deterministic
+        budgets the last earlier session that planned anything planned with, in order; a deterministic
         run plans with each in turn before its own (see :class:`PlanLimits`)."""
         self.config = config
         self._evaluator = evaluator

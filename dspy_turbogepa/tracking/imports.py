@@ -34,8 +34,8 @@ def import_in_one_piece(*modules: str) -> None:
 @contextmanager
 def ctrl_c_held(second_press_escapes: bool = False) -> Iterator[None]:
     """Hold SIGINT for the block; then give each press, in order, to the handler that was there before.
-    ``second_press_escapes``: a second press while one is held raises KeyboardInterrupt at once (for a
-    block that waits on the network: a hung server must not hold Ctrl-C for minutes).
+    ``second_press_escapes``: a second press while one is held hands both to that handler at once, inside
+    the block (for a block that waits on the network: a hung server must not hold Ctrl-C for minutes).
 
     Only the main thread receives signals; SIGINT ignored, or handled outside Python, is left alone.
     A Python-level handler is called directly (``signal.raise_signal`` would also write the signal
