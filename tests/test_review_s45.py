@@ -37,7 +37,6 @@ def test_a_score_whose_float_raises_mid_run_is_an_invalid_evaluation_not_the_end
 
     dr = quick_compile(metric=metric, budget=60).detailed_results
     assert dr.run_stats["failures"].get("metric_invalid") == 1
-    assert dr.total_metric_calls >= 60 or dr.stop_reason != "max_metric_calls"
 
 
 def test_a_feedback_call_whose_score_float_raises_still_gives_its_feedback():
