@@ -491,12 +491,25 @@ class _SyncAndAsync(dspy.Module):
         return await self.route.acall(ticket=ticket)
 
 
+class _SyncAndDegradingAsync(_SyncAndAsync):
+    """Its aforward answers a default queue when the call fails, whatever the error."""
+
+    async def aforward(self, ticket):
+        try:
+            return await self.route.acall(ticket=ticket)
+        except Exception:
+            return dspy.Prediction(queue="general")
+
+
+@pytest.mark.parametrize("program_type", [_SyncAndAsync, _SyncAndDegradingAsync])
 @pytest.mark.parametrize("lm_kind", ["engine_without_async_engine", "base_lm_with_forward_only"])
 def test_an_async_program_falls_back_to_its_forward_when_an_lm_cannot_run_async(routing, reflection_lm, lm_kind,
-                                                                                   caplog):
+                                                                                   program_type, caplog):
     """A program defining aforward runs through acall; with an LM that has no async support (an engine
     passed without async_engine=, a BaseLM implementing only forward) every rollout failed and the run
-    stopped as systemic, where dspy.GEPA (which calls forward) optimizes it."""
+    stopped as systemic, where dspy.GEPA (which calls forward) optimizes it. An aforward that catches the
+    error itself must fall back too: it answered its default on every rollout (the run stopped as
+    "nothing to reflect on"; with a second predictor it would have been scored on the default)."""
     sim = make_student_lm(seed=0, noise=0.0)
     if lm_kind == "engine_without_async_engine":
         lm = dspy.LM("sim/student", engine=sim_engine(sim), cache=False)
@@ -510,7 +523,7 @@ def test_an_async_program_falls_back_to_its_forward_when_an_lm_cannot_run_async(
 
         lm = SyncOnlyLM()
     splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
-    program = _SyncAndAsync(routing.seed_instructions["route"])
+    program = program_type(routing.seed_instructions["route"])
     assert defines_own_aforward(program)
     opt = TurboGEPA(routing.metric, max_metric_calls=100, reflection_lm=reflection_lm, num_threads=4,
                     track_stats=True, verbose=False)

@@ -136,6 +136,21 @@ def _lost_context_hint(exc: BaseException) -> str:
             "contextvars.copy_context().run, or use dspy.Parallel.)")
 
 
+#: what asyncio (Future, Event, Queue, Lock ...) and the clients built on them say when an object made on one
+#: event loop is used on another
+_FOREIGN_LOOP_TEXTS = ("bound to a different event loop", "attached to a different loop")
+
+
+def _foreign_loop_hint(exc: BaseException) -> str:
+    """For an async object of the user's (a pooled async client, a lock) made on their application's
+    event loop: ``aforward`` runs on the engine's own loop, in a worker thread, where it cannot be used.
+    Nothing in asyncio's message says which loops are meant."""
+    if not any(text in error_text(e) for e in exception_chain(exc) for text in _FOREIGN_LOOP_TEXTS):
+        return ""
+    return (" (The program's aforward runs on TurboGEPA's own event loop, in a worker thread, not on the loop "
+            "that made this object: create async clients and locks inside aforward, or lazily on each loop.)")
+
+
 def _user_frame(exc: BaseException) -> str:
     """`` (at metric.py:12 in my_metric)``: the innermost frame of the user's own code in the error's
     traceback, or nothing. The outcome's message is all a user sees of an error in their metric or
@@ -587,8 +602,18 @@ class DspyEvaluator:
             except Exception as exc:  # the user's program failed: retried or scored failure_score  # noqa: BLE001
                 pred, error = None, exc
             error = self._swallowed(error)
+            if self._sync_fallback and (error is None or not lacks_async_support(error)):
+                error = self._unsupported_caught(error)
             trace = list(dspy.settings.trace or [])  # kept past _attempt only when captured
         return pred, trace, error
+
+    @staticmethod
+    def _unsupported_caught(error: BaseException | None) -> BaseException | None:
+        """An LM's "no async support" that the program caught itself (an ``aforward`` that answers a
+        default on any error), in place of ``error``: the fallback to ``forward`` must see it, or every
+        rollout is scored on the program's default answer while dspy.GEPA runs ``forward``."""
+        noted = dspy.settings.get(ROLLOUT_LM_ERRORS) or ()
+        return next((exc for exc in noted if lacks_async_support(exc)), error)
 
     def _run_sync(
         self, program: dspy.Module, example: dspy.Example, capture: bool, lm: Any = None
@@ -790,7 +815,7 @@ class DspyEvaluator:
             return EvalOutcome(
                 # the hint is the user's, not the reflection LM's (the trajectory keeps the plain message)
                 example_id, self._failure_score, failure=failure,
-                message=message + _user_frame(error) + _lost_context_hint(error),
+                message=message + _user_frame(error) + _lost_context_hint(error) + _foreign_loop_hint(error),
                 trajectory=trajectory, error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
             ), 0
         if pred is None and self._output_noted.first("returned_none"):
