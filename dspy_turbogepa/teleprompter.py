@@ -117,6 +117,27 @@ def _positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
     return number
 
 
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number of any type (a NumPy scalar, a Decimal; not a bool),
+    else None: a budget or price computed with NumPy was refused as "not a positive number"."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):  # a signaling NaN
+        return math.nan
+
+
+def _positive_real(name: str, value: Any) -> float | None:
+    """A budget in dollars or seconds: positive; ``inf`` is no limit."""
+    if value is None:
+        return None
+    number = _real(value)
+    if number is None or math.isnan(number) or number <= 0:
+        raise ValueError(f"{name} must be a positive number or None (no limit), got {value!r}.")
+    return number
+
+
 def _count(name: str, value: Any, feature: str) -> int:
     """An integer >= 0 where 0 turns ``feature`` off (a bool is refused: ``True`` is not a count)."""
     number = _as_int(value)
@@ -182,7 +203,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             import, several seconds for hundreds), or None (no plots; summary.json is still written).
         price_table: ``{model: ($ per 1M prompt tokens, $ per 1M completion tokens)}`` for models whose
             price dspy/litellm do not know (every LM call of the program, the metric and reflection; a key
-            matches ``"provider/model"`` or ``"model"``; it overrides the reported cost).
+            matches ``"provider/model"`` or ``"model"``, and an LM named without a provider matches a key
+            with one; it overrides the reported cost).
         adaptive_proposal_mix: when ``component_selector`` is left at its default, let operator credit
             choose between rewriting one component and all of them, shifting toward whichever makes new
             best candidates in this run (default True; an explicit ``component_selector`` always wins;
@@ -298,13 +320,11 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if max_merge_invocations is not None:  # 0: merging on, never invoked (as in dspy.GEPA)
             max_merge_invocations = _count("max_merge_invocations", max_merge_invocations, "merging")
         token_budget = _positive_int("token_budget", token_budget)
-        for name, value in (("cost_budget_usd", cost_budget_usd), ("time_budget_seconds", time_budget_seconds)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or math.isnan(value) or value <= 0):  # NaN <= 0 is False; inf: no limit
-                raise ValueError(f"{name} must be a positive number or None (no limit), got {value!r}.")
+        cost_budget_usd = _positive_real("cost_budget_usd", cost_budget_usd)
+        time_budget_seconds = _positive_real("time_budget_seconds", time_budget_seconds)
         if price_table is not None and (not isinstance(price_table, dict) or not all(
             isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in v)
+            and all((x := _real(rate)) is not None and math.isfinite(x) and x >= 0 for rate in v)
             for k, v in price_table.items()
         )):
             raise ValueError(

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import decimal
 import logging
 
 import dspy
+import numpy as np
+import pytest
+from dspy.lm15 import Response, Usage
 
 from dspy_turbogepa import TurboGEPA
+from dspy_turbogepa.adapter.lm_copies import RolloutUsage, model_is_priced
 from dspy_turbogepa.testing import make_student_lm
+from dspy_turbogepa.testing.fake_lm import AsyncSimEngine, SimEngine
 
 from helpers import small_splits
 
@@ -17,8 +23,7 @@ def test_an_async_object_of_another_event_loop_is_explained_in_the_failure(routi
     """A program whose aforward awaits something made on the application's own event loop (a pooled async
     client warmed there) fails on the engine's loop with asyncio's "attached to a different loop", which
     names neither loop: the failure says where aforward runs and what to do."""
-    app_loop = asyncio.new_event_loop()
-    warmed = app_loop.create_future()  # e.g. a connection pool's waiter, made while the app served a request
+    app_loop = asyncio.new_event_loop()  # e.g. a connection pool's waiters, made on the app's loop
 
     class AppBound(dspy.Module):
         def __init__(self):
@@ -30,7 +35,7 @@ def test_an_async_object_of_another_event_loop_is_explained_in_the_failure(routi
 
         async def aforward(self, ticket):
             if "refund" in ticket.lower():
-                await warmed
+                await app_loop.create_future()
             return await self.route.acall(ticket=ticket)
 
     splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
@@ -45,3 +50,59 @@ def test_an_async_object_of_another_event_loop_is_explained_in_the_failure(routi
     assert out.detailed_results.run_stats["failures"].get("program_error")
     warned = [r.getMessage() for r in caplog.records if "different loop" in r.getMessage()]
     assert warned and all("TurboGEPA's own event loop" in m for m in warned), warned
+
+
+class _NoUsageEngine(SimEngine):
+    """A simulated endpoint whose answers carry no token usage (some self-hosted servers and gateways)."""
+
+    def _respond(self, request):
+        answer = super()._respond(request)
+        return Response(id=answer.id, model=answer.model, message=answer.message, finish_reason="stop", usage=Usage())
+
+
+@pytest.mark.parametrize("cap", [
+    {"token_budget": 1000}, {"cost_budget_usd": 0.0001, "price_table": {"student-x": (1, 1), "reflector-x": (1, 1)}}])
+def test_a_token_or_dollar_cap_over_lms_that_report_no_usage_is_said_to_be_unenforceable(pipeline, cap, caplog):
+    """Such a cap counted 0 tokens, never stopped the run (about 200x the token cap was spent) and no line
+    said so: the user is told the cap cannot apply and what bounds the run instead."""
+
+    def lm(role):
+        engine = _NoUsageEngine(role)
+        return dspy.LM(f"openai/{role}-x", engine=engine, async_engine=AsyncSimEngine(engine), cache=False)
+
+    splits = small_splits(pipeline, n_train=30, n_val=16, n_test=0)
+    opt = TurboGEPA(pipeline.metric, max_metric_calls=120, reflection_lm=lm("reflector"), num_threads=8,
+                    track_stats=True, verbose=False, **cap)
+    with dspy.context(lm=lm("student")), caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        out = opt.compile(pipeline.make_program(), trainset=splits.train, valset=splits.val)
+    assert out.detailed_results.stop_reason == "max_metric_calls"
+    said = [r.getMessage() for r in caplog.records if "reported no token usage" in r.getMessage()]
+    assert len(said) == 1 and next(iter(cap)) in said[0] and "max_metric_calls" in said[0], said
+
+
+def test_a_price_table_key_with_the_provider_prices_an_lm_named_without_one():
+    """dspy.LM("gpt-4o-mini") with price_table={"openai/gpt-4o-mini": ...}: the key was ignored and the calls
+    priced at DSPy's own rate (575x lower in the review's case), or $0 for a model DSPy does not know."""
+    table = {"openai/my-finetune": (100.0, 200.0)}
+    assert model_is_priced("my-finetune", table)
+    usage = RolloutUsage(prices=table)
+    usage.add_tokens(10_000, 5_000, "my-finetune")
+    assert usage.cost == pytest.approx(2.0)
+    # of two providers' keys for the name, the dearer: a cap must not count less than the bill
+    both = RolloutUsage(prices={"openai/my-finetune": (1.0, 1.0), "azure/my-finetune": (3.0, 3.0)})
+    both.add_tokens(1_000_000, 0, "my-finetune")
+    assert both.cost == pytest.approx(3.0)
+    # a prefixed model keeps matching only its own provider's key, or the bare name
+    assert not model_is_priced("azure/my-finetune", table)
+
+
+@pytest.mark.parametrize("value", [np.int64(5), np.float32(2.0), decimal.Decimal("0.5")])
+def test_dollar_and_time_budgets_take_numpy_and_decimal_numbers(value, reflection_lm):
+    """They were refused as "must be a positive number ... got np.int64(5)", while token_budget and
+    max_metric_calls take NumPy integers; stored as floats (summary.json, the progress line)."""
+    opt = TurboGEPA(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0, max_metric_calls=10,
+                    reflection_lm=reflection_lm, cost_budget_usd=value, time_budget_seconds=value,
+                    price_table={"m": (np.float32(1.5), decimal.Decimal(2))})
+    assert type(opt.cost_budget_usd) is float and opt.cost_budget_usd == float(value)
+    assert type(opt.time_budget_seconds) is float and opt.time_budget_seconds == float(value)
+    assert opt.price_table == {"m": (1.5, 2.0)}

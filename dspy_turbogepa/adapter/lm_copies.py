@@ -143,9 +143,17 @@ def model_is_priced(model: str, prices: Mapping[str, tuple[float, float]] | None
 
 
 def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
+    """``model``'s rates in ``price_table``: its own key, else its name without the provider, else, for a
+    model named without a provider (``dspy.LM("gpt-4o-mini")``, which DSPy accepts), a key naming it with
+    one (``"openai/gpt-4o-mini"``: that key was ignored, and the call priced at another rate or $0). Of
+    several such keys, the dearest: a cap that counts too much stops early, one that counts too little
+    lets the bill pass it."""
     if not prices:
         return None
-    return prices.get(model) or prices.get(model.split("/", 1)[-1])
+    found = prices.get(model) or prices.get(model.split("/", 1)[-1])
+    if found is None and "/" not in model:
+        found = max((rates for key, rates in prices.items() if key.split("/", 1)[-1] == model), default=None)
+    return found
 
 
 class _SharedTracker(UsageTracker):
