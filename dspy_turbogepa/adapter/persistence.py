@@ -47,7 +47,9 @@ class StoreObserver(EngineObserver):
         that answered ``None`` is then stored as a JSON null, not as "no output kept"."""
         self._store = store
         self._keeps_outputs = keeps_outputs
-        self._recorded: set[str] = set()
+        # a resumed run's candidates are stored already: each replayed one was masked and encoded again, all
+        # its texts (tens of MB with long instructions), for an insert the store ignores
+        self._recorded: set[str] = store.candidate_fingerprints() if getattr(store, "resumed", False) else set()
         self._unstorable = 0
 
     def _candidate(self, c: Candidate) -> None:

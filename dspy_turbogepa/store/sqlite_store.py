@@ -686,6 +686,10 @@ class RunStore:
                         sums[name] += float((usage or {}).get(name, 0.0))
         return totals
 
+    def candidate_fingerprints(self) -> set[str]:
+        """The fingerprints of every stored candidate (a resumed session need not encode them again)."""
+        return {str(r[0]) for r in self._read("SELECT fingerprint FROM candidates")}
+
     def load_candidates(self) -> list[StoredCandidate]:
         """Every stored candidate, in the order first recorded."""
         rows = self._read(

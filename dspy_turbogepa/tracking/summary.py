@@ -161,7 +161,7 @@ def write_summary(
     """
     directory = Path(log_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(build_summary(detailed_results, extra), indent=2, ensure_ascii=False, allow_nan=False)
+    summary = build_summary(detailed_results, extra)
     path = directory / SUMMARY_FILENAME
     # created with the process umask, like the store and the plots beside it (mkstemp would make it 0600)
     tmp = str(directory / f".summary.{os.getpid()}.{threading.get_ident()}.json.tmp")
@@ -170,7 +170,10 @@ def write_summary(
         # backslashreplace: a lone surrogate (text decoded with surrogateescape) is written as its JSON
         # escape, which every JSON reader loads back as the same character
         with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(text + "\n")
+            # streamed: with every candidate's texts (long instructions, many predictors) the file can be
+            # ~100 MB, and one string of it plus its copy with the newline tripled the run's peak memory
+            json.dump(summary, f, indent=2, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # the temporary file may not exist any more
