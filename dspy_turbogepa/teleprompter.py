@@ -50,7 +50,7 @@ from dspy_turbogepa.adapter.protocols import check_call_protocol, check_inputs_r
 from dspy_turbogepa.adapter.reflective import ReflectiveDatasetBuilder, is_builtin_proposer, with_trace_data
 from dspy_turbogepa.adapter.results import build_result
 from dspy_turbogepa.adapter.run_identity import REFLECTION_PART
-from dspy_turbogepa.adapter.runner import run_coroutine_in_thread, sigint_raises_keyboard_interrupt
+from dspy_turbogepa.adapter.runner import RAISED_IN_RUN, run_coroutine_in_thread, sigint_raises_keyboard_interrupt
 from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator, RunInterruptedError
 from dspy_turbogepa.engine.config import (
     CANDIDATE_SELECTIONS,
@@ -727,6 +727,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             stopped_by = "interrupted before the seed was scored"
             raise KeyboardInterrupt(str(exc) + _kept_advice(store is not None)) from exc
         except KeyboardInterrupt as exc:  # a second Ctrl-C: the run was aborted at once
+            if getattr(exc, RAISED_IN_RUN, False):  # not a press: the user's code raised it in the run
+                stopped_by = "stopped by a KeyboardInterrupt raised in the run"
+                if not exc.args:
+                    exc.args = ("KeyboardInterrupt raised inside the run (by the program, the metric or a "
+                                "callback), not by Ctrl-C: the work under way was cancelled."
+                                + _kept_advice(store is not None),)
+                raise
             stopped_by = "aborted by a second Ctrl-C"
             if not exc.args and not finished:  # said, as the grace period's end says it (a press held above
                 # while the program was built is not this: compile returns the program)

@@ -16,7 +16,7 @@ from dspy_turbogepa.adapter.lm_copies import RolloutUsage, model_is_priced
 from dspy_turbogepa.testing import make_student_lm
 from dspy_turbogepa.testing.fake_lm import AsyncSimEngine, SimEngine
 
-from helpers import small_splits
+from helpers import quick_compile, small_splits
 
 
 def test_an_async_object_of_another_event_loop_is_explained_in_the_failure(routing, reflection_lm, caplog):
@@ -106,3 +106,105 @@ def test_dollar_and_time_budgets_take_numpy_and_decimal_numbers(value, reflectio
     assert type(opt.cost_budget_usd) is float and opt.cost_budget_usd == float(value)
     assert type(opt.time_budget_seconds) is float and opt.time_budget_seconds == float(value)
     assert opt.price_table == {"m": (1.5, 2.0)}
+
+
+def test_summary_json_is_streamed_not_built_as_one_string(tmp_path):
+    """With every candidate's texts in it (30 predictors of 50 KB instructions: a 90 MB file) the whole
+    indented file was one string plus its copy with the newline: the run's peak memory went from 356 to 621
+    MB at the very end. Written as a stream, the report costs a small part of the file's size."""
+    import json
+    import tracemalloc
+
+    from dspy_turbogepa.tracking.summary import write_summary
+
+    base = {f"p{i}": f"Instruction {i}. " + "Answer yes or no about the question. " * 300 for i in range(10)}
+    candidates = [base]
+    for n in range(1, 40):  # each child changes one text and shares the others, as in memory
+        child = dict(candidates[-1])
+        child[f"p{n % 10}"] += f" Version {n}."
+        candidates.append(child)
+
+    class Result:
+        val_aggregate_scores = [0.5] * len(candidates)
+        best_idx = 0
+        discovery_eval_counts = [0] * len(candidates)
+        per_val_instance_best_candidates = {0: {0}}
+        total_metric_calls = 100
+        num_full_val_evals = len(candidates)
+
+        def to_dict(self):
+            return {"candidates": candidates, "val_aggregate_scores": self.val_aggregate_scores}
+
+    tracemalloc.start()
+    try:
+        path = write_summary(tmp_path, Result())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = path.stat().st_size
+    assert size > 4_000_000
+    assert peak < size / 4, (peak, size)
+    assert json.loads(path.read_text(encoding="utf-8"))["result"]["candidates"][-1] == candidates[-1]
+
+
+def test_a_resumed_run_does_not_encode_its_stored_candidates_again(routing, tmp_path, monkeypatch):
+    """Every replayed candidate was masked and JSON-encoded again, all its texts, for an insert the store
+    then ignored (47.6 MB of text on a reviewer's 20-predictor resume, ~10% of its CPU)."""
+    from dspy_turbogepa.store import RunStore
+
+    quick_compile(budget=60, log_dir=str(tmp_path))
+    recorded: list[str] = []
+    original = RunStore.record_candidate
+
+    def counting(self, fingerprint, *args, **kwargs):
+        recorded.append(fingerprint)
+        return original(self, fingerprint, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "record_candidate", counting)
+    again = quick_compile(budget=60, log_dir=str(tmp_path))
+    assert again.detailed_results.run_stats["metric_calls_executed"] == 0  # all replayed, nothing new
+    assert recorded == []
+
+
+def test_two_compiles_whose_log_dirs_end_in_the_same_name_are_told_apart(capsys, monkeypatch):
+    """runs/pipeline/logs and runs/pricing/logs at once: both compiles' lines said ``[logs]``."""
+    from dspy_turbogepa.tracking.console_logs import visible_logs
+
+    # a process that configured no logging (as in test_concurrent_compiles' labelling test)
+    package = logging.getLogger("dspy_turbogepa")
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(package, "handlers", [])
+    levels = {logging.root: logging.root.level, package: package.level}
+    logging.root.setLevel(logging.WARNING)
+    package.setLevel(logging.NOTSET)
+    log = logging.getLogger("dspy_turbogepa.labels_probe")
+    try:
+        with visible_logs(True, label="logs"):
+            log.info("first alone")
+            with visible_logs(True, label="logs"):
+                log.info("second")
+            with visible_logs(True, label="other"):
+                log.info("third")
+            log.info("first")
+    finally:
+        for logger, level in levels.items():
+            logger.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    said = {line.split(": ", 1)[1] for line in lines}
+    assert said == {"first alone", "[logs#2] second", "[other] third", "first"}, lines
+
+
+def test_a_keyboard_interrupt_raised_by_the_metric_is_not_called_a_second_ctrl_c(routing):
+    """Nobody pressed anything: the metric raised KeyboardInterrupt in the run's thread, and compile said
+    "Aborted by a second Ctrl-C". It still propagates, as under dspy.GEPA."""
+    calls = [0]
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    with pytest.raises(KeyboardInterrupt) as raised:
+        quick_compile(metric, budget=40)
+    assert "not by Ctrl-C" in str(raised.value) and "second Ctrl-C" not in str(raised.value)

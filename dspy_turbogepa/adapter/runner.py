@@ -58,6 +58,11 @@ def sigint_raises_keyboard_interrupt() -> Iterator[None]:
             signal.signal(signal.SIGINT, handler)
 
 
+#: Set on a KeyboardInterrupt that the run's own thread raised (the program, the metric or a callback
+#: raised it; Ctrl-C lands in the calling thread): not a second press, whatever it says.
+RAISED_IN_RUN = "_turbogepa_raised_in_run"
+
+
 def run_coroutine_in_thread(
     make_coro: Callable[[], Coroutine[Any, Any, T]],
     on_interrupt: Callable[[], None] | None = None,
@@ -115,6 +120,8 @@ def run_coroutine_in_thread(
                 raise
             logger.warning("Interrupted after the run ended: returning its result.")
     if "error" in box:
+        if isinstance(box["error"], KeyboardInterrupt):  # the user's code raised it there: no press
+            setattr(box["error"], RAISED_IN_RUN, True)
         raise box["error"]
     return box["result"]
 

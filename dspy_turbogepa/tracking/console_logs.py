@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -156,6 +157,8 @@ class _CompileLogHandler(_StreamHandler):
         self.active = 0
         #: compiles started while it was installed: their numbers
         self.started = 0
+        #: the labels of the compiles running (two log_dirs may end in the same name: runs/a/logs, runs/b/logs)
+        self.labels: Counter[str] = Counter()
         # dspy's line format and date format (dspy.utils.logging_utils), so our lines read like its own
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(turbogepa_compile)s%(message)s",
                                             datefmt="%Y/%m/%d %H:%M:%S"))
@@ -261,7 +264,11 @@ def visible_logs(enabled: bool = True, label: str | None = None) -> Iterator[Non
             number = handler.started
             if enabled:
                 handler.users += 1
-    token = _COMPILE_LOGS.set(_CompileLogs(label or (f"#{number}" if number else "quiet"), enabled))
+            if label is not None and handler.labels[label]:  # named like one running: numbered too
+                label = f"{label}#{number}"
+            handler.labels[label or f"#{number}"] += 1
+    shown = label or (f"#{number}" if number else "quiet")
+    token = _COMPILE_LOGS.set(_CompileLogs(shown, enabled))
     try:
         yield
     finally:
@@ -277,6 +284,7 @@ def visible_logs(enabled: bool = True, label: str | None = None) -> Iterator[Non
             with _VISIBLE_LOGS_LOCK:
                 handler.active -= 1
                 handler.users -= int(enabled)
+                handler.labels[shown] -= 1
                 if enabled and handler.users == 0:
                     log.removeHandler(handler)
                     if log.level == logging.INFO:  # unless the user changed it meanwhile
