@@ -815,7 +815,8 @@ class DspyEvaluator:
             return EvalOutcome(
                 # the hint is the user's, not the reflection LM's (the trajectory keeps the plain message)
                 example_id, self._failure_score, failure=failure,
-                message=message + _user_frame(error) + _lost_context_hint(error) + _foreign_loop_hint(error),
+                message=message + _user_frame(error) + _lost_context_hint(error)
+                + (_foreign_loop_hint(error) if self.use_async else ""),
                 trajectory=trajectory, error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
             ), 0
         if pred is None and self._output_noted.first("returned_none"):

@@ -146,13 +146,15 @@ def _price_for(prices: Mapping[str, tuple[float, float]], model: str) -> tuple[f
     """``model``'s rates in ``price_table``: its own key, else its name without the provider, else, for a
     model named without a provider (``dspy.LM("gpt-4o-mini")``, which DSPy accepts), a key naming it with
     one (``"openai/gpt-4o-mini"``: that key was ignored, and the call priced at another rate or $0). Of
-    several such keys, the dearest: a cap that counts too much stops early, one that counts too little
-    lets the bill pass it."""
+    several such keys, each rate the dearest: a cap that counts too much stops early, one that counts too
+    little lets the bill pass it."""
     if not prices:
         return None
     found = prices.get(model) or prices.get(model.split("/", 1)[-1])
     if found is None and "/" not in model:
-        found = max((rates for key, rates in prices.items() if key.split("/", 1)[-1] == model), default=None)
+        named = [rates for key, rates in prices.items() if key.split("/", 1)[-1] == model]
+        if named:  # each rate the dearest of them
+            found = (max(r[0] for r in named), max(r[1] for r in named))
     return found
 
 

@@ -249,7 +249,6 @@ class Orchestrator:
         self._credit = CreditSnapshot()
         self._noop = NoopStreak()
         self._warned_unpriced = False
-        self._warned_no_usage = False
         #: Deterministic mode: the commit at which the no-op stop was decided (see _main_loop).
         self._drain_view: int | None = None
         self._next_seq = 0
@@ -459,17 +458,6 @@ class Orchestrator:
             return "time_budget"
         if self._cap_stopping():
             return self._refused
-        answered = st.executed - sum(st.failures.values())  # a failed call may well carry no usage
-        if ((cfg.max_tokens is not None or cfg.max_cost is not None) and st.tokens == 0
-                and answered >= UNPRICED_AFTER and not self._warned_no_usage):
-            self._warned_no_usage = True
-            caps = ", ".join(f"{name}={value}" for name, value in (
-                ("token_budget", cfg.max_tokens), ("cost_budget_usd", cfg.max_cost)) if value is not None)
-            logger.warning(
-                "%s is set but %d evaluations reported no token usage: the LMs' answers carry none (some "
-                "self-hosted servers and gateways leave out the `usage` block), or DSPy's cache answered every "
-                "call. The cap cannot apply to calls without usage; bound the run with max_metric_calls or "
-                "time_budget_seconds.", caps, answered)
         if cfg.max_cost is not None:
             tokens, cost = st.tokens, st.task_cost + st.reflection_cost
             if cost == 0.0 and tokens > 0 and st.executed >= UNPRICED_AFTER and not self._warned_unpriced:
