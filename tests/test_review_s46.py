@@ -9,10 +9,12 @@ import logging
 import dspy
 import numpy as np
 import pytest
+from dspy.lm15 import Response, Usage
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.adapter.lm_copies import RolloutUsage, model_is_priced
 from dspy_turbogepa.testing import make_student_lm
+from dspy_turbogepa.testing.fake_lm import AsyncSimEngine, SimEngine
 
 from helpers import quick_compile, small_splits
 
@@ -78,6 +80,45 @@ def test_the_event_loop_hint_is_not_given_to_a_program_without_aforward(routing,
         app_loop.close()
     warned = [r.getMessage() for r in caplog.records if "different loop" in r.getMessage()]
     assert warned and not any("own event loop" in m for m in warned), warned
+
+
+
+class _NoUsageEngine(SimEngine):
+    """A simulated endpoint whose answers carry no token usage (some self-hosted servers and gateways)."""
+
+    def _respond(self, request):
+        answer = super()._respond(request)
+        return Response(id=answer.id, model=answer.model, message=answer.message, finish_reason="stop", usage=Usage())
+
+
+def test_an_lm_answering_without_token_usage_is_named_once(pipeline, caplog):
+    """Its calls counted no tokens: token_budget=1000 let about 200x that be spent, and no line said so."""
+
+    def lm(role):
+        engine = _NoUsageEngine(role)
+        return dspy.LM(f"openai/{role}-x", engine=engine, async_engine=AsyncSimEngine(engine), cache=False)
+
+    splits = small_splits(pipeline, n_train=30, n_val=16, n_test=0)
+    opt = TurboGEPA(pipeline.metric, max_metric_calls=120, reflection_lm=lm("reflector"), num_threads=8,
+                    track_stats=True, verbose=False, token_budget=1000)
+    with dspy.context(lm=lm("student")), caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        out = opt.compile(pipeline.make_program(), trainset=splits.train, valset=splits.val)
+    assert out.detailed_results.stop_reason == "max_metric_calls"
+    said = sorted(r.getMessage().split(" ", 1)[0] for r in caplog.records
+                  if "answered without token usage" in r.getMessage())
+    assert said == ["openai/reflector-x", "openai/student-x"], said
+
+
+def test_answers_from_dspys_cache_are_not_called_answers_without_usage(routing, caplog):
+    """A cache hit's usage is emptied by DSPy on purpose; a rerun served by the cache must not be told that
+    its LM reports no usage (a first version said so, and then the token cap it called inapplicable
+    stopped the run)."""
+    student = make_student_lm(seed=0, noise=0.0, cache=True)
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+            quick_compile(budget=40, lm=student)
+        assert not [r for r in caplog.records if "without token usage" in r.getMessage()]
 
 
 def test_a_price_table_key_with_the_provider_prices_an_lm_named_without_one():

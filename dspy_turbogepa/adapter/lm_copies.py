@@ -35,6 +35,7 @@ from dspy.utils.callback import BaseCallback
 from dspy.utils.exceptions import LMProviderError
 from dspy.utils.usage_tracker import UsageTracker
 
+from dspy_turbogepa.log_once import FirstOfKind
 from dspy_turbogepa.redaction import endpoint_url, exception_chain
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class RolloutUsage:
     prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     #: model -> [prompt, completion, calls] of our copies' calls, counted from their history entries.
     from_entries: dict[str, list[int]] = field(default_factory=dict)
+    #: models with a call the service answered without token usage (DSPy's cache hits are not among them)
+    unreported: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_entry(self, prompt: int, completion: int, model: str, cost: Any) -> None:
@@ -170,6 +173,17 @@ class _SharedTracker(UsageTracker):
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedTracker:
         return self
 
+    def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
+        """DSPy calls this for every LM call its cache did not answer, usage or not: a call that reported
+        no tokens here was answered without usage (DSPy's own tracker drops it silently, and its history
+        entry looks like a cache hit's), so the token and dollar counts miss it."""
+        usage = usage_entry or {}
+        if not _number(usage.get("prompt_tokens")) and not _number(usage.get("completion_tokens")):
+            box = _CURRENT.get() or dspy.settings.get(ROLLOUT_USAGE)
+            if isinstance(box, RolloutUsage):
+                box.unreported.add(str(lm))
+        super().add_usage(lm, usage_entry)
+
 
 def _roll_up(tracker: UsageTracker, parent: UsageTracker) -> None:
     """Add ``tracker``'s entries to ``parent``'s, as ``dspy.track_usage()`` rolls a nested tracker up;
@@ -193,20 +207,38 @@ def _rollout_tracker() -> Iterator[_SharedTracker]:
 
 
 @contextmanager
-def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None) -> Iterator[RolloutUsage]:
+def rollout_usage(prices: Mapping[str, tuple[float, float]] | None = None,
+                  noted: FirstOfKind | None = None) -> Iterator[RolloutUsage]:
     """Collect the tokens and cost of every LM call made inside the block (in this context, and in
     the worker threads of a ``dspy.Parallel`` in it).
 
     ``prices`` (model -> $ per 1M prompt / completion tokens) prices models that litellm and DSPy do
     not know; for a model in the table its reported cost is ignored, so nothing is counted twice.
+    ``noted``: the compile's one-time warnings; a model answering without token usage is named once
+    (some self-hosted servers and gateways leave it out, and token_budget / cost_budget_usd then never
+    stopped the run, with nothing said).
     """
     box = RolloutUsage(prices=dict(prices or {}))
+    try:
+        with _collecting(box):
+            yield box
+    finally:
+        for model in sorted(box.unreported):
+            if noted is not None and noted.first(("answered_without_usage", model)):
+                logger.warning(
+                    "%s answered without token usage (some self-hosted servers and gateways leave out the "
+                    "`usage` block): its calls count no tokens and no dollars in run_stats, token_budget or "
+                    "cost_budget_usd; bound the run with max_metric_calls or time_budget_seconds.", model)
+
+
+@contextmanager
+def _collecting(box: RolloutUsage) -> Iterator[None]:
     token = _CURRENT.set(box)
     try:
         with _rollout_tracker() as tracker:
             box.tracker = tracker
             try:
-                yield box
+                yield
             finally:
                 # Our copies' calls were counted from their history entries (wherever they ran: a tracker
                 # the program opens around a dspy.Parallel is copied into its workers and never merged

@@ -183,7 +183,7 @@ class ReflectiveProposer:
         # metric's feedback call (an LLM judge inside the metric) runs on the user's own LM settings. Its
         # tokens and cost still count toward the reflection's (token and dollar budgets must see them);
         # its calls are not reflection LM calls.
-        with rollout_usage(self._prices) as judge:
+        with rollout_usage(self._prices, self._reported_errors) as judge:
             dataset = self._dataset(parent_texts, components, outcomes, random.Random(seed))
         if isinstance(dataset, ProposalOutcome):
             return dataclasses.replace(
@@ -195,7 +195,7 @@ class ReflectiveProposer:
         # Our copy of the reflection LM shares its history (and retries) but reports each call's cost,
         # which DSPy keeps only in history entries, to the usage box: cost_budget_usd counts reflections.
         lm = self._lm_copies.get(self._reflection_lm or dspy.settings.lm)
-        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices) as usage:
+        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices, self._reported_errors) as usage:
             # every selected component, as dspy.GEPA asks (a custom proposer may rewrite one that has no
             # traces in this minibatch from other context; dspy's own proposer skips those itself)
             outcome = self._propose(parent_texts, dataset, [o.score for o in outcomes], list(components))
