@@ -13,7 +13,7 @@ from dspy.lm15 import Response, Usage
 
 from dspy_turbogepa import TurboGEPA
 from dspy_turbogepa.adapter.lm_copies import RolloutUsage, model_is_priced
-from dspy_turbogepa.testing import make_student_lm
+from dspy_turbogepa.testing import make_reflection_lm, make_student_lm
 from dspy_turbogepa.testing.fake_lm import AsyncSimEngine, SimEngine
 
 from helpers import quick_compile, small_splits
@@ -252,3 +252,57 @@ def test_a_keyboard_interrupt_raised_by_the_metric_is_not_called_a_second_ctrl_c
     with pytest.raises(KeyboardInterrupt) as raised:
         quick_compile(metric, budget=40)
     assert "not by Ctrl-C" in str(raised.value) and "second Ctrl-C" not in str(raised.value)
+
+
+def test_an_endpoint_down_for_good_that_only_some_examples_call_stops_the_run(routing, monkeypatch):
+    """A program routing each example to one of two endpoints: the second goes down for good. Every answer
+    of the first broke the run's one outage streak, so the run never stopped: the examples routed to the
+    second were scored failure_score until the budget ended (92 of them in the reviewer's run), called
+    program_error. The streak is per endpoint, and the stop names it."""
+    import zlib
+
+    from dspy.utils.exceptions import LMServerError
+
+    import dspy_turbogepa.teleprompter as teleprompter_module
+    from dspy_turbogepa import SystemicFailureError
+    from dspy_turbogepa.adapter.evaluator import DspyEvaluator
+    from dspy_turbogepa.adapter.ratelimit import RetryPolicy
+    from dspy_turbogepa.engine import systemic
+
+    class FastEvaluator(DspyEvaluator):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("transient_policy", RetryPolicy(max_retries=1, max_elapsed_s=5.0, base_s=0.001,
+                                                              cap_s=0.002))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(teleprompter_module, "DspyEvaluator", FastEvaluator)
+    monkeypatch.setattr(systemic, "OUTAGE_MIN_SECONDS", 0.0)
+    calls_b = [0]
+
+    def endpoint_b_down(request):
+        calls_b[0] += 1
+        if calls_b[0] > 6:  # it answered the seed's first calls, then went down
+            raise LMServerError("Service Unavailable")
+
+    class Router(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.route = dspy.Predict(dspy.Signature("ticket -> queue", routing.seed_instructions["route"]))
+            self.route_b = dspy.Predict(dspy.Signature("ticket -> queue", routing.seed_instructions["route"]))
+
+        def forward(self, ticket):
+            return (self.route_b if zlib.crc32(ticket.encode()) % 2 else self.route)(ticket=ticket)
+
+    def endpoint(name, before_call=None):  # two deployments of one model: two endpoint keys
+        engine = SimEngine("student", seed=0, before_call=before_call)
+        return dspy.LM(f"sim/{name}", engine=engine, async_engine=AsyncSimEngine(engine), cache=False)
+
+    program = Router()
+    program.route.lm = endpoint("endpoint-a")
+    program.route_b.lm = endpoint("endpoint-b", before_call=endpoint_b_down)
+    splits = small_splits(routing, n_train=16, n_val=12, n_test=0)
+    opt = TurboGEPA(routing.metric, max_metric_calls=300, reflection_lm=make_reflection_lm(), num_threads=4,
+                    track_stats=True, verbose=False)
+    with pytest.raises(SystemicFailureError, match="because the LM service did") as info:
+        opt.compile(program, trainset=splits.train, valset=splits.val)
+    assert "calling sim/endpoint-b " in str(info.value) and "endpoint-a" not in str(info.value)

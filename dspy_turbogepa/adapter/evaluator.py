@@ -423,6 +423,7 @@ class DspyEvaluator:
             cost=usage.cost,
             lm_calls=usage.calls,
             rate_limit_retries=rl_retries,
+            answered_by=frozenset(usage.answered),
         )
 
     # ------------------------------------------------------------------ LMs and endpoints
@@ -768,6 +769,7 @@ class DspyEvaluator:
             example_id, self._failure_score, failure=kind, message=message + _user_frame(exc),
             trajectory=trajectory if capture else None, error_type=error_type, fatal=fatal, service_failure=service,
             output=pred if self._keep_outputs and split == "val" else None,
+            service_endpoint=raised_by_endpoint(exc) if service else None,
         )
 
     def _score(
@@ -818,6 +820,7 @@ class DspyEvaluator:
                 message=message + _user_frame(error) + _lost_context_hint(error)
                 + (_foreign_loop_hint(error) if self.use_async else ""),
                 trajectory=trajectory, error_type=fatal or types[0], fatal=fatal is not None, service_failure=service,
+                service_endpoint=raised_by_endpoint(error) if service else None,
             ), 0
         if pred is None and self._output_noted.first("returned_none"):
             # Scored as the metric says, as dspy.GEPA does (a program may abstain on purpose), but a forward

@@ -59,6 +59,8 @@ class RolloutUsage:
     from_entries: dict[str, list[int]] = field(default_factory=dict)
     #: models with a call the service answered without token usage (DSPy's cache hits are not among them)
     unreported: set[str] = field(default_factory=set)
+    #: endpoint keys of our LM copies that answered a call of this rollout (the outage rule's per endpoint)
+    answered: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_entry(self, prompt: int, completion: int, model: str, cost: Any) -> None:
@@ -91,6 +93,7 @@ class RolloutUsage:
 
     def add(self, other: RolloutUsage) -> None:
         with self._lock:
+            self.answered |= other.answered
             self.calls += other.calls
             self.prompt_tokens += other.prompt_tokens
             self.completion_tokens += other.completion_tokens
@@ -431,6 +434,10 @@ def _note_answered(lm: Any) -> None:
             cached = (model, base, endpoint_key(lm))
             setattr(lm, _KEY_CACHE_ATTR, cached)
         box.add(cached[2])
+        # and to the running rollout's: the outage rule's streak of this endpoint is broken by it alone
+        usage = _CURRENT.get() or dspy.settings.get(ROLLOUT_USAGE)
+        if isinstance(usage, RolloutUsage):
+            usage.answered.add(cached[2])
     except Exception as err:  # noqa: BLE001 - an LM class guarding its attributes: its answers go unnoted
         logger.debug("Could not note that %s answered: %s", type(lm).__name__, err)
 

@@ -19,7 +19,8 @@ the seed included), not on the seed's validation alone.
 
 A third rule covers an LM service that stops answering mid-run (an outage, a quota used up): once
 ``outage_window`` evaluations in a row failed because the service did (``service_failure``: its
-retries given up, or an answer it could not use), over at least ``OUTAGE_MIN_SECONDS`` (two waves of
+retries given up, or an answer it could not use; in a row per endpoint, when the evaluator says which
+failed and which answered), over at least ``OUTAGE_MIN_SECONDS`` (two waves of
 given-up retries take only ~15 s: a blip that long must not end a long run), the run stops, whatever
 succeeded before; and so does a run that ends on its own (budget, no progress) while a streak twice
 that long is open, however short in time (unusable answers fail in milliseconds and outran the two
@@ -152,7 +153,8 @@ class SystemicFailureDetector:
         span ``outage_min_seconds`` (None: :data:`OUTAGE_MIN_SECONDS`) of ``clock``."""
         self.window = max(1, window)
         self.outage_window = max(1, window if outage_window is None else outage_window)
-        self._service_streak = _Streak()
+        #: the outage rule's streaks, by endpoint (None: failures whose endpoint the evaluator did not say)
+        self._service_streaks: dict[str | None, _Streak] = {}
         self._clock = clock
         self._outage_min_seconds = OUTAGE_MIN_SECONDS if outage_min_seconds is None else outage_min_seconds
         self._expected = {split: frozenset(ids) for split, ids in (expected_failures or {}).items()}
@@ -408,22 +410,33 @@ class SystemicFailureDetector:
             raise error
 
     def _observe_service(self, outcome: EvalOutcome) -> None:
-        """The outage rule: a streak of service failures, broken by any evaluation the service answered
-        (a success, or a failure of the program or the metric)."""
-        streak = self._service_streak
-        if outcome.failure is None or not outcome.service_failure or outcome.fatal:
-            streak.causes.clear()
+        """The outage rule: a streak of service failures per endpoint, broken by an evaluation that endpoint
+        answered (a success, or a failure of the program or the metric). An evaluation that does not say
+        which endpoints answered it breaks every streak, as does one of a failure whose endpoint is unknown
+        (key None), which any answer breaks."""
+        streaks = self._service_streaks
+        failed = outcome.failure is not None and outcome.service_failure and not outcome.fatal
+        if not outcome.answered_by and not failed:
+            streaks.clear()
             return
-        lasted = streak.extend((outcome.failure, outcome.error_type or ""), outcome.message, self._clock())
+        if outcome.answered_by:
+            for key in (*outcome.answered_by, None):
+                if not (failed and key == outcome.service_endpoint):  # it answered, then failed
+                    streaks.pop(key, None)
+        if not failed:
+            return
+        streak = streaks.setdefault(outcome.service_endpoint, _Streak())
+        lasted = streak.extend((outcome.failure or "", outcome.error_type or ""), outcome.message, self._clock())
         if streak.count < self.outage_window or lasted < self._outage_min_seconds:
             return
-        raise self._outage_error(lasted)
+        raise self._outage_error(outcome.service_endpoint, streak, lasted)
 
-    def _outage_error(self, lasted: float) -> SystemicFailureError:
-        streak = self._service_streak
+    @staticmethod
+    def _outage_error(endpoint: str | None, streak: _Streak, lasted: float) -> SystemicFailureError:
         (failure, error_type), _ = streak.causes.most_common(1)[0]
+        calling = f" calling {endpoint}" if endpoint else ""
         return SystemicFailureError(
-            f"Stopping: the last {streak.count} evaluations (over {lasted:.0f}s) all failed "
+            f"Stopping: the last {streak.count} evaluations{calling} (over {lasted:.0f}s) all failed "
             "because the LM service did (its retries given up "
             f"or its answer unusable; first: {streak.first}): the endpoint is down, overloaded or out "
             f"of quota. Rerun once it answers (the failed evaluations are run again). {RESUME_ADVICE}",
@@ -444,11 +457,13 @@ class SystemicFailureDetector:
         does not retry (an HTML page for an answer) come in milliseconds, and the budget or the
         no-progress limit ended the run first, returning a program chosen on failed evaluations as if
         the run had finished."""
-        if self._service_streak.count >= 2 * self.outage_window:
-            lasted = self._clock() - self._service_streak.since
+        longest = max(self._service_streaks.items(), key=lambda item: item[1].count, default=None)
+        if longest is not None and longest[1].count >= 2 * self.outage_window:
+            endpoint, streak = longest
+            lasted = self._clock() - streak.since
 
             def outage() -> None:
-                raise self._outage_error(lasted)
+                raise self._outage_error(endpoint, streak, lasted)
 
             self._sticky(outage)
         if any(w.seen_success for w in self._splits.values()):

@@ -59,6 +59,13 @@ class EvalOutcome:
     #: store masks credential-shaped text): its score stands, and a reflection that would read it runs
     #: the evaluation again first (``EvaluationCache.with_trace``).
     trace_lost: bool = False
+    #: For a service failure: the endpoint whose service failed, when the evaluator knows it (an opaque
+    #: key); the outage rule keeps one streak per endpoint.
+    service_endpoint: str | None = None
+    #: The endpoints that answered during this rollout, when the evaluator knows them (empty: unknown).
+    #: An answer breaks only their outage streaks: a program routing some examples to a second endpoint
+    #: that is down for good was never stopped while the first one answered the others.
+    answered_by: frozenset[str] = frozenset()
 
 
 #: The one skip decided before the proposer runs (no traced record to reflect on): it costs nothing.
