@@ -306,3 +306,27 @@ def test_an_endpoint_down_for_good_that_only_some_examples_call_stops_the_run(ro
     with pytest.raises(SystemicFailureError, match="because the LM service did") as info:
         opt.compile(program, trainset=splits.train, valset=splits.val)
     assert "calling sim/endpoint-b " in str(info.value) and "endpoint-a" not in str(info.value)
+
+
+def test_data_whose_mapping_keys_changed_type_is_another_run(routing, tmp_path):
+    """A label {1: "a"} became {"1": "a"}: the run key read both as the same data, and the rerun with the
+    same log_dir replayed the old scores on the new data."""
+    from types import SimpleNamespace
+
+    from dspy_turbogepa.adapter.run_identity import _hashable
+    from dspy_turbogepa.store import RunStoreMismatchError
+
+    assert _hashable({1: "a"}) != _hashable({"1": "a"})
+    assert _hashable({True: "a"}) != _hashable({"True": "a"}) != _hashable({1: "a"})
+    assert _hashable({"a": 1}) == _hashable({"a": 1})
+
+    splits = small_splits(routing, n_train=12, n_val=8, n_test=0)
+
+    def labelled(key):
+        def with_label(examples):
+            return [ex.copy(extra={key: "a"}) for ex in examples]
+        return SimpleNamespace(train=with_label(splits.train), val=with_label(splits.val))
+
+    quick_compile(budget=30, data=labelled(1), log_dir=str(tmp_path))
+    with pytest.raises(RunStoreMismatchError, match="trainset|valset"):
+        quick_compile(budget=30, data=labelled("1"), log_dir=str(tmp_path))

@@ -47,10 +47,14 @@ def to_json(value: Any, leaf: Callable[[Any], Any]) -> Any:
 
 
 def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
-    """A mapping key as a string: a primitive as ``str()``; anything else (a tuple, a frozenset, whose
-    ``str()`` order follows the per-process string hash) through the same walk as values."""
-    if key is None or isinstance(key, (bool, int, float, str)):
-        return str(key)
+    """A mapping key as a string: a string as itself, another primitive with its type (``{1: "a"}`` and
+    ``{"1": "a"}`` are other data: the run key took one for the other, and a rerun on the changed data
+    replayed the old scores); anything else (a tuple, a frozenset, whose ``str()`` order follows the
+    per-process string hash) through the same walk as values."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return f"<{type(key).__name__}>{key!r}"
     return json.dumps(to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 
 
