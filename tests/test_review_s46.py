@@ -330,3 +330,38 @@ def test_data_whose_mapping_keys_changed_type_is_another_run(routing, tmp_path):
     quick_compile(budget=30, data=labelled(1), log_dir=str(tmp_path))
     with pytest.raises(RunStoreMismatchError, match="trainset|valset"):
         quick_compile(budget=30, data=labelled("1"), log_dir=str(tmp_path))
+
+
+def test_a_step_input_that_is_the_examples_own_field_is_stored_by_name(routing, tmp_path):
+    """Every evaluation's row held its steps' inputs in full: an image input (3 MB of base64) made the store
+    grow by that at every metric call (117 MB after 40 calls). An input that is the example's field is
+    stored by the field's name and read back from the example."""
+    import sqlite3
+
+    from dspy_turbogepa.adapter.trajectory_json import trajectory_from_json, trajectory_to_json
+
+    from helpers import make_evaluator
+
+    ev, codec = make_evaluator(routing, max_workers=2)
+
+    async def main():
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            return await ev.evaluate(codec.seed_texts(), "seed", "train", 0, True)
+
+    try:
+        live = asyncio.run(main()).trajectory
+    finally:
+        ev.close()
+    text = trajectory_to_json(live)
+    assert live.example.ticket not in text
+    back = trajectory_from_json(text, live.example, codec, "seed", codec.seed_texts())
+    assert back.steps[0].inputs == live.steps[0].inputs == {"ticket": live.example.ticket}
+    assert back.raw_trace[0][1]["ticket"] is live.example.ticket
+
+    # through a compile: no stored row repeats its example's input
+    data = small_splits(routing, n_train=12, n_val=8, n_test=0)
+    quick_compile(budget=40, data=data, log_dir=str(tmp_path))
+    with sqlite3.connect(tmp_path / "run.sqlite3") as db:
+        rows = [r[0] for r in db.execute("select trajectory_json from evaluations where trajectory_json is not null")]
+    tickets = [ex.ticket for ex in [*data.train, *data.val]]
+    assert rows and not any(t in row for row in rows for t in tickets)

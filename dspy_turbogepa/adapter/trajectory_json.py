@@ -461,7 +461,8 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
     payload = {
         "prediction": prediction_dict(traj.prediction),
         "steps": [
-            {"pred_name": s.pred_name, "inputs": jsonable(s.inputs), "outputs": prediction_dict(s.outputs),
+            {"pred_name": s.pred_name, "inputs": _step_inputs(s.inputs, traj.example),
+             "outputs": prediction_dict(s.outputs),
              "raw": s.raw_index, **_unnamed_signature(s)}
             for s in traj.steps
         ],
@@ -478,6 +479,33 @@ def trajectory_to_json(traj: DspyTrajectory | None) -> str | None:
         ),
     }
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+#: A step's input that is the example's own field, stored by the field's name: the examples are the run's
+#: data, which a resume has; stored again in every evaluation's row, an image input (3 MB of base64) made
+#: the store grow by its size at every metric call (117 MB after 40 calls; dspy.GEPA stores none).
+_EXAMPLE_FIELD = "__turbogepa_example_field__"
+
+
+def _step_inputs(inputs: Mapping[str, Any], example: Any) -> dict[str, Any]:
+    store = getattr(example, "_store", None)
+    if not isinstance(store, dict):
+        return jsonable(dict(inputs))
+    missing = object()
+    return {name: {_EXAMPLE_FIELD: name} if store.get(name, missing) is value else jsonable(value)
+            for name, value in inputs.items()}
+
+
+def _example_fields(inputs: Mapping[str, Any], example: Any) -> dict[str, Any]:
+    """The stored inputs with :data:`_EXAMPLE_FIELD` references read back from ``example``."""
+    store = getattr(example, "_store", None)
+    if not isinstance(store, dict):
+        return dict(inputs)
+    out = {}
+    for name, value in inputs.items():
+        field = value.get(_EXAMPLE_FIELD) if isinstance(value, dict) and len(value) == 1 else None
+        out[name] = store[field] if isinstance(field, str) and field in store else value
+    return out
 
 
 def _unnamed_signature(step: Any) -> dict[str, Any]:
@@ -526,7 +554,7 @@ def trajectory_from_json(
     program = codec.get(fingerprint, texts).program
     token = _PROGRAM_TOOLS.set(_ProgramTools(program))
     try:
-        steps, raw = _steps_from_json(data, dict(all_named_predictors(program)))
+        steps, raw = _steps_from_json(data, dict(all_named_predictors(program)), example)
         pred_data = data.get("prediction")
         prediction = prediction_from(pred_data) if pred_data is not None else None
         returned = data.get("metric_return")  # absent in rows written before it was stored
@@ -551,7 +579,7 @@ def trajectory_from_json(
 
 
 def _steps_from_json(
-    data: Mapping[str, Any], predictors: Mapping[str, Any]
+    data: Mapping[str, Any], predictors: Mapping[str, Any], example: Any = None
 ) -> tuple[list[TraceStep], list[tuple[Any, dict[str, Any], Any]]]:
     steps: list[TraceStep] = []
     raw: list[tuple[Any, dict[str, Any], Any]] = []
@@ -566,7 +594,8 @@ def _steps_from_json(
         stored = s.get("raw")
         index = stored if type(stored) is int and stored >= 0 else None
         if index is None or index != previous:
-            raw.append((pred, _revive(dict(s.get("inputs") or {})), prediction_from(dict(s.get("outputs") or {}))))
+            revived = _revive(dict(s.get("inputs") or {}))
+            raw.append((pred, _example_fields(revived, example), prediction_from(dict(s.get("outputs") or {}))))
         previous = index
         _, inputs, outputs = raw[-1]
         steps.append(TraceStep(s["pred_name"], pred, dict(inputs), outputs, len(raw) - 1))
