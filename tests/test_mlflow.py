@@ -490,6 +490,38 @@ def test_the_evaluations_handed_to_mlflow_are_masked_and_other_callbacks_get_the
     assert key in plain.events[1][2].results[0][0].q
 
 
+def test_eval_full_runs_are_numbered_by_candidate_when_another_compile_shares_mlflows_count(local_tracking,
+                                                                                           monkeypatch):
+    """autolog's callback is one object per process, with one count behind ``eval_full_<k>``: two compiles
+    at once in threads took turns (one got eval_full_0, 3, 5 ..., the other 1, 2, 4 ...), and the step of
+    ``eval_full`` on each compile run was not its candidate's index. The run and the step are renumbered."""
+    import dspy
+    import mlflow
+    from mlflow.dspy import callback as mlflow_callback
+
+    monkeypatch.setattr(mlflow_callback, "get_autologging_config", lambda flavor, key, default=None: True)
+    cb = mlflow_callback.MlflowCallback()
+    cb.optimizer_stack_level = 1  # inside a compile, as autolog's patched compile sets it
+    cb._evaluation_counter["eval_full"] = 3  # another compile's candidates took 0-2
+
+    def build(texts):
+        program = dspy.Predict("q -> a")
+        program.signature = program.signature.with_instructions(texts["self"])
+        return program
+
+    val = [dspy.Example(q="q", a="x").with_inputs("q")]
+    pump = CompileThreadCallbackPump(build, val, callbacks=[cb])
+    with mlflow.start_run() as parent:
+        for index in (0, 1):
+            pump.on_candidate(_record(index, {0: 1.0}, texts={"self": f"Answer {index}."}))
+        assert pump.drain() == 2
+    client = mlflow.MlflowClient()
+    nested = client.search_runs([parent.info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in nested) == ["eval_full_0", "eval_full_1"]
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "eval_full")) == [0, 1]
+
+
 def test_tracker_without_mlflow_warns_once_and_does_nothing(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
     with caplog.at_level(logging.WARNING):

@@ -163,6 +163,7 @@ class CompileThreadCallbackPump(EngineObserver):
                         # not be ended, and the compile run would stay RUNNING and active
                         with dspy.context(lm=masked_lm(dspy.settings.lm)), ctrl_c_held(second_press_escapes=True):
                             cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
+                            _numbered_as_candidate(cb, call_id, record.index)
                     else:
                         cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
                 except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
@@ -202,6 +203,25 @@ class CompileThreadCallbackPump(EngineObserver):
                            what, describe_error(exc))
         else:
             logger.debug("%s:\n%s", what, describe_traceback(exc))
+
+
+def _numbered_as_candidate(cb: Any, call_id: str, index: int) -> None:
+    """Give the ``eval_full_<k>`` run MLflow just started, and the step of its score on the compile run,
+    the candidate's index. MLflow numbers them from one count per process (its autolog callback is one
+    object): two compiles at once in threads took turns (0, 3, 5 ... and 1, 2, 4 ...), where the docs
+    promise ``k`` = candidate. Reads MLflow's own bookkeeping (the tested 3.17 line); absent, nothing
+    is renamed."""
+    steps = getattr(cb, "_call_id_to_metric_key", None)
+    started = getattr(cb, "_eval_runs_started", ())
+    if not isinstance(steps, dict):
+        return
+    held = steps.get(call_id)
+    if not (isinstance(held, tuple) and len(held) == 2) or held[1] == index or call_id not in started:
+        return
+    import mlflow
+
+    steps[call_id] = (held[0], index)
+    mlflow.set_tag("mlflow.runName", f"{held[0]}_{index}")  # the nested run it started is this thread's active one
 
 
 def is_mlflow_callback(cb: Any) -> bool:
