@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dspy
 
 
@@ -21,6 +23,45 @@ def make_evaluator(task, program=None, *, n: int = 4, metric=None, failure_score
     ev = DspyEvaluator(codec, {"train": examples, "val": examples}, metric or task.metric, failure_score,
                        max_workers=max_workers, **kw)
     return ev, codec
+
+
+def seed_trajectory(task, program=None):
+    """The seed program's traced trajectory on the first training example (the evaluator's own path,
+    on the fake student LM), and the codec to rebuild it with."""
+    import asyncio
+
+    from dspy_turbogepa.testing import make_student_lm
+
+    ev, codec = make_evaluator(task, program, max_workers=2)
+
+    async def main():
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
+            return await ev.evaluate(codec.seed_texts(), "seed", "train", 0, True)
+
+    try:
+        return asyncio.run(main()).trajectory, codec
+    finally:
+        ev.close()
+
+
+@contextlib.contextmanager
+def no_logging_configured(monkeypatch):
+    """A process that configured no logging (pytest's capture handler on the root logger is one): no
+    root or package handler, the root at WARNING. Levels set through setLevel, which clears the loggers'
+    cached thresholds, and put back the same way."""
+    import logging
+
+    package = logging.getLogger("dspy_turbogepa")
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(package, "handlers", [])
+    levels = {logging.root: logging.root.level, package: package.level}
+    logging.root.setLevel(logging.WARNING)
+    package.setLevel(logging.NOTSET)
+    try:
+        yield
+    finally:
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
 
 class CountingMetric:

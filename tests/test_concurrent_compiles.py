@@ -833,16 +833,10 @@ def test_every_compile_sharing_the_log_handler_is_numbered_a_quiet_one_too(capsy
     verbose compile neither's lines were labelled, and beside two its warnings said ``[#0]``."""
     from dspy_turbogepa.tracking.console_logs import visible_logs
 
-    # a process that configured no logging (pytest's capture handler on the root logger is one); levels
-    # set through setLevel, which clears the loggers' cached thresholds, and put back the same way
-    package = logging.getLogger("dspy_turbogepa")
-    monkeypatch.setattr(logging.root, "handlers", [])
-    monkeypatch.setattr(package, "handlers", [])
-    levels = {logging.root: logging.root.level, package: package.level}
-    logging.root.setLevel(logging.WARNING)
-    package.setLevel(logging.NOTSET)
+    from helpers import no_logging_configured
+
     log = logging.getLogger("dspy_turbogepa.labels_probe")
-    try:
+    with no_logging_configured(monkeypatch):
         for n_verbose in (1, 2):
             go, logged = threading.Barrier(n_verbose + 2), threading.Barrier(n_verbose + 2)
             entered, done = threading.Event(), threading.Event()
@@ -868,6 +862,3 @@ def test_every_compile_sharing_the_log_handler_is_numbered_a_quiet_one_too(capsy
             lines = [line for line in capsys.readouterr().err.splitlines() if "from verbose=" in line]
             labels = sorted(line.split(": ", 1)[1].split("]")[0] + "]" for line in lines)
             assert labels == sorted(f"[#{i}]" for i in range(1, n_verbose + 2)), lines
-    finally:
-        for logger, level in levels.items():
-            logger.setLevel(level)

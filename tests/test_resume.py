@@ -1720,12 +1720,11 @@ def test_a_trace_entry_matched_to_two_predictors_comes_back_once(routing):
     """A call made by a per-call copy whose signature equals two predictors' is one entry of the rollout's
     trace and a step under each name. The store keeps steps; a reload rebuilt one trace entry per step,
     so a resumed run handed the metric's feedback call a trace with that call twice."""
-    import asyncio
     import copy
 
     from dspy_turbogepa.adapter.trajectory_json import trajectory_from_json, trajectory_to_json
 
-    from helpers import make_evaluator
+    from helpers import seed_trajectory
 
     (_, seed_predictor), = routing.make_program().named_predictors()
 
@@ -1738,16 +1737,7 @@ def test_a_trace_entry_matched_to_two_predictors_comes_back_once(routing):
         def forward(self, ticket):
             return copy.deepcopy(self.first)(ticket=ticket)  # a fresh copy: matched by signature
 
-    ev, codec = make_evaluator(routing, Twins(), max_workers=2)
-
-    async def main():
-        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
-            return await ev.evaluate(codec.seed_texts(), "seed", "train", 0, True)
-
-    try:
-        live = asyncio.run(main()).trajectory
-    finally:
-        ev.close()
+    live, codec = seed_trajectory(routing, Twins())
     assert [s.pred_name for s in live.steps] == ["first", "second"] and len(live.raw_trace) == 1
     back = trajectory_from_json(trajectory_to_json(live), live.example, codec, "seed", codec.seed_texts())
     assert [s.pred_name for s in back.steps] == ["first", "second"]

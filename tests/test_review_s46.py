@@ -16,69 +16,65 @@ from dspy_turbogepa.adapter.lm_copies import RolloutUsage, model_is_priced
 from dspy_turbogepa.testing import make_reflection_lm, make_student_lm
 from dspy_turbogepa.testing.fake_lm import AsyncSimEngine, SimEngine
 
-from helpers import quick_compile, small_splits
+from helpers import no_logging_configured, quick_compile, small_splits
+
+
+class _AppLoopRouting(dspy.Module):
+    """The routing program, waiting on an object of the application's own event loop (a connection pool's
+    waiter warmed there) for tickets about refunds, in ``forward`` through an ``asyncio.run`` of its own
+    (and in ``aforward`` in the subclass)."""
+
+    def __init__(self, instructions, app_loop):
+        super().__init__()
+        self.route = dspy.Predict(dspy.Signature("ticket -> queue", instructions))
+        self.app_loop = app_loop
+
+    def forward(self, ticket):
+        if "refund" in ticket.lower():
+            async def wait():
+                await self.app_loop.create_future()
+            asyncio.run(wait())
+        return self.route(ticket=ticket)
+
+
+class _AppLoopRoutingAsync(_AppLoopRouting):
+    async def aforward(self, ticket):
+        if "refund" in ticket.lower():
+            await self.app_loop.create_future()
+        return await self.route.acall(ticket=ticket)
+
+
+def _loop_warnings(program_type, routing, reflection_lm, caplog):
+    """Compile ``program_type`` (waiting on another event loop's object) and return the run's failures and
+    the warnings that quote asyncio's "attached to a different loop"."""
+    app_loop = asyncio.new_event_loop()
+    splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
+    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=reflection_lm, num_threads=4,
+                    track_stats=True, verbose=False)
+    try:
+        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
+                caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+            out = opt.compile(program_type(routing.seed_instructions["route"], app_loop),
+                              trainset=splits.train, valset=splits.val)
+    finally:
+        app_loop.close()
+    warned = [r.getMessage() for r in caplog.records if "different loop" in r.getMessage()]
+    return out.detailed_results.run_stats["failures"], warned
 
 
 def test_an_async_object_of_another_event_loop_is_explained_in_the_failure(routing, reflection_lm, caplog):
     """A program whose aforward awaits something made on the application's own event loop (a pooled async
     client warmed there) fails on the engine's loop with asyncio's "attached to a different loop", which
     names neither loop: the failure says where aforward runs and what to do."""
-    app_loop = asyncio.new_event_loop()  # e.g. a connection pool's waiters, made on the app's loop
-
-    class AppBound(dspy.Module):
-        def __init__(self):
-            super().__init__()
-            self.route = dspy.Predict(dspy.Signature("ticket -> queue", routing.seed_instructions["route"]))
-
-        def forward(self, ticket):
-            return self.route(ticket=ticket)
-
-        async def aforward(self, ticket):
-            if "refund" in ticket.lower():
-                await app_loop.create_future()
-            return await self.route.acall(ticket=ticket)
-
-    splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
-    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=reflection_lm, num_threads=4,
-                    track_stats=True, verbose=False)
-    try:
-        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
-                caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
-            out = opt.compile(AppBound(), trainset=splits.train, valset=splits.val)
-    finally:
-        app_loop.close()
-    assert out.detailed_results.run_stats["failures"].get("program_error")
-    warned = [r.getMessage() for r in caplog.records if "different loop" in r.getMessage()]
+    failures, warned = _loop_warnings(_AppLoopRoutingAsync, routing, reflection_lm, caplog)
+    assert failures.get("program_error")
     assert warned and all("TurboGEPA's own event loop" in m for m in warned), warned
 
 
 def test_the_event_loop_hint_is_not_given_to_a_program_without_aforward(routing, reflection_lm, caplog):
     """A sync program running asyncio itself on an object of another loop fails the same way under dspy.GEPA;
     it has no aforward, and the hint that blamed one pointed the wrong way."""
-    app_loop = asyncio.new_event_loop()
-
-    class SyncUsingAsyncio(dspy.Module):
-        def __init__(self):
-            super().__init__()
-            self.route = dspy.Predict(dspy.Signature("ticket -> queue", routing.seed_instructions["route"]))
-
-        def forward(self, ticket):
-            if "refund" in ticket.lower():
-                async def wait():
-                    await app_loop.create_future()
-                asyncio.run(wait())
-            return self.route(ticket=ticket)
-
-    splits = small_splits(routing, n_train=20, n_val=12, n_test=0)
-    opt = TurboGEPA(routing.metric, max_metric_calls=40, reflection_lm=reflection_lm, num_threads=4,
-                    track_stats=True, verbose=False)
-    try:
-        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)), \
-                caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
-            opt.compile(SyncUsingAsyncio(), trainset=splits.train, valset=splits.val)
-    finally:
-        app_loop.close()
-    warned = [r.getMessage() for r in caplog.records if "different loop" in r.getMessage()]
+    _, warned = _loop_warnings(_AppLoopRouting, routing, reflection_lm, caplog)
     assert warned and not any("own event loop" in m for m in warned), warned
 
 
@@ -214,25 +210,14 @@ def test_two_compiles_whose_log_dirs_end_in_the_same_name_are_told_apart(capsys,
     """runs/pipeline/logs and runs/pricing/logs at once: both compiles' lines said ``[logs]``."""
     from dspy_turbogepa.tracking.console_logs import visible_logs
 
-    # a process that configured no logging (as in test_concurrent_compiles' labelling test)
-    package = logging.getLogger("dspy_turbogepa")
-    monkeypatch.setattr(logging.root, "handlers", [])
-    monkeypatch.setattr(package, "handlers", [])
-    levels = {logging.root: logging.root.level, package: package.level}
-    logging.root.setLevel(logging.WARNING)
-    package.setLevel(logging.NOTSET)
     log = logging.getLogger("dspy_turbogepa.labels_probe")
-    try:
+    with no_logging_configured(monkeypatch), visible_logs(True, label="logs"):
+        log.info("first alone")
         with visible_logs(True, label="logs"):
-            log.info("first alone")
-            with visible_logs(True, label="logs"):
-                log.info("second")
-            with visible_logs(True, label="other"):
-                log.info("third")
-            log.info("first")
-    finally:
-        for logger, level in levels.items():
-            logger.setLevel(level)
+            log.info("second")
+        with visible_logs(True, label="other"):
+            log.info("third")
+        log.info("first")
     lines = capsys.readouterr().err.splitlines()
     said = {line.split(": ", 1)[1] for line in lines}
     assert said == {"first alone", "[logs#2] second", "[other] third", "first"}, lines
@@ -340,18 +325,9 @@ def test_a_step_input_that_is_the_examples_own_field_is_stored_by_name(routing, 
 
     from dspy_turbogepa.adapter.trajectory_json import trajectory_from_json, trajectory_to_json
 
-    from helpers import make_evaluator
+    from helpers import seed_trajectory
 
-    ev, codec = make_evaluator(routing, max_workers=2)
-
-    async def main():
-        with dspy.context(lm=make_student_lm(seed=0, noise=0.0)):
-            return await ev.evaluate(codec.seed_texts(), "seed", "train", 0, True)
-
-    try:
-        live = asyncio.run(main()).trajectory
-    finally:
-        ev.close()
+    live, codec = seed_trajectory(routing)
     text = trajectory_to_json(live)
     assert live.example.ticket not in text
     back = trajectory_from_json(text, live.example, codec, "seed", codec.seed_texts())
