@@ -642,7 +642,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                                        max_workers=config.max_reflections_in_flight, price_table=self.price_table,
                                        seed=self.seed,
                                        components_seen_running=getattr(evaluator, "components_seen_running", None),
-                                       perfect_score=self.perfect_score)
+                                       perfect_score=self.perfect_score,
+                                       usage_noted=getattr(evaluator, "usage_noted", None))
         cleanup.callback(reflector.close)
         store, observers, known_evals, known_props, plan_budgets = self._open_store(
             codec.student, codec, train, val, cleanup, budget, config)

@@ -65,5 +65,6 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
 def data(n: int, offset: int = 0) -> list[dspy.Example]:
     import numpy as np  # an array field: keyed with its dtype since key format 10
 
-    return [dspy.Example(question=f"q{i}", answer=f"a{i}", ids=np.arange(i, i + 3, dtype=np.int16))
+    return [dspy.Example(question=f"q{i}", answer=f"a{i}", ids=np.arange(i, i + 3, dtype=np.int16),
+                         by_rank={1: f"a{i}"})  # a key that is not a string: keyed with its type since format 11
             .with_inputs("question") for i in range(offset, offset + n)]

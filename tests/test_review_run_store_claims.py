@@ -254,8 +254,8 @@ def test_writer_defaults_are_50_ms_and_500_rows():
     assert params["commit_interval"].default == 0.05 and params["max_batch"].default == 500
 
 
-def test_the_run_key_holds_seed_none_as_0_and_key_format_10():
-    """run_store.md, How resume uses it (1): "`seed` (`None` keyed as the 0 it runs with)"; format "10" is the
+def test_the_run_key_holds_seed_none_as_0_and_key_format_11():
+    """run_store.md, How resume uses it (1): "`seed` (`None` keyed as the 0 it runs with)"; format "11" is the
     current `key_format`; the components named: trainset, valset, seed, student, metric, failure_score, task_lm,
     reflection."""
     import dspy
@@ -266,7 +266,7 @@ def test_the_run_key_holds_seed_none_as_0_and_key_format_10():
     data = [dspy.Example(question="q", answer="a").with_inputs("question")]
     k_none = run_key(student, data, data, None)
     assert k_none == run_key(student, data, data, 0)
-    assert k_none["seed"] == "0" and k_none["key_format"] == "10"
+    assert k_none["seed"] == "0" and k_none["key_format"] == "11"
     assert set(k_none) == {"key_format", "trainset", "valset", "seed", "student", "metric", "failure_score",
                            "task_lm", "reflection"}
 

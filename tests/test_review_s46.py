@@ -87,22 +87,24 @@ class _NoUsageEngine(SimEngine):
         return Response(id=answer.id, model=answer.model, message=answer.message, finish_reason="stop", usage=Usage())
 
 
-def test_an_lm_answering_without_token_usage_is_named_once(pipeline, caplog):
-    """Its calls counted no tokens: token_budget=1000 let about 200x that be spent, and no line said so."""
+@pytest.mark.parametrize("names", [("student-x", "reflector-x"), ("shared-x", "shared-x")])
+def test_an_lm_answering_without_token_usage_is_named_once(pipeline, caplog, names):
+    """Its calls counted no tokens: token_budget=1000 let about 200x that be spent, and no line said so. One
+    model serving both the program and the reflections is named once too."""
 
-    def lm(role):
+    def lm(role, name):
         engine = _NoUsageEngine(role)
-        return dspy.LM(f"openai/{role}-x", engine=engine, async_engine=AsyncSimEngine(engine), cache=False)
+        return dspy.LM(f"openai/{name}", engine=engine, async_engine=AsyncSimEngine(engine), cache=False)
 
     splits = small_splits(pipeline, n_train=30, n_val=16, n_test=0)
-    opt = TurboGEPA(pipeline.metric, max_metric_calls=120, reflection_lm=lm("reflector"), num_threads=8,
+    opt = TurboGEPA(pipeline.metric, max_metric_calls=120, reflection_lm=lm("reflector", names[1]), num_threads=8,
                     track_stats=True, verbose=False, token_budget=1000)
-    with dspy.context(lm=lm("student")), caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+    with dspy.context(lm=lm("student", names[0])), caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
         out = opt.compile(pipeline.make_program(), trainset=splits.train, valset=splits.val)
     assert out.detailed_results.stop_reason == "max_metric_calls"
     said = sorted(r.getMessage().split(" ", 1)[0] for r in caplog.records
                   if "answered without token usage" in r.getMessage())
-    assert said == ["openai/reflector-x", "openai/student-x"], said
+    assert said == sorted({f"openai/{name}" for name in names}), said
 
 
 def test_answers_from_dspys_cache_are_not_called_answers_without_usage(routing, caplog):
@@ -341,3 +343,16 @@ def test_a_step_input_that_is_the_examples_own_field_is_stored_by_name(routing, 
         rows = [r[0] for r in db.execute("select trajectory_json from evaluations where trajectory_json is not null")]
     tickets = [ex.ticket for ex in [*data.train, *data.val]]
     assert rows and not any(t in row for row in rows for t in tickets)
+
+
+def test_a_str_enum_key_is_not_its_value():
+    """Keys of a (str, Enum) hashed as the plain string of their value would make {Lang.EN: x} the data
+    {"en": x}: the collision the typed keys remove, brought back by a str subclass."""
+    import enum
+
+    from dspy_turbogepa.adapter.run_identity import _hashable
+
+    class Lang(str, enum.Enum):
+        EN = "en"
+
+    assert _hashable({Lang.EN: "x"}) != _hashable({"en": "x"})

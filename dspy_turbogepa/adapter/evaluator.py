@@ -256,7 +256,9 @@ class DspyEvaluator:
         )
         self._stats = RateLimitStats()
         self._retry_logged = FirstOfKind()  # error types whose transient retry was logged at INFO
-        self._output_noted = FirstOfKind()  # one-time warnings about what the program and its LMs returned
+        self._output_noted = FirstOfKind()  # one-time warnings about what the program returned
+        #: models already named as answering without token usage (shared with the reflections)
+        self.usage_noted = FirstOfKind()
         #: Components some rollout of this compile called (see components_seen_running)
         self._ran: set[str] = set()
         self._components = set(codec.seed_texts())
@@ -499,7 +501,7 @@ class DspyEvaluator:
             return await loop.run_in_executor(
                 self._pool, ctx.run, self._attempt_sync, program, names, example, example_id, split, capture, lm
             )
-        with rollout_usage(self._prices, self._output_noted) as usage:
+        with rollout_usage(self._prices, self.usage_noted) as usage:
             pred, raw_trace, error = await self._run_async(program, example, capture, lm)
             raw_trace = self._note_ran(names, raw_trace, capture)
             _attach_usage(pred, usage)
@@ -547,7 +549,7 @@ class DspyEvaluator:
         self, program: dspy.Module, names: PredictorNames, example: dspy.Example, example_id: int, split: Split,
         capture: bool, lm: Any,
     ) -> _Attempt:
-        with rollout_usage(self._prices, self._output_noted) as usage:
+        with rollout_usage(self._prices, self.usage_noted) as usage:
             pred, raw_trace, error = self._run_sync(program, example, capture, lm)
             raw_trace = self._note_ran(names, raw_trace, capture)
             _attach_usage(pred, usage)
@@ -631,7 +633,7 @@ class DspyEvaluator:
 
     # ------------------------------------------------------------------ scoring
     def _score_tracked(self, *args: Any) -> tuple[EvalOutcome, int, RolloutUsage]:
-        with rollout_usage(self._prices, self._output_noted) as usage:
+        with rollout_usage(self._prices, self.usage_noted) as usage:
             outcome, retries = self._score(*args)
         return outcome, retries, usage
 

@@ -635,9 +635,10 @@ def _without_samples(schema: Any, names: bool = False) -> Any:
 #: 9: every LM setting but transport and credentials, the functions under decorators, and the literal
 #: module constants the user's functions read; 10: credentials in a module's or adapter's settings, a
 #: ``partial``'s arguments and the objects bound into it masked, an array's dtype, pyarrow and pandas
-#: containers by their values, an LM's model_type, developer role, custom engine and user-written class).
+#: containers by their values, an LM's model_type, developer role, custom engine and user-written class;
+#: 11: a mapping's keys other than plain strings hashed with their type: {1: x} was {"1": x}).
 #: A pinned key in tests/test_run_key_format.py fails when the computation changes and this is not bumped.
-RUN_KEY_FORMAT = "10"
+RUN_KEY_FORMAT = "11"
 
 #: The run key's part for what a reflection's answer depends on (the reflection LM, the proposer, ...):
 #: per session (``RunStore.open``'s ``session_parts``): no stored score depends on it, and the proposals

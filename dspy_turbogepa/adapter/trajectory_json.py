@@ -51,9 +51,9 @@ def _key(key: Any, leaf: Callable[[Any], Any]) -> str:
     ``{"1": "a"}`` are other data: the run key took one for the other, and a rerun on the changed data
     replayed the old scores); anything else (a tuple, a frozenset, whose ``str()`` order follows the
     per-process string hash) through the same walk as values."""
-    if isinstance(key, str):
+    if type(key) is str:
         return key
-    if key is None or isinstance(key, (bool, int, float)):
+    if key is None or isinstance(key, (bool, int, float, str)):  # a str or int Enum member: its repr names it
         return f"<{type(key).__name__}>{key!r}"
     return json.dumps(to_json(key, leaf), sort_keys=True, ensure_ascii=False, default=str)
 

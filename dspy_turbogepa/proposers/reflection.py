@@ -88,8 +88,12 @@ class ReflectiveProposer:
         transient_policy: RetryPolicy = TRANSIENT_POLICY,
         components_seen_running: Callable[[], frozenset[str]] | None = None,
         perfect_score: float | None = None,
+        usage_noted: FirstOfKind | None = None,
     ) -> None:
-        """``components_seen_running``: the components some rollout of the run called so far (the
+        """``usage_noted``: the compile's note of the models already named as answering without token
+        usage (the evaluator's: a model that is also the task LM is named once).
+
+        ``components_seen_running``: the components some rollout of the run called so far (the
         evaluator's); with it, a proposal with nothing to read on components that never ran anywhere
         says so (``ProposalOutcome.not_run``), which stops a run whose program does not call them.
 
@@ -122,6 +126,7 @@ class ReflectiveProposer:
         self._fatal = FATAL_ERROR_TYPES
         #: error types already reported at WARNING (a failing reflection LM fails the same way each time)
         self._reported_errors = FirstOfKind()
+        self._usage_noted = usage_noted if usage_noted is not None else FirstOfKind()
         #: what the reflection LM's context window was seen to hold, per predictor
         self._fit = ContextFit()
         self._perfect = perfect_score
@@ -183,7 +188,7 @@ class ReflectiveProposer:
         # metric's feedback call (an LLM judge inside the metric) runs on the user's own LM settings. Its
         # tokens and cost still count toward the reflection's (token and dollar budgets must see them);
         # its calls are not reflection LM calls.
-        with rollout_usage(self._prices, self._reported_errors) as judge:
+        with rollout_usage(self._prices, self._usage_noted) as judge:
             dataset = self._dataset(parent_texts, components, outcomes, random.Random(seed))
         if isinstance(dataset, ProposalOutcome):
             return dataclasses.replace(
@@ -195,7 +200,7 @@ class ReflectiveProposer:
         # Our copy of the reflection LM shares its history (and retries) but reports each call's cost,
         # which DSPy keeps only in history entries, to the usage box: cost_budget_usd counts reflections.
         lm = self._lm_copies.get(self._reflection_lm or dspy.settings.lm)
-        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices, self._reported_errors) as usage:
+        with dspy.context(lm=lm, callbacks=callbacks), rollout_usage(self._prices, self._usage_noted) as usage:
             # every selected component, as dspy.GEPA asks (a custom proposer may rewrite one that has no
             # traces in this minibatch from other context; dspy's own proposer skips those itself)
             outcome = self._propose(parent_texts, dataset, [o.score for o in outcomes], list(components))
