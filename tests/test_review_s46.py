@@ -356,3 +356,30 @@ def test_a_str_enum_key_is_not_its_value():
         EN = "en"
 
     assert _hashable({Lang.EN: "x"}) != _hashable({"en": "x"})
+
+
+def test_a_parents_service_failure_on_the_minibatch_does_not_make_its_child_look_better():
+    """A service failure stays in the run's cache: a parent's 503 during a burst scored failure_score on that
+    example for the rest of the run, and every child tried on it then gained a point there, whatever it was
+    (dspy.GEPA evaluates the parent again on each minibatch). The rung-0 test leaves out the examples the
+    service failed for either side: children that change nothing are never passed."""
+    from engine.fakes import FakeEvaluator, FakeReflector, Setup, make_config, run_fakes
+
+    from dspy_turbogepa.engine import EvalOutcome
+
+    setup = Setup()
+    seed_fp = setup.seed().fingerprint
+
+    class SeedUnservedOnOneExample(FakeEvaluator):
+        async def evaluate(self, texts, fingerprint, split, example_id, capture_traces):
+            outcome = await super().evaluate(texts, fingerprint, split, example_id, capture_traces)
+            if fingerprint == seed_fp and split == "train" and example_id == 5:  # the seed answers it right
+                return EvalOutcome(example_id, 0.0, failure="program_error", error_type="LMServerError",
+                                   message="503 Service Unavailable", service_failure=True)
+            return outcome
+
+    evaluator = SeedUnservedOnOneExample(setup.task)
+    _, orch, _, _ = run_fakes(make_config(max_metric_calls=150, minibatch_sampling="epoch"), setup, evaluator=evaluator,
+                              reflector=FakeReflector(mode="noise"))
+    assert any(key == (seed_fp, "train", 5) for key in evaluator.calls)  # a minibatch held it
+    assert sum(orch.stats.survived_rung0_by_kind.values()) == 0

@@ -123,6 +123,15 @@ class _PooledBefore:
         return index is not None and index < self._n
 
 
+def _served_sums(parent_outs: Sequence[EvalOutcome], child_outs: Sequence[EvalOutcome]) -> tuple[float, float]:
+    """The parent's and a child's minibatch sums over the examples the LM service answered for both. A
+    service failure says nothing of either program, and stays in the cache for the run: a parent's
+    failure during a burst of 503s made every later child tried on that example look better."""
+    kept = [(p.score, c.score) for p, c in zip(parent_outs, child_outs, strict=True)
+            if not (p.service_failure or c.service_failure)]
+    return sum(p for p, _ in kept), sum(c for _, c in kept)
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -1114,15 +1123,17 @@ class Orchestrator:
             outs_per_child = await all_of(
                 *(self._evaluations.many(c, "train", plan.minibatch, plan.seq, result.requested) for c in fresh)
             )
-        parent_sum = sum(parent_scores)
-        sums = [sum(o.score for o in outs) for outs in outs_per_child]
+        pairs = [_served_sums(parent_outs, outs) for outs in outs_per_child]
         for c, outs in zip(fresh, outs_per_child):
             result.train_scores.extend((c.fingerprint, i, o.score) for i, o in zip(plan.minibatch, outs)
                                        if self._informative(o))
         result.children_tried = len(fresh)
-        result.children_passed = sum(self._beats_parent(total, parent_sum) for total in sums)
-        best = max(range(len(fresh)), key=lambda j: (sums[j], -j))  # the earliest draw wins ties
-        child, child_sum = fresh[best], sums[best]
+        result.children_passed = sum(self._beats_parent(child_total, parent_total)
+                                     for parent_total, child_total in pairs)
+        # the earliest draw wins ties; by margin when two children's sums leave out different examples
+        same_parent = len({parent_total for parent_total, _ in pairs}) == 1
+        best = max(range(len(fresh)), key=lambda j: (pairs[j][1] - (0.0 if same_parent else pairs[j][0]), -j))
+        child, (parent_sum, child_sum) = fresh[best], pairs[best]
         self._claim_child(child, plan, result)
         if not self._beats_parent(child_sum, parent_sum):
             result.status = "rejected_rung0"
