@@ -383,3 +383,29 @@ def test_a_parents_service_failure_on_the_minibatch_does_not_make_its_child_look
                               reflector=FakeReflector(mode="noise"))
     assert any(key == (seed_fp, "train", 5) for key in evaluator.calls)  # a minibatch held it
     assert sum(orch.stats.survived_rung0_by_kind.values()) == 0
+
+
+def test_an_evaluation_that_called_no_lm_does_not_break_a_down_endpoints_streak():
+    """Once the evaluator says which endpoints answer, an evaluation that names none (an example routed to
+    no LM, a program error raised before the call) broke every streak: one such evaluation per round between
+    the failures of an endpoint down for good, and the run never stopped."""
+    from dspy_turbogepa.engine import EvalOutcome, SystemicFailureError
+    from dspy_turbogepa.engine.systemic import SystemicFailureDetector
+
+    now = [0.0]
+    detector = SystemicFailureDetector(8, outage_window=4, clock=lambda: now[0], outage_min_seconds=0.0)
+    detector.observe(EvalOutcome(0, 1.0, answered_by=frozenset({"a"})), split="train")
+    with pytest.raises(SystemicFailureError, match="calling b "):
+        for _ in range(12):
+            now[0] += 1
+            detector.observe(EvalOutcome(1, 0.0, failure="program_error", service_failure=True, service_endpoint="b",
+                                         error_type="LMServerError", message="503"), split="train")
+            detector.observe(EvalOutcome(2, 1.0, answered_by=frozenset({"a"})), split="train")
+            detector.observe(EvalOutcome(3, 0.0, failure="program_error", error_type="ValueError"), split="train")
+    # an evaluator that never names endpoints keeps the one streak any answer breaks
+    legacy = SystemicFailureDetector(8, outage_window=4, clock=lambda: now[0], outage_min_seconds=0.0)
+    legacy.observe(EvalOutcome(0, 1.0), split="train")
+    for _ in range(12):
+        legacy.observe(EvalOutcome(1, 0.0, failure="program_error", service_failure=True, message="503"),
+                       split="train")
+        legacy.observe(EvalOutcome(2, 1.0), split="train")

@@ -155,6 +155,8 @@ class SystemicFailureDetector:
         self.outage_window = max(1, window if outage_window is None else outage_window)
         #: the outage rule's streaks, by endpoint (None: failures whose endpoint the evaluator did not say)
         self._service_streaks: dict[str | None, _Streak] = {}
+        #: whether the evaluator says which endpoints answered or failed (see _observe_service)
+        self._endpoints_said = False
         self._clock = clock
         self._outage_min_seconds = OUTAGE_MIN_SECONDS if outage_min_seconds is None else outage_min_seconds
         self._expected = {split: frozenset(ids) for split, ids in (expected_failures or {}).items()}
@@ -411,13 +413,19 @@ class SystemicFailureDetector:
 
     def _observe_service(self, outcome: EvalOutcome) -> None:
         """The outage rule: a streak of service failures per endpoint, broken by an evaluation that endpoint
-        answered (a success, or a failure of the program or the metric). An evaluation that does not say
-        which endpoints answered it breaks every streak, as does one of a failure whose endpoint is unknown
-        (key None), which any answer breaks."""
+        answered (a success, or a failure of the program or the metric). Failures whose endpoint is unknown
+        share one streak (key None), which any answer breaks. From an evaluator that never says which
+        endpoints answered, any answer breaks every streak; from one that does, an evaluation that names
+        none (it failed, or ended, before any LM call) breaks only the unknown one: a program error raised
+        before the call, between the failures of an endpoint down for good, kept the run going."""
         streaks = self._service_streaks
         failed = outcome.failure is not None and outcome.service_failure and not outcome.fatal
+        self._endpoints_said = self._endpoints_said or bool(outcome.answered_by) or outcome.service_endpoint is not None
         if not outcome.answered_by and not failed:
-            streaks.clear()
+            if self._endpoints_said:
+                streaks.pop(None, None)
+            else:
+                streaks.clear()
             return
         if outcome.answered_by:
             for key in (*outcome.answered_by, None):
