@@ -152,8 +152,7 @@ def earlier_budgets(store: Any) -> list[int]:
     one. A session that committed no mutation and stored no proposal (stopped right after the seed, or
     as it set up) left no plan to replay and is passed over."""
     sessions = store.sessions()
-    planned = ({e.session for e in store.events("mutation_committed")}
-               | {p.session for p in store.load_proposals().values()})
+    planned = {e.session for e in store.events("mutation_committed")} | store.proposal_sessions()
     recorded = {e.session: e.payload.get("budgets") for e in store.events(PLAN_BUDGETS_EVENT)}
     for session in reversed(sessions[:-1]):  # the newest earlier session that planned anything
         if session.id not in planned:

@@ -646,6 +646,10 @@ class RunStore:
                 for r in rows
             ]
 
+    def proposal_sessions(self) -> set[int]:
+        """The sessions that stored a proposal (without decoding the proposals)."""
+        return {r[0] for r in self._read("SELECT DISTINCT session FROM proposals") if isinstance(r[0], int)}
+
     def load_proposals(self) -> dict[str, StoredProposal]:
         """Every stored proposal by key (insertion order)."""
         rows = self._read(
