@@ -124,7 +124,7 @@ def _real(value: Any) -> float | None:
         return None
     try:
         return float(value)
-    except (ValueError, OverflowError):  # a signaling NaN
+    except (ValueError, OverflowError):  # a signaling NaN, an int too large for a float: not finite
         return math.nan
 
 
@@ -1020,21 +1020,17 @@ def _check_score(name: str, value: Any, fix: str, allow_inf: bool = False) -> fl
     """The score as a float: a NumPy number (``np.float32(0)``) is one too, as dspy.GEPA accepts it, and
     must not reach the run key or summary.json as a NumPy type. ``allow_inf``: for a threshold, which is
     compared with scores and never summed, ``+inf`` means "never reached"."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):  # dspy.GEPA takes a Decimal
+    number = _real(value)  # dspy.GEPA takes a Decimal too
+    if number is None:
         raise TypeError(f"{name} must be a number, got {value!r}: {fix}.")
-    if isinstance(value, decimal.Decimal):
-        if value.is_nan():  # a signaling NaN cannot even be compared
-            value = math.nan
-        elif value.is_finite() and math.isinf(float(value)):
-            raise ValueError(f"{name} must be finite{' or inf' if allow_inf else ''}, got {value!r} (too large for a "
-                             f"float): {fix}.")
-        else:
-            value = float(value)
-    if allow_inf and value == math.inf:
+    if isinstance(value, decimal.Decimal) and value.is_finite() and math.isinf(number):
+        raise ValueError(f"{name} must be finite{' or inf' if allow_inf else ''}, got {value!r} (too large for a "
+                         f"float): {fix}.")
+    if allow_inf and number == math.inf:
         return math.inf
-    if not math.isfinite(value):
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be finite{' or inf' if allow_inf else ''}, got {value!r}: {fix}.")
-    return float(value)
+    return number
 
 
 def _kept_advice(stored: bool) -> str:
