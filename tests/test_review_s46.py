@@ -409,3 +409,10 @@ def test_an_evaluation_that_called_no_lm_does_not_break_a_down_endpoints_streak(
         legacy.observe(EvalOutcome(1, 0.0, failure="program_error", service_failure=True, message="503"),
                        split="train")
         legacy.observe(EvalOutcome(2, 1.0), split="train")
+
+
+def test_a_score_setting_too_large_for_a_float_is_refused_as_not_finite(reflection_lm):
+    """perfect_score=10**400 raised OverflowError from math.isfinite, not the argument's message."""
+    with pytest.raises(ValueError, match="perfect_score must be finite"):
+        TurboGEPA(lambda gold, pred, trace=None, pred_name=None, pred_trace=None: 1.0, max_metric_calls=10,
+                  reflection_lm=reflection_lm, perfect_score=10**400)
