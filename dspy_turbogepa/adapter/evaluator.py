@@ -82,6 +82,16 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 2000
 
+#: DSPy's own default ``max_trace_size``: a rollout's trace holds every predictor call up to this many.
+_DSPY_MAX_TRACE_SIZE = 10_000
+
+
+def _traces_every_call(cap: Any) -> bool:
+    """Whether a ``max_trace_size`` the user configured keeps a rollout's predictor calls for reflection
+    (DSPy's default does; 0 or a small cap drops them). Anything but a number DSPy can compare is left to
+    DSPy to refuse, as it would without us."""
+    return not isinstance(cap, int) or isinstance(cap, bool) or cap >= _DSPY_MAX_TRACE_SIZE
+
 
 def lacks_async_support(error: BaseException) -> bool:
     """Whether ``error`` (or one of its causes) says an LM cannot be called asynchronously: DSPy's
@@ -572,6 +582,10 @@ class DspyEvaluator:
                                     ROLLOUT_CLOSED: self._closed_event}
         if lm is not None:
             settings["lm"] = lm
+        if not _traces_every_call(dspy.settings.get("max_trace_size")):
+            # the user's cap is for their own traces (a server's memory); this list is ours, and a cap of 0
+            # left reflection nothing to read: the run stopped as "no rollout called the predictors"
+            settings["max_trace_size"] = _DSPY_MAX_TRACE_SIZE
         adapter = dspy.settings.adapter
         copied = self._copies.adapter(adapter)
         if copied is not adapter:  # its LMs are our retry-less copies too
