@@ -882,7 +882,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         if not self.log_dir:
             return None, [], None, None, None
         from dspy_turbogepa.adapter.persistence import StoreObserver, load_known
-        from dspy_turbogepa.adapter.run_identity import readable_lm, run_key
+        from dspy_turbogepa.adapter.run_identity import readable_lm, readable_task_lm, run_key
         from dspy_turbogepa.store import RunStore
         from dspy_turbogepa.store.sqlite_store import RUN_KEY_READABLE
 
@@ -899,7 +899,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         meta[PLAN_META] = _plan_of(config)
         meta[PLAN_BUDGETS_EVENT] = True  # this session records the budgets it plans with (earlier_budgets)
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
-        meta[RUN_KEY_READABLE] = {"task_lm": readable_lm(dspy.settings.lm),
+        meta[RUN_KEY_READABLE] = {"task_lm": readable_task_lm(dspy.settings.lm, dspy.settings.adapter),
                                   "reflection": readable_lm(self.reflection_lm)}
         # the reflection (LM, proposer) may change between sessions: no stored score depends on it, so a fixed
         # or swapped reflection_lm continues the run (what was stored replays; new reflections ask it)

@@ -26,3 +26,19 @@ def test_a_users_max_trace_size_does_not_starve_reflection(cap):
                 if pred.signature.instructions != pipeline.seed_instructions[name]}
     assert proposed == {"extract", "render"}, proposed
     assert out.detailed_results.best_idx > 0
+
+
+@pytest.mark.parametrize("first, then", [(None, dspy.ChatAdapter()), (dspy.ChatAdapter(), dspy.JSONAdapter())])
+def test_a_log_dir_refused_for_another_adapter_names_the_adapter(tmp_path, first, then):
+    """The adapter is keyed with the task LM; a rerun that only configured another adapter was refused as
+    "task_lm changed", showing the same model on both sides."""
+    from dspy_turbogepa.store import RunStoreMismatchError
+
+    with dspy.context(adapter=first):
+        quick_compile(budget=30, log_dir=str(tmp_path))
+    with dspy.context(adapter=then), pytest.raises(RunStoreMismatchError, match="task_lm changed") as info:
+        quick_compile(budget=30, log_dir=str(tmp_path))
+    message = str(info.value)
+    stored, now = message.split(" -> now ", 1)
+    assert f"adapter={type(then).__name__}(" in now
+    assert ("adapter: none configured" if first is None else f"adapter={type(first).__name__}(") in stored

@@ -142,6 +142,16 @@ def readable_lm(lm: Any) -> str:
     return mask_text(", ".join(parts))
 
 
+def readable_task_lm(lm: Any, adapter: Any) -> str:
+    """The run key's ``task_lm`` part as a person reads it: the LM and the configured adapter, which is
+    keyed with it. A log_dir refused because only the adapter changed said "task_lm changed" and showed
+    the same LM on both sides."""
+    if adapter is None:
+        return f"{readable_lm(lm)}; adapter: none configured (DSPy's ChatAdapter)"
+    settings = ", ".join(f"{k}={v}" for k, v in _plain_settings(adapter).items())
+    return mask_text(f"{readable_lm(lm)}; adapter={type(adapter).__qualname__}({settings})")
+
+
 def callable_identity(fn: Any) -> str:
     """A metric's or proposer's identity for the run key: an edited metric scores differently, and
     the stored scores must not be reused for it. A function is its name and its code (bytecode, the
