@@ -42,3 +42,97 @@ def test_a_log_dir_refused_for_another_adapter_names_the_adapter(tmp_path, first
     stored, now = message.split(" -> now ", 1)
     assert f"adapter={type(then).__name__}(" in now
     assert ("adapter: none configured" if first is None else f"adapter={type(first).__name__}(") in stored
+
+
+def _proposer_every_other(bad):
+    """A custom instruction proposer answering ``bad(candidate, components)`` on every other call and a new
+    text otherwise."""
+    calls = []
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            return bad(candidate, components_to_update)
+        return {c: candidate[c] + f" Rule {len(calls)}." for c in components_to_update}
+    return proposer
+
+
+@pytest.mark.parametrize("bad, kind", [(lambda cand, comps: None, "invalid_proposal"),
+                                       (lambda cand, comps: {}, "empty_proposal")])
+def test_an_unusable_proposal_mid_run_is_said_once(caplog, bad, kind):
+    """A proposer answering ``None`` (or ``{}``) on every other call wasted half its reflections with nothing
+    said above DEBUG (dspy.GEPA logs each at INFO). Now the first is a WARNING, the rest are counted."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="dspy_turbogepa"):
+        out = quick_compile(instruction_proposer=_proposer_every_other(bad), budget=80)
+    skipped = out.detailed_results.run_stats["proposal_skips"][kind]
+    said = [r for r in caplog.records if r.levelno == logging.WARNING and "answer is unusable" in r.getMessage()]
+    assert skipped >= 2
+    assert len(said) == 1 and f"proposal_skips'][{kind!r}]" in said[0].getMessage()
+
+
+def test_ignored_parts_of_proposals_are_said_once_naming_what_came():
+    """A proposer adding a ``"reasoning"`` key to every good answer gave one identical WARNING per proposal
+    (60 in a review's run); a text that is not a string was "no usable instruction", not saying what it was."""
+    import logging
+
+    from dspy_turbogepa.proposers.reflection import _validate_answer
+
+    asked = []
+
+    def proposer(candidate, reflective_dataset, components_to_update):
+        asked.append(1)
+        return {"reasoning": "why", **{c: candidate[c] + f" More {len(asked)}." for c in components_to_update}}
+
+    handler_records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            handler_records.append(record)
+
+    keep = Keep(logging.WARNING)
+    logging.getLogger("dspy_turbogepa").addHandler(keep)
+    try:
+        quick_compile(instruction_proposer=proposer, budget=80)
+    finally:
+        logging.getLogger("dspy_turbogepa").removeHandler(keep)
+    assert len(asked) >= 3
+    said = [r for r in handler_records if "Ignoring parts of a proposal" in r.getMessage()]
+    assert len(said) == 1 and "unknown component 'reasoning'" in said[0].getMessage()
+    message = _validate_answer({"a": dspy.Prediction(a="x"), "b": "new"}, {"a": "A", "b": "B"}).message
+    assert "no usable instruction for 'a' (a Prediction, expected str)" in message
+
+
+def test_an_echo_differing_only_in_whitespace_is_an_echo():
+    """DSPy reads an instruction through ``inspect.cleandoc``: the parent's text with a newline added or
+    indented builds the parent's program. It was paid for as a new candidate every time (the whole budget
+    re-evaluating the seed); it is an echo, and a proposer that only echoes stops the run as one."""
+    from dspy_turbogepa.engine.errors import SystemicFailureError
+    from dspy_turbogepa.proposers.reflection import _validate_answer
+
+    assert dict(_validate_answer({"a": "  Be brief.\n"}, {"a": "Be brief."}).texts) == {"a": "Be brief."}
+    assert dict(_validate_answer({"a": "\n  Be brief.\n  Be kind.\n"}, {"a": "x"}).texts) == {
+        "a": "Be brief.\nBe kind."}
+
+    def echo(candidate, reflective_dataset, components_to_update):
+        return {c: "  " + candidate[c] + "\n" for c in components_to_update}
+
+    with pytest.raises(SystemicFailureError, match="unchanged"):
+        quick_compile(instruction_proposer=echo, budget=200)
+
+
+def test_a_custom_base_lm_whose_forward_returns_no_response_is_told_so():
+    """DSPy reads a custom ``dspy.BaseLM`` whose ``forward`` returns ``None`` (or a dict, or text) as an answer
+    with no choices; the error blamed the service."""
+    from dspy_turbogepa.engine.errors import SystemicFailureError
+
+    class MyLM(dspy.BaseLM):
+        def __init__(self):
+            super().__init__(model="custom/student", model_type="chat", cache=False)
+
+        def forward(self, prompt=None, messages=None, **kwargs):
+            return None
+
+    with pytest.raises(SystemicFailureError, match=r"MyLM is a custom dspy.BaseLM: its forward\(\) must return"):
+        quick_compile(lm=MyLM(), budget=40)

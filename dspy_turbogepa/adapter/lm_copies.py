@@ -524,8 +524,11 @@ def _some_output(lm: Any, outputs: Any) -> Any:
 
 
 def _no_choices_error(lm: Any, cached: bool = False) -> Exception:
-    return (_CachedNoChoices if cached else LMProviderError)(
-        "the LM answered with no choices (an empty `choices` list)", model=getattr(lm, "model", None))
+    message = "the LM answered with no choices (an empty `choices` list)"
+    if not isinstance(lm, dspy.LM):  # DSPy reads a custom forward's None, dict or text as no choices too
+        message += (f"; {type(lm).__name__} is a custom dspy.BaseLM: its forward() must return an OpenAI-style "
+                    "response (an object with .choices and .usage), which DSPy reads")
+    return (_CachedNoChoices if cached else LMProviderError)(message, model=getattr(lm, "model", None))
 
 
 def _uncached(lm: Any, kwargs: Mapping[str, Any], method: str) -> dict[str, Any]:

@@ -255,11 +255,31 @@ class ReflectiveProposer:
                 return answer
             read = _as_mapping(answer)  # read once: a generator's answer is gone after one read
             if isinstance(read, str):
-                return ProposalOutcome(skipped="invalid_proposal", message=read)
+                return self._unusable(ProposalOutcome(skipped="invalid_proposal", message=read))
             texts.update(read)
-        outcome = _validate_answer(texts, parent_texts)
+        outcome = self._unusable(_validate_answer(texts, parent_texts))
         if outcome.skipped is None:
             self._fatal = FATAL_ONCE_ANSWERED  # a refused connection from now on is a restart
+        return outcome
+
+    def _unusable(self, outcome: ProposalOutcome) -> ProposalOutcome:
+        """``outcome``, its unusable answer (or the parts of one that were dropped) said at WARNING the
+        first time of each kind, later ones at DEBUG. Why: they were said at DEBUG only (or, for dropped
+        parts, at WARNING on every proposal), so a proposer answering ``None`` on every other call wasted
+        half the paid reflections with nothing shown; dspy.GEPA logs each at INFO."""
+        if not outcome.message:
+            return outcome
+        kind = outcome.skipped or "ignored_parts"
+        if self._reported_errors.first(("unusable", kind)) and not self._closed.is_set():
+            if outcome.skipped:
+                logger.warning("The instruction proposer's answer is unusable: %s (this proposal is skipped; "
+                               "further ones are counted in run_stats['proposal_skips'][%r] and logged at "
+                               "DEBUG)", outcome.message, kind)
+            else:
+                logger.warning("Ignoring parts of a proposal: %s (the rest is used; further ones are logged at "
+                               "DEBUG)", outcome.message)
+        else:
+            logger.debug("Unusable proposal (%s): %s", kind, outcome.message)
         return outcome
 
     def _ask_fitting(
@@ -436,7 +456,11 @@ def _as_mapping(answer: Any) -> Mapping[Any, Any] | str:
 
 
 def _validate_answer(answer: Any, parent: Mapping[str, str]) -> ProposalOutcome:
-    """Texts for components the proposer was not asked about are kept, as dspy.GEPA applies them."""
+    """Texts for components the proposer was not asked about are kept, as dspy.GEPA applies them.
+
+    A text is kept as DSPy will read it (``Signature.instructions`` is ``inspect.cleandoc`` of it): a
+    parent's text with a newline added, or indented, builds the parent's program again, and was paid for
+    as a new candidate instead of being seen as an echo."""
     mapping = _as_mapping(answer)
     if isinstance(mapping, str):
         return ProposalOutcome(skipped="invalid_proposal", message=mapping)
@@ -445,14 +469,15 @@ def _validate_answer(answer: Any, parent: Mapping[str, str]) -> ProposalOutcome:
     for name, text in mapping.items():
         if name not in parent:
             problems.append(f"unknown component {name!r}")
-        elif not isinstance(text, str) or not text.strip():
-            problems.append(f"no usable instruction for {name!r}")
+        elif not isinstance(text, str):
+            problems.append(f"no usable instruction for {name!r} (a {type(text).__name__}, expected str)")
+        elif not text.strip():
+            problems.append(f"no usable instruction for {name!r} (blank text)")
         elif not valid_unicode(text):  # a lone surrogate (a cut "\ud83d" escape): no program can be built with it
             problems.append(f"no usable instruction for {name!r} (not valid Unicode: a lone surrogate)")
         else:
-            texts[name] = text
-    if problems:
-        logger.warning("Ignoring parts of a proposal: %s", "; ".join(problems))
+            cleaned = inspect.cleandoc(text)
+            texts[name] = parent[name] if cleaned == inspect.cleandoc(parent[name]) else cleaned
     if not texts:
         return ProposalOutcome(
             skipped="empty_proposal", message="; ".join(problems) or "the proposer returned no text",
