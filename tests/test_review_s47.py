@@ -136,3 +136,35 @@ def test_a_custom_base_lm_whose_forward_returns_no_response_is_told_so():
 
     with pytest.raises(SystemicFailureError, match=r"MyLM is a custom dspy.BaseLM: its forward\(\) must return"):
         quick_compile(lm=MyLM(), budget=40)
+
+
+class _RaisesOn(dspy.Module):
+    """The routing program, with downstream code that raises on some tickets."""
+
+    def __init__(self, inner, tickets):
+        super().__init__()
+        self.inner = inner
+        self.tickets = frozenset(tickets)
+
+    def forward(self, ticket):
+        out = self.inner(ticket=ticket)
+        if ticket in self.tickets:
+            raise ValueError("CRM rejected the queue")
+        return out
+
+
+def test_a_tiny_split_failing_on_every_example_says_how_little_that_is():
+    """On a 3-example trainset the first-N rule stops after 3 program errors, where the valset had a success
+    among failures; the message said the valset's evaluations "succeed", and not that 3 examples are all the
+    evidence there is, nor what to do when better instructions would avoid the error."""
+    from dspy_turbogepa.engine.errors import SystemicFailureError
+
+    routing = TASKS["routing"]
+    data = small_splits(routing, n_train=3, n_val=3, n_test=0)
+    raising = [e.ticket for e in data.train] + [data.val[0].ticket]
+    with pytest.raises(SystemicFailureError) as info:
+        quick_compile(program=_RaisesOn(routing.make_program(), raising), data=data, budget=60)
+    message = str(info.value)
+    assert "the first 3 evaluations on the trainset all failed" in message
+    assert "while some on the valset succeeded" in message
+    assert "On a split of 3 examples, that is every one" in message and "catch it in forward()" in message

@@ -504,6 +504,13 @@ class SystemicFailureDetector:
         cause = f"{failure} / {example}" if error_type and example.startswith(f"{error_type}:") else (
             f"{failure}{' / ' + error_type if error_type else ''}: {example}")
         note = self._format_note(window, only_format, final)
+        small = ""
+        if size is not None and window.count < self.window and failure == "program_error":
+            # stopped by the small-split rule: every example failing is all the evidence a tiny split gives
+            small = (f" On a split of {size} example{'s' if size != 1 else ''}, that is every one: if better "
+                     "instructions would avoid this error (the program raising on the LM's answer), catch it in "
+                     "forward() and return a prediction the metric scores low, so that reflection can read it, "
+                     "or add examples.")
         others = sorted(name for name, w in self._splits.items() if name != split and w.seen_success)
         if others and window.service == window.count:
             # not the split's data: the service stopped answering after the other split's evaluations
@@ -519,11 +526,11 @@ class SystemicFailureDetector:
             what = _SPLIT_NAMES.get(split, f"{split!r}")
             return SystemicFailureError(
                 f"Stopping: the first {window.count} evaluations on the {what} all failed ({n} of them "
-                f"with {cause}{note}), while those on the "
-                f"{' and '.join(_SPLIT_NAMES.get(o, repr(o)) for o in others)} succeed: something in the "
-                f"{what}'s examples breaks the program or the metric. Compare their fields and "
+                f"with {cause}{note}), while some on the "
+                f"{' and '.join(_SPLIT_NAMES.get(o, repr(o)) for o in others)} succeeded: something in the "
+                f"{what}'s examples may break the program or the metric. Compare their fields and "
                 "with_inputs(...) with the other split's (a label passed as an input, a field missing) "
-                "and run again.",
+                f"and run again.{small}",
                 failure=failure,
                 error_type=error_type or None,
             )
@@ -531,7 +538,7 @@ class SystemicFailureDetector:
         where = f" on the {_SPLIT_NAMES[split]}" if split in _SPLIT_NAMES and len(self._split_sizes) > 1 else ""
         return SystemicFailureError(
             f"Stopping: the first {window.count} evaluations{where} all failed ({n} of them with {cause}){note}. "
-            "Fix the program, the metric, the LM configuration or the examples' fields and run again.",
+            f"Fix the program, the metric, the LM configuration or the examples' fields and run again.{small}",
             failure=failure,
             error_type=error_type or None,
         )
