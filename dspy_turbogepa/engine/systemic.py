@@ -349,7 +349,8 @@ class SystemicFailureDetector:
         (a tool's or a validation error) finish in a millisecond, those that succeed after a round trip,
         so with many slots the first N *finished* were all failures of a healthy run (a review: 17 of
         20 runs stopped with 64 slots and 35% of examples failing so). The first-N rule judges the first
-        N *started*: its verdict waits until those have ended."""
+        N *started*: its verdict waits until those have ended, and a success started later does not
+        rescue them."""
         window = self._window(split)
         launch = window.launches
         window.launches += 1
@@ -369,13 +370,17 @@ class SystemicFailureDetector:
         what :meth:`launched` returned for it (None: not tracked)."""
         if launch is not None:
             self._window(split).early_running.discard(launch)
-        self._sticky(lambda: self._observe(outcome, candidate, split))
+        self._sticky(lambda: self._observe(outcome, candidate, split, launch))
 
-    def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
+    def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str, launch: int | None) -> None:
         window = self._window(split)
         self._observe_service(outcome)
         if outcome.failure is None:
-            window.seen_success = True
+            # a success started after the first N does not decide their verdict while they still run:
+            # whether it answered before the last of them (its LM's timing) stopped one run and not the
+            # same run again (a review: 5 of 8 identical deterministic runs stopped)
+            if launch is None or launch < self.window or not window.early_running:
+                window.seen_success = True
             self._scoring_errors_since_usable = 0  # the metric scores: it is not broken
             return
         if outcome.fatal and outcome.failure == "rate_limited":

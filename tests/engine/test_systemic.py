@@ -521,3 +521,19 @@ def test_the_first_n_verdict_names_the_split_when_there_are_two() -> None:
                 "AttributeError: reply). Fix" in str(info.value)) is named
         assert ("the first 3 evaluations all failed (" in str(info.value)) is not named
         assert "or the examples' fields" in str(info.value)
+
+
+def test_a_success_started_after_the_first_n_does_not_decide_their_verdict() -> None:
+    """A reproducibility review: whether the first N started all failing stopped the run depended on a
+    success started later answering before the last of them (5 of 8 identical deterministic runs with
+    0-20 ms of LM jitter stopped, 3 returned a program). The verdict is on the first N started alone."""
+    for success_first in (True, False):
+        det = SystemicFailureDetector(window=2)
+        first, second, third = det.launched("train"), det.launched("train"), det.launched("train")
+        if success_first:
+            det.observe(EvalOutcome(9, 1.0), split="train", launch=third)
+        det.observe(fail(example_id=5), split="train", launch=first)
+        with pytest.raises(SystemicFailureError, match="first 2 evaluations"):
+            det.observe(fail(example_id=6), split="train", launch=second)
+            if not success_first:
+                det.observe(EvalOutcome(9, 1.0), split="train", launch=third)
