@@ -545,6 +545,16 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 "The budget (%d metric calls) covers only the seed's validation on the valset (%d examples): "
                 "nothing is left for the search, and the seed program will be returned. Raise max_metric_calls "
                 "(or max_full_evals, or use auto=...).", budget, len(val))
+        mutation = 2 * min(self.reflection_minibatch_size or 3, len(train)) + len(val)
+        if self.strict_budget and len(val) < budget < len(val) + mutation:
+            # the engine starts a mutation only when its worst case fits: here none ever can, and the run
+            # ended at the budget with nothing said
+            logger.warning(
+                "strict_budget=True: the %d metric calls left after the seed's validation are fewer than one "
+                "mutation's worst case (%d: its parent and child on a minibatch of %d, then the child on the "
+                "valset of %d), so no mutation will run and the seed program will be returned. Raise "
+                "max_metric_calls to at least %d, or pass strict_budget=False.",
+                budget - len(val), mutation, (mutation - len(val)) // 2, len(val), len(val) + mutation)
         if budget < len(val):
             raise ValueError(
                 f"The budget ({budget} metric calls) does not cover one evaluation of the seed on the valset "

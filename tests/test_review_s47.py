@@ -168,3 +168,20 @@ def test_a_tiny_split_failing_on_every_example_says_how_little_that_is():
     assert "the first 3 evaluations on the trainset all failed" in message
     assert "while some on the valset succeeded" in message
     assert "On a split of 3 examples, that is every one" in message and "catch it in forward()" in message
+
+
+@pytest.mark.parametrize("budget, warned", [(8 + 13, True), (8 + 14, False)])
+def test_a_strict_budget_too_small_for_one_mutation_is_said(caplog, budget, warned):
+    """``strict_budget=True`` with room after the seed's validation for no mutation's worst case ran
+    nothing and said nothing (the non-strict ``max_metric_calls == len(valset)`` case warns)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        out = quick_compile(budget=budget, strict_budget=True)
+    said = [r.getMessage() for r in caplog.records if "strict_budget=True" in r.getMessage()]
+    mutated = len(out.detailed_results.candidates) > 1 or sum(out.detailed_results.run_stats["mutations"].values())
+    if warned:
+        assert said and "fewer than one mutation's worst case (14" in said[0] and "at least 22" in said[0]
+        assert not mutated
+    else:
+        assert not said and mutated
