@@ -694,6 +694,13 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         )
         if tracker is not None:
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
+        if pump is not None:
+            def stop_while_mlflow_answers() -> None:
+                logger.warning("Interrupted: no new mutation will start; the press takes effect once MLflow's "
+                               "callback under way returns (press Ctrl-C again to abort at once).")
+                orchestrator.request_stop("interrupted")
+
+            pump.on_press = stop_while_mlflow_answers
         if live_plots is not None:
             live_plots.bind(orchestrator.snapshot)
 

@@ -185,3 +185,88 @@ def test_a_strict_budget_too_small_for_one_mutation_is_said(caplog, budget, warn
         assert not mutated
     else:
         assert not said and mutated
+
+
+def test_the_first_ctrl_c_held_for_mlflow_stops_the_search_at_once(monkeypatch, tmp_path):
+    """A Ctrl-C during MLflow's callback is held until it returns (its nested run must be ended), and
+    against a tracking server that died that took 8.5 minutes, the search spending its budget meanwhile.
+    The first held press now calls the pump's stop hook at once; the press itself is still delivered after."""
+    import os
+    import signal
+    import time
+
+    from test_mlflow import _record
+
+    from dspy_turbogepa.tracking import CompileThreadCallbackPump
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    stops: list[int] = []
+
+    class MlflowCallback:
+        optimizer_stack_level = 1
+        stops_seen_during_call: list[int] = []
+
+        def on_evaluate_start(self, call_id, instance, inputs):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            self.stops_seen_during_call.append(len(stops))
+
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            pass
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    cb = MlflowCallback()
+    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), [dspy.Example(q="q").with_inputs("q")],
+                                     callbacks=[cb])
+    pump.on_press = lambda: stops.append(1)
+    pump.on_candidate(_record(0, {0: 1.0}, texts={"self": "Answer."}))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pump.drain()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert cb.stops_seen_during_call == [1] and stops == [1]
+
+
+def test_autologs_callback_is_not_called_once_the_tracking_server_is_down(monkeypatch, caplog):
+    """MLflow's callback catches its own errors after retrying each request for minutes: with the server
+    killed mid-run, compile() replayed every queued candidate into it for over 15 minutes and said
+    nothing. The pump asks the server's /health first and, once it does not answer, says so once and
+    leaves MLflow out; other callbacks are still called."""
+    import logging
+    import socket
+
+    from test_mlflow import _record
+
+    from dspy_turbogepa.tracking import CompileThreadCallbackPump
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+
+    class Recording:
+        def __init__(self):
+            self.started = 0
+
+        def on_evaluate_start(self, call_id, instance, inputs):
+            self.started += 1
+
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            pass
+
+    class MlflowCallback(Recording):
+        optimizer_stack_level = 1
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    mlflow_cb, plain = MlflowCallback(), Recording()
+    val = [dspy.Example(q="q", a="x").with_inputs("q")]
+    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), val, callbacks=[mlflow_cb, plain])
+    for index in range(3):
+        pump.on_candidate(_record(index, {0: 1.0}, texts={"self": f"Answer {index}."}))
+    with caplog.at_level(logging.WARNING, logger="dspy_turbogepa"):
+        assert pump.drain() == 3
+    assert mlflow_cb.started == 0 and plain.started == 3
+    said = [r.getMessage() for r in caplog.records if "stopped answering" in r.getMessage()]
+    assert len(said) == 1 and f"127.0.0.1:{port}" in said[0]

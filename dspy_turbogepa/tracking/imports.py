@@ -13,7 +13,7 @@ import importlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -32,10 +32,13 @@ def import_in_one_piece(*modules: str) -> None:
 
 
 @contextmanager
-def ctrl_c_held(second_press_escapes: bool = False) -> Iterator[None]:
+def ctrl_c_held(second_press_escapes: bool = False,
+                on_first_press: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold SIGINT for the block; then give each press, in order, to the handler that was there before.
     ``second_press_escapes``: a second press while one is held hands both to that handler at once, inside
     the block (for a block that waits on the network: a hung server must not hold Ctrl-C for minutes).
+    ``on_first_press``: called (from the signal handler) when the first press is held, for what must not
+    wait for the block: a search told to stop at once spends no more of the budget while it runs.
 
     Only the main thread receives signals; SIGINT ignored, or handled outside Python, is left alone.
     A Python-level handler is called directly (``signal.raise_signal`` would also write the signal
@@ -58,6 +61,8 @@ def ctrl_c_held(second_press_escapes: bool = False) -> Iterator[None]:
             _deliver(previous, frames)
             return
         held.append(frame)
+        if on_first_press is not None and len(held) == 1:
+            on_first_press()
 
     try:
         signal.signal(signal.SIGINT, hold)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -36,6 +38,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRIC_KEY = "eval_full"
+
+#: How often MLflow's tracking server is asked whether it answers, while candidates are reported, and
+#: how long it has to answer (MLflow's own client waits 120 s a request: a slow server is not a dead one).
+PROBE_INTERVAL_S = 2.0
+PROBE_TIMEOUT_S = 10.0
 
 
 class CompileThreadCallbackPump(EngineObserver):
@@ -74,6 +81,12 @@ class CompileThreadCallbackPump(EngineObserver):
         self._warned = False
         #: A Ctrl-C came through the callbacks: nothing more is emitted (see drain)
         self._interrupted = False
+        #: Called at the first Ctrl-C held while MLflow's callback runs (the teleprompter's stop request):
+        #: the press itself waits for the callback, the search need not
+        self.on_press: Callable[[], None] | None = None
+        #: Why MLflow's tracking server is taken for down (its callback is no longer called), or None
+        self._mlflow_down: str | None = None
+        self._last_probe = -math.inf
         #: Evaluations emitted so far (one per candidate with a full-validation score).
         self.emitted = 0
 
@@ -116,7 +129,36 @@ class CompileThreadCallbackPump(EngineObserver):
             import dspy
 
             callbacks = list(dspy.settings.get("callbacks") or [])
-        return [cb for cb in callbacks if _wants_evaluations(cb)]
+        wanted = [cb for cb in callbacks if _wants_evaluations(cb)]
+        if any(map(is_mlflow_callback, wanted)) and not self._mlflow_alive():
+            wanted = [cb for cb in wanted if not is_mlflow_callback(cb)]
+        return wanted
+
+    def _mlflow_alive(self) -> bool:
+        """Whether MLflow's tracking server still answers (asked at most every PROBE_INTERVAL_S; a
+        store that is not an HTTP server always does). Why: MLflow's callback catches its own errors,
+        after retrying each of its ~14 requests per evaluation for minutes, so a server that died
+        mid-run held compile() for over 15 minutes replaying the queued candidates, and said nothing
+        (a review). Once down it stays down for this run, said in one WARNING."""
+        if self._mlflow_down is not None:
+            return False
+        now = time.monotonic()
+        if now - self._last_probe < PROBE_INTERVAL_S:
+            return True
+        self._last_probe = now
+        import mlflow
+
+        from dspy_turbogepa.tracking.mlflow_tracking import _probe_tracking_server, _safe_uri
+
+        uri = mlflow.get_tracking_uri()
+        problem = _probe_tracking_server(uri, PROBE_TIMEOUT_S)
+        if problem is None:
+            return True
+        self._mlflow_down = problem
+        logger.warning("MLflow tracking server %s stopped answering (%s): autolog's evaluation runs are not "
+                       "logged for the rest of this compile (%d logged so far); the search goes on.",
+                       _safe_uri(uri), problem, self.emitted)
+        return False
 
     def _emit(self, record: CandidateRecord) -> bool:
         callbacks = self._current_callbacks()
@@ -161,7 +203,8 @@ class CompileThreadCallbackPump(EngineObserver):
                         # and all): it reads a masked copy, as it reads a masked program. Ctrl-C waits for it:
                         # cut short after its start_run and before it notes the call, its nested run could
                         # not be ended, and the compile run would stay RUNNING and active
-                        with dspy.context(lm=masked_lm(dspy.settings.lm)), ctrl_c_held(second_press_escapes=True):
+                        with dspy.context(lm=masked_lm(dspy.settings.lm)), \
+                                ctrl_c_held(second_press_escapes=True, on_first_press=self.on_press):
                             cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
                             _numbered_as_candidate(cb, call_id, record.index)
                     else:
@@ -183,7 +226,8 @@ class CompileThreadCallbackPump(EngineObserver):
             for cb in started:
                 outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
                 try:
-                    with ctrl_c_held(second_press_escapes=True) if is_mlflow_callback(cb) else nullcontext():
+                    with ctrl_c_held(second_press_escapes=True, on_first_press=self.on_press) \
+                            if is_mlflow_callback(cb) else nullcontext():
                         cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
                 except Exception as exc:  # noqa: BLE001
                     self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
