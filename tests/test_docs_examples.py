@@ -1097,16 +1097,18 @@ def _stored_key(log_dir: Path) -> dict[str, str]:
 
 
 def test_run_store_readable_task_lm_change_in_the_documented_form(tmp_path):
-    """run_store.md: `task_lm (stored model=openai/gpt-4o-mini, temperature=0.0 -> now
-    model=openai/gpt-4o-mini, temperature=0.7)`."""
+    """run_store.md: `task_lm (stored model=openai/gpt-4o-mini, temperature=0.0; adapter: none configured
+    (DSPy's ChatAdapter) -> now model=openai/gpt-4o-mini, temperature=0.7; adapter: none configured (DSPy's
+    ChatAdapter))`."""
     data = splits(6, 4)
     run(log_dir=str(tmp_path), data=data, budget=30, lm=make_student_lm(temperature=0.0))
     with pytest.raises(RunStoreMismatchError) as info:
         run(log_dir=str(tmp_path), data=data, budget=30, lm=make_student_lm(temperature=0.7))
     # (the simulated LM's custom engine follows as one token; a plain dspy.LM has none)
+    none, said = re.escape("; adapter: none configured (DSPy's ChatAdapter)"), str(info.value)
     assert re.search(r"task_lm \(stored model=sim/sim-student, temperature=0\.0, engine=SimEngine#\w+, "
-                     r"async_engine=AsyncSimEngine#\w+ -> now model=sim/sim-student, temperature=0\.7, "
-                     r"engine=SimEngine#\w+, async_engine=AsyncSimEngine#\w+\)", str(info.value)), str(info.value)
+                     rf"async_engine=AsyncSimEngine#\w+{none} -> now model=sim/sim-student, temperature=0\.7, "
+                     rf"engine=SimEngine#\w+, async_engine=AsyncSimEngine#\w+{none}\)", said), said
 
 
 def test_run_store_simserver_port_and_rotated_key(tmp_path):
