@@ -270,3 +270,47 @@ def test_autologs_callback_is_not_called_once_the_tracking_server_is_down(monkey
     assert mlflow_cb.started == 0 and plain.started == 3
     said = [r.getMessage() for r in caplog.records if "stopped answering" in r.getMessage()]
     assert len(said) == 1 and f"127.0.0.1:{port}" in said[0]
+
+
+class _SeedFailsOnTrain(dspy.Module):
+    """The routing program, whose downstream code rejects every training ticket while the instruction is
+    the seed's: any rewritten instruction fixes it."""
+
+    def __init__(self, inner, seed_text, tickets):
+        super().__init__()
+        self.inner = inner
+        self.seed_text = seed_text
+        self.tickets = frozenset(tickets)
+
+    def forward(self, ticket):
+        out = self.inner(ticket=ticket)
+        if ticket in self.tickets and self.inner.route.signature.instructions == self.seed_text:
+            raise RuntimeError("downstream CRM rejected the ticket")
+        return out
+
+
+def _first_n_verdict(reflection_delay: float) -> str:
+    import time
+
+    from dspy_turbogepa.testing import make_reflection_lm, make_student_lm
+
+    routing = TASKS["routing"]
+    data = small_splits(routing, n_train=30, n_val=8, n_test=0)
+    seed = routing.make_program()
+    program = _SeedFailsOnTrain(seed, seed.route.signature.instructions, [e.ticket for e in data.train])
+    try:
+        out = quick_compile(program=program, data=data, budget=150, num_threads=1, reflection_minibatch_size=4,
+                            lm=make_student_lm(seed=0, noise=0.0, before_call=lambda _: time.sleep(0.005)),
+                            reflection_lm=make_reflection_lm(before_call=lambda _: time.sleep(reflection_delay)))
+    except Exception as exc:  # the verdict as a user sees it
+        return f"{type(exc).__name__}: {str(exc)[:80]}"
+    return f"program: {out.detailed_results.val_aggregate_scores}"
+
+
+def test_the_trainsets_first_n_verdict_does_not_depend_on_the_reflection_lms_latency():
+    """A determinism review: with one evaluation slot, mutation 0's child (its reflection answered) and
+    mutation 1's parent evaluations compete for the slot, so which were "the first 8 evaluations started"
+    on the trainset depended on the reflection LM's latency, and the same deterministic run stopped as
+    systemic 10 times in 16 and returned a program the other 6. In a deterministic run the trainset's rule
+    reads each mutation's evaluations at its commit, in commit order."""
+    assert _first_n_verdict(0.0) == _first_n_verdict(0.08)

@@ -147,7 +147,7 @@ class EvaluationCache:
                 self._stats.peak_evals_in_flight = max(self._stats.peak_evals_in_flight, self._slots.in_use)
                 self._budget.record_execution()
                 self._stats.executed += 1
-                launch = self._systemic.launched(split)
+                launch = self._systemic.launched(split, example_id)
                 outcome = await self._own_evaluation(candidate, split, example_id)
         except BaseException as exc:
             if launch is not None:

@@ -197,6 +197,12 @@ class Orchestrator:
             # two waves of evaluations: a short outage fails every evaluation in flight at once
             outage_window=max(config.systemic_failure_window, 2 * config.max_evals_in_flight), clock=clock,
         )
+        #: deterministic mode: the trainset's first-N rule reads each mutation's evaluations at its commit
+        #: (see _judge_in_commit_order); the keys it has read
+        self._train_in_order = config.deterministic and not shared_splits
+        if self._train_in_order:
+            self._systemic.judge_in_order("train")
+        self._judged: set[EvalKey] = set()
         self._systemic.resume({"val" if shared_splits else key[1]
                                for key, o in (known_evaluations or {}).items() if o.failure is None},
                               any(p.skipped is None for p in (known_proposals or {}).values()))
@@ -1297,6 +1303,23 @@ class Orchestrator:
             return
         self._systemic.observe_proposal(proposal, unchanged=unchanged)
 
+    def _judge_in_commit_order(self, result: MutationResult) -> None:
+        """Deterministic mode: the trainset's first-N rule reads the mutation's training evaluations now,
+        at its commit (commits come in launch order), the parent's first, then by candidate and example;
+        each evaluation once, at the first commit that asked for it (a stored one too: the uninterrupted
+        run read it). Which evaluations start first depends on the LM's timing, and so did the verdict.
+        It comes at the commit that completes the first N, at most one mutation's evaluations later."""
+        if not self._train_in_order:
+            return
+        parent = result.plan.parent.fingerprint
+        done = self._evaluations.done
+        for key in sorted((k for k in result.requested if k[1] == "train" and k not in self._judged),
+                          key=lambda k: (k[0] != parent, k[0], k[2])):
+            outcome = done.get(key)
+            if outcome is not None:
+                self._judged.add(key)
+                self._systemic.observe_in_order(outcome, key[0], "train")
+
     def _beats_parent(self, child_sum: float, parent_sum: float) -> bool:
         """GEPA's rung-0 test: strictly better on the minibatch (or tied, with accept_equal_on_minibatch)."""
         return child_sum > parent_sum or (child_sum == parent_sum and self.config.accept_equal_on_minibatch)
@@ -1374,6 +1397,7 @@ class Orchestrator:
         self._plans.pop(plan.seq, None)
         for proposal, unchanged in self._deferred_proposals.pop(plan.seq, ()):  # in launch order (deterministic)
             self._systemic.observe_proposal(proposal, unchanged=unchanged)
+        self._judge_in_commit_order(result)
         newly_charged = self._budget.commit(result.requested)
         self._budget.release(plan.reservation)
         self._committed += 1

@@ -111,8 +111,9 @@ class _SplitWindow:
     candidates: set[str] = field(default_factory=set)
     #: Of ``count``, the failures that were the LM service's (``EvalOutcome.service_failure``).
     service: int = 0
-    #: Executions of the split started so far, and which of the first ``window`` started are still
-    #: running: the verdict waits for them (see :meth:`SystemicFailureDetector.launched`).
+    #: Executions of the split started so far (for a split judged in order, outcomes read), and which
+    #: of the first ``window`` started are still running: the verdict waits for them (see
+    #: :meth:`SystemicFailureDetector.launched`).
     launches: int = 0
     early_running: set[int] = field(default_factory=set)
 
@@ -163,6 +164,8 @@ class SystemicFailureDetector:
         self._split_sizes = {split: n - len(self._expected.get(split, ())) for split, n in (split_sizes or {}).items()}
         self.proposal_window = max(1, min(window, MAX_PROPOSAL_WINDOW) if proposal_window is None else proposal_window)
         self._splits: dict[str, _SplitWindow] = {}
+        #: splits whose first-N rule reads outcomes in an order given by the caller (judge_in_order)
+        self._in_order: set[str] = set()
         self._raised: SystemicFailureError | None = None
         self._seen_proposal = False
         self._proposal_outage = _Streak()  # reflections in a row the reflection LM's service failed
@@ -341,16 +344,29 @@ class SystemicFailureDetector:
             error_type=outcome.error_type,
         )
 
-    def launched(self, split: str = "val") -> int:
+    def judge_in_order(self, split: str) -> None:
+        """From now on ``split``'s first-N rule reads only what :meth:`observe_in_order` is given, in an
+        order that does not depend on timing (the trainset's, in a deterministic run: each mutation's
+        evaluations at its commit). Why: which evaluations start first depends on the LM's timing when
+        mutations compete for slots (a child whose reflection answered early takes a slot before the next
+        mutation's parent), so the verdict on "the first N started" stopped one run and not the same run
+        again (a review: 10 stops in 16 identical runs). :meth:`observe` still applies the fatal and
+        outage rules to its evaluations as they end."""
+        self._in_order.add(split)
+
+    def launched(self, split: str = "val", example_id: int | None = None) -> int | None:
         """An execution on ``split`` starts: its launch number, to pass to :meth:`observe` (or
-        :meth:`abandoned`) when it ends.
+        :meth:`abandoned`) when it ends; None when it takes no place in the first-N rule (an example
+        known to fail, a split judged in order).
 
         Why: evaluations finish in another order than they start. Examples that fail without an LM call
         (a tool's or a validation error) finish in a millisecond, those that succeed after a round trip,
         so with many slots the first N *finished* were all failures of a healthy run (a review: 17 of
         20 runs stopped with 64 slots and 35% of examples failing so). The first-N rule judges the first
-        N *started*: its verdict waits until those have ended, and a success started later does not
-        rescue them."""
+        N *started*: its verdict waits until those have ended, and what started later neither rescues
+        them nor counts among them."""
+        if split in self._in_order or (example_id is not None and example_id in self._expected.get(split, ())):
+            return None
         window = self._window(split)
         launch = window.launches
         window.launches += 1
@@ -372,14 +388,31 @@ class SystemicFailureDetector:
             self._window(split).early_running.discard(launch)
         self._sticky(lambda: self._observe(outcome, candidate, split, launch))
 
+    def observe_in_order(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
+        """The first-N rule for a split judged in order (:meth:`judge_in_order`): ``outcome`` is its next
+        evaluation in that order, and takes the next place."""
+        def check() -> None:
+            window = self._window(split)
+            if window.seen_success or outcome.example_id in self._expected.get(split, ()):
+                return
+            place = window.launches
+            window.launches += 1
+            if outcome.failure is None:
+                window.seen_success = True  # one of the first N, or after them (they all answered)
+                return
+            self._count(split, window, outcome, candidate, late=place >= self.window)
+
+        self._sticky(check)
+
     def _observe(self, outcome: EvalOutcome, candidate: str | None, split: str, launch: int | None) -> None:
         window = self._window(split)
         self._observe_service(outcome)
+        in_order = split in self._in_order
         if outcome.failure is None:
             # a success started after the first N does not decide their verdict while they still run:
             # whether it answered before the last of them (its LM's timing) stopped one run and not the
             # same run again (a review: 5 of 8 identical deterministic runs stopped)
-            if launch is None or launch < self.window or not window.early_running:
+            if not in_order and (launch is None or launch < self.window or not window.early_running):
                 window.seen_success = True
             self._scoring_errors_since_usable = 0  # the metric scores: it is not broken
             return
@@ -402,14 +435,25 @@ class SystemicFailureDetector:
             )
         if outcome.failure == "metric_error" and not outcome.service_failure:
             self._scoring_errors_since_usable += 1
-        if window.seen_success or outcome.example_id in self._expected.get(split, ()):
+        if in_order or window.seen_success or outcome.example_id in self._expected.get(split, ()):
             return
-        key = (outcome.failure, outcome.error_type or "")
-        window.failures[key] += 1
-        window.examples.setdefault(key, outcome.message or "")
-        window.count += 1
-        window.failed_ids.add(outcome.example_id)
-        window.service += outcome.service_failure
+        self._count(split, window, outcome, candidate, late=launch is not None and launch >= self.window)
+
+    def _count(self, split: str, window: _SplitWindow, outcome: EvalOutcome, candidate: str | None,
+               late: bool) -> None:
+        """A failure for the first-N rule. One after the first N (``late``) is not among them, nor in the
+        count the message gives (which said 8, 9 or 10 for the same run), but a format error there is one
+        more candidate that failed to parse: the format rule waits for reflected candidates, which come
+        later."""
+        if late and not (candidate is not None and outcome.failure == "format_error"):
+            return
+        if not late:
+            key = (outcome.failure or "", outcome.error_type or "")
+            window.failures[key] += 1
+            window.examples.setdefault(key, outcome.message or "")
+            window.count += 1
+            window.failed_ids.add(outcome.example_id)
+            window.service += outcome.service_failure
         if candidate is not None:
             window.candidates.add(candidate)
         error = self._judge(split, window, final=False)

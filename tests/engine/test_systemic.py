@@ -537,3 +537,52 @@ def test_a_success_started_after_the_first_n_does_not_decide_their_verdict() -> 
             det.observe(fail(example_id=6), split="train", launch=second)
             if not success_first:
                 det.observe(EvalOutcome(9, 1.0), split="train", launch=third)
+
+
+def test_an_example_known_to_fail_takes_no_place_among_the_first_n() -> None:
+    """A determinism review: expected failures (examples whose inputs the program cannot take) took two of
+    the first 8 launch numbers and were then not counted, so the rule judged 6 evaluations and filled up with
+    later ones, stopping runs that had a success among the first 8 that count."""
+    det = SystemicFailureDetector(window=2, expected_failures={"train": {5}})
+    assert det.launched("train", 5) is None
+    first, second = det.launched("train", 1), det.launched("train", 2)
+    assert (first, second) == (0, 1)
+    det.observe(fail(example_id=5), split="train", launch=None)
+    det.observe(fail(example_id=1), split="train", launch=first)
+    det.observe(EvalOutcome(2, 1.0), split="train", launch=second)  # a success among the first 2 that count
+    det.observe(fail(example_id=3), split="train", launch=det.launched("train", 3))
+    det.check_final()  # no stop
+
+
+def test_failures_started_after_the_first_n_are_not_counted_among_them() -> None:
+    """The same stop said "the first 9", "10" or "11 evaluations all failed" in identical runs: failures started
+    after the first N that answered before the last of them were counted too."""
+    det = SystemicFailureDetector(window=2)
+    first, second, late = det.launched("train", 1), det.launched("train", 2), det.launched("train", 3)
+    det.observe(fail(example_id=3), split="train", launch=late)
+    det.observe(fail(example_id=1), split="train", launch=first)
+    with pytest.raises(SystemicFailureError, match=r"first 2 evaluations .*\(2 of them"):
+        det.observe(fail(example_id=2), split="train", launch=second)
+
+
+def test_a_split_judged_in_order_reads_only_what_it_is_given_in_that_order() -> None:
+    """Deterministic runs judge the trainset in commit order: the evaluations as they end feed only the
+    fatal and outage rules; the first-N rule reads observe_in_order, a success among the first N ends it."""
+    det = SystemicFailureDetector(window=2)
+    det.judge_in_order("train")
+    assert det.launched("train", 1) is None
+    for i in range(4):  # as they end: not the first-N rule's
+        det.observe(fail(example_id=i), split="train", launch=None)
+    with pytest.raises(SystemicFailureError, match="retrying cannot fix"):  # a fatal one still stops at once
+        det.observe(fail(fatal=True), split="train", launch=None)
+    det = SystemicFailureDetector(window=2)
+    det.judge_in_order("train")
+    det.observe_in_order(fail(example_id=1), "c0", "train")
+    with pytest.raises(SystemicFailureError, match="first 2 evaluations all failed"):
+        det.observe_in_order(fail(example_id=2), "c0", "train")
+    det = SystemicFailureDetector(window=2)
+    det.judge_in_order("train")
+    det.observe_in_order(fail(example_id=1), "c0", "train")
+    det.observe_in_order(EvalOutcome(2, 1.0), "c1", "train")
+    det.observe_in_order(fail(example_id=3), "c0", "train")
+    det.check_final()
