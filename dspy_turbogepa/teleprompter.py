@@ -696,8 +696,9 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
             tracker.provide_stats(lambda: live_run_stats(orchestrator, evaluator, reflector))
         if pump is not None:
             def stop_while_mlflow_answers() -> None:
-                logger.warning("Interrupted: no new mutation will start; the press takes effect once MLflow's "
-                               "callback under way returns (press Ctrl-C again to abort at once).")
+                if not orchestrator.stop_requested:  # a press after the first: the runner has said it all
+                    logger.warning("Interrupted: no new mutation will start; waiting for MLflow's callback under "
+                                   "way to return (press Ctrl-C again to stop waiting).")
                 orchestrator.request_stop("interrupted")
 
             pump.on_press = stop_while_mlflow_answers

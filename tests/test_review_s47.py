@@ -134,7 +134,8 @@ def test_a_custom_base_lm_whose_forward_returns_no_response_is_told_so():
         def forward(self, prompt=None, messages=None, **kwargs):
             return None
 
-    with pytest.raises(SystemicFailureError, match=r"MyLM is a custom dspy.BaseLM: its forward\(\) must return"):
+    hint = r"MyLM is a custom dspy.BaseLM: if its forward\(\) answered, check that it returns an OpenAI-style"
+    with pytest.raises(SystemicFailureError, match=hint):
         quick_compile(lm=MyLM(), budget=40)
 
 
@@ -314,3 +315,15 @@ def test_the_trainsets_first_n_verdict_does_not_depend_on_the_reflection_lms_lat
     systemic 10 times in 16 and returned a program the other 6. In a deterministic run the trainset's rule
     reads each mutation's evaluations at its commit, in commit order."""
     assert _first_n_verdict(0.0) == _first_n_verdict(0.08)
+
+
+def test_a_refusal_for_another_extraction_model_names_it():
+    """The readable adapter showed only its plain settings; the run key also hashes the LMs an adapter holds
+    (``TwoStepAdapter``'s extraction model), so a rerun that changed only that model fell back to hashes."""
+    from dspy_turbogepa.adapter.run_identity import readable_task_lm
+    from dspy_turbogepa.testing import make_student_lm
+
+    lm = make_student_lm()
+    first = readable_task_lm(lm, dspy.TwoStepAdapter(make_student_lm(temperature=0.0)))
+    then = readable_task_lm(lm, dspy.TwoStepAdapter(make_student_lm(temperature=0.7)))
+    assert first != then and "extraction_model=[model=sim/sim-student, temperature=0.7" in then

@@ -526,8 +526,9 @@ def _some_output(lm: Any, outputs: Any) -> Any:
 def _no_choices_error(lm: Any, cached: bool = False) -> Exception:
     message = "the LM answered with no choices (an empty `choices` list)"
     if not isinstance(lm, dspy.LM):  # DSPy reads a custom forward's None, dict or text as no choices too
-        message += (f"; {type(lm).__name__} is a custom dspy.BaseLM: its forward() must return an OpenAI-style "
-                    "response (an object with .choices and .usage), which DSPy reads")
+        message += (f"; {type(lm).__name__} is a custom dspy.BaseLM: if its forward() answered, check that it "
+                    "returns an OpenAI-style response (an object with .choices and .usage), as DSPy reads a None, "
+                    "a dict or a text from it as no choices")
     return (_CachedNoChoices if cached else LMProviderError)(message, model=getattr(lm, "model", None))
 
 

@@ -148,8 +148,9 @@ def readable_task_lm(lm: Any, adapter: Any) -> str:
     the same LM on both sides."""
     if adapter is None:
         return f"{readable_lm(lm)}; adapter: none configured (DSPy's ChatAdapter)"
-    settings = ", ".join(f"{k}={v}" for k, v in _plain_settings(adapter).items())
-    return mask_text(f"{readable_lm(lm)}; adapter={type(adapter).__qualname__}({settings})")
+    settings = [f"{k}={v}" for k, v in _plain_settings(adapter).items()]
+    settings += [f"{k}=[{readable_lm(held)}]" for k, held in adapter_lms(adapter).items()]  # keyed too
+    return mask_text(f"{readable_lm(lm)}; adapter={type(adapter).__qualname__}({', '.join(settings)})")
 
 
 def callable_identity(fn: Any) -> str:

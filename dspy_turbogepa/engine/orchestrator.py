@@ -278,6 +278,11 @@ class Orchestrator:
         self._start = 0.0
 
     # ------------------------------------------------------------------ public control
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` (or a stop from outside the run) was called."""
+        return self._external_stop is not None
+
     def request_stop(self, reason: StopReason = "interrupted") -> None:
         """Stop launching new work. Safe to call from any thread (e.g. a KeyboardInterrupt handler)."""
         self._external_stop = reason
@@ -1308,7 +1313,8 @@ class Orchestrator:
         at its commit (commits come in launch order), the parent's first, then by candidate and example;
         each evaluation once, at the first commit that asked for it (a stored one too: the uninterrupted
         run read it). Which evaluations start first depends on the LM's timing, and so did the verdict.
-        It comes at the commit that completes the first N, at most one mutation's evaluations later."""
+        It comes at the commit that completes the first N: after that mutation's reflection and children,
+        a few calls later than a verdict as evaluations end (the price of the same verdict every run)."""
         if not self._train_in_order:
             return
         parent = result.plan.parent.fingerprint

@@ -116,6 +116,9 @@ class _SplitWindow:
     #: :meth:`SystemicFailureDetector.launched`).
     launches: int = 0
     early_running: set[int] = field(default_factory=set)
+    #: A success started after the first N that answered while some of them still ran: it does not decide
+    #: their verdict, but once they have all answered it counts as the split's success (``_settle``).
+    late_success: bool = False
 
 
 @dataclass
@@ -376,7 +379,16 @@ class SystemicFailureDetector:
 
     def abandoned(self, split: str, launch: int) -> None:
         """A launched execution ended without an outcome (cancelled, refused): not waited for."""
-        self._window(split).early_running.discard(launch)
+        window = self._window(split)
+        window.early_running.discard(launch)
+        self._settle(window)
+
+    @staticmethod
+    def _settle(window: _SplitWindow) -> None:
+        """Once the first N have all answered (and not stopped the run), a success started after them is
+        the split's success: a verdict still waiting (the format rule, the end of the run) must see it."""
+        if window.late_success and not window.early_running:
+            window.seen_success = True
 
     def observe(self, outcome: EvalOutcome, candidate: str | None = None, split: str = "val",
                 launch: int | None = None) -> None:
@@ -387,6 +399,7 @@ class SystemicFailureDetector:
         if launch is not None:
             self._window(split).early_running.discard(launch)
         self._sticky(lambda: self._observe(outcome, candidate, split, launch))
+        self._settle(self._window(split))
 
     def observe_in_order(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
         """The first-N rule for a split judged in order (:meth:`judge_in_order`): ``outcome`` is its next
@@ -414,6 +427,8 @@ class SystemicFailureDetector:
             # same run again (a review: 5 of 8 identical deterministic runs stopped)
             if not in_order and (launch is None or launch < self.window or not window.early_running):
                 window.seen_success = True
+            elif not in_order:
+                window.late_success = True
             self._scoring_errors_since_usable = 0  # the metric scores: it is not broken
             return
         if outcome.fatal and outcome.failure == "rate_limited":

@@ -586,3 +586,15 @@ def test_a_split_judged_in_order_reads_only_what_it_is_given_in_that_order() -> 
     det.observe_in_order(EvalOutcome(2, 1.0), "c1", "train")
     det.observe_in_order(fail(example_id=3), "c0", "train")
     det.check_final()
+
+
+def test_a_success_started_after_the_first_n_counts_once_they_have_all_answered() -> None:
+    """A review of 0d2da7f: a success started after the first N that answered while one of them still ran
+    was forgotten for good, so a verdict that waits (the format rule, the end of the run) stopped a run
+    whose seed had parsed: a valset of 40 stopped where it returned the seed before."""
+    det = SystemicFailureDetector(window=2)
+    a, b, late = det.launched("val", 0), det.launched("val", 1), det.launched("val", 2)
+    det.observe(fail("format_error", None, example_id=0), "seed", "val", a)
+    det.observe(EvalOutcome(2, 1.0), "seed", "val", late)
+    det.observe(fail("format_error", None, example_id=1), "seed", "val", b)
+    det.check_final()  # the seed parsed on example 2: the run returns as usual
