@@ -169,7 +169,8 @@ def test_no_damaged_column_escapes_as_a_bare_error(finished_store, tmp_path):
             pytest.fail(f"{table}.{column} = {value!r}: {type(exc).__name__}: {exc}")
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         shutil.rmtree(log_dir)
-    assert outcomes.get("RunStoreError", 0) >= 10 and outcomes.get("resumed", 0) >= 10, outcomes
+    # (a failure kind that is none of the engine's is a damaged row: a RunStoreError, not a resumed run)
+    assert outcomes.get("RunStoreError", 0) >= 10 and outcomes.get("resumed", 0) >= 8, outcomes
 
 
 def column_is_json(column: str) -> bool:

@@ -327,3 +327,17 @@ def test_a_refusal_for_another_extraction_model_names_it():
     first = readable_task_lm(lm, dspy.TwoStepAdapter(make_student_lm(temperature=0.0)))
     then = readable_task_lm(lm, dspy.TwoStepAdapter(make_student_lm(temperature=0.7)))
     assert first != then and "extraction_model=[model=sim/sim-student, temperature=0.7" in then
+
+
+def test_a_stored_evaluation_with_an_unknown_failure_kind_is_a_damaged_store(tmp_path):
+    """Replayed, a stored failure of a kind the engine never records fed the trainset's first-N rule (now
+    read in commit order, stored evaluations included) and stopped the rerun as systemic with cause "zz:"."""
+    import sqlite3
+
+    from dspy_turbogepa.store import RunStoreError
+
+    quick_compile(budget=40, log_dir=str(tmp_path))
+    with sqlite3.connect(tmp_path / "run.sqlite3") as con:
+        con.execute("UPDATE evaluations SET failure='zz'")
+    with pytest.raises(RunStoreError, match="unknown failure kind 'zz'"):
+        quick_compile(budget=40, log_dir=str(tmp_path))

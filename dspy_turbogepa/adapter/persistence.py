@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import dspy
 
@@ -26,13 +26,15 @@ from dspy_turbogepa.engine.candidate import Candidate
 from dspy_turbogepa.engine.observer import EngineObserver
 from dspy_turbogepa.engine.records import CandidateRecord, MutationResult, PriorUsage
 from dspy_turbogepa.engine.systemic import PROPOSER_FAILURES
-from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, ProposalOutcome, Split
+from dspy_turbogepa.engine.types import EvalKey, EvalOutcome, FailureKind, ProposalOutcome, Split
 from dspy_turbogepa.redaction import (
     REDACTED,
     describe_error,
 )
 
 logger = logging.getLogger(__name__)
+
+FAILURE_KINDS = frozenset(get_args(FailureKind))
 
 
 #: Failures after which the program's answer exists (the metric, not the program, failed).
@@ -208,6 +210,10 @@ def load_known(
     without_output = masked = 0
     for ev in store.load_evaluations():
         split: Split = "train" if ev.split == "train" else "val"
+        if ev.failure is not None and ev.failure not in FAILURE_KINDS:
+            # a damaged row: replayed as a failure, it would feed the run-stopping rules a cause nothing raised
+            with store.decoding("a stored evaluation"):
+                raise ValueError(f"unknown failure kind {ev.failure!r}")
         if ev.example_id >= len(datasets[split]) or ev.service_failure:
             continue  # the LM service's failure says nothing about the candidate: run it again
         if ev.failure and ev.session in systemic:
