@@ -902,7 +902,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         from dspy_turbogepa.adapter.persistence import StoreObserver, load_known
         from dspy_turbogepa.adapter.run_identity import readable_lm, readable_task_lm, run_key
         from dspy_turbogepa.store import RunStore
-        from dspy_turbogepa.store.sqlite_store import RUN_KEY_READABLE
+        from dspy_turbogepa.store.sqlite_store import RUN_KEY_PYTHON, RUN_KEY_READABLE
 
         key = run_key(
             student, train, val, self.seed, metric=self.metric_fn, failure_score=self.failure_score,
@@ -918,7 +918,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
         meta[PLAN_BUDGETS_EVENT] = True  # this session records the budgets it plans with (earlier_budgets)
         # what a refused log_dir's error can name instead of the hashes of the run key's LM parts
         meta[RUN_KEY_READABLE] = {"task_lm": readable_task_lm(dspy.settings.lm, dspy.settings.adapter),
-                                  "reflection": readable_lm(self.reflection_lm)}
+                                  "reflection": readable_lm(self.reflection_lm),
+                                  RUN_KEY_PYTHON: "{}.{}".format(*sys.version_info[:2])}
         # the reflection (LM, proposer) may change between sessions: no stored score depends on it, so a fixed
         # or swapped reflection_lm continues the run (what was stored replays; new reflections ask it)
         store = RunStore.open(self._log_path(), key, meta=meta, session_parts=(REFLECTION_PART,))

@@ -341,3 +341,32 @@ def test_a_stored_evaluation_with_an_unknown_failure_kind_is_a_damaged_store(tmp
         con.execute("UPDATE evaluations SET failure='zz'")
     with pytest.raises(RunStoreError, match="unknown failure kind 'zz'"):
         quick_compile(budget=40, log_dir=str(tmp_path))
+
+
+def test_a_log_dir_written_under_another_python_says_so_when_refused(tmp_path):
+    """Code is keyed as Python compiled it: a run written under Python 3.11 and resumed under 3.12 was refused
+    as "metric, student changed", sending the user after an edit nobody made (dspy.GEPA's pickle resumed)."""
+    import json
+    import sqlite3
+    import sys
+
+    from dspy_turbogepa.store import RunStoreMismatchError
+
+    routing = TASKS["routing"]
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return routing.metric(gold, pred, trace, pred_name, pred_trace)
+
+    quick_compile(metric=metric, budget=30, log_dir=str(tmp_path))
+    with sqlite3.connect(tmp_path / "run.sqlite3") as con:
+        meta = json.loads(con.execute("SELECT value FROM meta WHERE key = 'run_meta'").fetchone()[0])
+        assert meta["run_key_readable"]["python"] == "{}.{}".format(*sys.version_info[:2])
+        meta["run_key_readable"]["python"] = "3.9"  # as if written elsewhere; its bytecode would differ
+        con.execute("UPDATE meta SET value = ? WHERE key = 'run_meta'", (json.dumps(meta),))
+
+    def edited(gold, pred, trace=None, pred_name=None, pred_trace=None):  # stands for the other bytecode
+        return routing.metric(gold, pred, trace, pred_name, pred_trace) * 1
+
+    with pytest.raises(RunStoreMismatchError, match=r"metric changed .*It was written under Python 3\.9, and this "
+                                                   r"is Python 3\.\d+: .*Resume it under Python 3\.9"):
+        quick_compile(metric=edited, budget=30, log_dir=str(tmp_path))

@@ -865,6 +865,9 @@ SESSION_PARTS = "session_run_key"
 
 #: Key of the session meta holding readable forms of some run-key parts (see _readable_parts).
 RUN_KEY_READABLE = "run_key_readable"
+#: Of those readable forms, the Python version (``"3.11"``) the session ran under: code is keyed as
+#: compiled, so a log_dir moved to another Python reads as another run, and its refusal says why.
+RUN_KEY_PYTHON = "python"
 
 
 def _readable_parts(conn: sqlite3.Connection, meta_json: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1002,6 +1005,12 @@ def _initialise(
                         f"{'absent' if k not in run_key else 'now ' + run_key[k][:12]})")
 
             details = ", ".join(detail(k) for k in changed)
+            python_was, python_now = was.get(RUN_KEY_PYTHON), is_now.get(RUN_KEY_PYTHON)
+            moved = (f" It was written under Python {python_was}, and this is Python {python_now}: the run key holds "
+                     "code (the metric's, the program's) as Python compiled it, which differs between Python "
+                     "versions, so it reads as changed though nothing was edited. Resume it under Python "
+                     f"{python_was}, or start over."
+                     if python_was and python_now and python_was != python_now else "")
             if KEY_FORMAT_COMPONENT in changed:  # the key is computed another way: every part looks changed
                 raise RunStoreMismatchError(
                     f"log_dir {str(log_dir)!r} was written by another version of dspy_turbogepa, whose run "
@@ -1011,7 +1020,7 @@ def _initialise(
                     changed=changed,
                 )
             raise RunStoreMismatchError(
-                f"log_dir {str(log_dir)!r} holds a different run: {', '.join(changed)} changed [{details}]. "
+                f"log_dir {str(log_dir)!r} holds a different run: {', '.join(changed)} changed [{details}].{moved} "
                 f"Reusing it would mix results of two runs. {START_OVER.format(log_dir=log_dir)}",
                 changed=changed,
             )
