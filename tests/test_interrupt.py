@@ -556,6 +556,7 @@ def test_ctrl_c_during_the_seed_validation_returns_the_seed_if_it_finishes_withi
     assert program.route.signature.instructions == task.make_program().route.signature.instructions
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.run holds SIGINT from Python 3.11 (asyncio.Runner)")
 def test_the_sigint_swap_under_asyncio_run_and_what_it_leaves_alone():
     """adapter/runner.py sigint_raises_keyboard_interrupt: under asyncio.run (whose runner holds SIGINT)
     Python's own handler is in place for the block and the runner's is put back after; a handler the

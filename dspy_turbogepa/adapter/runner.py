@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from dspy_turbogepa.redaction import describe_error, describe_traceback
+from dspy_turbogepa.tracking.imports import ctrl_c_held
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +91,20 @@ def run_coroutine_in_thread(
             finished.set()
 
     thread = threading.Thread(target=target, name="turbogepa-engine", daemon=True)
-    thread.start()
+    started = False
     interrupted = False
     hook_failures = [0]
     # Wait on an Event, not Thread.join: a KeyboardInterrupt that lands inside join() can leave the
     # thread looking finished while it still runs (CPython gh-90882).
     while not finished.is_set():
         try:
+            if not started:
+                # Ctrl-C held while the thread starts, then handled below as the first press: landing in
+                # start() (which waits for the new thread to run, and under load the run may already be
+                # evaluating) it escaped as an abort, said to be a second Ctrl-C, with no grace period
+                with ctrl_c_held():
+                    thread.start()
+                    started = True
             _wait_ticking(finished, on_tick, hook_failures)
         except KeyboardInterrupt:
             if interrupted:
