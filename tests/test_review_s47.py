@@ -10,7 +10,7 @@ from dspy_turbogepa.testing import TASKS
 from helpers import quick_compile, small_splits
 
 
-@pytest.mark.parametrize("cap", [0, 1])
+@pytest.mark.parametrize("cap", [0, 1, 0.0])
 def test_a_users_max_trace_size_does_not_starve_reflection(cap):
     """``dspy.configure(max_trace_size=0)`` (a memory cap people set for servers) left every rollout's
     trace empty: the run stopped as "no rollout called the predictors being optimized". A cap of 1 kept
@@ -367,8 +367,8 @@ def test_a_log_dir_written_under_another_python_says_so_when_refused(tmp_path):
     def edited(gold, pred, trace=None, pred_name=None, pred_trace=None):  # stands for the other bytecode
         return routing.metric(gold, pred, trace, pred_name, pred_trace) * 1
 
-    with pytest.raises(RunStoreMismatchError, match=r"metric changed .*It was written under Python 3\.9, and this "
-                                                   r"is Python 3\.\d+: .*Resume it under Python 3\.9"):
+    said = r"metric changed .*It was written under Python 3\.9, and this is Python 3\.\d+: .*if only they changed, "
+    with pytest.raises(RunStoreMismatchError, match=said + r"resume it under Python 3\.9"):
         quick_compile(metric=edited, budget=30, log_dir=str(tmp_path))
 
 
@@ -397,3 +397,44 @@ def test_a_ctrl_c_while_the_engine_thread_starts_is_the_first_press(monkeypatch)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert out.detailed_results.stop_reason == "interrupted"
+
+
+def test_after_a_second_press_escapes_mlflows_start_its_end_is_not_waited_for(monkeypatch, tmp_path):
+    """A second Ctrl-C gets through MLflow's held ``on_evaluate_start`` (a hung server); its
+    ``on_evaluate_end`` was then held again in full, against a dead server for minutes, and the third press
+    was held with nothing said: only the fourth got through."""
+    import os
+    import signal
+    import time
+
+    from test_mlflow import _record
+
+    from dspy_turbogepa.tracking import CompileThreadCallbackPump
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    ended: list[bool] = []
+
+    class MlflowCallback:
+        optimizer_stack_level = 1
+
+        def on_evaluate_start(self, call_id, instance, inputs):
+            for _ in range(2):  # the first press held, the second gets through
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.02)
+
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            os.kill(os.getpid(), signal.SIGINT)  # a third press, while the end hangs
+            time.sleep(0.05)
+            ended.append(True)
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), [dspy.Example(q="q").with_inputs("q")],
+                                     callbacks=[MlflowCallback()])
+    pump.on_candidate(_record(0, {0: 1.0}, texts={"self": "Answer."}))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pump.drain()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ended == []  # the third press cut the end short

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import numbers
 import random
 import threading
 import time
@@ -88,9 +89,9 @@ _DSPY_MAX_TRACE_SIZE = 10_000
 
 def _traces_every_call(cap: Any) -> bool:
     """Whether a ``max_trace_size`` the user configured keeps a rollout's predictor calls for reflection
-    (DSPy's default does; 0 or a small cap drops them). Anything but a number DSPy can compare is left to
-    DSPy to refuse, as it would without us."""
-    return not isinstance(cap, int) or isinstance(cap, bool) or cap >= _DSPY_MAX_TRACE_SIZE
+    (DSPy's default does; 0, 0.0 or a small cap drops them). Anything but a real number is left to DSPy
+    to refuse, as it would without us."""
+    return isinstance(cap, bool) or not isinstance(cap, numbers.Real) or float(cap) >= _DSPY_MAX_TRACE_SIZE
 
 
 def lacks_async_support(error: BaseException) -> bool:

@@ -528,7 +528,7 @@ def _no_choices_error(lm: Any, cached: bool = False) -> Exception:
     if not isinstance(lm, dspy.LM):  # DSPy reads a custom forward's None, dict or text as no choices too
         message += (f"; {type(lm).__name__} is a custom dspy.BaseLM: if its forward() answered, check that it "
                     "returns an OpenAI-style response (an object with .choices and .usage), as DSPy reads a None, "
-                    "a dict or a text from it as no choices")
+                    "a text or a dict without 'choices' from it as no choices")
     return (_CachedNoChoices if cached else LMProviderError)(message, model=getattr(lm, "model", None))
 
 

@@ -1008,8 +1008,8 @@ def _initialise(
             python_was, python_now = was.get(RUN_KEY_PYTHON), is_now.get(RUN_KEY_PYTHON)
             moved = (f" It was written under Python {python_was}, and this is Python {python_now}: the run key holds "
                      "code (the metric's, the program's) as Python compiled it, which differs between Python "
-                     "versions, so it reads as changed though nothing was edited. Resume it under Python "
-                     f"{python_was}, or start over."
+                     "versions, so under another Python those parts read as changed though nothing was edited; "
+                     f"if only they changed, resume it under Python {python_was}."
                      if python_was and python_now and python_was != python_now else "")
             if KEY_FORMAT_COMPONENT in changed:  # the key is computed another way: every part looks changed
                 raise RunStoreMismatchError(

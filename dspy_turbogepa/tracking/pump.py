@@ -156,8 +156,7 @@ class CompileThreadCallbackPump(EngineObserver):
             return True
         self._mlflow_down = problem
         logger.warning("MLflow tracking server %s stopped answering (%s): autolog's evaluation runs are not "
-                       "logged for the rest of this compile (%d logged so far); the search goes on.",
-                       _safe_uri(uri), problem, self.emitted)
+                       "logged for the rest of this compile; the search goes on.", _safe_uri(uri), problem)
         return False
 
     def _emit(self, record: CandidateRecord) -> bool:
@@ -225,9 +224,11 @@ class CompileThreadCallbackPump(EngineObserver):
             pressed: BaseException | None = None
             for cb in started:
                 outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
+                # after a second press got through its start (a hung server), its end is not waited for either
+                hold = is_mlflow_callback(cb) and not isinstance(interrupted, KeyboardInterrupt)
                 try:
-                    with ctrl_c_held(second_press_escapes=True, on_first_press=self.on_press) \
-                            if is_mlflow_callback(cb) else nullcontext():
+                    with ctrl_c_held(second_press_escapes=True, on_first_press=self.on_press) if hold \
+                            else nullcontext():
                         cb.on_evaluate_end(call_id=call_id, outputs=outputs, exception=interrupted)
                 except Exception as exc:  # noqa: BLE001
                     self._warn(f"{type(cb).__name__}.on_evaluate_end failed", exc)
