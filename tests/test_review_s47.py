@@ -438,3 +438,75 @@ def test_after_a_second_press_escapes_mlflows_start_its_end_is_not_waited_for(mo
     finally:
         signal.signal(signal.SIGINT, previous)
     assert ended == []  # the third press cut the end short
+
+
+def test_a_first_press_in_another_callback_still_holds_mlflows_end(monkeypatch, tmp_path):
+    """A review of the change above: a first Ctrl-C landing (unheld) in another callback's start was taken
+    for a second press through MLflow's, so MLflow's end, which closes its nested run, was cut short by the
+    next press and the compile run left RUNNING."""
+    import os
+    import signal
+    import time
+
+    from test_mlflow import _record
+
+    from dspy_turbogepa.tracking import CompileThreadCallbackPump
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    log: list[str] = []
+
+    class MlflowCallback:
+        optimizer_stack_level = 1
+
+        def on_evaluate_start(self, call_id, instance, inputs):
+            log.append("mlflow start")
+
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            os.kill(os.getpid(), signal.SIGINT)  # the user's second press, while the end closes its run
+            time.sleep(0.05)
+            log.append("mlflow end finished")
+
+    class Tracing:  # another tracing callback, after autolog's: runs unheld
+        def on_evaluate_start(self, call_id, instance, inputs):
+            os.kill(os.getpid(), signal.SIGINT)  # the user's first press lands here
+            time.sleep(0.05)
+
+        def on_evaluate_end(self, call_id, outputs, exception=None):
+            log.append("other end")
+
+    MlflowCallback.__module__ = "mlflow.dspy.callback"
+    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), [dspy.Example(q="q").with_inputs("q")],
+                                     callbacks=[MlflowCallback(), Tracing()])
+    pump.on_candidate(_record(0, {0: 1.0}, texts={"self": "Answer."}))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pump.drain()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert log == ["mlflow start", "mlflow end finished", "other end"]
+
+
+def test_a_press_before_the_engine_thread_started_aborts_at_once(monkeypatch):
+    """A press in the few bytecodes before the start is held: taken for the first press, compile waited out
+    the grace period with no engine thread, then started the run anyway."""
+    import contextlib
+
+    from dspy_turbogepa.adapter import runner
+
+    ran: list[str] = []
+
+    @contextlib.contextmanager
+    def pressed_on_entry(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield  # pragma: no cover
+
+    async def coro():
+        ran.append("run")
+        return "result"
+
+    monkeypatch.setattr(runner, "ctrl_c_held", pressed_on_entry)
+    graces: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_coroutine_in_thread(coro, on_interrupt=lambda: graces.append("interrupt"), grace_seconds=5)
+    assert ran == [] and graces == []

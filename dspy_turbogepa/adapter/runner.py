@@ -107,7 +107,7 @@ def run_coroutine_in_thread(
                     started = True
             _wait_ticking(finished, on_tick, hook_failures)
         except KeyboardInterrupt:
-            if interrupted:
+            if interrupted or not started:  # a second press; or one before the run started: nothing to keep
                 raise
             interrupted = True
             logger.warning(

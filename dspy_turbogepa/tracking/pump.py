@@ -190,6 +190,7 @@ class CompileThreadCallbackPump(EngineObserver):
         started: list[Any] = []
         ended = False
         interrupted: BaseException | None = None
+        mlflow_cut_short = False  # a press got through while MLflow's start ran (a second one: it was held)
         try:
             for cb in callbacks:
                 started.append(cb)
@@ -204,8 +205,12 @@ class CompileThreadCallbackPump(EngineObserver):
                         # not be ended, and the compile run would stay RUNNING and active
                         with dspy.context(lm=masked_lm(dspy.settings.lm)), \
                                 ctrl_c_held(second_press_escapes=True, on_first_press=self.on_press):
-                            cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
-                            _numbered_as_candidate(cb, call_id, record.index)
+                            try:
+                                cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
+                                _numbered_as_candidate(cb, call_id, record.index)
+                            except KeyboardInterrupt:  # inside the hold: the second press got through
+                                mlflow_cut_short = True
+                                raise
                     else:
                         cb.on_evaluate_start(call_id=call_id, instance=self._instance, inputs=inputs)
                 except Exception as exc:  # noqa: BLE001 - as dspy's with_callbacks: warn, keep going
@@ -224,8 +229,9 @@ class CompileThreadCallbackPump(EngineObserver):
             pressed: BaseException | None = None
             for cb in started:
                 outputs = EvaluationResult(score=score, results=view(cb)[1]) if ended else None
-                # after a second press got through its start (a hung server), its end is not waited for either
-                hold = is_mlflow_callback(cb) and not isinstance(interrupted, KeyboardInterrupt)
+                # after a second press got through its start (a hung server), its end is not waited for either;
+                # a press that landed in another callback is a first one: MLflow's end is held as ever
+                hold = is_mlflow_callback(cb) and not mlflow_cut_short
                 try:
                     with ctrl_c_held(second_press_escapes=True, on_first_press=self.on_press) if hold \
                             else nullcontext():
