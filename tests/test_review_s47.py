@@ -188,6 +188,28 @@ def test_a_strict_budget_too_small_for_one_mutation_is_said(caplog, budget, warn
         assert not said and mutated
 
 
+def _drain_pressed(callbacks, on_press=None):
+    """One candidate drained to ``callbacks`` by the autolog pump, under Python's own SIGINT handler (the
+    callbacks send the presses); the drain must end in ``KeyboardInterrupt``. A class named MlflowCallback
+    among them is taken for MLflow's (give it ``__module__ = "mlflow.dspy.callback"``)."""
+    import signal
+
+    from test_mlflow import _record
+
+    from dspy_turbogepa.tracking import CompileThreadCallbackPump
+
+    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), [dspy.Example(q="q").with_inputs("q")],
+                                     callbacks=callbacks)
+    pump.on_press = on_press
+    pump.on_candidate(_record(0, {0: 1.0}, texts={"self": "Answer."}))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pump.drain()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_the_first_ctrl_c_held_for_mlflow_stops_the_search_at_once(monkeypatch, tmp_path):
     """A Ctrl-C during MLflow's callback is held until it returns (its nested run must be ended), and
     against a tracking server that died that took 8.5 minutes, the search spending its budget meanwhile.
@@ -196,9 +218,6 @@ def test_the_first_ctrl_c_held_for_mlflow_stops_the_search_at_once(monkeypatch, 
     import signal
     import time
 
-    from test_mlflow import _record
-
-    from dspy_turbogepa.tracking import CompileThreadCallbackPump
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     stops: list[int] = []
@@ -217,16 +236,7 @@ def test_the_first_ctrl_c_held_for_mlflow_stops_the_search_at_once(monkeypatch, 
 
     MlflowCallback.__module__ = "mlflow.dspy.callback"
     cb = MlflowCallback()
-    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), [dspy.Example(q="q").with_inputs("q")],
-                                     callbacks=[cb])
-    pump.on_press = lambda: stops.append(1)
-    pump.on_candidate(_record(0, {0: 1.0}, texts={"self": "Answer."}))
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pump.drain()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    _drain_pressed([cb], on_press=lambda: stops.append(1))
     assert cb.stops_seen_during_call == [1] and stops == [1]
 
 
@@ -407,9 +417,6 @@ def test_after_a_second_press_escapes_mlflows_start_its_end_is_not_waited_for(mo
     import signal
     import time
 
-    from test_mlflow import _record
-
-    from dspy_turbogepa.tracking import CompileThreadCallbackPump
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     ended: list[bool] = []
@@ -428,15 +435,7 @@ def test_after_a_second_press_escapes_mlflows_start_its_end_is_not_waited_for(mo
             ended.append(True)
 
     MlflowCallback.__module__ = "mlflow.dspy.callback"
-    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), [dspy.Example(q="q").with_inputs("q")],
-                                     callbacks=[MlflowCallback()])
-    pump.on_candidate(_record(0, {0: 1.0}, texts={"self": "Answer."}))
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pump.drain()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    _drain_pressed([MlflowCallback()])
     assert ended == []  # the third press cut the end short
 
 
@@ -448,9 +447,6 @@ def test_a_first_press_in_another_callback_still_holds_mlflows_end(monkeypatch, 
     import signal
     import time
 
-    from test_mlflow import _record
-
-    from dspy_turbogepa.tracking import CompileThreadCallbackPump
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     log: list[str] = []
@@ -475,15 +471,7 @@ def test_a_first_press_in_another_callback_still_holds_mlflows_end(monkeypatch, 
             log.append("other end")
 
     MlflowCallback.__module__ = "mlflow.dspy.callback"
-    pump = CompileThreadCallbackPump(lambda texts: dspy.Predict("q -> a"), [dspy.Example(q="q").with_inputs("q")],
-                                     callbacks=[MlflowCallback(), Tracing()])
-    pump.on_candidate(_record(0, {0: 1.0}, texts={"self": "Answer."}))
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pump.drain()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    _drain_pressed([MlflowCallback(), Tracing()])
     assert log == ["mlflow start", "mlflow end finished", "other end"]
 
 
