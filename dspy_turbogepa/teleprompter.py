@@ -52,6 +52,7 @@ from dspy_turbogepa.adapter.results import build_result
 from dspy_turbogepa.adapter.run_identity import REFLECTION_PART
 from dspy_turbogepa.adapter.runner import RAISED_IN_RUN, run_coroutine_in_thread, sigint_raises_keyboard_interrupt
 from dspy_turbogepa.engine import Candidate, EngineConfig, Orchestrator, RunInterruptedError
+from dspy_turbogepa.engine.budget import mutation_worst_case
 from dspy_turbogepa.engine.config import (
     CANDIDATE_SELECTIONS,
     MINIBATCH_SAMPLINGS,
@@ -545,7 +546,8 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 "The budget (%d metric calls) covers only the seed's validation on the valset (%d examples): "
                 "nothing is left for the search, and the seed program will be returned. Raise max_metric_calls "
                 "(or max_full_evals, or use auto=...).", budget, len(val))
-        mutation = 2 * min(self.reflection_minibatch_size or 3, len(train)) + len(val)
+        minibatch = min(self.reflection_minibatch_size or 3, len(train))  # the engine's sampler draws no more
+        mutation = mutation_worst_case(minibatch, len(val))
         if self.strict_budget and len(val) < budget < len(val) + mutation:
             # the engine starts a mutation only when its worst case fits: here none ever can, and the run
             # ended at the budget with nothing said
@@ -554,7 +556,7 @@ class TurboGEPA(dspy.GEPA, Teleprompter):
                 "mutation's worst case (%d: its parent and child on a minibatch of %d, then the child on the "
                 "valset of %d), so no mutation will run and the seed program will be returned. Raise "
                 "max_metric_calls to at least %d, or pass strict_budget=False.",
-                budget - len(val), mutation, (mutation - len(val)) // 2, len(val), len(val) + mutation)
+                budget - len(val), mutation, minibatch, len(val), len(val) + mutation)
         if budget < len(val):
             raise ValueError(
                 f"The budget ({budget} metric calls) does not cover one evaluation of the seed on the valset "

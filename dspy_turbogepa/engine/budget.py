@@ -23,6 +23,13 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 
 
+def mutation_worst_case(minibatch: int, valset: int, children: int = 1) -> int:
+    """The most metric calls a reflective mutation can charge: its parent and each child on a minibatch
+    of ``minibatch`` examples, then a child on the valset (GEPA's bound on the overshoot, and what a
+    strict budget must have room for before a mutation starts)."""
+    return minibatch * (1 + children) + valset
+
+
 class MetricBudget:
     def __init__(self, limit: int, overshoot: int = 0) -> None:
         if limit < 1:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from dspy_turbogepa.engine.budget import MetricBudget, PlanLimits
+from dspy_turbogepa.engine.budget import MetricBudget, PlanLimits, mutation_worst_case
 from dspy_turbogepa.engine.candidate import Candidate, fingerprint_texts
 from dspy_turbogepa.engine.config import EngineConfig
 from dspy_turbogepa.engine.credit import CreditSnapshot
@@ -172,7 +172,8 @@ class Orchestrator:
         self._clock = clock
 
         # GEPA-compatible budgets let the last mutation finish: at most one mutation's worst case.
-        overshoot = 0 if config.strict_budget else 2 * config.reflection_minibatch_size + len(self._val_ids)
+        overshoot = 0 if config.strict_budget else mutation_worst_case(config.reflection_minibatch_size,
+                                                                       len(self._val_ids))
         self._budget = MetricBudget(config.max_metric_calls, overshoot)
         self._plan_limits = PlanLimits(earlier_budgets if config.deterministic else (), config.max_metric_calls)
         self._frontier = ParetoFrontier(self._val_ids)
@@ -734,7 +735,7 @@ class Orchestrator:
         # The parent's minibatch is reserved whole: whether its pairs are already charged depends on
         # commits after the planning view (timing), and a reservation must not.
         siblings = self.siblings(n_commits)
-        worst_case = len(minibatch) + siblings * len(minibatch) + len(self._val_ids)
+        worst_case = mutation_worst_case(len(minibatch), len(self._val_ids), children=siblings)
         # Scouts only where the budget has room for them: they never make a mutation straddle the limit.
         limit = min(self._plan_limits.current, self._budget.limit)
         scouts = scouts[: max(0, limit - self._budget_used(n_commits) - worst_case)]
