@@ -1316,8 +1316,8 @@ class Orchestrator:
         run read it). Which evaluations start first depends on the LM's timing, and so did the verdict.
         It comes at the commit that completes the first N: after that mutation's reflection and children,
         a few calls later than a verdict as evaluations end (the price of the same verdict every run)."""
-        if not self._train_in_order:
-            return
+        if not self._train_in_order or self._systemic.first_n_passed("train"):
+            return  # (decided: nothing more to read, and the keys read need not be kept)
         parent = result.plan.parent.fingerprint
         done = self._evaluations.done
         for key in sorted((k for k in result.requested if k[1] == "train" and k not in self._judged),

@@ -401,6 +401,10 @@ class SystemicFailureDetector:
         self._sticky(lambda: self._observe(outcome, candidate, split, launch))
         self._settle(self._window(split))
 
+    def first_n_passed(self, split: str) -> bool:
+        """Whether an evaluation of ``split`` succeeded: its first-N rule can no longer stop the run."""
+        return self._window(split).seen_success
+
     def observe_in_order(self, outcome: EvalOutcome, candidate: str | None, split: str) -> None:
         """The first-N rule for a split judged in order (:meth:`judge_in_order`): ``outcome`` is its next
         evaluation in that order, and takes the next place."""
@@ -425,10 +429,11 @@ class SystemicFailureDetector:
             # a success started after the first N does not decide their verdict while they still run:
             # whether it answered before the last of them (its LM's timing) stopped one run and not the
             # same run again (a review: 5 of 8 identical deterministic runs stopped)
-            if not in_order and (launch is None or launch < self.window or not window.early_running):
-                window.seen_success = True
-            elif not in_order:
-                window.late_success = True
+            if not in_order:  # (a split judged in order reads observe_in_order)
+                if launch is None or launch < self.window or not window.early_running:
+                    window.seen_success = True
+                else:
+                    window.late_success = True
             self._scoring_errors_since_usable = 0  # the metric scores: it is not broken
             return
         if outcome.fatal and outcome.failure == "rate_limited":
